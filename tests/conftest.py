@@ -1,0 +1,34 @@
+"""Fixtures shared by every test: the repository's own config, templates and example."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.catalog import Catalog
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_BOOKING = json.loads((ROOT / "examples" / "booking.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def repo_settings() -> Settings:
+    """Settings pointing at the repository's config/ and templates/."""
+    return Settings(config_dir=ROOT / "config", templates_dir=ROOT / "templates",
+                    _env_file=None)
+
+
+@pytest.fixture(scope="session")
+def catalog(repo_settings: Settings) -> Catalog:
+    return Catalog.load(repo_settings)
+
+
+@pytest.fixture
+def booking_doc() -> dict[str, Any]:
+    """A fresh copy of DESIGN.md's example booking (examples/booking.json)."""
+    return copy.deepcopy(EXAMPLE_BOOKING)

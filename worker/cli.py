@@ -1,0 +1,139 @@
+"""The `reminders` console script.
+
+Exit codes: 0 ok; 1 a booking was refused or not found; 2 bad usage or unreadable
+input; 3 invalid configuration (config/ or templates/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .catalog import Catalog
+from .errors import BookingRejected, ConfigError, NotFound
+from .models import Booking, parse_booking
+from .planner import plan
+from .settings import Settings, get_settings
+from .timeline import from_plan, render_table
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """The command line or its input file cannot be used."""
+
+
+def read_documents(source: str) -> list[Any]:
+    """Return the bookings in FILE or stdin ("-"): a JSON object, a JSON array or JSON lines."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from None
+    text = text.strip()
+    if not text:
+        raise UsageError(f"{source}: no booking in the input")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        docs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{source}: line {number}: not JSON ({exc.msg})") from None
+        return docs
+    return doc if isinstance(doc, list) else [doc]
+
+
+def parse_all(docs: list[Any], catalog: Catalog, clinic: str | None) -> Iterator[tuple[int, Booking | BookingRejected]]:
+    """Yield (1-based position, booking or the reason it was refused) for each document."""
+    for number, doc in enumerate(docs, 1):
+        try:
+            yield number, parse_booking(doc, catalog, clinic=clinic)
+        except BookingRejected as exc:
+            yield number, exc
+
+
+def print_refusal(number: int, total: int, doc: Any, exc: BookingRejected) -> None:
+    label = doc.get("booking_id") if isinstance(doc, dict) else None
+    where = f"booking {number}" + (f" ({label})" if label else "") if total > 1 or label else "booking"
+    print(f"{where} refused:", file=sys.stderr)
+    for field, message in exc.errors:
+        print(f"  {field}: {message}", file=sys.stderr)
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """Dry run: validate bookings and print the timeline that would be scheduled."""
+    catalog = Catalog.load(settings)
+    docs = read_documents(args.file)
+    now = datetime.now(UTC)
+    status, out = EXIT_OK, []
+    for number, result in parse_all(docs, catalog, args.clinic):
+        if isinstance(result, BookingRejected):
+            print_refusal(number, len(docs), docs[number - 1], result)
+            status = EXIT_REFUSED
+            continue
+        booking = result
+        try:
+            planned = plan(booking, catalog.protocols[booking.treatment],
+                           catalog.clinics[booking.clinic], now)
+        except BookingRejected as exc:
+            print_refusal(number, len(docs), docs[number - 1], exc)
+            status = EXIT_REFUSED
+            continue
+        timeline = from_plan(booking, planned)
+        if args.json:
+            out.append(timeline)
+        else:
+            print(render_table(timeline, booking.patient.timezone))
+            print()
+    if args.json:
+        print(json.dumps(out[0] if len(docs) == 1 and out else out, indent=2, ensure_ascii=False))
+    return status
+
+
+Command = Callable[[argparse.Namespace, Settings], int]
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "plan": (cmd_plan, "validate bookings and print the timeline that would be scheduled (no Redis)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reminders", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name in ("plan", "book"):
+            p.add_argument("file", metavar="FILE|-", help="JSON object, JSON array or JSON lines")
+        if name in ("show", "cancel"):
+            p.add_argument("booking_id")
+        p.add_argument("--clinic", help="clinic id (default: the booking's own `clinic` field)")
+        p.add_argument("--json", action="store_true", help="print the machine-readable form")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        return COMMANDS[args.command][0](args, settings)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NotFound as exc:
+        print(f"not found: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

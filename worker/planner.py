@@ -1,0 +1,215 @@
+"""Where a reminder's time is decided: booking + protocol + clinic + now -> reminders.
+
+Pure: no I/O and no clock reads; `now` is a parameter. Every due instant is UTC.
+
+Rules, in order, for each step that applies to the patient:
+1. Nominal time: at booking (`now`); `offset` from the start; or `day` + `time` in
+   the patient's timezone (DST-safe: a clock time that does not exist that day moves
+   to the next valid minute, an ambiguous one takes its first occurrence).
+2. Send window (patient-local): a time outside it moves to the next opening. A step
+   meant for before the appointment that would then land after it moves back to the
+   last allowed moment before the appointment.
+3. Late: if the result is already past when the booking arrives, the step's late
+   policy decides: `skip`, or `send` at the next opening (no later than `late_until`
+   relative to the start; before the appointment for a pre-appointment step).
+4. Gate: an isotretinoin dose inside the washout holds the whole booking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from .clinics import MINUTES_PER_DAY, Clinic, SendWindow
+from .errors import BookingRejected
+from .models import Booking, Channel
+from .protocols import WEEKDAYS, Protocol, Step, format_duration
+
+ONE_MINUTE = timedelta(minutes=1)
+# A DST gap is at most a couple of hours; search a day to be safe and still bounded.
+_MAX_GAP_MINUTES = MINUTES_PER_DAY
+
+PlanStatus = Literal["scheduled", "held"]
+ReminderStatus = Literal["scheduled", "skipped"]
+
+
+@dataclass(frozen=True)
+class PlannedReminder:
+    """One message to one channel, with the instant it is due and why."""
+
+    key: str  # unique within a booking: "<step>[#<occurrence>]:<channel>"
+    step: str
+    channel: Channel
+    template: str
+    occurrence: int
+    due_at: datetime  # UTC; for a skipped reminder, when it would have been due
+    status: ReminderStatus
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole plan for a booking; `held` means no reminder may be sent yet."""
+
+    status: PlanStatus
+    reminders: list[PlannedReminder]
+    hold_reason: str | None = None
+
+
+# --- clock arithmetic in the patient's timezone ----------------------------------------
+
+
+def wall_clock(day: date, at: time, tz: ZoneInfo) -> datetime:
+    """Return the UTC instant of `day` `at` in `tz`, DST-safe (see module docstring)."""
+    naive = datetime.combine(day, at.replace(second=0, microsecond=0, tzinfo=None))
+    for _ in range(_MAX_GAP_MINUTES):
+        aware = naive.replace(tzinfo=tz, fold=0)  # fold=0: the first of two occurrences
+        if aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == naive:
+            return aware.astimezone(UTC)
+        naive += ONE_MINUTE  # this minute does not exist here (spring forward)
+    raise ValueError(f"no valid local time near {day} {at} in {tz.key}")
+
+
+def _minute_wall(day: date, minute: int, tz: ZoneInfo) -> datetime:
+    """Return the UTC instant of `minute` after local midnight of `day` (1440 = next day)."""
+    extra_days, minute = divmod(minute, MINUTES_PER_DAY)
+    return wall_clock(day + timedelta(days=extra_days), time(minute // 60, minute % 60), tz)
+
+
+def _local_minute(instant: datetime, tz: ZoneInfo) -> tuple[date, float]:
+    local = instant.astimezone(tz)
+    return local.date(), local.hour * 60 + local.minute + local.second / 60
+
+
+def next_opening(instant: datetime, window: SendWindow, tz: ZoneInfo) -> datetime:
+    """Return `instant` if it is inside the window, else the window's next opening."""
+    day, minute = _local_minute(instant, tz)
+    if window.contains(minute):
+        return instant
+    if minute < window.start:
+        return _minute_wall(day, window.start, tz)
+    return _minute_wall(day + timedelta(days=1), window.start, tz)
+
+
+def last_opening_before(instant: datetime, window: SendWindow, tz: ZoneInfo) -> datetime:
+    """Return the last whole minute inside the window strictly before `instant`."""
+    day, minute = _local_minute(instant, tz)
+    if minute > window.start:
+        close = _minute_wall(day, window.end, tz)
+        candidate = min(instant, close) - ONE_MINUTE
+        if window.contains(_local_minute(candidate, tz)[1]):
+            return candidate.replace(second=0, microsecond=0)
+    return _minute_wall(day - timedelta(days=1), window.end, tz) - ONE_MINUTE
+
+
+# --- the plan --------------------------------------------------------------------------
+
+
+def _occurrences(
+    step: Step, start: datetime, tz: ZoneInfo, now: datetime
+) -> Iterator[tuple[int, datetime, str]]:
+    """Yield (occurrence number, nominal UTC instant, how it was derived) for a step."""
+    if step.at == "booking":
+        yield 1, now, "when the booking arrives"
+        return
+    if step.offset is not None:
+        yield 1, start + step.offset, f"{format_duration(step.offset)} from the start"
+        return
+    assert step.time is not None
+    visit_day = start.astimezone(tz).date()
+    n = 0
+    for offset in step.day_offsets():
+        day = visit_day + timedelta(days=offset)
+        if step.repeat and step.repeat.weekdays and WEEKDAYS[day.weekday()] not in step.repeat.weekdays:
+            continue
+        n += 1
+        rel = "on the day" if offset == 0 else (
+            f"{-offset} day{'s' if offset != -1 else ''} before" if offset < 0
+            else f"{offset} day{'s' if offset != 1 else ''} after")
+        yield n, wall_clock(day, step.time, tz), f"{rel}, {step.time:%H:%M} patient-local"
+
+
+def _place(
+    step: Step, nominal: datetime, start: datetime, now: datetime,
+    window: SendWindow, tz: ZoneInfo,
+) -> tuple[ReminderStatus, datetime, str]:
+    """Apply the send window and the late policy to one nominal instant."""
+    before_visit = nominal < start
+    due = next_opening(nominal, window, tz)
+    note = "" if due == nominal else f"; moved into the send window {window.describe()}"
+    if before_visit and due >= start:
+        due = last_opening_before(start, window, tz)
+        note = f"; moved to the last moment of the send window {window.describe()} before the visit"
+    if due >= now:
+        return "scheduled", due, note
+    # Already past when the booking arrived: the step's late policy decides.
+    if step.late == "skip":
+        return "skipped", nominal, "its time had passed when the booking arrived"
+    due = next_opening(now, window, tz)
+    deadline = start + step.late_until if step.late_until is not None else (
+        start if before_visit else None)
+    if deadline is not None and due >= deadline:
+        return "skipped", nominal, "its time had passed and it is too late to send it now"
+    return "scheduled", due, "; late: its time had passed when the booking arrived, sent at the next opening"
+
+
+def _channels(step: Step, offered: list[Channel]) -> tuple[list[Channel], str]:
+    """Return the channels to use: the step's that the patient takes, else the patient's first."""
+    chosen = [c for c in step.channels if c in offered]
+    if chosen:
+        return chosen, ""
+    return [offered[0]], f"; by {offered[0]} because the patient does not take {'/'.join(step.channels)}"
+
+
+def isotretinoin_hold(booking: Booking, protocol: Protocol, clinic: Clinic) -> str | None:
+    """Return why the booking must be held for the clinic's review, or None."""
+    washout = clinic.isotretinoin_washout_days
+    if washout is None:
+        washout = protocol.isotretinoin_washout_days
+    last_dose = booking.medications.isotretinoin_last_dose
+    if washout is None or last_dose is None:
+        return None
+    visit_day = booking.starts_at.astimezone(ZoneInfo(booking.patient.timezone)).date()
+    gap = (visit_day - last_dose).days
+    if gap >= washout:
+        return None
+    return (
+        f"isotretinoin last taken {last_dose.isoformat()}, {gap} days before the appointment; "
+        f"the washout for {protocol.id} is {washout} days: the clinic must review"
+    )
+
+
+def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) -> Plan:
+    """Return the reminders for `booking` as seen at `now` (an aware datetime)."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    now = now.astimezone(UTC)
+    start = booking.starts_at.astimezone(UTC)
+    if start <= now:
+        raise BookingRejected([("starts_at", "the appointment is in the past")])
+    tz = ZoneInfo(booking.patient.timezone)
+    window = clinic.send_window
+    reminders: list[PlannedReminder] = []
+    for step in protocol.steps:
+        if not step.applies_to(booking.medications):
+            continue
+        channels, channel_note = _channels(step, booking.patient.channels)
+        occurrences = list(_occurrences(step, start, tz, now))
+        for number, nominal, derived in occurrences:
+            status, due, note = _place(step, nominal, start, now, window, tz)
+            reason = derived + note if status == "scheduled" else note
+            if step.only_if_any and status == "scheduled":
+                reason += f"; the patient uses {' or '.join(step.only_if_any)}"
+            for channel in channels:
+                suffix = f"#{number}" if len(occurrences) > 1 or step.repeat else ""
+                reminders.append(PlannedReminder(
+                    key=f"{step.id}{suffix}:{channel}", step=step.id, channel=channel,
+                    template=step.template, occurrence=number, due_at=due, status=status,
+                    reason=reason + channel_note if status == "scheduled" else reason,
+                ))
+    reminders.sort(key=lambda r: (r.due_at, r.key))
+    hold = isotretinoin_hold(booking, protocol, clinic)
+    return Plan(status="held" if hold else "scheduled", reminders=reminders, hold_reason=hold)

@@ -1,0 +1,185 @@
+"""Treatment protocols as configuration: `config/protocols/<treatment>.toml`.
+
+A protocol is a list of steps. Each step says when it is due relative to the
+appointment, on which channels, with which template, for which patients, and what
+to do when the booking arrives after the step's time (its late policy).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import datetime as dt
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .models import Channel, Medications
+
+STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,47}$"
+TEMPLATE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+# Boolean medication flags a step may be conditioned on.
+MedicationFlag = Literal["tretinoin", "retinol"]
+
+_DURATION = re.compile(r"^([+-])?((?:\d+[dhms])+)$")
+_DURATION_PART = re.compile(r"(\d+)([dhms])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Return "-7d", "3h", "1h30m", "90s" as a timedelta (a leading "-" means before)."""
+    if isinstance(value, timedelta):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a duration string such as '3h', '-2d' or '90s'")
+    match = _DURATION.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a duration such as '3h', '-2d', '1h30m' or '90s'")
+    seconds = sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(match[2]))
+    return timedelta(seconds=-seconds if match[1] == "-" else seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """Return a timedelta in the protocol file's own notation ("-7d", "3h", "1h30m")."""
+    total = int(value.total_seconds())
+    sign, total = ("-" if total < 0 else ""), abs(total)
+    parts = []
+    for unit, size in _UNIT_SECONDS.items():
+        if total >= size:
+            parts.append(f"{total // size}{unit}")
+            total %= size
+    return sign + ("".join(parts) or "0s")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class Repeat(BaseModel):
+    """A series: the step recurs on days `day`..`through_day` (appointment-relative)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    through_day: int
+    every_days: int | None = Field(None, ge=1)
+    weekdays: list[Weekday] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Repeat:
+        if (self.every_days is None) == (self.weekdays is None):
+            raise ValueError("give exactly one of every_days or weekdays")
+        return self
+
+
+class Step(BaseModel):
+    """One reminder of a protocol; see config/protocols/README.md for each field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=STEP_ID_PATTERN)
+    # When: exactly one of `at = "booking"`, `day` + `time`, or `offset`.
+    at: Literal["booking"] | None = None
+    day: int | None = None
+    time: dt.time | None = None
+    offset: Duration | None = None
+    channels: list[Channel] = Field(min_length=1)
+    template: str = Field(pattern=TEMPLATE_PATTERN)
+    only_if_any: list[MedicationFlag] = []
+    late: Literal["send", "skip"] = "skip"
+    late_until: Duration | None = None
+    repeat: Repeat | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Step:
+        kinds = [self.at is not None, self.day is not None or self.time is not None,
+                 self.offset is not None]
+        if sum(kinds) != 1:
+            raise ValueError("give exactly one of: at = \"booking\", day + time, or offset")
+        if (self.day is None) != (self.time is None):
+            raise ValueError("day and time go together")
+        if self.repeat is not None:
+            if self.day is None:
+                raise ValueError("repeat needs day + time")
+            if self.repeat.through_day < self.day:
+                raise ValueError("repeat.through_day is before day")
+        if self.late_until is not None and self.late != "send":
+            raise ValueError("late_until only applies with late = \"send\"")
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError("channels lists a channel twice")
+        return self
+
+    def applies_to(self, medications: Medications) -> bool:
+        """Return whether this step's conditions hold for the patient."""
+        return not self.only_if_any or any(getattr(medications, f) for f in self.only_if_any)
+
+    def day_offsets(self) -> list[int]:
+        """Return the appointment-relative days this wall-clock step falls on."""
+        assert self.day is not None
+        if self.repeat is None:
+            return [self.day]
+        days = range(self.day, self.repeat.through_day + 1)
+        if self.repeat.every_days is not None:
+            return [d for d in days if (d - self.day) % self.repeat.every_days == 0]
+        return list(days)  # filtered by weekday in the planner, which knows the dates
+
+
+class Protocol(BaseModel):
+    """A treatment's whole plan of reminders, plus its safety gate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    name: str
+    description: str = ""
+    # Days before the appointment within which an isotretinoin dose holds the booking.
+    isotretinoin_washout_days: int | None = Field(None, ge=0)
+    steps: list[Step] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_steps(self) -> Protocol:
+        ids = [s.id for s in self.steps]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"step ids used twice: {', '.join(dupes)}")
+        return self
+
+
+def _pydantic_problem(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def read_toml(path: Path) -> dict:
+    """Return a TOML file's table, or raise ConfigError naming the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(path, str(exc)) from None
+
+
+def load_protocol(path: Path) -> Protocol:
+    """Load one protocol file; its id is the file name without `.toml`."""
+    doc = read_toml(path)
+    doc.setdefault("id", path.stem)
+    if doc["id"] != path.stem:
+        raise ConfigError(path, f"id {doc['id']!r} differs from the file name {path.stem!r}")
+    try:
+        return Protocol.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(path, _pydantic_problem(exc)) from None
+
+
+def load_protocols(folder: Path) -> dict[str, Protocol]:
+    """Load every `*.toml` protocol in `folder`, keyed by treatment id."""
+    if not folder.is_dir():
+        raise ConfigError(folder, "protocols folder not found")
+    return {p.stem: load_protocol(p) for p in sorted(folder.glob("*.toml"))}

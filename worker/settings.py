@@ -1,0 +1,68 @@
+"""The one settings class: every knob, read from `REMINDERS_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime settings; `.env.example` documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REMINDERS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    # Where things live.
+    config_dir: Path = Path("config")
+    templates_dir: Path = Path("templates")
+    data_dir: Path = Path(".reminders")
+    outbox_dir: Path | None = None
+
+    # Redis: unset means "the embedded default" (a private redis-server started by `reminders run`).
+    redis_url: SecretStr | None = None
+    key_prefix: str = Field("reminders", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    # Pump: how often it runs, how many due reminders it claims at once, how long a claim lasts.
+    pump_interval_seconds: float = Field(1.0, gt=0)
+    pump_batch: int = Field(200, ge=1)
+    lease_seconds: int = Field(300, ge=5)
+
+    # Sending and retrying.
+    send_timeout_seconds: float = Field(15.0, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    backoff_base_seconds: float = Field(30.0, gt=0)
+    backoff_cap_seconds: float = Field(3600.0, gt=0)
+    broker_visibility_timeout_seconds: int = Field(600, ge=60)
+
+    # HTTP API.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+
+    log_level: str = "INFO"
+
+    @property
+    def outbox(self) -> Path:
+        """Return the folder the outbox channel writes messages to."""
+        return self.outbox_dir or self.data_dir / "outbox"
+
+    @property
+    def protocols_dir(self) -> Path:
+        return self.config_dir / "protocols"
+
+    @property
+    def clinics_dir(self) -> Path:
+        return self.config_dir / "clinics"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,58 @@
+"""A booking's timeline: the DESIGN.md JSON shape and the human table of it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from .models import Booking, utc_iso
+from .planner import Plan
+
+REMINDER_FIELDS = ("id", "step", "channel", "due_at", "status", "attempts", "sent_at", "reason")
+
+
+def from_plan(booking: Booking, plan: Plan, *, version: int = 0) -> dict[str, Any]:
+    """Return the timeline a plan would give, before anything is stored or sent."""
+    hold = f"booking held: {plan.hold_reason}" if plan.hold_reason else None
+    return {
+        "clinic": booking.clinic,
+        "booking_id": booking.booking_id,
+        "status": plan.status,
+        "version": version,
+        "hold_reason": plan.hold_reason,
+        "reminders": [
+            {
+                "id": r.key,
+                "step": r.step,
+                "channel": r.channel,
+                "due_at": utc_iso(r.due_at),
+                "status": r.status,
+                "attempts": 0,
+                "sent_at": None,
+                "reason": hold or r.reason,
+            }
+            for r in plan.reminders
+        ],
+    }
+
+
+def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
+    """Return the timeline as an aligned text table (times in `timezone` if given)."""
+    tz = ZoneInfo(timezone) if timezone else None
+    head = (f"{timeline['clinic']}/{timeline['booking_id']}  status={timeline['status']}"
+            f"  version={timeline['version']}")
+    lines = [head]
+    if timeline.get("hold_reason"):
+        lines.append(f"HELD: {timeline['hold_reason']}")
+    rows = [("DUE", "STEP", "CHANNEL", "STATUS", "TRIES", "REASON")]
+    for r in timeline["reminders"]:
+        due = r["due_at"] or "-"
+        if tz and r["due_at"]:
+            due = datetime.fromisoformat(r["due_at"]).astimezone(tz).strftime("%a %Y-%m-%d %H:%M %Z")
+        rows.append((due, r["id"], r["channel"], r["status"], str(r["attempts"]), r["reason"] or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True))
+                     + "  " + row[5])
+    return "\n".join(line.rstrip() for line in lines)
