@@ -73,7 +73,7 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     """Dry run: validate bookings and print the timeline that would be scheduled."""
     catalog = Catalog.load(settings)
     docs = read_documents(args.file)
-    now = datetime.now(UTC)
+    now = args.now or datetime.now(UTC)
     status, out = EXIT_OK, []
     for number, result in parse_all(docs, catalog, args.clinic):
         if isinstance(result, BookingRejected):
@@ -99,6 +99,16 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     return status
 
 
+def parse_now(value: str) -> datetime:
+    try:
+        now = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 instant") from None
+    if now.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{value!r} needs a UTC offset, e.g. 2026-11-21T12:00:00Z")
+    return now
+
+
 Command = Callable[[argparse.Namespace, Settings], int]
 COMMANDS: dict[str, tuple[Command, str]] = {
     "plan": (cmd_plan, "validate bookings and print the timeline that would be scheduled (no Redis)"),
@@ -112,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name in ("plan", "book"):
             p.add_argument("file", metavar="FILE|-", help="JSON object, JSON array or JSON lines")
+        if name == "plan":
+            p.add_argument("--now", type=parse_now, metavar="ISO",
+                           help="plan as if it were this instant (default: the real clock)")
         if name in ("show", "cancel"):
             p.add_argument("booking_id")
         p.add_argument("--clinic", help="clinic id (default: the booking's own `clinic` field)")
