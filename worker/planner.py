@@ -48,6 +48,7 @@ class PlannedReminder:
     due_at: datetime  # UTC; for a skipped reminder, when it would have been due
     status: ReminderStatus
     reason: str
+    at_booking: bool = False  # due "when the booking arrives": a re-submission keeps its time
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                     key=f"{step.id}{suffix}:{channel}", step=step.id, channel=channel,
                     template=step.template, occurrence=number, due_at=due, status=status,
                     reason=reason + channel_note if status == "scheduled" else reason,
+                    at_booking=step.at == "booking",
                 ))
     reminders.sort(key=lambda r: (r.due_at, r.key))
     hold = isotretinoin_hold(booking, protocol, clinic)
