@@ -32,3 +32,24 @@ def catalog(repo_settings: Settings) -> Catalog:
 def booking_doc() -> dict[str, Any]:
     """A fresh copy of DESIGN.md's example booking (examples/booking.json)."""
     return copy.deepcopy(EXAMPLE_BOOKING)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server on a free loopback port for the whole session."""
+    from worker.embedded import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client on a clean database: every test starts with an empty Redis."""
+    from worker.store import connect
+
+    client = connect(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()

@@ -1,0 +1,117 @@
+"""The schedule store and the claim script against a real Redis server."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from worker.errors import NotFound
+from worker.models import parse_booking
+from worker.planner import plan
+from worker.store import Store
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(redis_client) -> Store:
+    return Store(redis_client, "t")
+
+
+def book(store, catalog, doc, now=NOW):
+    booking = parse_booking(doc, catalog)
+    planned = plan(booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now)
+    return store.upsert(booking, planned, now)
+
+
+def test_upsert_stores_plan_and_due_set(store, catalog, booking_doc):
+    timeline = book(store, catalog, booking_doc)
+    assert timeline["version"] == 1
+    assert timeline["status"] == "scheduled"
+    keys = {r["id"] for r in timeline["reminders"]}
+    assert "stop-retinoids:sms" in keys and "week-check:sms" in keys
+    assert store.redis.zcard(store.due_key) == len(keys)
+    first = store.redis.zrange(store.due_key, 0, 0, withscores=True)[0]
+    assert first[0] == "glow/A-1042/booking-confirmation:email"
+
+
+def test_same_booking_again_changes_nothing(store, catalog, booking_doc):
+    first = book(store, catalog, booking_doc)
+    for minutes in range(1, 10):
+        again = book(store, catalog, booking_doc, NOW + timedelta(minutes=minutes))
+    assert again == first
+    assert store.redis.zcard(store.due_key) == len(first["reminders"])
+
+
+def test_moved_appointment_reschedules_and_cancels(store, catalog, booking_doc):
+    book(store, catalog, booking_doc)
+    moved = dict(booking_doc, starts_at="2026-12-12T14:30:00+01:00",
+                 medications={"tretinoin": False})
+    timeline = book(store, catalog, moved)
+    by_id = {r["id"]: r for r in timeline["reminders"]}
+    assert timeline["version"] == 2
+    assert by_id["stop-retinoids:sms"]["status"] == "cancelled"
+    assert by_id["day-before:sms"]["due_at"] == "2026-12-11T09:00:00Z"
+    assert by_id["day-before:sms"]["reason"].startswith("rescheduled")
+    score = store.redis.zscore(store.due_key, "glow/A-1042/day-before:sms")
+    assert score == datetime(2026, 12, 11, 9, tzinfo=UTC).timestamp()
+    assert store.redis.zscore(store.due_key, "glow/A-1042/stop-retinoids:sms") is None
+
+
+def test_cancel_removes_pending_keeps_history(store, catalog, booking_doc):
+    book(store, catalog, booking_doc)
+    timeline = store.cancel("glow", "A-1042", NOW)
+    assert timeline["status"] == "cancelled"
+    assert {r["status"] for r in timeline["reminders"]} == {"cancelled"}
+    assert store.redis.zcard(store.due_key) == 0
+    with pytest.raises(NotFound):
+        store.cancel("glow", "nope", NOW)
+
+
+def test_clinics_never_meet(store, catalog, booking_doc):
+    book(store, catalog, booking_doc)
+    with pytest.raises(NotFound):
+        store.timeline("other", "A-1042")
+
+
+def test_claim_is_atomic_across_concurrent_pumps(store, catalog, booking_doc):
+    book(store, catalog, booking_doc)
+    # Make everything due now.
+    for ref in store.redis.zrange(store.due_key, 0, -1):
+        store.redis.zadd(store.due_key, {ref: 0})
+    total = store.redis.zcard(store.due_key)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def pump_once():
+        for _ in range(5):
+            got = store.claim_due(2, 60)
+            with lock:
+                claimed.extend(c.ref for c in got)
+
+    threads = [threading.Thread(target=pump_once) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == total == len(set(claimed))
+    assert store.redis.zcard(store.lease_key) == total
+
+
+def test_expired_lease_is_claimed_again_and_ledger_blocks_double_send(store, catalog, booking_doc):
+    book(store, catalog, booking_doc)
+    ref = "glow/A-1042/booking-confirmation:email"
+    store.redis.zadd(store.due_key, {ref: 0})
+    (first,) = [c for c in store.claim_due(10, 60) if c.ref == ref]
+    assert store.begin_send(ref, first.version, first.claim, "tok1", 60_000) == "ok"
+    # The lease runs out (worker died): the pump claims it again with a new claim number.
+    store.redis.zadd(store.lease_key, {ref: 0})
+    (second,) = [c for c in store.claim_due(10, 60) if c.ref == ref]
+    assert second.claim != first.claim
+    assert store.begin_send(ref, first.version, first.claim, "tok2", 60_000) == "stale claim"
+    assert store.begin_send(ref, second.version, second.claim, "tok3", 60_000) == "in flight"
+    assert store.finish_sent(ref, "tok1", NOW)
+    assert store.begin_send(ref, second.version, second.claim, "tok4", 60_000) == "status sent"
+    assert store.record(ref)["status"] == "sent"

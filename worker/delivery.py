@@ -1,0 +1,149 @@
+"""Where a reminder is sent: Apprise for real channels, the outbox for the embedded default.
+
+`deliver()` returns a short detail on success or raises DeliveryError whose `permanent`
+flag says whether retrying can help. One Apprise object per message, Apprise's own
+retries off (its default of one attempt), socket timeouts bounded by the settings.
+Nothing here logs a contact or a message body above DEBUG.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import apprise
+
+from .errors import DeliveryError
+from .models import Channel
+from .rendering import RenderedMessage
+
+log = logging.getLogger(__name__)
+
+# HTTP statuses worth retrying; every other 4xx means the request itself is wrong.
+TRANSIENT_HTTP = frozenset({408, 425, 429})
+_HTTP_ERROR = re.compile(r"error=(\d{3})\b")
+_SMTP_CODE = re.compile(r"\((\d{3}), b?['\"]")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Who a message is for and which reminder it carries (for names and audit)."""
+
+    ref: str
+    clinic: str
+    channel: Channel
+    to: str
+
+
+def with_timeouts(url: str, seconds: float) -> str:
+    """Return `url` with Apprise's socket timeouts (cto/rto) set unless it sets them itself."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    query.setdefault("cto", f"{seconds:g}")
+    query.setdefault("rto", f"{seconds:g}")
+    return urlunsplit(parts._replace(query=urlencode(query, safe="@:/+{}$")))
+
+
+def classify(status: str, messages: list[str]) -> DeliveryError:
+    """Return the DeliveryError for a failed Apprise result (its status and log lines)."""
+    if status == "TIMEOUT":
+        return DeliveryError("timed out", permanent=False)
+    text = "\n".join(messages)
+    http = _HTTP_ERROR.findall(text)
+    if http:
+        code = int(http[-1])
+        permanent = 400 <= code < 500 and code not in TRANSIENT_HTTP
+        return DeliveryError(f"HTTP {code} from the provider", permanent=permanent)
+    smtp = _SMTP_CODE.findall(text)
+    if smtp:
+        code = int(smtp[-1])
+        # SMTP 5yz is a permanent rejection (550 no such mailbox); 4yz asks to retry later.
+        return DeliveryError(f"SMTP {code} from the mail server", permanent=code >= 500)
+    lowered = text.lower()
+    if "connection" in lowered or "timed out" in lowered or "timeout" in lowered:
+        return DeliveryError("could not connect to the provider", permanent=False)
+    if "invalid" in lowered or "no valid" in lowered:
+        return DeliveryError("the provider refused the address or message", permanent=True)
+    return DeliveryError("the provider reported a failure", permanent=False)
+
+
+def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
+    """Send one message through a fresh Apprise object; classify any failure."""
+    notifier = apprise.Apprise()
+    try:
+        loaded = notifier.add(with_timeouts(url, timeout))
+    except Exception as exc:  # a malformed URL can raise inside a plugin's parser
+        raise DeliveryError(f"Apprise cannot load the channel URL ({type(exc).__name__})",
+                            permanent=True) from None
+    if not loaded:
+        raise DeliveryError("Apprise cannot load the channel URL", permanent=True)
+    html_ok = message.html is not None and apprise.NotifyFormat.HTML in _formats(notifier)
+    body = message.html if html_ok else message.text
+    result = notifier.notify(
+        body=body,
+        title=message.subject or "",
+        body_format=apprise.NotifyFormat.HTML if html_ok else apprise.NotifyFormat.TEXT,
+        timeout=timeout * 2 + 1,  # a backstop: the socket timeouts should fire first
+        log_level=logging.DEBUG,
+    )
+    if result:
+        return "sent through Apprise"
+    messages = [entry.message for entry in result.logs()]
+    raise classify(result.status.name, messages)
+
+
+def _formats(notifier: apprise.Apprise) -> set[str]:
+    formats: set[str] = set()
+    for service in notifier:
+        fmt = getattr(service, "notify_format", None)
+        if isinstance(fmt, (tuple, list, set)):
+            formats.update(str(f) for f in fmt)
+        elif fmt is not None:
+            formats.add(str(fmt))
+    return formats
+
+
+def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now: datetime) -> Path:
+    """Write one message to the outbox as a readable file; return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{now:%Y%m%dT%H%M%S%f}-{_SAFE_NAME.sub('-', envelope.ref)}"
+    if envelope.channel == "email":
+        mail = EmailMessage()
+        mail["To"] = envelope.to
+        mail["Subject"] = message.subject or ""
+        mail["X-Reminder"] = envelope.ref
+        mail["Date"] = now.strftime("%a, %d %b %Y %H:%M:%S +0000")
+        mail.set_content(message.text)
+        if message.html is not None:
+            mail.add_alternative(message.html, subtype="html")
+        path, data = folder / f"{stem}.eml", mail.as_bytes()
+    else:
+        text = (f"To: {envelope.to}\nChannel: sms\nReminder: {envelope.ref}\n"
+                f"Date: {now.isoformat()}\n\n{message.text}\n")
+        path, data = folder / f"{stem}.sms.txt", text.encode("utf-8")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "xb") as fh:  # never overwrite: two writes would be two files
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    log.info("outbox: %s message for %s written to %s", envelope.channel, envelope.ref, path.name)
+    return path
+
+
+def deliver(url: str | None, envelope: Envelope, message: RenderedMessage, *,
+            outbox: Path, timeout: float, now: datetime) -> str:
+    """Send `message`: through Apprise if the clinic has a URL for the channel, else the outbox."""
+    if url is None:
+        try:
+            return f"written to the outbox as {write_outbox(outbox, envelope, message, now).name}"
+        except OSError as exc:
+            raise DeliveryError(f"cannot write to the outbox ({exc.strerror})", permanent=False) from None
+    return send_apprise(url, message, timeout)

@@ -1,0 +1,43 @@
+"""Celery tasks, thin: build the context once per process, then call plain functions."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from .catalog import Catalog
+from .celery_app import SEND_QUEUE, app
+from .dispatch import Context, send_claimed
+from .embedded import redis_url
+from .pump import pump
+from .rendering import Renderer
+from .settings import get_settings
+from .store import Claim, Store, connect
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def context() -> Context:
+    settings = get_settings()
+    catalog = Catalog.load(settings)
+    return Context(settings=settings, store=Store(connect(redis_url(settings)), settings.key_prefix),
+                   catalog=catalog, renderer=Renderer(catalog.templates_dir))
+
+
+def _publish(claim: Claim) -> None:
+    send_reminder.apply_async(args=(claim.ref, claim.version, claim.claim), queue=SEND_QUEUE)
+
+
+@app.task(name="reminders.pump", ignore_result=True)
+def pump_task() -> int:
+    """Claim due reminders and publish a send task for each."""
+    ctx = context()
+    return pump(ctx.store, _publish, batch=ctx.settings.pump_batch,
+                lease_seconds=ctx.settings.lease_seconds)
+
+
+@app.task(name="reminders.send", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def send_reminder(ref: str, version: str, claim: str) -> str:
+    """Send one claimed reminder once (fenced by version and claim, guarded by the ledger)."""
+    return send_claimed(context(), ref, version, claim)
