@@ -14,11 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from .catalog import Catalog
+from .embedded import redis_url
 from .errors import BookingRejected, ConfigError, NotFound
 from .models import Booking, parse_booking
 from .planner import plan
 from .settings import Settings, get_settings
+from .store import Store, connect
 from .timeline import from_plan, render_table
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
@@ -109,9 +113,133 @@ def parse_now(value: str) -> datetime:
     return now
 
 
+def open_store(settings: Settings) -> Store:
+    """Return the schedule store on the configured (or embedded) Redis."""
+    return Store(connect(redis_url(settings)), settings.key_prefix)
+
+
+def clinic_of(args: argparse.Namespace, catalog: Catalog) -> str:
+    """Return --clinic, or the only configured clinic; raise UsageError otherwise."""
+    if args.clinic:
+        if args.clinic not in catalog.clinics:
+            raise UsageError(f"--clinic: unknown clinic {args.clinic!r}")
+        return args.clinic
+    if len(catalog.clinics) == 1:
+        return next(iter(catalog.clinics))
+    raise UsageError("--clinic is required: more than one clinic is configured")
+
+
+def print_timeline(args: argparse.Namespace, timeline: dict[str, Any], timezone: str | None) -> None:
+    if args.json:
+        print(json.dumps(timeline, indent=2, ensure_ascii=False))
+    else:
+        print(render_table(timeline, timezone))
+
+
+def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
+    """Validate and plan every booking first; store them only if all are acceptable."""
+    catalog = Catalog.load(settings)
+    docs = read_documents(args.file)
+    now = datetime.now(UTC)
+    accepted, refused = [], False
+    for number, result in parse_all(docs, catalog, args.clinic):
+        try:
+            if isinstance(result, BookingRejected):
+                raise result
+            accepted.append((result, plan(result, catalog.protocols[result.treatment],
+                                          catalog.clinics[result.clinic], now)))
+        except BookingRejected as exc:
+            print_refusal(number, len(docs), docs[number - 1], exc)
+            refused = True
+    if refused:
+        print("nothing was stored", file=sys.stderr)
+        return EXIT_REFUSED
+    store = open_store(settings)
+    timelines = [store.upsert(booking, planned, now) for booking, planned in accepted]
+    if args.json:
+        print(json.dumps(timelines[0] if len(timelines) == 1 else timelines, indent=2,
+                         ensure_ascii=False))
+    else:
+        for (booking, _), timeline in zip(accepted, timelines, strict=True):
+            print(render_table(timeline, booking.patient.timezone))
+            print()
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    """Print a booking's timeline: every reminder, its status and why."""
+    catalog = Catalog.load(settings)
+    clinic = clinic_of(args, catalog)
+    store = open_store(settings)
+    timeline = store.timeline(clinic, args.booking_id)
+    print_timeline(args, timeline, store.booking_doc(clinic, args.booking_id)["patient"]["timezone"])
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    """Cancel a booking: nothing still pending will be sent."""
+    catalog = Catalog.load(settings)
+    clinic = clinic_of(args, catalog)
+    store = open_store(settings)
+    timeline = store.cancel(clinic, args.booking_id, datetime.now(UTC))
+    print_timeline(args, timeline, store.booking_doc(clinic, args.booking_id)["patient"]["timezone"])
+    return EXIT_OK
+
+
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    """List reminders that failed for good, with the reason."""
+    dead = open_store(settings).dead_letters(args.clinic)
+    if args.json:
+        print(json.dumps(dead, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not dead:
+        print("no dead letters")
+    for d in dead:
+        print(f"{d['ref']}  {d['channel']}  attempts={d['attempts']}  failed_at={d['failed_at']}  "
+              f"{d['reason']}")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    """Send dead-lettered reminders again, now (after the cause was fixed)."""
+    store = open_store(settings)
+    dead = store.dead_letters(args.clinic)
+    if args.refs:
+        wanted = set(args.refs)
+        refs = [d["ref"] for d in dead if d["ref"] in wanted or d["booking_id"] in wanted]
+        unknown = wanted - {d["ref"] for d in dead} - {d["booking_id"] for d in dead}
+        if unknown:
+            print(f"not dead-lettered: {', '.join(sorted(unknown))}", file=sys.stderr)
+            return EXIT_REFUSED
+    elif args.all:
+        refs = [d["ref"] for d in dead]
+    else:
+        raise UsageError("name the dead letters to replay (REF or BOOKING_ID), or use --all")
+    replayed = store.replay(refs, datetime.now(UTC))
+    if args.json:
+        print(json.dumps({"replayed": replayed}))
+    else:
+        print(f"replayed {len(replayed)} reminder(s)" + "".join(f"\n  {r}" for r in replayed))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run everything: Redis (if embedded), the Celery worker and beat (the pump)."""
+    from .service import run_all
+
+    Catalog.load(settings)  # refuse to start on a broken config
+    return run_all(settings)
+
+
 Command = Callable[[argparse.Namespace, Settings], int]
 COMMANDS: dict[str, tuple[Command, str]] = {
     "plan": (cmd_plan, "validate bookings and print the timeline that would be scheduled (no Redis)"),
+    "book": (cmd_book, "store bookings (create or update) and print their timelines"),
+    "show": (cmd_show, "print a booking's timeline"),
+    "cancel": (cmd_cancel, "cancel a booking: nothing pending will be sent"),
+    "dead-letters": (cmd_dead_letters, "list reminders that failed for good"),
+    "replay": (cmd_replay, "send dead-lettered reminders again"),
+    "run": (cmd_run, "run Redis (embedded unless REMINDERS_REDIS_URL), worker and pump; Ctrl-C stops all"),
 }
 
 
@@ -127,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="plan as if it were this instant (default: the real clock)")
         if name in ("show", "cancel"):
             p.add_argument("booking_id")
+        if name == "replay":
+            p.add_argument("refs", nargs="*", metavar="REF",
+                           help="a dead letter's ref (clinic/booking/reminder) or a booking id")
+            p.add_argument("--all", action="store_true", help="replay every dead letter")
         p.add_argument("--clinic", help="clinic id (default: the booking's own `clinic` field)")
         p.add_argument("--json", action="store_true", help="print the machine-readable form")
     return parser
@@ -146,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotFound as exc:
         print(f"not found: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except redis.ConnectionError as exc:
+        print(f"cannot reach Redis: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ from .models import Channel
 from .rendering import RenderedMessage
 
 log = logging.getLogger(__name__)
+# Apprise logs recipients (and at DEBUG, bodies). Keep all of it out of our logs: its
+# lines are only read, in memory, to classify a failure.
+_apprise_log = logging.getLogger("apprise")
+_apprise_log.propagate = False
+_apprise_log.addHandler(logging.NullHandler())
 
 # HTTP statuses worth retrying; every other 4xx means the request itself is wrong.
 TRANSIENT_HTTP = frozenset({408, 425, 429})
@@ -84,29 +89,48 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
                             permanent=True) from None
     if not loaded:
         raise DeliveryError("Apprise cannot load the channel URL", permanent=True)
-    html_ok = message.html is not None and apprise.NotifyFormat.HTML in _formats(notifier)
+    html_ok = message.html is not None and "html" in _formats(notifier)
     body = message.html if html_ok else message.text
-    result = notifier.notify(
-        body=body,
-        title=message.subject or "",
-        body_format=apprise.NotifyFormat.HTML if html_ok else apprise.NotifyFormat.TEXT,
-        timeout=timeout * 2 + 1,  # a backstop: the socket timeouts should fire first
-        log_level=logging.DEBUG,
-    )
+    collected = _Collect()
+    level = _apprise_log.level
+    _apprise_log.addHandler(collected)
+    _apprise_log.setLevel(logging.DEBUG)
+    try:
+        result = notifier.notify(
+            body=body,
+            title=message.subject or "",
+            body_format=apprise.NotifyFormat.HTML if html_ok else apprise.NotifyFormat.TEXT,
+            timeout=timeout * 2 + 1,  # a backstop: the socket timeouts should fire first
+            log_level=logging.DEBUG,
+        )
+    finally:
+        _apprise_log.removeHandler(collected)
+        _apprise_log.setLevel(level)
     if result:
         return "sent through Apprise"
-    messages = [entry.message for entry in result.logs()]
+    messages = [entry.message for entry in result.logs()] + collected.messages
     raise classify(result.status.name, messages)
 
 
+class _Collect(logging.Handler):
+    """Keep Apprise's log lines of one call in memory."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _formats(notifier: apprise.Apprise) -> set[str]:
+    """Return the body formats ("html", "text", ...) the loaded service accepts."""
     formats: set[str] = set()
     for service in notifier:
         fmt = getattr(service, "notify_format", None)
-        if isinstance(fmt, (tuple, list, set)):
-            formats.update(str(f) for f in fmt)
-        elif fmt is not None:
-            formats.add(str(fmt))
+        for f in fmt if isinstance(fmt, (tuple, list, set)) else [fmt]:
+            if f is not None:
+                formats.add(str(getattr(f, "value", f)))
     return formats
 
 

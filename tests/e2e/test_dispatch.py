@@ -1,0 +1,129 @@
+"""Every reminder sent once, on time, with the right words: real Redis, worker, beat, sinks."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.conftest import QUICK_MESSAGES, wait_until
+from worker.catalog import Catalog
+from worker.models import Booking, parse_booking
+from worker.rendering import Renderer
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+ON_TIME_SECONDS = 2.0
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def expected_messages(config, doc, timeline):
+    """Render, in the test, what each scheduled reminder must look like at its sink."""
+    catalog = Catalog.load(Settings(config_dir=config, templates_dir=ROOT / "templates",
+                                    _env_file=None))
+    booking: Booking = parse_booking(doc, catalog)
+    renderer = Renderer(catalog.templates_dir)
+    plan_dates: dict[str, datetime] = {}
+    for r in timeline["reminders"]:
+        when = datetime.fromisoformat(r["due_at"].replace("Z", "+00:00"))
+        plan_dates[r["step"]] = min(when, plan_dates.get(r["step"], when))
+    step_template = {s.id: s.template for s in catalog.protocols["quick"].steps}
+    out = {}
+    for r in timeline["reminders"]:
+        out[r["id"]] = renderer.render(
+            template=step_template[r["step"]], channel=r["channel"], booking=booking,
+            clinic=catalog.clinics["e2e"], protocol=catalog.protocols["quick"], occurrence=1,
+            due_at=datetime.fromisoformat(r["due_at"].replace("Z", "+00:00")).astimezone(UTC),
+            plan_dates=plan_dates)
+    return out
+
+
+def received(smtp_sink, sms_sink):
+    return [("email", m) for m in smtp_sink.snapshot()] + [("sms", m) for m in sms_sink.snapshot()]
+
+
+def assert_delivered_once_on_time(config, doc, timeline, smtp_sink, sms_sink):
+    """Each scheduled reminder arrived exactly once, within 2 s of due, with its words."""
+    expected = expected_messages(config, doc, timeline)
+    got = received(smtp_sink, sms_sink)
+    assert len(got) == len(expected), [(c, m.subject or m.text[:40]) for c, m in got]
+    unmatched = list(got)
+    for r in timeline["reminders"]:
+        want = expected[r["id"]]
+        for item in unmatched:
+            channel, msg = item
+            same = (channel == r["channel"] and (
+                msg.text.strip() == want.text.strip() if channel == "sms"
+                else msg.subject == want.subject and msg.html.strip() == want.html.strip()))
+            if same:
+                unmatched.remove(item)
+                lateness = msg.at - _epoch(r["due_at"])
+                assert -0.5 <= lateness <= ON_TIME_SECONDS, (r["id"], lateness)
+                break
+        else:
+            raise AssertionError(f"{r['id']} never arrived with its rendered content")
+    assert not unmatched
+
+
+def test_every_reminder_arrives_once_on_time_with_its_content(
+        service, smtp_sink, sms_sink, make_booking, e2e_config):
+    service.worker()
+    service.beat()
+    doc = make_booking("B-1")
+    (timeline,) = service.book(doc)
+    assert len(timeline["reminders"]) == QUICK_MESSAGES
+    wait_until(lambda: len(received(smtp_sink, sms_sink)) >= QUICK_MESSAGES, 40)
+    time.sleep(2)  # anything sent twice would show up now
+    assert_delivered_once_on_time(e2e_config, doc, timeline, smtp_sink, sms_sink)
+    sms = sms_sink.snapshot()
+    assert {m.to for m in sms} == {"+34600111222"}
+    assert {m.to for m in smtp_sink.snapshot()} == {"b-1@example.com"}
+    final = service.show("B-1")
+    assert {r["status"] for r in final["reminders"]} == {"sent"}
+    assert all(r["attempts"] == 1 and r["sent_at"] for r in final["reminders"])
+
+
+def test_cancel_before_due_sends_nothing_more(service, smtp_sink, sms_sink, make_booking):
+    service.worker()
+    service.beat()
+    service.book(make_booking("B-2", starts_in=20))
+    # The at-booking confirmation goes at once; everything else is still in the future.
+    wait_until(lambda: len(smtp_sink.snapshot()) == 1, 15)
+    result = service.cli("cancel", "--clinic", "e2e", "--json", "B-2")
+    assert result.returncode == 0, result.stderr
+    time.sleep(25)  # past every due time
+    assert len(smtp_sink.snapshot()) == 1 and sms_sink.snapshot() == []
+    statuses = {r["id"]: r["status"] for r in service.show("B-2")["reminders"]}
+    assert statuses.pop("confirm:email") == "sent"
+    assert set(statuses.values()) == {"cancelled"}
+
+
+def test_reschedule_sends_at_the_new_times_only(service, smtp_sink, sms_sink, make_booking, e2e_config):
+    service.worker()
+    service.beat()
+    first = make_booking("B-3", starts_in=14)
+    service.book(first)
+    moved = make_booking("B-3", starts_in=22)
+    (timeline,) = service.book(moved)
+    assert timeline["version"] == 2
+    wait_until(lambda: len(received(smtp_sink, sms_sink)) >= QUICK_MESSAGES, 40)
+    time.sleep(3)
+    assert_delivered_once_on_time(e2e_config, moved, timeline, smtp_sink, sms_sink)
+
+
+def test_same_booking_ten_times_sends_each_reminder_once(
+        service, smtp_sink, sms_sink, make_booking, e2e_config):
+    service.worker()
+    service.beat()
+    doc = make_booking("B-4", starts_in=14)
+    for _ in range(10):
+        (timeline,) = service.book(doc)
+    assert timeline["version"] == 1
+    wait_until(lambda: len(received(smtp_sink, sms_sink)) >= QUICK_MESSAGES, 40)
+    time.sleep(3)
+    assert_delivered_once_on_time(e2e_config, doc, timeline, smtp_sink, sms_sink)

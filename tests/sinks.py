@@ -1,0 +1,126 @@
+"""Real servers that stand in for providers: an SMTP server and an HTTP SMS gateway.
+
+Both listen on 127.0.0.1, record what they accept with the time it was accepted, and
+can be told to be slow, to refuse, or (SMTP) to be down for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from worker.embedded import free_port
+
+
+@dataclass
+class Received:
+    at: float  # time.time() when accepted
+    to: str
+    subject: str | None
+    text: str
+    html: str | None = None
+    raw: Any = None
+
+
+@dataclass
+class SmtpSink:
+    """An aiosmtpd server; a message counts only once the client got our 250."""
+
+    port: int = field(default_factory=free_port)
+    delay: float = 0.0  # seconds to wait before answering DATA (a slow server)
+    refuse_code: str | None = None  # e.g. "550 5.1.1 No such user": refuse every recipient
+    messages: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._controller: Controller | None = None
+
+    # aiosmtpd handler hooks
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if self.refuse_code:
+            return self.refuse_code
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if server.transport is None or server.transport.is_closing():
+            return "421 client went away"  # never acknowledged: not delivered
+        msg = email.message_from_bytes(envelope.original_content or envelope.content,
+                                       policy=email.policy.default)
+        text = msg.get_body(("plain",))
+        html = msg.get_body(("html",))
+        with self._lock:
+            self.messages.append(Received(
+                at=time.time(), to=",".join(envelope.rcpt_tos), subject=msg["Subject"],
+                text=text.get_content() if text else "", html=html.get_content() if html else None,
+                raw=msg))
+        return "250 Message accepted"
+
+    def start(self) -> SmtpSink:
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.messages)
+
+
+class HttpSink:
+    """A threaded HTTP server for Apprise's json:// SMS posts; answers `status`."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.status = 200
+        self.posts: list[Received] = []
+        self._lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                status = sink.status
+                if 200 <= status < 300:
+                    with sink._lock:
+                        sink.posts.append(Received(at=time.time(), to=body.get("to", ""),
+                                                   subject=None, text=body.get("message", ""),
+                                                   raw=body))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> HttpSink:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.posts)
