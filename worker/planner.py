@@ -85,25 +85,46 @@ def _local_minute(instant: datetime, tz: ZoneInfo) -> tuple[date, float]:
     return local.date(), local.hour * 60 + local.minute + local.second / 60
 
 
+def _both_occurrences(instant: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """Return (first, second) UTC instants showing `instant`'s local clock time.
+
+    They differ only in a repeated (fall-back) hour; elsewhere both are `instant`.
+    """
+    local = instant.astimezone(tz)
+    return (local.replace(fold=0).astimezone(UTC), local.replace(fold=1).astimezone(UTC))
+
+
+# A window can vanish on a DST day (02:00-02:30 on a spring-forward night), never on two
+# days in a row: a few days of search always find the next or previous opening.
+_WINDOW_SEARCH_DAYS = 4
+
+
 def next_opening(instant: datetime, window: SendWindow, tz: ZoneInfo) -> datetime:
     """Return `instant` if it is inside the window, else the window's next opening."""
     day, minute = _local_minute(instant, tz)
     if window.contains(minute):
         return instant
-    if minute < window.start:
-        return _minute_wall(day, window.start, tz)
-    return _minute_wall(day + timedelta(days=1), window.start, tz)
+    for n in range(_WINDOW_SEARCH_DAYS):
+        opening = _minute_wall(day + timedelta(days=n), window.start, tz)
+        # An opening in a DST gap moved to the next valid minute, which may be past the
+        # window's end: then the window does not exist that day.
+        for candidate in _both_occurrences(opening, tz):
+            if candidate >= instant and window.contains(_local_minute(candidate, tz)[1]):
+                return candidate
+    raise ValueError(f"no opening of the send window {window.describe()} near {instant}")
 
 
 def last_opening_before(instant: datetime, window: SendWindow, tz: ZoneInfo) -> datetime:
     """Return the last whole minute inside the window strictly before `instant`."""
-    day, minute = _local_minute(instant, tz)
-    if minute > window.start:
-        close = _minute_wall(day, window.end, tz)
-        candidate = min(instant, close) - ONE_MINUTE
-        if window.contains(_local_minute(candidate, tz)[1]):
-            return candidate.replace(second=0, microsecond=0)
-    return _minute_wall(day - timedelta(days=1), window.end, tz) - ONE_MINUTE
+    day, _ = _local_minute(instant, tz)
+    for n in range(_WINDOW_SEARCH_DAYS):
+        close = _minute_wall(day - timedelta(days=n), window.end, tz)
+        for closing in reversed(_both_occurrences(close, tz)):  # the later one first
+            last = min(instant, closing) - timedelta(microseconds=1)
+            last = last.replace(second=0, microsecond=0)
+            if window.contains(_local_minute(last, tz)[1]):
+                return last
+    raise ValueError(f"no opening of the send window {window.describe()} before {instant}")
 
 
 # --- the plan --------------------------------------------------------------------------
@@ -150,8 +171,9 @@ def _place(
     if step.late == "skip":
         return "skipped", nominal, "its time had passed when the booking arrived"
     due = next_opening(now, window, tz)
-    deadline = start + step.late_until if step.late_until is not None else (
-        start if before_visit else None)
+    deadline = start + step.late_until if step.late_until is not None else None
+    if before_visit:  # whatever late_until says, a pre-appointment step goes before it
+        deadline = start if deadline is None else min(deadline, start)
     if deadline is not None and due >= deadline:
         return "skipped", nominal, "its time had passed and it is too late to send it now"
     return "scheduled", due, "; late: its time had passed when the booking arrived, sent at the next opening"
