@@ -1,0 +1,379 @@
+"""Message templates: render a reminder for one channel, and check every template.
+
+Templates live in `<templates_dir>/<locale>/` as `<template>.email.subject.j2`,
+`<template>.email.html.j2`, `<template>.email.txt.j2` and `<template>.sms.txt.j2`
+(files starting with "_" are layouts and macros). They run in a Jinja2 sandbox with
+StrictUndefined; only `.html.j2` files are autoescaped.
+
+Variables (all dates and times in the patient's timezone and locale):
+    patient_first_name      first word of the patient's name
+    clinic_name, clinic_phone   the clinic's name and E.164 phone
+    treatment, treatment_id     the protocol's name and id ("microneedling")
+    discreet                the clinic's flag: subjects and SMS name no treatment or medication
+    appointment_date        long date, "5 de diciembre de 2026" / "December 5, 2026"
+    appointment_date_short  "5 dic" / "Dec 5"
+    appointment_time        short time, "14:30" / "2:30 PM"
+    days_until              calendar days from the due date to the appointment (0 today, 1 tomorrow)
+    occurrence              1-based number within a repeating step
+    week                    1-based week since the appointment date (day 0-6 is week 1;
+                            0 or less before the appointment)
+    plan_dates              step id -> full date of that step, in plan order (may be empty)
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, time, timedelta
+from itertools import product
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date, format_skeleton, format_time
+from jinja2 import (
+    FileSystemLoader,
+    StrictUndefined,
+    TemplateError,
+    TemplateNotFound,
+    TemplateSyntaxError,
+    select_autoescape,
+)
+from jinja2.sandbox import SandboxedEnvironment
+
+from .catalog import Catalog
+from .clinics import Clinic
+from .errors import ConfigError
+from .models import CHANNELS, Booking, Channel
+from .planner import plan
+from .protocols import Protocol
+from .sms import Encoding, non_gsm7, normalise, sms_segments
+
+# The files one template needs for each channel (the planner may fall back to either).
+PARTS: dict[Channel, tuple[str, ...]] = {
+    "email": ("email.subject", "email.txt", "email.html"),
+    "sms": ("sms.txt",),
+}
+TEMPLATE_FILE = re.compile(
+    r"^(?P<template>[a-z0-9][a-z0-9_-]*)\.(?P<part>email\.subject|email\.txt|email\.html|sms\.txt)\.j2$"
+)
+
+
+@dataclass(frozen=True)
+class RenderedMessage:
+    """One message ready for a channel."""
+
+    channel: Channel
+    subject: str | None  # email only
+    text: str  # email plain-text body, or the SMS text
+    html: str | None  # email only
+
+
+def file_name(locale: str, template: str, part: str) -> str:
+    """Return the loader name of one template file, e.g. "es/day-before.sms.txt.j2"."""
+    return f"{locale}/{template}.{part}.j2"
+
+
+def syntax_error(exc: TemplateSyntaxError, path: Path) -> ConfigError:
+    """Return a Jinja syntax error as a ConfigError naming "file:line"."""
+    return ConfigError(f"{exc.filename or path}:{exc.lineno}", f"syntax error: {exc.message}")
+
+
+class Renderer:
+    """Renders reminders from one templates folder."""
+
+    def __init__(self, templates_dir: Path) -> None:
+        self.templates_dir = templates_dir
+        self.env = SandboxedEnvironment(
+            loader=FileSystemLoader(templates_dir),
+            undefined=StrictUndefined,
+            autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    def render(
+        self, *, template: str, channel: Channel, booking: Booking, clinic: Clinic,
+        protocol: Protocol, occurrence: int, due_at: datetime,
+        plan_dates: Mapping[str, datetime] | None = None,
+    ) -> RenderedMessage:
+        """Render `template` for `channel`; raise ConfigError naming the file at fault."""
+        locale = booking.patient.locale
+        context = self.context(booking=booking, clinic=clinic, protocol=protocol,
+                               occurrence=occurrence, due_at=due_at, plan_dates=plan_dates)
+
+        def part(name: str) -> str:
+            return self._render(file_name(locale, template, name), context)
+
+        if channel == "sms":
+            return RenderedMessage(channel="sms", subject=None, text=normalise(part("sms.txt")),
+                                   html=None)
+        # A subject is one header line: never let a template break it.
+        return RenderedMessage(channel="email", subject=" ".join(part("email.subject").split()),
+                               text=part("email.txt").strip() + "\n", html=part("email.html"))
+
+    def context(
+        self, *, booking: Booking, clinic: Clinic, protocol: Protocol, occurrence: int,
+        due_at: datetime, plan_dates: Mapping[str, datetime] | None = None,
+    ) -> dict[str, Any]:
+        """Return the template variables (see the module docstring)."""
+        tz = ZoneInfo(booking.patient.timezone)
+        locale = self.locale(booking.patient.locale)
+        start = booking.starts_at.astimezone(tz)
+        days_until = (start.date() - due_at.astimezone(tz).date()).days
+        ordered = sorted((plan_dates or {}).items(), key=lambda item: item[1])
+        return {
+            "patient_first_name": booking.patient.first_name,
+            "clinic_name": clinic.name,
+            "clinic_phone": clinic.phone,
+            "treatment": protocol.name,
+            "treatment_id": protocol.id,
+            "discreet": clinic.discreet,
+            "appointment_date": format_date(start.date(), "long", locale=locale),
+            "appointment_date_short": format_skeleton("MMMd", start.date(), locale=locale),
+            "appointment_time": format_time(start, "short", tzinfo=tz, locale=locale),
+            "days_until": days_until,
+            "occurrence": occurrence,
+            "week": -days_until // 7 + 1,
+            "plan_dates": {
+                step: format_date(when.astimezone(tz).date(), "full", locale=locale)
+                for step, when in ordered
+            },
+        }
+
+    def locale(self, name: str) -> Locale:
+        """Return the Babel locale of a locale folder ("es", "pt-BR", "en_GB")."""
+        try:
+            return Locale.parse(name.replace("-", "_"))
+        except (UnknownLocaleError, ValueError) as exc:
+            problem = f"not a locale Babel knows ({exc})"
+            raise ConfigError(self.templates_dir / name, problem) from None
+
+    def template_files(self, locale: str) -> dict[str, set[str]]:
+        """Return {step template: parts present} for the files in one locale folder."""
+        found: dict[str, set[str]] = {}
+        folder = self.templates_dir / locale
+        for path in sorted(folder.glob("*.j2")) if folder.is_dir() else ():
+            match = TEMPLATE_FILE.match(path.name)
+            if match:  # "_layout…" and other shared pieces do not match
+                found.setdefault(match["template"], set()).add(match["part"])
+        return found
+
+    def template_names(self, locale: str) -> set[str]:
+        """Return the step templates that have at least one file in `locale`."""
+        return set(self.template_files(locale))
+
+    def missing_files(self, locale: str, template: str) -> list[str]:
+        """Return the loader names of the files `template` lacks in `locale` (both channels)."""
+        present = self.template_files(locale).get(template, set())
+        return [file_name(locale, template, part)
+                for channel in CHANNELS for part in PARTS[channel] if part not in present]
+
+    def _render(self, name: str, context: dict[str, Any]) -> str:
+        try:
+            return self.env.get_template(name).render(context)
+        except TemplateNotFound:
+            raise ConfigError(self.templates_dir / name, "template file not found") from None
+        except TemplateSyntaxError as exc:
+            raise syntax_error(exc, self.templates_dir / name) from None
+        except TemplateError as exc:  # undefined variable, sandbox refusal, bad filter use
+            raise ConfigError(self._failing_file(exc, name), str(exc)) from None
+
+    def _failing_file(self, exc: Exception, name: str) -> str:
+        """Return "file:line" of the innermost template frame (a layout or macro file)."""
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".j2")]
+        if not frames:
+            return str(self.templates_dir / name)
+        return f"{frames[-1].filename}:{frames[-1].lineno}"
+
+
+# --- checking every template against the configuration (`reminders check`) ------------
+
+# Realistic long values, so that a template that fits here fits for real patients.
+SAMPLE_FIRST_NAME = "Christabelle"  # 12 letters, the long end of first names
+SAMPLE_PATIENT_PHONE = "+34600111222"
+# 12:30 gives "12:30 PM", the longest English short time; September the longest "MMMd".
+SAMPLE_APPOINTMENT = (date(2026, 9, 30), time(12, 30))
+SAMPLE_BOOKED_DAYS_BEFORE = 30  # booked before any step of any protocol is due
+
+
+@dataclass(frozen=True)
+class SmsSample:
+    """The longest rendering of one SMS template in one locale and wording."""
+
+    template: str
+    locale: str
+    discreet: bool
+    encoding: Encoding
+    length: int
+    segments: int
+    text: str
+
+
+@dataclass
+class CheckReport:
+    """What `reminders check` found: any error makes the configuration unusable."""
+
+    errors: list[ConfigError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    sms: list[SmsSample] = field(default_factory=list)
+
+    def table(self) -> str:
+        """Return the SMS samples as an aligned text table."""
+        rows = [("TEMPLATE", "LOCALE", "WORDING", "ENCODING", "LENGTH", "SEGMENTS")]
+        rows += [(s.template, s.locale, "discreet" if s.discreet else "plain", s.encoding,
+                  str(s.length), str(s.segments)) for s in self.sms]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                 for row in rows)
+        return "\n".join(line.rstrip() for line in lines)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": not self.errors,
+            "errors": [str(e) for e in self.errors],
+            "warnings": self.warnings,
+            "sms": [asdict(s) for s in self.sms],
+        }
+
+
+def sample_booking(clinic: Clinic, protocol: Protocol, locale: str,
+                   first_name: str = SAMPLE_FIRST_NAME) -> Booking:
+    """Return a booking with long, realistic values, in the clinic's timezone."""
+    starts_at = datetime.combine(*SAMPLE_APPOINTMENT, tzinfo=ZoneInfo(clinic.timezone))
+    return Booking.model_validate({
+        "clinic": clinic.id, "booking_id": "CHECK-1", "treatment": protocol.id,
+        "starts_at": starts_at,
+        "patient": {"name": f"{first_name} Sample", "email": "patient@example.com",
+                    "phone": SAMPLE_PATIENT_PHONE, "timezone": clinic.timezone,
+                    "locale": locale, "channels": ["sms", "email"]},
+        # Both flags, so that every conditional step is planned and rendered.
+        "medications": {"tretinoin": True, "retinol": True},
+    })
+
+
+def sample_messages(renderer: Renderer, booking: Booking, clinic: Clinic,
+                    protocol: Protocol) -> Iterator[tuple[str, RenderedMessage]]:
+    """Yield (template, message) for every reminder planned for `booking`, on both channels.
+
+    Raises ConfigError for the first template that does not render.
+    """
+    booked_at = booking.starts_at - timedelta(days=SAMPLE_BOOKED_DAYS_BEFORE)
+    reminders = plan(booking, protocol, clinic, booked_at).reminders
+    plan_dates: dict[str, datetime] = {}
+    for reminder in reminders:
+        plan_dates.setdefault(reminder.step, reminder.due_at)
+    for reminder in reminders:
+        for channel in CHANNELS:
+            yield reminder.template, renderer.render(
+                template=reminder.template, channel=channel, booking=booking, clinic=clinic,
+                protocol=protocol, occurrence=reminder.occurrence, due_at=reminder.due_at,
+                plan_dates=plan_dates)
+
+
+def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None = None,
+          clinic_ids: list[str] | None = None) -> CheckReport:
+    """Check templates against protocols and clinics, rendering each with sample values."""
+    renderer = Renderer(catalog.templates_dir)
+    clinics = [catalog.clinics[c] for c in sorted(clinic_ids or catalog.clinics)]
+    report = CheckReport()
+    errors = _file_errors(renderer, catalog) + _clinic_errors(catalog, clinics, clinics_dir)
+    report.warnings += _unused_templates(renderer, catalog)
+    for clinic in clinics:
+        for name in clinic.missing_secrets(None if env is None else dict(env)):
+            report.warnings.append(f"{clinics_dir / f'{clinic.id}.toml'}: environment variable "
+                                   f"{name} is not set (channel URLs read it at send time)")
+    if not errors:  # rendering a missing or broken file would only repeat those errors
+        render_errors, report.sms = _render_all(renderer, catalog, clinics)
+        errors += render_errors
+        report.warnings += [_sms_warning(catalog.templates_dir, s) for s in report.sms
+                            if s.segments != 1 or s.encoding != "GSM-7"]
+    # One broken file fails many renders: report each distinct problem once, sorted.
+    report.errors = list({str(e): e for e in sorted(errors, key=str)}.values())
+    return report
+
+
+def _templates_in_use(catalog: Catalog) -> dict[str, str]:
+    """Return {template: the first step that names it}."""
+    used: dict[str, str] = {}
+    for protocol in catalog.protocols.values():
+        for step in protocol.steps:
+            used.setdefault(step.template, f"step {step.id!r} of protocol {protocol.id!r}")
+    return used
+
+
+def _file_errors(renderer: Renderer, catalog: Catalog) -> list[ConfigError]:
+    """Return missing files, syntax errors and locale folders Babel does not know."""
+    errors = []
+    for locale in sorted(catalog.locales):
+        try:
+            renderer.locale(locale)
+        except ConfigError as exc:
+            errors.append(exc)
+        for template, user in sorted(_templates_in_use(catalog).items()):
+            errors += [ConfigError(catalog.templates_dir / name, f"missing (needed by {user})")
+                       for name in renderer.missing_files(locale, template)]
+    for name in renderer.env.list_templates(extensions=["j2"]):
+        try:
+            renderer.env.get_template(name)
+        except TemplateSyntaxError as exc:
+            errors.append(syntax_error(exc, catalog.templates_dir / name))
+    return errors
+
+
+def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
+                   clinics_dir: Path) -> list[ConfigError]:
+    return [ConfigError(clinics_dir / f"{c.id}.toml",
+                        f"locale {c.locale!r} has no templates folder")
+            for c in clinics if c.locale not in catalog.locales]
+
+
+def _unused_templates(renderer: Renderer, catalog: Catalog) -> list[str]:
+    used = _templates_in_use(catalog)
+    return [f"{catalog.templates_dir / locale}: template {name!r} is used by no protocol step"
+            for locale in sorted(catalog.locales)
+            for name in sorted(renderer.template_names(locale) - set(used))]
+
+
+def _render_all(renderer: Renderer, catalog: Catalog,
+                clinics: list[Clinic]) -> tuple[list[ConfigError], list[SmsSample]]:
+    """Render every template for every clinic, locale and wording; keep each SMS's longest."""
+    errors: list[ConfigError] = []
+    longest: dict[tuple[str, str, bool], SmsSample] = {}
+    for clinic, locale, protocol, discreet in product(
+            clinics, sorted(catalog.locales), catalog.protocols.values(), (False, True)):
+        wording = clinic.model_copy(update={"discreet": discreet})
+        booking = sample_booking(wording, protocol, locale)
+        try:
+            for template, message in sample_messages(renderer, booking, wording, protocol):
+                errors += [ConfigError(catalog.templates_dir / file_name(locale, template, part),
+                                       "renders empty") for part in _empty_parts(message)]
+                if message.channel != "sms":
+                    continue
+                sample = SmsSample(template, locale, discreet, *sms_segments(message.text),
+                                   text=message.text)
+                key = (template, locale, discreet)
+                if key not in longest or sample.length > longest[key].length:
+                    longest[key] = sample
+        except ConfigError as exc:
+            errors.append(exc)
+    return errors, [longest[k] for k in sorted(longest)]
+
+
+def _empty_parts(message: RenderedMessage) -> list[str]:
+    if message.channel == "sms":
+        return [] if message.text else ["sms.txt"]
+    return [part for part, value in (("email.subject", message.subject),
+                                     ("email.txt", message.text.strip())) if not value]
+
+
+def _sms_warning(templates_dir: Path, sample: SmsSample) -> str:
+    path = templates_dir / file_name(sample.locale, sample.template, "sms.txt")
+    wording = "discreet" if sample.discreet else "plain"
+    problem = f"{sample.segments} segments ({sample.encoding}, {sample.length} units)"
+    if sample.encoding != "GSM-7":
+        problem += f"; not GSM-7 because of {' '.join(non_gsm7(sample.text))}"
+    return f"{path} ({wording}): {problem}"
