@@ -103,6 +103,33 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     return status
 
 
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    """Validate config/ and templates/; report each SMS template's length and segments."""
+    from .rendering import SAMPLE_FIRST_NAME, check  # Jinja and Babel: only this command
+
+    catalog = Catalog.load(settings)
+    if args.clinic is not None and args.clinic not in catalog.clinics:
+        raise UsageError(f"unknown clinic {args.clinic!r}")
+    clinic_ids = [args.clinic] if args.clinic else sorted(catalog.clinics)
+    report = check(catalog, settings.clinics_dir, clinic_ids=clinic_ids)
+    for error in report.errors:
+        print(f"configuration error: {error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2, ensure_ascii=False))
+    else:
+        if report.sms:
+            print(f"SMS templates: longest rendering with a {len(SAMPLE_FIRST_NAME)}-letter "
+                  f"first name; clinics: {', '.join(clinic_ids)}")
+            print(report.table())
+            print()
+        for warning in report.warnings:
+            print(f"WARNING: {warning}")
+        outcome = f"{len(report.errors)} error(s)" if report.errors else "ok"
+        print(f"{outcome}: {len(catalog.protocols)} protocols, {len(clinic_ids)} clinic(s), "
+              f"locales {', '.join(sorted(catalog.locales))}")
+    return EXIT_CONFIG if report.errors else EXIT_OK
+
+
 def parse_now(value: str) -> datetime:
     try:
         now = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -234,6 +261,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 Command = Callable[[argparse.Namespace, Settings], int]
 COMMANDS: dict[str, tuple[Command, str]] = {
     "plan": (cmd_plan, "validate bookings and print the timeline that would be scheduled (no Redis)"),
+    "check": (cmd_check, "validate config/ and templates/; report each SMS template's segments"),
     "book": (cmd_book, "store bookings (create or update) and print their timelines"),
     "show": (cmd_show, "print a booking's timeline"),
     "cancel": (cmd_cancel, "cancel a booking: nothing pending will be sent"),

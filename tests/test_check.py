@@ -1,0 +1,162 @@
+"""`reminders check`, run as a subprocess on the repository's config and on broken copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.protocols import load_protocols
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = sorted({s.template for p in load_protocols(ROOT / "config" / "protocols").values()
+                    for s in p.steps})
+EXIT_OK, EXIT_USAGE, EXIT_CONFIG = 0, 2, 3
+
+
+def run_check(config: Path, templates: Path, *args: str, cwd: Path,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `reminders check` in a clean environment pointed at `config` and `templates`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    clean.update(env or {})
+    clean.update(REMINDERS_CONFIG_DIR=str(config), REMINDERS_TEMPLATES_DIR=str(templates),
+                 PYTHONPATH=str(ROOT))
+    # cwd is a scratch folder, so that no developer's .env is read.
+    return subprocess.run([sys.executable, "-m", "worker.cli", "check", *args], cwd=cwd,
+                          env=clean, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Path:
+    """A scratch copy of config/ and templates/ to break."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    return tmp_path
+
+
+def check_copy(copy: Path, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return run_check(copy / "config", copy / "templates", *args, cwd=copy, **kwargs)
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("TEMPLATE "))
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_repo_config_is_valid_and_every_sms_fits_one_segment(tmp_path: Path) -> None:
+    result = run_check(ROOT / "config", ROOT / "templates", cwd=tmp_path)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stderr == ""
+    rows = table_rows(result.stdout)
+    assert [r[:3] for r in rows] == [[t, loc, wording] for t in TEMPLATES for loc in ("en", "es")
+                                     for wording in ("plain", "discreet")]
+    for template, locale, wording, encoding, length, segments in rows:
+        assert (encoding, segments) == ("GSM-7", "1"), (template, locale, wording)
+        assert 0 < int(length) <= 160
+    assert "WARNING" not in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].startswith("ok: 3 protocols")
+
+
+def test_output_is_stable(tmp_path: Path) -> None:
+    first = run_check(ROOT / "config", ROOT / "templates", cwd=tmp_path)
+    second = run_check(ROOT / "config", ROOT / "templates", cwd=tmp_path)
+    assert first.stdout == second.stdout and first.stdout
+
+
+def test_json_gives_the_same_data(tmp_path: Path) -> None:
+    result = run_check(ROOT / "config", ROOT / "templates", "--json", cwd=tmp_path)
+    assert result.returncode == EXIT_OK, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["errors"] == []
+    assert len(report["sms"]) == len(TEMPLATES) * 2 * 2
+    day_before = next(s for s in report["sms"] if (s["template"], s["locale"], s["discreet"])
+                      == ("day-before", "es", False))
+    assert day_before["text"].startswith("Hola Christabelle, te esperamos")
+    assert (day_before["encoding"], day_before["segments"]) == ("GSM-7", 1)
+    assert day_before["length"] == len(day_before["text"])
+
+
+@pytest.mark.parametrize(
+    ("breakage", "file", "problem"),
+    [
+        ("delete", "templates/es/day-before.sms.txt.j2", "missing (needed by step 'day-before'"),
+        ("delete", "templates/en/peel-prep.email.html.j2", "missing"),
+        ("write:Hi {{ patient_firstname }}", "templates/es/spf-morning.sms.txt.j2",
+         "'patient_firstname' is undefined"),
+        ("write:{% if discreet %}\nHi", "templates/en/week-check.email.txt.j2:2",
+         "syntax error"),
+        ("write:<p>{{ clinic_adress }}</p>{% block body %}{% endblock %}",
+         "templates/en/_layout.email.html.j2:1", "'clinic_adress' is undefined"),
+        ("write:name = [broken", "config/protocols/microneedling.toml", "configuration error"),
+        ("write:name = 'x'\nsteps = []", "config/protocols/microneedling.toml",
+         "steps: List should have at least 1 item"),
+    ],
+)
+def test_a_broken_file_exits_3_and_is_named(copy: Path, breakage: str, file: str,
+                                            problem: str) -> None:
+    path = copy / file.split(":")[0]
+    if breakage == "delete":
+        path.unlink()
+    else:
+        path.write_text(breakage.removeprefix("write:"), encoding="utf-8")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert str(copy / file) in result.stderr
+    assert problem in result.stderr
+
+
+def test_a_clinic_locale_without_templates_is_an_error(copy: Path) -> None:
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text().replace('locale = "es"', 'locale = "fr"'))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG
+    assert f"{clinic}: locale 'fr' has no templates folder" in result.stderr
+
+
+def test_an_sms_over_one_segment_is_a_warning(copy: Path) -> None:
+    sms = copy / "templates" / "es" / "week-check.sms.txt.j2"
+    sms.write_text(sms.read_text() + " Recuerda tu próxima sesión dentro de unas semanas.\n")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert (f"WARNING: {sms} (plain): 3 segments (UCS-2, " in result.stdout)
+    assert "not GSM-7 because of ó" in result.stdout
+    assert ["week-check", "es", "plain", "UCS-2"] == next(
+        r[:4] for r in table_rows(result.stdout) if r[:3] == ["week-check", "es", "plain"])
+
+
+def test_missing_channel_secrets_are_warnings(copy: Path) -> None:
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text()
+                      + 'sms = "json://sms.example/${CHECK_TEST_SMS_TOKEN}/{to}"\n')
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert (f"WARNING: {clinic}: environment variable CHECK_TEST_SMS_TOKEN is not set"
+            in result.stdout)
+    with_secret = check_copy(copy, env={"CHECK_TEST_SMS_TOKEN": "x"})
+    assert "CHECK_TEST_SMS_TOKEN" not in with_secret.stdout
+
+
+def test_a_template_no_step_uses_is_a_warning(copy: Path) -> None:
+    stray = copy / "templates" / "en" / "day-befor.sms.txt.j2"
+    stray.write_text("Hi {{ patient_first_name }}")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK
+    assert f"WARNING: {copy / 'templates' / 'en'}: template 'day-befor' is used by no" \
+        in result.stdout
+
+
+def test_an_unknown_clinic_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_check(ROOT / "config", ROOT / "templates", "--clinic", "nope", cwd=tmp_path)
+    assert result.returncode == EXIT_USAGE
+    assert "unknown clinic 'nope'" in result.stderr
