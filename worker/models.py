@@ -36,7 +36,7 @@ CHANNELS: tuple[Channel, ...] = ("email", "sms")
 # Booking ids travel in Redis keys, URLs and file names: keep them plain.
 BOOKING_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 CLINIC_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (Unicode category Cc)
 
 
 def parse_e164(value: str) -> str:
@@ -71,6 +71,8 @@ def parse_timezone(value: str) -> str:
 
 def _plain_text(value: str) -> str:
     value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
     if _CONTROL.search(value):
         raise ValueError("must not contain control characters")
     return value
@@ -196,15 +198,20 @@ def parse_booking(doc: Any, catalog: Catalog, *, clinic: str | None = None) -> B
     """
     if not isinstance(doc, dict):
         raise BookingRejected([("booking", "must be a JSON object")])
+    errors: list[tuple[str, str]] = []
     if clinic is not None:
         given = doc.get("clinic")
         if given is not None and given != clinic:
-            raise BookingRejected([("clinic", f"is {given!r} but the request is for {clinic!r}")])
+            errors.append(("clinic", f"is {given!r} but the request is for {clinic!r}"))
         doc = {**doc, "clinic": clinic}
     try:
-        return Booking.model_validate(doc, context={"catalog": catalog})
+        booking = Booking.model_validate(doc, context={"catalog": catalog})
     except ValidationError as exc:
-        raise BookingRejected(field_errors(exc)) from None
+        # Every bad field at once; a clinic mismatch already says what is wrong with `clinic`.
+        errors += [(f, m) for f, m in field_errors(exc) if not (errors and f == "clinic")]
+    if errors:
+        raise BookingRejected(errors)
+    return booking
 
 
 def utc_iso(value: datetime | None) -> str | None:
