@@ -109,6 +109,26 @@ class Clinic(BaseModel):
         return sorted(n for n in names if n not in env)
 
 
+# Apprise query parameters that carry a secret (mailto ?pass=, twilio ?token=, ...).
+_SECRET_PARAMS = {"pass", "password", "pwd", "secret", "token", "key", "apikey"}
+
+
+def _literal_secret(url: str) -> str | None:
+    """Return what in `url` is a secret written literally (not a ${NAME}), or None."""
+    rest = url.split("://", 1)[-1]
+    authority = re.split(r"[/?#]", _ENV_REF.sub("ENV", rest), maxsplit=1)[0]
+    if "@" in authority:
+        userinfo = authority.rsplit("@", 1)[0]
+        if ":" in userinfo and _ENV_REF.sub("", rest.split(":", 1)[1].split("@", 1)[0]):
+            return "password"
+    query = rest.split("?", 1)[1].split("#", 1)[0] if "?" in rest else ""
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name.lower() in _SECRET_PARAMS and _ENV_REF.sub("", value):
+            return f"{name} parameter"
+    return None
+
+
 def load_clinic(path: Path) -> Clinic:
     """Load one clinic file; its id is the file name without `.toml`."""
     doc = read_toml(path)
@@ -122,9 +142,10 @@ def load_clinic(path: Path) -> Clinic:
     for channel, url in clinic.channels.items():
         if "{to}" not in url:
             raise ConfigError(path, f"channels.{channel}: the URL must contain {{to}}")
-        if re.search(r"://[^/?#@]*:[^@/?#${}]+@", url):
+        where = _literal_secret(url)
+        if where:
             raise ConfigError(
-                path, f"channels.{channel}: put the password in ${{ENV_VAR}}, not in the file"
+                path, f"channels.{channel}: put the {where} in ${{ENV_VAR}}, not in the file"
             )
     return clinic
 
