@@ -19,7 +19,7 @@ SEND_QUEUE = "reminders.send"
 settings = get_settings()
 app = Celery("reminders", broker=redis_url(settings), include=["worker.tasks"])
 app.conf.update(
-    task_queues=(Queue(SEND_QUEUE), Queue(PUMP_QUEUE)),
+    task_queues=(Queue(SEND_QUEUE, routing_key=SEND_QUEUE), Queue(PUMP_QUEUE, routing_key=PUMP_QUEUE)),
     task_default_queue=SEND_QUEUE,
     task_routes={"reminders.pump": {"queue": PUMP_QUEUE}, "reminders.send": {"queue": SEND_QUEUE}},
     task_serializer="json",
@@ -46,3 +46,8 @@ app.conf.update(
     },
     beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
 )
+
+
+def nudge_pump() -> None:
+    """Ask for a pump run now (after a booking with something due at once); beat would anyway."""
+    app.send_task("reminders.pump", queue=PUMP_QUEUE, expires=30)

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,10 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_REFUSED
     store = open_store(settings)
     timelines = [store.upsert(booking, planned, now) for booking, planned in accepted]
+    soon = now + timedelta(seconds=settings.pump_interval_seconds)
+    if any(r.status == "scheduled" and r.due_at <= soon and p.status == "scheduled"
+           for _, p in accepted for r in p.reminders):
+        nudge_pump_quietly()
     if args.json:
         print(json.dumps(timelines[0] if len(timelines) == 1 else timelines, indent=2,
                          ensure_ascii=False))
@@ -191,6 +195,16 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
             print(render_table(timeline, booking.patient.timezone))
             print()
     return EXIT_OK
+
+
+def nudge_pump_quietly() -> None:
+    """Have a pump run at once so an at-booking message goes out without waiting a tick."""
+    try:
+        from .celery_app import nudge_pump
+
+        nudge_pump()
+    except Exception as exc:  # beat runs the pump anyway within a second
+        print(f"note: could not nudge the pump ({type(exc).__name__})", file=sys.stderr)
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:

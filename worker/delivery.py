@@ -134,6 +134,11 @@ def _formats(notifier: apprise.Apprise) -> set[str]:
     return formats
 
 
+def warm_up() -> None:
+    """Load Apprise's plugins now, so the first message of a process is not slower."""
+    apprise.Apprise().add("json://127.0.0.1")
+
+
 def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now: datetime) -> Path:
     """Write one message to the outbox as a readable file; return its path."""
     folder.mkdir(parents=True, exist_ok=True)

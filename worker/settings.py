@@ -18,6 +18,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         env_nested_delimiter="__",
         extra="ignore",
+        # An empty variable means "not set" (REMINDERS_REDIS_URL= must not be an empty URL).
+        env_ignore_empty=True,
     )
 
     # Where things live.

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
+from celery.signals import worker_process_init
+
 from .catalog import Catalog
 from .celery_app import SEND_QUEUE, app
+from .delivery import warm_up
 from .dispatch import Context, send_claimed
 from .embedded import redis_url
 from .pump import pump
@@ -23,6 +26,13 @@ def context() -> Context:
     catalog = Catalog.load(settings)
     return Context(settings=settings, store=Store(connect(redis_url(settings)), settings.key_prefix),
                    catalog=catalog, renderer=Renderer(catalog.templates_dir))
+
+
+@worker_process_init.connect
+def _warm_up(**_: object) -> None:
+    """Load config, templates, Apprise and Redis before the first task needs them."""
+    context()
+    warm_up()
 
 
 def _publish(claim: Claim) -> None:

@@ -90,11 +90,24 @@ class Service:
         assert proc.poll() is None, proc.log_path.read_text()
         return proc
 
-    def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
-        """Start `celery -A worker.celery_app beat` (the pump's clock)."""
+    def beat(self, name: str = "beat", worker: subprocess.Popen[bytes] | None = None,
+             ) -> subprocess.Popen[bytes]:
+        """Start `celery -A worker.celery_app beat` (the pump's clock).
+
+        With `worker`, wait until that worker has run a pump tick: the service is up.
+        """
         schedule = self.logs / f"{name}-schedule"
-        return self._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "beat",
+        proc = self._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "beat",
                             "--loglevel=INFO", "-s", str(schedule)], name)
+        if worker is not None:
+            wait_until(lambda: b"reminders.pump" in worker.log_path.read_bytes(), 30)
+        return proc
+
+    def up(self) -> subprocess.Popen[bytes]:
+        """Start one worker and beat; return the worker once a pump tick has run."""
+        worker = self.worker()
+        self.beat(worker=worker)
+        return worker
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL a process and its children (a worker's pool) at once."""

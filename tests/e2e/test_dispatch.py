@@ -43,6 +43,11 @@ def expected_messages(config, doc, timeline):
     return out
 
 
+def _norm(text: str | None) -> str:
+    """Compare message text the way it reads: SMTP turns line ends into CRLF."""
+    return (text or "").replace("\r\n", "\n").strip()
+
+
 def received(smtp_sink, sms_sink):
     return [("email", m) for m in smtp_sink.snapshot()] + [("sms", m) for m in sms_sink.snapshot()]
 
@@ -58,8 +63,8 @@ def assert_delivered_once_on_time(config, doc, timeline, smtp_sink, sms_sink):
         for item in unmatched:
             channel, msg = item
             same = (channel == r["channel"] and (
-                msg.text.strip() == want.text.strip() if channel == "sms"
-                else msg.subject == want.subject and msg.html.strip() == want.html.strip()))
+                _norm(msg.text) == _norm(want.text) if channel == "sms"
+                else msg.subject == want.subject and _norm(msg.html) == _norm(want.html)))
             if same:
                 unmatched.remove(item)
                 lateness = msg.at - _epoch(r["due_at"])
@@ -72,8 +77,7 @@ def assert_delivered_once_on_time(config, doc, timeline, smtp_sink, sms_sink):
 
 def test_every_reminder_arrives_once_on_time_with_its_content(
         service, smtp_sink, sms_sink, make_booking, e2e_config):
-    service.worker()
-    service.beat()
+    service.up()
     doc = make_booking("B-1")
     (timeline,) = service.book(doc)
     assert len(timeline["reminders"]) == QUICK_MESSAGES
@@ -89,8 +93,7 @@ def test_every_reminder_arrives_once_on_time_with_its_content(
 
 
 def test_cancel_before_due_sends_nothing_more(service, smtp_sink, sms_sink, make_booking):
-    service.worker()
-    service.beat()
+    service.up()
     service.book(make_booking("B-2", starts_in=20))
     # The at-booking confirmation goes at once; everything else is still in the future.
     wait_until(lambda: len(smtp_sink.snapshot()) == 1, 15)
@@ -104,8 +107,7 @@ def test_cancel_before_due_sends_nothing_more(service, smtp_sink, sms_sink, make
 
 
 def test_reschedule_sends_at_the_new_times_only(service, smtp_sink, sms_sink, make_booking, e2e_config):
-    service.worker()
-    service.beat()
+    service.up()
     first = make_booking("B-3", starts_in=14)
     service.book(first)
     moved = make_booking("B-3", starts_in=22)
@@ -118,8 +120,7 @@ def test_reschedule_sends_at_the_new_times_only(service, smtp_sink, sms_sink, ma
 
 def test_same_booking_ten_times_sends_each_reminder_once(
         service, smtp_sink, sms_sink, make_booking, e2e_config):
-    service.worker()
-    service.beat()
+    service.up()
     doc = make_booking("B-4", starts_in=14)
     for _ in range(10):
         (timeline,) = service.book(doc)
