@@ -606,10 +606,8 @@ def tretinoin_start(catalog, booking_doc, starts_at: str, now: datetime) -> Plan
     booking_doc["treatment"] = "tretinoin-start"
     booking_doc["starts_at"] = starts_at
     booking = parse_booking(booking_doc, catalog)
-    # A clinic whose window admits the 20:00 application-night reminder (08:00-21:00).
-    clinic = catalog.clinics["glow"].model_copy(
-        update={"send_window": SendWindow(start="08:00", end="21:00")})
-    return plan(booking, catalog.protocols["tretinoin-start"], clinic, now)
+    # The shipped clinic and its 09:00-20:00 window: the 19:30 nights fit inside it.
+    return plan(booking, catalog.protocols["tretinoin-start"], catalog.clinics["glow"], now)
 
 
 def test_tretinoin_start_application_nights_mon_wed_fri_for_two_weeks(catalog, booking_doc):
@@ -618,9 +616,9 @@ def test_tretinoin_start_application_nights_mon_wed_fri_for_two_weeks(catalog, b
     nights = [r for r in p.reminders if r.step == "application-night"]
     expected_days = [2, 4, 7, 9, 11, 14]  # Wed, Fri, Mon, Wed, Fri, Mon
     assert len(nights) == 6
-    assert [r.due_at for r in nights] == [utc(2026, 12, d, 19, 0) for d in expected_days]
+    assert [r.due_at for r in nights] == [utc(2026, 12, d, 18, 30) for d in expected_days]
     assert [r.due_at.astimezone(MADRID).strftime("%a %H:%M") for r in nights] == [
-        "Wed 20:00", "Fri 20:00", "Mon 20:00", "Wed 20:00", "Fri 20:00", "Mon 20:00"]
+        "Wed 19:30", "Fri 19:30", "Mon 19:30", "Wed 19:30", "Fri 19:30", "Mon 19:30"]
     assert [r.key for r in nights] == [f"application-night#{n}:sms" for n in range(1, 7)]
     assert [r.occurrence for r in nights] == list(range(1, 7))
     assert all(r.status == "scheduled" for r in nights)
@@ -650,7 +648,7 @@ def test_tretinoin_start_weekly_step_up_and_monday_spf(catalog, booking_doc):
     assert len(keys) == len(set(keys)) == 1 + 6 + 1 + 4 + 6 + 1
 
 
-def test_tretinoin_start_series_across_spring_forward_stays_at_20_local(catalog, booking_doc):
+def test_tretinoin_start_series_across_spring_forward_stays_at_1930_local(catalog, booking_doc):
     # Start Mon 23 Mar 2026 10:00 CET; Madrid springs forward on Sun 29 Mar.
     p = tretinoin_start(catalog, booking_doc, "2026-03-23T10:00:00+01:00", utc(2026, 3, 1))
     nights = [r.due_at for r in p.reminders if r.step == "application-night"]

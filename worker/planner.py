@@ -189,6 +189,8 @@ def _channels(step: Step, offered: list[Channel]) -> tuple[list[Channel], str]:
 
 def isotretinoin_hold(booking: Booking, protocol: Protocol, clinic: Clinic) -> str | None:
     """Return why the booking must be held for the clinic's review, or None."""
+    if protocol.isotretinoin_washout_days is None:
+        return None  # this treatment has no isotretinoin gate; a clinic override only sets days
     washout = clinic.isotretinoin_washout_days
     if washout is None:
         washout = protocol.isotretinoin_washout_days
