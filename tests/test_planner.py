@@ -653,8 +653,8 @@ def test_tretinoin_start_series_across_spring_forward_stays_at_1930_local(catalo
     p = tretinoin_start(catalog, booking_doc, "2026-03-23T10:00:00+01:00", utc(2026, 3, 1))
     nights = [r.due_at for r in p.reminders if r.step == "application-night"]
     assert nights == [
-        utc(2026, 3, 23, 19, 0), utc(2026, 3, 25, 19, 0), utc(2026, 3, 27, 19, 0),  # CET
-        utc(2026, 3, 30, 18, 0), utc(2026, 4, 1, 18, 0), utc(2026, 4, 3, 18, 0),    # CEST
+        utc(2026, 3, 23, 18, 30), utc(2026, 3, 25, 18, 30), utc(2026, 3, 27, 18, 30),  # CET
+        utc(2026, 3, 30, 17, 30), utc(2026, 4, 1, 17, 30), utc(2026, 4, 3, 17, 30),    # CEST
     ]
 
 
