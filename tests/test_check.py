@@ -65,7 +65,10 @@ def test_repo_config_is_valid_and_every_sms_fits_one_segment(tmp_path: Path) -> 
         assert (encoding, segments) == ("GSM-7", "1"), (template, locale, wording)
         assert 0 < int(length) <= 160
     assert "WARNING" not in result.stdout
-    assert result.stdout.rstrip().splitlines()[-1].startswith("ok: 3 protocols")
+    protocols = len(list((ROOT / "config" / "protocols").glob("*.toml")))
+    clinics = len(list((ROOT / "config" / "clinics").glob("*.toml")))
+    assert result.stdout.rstrip().splitlines()[-1] == (
+        f"ok: {protocols} protocols, {clinics} clinic(s), locales en, es")
 
 
 def test_output_is_stable(tmp_path: Path) -> None:

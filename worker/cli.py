@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotFound as exc:
         print(f"not found: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except BrokenPipeError:  # `reminders show ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except redis.ConnectionError as exc:
         print(f"cannot reach Redis: {exc}", file=sys.stderr)
         return EXIT_CONFIG

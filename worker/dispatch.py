@@ -105,7 +105,7 @@ def _deliver(ctx: Context, ref: str, record: dict[str, str], now: datetime) -> s
         to = booking.patient.contact(channel)  # type: ignore[arg-type]
         url = clinic.channel_url(channel, to) if channel in clinic.channels else None  # type: ignore[index]
     except ConfigError as exc:
-        raise DeliveryError(exc.problem, permanent=True) from None
+        raise DeliveryError(str(exc), permanent=True) from None
     except KeyError:
         raise DeliveryError(f"the patient has no {channel} contact", permanent=True) from None
     except Exception as exc:  # a template that fails to render cannot succeed on retry

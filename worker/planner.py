@@ -138,7 +138,8 @@ def _occurrences(
         yield 1, now, "when the booking arrives"
         return
     if step.offset is not None:
-        yield 1, start + step.offset, f"{format_duration(step.offset)} from the start"
+        side = "before" if step.offset < timedelta(0) else "after"
+        yield 1, start + step.offset, f"{format_duration(abs(step.offset))} {side} the start"
         return
     assert step.time is not None
     visit_day = start.astimezone(tz).date()

@@ -46,10 +46,13 @@ def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
     if timeline.get("hold_reason"):
         lines.append(f"HELD: {timeline['hold_reason']}")
     rows = [("DUE", "STEP", "CHANNEL", "STATUS", "TRIES", "REASON")]
+    dues = [datetime.fromisoformat(r["due_at"]) for r in timeline["reminders"] if r["due_at"]]
+    # Seconds only when some reminder needs them (second-based test and demo protocols).
+    clock = "%H:%M:%S" if any(d.second for d in dues) else "%H:%M"
     for r in timeline["reminders"]:
         due = r["due_at"] or "-"
         if tz and r["due_at"]:
-            due = datetime.fromisoformat(r["due_at"]).astimezone(tz).strftime("%a %Y-%m-%d %H:%M %Z")
+            due = datetime.fromisoformat(r["due_at"]).astimezone(tz).strftime(f"%a %Y-%m-%d {clock} %Z")
         rows.append((due, r["id"], r["channel"], r["status"], str(r["attempts"]), r["reason"] or ""))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:

