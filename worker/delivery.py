@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import apprise
 
@@ -29,10 +29,13 @@ log = logging.getLogger(__name__)
 _apprise_log = logging.getLogger("apprise")
 _apprise_log.propagate = False
 _apprise_log.addHandler(logging.NullHandler())
+_urllib3_log = logging.getLogger("urllib3.connectionpool")
 
 # HTTP statuses worth retrying; every other 4xx means the request itself is wrong.
 TRANSIENT_HTTP = frozenset({408, 425, 429})
-_HTTP_ERROR = re.compile(r"error=(\d{3})\b")
+TRANSIENT_PROVIDER_CODES = frozenset({20429})
+_PROVIDER_ERROR = re.compile(r"error=(\d{3,6})\.")
+_WIRE_STATUS = re.compile(r'HTTP/\d(?:\.\d)?" (\d{3})')
 _SMTP_CODE = re.compile(r"\((\d{3}), b?['\"]")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -48,12 +51,16 @@ class Envelope:
 
 
 def with_timeouts(url: str, seconds: float) -> str:
-    """Return `url` with Apprise's socket timeouts (cto/rto) set unless it sets them itself."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    query.setdefault("cto", f"{seconds:g}")
-    query.setdefault("rto", f"{seconds:g}")
-    return urlunsplit(parts._replace(query=urlencode(query, safe="@:/+{}$")))
+    """Return `url` with Apprise's socket timeouts (cto/rto) appended unless it sets them.
+
+    Appended as text: re-encoding the query could turn a "+" of a phone number into a space.
+    """
+    query = urlsplit(url).query
+    present = {part.split("=", 1)[0] for part in query.split("&") if part}
+    extra = "&".join(f"{k}={seconds:g}" for k in ("cto", "rto") if k not in present)
+    if not extra:
+        return url
+    return url + ("&" if query else "?") + extra
 
 
 def classify(status: str, messages: list[str]) -> DeliveryError:
@@ -61,11 +68,20 @@ def classify(status: str, messages: list[str]) -> DeliveryError:
     if status == "TIMEOUT":
         return DeliveryError("timed out", permanent=False)
     text = "\n".join(messages)
-    http = _HTTP_ERROR.findall(text)
+    # urllib3's own debug line carries the real HTTP status of requests-based plugins.
+    wire = _WIRE_STATUS.findall(text)
+    codes = [int(c) for c in _PROVIDER_ERROR.findall(text)]
+    http = [int(c) for c in wire if not 200 <= int(c) < 300] or [c for c in codes if c < 1000]
     if http:
-        code = int(http[-1])
+        code = http[-1]
         permanent = 400 <= code < 500 and code not in TRANSIENT_HTTP
         return DeliveryError(f"HTTP {code} from the provider", permanent=permanent)
+    if codes:
+        # A provider's own error code (Twilio: 21211 bad number, 20003 auth, 20429 rate
+        # limit, 205xx its server errors): a definite answer, permanent unless it says wait.
+        code = codes[-1]
+        permanent = code not in TRANSIENT_PROVIDER_CODES and not 20500 <= code < 20600
+        return DeliveryError(f"provider error {code}", permanent=permanent)
     smtp = _SMTP_CODE.findall(text)
     if smtp:
         code = int(smtp[-1])
@@ -92,9 +108,11 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
     html_ok = message.html is not None and "html" in _formats(notifier)
     body = message.html if html_ok else message.text
     collected = _Collect()
-    level = _apprise_log.level
-    _apprise_log.addHandler(collected)
-    _apprise_log.setLevel(logging.DEBUG)
+    loggers = (_apprise_log, _urllib3_log)
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(collected)
+        lg.setLevel(logging.DEBUG)
     try:
         result = notifier.notify(
             body=body,
@@ -104,8 +122,9 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
             log_level=logging.DEBUG,
         )
     finally:
-        _apprise_log.removeHandler(collected)
-        _apprise_log.setLevel(level)
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.removeHandler(collected)
+            lg.setLevel(lvl)
     if result:
         return "sent through Apprise"
     messages = [entry.message for entry in result.logs()] + collected.messages
