@@ -36,6 +36,10 @@ CHANNELS: tuple[Channel, ...] = ("email", "sms")
 # Booking ids travel in Redis keys, URLs and file names: keep them plain.
 BOOKING_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 CLINIC_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+PATTERN_HELP = {
+    "booking_id": "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    "clinic": "must be a clinic id: 1-32 lowercase letters, digits, '_' or '-'",
+}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (Unicode category Cc)
 
 
@@ -186,6 +190,8 @@ def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
             msg = msg[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (not part of a booking)"
+        elif err["type"] == "string_pattern_mismatch" and loc in PATTERN_HELP:
+            msg = PATTERN_HELP[loc]
         out.append((loc, msg))
     return out
 
