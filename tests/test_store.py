@@ -115,3 +115,18 @@ def test_expired_lease_is_claimed_again_and_ledger_blocks_double_send(store, cat
     assert store.finish_sent(ref, "tok1", NOW)
     assert store.begin_send(ref, second.version, second.claim, "tok4", 60_000) == "status sent"
     assert store.record(ref)["status"] == "sent"
+
+
+def test_held_booking_stores_the_plan_but_nothing_is_due_until_released(store, catalog, booking_doc):
+    held = dict(booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2026-10-01"})
+    timeline = book(store, catalog, held)
+    assert timeline["status"] == "held"
+    assert "isotretinoin last taken 2026-10-01" in timeline["hold_reason"]
+    assert all(r["reason"].startswith("booking held: isotretinoin") for r in timeline["reminders"])
+    assert store.redis.zcard(store.due_key) == 0
+    assert store.claim_due(100, 60) == []
+    # The clinic reviews and corrects the booking (the dose was in 2025): it is released.
+    released = dict(booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2025-01-01"})
+    timeline = book(store, catalog, released)
+    assert timeline["status"] == "scheduled" and timeline["version"] == 2
+    assert store.redis.zcard(store.due_key) == len(timeline["reminders"])

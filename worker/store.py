@@ -326,6 +326,10 @@ class Store:
         ]
         reminders.sort(key=lambda r: (r["due_at"] or "", r["id"]))
         status = booking["status"]
+        if status == "held":
+            for r in reminders:
+                if r["status"] in PENDING:
+                    r["reason"] = f"booking held: {booking.get('hold_reason')}"
         if status == "scheduled" and reminders and all(r["status"] in TERMINAL for r in reminders):
             doc = json.loads(booking["doc"])
             if datetime.fromisoformat(doc["starts_at"]) <= datetime.now(UTC):
