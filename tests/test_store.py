@@ -130,3 +130,20 @@ def test_held_booking_stores_the_plan_but_nothing_is_due_until_released(store, c
     timeline = book(store, catalog, released)
     assert timeline["status"] == "scheduled" and timeline["version"] == 2
     assert store.redis.zcard(store.due_key) == len(timeline["reminders"])
+
+
+def test_release_waives_the_hold_for_the_reviewed_medications_only(store, catalog, booking_doc):
+    held = dict(booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2026-10-01"})
+    booking = parse_booking(held, catalog)
+    protocol, clinic = catalog.protocols["microneedling"], catalog.clinics["glow"]
+    assert book(store, catalog, held)["status"] == "held"
+    later = NOW + timedelta(hours=1)
+    released = store.upsert(booking, plan(booking, protocol, clinic, later), later, release=True)
+    assert released["status"] == "scheduled" and released["hold_reason"] is None
+    assert store.redis.zcard(store.due_key) == len(released["reminders"])
+    # The same booking again stays released; a new isotretinoin date holds it again.
+    assert book(store, catalog, held, later)["status"] == "scheduled"
+    again = dict(held, medications={"tretinoin": True, "isotretinoin_last_dose": "2026-11-01"})
+    timeline = book(store, catalog, again, later)
+    assert timeline["status"] == "held"
+    assert store.redis.zcard(store.due_key) == 0

@@ -228,6 +228,29 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
+    """Release a held booking after the clinic's review: its reminders are scheduled."""
+    catalog = Catalog.load(settings)
+    clinic = clinic_of(args, catalog)
+    store = open_store(settings)
+    current = store.timeline(clinic, args.booking_id)
+    if current["status"] != "held":
+        print(f"{clinic}/{args.booking_id} is not held (status {current['status']})",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    doc = store.booking_doc(clinic, args.booking_id)
+    now = datetime.now(UTC)
+    try:
+        booking = parse_booking(doc, catalog)
+        planned = plan(booking, catalog.protocols[booking.treatment], catalog.clinics[clinic], now)
+    except BookingRejected as exc:
+        print_refusal(1, 1, doc, exc)
+        return EXIT_REFUSED
+    timeline = store.upsert(booking, planned, now, release=True)
+    print_timeline(args, timeline, booking.patient.timezone)
+    return EXIT_OK
+
+
 def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     """List reminders that failed for good, with the reason."""
     dead = open_store(settings).dead_letters(args.clinic)
@@ -280,6 +303,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "book": (cmd_book, "store bookings (create or update) and print their timelines"),
     "show": (cmd_show, "print a booking's timeline"),
     "cancel": (cmd_cancel, "cancel a booking: nothing pending will be sent"),
+    "release": (cmd_release, "release a held booking after the clinic's review"),
     "dead-letters": (cmd_dead_letters, "list reminders that failed for good"),
     "replay": (cmd_replay, "send dead-lettered reminders again"),
     "run": (cmd_run, "run Redis (embedded unless REMINDERS_REDIS_URL), worker and pump; Ctrl-C stops all"),
@@ -296,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             p.add_argument("--now", type=parse_now, metavar="ISO",
                            help="plan as if it were this instant (default: the real clock)")
-        if name in ("show", "cancel"):
+        if name in ("show", "cancel", "release"):
             p.add_argument("booking_id")
         if name == "replay":
             p.add_argument("refs", nargs="*", metavar="REF",

@@ -169,22 +169,28 @@ class Store:
 
     # --- bookings --------------------------------------------------------------------
 
-    def upsert(self, booking: Booking, plan: Plan, now: datetime) -> dict[str, Any]:
+    def upsert(self, booking: Booking, plan: Plan, now: datetime, *,
+               release: bool = False) -> dict[str, Any]:
         """Store `plan` for `booking`, reconciled with what is stored; return the timeline.
 
         Unchanged reminders are kept, moved ones rescheduled, obsolete ones cancelled, sent
         ones kept as history. The version goes up only when something changed, so
-        submitting the same booking again is a no-op.
+        submitting the same booking again is a no-op. `release` is the clinic's review of
+        a held booking: the hold is waived for as long as the medications stay as reviewed.
         """
         clinic, booking_id = booking.key
         bkey = self.booking_key(clinic, booking_id)
         kkey = self.keys_key(clinic, booking_id)
         doc = booking.model_dump_json()
-        status = plan.status
+        medications = booking.medications.model_dump_json()
         planned = {r.key: r for r in plan.reminders}
 
         def reconcile(pipe: redis.client.Pipeline) -> None:
             stored_booking = pipe.hgetall(bkey)
+            released_for = medications if release else stored_booking.get("released_for", "")
+            status = plan.status
+            if status == "held" and released_for == medications:
+                status = "scheduled"  # the clinic reviewed exactly these medications
             keys = sorted(set(pipe.smembers(kkey)) | set(planned))
             refs = [ref_of(clinic, booking_id, k) for k in keys]
             pipe.watch(*[self.record_key(r) for r in refs])
@@ -196,9 +202,11 @@ class Store:
                                              doc_changed=stored_booking.get("doc") != doc)
                 if change is not None:
                     writes.append((key, ref, *change))
+            hold_reason = plan.hold_reason if status == "held" else None
             booking_changed = (stored_booking.get("doc") != doc
                                or stored_booking.get("status") != status
-                               or stored_booking.get("hold_reason", "") != (plan.hold_reason or ""))
+                               or stored_booking.get("hold_reason", "") != (hold_reason or "")
+                               or stored_booking.get("released_for", "") != released_for)
             if not writes and not booking_changed:
                 pipe.unwatch()
                 return
@@ -207,7 +215,8 @@ class Store:
             pipe.multi()
             pipe.hset(bkey, mapping={
                 "doc": doc, "status": status, "version": str(version),
-                "hold_reason": plan.hold_reason or "", "updated_at": stamp,
+                "hold_reason": hold_reason or "", "released_for": released_for,
+                "updated_at": stamp,
                 "created_at": stored_booking.get("created_at") or stamp,
             })
             pipe.sadd(f"{self.prefix}:bookings:{clinic}", booking_id)

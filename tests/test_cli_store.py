@@ -1,0 +1,105 @@
+"""`reminders book/show/cancel/release/dead-letters/replay` against a real Redis server."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def cli(redis_server, redis_client, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env.update(REMINDERS_REDIS_URL=redis_server.url, REMINDERS_DATA_DIR=str(tmp_path))
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "reminders"), *args], input=stdin, env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    return run
+
+
+def future(doc, starts_at="2030-06-05T14:30:00+02:00"):
+    doc = copy.deepcopy(doc)
+    doc["starts_at"] = starts_at
+    return doc
+
+
+def test_book_show_cancel(cli, booking_doc):
+    doc = future(booking_doc)
+    booked = cli("book", "--json", "-", stdin=json.dumps(doc))
+    assert booked.returncode == 0, booked.stderr
+    timeline = json.loads(booked.stdout)
+    assert (timeline["clinic"], timeline["booking_id"], timeline["version"]) == ("glow", "A-1042", 1)
+    shown = cli("show", "--clinic", "glow", "--json", "A-1042")
+    assert json.loads(shown.stdout) == timeline
+    table = cli("show", "--clinic", "glow", "A-1042")
+    assert "glow/A-1042  status=scheduled  version=1" in table.stdout
+    assert "stop-retinoids:sms" in table.stdout and "CEST" in table.stdout
+    cancelled = cli("cancel", "--clinic", "glow", "--json", "A-1042")
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    assert {r["status"] for r in json.loads(cancelled.stdout)["reminders"]} == {"cancelled"}
+
+
+def test_a_batch_with_one_bad_booking_stores_none(cli, booking_doc):
+    good = future(booking_doc)
+    bad = dict(future(booking_doc), booking_id="A-2", patient={**good["patient"], "phone": "123"})
+    result = cli("book", "-", stdin=json.dumps([good, bad]))
+    assert result.returncode == 1
+    assert "booking 2 (A-2) refused" in result.stderr and "patient.phone" in result.stderr
+    assert "nothing was stored" in result.stderr
+    missing = cli("show", "--clinic", "glow", "A-1042")
+    assert missing.returncode == 1 and "not found: glow/A-1042" in missing.stderr
+
+
+def test_book_refuses_a_past_appointment(cli, booking_doc):
+    result = cli("book", "-", stdin=json.dumps(future(booking_doc, "2020-01-01T10:00:00+01:00")))
+    assert result.returncode == 1
+    assert "starts_at: the appointment is in the past" in result.stderr
+
+
+def test_clinic_is_required_when_several_exist(cli, booking_doc):
+    result = cli("show", "A-1042")
+    assert result.returncode == 2 and "--clinic is required" in result.stderr
+    unknown = cli("show", "--clinic", "nope", "A-1042")
+    assert unknown.returncode == 2 and "unknown clinic 'nope'" in unknown.stderr
+
+
+def test_release_a_held_booking(cli, booking_doc):
+    doc = future(booking_doc)
+    doc["medications"]["isotretinoin_last_dose"] = "2030-03-01"
+    held = json.loads(cli("book", "--json", "-", stdin=json.dumps(doc)).stdout)
+    assert held["status"] == "held" and "isotretinoin" in held["hold_reason"]
+    released = cli("release", "--clinic", "glow", "--json", "A-1042")
+    assert released.returncode == 0, released.stderr
+    assert json.loads(released.stdout)["status"] == "scheduled"
+    again = cli("release", "--clinic", "glow", "A-1042")
+    assert again.returncode == 1 and "is not held (status scheduled)" in again.stderr
+
+
+def test_dead_letters_and_replay_usage(cli):
+    empty = cli("dead-letters")
+    assert empty.returncode == 0 and empty.stdout.strip() == "no dead letters"
+    assert json.loads(cli("dead-letters", "--json").stdout) == []
+    usage = cli("replay")
+    assert usage.returncode == 2 and "--all" in usage.stderr
+    unknown = cli("replay", "glow/A-1/x:sms")
+    assert unknown.returncode == 1 and "not dead-lettered: glow/A-1/x:sms" in unknown.stderr
+
+
+def test_commands_say_when_redis_is_not_there(tmp_path, booking_doc):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env["REMINDERS_DATA_DIR"] = str(tmp_path)
+    result = subprocess.run([str(BIN / "reminders"), "show", "--clinic", "glow", "A-1"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "REMINDERS_REDIS_URL" in result.stderr and "reminders run" in result.stderr
