@@ -22,8 +22,15 @@ def cli(redis_server, redis_client, tmp_path):
     env.update(REMINDERS_REDIS_URL=redis_server.url, REMINDERS_DATA_DIR=str(tmp_path))
 
     def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "reminders"), *args], input=stdin, env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [str(BIN / "reminders"), *args],
+            input=stdin,
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     return run
 
@@ -39,7 +46,11 @@ def test_book_show_cancel(cli, booking_doc):
     booked = cli("book", "--json", "-", stdin=json.dumps(doc))
     assert booked.returncode == 0, booked.stderr
     timeline = json.loads(booked.stdout)
-    assert (timeline["clinic"], timeline["booking_id"], timeline["version"]) == ("glow", "A-1042", 1)
+    assert (timeline["clinic"], timeline["booking_id"], timeline["version"]) == (
+        "glow",
+        "A-1042",
+        1,
+    )
     shown = cli("show", "--clinic", "glow", "--json", "A-1042")
     assert json.loads(shown.stdout) == timeline
     table = cli("show", "--clinic", "glow", "A-1042")
@@ -99,7 +110,13 @@ def test_dead_letters_and_replay_usage(cli):
 def test_commands_say_when_redis_is_not_there(tmp_path, booking_doc):
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
     env["REMINDERS_DATA_DIR"] = str(tmp_path)
-    result = subprocess.run([str(BIN / "reminders"), "show", "--clinic", "glow", "A-1"], env=env,
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(BIN / "reminders"), "show", "--clinic", "glow", "A-1"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 3
     assert "REMINDERS_REDIS_URL" in result.stderr and "reminders run" in result.stderr

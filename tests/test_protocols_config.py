@@ -22,7 +22,7 @@ CONFIG = ROOT / "config"
 
 def test_shipped_protocols_load():
     protocols = load_protocols(CONFIG / "protocols")
-    assert set(protocols) == {"microneedling", "chemical-peel", "tretinoin-start"}
+    assert set(protocols) == {"microneedling", "chemical-peel", "tretinoin-start", "demo"}
     for name, protocol in protocols.items():
         assert protocol.id == name
         assert protocol.name

@@ -34,8 +34,14 @@ def test_console_example_prints_what_the_readme_shows(command, expected, tmp_pat
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     # The README's commands are written for the repository root with .venv/ in it.
     command = command.replace(".venv/bin/", f"{BIN}/")
-    result = subprocess.run(["bash", "-c", command + " 2>&1"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", command + " 2>&1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.stdout.rstrip() == expected.rstrip()
 
 
@@ -57,6 +63,11 @@ def test_layout_names_every_module_and_only_real_ones():
 def test_files_the_readme_points_to_exist():
     for path in re.findall(r"\]\(([^)#:]+)\)", README):
         assert (ROOT / path).exists(), path
-    for path in ("examples/demo_booking.py", "examples/booking.json", ".env.example",
-                 "docker-compose.yml", "Dockerfile"):
+    for path in (
+        "examples/demo_booking.py",
+        "examples/booking.json",
+        ".env.example",
+        "docker-compose.yml",
+        "Dockerfile",
+    ):
         assert path in README and (ROOT / path).exists()

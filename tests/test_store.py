@@ -22,7 +22,9 @@ def store(redis_client) -> Store:
 
 def book(store, catalog, doc, now=NOW):
     booking = parse_booking(doc, catalog)
-    planned = plan(booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now)
+    planned = plan(
+        booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now
+    )
     return store.upsert(booking, planned, now)
 
 
@@ -47,8 +49,9 @@ def test_same_booking_again_changes_nothing(store, catalog, booking_doc):
 
 def test_moved_appointment_reschedules_and_cancels(store, catalog, booking_doc):
     book(store, catalog, booking_doc)
-    moved = dict(booking_doc, starts_at="2026-12-12T14:30:00+01:00",
-                 medications={"tretinoin": False})
+    moved = dict(
+        booking_doc, starts_at="2026-12-12T14:30:00+01:00", medications={"tretinoin": False}
+    )
     timeline = book(store, catalog, moved)
     by_id = {r["id"]: r for r in timeline["reminders"]}
     assert timeline["version"] == 2
@@ -117,8 +120,12 @@ def test_expired_lease_is_claimed_again_and_ledger_blocks_double_send(store, cat
     assert store.record(ref)["status"] == "sent"
 
 
-def test_held_booking_stores_the_plan_but_nothing_is_due_until_released(store, catalog, booking_doc):
-    held = dict(booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2026-10-01"})
+def test_held_booking_stores_the_plan_but_nothing_is_due_until_released(
+    store, catalog, booking_doc
+):
+    held = dict(
+        booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2026-10-01"}
+    )
     timeline = book(store, catalog, held)
     assert timeline["status"] == "held"
     assert "isotretinoin last taken 2026-10-01" in timeline["hold_reason"]
@@ -126,14 +133,18 @@ def test_held_booking_stores_the_plan_but_nothing_is_due_until_released(store, c
     assert store.redis.zcard(store.due_key) == 0
     assert store.claim_due(100, 60) == []
     # The clinic reviews and corrects the booking (the dose was in 2025): it is released.
-    released = dict(booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2025-01-01"})
+    released = dict(
+        booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2025-01-01"}
+    )
     timeline = book(store, catalog, released)
     assert timeline["status"] == "scheduled" and timeline["version"] == 2
     assert store.redis.zcard(store.due_key) == len(timeline["reminders"])
 
 
 def test_release_waives_the_hold_for_the_reviewed_medications_only(store, catalog, booking_doc):
-    held = dict(booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2026-10-01"})
+    held = dict(
+        booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2026-10-01"}
+    )
     booking = parse_booking(held, catalog)
     protocol, clinic = catalog.protocols["microneedling"], catalog.clinics["glow"]
     assert book(store, catalog, held)["status"] == "held"

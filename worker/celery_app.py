@@ -19,7 +19,10 @@ SEND_QUEUE = "reminders.send"
 settings = get_settings()
 app = Celery("reminders", broker=redis_url(settings), include=["worker.tasks"])
 app.conf.update(
-    task_queues=(Queue(SEND_QUEUE, routing_key=SEND_QUEUE), Queue(PUMP_QUEUE, routing_key=PUMP_QUEUE)),
+    task_queues=(
+        Queue(SEND_QUEUE, routing_key=SEND_QUEUE),
+        Queue(PUMP_QUEUE, routing_key=PUMP_QUEUE),
+    ),
     task_default_queue=SEND_QUEUE,
     task_routes={"reminders.pump": {"queue": PUMP_QUEUE}, "reminders.send": {"queue": SEND_QUEUE}},
     task_serializer="json",

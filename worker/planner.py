@@ -146,18 +146,32 @@ def _occurrences(
     n = 0
     for offset in step.day_offsets():
         day = visit_day + timedelta(days=offset)
-        if step.repeat and step.repeat.weekdays and WEEKDAYS[day.weekday()] not in step.repeat.weekdays:
+        if (
+            step.repeat
+            and step.repeat.weekdays
+            and WEEKDAYS[day.weekday()] not in step.repeat.weekdays
+        ):
             continue
         n += 1
-        rel = "on the day" if offset == 0 else (
-            f"{-offset} day{'s' if offset != -1 else ''} before" if offset < 0
-            else f"{offset} day{'s' if offset != 1 else ''} after")
+        rel = (
+            "on the day"
+            if offset == 0
+            else (
+                f"{-offset} day{'s' if offset != -1 else ''} before"
+                if offset < 0
+                else f"{offset} day{'s' if offset != 1 else ''} after"
+            )
+        )
         yield n, wall_clock(day, step.time, tz), f"{rel}, {step.time:%H:%M} patient-local"
 
 
 def _place(
-    step: Step, nominal: datetime, start: datetime, now: datetime,
-    window: SendWindow, tz: ZoneInfo,
+    step: Step,
+    nominal: datetime,
+    start: datetime,
+    now: datetime,
+    window: SendWindow,
+    tz: ZoneInfo,
 ) -> tuple[ReminderStatus, datetime, str]:
     """Apply the send window and the late policy to one nominal instant."""
     before_visit = nominal < start
@@ -177,7 +191,11 @@ def _place(
         deadline = start if deadline is None else min(deadline, start)
     if deadline is not None and due >= deadline:
         return "skipped", nominal, "its time had passed and it is too late to send it now"
-    return "scheduled", due, "; late: its time had passed when the booking arrived, sent at the next opening"
+    return (
+        "scheduled",
+        due,
+        "; late: its time had passed when the booking arrived, sent at the next opening",
+    )
 
 
 def _channels(step: Step, offered: list[Channel]) -> tuple[list[Channel], str]:
@@ -185,7 +203,9 @@ def _channels(step: Step, offered: list[Channel]) -> tuple[list[Channel], str]:
     chosen = [c for c in step.channels if c in offered]
     if chosen:
         return chosen, ""
-    return [offered[0]], f"; by {offered[0]} because the patient does not take {'/'.join(step.channels)}"
+    return [
+        offered[0]
+    ], f"; by {offered[0]} because the patient does not take {'/'.join(step.channels)}"
 
 
 def isotretinoin_hold(booking: Booking, protocol: Protocol, clinic: Clinic) -> str | None:
@@ -231,12 +251,19 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                 reason += f"; the patient uses {' or '.join(step.only_if_any)}"
             for channel in channels:
                 suffix = f"#{number}" if len(occurrences) > 1 or step.repeat else ""
-                reminders.append(PlannedReminder(
-                    key=f"{step.id}{suffix}:{channel}", step=step.id, channel=channel,
-                    template=step.template, occurrence=number, due_at=due, status=status,
-                    reason=reason + channel_note if status == "scheduled" else reason,
-                    at_booking=step.at == "booking",
-                ))
+                reminders.append(
+                    PlannedReminder(
+                        key=f"{step.id}{suffix}:{channel}",
+                        step=step.id,
+                        channel=channel,
+                        template=step.template,
+                        occurrence=number,
+                        due_at=due,
+                        status=status,
+                        reason=reason + channel_note if status == "scheduled" else reason,
+                        at_booking=step.at == "booking",
+                    )
+                )
     reminders.sort(key=lambda r: (r.due_at, r.key))
     hold = isotretinoin_hold(booking, protocol, clinic)
     return Plan(status="held" if hold else "scheduled", reminders=reminders, hold_reason=hold)

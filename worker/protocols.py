@@ -7,9 +7,9 @@ to do when the booking arrives after the step's time (its late policy).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import tomllib
-import datetime as dt
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
@@ -95,10 +95,13 @@ class Step(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Step:
-        kinds = [self.at is not None, self.day is not None or self.time is not None,
-                 self.offset is not None]
+        kinds = [
+            self.at is not None,
+            self.day is not None or self.time is not None,
+            self.offset is not None,
+        ]
         if sum(kinds) != 1:
-            raise ValueError("give exactly one of: at = \"booking\", day + time, or offset")
+            raise ValueError('give exactly one of: at = "booking", day + time, or offset')
         if (self.day is None) != (self.time is None):
             raise ValueError("day and time go together")
         if self.repeat is not None:
@@ -107,7 +110,7 @@ class Step(BaseModel):
             if self.repeat.through_day < self.day:
                 raise ValueError("repeat.through_day is before day")
         if self.late_until is not None and self.late != "send":
-            raise ValueError("late_until only applies with late = \"send\"")
+            raise ValueError('late_until only applies with late = "send"')
         if len(set(self.channels)) != len(self.channels):
             raise ValueError("channels lists a channel twice")
         return self

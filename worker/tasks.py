@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 def context() -> Context:
     settings = get_settings()
     catalog = Catalog.load(settings)
-    return Context(settings=settings, store=Store(connect(redis_url(settings)), settings.key_prefix),
-                   catalog=catalog, renderer=Renderer(catalog.templates_dir))
+    return Context(
+        settings=settings,
+        store=Store(connect(redis_url(settings)), settings.key_prefix),
+        catalog=catalog,
+        renderer=Renderer(catalog.templates_dir),
+    )
 
 
 @worker_process_init.connect
@@ -43,8 +47,9 @@ def _publish(claim: Claim) -> None:
 def pump_task() -> int:
     """Claim due reminders and publish a send task for each."""
     ctx = context()
-    return pump(ctx.store, _publish, batch=ctx.settings.pump_batch,
-                lease_seconds=ctx.settings.lease_seconds)
+    return pump(
+        ctx.store, _publish, batch=ctx.settings.pump_batch, lease_seconds=ctx.settings.lease_seconds
+    )
 
 
 @app.task(name="reminders.send", ignore_result=True, acks_late=True, reject_on_worker_lost=True)

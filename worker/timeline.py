@@ -40,8 +40,10 @@ def from_plan(booking: Booking, plan: Plan, *, version: int = 0) -> dict[str, An
 def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
     """Return the timeline as an aligned text table (times in `timezone` if given)."""
     tz = ZoneInfo(timezone) if timezone else None
-    head = (f"{timeline['clinic']}/{timeline['booking_id']}  status={timeline['status']}"
-            f"  version={timeline['version']}")
+    head = (
+        f"{timeline['clinic']}/{timeline['booking_id']}  status={timeline['status']}"
+        f"  version={timeline['version']}"
+    )
     lines = [head]
     if timeline.get("hold_reason"):
         lines.append(f"HELD: {timeline['hold_reason']}")
@@ -52,10 +54,19 @@ def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
     for r in timeline["reminders"]:
         due = r["due_at"] or "-"
         if tz and r["due_at"]:
-            due = datetime.fromisoformat(r["due_at"]).astimezone(tz).strftime(f"%a %Y-%m-%d {clock} %Z")
-        rows.append((due, r["id"], r["channel"], r["status"], str(r["attempts"]), r["reason"] or ""))
+            due = (
+                datetime.fromisoformat(r["due_at"])
+                .astimezone(tz)
+                .strftime(f"%a %Y-%m-%d {clock} %Z")
+            )
+        rows.append(
+            (due, r["id"], r["channel"], r["status"], str(r["attempts"]), r["reason"] or "")
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True))
-                     + "  " + row[5])
+        lines.append(
+            "  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True))
+            + "  "
+            + row[5]
+        )
     return "\n".join(line.rstrip() for line in lines)
