@@ -1,0 +1,110 @@
+"""Processes for the benchmark: start in their own process group, measure, always stop.
+
+Every process is started with `start_new_session=True`, so its process group holds it
+and every child it forks (a Celery worker's pool). `Processes.stop_all()` sends SIGTERM
+to each group, waits, then SIGKILLs what is left; the harness calls it in `finally`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Return the pids of every live process in process group `pgid` (from /proc)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # gone meanwhile
+        # Fields after "(comm)": state ppid pgrp ...; comm may contain spaces or parens.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def vm_rss_kib(pid: int) -> int:
+    """Return VmRSS of `pid` in KiB (0 if it is gone or has none)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Return the sum of VmRSS over every process of group `pgid`, in bytes."""
+    return sum(vm_rss_kib(pid) for pid in group_pids(pgid)) * 1024
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.1) -> object:
+    """Return the first truthy predicate() within `timeout` seconds, else raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:g}s")
+        time.sleep(interval)
+
+
+class Processes:
+    """The benchmark's child processes, each the leader of its own process group."""
+
+    def __init__(self) -> None:
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str], *, env: dict[str, str], cwd: Path,
+              log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """SIGTERM the process's group, wait up to `timeout`, then SIGKILL the group."""
+        pgid = proc.pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # The leader may be gone while pool children linger: kill whatever is left.
+        deadline = time.monotonic() + timeout
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if group_pids(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        """Stop every process still running, last started first."""
+        for proc in reversed(list(self.running)):
+            self.stop(proc)
