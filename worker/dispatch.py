@@ -55,10 +55,12 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     verdict = store.begin_send(ref, version, claim, token, ledger_ms)
     if verdict == "in flight":
         # A previous attempt whose lease ran out may still be talking to the provider.
-        store.requeue(ref, datetime.now(UTC) + timedelta(seconds=settings.lease_seconds),
-                      "another attempt is in flight")
-        log.info("send %s: another attempt is in flight; requeued", ref)
-        return "requeued"
+        if store.requeue(ref, datetime.now(UTC) + timedelta(seconds=settings.lease_seconds),
+                         "another attempt is in flight", claim=claim):
+            log.info("send %s: another attempt is in flight; requeued", ref)
+            return "requeued"
+        log.info("send %s: the attempt in flight finished meanwhile; dropped", ref)
+        return "dropped: finished meanwhile"
     if verdict != "ok":
         log.info("send %s: dropped (%s)", ref, verdict)
         return f"dropped: {verdict}"

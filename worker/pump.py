@@ -28,7 +28,7 @@ def pump(store: Store, publish: Callable[[Claim], None], *, batch: int, lease_se
                 # The broker refused: hand the rest back now rather than after the lease.
                 now = datetime.now(UTC)
                 for rest in claims[index:]:
-                    store.requeue(rest.ref, now, "the broker refused the task")
+                    store.requeue(rest.ref, now, "the broker refused the task", claim=rest.claim)
                 raise
             published += 1
         if len(claims) < batch:

@@ -108,6 +108,19 @@ end
 return 1
 """
 
+# Hand a leased reminder back to the due set, only if it is still being sent under the given
+# claim: once its attempt finished (sent, retrying, dead-lettered) or it was claimed again,
+# there is nothing to hand back. KEYS: record, lease, due. ARGV: ref, due score, claim ('' = any).
+_REQUEUE = """
+local r = redis.call('HMGET', KEYS[1], 'status', 'claim')
+if r[1] ~= 'sending' then return 0 end
+if ARGV[3] ~= '' and r[2] ~= ARGV[3] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'scheduled')
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -149,6 +162,7 @@ class Store:
         self._claim = client.register_script(_CLAIM)
         self._begin = client.register_script(_BEGIN_SEND)
         self._finish = client.register_script(_FINISH)
+        self._requeue = client.register_script(_REQUEUE)
 
     # --- keys ----------------------------------------------------------------------
 
@@ -402,13 +416,14 @@ class Store:
         return self._finish_call(ref, token, "failed", now.timestamp(), {
             "status": "failed", "reason": reason, "last_error": reason})
 
-    def requeue(self, ref: str, at: datetime, reason: str) -> None:
-        """Put a leased reminder back in the due set (another attempt holds the ledger)."""
-        pipe = self.redis.pipeline()
-        pipe.zrem(self.lease_key, ref)
-        pipe.hset(self.record_key(ref), mapping={"status": "scheduled"})
-        pipe.zadd(self.due_key, {ref: at.timestamp()})
-        pipe.execute()
+    def requeue(self, ref: str, at: datetime, reason: str, claim: str | None = None) -> bool:
+        """Put a leased reminder back in the due set (another attempt holds the ledger).
+
+        Only while it is still being sent (under `claim`, if given); return whether it was.
+        An attempt that finished in the meantime keeps its outcome.
+        """
+        return bool(self._requeue(keys=[self.record_key(ref), self.lease_key, self.due_key],
+                                  args=[ref, at.timestamp(), claim or ""]))
 
     def plan_dates(self, clinic: str, booking_id: str) -> dict[str, datetime]:
         """Return each step's first due instant among reminders still to be (or already) sent."""
