@@ -39,6 +39,9 @@ class SmtpSink:
     delay: float = 0.0  # seconds to wait before answering DATA (a slow server)
     refuse_code: str | None = None  # e.g. "550 5.1.1 No such user": refuse every recipient
     messages: list[Received] = field(default_factory=list)
+    data_started: int = 0  # DATA commands received (a message is being handed over)
+    data_abandoned: int = 0  # ... of which the client went away before our answer
+    refused: int = 0  # recipients refused with `refuse_code`
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -47,14 +50,25 @@ class SmtpSink:
     # aiosmtpd handler hooks
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
         if self.refuse_code:
+            with self._lock:
+                self.refused += 1
             return self.refuse_code
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        with self._lock:
+            self.data_started += 1
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:  # aiosmtpd cancels the handler when the client hangs up
+            with self._lock:
+                self.data_abandoned += 1
+            raise
         if server.transport is None or server.transport.is_closing():
+            with self._lock:
+                self.data_abandoned += 1
             return "421 client went away"  # never acknowledged: not delivered
         msg = email.message_from_bytes(envelope.original_content or envelope.content,
                                        policy=email.policy.default)
@@ -89,6 +103,7 @@ class HttpSink:
         self.port = free_port()
         self.status = 200
         self.posts: list[Received] = []
+        self.requests: list[tuple[float, str, int]] = []  # every POST: (time, to, status answered)
         self._lock = threading.Lock()
         sink = self
 
@@ -97,6 +112,8 @@ class HttpSink:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 status = sink.status
+                with sink._lock:
+                    sink.requests.append((time.time(), body.get("to", ""), status))
                 if 200 <= status < 300:
                     with sink._lock:
                         sink.posts.append(Received(at=time.time(), to=body.get("to", ""),
@@ -124,3 +141,7 @@ class HttpSink:
     def snapshot(self) -> list[Received]:
         with self._lock:
             return list(self.posts)
+
+    def requests_snapshot(self) -> list[tuple[float, str, int]]:
+        with self._lock:
+            return list(self.requests)

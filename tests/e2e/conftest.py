@@ -72,6 +72,11 @@ class Service:
         self.logs = logs
         self.processes: list[subprocess.Popen[bytes]] = []
 
+    def configure(self, **env: str) -> Service:
+        """Override settings (e.g. REMINDERS_MAX_ATTEMPTS="30") for processes started after this."""
+        self.env.update(env)
+        return self
+
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
