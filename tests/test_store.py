@@ -158,3 +158,19 @@ def test_release_waives_the_hold_for_the_reviewed_medications_only(store, catalo
     timeline = book(store, catalog, again, later)
     assert timeline["status"] == "held"
     assert store.redis.zcard(store.due_key) == 0
+
+
+def test_resubmitting_keeps_a_late_step_that_is_already_due(store, catalog, booking_doc):
+    """A late step is planned for "now"; a later identical submission must not move it."""
+    soon = dict(booking_doc, starts_at="2026-11-24T14:30:00+01:00")  # visit in 3 days
+    first = book(store, catalog, soon)
+    late = {r["id"]: r for r in first["reminders"]}["stop-retinoids:sms"]
+    assert late["status"] == "scheduled" and "late: its time had passed" in late["reason"]
+    again = book(store, catalog, soon, NOW + timedelta(minutes=5))
+    assert again == first
+    # A real change (the visit moves a week later) does move it.
+    moved = book(store, catalog, dict(soon, starts_at="2026-12-01T14:30:00+01:00"),
+                 NOW + timedelta(minutes=10))
+    assert moved["version"] == 2
+    assert {r["id"]: r for r in moved["reminders"]}["stop-retinoids:sms"]["due_at"] == (
+        "2026-11-24T17:00:00Z")

@@ -25,6 +25,7 @@ from .settings import Settings
 from .store import Store, split_ref
 
 log = logging.getLogger(__name__)
+IN_FLIGHT_MARGIN = 1.0  # seconds past an in-flight attempt's ledger expiry before trying again
 
 
 @dataclass
@@ -55,8 +56,9 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     verdict = store.begin_send(ref, version, claim, token, ledger_ms)
     if verdict == "in flight":
         # A previous attempt whose lease ran out may still be talking to the provider.
-        if store.requeue(ref, datetime.now(UTC) + timedelta(seconds=settings.lease_seconds),
-                         "another attempt is in flight", claim=claim):
+        # Try again just after that attempt's ledger entry expires (or it finishes first).
+        retry_at = datetime.now(UTC) + timedelta(seconds=store.ledger_ttl(ref) + IN_FLIGHT_MARGIN)
+        if store.requeue(ref, retry_at, "another attempt is in flight", claim=claim):
             log.info("send %s: another attempt is in flight; requeued", ref)
             return "requeued"
         log.info("send %s: the attempt in flight finished meanwhile; dropped", ref)
@@ -77,7 +79,9 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
                                 "error": exc.reason, "seconds": round(time.monotonic() - started, 3)})
         return outcome
     sent_at = datetime.now(UTC)
-    store.finish_sent(ref, token, sent_at)
+    if not store.finish_sent(ref, token, sent_at):
+        log.warning("send %s: delivered after its ledger entry expired (a send slower than the "
+                    "lease); recorded as sent", ref)
     store.log_attempt(ref, {"at": now.isoformat(), "attempt": attempt, "outcome": "sent",
                             "detail": detail, "seconds": round(time.monotonic() - started, 3)})
     log.info("send %s: sent (attempt %d, %s)", ref, attempt, record.get("channel"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=0, le=65535)
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_send(self) -> Settings:
+        # The lease (and the send ledger, which lives as long) must outlast the slowest
+        # send, or a second attempt could start while the first is still talking.
+        slowest = 2 * self.send_timeout_seconds + 1
+        if self.lease_seconds <= slowest:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds}) must exceed 2 x send_timeout_seconds + 1 "
+                f"({slowest:g}), the longest a send can take")
+        return self
 
     @property
     def outbox(self) -> Path:

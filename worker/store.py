@@ -88,8 +88,11 @@ return 'ok'
 # Finish an attempt. KEYS: record, ledger, due, lease, dead. ARGV: token, ref, outcome,
 # field/value pairs... Only the holder of the ledger token may finish.
 _FINISH = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local ref, outcome = ARGV[2], ARGV[3]
+local owner = redis.call('GET', KEYS[2]) == ARGV[1]
+-- Not the ledger's holder (it expired mid-send): a failure is not ours to record, but a
+-- message that went out is recorded all the same, so nothing sends it again.
+if not owner and outcome ~= 'sent' then return 0 end
 redis.call('ZREM', KEYS[4], ref)
 if outcome == 'sent' then
   redis.call('SET', KEYS[2], 'sent')
@@ -105,7 +108,8 @@ if outcome == 'retry' then
 elseif outcome == 'failed' then
   redis.call('ZADD', KEYS[5], ARGV[4], ref)
 end
-return 1
+if owner then return 1 end
+return 2
 """
 
 # Hand a leased reminder back to the due set, only if it is still being sent under the given
@@ -213,7 +217,8 @@ class Store:
             writes: list[tuple[str, str, dict[str, str] | None, str]] = []
             for key, ref in zip(keys, refs, strict=True):
                 change = self._reconcile_one(stored[key], planned.get(key), status,
-                                             doc_changed=stored_booking.get("doc") != doc)
+                                             doc_changed=stored_booking.get("doc") != doc,
+                                             now=now)
                 if change is not None:
                     writes.append((key, ref, *change))
             hold_reason = plan.hold_reason if status == "held" else None
@@ -263,7 +268,7 @@ class Store:
     @staticmethod
     def _reconcile_one(
         stored: dict[str, str], new: PlannedReminder | None, booking_status: str, *,
-        doc_changed: bool,
+        doc_changed: bool, now: datetime,
     ) -> tuple[dict[str, str], str] | None:
         """Return (fields to write, "due" or "remove") for one reminder, or None if unchanged."""
         old_status = stored.get("status")
@@ -280,9 +285,14 @@ class Store:
                 return None
             return _fields(new, "skipped", new.reason), "remove"
         planned_epoch = repr(_now_epoch(new.due_at))
+        came_due = (float(stored.get("planned_epoch") or "inf") <= now.timestamp()
+                    and new.due_at <= now)
         if old_status in PENDING and (stored.get("planned_epoch") == planned_epoch
-                                      or (new.at_booking and stored.get("at_booking") == "1")):
-            return None  # unchanged: keep its time, attempts and any retry in progress
+                                      or (new.at_booking and stored.get("at_booking") == "1")
+                                      or came_due):
+            # Unchanged, or due now in both plans (a late step is planned for "now", which
+            # moves with every submission): keep its time, attempts and any retry.
+            return None
         fields = _fields(new, "scheduled", new.reason)
         if old_status in PENDING:
             fields["reason"] = f"rescheduled: {new.reason}"
@@ -390,10 +400,14 @@ class Store:
             keys=[self.record_key(ref), self.booking_key(clinic, booking_id), self.ledger_key(ref)],
             args=[version, claim, token, ledger_ms])
 
+    def ledger_ttl(self, ref: str) -> float:
+        """Return seconds until an in-flight attempt's ledger entry expires (0 if none)."""
+        return max(0, self.redis.pttl(self.ledger_key(ref))) / 1000
+
     def record(self, ref: str) -> dict[str, str]:
         return self.redis.hgetall(self.record_key(ref))
 
-    def _finish_call(self, ref: str, token: str, outcome: str, score: float, fields: dict[str, str]) -> bool:
+    def _finish_call(self, ref: str, token: str, outcome: str, score: float, fields: dict[str, str]) -> int:
         args: list[Any] = [token, ref, outcome, score]
         for k, v in fields.items():
             args += [k, v]
@@ -401,19 +415,20 @@ class Store:
             keys=[self.record_key(ref), self.ledger_key(ref), self.due_key, self.lease_key,
                   self.dead_key],
             args=args)
-        return bool(done)
+        return int(done)
 
     def finish_sent(self, ref: str, token: str, sent_at: datetime) -> bool:
-        return self._finish_call(ref, token, "sent", 0, {
+        """Record a delivery; return False if the ledger had expired (recorded all the same)."""
+        return 1 == self._finish_call(ref, token, "sent", 0, {
             "status": "sent", "sent_at": utc_iso(sent_at) or "", "reason": "", "last_error": ""})
 
     def finish_retry(self, ref: str, token: str, retry_at: datetime, reason: str) -> bool:
-        return self._finish_call(ref, token, "retry", retry_at.timestamp(), {
+        return 1 == self._finish_call(ref, token, "retry", retry_at.timestamp(), {
             "status": "retrying", "due_epoch": repr(retry_at.timestamp()),
             "reason": f"retrying at {utc_iso(retry_at)}: {reason}", "last_error": reason})
 
     def finish_failed(self, ref: str, token: str, now: datetime, reason: str) -> bool:
-        return self._finish_call(ref, token, "failed", now.timestamp(), {
+        return 1 == self._finish_call(ref, token, "failed", now.timestamp(), {
             "status": "failed", "reason": reason, "last_error": reason})
 
     def requeue(self, ref: str, at: datetime, reason: str, claim: str | None = None) -> bool:
@@ -430,7 +445,9 @@ class Store:
         keys = sorted(self.redis.smembers(self.keys_key(clinic, booking_id)))
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
-            pipe.hmget(self.record_key(ref_of(clinic, booking_id, key)), "step", "due_epoch", "status")
+            # The planned time, not the current one: a retry must not shift the dates shown.
+            pipe.hmget(self.record_key(ref_of(clinic, booking_id, key)), "step", "planned_epoch",
+                       "status")
         dates: dict[str, datetime] = {}
         for step, epoch, status in pipe.execute():
             if step and epoch and status not in ("skipped", "cancelled"):

@@ -193,8 +193,8 @@ def service(tmp_path: Path, redis_server, redis_client, e2e_config: Path) -> Ite
         "REMINDERS_DATA_DIR": str(tmp_path / "data"),
         "REMINDERS_BACKOFF_BASE_SECONDS": "1",
         "REMINDERS_BACKOFF_CAP_SECONDS": "4",
-        "REMINDERS_LEASE_SECONDS": "8",
-        "REMINDERS_SEND_TIMEOUT_SECONDS": "5",
+        "REMINDERS_LEASE_SECONDS": "10",
+        "REMINDERS_SEND_TIMEOUT_SECONDS": "4",
     })
     svc = Service(env, tmp_path)
     yield svc

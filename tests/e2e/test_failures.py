@@ -194,7 +194,7 @@ def test_worker_killed_mid_send_every_reminder_arrives_once(
     assert smtp_sink.snapshot() == [], "nothing was acknowledged before the kill"
     service.worker("w2")
 
-    # Leased reminders come back when their lease (8 s) and ledger run out.
+    # Leased reminders come back when their lease (10 s) and ledger run out.
     wait_until(lambda: sum(received_keys(smtp_sink, sms_sink).values()) >= len(expected), 90)
     settle(redis_client)
     assert_exactly_once(expected, received_keys(smtp_sink, sms_sink))
@@ -454,7 +454,7 @@ def test_in_flight_duplicate_never_undoes_the_finished_attempt(redis_client, out
     (claim,) = store.claim_due(10, 8)
     assert store.begin_send(rid, claim.version, claim.claim, "owner", 8000) == "ok"
 
-    settings = Settings(lease_seconds=8, _env_file=None)
+    settings = Settings(lease_seconds=8, send_timeout_seconds=3, _env_file=None)
     ctx = Context(settings=settings, store=store, catalog=None, renderer=None)  # type: ignore[arg-type]
     assert send_claimed(ctx, rid, claim.version, claim.claim) != "sent"  # the duplicate
 
