@@ -105,7 +105,7 @@ class Service:
         proc = self._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "beat",
                             "--loglevel=INFO", "-s", str(schedule)], name)
         if worker is not None:
-            wait_until(lambda: b"reminders.pump" in worker.log_path.read_bytes(), 30)
+            wait_until(lambda: b"Task reminders.pump[" in worker.log_path.read_bytes(), 30)
         return proc
 
     def up(self) -> subprocess.Popen[bytes]:
