@@ -101,8 +101,9 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
     try:
         loaded = notifier.add(with_timeouts(url, timeout))
     except Exception as exc:  # a malformed URL can raise inside a plugin's parser
-        raise DeliveryError(f"Apprise cannot load the channel URL ({type(exc).__name__})",
-                            permanent=True) from None
+        raise DeliveryError(
+            f"Apprise cannot load the channel URL ({type(exc).__name__})", permanent=True
+        ) from None
     if not loaded:
         raise DeliveryError("Apprise cannot load the channel URL", permanent=True)
     html_ok = message.html is not None and "html" in _formats(notifier)
@@ -173,8 +174,10 @@ def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now
             mail.add_alternative(message.html, subtype="html")
         path, data = folder / f"{stem}.eml", mail.as_bytes()
     else:
-        text = (f"To: {envelope.to}\nChannel: sms\nReminder: {envelope.ref}\n"
-                f"Date: {now.isoformat()}\n\n{message.text}\n")
+        text = (
+            f"To: {envelope.to}\nChannel: sms\nReminder: {envelope.ref}\n"
+            f"Date: {now.isoformat()}\n\n{message.text}\n"
+        )
         path, data = folder / f"{stem}.sms.txt", text.encode("utf-8")
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "xb") as fh:  # never overwrite: two writes would be two files
@@ -186,12 +189,21 @@ def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now
     return path
 
 
-def deliver(url: str | None, envelope: Envelope, message: RenderedMessage, *,
-            outbox: Path, timeout: float, now: datetime) -> str:
+def deliver(
+    url: str | None,
+    envelope: Envelope,
+    message: RenderedMessage,
+    *,
+    outbox: Path,
+    timeout: float,
+    now: datetime,
+) -> str:
     """Send `message`: through Apprise if the clinic has a URL for the channel, else the outbox."""
     if url is None:
         try:
             return f"written to the outbox as {write_outbox(outbox, envelope, message, now).name}"
         except OSError as exc:
-            raise DeliveryError(f"cannot write to the outbox ({exc.strerror})", permanent=False) from None
+            raise DeliveryError(
+                f"cannot write to the outbox ({exc.strerror})", permanent=False
+            ) from None
     return send_apprise(url, message, timeout)

@@ -38,7 +38,9 @@ class Context:
     renderer: Renderer
 
 
-def compute_backoff(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
+def compute_backoff(
+    attempt: int, *, base: float, cap: float, rng: random.Random | None = None
+) -> float:
     """Return seconds to wait before attempt `attempt + 1`: exponential, capped, jittered.
 
     Full jitter over the upper half keeps retries spread out without ever retrying
@@ -75,15 +77,34 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
         detail = _deliver(ctx, ref, record, now)
     except DeliveryError as exc:
         outcome = _failed(ctx, ref, token, attempt, exc)
-        store.log_attempt(ref, {"at": now.isoformat(), "attempt": attempt, "outcome": outcome,
-                                "error": exc.reason, "seconds": round(time.monotonic() - started, 3)})
+        store.log_attempt(
+            ref,
+            {
+                "at": now.isoformat(),
+                "attempt": attempt,
+                "outcome": outcome,
+                "error": exc.reason,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
         return outcome
     sent_at = datetime.now(UTC)
     if not store.finish_sent(ref, token, sent_at):
-        log.warning("send %s: delivered after its ledger entry expired (a send slower than the "
-                    "lease); recorded as sent", ref)
-    store.log_attempt(ref, {"at": now.isoformat(), "attempt": attempt, "outcome": "sent",
-                            "detail": detail, "seconds": round(time.monotonic() - started, 3)})
+        log.warning(
+            "send %s: delivered after its ledger entry expired (a send slower than the "
+            "lease); recorded as sent",
+            ref,
+        )
+    store.log_attempt(
+        ref,
+        {
+            "at": now.isoformat(),
+            "attempt": attempt,
+            "outcome": "sent",
+            "detail": detail,
+            "seconds": round(time.monotonic() - started, 3),
+        },
+    )
     log.info("send %s: sent (attempt %d, %s)", ref, attempt, record.get("channel"))
     return "sent"
 
@@ -94,8 +115,9 @@ def _deliver(ctx: Context, ref: str, record: dict[str, str], now: datetime) -> s
     try:
         booking = Booking.model_validate(ctx.store.booking_doc(clinic_id, booking_id))
     except ValidationError as exc:
-        raise DeliveryError(f"stored booking no longer valid: {exc.error_count()} error(s)",
-                            permanent=True) from None
+        raise DeliveryError(
+            f"stored booking no longer valid: {exc.error_count()} error(s)", permanent=True
+        ) from None
     clinic = ctx.catalog.clinics.get(clinic_id)
     protocol = ctx.catalog.protocols.get(booking.treatment)
     if clinic is None or protocol is None:
@@ -103,8 +125,12 @@ def _deliver(ctx: Context, ref: str, record: dict[str, str], now: datetime) -> s
     channel = record["channel"]
     try:
         message = ctx.renderer.render(
-            template=record["template"], channel=channel, booking=booking, clinic=clinic,  # type: ignore[arg-type]
-            protocol=protocol, occurrence=int(record.get("occurrence", 1)),
+            template=record["template"],
+            channel=channel,
+            booking=booking,
+            clinic=clinic,  # type: ignore[arg-type]
+            protocol=protocol,
+            occurrence=int(record.get("occurrence", 1)),
             due_at=datetime.fromtimestamp(float(record["planned_epoch"]), UTC),
             plan_dates=ctx.store.plan_dates(clinic_id, booking_id),
         )
@@ -115,11 +141,18 @@ def _deliver(ctx: Context, ref: str, record: dict[str, str], now: datetime) -> s
     except KeyError:
         raise DeliveryError(f"the patient has no {channel} contact", permanent=True) from None
     except Exception as exc:  # a template that fails to render cannot succeed on retry
-        raise DeliveryError(f"cannot render {record['template']} ({type(exc).__name__})",
-                            permanent=True) from None
+        raise DeliveryError(
+            f"cannot render {record['template']} ({type(exc).__name__})", permanent=True
+        ) from None
     envelope = Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to)  # type: ignore[arg-type]
-    return deliver(url, envelope, message, outbox=ctx.settings.outbox,
-                   timeout=ctx.settings.send_timeout_seconds, now=now)
+    return deliver(
+        url,
+        envelope,
+        message,
+        outbox=ctx.settings.outbox,
+        timeout=ctx.settings.send_timeout_seconds,
+        now=now,
+    )
 
 
 def _failed(ctx: Context, ref: str, token: str, attempt: int, exc: DeliveryError) -> str:
@@ -127,13 +160,25 @@ def _failed(ctx: Context, ref: str, token: str, attempt: int, exc: DeliveryError
     now = datetime.now(UTC)
     if exc.permanent:
         store.finish_failed(ref, token, now, f"permanent failure: {exc.reason}")
-        log.warning("send %s: permanent failure on attempt %d: %s; dead-lettered", ref, attempt, exc.reason)
+        log.warning(
+            "send %s: permanent failure on attempt %d: %s; dead-lettered", ref, attempt, exc.reason
+        )
         return "failed"
     if attempt >= settings.max_attempts:
         store.finish_failed(ref, token, now, f"gave up after {attempt} attempts: {exc.reason}")
-        log.warning("send %s: gave up after %d attempts: %s; dead-lettered", ref, attempt, exc.reason)
+        log.warning(
+            "send %s: gave up after %d attempts: %s; dead-lettered", ref, attempt, exc.reason
+        )
         return "failed"
-    delay = compute_backoff(attempt, base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds)
+    delay = compute_backoff(
+        attempt, base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds
+    )
     store.finish_retry(ref, token, now + timedelta(seconds=delay), exc.reason)
-    log.info("send %s: transient failure on attempt %d (%s); retry in %.1fs", ref, attempt, exc.reason, delay)
+    log.info(
+        "send %s: transient failure on attempt %d (%s); retry in %.1fs",
+        ref,
+        attempt,
+        exc.reason,
+        delay,
+    )
     return "retrying"

@@ -187,8 +187,9 @@ class Store:
 
     # --- bookings --------------------------------------------------------------------
 
-    def upsert(self, booking: Booking, plan: Plan, now: datetime, *,
-               release: bool = False) -> dict[str, Any]:
+    def upsert(
+        self, booking: Booking, plan: Plan, now: datetime, *, release: bool = False
+    ) -> dict[str, Any]:
         """Store `plan` for `booking`, reconciled with what is stored; return the timeline.
 
         Unchanged reminders are kept, moved ones rescheduled, obsolete ones cancelled, sent
@@ -216,28 +217,40 @@ class Store:
             version = int(stored_booking.get("version", 0))
             writes: list[tuple[str, str, dict[str, str] | None, str]] = []
             for key, ref in zip(keys, refs, strict=True):
-                change = self._reconcile_one(stored[key], planned.get(key), status,
-                                             doc_changed=stored_booking.get("doc") != doc,
-                                             now=now)
+                change = self._reconcile_one(
+                    stored[key],
+                    planned.get(key),
+                    status,
+                    doc_changed=stored_booking.get("doc") != doc,
+                    now=now,
+                )
                 if change is not None:
                     writes.append((key, ref, *change))
             hold_reason = plan.hold_reason if status == "held" else None
-            booking_changed = (stored_booking.get("doc") != doc
-                               or stored_booking.get("status") != status
-                               or stored_booking.get("hold_reason", "") != (hold_reason or "")
-                               or stored_booking.get("released_for", "") != released_for)
+            booking_changed = (
+                stored_booking.get("doc") != doc
+                or stored_booking.get("status") != status
+                or stored_booking.get("hold_reason", "") != (hold_reason or "")
+                or stored_booking.get("released_for", "") != released_for
+            )
             if not writes and not booking_changed:
                 pipe.unwatch()
                 return
             version += 1
             stamp = utc_iso(now) or ""
             pipe.multi()
-            pipe.hset(bkey, mapping={
-                "doc": doc, "status": status, "version": str(version),
-                "hold_reason": hold_reason or "", "released_for": released_for,
-                "updated_at": stamp,
-                "created_at": stored_booking.get("created_at") or stamp,
-            })
+            pipe.hset(
+                bkey,
+                mapping={
+                    "doc": doc,
+                    "status": status,
+                    "version": str(version),
+                    "hold_reason": hold_reason or "",
+                    "released_for": released_for,
+                    "updated_at": stamp,
+                    "created_at": stored_booking.get("created_at") or stamp,
+                },
+            )
             pipe.sadd(f"{self.prefix}:bookings:{clinic}", booking_id)
             for key, ref, fields, schedule in writes:
                 rkey = self.record_key(ref)
@@ -257,9 +270,11 @@ class Store:
                 record = stored[key]
                 if status == "held":
                     pipe.zrem(self.due_key, ref)
-                elif (not any(w[1] == ref for w in writes)
-                      and record.get("status") in ("scheduled", "retrying")
-                      and stored_booking.get("status") == "held"):
+                elif (
+                    not any(w[1] == ref for w in writes)
+                    and record.get("status") in ("scheduled", "retrying")
+                    and stored_booking.get("status") == "held"
+                ):
                     pipe.zadd(self.due_key, {ref: float(record["due_epoch"])})
 
         self.redis.transaction(reconcile, bkey, kkey)
@@ -267,8 +282,12 @@ class Store:
 
     @staticmethod
     def _reconcile_one(
-        stored: dict[str, str], new: PlannedReminder | None, booking_status: str, *,
-        doc_changed: bool, now: datetime,
+        stored: dict[str, str],
+        new: PlannedReminder | None,
+        booking_status: str,
+        *,
+        doc_changed: bool,
+        now: datetime,
     ) -> tuple[dict[str, str], str] | None:
         """Return (fields to write, "due" or "remove") for one reminder, or None if unchanged."""
         old_status = stored.get("status")
@@ -278,18 +297,24 @@ class Store:
             return None  # dead letter: the same booking again changes nothing; replay does
         if new is None:
             if old_status in PENDING or old_status == "failed":
-                return {"status": "cancelled", "reason": "no longer in the plan after a change"}, "remove"
+                return {
+                    "status": "cancelled",
+                    "reason": "no longer in the plan after a change",
+                }, "remove"
             return None
         if new.status == "skipped":
             if old_status == "skipped" and stored.get("reason") == new.reason:
                 return None
             return _fields(new, "skipped", new.reason), "remove"
         planned_epoch = repr(_now_epoch(new.due_at))
-        came_due = (float(stored.get("planned_epoch") or "inf") <= now.timestamp()
-                    and new.due_at <= now)
-        if old_status in PENDING and (stored.get("planned_epoch") == planned_epoch
-                                      or (new.at_booking and stored.get("at_booking") == "1")
-                                      or came_due):
+        came_due = (
+            float(stored.get("planned_epoch") or "inf") <= now.timestamp() and new.due_at <= now
+        )
+        if old_status in PENDING and (
+            stored.get("planned_epoch") == planned_epoch
+            or (new.at_booking and stored.get("at_booking") == "1")
+            or came_due
+        ):
             # Unchanged, or due now in both plans (a late step is planned for "now", which
             # moves with every submission): keep its time, attempts and any retry.
             return None
@@ -300,7 +325,9 @@ class Store:
             fields |= {"attempts": "0", "reason": f"booking changed, sending again: {new.reason}"}
         return fields, "due" if booking_status != "held" else "remove"
 
-    def cancel(self, clinic: str, booking_id: str, now: datetime, reason: str = "cancelled by the clinic") -> dict[str, Any]:
+    def cancel(
+        self, clinic: str, booking_id: str, now: datetime, reason: str = "cancelled by the clinic"
+    ) -> dict[str, Any]:
         """Cancel a booking: nothing not yet sent will be sent; history stays."""
         bkey = self.booking_key(clinic, booking_id)
         kkey = self.keys_key(clinic, booking_id)
@@ -315,12 +342,24 @@ class Store:
             if pipe.hget(bkey, "status") == "cancelled":
                 return
             pipe.multi()
-            pipe.hset(bkey, mapping={"status": "cancelled", "version": str(version + 1),
-                                     "updated_at": utc_iso(now) or ""})
+            pipe.hset(
+                bkey,
+                mapping={
+                    "status": "cancelled",
+                    "version": str(version + 1),
+                    "updated_at": utc_iso(now) or "",
+                },
+            )
             for ref, st in zip(refs, statuses, strict=True):
                 if st in PENDING or st == "failed":
-                    pipe.hset(self.record_key(ref), mapping={
-                        "status": "cancelled", "reason": reason, "version": str(version + 1)})
+                    pipe.hset(
+                        self.record_key(ref),
+                        mapping={
+                            "status": "cancelled",
+                            "reason": reason,
+                            "version": str(version + 1),
+                        },
+                    )
                     pipe.zrem(self.due_key, ref)
                     pipe.zrem(self.lease_key, ref)
                     pipe.zrem(self.dead_key, ref)
@@ -355,7 +394,8 @@ class Store:
                 "sent_at": rec.get("sent_at") or None,
                 "reason": rec.get("reason") or None,
             }
-            for key, rec in zip(keys, records, strict=True) if rec
+            for key, rec in zip(keys, records, strict=True)
+            if rec
         ]
         reminders.sort(key=lambda r: (r["due_at"] or "", r["id"]))
         status = booking["status"]
@@ -380,8 +420,9 @@ class Store:
 
     def claim_due(self, limit: int, lease_seconds: int) -> list[Claim]:
         """Atomically lease up to `limit` due reminders (Redis's clock decides 'due')."""
-        rows = self._claim(keys=[self.due_key, self.lease_key],
-                           args=[limit, lease_seconds, f"{self.prefix}:r:"])
+        rows = self._claim(
+            keys=[self.due_key, self.lease_key], args=[limit, lease_seconds, f"{self.prefix}:r:"]
+        )
         return [Claim(ref=r[0], version=r[1], claim=r[2]) for r in rows]
 
     def next_due_in(self) -> float | None:
@@ -398,7 +439,8 @@ class Store:
         clinic, booking_id, _ = split_ref(ref)
         return self._begin(
             keys=[self.record_key(ref), self.booking_key(clinic, booking_id), self.ledger_key(ref)],
-            args=[version, claim, token, ledger_ms])
+            args=[version, claim, token, ledger_ms],
+        )
 
     def ledger_ttl(self, ref: str) -> float:
         """Return seconds until an in-flight attempt's ledger entry expires (0 if none)."""
@@ -407,29 +449,56 @@ class Store:
     def record(self, ref: str) -> dict[str, str]:
         return self.redis.hgetall(self.record_key(ref))
 
-    def _finish_call(self, ref: str, token: str, outcome: str, score: float, fields: dict[str, str]) -> int:
+    def _finish_call(
+        self, ref: str, token: str, outcome: str, score: float, fields: dict[str, str]
+    ) -> int:
         args: list[Any] = [token, ref, outcome, score]
         for k, v in fields.items():
             args += [k, v]
         done = self._finish(
-            keys=[self.record_key(ref), self.ledger_key(ref), self.due_key, self.lease_key,
-                  self.dead_key],
-            args=args)
+            keys=[
+                self.record_key(ref),
+                self.ledger_key(ref),
+                self.due_key,
+                self.lease_key,
+                self.dead_key,
+            ],
+            args=args,
+        )
         return int(done)
 
     def finish_sent(self, ref: str, token: str, sent_at: datetime) -> bool:
         """Record a delivery; return False if the ledger had expired (recorded all the same)."""
-        return 1 == self._finish_call(ref, token, "sent", 0, {
-            "status": "sent", "sent_at": utc_iso(sent_at) or "", "reason": "", "last_error": ""})
+        return 1 == self._finish_call(
+            ref,
+            token,
+            "sent",
+            0,
+            {"status": "sent", "sent_at": utc_iso(sent_at) or "", "reason": "", "last_error": ""},
+        )
 
     def finish_retry(self, ref: str, token: str, retry_at: datetime, reason: str) -> bool:
-        return 1 == self._finish_call(ref, token, "retry", retry_at.timestamp(), {
-            "status": "retrying", "due_epoch": repr(retry_at.timestamp()),
-            "reason": f"retrying at {utc_iso(retry_at)}: {reason}", "last_error": reason})
+        return 1 == self._finish_call(
+            ref,
+            token,
+            "retry",
+            retry_at.timestamp(),
+            {
+                "status": "retrying",
+                "due_epoch": repr(retry_at.timestamp()),
+                "reason": f"retrying at {utc_iso(retry_at)}: {reason}",
+                "last_error": reason,
+            },
+        )
 
     def finish_failed(self, ref: str, token: str, now: datetime, reason: str) -> bool:
-        return 1 == self._finish_call(ref, token, "failed", now.timestamp(), {
-            "status": "failed", "reason": reason, "last_error": reason})
+        return 1 == self._finish_call(
+            ref,
+            token,
+            "failed",
+            now.timestamp(),
+            {"status": "failed", "reason": reason, "last_error": reason},
+        )
 
     def requeue(self, ref: str, at: datetime, reason: str, claim: str | None = None) -> bool:
         """Put a leased reminder back in the due set (another attempt holds the ledger).
@@ -437,8 +506,12 @@ class Store:
         Only while it is still being sent (under `claim`, if given); return whether it was.
         An attempt that finished in the meantime keeps its outcome.
         """
-        return bool(self._requeue(keys=[self.record_key(ref), self.lease_key, self.due_key],
-                                  args=[ref, at.timestamp(), claim or ""]))
+        return bool(
+            self._requeue(
+                keys=[self.record_key(ref), self.lease_key, self.due_key],
+                args=[ref, at.timestamp(), claim or ""],
+            )
+        )
 
     def plan_dates(self, clinic: str, booking_id: str) -> dict[str, datetime]:
         """Return each step's first due instant among reminders still to be (or already) sent."""
@@ -446,8 +519,9 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             # The planned time, not the current one: a retry must not shift the dates shown.
-            pipe.hmget(self.record_key(ref_of(clinic, booking_id, key)), "step", "planned_epoch",
-                       "status")
+            pipe.hmget(
+                self.record_key(ref_of(clinic, booking_id, key)), "step", "planned_epoch", "status"
+            )
         dates: dict[str, datetime] = {}
         for step, epoch, status in pipe.execute():
             if step and epoch and status not in ("skipped", "cancelled"):
@@ -475,9 +549,18 @@ class Store:
             if clinic and c != clinic:
                 continue
             rec = self.record(ref)
-            out.append({"ref": ref, "clinic": c, "booking_id": booking_id, "id": key,
-                        "channel": rec.get("channel"), "attempts": int(rec.get("attempts", 0)),
-                        "failed_at": _iso(score), "reason": rec.get("reason")})
+            out.append(
+                {
+                    "ref": ref,
+                    "clinic": c,
+                    "booking_id": booking_id,
+                    "id": key,
+                    "channel": rec.get("channel"),
+                    "attempts": int(rec.get("attempts", 0)),
+                    "failed_at": _iso(score),
+                    "reason": rec.get("reason"),
+                }
+            )
         return out
 
     def replay(self, refs: Iterable[str], now: datetime) -> list[str]:
@@ -490,9 +573,15 @@ class Store:
                 if pipe.zscore(self.dead_key, ref) is None or pipe.hget(rkey, "status") != "failed":
                     return False
                 pipe.multi()
-                pipe.hset(rkey, mapping={"status": "scheduled", "attempts": "0",
-                                         "due_epoch": repr(now.timestamp()),
-                                         "reason": f"replayed at {utc_iso(now)}"})
+                pipe.hset(
+                    rkey,
+                    mapping={
+                        "status": "scheduled",
+                        "attempts": "0",
+                        "due_epoch": repr(now.timestamp()),
+                        "reason": f"replayed at {utc_iso(now)}",
+                    },
+                )
                 pipe.zrem(self.dead_key, ref)
                 pipe.zadd(self.due_key, {ref: now.timestamp()})
                 return True
@@ -505,9 +594,15 @@ class Store:
 def _fields(r: PlannedReminder, status: str, reason: str) -> dict[str, str]:
     epoch = repr(_now_epoch(r.due_at))
     return {
-        "step": r.step, "channel": r.channel, "template": r.template,
-        "occurrence": str(r.occurrence), "planned_epoch": epoch, "due_epoch": epoch,
-        "status": status, "reason": reason, "at_booking": "1" if r.at_booking else "0",
+        "step": r.step,
+        "channel": r.channel,
+        "template": r.template,
+        "occurrence": str(r.occurrence),
+        "planned_epoch": epoch,
+        "due_epoch": epoch,
+        "status": status,
+        "reason": reason,
+        "at_booking": "1" if r.at_booking else "0",
     }
 
 

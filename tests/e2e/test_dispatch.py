@@ -24,8 +24,9 @@ def _epoch(iso: str) -> float:
 
 def expected_messages(config, doc, timeline):
     """Render, in the test, what each scheduled reminder must look like at its sink."""
-    catalog = Catalog.load(Settings(config_dir=config, templates_dir=ROOT / "templates",
-                                    _env_file=None))
+    catalog = Catalog.load(
+        Settings(config_dir=config, templates_dir=ROOT / "templates", _env_file=None)
+    )
     booking: Booking = parse_booking(doc, catalog)
     renderer = Renderer(catalog.templates_dir)
     plan_dates: dict[str, datetime] = {}
@@ -36,10 +37,15 @@ def expected_messages(config, doc, timeline):
     out = {}
     for r in timeline["reminders"]:
         out[r["id"]] = renderer.render(
-            template=step_template[r["step"]], channel=r["channel"], booking=booking,
-            clinic=catalog.clinics["e2e"], protocol=catalog.protocols["quick"], occurrence=1,
+            template=step_template[r["step"]],
+            channel=r["channel"],
+            booking=booking,
+            clinic=catalog.clinics["e2e"],
+            protocol=catalog.protocols["quick"],
+            occurrence=1,
             due_at=datetime.fromisoformat(r["due_at"].replace("Z", "+00:00")).astimezone(UTC),
-            plan_dates=plan_dates)
+            plan_dates=plan_dates,
+        )
     return out
 
 
@@ -62,9 +68,11 @@ def assert_delivered_once_on_time(config, doc, timeline, smtp_sink, sms_sink):
         want = expected[r["id"]]
         for item in unmatched:
             channel, msg = item
-            same = (channel == r["channel"] and (
-                _norm(msg.text) == _norm(want.text) if channel == "sms"
-                else msg.subject == want.subject and _norm(msg.html) == _norm(want.html)))
+            same = channel == r["channel"] and (
+                _norm(msg.text) == _norm(want.text)
+                if channel == "sms"
+                else msg.subject == want.subject and _norm(msg.html) == _norm(want.html)
+            )
             if same:
                 unmatched.remove(item)
                 lateness = msg.at - _epoch(r["due_at"])
@@ -76,7 +84,8 @@ def assert_delivered_once_on_time(config, doc, timeline, smtp_sink, sms_sink):
 
 
 def test_every_reminder_arrives_once_on_time_with_its_content(
-        service, smtp_sink, sms_sink, make_booking, e2e_config):
+    service, smtp_sink, sms_sink, make_booking, e2e_config
+):
     service.up()
     doc = make_booking("B-1")
     (timeline,) = service.book(doc)
@@ -106,7 +115,9 @@ def test_cancel_before_due_sends_nothing_more(service, smtp_sink, sms_sink, make
     assert set(statuses.values()) == {"cancelled"}
 
 
-def test_reschedule_sends_at_the_new_times_only(service, smtp_sink, sms_sink, make_booking, e2e_config):
+def test_reschedule_sends_at_the_new_times_only(
+    service, smtp_sink, sms_sink, make_booking, e2e_config
+):
     service.up()
     first = make_booking("B-3", starts_in=14)
     service.book(first)
@@ -119,7 +130,8 @@ def test_reschedule_sends_at_the_new_times_only(service, smtp_sink, sms_sink, ma
 
 
 def test_same_booking_ten_times_sends_each_reminder_once(
-        service, smtp_sink, sms_sink, make_booking, e2e_config):
+    service, smtp_sink, sms_sink, make_booking, e2e_config
+):
     service.up()
     doc = make_booking("B-4", starts_in=14)
     for _ in range(10):
