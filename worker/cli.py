@@ -234,28 +234,33 @@ def nudge_pump_quietly() -> None:
         print(f"note: could not nudge the pump ({type(exc).__name__})", file=sys.stderr)
 
 
-def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    """Print a booking's timeline: every reminder, its status and why."""
+def _on_booking(
+    args: argparse.Namespace, settings: Settings, act: Callable[[Store, str], dict[str, Any]]
+) -> int:
+    """Run `act(store, clinic)` on the named booking and print the timeline it returns."""
     catalog = Catalog.load(settings)
     clinic = clinic_of(args, catalog)
     store = open_store(settings)
-    timeline = store.timeline(clinic, args.booking_id)
-    print_timeline(
-        args, timeline, store.booking_doc(clinic, args.booking_id)["patient"]["timezone"]
-    )
+    timeline = act(store, clinic)
+    timezone = store.booking_doc(clinic, args.booking_id)["patient"]["timezone"]
+    print_timeline(args, timeline, timezone)
     return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    """Print a booking's timeline: every reminder, its status and why."""
+    return _on_booking(
+        args, settings, lambda store, clinic: store.timeline(clinic, args.booking_id)
+    )
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     """Cancel a booking: nothing still pending will be sent."""
-    catalog = Catalog.load(settings)
-    clinic = clinic_of(args, catalog)
-    store = open_store(settings)
-    timeline = store.cancel(clinic, args.booking_id, datetime.now(UTC))
-    print_timeline(
-        args, timeline, store.booking_doc(clinic, args.booking_id)["patient"]["timezone"]
+    return _on_booking(
+        args,
+        settings,
+        lambda store, clinic: store.cancel(clinic, args.booking_id, datetime.now(UTC)),
     )
-    return EXIT_OK
 
 
 def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
