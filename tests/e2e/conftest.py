@@ -95,17 +95,21 @@ class Service:
         assert proc.poll() is None, proc.log_path.read_text()
         return proc
 
-    def beat(self, name: str = "beat", worker: subprocess.Popen[bytes] | None = None,
+    def beat(self, name: str = "beat",
+             worker: subprocess.Popen[bytes] | list[subprocess.Popen[bytes]] | None = None,
              ) -> subprocess.Popen[bytes]:
         """Start `celery -A worker.celery_app beat` (the pump's clock).
 
-        With `worker`, wait until that worker has run a pump tick: the service is up.
+        With `worker` (one or a list), wait until a pump tick has run there: the service is up.
         """
         schedule = self.logs / f"{name}-schedule"
         proc = self._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "beat",
                             "--loglevel=INFO", "-s", str(schedule)], name)
         if worker is not None:
-            wait_until(lambda: b"Task reminders.pump[" in worker.log_path.read_bytes(), 30)
+            # Any of the workers may run the tick: both consume the pump queue.
+            workers = worker if isinstance(worker, list) else [worker]
+            wait_until(lambda: any(b"Task reminders.pump[" in w.log_path.read_bytes()
+                                   for w in workers), 30)
         return proc
 
     def up(self) -> subprocess.Popen[bytes]:

@@ -96,6 +96,15 @@ def test_every_reminder_arrives_once_on_time_with_its_content(
     sms = sms_sink.snapshot()
     assert {m.to for m in sms} == {"+34600111222"}
     assert {m.to for m in smtp_sink.snapshot()} == {"b-1@example.com"}
+    # Privacy: at INFO the worker logs say what happened to which reminder, never to whom
+    # or what it said.
+    worker_log = (service.logs / "w1.log").read_text(encoding="utf-8")
+    assert "send e2e/B-1/prep:sms: sent" in worker_log
+    for secret in ("b-1@example.com", "+34600111222", "600111222", "López"):
+        assert secret not in worker_log
+    for message in smtp_sink.snapshot() + sms_sink.snapshot():
+        first_line = next(line for line in message.text.splitlines() if line.strip())
+        assert first_line.strip() not in worker_log
     final = service.show("B-1")
     assert {r["status"] for r in final["reminders"]} == {"sent"}
     assert all(r["attempts"] == 1 and r["sent_at"] for r in final["reminders"])

@@ -212,7 +212,7 @@ def test_two_workers_two_pumps_send_each_reminder_once(
     smtp_sink.delay = 0.5  # sends stay in flight across the other pump's ticks
     w1 = service.worker("w1")
     w2 = service.worker("w2")
-    b1 = service.beat("beat1", worker=w1)
+    b1 = service.beat("beat1", worker=[w1, w2])
     b2 = service.beat("beat2")
     docs = bookings(make_booking, "P", 10, starts_in=lambda i: 10 + 1.3 * i, first_phone=100)
     timelines = service.book(*docs)
