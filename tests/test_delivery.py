@@ -21,7 +21,7 @@ SID, TOKEN, FROM = "AC" + "0123456789abcdef" * 2, "f" * 32, "+15017122661"
 SMS = RenderedMessage("sms", None, "Ana, deja la tretinoina esta noche. Glow Skin Clinic", None)
 MAIL = RenderedMessage(
     "email",
-    "Tu cita del 5 dic",
+    "Tu cita de microneedling del sábado 5 de diciembre de 2026 - Glow Skin Clinic",
     "Hola Ana,\nnos vemos pronto.",
     "<p>Hola <b>Ana</b>,</p><p>nos vemos pronto.</p>",
 )
@@ -278,6 +278,7 @@ def test_outbox_writes_one_readable_file_per_message_and_never_overwrites(tmp_pa
     first = write_outbox(tmp_path, env, MAIL, NOW)
     second = write_outbox(tmp_path, env, MAIL, NOW.replace(microsecond=2))
     assert first != second and len(list(tmp_path.iterdir())) == 2
+    assert f"Subject: {MAIL.subject}\n".encode() in first.read_bytes()  # not folded
     mail = email.message_from_bytes(first.read_bytes(), policy=email.policy.default)
     assert mail["To"] == "ana@example.com" and mail["Subject"] == MAIL.subject
     assert mail.get_body(("html",)).get_content().strip() == MAIL.html

@@ -8,6 +8,7 @@ Nothing here logs a contact or a message body above DEBUG.
 
 from __future__ import annotations
 
+import email.policy
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ TRANSIENT_PROVIDER_CODES = frozenset({20429})
 _PROVIDER_ERROR = re.compile(r"error=(\d{3,6})\.")
 _WIRE_STATUS = re.compile(r'HTTP/\d(?:\.\d)?" (\d{3})')
 _SMTP_CODE = re.compile(r"\((\d{3}), b?['\"]")
+_READABLE = email.policy.default.clone(max_line_length=998, utf8=True)  # a file, not SMTP
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -164,7 +166,7 @@ def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{now:%Y%m%dT%H%M%S%f}-{_SAFE_NAME.sub('-', envelope.ref)}"
     if envelope.channel == "email":
-        mail = EmailMessage()
+        mail = EmailMessage(policy=_READABLE)  # headers on one line each: easy to read
         mail["To"] = envelope.to
         mail["Subject"] = message.subject or ""
         mail["X-Reminder"] = envelope.ref

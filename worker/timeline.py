@@ -51,17 +51,15 @@ def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
     dues = [datetime.fromisoformat(r["due_at"]) for r in timeline["reminders"] if r["due_at"]]
     # Seconds only when some reminder needs them (second-based test and demo protocols).
     clock = "%H:%M:%S" if any(d.second for d in dues) else "%H:%M"
+
+    def local(iso: str) -> str:
+        when = datetime.fromisoformat(iso)
+        return when.astimezone(tz).strftime(f"%a %Y-%m-%d {clock} %Z") if tz else iso
+
     for r in timeline["reminders"]:
-        due = r["due_at"] or "-"
-        if tz and r["due_at"]:
-            due = (
-                datetime.fromisoformat(r["due_at"])
-                .astimezone(tz)
-                .strftime(f"%a %Y-%m-%d {clock} %Z")
-            )
-        rows.append(
-            (due, r["id"], r["channel"], r["status"], str(r["attempts"]), r["reason"] or "")
-        )
+        due = local(r["due_at"]) if r["due_at"] else "-"
+        reason = r["reason"] or (f"sent {local(r['sent_at'])}" if r["sent_at"] else "")
+        rows.append((due, r["id"], r["channel"], r["status"], str(r["attempts"]), reason))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         lines.append(
