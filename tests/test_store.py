@@ -10,7 +10,7 @@ import pytest
 from worker.errors import NotFound
 from worker.models import parse_booking
 from worker.planner import plan
-from worker.store import Store
+from worker.store import Attempt, Store
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -115,7 +115,9 @@ def test_expired_lease_is_claimed_again_and_ledger_blocks_double_send(store, cat
     assert second.claim != first.claim
     assert store.begin_send(ref, first.version, first.claim, "tok2", 60_000) == "stale claim"
     assert store.begin_send(ref, second.version, second.claim, "tok3", 60_000) == "in flight"
-    assert store.finish_sent(ref, "tok1", NOW)
+    # The first attempt delivers after all: recorded as sent, though its claim was overtaken.
+    assert store.finish_sent(ref, Attempt(first.version, first.claim, "tok1"), NOW) == (
+        "stale: recorded as sent")
     assert store.begin_send(ref, second.version, second.claim, "tok4", 60_000) == "status sent"
     assert store.record(ref)["status"] == "sent"
 

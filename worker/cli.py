@@ -152,7 +152,9 @@ def parse_now(value: str) -> datetime:
 
 def open_store(settings: Settings) -> Store:
     """Return the schedule store on the configured (or embedded) Redis."""
-    return Store(connect(redis_url(settings)), settings.key_prefix)
+    return Store(
+        connect(redis_url(settings)), settings.key_prefix, retention_days=settings.retention_days
+    )
 
 
 def clinic_of(args: argparse.Namespace, catalog: Catalog) -> str:
@@ -326,6 +328,46 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    """Remove dead letters without sending them; they stay `failed` in the timeline."""
+    store = open_store(settings)
+    dead = store.dead_letters(args.clinic)
+    if args.all:
+        refs = [d["ref"] for d in dead]
+    elif args.refs:
+        wanted = set(args.refs)
+        refs = [d["ref"] for d in dead if d["ref"] in wanted or d["booking_id"] in wanted]
+        unknown = wanted - {d["ref"] for d in dead} - {d["booking_id"] for d in dead}
+        if unknown:
+            print(f"not dead-lettered: {', '.join(sorted(unknown))}", file=sys.stderr)
+            return EXIT_REFUSED
+    else:
+        raise UsageError("name the dead letters to purge (REF or BOOKING_ID), or use --all")
+    purged = store.purge(refs, datetime.now(UTC))
+    if args.json:
+        print(json.dumps({"purged": purged}))
+    else:
+        print(f"purged {len(purged)} dead letter(s)" + "".join(f"\n  {r}" for r in purged))
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    """Print how much the store keeps: bookings per clinic, reminders, dead letters."""
+    stats = open_store(settings).stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return EXIT_OK
+    print(f"retention: {stats['retention_days']:g} days after a booking's last reminder "
+          "(dead letters kept until replayed or purged)")
+    print(f"bookings kept: {stats['bookings_total']}")
+    for clinic, count in stats["bookings"].items():
+        print(f"  {clinic}: {count}")
+    print(f"reminders kept: {stats['reminders_kept']} (due {stats['due']}, being sent "
+          f"{stats['leased']}, dead letters {stats['dead_letters']})")
+    print(f"attempt logs: {stats['attempt_logs']}, ledger entries: {stats['ledger_entries']}")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Run everything: Redis (if embedded), the Celery worker and beat (the pump)."""
     from .service import run_all
@@ -347,6 +389,8 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "release": (cmd_release, "release a held booking after the clinic's review"),
     "dead-letters": (cmd_dead_letters, "list reminders that failed for good"),
     "replay": (cmd_replay, "send dead-lettered reminders again"),
+    "purge": (cmd_purge, "remove dead letters without sending them"),
+    "stats": (cmd_stats, "how many bookings and reminders are kept, and where they are"),
     "run": (
         cmd_run,
         "run Redis (embedded unless REMINDERS_REDIS_URL), worker and pump; Ctrl-C stops all",
@@ -370,14 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name in ("show", "cancel", "release"):
             p.add_argument("booking_id")
-        if name == "replay":
+        if name in ("replay", "purge"):
             p.add_argument(
                 "refs",
                 nargs="*",
                 metavar="REF",
                 help="a dead letter's ref (clinic/booking/reminder) or a booking id",
             )
-            p.add_argument("--all", action="store_true", help="replay every dead letter")
+            p.add_argument("--all", action="store_true", help=f"{name} every dead letter")
         p.add_argument("--clinic", help="clinic id (default: the booking's own `clinic` field)")
         p.add_argument("--json", action="store_true", help="print the machine-readable form")
     return parser

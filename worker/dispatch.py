@@ -1,8 +1,15 @@
-"""Send one claimed reminder: fence, ledger, render, deliver, classify, record.
+"""Where a reminder is sent: fence, ledger, send-time rules, render, deliver, classify, record.
 
 The Celery task in tasks.py only calls `send_claimed`. Fencing and the ledger make a
-redelivered or duplicated task a no-op; a transient failure goes back into the
-schedule with backoff (never a Celery countdown); a permanent one is dead-lettered.
+redelivered or duplicated task a no-op. At the moment of sending the reminder's time
+rules are checked again (its expiry; the patient's send window), so retries, replays and
+a backlog after an outage obey them too. Outcomes:
+  sent       recorded (always, even if the clinic's change overtook the attempt)
+  transient  back into the schedule with backoff, at the send window's next opening
+  permanent  (or out of attempts) dead-lettered with the reason
+  unknown    (a timeout, a connection broken after the hand-over) the ledger is kept
+             until it expires and the reminder retried only after: never two live attempts
+Every finish is fenced by version, claim and token in one Lua script (store.py).
 """
 
 from __future__ import annotations
@@ -11,21 +18,28 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from .catalog import Catalog
+from .clinics import SendWindow
 from .delivery import Envelope, deliver
 from .errors import ConfigError, DeliveryError
 from .models import Booking
+from .planner import SendTime, at_send_time, next_opening
 from .rendering import Renderer
 from .settings import Settings
-from .store import Store, split_ref
+from .store import IN_FLIGHT_MARGIN, Attempt, Store, split_ref
 
 log = logging.getLogger(__name__)
-IN_FLIGHT_MARGIN = 1.0  # seconds past an in-flight attempt's ledger expiry before trying again
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,12 +64,30 @@ def compute_backoff(
     return (rng or random).uniform(nominal / 2, nominal)
 
 
+def durably(call: Callable[[], T], deadline: float, what: str) -> T:
+    """Run a Redis call until it succeeds or `deadline` (time.monotonic()) passes.
+
+    The client already retries for about 30 s; this outlasts a longer Redis restart for
+    what must not be lost (the record of a delivery that happened).
+    """
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s: Redis unreachable; trying again", what)
+            time.sleep(1.0)
+
+
 def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     """Send the reminder `ref` if this task still owns it; return what happened."""
     settings, store = ctx.settings, ctx.store
-    token = uuid.uuid4().hex
-    ledger_ms = settings.lease_seconds * 1000
-    verdict = store.begin_send(ref, version, claim, token, ledger_ms)
+    started = time.monotonic()
+    # Nothing of this attempt may outlive its ledger entry (lease_seconds from here).
+    deadline = started + settings.send_time_limit[0]
+    attempt = Attempt(version=version, claim=claim, token=uuid.uuid4().hex)
+    verdict = store.begin_send(ref, version, claim, attempt.token, settings.lease_seconds * 1000)
     if verdict == "in flight":
         # A previous attempt whose lease ran out may still be talking to the provider.
         # Try again just after that attempt's ledger entry expires (or it finishes first).
@@ -70,54 +102,87 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
         return f"dropped: {verdict}"
 
     record = store.record(ref)
-    attempt = int(record.get("attempts", 1))
-    started = time.monotonic()
+    number = int(record.get("attempts", 1))
     now = datetime.now(UTC)
+    entry = {"at": now.isoformat(), "attempt": number}
     try:
-        detail = _deliver(ctx, ref, record, now)
+        booking, window, tz = _booking(ctx, ref)
+        rule = _send_time(record, window, tz, now)
+        if rule.action != "send":
+            return _hold_back(store, ref, attempt, rule)
+        detail = _deliver(ctx, ref, record, booking, now)
     except DeliveryError as exc:
-        outcome = _failed(ctx, ref, token, attempt, exc)
-        store.log_attempt(
+        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
+    except SoftTimeLimitExceeded:
+        exc = DeliveryError("the send ran out of time", permanent=False)
+        exc.unknown = True  # type: ignore[attr-defined]
+        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
+    result = durably(
+        lambda: store.finish_sent(
             ref,
-            {
-                "at": now.isoformat(),
-                "attempt": attempt,
-                "outcome": outcome,
-                "error": exc.reason,
-                "seconds": round(time.monotonic() - started, 3),
-            },
-        )
-        return outcome
-    sent_at = datetime.now(UTC)
-    if not store.finish_sent(ref, token, sent_at):
-        log.warning(
-            "send %s: delivered after its ledger entry expired (a send slower than the "
-            "lease); recorded as sent",
-            ref,
-        )
-    store.log_attempt(
-        ref,
-        {
-            "at": now.isoformat(),
-            "attempt": attempt,
-            "outcome": "sent",
-            "detail": detail,
-            "seconds": round(time.monotonic() - started, 3),
-        },
+            attempt,
+            datetime.now(UTC),
+            entry | {"detail": detail, "seconds": round(time.monotonic() - started, 3)},
+        ),
+        deadline,
+        f"send {ref}",
     )
-    log.info("send %s: sent (attempt %d, %s)", ref, attempt, record.get("channel"))
+    if result != "ok":
+        log.warning("send %s: delivered; %s", ref, result)
+    log.info("send %s: sent (attempt %d, %s)", ref, number, record.get("channel"))
     return "sent"
 
 
-def _deliver(ctx: Context, ref: str, record: dict[str, str], now: datetime) -> str:
+def _booking(ctx: Context, ref: str) -> tuple[Booking, SendWindow, ZoneInfo]:
+    """Return the stored booking, its send window and the patient's timezone."""
+    clinic_id, booking_id, _ = split_ref(ref)
+    stored = ctx.store.booking(clinic_id, booking_id)
+    try:
+        booking = Booking.model_validate_json(stored["doc"])
+    except (KeyError, ValidationError) as exc:
+        count = exc.error_count() if isinstance(exc, ValidationError) else 1
+        raise DeliveryError(
+            f"stored booking no longer valid: {count} error(s)", permanent=True
+        ) from None
+    start, _, end = stored.get("window", "").partition("-")
+    clinic = ctx.catalog.clinics.get(clinic_id)
+    if start and end:
+        window = SendWindow.model_construct(start=int(start), end=int(end))
+    elif clinic is not None:
+        window = clinic.send_window
+    else:
+        raise DeliveryError("clinic no longer configured", permanent=True)
+    return booking, window, ZoneInfo(booking.patient.timezone)
+
+
+def _send_time(record: dict[str, str], window: SendWindow, tz: ZoneInfo, now: datetime) -> SendTime:
+    expires = record.get("expires_epoch")
+    return at_send_time(
+        now,
+        window,
+        tz,
+        datetime.fromtimestamp(float(expires), UTC) if expires else None,
+        record.get("expires_note", ""),
+    )
+
+
+def _hold_back(store: Store, ref: str, attempt: Attempt, rule: SendTime) -> str:
+    """Defer to the window's next opening, or skip an expired reminder; nothing is sent."""
+    if rule.action == "defer":
+        assert rule.at is not None
+        result = store.finish_defer(ref, attempt, rule.at, rule.reason)
+        log.info("send %s: deferred to the send window's next opening (%s)", ref, result)
+        return "deferred"
+    result = store.finish_skip(ref, attempt, rule.reason)
+    log.info("send %s: skipped at send time: %s (%s)", ref, rule.reason, result)
+    return "skipped"
+
+
+def _deliver(
+    ctx: Context, ref: str, record: dict[str, str], booking: Booking, now: datetime
+) -> str:
     """Render and deliver; every problem becomes a DeliveryError."""
     clinic_id, booking_id, _ = split_ref(ref)
-    try:
-        booking = Booking.model_validate(ctx.store.booking_doc(clinic_id, booking_id))
-    except ValidationError as exc:
-        raise DeliveryError(
-            f"stored booking no longer valid: {exc.error_count()} error(s)", permanent=True
-        ) from None
     clinic = ctx.catalog.clinics.get(clinic_id)
     protocol = ctx.catalog.protocols.get(booking.treatment)
     if clinic is None or protocol is None:
@@ -126,13 +191,14 @@ def _deliver(ctx: Context, ref: str, record: dict[str, str], now: datetime) -> s
     try:
         message = ctx.renderer.render(
             template=record["template"],
-            channel=channel,
+            channel=channel,  # type: ignore[arg-type]
             booking=booking,
-            clinic=clinic,  # type: ignore[arg-type]
+            clinic=clinic,
             protocol=protocol,
             occurrence=int(record.get("occurrence", 1)),
             due_at=datetime.fromtimestamp(float(record["planned_epoch"]), UTC),
             plan_dates=ctx.store.plan_dates(clinic_id, booking_id),
+            now=now,
         )
         to = booking.patient.contact(channel)  # type: ignore[arg-type]
         url = clinic.channel_url(channel, to) if channel in clinic.channels else None  # type: ignore[index]
@@ -155,30 +221,50 @@ def _deliver(ctx: Context, ref: str, record: dict[str, str], now: datetime) -> s
     )
 
 
-def _failed(ctx: Context, ref: str, token: str, attempt: int, exc: DeliveryError) -> str:
+def _failed(
+    ctx: Context,
+    ref: str,
+    attempt: Attempt,
+    number: int,
+    exc: DeliveryError,
+    entry: dict[str, Any],
+    started: float,
+    deadline: float,
+) -> str:
     settings, store = ctx.settings, ctx.store
+    entry = entry | {"error": exc.reason, "seconds": round(time.monotonic() - started, 3)}
     now = datetime.now(UTC)
-    if exc.permanent:
-        store.finish_failed(ref, token, now, f"permanent failure: {exc.reason}")
-        log.warning(
-            "send %s: permanent failure on attempt %d: %s; dead-lettered", ref, attempt, exc.reason
+    if getattr(exc, "unknown", False):
+        result = durably(
+            lambda: store.finish_unknown(ref, attempt, exc.reason, entry), deadline, ref
         )
-        return "failed"
-    if attempt >= settings.max_attempts:
-        store.finish_failed(ref, token, now, f"gave up after {attempt} attempts: {exc.reason}")
-        log.warning(
-            "send %s: gave up after %d attempts: %s; dead-lettered", ref, attempt, exc.reason
+        log.warning("send %s: outcome unknown on attempt %d (%s); %s", ref, number, exc.reason,
+                    "retried after its ledger expires" if result == "ok" else result)
+        return "unknown"
+    if exc.permanent or number >= settings.max_attempts:
+        reason = (
+            f"permanent failure: {exc.reason}"
+            if exc.permanent
+            else f"gave up after {number} attempts: {exc.reason}"
         )
+        result = durably(lambda: store.finish_failed(ref, attempt, reason, entry), deadline, ref)
+        log.warning("send %s: %s; %s", ref, reason,
+                    "dead-lettered" if result == "ok" else f"not dead-lettered ({result})")
         return "failed"
     delay = compute_backoff(
-        attempt, base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds
+        number, base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds
     )
-    store.finish_retry(ref, token, now + timedelta(seconds=delay), exc.reason)
+    retry_at = now + timedelta(seconds=delay)
+    try:  # a retry waits for the patient's send window like any other send
+        _, window, tz = _booking(ctx, ref)
+        retry_at = next_opening(retry_at, window, tz)
+    except DeliveryError:
+        pass
+    result = durably(
+        lambda: store.finish_retry(ref, attempt, retry_at, exc.reason, entry), deadline, ref
+    )
     log.info(
-        "send %s: transient failure on attempt %d (%s); retry in %.1fs",
-        ref,
-        attempt,
-        exc.reason,
-        delay,
+        "send %s: transient failure on attempt %d (%s); retry at %s (%s)",
+        ref, number, exc.reason, retry_at.isoformat(timespec="seconds"), result,
     )
     return "retrying"

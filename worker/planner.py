@@ -49,6 +49,10 @@ class PlannedReminder:
     status: ReminderStatus
     reason: str
     at_booking: bool = False  # due "when the booking arrives": a re-submission keeps its time
+    # The instant after which it must not be sent at all (a pre-visit step once the visit
+    # has begun; `late_until` after the start), and in words; None: it never expires.
+    expires_at: datetime | None = None
+    expires_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Plan:
     status: PlanStatus
     reminders: list[PlannedReminder]
     hold_reason: str | None = None
+    window: SendWindow | None = None  # the clinic's send window it was planned under
 
 
 # --- clock arithmetic in the patient's timezone ----------------------------------------
@@ -198,6 +203,63 @@ def _place(
     )
 
 
+def expiry(step: Step, nominal: datetime, start: datetime) -> tuple[datetime | None, str]:
+    """Return the instant after which this occurrence must not be sent, and why (or None).
+
+    The same rule as a late booking's (`_place`), applied again at send time: a step meant
+    for before the visit never goes once it has begun; `late_until` bounds any step.
+    """
+    deadline = start + step.late_until if step.late_until is not None else None
+    if nominal < start and (deadline is None or deadline >= start):
+        return start, "it was meant for before the appointment, which has begun"
+    if deadline is not None:
+        side = "before" if deadline < start else "after"
+        gap = format_duration(abs(deadline - start))
+        return deadline, f"it could be sent only until {gap} {side} the start"
+    return None, ""
+
+
+@dataclass(frozen=True)
+class SendTime:
+    """What the send-time rules say about sending now: send, defer until `at`, or skip."""
+
+    action: Literal["send", "defer", "skip"]
+    at: datetime | None = None
+    reason: str = ""
+
+
+def at_send_time(
+    now: datetime,
+    window: SendWindow,
+    tz: ZoneInfo,
+    expires_at: datetime | None,
+    expires_note: str = "",
+) -> SendTime:
+    """Re-check a reminder's time rules at the moment of sending (retries, replay, backlog).
+
+    Past its expiry: skip. Outside the patient's send window: defer to the next opening,
+    unless that opening is past the expiry (then skip).
+    """
+    if expires_at is not None and now >= expires_at:
+        return SendTime("skip", reason=f"not sent: {expires_note or 'past its expiry'}")
+    opening = next_opening(now, window, tz)
+    if opening == now:
+        return SendTime("send")
+    local = opening.astimezone(tz)
+    if expires_at is not None and opening >= expires_at:
+        return SendTime(
+            "skip",
+            reason=f"not sent: outside the send window {window.describe()} until "
+            f"{local:%Y-%m-%d %H:%M %Z}, and {expires_note or 'it expires before that'}",
+        )
+    return SendTime(
+        "defer",
+        at=opening,
+        reason=f"outside the send window {window.describe()} (patient-local): "
+        f"waits for {local:%Y-%m-%d %H:%M %Z}",
+    )
+
+
 def _channels(step: Step, offered: list[Channel]) -> tuple[list[Channel], str]:
     """Return the channels to use: the step's that the patient takes, else the patient's first."""
     chosen = [c for c in step.channels if c in offered]
@@ -246,6 +308,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         occurrences = list(_occurrences(step, start, tz, now))
         for number, nominal, derived in occurrences:
             status, due, note = _place(step, nominal, start, now, window, tz)
+            expires_at, expires_note = expiry(step, nominal, start)
             reason = derived + note if status == "scheduled" else note
             if step.only_if_any and status == "scheduled":
                 reason += f"; the patient uses {' or '.join(step.only_if_any)}"
@@ -262,8 +325,15 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                         status=status,
                         reason=reason + channel_note if status == "scheduled" else reason,
                         at_booking=step.at == "booking",
+                        expires_at=expires_at,
+                        expires_note=expires_note,
                     )
                 )
     reminders.sort(key=lambda r: (r.due_at, r.key))
     hold = isotretinoin_hold(booking, protocol, clinic)
-    return Plan(status="held" if hold else "scheduled", reminders=reminders, hold_reason=hold)
+    return Plan(
+        status="held" if hold else "scheduled",
+        reminders=reminders,
+        hold_reason=hold,
+        window=window,
+    )

@@ -13,7 +13,8 @@ Variables (all dates and times in the patient's timezone and locale):
     appointment_date        long date, "5 de diciembre de 2026" / "December 5, 2026"
     appointment_date_short  "5 dic" / "Dec 5"
     appointment_time        short time, "14:30" / "2:30 PM"
-    days_until              calendar days from the due date to the appointment (0 today, 1 tomorrow)
+    days_until              calendar days from the moment of sending (the due date in previews)
+                            to the appointment (0 today, 1 tomorrow)
     occurrence              1-based number within a repeating step
     week                    1-based week since the appointment date (day 0-6 is week 1;
                             0 or less before the appointment)
@@ -98,12 +99,16 @@ class Renderer:
     def render(
         self, *, template: str, channel: Channel, booking: Booking, clinic: Clinic,
         protocol: Protocol, occurrence: int, due_at: datetime,
-        plan_dates: Mapping[str, datetime] | None = None,
+        plan_dates: Mapping[str, datetime] | None = None, now: datetime | None = None,
     ) -> RenderedMessage:
-        """Render `template` for `channel`; raise ConfigError naming the file at fault."""
+        """Render `template` for `channel`; raise ConfigError naming the file at fault.
+
+        `now`: the moment of sending; words such as "tomorrow" count from it (default: due_at).
+        """
         locale = booking.patient.locale
         context = self.context(booking=booking, clinic=clinic, protocol=protocol,
-                               occurrence=occurrence, due_at=due_at, plan_dates=plan_dates)
+                               occurrence=occurrence, due_at=due_at, plan_dates=plan_dates,
+                               now=now)
 
         def part(name: str) -> str:
             return self._render(file_name(locale, template, name), context)
@@ -118,12 +123,13 @@ class Renderer:
     def context(
         self, *, booking: Booking, clinic: Clinic, protocol: Protocol, occurrence: int,
         due_at: datetime, plan_dates: Mapping[str, datetime] | None = None,
+        now: datetime | None = None,
     ) -> dict[str, Any]:
         """Return the template variables (see the module docstring)."""
         tz = ZoneInfo(booking.patient.timezone)
         locale = self.locale(booking.patient.locale)
         start = booking.starts_at.astimezone(tz)
-        days_until = (start.date() - due_at.astimezone(tz).date()).days
+        days_until = (start.date() - (now or due_at).astimezone(tz).date()).days
         ordered = sorted((plan_dates or {}).items(), key=lambda item: item[1])
         return {
             "patient_first_name": booking.patient.first_name,

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     backoff_cap_seconds: float = Field(3600.0, gt=0)
     broker_visibility_timeout_seconds: int = Field(600, ge=60)
 
+    # Retention: a booking's keys, attempt logs and ledger entries expire this many days
+    # after its last reminder; a dead letter is kept until it is replayed or purged.
+    retention_days: float = Field(90, gt=0)
+
     # HTTP API.
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
@@ -60,6 +64,17 @@ class Settings(BaseSettings):
                 f"lease_seconds ({self.lease_seconds}) must exceed 2 x send_timeout_seconds + 1 "
                 f"({slowest:g}), the longest a send can take")
         return self
+
+    @property
+    def send_time_limit(self) -> tuple[float, float]:
+        """Return the (soft, hard) Celery time limits of one send, in seconds.
+
+        Both end before the attempt's ledger entry (which lives `lease_seconds` from the
+        start of the attempt) expires: no attempt outlives its ledger. The soft limit
+        leaves time to record the outcome as unknown.
+        """
+        hard = self.lease_seconds - 1
+        return max(1.0, hard - 2), float(hard)
 
     @property
     def outbox(self) -> Path:

@@ -4,14 +4,24 @@ Keys, all under the configured prefix P:
   P:due                    ZSET  reminder ref -> due instant (epoch seconds)
   P:lease                  ZSET  reminder ref -> lease expiry (claimed by a pump, not yet done)
   P:dead                   ZSET  reminder ref -> when it was dead-lettered
-  P:b:<clinic>/<booking>   HASH  the booking: doc (JSON), status, version, hold_reason, times
+  P:b:<clinic>/<booking>   HASH  the booking: doc (JSON), status, version, hold_reason,
+                                 window (send window, minutes), keep_until, times
   P:k:<clinic>/<booking>   SET   the booking's reminder keys
-  P:r:<ref>                HASH  one reminder: step, channel, due_at, status, attempts, ...
-  P:a:<ref>                LIST  one JSON line per delivery attempt
+  P:r:<ref>                HASH  one reminder: step, channel, due_epoch, expires_epoch, status,
+                                 version, claim, tok (attempt token), attempts, sent_at, ...
+  P:a:<ref>                LIST  one JSON line per delivery attempt (stale ones too)
   P:ledger:<ref>           STR   send ledger: a token while sending (expires), "sent" after
-  P:bookings:<clinic>      SET   the clinic's booking ids
+  P:bookings:<clinic>      ZSET  the clinic's booking ids -> when their keys expire
 
 A reminder ref is "<clinic>/<booking_id>/<key>"; neither id may contain "/".
+
+Every change of a reminder's state is one atomic step: a Lua script (claim, begin,
+finish, requeue, cancel, replay, purge) or a MULTI under WATCH of every key read
+(upsert). Every finish is fenced by the reminder's version and claim and the attempt's
+token: an attempt the clinic's change overtook only adds to the attempt log, except that
+a delivery that did happen is always recorded. Retention: a booking's keys expire
+`retention` after its last reminder; a booking with a dead letter is kept until the dead
+letter is replayed or purged.
 """
 
 from __future__ import annotations
@@ -24,106 +34,295 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from .errors import NotFound
 from .models import Booking, utc_iso
-from .planner import Plan, PlannedReminder
+from .planner import Plan
+from .reconcile import reconcile
+from .status import PENDING, TERMINAL, Status, lua_prelude
 
-PENDING = ("scheduled", "sending", "retrying")  # reminder states that may still send
-TERMINAL = ("sent", "failed", "skipped", "cancelled")
 ATTEMPT_LOG_MAX = 50
+IN_FLIGHT_MARGIN = 1.0  # seconds past an in-flight attempt's ledger expiry before trying again
+
+# Shared by every script: the status names, and the retention rule for one booking.
+_PRELUDE = (
+    lua_prelude()
+    + """
+local function is_pending(st)
+  return st == ST_SCHEDULED or st == ST_SENDING or st == ST_RETRYING
+end
+local function redis_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+-- Expire every key of one booking at `at` (epoch seconds), or keep them all while one of
+-- its reminders is a dead letter. A ledger entry still held by an attempt keeps its TTL.
+local function keep_booking(prefix, clinic, booking_id, at)
+  local base = clinic .. '/' .. booking_id
+  local bkey, kkey = prefix .. ':b:' .. base, prefix .. ':k:' .. base
+  local refs = {}
+  local dead = false
+  for _, k in ipairs(redis.call('SMEMBERS', kkey)) do
+    local ref = base .. '/' .. k
+    table.insert(refs, ref)
+    if redis.call('ZSCORE', prefix .. ':dead', ref) then dead = true end
+  end
+  local stored = tonumber(redis.call('HGET', bkey, 'keep_until') or '0')
+  if stored > at then at = stored end
+  at = math.ceil(at)
+  redis.call('HSET', bkey, 'keep_until', tostring(at))
+  local function apply(key)
+    if dead then redis.call('PERSIST', key) else redis.call('EXPIREAT', key, at) end
+  end
+  apply(bkey)
+  apply(kkey)
+  for _, ref in ipairs(refs) do
+    apply(prefix .. ':r:' .. ref)
+    apply(prefix .. ':a:' .. ref)
+    local lkey = prefix .. ':ledger:' .. ref
+    if redis.call('GET', lkey) == 'sent' then apply(lkey) end
+  end
+  redis.call('ZADD', prefix .. ':bookings:' .. clinic, dead and '+inf' or at, booking_id)
+end
+"""
+)
 
 # Claim due reminders: one atomic step with Redis's own clock. Expired leases (a pump
 # that died after claiming, a worker killed mid-send) are claimed again.
 _CLAIM = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local limit = tonumber(ARGV[1])
-local lease_until = now + tonumber(ARGV[2])
-local rprefix = ARGV[3]
+local due_key, lease_key = KEYS[1], KEYS[2]
+local limit, lease_seconds, rprefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local now = redis_now()
+local lease_until = now + lease_seconds
 local out = {}
 local function claim(ref)
   local rkey = rprefix .. ref
-  local st = redis.call('HGET', rkey, 'status')
-  if st ~= 'scheduled' and st ~= 'retrying' and st ~= 'sending' then
-    return
-  end
+  if not is_pending(redis.call('HGET', rkey, 'status')) then return end
   local claim_no = redis.call('HINCRBY', rkey, 'claim', 1)
-  redis.call('HSET', rkey, 'status', 'sending')
-  redis.call('ZADD', KEYS[2], lease_until, ref)
+  redis.call('HSET', rkey, 'status', ST_SENDING)
+  redis.call('ZADD', lease_key, lease_until, ref)
   table.insert(out, {ref, redis.call('HGET', rkey, 'version'), tostring(claim_no)})
 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+local expired = redis.call('ZRANGEBYSCORE', lease_key, '-inf', now, 'LIMIT', 0, limit)
 for _, ref in ipairs(expired) do
-  redis.call('ZREM', KEYS[2], ref)
+  redis.call('ZREM', lease_key, ref)
   claim(ref)
 end
 if #out < limit then
-  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit - #out)
+  local due = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit - #out)
   for _, ref in ipairs(due) do
-    redis.call('ZREM', KEYS[1], ref)
+    redis.call('ZREM', due_key, ref)
     claim(ref)
   end
 end
 return out
 """
 
-# Fence and take the send ledger in one step. KEYS: record, booking, ledger.
-# ARGV: version, claim, token, ledger ttl ms. Returns "ok" or why the task is dropped.
+# Fence the task and take the send ledger in one step; idempotent for the same token.
+# Returns "ok" or why the task is dropped. A dropped task whose claim still owns the
+# reminder settles it: nothing is left `sending` without an owner.
 _BEGIN_SEND = """
-local r = redis.call('HMGET', KEYS[1], 'status', 'version', 'claim')
-if r[1] == false then return 'gone' end
-if r[2] ~= ARGV[1] then return 'version moved' end
-if r[3] ~= ARGV[2] then return 'stale claim' end
-if r[1] ~= 'sending' then return 'status ' .. r[1] end
-local b = redis.call('HGET', KEYS[2], 'status')
-if b ~= 'scheduled' then return 'booking ' .. tostring(b) end
-local ledger = redis.call('GET', KEYS[3])
-if ledger == 'sent' then return 'already sent' end
-if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then return 'in flight' end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local rkey, bkey, lkey, lease_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local version, claim, token, ledger_ms, ref = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local r = redis.call('HMGET', rkey, 'status', 'version', 'claim', 'tok')
+local status = r[1]
+if status == false then return 'gone' end
+local ledger = redis.call('GET', lkey)
+if r[4] == token and ledger == token and status == ST_SENDING then return 'ok' end
+if r[2] ~= version then return 'version moved' end
+if r[3] ~= claim then return 'stale claim' end
+if status ~= ST_SENDING then return 'status ' .. status end
+local booking = redis.call('HGET', bkey, 'status')
+if booking ~= ST_SCHEDULED then
+  redis.call('ZREM', lease_key, ref)
+  if booking == ST_HELD then
+    -- Back to waiting, outside the due set: the clinic's release schedules it again.
+    redis.call('HSET', rkey, 'status', ST_SCHEDULED)
+  else
+    redis.call('HSET', rkey, 'status', ST_CANCELLED, 'reason', 'booking ' .. tostring(booking))
+  end
+  return 'booking ' .. tostring(booking)
+end
+if ledger == 'sent' then
+  redis.call('ZREM', lease_key, ref)
+  redis.call('HSET', rkey, 'status', ST_SENT)
+  return 'already sent'
+end
+if ledger then return 'in flight' end
+redis.call('SET', lkey, token, 'PX', ledger_ms)
+redis.call('HSET', rkey, 'tok', token)
+redis.call('HINCRBY', rkey, 'attempts', 1)
 return 'ok'
 """
 
-# Finish an attempt. KEYS: record, ledger, due, lease, dead. ARGV: token, ref, outcome,
-# field/value pairs... Only the holder of the ledger token may finish.
+# Finish an attempt: sent, retry, unknown, failed, defer (outside the send window) or skip
+# (expired). Fenced: only the attempt that still owns the reminder (status sending, same
+# version, claim and token) changes its state. A stale attempt adds to the attempt log;
+# if it delivered, the delivery is recorded: as the reminder's outcome when the plan did
+# not change it (or no longer wanted it: it went out all the same), else as `sent_at` /
+# `sent_version` beside the new plan. Repeating a finish with the same token is a no-op.
 _FINISH = """
-local ref, outcome = ARGV[2], ARGV[3]
-local owner = redis.call('GET', KEYS[2]) == ARGV[1]
--- Not the ledger's holder (it expired mid-send): a failure is not ours to record, but a
--- message that went out is recorded all the same, so nothing sends it again.
-if not owner and outcome ~= 'sent' then return 0 end
-redis.call('ZREM', KEYS[4], ref)
-if outcome == 'sent' then
-  redis.call('SET', KEYS[2], 'sent')
-  redis.call('ZREM', KEYS[3], ref)
+local rkey, lkey, due_key, lease_key, dead_key, akey =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local token, ref, version, claim, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local score, retention, entry, log_max = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
+local prefix, clinic, booking_id, margin = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
+local now = redis_now()
+local r = redis.call('HMGET', rkey, 'status', 'version', 'claim', 'tok', 'fin')
+local status = r[1]
+local owner = redis.call('GET', lkey) == token
+if status == false then
+  if owner then redis.call('DEL', lkey) end
+  return 'gone'
+end
+if r[5] == token then return 'repeated' end
+local same_version = r[2] == version
+local current = status == ST_SENDING and same_version and r[3] == claim and r[4] == token
+local function set_fields()
+  for i = 14, #ARGV, 2 do redis.call('HSET', rkey, ARGV[i], ARGV[i + 1]) end
+end
+local result
+if outcome == 'sent' and status == ST_SENT then
+  result = 'already recorded as sent'
+elseif outcome == 'sent' and (same_version or not is_pending(status)) then
+  set_fields()
+  redis.call('HSET', rkey, 'status', ST_SENT, 'sent_version', version)
+  if not current then
+    redis.call('HSET', rkey, 'reason',
+      'sent by an attempt for version ' .. version .. ' while the booking was being changed')
+  end
+  redis.call('SET', lkey, 'sent')
+  redis.call('ZREM', due_key, ref)
+  redis.call('ZREM', lease_key, ref)
+  redis.call('ZREM', dead_key, ref)
+  result = current and 'ok' or 'stale: recorded as sent'
+elseif outcome == 'sent' then
+  -- The clinic moved it meanwhile: the delivery is history, the new plan decides what next.
+  redis.call('HSET', rkey, 'sent_at', ARGV[15], 'sent_version', version)
+  if owner then redis.call('DEL', lkey) end
+  result = 'stale: delivery recorded beside the new plan'
+elseif current then
+  redis.call('ZREM', lease_key, ref)
+  set_fields()
+  if outcome == 'retry' or outcome == 'defer' then
+    if owner then redis.call('DEL', lkey) end
+    redis.call('HSET', rkey, 'status', outcome == 'retry' and ST_RETRYING or ST_SCHEDULED,
+      'due_epoch', tostring(score))
+    redis.call('ZADD', due_key, score, ref)
+    if outcome == 'defer' then redis.call('HINCRBY', rkey, 'attempts', -1) end
+  elseif outcome == 'unknown' then
+    -- It may have reached the provider: the ledger stays until it expires; retry after.
+    local ttl = redis.call('PTTL', lkey)
+    local at = now + math.max(ttl, 0) / 1000 + margin
+    if score > at then at = score end
+    redis.call('HSET', rkey, 'status', ST_RETRYING, 'due_epoch', tostring(at))
+    redis.call('ZADD', due_key, at, ref)
+  elseif outcome == 'failed' then
+    if owner then redis.call('DEL', lkey) end
+    redis.call('HSET', rkey, 'status', ST_FAILED)
+    redis.call('ZADD', dead_key, now, ref)
+  elseif outcome == 'skip' then
+    if owner then redis.call('DEL', lkey) end
+    redis.call('HSET', rkey, 'status', ST_SKIPPED)
+    redis.call('HINCRBY', rkey, 'attempts', -1)
+  end
+  result = 'ok'
 else
-  redis.call('DEL', KEYS[2])
+  -- Overtaken by the clinic's change or by another claim: only the log changes. An unknown
+  -- outcome keeps the ledger until it expires, whoever owns the reminder now.
+  if owner and outcome ~= 'unknown' then redis.call('DEL', lkey) end
+  result = 'stale'
 end
-for i = 5, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-if outcome == 'retry' then
-  redis.call('ZADD', KEYS[3], ARGV[4], ref)
-elseif outcome == 'failed' then
-  redis.call('ZADD', KEYS[5], ARGV[4], ref)
-end
-if owner then return 1 end
-return 2
+redis.call('HSET', rkey, 'fin', token)
+local line = cjson.decode(entry)
+line['result'] = result
+redis.call('RPUSH', akey, cjson.encode(line))
+redis.call('LTRIM', akey, -tonumber(log_max), -1)
+keep_booking(prefix, clinic, booking_id, now + retention)
+return result
 """
 
 # Hand a leased reminder back to the due set, only if it is still being sent under the given
 # claim: once its attempt finished (sent, retrying, dead-lettered) or it was claimed again,
-# there is nothing to hand back. KEYS: record, lease, due. ARGV: ref, due score, claim ('' = any).
+# there is nothing to hand back. Returns 1 if handed back.
 _REQUEUE = """
-local r = redis.call('HMGET', KEYS[1], 'status', 'claim')
-if r[1] ~= 'sending' then return 0 end
-if ARGV[3] ~= '' and r[2] ~= ARGV[3] then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'status', 'scheduled')
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+local rkey, lease_key, due_key = KEYS[1], KEYS[2], KEYS[3]
+local ref, score, claim, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local r = redis.call('HMGET', rkey, 'status', 'claim')
+if r[1] ~= ST_SENDING then return 0 end
+if claim ~= '' and r[2] ~= claim then return 0 end
+redis.call('ZREM', lease_key, ref)
+redis.call('HSET', rkey, 'status', ST_SCHEDULED, 'due_epoch', tostring(score), 'reason', reason)
+redis.call('ZADD', due_key, score, ref)
 return 1
 """
+
+# Cancel a booking in one step: every reminder that may still be sent (or is a dead letter)
+# is cancelled; an attempt in flight becomes stale (its delivery, if any, is still recorded).
+_CANCEL = """
+local bkey, kkey, due_key, lease_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local reason, stamp, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local prefix, clinic, booking_id = ARGV[4], ARGV[5], ARGV[6]
+local b = redis.call('HMGET', bkey, 'status', 'version')
+if b[1] == false then return 'missing' end
+if b[1] == ST_CANCELLED then return 'already' end
+local version = tostring(tonumber(b[2] or '0') + 1)
+redis.call('HSET', bkey, 'status', ST_CANCELLED, 'version', version, 'updated_at', stamp)
+for _, k in ipairs(redis.call('SMEMBERS', kkey)) do
+  local ref = clinic .. '/' .. booking_id .. '/' .. k
+  local rkey = prefix .. ':r:' .. ref
+  local st = redis.call('HGET', rkey, 'status')
+  if is_pending(st) or st == ST_FAILED then
+    redis.call('HSET', rkey, 'status', ST_CANCELLED, 'reason', reason, 'version', version)
+    redis.call('ZREM', due_key, ref)
+    redis.call('ZREM', lease_key, ref)
+    redis.call('ZREM', dead_key, ref)
+  end
+end
+keep_booking(prefix, clinic, booking_id, redis_now() + retention)
+return 'cancelled'
+"""
+
+# Replay a dead letter now (1), or purge it from the dead letters, keeping it `failed` (2).
+_REVIVE = """
+local rkey, dead_key, due_key = KEYS[1], KEYS[2], KEYS[3]
+local ref, mode, stamp, retention = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local prefix, clinic, booking_id = ARGV[5], ARGV[6], ARGV[7]
+if not redis.call('ZSCORE', dead_key, ref) or redis.call('HGET', rkey, 'status') ~= ST_FAILED then
+  return 0
+end
+local now = redis_now()
+redis.call('ZREM', dead_key, ref)
+if mode == 'replay' then
+  redis.call('HSET', rkey, 'status', ST_SCHEDULED, 'attempts', '0', 'due_epoch', tostring(now),
+    'reason', 'replayed at ' .. stamp)
+  redis.call('ZADD', due_key, now, ref)
+else
+  redis.call('HSET', rkey, 'reason', 'purged from the dead letters at ' .. stamp .. ': '
+    .. (redis.call('HGET', rkey, 'reason') or ''))
+end
+keep_booking(prefix, clinic, booking_id, now + retention)
+return 1
+"""
+
+# Apply the retention rule to one booking (after an upsert).
+_KEEP = """
+keep_booking(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))
+return 1
+"""
+
+
+# How each finish reads in the attempt log.
+_LOGGED_AS = {
+    "sent": "sent",
+    "retry": "retrying",
+    "unknown": "unknown",
+    "failed": "failed",
+    "defer": "deferred",
+    "skip": "skipped",
+}
 
 
 @dataclass(frozen=True)
@@ -144,29 +343,32 @@ def split_ref(ref: str) -> tuple[str, str, str]:
     return clinic, booking_id, key
 
 
-def _now_epoch(now: datetime) -> float:
-    return now.timestamp()
-
-
 def _iso(epoch: float | str | None) -> str | None:
     if epoch in (None, ""):
         return None
-    return utc_iso(datetime.fromtimestamp(float(epoch), UTC))
+    return utc_iso(datetime.fromtimestamp(float(epoch), UTC))  # type: ignore[arg-type]
 
 
 class Store:
     """The schedule: bookings, their reminders, the due and lease sets, the ledger."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "reminders") -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str = "reminders", *, retention_days: float = 90
+    ) -> None:
         self.redis = client
         self.prefix = prefix
+        self.retention_seconds = int(retention_days * 86400)
         self.due_key = f"{prefix}:due"
         self.lease_key = f"{prefix}:lease"
         self.dead_key = f"{prefix}:dead"
-        self._claim = client.register_script(_CLAIM)
-        self._begin = client.register_script(_BEGIN_SEND)
-        self._finish = client.register_script(_FINISH)
-        self._requeue = client.register_script(_REQUEUE)
+        script = client.register_script
+        self._claim = script(_PRELUDE + _CLAIM)
+        self._begin = script(_PRELUDE + _BEGIN_SEND)
+        self._finish = script(_PRELUDE + _FINISH)
+        self._requeue = script(_PRELUDE + _REQUEUE)
+        self._cancel = script(_PRELUDE + _CANCEL)
+        self._revive = script(_PRELUDE + _REVIVE)
+        self._keep = script(_PRELUDE + _KEEP)
 
     # --- keys ----------------------------------------------------------------------
 
@@ -185,6 +387,9 @@ class Store:
     def ledger_key(self, ref: str) -> str:
         return f"{self.prefix}:ledger:{ref}"
 
+    def bookings_key(self, clinic: str) -> str:
+        return f"{self.prefix}:bookings:{clinic}"
+
     # --- bookings --------------------------------------------------------------------
 
     def upsert(
@@ -192,186 +397,118 @@ class Store:
     ) -> dict[str, Any]:
         """Store `plan` for `booking`, reconciled with what is stored; return the timeline.
 
-        Unchanged reminders are kept, moved ones rescheduled, obsolete ones cancelled, sent
-        ones kept as history. The version goes up only when something changed, so
-        submitting the same booking again is a no-op. `release` is the clinic's review of
-        a held booking: the hold is waived for as long as the medications stay as reviewed.
+        See worker/reconcile.py for the rule. The version goes up only when something
+        changed, so submitting the same booking again is a no-op. Every key read is
+        watched: a concurrent claim, finish or cancel is either before or after this.
         """
         clinic, booking_id = booking.key
         bkey = self.booking_key(clinic, booking_id)
         kkey = self.keys_key(clinic, booking_id)
         doc = booking.model_dump_json()
         medications = booking.medications.model_dump_json()
-        planned = {r.key: r for r in plan.reminders}
+        planned_keys = {r.key for r in plan.reminders}
+        window = f"{plan.window.start}-{plan.window.end}" if plan.window else ""
 
-        def reconcile(pipe: redis.client.Pipeline) -> None:
+        def apply(pipe: redis.client.Pipeline) -> None:
             stored_booking = pipe.hgetall(bkey)
-            released_for = medications if release else stored_booking.get("released_for", "")
-            status = plan.status
-            if status == "held" and released_for == medications:
-                status = "scheduled"  # the clinic reviewed exactly these medications
-            keys = sorted(set(pipe.smembers(kkey)) | set(planned))
-            refs = [ref_of(clinic, booking_id, k) for k in keys]
-            pipe.watch(*[self.record_key(r) for r in refs])
-            stored = {k: pipe.hgetall(self.record_key(r)) for k, r in zip(keys, refs, strict=True)}
-            version = int(stored_booking.get("version", 0))
-            writes: list[tuple[str, str, dict[str, str] | None, str]] = []
-            for key, ref in zip(keys, refs, strict=True):
-                change = self._reconcile_one(
-                    stored[key],
-                    planned.get(key),
-                    status,
-                    doc_changed=stored_booking.get("doc") != doc,
-                    now=now,
-                )
-                if change is not None:
-                    writes.append((key, ref, *change))
-            hold_reason = plan.hold_reason if status == "held" else None
-            booking_changed = (
-                stored_booking.get("doc") != doc
-                or stored_booking.get("status") != status
-                or stored_booking.get("hold_reason", "") != (hold_reason or "")
-                or stored_booking.get("released_for", "") != released_for
-            )
-            if not writes and not booking_changed:
+            keys = sorted(set(pipe.smembers(kkey)) | planned_keys)
+            refs = {k: ref_of(clinic, booking_id, k) for k in keys}
+            if refs:
+                pipe.watch(*[self.record_key(r) for r in refs.values()])
+            stored = {k: pipe.hgetall(self.record_key(r)) for k, r in refs.items()}
+            result = self._reconcile(stored_booking, stored, plan, doc, medications, release, now)
+            window_changed = stored_booking.get("window", "") != window
+            if not result.changed and not result.changes and not window_changed:
                 pipe.unwatch()
                 return
-            version += 1
+            bumped = result.changed
+            version = int(stored_booking.get("version", 0)) + (1 if bumped else 0)
             stamp = utc_iso(now) or ""
             pipe.multi()
             pipe.hset(
                 bkey,
                 mapping={
                     "doc": doc,
-                    "status": status,
+                    "status": result.status,
                     "version": str(version),
-                    "hold_reason": hold_reason or "",
-                    "released_for": released_for,
-                    "updated_at": stamp,
+                    "hold_reason": result.hold_reason,
+                    "released_for": result.released_for,
+                    "window": window,
+                    "updated_at": stamp if bumped else stored_booking.get("updated_at", stamp),
                     "created_at": stored_booking.get("created_at") or stamp,
                 },
             )
-            pipe.sadd(f"{self.prefix}:bookings:{clinic}", booking_id)
-            for key, ref, fields, schedule in writes:
+            for change in result.changes:
+                ref = refs[change.key]
                 rkey = self.record_key(ref)
-                assert fields is not None
-                fields["version"] = str(version)
-                pipe.hset(rkey, mapping=fields)
-                pipe.sadd(kkey, key)
-                pipe.zrem(self.lease_key, ref)
-                if schedule == "due":
-                    pipe.zadd(self.due_key, {ref: float(fields["due_epoch"])})
+                if change.fields is not None:
+                    fields = dict(change.fields)
+                    if change.bump:
+                        fields["version"] = str(version)
+                        pipe.zrem(self.lease_key, ref)
+                    pipe.hset(rkey, mapping=fields)
+                    pipe.sadd(kkey, change.key)
+                if change.schedule == "due":
+                    pipe.zadd(self.due_key, {ref: change.due_epoch or 0.0})
                     pipe.zrem(self.dead_key, ref)
-                elif schedule == "remove":
+                elif change.schedule == "remove":
                     pipe.zrem(self.due_key, ref)
-            # A held booking keeps its plan but nothing of it is due until released.
-            for key in keys:
-                ref = ref_of(clinic, booking_id, key)
-                record = stored[key]
-                if status == "held":
+                    pipe.zrem(self.lease_key, ref)
+                    pipe.zrem(self.dead_key, ref)
+                elif change.schedule == "hold":
                     pipe.zrem(self.due_key, ref)
-                elif (
-                    not any(w[1] == ref for w in writes)
-                    and record.get("status") in ("scheduled", "retrying")
-                    and stored_booking.get("status") == "held"
-                ):
-                    pipe.zadd(self.due_key, {ref: float(record["due_epoch"])})
 
-        self.redis.transaction(reconcile, bkey, kkey)
+        self.redis.transaction(apply, bkey, kkey)
+        last = max(
+            [r.due_at.timestamp() for r in plan.reminders] + [booking.starts_at.timestamp()]
+        )
+        self._keep(args=[self.prefix, clinic, booking_id, last + self.retention_seconds])
         return self.timeline(clinic, booking_id)
 
     @staticmethod
-    def _reconcile_one(
-        stored: dict[str, str],
-        new: PlannedReminder | None,
-        booking_status: str,
-        *,
-        doc_changed: bool,
+    def _reconcile(
+        stored_booking: dict[str, str],
+        stored: dict[str, dict[str, str]],
+        plan: Plan,
+        doc: str,
+        medications: str,
+        release: bool,
         now: datetime,
-    ) -> tuple[dict[str, str], str] | None:
-        """Return (fields to write, "due" or "remove") for one reminder, or None if unchanged."""
-        old_status = stored.get("status")
-        if old_status == "sent":
-            return None  # history: never sent again, whatever the new plan says
-        if old_status == "failed" and new is not None and not doc_changed:
-            return None  # dead letter: the same booking again changes nothing; replay does
-        if new is None:
-            if old_status in PENDING or old_status == "failed":
-                return {
-                    "status": "cancelled",
-                    "reason": "no longer in the plan after a change",
-                }, "remove"
-            return None
-        if new.status == "skipped":
-            if old_status == "skipped" and stored.get("reason") == new.reason:
-                return None
-            return _fields(new, "skipped", new.reason), "remove"
-        planned_epoch = repr(_now_epoch(new.due_at))
-        came_due = (
-            float(stored.get("planned_epoch") or "inf") <= now.timestamp() and new.due_at <= now
+    ) -> Any:
+        """The pure rule (a seam the race tests use to land a change between read and write)."""
+        return reconcile(
+            stored_booking, stored, plan, doc=doc, medications=medications, release=release,
+            now=now,
         )
-        if old_status in PENDING and (
-            stored.get("planned_epoch") == planned_epoch
-            or (new.at_booking and stored.get("at_booking") == "1")
-            or came_due
-        ):
-            # Unchanged, or due now in both plans (a late step is planned for "now", which
-            # moves with every submission): keep its time, attempts and any retry.
-            return None
-        fields = _fields(new, "scheduled", new.reason)
-        if old_status in PENDING:
-            fields["reason"] = f"rescheduled: {new.reason}"
-        if old_status == "failed":  # the clinic corrected the booking: try afresh
-            fields |= {"attempts": "0", "reason": f"booking changed, sending again: {new.reason}"}
-        return fields, "due" if booking_status != "held" else "remove"
 
     def cancel(
         self, clinic: str, booking_id: str, now: datetime, reason: str = "cancelled by the clinic"
     ) -> dict[str, Any]:
         """Cancel a booking: nothing not yet sent will be sent; history stays."""
-        bkey = self.booking_key(clinic, booking_id)
-        kkey = self.keys_key(clinic, booking_id)
-
-        def apply(pipe: redis.client.Pipeline) -> None:
-            if not pipe.exists(bkey):
-                raise NotFound(f"{clinic}/{booking_id}")
-            keys = sorted(pipe.smembers(kkey))
-            refs = [ref_of(clinic, booking_id, k) for k in keys]
-            statuses = [pipe.hget(self.record_key(r), "status") for r in refs]
-            version = int(pipe.hget(bkey, "version") or 0)
-            if pipe.hget(bkey, "status") == "cancelled":
-                return
-            pipe.multi()
-            pipe.hset(
-                bkey,
-                mapping={
-                    "status": "cancelled",
-                    "version": str(version + 1),
-                    "updated_at": utc_iso(now) or "",
-                },
-            )
-            for ref, st in zip(refs, statuses, strict=True):
-                if st in PENDING or st == "failed":
-                    pipe.hset(
-                        self.record_key(ref),
-                        mapping={
-                            "status": "cancelled",
-                            "reason": reason,
-                            "version": str(version + 1),
-                        },
-                    )
-                    pipe.zrem(self.due_key, ref)
-                    pipe.zrem(self.lease_key, ref)
-                    pipe.zrem(self.dead_key, ref)
-
-        self.redis.transaction(apply, bkey, kkey)
+        outcome = self._cancel(
+            keys=[
+                self.booking_key(clinic, booking_id),
+                self.keys_key(clinic, booking_id),
+                self.due_key,
+                self.lease_key,
+                self.dead_key,
+            ],
+            args=[reason, utc_iso(now) or "", self.retention_seconds, self.prefix, clinic,
+                  booking_id],
+        )
+        if outcome == "missing":
+            raise NotFound(f"{clinic}/{booking_id}")
         return self.timeline(clinic, booking_id)
 
     def booking_doc(self, clinic: str, booking_id: str) -> dict[str, Any]:
         raw = self.redis.hget(self.booking_key(clinic, booking_id), "doc")
         if raw is None:
             raise NotFound(f"{clinic}/{booking_id}")
-        return json.loads(raw)
+        return json.loads(raw)  # type: ignore[no-any-return]
+
+    def booking(self, clinic: str, booking_id: str) -> dict[str, str]:
+        """Return the booking's stored fields (doc, status, window, ...), or {}."""
+        return self.redis.hgetall(self.booking_key(clinic, booking_id))  # type: ignore[return-value]
 
     def timeline(self, clinic: str, booking_id: str) -> dict[str, Any]:
         """Return the booking's timeline in the DESIGN.md JSON shape."""
@@ -384,33 +521,26 @@ class Store:
             pipe.hgetall(self.record_key(ref_of(clinic, booking_id, key)))
         records = pipe.execute()
         reminders = [
-            {
-                "id": key,
-                "step": rec.get("step"),
-                "channel": rec.get("channel"),
-                "due_at": _iso(rec.get("due_epoch")),
-                "status": rec.get("status"),
-                "attempts": int(rec.get("attempts", 0)),
-                "sent_at": rec.get("sent_at") or None,
-                "reason": rec.get("reason") or None,
-            }
-            for key, rec in zip(keys, records, strict=True)
-            if rec
+            _timeline_entry(key, rec) for key, rec in zip(keys, records, strict=True) if rec
         ]
         reminders.sort(key=lambda r: (r["due_at"] or "", r["id"]))
         status = booking["status"]
-        if status == "held":
+        if status == Status.HELD:
             for r in reminders:
                 if r["status"] in PENDING:
                     r["reason"] = f"booking held: {booking.get('hold_reason')}"
-        if status == "scheduled" and reminders and all(r["status"] in TERMINAL for r in reminders):
+        if (
+            status == Status.SCHEDULED
+            and reminders
+            and all(r["status"] in TERMINAL for r in reminders)
+        ):
             doc = json.loads(booking["doc"])
             if datetime.fromisoformat(doc["starts_at"]) <= datetime.now(UTC):
-                status = "completed"
+                status = Status.COMPLETED
         return {
             "clinic": clinic,
             "booking_id": booking_id,
-            "status": status,
+            "status": str(status),
             "version": int(booking["version"]),
             "hold_reason": booking.get("hold_reason") or None,
             "reminders": reminders,
@@ -430,75 +560,143 @@ class Store:
         first = self.redis.zrange(self.due_key, 0, 0, withscores=True)
         if not first:
             return None
-        return first[0][1] - time.time()
+        return float(first[0][1]) - time.time()
 
     # --- sending ---------------------------------------------------------------------
 
     def begin_send(self, ref: str, version: str, claim: str, token: str, ledger_ms: int) -> str:
         """Fence the task and take the ledger; return "ok" or why to drop the task."""
         clinic, booking_id, _ = split_ref(ref)
-        return self._begin(
-            keys=[self.record_key(ref), self.booking_key(clinic, booking_id), self.ledger_key(ref)],
-            args=[version, claim, token, ledger_ms],
+        return str(
+            self._begin(
+                keys=[
+                    self.record_key(ref),
+                    self.booking_key(clinic, booking_id),
+                    self.ledger_key(ref),
+                    self.lease_key,
+                ],
+                args=[version, claim, token, ledger_ms, ref],
+            )
         )
 
     def ledger_ttl(self, ref: str) -> float:
         """Return seconds until an in-flight attempt's ledger entry expires (0 if none)."""
-        return max(0, self.redis.pttl(self.ledger_key(ref))) / 1000
+        return max(0, int(self.redis.pttl(self.ledger_key(ref)))) / 1000
 
     def record(self, ref: str) -> dict[str, str]:
-        return self.redis.hgetall(self.record_key(ref))
+        return self.redis.hgetall(self.record_key(ref))  # type: ignore[return-value]
 
-    def _finish_call(
-        self, ref: str, token: str, outcome: str, score: float, fields: dict[str, str]
-    ) -> int:
-        args: list[Any] = [token, ref, outcome, score]
-        for k, v in fields.items():
+    def finish(
+        self,
+        ref: str,
+        attempt: Attempt,
+        outcome: str,
+        *,
+        at: datetime | None = None,
+        fields: dict[str, str] | None = None,
+        entry: dict[str, Any] | None = None,
+    ) -> str:
+        """Record the outcome of `attempt` (fenced; see _FINISH); return what was done.
+
+        outcome: sent | retry | unknown | failed | defer | skip. `at`: when to try again
+        (retry, defer; unknown: not before the ledger expires). `entry`: the attempt log line.
+        """
+        clinic, booking_id, _ = split_ref(ref)
+        line = {
+            "version": attempt.version,
+            "claim": attempt.claim,
+            "outcome": _LOGGED_AS[outcome],
+            **(entry or {}),
+        }
+        args: list[Any] = [
+            attempt.token,
+            ref,
+            attempt.version,
+            attempt.claim,
+            outcome,
+            (at or datetime.now(UTC)).timestamp(),
+            self.retention_seconds,
+            json.dumps(line, separators=(",", ":")),
+            ATTEMPT_LOG_MAX,
+            self.prefix,
+            clinic,
+            booking_id,
+            IN_FLIGHT_MARGIN,
+        ]
+        for k, v in (fields or {}).items():
             args += [k, v]
-        done = self._finish(
-            keys=[
-                self.record_key(ref),
-                self.ledger_key(ref),
-                self.due_key,
-                self.lease_key,
-                self.dead_key,
-            ],
-            args=args,
+        return str(
+            self._finish(
+                keys=[
+                    self.record_key(ref),
+                    self.ledger_key(ref),
+                    self.due_key,
+                    self.lease_key,
+                    self.dead_key,
+                    self.attempts_key(ref),
+                ],
+                args=args,
+            )
         )
-        return int(done)
 
-    def finish_sent(self, ref: str, token: str, sent_at: datetime) -> bool:
-        """Record a delivery; return False if the ledger had expired (recorded all the same)."""
-        return 1 == self._finish_call(
+    def finish_sent(
+        self, ref: str, attempt: Attempt, sent_at: datetime, entry: dict[str, Any] | None = None
+    ) -> str:
+        """Record a delivery (always: a stale attempt's delivery is history too)."""
+        stamp = utc_iso(sent_at) or ""
+        # The script reads sent_at as the second field value (ARGV[15]): keep it first.
+        return self.finish(
             ref,
-            token,
+            attempt,
             "sent",
-            0,
-            {"status": "sent", "sent_at": utc_iso(sent_at) or "", "reason": "", "last_error": ""},
+            fields={"sent_at": stamp, "reason": "", "last_error": ""},
+            entry=entry,
         )
 
-    def finish_retry(self, ref: str, token: str, retry_at: datetime, reason: str) -> bool:
-        return 1 == self._finish_call(
+    def finish_retry(
+        self,
+        ref: str,
+        attempt: Attempt,
+        retry_at: datetime,
+        reason: str,
+        entry: dict[str, Any] | None = None,
+    ) -> str:
+        return self.finish(
             ref,
-            token,
+            attempt,
             "retry",
-            retry_at.timestamp(),
-            {
-                "status": "retrying",
-                "due_epoch": repr(retry_at.timestamp()),
-                "reason": f"retrying at {utc_iso(retry_at)}: {reason}",
+            at=retry_at,
+            fields={"reason": f"retrying at {utc_iso(retry_at)}: {reason}", "last_error": reason},
+            entry=entry,
+        )
+
+    def finish_unknown(
+        self, ref: str, attempt: Attempt, reason: str, entry: dict[str, Any] | None = None
+    ) -> str:
+        return self.finish(
+            ref,
+            attempt,
+            "unknown",
+            fields={
+                "reason": f"outcome unknown ({reason}): not retried before this attempt's "
+                "ledger expires, so a late delivery is not doubled",
                 "last_error": reason,
             },
+            entry=entry,
         )
 
-    def finish_failed(self, ref: str, token: str, now: datetime, reason: str) -> bool:
-        return 1 == self._finish_call(
-            ref,
-            token,
-            "failed",
-            now.timestamp(),
-            {"status": "failed", "reason": reason, "last_error": reason},
+    def finish_failed(
+        self, ref: str, attempt: Attempt, reason: str, entry: dict[str, Any] | None = None
+    ) -> str:
+        return self.finish(
+            ref, attempt, "failed", fields={"reason": reason, "last_error": reason}, entry=entry
         )
+
+    def finish_defer(self, ref: str, attempt: Attempt, at: datetime, reason: str) -> str:
+        return self.finish(ref, attempt, "defer", at=at, fields={"reason": reason})
+
+    def finish_skip(self, ref: str, attempt: Attempt, reason: str) -> str:
+        return self.finish(ref, attempt, "skip", fields={"reason": reason})
 
     def requeue(self, ref: str, at: datetime, reason: str, claim: str | None = None) -> bool:
         """Put a leased reminder back in the due set (another attempt holds the ledger).
@@ -509,7 +707,7 @@ class Store:
         return bool(
             self._requeue(
                 keys=[self.record_key(ref), self.lease_key, self.due_key],
-                args=[ref, at.timestamp(), claim or ""],
+                args=[ref, at.timestamp(), claim or "", reason],
             )
         )
 
@@ -524,17 +722,10 @@ class Store:
             )
         dates: dict[str, datetime] = {}
         for step, epoch, status in pipe.execute():
-            if step and epoch and status not in ("skipped", "cancelled"):
+            if step and epoch and status not in (Status.SKIPPED, Status.CANCELLED):
                 when = datetime.fromtimestamp(float(epoch), UTC)
                 dates[step] = min(when, dates.get(step, when))
         return dates
-
-    def log_attempt(self, ref: str, entry: dict[str, Any]) -> None:
-        key = self.attempts_key(ref)
-        pipe = self.redis.pipeline()
-        pipe.rpush(key, json.dumps(entry, separators=(",", ":")))
-        pipe.ltrim(key, -ATTEMPT_LOG_MAX, -1)
-        pipe.execute()
 
     def attempts(self, ref: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.redis.lrange(self.attempts_key(ref), 0, -1)]
@@ -563,49 +754,102 @@ class Store:
             )
         return out
 
-    def replay(self, refs: Iterable[str], now: datetime) -> list[str]:
-        """Put dead-lettered reminders back in the due set, now; return those replayed."""
-        replayed = []
+    def _revive_all(self, refs: Iterable[str], now: datetime, mode: str) -> list[str]:
+        done = []
         for ref in refs:
-            rkey = self.record_key(ref)
+            clinic, booking_id, _ = split_ref(ref)
+            if self._revive(
+                keys=[self.record_key(ref), self.dead_key, self.due_key],
+                args=[ref, mode, utc_iso(now) or "", self.retention_seconds, self.prefix, clinic,
+                      booking_id],
+            ):
+                done.append(ref)
+        return done
 
-            def apply(pipe: redis.client.Pipeline, ref: str = ref, rkey: str = rkey) -> bool:
-                if pipe.zscore(self.dead_key, ref) is None or pipe.hget(rkey, "status") != "failed":
-                    return False
-                pipe.multi()
-                pipe.hset(
-                    rkey,
-                    mapping={
-                        "status": "scheduled",
-                        "attempts": "0",
-                        "due_epoch": repr(now.timestamp()),
-                        "reason": f"replayed at {utc_iso(now)}",
-                    },
-                )
-                pipe.zrem(self.dead_key, ref)
-                pipe.zadd(self.due_key, {ref: now.timestamp()})
-                return True
+    def replay(self, refs: Iterable[str], now: datetime) -> list[str]:
+        """Put dead-lettered reminders back in the due set, now; return those replayed.
 
-            if self.redis.transaction(apply, self.dead_key, rkey, value_from_callable=True):
-                replayed.append(ref)
-        return replayed
+        The send-time rules still apply: one past its expiry is skipped, one outside the
+        patient's send window waits for the next opening.
+        """
+        return self._revive_all(refs, now, "replay")
+
+    def purge(self, refs: Iterable[str], now: datetime) -> list[str]:
+        """Remove dead letters without sending them (they stay `failed` in the timeline)."""
+        return self._revive_all(refs, now, "purge")
+
+    # --- housekeeping ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Return how much is kept: bookings per clinic, reminders by place, keys by kind."""
+        now = time.time()
+        clinics: dict[str, int] = {}
+        counts = {"r": 0, "a": 0, "ledger": 0}
+        for key in self.redis.scan_iter(match=f"{self.prefix}:bookings:*", count=1000):
+            clinic = key.rsplit(":", 1)[1]
+            self.redis.zremrangebyscore(key, "-inf", now)  # their keys have expired
+            clinics[clinic] = int(self.redis.zcard(key))
+        for kind in counts:
+            for _ in self.redis.scan_iter(match=f"{self.prefix}:{kind}:*", count=1000):
+                counts[kind] += 1
+        return {
+            "retention_days": self.retention_seconds / 86400,
+            "bookings": dict(sorted(clinics.items())),
+            "bookings_total": sum(clinics.values()),
+            "reminders_kept": counts["r"],
+            "attempt_logs": counts["a"],
+            "ledger_entries": counts["ledger"],
+            "due": int(self.redis.zcard(self.due_key)),
+            "leased": int(self.redis.zcard(self.lease_key)),
+            "dead_letters": int(self.redis.zcard(self.dead_key)),
+        }
 
 
-def _fields(r: PlannedReminder, status: str, reason: str) -> dict[str, str]:
-    epoch = repr(_now_epoch(r.due_at))
-    return {
-        "step": r.step,
-        "channel": r.channel,
-        "template": r.template,
-        "occurrence": str(r.occurrence),
-        "planned_epoch": epoch,
-        "due_epoch": epoch,
-        "status": status,
-        "reason": reason,
-        "at_booking": "1" if r.at_booking else "0",
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at a claimed reminder: the fence it must pass to change anything."""
+
+    version: str
+    claim: str
+    token: str
+
+
+def _timeline_entry(key: str, rec: dict[str, str]) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": key,
+        "step": rec.get("step"),
+        "channel": rec.get("channel"),
+        "due_at": _iso(rec.get("due_epoch")),
+        "status": rec.get("status"),
+        "attempts": int(rec.get("attempts", 0)),
+        "sent_at": rec.get("sent_at") or None,
+        "reason": rec.get("reason") or None,
     }
+    if rec.get("expires_epoch"):
+        entry["expires_at"] = _iso(rec["expires_epoch"])
+    if rec.get("sent_version"):
+        entry["sent_version"] = int(rec["sent_version"])
+        if entry["status"] in PENDING:
+            # Delivered for an earlier version; the new plan sends it again.
+            note = f"already sent at {entry['sent_at']} for version {entry['sent_version']}"
+            entry["reason"] = f"{entry['reason']}; {note}" if entry["reason"] else note
+    return entry
 
 
 def connect(url: str) -> redis.Redis:
-    """Return a Redis client that decodes replies to str."""
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    """Return a Redis client that decodes replies to str and rides out a short outage.
+
+    Connection errors and timeouts are retried with jittered exponential backoff (about
+    30 s in all). Every script is safe to run twice (claims hand back after the lease;
+    begin and finish are idempotent for the same token).
+    """
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=25)
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=30,
+        retry=retry,
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        socket_connect_timeout=5,
+        socket_timeout=30,
+    )

@@ -26,7 +26,11 @@ def context() -> Context:
     catalog = Catalog.load(settings)
     return Context(
         settings=settings,
-        store=Store(connect(redis_url(settings)), settings.key_prefix),
+        store=Store(
+            connect(redis_url(settings)),
+            settings.key_prefix,
+            retention_days=settings.retention_days,
+        ),
         catalog=catalog,
         renderer=Renderer(catalog.templates_dir),
     )
@@ -52,7 +56,19 @@ def pump_task() -> int:
     )
 
 
-@app.task(name="reminders.send", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+# No attempt may outlive its send-ledger entry: the hard time limit ends it first (the soft
+# one lets it record the outcome as unknown). Time limits need the prefork pool.
+_SOFT_LIMIT, _HARD_LIMIT = get_settings().send_time_limit
+
+
+@app.task(
+    name="reminders.send",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=_SOFT_LIMIT,
+    time_limit=_HARD_LIMIT,
+)
 def send_reminder(ref: str, version: str, claim: str) -> str:
     """Send one claimed reminder once (fenced by version and claim, guarded by the ledger)."""
     return send_claimed(context(), ref, version, claim)

@@ -24,7 +24,7 @@ from worker.catalog import Catalog
 from worker.models import parse_booking
 from worker.rendering import Renderer
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import Attempt, Store
 
 pytestmark = pytest.mark.integration
 PREFIX = "reminders"  # the e2e service's key prefix (the default)
@@ -434,13 +434,14 @@ def test_in_flight_duplicate_never_undoes_the_finished_attempt(redis_client, out
         def begin_send(self, ref, version, claim, token, ledger_ms):
             verdict = super().begin_send(ref, version, claim, token, ledger_ms)
             if verdict == "in flight":
+                owner = Attempt(version, claim, "owner")
                 if outcome == "sent":
-                    assert self.finish_sent(ref, "owner", now)
+                    assert self.finish_sent(ref, owner, now) == "ok"
                 elif outcome == "failed":
-                    assert self.finish_failed(ref, "owner", now, "permanent failure: SMTP 550")
+                    assert self.finish_failed(ref, owner, "permanent failure: SMTP 550") == "ok"
                 else:
                     retry_at = datetime.fromtimestamp(owner_retry_at, UTC)
-                    assert self.finish_retry(ref, "owner", retry_at, "could not connect")
+                    assert self.finish_retry(ref, owner, retry_at, "could not connect") == "ok"
             return verdict
 
     store = OwnerFinishesMeanwhile(redis_client, PREFIX)

@@ -1,0 +1,444 @@
+"""Races on the send path, forced: an attempt is parked mid-flight, the clinic's change lands,
+then the attempt finishes. Real Redis, real Apprise, a real HTTP gateway on 127.0.0.1 that
+holds each request until the test answers it.
+
+For each change (cancel, move, new medications) and each outcome of the parked attempt
+(sent, transient 503, permanent 400, no answer -> unknown) the final state of everything
+is asserted: status, schedule, lease, dead letters, ledger, timeline, attempt log.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+from worker.catalog import Catalog
+from worker.dispatch import Context, send_claimed
+from worker.embedded import free_port
+from worker.models import parse_booking
+from worker.planner import plan
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.store import Attempt, Store
+
+PREFIX = "race"
+PROTOCOL = """
+name = "Race protocol"
+[[steps]]
+id = "stop"
+offset = "-3h"
+channels = ["sms"]
+template = "stop-retinoids"
+only_if_any = ["tretinoin"]
+late = "send"
+[[steps]]
+id = "prep"
+offset = "-2h"
+channels = ["sms"]
+template = "day-before"
+late = "send"
+"""
+
+
+class Gate:
+    """An SMS gateway that parks every request until `answer(status)`; None: never answers."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.arrived = threading.Event()
+        self._release = threading.Event()
+        self.status: int | None = 200
+        self.bodies: list[dict[str, Any]] = []
+        self.answered: list[int] = []
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                gate.bodies.append(body)
+                gate.arrived.set()
+                gate._release.wait(30)
+                if gate.status is None:
+                    time.sleep(5)  # longer than the client's read timeout: it gives up first
+                    return
+                gate.answered.append(gate.status)
+                self.send_response(gate.status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, status: int | None) -> None:
+        self.status = status
+        self._release.set()
+
+    def reset(self) -> None:
+        self.arrived.clear()
+        self._release.clear()
+        self.status = 200
+
+    def close(self) -> None:
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.close()
+
+
+def write_config(
+    folder: Path, gate_port: int, window: tuple[str, str] = ("00:00", "24:00")
+) -> Path:
+    (folder / "protocols").mkdir(parents=True, exist_ok=True)
+    (folder / "clinics").mkdir(exist_ok=True)
+    (folder / "protocols" / "race.toml").write_text(PROTOCOL, encoding="utf-8")
+    (folder / "clinics" / "rc.toml").write_text(f"""
+name = "Race Clinic"
+phone = "+34910000000"
+timezone = "UTC"
+locale = "en"
+[send_window]
+start = "{window[0]}"
+end = "{window[1]}"
+[channels]
+sms = "json://127.0.0.1:{gate_port}/sms?:to={{to}}"
+email = "json://127.0.0.1:{gate_port}/email?:to={{to}}"
+""", encoding="utf-8")
+    return folder
+
+
+@dataclass
+class Rig:
+    store: Store
+    ctx: Context
+    catalog: Catalog
+    gate: Gate
+
+    def booking(self, *, starts_in: timedelta = timedelta(days=2), tretinoin: bool = True,
+                booking_id: str = "R-1") -> dict[str, Any]:
+        starts = (datetime.now(UTC) + starts_in).replace(microsecond=0)
+        return {
+            "clinic": "rc", "booking_id": booking_id, "treatment": "race",
+            "starts_at": starts.isoformat(),
+            "patient": {"name": "Ana López", "phone": "+34600111222", "timezone": "UTC",
+                        "locale": "en", "channels": ["sms"]},
+            "medications": {"tretinoin": tretinoin},
+        }
+
+    def book(self, doc: dict[str, Any]) -> dict[str, Any]:
+        booking = parse_booking(doc, self.catalog)
+        now = datetime.now(UTC)
+        planned = plan(booking, self.catalog.protocols["race"], self.catalog.clinics["rc"], now)
+        return self.store.upsert(booking, planned, now)
+
+    def claim_now(self, ref: str):
+        """Make `ref` due now and claim it, as the pump would."""
+        self.store.redis.zadd(self.store.due_key, {ref: 0})
+        claims = [c for c in self.store.claim_due(100, self.ctx.settings.lease_seconds)
+                  if c.ref == ref]
+        assert len(claims) == 1, claims
+        return claims[0]
+
+    def park(self, ref: str) -> tuple[threading.Thread, dict[str, str]]:
+        """Start sending `ref` in a thread; return once its request is held at the gate."""
+        claim = self.claim_now(ref)
+        result: dict[str, str] = {}
+
+        def run() -> None:
+            result["outcome"] = send_claimed(self.ctx, ref, claim.version, claim.claim)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert self.gate.arrived.wait(10), "the attempt never reached the gateway"
+        return thread, result
+
+    def state(self, ref: str) -> dict[str, Any]:
+        r = self.store.redis
+        return {
+            "record": self.store.record(ref),
+            "due": r.zscore(self.store.due_key, ref),
+            "lease": r.zscore(self.store.lease_key, ref),
+            "dead": r.zscore(self.store.dead_key, ref),
+            "ledger": r.get(self.store.ledger_key(ref)),
+            "ledger_ttl": r.pttl(self.store.ledger_key(ref)),
+            "log": self.store.attempts(ref),
+        }
+
+
+@pytest.fixture
+def rig(tmp_path, redis_client, gate) -> Rig:
+    config = write_config(tmp_path / "config", gate.port)
+    settings = Settings(config_dir=config, templates_dir=ROOT / "templates", lease_seconds=8,
+                        send_timeout_seconds=1, max_attempts=5, backoff_base_seconds=1,
+                        backoff_cap_seconds=2, _env_file=None)
+    catalog = Catalog.load(settings)
+    store = Store(redis_client, PREFIX)
+    ctx = Context(settings=settings, store=store, catalog=catalog,
+                  renderer=Renderer(catalog.templates_dir))
+    return Rig(store, ctx, catalog, gate)
+
+
+STOP = "rc/R-1/stop:sms"
+PREP = "rc/R-1/prep:sms"
+ANSWERS = {"sent": 200, "transient": 503, "permanent": 400, "unknown": None}
+RETURNED = {"sent": "sent", "transient": "retrying", "permanent": "failed", "unknown": "unknown"}
+
+
+def assert_no_claim(rig: Rig) -> None:
+    """Nothing of the booking is claimable now (nothing due, no lease to expire)."""
+    rig.store.redis.zadd(rig.store.lease_key, {"never": 0})  # force an expired-lease pass
+    rig.store.redis.zrem(rig.store.lease_key, "never")
+    assert rig.store.claim_due(100, 8) == []
+
+
+# --- cancel during an attempt --------------------------------------------------------------
+
+@pytest.mark.parametrize("outcome", list(ANSWERS))
+def test_cancel_during_an_attempt(rig, outcome):
+    rig.book(rig.booking())
+    thread, result = rig.park(PREP)
+    rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    rig.gate.answer(ANSWERS[outcome])
+    thread.join(20)
+    assert result["outcome"] == RETURNED[outcome]
+    s = rig.state(PREP)
+    assert (s["due"], s["lease"], s["dead"]) == (None, None, None), s
+    timeline = rig.store.timeline("rc", "R-1")
+    entry = {r["id"]: r for r in timeline["reminders"]}["prep:sms"]
+    assert timeline["status"] == "cancelled"
+    if outcome == "sent":
+        # It went out: the record says so, and nothing can send it again.
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert entry["sent_at"] and entry["sent_version"] == 1
+        assert "while the booking was being changed" in entry["reason"]
+        assert s["log"][-1]["result"] == "stale: recorded as sent"
+    else:
+        assert s["record"]["status"] == "cancelled", s
+        assert entry["reason"] == "cancelled by the clinic"
+        assert s["log"][-1]["result"] == "stale"
+        if outcome == "unknown":
+            assert s["ledger"] is not None and s["ledger_ttl"] > 0  # kept until it expires
+        else:
+            assert s["ledger"] is None
+    assert_no_claim(rig)
+    # Re-opening the booking: a delivered reminder is history; an undelivered one comes back.
+    reopened = {r["id"]: r for r in rig.book(rig.booking())["reminders"]}["prep:sms"]
+    assert reopened["status"] == ("sent" if outcome == "sent" else "scheduled")
+
+
+# --- the appointment moves during an attempt --------------------------------------------------
+
+@pytest.mark.parametrize("outcome", list(ANSWERS))
+def test_move_during_an_attempt(rig, outcome):
+    rig.book(rig.booking())
+    thread, result = rig.park(PREP)
+    moved = rig.booking(starts_in=timedelta(days=9))
+    timeline = rig.book(moved)
+    new_due = {r["id"]: r for r in timeline["reminders"]}["prep:sms"]["due_at"]
+    rig.gate.answer(ANSWERS[outcome])
+    thread.join(20)
+    assert result["outcome"] == RETURNED[outcome]
+    s = rig.state(PREP)
+    new_epoch = datetime.fromisoformat(new_due).timestamp()
+    # Whatever the stale attempt did, the reminder waits for its new time (a week away).
+    assert s["record"]["status"] == "scheduled", s
+    assert s["due"] == new_epoch and s["lease"] is None and s["dead"] is None, s
+    assert s["record"]["version"] == "2"
+    entry = {r["id"]: r for r in rig.store.timeline("rc", "R-1")["reminders"]}["prep:sms"]
+    assert entry["due_at"] == new_due
+    if outcome == "sent":
+        assert entry["sent_at"] and entry["sent_version"] == 1
+        assert "already sent at" in entry["reason"] and entry["reason"].startswith("rescheduled")
+        assert s["ledger"] is None  # the new plan may send it again at its new time
+        assert s["log"][-1]["result"] == "stale: delivery recorded beside the new plan"
+    else:
+        assert "sent_at" not in s["record"]
+        assert s["log"][-1]["result"] == "stale"
+        assert (s["ledger"] is not None) == (outcome == "unknown"), s
+
+
+# --- new medications during an attempt: the step leaves the plan ------------------------------
+
+@pytest.mark.parametrize("outcome", list(ANSWERS))
+def test_step_removed_during_an_attempt(rig, outcome):
+    rig.book(rig.booking())
+    thread, result = rig.park(STOP)
+    timeline = rig.book(rig.booking(tretinoin=False))
+    assert {r["id"]: r for r in timeline["reminders"]}["stop:sms"]["status"] == "cancelled"
+    rig.gate.answer(ANSWERS[outcome])
+    thread.join(20)
+    assert result["outcome"] == RETURNED[outcome]
+    s = rig.state(STOP)
+    assert (s["due"], s["lease"], s["dead"]) == (None, None, None), s
+    if outcome == "sent":
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    else:
+        # Never resurrected: a later claim could otherwise send it under the new version.
+        assert s["record"]["status"] == "cancelled", s
+        assert s["record"]["reason"] == "no longer in the plan after a change"
+    # The other step is untouched and still due at its time.
+    assert rig.state(PREP)["record"]["status"] == "scheduled"
+    rig.store.redis.zrem(rig.store.due_key, PREP)
+    assert_no_claim(rig)
+
+
+# --- a finish landing inside a reconcile or next to a cancel ----------------------------------
+
+def test_finish_landing_inside_a_reconcile_is_not_overwritten(rig, redis_server):
+    """The attempt's finish lands between the upsert's reads and its EXEC: WATCH retries."""
+    from worker.store import connect
+
+    rig.book(rig.booking())
+    claim = rig.claim_now(PREP)
+    attempt = Attempt(claim.version, claim.claim, "tok")
+    assert rig.store.begin_send(PREP, claim.version, claim.claim, "tok", 8000) == "ok"
+    other = Store(connect(redis_server.url), PREFIX)
+    calls = []
+    real = Store._reconcile
+
+    def reconcile_with_a_finish_landing(*args):
+        calls.append(1)
+        if len(calls) == 1:  # between the reads and the write of the first try
+            assert other.finish_sent(PREP, attempt, datetime.now(UTC)) == "ok"
+        return real(*args)
+
+    rig.store._reconcile = reconcile_with_a_finish_landing  # type: ignore[method-assign]
+    timeline = rig.book(rig.booking(starts_in=timedelta(days=9)))
+    assert len(calls) == 2  # the first try saw its watched record change, and ran again
+    entry = {r["id"]: r for r in timeline["reminders"]}["prep:sms"]
+    assert entry["status"] == "sent" and entry["sent_version"] == 1  # history, not rescheduled
+    s = rig.state(PREP)
+    assert (s["due"], s["lease"], s["ledger"]) == (None, None, "sent"), s
+
+
+@pytest.mark.parametrize("order", ["finish first", "cancel first"])
+def test_cancel_and_finish_in_either_order(rig, order):
+    """Cancel is one script: a finish is wholly before or after it, and the delivery stays."""
+    rig.book(rig.booking())
+    claim = rig.claim_now(PREP)
+    attempt = Attempt(claim.version, claim.claim, "tok")
+    assert rig.store.begin_send(PREP, claim.version, claim.claim, "tok", 8000) == "ok"
+    if order == "finish first":
+        assert rig.store.finish_sent(PREP, attempt, datetime.now(UTC)) == "ok"
+        rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    else:
+        rig.store.cancel("rc", "R-1", datetime.now(UTC))
+        assert rig.store.finish_sent(PREP, attempt, datetime.now(UTC)) == (
+            "stale: recorded as sent")
+    records = {r["id"]: r for r in rig.store.timeline("rc", "R-1")["reminders"]}
+    assert records["prep:sms"]["status"] == "sent"
+    assert records["stop:sms"]["status"] == "cancelled"
+    assert rig.state(PREP)["ledger"] == "sent"
+
+
+# --- dead letters, held bookings, repeated calls ----------------------------------------------
+
+def test_a_dead_letter_that_leaves_the_plan_leaves_the_dead_letters(rig):
+    rig.book(rig.booking())
+    rig.gate.status = 400
+    rig.gate.answer(400)
+    claim = rig.claim_now(STOP)
+    assert send_claimed(rig.ctx, STOP, claim.version, claim.claim) == "failed"
+    assert [d["ref"] for d in rig.store.dead_letters()] == [STOP]
+    rig.book(rig.booking(tretinoin=False))
+    assert rig.store.dead_letters() == []
+    assert rig.store.record(STOP)["status"] == "cancelled"
+
+
+def test_a_task_dropped_for_a_held_booking_settles_its_reminder(rig):
+    rig.book(rig.booking())
+    claim = rig.claim_now(PREP)
+    rig.store.redis.hset(rig.store.booking_key("rc", "R-1"), "status", "held")
+    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "dropped: booking held"
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "scheduled" and s["lease"] is None and s["due"] is None, s
+    assert rig.gate.bodies == []
+
+
+def test_begin_and_finish_are_idempotent_for_the_same_token(rig):
+    """A client retry after a lost reply runs a script twice: the second run changes nothing."""
+    rig.book(rig.booking())
+    claim = rig.claim_now(PREP)
+    attempt = Attempt(claim.version, claim.claim, "tok")
+    for _ in range(2):
+        assert rig.store.begin_send(PREP, claim.version, claim.claim, "tok", 8000) == "ok"
+    assert rig.store.record(PREP)["attempts"] == "1"
+    assert rig.store.finish_sent(PREP, attempt, datetime.now(UTC)) == "ok"
+    assert rig.store.finish_sent(PREP, attempt, datetime.now(UTC)) == "repeated"
+    assert len(rig.store.attempts(PREP)) == 1
+
+
+# --- send-time rules -----------------------------------------------------------------------
+
+def test_outside_the_send_window_at_send_time_waits_for_the_next_opening(
+        tmp_path, redis_client, gate):
+    now = datetime.now(UTC)
+    minute = now.hour * 60 + now.minute
+    # A window that excludes the present minute (patient in UTC), at least 2 h away.
+    start, end = ("14:00", "20:00") if minute < 12 * 60 else ("02:00", "08:00")
+    config = write_config(tmp_path / "config", gate.port, window=(start, end))
+    settings = Settings(config_dir=config, templates_dir=ROOT / "templates", lease_seconds=8,
+                        send_timeout_seconds=1, _env_file=None)
+    catalog = Catalog.load(settings)
+    store = Store(redis_client, PREFIX)
+    rig = Rig(store, Context(settings, store, catalog, Renderer(catalog.templates_dir)),
+              catalog, gate)
+    rig.book(rig.booking(starts_in=timedelta(days=3)))
+    claim = rig.claim_now(PREP)  # a retry or a backlog claimed outside the window
+    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "deferred"
+    s = rig.state(PREP)
+    opening = now.replace(hour=int(start[:2]), minute=0, second=0, microsecond=0)
+    if opening < now:
+        opening += timedelta(days=1)
+    assert s["record"]["status"] == "scheduled" and s["due"] == opening.timestamp(), s
+    assert s["record"]["attempts"] == "0" and s["ledger"] is None and s["lease"] is None
+    assert "outside the send window" in s["record"]["reason"]
+    assert s["log"][-1]["outcome"] == "deferred"
+    assert gate.bodies == []  # nothing left the machine
+
+
+def test_past_its_expiry_at_send_time_is_skipped_not_sent(rig):
+    rig.book(rig.booking())
+    # The outage outlasted the appointment: the pre-visit reminder must not go after it.
+    rig.store.redis.hset(rig.store.record_key(PREP), "expires_epoch",
+                         repr(time.time() - 1))
+    claim = rig.claim_now(PREP)
+    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "skipped"
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "skipped", s
+    assert s["record"]["reason"] == (
+        "not sent: it was meant for before the appointment, which has begun")
+    assert (s["due"], s["lease"], s["dead"], s["ledger"]) == (None, None, None, None)
+    assert rig.gate.bodies == []
+
+
+def test_replay_obeys_the_send_time_rules(rig):
+    rig.book(rig.booking())
+    rig.gate.answer(400)
+    claim = rig.claim_now(PREP)
+    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "failed"
+    rig.store.redis.hset(rig.store.record_key(PREP), "expires_epoch", repr(time.time() - 1))
+    assert rig.store.replay([PREP], datetime.now(UTC)) == [PREP]
+    (claim,) = rig.store.claim_due(10, 8)
+    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "skipped"
+    assert len(rig.gate.bodies) == 1  # only the first, refused attempt
