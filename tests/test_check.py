@@ -141,13 +141,35 @@ def test_an_sms_over_one_segment_is_a_warning(copy: Path) -> None:
 def test_missing_channel_secrets_are_warnings(copy: Path) -> None:
     clinic = copy / "config" / "clinics" / "glow.toml"
     clinic.write_text(clinic.read_text()
-                      + 'sms = "json://sms.example/${CHECK_TEST_SMS_TOKEN}/{to}"\n')
+                      + 'sms = "json://sms.example/${CHECK_TEST_SMS_TOKEN}/{to}"\n'
+                      + 'email = "mailto://smtp.example?to={to}"\n')
     result = check_copy(copy)
     assert result.returncode == EXIT_OK, result.stderr
     assert (f"WARNING: {clinic}: environment variable CHECK_TEST_SMS_TOKEN is not set"
             in result.stdout)
     with_secret = check_copy(copy, env={"CHECK_TEST_SMS_TOKEN": "x"})
     assert "CHECK_TEST_SMS_TOKEN" not in with_secret.stdout
+
+
+def test_a_clinic_with_a_url_for_one_channel_only_is_an_error(copy: Path) -> None:
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text() + 'sms = "json://sms.example/send?:to={to}"\n')
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert (f"configuration error: {clinic}: has no URL for email and does not use the "
+            "outbox (add channels.email, or outbox = true" in result.stderr)
+    assert "no URL for sms" not in result.stderr
+    assert "demo.toml" not in result.stderr  # no channel URL at all: the outbox
+
+
+def test_outbox_true_makes_a_clinic_with_one_channel_url_valid(copy: Path) -> None:
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    text = clinic.read_text().replace("# outbox = true ", "outbox = true ", 1)
+    assert "\noutbox = true " in text
+    clinic.write_text(text + 'sms = "json://sms.example/send?:to={to}"\n')
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stderr == ""
 
 
 def test_a_template_no_step_uses_is_a_warning(copy: Path) -> None:

@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
 import responses
+from aiosmtpd.controller import Controller
+from celery.exceptions import SoftTimeLimitExceeded
 
 from tests.sinks import HttpSink, SmtpSink
 from worker.clinics import Clinic
-from worker.delivery import Envelope, classify, deliver, with_timeouts, write_outbox
+from worker.delivery import (
+    Envelope,
+    classify,
+    deliver,
+    send_apprise,
+    with_timeouts,
+    write_outbox,
+)
+from worker.embedded import free_port
 from worker.errors import ConfigError, DeliveryError
 from worker.rendering import RenderedMessage
 
@@ -37,74 +56,97 @@ def clinic(**channels: str) -> Clinic:
     )
 
 
+# Lines as Apprise 2.2.0 captures them for one call (its warnings and the socket error).
+REFUSED = (
+    "Socket Exception: HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded "
+    'with url: /sms (Caused by NewConnectionError("HTTPConnection(host=\'127.0.0.1\', '
+    'port=9): Failed to establish a new connection: [Errno 111] Connection refused"))'
+)
+NO_DNS = (
+    "Socket Exception: HTTPConnectionPool(host='sms.invalid', port=80): Max retries exceeded "
+    "with url: /sms (Caused by NameResolutionError(\"HTTPConnection(host='sms.invalid', "
+    "port=80): Failed to resolve 'sms.invalid' ([Errno -2] Name or service not known)\"))"
+)
+READ_TIMEOUT = (
+    "Socket Exception: HTTPConnectionPool(host='127.0.0.1', port=9): Read timed out. "
+    "(read timeout=5.0)"
+)
+ABORTED = (
+    "Socket Exception: ('Connection aborted.', "
+    "RemoteDisconnected('Remote end closed connection without response'))"
+)
+JSON_CONN = "A Connection error occurred sending JSON notification to 127.0.0.1."
+SMTP_CONN = 'Connection error while submitting email to "127.0.0.1"'
+SMTP_FAILED = 'Sending email to "x@example.com" failed.'
+
+
 @pytest.mark.parametrize(
-    ("status", "lines", "permanent", "reason"),
+    ("status", "lines", "answers", "kind", "reason"),
     [
-        ("TIMEOUT", [], False, "timed out"),
-        (
-            "FAILURE",
-            ["Failed to send JSON POST notification: Bad Request, error=400."],
-            True,
-            "HTTP 400",
-        ),
-        ("FAILURE", ["Failed to send Twilio notification: error=404."], True, "HTTP 404"),
-        ("FAILURE", ["error=408."], False, "HTTP 408"),
-        ("FAILURE", ["error=429."], False, "HTTP 429"),
-        ("FAILURE", ["error=500."], False, "HTTP 500"),
-        ("FAILURE", ["error=503."], False, "HTTP 503"),
-        (
-            "FAILURE",
-            ["Socket Exception: {'a@b.c': (550, b'5.1.1 No such user')}"],
-            True,
-            "SMTP 550",
-        ),
-        ("FAILURE", ["Socket Exception: (451, b'4.3.0 try later')"], False, "SMTP 451"),
-        ("FAILURE", ['Connection error while submitting email to "x"'], False, "could not connect"),
-        ("FAILURE", ["There are no valid Twilio targets to notify."], True, "refused"),
-        ("FAILURE", ["something odd"], False, "reported a failure"),
-        # Twilio logs its own error code; urllib3's line (when there is one) has the HTTP status.
-        (
-            "FAILURE",
-            ["Failed to send Twilio notification to +3460: error=21211."],
-            True,
-            "error 21211",
-        ),
-        (
-            "FAILURE",
-            ["Failed to send Twilio notification to +3460: error=20429."],
-            False,
-            "error 20429",
-        ),
-        (
-            "FAILURE",
-            ["Failed to send Twilio notification to +3460: error=20500."],
-            False,
-            "error 20500",
-        ),
-        (
-            "FAILURE",
-            [
-                'https://api.twilio.com:443 "POST /x HTTP/1.1" 503 20',
-                "Failed to send Twilio notification to +3460: error=20500.",
-            ],
-            False,
-            "HTTP 503",
-        ),
-        (
-            "FAILURE",
-            [
-                'https://api.twilio.com:443 "POST /x HTTP/1.1" 400 20',
-                "Failed to send Twilio notification to +3460: error=21211.",
-            ],
-            True,
-            "HTTP 400",
-        ),
+        ("TIMEOUT", [], [], "unknown", "stopped waiting"),
+        ("FAILURE", ["Failed to send JSON POST notification: Bad Request, error=400."], [400],
+         "permanent", "HTTP 400"),
+        ("FAILURE", ["Failed to send Twilio notification: error=404."], [], "permanent",
+         "HTTP 404"),
+        ("FAILURE", ["error=408."], [408], "transient", "HTTP 408"),
+        ("FAILURE", ["error=429."], [429], "transient", "HTTP 429"),
+        ("FAILURE", ["error=500."], [], "transient", "HTTP 500"),
+        ("FAILURE", ["error=503."], [503], "transient", "HTTP 503"),
+        # Twilio logs its own error code; the HTTP status urllib3 received decides first.
+        ("FAILURE", ["Failed to send Twilio notification to +3460: error=21211."], [],
+         "permanent", "error 21211"),
+        ("FAILURE", ["Failed to send Twilio notification to +3460: error=20429."], [],
+         "transient", "error 20429"),
+        ("FAILURE", ["Failed to send Twilio notification to +3460: error=20500."], [],
+         "transient", "error 20500"),
+        ("FAILURE", ["Failed to send Twilio notification to +3460: error=20500."], [503],
+         "transient", "HTTP 503"),
+        ("FAILURE", ["Failed to send Twilio notification to +3460: error=21211."], [400],
+         "permanent", "HTTP 400"),
+        ("FAILURE", [SMTP_FAILED, "Socket Exception: {'a@b.c': (550, b'5.1.1 No such user')}"],
+         [], "permanent", "SMTP 550"),
+        ("FAILURE", [SMTP_FAILED, "Socket Exception: (451, b'4.3.0 try later')"], [],
+         "transient", "SMTP 451"),
+        ("FAILURE", ["SMTP recipient a@b.c was refused: 550 b'5.1.1 No such user'"], [],
+         "permanent", "SMTP 550"),
+        ("FAILURE", [SMTP_CONN, "Socket Exception: (535, b'5.7.8 Authentication failed')"], [],
+         "permanent", "SMTP 535"),
+        ("FAILURE", [SMTP_CONN, "Socket Exception: [Errno 111] Connection refused"], [],
+         "transient", "could not connect"),
+        ("FAILURE", [SMTP_CONN, "Socket Exception: timed out"], [], "transient",
+         "could not connect"),
+        ("FAILURE", [SMTP_FAILED, "Socket Exception: Connection unexpectedly closed"], [],
+         "unknown", "may have been delivered"),
+        ("FAILURE", [SMTP_FAILED, "Socket Exception: timed out"], [], "unknown",
+         "may have been delivered"),
+        ("FAILURE", [JSON_CONN, REFUSED], [], "transient", "could not connect"),
+        ("FAILURE", [JSON_CONN, NO_DNS], [], "transient", "could not connect"),
+        ("FAILURE", [JSON_CONN, READ_TIMEOUT], [], "unknown", "may have been delivered"),
+        ("FAILURE", [JSON_CONN, ABORTED], [], "unknown", "may have been delivered"),
+        ("FAILURE", [JSON_CONN], [], "unknown", "may have been delivered"),
+        ("FAILURE", ["Notification service 'JSON' raised an exception.",
+                     "Notification Exception: SoftTimeLimitExceeded()"], [], "unknown",
+         "ran out of time"),
+        ("FAILURE", ["Notification service 'Twilio' raised an exception.",
+                     "Notification Exception: 'NoneType' object is not subscriptable"], [],
+         "unknown", "plugin failed"),
+        ("FAILURE", ["There are no valid Twilio targets to notify."], [], "permanent",
+         "refused"),
+        ("FAILURE", ["something odd"], [], "transient", "reported a failure"),
     ],
 )
-def test_classify(status, lines, permanent, reason):
-    error = classify(status, lines)
-    assert error.permanent is permanent
+def test_classify(status, lines, answers, kind, reason):
+    error = classify(status, lines, answers)
+    assert (error.permanent, error.unknown) == {
+        "permanent": (True, False), "transient": (False, False), "unknown": (False, True)
+    }[kind]
     assert reason in error.reason
+
+
+def test_an_unknown_outcome_is_never_permanent():
+    assert DeliveryError("x").permanent is False and DeliveryError("x").unknown is False
+    with pytest.raises(ValueError, match="unknown outcome"):
+        DeliveryError("x", permanent=True, unknown=True)
 
 
 def test_timeouts_are_added_unless_the_url_sets_them():
@@ -181,9 +223,12 @@ def test_twilio_errors_are_classified(status, body, permanent, reason):
             timeout=5,
             now=NOW,
         )
-    assert info.value.permanent is permanent
+    assert info.value.permanent is permanent and info.value.unknown is False
     assert reason in info.value.reason
-    assert len(responses.calls) == 1  # Apprise's own retries are off
+    (call,) = responses.calls  # Apprise's own retries are off
+    assert call.request.url == f"https://api.twilio.com/2010-04-01/Accounts/{SID}/Messages.json"
+    assert parse_qs(call.request.body) == {"Body": [SMS.text], "From": [FROM],
+                                           "To": ["+34600111222"]}
 
 
 def test_email_through_a_real_smtp_server_has_subject_html_and_text():
@@ -240,6 +285,8 @@ def test_smtp_server_down_is_transient():
             now=NOW,
         )
     assert info.value.permanent is False
+    assert info.value.unknown is False  # refused: nothing was handed over
+    assert "could not connect" in info.value.reason
 
 
 @pytest.mark.parametrize(("status", "permanent"), [(400, True), (503, False)])
@@ -257,6 +304,233 @@ def test_sms_gateway_over_http(status, permanent):
     assert info.value.permanent is permanent
     (ok,) = sink.snapshot()
     assert ok.raw["message"] == SMS.text and ok.raw["to"] == "+34600111222"
+
+
+class Gateway:
+    """A real HTTP SMS gateway on 127.0.0.1 for Apprise's json:// posts.
+
+    Answers `status`, or with `status = None` reads the request and never answers
+    (until stopped): the request was handed over, the outcome is unknown to the sender.
+    """
+
+    def __init__(self, status: int | None = 200) -> None:
+        self.status = status
+        self.received: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = gateway.status
+                with gateway._lock:
+                    gateway.received.append(body)
+                if status is None:
+                    gateway._release.wait(30)
+                    return
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+
+    def url(self, to: str = "%2B34600111222") -> str:
+        return f"json://127.0.0.1:{self.port}/sms?:to={to}"
+
+    def __enter__(self) -> Gateway:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def failure(url: str, message: RenderedMessage = SMS, timeout: float = 5) -> DeliveryError:
+    with pytest.raises(DeliveryError) as info:
+        send_apprise(url, message, timeout)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("status", "permanent"), [(400, True), (404, True), (429, False), (503, False)]
+)
+def test_an_http_answer_is_classified_by_its_status(status, permanent):
+    with Gateway(status) as gateway:
+        error = failure(gateway.url())
+    assert (error.permanent, error.unknown) == (permanent, False)
+    assert error.reason == f"HTTP {status} from the provider"
+    assert [r["to"] for r in gateway.received] == ["+34600111222"]
+
+
+def test_no_answer_after_the_request_was_sent_is_unknown():
+    with Gateway(status=None) as gateway:
+        started = time.monotonic()
+        error = failure(gateway.url(), timeout=1)
+        elapsed = time.monotonic() - started
+    assert (error.permanent, error.unknown) == (False, True)
+    assert "may have been delivered" in error.reason
+    assert [r["message"] for r in gateway.received] == [SMS.text]  # it did arrive
+    assert elapsed < 5  # bounded by the read timeout, not by the server
+
+
+def test_a_soft_time_limit_during_a_send_is_unknown():
+    """Celery's soft time limit is a signal raising in the sending thread, as here."""
+
+    def time_is_up(signum: int, frame: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, time_is_up)
+    try:
+        with Gateway(status=None) as gateway:
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            error = failure(gateway.url(), timeout=5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert (error.permanent, error.unknown) == (False, True)
+    assert error.reason.startswith("the send ran out of time")
+    assert [r["message"] for r in gateway.received] == [SMS.text]
+
+
+def test_connection_refused_is_transient_and_not_unknown():
+    error = failure(f"json://127.0.0.1:{free_port()}/sms?:to=%2B34600111222")
+    assert (error.permanent, error.unknown) == (False, False)
+    assert error.reason == "could not connect to the provider"
+
+
+def test_connect_timeout_is_transient_and_not_unknown():
+    # A listening socket whose accept queue is full: the kernel drops further SYNs.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        try:
+            error = failure(f"json://127.0.0.1:{port}/sms?:to=%2B34600111222", timeout=0.5)
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert (error.permanent, error.unknown) == (False, False)
+    assert error.reason == "could not connect to the provider"
+
+
+class MailServer:
+    """A real aiosmtpd server that answers DATA with `reply`, or (reply None) reads the
+    message and closes the connection without answering."""
+
+    def __init__(self, reply: str | None) -> None:
+        self.reply = reply
+        self.port = free_port()
+        self.messages: list[bytes] = []
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        self.messages.append(envelope.original_content or envelope.content)
+        if self.reply is None:
+            server.transport.abort()  # after the whole message was handed over
+            return "250 never sent"
+        return self.reply
+
+    def url(self) -> str:
+        return f"mailto://127.0.0.1:{self.port}?from=h@g.example&to=x@example.com&mode=insecure"
+
+    def __enter__(self) -> MailServer:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "reason"),
+    [
+        ("451 4.3.0 Try again later", "transient", "SMTP 451 from the mail server"),
+        ("550 5.7.1 Message refused", "permanent", "SMTP 550 from the mail server"),
+        (None, "unknown", "may have been delivered"),
+    ],
+)
+def test_an_smtp_answer_to_data_is_classified(reply, kind, reason):
+    with MailServer(reply) as server:
+        error = failure(server.url(), MAIL)
+    assert (error.permanent, error.unknown) == {
+        "permanent": (True, False), "transient": (False, False), "unknown": (False, True)
+    }[kind]
+    assert reason in error.reason
+    (message,) = server.messages  # in each case the message was handed over
+    assert b"x@example.com" in message
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+SENDERS, ROUNDS = 8, 4
+
+
+def test_concurrent_sends_are_each_classified_by_their_own_answer():
+    """Half the threads meet a gateway answering 400, half one answering 200 or 503."""
+    watched = ("apprise", "urllib3", "urllib3.connectionpool")
+    levels = {name: logging.getLogger(name).level for name in watched}
+    root, recorder = logging.getLogger(), Recorder()
+    root_level = root.level
+    root.addHandler(recorder)
+    root.setLevel(logging.DEBUG)  # anything that propagates would be recorded
+
+    def send(refusing: Gateway, other: Gateway, i: int, start: threading.Barrier) -> object:
+        gateway = refusing if i % 2 == 0 else other
+        start.wait()
+        try:
+            return send_apprise(gateway.url(f"%2B3460011122{i}"), SMS, 5)
+        except DeliveryError as exc:
+            return exc
+
+    try:
+        with Gateway(400) as refusing, Gateway() as other, ThreadPoolExecutor(SENDERS) as pool:
+            for round_ in range(ROUNDS):
+                other.status = 503 if round_ % 2 else 200
+                start = threading.Barrier(SENDERS)
+                outcomes = list(pool.map(send, [refusing] * SENDERS, [other] * SENDERS,
+                                         range(SENDERS), [start] * SENDERS))
+                for i, outcome in enumerate(outcomes):
+                    if i % 2 == 0:
+                        assert isinstance(outcome, DeliveryError), (round_, i, outcome)
+                        assert (outcome.reason, outcome.permanent) == (
+                            "HTTP 400 from the provider", True), (round_, i)
+                    elif other.status == 200:
+                        assert outcome == "sent through Apprise", (round_, i, outcome)
+                    else:
+                        assert isinstance(outcome, DeliveryError), (round_, i, outcome)
+                        assert (outcome.reason, outcome.permanent, outcome.unknown) == (
+                            "HTTP 503 from the provider", False, False), (round_, i)
+            assert len(refusing.received) == len(other.received) == SENDERS // 2 * ROUNDS
+    finally:
+        root.removeHandler(recorder)
+        root.setLevel(root_level)
+    assert {name: logging.getLogger(name).level for name in watched} == levels
+    leaked = [r for r in recorder.records if r.name.split(".")[0] in ("apprise", "urllib3")]
+    assert leaked == []
+    assert not any("+3460011122" in r.getMessage() or SMS.text in r.getMessage()
+                   for r in recorder.records)
 
 
 def test_url_apprise_cannot_load_is_permanent():

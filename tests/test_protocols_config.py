@@ -62,6 +62,10 @@ def test_shipped_clinic_loads():
     assert glow.timezone == "Europe/Madrid"
     assert glow.send_window.describe() == "09:00-20:00"
     assert glow.phone == "+34910000000"
+    # Its channel URLs are commented-out examples: everything goes to the outbox.
+    assert all(glow.uses_outbox(c) for c in ("email", "sms"))
+    assert glow.unreachable_channels() == []
+    assert clinics["demo"].delivery_url("sms", "+34600111222") is None
 
 
 def test_catalog_loads_the_repository(catalog):
@@ -356,3 +360,68 @@ def test_clinic_defaults(tmp_path):
     assert clinic.send_window.describe() == "09:00-20:00"
     assert clinic.channels == {}
     assert clinic.isotretinoin_washout_days is None
+
+
+# --- channels and the outbox ----------------------------------------------------------------
+
+SMS_URL = "json://sms.glow.example/send?:to={to}"
+MAIL_URL = "mailtos://${GLOW_USER}:${GLOW_PASS}@smtp.glow.example?to={to}"
+MAIL_ENV = {"GLOW_USER": "glow", "GLOW_PASS": "pw"}
+
+
+def test_a_clinic_without_channel_urls_uses_the_outbox(tmp_path):
+    for name, text in [("bare", CLINIC), ("empty", CLINIC + "\n[channels]\n")]:
+        clinic = load_clinic(write(tmp_path, f"{name}.toml", text))
+        assert clinic.outbox is None and clinic.channels == {}
+        assert clinic.delivery_url("sms", "+34600111222", {}) is None
+        assert clinic.delivery_url("email", "ana@example.com", {}) is None
+        assert clinic.unreachable_channels() == []
+
+
+def test_a_clinic_with_urls_for_every_channel_never_uses_the_outbox(tmp_path):
+    clinic = load_clinic(write(tmp_path, "glow.toml",
+                               clinic_text(channels={"sms": SMS_URL, "email": MAIL_URL})))
+    assert clinic.delivery_url("sms", "+34600111222", {}) == (
+        "json://sms.glow.example/send?:to=+34600111222")
+    assert clinic.delivery_url("email", "ana@example.com", MAIL_ENV) == (
+        "mailtos://glow:pw@smtp.glow.example?to=ana@example.com")
+    assert clinic.unreachable_channels() == []
+    with pytest.raises(ConfigError, match="GLOW_USER is not set"):
+        clinic.delivery_url("email", "ana@example.com", {})
+
+
+def test_a_half_configured_clinic_loads_but_the_missing_channel_fails(tmp_path):
+    clinic = load_clinic(write(tmp_path, "glow.toml", clinic_text(channels={"sms": SMS_URL})))
+    assert clinic.unreachable_channels() == ["email"]
+    assert clinic.delivery_url("sms", "+34600111222", {}).endswith("?:to=+34600111222")
+    with pytest.raises(ConfigError) as exc:
+        clinic.delivery_url("email", "ana@example.com", {})
+    assert str(exc.value) == (
+        "clinic glow: has no URL for email and does not use the outbox "
+        "(add channels.email, or outbox = true to write email to the outbox)")
+    assert "ana@example.com" not in str(exc.value)
+
+
+def test_outbox_true_sends_the_channels_without_a_url_to_the_outbox(tmp_path):
+    clinic = load_clinic(write(tmp_path, "glow.toml",
+                               clinic_text(channels={"sms": SMS_URL}, extra="outbox = true\n")))
+    assert clinic.outbox is True
+    assert clinic.delivery_url("email", "ana@example.com", {}) is None
+    assert clinic.delivery_url("sms", "+34600111222", {}).endswith("?:to=+34600111222")
+    assert clinic.unreachable_channels() == []
+    no_urls = load_clinic(write(tmp_path, "shine.toml", clinic_text(extra="outbox = true\n")))
+    assert no_urls.delivery_url("sms", "+34600111222", {}) is None
+
+
+def test_outbox_false_never_uses_the_outbox(tmp_path):
+    clinic = load_clinic(write(tmp_path, "glow.toml", clinic_text(extra="outbox = false\n")))
+    assert clinic.unreachable_channels() == ["email", "sms"]
+    with pytest.raises(ConfigError, match="no URL for sms and does not use the outbox"):
+        clinic.delivery_url("sms", "+34600111222", {})
+
+
+def test_outbox_must_be_a_boolean(tmp_path):
+    path = write(tmp_path, "glow.toml", clinic_text(extra='outbox = "yes"\n'))
+    with pytest.raises(ConfigError) as exc:
+        load_clinic(path)
+    assert exc.value.path == path and "outbox" in exc.value.problem

@@ -2,7 +2,10 @@
 
 Channel URLs are Apprise URL templates. `{to}` is replaced by the patient's address
 (URL-quoted); `${NAME}` by the environment variable NAME, so secrets stay out of the
-file. A clinic with no URL for a channel uses the local outbox (the embedded default).
+file. The local outbox is used only when the clinic says so: `outbox = true` (for the
+channels it has no URL for), or no channel URL at all (the embedded/demo default). A
+clinic with a URL for one channel but not the other, and without `outbox = true`, is a
+configuration error (`reminders check`); its sends on the missing channel fail for good.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     model_validator,
 )
 
 from .errors import ConfigError
-from .models import CLINIC_ID_PATTERN, Channel, Timezone, parse_e164
+from .models import CHANNELS, CLINIC_ID_PATTERN, Channel, Timezone, parse_e164
 from .protocols import _pydantic_problem, read_toml
 
 MINUTES_PER_DAY = 24 * 60
@@ -86,6 +90,9 @@ class Clinic(BaseModel):
     # Overrides the protocol's isotretinoin washout, in days.
     isotretinoin_washout_days: int | None = Field(None, ge=0)
     channels: dict[Channel, str] = {}
+    # true: a channel without a URL goes to the local outbox; false: never the outbox;
+    # unset: the outbox only when there is no channel URL at all.
+    outbox: StrictBool | None = None
     # sha256 hex digests of the clinic's API keys (issued by `reminders issue-key`).
     api_key_sha256: list[str] = []
 
@@ -102,11 +109,43 @@ class Clinic(BaseModel):
 
         return _ENV_REF.sub(fill, template).replace("{to}", quote(to, safe="+@"))
 
+    def uses_outbox(self, channel: Channel) -> bool:
+        """Return whether messages on `channel` go to the local outbox."""
+        if channel in self.channels:
+            return False
+        return self.outbox if self.outbox is not None else not self.channels
+
+    def unreachable_channels(self) -> list[Channel]:
+        """Return the channels with neither a URL nor the outbox (a configuration error)."""
+        return [c for c in CHANNELS if c not in self.channels and not self.uses_outbox(c)]
+
+    def delivery_url(
+        self, channel: Channel, to: str, env: dict[str, str] | None = None
+    ) -> str | None:
+        """Return the Apprise URL for sending `channel` to `to`, or None for the outbox.
+
+        Raises ConfigError if the clinic has no URL for `channel` and does not use the
+        outbox, or if a secret the URL needs is not set.
+        """
+        if channel in self.channels:
+            return self.channel_url(channel, to, env)
+        if self.uses_outbox(channel):
+            return None
+        raise ConfigError(f"clinic {self.id}", unreachable_problem(channel))
+
     def missing_secrets(self, env: dict[str, str] | None = None) -> list[str]:
         """Return the environment variables the channel URLs need but are unset."""
         env = os.environ if env is None else env
         names = {m for url in self.channels.values() for m in _ENV_REF.findall(url)}
         return sorted(n for n in names if n not in env)
+
+
+def unreachable_problem(channel: Channel) -> str:
+    """Return the problem of a clinic with no URL for `channel` and no outbox."""
+    return (
+        f"has no URL for {channel} and does not use the outbox "
+        f"(add channels.{channel}, or outbox = true to write {channel} to the outbox)"
+    )
 
 
 # Apprise query parameters that carry a secret (mailto ?pass=, twilio ?token=, ...).

@@ -1,9 +1,18 @@
 """Where a reminder is sent: Apprise for real channels, the outbox for the embedded default.
 
-`deliver()` returns a short detail on success or raises DeliveryError whose `permanent`
-flag says whether retrying can help. One Apprise object per message, Apprise's own
-retries off (its default of one attempt), socket timeouts bounded by the settings.
-Nothing here logs a contact or a message body above DEBUG.
+`deliver()` returns a short detail on success or raises DeliveryError, whose flags say
+whether retrying can help (`permanent`) and whether the message may have reached the
+provider anyway (`unknown`). One Apprise object per message, Apprise's own retries off
+(its default of one attempt), socket timeouts bounded by the settings, and the plugin run
+in the calling thread (no Apprise deadline, so no hidden shared thread pool in which a
+busy worker's sends would queue and "time out" before they start).
+
+A failure is classified from what this one call observed, never from global state:
+Apprise's result (its status and the lines it captured for this call, per context) and the
+HTTP statuses urllib3 received for this send (handed over by a filter installed once, via
+a ContextVar). Logger levels are set once, at import. Nothing from Apprise or urllib3
+reaches the application's handlers (their lines carry recipients and URLs), and nothing
+here logs a contact or a message body above DEBUG.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ import email.policy
 import logging
 import os
 import re
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
@@ -25,21 +36,87 @@ from .models import Channel
 from .rendering import RenderedMessage
 
 log = logging.getLogger(__name__)
-# Apprise logs recipients (and at DEBUG, bodies). Keep all of it out of our logs: its
-# lines are only read, in memory, to classify a failure.
-_apprise_log = logging.getLogger("apprise")
-_apprise_log.propagate = False
-_apprise_log.addHandler(logging.NullHandler())
-_urllib3_log = logging.getLogger("urllib3.connectionpool")
 
 # HTTP statuses worth retrying; every other 4xx means the request itself is wrong.
 TRANSIENT_HTTP = frozenset({408, 425, 429})
 TRANSIENT_PROVIDER_CODES = frozenset({20429})
 _PROVIDER_ERROR = re.compile(r"error=(\d{3,6})\.")
 _WIRE_STATUS = re.compile(r'HTTP/\d(?:\.\d)?" (\d{3})')
-_SMTP_CODE = re.compile(r"\((\d{3}), b?['\"]")
+# smtplib's errors print as "(550, b'5.1.1 ...')"; Apprise logs a partly refused
+# recipient list as "SMTP recipient x was refused: 550 b'...'".
+_SMTP_CODE = re.compile(r"\((\d{3}), b?['\"]|was refused: (\d{3})\b")
+# The request left the machine but no answer came back: a read timeout, a connection
+# reset or closed after the request was sent, an answer cut short (requests/urllib3).
+_HANDED_OVER = re.compile(r"Read timed out|Connection aborted|Connection broken|RemoteDisconnected")
+# Nothing was handed over: no connection, no address, no TLS session.
+_NOT_CONNECTED = re.compile(
+    r"NewConnectionError|Failed to establish a new connection|NameResolutionError"
+    r"|Failed to resolve|ConnectTimeoutError|connect timeout|SSLError|ProxyError"
+    r"|Max retries exceeded"
+)
+# Apprise's email plugin: the SMTP session (connect, STARTTLS, login) could not be opened.
+_SMTP_NOT_CONNECTED = "Connection error while submitting email"
+# ... or it was open and one message failed inside MAIL/RCPT/DATA; without a reply code,
+# the session was lost there. Apprise does not say at which command, and after DATA the
+# server may have queued the message: an unknown outcome.
+_SMTP_SESSION_LOST = re.compile(r'Sending email to ".*" failed')
+# The plugin raised instead of returning (Apprise catches it): whatever it was doing, the
+# message may have left. A Celery soft time limit arrives this way, as an exception.
+_PLUGIN_CRASHED = re.compile(r"Notification service '.*' raised an exception")
+_OUT_OF_TIME = "SoftTimeLimitExceeded"
+_KEPT_DEBUG = ("Socket Exception", "Notification Exception")
 _READABLE = email.policy.default.clone(max_line_length=998, utf8=True)  # a file, not SMTP
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+# The HTTP statuses urllib3 received for the send running in this context, or None
+# outside a send. Apprise runs the plugin in the caller's context, so this is per send.
+_http_answers: ContextVar[list[int] | None] = ContextVar("delivery_http_answers", default=None)
+
+
+class _KeepInTheSend(logging.Filter):
+    """During a send, hand urllib3's records to that send and drop them; else pass them.
+
+    Installed once on each urllib3 logger: records of a send carry URLs (phone numbers in
+    paths and queries) and must not reach any handler. `outside` returns the level below
+    which a record is dropped when no send is running (the level the logger had before
+    this module lowered it), so the rest of the process sees urllib3 as before.
+    """
+
+    def __init__(self, outside: Callable[[], int]) -> None:
+        super().__init__()
+        self._outside = outside
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        answers = _http_answers.get()
+        if answers is None:
+            return record.levelno >= self._outside()
+        match = _WIRE_STATUS.search(record.getMessage())
+        if match:  # urllib3.connectionpool's line for an answer: '... "POST /p HTTP/1.1" 400 2'
+            answers.append(int(match[1]))
+        return False
+
+
+def _confine_library_logs() -> None:
+    """Set, once, the loggers of Apprise and urllib3 as the classification needs them."""
+    # Apprise logs recipients (and at DEBUG, bodies). Its lines are read only through the
+    # result of notify(), which captures them per call; none propagate to our handlers.
+    # DEBUG, because the socket error of a failed send is logged at DEBUG.
+    apprise_log = logging.getLogger("apprise")
+    apprise_log.propagate = False
+    apprise_log.addHandler(logging.NullHandler())
+    apprise_log.setLevel(logging.DEBUG)
+    # urllib3.connectionpool logs the HTTP status of each answer at DEBUG only.
+    pool = logging.getLogger("urllib3.connectionpool")
+    parent = logging.getLogger("urllib3")
+    found = pool.level
+    pool.setLevel(logging.DEBUG)
+    pool.addFilter(_KeepInTheSend(lambda: found or parent.getEffectiveLevel()))
+    for name in ("urllib3.connection", "urllib3.response", "urllib3.poolmanager",
+                 "urllib3.util.retry"):
+        logging.getLogger(name).addFilter(_KeepInTheSend(lambda: logging.NOTSET))
+
+
+_confine_library_logs()
 
 
 @dataclass(frozen=True)
@@ -65,15 +142,24 @@ def with_timeouts(url: str, seconds: float) -> str:
     return url + ("&" if query else "?") + extra
 
 
-def classify(status: str, messages: list[str]) -> DeliveryError:
-    """Return the DeliveryError for a failed Apprise result (its status and log lines)."""
+def classify(
+    status: str, lines: Sequence[str], http_statuses: Sequence[int] = ()
+) -> DeliveryError:
+    """Return the DeliveryError for a failed send.
+
+    `status` is Apprise's result status ("FAILURE", "TIMEOUT"), `lines` the messages
+    Apprise captured for this call, `http_statuses` the statuses of the HTTP answers
+    this send received. A definite answer decides (HTTP status, provider error code,
+    SMTP reply code); without one, whether the request was handed over does.
+    """
     if status == "TIMEOUT":
-        return DeliveryError("timed out", permanent=False)
-    text = "\n".join(messages)
-    # urllib3's own debug line carries the real HTTP status of requests-based plugins.
-    wire = _WIRE_STATUS.findall(text)
+        return DeliveryError(
+            "Apprise stopped waiting for the provider; the message may have been delivered",
+            unknown=True,
+        )
+    text = "\n".join(lines)
     codes = [int(c) for c in _PROVIDER_ERROR.findall(text)]
-    http = [int(c) for c in wire if not 200 <= int(c) < 300] or [c for c in codes if c < 1000]
+    http = [c for c in http_statuses if not 200 <= c < 300] or [c for c in codes if c < 1000]
     if http:
         code = http[-1]
         permanent = 400 <= code < 500 and code not in TRANSIENT_HTTP
@@ -84,22 +170,48 @@ def classify(status: str, messages: list[str]) -> DeliveryError:
         code = codes[-1]
         permanent = code not in TRANSIENT_PROVIDER_CODES and not 20500 <= code < 20600
         return DeliveryError(f"provider error {code}", permanent=permanent)
-    smtp = _SMTP_CODE.findall(text)
+    smtp = [int(a or b) for a, b in _SMTP_CODE.findall(text)]
     if smtp:
-        code = int(smtp[-1])
+        code = smtp[-1]
         # SMTP 5yz is a permanent rejection (550 no such mailbox); 4yz asks to retry later.
         return DeliveryError(f"SMTP {code} from the mail server", permanent=code >= 500)
+    if _HANDED_OVER.search(text):
+        return DeliveryError(
+            "no answer from the provider after the request was sent; "
+            "the message may have been delivered",
+            unknown=True,
+        )
+    if _NOT_CONNECTED.search(text) or _SMTP_NOT_CONNECTED in text:
+        return DeliveryError("could not connect to the provider")
+    if _SMTP_SESSION_LOST.search(text):
+        return DeliveryError(
+            "the mail server connection was lost while sending; "
+            "the message may have been delivered",
+            unknown=True,
+        )
+    if _PLUGIN_CRASHED.search(text):
+        what = "the send ran out of time" if _OUT_OF_TIME in text else "the channel plugin failed"
+        return DeliveryError(f"{what}; the message may have been delivered", unknown=True)
     lowered = text.lower()
     if "connection" in lowered or "timed out" in lowered or "timeout" in lowered:
-        return DeliveryError("could not connect to the provider", permanent=False)
+        # A connection failure this module does not recognise: it may have been after the
+        # hand-over, and a late retry is cheaper than a duplicate message.
+        return DeliveryError(
+            "connection failure with the provider; the message may have been delivered",
+            unknown=True,
+        )
     if "invalid" in lowered or "no valid" in lowered:
         return DeliveryError("the provider refused the address or message", permanent=True)
-    return DeliveryError("the provider reported a failure", permanent=False)
+    return DeliveryError("the provider reported a failure")
 
 
 def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
-    """Send one message through a fresh Apprise object; classify any failure."""
-    notifier = apprise.Apprise()
+    """Send one message through a fresh Apprise object; classify any failure.
+
+    Safe to call from many threads at once: nothing here changes shared state.
+    """
+    # No service deadline: the plugin runs in this thread, bounded by its socket timeouts.
+    notifier = apprise.Apprise(asset=apprise.AppriseAsset(service_timeout=0))
     try:
         loaded = notifier.add(with_timeouts(url, timeout))
     except Exception as exc:  # a malformed URL can raise inside a plugin's parser
@@ -109,40 +221,29 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
     if not loaded:
         raise DeliveryError("Apprise cannot load the channel URL", permanent=True)
     html_ok = message.html is not None and "html" in _formats(notifier)
-    body = message.html if html_ok else message.text
-    collected = _Collect()
-    loggers = (_apprise_log, _urllib3_log)
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(collected)
-        lg.setLevel(logging.DEBUG)
+    answers: list[int] = []
+    token = _http_answers.set(answers)
     try:
         result = notifier.notify(
-            body=body,
+            body=message.html if html_ok else message.text,
             title=message.subject or "",
             body_format=apprise.NotifyFormat.HTML if html_ok else apprise.NotifyFormat.TEXT,
-            timeout=timeout * 2 + 1,  # a backstop: the socket timeouts should fire first
-            log_level=logging.DEBUG,
+            log_level=logging.DEBUG,  # the socket error of a failed send is a DEBUG line
         )
     finally:
-        for lg, lvl in zip(loggers, levels, strict=True):
-            lg.removeHandler(collected)
-            lg.setLevel(lvl)
-    if result:
-        return "sent through Apprise"
-    messages = [entry.message for entry in result.logs()] + collected.messages
-    raise classify(result.status.name, messages)
-
-
-class _Collect(logging.Handler):
-    """Keep Apprise's log lines of one call in memory."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        _http_answers.reset(token)
+    with result:  # releases the captured lines
+        if result:
+            return "sent through Apprise"
+        # Warnings and errors, and the socket or plugin error; not the DEBUG lines that
+        # echo the payload or the provider's response body.
+        lines = [
+            entry.message
+            for entry in result.logs()
+            if entry.level != "DEBUG" or entry.message.startswith(_KEPT_DEBUG)
+        ]
+        status = result.status.name
+    raise classify(status, lines, answers)
 
 
 def _formats(notifier: apprise.Apprise) -> set[str]:

@@ -29,9 +29,18 @@ class NotFound(RemindersError):
 
 
 class DeliveryError(RemindersError):
-    """A channel could not deliver a message; `permanent` says whether retrying can help."""
+    """A channel could not deliver a message: transient, permanent, or of unknown outcome.
 
-    def __init__(self, reason: str, *, permanent: bool) -> None:
+    `permanent`: retrying cannot help (HTTP 4xx, SMTP 5yz, a bad URL). `unknown`: the
+    request may have reached the provider (a read timeout, a connection broken after the
+    hand-over), so an immediate retry could send twice; never permanent. Neither: nothing
+    was delivered and a retry may succeed.
+    """
+
+    def __init__(self, reason: str, *, permanent: bool = False, unknown: bool = False) -> None:
+        if permanent and unknown:
+            raise ValueError("a delivery error of unknown outcome cannot be permanent")
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
+        self.unknown = unknown

@@ -46,7 +46,7 @@ from jinja2 import (
 from jinja2.sandbox import SandboxedEnvironment
 
 from .catalog import Catalog
-from .clinics import Clinic
+from .clinics import Clinic, unreachable_problem
 from .errors import ConfigError
 from .models import CHANNELS, Booking, Channel
 from .planner import plan
@@ -332,9 +332,15 @@ def _file_errors(renderer: Renderer, catalog: Catalog) -> list[ConfigError]:
 
 def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
                    clinics_dir: Path) -> list[ConfigError]:
-    return [ConfigError(clinics_dir / f"{c.id}.toml",
-                        f"locale {c.locale!r} has no templates folder")
-            for c in clinics if c.locale not in catalog.locales]
+    """Return clinics whose locale has no templates or a channel with no URL and no outbox."""
+    errors = [ConfigError(clinics_dir / f"{c.id}.toml",
+                          f"locale {c.locale!r} has no templates folder")
+              for c in clinics if c.locale not in catalog.locales]
+    # The worker still loads such a clinic (one bad clinic must not stop the others),
+    # but its sends on that channel fail permanently.
+    errors += [ConfigError(clinics_dir / f"{c.id}.toml", unreachable_problem(channel))
+               for c in clinics for channel in c.unreachable_channels()]
+    return errors
 
 
 def _unused_templates(renderer: Renderer, catalog: Catalog) -> list[str]:
