@@ -23,6 +23,7 @@ from worker.models import Booking, parse_booking
 from worker.planner import (
     Plan,
     PlannedReminder,
+    at_send_time,
     last_opening_before,
     next_opening,
     plan,
@@ -858,3 +859,44 @@ def test_cli_plan_clinic_mismatch():
     done = reminders("plan", *NOW_ARG, "--clinic", "other", "examples/booking.json")
     assert done.returncode == 1
     assert "clinic" in done.stderr
+
+
+# --- the send-time rules (re-checked at the moment of sending) ------------------------------
+
+def test_at_send_time_sends_inside_the_window_before_expiry():
+    tz = ZoneInfo("Europe/Madrid")
+    now = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)  # 11:00 in Madrid
+    window = SendWindow(start="09:00", end="20:00")
+    assert at_send_time(now, window, tz, None).action == "send"
+    assert at_send_time(now, window, tz, now + timedelta(minutes=1)).action == "send"
+
+
+def test_at_send_time_defers_outside_the_window_to_the_next_opening():
+    tz = ZoneInfo("Europe/Madrid")
+    now = datetime(2026, 11, 21, 2, 0, tzinfo=UTC)  # 03:00 in Madrid
+    rule = at_send_time(now, SendWindow(start="09:00", end="20:00"), tz, None)
+    assert rule.action == "defer" and rule.at == datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
+    assert rule.reason == ("outside the send window 09:00-20:00 (patient-local): waits for "
+                           "2026-11-21 09:00 CET")
+
+
+def test_at_send_time_skips_past_expiry_or_when_the_next_opening_is_too_late():
+    tz = ZoneInfo("Europe/Madrid")
+    window = SendWindow(start="09:00", end="20:00")
+    now = datetime(2026, 11, 21, 2, 0, tzinfo=UTC)
+    past = at_send_time(now, window, tz, now - timedelta(seconds=1), "the visit has begun")
+    assert (past.action, past.reason) == ("skip", "not sent: the visit has begun")
+    visit = datetime(2026, 11, 21, 7, 30, tzinfo=UTC)  # 08:30, before the window opens
+    late = at_send_time(now, window, tz, visit, "the visit has begun")
+    assert late.action == "skip" and "outside the send window 09:00-20:00" in late.reason
+
+
+def test_every_planned_reminder_carries_its_expiry(catalog, booking_doc):
+    booking = parse_booking(booking_doc, catalog)
+    planned = plan(booking, catalog.protocols["microneedling"], catalog.clinics["glow"],
+                   EXAMPLE_NOW)
+    start = booking.starts_at.astimezone(UTC)
+    for r in planned.reminders:
+        if r.due_at < start:
+            assert r.expires_at is not None and r.expires_at <= start, r
+            assert r.expires_note

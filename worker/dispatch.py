@@ -114,8 +114,7 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     except DeliveryError as exc:
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
     except SoftTimeLimitExceeded:
-        exc = DeliveryError("the send ran out of time", permanent=False)
-        exc.unknown = True  # type: ignore[attr-defined]
+        exc = DeliveryError("the send ran out of time", unknown=True)
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
     result = durably(
         lambda: store.finish_sent(
@@ -201,7 +200,7 @@ def _deliver(
             now=now,
         )
         to = booking.patient.contact(channel)  # type: ignore[arg-type]
-        url = clinic.channel_url(channel, to) if channel in clinic.channels else None  # type: ignore[index]
+        url = clinic.delivery_url(channel, to)  # type: ignore[arg-type]
     except ConfigError as exc:
         raise DeliveryError(str(exc), permanent=True) from None
     except KeyError:
@@ -234,7 +233,7 @@ def _failed(
     settings, store = ctx.settings, ctx.store
     entry = entry | {"error": exc.reason, "seconds": round(time.monotonic() - started, 3)}
     now = datetime.now(UTC)
-    if getattr(exc, "unknown", False):
+    if exc.unknown:
         result = durably(
             lambda: store.finish_unknown(ref, attempt, exc.reason, entry), deadline, ref
         )

@@ -1,0 +1,115 @@
+"""Retention: a booking's keys expire after its last reminder; dead letters stay until
+replayed or purged; `reminders stats`, `purge`. Real Redis, real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tests.conftest import ROOT
+from worker.models import parse_booking
+from worker.planner import plan
+from worker.store import Attempt, Store
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+DAY = 86400
+
+
+def book(store, catalog, doc):
+    booking = parse_booking(doc, catalog)
+    planned = plan(booking, catalog.protocols[booking.treatment],
+                   catalog.clinics[booking.clinic], NOW)
+    return store.upsert(booking, planned, NOW), planned
+
+
+def booking_keys(store, clinic="glow", booking_id="A-1042"):
+    refs = [f"{clinic}/{booking_id}/{k}" for k in store.redis.smembers(
+        store.keys_key(clinic, booking_id))]
+    return [store.booking_key(clinic, booking_id), store.keys_key(clinic, booking_id)] + [
+        store.record_key(r) for r in refs]
+
+
+def test_every_key_of_a_booking_expires_retention_after_its_last_reminder(
+        redis_client, catalog, booking_doc):
+    store = Store(redis_client, "t", retention_days=90)
+    _, planned = book(store, catalog, booking_doc)
+    last = max(r.due_at.timestamp() for r in planned.reminders)
+    for key in booking_keys(store):
+        assert abs(redis_client.expiretime(key) - (last + 90 * DAY)) <= 1, key
+    assert redis_client.zscore(store.bookings_key("glow"), "A-1042") == redis_client.expiretime(
+        store.booking_key("glow", "A-1042"))
+
+
+def test_a_dead_letter_keeps_its_booking_until_replayed_or_purged(
+        redis_client, catalog, booking_doc):
+    store = Store(redis_client, "t", retention_days=90)
+    book(store, catalog, booking_doc)
+    ref = "glow/A-1042/booking-confirmation:email"
+    redis_client.zadd(store.due_key, {ref: 0})
+    (claim,) = [c for c in store.claim_due(50, 60) if c.ref == ref]
+    attempt = Attempt(claim.version, claim.claim, "tok")
+    assert store.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"
+    assert store.finish_failed(ref, attempt, "permanent failure: SMTP 550") == "ok"
+    for key in booking_keys(store) + [store.attempts_key(ref)]:
+        assert redis_client.ttl(key) == -1, key  # kept: no expiry while a dead letter waits
+    assert store.purge([ref], NOW) == [ref]
+    assert store.dead_letters() == []
+    assert store.record(ref)["status"] == "failed"
+    assert store.record(ref)["reason"].startswith("purged from the dead letters")
+    for key in booking_keys(store):
+        assert redis_client.ttl(key) > 89 * DAY, key
+
+
+def test_a_sent_ledger_expires_with_its_booking_but_a_held_one_keeps_its_own_ttl(
+        redis_client, catalog, booking_doc):
+    store = Store(redis_client, "t", retention_days=90)
+    book(store, catalog, booking_doc)
+    refs = ["glow/A-1042/booking-confirmation:email", "glow/A-1042/stop-retinoids:sms"]
+    for ref in refs:
+        redis_client.zadd(store.due_key, {ref: 0})
+    claims = {c.ref: c for c in store.claim_due(50, 60)}
+    for ref in refs:
+        assert store.begin_send(ref, claims[ref].version, claims[ref].claim, "t" + ref,
+                                60_000) == "ok"
+    sent = Attempt(claims[refs[0]].version, claims[refs[0]].claim, "t" + refs[0])
+    assert store.finish_sent(refs[0], sent, NOW) == "ok"
+    assert redis_client.ttl(store.ledger_key(refs[0])) > 89 * DAY
+    assert 0 < redis_client.pttl(store.ledger_key(refs[1])) <= 60_000  # still in flight
+
+
+def reminders_cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env.update(REMINDERS_REDIS_URL=redis_url, REMINDERS_KEY_PREFIX="reminders",
+               REMINDERS_CONFIG_DIR=str(ROOT / "config"),
+               REMINDERS_TEMPLATES_DIR=str(ROOT / "templates"))
+    return subprocess.run([str(Path(sys.executable).parent / "reminders"), *args], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_stats_and_purge_commands(redis_server, redis_client, catalog, booking_doc):
+    store = Store(redis_client, "reminders")
+    timeline, _ = book(store, catalog, booking_doc)
+    ref = "glow/A-1042/booking-confirmation:email"
+    redis_client.zadd(store.due_key, {ref: 0})
+    (claim,) = [c for c in store.claim_due(50, 60) if c.ref == ref]
+    assert store.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"
+    store.finish_failed(ref, Attempt(claim.version, claim.claim, "tok"), "permanent: HTTP 400")
+
+    stats = json.loads(reminders_cli("stats", "--json", redis_url=redis_server.url).stdout)
+    n = len(timeline["reminders"])
+    assert stats == {"retention_days": 90.0, "bookings": {"glow": 1}, "bookings_total": 1,
+                     "reminders_kept": n, "attempt_logs": 1, "ledger_entries": 0,
+                     "due": n - 1, "leased": 0, "dead_letters": 1}
+    text = reminders_cli("stats", redis_url=redis_server.url).stdout
+    assert "bookings kept: 1" in text and "dead letters 1" in text
+
+    missing = reminders_cli("purge", "glow/A-1042/nope", redis_url=redis_server.url)
+    assert missing.returncode == 1 and "not dead-lettered: glow/A-1042/nope" in missing.stderr
+    assert reminders_cli("purge", redis_url=redis_server.url).returncode == 2
+    done = reminders_cli("purge", "--json", "A-1042", redis_url=redis_server.url)
+    assert json.loads(done.stdout) == {"purged": [ref]}
+    assert store.dead_letters() == []
