@@ -442,3 +442,44 @@ def test_replay_obeys_the_send_time_rules(rig):
     (claim,) = rig.store.claim_due(10, 8)
     assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "skipped"
     assert len(rig.gate.bodies) == 1  # only the first, refused attempt
+
+
+# --- Redis unreachable when the provider has accepted ------------------------------------------
+
+def test_a_delivery_is_recorded_after_a_redis_outage_at_the_moment_of_finishing(
+        tmp_path, gate):
+    """Redis goes down while the message is on the wire and comes back a few seconds later:
+    the delivery is recorded (client retries), never left `sending` to be sent again."""
+    from worker.embedded import RedisServer
+    from worker.store import connect
+
+    server = RedisServer(tmp_path / "redis").start()
+    restarted = None
+    try:
+        config = write_config(tmp_path / "config", gate.port)
+        settings = Settings(config_dir=config, templates_dir=ROOT / "templates",
+                            lease_seconds=60, send_timeout_seconds=2, _env_file=None)
+        catalog = Catalog.load(settings)
+        store = Store(connect(server.url), PREFIX)
+        rig = Rig(store, Context(settings, store, catalog, Renderer(catalog.templates_dir)),
+                  catalog, gate)
+        rig.book(rig.booking())
+        thread, result = rig.park(PREP)
+        server.stop()  # SIGTERM: the AOF is flushed, as after a clean restart
+        gate.answer(200)  # the provider accepts while Redis is away
+        time.sleep(3)
+        assert thread.is_alive()  # still trying to record the delivery
+        restarted = RedisServer(tmp_path / "redis", port=server.port).start()
+        thread.join(60)
+        assert result["outcome"] == "sent"
+        s = rig.state(PREP)
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert (s["due"], s["lease"]) == (None, None)
+        assert [e["outcome"] for e in s["log"]] == ["sent"]
+        store.redis.zadd(store.lease_key, {PREP: 0})  # even if its lease had run out
+        assert store.claim_due(10, 60) == []
+        assert len(gate.bodies) == 1
+    finally:
+        server.stop()
+        if restarted is not None:
+            restarted.stop()
