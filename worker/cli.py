@@ -23,6 +23,7 @@ from .errors import BookingRejected, ConfigError, NotFound
 from .models import Booking, parse_booking
 from .planner import plan
 from .settings import Settings, get_settings
+from .status import Status
 from .store import Store, connect
 from .timeline import from_plan, render_table
 
@@ -208,7 +209,7 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     timelines = [store.upsert(booking, planned, now) for booking, planned in accepted]
     soon = now + timedelta(seconds=settings.pump_interval_seconds)
     if any(
-        r.status == "scheduled" and r.due_at <= soon and p.status == "scheduled"
+        r.status == Status.SCHEDULED and r.due_at <= soon and p.status == Status.SCHEDULED
         for _, p in accepted
         for r in p.reminders
     ):
@@ -271,7 +272,7 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
     clinic = clinic_of(args, catalog)
     store = open_store(settings)
     current = store.timeline(clinic, args.booking_id)
-    if current["status"] != "held":
+    if current["status"] != Status.HELD:
         print(
             f"{clinic}/{args.booking_id} is not held (status {current['status']})", file=sys.stderr
         )
