@@ -1,0 +1,875 @@
+"""The fault drill: the send path under kills and outages loses nothing.
+
+    python -m benchmarks.fault_drill [--bookings 750] [--quick] [--workdir DIR] [--json PATH]
+
+One run, on 127.0.0.1 only:
+
+- a real redis-server (AOF on, appendfsync everysec, its own data folder), two Celery
+  workers (`celery -A worker.celery_app worker --concurrency 2`) and beat, each in its own
+  process group; a real SMTP server and a real HTTP SMS gateway (benchmarks/sinks.py);
+- a clinic `drill` whose channels point at them (send window all day) and a protocol
+  `drill` of four messages per booking, two emails and two SMS, 1-7 s after the start
+  (after it, so that no reminder expires while an outage delays it);
+- bookings through `reminders book -` (JSON lines on stdin), with starts spread so that
+  every message falls due within the first minute;
+- while it drains: a worker SIGKILLed (its whole process group) every few seconds and
+  started again, Redis SIGKILLed once and started again on the same port and data
+  folder, the SMTP server down for a while.
+
+Then it waits until every message has arrived (or a time limit), and until nothing is
+due or leased, and prints what the sinks received against what was booked. A message is
+named by (channel, recipient, subject or SMS text): every booking has its own email
+address and phone number and every step its own template, so the same name arriving
+twice is one reminder sent twice. A duplicate is explained when its earlier copy was
+accepted just before a kill (within --explain-window seconds before a worker SIGKILL,
+or from that long before a Redis kill until Redis was back): the kill landed inside or
+just after the provider call, before the outcome was recorded. Anything else fails the
+drill: a lost message, a dead letter (`reminders dead-letters --json`), an unexplained
+duplicate, or a message nobody booked. Exit 0 only if none of those happened.
+
+Every process is stopped (SIGTERM, then SIGKILL, to its process group) however the run
+ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from benchmarks.procs import Processes, group_pids, wait_for
+from benchmarks.sinks import HttpSink, Received, SmtpSink
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CLINIC = "drill"
+PROTOCOL = "drill"
+KEY_PREFIX = "reminders"
+START_TIMEOUT = 60.0
+CLI_TIMEOUT = 120.0
+POLL_SECONDS = 0.5
+PROGRESS_SECONDS = 10.0
+# A worker's kill explains a copy accepted up to this long after it: the sink may record
+# a message whose sender was already dead by the time the line was written.
+AFTER_KILL_SLACK = 0.25
+DETAIL_LIMIT = 30  # lost or duplicated reminders shown with their timeline and attempt log
+RETRY_SAMPLE = 50  # bookings whose timelines are read to count retried reminders
+
+# Every step is after the start: a step meant for before the visit expires once the visit
+# has begun (worker/planner.py `expiry`), and a 30 s outage must not turn into skips.
+DRILL_PROTOCOL = """
+name = "Fault drill protocol"
+description = "Four messages within seconds after the start (fault drill only)."
+[[steps]]
+id = "aftercare"
+offset = "1s"
+channels = ["email"]
+template = "microneedling-aftercare"
+[[steps]]
+id = "spf"
+offset = "3s"
+channels = ["sms"]
+template = "spf-morning"
+[[steps]]
+id = "redness"
+offset = "5s"
+channels = ["sms"]
+template = "microneedling-redness"
+[[steps]]
+id = "check"
+offset = "7s"
+channels = ["email"]
+template = "week-check"
+"""
+MESSAGES_PER_BOOKING = 4
+
+
+@dataclass(frozen=True)
+class DrillParams:
+    """What one drill does; `make faults` uses the defaults."""
+
+    bookings: int = 750  # x4 messages each
+    lead: float = 5.0  # seconds from booking to the first start
+    spread: float = 40.0  # starts spread evenly over this many seconds after `lead`
+    workers: int = 2
+    concurrency: int = 2
+    kill_first: float = 5.0  # first worker SIGKILL, seconds after the bookings went in
+    kill_every: float = 5.0  # then one every this many seconds...
+    worker_kills: int = 12  # ...this many in all, alternating between workers
+    redis_kill_at: float = 25.0  # Redis SIGKILLed once, this long after the bookings
+    smtp_down_at: float = 10.0  # the SMTP server goes down this long after the bookings...
+    smtp_down_for: float = 30.0  # ...for this long
+    lease_seconds: int = 20  # REMINDERS_LEASE_SECONDS
+    send_timeout: float = 4.0  # REMINDERS_SEND_TIMEOUT_SECONDS
+    backoff_base: float = 1.0  # REMINDERS_BACKOFF_BASE_SECONDS
+    backoff_cap: float = 4.0  # REMINDERS_BACKOFF_CAP_SECONDS
+    max_attempts: int = 100  # REMINDERS_MAX_ATTEMPTS: an outage must never dead-letter
+    explain_window: float = 2.0  # seconds before a kill that explain a duplicate
+    timeout: float = 300.0  # give up waiting for deliveries this long after the bookings
+
+    def service_env(self) -> dict[str, str]:
+        return {
+            "REMINDERS_LEASE_SECONDS": str(self.lease_seconds),
+            "REMINDERS_SEND_TIMEOUT_SECONDS": f"{self.send_timeout:g}",
+            "REMINDERS_BACKOFF_BASE_SECONDS": f"{self.backoff_base:g}",
+            "REMINDERS_BACKOFF_CAP_SECONDS": f"{self.backoff_cap:g}",
+            "REMINDERS_MAX_ATTEMPTS": str(self.max_attempts),
+        }
+
+
+QUICK = {"bookings": 60, "spread": 10.0, "kill_first": 4.0, "kill_every": 6.0,
+         "worker_kills": 2, "redis_kill_at": 9.0, "smtp_down_at": 3.0, "smtp_down_for": 10.0,
+         "lease_seconds": 12, "timeout": 150.0}
+
+
+@dataclass
+class Fault:
+    """One fault the drill caused; `until` is when it was over (the service was whole)."""
+
+    kind: str  # "worker kill", "redis kill", "smtp down"
+    at: float  # epoch seconds
+    until: float
+    detail: str
+
+    def explains(self, accepted_at: float, window: float) -> bool:
+        """Whether a copy accepted at `accepted_at` may have lost its outcome to this fault."""
+        if self.kind == "worker kill":
+            return self.at - window <= accepted_at <= self.at + AFTER_KILL_SLACK
+        if self.kind == "redis kill":
+            # A send under way when Redis died could finish at the provider while Redis
+            # was down; its outcome could not be recorded until Redis was back.
+            return self.at - window <= accepted_at <= self.until + AFTER_KILL_SLACK
+        return False
+
+
+@dataclass
+class Duplicate:
+    ref: str
+    key: tuple[str, str, str]
+    copies: list[float]  # acceptance times, oldest first
+    explanations: list[str]  # one per copy but the last: why it was sent again, or ""
+    timeline: dict[str, Any] | None = None  # the reminder, from `reminders show --json`
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def explained(self) -> bool:
+        return all(self.explanations)
+
+
+@dataclass
+class DrillReport:
+    params: DrillParams
+    started_at: float  # when the bookings went in
+    expected: int = 0
+    delivered: int = 0  # distinct reminders that arrived
+    received: int = 0  # messages the sinks accepted, copies included
+    duplicates: list[Duplicate] = field(default_factory=list)
+    lost: list[dict[str, Any]] = field(default_factory=list)  # ref, key, timeline, attempts
+    unexpected: list[dict[str, Any]] = field(default_factory=list)  # received, never booked
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    unexpected_exits: list[str] = field(default_factory=list)  # processes that died unasked
+    booking_seconds: float = 0.0
+    first_due_at: float = 0.0
+    last_due_at: float = 0.0
+    last_delivery_at: float | None = None
+    last_fault_over_at: float = 0.0
+    retried: int = 0  # reminders whose timeline shows more than one attempt
+    seconds: float = 0.0
+    workdir: str = ""
+
+    @property
+    def worker_kills(self) -> int:
+        return sum(f.kind == "worker kill" for f in self.faults)
+
+    @property
+    def redis_kills(self) -> int:
+        return sum(f.kind == "redis kill" for f in self.faults)
+
+    @property
+    def smtp_down_seconds(self) -> float:
+        return sum(f.until - f.at for f in self.faults if f.kind == "smtp down")
+
+    @property
+    def unexplained(self) -> list[Duplicate]:
+        return [d for d in self.duplicates if not d.explained]
+
+    @property
+    def duplicate_sends(self) -> int:
+        return sum(len(d.copies) - 1 for d in self.duplicates)
+
+    @property
+    def drain_seconds(self) -> float | None:
+        """Seconds from the end of the last fault to the last first delivery (0 if before)."""
+        if self.last_delivery_at is None:
+            return None
+        return max(0.0, self.last_delivery_at - self.last_fault_over_at)
+
+    @property
+    def ok(self) -> bool:
+        return (not self.lost and not self.dead_letters and not self.unexplained
+                and not self.unexpected and self.delivered == self.expected > 0)
+
+
+# --- the service, as ops would run it ---------------------------------------------------
+
+
+class Service:
+    """Redis, the workers and beat for one drill, each the leader of its process group."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], params: DrillParams,
+                 procs: Processes, report: DrillReport) -> None:
+        from worker.embedded import free_port
+
+        self.workdir, self.env, self.params = workdir, env, params
+        self.procs, self.report = procs, report
+        self.redis_port = free_port()
+        self.redis_dir = workdir / "redis"
+        self.redis_proc: subprocess.Popen[bytes] | None = None
+        self.slots: dict[str, subprocess.Popen[bytes]] = {}  # "w1" -> its current process
+        self.logs: dict[int, Path] = {}  # pid -> log
+        self.incarnations: Counter[str] = Counter()
+        self.beat_proc: subprocess.Popen[bytes] | None = None
+        self.killed: set[int] = set()  # pids we killed (their exit is no surprise)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    # Redis -----------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        from worker.embedded import redis_server_binary
+
+        self.redis_dir.mkdir(parents=True, exist_ok=True)
+        argv = [redis_server_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                "--dir", str(self.redis_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                "--maxmemory-policy", "noeviction", "--save", "", "--daemonize", "no",
+                "--logfile", "redis.log"]
+        self.redis_proc = self.procs.spawn(argv, env=self.env, cwd=self.redis_dir,
+                                           log=self.workdir / "redis-stdout.log")
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+
+        def answers() -> bool:
+            if self.redis_proc is not None and self.redis_proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited; see {self.redis_dir / 'redis.log'}")
+            try:
+                return bool(client.ping())
+            except redis.RedisError:  # not listening yet, or still loading the AOF
+                return False
+
+        try:
+            wait_for(answers, START_TIMEOUT, "redis-server start")
+        finally:
+            client.close()
+
+    def kill_redis(self) -> Fault:
+        """SIGKILL redis-server, then start it again on the same port and data folder."""
+        assert self.redis_proc is not None
+        at = self.kill_group(self.redis_proc)
+        self.start_redis()
+        return Fault("redis kill", at, time.time(), f"port {self.redis_port}, AOF restart")
+
+    # Celery ----------------------------------------------------------------------
+
+    def start_worker(self, slot: str) -> subprocess.Popen[bytes]:
+        n = self.incarnations[slot]
+        self.incarnations[slot] += 1
+        log = self.workdir / f"{slot}.{n}.log"
+        proc = self.procs.spawn(
+            [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--loglevel=INFO",
+             f"--concurrency={self.params.concurrency}", "--pool=prefork",
+             "-Q", "reminders.send,reminders.pump", "-n", f"{slot}-{n}@%h",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            env=self.env, cwd=self.workdir, log=log)
+        self.slots[slot] = proc
+        self.logs[proc.pid] = log
+        return proc
+
+    def is_ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        return proc.poll() is None and b" ready." in self.logs[proc.pid].read_bytes()
+
+    def start_beat(self) -> None:
+        log = self.workdir / "beat.log"
+        self.beat_proc = self.procs.spawn(
+            [str(BIN / "celery"), "-A", "worker.celery_app", "beat", "--loglevel=INFO",
+             "-s", str(self.workdir / "beat-schedule")], env=self.env, cwd=self.workdir, log=log)
+        self.logs[self.beat_proc.pid] = log
+
+    def start(self) -> None:
+        """Start Redis, the workers, beat; return once a pump tick has run on a worker."""
+        self.start_redis()
+        for i in range(self.params.workers):
+            self.start_worker(f"w{i + 1}")
+        for proc in self.slots.values():
+            wait_for(lambda p=proc: self.is_ready(p) or p.poll() is not None, START_TIMEOUT,
+                     "worker start")
+            if proc.poll() is not None:
+                raise RuntimeError(f"a worker exited at start; see {self.logs[proc.pid]}")
+        self.start_beat()
+        wait_for(lambda: any(b"Task reminders.pump[" in self.logs[p.pid].read_bytes()
+                             for p in self.slots.values()), START_TIMEOUT, "first pump tick")
+
+    def kill_worker(self, slot: str) -> Fault:
+        """SIGKILL a worker's process group (main process and pool) and start a new one."""
+        proc = self.slots[slot]
+        ready = self.is_ready(proc)
+        at = self.kill_group(proc)
+        new = self.start_worker(slot)
+        return Fault("worker kill", at, at,
+                     f"{slot} pid {proc.pid} ({'ready' if ready else 'starting'}); "
+                     f"restarted as pid {new.pid}")
+
+    def kill_group(self, proc: subprocess.Popen[bytes]) -> float:
+        """SIGKILL every process of `proc`'s group; return when the signal was sent."""
+        self.killed.add(proc.pid)
+        at = time.time()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while group_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc in self.procs.running:
+            self.procs.running.remove(proc)
+        return at
+
+    def stop(self) -> None:
+        """Stop beat, then the workers, then Redis (so none of them sees Redis go first)."""
+        for proc in [self.beat_proc, *self.slots.values(), self.redis_proc]:
+            if proc is not None and proc in self.procs.running:
+                self.procs.stop(proc)
+
+    def supervise(self) -> None:
+        """Restart a worker or beat that exited without being killed; note it."""
+        for slot, proc in list(self.slots.items()):
+            if proc.poll() is not None and proc.pid not in self.killed:
+                self.report.unexpected_exits.append(
+                    f"{slot} pid {proc.pid} exited ({proc.returncode}) at "
+                    f"T+{time.time() - self.report.started_at:.1f}s; see {self.logs[proc.pid]}")
+                self.procs.running.remove(proc)
+                self.start_worker(slot)
+        if self.beat_proc is not None and self.beat_proc.poll() is not None:
+            self.report.unexpected_exits.append(
+                f"beat pid {self.beat_proc.pid} exited ({self.beat_proc.returncode}); restarted")
+            self.procs.running.remove(self.beat_proc)
+            self.start_beat()
+
+    # The CLI ---------------------------------------------------------------------
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "reminders"), *args], env=self.env, input=stdin,
+                              capture_output=True, text=True, cwd=self.workdir,
+                              timeout=CLI_TIMEOUT)
+
+    def cli_json(self, *args: str) -> Any:
+        result = self.cli(*args)
+        if result.returncode != 0:
+            raise RuntimeError(f"reminders {' '.join(args)}: {result.stderr.strip()}")
+        return json.loads(result.stdout)
+
+    def quiet(self) -> bool:
+        """Nothing due or leased: no send can happen any more (False while Redis is away)."""
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+        try:
+            return (client.zcard(f"{KEY_PREFIX}:due") == 0
+                    and client.zcard(f"{KEY_PREFIX}:lease") == 0)
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def status_of(self, ref: str) -> str:
+        """Return a reminder's stored status and reason, for a report ("?" if unreadable)."""
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2)
+        try:
+            status, reason = client.hmget(f"{KEY_PREFIX}:r:{ref}", "status", "reason")
+            return f"{status}: {reason}" if reason else str(status)
+        except redis.RedisError:
+            return "?"
+        finally:
+            client.close()
+
+    def attempt_log(self, ref: str) -> list[dict[str, Any]]:
+        """Return a reminder's attempt log (evidence for a report; empty if unreadable)."""
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2)
+        try:
+            return [json.loads(x) for x in client.lrange(f"{KEY_PREFIX}:a:{ref}", 0, -1)]
+        except (redis.RedisError, ValueError):
+            return []
+        finally:
+            client.close()
+
+
+# --- what was booked, what arrived ------------------------------------------------------
+
+
+def write_config(folder: Path, smtp_port: int, sms_port: int) -> Path:
+    (folder / "protocols").mkdir(parents=True)
+    (folder / "clinics").mkdir()
+    (folder / "protocols" / f"{PROTOCOL}.toml").write_text(DRILL_PROTOCOL, encoding="utf-8")
+    (folder / "clinics" / f"{CLINIC}.toml").write_text(f"""
+name = "Drill Skin Clinic"
+phone = "+34910000000"
+timezone = "UTC"
+locale = "en"
+[send_window]
+start = "00:00"
+end = "24:00"
+[channels]
+email = "mailto://127.0.0.1:{smtp_port}?from=clinic@example.com&to={{to}}&mode=insecure"
+sms = "json://127.0.0.1:{sms_port}/sms?:to={{to}}"
+""", encoding="utf-8")
+    return folder
+
+
+def booking_docs(params: DrillParams, now: datetime) -> list[dict[str, Any]]:
+    """The drill's bookings: each its own email and phone, starts spread over `spread`."""
+    n = params.bookings
+    docs = []
+    for i in range(n):
+        starts = now + timedelta(seconds=params.lead + params.spread * i / max(1, n - 1))
+        docs.append({
+            "clinic": CLINIC, "booking_id": f"D-{i:05d}", "treatment": PROTOCOL,
+            "starts_at": starts.isoformat(timespec="milliseconds"),
+            "patient": {"name": "Ana López", "email": f"d-{i:05d}@example.com",
+                        "phone": f"+346001{i:05d}", "timezone": "UTC", "locale": "en",
+                        "channels": ["sms", "email"]},
+        })
+    return docs
+
+
+def _norm(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def message_key(m: Received) -> tuple[str, str, str]:
+    """Name a received message: (channel, recipient, subject or SMS text)."""
+    return (m.channel, m.to, _norm(m.subject if m.channel == "email" else m.text))
+
+
+def expected_messages(config: Path, docs: list[dict[str, Any]],
+                      timelines: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """Render every booked reminder as the sinks will see it; return its name -> ref."""
+    from worker.catalog import Catalog
+    from worker.models import parse_booking
+    from worker.rendering import Renderer
+    from worker.settings import Settings
+
+    catalog = Catalog.load(Settings(config_dir=config, templates_dir=ROOT / "templates",
+                                    _env_file=None))
+    renderer = Renderer(catalog.templates_dir)
+    protocol, clinic = catalog.protocols[PROTOCOL], catalog.clinics[CLINIC]
+    templates = {s.id: s.template for s in protocol.steps}
+    names: dict[tuple[str, str, str], str] = {}
+    for doc, timeline in zip(docs, timelines, strict=True):
+        booking = parse_booking(doc, catalog)
+        dates: dict[str, datetime] = {}
+        for r in timeline["reminders"]:
+            when = _dt(r["due_at"])
+            dates[r["step"]] = min(when, dates.get(r["step"], when))
+        for r in timeline["reminders"]:
+            # The timeline is read after each booking is stored: a confirmation may be on
+            # its way already. Anything not meant to be sent is a broken drill set-up.
+            if r["status"] in ("skipped", "cancelled", "failed"):
+                raise RuntimeError(f"{doc['booking_id']} {r['id']}: planned {r['status']} "
+                                   f"({r['reason']})")
+            msg = renderer.render(template=templates[r["step"]], channel=r["channel"],
+                                  booking=booking, clinic=clinic, protocol=protocol, occurrence=1,
+                                  due_at=_dt(r["due_at"]), plan_dates=dates)
+            to = booking.patient.email if r["channel"] == "email" else booking.patient.phone
+            key = (r["channel"], str(to), _norm(msg.subject if r["channel"] == "email"
+                                                else msg.text))
+            ref = f"{CLINIC}/{doc['booking_id']}/{r['id']}"
+            if key in names:
+                raise RuntimeError(f"{ref} and {names[key]} would look the same at the sink")
+            names[key] = ref
+    return names
+
+
+def _dt(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def received_by_name(smtp: SmtpSink, sms: HttpSink) -> dict[tuple[str, str, str], list[float]]:
+    out: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for m in sorted(smtp.snapshot() + sms.snapshot(), key=lambda m: m.at):
+        out[message_key(m)].append(m.at)
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def fault_plan(params: DrillParams, t0: float) -> list[tuple[float, str]]:
+    """Return (when, what) for every fault, in order: kills, the Redis kill, the outage."""
+    plan = [(t0 + params.kill_first + k * params.kill_every, f"kill w{k % params.workers + 1}")
+            for k in range(params.worker_kills)]
+    if params.redis_kill_at >= 0:
+        plan.append((t0 + params.redis_kill_at, "kill redis"))
+    if params.smtp_down_for > 0:
+        plan.append((t0 + params.smtp_down_at, "smtp down"))
+        plan.append((t0 + params.smtp_down_at + params.smtp_down_for, "smtp up"))
+    return sorted(plan)
+
+
+def say(text: str) -> None:
+    print(f"[drill] {text}", file=sys.stderr, flush=True)
+
+
+def run_drill(params: DrillParams, workdir: Path) -> DrillReport:
+    """Run the drill in `workdir` (logs stay there); return what happened."""
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    procs = Processes()
+    smtp, sms = SmtpSink(), HttpSink()
+    report = DrillReport(params=params, started_at=time.time(), workdir=str(workdir))
+    service: Service | None = None
+    try:
+        smtp.start()
+        sms.start()
+        config = write_config(workdir / "config", smtp.port, sms.port)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REMINDERS_", "CELERY_"))}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        service = Service(workdir, env, params, procs, report)
+        env.update({
+            "REMINDERS_REDIS_URL": service.redis_url,
+            "REMINDERS_CONFIG_DIR": str(config),
+            "REMINDERS_TEMPLATES_DIR": str(ROOT / "templates"),
+            "REMINDERS_DATA_DIR": str(workdir / "data"),
+            "REMINDERS_KEY_PREFIX": KEY_PREFIX,
+            **params.service_env(),
+        })
+        say(f"starting redis, {params.workers} workers, beat in {workdir}")
+        service.start()
+        _drive(params, service, config, smtp, sms, report)
+    finally:
+        if service is not None:
+            service.stop()
+        procs.stop_all()
+        smtp.stop()
+        sms.stop()
+        report.seconds = time.monotonic() - started
+    return report
+
+
+def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, sms: HttpSink,
+           report: DrillReport) -> None:
+    now = datetime.now(UTC)
+    docs = booking_docs(params, now)
+    report.started_at = t0 = time.time()
+    say(f"booking {len(docs)} x {MESSAGES_PER_BOOKING} through `reminders book -`")
+    result = service.cli("book", "--json", "-", stdin="\n".join(json.dumps(d) for d in docs))
+    if result.returncode != 0:
+        raise RuntimeError(f"reminders book failed: {result.stderr.strip()[-2000:]}")
+    report.booking_seconds = time.time() - t0
+    out = json.loads(result.stdout)
+    timelines = out if isinstance(out, list) else [out]
+    names = expected_messages(config, docs, timelines)
+    report.expected = len(names)
+    dues = [_dt(r["due_at"]).timestamp() for t in timelines for r in t["reminders"]]
+    report.first_due_at, report.last_due_at = min(dues), max(dues)
+    say(f"{report.expected} reminders due between T+{report.first_due_at - t0:.1f}s and "
+        f"T+{report.last_due_at - t0:.1f}s (booking took {report.booking_seconds:.1f}s)")
+
+    plan = [(when, what, when) for when, what in fault_plan(params, t0)]  # + first planned
+    smtp_down_since: float | None = None
+    deadline = t0 + params.timeout
+    next_progress = t0 + PROGRESS_SECONDS
+    delivered = 0
+    while time.time() < deadline:
+        while plan and plan[0][0] <= time.time():
+            _, what, planned = plan.pop(0)
+            if what.startswith("kill w"):
+                slot = what.split()[1]
+                proc = service.slots[slot]
+                if (not service.is_ready(proc) and proc.poll() is None
+                        and time.time() < planned + START_TIMEOUT):
+                    # Kill a worker at work: a restarted one still starting is killed once up.
+                    bisect.insort(plan, (time.time() + 0.2, what, planned))
+                    break
+                fault = service.kill_worker(slot)
+            elif what == "kill redis":
+                fault = service.kill_redis()
+            elif what == "smtp down":
+                smtp.down()
+                smtp_down_since = time.time()
+                say(f"T+{smtp_down_since - t0:5.1f}s smtp down: port {smtp.port} refuses "
+                    f"connections for {params.smtp_down_for:g}s")
+                continue
+            else:
+                smtp.up()
+                assert smtp_down_since is not None
+                fault = Fault("smtp down", smtp_down_since, time.time(),
+                              f"port {smtp.port} refused connections")
+            report.faults.append(fault)
+            event = "smtp up" if fault.kind == "smtp down" else fault.kind
+            say(f"T+{time.time() - t0:5.1f}s {event}: {fault.detail}")
+        service.supervise()
+        received = received_by_name(smtp, sms)
+        delivered = sum(1 for k in names if k in received)
+        if delivered == len(names) and not plan:
+            break
+        if time.time() >= next_progress:
+            say(f"T+{time.time() - t0:5.1f}s {delivered}/{len(names)} delivered")
+            next_progress += PROGRESS_SECONDS
+        time.sleep(POLL_SECONDS)
+    report.last_fault_over_at = max((f.until for f in report.faults), default=t0)
+    say(f"{delivered}/{len(names)} delivered at T+{time.time() - t0:.1f}s; waiting until "
+        "nothing is due or leased")
+    # A reminder whose outcome a kill lost is still leased: wait for it to be sent again.
+    try:
+        wait_for(service.quiet, max(10.0, 3.0 * params.lease_seconds), "nothing due or leased")
+    except TimeoutError as exc:
+        say(str(exc))
+    time.sleep(2.0)  # for a stray send to land
+    _account(service, names, smtp, sms, report)
+
+
+def _account(service: Service, names: dict[tuple[str, str, str], str], smtp: SmtpSink,
+             sms: HttpSink, report: DrillReport) -> None:
+    """Compare what arrived with what was booked; explain every duplicate."""
+    received = received_by_name(smtp, sms)
+    report.received = sum(len(v) for v in received.values())
+    report.delivered = sum(1 for k in names if k in received)
+    firsts = [received[k][0] for k in names if k in received]
+    report.last_delivery_at = max(firsts, default=None)
+    timelines: dict[str, dict[str, Any]] = {}
+
+    def timeline_of(ref: str) -> dict[str, Any] | None:
+        booking_id = ref.split("/")[1]
+        if booking_id not in timelines:
+            try:
+                timelines[booking_id] = service.cli_json("show", "--json", "--clinic", CLINIC,
+                                                         booking_id)
+            except (RuntimeError, ValueError, subprocess.TimeoutExpired):
+                return None
+        rid = ref.split("/", 2)[2]
+        return next((r for r in timelines[booking_id]["reminders"] if r["id"] == rid), None)
+
+    report.duplicates, report.unexpected = find_duplicates(
+        received, names, report.faults, report.params.explain_window, report.started_at)
+    for dup in report.duplicates[:DETAIL_LIMIT]:  # `reminders show` takes about a second
+        dup.timeline, dup.attempt_log = timeline_of(dup.ref), service.attempt_log(dup.ref)
+    for key, ref in names.items():
+        if key not in received:
+            detailed = len(report.lost) < DETAIL_LIMIT  # `reminders show` takes a second
+            report.lost.append({"ref": ref, "key": list(key),
+                                "status": service.status_of(ref),
+                                "timeline": timeline_of(ref) if detailed else None,
+                                "attempt_log": service.attempt_log(ref) if detailed else []})
+    try:
+        report.dead_letters = service.cli_json("dead-letters", "--json")
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+        report.dead_letters = [{"error": f"could not read dead letters: {exc}"}]
+    # How hard the faults hit: reminders that needed more than one attempt (sampled).
+    sample = sorted({ref.split("/")[1] for ref in names.values()})[:RETRY_SAMPLE]
+    for booking_id in sample:
+        try:
+            t = service.cli_json("show", "--json", "--clinic", CLINIC, booking_id)
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired):
+            continue
+        report.retried += sum(1 for r in t["reminders"] if r["attempts"] > 1)
+
+
+def find_duplicates(received: dict[tuple[str, str, str], list[float]],
+                    names: dict[tuple[str, str, str], str], faults: list[Fault], window: float,
+                    t0: float) -> tuple[list[Duplicate], list[dict[str, Any]]]:
+    """Return the reminders that arrived more than once, each copy explained or not, and
+    the messages that match no booked reminder.
+
+    Every copy but the last was followed by another send: its outcome was lost. That is
+    explained only by a kill just after it reached the provider (see Fault.explains).
+    """
+    kills = [f for f in faults if f.kind in ("worker kill", "redis kill")]
+    duplicates, unexpected = [], []
+    for key, copies in received.items():
+        ref = names.get(key)
+        if ref is None:
+            unexpected.append({"key": list(key), "copies": len(copies)})
+            continue
+        if len(copies) == 1:
+            continue
+        copies = sorted(copies)
+        explanations = []
+        for at in copies[:-1]:
+            fault = next((f for f in kills if f.explains(at, window)), None)
+            explanations.append("" if fault is None else _explain(at, fault, t0))
+        duplicates.append(Duplicate(ref=ref, key=key, copies=copies,
+                                    explanations=explanations))
+    return duplicates, unexpected
+
+
+def _explain(at: float, fault: Fault, t0: float) -> str:
+    if at <= fault.at:
+        when = f"{fault.at - at:.2f}s before the {fault.kind} at T+{fault.at - t0:.1f}s"
+    else:
+        when = f"{at - fault.at:.2f}s after the {fault.kind} at T+{fault.at - t0:.1f}s"
+    return f"copy accepted at T+{at - t0:.2f}s, {when} ({fault.detail})"
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def table_rows(report: DrillReport) -> list[tuple[str, str]]:
+    drain = report.drain_seconds
+    unexplained = len(report.unexplained)
+    return [
+        ("expected reminders", f"{report.expected:,}"),
+        ("delivered (unique)", f"{report.delivered:,}"),
+        ("duplicates (extra copies)",
+         f"{report.duplicate_sends} ({report.duplicate_sends and len(report.duplicates)} "
+         f"reminders, {unexplained} unexplained)"),
+        ("lost (expected - delivered)", f"{report.expected - report.delivered:,}"),
+        ("dead-lettered", f"{len(report.dead_letters):,}"),
+        ("unexpected messages", f"{len(report.unexpected):,}"),
+        ("time to drain after the last fault",
+         "—" if drain is None else f"{drain:.1f} s"),
+        ("worker kills (SIGKILL, process group)", f"{report.worker_kills}"),
+        ("Redis kills (SIGKILL, AOF restart)", f"{report.redis_kills}"),
+        ("SMTP down", f"{report.smtp_down_seconds:.0f} s"),
+    ]
+
+
+def render_report(report: DrillReport) -> str:
+    p = report.params
+    t0 = report.started_at
+    rows = table_rows(report)
+    width = max(len(k) for k, _ in rows)
+    lines = [f"Fault drill: {p.bookings} bookings x {MESSAGES_PER_BOOKING} messages, due "
+             f"T+{report.first_due_at - t0:.0f}s to T+{report.last_due_at - t0:.0f}s "
+             f"(booking took {report.booking_seconds:.1f}s).", ""]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines.append("")
+    for d in report.duplicates:
+        state = "explained" if d.explained else "UNEXPLAINED"
+        t = d.timeline or {}
+        lines.append(f"duplicate {d.ref} ({d.key[0]} to {d.key[1]}): {len(d.copies)} copies, "
+                     f"{state}; timeline: status {t.get('status')}, attempts {t.get('attempts')}")
+        for at, why in zip(d.copies, d.explanations, strict=False):
+            lines.append(f"  - {why or f'copy accepted at T+{at - t0:.2f}s: no kill near it'}")
+        lines.append(f"  - last copy accepted at T+{d.copies[-1] - t0:.2f}s; attempt log: "
+                     + ", ".join(f"{e.get('attempt')}:{e.get('outcome')}" for e in d.attempt_log))
+    for status, count in Counter(lost["status"] for lost in report.lost).most_common():
+        lines.append(f"LOST x{count}, stored status {status}")
+    for lost in report.lost[:DETAIL_LIMIT]:
+        lines.append(f"LOST {lost['ref']}: {json.dumps(lost['timeline'])}; attempt log "
+                     f"{json.dumps(lost['attempt_log'])}")
+    if len(report.lost) > DETAIL_LIMIT:
+        lines.append(f"... and {len(report.lost) - DETAIL_LIMIT} more lost")
+    for dead in report.dead_letters[:20]:
+        lines.append(f"DEAD LETTER {json.dumps(dead)}")
+    for extra in report.unexpected[:20]:
+        lines.append(f"UNEXPECTED {json.dumps(extra, ensure_ascii=False)}")
+    for note in report.unexpected_exits:
+        lines.append(f"note: process exited unasked, restarted: {note}")
+    lines += [
+        "faults: " + "; ".join(f"T+{f.at - t0:.1f}s {f.kind}"
+                               for f in sorted(report.faults, key=lambda f: f.at)),
+        f"last delivery (first copies) at T+{(report.last_delivery_at or t0) - t0:.1f}s; last "
+        f"fault over at T+{report.last_fault_over_at - t0:.1f}s; {report.received:,} messages "
+        f"accepted by the sinks; {report.retried} reminders of the first "
+        f"{min(p.bookings, RETRY_SAMPLE)} bookings took more than one attempt.",
+        f"Settings: lease {p.lease_seconds} s, send timeout {p.send_timeout:g} s, backoff "
+        f"{p.backoff_base:g}-{p.backoff_cap:g} s, max attempts {p.max_attempts}; "
+        f"{p.workers} workers x --concurrency {p.concurrency}, beat; Redis AOF everysec. "
+        f"A duplicate is explained by a kill within {p.explain_window:g} s after its copy.",
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.platform()}; "
+        f"run time {report.seconds:.0f} s; logs in {report.workdir}.",
+        "RESULT: " + ("PASS" if report.ok else "FAIL"),
+    ]
+    return "\n".join(lines)
+
+
+def report_json(report: DrillReport) -> dict[str, Any]:
+    return {
+        "params": asdict(report.params), "ok": report.ok,
+        "table": dict(table_rows(report)),
+        "expected": report.expected, "delivered": report.delivered,
+        "duplicates": [asdict(d) | {"explained": d.explained} for d in report.duplicates],
+        "lost": report.lost, "dead_letters": report.dead_letters,
+        "unexpected": report.unexpected, "faults": [asdict(f) for f in report.faults],
+        "unexpected_exits": report.unexpected_exits, "drain_seconds": report.drain_seconds,
+        "seconds": round(report.seconds, 1),
+    }
+
+
+def parse_args(argv: list[str]) -> tuple[DrillParams, argparse.Namespace]:
+    defaults = DrillParams()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fault_drill",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a small run ({', '.join(f'{k}={v}' for k, v in QUICK.items())})")
+    for name in DrillParams.__dataclass_fields__:
+        value = getattr(defaults, name)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
+                        help=f"default {value:g}")
+    ap.add_argument("--workdir", type=Path, help="folder for logs and data (kept)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder even on success")
+    ap.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    args = ap.parse_args(argv)
+    values: dict[str, Any] = dict(QUICK) if args.quick else {}
+    values |= {k: v for k, v in vars(args).items()
+               if k in DrillParams.__dataclass_fields__ and v is not None}
+    params = replace(defaults, **values)
+    if params.bookings < 1 or params.workers < 1 or params.concurrency < 1:
+        ap.error("--bookings, --workers and --concurrency must be at least 1")
+    if params.lease_seconds <= 2 * params.send_timeout + 1:
+        ap.error("--lease-seconds must exceed 2 x --send-timeout + 1 (the service refuses it)")
+    return params, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    params, args = parse_args(argv)
+    if args.workdir is not None:
+        if args.workdir.exists() and any(args.workdir.iterdir()):
+            print(f"--workdir {args.workdir} is not empty", file=sys.stderr)
+            return 2
+        workdir, keep = args.workdir.resolve(), True
+    else:
+        workdir, keep = Path(tempfile.mkdtemp(prefix="reminders-drill-")), args.keep
+
+    def on_signal(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        report = run_drill(params, workdir)
+    except KeyboardInterrupt:
+        print(f"[drill] interrupted; every process stopped; logs in {workdir}", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(render_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report_json(report), indent=2, ensure_ascii=False)
+                                   + "\n", encoding="utf-8")
+    if report.ok and not keep:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Provider stand-ins for the fault drill: a real SMTP server and an HTTP SMS gateway.
+
+Both listen on 127.0.0.1 and record every message they accept, with the time. They live
+here, not in tests/, because benchmarks never import tests (tests may import benchmarks).
+
+The SMTP server can go down and come back on the same port, the way a mail server
+restarts: `down()` stops listening (new connections are refused) and lets a session
+already handing over a message finish; `up()` listens again. A message counts as
+accepted only when the client is still there to get our "250".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from worker.embedded import free_port
+
+START_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message a sink accepted."""
+
+    at: float  # time.time() when accepted
+    channel: str  # "email" or "sms"
+    to: str
+    subject: str | None  # email only
+    text: str  # the SMS text (email: empty, the subject identifies it)
+
+
+class SmtpSink:
+    """An aiosmtpd server on its own event loop thread; can go down and come back."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.data_abandoned = 0  # DATA whose client went away before our answer
+        self._messages: list[Received] = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="smtp-sink",
+                                        daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+
+    # aiosmtpd handler hook
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
+        if server.transport is None or server.transport.is_closing():
+            with self._lock:
+                self.data_abandoned += 1
+            return "421 client went away"  # never acknowledged: not delivered
+        msg = email.message_from_bytes(envelope.original_content or envelope.content,
+                                       policy=email.policy.default)
+        with self._lock:
+            self._messages.append(Received(at=time.time(), channel="email",
+                                           to=",".join(envelope.rcpt_tos),
+                                           subject=str(msg["Subject"] or ""), text=""))
+        return "250 Message accepted"
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(START_TIMEOUT_SECONDS)
+
+    def start(self) -> SmtpSink:
+        self._thread.start()
+        self.up()
+        return self
+
+    def up(self) -> None:
+        """Listen (again) on the sink's port."""
+
+        async def listen() -> asyncio.AbstractServer:
+            return await self._loop.create_server(
+                lambda: SMTP(self, hostname="sink.local", loop=self._loop),
+                host="127.0.0.1", port=self.port, reuse_address=True)
+
+        if self._server is None:
+            self._server = self._run(listen())
+
+    def down(self) -> None:
+        """Stop listening: connections are refused until up(); open sessions may finish."""
+
+        async def close(server: asyncio.AbstractServer) -> None:
+            server.close()
+
+        if self._server is not None:
+            self._run(close(self._server))
+            self._server = None
+
+    @property
+    def is_up(self) -> bool:
+        return self._server is not None
+
+    def stop(self) -> None:
+        """Stop for good: close the listener, cancel every session, end the loop thread."""
+        if not self._thread.is_alive():
+            return
+        self.down()
+
+        def cancel_all() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            self._loop.stop()
+
+        self._loop.call_soon_threadsafe(cancel_all)
+        self._thread.join(START_TIMEOUT_SECONDS)
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self._messages)
+
+
+class HttpSink:
+    """A threaded HTTP server taking Apprise's json:// SMS posts; answers 200."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._messages: list[Received] = []
+        self._lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with sink._lock:
+                    sink._messages.append(Received(
+                        at=time.time(), channel="sms", to=str(body.get("to", "")), subject=None,
+                        text=str(body.get("message", ""))))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="sms-sink",
+                                        daemon=True)
+
+    def start(self) -> HttpSink:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self._messages)

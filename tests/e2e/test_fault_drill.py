@@ -1,0 +1,138 @@
+"""The fault drill (benchmarks/fault_drill.py, `make faults`) at a small size.
+
+60 bookings x 4 messages, real Redis (AOF), two real Celery workers and beat, real SMTP
+and HTTP sinks; two workers SIGKILLed and restarted, Redis SIGKILLed and restarted on
+its AOF, the SMTP server down for 10 s. Nothing may be lost or dead-lettered, and every
+message that arrived twice must have had its first copy accepted just before a kill.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks.fault_drill import (
+    QUICK,
+    DrillParams,
+    Fault,
+    fault_plan,
+    find_duplicates,
+    render_report,
+    run_drill,
+)
+
+
+def _processes_using(folder: Path) -> list[str]:
+    """Return the command lines of live processes whose cwd or arguments mention `folder`."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ")
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+            state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (str(folder) in cmdline.decode(errors="replace")
+                             or cwd.startswith(str(folder))):
+            found.append(f"{entry.name}: {cmdline.decode(errors='replace')}")
+    return found
+
+
+# --- the accounting, on made-up sink records ---------------------------------------------
+
+T0 = 1_000_000.0
+EMAIL = ("email", "d-00001@example.com", "One week on: how is your skin?")
+SMS = ("sms", "+34600100001", "Good morning Ana.")
+NAMES = {EMAIL: "drill/D-00001/check:email", SMS: "drill/D-00001/spf:sms"}
+FAULTS = [Fault("worker kill", T0 + 10, T0 + 10, "w1"),
+          Fault("smtp down", T0 + 12, T0 + 42, "port 1"),
+          Fault("redis kill", T0 + 30, T0 + 31.5, "port 2")]
+
+
+def test_a_copy_just_before_a_worker_kill_explains_its_duplicate():
+    dups, unexpected = find_duplicates({EMAIL: [T0 + 20, T0 + 8.5], SMS: [T0 + 9]}, NAMES,
+                                       FAULTS, 2.0, T0)
+    assert unexpected == []
+    (dup,) = dups
+    assert dup.ref == "drill/D-00001/check:email" and dup.copies == [T0 + 8.5, T0 + 20]
+    assert dup.explained and "1.50s before the worker kill at T+10.0s" in dup.explanations[0]
+
+
+@pytest.mark.parametrize("accepted", [7.9, 10.3, 13.0])  # too early, too late, an outage
+def test_a_copy_away_from_any_kill_is_an_unexplained_duplicate(accepted):
+    (dup,), _ = find_duplicates({EMAIL: [T0 + accepted, T0 + 50]}, NAMES, FAULTS, 2.0, T0)
+    assert not dup.explained and dup.explanations == [""]
+
+
+def test_a_redis_kill_explains_copies_until_redis_was_back():
+    for accepted, explained in [(28.1, True), (31.6, True), (31.8, False)]:
+        (dup,), _ = find_duplicates({SMS: [T0 + accepted, T0 + 60]}, NAMES, FAULTS, 2.0, T0)
+        assert dup.explained is explained, accepted
+
+
+def test_every_resend_needs_its_own_kill_and_strangers_are_reported():
+    received = {EMAIL: [T0 + 9.9, T0 + 29.5, T0 + 45], ("sms", "+34600999999", "hi"): [T0]}
+    (dup,), unexpected = find_duplicates(received, NAMES, FAULTS, 2.0, T0)
+    assert dup.explained and len(dup.explanations) == 2
+    assert unexpected == [{"key": ["sms", "+34600999999", "hi"], "copies": 1}]
+    received[EMAIL] = [T0 + 9.9, T0 + 20, T0 + 45]
+    (dup,), _ = find_duplicates(received, NAMES, FAULTS, 2.0, T0)
+    assert not dup.explained and dup.explanations[1] == ""
+
+
+def test_the_fault_plan_alternates_workers_and_ends_the_outage():
+    plan = fault_plan(DrillParams(**QUICK), T0)  # type: ignore[arg-type]
+    assert [what for _, what in plan] == ["smtp down", "kill w1", "kill redis", "kill w2",
+                                         "smtp up"]
+    assert plan[-1][0] - plan[0][0] == QUICK["smtp_down_for"]
+
+
+# --- the drill itself, small ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def drill(tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("drill")
+    params = DrillParams(**QUICK)  # type: ignore[arg-type]
+    report = run_drill(params, workdir)
+    print(render_report(report))  # shown by pytest when a test fails
+    return report, workdir
+
+
+@pytest.mark.integration
+def test_nothing_lost_nothing_dead_lettered(drill):
+    report, _ = drill
+    assert report.expected == 60 * 4
+    assert report.lost == [], render_report(report)
+    assert report.delivered == report.expected
+    assert report.dead_letters == [], report.dead_letters
+    assert report.unexpected == [], report.unexpected
+
+
+@pytest.mark.integration
+def test_every_duplicate_was_caused_by_a_kill(drill):
+    report, _ = drill
+    assert report.unexplained == [], render_report(report)
+    for dup in report.duplicates:
+        assert len(dup.copies) >= 2 and len(dup.explanations) == len(dup.copies) - 1
+        assert all("before the" in why or "after the" in why for why in dup.explanations)
+    assert report.ok
+
+
+@pytest.mark.integration
+def test_the_faults_really_happened(drill):
+    report, _ = drill
+    assert report.worker_kills == 2 and report.redis_kills == 1
+    assert 9.5 <= report.smtp_down_seconds <= 13, report.faults
+    # The outage made email reminders retry: somebody's timeline shows more than one attempt.
+    assert report.retried > 0
+    assert report.drain_seconds is not None and report.drain_seconds < 60
+
+
+@pytest.mark.integration
+def test_no_process_outlives_the_drill(drill):
+    _, workdir = drill
+    assert _processes_using(workdir) == []
