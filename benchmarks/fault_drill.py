@@ -331,7 +331,7 @@ class Service:
         at = self.kill_group(proc)
         new = self.start_worker(slot)
         return Fault("worker kill", at, at,
-                     f"{slot} pid {proc.pid} ({'ready' if ready else 'starting'}); "
+                     f"{slot} pid {proc.pid}, {'ready' if ready else 'starting'}; "
                      f"restarted as pid {new.pid}")
 
     def kill_group(self, proc: subprocess.Popen[bytes]) -> float:
