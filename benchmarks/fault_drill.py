@@ -131,6 +131,26 @@ class DrillParams:
         }
 
 
+HELP = {
+    "bookings": "bookings, 4 messages each",
+    "lead": "seconds from booking to the first start",
+    "spread": "starts spread evenly over this many seconds",
+    "workers": "Celery workers",
+    "concurrency": "pool processes per worker",
+    "kill_first": "first worker SIGKILL, seconds after booking",
+    "kill_every": "seconds between worker SIGKILLs",
+    "worker_kills": "worker SIGKILLs in all, alternating workers",
+    "redis_kill_at": "Redis SIGKILL, seconds after booking (negative: none)",
+    "smtp_down_at": "SMTP server down, seconds after booking",
+    "smtp_down_for": "seconds the SMTP server stays down (0: no outage)",
+    "lease_seconds": "REMINDERS_LEASE_SECONDS",
+    "send_timeout": "REMINDERS_SEND_TIMEOUT_SECONDS",
+    "backoff_base": "REMINDERS_BACKOFF_BASE_SECONDS",
+    "backoff_cap": "REMINDERS_BACKOFF_CAP_SECONDS",
+    "max_attempts": "REMINDERS_MAX_ATTEMPTS",
+    "explain_window": "seconds before a kill that explain a duplicate",
+    "timeout": "give up waiting for deliveries this long after booking",
+}
 QUICK = {"bookings": 60, "spread": 10.0, "kill_first": 4.0, "kill_every": 6.0,
          "worker_kills": 2, "redis_kill_at": 9.0, "smtp_down_at": 3.0, "smtp_down_for": 10.0,
          "lease_seconds": 12, "timeout": 150.0}
@@ -819,7 +839,7 @@ def parse_args(argv: list[str]) -> tuple[DrillParams, argparse.Namespace]:
     for name in DrillParams.__dataclass_fields__:
         value = getattr(defaults, name)
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                        help=f"default {value:g}")
+                        help=f"{HELP[name]} (default {value:g})")
     ap.add_argument("--workdir", type=Path, help="folder for logs and data (kept)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder even on success")
     ap.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
@@ -868,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
+        print(f"[drill] removed {workdir} (--keep or --workdir keeps the logs)", file=sys.stderr)
     return 0 if report.ok else 1
 
 
