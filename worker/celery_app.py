@@ -36,6 +36,9 @@ app.conf.update(
         "visibility_timeout": settings.broker_visibility_timeout_seconds,
         "global_keyprefix": f"{settings.key_prefix}:celery:",
     },
+    # kombu's Redis transport with a narrow fix for a channel used after its connection
+    # closed, as happens when Redis restarts under the worker: see worker/broker.py.
+    broker_transport="worker.broker:Transport",
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     worker_send_task_events=False,

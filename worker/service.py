@@ -1,8 +1,14 @@
-"""`reminders run`: the whole service in one command, stopped cleanly by Ctrl-C.
+"""`reminders run`: the whole service in one command, supervised, stopped cleanly by Ctrl-C.
 
 Starts the embedded Redis (unless REMINDERS_REDIS_URL is set), then a Celery worker
-and Celery beat (the pump) as child processes. On Ctrl-C or SIGTERM every child is
-stopped (SIGTERM, then SIGKILL after a grace period) and nothing is left behind.
+and Celery beat (the pump) as child processes, and keeps them up: a child that exits
+(a crash, SIGKILL, the OOM killer) is started again after a backoff that doubles from
+1 s to 30 s and resets once the child has stayed up for a minute. The embedded Redis is
+restarted the same way, on the same port and data folder (AOF on), so the worker, beat
+and the other `reminders` commands find it again at the same URL with its data.
+
+Only Ctrl-C or SIGTERM stops the service: every child is stopped (SIGTERM, then
+SIGKILL after a grace period), the embedded Redis last, and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -13,13 +19,35 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .embedded import URL_FILE, RedisServer
+from .errors import ConfigError
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 GRACE_SECONDS = 15.0
+RESTART_FIRST_DELAY_SECONDS = 1.0
+RESTART_MAX_DELAY_SECONDS = 30.0
+STABLE_AFTER_SECONDS = 60.0  # a child up this long is healthy again: its backoff resets
+POLL_SECONDS = 0.2
+
+
+def restart_delay(restart: int, first: float = RESTART_FIRST_DELAY_SECONDS,
+                  cap: float = RESTART_MAX_DELAY_SECONDS) -> float:
+    """Return the wait before the `restart`-th restart in a row (1-based): doubling, capped."""
+    return min(cap, first * 2.0 ** min(max(restart, 1) - 1, 32))
+
+
+def describe_exit(returncode: int) -> str:
+    """Return "exited with code 3" or "exited with signal SIGKILL" for a Popen returncode."""
+    if returncode < 0:
+        try:
+            return f"exited with signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"exited with signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 def celery_command(role: str, settings: Settings) -> list[str]:
@@ -27,21 +55,94 @@ def celery_command(role: str, settings: Settings) -> list[str]:
     base = [sys.executable, "-m", "celery", "-A", "worker.celery_app", role,
             f"--loglevel={settings.log_level}"]
     if role == "worker":
-        return base + ["--concurrency=2", "-Q", "reminders.send,reminders.pump"]
+        # No gossip, no mingle: the service uses neither, and restarting the gossip consumer
+        # after Redis went away fails in kombu's channel close (celery/kombu#582; seen here as
+        # "Error on restarting Gossip: AttributeError"), leaving that channel open.
+        return base + ["--concurrency=2", "-Q", "reminders.send,reminders.pump",
+                       "--without-gossip", "--without-mingle"]
     return base
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for proc in processes:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + GRACE_SECONDS
-    for proc in processes:
+def _kill_group(pid: int) -> None:
+    """SIGKILL whatever is left of a child's process group (a dead worker's pool processes)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Child:
+    """One supervised process: started by `spawn`, restarted with backoff when it exits."""
+
+    def __init__(self, role: str, spawn: Callable[[], subprocess.Popen[bytes]],
+                 own_group: bool = True) -> None:
+        self.role = role
+        self.spawn = spawn
+        self.own_group = own_group  # started in its own session: its group is ours to kill
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.restarts = 0  # restarts in a row, each one after a short life
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = self.spawn()
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def supervise(self, now: float) -> None:
+        """Notice an exit and schedule the restart; start again once the delay is over."""
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                try:
+                    self.start()
+                except ConfigError as exc:  # the embedded Redis did not come up
+                    self._schedule(now, f"failed to start ({exc})")
+            return
+        if self.process is None or self.process.poll() is None:
+            return
+        if self.own_group:
+            _kill_group(self.process.pid)
+        if now - self.started_at >= STABLE_AFTER_SECONDS:
+            self.restarts = 0
+        self._schedule(now, describe_exit(self.process.returncode))
+
+    def _schedule(self, now: float, why: str) -> None:
+        self.restarts += 1
+        delay = restart_delay(self.restarts)
+        self.restart_at = now + delay
+        print(f"{self.role} {why}; restarting in {delay:g}s (restart {self.restarts})",
+              file=sys.stderr, flush=True)
+
+    def stop(self, deadline: float) -> None:
+        """SIGTERM, wait until `deadline`, then SIGKILL the process group."""
+        proc = self.process
+        if proc is None:
+            return
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if self.own_group:
+            _kill_group(proc.pid)
+
+
+def _celery_spawner(role: str, settings: Settings,
+                    env: dict[str, str]) -> Callable[[], subprocess.Popen[bytes]]:
+    def spawn() -> subprocess.Popen[bytes]:
+        # Own process group: the terminal's Ctrl-C reaches us, and we stop them in order.
+        return subprocess.Popen(celery_command(role, settings), env=env, start_new_session=True)
+
+    return spawn
+
+
+def _stop(children: list[Child]) -> None:
+    for child in children:
+        if child.process is not None and child.process.poll() is None:
+            child.process.terminate()
+    deadline = time.monotonic() + GRACE_SECONDS
+    for child in children:
+        child.stop(deadline)
 
 
 def run_all(settings: Settings) -> int:
@@ -50,15 +151,8 @@ def run_all(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     server: RedisServer | None = None
+    redis_child: Child | None = None
     url_file = settings.data_dir / URL_FILE
-    if settings.redis_url is None:
-        server = RedisServer(settings.data_dir / "redis").start()
-        url_file.write_text(server.url + "\n", encoding="utf-8")
-        env["REMINDERS_REDIS_URL"] = server.url
-        print(f"embedded Redis on {server.url} (data in {server.data_dir})", flush=True)
-    env.setdefault("REMINDERS_DATA_DIR", str(settings.data_dir.resolve()))
-    outbox = Path(env.get("REMINDERS_OUTBOX_DIR") or settings.outbox).resolve()
-    children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -66,24 +160,41 @@ def run_all(settings: Settings) -> int:
         stopping = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    celery_children = [Child(role, _celery_spawner(role, settings, env))
+                       for role in ("worker", "beat")]
     try:
-        for role in ("worker", "beat"):
-            # Own process group: the terminal's Ctrl-C reaches us, and we stop them in order.
-            children.append(subprocess.Popen(celery_command(role, settings), env=env,
-                                             start_new_session=True))
+        if settings.redis_url is None:
+            server = RedisServer(settings.data_dir / "redis")
+            embedded = server
+
+            def spawn_redis() -> subprocess.Popen[bytes]:
+                process = embedded.start().process
+                assert process is not None
+                return process
+
+            redis_child = Child("redis", spawn_redis, own_group=False)
+            redis_child.start()
+            url_file.write_text(server.url + "\n", encoding="utf-8")
+            env["REMINDERS_REDIS_URL"] = server.url
+            print(f"embedded Redis on {server.url} (data in {server.data_dir})", flush=True)
+        env.setdefault("REMINDERS_DATA_DIR", str(settings.data_dir.resolve()))
+        outbox = Path(env.get("REMINDERS_OUTBOX_DIR") or settings.outbox).resolve()
+        for child in celery_children:
+            child.start()
         print(f"worker and pump running; messages without a configured channel go to {outbox}",
               flush=True)
         print("press Ctrl-C to stop", flush=True)
+        supervised = celery_children + ([redis_child] if redis_child else [])
         while not stopping:
-            if any(child.poll() is not None for child in children):
-                print("a child process exited; stopping", file=sys.stderr, flush=True)
-                return 1
-            time.sleep(0.2)
+            now = time.monotonic()
+            for child in supervised:
+                child.supervise(now)
+            time.sleep(POLL_SECONDS)
         return 0
     finally:
-        _stop(children)
+        _stop(celery_children)
         if server is not None:
-            server.stop()
+            server.stop()  # last: the worker and beat needed it to shut down cleanly
             url_file.unlink(missing_ok=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

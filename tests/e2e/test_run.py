@@ -21,6 +21,23 @@ from tests.e2e.conftest import wait_until
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 DEMO_MESSAGES = 6  # confirmation, stop-retinoids sms+email, day-before, aftercare, spf
+# The demo visit starts this far ahead: the late pre-visit steps go out at once, and must do
+# so before the visit begins (else they are skipped), even on a busy machine.
+DEMO_STARTS = "15"
+
+
+def _kill_all(run: subprocess.Popen[bytes], known: list[psutil.Process]) -> None:
+    """After a failure: SIGKILL `reminders run` and every process it started (own sessions)."""
+    try:
+        known = known + psutil.Process(run.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    os.killpg(run.pid, signal.SIGKILL)
+    for proc in known:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture
@@ -48,7 +65,7 @@ def test_run_book_outbox_and_ctrl_c_leaves_nothing_behind(project_copy: Path):
         assert "redis-server" in names and "celery" in names and " beat" in names
 
         # The README's walk-through, from the same folder and with no settings at all.
-        demo = subprocess.run([sys.executable, "examples/demo_booking.py", "DEMO-1", "3"],
+        demo = subprocess.run([sys.executable, "examples/demo_booking.py", "DEMO-1", DEMO_STARTS],
                               cwd=project_copy, capture_output=True, text=True, check=True)
         booked = subprocess.run([str(BIN / "reminders"), "book", "-"], input=demo.stdout,
                                 cwd=project_copy, env=env, capture_output=True, text=True,
@@ -88,7 +105,7 @@ def test_run_book_outbox_and_ctrl_c_leaves_nothing_behind(project_copy: Path):
         assert b"stopped" in (project_copy / "run.log").read_bytes()
     finally:
         if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+            _kill_all(run, [])
         log.close()
 
 
@@ -112,3 +129,82 @@ def test_embedded_redis_falls_back_to_the_bundled_server(tmp_path, monkeypatch):
     finally:
         server.stop()
     assert server.process is not None and server.process.poll() is not None
+
+
+def _child(run: subprocess.Popen[bytes], *words: str) -> psutil.Process | None:
+    """Return the direct child of `reminders run` whose command line has all `words`."""
+    for child in psutil.Process(run.pid).children():
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if all(word in cmdline for word in words):
+            return child
+    return None
+
+
+def test_run_restarts_a_killed_worker_and_redis_and_still_delivers(project_copy: Path):
+    """SIGKILL the worker, then the embedded Redis: both come back; a booking still arrives."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    log_path = project_copy / "run.log"
+    log = log_path.open("wb")
+    run = subprocess.Popen([str(BIN / "reminders"), "run"], cwd=project_copy, env=env,
+                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: list[psutil.Process] = []
+    try:
+        wait_until(lambda: b"press Ctrl-C" in log_path.read_bytes() or run.poll() is not None, 60)
+        assert run.poll() is None, log_path.read_text()
+        url = (project_copy / ".reminders" / "redis.url").read_text().strip()
+
+        # The worker dies as the OOM killer would kill it: its main process, at once.
+        worker = wait_until(lambda: _child(run, "celery", " worker"), 30)
+        pool = wait_until(lambda: worker.children(), 30)
+        seen += [worker, *pool]
+        worker.kill()
+        wait_until(lambda: b"worker exited with signal SIGKILL; restarting in 1s (restart 1)"
+                   in log_path.read_bytes(), 20)
+        new_worker = wait_until(lambda: (p := _child(run, "celery", " worker")) is not None
+                                and p.pid != worker.pid and p, 20)
+        seen.append(new_worker)
+        gone, alive = psutil.wait_procs(pool, timeout=10)  # no orphaned pool process
+        assert alive == [], [p.pid for p in alive]
+
+        # The embedded Redis dies too: back on the same port, with its data (AOF).
+        redis_server = wait_until(lambda: _child(run, "redis-server"), 10)
+        seen.append(redis_server)
+        redis_server.kill()
+        wait_until(lambda: b"redis exited with signal SIGKILL; restarting in 1s (restart 1)"
+                   in log_path.read_bytes(), 20)
+        new_redis = wait_until(lambda: (p := _child(run, "redis-server")) is not None
+                               and p.pid != redis_server.pid and p, 30)
+        seen.append(new_redis)
+        assert (project_copy / ".reminders" / "redis.url").read_text().strip() == url
+
+        demo = subprocess.run([sys.executable, "examples/demo_booking.py", "DEMO-2", DEMO_STARTS],
+                              cwd=project_copy, capture_output=True, text=True, check=True)
+        booked = subprocess.run([str(BIN / "reminders"), "book", "-"], input=demo.stdout,
+                                cwd=project_copy, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert booked.returncode == 0, booked.stderr
+
+        def statuses() -> list[str]:
+            shown = subprocess.run([str(BIN / "reminders"), "show", "--clinic", "demo", "--json",
+                                    "DEMO-2"], cwd=project_copy, env=env, capture_output=True,
+                                   text=True, timeout=60)
+            assert shown.returncode == 0, shown.stderr
+            return [r["status"] for r in json.loads(shown.stdout)["reminders"]]
+
+        wait_until(lambda: statuses() == ["sent"] * DEMO_MESSAGES, 120, interval=2)
+        outbox = project_copy / ".reminders" / "outbox"
+        assert len(list(outbox.iterdir())) == DEMO_MESSAGES  # each message once
+
+        seen += psutil.Process(run.pid).children(recursive=True)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=40) == 0
+        gone, alive = psutil.wait_procs(seen, timeout=5)
+        assert alive == [], [p.cmdline() for p in alive]
+        assert not (project_copy / ".reminders" / "redis.url").exists()
+    finally:
+        if run.poll() is None:
+            _kill_all(run, seen)
+        log.close()
