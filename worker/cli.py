@@ -163,7 +163,7 @@ def clinic_of(args: argparse.Namespace, catalog: Catalog) -> str:
     if args.clinic:
         if args.clinic not in catalog.clinics:
             raise UsageError(f"--clinic: unknown clinic {args.clinic!r}")
-        return args.clinic
+        return str(args.clinic)  # a str from argparse (Namespace attributes are Any)
     if len(catalog.clinics) == 1:
         return next(iter(catalog.clinics))
     raise UsageError("--clinic is required: more than one clinic is configured")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -96,7 +97,7 @@ class Clinic(BaseModel):
     # sha256 hex digests of the clinic's API keys (issued by `reminders issue-key`).
     api_key_sha256: list[str] = []
 
-    def channel_url(self, channel: Channel, to: str, env: dict[str, str] | None = None) -> str:
+    def channel_url(self, channel: Channel, to: str, env: Mapping[str, str] | None = None) -> str:
         """Return the Apprise URL for sending `channel` to `to`, secrets filled in."""
         template = self.channels[channel]
         env = os.environ if env is None else env
@@ -120,7 +121,7 @@ class Clinic(BaseModel):
         return [c for c in CHANNELS if c not in self.channels and not self.uses_outbox(c)]
 
     def delivery_url(
-        self, channel: Channel, to: str, env: dict[str, str] | None = None
+        self, channel: Channel, to: str, env: Mapping[str, str] | None = None
     ) -> str | None:
         """Return the Apprise URL for sending `channel` to `to`, or None for the outbox.
 
@@ -133,7 +134,7 @@ class Clinic(BaseModel):
             return None
         raise ConfigError(f"clinic {self.id}", unreachable_problem(channel))
 
-    def missing_secrets(self, env: dict[str, str] | None = None) -> list[str]:
+    def missing_secrets(self, env: Mapping[str, str] | None = None) -> list[str]:
         """Return the environment variables the channel URLs need but are unset."""
         env = os.environ if env is None else env
         names = {m for url in self.channels.values() for m in _ENV_REF.findall(url)}

@@ -220,14 +220,15 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
         ) from None
     if not loaded:
         raise DeliveryError("Apprise cannot load the channel URL", permanent=True)
-    html_ok = message.html is not None and "html" in _formats(notifier)
+    # The HTML body if there is one and the service takes HTML, else None (the text).
+    html = message.html if message.html is not None and "html" in _formats(notifier) else None
     answers: list[int] = []
     token = _http_answers.set(answers)
     try:
         result = notifier.notify(
-            body=message.html if html_ok else message.text,
+            body=html if html is not None else message.text,
             title=message.subject or "",
-            body_format=apprise.NotifyFormat.HTML if html_ok else apprise.NotifyFormat.TEXT,
+            body_format=apprise.NotifyFormat.TEXT if html is None else apprise.NotifyFormat.HTML,
             log_level=logging.DEBUG,  # the socket error of a failed send is a DEBUG line
         )
     finally:

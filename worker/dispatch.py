@@ -114,8 +114,8 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     except DeliveryError as exc:
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
     except SoftTimeLimitExceeded:
-        exc = DeliveryError("the send ran out of time", unknown=True)
-        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
+        timed_out = DeliveryError("the send ran out of time", unknown=True)
+        return _failed(ctx, ref, attempt, number, timed_out, entry, started, deadline)
     result = durably(
         lambda: store.finish_sent(
             ref,

@@ -27,13 +27,16 @@ from .clinics import MINUTES_PER_DAY, Clinic, SendWindow
 from .errors import BookingRejected
 from .models import Booking, Channel
 from .protocols import WEEKDAYS, Protocol, Step, format_duration
+from .status import Status
 
 ONE_MINUTE = timedelta(minutes=1)
 # A DST gap is at most a couple of hours; search a day to be safe and still bounded.
 _MAX_GAP_MINUTES = MINUTES_PER_DAY
 
-PlanStatus = Literal["scheduled", "held"]
-ReminderStatus = Literal["scheduled", "skipped"]
+# The statuses a plan or a planned reminder can have, as members of `Status` (which
+# compare equal to their names: "held" == Status.HELD).
+PlanStatus = Literal[Status.SCHEDULED, Status.HELD]
+ReminderStatus = Literal[Status.SCHEDULED, Status.SKIPPED]
 
 
 @dataclass(frozen=True)
@@ -186,18 +189,18 @@ def _place(
         due = last_opening_before(start, window, tz)
         note = f"; moved to the last moment of the send window {window.describe()} before the visit"
     if due >= now:
-        return "scheduled", due, note
+        return Status.SCHEDULED, due, note
     # Already past when the booking arrived: the step's late policy decides.
     if step.late == "skip":
-        return "skipped", nominal, "its time had passed when the booking arrived"
+        return Status.SKIPPED, nominal, "its time had passed when the booking arrived"
     due = next_opening(now, window, tz)
     deadline = start + step.late_until if step.late_until is not None else None
     if before_visit:  # whatever late_until says, a pre-appointment step goes before it
         deadline = start if deadline is None else min(deadline, start)
     if deadline is not None and due >= deadline:
-        return "skipped", nominal, "its time had passed and it is too late to send it now"
+        return Status.SKIPPED, nominal, "its time had passed and it is too late to send it now"
     return (
-        "scheduled",
+        Status.SCHEDULED,
         due,
         "; late: its time had passed when the booking arrived, sent at the next opening",
     )
@@ -309,8 +312,8 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         for number, nominal, derived in occurrences:
             status, due, note = _place(step, nominal, start, now, window, tz)
             expires_at, expires_note = expiry(step, nominal, start)
-            reason = derived + note if status == "scheduled" else note
-            if step.only_if_any and status == "scheduled":
+            reason = derived + note if status == Status.SCHEDULED else note
+            if step.only_if_any and status == Status.SCHEDULED:
                 reason += f"; the patient uses {' or '.join(step.only_if_any)}"
             for channel in channels:
                 suffix = f"#{number}" if len(occurrences) > 1 or step.repeat else ""
@@ -323,7 +326,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                         occurrence=number,
                         due_at=due,
                         status=status,
-                        reason=reason + channel_note if status == "scheduled" else reason,
+                        reason=reason + channel_note if status == Status.SCHEDULED else reason,
                         at_booking=step.at == "booking",
                         expires_at=expires_at,
                         expires_note=expires_note,
@@ -332,7 +335,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     reminders.sort(key=lambda r: (r.due_at, r.key))
     hold = isotretinoin_hold(booking, protocol, clinic)
     return Plan(
-        status="held" if hold else "scheduled",
+        status=Status.HELD if hold else Status.SCHEDULED,
         reminders=reminders,
         hold_reason=hold,
         window=window,

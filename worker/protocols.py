@@ -12,7 +12,7 @@ import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -160,7 +160,7 @@ def _pydantic_problem(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def read_toml(path: Path) -> dict:
+def read_toml(path: Path) -> dict[str, Any]:
     """Return a TOML file's table, or raise ConfigError naming the file."""
     try:
         with path.open("rb") as fh:

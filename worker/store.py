@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -334,6 +334,16 @@ class Claim:
     claim: str
 
 
+# `connect` makes the client with decode_responses=True, so every reply is str; redis-py
+# still types replies as `bytes | str`. These narrow the types where a reply is read.
+def _str_hash(reply: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    return cast(dict[str, str], reply)
+
+
+def _str_set(reply: set[bytes | str]) -> set[str]:
+    return cast(set[str], reply)
+
+
 def ref_of(clinic: str, booking_id: str, key: str) -> str:
     return f"{clinic}/{booking_id}/{key}"
 
@@ -410,12 +420,13 @@ class Store:
         window = f"{plan.window.start}-{plan.window.end}" if plan.window else ""
 
         def apply(pipe: redis.client.Pipeline) -> None:
-            stored_booking = pipe.hgetall(bkey)
-            keys = sorted(set(pipe.smembers(kkey)) | planned_keys)
+            stored_booking = _str_hash(pipe.hgetall(bkey))
+            keys = sorted(_str_set(pipe.smembers(kkey)) | planned_keys)
             refs = {k: ref_of(clinic, booking_id, k) for k in keys}
             if refs:
-                pipe.watch(*[self.record_key(r) for r in refs.values()])
-            stored = {k: pipe.hgetall(self.record_key(r)) for k, r in refs.items()}
+                watched = [self.record_key(r) for r in refs.values()]
+                pipe.watch(*watched)  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            stored = {k: _str_hash(pipe.hgetall(self.record_key(r))) for k, r in refs.items()}
             result = self._reconcile(stored_booking, stored, plan, doc, medications, release, now)
             window_changed = stored_booking.get("window", "") != window
             if not result.changed and not result.changes and not window_changed:
@@ -508,14 +519,14 @@ class Store:
 
     def booking(self, clinic: str, booking_id: str) -> dict[str, str]:
         """Return the booking's stored fields (doc, status, window, ...), or {}."""
-        return self.redis.hgetall(self.booking_key(clinic, booking_id))  # type: ignore[return-value]
+        return _str_hash(self.redis.hgetall(self.booking_key(clinic, booking_id)))
 
     def timeline(self, clinic: str, booking_id: str) -> dict[str, Any]:
         """Return the booking's timeline in the DESIGN.md JSON shape."""
-        booking = self.redis.hgetall(self.booking_key(clinic, booking_id))
+        booking = _str_hash(self.redis.hgetall(self.booking_key(clinic, booking_id)))
         if not booking:
             raise NotFound(f"{clinic}/{booking_id}")
-        keys = sorted(self.redis.smembers(self.keys_key(clinic, booking_id)))
+        keys = sorted(_str_set(self.redis.smembers(self.keys_key(clinic, booking_id))))
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(self.record_key(ref_of(clinic, booking_id, key)))
@@ -584,7 +595,7 @@ class Store:
         return max(0, int(self.redis.pttl(self.ledger_key(ref)))) / 1000
 
     def record(self, ref: str) -> dict[str, str]:
-        return self.redis.hgetall(self.record_key(ref))  # type: ignore[return-value]
+        return _str_hash(self.redis.hgetall(self.record_key(ref)))
 
     def finish(
         self,
@@ -713,7 +724,7 @@ class Store:
 
     def plan_dates(self, clinic: str, booking_id: str) -> dict[str, datetime]:
         """Return each step's first due instant among reminders still to be (or already) sent."""
-        keys = sorted(self.redis.smembers(self.keys_key(clinic, booking_id)))
+        keys = sorted(_str_set(self.redis.smembers(self.keys_key(clinic, booking_id))))
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             # The planned time, not the current one: a retry must not shift the dates shown.
@@ -735,7 +746,11 @@ class Store:
     def dead_letters(self, clinic: str | None = None) -> list[dict[str, Any]]:
         """Return every dead-lettered reminder (optionally one clinic's), oldest first."""
         out = []
-        for ref, score in self.redis.zrange(self.dead_key, 0, -1, withscores=True):
+        # (member, score) pairs, the members str (decode_responses=True; see _str_hash).
+        dead = cast(
+            list[tuple[str, float]], self.redis.zrange(self.dead_key, 0, -1, withscores=True)
+        )
+        for ref, score in dead:
             c, booking_id, key = split_ref(ref)
             if clinic and c != clinic:
                 continue

@@ -36,7 +36,7 @@ def context() -> Context:
     )
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _warm_up(**_: object) -> None:
     """Load config, templates, Apprise and Redis before the first task needs them."""
     context()
@@ -47,7 +47,7 @@ def _publish(claim: Claim) -> None:
     send_reminder.apply_async(args=(claim.ref, claim.version, claim.claim), queue=SEND_QUEUE)
 
 
-@app.task(name="reminders.pump", ignore_result=True)
+@app.task(name="reminders.pump", ignore_result=True)  # type: ignore[untyped-decorator]  # celery
 def pump_task() -> int:
     """Claim due reminders and publish a send task for each."""
     ctx = context()
@@ -61,7 +61,7 @@ def pump_task() -> int:
 _SOFT_LIMIT, _HARD_LIMIT = get_settings().send_time_limit
 
 
-@app.task(
+@app.task(  # type: ignore[untyped-decorator]  # celery is untyped
     name="reminders.send",
     ignore_result=True,
     acks_late=True,
