@@ -81,8 +81,14 @@ class RedisServer:
             "--logfile",
             "redis.log",
         ]
+        # Its own session: a terminal's Ctrl-C reaches `reminders run`, which stops Redis
+        # last, after the worker and beat have finished with it.
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
