@@ -754,8 +754,8 @@ def table_rows(report: DrillReport) -> list[tuple[str, str]]:
         ("expected reminders", f"{report.expected:,}"),
         ("delivered (unique)", f"{report.delivered:,}"),
         ("duplicates (extra copies)",
-         f"{report.duplicate_sends} ({report.duplicate_sends and len(report.duplicates)} "
-         f"reminders, {unexplained} unexplained)"),
+         f"{report.duplicate_sends} ({len(report.duplicates)} "
+         f"reminder{'' if len(report.duplicates) == 1 else 's'}, {unexplained} unexplained)"),
         ("lost (expected - delivered)", f"{report.expected - report.delivered:,}"),
         ("dead-lettered", f"{len(report.dead_letters):,}"),
         ("unexpected messages", f"{len(report.unexpected):,}"),
