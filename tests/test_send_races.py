@@ -483,3 +483,92 @@ def test_a_delivery_is_recorded_after_a_redis_outage_at_the_moment_of_finishing(
         server.stop()
         if restarted is not None:
             restarted.stop()
+
+
+# --- found by review: each forced -----------------------------------------------------------
+
+def test_cancel_then_rebook_while_in_flight_does_not_send_the_same_words_again(rig):
+    rig.book(rig.booking())
+    doc = rig.booking()
+    thread, result = rig.park(PREP)
+    rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    rig.book(doc)  # the clinic undoes its cancel: the same plan again
+    rig.gate.answer(200)
+    thread.join(20)
+    s = rig.state(PREP)
+    assert result["outcome"] == "sent"
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"]) == (None, None)
+    assert_no_claim(rig)
+    assert len(rig.gate.bodies) == 1
+
+
+def test_a_change_landing_after_begin_but_before_the_hand_over_sends_nothing(rig):
+    """The fence is checked again just before the provider call."""
+    rig.book(rig.booking())
+
+    class CancelsWhileRendering(Store):
+        def plan_dates(self, clinic, booking_id):
+            self.cancel(clinic, booking_id, datetime.now(UTC))
+            return super().plan_dates(clinic, booking_id)
+
+    store = CancelsWhileRendering(rig.store.redis, PREFIX)
+    ctx = Context(rig.ctx.settings, store, rig.catalog, rig.ctx.renderer)
+    claim = rig.claim_now(PREP)
+    assert send_claimed(ctx, PREP, claim.version, claim.claim) == (
+        "dropped: overtaken before sending")
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "cancelled" and s["ledger"] is None, s
+    assert [(e["outcome"], e["result"]) for e in s["log"]] == [("abandoned", "stale")]
+    assert rig.gate.bodies == []
+
+
+def test_a_redis_error_while_preparing_is_transient_not_a_dead_letter(rig):
+    import redis as redis_lib
+
+    rig.book(rig.booking())
+
+    class RedisFailsOnce(Store):
+        failed = False
+
+        def plan_dates(self, clinic, booking_id):
+            if not RedisFailsOnce.failed:
+                RedisFailsOnce.failed = True
+                raise redis_lib.ConnectionError("Connection reset by peer")
+            return super().plan_dates(clinic, booking_id)
+
+    store = RedisFailsOnce(rig.store.redis, PREFIX)
+    ctx = Context(rig.ctx.settings, store, rig.catalog, rig.ctx.renderer)
+    claim = rig.claim_now(PREP)
+    assert send_claimed(ctx, PREP, claim.version, claim.claim) == "retrying"
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "retrying" and s["dead"] is None and s["due"], s
+    assert s["record"]["last_error"] == "could not prepare the message (ConnectionError)"
+    assert rig.gate.bodies == []
+
+
+def test_unknown_outcomes_end_in_a_dead_letter_after_max_attempts(rig):
+    """Each unknown outcome may be a delivery: never an endless series of them."""
+    rig.book(rig.booking())
+    rig.store.redis.hset(rig.store.record_key(PREP), "attempts", "4")  # max_attempts is 5
+    thread, result = rig.park(PREP)
+    rig.gate.answer(None)  # no answer: the client's read timeout
+    thread.join(20)
+    assert result["outcome"] == "failed"
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "failed" and s["dead"] is not None, s
+    assert s["record"]["reason"].startswith(
+        "gave up after 5 attempts, the last of unknown outcome (it may have been delivered)")
+    assert s["ledger"] is None
+
+
+def test_the_claim_script_run_twice_for_one_pump_run_answers_the_same(rig):
+    """A client retry after a lost reply re-runs the script: no claim is left without a task."""
+    rig.book(rig.booking())
+    rig.store.redis.zadd(rig.store.due_key, {PREP: 0, STOP: 0})
+    keys = [rig.store.due_key, rig.store.lease_key, f"{PREFIX}:claimrun:run-1"]
+    args = [10, 8, f"{PREFIX}:r:"]
+    first = rig.store._claim(keys=keys, args=args)
+    assert sorted(r[0] for r in first) == [PREP, STOP]
+    assert rig.store._claim(keys=keys, args=args) == first
+    assert 0 < rig.store.redis.ttl(keys[2]) <= 60

@@ -176,3 +176,23 @@ def test_resubmitting_keeps_a_late_step_that_is_already_due(store, catalog, book
     assert moved["version"] == 2
     assert {r["id"]: r for r in moved["reminders"]}["stop-retinoids:sms"]["due_at"] == (
         "2026-11-24T17:00:00Z")
+
+
+def test_a_dead_letter_rewritten_into_a_held_booking_leaves_the_dead_letters(
+    store, catalog, booking_doc
+):
+    from worker.store import Attempt
+
+    book(store, catalog, booking_doc)
+    ref = "glow/A-1042/booking-confirmation:email"
+    store.redis.zadd(store.due_key, {ref: 0})
+    (claim,) = [c for c in store.claim_due(50, 60) if c.ref == ref]
+    assert store.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"
+    store.finish_failed(ref, Attempt(claim.version, claim.claim, "tok"), "permanent: SMTP 550")
+    corrected = dict(booking_doc, patient=dict(booking_doc["patient"], email="ana@fixed.example"),
+                     medications={"tretinoin": True, "isotretinoin_last_dose": "2026-10-01"})
+    timeline = book(store, catalog, corrected)
+    assert timeline["status"] == "held"
+    assert store.dead_letters() == []  # waits for the clinic's review, not for a replay
+    assert store.record(ref)["status"] == "scheduled"
+    assert store.redis.ttl(store.booking_key("glow", "A-1042")) > 0  # retention applies again

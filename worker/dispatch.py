@@ -19,9 +19,9 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import redis
@@ -32,9 +32,9 @@ from .catalog import Catalog
 from .clinics import SendWindow
 from .delivery import Envelope, deliver
 from .errors import ConfigError, DeliveryError
-from .models import Booking
+from .models import Booking, Channel
 from .planner import SendTime, at_send_time, next_opening
-from .rendering import Renderer
+from .rendering import RenderedMessage, Renderer
 from .settings import Settings
 from .store import IN_FLIGHT_MARGIN, Attempt, Store, split_ref
 
@@ -84,8 +84,9 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     """Send the reminder `ref` if this task still owns it; return what happened."""
     settings, store = ctx.settings, ctx.store
     started = time.monotonic()
-    # Nothing of this attempt may outlive its ledger entry (lease_seconds from here).
-    deadline = started + settings.send_time_limit[0]
+    # Nothing of this attempt may outlive its ledger entry (lease_seconds from here): stop
+    # retrying Redis a little before the soft time limit.
+    deadline = started + settings.send_time_limit[0] - 1
     attempt = Attempt(version=version, claim=claim, token=uuid.uuid4().hex)
     verdict = store.begin_send(ref, version, claim, attempt.token, settings.lease_seconds * 1000)
     if verdict == "in flight":
@@ -101,21 +102,39 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
         log.info("send %s: dropped (%s)", ref, verdict)
         return f"dropped: {verdict}"
 
-    record = store.record(ref)
-    number = int(record.get("attempts", 1))
     now = datetime.now(UTC)
-    entry = {"at": now.isoformat(), "attempt": number}
-    try:
+    entry: dict[str, Any] = {"at": now.isoformat()}
+    number = 1
+    try:  # everything before the hand-over: a failure here cannot have sent anything
+        record = store.record(ref)
+        number = int(record.get("attempts", 1))
+        entry["attempt"] = number
+        attempt = replace(attempt, planned=record.get("planned_epoch", ""),
+                          template=record.get("template", ""))
         booking, window, tz = _booking(ctx, ref)
         rule = _send_time(record, window, tz, now)
         if rule.action != "send":
             return _hold_back(store, ref, attempt, rule)
-        detail = _deliver(ctx, ref, record, booking, now)
+        url, envelope, message = _render(ctx, ref, record, booking, now)
+        if not store.still_owned(ref, attempt):
+            # The clinic's change landed since begin: do not hand it over at all.
+            result = store.finish(ref, attempt, "abandon", at=now, entry=entry)
+            log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
+            return "dropped: overtaken before sending"
     except DeliveryError as exc:
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
-    except SoftTimeLimitExceeded:
-        timed_out = DeliveryError("the send ran out of time", unknown=True)
-        return _failed(ctx, ref, attempt, number, timed_out, entry, started, deadline)
+    except Exception as exc:  # Redis, a soft time limit, a bug: nothing was handed over
+        problem = DeliveryError(f"could not prepare the message ({type(exc).__name__})")
+        log.warning("send %s: %s", ref, problem.reason)
+        return _failed(ctx, ref, attempt, number, problem, entry, started, deadline)
+    try:
+        detail = deliver(url, envelope, message, outbox=settings.outbox,
+                         timeout=settings.send_timeout_seconds, now=now)
+    except DeliveryError as exc:
+        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
+    except Exception as exc:  # SoftTimeLimitExceeded or worse mid hand-over: it may have gone
+        unknown = DeliveryError(f"the send was interrupted ({type(exc).__name__})", unknown=True)
+        return _failed(ctx, ref, attempt, number, unknown, entry, started, deadline)
     result = durably(
         lambda: store.finish_sent(
             ref,
@@ -177,47 +196,43 @@ def _hold_back(store: Store, ref: str, attempt: Attempt, rule: SendTime) -> str:
     return "skipped"
 
 
-def _deliver(
+def _render(
     ctx: Context, ref: str, record: dict[str, str], booking: Booking, now: datetime
-) -> str:
-    """Render and deliver; every problem becomes a DeliveryError."""
+) -> tuple[str | None, Envelope, RenderedMessage]:
+    """Return (Apprise URL or None for the outbox, envelope, message); problems of the
+    configuration or the templates are permanent DeliveryErrors."""
     clinic_id, booking_id, _ = split_ref(ref)
     clinic = ctx.catalog.clinics.get(clinic_id)
     protocol = ctx.catalog.protocols.get(booking.treatment)
     if clinic is None or protocol is None:
         raise DeliveryError("clinic or protocol no longer configured", permanent=True)
-    channel = record["channel"]
+    channel = cast(Channel, record["channel"])
+    plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
     try:
         message = ctx.renderer.render(
             template=record["template"],
-            channel=channel,  # type: ignore[arg-type]
+            channel=channel,
             booking=booking,
             clinic=clinic,
             protocol=protocol,
             occurrence=int(record.get("occurrence", 1)),
             due_at=datetime.fromtimestamp(float(record["planned_epoch"]), UTC),
-            plan_dates=ctx.store.plan_dates(clinic_id, booking_id),
+            plan_dates=plan_dates,
             now=now,
         )
-        to = booking.patient.contact(channel)  # type: ignore[arg-type]
-        url = clinic.delivery_url(channel, to)  # type: ignore[arg-type]
+        to = booking.patient.contact(channel)
+        url = clinic.delivery_url(channel, to)
     except ConfigError as exc:
         raise DeliveryError(str(exc), permanent=True) from None
     except KeyError:
         raise DeliveryError(f"the patient has no {channel} contact", permanent=True) from None
+    except SoftTimeLimitExceeded:
+        raise
     except Exception as exc:  # a template that fails to render cannot succeed on retry
         raise DeliveryError(
             f"cannot render {record['template']} ({type(exc).__name__})", permanent=True
         ) from None
-    envelope = Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to)  # type: ignore[arg-type]
-    return deliver(
-        url,
-        envelope,
-        message,
-        outbox=ctx.settings.outbox,
-        timeout=ctx.settings.send_timeout_seconds,
-        now=now,
-    )
+    return url, Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to), message
 
 
 def _failed(
@@ -233,7 +248,7 @@ def _failed(
     settings, store = ctx.settings, ctx.store
     entry = entry | {"error": exc.reason, "seconds": round(time.monotonic() - started, 3)}
     now = datetime.now(UTC)
-    if exc.unknown:
+    if exc.unknown and number < settings.max_attempts:
         result = durably(
             lambda: store.finish_unknown(ref, attempt, exc.reason, entry), deadline, ref
         )
@@ -241,11 +256,13 @@ def _failed(
                     "retried after its ledger expires" if result == "ok" else result)
         return "unknown"
     if exc.permanent or number >= settings.max_attempts:
-        reason = (
-            f"permanent failure: {exc.reason}"
-            if exc.permanent
-            else f"gave up after {number} attempts: {exc.reason}"
-        )
+        if exc.permanent:
+            reason = f"permanent failure: {exc.reason}"
+        elif exc.unknown:  # never an endless series of possible duplicates
+            reason = (f"gave up after {number} attempts, the last of unknown outcome (it may "
+                      f"have been delivered): {exc.reason}")
+        else:
+            reason = f"gave up after {number} attempts: {exc.reason}"
         result = durably(lambda: store.finish_failed(ref, attempt, reason, entry), deadline, ref)
         log.warning("send %s: %s; %s", ref, reason,
                     "dead-lettered" if result == "ok" else f"not dead-lettered ({result})")

@@ -206,11 +206,17 @@ def _place(
     )
 
 
-def expiry(step: Step, nominal: datetime, start: datetime) -> tuple[datetime | None, str]:
-    """Return the instant after which this occurrence must not be sent, and why (or None).
+# A step after the visit with no `late_until` is about its own day ("apply SPF this
+# morning", "day 3: peeling is normal"): a day after its planned time its words are stale.
+STALE_AFTER = timedelta(days=1)
+
+
+def expiry(step: Step, nominal: datetime, start: datetime) -> tuple[datetime, str]:
+    """Return the instant after which this occurrence must not be sent, and why.
 
     The same rule as a late booking's (`_place`), applied again at send time: a step meant
-    for before the visit never goes once it has begun; `late_until` bounds any step.
+    for before the visit never goes once it has begun; `late_until` bounds any step; any
+    other step goes no later than a day after its planned time.
     """
     deadline = start + step.late_until if step.late_until is not None else None
     if nominal < start and (deadline is None or deadline >= start):
@@ -219,7 +225,7 @@ def expiry(step: Step, nominal: datetime, start: datetime) -> tuple[datetime | N
         side = "before" if deadline < start else "after"
         gap = format_duration(abs(deadline - start))
         return deadline, f"it could be sent only until {gap} {side} the start"
-    return None, ""
+    return nominal + STALE_AFTER, "it is more than a day past its planned time"
 
 
 @dataclass(frozen=True)

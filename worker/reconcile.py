@@ -149,7 +149,7 @@ def reconcile_one(
     if old_status in PENDING:
         fields["reason"] = f"rescheduled: {new.reason}"
     if old_status == Status.FAILED:  # the clinic corrected the booking: try afresh
-        fields |= {"attempts": "0", "reason": f"booking changed, sending again: {new.reason}"}
+        fields["reason"] = f"booking changed, sending again: {new.reason}"
     return fields, "due"
 
 
@@ -173,4 +173,5 @@ def record_fields(r: PlannedReminder, status: str, reason: str) -> dict[str, str
         "status": status,
         "reason": reason,
         "at_booking": "1" if r.at_booking else "0",
+        "attempts": "0",  # a new or moved reminder starts its attempts afresh
     } | _expiry_fields(r)

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
 
     # Retention: a booking's keys, attempt logs and ledger entries expire this many days
     # after its last reminder; a dead letter is kept until it is replayed or purged.
-    retention_days: float = Field(90, gt=0)
+    retention_days: float = Field(90, ge=1)
 
     # HTTP API.
     api_host: str = "127.0.0.1"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -92,8 +93,12 @@ end
 # Claim due reminders: one atomic step with Redis's own clock. Expired leases (a pump
 # that died after claiming, a worker killed mid-send) are claimed again.
 _CLAIM = """
-local due_key, lease_key = KEYS[1], KEYS[2]
+local due_key, lease_key, run_key = KEYS[1], KEYS[2], KEYS[3]
 local limit, lease_seconds, rprefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+-- Run twice with the same run key (a client retry after a lost reply): the same answer,
+-- so no claim is left leased with no task.
+local done = redis.call('GET', run_key)
+if done then return cjson.decode(done) end
 local now = redis_now()
 local lease_until = now + lease_seconds
 local out = {}
@@ -117,6 +122,7 @@ if #out < limit then
     claim(ref)
   end
 end
+redis.call('SET', run_key, cjson.encode(out), 'EX', 60)
 return out
 """
 
@@ -141,7 +147,8 @@ if booking ~= ST_SCHEDULED then
     -- Back to waiting, outside the due set: the clinic's release schedules it again.
     redis.call('HSET', rkey, 'status', ST_SCHEDULED)
   else
-    redis.call('HSET', rkey, 'status', ST_CANCELLED, 'reason', 'booking ' .. tostring(booking))
+    booking = booking or 'gone'
+    redis.call('HSET', rkey, 'status', ST_CANCELLED, 'reason', 'booking ' .. booking)
   end
   return 'booking ' .. tostring(booking)
 end
@@ -169,8 +176,11 @@ local rkey, lkey, due_key, lease_key, dead_key, akey =
 local token, ref, version, claim, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local score, retention, entry, log_max = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
 local prefix, clinic, booking_id, margin = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
+-- What the attempt sent: when, and which planned time and template its words were for.
+local sent_at, sent_planned, sent_template = ARGV[14], ARGV[15], ARGV[16]
 local now = redis_now()
-local r = redis.call('HMGET', rkey, 'status', 'version', 'claim', 'tok', 'fin')
+local r = redis.call('HMGET', rkey, 'status', 'version', 'claim', 'tok', 'fin', 'planned_epoch',
+  'template')
 local status = r[1]
 local owner = redis.call('GET', lkey) == token
 if status == false then
@@ -179,17 +189,19 @@ if status == false then
 end
 if r[5] == token then return 'repeated' end
 local same_version = r[2] == version
+-- The plan changed, but what it wants now is what went out (a cancel undone, a move undone).
+local same_words = r[6] == sent_planned and r[7] == sent_template
 local current = status == ST_SENDING and same_version and r[3] == claim and r[4] == token
 local function set_fields()
-  for i = 14, #ARGV, 2 do redis.call('HSET', rkey, ARGV[i], ARGV[i + 1]) end
+  for i = 17, #ARGV, 2 do redis.call('HSET', rkey, ARGV[i], ARGV[i + 1]) end
 end
 local result
 if outcome == 'sent' and status == ST_SENT then
   result = 'already recorded as sent'
-elseif outcome == 'sent' and (same_version or not is_pending(status)) then
+elseif outcome == 'sent' and (same_version or same_words or not is_pending(status)) then
   set_fields()
   redis.call('HSET', rkey, 'status', ST_SENT, 'sent_version', version)
-  if not current then
+  if not same_version then
     redis.call('HSET', rkey, 'reason',
       'sent by an attempt for version ' .. version .. ' while the booking was being changed')
   end
@@ -200,18 +212,18 @@ elseif outcome == 'sent' and (same_version or not is_pending(status)) then
   result = current and 'ok' or 'stale: recorded as sent'
 elseif outcome == 'sent' then
   -- The clinic moved it meanwhile: the delivery is history, the new plan decides what next.
-  redis.call('HSET', rkey, 'sent_at', ARGV[15], 'sent_version', version)
+  redis.call('HSET', rkey, 'sent_at', sent_at, 'sent_version', version)
   if owner then redis.call('DEL', lkey) end
   result = 'stale: delivery recorded beside the new plan'
 elseif current then
   redis.call('ZREM', lease_key, ref)
   set_fields()
-  if outcome == 'retry' or outcome == 'defer' then
+  if outcome == 'retry' or outcome == 'defer' or outcome == 'abandon' then
     if owner then redis.call('DEL', lkey) end
     redis.call('HSET', rkey, 'status', outcome == 'retry' and ST_RETRYING or ST_SCHEDULED,
       'due_epoch', tostring(score))
     redis.call('ZADD', due_key, score, ref)
-    if outcome == 'defer' then redis.call('HINCRBY', rkey, 'attempts', -1) end
+    if outcome ~= 'retry' then redis.call('HINCRBY', rkey, 'attempts', -1) end
   elseif outcome == 'unknown' then
     -- It may have reached the provider: the ledger stays until it expires; retry after.
     local ttl = redis.call('PTTL', lkey)
@@ -322,6 +334,7 @@ _LOGGED_AS = {
     "failed": "failed",
     "defer": "deferred",
     "skip": "skipped",
+    "abandon": "abandoned",
 }
 
 
@@ -468,6 +481,8 @@ class Store:
                     pipe.zrem(self.dead_key, ref)
                 elif change.schedule == "hold":
                     pipe.zrem(self.due_key, ref)
+                    if change.fields is not None:  # rewritten: no longer a dead letter
+                        pipe.zrem(self.dead_key, ref)
 
         self.redis.transaction(apply, bkey, kkey)
         last = max(
@@ -561,8 +576,10 @@ class Store:
 
     def claim_due(self, limit: int, lease_seconds: int) -> list[Claim]:
         """Atomically lease up to `limit` due reminders (Redis's clock decides 'due')."""
+        run_key = f"{self.prefix}:claimrun:{uuid.uuid4().hex}"
         rows = self._claim(
-            keys=[self.due_key, self.lease_key], args=[limit, lease_seconds, f"{self.prefix}:r:"]
+            keys=[self.due_key, self.lease_key, run_key],
+            args=[limit, lease_seconds, f"{self.prefix}:r:"],
         )
         return [Claim(ref=r[0], version=r[1], claim=r[2]) for r in rows]
 
@@ -606,11 +623,13 @@ class Store:
         at: datetime | None = None,
         fields: dict[str, str] | None = None,
         entry: dict[str, Any] | None = None,
+        sent_at: str = "",
     ) -> str:
         """Record the outcome of `attempt` (fenced; see _FINISH); return what was done.
 
-        outcome: sent | retry | unknown | failed | defer | skip. `at`: when to try again
-        (retry, defer; unknown: not before the ledger expires). `entry`: the attempt log line.
+        outcome: sent | retry | unknown | failed | defer | skip | abandon (the attempt found
+        itself overtaken before sending). `at`: when to try again (retry, defer; unknown:
+        not before the ledger expires). `entry`: the attempt log line.
         """
         clinic, booking_id, _ = split_ref(ref)
         line = {
@@ -633,6 +652,9 @@ class Store:
             clinic,
             booking_id,
             IN_FLIGHT_MARGIN,
+            sent_at,
+            attempt.planned,
+            attempt.template,
         ]
         for k, v in (fields or {}).items():
             args += [k, v]
@@ -655,13 +677,13 @@ class Store:
     ) -> str:
         """Record a delivery (always: a stale attempt's delivery is history too)."""
         stamp = utc_iso(sent_at) or ""
-        # The script reads sent_at as the second field value (ARGV[15]): keep it first.
         return self.finish(
             ref,
             attempt,
             "sent",
             fields={"sent_at": stamp, "reason": "", "last_error": ""},
             entry=entry,
+            sent_at=stamp,
         )
 
     def finish_retry(
@@ -708,6 +730,18 @@ class Store:
 
     def finish_skip(self, ref: str, attempt: Attempt, reason: str) -> str:
         return self.finish(ref, attempt, "skip", fields={"reason": reason})
+
+    def still_owned(self, ref: str, attempt: Attempt) -> bool:
+        """Return whether `attempt` still owns the reminder (checked just before sending)."""
+        clinic, booking_id, _ = split_ref(ref)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.record_key(ref), "status", "version", "claim", "tok")
+        pipe.hget(self.booking_key(clinic, booking_id), "status")
+        (status, version, claim, tok), booking = pipe.execute()
+        return bool(
+            (status, version, claim, tok, booking)
+            == (Status.SENDING, attempt.version, attempt.claim, attempt.token, Status.SCHEDULED)
+        )
 
     def requeue(self, ref: str, at: datetime, reason: str, claim: str | None = None) -> bool:
         """Put a leased reminder back in the due set (another attempt holds the ledger).
@@ -827,6 +861,9 @@ class Attempt:
     version: str
     claim: str
     token: str
+    # What it sends (read after begin): the planned time and template its words are for.
+    planned: str = ""
+    template: str = ""
 
 
 def _timeline_entry(key: str, rec: dict[str, str]) -> dict[str, Any]:
