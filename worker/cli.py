@@ -306,8 +306,13 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    """Send dead-lettered reminders again, now (after the cause was fixed)."""
+def _on_dead_letters(
+    args: argparse.Namespace,
+    settings: Settings,
+    verb: str,
+    act: Callable[[Store, list[str]], list[str]],
+) -> int:
+    """Apply `act` to the dead letters named (REF or BOOKING_ID) or --all; print the result."""
     store = open_store(settings)
     dead = store.dead_letters(args.clinic)
     if args.refs:
@@ -320,36 +325,28 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     elif args.all:
         refs = [d["ref"] for d in dead]
     else:
-        raise UsageError("name the dead letters to replay (REF or BOOKING_ID), or use --all")
-    replayed = store.replay(refs, datetime.now(UTC))
+        raise UsageError(f"name the dead letters to {verb} (REF or BOOKING_ID), or use --all")
+    done = act(store, refs)
+    past = "replayed" if verb == "replay" else "purged"
     if args.json:
-        print(json.dumps({"replayed": replayed}))
+        print(json.dumps({past: done}))
     else:
-        print(f"replayed {len(replayed)} reminder(s)" + "".join(f"\n  {r}" for r in replayed))
+        print(f"{past} {len(done)} dead letter(s)" + "".join(f"\n  {r}" for r in done))
     return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    """Send dead-lettered reminders again, now (after the cause was fixed)."""
+    return _on_dead_letters(
+        args, settings, "replay", lambda store, refs: store.replay(refs, datetime.now(UTC))
+    )
 
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     """Remove dead letters without sending them; they stay `failed` in the timeline."""
-    store = open_store(settings)
-    dead = store.dead_letters(args.clinic)
-    if args.all:
-        refs = [d["ref"] for d in dead]
-    elif args.refs:
-        wanted = set(args.refs)
-        refs = [d["ref"] for d in dead if d["ref"] in wanted or d["booking_id"] in wanted]
-        unknown = wanted - {d["ref"] for d in dead} - {d["booking_id"] for d in dead}
-        if unknown:
-            print(f"not dead-lettered: {', '.join(sorted(unknown))}", file=sys.stderr)
-            return EXIT_REFUSED
-    else:
-        raise UsageError("name the dead letters to purge (REF or BOOKING_ID), or use --all")
-    purged = store.purge(refs, datetime.now(UTC))
-    if args.json:
-        print(json.dumps({"purged": purged}))
-    else:
-        print(f"purged {len(purged)} dead letter(s)" + "".join(f"\n  {r}" for r in purged))
-    return EXIT_OK
+    return _on_dead_letters(
+        args, settings, "purge", lambda store, refs: store.purge(refs, datetime.now(UTC))
+    )
 
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
