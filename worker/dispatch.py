@@ -114,7 +114,7 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
         booking, window, tz = _booking(ctx, ref)
         rule = _send_time(record, window, tz, now)
         if rule.action != "send":
-            return _hold_back(store, ref, attempt, rule)
+            return _hold_back(store, ref, attempt, rule, entry)
         url, envelope, message = _render(ctx, ref, record, booking, now)
         if not store.still_owned(ref, attempt):
             # The clinic's change landed since begin: do not hand it over at all.
@@ -184,14 +184,16 @@ def _send_time(record: dict[str, str], window: SendWindow, tz: ZoneInfo, now: da
     )
 
 
-def _hold_back(store: Store, ref: str, attempt: Attempt, rule: SendTime) -> str:
+def _hold_back(
+    store: Store, ref: str, attempt: Attempt, rule: SendTime, entry: dict[str, Any]
+) -> str:
     """Defer to the window's next opening, or skip an expired reminder; nothing is sent."""
     if rule.action == "defer":
         assert rule.at is not None
-        result = store.finish_defer(ref, attempt, rule.at, rule.reason)
+        result = store.finish_defer(ref, attempt, rule.at, rule.reason, entry)
         log.info("send %s: deferred to the send window's next opening (%s)", ref, result)
         return "deferred"
-    result = store.finish_skip(ref, attempt, rule.reason)
+    result = store.finish_skip(ref, attempt, rule.reason, entry)
     log.info("send %s: skipped at send time: %s (%s)", ref, rule.reason, result)
     return "skipped"
 

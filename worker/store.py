@@ -725,11 +725,20 @@ class Store:
             ref, attempt, "failed", fields={"reason": reason, "last_error": reason}, entry=entry
         )
 
-    def finish_defer(self, ref: str, attempt: Attempt, at: datetime, reason: str) -> str:
-        return self.finish(ref, attempt, "defer", at=at, fields={"reason": reason})
+    def finish_defer(
+        self,
+        ref: str,
+        attempt: Attempt,
+        at: datetime,
+        reason: str,
+        entry: dict[str, Any] | None = None,
+    ) -> str:
+        return self.finish(ref, attempt, "defer", at=at, fields={"reason": reason}, entry=entry)
 
-    def finish_skip(self, ref: str, attempt: Attempt, reason: str) -> str:
-        return self.finish(ref, attempt, "skip", fields={"reason": reason})
+    def finish_skip(
+        self, ref: str, attempt: Attempt, reason: str, entry: dict[str, Any] | None = None
+    ) -> str:
+        return self.finish(ref, attempt, "skip", fields={"reason": reason}, entry=entry)
 
     def still_owned(self, ref: str, attempt: Attempt) -> bool:
         """Return whether `attempt` still owns the reminder (checked just before sending)."""

@@ -246,9 +246,9 @@ def test_smtp_down_for_20s_retries_with_backoff_and_sends_once(
     service.configure(REMINDERS_MAX_ATTEMPTS="30")
     smtp_sink.stop()  # its port stays in the clinic's config: connections are refused
     service.up()
-    # Confirmations and preps fall due during the outage; the visit (24 s) is after it, so
+    # The confirmations fall due during the outage; the visit (36 s) is well after it, so
     # they are still worth sending when the server is back.
-    docs = bookings(make_booking, "D", 2, starts_in=24, first_phone=200)
+    docs = bookings(make_booking, "D", 2, starts_in=36, first_phone=200)
     timelines = service.book(*docs)
     down_since = time.time()
     expected = sum((expected_keys(e2e_config, d, t) for d, t in zip(docs, timelines, strict=True)),
@@ -269,21 +269,21 @@ def test_smtp_down_for_20s_retries_with_backoff_and_sends_once(
     wait_until(lambda: sum(received_keys(smtp_sink, sms_sink).values()) >= len(expected), 30)
     settle(redis_client)
     assert_exactly_once(expected, received_keys(smtp_sink, sms_sink))
-    # Back-off is capped (4 s): once the server is back, every email goes within a few seconds.
-    assert max(m.at for m in smtp_sink.snapshot()) - back_at < 10
-    planned = {(b, r["id"]): r["due_at"] for b, r in reminders_of(timelines)}
     for booking_id, r in reminders_of(show_all(service, docs)):
         assert r["status"] == "sent", r
         log = store.attempts(ref(booking_id, r["id"]))
         assert [e["attempt"] for e in log] == list(range(1, r["attempts"] + 1)), log
         assert log[-1]["outcome"] == "sent"
-        if r["channel"] == "sms" or _dt(planned[booking_id, r["id"]]).timestamp() > back_at:
-            assert r["attempts"] == 1, r  # the SMS gateway was up; the server was back
+        if r["channel"] == "sms":
+            assert r["attempts"] == 1, r  # the SMS gateway was up all along
             continue
-        assert r["attempts"] > 1, r
+        if r["id"] == "confirm:email":
+            assert r["attempts"] > 1, r  # due at once, while the server was down
+            # Back-off is capped (4 s): once the server is back it goes within a few seconds.
+            assert _dt(r["sent_at"]).timestamp() - back_at < 10, r
         failed = log[:-1]
-        assert {e["outcome"] for e in failed} == {"retrying"}, log
-        assert {e["error"] for e in failed} == {"could not connect to the provider"}, log
+        assert {e["outcome"] for e in failed} <= {"retrying"}, log
+        assert all(e["error"] == "could not connect to the provider" for e in failed), log
         # Exponential back-off with jitter: never sooner than half the nominal delay
         # (1, 2, 4, 4 s...).
         for before, after in zip(log, log[1:], strict=False):

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import wait_until
+from worker.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +112,7 @@ def test_narrow_window_holds_retries_until_it_reopens_then_sends_each_once(
 
 
 def test_appointment_passing_during_an_outage_skips_the_pre_visit_reminder(
-        service, sms_sink, smtp_sink, make_booking):
+        service, sms_sink, smtp_sink, make_booking, redis_client):
     service.configure(REMINDERS_MAX_ATTEMPTS="40")
     sms_sink.status = 503
     service.up()
@@ -134,4 +135,10 @@ def test_appointment_passing_during_an_outage_skips_the_pre_visit_reminder(
     assert reminders["spf:sms"]["status"] == "sent"  # after the visit: it goes out
     texts = [p.text for p in sms_sink.snapshot()]
     assert len(texts) == 1, texts  # only spf; the pre-visit SMS never left late
-    assert all(at < start for at, _, status in sms_sink.requests_snapshot() if status == 503)
+    # The rule is applied as each attempt begins: every attempt begun before the visit
+    # failed; the first one begun after it was skipped, and nothing was tried after that.
+    log = Store(redis_client, "reminders").attempts("e2e/P-1/prep:sms")
+    assert [e["outcome"] for e in log][-1] == "skipped", log
+    assert {e["outcome"] for e in log[:-1]} == {"retrying"}, log
+    assert all(datetime.fromisoformat(e["at"]).timestamp() < start for e in log[:-1]), log
+    assert datetime.fromisoformat(log[-1]["at"]).timestamp() >= start, log
