@@ -321,7 +321,8 @@ return 1
 
 # Apply the retention rule to one booking (after an upsert).
 _KEEP = """
-keep_booking(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))
+local prefix, clinic, booking_id, keep_until = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+keep_booking(prefix, clinic, booking_id, keep_until)
 return 1
 """
 
