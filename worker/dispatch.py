@@ -40,6 +40,7 @@ from .store import IN_FLIGHT_MARGIN, Attempt, Store, split_ref
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Place = tuple[SendWindow, ZoneInfo]  # a booking's send window and the patient's timezone
 
 
 @dataclass
@@ -105,14 +106,15 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     now = datetime.now(UTC)
     entry: dict[str, Any] = {"at": now.isoformat()}
     number = 1
+    place: Place | None = None  # the send window and timezone, once read
     try:  # everything before the hand-over: a failure here cannot have sent anything
-        record = store.record(ref)
+        record, stored_booking = store.record_and_booking(ref)
         number = int(record.get("attempts", 1))
         entry["attempt"] = number
         attempt = replace(attempt, planned=record.get("planned_epoch", ""),
                           template=record.get("template", ""))
-        booking, window, tz = _booking(ctx, ref)
-        rule = _send_time(record, window, tz, now)
+        booking, place = _booking(ctx, ref, stored_booking)
+        rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(store, ref, attempt, rule, entry)
         url, envelope, message = _render(ctx, ref, record, booking, now)
@@ -122,19 +124,19 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
             log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
             return "dropped: overtaken before sending"
     except DeliveryError as exc:
-        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
+        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place)
     except Exception as exc:  # Redis, a soft time limit, a bug: nothing was handed over
         problem = DeliveryError(f"could not prepare the message ({type(exc).__name__})")
         log.warning("send %s: %s", ref, problem.reason)
-        return _failed(ctx, ref, attempt, number, problem, entry, started, deadline)
+        return _failed(ctx, ref, attempt, number, problem, entry, started, deadline, place)
     try:
         detail = deliver(url, envelope, message, outbox=settings.outbox,
                          timeout=settings.send_timeout_seconds, now=now)
     except DeliveryError as exc:
-        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline)
+        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place)
     except Exception as exc:  # SoftTimeLimitExceeded or worse mid hand-over: it may have gone
         unknown = DeliveryError(f"the send was interrupted ({type(exc).__name__})", unknown=True)
-        return _failed(ctx, ref, attempt, number, unknown, entry, started, deadline)
+        return _failed(ctx, ref, attempt, number, unknown, entry, started, deadline, place)
     result = durably(
         lambda: store.finish_sent(
             ref,
@@ -151,10 +153,9 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     return "sent"
 
 
-def _booking(ctx: Context, ref: str) -> tuple[Booking, SendWindow, ZoneInfo]:
-    """Return the stored booking, its send window and the patient's timezone."""
-    clinic_id, booking_id, _ = split_ref(ref)
-    stored = ctx.store.booking(clinic_id, booking_id)
+def _booking(ctx: Context, ref: str, stored: dict[str, str]) -> tuple[Booking, Place]:
+    """Return the stored booking and its place in time: send window, patient's timezone."""
+    clinic_id = split_ref(ref)[0]
     try:
         booking = Booking.model_validate_json(stored["doc"])
     except (KeyError, ValidationError) as exc:
@@ -170,7 +171,7 @@ def _booking(ctx: Context, ref: str) -> tuple[Booking, SendWindow, ZoneInfo]:
         window = clinic.send_window
     else:
         raise DeliveryError("clinic no longer configured", permanent=True)
-    return booking, window, ZoneInfo(booking.patient.timezone)
+    return booking, (window, ZoneInfo(booking.patient.timezone))
 
 
 def _send_time(record: dict[str, str], window: SendWindow, tz: ZoneInfo, now: datetime) -> SendTime:
@@ -246,6 +247,7 @@ def _failed(
     entry: dict[str, Any],
     started: float,
     deadline: float,
+    place: Place | None,
 ) -> str:
     settings, store = ctx.settings, ctx.store
     entry = entry | {"error": exc.reason, "seconds": round(time.monotonic() - started, 3)}
@@ -273,11 +275,8 @@ def _failed(
         number, base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds
     )
     retry_at = now + timedelta(seconds=delay)
-    try:  # a retry waits for the patient's send window like any other send
-        _, window, tz = _booking(ctx, ref)
-        retry_at = next_opening(retry_at, window, tz)
-    except DeliveryError:
-        pass
+    if place is not None:  # a retry waits for the patient's send window like any other send
+        retry_at = next_opening(retry_at, *place)
     result = durably(
         lambda: store.finish_retry(ref, attempt, retry_at, exc.reason, entry), deadline, ref
     )

@@ -533,10 +533,6 @@ class Store:
             raise NotFound(f"{clinic}/{booking_id}")
         return json.loads(raw)  # type: ignore[no-any-return]
 
-    def booking(self, clinic: str, booking_id: str) -> dict[str, str]:
-        """Return the booking's stored fields (doc, status, window, ...), or {}."""
-        return _str_hash(self.redis.hgetall(self.booking_key(clinic, booking_id)))
-
     def timeline(self, clinic: str, booking_id: str) -> dict[str, Any]:
         """Return the booking's timeline in the DESIGN.md JSON shape."""
         booking = _str_hash(self.redis.hgetall(self.booking_key(clinic, booking_id)))
@@ -611,6 +607,15 @@ class Store:
     def ledger_ttl(self, ref: str) -> float:
         """Return seconds until an in-flight attempt's ledger entry expires (0 if none)."""
         return max(0, int(self.redis.pttl(self.ledger_key(ref)))) / 1000
+
+    def record_and_booking(self, ref: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Return a reminder's record and its booking's fields, in one round trip."""
+        clinic, booking_id, _ = split_ref(ref)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.record_key(ref))
+        pipe.hgetall(self.booking_key(clinic, booking_id))
+        record, booking = pipe.execute()
+        return _str_hash(record), _str_hash(booking)
 
     def record(self, ref: str) -> dict[str, str]:
         return _str_hash(self.redis.hgetall(self.record_key(ref)))
