@@ -87,6 +87,22 @@ local function keep_booking(prefix, clinic, booking_id, at)
   end
   redis.call('ZADD', prefix .. ':bookings:' .. clinic, dead and '+inf' or at, booking_id)
 end
+-- After one reminder's finish. The common case: the booking's expiry already reaches `at`
+-- and no dead letter keeps it, so only this reminder's keys (its attempt log may be new)
+-- need it. Otherwise the whole booking is done again.
+local function keep_reminder(prefix, clinic, booking_id, ref, at)
+  local bkey = prefix .. ':b:' .. clinic .. '/' .. booking_id
+  local stored = tonumber(redis.call('HGET', bkey, 'keep_until') or '0')
+  if stored < at or redis.call('TTL', bkey) < 0 or redis.call('ZSCORE', prefix .. ':dead', ref)
+  then
+    keep_booking(prefix, clinic, booking_id, at)
+    return
+  end
+  redis.call('EXPIREAT', prefix .. ':r:' .. ref, stored)
+  redis.call('EXPIREAT', prefix .. ':a:' .. ref, stored)
+  local lkey = prefix .. ':ledger:' .. ref
+  if redis.call('GET', lkey) == 'sent' then redis.call('EXPIREAT', lkey, stored) end
+end
 """
 )
 
@@ -252,7 +268,7 @@ local line = cjson.decode(entry)
 line['result'] = result
 redis.call('RPUSH', akey, cjson.encode(line))
 redis.call('LTRIM', akey, -tonumber(log_max), -1)
-keep_booking(prefix, clinic, booking_id, now + retention)
+keep_reminder(prefix, clinic, booking_id, ref, now + retention)
 return result
 """
 
