@@ -145,3 +145,59 @@ class HttpSink:
     def requests_snapshot(self) -> list[tuple[float, str, int]]:
         with self._lock:
             return list(self.requests)
+
+
+@dataclass
+class Hook:
+    """One webhook request as the clinic's server saw it."""
+
+    at: float
+    body: bytes
+    headers: dict[str, str]
+    valid: bool  # the signature checked out with the receiver's secret
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class WebhookReceiver:
+    """A clinic's webhook endpoint: checks each signature, answers `status` (200 by default)."""
+
+    def __init__(self, secret: str) -> None:
+        from worker.webhooks import SIGNATURE_HEADER, verify_signature
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hooks"
+        self.status = 200
+        self.hooks: list[Hook] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                valid = verify_signature(secret, self.headers.get(SIGNATURE_HEADER), body)
+                with receiver._lock:
+                    receiver.hooks.append(Hook(time.time(), body, dict(self.headers), valid))
+                status = receiver.status if valid else 400
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def snapshot(self) -> list[Hook]:
+        with self._lock:
+            return list(self.hooks)

@@ -185,3 +185,25 @@ def test_an_unknown_clinic_is_a_usage_error(tmp_path: Path) -> None:
     result = run_check(ROOT / "config", ROOT / "templates", "--clinic", "nope", cwd=tmp_path)
     assert result.returncode == EXIT_USAGE
     assert "unknown clinic 'nope'" in result.stderr
+
+
+def test_a_missing_held_alert_template_is_an_error(copy: Path) -> None:
+    missing = copy / "templates" / "es" / "clinic" / "held.email.txt.j2"
+    missing.unlink()
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG
+    assert f"{missing}: missing (needed by clinic glow's held-booking alert)" in result.stderr
+
+
+def test_a_webhook_secret_must_come_from_the_environment(copy: Path) -> None:
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text().replace(
+        "[send_window]", '[webhook]\nurl = "https://booking.glow.example/hooks"\n'
+        'secret = "hunter2"\n\n[send_window]'))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG
+    assert "webhook.secret" in result.stderr and "hunter2" not in result.stderr
+    clinic.write_text(clinic.read_text().replace('"hunter2"', '"${GLOW_WEBHOOK_SECRET}"'))
+    unset = check_copy(copy)
+    assert unset.returncode == EXIT_OK, unset.stderr
+    assert "environment variable GLOW_WEBHOOK_SECRET is not set" in unset.stdout

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 from pydantic import (
@@ -31,6 +31,7 @@ from pydantic import (
 from .errors import ConfigError
 from .models import CHANNELS, CLINIC_ID_PATTERN, Channel, Timezone, parse_e164
 from .protocols import _pydantic_problem, read_toml
+from .webhooks import EVENT_TYPES
 
 MINUTES_PER_DAY = 24 * 60
 DEFAULT_WINDOW = ("09:00", "20:00")  # DOMAIN.md: US quiet hours 08:00-21:00, default narrower
@@ -74,6 +75,26 @@ class SendWindow(BaseModel):
         return f"{hhmm(self.start)}-{hhmm(self.end)}"
 
 
+class Webhook(BaseModel):
+    """Where the clinic's booking software hears about reminders (see worker/webhooks.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2000)
+    # "${NAME}": the signing secret is read from the environment at send time.
+    secret: str = Field(pattern=r"^\$\{[A-Z_][A-Z0-9_]*\}$")
+    # Which events to send (default: all of them).
+    events: list[Literal[EVENT_TYPES]] | None = None  # type: ignore[valid-type]
+
+    def secret_value(self, clinic: str, env: Mapping[str, str] | None = None) -> str:
+        """Return the signing secret from the environment."""
+        name = self.secret[2:-1]
+        value = (os.environ if env is None else env).get(name)
+        if not value:
+            raise ConfigError(f"clinic {clinic}", f"environment variable {name} is not set")
+        return value
+
+
 class Clinic(BaseModel):
     """A clinic: who it is, how to reach it, when and how its patients are messaged."""
 
@@ -94,6 +115,8 @@ class Clinic(BaseModel):
     # true: a channel without a URL goes to the local outbox; false: never the outbox;
     # unset: the outbox only when there is no channel URL at all.
     outbox: StrictBool | None = None
+    # Signed webhooks to the clinic's booking software ([webhook] url, secret, events).
+    webhook: Webhook | None = None
     # sha256 hex digests of the clinic's API keys (issued by `reminders issue-key`).
     api_key_sha256: list[str] = []
 
@@ -134,10 +157,17 @@ class Clinic(BaseModel):
             return None
         raise ConfigError(f"clinic {self.id}", unreachable_problem(channel))
 
+    def wants(self, event_type: str) -> bool:
+        """Return whether the clinic's webhook takes `event_type`."""
+        hook = self.webhook
+        return hook is not None and (hook.events is None or event_type in hook.events)
+
     def missing_secrets(self, env: Mapping[str, str] | None = None) -> list[str]:
-        """Return the environment variables the channel URLs need but are unset."""
+        """Return the environment variables the channel URLs and webhook need but are unset."""
         env = os.environ if env is None else env
         names = {m for url in self.channels.values() for m in _ENV_REF.findall(url)}
+        if self.webhook:
+            names.add(self.webhook.secret[2:-1])
         return sorted(n for n in names if n not in env)
 
 

@@ -340,7 +340,18 @@ def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
     # but its sends on that channel fail permanently.
     errors += [ConfigError(clinics_dir / f"{c.id}.toml", unreachable_problem(channel))
                for c in clinics for channel in c.unreachable_channels()]
+    # The held-booking alert is emailed to a clinic with an address, in the clinic's locale.
+    errors += [ConfigError(catalog.templates_dir / name, f"missing (needed by clinic {c.id}'s "
+                           "held-booking alert)")
+               for c in clinics if c.email and c.locale in catalog.locales
+               for name in clinic_alert_files(c.locale)
+               if not (catalog.templates_dir / name).is_file()]
     return errors
+
+
+def clinic_alert_files(locale: str) -> list[str]:
+    """Return the template files of the alerts the clinic itself receives, in `locale`."""
+    return [f"{locale}/clinic/held.email.{part}.j2" for part in ("subject", "txt")]
 
 
 def _unused_templates(renderer: Renderer, catalog: Catalog) -> list[str]:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(8, ge=1)
     backoff_base_seconds: float = Field(30.0, gt=0)
     backoff_cap_seconds: float = Field(3600.0, gt=0)
+    # Clinic webhooks and alerts: one attempt's timeout, and attempts before giving up.
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(12, ge=1)
     broker_visibility_timeout_seconds: int = Field(600, ge=60)
 
     # Retention: a booking's keys, attempt logs and ledger entries expire this many days

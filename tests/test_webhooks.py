@@ -1,0 +1,248 @@
+"""Clinic events: signing, the durable event schedule, delivery to a real endpoint and SMTP."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.sinks import SmtpSink, WebhookReceiver
+from worker.clinics import Clinic
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.webhooks import (
+    SIGNATURE_HEADER,
+    Events,
+    deliver_event,
+    iso,
+    pump_events,
+    sign,
+    verify_signature,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "whsec-test-0123456789"
+ENV = {"GLOW_WEBHOOK_SECRET": SECRET}
+STARTS = datetime(2026, 12, 5, 13, 30, tzinfo=UTC).timestamp()
+
+
+def glow(**extra: object) -> Clinic:
+    doc: dict[str, object] = {
+        "id": "glow", "name": "Glow Skin Clinic", "phone": "+34910000000",
+        "email": "hola@glow.example", "timezone": "Europe/Madrid", "locale": "en",
+    }
+    return Clinic.model_validate(doc | extra)
+
+
+def settings(tmp_path: Path, **extra: object) -> Settings:
+    return Settings(templates_dir=ROOT / "templates", data_dir=tmp_path, _env_file=None,
+                    backoff_base_seconds=30, backoff_cap_seconds=60, **extra)  # type: ignore[arg-type]
+
+
+# --- signatures ----------------------------------------------------------------------
+
+
+def test_a_signature_verifies_only_the_same_body_secret_and_a_recent_time():
+    body = b'{"id":"1","type":"reminder.sent"}'
+    now = 1_800_000_000
+    header = sign(SECRET, body, now)
+    assert header.startswith(f"t={now},v1=")
+    assert verify_signature(SECRET, header, body, now=now + 299)
+    assert not verify_signature(SECRET, header, body + b" ", now=now)  # tampered body
+    assert not verify_signature("another-secret", header, body, now=now)
+    assert not verify_signature(SECRET, header, body, now=now + 301)  # replayed too late
+    assert not verify_signature(SECRET, header, body, now=now - 301)  # from the future
+    forged_time = header.replace(f"t={now}", f"t={now + 100}")  # fresh time, old signature
+    assert not verify_signature(SECRET, forged_time, body, now=now + 100)
+    for broken in (None, "", "v1=abc", "t=abc,v1=00", f"t={now}"):
+        assert not verify_signature(SECRET, broken, body, now=now)
+
+
+# --- the event schedule --------------------------------------------------------------
+
+
+@pytest.fixture
+def events(redis_client) -> Events:
+    return Events(redis_client, "t", retention_days=1)
+
+
+def test_an_event_is_claimed_once_per_lease_and_deleted_when_delivered(events, redis_client):
+    event_id = events.emit("glow", "webhook", "booking.held",
+                           {"booking_id": "A-1", "reason": "isotretinoin", "starts_at": STARTS})
+    (claimed,) = events.claim(10, lease_seconds=30)
+    assert claimed[0] == event_id
+    assert events.claim(10, lease_seconds=30) == []  # leased: nobody else takes it
+    event = events.load(*claimed)
+    assert event is not None and event.type == "booking.held"
+    assert event.payload()["starts_at"] == iso(STARTS) == "2026-12-05T13:30:00Z"
+    assert events.done(*claimed) == "done"
+    assert redis_client.exists(events.event_key(event_id)) == 0
+    assert redis_client.zcard(events.due_key) == 0
+
+
+def test_an_expired_lease_is_claimed_again_and_the_old_claim_is_stale(events):
+    events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"})
+    first = events.claim(10, lease_seconds=0.2)[0]
+    time.sleep(0.3)
+    second = events.claim(10, lease_seconds=30)[0]
+    assert first[0] == second[0] and first[1] != second[1]
+    assert events.load(*first) is None  # the old attempt no longer owns it
+    assert events.retry(first[0], first[1], time.time(), "late") == "stale"
+    # ... but a delivery by the old attempt still counts: the event is done.
+    assert events.done(*first) == "done"
+    assert events.load(*second) is None
+
+
+def test_retry_reschedules_and_give_up_keeps_it_dead(events, redis_client):
+    event_id = events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"})
+    claim = events.claim(10, 30)[0]
+    later = time.time() + 100
+    assert events.retry(event_id, claim[1], later, "HTTP 500") == "retry"
+    assert redis_client.zscore(events.due_key, event_id) == pytest.approx(later)
+    assert events.claim(10, 30) == []  # not due yet
+    redis_client.zadd(events.due_key, {event_id: 0})
+    claim = events.claim(10, 30)[0]
+    assert events.give_up(event_id, claim[1], "HTTP 500") == "dead"
+    assert events.dead() == [event_id]
+    assert redis_client.zcard(events.due_key) == 0
+    assert redis_client.hget(events.event_key(event_id), "attempts") == "2"
+    assert 0 < redis_client.ttl(events.event_key(event_id)) <= 86400
+
+
+# --- delivery ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def receiver():
+    r = WebhookReceiver(SECRET).start()
+    yield r
+    r.stop()
+
+
+def hooked(receiver: WebhookReceiver, **extra: object) -> Clinic:
+    return glow(webhook={"url": receiver.url, "secret": "${GLOW_WEBHOOK_SECRET}", **extra})
+
+
+def deliver_all(events: Events, clinic: Clinic, tmp_path: Path, **extra: object) -> list[str]:
+    results: list[str] = []
+    pump_events(
+        events,
+        lambda event_id, claim: results.append(deliver_event(
+            events, event_id, claim, clinics={clinic.id: clinic},
+            renderer=Renderer(ROOT / "templates"), settings=settings(tmp_path, **extra), env=ENV,
+        )),
+        batch=100,
+        lease_seconds=30,
+    )
+    return results
+
+
+def test_a_webhook_arrives_signed_with_ids_and_times_but_no_contact_or_body(
+        events, receiver, tmp_path):
+    fields = {"booking_id": "A-1042", "reminder": "prep:sms", "step": "prep", "channel": "sms",
+              "due_at": STARTS - 86400, "sent_at": STARTS - 86399, "attempts": 1}
+    event_id = events.emit("glow", "webhook", "reminder.sent", fields)
+    assert deliver_all(events, hooked(receiver), tmp_path) == ["delivered"]
+    (hook,) = receiver.snapshot()
+    assert hook.valid
+    assert hook.headers["Reminders-Event"] == "reminder.sent"
+    assert hook.headers["Reminders-Event-Id"] == event_id
+    assert hook.headers[SIGNATURE_HEADER].startswith("t=")
+    created = hook.json().pop("created_at")
+    assert abs(datetime.fromisoformat(created).timestamp() - time.time()) < 5
+    assert hook.json() | {"created_at": created} == {
+        "id": event_id, "type": "reminder.sent", "clinic": "glow", "booking_id": "A-1042",
+        "reminder": "prep:sms", "step": "prep", "channel": "sms", "attempts": 1,
+        "due_at": "2026-12-04T13:30:00Z", "sent_at": "2026-12-04T13:30:01Z",
+        "created_at": created,
+    }
+    assert events.pending() == []
+
+
+def test_a_failing_endpoint_is_retried_with_backoff_then_given_up(
+        events, receiver, tmp_path, redis_client):
+    receiver.status = 503
+    event_id = events.emit("glow", "webhook", "reminder.failed",
+                           {"booking_id": "A-1", "reason": "HTTP 400"})
+    before = time.time()
+    assert deliver_all(events, hooked(receiver), tmp_path, webhook_max_attempts=2) == [
+        "retrying: webhook answered HTTP 503"]
+    # Backoff base 30 s: the next try is 15-30 s away, not now.
+    assert 15 <= redis_client.zscore(events.due_key, event_id) - before <= 31
+    redis_client.zadd(events.due_key, {event_id: 0})
+    assert deliver_all(events, hooked(receiver), tmp_path, webhook_max_attempts=2) == [
+        "given up: webhook answered HTTP 503"]
+    assert events.dead() == [event_id]
+    assert len(receiver.snapshot()) == 2 and all(h.valid for h in receiver.snapshot())
+
+
+def test_an_unreachable_endpoint_is_retried(events, tmp_path):
+    clinic = glow(webhook={"url": "http://127.0.0.1:9/hooks", "secret": "${GLOW_WEBHOOK_SECRET}"})
+    events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"})
+    assert deliver_all(events, clinic, tmp_path) == [
+        "retrying: webhook unreachable (ConnectionError)"]
+    assert len(events.pending()) == 1 and events.pending()[0].attempts == 1
+
+
+def test_events_a_clinic_does_not_take_are_dropped(events, receiver, tmp_path):
+    events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"})
+    events.emit("glow", "webhook", "booking.held", {"booking_id": "A-2"})
+    events.emit("gone", "webhook", "booking.held", {"booking_id": "A-3"})
+    results = deliver_all(events, hooked(receiver, events=["booking.held"]), tmp_path)
+    assert sorted(results) == sorted([
+        "dropped: the clinic's webhook does not take this event", "delivered",
+        "dropped: clinic 'gone' is no longer configured"])
+    assert [h.json()["booking_id"] for h in receiver.snapshot()] == ["A-2"]
+    assert events.pending() == []
+
+
+def test_a_missing_secret_is_retried_not_sent_unsigned(events, receiver, tmp_path):
+    events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"})
+    results: list[str] = []
+    pump_events(events, lambda i, c: results.append(deliver_event(
+        events, i, c, clinics={"glow": hooked(receiver)}, renderer=Renderer(ROOT / "templates"),
+        settings=settings(tmp_path), env={})), batch=10, lease_seconds=30)
+    assert results == ["retrying: environment variable GLOW_WEBHOOK_SECRET is not set"]
+    assert receiver.snapshot() == []
+
+
+def test_the_held_alert_is_emailed_to_the_clinic_through_its_email_channel(events, tmp_path):
+    sink = SmtpSink().start()
+    try:
+        clinic = glow(channels={
+            "email": f"mailto://127.0.0.1:{sink.port}?from=noreply@glow.example&to={{to}}"
+                     "&mode=insecure",
+            "sms": "json://127.0.0.1:9/sms?:to={to}",
+        })
+        events.emit("glow", "alert", "booking.held", {
+            "booking_id": "A-1042", "treatment": "microneedling", "starts_at": STARTS,
+            "reason": "isotretinoin 40 days before the appointment (needs 180)"})
+        assert deliver_all(events, clinic, tmp_path) == ["delivered"]
+    finally:
+        sink.stop()
+    (mail,) = sink.snapshot()
+    assert mail.to == "hola@glow.example"
+    assert mail.subject == "Booking A-1042 is held for your review"
+    assert "isotretinoin 40 days before the appointment (needs 180)" in mail.text
+    assert "Saturday, December 5, 2026 at 2:30" in mail.text  # clinic-local (Madrid) time
+    assert "/v1/bookings/A-1042/release" in mail.text
+
+
+def test_the_held_alert_goes_to_the_outbox_of_an_outbox_clinic(events, tmp_path):
+    clinic = glow(locale="es", outbox=True)
+    events.emit("glow", "alert", "booking.held", {
+        "booking_id": "A-7", "treatment": "chemical-peel", "starts_at": STARTS, "reason": "r"})
+    (result,) = deliver_all(events, clinic, tmp_path)
+    assert result.startswith("delivered")
+    (written,) = (tmp_path / "outbox").iterdir()
+    text = written.read_text(encoding="utf-8")
+    assert "La cita A-7 está retenida para su revisión" in text
+    assert "sábado, 5 de diciembre de 2026" in text
+
+
+def test_the_held_alert_is_dropped_for_a_clinic_without_an_email(events, tmp_path):
+    clinic = glow(email=None, outbox=True)
+    events.emit("glow", "alert", "booking.held", {"booking_id": "A-7", "starts_at": STARTS})
+    assert deliver_all(events, clinic, tmp_path) == ["dropped: the clinic has no email address"]

@@ -1,0 +1,407 @@
+"""Telling the clinic: signed webhooks and the held-booking alert, delivered at least once.
+
+An event (`reminder.sent`, `reminder.failed`, `reminder.skipped`, `booking.held`,
+`booking.completed`) is written by the same atomic step that changes the state it reports
+(the store's Lua scripts call `emit_event`; the upsert queues the emit script inside its
+MULTI), so an event is never lost and never made up. Events wait in their own schedule:
+
+  P:ev:seq        STR   event id counter
+  P:ev:<id>       HASH  clinic, kind (webhook | alert), type, body (JSON), attempts, claim,
+                        last_error
+  P:ev:due        ZSET  event id -> when to try it (a claimed event: when its lease ends)
+  P:ev:dead       ZSET  event id -> when it was given up (kept `retention`, then expires)
+
+The pump claims due events (one Lua step, Redis's clock) and publishes one task each on
+their own queue, so a slow clinic endpoint never delays a patient's reminder. A task POSTs
+the event to the clinic's webhook URL (or emails the held-booking alert to the clinic's
+address through its email channel), then deletes it; on failure it is tried again with
+backoff, and after `max_attempts` it is given up and kept in `P:ev:dead`. A worker killed
+mid-delivery leaves the event claimed until its lease ends, then it is claimed again: a
+receiver may see an event twice, with the same `id` (deduplicate on it), never zero times.
+
+Signature (Stripe-style): header `Reminders-Signature: t=<unix seconds>,v1=<hex>` where
+hex = HMAC-SHA256(secret, "<t>.<raw body>"). A receiver checks it with `verify_signature`
+and refuses a timestamp more than `SIGNATURE_TOLERANCE_SECONDS` from its clock, so a
+captured request cannot be replayed later. Bodies carry ids, steps, channels, times and
+reasons only: never a message body or a patient's contact details.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
+from zoneinfo import ZoneInfo
+
+import redis
+import requests
+from babel.dates import format_date, format_time
+
+from .errors import ConfigError, DeliveryError
+
+if TYPE_CHECKING:  # the clinic config imports EVENT_TYPES from here
+    from .clinics import Clinic
+    from .rendering import RenderedMessage, Renderer
+    from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = (
+    "reminder.sent",
+    "reminder.failed",
+    "reminder.skipped",
+    "booking.held",
+    "booking.completed",
+)
+SIGNATURE_HEADER = "Reminders-Signature"
+SIGNATURE_TOLERANCE_SECONDS = 300
+USER_AGENT = "aftercare-reminders-webhooks/1"
+
+# Write one event. Shared by the store's scripts (spliced into their source) and by
+# `Events.emit_script` (Python callers, e.g. inside the upsert's MULTI). `fields` is a Lua
+# table; times in it are epoch seconds (turned into ISO 8601 when the event is sent).
+LUA_EMIT = """
+local function emit_event(prefix, clinic, kind, etype, fields)
+  local id = tostring(redis.call('INCR', prefix .. ':ev:seq'))
+  local t = redis.call('TIME')
+  fields['created_at'] = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  redis.call('HSET', prefix .. ':ev:' .. id, 'clinic', clinic, 'kind', kind, 'type', etype,
+    'body', cjson.encode(fields), 'attempts', '0')
+  redis.call('ZADD', prefix .. ':ev:due', 0, id)
+  return id
+end
+"""
+
+_EMIT = (
+    LUA_EMIT
+    + """
+return emit_event(ARGV[1], ARGV[2], ARGV[3], ARGV[4], cjson.decode(ARGV[5]))
+"""
+)
+
+# Claim due events: their score becomes the lease's end, so one whose worker died is due
+# again then. Returns {id, claim} pairs.
+_CLAIM = """
+local due_key, prefix = KEYS[1], ARGV[1]
+local limit, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit)) do
+  local ekey = prefix .. ':ev:' .. id
+  if redis.call('EXISTS', ekey) == 1 then
+    redis.call('ZADD', due_key, now + lease, id)
+    table.insert(out, {id, tostring(redis.call('HINCRBY', ekey, 'claim', 1))})
+  else
+    redis.call('ZREM', due_key, id)
+  end
+end
+return out
+"""
+
+# Finish one delivery attempt. done: the event is deleted (whoever holds the claim: it was
+# delivered). retry / dead: only the attempt that still holds the claim reschedules it.
+_FINISH = """
+local due_key, dead_key, ekey = KEYS[1], KEYS[2], KEYS[3]
+local id, claim, outcome, at, err, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],
+  tonumber(ARGV[6])
+if outcome == 'done' then
+  redis.call('DEL', ekey)
+  redis.call('ZREM', due_key, id)
+  return 'done'
+end
+if redis.call('HGET', ekey, 'claim') ~= claim then return 'stale' end
+redis.call('HINCRBY', ekey, 'attempts', 1)
+redis.call('HSET', ekey, 'last_error', err)
+if outcome == 'dead' then
+  local t = redis.call('TIME')
+  redis.call('ZREM', due_key, id)
+  redis.call('ZADD', dead_key, tonumber(t[1]), id)
+  redis.call('EXPIRE', ekey, keep)
+  return 'dead'
+end
+redis.call('ZADD', due_key, at, id)
+return 'retry'
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event as stored, ready to be delivered."""
+
+    id: str
+    clinic: str
+    kind: str  # "webhook" | "alert"
+    type: str
+    fields: dict[str, Any]
+    attempts: int
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON the clinic receives: times as ISO 8601 UTC."""
+        data = {"id": self.id, "type": self.type, "clinic": self.clinic}
+        for key, value in sorted(self.fields.items()):
+            if key.endswith("_at") and isinstance(value, int | float):
+                value = iso(value)
+            data[key] = value
+        return data
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Events:
+    """The clinic events waiting to be delivered (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, *, retention_days: float = 90) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.keep_seconds = int(retention_days * 86400)
+        self.due_key = f"{prefix}:ev:due"
+        self.dead_key = f"{prefix}:ev:dead"
+        self.emit_script = client.register_script(_EMIT)
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+
+    def event_key(self, event_id: str) -> str:
+        return f"{self.prefix}:ev:{event_id}"
+
+    def emit(
+        self,
+        clinic: str,
+        kind: str,
+        etype: str,
+        fields: Mapping[str, Any],
+        *,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> str | None:
+        """Write one event (inside `pipe`'s MULTI if given); return its id (None in a pipe)."""
+        args = [self.prefix, clinic, kind, etype, json.dumps(dict(fields), separators=(",", ":"))]
+        if pipe is not None:
+            self.emit_script(args=args, client=pipe)
+            return None
+        return str(self.emit_script(args=args))
+
+    def claim(self, limit: int, lease_seconds: float) -> list[tuple[str, str]]:
+        """Lease up to `limit` due events; return (event id, claim) pairs."""
+        rows = self._claim(keys=[self.due_key], args=[self.prefix, limit, lease_seconds])
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    def load(self, event_id: str, claim: str) -> Event | None:
+        """Return the event if `claim` still holds it, else None (done, or claimed again)."""
+        raw = cast(dict[str, str], self.redis.hgetall(self.event_key(event_id)))
+        if not raw or raw.get("claim") != claim:
+            return None
+        return Event(
+            id=event_id,
+            clinic=raw["clinic"],
+            kind=raw["kind"],
+            type=raw["type"],
+            fields=json.loads(raw["body"]),
+            attempts=int(raw.get("attempts", 0)),
+        )
+
+    def done(self, event_id: str, claim: str) -> str:
+        return self._fin(event_id, claim, "done")
+
+    def retry(self, event_id: str, claim: str, at: float, error: str) -> str:
+        return self._fin(event_id, claim, "retry", at, error)
+
+    def give_up(self, event_id: str, claim: str, error: str) -> str:
+        return self._fin(event_id, claim, "dead", 0.0, error)
+
+    def _fin(self, event_id: str, claim: str, outcome: str, at: float = 0.0, err: str = "") -> str:
+        return str(
+            self._finish(
+                keys=[self.due_key, self.dead_key, self.event_key(event_id)],
+                args=[event_id, claim, outcome, at, err, self.keep_seconds],
+            )
+        )
+
+    def pending(self, clinic: str | None = None) -> list[Event]:
+        """Return the events waiting (or being delivered), oldest first (for tests and ops)."""
+        out = []
+        for event_id in cast(list[str], self.redis.zrange(self.due_key, 0, -1)):
+            raw = cast(dict[str, str], self.redis.hgetall(self.event_key(event_id)))
+            if raw and (clinic is None or raw["clinic"] == clinic):
+                out.append(
+                    Event(event_id, raw["clinic"], raw["kind"], raw["type"],
+                          json.loads(raw["body"]), int(raw.get("attempts", 0)))
+                )
+        return out
+
+    def dead(self) -> list[str]:
+        return cast(list[str], self.redis.zrange(self.dead_key, 0, -1))
+
+
+# --- signing -----------------------------------------------------------------------
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """Return the signature header value for `body` sent at `timestamp`."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify_signature(
+    secret: str,
+    header: str | None,
+    body: bytes,
+    *,
+    now: float | None = None,
+    tolerance: float = SIGNATURE_TOLERANCE_SECONDS,
+) -> bool:
+    """Return whether `header` signs `body` with `secret` within `tolerance` of `now`."""
+    if not header:
+        return False
+    parts: dict[str, list[str]] = {}
+    for item in header.split(","):
+        name, _, value = item.strip().partition("=")
+        parts.setdefault(name, []).append(value)
+    try:
+        timestamp = int(parts["t"][0])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+        return False
+    expected = sign(secret, body, timestamp).split("v1=", 1)[1]
+    return any(hmac.compare_digest(expected, given) for given in parts.get("v1", []))
+
+
+def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None:
+    """POST one signed event; raise DeliveryError unless the clinic answers 2xx."""
+    body = json.dumps(event.payload(), separators=(",", ":"), sort_keys=True).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "Reminders-Event": event.type,
+        "Reminders-Event-Id": event.id,
+        SIGNATURE_HEADER: sign(secret, body, int(time.time())),
+    }
+    try:
+        response = requests.post(url, data=body, headers=headers, timeout=timeout,
+                                 allow_redirects=False)
+    except requests.RequestException as exc:
+        raise DeliveryError(f"webhook unreachable ({type(exc).__name__})") from None
+    if not 200 <= response.status_code < 300:
+        raise DeliveryError(f"webhook answered HTTP {response.status_code}")
+
+
+# --- delivering one claimed event ----------------------------------------------------
+
+
+def deliver_event(
+    events: Events,
+    event_id: str,
+    claim: str,
+    *,
+    clinics: Mapping[str, Clinic],
+    renderer: Renderer,
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Deliver one claimed event; return what happened (for the task's log line)."""
+    from .dispatch import compute_backoff  # dispatch imports the clinic config, which imports us
+
+    event = events.load(event_id, claim)
+    if event is None:
+        return "gone (delivered, or claimed again after the lease)"
+    clinic = clinics.get(event.clinic)
+    try:
+        if clinic is None:
+            events.done(event_id, claim)
+            return f"dropped: clinic {event.clinic!r} is no longer configured"
+        if event.kind == "alert":
+            if not clinic.email:
+                events.done(event_id, claim)
+                return "dropped: the clinic has no email address"
+            send_alert(clinic, event, renderer, settings, env)
+        else:
+            if clinic.webhook is None or not clinic.wants(event.type):
+                events.done(event_id, claim)
+                return "dropped: the clinic's webhook does not take this event"
+            secret = clinic.webhook.secret_value(clinic.id, env)
+            timeout = settings.webhook_timeout_seconds
+            post_webhook(clinic.webhook.url, secret, event, timeout=timeout)
+    except (DeliveryError, ConfigError) as exc:
+        reason = exc.reason if isinstance(exc, DeliveryError) else exc.problem
+        attempts = event.attempts + 1
+        if attempts >= settings.webhook_max_attempts:
+            events.give_up(event_id, claim, reason)
+            log.warning("clinic event %s (%s) given up after %d attempts: %s",
+                        event_id, event.type, attempts, reason)
+            return f"given up: {reason}"
+        delay = compute_backoff(attempts, base=settings.backoff_base_seconds,
+                                cap=settings.backoff_cap_seconds)
+        events.retry(event_id, claim, time.time() + delay, reason)
+        log.info("clinic event %s (%s) retried in %.0f s: %s", event_id, event.type, delay, reason)
+        return f"retrying: {reason}"
+    events.done(event_id, claim)
+    log.info("clinic event %s (%s) delivered to clinic %s", event_id, event.type, event.clinic)
+    return "delivered"
+
+
+def render_alert(clinic: Clinic, event: Event, renderer: Renderer) -> RenderedMessage:
+    """Render the clinic's alert for `event` (templates/<locale>/clinic/<name>.email.*.j2)."""
+    name = event.type.split(".", 1)[1]
+    fields = event.fields
+    tz = ZoneInfo(clinic.timezone)
+    locale = renderer.locale(clinic.locale)
+    starts = datetime.fromtimestamp(float(fields.get("starts_at", 0)), UTC).astimezone(tz)
+    context = {
+        "clinic_name": clinic.name,
+        "booking_id": fields.get("booking_id", ""),
+        "treatment_id": fields.get("treatment", ""),
+        "reason": fields.get("reason", ""),
+        "appointment_date": format_date(starts.date(), "full", locale=locale),
+        "appointment_time": format_time(starts, "short", tzinfo=tz, locale=locale),
+    }
+    base = f"{clinic.locale}/clinic/{name}.email"
+    subject = renderer.env.get_template(f"{base}.subject.j2").render(context)
+    text = renderer.env.get_template(f"{base}.txt.j2").render(context)
+    from .rendering import RenderedMessage
+
+    return RenderedMessage(channel="email", subject=" ".join(subject.split()),
+                           text=text.strip() + "\n", html=None)
+
+
+def send_alert(
+    clinic: Clinic,
+    event: Event,
+    renderer: Renderer,
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Email the alert to the clinic's own address through its email channel (or outbox)."""
+    from .delivery import Envelope, deliver
+
+    assert clinic.email is not None
+    booking_id = str(event.fields.get("booking_id", ""))
+    envelope = Envelope(ref=f"{clinic.id}/{booking_id}/clinic-{event.type}", clinic=clinic.id,
+                        channel="email", to=clinic.email)
+    return deliver(
+        clinic.delivery_url("email", clinic.email, env),
+        envelope,
+        render_alert(clinic, event, renderer),
+        outbox=settings.outbox,
+        timeout=settings.send_timeout_seconds,
+        now=datetime.now(UTC),
+    )
+
+
+def pump_events(events: Events, publish: Callable[[str, str], None], *, batch: int,
+                lease_seconds: float) -> int:
+    """Claim due clinic events and publish one delivery task each; return how many."""
+    published = 0
+    for event_id, claim in events.claim(batch, lease_seconds):
+        publish(event_id, claim)  # a refused publish leaves it claimed: due again after the lease
+        published += 1
+    if published:
+        log.info("pump: published %d clinic event(s)", published)
+    return published
