@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from worker.catalog import Catalog
+from worker.checking import check
 from worker.errors import ConfigError
 from worker.models import CHANNELS, Booking
 from worker.planner import plan
 from worker.protocols import load_protocols
-from worker.rendering import PARTS, RenderedMessage, Renderer, check, file_name
+from worker.rendering import PARTS, RenderedMessage, Renderer, file_name
 from worker.sms import non_gsm7, normalise, sms_segments
 
 ROOT = Path(__file__).resolve().parent.parent

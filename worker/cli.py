@@ -112,7 +112,7 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """Validate config/ and templates/; report each SMS template's length and segments."""
-    from .rendering import SAMPLE_FIRST_NAME, check  # Jinja and Babel: only this command
+    from .checking import SAMPLE_FIRST_NAME, check  # Jinja and Babel: only this command
 
     catalog = Catalog.load(settings)
     if args.clinic is not None and args.clinic not in catalog.clinics:
