@@ -366,8 +366,40 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """Issue, list or revoke a clinic's API keys (only a hash of each is kept, in Redis)."""
+    from .keys import ApiKeys
+
+    clinic = clinic_of(args, Catalog.load(settings))
+    keys = ApiKeys(connect(redis_url(settings)), settings.key_prefix)
+    if args.action == "issue":
+        issued = keys.issue(clinic)
+        if args.json:
+            print(json.dumps({"clinic": clinic, "key_id": issued.key_id, "key": issued.key}))
+        else:  # the key alone on stdout: KEY=$(reminders keys issue --clinic X)
+            print(f"new API key {issued.key_id} for clinic {clinic}; it is shown only this "
+                  "once, keep it secret:", file=sys.stderr)
+            print(issued.key)
+        return EXIT_OK
+    if args.action == "list":
+        listed = keys.list(clinic)
+        if args.json:
+            print(json.dumps(listed, indent=2))
+        elif not listed:
+            print(f"clinic {clinic} has no API keys")
+        for key in [] if args.json else listed:
+            print(f"{key['key_id']}  created {key['created_at']}  "
+                  f"last used {key['last_used_at'] or 'never'}")
+        return EXIT_OK
+    if not keys.revoke(clinic, args.key_id):
+        print(f"clinic {clinic} has no API key {args.key_id}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"revoked API key {args.key_id} of clinic {clinic}")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run everything: Redis (if embedded), the Celery worker and beat (the pump)."""
+    """Run everything: Redis (if embedded), the Celery worker and beat (the pump), the API."""
     from .service import run_all
 
     Catalog.load(settings)  # refuse to start on a broken config
@@ -389,9 +421,11 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "replay": (cmd_replay, "send dead-lettered reminders again"),
     "purge": (cmd_purge, "remove dead letters without sending them"),
     "stats": (cmd_stats, "how many bookings and reminders are kept, and where they are"),
+    "keys": (cmd_keys, "issue, list or revoke a clinic's API keys (for the HTTP API)"),
     "run": (
         cmd_run,
-        "run Redis (embedded unless REMINDERS_REDIS_URL), worker and pump; Ctrl-C stops all",
+        "run Redis (embedded unless REMINDERS_REDIS_URL), worker, pump and the HTTP API; "
+        "Ctrl-C stops all",
     ),
 }
 
@@ -412,6 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name in ("show", "cancel", "release"):
             p.add_argument("booking_id")
+        if name == "keys":
+            actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+            for action, text in (("issue", "print a new key for the clinic (shown once)"),
+                                 ("list", "list the clinic's keys (ids and times, no secret)"),
+                                 ("revoke", "revoke one of the clinic's keys at once")):
+                a = actions.add_parser(action, help=text, description=text)
+                if action == "revoke":
+                    a.add_argument("key_id", metavar="KEY_ID", help="as `keys list` shows it")
+                # SUPPRESS: given before or after the action, neither hides the other.
+                a.add_argument("--clinic", default=argparse.SUPPRESS, help="clinic id")
+                a.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                               help="print the machine-readable form")
         if name in ("replay", "purge"):
             p.add_argument(
                 "refs",

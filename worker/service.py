@@ -1,11 +1,13 @@
 """`reminders run`: the whole service in one command, supervised, stopped cleanly by Ctrl-C.
 
-Starts the embedded Redis (unless REMINDERS_REDIS_URL is set), then a Celery worker
-and Celery beat (the pump) as child processes, and keeps them up: a child that exits
-(a crash, SIGKILL, the OOM killer) is started again after a backoff that doubles from
-1 s to 30 s and resets once the child has stayed up for a minute. The embedded Redis is
-restarted the same way, on the same port and data folder (AOF on), so the worker, beat
-and the other `reminders` commands find it again at the same URL with its data.
+Starts the embedded Redis (unless REMINDERS_REDIS_URL is set), then a Celery worker,
+Celery beat (the pump) and the HTTP API (uvicorn, on REMINDERS_API_HOST and
+REMINDERS_API_PORT; port 0 picks a free one) as child processes, and keeps them up: a
+child that exits (a crash, SIGKILL, the OOM killer) is started again after a backoff
+that doubles from 1 s to 30 s and resets once the child has stayed up for a minute. The
+embedded Redis is restarted the same way, on the same port and data folder (AOF on), so
+the worker, beat and the other `reminders` commands find it again at the same URL with
+its data.
 
 Only Ctrl-C or SIGTERM stops the service: every child is stopped (SIGTERM, then
 SIGKILL after a grace period), the embedded Redis last, and nothing is left behind.
@@ -16,13 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .embedded import URL_FILE, RedisServer
+from .embedded import URL_FILE, RedisServer, free_port
 from .errors import ConfigError
 from .settings import Settings
 
@@ -32,6 +35,7 @@ RESTART_FIRST_DELAY_SECONDS = 1.0
 RESTART_MAX_DELAY_SECONDS = 30.0
 STABLE_AFTER_SECONDS = 60.0  # a child up this long is healthy again: its backoff resets
 POLL_SECONDS = 0.2
+API_START_TIMEOUT_SECONDS = 20.0
 
 
 def restart_delay(restart: int, first: float = RESTART_FIRST_DELAY_SECONDS,
@@ -61,6 +65,27 @@ def celery_command(role: str, settings: Settings) -> list[str]:
         return base + ["--concurrency=2", "-Q", "reminders.send,reminders.pump",
                        "--without-gossip", "--without-mingle"]
     return base
+
+
+def api_command(settings: Settings, port: int) -> list[str]:
+    """Return the argv of the HTTP API, as docker-compose runs it (there on 0.0.0.0:8000)."""
+    return [sys.executable, "-m", "uvicorn", "worker.api:app", "--host", settings.api_host,
+            "--port", str(port), "--log-level", settings.log_level.lower()]
+
+
+def _wait_for_port(host: str, port: int, child: Child, timeout: float,
+                   stopping: Callable[[], bool]) -> bool:
+    """Wait until something accepts connections on host:port; False if the child exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stopping():
+        if child.process is not None and child.process.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
 
 
 def _kill_group(pid: int) -> None:
@@ -146,7 +171,7 @@ def _stop(children: list[Child]) -> None:
 
 
 def run_all(settings: Settings) -> int:
-    """Run Redis (if embedded), worker and beat until interrupted; return the exit code."""
+    """Run Redis (if embedded), worker, beat and the API until interrupted; return the code."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -162,6 +187,10 @@ def run_all(settings: Settings) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     celery_children = [Child(role, _celery_spawner(role, settings, env))
                        for role in ("worker", "beat")]
+    api_port = settings.api_port or free_port()  # chosen once: a restart keeps the URL
+    api_child = Child("api", lambda: subprocess.Popen(api_command(settings, api_port), env=env,
+                                                      start_new_session=True))
+    children = [*celery_children, api_child]
     try:
         if settings.redis_url is None:
             server = RedisServer(settings.data_dir / "redis")
@@ -179,12 +208,20 @@ def run_all(settings: Settings) -> int:
             print(f"embedded Redis on {server.url} (data in {server.data_dir})", flush=True)
         env.setdefault("REMINDERS_DATA_DIR", str(settings.data_dir.resolve()))
         outbox = Path(env.get("REMINDERS_OUTBOX_DIR") or settings.outbox).resolve()
-        for child in celery_children:
+        for child in children:
             child.start()
         print(f"worker and pump running; messages without a configured channel go to {outbox}",
               flush=True)
+        shown_host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "") else settings.api_host
+        api_url = f"http://{shown_host}:{api_port}"
+        if _wait_for_port(shown_host, api_port, api_child, API_START_TIMEOUT_SECONDS,
+                          lambda: stopping):
+            print(f"HTTP API on {api_url} (OpenAPI at {api_url}/docs)", flush=True)
+        else:
+            print(f"HTTP API did not come up on {api_url} (is the port taken? set "
+                  "REMINDERS_API_PORT); it is restarted with backoff", file=sys.stderr, flush=True)
         print("press Ctrl-C to stop", flush=True)
-        supervised = celery_children + ([redis_child] if redis_child else [])
+        supervised = children + ([redis_child] if redis_child else [])
         while not stopping:
             now = time.monotonic()
             for child in supervised:
@@ -192,7 +229,7 @@ def run_all(settings: Settings) -> int:
             time.sleep(POLL_SECONDS)
         return 0
     finally:
-        _stop(celery_children)
+        _stop(children)
         if server is not None:
             server.stop()  # last: the worker and beat needed it to shut down cleanly
             url_file.unlink(missing_ok=True)

@@ -51,9 +51,14 @@ class Settings(BaseSettings):
     # after its last reminder; a dead letter is kept until it is replayed or purged.
     retention_days: float = Field(90, ge=1)
 
-    # HTTP API.
+    # HTTP API (worker/api/): where it listens (port 0: `reminders run` picks a free one),
+    # each key's request rate (token bucket in Redis: sustained rate, burst), and the
+    # largest request body (a batch; one booking may be at most 64 KiB).
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
+    api_rate_per_second: float = Field(20.0, gt=0)
+    api_rate_burst: int = Field(100, ge=1)
+    api_max_body_bytes: int = Field(2_097_152, ge=65_536)
 
     log_level: str = "INFO"
 

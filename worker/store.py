@@ -884,6 +884,37 @@ class Store:
             "dead_letters": int(self.redis.zcard(self.dead_key)),
         }
 
+    # --- read-only: the clinic's booking list, for the HTTP API (worker/api/bookings.py) ----
+    # Added for GET /v1/bookings; reads only, layout knowledge kept here with the rest.
+
+    def booking_ids(self, clinic: str) -> list[str]:
+        """Return the clinic's booking ids whose keys have not expired, sorted."""
+        ids = self.redis.zrangebyscore(self.bookings_key(clinic), time.time(), "+inf")
+        return sorted(cast(list[str], ids))
+
+    def booking_summaries(
+        self, clinic: str, booking_ids: list[str]
+    ) -> list[dict[str, Any] | None]:
+        """Return each booking's id, stored status, version, hold reason, update time,
+        treatment and start (no patient data); None for one that is gone."""
+        pipe = self.redis.pipeline(transaction=False)
+        for booking_id in booking_ids:
+            pipe.hmget(self.booking_key(clinic, booking_id),
+                       "status", "version", "hold_reason", "updated_at", "doc")
+        out: list[dict[str, Any] | None] = []
+        for booking_id, (status, version, hold, updated, doc) in zip(
+            booking_ids, pipe.execute(), strict=True
+        ):
+            if status is None or doc is None:
+                out.append(None)
+                continue
+            booking = json.loads(doc)
+            out.append({"booking_id": booking_id, "status": status, "version": int(version or 0),
+                        "treatment": booking.get("treatment"),
+                        "starts_at": booking.get("starts_at"),
+                        "hold_reason": hold or None, "updated_at": updated or None})
+        return out
+
 
 @dataclass(frozen=True)
 class Attempt:

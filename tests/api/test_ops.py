@@ -1,0 +1,63 @@
+"""Health, readiness, metrics and the OpenAPI document, over real HTTP."""
+
+from __future__ import annotations
+
+import time
+
+from tests.conftest import EXAMPLE_BOOKING
+from worker.api.schemas import EXAMPLE_BOOKING as DOCUMENTED_EXAMPLE
+
+
+def test_healthz_ok_when_nothing_is_overdue(api):
+    with api.client() as client:
+        health = client.get("/healthz")
+        ready = client.get("/readyz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "redis": "ok", "pump": "idle",
+                             "oldest_due_overdue_seconds": None}
+    assert ready.status_code == 200 and ready.json() == {"status": "ok", "redis": "ok"}
+
+
+def test_healthz_says_the_pump_is_behind_when_a_due_reminder_waits_too_long(api):
+    store = api.app.state.services.store
+    with api.client() as client:
+        store.redis.zadd(store.due_key, {"glow/X-1/spf:sms": time.time() - 5})
+        keeping_up = client.get("/healthz")
+        assert keeping_up.status_code == 200 and keeping_up.json()["pump"] == "ok"
+        store.redis.zadd(store.due_key, {"glow/X-1/spf:sms": time.time() - 120})
+        behind = client.get("/healthz")
+        assert client.get("/readyz").status_code == 200  # the API itself can serve
+    assert behind.status_code == 503 and behind.headers["retry-after"]
+    body = behind.json()
+    assert body["pump"] == "behind" and body["oldest_due_overdue_seconds"] >= 120
+    assert "are beat and a worker running?" in body["status"]
+
+
+def test_metrics_count_requests_by_route_template_and_status(api, glow):
+    glow.get("/v1/bookings/A-1")
+    glow.get("/v1/bookings/B-2")
+    with api.client() as anonymous:
+        anonymous.get("/v1/bookings")
+        text = anonymous.get("/metrics").text
+    assert ('reminders_api_requests_total{method="GET",route="/v1/bookings/{booking_id}",'
+            'status="404"} 2.0') in text
+    assert ('reminders_api_requests_total{method="GET",route="/v1/bookings",status="401"} 1.0'
+            in text)
+    assert "reminders_api_request_duration_seconds_bucket" in text
+    assert "A-1" not in text  # ids never become labels
+
+
+def test_openapi_documents_the_routes_with_the_design_booking_as_example(api):
+    with api.client() as client:
+        schema = client.get("/openapi.json").json()
+        docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert DOCUMENTED_EXAMPLE == EXAMPLE_BOOKING  # the code's copy is DESIGN.md's booking
+    booking = schema["components"]["schemas"]["BookingIn"]
+    assert booking["examples"] == [EXAMPLE_BOOKING]
+    assert "clinic" not in booking["required"] and "booking_id" not in booking["required"]
+    assert set(schema["paths"]) == {
+        "/v1/bookings/{booking_id}", "/v1/bookings/{booking_id}/release", "/v1/bookings",
+        "/v1/bookings:batch", "/v1/dead-letters", "/v1/dead-letters/replay", "/healthz",
+        "/readyz", "/metrics"}
+    assert schema["components"]["securitySchemes"]["clinicKey"]["scheme"] == "bearer"

@@ -1,0 +1,319 @@
+"""The clinic's bookings: PUT (create or update), GET, DELETE (cancel), release, list, batch.
+
+Every route acts on the calling clinic's bookings only (the clinic is the key's). A
+booking id this clinic does not have — missing, or another clinic's — answers the same
+404, body and headers alike.
+
+Batch (`POST /v1/bookings:batch`) answers each booking on its own: every valid one is
+stored even when others are refused. Why not all-or-nothing like `reminders book`: the
+caller is a clinic's booking software syncing its day, where one bad phone number must
+not hold back the other 999 patients' reminders; each item's answer says what happened
+to it, and sending the same batch again after a fix is safe (PUT semantics: an unchanged
+booking keeps its version). Every item is validated and planned before any is stored,
+so a refusal is found without a write; a Redis failure midway answers 503, and the
+items stored before it stay stored (resending the batch completes it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime
+
+from ..errors import BookingRejected, NotFound
+from ..models import BOOKING_ID_PATTERN, parse_booking
+from ..planner import plan
+from ..status import Status
+from .auth import Authenticated
+from .body import BOOKING_MAX_BYTES, json_body
+from .conditional import etag, parse_if_match, upsert
+from .errors import ApiError, error_body, not_found
+from .intake import intake, refused
+from .schemas import BatchResult, BookingPage, Timeline, error_responses
+from .services import Svc
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["bookings"])
+MAX_BATCH = 1000
+PAGE_SCAN = 1000  # bookings read per page at most; a sparse filter may return a short page
+_BOOKING_ID = re.compile(BOOKING_ID_PATTERN)
+
+
+_TIMELINE_HEADERS = {"ETag": {"description": 'the booking\'s version, e.g. "3"',
+                              "schema": {"type": "string"}}}
+
+
+def _request_body(schema: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
+
+
+def _timeline_response(timeline: dict[str, Any], status: int = 200) -> JSONResponse:
+    return JSONResponse(timeline, status_code=status, headers={"ETag": etag(timeline["version"])})
+
+
+def _known(booking_id: str) -> str:
+    """Return the id if it could name a booking; else the same 404 as a missing one."""
+    if not _BOOKING_ID.fullmatch(booking_id):
+        raise not_found(booking_id)
+    return booking_id
+
+
+async def _booking_body(request: Request, svc: Svc) -> Any:
+    return await json_body(request, min(BOOKING_MAX_BYTES, svc.settings.api_max_body_bytes))
+
+
+async def _batch_body(request: Request, svc: Svc) -> Any:
+    return await json_body(request, svc.settings.api_max_body_bytes)
+
+
+@router.put(
+    "/bookings/{booking_id}",
+    summary="Create or update a booking",
+    response_model=None,
+    responses={200: {"model": Timeline, "description": "updated (or unchanged)",
+                     "headers": _TIMELINE_HEADERS},
+               201: {"model": Timeline, "description": "created", "headers": _TIMELINE_HEADERS},
+               **error_responses(401, 412, 413, 415, 422, 429, 503)},
+    openapi_extra=_request_body("BookingIn"),
+)
+def put_booking(
+    booking_id: str,
+    caller: Authenticated,
+    doc: Annotated[Any, Depends(_booking_body)],
+    svc: Svc,
+    if_match: Annotated[str | None, Header(
+        alias="If-Match", description='refuse (412) unless the booking is at this version, '
+                                      'e.g. "3"; * = it must exist')] = None,
+) -> JSONResponse:
+    """Store the booking and return its timeline. The same body again changes nothing
+    (same version); a changed one is reconciled and gets a new version (the `ETag`)."""
+    now = datetime.now(UTC)
+    booking, planned = intake(doc, caller.clinic, booking_id, svc.catalog, now)
+    timeline, created = upsert(svc.store, booking, planned, now, parse_if_match(if_match))
+    log.info("booking %s/%s stored: version %s, %s", caller.clinic, booking_id,
+             timeline["version"], timeline["status"])
+    return _timeline_response(timeline, 201 if created else 200)
+
+
+@router.get(
+    "/bookings/{booking_id}",
+    summary="A booking's timeline",
+    response_model=None,
+    responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
+               **error_responses(401, 404, 429, 503)},
+)
+def get_booking(
+    booking_id: str,
+    caller: Authenticated,
+    svc: Svc,
+) -> JSONResponse:
+    """Every reminder of the booking: when it is due, whether it was sent, and why not."""
+    try:
+        return _timeline_response(svc.store.timeline(caller.clinic, _known(booking_id)))
+    except NotFound:
+        raise not_found(booking_id) from None
+
+
+@router.delete(
+    "/bookings/{booking_id}",
+    summary="Cancel a booking",
+    response_model=None,
+    responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
+               **error_responses(401, 404, 429, 503)},
+)
+def cancel_booking(
+    booking_id: str,
+    caller: Authenticated,
+    svc: Svc,
+) -> JSONResponse:
+    """Nothing still pending is sent; what was sent stays as history. A PUT of the same id
+    opens it again."""
+    try:
+        timeline = svc.store.cancel(caller.clinic, _known(booking_id), datetime.now(UTC))
+    except NotFound:
+        raise not_found(booking_id) from None
+    log.info("booking %s/%s cancelled", caller.clinic, booking_id)
+    return _timeline_response(timeline)
+
+
+@router.post(
+    "/bookings/{booking_id}/release",
+    summary="Release a held booking after the clinic's review",
+    response_model=None,
+    responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
+               **error_responses(401, 404, 409, 422, 429, 503)},
+)
+def release_booking(
+    booking_id: str,
+    caller: Authenticated,
+    svc: Svc,
+) -> JSONResponse:
+    """A `held` booking's reminders are planned from now and scheduled. Any other status
+    answers 409: only a held booking can be released."""
+    clinic, store = caller.clinic, svc.store
+    try:
+        current = store.timeline(clinic, _known(booking_id))
+        doc = store.booking_doc(clinic, booking_id)
+    except NotFound:
+        raise not_found(booking_id) from None
+    if current["status"] != Status.HELD:
+        raise ApiError(409, f"booking {booking_id!r} is {current['status']}, not held: "
+                            "only a held booking can be released", code="not_held")
+    now = datetime.now(UTC)
+    try:
+        booking = parse_booking(doc, svc.catalog)
+        planned = plan(booking, svc.catalog.protocols[booking.treatment],
+                       svc.catalog.clinics[clinic], now)
+    except BookingRejected as exc:  # the configuration changed under a stored booking
+        raise refused(exc.errors) from None
+    timeline = store.upsert(booking, planned, now, release=True)
+    log.info("booking %s/%s released: version %s", clinic, booking_id, timeline["version"])
+    return _timeline_response(timeline)
+
+
+def _cursor(value: str | None) -> str:
+    if not value:
+        return ""
+    try:
+        after = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        after = ""
+    if not _BOOKING_ID.fullmatch(after):
+        raise ApiError(422, "the request has invalid parameters",
+                       fields=[("cursor", "is not a cursor this API gave out")])
+    return after
+
+
+def _next_cursor(booking_id: str) -> str:
+    return base64.urlsafe_b64encode(booking_id.encode()).decode().rstrip("=")
+
+
+@router.get(
+    "/bookings",
+    summary="The clinic's bookings, by status and start time, a page at a time",
+    response_model=None,
+    responses={200: {"model": BookingPage}, **error_responses(401, 422, 429, 503)},
+)
+def list_bookings(
+    caller: Authenticated,
+    svc: Svc,
+    status: Annotated[Literal["scheduled", "held", "cancelled", "completed"] | None,
+                      Query(description="only bookings in this status")] = None,
+    starts_from: Annotated[AwareDatetime | None, Query(
+        alias="from", description="only bookings starting at or after this instant")] = None,
+    starts_to: Annotated[AwareDatetime | None, Query(
+        alias="to", description="only bookings starting before this instant")] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="at most this many")] = 100,
+    cursor: Annotated[str | None, Query(
+        max_length=200, description="`next_cursor` of the previous page")] = None,
+) -> JSONResponse:
+    """Bookings in id order, without patient data (GET one for its timeline). A page may
+    hold fewer than `limit` when a filter is sparse: follow `next_cursor` until null."""
+    after = _cursor(cursor)
+    store, clinic = svc.store, caller.clinic
+    ids = [b for b in store.booking_ids(clinic) if b > after]
+    now = datetime.now(UTC)
+    found: list[dict[str, Any]] = []
+    scanned = 0
+    next_cursor = None
+    for start in range(0, len(ids), 100):
+        chunk = ids[start:start + 100]
+        for booking_id, summary in zip(chunk, store.booking_summaries(clinic, chunk),
+                                       strict=True):
+            scanned += 1
+            if summary is not None and _matches(summary, status, starts_from, starts_to, now,
+                                                store, clinic):
+                found.append(summary)
+            at_end = booking_id == ids[-1]
+            if not at_end and (len(found) >= limit or scanned >= PAGE_SCAN):
+                next_cursor = _next_cursor(booking_id)
+                break
+        if next_cursor:
+            break
+    return JSONResponse({"bookings": found, "next_cursor": next_cursor})
+
+
+def _matches(summary: dict[str, Any], status: str | None, starts_from: datetime | None,
+             starts_to: datetime | None, now: datetime, store: Any, clinic: str) -> bool:
+    starts = datetime.fromisoformat(summary["starts_at"]) if summary.get("starts_at") else None
+    if starts_from and (starts is None or starts < starts_from):
+        return False
+    if starts_to and (starts is None or starts >= starts_to):
+        return False
+    if summary["status"] == Status.SCHEDULED and starts is not None and starts <= now:
+        # Only a booking whose visit has begun can be completed: the timeline decides.
+        try:
+            summary["status"] = store.timeline(clinic, summary["booking_id"])["status"]
+        except NotFound:
+            return False
+    return status is None or summary["status"] == status
+
+
+@router.post(
+    "/bookings:batch",
+    summary="Create or update up to 1,000 bookings, each answered on its own",
+    response_model=None,
+    responses={200: {"model": BatchResult}, **error_responses(401, 413, 415, 422, 429, 503)},
+    openapi_extra=_request_body("BatchIn"),
+)
+def batch_bookings(
+    caller: Authenticated,
+    doc: Annotated[Any, Depends(_batch_body)],
+    svc: Svc,
+) -> JSONResponse:
+    """`{"bookings": [...]}`: each booking is stored or refused on its own (see `results`,
+    in request order); valid ones are stored even if others are refused."""
+    items = _batch_items(doc)
+    now = datetime.now(UTC)
+    results: list[dict[str, Any]] = []
+    accepted = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        given = item.get("booking_id") if isinstance(item, dict) else None
+        shown = given if isinstance(given, str) else None
+        try:
+            if isinstance(item, dict) and given is None:
+                raise refused([("booking_id", "Field required")])
+            if isinstance(given, str) and given in seen:
+                raise refused([("booking_id", f"appears earlier in this batch (index "
+                                              f"{seen[given]})")])
+            booking, planned = intake(item, caller.clinic, None, svc.catalog, now)
+        except ApiError as exc:
+            results.append({"index": index, "booking_id": shown, "status": exc.status,
+                            **error_body(exc.code, exc.message, exc.fields)})
+            continue
+        seen[booking.booking_id] = index
+        results.append({"index": index, "booking_id": booking.booking_id})
+        accepted.append((index, booking, planned))
+    for index, booking, planned in accepted:
+        timeline, created = upsert(svc.store, booking, planned, now, None)
+        results[index].update({"status": 201 if created else 200, "timeline": timeline})
+    refused_count = len(items) - len(accepted)
+    log.info("batch for clinic %s: %d stored, %d refused", caller.clinic, len(accepted),
+             refused_count)
+    return JSONResponse({"stored": len(accepted), "refused": refused_count, "results": results})
+
+
+def _batch_items(doc: Any) -> list[Any]:
+    if not isinstance(doc, dict):
+        raise ApiError(422, "the batch was refused; nothing was stored",
+                       fields=[("body", 'must be a JSON object: {"bookings": [...]}')])
+    extra = sorted(set(doc) - {"bookings"})
+    errors = [(name, "unknown field (not part of a batch)") for name in extra]
+    items = doc.get("bookings")
+    if not isinstance(items, list):
+        errors.append(("bookings", "must be a JSON array of bookings"))
+    elif not 1 <= len(items) <= MAX_BATCH:
+        errors.append(("bookings", f"must hold 1 to {MAX_BATCH} bookings, not {len(items)}"))
+    if errors:
+        raise ApiError(422, "the batch was refused; nothing was stored", fields=errors)
+    assert isinstance(items, list)
+    return items

@@ -1,0 +1,71 @@
+"""The FastAPI app: settings, catalog and Redis wired once; routes, errors, metrics.
+
+`create_app()` reads the settings and config/ (refusing to start on a broken config, as
+`reminders run` does) and touches no Redis until the first request: the API starts while
+Redis is still coming up and answers 503 until it is there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from ..catalog import Catalog
+from ..embedded import redis_url
+from ..settings import Settings, get_settings
+from . import bookings, dead_letters, errors, ops, services
+from .bookings import MAX_BATCH
+from .metrics import MetricsMiddleware
+from .schemas import ReplayRequest, booking_schemas
+
+DESCRIPTION = """
+The clinic's door to Aftercare reminders: store bookings, read their timelines, cancel,
+release held ones, replay dead letters.
+
+Authenticate with `Authorization: Bearer <key>` (a key from
+`reminders keys issue --clinic <clinic>`). The key decides the clinic: a clinic sees and
+changes only its own bookings, and another clinic's booking id answers 404 like a
+missing one. Every refusal has one shape:
+`{"error": {"code", "message", "fields": [{"field", "message"}]}}`.
+"""
+
+
+def create_app(settings: Settings | None = None, url: str | None = None) -> FastAPI:
+    """Return the API app for `settings` (default: the environment) and Redis `url`."""
+    settings = settings or get_settings()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=settings.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    catalog = Catalog.load(settings)
+    app = FastAPI(
+        title="Aftercare reminders API",
+        version="1",
+        description=DESCRIPTION,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.services = services.build(settings, catalog, url or redis_url(settings))
+    errors.install(app)
+    app.include_router(bookings.router)
+    app.include_router(dead_letters.router)
+    app.include_router(ops.router)
+    # Added last = outermost: metrics see every answer, including the catch-all's 500.
+    app.add_middleware(errors.CatchAll)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.services.metrics)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(booking_schemas(MAX_BATCH))
+            components["ReplayRequest"] = ReplayRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
+    return app

@@ -1,0 +1,70 @@
+"""What the routes work with: settings, catalog, store, keys and rate limiter, built once.
+
+The API's Redis client gives up fast. The worker's client (worker/store.py `connect`)
+rides out a 30-second outage, which is right for a send in flight and wrong for a clinic
+waiting on an HTTP answer: here a connection error is retried twice within about a
+second, then the request is answered 503 with `Retry-After` and the clinic retries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Request
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from ..catalog import Catalog
+from ..keys import ApiKeys
+from ..settings import Settings
+from ..store import Store
+from .metrics import ApiMetrics
+from .ratelimit import RateLimiter
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    catalog: Catalog
+    redis: redis.Redis
+    store: Store
+    keys: ApiKeys
+    limiter: RateLimiter
+    metrics: ApiMetrics
+
+
+def api_client(url: str) -> redis.Redis:
+    """Return a Redis client with a short retry budget (about a second in all)."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        socket_connect_timeout=1,
+        socket_timeout=5,
+    )
+
+
+def build(settings: Settings, catalog: Catalog, url: str) -> Services:
+    client = api_client(url)
+    return Services(
+        settings=settings,
+        catalog=catalog,
+        redis=client,
+        store=Store(client, settings.key_prefix, retention_days=settings.retention_days),
+        keys=ApiKeys(client, settings.key_prefix),
+        limiter=RateLimiter(client, settings.key_prefix, settings.api_rate_per_second,
+                            settings.api_rate_burst),
+        metrics=ApiMetrics(),
+    )
+
+
+def services(request: Request) -> Services:
+    """FastAPI dependency: the app's services."""
+    svc: Services = request.app.state.services
+    return svc
+
+
+Svc = Annotated[Services, Depends(services)]
