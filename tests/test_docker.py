@@ -45,7 +45,8 @@ WORKER_COMMAND = ("celery -A worker.celery_app worker --loglevel=INFO --concurre
 BEAT_COMMAND = "celery -A worker.celery_app beat --loglevel=INFO"
 QUEUES = {"reminders.send", "reminders.pump"}
 # Services whose command or healthcheck the tests below run; a new one must join them.
-EXERCISED = {"redis", "worker", "beat"}
+EXERCISED = {"redis", "worker", "beat", "api"}
+API_COMMAND = "uvicorn worker.api:app --host 0.0.0.0 --port 8000"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 
@@ -363,8 +364,8 @@ def container_env(service: dict[str, Any], redis_url: str, data_dir: Path) -> di
 
 
 def resolve(argv: list[str]) -> list[str]:
-    if argv[0] == "celery":
-        return [str(BIN / "celery"), *argv[1:]]
+    if argv[0] in ("celery", "uvicorn"):
+        return [str(BIN / argv[0]), *argv[1:]]
     found = shutil.which(argv[0])
     if not found:
         pytest.skip(f"{argv[0]} is not installed")
@@ -521,3 +522,54 @@ def test_worker_stops_cleanly_on_sigterm(worker: Process, services) -> None:
     assert status == 0, worker.output()
     assert took < float(grace.rstrip("s")), f"warm shutdown took {took:.1f}s, grace is {grace}"
     assert "Warm shutdown" in worker.output()
+
+
+# --- the HTTP API ----------------------------------------------------------------------
+
+
+def test_api_runs_the_documented_uvicorn_command_from_the_same_image(services) -> None:
+    api = services["api"]
+    assert argv_of(api["command"]) == shlex.split(API_COMMAND)
+    assert api["image"] == services["worker"]["image"] and api["build"] == "."
+    assert environment_of(api)["REMINDERS_REDIS_URL"] == "redis://redis:6379/0"
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert api["restart"] == "unless-stopped"
+    assert api["ports"] == ["127.0.0.1:8000:8000"]
+    assert not [n for n in environment_of(api) if SECRET_NAME.search(n)], "it sends nothing"
+
+
+@pytest.mark.integration
+def test_api_command_serves_answers_its_healthcheck_and_stops_on_sigterm(
+        services, redis_server, tmp_path: Path) -> None:
+    """The compose api command, on a free loopback port instead of 0.0.0.0:8000."""
+    api = services["api"]
+    port = str(free_port())
+    argv = resolve(argv_of(api["command"]))
+    argv[argv.index("--port") + 1] = port
+    argv[argv.index("--host") + 1] = "127.0.0.1"  # the container's 0.0.0.0 is our loopback
+    env = container_env(api, db_url(redis_server.url, 3), tmp_path / "data")
+    process = Process("api", argv, env, tmp_path).start()
+    try:
+        process.wait_for(r"Uvicorn running on")
+        kind, *check = api["healthcheck"]["test"]
+        assert kind == "CMD" and check[0] == "python"
+        check = [sys.executable, *[part.replace(":8000", f":{port}") for part in check[1:]]]
+        assert run_cli(check, env, tmp_path).returncode == 0
+        key = run_cli([str(BIN / "reminders"), "keys", "issue", "--clinic", "glow"], env,
+                      tmp_path).stdout.strip()
+        booking = json.loads((ROOT / "examples" / "booking.json").read_text(encoding="utf-8"))
+        booking["starts_at"] = time.strftime("%Y-%m-%dT10:00:00+00:00",
+                                             time.gmtime(time.time() + 20 * 86400))
+        result = run_cli(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT",
+                          f"http://127.0.0.1:{port}/v1/bookings/A-1042",
+                          "-H", f"Authorization: Bearer {key}",
+                          "-H", "Content-Type: application/json", "-d", json.dumps(booking)],
+                         env, tmp_path)
+        assert result.stdout == "201", result
+    finally:
+        status = process.stop()
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (exit 143 in Docker).
+    assert status in (0, -signal.SIGTERM), process.output()
+    assert "Finished server process" in process.output()
+    # Down: the healthcheck fails.
+    assert run_cli(check, env, tmp_path).returncode != 0
