@@ -16,8 +16,6 @@ items stored before it stay stored (resending the batch completes it).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 from datetime import UTC, datetime
@@ -25,7 +23,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 
 from ..errors import BookingRejected, NotFound
 from ..models import BOOKING_ID_PATTERN, parse_booking
@@ -44,6 +41,8 @@ router = APIRouter(prefix="/v1", tags=["bookings"])
 MAX_BATCH = 1000
 PAGE_SCAN = 1000  # bookings read per page at most; a sparse filter may return a short page
 _BOOKING_ID = re.compile(BOOKING_ID_PATTERN)
+# An RFC 3339 instant with its offset (JSON Schema's date-time), nothing looser.
+INSTANT = r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
 
 
 _TIMELINE_HEADERS = {"ETag": {"description": 'the booking\'s version, e.g. "3"',
@@ -179,23 +178,6 @@ def release_booking(
     return _timeline_response(timeline)
 
 
-def _cursor(value: str | None) -> str:
-    if not value:
-        return ""
-    try:
-        after = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        after = ""
-    if not _BOOKING_ID.fullmatch(after):
-        raise ApiError(422, "the request has invalid parameters",
-                       fields=[("cursor", "is not a cursor this API gave out")])
-    return after
-
-
-def _next_cursor(booking_id: str) -> str:
-    return base64.urlsafe_b64encode(booking_id.encode()).decode().rstrip("=")
-
-
 @router.get(
     "/bookings",
     summary="The clinic's bookings, by status and start time, a page at a time",
@@ -207,38 +189,53 @@ def list_bookings(
     svc: Svc,
     status: Annotated[Literal["scheduled", "held", "cancelled", "completed"] | None,
                       Query(description="only bookings in this status")] = None,
-    starts_from: Annotated[AwareDatetime | None, Query(
-        alias="from", description="only bookings starting at or after this instant")] = None,
-    starts_to: Annotated[AwareDatetime | None, Query(
-        alias="to", description="only bookings starting before this instant")] = None,
+    starts_from: Annotated[str | None, Query(
+        alias="from", pattern=INSTANT, json_schema_extra={"format": "date-time"},
+        description="only bookings starting at or after this instant (RFC 3339, with "
+                    "its offset)")] = None,
+    starts_to: Annotated[str | None, Query(
+        alias="to", pattern=INSTANT, json_schema_extra={"format": "date-time"},
+        description="only bookings starting before this instant (RFC 3339)")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="at most this many")] = 100,
     cursor: Annotated[str | None, Query(
-        max_length=200, description="`next_cursor` of the previous page")] = None,
+        max_length=200, description="`next_cursor` of the previous page (bookings after "
+                                    "it in id order)")] = None,
 ) -> JSONResponse:
     """Bookings in id order, without patient data (GET one for its timeline). A page may
     hold fewer than `limit` when a filter is sparse: follow `next_cursor` until null."""
-    after = _cursor(cursor)
+    start, end = _instant("from", starts_from), _instant("to", starts_to)
+    after = cursor or ""  # the last id of the previous page: any string is a position
     store, clinic = svc.store, caller.clinic
     ids = [b for b in store.booking_ids(clinic) if b > after]
     now = datetime.now(UTC)
     found: list[dict[str, Any]] = []
     scanned = 0
     next_cursor = None
-    for start in range(0, len(ids), 100):
-        chunk = ids[start:start + 100]
+    for offset in range(0, len(ids), 100):
+        chunk = ids[offset:offset + 100]
         for booking_id, summary in zip(chunk, store.booking_summaries(clinic, chunk),
                                        strict=True):
             scanned += 1
-            if summary is not None and _matches(summary, status, starts_from, starts_to, now,
-                                                store, clinic):
+            if summary is not None and _matches(summary, status, start, end, now, store,
+                                                clinic):
                 found.append(summary)
             at_end = booking_id == ids[-1]
             if not at_end and (len(found) >= limit or scanned >= PAGE_SCAN):
-                next_cursor = _next_cursor(booking_id)
+                next_cursor = booking_id
                 break
         if next_cursor:
             break
     return JSONResponse({"bookings": found, "next_cursor": next_cursor})
+
+
+def _instant(name: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(422, "the request has invalid parameters",
+                       fields=[(name, "is not an instant, e.g. 2026-12-01T00:00:00Z")]) from None
 
 
 def _matches(summary: dict[str, Any], status: str | None, starts_from: datetime | None,

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -110,12 +111,25 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(422, "the request has invalid parameters", fields=fields))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves on this path (Starlette's 405 names only the first)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\0"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = {404: "no such route", 405: "method not allowed on this route"}.get(
         exc.status_code, str(exc.detail)
     )
-    return error_response(ApiError(exc.status_code, message, headers=exc.headers))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request)
+    return error_response(ApiError(exc.status_code, message, headers=headers))
 
 
 async def _redis_down(_: Request, exc: Exception) -> JSONResponse:

@@ -19,7 +19,7 @@ from ..settings import Settings, get_settings
 from . import bookings, dead_letters, errors, ops, services
 from .bookings import MAX_BATCH
 from .metrics import MetricsMiddleware
-from .schemas import ReplayRequest, booking_schemas
+from .schemas import booking_schemas, replay_schema
 
 DESCRIPTION = """
 The clinic's door to Aftercare reminders: store bookings, read their timelines, cancel,
@@ -62,8 +62,7 @@ def create_app(settings: Settings | None = None, url: str | None = None) -> Fast
                                  description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(booking_schemas(MAX_BATCH))
-            components["ReplayRequest"] = ReplayRequest.model_json_schema(
-                ref_template="#/components/schemas/{model}")
+            components["ReplayRequest"] = replay_schema()
             app.openapi_schema = schema
         return app.openapi_schema
 

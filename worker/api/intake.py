@@ -8,6 +8,7 @@ document naming a different one is refused on `booking_id`. Validation is the CL
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -28,11 +29,11 @@ def intake(doc: Any, clinic: str, booking_id: str | None, catalog: Catalog,
     """Return the booking and its plan, or raise ApiError(422) naming every bad field."""
     errors: list[tuple[str, str]] = []
     if isinstance(doc, dict) and booking_id is not None:
-        given = doc.get("booking_id")
-        if given is None:
+        if "booking_id" not in doc:
             doc = {**doc, "booking_id": booking_id}
-        elif given != booking_id:
-            errors.append(("booking_id", f"is {given!r} but the URL names {booking_id!r}"))
+        elif (given := doc["booking_id"]) != booking_id:
+            shown = repr(given) if isinstance(given, str) else json.dumps(given)
+            errors.append(("booking_id", f"is {shown} but the URL names {booking_id!r}"))
     try:
         booking = parse_booking(doc, catalog, clinic=clinic)
     except BookingRejected as exc:

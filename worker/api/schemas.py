@@ -120,6 +120,8 @@ class DeadLetters(BaseModel):
 
 
 class ReplayRequest(BaseModel):
+    """Which dead letters to replay: `refs` (at least one) or `all: true`, not both."""
+
     model_config = ConfigDict(extra="forbid")
 
     refs: list[str] = Field(
@@ -158,6 +160,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[s]} for s in statuses}
 
 
+def replay_schema() -> dict[str, Any]:
+    """ReplayRequest as the API takes it: `refs` (at least one) or `all: true`, not both."""
+    schema = ReplayRequest.model_json_schema()
+    schema["oneOf"] = [
+        {"required": ["refs"], "properties": {"refs": {"minItems": 1}}},
+        {"required": ["all"], "properties": {"all": {"const": True}}},
+    ]
+    return schema
+
+
 def booking_schemas(max_batch: int) -> dict[str, Any]:
     """Return the request-body schemas: BookingIn (one booking) and BatchIn, plus their parts.
 
@@ -173,6 +185,10 @@ def booking_schemas(max_batch: int) -> dict[str, Any]:
         "A booking (DESIGN.md). `clinic` comes from the API key: leave it out, or give the "
         "key's own. `booking_id` comes from the URL: leave it out, or give the same.")
     booking["examples"] = [EXAMPLE_BOOKING]
+    # parse_booking takes a null clinic as a missing one (the key's clinic is used).
+    booking["properties"]["clinic"] = {
+        "anyOf": [booking["properties"]["clinic"], {"type": "null"}],
+        "description": "the key's clinic; left out (or null) it is taken from the key"}
     batch = {
         "title": "BatchIn",
         "type": "object",
