@@ -73,6 +73,17 @@ def api_command(settings: Settings, port: int) -> list[str]:
             "--port", str(port), "--log-level", settings.log_level.lower()]
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Return True if nothing listens on host:port (binding as uvicorn does would work)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _wait_for_port(host: str, port: int, child: Child, timeout: float,
                    stopping: Callable[[], bool]) -> bool:
     """Wait until something accepts connections on host:port; False if the child exits first."""
@@ -208,14 +219,15 @@ def run_all(settings: Settings) -> int:
             print(f"embedded Redis on {server.url} (data in {server.data_dir})", flush=True)
         env.setdefault("REMINDERS_DATA_DIR", str(settings.data_dir.resolve()))
         outbox = Path(env.get("REMINDERS_OUTBOX_DIR") or settings.outbox).resolve()
+        shown_host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "") else settings.api_host
+        api_url = f"http://{shown_host}:{api_port}"
+        port_free = port_is_free(settings.api_host, api_port)  # before our API takes it
         for child in children:
             child.start()
         print(f"worker and pump running; messages without a configured channel go to {outbox}",
               flush=True)
-        shown_host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "") else settings.api_host
-        api_url = f"http://{shown_host}:{api_port}"
-        if _wait_for_port(shown_host, api_port, api_child, API_START_TIMEOUT_SECONDS,
-                          lambda: stopping):
+        if port_free and _wait_for_port(shown_host, api_port, api_child,
+                                        API_START_TIMEOUT_SECONDS, lambda: stopping):
             print(f"HTTP API on {api_url} (OpenAPI at {api_url}/docs)", flush=True)
         else:
             print(f"HTTP API did not come up on {api_url} (is the port taken? set "

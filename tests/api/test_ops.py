@@ -61,3 +61,20 @@ def test_openapi_documents_the_routes_with_the_design_booking_as_example(api):
         "/v1/bookings:batch", "/v1/dead-letters", "/v1/dead-letters/replay", "/healthz",
         "/readyz", "/metrics"}
     assert schema["components"]["securitySchemes"]["clinicKey"]["scheme"] == "bearer"
+
+
+def test_run_checks_the_api_port_before_claiming_the_api_is_up():
+    import socket
+
+    from worker.service import api_command, port_is_free
+    from worker.settings import Settings
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert not port_is_free("127.0.0.1", port)
+    assert port_is_free("127.0.0.1", port)
+    argv = api_command(Settings(_env_file=None, log_level="WARNING"), port)
+    assert argv[1:] == ["-m", "uvicorn", "worker.api:app", "--host", "127.0.0.1",
+                        "--port", str(port), "--log-level", "warning"]

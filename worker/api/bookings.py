@@ -28,6 +28,7 @@ from ..errors import BookingRejected, NotFound
 from ..models import BOOKING_ID_PATTERN, parse_booking
 from ..planner import plan
 from ..status import Status
+from ..store import Store
 from .auth import Authenticated
 from .body import BOOKING_MAX_BYTES, json_body
 from .conditional import etag, parse_if_match, upsert
@@ -239,7 +240,7 @@ def _instant(name: str, value: str | None) -> datetime | None:
 
 
 def _matches(summary: dict[str, Any], status: str | None, starts_from: datetime | None,
-             starts_to: datetime | None, now: datetime, store: Any, clinic: str) -> bool:
+             starts_to: datetime | None, now: datetime, store: Store, clinic: str) -> bool:
     starts = datetime.fromisoformat(summary["starts_at"]) if summary.get("starts_at") else None
     if starts_from and (starts is None or starts < starts_from):
         return False
