@@ -6,6 +6,9 @@ write lands between that read and the write, the transaction runs again and comp
 against the new version. So two clinics' systems that both read version 3 and both send
 `If-Match: "3"` get one 200 and one 412, never two 200s.
 
+The version is also checked once before the upsert, so a booking that does not exist
+never matches whichever way the store writes a new one.
+
 `If-Match: *` asks only that the booking exists. Tags are compared strongly: a weak tag
 (`W/"3"`) never matches, as RFC 9110 says for If-Match.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from ..errors import NotFound
 from ..models import Booking
 from ..planner import Plan
 from ..store import Store
@@ -63,17 +67,28 @@ class _Upsert(Store):
         self, stored_booking: dict[str, str], *args: Any, **kwargs: Any
     ) -> Any:
         self.existed = bool(stored_booking)
-        current = int(stored_booking["version"]) if stored_booking else None
-        if self.expected is not None and (
-            current is None or (self.expected != ANY and current not in self.expected)
-        ):
-            raise PreconditionFailed(current)
+        _check(self.expected, int(stored_booking["version"]) if stored_booking else None)
         return Store._reconcile(stored_booking, *args, **kwargs)
+
+
+def _check(expected: str | frozenset[int] | None, current: int | None) -> None:
+    if expected is not None and (
+        current is None or (expected != ANY and current not in expected)
+    ):
+        raise PreconditionFailed(current)
 
 
 def upsert(store: Store, booking: Booking, planned: Plan, now: datetime,
            expected: str | frozenset[int] | None) -> tuple[dict[str, Any], bool]:
     """Store the booking if `expected` allows; return (timeline, whether it was new)."""
+    if expected is not None:
+        # First against what is stored now: a missing booking never matches (whether or not
+        # the store reconciles a new booking); then again inside the transaction.
+        try:
+            current: int | None = int(store.timeline(*booking.key)["version"])
+        except NotFound:
+            current = None
+        _check(expected, current)
     one = _Upsert(store, expected)
     timeline = one.upsert(booking, planned, now)
     return timeline, not one.existed
