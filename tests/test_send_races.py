@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
+from tests.raw import set_reminder_fields
 from worker.catalog import Catalog
 from worker.dispatch import Context, send_claimed
 from worker.embedded import free_port
@@ -420,8 +421,7 @@ def test_outside_the_send_window_at_send_time_waits_for_the_next_opening(
 def test_past_its_expiry_at_send_time_is_skipped_not_sent(rig):
     rig.book(rig.booking())
     # The outage outlasted the appointment: the pre-visit reminder must not go after it.
-    rig.store.redis.hset(rig.store.record_key(PREP), "expires_epoch",
-                         repr(time.time() - 1))
+    set_reminder_fields(rig.store, PREP, expires_epoch=repr(time.time() - 1))
     claim = rig.claim_now(PREP)
     assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "skipped"
     s = rig.state(PREP)
@@ -437,7 +437,7 @@ def test_replay_obeys_the_send_time_rules(rig):
     rig.gate.answer(400)
     claim = rig.claim_now(PREP)
     assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "failed"
-    rig.store.redis.hset(rig.store.record_key(PREP), "expires_epoch", repr(time.time() - 1))
+    set_reminder_fields(rig.store, PREP, expires_epoch=repr(time.time() - 1))
     assert rig.store.replay([PREP], datetime.now(UTC)) == [PREP]
     (claim,) = rig.store.claim_due(10, 8)
     assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "skipped"
@@ -550,7 +550,7 @@ def test_a_redis_error_while_preparing_is_transient_not_a_dead_letter(rig):
 def test_unknown_outcomes_end_in_a_dead_letter_after_max_attempts(rig):
     """Each unknown outcome may be a delivery: never an endless series of them."""
     rig.book(rig.booking())
-    rig.store.redis.hset(rig.store.record_key(PREP), "attempts", "4")  # max_attempts is 5
+    set_reminder_fields(rig.store, PREP, attempts="4")  # max_attempts is 5
     thread, result = rig.park(PREP)
     rig.gate.answer(None)  # no answer: the client's read timeout
     thread.join(20)
@@ -567,7 +567,7 @@ def test_the_claim_script_run_twice_for_one_pump_run_answers_the_same(rig):
     rig.book(rig.booking())
     rig.store.redis.zadd(rig.store.due_key, {PREP: 0, STOP: 0})
     keys = [rig.store.due_key, rig.store.lease_key, f"{PREFIX}:claimrun:run-1"]
-    args = [10, 8, f"{PREFIX}:r:"]
+    args = [10, 8, PREFIX]
     first = rig.store._claim(keys=keys, args=args)
     assert sorted(r[0] for r in first) == [PREP, STOP]
     assert rig.store._claim(keys=keys, args=args) == first

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.e2e.conftest import BIN, QUICK_MESSAGES, wait_until
+from tests.raw import set_reminder_fields
 from worker.catalog import Catalog
 from worker.models import parse_booking
 from worker.rendering import Renderer
@@ -229,7 +230,8 @@ def test_two_workers_two_pumps_send_each_reminder_once(
     assert {r["status"] for _, r in reminders_of(finals)} == {"sent"}
     assert {r["attempts"] for _, r in reminders_of(finals)} == {1}  # no send was begun twice
     # Two pumps, one claim each: the Lua claim never hands a reminder to both.
-    claims = {ref(b, r["id"]): redis_client.hget(f"{PREFIX}:r:{ref(b, r['id'])}", "claim")
+    store = Store(redis_client, PREFIX)
+    claims = {ref(b, r["id"]): store.record(ref(b, r["id"])).get("claim")
               for b, r in reminders_of(finals)}
     assert set(claims.values()) == {"1"}, claims
     # Both pumps ticked and both workers sent: the race really was on.
@@ -386,12 +388,13 @@ def test_duplicate_and_stale_send_tasks_never_send_twice(
     confirm = ref("X-1", "confirm:email")
 
     wait_until(lambda: smtp_sink.data_started >= 1, 20)
-    rec = redis_client.hgetall(f"{PREFIX}:r:{confirm}")
+    store = Store(redis_client, PREFIX)
+    rec = store.record(confirm)
     assert rec["status"] == "sending", rec
     in_flight = [(uuid.uuid4().hex, confirm, rec["version"], rec["claim"]) for _ in range(2)]
     publisher.publish(in_flight)  # the very same task, twice, while it is being sent
     wait_until(lambda: len(smtp_sink.snapshot()) == 1, 20)
-    wait_until(lambda: redis_client.hget(f"{PREFIX}:r:{confirm}", "status") == "sent", 10)
+    wait_until(lambda: store.record(confirm).get("status") == "sent", 10)
     after_sent = [(uuid.uuid4().hex, confirm, rec["version"], rec["claim"]) for _ in range(2)]
     publisher.publish(after_sent)  # and twice more after it was sent
     smtp_sink.delay = 0.0
@@ -401,7 +404,7 @@ def test_duplicate_and_stale_send_tasks_never_send_twice(
     (second,) = service.book(moved)
     assert second["version"] == 2
     prep = ref("X-1", "prep:sms")
-    rec2 = redis_client.hgetall(f"{PREFIX}:r:{prep}")
+    rec2 = store.record(prep)
     stale = [(uuid.uuid4().hex, prep, "1", rec2.get("claim", "1")),  # the version before the move
              (uuid.uuid4().hex, ref("X-1", "spf:sms"), "1", "1"),
              (uuid.uuid4().hex, prep, "2", "999")]  # right version, a claim no pump made
@@ -462,9 +465,8 @@ def test_in_flight_duplicate_never_undoes_the_finished_attempt(redis_client, out
     rid = ref("R-1", "confirm:email")
     redis_client.hset(store.booking_key("e2e", "R-1"),
                       mapping={"status": "scheduled", "version": "1"})
-    redis_client.hset(store.record_key(rid), mapping={
-        "status": "scheduled", "version": "1", "channel": "email",
-        "due_epoch": repr(now.timestamp())})
+    set_reminder_fields(store, rid, status="scheduled", version="1",
+                        due_epoch=repr(now.timestamp()))
     redis_client.zadd(store.due_key, {rid: now.timestamp() - 1})
     (claim,) = store.claim_due(10, 8)
     assert store.begin_send(rid, claim.version, claim.claim, "owner", 8000) == "ok"
@@ -473,7 +475,7 @@ def test_in_flight_duplicate_never_undoes_the_finished_attempt(redis_client, out
     ctx = Context(settings=settings, store=store, catalog=None, renderer=None)  # type: ignore[arg-type]
     assert send_claimed(ctx, rid, claim.version, claim.claim) != "sent"  # the duplicate
 
-    status = redis_client.hget(store.record_key(rid), "status")
+    status = store.record(rid).get("status")
     due = redis_client.zscore(store.due_key, rid)
     assert redis_client.zscore(store.lease_key, rid) is None
     if outcome == "sent":
