@@ -59,8 +59,8 @@ Why this layout (measured: 100,000 bookings of 10 reminders, worker/store.py lay
 Every change of a reminder's state is one atomic step: a Lua script (claim, begin, finish,
 requeue, cancel, replay, purge, and the upsert's apply). The upsert reconciles in Python
 (worker/reconcile.py) and applies the result with a script that first checks that the
-booking's hash is exactly what was read (absent, for a new one, or the same SHA-1 of its
-fields); otherwise it reads and reconciles again. Every finish is fenced by the reminder's
+booking's hash is exactly what was read (absent, for a new one, or the same fields and
+values); otherwise it reads and reconciles again. Every finish is fenced by the reminder's
 version and claim and the attempt's token: an attempt the clinic's change overtook only adds
 to the attempt log, except that a delivery that did happen is always recorded. Retention:
 a booking's keys expire `retention` after its last reminder; a booking with a dead letter
@@ -525,7 +525,7 @@ return 1
 # The upsert's write, for a chunk of bookings. First the texts the chunk refers to (a text
 # id already taken by other words is reported, and nothing is written). Then per booking
 # (one JSON array each): its check ('' = it must not exist yet; '-' = nothing to write,
-# only retention; else the SHA-1 of the hash as it was read), the writes, and retention.
+# only retention; else the hash's fields as they were read), the writes, and retention.
 # Returns {'ok', the positions of bookings whose check failed (changed since read)...}.
 _APPLY = """
 local due_key, lease_key, dead_key, layout_key, texts_key =
@@ -550,16 +550,16 @@ for _ = 1, ntexts do
     return {'collision', id}
   end
 end
-local function digest(flat)
-  local items = {}
-  for j = 1, #flat, 2 do table.insert(items, {flat[j], flat[j + 1]}) end
-  table.sort(items, function(x, y) return x[1] < y[1] end)
-  local parts = {}
-  for _, p in ipairs(items) do
-    parts[#parts + 1] = p[1]
-    parts[#parts + 1] = p[2]
+-- Whether a hash (HGETALL reply) holds exactly the expected fields (a flat list). No
+-- sorting: Lua compares strings by the server's locale, Python by code point.
+local function same(flat, expected)
+  if #flat ~= #expected then return false end
+  local want = {}
+  for j = 1, #expected, 2 do want[expected[j]] = expected[j + 1] end
+  for j = 1, #flat, 2 do
+    if want[flat[j]] ~= flat[j + 1] then return false end
   end
-  return redis.sha1hex(table.concat(parts, '\\0'))
+  return true
 end
 local function refs(keys, base)
   local out = {}
@@ -581,7 +581,7 @@ for index = i, #ARGV do
   elseif check == '-' then
     ok = true
   else
-    ok = digest(redis.call('HGETALL', bkey)) == check
+    ok = same(redis.call('HGETALL', bkey), check)
   end
   if not ok then
     table.insert(out, index - i + 1)
@@ -814,12 +814,6 @@ def encode_reminder(
         r[3] = "" if due == r[2] else due
     r[7] = ("b" if at_booking else "") + (f"#{occurrence}" if occurrence != key_occurrence else "")
     return _join(r), _join(a)
-
-
-def _digest(stored: Mapping[str, str]) -> str:
-    """The SHA-1 the apply script computes of a hash's fields (sorted, NUL-separated)."""
-    flat = "\0".join(f"{k}\0{v}" for k, v in sorted(stored.items()))
-    return hashlib.sha1(flat.encode()).hexdigest()
 
 
 def _text_id(text: str, length: int) -> str:
@@ -1262,7 +1256,8 @@ class Store:
             rm_due, rm_lease, rm_dead = [], [], []
             hset += ["keep_until", keep]
         changed_doc = stored.doc != doc or new
-        args = json.dumps([clinic, booking_id, "" if new else _digest(stored.fields),
+        check: str | list[str] = "" if new else [x for kv in stored.fields.items() for x in kv]
+        args = json.dumps([clinic, booking_id, check,
                            doc if changed_doc else "", keep, hset, hdel, due, rm_due, rm_lease,
                            rm_dead], ensure_ascii=False, separators=(",", ":"))
         return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields, reminders,
