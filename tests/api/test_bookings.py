@@ -218,6 +218,7 @@ def test_listing_refuses_bad_parameters_naming_them(glow):
 
 def test_listing_tells_completed_from_scheduled(glow, api, catalog):
     """A booking whose visit has begun and whose reminders are all done is `completed`."""
+    from tests.raw import set_reminder_fields
     from worker.models import parse_booking
     from worker.planner import plan
     from worker.store import ref_of
@@ -229,8 +230,7 @@ def test_listing_tells_completed_from_scheduled(glow, api, catalog):
     store.upsert(booking, plan(booking, catalog.protocols["microneedling"],
                                catalog.clinics["glow"], then), then)
     for reminder in store.timeline("glow", "DONE-1")["reminders"]:
-        store.redis.hset(store.record_key(ref_of("glow", "DONE-1", reminder["id"])),
-                         "status", "sent")
+        set_reminder_fields(store, ref_of("glow", "DONE-1", reminder["id"]), status="sent")
     glow.put("/v1/bookings/LATER-1", json=future_booking("LATER-1"))
     listed = {b["booking_id"]: b["status"] for b in glow.get("/v1/bookings").json()["bookings"]}
     assert listed == {"DONE-1": "completed", "LATER-1": "scheduled"}
