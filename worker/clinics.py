@@ -109,6 +109,10 @@ class Clinic(BaseModel):
     send_window: SendWindow = SendWindow()
     # Discreet wording: subjects and SMS do not name the treatment or medication.
     discreet: bool = False
+    # Letters outside GSM-7 in an SMS (María, Zoë, "Clínica", "tretinoína"): "fold" them to
+    # their base letter so the text stays GSM-7 (one segment), or "keep" them (UCS-2: about
+    # 2-3 segments; `reminders check` shows the cost). Emails always keep them.
+    sms_accents: Literal["fold", "keep"] = "fold"
     # Overrides the protocol's isotretinoin washout, in days.
     isotretinoin_washout_days: int | None = Field(None, ge=0)
     channels: dict[Channel, str] = {}

@@ -1,4 +1,5 @@
-"""SMS text rules: the GSM 03.38 alphabet, typographic clean-up and segment counting.
+"""SMS text rules: the GSM 03.38 alphabet, typographic clean-up, accent folding and
+segment counting.
 
 A text made only of GSM-7 characters costs 160 units in one segment, 153 per part when
 split (each extension character takes two units). One character outside GSM-7 turns
@@ -7,6 +8,7 @@ the whole text into UCS-2: 70 UTF-16 code units in one segment, 67 per part.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 Encoding = Literal["GSM-7", "UCS-2"]
@@ -23,7 +25,7 @@ SINGLE_SEGMENT = {"GSM-7": 160, "UCS-2": 70}
 PART_OF_MANY = {"GSM-7": 153, "UCS-2": 67}
 
 # Typographic characters with a plain GSM-7 twin (Babel puts U+202F in English times).
-# Letters are never replaced: "María" stays "María", even though it costs UCS-2.
+# `normalise` never replaces letters: "María" stays "María" (folding is `fold_to_gsm7`).
 _TYPOGRAPHIC = str.maketrans({
     "\u00a0": " ", "\u2007": " ", "\u2009": " ", "\u202f": " ",
     "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u2032": "'",
@@ -36,6 +38,33 @@ _TYPOGRAPHIC = str.maketrans({
 def normalise(text: str) -> str:
     """Return `text` on one line, typographic characters replaced by their GSM-7 twins."""
     return " ".join(text.translate(_TYPOGRAPHIC).split())
+
+
+# Letters outside GSM-7 that Unicode does not decompose into a base letter + accent.
+_FOLD_EXTRA = {
+    "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "ı": "i", "ħ": "h",
+    "Ħ": "H", "ŧ": "t", "Ŧ": "T", "œ": "oe", "Œ": "OE", "þ": "th", "Þ": "Th",
+}
+
+
+def fold_to_gsm7(text: str) -> str:
+    """Return `text` with each letter outside GSM-7 folded to its base letter(s).
+
+    "María Zoë Łukasz François" -> "Maria Zoe Lukasz Francois". GSM-7's own accented
+    letters (é è ù ì ò à ä ö ñ ü Ä Ö Ñ Ü Ç É Å å Ø ø Æ æ ß) are kept, as is anything
+    with no GSM-7 base (other scripts, emoji, "°"): those still cost UCS-2.
+    """
+    out = []
+    for ch in unicodedata.normalize("NFC", text):
+        if ch in GSM7_BASIC or ch in GSM7_EXTENSION:
+            out.append(ch)
+        elif ch in _FOLD_EXTRA:
+            out.append(_FOLD_EXTRA[ch])
+        else:
+            base = "".join(c for c in unicodedata.normalize("NFKD", ch)
+                           if not unicodedata.combining(c))
+            out.append(base if base and is_gsm7(base) else ch)
+    return "".join(out)
 
 
 def is_gsm7(text: str) -> bool:
