@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,9 @@ def test_json_gives_the_same_data(tmp_path: Path) -> None:
     assert len(report["sms"]) == len(TEMPLATES) * 2 * 2
     day_before = next(s for s in report["sms"] if (s["template"], s["locale"], s["discreet"])
                       == ("day-before", "es", False))
-    assert day_before["text"].startswith("Hola Christabelle, te esperamos")
+    # The worst Spanish sample name: 12 letters, its "ó" folded to GSM-7 (sms_accents).
+    assert day_before["text"].startswith("Hola, Purificacion: te esperamos")
+    assert day_before["text"].endswith(". Responde BAJA para no recibir SMS")
     assert (day_before["encoding"], day_before["segments"]) == ("GSM-7", 1)
     assert day_before["length"] == len(day_before["text"])
 
@@ -132,10 +135,47 @@ def test_an_sms_over_one_segment_is_a_warning(copy: Path) -> None:
     sms.write_text(sms.read_text() + " Recuerda tu próxima sesión dentro de unas semanas.\n")
     result = check_copy(copy)
     assert result.returncode == EXIT_OK, result.stderr
-    assert (f"WARNING: {sms} (plain): 3 segments (UCS-2, " in result.stdout)
-    assert "not GSM-7 because of ó" in result.stdout
-    assert ["week-check", "es", "plain", "UCS-2"] == next(
+    # Folded to GSM-7 ("proxima sesion"), it is two segments, not UCS-2.
+    assert f"WARNING: {sms} (plain): 2 segments (GSM-7, " in result.stdout
+    assert ["week-check", "es", "plain", "GSM-7"] == next(
         r[:4] for r in table_rows(result.stdout) if r[:3] == ["week-check", "es", "plain"])
+    # A character with no GSM-7 base letter cannot be folded: UCS-2, and named.
+    sms.write_text(sms.read_text() + " \u263a\n")
+    result = check_copy(copy)
+    assert re.search(rf"WARNING: {re.escape(str(sms))} \(plain\): \d segments \(UCS-2, .*"
+                     "not GSM-7 because of \u263a", result.stdout)
+
+
+def test_a_clinic_keeping_accents_sees_their_cost(copy: Path) -> None:
+    """sms_accents = "keep": "María" stays, and with it the whole text is UCS-2."""
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text().replace("discreet = false", 'discreet = false\n'
+                                                 'sms_accents = "keep"'))
+    result = check_copy(copy, "--clinic", "glow")
+    assert result.returncode == EXIT_OK, result.stderr
+    rows = {tuple(r[:3]): r[3:] for r in table_rows(result.stdout)}
+    # The worst sample names have a letter outside GSM-7 in both languages (Zoë, Purificación).
+    assert rows[("day-before", "es", "plain")][0] == "UCS-2"
+    assert int(rows[("day-before", "es", "plain")][2]) >= 3
+    assert rows[("day-before", "en", "plain")][0] == "UCS-2"
+    day_before = copy / "templates" / "es" / "day-before.sms.txt.j2"
+    assert f"WARNING: {day_before} (plain): 3 segments (UCS-2, " in result.stdout
+    assert "not GSM-7 because of ó" in result.stdout
+    # The default folds them: the same clinic without the setting has no warning at all.
+    clinic.write_text(clinic.read_text().replace('sms_accents = "keep"', ""))
+    assert "WARNING" not in check_copy(copy, "--clinic", "glow").stdout
+
+
+def test_a_clinic_name_with_accents_is_folded_in_sms(copy: Path) -> None:
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text().replace('name = "Glow Skin Clinic"',
+                                                 'name = "Clínica Núñez"'))
+    result = check_copy(copy, "--clinic", "glow", "--json")
+    assert result.returncode == EXIT_OK, result.stderr
+    report = json.loads(result.stdout)
+    texts = [s["text"] for s in report["sms"] if "Clinica Nuñez" in s["text"]]
+    assert texts and all(s["encoding"] == "GSM-7" for s in report["sms"])
+    assert report["warnings"] == []
 
 
 def test_missing_channel_secrets_are_warnings(copy: Path) -> None:

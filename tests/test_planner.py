@@ -625,7 +625,7 @@ def test_tretinoin_start_application_nights_mon_wed_fri_for_two_weeks(catalog, b
     assert all(r.status == "scheduled" for r in nights)
 
 
-def test_tretinoin_start_weekly_step_up_and_monday_spf(catalog, booking_doc):
+def test_tretinoin_start_weekly_step_up_and_weekly_spf(catalog, booking_doc):
     p = tretinoin_start(catalog, booking_doc, "2026-12-01T10:00:00+01:00", EXAMPLE_NOW)
     step_up = [r for r in p.reminders if r.step == "step-up"]
     # days 14, 21, 28, 35 at 19:00 CET
@@ -634,19 +634,19 @@ def test_tretinoin_start_weekly_step_up_and_monday_spf(catalog, booking_doc):
         utc(2027, 1, 5, 18, 0)]
     assert [r.key for r in step_up] == [f"step-up#{n}:email" for n in range(1, 5)]
     spf = [r for r in p.reminders if r.step == "morning-spf"]
-    # Mondays among days 1..42 (Wed 2 Dec .. Tue 12 Jan), 09:00 CET
+    # Every 7 days from day 17 to day 38 (after the night texts, 3 days after each
+    # step-up), 09:00 CET
     assert [r.due_at for r in spf] == [
-        utc(2026, 12, 7, 8, 0), utc(2026, 12, 14, 8, 0), utc(2026, 12, 21, 8, 0),
-        utc(2026, 12, 28, 8, 0), utc(2027, 1, 4, 8, 0), utc(2027, 1, 11, 8, 0)]
+        utc(2026, 12, 18, 8, 0), utc(2026, 12, 25, 8, 0), utc(2027, 1, 1, 8, 0),
+        utc(2027, 1, 8, 8, 0)]
     singles = {r.key: r.due_at for r in p.reminders
-               if r.step in ("welcome", "irritation-check", "six-week-review")}
+               if r.step in ("welcome", "six-week-review")}
     assert singles == {
         "welcome:email": EXAMPLE_NOW,
-        "irritation-check:sms": utc(2026, 12, 5, 17, 0),   # day 4, 18:00 CET
         "six-week-review:email": utc(2027, 1, 12, 9, 0),   # day 42, 10:00 CET
     }
     keys = [r.key for r in p.reminders]
-    assert len(keys) == len(set(keys)) == 1 + 6 + 1 + 4 + 6 + 1
+    assert len(keys) == len(set(keys)) == 1 + 6 + 4 + 4 + 1
 
 
 def test_tretinoin_start_series_across_spring_forward_stays_at_1930_local(catalog, booking_doc):

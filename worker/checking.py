@@ -1,12 +1,16 @@
 """`reminders check`: every template rendered against every protocol and clinic.
 
 Validates that each template a protocol step names exists in every locale, compiles and
-renders with realistic long values, and reports each SMS template's encoding, length and
-segments. The renderer itself is worker/rendering.py.
+renders with realistic long values (the longest and the most accented first names of each
+language, every configured clinic's name), and reports each SMS template's encoding,
+length and segments. Every protocol `[advice]` value must have a source comment in its
+file; `--sources` lists, per protocol step, the clinical claims its messages make and
+where each comes from. The renderer itself is worker/rendering.py.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -20,18 +24,29 @@ from jinja2 import TemplateSyntaxError
 from .catalog import Catalog
 from .clinics import Clinic, unreachable_problem
 from .errors import ConfigError
-from .models import CHANNELS, Booking
-from .planner import plan
-from .protocols import Protocol
-from .rendering import RenderedMessage, Renderer, file_name, syntax_error
+from .models import CHANNELS, Booking, Channel
+from .planner import PlannedReminder, plan
+from .protocols import AdviceValue, Protocol
+from .rendering import RenderedMessage, Renderer, file_name, language_of, syntax_error
 from .sms import Encoding, non_gsm7, sms_segments
 
-# Realistic long values, so that a template that fits here fits for real patients.
-SAMPLE_FIRST_NAME = "Christabelle"  # 12 letters, the long end of first names
+# Realistic worst-case first names per language: the longest, and letters outside GSM-7
+# (folded by default, see `sms_accents`), so that a template that fits here fits for real
+# patients. Other languages use the English list.
+SAMPLE_FIRST_NAMES: dict[str, tuple[str, ...]] = {
+    "en": ("Christabelle", "Zoë"),  # 12 letters; "ë" is not GSM-7
+    "es": ("Purificación", "María José"),  # 12 letters; "ó", "í" are not GSM-7
+}
+SAMPLE_FIRST_NAME = "Christabelle"  # the longest English sample (kept for callers)
 SAMPLE_PATIENT_PHONE = "+34600111222"
 # 12:30 gives "12:30 PM", the longest English short time; September the longest "MMMd".
 SAMPLE_APPOINTMENT = (date(2026, 9, 30), time(12, 30))
 SAMPLE_BOOKED_DAYS_BEFORE = 30  # booked before any step of any protocol is due
+
+
+def sample_names(locale: str) -> tuple[str, ...]:
+    """Return the sample first names `check` renders a locale's templates with."""
+    return SAMPLE_FIRST_NAMES.get(language_of(locale), SAMPLE_FIRST_NAMES["en"])
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,26 @@ class SmsSample:
     text: str
 
 
+@dataclass(frozen=True)
+class Claim:
+    """One clinical claim a message makes: a protocol advice key, its value and source."""
+
+    key: str
+    value: AdviceValue
+    source: str
+
+
+@dataclass(frozen=True)
+class StepSources:
+    """What one protocol step's messages claim, and where each claim comes from."""
+
+    protocol: str
+    step: str
+    template: str
+    timing: str  # the step's own comments: why it is sent when it is
+    claims: list[Claim]
+
+
 @dataclass
 class CheckReport:
     """What `reminders check` found: any error makes the configuration unusable."""
@@ -54,6 +89,7 @@ class CheckReport:
     errors: list[ConfigError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     sms: list[SmsSample] = field(default_factory=list)
+    sources: list[StepSources] = field(default_factory=list)
 
     def table(self) -> str:
         """Return the SMS samples as an aligned text table."""
@@ -65,13 +101,38 @@ class CheckReport:
                  for row in rows)
         return "\n".join(line.rstrip() for line in lines)
 
-    def as_json(self) -> dict[str, Any]:
-        return {
+    def sources_text(self) -> str:
+        """Return the claims of every protocol step's messages with their sources."""
+        lines: list[str] = []
+        protocol = None
+        for entry in self.sources:
+            if entry.protocol != protocol:
+                protocol = entry.protocol
+                lines += ["", protocol] if lines else [protocol]
+            lines.append(f"  {entry.step} ({entry.template})")
+            lines.append(f"    when: {entry.timing or '(no comment on the step)'}")
+            for claim in entry.claims:
+                lines.append(f"    {claim.key} = {_toml_value(claim.value)}: {claim.source}")
+            if not entry.claims:
+                lines.append("    (no clinical claim: logistics only)")
+        return "\n".join(lines)
+
+    def as_json(self, *, sources: bool = False) -> dict[str, Any]:
+        doc: dict[str, Any] = {
             "ok": not self.errors,
             "errors": [str(e) for e in self.errors],
             "warnings": self.warnings,
             "sms": [asdict(s) for s in self.sms],
         }
+        if sources:
+            doc["sources"] = [asdict(s) for s in self.sources]
+        return doc
+
+
+def _toml_value(value: AdviceValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def sample_booking(clinic: Clinic, protocol: Protocol, locale: str,
@@ -89,9 +150,10 @@ def sample_booking(clinic: Clinic, protocol: Protocol, locale: str,
     })
 
 
-def sample_messages(renderer: Renderer, booking: Booking, clinic: Clinic,
-                    protocol: Protocol) -> Iterator[tuple[str, RenderedMessage]]:
-    """Yield (template, message) for every reminder planned for `booking`, on both channels.
+def sample_messages(renderer: Renderer, booking: Booking, clinic: Clinic, protocol: Protocol,
+                    channels: tuple[Channel, ...] = CHANNELS,
+                    ) -> Iterator[tuple[PlannedReminder, RenderedMessage]]:
+    """Yield (reminder, message) for every reminder planned for `booking`, on `channels`.
 
     Raises ConfigError for the first template that does not render.
     """
@@ -101,33 +163,152 @@ def sample_messages(renderer: Renderer, booking: Booking, clinic: Clinic,
     for reminder in reminders:
         plan_dates.setdefault(reminder.step, reminder.due_at)
     for reminder in reminders:
-        for channel in CHANNELS:
-            yield reminder.template, renderer.render(
+        for channel in channels:
+            yield reminder, renderer.render(
                 template=reminder.template, channel=channel, booking=booking, clinic=clinic,
                 protocol=protocol, occurrence=reminder.occurrence, due_at=reminder.due_at,
                 plan_dates=plan_dates)
 
 
 def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None = None,
-          clinic_ids: list[str] | None = None) -> CheckReport:
+          clinic_ids: list[str] | None = None,
+          protocols_dir: Path | None = None) -> CheckReport:
     """Check templates against protocols and clinics, rendering each with sample values."""
+    protocols_dir = protocols_dir or clinics_dir.parent / "protocols"
     renderer = Renderer(catalog.templates_dir)
     clinics = [catalog.clinics[c] for c in sorted(clinic_ids or catalog.clinics)]
     report = CheckReport()
-    errors = _file_errors(renderer, catalog) + _clinic_errors(catalog, clinics, clinics_dir)
+    comments = {p: protocol_comments(protocols_dir / f"{p}.toml") for p in catalog.protocols}
+    errors = (_file_errors(renderer, catalog) + _clinic_errors(catalog, clinics, clinics_dir)
+              + _unsourced_advice(catalog, comments, protocols_dir))
     report.warnings += _unused_templates(renderer, catalog)
     for clinic in clinics:
         for name in clinic.missing_secrets(None if env is None else dict(env)):
             report.warnings.append(f"{clinics_dir / f'{clinic.id}.toml'}: environment variable "
                                    f"{name} is not set (channel URLs read it at send time)")
     if not errors:  # rendering a missing or broken file would only repeat those errors
-        render_errors, report.sms = _render_all(renderer, catalog, clinics)
+        render_errors, report.sms, claims = _render_all(renderer, catalog, clinics)
         errors += render_errors
         report.warnings += [_sms_warning(catalog.templates_dir, s) for s in report.sms
                             if s.segments != 1 or s.encoding != "GSM-7"]
+        report.sources = _sources(catalog, comments, claims)
+        report.warnings += _unstated_advice(catalog, claims, protocols_dir)
     # One broken file fails many renders: report each distinct problem once, sorted.
     report.errors = list({str(e): e for e in sorted(errors, key=str)}.values())
     return report
+
+
+# --- sources: the comments of a protocol file ------------------------------------------
+
+_KEY_LINE = re.compile(r"^\s*(?P<key>[A-Za-z0-9_-]+)\s*=\s*(?P<value>.*?)\s*$")
+_TRAILING_COMMENT = re.compile(r"\s+#\s?(?P<comment>.*)$")
+
+
+@dataclass(frozen=True)
+class ProtocolComments:
+    """The comments of one protocol file: per advice key, and per step."""
+
+    advice: dict[str, str]
+    steps: dict[str, str]
+
+
+def protocol_comments(path: Path) -> ProtocolComments:
+    """Return the comments of a protocol file, attached to what they describe.
+
+    A comment block directly above a key (no blank line between), plus the key's own
+    trailing comment, belongs to that key; in `[[steps]]` every comment of the step's
+    block belongs to the step. The TOML itself is read by worker/protocols.py: this only
+    reads the project's one-key-per-line layout, for `--sources`.
+    """
+    advice: dict[str, str] = {}
+    steps: dict[str, list[str]] = {}
+    section, step_comments, step_id = "", [], None
+    pending: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ProtocolComments({}, {})
+
+    def close_step() -> None:
+        if step_id is not None:
+            steps[step_id] = step_comments
+
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            pending = []
+            continue
+        if line.startswith("#"):
+            pending.append(line.lstrip("#").strip())
+            continue
+        if line.startswith("["):
+            if line == "[[steps]]":
+                close_step()
+                section, step_comments, step_id = "steps", list(pending), None
+            elif line.startswith("[steps."):
+                step_comments += pending
+            else:
+                close_step()
+                section, step_id = line.strip("[]").strip(), None
+            pending = []
+            continue
+        match = _KEY_LINE.match(line)
+        if not match:
+            pending = []
+            continue
+        key, value = match["key"], match["value"]
+        trailing = _TRAILING_COMMENT.search(value)
+        own = [*pending, trailing["comment"]] if trailing else list(pending)
+        if section == "advice":
+            advice[key] = " ".join(c for c in own if c)
+        elif section == "steps":
+            step_comments += [c for c in own if c]
+            if key == "id":
+                step_id = value.split("#", 1)[0].strip().strip('"')
+        pending = []
+    close_step()
+    return ProtocolComments(advice, {k: " ".join(v) for k, v in steps.items()})
+
+
+def _unsourced_advice(catalog: Catalog, comments: Mapping[str, ProtocolComments],
+                      protocols_dir: Path) -> list[ConfigError]:
+    """Return an error for every advice value whose source is not written next to it."""
+    return [ConfigError(protocols_dir / f"{pid}.toml",
+                        f"advice.{key} has no source comment (write where the value comes "
+                        "from in a comment above it)")
+            for pid, protocol in sorted(catalog.protocols.items())
+            for key in sorted(protocol.advice) if not comments[pid].advice.get(key)]
+
+
+def _unstated_advice(catalog: Catalog, claims: Mapping[tuple[str, str], set[str]],
+                     protocols_dir: Path) -> list[str]:
+    """Return a warning for every advice value that no message of its protocol states."""
+    warnings = []
+    for pid, protocol in sorted(catalog.protocols.items()):
+        stated = set().union(*(keys for (p, _), keys in claims.items() if p == pid))
+        for key in sorted(set(protocol.advice) - stated):
+            if protocol.advice[key] is not False:  # `false` says "not said": not a claim
+                warnings.append(f"{protocols_dir / f'{pid}.toml'}: advice.{key} is stated "
+                                "by no message of this protocol")
+    return warnings
+
+
+def _sources(catalog: Catalog, comments: Mapping[str, ProtocolComments],
+             claims: Mapping[tuple[str, str], set[str]]) -> list[StepSources]:
+    """Return, per protocol step in file order, the claims its messages make."""
+    out = []
+    for pid, protocol in sorted(catalog.protocols.items()):
+        for step in protocol.steps:
+            keys = sorted(claims.get((pid, step.id), set()))
+            out.append(StepSources(
+                protocol=pid, step=step.id, template=step.template,
+                timing=comments[pid].steps.get(step.id, ""),
+                claims=[Claim(k, protocol.advice[k], comments[pid].advice.get(k, ""))
+                        for k in keys]))
+    return out
+
+
+# --- files, clinics, rendering ---------------------------------------------------------
 
 
 def _templates_in_use(catalog: Catalog) -> dict[str, str]:
@@ -163,7 +344,7 @@ def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
     """Return clinics whose locale has no templates or a channel with no URL and no outbox."""
     errors = [ConfigError(clinics_dir / f"{c.id}.toml",
                           f"locale {c.locale!r} has no templates folder")
-              for c in clinics if c.locale not in catalog.locales]
+              for c in clinics if template_folder(catalog, c.locale) is None]
     # The worker still loads such a clinic (one bad clinic must not stop the others),
     # but its sends on that channel fail permanently.
     errors += [ConfigError(clinics_dir / f"{c.id}.toml", unreachable_problem(channel))
@@ -171,10 +352,18 @@ def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
     # The held-booking alert is emailed to a clinic with an address, in the clinic's locale.
     errors += [ConfigError(catalog.templates_dir / name, f"missing (needed by clinic {c.id}'s "
                            "held-booking alert)")
-               for c in clinics if c.email and c.locale in catalog.locales
-               for name in clinic_alert_files(c.locale)
+               for c in clinics if c.email and (folder := template_folder(catalog, c.locale))
+               for name in clinic_alert_files(folder)
                if not (catalog.templates_dir / name).is_file()]
     return errors
+
+
+def template_folder(catalog: Catalog, locale: str) -> str | None:
+    """Return the templates folder a locale uses ("en-GB" -> "en"), or None if none."""
+    for folder in (locale, language_of(locale)):
+        if folder in catalog.locales:
+            return folder
+    return None
 
 
 def clinic_alert_files(locale: str) -> list[str]:
@@ -189,29 +378,44 @@ def _unused_templates(renderer: Renderer, catalog: Catalog) -> list[str]:
             for name in sorted(renderer.template_names(locale) - set(used))]
 
 
-def _render_all(renderer: Renderer, catalog: Catalog,
-                clinics: list[Clinic]) -> tuple[list[ConfigError], list[SmsSample]]:
-    """Render every template for every clinic, locale and wording; keep each SMS's longest."""
+def _render_all(
+    renderer: Renderer, catalog: Catalog, clinics: list[Clinic],
+) -> tuple[list[ConfigError], list[SmsSample], dict[tuple[str, str], set[str]]]:
+    """Render every template for every clinic, locale, wording and sample first name.
+
+    Returns the errors, each SMS template's worst rendering (most segments, then longest),
+    and the advice keys each (protocol, step)'s messages stated.
+    """
     errors: list[ConfigError] = []
-    longest: dict[tuple[str, str, bool], SmsSample] = {}
+    worst: dict[tuple[str, str, bool], SmsSample] = {}
+    claims: dict[tuple[str, str], set[str]] = {}
     for clinic, locale, protocol, discreet in product(
             clinics, sorted(catalog.locales), catalog.protocols.values(), (False, True)):
         wording = clinic.model_copy(update={"discreet": discreet})
-        booking = sample_booking(wording, protocol, locale)
-        try:
-            for template, message in sample_messages(renderer, booking, wording, protocol):
-                errors += [ConfigError(catalog.templates_dir / file_name(locale, template, part),
-                                       "renders empty") for part in _empty_parts(message)]
-                if message.channel != "sms":
-                    continue
-                sample = SmsSample(template, locale, discreet, *sms_segments(message.text),
-                                   text=message.text)
-                key = (template, locale, discreet)
-                if key not in longest or sample.length > longest[key].length:
-                    longest[key] = sample
-        except ConfigError as exc:
-            errors.append(exc)
-    return errors, [longest[k] for k in sorted(longest)]
+        for n, name in enumerate(sample_names(locale)):
+            booking = sample_booking(wording, protocol, locale, first_name=name)
+            # Emails do not depend on the name's letters: render them once.
+            channels: tuple[Channel, ...] = CHANNELS if n == 0 else ("sms",)
+            try:
+                for reminder, message in sample_messages(renderer, booking, wording, protocol,
+                                                         channels):
+                    template = reminder.template
+                    claims.setdefault((protocol.id, reminder.step), set()).update(
+                        message.claims)
+                    errors += [
+                        ConfigError(catalog.templates_dir / file_name(locale, template, part),
+                                    "renders empty") for part in _empty_parts(message)]
+                    if message.channel != "sms":
+                        continue
+                    sample = SmsSample(template, locale, discreet, *sms_segments(message.text),
+                                       text=message.text)
+                    key = (template, locale, discreet)
+                    if key not in worst or ((sample.segments, sample.length)
+                                            > (worst[key].segments, worst[key].length)):
+                        worst[key] = sample
+            except ConfigError as exc:
+                errors.append(exc)
+    return errors, [worst[k] for k in sorted(worst)], claims
 
 
 def _empty_parts(message: RenderedMessage) -> list[str]:

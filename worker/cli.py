@@ -112,24 +112,28 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """Validate config/ and templates/; report each SMS template's length and segments."""
-    from .checking import SAMPLE_FIRST_NAME, check  # Jinja and Babel: only this command
+    from .checking import SAMPLE_FIRST_NAMES, check  # Jinja and Babel: only this command
 
     catalog = Catalog.load(settings)
     if args.clinic is not None and args.clinic not in catalog.clinics:
         raise UsageError(f"unknown clinic {args.clinic!r}")
     clinic_ids = [args.clinic] if args.clinic else sorted(catalog.clinics)
-    report = check(catalog, settings.clinics_dir, clinic_ids=clinic_ids)
+    report = check(catalog, settings.clinics_dir, clinic_ids=clinic_ids,
+                   protocols_dir=settings.protocols_dir)
     for error in report.errors:
         print(f"configuration error: {error}", file=sys.stderr)
     if args.json:
-        print(json.dumps(report.as_json(), indent=2, ensure_ascii=False))
+        print(json.dumps(report.as_json(sources=args.sources), indent=2, ensure_ascii=False))
     else:
         if report.sms:
-            print(
-                f"SMS templates: longest rendering with a {len(SAMPLE_FIRST_NAME)}-letter "
-                f"first name; clinics: {', '.join(clinic_ids)}"
-            )
+            names = "; ".join(f"{lang}: {', '.join(n)}" for lang, n in SAMPLE_FIRST_NAMES.items())
+            print(f"SMS templates: longest rendering with first names {names}; "
+                  f"clinics: {', '.join(clinic_ids)}")
             print(report.table())
+            print()
+        if args.sources and report.sources:
+            print("Clinical claims per protocol step, with their sources (config/protocols):")
+            print(report.sources_text())
             print()
         for warning in report.warnings:
             print(f"WARNING: {warning}")
@@ -458,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                 a.add_argument("--clinic", default=argparse.SUPPRESS, help="clinic id")
                 a.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                                help="print the machine-readable form")
+        if name == "check":
+            p.add_argument("--sources", action="store_true",
+                           help="also list each protocol step's clinical claims and sources")
         if name in ("replay", "purge"):
             p.add_argument(
                 "refs",

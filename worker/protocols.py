@@ -14,13 +14,25 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .models import Channel, Medications
 
 STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,47}$"
 TEMPLATE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+ADVICE_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,47}$"
+AdviceValue = StrictBool | StrictInt | StrictFloat | list[StrictInt | StrictFloat]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 # Boolean medication flags a step may be conditioned on.
@@ -140,6 +152,10 @@ class Protocol(BaseModel):
     description: str = ""
     # Days before the appointment within which an isotretinoin dose holds the booking.
     isotretinoin_washout_days: int | None = Field(None, ge=0)
+    # What the messages state, by name (days, temperatures, strengths; `true` for advice
+    # without a number). Each key's comment in the file is its source (`reminders check
+    # --sources`); templates read them as `advice.<key>`.
+    advice: dict[Annotated[str, Field(pattern=ADVICE_KEY_PATTERN)], AdviceValue] = {}
     steps: list[Step] = Field(min_length=1)
 
     @model_validator(mode="after")

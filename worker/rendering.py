@@ -5,27 +5,46 @@ Templates live in `<templates_dir>/<locale>/` as `<template>.email.subject.j2`,
 (files starting with "_" are layouts and macros). They run in a Jinja2 sandbox with
 StrictUndefined; only `.html.j2` files are autoescaped.
 
-Variables (all dates and times in the patient's timezone and locale):
+Variables (all dates and times in the patient's timezone, in the message's variant):
     patient_first_name      first word of the patient's name
     clinic_name, clinic_phone   the clinic's name and E.164 phone
     treatment, treatment_id     the protocol's name and id ("microneedling")
-    discreet                the clinic's flag: subjects and SMS name no treatment or medication
-    appointment_date        long date, "5 de diciembre de 2026" / "December 5, 2026"
-    appointment_date_short  "5 dic" / "Dec 5"
+    discreet                the clinic's flag: subjects and SMS name no treatment, medication
+                            or condition
+    appointment_date        long date, "5 de diciembre de 2026" / "5 December 2026"
+    appointment_date_short  "5 dic" / "5 Dec"
     appointment_time        short time, "14:30" / "2:30 PM"
     days_until              calendar days from the moment of sending (the due date in previews)
-                            to the appointment (0 today, 1 tomorrow)
+                            to the appointment (0 today, 1 tomorrow, negative after)
+    days_since              -days_until: 0 on the day, 1 the day after the appointment
     occurrence              1-based number within a repeating step
     week                    1-based week since the appointment date (day 0-6 is week 1;
                             0 or less before the appointment)
     plan_dates              step id -> full date of that step, in plan order (may be empty)
+    advice                  the protocol's [advice] values (each sourced in the protocol file);
+                            every one a message reads is recorded in `RenderedMessage.claims`
+    region                  the variant's region ("GB", "US", "ES") or None
+    number(x)               x formatted for the variant ("0.025" / "0,025")
+    temperature(celsius)    "38 °C" / "100.4 °F" (US); in SMS "38C" / "100.4F" (GSM-7)
+
+The variant: the patient's locale region if it has one ("en-GB"), else the clinic's locale
+region when it is the same language, else the territory of the clinic's timezone (Babel),
+else the bare language. It picks date formats, Fahrenheit (US) and the spelling table
+`<locale>/_spelling.toml` (English templates are written in British spelling; the `[US]`
+table turns them American).
+
+SMS: every text ends with `<locale>/_opt_out.sms.txt.j2`, is put on one line with plain
+typography, and letters outside GSM-7 are folded (María -> Maria, tretinoína -> tretinoina)
+unless the clinic has `sms_accents = "keep"` and the patient's first name or the clinic's
+name already needs UCS-2: then the whole text keeps its accents.
 """
 
 from __future__ import annotations
 
 import re
+import tomllib
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,8 +52,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
+from babel.core import get_global
 from babel.dates import format_date, format_skeleton, format_time
+from babel.numbers import format_decimal
 from jinja2 import (
+    Environment,
     FileSystemLoader,
     StrictUndefined,
     TemplateError,
@@ -47,8 +69,8 @@ from jinja2.sandbox import SandboxedEnvironment
 from .clinics import Clinic
 from .errors import ConfigError
 from .models import CHANNELS, Booking, Channel
-from .protocols import Protocol
-from .sms import normalise
+from .protocols import AdviceValue, Protocol
+from .sms import fold_to_gsm7, is_gsm7, normalise
 
 # The files one template needs for each channel (the planner may fall back to either).
 PARTS: dict[Channel, tuple[str, ...]] = {
@@ -58,6 +80,12 @@ PARTS: dict[Channel, tuple[str, ...]] = {
 TEMPLATE_FILE = re.compile(
     r"^(?P<template>[a-z0-9][a-z0-9_-]*)\.(?P<part>email\.subject|email\.txt|email\.html|sms\.txt)\.j2$"
 )
+# Shared pieces of a locale folder.
+OPT_OUT_FILE = "_opt_out.sms.txt.j2"  # the line every SMS ends with
+SPELLING_FILE = "_spelling.toml"  # [REGION] written word -> that region's spelling
+# Territories that measure fever in Fahrenheit.
+FAHRENHEIT_TERRITORIES = frozenset({"US", "PR", "GU", "VI", "AS", "MP", "UM", "BS", "BZ",
+                                    "KY", "PW", "LR"})
 
 
 @dataclass(frozen=True)
@@ -68,6 +96,66 @@ class RenderedMessage:
     subject: str | None  # email only
     text: str  # email plain-text body, or the SMS text
     html: str | None  # email only
+    # The protocol's advice keys the message states (its clinical claims; see --sources).
+    claims: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The language variant of one message: its templates folder, Babel locale, region."""
+
+    folder: str  # "en"
+    locale: Locale  # en_GB: dates, times and numbers
+    region: str | None  # "GB"; None for a bare language
+
+
+class Advice:
+    """A protocol's advice values as templates read them (`advice.makeup_free_days`).
+
+    Every key read is recorded in `_used`; a key the protocol does not define is
+    undefined (an error under StrictUndefined, unless the template asks `is defined`).
+    No other attribute is visible to templates: Jinja falls back to item access.
+    """
+
+    __slots__ = ("_used", "_values")
+
+    def __init__(self, values: Mapping[str, AdviceValue]) -> None:
+        self._values = values
+        self._used: set[str] = set()
+
+    def __getitem__(self, key: str) -> AdviceValue:
+        value = self._values[key]
+        self._used.add(key)
+        return value
+
+
+class LocaleFolderLoader(FileSystemLoader):
+    """A FileSystemLoader where "en-GB/x.j2" falls back to "en/x.j2" when there is no
+    "en-GB" folder, so a clinic or patient locale with a region shares its language's
+    templates."""
+
+    def get_source(
+        self, environment: Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        try:
+            return super().get_source(environment, template)
+        except TemplateNotFound:
+            folder, sep, rest = template.partition("/")
+            language = language_of(folder)
+            if not sep or language == folder:
+                raise
+            return super().get_source(environment, f"{language}/{rest}")
+
+
+def language_of(locale: str) -> str:
+    """Return the language part of a locale: "en-GB" -> "en"."""
+    return re.split(r"[-_]", locale, maxsplit=1)[0]
+
+
+def region_of(locale: str) -> str | None:
+    """Return the region part of a locale in upper case: "en-gb" -> "GB"; None if none."""
+    parts = re.split(r"[-_]", locale)
+    return parts[-1].upper() if len(parts) > 1 and len(parts[-1]) == 2 else None
 
 
 def file_name(locale: str, template: str, part: str) -> str:
@@ -85,8 +173,9 @@ class Renderer:
 
     def __init__(self, templates_dir: Path) -> None:
         self.templates_dir = templates_dir
+        self._spelling: dict[str, dict[str, list[tuple[re.Pattern[str], str]]]] = {}
         self.env = SandboxedEnvironment(
-            loader=FileSystemLoader(templates_dir),
+            loader=LocaleFolderLoader(templates_dir),
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
             trim_blocks=True,
@@ -102,32 +191,57 @@ class Renderer:
 
         `now`: the moment of sending; words such as "tomorrow" count from it (default: due_at).
         """
-        locale = booking.patient.locale
+        variant = self.variant(booking.patient.locale, clinic)
         context = self.context(booking=booking, clinic=clinic, protocol=protocol,
                                occurrence=occurrence, due_at=due_at, plan_dates=plan_dates,
-                               now=now)
+                               now=now, channel=channel)
+        advice: Advice = context["advice"]
 
         def part(name: str) -> str:
-            return self._render(file_name(locale, template, name), context)
+            rendered = self._render(file_name(variant.folder, template, name), context)
+            return self.respell(rendered, variant)
 
         if channel == "sms":
-            return RenderedMessage(channel="sms", subject=None, text=normalise(part("sms.txt")),
-                                   html=None)
+            body = part("sms.txt")
+            opt_out = self.respell(self._render(f"{variant.folder}/{OPT_OUT_FILE}", context),
+                                   variant)
+            text = normalise(f"{body} {opt_out}")
+            names = (booking.patient.first_name, clinic.name)
+            if clinic.sms_accents == "fold" or all(is_gsm7(normalise(n)) for n in names):
+                text = fold_to_gsm7(text)
+            return RenderedMessage(channel="sms", subject=None, text=text, html=None,
+                                   claims=frozenset(advice._used))
         # A subject is one header line: never let a template break it.
-        return RenderedMessage(channel="email", subject=" ".join(part("email.subject").split()),
-                               text=part("email.txt").strip() + "\n", html=part("email.html"))
+        subject = " ".join(part("email.subject").split())
+        text = part("email.txt").strip() + "\n"
+        html = part("email.html")
+        return RenderedMessage(channel="email", subject=subject, text=text, html=html,
+                               claims=frozenset(advice._used))
 
     def context(
         self, *, booking: Booking, clinic: Clinic, protocol: Protocol, occurrence: int,
         due_at: datetime, plan_dates: Mapping[str, datetime] | None = None,
-        now: datetime | None = None,
+        now: datetime | None = None, channel: Channel = "email",
     ) -> dict[str, Any]:
         """Return the template variables (see the module docstring)."""
         tz = ZoneInfo(booking.patient.timezone)
-        locale = self.locale(booking.patient.locale)
+        variant = self.variant(booking.patient.locale, clinic)
+        locale = variant.locale
         start = booking.starts_at.astimezone(tz)
         days_until = (start.date() - (now or due_at).astimezone(tz).date()).days
         ordered = sorted((plan_dates or {}).items(), key=lambda item: item[1])
+
+        def number(value: float) -> str:
+            return format_decimal(value, locale=locale)
+
+        def temperature(celsius: float) -> str:
+            if variant.region in FAHRENHEIT_TERRITORIES:
+                value, unit = round(celsius * 9 / 5 + 32, 1), "F"
+            else:
+                value, unit = celsius, "C"
+            # "°" is not GSM-7: an SMS writes "38C".
+            return f"{number(value)}{unit}" if channel == "sms" else f"{number(value)} °{unit}"
+
         return {
             "patient_first_name": booking.patient.first_name,
             "clinic_name": clinic.name,
@@ -139,13 +253,67 @@ class Renderer:
             "appointment_date_short": format_skeleton("MMMd", start.date(), locale=locale),
             "appointment_time": format_time(start, "short", tzinfo=tz, locale=locale),
             "days_until": days_until,
+            "days_since": -days_until,
             "occurrence": occurrence,
             "week": -days_until // 7 + 1,
             "plan_dates": {
                 step: format_date(when.astimezone(tz).date(), "full", locale=locale)
                 for step, when in ordered
             },
+            "advice": Advice(protocol.advice),
+            "region": variant.region,
+            "number": number,
+            "temperature": temperature,
         }
+
+    def variant(self, patient_locale: str, clinic: Clinic) -> Variant:
+        """Return the variant a message to this patient from this clinic is written in
+        (see the module docstring)."""
+        language = language_of(patient_locale)
+        folder = patient_locale if (self.templates_dir / patient_locale).is_dir() else language
+        region = region_of(patient_locale)
+        if region is None and language_of(clinic.locale) == language:
+            region = region_of(clinic.locale)
+        if region is None:
+            territories: Mapping[str, str] = get_global("zone_territories")
+            region = territories.get(clinic.timezone)
+        if region is not None:
+            try:
+                return Variant(folder, Locale.parse(f"{language}_{region}"), region)
+            except (UnknownLocaleError, ValueError):
+                pass
+        return Variant(folder, self.locale(folder), None)
+
+    def respell(self, text: str, variant: Variant) -> str:
+        """Return `text` in the variant's spelling (`<folder>/_spelling.toml`, [REGION])."""
+        if variant.region is None:
+            return text
+        for pattern, replacement in self.spelling(variant.folder).get(variant.region, []):
+            text = pattern.sub(replacement, text)
+        return text
+
+    def spelling(self, folder: str) -> dict[str, list[tuple[re.Pattern[str], str]]]:
+        """Return {region: [(whole-word pattern, replacement)]} from a folder's spelling
+        table, longest words first; each word also matches with a capital first letter."""
+        if folder not in self._spelling:
+            path = self.templates_dir / folder / SPELLING_FILE
+            try:
+                table = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(path, str(exc)) from None
+            rules: dict[str, list[tuple[re.Pattern[str], str]]] = {}
+            for region, words in table.items():
+                if not isinstance(words, dict) or not all(
+                        isinstance(v, str) for v in words.values()):
+                    raise ConfigError(path, f"[{region}] must map words to their spelling")
+                pairs = sorted(words.items(), key=lambda kv: -len(kv[0]))
+                rules[region] = [
+                    (re.compile(rf"\b{re.escape(w[:1].upper() + w[1:])}\b"),
+                     r[:1].upper() + r[1:])
+                    for w, r in pairs] + [
+                    (re.compile(rf"\b{re.escape(w)}\b"), r) for w, r in pairs]
+            self._spelling[folder] = rules
+        return self._spelling[folder]
 
     def locale(self, name: str) -> Locale:
         """Return the Babel locale of a locale folder ("es", "pt-BR", "en_GB")."""
