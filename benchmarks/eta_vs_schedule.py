@@ -74,6 +74,10 @@ id = "remind"
 offset = "-{STEP_OFFSET_SECONDS}s"
 channels = ["email"]
 template = "day-before"
+# What the shipped templates state: values and sources as in config/protocols/microneedling.toml.
+[advice]
+clean_skin_on_the_day = true
+ask_cold_sore_or_infection = true
 """
 BENCH_CLINIC = """
 name = "Benchmark Clinic"

@@ -94,6 +94,17 @@ id = "check"
 offset = "7s"
 channels = ["email"]
 template = "week-check"
+# What the shipped templates state: values and sources as in config/protocols/microneedling.toml.
+[advice]
+spf = 30
+sun_sensitive = true
+redness_hours = [24, 48]
+redness_max_days = 7
+gentle_care = true
+no_actives_hours = 48
+makeup_free_days = 3
+warning_signs = true
+fever_celsius = 38
 """
 MESSAGES_PER_BOOKING = 4
 

@@ -48,6 +48,15 @@ offset = "-2h"
 channels = ["sms"]
 template = "day-before"
 late = "send"
+# What the shipped templates state: values and sources as in config/protocols/microneedling.toml.
+[advice]
+spf = 30
+clean_skin_on_the_day = true
+ask_cold_sore_or_infection = true
+retinoids_sensitise = true
+no_retinoid_on_the_day = true
+retinoid_pause_min_days = 5
+gentle_care = true
 """
 
 

@@ -48,6 +48,22 @@ id = "spf"
 offset = "5s"
 channels = ["sms"]
 template = "spf-morning"
+# What the shipped templates state: values and sources as in config/protocols/microneedling.toml.
+[advice]
+spf = 30
+sun_sensitive = true
+no_tanning_before = true
+clean_skin_on_the_day = true
+ask_acne_eczema_rosacea = true
+ask_cold_sore_or_infection = true
+isotretinoin_months = 6
+redness_hours = [24, 48]
+redness_max_days = 7
+gentle_care = true
+no_actives_hours = 48
+makeup_free_days = 3
+warning_signs = true
+fever_celsius = 38
 """
 QUICK_MESSAGES = 5  # confirm:email, prep:sms, prep:email, aftercare:email, spf:sms
 

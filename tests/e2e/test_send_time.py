@@ -39,6 +39,12 @@ offset = "-190s"
 channels = ["sms"]
 template = "spf-morning"
 late = "send"
+# What the shipped templates state: values and sources as in config/protocols/microneedling.toml.
+[advice]
+spf = 30
+sun_sensitive = true
+clean_skin_on_the_day = true
+ask_cold_sore_or_infection = true
 """
 
 
