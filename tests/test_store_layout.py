@@ -149,7 +149,10 @@ def state(store, clinic, booking_ids):
     return out
 
 
-def test_a_batch_gives_what_upserting_one_by_one_gives(redis_client, catalog, booking_doc):
+@pytest.mark.parametrize("chunk", [200, 3, 1])  # one chunk; chunks applied while the next
+def test_a_batch_gives_what_upserting_one_by_one_gives(  # is prepared, the same booking in two
+        redis_client, catalog, booking_doc, monkeypatch, chunk):
+    monkeypatch.setattr("worker.store.APPLY_CHUNK", chunk)
     one, many = Store(redis_client, "one"), Store(redis_client, "many")
     docs = [dict(doc, booking_id=f"B-{n}") for n, doc in
             enumerate(variants(booking_doc, catalog).values())]

@@ -80,7 +80,8 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -836,6 +837,18 @@ class _Stored:
 
 
 @dataclass
+class _Round:
+    """Bookings for one apply script: as read, as prepared, and those left for later."""
+
+    batch: list[tuple[int, tuple[Booking, Plan]]]
+    stored: list[_Stored]
+    later: list[int]
+    prepared: list[_Prepared] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)
+    args: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class _Prepared:
     """One booking's upsert, ready for the apply script."""
 
@@ -1007,68 +1020,100 @@ class Store:
         Per chunk: one pipelined read, the reconcile in Python, one apply script. A booking
         that changed between the read and the apply (or appears again later in the batch)
         is read and reconciled again, so the result is that of upserting them one by one.
+        While Redis applies one chunk, the next is read and prepared; it is sent only once
+        the one before is wholly done (a booking in both is then found changed and redone).
         """
         self._ready()
         out: list[dict[str, Any] | None] = [None] * len(items)
-        for start in range(0, len(items), APPLY_CHUNK):
-            todo = list(range(start, min(start + APPLY_CHUNK, len(items))))
-            while todo:
-                # The same booking twice waits for the next round: it is reconciled against
-                # what the first wrote.
-                seen: set[tuple[str, str]] = set()
-                now_round: list[int] = []
-                later: list[int] = []
-                for i in todo:
-                    key = items[i][0].key
-                    (later if key in seen else now_round).append(i)
-                    seen.add(key)
-                stored = self._read([items[i][0].key for i in now_round])
-                conflicts = self._apply_all(
-                    [(i, items[i], s) for i, s in zip(now_round, stored, strict=True)],
-                    now, release, out,
-                )
-                todo = sorted(conflicts + later)
+        chunks = [list(range(start, min(start + APPLY_CHUNK, len(items))))
+                  for start in range(0, len(items), APPLY_CHUNK)]
+        if len(chunks) == 1:
+            self._upsert_rounds(chunks[0], items, now, release, out)
+        elif chunks:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-apply") as pool:
+                sent: tuple[_Round, Future[Any]] | None = None
+                for chunk in chunks:
+                    ready = self._round(chunk, items, now, release)
+                    if sent is not None:
+                        redo = self._settle(sent[0], sent[1].result(), now, release, out)
+                        self._upsert_rounds(redo, items, now, release, out)
+                    sent = (ready, pool.submit(self._send, ready))
+                assert sent is not None
+                redo = self._settle(sent[0], sent[1].result(), now, release, out)
+                self._upsert_rounds(redo, items, now, release, out)
         return cast(list[dict[str, Any]], out)
 
-    def _apply_all(
+    def _upsert_rounds(
         self,
-        batch: list[tuple[int, tuple[Booking, Plan], _Stored]],
+        todo: list[int],
+        items: list[tuple[Booking, Plan]],
         now: datetime,
         release: bool,
         out: list[dict[str, Any] | None],
+    ) -> None:
+        """Read, prepare and apply the bookings at `todo` until every one is written."""
+        while todo:
+            ready = self._round(todo, items, now, release)
+            todo = self._settle(ready, self._send(ready), now, release, out)
+
+    def _round(
+        self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool
+    ) -> _Round:
+        """Read and prepare the bookings at `todo`; the same booking again waits for the
+        next round, to be reconciled against what the first wrote."""
+        seen: set[tuple[str, str]] = set()
+        batch: list[tuple[int, tuple[Booking, Plan]]] = []
+        later: list[int] = []
+        for i in todo:
+            key = items[i][0].key
+            if key in seen:
+                later.append(i)
+            else:
+                batch.append((i, items[i]))
+            seen.add(key)
+        stored = self._read([item[0].key for _, item in batch])
+        return self._prepared(_Round(batch, stored, later), now, release)
+
+    def _prepared(self, ready: _Round, now: datetime, release: bool) -> _Round:
+        texts: dict[str, str] = {}
+        ready.prepared = [
+            self._prepare(booking, planned, stored, now, release, texts)
+            for (_, (booking, planned)), stored in zip(ready.batch, ready.stored, strict=True)
+        ]
+        args: list[Any] = [self.prefix, len(texts)]
+        for tid, text in texts.items():
+            args += [tid, text]
+        args += [p.args for p in ready.prepared]
+        ready.texts, ready.args = texts, args
+        return ready
+
+    def _send(self, ready: _Round) -> Any:
+        return self._apply(
+            keys=[self.due_key, self.lease_key, self.dead_key, self.layout_key, self.texts_key],
+            args=ready.args,
+        )
+
+    def _settle(
+        self, ready: _Round, reply: Any, now: datetime, release: bool,
+        out: list[dict[str, Any] | None],
     ) -> list[int]:
-        """Apply one round; fill `out`; return the positions to do again."""
-        while True:
-            texts: dict[str, str] = {}
-            prepared = [
-                self._prepare(booking, planned, stored, now, release, texts)
-                for _, (booking, planned), stored in batch
-            ]
-            args: list[Any] = [self.prefix, len(texts)]
-            for tid, text in texts.items():
-                args += [tid, text]
-            args += [p.args for p in prepared]
-            reply = self._apply(
-                keys=[self.due_key, self.lease_key, self.dead_key, self.layout_key,
-                      self.texts_key],
-                args=args,
-            )
-            if reply[0] == "collision":
-                self._taken.add(str(reply[1]))
-                self._ids = {t: i for t, i in self._ids.items() if i != reply[1]}
-                continue
-            if reply[0] == "layout":
-                self._layout_ok = False
-                self._ready()  # raises: another layout's data appeared under the prefix
-            failed = {int(x) - 1 for x in reply[1:]}
-            self._texts.update(texts)
-            redo = []
-            for n, ((i, _, _), p) in enumerate(zip(batch, prepared, strict=True)):
-                if n in failed:
-                    redo.append(i)
-                else:
-                    out[i] = p.timeline
-            return redo
+        """Take in an apply's reply; fill `out`; return the positions to do again."""
+        while reply[0] == "collision":  # nothing was written: prepare with a longer id
+            self._taken.add(str(reply[1]))
+            self._ids = {t: i for t, i in self._ids.items() if i != reply[1]}
+            reply = self._send(self._prepared(ready, now, release))
+        if reply[0] == "layout":
+            self._layout_ok = False
+            self._ready()  # raises: another layout's data appeared under the prefix
+        failed = {int(x) - 1 for x in reply[1:]}
+        self._texts.update(ready.texts)
+        redo = list(ready.later)
+        for n, ((i, _), p) in enumerate(zip(ready.batch, ready.prepared, strict=True)):
+            if n in failed:
+                redo.append(i)
+            else:
+                out[i] = p.timeline
+        return sorted(redo)
 
     def _prepare(
         self,
