@@ -26,6 +26,7 @@ from .settings import Settings, get_settings
 from .status import Status
 from .store import Store, connect
 from .timeline import from_plan, render_table
+from .webhooks import hooks_for
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -155,10 +156,14 @@ def parse_now(value: str) -> datetime:
     return now
 
 
-def open_store(settings: Settings) -> Store:
-    """Return the schedule store on the configured (or embedded) Redis."""
+def open_store(settings: Settings, catalog: Catalog | None = None) -> Store:
+    """Return the schedule store on the configured (or embedded) Redis.
+
+    With `catalog`, writes tell each clinic what its config asks for (worker/webhooks.py).
+    """
     return Store(
-        connect(redis_url(settings)), settings.key_prefix, retention_days=settings.retention_days
+        connect(redis_url(settings)), settings.key_prefix, retention_days=settings.retention_days,
+        hooks=hooks_for(catalog.clinics) if catalog else None,
     )
 
 
@@ -209,7 +214,7 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     if refused:
         print("nothing was stored", file=sys.stderr)
         return EXIT_REFUSED
-    store = open_store(settings)
+    store = open_store(settings, catalog)
     timelines = [store.upsert(booking, planned, now) for booking, planned in accepted]
     soon = now + timedelta(seconds=settings.pump_interval_seconds)
     if any(
@@ -247,7 +252,7 @@ def _on_booking(
     """Run `act(store, clinic)` on the named booking and print the timeline it returns."""
     catalog = Catalog.load(settings)
     clinic = clinic_of(args, catalog)
-    store = open_store(settings)
+    store = open_store(settings, catalog)
     timeline = act(store, clinic)
     timezone = store.booking_doc(clinic, args.booking_id)["patient"]["timezone"]
     print_timeline(args, timeline, timezone)
@@ -274,7 +279,7 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
     """Release a held booking after the clinic's review: its reminders are scheduled."""
     catalog = Catalog.load(settings)
     clinic = clinic_of(args, catalog)
-    store = open_store(settings)
+    store = open_store(settings, catalog)
     current = store.timeline(clinic, args.booking_id)
     if current["status"] != Status.HELD:
         print(

@@ -94,6 +94,7 @@ from .models import Booking, utc_iso
 from .planner import Plan
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
+from .webhooks import LUA_EMIT
 
 LAYOUT = "2"
 ATTEMPT_LOG_MAX = 50
@@ -199,6 +200,12 @@ local function text_of(prefix, slot)
   return slot
 end
 local function step_of(key) return string.match(key, '^[^#:]*') end
+-- Clinic events (worker/webhooks.py): `hooks` is the space-separated list of what the
+-- clinic takes ("reminder.sent ... alert").
+local function wants(hooks, what)
+  return string.find(' ' .. hooks .. ' ', ' ' .. what .. ' ', 1, true) ~= nil
+end
+
 local function parse_ref(ref)
   local i = string.find(ref, '/', 1, true)
   if not i then return nil end
@@ -255,6 +262,7 @@ local function keep_reminder(prefix, clinic, booking_id, ref, at)
   if redis.call('GET', lkey) == 'sent' then redis.call('EXPIREAT', lkey, stored) end
 end
 """
+    + LUA_EMIT
 )
 
 # Claim due reminders: one atomic step with Redis's own clock. Expired leases (a pump
@@ -355,6 +363,7 @@ local score, retention, entry, log_max = ARGV[6], tonumber(ARGV[7]), ARGV[8], AR
 local prefix, clinic, booking_id, margin = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
 -- What the attempt sent: when, and which planned time and template its words were for.
 local sent_at, sent_planned, sent_template, key = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
+local hooks = ARGV[18]  -- the events the clinic takes (worker/webhooks.py)
 local now = redis_now()
 local r, a = load(bkey, key)
 local owner = redis.call('GET', lkey) == token
@@ -374,7 +383,7 @@ local same_words = sent_planned ~= '' and tonumber(r[R_PLAN]) == tonumber(sent_p
 local current = status == ST_SENDING and same_version and a[A_CLAIM] == claim
   and a[A_TOK] == token
 local function set_fields()
-  for i = 18, #ARGV, 2 do
+  for i = 19, #ARGV, 2 do
     local name, value = ARGV[i], ARGV[i + 1]
     if name == 'reason' then r[R_WHY] = inline(value)
     elseif name == 'last_error' then a[A_ERR] = value
@@ -438,6 +447,45 @@ else
   result = 'stale'
 end
 save(bkey, key, r, a)
+-- Tell the clinic, in this same step: a delivery (current or not), a failure, a skip; and
+-- once every reminder of the booking is done, that the booking is.
+local event
+if outcome == 'sent' and result ~= 'already recorded as sent' then
+  event = 'reminder.sent'
+elseif current and outcome == 'failed' then
+  event = 'reminder.failed'
+elseif current and outcome == 'skip' then
+  event = 'reminder.skipped'
+end
+if event and wants(hooks, event) then
+  local fields = {booking_id = booking_id, reminder = key, step = step_of(key),
+    channel = string.match(key, ':([^:]*)$'), version = tonumber(r[R_VER]),
+    due_at = tonumber(r[R_DUE] ~= '' and r[R_DUE] or r[R_PLAN]),
+    attempts = tonumber(a[A_TRIES]) or 0}
+  if event == 'reminder.sent' then
+    fields['sent_at'] = tonumber(sent_at)
+    fields['version'] = tonumber(version)
+  else
+    fields['reason'] = text_of(prefix, r[R_WHY])
+  end
+  emit_event(prefix, clinic, 'webhook', event, fields)
+end
+if event and wants(hooks, 'booking.completed') then
+  local flat = redis.call('HGETALL', bkey)
+  local open, status_b, told = false, nil, false
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], flat[i + 1]
+    if f == 'status' then status_b = v
+    elseif f == 'completed_told' then told = true
+    elseif is_reminder(f) and is_pending(STATUS_OF[string.sub(v, 1, 1)]) then open = true end
+  end
+  if not open and not told and status_b == ST_SCHEDULED then
+    redis.call('HSET', bkey, 'completed_told', '1')
+    local b = redis.call('HMGET', bkey, 'version')
+    emit_event(prefix, clinic, 'webhook', 'booking.completed',
+      {booking_id = booking_id, version = tonumber(b[1])})
+  end
+end
 local line = cjson.decode(entry)
 line['result'] = result
 line['tok'] = token
@@ -574,6 +622,7 @@ for index = i, #ARGV do
   local b = cjson.decode(ARGV[index])
   local clinic, booking_id, check, doc, keep = b[1], b[2], b[3], b[4], tonumber(b[5])
   local hset, hdel, due, rm_due, rm_lease, rm_dead = b[6], b[7], b[8], b[9], b[10], b[11]
+  local emits = b[12] or {}  -- clinic events ({kind, type, fields}) that come with the write
   local base = clinic .. '/' .. booking_id
   local bkey, dkey = prefix .. ':b:' .. base, prefix .. ':d:' .. base
   local ok
@@ -602,6 +651,7 @@ for index = i, #ARGV do
       if #rm_due > 0 then redis.call('ZREM', due_key, unpack(refs(rm_due, base))) end
       if #rm_lease > 0 then redis.call('ZREM', lease_key, unpack(refs(rm_lease, base))) end
       if #rm_dead > 0 then redis.call('ZREM', dead_key, unpack(refs(rm_dead, base))) end
+      for _, e in ipairs(emits) do emit_event(prefix, clinic, e[1], e[2], e[3]) end
     end
     if check == '' then
       -- A new booking: nothing attempted, nothing dead, no earlier expiry.
@@ -862,9 +912,16 @@ class Store:
     TEXT_ID_LENGTH = 6  # characters of a text id (longer only when two texts would share one)
 
     def __init__(
-        self, client: redis.Redis, prefix: str = "reminders", *, retention_days: float = 90
+        self,
+        client: redis.Redis,
+        prefix: str = "reminders",
+        *,
+        retention_days: float = 90,
+        hooks: Callable[[str], str] | None = None,
     ) -> None:
+        """`hooks(clinic)`: the clinic events it takes, space-separated (webhooks.hooks_of)."""
         self.redis = client
+        self._hooks = hooks or (lambda clinic: "")
         self.prefix = prefix
         self.retention_seconds = int(retention_days * 86400)
         self.due_key = f"{prefix}:due"
@@ -1208,9 +1265,19 @@ class Store:
             shown = Status.COMPLETED
         timeline = {"clinic": clinic, "booking_id": booking_id, "status": str(shown),
                     "version": 1, "hold_reason": hold_reason or None, "reminders": entries}
-        args = json.dumps([clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], []],
-                          ensure_ascii=False, separators=(",", ":"))
+        emits = self._held_events(booking, 1, hold_reason) if held else []
+        args = json.dumps([clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], [],
+                           emits], ensure_ascii=False, separators=(",", ":"))
         return _Prepared(args, timeline)
+
+    def _held_events(self, booking: Booking, version: int, reason: str) -> list[Any]:
+        """The clinic events of a new hold: the webhook, and the alert email."""
+        hooks = self._hooks(booking.clinic).split()
+        fields = {"booking_id": booking.booking_id, "version": version, "reason": reason,
+                  "treatment": booking.treatment, "starts_at": booking.starts_at.timestamp()}
+        return [[kind, "booking.held", fields]
+                for kind, wanted in (("webhook", "booking.held"), ("alert", "alert"))
+                if wanted in hooks]
 
     def _prepare_reconciled(
         self,
@@ -1306,9 +1373,16 @@ class Store:
             hset += ["keep_until", keep]
         changed_doc = stored.doc != doc or new
         check: str | list[str] = "" if new else [x for kv in stored.fields.items() for x in kv]
+        # A hold the clinic has not been told of: a new one, or one for another reason.
+        was = stored.fields
+        emits = (self._held_events(booking, version, result.hold_reason)
+                 if result.status == Status.HELD
+                 and (was.get("status") != Status.HELD
+                      or was.get("hold_reason", "") != result.hold_reason)
+                 else [])
         args = json.dumps([clinic, booking_id, check,
                            doc if changed_doc else "", keep, hset, hdel, due, rm_due, rm_lease,
-                           rm_dead], ensure_ascii=False, separators=(",", ":"))
+                           rm_dead, emits], ensure_ascii=False, separators=(",", ":"))
         return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields, reminders,
                                                  doc))
 
@@ -1492,6 +1566,7 @@ class Store:
             attempt.planned,
             attempt.template,
             key,
+            self._hooks(clinic),
         ]
         for k, v in (fields or {}).items():
             args += [k, _stored_instant(v) if k == "sent_at" else v]

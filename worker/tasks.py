@@ -16,6 +16,7 @@ from .pump import pump
 from .rendering import Renderer
 from .settings import get_settings
 from .store import Claim, Store, connect
+from .webhooks import hooks_for
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def context() -> Context:
             connect(redis_url(settings)),
             settings.key_prefix,
             retention_days=settings.retention_days,
+            hooks=hooks_for(catalog.clinics),
         ),
         catalog=catalog,
         renderer=Renderer(catalog.templates_dir),

@@ -240,6 +240,23 @@ class Events:
         return cast(list[str], self.redis.zrange(self.dead_key, 0, -1))
 
 
+def hooks_of(clinic: Clinic | None) -> str:
+    """Return what `clinic` is told of, space-separated: its webhook's event types, and
+    "alert" when held bookings are emailed to it (it has an address)."""
+    if clinic is None:
+        return ""
+    wanted = [t for t in EVENT_TYPES if clinic.wants(t)]
+    if clinic.email:
+        wanted.append("alert")
+    return " ".join(wanted)
+
+
+def hooks_for(clinics: Mapping[str, Clinic]) -> Callable[[str], str]:
+    """Return `hooks_of` over a clinic config, for `Store(hooks=...)`."""
+    table = {clinic_id: hooks_of(c) for clinic_id, c in clinics.items()}
+    return lambda clinic_id: table.get(clinic_id, "")
+
+
 # --- signing -----------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from ..catalog import Catalog
 from ..keys import ApiKeys
 from ..settings import Settings
 from ..store import Store
+from ..webhooks import hooks_for
 from .metrics import ApiMetrics
 from .ratelimit import RateLimiter
 
@@ -53,7 +54,8 @@ def build(settings: Settings, catalog: Catalog, url: str) -> Services:
         settings=settings,
         catalog=catalog,
         redis=client,
-        store=Store(client, settings.key_prefix, retention_days=settings.retention_days),
+        store=Store(client, settings.key_prefix, retention_days=settings.retention_days,
+                    hooks=hooks_for(catalog.clinics)),
         keys=ApiKeys(client, settings.key_prefix),
         limiter=RateLimiter(client, settings.key_prefix, settings.api_rate_per_second,
                             settings.api_rate_burst),
