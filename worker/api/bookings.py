@@ -10,8 +10,9 @@ caller is a clinic's booking software syncing its day, where one bad phone numbe
 not hold back the other 999 patients' reminders; each item's answer says what happened
 to it, and sending the same batch again after a fix is safe (PUT semantics: an unchanged
 booking keeps its version). Every item is validated and planned before any is stored,
-so a refusal is found without a write; a Redis failure midway answers 503, and the
-items stored before it stay stored (resending the batch completes it).
+so a refusal is found without a write; then the accepted ones are stored together
+(`Store.upsert_many`: a few round trips per 200 bookings). A Redis failure midway answers
+503, and the bookings stored before it stay stored (resending the batch completes it).
 """
 
 from __future__ import annotations
@@ -291,9 +292,12 @@ def batch_bookings(
         seen[booking.booking_id] = index
         results.append({"index": index, "booking_id": booking.booking_id})
         accepted.append((index, booking, planned))
-    for index, booking, planned in accepted:
-        timeline, created = upsert(svc.store, booking, planned, now, None)
-        results[index].update({"status": 201 if created else 200, "timeline": timeline})
+    if accepted:
+        ids = [booking.booking_id for _, booking, _ in accepted]
+        existed = [s is not None for s in svc.store.booking_summaries(caller.clinic, ids)]
+        timelines = svc.store.upsert_many([(b, p) for _, b, p in accepted], now)
+        for (index, _, _), timeline, old in zip(accepted, timelines, existed, strict=True):
+            results[index].update({"status": 200 if old else 201, "timeline": timeline})
     refused_count = len(items) - len(accepted)
     log.info("batch for clinic %s: %d stored, %d refused", caller.clinic, len(accepted),
              refused_count)
