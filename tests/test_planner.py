@@ -628,17 +628,17 @@ def test_tretinoin_start_application_nights_mon_wed_fri_for_two_weeks(catalog, b
 def test_tretinoin_start_weekly_step_up_and_weekly_spf(catalog, booking_doc):
     p = tretinoin_start(catalog, booking_doc, "2026-12-01T10:00:00+01:00", EXAMPLE_NOW)
     step_up = [r for r in p.reminders if r.step == "step-up"]
-    # days 14, 21, 28, 35 at 19:00 CET
+    # days 16, 23, 30, 37 at 19:00 CET
     assert [r.due_at for r in step_up] == [
-        utc(2026, 12, 15, 18, 0), utc(2026, 12, 22, 18, 0), utc(2026, 12, 29, 18, 0),
-        utc(2027, 1, 5, 18, 0)]
+        utc(2026, 12, 17, 18, 0), utc(2026, 12, 24, 18, 0), utc(2026, 12, 31, 18, 0),
+        utc(2027, 1, 7, 18, 0)]
     assert [r.key for r in step_up] == [f"step-up#{n}:email" for n in range(1, 5)]
     spf = [r for r in p.reminders if r.step == "morning-spf"]
-    # Every 7 days from day 17 to day 38 (after the night texts, 3 days after each
+    # Every 7 days from day 19 to day 40 (after the night texts, 3 days after each
     # step-up), 09:00 CET
     assert [r.due_at for r in spf] == [
-        utc(2026, 12, 18, 8, 0), utc(2026, 12, 25, 8, 0), utc(2027, 1, 1, 8, 0),
-        utc(2027, 1, 8, 8, 0)]
+        utc(2026, 12, 20, 8, 0), utc(2026, 12, 27, 8, 0), utc(2027, 1, 3, 8, 0),
+        utc(2027, 1, 10, 8, 0)]
     singles = {r.key: r.due_at for r in p.reminders
                if r.step in ("welcome", "six-week-review")}
     assert singles == {
