@@ -131,6 +131,33 @@ MALFORMED = [
      "medications.isotretinoin_last_dose", ""),
     ("isotretinoin-a-bool", set_("medications.isotretinoin_last_dose", True),
      "medications.isotretinoin_last_dose", ""),
+    # strict types: nothing is converted (pydantic would read 1 as true, a number as Unix time)
+    ("tretinoin-one", set_("medications.tretinoin", 1), "medications.tretinoin", "boolean"),
+    ("retinol-yes", set_("medications.retinol", "yes"), "medications.retinol", "boolean"),
+    ("starts-at-unix-time", set_("starts_at", 1796466600), "starts_at", "ISO 8601"),
+    ("starts-at-unix-time-text", set_("starts_at", "1796466600"), "starts_at", "ISO 8601"),
+    ("starts-at-year-9999", set_("starts_at", "9999-12-31T23:30:00-05:00"), "starts_at",
+     "1900-2999"),
+    ("isotretinoin-unix-time", set_("medications.isotretinoin_last_dose", 0),
+     "medications.isotretinoin_last_dose", "YYYY-MM-DD"),
+    ("isotretinoin-year-1", set_("medications.isotretinoin_last_dose", "0001-01-01"),
+     "medications.isotretinoin_last_dose", "1900-2999"),
+    ("locale-a-number", set_("patient.locale", 12), "patient.locale", "string"),
+    ("treatment-a-number", set_("treatment", 12), "treatment", "string"),
+    # control and format characters in every string field, bounded lengths
+    ("name-bidi-override", set_("patient.name", "Ana \u202eLópez"), "patient.name",
+     "U+202E RIGHT-TO-LEFT OVERRIDE"),
+    ("name-zero-width", set_("patient.name", "Ana\u200b"), "patient.name", "U+200B"),
+    ("email-bidi", set_("patient.email", "ana\u2066@example.com"), "patient.email", "U+2066"),
+    ("phone-zero-width", set_("patient.phone", "+34\u200b600111222"), "patient.phone", "U+200B"),
+    ("timezone-nul", set_("patient.timezone", "Europe/Madrid\x00"), "patient.timezone",
+     "U+0000"),
+    ("treatment-bidi", set_("treatment", "microneedling\u202e"), "treatment", "U+202E"),
+    ("locale-path", set_("patient.locale", "../es"), "patient.locale", "language tag"),
+    ("email-too-long", set_("patient.email", "a" * 300 + "@example.com"), "patient.email",
+     "254"),
+    ("channels-three", set_("patient.channels", ["sms", "email", "sms"]), "patient.channels",
+     "at most 2"),
 ]
 
 
@@ -252,6 +279,33 @@ def test_medications_are_optional(catalog, booking_doc):
     booking = parse_booking(booking_doc, catalog)
     assert (booking.medications.tretinoin, booking.medications.retinol,
             booking.medications.isotretinoin_last_dose) == (False, False, None)
+
+
+def test_a_booking_with_thousands_of_problems_reports_twenty(catalog, booking_doc):
+    booking_doc.update({f"x{i}": i for i in range(5000)})
+    with pytest.raises(BookingRejected) as exc:
+        parse_booking(booking_doc, catalog)
+    assert len(exc.value.errors) == 20
+    assert exc.value.errors[-1] == ("booking", "and 4981 more problems")
+
+
+def test_a_mismatched_clinic_is_shown_short(catalog, booking_doc):
+    booking_doc["clinic"] = "g" * 10_000
+    with pytest.raises(BookingRejected) as exc:
+        parse_booking(booking_doc, catalog, clinic="glow")
+    assert max(len(message) for _, message in exc.value.errors) < 120
+
+
+def test_load_booking_refuses_hostile_json_naming_the_field():
+    from worker.models import load_booking
+
+    assert load_booking(b'{"a": 1}') == {"a": 1}
+    with pytest.raises(BookingRejected) as exc:
+        load_booking(b'{"patient": {"name": "x", "name": "y"}}')
+    assert exc.value.errors == [("patient.name", "is given twice in the same object")]
+    with pytest.raises(BookingRejected) as exc:
+        load_booking(b"{" + b" " * 20000 + b"}")
+    assert exc.value.errors[0][0] == "booking"
 
 
 def test_a_contact_that_failed_is_not_reported_twice(catalog, booking_doc):

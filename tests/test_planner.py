@@ -562,6 +562,50 @@ def test_visit_in_the_past_is_rejected_naming_starts_at(catalog, booking_doc, st
     assert "past" in exc.value.errors[0][1]
 
 
+@pytest.mark.parametrize(("starts_at", "accepted"), [
+    ("2028-11-20T12:00:00Z", True),           # 730 days after EXAMPLE_NOW
+    ("2028-11-20T12:00:01Z", False),          # one second more
+    ("2999-12-31T23:00:00-05:00", False),     # the last instant the model takes
+])
+def test_visit_more_than_two_years_ahead_is_rejected(catalog, booking_doc, starts_at, accepted):
+    booking_doc["starts_at"] = starts_at
+    booking = parse_booking(booking_doc, catalog)
+    args = (booking, catalog.protocols["microneedling"], catalog.clinics["glow"], EXAMPLE_NOW)
+    if accepted:
+        assert plan(*args).reminders
+        return
+    with pytest.raises(BookingRejected) as exc:
+        plan(*args)
+    assert exc.value.errors == [("starts_at", "is more than 730 days ahead (the latest accepted "
+                                 "is 2028-11-20): appointments are booked at most two years ahead")]
+
+
+@pytest.mark.parametrize(("now", "accepted"), [
+    (utc(2026, 11, 21, 22, 59), False),  # 23:59 on 21 Nov in Madrid: the 22nd is tomorrow
+    (utc(2026, 11, 21, 23, 0), True),    # 00:00 on 22 Nov in Madrid: the dose was today
+])
+def test_a_last_dose_after_the_patients_today_is_rejected(catalog, booking_doc, now, accepted):
+    booking_doc["medications"]["isotretinoin_last_dose"] = "2026-11-22"
+    booking = parse_booking(booking_doc, catalog)
+    args = (booking, catalog.protocols["microneedling"], catalog.clinics["glow"], now)
+    if accepted:
+        assert plan(*args).status == "held"
+        return
+    with pytest.raises(BookingRejected) as exc:
+        plan(*args)
+    assert [f for f, _ in exc.value.errors] == ["medications.isotretinoin_last_dose"]
+    assert "in the future (the patient's today is 2026-11-21)" in exc.value.errors[0][1]
+
+
+def test_every_date_problem_is_reported_at_once(catalog, booking_doc):
+    booking_doc["starts_at"] = "2020-01-01T10:00:00+01:00"
+    booking_doc["medications"]["isotretinoin_last_dose"] = "2027-01-01"
+    booking = parse_booking(booking_doc, catalog)
+    with pytest.raises(BookingRejected) as exc:
+        plan(booking, catalog.protocols["microneedling"], catalog.clinics["glow"], EXAMPLE_NOW)
+    assert [f for f, _ in exc.value.errors] == ["starts_at", "medications.isotretinoin_last_dose"]
+
+
 def test_now_must_be_aware(catalog, booking_doc):
     booking = parse_booking(booking_doc, catalog)
     with pytest.raises(ValueError, match="aware"):
@@ -675,6 +719,16 @@ def test_series_booked_late_skips_the_past_occurrences_and_keeps_the_rest():
 # --- the isotretinoin gate ----------------------------------------------------------------
 
 
+VISIT_MORNING = utc(2026, 12, 5, 8, 0)  # 09:00 in Madrid on the day of the 14:30 visit
+
+
+def after_the_dose(last_dose: str | None) -> datetime:
+    """EXAMPLE_NOW, or the visit's morning for a dose after it (a dose is never in the future)."""
+    if last_dose is not None and date.fromisoformat(last_dose) > EXAMPLE_NOW.date():
+        return VISIT_MORNING
+    return EXAMPLE_NOW
+
+
 @pytest.mark.parametrize(("last_dose", "status"), [
     (None, "scheduled"),
     ("2026-12-04", "held"),      # yesterday
@@ -685,7 +739,8 @@ def test_series_booked_late_skips_the_past_occurrences_and_keeps_the_rest():
 def test_isotretinoin_gate(catalog, booking_doc, last_dose, status):
     booking_doc["medications"]["isotretinoin_last_dose"] = last_dose
     booking = parse_booking(booking_doc, catalog)
-    p = plan(booking, catalog.protocols["microneedling"], catalog.clinics["glow"], EXAMPLE_NOW)
+    p = plan(booking, catalog.protocols["microneedling"], catalog.clinics["glow"],
+             after_the_dose(last_dose))
     assert p.status == status
     if status == "held":
         assert "isotretinoin" in p.hold_reason
@@ -708,7 +763,7 @@ def test_clinic_overrides_the_isotretinoin_washout(catalog, booking_doc, washout
     booking_doc["medications"]["isotretinoin_last_dose"] = last_dose
     booking = parse_booking(booking_doc, catalog)
     clinic = catalog.clinics["glow"].model_copy(update={"isotretinoin_washout_days": washout})
-    p = plan(booking, catalog.protocols["microneedling"], clinic, EXAMPLE_NOW)
+    p = plan(booking, catalog.protocols["microneedling"], clinic, after_the_dose(last_dose))
     assert p.status == status
     if status == "held":
         assert f"{washout} days" in p.hold_reason

@@ -3,6 +3,20 @@
 Checks that need the loaded configuration (does this clinic exist, does the treatment
 name a protocol, do we have templates in this locale) read a `Catalog` passed as the
 validation context: `Booking.model_validate(doc, context={"catalog": catalog})`.
+
+Intake bounds (hostile input gets a refusal naming the field, never a traceback):
+- a booking document is at most `MAX_BOOKING_BYTES` of JSON nested at most
+  `MAX_BOOKING_DEPTH` deep, without duplicate keys, NaN or invalid UTF-8
+  (`load_booking`, through `worker.jsonsafe.load_json`);
+- every string is a string (a number or a boolean is refused, not converted), is bounded
+  in length, and holds no control or format character (Unicode Cc, Cf — bidi overrides
+  and isolates, zero-width characters —, surrogates, line/paragraph separators);
+- `starts_at` is an ISO 8601 date-time with its offset in the years 1900-2999 and
+  `isotretinoin_last_dose` an ISO date (YYYY-MM-DD) from 1900 (numbers, which pydantic
+  would read as Unix times, are refused); the planner, which knows `now`, refuses an
+  appointment in the past or more than `MAX_DAYS_AHEAD` days ahead, and a last dose
+  after the patient's today;
+- `patient.channels` has one or two entries.
 """
 
 from __future__ import annotations
@@ -18,14 +32,18 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
 )
 
 from .errors import BookingRejected
+from .jsonsafe import JSONRefused, Path, describe_char, dotted, load_json, unsafe_char
 
 if TYPE_CHECKING:
     from .catalog import Catalog
@@ -39,8 +57,75 @@ CLINIC_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 PATTERN_HELP = {
     "booking_id": "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
     "clinic": "must be a clinic id: 1-32 lowercase letters, digits, '_' or '-'",
+    "patient.locale": "must be a language tag such as en or es-ES",
 }
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (Unicode category Cc)
+
+# Intake bounds (see the module docstring).
+MAX_BOOKING_BYTES = 16 * 1024  # a real booking is well under 1 KiB
+MAX_BOOKING_DEPTH = 8  # a booking nests 3 deep: booking > patient > channels
+MAX_DAYS_AHEAD = 730  # appointments are booked at most two years ahead
+MAX_ERRORS = 20  # per booking; more are summed up in one line
+YEARS = (1900, 2999)
+_ISO_DATETIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)?"
+)
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def safe_text(value: str) -> str:
+    """Return `value` if it holds no control or format character, else raise ValueError."""
+    bad = unsafe_char(value)
+    if bad is not None:
+        raise ValueError(
+            f"must not contain control or invisible formatting characters "
+            f"(found {describe_char(bad)} at position {value.index(bad) + 1})"
+        )
+    return value
+
+
+def _iso_datetime(value: Any) -> Any:
+    if isinstance(value, str):
+        if len(value) > 40 or not _ISO_DATETIME.fullmatch(value):
+            raise ValueError(
+                "must be an ISO 8601 date and time with its UTC offset, "
+                "e.g. 2026-12-05T14:30:00+01:00"
+            )
+    elif not isinstance(value, datetime):  # a number would be read as a Unix time
+        raise ValueError(
+            "must be an ISO 8601 date-time string such as 2026-12-05T14:30:00+01:00, "
+            f"not {_json_type(value)}"
+        )
+    return value
+
+
+def _iso_date(value: Any) -> Any:
+    if value is None or isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"must be a date written YYYY-MM-DD, not {_json_type(value)}")
+    if not _ISO_DATE.fullmatch(value):
+        raise ValueError("must be a date written YYYY-MM-DD")
+    return value
+
+
+def _in_years(value: date) -> date:
+    if not YEARS[0] <= value.year <= YEARS[1]:
+        raise ValueError(f"must be in the years {YEARS[0]}-{YEARS[1]}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def parse_e164(value: str) -> str:
@@ -77,18 +162,23 @@ def _plain_text(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("must not be blank")
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters")
-    return value
+    return safe_text(value)
 
 
 def _catalog(info: ValidationInfo) -> Catalog | None:
     return (info.context or {}).get("catalog")
 
 
-Phone = Annotated[str, AfterValidator(parse_e164)]
-Email = Annotated[str, AfterValidator(parse_email)]
-Timezone = Annotated[str, AfterValidator(parse_timezone)]
+# Every string field is strict (a number is refused, not converted), bounded, and free of
+# control and format characters before anything else looks at it.
+Phone = Annotated[str, Strict(), Field(max_length=32), AfterValidator(safe_text),
+                  AfterValidator(parse_e164)]
+Email = Annotated[str, Strict(), Field(max_length=254), AfterValidator(safe_text),
+                  AfterValidator(parse_email)]
+Timezone = Annotated[str, Strict(), Field(max_length=64), AfterValidator(safe_text),
+                     AfterValidator(parse_timezone)]
+StartsAt = Annotated[AwareDatetime, BeforeValidator(_iso_datetime), AfterValidator(_in_years)]
+DoseDate = Annotated[date | None, BeforeValidator(_iso_date)]
 
 
 class Patient(BaseModel):
@@ -96,13 +186,15 @@ class Patient(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_plain_text)]
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=100),
+                    AfterValidator(_plain_text)]
     email: Email | None = None
     phone: Phone | None = None
     timezone: Timezone
-    locale: str = Field(min_length=2, max_length=10)
+    locale: str = Field(strict=True, pattern=r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8}){0,2}$",
+                        max_length=10)
     # Last so its validator can see which contacts were given.
-    channels: list[Channel] = Field(min_length=1)
+    channels: list[Channel] = Field(min_length=1, max_length=len(CHANNELS))
 
     @field_validator("locale")
     @classmethod
@@ -141,9 +233,14 @@ class Medications(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tretinoin: bool = False
-    retinol: bool = False
-    isotretinoin_last_dose: date | None = None
+    tretinoin: StrictBool = False
+    retinol: StrictBool = False
+    isotretinoin_last_dose: DoseDate = None
+
+    @field_validator("isotretinoin_last_dose")
+    @classmethod
+    def _plausible(cls, value: date | None) -> date | None:
+        return None if value is None else _in_years(value)
 
 
 class Booking(BaseModel):
@@ -151,10 +248,11 @@ class Booking(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    clinic: str = Field(pattern=CLINIC_ID_PATTERN)
-    booking_id: str = Field(pattern=BOOKING_ID_PATTERN)
-    treatment: str = Field(min_length=1, max_length=64)
-    starts_at: AwareDatetime
+    clinic: str = Field(strict=True, pattern=CLINIC_ID_PATTERN)
+    booking_id: str = Field(strict=True, pattern=BOOKING_ID_PATTERN)
+    treatment: Annotated[str, Strict(), Field(min_length=1, max_length=64),
+                         AfterValidator(safe_text)]
+    starts_at: StartsAt
     patient: Patient
     medications: Medications = Medications()
 
@@ -181,10 +279,10 @@ class Booking(BaseModel):
 
 
 def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
-    """Return (dotted field, message) for each error pydantic found."""
+    """Return (dotted field, message) for each error pydantic found (field names printable)."""
     out = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(part) for part in err["loc"]) or "booking"
+        loc = dotted(err["loc"]) or "booking"
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
@@ -194,6 +292,45 @@ def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
             msg = PATTERN_HELP[loc]
         out.append((loc, msg))
     return out
+
+
+def capped(errors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """At most MAX_ERRORS errors, the rest summed up (a hostile booking can have thousands)."""
+    if len(errors) <= MAX_ERRORS:
+        return errors
+    rest = len(errors) - MAX_ERRORS + 1
+    return [*errors[: MAX_ERRORS - 1], ("booking", f"and {rest} more problems")]
+
+
+def json_field(path: Path) -> str:
+    """The booking field a JSON-level problem at `path` is in (at most 3 levels, a key last)."""
+    parts = list(path[:3])
+    while parts and isinstance(parts[-1], int):
+        parts.pop()
+    return dotted(tuple(parts)) or "booking"
+
+
+def json_refusal(exc: JSONRefused) -> BookingRejected:
+    """The refusal of a booking whose JSON was refused (`exc.path` from the booking's root)."""
+    return BookingRejected([(json_field(exc.path), exc.problem)])
+
+
+def load_booking(data: str | bytes) -> Any:
+    """Parse one booking document received from outside; raise BookingRejected if refused.
+
+    Bounded by MAX_BOOKING_BYTES and MAX_BOOKING_DEPTH; see `worker.jsonsafe.load_json`.
+    A JSON syntax error is refused too, on the field "booking".
+    """
+    try:
+        return load_json(data, max_bytes=MAX_BOOKING_BYTES, max_depth=MAX_BOOKING_DEPTH)
+    except JSONRefused as exc:
+        raise json_refusal(exc) from None
+
+
+def _shown(value: Any) -> str:
+    """A short, printable form of a value from outside, for an error message."""
+    text = repr(value) if isinstance(value, str) else _json_type(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def parse_booking(doc: Any, catalog: Catalog, *, clinic: str | None = None) -> Booking:
@@ -208,7 +345,7 @@ def parse_booking(doc: Any, catalog: Catalog, *, clinic: str | None = None) -> B
     if clinic is not None:
         given = doc.get("clinic")
         if given is not None and given != clinic:
-            errors.append(("clinic", f"is {given!r} but the request is for {clinic!r}"))
+            errors.append(("clinic", f"is {_shown(given)} but the request is for {clinic!r}"))
         doc = {**doc, "clinic": clinic}
     try:
         booking = Booking.model_validate(doc, context={"catalog": catalog})
@@ -216,7 +353,7 @@ def parse_booking(doc: Any, catalog: Catalog, *, clinic: str | None = None) -> B
         # Every bad field at once; a clinic mismatch already says what is wrong with `clinic`.
         errors += [(f, m) for f, m in field_errors(exc) if not (errors and f == "clinic")]
     if errors:
-        raise BookingRejected(errors)
+        raise BookingRejected(capped(errors))
     return booking
 
 

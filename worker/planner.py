@@ -13,6 +13,10 @@ Rules, in order, for each step that applies to the patient:
    policy decides: `skip`, or `send` at the next opening (no later than `late_until`
    relative to the start; before the appointment for a pre-appointment step).
 4. Gate: an isotretinoin dose inside the washout holds the whole booking.
+
+A booking is refused (BookingRejected naming the field) when its dates make no sense as
+seen at `now`: an appointment in the past or more than `MAX_DAYS_AHEAD` days ahead, an
+isotretinoin last dose after the patient's today.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from zoneinfo import ZoneInfo
 
 from .clinics import MINUTES_PER_DAY, Clinic, SendWindow
 from .errors import BookingRejected
-from .models import Booking, Channel
+from .models import MAX_DAYS_AHEAD, Booking, Channel
 from .protocols import WEEKDAYS, Protocol, Step, format_duration
 from .status import Status
 
@@ -299,15 +303,40 @@ def isotretinoin_hold(booking: Booking, protocol: Protocol, clinic: Clinic) -> s
     )
 
 
+def check_dates(booking: Booking, now: datetime, tz: ZoneInfo) -> None:
+    """Refuse dates that make no sense at `now` (UTC), naming each field."""
+    errors = []
+    start = booking.starts_at.astimezone(UTC)
+    latest = now + timedelta(days=MAX_DAYS_AHEAD)
+    if start <= now:
+        errors.append(("starts_at", "the appointment is in the past"))
+    elif start > latest:
+        errors.append((
+            "starts_at",
+            f"is more than {MAX_DAYS_AHEAD} days ahead (the latest accepted is "
+            f"{latest:%Y-%m-%d}): appointments are booked at most two years ahead",
+        ))
+    dose = booking.medications.isotretinoin_last_dose
+    if dose is not None:
+        today = now.astimezone(tz).date()
+        if dose > today:
+            errors.append((
+                "medications.isotretinoin_last_dose",
+                f"is in the future (the patient's today is {today.isoformat()}): give the "
+                "last dose taken so far, today's date if the patient still takes it",
+            ))
+    if errors:
+        raise BookingRejected(errors)
+
+
 def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) -> Plan:
     """Return the reminders for `booking` as seen at `now` (an aware datetime)."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     now = now.astimezone(UTC)
     start = booking.starts_at.astimezone(UTC)
-    if start <= now:
-        raise BookingRejected([("starts_at", "the appointment is in the past")])
     tz = ZoneInfo(booking.patient.timezone)
+    check_dates(booking, now, tz)
     window = clinic.send_window
     reminders: list[PlannedReminder] = []
     for step in protocol.steps:
