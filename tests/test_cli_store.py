@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -35,9 +37,15 @@ def cli(redis_server, redis_client, tmp_path):
     return run
 
 
-def future(doc, starts_at="2030-06-05T14:30:00+02:00"):
+# A visit about six months ahead, at 14:30 Madrid time (the planner refuses one more than two
+# years ahead, and a last isotretinoin dose after today).
+VISIT = (datetime.now(UTC) + timedelta(days=180)).astimezone(ZoneInfo("Europe/Madrid")).replace(
+    hour=14, minute=30, second=0, microsecond=0)
+
+
+def future(doc, starts_at=None):
     doc = copy.deepcopy(doc)
-    doc["starts_at"] = starts_at
+    doc["starts_at"] = starts_at or VISIT.isoformat()
     return doc
 
 
@@ -55,7 +63,7 @@ def test_book_show_cancel(cli, booking_doc):
     assert json.loads(shown.stdout) == timeline
     table = cli("show", "--clinic", "glow", "A-1042")
     assert "glow/A-1042  status=scheduled  version=1" in table.stdout
-    assert "stop-retinoids:sms" in table.stdout and "CEST" in table.stdout
+    assert "stop-retinoids:sms" in table.stdout and VISIT.strftime("%Z") in table.stdout
     cancelled = cli("cancel", "--clinic", "glow", "--json", "A-1042")
     assert json.loads(cancelled.stdout)["status"] == "cancelled"
     assert {r["status"] for r in json.loads(cancelled.stdout)["reminders"]} == {"cancelled"}
@@ -87,7 +95,7 @@ def test_clinic_is_required_when_several_exist(cli, booking_doc):
 
 def test_release_a_held_booking(cli, booking_doc):
     doc = future(booking_doc)
-    doc["medications"]["isotretinoin_last_dose"] = "2030-03-01"
+    doc["medications"]["isotretinoin_last_dose"] = (date.today() - timedelta(days=1)).isoformat()
     held = json.loads(cli("book", "--json", "-", stdin=json.dumps(doc)).stdout)
     assert held["status"] == "held" and "isotretinoin" in held["hold_reason"]
     released = cli("release", "--clinic", "glow", "--json", "A-1042")

@@ -7,26 +7,34 @@ input; 3 invalid configuration (config/ or templates/).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .catalog import Catalog
-from .embedded import redis_url
 from .errors import BookingRejected, ConfigError, NotFound
-from .models import Booking, parse_booking
-from .planner import plan
+from .jsonsafe import JSONRefused, load_json, printable
+from .models import (
+    MAX_BOOKING_BYTES,
+    MAX_BOOKING_DEPTH,
+    YEARS,
+    Booking,
+    json_refusal,
+    parse_booking,
+)
+from .planner import Plan, plan
 from .settings import Settings, get_settings
 from .status import Status
-from .store import Store, connect
 from .timeline import from_plan, render_table
-from .webhooks import hooks_for
+
+if TYPE_CHECKING:
+    from .store import Store
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -35,47 +43,266 @@ class UsageError(Exception):
     """The command line or its input file cannot be used."""
 
 
-def read_documents(source: str) -> list[Any]:
-    """Return the bookings in FILE or stdin ("-"): a JSON object, a JSON array or JSON lines."""
+# JSON lines are read one line at a time; a JSON array (or one object over several lines)
+# is read whole, up to this size: larger inputs must be JSON lines.
+MAX_WHOLE_INPUT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Document:
+    """One booking document of the input: parsed, or refused before it was JSON."""
+
+    number: int  # 1-based position in the input
+    line: int | None  # the line it is on, for JSON lines input
+    value: Any = None
+    refused: BookingRejected | None = None
+
+    def label(self) -> str | None:
+        """The booking id it gives, printable and short, if any."""
+        given = self.value.get("booking_id") if isinstance(self.value, dict) else None
+        return printable(given, 64) if isinstance(given, str) and given else None
+
+
+def open_input(source: str) -> BinaryIO:
+    """Return FILE, or stdin for "-", as a binary stream; raise UsageError if unreadable."""
+    if source == "-":
+        return sys.stdin.buffer
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        return open(source, "rb")
     except OSError as exc:
         raise UsageError(f"cannot read {source}: {exc.strerror}") from None
-    text = text.strip()
-    if not text:
-        raise UsageError(f"{source}: no booking in the input")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        docs = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{source}: line {number}: not JSON ({exc.msg})") from None
-        return docs
-    return doc if isinstance(doc, list) else [doc]
 
 
-def parse_all(
-    docs: list[Any], catalog: Catalog, clinic: str | None
-) -> Iterator[tuple[int, Booking | BookingRejected]]:
-    """Yield (1-based position, booking or the reason it was refused) for each document."""
-    for number, doc in enumerate(docs, 1):
+class LineReader:
+    """Lines of a binary stream, each held only up to a limit, read in large chunks."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, stream: BinaryIO, source: str) -> None:
+        self.stream, self.source = stream, source
+        self.buf, self.pos, self.eof = b"", 0, False
+        self.line_number = 0  # of the last line returned
+        self.consumed = 0  # bytes of the input consumed so far
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
         try:
-            yield number, parse_booking(doc, catalog, clinic=clinic)
-        except BookingRejected as exc:
-            yield number, exc
+            chunk = self.stream.read(self.CHUNK)
+        except OSError as exc:
+            raise UsageError(f"cannot read {self.source}: {exc.strerror}") from None
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf = self.buf[self.pos :] + chunk
+        self.pos = 0
+        return True
+
+    def first_byte(self) -> bytes:
+        """The first byte that is not blank (nor a byte-order mark), without consuming it."""
+        start = 0
+        while True:
+            found = _NONBLANK.search(self.buf, self.pos + start)
+            if found:
+                return found.group()
+            start = len(self.buf) - self.pos
+            if not self._more():
+                return b""
+
+    def line(self, limit: int) -> tuple[int, bytes | None] | None:
+        """Return (line number, line), the line None if longer than `limit`; None at the end."""
+        overlong = False
+        while True:
+            end = self.buf.find(b"\n", self.pos)
+            if end >= 0:
+                end += 1
+                line = None if overlong or end - self.pos > limit else self.buf[self.pos : end]
+                self.consumed += end - self.pos
+                self.pos = end
+                break
+            if len(self.buf) - self.pos > limit:  # drop what is already too long
+                overlong = True
+                self.consumed += len(self.buf) - self.pos
+                self.buf, self.pos = b"", 0
+            if not self._more():
+                if self.pos >= len(self.buf) and not overlong:
+                    return None
+                line = None if overlong or len(self.buf) - self.pos > limit else (
+                    self.buf[self.pos :])
+                self.consumed += len(self.buf) - self.pos
+                self.buf, self.pos = b"", 0
+                break
+        self.line_number += 1
+        return self.line_number, line
+
+    def rest(self, limit: int) -> bytes | None:
+        """The rest of the input, or None if it is longer than `limit`."""
+        while len(self.buf) - self.pos <= limit and self._more():
+            pass
+        if len(self.buf) - self.pos > limit:
+            return None
+        data = self.buf[self.pos :]
+        self.consumed += len(data)
+        self.buf, self.pos = b"", 0
+        return data
 
 
-def print_refusal(number: int, total: int, doc: Any, exc: BookingRejected) -> None:
-    label = doc.get("booking_id") if isinstance(doc, dict) else None
-    where = (
-        f"booking {number}" + (f" ({label})" if label else "") if total > 1 or label else "booking"
-    )
-    print(f"{where} refused:", file=sys.stderr)
+_NONBLANK = re.compile(rb"[^ \t\r\n\xef\xbb\xbf]")
+
+
+def _syntax(source: str, exc: JSONRefused, line: int) -> UsageError:
+    column = f", column {exc.column}" if exc.column else ""
+    return UsageError(f"{source}: line {line}: not JSON ({exc.reason or exc.problem}{column})")
+
+
+def iter_documents(reader: LineReader) -> Iterator[Document]:
+    """Yield the booking documents of a JSON object, a JSON array or JSON lines, in order.
+
+    JSON lines stream: one line at a time is held, each at most MAX_BOOKING_BYTES. A JSON
+    array, or a single object spread over several lines, is read whole (at most
+    MAX_WHOLE_INPUT_BYTES). Hostile JSON (too big or deep, duplicate keys, NaN, invalid
+    UTF-8) refuses the document it is in, naming the field; input that is not JSON at all
+    raises UsageError naming the line.
+    """
+    source = reader.source
+    first = reader.first_byte()
+    if not first:
+        raise UsageError(f"{source}: no booking in the input")
+    if first == b"[":
+        yield from _whole_array(reader)
+        return
+    pending: list[tuple[int, bytes | None]] = []
+    number = 0
+    while True:
+        item = pending.pop(0) if pending else reader.line(MAX_BOOKING_BYTES)
+        if item is None:
+            return
+        line_number, line = item
+        if line is not None and not line.strip():
+            continue
+        number += 1
+        if line is None:
+            problem = f"is a line of more than {MAX_BOOKING_BYTES:,} bytes"
+            yield Document(number, line_number, refused=BookingRejected([("booking", problem)]))
+            continue
+        try:
+            value = load_json(line, max_bytes=MAX_BOOKING_BYTES, max_depth=MAX_BOOKING_DEPTH)
+        except JSONRefused as exc:
+            if exc.kind != "syntax":
+                yield Document(number, line_number, refused=json_refusal(exc))
+                continue
+            if number == 1:  # perhaps one object over several lines
+                single, pending = _one_document(item, reader)
+                if single is not None:
+                    yield single
+                    return
+            raise _syntax(source, exc, line_number) from None
+        yield Document(number, line_number, value)
+
+
+def _one_document(
+    first: tuple[int, bytes | None], reader: LineReader
+) -> tuple[Document | None, list[tuple[int, bytes | None]]]:
+    """Read on from a first line that is not JSON by itself: one object over many lines?
+
+    Return (the document, []) if the whole input is one JSON value, else (None, the lines
+    read so far, the first included) to be read as JSON lines.
+    """
+    pending, size = [first], len(first[1] or b"")
+    while size <= MAX_BOOKING_BYTES:
+        item = reader.line(MAX_BOOKING_BYTES)
+        if item is None:
+            break
+        pending.append(item)
+        if item[1] is None:
+            return None, pending
+        size += len(item[1])
+    else:
+        return None, pending
+    text = b"".join(line or b"" for _, line in pending)
+    try:
+        value = load_json(text, max_bytes=MAX_BOOKING_BYTES, max_depth=MAX_BOOKING_DEPTH)
+    except JSONRefused as exc:
+        if exc.kind == "syntax":
+            return None, pending
+        return Document(1, None, refused=json_refusal(exc)), []
+    return Document(1, None, value), []
+
+
+def _whole_array(reader: LineReader) -> Iterator[Document]:
+    """The documents of an input that is one JSON array."""
+    source = reader.source
+    data = reader.rest(MAX_WHOLE_INPUT_BYTES)
+    if data is None:
+        raise UsageError(
+            f"{source}: a JSON array of more than {MAX_WHOLE_INPUT_BYTES // 2**20} MiB: "
+            "give a large input as JSON lines (one booking per line)"
+        )
+    try:
+        docs = load_json(data, max_bytes=MAX_WHOLE_INPUT_BYTES, max_depth=MAX_BOOKING_DEPTH + 1)
+    except JSONRefused as exc:
+        if exc.kind == "syntax" or not exc.path or not isinstance(exc.path[0], int):
+            raise UsageError(f"{source}: {exc.problem}") from None
+        # The array cannot be read past this: only the booking at fault is reported.
+        problem = exc.problem
+        if exc.kind == "depth":
+            problem = f"is nested more than {MAX_BOOKING_DEPTH} levels deep"
+        inner = JSONRefused(problem, exc.path[1:], kind=exc.kind)
+        yield Document(exc.path[0] + 1, None, refused=json_refusal(inner))
+        return
+    if not isinstance(docs, list) or not docs:
+        raise UsageError(f"{source}: no booking in the input")
+    for number, value in enumerate(docs, 1):
+        yield Document(number, None, value)
+
+
+def read_documents(source: str) -> tuple[Iterator[Document], bool]:
+    """Return the documents of FILE or stdin ("-"), and whether there is only one.
+
+    The documents are read as they are consumed (JSON lines stream); the first two are
+    read at once, to know whether the input holds a single booking (it is then reported
+    as "booking", and printed as an object rather than an array with --json).
+    """
+    stream = open_input(source)
+
+    def documents() -> Iterator[Document]:
+        try:
+            yield from iter_documents(LineReader(stream, source))
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+
+    docs = documents()
+    ahead = list(itertools.islice(docs, 2))
+    return itertools.chain(ahead, docs), len(ahead) == 1
+
+
+def check_document(
+    doc: Document, catalog: Catalog, clinic: str | None, now: datetime
+) -> tuple[Booking, Plan] | BookingRejected:
+    """Validate and plan one document: (booking, plan), or why it is refused."""
+    if doc.refused is not None:
+        return doc.refused
+    try:
+        booking = parse_booking(doc.value, catalog, clinic=clinic)
+        return booking, plan(
+            booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now
+        )
+    except BookingRejected as exc:
+        return exc
+
+
+def refusal_heading(doc: Document, single: bool) -> str:
+    """`booking 2 (A-2)`, or `line 7 (A-7)` in JSON lines, or `booking` for a lone one."""
+    label = doc.label()
+    if single:
+        return f"booking 1 ({label})" if label else "booking"
+    where = f"line {doc.line}" if doc.line is not None else f"booking {doc.number}"
+    return f"{where} ({label})" if label else where
+
+
+def print_refusal(doc: Document, single: bool, exc: BookingRejected) -> None:
+    print(f"{refusal_heading(doc, single)} refused:", file=sys.stderr)
     for field, message in exc.errors:
         print(f"  {field}: {message}", file=sys.stderr)
 
@@ -83,23 +310,16 @@ def print_refusal(number: int, total: int, doc: Any, exc: BookingRejected) -> No
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     """Dry run: validate bookings and print the timeline that would be scheduled."""
     catalog = Catalog.load(settings)
-    docs = read_documents(args.file)
+    docs, single = read_documents(args.file)
     now = args.now or datetime.now(UTC)
     status, out = EXIT_OK, []
-    for number, result in parse_all(docs, catalog, args.clinic):
+    for doc in docs:
+        result = check_document(doc, catalog, args.clinic, now)
         if isinstance(result, BookingRejected):
-            print_refusal(number, len(docs), docs[number - 1], result)
+            print_refusal(doc, single, result)
             status = EXIT_REFUSED
             continue
-        booking = result
-        try:
-            planned = plan(
-                booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now
-            )
-        except BookingRejected as exc:
-            print_refusal(number, len(docs), docs[number - 1], exc)
-            status = EXIT_REFUSED
-            continue
+        booking, planned = result
         timeline = from_plan(booking, planned)
         if args.json:
             out.append(timeline)
@@ -107,7 +327,7 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
             print(render_table(timeline, booking.patient.timezone))
             print()
     if args.json:
-        print(json.dumps(out[0] if len(docs) == 1 and out else out, indent=2, ensure_ascii=False))
+        print(json.dumps(out[0] if single and out else out, indent=2, ensure_ascii=False))
     return status
 
 
@@ -153,6 +373,8 @@ def parse_now(value: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 instant") from None
     if now.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{value!r} needs a UTC offset, e.g. 2026-11-21T12:00:00Z")
+    if not YEARS[0] <= now.year <= YEARS[1]:
+        raise argparse.ArgumentTypeError(f"{value!r} is not in the years {YEARS[0]}-{YEARS[1]}")
     return now
 
 
@@ -161,6 +383,10 @@ def open_store(settings: Settings, catalog: Catalog | None = None) -> Store:
 
     With `catalog`, writes tell each clinic what its config asks for (worker/webhooks.py).
     """
+    from .embedded import redis_url  # redis: only for the commands that use it
+    from .store import Store, connect
+    from .webhooks import hooks_for
+
     return Store(
         connect(redis_url(settings)), settings.key_prefix, retention_days=settings.retention_days,
         hooks=hooks_for(catalog.clinics) if catalog else None,
@@ -190,27 +416,16 @@ def print_timeline(
 def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     """Validate and plan every booking first; store them only if all are acceptable."""
     catalog = Catalog.load(settings)
-    docs = read_documents(args.file)
+    docs, single = read_documents(args.file)
     now = datetime.now(UTC)
     accepted, refused = [], False
-    for number, result in parse_all(docs, catalog, args.clinic):
-        try:
-            if isinstance(result, BookingRejected):
-                raise result
-            accepted.append(
-                (
-                    result,
-                    plan(
-                        result,
-                        catalog.protocols[result.treatment],
-                        catalog.clinics[result.clinic],
-                        now,
-                    ),
-                )
-            )
-        except BookingRejected as exc:
-            print_refusal(number, len(docs), docs[number - 1], exc)
+    for doc in docs:
+        result = check_document(doc, catalog, args.clinic, now)
+        if isinstance(result, BookingRejected):
+            print_refusal(doc, single, result)
             refused = True
+        else:
+            accepted.append(result)
     if refused:
         print("nothing was stored", file=sys.stderr)
         return EXIT_REFUSED
@@ -224,11 +439,7 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     ):
         nudge_pump_quietly()
     if args.json:
-        print(
-            json.dumps(
-                timelines[0] if len(timelines) == 1 else timelines, indent=2, ensure_ascii=False
-            )
-        )
+        print(json.dumps(timelines[0] if single else timelines, indent=2, ensure_ascii=False))
     else:
         for (booking, _), timeline in zip(accepted, timelines, strict=True):
             print(render_table(timeline, booking.patient.timezone))
@@ -288,12 +499,11 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_REFUSED
     doc = store.booking_doc(clinic, args.booking_id)
     now = datetime.now(UTC)
-    try:
-        booking = parse_booking(doc, catalog)
-        planned = plan(booking, catalog.protocols[booking.treatment], catalog.clinics[clinic], now)
-    except BookingRejected as exc:
-        print_refusal(1, 1, doc, exc)
+    result = check_document(Document(1, None, doc), catalog, None, now)
+    if isinstance(result, BookingRejected):
+        print_refusal(Document(1, None, doc), True, result)
         return EXIT_REFUSED
+    booking, planned = result
     timeline = store.upsert(booking, planned, now, release=True)
     print_timeline(args, timeline, booking.patient.timezone)
     return EXIT_OK
@@ -500,7 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `reminders show ... | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except redis.ConnectionError as exc:
+    except Exception as exc:
+        import redis  # already loaded by any command that talks to Redis (`plan` does not)
+
+        if not isinstance(exc, redis.ConnectionError):
+            raise
         print(f"cannot reach Redis: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
