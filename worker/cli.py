@@ -587,7 +587,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Issue, list or revoke a clinic's API keys (only a hash of each is kept, in Redis)."""
+    from .embedded import redis_url
     from .keys import ApiKeys
+    from .store import connect
 
     clinic = clinic_of(args, Catalog.load(settings))
     keys = ApiKeys(connect(redis_url(settings)), settings.key_prefix)
