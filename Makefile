@@ -31,7 +31,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed-dev
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 faults: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.fault_drill $(FAULTS_ARGS)

@@ -1,6 +1,8 @@
-"""Side-by-side benchmarks: `python -m benchmarks` (or `make bench`).
+"""Benchmarks: `python -m benchmarks` (`make bench`) and `python -m benchmarks.fault_drill`.
 
-`eta_vs_schedule` runs, in one go on one machine, the naive way to schedule reminders
-with Celery (`apply_async(eta=...)` on the Redis broker) and this project's way (a
-durable schedule in Redis, pumped into Celery when due), and prints what each did.
+`side_by_side` measures, in one run on one machine, the raw client limit, the naive way
+to schedule reminders with Celery (`apply_async(eta=...)`, benchmarks/naive_app.py) and
+this project's worker (driven only through `celery -A worker.celery_app worker|beat`,
+`reminders book` and Redis), and prints one table. `fault_drill` proves the send path
+loses nothing under kills and outages. Benchmarks never import tests/.
 """

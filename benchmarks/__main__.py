@@ -1,5 +1,5 @@
-"""`python -m benchmarks`: the ETA-versus-schedule comparison (see eta_vs_schedule)."""
+"""`python -m benchmarks` (`make bench`): raw client, naive ETA peer and ours, side by side."""
 
-from benchmarks.eta_vs_schedule import main
+from benchmarks.side_by_side import main
 
 raise SystemExit(main())

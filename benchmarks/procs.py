@@ -72,9 +72,10 @@ class Processes:
         self.running: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, argv: list[str], *, env: dict[str, str], cwd: Path,
-              log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+              log: Path, stdin: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start `argv` in its own session, output to `log`, input from `stdin` (a file)."""
+        with open(log, "ab") as out, open(stdin or os.devnull, "rb") as given:
+            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=given,
                                     stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.running.append(proc)
@@ -101,6 +102,19 @@ class Processes:
             except ProcessLookupError:
                 pass
         proc.wait()
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the process's group at once (nothing to wait for: a benchmark is over)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        while group_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if proc in self.running:
             self.running.remove(proc)
 

@@ -1,4 +1,4 @@
-"""Provider stand-ins for the fault drill: a real SMTP server and an HTTP SMS gateway.
+"""Provider stand-ins for the benchmark and the fault drill: an SMTP server, an HTTP SMS gateway.
 
 Both listen on 127.0.0.1 and record every message they accept, with the time. They live
 here, not in tests/, because benchmarks never import tests (tests may import benchmarks).
@@ -113,9 +113,15 @@ class SmtpSink:
         self._loop.call_soon_threadsafe(cancel_all)
         self._thread.join(START_TIMEOUT_SECONDS)
 
-    def snapshot(self) -> list[Received]:
+    def snapshot(self, start: int = 0) -> list[Received]:
+        """Return the messages accepted so far, from the `start`-th on."""
         with self._lock:
-            return list(self._messages)
+            return self._messages[start:]
+
+    def count(self) -> int:
+        """Return how many messages were accepted so far."""
+        with self._lock:
+            return len(self._messages)
 
 
 class HttpSink:
@@ -158,6 +164,12 @@ class HttpSink:
             self._server.shutdown()
         self._server.server_close()
 
-    def snapshot(self) -> list[Received]:
+    def snapshot(self, start: int = 0) -> list[Received]:
+        """Return the messages accepted so far, from the `start`-th on."""
         with self._lock:
-            return list(self._messages)
+            return self._messages[start:]
+
+    def count(self) -> int:
+        """Return how many messages were accepted so far."""
+        with self._lock:
+            return len(self._messages)

@@ -1,0 +1,130 @@
+"""Intake through the HTTP API: `POST /v1/bookings:batch` with the intake file.
+
+Used by benchmarks/side_by_side.py only when the project has an HTTP API (`worker.api`).
+The API is started the way `reminders run` starts it (`worker.service.api_command` when
+the service module has one) or else as DESIGN.md names it (`uvicorn worker.api:app`);
+its OpenAPI document says whether the batch route exists and how many bookings a batch
+may hold. Each clinic gets a key from `reminders keys issue --clinic …`. One client (a
+keep-alive session) sends the batches one after the other; a 429 is waited out as its
+Retry-After asks, and that wait counts. Every booking must come back stored.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from benchmarks.procs import Processes, wait_for
+
+BIN = Path(sys.executable).parent
+ROUTE = "/v1/bookings:batch"
+KEY = re.compile(r"rk_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
+DEFAULT_BATCH = 1000
+
+
+def api_argv(env: dict[str, str], port: int) -> list[str]:
+    """The API's command line: the service's own when it has one, else uvicorn's."""
+    import worker.service as service
+
+    command = getattr(service, "api_command", None)
+    if command is not None:
+        from benchmarks.side_by_side import _environ
+        from worker.settings import Settings
+
+        with _environ(env):
+            return list(command(Settings(_env_file=None)))  # type: ignore[call-arg]
+    return [sys.executable, "-m", "uvicorn", "worker.api:app", "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "warning"]
+
+
+def max_batch(openapi: dict[str, Any]) -> int:
+    """The largest batch the OpenAPI document allows (`maxItems` of `bookings`)."""
+    found = re.findall(r'"bookings":\s*\{[^{}]*"maxItems":\s*(\d+)', _dumps(openapi))
+    return min(map(int, found)) if found else DEFAULT_BATCH
+
+
+def _dumps(doc: Any) -> str:
+    import json
+
+    return json.dumps(doc)
+
+
+def measure_batch_intake(params: Any, workdir: Path, config: Path, docs: list[dict[str, Any]],
+                         procs: Processes, url: str, base_env: dict[str, str]) -> dict[str, Any]:
+    from worker.embedded import free_port
+
+    port = free_port()
+    env = base_env | {
+        "REMINDERS_REDIS_URL": url, "REMINDERS_CONFIG_DIR": str(config),
+        "REMINDERS_TEMPLATES_DIR": str(Path(__file__).resolve().parent.parent / "templates"),
+        "REMINDERS_DATA_DIR": str(workdir / "data-api"), "REMINDERS_LOG_LEVEL": "WARNING",
+        "REMINDERS_API_HOST": "127.0.0.1", "REMINDERS_API_PORT": str(port),
+    }
+    log = workdir / "api.log"
+    api = procs.spawn(api_argv(env, port), env=env, cwd=workdir, log=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def answers() -> dict[str, Any] | None:
+            if api.poll() is not None:
+                raise RuntimeError(f"the API exited ({api.returncode}); see {log}")
+            try:
+                return dict(requests.get(f"{base}/openapi.json", timeout=2).json())
+            except (requests.RequestException, ValueError):
+                return None
+
+        openapi = wait_for(answers, 60, "API start")
+        assert isinstance(openapi, dict)
+        if ROUTE not in openapi.get("paths", {}):
+            return {"available": False, "reason": "no batch route yet"}
+        size = max_batch(openapi)
+        by_clinic: dict[str, list[dict[str, Any]]] = {}
+        for doc in docs:
+            by_clinic.setdefault(doc["clinic"], []).append(doc)
+        keys = {clinic: issue_key(clinic, env, workdir) for clinic in by_clinic}
+        batches = [(clinic, items[i:i + size]) for clinic, items in by_clinic.items()
+                   for i in range(0, len(items), size)]
+        session = requests.Session()
+        started = time.monotonic()
+        for clinic, batch in batches:
+            post_batch(session, f"{base}{ROUTE}", keys[clinic], batch,
+                       deadline=started + params.intake_budget)
+        seconds = time.monotonic() - started
+        return {"available": True, "bookings": len(docs), "batch": size,
+                "requests": len(batches), "seconds": seconds, "rate": len(docs) / seconds}
+    finally:
+        procs.stop(api)
+
+
+def issue_key(clinic: str, env: dict[str, str], workdir: Path) -> str:
+    result = subprocess.run([str(BIN / "reminders"), "keys", "issue", "--clinic", clinic],
+                            env=env, cwd=workdir, capture_output=True, text=True, timeout=60,
+                            check=False)
+    found = KEY.search(result.stdout + result.stderr)
+    if result.returncode != 0 or found is None:
+        raise RuntimeError(f"`reminders keys issue --clinic {clinic}` gave no key "
+                           f"(exit {result.returncode})")
+    return found.group(0)
+
+
+def post_batch(session: requests.Session, url: str, key: str, batch: list[dict[str, Any]],
+               deadline: float) -> None:
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the batches did not go in within the intake budget")
+        answer = session.post(url, json={"bookings": batch}, timeout=300,
+                              headers={"Authorization": f"Bearer {key}"})
+        if answer.status_code == 429:
+            time.sleep(float(answer.headers.get("Retry-After", "1")))
+            continue
+        if answer.status_code != 200:
+            raise RuntimeError(f"{url} answered {answer.status_code}: {answer.text[:200]}")
+        stored = answer.json().get("stored")
+        if stored != len(batch):
+            raise RuntimeError(f"{url} stored {stored} of {len(batch)} bookings")
+        return
