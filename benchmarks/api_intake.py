@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from benchmarks.procs import Processes, wait_for
+from benchmarks.procs import Processes, settings_under, wait_for
 
 BIN = Path(sys.executable).parent
 ROUTE = "/v1/bookings:batch"
@@ -34,11 +34,7 @@ def api_argv(env: dict[str, str], port: int) -> list[str]:
 
     command = getattr(service, "api_command", None)
     if command is not None:
-        from benchmarks.side_by_side import _environ
-        from worker.settings import Settings
-
-        with _environ(env):
-            return list(command(Settings(_env_file=None)))  # type: ignore[call-arg]
+        return list(command(settings_under(env)))
     return [sys.executable, "-m", "uvicorn", "worker.api:app", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning"]
 

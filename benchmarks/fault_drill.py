@@ -5,7 +5,8 @@
 One run, on 127.0.0.1 only:
 
 - a real redis-server (AOF on, appendfsync everysec, its own data folder), two Celery
-  workers (`celery -A worker.celery_app worker --concurrency 2`) and beat, each in its own
+  workers (`celery -A worker.celery_app worker --concurrency 2`, the command line
+  `reminders run` uses) and beat, each in its own
   process group; a real SMTP server and a real HTTP SMS gateway (benchmarks/sinks.py);
 - a clinic `drill` whose channels point at them (send window all day) and a protocol
   `drill` of four messages per booking, two emails and two SMS, 1-7 s after the start
@@ -51,7 +52,7 @@ from typing import Any
 
 import redis
 
-from benchmarks.procs import Processes, group_pids, wait_for
+from benchmarks.procs import Processes, group_pids, service_command, wait_for
 from benchmarks.sinks import HttpSink, Received, SmtpSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,11 +322,11 @@ class Service:
         n = self.incarnations[slot]
         self.incarnations[slot] += 1
         log = self.workdir / f"{slot}.{n}.log"
+        # The command line `reminders run` uses (its queues, its options), with the drill's
+        # pool size and a name per incarnation (a later --concurrency wins).
         proc = self.procs.spawn(
-            [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--loglevel=INFO",
-             f"--concurrency={self.params.concurrency}", "--pool=prefork",
-             "-Q", "reminders.send,reminders.pump", "-n", f"{slot}-{n}@%h",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            [*service_command("worker", self.env), f"--concurrency={self.params.concurrency}",
+             "--pool=prefork", "-n", f"{slot}-{n}@%h", "--without-heartbeat"],
             env=self.env, cwd=self.workdir, log=log)
         self.slots[slot] = proc
         self.logs[proc.pid] = log

@@ -3,18 +3,52 @@
 Every process is started with `start_new_session=True`, so its process group holds it
 and every child it forks (a Celery worker's pool). `Processes.stop_all()` sends SIGTERM
 to each group, waits, then SIGKILLs what is left; the harness calls it in `finally`.
+
+`service_command(role, env)` is the command line `reminders run` starts the worker or
+beat with (worker.service.celery_command), under the environment the child will get:
+the benchmarks start the service the way ops do, whatever that becomes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 STOP_TIMEOUT_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """Run the block with exactly `env` as os.environ; restore it after."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def settings_under(env: dict[str, str]) -> Any:
+    """The project's Settings as a child started with `env` (and no .env file) reads them."""
+    from worker.settings import Settings
+
+    with environ(env):
+        return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def service_command(role: str, env: dict[str, str]) -> list[str]:
+    """The argv `reminders run` starts the Celery `role` ("worker", "beat") with, under `env`."""
+    from worker.service import celery_command
+
+    return list(celery_command(role, settings_under(env)))
 
 
 def group_pids(pgid: int) -> list[int]:

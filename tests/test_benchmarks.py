@@ -78,25 +78,61 @@ def test_percentile_is_nearest_rank():
 
 
 def test_burst_figures_rates_per_channel_lateness_missing_and_copies():
-    obs = {"due": 100.0, "messages": [
+    obs = {"due": 100.0, "until": 160.0, "messages": [
         ["email", 100.0, 100.5, 1], ["email", 100.0, 102.0, 2],
         ["sms", 100.0, 100.25, 1], ["sms", 100.0, 101.0, 1], ["sms", 100.0, None, 0]]}
     f = burst_figures(obs)
-    assert f["email_rate"] == pytest.approx(2 / 2.0)  # 2 delivered, last 2 s after due
-    assert f["sms_rate"] == pytest.approx(2 / 1.0)
-    assert f["both_rate"] == pytest.approx(4 / 2.0)
-    assert f["drain_seconds"] == pytest.approx(2.0)
-    assert f["lateness_p50"] == pytest.approx(0.5) and f["lateness_p99"] == pytest.approx(2.0)
+    assert f["email_rate"] == pytest.approx(2 / 2.0)  # 2 delivered, the last 2 s after due
+    # An SMS never came: the channel drained what it did over the whole wait.
+    assert f["sms_rate"] == pytest.approx(2 / 60.0)
+    assert f["both_rate"] == pytest.approx(4 / 60.0)
+    assert f["lateness_p50"] == pytest.approx(1.0)
+    assert f["lateness_p99"] == math.inf and f["drain_seconds"] == math.inf
     assert f["missing"] == 1 and f["extra_copies"] == 1
+    del obs["messages"][-1]
+    f = burst_figures(obs)
+    assert f["sms_rate"] == pytest.approx(2 / 1.0) and f["both_rate"] == pytest.approx(4 / 2.0)
+    assert f["lateness_p99"] == pytest.approx(2.0) and f["drain_seconds"] == pytest.approx(2.0)
 
 
 def test_steady_figures_measure_each_message_from_its_own_due_time():
     obs = {"messages": [["email", 10.0, 10.5, 1], ["sms", 11.0, 11.2, 1],
-                        ["email", 12.0, 14.0, 1], ["sms", 13.0, None, 0]]}
+                        ["email", 12.0, 14.0, 1], ["sms", 13.0, 13.1, 1]]}
     f = steady_figures(obs)
-    assert f["lateness_p50"] == pytest.approx(0.5)
+    assert f["lateness_p50"] == pytest.approx(0.2)
     assert f["lateness_p99"] == pytest.approx(2.0) and f["lateness_max"] == pytest.approx(2.0)
-    assert f["missing"] == 1 and f["extra_copies"] == 0
+    assert f["missing"] == 0 and f["extra_copies"] == 0
+    obs["messages"].append(["sms", 14.0, None, 0])
+    assert steady_figures(obs)["lateness_p99"] == math.inf
+
+
+def test_a_percentile_on_a_message_that_never_came_prints_as_more_than_the_wait():
+    from benchmarks.side_by_side import Params, build_rows
+
+    def burst(missing: bool) -> dict[str, Any]:
+        return {"due": 0.0, "until": 9.0, "messages": [["email", 0.0, 1.0, 1],
+                                                       ["sms", 0.0, None if missing else 1.0,
+                                                        0 if missing else 1]]}
+
+    def steady() -> dict[str, Any]:
+        return {"messages": [["email", 0.0, 0.5, 1]]}
+
+    pending = {"published": 10, "publish_seconds": 1.0, "taken": 10, "redis_before": 1,
+               "redis_after": 11, "rss_before": 2**20, "rss_after": 2**20}
+    m = {"raw": {"burst": burst(False)},
+         "naive": {"burst": burst(True), "steady": steady(), "rss_idle": 2**20,
+                   "rss_zero_after": 2**20, "pending": pending},
+         "ours": {"burst": burst(False), "steady": steady(), "rss_idle": 2**20,
+                  "rss_zero_after": 2**20, "beat_rss": 2**20,
+                  "intake": {"finished": True, "bookings": 5, "rate": 10.0},
+                  "intake_api": {"available": False, "reason": "no API yet"},
+                  "pending": pending | {"bookings": 1, "reminders": 10, "seconds": 1.0}}}
+    rows = {r.key: r for r in build_rows(m, Params(drain_timeout=9.0))}
+    assert rows["burst_lateness_p99"].naive is None
+    assert rows["burst_lateness_p99"].na == {"naive": "> 9 s"}
+    assert rows["burst_lateness_p99"].ours == pytest.approx(1.0)
+    assert rows["burst_missing"].naive == 1 and rows["burst_missing"].ours == 0
+    assert rows["intake_api"].na == {"ours": "no API yet"}
 
 
 def test_pending_protocols_lose_only_their_at_booking_step():
@@ -296,8 +332,11 @@ def test_ours_ran_the_services_own_command_line(quick_run):
     expected = celery_command("worker", Settings(_env_file=None, log_level="INFO"))
     assert ours["worker_command"].split()[1:] == expected[1:]
     assert ours["worker_command"] in quick_run["stdout"]
+    # The worker that ran is the one the command describes: its banner lists those queues.
     log = (quick_run["workdir"] / "ours" / "worker.log").read_text(errors="replace")
-    assert "reminders.send" in log  # the send tasks ran in that worker
+    named = " ".join(expected[1:])
+    queues = re.search(r"(?:-Q|--queues)[ =](\S+)", named).group(1).split(",")  # type: ignore[union-attr]
+    assert all(f".> {queue}" in log for queue in queues), queues
 
 
 @pytest.mark.integration
