@@ -642,6 +642,9 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
             elif what == "smtp down":
                 smtp.down()
                 smtp_down_since = time.time()
+                # The outage lasts its full length even when this step ran late.
+                plan = sorted((smtp_down_since + params.smtp_down_for, w, p)
+                              if w == "smtp up" else (t, w, p) for t, w, p in plan)
                 say(f"T+{smtp_down_since - t0:5.1f}s smtp down: port {smtp.port} refuses "
                     f"connections for {params.smtp_down_for:g}s")
                 continue
