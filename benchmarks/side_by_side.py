@@ -92,6 +92,10 @@ id = "spf"
 offset = "{STEP_OFFSET_SECONDS}s"
 channels = ["email", "sms"]
 template = "spf-morning"
+# What that template states: values as in config/protocols/microneedling.toml.
+[advice]
+spf = 30
+sun_sensitive = true
 """
 # (clinic id, name, timezone, locale, send window): `bench` takes the burst and the steady
 # stream (all day); the other two the realistic bookings (the example clinic's hours).
