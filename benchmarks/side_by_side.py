@@ -131,7 +131,8 @@ QUICK = {"burst": 25, "steady_rate": 20.0, "steady_seconds": 3.0, "intake": 300,
          "steady_drain": 30.0,
          "intake_budget": 60.0, "load_budget": 60.0}
 HELP = {
-    "burst": "reminders due at one instant, per channel (10000: the issue's big burst)",
+    "burst": "reminders due at one instant, per channel (5000: 10,000 due in one second; "
+             "raise --drain-timeout with it)",
     "steady_rate": "reminders a second in the steady stream",
     "steady_seconds": "seconds the steady stream lasts",
     "intake": "realistic bookings in the `reminders book` intake file",
@@ -273,7 +274,7 @@ def _counts(messages: list[list[Any]]) -> dict[str, float | None]:
             "extra_copies": float(sum(max(0, m[3] - 1) for m in messages))}
 
 
-def rss_sample(pgid: int, readings: int = 5, interval: float = 0.4) -> int:
+def rss_sample(pgid: int, readings: int = 5, interval: float = 0.25) -> int:
     """Return the median of a few readings of the group's summed VmRSS, in bytes."""
     values = []
     for i in range(readings):
@@ -618,7 +619,7 @@ def run_ours(params: Params, sinks: Sinks, workdir: Path, procs: Processes,
 
         # The burst: `burst` bookings, each an email and an SMS due at one instant.
         n = params.burst
-        lead = 3.0 + 1.5 * (startup + n / intake_rate)
+        lead = 4.0 + 2.0 * (startup + n / intake_rate)
         due = time.time() + lead
         docs, expected = [], {}
         for i in range(n):
@@ -666,7 +667,7 @@ def bench_booking(booking_id: str, due: float, email: str | None, phone: str | N
 def run_ours_steady(params: Params, sinks: Sinks, ours: Ours, workdir: Path,
                     intake_rate: float, startup: float) -> dict[str, Any]:
     count = max(1, round(params.steady_rate * params.steady_seconds))
-    lead = 3.0 + 1.5 * (startup + count / intake_rate)
+    lead = 4.0 + 2.0 * (startup + count / intake_rate)
     start = time.time() + lead
     docs, expected = [], {}
     for i in range(count):
