@@ -1015,14 +1015,20 @@ class Store:
     # --- reading -------------------------------------------------------------------
 
     def _read(self, keys: Sequence[tuple[str, str]]) -> list[_Stored]:
-        """Read bookings (hash and document) in one round trip, their texts in one more."""
+        """Read bookings: their hashes in one round trip, the documents of those that exist
+        and the texts they name not yet known in one more each (none for new bookings)."""
         pipe = self.redis.pipeline(transaction=False)
         for clinic, booking_id in keys:
             pipe.hgetall(self.booking_key(clinic, booking_id))
-            pipe.get(self.doc_key(clinic, booking_id))
-        replies = pipe.execute()
-        hashes = [_str_hash(h) for h in replies[0::2]]
-        docs = cast(list[str | None], replies[1::2])
+        hashes = [_str_hash(h) for h in pipe.execute()]
+        docs: list[str | None] = [None] * len(keys)
+        found = [n for n, h in enumerate(hashes) if h]
+        if found:
+            pipe = self.redis.pipeline(transaction=False)
+            for n in found:
+                pipe.get(self.doc_key(*keys[n]))
+            for n, doc in zip(found, pipe.execute(), strict=True):
+                docs[n] = doc
         texts = self._resolve(
             tid
             for h in hashes
