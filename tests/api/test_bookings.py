@@ -16,6 +16,7 @@ def test_put_creates_then_the_same_body_changes_nothing(glow):
     first = glow.put("/v1/bookings/A-1042", json=doc)
     assert first.status_code == 201, first.text
     assert first.headers["etag"] == '"1"'
+    assert first.headers["location"] == "/v1/bookings/A-1042"
     timeline = first.json()
     assert timeline["clinic"] == "glow" and timeline["booking_id"] == "A-1042"
     assert timeline["status"] == "scheduled" and timeline["version"] == 1
@@ -24,6 +25,7 @@ def test_put_creates_then_the_same_body_changes_nothing(glow):
     again = glow.put("/v1/bookings/A-1042", json=doc)
     assert again.status_code == 200
     assert again.json() == timeline and again.headers["etag"] == '"1"'
+    assert "location" not in again.headers
 
     got = glow.get("/v1/bookings/A-1042")
     assert got.status_code == 200 and got.json() == timeline and got.headers["etag"] == '"1"'

@@ -81,7 +81,9 @@ async def _batch_body(request: Request, svc: Svc) -> Any:
     response_model=None,
     responses={200: {"model": Timeline, "description": "updated (or unchanged)",
                      "headers": _TIMELINE_HEADERS},
-               201: {"model": Timeline, "description": "created", "headers": _TIMELINE_HEADERS},
+               201: {"model": Timeline, "description": "created", "headers": {
+                   **_TIMELINE_HEADERS, "Location": {"description": "the booking's URL",
+                                                     "schema": {"type": "string"}}}},
                **error_responses(401, 412, 413, 415, 422, 429, 503)},
     openapi_extra=_request_body("BookingIn"),
 )
@@ -101,7 +103,10 @@ def put_booking(
     timeline, created = upsert(svc.store, booking, planned, now, parse_if_match(if_match))
     log.info("booking %s/%s stored: version %s, %s", caller.clinic, booking_id,
              timeline["version"], timeline["status"])
-    return _timeline_response(timeline, 201 if created else 200)
+    response = _timeline_response(timeline, 201 if created else 200)
+    if created:
+        response.headers["Location"] = f"/v1/bookings/{booking_id}"
+    return response
 
 
 @router.get(
