@@ -53,7 +53,7 @@ class Settings(BaseSettings):
 
     # HTTP API (worker/api/): where it listens (port 0: `reminders run` picks a free one),
     # each key's request rate (token bucket in Redis: sustained rate, burst), and the
-    # largest request body (a batch; one booking may be at most 64 KiB).
+    # largest request body (a batch; one booking may be at most 16 KiB).
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     api_rate_per_second: float = Field(20.0, gt=0)

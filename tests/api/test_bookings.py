@@ -299,3 +299,12 @@ def test_a_body_that_is_not_json_is_refused_415(glow, path):
     assert answer.status_code == 415
     assert answer.json()["error"]["code"] == "unsupported_media_type"
     assert method(path, content=b"{}").status_code == 415  # no Content-Type at all
+
+
+def test_a_query_parameter_the_route_does_not_take_is_refused(glow):
+    typo = glow.get("/v1/bookings", params={"stauts": "held", "limit": 5})
+    assert typo.status_code == 422
+    assert typo.json()["error"]["fields"] == [
+        {"field": "stauts", "message": "unknown parameter (not one this route takes)"}]
+    assert glow.get("/v1/bookings/A-1", params={"verbose": 1}).status_code == 422
+    assert glow.get("/v1/bookings", params={"status": "held", "limit": 5}).status_code == 200

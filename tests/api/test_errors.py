@@ -120,7 +120,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit(api):
     chunks = [b'4000\r\n' + chunk + b"\r\n"] * 200  # 3.2 MB if it were all read
     status, body = parse_raw(raw_request(api.url, head, chunks))
     assert status == 413
-    assert body["error"]["message"] == "the body is larger than 65536 bytes"
+    assert body["error"]["message"] == "the body is larger than 16384 bytes"
 
 
 def test_the_batch_limit_is_the_setting(serve):
@@ -135,27 +135,42 @@ def test_the_batch_limit_is_the_setting(serve):
 # --- 422 on hostile bodies --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    (b"[" * 100_000 + b"]" * 100_000, None),  # over 64 KiB: refused by size first
-    (b"[" * 20_000 + b"]" * 20_000, "is nested deeper than 32 levels"),
-    (b'{"a": ' * 40 + b"1" + b"}" * 40, "is nested deeper than 32 levels"),
-    (b'{"clinic": "glow", "clinic": "demo"}', "has the key 'clinic' twice in one object"),
-    (b'{"treatment": NaN}', "NaN is not a JSON number"),
-    (b'{"patient": {"name": "Ana \xff"}}', "is not UTF-8 (byte 26)"),
-    (b"{", "is not JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
-    (b"", "is empty"),
+@pytest.mark.parametrize(("raw", "field", "message"), [
+    (b"[" * 100_000 + b"]" * 100_000, None, None),  # over 16 KiB: refused by size first
+    (b"[" * 5_000 + b"]" * 5_000, "booking", "is nested more than 8 levels deep"),
+    (b'{"patient": ' * 9 + b"1" + b"}" * 9, "patient.patient.patient",
+     "is nested more than 8 levels deep"),
+    (b'{"clinic": "glow", "clinic": "demo"}', "clinic", "is given twice in the same object"),
+    (b'{"treatment": NaN}', "treatment", "NaN is not a JSON number"),
+    (b'{"starts_at": 1e999}', "starts_at", None),
+    (b'{"patient": {"name": "Ana \xff"}}', "patient.name",
+     "is not valid UTF-8 (byte 0xff at offset 26)"),
+    (b"{", "booking",
+     "not JSON (Expecting property name enclosed in double quotes, line 1 column 2)"),
+    (b"", "booking", "not JSON (Expecting value, line 1 column 1)"),
 ])
-def test_hostile_bodies_are_refused_naming_body(glow, raw, message):
+def test_hostile_bodies_are_refused_naming_the_field(glow, raw, field, message):
     answer = glow.put("/v1/bookings/A-1", content=raw,
                       headers={"Content-Type": "application/json"})
-    if message is None:
+    if field is None:
         assert answer.status_code == 413
         return
     assert answer.status_code == 422, answer.text
-    assert answer.json()["error"] == {"code": "invalid_json",
-                                      "message": "the body is not acceptable JSON",
-                                      "fields": [{"field": "body", "message": message}]}
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_json" and error["message"] == "the body is not acceptable JSON"
+    assert [f["field"] for f in error["fields"]] == [field]
+    if message is not None:
+        assert error["fields"][0]["message"] == message
     assert glow.get("/v1/bookings/A-1").status_code == 404
+
+
+def test_hostile_json_in_a_batch_is_named_by_its_path(glow):
+    raw = b'{"bookings": [{"booking_id": "B-1"}, {"patient": {"name": "a", "name": "b"}}]}'
+    answer = glow.post("/v1/bookings:batch", content=raw,
+                       headers={"Content-Type": "application/json"})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["fields"] == [
+        {"field": "bookings.1.patient.name", "message": "is given twice in the same object"}]
 
 
 @pytest.mark.parametrize(("change", "field"), [

@@ -5,23 +5,24 @@ byte is read, and the bytes actually received are counted as they arrive, so a c
 body (no length declared) or one that lies about its length is cut off at the limit too.
 Nothing past the limit is ever buffered.
 
-Parsing refuses, naming the field `body`: bytes that are not UTF-8, text that is not
-JSON, NaN and Infinity, duplicate keys (which would otherwise silently keep the last
-one), and nesting deeper than the limit (a booking is three levels deep; the decoder's
-own recursion guard stops a 100,000-deep document long before the stack ends).
+Parsing is the CLI's (`worker.jsonsafe.load_json`): bytes that are not UTF-8, text that
+is not JSON, NaN and Infinity, overflowing numbers, duplicate keys and nesting deeper than
+the route allows are refused (422) naming the field where the problem is — a booking's
+field as the CLI names it (`patient.name`, or `booking` for the whole document), or the
+path in a batch (`bookings.3.patient.name`) — never a traceback.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
 
+from ..jsonsafe import JSONRefused, dotted, load_json
+from ..jsonsafe import Path as JSONPath
 from .errors import ApiError
 
-BOOKING_MAX_BYTES = 65_536  # one booking: about 600 bytes in practice
-MAX_DEPTH = 32
 JSON_TYPES = ("application/json",)
 
 
@@ -61,66 +62,23 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class _DuplicateKey(ValueError):
-    pass
+def body_field(path: JSONPath) -> str:
+    """Name a problem in a batch or replay body: `bookings.3.patient.name`, or `body`."""
+    return dotted(path) or "body"
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _depth(value: Any) -> int:
-    """Return how deeply `value` nests (iteratively: no recursion on hostile input)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, level = stack.pop()
-        if isinstance(node, dict | list):
-            deepest = max(deepest, level)
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, level + 1) for child in children)
-    return deepest
-
-
-def parse_json(raw: bytes) -> Any:
-    """Return the parsed body; raise ApiError(422) naming `body` for anything not plain JSON."""
-
-    def refuse(message: str) -> ApiError:
-        return ApiError(422, "the body is not acceptable JSON", code="invalid_json",
-                        fields=[("body", message)])
-
+def parse_json(raw: bytes, *, max_depth: int,
+               field: Callable[[JSONPath], str] = body_field) -> Any:
+    """Return the parsed body; raise ApiError(422) naming the field for anything hostile."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise refuse(f"is not UTF-8 (byte {exc.start})") from None
-    if not text.strip():
-        raise refuse("is empty")
-    deep = f"is nested deeper than {MAX_DEPTH} levels"
-    try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates,
-                           parse_constant=_refuse_constant)
-    except _DuplicateKey as exc:
-        raise refuse(f"has the key {str(exc)!r} twice in one object") from None
-    except json.JSONDecodeError as exc:
-        raise refuse(f"is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except ValueError as exc:  # NaN, Infinity
-        raise refuse(str(exc)) from None
-    except RecursionError:  # the decoder's own guard, far below the stack's end
-        raise refuse(deep) from None
-    if _depth(value) > MAX_DEPTH:
-        raise refuse(deep)
-    return value
+        return load_json(raw, max_bytes=max(len(raw), 1), max_depth=max_depth)
+    except JSONRefused as exc:
+        raise ApiError(422, "the body is not acceptable JSON", code="invalid_json",
+                       fields=[(field(exc.path), exc.problem)]) from None
 
 
-async def json_body(request: Request, limit: int) -> Any:
-    """415 unless JSON, 413 over `limit`, 422 unless valid JSON; else the parsed body."""
+async def json_body(request: Request, limit: int, max_depth: int,
+                    field: Callable[[JSONPath], str] = body_field) -> Any:
+    """415 unless JSON, 413 over `limit`, 422 unless plain JSON; else the parsed body."""
     require_json(request)
-    return parse_json(await read_limited(request, limit))
+    return parse_json(await read_limited(request, limit), max_depth=max_depth, field=field)

@@ -26,20 +26,28 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import BookingRejected, NotFound
-from ..models import BOOKING_ID_PATTERN, parse_booking
+from ..models import (
+    BOOKING_ID_PATTERN,
+    MAX_BOOKING_BYTES,
+    MAX_BOOKING_DEPTH,
+    json_field,
+    parse_booking,
+)
 from ..planner import plan
 from ..status import Status
 from ..store import Store
 from .auth import Authenticated
-from .body import BOOKING_MAX_BYTES, json_body
+from .body import json_body
 from .conditional import etag, parse_if_match, upsert
 from .errors import ApiError, error_body, not_found
 from .intake import intake, refused
+from .params import no_unknown_query
 from .schemas import BatchResult, BookingPage, Timeline, error_responses
 from .services import Svc
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["bookings"])
+router = APIRouter(prefix="/v1", tags=["bookings"],
+                   dependencies=[Depends(no_unknown_query)])
 MAX_BATCH = 1000
 PAGE_SCAN = 1000  # bookings read per page at most; a sparse filter may return a short page
 _BOOKING_ID = re.compile(BOOKING_ID_PATTERN)
@@ -68,11 +76,13 @@ def _known(booking_id: str) -> str:
 
 
 async def _booking_body(request: Request, svc: Svc) -> Any:
-    return await json_body(request, min(BOOKING_MAX_BYTES, svc.settings.api_max_body_bytes))
+    return await json_body(request, min(MAX_BOOKING_BYTES, svc.settings.api_max_body_bytes),
+                           MAX_BOOKING_DEPTH, field=json_field)
 
 
 async def _batch_body(request: Request, svc: Svc) -> Any:
-    return await json_body(request, svc.settings.api_max_body_bytes)
+    # {"bookings": [booking, ...]}: two levels above each booking.
+    return await json_body(request, svc.settings.api_max_body_bytes, MAX_BOOKING_DEPTH + 2)
 
 
 @router.put(

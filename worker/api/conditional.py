@@ -55,11 +55,15 @@ class PreconditionFailed(ApiError):
 
 
 class _Upsert(Store):
-    """One upsert, checking the stored version inside its own transaction."""
+    """One upsert, checking the stored version inside its own transaction.
+
+    A copy of the app's store (client, scripts, clinic hooks and all: whatever the store
+    holds), differing only in its `_reconcile` seam.
+    """
 
     def __init__(self, store: Store, expected: str | frozenset[int] | None) -> None:
-        super().__init__(store.redis, store.prefix,
-                         retention_days=store.retention_seconds / 86400)
+        # No Store.__init__: take the configured store's state as it is.
+        self.__dict__.update(store.__dict__)
         self.expected = expected
         self.existed = False
 

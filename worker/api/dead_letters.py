@@ -20,11 +20,13 @@ from ..models import field_errors
 from .auth import Authenticated
 from .body import json_body
 from .errors import ApiError
+from .params import no_unknown_query
 from .schemas import DeadLetters, Replayed, ReplayRequest, error_responses
 from .services import Svc
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["dead letters"])
+router = APIRouter(prefix="/v1", tags=["dead letters"],
+                   dependencies=[Depends(no_unknown_query)])
 REPLAY_MAX_BYTES = 262_144
 
 
@@ -49,7 +51,7 @@ def _public(dead: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _replay_body(request: Request) -> Any:
-    return await json_body(request, REPLAY_MAX_BYTES)
+    return await json_body(request, REPLAY_MAX_BYTES, max_depth=3)
 
 
 @router.post(

@@ -1,0 +1,40 @@
+"""Query parameters a route does not take are refused (422), not ignored.
+
+A typo such as `GET /v1/bookings?stauts=held` would otherwise answer every booking as if
+no filter had been asked for; here it is refused naming `stauts`.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+
+from .errors import ApiError
+
+_KNOWN: dict[int, frozenset[str]] = {}
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _known(route: APIRoute) -> frozenset[str]:
+    known = _KNOWN.get(id(route))
+    if known is None:
+        known = _KNOWN[id(route)] = frozenset(_query_names(route.dependant))
+    return known
+
+
+def no_unknown_query(request: Request) -> None:
+    """Router dependency: 422 naming each query parameter the route does not take."""
+    route = request.scope.get("route")
+    known = _known(route) if isinstance(route, APIRoute) else frozenset()
+    unknown = [name for name in dict.fromkeys(request.query_params.keys()) if name not in known]
+    if unknown:
+        raise ApiError(422, "the request has invalid parameters", fields=[
+            (name or "(empty name)", "unknown parameter (not one this route takes)")
+            for name in unknown])
