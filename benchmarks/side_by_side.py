@@ -115,7 +115,8 @@ class Params:
     steady_rate: float = 100.0  # reminders a second in the steady stream
     steady_seconds: float = 30.0  # how long the steady stream lasts
     intake: int = 20_000  # realistic bookings in the `reminders book` intake file
-    pending_bookings: int = 100_000  # realistic bookings loaded for the memory figures
+    pending_bookings: int = 100_000  # realistic bookings: Redis memory per pending reminder
+    pending_reminders: int = 1_000_000  # then more, up to this many pending: worker RSS
     naive_pending: int = 100_000  # far-future ETA tasks given to the naive worker (cap)
     naive_concurrency: int = 2  # the naive worker's --concurrency (ours: celery_command's)
     loaders: int = 2  # parallel `reminders book` processes loading the pending set
@@ -127,7 +128,8 @@ class Params:
 
 
 QUICK = {"burst": 25, "steady_rate": 20.0, "steady_seconds": 3.0, "intake": 300,
-         "pending_bookings": 400, "naive_pending": 500, "drain_timeout": 60.0,
+         "pending_bookings": 400, "pending_reminders": 5000, "naive_pending": 500,
+         "drain_timeout": 60.0,
          "steady_drain": 30.0,
          "intake_budget": 60.0, "load_budget": 60.0}
 HELP = {
@@ -136,7 +138,8 @@ HELP = {
     "steady_rate": "reminders a second in the steady stream",
     "steady_seconds": "seconds the steady stream lasts",
     "intake": "realistic bookings in the `reminders book` intake file",
-    "pending_bookings": "realistic bookings loaded for the memory figures (ours)",
+    "pending_bookings": "realistic bookings pending for the Redis figure (ours)",
+    "pending_reminders": "reminders pending for the worker RSS figure (ours; more bookings)",
     "naive_pending": "far-future ETA tasks given to the naive worker (at most)",
     "naive_concurrency": "the naive worker's --concurrency",
     "loaders": "parallel `reminders book` processes loading the pending set",
@@ -747,70 +750,101 @@ def run_intake_api(params: Params, workdir: Path, config: Path, docs: list[dict[
         stop_redis(server, servers)
 
 
+class Loader:
+    """Loads realistic bookings through parallel `reminders book` processes, in chunks
+    sized from the rate seen so far, never starting one that would overrun the deadline."""
+
+    def __init__(self, params: Params, ours: Ours, folder: Path, now: datetime,
+                 startup: float, deadline: float) -> None:
+        self.params, self.ours, self.folder, self.now = params, ours, folder, now
+        self.startup, self.deadline = startup, deadline
+        self.stored = 0  # bookings stored, numbered 0 .. stored - 1
+        self.rate: float | None = None  # bookings a second of one process, start-up excluded
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def load(self, count: int) -> int:
+        """Store the next `count` bookings (fewer if the deadline comes); return how many."""
+        first, launched = self.stored, 0
+        running: dict[subprocess.Popen[bytes], tuple[int, float, Path]] = {}
+        with open(self.folder / "book.log", "ab") as log:
+            while True:
+                left = self.deadline - time.monotonic()
+                while len(running) < self.params.loaders and launched < count:
+                    size = 2000 if self.rate is None else \
+                        int(min(25_000, max(1000, self.rate * 10)))
+                    size = min(size, count - launched)
+                    if self.rate is not None and self.startup + size / self.rate > left:
+                        size = min(size, int((left - self.startup) * self.rate))
+                        if size < 500:
+                            count = launched  # no time for more
+                            break
+                    if self.rate is None and left < 0:
+                        count = launched
+                        break
+                    running[self._start(first + launched, size, log)] = (
+                        size, time.monotonic(), self.folder / f"{first + launched}.jsonl")
+                    launched += size
+                if not running:
+                    return launched
+                for proc in [p for p in running if p.poll() is not None]:
+                    size, began, path = running.pop(proc)
+                    self.ours.procs.running.remove(proc)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"reminders book {path.name} exited "
+                                           f"{proc.returncode}; see {self.folder / 'book.log'}")
+                    self.stored += size
+                    took = max(0.05, time.monotonic() - began - self.startup)
+                    self.rate = size / took if self.rate is None else \
+                        0.5 * self.rate + 0.5 * size / took
+                    path.unlink()
+                time.sleep(0.1)
+
+    def _start(self, start: int, size: int, log: Any) -> subprocess.Popen[bytes]:
+        path = write_jsonl(self.folder / f"{start}.jsonl",
+                           realistic(size, self.now, self.params.seed + 1, prefix="P",
+                                     start=start))
+        proc = subprocess.Popen([str(BIN / "reminders"), "book", str(path)], env=self.ours.env,
+                                cwd=self.ours.workdir, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        self.ours.procs.running.append(proc)
+        return proc
+
+
 def run_ours_pending(params: Params, ours: Ours, workdir: Path, now: datetime,
                      startup: float) -> dict[str, Any]:
-    """Load realistic bookings through parallel `reminders book` processes while the
-    worker runs, as many as fit the load budget; return memory before and after."""
+    """While the worker runs, load --pending-bookings realistic bookings (Redis memory per
+    pending reminder), then more until --pending-reminders are pending (worker RSS), as
+    far as the load budget allows."""
     assert ours.worker is not None
-    say(f"ours: loading up to {params.pending_bookings:,} realistic bookings with "
-        f"{params.loaders} `reminders book` processes (budget {params.load_budget:g}s)")
+    say(f"ours: loading {params.pending_bookings:,} realistic bookings, then up to "
+        f"{params.pending_reminders:,} pending reminders, with {params.loaders} `reminders "
+        f"book` processes (budget {params.load_budget:g}s)")
     before = ours.stats()
     res: dict[str, Any] = {"target": params.pending_bookings,
+                           "target_reminders": params.pending_reminders,
                            "rss_before": rss_sample(ours.worker.pid),
                            "redis_before": used_memory(ours.url), "due_before": before["due"]}
-    folder = workdir / "pending"
-    folder.mkdir()
     t0 = time.monotonic()
-    launched = stored = 0
-    rate: float | None = None  # bookings a second of one process, start-up excluded
-    running: dict[subprocess.Popen[bytes], tuple[int, float, Path]] = {}
-    log = open(workdir / "pending.log", "ab")  # noqa: SIM115 - closed below
-    try:
-        while True:
-            elapsed = time.monotonic() - t0
-            while len(running) < params.loaders and launched < params.pending_bookings:
-                size = 2000 if rate is None else int(min(25_000, max(1000, rate * 10)))
-                size = min(size, params.pending_bookings - launched)
-                if rate is not None and elapsed + startup + size / rate > params.load_budget:
-                    size = int((params.load_budget - elapsed - startup) * rate)
-                    if size < 500:
-                        break
-                if rate is None and elapsed > params.load_budget:
-                    break
-                path = write_jsonl(folder / f"{launched}.jsonl",
-                                   realistic(size, now, params.seed + 1, prefix="P",
-                                             start=launched))
-                proc = subprocess.Popen([str(BIN / "reminders"), "book", str(path)],
-                                        env=ours.env, cwd=ours.workdir,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=log, start_new_session=True)
-                ours.procs.running.append(proc)
-                running[proc] = (size, time.monotonic(), path)
-                launched += size
-            if not running:
-                break
-            for proc in [p for p in running if p.poll() is not None]:
-                size, began, path = running.pop(proc)
-                ours.procs.running.remove(proc)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"reminders book {path.name} exited {proc.returncode}; "
-                                       f"see {workdir / 'pending.log'}")
-                stored += size
-                took = max(0.05, time.monotonic() - began - startup)
-                rate = size / took if rate is None else 0.5 * rate + 0.5 * size / took
-                path.unlink()
-            time.sleep(0.1)
-    finally:
-        log.close()
-    res["bookings"], res["seconds"] = stored, time.monotonic() - t0
-    stats = ours.stats()
-    res["due_after"] = stats["due"]
-    res["reminders"] = stats["due"] - before["due"]
-    time.sleep(3.0)  # a few pump ticks over the full schedule
+    loader = Loader(params, ours, workdir / "pending", now, startup, t0 + params.load_budget)
+    loader.load(params.pending_bookings)
+    res["bookings"], res["seconds"] = loader.stored, time.monotonic() - t0
+    res["reminders"] = ours.stats()["due"] - before["due"]
     res["redis_after"] = used_memory(ours.url)
-    res["rss_after"] = rss_sample(ours.worker.pid)
-    say(f"ours: {stored:,} bookings, {res['reminders']:,} reminders pending "
+    say(f"ours: {loader.stored:,} bookings, {res['reminders']:,} reminders pending "
         f"({res['seconds']:.0f}s)")
+    pending = res["reminders"]
+    while loader.stored and pending < params.pending_reminders:
+        # Bookings plan different numbers of reminders: aim 1 % over, check, repeat.
+        per_booking = pending / loader.stored
+        if not loader.load(math.ceil((params.pending_reminders - pending) / per_booking * 1.01)):
+            break  # out of time
+        pending = ours.stats()["due"] - before["due"]
+    res["bookings_total"], res["seconds_total"] = loader.stored, time.monotonic() - t0
+    res["reminders_total"] = pending
+    time.sleep(3.0)  # a few pump ticks over the full schedule
+    res["rss_after"] = rss_sample(ours.worker.pid)
+    say(f"ours: {loader.stored:,} bookings, {res['reminders_total']:,} reminders pending "
+        f"({res['seconds_total']:.0f}s)")
     return res
 
 
@@ -895,7 +929,7 @@ def build_rows(m: dict[str, Any], params: Params) -> list[Row]:
     np_, op = naive["pending"], ours["pending"]
     rows.append(Row("load_rate", "loading the pending set", "reminders/s", 0,
                     None, np_["published"] / np_["publish_seconds"],
-                    op["reminders"] / op["seconds"] if op["seconds"] else None))
+                    op["reminders_total"] / op["seconds_total"] if op["seconds_total"] else None))
     ours_bytes = ((op["redis_after"] - op["redis_before"]) / op["reminders"]
                   if op["reminders"] else None)
     rows.append(Row("redis_per_pending", f"Redis per pending reminder ({short(np_['published'])}"
@@ -908,7 +942,7 @@ def build_rows(m: dict[str, Any], params: Params) -> list[Row]:
                     met=ours["rss_idle"] <= naive["rss_idle"]))
     rows.append(Row("rss_zero_after", "worker RSS, 0 pending, after the sends", "MB",
                     1, None, naive["rss_zero_after"] / MB, ours["rss_zero_after"] / MB))
-    held = f"{short(np_['taken'])} / {short(op['reminders'])}"
+    held = f"{short(np_['taken'])} / {short(op['reminders_total'])}"
     rows.append(Row("rss_pending", f"worker RSS, pending ({held})", "MB", 1, None,
                     np_["rss_after"] / MB, op["rss_after"] / MB))
     change_o = 100 * (op["rss_after"] - op["rss_before"]) / op["rss_before"]
@@ -917,8 +951,8 @@ def build_rows(m: dict[str, Any], params: Params) -> list[Row]:
                     goal="within ±10 %", met=abs(change_o) <= 10))
     rows.append(Row("rss_per_pending", "worker RSS per pending reminder", "B", 0, None,
                     (np_["rss_after"] - np_["rss_before"]) / np_["taken"] if np_["taken"] else None,
-                    (op["rss_after"] - op["rss_before"]) / op["reminders"]
-                    if op["reminders"] else None))
+                    (op["rss_after"] - op["rss_before"]) / op["reminders_total"]
+                    if op["reminders_total"] else None))
     rows.append(Row("beat_rss", "beat process RSS", "MB", 1, None, None,
                     ours["beat_rss"] / MB))
     for row in rows:  # a percentile that fell on a message that never came
@@ -1108,12 +1142,16 @@ def pending_note(report: dict[str, Any]) -> str:
     np_, op = m["naive"]["pending"], m["ours"]["pending"]
     text = (f"Pending: naive {np_['published']:,} far-future ETA tasks published, "
             f"{np_['taken']:,} of them held by its worker; ours {op['bookings']:,} bookings = "
-            f"{op['reminders']:,} reminders in Redis.")
+            f"{op['reminders']:,} reminders in Redis for the Redis row, "
+            f"{op['bookings_total']:,} bookings = {op['reminders_total']:,} reminders for the "
+            f"worker RSS rows.")
     cut = []
     if np_["published"] < p["naive_pending"]:
         cut.append(f"naive {np_['published']:,} of {p['naive_pending']:,}")
     if op["bookings"] < p["pending_bookings"]:
         cut.append(f"ours {op['bookings']:,} of {p['pending_bookings']:,} bookings")
+    elif op["reminders_total"] < p["pending_reminders"]:
+        cut.append(f"ours {op['reminders_total']:,} of {p['pending_reminders']:,} reminders")
     if cut:
         text += (f" Cut short by the {p['load_budget']:g} s load budget: "
                  + ", ".join(cut) + ".")

@@ -126,7 +126,9 @@ def test_a_percentile_on_a_message_that_never_came_prints_as_more_than_the_wait(
                   "rss_zero_after": 2**20, "beat_rss": 2**20,
                   "intake": {"finished": True, "bookings": 5, "rate": 10.0},
                   "intake_api": {"available": False, "reason": "no API yet"},
-                  "pending": pending | {"bookings": 1, "reminders": 10, "seconds": 1.0}}}
+                  "pending": pending | {"bookings": 1, "reminders": 10, "seconds": 1.0,
+                                        "bookings_total": 2, "reminders_total": 20,
+                                        "seconds_total": 2.0}}}
     rows = {r.key: r for r in build_rows(m, Params(drain_timeout=9.0))}
     assert rows["burst_lateness_p99"].naive is None
     assert rows["burst_lateness_p99"].na == {"naive": "> 9 s"}
@@ -290,6 +292,12 @@ def test_rows_are_the_observations_recomputed(quick_run):
     op = ours["pending"]
     assert op["bookings"] == QUICK["pending_bookings"]
     assert op["reminders"] > 5 * op["bookings"] and op["due_before"] == 0
+    # Then more bookings, until the reminders asked for were pending (aiming 1 % over), for
+    # the worker RSS rows.
+    assert op["bookings_total"] > op["bookings"]
+    per_booking = op["reminders"] / op["bookings"]
+    assert QUICK["pending_reminders"] <= op["reminders_total"] <= \
+        1.02 * QUICK["pending_reminders"] + 3 * per_booking
     assert op["redis_after"] > op["redis_before"]
     assert rows["redis_per_pending"]["ours"] == pytest.approx(
         (op["redis_after"] - op["redis_before"]) / op["reminders"])
@@ -298,11 +306,13 @@ def test_rows_are_the_observations_recomputed(quick_run):
     assert rows["redis_per_pending"]["naive"] == pytest.approx(
         (np_["redis_after"] - np_["redis_before"]) / np_["published"])
     assert rows["redis_per_pending"]["naive"] > 0
-    for side, before, after in (("naive", np_["rss_before"], np_["rss_after"]),
-                                ("ours", op["rss_before"], op["rss_after"])):
+    for side, before, after, held in (
+            ("naive", np_["rss_before"], np_["rss_after"], np_["taken"]),
+            ("ours", op["rss_before"], op["rss_after"], op["reminders_total"])):
         assert before > 20 * 2**20 and after > 20 * 2**20  # a Python worker and its pool
         assert rows["rss_change"][side] == pytest.approx(100 * (after - before) / before)
         assert rows["rss_pending"][side] == pytest.approx(after / 2**20)
+        assert rows["rss_per_pending"][side] == pytest.approx((after - before) / held)
     assert rows["rss_idle"]["ours"] == pytest.approx(ours["rss_idle"] / 2**20)
     assert rows["rss_idle"]["naive"] == pytest.approx(naive["rss_idle"] / 2**20)
     assert rows["beat_rss"]["ours"] == pytest.approx(ours["beat_rss"] / 2**20)
