@@ -41,9 +41,11 @@ BIN = Path(sys.executable).parent
 # Gossip and mingle off, as `reminders run` starts it: gossip's broadcast queue breaks the
 # channel clean-up when Redis restarts (see worker/broker.py).
 WORKER_COMMAND = ("celery -A worker.celery_app worker --loglevel=INFO --concurrency=4 "
-                  "-Q reminders.send,reminders.pump --without-gossip --without-mingle")
+                  "-Q reminders.send.email,reminders.send.sms,reminders.pump "
+                  "--without-gossip --without-mingle")
 BEAT_COMMAND = "celery -A worker.celery_app beat --loglevel=INFO"
-QUEUES = {"reminders.send", "reminders.pump"}
+SEND_QUEUES = {"reminders.send.email", "reminders.send.sms"}
+QUEUES = SEND_QUEUES | {"reminders.pump"}
 # Services whose command or healthcheck the tests below run; a new one must join them.
 EXERCISED = {"redis", "worker", "beat", "api"}
 API_COMMAND = "uvicorn worker.api:app --host 0.0.0.0 --port 8000"
@@ -445,7 +447,7 @@ def test_worker_answers_its_healthcheck(worker: Process, services) -> None:
 
 
 @pytest.mark.integration
-def test_worker_consumes_both_queues(worker: Process) -> None:
+def test_worker_consumes_every_queue(worker: Process) -> None:
     celery = str(BIN / "celery")
     result = run_cli([celery, "-A", "worker.celery_app", "inspect", "active_queues", "-j"],
                      worker.env, worker.cwd)
@@ -454,18 +456,23 @@ def test_worker_consumes_both_queues(worker: Process) -> None:
     assert len(replies) == 1, replies
     assert {queue["name"] for queue in next(iter(replies.values()))} == QUEUES
 
-    # A task on each queue, routed by the app's own routes, is taken and run.
-    pump = run_cli([celery, "-A", "worker.celery_app", "call", "reminders.pump"],
-                   worker.env, worker.cwd)
-    send = run_cli([celery, "-A", "worker.celery_app", "call", "reminders.send",
-                    "-a", json.dumps(["glow/docker-test/no-such-step", "1", "no-claim"])],
-                   worker.env, worker.cwd)
-    assert pump.returncode == 0 and send.returncode == 0, pump.stderr + send.stderr
-    for name, task_id in (("reminders.pump", pump.stdout.strip()),
-                          ("reminders.send", send.stdout.strip())):
+    # A task on each queue, routed by the app's own routes (a send by its reminder's
+    # channel), is taken and run.
+    calls = [("reminders.pump", []),
+             ("reminders.send", ["glow/docker-test/no-such-step:sms", "1", "no-claim"]),
+             ("reminders.send_batch", [[["glow/docker-test/no-such-step:email", "1", "x"]],
+                                       time.time()])]
+    done = []
+    for name, args in calls:
+        call = run_cli([celery, "-A", "worker.celery_app", "call", name,
+                        *(["-a", json.dumps(args)] if args else [])], worker.env, worker.cwd)
+        assert call.returncode == 0, call.stderr
+        done.append((name, call.stdout.strip()))
+    for name, task_id in done:
         worker.wait_for(rf"Task {re.escape(name)}\[{re.escape(task_id)}\] succeeded", timeout=10)
+    worker.wait_for(r"send glow/docker-test/no-such-step:email: dropped \(gone\)", timeout=10)
     client = redis.Redis.from_url(worker.env["REMINDERS_REDIS_URL"])
-    assert [client.llen(queue_key(worker.env, q)) for q in sorted(QUEUES)] == [0, 0]
+    assert [client.llen(queue_key(worker.env, q)) for q in sorted(QUEUES)] == [0, 0, 0]
     client.close()
 
 
@@ -489,7 +496,7 @@ def test_beat_publishes_the_pump_every_interval(services, redis_server, tmp_path
             assert headers["task"] == "reminders.pump"
             assert headers["eta"] is None, "Celery carries only work that is due now"
             assert headers["expires"], "a stale pump tick should expire, not pile up"
-        assert client.llen(queue_key(env, "reminders.send")) == 0
+        assert [client.llen(queue_key(env, q)) for q in sorted(SEND_QUEUES)] == [0, 0]
         # The beat schedule is kept in the data folder (the container's /data volume).
         assert list((tmp_path / "data").glob("celerybeat-schedule*"))
     finally:

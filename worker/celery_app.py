@@ -3,9 +3,16 @@
 Celery carries only work that is due now: the pump task (beat, every second) and the
 send tasks it publishes. No task has an ETA or countdown, so the broker's visibility
 timeout can be minutes and nothing waits in worker memory.
+
+Queues: `reminders.pump`, and one send queue per channel (`reminders.send.email`,
+`reminders.send.sms`), so a slow email provider never holds SMS back in the broker. A
+worker started with `-Q` WORKER_QUEUES takes all of them; a worker per channel
+(`-Q reminders.send.sms`) isolates the channels in separate processes too.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from celery import Celery
 from kombu.entity import Queue  # kombu.Queue; kombu/__init__ does not export it to mypy
@@ -14,18 +21,47 @@ from .embedded import redis_url
 from .settings import get_settings
 
 PUMP_QUEUE = "reminders.pump"
-SEND_QUEUE = "reminders.send"
+CHANNELS = ("email", "sms")  # worker/models.py's, without importing the models here
+SEND_QUEUES = {channel: f"reminders.send.{channel}" for channel in CHANNELS}
+WORKER_QUEUES = ",".join([*SEND_QUEUES.values(), PUMP_QUEUE])  # what `-Q` takes for all
+
+
+def send_queue(ref_or_channel: str) -> str:
+    """Return the send queue of a channel, or of a reminder ref ("...:<channel>")."""
+    channel = ref_or_channel.rpartition(":")[2]
+    return SEND_QUEUES.get(channel, SEND_QUEUES[CHANNELS[0]])
+
+
+def _route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+           **_: Any) -> dict[str, str] | None:
+    """Route a task published without a queue (e.g. `celery call`) by its reminder's channel."""
+    try:
+        if name == "reminders.send":
+            return {"queue": send_queue(str(args[0]))}
+        if name == "reminders.send_batch":
+            return {"queue": send_queue(str(args[0][0][0]))}
+    except (IndexError, KeyError, TypeError):
+        pass
+    return {"queue": PUMP_QUEUE} if name == "reminders.pump" else None
+
 
 settings = get_settings()
+
+
+def queue_key(queue: str) -> str:
+    """Return the broker's Redis list of `queue` (keys carry the global_keyprefix below)."""
+    return f"{settings.key_prefix}:celery:{queue}"
+
+
 app = Celery("reminders", broker=redis_url(settings), include=["worker.tasks"])
 app.conf.update(
-    task_queues=(
+    task_queues=tuple(
         # kombu's Queue is unannotated.
-        Queue(SEND_QUEUE, routing_key=SEND_QUEUE),  # type: ignore[no-untyped-call]
-        Queue(PUMP_QUEUE, routing_key=PUMP_QUEUE),  # type: ignore[no-untyped-call]
+        Queue(queue, routing_key=queue)  # type: ignore[no-untyped-call]
+        for queue in [*SEND_QUEUES.values(), PUMP_QUEUE]
     ),
-    task_default_queue=SEND_QUEUE,
-    task_routes={"reminders.pump": {"queue": PUMP_QUEUE}, "reminders.send": {"queue": SEND_QUEUE}},
+    task_default_queue=PUMP_QUEUE,
+    task_routes=(_route,),
     task_serializer="json",
     accept_content=["json"],
     task_ignore_result=True,

@@ -1,24 +1,60 @@
 """Where a reminder is sent: fence, ledger, send-time rules, render, deliver, classify, record.
 
-The Celery task in tasks.py only calls `send_claimed`. Fencing and the ledger make a
-redelivered or duplicated task a no-op. At the moment of sending the reminder's time
-rules are checked again (its expiry; the patient's send window), so retries, replays and
-a backlog after an outage obey them too. Outcomes:
+One attempt (`attempt`) is what it always was. Fencing and the ledger make a redelivered or
+duplicated task a no-op. At the moment of sending the reminder's time rules are checked
+again (its expiry; the patient's send window), so retries, replays and a backlog after an
+outage obey them too. Outcomes:
   sent       recorded (always, even if the clinic's change overtook the attempt)
   transient  back into the schedule with backoff, at the send window's next opening
   permanent  (or out of attempts) dead-lettered with the reason
   unknown    (a timeout, a connection broken after the hand-over) the ledger is kept
              until it expires and the reminder retried only after: never two live attempts
 Every finish is fenced by version, claim and token in one Lua script (store.py).
+
+Batches (`hand_over`). The pump hands claims to a send task in batches, one queue per
+channel (worker/pump.py). The task hands its claims to this process's senders for the
+claims' channel (`Lanes`: a bounded thread pool per channel, `send_threads` threads) and
+returns; its message is acknowledged then (acks late: a worker lost before that gives the
+batch back to the broker). From then on each claim is guarded like any attempt in flight:
+by its lease (a worker killed before the claim's outcome is recorded loses nothing: the
+pump claims it again once the lease runs out) and by its ledger (nothing is sent twice).
+The task does not wait for the sends, so a slow provider holds only its own channel's
+threads: never a Celery pool process, never the other channel, never the pump.
+
+Why threads, and why this is safe with them: a send waits on the network almost all the
+time. Nothing shared changes during a send: the Redis client is thread-safe (a connection
+pool), the catalog is read-only, the Jinja2 environment's template cache is locked, each
+message gets its own Apprise object, and delivery.py classifies each send from what that
+call observed only (its own captured lines and HTTP statuses, per context).
+
+When a claim may begin. A claim is begun only while its lease leaves time for a send:
+before `claimed_at + min(lease_seconds - send_timeout_seconds - 1, send_max_wait_seconds)`.
+A claim still waiting for a free thread after that is handed back to the schedule at once
+(`Store.requeue`, due now): never left to sit until its lease runs out and be claimed again
+behind a stale task. The pump sizes batches so that this is rare.
+
+No attempt outlives its ledger entry. The entry lives `lease_seconds` from the attempt's
+start; a send's sockets time out long before (`lease_seconds > 2 x send_timeout_seconds +
+1`, checked by the settings), and Redis retries (`durably`) stop 4 s before it. Should a
+send hang anyway (a provider trickling bytes under every socket timeout), a watchdog ends
+this process 1 s before that attempt's entry would expire, as the prefork pool's hard time
+limit ended the single-reminder task before: the Celery parent replaces the process, the
+lease brings its claims back. On a warm shutdown claims not yet begun are handed back at
+once and the running sends are waited for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -34,6 +70,7 @@ from .delivery import Envelope, deliver
 from .errors import ConfigError, DeliveryError
 from .models import Booking, Channel
 from .planner import SendTime, at_send_time, next_opening
+from .pump import Keys
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
 from .store import IN_FLIGHT_MARGIN, Attempt, Store, split_ref
@@ -82,14 +119,46 @@ def durably(call: Callable[[], T], deadline: float, what: str) -> T:
 
 
 def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
-    """Send the reminder `ref` if this task still owns it; return what happened."""
+    """Send the reminder `ref` now, in this thread, if this task still owns it; return what
+    happened. (The single-reminder task; batches go through `hand_over`.)"""
+    return attempt(ctx, ref, version, claim, watchdog=watchdog())
+
+
+def attempt(
+    ctx: Context,
+    ref: str,
+    version: str,
+    claim: str,
+    *,
+    start_by: float | None = None,
+    begun: Callable[[], None] | None = None,
+    watchdog: Watchdog | None = None,
+) -> str:
+    """One attempt at a claimed reminder; return what happened.
+
+    `start_by` (time.time()): past it the claim is handed back to the schedule instead of
+    begun. `begun` is called once the attempt has taken its ledger, or knows it will not.
+    `watchdog` ends the process should the attempt outlive its ledger entry.
+    """
     settings, store = ctx.settings, ctx.store
+    if start_by is not None and time.time() > start_by:
+        if begun:
+            begun()
+        if store.requeue(ref, datetime.now(UTC), NOT_STARTED, claim=claim):
+            log.info("send %s: not started in time; handed back to the schedule", ref)
+            return "handed back"
+        return "dropped: finished meanwhile"
     started = time.monotonic()
     # Nothing of this attempt may outlive its ledger entry (lease_seconds from here): stop
-    # retrying Redis a little before the soft time limit.
-    deadline = started + settings.send_time_limit[0] - 1
-    attempt = Attempt(version=version, claim=claim, token=uuid.uuid4().hex)
-    verdict = store.begin_send(ref, version, claim, attempt.token, settings.lease_seconds * 1000)
+    # retrying Redis a little before the watchdog would end the process.
+    soft, hard = settings.send_time_limit
+    deadline = started + soft - 1
+    token = uuid.uuid4().hex
+    try:
+        verdict = store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000)
+    finally:
+        if begun:
+            begun()
     if verdict == "in flight":
         # A previous attempt whose lease ran out may still be talking to the provider.
         # Try again just after that attempt's ledger entry expires (or it finishes first).
@@ -102,7 +171,15 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     if verdict != "ok":
         log.info("send %s: dropped (%s)", ref, verdict)
         return f"dropped: {verdict}"
+    watch = watchdog.watch(ref, started + hard) if watchdog else contextlib.nullcontext()
+    with watch:
+        return _send(ctx, ref, Attempt(version=version, claim=claim, token=token), started,
+                     deadline)
 
+
+def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: float) -> str:
+    """The rest of an attempt that holds the ledger: rules, render, deliver, record."""
+    settings, store = ctx.settings, ctx.store
     now = datetime.now(UTC)
     entry: dict[str, Any] = {"at": now.isoformat()}
     number = 1
@@ -285,3 +362,252 @@ def _failed(
         ref, number, exc.reason, retry_at.isoformat(timespec="seconds"), result,
     )
     return "retrying"
+
+
+# --- batches: this process's senders ----------------------------------------------------
+
+NOT_STARTED = "not started in time (the senders were busy): handed back to the schedule"
+WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks
+FLUSH_INTERVAL = 0.1  # seconds between reports of settled claims to the pump's counts
+NUDGE_AFTER = 0.05  # a channel's senders idle this long after settling: ask for more work
+
+
+class Watchdog:
+    """Ends this process before any attempt it watches outlives its ledger entry.
+
+    `watch(ref, end_at)` (time.monotonic()) registers an attempt; a thread looks every
+    WATCH_INTERVAL and, if one is still running at `end_at`, logs it and kills the process
+    (`kill`, by default SIGKILL to itself): its sockets close, so the attempt cannot go on.
+    """
+
+    def __init__(self, kill: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._kill = kill or (lambda: os.kill(os.getpid(), signal.SIGKILL))
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._running: dict[int, tuple[str, float]] = {}
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(self, ref: str, end_at: float) -> Iterator[None]:
+        with self._lock:
+            self._next += 1
+            key = self._next
+            self._running[key] = (ref, end_at)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="send-watchdog",
+                                                daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._running[key]
+
+    def overdue(self) -> list[str]:
+        """Return the refs of attempts past their end (checked by the thread)."""
+        now = self._clock()
+        with self._lock:
+            return [ref for ref, end_at in self._running.values() if now >= end_at]
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL)
+            late = self.overdue()
+            if late:
+                log.critical(
+                    "send %s: still running when its send ledger entry is about to expire; "
+                    "ending this worker process so that no attempt outlives it (%d running)",
+                    late[0], len(late))
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                self._kill()
+                return
+
+
+class Lanes:
+    """This process's senders: a bounded thread pool per channel, and their bookkeeping.
+
+    Settled claims are reported to the pump's outstanding set and drain counter (one Redis
+    pipeline every FLUSH_INTERVAL); once a channel's senders have nothing queued, `on_idle`
+    (channel) is called so the pump can hand out more at once instead of at its next tick.
+    """
+
+    def __init__(self, ctx: Context, *, on_idle: Callable[[Channel], None] | None = None,
+                 watchdog: Watchdog | None = None) -> None:
+        self.ctx = ctx
+        self.threads = ctx.settings.send_threads
+        self.keys = Keys(ctx.store.prefix)
+        self.watchdog = watchdog or Watchdog()
+        self._on_idle = on_idle
+        self._lock = threading.Lock()
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._waiting: dict[str, int] = {}  # handed over, not begun yet
+        self._settled: dict[str, list[str]] = {}  # outstanding members to report
+        self._drained: dict[str, int] = {}  # of which begun or dropped: the drain rate
+        self._idle_since: dict[str, float] = {}  # channels that ran dry, to nudge
+        self._closing = False
+        self._flusher: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def submit(self, channel: Channel, ref: str, version: str, claim: str,
+               start_by: float) -> Future[str]:
+        """Queue one claim for this channel's senders; return the future of its outcome."""
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the senders are shutting down")
+            pool = self._pools.get(channel)
+            if pool is None:
+                pool = self._pools[channel] = ThreadPoolExecutor(
+                    self.threads, thread_name_prefix=f"send-{channel}")
+            self._waiting[channel] = self._waiting.get(channel, 0) + 1
+            self._idle_since.pop(channel, None)
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="send-flush",
+                                                 daemon=True)
+                self._flusher.start()
+        return pool.submit(self._one, channel, ref, version, claim, start_by)
+
+    def _one(self, channel: Channel, ref: str, version: str, claim: str, start_by: float) -> str:
+        begun = False
+
+        def on_begun() -> None:
+            nonlocal begun
+            if not begun:
+                begun = True
+                with self._lock:
+                    self._waiting[channel] -= 1
+
+        outcome = "not completed"
+        try:
+            # On shutdown, what has not begun goes straight back to the schedule.
+            deadline = 0.0 if self._closing else start_by
+            outcome = attempt(self.ctx, ref, version, claim, start_by=deadline, begun=on_begun,
+                              watchdog=self.watchdog)
+        except Exception as exc:  # Redis down past its retries, a bug: the lease brings it back
+            log.warning("send %s: attempt not completed (%s); its lease will bring it back",
+                        ref, type(exc).__name__)
+        finally:
+            on_begun()
+            # A claim handed back unbegun says nothing of how fast this channel drains.
+            self._settle(channel, f"{claim}@{ref}", drained=outcome != "handed back")
+        return outcome
+
+    def _settle(self, channel: Channel, done: str, drained: bool) -> None:
+        with self._lock:
+            self._settled.setdefault(channel, []).append(done)
+            if drained:
+                self._drained[channel] = self._drained.get(channel, 0) + 1
+            if self._waiting.get(channel, 0) == 0:
+                self._idle_since.setdefault(channel, time.monotonic())
+
+    def waiting(self, channel: Channel) -> int:
+        """Return how many claims handed to this channel's senders have not begun."""
+        with self._lock:
+            return self._waiting.get(channel, 0)
+
+    def flush(self) -> None:
+        """Report settled claims now; call `on_idle` for channels that ran dry."""
+        with self._lock:
+            settled, self._settled = self._settled, {}
+            drained, self._drained = self._drained, {}
+            now = time.monotonic()
+            idle = [c for c, since in self._idle_since.items() if now - since >= NUDGE_AFTER]
+            for channel in idle:
+                del self._idle_since[channel]
+        if settled:
+            try:
+                pipe = self.ctx.store.redis.pipeline(transaction=False)
+                for channel, members in settled.items():
+                    pipe.zrem(self.keys.outstanding(channel), *members)
+                    if drained.get(channel):
+                        pipe.incrby(self.keys.drained(channel), drained[channel])
+                pipe.execute()
+            except redis.RedisError:
+                # The pump's counts only: its members expire on their own.
+                log.warning("senders: could not report %d settled claim(s) to the pump",
+                            sum(len(m) for m in settled.values()))
+        for channel in idle:
+            if self._on_idle is not None:
+                try:
+                    self._on_idle(cast(Channel, channel))
+                except Exception as exc:
+                    log.warning("senders: could not ask the pump for more %s work (%s)",
+                                channel, type(exc).__name__)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            self.flush()
+
+    def close(self) -> None:
+        """Stop: hand back what has not begun, wait for the running sends, report them."""
+        with self._lock:
+            self._closing = True
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.shutdown(wait=True)
+        self._stop.set()
+        self._on_idle = None
+        self.flush()
+
+
+def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
+              claims: Sequence[Sequence[str]], claimed_at: float) -> str:
+    """Give a batch of claims ([ref, version, claim], ...) to this process's senders."""
+    settings = ctx.settings
+    start_by = claimed_at + min(settings.lease_seconds - settings.send_timeout_seconds - 1,
+                                settings.send_max_wait_seconds)
+    for index, (ref, version, claim) in enumerate(claims):
+        try:
+            lanes.submit(channel, ref, version, claim, start_by)
+        except RuntimeError:  # shutting down: back to the schedule now, not a lease later
+            now = datetime.now(UTC)
+            for ref, _, claim in claims[index:]:
+                ctx.store.requeue(ref, now, "the worker was stopping", claim=claim)
+            return f"{index} claim(s) handed to the {channel} senders; the rest handed back"
+    return f"{len(claims)} claim(s) handed to the {channel} senders"
+
+
+_process_lanes: Lanes | None = None
+_process_watchdog: Watchdog | None = None
+_lanes_lock = threading.Lock()
+
+
+def watchdog() -> Watchdog:
+    """Return this process's watchdog."""
+    global _process_watchdog
+    with _lanes_lock:
+        if _process_watchdog is None:
+            _process_watchdog = Watchdog()
+        return _process_watchdog
+
+
+def lanes(ctx: Context, on_idle: Callable[[Channel], None] | None = None) -> Lanes:
+    """Return this process's senders (made on first use, after a fork)."""
+    global _process_lanes
+    dog = watchdog()
+    with _lanes_lock:
+        if _process_lanes is None:
+            _process_lanes = Lanes(ctx, on_idle=on_idle, watchdog=dog)
+        return _process_lanes
+
+
+def close_lanes() -> None:
+    """Drain this process's senders, if it has any (a warm shutdown)."""
+    global _process_lanes
+    with _lanes_lock:
+        current, _process_lanes = _process_lanes, None
+    if current is not None:
+        current.close()
+
+
+def _forget_after_fork() -> None:
+    # A pool child starts with no senders and no watchdog thread of its own yet.
+    global _process_lanes, _process_watchdog, _lanes_lock
+    _process_lanes = None
+    _process_watchdog = None
+    _lanes_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,66 +1,169 @@
-"""Celery tasks, thin: build the context once per process, then call plain functions."""
+"""Celery tasks, thin: build the context once per process, then call plain functions.
+
+  reminders.pump        claim what each channel's senders can take; publish it in batches
+  reminders.send_batch  hand a batch of claims [[ref, version, claim], ...] to this process's
+                        senders for their channel (worker/dispatch.py `hand_over`)
+  reminders.send        send one claimed reminder now, in the task (the same attempt; kept
+                        for tools that publish a single claim)
+
+The send path's modules (dispatch, delivery, rendering, Apprise) are imported in the pool
+processes that send, not in the Celery main process, which only routes messages.
+"""
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_process_init
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
-from .catalog import Catalog
-from .celery_app import SEND_QUEUE, app
-from .delivery import warm_up
-from .dispatch import Context, send_claimed
-from .embedded import redis_url
-from .pump import pump
-from .rendering import Renderer
+from .celery_app import PUMP_QUEUE, app, nudge_pump, queue_key, send_queue
 from .settings import get_settings
-from .store import Claim, Store, connect
-from .webhooks import hooks_for
+
+if TYPE_CHECKING:
+    from .dispatch import Context, Lanes
+    from .models import Channel
+    from .store import Claim
 
 log = logging.getLogger(__name__)
+NUDGE_DEBOUNCE_MS = 200  # at most one nudge per channel in this long, whoever asks
+
+_context: Context | None = None
+_context_lock = threading.Lock()
 
 
-@lru_cache(maxsize=1)
 def context() -> Context:
-    settings = get_settings()
-    catalog = Catalog.load(settings)
-    return Context(
-        settings=settings,
-        store=Store(
-            connect(redis_url(settings)),
-            settings.key_prefix,
-            retention_days=settings.retention_days,
-            hooks=hooks_for(catalog.clinics),
-        ),
-        catalog=catalog,
-        renderer=Renderer(catalog.templates_dir),
-    )
+    """Return this process's send context (settings, store, catalog, renderer), made once."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            from .catalog import Catalog
+            from .dispatch import Context
+            from .embedded import redis_url
+            from .rendering import Renderer
+            from .store import Store, connect
+            from .webhooks import hooks_for
+
+            settings = get_settings()
+            catalog = Catalog.load(settings)
+            _context = Context(
+                settings=settings,
+                store=Store(
+                    connect(redis_url(settings)),
+                    settings.key_prefix,
+                    retention_days=settings.retention_days,
+                    hooks=hooks_for(catalog.clinics),
+                ),
+                catalog=catalog,
+                renderer=Renderer(catalog.templates_dir),
+            )
+        return _context
 
 
-@worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
-def _warm_up(**_: object) -> None:
+def senders() -> Lanes:
+    """Return this process's senders (one thread pool per channel)."""
+    from .dispatch import lanes
+
+    return lanes(context(), on_idle=_ask_for_more)
+
+
+def _ask_for_more(channel: Channel) -> None:
+    """A channel's senders ran dry: run the pump now, unless its queue still holds work."""
+    client = context().store.redis
+    if client.llen(queue_key(send_queue(channel))):
+        return
+    key = f"{context().settings.key_prefix}:send:nudge:{channel}"
+    if client.set(key, "1", nx=True, px=NUDGE_DEBOUNCE_MS):
+        nudge_pump()
+
+
+def _warm_up() -> None:
     """Load config, templates, Apprise and Redis before the first task needs them."""
+    from .delivery import warm_up
+
     context()
     warm_up()
 
 
-def _publish(claim: Claim) -> None:
-    send_reminder.apply_async(args=(claim.ref, claim.version, claim.claim), queue=SEND_QUEUE)
+@worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _warm_up_pool_process(**_: object) -> None:
+    _warm_up()
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _warm_up_single_process(sender: Any = None, **_: object) -> None:
+    # Tasks run in the main process with the solo and threads pools (no pool processes).
+    pool = getattr(sender, "pool_cls", None)
+    if pool is not None and "prefork" not in f"{getattr(pool, '__module__', pool)}":
+        _warm_up()
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _drain(**_: object) -> None:
+    """Warm shutdown: hand back claims not begun, wait for the sends under way."""
+    from .dispatch import close_lanes
+
+    close_lanes()
+
+
+def _publish(channel: Channel, claims: Sequence[Claim], claimed_at: float) -> None:
+    send_batch.apply_async(
+        args=([[c.ref, c.version, c.claim] for c in claims], claimed_at),
+        queue=send_queue(channel),
+    )
 
 
 @app.task(name="reminders.pump", ignore_result=True)  # type: ignore[untyped-decorator]  # celery
 def pump_task() -> int:
-    """Claim due reminders and publish a send task for each."""
+    """Claim due reminders, as many as each channel's senders can take, and publish them."""
+    from .pump import Capacity, pump
+
     ctx = context()
-    return pump(
-        ctx.store, _publish, batch=ctx.settings.pump_batch, lease_seconds=ctx.settings.lease_seconds
+    settings = ctx.settings
+    capacity = Capacity(
+        lease_seconds=settings.lease_seconds,
+        batch_size=settings.send_batch_size,
+        threads=settings.send_threads,
+        backlog_seconds=settings.send_backlog_seconds,
+        # A claim counts as outstanding until it must have begun, plus the slowest send.
+        hold_seconds=settings.send_max_wait_seconds + 2 * settings.send_timeout_seconds + 1,
     )
+    return pump(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
 
 
-# No attempt may outlive its send-ledger entry: the hard time limit ends it first (the soft
-# one lets it record the outcome as unknown). Time limits need the prefork pool.
+# The limits of the tasks themselves (a batch task only hands its claims over; the single
+# send runs its attempt in the task). No attempt outlives its ledger entry either way: the
+# senders' watchdog ends the process first (worker/dispatch.py).
 _SOFT_LIMIT, _HARD_LIMIT = get_settings().send_time_limit
+
+
+@app.task(  # type: ignore[untyped-decorator]  # celery is untyped
+    name="reminders.send_batch",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=_SOFT_LIMIT,
+    time_limit=_HARD_LIMIT,
+)
+def send_batch(claims: list[list[str]], claimed_at: float) -> str:
+    """Hand claimed reminders of one channel to this process's senders; they send each once."""
+    from .dispatch import hand_over
+    from .pump import channel_of
+
+    by_channel: dict[Channel, list[list[str]]] = {}
+    for claim in claims:
+        by_channel.setdefault(channel_of(claim[0]), []).append(claim)
+    lanes = senders()
+    return "; ".join(hand_over(context(), lanes, channel, batch, claimed_at)
+                     for channel, batch in by_channel.items())
 
 
 @app.task(  # type: ignore[untyped-decorator]  # celery is untyped
@@ -73,4 +176,9 @@ _SOFT_LIMIT, _HARD_LIMIT = get_settings().send_time_limit
 )
 def send_reminder(ref: str, version: str, claim: str) -> str:
     """Send one claimed reminder once (fenced by version and claim, guarded by the ledger)."""
+    from .dispatch import send_claimed
+
     return send_claimed(context(), ref, version, claim)
+
+
+__all__ = ["PUMP_QUEUE", "context", "pump_task", "send_batch", "send_reminder", "senders"]

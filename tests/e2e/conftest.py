@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.sinks import HttpSink, SmtpSink
+from worker.service import WORKER_QUEUES
 
 BIN = Path(sys.executable).parent
 QUICK_PROTOCOL = """
@@ -105,7 +106,7 @@ class Service:
         """Start `celery -A worker.celery_app worker` and wait until it is ready."""
         proc = self._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "worker",
                             "--loglevel=INFO", f"--concurrency={concurrency}",
-                            "-Q", "reminders.send,reminders.pump", "-n", f"{name}@%h",
+                            "-Q", WORKER_QUEUES, "-n", f"{name}@%h",
                             "--without-gossip", "--without-mingle"], name)
         wait_until(lambda: b" ready." in proc.log_path.read_bytes() or proc.poll() is not None, 30)
         assert proc.poll() is None, proc.log_path.read_text()

@@ -128,12 +128,13 @@ class Publisher:
     """
 
     CODE = ("import json, sys\n"
-            "from worker.celery_app import SEND_QUEUE\n"
+            "from worker.celery_app import send_queue\n"
             "from worker.tasks import send_reminder\n"
             "print('ready', flush=True)\n"
             "for line in sys.stdin:\n"
             "    for task_id, *args in json.loads(line):\n"
-            "        send_reminder.apply_async(args=args, queue=SEND_QUEUE, task_id=task_id)\n"
+            "        send_reminder.apply_async(args=args, queue=send_queue(args[0]),\n"
+            "                                  task_id=task_id)\n"
             "    print('ok', flush=True)\n")
 
     def __init__(self, service) -> None:

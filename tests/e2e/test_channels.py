@@ -1,0 +1,62 @@
+"""One queue per channel: a slow mail server never holds SMS back. Real Redis, a real
+Celery worker and beat, a real SMTP server that takes 2 s per message, a real SMS gateway."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.e2e.conftest import wait_until
+from tests.e2e.test_failures import (
+    _norm,
+    assert_exactly_once,
+    bookings,
+    expected_keys,
+    received_keys,
+    settle,
+)
+
+pytestmark = pytest.mark.integration
+BOOKINGS = 16
+ON_TIME_SECONDS = 2.0
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC).timestamp()
+
+
+def test_a_slow_mail_server_does_not_delay_sms(
+        service, smtp_sink, sms_sink, make_booking, e2e_config, redis_client):
+    smtp_sink.delay = 2.0  # every email holds its DATA answer for 2 s
+    service.up()
+    # 16 confirmations at once, then 16 "prep" emails and SMS due together 4 s later: 32
+    # emails of 2 s each keep the email senders busy for seconds; the SMS must not wait.
+    docs = bookings(make_booking, "C", BOOKINGS, starts_in=12, first_phone=500)
+    timelines = service.book(*docs)
+    pairs = list(zip(docs, timelines, strict=True))
+    expected = sum((expected_keys(e2e_config, d, t) for d, t in pairs), Counter())
+    prep_texts = set(sum((expected_keys(e2e_config, d, t, only={"prep:sms"}) for d, t in pairs),
+                         Counter()))
+    due = {(d["patient"]["phone"], r["id"]): _epoch(r["due_at"])
+           for d, t in pairs for r in t["reminders"] if r["channel"] == "sms"}
+
+    def lateness(message) -> float:
+        step = "prep:sms" if ("sms", message.to, _norm(message.text)) in prep_texts else "spf:sms"
+        return message.at - due[(message.to, step)]
+
+    wait_until(lambda: len(sms_sink.snapshot()) >= BOOKINGS, 30)  # the 16 prep SMS
+    emails_by_then = len(smtp_sink.snapshot())
+    # They went out on time while the mail server was still working through the emails.
+    assert emails_by_then < 2 * BOOKINGS, emails_by_then
+    assert all(-0.5 <= lateness(m) <= ON_TIME_SECONDS for m in sms_sink.snapshot()), [
+        round(lateness(m), 2) for m in sms_sink.snapshot()]
+
+    wait_until(lambda: sum(received_keys(smtp_sink, sms_sink).values()) >= len(expected), 90)
+    settle(redis_client)
+    assert_exactly_once(expected, received_keys(smtp_sink, sms_sink))
+    late = sorted(round(lateness(m), 2) for m in sms_sink.snapshot())
+    assert len(late) == 2 * BOOKINGS and all(-0.5 <= x <= ON_TIME_SECONDS for x in late), late
+    email_late = max(m.at for m in smtp_sink.snapshot()) - max(due.values())
+    assert email_late > 0, "the emails were the slow ones"

@@ -1,0 +1,545 @@
+"""The batch send path, forced: claims handed to a process's senders (worker/dispatch.py
+`hand_over`, `Lanes`) while the clinic changes the booking, claims that cannot start in
+time, a warm shutdown, the watchdog, and the pump's bound (worker/pump.py).
+
+Real Redis, real Apprise, a real HTTP gateway on 127.0.0.1 that holds the requests the
+test chooses until it answers them; final states are read back from Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_send_races import PROTOCOL
+from worker.catalog import Catalog
+from worker.dispatch import Context, Lanes, Watchdog, attempt, hand_over
+from worker.embedded import free_port
+from worker.models import parse_booking
+from worker.planner import plan
+from worker.pump import Capacity, Keys, channel_of, member, pump
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.store import Claim, Store
+
+PREFIX = "batch"
+LEASE = 8
+
+
+class Gateway:
+    """An SMS/email gateway on HTTP: answers 200 at once, except for the recipients in
+    `hold`, whose requests wait until `release()` (then get `status`)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.hold: set[str] = set()
+        self.status = 200
+        self.bodies: list[dict[str, Any]] = []
+        self.held = threading.Semaphore(0)  # one release per held request that arrived
+        self._release = threading.Event()
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                gateway.bodies.append(body)
+                status = 200
+                if body.get("to") in gateway.hold:
+                    gateway.held.release()
+                    gateway._release.wait(30)
+                    status = gateway.status
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_held(self, count: int = 1, timeout: float = 10) -> None:
+        for _ in range(count):
+            assert self.held.acquire(timeout=timeout), "a held request never arrived"
+
+    def release(self, status: int = 200) -> None:
+        self.status = status
+        self._release.set()
+
+    def to(self, number: str) -> list[dict[str, Any]]:
+        return [b for b in self.bodies if b.get("to") == number]
+
+    def close(self) -> None:
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    g = Gateway()
+    yield g
+    g.close()
+
+
+def phone(n: int) -> str:
+    return f"+346001{n:05d}"
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, client, gateway: Gateway, port: int | None = None,
+                 **overrides: Any) -> None:
+        port = port or gateway.port
+        config = tmp_path / "config"
+        (config / "protocols").mkdir(parents=True)
+        (config / "clinics").mkdir()
+        (config / "protocols" / "race.toml").write_text(PROTOCOL, encoding="utf-8")
+        (config / "clinics" / "rc.toml").write_text(f"""
+name = "Race Clinic"
+phone = "+34910000000"
+timezone = "UTC"
+locale = "en"
+[send_window]
+start = "00:00"
+end = "24:00"
+[channels]
+sms = "json://127.0.0.1:{port}/sms?:to={{to}}"
+email = "json://127.0.0.1:{port}/email?:to={{to}}"
+""", encoding="utf-8")
+        values: dict[str, Any] = dict(
+            config_dir=config, templates_dir=ROOT / "templates", lease_seconds=LEASE,
+            send_timeout_seconds=3, max_attempts=5, backoff_base_seconds=1,
+            backoff_cap_seconds=2, send_threads=4, _env_file=None)
+        values.update(overrides)
+        self.settings = Settings(**values)
+        self.catalog = Catalog.load(self.settings)
+        self.store = Store(client, PREFIX)
+        self.ctx = Context(settings=self.settings, store=self.store, catalog=self.catalog,
+                           renderer=Renderer(self.catalog.templates_dir))
+        self.gateway = gateway
+        self.kills: list[float] = []
+        self.lanes = Lanes(self.ctx, watchdog=Watchdog(kill=lambda: self.kills.append(
+            time.monotonic())))
+
+    def doc(self, n: int, starts_in: timedelta = timedelta(days=2)) -> dict[str, Any]:
+        starts = (datetime.now(UTC) + starts_in).replace(microsecond=0)
+        return {"clinic": "rc", "booking_id": f"R-{n}", "treatment": "race",
+                "starts_at": starts.isoformat(),
+                "patient": {"name": "Ana López", "phone": phone(n), "timezone": "UTC",
+                            "locale": "en", "channels": ["sms"]},
+                "medications": {"tretinoin": True}}
+
+    def book(self, doc: dict[str, Any]) -> dict[str, Any]:
+        booking = parse_booking(doc, self.catalog)
+        now = datetime.now(UTC)
+        planned = plan(booking, self.catalog.protocols["race"], self.catalog.clinics["rc"], now)
+        return self.store.upsert(booking, planned, now)
+
+    def claim(self, *refs: str) -> list[Claim]:
+        """Make `refs` due now and claim them, as the pump would."""
+        self.store.redis.zadd(self.store.due_key, dict.fromkeys(refs, 0))
+        claims = self.store.claim_due(100, LEASE)
+        assert sorted(c.ref for c in claims) == sorted(refs), claims
+        return sorted(claims, key=lambda c: refs.index(c.ref))
+
+    def hand(self, claims: list[Claim], claimed_at: float | None = None) -> str:
+        return hand_over(self.ctx, self.lanes, "sms", [[c.ref, c.version, c.claim]
+                                                     for c in claims],
+                         time.time() if claimed_at is None else claimed_at)
+
+    def state(self, ref: str) -> dict[str, Any]:
+        r = self.store.redis
+        return {"record": self.store.record(ref), "due": r.zscore(self.store.due_key, ref),
+                "lease": r.zscore(self.store.lease_key, ref),
+                "ledger": r.get(self.store.ledger_key(ref)), "log": self.store.attempts(ref)}
+
+    def drain(self) -> None:
+        self.lanes.close()
+
+
+@pytest.fixture
+def rig(tmp_path, redis_client, gateway) -> Iterator[Rig]:
+    r = Rig(tmp_path, redis_client, gateway)
+    yield r
+    gateway.release()
+    r.drain()
+
+
+def prep(n: int) -> str:
+    return f"rc/R-{n}/prep:sms"
+
+
+def wait_for(predicate, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+    return value
+
+
+def settled(rig: Rig, ref: str) -> bool:
+    return rig.store.record(ref).get("status") not in ("sending", None)
+
+
+# --- a batch parked mid-flight while the clinic changes a booking ----------------------------
+
+@pytest.mark.parametrize("change", ["cancel", "move"])
+def test_a_batch_parked_mid_flight_while_a_booking_changes(rig, change):
+    for n in range(1, 6):
+        rig.book(rig.doc(n))
+    rig.gateway.hold = {phone(3)}  # the third claim of the batch is held at the gateway
+    claims = rig.claim(*[prep(n) for n in range(1, 6)])
+    assert rig.hand(claims) == "5 claim(s) handed to the sms senders"
+    rig.gateway.wait_held()
+    wait_for(lambda: all(settled(rig, prep(n)) for n in (1, 2, 4, 5)))
+    if change == "cancel":
+        rig.store.cancel("rc", "R-3", datetime.now(UTC))
+    else:
+        moved = rig.book(rig.doc(3, starts_in=timedelta(days=9)))
+        new_due = {r["id"]: r for r in moved["reminders"]}["prep:sms"]["due_at"]
+    rig.gateway.release(200)
+    wait_for(lambda: settled(rig, prep(3)) and rig.state(prep(3))["log"])
+    rig.drain()
+    for n in (1, 2, 4, 5):  # the rest of the batch went out once each, untouched
+        s = rig.state(prep(n))
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert (s["due"], s["lease"]) == (None, None)
+        assert len(rig.gateway.to(phone(n))) == 1
+    s = rig.state(prep(3))
+    assert len(rig.gateway.to(phone(3))) == 1
+    assert s["lease"] is None, s
+    if change == "cancel":
+        # It went out while the booking was cancelled: recorded, never sent again.
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert s["due"] is None and s["log"][-1]["result"] == "stale: recorded as sent"
+        timeline = rig.store.timeline("rc", "R-3")
+        assert timeline["status"] == "cancelled"
+    else:
+        # The delivery is history beside the new plan, which sends it again at its new time.
+        assert s["record"]["status"] == "scheduled" and s["record"]["version"] == "2", s
+        assert s["due"] == datetime.fromisoformat(new_due).timestamp()
+        assert s["record"]["sent_version"] == "1" and s["ledger"] is None
+        assert s["log"][-1]["result"] == "stale: delivery recorded beside the new plan"
+    assert rig.store.claim_due(100, LEASE) == []  # nothing of the batch left to claim
+
+
+@pytest.mark.parametrize("status", [503, 400])
+def test_a_held_claim_that_fails_after_a_cancel_changes_nothing(rig, status):
+    for n in (1, 2):
+        rig.book(rig.doc(n))
+    rig.gateway.hold = {phone(1)}
+    rig.hand(rig.claim(prep(1), prep(2)))
+    rig.gateway.wait_held()
+    rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    rig.gateway.release(status)
+    wait_for(lambda: rig.state(prep(1))["log"])
+    rig.drain()
+    s = rig.state(prep(1))
+    assert s["record"]["status"] == "cancelled" and s["log"][-1]["result"] == "stale", s
+    assert (s["due"], s["lease"], s["ledger"]) == (None, None, None), s
+    assert rig.state(prep(2))["record"]["status"] == "sent"
+
+
+# --- claims that cannot start in time go back at once -----------------------------------------
+
+def test_a_batch_claimed_too_long_ago_is_handed_back_at_once_and_sends_nothing(rig):
+    for n in (1, 2, 3):
+        rig.book(rig.doc(n))
+    claims = rig.claim(prep(1), prep(2), prep(3))
+    before = time.time()
+    # Claimed 6 s ago: its lease (8 s) leaves less than a send timeout (3 s) and a second.
+    rig.hand(claims, claimed_at=time.time() - 6)
+    wait_for(lambda: all(settled(rig, prep(n)) for n in (1, 2, 3)))
+    rig.drain()
+    for n in (1, 2, 3):
+        s = rig.state(prep(n))
+        assert s["record"]["status"] == "scheduled", s
+        assert s["lease"] is None and s["ledger"] is None and s["log"] == [], s
+        assert before - 1 <= s["due"] <= time.time(), s  # due now, not a lease later
+        assert s["record"]["attempts"] == "0"
+        assert "handed back" in s["record"]["reason"]
+    assert rig.gateway.bodies == []
+    # ... and the pump's next claim takes them again.
+    assert sorted(c.ref for c in rig.store.claim_due(10, LEASE)) == [prep(1), prep(2), prep(3)]
+
+
+def test_claims_waiting_for_a_busy_sender_past_their_start_are_handed_back(
+        tmp_path, redis_client, gateway):
+    rig = Rig(tmp_path, redis_client, gateway, send_threads=1, send_max_wait_seconds=1.0)
+    try:
+        for n in (1, 2, 3):
+            rig.book(rig.doc(n))
+        gateway.hold = {phone(1)}
+        rig.hand(rig.claim(prep(1), prep(2), prep(3)))
+        gateway.wait_held()  # the only sender is busy with the first claim
+        time.sleep(1.5)  # past the others' start (1 s after their claim)
+        gateway.release(200)
+        wait_for(lambda: all(settled(rig, prep(n)) for n in (1, 2, 3)))
+        rig.drain()
+        assert rig.state(prep(1))["record"]["status"] == "sent"
+        for n in (2, 3):
+            s = rig.state(prep(n))
+            assert s["record"]["status"] == "scheduled" and s["log"] == [], s
+            assert s["ledger"] is None and s["lease"] is None and s["due"] is not None
+        assert [b["to"] for b in gateway.bodies] == [phone(1)]
+    finally:
+        gateway.release()
+        rig.drain()
+
+
+def test_a_warm_shutdown_hands_back_what_has_not_begun_and_waits_for_the_rest(
+        tmp_path, redis_client, gateway):
+    rig = Rig(tmp_path, redis_client, gateway, send_threads=1)
+    for n in (1, 2):
+        rig.book(rig.doc(n))
+    gateway.hold = {phone(1)}
+    rig.hand(rig.claim(prep(1), prep(2)))
+    gateway.wait_held()
+    closing = threading.Thread(target=rig.drain)
+    closing.start()
+    time.sleep(0.5)
+    assert closing.is_alive()  # waiting for the send under way
+    gateway.release(200)
+    closing.join(10)
+    assert not closing.is_alive()
+    assert rig.state(prep(1))["record"]["status"] == "sent"
+    s = rig.state(prep(2))
+    assert s["record"]["status"] == "scheduled" and s["due"] is not None and s["log"] == [], s
+    assert rig.store.redis.zcard(Keys(PREFIX).outstanding("sms")) == 0
+    # A batch arriving while the senders stop goes straight back to the schedule.
+    assert rig.hand(rig.claim(prep(2))) == (
+        "0 claim(s) handed to the sms senders; the rest handed back")
+    s = rig.state(prep(2))
+    assert s["record"]["status"] == "scheduled" and s["lease"] is None and s["due"], s
+
+
+# --- no attempt outlives its ledger ----------------------------------------------------------
+
+class Trickle:
+    """An HTTP server that answers one byte at a time, each within any read timeout."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.stop = threading.Event()
+        trickle = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"z" * 200:
+                    if trickle.stop.wait(0.3):
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_watchdog_ends_the_process_before_an_attempt_outlives_its_ledger(
+        tmp_path, redis_client, gateway):
+    trickle = Trickle()
+    rig = Rig(tmp_path, redis_client, gateway, port=trickle.port, lease_seconds=5,
+              send_timeout_seconds=1.5)
+    try:
+        rig.book(rig.doc(1))
+        (claim,) = rig.claim(prep(1))
+        began = time.monotonic()
+        rig.hand([claim])
+        wait_for(lambda: rig.kills, timeout=10)
+        killed_after = rig.kills[0] - began
+        ttl = rig.store.redis.pttl(rig.store.ledger_key(prep(1)))
+        # The soft limit is lease - 3 (2 s), the hard one lease - 1 (4 s): the process ends
+        # at the hard one, with the ledger entry still held.
+        assert 3.5 <= killed_after <= 4.8, killed_after
+        assert ttl > 0, ttl
+    finally:
+        trickle.close()
+        rig.drain()
+
+
+def test_the_watchdog_leaves_attempts_that_end_in_time_alone():
+    now = [100.0]
+    kills: list[str] = []
+    dog = Watchdog(kill=lambda: kills.append("kill"), clock=lambda: now[0])
+    with dog.watch("a", 104.0):
+        with dog.watch("b", 102.0):
+            assert dog.overdue() == []
+            now[0] = 102.5
+            assert dog.overdue() == ["b"]
+        assert dog.overdue() == []
+    assert kills == []
+
+
+# --- the pump hands out what the senders can take --------------------------------------------
+
+def capacity(**kw: Any) -> Capacity:
+    values = dict(lease_seconds=60, batch_size=4, threads=3, backlog_seconds=2.0,
+                  hold_seconds=30.0)
+    values.update(kw)
+    return Capacity(**values)  # type: ignore[arg-type]
+
+
+def due_records(store: Store, refs: list[str]) -> None:
+    """Reminders due now, as the store keeps them, without planning a booking each."""
+    pipe = store.redis.pipeline()
+    for i, ref in enumerate(refs):
+        pipe.hset(store.record_key(ref), mapping={"status": "scheduled", "version": "1",
+                                                  "channel": channel_of(ref)})
+        pipe.zadd(store.due_key, {ref: time.time() - 100 + i * 0.001})  # in this order
+    pipe.execute()
+
+
+def test_the_pump_never_hands_out_more_than_the_window(redis_client):
+    store = Store(redis_client, PREFIX)
+    refs = [f"c/B-{i:03d}/step:{ch}" for i in range(40) for ch in ("email", "sms")]
+    due_records(store, refs)
+    published: list[tuple[str, list[Claim]]] = []
+    n = pump(store, lambda ch, claims, at: published.append((ch, list(claims))),
+             capacity=capacity(), claim_round=100)
+    # No rate measured yet: the window is 2 x threads = 6 per channel, in batches of 4.
+    assert n == 12
+    assert [(ch, len(c)) for ch, c in published] == [("email", 4), ("sms", 4), ("email", 2),
+                                                     ("sms", 2)]
+    keys = Keys(PREFIX)
+    for channel in ("email", "sms"):
+        handed = [c for ch, cs in published if ch == channel for c in cs]
+        assert sorted(redis_client.zrange(keys.outstanding(channel), 0, -1)) == sorted(
+            member(c) for c in handed)
+        for claim in handed:
+            assert redis_client.hget(store.record_key(claim.ref), "status") == "sending"
+    assert redis_client.zcard(store.due_key) == 80 - 12  # the rest was never claimed
+    # The window is full: the next run hands out nothing and claims nothing.
+    assert pump(store, lambda *a: published.append(a), capacity=capacity(),
+                claim_round=100) == 0
+    assert len(published) == 4 and redis_client.zcard(store.due_key) == 68
+
+
+def test_the_window_follows_the_drain_rate_measured_while_busy(redis_client):
+    store = Store(redis_client, PREFIX)
+    keys = Keys(PREFIX)
+    due_records(store, [f"c/B-{i:03d}/step:sms" for i in range(500)])
+    published: list[int] = []
+
+    def publish(ch, claims, at):
+        published.append(len(claims))
+
+    assert pump(store, publish, capacity=capacity(batch_size=50), claim_round=500) == 6
+    # The senders settle the 6, and 94 more, within a second: 100 per second.
+    redis_client.delete(keys.outstanding("sms"))
+    redis_client.set(keys.drained("sms"), 100)
+    state = redis_client.hgetall(keys.rate("sms"))
+    redis_client.hset(keys.rate("sms"), "at", repr(float(state["at"]) - 1.0))
+    redis_client.hset(keys.rate("sms"), "outstanding", "6")  # it was busy all along
+    published.clear()
+    handed = pump(store, publish, capacity=capacity(batch_size=50, backlog_seconds=2.0),
+                  claim_round=500)
+    rate = float(redis_client.hget(keys.rate("sms"), "rate"))
+    assert 30 < rate < 100  # a moving average on its way to 100
+    assert handed == math.ceil(rate * 2.0)  # two seconds of it, nothing outstanding
+    assert max(published) <= 50
+
+
+def test_a_full_channel_never_keeps_the_other_one_from_being_claimed(redis_client):
+    store = Store(redis_client, PREFIX)
+    keys = Keys(PREFIX)
+    emails = [f"c/E-{i:03d}/step:email" for i in range(30)]
+    sms = [f"c/S-{i:03d}/step:sms" for i in range(5)]
+    due_records(store, emails + sms)  # every email is due before every SMS
+    # The email senders are full (slow provider): 6 claims outstanding.
+    redis_client.zadd(keys.outstanding("email"), {f"x{i}": time.time() + 30 for i in range(6)})
+    published: list[tuple[str, list[Claim]]] = []
+    n = pump(store, lambda ch, claims, at: published.append((ch, list(claims))),
+             capacity=capacity(batch_size=10), claim_round=100)
+    assert n == 5 and [ch for ch, _ in published] == ["sms"]
+    assert sorted(c.ref for c in published[0][1]) == sorted(sms)
+    for ref in emails:  # handed back at once, due now, waiting for the email senders
+        record = redis_client.hgetall(store.record_key(ref))
+        assert record["status"] == "scheduled", record
+        assert "email senders are busy" in record["reason"]
+        assert redis_client.zscore(store.due_key, ref) is not None
+    assert redis_client.zcard(store.lease_key) == 5
+
+
+def test_a_run_holds_at_most_one_claim_round_of_the_full_channel(redis_client):
+    store = Store(redis_client, PREFIX)
+    keys = Keys(PREFIX)
+    due_records(store, [f"c/E-{i:03d}/step:email" for i in range(300)]
+                + [f"c/S-{i:03d}/step:sms" for i in range(5)])
+    redis_client.zadd(keys.outstanding("email"), {f"x{i}": time.time() + 30 for i in range(6)})
+    claimed = []
+    real = store.claim_due
+    store.claim_due = lambda limit, lease: claimed.append(limit) or real(limit, lease)  # type: ignore[method-assign]
+    assert pump(store, lambda *a: None, capacity=capacity(), claim_round=20) == 0
+    assert sum(claimed) <= 20 + 6  # the held ones, then the run stops
+    assert redis_client.zcard(store.lease_key) == 0  # every held claim went back
+
+
+def test_expired_outstanding_claims_stop_counting(redis_client):
+    store = Store(redis_client, PREFIX)
+    keys = Keys(PREFIX)
+    due_records(store, [f"c/S-{i:03d}/step:sms" for i in range(10)])
+    # A killed worker's claims: their hold is over, so they free the window.
+    redis_client.zadd(keys.outstanding("sms"), {f"x{i}": time.time() - 1 for i in range(6)})
+    assert pump(store, lambda *a: None, capacity=capacity(), claim_round=100) == 6
+
+
+def test_the_channel_is_the_suffix_of_the_reminder_key():
+    assert channel_of("glow/A-1/spf#2:sms") == "sms"
+    assert channel_of("glow/A-1/aftercare:email") == "email"
+    assert channel_of("glow/A-1/legacy") == "email"
+
+
+def test_the_run_command_and_the_app_name_the_same_queues(redis_server):
+    from worker.service import WORKER_QUEUES as RUN_QUEUES
+
+    code = ("import json; from worker.celery_app import SEND_QUEUES, WORKER_QUEUES, send_queue;"
+            "print(json.dumps([WORKER_QUEUES, SEND_QUEUES, send_queue('glow/A-1/spf:sms'),"
+            " send_queue('email')]))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env | {
+        "REMINDERS_REDIS_URL": redis_server.url}, cwd=ROOT, capture_output=True, text=True,
+        check=True).stdout
+    queues, per_channel, sms, email = json.loads(out)
+    assert RUN_QUEUES == queues == "reminders.send.email,reminders.send.sms,reminders.pump"
+    assert per_channel == {"email": "reminders.send.email", "sms": "reminders.send.sms"}
+    assert (sms, email) == ("reminders.send.sms", "reminders.send.email")
+
+
+def test_an_attempt_past_its_start_hands_back_without_touching_the_ledger(rig):
+    rig.book(rig.doc(1))
+    (claim,) = rig.claim(prep(1))
+    assert attempt(rig.ctx, claim.ref, claim.version, claim.claim,
+                   start_by=time.time() - 1) == "handed back"
+    s = rig.state(prep(1))
+    assert s["record"]["status"] == "scheduled" and s["ledger"] is None and s["log"] == []
+    # A stale claim (the pump claimed it again meanwhile) is not handed back twice.
+    (again,) = rig.store.claim_due(10, LEASE)
+    assert attempt(rig.ctx, claim.ref, claim.version, claim.claim,
+                   start_by=time.time() - 1) == "dropped: finished meanwhile"
+    assert rig.store.record(prep(1))["claim"] == again.claim
