@@ -470,7 +470,7 @@ def test_worker_consumes_every_queue(worker: Process) -> None:
         done.append((name, call.stdout.strip()))
     for name, task_id in done:
         worker.wait_for(rf"Task {re.escape(name)}\[{re.escape(task_id)}\] succeeded", timeout=10)
-    worker.wait_for(r"send glow/docker-test/no-such-step:email: dropped \(gone\)", timeout=10)
+    worker.wait_for(r"send glow/docker-test/no-such-step:email: dropped \(gone\)", timeout=20)
     client = redis.Redis.from_url(worker.env["REMINDERS_REDIS_URL"])
     assert [client.llen(queue_key(worker.env, q)) for q in sorted(QUEUES)] == [0, 0, 0]
     client.close()
