@@ -104,12 +104,12 @@ def phone(n: int) -> str:
 
 class Rig:
     def __init__(self, tmp_path: Path, client, gateway: Gateway, port: int | None = None,
-                 **overrides: Any) -> None:
+                 protocol: str = PROTOCOL, **overrides: Any) -> None:
         port = port or gateway.port
         config = tmp_path / "config"
         (config / "protocols").mkdir(parents=True)
         (config / "clinics").mkdir()
-        (config / "protocols" / "race.toml").write_text(PROTOCOL, encoding="utf-8")
+        (config / "protocols" / "race.toml").write_text(protocol, encoding="utf-8")
         (config / "clinics" / "rc.toml").write_text(f"""
 name = "Race Clinic"
 phone = "+34910000000"
@@ -137,19 +137,24 @@ email = "json://127.0.0.1:{port}/email?:to={{to}}"
         self.lanes = Lanes(self.ctx, watchdog=Watchdog(kill=lambda: self.kills.append(
             time.monotonic())))
 
-    def doc(self, n: int, starts_in: timedelta = timedelta(days=2)) -> dict[str, Any]:
+    def doc(self, n: int, starts_in: timedelta = timedelta(days=2), channel: str = "sms",
+            prefix: str = "R") -> dict[str, Any]:
         starts = (datetime.now(UTC) + starts_in).replace(microsecond=0)
-        return {"clinic": "rc", "booking_id": f"R-{n}", "treatment": "race",
+        return {"clinic": "rc", "booking_id": f"{prefix}-{n}", "treatment": "race",
                 "starts_at": starts.isoformat(),
-                "patient": {"name": "Ana López", "phone": phone(n), "timezone": "UTC",
-                            "locale": "en", "channels": ["sms"]},
+                "patient": {"name": "Ana López", "phone": phone(n),
+                            "email": f"r{n}@example.com", "timezone": "UTC",
+                            "locale": "en", "channels": [channel]},
                 "medications": {"tretinoin": True}}
 
-    def book(self, doc: dict[str, Any]) -> dict[str, Any]:
-        booking = parse_booking(doc, self.catalog)
+    def book(self, *docs: dict[str, Any]) -> dict[str, Any]:
         now = datetime.now(UTC)
-        planned = plan(booking, self.catalog.protocols["race"], self.catalog.clinics["rc"], now)
-        return self.store.upsert(booking, planned, now)
+        items = []
+        for doc in docs:
+            booking = parse_booking(doc, self.catalog)
+            items.append((booking, plan(booking, self.catalog.protocols["race"],
+                                        self.catalog.clinics["rc"], now)))
+        return self.store.upsert_many(items, now)[-1]
 
     def claim(self, *refs: str) -> list[Claim]:
         """Make `refs` due now and claim them, as the pump would."""
@@ -405,20 +410,31 @@ def capacity(**kw: Any) -> Capacity:
     return Capacity(**values)  # type: ignore[arg-type]
 
 
-def due_records(store: Store, refs: list[str]) -> None:
-    """Reminders due now, as the store keeps them, without planning a booking each."""
-    pipe = store.redis.pipeline()
-    for i, ref in enumerate(refs):
-        pipe.hset(store.record_key(ref), mapping={"status": "scheduled", "version": "1",
-                                                  "channel": channel_of(ref)})
-        pipe.zadd(store.due_key, {ref: time.time() - 100 + i * 0.001})  # in this order
-    pipe.execute()
+# One "prep" reminder per booking, on the booking's one channel.
+ONE_STEP = PROTOCOL[PROTOCOL.index("[[steps]]\nid = \"prep\""):].replace(
+    'channels = ["sms"]', 'channels = ["email", "sms"]')
 
 
-def test_the_pump_never_hands_out_more_than_the_window(redis_client):
-    store = Store(redis_client, PREFIX)
-    refs = [f"c/B-{i:03d}/step:{ch}" for i in range(40) for ch in ("email", "sms")]
-    due_records(store, refs)
+@pytest.fixture
+def shop(tmp_path, redis_client, gateway) -> Rig:
+    return Rig(tmp_path, redis_client, gateway, protocol='name = "One step"\n' + ONE_STEP)
+
+
+def due_now(rig: Rig, specs: list[tuple[str, str]]) -> list[str]:
+    """Book one reminder per (booking prefix, channel), due in this order; return the refs."""
+    docs = [rig.doc(i, channel=channel, prefix=prefix)
+            for i, (prefix, channel) in enumerate(specs)]
+    rig.book(*docs)
+    refs = [f"rc/{d['booking_id']}/prep:{channel}"
+            for d, (_, channel) in zip(docs, specs, strict=True)]
+    rig.store.redis.zadd(rig.store.due_key, {ref: time.time() - 100 + i * 0.001
+                                            for i, ref in enumerate(refs)})
+    return refs
+
+
+def test_the_pump_never_hands_out_more_than_the_window(shop, redis_client):
+    store = shop.store
+    due_now(shop, [("B", ch) for _ in range(40) for ch in ("email", "sms")])
     published: list[tuple[str, list[Claim]]] = []
     n = pump(store, lambda ch, claims, at: published.append((ch, list(claims))),
              capacity=capacity(), claim_round=100)
@@ -432,7 +448,7 @@ def test_the_pump_never_hands_out_more_than_the_window(redis_client):
         assert sorted(redis_client.zrange(keys.outstanding(channel), 0, -1)) == sorted(
             member(c) for c in handed)
         for claim in handed:
-            assert redis_client.hget(store.record_key(claim.ref), "status") == "sending"
+            assert store.record(claim.ref)["status"] == "sending"
     assert redis_client.zcard(store.due_key) == 80 - 12  # the rest was never claimed
     # The window is full: the next run hands out nothing and claims nothing.
     assert pump(store, lambda *a: published.append(a), capacity=capacity(),
@@ -440,10 +456,10 @@ def test_the_pump_never_hands_out_more_than_the_window(redis_client):
     assert len(published) == 4 and redis_client.zcard(store.due_key) == 68
 
 
-def test_the_window_follows_the_drain_rate_measured_while_busy(redis_client):
-    store = Store(redis_client, PREFIX)
+def test_the_window_follows_the_drain_rate_measured_while_busy(shop, redis_client):
+    store = shop.store
     keys = Keys(PREFIX)
-    due_records(store, [f"c/B-{i:03d}/step:sms" for i in range(500)])
+    due_now(shop, [("B", "sms")] * 300)
     published: list[int] = []
 
     def publish(ch, claims, at):
@@ -465,12 +481,11 @@ def test_the_window_follows_the_drain_rate_measured_while_busy(redis_client):
     assert max(published) <= 50
 
 
-def test_a_full_channel_never_keeps_the_other_one_from_being_claimed(redis_client):
-    store = Store(redis_client, PREFIX)
+def test_a_full_channel_never_keeps_the_other_one_from_being_claimed(shop, redis_client):
+    store = shop.store
     keys = Keys(PREFIX)
-    emails = [f"c/E-{i:03d}/step:email" for i in range(30)]
-    sms = [f"c/S-{i:03d}/step:sms" for i in range(5)]
-    due_records(store, emails + sms)  # every email is due before every SMS
+    refs = due_now(shop, [("E", "email")] * 30 + [("S", "sms")] * 5)
+    emails, sms = refs[:30], refs[30:]  # every email is due before every SMS
     # The email senders are full (slow provider): 6 claims outstanding.
     redis_client.zadd(keys.outstanding("email"), {f"x{i}": time.time() + 30 for i in range(6)})
     published: list[tuple[str, list[Claim]]] = []
@@ -479,18 +494,17 @@ def test_a_full_channel_never_keeps_the_other_one_from_being_claimed(redis_clien
     assert n == 5 and [ch for ch, _ in published] == ["sms"]
     assert sorted(c.ref for c in published[0][1]) == sorted(sms)
     for ref in emails:  # handed back at once, due now, waiting for the email senders
-        record = redis_client.hgetall(store.record_key(ref))
+        record = store.record(ref)
         assert record["status"] == "scheduled", record
         assert "email senders are busy" in record["reason"]
         assert redis_client.zscore(store.due_key, ref) is not None
     assert redis_client.zcard(store.lease_key) == 5
 
 
-def test_a_run_holds_at_most_one_claim_round_of_the_full_channel(redis_client):
-    store = Store(redis_client, PREFIX)
+def test_a_run_holds_at_most_one_claim_round_of_the_full_channel(shop, redis_client):
+    store = shop.store
     keys = Keys(PREFIX)
-    due_records(store, [f"c/E-{i:03d}/step:email" for i in range(300)]
-                + [f"c/S-{i:03d}/step:sms" for i in range(5)])
+    due_now(shop, [("E", "email")] * 100 + [("S", "sms")] * 5)
     redis_client.zadd(keys.outstanding("email"), {f"x{i}": time.time() + 30 for i in range(6)})
     claimed = []
     real = store.claim_due
@@ -500,10 +514,10 @@ def test_a_run_holds_at_most_one_claim_round_of_the_full_channel(redis_client):
     assert redis_client.zcard(store.lease_key) == 0  # every held claim went back
 
 
-def test_expired_outstanding_claims_stop_counting(redis_client):
-    store = Store(redis_client, PREFIX)
+def test_expired_outstanding_claims_stop_counting(shop, redis_client):
+    store = shop.store
     keys = Keys(PREFIX)
-    due_records(store, [f"c/S-{i:03d}/step:sms" for i in range(10)])
+    due_now(shop, [("S", "sms")] * 10)
     # A killed worker's claims: their hold is over, so they free the window.
     redis_client.zadd(keys.outstanding("sms"), {f"x{i}": time.time() - 1 for i in range(6)})
     assert pump(store, lambda *a: None, capacity=capacity(), claim_round=100) == 6
