@@ -147,6 +147,7 @@ def attempt(
         if store.requeue(ref, datetime.now(UTC), NOT_STARTED, claim=claim):
             log.info("send %s: not started in time; handed back to the schedule", ref)
             return "handed back"
+        log.info("send %s: not started in time; dropped (finished or claimed again)", ref)
         return "dropped: finished meanwhile"
     started = time.monotonic()
     # Nothing of this attempt may outlive its ledger entry (lease_seconds from here): stop
