@@ -170,6 +170,9 @@ class WebhookReceiver:
         self.url = f"http://127.0.0.1:{self.port}/hooks"
         self.status = 200
         self.hooks: list[Hook] = []
+        # Cleared: requests are recorded, then parked until it is set (a slow endpoint).
+        self.gate = threading.Event()
+        self.gate.set()
         self._lock = threading.Lock()
         receiver = self
 
@@ -179,6 +182,7 @@ class WebhookReceiver:
                 valid = verify_signature(secret, self.headers.get(SIGNATURE_HEADER), body)
                 with receiver._lock:
                     receiver.hooks.append(Hook(time.time(), body, dict(self.headers), valid))
+                receiver.gate.wait(60)
                 status = receiver.status if valid else 400
                 self.send_response(status)
                 self.send_header("Content-Length", "0")

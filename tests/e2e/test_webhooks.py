@@ -1,0 +1,100 @@
+"""Clinic webhooks and the held alert, end to end: real worker and beat, real receiver."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import QUICK_MESSAGES, wait_until
+from tests.sinks import WebhookReceiver
+
+SECRET = "e2e-webhook-secret-0123456789"
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    r = WebhookReceiver(SECRET).start()
+    yield r
+    r.gate.set()
+    r.stop()
+
+
+@pytest.fixture
+def hooked(service, e2e_config: Path, receiver: WebhookReceiver):
+    """Clinic e2e with a webhook and an address; the protocol holds recent isotretinoin."""
+    clinic = e2e_config / "clinics" / "e2e.toml"
+    clinic.write_text(
+        clinic.read_text().replace('locale = "en"\n', 'locale = "en"\nemail = "desk@e2e.test"\n')
+        + f'[webhook]\nurl = "{receiver.url}"\nsecret = "${{E2E_WEBHOOK_SECRET}}"\n')
+    protocol = e2e_config / "protocols" / "quick.toml"
+    protocol.write_text("isotretinoin_washout_days = 180\n" + protocol.read_text())
+    return service.configure(E2E_WEBHOOK_SECRET=SECRET)
+
+
+def by_type(receiver: WebhookReceiver) -> Counter[str]:
+    return Counter(h.json()["type"] for h in receiver.snapshot())
+
+
+def test_every_send_and_the_completion_reach_the_clinic_signed(hooked, receiver, make_booking,
+                                                                smtp_sink, sms_sink):
+    hooked.up()
+    booking = make_booking("W-1", starts_in=10)
+    hooked.book(booking)
+    wait_until(lambda: by_type(receiver)["booking.completed"] == 1, 60)
+    hooks = receiver.snapshot()
+    assert all(h.valid for h in hooks)
+    assert by_type(receiver) == {"reminder.sent": QUICK_MESSAGES, "booking.completed": 1}
+    sent = [h.json() for h in hooks if h.json()["type"] == "reminder.sent"]
+    timeline = {r["id"]: r for r in hooked.show("W-1")["reminders"]}
+    assert sorted(e["reminder"] for e in sent) == sorted(timeline)
+    for event in sent:  # the same instant, to the second
+        assert event["sent_at"][:19] == timeline[event["reminder"]]["sent_at"][:19]
+    # No contact detail or message text ever leaves in a webhook.
+    patient = booking["patient"]
+    texts = [m.text for m in smtp_sink.snapshot()] + [p.text for p in sms_sink.snapshot()]
+    for hook in hooks:
+        body = hook.body.decode()
+        assert patient["email"] not in body and patient["phone"] not in body
+        assert "Ana" not in body and not any(t[:40] in body for t in texts)
+    assert len({h.headers["Reminders-Event-Id"] for h in hooks}) == len(hooks)
+
+
+def test_a_held_booking_is_told_once_by_webhook_and_email(hooked, receiver, make_booking,
+                                                           smtp_sink):
+    hooked.up()
+    held = make_booking("W-2", starts_in=3600)
+    held["medications"] = {"isotretinoin_last_dose": "2026-01-01"}
+    (timeline,) = hooked.book(held)
+    assert timeline["status"] == "held"
+    hooked.book(held)  # the same booking again: no second alert
+    wait_until(lambda: by_type(receiver)["booking.held"] == 1, 30)
+    alert = wait_until(lambda: [m for m in smtp_sink.snapshot() if m.to == "desk@e2e.test"], 30)
+    (event,) = [h.json() for h in receiver.snapshot()]
+    assert event["booking_id"] == "W-2" and event["reason"] == timeline["hold_reason"]
+    assert alert[0].subject == "Booking W-2 is held for your review"
+    assert timeline["hold_reason"] in alert[0].text
+    # Nothing went to the patient.
+    assert [m for m in smtp_sink.snapshot() if m.to != "desk@e2e.test"] == []
+
+
+def test_an_event_in_flight_when_the_worker_is_killed_is_delivered_after_the_lease(
+        hooked, receiver, make_booking):
+    worker = hooked.worker("w1")
+    hooked.beat(worker=worker)
+    receiver.gate.clear()  # the clinic's endpoint hangs: the first POST is parked
+    hooked.book(make_booking("W-3", starts_in=3600,
+                             **{"channels": ["email"]}) | {"medications": {
+                                 "isotretinoin_last_dose": "2026-01-01"}})
+    wait_until(lambda: receiver.snapshot(), 30)
+    hooked.kill(worker)  # mid-POST
+    receiver.gate.set()
+    hooked.worker("w2")
+    # Lease 10 s in these tests: the event is claimed again and delivered by w2.
+    wait_until(lambda: len(receiver.snapshot()) >= 2, 40)
+    hooks = receiver.snapshot()
+    ids = Counter(h.headers["Reminders-Event-Id"] for h in hooks)
+    assert len(ids) == 1 and all(h.valid for h in hooks)  # the same event, the same id
+    assert hooks[-1].json()["type"] == "booking.held"
