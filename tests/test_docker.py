@@ -41,11 +41,11 @@ BIN = Path(sys.executable).parent
 # Gossip and mingle off, as `reminders run` starts it: gossip's broadcast queue breaks the
 # channel clean-up when Redis restarts (see worker/broker.py).
 WORKER_COMMAND = ("celery -A worker.celery_app worker --loglevel=INFO --concurrency=4 "
-                  "-Q reminders.send.email,reminders.send.sms,reminders.pump "
+                  "-Q reminders.send.email,reminders.send.sms,reminders.pump,reminders.events "
                   "--without-gossip --without-mingle")
 BEAT_COMMAND = "celery -A worker.celery_app beat --loglevel=INFO"
 SEND_QUEUES = {"reminders.send.email", "reminders.send.sms"}
-QUEUES = SEND_QUEUES | {"reminders.pump"}
+QUEUES = SEND_QUEUES | {"reminders.pump", "reminders.events"}
 # Services whose command or healthcheck the tests below run; a new one must join them.
 EXERCISED = {"redis", "worker", "beat", "api"}
 API_COMMAND = "uvicorn worker.api:app --host 0.0.0.0 --port 8000"
@@ -462,7 +462,9 @@ def test_worker_consumes_every_queue(worker: Process) -> None:
              ("reminders.send", lambda: ["glow/docker-test/no-such-step:sms", "1", "no-claim"]),
              # A batch claimed just now (its claims may begin for a while after).
              ("reminders.send_batch", lambda: [[["glow/docker-test/no-such-step:email", "1",
-                                                 "x"]], time.time()])]
+                                                 "x"]], time.time()]),
+             # A clinic event that is no longer there (delivered, or never was).
+             ("reminders.clinic_event", lambda: ["no-such-event", "1"])]
     done = []
     for name, args_now in calls:
         args = args_now()
@@ -474,7 +476,7 @@ def test_worker_consumes_every_queue(worker: Process) -> None:
         worker.wait_for(rf"Task {re.escape(name)}\[{re.escape(task_id)}\] succeeded", timeout=10)
     worker.wait_for(r"send glow/docker-test/no-such-step:email: dropped \(gone\)", timeout=20)
     client = redis.Redis.from_url(worker.env["REMINDERS_REDIS_URL"])
-    assert [client.llen(queue_key(worker.env, q)) for q in sorted(QUEUES)] == [0, 0, 0]
+    assert [client.llen(queue_key(worker.env, q)) for q in sorted(QUEUES)] == [0, 0, 0, 0]
     client.close()
 
 

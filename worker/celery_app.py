@@ -5,8 +5,10 @@ send tasks it publishes. No task has an ETA or countdown, so the broker's visibi
 timeout can be minutes and nothing waits in worker memory.
 
 Queues: `reminders.pump`, and one send queue per channel (`reminders.send.email`,
-`reminders.send.sms`), so a slow email provider never holds SMS back in the broker. A
-worker started with `-Q` WORKER_QUEUES takes all of them; a worker per channel
+`reminders.send.sms`), so a slow email provider never holds SMS back in the broker, and
+`reminders.events` for the clinic's webhooks and alerts (worker/webhooks.py), so a slow
+clinic endpoint never delays a patient's reminder. A worker started with `-Q`
+WORKER_QUEUES takes all of them; a worker per channel
 (`-Q reminders.send.sms`) isolates the channels in separate processes too.
 """
 
@@ -23,7 +25,8 @@ from .settings import get_settings
 PUMP_QUEUE = "reminders.pump"
 CHANNELS = ("email", "sms")  # worker/models.py's, without importing the models here
 SEND_QUEUES = {channel: f"reminders.send.{channel}" for channel in CHANNELS}
-WORKER_QUEUES = ",".join([*SEND_QUEUES.values(), PUMP_QUEUE])  # what `-Q` takes for all
+EVENTS_QUEUE = "reminders.events"
+WORKER_QUEUES = ",".join([*SEND_QUEUES.values(), PUMP_QUEUE, EVENTS_QUEUE])  # `-Q` for all
 
 
 def send_queue(ref_or_channel: str) -> str:
@@ -42,6 +45,8 @@ def _route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
             return {"queue": send_queue(str(args[0][0][0]))}
     except (IndexError, KeyError, TypeError):
         pass
+    if name == "reminders.clinic_event":
+        return {"queue": EVENTS_QUEUE}
     return {"queue": PUMP_QUEUE} if name == "reminders.pump" else None
 
 
@@ -58,7 +63,7 @@ app.conf.update(
     task_queues=tuple(
         # kombu's Queue is unannotated.
         Queue(queue, routing_key=queue)  # type: ignore[no-untyped-call]
-        for queue in [*SEND_QUEUES.values(), PUMP_QUEUE]
+        for queue in [*SEND_QUEUES.values(), PUMP_QUEUE, EVENTS_QUEUE]
     ),
     task_default_queue=PUMP_QUEUE,
     task_routes=(_route,),

@@ -37,7 +37,7 @@ STABLE_AFTER_SECONDS = 60.0  # a child up this long is healthy again: its backof
 POLL_SECONDS = 0.2
 API_START_TIMEOUT_SECONDS = 20.0
 # worker/celery_app.py's WORKER_QUEUES, written out: importing the Celery app needs Redis.
-WORKER_QUEUES = "reminders.send.email,reminders.send.sms,reminders.pump"
+WORKER_QUEUES = "reminders.send.email,reminders.send.sms,reminders.pump,reminders.events"
 
 
 def restart_delay(restart: int, first: float = RESTART_FIRST_DELAY_SECONDS,
@@ -64,7 +64,8 @@ def celery_command(role: str, settings: Settings) -> list[str]:
         # No gossip, no mingle: the service uses neither, and restarting the gossip consumer
         # after Redis went away fails in kombu's channel close (celery/kombu#582; seen here as
         # "Error on restarting Gossip: AttributeError"), leaving that channel open.
-        # Every queue (worker/celery_app.py WORKER_QUEUES): the pump's and one per channel.
+        # Every queue (worker/celery_app.py WORKER_QUEUES): the pump's, one per channel, and
+        # the clinic events'.
         return base + ["--concurrency=2", "-Q", WORKER_QUEUES,
                        "--without-gossip", "--without-mingle"]
     return base

@@ -5,6 +5,8 @@
                         senders for their channel (worker/dispatch.py `hand_over`)
   reminders.send        send one claimed reminder now, in the task (the same attempt; kept
                         for tools that publish a single claim)
+  reminders.clinic_event  deliver one claimed clinic event: a signed webhook, or the held
+                        alert by email (worker/webhooks.py); the pump claims them too
 
 The send path's modules (dispatch, delivery, rendering, Apprise) are imported in the pool
 processes that send, not in the Celery main process, which only routes messages.
@@ -24,13 +26,14 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from .celery_app import PUMP_QUEUE, app, nudge_pump, queue_key, send_queue
+from .celery_app import EVENTS_QUEUE, PUMP_QUEUE, app, nudge_pump, queue_key, send_queue
 from .settings import get_settings
 
 if TYPE_CHECKING:
     from .dispatch import Context, Lanes
     from .models import Channel
     from .store import Claim
+    from .webhooks import Events
 
 log = logging.getLogger(__name__)
 NUDGE_DEBOUNCE_MS = 200  # at most one nudge per channel in this long, whoever asks
@@ -136,7 +139,43 @@ def pump_task() -> int:
         # A claim counts as outstanding until it must have begun, plus the slowest send.
         hold_seconds=settings.send_max_wait_seconds + 2 * settings.send_timeout_seconds + 1,
     )
-    return pump(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
+    from .webhooks import pump_events
+
+    published = pump(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
+    # The clinic's webhooks and alerts, on their own queue. Their lease outlasts one attempt
+    # (the task's hard limit ends it first); an event whose worker died is claimed again.
+    pump_events(_events(), _publish_event, batch=settings.pump_batch,
+                lease_seconds=settings.lease_seconds)
+    return published
+
+
+def _events() -> Events:
+    from .webhooks import Events
+
+    ctx = context()
+    return Events(ctx.store.redis, ctx.settings.key_prefix,
+                  retention_days=ctx.settings.retention_days)
+
+
+def _publish_event(event_id: str, claim: str) -> None:
+    clinic_event.apply_async(args=(event_id, claim), queue=EVENTS_QUEUE)
+
+
+@app.task(  # type: ignore[untyped-decorator]  # celery is untyped
+    name="reminders.clinic_event",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=get_settings().lease_seconds - 3,
+    time_limit=get_settings().lease_seconds - 1,
+)
+def clinic_event(event_id: str, claim: str) -> str:
+    """Deliver one claimed clinic event (a signed webhook, or the held alert by email)."""
+    from .webhooks import deliver_event
+
+    ctx = context()
+    return deliver_event(_events(), event_id, claim, clinics=ctx.catalog.clinics,
+                         renderer=ctx.renderer, settings=ctx.settings)
 
 
 # The limits of the tasks themselves (a batch task only hands its claims over; the single
@@ -181,4 +220,5 @@ def send_reminder(ref: str, version: str, claim: str) -> str:
     return send_claimed(context(), ref, version, claim)
 
 
-__all__ = ["PUMP_QUEUE", "context", "pump_task", "send_batch", "send_reminder", "senders"]
+__all__ = ["PUMP_QUEUE", "clinic_event", "context", "pump_task", "send_batch", "send_reminder",
+           "senders"]

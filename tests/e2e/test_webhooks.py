@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from tests.e2e.conftest import QUICK_MESSAGES, wait_until
 from tests.sinks import WebhookReceiver
 
 SECRET = "e2e-webhook-secret-0123456789"
+RECENT_DOSE = (date.today() - timedelta(days=30)).isoformat()  # within the 180-day washout
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def test_a_held_booking_is_told_once_by_webhook_and_email(hooked, receiver, make
                                                            smtp_sink):
     hooked.up()
     held = make_booking("W-2", starts_in=3600)
-    held["medications"] = {"isotretinoin_last_dose": "2026-01-01"}
+    held["medications"] = {"isotretinoin_last_dose": RECENT_DOSE}
     (timeline,) = hooked.book(held)
     assert timeline["status"] == "held"
     hooked.book(held)  # the same booking again: no second alert
@@ -87,7 +89,7 @@ def test_an_event_in_flight_when_the_worker_is_killed_is_delivered_after_the_lea
     receiver.gate.clear()  # the clinic's endpoint hangs: the first POST is parked
     hooked.book(make_booking("W-3", starts_in=3600,
                              **{"channels": ["email"]}) | {"medications": {
-                                 "isotretinoin_last_dose": "2026-01-01"}})
+                                 "isotretinoin_last_dose": RECENT_DOSE}})
     wait_until(lambda: receiver.snapshot(), 30)
     hooked.kill(worker)  # mid-POST
     receiver.gate.set()
