@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.errors import BookingRejected
 from worker.models import Booking, parse_booking
@@ -314,3 +316,51 @@ def test_a_contact_that_failed_is_not_reported_twice(catalog, booking_doc):
     with pytest.raises(BookingRejected) as exc:
         parse_booking(booking_doc, catalog)
     assert [f for f, _ in exc.value.errors] == ["patient.phone"]
+
+
+# --- parse_email's memoised common case gives email_validator's own answer ----------------
+
+TRICKY_EMAILS = [
+    "ana@example.com", "Ana.Lopez+clinic@Example.COM", "a@b.co", "x@localhost", "x@example",
+    "x@example.local", "x@example.test", "x@invalid", "x@sub.example.arpa", "x@1.2.3.4",
+    "x@example.123", "x@-example.com", "x@example-.com", "x@exa--mple.com", "x@ab--cd.com",
+    "x@xn--bcher-kva.example", "x@XN--BCHER-KVA.example", "x@example..com", "x@.example.com",
+    "x@example.com.", ".x@example.com", "x..y@example.com", "x.@example.com",
+    "Postmaster@example.com", "ABUSE@Example.com", "info@example.com", "a" * 64 + "@e.com",
+    "a" * 200 + "@example.com", "a" * 240 + "@" + "b" * 10 + ".com",
+    "x@" + "a" * 63 + ".com", "x@" + "a" * 64 + ".com", "x@" + ("a" * 60 + ".") * 5 + "com",
+    "!#$%&'*+/=?^_`{|}~-@example.com", "x@example.com ", "x@exam_ple.com", "x@münchen.de",
+    "ñ@example.com", "x@@example.com", "x@example@com", '"x"@example.com',
+]
+
+
+def reference_email(value: str) -> tuple[str, str]:
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        return "ok", validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        return "refused", str(exc)
+
+
+def fast_email(value: str) -> tuple[str, str]:
+    from worker.models import parse_email
+
+    try:
+        return "ok", parse_email(value)
+    except ValueError as exc:
+        return "refused", str(exc)
+
+
+@pytest.mark.parametrize("value", TRICKY_EMAILS)
+def test_parse_email_is_email_validators_answer(value):
+    assert fast_email(value) == reference_email(value)
+    assert fast_email(value) == reference_email(value)  # memoised the second time
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.from_regex(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,70}@[A-Za-z0-9._-]{1,70}",
+                     fullmatch=True)
+       | st.emails().map(str))
+def test_parse_email_is_email_validators_answer_for_random_addresses(value):
+    assert fast_email(value) == reference_email(value)

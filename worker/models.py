@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, EMAIL_MAX_LENGTH
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -128,8 +130,13 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+@lru_cache(maxsize=65536)
 def parse_e164(value: str) -> str:
-    """Return `value` as an E.164 phone number, or raise ValueError saying why not."""
+    """Return `value` as an E.164 phone number, or raise ValueError saying why not.
+
+    Memoised by the number as given (a pure function of it): a clinic that sends its
+    bookings again, or a patient booked twice, is not parsed again.
+    """
     if not value.startswith("+"):
         raise ValueError("must be in E.164 form with the country code, e.g. +34600111222")
     try:
@@ -142,11 +149,40 @@ def parse_e164(value: str) -> str:
 
 
 def parse_email(value: str) -> str:
-    """Return the normalised email address, or raise ValueError saying why not."""
+    """Return the normalised email address, or raise ValueError saying why not.
+
+    email_validator decides. Its answer for the common address (an ASCII dot-atom before
+    the @, a domain it keeps but for case) is the address with the domain lowercased, and
+    its domain checks (the costly part) depend on the domain alone: those are memoised per
+    domain, which patients share (tests/test_booking_validation.py checks the equivalence).
+    """
+    plain = _PLAIN_EMAIL.fullmatch(value)
+    if (
+        plain is not None
+        and len(value) <= EMAIL_MAX_LENGTH
+        and plain[1].lower() not in CASE_INSENSITIVE_MAILBOX_NAMES
+    ):
+        domain = _plain_domain(plain[2])
+        if domain is not None:
+            return f"{plain[1]}@{domain}"
     try:
         return validate_email(value, check_deliverability=False).normalized
     except EmailNotValidError as exc:
         raise ValueError(str(exc)) from None
+
+
+_PLAIN_EMAIL = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
+                          r"@([A-Za-z0-9.-]+)")
+
+
+@lru_cache(maxsize=4096)
+def _plain_domain(domain: str) -> str | None:
+    """The domain as email_validator normalises it, if only its case changes; else None."""
+    try:
+        normalized = validate_email("x@" + domain, check_deliverability=False).domain
+    except EmailNotValidError:
+        return None
+    return normalized if normalized == domain.lower() else None
 
 
 def parse_timezone(value: str) -> str:
@@ -355,6 +391,30 @@ def parse_booking(doc: Any, catalog: Catalog, *, clinic: str | None = None) -> B
     if errors:
         raise BookingRejected(capped(errors))
     return booking
+
+
+def trusted_booking(doc: dict[str, Any]) -> Booking:
+    """Rebuild the Booking whose `model_dump(mode="json")` is `doc`, without validating again.
+
+    Only for a document this program validated itself (a batch hands bookings from the
+    check to the store in this compact form): nothing is checked here.
+    """
+    patient = Patient.model_construct(**doc["patient"])
+    meds = doc["medications"]
+    dose = meds["isotretinoin_last_dose"]
+    medications = Medications.model_construct(
+        tretinoin=meds["tretinoin"],
+        retinol=meds["retinol"],
+        isotretinoin_last_dose=None if dose is None else date.fromisoformat(dose),
+    )
+    return Booking.model_construct(
+        clinic=doc["clinic"],
+        booking_id=doc["booking_id"],
+        treatment=doc["treatment"],
+        starts_at=datetime.fromisoformat(doc["starts_at"]),
+        patient=patient,
+        medications=medications,
+    )
 
 
 def utc_iso(value: datetime | None) -> str | None:

@@ -17,13 +17,23 @@ Rules, in order, for each step that applies to the patient:
 A booking is refused (BookingRejected naming the field) when its dates make no sense as
 seen at `now`: an appointment in the past or more than `MAX_DAYS_AHEAD` days ahead, an
 isotretinoin last dose after the patient's today.
+
+Speed (intake plans thousands of bookings a second): what depends only on a protocol's
+step (its words, its days) is prepared once per step; the clock arithmetic that depends
+only on (local day, clock time, zone) or (instant, send window, zone) — shared by every
+booking on the same day in the same zone — is memoised by those full inputs (bounded LRU
+caches of pure functions); a local time is resolved with two `utcoffset` calls, not a
+round trip per minute. tests/planner_reference.py keeps the straightforward version,
+and tests check that both give equal plans.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -77,19 +87,35 @@ class Plan:
 
 def wall_clock(day: date, at: time, tz: ZoneInfo) -> datetime:
     """Return the UTC instant of `day` `at` in `tz`, DST-safe (see module docstring)."""
-    naive = datetime.combine(day, at.replace(second=0, microsecond=0, tzinfo=None))
+    return _wall(day, at.hour, at.minute, tz)
+
+
+@lru_cache(maxsize=16384)
+def _wall(day: date, hour: int, minute: int, tz: ZoneInfo) -> datetime:
+    naive = datetime(day.year, day.month, day.day, hour, minute)
+    before = tz.utcoffset(naive)  # fold=0: the offset before a transition
+    after = tz.utcoffset(naive.replace(fold=1))
+    if before is not None and after is not None and before >= after:
+        # Not in a gap: the time exists once, or twice (fall back) and fold=0 is the first.
+        return (naive - before).replace(tzinfo=UTC)
+    return _wall_in_gap(naive, tz)
+
+
+def _wall_in_gap(naive: datetime, tz: ZoneInfo) -> datetime:
+    """The first valid minute at or after `naive` (which a spring-forward skipped)."""
     for _ in range(_MAX_GAP_MINUTES):
         aware = naive.replace(tzinfo=tz, fold=0)  # fold=0: the first of two occurrences
         if aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == naive:
             return aware.astimezone(UTC)
         naive += ONE_MINUTE  # this minute does not exist here (spring forward)
-    raise ValueError(f"no valid local time near {day} {at} in {tz.key}")
+    raise ValueError(f"no valid local time near {naive} in {tz.key}")
 
 
 def _minute_wall(day: date, minute: int, tz: ZoneInfo) -> datetime:
     """Return the UTC instant of `minute` after local midnight of `day` (1440 = next day)."""
     extra_days, minute = divmod(minute, MINUTES_PER_DAY)
-    return wall_clock(day + timedelta(days=extra_days), time(minute // 60, minute % 60), tz)
+    return _wall(day + timedelta(days=extra_days) if extra_days else day, minute // 60,
+                 minute % 60, tz)
 
 
 def _local_minute(instant: datetime, tz: ZoneInfo) -> tuple[date, float]:
@@ -113,30 +139,56 @@ _WINDOW_SEARCH_DAYS = 4
 
 def next_opening(instant: datetime, window: SendWindow, tz: ZoneInfo) -> datetime:
     """Return `instant` if it is inside the window, else the window's next opening."""
-    day, minute = _local_minute(instant, tz)
-    if window.contains(minute):
-        return instant
-    for n in range(_WINDOW_SEARCH_DAYS):
-        opening = _minute_wall(day + timedelta(days=n), window.start, tz)
-        # An opening in a DST gap moved to the next valid minute, which may be past the
-        # window's end: then the window does not exist that day.
-        for candidate in _both_occurrences(opening, tz):
-            if candidate >= instant and window.contains(_local_minute(candidate, tz)[1]):
-                return candidate
-    raise ValueError(f"no opening of the send window {window.describe()} near {instant}")
+    return _next_opening(instant, window.start, window.end, tz)
 
 
 def last_opening_before(instant: datetime, window: SendWindow, tz: ZoneInfo) -> datetime:
     """Return the last whole minute inside the window strictly before `instant`."""
+    return _last_opening_before(instant, window.start, window.end, tz)
+
+
+def _inside(minute: float, start: int, end: int) -> bool:
+    return start <= minute < end
+
+
+def _describe(start: int, end: int) -> str:
+    return f"{start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}"
+
+
+def _next_opening(instant: datetime, start: int, end: int, tz: ZoneInfo) -> datetime:
+    if start <= _local_minute(instant, tz)[1] < end:
+        return instant
+    return _opening_after(instant, start, end, tz)
+
+
+# Memoised by the instant (equal instants in any offset are one key: the result, a UTC
+# instant, depends only on the instant), the window and the zone.
+@lru_cache(maxsize=65536)
+def _opening_after(instant: datetime, start: int, end: int, tz: ZoneInfo) -> datetime:
     day, _ = _local_minute(instant, tz)
     for n in range(_WINDOW_SEARCH_DAYS):
-        close = _minute_wall(day - timedelta(days=n), window.end, tz)
+        opening = _minute_wall(day + timedelta(days=n), start, tz)
+        # An opening in a DST gap moved to the next valid minute, which may be past the
+        # window's end: then the window does not exist that day.
+        for candidate in _both_occurrences(opening, tz):
+            if candidate >= instant and _inside(_local_minute(candidate, tz)[1], start, end):
+                return candidate
+    raise ValueError(f"no opening of the send window {_describe(start, end)} near {instant}")
+
+
+@lru_cache(maxsize=16384)
+def _last_opening_before(instant: datetime, start: int, end: int, tz: ZoneInfo) -> datetime:
+    instant = instant.astimezone(UTC)  # equal instants share a key: answer in UTC
+    day, _ = _local_minute(instant, tz)
+    for n in range(_WINDOW_SEARCH_DAYS):
+        close = _minute_wall(day - timedelta(days=n), end, tz)
         for closing in reversed(_both_occurrences(close, tz)):  # the later one first
             last = min(instant, closing) - timedelta(microseconds=1)
             last = last.replace(second=0, microsecond=0)
-            if window.contains(_local_minute(last, tz)[1]):
+            if _inside(_local_minute(last, tz)[1], start, end):
                 return last
-    raise ValueError(f"no opening of the send window {window.describe()} before {instant}")
+    raise ValueError(
+        f"no opening of the send window {_describe(start, end)} before {instant}")
 
 
 # --- the plan --------------------------------------------------------------------------
@@ -329,6 +381,186 @@ def check_dates(booking: Booking, now: datetime, tz: ZoneInfo) -> None:
         raise BookingRejected(errors)
 
 
+# --- plan(): the same rules as _occurrences/_place/expiry above, prepared per step -------
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    """What `plan` needs of one step, worked out once for the step object."""
+
+    ident: int  # unique among prepared steps: the key of its memoised occurrences
+    id: str
+    kind: Literal["booking", "offset", "wall"]
+    channels: tuple[Channel, ...]
+    flags: tuple[str, ...]  # only_if_any
+    uses: str  # "; the patient uses tretinoin or retinol", or ""
+    derived: str  # how its time is derived (at booking, offset)
+    offset: timedelta
+    days: tuple[tuple[int, str], ...]  # wall clock: (day offset, how its time is derived)
+    weekdays: frozenset[int] | None  # a weekday series: the weekdays it keeps
+    hour: int
+    minute: int
+    numbered: bool  # a series: its keys always carry "#<occurrence>"
+    keys: dict[str, str]  # channel -> key, when not numbered
+    template: str
+    late_skip: bool
+    late_until: timedelta | None
+    until_note: str  # expiry words when late_until bounds it
+
+
+def _prepare(step: Step) -> _Prepared:
+    hour = minute = 0
+    days: tuple[tuple[int, str], ...] = ()
+    derived = ""
+    offset = timedelta(0)
+    if step.at == "booking":
+        kind: Literal["booking", "offset", "wall"] = "booking"
+        derived = "when the booking arrives"
+    elif step.offset is not None:
+        kind, offset = "offset", step.offset
+        side = "before" if step.offset < timedelta(0) else "after"
+        derived = f"{format_duration(abs(step.offset))} {side} the start"
+    else:
+        assert step.time is not None
+        kind, hour, minute = "wall", step.time.hour, step.time.minute
+        clock = f"{step.time:%H:%M} patient-local"
+        days = tuple((d, f"{_relative_day(d)}, {clock}") for d in step.day_offsets())
+    weekdays = None
+    if step.repeat is not None and step.repeat.weekdays:
+        weekdays = frozenset(WEEKDAYS.index(w) for w in step.repeat.weekdays)
+    until_note = ""
+    if step.late_until is not None:
+        side = "before" if step.late_until < timedelta(0) else "after"
+        until_note = (
+            f"it could be sent only until {format_duration(abs(step.late_until))} {side} "
+            "the start"
+        )
+    return _Prepared(
+        ident=next(_IDENTS),
+        id=step.id,
+        kind=kind,
+        channels=tuple(step.channels),
+        flags=tuple(step.only_if_any),
+        uses=f"; the patient uses {' or '.join(step.only_if_any)}" if step.only_if_any else "",
+        derived=derived,
+        offset=offset,
+        days=days,
+        weekdays=weekdays,
+        hour=hour,
+        minute=minute,
+        numbered=step.repeat is not None,
+        keys={c: f"{step.id}:{c}" for c in ("email", "sms")},
+        template=step.template,
+        late_skip=step.late == "skip",
+        late_until=step.late_until,
+        until_note=until_note,
+    )
+
+
+_IDENTS = itertools.count()
+
+
+def _relative_day(offset: int) -> str:
+    if offset == 0:
+        return "on the day"
+    if offset < 0:
+        return f"{-offset} day{'s' if offset != -1 else ''} before"
+    return f"{offset} day{'s' if offset != 1 else ''} after"
+
+
+# Prepared steps per protocol object (kept with the object: an id is reused only after it).
+_PREPARED: dict[int, tuple[Protocol, tuple[_Prepared, ...]]] = {}
+
+
+def _prepared(protocol: Protocol) -> tuple[_Prepared, ...]:
+    hit = _PREPARED.get(id(protocol))
+    if hit is not None and hit[0] is protocol:
+        return hit[1]
+    steps = tuple(_prepare(step) for step in protocol.steps)
+    if len(_PREPARED) >= 256:  # tests build many protocols; the service has a handful
+        _PREPARED.clear()
+    _PREPARED[id(protocol)] = (protocol, steps)
+    return steps
+
+
+# A wall-clock step's occurrences for a visit day, zone and send window:
+# (number, nominal instant, derived words, first opening at or after it, its note, stale expiry)
+_Occurrence = tuple[int, datetime, str, datetime, bool, datetime]
+_OCCURRENCES: dict[tuple[int, date, ZoneInfo, int, int], tuple[_Occurrence, ...]] = {}
+
+
+def _wall_occurrences(
+    step: _Prepared, visit_day: date, tz: ZoneInfo, start: int, end: int
+) -> tuple[_Occurrence, ...]:
+    """Memoised by its full inputs: every booking on that day in that zone shares it."""
+    key = (step.ident, visit_day, tz, start, end)
+    hit = _OCCURRENCES.get(key)
+    if hit is not None:
+        return hit
+    out: list[_Occurrence] = []
+    for offset, derived in step.days:
+        day = visit_day + timedelta(days=offset)
+        if step.weekdays is not None and day.weekday() not in step.weekdays:
+            continue
+        nominal = _wall(day, step.hour, step.minute, tz)
+        opening = _next_opening(nominal, start, end, tz)
+        out.append((len(out) + 1, nominal, derived, opening, opening != nominal,
+                    nominal + STALE_AFTER))
+    if len(_OCCURRENCES) >= 65536:
+        _OCCURRENCES.clear()
+    _OCCURRENCES[key] = result = tuple(out)
+    return result
+
+
+@lru_cache(maxsize=64)
+def _channel_choice(
+    step_channels: tuple[Channel, ...], offered: tuple[Channel, ...]
+) -> tuple[tuple[Channel, ...], str]:
+    chosen = tuple(c for c in step_channels if c in offered)
+    if chosen:
+        return chosen, ""
+    first = offered[0]
+    return (first,), f"; by {first} because the patient does not take {'/'.join(step_channels)}"
+
+
+@lru_cache(maxsize=64)
+def _window_notes(start: int, end: int) -> tuple[str, str]:
+    window = _describe(start, end)
+    return (
+        f"; moved into the send window {window}",
+        f"; moved to the last moment of the send window {window} before the visit",
+    )
+
+
+_LATE = "; late: its time had passed when the booking arrived, sent at the next opening"
+_PASSED = "its time had passed when the booking arrived"
+_TOO_LATE = "its time had passed and it is too late to send it now"
+_BEGUN = "it was meant for before the appointment, which has begun"
+_STALE = "it is more than a day past its planned time"
+# The planner's words are few and repeated in every booking: one string object each.
+_WORDS: dict[str, str] = {}
+
+
+def _word(text: str) -> str:
+    shared = _WORDS.get(text)
+    if shared is None:
+        if len(_WORDS) >= 4096:
+            _WORDS.clear()
+        _WORDS[text] = shared = text
+    return shared
+
+
+_new_reminder = object.__new__
+
+
+def _reminder(**fields: object) -> PlannedReminder:
+    """A PlannedReminder, as `PlannedReminder(**fields)` makes it without its per-field
+    frozen `__setattr__` (a few microseconds each, ten per booking)."""
+    reminder: PlannedReminder = _new_reminder(PlannedReminder)
+    reminder.__dict__.update(fields)
+    return reminder
+
+
 def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) -> Plan:
     """Return the reminders for `booking` as seen at `now` (an aware datetime)."""
     if now.tzinfo is None:
@@ -338,40 +570,151 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     tz = ZoneInfo(booking.patient.timezone)
     check_dates(booking, now, tz)
     window = clinic.send_window
+    w_start, w_end = window.start, window.end
+    moved, moved_back = _window_notes(w_start, w_end)
+    medications = booking.medications
+    offered = tuple(booking.patient.channels)
+    visit_day: date | None = None
     reminders: list[PlannedReminder] = []
-    for step in protocol.steps:
-        if not step.applies_to(booking.medications):
+    add = reminders.append
+    for step in _prepared(protocol):
+        if step.flags and not any(getattr(medications, f) for f in step.flags):
             continue
-        channels, channel_note = _channels(step, booking.patient.channels)
-        occurrences = list(_occurrences(step, start, tz, now))
-        for number, nominal, derived in occurrences:
-            status, due, note = _place(step, nominal, start, now, window, tz)
-            expires_at, expires_note = expiry(step, nominal, start)
-            reason = derived + note if status == Status.SCHEDULED else note
-            if step.only_if_any and status == Status.SCHEDULED:
-                reason += f"; the patient uses {' or '.join(step.only_if_any)}"
+        channels, channel_note = _channel_choice(step.channels, offered)
+        occurrences: tuple[_Occurrence, ...]
+        if step.kind == "wall":
+            if visit_day is None:
+                visit_day = start.astimezone(tz).date()
+            occurrences = _wall_occurrences(step, visit_day, tz, w_start, w_end)
+        else:
+            nominal = now if step.kind == "booking" else start + step.offset
+            opening = _next_opening(nominal, w_start, w_end, tz)
+            occurrences = ((1, nominal, step.derived, opening, opening != nominal,
+                            nominal + STALE_AFTER),)
+        numbered = step.numbered or len(occurrences) > 1
+        for number, nominal, derived, due, outside, stale in occurrences:
+            # The send window, then the late policy (as `_place`).
+            before_visit = nominal < start
+            note = moved if outside else ""
+            if before_visit and due >= start:
+                due = _last_opening_before(start, w_start, w_end, tz)
+                note = moved_back
+            status: ReminderStatus = Status.SCHEDULED
+            if due < now:
+                if step.late_skip:
+                    status, due, note = Status.SKIPPED, nominal, _PASSED
+                else:
+                    due = _next_opening(now, w_start, w_end, tz)
+                    deadline = start + step.late_until if step.late_until is not None else None
+                    if before_visit:
+                        deadline = start if deadline is None else min(deadline, start)
+                    if deadline is not None and due >= deadline:
+                        status, due, note = Status.SKIPPED, nominal, _TOO_LATE
+                    else:
+                        note = _LATE
+            # When it must no longer be sent (as `expiry`).
+            until = step.late_until
+            if nominal < start and (until is None or until >= timedelta(0)):
+                expires_at, expires_note = start, _BEGUN
+            elif until is not None:
+                expires_at, expires_note = start + until, step.until_note
+            else:
+                expires_at, expires_note = stale, _STALE
+            if status == Status.SCHEDULED:
+                reason = _word(derived + note + step.uses + channel_note)
+            else:
+                reason = note
             for channel in channels:
-                suffix = f"#{number}" if len(occurrences) > 1 or step.repeat else ""
-                reminders.append(
-                    PlannedReminder(
-                        key=f"{step.id}{suffix}:{channel}",
-                        step=step.id,
-                        channel=channel,
-                        template=step.template,
-                        occurrence=number,
-                        due_at=due,
-                        status=status,
-                        reason=reason + channel_note if status == Status.SCHEDULED else reason,
-                        at_booking=step.at == "booking",
-                        expires_at=expires_at,
-                        expires_note=expires_note,
-                    )
-                )
-    reminders.sort(key=lambda r: (r.due_at, r.key))
+                add(_reminder(
+                    key=f"{step.id}#{number}:{channel}" if numbered else step.keys[channel],
+                    step=step.id,
+                    channel=channel,
+                    template=step.template,
+                    occurrence=number,
+                    due_at=due,
+                    status=status,
+                    reason=reason,
+                    at_booking=step.kind == "booking",
+                    expires_at=expires_at,
+                    expires_note=expires_note,
+                ))
+    reminders.sort(key=_order)
     hold = isotretinoin_hold(booking, protocol, clinic)
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,
         reminders=reminders,
         hold_reason=hold,
+        window=window,
+    )
+
+
+def _order(reminder: PlannedReminder) -> tuple[datetime, str]:
+    return reminder.due_at, reminder.key
+
+
+# --- a plan as plain values (a batch keeps or hands over many plans compactly) -------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+# The fields of a PlannedReminder in order; instants as exact microseconds since the epoch.
+_FIELDS = ("key", "step", "channel", "template", "occurrence", "due_at", "status", "reason",
+           "at_booking", "expires_at", "expires_note")
+ReminderRecord = tuple[str, str, str, str, int, int, str, str, bool, int | None, str]
+PlanRecord = tuple[str, str | None, tuple[ReminderRecord, ...]]
+# Instants repeat across the bookings of a batch (the same days, zones and steps).
+_MICROS: dict[datetime, int] = {}
+_INSTANTS: dict[int, datetime] = {}
+_STATUS = {str(s): s for s in Status}
+
+
+def _micros(instant: datetime) -> int:
+    micros = _MICROS.get(instant)
+    if micros is None:
+        if len(_MICROS) >= 65536:
+            _MICROS.clear()
+        micros = _MICROS[instant] = (instant - _EPOCH) // _MICROSECOND
+    return micros
+
+
+def _instant(micros: int) -> datetime:
+    instant = _INSTANTS.get(micros)
+    if instant is None:
+        if len(_INSTANTS) >= 65536:
+            _INSTANTS.clear()
+        instant = _INSTANTS[micros] = _EPOCH + micros * _MICROSECOND
+    return instant
+
+
+def plan_record(p: Plan) -> PlanRecord:
+    """The plan as strings, numbers and tuples (instants in exact microseconds)."""
+    return (
+        str(p.status),
+        p.hold_reason,
+        tuple(
+            (r.key, r.step, r.channel, r.template, r.occurrence, _micros(r.due_at),
+             str(r.status), r.reason, r.at_booking,
+             None if r.expires_at is None else _micros(r.expires_at), r.expires_note)
+            for r in p.reminders
+        ),
+    )
+
+
+def plan_from_record(record: PlanRecord, window: SendWindow | None) -> Plan:
+    """The plan `plan_record` was made of (its window is the clinic's, given here)."""
+    status, hold_reason, records = record
+    reminders = []
+    for values in records:
+        reminder: PlannedReminder = _new_reminder(PlannedReminder)
+        fields = reminder.__dict__
+        fields.update(zip(_FIELDS, values, strict=True))
+        fields["due_at"] = _instant(values[5])
+        fields["status"] = _STATUS[values[6]]
+        if values[9] is not None:
+            fields["expires_at"] = _instant(values[9])
+        reminders.append(reminder)
+    return Plan(
+        status=Status.HELD if status == Status.HELD else Status.SCHEDULED,
+        reminders=reminders,
+        hold_reason=hold_reason,
         window=window,
     )

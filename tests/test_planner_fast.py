@@ -1,0 +1,85 @@
+"""The fast planner gives exactly the plans of the straightforward one (planner_reference).
+
+Over realistic bookings (benchmarks/intake.py: five zones, three protocols, both channels,
+retinoid users, held ones) planned at several `now`s — far ahead, days before, hours before,
+minutes before, so late steps are sent or skipped — over random protocols, zones (DST days
+included), send windows and `now` (the property strategies of test_planner_properties),
+and with the memo caches cold and warm.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from benchmarks.intake import realistic_bookings
+from tests import planner_reference as reference
+from tests.test_planner_properties import cases
+from worker import planner
+from worker.errors import BookingRejected
+from worker.models import parse_booking
+
+
+def both(booking, protocol, clinic, now):
+    try:
+        expected = reference.plan(booking, protocol, clinic, now)
+    except BookingRejected as exc:
+        with pytest.raises(BookingRejected) as fast:
+            planner.plan(booking, protocol, clinic, now)
+        assert fast.value.errors == exc.errors
+        return None
+    got = planner.plan(booking, protocol, clinic, now)
+    assert got == expected
+    return got
+
+
+def clear_caches() -> None:
+    for cached in (planner._wall, planner._opening_after, planner._last_opening_before,
+                   planner._channel_choice, planner._window_notes):
+        cached.cache_clear()
+    planner._PREPARED.clear()
+    planner._OCCURRENCES.clear()
+
+
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
+def test_realistic_bookings_plan_the_same(catalog, cold):
+    base = datetime(2026, 3, 20, 9, 0, tzinfo=UTC)  # DST changes ahead in both hemispheres
+    docs = list(realistic_bookings(400, seed=3, now=base))
+    compared = 0
+    for i, doc in enumerate(docs):
+        booking = parse_booking(doc, catalog)
+        start = booking.starts_at
+        protocol = catalog.protocols[booking.treatment]
+        clinic = catalog.clinics[booking.clinic]
+        for now in (base, start - timedelta(days=8, hours=3), start - timedelta(days=2),
+                    start - timedelta(hours=5), start - timedelta(minutes=7)):
+            if cold and i % 7 == 0:
+                clear_caches()
+            if both(booking, protocol, clinic, now) is not None:
+                compared += 1
+    assert compared > 1500
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_protocols_zones_windows_and_now_plan_the_same(catalog, data):
+    booking, protocol, clinic, now = data.draw(cases(catalog))
+    if data.draw(st.booleans()):
+        clear_caches()
+    both(booking, protocol, clinic, now)
+
+
+def test_a_plan_is_the_same_whatever_offset_now_and_the_start_are_given_in(catalog, booking_doc):
+    """Memoised by instant: equal instants in other offsets share a cache entry."""
+    from zoneinfo import ZoneInfo
+
+    booking = parse_booking(booking_doc, catalog)
+    protocol, clinic = catalog.protocols["microneedling"], catalog.clinics["glow"]
+    now = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    first = planner.plan(booking, protocol, clinic, now.astimezone(ZoneInfo("Asia/Tokyo")))
+    second = planner.plan(booking, protocol, clinic, now)
+    assert first == second == reference.plan(booking, protocol, clinic, now)
+    assert all(r.due_at.tzinfo is UTC for r in first.reminders)
