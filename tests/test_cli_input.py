@@ -17,13 +17,37 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from worker import cli
-from worker.cli import Document, LineReader, UsageError, iter_documents, refusal_heading
+from worker import batch
+from worker.batch import (
+    Checked,
+    Document,
+    LineReader,
+    UsageError,
+    iter_documents,
+    refusal_heading,
+)
 from worker.models import MAX_BOOKING_BYTES
 
 
 def documents(data: bytes) -> list[Document]:
-    return list(iter_documents(LineReader(io.BytesIO(data), "-")))
+    """The documents, JSON lines parsed (as checking does)."""
+    docs = list(iter_documents(LineReader(io.BytesIO(data), "-")))
+    return [parsed(d) for d in docs]
+
+
+def parsed(doc: Document) -> Document:
+    if doc.raw is None:
+        return doc
+    try:
+        return Document(doc.number, doc.line, batch._load(doc.raw))
+    except batch.JSONRefused as exc:
+        if exc.kind == "syntax":
+            raise UsageError(f"-: {batch._not_json(exc, doc.line or 0)}") from None
+        return Document(doc.number, doc.line, refused=batch.json_refusal(exc))
+
+
+def heading(doc: Document, single: bool) -> str:
+    return refusal_heading(Checked(doc.number, doc.line, batch._label(doc.value)), single)
 
 
 def line(doc: dict[str, Any]) -> bytes:
@@ -35,7 +59,7 @@ def test_json_lines_keep_their_line_numbers_across_blank_lines(booking_doc):
     docs = documents(data)
     assert [(d.number, d.line, d.value["booking_id"]) for d in docs] == [
         (1, 2, "A-1042"), (2, 5, "B")]
-    assert refusal_heading(docs[1], single=False) == "line 5 (B)"
+    assert heading(docs[1], single=False) == "line 5 (B)"
 
 
 def test_crlf_and_a_byte_order_mark_are_read(booking_doc):
@@ -46,13 +70,13 @@ def test_crlf_and_a_byte_order_mark_are_read(booking_doc):
 def test_a_pretty_printed_object_is_one_document(booking_doc):
     docs = documents(json.dumps(booking_doc, indent=2).encode())
     assert len(docs) == 1 and docs[0].value == booking_doc and docs[0].line is None
-    assert refusal_heading(docs[0], single=True) == "booking 1 (A-1042)"
+    assert heading(docs[0], single=True) == "booking 1 (A-1042)"
 
 
 def test_an_array_is_numbered_by_position(booking_doc):
     docs = documents(json.dumps([booking_doc, {"booking_id": "X"}], indent=1).encode())
     assert [(d.number, d.line) for d in docs] == [(1, None), (2, None)]
-    assert refusal_heading(docs[1], single=False) == "booking 2 (X)"
+    assert heading(docs[1], single=False) == "booking 2 (X)"
 
 
 def test_a_hostile_element_of_an_array_names_its_position_and_field(booking_doc):
@@ -116,11 +140,11 @@ def test_an_overlong_line_is_refused_and_never_held_whole(booking_doc, monkeypat
 
 
 def documents_from(stream: Any) -> list[Document]:
-    return list(iter_documents(LineReader(stream, "-")))
+    return [parsed(d) for d in iter_documents(LineReader(stream, "-"))]
 
 
 def test_an_array_over_the_whole_input_limit_is_refused(booking_doc, monkeypatch):
-    monkeypatch.setattr(cli, "MAX_WHOLE_INPUT_BYTES", 1000)
+    monkeypatch.setattr(batch, "MAX_WHOLE_INPUT_BYTES", 1000)
     with pytest.raises(UsageError, match="give a large input as JSON lines"):
         documents(json.dumps([booking_doc] * 5).encode())
 

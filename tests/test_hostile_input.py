@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 from tests.hostile_corpus import CORPUS, Hostile, base
-from worker.cli import LineReader, UsageError, check_document, iter_documents
-from worker.errors import BookingRejected
+from worker.batch import LineReader, UsageError, check_document, iter_documents
 from worker.jsonsafe import unsafe_char
 
 BIN = Path(sys.executable).parent
@@ -47,12 +46,13 @@ def test_the_corpus_has_at_least_forty_cases_of_each_kind_asked_for():
 def test_refused_naming_the_field_in_process(case: Hostile, catalog):
     docs = list(iter_documents(LineReader(io.BytesIO(case.raw), "-")))
     assert len(docs) == 1
-    result = check_document(docs[0], catalog, None, datetime.now(UTC))
-    assert isinstance(result, BookingRejected), result
-    assert any(names(field, case.field) for field, _ in result.errors), result.errors
-    assert all(message for _, message in result.errors)
-    assert len(result.errors) <= 20
-    for field, message in result.errors:  # safe to print: nothing invisible, nothing endless
+    checked = check_document(docs[0], catalog, None, datetime.now(UTC))
+    assert checked.booking is None and checked.refused is not None, checked
+    errors = checked.refused.errors
+    assert any(names(field, case.field) for field, _ in errors), errors
+    assert all(message for _, message in errors)
+    assert len(errors) <= 20
+    for field, message in errors:  # safe to print: nothing invisible, nothing endless
         assert unsafe_char(field) is None and unsafe_char(message) is None, (field, message)
         assert len(message) < 300, message
 
@@ -118,6 +118,9 @@ def test_any_json_in_any_field_is_planned_or_refused_never_a_crash(catalog, chan
         docs = list(iter_documents(LineReader(io.BytesIO(raw), "-")))
     except UsageError:  # not JSON at all (a lone surrogate from st.text): a usage error
         return
-    result = check_document(docs[0], catalog, None, datetime.now(UTC))
-    if isinstance(result, BookingRejected):
-        assert result.errors and all(f and m for f, m in result.errors)
+    checked = check_document(docs[0], catalog, None, datetime.now(UTC))
+    assert checked.unreadable is None
+    if checked.refused is not None:
+        assert checked.refused.errors and all(f and m for f, m in checked.refused.errors)
+    else:
+        assert checked.booking is not None and checked.plan is not None

@@ -7,28 +7,35 @@ input; 3 invalid configuration (config/ or templates/).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import re
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from .catalog import Catalog
-from .errors import BookingRejected, ConfigError, NotFound
-from .jsonsafe import JSONRefused, load_json, printable
-from .models import (
-    MAX_BOOKING_BYTES,
-    MAX_BOOKING_DEPTH,
-    YEARS,
-    Booking,
-    json_refusal,
-    parse_booking,
+from .batch import (
+    REFUSALS_SHOWN,
+    Checked,
+    Document,
+    JsonArrayOut,
+    Progress,
+    Spool,
+    UsageError,
+    check_chunks,
+    check_document,
+    decode,
+    print_refusal,
+    progress_on,
+    quiet_gc,
+    read_documents,
+    refusal_heading,
+    versions,
 )
-from .planner import Plan, plan
+from .catalog import Catalog
+from .errors import ConfigError, NotFound
+from .models import YEARS
 from .settings import Settings, get_settings
 from .status import Status
 from .timeline import from_plan, render_table
@@ -39,295 +46,33 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
 
-class UsageError(Exception):
-    """The command line or its input file cannot be used."""
-
-
-# JSON lines are read one line at a time; a JSON array (or one object over several lines)
-# is read whole, up to this size: larger inputs must be JSON lines.
-MAX_WHOLE_INPUT_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Document:
-    """One booking document of the input: parsed, or refused before it was JSON."""
-
-    number: int  # 1-based position in the input
-    line: int | None  # the line it is on, for JSON lines input
-    value: Any = None
-    refused: BookingRejected | None = None
-
-    def label(self) -> str | None:
-        """The booking id it gives, printable and short, if any."""
-        given = self.value.get("booking_id") if isinstance(self.value, dict) else None
-        return printable(given, 64) if isinstance(given, str) and given else None
-
-
-def open_input(source: str) -> BinaryIO:
-    """Return FILE, or stdin for "-", as a binary stream; raise UsageError if unreadable."""
-    if source == "-":
-        return sys.stdin.buffer
-    try:
-        return open(source, "rb")
-    except OSError as exc:
-        raise UsageError(f"cannot read {source}: {exc.strerror}") from None
-
-
-class LineReader:
-    """Lines of a binary stream, each held only up to a limit, read in large chunks."""
-
-    CHUNK = 1 << 16
-
-    def __init__(self, stream: BinaryIO, source: str) -> None:
-        self.stream, self.source = stream, source
-        self.buf, self.pos, self.eof = b"", 0, False
-        self.line_number = 0  # of the last line returned
-        self.consumed = 0  # bytes of the input consumed so far
-
-    def _more(self) -> bool:
-        if self.eof:
-            return False
-        try:
-            chunk = self.stream.read(self.CHUNK)
-        except OSError as exc:
-            raise UsageError(f"cannot read {self.source}: {exc.strerror}") from None
-        if not chunk:
-            self.eof = True
-            return False
-        self.buf = self.buf[self.pos :] + chunk
-        self.pos = 0
-        return True
-
-    def first_byte(self) -> bytes:
-        """The first byte that is not blank (nor a byte-order mark), without consuming it."""
-        start = 0
-        while True:
-            found = _NONBLANK.search(self.buf, self.pos + start)
-            if found:
-                return found.group()
-            start = len(self.buf) - self.pos
-            if not self._more():
-                return b""
-
-    def line(self, limit: int) -> tuple[int, bytes | None] | None:
-        """Return (line number, line), the line None if longer than `limit`; None at the end."""
-        overlong = False
-        while True:
-            end = self.buf.find(b"\n", self.pos)
-            if end >= 0:
-                end += 1
-                line = None if overlong or end - self.pos > limit else self.buf[self.pos : end]
-                self.consumed += end - self.pos
-                self.pos = end
-                break
-            if len(self.buf) - self.pos > limit:  # drop what is already too long
-                overlong = True
-                self.consumed += len(self.buf) - self.pos
-                self.buf, self.pos = b"", 0
-            if not self._more():
-                if self.pos >= len(self.buf) and not overlong:
-                    return None
-                line = None if overlong or len(self.buf) - self.pos > limit else (
-                    self.buf[self.pos :])
-                self.consumed += len(self.buf) - self.pos
-                self.buf, self.pos = b"", 0
-                break
-        self.line_number += 1
-        return self.line_number, line
-
-    def rest(self, limit: int) -> bytes | None:
-        """The rest of the input, or None if it is longer than `limit`."""
-        while len(self.buf) - self.pos <= limit and self._more():
-            pass
-        if len(self.buf) - self.pos > limit:
-            return None
-        data = self.buf[self.pos :]
-        self.consumed += len(data)
-        self.buf, self.pos = b"", 0
-        return data
-
-
-_NONBLANK = re.compile(rb"[^ \t\r\n\xef\xbb\xbf]")
-
-
-def _syntax(source: str, exc: JSONRefused, line: int) -> UsageError:
-    column = f", column {exc.column}" if exc.column else ""
-    return UsageError(f"{source}: line {line}: not JSON ({exc.reason or exc.problem}{column})")
-
-
-def iter_documents(reader: LineReader) -> Iterator[Document]:
-    """Yield the booking documents of a JSON object, a JSON array or JSON lines, in order.
-
-    JSON lines stream: one line at a time is held, each at most MAX_BOOKING_BYTES. A JSON
-    array, or a single object spread over several lines, is read whole (at most
-    MAX_WHOLE_INPUT_BYTES). Hostile JSON (too big or deep, duplicate keys, NaN, invalid
-    UTF-8) refuses the document it is in, naming the field; input that is not JSON at all
-    raises UsageError naming the line.
-    """
-    source = reader.source
-    first = reader.first_byte()
-    if not first:
-        raise UsageError(f"{source}: no booking in the input")
-    if first == b"[":
-        yield from _whole_array(reader)
-        return
-    pending: list[tuple[int, bytes | None]] = []
-    number = 0
-    while True:
-        item = pending.pop(0) if pending else reader.line(MAX_BOOKING_BYTES)
-        if item is None:
-            return
-        line_number, line = item
-        if line is not None and not line.strip():
-            continue
-        number += 1
-        if line is None:
-            problem = f"is a line of more than {MAX_BOOKING_BYTES:,} bytes"
-            yield Document(number, line_number, refused=BookingRejected([("booking", problem)]))
-            continue
-        try:
-            value = load_json(line, max_bytes=MAX_BOOKING_BYTES, max_depth=MAX_BOOKING_DEPTH)
-        except JSONRefused as exc:
-            if exc.kind != "syntax":
-                yield Document(number, line_number, refused=json_refusal(exc))
-                continue
-            if number == 1:  # perhaps one object over several lines
-                single, pending = _one_document(item, reader)
-                if single is not None:
-                    yield single
-                    return
-            raise _syntax(source, exc, line_number) from None
-        yield Document(number, line_number, value)
-
-
-def _one_document(
-    first: tuple[int, bytes | None], reader: LineReader
-) -> tuple[Document | None, list[tuple[int, bytes | None]]]:
-    """Read on from a first line that is not JSON by itself: one object over many lines?
-
-    Return (the document, []) if the whole input is one JSON value, else (None, the lines
-    read so far, the first included) to be read as JSON lines.
-    """
-    pending, size = [first], len(first[1] or b"")
-    while size <= MAX_BOOKING_BYTES:
-        item = reader.line(MAX_BOOKING_BYTES)
-        if item is None:
-            break
-        pending.append(item)
-        if item[1] is None:
-            return None, pending
-        size += len(item[1])
-    else:
-        return None, pending
-    text = b"".join(line or b"" for _, line in pending)
-    try:
-        value = load_json(text, max_bytes=MAX_BOOKING_BYTES, max_depth=MAX_BOOKING_DEPTH)
-    except JSONRefused as exc:
-        if exc.kind == "syntax":
-            return None, pending
-        return Document(1, None, refused=json_refusal(exc)), []
-    return Document(1, None, value), []
-
-
-def _whole_array(reader: LineReader) -> Iterator[Document]:
-    """The documents of an input that is one JSON array."""
-    source = reader.source
-    data = reader.rest(MAX_WHOLE_INPUT_BYTES)
-    if data is None:
-        raise UsageError(
-            f"{source}: a JSON array of more than {MAX_WHOLE_INPUT_BYTES // 2**20} MiB: "
-            "give a large input as JSON lines (one booking per line)"
-        )
-    try:
-        docs = load_json(data, max_bytes=MAX_WHOLE_INPUT_BYTES, max_depth=MAX_BOOKING_DEPTH + 1)
-    except JSONRefused as exc:
-        if exc.kind == "syntax" or not exc.path or not isinstance(exc.path[0], int):
-            raise UsageError(f"{source}: {exc.problem}") from None
-        # The array cannot be read past this: only the booking at fault is reported.
-        problem = exc.problem
-        if exc.kind == "depth":
-            problem = f"is nested more than {MAX_BOOKING_DEPTH} levels deep"
-        inner = JSONRefused(problem, exc.path[1:], kind=exc.kind)
-        yield Document(exc.path[0] + 1, None, refused=json_refusal(inner))
-        return
-    if not isinstance(docs, list) or not docs:
-        raise UsageError(f"{source}: no booking in the input")
-    for number, value in enumerate(docs, 1):
-        yield Document(number, None, value)
-
-
-def read_documents(source: str) -> tuple[Iterator[Document], bool]:
-    """Return the documents of FILE or stdin ("-"), and whether there is only one.
-
-    The documents are read as they are consumed (JSON lines stream); the first two are
-    read at once, to know whether the input holds a single booking (it is then reported
-    as "booking", and printed as an object rather than an array with --json).
-    """
-    stream = open_input(source)
-
-    def documents() -> Iterator[Document]:
-        try:
-            yield from iter_documents(LineReader(stream, source))
-        finally:
-            if stream is not sys.stdin.buffer:
-                stream.close()
-
-    docs = documents()
-    ahead = list(itertools.islice(docs, 2))
-    return itertools.chain(ahead, docs), len(ahead) == 1
-
-
-def check_document(
-    doc: Document, catalog: Catalog, clinic: str | None, now: datetime
-) -> tuple[Booking, Plan] | BookingRejected:
-    """Validate and plan one document: (booking, plan), or why it is refused."""
-    if doc.refused is not None:
-        return doc.refused
-    try:
-        booking = parse_booking(doc.value, catalog, clinic=clinic)
-        return booking, plan(
-            booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now
-        )
-    except BookingRejected as exc:
-        return exc
-
-
-def refusal_heading(doc: Document, single: bool) -> str:
-    """`booking 2 (A-2)`, or `line 7 (A-7)` in JSON lines, or `booking` for a lone one."""
-    label = doc.label()
-    if single:
-        return f"booking 1 ({label})" if label else "booking"
-    where = f"line {doc.line}" if doc.line is not None else f"booking {doc.number}"
-    return f"{where} ({label})" if label else where
-
-
-def print_refusal(doc: Document, single: bool, exc: BookingRejected) -> None:
-    print(f"{refusal_heading(doc, single)} refused:", file=sys.stderr)
-    for field, message in exc.errors:
-        print(f"  {field}: {message}", file=sys.stderr)
+# Booking files (reading, checking, storing in chunks): worker/batch.py.
+TABLES_UP_TO = 20  # `book` prints each timeline for at most this many bookings
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     """Dry run: validate bookings and print the timeline that would be scheduled."""
     catalog = Catalog.load(settings)
-    docs, single = read_documents(args.file)
+    quiet_gc()
+    source = read_documents(args.file)
     now = args.now or datetime.now(UTC)
     status, out = EXIT_OK, []
-    for doc in docs:
-        result = check_document(doc, catalog, args.clinic, now)
-        if isinstance(result, BookingRejected):
-            print_refusal(doc, single, result)
+    for doc in source.documents:
+        checked = check_document(doc, catalog, args.clinic, now)
+        if checked.unreadable is not None:
+            raise UsageError(f"{args.file}: {checked.unreadable}")
+        if checked.booking is None or checked.plan is None:
+            print_refusal(checked, source.single)
             status = EXIT_REFUSED
             continue
-        booking, planned = result
-        timeline = from_plan(booking, planned)
+        timeline = from_plan(checked.booking, checked.plan)
         if args.json:
             out.append(timeline)
         else:
-            print(render_table(timeline, booking.patient.timezone))
+            print(render_table(timeline, checked.booking.patient.timezone))
             print()
     if args.json:
-        print(json.dumps(out[0] if single and out else out, indent=2, ensure_ascii=False))
+        print(json.dumps(out[0] if source.single and out else out, indent=2, ensure_ascii=False))
     return status
 
 
@@ -378,6 +123,12 @@ def parse_now(value: str) -> datetime:
     return now
 
 
+def _jobs(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of processes (1-64)")
+    return int(value)
+
+
 def open_store(settings: Settings, catalog: Catalog | None = None) -> Store:
     """Return the schedule store on the configured (or embedded) Redis.
 
@@ -414,37 +165,110 @@ def print_timeline(
 
 
 def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
-    """Validate and plan every booking first; store them only if all are acceptable."""
+    """Check every booking first; store them, a chunk at a time, only if all are acceptable."""
     catalog = Catalog.load(settings)
-    docs, single = read_documents(args.file)
+    quiet_gc()
+    source = read_documents(args.file)
     now = datetime.now(UTC)
-    accepted, refused = [], False
-    for doc in docs:
-        result = check_document(doc, catalog, args.clinic, now)
-        if isinstance(result, BookingRejected):
-            print_refusal(doc, single, result)
-            refused = True
-        else:
-            accepted.append(result)
-    if refused:
-        print("nothing was stored", file=sys.stderr)
-        return EXIT_REFUSED
-    store = open_store(settings, catalog)
-    timelines = [store.upsert(booking, planned, now) for booking, planned in accepted]
-    soon = now + timedelta(seconds=settings.pump_interval_seconds)
-    if any(
-        r.status == Status.SCHEDULED and r.due_at <= soon and p.status == Status.SCHEDULED
-        for _, p in accepted
-        for r in p.reminders
-    ):
-        nudge_pump_quietly()
-    if args.json:
-        print(json.dumps(timelines[0] if single else timelines, indent=2, ensure_ascii=False))
-    else:
-        for (booking, _), timeline in zip(accepted, timelines, strict=True):
-            print(render_table(timeline, booking.patient.timezone))
-            print()
+    started = time.monotonic()
+    spool = Spool()
+    refused: list[Checked] = []
+    read = 0
+    with progress_on(sys.stderr) as progress:
+        size = source.reader.size()
+        progress.start("checking", size, "B" if size else "bookings")
+        consumed = 0
+        for outcomes in check_chunks(source.documents, catalog, args.clinic, now,
+                                     jobs=args.jobs):
+            for outcome in outcomes:
+                if outcome.unreadable is not None:
+                    raise UsageError(f"{args.file}: {outcome.unreadable}; nothing was stored")
+                if outcome.doc is not None and outcome.plan is not None:
+                    spool.add((outcome.doc, outcome.plan))
+                else:
+                    refused.append(outcome.checked())
+            read += len(outcomes)
+            done = source.reader.consumed if size else read
+            progress.update(done - consumed, read)
+            consumed = done
+        if refused:
+            progress.close()
+            spool.close()
+            return report_refusals(refused, read, source.single)
+        try:
+            counts = store_all(args, settings, catalog, spool, now, source.single, progress)
+        finally:
+            spool.close()
+    seconds = time.monotonic() - started
+    rate = f" in {seconds:.1f} s ({read / seconds:,.0f} bookings/s)" if read > TABLES_UP_TO else ""
+    print(f"booked {read:,} booking{'s' if read != 1 else ''}: {counts['new']:,} new, "
+          f"{counts['changed']:,} changed, {counts['unchanged']:,} unchanged{rate}",
+          file=sys.stderr)
     return EXIT_OK
+
+
+def report_refusals(refused: list[Checked], read: int, single: bool) -> int:
+    """Print each refusal (up to REFUSALS_SHOWN) and the summary; nothing was stored."""
+    for checked in refused[:REFUSALS_SHOWN]:
+        print_refusal(checked, single)
+    if len(refused) > REFUSALS_SHOWN:
+        print(f"... and {len(refused) - REFUSALS_SHOWN:,} more refused (not shown)",
+              file=sys.stderr)
+    if read > 1:
+        where = ", ".join(refusal_heading(c, False).split(" (")[0] for c in refused[:10])
+        more = ", ..." if len(refused) > 10 else ""
+        print(f"refused {len(refused):,} of {read:,} bookings ({where}{more}): "
+              "nothing was stored", file=sys.stderr)
+    else:
+        print("nothing was stored", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+def store_all(
+    args: argparse.Namespace, settings: Settings, catalog: Catalog, spool: Spool,
+    now: datetime, single: bool, progress: Progress,
+) -> dict[str, int]:
+    """Store the accepted bookings CHUNK at a time; print their timelines; count them."""
+    store = open_store(settings, catalog)
+    counts = {"new": 0, "changed": 0, "unchanged": 0}
+    tables = not args.json and spool.count <= TABLES_UP_TO
+    soon = now + timedelta(seconds=settings.pump_interval_seconds)
+    nudge = False
+    stored = 0
+    progress.start("storing", spool.count)
+    out = JsonArrayOut(sys.stdout, single) if args.json else None
+    try:
+        for chunk in spool.chunks():
+            items = [decode(item, catalog) for item in chunk]
+            before = versions(store, [booking.key for booking, _ in items])
+            timelines = store.upsert_many(items, now)
+            for (booking, planned), old, timeline in zip(items, before, timelines, strict=True):
+                kind = ("new" if old is None
+                        else "unchanged" if str(timeline["version"]) == old else "changed")
+                counts[kind] += 1
+                nudge = nudge or planned.status == Status.SCHEDULED and any(
+                    r.status == Status.SCHEDULED and r.due_at <= soon for r in planned.reminders)
+                if out is not None:
+                    out.write(timeline)
+                elif tables:
+                    print(render_table(timeline, booking.patient.timezone))
+                    print()
+            stored += len(items)
+            progress.update(len(items), stored)
+    except BaseException:
+        if stored < spool.count:
+            progress.close()
+            print(f"stopped after storing {stored:,} of {spool.count:,} bookings (booking "
+                  "them again is safe: an unchanged booking stays as it is)", file=sys.stderr)
+        raise
+    if out is not None:
+        out.close()
+    if nudge:
+        nudge_pump_quietly()
+    if not args.json and not tables:
+        print(f"{spool.count:,} timelines not printed (more than {TABLES_UP_TO}): "
+              "`reminders show BOOKING_ID` prints one, --json prints all", file=sys.stderr)
+    return counts
 
 
 def nudge_pump_quietly() -> None:
@@ -499,11 +323,11 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_REFUSED
     doc = store.booking_doc(clinic, args.booking_id)
     now = datetime.now(UTC)
-    result = check_document(Document(1, None, doc), catalog, None, now)
-    if isinstance(result, BookingRejected):
-        print_refusal(Document(1, None, doc), True, result)
+    checked = check_document(Document(1, None, doc), catalog, None, now)
+    if checked.booking is None or checked.plan is None:
+        print_refusal(checked, True)
         return EXIT_REFUSED
-    booking, planned = result
+    booking, planned = checked.booking, checked.plan
     timeline = store.upsert(booking, planned, now, release=True)
     print_timeline(args, timeline, booking.patient.timezone)
     return EXIT_OK
@@ -634,7 +458,11 @@ COMMANDS: dict[str, tuple[Command, str]] = {
         "validate bookings and print the timeline that would be scheduled (no Redis)",
     ),
     "check": (cmd_check, "validate config/ and templates/; report each SMS template's segments"),
-    "book": (cmd_book, "store bookings (create or update) and print their timelines"),
+    "book": (
+        cmd_book,
+        "store bookings (create or update): all are checked first, and none is stored if one "
+        "is refused; prints their timelines (up to 20; --json: all) and a summary",
+    ),
     "show": (cmd_show, "print a booking's timeline"),
     "cancel": (cmd_cancel, "cancel a booking: nothing pending will be sent"),
     "release": (cmd_release, "release a held booking after the clinic's review"),
@@ -664,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
                 type=parse_now,
                 metavar="ISO",
                 help="plan as if it were this instant (default: the real clock)",
+            )
+        if name == "book":
+            p.add_argument(
+                "--jobs",
+                type=_jobs,
+                default=1,
+                metavar="N",
+                help="check bookings in N processes (default 1: here; on a busy 2-core "
+                "machine more did not pay)",
             )
         if name in ("show", "cancel", "release"):
             p.add_argument("booking_id")

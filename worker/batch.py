@@ -1,0 +1,598 @@
+"""Booking files for `reminders plan` and `reminders book`: read, checked, stored in chunks.
+
+Input: a JSON object, a JSON array, or JSON lines (one booking per line), from a file or
+stdin. JSON lines stream: one line is held at a time, at most `MAX_BOOKING_BYTES` (a longer
+line is refused without ever being held whole). A JSON array, or one object over several
+lines, is read whole, at most `MAX_WHOLE_INPUT_BYTES`. Each document is parsed with
+worker/jsonsafe.py (too big, too deep, duplicate keys, NaN, invalid UTF-8: that booking
+is refused naming the field); a line that is not JSON at all is a usage error naming it.
+
+Check: each booking is validated (worker/models.py) and planned (worker/planner.py) as
+seen at one `now`; a refusal names the line (JSON lines) or position, and every bad field.
+
+Book, all or nothing (the contract of `reminders book`): every booking is checked before
+any is stored; if one is refused, none is. Checking keeps each accepted booking compactly
+(its normalised document and its plan as plain values: about 1 KB, against about 10 KB as
+objects), in memory for the first `SPOOL_AFTER` and in a temporary file beyond, so a large
+file never sits in memory; storing then takes `CHUNK` bookings at a time through
+`Store.upsert_many`. With `jobs` > 1 the check runs in that many processes (on a busy
+2-core machine it did not pay: see `reminders book --help`).
+
+Progress: on a terminal (stderr), a bar with the rate and the time left, shown once a run
+lasts over a second; nothing at all when stderr is not a terminal. At the end, a summary
+on stderr: stored (new, changed), unchanged, or refused with each refusal's line and fields.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import pickle
+import re
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from .catalog import Catalog
+from .errors import BookingRejected
+from .jsonsafe import JSONRefused, load_json, printable
+from .models import (
+    MAX_BOOKING_BYTES,
+    MAX_BOOKING_DEPTH,
+    Booking,
+    json_refusal,
+    parse_booking,
+    trusted_booking,
+)
+from .planner import Plan, PlanRecord, plan, plan_from_record, plan_record
+
+if TYPE_CHECKING:
+    from .store import Store
+
+MAX_WHOLE_INPUT_BYTES = 64 * 1024 * 1024
+CHUNK = 500  # bookings per check task and per store batch
+SPOOL_AFTER = 2000  # accepted bookings kept in memory before the rest go to a temporary file
+REFUSALS_SHOWN = 1000  # refusals printed in full; more are counted
+
+
+class UsageError(Exception):
+    """The command line or its input cannot be used."""
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Document:
+    """One booking document of the input: JSON text still to parse, a value, or refused."""
+
+    number: int  # 1-based position in the input
+    line: int | None  # the line it is on, for JSON lines input
+    value: Any = None
+    raw: bytes | None = None  # one line of JSON lines, parsed where it is checked
+    refused: BookingRejected | None = None
+
+
+def open_input(source: str) -> BinaryIO:
+    """Return FILE, or stdin for "-", as a binary stream; raise UsageError if unreadable."""
+    if source == "-":
+        return sys.stdin.buffer
+    try:
+        return open(source, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from None
+
+
+class LineReader:
+    """Lines of a binary stream, each held only up to a limit, read in large chunks."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, stream: BinaryIO, source: str) -> None:
+        self.stream, self.source = stream, source
+        self.buf, self.pos, self.eof = b"", 0, False
+        self.line_number = 0  # of the last line returned
+        self.consumed = 0  # bytes of the input consumed so far
+
+    def size(self) -> int | None:
+        """The input's size in bytes if it is a regular file (stdin redirected from one too)."""
+        try:
+            stat = os.fstat(self.stream.fileno())
+        except (OSError, AttributeError, ValueError):
+            return None
+        import stat as st
+
+        return stat.st_size if st.S_ISREG(stat.st_mode) else None
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        try:
+            chunk = self.stream.read(self.CHUNK)
+        except OSError as exc:
+            raise UsageError(f"cannot read {self.source}: {exc.strerror}") from None
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf = self.buf[self.pos :] + chunk
+        self.pos = 0
+        return True
+
+    def first_byte(self) -> bytes:
+        """The first byte that is not blank (nor a byte-order mark), without consuming it."""
+        start = 0
+        while True:
+            found = _NONBLANK.search(self.buf, self.pos + start)
+            if found:
+                return found.group()
+            start = len(self.buf) - self.pos
+            if not self._more():
+                return b""
+
+    def line(self, limit: int) -> tuple[int, bytes | None] | None:
+        """Return (line number, line), the line None if longer than `limit`; None at the end."""
+        overlong = False
+        while True:
+            end = self.buf.find(b"\n", self.pos)
+            if end >= 0:
+                end += 1
+                line = None if overlong or end - self.pos > limit else self.buf[self.pos : end]
+                self.consumed += end - self.pos
+                self.pos = end
+                break
+            if len(self.buf) - self.pos > limit:  # drop what is already too long
+                overlong = True
+                self.consumed += len(self.buf) - self.pos
+                self.buf, self.pos = b"", 0
+            if not self._more():
+                if self.pos >= len(self.buf) and not overlong:
+                    return None
+                line = None if overlong or len(self.buf) - self.pos > limit else (
+                    self.buf[self.pos :])
+                self.consumed += len(self.buf) - self.pos
+                self.buf, self.pos = b"", 0
+                break
+        self.line_number += 1
+        return self.line_number, line
+
+    def rest(self, limit: int) -> bytes | None:
+        """The rest of the input, or None if it is longer than `limit`."""
+        while len(self.buf) - self.pos <= limit and self._more():
+            pass
+        if len(self.buf) - self.pos > limit:
+            return None
+        data = self.buf[self.pos :]
+        self.consumed += len(data)
+        self.buf, self.pos = b"", 0
+        return data
+
+
+_NONBLANK = re.compile(rb"[^ \t\r\n\xef\xbb\xbf]")
+
+
+def _not_json(exc: JSONRefused, line: int) -> str:
+    column = f", column {exc.column}" if exc.column else ""
+    return f"line {line}: not JSON ({exc.reason or exc.problem}{column})"
+
+
+def _syntax(source: str, exc: JSONRefused, line: int) -> UsageError:
+    return UsageError(f"{source}: {_not_json(exc, line)}")
+
+
+def _load(data: bytes) -> Any:
+    # Without the line's end: a syntax error's column is then on the line it names.
+    return load_json(data.rstrip(b"\r\n"), max_bytes=MAX_BOOKING_BYTES,
+                     max_depth=MAX_BOOKING_DEPTH)
+
+
+def iter_documents(reader: LineReader) -> Iterator[Document]:
+    """Yield the booking documents of a JSON object, a JSON array or JSON lines, in order.
+
+    JSON lines are yielded unparsed (`raw`), except the first (to tell JSON lines from one
+    object over several lines); `check_document` parses them. Raise UsageError for input
+    that is not JSON at all (naming the line) or holds no booking.
+    """
+    source = reader.source
+    first = reader.first_byte()
+    if not first:
+        raise UsageError(f"{source}: no booking in the input")
+    if first == b"[":
+        yield from _whole_array(reader)
+        return
+    number = 0
+    while True:
+        item = reader.line(MAX_BOOKING_BYTES)
+        if item is None:
+            return
+        line_number, line = item
+        if line is not None and not line.strip():
+            continue
+        number += 1
+        if line is None:
+            problem = f"is a line of more than {MAX_BOOKING_BYTES:,} bytes"
+            yield Document(number, line_number, refused=BookingRejected([("booking", problem)]))
+        elif number > 1:
+            yield Document(number, line_number, raw=line)
+        else:
+            try:
+                yield Document(number, line_number, _load(line))
+            except JSONRefused as exc:
+                if exc.kind != "syntax":
+                    yield Document(number, line_number, refused=json_refusal(exc))
+                    continue
+                single = _one_document(item, reader)  # perhaps one object over many lines
+                if single is None:
+                    raise _syntax(source, exc, line_number) from None
+                yield single
+                return
+
+
+def _one_document(first: tuple[int, bytes | None], reader: LineReader) -> Document | None:
+    """Read on from a first line that is not JSON by itself: is the input one JSON object?
+
+    Return it as one document, or None (the first line is then simply not JSON).
+    """
+    parts, size = [first[1] or b""], len(first[1] or b"")
+    while size <= MAX_BOOKING_BYTES:
+        item = reader.line(MAX_BOOKING_BYTES)
+        if item is None:
+            break
+        if item[1] is None:
+            return None
+        parts.append(item[1])
+        size += len(item[1])
+    else:
+        return None
+    try:
+        return Document(1, None, _load(b"".join(parts)))
+    except JSONRefused as exc:
+        if exc.kind == "syntax":
+            return None
+        return Document(1, None, refused=json_refusal(exc))
+
+
+def _whole_array(reader: LineReader) -> Iterator[Document]:
+    """The documents of an input that is one JSON array."""
+    source = reader.source
+    data = reader.rest(MAX_WHOLE_INPUT_BYTES)
+    if data is None:
+        raise UsageError(
+            f"{source}: a JSON array of more than {MAX_WHOLE_INPUT_BYTES // 2**20} MiB: "
+            "give a large input as JSON lines (one booking per line)"
+        )
+    try:
+        docs = load_json(data, max_bytes=MAX_WHOLE_INPUT_BYTES, max_depth=MAX_BOOKING_DEPTH + 1)
+    except JSONRefused as exc:
+        if exc.kind == "syntax" or not exc.path or not isinstance(exc.path[0], int):
+            raise UsageError(f"{source}: {exc.problem}") from None
+        # The array cannot be read past this: only the booking at fault is reported.
+        problem = exc.problem
+        if exc.kind == "depth":
+            problem = f"is nested more than {MAX_BOOKING_DEPTH} levels deep"
+        inner = JSONRefused(problem, exc.path[1:], kind=exc.kind)
+        yield Document(exc.path[0] + 1, None, refused=json_refusal(inner))
+        return
+    if not isinstance(docs, list) or not docs:
+        raise UsageError(f"{source}: no booking in the input")
+    for number, value in enumerate(docs, 1):
+        yield Document(number, None, value)
+
+
+@dataclass
+class Input:
+    """The documents of FILE or stdin, read as they are consumed."""
+
+    documents: Iterator[Document]
+    single: bool  # only one booking: reported as "booking", printed as an object
+    reader: LineReader
+
+
+def read_documents(source: str) -> Input:
+    """Open FILE or stdin ("-"); read the first two documents to know if there is only one."""
+    stream = open_input(source)
+    reader = LineReader(stream, source)
+
+    def documents() -> Iterator[Document]:
+        try:
+            yield from iter_documents(reader)
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+
+    docs = documents()
+    ahead = list(itertools.islice(docs, 2))
+    return Input(itertools.chain(ahead, docs), len(ahead) == 1, reader)
+
+
+# --- checking ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A document checked: its booking and plan, or why it is refused."""
+
+    number: int
+    line: int | None
+    label: str | None  # the booking id it gives (printable, short), if any
+    refused: BookingRejected | None = None
+    booking: Booking | None = None
+    plan: Plan | None = None
+    unreadable: str | None = None  # a line that is not JSON: the whole input is unusable
+
+
+def _label(value: Any) -> str | None:
+    given = value.get("booking_id") if isinstance(value, dict) else None
+    return printable(given, 64) if isinstance(given, str) and given else None
+
+
+def check_document(doc: Document, catalog: Catalog, clinic: str | None, now: datetime) -> Checked:
+    """Parse (JSON lines), validate and plan one document."""
+    value = doc.value
+    if doc.refused is None and doc.raw is not None:
+        try:
+            value = _load(doc.raw)
+        except JSONRefused as exc:
+            if exc.kind == "syntax":
+                return Checked(doc.number, doc.line, None,
+                               unreadable=_not_json(exc, doc.line or 0))
+            return Checked(doc.number, doc.line, None, refused=json_refusal(exc))
+    label = _label(value)
+    if doc.refused is not None:
+        return Checked(doc.number, doc.line, label, refused=doc.refused)
+    try:
+        booking = parse_booking(value, catalog, clinic=clinic)
+        planned = plan(
+            booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now
+        )
+    except BookingRejected as exc:
+        return Checked(doc.number, doc.line, label, refused=exc)
+    return Checked(doc.number, doc.line, label, booking=booking, plan=planned)
+
+
+def refusal_heading(checked: Checked, single: bool) -> str:
+    """`booking 2 (A-2)`, or `line 7 (A-7)` in JSON lines, or `booking` for a lone one."""
+    label = checked.label
+    if single:
+        return f"booking 1 ({label})" if label else "booking"
+    where = f"line {checked.line}" if checked.line is not None else f"booking {checked.number}"
+    return f"{where} ({label})" if label else where
+
+
+def print_refusal(checked: Checked, single: bool) -> None:
+    if checked.refused is None:
+        return
+    print(f"{refusal_heading(checked, single)} refused:", file=sys.stderr)
+    for field, message in checked.refused.errors:
+        print(f"  {field}: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A checked document as plain values: cheap to pickle (to and from a worker, to spool)."""
+
+    number: int
+    line: int | None
+    label: str | None
+    errors: list[tuple[str, str]] | None = None  # refused
+    unreadable: str | None = None
+    doc: dict[str, Any] | None = None  # accepted: the booking's `model_dump(mode="json")`
+    plan: PlanRecord | None = None  # and its plan
+
+    def checked(self) -> Checked:
+        """Enough of the Checked it came from to report it (no booking or plan objects)."""
+        refused = BookingRejected(self.errors) if self.errors is not None else None
+        return Checked(self.number, self.line, self.label, refused=refused,
+                       unreadable=self.unreadable)
+
+
+def outcome_of(checked: Checked) -> Outcome:
+    if checked.booking is None or checked.plan is None:
+        errors = checked.refused.errors if checked.refused is not None else None
+        return Outcome(checked.number, checked.line, checked.label, errors=errors,
+                       unreadable=checked.unreadable)
+    return Outcome(checked.number, checked.line, checked.label,
+                   doc=checked.booking.model_dump(mode="json"), plan=plan_record(checked.plan))
+
+
+def _check_chunk(
+    docs: list[Document], catalog: Catalog, clinic: str | None, now: datetime
+) -> list[Outcome]:
+    return [outcome_of(check_document(doc, catalog, clinic, now)) for doc in docs]
+
+
+# In a worker process: what every chunk is checked against (set once by the initializer).
+_WORKER: tuple[Catalog, str | None, datetime] | None = None
+
+
+def _init_worker(catalog: Catalog, clinic: str | None, now: datetime) -> None:
+    global _WORKER
+    _WORKER = (catalog, clinic, now)
+    quiet_gc()
+
+
+def _check_in_worker(docs: list[Document]) -> list[Outcome]:
+    assert _WORKER is not None
+    return _check_chunk(docs, *_WORKER)
+
+
+def check_chunks(
+    docs: Iterable[Document], catalog: Catalog, clinic: str | None, now: datetime, *,
+    jobs: int = 1,
+) -> Iterator[list[Outcome]]:
+    """Check the documents CHUNK at a time, in order: here, or in `jobs` worker processes."""
+    docs = iter(docs)
+    chunks = iter(lambda: list(itertools.islice(docs, CHUNK)), [])
+    if jobs <= 1:
+        for chunk in chunks:
+            yield _check_chunk(chunk, catalog, clinic, now)
+        return
+    with ProcessPoolExecutor(jobs, initializer=_init_worker,
+                             initargs=(catalog, clinic, now)) as pool:
+        pending: deque[Future[list[Outcome]]] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_check_in_worker, chunk))
+            if len(pending) > 2 * jobs:  # a few chunks ahead, not the whole input
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# --- keeping accepted bookings until they are stored ------------------------------------
+
+
+Accepted = tuple[dict[str, Any], PlanRecord]  # an accepted Outcome's doc and plan
+
+
+class Spool:
+    """Accepted bookings, compact: the first SPOOL_AFTER in memory, the rest in a temp file."""
+
+    def __init__(self) -> None:
+        self.memory: list[Accepted] = []
+        self.pending: list[Accepted] = []
+        self.file: Any = None
+        self.count = 0
+
+    def add(self, item: Accepted) -> None:
+        self.count += 1
+        if self.count <= SPOOL_AFTER:
+            self.memory.append(item)
+            return
+        self.pending.append(item)
+        if len(self.pending) >= CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="reminders-book-")
+        pickle.dump(self.pending, self.file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.pending = []
+
+    def chunks(self) -> Iterator[list[Accepted]]:
+        """The accepted bookings in input order, CHUNK at a time."""
+        for start in range(0, len(self.memory), CHUNK):
+            yield self.memory[start : start + CHUNK]
+        self._flush()
+        if self.file is not None:
+            self.file.seek(0)
+            while True:
+                try:
+                    yield pickle.load(self.file)
+                except EOFError:
+                    break
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def decode(item: Accepted, catalog: Catalog) -> tuple[Booking, Plan]:
+    """The booking and plan an accepted item holds (checked by this program: not again)."""
+    doc, record = item
+    booking = trusted_booking(doc)
+    return booking, plan_from_record(record, catalog.clinics[booking.clinic].send_window)
+
+
+def versions(store: Store, keys: list[tuple[str, str]]) -> list[str | None]:
+    """The stored version of each booking (None: not stored), in one round trip."""
+    pipe = store.redis.pipeline(transaction=False)
+    for clinic, booking_id in keys:
+        pipe.hget(store.booking_key(clinic, booking_id), "version")
+    return [None if v is None else (v.decode() if isinstance(v, bytes) else str(v))
+            for v in pipe.execute()]
+
+
+# --- output, progress, garbage collection ---------------------------------------------
+
+
+class JsonArrayOut:
+    """Timelines printed as `json.dumps(timelines, indent=2)` would, one at a time.
+
+    A single booking's timeline is printed as an object (as `book` always has).
+    """
+
+    def __init__(self, stream: Any, single: bool) -> None:
+        self.stream, self.single, self.count = stream, single, 0
+
+    def write(self, timeline: dict[str, Any]) -> None:
+        text = json.dumps(timeline, indent=2, ensure_ascii=False)
+        if self.single:
+            self.stream.write(text + "\n")
+        else:
+            self.stream.write(("[\n" if self.count == 0 else ",\n")
+                              + "\n".join("  " + line for line in text.split("\n")))
+        self.count += 1
+
+    def close(self) -> None:
+        if not self.single:
+            self.stream.write("\n]\n" if self.count else "[]\n")
+        self.stream.flush()
+
+
+def quiet_gc() -> None:
+    """Collect garbage less often: a batch makes millions of objects, nearly none cyclic.
+
+    The objects alive now (modules, the catalog) are set aside for good, and a young
+    collection runs every 50,000 allocations instead of 700: without this, collections
+    that walk every booking kept so far take about half the time of a large batch.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
+class Progress:
+    """A bar on stderr when it is a terminal, shown once a phase lasts over a second."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.phase, self.phase_started = "", time.monotonic()
+
+    def start(self, phase: str, total: int | None, unit: str = "bookings") -> None:
+        """A new bar; `total` in bookings, or in bytes (unit "B") of a file being read."""
+        self.close()
+        if not self.enabled:
+            return
+        from tqdm import tqdm  # only on a terminal
+
+        self.phase = phase
+        self.phase_started = time.monotonic()
+        self.bar = tqdm(
+            total=total, desc=phase, unit=unit,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]" if total
+            else "{desc} [{elapsed}]",
+            delay=1.0, mininterval=0.25, file=sys.stderr, dynamic_ncols=True, leave=False,
+        )
+
+    def update(self, n: int, bookings: int) -> None:
+        """Advance by `n` (bookings, or bytes); `bookings` done so far, for the rate."""
+        if self.bar is None:
+            return
+        rate = bookings / max(time.monotonic() - self.phase_started, 1e-6)
+        self.bar.set_description_str(
+            f"{self.phase} {bookings:,} bookings, {rate:,.0f} bookings/s", refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def progress_on(stream: Any) -> Iterator[Progress]:
+    progress = Progress(bool(getattr(stream, "isatty", lambda: False)()))
+    try:
+        yield progress
+    finally:
+        progress.close()
