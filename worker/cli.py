@@ -52,8 +52,12 @@ TABLES_UP_TO = 20  # `book` prints each timeline for at most this many bookings
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     """Dry run: validate bookings and print the timeline that would be scheduled."""
+    with quiet_gc():
+        return plan_files(args, settings)
+
+
+def plan_files(args: argparse.Namespace, settings: Settings) -> int:
     catalog = Catalog.load(settings)
-    quiet_gc()
     source = read_documents(args.file)
     now = args.now or datetime.now(UTC)
     status, out = EXIT_OK, []
@@ -166,8 +170,12 @@ def print_timeline(
 
 def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     """Check every booking first; store them, a chunk at a time, only if all are acceptable."""
+    with quiet_gc():
+        return book_files(args, settings)
+
+
+def book_files(args: argparse.Namespace, settings: Settings) -> int:
     catalog = Catalog.load(settings)
-    quiet_gc()
     source = read_documents(args.file)
     now = datetime.now(UTC)
     started = time.monotonic()
@@ -196,11 +204,15 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
             spool.close()
             return report_refusals(refused, read, source.single)
         try:
+            checked_at = time.monotonic()
             counts = store_all(args, settings, catalog, spool, now, source.single, progress)
         finally:
             spool.close()
-    seconds = time.monotonic() - started
-    rate = f" in {seconds:.1f} s ({read / seconds:,.0f} bookings/s)" if read > TABLES_UP_TO else ""
+    ended = time.monotonic()
+    seconds = ended - started
+    rate = (f" in {seconds:.1f} s ({read / seconds:,.0f} bookings/s; checking "
+            f"{checked_at - started:.1f} s, storing {ended - checked_at:.1f} s)"
+            if read > TABLES_UP_TO else "")
     print(f"booked {read:,} booking{'s' if read != 1 else ''}: {counts['new']:,} new, "
           f"{counts['changed']:,} changed, {counts['unchanged']:,} unchanged{rate}",
           file=sys.stderr)
