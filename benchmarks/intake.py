@@ -116,17 +116,33 @@ def write_jsonl(path: Path, n: int, seed: int = 7) -> None:
 
 
 def book(path: Path, redis_url: str, *, extra: list[str] | None = None) -> dict[str, Any]:
-    """Run `reminders book --json-summary`-less: return wall time, exit code, stderr tail."""
+    """Run `reminders book - < path`: its wall time and exit code, the CPU seconds it and
+    redis-server used, and the summary it printed (stderr's tail)."""
+    import resource
+
+    import redis
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
     env.update(REMINDERS_REDIS_URL=redis_url, REMINDERS_CONFIG_DIR=str(ROOT / "config"),
                REMINDERS_TEMPLATES_DIR=str(ROOT / "templates"))
     script = Path(sys.executable).parent / "reminders"
+    client = redis.Redis.from_url(redis_url)
+
+    def redis_cpu() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    before, server_before = resource.getrusage(resource.RUSAGE_CHILDREN), redis_cpu()
     started = time.perf_counter()
     with path.open("rb") as stdin:
         done = subprocess.run([str(script), "book", *(extra or []), "-"], stdin=stdin,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                               timeout=3600)
-    return {"seconds": time.perf_counter() - started, "returncode": done.returncode,
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"seconds": seconds, "returncode": done.returncode,
+            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "redis_cpu": redis_cpu() - server_before,
             "stderr": done.stderr.decode("utf-8", "replace")[-2000:]}
 
 
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=20000, help="bookings (default 20000)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--write", type=Path, help="only write the JSON lines to this file")
+    parser.add_argument("--again", action="store_true",
+                        help="then book the same file again (every booking unchanged)")
+    parser.add_argument("--jobs", type=int, default=1, help="reminders book --jobs N")
     args = parser.parse_args(argv)
     if args.write:
         write_jsonl(args.write, args.n, args.seed)
@@ -146,15 +165,23 @@ def main(argv: list[str] | None = None) -> int:
         write_jsonl(data, args.n, args.seed)
         server = RedisServer(Path(tmp) / "redis").start()
         try:
-            result = book(data, server.url)
+            runs = [("distinct bookings, new", book(data, server.url,
+                                                     extra=["--jobs", str(args.jobs)]))]
+            if args.again:
+                runs.append(("the same again, unchanged",
+                             book(data, server.url, extra=["--jobs", str(args.jobs)])))
         finally:
             server.stop()
-    rate = args.n / result["seconds"]
-    print(f"reminders book: {args.n:,} distinct bookings (JSON lines) in "
-          f"{result['seconds']:.2f} s = {rate:,.0f} bookings/s (exit {result['returncode']})")
-    if result["returncode"] != 0:
-        print(result["stderr"], file=sys.stderr)
-        return 1
+    for what, result in runs:
+        rate = args.n / result["seconds"]
+        print(f"reminders book: {args.n:,} {what} (JSON lines) in {result['seconds']:.2f} s = "
+              f"{rate:,.0f} bookings/s (exit {result['returncode']}); CPU per booking: "
+              f"reminders {1e6 * result['cpu'] / args.n:,.0f} us, "
+              f"redis-server {1e6 * result['redis_cpu'] / args.n:,.0f} us")
+        print("  " + result["stderr"].strip().splitlines()[-1])
+        if result["returncode"] != 0:
+            print(result["stderr"], file=sys.stderr)
+            return 1
     return 0
 
 
