@@ -540,7 +540,8 @@ def test_the_run_command_and_the_app_name_the_same_queues(redis_server):
         "REMINDERS_REDIS_URL": redis_server.url}, cwd=ROOT, capture_output=True, text=True,
         check=True).stdout
     queues, per_channel, sms, email = json.loads(out)
-    assert RUN_QUEUES == queues == "reminders.send.email,reminders.send.sms,reminders.pump"
+    assert RUN_QUEUES == queues == ("reminders.send.email,reminders.send.sms,reminders.pump,"
+                                    "reminders.events")
     assert per_channel == {"email": "reminders.send.email", "sms": "reminders.send.sms"}
     assert (sms, email) == ("reminders.send.sms", "reminders.send.email")
 
