@@ -39,13 +39,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo
 
-import redis
-import requests
-from babel.dates import format_date, format_time
-
 from .errors import ConfigError, DeliveryError
 
-if TYPE_CHECKING:  # the clinic config imports EVENT_TYPES from here
+# The clinic config imports EVENT_TYPES from here: every command loads it, so the heavier
+# libraries (redis, requests, babel) are imported where they are used.
+if TYPE_CHECKING:
+    import redis
+
     from .clinics import Clinic
     from .rendering import RenderedMessage, Renderer
     from .settings import Settings
@@ -293,6 +293,8 @@ def verify_signature(
 
 def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None:
     """POST one signed event; raise DeliveryError unless the clinic answers 2xx."""
+    import requests
+
     body = json.dumps(event.payload(), separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
@@ -366,6 +368,8 @@ def deliver_event(
 
 def render_alert(clinic: Clinic, event: Event, renderer: Renderer) -> RenderedMessage:
     """Render the clinic's alert for `event` (templates/<locale>/clinic/<name>.email.*.j2)."""
+    from babel.dates import format_date, format_time
+
     name = event.type.split(".", 1)[1]
     fields = event.fields
     tz = ZoneInfo(clinic.timezone)
