@@ -36,7 +36,6 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,6 +55,8 @@ from .models import (
 from .planner import Plan, PlanRecord, plan, plan_from_record, plan_record
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from .store import Store
 
 MAX_WHOLE_INPUT_BYTES = 64 * 1024 * 1024
@@ -436,6 +437,8 @@ def check_chunks(
         for chunk in chunks:
             yield _check_chunk(chunk, catalog, clinic, now)
         return
+    from concurrent.futures import ProcessPoolExecutor  # multiprocessing: only when asked
+
     with ProcessPoolExecutor(jobs, initializer=_init_worker,
                              initargs=(catalog, clinic, now)) as pool:
         pending: deque[Future[list[Outcome]]] = deque()
