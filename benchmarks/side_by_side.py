@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -116,17 +117,17 @@ class Params:
 
     burst: int = 1000  # reminders due at one instant, per channel (email and SMS)
     steady_rate: float = 100.0  # reminders a second in the steady stream
-    steady_seconds: float = 30.0  # how long the steady stream lasts
+    steady_seconds: float = 20.0  # how long the steady stream lasts
     intake: int = 20_000  # realistic bookings in the `reminders book` intake file
     pending_bookings: int = 100_000  # realistic bookings: Redis memory per pending reminder
     pending_reminders: int = 1_000_000  # then more, up to this many pending: worker RSS
     naive_pending: int = 100_000  # far-future ETA tasks given to the naive worker (cap)
     naive_concurrency: int = 2  # the naive worker's --concurrency (ours: celery_command's)
     loaders: int = 2  # parallel `reminders book` processes loading the pending set
-    drain_timeout: float = 45.0  # give up waiting for a burst this long after its due instant
-    steady_drain: float = 20.0  # ... for the steady stream, this long after its last due time
-    intake_budget: float = 50.0  # give up on the intake file (each route) after this long
-    load_budget: float = 60.0  # stop adding pending reminders (each side) after this long
+    drain_timeout: float = 40.0  # give up waiting for a burst this long after its due instant
+    steady_drain: float = 15.0  # ... for the steady stream, this long after its last due time
+    intake_budget: float = 45.0  # give up on the intake file (each route) after this long
+    load_budget: float = 50.0  # stop adding pending reminders (each side) after this long
     seed: int = 7
 
 
@@ -401,24 +402,45 @@ def naive_items(phase: str, dues: list[float], channels: list[str]) -> tuple[
     return items, expected
 
 
+class NaiveService:
+    """The naive peer's Redis and worker; restartable fresh (a new Redis, a new worker)."""
+
+    def __init__(self, params: Params, sinks: Sinks, workdir: Path, procs: Processes,
+                 servers: list[Any]) -> None:
+        self.params, self.sinks, self.workdir = params, sinks, workdir
+        self.procs, self.servers, self.starts = procs, servers, 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.server = start_redis(self.workdir / f"redis-{self.starts}", self.servers)
+        self.url = self.server.url
+        self.client = redis.Redis.from_url(self.url)
+        env = child_env({"BENCH_REDIS_URL": self.url, "BENCH_EMAIL_URL": self.sinks.email_url,
+                         "BENCH_SMS_URL": self.sinks.sms_url})
+        log = self.workdir / "worker.log"
+        self.worker = self.procs.spawn(
+            [sys.executable, "-m", "celery", "-A", "benchmarks.naive_app", "worker",
+             "--loglevel=INFO", f"--concurrency={self.params.naive_concurrency}",
+             "-Q", naive_app.QUEUE, "--without-gossip", "--without-mingle"],
+            env=env, cwd=self.workdir, log=log)
+        self.app = naive_app.make_app(self.url)
+        wait_in_log(log, b" ready.", self.worker, "naive worker start")
+        time.sleep(3.0)
+
+    def stop(self) -> None:
+        self.app.close()
+        self.client.close()
+        self.procs.kill(self.worker)  # a warm shutdown would hand back every ETA task it holds
+        stop_redis(self.server, self.servers)
+
+
 def run_naive(params: Params, sinks: Sinks, workdir: Path, procs: Processes,
               servers: list[Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    server = start_redis(workdir / "redis", servers)
-    url = server.url
-    client = redis.Redis.from_url(url)
-    env = child_env({"BENCH_REDIS_URL": url, "BENCH_EMAIL_URL": sinks.email_url,
-                     "BENCH_SMS_URL": sinks.sms_url})
-    log = workdir / "worker.log"
-    worker = procs.spawn([sys.executable, "-m", "celery", "-A", "benchmarks.naive_app", "worker",
-                          "--loglevel=INFO", f"--concurrency={params.naive_concurrency}",
-                          "-Q", naive_app.QUEUE, "--without-gossip", "--without-mingle"],
-                         env=env, cwd=workdir, log=log)
-    app = naive_app.make_app(url)
+    out: dict[str, Any] = {"restarts": []}
+    svc = NaiveService(params, sinks, workdir, procs, servers)
+    svc.start()
     try:
-        wait_in_log(log, b" ready.", worker, "naive worker start")
-        time.sleep(3.0)
-        out["rss_idle"] = rss_sample(worker.pid)
+        out["rss_idle"] = rss_sample(svc.worker.pid)
 
         # The burst: 2 x burst ETA tasks due at one instant, given time to reach the worker
         # (it takes a few hundred a second on a busy 2-core machine).
@@ -427,24 +449,36 @@ def run_naive(params: Params, sinks: Sinks, workdir: Path, procs: Processes,
         items, expected = naive_items("naive-burst", [due] * 2 * n, ["email", "sms"] * n)
         say(f"naive: burst of {2 * n} ETA tasks due in {due - time.time():.0f}s")
         mark = sinks.mark()
-        naive_publish(app, items)
+        naive_publish(svc.app, items)
         _sleep_until(due)
-        in_queue = int(client.llen(naive_app.QUEUE))
+        in_queue = int(svc.client.llen(naive_app.QUEUE))
         out["burst"] = collect(sinks, mark, expected, due + params.drain_timeout, "naive burst") | {
             "due": due, "not_yet_in_worker_at_due": in_queue}
+        fresh_if_behind(out, "naive", "burst", "steady stream", svc.stop, svc.start)
 
         # The steady stream.
-        out["steady"] = run_naive_steady(params, sinks, app, client)
-        out["rss_zero_after"] = rss_sample(worker.pid)
+        out["steady"] = run_naive_steady(params, sinks, svc.app, svc.client)
+        out["rss_zero_after"] = rss_sample(svc.worker.pid)
+        fresh_if_behind(out, "naive", "steady", "memory phase", svc.stop, svc.start)
 
         # Pending: far-future ETA tasks, held in the worker's memory.
-        out["pending"] = run_naive_pending(params, client, url, app, worker)
+        out["pending"] = run_naive_pending(params, svc.client, svc.url, svc.app, svc.worker)
     finally:
-        app.close()
-        client.close()
-        procs.kill(worker)  # a warm shutdown would first hand back every ETA task it holds
-        stop_redis(server, servers)
+        svc.stop()
     return out
+
+
+def fresh_if_behind(out: dict[str, Any], side: str, phase: str, upcoming: str,
+                    stop: Callable[[], None], start: Callable[[], None]) -> None:
+    """If `phase` left messages unsent, give the next phase a fresh Redis and worker: a
+    backlog would be measured as part of it."""
+    unsent = sum(1 for m in out[phase]["messages"] if m[2] is None)
+    if unsent:
+        say(f"{side}: the {phase} left {unsent:,} unsent; a fresh Redis and worker for the "
+            f"{upcoming}")
+        out["restarts"].append({"after": phase, "unsent": unsent, "before": upcoming})
+        stop()
+        start()
 
 
 def run_naive_steady(params: Params, sinks: Sinks, app: Any,
@@ -485,10 +519,10 @@ def run_naive_pending(params: Params, client: redis.Redis, url: str, app: Any,
                             for i in range(n)])
         published += n
     res["published"], res["publish_seconds"] = published, time.monotonic() - t0
-    while client.llen(naive_app.QUEUE) and time.monotonic() - t0 < params.load_budget + 30:
+    while client.llen(naive_app.QUEUE) and time.monotonic() - t0 < params.load_budget + 15:
         time.sleep(0.5)
     res["seconds"] = time.monotonic() - t0
-    res["taken"] = published - int(client.llen(naive_app.QUEUE))
+    res["taken"] = max(0, published - int(client.llen(naive_app.QUEUE)))
     time.sleep(2.0)
     res["rss_after"], res["redis_after"] = rss_sample(worker.pid), used_memory(url)
     say(f"naive: worker holds {res['taken']:,} of {published:,} ETA tasks "
@@ -613,15 +647,16 @@ def run_ours(params: Params, sinks: Sinks, workdir: Path, procs: Processes,
     intake_rate = out["intake"]["rate"] or out["intake"]["rate_below"] / 2
     startup = out["intake"]["startup_seconds"]
 
-    server = start_redis(workdir / "redis", servers)
-    ours = Ours(workdir, server.url, write_config(workdir / "config", sinks, pending_only=True),
-                procs)
+    config = write_config(workdir / "config", sinks, pending_only=True)
+    svc = OursService(workdir, config, procs, servers)
+    svc.start()
+    ours = svc.ours
     out["worker_command"] = shown_command(ours.command("worker"))
     out["beat_command"] = shown_command(ours.command("beat"))
-    say(f"ours: starting `{out['worker_command']}` and `{out['beat_command']}`")
+    say(f"ours: started `{out['worker_command']}` and `{out['beat_command']}`")
+    out["restarts"] = []
     try:
-        ours.start()
-        assert ours.worker is not None and ours.beat is not None
+        assert ours.worker is not None
         out["pump_interval"] = ours.pump_interval()
         time.sleep(3.0)
         out["rss_idle"] = rss_sample(ours.worker.pid)
@@ -642,16 +677,43 @@ def run_ours(params: Params, sinks: Sinks, workdir: Path, procs: Processes,
         booked_at = time.time()
         out["burst"] = collect(sinks, mark, expected, due + params.drain_timeout, "ours burst") | {
             "due": due, "booked_before_due": booked_at < due}
+        fresh_if_behind(out, "ours", "burst", "steady stream", svc.stop, svc.start)
 
-        out["steady"] = run_ours_steady(params, sinks, ours, workdir, intake_rate, startup)
-        out["rss_zero_after"] = rss_sample(ours.worker.pid)
+        out["steady"] = run_ours_steady(params, sinks, svc.ours, workdir, intake_rate, startup)
+        assert svc.ours.worker is not None
+        out["rss_zero_after"] = rss_sample(svc.ours.worker.pid)
+        fresh_if_behind(out, "ours", "steady", "memory phase", svc.stop, svc.start)
 
-        out["pending"] = run_ours_pending(params, ours, workdir, now, startup)
-        out["beat_rss"] = rss_sample(ours.beat.pid)
+        out["pending"] = run_ours_pending(params, svc.ours, workdir, now, startup)
+        assert svc.ours.beat is not None
+        out["beat_rss"] = rss_sample(svc.ours.beat.pid)
     finally:
-        ours.stop()
-        stop_redis(server, servers)
+        svc.stop()
     return out
+
+
+class OursService:
+    """Ours on its own Redis: worker and beat as `reminders run` starts them; restartable
+    fresh (a new Redis, a new worker and beat)."""
+
+    def __init__(self, workdir: Path, config: Path, procs: Processes,
+                 servers: list[Any]) -> None:
+        self.workdir, self.config, self.procs, self.servers = workdir, config, procs, servers
+        self.starts = 0
+        self.server: Any = None
+        self.ours: Ours
+
+    def start(self) -> None:
+        self.starts += 1
+        self.server = start_redis(self.workdir / f"redis-{self.starts}", self.servers)
+        self.ours = Ours(self.workdir, self.server.url, self.config, self.procs)
+        self.ours.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.ours.stop()
+            stop_redis(self.server, self.servers)
+            self.server = None
 
 
 def shown_command(argv: list[str]) -> str:
@@ -862,6 +924,11 @@ def run_ours_pending(params: Params, ours: Ours, workdir: Path, now: datetime,
 # --- the table -----------------------------------------------------------------------------
 
 
+def div(a: float, b: float) -> float | None:
+    """a / b, or None (no figure) when there was nothing to divide by."""
+    return a / b if b else None
+
+
 @dataclass
 class Row:
     key: str
@@ -939,20 +1006,23 @@ def build_rows(m: dict[str, Any], params: Params) -> list[Row]:
 
     np_, op = naive["pending"], ours["pending"]
     rows.append(Row("load_rate", "loading the pending set", "reminders/s", 0,
-                    None, np_["published"] / np_["publish_seconds"],
-                    op["reminders_total"] / op["seconds_total"] if op["seconds_total"] else None))
-    ours_bytes = ((op["redis_after"] - op["redis_before"]) / op["reminders"]
-                  if op["reminders"] else None)
+                    None, div(np_["published"], np_["publish_seconds"]),
+                    div(op["reminders_total"], op["seconds_total"])))
+    ours_bytes = div(op["redis_after"] - op["redis_before"], op["reminders"])
     rows.append(Row("redis_per_pending", f"Redis per pending reminder ({short(np_['published'])}"
                     f" / {short(op['reminders'])})", "B", 0,
-                    None, (np_["redis_after"] - np_["redis_before"]) / np_["published"],
+                    None, div(np_["redis_after"] - np_["redis_before"], np_["published"]),
                     ours_bytes, goal="≤ 400 B",
                     met=None if ours_bytes is None else ours_bytes <= 400))
     rows.append(Row("rss_idle", "worker RSS, idle, 0 pending", "MB", 1, None,
                     naive["rss_idle"] / MB, ours["rss_idle"] / MB, goal="≤ naive's",
                     met=ours["rss_idle"] <= naive["rss_idle"]))
+    backlog = {side: "backlog" for side, data in (("naive", naive), ("ours", ours))
+               if any(r["after"] == "steady" for r in data.get("restarts", []))}
     rows.append(Row("rss_zero_after", "worker RSS, 0 pending, after the sends", "MB",
-                    1, None, naive["rss_zero_after"] / MB, ours["rss_zero_after"] / MB))
+                    1, None, None if "naive" in backlog else naive["rss_zero_after"] / MB,
+                    None if "ours" in backlog else ours["rss_zero_after"] / MB,
+                    na=backlog or None))
     held = f"{short(np_['taken'])} / {short(op['reminders_total'])}"
     rows.append(Row("rss_pending", f"worker RSS, pending ({held})", "MB", 1, None,
                     np_["rss_after"] / MB, op["rss_after"] / MB))
@@ -961,9 +1031,8 @@ def build_rows(m: dict[str, Any], params: Params) -> list[Row]:
                     100 * (np_["rss_after"] - np_["rss_before"]) / np_["rss_before"], change_o,
                     goal="within ±10 %", met=abs(change_o) <= 10))
     rows.append(Row("rss_per_pending", "worker RSS per pending reminder", "B", 0, None,
-                    (np_["rss_after"] - np_["rss_before"]) / np_["taken"] if np_["taken"] else None,
-                    (op["rss_after"] - op["rss_before"]) / op["reminders_total"]
-                    if op["reminders_total"] else None))
+                    div(np_["rss_after"] - np_["rss_before"], np_["taken"]),
+                    div(op["rss_after"] - op["rss_before"], op["reminders_total"])))
     rows.append(Row("beat_rss", "beat process RSS", "MB", 1, None, None,
                     ours["beat_rss"] / MB))
     for row in rows:  # a percentile that fell on a message that never came
@@ -1063,6 +1132,8 @@ def measure(params: Params, workdir: Path) -> dict[str, Any]:
             t = time.monotonic()
             measured[side] = run(side_dir)
             measured[side]["phase_seconds"] = round(time.monotonic() - t, 1)
+            # Kept with the logs: what was measured survives a failure further on.
+            (workdir / "measured.json").write_text(json.dumps(measured), encoding="utf-8")
     finally:
         procs.stop_all()
         for server in list(servers):
@@ -1139,6 +1210,10 @@ def warnings(report: dict[str, Any]) -> list[str]:
         if not m["ours"][phase].get("booked_before_due", True):
             out.append(f"WARNING: ours: `reminders book` for the {phase} finished after its "
                        "first due time; its lateness includes the booking.")
+    for side in ("naive", "ours"):
+        for r in m[side].get("restarts", []):
+            out.append(f"Note: {side}: the {r['after']} left {r['unsent']:,} messages unsent in "
+                       f"its wait; the {r['before']} ran on a fresh Redis and worker.")
     if m["ours"]["pending"]["due_before"]:
         out.append(f"Note: ours: {m['ours']['pending']['due_before']:,} reminders of the stream "
                    "were still unsent when the memory phase began (the worker was sending them).")

@@ -135,6 +135,41 @@ def test_a_percentile_on_a_message_that_never_came_prints_as_more_than_the_wait(
     assert rows["burst_lateness_p99"].ours == pytest.approx(1.0)
     assert rows["burst_missing"].naive == 1 and rows["burst_missing"].ours == 0
     assert rows["intake_api"].na == {"ours": "no API yet"}
+    assert rows["rss_zero_after"].na is None and rows["rss_zero_after"].naive == 1.0
+
+
+def test_a_phase_that_left_a_backlog_hands_the_next_one_a_fresh_service():
+    from benchmarks.side_by_side import Params, build_rows, fresh_if_behind
+
+    calls: list[str] = []
+    out: dict[str, Any] = {"restarts": [], "burst": {"messages": [["email", 0.0, 1.0, 1]]},
+                           "steady": {"messages": [["email", 0.0, None, 0],
+                                                   ["sms", 0.0, 2.0, 1]]}}
+    fresh_if_behind(out, "naive", "burst", "steady stream", lambda: calls.append("stop"),
+                    lambda: calls.append("start"))
+    assert calls == [] and out["restarts"] == []
+    fresh_if_behind(out, "naive", "steady", "memory phase", lambda: calls.append("stop"),
+                    lambda: calls.append("start"))
+    assert calls == ["stop", "start"]
+    assert out["restarts"] == [{"after": "steady", "unsent": 1, "before": "memory phase"}]
+    # Its "0 pending after the sends" reading was taken with that backlog: not shown as one.
+    pending = {"published": 10, "publish_seconds": 1.0, "taken": 10, "redis_before": 1,
+               "redis_after": 11, "rss_before": 2**20, "rss_after": 2**20}
+    burst = {"due": 0.0, "until": 9.0, "messages": [["email", 0.0, 1.0, 1]]}
+    m = {"raw": {"burst": burst},
+         "naive": out | {"burst": burst, "rss_idle": 2**20, "rss_zero_after": 2**20,
+                         "pending": pending},
+         "ours": {"burst": burst, "steady": {"messages": [["sms", 0.0, 0.5, 1]]},
+                  "rss_idle": 2**20, "rss_zero_after": 2**20, "beat_rss": 2**20,
+                  "intake": {"finished": True, "bookings": 5, "rate": 10.0},
+                  "intake_api": {"available": False, "reason": "no API yet"},
+                  "pending": pending | {"bookings": 1, "reminders": 10, "seconds": 1.0,
+                                        "bookings_total": 2, "reminders_total": 20,
+                                        "seconds_total": 2.0}}}
+    rows = {r.key: r for r in build_rows(m, Params())}
+    assert rows["rss_zero_after"].naive is None and rows["rss_zero_after"].na == {
+        "naive": "backlog"}
+    assert rows["rss_zero_after"].ours == 1.0
 
 
 def test_pending_protocols_lose_only_their_at_booking_step():
@@ -377,6 +412,35 @@ def test_printed_table_shows_the_measured_numbers_with_units(quick_run):
     assert "Reproduce: .venv/bin/python -m benchmarks --quick" in stdout or \
         "-m benchmarks --quick" in stdout
     assert "All parameters explicit: .venv/bin/python -m benchmarks --burst 25" in stdout
+
+
+@pytest.mark.integration
+def test_a_run_that_falls_behind_gives_each_phase_a_fresh_service(tmp_path: Path):
+    # No wait for the burst and the stream (beyond the half second every wait ends with),
+    # and more than even the raw client could send in it: they are left behind, unsent.
+    workdir, out = tmp_path / "work", tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--burst", "300", "--steady-rate", "1000",
+         "--steady-seconds", "1", "--intake", "20", "--pending-bookings", "20",
+         "--pending-reminders", "100", "--naive-pending", "50", "--drain-timeout", "0",
+         "--steady-drain", "0", "--workdir", str(workdir), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    report = json.loads(out.read_text())
+    rows = _rows(report)
+    for side in ("naive", "ours"):
+        restarts = report["measured"][side]["restarts"]
+        assert [(r["after"], r["before"]) for r in restarts] == [
+            ("burst", "steady stream"), ("steady", "memory phase")], restarts
+        assert all(r["unsent"] > 0 for r in restarts)
+        assert f"Note: {side}: the burst left" in result.stdout
+        assert rows["rss_zero_after"]["na"][side] == "backlog"
+        assert rows["burst_missing"][side] > 0
+    # The memory phase still measured, on the fresh service: nothing was left due in it.
+    assert report["measured"]["ours"]["pending"]["due_before"] == 0
+    assert report["measured"]["naive"]["pending"]["taken"] == 50
+    assert rows["redis_per_pending"]["ours"] > 0 and rows["rss_pending"]["naive"] > 0
+    assert _processes_using(workdir) == []
 
 
 @pytest.mark.integration
