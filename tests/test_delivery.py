@@ -123,6 +123,12 @@ SMTP_FAILED = 'Sending email to "x@example.com" failed.'
         ("FAILURE", [JSON_CONN, NO_DNS], [], "transient", "could not connect"),
         ("FAILURE", [JSON_CONN, READ_TIMEOUT], [], "unknown", "may have been delivered"),
         ("FAILURE", [JSON_CONN, ABORTED], [], "unknown", "may have been delivered"),
+        # An OS error number is no SMTP reply code.
+        ("FAILURE", [JSON_CONN, "Socket Exception: ('Connection aborted.', "
+                     "ConnectionResetError(104, 'Connection reset by peer'))"], [], "unknown",
+         "may have been delivered"),
+        ("FAILURE", [SMTP_FAILED, "Socket Exception: [Errno 104] Connection reset by peer"],
+         [], "unknown", "may have been delivered"),
         ("FAILURE", [JSON_CONN], [], "unknown", "may have been delivered"),
         ("FAILURE", ["Notification service 'JSON' raised an exception.",
                      "Notification Exception: SoftTimeLimitExceeded()"], [], "unknown",

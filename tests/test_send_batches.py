@@ -30,7 +30,7 @@ from worker.dispatch import Context, Lanes, Watchdog, attempt, hand_over
 from worker.embedded import free_port
 from worker.models import parse_booking
 from worker.planner import plan
-from worker.pump import Capacity, Keys, channel_of, member, pump
+from worker.pump import Capacity, Keys, channel_of, member, pump, sender_member
 from worker.rendering import Renderer
 from worker.settings import Settings
 from worker.store import Claim, Store
@@ -456,29 +456,42 @@ def test_the_pump_never_hands_out_more_than_the_window(shop, redis_client):
     assert len(published) == 4 and redis_client.zcard(store.due_key) == 68
 
 
-def test_the_window_follows_the_drain_rate_measured_while_busy(shop, redis_client):
+def test_the_window_follows_the_senders_and_how_long_a_send_takes(shop, redis_client):
     store = shop.store
     keys = Keys(PREFIX)
     due_now(shop, [("B", "sms")] * 300)
+    # Two worker processes with 5 SMS senders each, registered for the next 10 s.
+    redis_client.zadd(keys.senders("sms"), {sender_member("w1:1", 5): time.time() + 10,
+                                            sender_member("w2:7", 5): time.time() + 10,
+                                            sender_member("gone:9", 50): time.time() - 1})
     published: list[int] = []
 
-    def publish(ch, claims, at):
-        published.append(len(claims))
+    def run(**kw: Any) -> int:
+        redis_client.delete(keys.outstanding("sms"))  # what was handed out has settled
+        published.clear()
+        return pump(store, lambda ch, claims, at: published.append(len(claims)),
+                    capacity=capacity(batch_size=50, **kw), claim_round=500)
 
-    assert pump(store, publish, capacity=capacity(batch_size=50), claim_round=500) == 6
-    # The senders settle the 6, and 94 more, within a second: 100 per second.
-    redis_client.delete(keys.outstanding("sms"))
-    redis_client.set(keys.drained("sms"), 100)
-    state = redis_client.hgetall(keys.rate("sms"))
-    redis_client.hset(keys.rate("sms"), "at", repr(float(state["at"]) - 1.0))
-    redis_client.hset(keys.rate("sms"), "outstanding", "6")  # it was busy all along
-    published.clear()
-    handed = pump(store, publish, capacity=capacity(batch_size=50, backlog_seconds=2.0),
-                  claim_round=500)
-    rate = float(redis_client.hget(keys.rate("sms"), "rate"))
-    assert 30 < rate < 100  # a moving average on its way to 100
-    assert handed == math.ceil(rate * 2.0)  # two seconds of it, nothing outstanding
-    assert max(published) <= 50
+    # Nothing measured yet: twice the 10 live threads (the expired process does not count).
+    assert run() == 20
+    # They report 20 sends that took 2 s in all: 0.1 s each, so 10 threads finish 200 in the
+    # 2 s of backlog.
+    redis_client.set(keys.drained("sms"), 20)
+    redis_client.set(keys.busy("sms"), 2.0)
+    assert run() == 200 and max(published) <= 50
+    # The provider slows down: 30 sends of 3 s. The average moves most of the way there.
+    redis_client.set(keys.drained("sms"), 50)
+    redis_client.set(keys.busy("sms"), 2.0 + 30 * 3.0)
+    latency = 0.1 + (3.0 - 0.1) * (1 - math.exp(-1))
+    assert float(redis_client.hget(keys.stats("sms"), "latency")) == pytest.approx(0.1)
+    assert run() == math.ceil(10 * 2.0 / latency)
+    assert float(redis_client.hget(keys.stats("sms"), "latency")) == pytest.approx(latency)
+    # Slower than the backlog: one claim per thread, never less.
+    redis_client.set(keys.drained("sms"), 150)
+    redis_client.set(keys.busy("sms"), 92.0 + 100 * 5.0)
+    assert run() == 10
+    # Nothing of this channel-only backlog was claimed only to be handed back.
+    assert redis_client.zcount(store.due_key, time.time(), "+inf") == 0
 
 
 def test_a_full_channel_never_keeps_the_other_one_from_being_claimed(shop, redis_client):
@@ -486,32 +499,93 @@ def test_a_full_channel_never_keeps_the_other_one_from_being_claimed(shop, redis
     keys = Keys(PREFIX)
     refs = due_now(shop, [("E", "email")] * 30 + [("S", "sms")] * 5)
     emails, sms = refs[:30], refs[30:]  # every email is due before every SMS
-    # The email senders are full (slow provider): 6 claims outstanding.
-    redis_client.zadd(keys.outstanding("email"), {f"x{i}": time.time() + 30 for i in range(6)})
+    # The email senders are full (slow provider): 12 claims outstanding, twice their window.
+    redis_client.zadd(keys.outstanding("email"), {f"x{i}": time.time() + 30 for i in range(12)})
     published: list[tuple[str, list[Claim]]] = []
     n = pump(store, lambda ch, claims, at: published.append((ch, list(claims))),
              capacity=capacity(batch_size=10), claim_round=100)
     assert n == 5 and [ch for ch, _ in published] == ["sms"]
     assert sorted(c.ref for c in published[0][1]) == sorted(sms)
-    for ref in emails:  # handed back at once, due now, waiting for the email senders
+    for ref in emails:  # handed back, due again once the email senders should have room
         record = store.record(ref)
         assert record["status"] == "scheduled", record
         assert "email senders are busy" in record["reason"]
-        assert redis_client.zscore(store.due_key, ref) is not None
-    assert redis_client.zcard(store.lease_key) == 5
+        # Their latency is not known yet: a second from now.
+        assert time.time() + 0.5 < redis_client.zscore(store.due_key, ref) < time.time() + 1.5
+    # So the next run (the SMS sent meanwhile) claims the SMS behind them, not them again.
+    redis_client.delete(keys.outstanding("sms"))
+    due_now(shop, [("T", "sms")] * 3)
+    published.clear()
+    assert pump(store, lambda ch, claims, at: published.append((ch, list(claims))),
+                capacity=capacity(batch_size=10), claim_round=100) == 3
+    assert [len(c) for _, c in published] == [3]
+    assert all(store.record(ref)["status"] == "scheduled" for ref in emails)
+    assert redis_client.zcard(store.lease_key) == 5 + 3
 
 
-def test_a_run_holds_at_most_one_claim_round_of_the_full_channel(shop, redis_client):
+def test_a_burst_of_both_channels_takes_a_window_more_of_one_rather_than_hand_it_back(
+        shop, redis_client):
     store = shop.store
     keys = Keys(PREFIX)
-    due_now(shop, [("E", "email")] * 100 + [("S", "sms")] * 5)
+    due_now(shop, [("B", ch) for _ in range(40) for ch in ("email", "sms")])  # alternating
+    # The email senders have their window's worth (6); the SMS senders nothing yet.
     redis_client.zadd(keys.outstanding("email"), {f"x{i}": time.time() + 30 for i in range(6)})
+    published: dict[str, int] = {"email": 0, "sms": 0}
+
+    def publish(channel, claims, at):
+        published[channel] += len(claims)
+
+    assert pump(store, publish, capacity=capacity(), claim_round=100) == 12
+    # 6 SMS fill their window; the 6 emails between them go too, as spare: nothing passed.
+    assert published == {"email": 6, "sms": 6}
+    assert redis_client.zcount(store.due_key, time.time(), "+inf") == 0
+
+
+def test_a_deep_backlog_of_a_busy_channel_is_passed_a_claim_round_at_a_time(shop, redis_client):
+    store = shop.store
+    keys = Keys(PREFIX)
+    refs = due_now(shop, [("E", "email")] * 100 + [("S", "sms")] * 5)
+    # The email senders have 10 threads and take 0.5 s a send: 20 a second, and they have
+    # 4 s of work, twice what fills their window.
+    redis_client.zadd(keys.outstanding("email"), {f"x{i}": time.time() + 30 for i in range(80)})
+    redis_client.zadd(keys.senders("email"), {sender_member("w:1", 10): time.time() + 10})
+    redis_client.hset(keys.stats("email"), mapping={"latency": "0.5", "drained": "0",
+                                                   "busy": "0"})
     claimed = []
     real = store.claim_due
     store.claim_due = lambda limit, lease: claimed.append(limit) or real(limit, lease)  # type: ignore[method-assign]
+    published: list[str] = []
+
+    def run() -> int:
+        return pump(store, lambda ch, claims, at: published.extend(c.ref for c in claims),
+                    capacity=capacity(), claim_round=20)
+
+    # The SMS are 100 emails down the line: a run passes 20 of them, and no more.
+    assert run() == 0 and claimed == [20]
+    assert redis_client.zcard(store.lease_key) == 0  # every claim it passed went back
+    passed = sorted(refs[:20], key=lambda r: redis_client.zscore(store.due_key, r))
+    assert passed == refs[:20]  # in their order, spread at the email senders' pace
+    dues = [redis_client.zscore(store.due_key, r) for r in passed]
+    assert dues[0] > time.time() + 0.1
+    assert dues[-1] - dues[0] == pytest.approx(19 * 0.5 / 10, abs=0.01)
+    # Each run moves the line on by a claim round; the fifth reaches the SMS.
+    for _ in range(4):
+        run()
+    assert sorted(published) == sorted(refs[100:])
+    assert max(claimed) <= 20 + 5
+
+
+def test_a_busy_channel_alone_is_not_claimed_only_to_be_handed_back(shop, redis_client):
+    store = shop.store
+    keys = Keys(PREFIX)
+    due_now(shop, [("S", "sms")] * 300)
+    redis_client.zadd(keys.outstanding("sms"), {f"x{i}": time.time() + 30 for i in range(6)})
+    claimed = []
+    real = store.claim_due
+    store.claim_due = lambda limit, lease: claimed.append(limit) or real(limit, lease)  # type: ignore[method-assign]
+    # The email senders have room, but no email is due: nothing is claimed at all.
     assert pump(store, lambda *a: None, capacity=capacity(), claim_round=20) == 0
-    assert sum(claimed) <= 20 + 6  # the held ones, then the run stops
-    assert redis_client.zcard(store.lease_key) == 0  # every held claim went back
+    assert claimed == [] and redis_client.zcard(store.due_key) == 300
 
 
 def test_expired_outstanding_claims_stop_counting(shop, redis_client):
@@ -558,3 +632,19 @@ def test_an_attempt_past_its_start_hands_back_without_touching_the_ledger(rig):
     assert attempt(rig.ctx, claim.ref, claim.version, claim.claim,
                    start_by=time.time() - 1) == "dropped: finished meanwhile"
     assert rig.store.record(prep(1))["claim"] == again.claim
+
+
+def test_the_senders_report_their_threads_and_how_long_their_sends_took(rig, redis_client):
+    keys = Keys(PREFIX)
+    for n in (1, 2, 3):
+        rig.book(rig.doc(n))
+    claims = rig.claim(prep(1), prep(2), prep(3))
+    rig.store.redis.zadd(keys.outstanding("sms"), {member(c): time.time() + 30 for c in claims})
+    rig.hand(claims)
+    wait_for(lambda: redis_client.get(keys.drained("sms")) == "3")
+    assert 0 < float(redis_client.get(keys.busy("sms"))) < 3 * 3  # three short sends
+    assert redis_client.zcard(keys.outstanding("sms")) == 0  # settled
+    (registered,) = redis_client.zrange(keys.senders("sms"), 0, -1)
+    assert registered.endswith(f":{os.getpid()}|4")  # this process, send_threads=4
+    rig.drain()
+    assert redis_client.zcard(keys.senders("sms")) == 0  # gone with the process's senders

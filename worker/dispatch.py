@@ -50,6 +50,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -66,11 +67,11 @@ from pydantic import ValidationError
 
 from .catalog import Catalog
 from .clinics import SendWindow
-from .delivery import Envelope, deliver
+from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
 from .models import Booking, Channel
 from .planner import SendTime, at_send_time, next_opening
-from .pump import Keys
+from .pump import Keys, sender_member
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
 from .store import IN_FLIGHT_MARGIN, Attempt, Store, split_ref
@@ -370,6 +371,8 @@ def _failed(
 NOT_STARTED = "not started in time (the senders were busy): handed back to the schedule"
 WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks
 FLUSH_INTERVAL = 0.1  # seconds between reports of settled claims to the pump's counts
+REGISTER_EVERY = 2.0  # seconds between refreshes of this process's senders for the pump
+REGISTER_TTL = 10.0  # seconds after which the pump forgets a process that stopped refreshing
 NUDGE_AFTER = 0.05  # a channel's senders idle this long after settling: ask for more work
 
 
@@ -430,9 +433,12 @@ class Watchdog:
 class Lanes:
     """This process's senders: a bounded thread pool per channel, and their bookkeeping.
 
-    Settled claims are reported to the pump's outstanding set and drain counter (one Redis
-    pipeline every FLUSH_INTERVAL); once a channel's senders have nothing queued, `on_idle`
-    (channel) is called so the pump can hand out more at once instead of at its next tick.
+    For the pump (worker/pump.py), one Redis pipeline every FLUSH_INTERVAL reports the
+    claims settled (off the outstanding set), how many began and how long they took (the
+    channel's latency), and this process's sender threads per channel (refreshed every
+    REGISTER_EVERY, forgotten REGISTER_TTL after the process stops). Once a channel's
+    senders have nothing waiting, `on_idle(channel)` is called so that the pump can hand
+    out more at once instead of at its next tick.
     """
 
     def __init__(self, ctx: Context, *, on_idle: Callable[[Channel], None] | None = None,
@@ -440,21 +446,23 @@ class Lanes:
         self.ctx = ctx
         self.threads = ctx.settings.send_threads
         self.keys = Keys(ctx.store.prefix)
+        self.node = sender_member(f"{socket.gethostname()}:{os.getpid()}", self.threads)
         self.watchdog = watchdog or Watchdog()
         self._on_idle = on_idle
         self._lock = threading.Lock()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._waiting: dict[str, int] = {}  # handed over, not begun yet
         self._settled: dict[str, list[str]] = {}  # outstanding members to report
-        self._drained: dict[str, int] = {}  # of which begun or dropped: the drain rate
+        self._drained: dict[str, int] = {}  # of which began (or were dropped by the fence)
+        self._busy: dict[str, float] = {}  # ... and the seconds they took
         self._idle_since: dict[str, float] = {}  # channels that ran dry, to nudge
+        self._registered_at = 0.0
         self._closing = False
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def submit(self, channel: Channel, ref: str, version: str, claim: str,
-               start_by: float) -> Future[str]:
-        """Queue one claim for this channel's senders; return the future of its outcome."""
+    def open(self, channel: Channel) -> ThreadPoolExecutor:
+        """Return this channel's thread pool, made (and its threads registered) on first use."""
         with self._lock:
             if self._closing:
                 raise RuntimeError("the senders are shutting down")
@@ -462,12 +470,22 @@ class Lanes:
             if pool is None:
                 pool = self._pools[channel] = ThreadPoolExecutor(
                     self.threads, thread_name_prefix=f"send-{channel}")
-            self._waiting[channel] = self._waiting.get(channel, 0) + 1
-            self._idle_since.pop(channel, None)
+                self._registered_at = 0.0  # register the new channel at the next flush
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_loop, name="send-flush",
                                                  daemon=True)
                 self._flusher.start()
+            return pool
+
+    def submit(self, channel: Channel, ref: str, version: str, claim: str,
+               start_by: float) -> Future[str]:
+        """Queue one claim for this channel's senders; return the future of its outcome."""
+        pool = self.open(channel)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the senders are shutting down")
+            self._waiting[channel] = self._waiting.get(channel, 0) + 1
+            self._idle_since.pop(channel, None)
         return pool.submit(self._one, channel, ref, version, claim, start_by)
 
     def _one(self, channel: Channel, ref: str, version: str, claim: str, start_by: float) -> str:
@@ -481,6 +499,7 @@ class Lanes:
                     self._waiting[channel] -= 1
 
         outcome = "not completed"
+        started = time.monotonic()
         try:
             # On shutdown, what has not begun goes straight back to the schedule.
             deadline = 0.0 if self._closing else start_by
@@ -491,15 +510,17 @@ class Lanes:
                         ref, type(exc).__name__)
         finally:
             on_begun()
-            # A claim handed back unbegun says nothing of how fast this channel drains.
-            self._settle(channel, f"{claim}@{ref}", drained=outcome != "handed back")
+            # A claim handed back unbegun says nothing of how long a send takes.
+            took = None if outcome == "handed back" else time.monotonic() - started
+            self._settle(channel, f"{claim}@{ref}", took)
         return outcome
 
-    def _settle(self, channel: Channel, done: str, drained: bool) -> None:
+    def _settle(self, channel: Channel, done: str, took: float | None) -> None:
         with self._lock:
             self._settled.setdefault(channel, []).append(done)
-            if drained:
+            if took is not None:
                 self._drained[channel] = self._drained.get(channel, 0) + 1
+                self._busy[channel] = self._busy.get(channel, 0.0) + took
             if self._waiting.get(channel, 0) == 0:
                 self._idle_since.setdefault(channel, time.monotonic())
 
@@ -509,21 +530,29 @@ class Lanes:
             return self._waiting.get(channel, 0)
 
     def flush(self) -> None:
-        """Report settled claims now; call `on_idle` for channels that ran dry."""
+        """Report to the pump now; call `on_idle` for channels that ran dry."""
+        now = time.monotonic()
         with self._lock:
             settled, self._settled = self._settled, {}
             drained, self._drained = self._drained, {}
-            now = time.monotonic()
+            busy, self._busy = self._busy, {}
             idle = [c for c, since in self._idle_since.items() if now - since >= NUDGE_AFTER]
             for channel in idle:
                 del self._idle_since[channel]
-        if settled:
+            register = [] if self._closing or now - self._registered_at < REGISTER_EVERY \
+                else list(self._pools)
+            if register:
+                self._registered_at = now
+        if settled or register:
             try:
                 pipe = self.ctx.store.redis.pipeline(transaction=False)
                 for channel, members in settled.items():
                     pipe.zrem(self.keys.outstanding(channel), *members)
                     if drained.get(channel):
                         pipe.incrby(self.keys.drained(channel), drained[channel])
+                        pipe.incrbyfloat(self.keys.busy(channel), busy[channel])
+                for channel in register:
+                    pipe.zadd(self.keys.senders(channel), {self.node: time.time() + REGISTER_TTL})
                 pipe.execute()
             except redis.RedisError:
                 # The pump's counts only: its members expire on their own.
@@ -540,17 +569,24 @@ class Lanes:
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
             self.flush()
+            smtp_sessions.sweep()
 
     def close(self) -> None:
         """Stop: hand back what has not begun, wait for the running sends, report them."""
         with self._lock:
             self._closing = True
-            pools = list(self._pools.values())
-        for pool in pools:
+            pools = dict(self._pools)
+        for pool in pools.values():
             pool.shutdown(wait=True)
         self._stop.set()
         self._on_idle = None
         self.flush()
+        with contextlib.suppress(redis.RedisError):
+            pipe = self.ctx.store.redis.pipeline(transaction=False)
+            for channel in pools:
+                pipe.zrem(self.keys.senders(channel), self.node)
+            pipe.execute()
+        smtp_sessions.close()
 
 
 def hand_over(ctx: Context, lanes: Lanes, channel: Channel,

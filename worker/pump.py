@@ -4,31 +4,43 @@ Run by Celery beat every `pump_interval_seconds`, and again when a channel's sen
 out of work (a nudge, see worker/tasks.py). Claiming is one Lua script on Redis's own clock,
 so any number of pumps may run at once without double claims.
 
-Claims follow what the senders can absorb, per channel. A claim is leased: if it waits in
-a queue until its lease runs out, the pump claims it again and the first task is only
-dropped later as stale, so the pump never hands out more than the senders can start soon:
+Claims follow what the senders can absorb, per channel. A claim is leased: one that waits
+in a queue until its lease runs out is claimed again and its first task only dropped later
+as stale. So the pump hands out no more than the senders can begin within
+`send_backlog_seconds`:
 
+  senders(c)      sender threads for channel c in the worker processes running now: each
+                  process registers its own (`send_threads`) and refreshes it while alive
+  latency(c)      how long one attempt on channel c takes, measured by the senders (a
+                  moving average over the last few dozen attempts): slow providers, and a
+                  CPU-bound worker, both show here
+  window(c)       senders(c) x max(1, send_backlog_seconds / latency(c)): what they finish
+                  in that time, and never less than one claim per thread; before anything
+                  was measured, twice the threads
   outstanding(c)  claims of channel c handed out and not yet settled (sent, retried, handed
                   back, dropped): a sorted set per channel, one member per claim, added
-                  before the task is published and removed by the worker once the claim is
-                  settled; a member also leaves when its score (the latest it may still be
-                  running) passes, so a killed worker's claims stop counting on their own.
-  rate(c)         claims of channel c begun (or dropped) per second, measured between
-                  pump runs while the channel had work (a moving average; kept while idle).
-  window(c)       max(2 x send_threads, rate(c) x send_backlog_seconds): a few seconds of
-                  work, and never less than keeps one process's senders busy twice over.
-  budget(c)       window(c) - outstanding(c): what this run may claim for channel c.
+                  before the task is published and removed once the claim is settled; a
+                  member also leaves when its score (the latest it may still be running)
+                  passes, so a killed worker's claims stop counting on their own
+  budget(c)       window(c) - outstanding(c): what this run may claim for channel c
 
-Counting claims in our own set rather than the queue's length (LLEN of the kombu list)
-also counts the batches a worker has already taken and is sending, which LLEN cannot see.
-A burst ramps up within a few runs: every nudge measures the rate again.
+Counting claims in our own set rather than by the queue's length (LLEN of the kombu list)
+also counts batches a worker has taken and not finished, which LLEN cannot see.
 
 `Store.claim_due` claims whatever is due first, whatever its channel (the channel is the
-suffix of the reminder key: "<clinic>/<booking_id>/<step>[#n]:<channel>"). A claim for a
-channel whose budget is spent is held until the end of the run and then handed back to
-the schedule (`Store.requeue`, due now), so a slow channel's backlog never keeps the
-other channel's reminders from being claimed. A run stops after it has held
-`pump_batch` such claims. (A store method claiming per channel would make this needless.)
+suffix of the reminder key: "<clinic>/<booking_id>/<step>[#n]:<channel>"). So the pump
+first looks (read only) at the refs next in line (expired leases, then the due set: the
+order the claim script takes them) and claims only through the last one a channel with
+room can use. While another channel still has room, a channel may go up to a window over
+its own (in a burst the channels alternate in the line). A claim beyond that, taken
+because a usable one was behind it (or the line changed since the look), is held until
+the end of the run and handed back to the schedule (`Store.requeue`), due again once that
+channel's senders should have room (the time they need for what they have, between
+HAND_BACK_MIN and send_backlog_seconds, then one at their pace after another): a slow
+channel's backlog never keeps the other channel's reminders from being claimed, and the
+next runs do not take the same reminders again at once. A run passes at most `pump_batch`
+such claims. (A store method claiming per channel would make the look and the hand-back
+needless.)
 
 Each channel's claims go out in batches of at most `send_batch_size`, one Celery task per
 batch on the channel's own queue (`publish`), with the instant they were claimed.
@@ -39,9 +51,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import redis
 
@@ -50,7 +64,17 @@ from .store import Claim, Store
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 20  # bound one pump run; the next beat tick picks up the rest
-RATE_TIME_CONSTANT = 2.0  # seconds: how fast the measured drain rate follows a change
+LATENCY_MEMORY = 30.0  # attempts: how fast the measured latency follows a change
+HAND_BACK_MIN = 0.5  # seconds: a claim handed back for a busy channel is due again after it
+HAND_BACK_UNKNOWN = 1.0  # ... or after this, before the channel's latency is known
+PROBE_ROUNDS = 10  # how far past a busy channel's reminders a run looks for others
+RUN_LOCK_MS = 2000  # one pump run at a time; a run that died frees the lock after this
+# Delete the run lock only if it is still this run's. Returns 1 if deleted.
+_RELEASE = """
+local key, token = KEYS[1], ARGV[1]
+if redis.call('GET', key) == token then return redis.call('DEL', key) end
+return 0
+"""
 HANDED_BACK = "the {channel} senders are busy: handed back to the schedule"
 
 Publish = Callable[[Channel, Sequence[Claim], float], None]
@@ -75,18 +99,32 @@ def member(claim: Claim) -> str:
 
 @dataclass(frozen=True)
 class Keys:
-    """The pump's own keys, next to the store's: per channel, outstanding claims and rates."""
+    """The pump's own keys, next to the store's: per channel, senders, claims and latency."""
 
     prefix: str
 
     def outstanding(self, channel: str) -> str:
         return f"{self.prefix}:send:out:{channel}"
 
+    def senders(self, channel: str) -> str:
+        return f"{self.prefix}:send:senders:{channel}"
+
     def drained(self, channel: str) -> str:
         return f"{self.prefix}:send:done:{channel}"
 
-    def rate(self, channel: str) -> str:
-        return f"{self.prefix}:send:rate:{channel}"
+    def busy(self, channel: str) -> str:
+        return f"{self.prefix}:send:busy:{channel}"
+
+    def stats(self, channel: str) -> str:
+        return f"{self.prefix}:send:stats:{channel}"
+
+    def running(self) -> str:
+        return f"{self.prefix}:send:pumping"
+
+
+def sender_member(node: str, threads: int) -> str:
+    """Return the senders-set member of one process's senders for a channel."""
+    return f"{node}|{threads}"
 
 
 @dataclass(frozen=True)
@@ -95,51 +133,68 @@ class Capacity:
 
     lease_seconds: int
     batch_size: int  # most claims in one send task
-    threads: int  # senders per channel in one worker process: twice this, the least window
-    backlog_seconds: float  # the window is this many seconds of the measured drain rate
+    threads: int  # senders per channel in one process, assumed while none has registered
+    backlog_seconds: float  # the window: what the senders finish in this long
     hold_seconds: float  # an outstanding claim stops counting this long after its claim
 
 
 @dataclass(frozen=True)
 class Budget:
     channel: Channel
+    senders: int
+    latency: float | None
     outstanding: int
-    rate: float
     window: int
 
     @property
     def free(self) -> int:
         return max(0, self.window - self.outstanding)
 
+    def room_in(self, longest: float) -> float:
+        """Return seconds until the senders have room: their work at hand, bounded."""
+        if self.latency is None:
+            return min(longest, HAND_BACK_UNKNOWN)
+        busy_for = self.outstanding * self.latency / max(1, self.senders)
+        return min(longest, max(HAND_BACK_MIN, busy_for))
+
+    @property
+    def pace(self) -> float:
+        """Return the seconds between two claims the senders finish (0 if not measured)."""
+        return 0.0 if self.latency is None else self.latency / max(1, self.senders)
+
 
 def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> dict[str, Budget]:
-    """Return each channel's budget now, and record the drain rate measured since last run."""
+    """Return each channel's budget now, and fold the latency measured since last run in."""
     read = client.pipeline(transaction=False)
     for channel in CHANNELS:
         read.zremrangebyscore(keys.outstanding(channel), "-inf", now)
         read.zcard(keys.outstanding(channel))
+        read.zremrangebyscore(keys.senders(channel), "-inf", now)
+        read.zrange(keys.senders(channel), 0, -1)
         read.get(keys.drained(channel))
-        read.hgetall(keys.rate(channel))
+        read.get(keys.busy(channel))
+        read.hgetall(keys.stats(channel))
     replies = read.execute()
     out: dict[str, Budget] = {}
     write = client.pipeline(transaction=False)
     for i, channel in enumerate(CHANNELS):
-        _, outstanding, settled_raw, state = replies[4 * i: 4 * i + 4]
-        settled = int(settled_raw or 0)
-        rate = float(state.get("rate", 0.0))
-        last_at, last_settled = float(state.get("at", 0.0)), int(state.get("settled", settled))
-        busy = int(state.get("outstanding", 0)) > 0
-        elapsed = now - last_at
-        if busy and 0 < elapsed < 3600 and settled >= last_settled:
-            # Settled per second while there was work: what the senders drain.
-            measured = (settled - last_settled) / elapsed
-            weight = 1.0 - math.exp(-elapsed / RATE_TIME_CONSTANT)
-            rate += (measured - rate) * weight
-        write.hset(keys.rate(channel), mapping={
-            "rate": repr(rate), "at": repr(now), "settled": str(settled),
-            "outstanding": str(outstanding)})
-        window = max(2 * capacity.threads, math.ceil(rate * capacity.backlog_seconds))
-        out[channel] = Budget(channel, int(outstanding), rate, window)
+        _, outstanding, _, members, drained_raw, busy_raw, state = replies[7 * i: 7 * i + 7]
+        senders = sum(int(m.rpartition("|")[2]) for m in members) or capacity.threads
+        drained, busy = int(drained_raw or 0), float(busy_raw or 0.0)
+        latency = float(state["latency"]) if state.get("latency") else None
+        count = drained - int(state.get("drained", drained))
+        if count > 0:
+            sample = max(0.0, busy - float(state.get("busy", busy))) / count
+            weight = 1.0 - math.exp(-count / LATENCY_MEMORY)
+            latency = sample if latency is None else latency + (sample - latency) * weight
+        write.hset(keys.stats(channel), mapping={
+            "drained": str(drained), "busy": repr(busy),
+            **({"latency": repr(latency)} if latency is not None else {})})
+        if latency is None:
+            window = 2 * senders
+        else:
+            window = math.ceil(senders * max(1.0, capacity.backlog_seconds / max(latency, 1e-3)))
+        out[channel] = Budget(channel, senders, latency, int(outstanding), window)
     write.execute()
     return out
 
@@ -147,12 +202,57 @@ def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> 
 def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int) -> int:
     """Claim what each channel's senders can take and publish it in batches; return how many.
 
-    `claim_round`: most reminders one claim script takes at once.
+    `claim_round`: most reminders one claim script takes at once. One run at a time: a run
+    that finds another under way (a beat tick and a nudge together) leaves the work to it,
+    since both would read the same budgets. (Two at once would still claim nothing twice;
+    the lock only keeps them from handing out a window twice.)
     """
     keys = Keys(store.prefix)
+    token = uuid.uuid4().hex
+    if not store.redis.set(keys.running(), token, nx=True, px=RUN_LOCK_MS):
+        return 0
+    try:
+        return _pump(store, keys, publish, capacity, claim_round)
+    finally:
+        store.redis.eval(_RELEASE, 1, keys.running(), token)
+
+
+class Room:
+    """What a run may still take of each channel: what fills its window (`wanted`) and,
+    while another channel still wants some, up to a window more (`spare`): in a burst the
+    channels are interleaved in the line, and taking a little more of one rather than
+    handing it back costs a few seconds of its queue, not a claim and a hand-back each."""
+
+    def __init__(self, budgets: dict[str, Budget]) -> None:
+        self.wanted = {c: b.free for c, b in budgets.items()}
+        self.spare = {c: min(b.window, max(0, 2 * b.window - b.outstanding))
+                      for c, b in budgets.items()}
+
+    def copy(self) -> Room:
+        other = object.__new__(Room)
+        other.wanted, other.spare = dict(self.wanted), dict(self.spare)
+        return other
+
+    def left(self) -> bool:
+        return any(self.wanted.values())
+
+    def take(self, channel: str) -> str:
+        """Decide for one claim of `channel`: "wanted", "spare" (both handed out) or "pass"."""
+        if self.wanted[channel] > 0:
+            self.wanted[channel] -= 1
+            return "wanted"
+        others = any(n > 0 for c, n in self.wanted.items() if c != channel)
+        if others and self.spare[channel] > 0:
+            self.spare[channel] -= 1
+            return "spare"
+        return "pass"
+
+
+def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_round: int) -> int:
     now = time.time()
-    free = {c: b.free for c, b in budgets(store.redis, keys, capacity, now).items()}
-    if not any(free.values()):
+    found = budgets(store.redis, keys, capacity, now)
+    room = Room(found)
+    if not room.left():
         return 0
     pending: dict[str, list[Claim]] = {c: [] for c in CHANNELS}
     held: list[Claim] = []  # claimed for a channel with no budget left: handed back at the end
@@ -168,21 +268,22 @@ def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int
 
     try:
         for _ in range(MAX_ROUNDS):
-            limit = min(claim_round, sum(free.values()))
-            if limit == 0 or len(held) >= claim_round:
+            if not room.left() or len(held) >= claim_round:
+                break
+            limit = _worth_claiming(store, room, claim_round - len(held))
+            if limit == 0:
                 break
             claimed_at = time.time()
             claims = store.claim_due(limit, capacity.lease_seconds)
             for claim in claims:
                 channel = channel_of(claim.ref)
-                if free[channel] > 0:
-                    free[channel] -= 1
-                    pending[channel].append(claim)
-                    if len(pending[channel]) >= capacity.batch_size:
-                        batch, pending[channel] = pending[channel], []
-                        flush(channel, batch)
-                else:
+                if room.take(channel) == "pass":
                     held.append(claim)
+                    continue
+                pending[channel].append(claim)
+                if len(pending[channel]) >= capacity.batch_size:
+                    batch, pending[channel] = pending[channel], []
+                    flush(channel, batch)
             if len(claims) < limit:
                 break
         for channel in CHANNELS:
@@ -191,12 +292,57 @@ def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int
     finally:
         for channel in CHANNELS:  # left only if publishing failed: never leave a claim idle
             _hand_back(store, pending[channel], "the pump stopped before handing it out")
-        for claim in held:
-            _hand_back(store, [claim], HANDED_BACK.format(channel=channel_of(claim.ref)))
+        for channel in CHANNELS:
+            # Due again when the senders should get to them, in order, at their pace: each
+            # is taken once more, not at every run.
+            mine = [c for c in held if channel_of(c.ref) == channel]
+            budget = found[channel]
+            _hand_back(store, mine, HANDED_BACK.format(channel=channel),
+                       after=budget.room_in(capacity.backlog_seconds), pace=budget.pace)
     if published or held:
         log.info("pump: published %d claim(s)%s", published,
                  f"; {len(held)} handed back (their channel's senders are busy)" if held else "")
     return published
+
+
+def _worth_claiming(store: Store, room: Room, skip: int) -> int:
+    """Return how many of the claims due next to take.
+
+    A read-only look at what the claim script takes next (expired leases, then the due
+    set, in that order): through the last one a channel with room wants, passing at most
+    `skip` of channels without room. If none is reachable so, but one lies further on (up
+    to PROBE_ROUNDS x skip), `skip`: passing that many moves the line on for the next run.
+    """
+    now = time.time()
+    look = sum(room.wanted.values()) + sum(room.spare.values()) + skip
+    read = store.redis.pipeline(transaction=False)
+    read.zrangebyscore(store.lease_key, "-inf", now, start=0, num=look)
+    read.zrangebyscore(store.due_key, "-inf", now, start=0, num=look)
+    expired, due = read.execute()
+    trial = room.copy()
+    worth = passed = 0
+    for index, ref in enumerate([*expired, *due][:look]):
+        decided = trial.take(channel_of(ref))
+        if decided == "wanted":
+            worth = index + 1
+            if not trial.left():
+                return worth
+        elif decided == "pass":
+            passed += 1
+            if passed > skip:
+                break
+    if worth or passed <= skip or skip == 0:
+        return worth
+    # Only reminders of busy channels within reach: is one of a channel with room further on?
+    wanted = {channel for channel, n in trial.wanted.items() if n > 0}
+    for offset in range(len(due), PROBE_ROUNDS * skip, look):
+        further = cast(list[str], store.redis.zrangebyscore(
+            store.due_key, "-inf", now, start=offset, num=look))
+        if any(channel_of(ref) in wanted for ref in further):
+            return skip
+        if len(further) < look:
+            break
+    return 0
 
 
 def _hand_out(store: Store, keys: Keys, capacity: Capacity, publish: Publish, channel: Channel,
@@ -213,9 +359,11 @@ def _hand_out(store: Store, keys: Keys, capacity: Capacity, publish: Publish, ch
         raise
 
 
-def _hand_back(store: Store, claims: Sequence[Claim], reason: str) -> None:
-    if not claims:
-        return
+def _hand_back(store: Store, claims: Sequence[Claim], reason: str, after: float = 0.0,
+               pace: float = 0.0) -> None:
+    """Put claims back in the schedule, the first due `after` seconds from now, each next
+    one `pace` seconds after the one before."""
     now = datetime.now(UTC)
-    for claim in claims:
-        store.requeue(claim.ref, now, reason, claim=claim.claim)
+    for index, claim in enumerate(claims):
+        at = now + timedelta(seconds=after + index * pace)
+        store.requeue(claim.ref, at, reason, claim=claim.claim)

@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     # The send path's throughput (worker/pump.py, worker/dispatch.py): claims go to send
     # tasks in batches, one queue per channel; each worker process sends them with a few
     # threads per channel; the pump hands out only what the senders can start soon.
-    send_batch_size: int = Field(50, ge=1)  # most claims one send task carries
-    send_threads: int = Field(8, ge=1, le=256)  # sends at once per channel per process
+    send_batch_size: int = Field(20, ge=1)  # most claims one send task carries
+    send_threads: int = Field(16, ge=1, le=256)  # sends at once per channel per process
     send_backlog_seconds: float = Field(2.0, gt=0)  # work handed out ahead, per channel
     send_max_wait_seconds: float = Field(10.0, gt=0)  # then an unbegun claim goes back
 

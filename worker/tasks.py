@@ -26,7 +26,15 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from .celery_app import EVENTS_QUEUE, PUMP_QUEUE, app, nudge_pump, queue_key, send_queue
+from .celery_app import (
+    EVENTS_QUEUE,
+    PUMP_QUEUE,
+    SEND_QUEUES,
+    app,
+    nudge_pump,
+    queue_key,
+    send_queue,
+)
 from .settings import get_settings
 
 if TYPE_CHECKING:
@@ -88,11 +96,25 @@ def _ask_for_more(channel: Channel) -> None:
 
 
 def _warm_up() -> None:
-    """Load config, templates, Apprise and Redis before the first task needs them."""
+    """Load config, templates, Apprise and Redis before the first task needs them, and
+    start the senders of the channels this worker takes (the pump counts their threads)."""
     from .delivery import warm_up
 
     context()
     warm_up()
+    lanes = senders()
+    for channel in _channels_taken():
+        lanes.open(channel)
+
+
+def _channels_taken() -> list[Channel]:
+    """The channels whose send queues this worker consumes (`-Q`; all if not narrowed)."""
+    from .models import CHANNELS
+
+    # Selected in the main process before the pool processes were forked.
+    selected = app.amqp.queues.consume_from
+    names = set(selected) if selected else set(SEND_QUEUES.values())
+    return [channel for channel in CHANNELS if SEND_QUEUES[channel] in names]
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
