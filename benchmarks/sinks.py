@@ -28,6 +28,15 @@ from worker.embedded import free_port
 START_TIMEOUT_SECONDS = 10.0
 
 
+class _Gateway(ThreadingHTTPServer):
+    """An HTTP server that takes many connections at once, as a provider's gateway does:
+    with Python's default listen backlog (5), a sender with more threads than that sees
+    connections dropped and reset, sends of unknown outcome that a real gateway would not
+    cause."""
+
+    request_queue_size = 128
+
+
 @dataclass(frozen=True)
 class Received:
     """One message a sink accepted."""
@@ -150,7 +159,7 @@ class HttpSink:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = _Gateway(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="sms-sink",
                                         daemon=True)

@@ -21,6 +21,15 @@ from aiosmtpd.controller import Controller
 from worker.embedded import free_port
 
 
+class _Gateway(ThreadingHTTPServer):
+    """An HTTP server that takes many connections at once, as a provider's gateway does:
+    with Python's default listen backlog (5), a sender with more threads than that sees
+    connections dropped and reset, sends of unknown outcome that a real gateway would not
+    cause."""
+
+    request_queue_size = 128
+
+
 @dataclass
 class Received:
     at: float  # time.time() when accepted
@@ -127,7 +136,7 @@ class HttpSink:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = _Gateway(("127.0.0.1", self.port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> HttpSink:
@@ -191,7 +200,7 @@ class WebhookReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = _Gateway(("127.0.0.1", self.port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> WebhookReceiver:
