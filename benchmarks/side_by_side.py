@@ -417,7 +417,7 @@ class NaiveService:
         self.client = redis.Redis.from_url(self.url)
         env = child_env({"BENCH_REDIS_URL": self.url, "BENCH_EMAIL_URL": self.sinks.email_url,
                          "BENCH_SMS_URL": self.sinks.sms_url})
-        log = self.workdir / "worker.log"
+        log = self.workdir / ("worker.log" if self.starts == 1 else f"worker-{self.starts}.log")
         self.worker = self.procs.spawn(
             [sys.executable, "-m", "celery", "-A", "benchmarks.naive_app", "worker",
              "--loglevel=INFO", f"--concurrency={self.params.naive_concurrency}",
@@ -595,8 +595,10 @@ class Ours:
     def pump_interval(self) -> float:
         return float(settings_under(self.env).pump_interval_seconds)
 
-    def start(self) -> None:
-        wlog, blog = self.workdir / "worker.log", self.workdir / "beat.log"
+    def start(self, instance: int = 1) -> None:
+        """Start the worker, then beat; return once beat has sent its first pump tick."""
+        tag = "" if instance == 1 else f"-{instance}"  # each start its own logs
+        wlog, blog = self.workdir / f"worker{tag}.log", self.workdir / f"beat{tag}.log"
         self.worker = self.procs.spawn(self.command("worker"), env=self.env, cwd=self.workdir,
                                        log=wlog)
         wait_in_log(wlog, b" ready.", self.worker, "worker start")
@@ -645,6 +647,8 @@ def run_ours(params: Params, sinks: Sinks, workdir: Path, procs: Processes,
     # How fast `reminders book` goes, to book the burst and the stream early enough (when
     # the intake ran out of time: half the bound it did not reach, to be safe).
     intake_rate = out["intake"]["rate"] or out["intake"]["rate_below"] / 2
+    # ... within bounds: a small intake file measures mostly noise.
+    intake_rate = min(max(intake_rate, 100.0), 1000.0)
     startup = out["intake"]["startup_seconds"]
 
     config = write_config(workdir / "config", sinks, pending_only=True)
@@ -707,7 +711,7 @@ class OursService:
         self.starts += 1
         self.server = start_redis(self.workdir / f"redis-{self.starts}", self.servers)
         self.ours = Ours(self.workdir, self.server.url, self.config, self.procs)
-        self.ours.start()
+        self.ours.start(self.starts)
 
     def stop(self) -> None:
         if self.server is not None:
