@@ -19,7 +19,11 @@ batch back to the broker). From then on each claim is guarded like any attempt i
 by its lease (a worker killed before the claim's outcome is recorded loses nothing: the
 pump claims it again once the lease runs out) and by its ledger (nothing is sent twice).
 The task does not wait for the sends, so a slow provider holds only its own channel's
-threads: never a Celery pool process, never the other channel, never the pump.
+threads: never a Celery pool process, never the other channel, never the pump. (Only when
+this process's senders for the channel have more than a round of claims waiting does the
+task wait, at most BACKPRESSURE_SECONDS, so that Celery gives the next batches to another
+pool process: the pump hands out no more than all senders take, but Celery would give
+them all to whichever pool process is free first.)
 
 Why threads, and why this is safe with them: a send waits on the network almost all the
 time. Nothing shared changes during a send: the Redis client is thread-safe (a connection
@@ -372,6 +376,8 @@ NOT_STARTED = "not started in time (the senders were busy): handed back to the s
 WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks
 FLUSH_INTERVAL = 0.1  # seconds between reports of settled claims to the pump's counts
 REGISTER_EVERY = 2.0  # seconds between refreshes of this process's senders for the pump
+BACKPRESSURE_SECONDS = 0.5  # longest a hand-over waits for its senders to have room
+ROOM_POLL_SECONDS = 0.01
 REGISTER_TTL = 10.0  # seconds after which the pump forgets a process that stopped refreshing
 NUDGE_AFTER = 0.05  # a channel's senders idle this long after settling: ask for more work
 
@@ -529,6 +535,12 @@ class Lanes:
         with self._lock:
             return self._waiting.get(channel, 0)
 
+    def wait_for_room(self, channel: Channel, seconds: float) -> None:
+        """Wait (at most `seconds`) until no more than a round of claims waits to begin."""
+        deadline = time.monotonic() + seconds
+        while self.waiting(channel) > self.threads and time.monotonic() < deadline:
+            time.sleep(ROOM_POLL_SECONDS)
+
     def flush(self) -> None:
         """Report to the pump now; call `on_idle` for channels that ran dry."""
         now = time.monotonic()
@@ -603,6 +615,11 @@ def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
             for ref, _, claim in claims[index:]:
                 ctx.store.requeue(ref, now, "the worker was stopping", claim=claim)
             return f"{index} claim(s) handed to the {channel} senders; the rest handed back"
+    # Celery gives the next batch to a pool process that is free, and a hand-over frees
+    # it at once, however busy its senders are: one process could take every batch. A
+    # process whose senders have more than a round waiting stays busy a little (at most
+    # BACKPRESSURE_SECONDS), so the next batches go to another.
+    lanes.wait_for_room(channel, BACKPRESSURE_SECONDS)
     return f"{len(claims)} claim(s) handed to the {channel} senders"
 
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NUDGE_DEBOUNCE_MS = 200  # at most one nudge per channel in this long, whoever asks
+PUMP_RUN_WAIT_SECONDS = 10.0  # a warm shutdown waits this long for a pump run to finish
 
 _context: Context | None = None
 _context_lock = threading.Lock()
@@ -133,9 +134,12 @@ def _warm_up_single_process(sender: Any = None, **_: object) -> None:
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _drain(**_: object) -> None:
-    """Warm shutdown: hand back claims not begun, wait for the sends under way."""
+    """Warm shutdown: let a pump run finish, hand back claims not begun, wait for the sends
+    under way."""
     from .dispatch import close_lanes
 
+    if _pumping.acquire(timeout=PUMP_RUN_WAIT_SECONDS):
+        _pumping.release()
     close_lanes()
 
 
@@ -147,8 +151,39 @@ def _publish(channel: Channel, claims: Sequence[Claim], claimed_at: float) -> No
 
 
 @app.task(name="reminders.pump", ignore_result=True)  # type: ignore[untyped-decorator]  # celery
-def pump_task() -> int:
-    """Claim due reminders, as many as each channel's senders can take, and publish them."""
+def pump_task() -> str:
+    """Start a pump run beside this pool process's senders, and return.
+
+    The run claims due reminders, as many as each channel's senders can take, and publishes
+    them. It runs in a thread so that the pool process is free again at once: the batches it
+    publishes then go to whichever pool process is free, not all to the others while this
+    one pumps. A run already under way in this process covers the tick; one in another
+    process is found by the pump's own lock (worker/pump.py).
+    """
+    if not _pumping.acquire(blocking=False):
+        return "a pump run is under way in this process"
+    try:
+        threading.Thread(target=_pump_run, name="pump", daemon=True).start()
+    except BaseException:
+        _pumping.release()
+        raise
+    return "pump run started"
+
+
+_pumping = threading.Lock()  # held by this process's pump run
+
+
+def _pump_run() -> None:
+    try:
+        pump_now()
+    except Exception:  # the next tick tries again; what it claimed comes back with its lease
+        log.exception("pump: run failed")
+    finally:
+        _pumping.release()
+
+
+def pump_now() -> int:
+    """Claim due reminders and clinic events and publish them; return the reminders published."""
     from .pump import Capacity, pump
 
     ctx = context()
@@ -242,5 +277,5 @@ def send_reminder(ref: str, version: str, claim: str) -> str:
     return send_claimed(context(), ref, version, claim)
 
 
-__all__ = ["PUMP_QUEUE", "clinic_event", "context", "pump_task", "send_batch", "send_reminder",
-           "senders"]
+__all__ = ["PUMP_QUEUE", "clinic_event", "context", "pump_now", "pump_task", "send_batch",
+           "send_reminder", "senders"]
