@@ -580,8 +580,11 @@ class Lanes:
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
-            self.flush()
-            smtp_sessions.sweep()
+            try:
+                self.flush()
+                smtp_sessions.sweep()
+            except Exception:  # a bug here must not stop the reports for good
+                log.exception("senders: reporting to the pump failed")
 
     def close(self) -> None:
         """Stop: hand back what has not begun, wait for the running sends, report them."""

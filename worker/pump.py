@@ -2,7 +2,8 @@
 
 Run by Celery beat every `pump_interval_seconds`, and again when a channel's senders ran
 out of work (a nudge, see worker/tasks.py). Claiming is one Lua script on Redis's own clock,
-so any number of pumps may run at once without double claims.
+so any number of pumps may run at once without double claims; a lock lets one run at a
+time all the same, so that two do not hand out the same window twice.
 
 Claims follow what the senders can absorb, per channel. A claim is leased: one that waits
 in a queue until its lease runs out is claimed again and its first task only dropped later

@@ -1,6 +1,7 @@
 """Celery tasks, thin: build the context once per process, then call plain functions.
 
-  reminders.pump        claim what each channel's senders can take; publish it in batches
+  reminders.pump        start a pump run (in a thread beside the senders): claim what each
+                        channel's senders can take, publish it in batches
   reminders.send_batch  hand a batch of claims [[ref, version, claim], ...] to this process's
                         senders for their channel (worker/dispatch.py `hand_over`)
   reminders.send        send one claimed reminder now, in the task (the same attempt; kept
