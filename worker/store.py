@@ -10,6 +10,8 @@ Layout 2. Keys, all under the configured prefix P:
   P:a:<ref>                LIST  one JSON line per finished attempt (from the first one on)
   P:ledger:<ref>           STR   send ledger: a token while sending (expires), "sent" after
   P:bookings:<clinic>      ZSET  the clinic's booking ids -> when their keys expire
+  P:c:<clinic>/<contact>   ZSET  the contact index: the clinic's booking ids of one patient
+                                 contact -> when their keys expire (see "Contact index")
   P:t                      HASH  text id -> text: the planner's words, each stored once
 
 A reminder ref is "<clinic>/<booking_id>/<key>" (neither id may contain "/"); a reminder
@@ -37,7 +39,8 @@ slots left out; the last slot is free text and may itself hold "|"):
   tok      the token of the attempt that took the ledger (fences finish)
 
 Why this layout (measured: 100,000 bookings of 10 reminders, worker/store.py layout 1 took
-1,131 B of Redis memory per pending reminder, this one ~300 B; see benchmarks/store_layout.py):
+1,131 B of Redis memory per pending reminder, this one ~300 B, ~340 B with the contact index
+of distinct patients; see benchmarks/store_layout.py):
 - One hash per booking instead of a hash per reminder plus a set of keys: no key, expiry or
   dict entry per reminder, and no separate SET. A booking's state is one key, so the
   upsert's optimistic check covers everything it read, and retention expires two keys.
@@ -65,6 +68,17 @@ version and claim and the attempt's token: an attempt the clinic's change overto
 to the attempt log, except that a delivery that did happen is always recorded. Retention:
 a booking's keys expire `retention` after its last reminder; a booking with a dead letter
 is kept until the dead letter is replayed or purged.
+
+Contact index. <contact> is `contact_id(kind, value)`: a truncated SHA-256 of "phone:<E.164>"
+or "email:<address lowercased>", so no phone number or address appears in a key name (it
+hides them from a key listing, not from someone who can read the documents). The booking
+hash's `contacts` field lists the ids of its document's contacts; every step that writes
+a booking's expiry (the upsert's apply, cancel, finish, replay and purge, through
+`keep_booking`) writes the same score into each of its contacts' sets, and the apply
+takes the booking out of the sets of contacts its new document no longer has, in the same
+script: the index is never stale. A member whose score has passed is a booking whose keys
+expired (readers skip it; the next write to the set removes it); the set expires with its
+last booking. A booking stored before the index existed is indexed by its next upsert.
 
 Layouts: P:layout names the layout. A store refuses (StoreLayoutError) data of another
 layout, and data of layout 1 (which had no P:layout key but P:k:* and P:r:* keys), rather
@@ -216,15 +230,45 @@ end
 -- Expire every key of one booking at `at` (epoch seconds), or keep them all while one of
 -- its reminders is a dead letter. A ledger entry still held by an attempt keeps its TTL.
 -- Only a reminder that was claimed (it has a <key>+ field) can have a log or a ledger.
+-- The contact index (see the module docstring): `ids` is a booking's `contacts` field.
+local function contact_keys(prefix, clinic, ids)
+  local out = {}
+  for id in string.gmatch(ids or '', '%S+') do
+    table.insert(out, prefix .. ':c:' .. clinic .. '/' .. id)
+  end
+  return out
+end
+-- A contact set lives as long as its longest-kept booking; members already past are dropped.
+local function index_expiry(ckey)
+  redis.call('ZREMRANGEBYSCORE', ckey, '-inf', '(' .. tostring(redis_now()))
+  local top = redis.call('ZRANGE', ckey, -1, -1, 'WITHSCORES')
+  if #top == 0 then return end
+  if top[2] == 'inf' then redis.call('PERSIST', ckey)
+  else redis.call('EXPIREAT', ckey, math.ceil(tonumber(top[2]))) end
+end
+local function index_booking(prefix, clinic, booking_id, ids, score)
+  for _, ckey in ipairs(contact_keys(prefix, clinic, ids)) do
+    redis.call('ZADD', ckey, score, booking_id)
+    index_expiry(ckey)
+  end
+end
+local function unindex_booking(prefix, clinic, booking_id, ids)
+  for _, ckey in ipairs(contact_keys(prefix, clinic, ids)) do
+    redis.call('ZREM', ckey, booking_id)
+    index_expiry(ckey)
+  end
+end
 local function keep_booking(prefix, clinic, booking_id, at)
   local base = clinic .. '/' .. booking_id
   local bkey, dkey = prefix .. ':b:' .. base, prefix .. ':d:' .. base
   local flat = redis.call('HGETALL', bkey)
-  local dead, tried, stored = false, {}, 0
+  local dead, tried, stored, contacts = false, {}, 0, ''
   for i = 1, #flat, 2 do
     local f, v = flat[i], flat[i + 1]
     if f == 'keep_until' then
       stored = tonumber(v) or 0
+    elseif f == 'contacts' then
+      contacts = v
     elseif string.sub(f, -1) == '+' then
       table.insert(tried, base .. '/' .. string.sub(f, 1, -2))
     elseif string.sub(v, 1, 1) == 'F' and is_reminder(f) then
@@ -245,6 +289,7 @@ local function keep_booking(prefix, clinic, booking_id, at)
     if redis.call('GET', lkey) == 'sent' then apply(lkey) end
   end
   redis.call('ZADD', prefix .. ':bookings:' .. clinic, dead and '+inf' or at, booking_id)
+  index_booking(prefix, clinic, booking_id, contacts, dead and '+inf' or at)
 end
 -- After one reminder's finish. The common case: the booking's expiry already reaches `at`
 -- and no dead letter keeps it, so only this reminder's keys (its attempt log may be new)
@@ -623,6 +668,7 @@ for index = i, #ARGV do
   local clinic, booking_id, check, doc, keep = b[1], b[2], b[3], b[4], tonumber(b[5])
   local hset, hdel, due, rm_due, rm_lease, rm_dead = b[6], b[7], b[8], b[9], b[10], b[11]
   local emits = b[12] or {}  -- clinic events ({kind, type, fields}) that come with the write
+  local unindex = b[13] or ''  -- contact ids the booking no longer has (the contact index)
   local base = clinic .. '/' .. booking_id
   local bkey, dkey = prefix .. ':b:' .. base, prefix .. ':d:' .. base
   local ok
@@ -652,6 +698,7 @@ for index = i, #ARGV do
       if #rm_lease > 0 then redis.call('ZREM', lease_key, unpack(refs(rm_lease, base))) end
       if #rm_dead > 0 then redis.call('ZREM', dead_key, unpack(refs(rm_dead, base))) end
       for _, e in ipairs(emits) do emit_event(prefix, clinic, e[1], e[2], e[3]) end
+      if unindex ~= '' then unindex_booking(prefix, clinic, booking_id, unindex) end
     end
     if check == '' then
       -- A new booking: nothing attempted, nothing dead, no earlier expiry.
@@ -659,6 +706,7 @@ for index = i, #ARGV do
       redis.call('EXPIREAT', bkey, keep)
       redis.call('EXPIREAT', dkey, keep)
       redis.call('ZADD', prefix .. ':bookings:' .. clinic, keep, booking_id)
+      index_booking(prefix, clinic, booking_id, redis.call('HGET', bkey, 'contacts'), keep)
     elseif redis.call('EXISTS', bkey) == 1 then
       keep_booking(prefix, clinic, booking_id, keep)
     end
@@ -870,6 +918,28 @@ def encode_reminder(
 def _text_id(text: str, length: int) -> str:
     digest = hashlib.blake2b(text.encode(), digest_size=18).digest()
     return base64.urlsafe_b64encode(digest).decode()[:length]
+
+
+CONTACT_ID_BYTES = 12  # of SHA-256: 16 characters in a key name, collisions out of reach
+
+
+def contact_id(kind: str, value: str) -> str:
+    """The contact index's id of a patient contact: `kind` "phone" (E.164) or "email"."""
+    if kind not in ("phone", "email"):
+        raise ValueError(f"a contact is a phone or an email, not {kind!r}")
+    value = value.strip()
+    if kind == "email":
+        value = value.lower()
+    digest = hashlib.sha256(f"{kind}:{value}".encode()).digest()[:CONTACT_ID_BYTES]
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+def booking_contacts(booking: Booking) -> str:
+    """The booking hash's `contacts` field: its patient's contact ids, space-separated."""
+    patient = booking.patient
+    ids = [contact_id(kind, value)
+           for kind, value in (("phone", patient.phone), ("email", patient.email)) if value]
+    return " ".join(ids)
 
 
 def medications_digest(medications_json: str) -> str:
@@ -1222,7 +1292,8 @@ class Store:
         fields = {"status": str(status), "version": "1",
                   "window": f"{plan.window.start}-{plan.window.end}" if plan.window else "",
                   "hold_reason": hold_reason, "released_for": released_for,
-                  "updated_at": stamp, "created_at": stamp, "keep_until": str(keep)}
+                  "updated_at": stamp, "created_at": stamp, "keep_until": str(keep),
+                  "contacts": booking_contacts(booking)}
         hset = [x for k, v in fields.items() if v for x in (k, v)]
         due: list[str] = []
         entries = []
@@ -1312,7 +1383,10 @@ class Store:
         keep = str(math.ceil(last + self.retention_seconds))
         window_changed = booking_fields.get("window", "") != window
         reminders = {k: dict(v) for k, v in stored.reminders.items()}
-        if not result.changed and not result.changes and not window_changed:
+        contacts = booking_contacts(booking)
+        had = booking_fields.get("contacts", "")
+        if (not result.changed and not result.changes and not window_changed
+                and had == contacts):
             args = json.dumps([clinic, booking_id, "-", "", keep, [], [], [], [], [], []])
             return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields,
                                                       reminders, stored.doc))
@@ -1326,6 +1400,7 @@ class Store:
             "released_for": result.released_for,
             "updated_at": stamp if result.changed else booking_fields.get("updated_at", stamp),
             "created_at": booking_fields.get("created_at") or stamp,
+            "contacts": contacts,
         }
         hset: list[str] = []
         hdel: list[str] = []
@@ -1386,9 +1461,11 @@ class Store:
                  and (was.get("status") != Status.HELD
                       or was.get("hold_reason", "") != result.hold_reason)
                  else [])
+        unindex = " ".join(sorted(set(had.split()) - set(contacts.split())))
         args = json.dumps([clinic, booking_id, check,
                            doc if changed_doc else "", keep, hset, hdel, due, rm_due, rm_lease,
-                           rm_dead, emits], ensure_ascii=False, separators=(",", ":"))
+                           rm_dead, emits, *([unindex] if unindex else [])],
+                          ensure_ascii=False, separators=(",", ":"))
         return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields, reminders,
                                                  doc))
 
@@ -1805,6 +1882,29 @@ class Store:
         """Return the clinic's booking ids whose keys have not expired, sorted."""
         ids = self.redis.zrangebyscore(self.bookings_key(clinic), time.time(), "+inf")
         return sorted(cast(list[str], ids))
+
+    def contact_key(self, clinic: str, kind: str, value: str) -> str:
+        return f"{self.prefix}:c:{clinic}/{contact_id(kind, value)}"
+
+    def bookings_for_contact(
+        self, clinic: str, *, phone: str | None = None, email: str | None = None
+    ) -> list[str]:
+        """Return the ids of the clinic's stored bookings (any status, until their keys
+        expire) whose patient has this phone (E.164) or this email (any case), sorted.
+
+        Read from the contact index, which the same atomic steps that write a booking keep
+        up to date (see the module docstring). Give one contact or both (the union).
+        """
+        self._ready()
+        keys = [self.contact_key(clinic, kind, value)
+                for kind, value in (("phone", phone), ("email", email)) if value]
+        if not keys:
+            raise ValueError("bookings_for_contact needs a phone or an email")
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrangebyscore(key, f"({now}", "+inf")
+        return sorted({b for ids in pipe.execute() for b in cast(list[str], ids)})
 
     def booking_summaries(
         self, clinic: str, booking_ids: list[str]
