@@ -20,6 +20,7 @@ from celery import Celery
 from kombu.entity import Queue  # kombu.Queue; kombu/__init__ does not export it to mypy
 
 from .embedded import redis_url
+from .health import install_beat_heartbeat
 from .settings import get_settings
 
 PUMP_QUEUE = "reminders.pump"
@@ -94,6 +95,10 @@ app.conf.update(
     },
     beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
 )
+
+
+# Beat's own liveness evidence: a heartbeat after each pump tick it publishes (beat only).
+install_beat_heartbeat()
 
 
 def nudge_pump() -> None:

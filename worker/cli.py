@@ -1,7 +1,7 @@
 """The `reminders` console script.
 
 Exit codes: 0 ok; 1 a booking was refused or not found; 2 bad usage or unreadable
-input; 3 invalid configuration (config/ or templates/).
+input; 3 invalid configuration (config/ or templates/). `health`: 0 healthy, 1 not.
 """
 
 from __future__ import annotations
@@ -455,6 +455,26 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    """Liveness from the heartbeats in Redis (worker/health.py): exit 0 healthy, 1 not."""
+    from .embedded import redis_url
+    from .health import evaluate
+
+    try:
+        url = redis_url(settings)
+    except ConfigError as exc:
+        verdict_json = {"healthy": False, "status": f"configuration error: {exc}"}
+        print(json.dumps(verdict_json) if args.json else f"unhealthy: {verdict_json['status']}")
+        return EXIT_REFUSED
+    max_age = args.max_age if args.max_age is not None else settings.heartbeat_max_age
+    verdict = evaluate(url, settings.key_prefix, args.role, max_age)
+    if args.json:
+        print(json.dumps({"role": args.role, **verdict.as_json()}))
+    else:
+        print(f"{args.role}: {'healthy' if verdict.healthy else 'unhealthy'}: {verdict.reason}")
+    return EXIT_OK if verdict.healthy else EXIT_REFUSED
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Run everything: Redis (if embedded), the Celery worker and beat (the pump), the API."""
     from .service import run_all
@@ -483,6 +503,11 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "purge": (cmd_purge, "remove dead letters without sending them"),
     "stats": (cmd_stats, "how many bookings and reminders are kept, and where they are"),
     "keys": (cmd_keys, "issue, list or revoke a clinic's API keys (for the HTTP API)"),
+    "health": (
+        cmd_health,
+        "liveness for a Docker healthcheck: the pump's heartbeat (--role worker) or beat's "
+        "last tick (--role beat) is fresh; exit 0 healthy, 1 not",
+    ),
     "run": (
         cmd_run,
         "run Redis (embedded unless REMINDERS_REDIS_URL), worker, pump and the HTTP API; "
@@ -528,6 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
                 a.add_argument("--clinic", default=argparse.SUPPRESS, help="clinic id")
                 a.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                                help="print the machine-readable form")
+        if name == "health":
+            p.add_argument("--role", choices=("worker", "beat", "api"), default="worker",
+                           help="whose evidence to check (default: worker, the pump's "
+                           "heartbeat; api: the same, as /healthz)")
+            p.add_argument("--max-age", type=float, default=None, metavar="SECONDS",
+                           help="oldest heartbeat that counts as alive (default: "
+                           "REMINDERS_HEALTH_MAX_AGE_SECONDS, else max(30, 10 pump intervals))")
         if name == "check":
             p.add_argument("--sources", action="store_true",
                            help="also list each protocol step's clinical claims and sources")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,16 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(2_097_152, ge=65_536)
 
     log_level: str = "INFO"
+    # Log lines as plain text, or one JSON object per line (worker/logs.py).
+    log_format: Literal["text", "json"] = "text"
+
+    # Observability (worker/metrics.py, worker/health.py): the Celery worker's own
+    # Prometheus port on 127.0.0.1-or-`metrics_host` (0: off), and how old the pump's
+    # heartbeat (and beat's last tick) may be before `reminders health` and /healthz say
+    # unhealthy (unset: max(30 s, 10 pump intervals)).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(0, ge=0, le=65535)
+    health_max_age_seconds: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Settings:
@@ -91,6 +102,18 @@ class Settings(BaseSettings):
         """
         hard = self.lease_seconds - 1
         return max(1.0, hard - 2), float(hard)
+
+    @property
+    def heartbeat_max_age(self) -> float:
+        """Return the age (seconds) past which a pump heartbeat or beat tick is stale."""
+        if self.health_max_age_seconds is not None:
+            return self.health_max_age_seconds
+        return max(30.0, 10 * self.pump_interval_seconds)
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Return the folder of the worker processes' histograms (multiprocess mode)."""
+        return self.data_dir / "metrics"
 
     @property
     def outbox(self) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -197,13 +198,17 @@ def pump_now() -> int:
         # A claim counts as outstanding until it must have begun, plus the slowest send.
         hold_seconds=settings.send_max_wait_seconds + 2 * settings.send_timeout_seconds + 1,
     )
+    from .health import pump_beat
     from .webhooks import pump_events
 
+    started = time.monotonic()
     published = pump(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
     # The clinic's webhooks and alerts, on their own queue. Their lease outlasts one attempt
     # (the task's hard limit ends it first); an event whose worker died is claimed again.
     pump_events(_events(), _publish_event, batch=settings.pump_batch,
                 lease_seconds=settings.lease_seconds)
+    # The run's evidence for `reminders health` and /healthz (worker/health.py).
+    pump_beat(ctx.store.redis, settings.key_prefix, time.monotonic() - started)
     return published
 
 

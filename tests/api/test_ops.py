@@ -6,21 +6,35 @@ import time
 
 from tests.conftest import EXAMPLE_BOOKING
 from worker.api.schemas import EXAMPLE_BOOKING as DOCUMENTED_EXAMPLE
+from worker.health import pump_beat, pump_key
 
 
-def test_healthz_ok_when_nothing_is_overdue(api):
+def test_healthz_needs_a_fresh_pump_heartbeat_and_readyz_only_redis(api):
+    store = api.app.state.services.store
     with api.client() as client:
-        health = client.get("/healthz")
+        never = client.get("/healthz")
         ready = client.get("/readyz")
-    assert health.status_code == 200
-    assert health.json() == {"status": "ok", "redis": "ok", "pump": "idle",
-                             "oldest_due_overdue_seconds": None}
+        pump_beat(store.redis, store.prefix, 0.01)
+        health = client.get("/healthz")
+        store.redis.hset(pump_key(store.prefix), "at", f"{time.time() - 120:.6f}")
+        stale = client.get("/healthz")
+    assert never.status_code == 503 and never.json()["pump"] == "never"
+    assert never.json()["status"].startswith("no pump run recorded yet")
     assert ready.status_code == 200 and ready.json() == {"status": "ok", "redis": "ok"}
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok" and body["pump"] == "ok" and body["redis"] == "ok"
+    assert body["oldest_due_overdue_seconds"] is None
+    assert 0 <= body["pump_heartbeat_age_seconds"] < 5
+    assert stale.status_code == 503 and stale.headers["retry-after"]
+    assert stale.json()["pump"] == "stale" and stale.json()["pump_heartbeat_age_seconds"] >= 120
+    assert "the last pump run was 1" in stale.json()["status"]
 
 
 def test_healthz_says_the_pump_is_behind_when_a_due_reminder_waits_too_long(api):
     store = api.app.state.services.store
     with api.client() as client:
+        pump_beat(store.redis, store.prefix, 0.01)
         store.redis.zadd(store.due_key, {"glow/X-1/spf:sms": time.time() - 5})
         keeping_up = client.get("/healthz")
         assert keeping_up.status_code == 200 and keeping_up.json()["pump"] == "ok"

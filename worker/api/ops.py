@@ -1,11 +1,13 @@
 """For ops, without a key: health (Redis and the pump), readiness, Prometheus metrics.
 
-`/healthz` is the whole service's health: Redis answers, and the pump keeps up — the
-oldest reminder waiting in the due set is at most `max(30 s, 10 pump intervals)`
-overdue. The pump leaves no trace of its ticks, so this is what is measured: a due
-reminder nobody claims means no beat or no worker is running (or they are far behind).
-With nothing due the pump cannot be judged, and `pump` says `idle`. `/readyz` is this
-API process's readiness: Redis answers. Both answer 503 with `Retry-After` when not.
+`/healthz` is the whole service's health: Redis answers; the pump's heartbeat (stamped by
+every pump run, worker/health.py) is younger than `Settings.heartbeat_max_age` (default
+max(30 s, 10 pump intervals)), so beat ticks and a worker runs them; and the pump keeps up:
+the oldest reminder waiting in the due set is at most `max(30 s, 10 pump intervals)`
+overdue. `pump` says `never` (no run recorded), `stale`, `behind` or `ok`. `/readyz` is
+this API process's readiness: Redis answers (the compose healthcheck of the api service:
+an API is worth serving while beat is down). Both answer 503 with `Retry-After` when not.
+`/metrics` is the API's requests and the schedule's figures (worker/metrics.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import redis
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from ..health import check
 from .errors import REDIS_RETRY_AFTER_SECONDS
 from .metrics import CONTENT_TYPE
 from .schemas import Health
@@ -40,24 +43,26 @@ def pump_lag_limit(pump_interval_seconds: float) -> float:
 @router.get("/healthz", summary="Redis reachable and the pump keeping up", response_model=None,
             responses=_HEALTH)
 def healthz(svc: Svc) -> JSONResponse:
+    settings = svc.settings
     try:
         svc.redis.ping()
+        verdict = check(svc.redis, settings.key_prefix, "worker", settings.heartbeat_max_age)
         due_in = svc.store.next_due_in()
     except (redis.ConnectionError, redis.TimeoutError):
         return _answer({"status": "Redis is unreachable", "redis": "unreachable"}, False)
-    if due_in is None or due_in > 0:
-        return _answer({"status": "ok", "redis": "ok", "pump": "idle",
-                        "oldest_due_overdue_seconds": None}, True)
-    overdue = round(-due_in, 3)
-    limit = pump_lag_limit(svc.settings.pump_interval_seconds)
-    if overdue > limit:
+    age = verdict.details["age_seconds"]
+    overdue = None if due_in is None or due_in > 0 else round(-due_in, 3)
+    body = {"redis": "ok", "pump_heartbeat_age_seconds": age,
+            "oldest_due_overdue_seconds": overdue}
+    if not verdict.healthy:
+        return _answer({"status": verdict.reason, "pump": "never" if age is None else "stale",
+                        **body}, False)
+    limit = pump_lag_limit(settings.pump_interval_seconds)
+    if overdue is not None and overdue > limit:
         return _answer({"status": f"the pump is behind: a reminder has waited {overdue:g}s "
                                   f"past its time (limit {limit:g}s); are beat and a worker "
-                                  "running?",
-                        "redis": "ok", "pump": "behind", "oldest_due_overdue_seconds": overdue},
-                       False)
-    return _answer({"status": "ok", "redis": "ok", "pump": "ok",
-                    "oldest_due_overdue_seconds": overdue}, True)
+                                  "running?", "pump": "behind", **body}, False)
+    return _answer({"status": "ok", "pump": "ok", **body}, True)
 
 
 @router.get("/readyz", summary="This API process can serve (Redis reachable)",

@@ -138,7 +138,10 @@ class Replayed(BaseModel):
 class Health(BaseModel):
     status: str = Field(description="ok, or what is wrong")
     redis: str
-    pump: str | None = None
+    pump: str | None = Field(None, description="ok, never (no pump run recorded), stale (no "
+                             "recent pump run) or behind (a due reminder waits too long)")
+    pump_heartbeat_age_seconds: float | None = Field(
+        None, description="seconds since the last pump run ended (Redis's clock)")
     oldest_due_overdue_seconds: float | None = None
 
 

@@ -1,0 +1,91 @@
+"""`reminders health` and /healthz read the heartbeats (worker/health.py) in a real Redis.
+
+The command runs as a real subprocess, as a Docker healthcheck runs it; the heartbeats are
+stamped by real Celery worker and beat processes, or forced stale in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.conftest import BIN, wait_until
+from worker.health import beat_key, pump_beat, pump_key, stamp
+
+pytestmark = pytest.mark.integration
+PREFIX = "reminders"
+
+
+def health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "reminders"), "health", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def env(redis_server, redis_client, tmp_path) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    out.update({"REMINDERS_REDIS_URL": redis_server.url, "REMINDERS_DATA_DIR": str(tmp_path),
+                "REMINDERS_HEALTH_MAX_AGE_SECONDS": "20"})
+    return out
+
+
+def test_health_is_unhealthy_without_a_heartbeat_then_healthy_then_stale(env, redis_client):
+    never = health(env, "--role", "worker")
+    assert never.returncode == 1
+    assert never.stdout.strip() == ("worker: unhealthy: no pump run recorded yet; are beat and "
+                                    "a worker taking the reminders.pump queue running?")
+    pump_beat(redis_client, PREFIX, 0.012)
+    fresh = health(env, "--role", "worker", "--json")
+    assert fresh.returncode == 0, fresh.stdout
+    body = json.loads(fresh.stdout)
+    assert body["healthy"] is True and body["role"] == "worker"
+    assert 0 <= body["age_seconds"] < 5 and body["max_age_seconds"] == 20
+    # A heartbeat older than the limit: the pump stopped (Redis's clock decides the age).
+    redis_client.hset(pump_key(PREFIX), "at", f"{time.time() - 95:.6f}")
+    stale = health(env)  # --role worker is the default
+    assert stale.returncode == 1
+    assert stale.stdout.startswith("worker: unhealthy: the last pump run was 9")
+    assert "ago (limit 20s)" in stale.stdout and len(stale.stdout.strip().splitlines()) == 1
+    assert health(env, "--max-age", "120").returncode == 0  # the limit is the caller's too
+
+
+def test_beat_role_reads_beats_own_tick_not_the_pumps(env, redis_client):
+    pump_beat(redis_client, PREFIX, 0.01)
+    no_beat = health(env, "--role", "beat", "--json")
+    assert no_beat.returncode == 1
+    assert json.loads(no_beat.stdout)["status"].startswith("no beat tick published recorded")
+    stamp(redis_client, beat_key(PREFIX), node="test")
+    assert health(env, "--role", "beat").returncode == 0
+    redis_client.hset(beat_key(PREFIX), "at", f"{time.time() - 60:.6f}")
+    stale = health(env, "--role", "beat")
+    assert stale.returncode == 1 and "the last beat tick published was 6" in stale.stdout
+
+
+def test_health_is_unhealthy_when_redis_is_unreachable(env):
+    from worker.embedded import free_port
+
+    env = env | {"REMINDERS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    started = time.monotonic()
+    down = health(env, "--role", "worker")
+    assert down.returncode == 1 and "Redis is unreachable" in down.stdout
+    assert time.monotonic() - started < 10
+
+
+def test_a_running_worker_and_beat_are_healthy_and_stop_being_so_when_beat_stops(service):
+    service.configure(REMINDERS_HEALTH_MAX_AGE_SECONDS="3")
+    worker = service.worker()
+    beat = service.beat(worker=worker)
+    # The broker is never idle for long here (a tick a second): health does not care.
+    wait_until(lambda: health(service.env, "--role", "beat").returncode == 0, 15)
+    wait_until(lambda: health(service.env, "--role", "worker").returncode == 0, 15)
+    service.kill(beat)
+    # No more ticks: beat's evidence and the pump's both go stale within the limit.
+    down = wait_until(lambda: (lambda r: r if r.returncode == 1 else None)(
+        health(service.env, "--role", "worker")), 15)
+    assert "the last pump run was" in down.stdout
+    assert health(service.env, "--role", "beat").returncode == 1
+    assert worker.poll() is None  # the worker itself is up: what stopped is the ticking

@@ -1,0 +1,165 @@
+"""Liveness evidence in Redis, and the checks that read it (`reminders health`, /healthz).
+
+Two heartbeats, both HASHes stamped with Redis's own clock (so a checker on another host
+with a skewed clock still reads the age right):
+
+  P:health:pump   at, node, seconds   refreshed by every pump run (worker/tasks.py
+                  `pump_now`), in whichever worker process ran it: a pump ran, so beat
+                  ticks, the broker carries them and a worker consumes the pump queue
+  P:health:beat   at, node            refreshed by Celery beat each time it has published a
+                  pump tick (the `after_task_publish` signal, connected in the beat process
+                  only, see `install_beat_heartbeat`): beat's own evidence, whether or not a
+                  worker is there to run the tick
+
+`reminders health --role worker` is healthy while the pump heartbeat is younger than
+`Settings.heartbeat_max_age` (default max(30 s, 10 pump intervals)); `--role beat` while
+beat's tick is. Neither looks at the broker's queues, so a busy or an idle broker makes no
+difference. Both answer in one line (or `--json`), exit 0 healthy, 1 not: a Docker
+healthcheck. `--role api` (or none) checks the pump heartbeat and Redis like /healthz.
+
+Why the pump heartbeat for the worker: with one worker it is that worker's evidence; with
+several, any of them running the pump refreshes it, so a single dead worker of many is not
+seen here (its claims come back with their leases), but a service that stopped sending is.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import redis
+
+Role = Literal["worker", "beat", "api"]
+
+# Stamp a heartbeat hash with Redis's clock: KEYS[1]; ARGV: field, value, ...
+_STAMP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', KEYS[1], 'at', string.format('%.6f', now), unpack(ARGV))
+return 1
+"""
+
+
+def pump_key(prefix: str) -> str:
+    return f"{prefix}:health:pump"
+
+
+def beat_key(prefix: str) -> str:
+    return f"{prefix}:health:beat"
+
+
+def node_name() -> str:
+    """Return this process's name in heartbeats: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def stamp(client: redis.Redis, key: str, **fields: str) -> None:
+    """Refresh a heartbeat hash with Redis's clock and `fields`."""
+    args: list[str] = []
+    for name, value in fields.items():
+        args += [name, value]
+    client.eval(_STAMP, 1, key, *args)
+
+
+def pump_beat(client: redis.Redis, prefix: str, seconds: float) -> None:
+    """Record that a pump run just ended (it took `seconds`)."""
+    stamp(client, pump_key(prefix), node=node_name(), seconds=f"{seconds:.6f}")
+
+
+def age_of(client: redis.Redis, key: str) -> tuple[float | None, dict[str, str]]:
+    """Return (age in seconds by Redis's clock or None if never stamped, the hash)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    pipe.hgetall(key)
+    (seconds, micros), raw = pipe.execute()
+    fields = {_s(k): _s(v) for k, v in cast(dict[Any, Any], raw).items()}
+    if "at" not in fields:
+        return None, fields
+    return max(0.0, seconds + micros / 1_000_000 - float(fields["at"])), fields
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    healthy: bool
+    reason: str  # one line
+    details: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"healthy": self.healthy, "status": self.reason, **self.details}
+
+
+def _heartbeat(client: redis.Redis, key: str, what: str, limit: float, hint: str) -> Verdict:
+    age, fields = age_of(client, key)
+    details: dict[str, Any] = {"age_seconds": None if age is None else round(age, 3),
+                               "max_age_seconds": limit, "node": fields.get("node")}
+    if age is None:
+        return Verdict(False, f"no {what} recorded yet; {hint}", details)
+    if age > limit:
+        return Verdict(False, f"the last {what} was {age:.0f}s ago (limit {limit:g}s); {hint}",
+                       details)
+    return Verdict(True, f"ok: the last {what} was {age:.1f}s ago", details)
+
+
+def check(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Verdict:
+    """Return the health of `role` from its heartbeat (Redis errors are the caller's)."""
+    if role == "beat":
+        return _heartbeat(client, beat_key(prefix), "beat tick published", max_age,
+                          "is celery beat running and can it reach the broker?")
+    return _heartbeat(client, pump_key(prefix), "pump run", max_age,
+                      "are beat and a worker taking the reminders.pump queue running?")
+
+
+def evaluate(url: str, prefix: str, role: Role, max_age: float) -> Verdict:
+    """`check` on a fresh short-lived connection; an unreachable Redis is unhealthy."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return check(client, prefix, role, max_age)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        return Verdict(False, f"Redis is unreachable ({type(exc).__name__})",
+                       {"redis": "unreachable"})
+    finally:
+        client.close()
+
+
+# --- beat's heartbeat -------------------------------------------------------------------
+
+_beat_client: redis.Redis | None = None
+_beat_last = 0.0
+BEAT_STAMP_EVERY = 0.5  # seconds: at most this often, however often beat publishes
+
+
+def install_beat_heartbeat() -> None:
+    """In the beat process: stamp beat's heartbeat after each pump tick it published."""
+    from celery.signals import after_task_publish, beat_init
+
+    def on_beat_init(**_: object) -> None:
+        after_task_publish.connect(on_published, weak=False)
+
+    def on_published(sender: str | None = None, **_: object) -> None:
+        global _beat_client, _beat_last
+        if sender != "reminders.pump":
+            return
+        now = time.monotonic()
+        if now - _beat_last < BEAT_STAMP_EVERY:
+            return
+        _beat_last = now
+        from .embedded import redis_url
+        from .settings import get_settings
+
+        settings = get_settings()
+        try:
+            if _beat_client is None:
+                _beat_client = redis.Redis.from_url(redis_url(settings), socket_timeout=2,
+                                                    socket_connect_timeout=2)
+            stamp(_beat_client, beat_key(settings.key_prefix), node=node_name())
+        except redis.RedisError:
+            pass  # the tick was published; a heartbeat missed is seen as such by the check
+
+    beat_init.connect(on_beat_init, weak=False)
