@@ -43,8 +43,17 @@ start; a send's sockets time out long before (`lease_seconds > 2 x send_timeout_
 send hang anyway (a provider trickling bytes under every socket timeout), a watchdog ends
 this process 1 s before that attempt's entry would expire, as the prefork pool's hard time
 limit ended the single-reminder task before: the Celery parent replaces the process, the
-lease brings its claims back. On a warm shutdown claims not yet begun are handed back at
-once and the running sends are waited for.
+lease brings its claims back.
+
+Warm shutdown (SIGTERM to the Celery worker, as `docker stop` sends; `Lanes.close`). The
+pool process learns it within about a second (its pool is closed; worker/tasks.py `_drain`):
+no new pump run starts in it, its senders leave the pump's count, claims waiting for a
+thread go back to the schedule at once (due now, fenced by their claim), and an attempt
+that has not handed its message over yet goes back too (the fenced "abandon" finish):
+another worker sends them within seconds, not a lease later. Sends talking to their
+provider get `shutdown_grace_seconds` to finish and be recorded; one still talking then may
+have been delivered, so it is recorded as of unknown outcome (its ledger kept: tried again
+once the ledger expires, never twice at once) and the process ends, closing its sockets.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -138,19 +147,25 @@ def attempt(
     start_by: float | None = None,
     begun: Callable[[], None] | None = None,
     watchdog: Watchdog | None = None,
+    guard: Lanes | None = None,
 ) -> str:
     """One attempt at a claimed reminder; return what happened.
 
     `start_by` (time.time()): past it the claim is handed back to the schedule instead of
     begun. `begun` is called once the attempt has taken its ledger, or knows it will not.
-    `watchdog` ends the process should the attempt outlive its ledger entry.
+    `watchdog` ends the process should the attempt outlive its ledger entry. `guard` (the
+    senders running it) says when the process is stopping: an attempt not yet handed to
+    the provider then goes back to the schedule, and one handing over may be cut.
     """
     settings, store = ctx.settings, ctx.store
     if start_by is not None and time.time() > start_by:
         if begun:
             begun()
-        if store.requeue(ref, datetime.now(UTC), NOT_STARTED, claim=claim):
-            log.info("send %s: not started in time; handed back to the schedule", ref)
+        stopping = guard is not None and guard.stopping()
+        reason = STOPPING_NOT_BEGUN if stopping else NOT_STARTED
+        if store.requeue(ref, datetime.now(UTC), reason, claim=claim):
+            log.info("send %s: %s; handed back to the schedule", ref,
+                     "the worker is stopping" if stopping else "not started in time")
             return "handed back"
         log.info("send %s: not started in time; dropped (finished or claimed again)", ref)
         return "dropped: finished meanwhile"
@@ -180,10 +195,11 @@ def attempt(
     watch = watchdog.watch(ref, started + hard) if watchdog else contextlib.nullcontext()
     with watch:
         return _send(ctx, ref, Attempt(version=version, claim=claim, token=token), started,
-                     deadline)
+                     deadline, guard)
 
 
-def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: float) -> str:
+def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: float,
+          guard: Lanes | None = None) -> str:
     """The rest of an attempt that holds the ledger: rules, render, deliver, record."""
     settings, store = ctx.settings, ctx.store
     now = datetime.now(UTC)
@@ -206,20 +222,38 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
             result = store.finish(ref, attempt, "abandon", at=now, entry=entry)
             log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
             return "dropped: overtaken before sending"
+        if guard is not None and guard.stopping():
+            # Nothing handed over yet: back to the schedule now, for another worker.
+            result = store.finish(ref, attempt, "abandon", at=now,
+                                  fields={"reason": STOPPED_BEFORE_SENDING}, entry=entry)
+            log.info("send %s: the worker is stopping; handed back before sending (%s)",
+                     ref, result)
+            return "handed back"
     except DeliveryError as exc:
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place)
     except Exception as exc:  # Redis, a soft time limit, a bug: nothing was handed over
         problem = DeliveryError(f"could not prepare the message ({type(exc).__name__})")
         log.warning("send %s: %s", ref, problem.reason)
         return _failed(ctx, ref, attempt, number, problem, entry, started, deadline, place)
+    handing = guard.handing_over(ref, attempt, entry, started) if guard else None
     try:
         detail = deliver(url, envelope, message, outbox=settings.outbox,
                          timeout=settings.send_timeout_seconds, now=now)
     except DeliveryError as exc:
+        if handing is not None and not handing.settle():
+            return CUT
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place)
     except Exception as exc:  # SoftTimeLimitExceeded or worse mid hand-over: it may have gone
+        if handing is not None and not handing.settle():
+            return CUT
         unknown = DeliveryError(f"the send was interrupted ({type(exc).__name__})", unknown=True)
         return _failed(ctx, ref, attempt, number, unknown, entry, started, deadline, place)
+    if handing is not None and not handing.settle():
+        # Cut by the shutdown meanwhile and recorded as of unknown outcome; the process is
+        # ending (the pool child exits right after its senders close).
+        log.warning("send %s: the provider answered after the worker's grace period; it was "
+                    "recorded as of unknown outcome", ref)
+        return CUT
     result = durably(
         lambda: store.finish_sent(
             ref,
@@ -373,6 +407,12 @@ def _failed(
 # --- batches: this process's senders ----------------------------------------------------
 
 NOT_STARTED = "not started in time (the senders were busy): handed back to the schedule"
+STOPPING_NOT_BEGUN = "the worker was stopping: handed back to the schedule before it began"
+STOPPED_BEFORE_SENDING = "the worker was stopping: handed back to the schedule before sending"
+CUT_REASON = ("the worker stopped before the provider answered (its shutdown grace period "
+              "ran out)")
+CUT = "cut: outcome unknown"
+CUT_WAIT_SECONDS = 2.0  # after a cut, how long to wait for attempts recording their outcome
 WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks
 FLUSH_INTERVAL = 0.1  # seconds between reports of settled claims to the pump's counts
 REGISTER_EVERY = 2.0  # seconds between refreshes of this process's senders for the pump
@@ -464,8 +504,26 @@ class Lanes:
         self._idle_since: dict[str, float] = {}  # channels that ran dry, to nudge
         self._registered_at = 0.0
         self._closing = False
+        self._stopping = threading.Event()  # set once close() begins
+        # Claims not taken by a thread yet: key -> (future, channel, ref, claim).
+        self._queued: dict[int, tuple[Future[str], Channel, str, str]] = {}
+        self._next_key = 0
+        self._futures: set[Future[str]] = set()  # not settled
+        self._handing: dict[int, HandingOver] = {}  # attempts talking to their provider
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
+
+    def stopping(self) -> bool:
+        """Return whether these senders are closing (nothing new is handed to a provider)."""
+        return self._stopping.is_set()
+
+    def handing_over(self, ref: str, attempt: Attempt, entry: dict[str, Any],
+                     started: float) -> HandingOver:
+        """Register an attempt about to hand its message to the provider (see `close`)."""
+        handing = HandingOver(self, ref, attempt, entry, started)
+        with self._lock:
+            self._handing[id(handing)] = handing
+        return handing
 
     def open(self, channel: Channel) -> ThreadPoolExecutor:
         """Return this channel's thread pool, made (and its threads registered) on first use."""
@@ -492,10 +550,23 @@ class Lanes:
                 raise RuntimeError("the senders are shutting down")
             self._waiting[channel] = self._waiting.get(channel, 0) + 1
             self._idle_since.pop(channel, None)
-        return pool.submit(self._one, channel, ref, version, claim, start_by)
+            self._next_key += 1
+            key = self._next_key
+            future = pool.submit(self._one, key, channel, ref, version, claim, start_by)
+            self._queued[key] = (future, channel, ref, claim)
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+        return future
 
-    def _one(self, channel: Channel, ref: str, version: str, claim: str, start_by: float) -> str:
+    def _forget(self, future: Future[str]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def _one(self, key: int, channel: Channel, ref: str, version: str, claim: str,
+             start_by: float) -> str:
         begun = False
+        with self._lock:  # taken by a thread: no longer the closer's to hand back
+            self._queued.pop(key, None)
 
         def on_begun() -> None:
             nonlocal begun
@@ -510,7 +581,7 @@ class Lanes:
             # On shutdown, what has not begun goes straight back to the schedule.
             deadline = 0.0 if self._closing else start_by
             outcome = attempt(self.ctx, ref, version, claim, start_by=deadline, begun=on_begun,
-                              watchdog=self.watchdog)
+                              watchdog=self.watchdog, guard=self)
         except Exception as exc:  # Redis down past its retries, a bug: the lease brings it back
             log.warning("send %s: attempt not completed (%s); its lease will bring it back",
                         ref, type(exc).__name__)
@@ -586,22 +657,122 @@ class Lanes:
             except Exception:  # a bug here must not stop the reports for good
                 log.exception("senders: reporting to the pump failed")
 
-    def close(self) -> None:
-        """Stop: hand back what has not begun, wait for the running sends, report them."""
+    def close(self, grace: float | None = None) -> None:
+        """Stop (a warm shutdown): hand back at once what has not begun, give the sends under
+        way `grace` seconds (None: as long as they take), cut those still handing over then,
+        and report.
+
+        Claims waiting for a thread go back to the schedule now (due now, fenced by their
+        claim), and so does an attempt that has not handed its message over yet (fenced by
+        version, claim and token): another worker sends them within seconds. An attempt
+        still talking to its provider when the grace period ends may have been delivered:
+        it is recorded as of unknown outcome (its ledger kept, so it is tried again only
+        once the ledger expires, never twice at once), and the process must end right
+        after (the pool child does), closing its sockets.
+        """
         with self._lock:
             self._closing = True
+            self._on_idle = None
             pools = dict(self._pools)
+            futures = set(self._futures)
+        self._stopping.set()
+        self._deregister(pools)  # the pump stops counting these senders at once
         for pool in pools.values():
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._hand_back_queued()
+        # (A cancelled future never counts as done for `wait`: leave those out.)
+        _, running = wait([f for f in futures if not f.cancelled()], timeout=grace)
+        if running:
+            cut = self._cut()
+            _, running = wait(running, timeout=CUT_WAIT_SECONDS)
+            log.warning("senders: stopped after the %gs grace period: %d send(s) cut while "
+                        "handing over (recorded as of unknown outcome: tried again once their "
+                        "ledger expires)%s", grace or 0, cut,
+                        f"; {len(running)} still recording" if running else "")
         self._stop.set()
-        self._on_idle = None
         self.flush()
+        self._deregister(pools)
+        if not running:
+            smtp_sessions.close()
+
+    def _deregister(self, pools: dict[str, ThreadPoolExecutor]) -> None:
         with contextlib.suppress(redis.RedisError):
             pipe = self.ctx.store.redis.pipeline(transaction=False)
             for channel in pools:
                 pipe.zrem(self.keys.senders(channel), self.node)
             pipe.execute()
-        smtp_sessions.close()
+
+    def _hand_back_queued(self) -> None:
+        """Hand back the claims no thread took (their futures were cancelled)."""
+        with self._lock:
+            cancelled = [(key, item) for key, item in self._queued.items() if item[0].cancelled()]
+            for key, _ in cancelled:
+                del self._queued[key]
+        now = datetime.now(UTC)
+        for _, (_, channel, ref, claim) in cancelled:
+            try:
+                handed = self.ctx.store.requeue(ref, now, STOPPING_NOT_BEGUN, claim=claim)
+            except redis.RedisError:  # its lease brings it back
+                handed = False
+            log.info("send %s: the worker is stopping; %s", ref,
+                     "handed back to the schedule" if handed else "not handed back (finished "
+                     "or claimed again meanwhile, or Redis unreachable: its lease brings it back)")
+            with self._lock:
+                self._waiting[channel] -= 1
+            self._settle(channel, f"{claim}@{ref}", None)
+        if cancelled:
+            log.info("senders: stopping: %d claim(s) not begun handed back to the schedule",
+                     len(cancelled))
+
+    def _cut(self) -> int:
+        """Record the attempts still handing over as of unknown outcome; return how many."""
+        with self._lock:
+            handing = list(self._handing.values())
+        return sum(1 for h in handing if h.cut())
+
+
+class HandingOver:
+    """An attempt talking to its provider, as its senders know it: settled by the attempt
+    (it got an answer, or an error) or cut by the shutdown, whichever comes first."""
+
+    def __init__(self, lanes: Lanes, ref: str, attempt: Attempt, entry: dict[str, Any],
+                 started: float) -> None:
+        self.lanes, self.ref, self.attempt, self.entry = lanes, ref, attempt, entry
+        self.started = started
+        self._lock = threading.Lock()
+        self._state = "handing over"
+
+    def _leave(self) -> None:
+        with self.lanes._lock:
+            self.lanes._handing.pop(id(self), None)
+
+    def settle(self) -> bool:
+        """The attempt has its answer: return False if the shutdown cut it first (then it
+        records nothing: its outcome was recorded as unknown)."""
+        with self._lock:
+            if self._state == "cut":
+                return False
+            self._state = "settled"
+        self._leave()
+        return True
+
+    def cut(self) -> bool:
+        """Cut the attempt unless it has settled: record it as of unknown outcome."""
+        with self._lock:
+            if self._state != "handing over":
+                return False
+            self._state = "cut"
+        self._leave()
+        entry = self.entry | {"error": CUT_REASON,
+                              "seconds": round(time.monotonic() - self.started, 3)}
+        try:
+            result = self.lanes.ctx.store.finish_unknown(self.ref, self.attempt, CUT_REASON,
+                                                         entry)
+        except redis.RedisError:
+            result = "not recorded (Redis unreachable): its lease and ledger bring it back"
+        log.warning("send %s: %s; outcome unknown, tried again once its ledger expires (%s)",
+                    self.ref, CUT_REASON, result)
+        return True
 
 
 def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
@@ -650,13 +821,13 @@ def lanes(ctx: Context, on_idle: Callable[[Channel], None] | None = None) -> Lan
         return _process_lanes
 
 
-def close_lanes() -> None:
-    """Drain this process's senders, if it has any (a warm shutdown)."""
+def close_lanes(grace: float | None = None) -> None:
+    """Drain this process's senders, if it has any (a warm shutdown; see `Lanes.close`)."""
     global _process_lanes
     with _lanes_lock:
         current, _process_lanes = _process_lanes, None
     if current is not None:
-        current.close()
+        current.close(grace)
 
 
 def _forget_after_fork() -> None:

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     send_threads: int = Field(16, ge=1, le=256)  # sends at once per channel per process
     send_backlog_seconds: float = Field(2.0, gt=0)  # work handed out ahead, per channel
     send_max_wait_seconds: float = Field(10.0, gt=0)  # then an unbegun claim goes back
+    # A warm shutdown (SIGTERM): claims not begun go back to the schedule at once; sends
+    # under way get this long to finish, then those still handing over are cut (recorded
+    # as of unknown outcome). Keep it below the container's stop grace period.
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
 
     # Retention: a booking's keys, attempt logs and ledger entries expire this many days
     # after its last reminder; a dead letter is kept until it is replayed or purged.

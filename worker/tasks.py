@@ -136,13 +136,16 @@ def _warm_up_single_process(sender: Any = None, **_: object) -> None:
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _drain(**_: object) -> None:
-    """Warm shutdown: let a pump run finish, hand back claims not begun, wait for the sends
-    under way."""
+    """Warm shutdown: no new pump run; let one under way finish (it is short: it claims only
+    what the senders can take); hand back claims not begun; give the sends under way the
+    grace period (worker/dispatch.py `Lanes.close`)."""
     from .dispatch import close_lanes
 
+    global _stopping
+    _stopping = True
     if _pumping.acquire(timeout=PUMP_RUN_WAIT_SECONDS):
         _pumping.release()
-    close_lanes()
+    close_lanes(get_settings().shutdown_grace_seconds)
 
 
 def _publish(channel: Channel, claims: Sequence[Claim], claimed_at: float) -> None:
@@ -162,6 +165,8 @@ def pump_task() -> str:
     one pumps. A run already under way in this process covers the tick; one in another
     process is found by the pump's own lock (worker/pump.py).
     """
+    if _stopping:
+        return "this process is stopping: no pump run"
     if not _pumping.acquire(blocking=False):
         return "a pump run is under way in this process"
     try:
@@ -173,6 +178,7 @@ def pump_task() -> str:
 
 
 _pumping = threading.Lock()  # held by this process's pump run
+_stopping = False  # set by a warm shutdown: no new pump run starts
 
 
 def _pump_run() -> None:
