@@ -322,4 +322,5 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         reminders=reminders,
         hold_reason=hold,
         window=window,
+        notice_steps=protocol.notice_steps(),
     )

@@ -73,7 +73,7 @@ MALFORMED = [
     ("timezone-path", set_("patient.timezone", "../../etc/passwd"), "patient.timezone", "IANA"),
     ("timezone-empty", set_("patient.timezone", ""), "patient.timezone", "IANA"),
     ("timezone-missing", drop("patient.timezone"), "patient.timezone", "required"),
-    ("locale-without-templates", set_("patient.locale", "fr"), "patient.locale", "fr"),
+    ("locale-unknown", set_("patient.locale", "xq"), "patient.locale", "xq"),
     ("locale-too-short", set_("patient.locale", "e"), "patient.locale", ""),
     # starts_at
     ("starts-at-naive", set_("starts_at", "2026-12-05T14:30:00"), "starts_at", "timezone"),
@@ -240,7 +240,7 @@ def test_several_bad_fields_are_all_reported_at_once(catalog, booking_doc):
     booking_doc["starts_at"] = "2026-12-05T14:30:00"
     booking_doc["notes"] = "VIP"
     booking_doc["patient"].update(phone="600111222", email="ana@", timezone="Mars/Olympus",
-                                  locale="fr", name="", channels=["sms", "fax"], age=3)
+                                  locale="xq", name="", channels=["sms", "fax"], age=3)
     booking_doc["medications"]["isotretinoin_last_dose"] = "soon"
     before = copy.deepcopy(booking_doc)
     with pytest.raises(BookingRejected) as exc:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from worker.protocols import load_protocols
+from worker.protocols import NOTICE_STEPS, load_protocols
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every step's template, and the change notices' (worker/notices.py).
 TEMPLATES = sorted({s.template for p in load_protocols(ROOT / "config" / "protocols").values()
-                    for s in p.steps})
+                    for s in p.steps} | set(NOTICE_STEPS))
 EXIT_OK, EXIT_USAGE, EXIT_CONFIG = 0, 2, 3
 
 
@@ -66,6 +67,8 @@ def test_repo_config_is_valid_and_every_sms_fits_one_segment(tmp_path: Path) -> 
         assert (encoding, segments) == ("GSM-7", "1"), (template, locale, wording)
         assert 0 < int(length) <= 160
     assert "WARNING" not in result.stdout
+    # Where the calendar invites say each clinic is.
+    assert "clinic glow: Glow Skin Clinic, Calle de Serrano 41, 28001 Madrid" in result.stdout
     protocols = len(list((ROOT / "config" / "protocols").glob("*.toml")))
     clinics = len(list((ROOT / "config" / "clinics").glob("*.toml")))
     assert result.stdout.rstrip().splitlines()[-1] == (
@@ -247,3 +250,19 @@ def test_a_webhook_secret_must_come_from_the_environment(copy: Path) -> None:
     unset = check_copy(copy)
     assert unset.returncode == EXIT_OK, unset.stderr
     assert "environment variable GLOW_WEBHOOK_SECRET is not set" in unset.stdout
+
+
+def test_a_clinic_without_address_is_a_warning_and_a_bad_one_an_error(copy: Path) -> None:
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    text = clinic.read_text()
+    clinic.write_text("\n".join(x for x in text.splitlines() if not x.startswith("address")))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert f"WARNING: {clinic}: no address" in result.stdout
+    assert "clinic glow: Glow Skin Clinic, (no address)" in result.stdout
+    clinic.write_text(text.replace('address = "Calle de Serrano 41, 28001 Madrid"',
+                                   'address = "  "'))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG
+    assert "address: Value error, must not be blank" in result.stderr or (
+        "address" in result.stderr and "blank" in result.stderr), result.stderr

@@ -12,17 +12,19 @@ from typing import Any
 import pytest
 
 from worker.catalog import Catalog
-from worker.checking import check
+from worker.checking import check, sample_notices
 from worker.errors import ConfigError
 from worker.models import CHANNELS, Booking
 from worker.planner import plan
-from worker.protocols import load_protocols
+from worker.protocols import NOTICE_STEPS, load_protocols
 from worker.rendering import PARTS, RenderedMessage, Renderer, file_name
 from worker.sms import fold_to_gsm7, is_gsm7, non_gsm7, normalise, sms_segments
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = load_protocols(ROOT / "config" / "protocols")
-TEMPLATES = sorted({step.template for p in PROTOCOLS.values() for step in p.steps})
+# Every protocol step's template, and the change notices' (worker/notices.py).
+TEMPLATES = sorted({step.template for p in PROTOCOLS.values() for step in p.steps}
+                   | set(NOTICE_STEPS))
 LOCALES = sorted(p.name for p in (ROOT / "templates").iterdir()
                  if p.is_dir() and not p.name.startswith("_"))
 LONG_FIRST_NAME = "Christabelle"  # 12 letters
@@ -46,12 +48,16 @@ def rendered(renderer: Renderer, catalog: Catalog, doc: dict[str, Any], *, local
     clinic = catalog.clinics["glow"].model_copy(update={"discreet": discreet})
     messages = []
     for protocol in catalog.protocols.values():
-        if template not in {s.template for s in protocol.steps}:
-            continue
         # Both medications, so that every conditional step is planned.
         booking = make_booking({**doc, "treatment": protocol.id,
                                 "medications": {"tretinoin": True, "retinol": True}},
                                catalog, name=name, locale=locale)
+        if template in NOTICE_STEPS:  # the change notices, in each of their forms
+            messages += [m for t, m in sample_notices(renderer, booking, clinic, protocol)
+                         if t == template]
+            continue
+        if template not in {s.template for s in protocol.steps}:
+            continue
         planned = plan(booking, protocol, clinic, booking.starts_at - timedelta(days=30))
         plan_dates: dict[str, datetime] = {}
         for reminder in planned.reminders:

@@ -25,8 +25,9 @@ from .catalog import Catalog
 from .clinics import Clinic, unreachable_problem
 from .errors import ConfigError
 from .models import CHANNELS, Booking, Channel
+from .notices import Invite, Notice
 from .planner import PlannedReminder, plan
-from .protocols import AdviceValue, Protocol
+from .protocols import NOTICE_STEPS, AdviceValue, Protocol
 from .rendering import RenderedMessage, Renderer, file_name, language_of, syntax_error
 from .sms import Encoding, non_gsm7, sms_segments
 
@@ -170,6 +171,31 @@ def sample_messages(renderer: Renderer, booking: Booking, clinic: Clinic, protoc
                 plan_dates=plan_dates)
 
 
+def sample_notices(renderer: Renderer, booking: Booking, clinic: Clinic, protocol: Protocol,
+                   channels: tuple[Channel, ...] = CHANNELS,
+                   ) -> Iterator[tuple[str, RenderedMessage]]:
+    """Yield (template, message) for the change notices (worker/notices.py) of a protocol
+    that can send them, in their longest forms: after the pause went out, a move with a
+    date to go on until, a move within the pause, and a cancel."""
+    if not protocol.notice_steps():
+        return
+    start = booking.starts_at
+    sent_at = start - timedelta(days=SAMPLE_BOOKED_DAYS_BEFORE - 1)
+    moved = booking.model_copy(update={"starts_at": start + timedelta(days=14)})
+    pause = protocol.pause_step() is not None
+    forms = [("rescheduled", moved, Notice(previous_start=start, paused=pause,
+                                           pause_from=start + timedelta(days=7))),
+             ("rescheduled", moved, Notice(previous_start=start, paused=pause)),
+             ("cancelled", booking, Notice(paused=pause))]
+    for template, which, notice in forms:
+        for channel in channels:
+            yield template, renderer.render(
+                template=template, channel=channel, booking=which, clinic=clinic,
+                protocol=protocol, occurrence=1, due_at=sent_at, now=sent_at, notice=notice,
+                invite=Invite(1, "CANCEL" if template == "cancelled" else "REQUEST")
+                if channel == "email" else None)
+
+
 def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None = None,
           clinic_ids: list[str] | None = None,
           protocols_dir: Path | None = None) -> CheckReport:
@@ -183,6 +209,9 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
               + _unsourced_advice(catalog, comments, protocols_dir))
     report.warnings += _unused_templates(renderer, catalog)
     for clinic in clinics:
+        if clinic.address is None:
+            report.warnings.append(f"{clinics_dir / f'{clinic.id}.toml'}: no address: the "
+                                   "calendar invites name the clinic only as the location")
         for name in clinic.missing_secrets(None if env is None else dict(env)):
             report.warnings.append(f"{clinics_dir / f'{clinic.id}.toml'}: environment variable "
                                    f"{name} is not set (channel URLs read it at send time)")
@@ -312,8 +341,10 @@ def _sources(catalog: Catalog, comments: Mapping[str, ProtocolComments],
 
 
 def _templates_in_use(catalog: Catalog) -> dict[str, str]:
-    """Return {template: the first step that names it}."""
+    """Return {template: the first step that names it} (and the change notices')."""
     used: dict[str, str] = {}
+    if any(p.notice_steps() for p in catalog.protocols.values()):
+        used.update((name, "the change notices (worker/notices.py)") for name in NOTICE_STEPS)
     for protocol in catalog.protocols.values():
         for step in protocol.steps:
             used.setdefault(step.template, f"step {step.id!r} of protocol {protocol.id!r}")
@@ -402,6 +433,19 @@ def _render_all(
                     template = reminder.template
                     claims.setdefault((protocol.id, reminder.step), set()).update(
                         message.claims)
+                    errors += [
+                        ConfigError(catalog.templates_dir / file_name(locale, template, part),
+                                    "renders empty") for part in _empty_parts(message)]
+                    if message.channel != "sms":
+                        continue
+                    sample = SmsSample(template, locale, discreet, *sms_segments(message.text),
+                                       text=message.text)
+                    key = (template, locale, discreet)
+                    if key not in worst or ((sample.segments, sample.length)
+                                            > (worst[key].segments, worst[key].length)):
+                        worst[key] = sample
+                for template, message in sample_notices(renderer, booking, wording, protocol,
+                                                        channels):
                     errors += [
                         ConfigError(catalog.templates_dir / file_name(locale, template, part),
                                     "renders empty") for part in _empty_parts(message)]

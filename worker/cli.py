@@ -105,6 +105,10 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
             print("Clinical claims per protocol step, with their sources (config/protocols):")
             print(report.sources_text())
             print()
+        for clinic_id in clinic_ids:  # where the calendar invites say the visit is
+            clinic = catalog.clinics[clinic_id]
+            print(f"clinic {clinic_id}: {clinic.name}, {clinic.address or '(no address)'}, "
+                  f"{clinic.timezone}, {clinic.locale}")
         for warning in report.warnings:
             print(f"WARNING: {warning}")
         outcome = f"{len(report.errors)} error(s)" if report.errors else "ok"

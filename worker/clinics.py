@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .models import CHANNELS, CLINIC_ID_PATTERN, Channel, Timezone, parse_e164
+from .models import CHANNELS, CLINIC_ID_PATTERN, Channel, Timezone, parse_e164, safe_text
 from .protocols import _pydantic_problem, read_toml
 from .webhooks import EVENT_TYPES
 
@@ -95,6 +95,16 @@ class Webhook(BaseModel):
         return value
 
 
+def _one_line(value: str) -> str:
+    value = safe_text(value).strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+Address = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_one_line)]
+
+
 class Clinic(BaseModel):
     """A clinic: who it is, how to reach it, when and how its patients are messaged."""
 
@@ -104,6 +114,9 @@ class Clinic(BaseModel):
     name: str = Field(min_length=1, max_length=60)
     phone: Annotated[str, AfterValidator(parse_e164)]
     email: str | None = None
+    # Where the visit happens, one line ("Calle Mayor 1, 28013 Madrid"): the location of the
+    # calendar invite (worker/invites.py). Without it the invite names the clinic only.
+    address: Address | None = None
     timezone: Timezone
     locale: str = "en"
     send_window: SendWindow = SendWindow()

@@ -50,6 +50,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import apprise
+from apprise.attachment.memory import AttachMemory
 from apprise.exception import AppriseImproperlyConfigured
 from apprise.logger import logger as apprise_logger
 from apprise.plugins.email import base as apprise_email
@@ -61,6 +62,7 @@ from apprise.plugins.email.smtp import (
 )
 
 from .errors import DeliveryError
+from .invites import Attachment
 from .models import Channel
 from .rendering import RenderedMessage
 
@@ -478,6 +480,7 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
         raise DeliveryError("Apprise cannot load the channel URL", permanent=True)
     # The HTML body if there is one and the service takes HTML, else None (the text).
     html = message.html if message.html is not None and "html" in _formats(notifier) else None
+    attach = _apprise_attachments(message.attachments) if message.attachments else None
     answers: list[int] = []
     token = _http_answers.set(answers)
     try:
@@ -485,6 +488,7 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
             body=html if html is not None else message.text,
             title=message.subject or "",
             body_format=apprise.NotifyFormat.TEXT if html is None else apprise.NotifyFormat.HTML,
+            attach=attach,
             log_level=logging.DEBUG,  # the socket error of a failed send is a DEBUG line
         )
     finally:
@@ -501,6 +505,24 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
         ]
         status = result.status.name
     raise classify(status, lines, answers)
+
+
+def _apprise_attachments(attachments: Sequence[Attachment]) -> apprise.AppriseAttachment:
+    """Return the attachments as Apprise's in-memory attachments.
+
+    Apprise accepts a bare MIME type only ("text/calendar") and its email plugin writes it
+    as the part's Content-Type; ours carries parameters ("text/calendar; method=REQUEST;
+    charset=UTF-8", which calendar programs read), so it is set after the check.
+    """
+    out = apprise.AppriseAttachment()
+    for a in attachments:
+        bare = a.mimetype.split(";", 1)[0].strip()
+        memory = AttachMemory(  # type: ignore[no-untyped-call]  # Apprise: untyped
+            content=a.data, name=a.name, mimetype=bare)
+        if getattr(memory, "_mimetype", None) == bare:
+            memory._mimetype = a.mimetype
+        out.add(memory)
+    return out
 
 
 def _formats(notifier: apprise.Apprise) -> set[str]:
@@ -532,6 +554,13 @@ def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now
         mail.set_content(message.text)
         if message.html is not None:
             mail.add_alternative(message.html, subtype="html")
+        for a in message.attachments:
+            kind, _, params = a.mimetype.partition(";")
+            maintype, subtype = kind.strip().split("/", 1)
+            extra = dict(p.strip().split("=", 1) for p in params.split(";") if "=" in p)
+            extra.pop("charset", None)
+            mail.add_attachment(a.data, maintype=maintype, subtype=subtype, filename=a.name,
+                                params=extra)
         path, data = folder / f"{stem}.eml", mail.as_bytes()
     else:
         text = (

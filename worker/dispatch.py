@@ -83,6 +83,7 @@ from .clinics import SendWindow
 from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
 from .models import Booking, Channel
+from .notices import notice_and_invite
 from .planner import SendTime, at_send_time, next_opening
 from .pump import Keys, sender_member
 from .rendering import RenderedMessage, Renderer
@@ -216,7 +217,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(store, ref, attempt, rule, entry)
-        url, envelope, message = _render(ctx, ref, record, booking, now)
+        url, envelope, message = _render(ctx, ref, record, booking, now, stored_booking)
         if not store.still_owned(ref, attempt):
             # The clinic's change landed since begin: do not hand it over at all.
             result = store.finish(ref, attempt, "abandon", at=now, entry=entry)
@@ -317,10 +318,12 @@ def _hold_back(
 
 
 def _render(
-    ctx: Context, ref: str, record: dict[str, str], booking: Booking, now: datetime
+    ctx: Context, ref: str, record: dict[str, str], booking: Booking, now: datetime,
+    stored: dict[str, str] | None = None,
 ) -> tuple[str | None, Envelope, RenderedMessage]:
     """Return (Apprise URL or None for the outbox, envelope, message); problems of the
-    configuration or the templates are permanent DeliveryErrors."""
+    configuration or the templates are permanent DeliveryErrors. `stored`: the booking's
+    fields (the calendar invite's sequence, what a change notice says)."""
     clinic_id, booking_id, _ = split_ref(ref)
     clinic = ctx.catalog.clinics.get(clinic_id)
     protocol = ctx.catalog.protocols.get(booking.treatment)
@@ -339,6 +342,7 @@ def _render(
             due_at=datetime.fromtimestamp(float(record["planned_epoch"]), UTC),
             plan_dates=plan_dates,
             now=now,
+            **notice_and_invite(record, channel, booking, protocol, stored or {}, now),
         )
         to = booking.patient.contact(channel)
         url = clinic.delivery_url(channel, to)

@@ -236,9 +236,19 @@ class Patient(BaseModel):
     @classmethod
     def _known_locale(cls, value: str, info: ValidationInfo) -> str:
         catalog = _catalog(info)
-        if catalog is not None and value not in catalog.locales:
+        language = re.split(r"[-_]", value, maxsplit=1)[0]
+        if catalog is None or value in catalog.locales or language in catalog.locales:
+            return value
+        # No templates in it: the messages fall back to the clinic's language, then English
+        # (worker/rendering.py), as long as it is a language at all.
+        from babel import Locale, UnknownLocaleError  # only for this rare case
+
+        try:
+            Locale.parse(value.replace("-", "_"))
+        except (UnknownLocaleError, ValueError):
             known = ", ".join(sorted(catalog.locales))
-            raise ValueError(f"no templates for locale {value!r}; available: {known}")
+            raise ValueError(f"{value!r} is not a known locale; templates exist for: "
+                             f"{known}") from None
         return value
 
     @field_validator("channels")

@@ -80,6 +80,9 @@ class Plan:
     reminders: list[PlannedReminder]
     hold_reason: str | None = None
     window: SendWindow | None = None  # the clinic's send window it was planned under
+    # The protocol's pause and invite steps (`Protocol.notice_steps()`): the store keeps
+    # them with the booking for the change notices (worker/notices.py).
+    notice_steps: str = ""
 
 
 # --- clock arithmetic in the patient's timezone ----------------------------------------
@@ -227,6 +230,12 @@ def _occurrences(
             )
         )
         yield n, wall_clock(day, step.time, tz), f"{rel}, {step.time:%H:%M} patient-local"
+
+
+def first_nominal(step: Step, start: datetime, tz: ZoneInfo, now: datetime) -> datetime:
+    """Return the nominal instant of a step's first occurrence for an appointment at `start`
+    (before the send window; `now` for a step due at booking)."""
+    return next(_occurrences(step, start, tz, now))[1]
 
 
 def _place(
@@ -469,18 +478,20 @@ def _relative_day(offset: int) -> str:
 
 
 # Prepared steps per protocol object (kept with the object: an id is reused only after it).
-_PREPARED: dict[int, tuple[Protocol, tuple[_Prepared, ...]]] = {}
+_PREPARED: dict[int, tuple[Protocol, tuple[_Prepared, ...], str]] = {}
 
 
-def _prepared(protocol: Protocol) -> tuple[_Prepared, ...]:
+def _prepared(protocol: Protocol) -> tuple[tuple[_Prepared, ...], str]:
+    """Return the protocol's prepared steps and its notice steps."""
     hit = _PREPARED.get(id(protocol))
     if hit is not None and hit[0] is protocol:
-        return hit[1]
+        return hit[1], hit[2]
     steps = tuple(_prepare(step) for step in protocol.steps)
     if len(_PREPARED) >= 256:  # tests build many protocols; the service has a handful
         _PREPARED.clear()
-    _PREPARED[id(protocol)] = (protocol, steps)
-    return steps
+    notice_steps = protocol.notice_steps()
+    _PREPARED[id(protocol)] = (protocol, steps, notice_steps)
+    return steps, notice_steps
 
 
 # A wall-clock step's occurrences for a visit day, zone and send window:
@@ -577,7 +588,8 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     visit_day: date | None = None
     reminders: list[PlannedReminder] = []
     add = reminders.append
-    for step in _prepared(protocol):
+    prepared, notice_steps = _prepared(protocol)
+    for step in prepared:
         if step.flags and not any(getattr(medications, f) for f in step.flags):
             continue
         channels, channel_note = _channel_choice(step.channels, offered)
@@ -645,6 +657,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         reminders=reminders,
         hold_reason=hold,
         window=window,
+        notice_steps=notice_steps,
     )
 
 
@@ -660,7 +673,7 @@ _MICROSECOND = timedelta(microseconds=1)
 _FIELDS = ("key", "step", "channel", "template", "occurrence", "due_at", "status", "reason",
            "at_booking", "expires_at", "expires_note")
 ReminderRecord = tuple[str, str, str, str, int, int, str, str, bool, int | None, str]
-PlanRecord = tuple[str, str | None, tuple[ReminderRecord, ...]]
+PlanRecord = tuple[str, str | None, tuple[ReminderRecord, ...], str]
 # Instants repeat across the bookings of a batch (the same days, zones and steps).
 _MICROS: dict[datetime, int] = {}
 _INSTANTS: dict[int, datetime] = {}
@@ -696,12 +709,13 @@ def plan_record(p: Plan) -> PlanRecord:
              None if r.expires_at is None else _micros(r.expires_at), r.expires_note)
             for r in p.reminders
         ),
+        p.notice_steps,
     )
 
 
 def plan_from_record(record: PlanRecord, window: SendWindow | None) -> Plan:
     """The plan `plan_record` was made of (its window is the clinic's, given here)."""
-    status, hold_reason, records = record
+    status, hold_reason, records, notice_steps = record
     reminders = []
     for values in records:
         reminder: PlannedReminder = _new_reminder(PlannedReminder)
@@ -717,4 +731,5 @@ def plan_from_record(record: PlanRecord, window: SendWindow | None) -> Plan:
         reminders=reminders,
         hold_reason=hold_reason,
         window=window,
+        notice_steps=notice_steps,
     )

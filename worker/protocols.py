@@ -37,6 +37,9 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 # Boolean medication flags a step may be conditioned on.
 MedicationFlag = Literal["tretinoin", "retinol"]
+# The notices the store adds when a booking moves or is cancelled after something went out
+# (worker/notices.py): step ids and templates of their own, never a protocol step's id.
+NOTICE_STEPS = ("rescheduled", "cancelled")
 
 _DURATION = re.compile(r"^([+-])?((?:\d+[dhms])+)$")
 _DURATION_PART = re.compile(r"(\d+)([dhms])")
@@ -104,6 +107,11 @@ class Step(BaseModel):
     late: Literal["send", "skip"] = "skip"
     late_until: Duration | None = None
     repeat: Repeat | None = None
+    # Its email carries the calendar invite (.ics) of the appointment (worker/invites.py).
+    invite: StrictBool = False
+    # It tells the patient to pause a product before the visit: once it went out, a move or
+    # a cancel tells the patient until when they may go on with it, or that they may resume.
+    pause: StrictBool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> Step:
@@ -125,6 +133,8 @@ class Step(BaseModel):
             raise ValueError('late_until only applies with late = "send"')
         if len(set(self.channels)) != len(self.channels):
             raise ValueError("channels lists a channel twice")
+        if self.id in NOTICE_STEPS:
+            raise ValueError(f"step id {self.id!r} is reserved for the change notices")
         return self
 
     def applies_to(self, medications: Medications) -> bool:
@@ -156,6 +166,8 @@ class Protocol(BaseModel):
     # without a number). Each key's comment in the file is its source (`reminders check
     # --sources`); templates read them as `advice.<key>`.
     advice: dict[Annotated[str, Field(pattern=ADVICE_KEY_PATTERN)], AdviceValue] = {}
+    # How long the visit is: the end of the calendar invite's event.
+    visit_minutes: int = Field(60, ge=5, le=24 * 60)
     steps: list[Step] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -165,6 +177,29 @@ class Protocol(BaseModel):
         if dupes:
             raise ValueError(f"step ids used twice: {', '.join(dupes)}")
         return self
+
+    def pause_step(self) -> Step | None:
+        """Return the step that tells the patient to pause a product (`pause = true`)."""
+        return next((s for s in self.steps if s.pause), None)
+
+    def invite_steps(self) -> frozenset[str]:
+        """Return the ids of the steps whose email carries the calendar invite."""
+        return frozenset(s.id for s in self.steps if s.invite)
+
+    def notice_steps(self) -> str:
+        """Return the steps a change notice looks at, as the store keeps them with a
+        booking: "<pause step>|<invite step>,<invite step>"; "" if none."""
+        pause = self.pause_step()
+        invites = sorted(self.invite_steps())
+        if pause is None and not invites:
+            return ""
+        return f"{pause.id if pause else ''}|{','.join(invites)}"
+
+
+def parse_notice_steps(text: str) -> tuple[str | None, frozenset[str]]:
+    """Return (pause step id or None, invite step ids) from `Protocol.notice_steps()`."""
+    pause, _, invites = text.partition("|")
+    return pause or None, frozenset(i for i in invites.split(",") if i)
 
 
 def _pydantic_problem(exc: ValidationError) -> str:

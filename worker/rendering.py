@@ -14,6 +14,8 @@ Variables (all dates and times in the patient's timezone, in the message's varia
     appointment_date        long date, "5 de diciembre de 2026" / "5 December 2026"
     appointment_date_short  "5 dic" / "5 Dec"
     appointment_time        short time, "14:30" / "2:30 PM"
+    appointment_when        day, month and time (Babel's pattern): "5 de diciembre, 14:30" /
+                            "December 5, 2:30 PM" (en-US) / "5 December, 14:30" (en-GB)
     days_until              calendar days from the moment of sending (the due date in previews)
                             to the appointment (0 today, 1 tomorrow, negative after)
     days_since              -days_until: 0 on the day, 1 the day after the appointment
@@ -26,6 +28,15 @@ Variables (all dates and times in the patient's timezone, in the message's varia
     region                  the variant's region ("GB", "US", "ES") or None
     number(x)               x formatted for the variant ("0.025" / "0,025")
     temperature(celsius)    "38 °C" / "100.4 °F" (US); in SMS "38C" / "100.4F" (GSM-7)
+  Change notices (templates `rescheduled`, `cancelled`; worker/notices.py); elsewhere
+  None / false:
+    previous_when, previous_date_short   the appointment before a move
+    paused                  the message to pause a product before the visit had gone out
+    continue_until, continue_until_short after a move: the full / short date from which the
+                            product is paused again (None: the pause goes on now)
+
+The language: the patient's locale if templates exist for it or its language, else the
+clinic's, else English (`FALLBACK_LOCALE`).
 
 The variant: the patient's locale region if it has one ("en-GB"), else the clinic's locale
 region when it is the same language, else the territory of the clinic's timezone (Babel),
@@ -53,7 +64,7 @@ from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
 from babel.core import get_global
-from babel.dates import format_date, format_skeleton, format_time
+from babel.dates import format_date, format_skeleton, format_time, get_datetime_format
 from babel.numbers import format_decimal
 from jinja2 import (
     Environment,
@@ -68,7 +79,9 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from .clinics import Clinic
 from .errors import ConfigError
+from .invites import Attachment, build_invite
 from .models import CHANNELS, Booking, Channel
+from .notices import Invite, Notice
 from .protocols import AdviceValue, Protocol
 from .sms import fold_to_gsm7, is_gsm7, normalise
 
@@ -82,7 +95,10 @@ TEMPLATE_FILE = re.compile(
 )
 # Shared pieces of a locale folder.
 OPT_OUT_FILE = "_opt_out.sms.txt.j2"  # the line every SMS ends with
+INVITE_FILE = "_invite.txt.j2"  # the calendar invite's summary (first line) and description
 SPELLING_FILE = "_spelling.toml"  # [REGION] written word -> that region's spelling
+# The last fallback of a message's language (patient's -> clinic's -> this).
+FALLBACK_LOCALE = "en"
 # Territories that measure fever in Fahrenheit.
 FAHRENHEIT_TERRITORIES = frozenset({"US", "PR", "GU", "VI", "AS", "MP", "UM", "BS", "BZ",
                                     "KY", "PW", "LR"})
@@ -98,6 +114,7 @@ class RenderedMessage:
     html: str | None  # email only
     # The protocol's advice keys the message states (its clinical claims; see --sources).
     claims: frozenset[str] = frozenset()
+    attachments: tuple[Attachment, ...] = ()  # email only: the calendar invite
 
 
 @dataclass(frozen=True)
@@ -186,15 +203,17 @@ class Renderer:
         self, *, template: str, channel: Channel, booking: Booking, clinic: Clinic,
         protocol: Protocol, occurrence: int, due_at: datetime,
         plan_dates: Mapping[str, datetime] | None = None, now: datetime | None = None,
+        notice: Notice | None = None, invite: Invite | None = None,
     ) -> RenderedMessage:
         """Render `template` for `channel`; raise ConfigError naming the file at fault.
 
         `now`: the moment of sending; words such as "tomorrow" count from it (default: due_at).
+        `notice`: what a change notice says. `invite`: an email carries the calendar invite.
         """
         variant = self.variant(booking.patient.locale, clinic)
         context = self.context(booking=booking, clinic=clinic, protocol=protocol,
                                occurrence=occurrence, due_at=due_at, plan_dates=plan_dates,
-                               now=now, channel=channel)
+                               now=now, channel=channel, notice=notice)
         advice: Advice = context["advice"]
 
         def part(name: str) -> str:
@@ -215,13 +234,22 @@ class Renderer:
         subject = " ".join(part("email.subject").split())
         text = part("email.txt").strip() + "\n"
         html = part("email.html")
+        attachments: tuple[Attachment, ...] = ()
+        if invite is not None:
+            words = self.respell(self._render(f"{variant.folder}/{INVITE_FILE}", context),
+                                 variant).strip().split("\n", 1)
+            attachments = (build_invite(
+                booking=booking, clinic=clinic, protocol=protocol,
+                summary=" ".join(words[0].split()),
+                description=words[1].strip() if len(words) > 1 else "",
+                sequence=invite.sequence, method=invite.method, now=now or due_at),)
         return RenderedMessage(channel="email", subject=subject, text=text, html=html,
-                               claims=frozenset(advice._used))
+                               claims=frozenset(advice._used), attachments=attachments)
 
     def context(
         self, *, booking: Booking, clinic: Clinic, protocol: Protocol, occurrence: int,
         due_at: datetime, plan_dates: Mapping[str, datetime] | None = None,
-        now: datetime | None = None, channel: Channel = "email",
+        now: datetime | None = None, channel: Channel = "email", notice: Notice | None = None,
     ) -> dict[str, Any]:
         """Return the template variables (see the module docstring)."""
         tz = ZoneInfo(booking.patient.timezone)
@@ -233,6 +261,20 @@ class Renderer:
 
         def number(value: float) -> str:
             return format_decimal(value, locale=locale)
+
+        def when(instant: datetime) -> str:
+            """Day, month and time the locale's way: "5 de diciembre, 14:30"."""
+            local = instant.astimezone(tz)
+            return (str(get_datetime_format("long", locale=locale))
+                    .replace("{1}", format_skeleton("MMMMd", local, locale=locale))
+                    .replace("{0}", format_time(local, "short", locale=locale)))
+
+        def day(instant: datetime | None, skeleton: str) -> str | None:
+            if instant is None:
+                return None
+            return format_skeleton(skeleton, instant.astimezone(tz).date(), locale=locale)
+
+        notice = notice or Notice()
 
         def temperature(celsius: float) -> str:
             if variant.region in FAHRENHEIT_TERRITORIES:
@@ -252,6 +294,13 @@ class Renderer:
             "appointment_date": format_date(start.date(), "long", locale=locale),
             "appointment_date_short": format_skeleton("MMMd", start.date(), locale=locale),
             "appointment_time": format_time(start, "short", tzinfo=tz, locale=locale),
+            "appointment_when": when(start),
+            "previous_when": when(notice.previous_start) if notice.previous_start else None,
+            "previous_date_short": day(notice.previous_start, "MMMd"),
+            "paused": notice.paused,
+            "continue_until": (format_date(notice.pause_from.astimezone(tz).date(), "full",
+                                           locale=locale) if notice.pause_from else None),
+            "continue_until_short": day(notice.pause_from, "MMMd"),
             "days_until": days_until,
             "days_since": -days_until,
             "occurrence": occurrence,
@@ -269,9 +318,10 @@ class Renderer:
     def variant(self, patient_locale: str, clinic: Clinic) -> Variant:
         """Return the variant a message to this patient from this clinic is written in
         (see the module docstring)."""
-        language = language_of(patient_locale)
-        folder = patient_locale if (self.templates_dir / patient_locale).is_dir() else language
-        region = region_of(patient_locale)
+        locale = self.fallback(patient_locale, clinic)
+        language = language_of(locale)
+        folder = locale if (self.templates_dir / locale).is_dir() else language
+        region = region_of(locale)
         if region is None and language_of(clinic.locale) == language:
             region = region_of(clinic.locale)
         if region is None:
@@ -283,6 +333,20 @@ class Renderer:
             except (UnknownLocaleError, ValueError):
                 pass
         return Variant(folder, self.locale(folder), None)
+
+    def fallback(self, patient_locale: str, clinic: Clinic) -> str:
+        """Return the locale a message is written in: the patient's if there are templates
+        for it (or its language), else the clinic's, else English."""
+        for locale in (patient_locale, clinic.locale, FALLBACK_LOCALE):
+            if self.has_folder(locale):
+                return locale
+        return FALLBACK_LOCALE
+
+    def has_folder(self, locale: str) -> bool:
+        """Return whether `locale` or its language has a templates folder."""
+        return any((self.templates_dir / name).is_dir()
+                   for name in (locale, language_of(locale)) if name and "/" not in name
+                   and not name.startswith((".", "_")))
 
     def respell(self, text: str, variant: Variant) -> str:
         """Return `text` in the variant's spelling (`<folder>/_spelling.toml`, [REGION])."""

@@ -103,8 +103,10 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from .clinics import SendWindow
 from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
+from .notices import NoticeReminder, is_notice, plan_notices
 from .planner import Plan
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
@@ -366,7 +368,10 @@ if r[R_VER] ~= version then return 'version moved' end
 if a[A_CLAIM] ~= claim then return 'stale claim' end
 if status ~= ST_SENDING then return 'status ' .. status end
 local booking = redis.call('HGET', bkey, 'status')
-if booking ~= ST_SCHEDULED then
+-- A cancelled booking sends nothing more, except the notice that tells of the cancel.
+if booking ~= ST_SCHEDULED
+  and not (booking == ST_CANCELLED and string.match(key, '^cancelled#') and r[R_VER] ==
+           redis.call('HGET', bkey, 'version')) then
   redis.call('ZREM', lease_key, ref)
   if booking == ST_HELD then
     -- Back to waiting, outside the due set: the clinic's release schedules it again.
@@ -560,13 +565,35 @@ return 1
 
 # Cancel a booking in one step: every reminder that may still be sent (or is a dead letter)
 # is cancelled; an attempt in flight becomes stale (its delivery, if any, is still recorded).
+# ARGV[7], when given, is the booking's hash as read (a flat JSON list): if it changed since,
+# nothing is done ('changed'; read again). ARGV[8]: the change notices to add after the
+# cancel (worker/notices.py), a flat JSON list of field, value, due score (and booking
+# fields with no score: ''). ARGV[9]: the texts the notices refer to ({id: text}); an id
+# already taken by other words is reported ('collision:<id>') and nothing is done.
 _CANCEL = """
 local bkey, due_key, lease_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local reason, stamp, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local prefix, clinic, booking_id = ARGV[4], ARGV[5], ARGV[6]
+local check, adds, texts = ARGV[7] or '', ARGV[8] or '', ARGV[9] or ''
 local b = redis.call('HMGET', bkey, 'status', 'version')
 if b[1] == false then return 'missing' end
 if b[1] == ST_CANCELLED then return 'already' end
+if texts ~= '' then
+  for id, text in pairs(cjson.decode(texts)) do
+    local cur = redis.call('HGET', prefix .. ':t', id)
+    if cur and cur ~= text then return 'collision:' .. id end
+  end
+end
+if check ~= '' then
+  local expected = cjson.decode(check)
+  local flat = redis.call('HGETALL', bkey)
+  if #flat ~= #expected then return 'changed' end
+  local want = {}
+  for j = 1, #expected, 2 do want[expected[j]] = expected[j + 1] end
+  for j = 1, #flat, 2 do
+    if want[flat[j]] ~= flat[j + 1] then return 'changed' end
+  end
+end
 local version = tostring(tonumber(b[2] or '0') + 1)
 redis.call('HSET', bkey, 'status', ST_CANCELLED, 'version', version, 'updated_at', stamp)
 local flat = redis.call('HGETALL', bkey)
@@ -584,6 +611,18 @@ for i = 1, #flat, 2 do
       redis.call('ZREM', due_key, ref)
       redis.call('ZREM', lease_key, ref)
       redis.call('ZREM', dead_key, ref)
+    end
+  end
+end
+if texts ~= '' then
+  for id, text in pairs(cjson.decode(texts)) do redis.call('HSET', prefix .. ':t', id, text) end
+end
+if adds ~= '' then
+  local a = cjson.decode(adds)
+  for j = 1, #a, 3 do
+    redis.call('HSET', bkey, a[j], a[j + 1])
+    if a[j + 2] ~= '' then
+      redis.call('ZADD', due_key, a[j + 2], clinic .. '/' .. booking_id .. '/' .. a[j])
     end
   end
 end
@@ -1289,15 +1328,16 @@ class Store:
         last = max([r.due_at.timestamp() for r in plan.reminders]
                    + [booking.starts_at.timestamp()])
         keep = math.ceil(last + self.retention_seconds)
+        intern = self._intern
         fields = {"status": str(status), "version": "1",
                   "window": f"{plan.window.start}-{plan.window.end}" if plan.window else "",
                   "hold_reason": hold_reason, "released_for": released_for,
                   "updated_at": stamp, "created_at": stamp, "keep_until": str(keep),
-                  "contacts": booking_contacts(booking)}
+                  "contacts": booking_contacts(booking),
+                  "ns": intern(plan.notice_steps, texts) if plan.notice_steps else ""}
         hset = [x for k, v in fields.items() if v for x in (k, v)]
         due: list[str] = []
         entries = []
-        intern = self._intern
         for r in plan.reminders:
             step, _, occurrence = key_parts(r.key)
             if (r.step, r.channel) != (step, _):
@@ -1375,8 +1415,9 @@ class Store:
         stored_booking = dict(booking_fields)
         if stored.doc is not None and stored.fields:
             stored_booking["doc"] = stored.doc
-        records = {k: stored.reminders.get(k, {}) for k in sorted(stored.reminders.keys()
-                                                                   | planned_keys)}
+        # The change notices are the store's, not the plan's: the reconcile never sees them.
+        records = {k: stored.reminders.get(k, {})
+                   for k in sorted(stored.reminders.keys() | planned_keys) if not is_notice(k)}
         result = self._reconcile(stored_booking, records, plan, doc, medications, release, now)
         last = max([r.due_at.timestamp() for r in plan.reminders]
                    + [booking.starts_at.timestamp()])
@@ -1392,6 +1433,7 @@ class Store:
                                                       reminders, stored.doc))
         version = int(booking_fields.get("version", 0)) + (1 if result.changed else 0)
         stamp = utc_iso(now) or ""
+        kind = self._change_kind(booking, booking_fields, stored.doc, str(result.status))
         new_fields = {
             "status": str(result.status),
             "version": str(version),
@@ -1401,7 +1443,21 @@ class Store:
             "updated_at": stamp if result.changed else booking_fields.get("updated_at", stamp),
             "created_at": booking_fields.get("created_at") or stamp,
             "contacts": contacts,
+            "ns": self._intern(plan.notice_steps, texts) if plan.notice_steps else "",
         }
+        notices: list[NoticeReminder] = []
+        if kind is not None:
+            seq = int(booking_fields.get("seq") or 0) + 1
+            notices, paused = plan_notices(
+                "rescheduled", stored.reminders, booking, plan.notice_steps, seq=seq, now=now,
+                window=plan.window or SendWindow())
+            old_start = json.loads(stored.doc or "{}").get("starts_at")
+            new_fields |= {
+                "seq": str(seq),
+                "moved_from": (_num(datetime.fromisoformat(old_start).timestamp())
+                               if kind == "moved" and old_start else ""),
+                "paused": "1" if paused else "",
+            }
         hset: list[str] = []
         hdel: list[str] = []
         for name, value in new_fields.items():
@@ -1419,6 +1475,24 @@ class Store:
 
         def text_id(text: str) -> str:
             return self._intern(text, texts)
+
+        if kind is not None:
+            for key, record in stored.reminders.items():
+                if is_notice(key) and record.get("status") in PENDING:
+                    fields = {"status": Status.CANCELLED, "version": str(version),
+                              "reason": "superseded by a later change"}
+                    main, _ = encode_reminder(key, fields, stored.fields.get(key, ""),
+                                              text_id=text_id)
+                    hset += [key, main]
+                    reminders[key] = reminders.get(key, {}) | fields
+                    rm_due.append(key)
+                    rm_lease.append(key)
+            for notice in notices:
+                fields = notice_fields(notice, version)
+                main, _ = encode_reminder(notice.key, fields, text_id=text_id)
+                hset += [notice.key, main]
+                reminders[notice.key] = fields
+                due += [notice.key, _num(notice.due_at.timestamp())]
 
         for change in result.changes:
             key = change.key
@@ -1469,6 +1543,21 @@ class Store:
         return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields, reminders,
                                                  doc))
 
+    @staticmethod
+    def _change_kind(
+        booking: Booking, stored: Mapping[str, str], doc: str | None, status: str
+    ) -> str | None:
+        """Return "moved" or "reopened" if this upsert changes what the patient was told of
+        the appointment (worker/notices.py), else None. A held booking says nothing."""
+        if doc is None or status != Status.SCHEDULED:
+            return None
+        if stored.get("status") == Status.CANCELLED:
+            return "reopened"
+        old = json.loads(doc).get("starts_at")
+        if old and datetime.fromisoformat(old) != booking.starts_at:
+            return "moved"
+        return None
+
     @property
     def _plain_reconcile(self) -> bool:
         return "_reconcile" not in vars(self) and type(self)._reconcile is Store._reconcile
@@ -1492,17 +1581,64 @@ class Store:
     def cancel(
         self, clinic: str, booking_id: str, now: datetime, reason: str = "cancelled by the clinic"
     ) -> dict[str, Any]:
-        """Cancel a booking: nothing not yet sent will be sent; history stays."""
+        """Cancel a booking: nothing not yet sent will be sent; history stays.
+
+        If messages had gone out, the patient is told (worker/notices.py): the notices are
+        added by the same step, which applies only if the booking is still as read.
+        """
         self._ready()
-        outcome = self._cancel(
-            keys=[self.booking_key(clinic, booking_id), self.due_key, self.lease_key,
-                  self.dead_key],
-            args=[reason, utc_iso(now) or "", self.retention_seconds, self.prefix, clinic,
-                  booking_id],
-        )
+        while True:
+            check, adds, texts = self._cancel_notices(clinic, booking_id, now)
+            outcome = str(self._cancel(
+                keys=[self.booking_key(clinic, booking_id), self.due_key, self.lease_key,
+                      self.dead_key],
+                args=[reason, utc_iso(now) or "", self.retention_seconds, self.prefix, clinic,
+                      booking_id, check, adds, json.dumps(texts) if texts else ""],
+            ))
+            if outcome.startswith("collision:"):  # words of another text: a longer id
+                taken = outcome.split(":", 1)[1]
+                self._taken.add(taken)
+                self._ids = {t: i for t, i in self._ids.items() if i != taken}
+                continue
+            if outcome != "changed":
+                break
+        if outcome == "cancelled":
+            self._texts.update(texts)
         if outcome == "missing":
             raise NotFound(f"{clinic}/{booking_id}")
         return self.timeline(clinic, booking_id)
+
+    def _cancel_notices(
+        self, clinic: str, booking_id: str, now: datetime
+    ) -> tuple[str, str, dict[str, str]]:
+        """Return the cancel script's check, notices and their texts ("", "", {}: none)."""
+        (stored,) = self._read([(clinic, booking_id)])
+        fields = stored.fields
+        if (not fields or stored.doc is None or fields.get("status") != Status.SCHEDULED
+                or not fields.get("ns")):
+            return "", "", {}
+        notice_steps = self._resolve([fields["ns"]]).get(fields["ns"], "")
+        try:
+            booking = Booking.model_validate_json(stored.doc)
+        except ValueError:
+            return "", "", {}
+        start, _, end = fields.get("window", "").partition("-")
+        window = (SendWindow.model_construct(start=int(start), end=int(end)) if start and end
+                  else SendWindow())
+        seq = int(fields.get("seq") or 0) + 1
+        notices, paused = plan_notices("cancelled", stored.reminders, booking, notice_steps,
+                                       seq=seq, now=now, window=window)
+        if not notices:
+            return "", "", {}
+        version = int(fields.get("version") or 0) + 1
+        texts: dict[str, str] = {}
+        adds: list[str] = ["seq", str(seq), "", "paused", "1" if paused else "", ""]
+        for notice in notices:
+            main, _ = encode_reminder(notice.key, notice_fields(notice, version),
+                                      text_id=lambda text: self._intern(text, texts))
+            adds += [notice.key, main, _num(notice.due_at.timestamp())]
+        check = json.dumps([x for kv in fields.items() for x in kv], ensure_ascii=False)
+        return check, json.dumps(adds, ensure_ascii=False), texts
 
     def booking_doc(self, clinic: str, booking_id: str) -> dict[str, Any]:
         self._ready()
@@ -1954,6 +2090,19 @@ class Attempt:
     # What it sends (read after begin): the planned time and template its words are for.
     planned: str = ""
     template: str = ""
+
+
+def notice_fields(notice: NoticeReminder, version: int) -> dict[str, str]:
+    """Return the stored fields of a new change notice (worker/notices.py)."""
+    due = repr(notice.due_at.timestamp())
+    return {
+        "step": notice.step, "channel": notice.channel, "template": notice.step,
+        "occurrence": notice.key.split("#", 1)[1].split(":", 1)[0], "planned_epoch": due,
+        "due_epoch": due, "status": Status.SCHEDULED, "version": str(version),
+        "reason": notice.reason, "at_booking": "0", "attempts": "0",
+        "expires_epoch": repr(notice.expires_at.timestamp()),
+        "expires_note": notice.expires_note,
+    }
 
 
 def _timeline_entry(key: str, rec: Mapping[str, str]) -> dict[str, Any]:

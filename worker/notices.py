@@ -1,0 +1,201 @@
+"""Change notices: what a patient is told when a booking moves or is cancelled. Pure.
+
+A notice is a reminder the store adds to the booking's own schedule when the clinic's
+change lands (worker/store.py: the upsert that moves the appointment, or re-opens a
+cancelled booking; the cancel): due at once, at the patient's send window's next opening,
+claimed, fenced and sent like any other reminder. Its key is `<kind>#<seq>:<channel>`:
+
+  rescheduled   the appointment moved (or a cancelled booking was booked again): the new
+                date and time; if the pause message ("stop tretinoin") had gone out, until
+                when the product may still be used (or to keep pausing)
+  cancelled     the booking was cancelled: if the pause message had gone out, that the
+                product may be resumed
+
+`seq` is the booking's calendar invite sequence after the change (one more at every move
+and cancel): the notice's email carries the invite update (METHOD:REQUEST) or cancel
+(METHOD:CANCEL) with that SEQUENCE and the booking's one UID (worker/invites.py).
+
+Only when something went out: by email if an email carrying the invite went out (a
+confirmation, a day-before email, an earlier notice) or the pause message went out by
+email; by SMS if the pause message went out by SMS. A message being sent at the moment of
+the change counts as gone out (it may have; a needless "you may resume" is harmless, a
+missing one is not). Nothing went out: no notice. A later change supersedes a notice not
+yet sent (the store cancels it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal, TypedDict
+from zoneinfo import ZoneInfo
+
+from .clinics import SendWindow
+from .models import Booking, Channel
+from .planner import first_nominal, next_opening
+from .protocols import NOTICE_STEPS, Protocol, parse_notice_steps
+from .status import Status
+
+Kind = Literal["rescheduled", "cancelled"]
+Method = Literal["REQUEST", "CANCEL"]  # the calendar invite's
+# A cancel notice ("you may resume") stays worth sending for this long after it was due.
+CANCEL_NOTICE_TTL = timedelta(days=2)
+Record = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class NoticeReminder:
+    """One notice to store: its key, channel and times."""
+
+    key: str
+    step: Kind
+    channel: Channel
+    due_at: datetime
+    expires_at: datetime
+    expires_note: str
+    reason: str
+
+
+def is_notice(key: str) -> bool:
+    """Return whether a reminder key is a change notice's."""
+    return key.split(":", 1)[0].split("#", 1)[0] in NOTICE_STEPS
+
+
+def went_out(record: Record) -> bool:
+    """Return whether a reminder went out, or may have (it is being sent now)."""
+    return record.get("status") in (Status.SENT, Status.SENDING) or bool(record.get("sent_at"))
+
+
+def what_went_out(records: Mapping[str, Record], notice_steps: str) -> tuple[set[str], bool]:
+    """Return (the channels the pause message went out on, whether an invite went out).
+
+    `notice_steps`: the protocol's pause and invite steps (`Protocol.notice_steps()`).
+    """
+    pause, invites = parse_notice_steps(notice_steps)
+    invite_steps = invites | set(NOTICE_STEPS)
+    paused: set[str] = set()
+    invited = False
+    for key, record in records.items():
+        if not record or not went_out(record):
+            continue
+        step = key.split(":", 1)[0].split("#", 1)[0]
+        channel = key.rsplit(":", 1)[-1]
+        if step == pause:
+            paused.add(channel)
+        if step in invite_steps and channel == "email":
+            invited = True
+    return paused, invited
+
+
+def plan_notices(
+    kind: Kind,
+    records: Mapping[str, Record],
+    booking: Booking,
+    notice_steps: str,
+    *,
+    seq: int,
+    now: datetime,
+    window: SendWindow,
+) -> tuple[list[NoticeReminder], bool]:
+    """Return the notices a change calls for and whether the pause had gone out.
+
+    `records`: the booking's reminders as stored before the change; `booking`: the booking
+    after it (for a cancel, as it was); `notice_steps`: `Protocol.notice_steps()`; `seq`:
+    the invite sequence after the change.
+    """
+    paused, invited = what_went_out(records, notice_steps)
+    offered = booking.patient.channels
+    channels: list[Channel] = []
+    if "email" in offered and (invited or "email" in paused):
+        channels.append("email")
+    if "sms" in offered and "sms" in paused:
+        channels.append("sms")
+    if paused and not channels:  # the patient's channels changed since: the first one
+        channels.append(offered[0])
+    if not channels:
+        return [], bool(paused)
+    tz = ZoneInfo(booking.patient.timezone)
+    due = next_opening(now, window, tz)
+    if kind == "rescheduled":
+        expires = booking.starts_at
+        note = "it was meant for before the appointment, which has begun"
+        if due >= expires:
+            return [], bool(paused)
+        reason = "the appointment moved after messages had gone out"
+    else:
+        expires = due + CANCEL_NOTICE_TTL
+        note = "it is more than two days past its planned time"
+        reason = "the booking was cancelled after messages had gone out"
+    return [
+        NoticeReminder(key=f"{kind}#{seq}:{channel}", step=kind, channel=channel, due_at=due,
+                       expires_at=expires, expires_note=note, reason=reason)
+        for channel in channels
+    ], bool(paused)
+
+
+def pause_from(booking: Booking, protocol: Protocol, now: datetime) -> datetime | None:
+    """Return when the pause begins again for the booking's appointment, if still ahead."""
+    step = protocol.pause_step()
+    if step is None:
+        return None
+    try:
+        begins = first_nominal(step, booking.starts_at, ZoneInfo(booking.patient.timezone), now)
+    except StopIteration:
+        return None
+    return begins if begins > now else None
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What a change notice says (a booking moved or cancelled after messages went out)."""
+
+    previous_start: datetime | None = None  # the appointment before a move
+    paused: bool = False  # the message to pause a product had gone out
+    pause_from: datetime | None = None  # after a move: when the new pause begins (if ahead)
+
+
+@dataclass(frozen=True)
+class Invite:
+    """The calendar invite an email carries: its sequence and method."""
+
+    sequence: int
+    method: Method
+
+
+class RenderExtras(TypedDict, total=False):
+    """What `Renderer.render` takes besides the reminder: a notice's words, an invite."""
+
+    notice: Notice
+    invite: Invite
+
+
+def notice_and_invite(
+    record: Mapping[str, str], channel: str, booking: Booking, protocol: Protocol,
+    stored: Mapping[str, str], now: datetime,
+) -> RenderExtras:
+    """Return what a reminder's message says of a change and the invite its email carries.
+
+    `record`: the reminder; `stored`: its booking's fields (`seq`, `moved_from`, `paused`).
+    A change notice's email carries the invite update or cancel with the notice's sequence;
+    an email of an invite step (`invite = true`) carries the invite at the booking's
+    current sequence, so a day-before email after a move has the new time and SEQUENCE.
+    """
+    step = record.get("step", "")
+    extras: RenderExtras = {}
+    if step in NOTICE_STEPS:
+        seq = int(record.get("occurrence") or 1)
+        moved_from = stored.get("moved_from", "")
+        paused = stored.get("paused") == "1"
+        moved = step == "rescheduled"
+        extras["notice"] = Notice(
+            previous_start=(datetime.fromtimestamp(float(moved_from), UTC)
+                            if moved and moved_from else None),
+            paused=paused,
+            pause_from=pause_from(booking, protocol, now) if moved and paused else None,
+        )
+        if channel == "email":
+            extras["invite"] = Invite(seq, "CANCEL" if step == "cancelled" else "REQUEST")
+    elif channel == "email" and step in protocol.invite_steps():
+        extras["invite"] = Invite(int(stored.get("seq") or 0), "REQUEST")
+    return extras
