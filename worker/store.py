@@ -1875,12 +1875,17 @@ class Store:
         """Return whether `attempt` still owns the reminder (checked just before sending)."""
         self._ready()
         clinic, booking_id, key = split_ref(ref)
-        main, extra, booking = cast(
+        main, extra, booking, version = cast(
             list[str | None],
-            self.redis.hmget(self.booking_key(clinic, booking_id), [key, key + "+", "status"]),
+            self.redis.hmget(self.booking_key(clinic, booking_id),
+                             [key, key + "+", "status", "version"]),
         )
         r = _split(main, len(REMINDER_SLOTS))
         a = _split(extra, len(ATTEMPT_SLOTS))
+        # A cancelled booking sends only the notice of its cancel (as _BEGIN_SEND).
+        if (booking == Status.CANCELLED and key.startswith("cancelled#")
+                and r[1] == version):
+            booking = Status.SCHEDULED
         return bool(
             (STATUS_OF.get(r[0]), r[1], a[0], a[2], booking)
             == (Status.SENDING, attempt.version, attempt.claim, attempt.token, Status.SCHEDULED)
