@@ -82,6 +82,7 @@ from .catalog import Catalog
 from .clinics import SendWindow
 from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
+from .metrics import observe_lateness, observe_send
 from .models import Booking, Channel
 from .notices import notice_and_invite
 from .planner import SendTime, at_send_time, next_opening
@@ -237,9 +238,11 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         log.warning("send %s: %s", ref, problem.reason)
         return _failed(ctx, ref, attempt, number, problem, entry, started, deadline, place)
     handing = guard.handing_over(ref, attempt, entry, started) if guard else None
+    channel, delivered, handed = str(record.get("channel")), "failed", time.monotonic()
     try:
         detail = deliver(url, envelope, message, outbox=settings.outbox,
                          timeout=settings.send_timeout_seconds, now=now)
+        delivered = "sent"
     except DeliveryError as exc:
         if handing is not None and not handing.settle():
             return CUT
@@ -249,6 +252,8 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
             return CUT
         unknown = DeliveryError(f"the send was interrupted ({type(exc).__name__})", unknown=True)
         return _failed(ctx, ref, attempt, number, unknown, entry, started, deadline, place)
+    finally:
+        observe_send(channel, delivered, time.monotonic() - handed)
     if handing is not None and not handing.settle():
         # Cut by the shutdown meanwhile and recorded as of unknown outcome; the process is
         # ending (the pool child exits right after its senders close).
@@ -265,6 +270,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         deadline,
         f"send {ref}",
     )
+    observe_lateness(channel, time.time() - float(record.get("due_epoch") or time.time()))
     if result != "ok":
         log.warning("send %s: delivered; %s", ref, result)
     log.info("send %s: sent (attempt %d, %s)", ref, number, record.get("channel"))

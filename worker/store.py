@@ -216,6 +216,11 @@ local function text_of(prefix, slot)
   return slot
 end
 local function step_of(key) return string.match(key, '^[^#:]*') end
+-- Outcome counters for Prometheus (worker/metrics.py): one hash, "<what>|<clinic>|<channel>".
+local function count_metric(prefix, what, clinic, key, n)
+  local channel = string.match(key, ':([^:]*)$') or ''
+  redis.call('HINCRBY', prefix .. ':metrics', what .. '|' .. clinic .. '|' .. channel, n or 1)
+end
 -- Clinic events (worker/webhooks.py): `hooks` is the space-separated list of what the
 -- clinic takes ("reminder.sent ... alert").
 local function wants(hooks, what)
@@ -497,6 +502,20 @@ else
   result = 'stale'
 end
 save(bkey, key, r, a)
+-- Count the outcome for the metrics, in this same step (exact, whoever sent it).
+if outcome == 'sent' and result ~= 'already recorded as sent' then
+  count_metric(prefix, 'sent', clinic, key)
+elseif current and (outcome == 'retry' or outcome == 'unknown') then
+  count_metric(prefix, 'failed_attempt', clinic, key)
+  count_metric(prefix, 'retried', clinic, key)
+elseif current and outcome == 'failed' then
+  count_metric(prefix, 'failed_attempt', clinic, key)
+  count_metric(prefix, 'dead_lettered', clinic, key)
+elseif current and outcome == 'skip' then
+  count_metric(prefix, 'skipped', clinic, key)
+elseif current and outcome == 'defer' then
+  count_metric(prefix, 'deferred', clinic, key)
+end
 -- Tell the clinic, in this same step: a delivery (current or not), a failure, a skip; and
 -- once every reminder of the booking is done, that the booking is.
 local event
@@ -646,6 +665,7 @@ if mode == 'replay' then
   r[R_DUE] = tostring(now)
   r[R_WHY] = inline('replayed at ' .. stamp)
   redis.call('ZADD', due_key, now, ref)
+  count_metric(prefix, 'replayed', clinic, key)
 else
   local was = text_of(prefix, r[R_WHY])
   r[R_WHY] = inline('purged from the dead letters at ' .. stamp .. ': ' .. was)
@@ -737,7 +757,26 @@ for index = i, #ARGV do
       if #rm_lease > 0 then redis.call('ZREM', lease_key, unpack(refs(rm_lease, base))) end
       if #rm_dead > 0 then redis.call('ZREM', dead_key, unpack(refs(rm_dead, base))) end
       for _, e in ipairs(emits) do emit_event(prefix, clinic, e[1], e[2], e[3]) end
-      if unindex ~= '' then unindex_booking(prefix, clinic, booking_id, unindex) end
+      -- Metrics (worker/metrics.py): reminders put into the schedule (new, moved or
+      -- re-opened) and reminders the plan skips, one HINCRBY per channel.
+      local tally = {}
+      local function tally_of(what, k)
+        local name = what .. '|' .. clinic .. '|' .. (string.match(k, ':([^:]*)$') or '')
+        tally[name] = (tally[name] or 0) + 1
+      end
+      for j = 1, #due, 2 do tally_of('scheduled', due[j]) end
+      local was = {}
+      if type(check) == 'table' then
+        for j = 1, #check, 2 do was[check[j]] = check[j + 1] end
+      end
+      for j = 1, #hset, 2 do
+        local f, v = hset[j], hset[j + 1]
+        if is_reminder(f) and string.sub(v, 1, 1) == 'K'
+          and string.sub(was[f] or '', 1, 1) ~= 'K' then
+          tally_of('skipped', f)
+        end
+      end
+      for name, n in pairs(tally) do redis.call('HINCRBY', prefix .. ':metrics', name, n) end
     end
     if check == '' then
       -- A new booking: nothing attempted, nothing dead, no earlier expiry.

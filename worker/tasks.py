@@ -133,6 +133,17 @@ def _warm_up_single_process(sender: Any = None, **_: object) -> None:
         _warm_up()
 
 
+@worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _serve_metrics(**_: object) -> None:
+    """The worker's Prometheus port (worker/metrics.py), set up before the pool forks."""
+    from .embedded import redis_url
+    from .metrics import start_worker_metrics
+
+    settings = get_settings()
+    start_worker_metrics(redis_url(settings), settings.key_prefix, settings.data_dir,
+                         settings.metrics_host, settings.metrics_port)
+
+
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _drain(**_: object) -> None:
@@ -205,6 +216,7 @@ def pump_now() -> int:
         hold_seconds=settings.send_max_wait_seconds + 2 * settings.send_timeout_seconds + 1,
     )
     from .health import pump_beat
+    from .metrics import observe_pump
     from .webhooks import pump_events
 
     started = time.monotonic()
@@ -214,7 +226,9 @@ def pump_now() -> int:
     pump_events(_events(), _publish_event, batch=settings.pump_batch,
                 lease_seconds=settings.lease_seconds)
     # The run's evidence for `reminders health` and /healthz (worker/health.py).
-    pump_beat(ctx.store.redis, settings.key_prefix, time.monotonic() - started)
+    took = time.monotonic() - started
+    pump_beat(ctx.store.redis, settings.key_prefix, took)
+    observe_pump(took)
     return published
 
 

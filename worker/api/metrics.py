@@ -2,7 +2,10 @@
 
 Labels carry the route's template (`/v1/bookings/{booking_id}`), never a booking id, so
 their number stays small. Each app has its own registry (tests build several apps in one
-process). The ops work adds the schedule's own figures; this is the API's part.
+process). `/metrics` also shows the schedule's figures kept in Redis (outcome counters,
+depths, queue lengths: worker/metrics.py `ScheduleCollector`), so the API alone tells
+what was sent, failed and retried; the worker's per-process histograms are on the
+worker's own port (REMINDERS_METRICS_PORT).
 """
 
 from __future__ import annotations
@@ -11,20 +14,23 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ApiMetrics:
-    def __init__(self) -> None:
+    def __init__(self, schedule: Collector | None = None) -> None:
         self.registry = CollectorRegistry()
+        if schedule is not None:
+            self.registry.register(schedule)
         self.requests = Counter(
             "reminders_api_requests", "HTTP API requests answered, by route and status",
             ["method", "route", "status"], registry=self.registry)
         self.duration = Histogram(
             "reminders_api_request_duration_seconds", "HTTP API request duration",
-            ["method", "route"], registry=self.registry,
+            ["method", "route", "status"], registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
     def exposition(self) -> bytes:
@@ -58,5 +64,5 @@ class MetricsMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             method = str(scope.get("method", ""))
             self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.duration.labels(method, template).observe(
+            self.metrics.duration.labels(method, template, str(status)).observe(
                 time.perf_counter() - started)

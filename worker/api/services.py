@@ -18,6 +18,7 @@ from redis.retry import Retry
 
 from ..catalog import Catalog
 from ..keys import ApiKeys
+from ..metrics import ScheduleCollector
 from ..settings import Settings
 from ..store import Store
 from ..webhooks import hooks_for
@@ -59,7 +60,7 @@ def build(settings: Settings, catalog: Catalog, url: str) -> Services:
         keys=ApiKeys(client, settings.key_prefix),
         limiter=RateLimiter(client, settings.key_prefix, settings.api_rate_per_second,
                             settings.api_rate_burst),
-        metrics=ApiMetrics(),
+        metrics=ApiMetrics(ScheduleCollector(client, settings.key_prefix)),
     )
 
 

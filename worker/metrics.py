@@ -1,0 +1,274 @@
+"""Every Prometheus metric of the service, in one place, and where each one is kept.
+
+Three kinds, kept three ways (chosen so that every process sees the same exact counts,
+the hot send path pays no extra Redis round trip, and a worker-only deployment is
+observable):
+
+1. **Outcome counters, in Redis.** The Lua script that records a state change
+   (worker/store.py: the upsert's apply, finish, replay) also does `HINCRBY P:metrics
+   "<what>|<clinic>|<channel>" n` in the same atomic step. So the counts are exact (a
+   count exists if and only if the state change does), shared by every worker process on
+   every host, and survive restarts, with no round trip of their own. Exposed as:
+
+     reminders_scheduled_total       reminders put into the schedule by a booking write
+                                     (new, moved, re-opened or released)
+     reminders_sent_total            deliveries recorded (a stale attempt's too: it went out)
+     reminders_failed_attempts_total attempts that did not deliver (transient, unknown or
+                                     permanent): each retried or dead-lettered one
+     reminders_retried_total         attempts put back in the schedule for a retry
+     reminders_dead_lettered_total   reminders that failed for good (out of attempts or a
+                                     permanent failure)
+     reminders_skipped_total         reminders skipped (by the plan, or expired at send time)
+     reminders_deferred_total        attempts deferred to the patient's send window
+     reminders_replayed_total        dead letters sent again (`replay`)
+
+   each with labels clinic and channel. Only an attempt that still owned its reminder
+   counts a failure, retry, skip or deferral (an attempt the clinic's change overtook
+   changes nothing, so counts nothing).
+
+2. **Gauges, read from Redis at scrape time** (`ScheduleCollector`): the due set's depth,
+   the reminders due now and the age of the oldest overdue one, the lease set's size, the
+   dead letters, each Celery queue's length (the broker's Redis lists, `queue_key` in
+   worker/celery_app.py), and the age of the pump's and beat's heartbeats
+   (worker/health.py). One pipelined round trip per scrape; Redis down gives
+   `reminders_redis_up 0` and nothing else of it.
+
+3. **Histograms, per worker process** (`Histograms`): send duration by channel (the
+   delivery call: Apprise or the outbox), lateness by channel (sent minus the instant the
+   attempt was due: what the pump and senders add), and the pump run's duration. They
+   are observed in the Celery pool processes, so they use prometheus-client's multiprocess
+   mode: each process writes its own file under `<data_dir>/metrics/<host>-<pid>/` (one
+   folder per worker, wiped when it starts), and the worker's main process serves them,
+   merged, with the Redis counters and gauges, on `REMINDERS_METRICS_PORT` (0: off) at
+   `REMINDERS_METRICS_HOST`. Multiprocess mode is switched on in that worker only
+   (`start_worker_metrics`, before its pool forks), never by environment for every
+   process: the API's own metrics stay in-process.
+
+The API's `/metrics` (worker/api/metrics.py) serves its own request counts and latencies
+plus the same Redis counters and gauges (not the worker's histograms: scrape the worker's
+port for those). Labels never carry a booking id or anything of a patient.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# The outcome counters kept in Redis (the Lua scripts' names) and their exposition.
+COUNTERS: dict[str, tuple[str, str]] = {
+    "scheduled": ("reminders_scheduled", "Reminders put into the schedule by a booking write"),
+    "sent": ("reminders_sent", "Reminder deliveries recorded"),
+    "failed_attempt": ("reminders_failed_attempts",
+                       "Send attempts that did not deliver (transient, unknown or permanent)"),
+    "retried": ("reminders_retried", "Send attempts put back in the schedule for a retry"),
+    "dead_lettered": ("reminders_dead_lettered", "Reminders that failed for good"),
+    "skipped": ("reminders_skipped", "Reminders skipped (by the plan or at send time)"),
+    "deferred": ("reminders_deferred", "Send attempts deferred to the send window"),
+    "replayed": ("reminders_replayed", "Dead letters sent again"),
+}
+# worker/celery_app.py's queues, written out: importing the Celery app here would make the
+# API build a Celery app (tests/ops/test_metrics.py checks they are the same).
+QUEUES = ("reminders.send.email", "reminders.send.sms", "reminders.pump", "reminders.events")
+SEND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+PUMP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def counters_key(prefix: str) -> str:
+    return f"{prefix}:metrics"
+
+
+def read_counters(client: redis.Redis, prefix: str) -> dict[tuple[str, str, str], int]:
+    """Return the outcome counters: (what, clinic, channel) -> count."""
+    raw = cast(dict[Any, Any], client.hgetall(counters_key(prefix)))
+    return _parse_counters(raw)
+
+
+def _parse_counters(raw: dict[Any, Any]) -> dict[tuple[str, str, str], int]:
+    out: dict[tuple[str, str, str], int] = {}
+    for name, value in raw.items():
+        parts = _s(name).split("|")
+        if len(parts) == 3:
+            out[(parts[0], parts[1], parts[2])] = int(_s(value))
+    return out
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class ScheduleCollector(Collector):
+    """The Redis-kept counters and the schedule's gauges, read at each scrape."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # read at scrape time only: the registry must not collect() on register
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.prefix
+        up = GaugeMetricFamily("reminders_redis_up", "Whether Redis answered this scrape")
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.time()
+            pipe.hgetall(counters_key(p))
+            pipe.zcard(f"{p}:due")
+            pipe.zrange(f"{p}:due", 0, 0, withscores=True)
+            pipe.zcard(f"{p}:lease")
+            pipe.zcard(f"{p}:dead")
+            pipe.hget(f"{p}:health:pump", "at")
+            pipe.hget(f"{p}:health:beat", "at")
+            for queue in QUEUES:
+                pipe.llen(f"{p}:celery:{queue}")
+            replies = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        (secs, micros), raw, due, first, leased, dead, pump_at, beat_at = replies[:8]
+        now = secs + micros / 1_000_000
+        counts = _parse_counters(raw)
+        for what, (name, text) in COUNTERS.items():
+            family = CounterMetricFamily(name, text, labels=["clinic", "channel"])
+            for (kind, clinic, channel), value in sorted(counts.items()):
+                if kind == what:
+                    family.add_metric([clinic, channel], value)
+            yield family
+        yield _gauge("reminders_due", "Reminders in the due set (waiting for their time)", due)
+        overdue = max(0.0, now - float(first[0][1])) if first else 0.0
+        yield _gauge("reminders_oldest_overdue_seconds",
+                     "Age of the oldest reminder past its due time and not yet claimed "
+                     "(0 if none)", overdue if first and float(first[0][1]) <= now else 0.0)
+        yield _gauge("reminders_leased", "Reminders claimed and being sent (the lease set)",
+                     leased)
+        yield _gauge("reminders_dead_letters", "Reminders waiting in the dead letters", dead)
+        for name, text, at in (
+                ("reminders_pump_heartbeat_age_seconds", "Seconds since the last pump run",
+                 pump_at),
+                ("reminders_beat_heartbeat_age_seconds",
+                 "Seconds since beat last published a pump tick", beat_at)):
+            if at is not None:
+                yield _gauge(name, text, max(0.0, now - float(_s(at))))
+        queues = GaugeMetricFamily("reminders_celery_queue_length",
+                                   "Messages waiting in a Celery queue (the broker's list)",
+                                   labels=["queue"])
+        for queue, length in zip(QUEUES, replies[8:], strict=True):
+            queues.add_metric([queue], length)
+        yield queues
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=value)
+
+
+class Histograms:
+    """The per-process histograms (send duration, lateness, pump run)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.send_seconds = Histogram(
+            "reminders_send_duration_seconds",
+            "Duration of one delivery call (Apprise or the outbox), by channel and result",
+            ["channel", "result"], buckets=SEND_BUCKETS, registry=registry)
+        self.lateness = Histogram(
+            "reminders_lateness_seconds",
+            "Seconds between the instant a reminder was due (for this attempt) and its "
+            "delivery", ["channel"], buckets=LATENESS_BUCKETS, registry=registry)
+        self.pump_seconds = Histogram(
+            "reminders_pump_run_duration_seconds", "Duration of one pump run",
+            buckets=PUMP_BUCKETS, registry=registry)
+
+
+_lock = threading.Lock()
+_histograms: Histograms | None = None
+
+
+def histograms() -> Histograms:
+    """Return this process's histograms (registered nowhere: the worker's server merges
+    every process's files in multiprocess mode; without it they are kept and not shown)."""
+    global _histograms
+    with _lock:
+        if _histograms is None:
+            _histograms = Histograms(registry=None)
+        return _histograms
+
+
+def observe_send(channel: str, result: str, seconds: float) -> None:
+    histograms().send_seconds.labels(channel, result).observe(seconds)
+
+
+def observe_lateness(channel: str, seconds: float) -> None:
+    histograms().lateness.labels(channel).observe(max(0.0, seconds))
+
+
+def observe_pump(seconds: float) -> None:
+    histograms().pump_seconds.observe(seconds)
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    from prometheus_client.exposition import generate_latest
+
+    return generate_latest(registry)
+
+
+# --- the worker's own /metrics ----------------------------------------------------------
+
+_server: Any = None
+
+
+def worker_metrics_dir(data_dir: Path) -> Path:
+    return data_dir / "metrics" / f"{socket.gethostname()}-{os.getpid()}"
+
+
+def scrape_client(url: str) -> redis.Redis:
+    """Return a Redis client for scrapes: quick to give up (a scrape must not hang)."""
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def start_worker_metrics(url: str, prefix: str, data_dir: Path, host: str,
+                         port: int) -> tuple[str, int] | None:
+    """In the Celery worker's main process, before its pool forks: switch the histograms to
+    multiprocess mode and serve every process's figures with the Redis ones on host:port.
+
+    Returns the address served, or None when `port` is 0 (the histograms stay per process,
+    unseen).
+    """
+    global _server
+    if port == 0 or _server is not None:
+        return None
+    from prometheus_client import values
+    from prometheus_client.exposition import start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    folder = worker_metrics_dir(data_dir)
+    shutil.rmtree(folder, ignore_errors=True)  # a previous run's files would count again
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    with _lock:
+        global _histograms
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        _histograms = None  # made again, in multiprocess mode, on first use
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
+    registry.register(ScheduleCollector(scrape_client(url), prefix))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    _server = server
+    bound = cast(tuple[str, int], server.server_address[:2])
+    log.info("metrics: serving Prometheus metrics on http://%s:%d/metrics", *bound)
+    return bound
