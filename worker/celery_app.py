@@ -21,6 +21,7 @@ from kombu.entity import Queue  # kombu.Queue; kombu/__init__ does not export it
 
 from .embedded import redis_url
 from .health import install_beat_heartbeat
+from .logs import setup_celery
 from .settings import get_settings
 
 PUMP_QUEUE = "reminders.pump"
@@ -52,6 +53,8 @@ def _route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
 
 
 settings = get_settings()
+# Celery's logging (banner and warnings too) in REMINDERS_LOG_FORMAT: worker/logs.py.
+setup_celery(settings.log_format, settings.log_level)
 
 
 def queue_key(queue: str) -> str:

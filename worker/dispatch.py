@@ -82,6 +82,7 @@ from .catalog import Catalog
 from .clinics import SendWindow
 from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
+from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import Booking, Channel
 from .notices import notice_and_invite
@@ -140,6 +141,7 @@ def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     return attempt(ctx, ref, version, claim, watchdog=watchdog())
 
 
+@about_reminder  # every line of an attempt carries its ids (worker/logs.py)
 def attempt(
     ctx: Context,
     ref: str,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .embedded import URL_FILE, RedisServer, free_port
 from .errors import ConfigError
+from .logs import configure
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def _stop(children: list[Child]) -> None:
 
 def run_all(settings: Settings) -> int:
     """Run Redis (if embedded), worker, beat and the API until interrupted; return the code."""
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    configure(settings.log_format, settings.log_level)  # worker/logs.py
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     server: RedisServer | None = None

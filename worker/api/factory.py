@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from ..catalog import Catalog
 from ..embedded import redis_url
+from ..logs import configure
 from ..settings import Settings, get_settings
 from . import bookings, dead_letters, errors, ops, services
 from .bookings import MAX_BATCH
@@ -36,9 +37,10 @@ missing one. Every refusal has one shape:
 def create_app(settings: Settings | None = None, url: str | None = None) -> FastAPI:
     """Return the API app for `settings` (default: the environment) and Redis `url`."""
     settings = settings or get_settings()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=settings.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not logging.getLogger().handlers:  # a server process (tests log their own way)
+        # REMINDERS_LOG_FORMAT for our lines and uvicorn's alike (worker/logs.py).
+        configure(settings.log_format, settings.log_level,
+                  loggers=("uvicorn", "uvicorn.error", "uvicorn.access"))
     catalog = Catalog.load(settings)
     app = FastAPI(
         title="Aftercare reminders API",
