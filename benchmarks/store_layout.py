@@ -2,7 +2,7 @@
 
     python -m benchmarks.store_layout [--bookings 100000] [--batch 1000] [--redis-url URL]
 
-Loads N new microneedling bookings (sms + email, tretinoin: 10 reminders each) with
+Loads N new microneedling bookings of N patients (sms + email, tretinoin: 10 reminders each) with
 `Store.upsert_many` into a fresh redis-server of its own (no persistence) or an EMPTY
 database at --redis-url, and prints:
   bytes per pending reminder   (used_memory after - before) / reminders stored
@@ -53,7 +53,11 @@ def bookings(catalog: Catalog, count: int, now: datetime) -> list[tuple[Booking,
     out = []
     for i in range(count):
         booking, planned = base[i % STARTS]
-        out.append((booking.model_copy(update={"booking_id": f"B-{i:07d}"}), planned))
+        # A patient each (their own contact index entries; no SMS cap between them).
+        patient = booking.patient.model_copy(
+            update={"phone": f"+346{i:08d}", "email": f"p{i}@example.com"})
+        out.append((booking.model_copy(update={"booking_id": f"B-{i:07d}", "patient": patient}),
+                    planned))
     return out
 
 

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from worker.clinics import MINUTES_PER_DAY, Clinic, SendWindow
 from worker.errors import BookingRejected
 from worker.models import MAX_DAYS_AHEAD, Booking, Channel
-from worker.planner import Plan, PlannedReminder, SendTime
+from worker.planner import Plan, PlannedReminder, SendTime, cap_sms
 from worker.protocols import WEEKDAYS, Protocol, Step, format_duration
 from worker.status import Status
 
@@ -317,10 +317,12 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                 )
     reminders.sort(key=lambda r: (r.due_at, r.key))
     hold = isotretinoin_hold(booking, protocol, clinic)
+    # The SMS frequency cap is one rule over the finished plan: the planner's own.
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,
-        reminders=reminders,
+        reminders=cap_sms(reminders, clinic.sms, tz, email="email" in booking.patient.channels),
         hold_reason=hold,
         window=window,
         notice_steps=protocol.notice_steps(),
+        caps=clinic.sms,
     )

@@ -47,8 +47,9 @@ def test_the_compact_form_gives_back_equal_bookings_and_plans(catalog):
         assert [r.__dict__ for r in planned.reminders] == [
             r.__dict__ for r in checked.plan.reminders]
         assert trusted_booking(checked.booking.model_dump(mode="json")) == checked.booking
-        window = catalog.clinics[booking.clinic].send_window
-        assert plan_from_record(plan_record(checked.plan), window) == checked.plan
+        clinic = catalog.clinics[booking.clinic]
+        assert plan_from_record(plan_record(checked.plan), clinic.send_window,
+                                clinic.sms) == checked.plan
 
 
 def test_instants_with_microseconds_come_back_exact(catalog, booking_doc):

@@ -187,7 +187,8 @@ def test_a_change_landing_mid_batch_is_read_again_for_that_booking_only(
     from worker.store import connect
 
     store = Store(redis_client, "t")
-    docs = [dict(booking_doc, booking_id=f"B-{n}") for n in range(3)]
+    docs = [dict(booking_doc, booking_id=f"B-{n}",  # three patients: no SMS cap between them
+                 patient=dict(booking_doc["patient"], phone=f"+3460011122{n}")) for n in range(3)]
     store.upsert_many([planned(catalog, d) for d in docs], NOW)
     ref = "glow/B-1/day-before:sms"
     redis_client.zadd(store.due_key, {ref: 0})

@@ -504,7 +504,8 @@ def decode(item: Accepted, catalog: Catalog) -> tuple[Booking, Plan]:
     """The booking and plan an accepted item holds (checked by this program: not again)."""
     doc, record = item
     booking = trusted_booking(doc)
-    return booking, plan_from_record(record, catalog.clinics[booking.clinic].send_window)
+    clinic = catalog.clinics[booking.clinic]
+    return booking, plan_from_record(record, clinic.send_window, clinic.sms)
 
 
 def versions(store: Store, keys: list[tuple[str, str]]) -> list[str | None]:

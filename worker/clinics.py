@@ -105,6 +105,26 @@ def _one_line(value: str) -> str:
 Address = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_one_line)]
 
 
+class SmsSettings(BaseModel):
+    """The clinic's SMS rules ([sms] in its file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Frequency caps per patient (phone) at this clinic, patient-local, across all of the
+    # patient's bookings: DOMAIN.md "healthcare SMS without prior consent (US): at most 1 a
+    # day and 3 a week" (FCC 2015 order). A week is any 7 consecutive days. What does not fit
+    # goes by email if the patient takes email, else moves to the next day with room before
+    # it expires (worker/planner.py `cap_sms`).
+    max_per_day: int = Field(1, ge=1, le=10)
+    max_per_week: int = Field(3, ge=1, le=70)
+
+    @model_validator(mode="after")
+    def _week_holds_a_day(self) -> SmsSettings:
+        if self.max_per_week < self.max_per_day:
+            raise ValueError("max_per_week must be at least max_per_day")
+        return self
+
+
 class Clinic(BaseModel):
     """A clinic: who it is, how to reach it, when and how its patients are messaged."""
 
@@ -126,6 +146,7 @@ class Clinic(BaseModel):
     # their base letter so the text stays GSM-7 (one segment), or "keep" them (UCS-2: about
     # 2-3 segments; `reminders check` shows the cost). Emails always keep them.
     sms_accents: Literal["fold", "keep"] = "fold"
+    sms: SmsSettings = SmsSettings()
     # Overrides the protocol's isotretinoin washout, in days.
     isotretinoin_washout_days: int | None = Field(None, ge=0)
     channels: dict[Channel, str] = {}

@@ -13,6 +13,12 @@ Rules, in order, for each step that applies to the patient:
    policy decides: `skip`, or `send` at the next opening (no later than `late_until`
    relative to the start; before the appointment for a pre-appointment step).
 4. Gate: an isotretinoin dose inside the washout holds the whole booking.
+5. SMS frequency cap (the clinic's `[sms] max_per_day`, `max_per_week`; patient-local
+   days, a week being any 7 consecutive days), over this plan's SMS and the patient's
+   other SMS at the clinic (`taken`, which the store reads from its other bookings:
+   `cap_sms`). In due order, an SMS that does not fit goes by email when the patient takes
+   email (or is dropped when the step already emails), else moves to the next day with room
+   at the same local time, before it expires; else it is skipped. Each says why.
 
 A booking is refused (BookingRejected naming the field) when its dates make no sense as
 seen at `now`: an appointment in the past or more than `MAX_DAYS_AHEAD` days ahead, an
@@ -30,14 +36,15 @@ and tests check that both give equal plans.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from .clinics import MINUTES_PER_DAY, Clinic, SendWindow
+from .clinics import MINUTES_PER_DAY, Clinic, SendWindow, SmsSettings
 from .errors import BookingRejected
 from .models import MAX_DAYS_AHEAD, Booking, Channel
 from .protocols import WEEKDAYS, Protocol, Step, format_duration
@@ -83,6 +90,7 @@ class Plan:
     # The protocol's pause and invite steps (`Protocol.notice_steps()`): the store keeps
     # them with the booking for the change notices (worker/notices.py).
     notice_steps: str = ""
+    caps: SmsSettings | None = None  # the clinic's SMS frequency caps it was planned under
 
 
 # --- clock arithmetic in the patient's timezone ----------------------------------------
@@ -654,11 +662,116 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     hold = isotretinoin_hold(booking, protocol, clinic)
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,
-        reminders=reminders,
+        reminders=cap_sms(reminders, clinic.sms, tz, email="email" in offered),
         hold_reason=hold,
         window=window,
         notice_steps=notice_steps,
+        caps=clinic.sms,
     )
+
+
+# --- the SMS frequency cap -----------------------------------------------------------------
+
+WEEK_DAYS = 7
+_WEEK = timedelta(days=WEEK_DAYS - 1)
+
+
+def cap_words(caps: SmsSettings) -> str:
+    return (f"the patient's SMS limit at this clinic ({caps.max_per_day} a day, "
+            f"{caps.max_per_week} in any {WEEK_DAYS} days)")
+
+
+def cap_sms(
+    reminders: list[PlannedReminder],
+    caps: SmsSettings,
+    tz: ZoneInfo,
+    *,
+    email: bool,
+    taken: Iterable[datetime] = (),
+) -> list[PlannedReminder]:
+    """Return `reminders` (in due order) with their SMS kept within `caps` (module docstring,
+    rule 5). `taken`: when the patient's other SMS at the clinic go (or went); `email`:
+    whether the patient takes email."""
+    sms = [r for r in reminders if r.channel == "sms" and r.status == Status.SCHEDULED]
+    taken = list(taken)
+    if len(sms) + len(taken) <= 1:
+        return reminders  # nothing to count against
+    # Patient-local days as ordinals.
+    counts: Counter[int] = Counter(t.astimezone(tz).toordinal() for t in taken)
+    per_day, per_week = caps.max_per_day, caps.max_per_week
+
+    def fits(day: int) -> bool:
+        if counts[day] >= per_day:
+            return False
+        near = [counts.get(day + k, 0) for k in range(1 - WEEK_DAYS, WEEK_DAYS)]
+        total = sum(near[:WEEK_DAYS])
+        if total >= per_week:
+            return False
+        for k in range(WEEK_DAYS, len(near)):  # every 7 consecutive days holding `day`
+            total += near[k] - near[k - WEEK_DAYS]
+            if total >= per_week:
+                return False
+        return True
+
+    emailed = {(r.step, r.occurrence) for r in reminders
+               if r.channel == "email" and r.status == Status.SCHEDULED}
+    out: list[PlannedReminder] = []
+    changed = False
+    for r in reminders:
+        if r.channel != "sms" or r.status != Status.SCHEDULED:
+            out.append(r)
+            continue
+        local = r.due_at.astimezone(tz)
+        day = local.toordinal()
+        if fits(day):
+            counts[day] += 1
+            out.append(r)
+            continue
+        changed = True
+        over = f"{cap_words(caps)} is reached on {local:%Y-%m-%d}"
+        if email and (r.step, r.occurrence) in emailed:
+            out.append(replace(r, status=Status.SKIPPED,
+                               reason=f"not sent by SMS: {over}; its email goes"))
+            continue
+        if email:
+            out.append(replace(r, key=r.key[: -len("sms")] + "email", channel="email",
+                               reason=f"{r.reason}; by email: {over}"))
+            continue
+        moved = None
+        for n in range(1, WEEK_DAYS * 2):
+            later = _wall(local.date() + timedelta(days=n), local.hour, local.minute, tz)
+            if r.expires_at is not None and later >= r.expires_at:
+                break
+            shown = later.astimezone(tz)
+            if (shown.hour, shown.minute) != (local.hour, local.minute):
+                continue  # not on that day's clock (a DST gap): maybe outside the window
+            if fits(shown.toordinal()):
+                moved = later
+                break
+        if moved is None:
+            out.append(replace(r, status=Status.SKIPPED, reason=(
+                f"not sent: {over}, the patient takes no email, and no later day has room "
+                "before it expires")))
+            continue
+        counts[moved.astimezone(tz).toordinal()] += 1
+        out.append(replace(r, due_at=moved, reason=(
+            f"{r.reason}; moved to {moved.astimezone(tz):%Y-%m-%d}: {over} and the patient "
+            "takes no email")))
+    if not changed:
+        return reminders
+    out.sort(key=_order)
+    return out
+
+
+def cap_plan(p: Plan, booking: Booking, taken: Iterable[datetime]) -> Plan:
+    """`p` with its SMS capped again, counting the patient's other SMS `taken` (the store
+    reads them from the patient's other bookings at the clinic)."""
+    taken = list(taken)
+    if p.caps is None or not taken:
+        return p
+    reminders = cap_sms(p.reminders, p.caps, ZoneInfo(booking.patient.timezone),
+                        email="email" in booking.patient.channels, taken=taken)
+    return replace(p, reminders=reminders)
 
 
 def _order(reminder: PlannedReminder) -> tuple[datetime, str]:
@@ -713,8 +826,10 @@ def plan_record(p: Plan) -> PlanRecord:
     )
 
 
-def plan_from_record(record: PlanRecord, window: SendWindow | None) -> Plan:
-    """The plan `plan_record` was made of (its window is the clinic's, given here)."""
+def plan_from_record(
+    record: PlanRecord, window: SendWindow | None, caps: SmsSettings | None = None
+) -> Plan:
+    """The plan `plan_record` was made of (its window and caps are the clinic's, given here)."""
     status, hold_reason, records, notice_steps = record
     reminders = []
     for values in records:
@@ -732,4 +847,5 @@ def plan_from_record(record: PlanRecord, window: SendWindow | None) -> Plan:
         hold_reason=hold_reason,
         window=window,
         notice_steps=notice_steps,
+        caps=caps,
     )

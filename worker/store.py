@@ -107,7 +107,7 @@ from .clinics import SendWindow
 from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices
-from .planner import Plan
+from .planner import Plan, cap_plan
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
 from .webhooks import LUA_EMIT
@@ -728,6 +728,9 @@ for index = i, #ARGV do
   local hset, hdel, due, rm_due, rm_lease, rm_dead = b[6], b[7], b[8], b[9], b[10], b[11]
   local emits = b[12] or {}  -- clinic events ({kind, type, fields}) that come with the write
   local unindex = b[13] or ''  -- contact ids the booking no longer has (the contact index)
+  -- The SMS cap's read of the patient's other bookings (see `_caps_read`): {contact id, min
+  -- score, limit, the members read, {booking id, version, ...}}; they must be unchanged.
+  local guard = b[14]
   local base = clinic .. '/' .. booking_id
   local bkey, dkey = prefix .. ':b:' .. base, prefix .. ':d:' .. base
   local ok
@@ -737,6 +740,22 @@ for index = i, #ARGV do
     ok = true
   else
     ok = same(redis.call('HGETALL', bkey), check)
+  end
+  if ok and guard then
+    local ckey = prefix .. ':c:' .. clinic .. '/' .. guard[1]
+    local got = redis.call('ZRANGEBYSCORE', ckey, guard[2], '+inf', 'LIMIT', 0, guard[3])
+    local want = guard[4]
+    if #got ~= #want then ok = false end
+    for j = 1, #got do
+      if ok and got[j] ~= want[j] then ok = false end
+    end
+    local versions = guard[5]
+    for j = 1, #versions, 2 do
+      if ok then
+        local v = redis.call('HGET', prefix .. ':b:' .. clinic .. '/' .. versions[j], 'version')
+        if (v or '') ~= versions[j + 1] then ok = false end
+      end
+    end
   end
   if not ok then
     table.insert(out, index - i + 1)
@@ -1041,9 +1060,19 @@ class _Round:
     batch: list[tuple[int, tuple[Booking, Plan]]]
     stored: list[_Stored]
     later: list[int]
+    caps: list[_CapsRead | None] = field(default_factory=list)
     prepared: list[_Prepared] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)
     args: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class _CapsRead:
+    """What the SMS cap read of a patient's other bookings: their SMS times, and the guard
+    the apply script checks (nothing it read changed) before writing."""
+
+    taken: list[datetime]
+    guard: list[Any]
 
 
 @dataclass
@@ -1283,13 +1312,61 @@ class Store:
                 batch.append((i, items[i]))
             seen.add(key)
         stored = self._read([item[0].key for _, item in batch])
-        return self._prepared(_Round(batch, stored, later), now, release)
+        caps = self._caps_read([item for _, item in batch])
+        return self._prepared(_Round(batch, stored, later, caps), now, release)
+
+    # The SMS cap across a patient's bookings reads at most this many of their other
+    # bookings at the clinic (the live ones kept longest); a patient with more is capped
+    # against these only.
+    CAPS_OTHERS_MAX = 50
+
+    def _caps_read(self, items: list[tuple[Booking, Plan]]) -> list[_CapsRead | None]:
+        """For each booking whose plan has SMS under a cap: its patient's other SMS at the
+        clinic (scheduled or going, or sent) from the contact index, in two round trips."""
+        wanted = [n for n, (b, p) in enumerate(items)
+                  if p.caps is not None and b.patient.phone and any(
+                      r.channel == "sms" and r.status == Status.SCHEDULED for r in p.reminders)]
+        out: list[_CapsRead | None] = [None] * len(items)
+        if not wanted:
+            return out
+        since = f"({time.time()!r}"
+        limit = self.CAPS_OTHERS_MAX + 1  # itself too
+        pipe = self.redis.pipeline(transaction=False)
+        for n in wanted:
+            booking = items[n][0]
+            phone = cast(str, booking.patient.phone)
+            pipe.zrangebyscore(self.contact_key(booking.clinic, "phone", phone), since, "+inf",
+                               start=0, num=limit)
+        members = [cast(list[str], m) for m in pipe.execute()]
+        pipe = self.redis.pipeline(transaction=False)
+        asked: list[tuple[int, list[str]]] = []
+        for n, ids in zip(wanted, members, strict=True):
+            booking = items[n][0]
+            others = [i for i in ids if i != booking.booking_id]
+            for other in others:
+                pipe.hgetall(self.booking_key(booking.clinic, other))
+            asked.append((n, others))
+        hashes = iter(_str_hash(h) for h in pipe.execute())
+        for (n, others), ids in zip(asked, members, strict=True):
+            booking = items[n][0]
+            taken: list[datetime] = []
+            versions: list[str] = []
+            for other in others:
+                h = next(hashes)
+                versions += [other, h.get("version", "")]
+                taken += _sms_times(h)
+            guard = [contact_id("phone", cast(str, booking.patient.phone)), since, limit, ids,
+                     versions]
+            out[n] = _CapsRead(taken, guard)
+        return out
 
     def _prepared(self, ready: _Round, now: datetime, release: bool) -> _Round:
         texts: dict[str, str] = {}
         ready.prepared = [
-            self._prepare(booking, planned, stored, now, release, texts)
-            for (_, (booking, planned)), stored in zip(ready.batch, ready.stored, strict=True)
+            self._prepare(booking, cap_plan(planned, booking, read.taken) if read else planned,
+                          stored, now, release, texts, read.guard if read else None)
+            for (_, (booking, planned)), stored, read in zip(ready.batch, ready.stored,
+                                                             ready.caps, strict=True)
         ]
         args: list[Any] = [self.prefix, len(texts)]
         for tid, text in texts.items():
@@ -1334,6 +1411,7 @@ class Store:
         now: datetime,
         release: bool,
         texts: dict[str, str],
+        guard: list[Any] | None = None,
     ) -> _Prepared:
         """Return the apply script's input for one booking, and its timeline after it.
 
@@ -1341,11 +1419,12 @@ class Store:
         (the HTTP API checks If-Match in it).
         """
         if not stored.fields and self._plain_reconcile:
-            return self._prepare_new(booking, plan, now, release, texts)
-        return self._prepare_reconciled(booking, plan, stored, now, release, texts)
+            return self._prepare_new(booking, plan, now, release, texts, guard)
+        return self._prepare_reconciled(booking, plan, stored, now, release, texts, guard)
 
     def _prepare_new(
-        self, booking: Booking, plan: Plan, now: datetime, release: bool, texts: dict[str, str]
+        self, booking: Booking, plan: Plan, now: datetime, release: bool, texts: dict[str, str],
+        guard: list[Any] | None = None,
     ) -> _Prepared:
         """The common case, a booking not stored yet, without the general reconcile.
 
@@ -1423,7 +1502,7 @@ class Store:
                     "version": 1, "hold_reason": hold_reason or None, "reminders": entries}
         emits = self._held_events(booking, 1, hold_reason) if held else []
         args = json.dumps([clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], [],
-                           emits], ensure_ascii=False, separators=(",", ":"))
+                           emits, *_tail("", guard)], ensure_ascii=False, separators=(",", ":"))
         return _Prepared(args, timeline)
 
     def _held_events(self, booking: Booking, version: int, reason: str) -> list[Any]:
@@ -1443,6 +1522,7 @@ class Store:
         now: datetime,
         release: bool,
         texts: dict[str, str],
+        guard: list[Any] | None = None,
     ) -> _Prepared:
         """Reconcile (worker/reconcile.py) with the booking as stored."""
         clinic, booking_id = booking.key
@@ -1577,7 +1657,7 @@ class Store:
         unindex = " ".join(sorted(set(had.split()) - set(contacts.split())))
         args = json.dumps([clinic, booking_id, check,
                            doc if changed_doc else "", keep, hset, hdel, due, rm_due, rm_lease,
-                           rm_dead, emits, *([unindex] if unindex else [])],
+                           rm_dead, emits, *_tail(unindex, guard)],
                           ensure_ascii=False, separators=(",", ":"))
         return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields, reminders,
                                                  doc))
@@ -2111,6 +2191,35 @@ class Store:
                         "starts_at": booking.get("starts_at"),
                         "hold_reason": hold or None, "updated_at": updated or None})
         return out
+
+
+def _tail(unindex: str, guard: list[Any] | None) -> list[Any]:
+    """The apply script's optional last slots for one booking (unindex, guard)."""
+    if guard is not None:
+        return [unindex, guard]
+    return [unindex] if unindex else []
+
+
+def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
+    """When a stored booking's SMS go or went: sent ones, and those still to go unless the
+    booking is held (a hold sends nothing until the clinic's review)."""
+    held = fields.get("status") == Status.HELD
+    out = []
+    for key, value in fields.items():
+        if not (is_reminder_field(key) and key.endswith(":sms")):
+            continue
+        r = _split(value, len(REMINDER_SLOTS))
+        status = STATUS_OF.get(r[0])
+        if status == Status.SENT:
+            a = _split(fields.get(key + "+"), len(ATTEMPT_SLOTS))
+            when = a[3] or r[3] or r[2]
+        elif status in PENDING and not held:
+            when = r[3] or r[2]
+        else:
+            continue
+        if when:
+            out.append(datetime.fromtimestamp(float(when), UTC))
+    return out
 
 
 def _count_reminders(fields: list[str]) -> int:

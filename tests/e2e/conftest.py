@@ -194,6 +194,9 @@ name = "E2E Skin Clinic"
 phone = "+34910000000"
 timezone = "UTC"
 locale = "en"
+[sms]  # several SMS minutes apart: not a test of the frequency cap
+max_per_day = 10
+max_per_week = 70
 [send_window]
 start = "00:00"
 end = "24:00"

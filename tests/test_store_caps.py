@@ -1,0 +1,144 @@
+"""The SMS frequency cap across a patient's bookings at a clinic, in a real Redis: the store
+reads the patient's other SMS through the contact index and the apply script checks that
+nothing it read changed (so two bookings for one phone never both take a day's slot)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import Counter
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from worker.models import parse_booking
+from worker.planner import plan
+from worker.store import Store, connect
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+TZ = ZoneInfo("Europe/Madrid")
+
+
+@pytest.fixture
+def store(redis_client) -> Store:
+    return Store(redis_client, "t")
+
+
+def doc_of(booking_doc, booking_id, *, days=0, phone="+34600111222", email=True):
+    doc = copy.deepcopy(booking_doc)
+    doc["booking_id"] = booking_id
+    start = datetime.fromisoformat(doc["starts_at"]) + timedelta(days=days)
+    doc["starts_at"] = start.isoformat()
+    doc["patient"]["phone"] = phone
+    if not email:
+        doc["patient"].pop("email")
+        doc["patient"]["channels"] = ["sms"]
+    return doc
+
+
+def planned(catalog, doc):
+    booking = parse_booking(doc, catalog)
+    return booking, plan(booking, catalog.protocols[booking.treatment],
+                         catalog.clinics[booking.clinic], NOW)
+
+
+def sms_days(*timelines) -> list[date]:
+    return [datetime.fromisoformat(r["due_at"]).astimezone(TZ).date()
+            for t in timelines for r in t["reminders"]
+            if r["channel"] == "sms" and r["status"] == "scheduled"]
+
+
+def within_caps(days: list[date]) -> bool:
+    per_week = max(sum(1 for d in days if first <= d < first + timedelta(days=7))
+                   for first in days)
+    return max(Counter(days).values()) <= 1 and per_week <= 3
+
+
+def test_a_second_booking_sends_by_email_what_the_first_took(store, catalog, booking_doc):
+    first = store.upsert(*planned(catalog, doc_of(booking_doc, "A-1")), NOW)
+    # A second visit the same day (another treatment area, say): every SMS day is taken.
+    second = store.upsert(*planned(catalog, doc_of(booking_doc, "A-2")), NOW)
+    assert within_caps(sms_days(first, second))
+    by_id = {r["id"]: r for r in second["reminders"]}
+    assert "day-before:sms" not in by_id
+    assert by_id["day-before:email"]["status"] == "scheduled"
+    assert by_id["day-before:email"]["reason"] == (
+        "1 day before, 10:00 patient-local; by email: the patient's SMS limit at this clinic "
+        "(1 a day, 3 in any 7 days) is reached on 2026-12-04")
+    # A step that emails anyway keeps its email and drops the SMS, saying why.
+    assert by_id["stop-retinoids:sms"]["status"] == "skipped"
+    assert by_id["stop-retinoids:sms"]["reason"] == (
+        "not sent by SMS: the patient's SMS limit at this clinic (1 a day, 3 in any 7 days) "
+        "is reached on 2026-11-28; its email goes")
+    assert by_id["stop-retinoids:email"]["status"] == "scheduled"
+    assert sms_days(second) == []
+    # A visit a day later: only the days (and weeks) with room get an SMS.
+    third = store.upsert(*planned(catalog, doc_of(booking_doc, "A-3", days=1)), NOW)
+    assert within_caps(sms_days(first, second, third))
+    assert sms_days(third) == [date(2026, 11, 29), date(2026, 12, 13)]
+    # The first booking, submitted again, keeps what it had: A-2 took no day of A-1's.
+    again = store.upsert(*planned(catalog, doc_of(booking_doc, "A-1")), NOW)
+    assert again == first
+    # Another patient is not capped by this one.
+    other = store.upsert(*planned(catalog, doc_of(booking_doc, "B-1", phone="+34600999888")),
+                         NOW)
+    assert sms_days(other) == sms_days(first)
+
+
+def test_without_email_an_sms_moves_to_a_day_with_room_or_is_skipped(
+        store, catalog, booking_doc):
+    first = store.upsert(*planned(catalog, doc_of(booking_doc, "A-1", email=False)), NOW)
+    second = store.upsert(*planned(catalog, doc_of(booking_doc, "A-2", days=14, email=False)),
+                          NOW)
+    assert within_caps(sms_days(first, second))
+    reasons = [r["reason"] for r in second["reminders"]]
+    assert any("and the patient takes no email" in (x or "") and "; moved to " in (x or "")
+               for x in reasons) or any("no later day has room" in (x or "") for x in reasons)
+    assert all(r["channel"] == "sms" for r in second["reminders"])
+
+
+def test_two_bookings_for_one_phone_racing_never_share_a_day(
+        redis_client, redis_server, catalog, booking_doc):
+    """Both upserts read (no other booking yet) and are parked; both are released at once:
+    the apply script finds the other's booking in the patient's index and sends the loser
+    back to read again, so the two plans together keep the cap."""
+    stores = [Store(redis_client, "t"), Store(connect(redis_server.url), "t")]
+    parked = threading.Barrier(2, timeout=10)
+    calls: list[str] = []
+    real = Store._reconcile
+
+    def park_first_read(stored_booking, stored, plan_, *args):
+        calls.append("call")
+        if len(calls) <= 2:
+            parked.wait()  # both have read everything, neither has written
+        return real(stored_booking, stored, plan_, *args)
+
+    for s in stores:
+        s._reconcile = park_first_read  # type: ignore[method-assign]
+    items = [planned(catalog, doc_of(booking_doc, f"A-{n}")) for n in (1, 2)]
+    results: dict[int, dict] = {}
+
+    def run(n: int) -> None:
+        results[n] = stores[n].upsert(*items[n], NOW)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 3  # the loser read and reconciled again
+    timelines = [stores[0].timeline("glow", f"A-{n}") for n in (1, 2)]
+    assert timelines == [results[0], results[1]]
+    days = sms_days(*timelines)
+    assert within_caps(days), sorted(days)
+    # As one after the other: the winner has its five SMS days, the loser none (same days).
+    assert sorted(len(sms_days(t)) for t in timelines) == [0, 5]
+
+
+def test_a_held_booking_takes_no_slot_until_released(store, catalog, booking_doc):
+    held = doc_of(booking_doc, "H-1")
+    held["medications"] = {"tretinoin": True, "isotretinoin_last_dose": "2026-10-01"}
+    assert store.upsert(*planned(catalog, held), NOW)["status"] == "held"
+    second = store.upsert(*planned(catalog, doc_of(booking_doc, "A-2")), NOW)
+    assert "day-before:sms" in {r["id"] for r in second["reminders"]}
