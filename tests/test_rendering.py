@@ -242,17 +242,26 @@ def test_confirmation_lists_the_prep_plan_in_date_order(renderer: Renderer, cata
         "day-before": datetime(2026, 12, 4, 9, tzinfo=UTC),
         "aftercare": datetime(2026, 12, 5, 16, 30, tzinfo=UTC),
         "stop-retinoids": datetime(2026, 11, 28, 17, tzinfo=UTC),
+        "spf": datetime(2026, 12, 6, 8, tzinfo=UTC),
+        "resume-retinoids": datetime(2026, 12, 8, 17, tzinfo=UTC),
     }
     message = renderer.render(
         template="confirmation", channel="email", booking=booking,
         clinic=catalog.clinics["glow"], protocol=catalog.protocols["microneedling"],
         occurrence=1, due_at=datetime(2026, 11, 20, 10, tzinfo=UTC), plan_dates=plan_dates)
-    assert "5 de diciembre de 2026 a las 14:30" in message.text
+    # The date and time the locale's way (Babel's pattern), with the year.
+    assert "reservada para el 5 de diciembre de 2026, 14:30." in message.text
     stop = message.text.index(
         "- Sábado, 28 de noviembre de 2026: desde esa noche, deja de usar tretinoína")
     reminder = message.text.index("- Viernes, 4 de diciembre de 2026: te enviamos un recordatorio")
-    assert stop < reminder
-    assert message.text.count("\n- ") == 2 + 3  # two plan lines, three "before your visit"
+    # ... and the steps after the visit, with their dates.
+    aftercare = message.text.index("Después de la cita:\n- Sábado, 5 de diciembre de 2026: te "
+                                   "enviamos por email cómo cuidar tu piel")
+    resume = message.text.index("- Martes, 8 de diciembre de 2026: desde esa noche, si tu piel "
+                                "está bien, puedes retomar la tretinoína")
+    assert stop < reminder < aftercare < resume
+    # two plan lines, three "before your visit", two after it (spf is not listed)
+    assert message.text.count("\n- ") == 2 + 3 + 2
 
 
 # --- template errors name the file -----------------------------------------------------

@@ -16,6 +16,7 @@ Variables (all dates and times in the patient's timezone, in the message's varia
     appointment_time        short time, "14:30" / "2:30 PM"
     appointment_when        day, month and time (Babel's pattern): "5 de diciembre, 14:30" /
                             "December 5, 2:30 PM" (en-US) / "5 December, 14:30" (en-GB)
+    appointment_when_full   the same with the year: "5 de diciembre de 2026, 14:30"
     days_until              calendar days from the moment of sending (the due date in previews)
                             to the appointment (0 today, 1 tomorrow, negative after)
     days_since              -days_until: 0 on the day, 1 the day after the appointment
@@ -262,11 +263,13 @@ class Renderer:
         def number(value: float) -> str:
             return format_decimal(value, locale=locale)
 
-        def when(instant: datetime) -> str:
+        def when(instant: datetime, with_year: bool = False) -> str:
             """Day, month and time the locale's way: "5 de diciembre, 14:30"."""
             local = instant.astimezone(tz)
+            day = (format_date(local.date(), "long", locale=locale) if with_year
+                   else format_skeleton("MMMMd", local, locale=locale))
             return (str(get_datetime_format("long", locale=locale))
-                    .replace("{1}", format_skeleton("MMMMd", local, locale=locale))
+                    .replace("{1}", day)
                     .replace("{0}", format_time(local, "short", locale=locale)))
 
         def day(instant: datetime | None, skeleton: str) -> str | None:
@@ -295,6 +298,7 @@ class Renderer:
             "appointment_date_short": format_skeleton("MMMd", start.date(), locale=locale),
             "appointment_time": format_time(start, "short", tzinfo=tz, locale=locale),
             "appointment_when": when(start),
+            "appointment_when_full": when(start, with_year=True),
             "previous_when": when(notice.previous_start) if notice.previous_start else None,
             "previous_date_short": day(notice.previous_start, "MMMd"),
             "paused": notice.paused,
