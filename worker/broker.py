@@ -26,6 +26,13 @@ them once its kombu Connection is gone, so a late restore, ack or requeue reache
 same Redis (the message goes back to its queue at once), or fails with an ordinary redis
 ConnectionError, which kombu and Celery handle. Wired in by `broker_transport` in
 worker/celery_app.py; nothing else of kombu's changes.
+
+With Sentinel (REMINDERS_REDIS_SENTINELS, worker/connections.py) the broker uses kombu's
+`sentinel://` transport, whose channel builds its pool from the sentinel list it reads in
+`kombu.Connection.alt` (`SentinelChannel._sentinel_managed_pool`) — the same dead end once
+the Connection is gone, and a failover is exactly when it happens. `SentinelChannel` below
+remembers the sentinels too and asks them for the current master, so a message delivered
+before the failover is given back to its queue on the new master at once.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.utils.url import _parse_url
+from redis.sentinel import Sentinel
 
 
 class Channel(kombu_redis.Channel):
@@ -58,3 +67,43 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the channel above."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel that can still find the master after its Connection closed."""
+
+    _remembered_sentinels: list[tuple[str, int]] | None = None
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is not None and transport.client is not None:
+            found = []
+            for url in transport.client.alt:
+                parsed = _parse_url(url)
+                if parsed.scheme == "sentinel":
+                    found.append((parsed.hostname, parsed.port or transport.default_port))
+            if found:
+                self._remembered_sentinels = found
+            return super()._sentinel_managed_pool(asynchronous)  # type: ignore[no-untyped-call]
+        if not self._remembered_sentinels:
+            raise redis.ConnectionError("the broker connection of this channel is closed")
+        params = self._connparams(asynchronous)
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = Sentinel(self._remembered_sentinels,  # type: ignore[no-untyped-call]
+                           min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+                           sentinel_kwargs=getattr(self, "sentinel_kwargs", None), **params)
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        master = manager.master_for(  # type: ignore[no-untyped-call]
+            getattr(self, "master_name", None), redis.Redis, **credentials)
+        return master.connection_pool
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with the channel above."""
+
+    Channel = SentinelChannel

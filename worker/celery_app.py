@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue  # kombu.Queue; kombu/__init__ does not export it to mypy
 
-from .embedded import redis_url
+from .connections import broker
 from .health import install_beat_heartbeat
 from .logs import setup_celery
 from .settings import get_settings
@@ -62,7 +62,10 @@ def queue_key(queue: str) -> str:
     return f"{settings.key_prefix}:celery:{queue}"
 
 
-app = Celery("reminders", broker=redis_url(settings), include=["worker.tasks"])
+# One Redis (REMINDERS_REDIS_URL), or the master the Sentinels name (REMINDERS_REDIS_SENTINELS:
+# kombu's sentinel:// transport follows a failover); see worker/connections.py.
+BROKER_URL, BROKER_TRANSPORT, BROKER_OPTIONS = broker(settings)
+app = Celery("reminders", broker=BROKER_URL, include=["worker.tasks"])
 app.conf.update(
     task_queues=tuple(
         # kombu's Queue is unannotated.
@@ -81,10 +84,12 @@ app.conf.update(
     broker_transport_options={
         "visibility_timeout": settings.broker_visibility_timeout_seconds,
         "global_keyprefix": f"{settings.key_prefix}:celery:",
+        **BROKER_OPTIONS,
     },
-    # kombu's Redis transport with a narrow fix for a channel used after its connection
-    # closed, as happens when Redis restarts under the worker: see worker/broker.py.
-    broker_transport="worker.broker:Transport",
+    # kombu's Redis (or Sentinel) transport with a narrow fix for a channel used after its
+    # connection closed, as happens when Redis restarts under the worker or fails over:
+    # see worker/broker.py.
+    broker_transport=BROKER_TRANSPORT,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     worker_send_task_events=False,

@@ -142,12 +142,12 @@ def open_store(settings: Settings, catalog: Catalog | None = None) -> Store:
 
     With `catalog`, writes tell each clinic what its config asks for (worker/webhooks.py).
     """
-    from .embedded import redis_url  # redis: only for the commands that use it
-    from .store import Store, connect
+    from .connections import client  # redis: only for the commands that use it
+    from .store import Store
     from .webhooks import hooks_for
 
     return Store(
-        connect(redis_url(settings)), settings.key_prefix, retention_days=settings.retention_days,
+        client(settings), settings.key_prefix, retention_days=settings.retention_days,
         hooks=hooks_for(catalog.clinics) if catalog else None,
     )
 
@@ -427,12 +427,11 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Issue, list or revoke a clinic's API keys (only a hash of each is kept, in Redis)."""
-    from .embedded import redis_url
+    from .connections import client
     from .keys import ApiKeys
-    from .store import connect
 
     clinic = clinic_of(args, Catalog.load(settings))
-    keys = ApiKeys(connect(redis_url(settings)), settings.key_prefix)
+    keys = ApiKeys(client(settings), settings.key_prefix)
     if args.action == "issue":
         issued = keys.issue(clinic)
         if args.json:
@@ -461,17 +460,17 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     """Liveness from the heartbeats in Redis (worker/health.py): exit 0 healthy, 1 not."""
-    from .embedded import redis_url
+    from .connections import PROBE, client
     from .health import evaluate
 
     try:
-        url = redis_url(settings)
+        probe = client(settings, PROBE, decode=False)
     except ConfigError as exc:
         verdict_json = {"healthy": False, "status": f"configuration error: {exc}"}
         print(json.dumps(verdict_json) if args.json else f"unhealthy: {verdict_json['status']}")
         return EXIT_REFUSED
     max_age = args.max_age if args.max_age is not None else settings.heartbeat_max_age
-    verdict = evaluate(url, settings.key_prefix, args.role, max_age)
+    verdict = evaluate(probe, settings.key_prefix, args.role, max_age)
     if args.json:
         print(json.dumps({"role": args.role, **verdict.as_json()}))
     else:

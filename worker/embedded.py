@@ -90,7 +90,9 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        client = redis.Redis.from_url(self.url)
+        from .connections import PROBE, from_url
+
+        client = from_url(self.url, PROBE)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while True:
             try:

@@ -116,9 +116,9 @@ def check(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Verdi
                       "are beat and a worker taking the reminders.pump queue running?")
 
 
-def evaluate(url: str, prefix: str, role: Role, max_age: float) -> Verdict:
-    """`check` on a fresh short-lived connection; an unreachable Redis is unhealthy."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+def evaluate(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Verdict:
+    """`check` on a short-lived client (worker/connections.py PROBE: it is closed after);
+    an unreachable Redis is unhealthy."""
     try:
         return check(client, prefix, role, max_age)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -150,14 +150,13 @@ def install_beat_heartbeat() -> None:
         if now - _beat_last < BEAT_STAMP_EVERY:
             return
         _beat_last = now
-        from .embedded import redis_url
+        from .connections import PROBE, client
         from .settings import get_settings
 
         settings = get_settings()
         try:
             if _beat_client is None:
-                _beat_client = redis.Redis.from_url(redis_url(settings), socket_timeout=2,
-                                                    socket_connect_timeout=2)
+                _beat_client = client(settings, PROBE, decode=False)
             stamp(_beat_client, beat_key(settings.key_prefix), node=node_name())
         except redis.RedisError:
             pass  # the tick was published; a heartbeat missed is seen as such by the check

@@ -236,12 +236,7 @@ def worker_metrics_dir(data_dir: Path) -> Path:
     return data_dir / "metrics" / f"{socket.gethostname()}-{os.getpid()}"
 
 
-def scrape_client(url: str) -> redis.Redis:
-    """Return a Redis client for scrapes: quick to give up (a scrape must not hang)."""
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-
-
-def start_worker_metrics(url: str, prefix: str, data_dir: Path, host: str,
+def start_worker_metrics(scrape: redis.Redis, prefix: str, data_dir: Path, host: str,
                          port: int) -> tuple[str, int] | None:
     """In the Celery worker's main process, before its pool forks: switch the histograms to
     multiprocess mode and serve every process's figures with the Redis ones on host:port.
@@ -266,7 +261,7 @@ def start_worker_metrics(url: str, prefix: str, data_dir: Path, host: str,
         _histograms = None  # made again, in multiprocess mode, on first use
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
-    registry.register(ScheduleCollector(scrape_client(url), prefix))
+    registry.register(ScheduleCollector(scrape, prefix))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     _server = server
     bound = cast(tuple[str, int], server.server_address[:2])

@@ -208,7 +208,7 @@ def run_all(settings: Settings) -> int:
                                                       start_new_session=True))
     children = [*celery_children, api_child]
     try:
-        if settings.redis_url is None:
+        if settings.redis_url is None and not settings.redis_sentinels:
             server = RedisServer(settings.data_dir / "redis")
             embedded = server
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,11 @@ class Settings(BaseSettings):
 
     # Redis: unset means "the embedded default" (a private redis-server started by `reminders run`).
     redis_url: SecretStr | None = None
+    # Redis through Sentinel (worker/connections.py): "host:port,host:port,..." and the name
+    # of the master they monitor. Set, every client follows a failover; REMINDERS_REDIS_URL
+    # then gives only the database, user name and password.
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = Field("mymaster", pattern=r"^[A-Za-z0-9_.-]+$")
     key_prefix: str = Field("reminders", pattern=r"^[A-Za-z0-9_.-]+$")
 
     # Pump: how often it runs, how many due reminders it claims at once, how long a claim lasts.
@@ -85,6 +90,18 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535)
     health_max_age_seconds: float | None = Field(None, gt=0)
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_sentinels(value)
+        return value
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The sentinels as (host, port) pairs; [] without Sentinel."""
+        return _parse_sentinels(self.redis_sentinels) if self.redis_sentinels else []
+
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Settings:
         # The lease (and the send ledger, which lives as long) must outlast the slowest
@@ -131,6 +148,17 @@ class Settings(BaseSettings):
     @property
     def clinics_dir(self) -> Path:
         return self.config_dir / "clinics"
+
+
+def _parse_sentinels(value: str) -> list[tuple[str, int]]:
+    addresses = []
+    for item in value.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item.strip()!r} is not host:port; expected a comma-separated "
+                             "list such as sentinel-1:26379,sentinel-2:26379")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
 
 
 @lru_cache(maxsize=1)

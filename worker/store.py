@@ -100,8 +100,6 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 from .clinics import SendWindow
 from .errors import ConfigError, NotFound
@@ -2281,19 +2279,14 @@ def _timeline_entry(key: str, rec: Mapping[str, str]) -> dict[str, Any]:
 
 
 def connect(url: str) -> redis.Redis:
-    """Return a Redis client that decodes replies to str and rides out a short outage.
+    """Return a client of the Redis at `url` that decodes replies to str and rides out a short
+    outage (worker/connections.py, profile WORKER; the service itself builds its clients with
+    `connections.client`, which also follows a Sentinel failover).
 
     Connection errors and timeouts are retried with jittered exponential backoff (about
     30 s in all). Every script is safe to run twice (claims hand back after the lease;
     begin and finish are idempotent for the same token; an apply checks what it read).
     """
-    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=25)
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        health_check_interval=30,
-        retry=retry,
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        socket_connect_timeout=5,
-        socket_timeout=30,
-    )
+    from .connections import from_url
+
+    return from_url(url)

@@ -59,10 +59,10 @@ def context() -> Context:
     with _context_lock:
         if _context is None:
             from .catalog import Catalog
+            from .connections import client
             from .dispatch import Context
-            from .embedded import redis_url
             from .rendering import Renderer
-            from .store import Store, connect
+            from .store import Store
             from .webhooks import hooks_for
 
             settings = get_settings()
@@ -70,7 +70,7 @@ def context() -> Context:
             _context = Context(
                 settings=settings,
                 store=Store(
-                    connect(redis_url(settings)),
+                    client(settings),
                     settings.key_prefix,
                     retention_days=settings.retention_days,
                     hooks=hooks_for(catalog.clinics),
@@ -136,11 +136,13 @@ def _warm_up_single_process(sender: Any = None, **_: object) -> None:
 @worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _serve_metrics(**_: object) -> None:
     """The worker's Prometheus port (worker/metrics.py), set up before the pool forks."""
-    from .embedded import redis_url
+    from .connections import PROBE, client
     from .metrics import start_worker_metrics
 
     settings = get_settings()
-    start_worker_metrics(redis_url(settings), settings.key_prefix, settings.data_dir,
+    # Scrapes give up quickly (a scrape must not hang); the client follows Sentinel too.
+    start_worker_metrics(client(settings, PROBE, decode=False), settings.key_prefix,
+                         settings.data_dir,
                          settings.metrics_host, settings.metrics_port)
 
 

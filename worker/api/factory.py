@@ -14,7 +14,6 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ..catalog import Catalog
-from ..embedded import redis_url
 from ..logs import configure
 from ..settings import Settings, get_settings
 from . import bookings, dead_letters, errors, ops, services
@@ -49,7 +48,7 @@ def create_app(settings: Settings | None = None, url: str | None = None) -> Fast
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.services = services.build(settings, catalog, url or redis_url(settings))
+    app.state.services = services.build(settings, catalog, url)
     errors.install(app)
     app.include_router(bookings.router)
     app.include_router(dead_letters.router)

@@ -13,9 +13,8 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
+from .. import connections
 from ..catalog import Catalog
 from ..keys import ApiKeys
 from ..metrics import ScheduleCollector
@@ -38,19 +37,13 @@ class Services:
 
 
 def api_client(url: str) -> redis.Redis:
-    """Return a Redis client with a short retry budget (about a second in all)."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        socket_connect_timeout=1,
-        socket_timeout=5,
-    )
+    """Return a client of the Redis at `url` with a short retry budget (about a second)."""
+    return connections.from_url(url, connections.API)
 
 
-def build(settings: Settings, catalog: Catalog, url: str) -> Services:
-    client = api_client(url)
+def build(settings: Settings, catalog: Catalog, url: str | None = None) -> Services:
+    """The app's services; Redis at `url`, else as the settings say (URL or Sentinel)."""
+    client = api_client(url) if url else connections.client(settings, connections.API)
     return Services(
         settings=settings,
         catalog=catalog,
