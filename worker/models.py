@@ -37,11 +37,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     Strict,
     StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
 )
 
 from .errors import BookingRejected
@@ -224,6 +226,10 @@ class Patient(BaseModel):
 
     name: Annotated[str, Strict(), Field(min_length=1, max_length=100),
                     AfterValidator(_plain_text)]
+    # What the messages greet the patient by ("María José", not the first word "María");
+    # unset: the first word of `name`. Validated as `name` is.
+    preferred_name: Annotated[str, Strict(), Field(min_length=1, max_length=100),
+                              AfterValidator(_plain_text)] | None = None
     email: Email | None = None
     phone: Phone | None = None
     timezone: Timezone
@@ -262,9 +268,20 @@ class Patient(BaseModel):
                 raise ValueError(f"{channel!r} needs patient.{contact}")
         return value
 
+    @model_serializer(mode="wrap")
+    def _without_unset_preferred_name(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A booking without a preferred name is stored as before the field existed (the
+        same document: re-submitting it changes nothing)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("preferred_name") is None:
+            data.pop("preferred_name", None)
+        return data
+
     @property
     def first_name(self) -> str:
-        return self.name.split()[0]
+        """What the messages greet the patient by: the preferred name, else the first word
+        of the name (templates: `patient_first_name`)."""
+        return self.preferred_name or self.name.split()[0]
 
     def contact(self, channel: Channel) -> str:
         """Return the address for `channel` (email address or E.164 phone)."""

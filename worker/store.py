@@ -774,6 +774,7 @@ for index = i, #ARGV do
       if #rm_lease > 0 then redis.call('ZREM', lease_key, unpack(refs(rm_lease, base))) end
       if #rm_dead > 0 then redis.call('ZREM', dead_key, unpack(refs(rm_dead, base))) end
       for _, e in ipairs(emits) do emit_event(prefix, clinic, e[1], e[2], e[3]) end
+      if unindex ~= '' then unindex_booking(prefix, clinic, booking_id, unindex) end
       -- Metrics (worker/metrics.py): reminders put into the schedule (new, moved or
       -- re-opened) and reminders the plan skips, one HINCRBY per channel.
       local tally = {}
