@@ -48,7 +48,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
                     r"\.[A-Za-z]{2,}")
 _PHONE = re.compile(r"(?:\+|%2B)\d[\d ]{5,17}\d")
-_URL_USER = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^\s/@]+@")
+_URL_USER = re.compile(r"\b([a-z][a-z0-9+.-]*://)(?![:*]*@)[^\s/@]+@")  # not if masked
 
 
 def scrub(text: str) -> str:

@@ -262,7 +262,12 @@ def start_worker_metrics(scrape: redis.Redis, prefix: str, data_dir: Path, host:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
     registry.register(ScheduleCollector(scrape, prefix))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        log.error("metrics: cannot serve on %s:%d (%s); this worker runs without its metrics "
+                  "port (the API's /metrics still shows the counters)", host, port, exc.strerror)
+        return None
     _server = server
     bound = cast(tuple[str, int], server.server_address[:2])
     log.info("metrics: serving Prometheus metrics on http://%s:%d/metrics", *bound)
