@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from worker.embedded import free_port
 from worker.connections import PROBE, from_url
+from worker.embedded import free_port
 from worker.metrics import QUEUES, ScheduleCollector, read_counters
 from worker.models import parse_booking
 from worker.planner import plan
