@@ -14,10 +14,10 @@ lines of the send path name the reminder's ref in the message itself.
 
 Who configures what: the Celery worker and beat through Celery's `setup_logging` signal
 (connected in worker/celery_app.py: Celery then leaves the root logger to us, its banner
-and warnings included: warnings are captured into the `py.warnings` logger, and in json
-mode the startup banner becomes one log line); the API (uvicorn) in `create_app`, which
-also routes uvicorn's own loggers through the same handler; the CLI's `run` supervisor
-likewise.
+and warnings included: warnings are captured into the `py.warnings` logger, the startup
+banners become one log line each, the shutdown notices lines of the format); the API
+(uvicorn) in `create_app`, which also routes uvicorn's own loggers through the same
+handler; the CLI's `run` supervisor likewise.
 
 Privacy. Patient phone numbers, email addresses and message bodies are logged at DEBUG
 at most; the code's INFO lines name reminders by ref only. As a safety net for lines the
@@ -183,12 +183,12 @@ def setup_celery(fmt: str, default_level: str) -> None:
 
     setup_logging.connect(on_setup_logging, weak=False)
     celeryd_init.connect(on_worker_init, weak=False)
-    if fmt == "json":
-        _banners_as_lines(fmt, default_level)
+    _banners_as_lines(fmt, default_level)
 
 
 def _banners_as_lines(fmt: str, default_level: str) -> None:
-    """json: Celery's startup banners (printed, many lines) become one log line each."""
+    """Celery's startup banners (printed, many lines) become one log line each, and its
+    shutdown notices lines of the format."""
     from celery.apps import worker as celery_worker
     from celery.apps.beat import Beat
     from celery.apps.worker import Worker
@@ -221,7 +221,8 @@ def _banners_as_lines(fmt: str, default_level: str) -> None:
         # Celery's shutdown notices, said from signal handlers with a bare write (no lock).
         record = logging.LogRecord("celery.apps.worker", logging.WARNING, __file__, 0,
                                    msg.strip(), None, None)
-        os.write(f.fileno(), (JsonFormatter().format(record) + "\n").encode())
+        formatter = JsonFormatter() if fmt == "json" else logging.Formatter(CELERY_FORMAT)
+        os.write(f.fileno(), (formatter.format(record) + "\n").encode())
 
     Worker.emit_banner = emit_banner
     Beat.run = run

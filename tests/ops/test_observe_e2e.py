@@ -257,6 +257,12 @@ def test_metrics_equal_what_happened_and_logs_hold_no_patient_data(
     else:
         assert re.search(r"^\[\S+ \S+: INFO/ForkPoolWorker-\d+\] send ok/OK-1/confirm:",
                          logs["w1"], re.M)
+        # Celery's banners are one line of the format too, not a block printed apart.
+        assert re.search(r"^\[\S+ \S+: INFO/MainProcess\] celery worker starting: w1@",
+                         logs["w1"], re.M) and "[queues]" in logs["w1"]
+        assert "\n.> transport:" not in logs["w1"] and "celery beat v" not in logs["beat"]
+        assert re.search(r"^\[\S+ \S+: INFO/MainProcess\] celery beat starting:", logs["beat"],
+                         re.M)
 
 
 def _get(url: str) -> int:
