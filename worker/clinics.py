@@ -125,6 +125,36 @@ class SmsSettings(BaseModel):
         return self
 
 
+class Inbound(BaseModel):
+    """Texts from patients (worker/api/inbound.py): how the SMS provider's requests are
+    trusted. With `twilio_auth_token` every request must carry Twilio's signature made with
+    it; without one, requests are refused unless `allow_unsigned = true` (development only:
+    anyone who knows the URL could then opt a number out)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "${NAME}": the account's auth token is read from the environment at request time.
+    twilio_auth_token: str | None = Field(None, pattern=r"^\$\{[A-Z_][A-Z0-9_]*\}$")
+    allow_unsigned: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Inbound:
+        if self.allow_unsigned and self.twilio_auth_token:
+            raise ValueError("allow_unsigned is for development without a twilio_auth_token; "
+                             "give one or the other")
+        return self
+
+    def auth_token(self, clinic: str, env: Mapping[str, str] | None = None) -> str | None:
+        """Return the auth token from the environment (None if none is configured)."""
+        if self.twilio_auth_token is None:
+            return None
+        name = self.twilio_auth_token[2:-1]
+        value = (os.environ if env is None else env).get(name)
+        if not value:
+            raise ConfigError(f"clinic {clinic}", f"environment variable {name} is not set")
+        return value
+
+
 class Clinic(BaseModel):
     """A clinic: who it is, how to reach it, when and how its patients are messaged."""
 
@@ -155,6 +185,8 @@ class Clinic(BaseModel):
     outbox: StrictBool | None = None
     # Signed webhooks to the clinic's booking software ([webhook] url, secret, events).
     webhook: Webhook | None = None
+    # Texts from patients: STOP, START, HELP, confirm and reschedule replies ([inbound]).
+    inbound: Inbound = Inbound()
     # sha256 hex digests of the clinic's API keys (issued by `reminders issue-key`).
     api_key_sha256: list[str] = []
 
@@ -206,6 +238,8 @@ class Clinic(BaseModel):
         names = {m for url in self.channels.values() for m in _ENV_REF.findall(url)}
         if self.webhook:
             names.add(self.webhook.secret[2:-1])
+        if self.inbound.twilio_auth_token:
+            names.add(self.inbound.twilio_auth_token[2:-1])
         return sorted(n for n in names if n not in env)
 
 

@@ -39,7 +39,7 @@ import smtplib
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,7 +47,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import apprise
 from apprise.attachment.memory import AttachMemory
@@ -463,7 +463,19 @@ def classify(
     return DeliveryError("the provider reported a failure")
 
 
-def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
+def with_headers(url: str, headers: Mapping[str, str]) -> str:
+    """Return `url` with extra message headers in Apprise's `+Name=value` form (its email
+    plugin puts each on the message; quoted, so "<https://...>" survives the URL)."""
+    if not headers:
+        return url
+    query = urlsplit(url).query
+    extra = "&".join(f"+{quote(name, safe='-')}={quote(value, safe='')}"
+                     for name, value in headers.items())
+    return url + ("&" if query else "?") + extra
+
+
+def send_apprise(url: str, message: RenderedMessage, timeout: float,
+                 headers: Mapping[str, str] | None = None) -> str:
     """Send one message through a fresh Apprise object; classify any failure.
 
     Safe to call from many threads at once: nothing here changes shared state.
@@ -471,7 +483,7 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float) -> str:
     # No service deadline: the plugin runs in this thread, bounded by its socket timeouts.
     notifier = apprise.Apprise(asset=apprise.AppriseAsset(service_timeout=0))
     try:
-        loaded = notifier.add(with_timeouts(url, timeout))
+        loaded = notifier.add(with_headers(with_timeouts(url, timeout), headers or {}))
     except Exception as exc:  # a malformed URL can raise inside a plugin's parser
         raise DeliveryError(
             f"Apprise cannot load the channel URL ({type(exc).__name__})", permanent=True
@@ -541,7 +553,8 @@ def warm_up() -> None:
     apprise.Apprise().add("json://127.0.0.1")
 
 
-def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now: datetime) -> Path:
+def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now: datetime,
+                 headers: Mapping[str, str] | None = None) -> Path:
     """Write one message to the outbox as a readable file; return its path."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{now:%Y%m%dT%H%M%S%f}-{_SAFE_NAME.sub('-', envelope.ref)}"
@@ -551,6 +564,8 @@ def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now
         mail["Subject"] = message.subject or ""
         mail["X-Reminder"] = envelope.ref
         mail["Date"] = now.strftime("%a, %d %b %Y %H:%M:%S +0000")
+        for name, value in (headers or {}).items():
+            mail[name] = value
         mail.set_content(message.text)
         if message.html is not None:
             mail.add_alternative(message.html, subtype="html")
@@ -586,13 +601,26 @@ def deliver(
     outbox: Path,
     timeout: float,
     now: datetime,
+    headers: Mapping[str, str] | None = None,
 ) -> str:
-    """Send `message`: through Apprise if the clinic has a URL for the channel, else the outbox."""
+    """Send `message`: through Apprise if the clinic has a URL for the channel, else the outbox.
+
+    `headers`: extra email headers (List-Unsubscribe); other channels take none.
+    """
+    if envelope.channel != "email":
+        headers = None
     if url is None:
         try:
-            return f"written to the outbox as {write_outbox(outbox, envelope, message, now).name}"
+            path = write_outbox(outbox, envelope, message, now, headers)
+            return f"written to the outbox as {path.name}"
         except OSError as exc:
             raise DeliveryError(
                 f"cannot write to the outbox ({exc.strerror})", permanent=False
             ) from None
-    return send_apprise(url, message, timeout)
+    return send_apprise(url, message, timeout, headers if _is_email_url(url) else None)
+
+
+def _is_email_url(url: str) -> bool:
+    """Whether Apprise sends `url` with its email plugin (where `+Name=value` is a header;
+    on another service it would be something else, an HTTP header of a webhook)."""
+    return url.split("://", 1)[0].lower() in ("mailto", "mailtos")

@@ -86,6 +86,7 @@ from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import Booking, Channel
 from .notices import notice_and_invite
+from .optout import contact_hash, critical_steps, make_token
 from .planner import SendTime, at_send_time, next_opening
 from .pump import Keys, sender_member
 from .rendering import RenderedMessage, Renderer
@@ -180,7 +181,8 @@ def attempt(
     deadline = started + soft - 1
     token = uuid.uuid4().hex
     try:
-        verdict = store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000)
+        verdict = store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000,
+                                   critical=critical_steps(ctx.catalog))
     finally:
         if begun:
             begun()
@@ -193,17 +195,17 @@ def attempt(
             return "requeued"
         log.info("send %s: the attempt in flight finished meanwhile; dropped", ref)
         return "dropped: finished meanwhile"
-    if verdict != "ok":
+    if verdict not in ("ok", "ok sms"):
         log.info("send %s: dropped (%s)", ref, verdict)
         return f"dropped: {verdict}"
     watch = watchdog.watch(ref, started + hard) if watchdog else contextlib.nullcontext()
     with watch:
         return _send(ctx, ref, Attempt(version=version, claim=claim, token=token), started,
-                     deadline, guard)
+                     deadline, guard, via_sms=verdict == "ok sms")
 
 
 def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: float,
-          guard: Lanes | None = None) -> str:
+          guard: Lanes | None = None, *, via_sms: bool = False) -> str:
     """The rest of an attempt that holds the ledger: rules, render, deliver, record."""
     settings, store = ctx.settings, ctx.store
     now = datetime.now(UTC)
@@ -220,8 +222,11 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(store, ref, attempt, rule, entry)
-        url, envelope, message = _render(ctx, ref, record, booking, now, stored_booking)
-        if not store.still_owned(ref, attempt):
+        url, envelope, message, headers = _render(ctx, ref, record, booking, now,
+                                                  stored_booking, via_sms=via_sms)
+        if via_sms:
+            entry["via"] = "sms: the patient unsubscribed from email; a care-critical step"
+        if not store.still_owned(ref, attempt, send_to=(envelope.channel, envelope.to)):
             # The clinic's change landed since begin: do not hand it over at all.
             result = store.finish(ref, attempt, "abandon", at=now, entry=entry)
             log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
@@ -242,7 +247,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
     handing = guard.handing_over(ref, attempt, entry, started) if guard else None
     channel, delivered, handed = str(record.get("channel")), "failed", time.monotonic()
     try:
-        detail = deliver(url, envelope, message, outbox=settings.outbox,
+        detail = deliver(url, envelope, message, headers=headers, outbox=settings.outbox,
                          timeout=settings.send_timeout_seconds, now=now)
         delivered = "sent"
     except DeliveryError as exc:
@@ -327,19 +332,30 @@ def _hold_back(
 
 def _render(
     ctx: Context, ref: str, record: dict[str, str], booking: Booking, now: datetime,
-    stored: dict[str, str] | None = None,
-) -> tuple[str | None, Envelope, RenderedMessage]:
-    """Return (Apprise URL or None for the outbox, envelope, message); problems of the
-    configuration or the templates are permanent DeliveryErrors. `stored`: the booking's
-    fields (the calendar invite's sequence, what a change notice says)."""
+    stored: dict[str, str] | None = None, *, via_sms: bool = False,
+) -> tuple[str | None, Envelope, RenderedMessage, dict[str, str]]:
+    """Return (Apprise URL or None for the outbox, envelope, message, extra headers);
+    problems of the configuration or the templates are permanent DeliveryErrors. `stored`:
+    the booking's fields (the calendar invite's sequence, what a change notice says).
+
+    `via_sms`: an email reminder of a care-critical step goes by SMS (the patient
+    unsubscribed from email). An email carries its unsubscribe link in the footer and in
+    the List-Unsubscribe headers (RFC 2369, RFC 8058 one-click).
+    """
     clinic_id, booking_id, _ = split_ref(ref)
     clinic = ctx.catalog.clinics.get(clinic_id)
     protocol = ctx.catalog.protocols.get(booking.treatment)
     if clinic is None or protocol is None:
         raise DeliveryError("clinic or protocol no longer configured", permanent=True)
-    channel = cast(Channel, record["channel"])
+    channel = "sms" if via_sms else cast(Channel, record["channel"])
     plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
+    headers: dict[str, str] = {}
+    unsubscribe: str | None = None
     try:
+        to = booking.patient.contact(channel)
+        if channel == "email":
+            unsubscribe = unsubscribe_link(ctx, clinic_id, to)
+            headers = unsubscribe_headers(unsubscribe)
         message = ctx.renderer.render(
             template=record["template"],
             channel=channel,
@@ -351,8 +367,8 @@ def _render(
             plan_dates=plan_dates,
             now=now,
             **notice_and_invite(record, channel, booking, protocol, stored or {}, now),
+            unsubscribe_url=unsubscribe,
         )
-        to = booking.patient.contact(channel)
         url = clinic.delivery_url(channel, to)
     except ConfigError as exc:
         raise DeliveryError(str(exc), permanent=True) from None
@@ -360,11 +376,26 @@ def _render(
         raise DeliveryError(f"the patient has no {channel} contact", permanent=True) from None
     except SoftTimeLimitExceeded:
         raise
+    except redis.RedisError:
+        raise
     except Exception as exc:  # a template that fails to render cannot succeed on retry
         raise DeliveryError(
             f"cannot render {record['template']} ({type(exc).__name__})", permanent=True
         ) from None
-    return url, Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to), message
+    return url, Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to), message, headers
+
+
+def unsubscribe_link(ctx: Context, clinic: str, to: str) -> str:
+    """Return the unsubscribe URL of `to` at `clinic` (its id noted in Redis for the route)."""
+    secret = ctx.settings.unsubscribe_key()
+    token = make_token(secret, clinic, "email", to)
+    ctx.store.remember_unsubscribe(clinic, contact_hash(secret, "email", to), "email", to)
+    return f"{ctx.settings.public_base_url}/v1/unsubscribe/{token}"
+
+
+def unsubscribe_headers(url: str) -> dict[str, str]:
+    """RFC 2369 List-Unsubscribe and RFC 8058 one-click List-Unsubscribe-Post."""
+    return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
 def _failed(

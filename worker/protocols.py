@@ -112,6 +112,9 @@ class Step(BaseModel):
     # It tells the patient to pause a product before the visit: once it went out, a move or
     # a cancel tells the patient until when they may go on with it, or that they may resume.
     pause: StrictBool = False
+    # Care-critical: its words protect the patient's safety. A patient who unsubscribed
+    # from email still gets it, by SMS, when they allow SMS (worker/optout.py).
+    care_critical: StrictBool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> Step:

@@ -29,6 +29,7 @@ Variables (all dates and times in the patient's timezone, in the message's varia
     region                  the variant's region ("GB", "US", "ES") or None
     number(x)               x formatted for the variant ("0.025" / "0,025")
     temperature(celsius)    "38 °C" / "100.4 °F" (US); in SMS "38C" / "100.4F" (GSM-7)
+    unsubscribe_url         the patient's email unsubscribe link ("" in previews)
   Change notices (templates `rescheduled`, `cancelled`; worker/notices.py); elsewhere
   None / false:
     previous_when, previous_date_short   the appointment before a move
@@ -205,16 +206,19 @@ class Renderer:
         protocol: Protocol, occurrence: int, due_at: datetime,
         plan_dates: Mapping[str, datetime] | None = None, now: datetime | None = None,
         notice: Notice | None = None, invite: Invite | None = None,
+        unsubscribe_url: str | None = None,
     ) -> RenderedMessage:
         """Render `template` for `channel`; raise ConfigError naming the file at fault.
 
         `now`: the moment of sending; words such as "tomorrow" count from it (default: due_at).
         `notice`: what a change notice says. `invite`: an email carries the calendar invite.
+        `unsubscribe_url`: the patient's email unsubscribe link (the email footer shows it).
         """
         variant = self.variant(booking.patient.locale, clinic)
         context = self.context(booking=booking, clinic=clinic, protocol=protocol,
                                occurrence=occurrence, due_at=due_at, plan_dates=plan_dates,
                                now=now, channel=channel, notice=notice)
+        context["unsubscribe_url"] = unsubscribe_url or ""
         advice: Advice = context["advice"]
 
         def part(name: str) -> str:

@@ -105,6 +105,7 @@ from .clinics import SendWindow
 from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices
+from .optout import normal_contact
 from .planner import Plan, cap_plan
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
@@ -130,6 +131,10 @@ STATUS_OF: dict[str, str] = {code: str(status) for status, code in STATUS_CODE.i
 REMINDER_SLOTS = ("status", "version", "planned", "due", "expires", "note", "template", "flags",
                   "reason")
 ATTEMPT_SLOTS = ("claim", "attempts", "tok", "sent_at", "sent_version", "last_error")
+
+
+# A patient's replies by SMS, kept on the booking and shown on its timeline (epoch seconds).
+REPLY_FIELDS = ("confirmed_at", "call_requested_at")
 
 
 class StoreLayoutError(ConfigError):
@@ -218,6 +223,36 @@ local function step_of(key) return string.match(key, '^[^#:]*') end
 local function count_metric(prefix, what, clinic, key, n)
   local channel = string.match(key, ':([^:]*)$') or ''
   redis.call('HINCRBY', prefix .. ':metrics', what .. '|' .. clinic .. '|' .. channel, n or 1)
+end
+local function channel_of(key) return string.match(key, ':([^:]*)$') end
+-- The patient's address for a channel, as opt-outs are kept (worker/optout.py
+-- `normal_contact`): an email address in lower case, a phone as stored. nil if none.
+local function contact_of(doc, channel)
+  if not doc then return nil end
+  local ok, b = pcall(cjson.decode, doc)
+  if not ok or type(b) ~= 'table' or type(b['patient']) ~= 'table' then return nil end
+  local p = b['patient']
+  local value = p[channel == 'email' and 'email' or 'phone']
+  if type(value) ~= 'string' then return nil end
+  if channel == 'email' then value = string.lower(value) end
+  return value, b, p
+end
+-- Whether the patient allows `channel` (consented, an address, and not opted out).
+local function allows(optkey, doc_table, patient, channel)
+  local value = patient[channel == 'email' and 'email' or 'phone']
+  if type(value) ~= 'string' then return false end
+  if channel == 'email' then value = string.lower(value) end
+  local listed = false
+  for _, c in ipairs(patient['channels'] or {}) do
+    if c == channel then listed = true end
+  end
+  return listed and redis.call('HEXISTS', optkey, channel .. ':' .. value) == 0
+end
+-- Whether `critical` (space-separated "<treatment>/<step>") names this reminder's step.
+local function is_critical(critical, doc_table, key)
+  if critical == '' or type(doc_table['treatment']) ~= 'string' then return false end
+  local what = doc_table['treatment'] .. '/' .. step_of(key)
+  return string.find(' ' .. critical .. ' ', ' ' .. what .. ' ', 1, true) ~= nil
 end
 -- Clinic events (worker/webhooks.py): `hooks` is the space-separated list of what the
 -- clinic takes ("reminder.sent ... alert").
@@ -359,14 +394,27 @@ return out
 # Returns "ok" or why the task is dropped. A dropped task whose claim still owns the
 # reminder settles it: nothing is left `sending` without an owner.
 _BEGIN_SEND = """
-local bkey, lkey, lease_key = KEYS[1], KEYS[2], KEYS[3]
+local bkey, lkey, lease_key, dkey, optkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local key, version, claim, token, ledger_ms, ref = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6]
+local critical, hooks, prefix = ARGV[7] or '', ARGV[8] or '', ARGV[9] or ''
 local r, a = load(bkey, key)
 if not r then return 'gone' end
 local status = r[R_ST]
 local ledger = redis.call('GET', lkey)
-if a[A_TOK] == token and ledger == token and status == ST_SENDING then return 'ok' end
+if a[A_TOK] == token and ledger == token and status == ST_SENDING then
+  -- The same attempt again (a client retry): the same answer, the SMS fallback included.
+  local channel = channel_of(key)
+  if channel == 'email' and redis.call('EXISTS', optkey) == 1 then
+    local contact, doc_table, patient = contact_of(redis.call('GET', dkey), channel)
+    if contact and redis.call('HEXISTS', optkey, 'email:' .. contact) == 1
+        and is_critical(critical, doc_table, key) and allows(optkey, doc_table, patient, 'sms')
+    then
+      return 'ok sms'
+    end
+  end
+  return 'ok'
+end
 if r[R_VER] ~= version then return 'version moved' end
 if a[A_CLAIM] ~= claim then return 'stale claim' end
 if status ~= ST_SENDING then return 'status ' .. status end
@@ -394,11 +442,40 @@ if ledger == 'sent' then
   return 'already sent'
 end
 if ledger then return 'in flight' end
+-- The patient's opt-out, checked in this same step (worker/optout.py): an opted-out
+-- address is never sent to. An email of a care-critical step goes by SMS instead when
+-- the patient allows SMS ('ok sms').
+local verdict = 'ok'
+if redis.call('EXISTS', optkey) == 1 then
+  local channel = channel_of(key)
+  local contact, doc_table, patient = contact_of(redis.call('GET', dkey), channel)
+  local why = contact and redis.call('HGET', optkey, channel .. ':' .. contact)
+  if why then
+    if channel == 'email' and is_critical(critical, doc_table, key)
+        and allows(optkey, doc_table, patient, 'sms') then
+      verdict = 'ok sms'
+    else
+      redis.call('ZREM', lease_key, ref)
+      r[R_ST] = ST_SKIPPED
+      r[R_WHY] = inline('opted_out: ' .. why)
+      save(bkey, key, r, a)
+      if wants(hooks, 'reminder.skipped') then
+        local clinic, booking_id = parse_ref(ref)
+        emit_event(prefix, clinic, 'webhook', 'reminder.skipped',
+          {booking_id = booking_id, reminder = key, step = step_of(key), channel = channel,
+           version = tonumber(r[R_VER]), due_at = tonumber(r[R_DUE] ~= '' and r[R_DUE]
+           or r[R_PLAN]), attempts = tonumber(a[A_TRIES]) or 0,
+           reason = 'opted_out: ' .. why})
+      end
+      return 'opted out'
+    end
+  end
+end
 redis.call('SET', lkey, token, 'PX', ledger_ms)
 a[A_TOK] = token
 a[A_TRIES] = add(a[A_TRIES], 1)
 save(bkey, key, r, a)
-return 'ok'
+return verdict
 """
 
 # Finish an attempt: sent, retry, unknown, failed, defer (outside the send window) or skip
@@ -645,6 +722,66 @@ if adds ~= '' then
 end
 keep_booking(prefix, clinic, booking_id, redis_now() + retention)
 return 'cancelled'
+"""
+
+# A patient's opt-out of one channel at one clinic (worker/optout.py), in one step: the
+# address is recorded as opted out (the send-time check in _BEGIN_SEND reads it), and
+# every reminder of that channel still to be sent in the given bookings of that address is
+# skipped with the reason. One already being sent is skipped too: its attempt finds itself
+# overtaken before the hand-over (nothing is sent), or, past it, its delivery is recorded
+# as sent. An email of a care-critical step is left to go by SMS when the patient allows
+# SMS. mode 'in' removes the opt-out (reminders skipped stay skipped: a later change of the
+# booking plans them again). Returns {number skipped, booking ids touched...}.
+_OPT_OUT = """
+local optkey, due_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
+local prefix, clinic, channel, contact, why, mode, hooks, critical =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local field = channel .. ':' .. contact
+if mode == 'in' then
+  return {redis.call('HDEL', optkey, field)}
+end
+redis.call('HSET', optkey, field, why)
+local skipped, touched = 0, {}
+for n = 9, #ARGV do
+  local booking_id = ARGV[n]
+  local base = clinic .. '/' .. booking_id
+  local bkey = prefix .. ':b:' .. base
+  local found, doc_table, patient = contact_of(redis.call('GET', prefix .. ':d:' .. base),
+    channel)
+  if found == contact then
+    local flat = redis.call('HGETALL', bkey)
+    local any = false
+    for i = 1, #flat, 2 do
+      local key = flat[i]
+      if is_reminder(key) and channel_of(key) == channel then
+        local r, a = load(bkey, key)
+        local fallback = channel == 'email' and is_critical(critical, doc_table, key)
+          and allows(optkey, doc_table, patient, 'sms')
+        if is_pending(r[R_ST]) and not fallback then
+          local ref = base .. '/' .. key
+          r[R_ST] = ST_SKIPPED
+          r[R_WHY] = inline('opted_out: ' .. why)
+          save(bkey, key, r, a)
+          redis.call('ZREM', due_key, ref)
+          redis.call('ZREM', lease_key, ref)
+          skipped = skipped + 1
+          any = true
+          if wants(hooks, 'reminder.skipped') then
+            emit_event(prefix, clinic, 'webhook', 'reminder.skipped',
+              {booking_id = booking_id, reminder = key, step = step_of(key),
+               channel = channel, version = tonumber(r[R_VER]),
+               due_at = tonumber(r[R_DUE] ~= '' and r[R_DUE] or r[R_PLAN]),
+               attempts = tonumber(a[A_TRIES]) or 0, reason = 'opted_out: ' .. why})
+          end
+        end
+      end
+    end
+    if any then table.insert(touched, booking_id) end
+  end
+end
+local out = {skipped}
+for _, b in ipairs(touched) do table.insert(out, b) end
+return out
 """
 
 # Replay a dead letter now, or purge it from the dead letters, keeping it `failed`.
@@ -1112,6 +1249,7 @@ class Store:
         self._requeue = script(_PRELUDE + _REQUEUE)
         self._cancel = script(_PRELUDE + _CANCEL)
         self._revive = script(_PRELUDE + _REVIVE)
+        self._opt_out = script(_PRELUDE + _OPT_OUT)
         self._apply = script(_PRELUDE + _APPLY)
         self._layout_ok = False
         self._ids: dict[str, str] = {}  # text -> its id (known not to collide)
@@ -1134,6 +1272,11 @@ class Store:
 
     def bookings_key(self, clinic: str) -> str:
         return f"{self.prefix}:bookings:{clinic}"
+
+    def optout_key(self, clinic: str) -> str:
+        """HASH "<channel>:<address>" -> why (the patient's words and when) of opted-out
+        addresses (worker/optout.py): kept until the patient opts in again."""
+        return f"{self.prefix}:optout:{clinic}"
 
     # --- layout ----------------------------------------------------------------------
 
@@ -1803,6 +1946,7 @@ class Store:
             "status": str(status),
             "version": int(booking["version"]),
             "hold_reason": booking.get("hold_reason") or None,
+            **{name: _iso(booking[name]) for name in REPLY_FIELDS if booking.get(name)},
             "reminders": reminders,
         }
 
@@ -1827,16 +1971,24 @@ class Store:
 
     # --- sending ---------------------------------------------------------------------
 
-    def begin_send(self, ref: str, version: str, claim: str, token: str, ledger_ms: int) -> str:
-        """Fence the task and take the ledger; return "ok" or why to drop the task."""
+    def begin_send(self, ref: str, version: str, claim: str, token: str, ledger_ms: int,
+                   *, critical: str = "") -> str:
+        """Fence the task, check the patient's opt-out and take the ledger; return "ok",
+        "ok sms" (an email of a care-critical step to send by SMS: the patient unsubscribed
+        from email) or why to drop the task ("opted out": skipped with the reason).
+
+        `critical`: the care-critical steps, space-separated "<treatment>/<step>".
+        """
         if "|" in token:
             raise ValueError("an attempt's token must not contain '|'")
         self._ready()
         clinic, booking_id, key = split_ref(ref)
         return str(
             self._begin(
-                keys=[self.booking_key(clinic, booking_id), self.ledger_key(ref), self.lease_key],
-                args=[key, version, claim, token, ledger_ms, ref],
+                keys=[self.booking_key(clinic, booking_id), self.ledger_key(ref), self.lease_key,
+                      self.doc_key(clinic, booking_id), self.optout_key(clinic)],
+                args=[key, version, claim, token, ledger_ms, ref, critical,
+                      self._hooks(clinic), self.prefix],
             )
         )
 
@@ -1989,15 +2141,21 @@ class Store:
     ) -> str:
         return self.finish(ref, attempt, "skip", fields={"reason": reason}, entry=entry)
 
-    def still_owned(self, ref: str, attempt: Attempt) -> bool:
-        """Return whether `attempt` still owns the reminder (checked just before sending)."""
+    def still_owned(self, ref: str, attempt: Attempt,
+                    send_to: tuple[str, str] | None = None) -> bool:
+        """Return whether `attempt` still owns the reminder (checked just before sending),
+        and, given `send_to` (channel, address), whether that address is not opted out."""
         self._ready()
         clinic, booking_id, key = split_ref(ref)
-        main, extra, booking, version = cast(
-            list[str | None],
-            self.redis.hmget(self.booking_key(clinic, booking_id),
-                             [key, key + "+", "status", "version"]),
-        )
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hmget(self.booking_key(clinic, booking_id), [key, key + "+", "status", "version"])
+        if send_to is not None:
+            channel, contact = send_to
+            pipe.hexists(self.optout_key(clinic), f"{channel}:{normal_contact(channel, contact)}")
+        replies = pipe.execute()
+        if send_to is not None and replies[1]:
+            return False
+        main, extra, booking, version = cast(list[str | None], replies[0])
         r = _split(main, len(REMINDER_SLOTS))
         a = _split(extra, len(ATTEMPT_SLOTS))
         # A cancelled booking sends only the notice of its cancel (as _BEGIN_SEND).
@@ -2133,6 +2291,97 @@ class Store:
             "leased": int(self.redis.zcard(self.lease_key)),
             "dead_letters": int(self.redis.zcard(self.dead_key)),
         }
+
+    # --- patients' controls: opt-outs, replies (worker/optout.py, worker/api/inbound.py) ---
+
+    def contact_bookings(self, clinic: str, channel: str, contact: str) -> list[str]:
+        """Return the ids of the clinic's bookings whose patient has this address (the
+        contact index: `bookings_for_contact`)."""
+        if channel == "email":
+            return self.bookings_for_contact(clinic, email=contact)
+        return self.bookings_for_contact(clinic, phone=contact)
+
+    def opt_out(self, clinic: str, channel: str, contact: str, why: str,
+                *, critical: str = "") -> tuple[int, list[str]]:
+        """Opt `contact` out of `channel` at `clinic` now, in one atomic step (see _OPT_OUT);
+        return (reminders skipped, booking ids whose reminders were skipped).
+
+        `why` is the reason's text after "opted_out: " (the patient's words and when).
+        `critical`: the care-critical steps ("<treatment>/<step>" ...) whose emails go by SMS.
+        """
+        self._ready()
+        contact = normal_contact(channel, contact)
+        bookings = self.contact_bookings(clinic, channel, contact)
+        reply = self._opt_out(
+            keys=[self.optout_key(clinic), self.due_key, self.lease_key],
+            args=[self.prefix, clinic, channel, contact, why, "out", self._hooks(clinic),
+                  critical, *bookings],
+        )
+        return int(reply[0]), [str(b) for b in reply[1:]]
+
+    def opt_in(self, clinic: str, channel: str, contact: str) -> bool:
+        """Remove the opt-out of `contact` from `channel` at `clinic`; return whether it was."""
+        self._ready()
+        reply = self._opt_out(
+            keys=[self.optout_key(clinic), self.due_key, self.lease_key],
+            args=[self.prefix, clinic, channel, normal_contact(channel, contact), "", "in", "",
+                  ""],
+        )
+        return bool(int(reply[0]))
+
+    def opted_out(self, clinic: str, channel: str, contact: str) -> str | None:
+        """Return why `contact` is opted out of `channel` at `clinic`, or None."""
+        field = f"{channel}:{normal_contact(channel, contact)}"
+        return cast(str | None, self.redis.hget(self.optout_key(clinic), field))
+
+    def first_in(self, what: str, seconds: int) -> bool:
+        """Return True the first time `what` is asked within `seconds` (SET NX EX)."""
+        return bool(self.redis.set(f"{self.prefix}:once:{what}", "1", nx=True, ex=seconds))
+
+    def remember_unsubscribe(self, clinic: str, token_id: str, channel: str, contact: str) -> None:
+        """Note which address an unsubscribe link's id stands for (read by the route)."""
+        self.redis.hset(f"{self.prefix}:unsub:{clinic}", token_id,
+                        f"{channel}:{normal_contact(channel, contact)}")
+
+    def unsubscribe_address(self, clinic: str, token_id: str) -> tuple[str, str] | None:
+        """Return (channel, address) an unsubscribe link's id stands for, or None."""
+        value = cast(str | None, self.redis.hget(f"{self.prefix}:unsub:{clinic}", token_id))
+        if value is None:
+            return None
+        channel, _, contact = value.partition(":")
+        return channel, contact
+
+    def note_reply(self, clinic: str, booking_id: str, field: str, when: datetime,
+                   reply: str) -> bool:
+        """Record a patient's reply on a booking (`field`: `confirmed_at`, `call_requested_at`,
+        or "" for none) and
+        tell the clinic (`patient.replied`, and for a call request the clinic's email), in
+        one step; return False if the booking is gone."""
+        self._ready()
+        bkey = self.booking_key(clinic, booking_id)
+        hooks = self._hooks(clinic).split()
+        doc = self.redis.get(self.doc_key(clinic, booking_id))
+        if doc is None or not self.redis.exists(bkey):
+            return False
+        booking = json.loads(doc)
+        pipe = self.redis.pipeline(transaction=True)
+        if field:
+            pipe.hset(bkey, field, _num(when.timestamp()))
+        version = int(cast(str, self.redis.hget(bkey, "version")) or 0)
+        fields = {"booking_id": booking_id, "version": version, "reply": reply,
+                  "received_at": when.timestamp()}
+        from .webhooks import Events
+
+        events = Events(self.redis, self.prefix)
+        if "patient.replied" in hooks:
+            events.emit(clinic, "webhook", "patient.replied", fields, pipe=pipe)
+        if reply == "reschedule" and "alert" in hooks:
+            starts = datetime.fromisoformat(booking["starts_at"]).timestamp()
+            events.emit(clinic, "alert", "patient.replied",
+                        fields | {"treatment": booking.get("treatment", ""),
+                                  "starts_at": starts}, pipe=pipe)
+        pipe.execute()
+        return True
 
     # --- read-only: the clinic's booking list, for the HTTP API (worker/api/bookings.py) ----
     # Added for GET /v1/bookings; reads only, layout knowledge kept here with the rest.

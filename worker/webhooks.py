@@ -1,9 +1,10 @@
 """Telling the clinic: signed webhooks and the held-booking alert, delivered at least once.
 
 An event (`reminder.sent`, `reminder.failed`, `reminder.skipped`, `booking.held`,
-`booking.completed`) is written by the same atomic step that changes the state it reports
-(the store's Lua scripts call `emit_event`; the upsert queues the emit script inside its
-MULTI), so an event is never lost and never made up. Events wait in their own schedule:
+`booking.completed`, `patient.replied`) is written by the same atomic step that changes the
+state it reports (the store's Lua scripts call `emit_event`; the upsert queues the emit
+script inside its MULTI; a patient's reply is recorded with its events in one MULTI), so an
+event is never lost and never made up. Events wait in their own schedule:
 
   P:ev:seq        STR   event id counter
   P:ev:<id>       HASH  clinic, kind (webhook | alert), type, body (JSON), attempts, claim,
@@ -58,6 +59,7 @@ EVENT_TYPES = (
     "reminder.skipped",
     "booking.held",
     "booking.completed",
+    "patient.replied",
 )
 SIGNATURE_HEADER = "Reminders-Signature"
 SIGNATURE_TOLERANCE_SECONDS = 300

@@ -16,14 +16,16 @@ from fastapi.openapi.utils import get_openapi
 from ..catalog import Catalog
 from ..logs import configure
 from ..settings import Settings, get_settings
-from . import bookings, dead_letters, errors, ops, services
+from . import bookings, dead_letters, errors, inbound, ops, services, unsubscribe
 from .bookings import MAX_BATCH
 from .metrics import MetricsMiddleware
 from .schemas import booking_schemas, replay_schema
 
 DESCRIPTION = """
 The clinic's door to Aftercare reminders: store bookings, read their timelines, cancel,
-release held ones, replay dead letters.
+release held ones, replay dead letters. Two routes are the patients', without a key:
+the SMS provider's inbound webhook (STOP, START, HELP, confirm and reschedule replies;
+signature checked) and the email unsubscribe link.
 
 Authenticate with `Authorization: Bearer <key>` (a key from
 `reminders keys issue --clinic <clinic>`). The key decides the clinic: a clinic sees and
@@ -53,6 +55,8 @@ def create_app(settings: Settings | None = None, url: str | None = None) -> Fast
     app.include_router(bookings.router)
     app.include_router(dead_letters.router)
     app.include_router(ops.router)
+    app.include_router(inbound.router)
+    app.include_router(unsubscribe.router)
     # Added last = outermost: metrics see every answer, including the catch-all's 500.
     app.add_middleware(errors.CatchAll)
     app.add_middleware(MetricsMiddleware, metrics=app.state.services.metrics)

@@ -1,0 +1,336 @@
+"""Texts from patients and email unsubscribe, over real HTTP (uvicorn on a loopback port)
+against a real Redis: Twilio-signed form posts, TwiML answers, the state they change."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlencode
+from xml.etree import ElementTree
+
+import pytest
+
+from tests.api.conftest import future_booking
+from tests.conftest import ROOT
+from worker.api.inbound import reply_text
+from worker.clinics import Clinic
+from worker.dispatch import unsubscribe_link
+from worker.optout import twilio_signature
+from worker.sms import is_gsm7
+from worker.webhooks import Events
+
+PUBLIC = "https://reminders.example/base"
+TOKEN = "twilio-auth-token-for-tests"
+SECRET = "unsubscribe-secret-for-tests"
+ANA = "+34600111222"
+EVA = "+34600333444"
+
+
+def write_config(folder: Path) -> Path:
+    shutil.copytree(ROOT / "config" / "protocols", folder / "protocols")
+    (folder / "clinics").mkdir()
+    common = """
+phone = "+34910000000"
+email = "clinic@tw.example"
+timezone = "Europe/Madrid"
+locale = "en"
+outbox = true
+[webhook]
+url = "http://127.0.0.1:9/hooks"
+secret = "${TW_HOOK_SECRET}"
+"""
+    (folder / "clinics" / "tw.toml").write_text(
+        'name = "Piel & Co <Madrid>"\n' + common
+        + '[inbound]\ntwilio_auth_token = "${TW_AUTH_TOKEN}"\n', encoding="utf-8")
+    (folder / "clinics" / "dev.toml").write_text(
+        'name = "Dev Clinic"\n' + common + "[inbound]\nallow_unsigned = true\n",
+        encoding="utf-8")
+    (folder / "clinics" / "plain.toml").write_text(
+        'name = "Plain Clinic"\n' + common, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def server(serve, tmp_path, monkeypatch):
+    monkeypatch.setenv("TW_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("TW_HOOK_SECRET", "hook-secret")
+    return serve(config_dir=write_config(tmp_path / "config"), public_url=PUBLIC,
+                 unsubscribe_secret=SECRET, data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def tw(server):
+    with server.client(server.issue_key("tw")) as client:
+        yield client
+
+
+def book(client, booking_id: str, phone: str = ANA, email: str = "ana@example.com",
+         **changes: Any) -> dict[str, Any]:
+    doc = future_booking(booking_id, clinic="tw", **changes)
+    doc["patient"] = doc["patient"] | {"phone": phone, "email": email, "locale": "en"}
+    answer = client.put(f"/v1/bookings/{booking_id}", json=doc)
+    assert answer.status_code == 201, answer.text
+    return answer.json()
+
+
+def text(server, body: str, *, clinic: str = "tw", sender: str = ANA, sign: bool = True,
+         signature: str | None = None, extra: dict[str, str] | None = None):
+    """POST what Twilio posts for an inbound SMS, signed as Twilio signs it."""
+    form = {"MessageSid": "SM" + "0" * 32, "AccountSid": "AC" + "1" * 32, "From": sender,
+            "To": "+34910000000", "Body": body, "NumMedia": "0"} | (extra or {})
+    path = f"/v1/inbound/sms/{clinic}"
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if sign:
+        headers["X-Twilio-Signature"] = signature or twilio_signature(
+            TOKEN, PUBLIC + path, list(form.items()))
+    with server.client() as client:
+        return client.post(path, content=urlencode(form), headers=headers)
+
+
+def message_of(answer) -> str | None:
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("application/xml")
+    root = ElementTree.fromstring(answer.content)
+    assert root.tag == "Response"
+    found = root.findall("Message")
+    assert len(found) <= 1
+    return found[0].text if found else None
+
+
+def reminders(client, booking_id: str) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r for r in client.get(f"/v1/bookings/{booking_id}").json()["reminders"]}
+
+
+def events(server) -> list[Any]:
+    return Events(server.app.state.services.redis, server.settings.key_prefix).pending("tw")
+
+
+# --- STOP -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", ["STOP", "stop.", "Please STOP texting me", "opt out",
+                                  "Quiero darme de BAJA", "Cancelar"])
+def test_stop_opts_the_number_out_of_every_booking_at_once(server, tw, body):
+    book(tw, "A-1")
+    book(tw, "A-2", days=30)
+    book(tw, "E-1", phone=EVA, email="eva@example.com")
+    before = reminders(tw, "A-1")
+    assert any(r["channel"] == "sms" and r["status"] == "scheduled" for r in before.values())
+
+    reply = message_of(text(server, body))
+    assert reply is not None and "Reply START" in reply and "+34910000000" in reply
+    assert "Piel & Co <Madrid>" in reply  # the XML escaping round trip
+
+    for booking_id in ("A-1", "A-2"):
+        for r in reminders(tw, booking_id).values():
+            if r["channel"] == "sms":
+                assert r["status"] == "skipped", r
+                assert r["reason"].startswith("opted_out: the patient replied STOP by SMS at ")
+            else:
+                assert r["status"] == "scheduled", r  # email is another channel
+    # Nothing of theirs is due any more by SMS; Eva's number is untouched.
+    store = server.app.state.services.store
+    due = store.redis.zrange(store.due_key, 0, -1)
+    assert not [ref for ref in due if ref.startswith(("tw/A-1/", "tw/A-2/"))
+                and ref.endswith(":sms")]
+    assert all(r["status"] == "scheduled" for r in reminders(tw, "E-1").values())
+    assert store.opted_out("tw", "sms", ANA).startswith("the patient replied STOP")
+    # The clinic hears of it without the number or the words.
+    replied = [e for e in events(server) if e.type == "patient.replied"]
+    assert {e.fields["booking_id"] for e in replied} == {"A-1", "A-2"}
+    assert all(e.fields["reply"] == "stop" for e in replied)
+    # (The reason names the keyword "STOP" itself, never the patient's words.)
+    assert all(ANA not in str(e.fields) and (body == "STOP" or body not in str(e.fields))
+               for e in events(server))
+
+
+def test_one_confirmation_then_nothing_else(server, tw):
+    book(tw, "A-1")
+    assert message_of(text(server, "STOP")) is not None
+    assert message_of(text(server, "STOP")) is None
+    assert message_of(text(server, "hello?")) is None  # no help answer to an opted-out number
+    assert message_of(text(server, "C")) is None  # recorded, not answered
+    assert tw.get("/v1/bookings/A-1").json()["confirmed_at"]
+    help_answer = message_of(text(server, "HELP"))  # HELP is always answered
+    assert help_answer and "STOP" in help_answer
+
+
+def test_start_opts_back_in_and_a_new_booking_gets_sms_again(server, tw):
+    book(tw, "A-1")
+    message_of(text(server, "STOP"))
+    reply = message_of(text(server, "Start"))
+    assert reply and "STOP" in reply
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "sms", ANA) is None
+    timeline = book(tw, "A-3")
+    assert any(r["channel"] == "sms" and r["status"] == "scheduled"
+               for r in timeline["reminders"])
+
+
+def test_help_names_the_clinic_its_phone_and_how_to_stop(server, tw):
+    reply = message_of(text(server, "help"))
+    assert reply and "Piel & Co <Madrid>" in reply and "+34910000000" in reply
+    assert "STOP" in reply
+
+
+def test_spanish_patient_gets_spanish_answers(server, tw):
+    doc = future_booking("S-1", clinic="tw")
+    doc["patient"] = doc["patient"] | {"locale": "es"}
+    assert tw.put("/v1/bookings/S-1", json=doc).status_code == 201
+    reply = message_of(text(server, "Ayuda"))
+    assert reply and "BAJA" in reply
+    reply = message_of(text(server, "baja"))
+    assert reply and "ALTA" in reply
+    assert message_of(text(server, "alta")) and \
+        server.app.state.services.store.opted_out("tw", "sms", ANA) is None
+
+
+# --- two-way replies ---------------------------------------------------------------------------
+
+def test_confirm_marks_the_next_visit_and_tells_the_clinic(server, tw):
+    book(tw, "A-LATER", days=40)
+    book(tw, "A-NEXT", days=10)
+    reply = message_of(text(server, "Sí, confirmo"))
+    assert reply and "confirmed" in reply
+    assert tw.get("/v1/bookings/A-NEXT").json()["confirmed_at"]
+    assert "confirmed_at" not in tw.get("/v1/bookings/A-LATER").json()
+    (event,) = [e for e in events(server) if e.type == "patient.replied"]
+    assert event.kind == "webhook"
+    assert event.fields["booking_id"] == "A-NEXT" and event.fields["reply"] == "confirm"
+    assert set(event.payload()) == {"id", "type", "clinic", "booking_id", "version", "reply",
+                                    "received_at", "created_at"}
+
+
+def test_reschedule_asks_the_clinic_to_call(server, tw):
+    book(tw, "A-1")
+    reply = message_of(text(server, "R"))
+    assert reply and "call" in reply
+    assert tw.get("/v1/bookings/A-1").json()["call_requested_at"]
+    kinds = sorted((e.kind, e.type, e.fields["reply"]) for e in events(server)
+                   if e.type == "patient.replied")
+    assert kinds == [("alert", "patient.replied", "reschedule"),
+                     ("webhook", "patient.replied", "reschedule")]
+
+
+def test_confirm_without_a_visit_says_so(server, tw):
+    reply = message_of(text(server, "C"))
+    assert reply and "no upcoming visit" in reply
+    assert events(server) == []
+
+
+def test_unknown_text_gets_one_help_answer_a_day(server, tw):
+    first = message_of(text(server, "what time is it?"))
+    assert first and "STOP" in first
+    assert message_of(text(server, "hello??")) is None
+    assert message_of(text(server, "anyone?", sender=EVA))  # per number
+    store = server.app.state.services.store
+    assert store.redis.ttl(f"{server.settings.key_prefix}:once:help:tw:{ANA}") > 86_000
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+def refused(answer, status: int) -> dict[str, Any]:
+    assert answer.status_code == status, answer.text
+    return answer.json()["error"]
+
+
+def test_a_forged_or_missing_signature_is_refused_and_changes_nothing(server, tw):
+    book(tw, "A-1")
+    forged = twilio_signature("not-the-token", PUBLIC + "/v1/inbound/sms/tw",
+                              [("From", ANA), ("Body", "STOP")])
+    error = refused(text(server, "STOP", signature=forged), 403)
+    assert error["code"] == "forbidden" and error["fields"][0]["field"] == "X-Twilio-Signature"
+    refused(text(server, "STOP", sign=False), 403)
+    # Signed for another URL (the API's own, not the public one): refused too.
+    wrong_url = twilio_signature(TOKEN, server.url + "/v1/inbound/sms/tw",
+                                 [("From", ANA), ("Body", "STOP")])
+    refused(text(server, "STOP", signature=wrong_url), 403)
+    assert server.app.state.services.store.opted_out("tw", "sms", ANA) is None
+    assert all(r["status"] == "scheduled" for r in reminders(tw, "A-1").values())
+
+
+def test_a_clinic_without_a_token_refuses_unless_it_allows_unsigned(server):
+    error = refused(text(server, "STOP", clinic="plain", sign=False), 403)
+    assert "twilio_auth_token" in error["message"]
+    assert message_of(text(server, "HELP", clinic="dev", sign=False))
+    refused(text(server, "HELP", clinic="nowhere", sign=False), 404)
+
+
+def test_bad_requests_name_the_field(server):
+    error = refused(text(server, "STOP", sender="600111222"), 422)
+    assert error["fields"][0]["field"] == "From"
+    with server.client() as client:
+        answer = client.post("/v1/inbound/sms/dev", json={"From": ANA, "Body": "STOP"})
+    refused(answer, 415)
+    with server.client() as client:
+        answer = client.post("/v1/inbound/sms/dev", content="Body=" + "x" * 20_000,
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    refused(answer, 413)
+
+
+@pytest.mark.parametrize("locale", ["en", "es"])
+def test_every_answer_is_one_gsm7_segment_with_a_long_clinic_name(locale):
+    clinic = Clinic(id="x", name="Clínica Dermatológica Doctora Montserrat", phone="+34910000000",
+                    timezone="Europe/Madrid")
+    assert len(clinic.name) == 40
+    for what in ("stop", "start", "help", "confirm", "reschedule", "no_visit"):
+        answer = reply_text(ROOT / "templates", locale, what, clinic, date="28 de sept.",
+                            time="18:30")
+        assert is_gsm7(answer) and len(answer) <= 160, (what, len(answer), answer)
+
+
+# --- email unsubscribe --------------------------------------------------------------------
+
+def link_for(server, address: str, clinic: str = "tw") -> str:
+    """The link an email to `address` carries (made as the send makes it)."""
+    services = server.app.state.services
+    ctx = SimpleNamespace(settings=services.settings, store=services.store)
+    url = unsubscribe_link(ctx, clinic, address)  # type: ignore[arg-type]
+    assert url.startswith(PUBLIC + "/v1/unsubscribe/v1.")
+    return url[len(PUBLIC):]
+
+
+def test_unsubscribe_get_shows_a_page_and_changes_nothing_then_post_unsubscribes(server, tw):
+    book(tw, "A-1")
+    path = link_for(server, "Ana@Example.com")
+    with server.client() as client:
+        page = client.get(path)
+        assert page.status_code == 200 and 'method="post"' in page.text
+        assert "ana@example.com" not in page.text and "a***@example.com" in page.text
+        assert server.app.state.services.store.opted_out("tw", "email", "ana@example.com") \
+            is None
+        done = client.post(path, content="List-Unsubscribe=One-Click",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert done.status_code == 200 and "unsubscribed" in done.text
+        assert client.post(path, content="List-Unsubscribe=One-Click").status_code == 200
+    why = server.app.state.services.store.opted_out("tw", "email", "ana@example.com")
+    assert why and why.startswith("the patient unsubscribed from email at ")
+    for r in reminders(tw, "A-1").values():
+        if r["channel"] == "email" and r["step"] != "aftercare":
+            assert r["status"] == "skipped" and r["reason"].startswith("opted_out: "), r
+        elif r["channel"] == "sms":
+            assert r["status"] == "scheduled", r  # SMS is another channel
+
+
+def test_an_unsubscribe_token_for_another_patient_or_forged_is_refused(server, tw):
+    book(tw, "A-1")
+    book(tw, "E-1", phone=EVA, email="eva@example.com")
+    ana = link_for(server, "ana@example.com")
+    eva = link_for(server, "eva@example.com")
+    # Ana's signature over Eva's payload, a token of another secret, an edited clinic.
+    prefix, payload, mac = ana.rsplit("/", 1)[1].split(".")
+    mixed = f"/v1/unsubscribe/{prefix}.{eva.rsplit('/', 1)[1].split('.')[1]}.{mac}"
+    from worker.optout import make_token
+
+    foreign = "/v1/unsubscribe/" + make_token("another-secret", "tw", "email", "eva@example.com")
+    unknown = "/v1/unsubscribe/" + make_token(SECRET, "tw", "email", "nobody@example.com")
+    other_clinic = "/v1/unsubscribe/" + make_token(SECRET, "dev", "email", "eva@example.com")
+    with server.client() as client:
+        for path in (mixed, foreign, unknown, other_clinic, "/v1/unsubscribe/garbage"):
+            assert client.post(path, content="List-Unsubscribe=One-Click").status_code == 404
+            assert client.get(path).status_code == 404
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "email", "eva@example.com") is None
+    assert store.opted_out("dev", "email", "eva@example.com") is None
+    assert all(r["status"] == "scheduled" for r in reminders(tw, "E-1").values())

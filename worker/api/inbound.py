@@ -1,0 +1,219 @@
+"""Texts from patients: `POST /v1/inbound/sms/{clinic}`, the SMS provider's inbound webhook.
+
+No API key: Twilio calls it. Its `X-Twilio-Signature` is checked with the clinic's auth
+token (`[inbound] twilio_auth_token` in the clinic's config) over the public URL
+(REMINDERS_PUBLIC_URL + the path: behind a proxy the API sees another); a request without
+a valid one is refused (403). A clinic without a token refuses every request unless its
+config says `allow_unsigned = true` (development only).
+
+What a text asks for is decided by worker/optout.py `classify` (keywords in English and
+Spanish), and the answer goes back as TwiML in the response, so the provider sends it:
+
+  stop        the number is opted out of SMS from this clinic at once: every reminder by SMS
+              still to be sent, in every booking of that number at the clinic, is skipped
+              with the reason, and the send-time check refuses any other (worker/store.py).
+              One confirmation reply, then nothing else.
+  start       opted in again (reminders skipped meanwhile stay skipped; a change of the
+              booking plans them again).
+  help        the clinic's name, phone, and how to stop (answered even when opted out).
+  confirm     the number's next visit is confirmed: `confirmed_at` on its timeline and a
+              `patient.replied` event (reply "confirm").
+  reschedule  the clinic is asked to call: `call_requested_at` on the timeline, a
+              `patient.replied` event (reply "reschedule") and an email to the clinic.
+  unknown     one help answer per number and clinic every 24 hours (a rolling 24 h, not a
+              calendar day: no timezone to guess for an unknown number); else no answer.
+
+An opted-out number gets no answer but to HELP and START (a confirm or reschedule is still
+recorded). Events carry ids and the kind of reply only: never the text or the number.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+from zoneinfo import ZoneInfo
+
+from babel.dates import format_skeleton, format_time
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..clinics import Clinic
+from ..errors import ConfigError
+from ..models import parse_e164
+from ..optout import (
+    SIGNATURE_HEADER,
+    classify,
+    critical_steps,
+    first,
+    form_pairs,
+    twilio_valid,
+)
+from ..sms import fold_to_gsm7
+from ..status import Status
+from .errors import ApiError
+from .services import Services, Svc
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["patients"])
+MAX_BODY_BYTES = 16_384
+UNKNOWN_REPLY_SECONDS = 86_400  # one help answer per number and clinic in this time
+FORM = "application/x-www-form-urlencoded"
+TWIML = "application/xml"
+
+
+def twiml(message: str | None) -> Response:
+    """The TwiML answer: one message back to the sender, or none."""
+    body = (f"<Response><Message>{escape(message)}</Message></Response>" if message
+            else "<Response/>")
+    return Response(f'<?xml version="1.0" encoding="UTF-8"?>{body}', media_type=TWIML)
+
+
+@lru_cache(maxsize=16)
+def _replies(templates_dir: Path, folder: str) -> dict[str, str]:
+    path = templates_dir / folder / "_replies.toml"
+    with open(path, "rb") as fh:
+        return {k: str(v) for k, v in tomllib.load(fh).items()}
+
+
+def reply_text(templates_dir: Path, locale: str, what: str, clinic: Clinic, **values: str) -> str:
+    """Return the answer `what` in the patient's language (else English), in GSM-7."""
+    language = locale.split("-")[0].split("_")[0]
+    folder = language if (templates_dir / language / "_replies.toml").is_file() else "en"
+    text = _replies(templates_dir, folder)[what].format(clinic=clinic.name, phone=clinic.phone,
+                                                          **values)
+    return fold_to_gsm7(" ".join(text.split()))
+
+
+def check_signature(request: Request, svc: Services, clinic: Clinic,
+                    pairs: list[tuple[str, str]]) -> None:
+    """Refuse (403) a request the clinic's auth token did not sign, unless unsigned
+    requests are allowed for this clinic (development)."""
+    try:
+        token = clinic.inbound.auth_token(clinic.id)
+    except ConfigError as exc:
+        log.error("inbound SMS for clinic %s refused: %s", clinic.id, exc.problem)
+        raise ApiError(503, "inbound SMS is not available: the clinic's auth token is not set",
+                       headers={"Retry-After": "60"}) from None
+    if token is None:
+        if clinic.inbound.allow_unsigned:
+            return
+        raise ApiError(403, "inbound SMS is not configured for this clinic "
+                            "(no [inbound] twilio_auth_token)")
+    url = svc.settings.public_base_url + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    if not twilio_valid(token, url, pairs, request.headers.get(SIGNATURE_HEADER)):
+        raise ApiError(403, f"missing or invalid {SIGNATURE_HEADER}",
+                       fields=[(SIGNATURE_HEADER, "does not sign this request with the "
+                                                  "clinic's auth token")])
+
+
+def _next_visit(svc: Services, clinic: Clinic, phone: str) -> tuple[str | None, dict[str, Any]]:
+    """Return the number's next visit at the clinic (booking id, document) and, either
+    way, the latest document (for the patient's language)."""
+    store = svc.store
+    ids = store.contact_bookings(clinic.id, "sms", phone)
+    summaries = [s for s in store.booking_summaries(clinic.id, ids) if s]
+    now = datetime.now(UTC)
+    upcoming = [s for s in summaries
+                if s["status"] in (Status.SCHEDULED, Status.HELD)
+                and datetime.fromisoformat(s["starts_at"]) > now]
+    upcoming.sort(key=lambda s: datetime.fromisoformat(s["starts_at"]))
+    chosen = upcoming[0]["booking_id"] if upcoming else None
+    latest = chosen or (max(summaries, key=lambda s: s.get("updated_at") or "")["booking_id"]
+                        if summaries else None)
+    doc = store.booking_doc(clinic.id, latest) if latest else {}
+    return chosen, doc
+
+
+def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, str | None]:
+    """Act on one text; return (what it asked for, the answer or None)."""
+    store = svc.store
+    intent = classify(body)
+    now = datetime.now(UTC)
+    stamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
+    booking_id, doc = _next_visit(svc, clinic, phone)
+    patient = doc.get("patient") or {}
+    locale = str(patient.get("locale") or clinic.locale)
+    templates = svc.settings.templates_dir
+
+    def answer(what: str, **values: str) -> str:
+        return reply_text(templates, locale, what, clinic, **values)
+
+    opted_out = store.opted_out(clinic.id, "sms", phone) is not None
+    if intent == "stop":
+        skipped, touched = store.opt_out(
+            clinic.id, "sms", phone, f"the patient replied STOP by SMS at {stamp}",
+            critical=critical_steps(svc.catalog))
+        for touched_id in touched:
+            store.note_reply(clinic.id, touched_id, "", now, "stop")
+        log.info("inbound SMS for clinic %s: opted out (%d SMS reminder(s) skipped in %d "
+                 "booking(s))", clinic.id, skipped, len(touched))
+        return intent, None if opted_out else answer("stop")
+    if intent == "start":
+        store.opt_in(clinic.id, "sms", phone)
+        log.info("inbound SMS for clinic %s: opted in again", clinic.id)
+        return intent, answer("start")
+    if intent == "help":
+        return intent, answer("help")
+    if intent in ("confirm", "reschedule"):
+        if booking_id is None:
+            return intent, None if opted_out else answer("no_visit")
+        field = "confirmed_at" if intent == "confirm" else "call_requested_at"
+        store.note_reply(clinic.id, booking_id, field, now, intent)
+        log.info("inbound SMS for clinic %s: %s for booking %s", clinic.id, intent, booking_id)
+        if opted_out:
+            return intent, None
+        if intent == "reschedule":
+            return intent, answer("reschedule")
+        tz = ZoneInfo(str(patient.get("timezone") or clinic.timezone))
+        start = datetime.fromisoformat(str(doc["starts_at"])).astimezone(tz)
+        babel_locale = locale.replace("-", "_")
+        return intent, answer(
+            "confirm", date=format_skeleton("MMMd", start.date(), locale=babel_locale),
+            time=format_time(start, "short", tzinfo=tz, locale=babel_locale))
+    if opted_out or not store.first_in(f"help:{clinic.id}:{phone}", UNKNOWN_REPLY_SECONDS):
+        return intent, None
+    return intent, answer("help")
+
+
+@router.post(
+    "/v1/inbound/sms/{clinic}",
+    summary="The SMS provider's inbound webhook (Twilio): STOP, START, HELP, C, R",
+    response_class=Response,
+    responses={200: {"content": {TWIML: {"schema": {"type": "string"}}},
+                     "description": "TwiML: the answer to send back, if any"},
+               403: {"description": "missing or invalid X-Twilio-Signature"}},
+)
+async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
+    config = svc.catalog.clinics.get(clinic)
+    if config is None:
+        raise ApiError(404, f"no clinic {clinic!r}")
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != FORM:
+        raise ApiError(415, f"the body must be {FORM} (Twilio's form fields)")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes")
+    pairs = form_pairs(raw)
+    check_signature(request, svc, config, pairs)
+    sender = first(pairs, "From")
+    if not sender:
+        raise ApiError(422, "the request has invalid parameters",
+                       fields=[("From", "is required (the sender's number)")])
+    try:
+        phone = parse_e164(sender)
+    except ValueError as exc:
+        raise ApiError(422, "the request has invalid parameters",
+                       fields=[("From", str(exc))]) from None
+    body = first(pairs, "Body") or ""
+    intent, message = await run_in_threadpool(handle, svc, config, phone, body)
+    log.debug("inbound SMS for clinic %s: %s", clinic, intent)
+    return twiml(message)

@@ -1,0 +1,238 @@
+"""Patients' controls: SMS keywords (STOP, START, HELP, confirm, reschedule), the SMS
+provider's request signature, and the email unsubscribe token. Pure functions; the state
+they change lives in worker/store.py (`Store.opt_out`, `Store.opt_in`).
+
+Keywords. An inbound text is folded before matching: accents dropped (BAJA == baja ==
+Bajá), upper case, every run of characters other than letters and digits is one space.
+Then, in this order:
+
+  stop        any word (or word pair) of STOP_WORDS anywhere in the text: "stop", "STOP!",
+              "please stop texting me", "Opt-out", "dar de baja". Anywhere, because a
+              request to stop must be honoured in any reasonable form (FCC 24-18, 2025;
+              CTIA), and a mistaken stop costs one reply: the confirmation says how to
+              resume (START).
+  start       the text begins with a word of START_WORDS ("START", "Unstop please", "Alta").
+  help        the text begins with a word of HELP_WORDS ("HELP", "info?", "Ayuda").
+  confirm     the text begins with a word of CONFIRM_WORDS ("C", "Confirm", "Sí, confirmo");
+              the single letter only alone.
+  reschedule  the text begins with a word of RESCHEDULE_WORDS ("R", "Reschedule please",
+              "Cambiar"); the single letter only alone.
+  unknown     anything else.
+
+START, HELP and the replies match only at the start of the text ("when do I start the
+cream?" is a question, not a request to resume); STOP matches anywhere.
+
+Signature (Twilio's scheme, https://www.twilio.com/docs/usage/security): base64 of
+HMAC-SHA1, keyed with the account's auth token, over the full URL Twilio requested
+followed by each POST parameter name and value, sorted by name (and, for a repeated name,
+its distinct values sorted). The URL is the public one (behind a proxy the API sees
+another), from REMINDERS_PUBLIC_URL. As Twilio's own validators do, the URL is also tried
+with the scheme's default port added or removed.
+
+Unsubscribe token: `v1.<payload>.<mac>`, both urlsafe base64 without padding. The payload
+is JSON {"c": clinic, "ch": channel, "h": contact hash}, where the contact hash is the
+first 16 bytes of HMAC-SHA256(secret, "contact:" + channel + ":" + contact): no address
+is readable in the link, and nobody without the secret can make a token for a contact.
+The mac is HMAC-SHA256(secret, "unsubscribe:" + payload) over the whole payload, so a
+token cannot be edited to another clinic, channel or patient. The token carries no
+expiry: a link in an old email must still work (RFC 8058 expects it to), and using it
+twice changes nothing the second time. The route finds the address behind the hash in the
+clinic's contact index (the bookings it holds for that contact).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+
+Intent = Literal["stop", "start", "help", "confirm", "reschedule", "unknown"]
+
+# English (CTIA, FCC 24-18) and Spanish words. Word pairs are matched as pairs.
+STOP_WORDS = frozenset({
+    "STOP", "STOPALL", "QUIT", "END", "REVOKE", "OPTOUT", "OPT OUT", "CANCEL", "UNSUBSCRIBE",
+    # es: "baja" (darse de baja), parar, detener, cancelar, anular la suscripcion.
+    "BAJA", "PARAR", "DETENER", "CANCELAR", "DESUSCRIBIR", "DESUSCRIBIRME", "DESUSCRIBIRSE",
+})
+START_WORDS = frozenset({"START", "UNSTOP", "RESUME", "ALTA", "REANUDAR"})
+HELP_WORDS = frozenset({"HELP", "INFO", "AYUDA", "INFORMACION"})
+CONFIRM_WORDS = frozenset({"C", "CONFIRM", "CONFIRMED", "YES", "SI", "CONFIRMO", "CONFIRMAR",
+                           "CONFIRMADO"})
+RESCHEDULE_WORDS = frozenset({"R", "RESCHEDULE", "CHANGE", "CAMBIAR", "CAMBIO", "REPROGRAMAR"})
+_SINGLE_LETTERS = frozenset({"C", "R"})
+_NOT_WORD = re.compile(r"[^A-Z0-9]+")
+
+SIGNATURE_HEADER = "X-Twilio-Signature"
+TOKEN_VERSION = "v1"
+Channel = Literal["email", "sms"]
+
+
+def fold(text: str) -> list[str]:
+    """Return the text's words: accents dropped, upper case, split at anything else."""
+    plain = unicodedata.normalize("NFKD", text)
+    plain = "".join(c for c in plain if not unicodedata.combining(c)).upper()
+    return [w for w in _NOT_WORD.split(plain) if w]
+
+
+def classify(body: str) -> Intent:
+    """Return what an inbound text asks for (see the module docstring)."""
+    words = fold(body)
+    if not words:
+        return "unknown"
+    pairs = {f"{a} {b}" for a, b in zip(words, words[1:], strict=False)}
+    if STOP_WORDS.intersection(words) or STOP_WORDS.intersection(pairs):
+        return "stop"
+    first = words[0]
+    if first in START_WORDS:
+        return "start"
+    if first in HELP_WORDS:
+        return "help"
+    for intent, table in (("confirm", CONFIRM_WORDS), ("reschedule", RESCHEDULE_WORDS)):
+        if first in table and (first not in _SINGLE_LETTERS or len(words) == 1):
+            return intent  # type: ignore[return-value]
+    return "unknown"
+
+
+def critical_steps(catalog: Catalog) -> str:
+    """The care-critical steps of every protocol, as the store's opt-out steps take them:
+    "<treatment>/<step>", space-separated."""
+    return " ".join(f"{p.id}/{s.id}" for p in catalog.protocols.values() for s in p.steps
+                    if s.care_critical)
+
+
+# --- the SMS provider's signature ------------------------------------------------------
+
+def twilio_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> str:
+    """Return Twilio's X-Twilio-Signature for a POST of `params` to `url`."""
+    values: dict[str, set[str]] = {}
+    for name, value in params:
+        values.setdefault(name, set()).add(value)
+    data = url + "".join(name + value for name in sorted(values)
+                         for value in sorted(values[name]))
+    mac = hmac.new(auth_token.encode(), data.encode("utf-8"), hashlib.sha1)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def _url_variants(url: str) -> list[str]:
+    """`url` as given, and with the scheme's default port added or removed."""
+    parts = urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    out = [url]
+    if default is None or parts.hostname is None:
+        return out
+    host = parts.hostname
+    userinfo = parts.netloc.rpartition("@")[0]
+    prefix = f"{userinfo}@" if userinfo else ""
+    if parts.port is None:
+        out.append(urlunsplit(parts._replace(netloc=f"{prefix}{host}:{default}")))
+    elif parts.port == default:
+        out.append(urlunsplit(parts._replace(netloc=f"{prefix}{host}")))
+    return out
+
+
+def twilio_valid(auth_token: str, url: str, params: Iterable[tuple[str, str]],
+                 signature: str | None) -> bool:
+    """Return whether `signature` is Twilio's for this request (constant-time compare)."""
+    if not signature or not auth_token:
+        return False
+    pairs = list(params)
+    return any(hmac.compare_digest(twilio_signature(auth_token, u, pairs).encode(),
+                                   signature.encode())
+               for u in _url_variants(url))
+
+
+# --- email unsubscribe token -------------------------------------------------------------
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def normal_contact(channel: str, contact: str) -> str:
+    """The form a contact is compared in: an email address in lower case, a phone as is."""
+    return contact.strip().lower() if channel == "email" else contact.strip()
+
+
+def contact_hash(secret: str, channel: str, contact: str) -> str:
+    """The keyed hash of a contact that a token names instead of the address itself."""
+    mac = hmac.new(secret.encode(), f"contact:{channel}:{normal_contact(channel, contact)}"
+                   .encode(), hashlib.sha256)
+    return _b64(mac.digest()[:16])
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    """What a valid token names."""
+
+    clinic: str
+    channel: Channel
+    contact_hash: str
+
+
+def make_token(secret: str, clinic: str, channel: Channel, contact: str) -> str:
+    """Return the unsubscribe token of `contact` at `clinic` for `channel`."""
+    payload = _b64(json.dumps({"c": clinic, "ch": channel,
+                               "h": contact_hash(secret, channel, contact)},
+                              separators=(",", ":"), sort_keys=True).encode())
+    mac = hmac.new(secret.encode(), f"unsubscribe:{payload}".encode(), hashlib.sha256)
+    return f"{TOKEN_VERSION}.{payload}.{_b64(mac.digest())}"
+
+
+def read_token(secret: str, token: str) -> Unsubscribe | None:
+    """Return what `token` names, or None if it is not one this secret made."""
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != TOKEN_VERSION or len(token) > 400:
+        return None
+    _, payload, given = parts
+    mac = hmac.new(secret.encode(), f"unsubscribe:{payload}".encode(), hashlib.sha256)
+    if not hmac.compare_digest(_b64(mac.digest()).encode(), given.encode()):
+        return None
+    try:
+        data = json.loads(_unb64(payload))
+        clinic, channel, digest = data["c"], data["ch"], data["h"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if channel not in ("email", "sms") or not isinstance(clinic, str) \
+            or not isinstance(digest, str):
+        return None
+    return Unsubscribe(clinic=clinic, channel=channel, contact_hash=digest)
+
+
+def token_matches(secret: str, named: Unsubscribe, contact: str) -> bool:
+    """Return whether `contact` is the one the token names."""
+    return hmac.compare_digest(contact_hash(secret, named.channel, contact).encode(),
+                               named.contact_hash.encode())
+
+
+def form_pairs(body: bytes) -> list[tuple[str, str]]:
+    """Return an application/x-www-form-urlencoded body's (name, value) pairs, in order."""
+    from urllib.parse import parse_qsl
+
+    return parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+
+
+def first(pairs: Iterable[tuple[str, str]], name: str) -> str | None:
+    for key, value in pairs:
+        if key == name:
+            return value
+    return None
+
+
+def as_mapping(pairs: Iterable[tuple[str, str]]) -> Mapping[str, str]:
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        out.setdefault(key, value)
+    return out
