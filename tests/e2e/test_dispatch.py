@@ -11,6 +11,7 @@ from tests.conftest import ROOT
 from tests.e2e.conftest import QUICK_MESSAGES, wait_until
 from worker.catalog import Catalog
 from worker.models import Booking, parse_booking
+from worker.optout import make_token
 from worker.rendering import Renderer
 from worker.settings import Settings
 
@@ -24,9 +25,11 @@ def _epoch(iso: str) -> float:
 
 def expected_messages(config, doc, timeline):
     """Render, in the test, what each scheduled reminder must look like at its sink."""
-    catalog = Catalog.load(
-        Settings(config_dir=config, templates_dir=ROOT / "templates", _env_file=None)
-    )
+    # The service's data folder (tests/e2e/conftest.py) holds the unsubscribe secret the
+    # worker made: every email's footer carries the patient's link.
+    settings = Settings(config_dir=config, templates_dir=ROOT / "templates",
+                        data_dir=config.parent / "data", _env_file=None)
+    catalog = Catalog.load(settings)
     booking: Booking = parse_booking(doc, catalog)
     renderer = Renderer(catalog.templates_dir)
     plan_dates: dict[str, datetime] = {}
@@ -45,6 +48,10 @@ def expected_messages(config, doc, timeline):
             occurrence=1,
             due_at=datetime.fromisoformat(r["due_at"].replace("Z", "+00:00")).astimezone(UTC),
             plan_dates=plan_dates,
+            unsubscribe_url=(f"{settings.public_base_url}/v1/unsubscribe/"
+                             + make_token(settings.unsubscribe_key(), "e2e", "email",
+                                          booking.patient.contact("email"))
+                             if r["channel"] == "email" else None),
         )
     return out
 

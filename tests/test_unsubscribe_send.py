@@ -1,0 +1,168 @@
+"""Email unsubscribe on the send path: the link and the RFC 8058 headers as a real SMTP
+server (aiosmtpd) receives them; an unsubscribed patient's emails skipped by the fenced
+begin; care-critical steps by SMS instead (a real HTTP SMS gateway) when SMS is allowed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.conftest import QUICK_PROTOCOL
+from tests.sinks import HttpSink, SmtpSink
+from worker.catalog import Catalog
+from worker.dispatch import Context, send_claimed
+from worker.models import parse_booking
+from worker.optout import contact_hash, read_token
+from worker.planner import plan
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.store import Store
+
+SECRET = "unsubscribe-secret-for-send-tests"
+PUBLIC = "https://reminders.example"
+PROTOCOL = """
+name = "Unsubscribe protocol"
+[[steps]]
+id = "care"
+offset = "-3h"
+channels = ["email"]
+template = "microneedling-aftercare"
+care_critical = true
+late = "send"
+[[steps]]
+id = "plain"
+offset = "-2h"
+channels = ["email"]
+template = "day-before"
+late = "send"
+[advice]""" + QUICK_PROTOCOL.split("[advice]", 1)[1]
+
+
+
+
+@pytest.fixture
+def sinks() -> Iterator[tuple[SmtpSink, HttpSink]]:
+    smtp, sms = SmtpSink().start(), HttpSink().start()
+    yield smtp, sms
+    smtp.stop()
+    sms.stop()
+
+
+class Rig:
+    def __init__(self, folder: Path, redis_client: Any, smtp: SmtpSink, sms: HttpSink) -> None:
+        (folder / "protocols").mkdir(parents=True)
+        (folder / "clinics").mkdir()
+        (folder / "protocols" / "unsub.toml").write_text(PROTOCOL, encoding="utf-8")
+        (folder / "clinics" / "uc.toml").write_text(f"""
+name = "Unsub Clinic"
+phone = "+34910000000"
+timezone = "UTC"
+locale = "en"
+[send_window]
+start = "00:00"
+end = "24:00"
+[channels]
+email = "mailto://127.0.0.1:{smtp.port}?from=clinic@uc.test&to={{to}}&mode=insecure"
+sms = "json://127.0.0.1:{sms.port}/sms?:to={{to}}"
+""", encoding="utf-8")
+        self.settings = Settings(config_dir=folder, templates_dir=ROOT / "templates",
+                                 public_url=PUBLIC, unsubscribe_secret=SECRET, _env_file=None)
+        self.catalog = Catalog.load(self.settings)
+        self.store = Store(redis_client, "unsub")
+        self.ctx = Context(settings=self.settings, store=self.store, catalog=self.catalog,
+                           renderer=Renderer(self.catalog.templates_dir))
+        self.smtp, self.sms = smtp, sms
+
+    def book(self, channels: list[str] | None = None) -> None:
+        starts = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
+        doc = {"clinic": "uc", "booking_id": "U-1", "treatment": "unsub",
+               "starts_at": starts.isoformat(),
+               "patient": {"name": "Ana López", "email": "Ana@Example.com",
+                           "phone": "+34600111222", "timezone": "UTC", "locale": "en",
+                           "channels": channels or ["sms", "email"]}}
+        booking = parse_booking(doc, self.catalog)
+        now = datetime.now(UTC)
+        self.store.upsert(booking, plan(booking, self.catalog.protocols["unsub"],
+                                        self.catalog.clinics["uc"], now), now)
+
+    def claim(self, key: str) -> Any:
+        ref = f"uc/U-1/{key}"
+        self.store.redis.zadd(self.store.due_key, {ref: 0})
+        claims = [c for c in self.store.claim_due(100, 300) if c.ref == ref]
+        assert len(claims) == 1, claims
+        return claims[0]
+
+    def send(self, key: str, claim: Any = None) -> str:
+        claim = claim or self.claim(key)
+        return send_claimed(self.ctx, claim.ref, claim.version, claim.claim)
+
+    def unsubscribe(self) -> None:
+        self.store.opt_out("uc", "email", "ana@example.com",
+                           "the patient unsubscribed from email at 2026-11-22T10:00:00Z",
+                           critical="unsub/care")
+
+
+@pytest.fixture
+def rig(tmp_path, redis_client, sinks) -> Rig:
+    return Rig(tmp_path / "config", redis_client, *sinks)
+
+
+def test_every_email_carries_the_link_and_the_one_click_headers(rig):
+    rig.book()
+    assert rig.send("plain:email") == "sent"
+    (mail,) = rig.smtp.snapshot()
+    header = mail.raw["List-Unsubscribe"]
+    assert mail.raw["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert header.startswith(f"<{PUBLIC}/v1/unsubscribe/v1.") and header.endswith(">")
+    link = header[1:-1]
+    # Apprise sends the HTML body and derives the text part from it: the footer's link is
+    # in the HTML; the text part says where (the header carries the link for every reader).
+    assert f'<a href="{link}" style="color:#666666;">Unsubscribe from these emails</a>' \
+        in mail.html
+    assert "Unsubscribe from these emails" in mail.text
+    named = read_token(SECRET, link.rsplit("/", 1)[1])
+    assert named is not None and (named.clinic, named.channel) == ("uc", "email")
+    assert named.contact_hash == contact_hash(SECRET, "email", "ana@example.com")
+    # The route finds the address behind the link; nothing readable in the link itself.
+    assert rig.store.unsubscribe_address("uc", named.contact_hash) == (
+        "email", "ana@example.com")
+    assert "ana" not in link.lower()
+
+
+def test_unsubscribed_emails_are_skipped_and_care_critical_ones_go_by_sms(rig):
+    rig.book()
+    claimed = rig.claim("plain:email")  # claimed by the pump before the unsubscribe
+    rig.unsubscribe()
+    assert rig.store.record("uc/U-1/plain:email")["status"] == "skipped"
+    assert rig.send("plain:email", claimed) == "dropped: status skipped"
+    assert rig.send("care:email") == "sent"
+    assert rig.smtp.snapshot() == []  # no email at all
+    (sms,) = rig.sms.snapshot()
+    assert sms.to == "+34600111222" and "Reply STOP" in sms.text
+    record = rig.store.record("uc/U-1/care:email")
+    assert record["status"] == "sent"
+    (line,) = rig.store.attempts("uc/U-1/care:email")
+    assert line["via"].startswith("sms: the patient unsubscribed from email")
+    plain = rig.store.record("uc/U-1/plain:email")
+    assert plain["reason"] == ("opted_out: the patient unsubscribed from email at "
+                               "2026-11-22T10:00:00Z")
+
+
+@pytest.mark.parametrize("why", ["no sms consent", "sms opted out"])
+def test_care_critical_is_skipped_when_sms_is_not_allowed_either(rig, why):
+    rig.book(channels=["email"] if why == "no sms consent" else None)
+    if why == "sms opted out":
+        rig.store.opt_out("uc", "sms", "+34600111222", "the patient replied STOP by SMS")
+    rig.unsubscribe()
+    assert rig.store.record("uc/U-1/care:email")["status"] == "skipped"
+    rig.store.redis.hset(rig.store.booking_key("uc", "U-1"), "care:email",
+                         rig.store.redis.hget(rig.store.booking_key("uc", "U-1"),
+                                              "care:email").replace("K", "S", 1))
+    # Even when it is due again (a re-plan), the fenced begin refuses it.
+    assert rig.send("care:email") == "dropped: opted out"
+    assert rig.smtp.snapshot() == [] and rig.sms.snapshot() == []
