@@ -546,7 +546,10 @@ def test_api_runs_the_documented_uvicorn_command_from_the_same_image(services) -
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert api["restart"] == "unless-stopped"
     assert api["ports"] == ["127.0.0.1:8000:8000"]
-    assert not [n for n in environment_of(api) if SECRET_NAME.search(n)], "it sends nothing"
+    # It sends nothing: its only secrets check patients' requests (the unsubscribe links'
+    # signing secret, the Twilio auth token of inbound texts), never a channel's login.
+    assert [n for n in environment_of(api) if SECRET_NAME.search(n)] == [
+        "REMINDERS_UNSUBSCRIBE_SECRET", "GLOW_TWILIO_TOKEN"]
 
 
 @pytest.mark.integration
