@@ -459,8 +459,9 @@ if redis.call('EXISTS', optkey) == 1 then
       r[R_ST] = ST_SKIPPED
       r[R_WHY] = inline('opted_out: ' .. why)
       save(bkey, key, r, a)
+      local clinic, booking_id = parse_ref(ref)
+      count_metric(prefix, 'skipped', clinic, key)
       if wants(hooks, 'reminder.skipped') then
-        local clinic, booking_id = parse_ref(ref)
         emit_event(prefix, clinic, 'webhook', 'reminder.skipped',
           {booking_id = booking_id, reminder = key, step = step_of(key), channel = channel,
            version = tonumber(r[R_VER]), due_at = tonumber(r[R_DUE] ~= '' and r[R_DUE]
@@ -764,6 +765,7 @@ for n = 9, #ARGV do
           save(bkey, key, r, a)
           redis.call('ZREM', due_key, ref)
           redis.call('ZREM', lease_key, ref)
+          count_metric(prefix, 'skipped', clinic, key)
           skipped = skipped + 1
           any = true
           if wants(hooks, 'reminder.skipped') then
