@@ -1696,7 +1696,9 @@ class Store:
                                                       reminders, stored.doc))
         version = int(booking_fields.get("version", 0)) + (1 if result.changed else 0)
         stamp = utc_iso(now) or ""
-        kind = self._change_kind(booking, booking_fields, stored.doc, str(result.status))
+        kind = (self._change_kind(booking, booking_fields, stored.doc, str(result.status))
+                if stored.doc != doc or booking_fields.get("status") == Status.CANCELLED
+                else None)
         new_fields = {
             "status": str(result.status),
             "version": str(version),
