@@ -15,9 +15,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import icalendar
 import pytest
 
 from worker.catalog import Catalog
+from worker.checking import sample_notices
 from worker.models import CHANNELS, Booking
 from worker.planner import plan
 from worker.rendering import RenderedMessage, Renderer
@@ -62,6 +64,13 @@ def messages(catalog: Catalog, booking_doc: dict[str, Any], *, locale: str,
                         template=reminder.template, channel=channel, booking=booking,
                         clinic=clinic, protocol=protocol, occurrence=reminder.occurrence,
                         due_at=reminder.due_at, plan_dates=plan_dates, now=now)
+        # The change notices (a move, a cancel), and the calendar invite's title.
+        for template, message in sample_notices(renderer, booking, clinic, protocol):
+            yield protocol.id, template, message
+            for attachment in message.attachments:
+                event = icalendar.Calendar.from_ical(attachment.data).walk("VEVENT")[0]
+                yield protocol.id, f"{template} invite", RenderedMessage(
+                    "email", str(event["SUMMARY"]), "", None)
 
 
 def visible(message: RenderedMessage) -> str:
@@ -83,6 +92,10 @@ def test_discreet_subjects_and_sms_name_no_treatment_medication_or_condition(
     assert found == []
     templates = {s.template for p in catalog.protocols.values() for s in p.steps}
     assert seen >= len(templates) * 2 * 2  # every template, both channels, on time and late
+    # The notices and the invites' titles were among them (the non-discreet run below shows
+    # that the list catches their plain wording).
+    assert {t for _, t, _ in messages(catalog, booking_doc, locale=locale, discreet=True)} >= {
+        "rescheduled", "cancelled", "cancelled invite", "rescheduled invite"}
 
 
 @pytest.mark.parametrize(("locale", "expected"), [
@@ -98,6 +111,11 @@ def test_the_word_list_catches_the_plain_wording(catalog: Catalog, booking_doc: 
                                               discreet=False)
             for hit in named(visible(message), words)}
     assert expected <= hits
+    notice_hits = {hit for _, t, message in messages(catalog, booking_doc, locale=locale,
+                                                     discreet=False)
+                   if t in ("rescheduled", "cancelled", "cancelled invite")
+                   for hit in named(visible(message), words)}
+    assert {"retinol", "microneedling"} <= notice_hits
 
 
 @pytest.mark.parametrize(("locale", "product"), [
