@@ -214,9 +214,9 @@ def book_files(args: argparse.Namespace, settings: Settings) -> int:
             spool.close()
     ended = time.monotonic()
     seconds = ended - started
-    rate = (f" in {seconds:.1f} s ({read / seconds:,.0f} bookings/s; checking "
-            f"{checked_at - started:.1f} s, storing {ended - checked_at:.1f} s)"
-            if read > TABLES_UP_TO else "")
+    rate = f" in {seconds:.2f} s" + (
+        f" ({read / seconds:,.0f} bookings/s; checking {checked_at - started:.2f} s, "
+        f"storing {ended - checked_at:.2f} s)" if read > TABLES_UP_TO else "")
     print(f"booked {read:,} booking{'s' if read != 1 else ''}: {counts['new']:,} new, "
           f"{counts['changed']:,} changed, {counts['unchanged']:,} unchanged{rate}",
           file=sys.stderr)
