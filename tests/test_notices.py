@@ -181,3 +181,19 @@ def test_a_cancel_applies_only_to_the_booking_as_read(store, catalog, booking_do
     assert len(calls) == 2
     assert set(told) == {"cancelled#1:sms"}
     assert json.loads(calls[1][1])[:2] == ["seq", "1"]
+
+
+def test_a_move_racing_the_pause_in_flight_counts_it_as_gone_out(store, catalog, booking_doc):
+    """The stop SMS is being handed over when the move lands: the patient is told, and the
+    attempt's delivery, finished after the move, is still recorded."""
+    book(store, catalog, booking_doc)
+    deliver(store, "stop-retinoids:sms", finish=False)
+    ref = "glow/A-1042/stop-retinoids:sms"
+    record = store.record(ref)
+    attempt = Attempt(record["version"], record["claim"], f"tok-{record['claim']}")
+    moved = book(store, catalog, dict(booking_doc, starts_at=MOVED_TO))
+    assert set(notices(moved)) == {"rescheduled#1:sms"}
+    assert fields(store)["paused"] == "1"
+    # The attempt finishes after the move: stale, its delivery recorded beside the new plan.
+    assert store.finish_sent(ref, attempt, NOW).startswith("stale")
+    assert store.timeline("glow", "A-1042") and store.record(ref)["sent_at"]
