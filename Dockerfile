@@ -1,6 +1,7 @@
-# The worker image: one image for `celery ... worker` and `celery ... beat` (and, once it
-# exists, the HTTP API). No secrets are baked in: channel credentials arrive as
-# environment variables at run time (see docker-compose.yml and .env.example).
+# One image for the Celery worker, Celery beat and the HTTP API (uvicorn). No secrets are
+# baked in: channel credentials arrive as environment variables at run time (see
+# docker-compose.yml and .env.example). It runs as an unprivileged user and writes only to
+# /data (a volume) and /tmp, so the root filesystem can be read-only (compose does so).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

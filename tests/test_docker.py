@@ -160,6 +160,7 @@ def test_redis_keeps_data_and_never_evicts(compose: dict[str, Any], services) ->
     assert argv[0] == "redis-server"
     options = dict(zip(argv[1::2], argv[2::2], strict=True))
     assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "everysec"
     assert options["--maxmemory-policy"] == "noeviction"
     assert redis_service["healthcheck"]["test"] in (["CMD", "redis-cli", "ping"],
                                                     ["CMD-SHELL", "redis-cli ping"])
@@ -259,6 +260,177 @@ def test_dockerfile(services) -> None:
         assert (ROOT / source).exists(), source
         assert source not in ignored, f".dockerignore drops {source}, which the image copies"
     assert {".env", ".venv", ".git"} <= ignored
+
+
+# Settings the compose file sets itself (or the Dockerfile, or the command line): the rest
+# are passed through from .env as ${NAME:-}.
+FIXED_SETTINGS = {
+    "REMINDERS_REDIS_URL",  # the redis service
+    "REMINDERS_CONFIG_DIR", "REMINDERS_TEMPLATES_DIR", "REMINDERS_DATA_DIR",  # the image
+    "REMINDERS_API_HOST", "REMINDERS_API_PORT",  # the api command's --host and --port
+    "REMINDERS_METRICS_HOST", "REMINDERS_METRICS_PORT",  # the worker's scrape port
+}
+OWN_SERVICES = ("worker", "beat", "api")
+MONITORING = {"prometheus", "grafana"}
+
+
+def test_every_setting_reaches_the_services_from_dot_env(services) -> None:
+    """Each setting is either set by the compose file / image, or passed through from .env
+    as ${NAME:-} (empty when unset, which the service reads as "use the default"), or bare
+    from the host (a secret)."""
+    fields = {"REMINDERS_" + name.upper() for name in Settings.model_fields}
+    worker_env = environment_of(services["worker"])
+    # (A secret, such as REMINDERS_UNSUBSCRIBE_SECRET, is passed through bare: `NAME:`.)
+    passed = {name for name, value in worker_env.items() if name.startswith("REMINDERS_")
+              and (value is None or value.startswith("${" + name + ":-"))}
+    assert fields - FIXED_SETTINGS == passed, (
+        f"pass through from .env: {sorted(fields - FIXED_SETTINGS - passed)}; "
+        f"not settings: {sorted(passed - fields)}")
+    assert environment_of(services["beat"]).items() <= worker_env.items()
+    # Empty means unset: the service's defaults apply (pydantic-settings, env_ignore_empty).
+    assert Settings.model_config.get("env_ignore_empty") is True
+    clinic_secrets = set().union(*clinic_secret_names().values())
+    for name in OWN_SERVICES:
+        env = environment_of(services[name])
+        strangers = {n for n in env if n not in fields and n not in clinic_secrets}
+        assert not strangers, f"{name}: not a setting nor a clinic secret: {sorted(strangers)}"
+
+
+def test_own_services_run_hardened(services) -> None:
+    """Non-root (the image's USER), read-only root filesystem, /tmp in memory, /data a volume
+    where something is written (outbox, metrics files, beat's schedule)."""
+    for name in OWN_SERVICES:
+        service = services[name]
+        assert service["read_only"] is True, name
+        assert service["tmpfs"] == ["/tmp"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "user" not in service or service["user"].split(":")[0] not in ("0", "root")
+    for name in ("worker", "beat"):
+        targets = [v.split(":")[1] for v in services[name]["volumes"]]
+        assert "/data" in targets, name
+
+
+def test_worker_stop_grace_outlasts_its_own_shutdown_grace(services) -> None:
+    grace = float(services["worker"]["stop_grace_period"].rstrip("s"))
+    assert grace >= Settings.model_fields["shutdown_grace_seconds"].default + 5
+
+
+def test_the_example_clinic_sends_its_email_to_mailpit(services) -> None:
+    """deploy/compose/glow.toml is config/clinics/glow.toml with email to the SMTP catcher
+    and SMS to the outbox, mounted over it in the worker."""
+    import tomllib
+
+    mount = "./deploy/compose/glow.toml:/app/config/clinics/glow.toml:ro"
+    assert mount in services["worker"]["volumes"]
+    assert services["worker"]["depends_on"]["mailpit"]["condition"] == "service_started"
+    ours = tomllib.loads((ROOT / "deploy/compose/glow.toml").read_text(encoding="utf-8"))
+    repo = tomllib.loads((ROOT / "config/clinics/glow.toml").read_text(encoding="utf-8"))
+    assert ours["channels"] == {"email": "mailto://mailpit:1025?from=hola@glow.example&to={to}"}
+    assert ours["outbox"] is True
+    rest = {k: v for k, v in ours.items() if k not in ("channels", "outbox")}
+    assert rest == {k: v for k, v in repo.items() if k not in ("channels", "outbox")}
+    smtp_port = {port.rsplit(":", 1)[-1] for port in services["mailpit"]["ports"]}
+    assert "1025" in smtp_port
+
+
+def test_monitoring_is_optional_and_needs_no_command_of_ours(services) -> None:
+    for name in MONITORING:
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        assert "command" not in service and "healthcheck" not in service and "build" not in service
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+    assert not any("profiles" in services[n] for n in (*OWN_SERVICES, "redis", "mailpit"))
+
+
+def test_prometheus_scrapes_the_ports_the_services_serve(services) -> None:
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    api_port = argv_of(services["api"]["command"])
+    assert jobs["reminders-api"]["static_configs"][0]["targets"] == [
+        f"api:{api_port[api_port.index('--port') + 1]}"]
+    assert jobs["reminders-api"]["metrics_path"] == "/metrics"
+    (dns,) = jobs["reminders-worker"]["dns_sd_configs"]
+    worker_env = environment_of(services["worker"])
+    assert dns["names"] == ["worker"] and dns["port"] == int(worker_env["REMINDERS_METRICS_PORT"])
+    assert worker_env["REMINDERS_METRICS_HOST"] == "0.0.0.0"
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    mounted = {v.split(":")[1] for v in services["prometheus"]["volumes"]}
+    assert {"/etc/prometheus/prometheus.yml", "/etc/prometheus/alerts.yml"} <= mounted
+
+
+def exposed_metrics(client: redis.Redis) -> dict[str, str]:
+    """Every metric family the service exposes (API and worker) with its type, from real
+    registries: the Redis counters and gauges read from a real Redis (with a count and both
+    heartbeats in it), the worker's histograms, the API's own."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    from worker.api.metrics import ApiMetrics
+    from worker.health import beat_key, pump_key, stamp
+    from worker.metrics import Histograms, ScheduleCollector
+
+    client.hset("expose:metrics", "sent|glow|sms", 1)
+    stamp(client, pump_key("expose"), node="test")
+    stamp(client, beat_key("expose"), node="test")
+    worker_registry = CollectorRegistry()
+    worker_registry.register(ScheduleCollector(client, "expose"))
+    Histograms(worker_registry)
+    families: dict[str, str] = {}
+    for text in (generate_latest(worker_registry), ApiMetrics().exposition()):
+        for line in text.decode().splitlines():
+            if line.startswith("# TYPE ") and not line.split(" ")[2].endswith("_created"):
+                _, _, name, kind = line.split(" ")
+                # The text format names a counter's family with its _total.
+                families[name.removesuffix("_total") if kind == "counter" else name] = kind
+    return families
+
+
+def sample_names(families: dict[str, str]) -> set[str]:
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+    return {name + suffix for name, kind in families.items()
+            for suffix in suffixes.get(kind, [""])}
+
+
+METRIC = re.compile(r"\b(reminders_[a-z_]+)")
+
+
+def test_alert_rules_and_dashboard_use_metrics_that_exist(redis_client) -> None:
+    families = exposed_metrics(redis_client)
+    known = sample_names(families)
+    assert {"reminders_oldest_overdue_seconds", "reminders_dead_lettered_total",
+            "reminders_send_duration_seconds_bucket", "reminders_api_requests_total",
+            "reminders_pump_heartbeat_age_seconds"} <= known
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    for name, rule in alerts.items():
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, name
+        assert rule["labels"]["severity"] in ("page", "ticket"), name
+        assert rule["annotations"]["summary"], name
+        used = set(METRIC.findall(rule["expr"]))
+        assert used <= known, (name, used - known)
+    # The two the issue asks for: the oldest overdue over 5 minutes, dead letters growing.
+    assert re.fullmatch(r"max\(reminders_oldest_overdue_seconds\) > 300",
+                        alerts["RemindersOverdue"]["expr"])
+    assert "increase(reminders_dead_lettered_total" in alerts["RemindersDeadLettersGrowing"]["expr"]
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/reminders.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set().union(*(METRIC.findall(e) for e in exprs))
+    assert used <= known, used - known
+    # Every metric of the service is on the dashboard but the replay count.
+    shown = {name for name in families if sample_names({name: families[name]}) & used}
+    assert set(families) - shown == {"reminders_replayed"}, set(families) - shown
+    provisioning = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/reminders.yml").read_text())
+    assert provisioning["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    sources = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert sources["datasources"][0]["url"] == "http://prometheus:9090"
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {
+        sources["datasources"][0]["uid"]}
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +538,7 @@ def container_env(service: dict[str, Any], redis_url: str, data_dir: Path) -> di
 
 
 def resolve(argv: list[str]) -> list[str]:
-    if argv[0] in ("celery", "uvicorn"):
+    if argv[0] in ("celery", "uvicorn", "reminders"):
         return [str(BIN / argv[0]), *argv[1:]]
     found = shutil.which(argv[0])
     if not found:
@@ -385,7 +557,8 @@ def db_url(base_url: str, db: int) -> str:
 
 def queue_key(env: dict[str, str], queue: str) -> str:
     """The broker's list for `queue`: celery_app.py prefixes keys with "<key_prefix>:celery:"."""
-    return f"{env['REMINDERS_KEY_PREFIX']}:celery:{queue}"
+    prefix = env.get("REMINDERS_KEY_PREFIX") or Settings.model_fields["key_prefix"].default
+    return f"{prefix}:celery:{queue}"
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -435,15 +608,11 @@ def worker(services, redis_server, tmp_path_factory: pytest.TempPathFactory) -> 
         process.stop()
 
 
-@pytest.mark.integration
-def test_worker_answers_its_healthcheck(worker: Process, services) -> None:
-    kind, command = services["worker"]["healthcheck"]["test"]
-    assert kind == "CMD-SHELL"
-    hostname = socket.gethostname()  # in a container, $HOSTNAME is the node's host name
-    env = worker.env | {"HOSTNAME": hostname}
-    result = run_cli(["sh", "-c", command.replace("$$", "$")], env, worker.cwd)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"celery@{hostname}: OK" in result.stdout and "pong" in result.stdout
+def healthcheck_argv(service: dict[str, Any]) -> list[str]:
+    """The argv of a service's healthcheck (CMD form, or CMD-SHELL run by sh)."""
+    kind, *rest = service["healthcheck"]["test"]
+    assert kind in ("CMD", "CMD-SHELL"), kind
+    return ["sh", "-c", rest[0].replace("$$", "$")] if kind == "CMD-SHELL" else rest
 
 
 @pytest.mark.integration
@@ -510,17 +679,29 @@ def test_beat_publishes_the_pump_every_interval(services, redis_server, tmp_path
 
 
 @pytest.mark.integration
-def test_worker_runs_the_pumps_beat_publishes(worker: Process, services, tmp_path: Path) -> None:
-    """The whole compose topology: beat publishes pump ticks, the worker runs each one."""
+def test_worker_runs_the_pumps_beat_publishes_and_both_answer_their_healthchecks(
+        worker: Process, services, redis_server, tmp_path: Path) -> None:
+    """The whole compose topology: beat publishes pump ticks, the worker runs each one, and
+    the healthcheck commands of worker and beat (`reminders health`) say so, for real."""
     redis_url = worker.env["REMINDERS_REDIS_URL"]
     env = container_env(services["beat"], redis_url, tmp_path / "data")
     beat = Process("beat", resolve(argv_of(services["beat"]["command"])), env, tmp_path).start()
     try:
         before = len(re.findall(r"Task reminders\.pump\[[^\]]+\] succeeded", worker.output()))
         worker.wait_for(r"Task reminders\.pump\[[^\]]+\] succeeded", count=before + 2)
+        for name, process_env in (("worker", worker.env), ("beat", env)):
+            check = run_cli(resolve(healthcheck_argv(services[name])), process_env, tmp_path)
+            assert check.returncode == 0, (name, check.stdout, check.stderr)
+            assert "healthy" in check.stdout, check.stdout
     finally:
         status = beat.stop()
     assert status == 0, beat.output()
+    # Another database, where nothing ever ran: both checks fail (they can fail).
+    empty = db_url(redis_server.url, 5)
+    for name in ("worker", "beat"):
+        check = run_cli(resolve(healthcheck_argv(services[name])),
+                        container_env(services[name], empty, tmp_path / "data"), tmp_path)
+        assert check.returncode == 1, (name, check.stdout, check.stderr)
 
 
 @pytest.mark.integration
@@ -533,6 +714,57 @@ def test_worker_stops_cleanly_on_sigterm(worker: Process, services) -> None:
     assert status == 0, worker.output()
     assert took < float(grace.rstrip("s")), f"warm shutdown took {took:.1f}s, grace is {grace}"
     assert "Warm shutdown" in worker.output()
+
+
+@pytest.mark.integration
+def test_compose_worker_sends_the_example_clinics_email_to_the_smtp_catcher(
+        services, redis_server, tmp_path: Path) -> None:
+    """The worker and beat commands with the compose clinic file (mailpit's host replaced by
+    a real SMTP server on loopback): a glow booking's confirmation email arrives there."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.sinks import SmtpSink
+
+    sink = SmtpSink().start()
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    glow = (ROOT / "deploy/compose/glow.toml").read_text(encoding="utf-8")
+    assert "mailpit:1025" in glow
+    (config / "clinics" / "glow.toml").write_text(
+        glow.replace("mailpit:1025", f"127.0.0.1:{sink.port}"), encoding="utf-8")
+    url = db_url(redis_server.url, 6)
+    env = container_env(services["worker"], url, tmp_path / "data") | {
+        "REMINDERS_CONFIG_DIR": str(config)}
+    beat_env = container_env(services["beat"], url, tmp_path / "beat") | {
+        "REMINDERS_CONFIG_DIR": str(config)}
+    checked = run_cli([str(BIN / "reminders"), "check"], env, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    worker = Process("worker", resolve(argv_of(services["worker"]["command"])), env,
+                     tmp_path).start()
+    beat = Process("beat", resolve(argv_of(services["beat"]["command"])), beat_env,
+                   tmp_path).start()
+    try:
+        worker.wait_for(r"celery@\S+ ready\.")
+        booking = json.loads((ROOT / "examples" / "booking.json").read_text(encoding="utf-8"))
+        # A patient for whom it is midday now: inside the clinic's send window.
+        offset = 12 - datetime.now(UTC).hour
+        booking["patient"]["timezone"] = f"Etc/GMT{-offset:+d}" if offset else "UTC"
+        booking["starts_at"] = (datetime.now(UTC) + timedelta(days=20)).strftime(
+            "%Y-%m-%dT10:00:00+00:00")
+        booked = subprocess.run([str(BIN / "reminders"), "book", "-"], env=env, cwd=tmp_path,
+                                input=json.dumps(booking), capture_output=True, text=True,
+                                timeout=60)
+        assert booked.returncode == 0, booked.stderr
+        deadline = time.monotonic() + START_TIMEOUT
+        while not any(m.to == booking["patient"]["email"] for m in sink.snapshot()):
+            assert time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.2)
+        (message,) = sink.snapshot()
+        assert message.subject
+    finally:
+        beat.stop()
+        assert worker.stop() == 0, worker.output()[-3000:]
+        sink.stop()
 
 
 # --- the HTTP API ----------------------------------------------------------------------
