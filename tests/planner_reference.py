@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from worker.clinics import MINUTES_PER_DAY, Clinic, SendWindow
 from worker.errors import BookingRejected
 from worker.models import MAX_DAYS_AHEAD, Booking, Channel
-from worker.planner import Plan, PlannedReminder, SendTime, cap_sms
+from worker.planner import Plan, PlannedReminder, SendTime, cap_sms, late_pause, pause_rule
 from worker.protocols import WEEKDAYS, Protocol, Step, format_duration
 from worker.status import Status
 
@@ -317,12 +317,17 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                 )
     reminders.sort(key=lambda r: (r.due_at, r.key))
     hold = isotretinoin_hold(booking, protocol, clinic)
-    # The SMS frequency cap is one rule over the finished plan: the planner's own.
+    # The SMS frequency cap and the late-pause finding are rules over the finished plan: the
+    # planner's own.
+    capped = cap_sms(reminders, clinic.sms, tz, email="email" in booking.patient.channels)
+    rule = pause_rule(protocol, booking)
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,
-        reminders=cap_sms(reminders, clinic.sms, tz, email="email" in booking.patient.channels),
+        reminders=capped,
         hold_reason=hold,
         window=window,
         notice_steps=protocol.notice_steps(),
         caps=clinic.sms,
+        late_pause=late_pause(capped, rule, booking) if rule else None,
+        pause_rule=rule,
     )

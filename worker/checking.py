@@ -399,7 +399,8 @@ def template_folder(catalog: Catalog, locale: str) -> str | None:
 
 def clinic_alert_files(locale: str) -> list[str]:
     """Return the template files of the alerts the clinic itself receives, in `locale`."""
-    return [f"{locale}/clinic/held.email.{part}.j2" for part in ("subject", "txt")]
+    return [f"{locale}/clinic/{name}.email.{part}.j2" for name in ("held", "late_pause")
+            for part in ("subject", "txt")]
 
 
 def _unused_templates(renderer: Renderer, catalog: Catalog) -> list[str]:

@@ -91,6 +91,10 @@ class Plan:
     # them with the booking for the change notices (worker/notices.py).
     notice_steps: str = ""
     caps: SmsSettings | None = None  # the clinic's SMS frequency caps it was planned under
+    # The booking came too late for the protocol's minimum retinoid pause: why, else None
+    # (`late_pause`); and the rule it was found by: (pause step id, minimum days).
+    late_pause: str | None = None
+    pause_rule: tuple[str, int] | None = None
 
 
 # --- clock arithmetic in the patient's timezone ----------------------------------------
@@ -660,14 +664,56 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                 ))
     reminders.sort(key=_order)
     hold = isotretinoin_hold(booking, protocol, clinic)
+    reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered)
+    rule = pause_rule(protocol, booking)
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,
-        reminders=cap_sms(reminders, clinic.sms, tz, email="email" in offered),
+        reminders=reminders,
         hold_reason=hold,
         window=window,
         notice_steps=notice_steps,
         caps=clinic.sms,
+        late_pause=late_pause(reminders, rule, booking) if rule else None,
+        pause_rule=rule,
     )
+
+
+# --- a booking too late for the full retinoid pause ------------------------------------------
+
+def pause_rule(protocol: Protocol, booking: Booking) -> tuple[str, int] | None:
+    """(pause step id, minimum pause in days) when the protocol's pause step applies to the
+    patient and the protocol states the minimum (`[advice] retinoid_pause_min_days`)."""
+    step = protocol.pause_step()
+    days = protocol.advice.get("retinoid_pause_min_days")
+    if step is None or not step.applies_to(booking.medications):
+        return None
+    if isinstance(days, bool) or not isinstance(days, int | float):
+        return None
+    return step.id, int(days)
+
+
+def late_pause(
+    reminders: list[PlannedReminder], rule: tuple[str, int], booking: Booking
+) -> str | None:
+    """Why the booking is too late for the full pause, or None.
+
+    Too late: the pause message goes (patient-local calendar days, as the template counts
+    `days_until`) fewer than the minimum days before the appointment, or not at all. The
+    message then asks the patient to call the clinic; the clinic is told (`late_pause` on
+    the timeline, the `booking.late_pause` event).
+    """
+    step, days = rule
+    tz = ZoneInfo(booking.patient.timezone)
+    visit_day = booking.starts_at.astimezone(tz).date()
+    going = [r.due_at for r in reminders if r.step == step and r.status == Status.SCHEDULED]
+    if not going:
+        return (f"the message to pause retinoids cannot go before the appointment; the "
+                f"protocol's minimum pause is {days} days: call the patient")
+    gap = (visit_day - min(going).astimezone(tz).date()).days
+    if gap >= days:
+        return None
+    return (f"the message to pause retinoids goes {gap} days before the appointment, less than "
+            f"the protocol's minimum pause of {days} days: the patient is asked to call")
 
 
 # --- the SMS frequency cap -----------------------------------------------------------------
@@ -771,7 +817,11 @@ def cap_plan(p: Plan, booking: Booking, taken: Iterable[datetime]) -> Plan:
         return p
     reminders = cap_sms(p.reminders, p.caps, ZoneInfo(booking.patient.timezone),
                         email="email" in booking.patient.channels, taken=taken)
-    return replace(p, reminders=reminders)
+    if reminders is p.reminders:
+        return p
+    return replace(p, reminders=reminders,
+                   late_pause=late_pause(reminders, p.pause_rule, booking)
+                   if p.pause_rule else None)
 
 
 def _order(reminder: PlannedReminder) -> tuple[datetime, str]:
@@ -786,7 +836,8 @@ _MICROSECOND = timedelta(microseconds=1)
 _FIELDS = ("key", "step", "channel", "template", "occurrence", "due_at", "status", "reason",
            "at_booking", "expires_at", "expires_note")
 ReminderRecord = tuple[str, str, str, str, int, int, str, str, bool, int | None, str]
-PlanRecord = tuple[str, str | None, tuple[ReminderRecord, ...], str]
+PlanRecord = tuple[str, str | None, tuple[ReminderRecord, ...], str, str | None,
+                   tuple[str, int] | None]
 # Instants repeat across the bookings of a batch (the same days, zones and steps).
 _MICROS: dict[datetime, int] = {}
 _INSTANTS: dict[int, datetime] = {}
@@ -823,6 +874,8 @@ def plan_record(p: Plan) -> PlanRecord:
             for r in p.reminders
         ),
         p.notice_steps,
+        p.late_pause,
+        p.pause_rule,
     )
 
 
@@ -830,7 +883,7 @@ def plan_from_record(
     record: PlanRecord, window: SendWindow | None, caps: SmsSettings | None = None
 ) -> Plan:
     """The plan `plan_record` was made of (its window and caps are the clinic's, given here)."""
-    status, hold_reason, records, notice_steps = record
+    status, hold_reason, records, notice_steps, late, rule = record
     reminders = []
     for values in records:
         reminder: PlannedReminder = _new_reminder(PlannedReminder)
@@ -848,4 +901,6 @@ def plan_from_record(
         window=window,
         notice_steps=notice_steps,
         caps=caps,
+        late_pause=late,
+        pause_rule=rule,
     )

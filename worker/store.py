@@ -626,9 +626,9 @@ if event and wants(hooks, 'booking.completed') then
   end
   if not open and not told and status_b == ST_SCHEDULED then
     redis.call('HSET', bkey, 'completed_told', '1')
-    local b = redis.call('HMGET', bkey, 'version')
+    local b = redis.call('HMGET', bkey, 'version', 'late_pause')
     emit_event(prefix, clinic, 'webhook', 'booking.completed',
-      {booking_id = booking_id, version = tonumber(b[1])})
+      {booking_id = booking_id, version = tonumber(b[1]), late_pause = b[2] == '1'})
   end
 end
 local line = cjson.decode(entry)
@@ -1596,6 +1596,7 @@ class Store:
                   "hold_reason": hold_reason, "released_for": released_for,
                   "updated_at": stamp, "created_at": stamp, "keep_until": str(keep),
                   "contacts": booking_contacts(booking),
+                  "late_pause": "1" if plan.late_pause else "",
                   "ns": intern(plan.notice_steps, texts) if plan.notice_steps else ""}
         hset = [x for k, v in fields.items() if v for x in (k, v)]
         due: list[str] = []
@@ -1643,19 +1644,37 @@ class Store:
                 and booking.starts_at <= datetime.now(UTC)):
             shown = Status.COMPLETED
         timeline = {"clinic": clinic, "booking_id": booking_id, "status": str(shown),
-                    "version": 1, "hold_reason": hold_reason or None, "reminders": entries}
-        emits = self._held_events(booking, 1, hold_reason) if held else []
+                    "version": 1, "hold_reason": hold_reason or None,
+                    "late_pause": bool(plan.late_pause), "reminders": entries}
+        emits = (self._held_events(booking, 1, hold_reason, bool(plan.late_pause)) if held
+                 else self._late_pause_events(booking, 1, plan.late_pause))
         args = json.dumps([clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], [],
                            emits, *_tail("", guard)], ensure_ascii=False, separators=(",", ":"))
         return _Prepared(args, timeline)
 
-    def _held_events(self, booking: Booking, version: int, reason: str) -> list[Any]:
+    def _held_events(
+        self, booking: Booking, version: int, reason: str, late: bool = False
+    ) -> list[Any]:
         """The clinic events of a new hold: the webhook, and the alert email."""
+        return self._booking_events(booking, "booking.held", version, reason, late)
+
+    def _late_pause_events(self, booking: Booking, version: int, reason: str | None
+                           ) -> list[Any]:
+        """The clinic events of a booking too late for the full retinoid pause (planner
+        `late_pause`): the webhook, and the alert email."""
+        if not reason:
+            return []
+        return self._booking_events(booking, "booking.late_pause", version, reason, True)
+
+    def _booking_events(
+        self, booking: Booking, etype: str, version: int, reason: str, late: bool
+    ) -> list[Any]:
         hooks = self._hooks(booking.clinic).split()
         fields = {"booking_id": booking.booking_id, "version": version, "reason": reason,
-                  "treatment": booking.treatment, "starts_at": booking.starts_at.timestamp()}
-        return [[kind, "booking.held", fields]
-                for kind, wanted in (("webhook", "booking.held"), ("alert", "alert"))
+                  "treatment": booking.treatment, "starts_at": booking.starts_at.timestamp(),
+                  "late_pause": late}
+        return [[kind, etype, fields]
+                for kind, wanted in (("webhook", etype), ("alert", "alert"))
                 if wanted in hooks]
 
     def _prepare_reconciled(
@@ -1689,8 +1708,10 @@ class Store:
         reminders = {k: dict(v) for k, v in stored.reminders.items()}
         contacts = booking_contacts(booking)
         had = booking_fields.get("contacts", "")
+        late = "1" if plan.late_pause else ""
+        was_late = booking_fields.get("late_pause", "")
         if (not result.changed and not result.changes and not window_changed
-                and had == contacts):
+                and had == contacts and was_late == late):
             args = json.dumps([clinic, booking_id, "-", "", keep, [], [], [], [], [], []])
             return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields,
                                                       reminders, stored.doc))
@@ -1708,6 +1729,7 @@ class Store:
             "updated_at": stamp if result.changed else booking_fields.get("updated_at", stamp),
             "created_at": booking_fields.get("created_at") or stamp,
             "contacts": contacts,
+            "late_pause": late,
             "ns": self._intern(plan.notice_steps, texts) if plan.notice_steps else "",
         }
         notices: list[NoticeReminder] = []
@@ -1795,11 +1817,14 @@ class Store:
         check: str | list[str] = "" if new else [x for kv in stored.fields.items() for x in kv]
         # A hold the clinic has not been told of: a new one, or one for another reason.
         was = stored.fields
-        emits = (self._held_events(booking, version, result.hold_reason)
+        emits = (self._held_events(booking, version, result.hold_reason, bool(late))
                  if result.status == Status.HELD
                  and (was.get("status") != Status.HELD
                       or was.get("hold_reason", "") != result.hold_reason)
                  else [])
+        if result.status != Status.HELD and late and (
+                was_late != late or was.get("status") == Status.HELD):
+            emits += self._late_pause_events(booking, version, plan.late_pause)
         unindex = " ".join(sorted(set(had.split()) - set(contacts.split())))
         args = json.dumps([clinic, booking_id, check,
                            doc if changed_doc else "", keep, hset, hdel, due, rm_due, rm_lease,
@@ -1951,6 +1976,7 @@ class Store:
             "version": int(booking["version"]),
             "hold_reason": booking.get("hold_reason") or None,
             **{name: _iso(booking[name]) for name in REPLY_FIELDS if booking.get(name)},
+            "late_pause": booking.get("late_pause") == "1",
             "reminders": reminders,
         }
 

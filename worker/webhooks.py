@@ -1,10 +1,11 @@
 """Telling the clinic: signed webhooks and the held-booking alert, delivered at least once.
 
 An event (`reminder.sent`, `reminder.failed`, `reminder.skipped`, `booking.held`,
-`booking.completed`, `patient.replied`) is written by the same atomic step that changes the
-state it reports (the store's Lua scripts call `emit_event`; the upsert queues the emit
-script inside its MULTI; a patient's reply is recorded with its events in one MULTI), so an
-event is never lost and never made up. Events wait in their own schedule:
+`booking.completed`, `booking.late_pause`, `patient.replied`) is written by the same atomic
+step that changes the state it reports (the store's Lua scripts call `emit_event`; the
+upsert queues the emit script inside its MULTI; a patient's reply is recorded with its
+events in one MULTI), so an event is never lost and never made up. Events wait in their
+own schedule:
 
   P:ev:seq        STR   event id counter
   P:ev:<id>       HASH  clinic, kind (webhook | alert), type, body (JSON), attempts, claim,
@@ -60,6 +61,9 @@ EVENT_TYPES = (
     "booking.held",
     "booking.completed",
     "patient.replied",
+    # A booking too late for the protocol's minimum retinoid pause (worker/planner.py
+    # `late_pause`): the patient is asked to call; the clinic should expect the call.
+    "booking.late_pause",
 )
 SIGNATURE_HEADER = "Reminders-Signature"
 SIGNATURE_TOLERANCE_SECONDS = 300

@@ -72,6 +72,8 @@ class Timeline(BaseModel):
     status: str = Field(description="scheduled, held, cancelled or completed")
     version: int
     hold_reason: str | None = None
+    late_pause: bool = Field(False, description="booked too late for the protocol's minimum "
+                             "retinoid pause: the patient is asked to call the clinic")
     reminders: list[Reminder]
 
 
