@@ -73,6 +73,11 @@ def test_move_after_the_pause_went_out_tells_on_both_channels(store, catalog, bo
         assert r["expires_at"] == "2026-12-12T13:30:00Z"
         ref = f"glow/A-1042/{key}"
         assert store.redis.zscore(store.due_key, ref) == NOW.timestamp()
+    # The stop message goes again for the new date (the plan's own is history once sent).
+    again = {k: r for k, r in by_id(moved).items() if k.startswith("repause#")}
+    assert set(again) == {"repause#1:sms", "repause#1:email"}
+    assert {r["due_at"] for r in again.values()} == {"2026-12-05T17:00:00Z"}  # 18:00 Madrid
+    assert by_id(moved)["stop-retinoids:sms"]["status"] == "sent"
     stored = fields(store)
     assert stored["seq"] == "1" and stored["paused"] == "1"
     assert stored["moved_from"] == str(int(datetime(2026, 12, 5, 13, 30, tzinfo=UTC).timestamp()))
@@ -140,6 +145,9 @@ def test_a_later_change_supersedes_a_notice_not_yet_sent(store, catalog, booking
     assert told["rescheduled#1:sms"]["reason"] == "superseded by a later change"
     assert told["rescheduled#2:sms"]["status"] == "scheduled"
     assert store.redis.zscore(store.due_key, "glow/A-1042/rescheduled#1:sms") is None
+    # The stop message again: for the latest date only.
+    assert by_id(timeline)["repause#1:sms"]["status"] == "cancelled"
+    assert by_id(timeline)["repause#2:sms"]["due_at"] == "2026-12-12T17:00:00Z"
     # A cancel supersedes the move's notice too, and says the pause may end.
     timeline = store.cancel("glow", "A-1042", NOW)
     told = notices(timeline)

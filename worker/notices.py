@@ -11,6 +11,10 @@ claimed, fenced and sent like any other reminder. Its key is `<kind>#<seq>:<chan
   cancelled     the booking was cancelled: if the pause message had gone out, that the
                 product may be resumed
 
+After a move, the pause message itself goes again for the new date (`repause#<seq>:<channel>`,
+the pause step's template, at the new plan's time for it) when it had been sent for the old
+date: the patient who was told to stop is reminded again, not left to remember.
+
 `seq` is the booking's calendar invite sequence after the change (one more at every move
 and cancel): the notice's email carries the invite update (METHOD:REQUEST) or cancel
 (METHOD:CANCEL) with that SEQUENCE and the booking's one UID (worker/invites.py).
@@ -34,7 +38,7 @@ from zoneinfo import ZoneInfo
 from .clinics import SendWindow
 from .models import Booking, Channel
 from .planner import first_nominal, next_opening
-from .protocols import NOTICE_STEPS, Protocol, parse_notice_steps
+from .protocols import NOTICE_STEPS, REPAUSE_STEP, STORE_STEPS, Protocol, parse_notice_steps
 from .status import Status
 
 Kind = Literal["rescheduled", "cancelled"]
@@ -58,8 +62,9 @@ class NoticeReminder:
 
 
 def is_notice(key: str) -> bool:
-    """Return whether a reminder key is a change notice's."""
-    return key.split(":", 1)[0].split("#", 1)[0] in NOTICE_STEPS
+    """Return whether a reminder key is one the store added on a change (a notice, or the
+    pause message again for a new date): the reconcile never sees those."""
+    return key.split(":", 1)[0].split("#", 1)[0] in STORE_STEPS
 
 
 def went_out(record: Record) -> bool:
@@ -81,7 +86,7 @@ def what_went_out(records: Mapping[str, Record], notice_steps: str) -> tuple[set
             continue
         step = key.split(":", 1)[0].split("#", 1)[0]
         channel = key.rsplit(":", 1)[-1]
-        if step == pause:
+        if step in (pause, REPAUSE_STEP):
             paused.add(channel)
         if step in invite_steps and channel == "email":
             invited = True

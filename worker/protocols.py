@@ -40,6 +40,9 @@ MedicationFlag = Literal["tretinoin", "retinol"]
 # The notices the store adds when a booking moves or is cancelled after something went out
 # (worker/notices.py): step ids and templates of their own, never a protocol step's id.
 NOTICE_STEPS = ("rescheduled", "cancelled")
+# The pause message sent again for the new date after a move (the pause step's template).
+REPAUSE_STEP = "repause"
+STORE_STEPS = (*NOTICE_STEPS, REPAUSE_STEP)  # reminders the store adds, never a step's id
 
 _DURATION = re.compile(r"^([+-])?((?:\d+[dhms])+)$")
 _DURATION_PART = re.compile(r"(\d+)([dhms])")
@@ -136,7 +139,7 @@ class Step(BaseModel):
             raise ValueError('late_until only applies with late = "send"')
         if len(set(self.channels)) != len(self.channels):
             raise ValueError("channels lists a channel twice")
-        if self.id in NOTICE_STEPS:
+        if self.id in STORE_STEPS:
             raise ValueError(f"step id {self.id!r} is reserved for the change notices")
         return self
 

@@ -107,6 +107,7 @@ from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices
 from .optout import normal_contact
 from .planner import Plan, cap_plan
+from .protocols import REPAUSE_STEP, parse_notice_steps
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
 from .webhooks import LUA_EMIT
@@ -1780,6 +1781,12 @@ class Store:
                 hset += [notice.key, main]
                 reminders[notice.key] = fields
                 due += [notice.key, _num(notice.due_at.timestamp())]
+            for key, fields in repause_fields(plan, stored.reminders, seq, version, now):
+                main, _ = encode_reminder(key, fields, text_id=text_id)
+                hset += [key, main]
+                reminders[key] = fields
+                if result.status == Status.SCHEDULED:
+                    due += [key, _num(float(fields["due_epoch"]))]
 
         for change in result.changes:
             key = change.key
@@ -2521,6 +2528,32 @@ class Attempt:
     # What it sends (read after begin): the planned time and template its words are for.
     planned: str = ""
     template: str = ""
+
+
+def repause_fields(
+    plan: Plan, stored: Mapping[str, Mapping[str, str]], seq: int, version: int, now: datetime,
+) -> list[tuple[str, dict[str, str]]]:
+    """Return the pause message again for the new date, per channel it had been sent on
+    (`repause#<seq>:<channel>`; worker/notices.py): the plan's own reminder of the pause step
+    is history once sent, so the reconcile never sends it again."""
+    pause, _ = parse_notice_steps(plan.notice_steps)
+    out = []
+    for r in plan.reminders:
+        if (r.step != pause or r.status != Status.SCHEDULED or r.due_at <= now
+                or stored.get(r.key, {}).get("status") != Status.SENT):
+            continue
+        due = repr(r.due_at.timestamp())
+        out.append((f"{REPAUSE_STEP}#{seq}:{r.channel}", {
+            "step": REPAUSE_STEP, "channel": r.channel, "template": r.template,
+            "occurrence": str(seq), "planned_epoch": due, "due_epoch": due,
+            "status": Status.SCHEDULED, "version": str(version),
+            "reason": f"the appointment moved after it had gone out: again for the new date "
+                      f"({r.reason})",
+            "at_booking": "0", "attempts": "0",
+            "expires_epoch": repr(r.expires_at.timestamp()) if r.expires_at else "",
+            "expires_note": r.expires_note,
+        }))
+    return out
 
 
 def notice_fields(notice: NoticeReminder, version: int) -> dict[str, str]:

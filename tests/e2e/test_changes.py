@@ -113,6 +113,10 @@ def test_move_then_cancel_after_the_pause_went_out(changes, smtp_sink, sms_sink)
     timeline = changes.book(doc("C-1", moved, phone))[0]
     assert {r["id"] for r in timeline["reminders"]} >= {"rescheduled#1:email",
                                                         "rescheduled#1:sms"}
+    # ... and the stop message again, for the new date.
+    (repause,) = [r for r in timeline["reminders"] if r["id"] == "repause#1:sms"]
+    assert repause["due_at"] == (moved - timedelta(seconds=28)).isoformat().replace(
+        "+00:00", "Z")
     wait_until(lambda: len(emails_to(smtp_sink, address)) >= 2
                and len(texts_to(sms_sink, phone)) >= 2, 20)
     update = emails_to(smtp_sink, address)[1]
@@ -141,6 +145,8 @@ def test_move_then_cancel_after_the_pause_went_out(changes, smtp_sink, sms_sink)
     assert "You may resume tretinoin/retinol as before" in texts_to(sms_sink, phone)[2].text
     shown = changes.show("C-1")
     assert shown["status"] == "cancelled"
+    assert [r["status"] for r in shown["reminders"] if r["id"] == "repause#1:sms"] == [
+        "cancelled"]
     assert {r["id"]: r["status"] for r in shown["reminders"]
             if r["id"].startswith(("rescheduled", "cancelled"))} == {
         "rescheduled#1:email": "sent", "rescheduled#1:sms": "sent",
