@@ -73,8 +73,12 @@ def test_openapi_documents_the_routes_with_the_design_booking_as_example(api):
     assert set(schema["paths"]) == {
         "/v1/bookings/{booking_id}", "/v1/bookings/{booking_id}/release", "/v1/bookings",
         "/v1/bookings:batch", "/v1/dead-letters", "/v1/dead-letters/replay", "/healthz",
-        "/readyz", "/metrics"}
+        "/readyz", "/metrics", "/v1/inbound/sms/{clinic}", "/v1/unsubscribe/{token}"}
     assert schema["components"]["securitySchemes"]["clinicKey"]["scheme"] == "bearer"
+    # The patients' routes take no clinic key (the SMS provider's signature, a signed link).
+    for path in ("/v1/inbound/sms/{clinic}", "/v1/unsubscribe/{token}"):
+        for operation in schema["paths"][path].values():
+            assert not operation.get("security"), (path, operation)
 
 
 def test_run_checks_the_api_port_before_claiming_the_api_is_up():

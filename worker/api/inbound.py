@@ -56,6 +56,7 @@ from ..optout import (
 from ..sms import fold_to_gsm7
 from ..status import Status
 from .errors import ApiError
+from .schemas import ErrorBody
 from .services import Services, Svc
 
 log = logging.getLogger(__name__)
@@ -182,13 +183,28 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
     return intent, answer("help")
 
 
+_REFUSALS = {
+    403: "missing or invalid X-Twilio-Signature, or the clinic takes no inbound texts",
+    404: "no such clinic",
+    413: "the body is too large",
+    415: "the body is not application/x-www-form-urlencoded",
+    422: "From is missing or not a phone number",
+    503: "Redis is unreachable, or the clinic's auth token is not set; see Retry-After",
+}
+_FORM_FIELDS = {name: {"type": "string"} for name in (
+    "MessageSid", "AccountSid", "From", "To", "Body", "NumMedia", "NumSegments")}
+
+
 @router.post(
     "/v1/inbound/sms/{clinic}",
     summary="The SMS provider's inbound webhook (Twilio): STOP, START, HELP, C, R",
     response_class=Response,
     responses={200: {"content": {TWIML: {"schema": {"type": "string"}}},
                      "description": "TwiML: the answer to send back, if any"},
-               403: {"description": "missing or invalid X-Twilio-Signature"}},
+               **{status: {"model": ErrorBody, "description": why}
+                  for status, why in _REFUSALS.items()}},
+    openapi_extra={"requestBody": {"required": True, "content": {FORM: {"schema": {
+        "type": "object", "properties": _FORM_FIELDS, "required": ["From"]}}}}},
 )
 async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
     config = svc.catalog.clinics.get(clinic)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from html import escape
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..optout import Unsubscribe, critical_steps, read_token, token_matches
+from .schemas import ErrorBody
 from .services import Services, Svc
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,15 @@ def _not_valid() -> HTMLResponse:
                  "Please use the link in your latest email, or call the clinic.</p>", 404)
 
 
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+_NOT_VALID: dict[int | str, dict[str, Any]] = {
+    404: {"content": _HTML, "description": "not a valid link (a page saying so)"},
+    503: {"model": ErrorBody, "description": "Redis is unreachable; see Retry-After"},
+}
+
+
 @router.get("/v1/unsubscribe/{token}", summary="The unsubscribe page (a button; GET changes "
-            "nothing)", response_class=HTMLResponse, responses={404: {"description": "not a "
-                                                                    "valid link"}})
+            "nothing)", response_class=HTMLResponse, responses=_NOT_VALID)
 async def unsubscribe_page(token: str, svc: Svc) -> HTMLResponse:
     found = await run_in_threadpool(_resolve, svc, token)
     if found is None:
@@ -97,8 +105,7 @@ async def unsubscribe_page(token: str, svc: Svc) -> HTMLResponse:
 
 
 @router.post("/v1/unsubscribe/{token}", summary="Unsubscribe (RFC 8058 one-click)",
-             response_class=HTMLResponse,
-             responses={404: {"description": "not a valid link"}})
+             response_class=HTMLResponse, responses=_NOT_VALID)
 async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
     found = await run_in_threadpool(_resolve, svc, token)
     if found is None:
