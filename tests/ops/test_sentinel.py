@@ -31,6 +31,7 @@ from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 MASTER = "mymaster"
+TRANSPORT = "worker.broker:SentinelTransport"
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 4000
 
@@ -261,3 +262,50 @@ def test_master_killed_mid_run_sentinel_promotes_the_replica_and_everything_carr
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         service.stop()
+
+
+# --- worker/broker.py's fix, through Sentinel ----------------------------------------------
+
+def _held_message(cluster: Cluster, transport: str, queue: str) -> tuple[Any, Any]:
+    """A connection through the sentinels, and a channel holding one unacked message of
+    `queue` (acks late), next to a channel with an auto-delete fanout queue (gossip, pidbox)."""
+    from kombu import Connection, Exchange, Producer, Queue
+
+    url = ";".join(f"sentinel://127.0.0.1:{port}/0" for port in cluster.sentinel_ports)
+    conn = Connection(url, transport=transport, transport_options={"master_name": MASTER})
+    conn.connect()
+    work = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
+    holder = conn.channel()
+    Producer(holder).publish({"n": 1}, exchange=work.exchange, routing_key=queue,
+                             declare=[work])
+    message = holder.basic_get(queue, no_ack=False)
+    assert message is not None and message.payload == {"n": 1}
+    gossip = conn.channel()
+    Queue(f"{queue}.gossip", Exchange(f"{queue}.gossip", type="fanout"), auto_delete=True)(
+        gossip).declare()
+    return conn, holder
+
+
+def test_our_sentinel_transport_gives_an_unacked_message_back_on_the_new_master(
+        cluster: Cluster) -> None:
+    """What Celery does when the master dies under a worker (tests/e2e/test_supervision.py
+    has the single-Redis case): a channel holds a delivered, unacknowledged message (acks
+    late); the consumer collects its connection, which cuts the transport loose; Sentinel
+    promotes the replica; the channel is closed. kombu's own Sentinel channel then fails on
+    the closed connection (kept as a canary: when it stops failing, kombu fixed it) and
+    leaves its message in `unacked` until the visibility timeout; ours asks the remembered
+    sentinels for the new master and gives the message back to its queue at once."""
+    ours_conn, ours = _held_message(cluster, TRANSPORT, "drill.ours")
+    stock_conn, stock = _held_message(cluster, "sentinel", "drill.stock")
+    replica = redis.Redis(port=cluster.replica_port)
+    wait_until(lambda: replica.hlen("unacked") == 2, 5)  # replicated before the kill
+    cluster.master.kill()
+    ours_conn.collect()  # Consumer.on_connection_error_after_connected
+    stock_conn.collect()
+    assert not ours.closed and not stock.closed
+    wait_until(lambda: (cluster.master_address() or ("", 0))[1] == cluster.replica_port, 20)
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute"):
+        stock.close()
+    ours.close()  # QoS.restore_unacked_once -> restore_unacked -> the pool -> the new master
+    assert replica.llen("drill.ours") == 1 and replica.llen("drill.stock") == 0
+    assert replica.hlen("unacked") == 1  # the stock channel's, until the visibility timeout
