@@ -13,6 +13,12 @@ Layout 2. Keys, all under the configured prefix P:
   P:c:<clinic>/<contact>   ZSET  the contact index: the clinic's booking ids of one patient
                                  contact -> when their keys expire (see "Contact index")
   P:t                      HASH  text id -> text: the planner's words, each stored once
+  P:optout:<clinic>        HASH  "<channel>:<address>" -> why: the patients' opt-outs (STOP,
+                                 unsubscribe), read by the send's fenced begin; kept until
+                                 the patient opts in again (worker/optout.py)
+  P:unsub:<clinic>         HASH  unsubscribe link id -> "<channel>:<address>" (written by each
+                                 email's send; expires `retention` after the last one)
+  P:once:help:<clinic>:<contact> STR the one help answer to an unknown text in 24 h
 
 A reminder ref is "<clinic>/<booking_id>/<key>" (neither id may contain "/"); a reminder
 key is "<step>[#<occurrence>]:<channel>". The ZSETs hold these public refs.
@@ -2377,8 +2383,11 @@ class Store:
 
     def remember_unsubscribe(self, clinic: str, token_id: str, channel: str, contact: str) -> None:
         """Note which address an unsubscribe link's id stands for (read by the route)."""
-        self.redis.hset(f"{self.prefix}:unsub:{clinic}", token_id,
-                        f"{channel}:{normal_contact(channel, contact)}")
+        key = f"{self.prefix}:unsub:{clinic}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, token_id, f"{channel}:{normal_contact(channel, contact)}")
+        pipe.expire(key, self.retention_seconds)
+        pipe.execute()
 
     def unsubscribe_address(self, clinic: str, token_id: str) -> tuple[str, str] | None:
         """Return (channel, address) an unsubscribe link's id stands for, or None."""

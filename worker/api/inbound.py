@@ -55,6 +55,7 @@ from ..optout import (
 )
 from ..sms import fold_to_gsm7
 from ..status import Status
+from ..store import contact_id
 from .errors import ApiError
 from .schemas import ErrorBody
 from .services import Services, Svc
@@ -178,7 +179,9 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
         return intent, answer(
             "confirm", date=format_skeleton("MMMd", start.date(), locale=babel_locale),
             time=format_time(start, "short", tzinfo=tz, locale=babel_locale))
-    if opted_out or not store.first_in(f"help:{clinic.id}:{phone}", UNKNOWN_REPLY_SECONDS):
+    # The key names the number by its contact id: no phone number in a key name.
+    once = f"help:{clinic.id}:{contact_id('phone', phone)}"
+    if opted_out or not store.first_in(once, UNKNOWN_REPLY_SECONDS):
         return intent, None
     return intent, answer("help")
 
