@@ -88,7 +88,7 @@ from .models import Booking, Channel
 from .notices import notice_and_invite
 from .optout import contact_hash, critical_steps, make_token
 from .planner import SendTime, at_send_time, next_opening
-from .pump import Keys, sender_member
+from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
 from .store import IN_FLIGHT_MARGIN, Attempt, Store, split_ref
@@ -815,6 +815,8 @@ class HandingOver:
             result = "not recorded (Redis unreachable): its lease and ledger bring it back"
         log.warning("send %s: %s; outcome unknown, tried again once its ledger expires (%s)",
                     self.ref, CUT_REASON, result)
+        # Settled for the pump's count too (the attempt's thread never reports it).
+        self.lanes._settle(channel_of(self.ref), f"{self.attempt.claim}@{self.ref}", None)
         return True
 
 

@@ -190,7 +190,9 @@ def test_sigterm_mid_batch_finishes_what_is_sending_and_hands_back_the_rest(
     """Two sends parked at the gateway, more claims waiting for the worker's two threads:
     SIGTERM; the parked ones finish within the grace period, the waiting ones go out on
     another worker within seconds. A lease of 60 s shows they did not wait for it."""
-    service.configure(REMINDERS_LEASE_SECONDS="60", REMINDERS_SEND_TIMEOUT_SECONDS="8",
+    # A send timeout long enough that the parked sends are still waiting when the SIGTERM
+    # comes, however slowly the second worker starts on a busy machine.
+    service.configure(REMINDERS_LEASE_SECONDS="60", REMINDERS_SEND_TIMEOUT_SECONDS="20",
                       REMINDERS_SEND_MAX_WAIT_SECONDS="40",
                       REMINDERS_SHUTDOWN_GRACE_SECONDS="15")
     a = service.worker("a", concurrency=1)
@@ -268,8 +270,9 @@ def test_sigterm_cuts_a_send_still_handing_over_when_the_grace_period_ends(
     wait_until(lambda: smtp_sink.data_started >= 2, 15)
     begun_at = time.time()
     smtp_sink.delay = 0.0  # what comes next is answered at once
-    b = service.worker("b", concurrency=1)
+    # At once: the grace (2 s) must end well before the sends' own timeout (5 s).
     stopped_at = sigterm(a)
+    b = service.worker("b", concurrency=1)  # takes over; the cut sends wait for their ledger
     assert wait_exit(a, 15) == 0, a.log_path.read_text()
     exited_at = time.time()
     a_log = a.log_path.read_text(errors="replace")
