@@ -15,7 +15,15 @@ from zoneinfo import ZoneInfo
 from worker.clinics import MINUTES_PER_DAY, Clinic, SendWindow
 from worker.errors import BookingRejected
 from worker.models import MAX_DAYS_AHEAD, Booking, Channel
-from worker.planner import Plan, PlannedReminder, SendTime, cap_sms, late_pause, pause_rule
+from worker.planner import (
+    Plan,
+    PlannedReminder,
+    SendTime,
+    cap_sms,
+    hold_notice,
+    late_pause,
+    pause_rule,
+)
 from worker.protocols import WEEKDAYS, Protocol, Step, format_duration
 from worker.status import Status
 
@@ -319,6 +327,10 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     hold = isotretinoin_hold(booking, protocol, clinic)
     # The SMS frequency cap and the late-pause finding are rules over the finished plan: the
     # planner's own.
+    if hold and protocol.hold_template:
+        reminders.append(hold_notice(protocol.hold_template, tuple(booking.patient.channels),
+                                     now, start, window, tz))
+        reminders.sort(key=lambda r: (r.due_at, r.key))
     capped = cap_sms(reminders, clinic.sms, tz, email="email" in booking.patient.channels)
     rule = pause_rule(protocol, booking)
     return Plan(

@@ -16,8 +16,9 @@ from worker.protocols import NOTICE_STEPS, load_protocols
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every step's template, and the change notices' (worker/notices.py).
-TEMPLATES = sorted({s.template for p in load_protocols(ROOT / "config" / "protocols").values()
-                    for s in p.steps} | set(NOTICE_STEPS))
+_PROTOCOLS = load_protocols(ROOT / "config" / "protocols").values()
+TEMPLATES = sorted({s.template for p in _PROTOCOLS for s in p.steps} | set(NOTICE_STEPS)
+                   | {p.hold_template for p in _PROTOCOLS if p.hold_template})
 EXIT_OK, EXIT_USAGE, EXIT_CONFIG = 0, 2, 3
 
 

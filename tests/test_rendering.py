@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = load_protocols(ROOT / "config" / "protocols")
 # Every protocol step's template, and the change notices' (worker/notices.py).
 TEMPLATES = sorted({step.template for p in PROTOCOLS.values() for step in p.steps}
-                   | set(NOTICE_STEPS))
+                   | set(NOTICE_STEPS)
+                   | {p.hold_template for p in PROTOCOLS.values() if p.hold_template})
 LOCALES = sorted(p.name for p in (ROOT / "templates").iterdir()
                  if p.is_dir() and not p.name.startswith("_"))
 LONG_FIRST_NAME = "Christabelle"  # 12 letters
@@ -56,7 +57,10 @@ def rendered(renderer: Renderer, catalog: Catalog, doc: dict[str, Any], *, local
             messages += [m for t, m in sample_notices(renderer, booking, clinic, protocol)
                          if t == template]
             continue
-        if template not in {s.template for s in protocol.steps}:
+        if template == protocol.hold_template:  # what a held booking sends: hold it
+            booking = booking.model_copy(update={"medications": booking.medications.model_copy(
+                update={"isotretinoin_last_dose": booking.starts_at.date() - timedelta(days=60)})})
+        elif template not in {s.template for s in protocol.steps}:
             continue
         planned = plan(booking, protocol, clinic, booking.starts_at - timedelta(days=30))
         plan_dates: dict[str, datetime] = {}

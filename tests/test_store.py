@@ -131,16 +131,19 @@ def test_held_booking_stores_the_plan_but_nothing_is_due_until_released(
     timeline = book(store, catalog, held)
     assert timeline["status"] == "held"
     assert "isotretinoin last taken 2026-10-01" in timeline["hold_reason"]
-    assert all(r["reason"].startswith("booking held: isotretinoin") for r in timeline["reminders"])
-    assert store.redis.zcard(store.due_key) == 0
-    assert store.claim_due(100, 60) == []
+    # Nothing goes but the one neutral message of a held booking (tests/test_hold_notice.py).
+    assert all(r["reason"].startswith("booking held: isotretinoin") for r in timeline["reminders"]
+               if r["step"] != "hold-notice")
+    assert store.redis.zrange(store.due_key, 0, -1) == ["glow/A-1042/hold-notice:sms"]
+    assert [c.ref for c in store.claim_due(100, 60)] == ["glow/A-1042/hold-notice:sms"]
     # The clinic reviews and corrects the booking (the dose was in 2025): it is released.
     released = dict(
         booking_doc, medications={"tretinoin": True, "isotretinoin_last_dose": "2025-01-01"}
     )
     timeline = book(store, catalog, released)
     assert timeline["status"] == "scheduled" and timeline["version"] == 2
-    assert store.redis.zcard(store.due_key) == len(timeline["reminders"])
+    # The hold notice is no longer in the plan (it was being sent: the attempt is stale).
+    assert store.redis.zcard(store.due_key) == len(timeline["reminders"]) - 1
 
 
 def test_release_waives_the_hold_for_the_reviewed_medications_only(store, catalog, booking_doc):
@@ -153,13 +156,14 @@ def test_release_waives_the_hold_for_the_reviewed_medications_only(store, catalo
     later = NOW + timedelta(hours=1)
     released = store.upsert(booking, plan(booking, protocol, clinic, later), later, release=True)
     assert released["status"] == "scheduled" and released["hold_reason"] is None
-    assert store.redis.zcard(store.due_key) == len(released["reminders"])
+    # Every reminder is due but the hold notice, which the release cancelled.
+    assert store.redis.zcard(store.due_key) == len(released["reminders"]) - 1
     # The same booking again stays released; a new isotretinoin date holds it again.
     assert book(store, catalog, held, later)["status"] == "scheduled"
     again = dict(held, medications={"tretinoin": True, "isotretinoin_last_dose": "2026-11-01"})
     timeline = book(store, catalog, again, later)
     assert timeline["status"] == "held"
-    assert store.redis.zcard(store.due_key) == 0
+    assert store.redis.zrange(store.due_key, 0, -1) == ["glow/A-1042/hold-notice:sms"]
 
 
 def test_resubmitting_keeps_a_late_step_that_is_already_due(store, catalog, booking_doc):

@@ -26,7 +26,7 @@ from .clinics import Clinic, unreachable_problem
 from .errors import ConfigError
 from .models import CHANNELS, Booking, Channel
 from .notices import Invite, Notice
-from .planner import PlannedReminder, plan
+from .planner import PlannedReminder, hold_notice, plan
 from .protocols import NOTICE_STEPS, AdviceValue, Protocol
 from .rendering import RenderedMessage, Renderer, file_name, language_of, syntax_error
 from .sms import Encoding, non_gsm7, sms_segments
@@ -163,6 +163,10 @@ def sample_messages(renderer: Renderer, booking: Booking, clinic: Clinic, protoc
     plan_dates: dict[str, datetime] = {}
     for reminder in reminders:
         plan_dates.setdefault(reminder.step, reminder.due_at)
+    if protocol.hold_template:  # what a held booking sends instead (planner `hold_notice`)
+        reminders = [*reminders, hold_notice(protocol.hold_template, CHANNELS, booked_at,
+                                             booking.starts_at, clinic.send_window,
+                                             ZoneInfo(booking.patient.timezone))]
     for reminder in reminders:
         for channel in channels:
             yield reminder, renderer.render(
@@ -348,6 +352,9 @@ def _templates_in_use(catalog: Catalog) -> dict[str, str]:
     for protocol in catalog.protocols.values():
         for step in protocol.steps:
             used.setdefault(step.template, f"step {step.id!r} of protocol {protocol.id!r}")
+        if protocol.hold_template:
+            used.setdefault(protocol.hold_template,
+                            f"the held-booking message of protocol {protocol.id!r}")
     return used
 
 

@@ -47,7 +47,7 @@ from zoneinfo import ZoneInfo
 from .clinics import MINUTES_PER_DAY, Clinic, SendWindow, SmsSettings
 from .errors import BookingRejected
 from .models import MAX_DAYS_AHEAD, Booking, Channel
-from .protocols import WEEKDAYS, Protocol, Step, format_duration
+from .protocols import HOLD_NOTICE_STEP, WEEKDAYS, Protocol, Step, format_duration
 from .status import Status
 
 ONE_MINUTE = timedelta(minutes=1)
@@ -662,8 +662,10 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                     expires_at=expires_at,
                     expires_note=expires_note,
                 ))
-    reminders.sort(key=_order)
     hold = isotretinoin_hold(booking, protocol, clinic)
+    if hold and protocol.hold_template:
+        reminders.append(hold_notice(protocol.hold_template, offered, now, start, window, tz))
+    reminders.sort(key=_order)
     reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered)
     rule = pause_rule(protocol, booking)
     return Plan(
@@ -676,6 +678,32 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         late_pause=late_pause(reminders, rule, booking) if rule else None,
         pause_rule=rule,
     )
+
+
+# --- the message of a held booking ------------------------------------------------------------
+
+def is_hold_notice(key: str) -> bool:
+    """Return whether a reminder key is a held booking's notice (sent despite the hold)."""
+    return key.split(":", 1)[0] == HOLD_NOTICE_STEP
+
+
+def hold_notice(
+    template: str, offered: tuple[Channel, ...], now: datetime, start: datetime,
+    window: SendWindow, tz: ZoneInfo,
+) -> PlannedReminder:
+    """The one message a held booking sends: at booking (the window's next opening), on SMS
+    if the patient takes it, else email; never once the visit has begun."""
+    channel: Channel = "sms" if "sms" in offered else offered[0]
+    due = next_opening(now, window, tz)
+    skipped = due >= start
+    return PlannedReminder(
+        key=f"{HOLD_NOTICE_STEP}:{channel}", step=HOLD_NOTICE_STEP, channel=channel,
+        template=template, occurrence=1, due_at=due,
+        status=Status.SKIPPED if skipped else Status.SCHEDULED,
+        reason=(_TOO_LATE if skipped else
+                "the booking is held for the clinic's review: the patient is told the clinic "
+                "will call before the visit"),
+        at_booking=True, expires_at=start, expires_note=_BEGUN)
 
 
 # --- a booking too late for the full retinoid pause ------------------------------------------

@@ -43,6 +43,8 @@ NOTICE_STEPS = ("rescheduled", "cancelled")
 # The pause message sent again for the new date after a move (the pause step's template).
 REPAUSE_STEP = "repause"
 STORE_STEPS = (*NOTICE_STEPS, REPAUSE_STEP)  # reminders the store adds, never a step's id
+# The step id (and default template) of a held booking's message (Protocol.hold_template).
+HOLD_NOTICE_STEP = "hold-notice"
 
 _DURATION = re.compile(r"^([+-])?((?:\d+[dhms])+)$")
 _DURATION_PART = re.compile(r"(\d+)([dhms])")
@@ -141,6 +143,8 @@ class Step(BaseModel):
             raise ValueError("channels lists a channel twice")
         if self.id in STORE_STEPS:
             raise ValueError(f"step id {self.id!r} is reserved for the change notices")
+        if self.id == HOLD_NOTICE_STEP:
+            raise ValueError(f"step id {self.id!r} is reserved for a held booking's message")
         return self
 
     def applies_to(self, medications: Medications) -> bool:
@@ -168,6 +172,10 @@ class Protocol(BaseModel):
     description: str = ""
     # Days before the appointment within which an isotretinoin dose holds the booking.
     isotretinoin_washout_days: int | None = Field(None, ge=0)
+    # The one message a held booking sends the patient (at booking, on SMS if the patient
+    # takes SMS, else email): a neutral "we will call you before your visit" that names no
+    # treatment, medication or condition. "" sends nothing while held.
+    hold_template: str = Field(HOLD_NOTICE_STEP, pattern=r"^(|[a-z0-9][a-z0-9-]{0,63})$")
     # What the messages state, by name (days, temperatures, strengths; `true` for advice
     # without a number). Each key's comment in the file is its source (`reminders check
     # --sources`); templates read them as `advice.<key>`.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from .planner import Plan, PlannedReminder
+from .planner import Plan, PlannedReminder, is_hold_notice
 from .status import PENDING, Status
 
 # What happens to a reminder's place in the schedule:
@@ -79,21 +79,24 @@ def reconcile(
     hold_reason = (plan.hold_reason or "") if status == Status.HELD else ""
     doc_changed = stored_booking.get("doc") != doc
     was_held = stored_booking.get("status") == Status.HELD
-    planned = {r.key: r for r in plan.reminders}
+    # A held booking's notice goes despite the hold, and only while it is held.
+    planned = {r.key: r for r in plan.reminders
+               if status == Status.HELD or not is_hold_notice(r.key)}
     changes: list[Change] = []
     for key in sorted(set(stored) | set(planned)):
         record = stored.get(key, {})
         one = reconcile_one(record, planned.get(key), doc_changed=doc_changed, now=now)
         if one is not None and one[1] != "keep":
             fields, schedule = one
-            if schedule == "due" and status == Status.HELD:
+            if schedule == "due" and status == Status.HELD and not is_hold_notice(key):
                 schedule = "hold"
             due = float(fields["due_epoch"]) if "due_epoch" in fields else None
             changes.append(Change(key, fields, schedule, due))
             continue
         expiry = one[0] if one is not None else None  # the same reminder, a new expiry
         schedule = "keep"
-        if record.get("status") in (Status.SCHEDULED, Status.RETRYING):
+        if record.get("status") in (Status.SCHEDULED, Status.RETRYING) and not is_hold_notice(
+                key):
             # Unchanged and waiting: a hold takes it out of the due set, a release puts it back.
             if status == Status.HELD:
                 schedule = "hold"

@@ -112,7 +112,7 @@ from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices
 from .optout import normal_contact
-from .planner import Plan, cap_plan
+from .planner import Plan, cap_plan, is_hold_notice
 from .protocols import REPAUSE_STEP, parse_notice_steps
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
@@ -426,10 +426,12 @@ if r[R_VER] ~= version then return 'version moved' end
 if a[A_CLAIM] ~= claim then return 'stale claim' end
 if status ~= ST_SENDING then return 'status ' .. status end
 local booking = redis.call('HGET', bkey, 'status')
--- A cancelled booking sends nothing more, except the notice that tells of the cancel.
+-- A cancelled booking sends nothing more, except the notice that tells of the cancel; a
+-- held one only its hold notice (worker/planner.py `hold_notice`).
 if booking ~= ST_SCHEDULED
   and not (booking == ST_CANCELLED and string.match(key, '^cancelled#') and r[R_VER] ==
-           redis.call('HGET', bkey, 'version')) then
+           redis.call('HGET', bkey, 'version'))
+  and not (booking == ST_HELD and string.match(key, '^hold%-notice:')) then
   redis.call('ZREM', lease_key, ref)
   if booking == ST_HELD then
     -- Back to waiting, outside the due set: the clinic's release schedules it again.
@@ -1609,6 +1611,9 @@ class Store:
         due: list[str] = []
         entries = []
         for r in plan.reminders:
+            notice = is_hold_notice(r.key)
+            if notice and not held:  # released: the hold notice has nothing to say
+                continue
             step, _, occurrence = key_parts(r.key)
             if (r.step, r.channel) != (step, _):
                 raise ValueError(f"reminder {r.key!r}: step or channel is not the key's")
@@ -1628,7 +1633,7 @@ class Store:
                 "@" + intern(r.reason, texts) if r.reason else "",
             ]
             hset += [r.key, _join(main)]
-            if not skipped and not held:
+            if not skipped and (notice or not held):
                 due += [r.key, planned]
             entry: dict[str, Any] = {
                 "id": r.key,
@@ -1639,7 +1644,7 @@ class Store:
                 "attempts": 0,
                 "sent_at": None,
                 "reason": (f"booking held: {hold_reason}" if held and not skipped
-                           else r.reason or None),
+                           and not notice else r.reason or None),
             }
             if r.expires_at:
                 entry["expires_at"] = _utc(r.expires_at)
@@ -1972,7 +1977,7 @@ class Store:
         status = booking["status"]
         if status == Status.HELD:
             for r in reminders:
-                if r["status"] in PENDING:
+                if r["status"] in PENDING and not is_hold_notice(r["id"]):
                     r["reason"] = f"booking held: {booking.get('hold_reason')}"
         if (
             status == Status.SCHEDULED
@@ -2204,6 +2209,8 @@ class Store:
         # A cancelled booking sends only the notice of its cancel (as _BEGIN_SEND).
         if (booking == Status.CANCELLED and key.startswith("cancelled#")
                 and r[1] == version):
+            booking = Status.SCHEDULED
+        if booking == Status.HELD and is_hold_notice(key):  # its one message (as _BEGIN_SEND)
             booking = Status.SCHEDULED
         return bool(
             (STATUS_OF.get(r[0]), r[1], a[0], a[2], booking)

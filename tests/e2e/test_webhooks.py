@@ -32,7 +32,10 @@ def hooked(service, e2e_config: Path, receiver: WebhookReceiver):
         clinic.read_text().replace('locale = "en"\n', 'locale = "en"\nemail = "desk@e2e.test"\n')
         + f'[webhook]\nurl = "{receiver.url}"\nsecret = "${{E2E_WEBHOOK_SECRET}}"\n')
     protocol = e2e_config / "protocols" / "quick.toml"
-    protocol.write_text("isotretinoin_washout_days = 180\n" + protocol.read_text())
+    # No message to the patient while held (tests/test_hold_notice.py has it): only the
+    # clinic's events are counted here.
+    protocol.write_text('isotretinoin_washout_days = 180\nhold_template = ""\n'
+                        + protocol.read_text())
     return service.configure(E2E_WEBHOOK_SECRET=SECRET)
 
 
