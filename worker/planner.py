@@ -36,7 +36,6 @@ and tests check that both give equal plans.
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
@@ -755,6 +754,23 @@ def cap_words(caps: SmsSettings) -> str:
             f"{caps.max_per_week} in any {WEEK_DAYS} days)")
 
 
+def sms_fits(counts: dict[int, int], day: int, per_day: int, per_week: int) -> bool:
+    """Whether one more SMS on `day` keeps within `per_day` that day and `per_week` in every
+    7 consecutive days holding it; `counts`: SMS per day (ordinals), only days with some.
+
+    A plan's SMS fall on a few days: their counts are walked, not the 13 days around.
+    """
+    if counts.get(day, 0) >= per_day:
+        return False
+    near = [(d - day, n) for d, n in counts.items() if -WEEK_DAYS < d - day < WEEK_DAYS]
+    if sum(n for _, n in near) < per_week:
+        return True  # all 13 days together hold fewer: so does every 7 of them
+    for first in range(1 - WEEK_DAYS, 1):  # every 7 consecutive days holding `day`
+        if sum(n for k, n in near if first <= k < first + WEEK_DAYS) >= per_week:
+            return False
+    return True
+
+
 def cap_sms(
     reminders: list[PlannedReminder],
     caps: SmsSettings,
@@ -770,22 +786,15 @@ def cap_sms(
     taken = list(taken)
     if len(sms) + len(taken) <= 1:
         return reminders  # nothing to count against
-    # Patient-local days as ordinals.
-    counts: Counter[int] = Counter(t.astimezone(tz).toordinal() for t in taken)
+    # Patient-local days as ordinals: how many SMS each.
+    counts: dict[int, int] = {}
+    for t in taken:
+        day = t.astimezone(tz).toordinal()
+        counts[day] = counts.get(day, 0) + 1
     per_day, per_week = caps.max_per_day, caps.max_per_week
 
     def fits(day: int) -> bool:
-        if counts[day] >= per_day:
-            return False
-        near = [counts.get(day + k, 0) for k in range(1 - WEEK_DAYS, WEEK_DAYS)]
-        total = sum(near[:WEEK_DAYS])
-        if total >= per_week:
-            return False
-        for k in range(WEEK_DAYS, len(near)):  # every 7 consecutive days holding `day`
-            total += near[k] - near[k - WEEK_DAYS]
-            if total >= per_week:
-                return False
-        return True
+        return sms_fits(counts, day, per_day, per_week)
 
     emailed = {(r.step, r.occurrence) for r in reminders
                if r.channel == "email" and r.status == Status.SCHEDULED}
@@ -798,7 +807,7 @@ def cap_sms(
         local = r.due_at.astimezone(tz)
         day = local.toordinal()
         if fits(day):
-            counts[day] += 1
+            counts[day] = counts.get(day, 0) + 1
             out.append(r)
             continue
         changed = True
@@ -827,7 +836,8 @@ def cap_sms(
                 f"not sent: {over}, the patient takes no email, and no later day has room "
                 "before it expires")))
             continue
-        counts[moved.astimezone(tz).toordinal()] += 1
+        day = moved.astimezone(tz).toordinal()
+        counts[day] = counts.get(day, 0) + 1
         out.append(replace(r, due_at=moved, reason=(
             f"{r.reason}; moved to {moved.astimezone(tz):%Y-%m-%d}: {over} and the patient "
             "takes no email")))

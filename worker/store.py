@@ -1001,6 +1001,38 @@ def _utc(when: datetime) -> str:
     return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+# An instant's stored epoch (`_num(timestamp)`) and timeline form (`_utc`), memoised: the
+# bookings of a batch share their instants (the same days, zones and steps). Keyed by the
+# instant (equal instants in any zone are one key, and both forms depend only on it).
+_STAMPS: dict[datetime, tuple[str, str]] = {}
+
+
+def _stamps(when: datetime) -> tuple[str, str]:
+    hit = _STAMPS.get(when)
+    if hit is None:
+        if len(_STAMPS) >= 65536:
+            _STAMPS.clear()
+        hit = _STAMPS[when] = (_num(when.timestamp()), _utc(when))
+    return hit
+
+
+_KEY_PARTS: dict[str, tuple[str, str, int]] = {}
+
+
+def _key_parts(key: str) -> tuple[str, str, int]:
+    """`key_parts`, memoised (a protocol has a few dozen keys)."""
+    hit = _KEY_PARTS.get(key)
+    if hit is None:
+        if len(_KEY_PARTS) >= 4096:
+            _KEY_PARTS.clear()
+        hit = _KEY_PARTS[key] = key_parts(key)
+    return hit
+
+
+def _entry_order(entry: dict[str, Any]) -> tuple[str, str]:
+    return entry["due_at"] or "", entry["id"]
+
+
 def _iso(epoch: float | str | None) -> str | None:
     if epoch in (None, ""):
         return None
@@ -1614,11 +1646,12 @@ class Store:
             notice = is_hold_notice(r.key)
             if notice and not held:  # released: the hold notice has nothing to say
                 continue
-            step, _, occurrence = key_parts(r.key)
+            step, _, occurrence = _key_parts(r.key)
             if (r.step, r.channel) != (step, _):
                 raise ValueError(f"reminder {r.key!r}: step or channel is not the key's")
             skipped = r.status == Status.SKIPPED
-            planned = _num(r.due_at.timestamp())
+            planned, due_iso = _stamps(r.due_at)
+            expires = _stamps(r.expires_at) if r.expires_at else None
             flags = ("b" if r.at_booking else "") + (
                 f"#{r.occurrence}" if r.occurrence != occurrence else "")
             main = [
@@ -1626,7 +1659,7 @@ class Store:
                 "1",
                 planned,
                 "",
-                _num(r.expires_at.timestamp()) if r.expires_at else "",
+                expires[0] if expires else "",
                 intern(r.expires_note, texts) if r.expires_note else "",
                 "" if r.template == step else intern(r.template, texts),
                 flags,
@@ -1639,17 +1672,17 @@ class Store:
                 "id": r.key,
                 "step": r.step,
                 "channel": r.channel,
-                "due_at": _utc(r.due_at),
+                "due_at": due_iso,
                 "status": str(r.status),
                 "attempts": 0,
                 "sent_at": None,
                 "reason": (f"booking held: {hold_reason}" if held and not skipped
                            and not notice else r.reason or None),
             }
-            if r.expires_at:
-                entry["expires_at"] = _utc(r.expires_at)
+            if expires:
+                entry["expires_at"] = expires[1]
             entries.append(entry)
-        entries.sort(key=lambda e: (e["due_at"] or "", e["id"]))
+        entries.sort(key=_entry_order)
         shown: str = status
         if (status == Status.SCHEDULED and entries
                 and all(e["status"] in TERMINAL for e in entries)

@@ -1,0 +1,63 @@
+"""The intake's fast paths give what the straightforward code gives.
+
+- `planner.sms_fits` (walks the days that have SMS) against the 13-day sliding count it
+  replaced, on hypothesis' counts;
+- the store's memoised instant forms (`_stamps`) against `_num(timestamp)` and `_utc`, for
+  equal instants given in different zones too.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.planner import WEEK_DAYS, sms_fits
+from worker.store import _num, _stamps, _utc
+
+
+def fits_reference(counts: dict[int, int], day: int, per_day: int, per_week: int) -> bool:
+    """The cap's check as first written: every 7-day window over the 13 days around."""
+    if counts.get(day, 0) >= per_day:
+        return False
+    near = [counts.get(day + k, 0) for k in range(1 - WEEK_DAYS, WEEK_DAYS)]
+    total = sum(near[:WEEK_DAYS])
+    if total >= per_week:
+        return False
+    for k in range(WEEK_DAYS, len(near)):
+        total += near[k] - near[k - WEEK_DAYS]
+        if total >= per_week:
+            return False
+    return True
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.dictionaries(st.integers(738000, 738030), st.integers(1, 4), max_size=12),
+    st.integers(737995, 738035),
+    st.integers(1, 4),
+    st.integers(1, 12),
+)
+def test_sms_fits_is_the_sliding_count(counts: dict[int, int], day: int, per_day: int,
+                                       per_week: int) -> None:
+    per_week = max(per_week, per_day)
+    assert sms_fits(counts, day, per_day, per_week) == fits_reference(
+        counts, day, per_day, per_week)
+
+
+ZONES = [ZoneInfo(z) for z in ("UTC", "Europe/Madrid", "America/New_York", "Australia/Lord_Howe",
+                               "Asia/Kathmandu")]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 4_000_000_000), st.integers(0, 999_999), st.sampled_from(ZONES),
+       st.sampled_from(ZONES))
+def test_stamps_are_the_plain_forms(seconds: int, micros: int, zone: ZoneInfo,
+                                    other: ZoneInfo) -> None:
+    instant = (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds, microseconds=micros)
+               ).astimezone(zone)
+    expected = (_num(instant.timestamp()), _utc(instant))
+    assert _stamps(instant) == expected
+    assert _stamps(instant.astimezone(other)) == expected  # the same instant elsewhere
