@@ -2,10 +2,13 @@
 
 `deliver()` returns a short detail on success or raises DeliveryError, whose flags say
 whether retrying can help (`permanent`) and whether the message may have reached the
-provider anyway (`unknown`). One Apprise object per message, Apprise's own retries off
-(its default of one attempt), socket timeouts bounded by the settings, and the plugin run
-in the calling thread (no Apprise deadline, so no hidden shared thread pool in which a
-busy worker's sends would queue and "time out" before they start).
+provider anyway (`unknown`). Each message gets its own plugin object, loaded from its URL
+as `Apprise.add` loads it (`load_services`, without the masked copies of the URL Apprise
+renders for its DEBUG lines), and is sent through the sending thread's Apprise object,
+which holds that one service during the send. Apprise's own retries off (its default of
+one attempt), socket timeouts bounded by the settings, and the plugin run in the calling
+thread (no Apprise deadline, so no hidden shared thread pool in which a busy worker's sends
+would queue and "time out" before they start).
 
 Email goes through Apprise's own email plugin with one change to its SMTP session
 (`_KeptSMTPController`, put in place of Apprise's `AppriseSMTPController` where the plugin
@@ -50,6 +53,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import apprise
+from apprise.apprise import N_MGR
 from apprise.attachment.memory import AttachMemory
 from apprise.exception import AppriseImproperlyConfigured
 from apprise.logger import logger as apprise_logger
@@ -60,6 +64,7 @@ from apprise.plugins.email.smtp import (
     AppriseSMTPController,
     SMTPSecureMode,
 )
+from apprise.utils.parse import GET_SCHEMA_RE, parse_urls
 
 from .errors import DeliveryError
 from .invites import Attachment
@@ -474,22 +479,83 @@ def with_headers(url: str, headers: Mapping[str, str]) -> str:
     return url + ("&" if query else "?") + extra
 
 
+# One asset for every message of this process: service_timeout=0, no service deadline (the
+# plugin runs in the calling thread, bounded by its socket timeouts). Read-only once made.
+_ASSET = apprise.AppriseAsset(service_timeout=0)
+_notifiers = threading.local()  # each thread's Apprise object, emptied after each message
+
+
+def _notifier() -> apprise.Apprise:
+    """Return this thread's Apprise object (empty: it holds a message's service only
+    during that send). Made once per thread: `Apprise()` sets up its locale each time."""
+    notifier: apprise.Apprise | None = getattr(_notifiers, "notifier", None)
+    if notifier is None:
+        notifier = _notifiers.notifier = apprise.Apprise(asset=_ASSET)
+    return notifier
+
+
+def load_services(url: str) -> list[Any] | None:
+    """Return Apprise's plugin objects for `url` (as `Apprise.add(url)` makes them), or None
+    if one of them cannot be loaded.
+
+    `Apprise.instantiate` does exactly this (split the URLs, the plugin's own `parse_url`,
+    the plugin's constructor, its enabled checks) and, for its DEBUG lines, also renders
+    the URL twice with secrets masked: about a third of loading a URL, for every message.
+    Here those lines are left out; a URL of a scheme no plugin claims by name (a provider's
+    native URL) still goes through `Apprise.instantiate`.
+    """
+    services = []
+    for one in parse_urls(url):  # type: ignore[no-untyped-call]  # Apprise: untyped
+        service = _load_service(one)
+        if service is None:
+            return None
+        services.append(service)
+    return services or None
+
+
+def _load_service(url: str) -> Any:
+    fixed = url.replace("/#", "/%23")  # as url_to_dict does
+    found = GET_SCHEMA_RE.match(fixed)
+    schema = found["schema"].lower() if found else ""
+    if schema not in N_MGR:
+        return apprise.Apprise.instantiate(url, asset=_ASSET)
+    results = N_MGR[schema].parse_url(fixed)
+    if not results or not N_MGR[results["schema"]].enabled:
+        return None
+    results["tag"] = set()
+    results["asset"] = _ASSET
+    try:
+        service = N_MGR[results["schema"]](**results)
+    except Exception:  # Apprise's instantiate: the arguments cannot be used
+        return None
+    return service if service.enabled else None
+
+
 def send_apprise(url: str, message: RenderedMessage, timeout: float,
                  headers: Mapping[str, str] | None = None) -> str:
-    """Send one message through a fresh Apprise object; classify any failure.
+    """Send one message through Apprise (this thread's Apprise object, the URL's plugin
+    made for this message); classify any failure.
 
     Safe to call from many threads at once: nothing here changes shared state.
     """
-    # No service deadline: the plugin runs in this thread, bounded by its socket timeouts.
-    notifier = apprise.Apprise(asset=apprise.AppriseAsset(service_timeout=0))
     try:
-        loaded = notifier.add(with_headers(with_timeouts(url, timeout), headers or {}))
+        services = load_services(with_headers(with_timeouts(url, timeout), headers or {}))
     except Exception as exc:  # a malformed URL can raise inside a plugin's parser
         raise DeliveryError(
             f"Apprise cannot load the channel URL ({type(exc).__name__})", permanent=True
         ) from None
-    if not loaded:
+    if not services:
         raise DeliveryError("Apprise cannot load the channel URL", permanent=True)
+    notifier = _notifier()
+    notifier.clear()
+    notifier.add(services)
+    try:
+        return _notify(notifier, message)
+    finally:
+        notifier.clear()
+
+
+def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
     # The HTML body if there is one and the service takes HTML, else None (the text).
     html = message.html if message.html is not None and "html" in _formats(notifier) else None
     attach = _apprise_attachments(message.attachments) if message.attachments else None
