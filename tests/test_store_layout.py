@@ -115,7 +115,8 @@ def test_a_store_refuses_data_of_another_layout(redis_server, redis_client, cata
     for call in (lambda: store.timeline("glow", "A-1042"),
                  lambda: store.upsert(*planned(catalog, booking_doc), NOW),
                  lambda: store.claim_due(10, 60)):
-        with pytest.raises(StoreLayoutError, match="store layout 1 .*does not read or migrate"):
+        with pytest.raises(StoreLayoutError,
+                           match="store layout 1 .*reads layout 2 only.*`reminders migrate`"):
             call()
     assert sorted(redis_client.keys("*")) == ["t:k:glow/A-1042"]  # nothing written
     redis_client.flushdb()

@@ -478,6 +478,28 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if verdict.healthy else EXIT_REFUSED
 
 
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Convert the store's layout 1 to layout 2 (worker/migrate.py); exit 1 naming what it
+    could not convert, or when a worker seems to be running (without --force)."""
+    from .connections import client
+    from .migrate import MigrationRefused, migrate
+
+    catalog = Catalog.load(settings)
+    try:
+        report = migrate(
+            client(settings), settings.key_prefix, catalog, dry_run=args.dry_run,
+            keep_old=args.keep_old, force=args.force, max_age=settings.heartbeat_max_age,
+            crash_after=args.crash_after, say=lambda line: print(line, file=sys.stderr))
+    except MigrationRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Run everything: Redis (if embedded), the Celery worker and beat (the pump), the API."""
     from .service import run_all
@@ -510,6 +532,11 @@ COMMANDS: dict[str, tuple[Command, str]] = {
         cmd_health,
         "liveness for a Docker healthcheck: the pump's heartbeat (--role worker) or beat's "
         "last tick (--role beat) is fresh; exit 0 healthy, 1 not",
+    ),
+    "migrate": (
+        cmd_migrate,
+        "convert the store's key layout 1 to layout 2 (stop beat, workers and API first); "
+        "--dry-run reports what it would convert",
     ),
     "run": (
         cmd_run,
@@ -563,6 +590,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-age", type=float, default=None, metavar="SECONDS",
                            help="oldest heartbeat that counts as alive (default: "
                            "REMINDERS_HEALTH_MAX_AGE_SECONDS, else max(30, 10 pump intervals))")
+        if name == "migrate":
+            p.add_argument("--dry-run", action="store_true",
+                           help="report what would be converted; write nothing")
+            p.add_argument("--force", action="store_true",
+                           help="run even though a pump or beat heartbeat is fresh")
+            p.add_argument("--keep-old", action="store_true",
+                           help="keep the layout-1 keys (P:k:*, P:r:*, and the old booking "
+                           "hashes as P:v1:b:*) after the conversion")
+            # A test hook: exit abruptly after converting N bookings (a crash half-way).
+            p.add_argument("--crash-after", type=int, default=None, help=argparse.SUPPRESS)
         if name == "check":
             p.add_argument("--sources", action="store_true",
                            help="also list each protocol step's clinical claims and sources")

@@ -88,7 +88,7 @@ last booking. A booking stored before the index existed is indexed by its next u
 
 Layouts: P:layout names the layout. A store refuses (StoreLayoutError) data of another
 layout, and data of layout 1 (which had no P:layout key but P:k:* and P:r:* keys), rather
-than misread it; there is no migration from layout 1.
+than misread it; `reminders migrate` (worker/migrate.py) converts layout 1 to this one.
 """
 
 from __future__ import annotations
@@ -1335,9 +1335,9 @@ class Store:
                 raise StoreLayoutError(
                     self.layout_key,
                     f"Redis holds schedule data of store layout 1 under the prefix "
-                    f"{self.prefix!r} (e.g. {old}); this version stores layout {LAYOUT} and "
-                    "does not read or migrate layout 1: use a new REMINDERS_KEY_PREFIX or an "
-                    "empty Redis database, or the version that wrote it",
+                    f"{self.prefix!r} (e.g. {old}); this version reads layout {LAYOUT} only: "
+                    "stop beat, the workers and the API, then run `reminders migrate` "
+                    "(`--dry-run` first to see what it converts)",
                 )
             self.redis.set(self.layout_key, LAYOUT, nx=True)
             found = cast(str | None, self.redis.get(self.layout_key))
