@@ -15,6 +15,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests import layout1
 from tests.conftest import ROOT
 from tests.e2e.conftest import (  # noqa: F401 - fixtures used by name
@@ -27,10 +29,10 @@ from tests.e2e.conftest import (  # noqa: F401 - fixtures used by name
 )
 from worker.catalog import Catalog
 from worker.health import pump_beat
-from worker.models import parse_booking
-from worker.planner import plan
+from worker.models import Booking, parse_booking
+from worker.planner import Plan, plan
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import Store, StoreLayoutError
 
 PREFIX = "reminders"
 HOUR = timedelta(hours=1)
@@ -64,11 +66,15 @@ def a_minute_later(client: Any) -> None:
         client.delete(key)
 
 
+def planned(catalog: Catalog, doc: dict[str, Any], now: datetime) -> tuple[Booking, Plan]:
+    booking = parse_booking(doc, catalog)
+    return booking, plan(booking, catalog.protocols[booking.treatment],
+                         catalog.clinics[booking.clinic], now)
+
+
 def upsert(old: layout1.Store, catalog: Catalog, doc: dict[str, Any], now: datetime,
            release: bool = False) -> None:
-    booking = parse_booking(doc, catalog)
-    old.upsert(booking, plan(booking, catalog.protocols[booking.treatment],
-                             catalog.clinics[booking.clinic], now), now, release=release)
+    old.upsert(*planned(catalog, doc, now), now, release=release)
 
 
 def snapshot(client: Any) -> dict[str, Any]:
@@ -155,8 +161,8 @@ def test_migrate_keeps_every_timeline_and_the_worker_sends_only_what_was_pending
     assert redis_client.get(f"{PREFIX}:layout") is None  # layout 1 had no such key
 
     # The current version refuses layout 1 and names the command.
-    refused = service.cli("show", "--clinic", "e2e", "M-1")
-    assert refused.returncode == 3 and "`reminders migrate`" in refused.stderr
+    with pytest.raises(StoreLayoutError, match="store layout 1 .*`reminders migrate`"):
+        Store(redis_client, PREFIX).timeline("e2e", "M-1")
     # A dry run reports and writes nothing.
     stored = snapshot(redis_client)
     dry = service.cli("migrate", "--dry-run")
@@ -179,22 +185,19 @@ def test_migrate_keeps_every_timeline_and_the_worker_sends_only_what_was_pending
     for pattern in ("k", "r", "v1:b"):
         assert not redis_client.keys(f"{PREFIX}:{pattern}:*")
     store = Store(redis_client, PREFIX)
+    same_view(before["M-1"], service.show("M-1"))  # the command line (each run ~1 s or more)
     for b in ids:
-        shown = service.show(b)
-        same_view(before[b], shown)
         same_view(before[b], store.timeline("e2e", b))
         assert store.bookings_for_contact("e2e", email=f"{b.lower()}@example.com") == [b]
     # The due, lease and dead sets are as they were: the retry due in an hour, the lease held.
     assert redis_client.zscore(f"{PREFIX}:due", "e2e/M-1/prep:sms") > time.time() + 3000
     assert redis_client.zscore(f"{PREFIX}:lease", "e2e/M-3/confirm:email") is not None
-    dead = service.cli("dead-letters", "--json", "--clinic", "e2e")
-    assert [d["ref"] for d in json.loads(dead.stdout)] == ["e2e/M-1/prep:email"], dead.stdout
-    # The reviewed medications are still the reviewed ones: booking M-5 again holds nothing.
-    again = service.cli("book", "--json", "-", stdin=json.dumps(
-        dict(json.loads(redis_client.get(f"{PREFIX}:d:e2e/M-5")))))
-    assert again.returncode == 0, again.stderr
-    assert (json.loads(again.stdout)["status"], json.loads(again.stdout)["version"]) == (
-        "scheduled", before["M-5"]["version"])
+    assert [d["ref"] for d in store.dead_letters()] == ["e2e/M-1/prep:email"]
+    # The reviewed medications are still the reviewed ones: booking M-5 again holds nothing
+    # and changes nothing (its version stays).
+    again = store.upsert(*planned(catalog, json.loads(redis_client.get(f"{PREFIX}:d:e2e/M-5")),
+                                  datetime.now(UTC)), datetime.now(UTC))
+    assert (again["status"], again["version"]) == ("scheduled", before["M-5"]["version"])
 
     # A second run changes nothing.
     migrated = snapshot(redis_client)
@@ -207,7 +210,7 @@ def test_migrate_keeps_every_timeline_and_the_worker_sends_only_what_was_pending
     service.up()
     wait_until(lambda: any("aftercare" in (m.subject or "").lower() or m.to == "m-1@example.com"
                            for m in smtp_sink.snapshot()), 40)
-    wait_until(lambda: {r["id"]: r for r in service.show("M-1")["reminders"]}
+    wait_until(lambda: {r["id"]: r for r in store.timeline("e2e", "M-1")["reminders"]}
                ["aftercare:email"]["status"] == "sent", 20)
     time.sleep(2)  # a few pump runs more: nothing else is due
     assert [m.to for m in smtp_sink.snapshot()] == ["m-1@example.com"]
