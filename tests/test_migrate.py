@@ -129,7 +129,9 @@ def same_view(old: dict[str, Any], new: dict[str, Any]) -> None:
 def test_migrate_keeps_every_timeline_and_the_worker_sends_only_what_was_pending(
         service, e2e_config, make_booking, smtp_sink, sms_sink, redis_client):  # noqa: F811
     protocol = e2e_config / "protocols" / "quick.toml"
-    protocol.write_text("isotretinoin_washout_days = 180\n" + protocol.read_text())
+    # Holds recent isotretinoin; no hold notice (layout 1's planner had none to store).
+    protocol.write_text('isotretinoin_washout_days = 180\nhold_template = ""\n'
+                        + protocol.read_text())
     catalog = Catalog.load(Settings(config_dir=e2e_config, templates_dir=ROOT / "templates",
                                     _env_file=None))
     old = layout1.Store(redis_client, PREFIX)
