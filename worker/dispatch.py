@@ -86,7 +86,7 @@ from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import Booking, Channel
 from .notices import notice_and_invite
-from .optout import contact_hash, critical_steps, make_token
+from .optout import contact_hash, critical_steps, make_token, unsubscribe_key
 from .planner import SendTime, at_send_time, next_opening
 from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
@@ -387,7 +387,7 @@ def _render(
 
 def unsubscribe_link(ctx: Context, clinic: str, to: str) -> str:
     """Return the unsubscribe URL of `to` at `clinic` (its id noted in Redis for the route)."""
-    secret = ctx.settings.unsubscribe_key()
+    secret = unsubscribe_key(ctx.settings, ctx.store.redis, ctx.store.prefix)
     token = make_token(secret, clinic, "email", to)
     ctx.store.remember_unsubscribe(clinic, contact_hash(secret, "email", to), "email", to)
     return f"{ctx.settings.public_base_url}/v1/unsubscribe/{token}"

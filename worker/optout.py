@@ -38,6 +38,10 @@ token cannot be edited to another clinic, channel or patient. The token carries 
 expiry: a link in an old email must still work (RFC 8058 expects it to), and using it
 twice changes nothing the second time. The route finds the address behind the hash in the
 clinic's contact index (the bookings it holds for that contact).
+
+The secret (`unsubscribe_key`): REMINDERS_UNSUBSCRIBE_SECRET when set, else the shared
+server secret "unsubscribe" kept in Redis (worker/secrets.py), so the API and every
+worker sharing the Redis sign and check links alike without a shared disk.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
+    import redis
+
     from .catalog import Catalog
+    from .settings import Settings
 
 Intent = Literal["stop", "start", "help", "confirm", "reschedule", "unknown"]
 
@@ -75,6 +82,7 @@ _NOT_WORD = re.compile(r"[^A-Z0-9]+")
 SIGNATURE_HEADER = "X-Twilio-Signature"
 TOKEN_VERSION = "v1"
 Channel = Literal["email", "sms"]
+Secret = str | bytes  # an HMAC key: a configured text, or the server secret's bytes
 
 
 def fold(text: str) -> list[str]:
@@ -161,14 +169,28 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def unsubscribe_key(settings: Settings, client: redis.Redis, prefix: str) -> bytes:
+    """Return the key that signs unsubscribe links: REMINDERS_UNSUBSCRIBE_SECRET when set,
+    else the server secret "unsubscribe" shared by every process through Redis."""
+    if settings.unsubscribe_secret is not None:
+        return settings.unsubscribe_secret.get_secret_value().encode()
+    from .secrets import server_secret
+
+    return server_secret(client, prefix, "unsubscribe")
+
+
+def _key(secret: Secret) -> bytes:
+    return secret.encode() if isinstance(secret, str) else secret
+
+
 def normal_contact(channel: str, contact: str) -> str:
     """The form a contact is compared in: an email address in lower case, a phone as is."""
     return contact.strip().lower() if channel == "email" else contact.strip()
 
 
-def contact_hash(secret: str, channel: str, contact: str) -> str:
+def contact_hash(secret: Secret, channel: str, contact: str) -> str:
     """The keyed hash of a contact that a token names instead of the address itself."""
-    mac = hmac.new(secret.encode(), f"contact:{channel}:{normal_contact(channel, contact)}"
+    mac = hmac.new(_key(secret), f"contact:{channel}:{normal_contact(channel, contact)}"
                    .encode(), hashlib.sha256)
     return _b64(mac.digest()[:16])
 
@@ -182,22 +204,22 @@ class Unsubscribe:
     contact_hash: str
 
 
-def make_token(secret: str, clinic: str, channel: Channel, contact: str) -> str:
+def make_token(secret: Secret, clinic: str, channel: Channel, contact: str) -> str:
     """Return the unsubscribe token of `contact` at `clinic` for `channel`."""
     payload = _b64(json.dumps({"c": clinic, "ch": channel,
                                "h": contact_hash(secret, channel, contact)},
                               separators=(",", ":"), sort_keys=True).encode())
-    mac = hmac.new(secret.encode(), f"unsubscribe:{payload}".encode(), hashlib.sha256)
+    mac = hmac.new(_key(secret), f"unsubscribe:{payload}".encode(), hashlib.sha256)
     return f"{TOKEN_VERSION}.{payload}.{_b64(mac.digest())}"
 
 
-def read_token(secret: str, token: str) -> Unsubscribe | None:
+def read_token(secret: Secret, token: str) -> Unsubscribe | None:
     """Return what `token` names, or None if it is not one this secret made."""
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != TOKEN_VERSION or len(token) > 400:
         return None
     _, payload, given = parts
-    mac = hmac.new(secret.encode(), f"unsubscribe:{payload}".encode(), hashlib.sha256)
+    mac = hmac.new(_key(secret), f"unsubscribe:{payload}".encode(), hashlib.sha256)
     if not hmac.compare_digest(_b64(mac.digest()).encode(), given.encode()):
         return None
     try:
@@ -211,7 +233,7 @@ def read_token(secret: str, token: str) -> Unsubscribe | None:
     return Unsubscribe(clinic=clinic, channel=channel, contact_hash=digest)
 
 
-def token_matches(secret: str, named: Unsubscribe, contact: str) -> bool:
+def token_matches(secret: Secret, named: Unsubscribe, contact: str) -> bool:
     """Return whether `contact` is the one the token names."""
     return hmac.compare_digest(contact_hash(secret, named.channel, contact).encode(),
                                named.contact_hash.encode())

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     # base URL the API is reached at from outside (behind a proxy: the proxy's), used for
     # unsubscribe links and to check the SMS provider's signatures; unset: the API's own
     # address. The secret that signs unsubscribe links; unset: one made once and kept in
-    # <data_dir>/unsubscribe.secret (set it in production: all processes must share it).
+    # Redis (P:secret:unsubscribe, worker/secrets.py), shared by every process.
     public_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
     unsubscribe_secret: SecretStr | None = None
 
@@ -150,31 +150,6 @@ class Settings(BaseSettings):
         if self.public_url:
             return self.public_url.rstrip("/")
         return f"http://{self.api_host}:{self.api_port}"
-
-    def unsubscribe_key(self) -> str:
-        """Return the secret that signs unsubscribe links (see `unsubscribe_secret`)."""
-        if self.unsubscribe_secret is not None:
-            return self.unsubscribe_secret.get_secret_value()
-        path = self.data_dir / "unsubscribe.secret"
-        try:
-            return path.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            pass
-        import os
-        import secrets
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(secrets.token_urlsafe(32))
-        try:
-            os.link(tmp, path)  # atomic: the first process's secret wins, whole
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-        return path.read_text(encoding="ascii").strip()
 
     @property
     def outbox(self) -> Path:

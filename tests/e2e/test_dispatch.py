@@ -11,12 +11,20 @@ from tests.conftest import ROOT
 from tests.e2e.conftest import QUICK_MESSAGES, wait_until
 from worker.catalog import Catalog
 from worker.models import Booking, parse_booking
-from worker.optout import make_token
+from worker.optout import make_token, unsubscribe_key
 from worker.rendering import Renderer
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 ON_TIME_SECONDS = 2.0
+_REDIS: list = []  # the test's Redis client: the unsubscribe secret the worker shares
+
+
+@pytest.fixture(autouse=True)
+def _shared_redis(redis_client):
+    _REDIS[:] = [redis_client]
+    yield
+    _REDIS.clear()
 
 
 def _epoch(iso: str) -> float:
@@ -25,8 +33,8 @@ def _epoch(iso: str) -> float:
 
 def expected_messages(config, doc, timeline):
     """Render, in the test, what each scheduled reminder must look like at its sink."""
-    # The service's data folder (tests/e2e/conftest.py) holds the unsubscribe secret the
-    # worker made: every email's footer carries the patient's link.
+    # The service's Redis holds the unsubscribe secret the worker made (worker/secrets.py):
+    # every email's footer carries the patient's link.
     settings = Settings(config_dir=config, templates_dir=ROOT / "templates",
                         data_dir=config.parent / "data", _env_file=None)
     catalog = Catalog.load(settings)
@@ -49,7 +57,8 @@ def expected_messages(config, doc, timeline):
             due_at=datetime.fromisoformat(r["due_at"].replace("Z", "+00:00")).astimezone(UTC),
             plan_dates=plan_dates,
             unsubscribe_url=(f"{settings.public_base_url}/v1/unsubscribe/"
-                             + make_token(settings.unsubscribe_key(), "e2e", "email",
+                             + make_token(unsubscribe_key(settings, _REDIS[0],
+                                                          settings.key_prefix), "e2e", "email",
                                           booking.patient.contact("email"))
                              if r["channel"] == "email" else None),
         )

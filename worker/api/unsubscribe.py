@@ -27,7 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..optout import Unsubscribe, critical_steps, read_token, token_matches
+from ..optout import Unsubscribe, critical_steps, read_token, token_matches, unsubscribe_key
 from .schemas import ErrorBody
 from .services import Services, Svc
 
@@ -57,13 +57,14 @@ def _masked(address: str) -> str:
 
 def _resolve(svc: Services, token: str) -> tuple[Unsubscribe, str] | None:
     """Return what the token names and the address behind it, or None if it is not valid."""
-    named = read_token(svc.settings.unsubscribe_key(), token)
+    secret = unsubscribe_key(svc.settings, svc.store.redis, svc.store.prefix)
+    named = read_token(secret, token)
     if named is None or named.clinic not in svc.catalog.clinics:
         return None
     found = svc.store.unsubscribe_address(named.clinic, named.contact_hash)
     if found is None or found[0] != named.channel:
         return None
-    if not token_matches(svc.settings.unsubscribe_key(), named, found[1]):
+    if not token_matches(secret, named, found[1]):
         return None
     return named, found[1]
 
