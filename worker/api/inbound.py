@@ -4,7 +4,9 @@ No API key: Twilio calls it. Its `X-Twilio-Signature` is checked with the clinic
 token (`[inbound] twilio_auth_token` in the clinic's config) over the public URL
 (REMINDERS_PUBLIC_URL + the path: behind a proxy the API sees another); a request without
 a valid one is refused (403). A clinic without a token refuses every request unless its
-config says `allow_unsigned = true` (development only).
+config says `allow_unsigned = true` (development only). An unknown clinic id gets the
+very same 403 (status and body) as a bad signature: the route does not tell which clinic
+ids exist.
 
 What a text asks for is decided by worker/optout.py `classify` (keywords in English and
 Spanish), and the answer goes back as TwiML in the response, so the provider sends it:
@@ -104,15 +106,23 @@ def check_signature(request: Request, svc: Services, clinic: Clinic,
     if token is None:
         if clinic.inbound.allow_unsigned:
             return
-        raise ApiError(403, "inbound SMS is not configured for this clinic "
-                            "(no [inbound] twilio_auth_token)")
+        log.warning("inbound SMS for clinic %s refused: the clinic has no [inbound] "
+                    "twilio_auth_token", clinic.id)
+        raise refused()
     url = svc.settings.public_base_url + request.url.path
     if request.url.query:
         url += "?" + request.url.query
     if not twilio_valid(token, url, pairs, request.headers.get(SIGNATURE_HEADER)):
-        raise ApiError(403, f"missing or invalid {SIGNATURE_HEADER}",
-                       fields=[(SIGNATURE_HEADER, "does not sign this request with the "
-                                                  "clinic's auth token")])
+        raise refused()
+
+
+def refused() -> ApiError:
+    """The one refusal of a request not signed for a clinic that takes texts: the same for
+    a bad signature, a clinic without inbound texts and a clinic that does not exist, so
+    the route tells nobody which clinic ids exist."""
+    return ApiError(403, f"missing or invalid {SIGNATURE_HEADER}",
+                    fields=[(SIGNATURE_HEADER, "does not sign this request with the "
+                                               "clinic's auth token")])
 
 
 def _next_visit(svc: Services, clinic: Clinic, phone: str) -> tuple[str | None, dict[str, Any]]:
@@ -187,8 +197,8 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
 
 
 _REFUSALS = {
-    403: "missing or invalid X-Twilio-Signature, or the clinic takes no inbound texts",
-    404: "no such clinic",
+    403: "missing or invalid X-Twilio-Signature (also for a clinic that takes no inbound "
+         "texts, or that does not exist: the same answer)",
     413: "the body is too large",
     415: "the body is not application/x-www-form-urlencoded",
     422: "From is missing or not a phone number",
@@ -210,9 +220,6 @@ _FORM_FIELDS = {name: {"type": "string"} for name in (
         "type": "object", "properties": _FORM_FIELDS, "required": ["From"]}}}}},
 )
 async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
-    config = svc.catalog.clinics.get(clinic)
-    if config is None:
-        raise ApiError(404, f"no clinic {clinic!r}")
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != FORM:
         raise ApiError(415, f"the body must be {FORM} (Twilio's form fields)")
@@ -222,6 +229,9 @@ async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes")
     pairs = form_pairs(raw)
+    config = svc.catalog.clinics.get(clinic)
+    if config is None:  # answered as a bad signature: no telling which clinic ids exist
+        raise refused()
     check_signature(request, svc, config, pairs)
     sender = first(pairs, "From")
     if not sender:
