@@ -2,20 +2,27 @@
 
 - `planner.sms_fits` (walks the days that have SMS) against the 13-day sliding count it
   replaced, on hypothesis' counts;
+- `models.trusted_booking` (builds the models directly) against `model_construct`;
 - the store's memoised instant forms (`_stamps`) against `_num(timestamp)` and `_utc`, for
   equal instants given in different zones too.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
+from benchmarks.intake import realistic_bookings
+from worker.models import Booking, Medications, Patient, parse_booking, trusted_booking
 from worker.planner import WEEK_DAYS, sms_fits
 from worker.store import _num, _stamps, _utc
+
+NOW = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 
 
 def fits_reference(counts: dict[int, int], day: int, per_day: int, per_week: int) -> bool:
@@ -61,3 +68,43 @@ def test_stamps_are_the_plain_forms(seconds: int, micros: int, zone: ZoneInfo,
     expected = (_num(instant.timestamp()), _utc(instant))
     assert _stamps(instant) == expected
     assert _stamps(instant.astimezone(other)) == expected  # the same instant elsewhere
+
+
+def constructed(doc: dict) -> Booking:
+    """The Booking as `model_construct` (pydantic's own trusted path) builds it."""
+    meds = doc["medications"]
+    dose = meds["isotretinoin_last_dose"]
+    return Booking.model_construct(
+        clinic=doc["clinic"], booking_id=doc["booking_id"], treatment=doc["treatment"],
+        starts_at=datetime.fromisoformat(doc["starts_at"]),
+        patient=Patient.model_construct(**doc["patient"]),
+        medications=Medications.model_construct(
+            tretinoin=meds["tretinoin"], retinol=meds["retinol"],
+            isotretinoin_last_dose=None if dose is None else date.fromisoformat(dose)))
+
+
+def fields_of(model: Any) -> Any:
+    """Everything pydantic keeps on a model instance, nested models too."""
+    return {name: fields_of(value) if isinstance(value, BaseModel) else value
+            for name, value in {**model.__dict__,
+                                "(fields set)": model.__pydantic_fields_set__,
+                                "(extra)": model.__pydantic_extra__,
+                                "(private)": model.__pydantic_private__}.items()}
+
+
+def test_trusted_booking_is_model_construct(catalog: Any) -> None:
+    docs = list(realistic_bookings(300, seed=3, now=NOW))
+    docs[0]["patient"]["preferred_name"] = "María José"
+    docs[1]["patient"].pop("email")
+    docs[1]["patient"]["channels"] = ["sms"]
+    docs[2]["patient"].pop("phone")
+    docs[2]["patient"]["channels"] = ["email"]
+    docs[3]["medications"] = {"isotretinoin_last_dose": "2025-01-02"}
+    for doc in docs:
+        booking = parse_booking(doc, catalog)
+        dumped = booking.model_dump(mode="json")
+        rebuilt = trusted_booking(dumped)
+        assert fields_of(rebuilt) == fields_of(constructed(dumped))
+        assert rebuilt == booking
+        assert rebuilt.model_dump_json() == booking.model_dump_json()
+        assert rebuilt.patient.first_name == booking.patient.first_name

@@ -22,10 +22,11 @@ Intake bounds (hostile input gets a refusal naming the field, never a traceback)
 from __future__ import annotations
 
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -52,6 +53,8 @@ from .jsonsafe import JSONRefused, Path, describe_char, dotted, load_json, unsaf
 
 if TYPE_CHECKING:
     from .catalog import Catalog
+
+_M = TypeVar("_M", bound=BaseModel)
 
 Channel = Literal["email", "sms"]
 CHANNELS: tuple[Channel, ...] = ("email", "sms")
@@ -575,24 +578,53 @@ def trusted_booking(doc: dict[str, Any]) -> Booking:
     """Rebuild the Booking whose `model_dump(mode="json")` is `doc`, without validating again.
 
     Only for a document this program validated itself (a batch hands bookings from the
-    check to the store in this compact form): nothing is checked here.
+    check to the store in this compact form): nothing is checked here. The models are
+    built as `model_construct` builds them (the same fields, the same fields set), without
+    its general search for aliases and defaults (tests/test_batch.py compares the two).
     """
-    patient = Patient.model_construct(**doc["patient"])
+    given = doc["patient"]
+    patient = _built(Patient, {
+        "name": given["name"],
+        "preferred_name": given.get("preferred_name"),
+        "email": given.get("email"),
+        "phone": given.get("phone"),
+        "timezone": given["timezone"],
+        "locale": given["locale"],
+        "channels": given["channels"],
+    }, set(given))
     meds = doc["medications"]
     dose = meds["isotretinoin_last_dose"]
-    medications = Medications.model_construct(
-        tretinoin=meds["tretinoin"],
-        retinol=meds["retinol"],
-        isotretinoin_last_dose=None if dose is None else date.fromisoformat(dose),
-    )
-    return Booking.model_construct(
-        clinic=doc["clinic"],
-        booking_id=doc["booking_id"],
-        treatment=doc["treatment"],
-        starts_at=datetime.fromisoformat(doc["starts_at"]),
-        patient=patient,
-        medications=medications,
-    )
+    medications = _built(Medications, {
+        "tretinoin": meds["tretinoin"],
+        "retinol": meds["retinol"],
+        "isotretinoin_last_dose": None if dose is None else date.fromisoformat(dose),
+    }, _MEDICATION_FIELDS)
+    return _built(Booking, {
+        "clinic": doc["clinic"],
+        "booking_id": doc["booking_id"],
+        "treatment": doc["treatment"],
+        "starts_at": datetime.fromisoformat(doc["starts_at"]),
+        "patient": patient,
+        "medications": medications,
+    }, _BOOKING_FIELDS)
+
+
+_MEDICATION_FIELDS = frozenset(("tretinoin", "retinol", "isotretinoin_last_dose"))
+_BOOKING_FIELDS = frozenset(("clinic", "booking_id", "treatment", "starts_at", "patient",
+                             "medications"))
+_set = object.__setattr__
+
+
+def _built(cls: type[_M], values: dict[str, Any], fields_set: AbstractSet[str]) -> _M:
+    """`cls.model_construct(**values)` where `values` names every field of `cls` in order
+    and `fields_set` those given (the models have no extra fields, private attributes or
+    post-init)."""
+    model = cls.__new__(cls)
+    _set(model, "__dict__", values)
+    _set(model, "__pydantic_fields_set__", set(fields_set))
+    _set(model, "__pydantic_extra__", None)
+    _set(model, "__pydantic_private__", None)
+    return model
 
 
 def utc_iso(value: datetime | None) -> str | None:
