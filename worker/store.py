@@ -294,9 +294,17 @@ local function index_expiry(ckey)
   else redis.call('EXPIREAT', ckey, math.ceil(tonumber(top[2]))) end
 end
 local function index_booking(prefix, clinic, booking_id, ids, score)
+  local now, keep = nil, tonumber(score)
   for _, ckey in ipairs(contact_keys(prefix, clinic, ids)) do
     redis.call('ZADD', ckey, score, booking_id)
-    index_expiry(ckey)
+    -- A contact seen for the first time (its set holds this booking alone, kept until a
+    -- finite time to come): what index_expiry would do, without reading the set back.
+    now = now or redis_now()
+    if keep and keep < math.huge and keep >= now and redis.call('ZCARD', ckey) == 1 then
+      redis.call('EXPIREAT', ckey, math.ceil(keep))
+    else
+      index_expiry(ckey)
+    end
   end
 end
 local function unindex_booking(prefix, clinic, booking_id, ids)
@@ -866,6 +874,7 @@ local function refs(keys, base)
   return out
 end
 local out = {'ok'}
+local tally = {}  -- metrics: "<what>|<clinic>|<channel>" -> count, one HINCRBY each at the end
 for index = i, #ARGV do
   -- clinic, booking id, check, document ('' = unchanged), keep until, fields to set,
   -- fields to delete, due (key, score, ...), keys out of due, of lease, of dead letters.
@@ -924,8 +933,7 @@ for index = i, #ARGV do
       for _, e in ipairs(emits) do emit_event(prefix, clinic, e[1], e[2], e[3]) end
       if unindex ~= '' then unindex_booking(prefix, clinic, booking_id, unindex) end
       -- Metrics (worker/metrics.py): reminders put into the schedule (new, moved or
-      -- re-opened) and reminders the plan skips, one HINCRBY per channel.
-      local tally = {}
+      -- re-opened) and reminders the plan skips, counted for the whole script (`tally`).
       local function tally_of(what, k)
         local name = what .. '|' .. clinic .. '|' .. (string.match(k, ':([^:]*)$') or '')
         tally[name] = (tally[name] or 0) + 1
@@ -942,7 +950,6 @@ for index = i, #ARGV do
           tally_of('skipped', f)
         end
       end
-      for name, n in pairs(tally) do redis.call('HINCRBY', prefix .. ':metrics', name, n) end
     end
     if check == '' then
       -- A new booking: nothing attempted, nothing dead, no earlier expiry.
@@ -956,6 +963,7 @@ for index = i, #ARGV do
     end
   end
 end
+for name, n in pairs(tally) do redis.call('HINCRBY', prefix .. ':metrics', name, n) end
 return out
 """
 
