@@ -29,7 +29,7 @@ from .notices import Invite, Notice
 from .planner import PlannedReminder, hold_notice, plan
 from .protocols import NOTICE_STEPS, AdviceValue, Protocol
 from .rendering import RenderedMessage, Renderer, file_name, language_of, syntax_error
-from .sms import Encoding, non_gsm7, sms_segments
+from .sms import Encoding, fold_to_gsm7, non_gsm7, normalise, sms_segments
 
 # Realistic worst-case first names per language: the longest, and letters outside GSM-7
 # (folded by default, see `sms_accents`), so that a template that fits here fits for real
@@ -220,8 +220,10 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
             report.warnings.append(f"{clinics_dir / f'{clinic.id}.toml'}: environment variable "
                                    f"{name} is not set (channel URLs read it at send time)")
     if not errors:  # rendering a missing or broken file would only repeat those errors
-        render_errors, report.sms, claims = _render_all(renderer, catalog, clinics)
+        render_errors, report.sms, claims, too_long = _render_all(renderer, catalog, clinics)
         errors += render_errors
+        errors += [_clinic_sms_error(clinics_dir, catalog.clinics[c], s)
+                   for c, s in sorted(too_long.items())]
         report.warnings += [_sms_warning(catalog.templates_dir, s) for s in report.sms
                             if s.segments != 1 or s.encoding != "GSM-7"]
         report.sources = _sources(catalog, comments, claims)
@@ -419,15 +421,36 @@ def _unused_templates(renderer: Renderer, catalog: Catalog) -> list[str]:
 
 def _render_all(
     renderer: Renderer, catalog: Catalog, clinics: list[Clinic],
-) -> tuple[list[ConfigError], list[SmsSample], dict[tuple[str, str], set[str]]]:
+) -> tuple[list[ConfigError], list[SmsSample], dict[tuple[str, str], set[str]],
+           dict[str, SmsSample]]:
     """Render every template for every clinic, locale, wording and sample first name.
 
     Returns the errors, each SMS template's worst rendering (most segments, then longest),
-    and the advice keys each (protocol, step)'s messages stated.
+    the advice keys each (protocol, step)'s messages stated, and per clinic the worst SMS
+    its name (`sms_label`) makes longer than one segment.
     """
     errors: list[ConfigError] = []
     worst: dict[tuple[str, str, bool], SmsSample] = {}
     claims: dict[tuple[str, str], set[str]] = {}
+    # Per clinic, its worst SMS over one segment that its name makes so (with a short name
+    # in its place the text would fit).
+    too_long: dict[str, SmsSample] = {}
+
+    def keep(clinic: Clinic, template: str, locale: str, discreet: bool, text: str) -> None:
+        sample = SmsSample(template, locale, discreet, *sms_segments(text), text=text)
+        key = (template, locale, discreet)
+        if key not in worst or ((sample.segments, sample.length)
+                                > (worst[key].segments, worst[key].length)):
+            worst[key] = sample
+        if sample.segments == 1:
+            return
+        label = clinic.sms_label
+        for written in (label, fold_to_gsm7(normalise(label))):
+            if written in text and sms_segments(text.replace(written, "Clinic"))[2] == 1:
+                was = too_long.get(clinic.id)
+                if was is None or (sample.segments, sample.length) > (was.segments, was.length):
+                    too_long[clinic.id] = sample
+                return
     for clinic, locale, protocol, discreet in product(
             clinics, sorted(catalog.locales), catalog.protocols.values(), (False, True)):
         wording = clinic.model_copy(update={"discreet": discreet})
@@ -444,30 +467,18 @@ def _render_all(
                     errors += [
                         ConfigError(catalog.templates_dir / file_name(locale, template, part),
                                     "renders empty") for part in _empty_parts(message)]
-                    if message.channel != "sms":
-                        continue
-                    sample = SmsSample(template, locale, discreet, *sms_segments(message.text),
-                                       text=message.text)
-                    key = (template, locale, discreet)
-                    if key not in worst or ((sample.segments, sample.length)
-                                            > (worst[key].segments, worst[key].length)):
-                        worst[key] = sample
+                    if message.channel == "sms":
+                        keep(clinic, template, locale, discreet, message.text)
                 for template, message in sample_notices(renderer, booking, wording, protocol,
                                                         channels):
                     errors += [
                         ConfigError(catalog.templates_dir / file_name(locale, template, part),
                                     "renders empty") for part in _empty_parts(message)]
-                    if message.channel != "sms":
-                        continue
-                    sample = SmsSample(template, locale, discreet, *sms_segments(message.text),
-                                       text=message.text)
-                    key = (template, locale, discreet)
-                    if key not in worst or ((sample.segments, sample.length)
-                                            > (worst[key].segments, worst[key].length)):
-                        worst[key] = sample
+                    if message.channel == "sms":
+                        keep(clinic, template, locale, discreet, message.text)
             except ConfigError as exc:
                 errors.append(exc)
-    return errors, [worst[k] for k in sorted(worst)], claims
+    return errors, [worst[k] for k in sorted(worst)], claims, too_long
 
 
 def _empty_parts(message: RenderedMessage) -> list[str]:
@@ -475,6 +486,17 @@ def _empty_parts(message: RenderedMessage) -> list[str]:
         return [] if message.text else ["sms.txt"]
     return [part for part, value in (("email.subject", message.subject),
                                      ("email.txt", message.text.strip())) if not value]
+
+
+def _clinic_sms_error(clinics_dir: Path, clinic: Clinic, sample: SmsSample) -> ConfigError:
+    """A configured clinic whose name in SMS makes one longer than a GSM-7 segment."""
+    wording = "discreet" if sample.discreet else "plain"
+    field = "sms_name" if clinic.sms_name else "name"
+    return ConfigError(
+        clinics_dir / f"{clinic.id}.toml",
+        f"with its {field} {clinic.sms_label!r} ({len(clinic.sms_label)} characters) the SMS "
+        f"{sample.template} ({sample.locale}, {wording}) is {sample.segments} segments "
+        f"({sample.encoding}, {sample.length} units): set a shorter sms_name")
 
 
 def _sms_warning(templates_dir: Path, sample: SmsSample) -> str:

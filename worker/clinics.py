@@ -34,6 +34,7 @@ from .protocols import _pydantic_problem, read_toml
 from .webhooks import EVENT_TYPES
 
 MINUTES_PER_DAY = 24 * 60
+SMS_NAME_MAX = 30  # characters of `sms_name`; `reminders check` decides what fits
 DEFAULT_WINDOW = ("09:00", "20:00")  # DOMAIN.md: US quiet hours 08:00-21:00, default narrower
 _ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
 
@@ -176,6 +177,12 @@ class Clinic(BaseModel):
     # their base letter so the text stays GSM-7 (one segment), or "keep" them (UCS-2: about
     # 2-3 segments; `reminders check` shows the cost). Emails always keep them.
     sms_accents: Literal["fold", "keep"] = "fold"
+    # The clinic's name as SMS write it (default: `name`). Every SMS must stay one GSM-7
+    # segment with its opt-out line: `reminders check` fails for a clinic whose SMS name
+    # makes one longer, and asks for a shorter `sms_name` ("Clinica Sol" for "Clínica
+    # Dermatológica Sol de la Costa").
+    sms_name: Annotated[str, Field(min_length=1, max_length=SMS_NAME_MAX),
+                        AfterValidator(_one_line)] | None = None
     sms: SmsSettings = SmsSettings()
     # Overrides the protocol's isotretinoin washout, in days.
     isotretinoin_washout_days: int | None = Field(None, ge=0)
@@ -189,6 +196,11 @@ class Clinic(BaseModel):
     inbound: Inbound = Inbound()
     # sha256 hex digests of the clinic's API keys (issued by `reminders issue-key`).
     api_key_sha256: list[str] = []
+
+    @property
+    def sms_label(self) -> str:
+        """The clinic's name in SMS: `sms_name`, else `name`."""
+        return self.sms_name or self.name
 
     def channel_url(self, channel: Channel, to: str, env: Mapping[str, str] | None = None) -> str:
         """Return the Apprise URL for sending `channel` to `to`, secrets filled in."""

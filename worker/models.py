@@ -10,7 +10,8 @@ Intake bounds (hostile input gets a refusal naming the field, never a traceback)
   (`load_booking`, through `worker.jsonsafe.load_json`);
 - every string is a string (a number or a boolean is refused, not converted), is bounded
   in length, and holds no control or format character (Unicode Cc, Cf — bidi overrides
-  and isolates, zero-width characters —, surrogates, line/paragraph separators);
+  and isolates, zero-width characters —, surrogates, line/paragraph separators), except
+  a ZERO WIDTH NON-JOINER between two letters of a patient's name (Persian names);
 - `starts_at` is an ISO 8601 date-time with its offset in the years 1900-2999 and
   `isotretinoin_last_dose` an ISO date (YYYY-MM-DD) from 1900 (numbers, which pydantic
   would read as Unix times, are refused); the planner, which knows `now`, refuses an
@@ -357,6 +358,26 @@ def _plain_text(value: str) -> str:
     return safe_text(value)
 
 
+ZWNJ = "\u200c"  # ZERO WIDTH NON-JOINER: part of how Persian (and other) names are spelled
+
+
+def _plain_name(value: str) -> str:
+    """A person's name: as `_plain_text`, but a ZERO WIDTH NON-JOINER (U+200C) between two
+    letters is allowed ("مهر\u200cانگیز"); bidi controls and every other invisible
+    character are still refused, and so is a ZWNJ anywhere else (it would only hide)."""
+    if ZWNJ not in value:
+        return _plain_text(value)
+    value = value.strip()
+    for n, char in enumerate(value):
+        if char == ZWNJ and not (0 < n < len(value) - 1 and value[n - 1].isalpha()
+                                 and value[n + 1].isalpha()):
+            raise ValueError(
+                f"must not contain control or invisible formatting characters (found "
+                f"{describe_char(char)} at position {n + 1}, not between two letters)")
+    _plain_text(value.replace(ZWNJ, ""))  # everything else as any text
+    return value
+
+
 def _catalog(info: ValidationInfo) -> Catalog | None:
     return (info.context or {}).get("catalog")
 
@@ -379,11 +400,11 @@ class Patient(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, Strict(), Field(min_length=1, max_length=100),
-                    AfterValidator(_plain_text)]
+                    AfterValidator(_plain_name)]
     # What the messages greet the patient by ("María José", not the first word "María");
     # unset: the first word of `name`. Validated as `name` is.
     preferred_name: Annotated[str, Strict(), Field(min_length=1, max_length=100),
-                              AfterValidator(_plain_text)] | None = None
+                              AfterValidator(_plain_name)] | None = None
     email: Email | None = None
     phone: Phone | None = None
     timezone: Timezone

@@ -7,7 +7,8 @@ StrictUndefined; only `.html.j2` files are autoescaped.
 
 Variables (all dates and times in the patient's timezone, in the message's variant):
     patient_first_name      first word of the patient's name
-    clinic_name, clinic_phone   the clinic's name and E.164 phone
+    clinic_name, clinic_phone   the clinic's name (in SMS its `sms_name`, if set) and E.164
+                            phone
     treatment, treatment_id     the protocol's name and id ("microneedling")
     discreet                the clinic's flag: subjects and SMS name no treatment, medication
                             or condition
@@ -230,7 +231,7 @@ class Renderer:
             opt_out = self.respell(self._render(f"{variant.folder}/{OPT_OUT_FILE}", context),
                                    variant)
             text = normalise(f"{body} {opt_out}")
-            names = (booking.patient.first_name, clinic.name)
+            names = (booking.patient.first_name, clinic.sms_label)
             if clinic.sms_accents == "fold" or all(is_gsm7(normalise(n)) for n in names):
                 text = fold_to_gsm7(text)
             return RenderedMessage(channel="sms", subject=None, text=text, html=None,
@@ -293,7 +294,7 @@ class Renderer:
 
         return {
             "patient_first_name": booking.patient.first_name,
-            "clinic_name": clinic.name,
+            "clinic_name": clinic.sms_label if channel == "sms" else clinic.name,
             "clinic_phone": clinic.phone,
             "treatment": protocol.name,
             "treatment_id": protocol.id,
