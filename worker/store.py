@@ -16,8 +16,10 @@ Layout 2. Keys, all under the configured prefix P:
   P:optout:<clinic>        HASH  "<channel>:<address>" -> why: the patients' opt-outs (STOP,
                                  unsubscribe), read by the send's fenced begin; kept until
                                  the patient opts in again (worker/optout.py)
-  P:unsub:<clinic>         HASH  unsubscribe link id -> "<channel>:<address>" (written by each
-                                 email's send; expires `retention` after the last one)
+  P:unsub:<clinic>/<link>  STR   "<channel>:<address>" behind one unsubscribe link id
+                                 (written by each email's send to that address; expires
+                                 `retention` after the last one, each address on its own)
+  P:secret:<name>          STR   a server secret shared by every process (worker/secrets.py)
   P:once:help:<clinic>:<contact> STR the one help answer to an unknown text in 24 h
 
 A reminder ref is "<clinic>/<booking_id>/<key>" (neither id may contain "/"); a reminder
@@ -2429,17 +2431,20 @@ class Store:
         """Return True the first time `what` is asked within `seconds` (SET NX EX)."""
         return bool(self.redis.set(f"{self.prefix}:once:{what}", "1", nx=True, ex=seconds))
 
+    def unsub_key(self, clinic: str, token_id: str) -> str:
+        return f"{self.prefix}:unsub:{clinic}/{token_id}"
+
     def remember_unsubscribe(self, clinic: str, token_id: str, channel: str, contact: str) -> None:
-        """Note which address an unsubscribe link's id stands for (read by the route)."""
-        key = f"{self.prefix}:unsub:{clinic}"
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(key, token_id, f"{channel}:{normal_contact(channel, contact)}")
-        pipe.expire(key, self.retention_seconds)
-        pipe.execute()
+        """Note which address an unsubscribe link's id stands for (read by the route), for
+        `retention` after this send: one key per address, so a patient no longer written to
+        is forgotten on time however long the clinic keeps writing to others."""
+        self.redis.set(self.unsub_key(clinic, token_id),
+                       f"{channel}:{normal_contact(channel, contact)}",
+                       ex=max(1, math.ceil(self.retention_seconds)))
 
     def unsubscribe_address(self, clinic: str, token_id: str) -> tuple[str, str] | None:
         """Return (channel, address) an unsubscribe link's id stands for, or None."""
-        value = cast(str | None, self.redis.hget(f"{self.prefix}:unsub:{clinic}", token_id))
+        value = cast(str | None, self.redis.get(self.unsub_key(clinic, token_id)))
         if value is None:
             return None
         channel, _, contact = value.partition(":")
