@@ -331,7 +331,9 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         reminders.append(hold_notice(protocol.hold_template, tuple(booking.patient.channels),
                                      now, start, window, tz))
         reminders.sort(key=lambda r: (r.due_at, r.key))
-    capped = cap_sms(reminders, clinic.sms, tz, email="email" in booking.patient.channels)
+    protected = frozenset(s.id for s in protocol.steps if s.care_critical)
+    capped = cap_sms(reminders, clinic.sms, tz, email="email" in booking.patient.channels,
+                     protected=protected)
     rule = pause_rule(protocol, booking)
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,
@@ -342,4 +344,5 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         caps=clinic.sms,
         late_pause=late_pause(capped, rule, booking) if rule else None,
         pause_rule=rule,
+        protected=protected,
     )

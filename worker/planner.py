@@ -16,9 +16,15 @@ Rules, in order, for each step that applies to the patient:
 5. SMS frequency cap (the clinic's `[sms] max_per_day`, `max_per_week`; patient-local
    days, a week being any 7 consecutive days), over this plan's SMS and the patient's
    other SMS at the clinic (`taken`, which the store reads from its other bookings:
-   `cap_sms`). In due order, an SMS that does not fit goes by email when the patient takes
-   email (or is dropped when the step already emails), else moves to the next day with room
-   at the same local time, before it expires; else it is skipped. Each says why.
+   `cap_sms`). The SMS of care-critical steps (`care_critical = true`: the safety messages
+   and the "you may resume" message that pairs with a pause) are never moved or dropped by
+   the cap: they are counted first, at their time, and the other SMS give way. One that
+   still does not fit (the patient's other bookings took the days) goes by email when the
+   patient takes email, as any other, else by SMS all the same, beyond the cap, saying so.
+   Then, in due order, another SMS that does not
+   fit goes by email when the patient takes email (or is dropped when the step already
+   emails), else moves to the next day with room at the same local time, before it
+   expires; else it is skipped. Each says why.
 
 A booking is refused (BookingRejected naming the field) when its dates make no sense as
 seen at `now`: an appointment in the past or more than `MAX_DAYS_AHEAD` days ahead, an
@@ -94,6 +100,9 @@ class Plan:
     # (`late_pause`); and the rule it was found by: (pause step id, minimum days).
     late_pause: str | None = None
     pause_rule: tuple[str, int] | None = None
+    # The protocol's care-critical step ids (`care_critical = true`, the resume message among
+    # them): the SMS cap never drops, moves or converts their SMS (`cap_sms`).
+    protected: frozenset[str] = frozenset()
 
 
 # --- clock arithmetic in the patient's timezone ----------------------------------------
@@ -665,7 +674,9 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     if hold and protocol.hold_template:
         reminders.append(hold_notice(protocol.hold_template, offered, now, start, window, tz))
     reminders.sort(key=_order)
-    reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered)
+    protected = _protected(protocol)
+    reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered,
+                        protected=protected)
     rule = pause_rule(protocol, booking)
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,
@@ -676,7 +687,23 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         caps=clinic.sms,
         late_pause=late_pause(reminders, rule, booking) if rule else None,
         pause_rule=rule,
+        protected=protected,
     )
+
+
+_PROTECTED: dict[int, tuple[Protocol, frozenset[str]]] = {}
+
+
+def _protected(protocol: Protocol) -> frozenset[str]:
+    """The protocol's care-critical step ids: the SMS cap never drops their SMS."""
+    hit = _PROTECTED.get(id(protocol))
+    if hit is not None and hit[0] is protocol:
+        return hit[1]
+    if len(_PROTECTED) >= 256:
+        _PROTECTED.clear()
+    ids = frozenset(s.id for s in protocol.steps if s.care_critical)
+    _PROTECTED[id(protocol)] = (protocol, ids)
+    return ids
 
 
 # --- the message of a held booking ------------------------------------------------------------
@@ -778,10 +805,12 @@ def cap_sms(
     *,
     email: bool,
     taken: Iterable[datetime] = (),
+    protected: frozenset[str] = frozenset(),
 ) -> list[PlannedReminder]:
     """Return `reminders` (in due order) with their SMS kept within `caps` (module docstring,
     rule 5). `taken`: when the patient's other SMS at the clinic go (or went); `email`:
-    whether the patient takes email."""
+    whether the patient takes email; `protected`: the care-critical step ids, whose SMS the
+    cap never drops (counted first; by email, or beyond the cap without email)."""
     sms = [r for r in reminders if r.channel == "sms" and r.status == Status.SCHEDULED]
     taken = list(taken)
     if len(sms) + len(taken) <= 1:
@@ -798,6 +827,18 @@ def cap_sms(
 
     emailed = {(r.step, r.occurrence) for r in reminders
                if r.channel == "email" and r.status == Status.SCHEDULED}
+    # Care-critical SMS first, at their time; the others give way. One that does not fit
+    # (the patient's other bookings took the days) goes by email when the patient takes
+    # email, as any other; else it goes all the same, beyond the cap.
+    over_cap: set[str] = set()
+    for r in sms:
+        if r.step in protected:
+            day = r.due_at.astimezone(tz).toordinal()
+            if not fits(day):
+                over_cap.add(r.key)
+                if email:
+                    continue
+            counts[day] = counts.get(day, 0) + 1
     out: list[PlannedReminder] = []
     changed = False
     for r in reminders:
@@ -806,12 +847,20 @@ def cap_sms(
             continue
         local = r.due_at.astimezone(tz)
         day = local.toordinal()
-        if fits(day):
+        if r.step in protected:
+            if r.key not in over_cap:
+                out.append(r)
+                continue
+        elif fits(day):
             counts[day] = counts.get(day, 0) + 1
             out.append(r)
             continue
         changed = True
         over = f"{cap_words(caps)} is reached on {local:%Y-%m-%d}"
+        if r.step in protected and not email:
+            out.append(replace(r, reason=(
+                f"{r.reason}; sent although {over}: care-critical, the other SMS give way")))
+            continue
         if email and (r.step, r.occurrence) in emailed:
             out.append(replace(r, status=Status.SKIPPED,
                                reason=f"not sent by SMS: {over}; its email goes"))
@@ -854,7 +903,8 @@ def cap_plan(p: Plan, booking: Booking, taken: Iterable[datetime]) -> Plan:
     if p.caps is None or not taken:
         return p
     reminders = cap_sms(p.reminders, p.caps, ZoneInfo(booking.patient.timezone),
-                        email="email" in booking.patient.channels, taken=taken)
+                        email="email" in booking.patient.channels, taken=taken,
+                        protected=p.protected)
     if reminders is p.reminders:
         return p
     return replace(p, reminders=reminders,
@@ -875,7 +925,7 @@ _FIELDS = ("key", "step", "channel", "template", "occurrence", "due_at", "status
            "at_booking", "expires_at", "expires_note")
 ReminderRecord = tuple[str, str, str, str, int, int, str, str, bool, int | None, str]
 PlanRecord = tuple[str, str | None, tuple[ReminderRecord, ...], str, str | None,
-                   tuple[str, int] | None]
+                   tuple[str, int] | None, tuple[str, ...]]
 # Instants repeat across the bookings of a batch (the same days, zones and steps).
 _MICROS: dict[datetime, int] = {}
 _INSTANTS: dict[int, datetime] = {}
@@ -914,6 +964,7 @@ def plan_record(p: Plan) -> PlanRecord:
         p.notice_steps,
         p.late_pause,
         p.pause_rule,
+        tuple(sorted(p.protected)),
     )
 
 
@@ -921,7 +972,7 @@ def plan_from_record(
     record: PlanRecord, window: SendWindow | None, caps: SmsSettings | None = None
 ) -> Plan:
     """The plan `plan_record` was made of (its window and caps are the clinic's, given here)."""
-    status, hold_reason, records, notice_steps, late, rule = record
+    status, hold_reason, records, notice_steps, late, rule, protected = record
     reminders = []
     for values in records:
         reminder: PlannedReminder = _new_reminder(PlannedReminder)
@@ -941,4 +992,5 @@ def plan_from_record(
         caps=caps,
         late_pause=late,
         pause_rule=rule,
+        protected=frozenset(protected),
     )
