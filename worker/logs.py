@@ -22,8 +22,9 @@ handler; the CLI's `run` supervisor likewise.
 Privacy. Patient phone numbers, email addresses and message bodies are logged at DEBUG
 at most; the code's INFO lines name reminders by ref only. As a safety net for lines the
 code does not own (a library's exception text, a URL in an error), `Scrub` rewrites every
-record above DEBUG before it is written: email addresses become `[email]`, E.164 phone
-numbers `[phone]` (URL-encoded forms too) and a URL's credentials `****`. Apprise URLs are
+record above DEBUG before it is written: email addresses become `[email]` (accented and
+other non-ASCII ones too), international phone numbers `[phone]` (with spaces, dots,
+hyphens or brackets; URL-encoded forms too) and a URL's credentials `****`. Apprise URLs are
 shown only through `redact_url` (Apprise's own privacy form, cut after the host).
 """
 
@@ -45,9 +46,15 @@ CELERY_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 _reminder: ContextVar[str | None] = ContextVar("reminders_log_reminder", default=None)
 F = TypeVar("F", bound=Callable[..., Any])
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-                    r"\.[A-Za-z]{2,}")
-_PHONE = re.compile(r"(?:\+|%2B)\d[\d ]{5,17}\d")
+# An address: a local part and domain labels of letters in any script (\w is Unicode),
+# digits and the usual punctuation, URL-encoded too (%C3%A9, %40); a top-level domain of
+# letters (any script) or an IDN's punycode (xn--...). Over-masking is harmless.
+# (\u0300-\u036f: combining accents, as in a decomposed "José").
+_EMAIL = re.compile(r"[\w%+-][\w\u0300-\u036f.%+'-]*(?:@|%40)(?:[\w\u0300-\u036f%-]+\.)+"
+                    r"(?:[^\W\d_]{2,}|xn--[\w-]+)")
+# An international number: "+" (or %2B) then digits, with spaces (also no-break and
+# URL-encoded), dots, hyphens or brackets between: +34 600 111 222, +1 (415) 555-0100.
+_PHONE = re.compile(r"(?:\+|%2B)\d(?:[\d \u00a0\u202f().-]|%20){5,24}\d")
 _URL_USER = re.compile(r"\b([a-z][a-z0-9+.-]*://)(?![:*]*@)[^\s/@]+@")  # not if masked
 
 

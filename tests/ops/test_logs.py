@@ -63,10 +63,34 @@ def test_contact_details_above_debug_are_masked_whoever_logs_them(capture, fmt):
     assert "DEBUG may say ana@example.com" in text
 
 
+@pytest.mark.parametrize("address", [
+    "José.García@correo.es", "JOSÉ@example.es", "maría-josé.núñez@clínica.es",
+    "Jose\u0301.Garci\u0301a@correo.es",  # decomposed accents
+    "françois.o'brien@exemple.fr", "müller@bücher.de", "ана@пример.рф", "山田@例え.テスト",
+    "user+tag@xn--bcher-kva.example", "jos%C3%A9%40correo.es", "ana%40caf%C3%A9.es",
+])
+def test_scrub_masks_non_ascii_addresses_whole(address):
+    for line in (f"SMTP recipient {address} refused", f"to={address}&x=1",
+                 f"<{address}>", f"'{address}'"):
+        assert scrub(line) == line.replace(address, "[email]"), line
+
+
+@pytest.mark.parametrize("phone", [
+    "+34600111222", "+34 600 111 222", "+34 600-111-222", "+34.600.111.222",
+    "+1 (415) 555-0100", "+44 20 7946 0958", "+34\u00a0600\u00a0111\u00a0222",
+    "%2B34600111222", "%2B34%20600%20111%20222", "+٣٤٦٠٠١١١٢٢٢",
+])
+def test_scrub_masks_phone_numbers_in_their_usual_forms(phone):
+    clean = scrub(f"SMS to {phone} failed.")
+    assert clean == "SMS to [phone] failed.", (phone, clean)
+
+
 def test_scrub_leaves_ordinary_lines_alone():
     for line in ("w1@vm ready.", "Task reminders.pump[6792c6c1-0bf8] received",
                  "retry at 2026-12-04T09:00:00+00:00", "send glow/A-1042/spf:sms: sent",
-                 "Connected to redis://:**@127.0.0.1:6379/0", "took 0.0012749240013363305s"):
+                 "Connected to redis://:**@127.0.0.1:6379/0", "took 0.0012749240013363305s",
+                 "due 2026-12-04T09:00:00+01:00 (+3600 s)", "José García's booking A-1",
+                 "celery@3f2a9c1b0d7e ready", "send 1 of 2 (+5)"):
         assert scrub(line) == line
 
 
