@@ -29,10 +29,11 @@ from tests.e2e.conftest import (  # noqa: F401 - fixtures used by name
 )
 from worker.catalog import Catalog
 from worker.health import pump_beat
+from worker.migrate import Migration
 from worker.models import Booking, parse_booking
 from worker.planner import Plan, plan
 from worker.settings import Settings
-from worker.store import Store, StoreLayoutError
+from worker.store import Store, StoreLayoutError, _text_id, booking_contacts
 
 PREFIX = "reminders"
 HOUR = timedelta(hours=1)
@@ -259,9 +260,12 @@ def test_an_interrupted_migration_run_again_ends_as_one_run(redis_server, redis_
     env = _env(redis_server)
     old = layout1.Store(redis_client, PREFIX)
     now = datetime.now(UTC)
-    ids = [f"A-{n}" for n in range(1, 6)]
+    ids = [f"A-{n}" for n in range(1, 7)]
+    docs = {b: _soon(booking_doc, b, now) for b in ids}
+    # A-6: two days ahead, the pause message goes now: less than the protocol's minimum.
+    docs["A-6"]["starts_at"] = (now + timedelta(days=2)).isoformat()
     for b in ids:
-        upsert(old, catalog, _soon(booking_doc, b, now), now)
+        upsert(old, catalog, docs[b], now)
     drive(old, "glow/A-2/booking-confirmation:email", "sent", now)
     drive(old, "glow/A-3/booking-confirmation:email", "failed", now)
     old.cancel("glow", "A-4", now)
@@ -279,16 +283,21 @@ def test_an_interrupted_migration_run_again_ends_as_one_run(redis_server, redis_
     assert redis_client.keys(f"{PREFIX}:k:*")
     again = cli(env, "migrate")
     assert again.returncode == 0, again.stderr
-    assert "converted 3 bookings; 2 converted before; 0 not convertible" in again.stdout
+    assert "converted 4 bookings; 2 converted before; 0 not convertible" in again.stdout
     assert snapshot(redis_client) == one_run
     store = Store(redis_client, PREFIX)
     for b in ids:
         same_view(before[b], store.timeline("glow", b))
-    # Fields layout 2 gained, as its upsert fills them: the protocol's notice steps.
-    fields = redis_client.hgetall(f"{PREFIX}:b:glow/A-1")
-    ns = redis_client.hget(f"{PREFIX}:t", fields["ns"])
-    assert ns == catalog.protocols["microneedling"].notice_steps()
-    assert fields["contacts"] and "doc" not in fields
+    # Fields layout 2 gained, as its upsert fills them: the protocol's notice steps, the
+    # patient's contacts, the late pause (A-6 only, as the planner finds it).
+    for b in ids:
+        fields = redis_client.hgetall(f"{PREFIX}:b:glow/{b}")
+        ns = redis_client.hget(f"{PREFIX}:t", fields["ns"])
+        assert ns == catalog.protocols["microneedling"].notice_steps()
+        assert fields["contacts"] == booking_contacts(parse_booking(docs[b], catalog))
+        assert "doc" not in fields
+        assert (fields.get("late_pause") == "1") == bool(planned(catalog, docs[b], now)[1]
+                                                          .late_pause) == (b == "A-6")
 
 
 def test_a_booking_it_cannot_convert_is_named_and_the_layout_stays_unset(
@@ -321,3 +330,39 @@ def _env(redis_server: Any) -> dict[str, str]:
 
 def _soon(doc: dict[str, Any], booking_id: str, now: datetime) -> dict[str, Any]:
     return dict(doc, booking_id=booking_id, starts_at=(now + timedelta(days=10)).isoformat())
+
+
+def test_a_change_between_read_and_write_and_a_text_id_collision_are_read_again(
+        redis_client, catalog, booking_doc):
+    """Forced: a layout-1 worker's send lands after the migration read the booking and before
+    its script (the script finds the hash changed and the booking is read again), and another
+    text already holds the id of the protocol's notice steps in P:t (a longer id is taken)."""
+    old = layout1.Store(redis_client, PREFIX)
+    now = datetime.now(UTC)
+    for b in ("A-1", "A-2"):
+        upsert(old, catalog, _soon(booking_doc, b, now), now)
+    ns = catalog.protocols["microneedling"].notice_steps()
+    taken = _text_id(ns, Store.TEXT_ID_LENGTH)
+    redis_client.hset(f"{PREFIX}:t", taken, "other words")
+
+    class Racing(Migration):
+        raced = False
+
+        def _prepare_many(self, bookings):  # type: ignore[no-untyped-def]
+            out = super()._prepare_many(bookings)
+            if not Racing.raced:
+                Racing.raced = True
+                drive(old, "glow/A-2/booking-confirmation:email", "sent", now)
+            return out
+
+    report = Racing(redis_client, PREFIX, catalog).run()
+    assert Racing.raced and report.ok and len(report.converted) == 2
+    assert report.reminders["sent"] == 1
+    store = Store(redis_client, PREFIX)
+    for b in ("A-1", "A-2"):
+        fields = redis_client.hgetall(f"{PREFIX}:b:glow/{b}")
+        assert fields["ns"] != taken and redis_client.hget(f"{PREFIX}:t", fields["ns"]) == ns
+        timeline = store.timeline("glow", b)
+        assert {r["id"]: r["status"] for r in timeline["reminders"]}[
+            "booking-confirmation:email"] == ("sent" if b == "A-2" else "scheduled")
+    assert redis_client.hget(f"{PREFIX}:t", taken) == "other words"

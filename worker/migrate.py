@@ -76,6 +76,8 @@ _BOOKING_STATUSES = {str(s) for s in (Status.SCHEDULED, Status.HELD, Status.CANC
 # A reminder's logical fields as layout 1 stored them and `encode_reminder` takes them.
 _LOGICAL = ("status", "version", "step", "channel", "template", "occurrence", "planned_epoch",
             "due_epoch", "expires_epoch", "expires_note", "at_booking", "attempts")
+_OBSOLETE = "no longer in the plan after a change"  # worker/reconcile.py's reason
+CHUNK = 200  # bookings read together and written in one pipeline
 _TRIES = 5  # re-reads of a booking that changed between the read and the write
 
 _CONVERT = """
@@ -121,6 +123,7 @@ class Converted:
     statuses: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     problem: str | None = None
+    converted_before: bool = False
     warnings: list[str] = field(default_factory=list)
     args: list[Any] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)
@@ -230,20 +233,23 @@ class Migration:
         report = Report(self.prefix, self.dry_run, layout, kept_old=self.keep_old)
         todo, report.already, report.orphans = self._bookings()
         done = 0
-        for clinic, booking_id in todo:
-            base = f"{clinic}/{booking_id}"
-            outcome, one = self._convert_one(clinic, booking_id)
-            if outcome == "done":
-                report.already += 1
-                continue
-            if one.problem is not None:
-                report.skipped.append((base, one.problem))
-                continue
-            report.converted.append(base)
-            report.reminders.update(one.statuses)
-            report.dead_letters += one.dead_letters
-            report.warnings += [f"{base}: {w}" for w in one.warnings]
-            done += 1
+        while todo:
+            size = CHUNK if self.crash_after is None else max(1, self.crash_after - done)
+            chunk, todo = todo[:size], todo[size:]
+            for (clinic, booking_id), (outcome, one) in zip(
+                    chunk, self._convert_chunk(chunk), strict=True):
+                base = f"{clinic}/{booking_id}"
+                if outcome == "done":
+                    report.already += 1
+                    continue
+                if one.problem is not None:
+                    report.skipped.append((base, one.problem))
+                    continue
+                report.converted.append(base)
+                report.reminders.update(one.statuses)
+                report.dead_letters += one.dead_letters
+                report.warnings += [f"{base}: {w}" for w in one.warnings]
+                done += 1
             if self.crash_after is not None and done >= self.crash_after:
                 os._exit(75)  # the test hook: a crash, no clean-up of any kind
         if self.dry_run or report.skipped:
@@ -280,50 +286,97 @@ class Migration:
                 orphans.append(base)
         return todo, already, orphans
 
+    def _convert_chunk(self, chunk: list[tuple[str, str]]) -> list[tuple[str, Converted]]:
+        """Convert bookings: read in two round trips, write in one pipeline of scripts (each
+        booking's own atomic step); those that changed meanwhile or met a text-id collision
+        are done again, one by one. Return (outcome, conversion) per booking."""
+        prepared = self._prepare_many(chunk)
+        if self.dry_run:
+            return [("done" if one.converted_before else "prepared", one) for one in prepared]
+        writes = [n for n, one in enumerate(prepared)
+                  if one.problem is None and not one.converted_before]
+        pipe = self.redis.pipeline(transaction=False)
+        for n in writes:
+            self._write(prepared[n], pipe)
+        outcomes = ["done" if one.converted_before else "prepared" for one in prepared]
+        for n, outcome in zip(writes, pipe.execute(), strict=True):
+            outcomes[n] = str(outcome)
+        out = []
+        for n, one in enumerate(prepared):
+            if outcomes[n] == "ok":
+                self.store._texts.update(one.texts)
+            elif outcomes[n] not in ("prepared", "done"):
+                self._settle(outcomes[n])
+                outcomes[n], one = self._convert_one(*chunk[n])
+            out.append((outcomes[n], one))
+        return out
+
+    def _write(self, one: Converted, client: Any) -> Any:
+        clinic, booking_id = one.clinic, one.booking_id
+        return self._convert(
+            keys=[self.store.booking_key(clinic, booking_id),
+                  f"{self.prefix}:v1:b:{clinic}/{booking_id}",
+                  self.store.doc_key(clinic, booking_id), self.store.texts_key],
+            args=one.args, client=client)
+
+    def _settle(self, outcome: str) -> None:
+        if outcome.startswith("collision:"):  # another text has that id: a longer one
+            taken = outcome.split(":", 1)[1]
+            self.store._taken.add(taken)
+            self.store._ids = {t: i for t, i in self.store._ids.items() if i != taken}
+
     def _convert_one(self, clinic: str, booking_id: str) -> tuple[str, Converted]:
         one = Converted(clinic, booking_id)
         for _ in range(_TRIES):
-            one = self._prepare(clinic, booking_id)
+            (one,) = self._prepare_many([(clinic, booking_id)])
+            if one.converted_before:
+                return "done", one
             if one.problem is not None or self.dry_run:
                 return "prepared", one
-            outcome = str(self._convert(
-                keys=[self.store.booking_key(clinic, booking_id),
-                      f"{self.prefix}:v1:b:{clinic}/{booking_id}",
-                      self.store.doc_key(clinic, booking_id), self.store.texts_key],
-                args=one.args))
-            if outcome.startswith("collision:"):  # another text has that id: a longer one
-                taken = outcome.split(":", 1)[1]
-                self.store._taken.add(taken)
-                self.store._ids = {t: i for t, i in self.store._ids.items() if i != taken}
-                continue
-            if outcome == "changed":
-                continue
+            outcome = str(self._write(one, self.redis))
             if outcome == "ok":
                 self.store._texts.update(one.texts)
-            return outcome, one
+            if outcome in ("ok", "done"):
+                return outcome, one
+            self._settle(outcome)
         one.problem = "it kept changing while being converted (is a worker running?)"
         return "prepared", one
 
-    def _prepare(self, clinic: str, booking_id: str) -> Converted:
-        """Read one layout-1 booking and build its layout-2 form."""
+    def _prepare_many(self, bookings: list[tuple[str, str]]) -> list[Converted]:
+        """Read layout-1 bookings (two round trips) and build their layout-2 forms."""
+        p = self.prefix
+        pipe = self.redis.pipeline(transaction=False)
+        for clinic, booking_id in bookings:
+            pipe.hgetall(f"{p}:b:{clinic}/{booking_id}")
+            pipe.smembers(f"{p}:k:{clinic}/{booking_id}")
+        first = pipe.execute()
+        olds = cast(list[dict[str, str]], first[0::2])
+        keys = [sorted(cast(set[str], k)) for k in first[1::2]]
+        pipe = self.redis.pipeline(transaction=False)
+        for (clinic, booking_id), ks in zip(bookings, keys, strict=True):
+            for key in ks:
+                pipe.hgetall(f"{p}:r:{clinic}/{booking_id}/{key}")
+                pipe.zscore(f"{p}:dead", f"{clinic}/{booking_id}/{key}")
+        replies = iter(pipe.execute())
+        out = []
+        for (clinic, booking_id), old, ks in zip(bookings, olds, keys, strict=True):
+            records, dead = {}, {}
+            for key in ks:
+                records[key] = cast(dict[str, str], next(replies))
+                dead[key] = next(replies)
+            out.append(self._prepare(clinic, booking_id, old, ks, records, dead))
+        return out
+
+    def _prepare(self, clinic: str, booking_id: str, old: dict[str, str],
+                 keys_sorted: list[str], records: dict[str, dict[str, str]],
+                 dead: dict[str, Any]) -> Converted:
+        """Build one layout-1 booking's layout-2 form from what was read."""
         one = Converted(clinic, booking_id)
         p = self.prefix
-        bkey, kkey = f"{p}:b:{clinic}/{booking_id}", f"{p}:k:{clinic}/{booking_id}"
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(bkey)
-        pipe.smembers(kkey)
-        old, keys = cast(tuple[dict[str, str], set[str]], tuple(pipe.execute()))
-        keys_sorted = sorted(keys)
-        pipe = self.redis.pipeline(transaction=False)
-        for key in keys_sorted:
-            pipe.hgetall(f"{p}:r:{clinic}/{booking_id}/{key}")
-            pipe.zscore(f"{p}:dead", f"{clinic}/{booking_id}/{key}")
-        replies = pipe.execute()
-        records = dict(zip(keys_sorted, cast(list[dict[str, str]], replies[0::2]), strict=True))
-        dead = dict(zip(keys_sorted, replies[1::2], strict=True))
+        bkey = f"{p}:b:{clinic}/{booking_id}"
         doc = old.get("doc")
-        if not doc:
-            one.problem = "converted meanwhile"
+        if not doc:  # converted meanwhile (another run)
+            one.converted_before = True
             return one
         try:
             booking = Booking.model_validate_json(doc)
@@ -394,8 +447,10 @@ class Migration:
                     key=key, step=rec["step"], channel=rec["channel"],  # type: ignore[arg-type]
                     template=rec.get("template", ""), occurrence=1,
                     due_at=datetime.fromtimestamp(float(rec["planned_epoch"]), UTC),
-                    status=(Status.SKIPPED if status in (Status.SKIPPED, Status.CANCELLED)
-                            else Status.SCHEDULED),
+                    # As the plan had it: skipped, or gone from it (a cancelled booking's
+                    # reminders are still planned ones).
+                    status=(Status.SKIPPED if status == Status.SKIPPED
+                            or rec.get("reason") == _OBSOLETE else Status.SCHEDULED),
                     reason=""))
         if protocol is None:
             one.warnings.append(f"no protocol {booking.treatment!r} in the config: converted "
