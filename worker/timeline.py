@@ -7,7 +7,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from .models import Booking, utc_iso
-from .planner import Plan
+from .planner import Plan, is_hold_notice
 
 REMINDER_FIELDS = ("id", "step", "channel", "due_at", "status", "attempts", "sent_at", "reason")
 
@@ -21,6 +21,7 @@ def from_plan(booking: Booking, plan: Plan, *, version: int = 0) -> dict[str, An
         "status": plan.status,
         "version": version,
         "hold_reason": plan.hold_reason,
+        "late_pause": bool(plan.late_pause),
         "reminders": [
             {
                 "id": r.key,
@@ -30,7 +31,7 @@ def from_plan(booking: Booking, plan: Plan, *, version: int = 0) -> dict[str, An
                 "status": r.status,
                 "attempts": 0,
                 "sent_at": None,
-                "reason": hold or r.reason,
+                "reason": (hold if hold and not is_hold_notice(r.key) else r.reason),
             }
             for r in plan.reminders
         ],
@@ -47,6 +48,9 @@ def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
     lines = [head]
     if timeline.get("hold_reason"):
         lines.append(f"HELD: {timeline['hold_reason']}")
+    if timeline.get("late_pause"):
+        lines.append("LATE PAUSE: booked too late for the full retinoid pause; the patient is "
+                     "asked to call the clinic")
     rows = [("DUE", "STEP", "CHANNEL", "STATUS", "TRIES", "REASON")]
     dues = [datetime.fromisoformat(r["due_at"]) for r in timeline["reminders"] if r["due_at"]]
     # Seconds only when some reminder needs them (second-based test and demo protocols).
