@@ -1,7 +1,9 @@
 """An opt-out racing a send in flight, forced: the attempt is parked mid-flight (before the
 hand-over, or at the SMS gateway after it), the patient's STOP lands, the attempt is
 released. The send either happened before the opt-out (and is recorded as sent) or never
-(skipped with the reason `opted_out`); the final Redis state of everything is asserted.
+(skipped with the reason `opted_out`); the final Redis state of everything is asserted,
+and the reminder is counted once: as sent or as skipped, never both (the opt-out leaves a
+reminder being sent to its attempt's own fence).
 Real Redis, real Apprise, a real HTTP gateway on 127.0.0.1 (tests/test_send_races.py's rig).
 """
 
@@ -27,11 +29,17 @@ def opt_out(rig: Rig) -> tuple[int, list[str]]:
     return rig.store.opt_out("rc", "sms", PHONE, WHY)
 
 
+def counted(rig: Rig) -> dict[str, int]:
+    raw = rig.store.redis.hgetall(f"{rig.store.prefix}:metrics")
+    return {k.split("|")[0]: int(v) for k, v in raw.items() if k.endswith("|rc|sms")
+            and k.startswith(("sent|", "skipped|"))}
+
+
 def test_parked_at_the_gateway_the_send_happened_before_and_is_recorded_as_sent(rig):
     rig.book(rig.booking())
     thread, result = rig.park(PREP)  # handed over: the gateway holds the request
     skipped, touched = opt_out(rig)
-    assert (skipped, touched) == (2, ["R-1"])  # the one in flight and the one waiting
+    assert (skipped, touched) == (1, ["R-1"])  # the one waiting; the one in flight is its own
     rig.gate.answer(200)
     thread.join(20)
     assert result["outcome"] == "sent"
@@ -39,8 +47,9 @@ def test_parked_at_the_gateway_the_send_happened_before_and_is_recorded_as_sent(
     # It went out before the opt-out: recorded as sent, never to be sent again.
     assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
     assert (s["due"], s["lease"], s["dead"]) == (None, None, None), s
-    assert s["log"][-1]["result"] == "stale: recorded as sent"
+    assert s["log"][-1]["result"] == "ok"  # its attempt still owned it: sent, counted once
     assert len(rig.gate.bodies) == 1
+    assert counted(rig) == {"sent": 1, "skipped": 1}  # PREP sent, STOP skipped
     # The other SMS never goes: skipped with the reason, out of every set.
     other = rig.state(STOP)
     assert other["record"]["status"] == "skipped"
@@ -70,7 +79,7 @@ def test_parked_before_the_hand_over_the_send_never_happens(rig):
     thread.start()
     assert parked.wait(10)
     assert rig.store.redis.get(rig.store.ledger_key(PREP))  # it holds the ledger
-    assert opt_out(rig) == (2, ["R-1"])
+    assert opt_out(rig) == (1, ["R-1"])  # STOP; PREP is left to its attempt
     release.set()
     thread.join(20)
     assert result["outcome"] == "dropped: overtaken before sending"
@@ -80,7 +89,10 @@ def test_parked_before_the_hand_over_the_send_never_happens(rig):
         assert s["record"]["status"] == "skipped", s
         assert s["record"]["reason"] == f"opted_out: {WHY}"
         assert (s["due"], s["lease"], s["dead"], s["ledger"]) == (None, None, None, None), s
-    assert rig.state(PREP)["log"][-1]["result"] == "stale"
+    log = rig.state(PREP)["log"]
+    # Its own fence skipped it (still_owned); the caller's finish after is a repeat.
+    assert [(x["outcome"], x["result"]) for x in log] == [("skipped", "ok")]
+    assert counted(rig) == {"skipped": 2}  # each reminder once, nothing sent
     assert_no_claim(rig)
 
 
@@ -89,7 +101,7 @@ def test_claimed_but_not_begun_is_refused_by_the_fenced_begin(rig):
     rig.book(rig.booking())
     claim = rig.claim_now(PREP)
     opt_out(rig)
-    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "dropped: status skipped"
+    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "dropped: opted out"
     assert rig.gate.bodies == []
     s = rig.state(PREP)
     assert s["record"]["status"] == "skipped" and s["ledger"] is None and s["lease"] is None
@@ -124,13 +136,13 @@ def test_begin_and_opt_out_in_either_order(rig, order):
     if order == "opt-out first":
         opt_out(rig)
         assert rig.store.begin_send(PREP, claim.version, claim.claim, "tok", 8000) == \
-            "status skipped"
+            "opted out"
     else:
         assert rig.store.begin_send(PREP, claim.version, claim.claim, "tok", 8000) == "ok"
         opt_out(rig)
         attempt = Attempt(claim.version, claim.claim, "tok")
         assert not rig.store.still_owned(PREP, attempt, send_to=("sms", PHONE))
-        assert rig.store.finish(PREP, attempt, "abandon", at=datetime.now(UTC)) == "stale"
+        assert rig.store.finish(PREP, attempt, "abandon", at=datetime.now(UTC)) == "repeated"
     s = rig.state(PREP)
     assert s["record"]["status"] == "skipped" and s["ledger"] is None, s
     assert_no_claim(rig)

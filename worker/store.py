@@ -123,6 +123,7 @@ from .webhooks import LUA_EMIT
 LAYOUT = "2"
 ATTEMPT_LOG_MAX = 50
 IN_FLIGHT_MARGIN = 1.0  # seconds past an in-flight attempt's ledger expiry before trying again
+_NORMS_TRIES = 20  # reads of the patients' addresses before a script gives up (see contact_of)
 APPLY_CHUNK = 200  # bookings per apply script: a few milliseconds of Redis at a time
 
 # A reminder's status as stored (one letter) and back.
@@ -235,27 +236,49 @@ local function count_metric(prefix, what, clinic, key, n)
 end
 local function channel_of(key) return string.match(key, ':([^:]*)$') end
 -- The patient's address for a channel, as opt-outs are kept (worker/optout.py
--- `normal_contact`): an email address in lower case, a phone as stored. nil if none.
-local function contact_of(doc, channel)
+-- `normal_contact`). Lua never normalises an address itself (its string.lower knows ASCII
+-- only): `norms` is {channel: {address as in the document: normalised}}, made in Python
+-- from the documents it read (`_contact_norms`). Returns the normalised address (nil if
+-- none), the document, its patient, and `missing`: the document has an address `norms`
+-- does not know (it changed since Python read it: read again).
+local function normal_of(norms, channel, value)
+  local t = norms[channel]
+  if type(t) ~= 'table' then return nil end
+  return t[value]
+end
+local function contact_of(doc, channel, norms)
   if not doc then return nil end
   local ok, b = pcall(cjson.decode, doc)
   if not ok or type(b) ~= 'table' or type(b['patient']) ~= 'table' then return nil end
   local p = b['patient']
   local value = p[channel == 'email' and 'email' or 'phone']
-  if type(value) ~= 'string' then return nil end
-  if channel == 'email' then value = string.lower(value) end
-  return value, b, p
+  if type(value) ~= 'string' then return nil, b, p end
+  local normal = normal_of(norms, channel, value)
+  return normal, b, p, normal == nil
 end
--- Whether the patient allows `channel` (consented, an address, and not opted out).
-local function allows(optkey, doc_table, patient, channel)
+-- Whether the patient allows `channel` (consented, an address, and not opted out); an
+-- address `norms` does not know counts as not allowed (the caller checks `missing` first).
+local function allows(optkey, doc_table, patient, channel, norms)
   local value = patient[channel == 'email' and 'email' or 'phone']
   if type(value) ~= 'string' then return false end
-  if channel == 'email' then value = string.lower(value) end
+  value = normal_of(norms, channel, value)
+  if not value then return false end
   local listed = false
   for _, c in ipairs(patient['channels'] or {}) do
     if c == channel then listed = true end
   end
   return listed and redis.call('HEXISTS', optkey, channel .. ':' .. value) == 0
+end
+-- Whether a document has an address (of any channel) that `norms` does not know.
+local function norms_stale(doc_table, norms)
+  if type(doc_table) ~= 'table' or type(doc_table['patient']) ~= 'table' then return false end
+  local p = doc_table['patient']
+  for channel, field in pairs({email = 'email', sms = 'phone'}) do
+    if type(p[field]) == 'string' and normal_of(norms, channel, p[field]) == nil then
+      return true
+    end
+  end
+  return false
 end
 -- Whether `critical` (space-separated "<treatment>/<step>") names this reminder's step.
 local function is_critical(critical, doc_table, key)
@@ -415,6 +438,7 @@ local bkey, lkey, lease_key, dkey, optkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], 
 local key, version, claim, token, ledger_ms, ref = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6]
 local critical, hooks, prefix = ARGV[7] or '', ARGV[8] or '', ARGV[9] or ''
+local norms = cjson.decode(ARGV[10] or '{}')
 local r, a = load(bkey, key)
 if not r then return 'gone' end
 local status = r[R_ST]
@@ -423,9 +447,12 @@ if a[A_TOK] == token and ledger == token and status == ST_SENDING then
   -- The same attempt again (a client retry): the same answer, the SMS fallback included.
   local channel = channel_of(key)
   if channel == 'email' and redis.call('EXISTS', optkey) == 1 then
-    local contact, doc_table, patient = contact_of(redis.call('GET', dkey), channel)
+    local contact, doc_table, patient, missing = contact_of(redis.call('GET', dkey), channel,
+      norms)
+    if missing or norms_stale(doc_table, norms) then return 'contacts changed' end
     if contact and redis.call('HEXISTS', optkey, 'email:' .. contact) == 1
-        and is_critical(critical, doc_table, key) and allows(optkey, doc_table, patient, 'sms')
+        and is_critical(critical, doc_table, key)
+        and allows(optkey, doc_table, patient, 'sms', norms)
     then
       return 'ok sms'
     end
@@ -467,11 +494,13 @@ if ledger then return 'in flight' end
 local verdict = 'ok'
 if redis.call('EXISTS', optkey) == 1 then
   local channel = channel_of(key)
-  local contact, doc_table, patient = contact_of(redis.call('GET', dkey), channel)
+  local contact, doc_table, patient, missing = contact_of(redis.call('GET', dkey), channel,
+    norms)
+  if missing or norms_stale(doc_table, norms) then return 'contacts changed' end
   local why = contact and redis.call('HGET', optkey, channel .. ':' .. contact)
   if why then
     if channel == 'email' and is_critical(critical, doc_table, key)
-        and allows(optkey, doc_table, patient, 'sms') then
+        and allows(optkey, doc_table, patient, 'sms', norms) then
       verdict = 'ok sms'
     else
       redis.call('ZREM', lease_key, ref)
@@ -747,11 +776,14 @@ return 'cancelled'
 # A patient's opt-out of one channel at one clinic (worker/optout.py), in one step: the
 # address is recorded as opted out (the send-time check in _BEGIN_SEND reads it), and
 # every reminder of that channel still to be sent in the given bookings of that address is
-# skipped with the reason. One already being sent is skipped too: its attempt finds itself
-# overtaken before the hand-over (nothing is sent), or, past it, its delivery is recorded
-# as sent. An email of a care-critical step is left to go by SMS when the patient allows
-# SMS. mode 'in' removes the opt-out (reminders skipped stay skipped: a later change of the
-# booking plans them again). Returns {number skipped, booking ids touched...}.
+# skipped with the reason. One being sent (`sending`) is left to its attempt, whose own
+# fence decides: before the hand-over, the send-time checks (_BEGIN_SEND, `still_owned`)
+# read the opt-out and skip it with the reason (nothing is sent); past it, the delivery is
+# recorded as sent. So exactly one of sent and skipped is counted and told for it. An
+# email of a care-critical step is left to go by SMS when the patient allows SMS. mode
+# 'in' removes the opt-out (reminders skipped stay skipped: a later change of the booking
+# plans them again). Returns {1 if the address was not opted out before (0 if it was),
+# number skipped, booking ids touched...}; mode 'in': {1 if it was opted out}.
 _OPT_OUT = """
 local optkey, due_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
 local prefix, clinic, channel, contact, why, mode, hooks, critical =
@@ -760,14 +792,22 @@ local field = channel .. ':' .. contact
 if mode == 'in' then
   return {redis.call('HDEL', optkey, field)}
 end
-redis.call('HSET', optkey, field, why)
+-- ARGV[9]: the addresses of these bookings' documents, normalised in Python (contact_of).
+local norms = cjson.decode(ARGV[9])
+local seen = {}
+for n = 10, #ARGV do
+  local found, doc_table, patient, missing = contact_of(
+    redis.call('GET', prefix .. ':d:' .. clinic .. '/' .. ARGV[n]), channel, norms)
+  if missing or norms_stale(doc_table, norms) then return {-1} end  -- read again
+  seen[n] = {found, doc_table, patient}
+end
+local first = redis.call('HSET', optkey, field, why)
 local skipped, touched = 0, {}
-for n = 9, #ARGV do
+for n = 10, #ARGV do
   local booking_id = ARGV[n]
   local base = clinic .. '/' .. booking_id
   local bkey = prefix .. ':b:' .. base
-  local found, doc_table, patient = contact_of(redis.call('GET', prefix .. ':d:' .. base),
-    channel)
+  local found, doc_table, patient = seen[n][1], seen[n][2], seen[n][3]
   if found == contact then
     local flat = redis.call('HGETALL', bkey)
     local any = false
@@ -776,8 +816,8 @@ for n = 9, #ARGV do
       if is_reminder(key) and channel_of(key) == channel then
         local r, a = load(bkey, key)
         local fallback = channel == 'email' and is_critical(critical, doc_table, key)
-          and allows(optkey, doc_table, patient, 'sms')
-        if is_pending(r[R_ST]) and not fallback then
+          and allows(optkey, doc_table, patient, 'sms', norms)
+        if is_pending(r[R_ST]) and r[R_ST] ~= ST_SENDING and not fallback then
           local ref = base .. '/' .. key
           r[R_ST] = ST_SKIPPED
           r[R_WHY] = inline('opted_out: ' .. why)
@@ -800,7 +840,7 @@ for n = 9, #ARGV do
     if any then table.insert(touched, booking_id) end
   end
 end
-local out = {skipped}
+local out = {first, skipped}
 for _, b in ipairs(touched) do table.insert(out, b) end
 return out
 """
@@ -989,6 +1029,18 @@ class Claim:
     ref: str
     version: str
     claim: str
+
+
+class OptOut(tuple[int, list[str]]):
+    """`Store.opt_out`'s answer: (reminders skipped, booking ids touched), and `first`:
+    whether this call opted the address out (False: it already was, e.g. a second STOP)."""
+
+    first: bool
+
+    def __new__(cls, skipped: int, touched: list[str], *, first: bool) -> OptOut:
+        self = super().__new__(cls, (skipped, touched))
+        self.first = first
+        return self
 
 
 # `connect` makes the client with decode_responses=True, so every reply is str; redis-py
@@ -1218,6 +1270,24 @@ def contact_id(kind: str, value: str) -> str:
         value = value.lower()
     digest = hashlib.sha256(f"{kind}:{value}".encode()).digest()[:CONTACT_ID_BYTES]
     return base64.urlsafe_b64encode(digest).decode()
+
+
+def _contact_norms(docs: Iterable[str | None]) -> str:
+    """The scripts' `norms` (see `contact_of` in _PRELUDE): each document's patient email
+    and phone as written, and normalised (worker/optout.py `normal_contact`), as JSON."""
+    norms: dict[str, dict[str, str]] = {"email": {}, "sms": {}}
+    for doc in docs:
+        if doc is None:
+            continue
+        try:
+            patient = json.loads(doc).get("patient") or {}
+        except (ValueError, AttributeError):
+            continue
+        for channel, name in (("email", "email"), ("sms", "phone")):
+            value = patient.get(name) if isinstance(patient, dict) else None
+            if isinstance(value, str):
+                norms[channel][value] = normal_contact(channel, value)
+    return json.dumps(norms, ensure_ascii=False, separators=(",", ":"))
 
 
 def booking_contacts(booking: Booking) -> str:
@@ -1962,17 +2032,24 @@ class Store:
     def _cancel_notices(
         self, clinic: str, booking_id: str, now: datetime
     ) -> tuple[str, str, dict[str, str]]:
-        """Return the cancel script's check, notices and their texts ("", "", {}: none)."""
+        """Return the cancel script's check, notices and their texts ("", "", {}: none).
+
+        The check is the booking's hash as read whenever the booking is scheduled, with
+        notices or not: a reminder claimed or sent after this read (the pause message going
+        out) changes the hash, so the cancel reads again and plans the notice it now needs.
+        """
         (stored,) = self._read([(clinic, booking_id)])
         fields = stored.fields
-        if (not fields or stored.doc is None or fields.get("status") != Status.SCHEDULED
-                or not fields.get("ns")):
+        if not fields or fields.get("status") != Status.SCHEDULED:
             return "", "", {}
+        check = json.dumps([x for kv in fields.items() for x in kv], ensure_ascii=False)
+        if stored.doc is None or not fields.get("ns"):
+            return check, "", {}
         notice_steps = self._resolve([fields["ns"]]).get(fields["ns"], "")
         try:
             booking = Booking.model_validate_json(stored.doc)
         except ValueError:
-            return "", "", {}
+            return check, "", {}
         start, _, end = fields.get("window", "").partition("-")
         window = (SendWindow.model_construct(start=int(start), end=int(end)) if start and end
                   else SendWindow())
@@ -1980,7 +2057,7 @@ class Store:
         notices, paused = plan_notices("cancelled", stored.reminders, booking, notice_steps,
                                        seq=seq, now=now, window=window)
         if not notices:
-            return "", "", {}
+            return check, "", {}
         version = int(fields.get("version") or 0) + 1
         texts: dict[str, str] = {}
         adds: list[str] = ["seq", str(seq), "", "paused", "1" if paused else "", ""]
@@ -1988,7 +2065,6 @@ class Store:
             main, _ = encode_reminder(notice.key, notice_fields(notice, version),
                                       text_id=lambda text: self._intern(text, texts))
             adds += [notice.key, main, _num(notice.due_at.timestamp())]
-        check = json.dumps([x for kv in fields.items() for x in kv], ensure_ascii=False)
         return check, json.dumps(adds, ensure_ascii=False), texts
 
     def booking_doc(self, clinic: str, booking_id: str) -> dict[str, Any]:
@@ -2074,14 +2150,20 @@ class Store:
             raise ValueError("an attempt's token must not contain '|'")
         self._ready()
         clinic, booking_id, key = split_ref(ref)
-        return str(
-            self._begin(
-                keys=[self.booking_key(clinic, booking_id), self.ledger_key(ref), self.lease_key,
-                      self.doc_key(clinic, booking_id), self.optout_key(clinic)],
-                args=[key, version, claim, token, ledger_ms, ref, critical,
-                      self._hooks(clinic), self.prefix],
+        dkey = self.doc_key(clinic, booking_id)
+        for _ in range(_NORMS_TRIES):  # again only if the patient's addresses changed
+            norms = _contact_norms([cast(str | None, self.redis.get(dkey))])
+            verdict = str(
+                self._begin(
+                    keys=[self.booking_key(clinic, booking_id), self.ledger_key(ref),
+                          self.lease_key, dkey, self.optout_key(clinic)],
+                    args=[key, version, claim, token, ledger_ms, ref, critical,
+                          self._hooks(clinic), self.prefix, norms],
+                )
             )
-        )
+            if verdict != "contacts changed":
+                return verdict
+        raise RuntimeError(f"begin {ref}: the patient's addresses kept changing")
 
     def ledger_ttl(self, ref: str) -> float:
         """Return seconds until an in-flight attempt's ledger entry expires (0 if none)."""
@@ -2235,16 +2317,24 @@ class Store:
     def still_owned(self, ref: str, attempt: Attempt,
                     send_to: tuple[str, str] | None = None) -> bool:
         """Return whether `attempt` still owns the reminder (checked just before sending),
-        and, given `send_to` (channel, address), whether that address is not opted out."""
+        and, given `send_to` (channel, address), whether that address is not opted out.
+
+        An attempt that owns the reminder but finds its address opted out (the patient's
+        STOP landed after its begin) skips the reminder with the reason, fenced like any
+        finish: the opt-out left it to this attempt (see _OPT_OUT), so it is counted and
+        told once, as skipped. The caller's own finish of the attempt then finds it stale.
+        """
         self._ready()
         clinic, booking_id, key = split_ref(ref)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hmget(self.booking_key(clinic, booking_id), [key, key + "+", "status", "version"])
         if send_to is not None:
             channel, contact = send_to
-            pipe.hexists(self.optout_key(clinic), f"{channel}:{normal_contact(channel, contact)}")
+            pipe.hget(self.optout_key(clinic), f"{channel}:{normal_contact(channel, contact)}")
         replies = pipe.execute()
-        if send_to is not None and replies[1]:
+        if send_to is not None and replies[1] is not None:
+            self.finish(ref, attempt, "skip", fields={"reason": f"opted_out: {replies[1]}"},
+                        entry={"at": datetime.now(UTC).isoformat(), "why": "opted out"})
             return False
         main, extra, booking, version = cast(list[str | None], replies[0])
         r = _split(main, len(REMINDER_SLOTS))
@@ -2395,22 +2485,32 @@ class Store:
         return self.bookings_for_contact(clinic, phone=contact)
 
     def opt_out(self, clinic: str, channel: str, contact: str, why: str,
-                *, critical: str = "") -> tuple[int, list[str]]:
+                *, critical: str = "") -> OptOut:
         """Opt `contact` out of `channel` at `clinic` now, in one atomic step (see _OPT_OUT);
-        return (reminders skipped, booking ids whose reminders were skipped).
+        return (reminders skipped, booking ids whose reminders were skipped), whose `first`
+        says whether this call opted the address out (False: it already was).
 
         `why` is the reason's text after "opted_out: " (the patient's words and when).
         `critical`: the care-critical steps ("<treatment>/<step>" ...) whose emails go by SMS.
         """
         self._ready()
         contact = normal_contact(channel, contact)
-        bookings = self.contact_bookings(clinic, channel, contact)
-        reply = self._opt_out(
-            keys=[self.optout_key(clinic), self.due_key, self.lease_key],
-            args=[self.prefix, clinic, channel, contact, why, "out", self._hooks(clinic),
-                  critical, *bookings],
-        )
-        return int(reply[0]), [str(b) for b in reply[1:]]
+        for _ in range(_NORMS_TRIES):  # again only if a booking's addresses changed
+            bookings = self.contact_bookings(clinic, channel, contact)
+            pipe = self.redis.pipeline(transaction=False)
+            for booking_id in bookings:
+                pipe.get(self.doc_key(clinic, booking_id))
+            norms = _contact_norms(cast(list[str | None], pipe.execute()))
+            reply = self._opt_out(
+                keys=[self.optout_key(clinic), self.due_key, self.lease_key],
+                args=[self.prefix, clinic, channel, contact, why, "out", self._hooks(clinic),
+                      critical, norms, *bookings],
+            )
+            if int(reply[0]) != -1:
+                break
+        else:
+            raise RuntimeError(f"opt-out at {clinic}: the bookings' addresses kept changing")
+        return OptOut(int(reply[1]), [str(b) for b in reply[2:]], first=bool(int(reply[0])))
 
     def opt_in(self, clinic: str, channel: str, contact: str) -> bool:
         """Remove the opt-out of `contact` from `channel` at `clinic`; return whether it was."""

@@ -4,6 +4,8 @@ against a real Redis: Twilio-signed form posts, TwiML answers, the state they ch
 from __future__ import annotations
 
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -159,6 +161,28 @@ def test_one_confirmation_then_nothing_else(server, tw):
     assert tw.get("/v1/bookings/A-1").json()["confirmed_at"]
     help_answer = message_of(text(server, "HELP"))  # HELP is always answered
     assert help_answer and "STOP" in help_answer
+
+
+def test_two_stops_at_once_get_one_confirmation(server, tw):
+    """Both texts are read before either opts out (a barrier holds each at the store's
+    opt-out): the reply follows the opt-out script's own answer, so one confirmation."""
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    real = store.opt_out
+    barrier = threading.Barrier(2, timeout=10)
+
+    def held(*args, **kwargs):
+        barrier.wait()  # both requests have read the opt-out state by now
+        return real(*args, **kwargs)
+
+    store.opt_out = held
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda _: message_of(text(server, "STOP")), range(2)))
+    finally:
+        del store.opt_out
+    assert sum(r is not None for r in replies) == 1, replies
+    assert store.opted_out("tw", "sms", ANA)
 
 
 def test_start_opts_back_in_and_a_new_booking_gets_sms_again(server, tw):

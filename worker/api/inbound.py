@@ -159,14 +159,17 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
 
     opted_out = store.opted_out(clinic.id, "sms", phone) is not None
     if intent == "stop":
-        skipped, touched = store.opt_out(
+        done = store.opt_out(
             clinic.id, "sms", phone, f"the patient replied STOP by SMS at {stamp}",
             critical=critical_steps(svc.catalog))
+        skipped, touched = done
         for touched_id in touched:
             store.note_reply(clinic.id, touched_id, "", now, "stop")
         log.info("inbound SMS for clinic %s: opted out (%d SMS reminder(s) skipped in %d "
                  "booking(s))", clinic.id, skipped, len(touched))
-        return intent, None if opted_out else answer("stop")
+        # One confirmation: only the STOP that opted the number out (the same script's
+        # answer), not a second one arriving at the same time or later.
+        return intent, answer("stop") if done.first else None
     if intent == "start":
         store.opt_in(clinic.id, "sms", phone)
         log.info("inbound SMS for clinic %s: opted in again", clinic.id)

@@ -1,0 +1,94 @@
+"""A cancel racing the pause message ("stop tretinoin"), forced with a hook between the
+cancel's read and its script: the pause SMS is claimed and sent in that gap. The cancel
+must see the change (its check is the hash as read, notices or not) and add the
+"you may resume" notice. Real Redis, real Apprise, a real HTTP gateway
+(tests/test_send_races.py's rig)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from tests import test_send_races as races
+from tests.conftest import ROOT
+from tests.test_send_races import STOP, Rig, write_config
+from worker.catalog import Catalog
+from worker.dispatch import Context, send_claimed
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.store import Store
+
+gate = races.gate  # the rig's gateway
+
+
+@pytest.fixture
+def rig(tmp_path, redis_client, gate) -> Rig:
+    """tests/test_send_races.py's rig, its "stop" step the protocol's pause message."""
+    config = write_config(tmp_path / "config", gate.port)
+    protocol = config / "protocols" / "race.toml"
+    text = protocol.read_text(encoding="utf-8")
+    protocol.write_text(text.replace('template = "stop-retinoids"\n',
+                                     'template = "stop-retinoids"\npause = true\n', 1),
+                        encoding="utf-8")
+    settings = Settings(config_dir=config, templates_dir=ROOT / "templates", lease_seconds=8,
+                        send_timeout_seconds=1, max_attempts=5, backoff_base_seconds=1,
+                        backoff_cap_seconds=2, _env_file=None)
+    catalog = Catalog.load(settings)
+    assert catalog.protocols["race"].pause_step() is not None
+    store = Store(redis_client, races.PREFIX)
+    ctx = Context(settings=settings, store=store, catalog=catalog,
+                  renderer=Renderer(catalog.templates_dir))
+    return Rig(store, ctx, catalog, gate)
+
+
+def _send_now(rig: Rig, ref: str) -> str:
+    rig.gate.answer(200)  # the gateway answers at once
+    claim = rig.claim_now(ref)
+    return send_claimed(rig.ctx, ref, claim.version, claim.claim)
+
+
+def test_the_pause_sms_sent_between_the_cancels_read_and_its_write_gets_a_notice(rig):
+    rig.book(rig.booking())
+    real = rig.store._cancel_notices
+    reads: list[tuple[str, str]] = []
+
+    def racing(clinic, booking_id, now):
+        out = real(clinic, booking_id, now)
+        reads.append((out[0], out[1]))
+        if len(reads) == 1:  # the first read saw nothing sent: the SMS goes now
+            assert out[1] == ""  # no notice planned by that read
+            assert _send_now(rig, STOP) == "sent"
+        return out
+
+    rig.store._cancel_notices = racing  # type: ignore[method-assign]
+    timeline = rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    assert len(reads) == 2, "the cancel did not read again after the send"
+    assert reads[0][0] != ""  # a scheduled booking is always checked
+    statuses = {(r["step"], r["channel"]): r["status"] for r in timeline["reminders"]}
+    assert statuses[("stop", "sms")] == "sent"
+    assert statuses[("prep", "sms")] == "cancelled"
+    notices = [k for k in rig.store.redis.hkeys(rig.store.booking_key("rc", "R-1"))
+               if k.startswith("cancelled#")]
+    assert notices == ["cancelled#1:sms"], notices
+    # The notice is due and goes: the patient is told they may resume.
+    assert rig.store.redis.zscore(rig.store.due_key, "rc/R-1/cancelled#1:sms") is not None
+    rig.gate.reset()
+    assert _send_now(rig, "rc/R-1/cancelled#1:sms") == "sent"
+    assert len(rig.gate.bodies) == 2
+
+
+def test_a_cancel_with_nothing_changed_in_between_applies_at_once(rig):
+    rig.book(rig.booking())
+    calls = []
+    real = rig.store._cancel_notices
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    rig.store._cancel_notices = counting  # type: ignore[method-assign]
+    timeline = rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    assert len(calls) == 1 and timeline["status"] == "cancelled"
+    assert not [k for k in rig.store.redis.hkeys(rig.store.booking_key("rc", "R-1"))
+                if k.startswith("cancelled#")]
