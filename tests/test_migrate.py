@@ -192,7 +192,11 @@ def test_migrate_keeps_every_timeline_and_the_worker_sends_only_what_was_pending
     for b in ids:
         same_view(before[b], store.timeline("e2e", b))
         assert store.bookings_for_contact("e2e", email=f"{b.lower()}@example.com") == [b]
-    # The due, lease and dead sets are as they were: the retry due in an hour, the lease held.
+    # The due, lease and dead sets are as they were (members, scores): the retry due in an
+    # hour, the lease held, the dead letter.
+    migrated = snapshot(redis_client)
+    for zset in ("due", "lease", "dead"):
+        assert migrated[f"{PREFIX}:{zset}"] == stored[f"{PREFIX}:{zset}"]
     assert redis_client.zscore(f"{PREFIX}:due", "e2e/M-1/prep:sms") > time.time() + 3000
     assert redis_client.zscore(f"{PREFIX}:lease", "e2e/M-3/confirm:email") is not None
     assert [d["ref"] for d in store.dead_letters()] == ["e2e/M-1/prep:email"]
