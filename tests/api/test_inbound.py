@@ -3,7 +3,10 @@ against a real Redis: Twilio-signed form posts, TwiML answers, the state they ch
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -392,3 +395,68 @@ def test_an_unsubscribe_token_for_another_patient_or_forged_is_refused(server, t
     assert store.opted_out("tw", "email", "eva@example.com") is None
     assert store.opted_out("dev", "email", "eva@example.com") is None
     assert all(r["status"] == "scheduled" for r in reminders(tw, "E-1").values())
+
+
+# A worker process of its own (its own data folder, as in another container): it makes the
+# link of `argv[1]` as a send does (the send context of worker/tasks.py).
+WORKER_SIDE = """
+import sys
+from worker.dispatch import unsubscribe_link
+from worker.tasks import context
+print(unsubscribe_link(context(), "tw", sys.argv[1]))
+"""
+
+
+def test_without_a_configured_secret_api_and_worker_processes_share_links(
+        serve, redis_server, tmp_path, monkeypatch):
+    """The compose default: no REMINDERS_UNSUBSCRIBE_SECRET, and the API and the worker
+    each with a data folder of its own. The secret they share lives in Redis, whichever
+    process makes it first."""
+    monkeypatch.setenv("TW_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("TW_HOOK_SECRET", "hook-secret")
+    config = write_config(tmp_path / "config")
+    api = serve(config_dir=config, public_url=PUBLIC, data_dir=tmp_path / "api-data")
+    assert api.settings.unsubscribe_secret is None
+    services = api.app.state.services
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env.update(REMINDERS_REDIS_URL=redis_server.url, REMINDERS_CONFIG_DIR=str(config),
+               REMINDERS_TEMPLATES_DIR=str(ROOT / "templates"),
+               REMINDERS_DATA_DIR=str(tmp_path / "worker-data"), REMINDERS_PUBLIC_URL=PUBLIC)
+
+    def worker_side(address: str) -> str:
+        done = subprocess.run([sys.executable, "-c", WORKER_SIDE, address], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()[len(PUBLIC):]
+
+    with api.client(api.issue_key("tw")) as tw:
+        book(tw, "A-1")
+        book(tw, "E-1", phone=EVA, email="eva@example.com")
+
+    def unsubscribed_by(path: str, address: str) -> None:
+        with api.client() as client:
+            assert client.get(path).status_code == 200, path
+            done = client.post(path, content="List-Unsubscribe=One-Click",
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert done.status_code == 200 and "unsubscribed" in done.text
+        assert services.store.opted_out("tw", "email", address)
+
+    secret_key = f"{api.settings.key_prefix}:secret:unsubscribe"
+    # The worker process first: it makes the secret; the API accepts its link.
+    assert services.redis.get(secret_key) is None
+    eva_link = worker_side("eva@example.com")
+    unsubscribed_by(eva_link, "eva@example.com")
+    assert services.redis.get(secret_key) is not None
+    # The API process first (a fresh secret): the worker reads it and makes the very
+    # token the API makes.
+    services.redis.delete(secret_key)
+    with api.client() as client:
+        assert client.get("/v1/unsubscribe/v1.x.y").status_code == 404
+    assert services.redis.get(secret_key) is not None  # made by the API's request
+    api_made = link_for(api, "ana@example.com").rsplit("/", 1)[1]
+    ana_link = worker_side("ana@example.com")
+    assert ana_link.rsplit("/", 1)[1] == api_made
+    unsubscribed_by(ana_link, "ana@example.com")
+    # Nothing kept on either process's disk.
+    for folder in ("api-data", "worker-data"):
+        assert not list((tmp_path / folder).rglob("*secret*")), folder

@@ -3,7 +3,9 @@
 A patient texts STOP: their pending SMS never reach the SMS gateway while their emails do,
 each with the unsubscribe link in its footer and the List-Unsubscribe headers as the real
 SMTP server received them. A one-click POST to that link stops their email too: a later
-booking's emails never reach the SMTP server.
+booking's emails never reach the SMTP server. As in the compose stack, no unsubscribe
+secret is configured and the API and the worker each have a data folder of their own: the
+links' secret is the one they share through Redis.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from tests.api.conftest import ApiServer, api_settings
 from tests.e2e.conftest import wait_until
 
 pytestmark = pytest.mark.integration
-SECRET = "e2e-unsubscribe-secret"
 PHONE = "+34600111222"
 
 
@@ -29,13 +30,13 @@ def terminal(service, booking_id: str) -> dict | None:
 
 
 def test_opted_out_sms_never_reach_the_gateway_while_email_does(
-        service, e2e_config, redis_server, smtp_sink, sms_sink, make_booking):
+        service, e2e_config, redis_server, smtp_sink, sms_sink, make_booking, tmp_path):
     clinic_file = e2e_config / "clinics" / "e2e.toml"
     clinic_file.write_text(clinic_file.read_text() + "\n[inbound]\nallow_unsigned = true\n")
-    api = ApiServer(api_settings(config_dir=e2e_config, unsubscribe_secret=SECRET),
+    api = ApiServer(api_settings(config_dir=e2e_config, data_dir=tmp_path / "api-data"),
                     redis_server.url).start()
     try:
-        service.configure(REMINDERS_PUBLIC_URL=api.url, REMINDERS_UNSUBSCRIBE_SECRET=SECRET)
+        service.configure(REMINDERS_PUBLIC_URL=api.url)
         service.up()
         service.book(make_booking("B-1", starts_in=11))  # prep due in 3 s
         with httpx.Client(base_url=api.url, timeout=30) as client:
