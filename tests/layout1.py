@@ -40,10 +40,10 @@ from typing import Any, cast
 
 import redis
 
+from tests.layout1_reconcile import reconcile
 from worker.errors import NotFound
 from worker.models import Booking, utc_iso
 from worker.planner import Plan
-from worker.reconcile import reconcile
 from worker.status import PENDING, TERMINAL, Status, lua_prelude
 
 ATTEMPT_LOG_MAX = 50

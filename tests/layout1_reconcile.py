@@ -1,0 +1,181 @@
+"""The reconcile rule of store layout 1 (worker/reconcile.py before commit 85d0ea5),
+vendored for tests/layout1.py so the layout-1 data the tests write does not follow later
+changes of the rule. Do not change its behaviour.
+
+The reconcile rule: stored reminders + a new plan + now -> what to change. Pure.
+
+A re-submitted booking is reconciled, never replaced: unchanged reminders keep their
+time, attempts and any retry; moved ones are rescheduled; obsolete ones cancelled (and
+leave the dead letters); sent ones stay as history. `Store.upsert` applies the result
+atomically (under WATCH of every key it read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from worker.planner import Plan, PlannedReminder
+from worker.status import PENDING, Status
+
+# What happens to a reminder's place in the schedule:
+#   due     in the due set at its due_epoch (and out of the lease and dead letters)
+#   remove  out of the due set, the lease and the dead letters
+#   hold    out of the due set only (the booking is held; the plan is kept)
+#   keep    where it is
+Schedule = Literal["due", "remove", "hold", "keep"]
+Record = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One reminder to change: fields to write (None: keep the record) and its schedule.
+
+    `bump`: the write takes the booking's new version, so an attempt in flight for the
+    old one becomes stale (its outcome no longer changes the reminder's state).
+    """
+
+    key: str
+    fields: dict[str, str] | None
+    schedule: Schedule
+    due_epoch: float | None = None
+    bump: bool = True
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """The booking's new status and the changes; nothing to do when `changed` is False."""
+
+    status: str
+    hold_reason: str
+    released_for: str
+    changes: list[Change] = field(default_factory=list)
+    booking_changed: bool = False
+
+    @property
+    def changed(self) -> bool:
+        """Whether the booking takes a new version (an expiry-only update does not)."""
+        return self.booking_changed or any(c.fields is not None and c.bump for c in self.changes)
+
+
+def reconcile(
+    stored_booking: Record,
+    stored: Mapping[str, Record],
+    plan: Plan,
+    *,
+    doc: str,
+    medications: str,
+    release: bool,
+    now: datetime,
+) -> Reconciled:
+    """Return what to change so the stored booking follows `plan` (see the module docstring).
+
+    `stored` maps every reminder key stored for the booking (and every planned key) to its
+    record ({} if none). `release` is the clinic's review of a held booking: the hold is
+    waived for as long as the medications stay as reviewed.
+    """
+    released_for = medications if release else stored_booking.get("released_for", "")
+    status = plan.status
+    if status == Status.HELD and released_for == medications:
+        status = Status.SCHEDULED  # the clinic reviewed exactly these medications
+    hold_reason = (plan.hold_reason or "") if status == Status.HELD else ""
+    doc_changed = stored_booking.get("doc") != doc
+    was_held = stored_booking.get("status") == Status.HELD
+    planned = {r.key: r for r in plan.reminders}
+    changes: list[Change] = []
+    for key in sorted(set(stored) | set(planned)):
+        record = stored.get(key, {})
+        one = reconcile_one(record, planned.get(key), doc_changed=doc_changed, now=now)
+        if one is not None and one[1] != "keep":
+            fields, schedule = one
+            if schedule == "due" and status == Status.HELD:
+                schedule = "hold"
+            due = float(fields["due_epoch"]) if "due_epoch" in fields else None
+            changes.append(Change(key, fields, schedule, due))
+            continue
+        expiry = one[0] if one is not None else None  # the same reminder, a new expiry
+        schedule = "keep"
+        if record.get("status") in (Status.SCHEDULED, Status.RETRYING):
+            # Unchanged and waiting: a hold takes it out of the due set, a release puts it back.
+            if status == Status.HELD:
+                schedule = "hold"
+            elif was_held:
+                schedule = "due"
+        if expiry is not None or schedule != "keep":
+            due = float(record["due_epoch"]) if schedule == "due" else None
+            changes.append(Change(key, expiry, schedule, due, bump=False))
+    booking_changed = (
+        doc_changed
+        or stored_booking.get("status") != status
+        or stored_booking.get("hold_reason", "") != hold_reason
+        or stored_booking.get("released_for", "") != released_for
+    )
+    return Reconciled(status, hold_reason, released_for, changes, booking_changed)
+
+
+def reconcile_one(
+    stored: Record, new: PlannedReminder | None, *, doc_changed: bool, now: datetime
+) -> tuple[dict[str, str], Schedule] | None:
+    """Return (fields to write, schedule) for one reminder, or None if it stays as it is."""
+    old_status = stored.get("status")
+    if old_status == Status.SENT:
+        return None  # history: never sent again, whatever the new plan says
+    if old_status == Status.FAILED and new is not None and not doc_changed:
+        return None  # dead letter: the same booking again changes nothing; replay does
+    if new is None:
+        if old_status in PENDING or old_status == Status.FAILED:
+            fields = {"status": Status.CANCELLED, "reason": "no longer in the plan after a change"}
+            return fields, "remove"
+        return None
+    if new.status == Status.SKIPPED:
+        if old_status == Status.SKIPPED and stored.get("reason") == new.reason:
+            return None
+        return record_fields(new, Status.SKIPPED, new.reason), "remove"
+    planned_epoch = repr(new.due_at.timestamp())
+    came_due = (
+        float(stored.get("planned_epoch") or "inf") <= now.timestamp() and new.due_at <= now
+    )
+    if old_status in PENDING and (
+        stored.get("planned_epoch") == planned_epoch
+        or (new.at_booking and stored.get("at_booking") == "1")
+        or came_due
+    ):
+        # Unchanged, or due now in both plans (a late step is planned for "now", which
+        # moves with every submission): keep its time, attempts and any retry. Its expiry
+        # follows the new plan (the appointment may have moved).
+        expiry = _expiry_fields(new)
+        if all(stored.get(k, "") == v for k, v in expiry.items()):
+            return None
+        return expiry, "keep"
+    fields = record_fields(new, Status.SCHEDULED, new.reason)
+    if old_status in PENDING:
+        fields["reason"] = f"rescheduled: {new.reason}"
+    if old_status == Status.FAILED:  # the clinic corrected the booking: try afresh
+        fields["reason"] = f"booking changed, sending again: {new.reason}"
+    return fields, "due"
+
+
+def _expiry_fields(r: PlannedReminder) -> dict[str, str]:
+    return {
+        "expires_epoch": repr(r.expires_at.timestamp()) if r.expires_at else "",
+        "expires_note": r.expires_note,
+    }
+
+
+def record_fields(r: PlannedReminder, status: str, reason: str) -> dict[str, str]:
+    """Return the stored fields of a planned reminder."""
+    epoch = repr(r.due_at.timestamp())
+    return {
+        "step": r.step,
+        "channel": r.channel,
+        "template": r.template,
+        "occurrence": str(r.occurrence),
+        "planned_epoch": epoch,
+        "due_epoch": epoch,
+        "status": status,
+        "reason": reason,
+        "at_booking": "1" if r.at_booking else "0",
+        "attempts": "0",  # a new or moved reminder starts its attempts afresh
+    } | _expiry_fields(r)
