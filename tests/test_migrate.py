@@ -302,6 +302,10 @@ def test_an_interrupted_migration_run_again_ends_as_one_run(redis_server, redis_
         assert "doc" not in fields
         assert (fields.get("late_pause") == "1") == bool(planned(catalog, docs[b], now)[1]
                                                           .late_pause) == (b == "A-6")
+    # With its notice steps, a cancel after the migration tells the patient whose invite
+    # went out (A-2's confirmation was sent under layout 1).
+    cancelled = store.cancel("glow", "A-2", datetime.now(UTC))
+    assert [r["id"] for r in cancelled["reminders"] if r["id"].startswith("cancelled#")]
 
 
 def test_a_booking_it_cannot_convert_is_named_and_the_layout_stays_unset(
