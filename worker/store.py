@@ -443,6 +443,14 @@ local r, a = load(bkey, key)
 if not r then return 'gone' end
 local status = r[R_ST]
 local ledger = redis.call('GET', lkey)
+-- Whether this email's step (same occurrence) has its own SMS in this booking that goes or
+-- went: then an unsubscribed patient's email is not sent by SMS too (one SMS, not two).
+local function own_sms_goes()
+  local own = redis.call('HGET', bkey, string.sub(key, 1, -7) .. ':sms')
+  if not own then return false end
+  local st = STATUS_OF[split(own, 9)[R_ST]]
+  return st ~= ST_SKIPPED and st ~= ST_CANCELLED
+end
 if a[A_TOK] == token and ledger == token and status == ST_SENDING then
   -- The same attempt again (a client retry): the same answer, the SMS fallback included.
   local channel = channel_of(key)
@@ -453,6 +461,7 @@ if a[A_TOK] == token and ledger == token and status == ST_SENDING then
     if contact and redis.call('HEXISTS', optkey, 'email:' .. contact) == 1
         and is_critical(critical, doc_table, key)
         and allows(optkey, doc_table, patient, 'sms', norms)
+        and not own_sms_goes()
     then
       return 'ok sms'
     end
@@ -490,7 +499,7 @@ end
 if ledger then return 'in flight' end
 -- The patient's opt-out, checked in this same step (worker/optout.py): an opted-out
 -- address is never sent to. An email of a care-critical step goes by SMS instead when
--- the patient allows SMS ('ok sms').
+-- the patient allows SMS ('ok sms'), unless the step's own SMS carries it (skipped).
 local verdict = 'ok'
 if redis.call('EXISTS', optkey) == 1 then
   local channel = channel_of(key)
@@ -499,13 +508,17 @@ if redis.call('EXISTS', optkey) == 1 then
   if missing or norms_stale(doc_table, norms) then return 'contacts changed' end
   local why = contact and redis.call('HGET', optkey, channel .. ':' .. contact)
   if why then
+    local carried = false
     if channel == 'email' and is_critical(critical, doc_table, key)
         and allows(optkey, doc_table, patient, 'sms', norms) then
-      verdict = 'ok sms'
-    else
+      carried = own_sms_goes()
+      if not carried then verdict = 'ok sms' end
+    end
+    if verdict ~= 'ok sms' then
+      why = carried and 'unsubscribed: the SMS of this step carries it' or ('opted_out: ' .. why)
       redis.call('ZREM', lease_key, ref)
       r[R_ST] = ST_SKIPPED
-      r[R_WHY] = inline('opted_out: ' .. why)
+      r[R_WHY] = inline(why)
       save(bkey, key, r, a)
       local clinic, booking_id = parse_ref(ref)
       count_metric(prefix, 'skipped', clinic, key)
@@ -514,9 +527,9 @@ if redis.call('EXISTS', optkey) == 1 then
           {booking_id = booking_id, reminder = key, step = step_of(key), channel = channel,
            version = tonumber(r[R_VER]), due_at = tonumber(r[R_DUE] ~= '' and r[R_DUE]
            or r[R_PLAN]), attempts = tonumber(a[A_TRIES]) or 0,
-           reason = 'opted_out: ' .. why})
+           reason = why})
       end
-      return 'opted out'
+      return carried and 'carried by its own sms' or 'opted out'
     end
   end
 end
@@ -2142,7 +2155,8 @@ class Store:
                    *, critical: str = "") -> str:
         """Fence the task, check the patient's opt-out and take the ledger; return "ok",
         "ok sms" (an email of a care-critical step to send by SMS: the patient unsubscribed
-        from email) or why to drop the task ("opted out": skipped with the reason).
+        from email, and the step has no SMS of its own that goes) or why to drop the task
+        ("opted out", or "carried by its own sms": skipped with the reason).
 
         `critical`: the care-critical steps, space-separated "<treatment>/<step>".
         """
