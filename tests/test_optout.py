@@ -16,26 +16,68 @@ from worker.optout import (
 
 STOPS = ["STOP", "STOPALL", "QUIT", "END", "REVOKE", "OPT OUT", "OPTOUT", "CANCEL",
          "UNSUBSCRIBE", "BAJA", "PARAR", "DETENER", "CANCELAR", "DESUSCRIBIR"]
+SURE = ["STOP", "STOPALL", "OPT OUT", "OPTOUT", "UNSUBSCRIBE", "BAJA", "DESUSCRIBIR"]
 
 
 def variants(word: str) -> list[str]:
-    """Case, punctuation and surrounding words around one keyword."""
+    """The keyword alone: case, punctuation, whitespace, repeats, courtesy words."""
     return [word, word.lower(), word.title(), f"  {word}  ", f"{word}!", f"{word}.",
-            f"'{word}'", f"¡{word}!", f"please {word.lower()} now", f"{word} thanks",
-            f"Hola, {word.lower()} por favor."]
+            f"'{word}'", f"¡{word}!", f"{word}?", f"{word}\n", f"{word} {word}",
+            f"please {word.lower()} now", f"{word} thanks", f"Hola, {word.lower()} por favor.",
+            f"{word.lower()} gracias", f"{word} all texts"]
 
 
 @pytest.mark.parametrize("word", STOPS)
-def test_every_stop_keyword_and_its_variants(word):
+def test_every_stop_keyword_alone_or_with_courtesy_words(word):
     for text in variants(word):
         assert classify(text) == "stop", text
 
 
-@pytest.mark.parametrize("text", ["Opt-out", "opt_out please", "Quiero darme de BAJA",
-                                  "dar de baja", "Bája", "STOP STOP STOP", "stop\n",
-                                  "Please stop texting me", "no más, BAJA"])
+@pytest.mark.parametrize("text", [
+    # a short text starting with a sure word
+    "STOP please", "stop texting me", "Stop the reminders", "BAJA gracias", "Baja ya",
+    "Unsubscribe me now please",
+    # a sure word anywhere in a short text
+    "Opt-out", "opt_out please", "Quiero darme de BAJA", "dar de baja", "Bája",
+    "Please stop texting me", "no más, BAJA", "please stop now", "help me stop these",
+    "START STOP", "C stop", "ok STOPALL",
+    # a sure word naming the messages, at any length
+    "Please stop sending me these text messages, I have everything I need",
+    "Quiero darme de baja de los mensajes, ya terminé el tratamiento",
+    # an ambiguous word alone or among courtesy words
+    "Cancel", "cancel.", "END", "Quit texting me", "cancelar por favor", "Parar",
+])
 def test_stop_in_natural_phrasing(text):
-    assert classify(text) == "stop"
+    assert classify(text) == "stop", text
+
+
+@pytest.mark.parametrize("text,intent", [
+    # CANCEL / CAMBIAR in a sentence: the clinic is asked to call, nobody opted out
+    ("Can I cancel Tuesday and come Friday?", "change"),
+    ("¿Puedo cancelar el martes y venir el viernes?", "change"),
+    ("Cancel my appointment", "change"), ("Cancelar mi cita", "change"),
+    ("I need to cancel, something came up", "change"),
+    ("Quiero cambiar la cita al jueves", "change"), ("¿Puedo anular la cita?", "change"),
+    ("Yes but can I cancel the peel?", "change"),  # a cancel wins over a confirm
+    # any other stop word in a sentence, or a question: a clarifying answer, no opt-out
+    ("see you at the end of the week", "clarify"),
+    ("Nos vemos el fin de semana, hasta el final", "unknown"),  # no keyword at all
+    ("Should I stop the cream?", "clarify"), ("Should I stop?", "clarify"),
+    ("¿Tengo que parar la crema?", "clarify"), ("¿Debo parar?", "clarify"),
+    ("I quit smoking last month, is that ok", "clarify"),
+    ("Dejé de fumar, ¿es un problema para el peeling? End", "clarify"),
+    ("I will stop the retinol tonight, thanks for the text", "clarify"),
+    ("stop the cream and text me", "clarify"),
+    ("tengo la tensión baja", "clarify"),  # "baja": low blood pressure, not an opt-out
+    ("Confirmed, see you at the end of the week", "confirm"),
+])
+def test_a_stop_word_in_a_sentence_is_not_an_opt_out(text, intent):
+    assert classify(text) == intent, text
+
+
+@pytest.mark.parametrize("word", SURE)
+def test_a_sure_word_in_a_long_question_is_not_an_opt_out(word):
+    assert classify(f"do I {word.lower()} the cream two days before the peel?") == "clarify"
 
 
 @pytest.mark.parametrize("text,intent", [
@@ -58,6 +100,7 @@ def test_start_help_and_replies(text, intent):
     "", "   ", "?!", "Hello", "C you tomorrow",  # a lone letter counts only alone
     "R u open?", "when do I start the cream?",  # START/HELP only at the start
     "I need help with the cream" , "Gracias", "stopped", "backend", "quitting",
+    "see you at the weekend", "cancellation policy?",
 ])
 def test_unknown(text):
     assert classify(text) == "unknown"
@@ -67,6 +110,7 @@ def test_stop_wins_over_everything():
     assert classify("START STOP") == "stop"
     assert classify("help me stop these") == "stop"
     assert classify("C stop") == "stop"
+    assert classify("cancel") == "stop"  # the keyword alone is an opt-out, not a change
 
 
 # --- Twilio's signature ---------------------------------------------------------------------

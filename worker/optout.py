@@ -3,24 +3,48 @@ provider's request signature, and the email unsubscribe token. Pure functions; t
 they change lives in worker/store.py (`Store.opt_out`, `Store.opt_in`).
 
 Keywords. An inbound text is folded before matching: accents dropped (BAJA == baja ==
-Bajá), upper case, every run of characters other than letters and digits is one space.
-Then, in this order:
+Bajá), upper case, every run of characters other than letters and digits is one space
+("Opt-out" == "OPT OUT"; the pair OPT OUT counts as one word). Carriers and CTIA treat a
+message that IS the keyword as an opt-out; the issue asks for surrounding words to be
+tolerated. Both, without opting out a patient who only asked a question ("Can I cancel
+Tuesday and come Friday?", "see you at the end of the week"): SMS carries the
+care-critical steps, so a wrong opt-out is not free. Two kinds of stop word:
 
-  stop        any word (or word pair) of STOP_WORDS anywhere in the text: "stop", "STOP!",
-              "please stop texting me", "Opt-out", "dar de baja". Anywhere, because a
-              request to stop must be honoured in any reasonable form (FCC 24-18, 2025;
-              CTIA), and a mistaken stop costs one reply: the confirmation says how to
-              resume (START).
+  sure     STOP, STOPALL, UNSUBSCRIBE, OPTOUT / OPT OUT, BAJA, DESUSCRIBIR(ME|SE)
+  maybe    CANCEL, END, QUIT, REVOKE, CANCELAR, PARAR, DETENER (ordinary words too)
+
+In this order:
+
+  stop        (a) every word is a stop word or a courtesy/messaging word (FILLER_WORDS):
+              "STOP", "stop.", "Cancel!", "END thanks", "Quit texting me", "BAJA gracias",
+              "cancelar por favor", "STOP STOP", "Please stop texting me";
+              (b) a short text (at most SHORT_WORDS words) starting with a sure word:
+              "STOP please", "stop the reminders", "Baja ya";
+              (c) a short text with a sure word anywhere, unless it asks a question ("?"):
+              "Quiero darme de BAJA", "please stop now", "help me stop these";
+              (d) a sure word followed by a messaging word (TEXTS, SMS, MESSAGES,
+              MENSAJES ...), with only small words between, at any length: "Please stop
+              sending me these text messages, I have what I need".
+              BAJA counts as sure only first, alone, after DE ("darme de baja") or among
+              fillers: "tengo la tension baja" is about blood pressure.
   start       the text begins with a word of START_WORDS ("START", "Unstop please", "Alta").
   help        the text begins with a word of HELP_WORDS ("HELP", "info?", "Ayuda").
+  change      a word of CHANGE_WORDS (cancel, cancelar, cambiar, anular, reschedule,
+              reprogramar) that is not an opt-out: "Can I cancel Tuesday and come
+              Friday?", "Cancel my appointment", "¿Puedo cambiar la cita?". The clinic is
+              asked to call (as R), and the answer says how to stop texts too.
   confirm     the text begins with a word of CONFIRM_WORDS ("C", "Confirm", "Sí, confirmo");
               the single letter only alone.
   reschedule  the text begins with a word of RESCHEDULE_WORDS ("R", "Reschedule please",
               "Cambiar"); the single letter only alone.
+  clarify     any other text holding a stop word: "see you at the end of the week",
+              "Should I stop the cream?". Not an opt-out: one help-style answer ("reply
+              STOP to stop texts; call us to change your visit"), at most once a day.
   unknown     anything else.
 
 START, HELP and the replies match only at the start of the text ("when do I start the
-cream?" is a question, not a request to resume); STOP matches anywhere.
+cream?" is a question, not a request to resume). A mistaken opt-out costs one reply that
+says how to resume (START); a missed one is caught by the clarifying answer.
 
 Signature (Twilio's scheme, https://www.twilio.com/docs/usage/security): base64 of
 HMAC-SHA1, keyed with the account's auth token, over the full URL Twilio requested
@@ -63,14 +87,38 @@ if TYPE_CHECKING:
     from .catalog import Catalog
     from .settings import Settings
 
-Intent = Literal["stop", "start", "help", "confirm", "reschedule", "unknown"]
+Intent = Literal["stop", "start", "help", "change", "confirm", "reschedule", "clarify",
+                 "unknown"]
 
-# English (CTIA, FCC 24-18) and Spanish words. Word pairs are matched as pairs.
-STOP_WORDS = frozenset({
-    "STOP", "STOPALL", "QUIT", "END", "REVOKE", "OPTOUT", "OPT OUT", "CANCEL", "UNSUBSCRIBE",
-    # es: "baja" (darse de baja), parar, detener, cancelar, anular la suscripcion.
-    "BAJA", "PARAR", "DETENER", "CANCELAR", "DESUSCRIBIR", "DESUSCRIBIRME", "DESUSCRIBIRSE",
+# English (CTIA, FCC 24-18) and Spanish words; see the module docstring.
+SURE_STOP_WORDS = frozenset({
+    "STOP", "STOPALL", "UNSUBSCRIBE", "OPTOUT",
+    # es: "baja" (darse de baja), desuscribir(se).
+    "BAJA", "DESUSCRIBIR", "DESUSCRIBIRME", "DESUSCRIBIRSE",
 })
+MAYBE_STOP_WORDS = frozenset({"CANCEL", "END", "QUIT", "REVOKE", "CANCELAR", "PARAR",
+                              "DETENER"})
+STOP_WORDS = SURE_STOP_WORDS | MAYBE_STOP_WORDS
+# Words that may stand around a stop word in an opt-out: courtesy and "the messages".
+MESSAGING_WORDS = frozenset({
+    "TEXT", "TEXTS", "TEXTING", "MESSAGE", "MESSAGES", "MESSAGING", "SMS", "SMSS", "REMINDERS",
+    "NOTIFICATIONS", "MENSAJE", "MENSAJES", "RECORDATORIOS", "AVISOS", "NOTIFICACIONES",
+})
+FILLER_WORDS = MESSAGING_WORDS | frozenset({
+    "PLEASE", "PLS", "PLZ", "NOW", "THANKS", "THANK", "YOU", "THX", "ALL", "ME", "IT",
+    "THIS", "THESE", "THEM", "SENDING", "OK", "OKAY", "NO", "MORE",
+    "POR", "FAVOR", "GRACIAS", "YA", "TODO", "TODOS", "TODAS", "LOS", "LAS", "MAS", "MUCHAS",
+    "DE", "ESTO", "ESTOS", "HI", "HELLO", "HEY", "HOLA",
+})
+# Words that may stand between a sure stop word and the messages it names (rule d).
+_BETWEEN = FILLER_WORDS | frozenset({
+    "THE", "YOUR", "THOSE", "ANY", "SEND", "SENT", "US", "FROM",
+    "ENVIAR", "ENVIARME", "ENVIANDO", "MANDAR", "MANDARME", "MANDANDO", "TUS", "SUS", "EL",
+    "LA", "ESTAS", "ESOS", "ESAS",
+})
+SHORT_WORDS = 4  # "a short text": at most this many words
+CHANGE_WORDS = frozenset({"CANCEL", "CANCELAR", "CAMBIAR", "ANULAR", "RESCHEDULE",
+                          "REPROGRAMAR"})
 START_WORDS = frozenset({"START", "UNSTOP", "RESUME", "ALTA", "REANUDAR"})
 HELP_WORDS = frozenset({"HELP", "INFO", "AYUDA", "INFORMACION"})
 CONFIRM_WORDS = frozenset({"C", "CONFIRM", "CONFIRMED", "YES", "SI", "CONFIRMO", "CONFIRMAR",
@@ -86,10 +134,51 @@ Secret = str | bytes  # an HMAC key: a configured text, or the server secret's b
 
 
 def fold(text: str) -> list[str]:
-    """Return the text's words: accents dropped, upper case, split at anything else."""
+    """Return the text's words: accents dropped, upper case, split at anything else; the
+    pair OPT OUT as the one word OPTOUT."""
     plain = unicodedata.normalize("NFKD", text)
     plain = "".join(c for c in plain if not unicodedata.combining(c)).upper()
-    return [w for w in _NOT_WORD.split(plain) if w]
+    words: list[str] = []
+    for word in _NOT_WORD.split(plain):
+        if word == "OUT" and words and words[-1] == "OPT":
+            words[-1] = "OPTOUT"
+        elif word:
+            words.append(word)
+    return words
+
+
+def _sure_at(words: list[str], i: int) -> bool:
+    """Whether words[i] is a sure stop word where it stands (BAJA only in its stop uses)."""
+    word = words[i]
+    if word not in SURE_STOP_WORDS:
+        return False
+    if word != "BAJA":
+        return True
+    return i == 0 or words[i - 1] == "DE" or all(
+        w in STOP_WORDS or w in FILLER_WORDS for w in words)
+
+
+def is_opt_out(words: list[str], question: bool = False) -> bool:
+    """Whether the folded text asks to stop (rules a-d of the module docstring)."""
+    if not words:
+        return False
+    stops = [i for i, w in enumerate(words) if w in STOP_WORDS]
+    if not stops:
+        return False
+    if all(w in STOP_WORDS or w in FILLER_WORDS for w in words):
+        return True  # (a)
+    sure = [i for i in stops if _sure_at(words, i)]
+    if not sure:
+        return False
+    if len(words) <= SHORT_WORDS and (sure[0] == 0 or not question):
+        return True  # (b), (c)
+    for i in sure:  # (d)
+        for word in words[i + 1:]:
+            if word in MESSAGING_WORDS:
+                return True
+            if word not in _BETWEEN:
+                break
+    return False
 
 
 def classify(body: str) -> Intent:
@@ -97,17 +186,21 @@ def classify(body: str) -> Intent:
     words = fold(body)
     if not words:
         return "unknown"
-    pairs = {f"{a} {b}" for a, b in zip(words, words[1:], strict=False)}
-    if STOP_WORDS.intersection(words) or STOP_WORDS.intersection(pairs):
+    if is_opt_out(words, question="?" in body):
         return "stop"
     first = words[0]
     if first in START_WORDS:
         return "start"
     if first in HELP_WORDS:
         return "help"
+    if CHANGE_WORDS.intersection(words) and not (
+            first in RESCHEDULE_WORDS and first not in _SINGLE_LETTERS):
+        return "change"
     for intent, table in (("confirm", CONFIRM_WORDS), ("reschedule", RESCHEDULE_WORDS)):
         if first in table and (first not in _SINGLE_LETTERS or len(words) == 1):
             return intent  # type: ignore[return-value]
+    if STOP_WORDS.intersection(words):
+        return "clarify"
     return "unknown"
 
 

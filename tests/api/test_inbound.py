@@ -73,9 +73,10 @@ def tw(server):
 
 
 def book(client, booking_id: str, phone: str = ANA, email: str = "ana@example.com",
-         **changes: Any) -> dict[str, Any]:
+         patient_locale: str = "en", **changes: Any) -> dict[str, Any]:
     doc = future_booking(booking_id, clinic="tw", **changes)
-    doc["patient"] = doc["patient"] | {"phone": phone, "email": email, "locale": "en"}
+    doc["patient"] = doc["patient"] | {"phone": phone, "email": email,
+                                       "locale": patient_locale}
     answer = client.put(f"/v1/bookings/{booking_id}", json=doc)
     assert answer.status_code == 201, answer.text
     return answer.json()
@@ -245,6 +246,40 @@ def test_reschedule_asks_the_clinic_to_call(server, tw):
                      ("webhook", "patient.replied", "reschedule")]
 
 
+@pytest.mark.parametrize("body,locale,says", [
+    ("Can I cancel Tuesday and come Friday?", "en", "Reply STOP"),
+    ("I need to cancel my appointment", "en", "reply STOP"),
+    ("¿Puedo cancelar el martes y venir el viernes?", "es", "responde BAJA"),
+    ("Quiero cambiar la cita al jueves", "es", "responde BAJA"),
+])
+def test_cancel_in_a_sentence_asks_the_clinic_to_call_and_opts_nothing_out(
+        server, tw, body, locale, says):
+    book(tw, "A-1", patient_locale=locale)
+    reply = message_of(text(server, body))
+    assert reply and "+34910000000" in reply and says.lower() in reply.lower()
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "sms", ANA) is None
+    assert all(r["status"] == "scheduled" for r in reminders(tw, "A-1").values())
+    assert tw.get("/v1/bookings/A-1").json()["call_requested_at"]
+    kinds = sorted((e.kind, e.fields["reply"]) for e in events(server)
+                   if e.type == "patient.replied")
+    assert kinds == [("alert", "reschedule"), ("webhook", "reschedule")]  # as R does
+
+
+@pytest.mark.parametrize("body", ["see you at the end of the week", "Should I stop the cream?",
+                                  "¿Tengo que parar la crema antes?", "I quit smoking, is that ok"])
+def test_a_stop_word_in_a_sentence_gets_one_clarifying_answer(server, tw, body):
+    book(tw, "A-1")
+    reply = message_of(text(server, body))
+    assert reply and "reply STOP" in reply and "+34910000000" in reply
+    assert message_of(text(server, body)) is None  # once a day, shared with unknown texts
+    assert message_of(text(server, "hello?")) is None
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "sms", ANA) is None
+    assert all(r["status"] == "scheduled" for r in reminders(tw, "A-1").values())
+    assert [e for e in events(server) if e.type == "patient.replied"] == []
+
+
 def test_confirm_without_a_visit_says_so(server, tw):
     reply = message_of(text(server, "C"))
     assert reply and "no upcoming visit" in reply
@@ -330,7 +365,8 @@ def test_every_answer_is_one_gsm7_segment_with_a_long_clinic_name(locale):
     clinic = Clinic(id="x", name="Clínica Dermatológica Doctora Montserrat", phone="+34910000000",
                     timezone="Europe/Madrid")
     assert len(clinic.name) == 40
-    for what in ("stop", "start", "help", "confirm", "reschedule", "no_visit"):
+    for what in ("stop", "start", "help", "confirm", "reschedule", "no_visit", "clarify",
+                 "change"):
         answer = reply_text(ROOT / "templates", locale, what, clinic, date="28 de sept.",
                             time="18:30")
         assert is_gsm7(answer) and len(answer) <= 160, (what, len(answer), answer)

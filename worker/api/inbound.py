@@ -22,6 +22,11 @@ Spanish), and the answer goes back as TwiML in the response, so the provider sen
               `patient.replied` event (reply "confirm").
   reschedule  the clinic is asked to call: `call_requested_at` on the timeline, a
               `patient.replied` event (reply "reschedule") and an email to the clinic.
+  change      "cancel" or "cambiar" in a sentence ("Can I cancel Tuesday?"): as reschedule,
+              and the answer also says how to stop texts. Without a visit: as clarify.
+  clarify     a stop word in a text that is not an opt-out ("see you at the end of the
+              week"): the clarifying answer (reply STOP to stop texts; call the clinic to
+              change a visit), sharing unknown's one answer a day.
   unknown     one help answer per number and clinic every 24 hours (a rolling 24 h, not a
               calendar day: no timezone to guess for an unknown number); else no answer.
 
@@ -176,27 +181,35 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
         return intent, answer("start")
     if intent == "help":
         return intent, answer("help")
-    if intent in ("confirm", "reschedule"):
+    # The key names the number by its contact id: no phone number in a key name.
+    once = f"help:{clinic.id}:{contact_id('phone', phone)}"
+    if intent == "change" and booking_id is None:
+        intent = "clarify"  # no visit to change: how to stop, and the clinic's phone
+    if intent in ("confirm", "reschedule", "change"):
         if booking_id is None:
             return intent, None if opted_out else answer("no_visit")
         field = "confirmed_at" if intent == "confirm" else "call_requested_at"
-        store.note_reply(clinic.id, booking_id, field, now, intent)
+        store.note_reply(clinic.id, booking_id, field, now,
+                         "confirm" if intent == "confirm" else "reschedule")
         log.info("inbound SMS for clinic %s: %s for booking %s", clinic.id, intent, booking_id)
         if opted_out:
             return intent, None
         if intent == "reschedule":
             return intent, answer("reschedule")
+        if intent == "change":
+            # A call request in a sentence ("can I cancel Tuesday?"): the clinic calls, and
+            # the answer also says how to stop texts, in case that was meant.
+            return intent, answer("change")
         tz = ZoneInfo(str(patient.get("timezone") or clinic.timezone))
         start = datetime.fromisoformat(str(doc["starts_at"])).astimezone(tz)
         babel_locale = locale.replace("-", "_")
         return intent, answer(
             "confirm", date=format_skeleton("MMMd", start.date(), locale=babel_locale),
             time=format_time(start, "short", tzinfo=tz, locale=babel_locale))
-    # The key names the number by its contact id: no phone number in a key name.
-    once = f"help:{clinic.id}:{contact_id('phone', phone)}"
+    # unknown, clarify: one help-style answer per number and clinic a day, between them.
     if opted_out or not store.first_in(once, UNKNOWN_REPLY_SECONDS):
         return intent, None
-    return intent, answer("help")
+    return intent, answer("clarify" if intent == "clarify" else "help")
 
 
 _REFUSALS = {
