@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import email.policy
+import functools
 import logging
 import os
 import re
@@ -53,6 +54,9 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import apprise
+import requests
+import requests.api
+import requests.utils
 from apprise.apprise import N_MGR
 from apprise.attachment.memory import AttachMemory
 from apprise.exception import AppriseImproperlyConfigured
@@ -382,6 +386,87 @@ def _keep_smtp_sessions() -> None:
 _keep_smtp_sessions()
 
 
+# --- HTTP: Apprise's requests through the sending thread's session -------------------------
+
+HTTP_IDLE_SECONDS = 2.0  # a thread's HTTP connections unused this long are closed, not reused
+
+# The send running in this context, if any: Apprise's plugins call `requests.post(...)` or
+# `requests.request(...)`, each a new Session (a new connection pool, the environment's
+# proxies read again, every variable of it lower-cased twice: about a third of an SMS's
+# CPU). During a send those calls go through the sending thread's session instead.
+_in_send: ContextVar[bool] = ContextVar("delivery_in_send", default=False)
+_http_sessions = threading.local()
+
+
+@functools.lru_cache(maxsize=256)
+def _environ_proxies(origin: str, no_proxy: str | None) -> dict[str, str]:
+    """The environment's proxies for one origin ("https://host:port"), read once per process."""
+    return dict(requests.utils.get_environ_proxies(origin + "/", no_proxy=no_proxy))
+
+
+class _SendSession(requests.Session):
+    """A thread's session for Apprise's HTTP sends: requests' own behaviour, except that
+    the environment's proxy settings are read once per origin and process (a worker's
+    environment does not change), and that a connection is reused only while it has been
+    idle less than HTTP_IDLE_SECONDS (servers close idle keep-alive connections after a
+    few seconds; one closed just as a request goes out would make that send's outcome
+    unknown)."""
+
+    used_at = 0.0
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
+                                   cert: Any) -> dict[str, Any]:
+        if not self.trust_env:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        parts = urlsplit(str(url))
+        no_proxy = proxies.get("no_proxy") if proxies is not None else None
+        found = _environ_proxies(f"{parts.scheme}://{parts.netloc}", no_proxy)
+        proxies = dict(proxies or {})
+        for key, value in found.items():
+            proxies.setdefault(key, value)
+        if verify is True or verify is None:
+            verify = _CA_BUNDLE or verify
+        self.trust_env = False  # the environment was read above: not again
+        try:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        finally:
+            self.trust_env = True
+
+
+_CA_BUNDLE = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+
+
+def _thread_session() -> _SendSession:
+    session: _SendSession | None = getattr(_http_sessions, "session", None)
+    if session is None:
+        session = _http_sessions.session = _SendSession()
+    now = time.monotonic()
+    if now - session.used_at >= HTTP_IDLE_SECONDS:
+        session.close()  # its kept connections may be stale: new ones for this send
+    session.used_at = now
+    return session
+
+
+_plain_request = requests.api.request
+
+
+def _request(method: str, url: Any, **kwargs: Any) -> requests.Response:
+    """`requests.request`: through the sending thread's session during a send."""
+    if not _in_send.get():
+        return _plain_request(method, url, **kwargs)
+    return _thread_session().request(method=method, url=url, **kwargs)
+
+
+def _route_apprise_http() -> None:
+    """Put `_request` where `requests.post` & co. and `requests.request` look it up."""
+    requests.api.request = _request
+    requests.request = _request
+
+
+_route_apprise_http()
+os.register_at_fork(after_in_child=lambda: setattr(_http_sessions, "session", None))
+
+
 @dataclass(frozen=True)
 class Envelope:
     """Who a message is for and which reminder it carries (for names and audit)."""
@@ -560,7 +645,7 @@ def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
     html = message.html if message.html is not None and "html" in _formats(notifier) else None
     attach = _apprise_attachments(message.attachments) if message.attachments else None
     answers: list[int] = []
-    token = _http_answers.set(answers)
+    token, sending = _http_answers.set(answers), _in_send.set(True)
     try:
         result = notifier.notify(
             body=html if html is not None else message.text,
@@ -570,6 +655,7 @@ def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
             log_level=logging.DEBUG,  # the socket error of a failed send is a DEBUG line
         )
     finally:
+        _in_send.reset(sending)
         _http_answers.reset(token)
     with result:  # releases the captured lines
         if result:

@@ -2184,14 +2184,23 @@ class Store:
         return max(0, int(self.redis.pttl(self.ledger_key(ref)))) / 1000
 
     def record_and_booking(self, ref: str) -> tuple[dict[str, str], dict[str, str]]:
-        """Return a reminder's record and its booking's fields (with "doc"), in one round trip."""
+        """Return a reminder's record and its booking's fields (with "doc"), in one round trip
+        (and one more for texts this process has not read yet); only this reminder decoded."""
         self._ready()
         clinic, booking_id, key = split_ref(ref)
-        (stored,) = self._read([(clinic, booking_id)])
-        booking = {k: v for k, v in stored.fields.items() if ":" not in k}
-        if stored.doc is not None:
-            booking["doc"] = stored.doc
-        return stored.reminders.get(key, {}), booking
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.booking_key(clinic, booking_id))
+        pipe.get(self.doc_key(clinic, booking_id))
+        raw, doc = pipe.execute()
+        fields = _str_hash(raw)
+        booking = {k: v for k, v in fields.items() if ":" not in k}
+        if fields and doc is not None:  # as _read: a document only beside its booking
+            booking["doc"] = doc
+        main = fields.get(key)
+        if main is None:
+            return {}, booking
+        texts = self._resolve(_text_ids(main))
+        return decode_reminder(key, main, fields.get(key + "+"), texts), booking
 
     def record(self, ref: str) -> dict[str, str]:
         """Return a reminder's record as its logical fields ({} if there is none)."""
