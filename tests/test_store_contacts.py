@@ -10,7 +10,13 @@ import pytest
 
 from worker.models import parse_booking
 from worker.planner import plan
-from worker.store import Attempt, Store, connect, contact_id
+from worker.store import (
+    Attempt,
+    Store,
+    connect,
+    contact_id,
+    legacy_contact_id,
+)
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 PHONE, OTHER_PHONE = "+34600111222", "+34600999888"
@@ -63,7 +69,59 @@ def test_no_contact_in_any_key_name(store, catalog, booking_doc):
     assert any(k.startswith("t:c:glow/") for k in keys)
     for key in keys:
         assert "600111222" not in key and "ana" not in key.lower(), key
-    assert store.contact_key("glow", "phone", PHONE) == f"t:c:glow/{contact_id('phone', PHONE)}"
+    assert store.contact_key("glow", "phone", PHONE) == \
+        f"t:c:glow/{contact_id('phone', PHONE, store.contact_secret)}"
+
+
+def test_a_contact_id_cannot_be_reversed_without_the_secret(store, catalog, booking_doc):
+    """The id in a key name is keyed with the server secret P:secret:contact: trying every
+    number with the unkeyed hash (what /tmp/rv/contact_id_reverse.py did) finds nothing."""
+    book(store, catalog, doc_of(booking_doc, "A-1"))
+    secret = store.contact_secret
+    assert len(secret) == 32 and store.redis.get("t:secret:contact")
+    ids = {k.rsplit("/", 1)[1] for k in store.redis.scan_iter("t:c:glow/*")}
+    assert ids == {contact_id("phone", PHONE, secret),
+                   contact_id("email", "ana@example.com", secret)}
+    tried = {legacy_contact_id("phone", f"+34600{n:06d}") for n in range(100_000, 120_000)}
+    assert legacy_contact_id("phone", PHONE) in tried  # the search space holds the number
+    assert not ids & tried
+    # Another Redis (another secret) gives other ids; the same store's secret is stable.
+    assert contact_id("phone", PHONE, b"x" * 32) not in ids
+    assert Store(store.redis, "t").contact_id("phone", PHONE) in ids
+    with pytest.raises(ValueError):
+        contact_id("phone", PHONE, b"")
+
+
+def test_bookings_indexed_under_the_unkeyed_ids_are_found_until_stored_again(
+        store, catalog, booking_doc):
+    """A booking stored before ids were keyed: its hash's `contacts` and its index sets use
+    the unkeyed ids. A STOP still finds it (lookups read both sets); its next upsert moves it
+    to the keyed sets and out of the unkeyed ones."""
+    book(store, catalog, doc_of(booking_doc, "A-1"))
+    r = store.redis
+    bkey = store.booking_key("glow", "A-1")
+    keyed = [store.contact_key("glow", "phone", PHONE),
+             store.contact_key("glow", "email", "ana@example.com")]
+    legacy = [f"t:c:glow/{legacy_contact_id('phone', PHONE)}",
+              f"t:c:glow/{legacy_contact_id('email', 'ana@example.com')}"]
+    # Rewrite it as the old code stored it.
+    score = r.zscore(keyed[0], "A-1")
+    r.delete(*keyed)
+    for key in legacy:
+        r.zadd(key, {"A-1": score})
+    r.hset(bkey, "contacts", " ".join(k.rsplit("/", 1)[1] for k in legacy))
+    assert store.bookings_for_contact("glow", phone=PHONE) == ["A-1"]
+    assert store.bookings_for_contact("glow", email="Ana@Example.com") == ["A-1"]
+    skipped, touched = store.opt_out("glow", "sms", PHONE, "STOP")
+    assert touched == ["A-1"] and skipped > 0
+    # Stored again (the clinic's next change): moved to the keyed sets.
+    doc = doc_of(booking_doc, "A-1")
+    doc["starts_at"] = doc["starts_at"].replace("T14", "T15")
+    book(store, catalog, doc)
+    assert all(not r.exists(k) for k in legacy)
+    assert all(r.zscore(k, "A-1") is not None for k in keyed)
+    assert r.hget(bkey, "contacts") == " ".join(k.rsplit("/", 1)[1] for k in keyed)
+    assert store.bookings_for_contact("glow", phone=PHONE) == ["A-1"]
 
 
 def test_a_changed_contact_moves_the_booking_in_the_index(store, catalog, booking_doc):

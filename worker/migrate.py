@@ -396,7 +396,7 @@ class Migration:
         fields_out: dict[str, str] = {k: old[k] for k in _BOOKING_FIELDS if old.get(k)}
         if old.get("released_for"):
             fields_out["released_for"] = medications_digest(old["released_for"])
-        fields_out["contacts"] = booking_contacts(booking)
+        fields_out["contacts"] = booking_contacts(booking, self.store.contact_secret)
         protocol = self.catalog.protocols.get(booking.treatment)
         planned: list[PlannedReminder] = []
         check: list[Any] = [[bkey, [x for kv in old.items() for x in kv]]]

@@ -77,16 +77,21 @@ to the attempt log, except that a delivery that did happen is always recorded. R
 a booking's keys expire `retention` after its last reminder; a booking with a dead letter
 is kept until the dead letter is replayed or purged.
 
-Contact index. <contact> is `contact_id(kind, value)`: a truncated SHA-256 of "phone:<E.164>"
-or "email:<address lowercased>", so no phone number or address appears in a key name (it
-hides them from a key listing, not from someone who can read the documents). The booking
-hash's `contacts` field lists the ids of its document's contacts; every step that writes
-a booking's expiry (the upsert's apply, cancel, finish, replay and purge, through
-`keep_booking`) writes the same score into each of its contacts' sets, and the apply
-takes the booking out of the sets of contacts its new document no longer has, in the same
-script: the index is never stale. A member whose score has passed is a booking whose keys
-expired (readers skip it; the next write to the set removes it); the set expires with its
-last booking. A booking stored before the index existed is indexed by its next upsert.
+Contact index. <contact> is `contact_id(kind, value, secret)`: a truncated HMAC-SHA256 of
+"phone:<E.164>" or "email:<address lowercased>" keyed with the server secret "contact"
+(P:secret:contact, worker/secrets.py), so no phone number or address appears in a key name
+or can be recovered from one by trying numbers (it hides them from a key listing, not
+from someone who can read the documents or the secret). The booking hash's `contacts` field
+lists the ids of its document's contacts; every step that writes a booking's expiry (the
+upsert's apply, cancel, finish, replay and purge, through `keep_booking`) writes the same
+score into each of its contacts' sets, and the apply takes the booking out of the sets of
+contacts its new document no longer has, in the same script: the index is never stale. A
+member whose score has passed is a booking whose keys expired (readers skip it; the next
+write to the set removes it); the set expires with its last booking. A booking stored
+before the index existed is indexed by its next upsert.
+Ids were once unkeyed SHA-256: a booking stored then is moved to its keyed ids' sets by its
+next upsert (its `contacts` field changes, so the apply unindexes the old ids); until then
+`bookings_for_contact` also reads the unkeyed ids' sets, which expire with their bookings.
 
 Layouts: P:layout names the layout. A store refuses (StoreLayoutError) data of another
 layout, and data of layout 1 (which had no P:layout key but P:k:* and P:r:* keys), rather
@@ -97,6 +102,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import math
 import time
@@ -1271,18 +1277,33 @@ def _text_id(text: str, length: int) -> str:
     return base64.urlsafe_b64encode(digest).decode()[:length]
 
 
-CONTACT_ID_BYTES = 12  # of SHA-256: 16 characters in a key name, collisions out of reach
+CONTACT_ID_BYTES = 12  # of the HMAC: 16 characters in a key name, collisions out of reach
+CONTACT_SECRET = "contact"  # the server secret that keys contact ids (worker/secrets.py)
 
 
-def contact_id(kind: str, value: str) -> str:
-    """The contact index's id of a patient contact: `kind` "phone" (E.164) or "email"."""
+def _contact_value(kind: str, value: str) -> str:
     if kind not in ("phone", "email"):
         raise ValueError(f"a contact is a phone or an email, not {kind!r}")
-    value = value.strip()
-    if kind == "email":
-        value = value.lower()
-    digest = hashlib.sha256(f"{kind}:{value}".encode()).digest()[:CONTACT_ID_BYTES]
-    return base64.urlsafe_b64encode(digest).decode()
+    return normal_contact("email" if kind == "email" else "sms", value)
+
+
+def contact_id(kind: str, value: str, secret: bytes) -> str:
+    """The contact index's id of a patient contact: `kind` "phone" (E.164) or "email".
+
+    HMAC-SHA256 keyed with the server secret "contact" (`Store.contact_secret`): a key name
+    gives nothing back to someone who can list keys but not read that secret (an unkeyed
+    hash of a phone number is reversed by trying every number in minutes)."""
+    if len(secret) < 16:
+        raise ValueError("a contact id needs a secret of at least 16 bytes")
+    mac = hmac.new(secret, f"{kind}:{_contact_value(kind, value)}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()[:CONTACT_ID_BYTES]).decode()
+
+
+def legacy_contact_id(kind: str, value: str) -> str:
+    """The unkeyed id that bookings stored before contact ids were keyed are indexed under:
+    read only (`bookings_for_contact`), until those bookings are stored again or expire."""
+    digest = hashlib.sha256(f"{kind}:{_contact_value(kind, value)}".encode()).digest()
+    return base64.urlsafe_b64encode(digest[:CONTACT_ID_BYTES]).decode()
 
 
 def _contact_norms(docs: Iterable[str | None]) -> str:
@@ -1303,10 +1324,11 @@ def _contact_norms(docs: Iterable[str | None]) -> str:
     return json.dumps(norms, ensure_ascii=False, separators=(",", ":"))
 
 
-def booking_contacts(booking: Booking) -> str:
-    """The booking hash's `contacts` field: its patient's contact ids, space-separated."""
+def booking_contacts(booking: Booking, secret: bytes) -> str:
+    """The booking hash's `contacts` field: its patient's contact ids, space-separated
+    (`secret`: `Store.contact_secret`)."""
     patient = booking.patient
-    ids = [contact_id(kind, value)
+    ids = [contact_id(kind, value, secret)
            for kind, value in (("phone", patient.phone), ("email", patient.email)) if value]
     return " ".join(ids)
 
@@ -1391,6 +1413,7 @@ class Store:
         self._ids: dict[str, str] = {}  # text -> its id (known not to collide)
         self._texts: dict[str, str] = {}  # text id -> text, as read from Redis
         self._taken: set[str] = set()  # ids that name other words
+        self._contact_secret: bytes | None = None
 
     # --- keys ----------------------------------------------------------------------
 
@@ -1633,8 +1656,8 @@ class Store:
                 h = next(hashes)
                 versions += [other, h.get("version", "")]
                 taken += _sms_times(h)
-            guard = [contact_id("phone", cast(str, booking.patient.phone)), since, limit, ids,
-                     versions]
+            guard = [self.contact_id("phone", cast(str, booking.patient.phone)), since, limit,
+                     ids, versions]
             out[n] = _CapsRead(taken, guard)
         return out
 
@@ -1729,7 +1752,7 @@ class Store:
                   "window": f"{plan.window.start}-{plan.window.end}" if plan.window else "",
                   "hold_reason": hold_reason, "released_for": released_for,
                   "updated_at": stamp, "created_at": stamp, "keep_until": str(keep),
-                  "contacts": booking_contacts(booking),
+                  "contacts": booking_contacts(booking, self.contact_secret),
                   "late_pause": "1" if plan.late_pause else "",
                   "ns": intern(plan.notice_steps, texts) if plan.notice_steps else ""}
         hset = [x for k, v in fields.items() if v for x in (k, v)]
@@ -1844,7 +1867,7 @@ class Store:
         keep = str(math.ceil(last + self.retention_seconds))
         window_changed = booking_fields.get("window", "") != window
         reminders = {k: dict(v) for k, v in stored.reminders.items()}
-        contacts = booking_contacts(booking)
+        contacts = booking_contacts(booking, self.contact_secret)
         had = booking_fields.get("contacts", "")
         late = "1" if plan.late_pause else ""
         was_late = booking_fields.get("late_pause", "")
@@ -2613,8 +2636,21 @@ class Store:
         ids = self.redis.zrangebyscore(self.bookings_key(clinic), time.time(), "+inf")
         return sorted(cast(list[str], ids))
 
+    @property
+    def contact_secret(self) -> bytes:
+        """The key of contact ids: the server secret "contact" in Redis (made once)."""
+        if self._contact_secret is None:
+            from .secrets import server_secret
+
+            self._contact_secret = server_secret(self.redis, self.prefix, CONTACT_SECRET)
+        return self._contact_secret
+
+    def contact_id(self, kind: str, value: str) -> str:
+        """`contact_id` keyed with this store's secret."""
+        return contact_id(kind, value, self.contact_secret)
+
     def contact_key(self, clinic: str, kind: str, value: str) -> str:
-        return f"{self.prefix}:c:{clinic}/{contact_id(kind, value)}"
+        return f"{self.prefix}:c:{clinic}/{self.contact_id(kind, value)}"
 
     def bookings_for_contact(
         self, clinic: str, *, phone: str | None = None, email: str | None = None
@@ -2626,10 +2662,14 @@ class Store:
         up to date (see the module docstring). Give one contact or both (the union).
         """
         self._ready()
-        keys = [self.contact_key(clinic, kind, value)
-                for kind, value in (("phone", phone), ("email", email)) if value]
-        if not keys:
+        given = [(kind, value) for kind, value in (("phone", phone), ("email", email)) if value]
+        if not given:
             raise ValueError("bookings_for_contact needs a phone or an email")
+        # Bookings stored before contact ids were keyed are still in the sets of their
+        # unkeyed ids until they are stored again (the apply moves them) or expire.
+        keys = [key for kind, value in given
+                for key in (self.contact_key(clinic, kind, value),
+                            f"{self.prefix}:c:{clinic}/{legacy_contact_id(kind, value)}")]
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:

@@ -24,7 +24,6 @@ from worker.clinics import Clinic
 from worker.dispatch import unsubscribe_link
 from worker.optout import twilio_signature
 from worker.sms import is_gsm7
-from worker.store import contact_id
 from worker.webhooks import Events
 
 PUBLIC = "https://reminders.example/base"
@@ -292,7 +291,7 @@ def test_unknown_text_gets_one_help_answer_a_day(server, tw):
     assert message_of(text(server, "hello??")) is None
     assert message_of(text(server, "anyone?", sender=EVA))  # per number
     store = server.app.state.services.store
-    once = f"{server.settings.key_prefix}:once:help:tw:{contact_id('phone', ANA)}"
+    once = f"{server.settings.key_prefix}:once:help:tw:{store.contact_id('phone', ANA)}"
     assert store.redis.ttl(once) > 86_000
     assert not [k for k in store.redis.keys("*") if ANA in k]  # no number in a key name
 

@@ -62,7 +62,6 @@ from ..optout import (
 )
 from ..sms import fold_to_gsm7
 from ..status import Status
-from ..store import contact_id
 from .errors import ApiError
 from .schemas import ErrorBody
 from .services import Services, Svc
@@ -182,7 +181,7 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
     if intent == "help":
         return intent, answer("help")
     # The key names the number by its contact id: no phone number in a key name.
-    once = f"help:{clinic.id}:{contact_id('phone', phone)}"
+    once = f"help:{clinic.id}:{store.contact_id('phone', phone)}"
     if intent == "change" and booking_id is None:
         intent = "clarify"  # no visit to change: how to stop, and the clinic's phone
     if intent in ("confirm", "reschedule", "change"):
