@@ -90,7 +90,7 @@ def test_a_booking_stays_a_compact_listpack_while_pending_and_once_its_first_mes
     assert max(len(v) for v in redis_client.hvals(bkey)) <= 64
     assert sorted(redis_client.keys("t:*")) == sorted([  # no attempt log, no ledger yet
         "t:b:glow/A-1042", "t:bookings:glow", "t:d:glow/A-1042", "t:due", "t:layout", "t:t",
-        "t:metrics",
+        "t:metrics", "t:secret:contact",  # the key of contact ids, made once
         store.contact_key("glow", "phone", "+34600111222"),
         store.contact_key("glow", "email", "ana@example.com")])
     ref = "glow/A-1042/booking-confirmation:email"
