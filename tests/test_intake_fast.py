@@ -108,3 +108,22 @@ def test_trusted_booking_is_model_construct(catalog: Any) -> None:
         assert rebuilt == booking
         assert rebuilt.model_dump_json() == booking.model_dump_json()
         assert rebuilt.patient.first_name == booking.patient.first_name
+
+
+def test_bookings_exist_is_what_summaries_say(redis_client: Any, catalog: Any) -> None:
+    """The batch route's existence check answers as `booking_summaries` (not None)."""
+    from worker.planner import plan
+    from worker.store import Store
+
+    store = Store(redis_client, "exist-test")
+    docs = list(realistic_bookings(6, seed=4, now=NOW))
+    for doc in docs[:3]:
+        booking = parse_booking(doc, catalog)
+        store.upsert(booking, plan(booking, catalog.protocols[booking.treatment],
+                                   catalog.clinics[booking.clinic], NOW), NOW)
+    ids = [d["booking_id"] for d in docs] + ["no-such-booking"]
+    redis_client.delete(store.doc_key("glow", ids[1]))  # half gone: not a stored booking
+    redis_client.hdel(store.booking_key("glow", ids[2]), "status")
+    expected = [s is not None for s in store.booking_summaries("glow", ids)]
+    assert expected == [True, False, False, False, False, False, False]
+    assert store.bookings_exist("glow", ids) == expected

@@ -2676,6 +2676,18 @@ class Store:
             pipe.zrangebyscore(key, f"({now}", "+inf")
         return sorted({b for ids in pipe.execute() for b in cast(list[str], ids)})
 
+    def bookings_exist(self, clinic: str, booking_ids: list[str]) -> list[bool]:
+        """Whether each booking is stored (its status and document), as `booking_summaries`
+        would give it (not None), without reading the documents."""
+        self._ready()
+        pipe = self.redis.pipeline(transaction=False)
+        for booking_id in booking_ids:
+            pipe.hexists(self.booking_key(clinic, booking_id), "status")
+            pipe.exists(self.doc_key(clinic, booking_id))
+        replies = pipe.execute()
+        return [bool(status) and bool(doc) for status, doc in zip(replies[0::2], replies[1::2],
+                                                                  strict=True)]
+
     def booking_summaries(
         self, clinic: str, booking_ids: list[str]
     ) -> list[dict[str, Any] | None]:

@@ -309,7 +309,7 @@ def batch_bookings(
         accepted.append((index, booking, planned))
     if accepted:
         ids = [booking.booking_id for _, booking, _ in accepted]
-        existed = [s is not None for s in svc.store.booking_summaries(caller.clinic, ids)]
+        existed = svc.store.bookings_exist(caller.clinic, ids)
         timelines = svc.store.upsert_many([(b, p) for _, b, p in accepted], now)
         for (index, _, _), timeline, old in zip(accepted, timelines, existed, strict=True):
             results[index].update({"status": 200 if old else 201, "timeline": timeline})
