@@ -154,16 +154,17 @@ def test_html_and_text_bodies_give_the_same_numbers(renderer: Renderer, catalog:
 def test_html_escapes_the_patient_name_but_text_and_sms_do_not(
     renderer: Renderer, catalog: Catalog, booking_doc: dict[str, Any],
 ) -> None:
-    name = "<script>alert(1)</script> Smith"
+    # (An SMS greets by at most SMS_NAME_MAX characters: a first word of 12.)
+    name = "<i>Ann</i>&x Smith"
     messages = rendered(renderer, catalog, booking_doc, locale="en", template="day-before",
                         discreet=False, name=name)
     email = next(m for m in messages if m.channel == "email")
     sms = next(m for m in messages if m.channel == "sms")
     assert email.html is not None
-    assert "<script>" not in email.html
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in email.html
-    assert "<script>alert(1)</script>" in email.text
-    assert "<script>alert(1)</script>" in sms.text
+    assert "<i>" not in email.html
+    assert "&lt;i&gt;Ann&lt;/i&gt;&amp;x" in email.html
+    assert "<i>Ann</i>&x" in email.text
+    assert "<i>Ann</i>&x" in sms.text
 
 
 # --- dates, times and counters in the patient's timezone and locale ---------------------

@@ -28,7 +28,13 @@ from .models import CHANNELS, Booking, Channel
 from .notices import Invite, Notice
 from .planner import PlannedReminder, hold_notice, plan
 from .protocols import NOTICE_STEPS, AdviceValue, Protocol
-from .rendering import RenderedMessage, Renderer, file_name, language_of, syntax_error
+from .rendering import (
+    RenderedMessage,
+    Renderer,
+    file_name,
+    language_of,
+    syntax_error,
+)
 from .sms import Encoding, fold_to_gsm7, non_gsm7, normalise, sms_segments
 
 # Realistic worst-case first names per language: the longest, and letters outside GSM-7
@@ -45,9 +51,16 @@ SAMPLE_APPOINTMENT = (date(2026, 9, 30), time(12, 30))
 SAMPLE_BOOKED_DAYS_BEFORE = 30  # booked before any step of any protocol is due
 
 
+# A name longer than any SMS greets by (`SMS_NAME_MAX`): its SMS greet with no name.
+SAMPLE_UNFIT_NAME = "Wolfeschlegelsteinhausenbergerdorff"
+
+
 def sample_names(locale: str) -> tuple[str, ...]:
-    """Return the sample first names `check` renders a locale's templates with."""
-    return SAMPLE_FIRST_NAMES.get(language_of(locale), SAMPLE_FIRST_NAMES["en"])
+    """Return the sample first names `check` renders a locale's templates with: the longest
+    an SMS greets by (`SMS_NAME_MAX`), letters outside GSM-7, and one too long to greet by
+    (the SMS without a name)."""
+    return SAMPLE_FIRST_NAMES.get(language_of(locale), SAMPLE_FIRST_NAMES["en"]) + (
+        SAMPLE_UNFIT_NAME,)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Templates live in `<templates_dir>/<locale>/` as `<template>.email.subject.j2`,
 StrictUndefined; only `.html.j2` files are autoescaped.
 
 Variables (all dates and times in the patient's timezone, in the message's variant):
-    patient_first_name      first word of the patient's name
+    patient_first_name      the patient's preferred name, else the first word of the name
+                            (in SMS at most `SMS_NAME_MAX` characters: see `sms_name`)
     clinic_name, clinic_phone   the clinic's name (in SMS its `sms_name`, if set) and E.164
                             phone
     treatment, treatment_id     the protocol's name and id ("microneedling")
@@ -102,6 +103,24 @@ INVITE_FILE = "_invite.txt.j2"  # the calendar invite's summary (first line) and
 SPELLING_FILE = "_spelling.toml"  # [REGION] written word -> that region's spelling
 # The last fallback of a message's language (patient's -> clinic's -> this).
 FALLBACK_LOCALE = "en"
+# The longest name an SMS greets the patient by (characters): `check` proves every SMS fits
+# one GSM-7 segment with names this long (worker/checking.py SAMPLE_FIRST_NAMES). A longer
+# preferred name is greeted by its first word, else the name's first word, if one fits;
+# else the SMS greets with no name ("Hi," / "Hola:"). Emails always use the full name.
+SMS_NAME_MAX = 12
+# Stands for "no name" while an SMS renders; removed with the separator before it.
+_NO_NAME = "\ue000"
+_NO_NAME_GAP = re.compile(r"[ ,]*\ue000")
+
+
+def sms_name(patient: Any) -> str | None:
+    """The name an SMS greets `patient` (a models.Patient) by, or None: no name fits
+    (`SMS_NAME_MAX`)."""
+    preferred = patient.first_name
+    for candidate in (preferred, preferred.split()[0], patient.name.split()[0]):
+        if len(candidate) <= SMS_NAME_MAX:
+            return str(candidate)
+    return None
 # Territories that measure fever in Fahrenheit.
 FAHRENHEIT_TERRITORIES = frozenset({"US", "PR", "GU", "VI", "AS", "MP", "UM", "BS", "BZ",
                                     "KY", "PW", "LR"})
@@ -227,11 +246,15 @@ class Renderer:
             return self.respell(rendered, variant)
 
         if channel == "sms":
+            name = sms_name(booking.patient)
+            context["patient_first_name"] = _NO_NAME if name is None else name
             body = part("sms.txt")
+            if name is None:
+                body = _NO_NAME_GAP.sub("", body)
             opt_out = self.respell(self._render(f"{variant.folder}/{OPT_OUT_FILE}", context),
                                    variant)
             text = normalise(f"{body} {opt_out}")
-            names = (booking.patient.first_name, clinic.sms_label)
+            names = (name or "", clinic.sms_label)
             if clinic.sms_accents == "fold" or all(is_gsm7(normalise(n)) for n in names):
                 text = fold_to_gsm7(text)
             return RenderedMessage(channel="sms", subject=None, text=text, html=None,
