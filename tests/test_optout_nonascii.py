@@ -66,3 +66,33 @@ def test_an_opt_out_of_a_non_ascii_upper_case_address_is_honoured(rig, address, 
         assert rig.store.redis.zscore(rig.store.lease_key, later.ref) is None
     assert rig.smtp.snapshot() == []
     assert rig.store.opted_out("uc", "email", address) == WHY
+
+
+def test_an_address_changed_between_the_read_and_the_begin_is_read_again(rig):
+    """begin_send reads the document's addresses, then runs its script: a change landing in
+    between (here the new address, opted out) makes the script refuse to guess; the begin
+    reads again and the opt-out of the new address holds."""
+    import json
+
+    from worker.dispatch import send_claimed
+
+    book(rig, "U-1", "ANA@example.es")
+    rig.store.opt_out("uc", "email", "JOSÉ@example.es", WHY)
+    claimed = claim(rig, "uc/U-1/plain:email")
+    real = rig.store._begin
+    calls: list[str] = []
+
+    def begin_after_a_change(*args, **kwargs):
+        if not calls:
+            dkey = rig.store.doc_key("uc", "U-1")
+            doc = json.loads(rig.store.redis.get(dkey))
+            doc["patient"]["email"] = "JOSÉ@example.es"
+            rig.store.redis.set(dkey, json.dumps(doc, ensure_ascii=False))
+        calls.append(str(real(*args, **kwargs)))
+        return calls[-1]
+
+    rig.store._begin = begin_after_a_change
+    assert send_claimed(rig.ctx, claimed.ref, claimed.version, claimed.claim) == \
+        "dropped: opted out"
+    assert calls == ["contacts changed", "opted out"]
+    assert rig.smtp.snapshot() == []

@@ -92,3 +92,27 @@ def test_a_cancel_with_nothing_changed_in_between_applies_at_once(rig):
     assert len(calls) == 1 and timeline["status"] == "cancelled"
     assert not [k for k in rig.store.redis.hkeys(rig.store.booking_key("rc", "R-1"))
                 if k.startswith("cancelled#")]
+
+
+def test_the_pause_sms_sent_inside_a_moves_reconcile_gets_the_move_notice(rig):
+    """The same gap on the move path: the upsert's write checks the whole hash it read, so
+    the pause SMS sent between its read and its write makes it reconcile again and add the
+    "moved" notice and the pause message again for the new date."""
+    from datetime import timedelta
+
+    rig.book(rig.booking())
+    calls: list[int] = []
+    real = rig.store._reconcile
+
+    def reconcile_with_the_pause_going_out(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            assert _send_now(rig, STOP) == "sent"
+        return real(*args, **kwargs)
+
+    rig.store._reconcile = reconcile_with_the_pause_going_out  # type: ignore[method-assign]
+    rig.book(rig.booking(starts_in=timedelta(days=9)))
+    assert len(calls) == 2, "the move did not read again after the send"
+    keys = set(rig.store.redis.hkeys(rig.store.booking_key("rc", "R-1")))
+    assert "rescheduled#1:sms" in keys and "repause#1:sms" in keys, sorted(keys)
+    assert rig.store.record(STOP)["status"] == "sent"
