@@ -12,6 +12,7 @@ import pytest
 from tests import test_unsubscribe_send as unsub
 from tests.test_unsubscribe_send import Rig, sinks  # noqa: F401 (the SMTP + HTTP sinks)
 
+EMAIL_ONLY = unsub.PROTOCOL  # the care step by email only
 BOTH = unsub.PROTOCOL.replace('channels = ["email"]\ntemplate = "microneedling-aftercare"',
                               'channels = ["sms", "email"]\ntemplate = "microneedling-aftercare"',
                               1)
@@ -58,3 +59,45 @@ def test_a_subscribed_patient_gets_both(rig):
     assert rig.send("care:sms") == "sent"
     assert rig.send("care:email") == "sent"
     assert len(rig.sms.snapshot()) == 1 and len(rig.smtp.snapshot()) == 1
+
+
+def test_an_email_sent_by_sms_counts_for_the_sms_cap(rig):
+    """The fallback SMS (the step has no SMS of its own) is counted by the cap: a second
+    booking of the same phone within the week finds the week's one SMS taken."""
+    folder = rig.settings.config_dir
+    (folder / "protocols" / "unsub.toml").write_text(
+        EMAIL_ONLY + '\n[[steps]]\nid = "text"\noffset = "-1h"\nchannels = ["sms"]\n'
+        'template = "day-before"\nlate = "send"\n', encoding="utf-8")
+    clinic = folder / "clinics" / "uc.toml"
+    clinic.write_text(clinic.read_text(encoding="utf-8").replace(
+        "[channels]", "[sms]\nmax_per_day = 1\nmax_per_week = 1\n[channels]"), encoding="utf-8")
+    from worker.catalog import Catalog
+    from worker.dispatch import Context
+    from worker.rendering import Renderer
+    rig.catalog = Catalog.load(rig.settings)
+    rig.ctx = Context(settings=rig.settings, store=rig.store, catalog=rig.catalog,
+                      renderer=Renderer(rig.catalog.templates_dir))
+    rig.book(channels=["email", "sms"])
+    rig.unsubscribe()
+    bkey = rig.store.booking_key("uc", "U-1")
+    rig.store.redis.hdel(bkey, "text:sms")  # this booking's own SMS aside: only the fallback
+    assert rig.send("care:email") == "sent"
+    assert len(rig.sms.snapshot()) == 1 and rig.smtp.snapshot() == []
+    # A second booking for the same phone, its SMS within the same 7 days.
+    from datetime import UTC, datetime, timedelta
+
+    from worker.models import parse_booking
+    from worker.planner import plan
+    starts = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
+    doc = {"clinic": "uc", "booking_id": "U-2", "treatment": "unsub",
+           "starts_at": starts.isoformat(),
+           "patient": {"name": "Ana López", "phone": "+34600111222", "timezone": "UTC",
+                       "email": "ana@example.com", "locale": "en",
+                       "channels": ["sms", "email"]}}
+    booking = parse_booking(doc, rig.catalog)
+    now = datetime.now(UTC)
+    second = rig.store.upsert(booking, plan(booking, rig.catalog.protocols["unsub"],
+                                            rig.catalog.clinics["uc"], now), now)
+    by_id = {r["id"]: r for r in second["reminders"]}
+    assert "text:sms" not in by_id, by_id  # its one SMS of the week went by email instead
+    assert "SMS limit" in by_id["text:email"]["reason"], by_id["text:email"]

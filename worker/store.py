@@ -40,8 +40,9 @@ slots left out; the last slot is free text and may itself hold "|"):
            due is left empty while it equals planned
   note     the expiry's words (`expires_note`), as a text id
   template a text id; left empty when it is the step's id. Step and channel come from the key
-  flags    "b": due when the booking arrives; "#<n>": the occurrence, when the key's
-           "#<n>" (or its absence, 1) does not say it
+  flags    "b": due when the booking arrives; "s": an email that went (or goes) by SMS
+           (the patient unsubscribed from email: counted by the SMS cap); "#<n>": the
+           occurrence, when the key's "#<n>" (or its absence, 1) does not say it
   reason   "@<id>": a text id; anything else is the text itself ("\\" escapes a leading
            "@" or "\\")
   tok      the token of the attempt that took the ledger (fences finish)
@@ -542,6 +543,10 @@ end
 redis.call('SET', lkey, token, 'PX', ledger_ms)
 a[A_TOK] = token
 a[A_TRIES] = add(a[A_TRIES], 1)
+if verdict == 'ok sms' and not string.find(r[R_FLAGS], 's', 1, true) then
+  -- An email going by SMS: the SMS frequency cap counts it (flag "s", `_sms_times`).
+  r[R_FLAGS] = 's' .. r[R_FLAGS]
+end
 save(bkey, key, r, a)
 return verdict
 """
@@ -2724,13 +2729,18 @@ def _tail(unindex: str, guard: list[Any] | None) -> list[Any]:
 
 def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
     """When a stored booking's SMS go or went: sent ones, and those still to go unless the
-    booking is held (a hold sends nothing until the clinic's review)."""
+    booking is held (a hold sends nothing until the clinic's review); its emails that went
+    by SMS (flag "s") count as SMS."""
     held = fields.get("status") == Status.HELD
     out = []
     for key, value in fields.items():
-        if not (is_reminder_field(key) and key.endswith(":sms")):
+        if not is_reminder_field(key):
             continue
         r = _split(value, len(REMINDER_SLOTS))
+        # An SMS; or an email that went by SMS (flag "s": the patient unsubscribed from email).
+        if not (key.endswith(":sms")
+                or (key.endswith(":email") and "s" in r[7].split("#", 1)[0])):
+            continue
         status = STATUS_OF.get(r[0])
         if status == Status.SENT:
             a = _split(fields.get(key + "+"), len(ATTEMPT_SLOTS))
