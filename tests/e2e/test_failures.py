@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -449,8 +450,8 @@ def test_in_flight_duplicate_never_undoes_the_finished_attempt(redis_client, out
     owner_retry_at = now.timestamp() + 3600
 
     class OwnerFinishesMeanwhile(Store):
-        def begin_send(self, ref, version, claim, token, ledger_ms):
-            verdict = super().begin_send(ref, version, claim, token, ledger_ms)
+        def begin_send(self, ref, version, claim, token, ledger_ms, **kw):
+            verdict = super().begin_send(ref, version, claim, token, ledger_ms, **kw)
             if verdict == "in flight":
                 owner = Attempt(version, claim, "owner")
                 if outcome == "sent":
@@ -473,7 +474,9 @@ def test_in_flight_duplicate_never_undoes_the_finished_attempt(redis_client, out
     assert store.begin_send(rid, claim.version, claim.claim, "owner", 8000) == "ok"
 
     settings = Settings(lease_seconds=8, send_timeout_seconds=3, _env_file=None)
-    ctx = Context(settings=settings, store=store, catalog=None, renderer=None)  # type: ignore[arg-type]
+    # The duplicate stops at the ledger: it renders nothing, and no step is care-critical.
+    catalog = SimpleNamespace(protocols={})
+    ctx = Context(settings=settings, store=store, catalog=catalog, renderer=None)  # type: ignore[arg-type]
     assert send_claimed(ctx, rid, claim.version, claim.claim) != "sent"  # the duplicate
 
     status = store.record(rid).get("status")
