@@ -416,12 +416,12 @@ def test_printed_table_shows_the_measured_numbers_with_units(quick_run):
 @pytest.mark.integration
 def test_a_run_that_falls_behind_gives_each_phase_a_fresh_service(tmp_path: Path):
     # No wait for the burst and the stream (beyond the half second every wait ends with),
-    # and more than either side could send in it (ours sends nothing before its first pump
-    # tick, a second after the due time): they are left behind, unsent. Small sizes keep
-    # the booking leads short.
+    # and more than either side could send in it: 100 messages due at one instant, 400
+    # spread over one second (ours sends at most a few hundred a second, the naive peer
+    # less): they are left behind, unsent. Sizes this small keep the booking leads short.
     workdir, out = tmp_path / "work", tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--burst", "50", "--steady-rate", "100",
+        [sys.executable, "-m", "benchmarks", "--burst", "50", "--steady-rate", "400",
          "--steady-seconds", "1", "--intake", "20", "--pending-bookings", "20",
          "--pending-reminders", "100", "--naive-pending", "50", "--drain-timeout", "0",
          "--steady-drain", "0", "--workdir", str(workdir), "--json", str(out)],
