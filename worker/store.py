@@ -1606,16 +1606,25 @@ class Store:
         self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool
     ) -> _Round:
         """Read and prepare the bookings at `todo`; the same booking again waits for the
-        next round, to be reconciled against what the first wrote."""
+        next round, to be reconciled against what the first wrote. So does another booking
+        of a patient already in the round under an SMS cap: the cap reads the patient's
+        other bookings, which the first one's write changes (its guard would refuse it, and
+        every later round would read them all again for nothing)."""
         seen: set[tuple[str, str]] = set()
+        patients: set[tuple[str, str]] = set()
         batch: list[tuple[int, tuple[Booking, Plan]]] = []
         later: list[int] = []
         for i in todo:
-            key = items[i][0].key
-            if key in seen:
+            booking, planned = items[i]
+            key = booking.key
+            patient = ((booking.clinic, booking.patient.phone)
+                       if planned.caps is not None and booking.patient.phone else None)
+            if key in seen or (patient is not None and patient in patients):
                 later.append(i)
             else:
                 batch.append((i, items[i]))
+                if patient is not None:
+                    patients.add(patient)
             seen.add(key)
         stored = self._read([item[0].key for _, item in batch])
         caps = self._caps_read([item for _, item in batch])
