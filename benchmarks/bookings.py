@@ -46,8 +46,10 @@ LAST = {
            "Hughes", "Edwards", "Green", "Khan"],
 }
 DOMAINS = ["example.com", "example.org", "example.net"]
-# Mobile number ranges valid for their country (libphonenumber), one per clinic.
-MOBILE = {"es": ("+346", 8), "en": ("+447", 9)}
+# Mobile number ranges valid for their country (libphonenumber), one per clinic: every
+# number they give below 300,000 patients is valid (+447 as a whole holds pager and
+# personal-number blocks, which refused the 63,519th English patient of a large run).
+MOBILE = {"es": ("+346", 8), "en": ("+4478", 8)}
 SLOTS = [time(h, m) for h in range(9, 20) for m in (0, 15, 30, 45)]  # 09:00-19:45
 
 

@@ -482,3 +482,15 @@ def test_interrupted_run_stops_every_process(tmp_path: Path):
                 harness.wait()
         for line in _processes_using(workdir):  # only what this test's harness started
             os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+
+
+def test_every_generated_patient_phone_is_valid_for_its_country():
+    # The pending phase books 100,000 realistic bookings; one invalid number refuses them all.
+    import phonenumbers
+
+    from benchmarks.bookings import MOBILE, mobile
+
+    for locale in MOBILE:
+        for i in [*range(0, 120_000, 7), 119_999]:
+            number = phonenumbers.parse(mobile(locale, i))
+            assert phonenumbers.is_valid_number(number), (locale, i, mobile(locale, i))
