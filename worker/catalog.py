@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .clinics import Clinic, load_clinics
@@ -19,6 +20,13 @@ class Catalog:
     clinics: dict[str, Clinic]
     locales: frozenset[str]
     templates_dir: Path
+
+    @cached_property
+    def critical_steps(self) -> str:
+        """The care-critical steps of every protocol, as the store's opt-out checks take
+        them: "<treatment>/<step>", space-separated (worked out once, read at every send)."""
+        return " ".join(f"{p.id}/{s.id}" for p in self.protocols.values() for s in p.steps
+                        if s.care_critical)
 
     @classmethod
     def load(cls, settings: Settings) -> Catalog:

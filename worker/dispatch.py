@@ -86,7 +86,7 @@ from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import Booking, Channel
 from .notices import notice_and_invite
-from .optout import contact_hash, critical_steps, make_token, unsubscribe_key
+from .optout import contact_hash, make_token, unsubscribe_key
 from .planner import SendTime, at_send_time, next_opening
 from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
@@ -182,7 +182,7 @@ def attempt(
     token = uuid.uuid4().hex
     try:
         verdict = store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000,
-                                   critical=critical_steps(ctx.catalog))
+                                   critical=ctx.catalog.critical_steps)
     finally:
         if begun:
             begun()

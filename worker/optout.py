@@ -84,7 +84,6 @@ from urllib.parse import urlsplit, urlunsplit
 if TYPE_CHECKING:
     import redis
 
-    from .catalog import Catalog
     from .settings import Settings
 
 Intent = Literal["stop", "start", "help", "change", "confirm", "reschedule", "clarify",
@@ -202,13 +201,6 @@ def classify(body: str) -> Intent:
     if STOP_WORDS.intersection(words):
         return "clarify"
     return "unknown"
-
-
-def critical_steps(catalog: Catalog) -> str:
-    """The care-critical steps of every protocol, as the store's opt-out steps take them:
-    "<treatment>/<step>", space-separated."""
-    return " ".join(f"{p.id}/{s.id}" for p in catalog.protocols.values() for s in p.steps
-                    if s.care_critical)
 
 
 # --- the SMS provider's signature ------------------------------------------------------

@@ -55,7 +55,6 @@ from ..models import parse_e164
 from ..optout import (
     SIGNATURE_HEADER,
     classify,
-    critical_steps,
     first,
     form_pairs,
     twilio_valid,
@@ -165,7 +164,7 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
     if intent == "stop":
         done = store.opt_out(
             clinic.id, "sms", phone, f"the patient replied STOP by SMS at {stamp}",
-            critical=critical_steps(svc.catalog))
+            critical=svc.catalog.critical_steps)
         skipped, touched = done
         for touched_id in touched:
             store.note_reply(clinic.id, touched_id, "", now, "stop")

@@ -27,7 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..optout import Unsubscribe, critical_steps, read_token, token_matches, unsubscribe_key
+from ..optout import Unsubscribe, read_token, token_matches, unsubscribe_key
 from .schemas import ErrorBody
 from .services import Services, Svc
 
@@ -120,7 +120,7 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
             return 0, []
         return svc.store.opt_out(named.clinic, named.channel, address,
                                  f"the patient unsubscribed from email at {stamp}",
-                                 critical=critical_steps(svc.catalog))
+                                 critical=svc.catalog.critical_steps)
 
     skipped, touched = await run_in_threadpool(act)
     log.info("unsubscribe for clinic %s: %s opted out (%d reminder(s) skipped in %d "
