@@ -43,7 +43,7 @@ import smtplib
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,6 +70,7 @@ from apprise.plugins.email.smtp import (
 )
 from apprise.utils.parse import GET_SCHEMA_RE, parse_urls
 
+from .apprise_plugins import has_plugin, load_plugins, schema_of
 from .errors import DeliveryError
 from .invites import Attachment
 from .models import Channel
@@ -602,7 +603,8 @@ def _load_service(url: str) -> Any:
     fixed = url.replace("/#", "/%23")  # as url_to_dict does
     found = GET_SCHEMA_RE.match(fixed)
     schema = found["schema"].lower() if found else ""
-    if schema not in N_MGR:
+    # Loads the schema's plugin module if it is not loaded yet (worker/apprise_plugins.py).
+    if not has_plugin(schema):
         return apprise.Apprise.instantiate(url, asset=_ASSET)
     results = N_MGR[schema].parse_url(fixed)
     if not results or not N_MGR[results["schema"]].enabled:
@@ -700,9 +702,11 @@ def _formats(notifier: apprise.Apprise) -> set[str]:
     return formats
 
 
-def warm_up() -> None:
-    """Load Apprise's plugins now, so the first message of a process is not slower."""
-    apprise.Apprise().add("json://127.0.0.1")
+def warm_up(urls: Iterable[str] = ()) -> None:
+    """Load the Apprise plugins of `urls` (the channel URLs, `{to}` and `${SECRET}` unfilled)
+    now, so the first message of a process is not slower; only those (another one loads at
+    its first message: worker/apprise_plugins.py)."""
+    load_plugins(schema_of(url) for url in urls)
 
 
 def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now: datetime,
