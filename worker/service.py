@@ -58,9 +58,11 @@ def describe_exit(returncode: int) -> str:
 
 
 def celery_command(role: str, settings: Settings) -> list[str]:
-    """Return the argv of the Celery worker or beat, as docker-compose runs them."""
-    base = [sys.executable, "-m", "celery", "-A", "worker.celery_app", role,
-            f"--loglevel={settings.log_level}"]
+    """Return the argv of the Celery worker or beat: Celery's own `worker` and `beat`
+    commands on worker.celery_app, as docker-compose runs them (`celery -A worker.celery_app
+    worker|beat`), through worker/celery_main.py, which leaves out Celery's other sub-commands
+    (their imports would weigh on the worker's main process and every pool process)."""
+    base = [sys.executable, "-m", "worker.celery_main", role, f"--loglevel={settings.log_level}"]
     if role == "worker":
         # No gossip, no mingle: the service uses neither, and restarting the gossip consumer
         # after Redis went away fails in kombu's channel close (celery/kombu#582; seen here as
