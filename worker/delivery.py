@@ -23,12 +23,17 @@ finds the connection gone, or a 421; DATA was not sent): the message then goes o
 fresh session at once, so reuse never turns a message into one of unknown outcome. A
 session that saw any error is closed.
 
+The messages it builds are serialized by `email_mime` (the same text as the stdlib's
+`as_string`, without compiling a regular expression per multipart or re-folding the
+headers every message repeats).
+
 A failure is classified from what this one call observed, never from global state:
-Apprise's result (its status and the lines it captured for this call, per context) and the
-HTTP statuses urllib3 received for this send (handed over by a filter installed once, via
-a ContextVar). Logger levels are set once, at import. Nothing from Apprise or urllib3
-reaches the application's handlers (their lines carry recipients and URLs), and nothing
-here logs a contact or a message body above DEBUG.
+Apprise's result status, the lines Apprise logged for this call (kept per context by
+`apprise_lines`, which skips before any record is made the DEBUG lines classification
+never reads) and the HTTP statuses urllib3 received for this send (handed over by a filter
+installed once, via a ContextVar). Logger levels are set once, at import. Nothing from
+Apprise or urllib3 reaches the application's handlers (their lines carry recipients and
+URLs), and nothing here logs a contact or a message body above DEBUG.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from apprise.plugins.email.smtp import (
 )
 from apprise.utils.parse import GET_SCHEMA_RE, parse_urls
 
+from . import apprise_lines, email_mime
 from .apprise_plugins import has_plugin, load_plugins, schema_of
 from .errors import DeliveryError
 from .invites import Attachment
@@ -106,7 +112,6 @@ _SMTP_SESSION_LOST = re.compile(r'Sending email to ".*" failed')
 # message may have left. A Celery soft time limit arrives this way, as an exception.
 _PLUGIN_CRASHED = re.compile(r"Notification service '.*' raised an exception")
 _OUT_OF_TIME = "SoftTimeLimitExceeded"
-_KEPT_DEBUG = ("Socket Exception", "Notification Exception")
 _READABLE = email.policy.default.clone(max_line_length=998, utf8=True)  # a file, not SMTP
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -140,9 +145,9 @@ class _KeepInTheSend(logging.Filter):
 
 def _confine_library_logs() -> None:
     """Set, once, the loggers of Apprise and urllib3 as the classification needs them."""
-    # Apprise logs recipients (and at DEBUG, bodies). Its lines are read only through the
-    # result of notify(), which captures them per call; none propagate to our handlers.
-    # DEBUG, because the socket error of a failed send is logged at DEBUG.
+    # Apprise logs recipients (and at DEBUG, bodies). Its lines of a send are read only
+    # through apprise_lines, per send; none propagate to our handlers. DEBUG, because the
+    # socket error of a failed send is logged at DEBUG.
     apprise_log = logging.getLogger("apprise")
     apprise_log.propagate = False
     apprise_log.addHandler(logging.NullHandler())
@@ -385,6 +390,9 @@ def _keep_smtp_sessions() -> None:
 
 
 _keep_smtp_sessions()
+if not email_mime.install(apprise_email):  # a newer Apprise builds its messages otherwise
+    log.warning("Apprise's email plugin has no MIMEMultipart/MIMEText to replace: "
+                "emails are serialized by the stdlib's generator")
 
 
 # --- HTTP: Apprise's requests through the sending thread's session -------------------------
@@ -649,28 +657,25 @@ def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
     answers: list[int] = []
     token, sending = _http_answers.set(answers), _in_send.set(True)
     try:
-        result = notifier.notify(
-            body=html if html is not None else message.text,
-            title=message.subject or "",
-            body_format=apprise.NotifyFormat.TEXT if html is None else apprise.NotifyFormat.HTML,
-            attach=attach,
-            log_level=logging.DEBUG,  # the socket error of a failed send is a DEBUG line
-        )
+        with apprise_lines.capturing() as lines:  # what Apprise logs for this send
+            result = notifier.notify(
+                body=html if html is not None else message.text,
+                title=message.subject or "",
+                body_format=(apprise.NotifyFormat.TEXT if html is None
+                             else apprise.NotifyFormat.HTML),
+                attach=attach,
+                log_level=apprise_lines.NO_CAPTURE,  # kept by `capturing`, more cheaply
+            )
     finally:
         _in_send.reset(sending)
         _http_answers.reset(token)
-    with result:  # releases the captured lines
+    with result:
         if result:
             return "sent through Apprise"
-        # Warnings and errors, and the socket or plugin error; not the DEBUG lines that
-        # echo the payload or the provider's response body.
-        lines = [
-            entry.message
-            for entry in result.logs()
-            if entry.level != "DEBUG" or entry.message.startswith(_KEPT_DEBUG)
-        ]
         status = result.status.name
-    raise classify(status, lines, answers)
+    # Warnings and errors, and the socket or plugin error; not the DEBUG lines that echo
+    # the payload or the provider's response body.
+    raise classify(status, apprise_lines.classified_lines(lines), answers)
 
 
 def _apprise_attachments(attachments: Sequence[Attachment]) -> apprise.AppriseAttachment:

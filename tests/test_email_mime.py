@@ -1,0 +1,111 @@
+"""worker.email_mime: Apprise's emails serialized faster, to exactly the stdlib's text."""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+from email.header import Header
+from email.mime.application import MIMEApplication
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from typing import Any
+
+import pytest
+from apprise.attachment.memory import AttachMemory
+from apprise.plugins.email import base as apprise_email
+
+import worker.delivery  # noqa: F401  # installs the fast classes in Apprise's email plugin
+from worker import email_mime
+from worker.email_mime import FastMIMEMultipart, FastMIMEText
+
+SUBJECT = "Tu cita de microneedling del sábado 5 de diciembre de 2026 - Glow Skin Clinic"
+LONG = "Reminder about your appointment " * 6  # folded over several lines
+HTML = "<p>Hola <b>Ana</b>,</p><p>nos vemos pronto.</p>" * 20
+
+
+def tree(multipart: type, text: type, body: str = "Hola Ana,\nnos vemos pronto.") -> Any:
+    """A message as Apprise's email plugin builds one, from the given classes."""
+    outer = multipart("mixed")
+    alternative = multipart("alternative")
+    alternative.attach(text(body, "plain", "utf-8"))
+    alternative.attach(text(HTML, "html", "utf-8"))
+    outer.attach(alternative)
+    ics = MIMEApplication(b"BEGIN:VCALENDAR\r\nEND:VCALENDAR\r\n")
+    ics.set_type("text/calendar; method=REQUEST; charset=UTF-8")
+    ics.add_header("Content-Disposition", 'attachment; filename="{}"'.format(
+        Header("cita.ics", "utf-8")))
+    outer.attach(ics)
+    outer["X-Application"] = Header("Apprise", None)
+    outer["List-Unsubscribe"] = Header("<https://u.example/x?t=abc>", None)
+    outer["List-Unsubscribe-Post"] = Header("List-Unsubscribe=One-Click", None)
+    outer["Subject"] = Header(SUBJECT, "utf-8")
+    outer["X-Long"] = Header(LONG, None)
+    outer["Comments"] = LONG + "ñ"
+    outer["From"] = "Glow Skin Clinic <hola@glow.example>"
+    outer["To"] = "ana@example.com"
+    return outer
+
+
+def serialized(message: Any, seed: int, **kwargs: Any) -> str:
+    random.seed(seed)  # the same boundaries for both
+    return message.as_string(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"maxheaderlen": 40}, {"maxheaderlen": 78}])
+def test_same_text_as_the_stdlib(kwargs):
+    for seed in range(3):  # again: now from the header cache
+        fast = serialized(tree(FastMIMEMultipart, FastMIMEText), seed, **kwargs)
+        stdlib = serialized(tree(MIMEMultipart, MIMEText), seed, **kwargs)
+        assert fast == stdlib
+        assert "=?utf-8?" in fast and fast.count("\n--===============") == 6  # 2 multiparts
+
+
+def test_a_boundary_found_in_the_text_is_changed_as_the_stdlib_changes_it():
+    random.seed(7)
+    token = random.randrange(sys.maxsize)
+    taken = "--" + "=" * 15 + email_mime._BOUNDARY_FORMAT % token + "=="
+    body = f"Hola Ana,\n{taken}\nnos vemos pronto."  # 7bit text: the line is as written
+
+    def plain(multipart: type, text: type) -> Any:
+        outer = multipart("mixed")
+        outer.attach(text(body, "plain"))
+        return outer
+
+    fast = serialized(plain(FastMIMEMultipart, FastMIMEText), 7)
+    assert fast == serialized(plain(MIMEMultipart, MIMEText), 7)
+    assert f'boundary="{taken[2:]}.0"' in fast  # the first choice was refused
+
+
+def test_the_header_cache_stays_bounded(monkeypatch):
+    monkeypatch.setattr(email_mime, "FOLD_CACHE_SIZE", 5)
+    email_mime._folded.clear()
+    for i in range(20):
+        message = FastMIMEText("x", "plain", "utf-8")
+        message["Subject"] = f"subject {i}"
+        assert f"Subject: subject {i}\n" in message.as_string()
+    assert 0 < len(email_mime._folded) <= 5
+
+
+def test_apprise_builds_its_emails_with_the_fast_classes_and_the_same_text(monkeypatch):
+    assert apprise_email.MIMEMultipart is FastMIMEMultipart
+    assert apprise_email.MIMEText is FastMIMEText
+
+    def prepared(seed: int) -> str:
+        random.seed(seed)
+        (message,) = apprise_email.NotifyEmail.prepare_emails(
+            subject=SUBJECT, body=HTML, from_addr=("Glow", "hola@glow.example"),
+            to=[(None, "ana@example.com")], notify_format="html",
+            attach=[AttachMemory(content=b"BEGIN:VCALENDAR", name="cita.ics",
+                                 mimetype="text/calendar")],
+            headers={"List-Unsubscribe": "<https://u.example/x?t=abc>",
+                     "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"})
+        # The two lines that depend on the clock.
+        return re.sub(r"(?m)^(Date|Message-ID): .*$", r"\1: -", message.body)
+
+    fast = prepared(3)
+    monkeypatch.setattr(apprise_email, "MIMEMultipart", MIMEMultipart)
+    monkeypatch.setattr(apprise_email, "MIMEText", MIMEText)
+    assert fast == prepared(3)
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in fast
+    assert 'filename="cita.ics"' in fast and "multipart/alternative" in fast
