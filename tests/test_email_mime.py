@@ -88,8 +88,10 @@ def test_the_header_cache_stays_bounded(monkeypatch):
 
 
 def test_apprise_builds_its_emails_with_the_fast_classes_and_the_same_text(monkeypatch):
-    assert apprise_email.MIMEMultipart is FastMIMEMultipart
-    assert apprise_email.MIMEText is FastMIMEText
+    (plugin,) = worker.delivery.load_services("mailto://127.0.0.1:25?from=h@g.example&to=a@b.c")
+    sends_from = sys.modules[type(plugin).send.__module__]  # the module a mailto:// send uses
+    assert sends_from.MIMEMultipart is FastMIMEMultipart
+    assert sends_from.MIMEText is FastMIMEText
 
     def prepared(seed: int) -> str:
         random.seed(seed)
