@@ -138,3 +138,40 @@ def post_batch(session: requests.Session, url: str, key: str, batch: list[dict[s
         if stored != len(batch):
             raise RuntimeError(f"{url} stored {stored} of {len(batch)} bookings")
         return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.api_intake --n 20000`: the batch route alone, on a fresh
+    redis-server, with the bookings of benchmarks/intake.py and the repository's config."""
+    import argparse
+    import tempfile
+    from types import SimpleNamespace
+
+    from benchmarks.intake import ROOT, realistic_bookings
+    from worker.embedded import RedisServer
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--n", type=int, default=20000, help="bookings (default 20000)")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    docs = list(realistic_bookings(args.n, seed=args.seed))
+    procs = Processes()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            result = measure_batch_intake(
+                SimpleNamespace(intake_budget=600.0), Path(tmp), ROOT / "config", docs, procs,
+                server.url, {k: v for k, v in __import__("os").environ.items()
+                             if not k.startswith("REMINDERS_")})
+        finally:
+            server.stop()
+    if not result.get("available"):
+        print(f"no batch intake: {result.get('reason')}")
+        return 1
+    print(f"POST {ROUTE}: {result['bookings']:,} bookings in {result['requests']} batches of "
+          f"{result['batch']:,} in {result['seconds']:.2f} s = {result['rate']:,.0f} bookings/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -59,9 +59,12 @@ def variants(booking_doc, catalog):
 
 def apply_args(prepared):
     """The apply script's input for one booking, order-free where order does not matter."""
-    clinic, booking_id, check, doc, keep, hset, hdel, due, *removals = json.loads(prepared.args)
+    head, doc = prepared.args
+    (clinic, booking_id, check, keep, hset, hdel, due, emits, unindex, guard, counts, contacts,
+     *removals) = json.loads(head)
     return (clinic, booking_id, check, doc, keep, dict(zip(hset[0::2], hset[1::2], strict=True)),
-            hdel, dict(zip(due[0::2], due[1::2], strict=True)), removals)
+            hdel, dict(zip(due[1::2], due[0::2], strict=True)), removals, emits, unindex, guard,
+            dict(zip(counts[0::2], counts[1::2], strict=True)), contacts)
 
 
 @pytest.mark.parametrize("release", [False, True])

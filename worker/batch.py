@@ -57,8 +57,6 @@ from .planner import Plan, PlanRecord, plan, plan_from_record, plan_record
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from .store import Store
-
 MAX_WHOLE_INPUT_BYTES = 64 * 1024 * 1024
 CHUNK = 500  # bookings per check task and per store batch
 SPOOL_AFTER = 2000  # accepted bookings kept in memory before the rest go to a temporary file
@@ -482,8 +480,20 @@ class Spool:
         pickle.dump(self.pending, self.file, protocol=pickle.HIGHEST_PROTOCOL)
         self.pending = []
 
-    def chunks(self) -> Iterator[list[Accepted]]:
-        """The accepted bookings in input order, CHUNK at a time."""
+    def chunks(self, size: int | None = None) -> Iterator[list[Accepted]]:
+        """The accepted bookings in input order, `size` (CHUNK) at a time (the last one
+        shorter)."""
+        size = size or CHUNK
+        chunk: list[Accepted] = []
+        for part in self._parts():
+            chunk += part
+            while len(chunk) >= size:
+                yield chunk[:size]
+                chunk = chunk[size:]
+        if chunk:
+            yield chunk
+
+    def _parts(self) -> Iterator[list[Accepted]]:
         for start in range(0, len(self.memory), CHUNK):
             yield self.memory[start : start + CHUNK]
         self._flush()
@@ -506,15 +516,6 @@ def decode(item: Accepted, catalog: Catalog) -> tuple[Booking, Plan]:
     booking = trusted_booking(doc)
     clinic = catalog.clinics[booking.clinic]
     return booking, plan_from_record(record, clinic.send_window, clinic.sms)
-
-
-def versions(store: Store, keys: list[tuple[str, str]]) -> list[str | None]:
-    """The stored version of each booking (None: not stored), in one round trip."""
-    pipe = store.redis.pipeline(transaction=False)
-    for clinic, booking_id in keys:
-        pipe.hget(store.booking_key(clinic, booking_id), "version")
-    return [None if v is None else (v.decode() if isinstance(v, bytes) else str(v))
-            for v in pipe.execute()]
 
 
 # --- output, progress, garbage collection ---------------------------------------------

@@ -31,7 +31,6 @@ from .batch import (
     quiet_gc,
     read_documents,
     refusal_heading,
-    versions,
 )
 from .catalog import Catalog
 from .errors import ConfigError, NotFound
@@ -48,6 +47,9 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
 # Booking files (reading, checking, storing in chunks): worker/batch.py.
 TABLES_UP_TO = 20  # `book` prints each timeline for at most this many bookings
+# Bookings per `Store.upsert_many` call: it reads them all at once, then overlaps preparing
+# each apply chunk in Python with Redis applying the one before.
+STORE_BATCH = 4000
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
@@ -254,10 +256,10 @@ def store_all(
     progress.start("storing", spool.count)
     out = JsonArrayOut(sys.stdout, single) if args.json else None
     try:
-        for chunk in spool.chunks():
+        for chunk in spool.chunks(STORE_BATCH):
             items = [decode(item, catalog) for item in chunk]
-            before = versions(store, [booking.key for booking, _ in items])
-            timelines = store.upsert_many(items, now)
+            before: list[str | None] = [None] * len(items)
+            timelines = store.upsert_many(items, now, previous=before)
             for (booking, planned), old, timeline in zip(items, before, timelines, strict=True):
                 kind = ("new" if old is None
                         else "unchanged" if str(timeline["version"]) == old else "changed")

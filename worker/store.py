@@ -112,8 +112,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Literal, cast
 
+import orjson
 import redis
 
 from .clinics import SendWindow
@@ -121,7 +122,7 @@ from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices
 from .optout import normal_contact
-from .planner import Plan, cap_plan, is_hold_notice
+from .planner import Plan, PlannedReminder, cap_plan, is_hold_notice
 from .protocols import REPAUSE_STEP, parse_notice_steps
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
@@ -897,8 +898,12 @@ return 1
 
 # The upsert's write, for a chunk of bookings. First the texts the chunk refers to (a text
 # id already taken by other words is reported, and nothing is written). Then per booking
-# (one JSON array each): its check ('' = it must not exist yet; '-' = nothing to write,
-# only retention; else the hash's fields as they were read), the writes, and retention.
+# (`apply_args`): a JSON array (its check: '' = it must not exist yet; '-' = nothing to
+# write, only retention; else the hash's fields as they were read; its retention, the hash
+# fields to set and to delete, its due entries as ZADD takes them (score, ref), ...), then
+# its document ('' = unchanged) as a plain argument, not inside the JSON (no escaping, no
+# decoding). The metrics it counts come precomputed (counted only for a booking whose
+# write applies).
 # Returns {'ok', the positions of bookings whose check failed (changed since read)...}.
 _APPLY = """
 local due_key, lease_key, dead_key, layout_key, texts_key =
@@ -941,17 +946,22 @@ local function refs(keys, base)
 end
 local out = {'ok'}
 local tally = {}  -- metrics: "<what>|<clinic>|<channel>" -> count, one HINCRBY each at the end
-for index = i, #ARGV do
-  -- clinic, booking id, check, document ('' = unchanged), keep until, fields to set,
-  -- fields to delete, due (key, score, ...), keys out of due, of lease, of dead letters.
-  local b = cjson.decode(ARGV[index])
-  local clinic, booking_id, check, doc, keep = b[1], b[2], b[3], b[4], tonumber(b[5])
-  local hset, hdel, due, rm_due, rm_lease, rm_dead = b[6], b[7], b[8], b[9], b[10], b[11]
-  local emits = b[12] or {}  -- clinic events ({kind, type, fields}) that come with the write
-  local unindex = b[13] or ''  -- contact ids the booking no longer has (the contact index)
-  -- The SMS cap's read of the patient's other bookings (see `_caps_read`): {contact id, min
-  -- score, limit, the members read, {booking id, version, ...}}; they must be unchanged.
-  local guard = b[14]
+local position = 0
+while i <= #ARGV do
+  position = position + 1
+  -- clinic, booking id, check, keep until, fields to set, fields to delete, due entries
+  -- (score, ref, ...), clinic events ({kind, type, fields}) that come with the write,
+  -- contact ids the booking no longer has (the contact index), the SMS cap's guard (or
+  -- false), metrics {name, count, ...}, its contact ids, keys out of due, of lease, of
+  -- dead letters; then the document.
+  local b = cjson.decode(ARGV[i])
+  local clinic, booking_id, check, keep_s = b[1], b[2], b[3], b[4]
+  local hset, hdel, due = b[5], b[6], b[7]
+  local emits, unindex, guard, counts, contacts = b[8], b[9], b[10], b[11], b[12]
+  local rm_due, rm_lease, rm_dead = b[13], b[14], b[15]
+  local keep = tonumber(keep_s)
+  local doc = ARGV[i + 1]
+  i = i + 2
   local base = clinic .. '/' .. booking_id
   local bkey, dkey = prefix .. ':b:' .. base, prefix .. ':d:' .. base
   local ok
@@ -962,6 +972,8 @@ for index = i, #ARGV do
   else
     ok = same(redis.call('HGETALL', bkey), check)
   end
+  -- The SMS cap's read of the patient's other bookings (see `_caps_read`): {contact id, min
+  -- score, limit, the members read, {booking id, version, ...}}; they must be unchanged.
   if ok and guard then
     local ckey = prefix .. ':c:' .. clinic .. '/' .. guard[1]
     local got = redis.call('ZRANGEBYSCORE', ckey, guard[2], '+inf', 'LIMIT', 0, guard[3])
@@ -979,20 +991,16 @@ for index = i, #ARGV do
     end
   end
   if not ok then
-    table.insert(out, index - i + 1)
+    table.insert(out, position)
   else
     if check ~= '-' then
-      if doc ~= '' then redis.call('SET', dkey, doc) end
+      if doc ~= '' then
+        if check == '' then redis.call('SET', dkey, doc, 'EXAT', keep_s)
+        else redis.call('SET', dkey, doc) end
+      end
       if #hset > 0 then redis.call('HSET', bkey, unpack(hset)) end
       if #hdel > 0 then redis.call('HDEL', bkey, unpack(hdel)) end
-      if #due > 0 then
-        local args = {}
-        for j = 1, #due, 2 do
-          args[j] = due[j + 1]
-          args[j + 1] = base .. '/' .. due[j]
-        end
-        redis.call('ZADD', due_key, unpack(args))
-      end
+      if #due > 0 then redis.call('ZADD', due_key, unpack(due)) end
       if #rm_due > 0 then redis.call('ZREM', due_key, unpack(refs(rm_due, base))) end
       if #rm_lease > 0 then redis.call('ZREM', lease_key, unpack(refs(rm_lease, base))) end
       if #rm_dead > 0 then redis.call('ZREM', dead_key, unpack(refs(rm_dead, base))) end
@@ -1000,30 +1008,17 @@ for index = i, #ARGV do
       if unindex ~= '' then unindex_booking(prefix, clinic, booking_id, unindex) end
       -- Metrics (worker/metrics.py): reminders put into the schedule (new, moved or
       -- re-opened) and reminders the plan skips, counted for the whole script (`tally`).
-      local function tally_of(what, k)
-        local name = what .. '|' .. clinic .. '|' .. (string.match(k, ':([^:]*)$') or '')
-        tally[name] = (tally[name] or 0) + 1
-      end
-      for j = 1, #due, 2 do tally_of('scheduled', due[j]) end
-      local was = {}
-      if type(check) == 'table' then
-        for j = 1, #check, 2 do was[check[j]] = check[j + 1] end
-      end
-      for j = 1, #hset, 2 do
-        local f, v = hset[j], hset[j + 1]
-        if is_reminder(f) and string.sub(v, 1, 1) == 'K'
-          and string.sub(was[f] or '', 1, 1) ~= 'K' then
-          tally_of('skipped', f)
-        end
+      for j = 1, #counts, 2 do
+        tally[counts[j]] = (tally[counts[j]] or 0) + counts[j + 1]
       end
     end
     if check == '' then
       -- A new booking: nothing attempted, nothing dead, no earlier expiry.
-      -- (its keep_until came with its fields.)
+      -- (its keep_until came with its fields; its document expires as it is set.)
       redis.call('EXPIREAT', bkey, keep)
-      redis.call('EXPIREAT', dkey, keep)
+      if doc == '' then redis.call('EXPIREAT', dkey, keep) end
       redis.call('ZADD', prefix .. ':bookings:' .. clinic, keep, booking_id)
-      index_booking(prefix, clinic, booking_id, redis.call('HGET', bkey, 'contacts'), keep)
+      index_booking(prefix, clinic, booking_id, contacts, keep)
     elseif redis.call('EXISTS', bkey) == 1 then
       keep_booking(prefix, clinic, booking_id, keep)
     end
@@ -1032,6 +1027,46 @@ end
 for name, n in pairs(tally) do redis.call('HINCRBY', prefix .. ':metrics', name, n) end
 return out
 """
+
+
+def apply_args(
+    clinic: str, booking_id: str, check: str | list[str], doc: str, keep: str,
+    hset: list[str], hdel: list[str], due: list[str], rm_due: list[str],
+    rm_lease: list[str], rm_dead: list[str], emits: list[Any], unindex: str,
+    guard: list[Any] | None, contacts: str, was: Mapping[str, str],
+) -> list[str | bytes]:
+    """One booking's arguments of the apply script (see _APPLY). `due` is (key, score, ...);
+    `was` the hash as read (for the skipped reminders counted: those not skipped before)."""
+    base = f"{clinic}/{booking_id}/"
+    zadd: list[str] = []
+    tally: dict[str, int] = {}
+    for n in range(0, len(due), 2):
+        key = due[n]
+        zadd += [due[n + 1], base + key]
+        name = f"scheduled|{clinic}|{_channel_of(key)}"
+        tally[name] = tally.get(name, 0) + 1
+    for n in range(0, len(hset), 2):
+        field, value = hset[n], hset[n + 1]
+        if value[:1] == "K" and ":" in field and field[-1:] != "+" and \
+                was.get(field, "")[:1] != "K":
+            name = f"skipped|{clinic}|{_channel_of(field)}"
+            tally[name] = tally.get(name, 0) + 1
+    counts = [x for kv in tally.items() for x in kv]
+    head = _dumps([clinic, booking_id, check, keep, hset, hdel, zadd, emits, unindex,
+                   guard if guard is not None else False, counts, contacts, rm_due, rm_lease,
+                   rm_dead])
+    return [head, doc]
+
+
+def _channel_of(key: str) -> str:
+    """What the script's `string.match(key, ':([^:]*)$')` finds ('' without a ':')."""
+    head, colon, channel = key.rpartition(":")
+    return channel if colon else ""
+
+
+def _dumps(value: Any) -> bytes:
+    """Compact JSON (UTF-8) for the scripts' arguments."""
+    return orjson.dumps(value)
 
 
 # How each finish reads in the attempt log.
@@ -1378,7 +1413,7 @@ class _CapsRead:
 class _Prepared:
     """One booking's upsert, ready for the apply script."""
 
-    args: str  # the apply script's JSON array for it
+    args: list[str | bytes]  # the apply script's arguments for it (`apply_args`)
     timeline: dict[str, Any]
 
 
@@ -1416,6 +1451,8 @@ class Store:
         self._apply = script(_PRELUDE + _APPLY)
         self._layout_ok = False
         self._ids: dict[str, str] = {}  # text -> its id (known not to collide)
+        # A new booking's reminder apart from its instants, per kind (`_reminder_static`).
+        self._static: dict[tuple[Any, ...], Any] = {}
         self._texts: dict[str, str] = {}  # text id -> text, as read from Redis
         self._taken: set[str] = set()  # ids that name other words
         self._contact_secret: bytes | None = None
@@ -1559,34 +1596,44 @@ class Store:
         return self.upsert_many([(booking, plan)], now, release=release)[0]
 
     def upsert_many(
-        self, items: list[tuple[Booking, Plan]], now: datetime, *, release: bool = False
+        self, items: list[tuple[Booking, Plan]], now: datetime, *, release: bool = False,
+        previous: list[str | None] | None = None,
     ) -> list[dict[str, Any]]:
         """`upsert` each (booking, plan), in a few round trips per chunk; return the timelines.
 
-        Per chunk: one pipelined read, the reconcile in Python, one apply script. A booking
-        that changed between the read and the apply (or appears again later in the batch)
-        is read and reconciled again, so the result is that of upserting them one by one.
-        While Redis applies one chunk, the next is read and prepared; it is sent only once
-        the one before is wholly done (a booking in both is then found changed and redone).
+        `previous`, when given (a list as long as `items`), gets each booking's version as
+        it was before its write (None: it was not stored), read in the same step as the
+        write, so a caller tells new, changed and unchanged bookings apart without reading.
+
+        First every booking is read at once (one pipelined read of their hashes, and the
+        SMS cap's reads); then the apply scripts go one chunk at a time, each chunk
+        prepared in Python while Redis applies the one before (Redis works on the other
+        core). A booking id (or a capped patient) met again in the batch waits until that
+        pass is done, as does a booking that changed between the read and its apply: each
+        is then read and reconciled again, in input order, so the result is that of
+        upserting them one by one.
         """
         self._ready()
         out: list[dict[str, Any] | None] = [None] * len(items)
-        chunks = [list(range(start, min(start + APPLY_CHUNK, len(items))))
-                  for start in range(0, len(items), APPLY_CHUNK)]
-        if len(chunks) == 1:
-            self._upsert_rounds(chunks[0], items, now, release, out)
-        elif chunks:
+        before: list[str | None] = [None] * len(items) if previous is None else previous
+        first = self._select(list(range(len(items))), items, whole=True)
+        if first.batch:
+            stored = self._read([item[0].key for _, item in first.batch])
+            caps = self._caps_read([item for _, item in first.batch])
+            redo = list(first.later)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-apply") as pool:
                 sent: tuple[_Round, Future[Any]] | None = None
-                for chunk in chunks:
-                    ready = self._round(chunk, items, now, release)
+                for start in range(0, len(first.batch), APPLY_CHUNK):
+                    part = slice(start, start + APPLY_CHUNK)
+                    ready = self._prepared(
+                        _Round(first.batch[part], stored[part], [], caps[part]), now, release)
                     if sent is not None:
-                        redo = self._settle(sent[0], sent[1].result(), now, release, out)
-                        self._upsert_rounds(redo, items, now, release, out)
+                        redo += self._settle(sent[0], sent[1].result(), now, release, out,
+                                             before)
                     sent = (ready, pool.submit(self._send, ready))
                 assert sent is not None
-                redo = self._settle(sent[0], sent[1].result(), now, release, out)
-                self._upsert_rounds(redo, items, now, release, out)
+                redo += self._settle(sent[0], sent[1].result(), now, release, out, before)
+            self._upsert_rounds(sorted(redo), items, now, release, out, before)
         return cast(list[dict[str, Any]], out)
 
     def _upsert_rounds(
@@ -1596,20 +1643,22 @@ class Store:
         now: datetime,
         release: bool,
         out: list[dict[str, Any] | None],
+        before: list[str | None],
     ) -> None:
-        """Read, prepare and apply the bookings at `todo` until every one is written."""
+        """Read, prepare and apply the bookings at `todo` until every one is written,
+        APPLY_CHUNK at a time."""
         while todo:
-            ready = self._round(todo, items, now, release)
-            todo = self._settle(ready, self._send(ready), now, release, out)
+            ready = self._round(todo[:APPLY_CHUNK], items, now, release)
+            todo = sorted(self._settle(ready, self._send(ready), now, release, out, before)
+                          + todo[APPLY_CHUNK:])
 
-    def _round(
-        self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool
-    ) -> _Round:
-        """Read and prepare the bookings at `todo`; the same booking again waits for the
-        next round, to be reconciled against what the first wrote. So does another booking
-        of a patient already in the round under an SMS cap: the cap reads the patient's
-        other bookings, which the first one's write changes (its guard would refuse it, and
-        every later round would read them all again for nothing)."""
+    def _select(self, todo: list[int], items: list[tuple[Booking, Plan]], *,
+                whole: bool = False) -> _Round:
+        """The bookings at `todo` that can go in one pass: the same booking again waits
+        for the next, to be reconciled against what the first wrote. So does another
+        booking of a patient already in the pass under an SMS cap: the cap reads the
+        patient's other bookings, which the first one's write changes (its guard would
+        refuse it, and every later pass would read them all again for nothing)."""
         seen: set[tuple[str, str]] = set()
         patients: set[tuple[str, str]] = set()
         batch: list[tuple[int, tuple[Booking, Plan]]] = []
@@ -1626,9 +1675,16 @@ class Store:
                 if patient is not None:
                     patients.add(patient)
             seen.add(key)
-        stored = self._read([item[0].key for _, item in batch])
-        caps = self._caps_read([item for _, item in batch])
-        return self._prepared(_Round(batch, stored, later, caps), now, release)
+        return _Round(batch, [], later)
+
+    def _round(
+        self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool
+    ) -> _Round:
+        """Read and prepare the bookings at `todo` that can go in one round (`_select`)."""
+        ready = self._select(todo, items)
+        ready.stored = self._read([item[0].key for _, item in ready.batch])
+        ready.caps = self._caps_read([item for _, item in ready.batch])
+        return self._prepared(ready, now, release)
 
     # The SMS cap across a patient's bookings reads at most this many of their other
     # bookings at the clinic (the live ones kept longest); a patient with more is capped
@@ -1686,7 +1742,8 @@ class Store:
         args: list[Any] = [self.prefix, len(texts)]
         for tid, text in texts.items():
             args += [tid, text]
-        args += [p.args for p in ready.prepared]
+        for p in ready.prepared:
+            args += p.args
         ready.texts, ready.args = texts, args
         return ready
 
@@ -1698,12 +1755,13 @@ class Store:
 
     def _settle(
         self, ready: _Round, reply: Any, now: datetime, release: bool,
-        out: list[dict[str, Any] | None],
+        out: list[dict[str, Any] | None], before: list[str | None],
     ) -> list[int]:
         """Take in an apply's reply; fill `out`; return the positions to do again."""
         while reply[0] == "collision":  # nothing was written: prepare with a longer id
             self._taken.add(str(reply[1]))
             self._ids = {t: i for t, i in self._ids.items() if i != reply[1]}
+            self._static.clear()  # it names texts by their ids
             reply = self._send(self._prepared(ready, now, release))
         if reply[0] == "layout":
             self._layout_ok = False
@@ -1711,11 +1769,13 @@ class Store:
         failed = {int(x) - 1 for x in reply[1:]}
         self._texts.update(ready.texts)
         redo = list(ready.later)
-        for n, ((i, _), p) in enumerate(zip(ready.batch, ready.prepared, strict=True)):
+        for n, ((i, _), p, stored) in enumerate(zip(ready.batch, ready.prepared, ready.stored,
+                                                     strict=True)):
             if n in failed:
                 redo.append(i)
             else:
                 out[i] = p.timeline
+                before[i] = stored.fields.get("version") if stored.fields else None
         return sorted(redo)
 
     def _prepare(
@@ -1772,45 +1832,37 @@ class Store:
         hset = [x for k, v in fields.items() if v for x in (k, v)]
         due: list[str] = []
         entries = []
+        static = self._static
         for r in plan.reminders:
-            notice = is_hold_notice(r.key)
-            if notice and not held:  # released: the hold notice has nothing to say
+            # What does not depend on the booking's instants is worked out once per kind of
+            # reminder (a protocol has a few dozen): `_reminder_static`.
+            hit = static.get((r.key, r.step, r.channel, r.template, r.occurrence, r.status,
+                              r.reason, r.at_booking, r.expires_note, held, hold_reason))
+            if hit is None:
+                hit = self._reminder_static(r, held, hold_reason)
+            if hit is False:  # released: the hold notice has nothing to say
                 continue
-            step, _, occurrence = _key_parts(r.key)
-            if (r.step, r.channel) != (step, _):
-                raise ValueError(f"reminder {r.key!r}: step or channel is not the key's")
-            skipped = r.status == Status.SKIPPED
+            head, tail, goes_due, shown_status, reason, used = hit
+            if used:
+                texts.update(used)
             planned, due_iso = _stamps(r.due_at)
-            expires = _stamps(r.expires_at) if r.expires_at else None
-            flags = ("b" if r.at_booking else "") + (
-                f"#{r.occurrence}" if r.occurrence != occurrence else "")
-            main = [
-                "K" if skipped else "S",
-                "1",
-                planned,
-                "",
-                expires[0] if expires else "",
-                intern(r.expires_note, texts) if r.expires_note else "",
-                "" if r.template == step else intern(r.template, texts),
-                flags,
-                "@" + intern(r.reason, texts) if r.reason else "",
-            ]
-            hset += [r.key, _join(main)]
-            if not skipped and (notice or not held):
-                due += [r.key, planned]
             entry: dict[str, Any] = {
                 "id": r.key,
                 "step": r.step,
                 "channel": r.channel,
                 "due_at": due_iso,
-                "status": str(r.status),
+                "status": shown_status,
                 "attempts": 0,
                 "sent_at": None,
-                "reason": (f"booking held: {hold_reason}" if held and not skipped
-                           and not notice else r.reason or None),
+                "reason": reason,
             }
-            if expires:
-                entry["expires_at"] = expires[1]
+            if r.expires_at is not None:
+                expires, entry["expires_at"] = _stamps(r.expires_at)
+                hset += [r.key, f"{head}{planned}||{expires}{tail}"]
+            else:
+                hset += [r.key, f"{head}{planned}||{tail}" if tail else head + planned]
+            if goes_due:
+                due += [r.key, planned]
             entries.append(entry)
         entries.sort(key=_entry_order)
         shown: str = status
@@ -1823,9 +1875,48 @@ class Store:
                     "late_pause": bool(plan.late_pause), "reminders": entries}
         emits = (self._held_events(booking, 1, hold_reason, bool(plan.late_pause)) if held
                  else self._late_pause_events(booking, 1, plan.late_pause))
-        args = json.dumps([clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], [],
-                           emits, *_tail("", guard)], ensure_ascii=False, separators=(",", ":"))
+        args = apply_args(clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], [],
+                          emits, "", guard, fields["contacts"], {})
         return _Prepared(args, timeline)
+
+    _STATIC_MAX = 4096  # kinds of reminder kept by `_reminder_static`
+
+    def _reminder_static(
+        self, r: PlannedReminder, held: bool, hold_reason: str
+    ) -> tuple[str, str, bool, str, str | None, dict[str, str]] | Literal[False]:
+        """What a new booking's reminder stores and shows apart from its instants: the
+        stored form's head and tail (its planned and expiry epochs go between), whether it
+        goes due, its status and reason as the timeline shows them, and the texts it names
+        (id -> text); False for a hold notice of a booking not held. Memoised in
+        `_static` by everything it depends on (forgotten when a text id changes)."""
+        notice = is_hold_notice(r.key)
+        value: tuple[str, str, bool, str, str | None, dict[str, str]] | Literal[False]
+        if notice and not held:
+            value = False
+        else:
+            step, channel, occurrence = _key_parts(r.key)
+            if (r.step, r.channel) != (step, channel):
+                raise ValueError(f"reminder {r.key!r}: step or channel is not the key's")
+            skipped = r.status == Status.SKIPPED
+            used: dict[str, str] = {}
+            intern = self._intern
+            flags = ("b" if r.at_booking else "") + (
+                f"#{r.occurrence}" if r.occurrence != occurrence else "")
+            tail = _join([
+                intern(r.expires_note, used) if r.expires_note else "",
+                "" if r.template == step else intern(r.template, used),
+                flags,
+                "@" + intern(r.reason, used) if r.reason else "",
+            ])
+            value = (("K" if skipped else "S") + "|1|", "|" + tail if tail else "",
+                     not skipped and (notice or not held), str(r.status),
+                     f"booking held: {hold_reason}" if held and not skipped and not notice
+                     else r.reason or None, used)
+        if len(self._static) >= self._STATIC_MAX:
+            self._static.clear()
+        self._static[(r.key, r.step, r.channel, r.template, r.occurrence, r.status, r.reason,
+                      r.at_booking, r.expires_note, held, hold_reason)] = value
+        return value
 
     def _held_events(
         self, booking: Booking, version: int, reason: str, late: bool = False
@@ -1887,7 +1978,8 @@ class Store:
         was_late = booking_fields.get("late_pause", "")
         if (not result.changed and not result.changes and not window_changed
                 and had == contacts and was_late == late):
-            args = json.dumps([clinic, booking_id, "-", "", keep, [], [], [], [], [], []])
+            args = apply_args(clinic, booking_id, "-", "", keep, [], [], [], [], [], [], [], "",
+                              None, "", {})
             return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields,
                                                       reminders, stored.doc))
         version = int(booking_fields.get("version", 0)) + (1 if result.changed else 0)
@@ -2007,10 +2099,9 @@ class Store:
                 was_late != late or was.get("status") == Status.HELD):
             emits += self._late_pause_events(booking, version, plan.late_pause)
         unindex = " ".join(sorted(set(had.split()) - set(contacts.split())))
-        args = json.dumps([clinic, booking_id, check,
-                           doc if changed_doc else "", keep, hset, hdel, due, rm_due, rm_lease,
-                           rm_dead, emits, *_tail(unindex, guard)],
-                          ensure_ascii=False, separators=(",", ":"))
+        args = apply_args(clinic, booking_id, check, doc if changed_doc else "", keep, hset,
+                          hdel, due, rm_due, rm_lease, rm_dead, emits, unindex, guard, contacts,
+                          stored.fields)
         return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields, reminders,
                                                  doc))
 
@@ -2727,13 +2818,6 @@ class Store:
                         "starts_at": booking.get("starts_at"),
                         "hold_reason": hold or None, "updated_at": updated or None})
         return out
-
-
-def _tail(unindex: str, guard: list[Any] | None) -> list[Any]:
-    """The apply script's optional last slots for one booking (unindex, guard)."""
-    if guard is not None:
-        return [unindex, guard]
-    return [unindex] if unindex else []
 
 
 def _sms_times(fields: Mapping[str, str]) -> list[datetime]:

@@ -308,11 +308,13 @@ def batch_bookings(
         results.append({"index": index, "booking_id": booking.booking_id})
         accepted.append((index, booking, planned))
     if accepted:
-        ids = [booking.booking_id for _, booking, _ in accepted]
-        existed = svc.store.bookings_exist(caller.clinic, ids)
-        timelines = svc.store.upsert_many([(b, p) for _, b, p in accepted], now)
+        # Which existed (200) or not (201): read by the same step that writes each.
+        existed: list[str | None] = [None] * len(accepted)
+        timelines = svc.store.upsert_many([(b, p) for _, b, p in accepted], now,
+                                          previous=existed)
         for (index, _, _), timeline, old in zip(accepted, timelines, existed, strict=True):
-            results[index].update({"status": 200 if old else 201, "timeline": timeline})
+            results[index].update({"status": 200 if old is not None else 201,
+                                   "timeline": timeline})
     refused_count = len(items) - len(accepted)
     log.info("batch for clinic %s: %d stored, %d refused", caller.clinic, len(accepted),
              refused_count)
