@@ -1,13 +1,16 @@
 """Idle worker memory, ours and the naive peer's, in one run (not part of `make bench`).
 
-    python -m benchmarks.rss_probe [--settle 3] [--only ours|naive] [--maps] [--keep]
+    python -m benchmarks.rss_probe [--settle 3] [--only ours|naive] [--maps] [--burst N]
+                                   [--keep]
 
 Starts the sinks, then this service's worker (and beat) on a fresh Redis exactly as the side
 by side harness does (benchmarks/side_by_side.py `OursService`), and the naive peer's worker
 on another (`NaiveService`), waits --settle seconds after each is ready, and prints for each
 worker process: VmRSS, and from /proc/PID/smaps_rollup the private (dirty + clean) and the
 shared part of it and PSS; then each worker's group sum of VmRSS, the figure `make bench`
-reports as "worker RSS" (benchmarks/procs.py `group_rss_bytes`).
+reports as "worker RSS" (benchmarks/procs.py `group_rss_bytes`). With --burst N, then N
+emails and N SMS due at one instant through each worker, and the same figures once they
+arrived (`make bench`'s "after the sends" is measured after its burst and steady stream).
 """
 
 from __future__ import annotations
@@ -21,12 +24,22 @@ from typing import Any
 
 from benchmarks.procs import Processes, group_pids, vm_rss_kib
 from benchmarks.side_by_side import (
+    NAIVE_INTAKE_PER_SECOND,
     NaiveService,
     OursService,
     Params,
     Sinks,
+    _sleep_until,
+    bench_booking,
+    collect,
+    email_of,
+    naive_items,
+    naive_publish,
+    phone_of,
     rss_sample,
+    sink_key,
     write_config,
+    write_jsonl,
 )
 
 MB = 1024 * 1024
@@ -84,6 +97,30 @@ def describe(name: str, leader: int, maps: bool = False) -> int:
     return total
 
 
+def burst_ours(svc: OursService, sinks: Sinks, n: int, workdir: Path) -> None:
+    """Book n bookings, each an email and an SMS due at one instant; wait until they arrive."""
+    due = time.time() + 6.0 + n / 500
+    docs, expected = [], {}
+    for i in range(n):
+        email, phone = email_of("ours-burst", i), phone_of("ours-burst", i)
+        docs.append(bench_booking(f"burst-{i}", due, email, phone, ["email", "sms"]))
+        expected[("email", sink_key("email", email))] = due
+        expected[("sms", sink_key("sms", phone))] = due
+    mark = sinks.mark()
+    svc.ours.book(write_jsonl(workdir / "burst.jsonl", docs))
+    collect(sinks, mark, expected, due + 60.0, "ours burst")
+
+
+def burst_naive(svc: NaiveService, sinks: Sinks, n: int) -> None:
+    """The same burst as ETA tasks; wait until they arrive."""
+    due = time.time() + 4.0 + 2 * n / NAIVE_INTAKE_PER_SECOND
+    items, expected = naive_items("naive-burst", [due] * 2 * n, ["email", "sms"] * n)
+    mark = sinks.mark()
+    naive_publish(svc.app, items)
+    _sleep_until(due)
+    collect(sinks, mark, expected, due + 60.0, "naive burst")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.rss_probe")
     ap.add_argument("--settle", type=float, default=3.0,
@@ -91,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("ours", "naive"), default=None)
     ap.add_argument("--maps", action="store_true",
                     help="also each process's largest mappings by resident size")
+    ap.add_argument("--burst", type=int, default=0,
+                    help="then this many emails and SMS through each, and the figures again")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="rss-probe-"))
@@ -107,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.settle)
             assert ours.ours.worker is not None
             sums["ours"] = describe("ours", ours.ours.worker.pid, args.maps)
+            if args.burst:
+                burst_ours(ours, sinks, args.burst, workdir / "ours")
+                time.sleep(args.settle)
+                sums["ours after"] = describe("ours after the burst", ours.ours.worker.pid,
+                                              args.maps)
             ours.stop()
         if args.only != "ours":
             (workdir / "naive").mkdir()
@@ -114,9 +158,16 @@ def main(argv: list[str] | None = None) -> int:
             naive.start()  # waits 3 s after "ready", as the harness does
             time.sleep(max(0.0, args.settle - 3.0))
             sums["naive"] = describe("naive", naive.worker.pid, args.maps)
+            if args.burst:
+                burst_naive(naive, sinks, args.burst)
+                time.sleep(args.settle)
+                sums["naive after"] = describe("naive after the burst", naive.worker.pid,
+                                               args.maps)
             naive.stop()
-        if len(sums) == 2:
-            print(f"ours - naive: {(sums['ours'] - sums['naive']) / MB:+.1f} MB")
+        for tail in ("", " after"):
+            if f"ours{tail}" in sums and f"naive{tail}" in sums:
+                diff = sums[f"ours{tail}"] - sums[f"naive{tail}"]
+                print(f"ours - naive{tail}: {diff / MB:+.1f} MB")
     finally:
         procs.stop_all()
         for s in list(servers):
