@@ -163,3 +163,36 @@ def test_real_failed_sends_keep_the_lines_apprises_capture_kept(monkeypatch):
     assert any("550" in line for line in seen["SMTP 550"])
     assert any(line.startswith("Socket Exception") for line in seen["refused"])
     assert any(line.startswith("Socket Exception") for line in seen["SMTP down"])
+
+
+def test_urllib3_answers_are_taken_without_records_during_a_send_only():
+    """The HTTP status of a send's answers comes from urllib3.connectionpool's DEBUG line,
+    taken without a LogRecord in the send; outside a send that logger is urllib3's own."""
+    import requests
+
+    from tests.sinks import HttpSink
+    from worker import delivery
+
+    pool = logging.getLogger("urllib3.connectionpool")
+    handler = Recorder()
+    pool.addHandler(handler)
+    sink = HttpSink().start()
+    try:
+        sink.status = 503
+        with pytest.raises(delivery.DeliveryError) as info:
+            delivery.send_apprise(f"json://127.0.0.1:{sink.port}/sms?:to=%2B34600111222",
+                                  delivery.RenderedMessage("sms", None, "x", None), 5)
+        assert info.value.reason == "HTTP 503 from the provider"
+        assert handler.records == []  # nothing made a record, so nothing could leak
+        parent = logging.getLogger("urllib3")
+        level, _ = parent.level, parent.setLevel(logging.DEBUG)  # someone debugging urllib3
+        try:
+            requests.post(f"http://127.0.0.1:{sink.port}/sms", json={"to": "+1"}, timeout=5)
+        finally:
+            parent.setLevel(level)
+    finally:
+        sink.stop()
+        pool.removeHandler(handler)
+    # Outside a send: urllib3's records as it makes them, where its level lets them pass.
+    assert [('"POST /sms HTTP/1.1" 503' in r.getMessage(), r.funcName)
+            for r in handler.records if "POST" in r.getMessage()] == [(True, "_make_request")]

@@ -95,7 +95,7 @@ def _may_be_kept(msg: object, args: tuple[Any, ...]) -> bool:
         return True
 
 
-def _message(msg: object, args: tuple[Any, ...]) -> str | None:
+def message_text(msg: object, args: tuple[Any, ...]) -> str | None:
     """The text `LogRecord.getMessage()` would give, or None where it would raise."""
     if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
         args = args[0]  # type: ignore[assignment]  # as LogRecord does: "%(name)s" lines
@@ -125,7 +125,7 @@ def _send_aware(level: int, method: Callable[..., None]) -> Callable[..., None]:
             return  # Apprise keeps these out of a call's results
         if level == logging.DEBUG and not _may_be_kept(msg, args):
             return
-        text = _message(msg, args)
+        text = message_text(msg, args)
         if text is not None:
             lines.append((name, text))
 

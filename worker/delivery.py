@@ -143,6 +143,26 @@ class _KeepInTheSend(logging.Filter):
         return False
 
 
+def _answers_of(debug: Callable[..., None]) -> Callable[..., None]:
+    """urllib3.connectionpool's `debug`: during a send, only the HTTP status is taken from
+    the line, as `_KeepInTheSend` would take it from its record, without making the record
+    the filter would then drop (two a request); outside a send, `debug` itself."""
+
+    pool = logging.getLogger("urllib3.connectionpool")
+
+    def pool_debug(msg: object, *args: Any, **kwargs: Any) -> None:
+        answers = _http_answers.get()
+        if answers is None or not pool.isEnabledFor(logging.DEBUG):
+            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1  # the caller, not this
+            debug(msg, *args, **kwargs)
+            return
+        match = _WIRE_STATUS.search(apprise_lines.message_text(msg, args) or "")
+        if match:
+            answers.append(int(match[1]))
+
+    return pool_debug
+
+
 def _confine_library_logs() -> None:
     """Set, once, the loggers of Apprise and urllib3 as the classification needs them."""
     # Apprise logs recipients (and at DEBUG, bodies). Its lines of a send are read only
@@ -158,6 +178,7 @@ def _confine_library_logs() -> None:
     found = pool.level
     pool.setLevel(logging.DEBUG)
     pool.addFilter(_KeepInTheSend(lambda: found or parent.getEffectiveLevel()))
+    pool.debug = _answers_of(pool.debug)  # type: ignore[method-assign]
     for name in ("urllib3.connection", "urllib3.response", "urllib3.poolmanager",
                  "urllib3.util.retry"):
         logging.getLogger(name).addFilter(_KeepInTheSend(lambda: logging.NOTSET))
