@@ -24,6 +24,7 @@ class Recorder(ThreadingHTTPServer):
 
     def __init__(self) -> None:
         self.lines: list[tuple[int, str]] = []  # (client port, request line)
+        self.cookies: list[str | None] = []  # the Cookie header of each request
         self.lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,7 +34,9 @@ class Recorder(ThreadingHTTPServer):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with server.lock:
                     server.lines.append((self.client_address[1], self.requestline))
+                    server.cookies.append(self.headers.get("Cookie"))
                 self.send_response(200)
+                self.send_header("Set-Cookie", "lb=node-7; Path=/")  # as load balancers do
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -70,6 +73,16 @@ def test_a_thread_reuses_its_connection_while_fresh(recorder: Recorder,
     ports = [port for port, _ in recorder.lines]
     assert len(ports) == 4
     assert ports[0] == ports[1] == ports[2] != ports[3]
+
+
+def test_a_kept_session_sends_no_cookie_of_an_earlier_send(recorder: Recorder) -> None:
+    """As with Apprise's own `requests.post` (a new session, an empty cookie jar, each
+    request): what a provider set in one answer is not sent back with the next message."""
+    url = f"json://127.0.0.1:{recorder.port}/sms?:to=%2B34600111222"
+    for _ in range(3):
+        assert send_apprise(url, SMS, 5) == "sent through Apprise"
+    assert len({port for port, _ in recorder.lines}) == 1  # one kept session throughout
+    assert recorder.cookies == [None, None, None]
 
 
 def test_each_thread_has_its_own_connection(recorder: Recorder) -> None:

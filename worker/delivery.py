@@ -481,10 +481,16 @@ _plain_request = requests.api.request
 
 
 def _request(method: str, url: Any, **kwargs: Any) -> requests.Response:
-    """`requests.request`: through the sending thread's session during a send."""
+    """`requests.request`: through the sending thread's session during a send.
+
+    Its cookie jar is emptied first: `requests.request` makes a new session, so no cookie
+    a provider set in an earlier answer goes out with a later request.
+    """
     if not _in_send.get():
         return _plain_request(method, url, **kwargs)
-    return _thread_session().request(method=method, url=url, **kwargs)
+    session = _thread_session()
+    session.cookies.clear()
+    return session.request(method=method, url=url, **kwargs)
 
 
 def _route_apprise_http() -> None:
