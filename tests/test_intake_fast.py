@@ -4,7 +4,8 @@
   replaced, on hypothesis' counts;
 - `models.trusted_booking` (builds the models directly) against `model_construct`;
 - the store's memoised instant forms (`_stamps`) against `_num(timestamp)` and `_utc`, for
-  equal instants given in different zones too.
+  equal instants given in different zones too;
+- the contact ids' HMAC (`store._hmac_sha256`, from padded keys kept) against `hmac.digest`.
 """
 
 from __future__ import annotations
@@ -127,3 +128,16 @@ def test_bookings_exist_is_what_summaries_say(redis_client: Any, catalog: Any) -
     expected = [s is not None for s in store.booking_summaries("glow", ids)]
     assert expected == [True, False, False, False, False, False, False]
     assert store.bookings_exist("glow", ids) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.binary(min_size=16, max_size=150), message=st.binary(max_size=300))
+def test_contact_ids_hmac_is_the_standard_one(key: bytes, message: bytes) -> None:
+    """The padded-key shortcut of contact ids gives RFC 2104's HMAC-SHA256, for keys shorter
+    and longer than SHA-256's block, and again from its memo."""
+    import hmac
+
+    from worker.store import _hmac_sha256
+
+    assert _hmac_sha256(key, message) == hmac.digest(key, message, "sha256")
+    assert _hmac_sha256(key, message) == hmac.digest(key, message, "sha256")

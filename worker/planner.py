@@ -584,6 +584,10 @@ def _word(text: str) -> str:
 _new_reminder = object.__new__
 
 
+def _set_dict(reminder: PlannedReminder, fields: dict[str, object]) -> None:
+    object.__setattr__(reminder, "__dict__", fields)
+
+
 def _reminder(**fields: object) -> PlannedReminder:
     """A PlannedReminder, as `PlannedReminder(**fields)` makes it without its per-field
     frozen `__setattr__` (a few microseconds each, ten per booking)."""
@@ -974,14 +978,17 @@ def plan_from_record(
     """The plan `plan_record` was made of (its window and caps are the clinic's, given here)."""
     status, hold_reason, records, notice_steps, late, rule, protected = record
     reminders = []
-    for values in records:
+    instant, statuses = _instant, _STATUS
+    for key, step, channel, template, occurrence, due, st, reason, at_booking, expires, note \
+            in records:
         reminder: PlannedReminder = _new_reminder(PlannedReminder)
-        fields = reminder.__dict__
-        fields.update(zip(_FIELDS, values, strict=True))
-        fields["due_at"] = _instant(values[5])
-        fields["status"] = _STATUS[values[6]]
-        if values[9] is not None:
-            fields["expires_at"] = _instant(values[9])
+        # The fields in `_FIELDS` order, as one dict (PlannedReminder's own field order).
+        _set_dict(reminder, {
+            "key": key, "step": step, "channel": channel, "template": template,
+            "occurrence": occurrence, "due_at": instant(due), "status": statuses[st],
+            "reason": reason, "at_booking": at_booking,
+            "expires_at": None if expires is None else instant(expires),
+            "expires_note": note})
         reminders.append(reminder)
     return Plan(
         status=Status.HELD if status == Status.HELD else Status.SCHEDULED,

@@ -103,7 +103,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import math
 import time
@@ -1335,8 +1334,33 @@ def contact_id(kind: str, value: str, secret: bytes) -> str:
     hash of a phone number is reversed by trying every number in minutes)."""
     if len(secret) < 16:
         raise ValueError("a contact id needs a secret of at least 16 bytes")
-    mac = hmac.new(secret, f"{kind}:{_contact_value(kind, value)}".encode(), hashlib.sha256)
-    return base64.urlsafe_b64encode(mac.digest()[:CONTACT_ID_BYTES]).decode()
+    mac = _hmac_sha256(secret, f"{kind}:{_contact_value(kind, value)}".encode())
+    return base64.urlsafe_b64encode(mac[:CONTACT_ID_BYTES]).decode()
+
+
+# Per secret, SHA-256 already fed its inner and outer padded key (RFC 2104): an HMAC is then
+# two copies and updates, about 1 us, where `hmac.digest` sets the key up again each call
+# (about 5 us; an intake computes two or three per booking).
+_HMAC_PADS: dict[bytes, tuple[Any, Any]] = {}
+
+
+def _hmac_sha256(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 of `message` under `key` (what `hmac.digest(key, message, "sha256")`
+    returns; tests/test_keys.py compares them)."""
+    pads = _HMAC_PADS.get(key)
+    if pads is None:
+        block = hashlib.sha256(key).digest() if len(key) > 64 else key
+        block = block.ljust(64, b"\0")
+        pads = (hashlib.sha256(bytes(b ^ 0x36 for b in block)),
+                hashlib.sha256(bytes(b ^ 0x5C for b in block)))
+        if len(_HMAC_PADS) >= 16:
+            _HMAC_PADS.clear()
+        _HMAC_PADS[key] = pads
+    inner = pads[0].copy()
+    inner.update(message)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    return cast(bytes, outer.digest())
 
 
 def legacy_contact_id(kind: str, value: str) -> str:
@@ -1818,9 +1842,11 @@ class Store:
         held = status == Status.HELD
         hold_reason = (plan.hold_reason or "") if held else ""
         stamp = utc_iso(now) or ""
-        last = max([r.due_at.timestamp() for r in plan.reminders]
-                   + [booking.starts_at.timestamp()])
-        keep = math.ceil(last + self.retention_seconds)
+        last = booking.starts_at
+        for r in plan.reminders:
+            if r.due_at > last:
+                last = r.due_at
+        keep = math.ceil(last.timestamp() + self.retention_seconds)
         intern = self._intern
         fields = {"status": str(status), "version": "1",
                   "window": f"{plan.window.start}-{plan.window.end}" if plan.window else "",
@@ -1836,8 +1862,9 @@ class Store:
         for r in plan.reminders:
             # What does not depend on the booking's instants is worked out once per kind of
             # reminder (a protocol has a few dozen): `_reminder_static`.
-            hit = static.get((r.key, r.step, r.channel, r.template, r.occurrence, r.status,
-                              r.reason, r.at_booking, r.expires_note, held, hold_reason))
+            hit = static.get((r.key, r.step, r.channel, r.template, r.occurrence,
+                              r.status == Status.SKIPPED, r.reason, r.at_booking,
+                              r.expires_note, held, hold_reason))
             if hit is None:
                 hit = self._reminder_static(r, held, hold_reason)
             if hit is False:  # released: the hold notice has nothing to say
@@ -1890,6 +1917,7 @@ class Store:
         (id -> text); False for a hold notice of a booking not held. Memoised in
         `_static` by everything it depends on (forgotten when a text id changes)."""
         notice = is_hold_notice(r.key)
+        skipped = r.status == Status.SKIPPED
         value: tuple[str, str, bool, str, str | None, dict[str, str]] | Literal[False]
         if notice and not held:
             value = False
@@ -1897,7 +1925,6 @@ class Store:
             step, channel, occurrence = _key_parts(r.key)
             if (r.step, r.channel) != (step, channel):
                 raise ValueError(f"reminder {r.key!r}: step or channel is not the key's")
-            skipped = r.status == Status.SKIPPED
             used: dict[str, str] = {}
             intern = self._intern
             flags = ("b" if r.at_booking else "") + (
@@ -1909,13 +1936,14 @@ class Store:
                 "@" + intern(r.reason, used) if r.reason else "",
             ])
             value = (("K" if skipped else "S") + "|1|", "|" + tail if tail else "",
-                     not skipped and (notice or not held), str(r.status),
+                     not skipped and (notice or not held),
+                     str(Status.SKIPPED if skipped else Status.SCHEDULED),
                      f"booking held: {hold_reason}" if held and not skipped and not notice
                      else r.reason or None, used)
         if len(self._static) >= self._STATIC_MAX:
             self._static.clear()
-        self._static[(r.key, r.step, r.channel, r.template, r.occurrence, r.status, r.reason,
-                      r.at_booking, r.expires_note, held, hold_reason)] = value
+        self._static[(r.key, r.step, r.channel, r.template, r.occurrence,
+                      skipped, r.reason, r.at_booking, r.expires_note, held, hold_reason)] = value
         return value
 
     def _held_events(
