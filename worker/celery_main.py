@@ -10,10 +10,14 @@ inherit them: the pages a pool process inherits count in its own resident size t
 the worker's summed RSS carries that weight three times (`reminders run` starts the
 worker and beat this way: worker/service.py `celery_command`).
 
-Pygments is left out too: Celery's command helpers (celery/bin/base.py) import it, if it is
-installed, only to colour the output of `celery inspect` & co., and print plain text
-without it (their documented fallback); the worker and beat never use it, and its lexer
-tables would be one more weight in every process.
+Two optional imports are left out too, as if those libraries were not installed (both
+callers handle that; each would weigh on every process):
+- pygments: Celery's command helpers (celery/bin/base.py) import it only to colour the
+  output of `celery inspect` & co., and print plain text without it.
+- charset_normalizer (3.7 MB in each pool process, measured): requests imports it to guess
+  the charset of a response body that declares none (`Response.apparent_encoding`), and
+  without it takes UTF-8 (requests/models.py). Nothing here decodes such a body: the
+  classification reads HTTP statuses and Apprise's lines, the webhooks their statuses.
 
 `celery -A worker.celery_app worker` keeps working, as docker-compose.yml runs it.
 """
@@ -21,9 +25,13 @@ tables would be one more weight in every process.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 ROLES = ("worker", "beat")
+# Optional imports of libraries the worker and beat do without (see the docstring).
+LEFT_OUT = ("pygments", "charset_normalizer")
+NO_CHARSET_GUESSING = "Unable to find acceptable character detection dependency"
 APP = "worker.celery_app"
 
 
@@ -35,9 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     role, options = args[0], args[1:]
-    # An import of pygments in this process now fails (ModuleNotFoundError, as when it is
-    # not installed); one made already is kept.
-    sys.modules.setdefault("pygments", None)  # type: ignore[arg-type]
+    # An import of these in this process (and its pool processes) now fails
+    # (ModuleNotFoundError, as when they are not installed); one made already is kept.
+    for name in LEFT_OUT:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    # requests says once, at import, that it guesses no charsets; known and meant here.
+    warnings.filterwarnings("ignore", message=NO_CHARSET_GUESSING, module="requests")
     # Imported only here, as `celery` imports them: after the command line is read.
     from celery.app.utils import find_app
     from celery.bin.base import CLIContext

@@ -163,10 +163,15 @@ def _warm_up_single_process(sender: Any = None, **_: object) -> None:
 @worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _serve_metrics(**_: object) -> None:
     """The worker's Prometheus port (worker/metrics.py), set up before the pool forks."""
+    settings = get_settings()
+    if not settings.metrics_port:
+        # Off (start_worker_metrics would do nothing): prometheus-client stays out of the
+        # main process, which the pool processes would inherit it from (they import it
+        # themselves for their histograms).
+        return
     from .connections import PROBE, client
     from .metrics import start_worker_metrics
 
-    settings = get_settings()
     # Scrapes give up quickly (a scrape must not hang); the client follows Sentinel too.
     start_worker_metrics(client(settings, PROBE, decode=False), settings.key_prefix,
                          settings.data_dir,

@@ -1,7 +1,8 @@
 """The worker as `reminders run` starts it (worker/service.py `celery_command`, through
 worker/celery_main.py) carries only what it sends with: each pool process has imported the
-Apprise plugins of the clinic's channel URLs and no other, and none of Celery's other
-sub-commands' imports (the amqp REPL's prompt_toolkit, pygments); and it delivers.
+Apprise plugins of the clinic's channel URLs and no other, none of Celery's other
+sub-commands' imports (the amqp REPL's prompt_toolkit, pygments), no charset_normalizer;
+and it delivers, by email and through the SMS gateway (an HTTP JSON API).
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def test_each_pool_process_holds_only_the_configured_plugins_and_delivers(
         assert "apprise.plugins.twilio" not in modules
         # Warmed up: the send path is imported before the first message.
         assert {"worker.dispatch", "worker.rendering", "jinja2"} <= modules, pid
-        # Inherited from the main process: none of Celery's other sub-commands' imports.
+        # Inherited from the main process: none of Celery's other sub-commands' imports,
+        # nor the optional libraries worker/celery_main.py leaves out (requests is there,
+        # without its charset guessing).
         assert not {"click_repl", "prompt_toolkit", "pygments", "celery.bin.amqp"} & modules
+        assert "requests" in modules and "charset_normalizer" not in modules
 
     # And it delivers through both plugins (the clinic's email and SMS gateway), with beat
     # started the same way.
