@@ -86,12 +86,12 @@ from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import Booking, Channel
 from .notices import notice_and_invite
-from .optout import contact_hash, make_token, unsubscribe_key
+from .optout import UNSUBSCRIBE_SECRET, contact_hash, make_token, unsubscribe_key
 from .planner import SendTime, at_send_time, next_opening
 from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
-from .store import IN_FLIGHT_MARGIN, Attempt, Store, split_ref
+from .store import IN_FLIGHT_MARGIN, Attempt, Begun, Store, split_ref
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -180,9 +180,13 @@ def attempt(
     soft, hard = settings.send_time_limit
     deadline = started + soft - 1
     token = uuid.uuid4().hex
+    # An email's begin also reads the unsubscribe links' secret as stored (no round trip
+    # of its own), unless the settings give it.
+    secret = UNSUBSCRIBE_SECRET if (settings.unsubscribe_secret is None
+                                    and channel_of(ref) == "email") else None
     try:
         verdict = store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000,
-                                   critical=ctx.catalog.critical_steps)
+                                   critical=ctx.catalog.critical_steps, secret=secret)
     finally:
         if begun:
             begun()
@@ -201,19 +205,25 @@ def attempt(
     watch = watchdog.watch(ref, started + hard) if watchdog else contextlib.nullcontext()
     with watch:
         return _send(ctx, ref, Attempt(version=version, claim=claim, token=token), started,
-                     deadline, guard, via_sms=verdict == "ok sms")
+                     deadline, guard, via_sms=verdict == "ok sms",
+                     begun=verdict if isinstance(verdict, Begun) else Begun(str(verdict)))
 
 
 def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: float,
-          guard: Lanes | None = None, *, via_sms: bool = False) -> str:
-    """The rest of an attempt that holds the ledger: rules, render, deliver, record."""
+          guard: Lanes | None = None, *, via_sms: bool = False,
+          begun: Begun | None = None) -> str:
+    """The rest of an attempt that holds the ledger: rules, render, deliver, record.
+
+    `begun`: the begin's answer; what it read with its fence (the booking's hash and
+    document, the unsubscribe secret) is not read again."""
     settings, store = ctx.settings, ctx.store
+    begun = begun if begun is not None else Begun("ok")
     now = datetime.now(UTC)
     entry: dict[str, Any] = {"at": now.isoformat()}
     number = 1
     place: Place | None = None  # the send window and timezone, once read
     try:  # everything before the hand-over: a failure here cannot have sent anything
-        record, stored_booking = store.record_and_booking(ref)
+        record, stored_booking = store.begun_record(ref, begun)
         number = int(record.get("attempts", 1))
         entry["attempt"] = number
         attempt = replace(attempt, planned=record.get("planned_epoch", ""),
@@ -222,11 +232,14 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(store, ref, attempt, rule, entry)
-        url, envelope, message, headers = _render(ctx, ref, record, booking, now,
-                                                  stored_booking, via_sms=via_sms)
+        with store.reading(ref, begun):
+            url, envelope, message, headers, link = _render(
+                ctx, ref, record, booking, now, stored_booking, via_sms=via_sms,
+                secret=begun.secret)
         if via_sms:
             entry["via"] = "sms: the patient unsubscribed from email; a care-critical step"
-        if not store.still_owned(ref, attempt, send_to=(envelope.channel, envelope.to)):
+        if not store.still_owned(ref, attempt, send_to=(envelope.channel, envelope.to),
+                                 link=link):
             # The clinic's change landed since begin: do not hand it over at all.
             result = store.finish(ref, attempt, "abandon", at=now, entry=entry)
             log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
@@ -332,15 +345,18 @@ def _hold_back(
 
 def _render(
     ctx: Context, ref: str, record: dict[str, str], booking: Booking, now: datetime,
-    stored: dict[str, str] | None = None, *, via_sms: bool = False,
-) -> tuple[str | None, Envelope, RenderedMessage, dict[str, str]]:
-    """Return (Apprise URL or None for the outbox, envelope, message, extra headers);
-    problems of the configuration or the templates are permanent DeliveryErrors. `stored`:
-    the booking's fields (the calendar invite's sequence, what a change notice says).
+    stored: dict[str, str] | None = None, *, via_sms: bool = False, secret: str | None = None,
+) -> tuple[str | None, Envelope, RenderedMessage, dict[str, str], str | None]:
+    """Return (Apprise URL or None for the outbox, envelope, message, extra headers, the id
+    of the unsubscribe link it carries); problems of the configuration or the templates
+    are permanent DeliveryErrors. `stored`: the booking's fields (the calendar invite's
+    sequence, what a change notice says).
 
     `via_sms`: an email reminder of a care-critical step goes by SMS (the patient
     unsubscribed from email). An email carries its unsubscribe link in the footer and in
-    the List-Unsubscribe headers (RFC 2369, RFC 8058 one-click).
+    the List-Unsubscribe headers (RFC 2369, RFC 8058 one-click); the caller notes the
+    address behind the link's id (`Store.still_owned`). `secret`: the stored unsubscribe
+    secret as the begin read it (None: read here).
     """
     clinic_id, booking_id, _ = split_ref(ref)
     clinic = ctx.catalog.clinics.get(clinic_id)
@@ -351,10 +367,14 @@ def _render(
     plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
     headers: dict[str, str] = {}
     unsubscribe: str | None = None
+    link: str | None = None
     try:
         to = booking.patient.contact(channel)
         if channel == "email":
-            unsubscribe = unsubscribe_link(ctx, clinic_id, to)
+            key = unsubscribe_key(ctx.settings, ctx.store.redis, ctx.store.prefix,
+                                  stored=secret)
+            link = contact_hash(key, "email", to)
+            unsubscribe = unsubscribe_url(ctx, key, clinic_id, to)
             headers = unsubscribe_headers(unsubscribe)
         message = ctx.renderer.render(
             template=record["template"],
@@ -382,14 +402,20 @@ def _render(
         raise DeliveryError(
             f"cannot render {record['template']} ({type(exc).__name__})", permanent=True
         ) from None
-    return url, Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to), message, headers
+    envelope = Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to)
+    return url, envelope, message, headers, link
 
 
 def unsubscribe_link(ctx: Context, clinic: str, to: str) -> str:
     """Return the unsubscribe URL of `to` at `clinic` (its id noted in Redis for the route)."""
     secret = unsubscribe_key(ctx.settings, ctx.store.redis, ctx.store.prefix)
-    token = make_token(secret, clinic, "email", to)
     ctx.store.remember_unsubscribe(clinic, contact_hash(secret, "email", to), "email", to)
+    return unsubscribe_url(ctx, secret, clinic, to)
+
+
+def unsubscribe_url(ctx: Context, secret: bytes, clinic: str, to: str) -> str:
+    """Return the unsubscribe URL of `to` at `clinic`, signed with `secret` (nothing noted)."""
+    token = make_token(secret, clinic, "email", to)
     return f"{ctx.settings.public_base_url}/v1/unsubscribe/{token}"
 
 

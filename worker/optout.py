@@ -254,14 +254,19 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def unsubscribe_key(settings: Settings, client: redis.Redis, prefix: str) -> bytes:
+UNSUBSCRIBE_SECRET = "unsubscribe"  # the server secret's name (worker/secrets.py)
+
+
+def unsubscribe_key(settings: Settings, client: redis.Redis, prefix: str, *,
+                    stored: str | None = None) -> bytes:
     """Return the key that signs unsubscribe links: REMINDERS_UNSUBSCRIBE_SECRET when set,
-    else the server secret "unsubscribe" shared by every process through Redis."""
+    else the server secret "unsubscribe" shared by every process through Redis (`stored`:
+    its value as already read, e.g. by the send's begin script)."""
     if settings.unsubscribe_secret is not None:
         return settings.unsubscribe_secret.get_secret_value().encode()
     from .secrets import server_secret
 
-    return server_secret(client, prefix, "unsubscribe")
+    return server_secret(client, prefix, UNSUBSCRIBE_SECRET, stored=stored)
 
 
 def _key(secret: Secret) -> bytes:

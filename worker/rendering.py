@@ -56,12 +56,14 @@ name already needs UCS-2: then the whole text keeps its accents.
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 import tomllib
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -168,6 +170,41 @@ class Advice:
         return value
 
 
+# Babel's words for dates and times, cached per value: formatting is a pure function of
+# its arguments and costs tens of microseconds each, and a burst of reminders shares a few
+# dates and times. (lru_cache is thread-safe. A local time is keyed as its wall clock,
+# its `fold` and its timezone: aware datetimes compare by their instant, which two zones
+# share.)
+_FORMATS_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=_FORMATS_CACHED)
+def _date_text(day: date, width: str, locale: Locale) -> str:
+    return format_date(day, width, locale=locale)
+
+
+@functools.lru_cache(maxsize=_FORMATS_CACHED)
+def _skeleton_text(skeleton: str, day: date, locale: Locale) -> str:
+    return format_skeleton(skeleton, day, locale=locale)
+
+
+@functools.lru_cache(maxsize=_FORMATS_CACHED)
+def _time_text(wall: datetime, fold: int, tz: tzinfo, locale: Locale) -> str:
+    """The short time of the wall clock `wall` (naive) in `tz`: "14:30" / "2:30 PM"."""
+    return format_time(wall.replace(tzinfo=tz, fold=fold), "short", tzinfo=tz, locale=locale)
+
+
+@functools.lru_cache(maxsize=_FORMATS_CACHED)
+def _when_text(wall: datetime, fold: int, tz: tzinfo, with_year: bool, locale: Locale) -> str:
+    """Day, month (and year) and time of the wall clock `wall` (naive) in `tz`."""
+    local = wall.replace(tzinfo=tz, fold=fold)
+    day = (format_date(local.date(), "long", locale=locale) if with_year
+           else format_skeleton("MMMMd", local, locale=locale))
+    return (str(get_datetime_format("long", locale=locale))
+            .replace("{1}", day)
+            .replace("{0}", format_time(local, "short", locale=locale)))
+
+
 class LocaleFolderLoader(FileSystemLoader):
     """A FileSystemLoader where "en-GB/x.j2" falls back to "en/x.j2" when there is no
     "en-GB" folder, so a clinic or patient locale with a region shares its language's
@@ -213,6 +250,11 @@ class Renderer:
     def __init__(self, templates_dir: Path) -> None:
         self.templates_dir = templates_dir
         self._spelling: dict[str, dict[str, list[tuple[re.Pattern[str], str]]]] = {}
+        # (patient locale, clinic locale, clinic timezone) -> Variant (see `variant`); the
+        # sender threads share it: written under the lock, read without (a dict read is
+        # atomic, and a value once there never changes).
+        self._variants: dict[tuple[str, str, str], Variant] = {}
+        self._lock = threading.Lock()
         self.env = SandboxedEnvironment(
             loader=LocaleFolderLoader(templates_dir),
             undefined=StrictUndefined,
@@ -294,16 +336,12 @@ class Renderer:
         def when(instant: datetime, with_year: bool = False) -> str:
             """Day, month and time the locale's way: "5 de diciembre, 14:30"."""
             local = instant.astimezone(tz)
-            day = (format_date(local.date(), "long", locale=locale) if with_year
-                   else format_skeleton("MMMMd", local, locale=locale))
-            return (str(get_datetime_format("long", locale=locale))
-                    .replace("{1}", day)
-                    .replace("{0}", format_time(local, "short", locale=locale)))
+            return _when_text(local.replace(tzinfo=None), local.fold, tz, with_year, locale)
 
         def day(instant: datetime | None, skeleton: str) -> str | None:
             if instant is None:
                 return None
-            return format_skeleton(skeleton, instant.astimezone(tz).date(), locale=locale)
+            return _skeleton_text(skeleton, instant.astimezone(tz).date(), locale)
 
         notice = notice or Notice()
 
@@ -322,23 +360,23 @@ class Renderer:
             "treatment": protocol.name,
             "treatment_id": protocol.id,
             "discreet": clinic.discreet,
-            "appointment_date": format_date(start.date(), "long", locale=locale),
-            "appointment_date_short": format_skeleton("MMMd", start.date(), locale=locale),
-            "appointment_time": format_time(start, "short", tzinfo=tz, locale=locale),
+            "appointment_date": _date_text(start.date(), "long", locale),
+            "appointment_date_short": _skeleton_text("MMMd", start.date(), locale),
+            "appointment_time": _time_text(start.replace(tzinfo=None), start.fold, tz, locale),
             "appointment_when": when(start),
             "appointment_when_full": when(start, with_year=True),
             "previous_when": when(notice.previous_start) if notice.previous_start else None,
             "previous_date_short": day(notice.previous_start, "MMMd"),
             "paused": notice.paused,
-            "continue_until": (format_date(notice.pause_from.astimezone(tz).date(), "full",
-                                           locale=locale) if notice.pause_from else None),
+            "continue_until": (_date_text(notice.pause_from.astimezone(tz).date(), "full",
+                                          locale) if notice.pause_from else None),
             "continue_until_short": day(notice.pause_from, "MMMd"),
             "days_until": days_until,
             "days_since": -days_until,
             "occurrence": occurrence,
             "week": -days_until // 7 + 1,
             "plan_dates": {
-                step: format_date(when.astimezone(tz).date(), "full", locale=locale)
+                step: _date_text(when.astimezone(tz).date(), "full", locale)
                 for step, when in ordered
             },
             "advice": Advice(protocol.advice),
@@ -349,7 +387,18 @@ class Renderer:
 
     def variant(self, patient_locale: str, clinic: Clinic) -> Variant:
         """Return the variant a message to this patient from this clinic is written in
-        (see the module docstring)."""
+        (see the module docstring). Worked out once per patient locale and clinic locale
+        and timezone for the life of this renderer (the templates folders it looks at are
+        read once per process, as the catalog is)."""
+        key = (patient_locale, clinic.locale, clinic.timezone)
+        found = self._variants.get(key)
+        if found is None:
+            found = self._variant(patient_locale, clinic)
+            with self._lock:
+                self._variants[key] = found
+        return found
+
+    def _variant(self, patient_locale: str, clinic: Clinic) -> Variant:
         locale = self.fallback(patient_locale, clinic)
         language = language_of(locale)
         folder = locale if (self.templates_dir / locale).is_dir() else language

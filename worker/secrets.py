@@ -18,6 +18,7 @@ worker/optout.py `unsubscribe_key`.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 from typing import Any
@@ -39,17 +40,27 @@ def _text(value: Any) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
-def server_secret(client: redis.Redis, prefix: str, name: str) -> bytes:
-    """Return the shared secret `name` (32 bytes), making it first if there is none."""
+def server_secret(client: redis.Redis, prefix: str, name: str, *,
+                  stored: str | None = None) -> bytes:
+    """Return the shared secret `name` (32 bytes), making it first if there is none.
+
+    `stored`: the key's value as just read elsewhere (e.g. by the send's begin script, in
+    the same round trip as its fence): used as is, without reading it again."""
     key = secret_key(prefix, name)
-    stored = client.get(key)
-    if stored is None:
+    value: Any = stored if stored is not None else client.get(key)
+    if value is None:
         fresh = base64.urlsafe_b64encode(os.urandom(SECRET_BYTES)).decode().rstrip("=")
         client.set(key, fresh, nx=True)  # the first writer wins; everyone reads it back
-        stored = client.get(key)
-        if stored is None:
+        value = client.get(key)
+        if value is None:
             raise redis.RedisError(f"the secret {key} was written but cannot be read back")
-    text = _text(stored)
+    return _decoded(key, _text(value))
+
+
+@functools.lru_cache(maxsize=64)
+def _decoded(key: str, text: str) -> bytes:
+    """The secret `text` (as stored under `key`) decoded and checked; cached per value, so a
+    value that changes (a wiped Redis made a new one) is decoded anew."""
     try:
         secret = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except ValueError:

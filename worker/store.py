@@ -105,10 +105,12 @@ import base64
 import hashlib
 import json
 import math
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -438,14 +440,37 @@ return out
 """
 
 # Fence the task and take the send ledger in one step; idempotent for the same token.
-# Returns "ok" or why the task is dropped. A dropped task whose claim still owns the
-# reminder settles it: nothing is left `sending` without an owner.
+# Returns {verdict, ...}: "ok" or why the task is dropped (`Store.begin_send`). A dropped
+# task whose claim still owns the reminder settles it: nothing is left `sending` without
+# an owner. With "ok" ("ok sms") come what the attempt reads next, read in this same step:
+# the booking's hash, its document and (KEYS[6], for an email) the stored unsubscribe
+# secret; with "contacts changed" the document (to make `norms` from).
 _BEGIN_SEND = """
 local bkey, lkey, lease_key, dkey, optkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local secret_key = KEYS[6]
 local key, version, claim, token, ledger_ms, ref = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
   ARGV[6]
 local critical, hooks, prefix = ARGV[7] or '', ARGV[8] or '', ARGV[9] or ''
 local norms = cjson.decode(ARGV[10] or '{}')
+-- An address of printable ASCII only is normalised here exactly as Python does
+-- (worker/optout.py `normal_contact`: an email lower-cased, a phone as is; neither has
+-- anything to strip): only another address needs Python's `norms` ('contacts changed').
+local function add_ascii_norms(doc)
+  if not doc then return end
+  local ok, b = pcall(cjson.decode, doc)
+  if not ok or type(b) ~= 'table' or type(b['patient']) ~= 'table' then return end
+  for channel, field in pairs({email = 'email', sms = 'phone'}) do
+    local v = b['patient'][field]
+    if type(v) == 'string' and v ~= '' and not string.find(v, '[^!-~]') then
+      if type(norms[channel]) ~= 'table' then norms[channel] = {} end
+      if norms[channel][v] == nil then
+        norms[channel][v] = channel == 'email' and string.lower(v) or v
+      end
+    end
+  end
+end
+if redis.call('EXISTS', optkey) == 1 then add_ascii_norms(redis.call('GET', dkey)) end
+local function begin()
 local r, a = load(bkey, key)
 if not r then return 'gone' end
 local status = r[R_ST]
@@ -549,6 +574,16 @@ if verdict == 'ok sms' and not string.find(r[R_FLAGS], 's', 1, true) then
 end
 save(bkey, key, r, a)
 return verdict
+end
+local verdict = begin()
+if verdict == 'ok' or verdict == 'ok sms' then
+  local secret = false
+  if secret_key and verdict == 'ok' then secret = redis.call('GET', secret_key) end
+  return {verdict, redis.call('HGETALL', bkey), redis.call('GET', dkey), secret}
+elseif verdict == 'contacts changed' then
+  return {verdict, {}, redis.call('GET', dkey)}
+end
+return {verdict}
 """
 
 # Finish an attempt: sent, retry, unknown, failed, defer (outside the send window) or skip
@@ -710,6 +745,19 @@ redis.call('RPUSH', akey, cjson.encode(line))
 redis.call('LTRIM', akey, -tonumber(log_max), -1)
 keep_reminder(prefix, clinic, booking_id, ref, now + retention)
 return result
+"""
+
+# Read what `Store.still_owned` checks just before the hand-over, in one step: the
+# reminder's two fields, the booking's status and version, and (ARGV[2] not empty) the
+# address's opt-out; and note (KEYS[3]) the address behind the email's unsubscribe link.
+_STILL_OWNED = """
+local bkey, optkey, unsub_key = KEYS[1], KEYS[2], KEYS[3]
+local key, optfield, unsub_value, unsub_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = redis.call('HMGET', bkey, key, key .. '+', 'status', 'version')
+local why = false
+if optfield ~= '' then why = redis.call('HGET', optkey, optfield) end
+if unsub_key then redis.call('SET', unsub_key, unsub_value, 'EX', unsub_ttl) end
+return {out, why}
 """
 
 # Hand a leased reminder back to the due set, only if it is still being sent under the given
@@ -1089,6 +1137,45 @@ class Claim:
     claim: str
 
 
+class Begun(str):
+    """What `Store.begin_send` answers: the verdict itself ("ok", "ok sms", or why the task
+    is dropped), as a str; and, with "ok" or "ok sms", what the begin script read in the
+    same atomic step (`read` True): `fields`, the booking's hash; `doc`, its document (None
+    if gone); `secret`, the stored unsubscribe secret's text for an email (None if not
+    asked for, or not made yet)."""
+
+    read: bool
+    fields: dict[str, str]
+    doc: str | None
+    secret: str | None
+
+    def __new__(cls, verdict: str, fields: dict[str, str] | None = None,
+                doc: str | None = None, secret: str | None = None) -> Begun:
+        self = super().__new__(cls, verdict)
+        self.read = fields is not None
+        self.fields = fields or {}
+        self.doc, self.secret = doc, secret
+        return self
+
+
+class _BeginScript:
+    """The begin script, answering a `Begun` (its reply is {verdict, hash, doc, secret})."""
+
+    def __init__(self, script: Callable[..., Any]) -> None:
+        self._script = script
+
+    def __call__(self, *, keys: Sequence[str], args: Sequence[Any]) -> Begun:
+        reply = self._script(keys=keys, args=args)
+        if isinstance(reply, (str, bytes)):  # a plain verdict
+            return Begun(str(reply))
+        verdict = str(reply[0])
+        if len(reply) < 3:
+            return Begun(verdict)
+        flat = reply[1] if verdict != "contacts changed" else None
+        fields = None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
+        return Begun(verdict, fields, reply[2], reply[3] if len(reply) > 3 else None)
+
+
 class OptOut(tuple[int, list[str]]):
     """`Store.opt_out`'s answer: (reminders skipped, booking ids touched), and `first`:
     whether this call opted the address out (False: it already was, e.g. a second STOP)."""
@@ -1466,9 +1553,10 @@ class Store:
         self.texts_key = f"{prefix}:t"
         script = client.register_script
         self._claim = script(_PRELUDE + _CLAIM)
-        self._begin = script(_PRELUDE + _BEGIN_SEND)
+        self._begin = _BeginScript(script(_PRELUDE + _BEGIN_SEND))
         self._finish = script(_PRELUDE + _FINISH)
         self._requeue = script(_PRELUDE + _REQUEUE)
+        self._still_owned = script(_STILL_OWNED)
         self._cancel = script(_PRELUDE + _CANCEL)
         self._revive = script(_PRELUDE + _REVIVE)
         self._opt_out = script(_PRELUDE + _OPT_OUT)
@@ -1480,6 +1568,7 @@ class Store:
         self._texts: dict[str, str] = {}  # text id -> text, as read from Redis
         self._taken: set[str] = set()  # ids that name other words
         self._contact_secret: bytes | None = None
+        self._local = threading.local()  # this thread's attempt: see `reading`
 
     # --- keys ----------------------------------------------------------------------
 
@@ -2308,12 +2397,15 @@ class Store:
     # --- sending ---------------------------------------------------------------------
 
     def begin_send(self, ref: str, version: str, claim: str, token: str, ledger_ms: int,
-                   *, critical: str = "") -> str:
+                   *, critical: str = "", secret: str | None = None) -> Begun:
         """Fence the task, check the patient's opt-out and take the ledger; return "ok",
         "ok sms" (an email of a care-critical step to send by SMS: the patient unsubscribed
         from email, and the step has no SMS of its own that goes) or why to drop the task
         ("opted out", or "carried by its own sms": skipped with the reason).
 
+        The answer is a `Begun`: with "ok" it carries the booking's hash and document as the
+        same script read them, and, given `secret` (a server secret's name,
+        worker/secrets.py), that secret as stored: one round trip in all.
         `critical`: the care-critical steps, space-separated "<treatment>/<step>".
         """
         if "|" in token:
@@ -2321,19 +2413,48 @@ class Store:
         self._ready()
         clinic, booking_id, key = split_ref(ref)
         dkey = self.doc_key(clinic, booking_id)
+        keys = [self.booking_key(clinic, booking_id), self.ledger_key(ref), self.lease_key,
+                dkey, self.optout_key(clinic)]
+        if secret is not None:
+            from .secrets import secret_key
+
+            keys.append(secret_key(self.prefix, secret))
+        # The script normalises ASCII addresses itself; others need Python's (`norms`).
+        norms = "{}"
         for _ in range(_NORMS_TRIES):  # again only if the patient's addresses changed
-            norms = _contact_norms([cast(str | None, self.redis.get(dkey))])
-            verdict = str(
-                self._begin(
-                    keys=[self.booking_key(clinic, booking_id), self.ledger_key(ref),
-                          self.lease_key, dkey, self.optout_key(clinic)],
-                    args=[key, version, claim, token, ledger_ms, ref, critical,
-                          self._hooks(clinic), self.prefix, norms],
-                )
+            verdict = self._begin(
+                keys=keys,
+                args=[key, version, claim, token, ledger_ms, ref, critical,
+                      self._hooks(clinic), self.prefix, norms],
             )
             if verdict != "contacts changed":
-                return verdict
+                return verdict if isinstance(verdict, Begun) else Begun(str(verdict))
+            doc = verdict.doc if isinstance(verdict, Begun) else None
+            if doc is None:
+                doc = cast(str | None, self.redis.get(dkey))
+            norms = _contact_norms([doc])
         raise RuntimeError(f"begin {ref}: the patient's addresses kept changing")
+
+    def begun_record(self, ref: str, begun: Begun) -> tuple[dict[str, str], dict[str, str]]:
+        """`record_and_booking`, from what the begin read (no round trip if it read it)."""
+        if not begun.read:
+            return self.record_and_booking(ref)
+        return self._record_of(ref, begun.fields, begun.doc)
+
+    @contextmanager
+    def reading(self, ref: str, begun: Begun) -> Iterator[None]:
+        """Within: this thread's `plan_dates` of the booking of `ref` answer from the hash
+        the begin script read (in the same atomic step as its fence), without a round trip.
+        Anything that changes meanwhile is caught by the fence before the hand-over
+        (`still_owned`) and the finish."""
+        clinic, booking_id, _ = split_ref(ref)
+        before = getattr(self._local, "fields", None)
+        self._local.fields = (self.booking_key(clinic, booking_id), begun.fields) \
+            if begun.read else None
+        try:
+            yield
+        finally:
+            self._local.fields = before
 
     def ledger_ttl(self, ref: str) -> float:
         """Return seconds until an in-flight attempt's ledger entry expires (0 if none)."""
@@ -2343,12 +2464,16 @@ class Store:
         """Return a reminder's record and its booking's fields (with "doc"), in one round trip
         (and one more for texts this process has not read yet); only this reminder decoded."""
         self._ready()
-        clinic, booking_id, key = split_ref(ref)
+        clinic, booking_id, _ = split_ref(ref)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.booking_key(clinic, booking_id))
         pipe.get(self.doc_key(clinic, booking_id))
         raw, doc = pipe.execute()
-        fields = _str_hash(raw)
+        return self._record_of(ref, _str_hash(raw), doc)
+
+    def _record_of(self, ref: str, fields: dict[str, str], doc: str | None
+                   ) -> tuple[dict[str, str], dict[str, str]]:
+        key = split_ref(ref)[2]
         booking = {k: v for k, v in fields.items() if ":" not in k}
         if fields and doc is not None:  # as _read: a document only beside its booking
             booking["doc"] = doc
@@ -2494,9 +2619,11 @@ class Store:
         return self.finish(ref, attempt, "skip", fields={"reason": reason}, entry=entry)
 
     def still_owned(self, ref: str, attempt: Attempt,
-                    send_to: tuple[str, str] | None = None) -> bool:
+                    send_to: tuple[str, str] | None = None, *, link: str | None = None) -> bool:
         """Return whether `attempt` still owns the reminder (checked just before sending),
         and, given `send_to` (channel, address), whether that address is not opted out.
+        `link`: the id of the unsubscribe link the message carries to `send_to`'s address,
+        noted (`remember_unsubscribe`) in the same round trip.
 
         An attempt that owns the reminder but finds its address opted out (the patient's
         STOP landed after its begin) skips the reminder with the reason, fenced like any
@@ -2505,17 +2632,21 @@ class Store:
         """
         self._ready()
         clinic, booking_id, key = split_ref(ref)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hmget(self.booking_key(clinic, booking_id), [key, key + "+", "status", "version"])
+        keys = [self.booking_key(clinic, booking_id), self.optout_key(clinic)]
+        args: list[Any] = [key, "", "", 0]
         if send_to is not None:
             channel, contact = send_to
-            pipe.hget(self.optout_key(clinic), f"{channel}:{normal_contact(channel, contact)}")
-        replies = pipe.execute()
-        if send_to is not None and replies[1] is not None:
-            self.finish(ref, attempt, "skip", fields={"reason": f"opted_out: {replies[1]}"},
+            normal = normal_contact(channel, contact)
+            args[1] = f"{channel}:{normal}"
+            if link is not None:  # as `remember_unsubscribe`
+                keys.append(self.unsub_key(clinic, link))
+                args[2:] = [f"{channel}:{normal}", max(1, math.ceil(self.retention_seconds))]
+        fields, why = self._still_owned(keys=keys, args=args)
+        if why is not None:
+            self.finish(ref, attempt, "skip", fields={"reason": f"opted_out: {why}"},
                         entry={"at": datetime.now(UTC).isoformat(), "why": "opted out"})
             return False
-        main, extra, booking, version = cast(list[str | None], replies[0])
+        main, extra, booking, version = cast(list[str | None], fields)
         r = _split(main, len(REMINDER_SLOTS))
         a = _split(extra, len(ATTEMPT_SLOTS))
         # A cancelled booking sends only the notice of its cancel (as _BEGIN_SEND).
@@ -2547,7 +2678,12 @@ class Store:
     def plan_dates(self, clinic: str, booking_id: str) -> dict[str, datetime]:
         """Return each step's first due instant among reminders still to be (or already) sent."""
         self._ready()
-        stored = _str_hash(self.redis.hgetall(self.booking_key(clinic, booking_id)))
+        bkey = self.booking_key(clinic, booking_id)
+        begun = getattr(self._local, "fields", None)  # see `reading`
+        if begun is not None and begun[0] == bkey:
+            stored = begun[1]
+        else:
+            stored = _str_hash(self.redis.hgetall(bkey))
         dates: dict[str, datetime] = {}
         for key, value in stored.items():
             if not is_reminder_field(key):
