@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, help="only write the JSON lines to this file")
     parser.add_argument("--again", action="store_true",
                         help="then book the same file again (every booking unchanged)")
-    parser.add_argument("--jobs", type=int, default=1, help="reminders book --jobs N")
+    parser.add_argument("--jobs", type=int, help="reminders book --jobs N (default: its own)")
     args = parser.parse_args(argv)
     if args.write:
         write_jsonl(args.write, args.n, args.seed)
@@ -164,12 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(tmp) / "bookings.jsonl"
         write_jsonl(data, args.n, args.seed)
         server = RedisServer(Path(tmp) / "redis").start()
+        jobs = ["--jobs", str(args.jobs)] if args.jobs else []
         try:
-            runs = [("distinct bookings, new", book(data, server.url,
-                                                     extra=["--jobs", str(args.jobs)]))]
+            runs = [("distinct bookings, new", book(data, server.url, extra=jobs))]
             if args.again:
-                runs.append(("the same again, unchanged",
-                             book(data, server.url, extra=["--jobs", str(args.jobs)])))
+                runs.append(("the same again, unchanged", book(data, server.url, extra=jobs)))
         finally:
             server.stop()
     for what, result in runs:

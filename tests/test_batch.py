@@ -74,7 +74,7 @@ def test_the_spool_keeps_order_across_memory_and_its_file(monkeypatch):
     spool.close()
 
 
-def test_worker_processes_check_exactly_as_here(catalog):
+def test_worker_processes_check_exactly_as_here(catalog, monkeypatch):
     docs = list(realistic_bookings(1200, seed=5, now=NOW))
     docs[700]["patient"]["phone"] = "+34123"
     data = lines(docs) + b"\n" + b'{"clinic": "glow", "clinic": "glow"}\n'
@@ -83,6 +83,12 @@ def test_worker_processes_check_exactly_as_here(catalog):
     there = [o for chunk in check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
                                          catalog, None, NOW, jobs=2) for o in chunk]
     assert here == there
+    # The default: the first chunks here, the rest in processes (forced onto 2 here).
+    monkeypatch.setattr(batch, "auto_jobs", lambda: 2)
+    monkeypatch.setattr(batch, "AUTO_AFTER", 1)
+    auto = [o for chunk in check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
+                                        catalog, None, NOW, jobs=None) for o in chunk]
+    assert auto == here
     assert len(here) == 1201
     assert here[700].errors == [("patient.phone", "is not a valid phone number for its country")]
     assert (here[1200].line, here[1200].errors) == (

@@ -15,8 +15,11 @@ any is stored; if one is refused, none is. Checking keeps each accepted booking 
 (its normalised document and its plan as plain values: about 1 KB, against about 10 KB as
 objects), in memory for the first `SPOOL_AFTER` and in a temporary file beyond, so a large
 file never sits in memory; storing then takes `CHUNK` bookings at a time through
-`Store.upsert_many`. With `jobs` > 1 the check runs in that many processes (on a busy
-2-core machine it did not pay: see `reminders book --help`).
+`Store.upsert_many` (a few thousand per call: it reads them at once, then prepares each
+apply chunk while Redis applies the one before). The check of a large input runs in one
+process per core (at most MAX_AUTO_JOBS) past its first AUTO_AFTER chunks: Redis has nothing
+to do until storing starts, so on 2 cores checking takes about half the time; `jobs` sets
+the number (1: here).
 
 Progress: on a terminal (stderr), a bar with the rate and the time left, shown once a run
 lasts over a second; nothing at all when stderr is not a terminal. At the end, a summary
@@ -61,6 +64,10 @@ MAX_WHOLE_INPUT_BYTES = 64 * 1024 * 1024
 CHUNK = 500  # bookings per check task and per store batch
 SPOOL_AFTER = 2000  # accepted bookings kept in memory before the rest go to a temporary file
 REFUSALS_SHOWN = 1000  # refusals printed in full; more are counted
+# `reminders book` by default: the first AUTO_AFTER chunks are checked here; a larger input's
+# rest in up to MAX_AUTO_JOBS processes (`auto_jobs`).
+AUTO_AFTER = 4
+MAX_AUTO_JOBS = 4
 
 
 class UsageError(Exception):
@@ -424,13 +431,35 @@ def _check_in_worker(docs: list[Document]) -> list[Outcome]:
     return _check_chunk(docs, *_WORKER)
 
 
+def auto_jobs() -> int:
+    """Processes that check a large input by default: one per core this process may run on,
+    at most MAX_AUTO_JOBS (Redis waits idle while checking runs: storing starts after it)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_JOBS))
+
+
 def check_chunks(
     docs: Iterable[Document], catalog: Catalog, clinic: str | None, now: datetime, *,
-    jobs: int = 1,
+    jobs: int | None = 1,
 ) -> Iterator[list[Outcome]]:
-    """Check the documents CHUNK at a time, in order: here, or in `jobs` worker processes."""
+    """Check the documents CHUNK at a time, in order: here, or in `jobs` worker processes.
+
+    `jobs` None: here while the input is small; past AUTO_AFTER chunks, the rest in
+    `auto_jobs()` processes (a machine with one core: here)."""
     docs = iter(docs)
     chunks = iter(lambda: list(itertools.islice(docs, CHUNK)), [])
+    if jobs is None:
+        jobs = auto_jobs()
+        if jobs > 1:
+            for chunk in itertools.islice(chunks, AUTO_AFTER):
+                yield _check_chunk(chunk, catalog, clinic, now)
+            following = next(chunks, None)
+            if following is None:
+                return
+            chunks = itertools.chain([following], chunks)
     if jobs <= 1:
         for chunk in chunks:
             yield _check_chunk(chunk, catalog, clinic, now)

@@ -16,6 +16,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .batch import (
+    AUTO_AFTER,
+    CHUNK,
+    MAX_AUTO_JOBS,
     REFUSALS_SHOWN,
     Checked,
     Document,
@@ -566,10 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--jobs",
                 type=_jobs,
-                default=1,
+                default=None,
                 metavar="N",
-                help="check bookings in N processes (default 1: here; on a busy 2-core "
-                "machine more did not pay)",
+                help="check bookings in N processes (1: here; default: past the first "
+                f"{AUTO_AFTER * CHUNK:,} bookings, one process per core, at most "
+                f"{MAX_AUTO_JOBS})",
             )
         if name in ("show", "cancel", "release"):
             p.add_argument("booking_id")
