@@ -40,10 +40,10 @@ BIN = Path(sys.executable).parent
 
 # Gossip and mingle off, as `reminders run` starts it: gossip's broadcast queue breaks the
 # channel clean-up when Redis restarts (see worker/broker.py).
-WORKER_COMMAND = ("celery -A worker.celery_app worker --loglevel=INFO --concurrency=4 "
+WORKER_COMMAND = ("python -m worker.celery_main worker --loglevel=INFO --concurrency=4 "
                   "-Q reminders.send.email,reminders.send.sms,reminders.pump,reminders.events "
                   "--without-gossip --without-mingle")
-BEAT_COMMAND = "celery -A worker.celery_app beat --loglevel=INFO"
+BEAT_COMMAND = "python -m worker.celery_main beat --loglevel=INFO"
 SEND_QUEUES = {"reminders.send.email", "reminders.send.sms"}
 QUEUES = SEND_QUEUES | {"reminders.pump", "reminders.events"}
 # Services whose command or healthcheck the tests below run; a new one must join them.
@@ -540,6 +540,8 @@ def container_env(service: dict[str, Any], redis_url: str, data_dir: Path) -> di
 def resolve(argv: list[str]) -> list[str]:
     if argv[0] in ("celery", "uvicorn", "reminders"):
         return [str(BIN / argv[0]), *argv[1:]]
+    if argv[0] == "python":  # the image's interpreter: here, the one with the project's packages
+        return [sys.executable, *argv[1:]]
     found = shutil.which(argv[0])
     if not found:
         pytest.skip(f"{argv[0]} is not installed")

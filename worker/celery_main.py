@@ -19,7 +19,8 @@ callers handle that; each would weigh on every process):
   without it takes UTF-8 (requests/models.py). Nothing here decodes such a body: the
   classification reads HTTP statuses and Apprise's lines, the webhooks their statuses.
 
-`celery -A worker.celery_app worker` keeps working, as docker-compose.yml runs it.
+`celery -A worker.celery_app worker` keeps working; docker-compose.yml and the Dockerfile
+run this module too.
 """
 
 from __future__ import annotations
