@@ -1568,6 +1568,8 @@ class Store:
         self._texts: dict[str, str] = {}  # text id -> text, as read from Redis
         self._taken: set[str] = set()  # ids that name other words
         self._contact_secret: bytes | None = None
+        self._contact_ids: dict[tuple[str, str], str] = {}  # (kind, value) -> `contact_id`
+        self._digests: dict[tuple[Any, ...], str] = {}  # medications -> their digest
         self._local = threading.local()  # this thread's attempt: see `reading`
 
     # --- keys ----------------------------------------------------------------------
@@ -1923,7 +1925,7 @@ class Store:
         """
         clinic, booking_id = booking.key
         doc = booking.model_dump_json()
-        medications = medications_digest(booking.medications.model_dump_json())
+        medications = self._medications_digest(booking)
         released_for = medications if release else ""
         status = plan.status
         if status == Status.HELD and released_for == medications:
@@ -1941,7 +1943,7 @@ class Store:
                   "window": f"{plan.window.start}-{plan.window.end}" if plan.window else "",
                   "hold_reason": hold_reason, "released_for": released_for,
                   "updated_at": stamp, "created_at": stamp, "keep_until": str(keep),
-                  "contacts": booking_contacts(booking, self.contact_secret),
+                  "contacts": self._booking_contacts(booking),
                   "late_pause": "1" if plan.late_pause else "",
                   "ns": intern(plan.notice_steps, texts) if plan.notice_steps else ""}
         hset = [x for k, v in fields.items() if v for x in (k, v)]
@@ -2073,7 +2075,7 @@ class Store:
         """Reconcile (worker/reconcile.py) with the booking as stored."""
         clinic, booking_id = booking.key
         doc = booking.model_dump_json()
-        medications = medications_digest(booking.medications.model_dump_json())
+        medications = self._medications_digest(booking)
         window = f"{plan.window.start}-{plan.window.end}" if plan.window else ""
         planned_keys = {r.key for r in plan.reminders}
         booking_fields = {k: v for k, v in stored.fields.items() if ":" not in k}
@@ -2089,7 +2091,7 @@ class Store:
         keep = str(math.ceil(last + self.retention_seconds))
         window_changed = booking_fields.get("window", "") != window
         reminders = {k: dict(v) for k, v in stored.reminders.items()}
-        contacts = booking_contacts(booking, self.contact_secret)
+        contacts = self._booking_contacts(booking)
         had = booking_fields.get("contacts", "")
         late = "1" if plan.late_pause else ""
         was_late = booking_fields.get("late_pause", "")
@@ -2915,8 +2917,33 @@ class Store:
         return self._contact_secret
 
     def contact_id(self, kind: str, value: str) -> str:
-        """`contact_id` keyed with this store's secret."""
-        return contact_id(kind, value, self.contact_secret)
+        """`contact_id` keyed with this store's secret (memoised: an upsert computes a
+        patient's ids for the SMS cap's read and for the booking)."""
+        found = self._contact_ids.get((kind, value))
+        if found is None:
+            if len(self._contact_ids) >= 8192:
+                self._contact_ids.clear()
+            found = self._contact_ids[(kind, value)] = contact_id(kind, value,
+                                                                  self.contact_secret)
+        return found
+
+    def _booking_contacts(self, booking: Booking) -> str:
+        """`booking_contacts` with this store's secret, through the memo of `contact_id`."""
+        patient = booking.patient
+        return " ".join(self.contact_id(kind, value) for kind, value in (
+            ("phone", patient.phone), ("email", patient.email)) if value)
+
+    def _medications_digest(self, booking: Booking) -> str:
+        """`medications_digest` of the booking's medications (memoised: a few dozen
+        combinations)."""
+        medications = booking.medications
+        key = tuple(medications.__dict__.values())
+        found = self._digests.get(key)
+        if found is None:
+            if len(self._digests) >= 4096:
+                self._digests.clear()
+            found = self._digests[key] = medications_digest(medications.model_dump_json())
+        return found
 
     def contact_key(self, clinic: str, kind: str, value: str) -> str:
         return f"{self.prefix}:c:{clinic}/{self.contact_id(kind, value)}"
