@@ -5,7 +5,7 @@
 One run, on 127.0.0.1 only:
 
 - a real redis-server (AOF on, appendfsync everysec, its own data folder), two Celery
-  workers (`celery -A worker.celery_app worker --concurrency 2`, the command line
+  workers (`python -m worker.celery_main worker --concurrency 2`, the command line
   `reminders run` uses) and beat, each in its own
   process group; a real SMTP server and a real HTTP SMS gateway (benchmarks/sinks.py);
 - a clinic `drill` whose channels point at them (send window all day) and a protocol

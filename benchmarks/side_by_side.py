@@ -21,8 +21,8 @@ Each side gets a fresh redis-server (worker.embedded.RedisServer: AOF on, noevic
      shipped protocols; a fresh Redis, no worker), and `POST /v1/bookings:batch` when the
      HTTP API has that route (looked for at run time);
    - the service: the Celery worker and beat exactly as `reminders run` and
-     docker-compose start them (worker.service.celery_command, i.e. `celery -A
-     worker.celery_app worker|beat`), their channels pointing at the sinks;
+     docker-compose start them (worker.service.celery_command, i.e. `python -m
+     worker.celery_main worker|beat`), their channels pointing at the sinks;
    - idle worker RSS; the burst and the steady stream, booked through `reminders book`;
    - the pending set: --pending-bookings realistic bookings (the shipped protocols less
      their at-booking step, so nothing falls due while they wait) loaded through parallel

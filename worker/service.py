@@ -59,9 +59,10 @@ def describe_exit(returncode: int) -> str:
 
 def celery_command(role: str, settings: Settings) -> list[str]:
     """Return the argv of the Celery worker or beat: Celery's own `worker` and `beat`
-    commands on worker.celery_app, as docker-compose runs them (`celery -A worker.celery_app
-    worker|beat`), through worker/celery_main.py, which leaves out Celery's other sub-commands
-    (their imports would weigh on the worker's main process and every pool process)."""
+    commands on worker.celery_app, through worker/celery_main.py as docker-compose runs them
+    too (`python -m worker.celery_main worker|beat`), which leaves out Celery's other
+    sub-commands (their imports would weigh on the worker's main process and every pool
+    process)."""
     base = [sys.executable, "-m", "worker.celery_main", role, f"--loglevel={settings.log_level}"]
     if role == "worker":
         # No gossip, no mingle: the service uses neither, and restarting the gossip consumer
