@@ -315,3 +315,35 @@ def test_a_cancel_landing_after_the_begin_read_the_booking_sends_nothing(rig):
     assert rig.store.record(ref)["status"] == "cancelled"
     assert rig.store.redis.zscore(rig.store.lease_key, ref) is None
     assert rig.delivered() == 0
+
+
+@pytest.mark.parametrize(("channel", "old", "new", "change"), [
+    ("sms", "+34600111222", "+34600999888", {"phone": "+34600999888"}),
+    ("email", "old@example.com", "new@example.com", {"email": "new@example.com"}),
+])
+def test_a_contact_corrected_after_the_begin_goes_to_the_new_address_only(
+        rig, channel, old, new, change):
+    """The clinic corrects the patient's phone or email while an attempt renders: the
+    reminder's own version is unchanged (same step, same time), only the booking's. The
+    fence before the hand-over sees the booking's version: nothing goes to the old address,
+    the reminder is back on the schedule at once, and the next attempt sends to the new one."""
+    rig.book(email=old if channel == "email" else "ana@example.com")
+    ref = f"fc/F-1/prep:{channel}"
+    before = rig.store.record(ref)["version"]
+    rig.renderer.change = lambda: rig.book(**change)
+    assert rig.send(ref) == "dropped: overtaken before sending"
+    record = rig.store.record(ref)
+    assert record["status"] == "scheduled" and record["version"] == before, record
+    due = rig.store.redis.zscore(rig.store.due_key, ref)
+    assert due is not None and due <= datetime.now(UTC).timestamp()
+    for key in (rig.store.lease_key, rig.store.dead_key):
+        assert rig.store.redis.zscore(key, ref) is None
+    assert rig.store.redis.get(rig.store.ledger_key(ref)) is None
+    assert [(e["outcome"], e["result"]) for e in rig.store.attempts(ref)] == [
+        ("abandoned", "ok")]
+    assert rig.delivered() == 0
+    assert rig.send(ref) == "sent"
+    sink = rig.smtp if channel == "email" else rig.sms
+    sent_to = [str(m.to) for m in sink.snapshot()]
+    assert len(sent_to) == 1 and new in sent_to[0] and old not in sent_to[0], sent_to
+    assert rig.store.record(ref)["status"] == "sent"

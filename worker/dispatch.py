@@ -227,7 +227,8 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         number = int(record.get("attempts", 1))
         entry["attempt"] = number
         attempt = replace(attempt, planned=record.get("planned_epoch", ""),
-                          template=record.get("template", ""))
+                          template=record.get("template", ""),
+                          booking=stored_booking.get("version", ""))
         booking, place = _booking(ctx, ref, stored_booking)
         rule = _send_time(record, *place, now)
         if rule.action != "send":

@@ -2622,8 +2622,10 @@ class Store:
 
     def still_owned(self, ref: str, attempt: Attempt,
                     send_to: tuple[str, str] | None = None, *, link: str | None = None) -> bool:
-        """Return whether `attempt` still owns the reminder (checked just before sending),
-        and, given `send_to` (channel, address), whether that address is not opted out.
+        """Return whether `attempt` still owns the reminder (checked just before sending)
+        and its booking is still at the version the message was made from
+        (`attempt.booking`), and, given `send_to` (channel, address), whether that address
+        is not opted out.
         `link`: the id of the unsubscribe link the message carries to `send_to`'s address,
         noted (`remember_unsubscribe`) in the same round trip.
 
@@ -2657,6 +2659,11 @@ class Store:
             booking = Status.SCHEDULED
         if booking == Status.HELD and is_hold_notice(key):  # its one message (as _BEGIN_SEND)
             booking = Status.SCHEDULED
+        if attempt.booking and version != attempt.booking:
+            # The booking changed after its words and address were read (a corrected phone
+            # or email, a new name or locale): not sent; the abandon puts the reminder back
+            # at once, and the next attempt reads the booking as it is now.
+            return False
         return bool(
             (STATUS_OF.get(r[0]), r[1], a[0], a[2], booking)
             == (Status.SENDING, attempt.version, attempt.claim, attempt.token, Status.SCHEDULED)
@@ -3059,6 +3066,10 @@ class Attempt:
     # What it sends (read after begin): the planned time and template its words are for.
     planned: str = ""
     template: str = ""
+    # The booking's version its words and address were read from (after begin): a change
+    # of the booking alone (a corrected phone or email, a new name) leaves the reminder's
+    # own version as it was, and the fence before the hand-over must still see it.
+    booking: str = ""
 
 
 def repause_fields(
