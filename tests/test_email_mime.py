@@ -111,3 +111,30 @@ def test_apprise_builds_its_emails_with_the_fast_classes_and_the_same_text(monke
     assert fast == prepared(3)
     assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in fast
     assert 'filename="cita.ics"' in fast and "multipart/alternative" in fast
+
+
+@pytest.mark.parametrize("value", [
+    "Tu cita\n\nInjected body",  # a blank line: the rest would become the body
+    "Tu cita\nInjected line",
+    "Tu cita\r\n\r\nInjected body",
+])  # (a line that reads as a header of its own is refused when set, by the stdlib)
+@pytest.mark.parametrize("header", ["Subject", "From", "X-Custom"])  # cached or not
+def test_a_header_that_would_inject_lines_is_refused(header, value):
+    """As Python's fix for CVE-2024-6923 has the stdlib refuse it, on every Python: the
+    folded header would break out of its line."""
+    email_mime._folded.clear()
+    message = FastMIMEText("Hola Ana", "plain", "utf-8")
+    message[header] = value
+    with pytest.raises(email_mime.HeaderWriteError, match="newline"):
+        message.as_string()
+    assert not any(value in folded for folded in email_mime._folded.values())
+
+
+def test_a_header_continued_on_a_line_starting_with_whitespace_is_written():
+    value = "Tu cita de mañana\n\tcon la doctora Ruiz"  # folding white space: one header
+    message = FastMIMEText("Hola Ana", "plain", "utf-8")
+    message["Subject"] = value
+    expected = MIMEText("Hola Ana", "plain", "utf-8")
+    expected["Subject"] = value
+    assert message.as_string() == expected.as_string()
+    assert "\n =?utf-8?q?_con_la_doctora_Ruiz?=\n" in message.as_string()  # continued

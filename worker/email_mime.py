@@ -16,6 +16,12 @@ work whose result does not depend on the message (about a third of `as_string`):
   text and charsets, for a `Header`) and the policy's line separator and maximum line
   length; for the headers of FOLD_CACHED it is kept (at most FOLD_CACHE_SIZE of them).
 
+Header injection: Python's fix for CVE-2024-6923 (3.11.10+, and Debian's 3.11 builds) has
+the stdlib Generator refuse a folded header that does not end with the line separator or
+holds a newline not followed by whitespace (`HeaderWriteError`). FastGenerator makes that
+check on every Python, whether or not its stdlib has it (`_verify`): a header of a clinic's
+configuration with a stray newline is refused, never written into the message.
+
 `install()` puts the subclasses below where the plugin looks up MIMEMultipart and MIMEText
 (as delivery's SMTP session manager is put in place); they differ from the stdlib classes
 only in `as_string`, which gives the same text as the stdlib's for the same message.
@@ -27,6 +33,7 @@ import random
 import re
 import sys
 import threading
+from email import errors as email_errors
 from email.generator import Generator
 from email.header import Header
 from email.message import Message
@@ -47,6 +54,25 @@ FOLD_CACHE_SIZE = 512
 _BOUNDARY_FORMAT = f"%0{len(repr(sys.maxsize - 1))}d"  # as email.generator's `_fmt`
 _folded: dict[tuple[Any, ...], str] = {}
 _folded_lock = threading.Lock()
+# As email.generator's, on the Pythons that have the CVE-2024-6923 fix.
+_NEWLINE_WITHOUT_FWSP = re.compile(r"\r\n[^ \t]|\r[^ \n\t]|\n[^ \t]")
+
+
+_STDLIB_HEADER_WRITE_ERROR: type[email_errors.MessageError] = getattr(
+    email_errors, "HeaderWriteError", email_errors.MessageError)
+
+
+class HeaderWriteError(_STDLIB_HEADER_WRITE_ERROR):  # type: ignore[misc,valid-type]
+    """A folded header that would break out of its line (the stdlib's HeaderWriteError
+    where it has one, so callers catch either)."""
+
+
+def _verify(folded: str, linesep: str) -> None:
+    """Refuse a folded header that would inject lines (as the patched stdlib does)."""
+    if not folded.endswith(linesep):
+        raise HeaderWriteError(f"folded header does not end with {linesep!r}: {folded!r}")
+    if _NEWLINE_WITHOUT_FWSP.search(folded.removesuffix(linesep)):
+        raise HeaderWriteError(f"folded header contains newline: {folded!r}")
 
 
 def _fold_key(policy: Compat32, name: str, value: Any) -> tuple[Any, ...] | None:
@@ -91,6 +117,7 @@ class FastGenerator(Generator):
             folded = _folded.get(key) if key is not None else None
             if folded is None:
                 folded = policy.fold(name, value)
+                _verify(folded, policy.linesep)  # before it is cached: cached ones passed
                 if key is not None:
                     with _folded_lock:
                         if len(_folded) >= FOLD_CACHE_SIZE:
