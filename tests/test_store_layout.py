@@ -161,10 +161,16 @@ def test_a_batch_gives_what_upserting_one_by_one_gives(  # is prepared, the same
         redis_client, catalog, booking_doc, monkeypatch, chunk):
     monkeypatch.setattr("worker.store.APPLY_CHUNK", chunk)
     one, many = Store(redis_client, "one"), Store(redis_client, "many")
+    bare = Store(redis_client, "bare")  # asked for versions only, as `reminders book` asks
     docs = [dict(doc, booking_id=f"B-{n}") for n, doc in
             enumerate(variants(booking_doc, catalog).values())]
     first = [planned(catalog, d) for d in docs]
-    assert many.upsert_many(first, NOW) == [one.upsert(b, p, NOW) for b, p in first]
+    timelines = [one.upsert(b, p, NOW) for b, p in first]
+    assert many.upsert_many(first, NOW) == timelines
+    previous: list[str | None] = [None] * len(first)
+    assert bare.upsert_many(first, NOW, timelines=False, previous=previous) == [
+        {"version": t["version"]} for t in timelines]
+    assert previous == [None] * len(first)
     later = NOW + timedelta(hours=1)
     second_docs = [
         docs[0],  # unchanged
@@ -177,10 +183,17 @@ def test_a_batch_gives_what_upserting_one_by_one_gives(  # is prepared, the same
         dict(booking_doc, booking_id="NEW-1"),  # and again, unchanged
     ]
     second = [planned(catalog, d, later) for d in second_docs]
-    expected = [one.upsert(b, p, later) for b, p in second]
+    expected, was = [], []
+    for b, p in second:
+        was.append(redis_client.hget(one.booking_key(*b.key), "version"))
+        expected.append(one.upsert(b, p, later))
     assert many.upsert_many(second, later) == expected
+    previous = [None] * len(second)
+    assert bare.upsert_many(second, later, timelines=False, previous=previous) == [
+        {"version": t["version"]} for t in expected]
+    assert previous == was == ["1", "1", "1", "1", "1", "2", None, "1"]
     ids = sorted({d["booking_id"] for d in docs + second_docs})
-    assert state(many, "glow", ids) == state(one, "glow", ids)
+    assert state(many, "glow", ids) == state(one, "glow", ids) == state(bare, "glow", ids)
     assert expected[5]["version"] == 3 and expected[7]["version"] == 1
 
 

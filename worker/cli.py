@@ -262,7 +262,8 @@ def store_all(
         for chunk in spool.chunks(STORE_BATCH):
             items = [decode(item, catalog) for item in chunk]
             before: list[str | None] = [None] * len(items)
-            timelines = store.upsert_many(items, now, previous=before)
+            timelines = store.upsert_many(items, now, previous=before,
+                                          timelines=out is not None or tables)
             for (booking, planned), old, timeline in zip(items, before, timelines, strict=True):
                 kind = ("new" if old is None
                         else "unchanged" if str(timeline["version"]) == old else "changed")

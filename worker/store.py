@@ -1509,6 +1509,7 @@ class _Round:
     prepared: list[_Prepared] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)
     args: list[Any] = field(default_factory=list)
+    timelines: bool = True  # False: each booking's timeline is only its version
 
 
 @dataclass
@@ -1712,9 +1713,12 @@ class Store:
 
     def upsert_many(
         self, items: list[tuple[Booking, Plan]], now: datetime, *, release: bool = False,
-        previous: list[str | None] | None = None,
+        previous: list[str | None] | None = None, timelines: bool = True,
     ) -> list[dict[str, Any]]:
         """`upsert` each (booking, plan), in a few round trips per chunk; return the timelines.
+
+        `timelines` False: each is only `{"version": n}` (for a caller that shows none:
+        building a timeline per booking is a good part of the work).
 
         `previous`, when given (a list as long as `items`), gets each booking's version as
         it was before its write (None: it was not stored), read in the same step as the
@@ -1741,14 +1745,15 @@ class Store:
                 for start in range(0, len(first.batch), APPLY_CHUNK):
                     part = slice(start, start + APPLY_CHUNK)
                     ready = self._prepared(
-                        _Round(first.batch[part], stored[part], [], caps[part]), now, release)
+                        _Round(first.batch[part], stored[part], [], caps[part],
+                               timelines=timelines), now, release)
                     if sent is not None:
                         redo += self._settle(sent[0], sent[1].result(), now, release, out,
                                              before)
                     sent = (ready, pool.submit(self._send, ready))
                 assert sent is not None
                 redo += self._settle(sent[0], sent[1].result(), now, release, out, before)
-            self._upsert_rounds(sorted(redo), items, now, release, out, before)
+            self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines)
         return cast(list[dict[str, Any]], out)
 
     def _upsert_rounds(
@@ -1759,11 +1764,12 @@ class Store:
         release: bool,
         out: list[dict[str, Any] | None],
         before: list[str | None],
+        timelines: bool = True,
     ) -> None:
         """Read, prepare and apply the bookings at `todo` until every one is written,
         APPLY_CHUNK at a time."""
         while todo:
-            ready = self._round(todo[:APPLY_CHUNK], items, now, release)
+            ready = self._round(todo[:APPLY_CHUNK], items, now, release, timelines)
             todo = sorted(self._settle(ready, self._send(ready), now, release, out, before)
                           + todo[APPLY_CHUNK:])
 
@@ -1793,10 +1799,12 @@ class Store:
         return _Round(batch, [], later)
 
     def _round(
-        self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool
+        self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool,
+        timelines: bool = True,
     ) -> _Round:
         """Read and prepare the bookings at `todo` that can go in one round (`_select`)."""
         ready = self._select(todo, items)
+        ready.timelines = timelines
         ready.stored = self._read([item[0].key for _, item in ready.batch])
         ready.caps = self._caps_read([item for _, item in ready.batch])
         return self._prepared(ready, now, release)
@@ -1850,7 +1858,8 @@ class Store:
         texts: dict[str, str] = {}
         ready.prepared = [
             self._prepare(booking, cap_plan(planned, booking, read.taken) if read else planned,
-                          stored, now, release, texts, read.guard if read else None)
+                          stored, now, release, texts, read.guard if read else None,
+                          timeline=ready.timelines)
             for (_, (booking, planned)), stored, read in zip(ready.batch, ready.stored,
                                                              ready.caps, strict=True)
         ]
@@ -1902,19 +1911,24 @@ class Store:
         release: bool,
         texts: dict[str, str],
         guard: list[Any] | None = None,
+        *,
+        timeline: bool = True,
     ) -> _Prepared:
-        """Return the apply script's input for one booking, and its timeline after it.
+        """Return the apply script's input for one booking, and its timeline after it (only
+        its version unless `timeline`).
 
         A store whose `_reconcile` seam is overridden sees every booking there, new ones too
         (the HTTP API checks If-Match in it).
         """
         if not stored.fields and self._plain_reconcile:
-            return self._prepare_new(booking, plan, now, release, texts, guard)
-        return self._prepare_reconciled(booking, plan, stored, now, release, texts, guard)
+            return self._prepare_new(booking, plan, now, release, texts, guard,
+                                     timeline=timeline)
+        return self._prepare_reconciled(booking, plan, stored, now, release, texts, guard,
+                                        timeline=timeline)
 
     def _prepare_new(
         self, booking: Booking, plan: Plan, now: datetime, release: bool, texts: dict[str, str],
-        guard: list[Any] | None = None,
+        guard: list[Any] | None = None, *, timeline: bool = True,
     ) -> _Prepared:
         """The common case, a booking not stored yet, without the general reconcile.
 
@@ -1964,38 +1978,44 @@ class Store:
             if used:
                 texts.update(used)
             planned, due_iso = _stamps(r.due_at)
-            entry: dict[str, Any] = {
-                "id": r.key,
-                "step": r.step,
-                "channel": r.channel,
-                "due_at": due_iso,
-                "status": shown_status,
-                "attempts": 0,
-                "sent_at": None,
-                "reason": reason,
-            }
             if r.expires_at is not None:
-                expires, entry["expires_at"] = _stamps(r.expires_at)
+                expires, expires_iso = _stamps(r.expires_at)
                 hset += [r.key, f"{head}{planned}||{expires}{tail}"]
             else:
                 hset += [r.key, f"{head}{planned}||{tail}" if tail else head + planned]
             if goes_due:
                 due += [r.key, planned]
-            entries.append(entry)
-        entries.sort(key=_entry_order)
-        shown: str = status
-        if (status == Status.SCHEDULED and entries
-                and all(e["status"] in TERMINAL for e in entries)
-                and booking.starts_at <= datetime.now(UTC)):
-            shown = Status.COMPLETED
-        timeline = {"clinic": clinic, "booking_id": booking_id, "status": str(shown),
-                    "version": 1, "hold_reason": hold_reason or None,
-                    "late_pause": bool(plan.late_pause), "reminders": entries}
+            if timeline:
+                entry: dict[str, Any] = {
+                    "id": r.key,
+                    "step": r.step,
+                    "channel": r.channel,
+                    "due_at": due_iso,
+                    "status": shown_status,
+                    "attempts": 0,
+                    "sent_at": None,
+                    "reason": reason,
+                }
+                if r.expires_at is not None:
+                    entry["expires_at"] = expires_iso
+                entries.append(entry)
+        shown_timeline: dict[str, Any] = {"version": 1}
+        if timeline:
+            entries.sort(key=_entry_order)
+            shown: str = status
+            if (status == Status.SCHEDULED and entries
+                    and all(e["status"] in TERMINAL for e in entries)
+                    and booking.starts_at <= datetime.now(UTC)):
+                shown = Status.COMPLETED
+            shown_timeline = {"clinic": clinic, "booking_id": booking_id,
+                              "status": str(shown), "version": 1,
+                              "hold_reason": hold_reason or None,
+                              "late_pause": bool(plan.late_pause), "reminders": entries}
         emits = (self._held_events(booking, 1, hold_reason, bool(plan.late_pause)) if held
                  else self._late_pause_events(booking, 1, plan.late_pause))
         args = apply_args(clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], [],
                           emits, "", guard, fields["contacts"], {})
-        return _Prepared(args, timeline)
+        return _Prepared(args, shown_timeline)
 
     _STATIC_MAX = 4096  # kinds of reminder kept by `_reminder_static`
 
@@ -2071,6 +2091,8 @@ class Store:
         release: bool,
         texts: dict[str, str],
         guard: list[Any] | None = None,
+        *,
+        timeline: bool = True,
     ) -> _Prepared:
         """Reconcile (worker/reconcile.py) with the booking as stored."""
         clinic, booking_id = booking.key
@@ -2099,7 +2121,7 @@ class Store:
                 and had == contacts and was_late == late):
             args = apply_args(clinic, booking_id, "-", "", keep, [], [], [], [], [], [], [], "",
                               None, "", {})
-            return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields,
+            return _Prepared(args, self._shown(timeline, clinic, booking_id, booking_fields,
                                                       reminders, stored.doc))
         version = int(booking_fields.get("version", 0)) + (1 if result.changed else 0)
         stamp = utc_iso(now) or ""
@@ -2221,7 +2243,8 @@ class Store:
         args = apply_args(clinic, booking_id, check, doc if changed_doc else "", keep, hset,
                           hdel, due, rm_due, rm_lease, rm_dead, emits, unindex, guard, contacts,
                           stored.fields)
-        return _Prepared(args, self._timeline_of(clinic, booking_id, booking_fields, reminders,
+        return _Prepared(args, self._shown(timeline, clinic, booking_id, booking_fields,
+                                           reminders,
                                                  doc))
 
     @staticmethod
@@ -2342,6 +2365,15 @@ class Store:
             raise NotFound(f"{clinic}/{booking_id}")
         booking = {k: v for k, v in stored.fields.items() if ":" not in k}
         return self._timeline_of(clinic, booking_id, booking, stored.reminders, stored.doc)
+
+    def _shown(
+        self, timeline: bool, clinic: str, booking_id: str, booking: Mapping[str, str],
+        records: Mapping[str, Mapping[str, str]], doc: str | None,
+    ) -> dict[str, Any]:
+        """The booking's timeline, or only its version (`timeline` False)."""
+        if not timeline:
+            return {"version": int(booking["version"])}
+        return self._timeline_of(clinic, booking_id, booking, records, doc)
 
     @staticmethod
     def _timeline_of(
