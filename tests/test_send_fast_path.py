@@ -347,3 +347,19 @@ def test_a_contact_corrected_after_the_begin_goes_to_the_new_address_only(
     sent_to = [str(m.to) for m in sink.snapshot()]
     assert len(sent_to) == 1 and new in sent_to[0] and old not in sent_to[0], sent_to
     assert rig.store.record(ref)["status"] == "sent"
+
+
+@pytest.mark.parametrize("nil", [None, False])
+def test_a_script_nil_is_none_whichever_way_the_server_sends_it(nil):
+    """Lua's false (a missing document, a secret not made yet) reaches a RESP3 client as None
+    from Redis 7.0 and as False from servers that map it to RESP3's boolean."""
+    from worker.store import _BeginScript
+
+    fields = ["status", "scheduled", "prep:sms", "P|1"]
+    begun = _BeginScript(lambda **_: ["ok", fields, nil, nil])(keys=[], args=[])
+    assert begun == "ok" and begun.read and begun.fields == {"status": "scheduled",
+                                                             "prep:sms": "P|1"}
+    assert begun.doc is None and begun.secret is None
+    changed = _BeginScript(lambda **_: ["contacts changed", [], nil])(keys=[], args=[])
+    assert changed == "contacts changed" and not changed.read and changed.doc is None
+    assert _BeginScript(lambda **_: ["opted out"])(keys=[], args=[]) == "opted out"

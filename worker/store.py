@@ -1173,7 +1173,14 @@ class _BeginScript:
             return Begun(verdict)
         flat = reply[1] if verdict != "contacts changed" else None
         fields = None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
-        return Begun(verdict, fields, reply[2], reply[3] if len(reply) > 3 else None)
+        return Begun(verdict, fields, _str_or_none(reply[2]),
+                     _str_or_none(reply[3]) if len(reply) > 3 else None)
+
+
+def _str_or_none(value: Any) -> str | None:
+    """A script's string, or None for its nil (Lua's false reaches a RESP3 client as None or
+    as False, depending on the Redis version)."""
+    return value if isinstance(value, str) else None
 
 
 class OptOut(tuple[int, list[str]]):
@@ -2678,6 +2685,7 @@ class Store:
                 keys.append(self.unsub_key(clinic, link))
                 args[2:] = [f"{channel}:{normal}", max(1, math.ceil(self.retention_seconds))]
         fields, why = self._still_owned(keys=keys, args=args)
+        fields, why = [_str_or_none(v) for v in fields], _str_or_none(why)
         if why is not None:
             self.finish(ref, attempt, "skip", fields={"reason": f"opted_out: {why}"},
                         entry={"at": datetime.now(UTC).isoformat(), "why": "opted out"})
