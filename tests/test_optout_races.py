@@ -84,14 +84,21 @@ def test_parked_before_the_hand_over_the_send_never_happens(rig):
     thread.join(20)
     assert result["outcome"] == "dropped: overtaken before sending"
     assert rig.gate.bodies == []  # nothing reached the gateway
+    # Its fence found the address opted out: back to the schedule at once, ledger freed...
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "scheduled", s
+    assert s["due"] is not None and (s["lease"], s["dead"], s["ledger"]) == (None, None, None)
+    # ...and the next begin applies the opt-out in full, as if it had landed before.
+    claim = rig.claim_now(PREP)
+    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "dropped: opted out"
+    assert rig.gate.bodies == []
     for ref in (PREP, STOP):
         s = rig.state(ref)
         assert s["record"]["status"] == "skipped", s
         assert s["record"]["reason"] == f"opted_out: {WHY}"
         assert (s["due"], s["lease"], s["dead"], s["ledger"]) == (None, None, None, None), s
     log = rig.state(PREP)["log"]
-    # Its own fence skipped it (still_owned); the caller's finish after is a repeat.
-    assert [(x["outcome"], x["result"]) for x in log] == [("skipped", "ok")]
+    assert [(x["outcome"], x["result"]) for x in log] == [("abandoned", "ok")], log
     assert counted(rig) == {"skipped": 2}  # each reminder once, nothing sent
     assert_no_claim(rig)
 
@@ -142,7 +149,10 @@ def test_begin_and_opt_out_in_either_order(rig, order):
         opt_out(rig)
         attempt = Attempt(claim.version, claim.claim, "tok")
         assert not rig.store.still_owned(PREP, attempt, send_to=("sms", PHONE))
-        assert rig.store.finish(PREP, attempt, "abandon", at=datetime.now(UTC)) == "repeated"
+        assert rig.store.finish(PREP, attempt, "abandon", at=datetime.now(UTC)) == "ok"
+        claim = rig.claim_now(PREP)  # back at once; the next begin applies the opt-out
+        assert rig.store.begin_send(PREP, claim.version, claim.claim, "tok2", 8000) == \
+            "opted out"
     s = rig.state(PREP)
     assert s["record"]["status"] == "skipped" and s["ledger"] is None, s
     assert_no_claim(rig)

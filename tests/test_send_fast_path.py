@@ -121,8 +121,9 @@ sms = "json://127.0.0.1:{sms.port}/sms?:to={{to}}"
         self.smtp, self.sms = smtp, sms
 
     def book(self, booking_id: str = "F-1", *, email: str = "Ana@Example.com",
-             phone: str = "+34600111222", days: float = 2, tretinoin: bool = True) -> None:
-        starts = (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
+             phone: str = "+34600111222", days: float = 2, tretinoin: bool = True,
+             starts: datetime | None = None) -> None:
+        starts = starts or (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
         doc = {"clinic": "fc", "booking_id": booking_id, "treatment": "fast",
                "starts_at": starts.isoformat(),
                "patient": {"name": "Ana López", "email": email, "phone": phone,
@@ -299,6 +300,9 @@ def test_an_opt_out_landing_after_the_begin_read_the_booking_sends_nothing(rig, 
     contact = "ana@example.com" if channel == "email" else "+34600111222"
     rig.renderer.change = lambda: rig.store.opt_out("fc", channel, contact, "STOP at 10:00")
     assert rig.send(ref) == "dropped: overtaken before sending"
+    assert rig.store.record(ref)["status"] == "scheduled"  # back: the begin's rule decides
+    assert rig.store.redis.zscore(rig.store.due_key, ref) is not None
+    assert rig.send(ref) == "dropped: opted out"
     record = rig.store.record(ref)
     assert record["status"] == "skipped" and record["reason"] == "opted_out: STOP at 10:00"
     for key in (rig.store.due_key, rig.store.lease_key, rig.store.dead_key):
@@ -327,10 +331,11 @@ def test_a_contact_corrected_after_the_begin_goes_to_the_new_address_only(
     reminder's own version is unchanged (same step, same time), only the booking's. The
     fence before the hand-over sees the booking's version: nothing goes to the old address,
     the reminder is back on the schedule at once, and the next attempt sends to the new one."""
-    rig.book(email=old if channel == "email" else "ana@example.com")
+    starts = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)  # kept
+    rig.book(email=old if channel == "email" else "ana@example.com", starts=starts)
     ref = f"fc/F-1/prep:{channel}"
     before = rig.store.record(ref)["version"]
-    rig.renderer.change = lambda: rig.book(**change)
+    rig.renderer.change = lambda: rig.book(**change, starts=starts)
     assert rig.send(ref) == "dropped: overtaken before sending"
     record = rig.store.record(ref)
     assert record["status"] == "scheduled" and record["version"] == before, record
@@ -363,3 +368,32 @@ def test_a_script_nil_is_none_whichever_way_the_server_sends_it(nil):
     changed = _BeginScript(lambda **_: ["contacts changed", [], nil])(keys=[], args=[])
     assert changed == "contacts changed" and not changed.read and changed.doc is None
     assert _BeginScript(lambda **_: ["opted out"])(keys=[], args=[]) == "opted out"
+
+
+@pytest.mark.parametrize(("channel", "old", "new"), [
+    ("sms", "+34600111222", "+34600999888"),
+    ("email", "old@example.com", "new@example.com"),
+])
+def test_an_old_address_opted_out_as_the_clinic_corrects_it_leaves_the_new_one_served(
+        rig, channel, old, new):
+    """While an attempt renders, the clinic corrects the address and the old address's
+    owner opts out (STOP from the wrong number). Nothing goes to the old address, and the
+    reminder is not skipped for the old address's opt-out: the next attempt sends it to the
+    new one (found by review)."""
+    starts = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)  # kept
+    rig.book(email=old if channel == "email" else "ana@example.com", starts=starts)
+    ref = f"fc/F-1/prep:{channel}"
+
+    def change() -> None:
+        rig.book(**({"phone": new} if channel == "sms" else {"email": new}), starts=starts)
+        rig.store.opt_out("fc", channel, old, "the old address's owner opted out")
+
+    rig.renderer.change = change
+    assert rig.send(ref) == "dropped: overtaken before sending"
+    assert rig.delivered() == 0
+    assert rig.store.record(ref)["status"] == "scheduled"
+    assert rig.send(ref) == "sent"
+    sink = rig.smtp if channel == "email" else rig.sms
+    sent_to = [str(m.to) for m in sink.snapshot()]
+    assert len(sent_to) == 1 and new in sent_to[0] and old not in sent_to[0], sent_to
+    assert rig.store.record(ref)["status"] == "sent"

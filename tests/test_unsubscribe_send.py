@@ -5,6 +5,7 @@ begin; care-critical steps by SMS instead (a real HTTP SMS gateway) when SMS is 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.e2e.conftest import QUICK_PROTOCOL
 from tests.sinks import HttpSink, SmtpSink
+from tests.test_send_fast_path import DuringRender
 from worker.catalog import Catalog
 from worker.dispatch import Context, send_claimed
 from worker.models import parse_booking
@@ -168,3 +170,22 @@ def test_care_critical_is_skipped_when_sms_is_not_allowed_either(rig, why):
     # Even when it is due again (a re-plan), the fenced begin refuses it.
     assert rig.send("care:email") == "dropped: opted out"
     assert rig.smtp.snapshot() == [] and rig.sms.snapshot() == []
+
+
+def test_care_critical_email_unsubscribed_while_it_renders_goes_by_sms(rig):
+    """The patient unsubscribes from email after the begin of a care-critical step's email
+    and before its fence (SMS allowed, the step has no SMS of its own). Nothing goes to
+    the email address; the reminder goes back, and the next begin sends it by SMS, as it
+    would have had the unsubscribe landed a moment earlier (found by review)."""
+    rig.ctx = replace(rig.ctx, renderer=DuringRender(rig.catalog.templates_dir))
+    rig.ctx.renderer.change = rig.unsubscribe
+    rig.book()
+    assert rig.send("care:email") == "dropped: overtaken before sending"
+    assert rig.smtp.snapshot() == [] and rig.sms.snapshot() == []
+    assert rig.store.record("uc/U-1/care:email")["status"] == "scheduled"
+    assert rig.send("care:email") == "sent"
+    assert rig.smtp.snapshot() == []
+    (sms,) = rig.sms.snapshot()
+    assert sms.to == "+34600111222"
+    record = rig.store.record("uc/U-1/care:email")
+    assert record["status"] == "sent", record

@@ -849,8 +849,9 @@ return 'cancelled'
 # address is recorded as opted out (the send-time check in _BEGIN_SEND reads it), and
 # every reminder of that channel still to be sent in the given bookings of that address is
 # skipped with the reason. One being sent (`sending`) is left to its attempt, whose own
-# fence decides: before the hand-over, the send-time checks (_BEGIN_SEND, `still_owned`)
-# read the opt-out and skip it with the reason (nothing is sent); past it, the delivery is
+# fence decides: before the hand-over, the send-time checks read the opt-out (_BEGIN_SEND
+# skips it with the reason, or sends a care-critical email step by SMS; `still_owned` sends
+# nothing and puts it back for the next begin to decide); past it, the delivery is
 # recorded as sent. So exactly one of sent and skipped is counted and told for it. An
 # email of a care-critical step is left to go by SMS when the patient allows SMS. mode
 # 'in' removes the opt-out (reminders skipped stay skipped: a later change of the booking
@@ -2668,10 +2669,13 @@ class Store:
         `link`: the id of the unsubscribe link the message carries to `send_to`'s address,
         noted (`remember_unsubscribe`) in the same round trip.
 
-        An attempt that owns the reminder but finds its address opted out (the patient's
-        STOP landed after its begin) skips the reminder with the reason, fenced like any
-        finish: the opt-out left it to this attempt (see _OPT_OUT), so it is counted and
-        told once, as skipped. The caller's own finish of the attempt then finds it stale.
+        An attempt that finds its address opted out (the patient's STOP or unsubscribe
+        landed after its begin; the opt-out left the reminder to this attempt, see _OPT_OUT)
+        sends nothing, and the caller's abandon puts the reminder back at once: the next
+        begin applies the opt-out in full (_BEGIN_SEND), as if it had landed before this
+        attempt: skipped with the reason, counted and told once, or, for a care-critical
+        email step of a patient who allows SMS, sent by SMS. So does a booking changed
+        since its message was made (a corrected address that someone else opted out).
         """
         self._ready()
         clinic, booking_id, key = split_ref(ref)
@@ -2687,9 +2691,7 @@ class Store:
         fields, why = self._still_owned(keys=keys, args=args)
         fields, why = [_str_or_none(v) for v in fields], _str_or_none(why)
         if why is not None:
-            self.finish(ref, attempt, "skip", fields={"reason": f"opted_out: {why}"},
-                        entry={"at": datetime.now(UTC).isoformat(), "why": "opted out"})
-            return False
+            return False  # opted out since the begin: back to the begin's full rule
         main, extra, booking, version = cast(list[str | None], fields)
         r = _split(main, len(REMINDER_SLOTS))
         a = _split(extra, len(ATTEMPT_SLOTS))
