@@ -127,7 +127,7 @@ class Params:
     drain_timeout: float = 40.0  # give up waiting for a burst this long after its due instant
     steady_drain: float = 15.0  # ... for the steady stream, this long after its last due time
     intake_budget: float = 45.0  # give up on the intake file (each route) after this long
-    load_budget: float = 50.0  # stop adding pending reminders (each side) after this long
+    load_budget: float = 75.0  # stop adding pending reminders (each side) after this long
     seed: int = 7
 
 
