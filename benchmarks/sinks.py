@@ -145,7 +145,13 @@ class HttpSink:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
+                data = self.rfile.read(length)
+                if len(data) < length or not data:
+                    # The client went away mid-request (a worker killed while posting): a
+                    # gateway never takes a request it did not receive whole.
+                    self.close_connection = True
+                    return
+                body = json.loads(data)
                 with sink._lock:
                     sink._messages.append(Received(
                         at=time.time(), channel="sms", to=str(body.get("to", "")), subject=None,

@@ -119,7 +119,11 @@ class HttpSink:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
+                data = self.rfile.read(length)
+                if len(data) < length or not data:  # the client went away mid-request
+                    self.close_connection = True
+                    return
+                body = json.loads(data)
                 status = sink.status
                 with sink._lock:
                     sink.requests.append((time.time(), body.get("to", ""), status))

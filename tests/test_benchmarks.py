@@ -494,3 +494,31 @@ def test_every_generated_patient_phone_is_valid_for_its_country():
         for i in [*range(0, 120_000, 7), 119_999]:
             number = phonenumbers.parse(mobile(locale, i))
             assert phonenumbers.is_valid_number(number), (locale, i, mobile(locale, i))
+
+
+@pytest.mark.parametrize("sink_class", ["benchmarks", "tests"])
+def test_the_sms_sinks_count_only_requests_received_whole(sink_class):
+    """A worker killed while posting leaves the gateway a request cut short: that is no
+    message (a fault drill once counted one as an SMS to nobody)."""
+    import socket
+
+    import requests
+
+    if sink_class == "benchmarks":
+        from benchmarks.sinks import HttpSink as Sink
+    else:
+        from tests.sinks import HttpSink as Sink  # type: ignore[assignment]
+    sink = Sink().start()
+    try:
+        for part in (b"", b'{"to": "+3460010'):  # killed before the body, or within it
+            with socket.create_connection(("127.0.0.1", sink.port), timeout=5) as cut:
+                cut.sendall(b"POST /sms HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                            b"application/json\r\nContent-Length: 60\r\n\r\n" + part)
+        answer = requests.post(f"http://127.0.0.1:{sink.port}/sms", timeout=5,
+                               json={"to": "+34600100001", "message": "SPF 30 today"})
+        assert answer.status_code == 200
+        time.sleep(0.2)  # the cut request's handler thread has seen the close by now
+        received = sink.snapshot() if sink_class == "benchmarks" else sink.posts
+        assert [m.to for m in received] == ["+34600100001"]
+    finally:
+        sink.stop()
