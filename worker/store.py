@@ -1571,7 +1571,10 @@ class Store:
         self._opt_out = script(_PRELUDE + _OPT_OUT)
         self._apply = script(_PRELUDE + _APPLY)
         self._layout_ok = False
-        self._ids: dict[str, str] = {}  # text -> its id (known not to collide)
+        # text -> its id (known not to collide). Shared by the API's threads: rebuilt from
+        # `list(items())`, a copy taken in one step, so another thread's insert cannot
+        # break the iteration ("dictionary changed size").
+        self._ids: dict[str, str] = {}
         # A new booking's reminder apart from its instants, per kind (`_reminder_static`).
         self._static: dict[tuple[Any, ...], Any] = {}
         self._texts: dict[str, str] = {}  # text id -> text, as read from Redis
@@ -1892,7 +1895,7 @@ class Store:
         """Take in an apply's reply; fill `out`; return the positions to do again."""
         while reply[0] == "collision":  # nothing was written: prepare with a longer id
             self._taken.add(str(reply[1]))
-            self._ids = {t: i for t, i in self._ids.items() if i != reply[1]}
+            self._ids = {t: i for t, i in list(self._ids.items()) if i != reply[1]}
             self._static.clear()  # it names texts by their ids
             reply = self._send(self._prepared(ready, now, release))
         if reply[0] == "layout":
@@ -2310,7 +2313,7 @@ class Store:
             if outcome.startswith("collision:"):  # words of another text: a longer id
                 taken = outcome.split(":", 1)[1]
                 self._taken.add(taken)
-                self._ids = {t: i for t, i in self._ids.items() if i != taken}
+                self._ids = {t: i for t, i in list(self._ids.items()) if i != taken}
                 continue
             if outcome != "changed":
                 break
