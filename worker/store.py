@@ -1751,6 +1751,12 @@ class Store:
             stored = self._read([item[0].key for _, item in first.batch])
             caps = self._caps_read([item for _, item in first.batch])
             redo = list(first.later)
+            if len(first.batch) <= APPLY_CHUNK:  # one chunk (a single PUT): nothing to overlap
+                ready = self._prepared(_Round(first.batch, stored, [], caps,
+                                              timelines=timelines), now, release)
+                redo += self._settle(ready, self._send(ready), now, release, out, before)
+                self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines)
+                return cast(list[dict[str, Any]], out)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-apply") as pool:
                 sent: tuple[_Round, Future[Any]] | None = None
                 for start in range(0, len(first.batch), APPLY_CHUNK):
