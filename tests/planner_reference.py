@@ -333,7 +333,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         reminders.sort(key=lambda r: (r.due_at, r.key))
     protected = frozenset(s.id for s in protocol.steps if s.care_critical)
     capped = cap_sms(reminders, clinic.sms, tz, email="email" in booking.patient.channels,
-                     protected=protected)
+                     protected=protected, window=window)
     rule = pause_rule(protocol, booking)
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,

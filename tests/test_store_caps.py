@@ -172,3 +172,37 @@ def test_one_patients_bookings_in_one_batch_keep_the_cap_in_one_round_each(
     one_by_one = [store.upsert(*item, NOW) for item in items]
     assert [[(r["id"], r["status"], r["due_at"]) for r in t["reminders"]] for t in timelines] \
         == [[(r["id"], r["status"], r["due_at"]) for r in t["reminders"]] for t in one_by_one]
+
+
+@pytest.mark.parametrize("days_ahead", [2, 3])
+def test_a_late_step_moved_by_the_cap_keeps_its_instant_when_submitted_again(
+        store, catalog, booking_doc, days_ahead):
+    """An SMS-only patient booked a few days before the visit: a step whose time had passed
+    is planned for the booking's instant ("late"), and the cap moves it to a later day. It
+    goes at that day's send-window opening, not at the booking's clock time, so the same
+    booking submitted a minute later is unchanged (it used to move by that minute and
+    count as a change)."""
+    doc = doc_of(booking_doc, "L-1", email=False)
+    doc["treatment"] = "chemical-peel"
+    doc.pop("medications", None)  # no retinoid step of its own takes the day first
+    start = (NOW + timedelta(days=days_ahead)).astimezone(TZ).replace(hour=16, minute=0)
+    doc["starts_at"] = start.isoformat()
+    booking = parse_booking(doc, catalog)
+    clinic = catalog.clinics[booking.clinic]
+
+    def submit(at: datetime) -> dict:
+        return store.upsert(booking, plan(booking, catalog.protocols[booking.treatment],
+                                          clinic, at), at)
+
+    first = submit(NOW + timedelta(minutes=17, seconds=23))
+    moved = [r for r in first["reminders"]
+             if "late:" in (r["reason"] or "") and "; moved to " in (r["reason"] or "")]
+    assert moved, [(r["id"], r["reason"]) for r in first["reminders"]]
+    opening = clinic.send_window.start  # minutes after local midnight
+    for r in moved:
+        local = datetime.fromisoformat(r["due_at"]).astimezone(TZ)
+        assert local.hour * 60 + local.minute == opening, (r["id"], local)
+    again = submit(NOW + timedelta(minutes=18, seconds=31))
+    assert again["version"] == first["version"]
+    assert [(r["id"], r["due_at"], r["status"]) for r in again["reminders"]] == \
+        [(r["id"], r["due_at"], r["status"]) for r in first["reminders"]]

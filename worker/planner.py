@@ -23,8 +23,9 @@ Rules, in order, for each step that applies to the patient:
    patient takes email, as any other, else by SMS all the same, beyond the cap, saying so.
    Then, in due order, another SMS that does not
    fit goes by email when the patient takes email (or is dropped when the step already
-   emails), else moves to the next day with room at the same local time, before it
-   expires; else it is skipped. Each says why.
+   emails), else moves to the next day with room at the same local time (a late step,
+   planned for the booking's own instant, at that day's send-window opening, so that a
+   re-submission plans it the same), before it expires; else it is skipped. Each says why.
 
 A booking is refused (BookingRejected naming the field) when its dates make no sense as
 seen at `now`: an appointment in the past or more than `MAX_DAYS_AHEAD` days ahead, an
@@ -680,7 +681,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     reminders.sort(key=_order)
     protected = _protected(protocol)
     reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered,
-                        protected=protected)
+                        protected=protected, window=window)
     rule = pause_rule(protocol, booking)
     return Plan(
         status=Status.HELD if hold else Status.SCHEDULED,
@@ -810,11 +811,15 @@ def cap_sms(
     email: bool,
     taken: Iterable[datetime] = (),
     protected: frozenset[str] = frozenset(),
+    window: SendWindow | None = None,
 ) -> list[PlannedReminder]:
     """Return `reminders` (in due order) with their SMS kept within `caps` (module docstring,
     rule 5). `taken`: when the patient's other SMS at the clinic go (or went); `email`:
     whether the patient takes email; `protected`: the care-critical step ids, whose SMS the
-    cap never drops (counted first; by email, or beyond the cap without email)."""
+    cap never drops (counted first; by email, or beyond the cap without email). `window`:
+    the send window; a late step (planned for the booking's own instant) that moves to a
+    later day goes at that day's opening, not at the booking's clock time, so the same
+    booking submitted again later plans it at the same instant."""
     sms = [r for r in reminders if r.channel == "sms" and r.status == Status.SCHEDULED]
     taken = list(taken)
     if len(sms) + len(taken) <= 1:
@@ -874,12 +879,18 @@ def cap_sms(
                                reason=f"{r.reason}; by email: {over}"))
             continue
         moved = None
+        late = window is not None and _LATE in r.reason
         for n in range(1, WEEK_DAYS * 2):
-            later = _wall(local.date() + timedelta(days=n), local.hour, local.minute, tz)
+            if late:
+                assert window is not None
+                later = next_opening(_wall(local.date() + timedelta(days=n), 0, 0, tz),
+                                     window, tz)
+            else:
+                later = _wall(local.date() + timedelta(days=n), local.hour, local.minute, tz)
             if r.expires_at is not None and later >= r.expires_at:
                 break
             shown = later.astimezone(tz)
-            if (shown.hour, shown.minute) != (local.hour, local.minute):
+            if not late and (shown.hour, shown.minute) != (local.hour, local.minute):
                 continue  # not on that day's clock (a DST gap): maybe outside the window
             if fits(shown.toordinal()):
                 moved = later
@@ -908,7 +919,7 @@ def cap_plan(p: Plan, booking: Booking, taken: Iterable[datetime]) -> Plan:
         return p
     reminders = cap_sms(p.reminders, p.caps, ZoneInfo(booking.patient.timezone),
                         email="email" in booking.patient.channels, taken=taken,
-                        protected=p.protected)
+                        protected=p.protected, window=p.window)
     if reminders is p.reminders:
         return p
     return replace(p, reminders=reminders,
