@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import Processes, group_pids
+from benchmarks.procs import Processes, close_probe, group_pids
 from benchmarks.side_by_side import (
     OursService,
     Sinks,
@@ -145,15 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if spy is not None:
             spy.send_signal(2)
             spy.wait(30)
-        procs.stop_all()
-        for s in list(servers):
-            if s.process is not None and s.process.poll() is None:
-                s.process.kill()
-        sinks.stop()
-        if args.keep:
-            print(f"work folder: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        close_probe(procs, servers, sinks, workdir, args.keep)
     return 0
 
 

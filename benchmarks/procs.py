@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -156,3 +157,18 @@ class Processes:
         """Stop every process still running, last started first."""
         for proc in reversed(list(self.running)):
             self.stop(proc)
+
+
+def close_probe(procs: Processes, servers: list[Any], sinks: Any, workdir: Path,
+                keep: bool) -> None:
+    """A probe's teardown (burst_probe, rss_probe): its processes, its redis-servers, its
+    sinks; its work folder unless `keep` (then it is printed)."""
+    procs.stop_all()
+    for server in list(servers):
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+    sinks.stop()
+    if keep:
+        print(f"work folder: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)

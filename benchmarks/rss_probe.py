@@ -16,13 +16,12 @@ arrived (`make bench`'s "after the sends" is measured after its burst and steady
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import Processes, group_pids, vm_rss_kib
+from benchmarks.procs import Processes, close_probe, group_pids, vm_rss_kib
 from benchmarks.side_by_side import (
     NAIVE_INTAKE_PER_SECOND,
     NaiveService,
@@ -169,15 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 diff = sums[f"ours{tail}"] - sums[f"naive{tail}"]
                 print(f"ours - naive{tail}: {diff / MB:+.1f} MB")
     finally:
-        procs.stop_all()
-        for s in list(servers):
-            if s.process is not None and s.process.poll() is None:
-                s.process.kill()
-        sinks.stop()
-        if args.keep:
-            print(f"work folder: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        close_probe(procs, servers, sinks, workdir, args.keep)
     return 0
 
 
