@@ -6,6 +6,7 @@ import email
 import email.policy
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -571,3 +572,21 @@ def test_outbox_writes_one_readable_file_per_message_and_never_overwrites(tmp_pa
     lines = [r.getMessage() for r in caplog.records if r.levelname != "DEBUG"]
     assert len(lines) == 3
     assert not any("ana@example.com" in x or "+34600111222" in x or "Hola" in x for x in lines)
+
+
+def test_outbox_shows_no_half_written_message_to_a_listing(tmp_path, monkeypatch):
+    """A reader listing the outbox while a message is being written sees only hidden files."""
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def listing_then_fsync(fd: int) -> None:  # the write is parked here, data not yet renamed
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        real_fsync(fd)
+
+    monkeypatch.setattr("worker.delivery.os.fsync", listing_then_fsync)
+    sms = write_outbox(
+        tmp_path, Envelope("glow/A-1042/day-before:sms", "glow", "sms", "+34600111222"), SMS, NOW
+    )
+    (mid_write,) = seen
+    assert len(mid_write) == 1 and mid_write[0].startswith(".") and mid_write[0].endswith(".tmp")
+    assert [p.name for p in tmp_path.iterdir()] == [sms.name]

@@ -771,7 +771,9 @@ def write_outbox(folder: Path, envelope: Envelope, message: RenderedMessage, now
             f"Date: {now.isoformat()}\n\n{message.text}\n"
         )
         path, data = folder / f"{stem}.sms.txt", text.encode("utf-8")
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # Written under a hidden name, then renamed: whoever lists the outbox sees whole
+    # messages only (a listing mid-write once counted a half-written SMS as a message).
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "xb") as fh:  # never overwrite: two writes would be two files
         fh.write(data)
         fh.flush()

@@ -27,12 +27,14 @@ CLINIC_ALERT = "clinic-booking.late_pause"
 
 
 def patient_files(outbox: Path) -> list[Path]:
-    return sorted(f for f in outbox.iterdir() if "-clinic-" not in f.name) \
+    return sorted(f for f in outbox.iterdir()
+                  if "-clinic-" not in f.name and not f.name.startswith(".")) \
         if outbox.is_dir() else []
 
 
 def clinic_files(outbox: Path) -> list[Path]:
-    return sorted(f for f in outbox.iterdir() if "-clinic-" in f.name) \
+    return sorted(f for f in outbox.iterdir()
+                  if "-clinic-" in f.name and not f.name.startswith(".")) \
         if outbox.is_dir() else []
 # The demo visit starts this far ahead: the late pre-visit steps go out at once, and must do
 # so before the visit begins (else they are skipped), even on a busy machine.
