@@ -944,8 +944,9 @@ keep_booking(prefix, clinic, booking_id, now + retention)
 return 1
 """
 
-# The upsert's write, for a chunk of bookings. First the texts the chunk refers to (a text
-# id already taken by other words is reported, and nothing is written). Then per booking
+# The upsert's write, for a chunk of bookings. ARGV: the prefix, the batch's earlier
+# bookings still to be written (JSON, see `stale` below), then the texts the chunk refers to
+# (a text id already taken by other words is reported, and nothing is written). Then per booking
 # (`apply_args`): a JSON array (its check: '' = it must not exist yet; '-' = nothing to
 # write, only retention; else the hash's fields as they were read; its retention, the hash
 # fields to set and to delete, its due entries as ZADD takes them (score, ref), ...), then
@@ -963,7 +964,7 @@ if not found then
 elseif found ~= LAYOUT then
   return {'layout', found}
 end
-local i = 2
+local i = 3
 local ntexts = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, ntexts do
@@ -994,6 +995,11 @@ local function refs(keys, base)
 end
 local out = {'ok'}
 local tally = {}  -- metrics: "<what>|<clinic>|<channel>" -> count, one HINCRBY each at the end
+-- Bookings ("<clinic>/<booking id>") to be written after this one, in a later round: those
+-- of the batch's earlier chunks whose check failed (ARGV[2]), and those of this script whose
+-- check fails. A booking whose SMS cap read one of them waits for it too (as one by one).
+local stale = {}
+for _, k in ipairs(cjson.decode(ARGV[2])) do stale[k] = true end
 local position = 0
 while i <= #ARGV do
   position = position + 1
@@ -1032,6 +1038,7 @@ while i <= #ARGV do
     end
     local versions = guard[5]
     for j = 1, #versions, 2 do
+      if ok and stale[clinic .. '/' .. versions[j]] then ok = false end
       if ok then
         local v = redis.call('HGET', prefix .. ':b:' .. clinic .. '/' .. versions[j], 'version')
         if (v or '') ~= versions[j + 1] then ok = false end
@@ -1040,6 +1047,7 @@ while i <= #ARGV do
   end
   if not ok then
     table.insert(out, position)
+    stale[base] = true
   else
     if check ~= '-' then
       if doc ~= '' then
@@ -1518,6 +1526,10 @@ class _Round:
     texts: dict[str, str] = field(default_factory=dict)
     args: list[Any] = field(default_factory=list)
     timelines: bool = True  # False: each booking's timeline is only its version
+    # "<clinic>/<booking id>" of the batch's bookings before these whose check failed in an
+    # earlier apply (the script makes a booking whose SMS cap read one of them wait too).
+    stale: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # of these, those whose check failed
 
 
 @dataclass
@@ -1748,8 +1760,10 @@ class Store:
         before: list[str | None] = [None] * len(items) if previous is None else previous
         first = self._select(list(range(len(items))), items, whole=True)
         if first.batch:
-            stored = self._read([item[0].key for _, item in first.batch])
-            caps = self._caps_read([item for _, item in first.batch])
+            first.stored = self._read([item[0].key for _, item in first.batch])
+            first.caps = self._caps_read([item for _, item in first.batch])
+            self._wait_for_later(first, items)
+            stored, caps = first.stored, first.caps
             redo = list(first.later)
             if len(first.batch) <= APPLY_CHUNK:  # one chunk (a single PUT): nothing to overlap
                 ready = self._prepared(_Round(first.batch, stored, [], caps,
@@ -1759,6 +1773,7 @@ class Store:
                 return cast(list[dict[str, Any]], out)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-apply") as pool:
                 sent: tuple[_Round, Future[Any]] | None = None
+                failed: list[str] = []  # of the chunks applied so far (see `_Round.stale`)
                 for start in range(0, len(first.batch), APPLY_CHUNK):
                     part = slice(start, start + APPLY_CHUNK)
                     ready = self._prepared(
@@ -1767,6 +1782,8 @@ class Store:
                     if sent is not None:
                         redo += self._settle(sent[0], sent[1].result(), now, release, out,
                                              before)
+                        failed += sent[0].failed
+                    ready.stale = list(failed)
                     sent = (ready, pool.submit(self._send, ready))
                 assert sent is not None
                 redo += self._settle(sent[0], sent[1].result(), now, release, out, before)
@@ -1810,10 +1827,35 @@ class Store:
                 later.append(i)
             else:
                 batch.append((i, items[i]))
-                if patient is not None:
-                    patients.add(patient)
+            if patient is not None:  # a later booking of the patient waits for this one
+                patients.add(patient)
             seen.add(key)
         return _Round(batch, [], later)
+
+    def _wait_for_later(self, ready: _Round, items: list[tuple[Booking, Plan]]) -> None:
+        """Move to `ready.later` each booking whose SMS cap read another booking that is
+        written in a later round and comes before it in `items` (or that moves there now):
+        one by one, that one is written first (a patient's phone corrected, say: it leaves
+        the phone this booking's cap counts)."""
+        if not ready.later:
+            return
+        waiting: dict[tuple[str, str], int] = {}  # booking -> its first position left for later
+        for i in ready.later:
+            waiting.setdefault(items[i][0].key, i)
+        keep: list[int] = []
+        for n, ((i, (booking, _)), read) in enumerate(zip(ready.batch, ready.caps,
+                                                          strict=True)):
+            if read is not None and any(
+                    waiting.get((booking.clinic, other), i) < i for other in read.guard[4][0::2]):
+                ready.later.append(i)
+                waiting.setdefault(booking.key, i)
+            else:
+                keep.append(n)
+        if len(keep) < len(ready.batch):
+            ready.batch = [ready.batch[n] for n in keep]
+            ready.stored = [ready.stored[n] for n in keep]
+            ready.caps = [ready.caps[n] for n in keep]
+            ready.later.sort()
 
     def _round(
         self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool,
@@ -1824,6 +1866,7 @@ class Store:
         ready.timelines = timelines
         ready.stored = self._read([item[0].key for _, item in ready.batch])
         ready.caps = self._caps_read([item for _, item in ready.batch])
+        self._wait_for_later(ready, items)
         return self._prepared(ready, now, release)
 
     # The SMS cap across a patient's bookings reads at most this many of their other
@@ -1891,7 +1934,7 @@ class Store:
     def _send(self, ready: _Round) -> Any:
         return self._apply(
             keys=[self.due_key, self.lease_key, self.dead_key, self.layout_key, self.texts_key],
-            args=ready.args,
+            args=[ready.args[0], _dumps(ready.stale), *ready.args[1:]],
         )
 
     def _settle(
@@ -1910,10 +1953,11 @@ class Store:
         failed = {int(x) - 1 for x in reply[1:]}
         self._texts.update(ready.texts)
         redo = list(ready.later)
-        for n, ((i, _), p, stored) in enumerate(zip(ready.batch, ready.prepared, ready.stored,
-                                                     strict=True)):
+        for n, ((i, (booking, _)), p, stored) in enumerate(zip(ready.batch, ready.prepared,
+                                                                ready.stored, strict=True)):
             if n in failed:
                 redo.append(i)
+                ready.failed.append(f"{booking.clinic}/{booking.booking_id}")
             else:
                 out[i] = p.timeline
                 before[i] = stored.fields.get("version") if stored.fields else None
@@ -2136,8 +2180,10 @@ class Store:
         was_late = booking_fields.get("late_pause", "")
         if (not result.changed and not result.changes and not window_changed
                 and had == contacts and was_late == late):
+            # Unchanged as planned from what the SMS cap read: still the guard (what it read
+            # may have changed since, by an earlier booking of the batch, say).
             args = apply_args(clinic, booking_id, "-", "", keep, [], [], [], [], [], [], [], "",
-                              None, "", {})
+                              guard, "", {})
             return _Prepared(args, self._shown(timeline, clinic, booking_id, booking_fields,
                                                       reminders, stored.doc))
         version = int(booking_fields.get("version", 0)) + (1 if result.changed else 0)
