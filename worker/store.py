@@ -592,7 +592,11 @@ return {verdict}
 # if it delivered, the delivery is recorded: as the reminder's outcome when the plan did
 # not change it (or no longer wanted it: it went out all the same), else as `sent_at` /
 # `sent_version` beside the new plan. Repeating a finish with the same token is a no-op
-# (the log's last line carries the token of the last finish).
+# (the log's last line carries the token of the last finish). A skip or defer (a send-time
+# rule worked out from the booking as the begin read it) may carry that booking version
+# (field `booking`): if the booking changed since, the rule may no longer hold (a moved
+# appointment's expiry, a corrected timezone's send window), so an owning attempt puts the
+# reminder back at once instead (as `abandon`), for the next begin to work it out afresh.
 _FINISH = """
 local bkey, lkey, due_key, lease_key, dead_key, akey =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -620,12 +624,23 @@ local same_words = sent_planned ~= '' and tonumber(r[R_PLAN]) == tonumber(sent_p
   and template == sent_template
 local current = status == ST_SENDING and same_version and a[A_CLAIM] == claim
   and a[A_TOK] == token
+local overtaken = false  -- a skip or defer for a booking that changed since the begin
+for i = 19, #ARGV, 2 do
+  if ARGV[i] == 'booking' and (outcome == 'skip' or outcome == 'defer')
+      and redis.call('HGET', bkey, 'version') ~= ARGV[i + 1] then
+    overtaken = true
+    outcome = 'abandon'
+    score = tostring(now)
+  end
+end
 local function set_fields()
+  if overtaken then return end  -- the rule's reason is not the reminder's any more
   for i = 19, #ARGV, 2 do
     local name, value = ARGV[i], ARGV[i + 1]
     if name == 'reason' then r[R_WHY] = inline(value)
     elseif name == 'last_error' then a[A_ERR] = value
     elseif name == 'sent_at' then a[A_SENT] = value
+    elseif name == 'booking' then  -- read above
     else error('finish: unknown field ' .. name) end
   end
 end
@@ -677,7 +692,7 @@ elseif current then
     r[R_ST] = ST_SKIPPED
     a[A_TRIES] = add(a[A_TRIES], -1)
   end
-  result = 'ok'
+  result = overtaken and 'put back: the booking changed since the begin' or 'ok'
 else
   -- Overtaken by the clinic's change or by another claim: only the log changes. An unknown
   -- outcome keeps the ledger until it expires, whoever owns the reminder now.
@@ -739,6 +754,7 @@ if event and wants(hooks, 'booking.completed') then
   end
 end
 local line = cjson.decode(entry)
+if overtaken then line['outcome'] = 'abandoned' end
 line['result'] = result
 line['tok'] = token
 redis.call('RPUSH', akey, cjson.encode(line))
@@ -2633,6 +2649,9 @@ class Store:
         ]
         for k, v in (fields or {}).items():
             args += [k, _stored_instant(v) if k == "sent_at" else v]
+        if outcome in ("skip", "defer") and attempt.booking:
+            # The send-time rule was worked out from this booking version (see _FINISH).
+            args += ["booking", attempt.booking]
         return str(
             self._finish(
                 keys=[
