@@ -251,3 +251,71 @@ def test_a_move_landing_before_an_expired_skip_does_not_lose_the_reminder(rig):
     claim = rig.claim_now(PREP)
     assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "sent"
     assert len(rig.gate.bodies) == 1
+
+
+def _zone(offset: int) -> str:
+    """The IANA zone of a whole-hour UTC offset (POSIX signs: Etc/GMT-5 is UTC+5)."""
+    return "Etc/GMT" if offset == 0 else f"Etc/GMT{-offset:+d}"
+
+
+def test_a_timezone_corrected_before_a_defer_does_not_leave_the_old_zones_opening(
+        tmp_path, redis_client, gate):
+    """The attempt finds the present moment outside the patient's send window (06:00-22:00
+    their time) and defers to its next opening. Meanwhile the clinic corrects the patient's
+    timezone: in the right one the window is open now. The reminder's own time is the same
+    in both zones (its version stays); the deferral worked out in the wrong zone must not
+    stand: the reminder goes back at once, and the next attempt sends it."""
+    now = datetime.now(UTC)
+    hour = now.hour + now.minute / 60
+    found = None
+    for old in range(-12, 15):
+        for new in range(-12, 15):
+            if not (5.5 <= (hour + old) % 24 < 22.5) and 7 <= (hour + new) % 24 < 21:
+                # A visit hour whose reminder (2 h before) is well inside both windows.
+                for at in range(24):
+                    if all(7 <= (at - 2 + o) % 24 < 21 for o in (old, new)):
+                        found = old, new, at
+                        break
+            if found:
+                break
+        if found:
+            break
+    assert found is not None
+    old, new, at = found
+    config = races.write_config(tmp_path / "config", gate.port, window=("06:00", "22:00"))
+    settings = races.Settings(config_dir=config, templates_dir=races.ROOT / "templates",
+                              lease_seconds=8, send_timeout_seconds=1, _env_file=None)
+    catalog = races.Catalog.load(settings)
+    store = Store(redis_client, races.PREFIX)
+    rig = Rig(store, races.Context(settings, store, catalog, races.Renderer(
+        catalog.templates_dir)), catalog, gate)
+    starts = (now + timedelta(days=3)).replace(hour=at, minute=0, second=0, microsecond=0)
+
+    def doc(zone: str) -> dict[str, Any]:
+        d = rig.booking()
+        d["starts_at"] = starts.isoformat()
+        d["patient"]["timezone"] = zone
+        return d
+
+    rig.book(doc(_zone(old)))
+    version = rig.store.record(PREP)["version"]
+    real = rig.store.finish
+
+    def finish(ref: str, attempt: Any, outcome: str, **kwargs: Any) -> str:
+        if outcome == "defer":  # worked out in the old zone; the correction lands now
+            rig.book(doc(_zone(new)))
+        return real(ref, attempt, outcome, **kwargs)
+
+    rig.store.finish = finish  # type: ignore[method-assign]
+    claim = rig.claim_now(PREP)  # a retry or a backlog, due now
+    send_claimed(rig.ctx, PREP, claim.version, claim.claim)
+    del rig.store.finish
+    s = rig.state(PREP)
+    assert s["record"]["version"] == version, s["record"]  # its own time is the same
+    assert s["record"]["status"] == "scheduled", s
+    assert s["due"] is not None and s["due"] <= time.time(), (s["due"], time.time())
+    assert (s["lease"], s["ledger"]) == (None, None), s
+    gate.answer(200)
+    claim = rig.claim_now(PREP)
+    assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "sent"
+    assert len(gate.bodies) == 1
