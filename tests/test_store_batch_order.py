@@ -115,3 +115,97 @@ def test_a_booking_after_one_changed_since_read_waits_for_it(
     expected = [one.upsert(*item, NOW) for item in items]
     assert sms_days(got[1]) == sms_days(expected[1]) != []
     assert [t["reminders"] for t in got] == [t["reminders"] for t in expected]
+
+
+def _parked_batch(store: Store, items, change, monkeypatch):
+    """Run `store.upsert_many(items)` with one booking per apply chunk, park the apply thread
+    in the first chunk's apply once the second chunk is prepared (read, reconciled), run
+    `change()`, release; return (timelines, previous, apply scripts run)."""
+    import threading
+
+    monkeypatch.setattr("worker.store.APPLY_CHUNK", 1)
+    parked, go, second = threading.Event(), threading.Event(), threading.Event()
+    real_send, real_prepared = Store._send, Store._prepared
+    sends: list[int] = []
+    prepares: list[int] = []
+
+    def prepared(self, ready, now, release):
+        out = real_prepared(self, ready, now, release)
+        prepares.append(1)
+        if len(prepares) == 2:
+            second.set()
+        return out
+
+    def send(self, ready):
+        if threading.current_thread() is threading.main_thread():  # the change's own
+            return real_send(self, ready)
+        sends.append(1)
+        if len(sends) == 1:
+            parked.set()
+            assert go.wait(10)
+        return real_send(self, ready)
+
+    monkeypatch.setattr(Store, "_send", send)
+    monkeypatch.setattr(Store, "_prepared", prepared)
+    result: dict[str, object] = {}
+    previous: list[str | None] = [None] * len(items)
+
+    def run() -> None:
+        result["timelines"] = store.upsert_many(items, NOW, previous=previous)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert parked.wait(10) and second.wait(10)
+    try:
+        change()
+    finally:
+        go.set()
+        thread.join(30)
+    monkeypatch.setattr(Store, "_send", real_send)
+    monkeypatch.setattr(Store, "_prepared", real_prepared)
+    return result["timelines"], previous, len(sends)
+
+
+@pytest.mark.parametrize("what", ["cancel", "upsert", "claim and finish"])
+def test_a_booking_changed_while_the_chunk_before_it_applies_is_written_as_one_by_one(
+        redis_client, catalog, booking_doc, monkeypatch, what):
+    """The apply thread is parked on the first chunk while the second (B-1, already read and
+    prepared) is changed by a cancel, another upsert, or a pump's claim and delivery; then
+    released. B-1 is read again and written after that change, as if it came after it:
+    the same timelines, records and `previous` versions as doing it one by one."""
+    from worker.store import Attempt
+
+    docs = [dict(booking_doc, booking_id=f"B-{n}",
+                 patient=dict(booking_doc["patient"], phone=f"+3460011133{n}")) for n in range(3)]
+    stores = {name: Store(redis_client, name) for name in ("one", "many")}
+    for s in stores.values():
+        s.upsert_many([planned(catalog, d) for d in docs], NOW)
+    other = planned(catalog, dict(docs[1], patient=dict(docs[1]["patient"],
+                                                       preferred_name="Anita")))
+
+    def change(s: Store) -> None:
+        if what == "cancel":
+            s.cancel("glow", "B-1", NOW)
+        elif what == "upsert":
+            s.upsert(*other, NOW)
+        else:
+            ref = "glow/B-1/booking-confirmation:email"
+            (claim,) = [c for c in s.claim_due(50, 60) if c.ref == ref]
+            assert s.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"
+            assert s.finish_sent(ref, Attempt(claim.version, claim.claim, "tok"), NOW) == "ok"
+
+    batch_docs = [dict(d, patient=dict(d["patient"], name="Ana María López")) for d in docs]
+    items = [planned(catalog, d) for d in batch_docs]
+    one = stores["one"]
+    change(one)
+    was = [redis_client.hget(one.booking_key("glow", d["booking_id"]), "version")
+           for d in batch_docs]
+    expected = [one.upsert(*item, NOW) for item in items]
+    got, previous, sends = _parked_batch(stores["many"], items, lambda: change(stores["many"]),
+                                  monkeypatch)
+    # Three chunks, then B-1 again (the pump claims every booking's due confirmation).
+    assert sends == (6 if what == "claim and finish" else 4)
+    assert previous == was
+    assert got == expected
+    ids = [d["booking_id"] for d in docs]
+    assert state(stores["many"], "glow", ids) == state(one, "glow", ids)
