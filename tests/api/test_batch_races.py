@@ -1,0 +1,82 @@
+"""The batch route under a change landing between its read and its apply (found sound by
+review): the apply thread is parked on the first chunk while a PUT creates, or a DELETE
+cancels, a booking of a later chunk; then released. That booking is read again and
+written after the change: 200 (it existed by then) with the version it really has."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.api.conftest import future_booking
+from worker.store import Store
+
+
+def parked_batch(glow, items, change, monkeypatch):
+    monkeypatch.setattr("worker.store.APPLY_CHUNK", 1)
+    parked, go, second = threading.Event(), threading.Event(), threading.Event()
+    real_send, real_prepared = Store._send, Store._prepared
+    batch_prepares: list[int] = []
+    batch_sends: list[int] = []
+
+    def prepared(self, ready, now, release):
+        out = real_prepared(self, ready, now, release)
+        if len(ready.batch) == 1 and ready.batch[0][1][0].booking_id == "B-1":
+            second.set()  # B-1 read and prepared (the batch's second chunk)
+        batch_prepares.append(1)
+        return out
+
+    def send(self, ready):
+        if threading.current_thread().name.startswith("store-apply"):
+            batch_sends.append(1)
+            if len(batch_sends) == 1:
+                parked.set()
+                assert go.wait(10)
+        return real_send(self, ready)
+
+    monkeypatch.setattr(Store, "_send", send)
+    monkeypatch.setattr(Store, "_prepared", prepared)
+    answer: dict[str, object] = {}
+
+    def post() -> None:
+        answer["r"] = glow.post("/v1/bookings:batch", json={"bookings": items})
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    assert parked.wait(10) and second.wait(10)
+    try:
+        change()
+    finally:
+        go.set()
+        thread.join(30)
+    response = answer["r"]
+    assert response.status_code == 200, response.text  # type: ignore[attr-defined]
+    return response.json()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("what", ["created", "cancelled"])
+def test_the_batch_route_answers_a_booking_changed_since_its_read_as_stored(
+        glow, monkeypatch, what):
+    docs = [future_booking(f"B-{n}", patient=dict(future_booking()["patient"],
+                                                  phone=f"+3460011144{n}")) for n in range(3)]
+    if what == "cancelled":  # stored as it was; the batch corrects the patient's name
+        assert glow.put("/v1/bookings/B-1", json=docs[1]).status_code == 201
+        docs[1] = dict(docs[1], patient=dict(docs[1]["patient"], name="Ana María López"))
+    moved = dict(docs[1], starts_at=future_booking(days=21)["starts_at"])
+
+    def change() -> None:
+        if what == "created":  # another client creates it first, for another day
+            assert glow.put("/v1/bookings/B-1", json=moved).status_code == 201
+        else:
+            assert glow.delete("/v1/bookings/B-1").status_code == 200
+
+    body = parked_batch(glow, docs, change, monkeypatch)
+    results = body["results"]
+    assert [r["status"] for r in results] == [201, 200, 201]
+    stored = glow.get("/v1/bookings/B-1").json()
+    assert results[1]["timeline"] == stored
+    # Written after the change: a new version (2 after the PUT's 1; 3 after the cancel's 2,
+    # reopened).
+    assert stored["status"] == "scheduled"
+    assert stored["version"] == (2 if what == "created" else 3)
