@@ -56,3 +56,15 @@ def test_text_ids_taken_by_other_words_are_stored_under_longer_ones(env, redis_c
     # The words the reference used, each under a longer id.
     assert {text for tid, text in stored.items() if len(tid) > 6} == set(texts.values())
     assert "900 new" in done.stderr.decode()
+
+
+def test_a_refusal_in_the_last_chunk_checked_by_two_processes_stores_nothing(
+        env, redis_client):  # noqa: F811
+    docs = list(realistic_bookings(3000, seed=33))
+    docs[-1]["patient"]["phone"] = "12"  # the last line, in the last chunk of a process
+    done = book(env, jsonl(docs), "--jobs", "2")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "line 3000 (" in done.stderr.decode()
+    assert "refused 1 of 3,000 bookings (line 3000): nothing was stored" in \
+        done.stderr.decode()
+    assert redis_client.dbsize() == 0
