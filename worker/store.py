@@ -1767,9 +1767,10 @@ class Store:
         SMS cap's reads); then the apply scripts go one chunk at a time, each chunk
         prepared in Python while Redis applies the one before (Redis works on the other
         core). A booking id (or a capped patient) met again in the batch waits until that
-        pass is done, as does a booking that changed between the read and its apply: each
-        is then read and reconciled again, in input order, so the result is that of
-        upserting them one by one.
+        pass is done, as does a booking that changed between the read and its apply, and
+        any later booking whose SMS cap read one of those (`_wait_for_later`; the apply
+        script's `stale`): each is then read and reconciled again, in input order, so the
+        result is that of upserting them one by one.
         """
         self._ready()
         out: list[dict[str, Any] | None] = [None] * len(items)
