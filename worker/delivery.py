@@ -112,6 +112,14 @@ _SMTP_SESSION_LOST = re.compile(r'Sending email to ".*" failed')
 # message may have left. A Celery soft time limit arrives this way, as an exception.
 _PLUGIN_CRASHED = re.compile(r"Notification service '.*' raised an exception")
 _OUT_OF_TIME = "SoftTimeLimitExceeded"
+# The email could not be written: a header holds a line break (a clinic's From name, a
+# header value), refused by email_mime's check against header injection (CVE-2024-6923's,
+# same words as the patched stdlib's) or by the stdlib's own check for a header embedded in
+# a value. Raised while the message is built, before any of it is handed to the server;
+# the same data is refused again. The line quotes the header: matched, never repeated.
+_HEADER_REFUSED = re.compile(
+    r"^Notification Exception: (?:folded header (?:contains newline|does not end with)"
+    r"|header value appears to contain an embedded header)", re.MULTILINE)
 _READABLE = email.policy.default.clone(max_line_length=998, utf8=True)  # a file, not SMTP
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -542,6 +550,10 @@ def classify(
             unknown=True,
         )
     text = "\n".join(lines)
+    if _HEADER_REFUSED.search(text):  # first: the quoted header may hold any other words
+        return DeliveryError(
+            "a header of the email holds a line break (the clinic's configuration or the "
+            "patient's data); refused before sending, nothing was sent", permanent=True)
     codes = [int(c) for c in _PROVIDER_ERROR.findall(text)]
     http = [c for c in http_statuses if not 200 <= c < 300] or [c for c in codes if c < 1000]
     if http:
