@@ -10,7 +10,8 @@ the worker, beat and the other `reminders` commands find it again at the same UR
 its data.
 
 Only Ctrl-C or SIGTERM stops the service: every child is stopped (SIGTERM, then
-SIGKILL after a grace period), the embedded Redis last, and nothing is left behind.
+SIGKILL once the worker's whole shutdown grace and a margin have passed: `stop_grace`),
+the embedded Redis last, and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 GRACE_SECONDS = 15.0
+# Beyond the worker's own grace for its sends (REMINDERS_SHUTDOWN_GRACE_SECONDS): a pump run
+# finishing first, the cut sends recording their outcome, Celery closing its pool (the
+# compose file's stop_grace_period leaves the same 10 s).
+STOP_MARGIN_SECONDS = 10.0
 RESTART_FIRST_DELAY_SECONDS = 1.0
 RESTART_MAX_DELAY_SECONDS = 30.0
 STABLE_AFTER_SECONDS = 60.0  # a child up this long is healthy again: its backoff resets
@@ -180,11 +185,17 @@ def _celery_spawner(role: str, settings: Settings,
     return spawn
 
 
-def _stop(children: list[Child]) -> None:
+def stop_grace(settings: Settings) -> float:
+    """Return how long a stop waits for the children before SIGKILL: the worker's whole
+    shutdown grace and a margin (a send answered within it is recorded, not cut short)."""
+    return max(GRACE_SECONDS, settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS)
+
+
+def _stop(children: list[Child], grace: float = GRACE_SECONDS) -> None:
     for child in children:
         if child.process is not None and child.process.poll() is None:
             child.process.terminate()
-    deadline = time.monotonic() + GRACE_SECONDS
+    deadline = time.monotonic() + grace
     for child in children:
         child.stop(deadline)
 
@@ -249,7 +260,7 @@ def run_all(settings: Settings) -> int:
             time.sleep(POLL_SECONDS)
         return 0
     finally:
-        _stop(children)
+        _stop(children, stop_grace(settings))
         if server is not None:
             server.stop()  # last: the worker and beat needed it to shut down cleanly
             url_file.unlink(missing_ok=True)
