@@ -11,13 +11,20 @@ gateways on 127.0.0.1.
 - Sends in several threads at once, to SMTP servers answering 250, 451, 550 or dropping the
   connection after DATA and to HTTP gateways answering 200, 400, 503 or nothing, are each
   classified from their own lines.
+- A channel whose Apprise plugin the process did not load at its start sends at its first
+  message; a scheme no plugin has fails for good, saying so.
 - A thread's kept HTTP session carries no cookie nor credentials of one clinic's gateway to
   another's.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +45,8 @@ from apprise.common import NotifyFormat
 from apprise.conversion import convert_between
 from apprise.plugins.email import base as apprise_email
 
+from tests.conftest import ROOT
+from tests.sinks import HttpSink
 from worker.delivery import Envelope, deliver, send_apprise
 from worker.email_mime import FastMIMEMultipart, FastMIMEText
 from worker.embedded import free_port
@@ -208,6 +217,50 @@ def test_a_header_with_a_line_break_is_refused_before_sending_and_permanent(
 
 # --- several sends at once, each classified by what its own send met -----------------------
 
+class CutMidData:
+    """An SMTP server that accepts the envelope, answers DATA with 354, reads the first
+    bytes of the message and closes the connection: the message is cut mid-DATA."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 cut.example ESMTP\r\n")
+            for line in lines:
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250 cut.example\r\n")
+                elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                    conn.sendall(b"250 OK\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    lines.read(64)  # a little of the message, then the line goes dead
+                    self.cut += 1
+                    conn.shutdown(socket.SHUT_RDWR)
+                    return
+                else:
+                    conn.sendall(b"221 bye\r\n")
+                    return
+
+    def url(self) -> str:
+        return f"mailto://127.0.0.1:{self.port}?from=hola@glow.example&to={TO}&mode=insecure"
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 class Gateway(ThreadingHTTPServer):
     """An SMS gateway answering `status` (None: reads the request, never answers in time)."""
 
@@ -265,6 +318,8 @@ EXPECTED = {
     "smtp 550": ("SMTP 550 from the mail server", True, False),
     "smtp dropped": ("the mail server connection was lost while sending; the message may "
                      "have been delivered", False, True),
+    "smtp cut mid-DATA": ("the mail server connection was lost while sending; the message "
+                          "may have been delivered", False, True),
     "sent": "sent through Apprise",
     "bad request": ("HTTP 400 from the provider", True, False),
     "busy": ("HTTP 503 from the provider", False, False),
@@ -281,12 +336,17 @@ def test_sends_at_once_are_each_classified_by_their_own_outcome(
     servers = {"smtp 250": MailServer(), "smtp 451": MailServer("451 4.3.0 Try again later"),
                "smtp 550": MailServer("550 5.7.1 Message refused"),
                "smtp dropped": MailServer(None)}
-    urls = {**{k: s.url() for k, s in servers.items()},
+    cut = CutMidData()
+    urls = {**{k: s.url() for k, s in servers.items()}, "smtp cut mid-DATA": cut.url(),
             **{k: g.url() for k, g in gateways.items()}}
     kinds = sorted(urls)
     rounds = 3
     for server in servers.values():
         server.__enter__()
+    root, recorder = logging.getLogger(), Recorder()
+    root_level = root.level
+    root.addHandler(recorder)
+    root.setLevel(logging.DEBUG)  # anything that reaches the application's handlers
     try:
         with ThreadPoolExecutor(len(kinds)) as pool:
             for round_ in range(rounds):
@@ -304,11 +364,31 @@ def test_sends_at_once_are_each_classified_by_their_own_outcome(
                 outcomes = dict(pool.map(one, order))
                 assert outcomes == EXPECTED, round_
     finally:
+        root.removeHandler(recorder)
+        root.setLevel(root_level)
+        cut.close()
         for server in servers.values():
             server.__exit__()
+    # Nothing of Apprise or urllib3 (recipients, URLs, bodies) reached a handler, and no
+    # record above DEBUG names the patient or carries the message.
+    assert [r for r in recorder.records if r.name.split(".")[0] in ("apprise", "urllib3")] == []
+    assert not [r for r in recorder.records if r.levelno > logging.DEBUG
+                and r.name != "mail.log"  # (aiosmtpd: the test's servers, not the worker)
+                and any(secret in r.getMessage()
+                        for secret in (TO, "34600111222", "Hola Ana", "tu cita"))]
+    assert cut.cut == rounds
     assert servers["smtp 250"].data_commands == rounds
     assert servers["smtp dropped"].data_commands == rounds
     assert len(gateways["silent"].seen) == rounds
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def send_apprise_caught(url: str, message: RenderedMessage) -> str | DeliveryError:
@@ -335,3 +415,39 @@ def test_no_cookie_nor_credentials_of_one_clinics_gateway_reach_anothers() -> No
     assert [h.get("Authorization", "").startswith("Basic ") for h in a.seen] == [True, True]
     assert [h.get("Cookie") for h in a.seen] == [None, None]
     assert [(h.get("Cookie"), h.get("Authorization")) for h in b.seen] == [(None, None)] * 2
+
+
+def test_a_channel_whose_plugin_was_not_loaded_at_start_still_sends_or_fails_clearly() -> None:
+    """A pool process warmed up with the email plugin only (the clinics it started with);
+    then a clinic's SMS gateway (a new clinic, a changed configuration) sends at its first
+    message, to a real gateway, and a scheme no plugin has fails for good, saying so."""
+    sink = HttpSink().start()
+    script = f"""
+import json
+from worker import delivery
+from worker.apprise_plugins import plugins_loaded
+from worker.errors import DeliveryError
+from worker.rendering import RenderedMessage
+delivery.warm_up(["mailto://127.0.0.1:2525?from=hola@glow.example&to={{to}}&mode=insecure"])
+loaded = plugins_loaded()
+sms = RenderedMessage("sms", None, "Ana, tu cita es mañana. Glow", None)
+sent = delivery.send_apprise("json://127.0.0.1:{sink.port}/sms?:to=%2B34600111222", sms, 5)
+try:
+    delivery.send_apprise("nosuchscheme://127.0.0.1/x?to=%2B34600111222", sms, 5)
+    unknown = None
+except DeliveryError as exc:
+    unknown = [exc.reason, exc.permanent, exc.unknown]
+print(json.dumps([loaded, sent, unknown]))
+"""
+    try:
+        result = subprocess.run([sys.executable, "-"], input=script, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        sink.stop()
+    assert result.returncode == 0, result.stderr
+    loaded, sent, unknown = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == 1  # the email plugin only
+    assert sent == "sent through Apprise"
+    assert [(p.to, p.text) for p in sink.snapshot()] == [("+34600111222",
+                                                          "Ana, tu cita es mañana. Glow")]
+    assert unknown == ["Apprise cannot load the channel URL", True, False]
