@@ -21,6 +21,10 @@ callers handle that; each would weigh on every process):
 
 `celery -A worker.celery_app worker` keeps working; docker-compose.yml and the Dockerfile
 run this module too.
+
+`worker --detach` starts the worker again in the background as Celery does, through this
+module: Celery's own command re-runs `python -m celery` with this command line, which
+names no app (it would start Celery's default app on amqp://localhost and never serve).
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 ROLES = ("worker", "beat")
 # Optional imports of libraries the worker and beat do without (see the docstring).
 LEFT_OUT = ("pygments", "charset_normalizer")
 NO_CHARSET_GUESSING = "Unable to find acceptable character detection dependency"
 APP = "worker.celery_app"
+MODULE = "worker.celery_main"  # this module, as `python -m` runs it (its __name__ is __main__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from celery.bin.base import CLIContext
 
     if role == "worker":
+        from celery.bin import worker as worker_command
         from celery.bin.worker import worker as command
+
+        _detach_through_this_module(worker_command)
     else:
         from celery.bin.beat import beat as command
     app = find_app(APP)
@@ -71,6 +80,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
+
+
+def _detach_through_this_module(module: Any) -> None:
+    """Make the worker's `--detach` run `python -m worker.celery_main` again, not `celery`.
+
+    celery/bin/worker.py re-runs the worker detached as `[sys.executable, "-m", "celery",
+    *sys.argv[1:]]`: from `celery -A app worker ...` that names the app; from this module's
+    command line (`worker ...`) it would not.
+    """
+    detach = module.detach
+    if getattr(detach, "through_celery_main", False):
+        return
+
+    def through_this_module(path: str, argv: list[str], *args: Any, **kwargs: Any) -> Any:
+        if argv[:2] == ["-m", "celery"]:
+            argv = ["-m", MODULE, *argv[2:]]
+        return detach(path, argv, *args, **kwargs)
+
+    through_this_module.through_celery_main = True  # type: ignore[attr-defined]
+    module.detach = through_this_module
 
 
 if __name__ == "__main__":
