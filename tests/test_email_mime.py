@@ -12,6 +12,7 @@ from email.mime.text import MIMEText
 from typing import Any
 
 import pytest
+from apprise import conversion as apprise_conversion
 from apprise.attachment.memory import AttachMemory
 from apprise.plugins.email import base as apprise_email
 
@@ -138,3 +139,20 @@ def test_a_header_continued_on_a_line_starting_with_whitespace_is_written():
     expected["Subject"] = value
     assert message.as_string() == expected.as_string()
     assert "\n =?utf-8?q?_con_la_doctora_Ruiz?=\n" in message.as_string()  # continued
+
+
+def test_an_html_emails_plain_part_is_the_text_set_for_the_send_and_only_then():
+    html = "<p>Hola <b>Ana</b>,</p><p>Sin maquillaje, por favor.</p>"
+    convert = apprise_email.convert_between
+    assert convert.wrapped is apprise_conversion.convert_between  # over Apprise's own, once
+    apprise_own = convert.wrapped("html", "text", html)
+    assert "Hola Ana" in apprise_own and "<b>" not in apprise_own
+    assert convert("html", "text", html) == apprise_own  # no send under way: Apprise's
+    token = email_mime.plain_text.set("Hola Ana,\n\nVen sin maquillaje.\n")
+    try:
+        assert convert("html", "text", html) == "Hola Ana,\n\nVen sin maquillaje.\n"
+        assert convert("text", "html", "a < b") == convert.wrapped("text", "html", "a < b")
+        assert convert("markdown", "text", "*x*") == convert.wrapped("markdown", "text", "*x*")
+    finally:
+        email_mime.plain_text.reset(token)
+    assert convert("html", "text", html) == apprise_own

@@ -41,8 +41,6 @@ from urllib.parse import quote
 
 import pytest
 from aiosmtpd.controller import Controller
-from apprise.common import NotifyFormat
-from apprise.conversion import convert_between
 from apprise.plugins.email import base as apprise_email
 
 from tests.conftest import ROOT
@@ -114,15 +112,16 @@ def normalized(raw: bytes) -> bytes:
                   lambda m: seen.setdefault(m[0], b"BOUNDARY%d" % len(seen)), raw)
 
 
-def stock(subject: str, sender: str, name: str | None, html: str) -> bytes:
-    """The same message from Python's stock generator, policy SMTP (folded at 78, CRLF)."""
+def stock(subject: str, sender: str, name: str | None, html: str, text: str) -> bytes:
+    """The same message from Python's stock generator, policy SMTP (folded at 78, CRLF);
+    its plain part is the step's own text (not Apprise's conversion of the HTML)."""
     msg = EmailMessage(policy=policy.SMTP)
     msg["Subject"] = subject
     msg["From"] = Address(display_name=name or "", addr_spec=sender)
     msg["To"] = TO
     for key, value in UNSUBSCRIBE.items():
         msg[key] = value
-    msg.set_content(convert_between(NotifyFormat.HTML, NotifyFormat.TEXT, html))
+    msg.set_content(text)
     msg.add_alternative(html, subtype="html")
     msg.add_attachment(ICS.data, maintype="text", subtype="calendar", filename=ICS.name,
                        params={"method": "REQUEST"})
@@ -184,11 +183,12 @@ def test_an_email_received_is_the_stdlib_text_and_means_what_policy_smtp_writes(
     ours, stdlibs = server.received
     assert normalized(ours) == normalized(stdlibs)
     valid_on_the_wire(ours)
-    expected = stock(subject, "hola@glow.example", name, html)
+    expected = stock(subject, "hola@glow.example", name, html, message.text)
     valid_on_the_wire(expected)
     got, want = meaning(ours), meaning(expected)
     assert got == want
     assert got["subject"] == subject and LONG_URL in got["plain"] and LONG_URL in got["html"]
+    assert got["plain"] == message.text.rstrip("\n")  # the step's own words, not converted
 
 
 @pytest.mark.parametrize(("params", "headers"), [

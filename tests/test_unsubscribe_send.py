@@ -122,11 +122,11 @@ def test_every_email_carries_the_link_and_the_one_click_headers(rig):
     assert mail.raw["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert header.startswith(f"<{PUBLIC}/v1/unsubscribe/v1.") and header.endswith(">")
     link = header[1:-1]
-    # Apprise sends the HTML body and derives the text part from it: the footer shows the
-    # link as its own text, so a reader of the text part sees it too.
+    # Both parts carry it: the HTML footer shows the link as its own text, and the text
+    # part is the step's own text template with the text footer (_footer.email.txt.j2).
     assert f'Unsubscribe from these emails: <a href="{link}" style="color:#666666;">' \
         f'{link}</a>' in mail.html
-    assert f"Unsubscribe from these emails: {link}" in mail.text
+    assert f"To stop these emails: {link}" in mail.text
     named = read_token(SECRET, link.rsplit("/", 1)[1])
     assert named is not None and (named.clinic, named.channel) == ("uc", "email")
     assert named.contact_hash == contact_hash(SECRET, "email", "ana@example.com")

@@ -420,8 +420,9 @@ def _keep_smtp_sessions() -> None:
 
 _keep_smtp_sessions()
 if not email_mime.install(apprise_email):  # a newer Apprise builds its messages otherwise
-    log.warning("Apprise's email plugin has no MIMEMultipart/MIMEText to replace: "
-                "emails are serialized by the stdlib's generator")
+    log.warning("Apprise's email plugin has no MIMEMultipart/MIMEText/convert_between to "
+                "replace: emails are serialized by the stdlib's generator, and an HTML "
+                "email's plain part is Apprise's conversion of the HTML")
 
 
 # --- HTTP: Apprise's requests through the sending thread's session -------------------------
@@ -695,6 +696,8 @@ def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
     attach = _apprise_attachments(message.attachments) if message.attachments else None
     answers: list[int] = []
     token, sending = _http_answers.set(answers), _in_send.set(True)
+    # An HTML email's plain part is the step's own text, not Apprise's conversion of the HTML.
+    plain = email_mime.plain_text.set(message.text if html is not None else None)
     try:
         with apprise_lines.capturing() as lines:  # what Apprise logs for this send
             result = notifier.notify(
@@ -706,6 +709,7 @@ def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
                 log_level=apprise_lines.NO_CAPTURE,  # kept by `capturing`, more cheaply
             )
     finally:
+        email_mime.plain_text.reset(plain)
         _in_send.reset(sending)
         _http_answers.reset(token)
     with result:

@@ -25,6 +25,12 @@ configuration with a stray newline is refused, never written into the message.
 `install()` puts the subclasses below where the plugin looks up MIMEMultipart and MIMEText
 (as delivery's SMTP session manager is put in place); they differ from the stdlib classes
 only in `as_string`, which gives the same text as the stdlib's for the same message.
+
+The plain-text part: for an HTML email Apprise writes as plain part its own conversion of
+the HTML (`convert_between`, an HTML parser run per message). `install()` also puts
+`plain_part` there: while a send sets `plain_text` (delivery does, to the step's own
+`*.email.txt.j2` rendering), the plain part is that text, as the clinic wrote it; else
+Apprise's conversion as before.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import random
 import re
 import sys
 import threading
+from collections.abc import Callable
+from contextvars import ContextVar
 from email import errors as email_errors
 from email.generator import Generator
 from email.header import Header
@@ -146,12 +154,33 @@ class FastMIMEText(_FastAsString, MIMEText):
     """MIMEText whose `as_string` goes through FastGenerator."""
 
 
+# The plain-text part of the HTML email this context is sending (None: Apprise's own).
+plain_text: ContextVar[str | None] = ContextVar("email_plain_text", default=None)
+
+
+def plain_part(convert: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
+    """Return Apprise's `convert_between` giving `plain_text`, when set, as the text of an
+    HTML body (the email plugin's plain part); every other conversion is Apprise's."""
+
+    def convert_between(from_format: Any, to_format: Any, content: Any) -> Any:
+        text = plain_text.get()
+        if text is not None and from_format == "html" and to_format == "text":
+            return text
+        return convert(from_format, to_format, content)
+
+    convert_between.wrapped = convert  # type: ignore[attr-defined]
+    return convert_between
+
+
 def install(module: Any) -> bool:
-    """Put the fast classes in `module` (Apprise's email plugin) where it has the stdlib's;
-    return whether both were found there."""
+    """Put the fast classes in `module` (Apprise's email plugin) where it has the stdlib's,
+    and `plain_part` over its `convert_between`; return whether all three were found."""
     if getattr(module, "MIMEMultipart", None) is not MIMEMultipart or getattr(
-            module, "MIMEText", None) is not MIMEText:
+            module, "MIMEText", None) is not MIMEText or not callable(
+            getattr(module, "convert_between", None)):
         return False
     module.MIMEMultipart = FastMIMEMultipart
     module.MIMEText = FastMIMEText
+    if getattr(module.convert_between, "wrapped", None) is None:
+        module.convert_between = plain_part(module.convert_between)
     return True
