@@ -276,10 +276,16 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
     finally:
         observe_send(channel, delivered, time.monotonic() - handed)
     if handing is not None and not handing.settle():
-        # Cut by the shutdown meanwhile and recorded as of unknown outcome; the process is
-        # ending (the pool child exits right after its senders close).
-        log.warning("send %s: the provider answered after the worker's grace period; it was "
-                    "recorded as of unknown outcome", ref)
+        # Cut by the shutdown meanwhile and recorded as of unknown outcome, but it went out:
+        # record the delivery over that (once, fenced by this attempt's token), or it would
+        # be sent again once its ledger expires. The process is ending: one try.
+        try:
+            result = store.finish_sent(ref, attempt, datetime.now(UTC), entry | {
+                "detail": detail, "seconds": round(time.monotonic() - started, 3)})
+        except redis.RedisError:
+            result = "not recorded (Redis unreachable)"
+        log.warning("send %s: the provider accepted it after the worker's grace period, "
+                    "once recorded as of unknown outcome: delivered (%s)", ref, result)
         return CUT
     result = durably(
         lambda: store.finish_sent(

@@ -592,11 +592,13 @@ return {verdict}
 # if it delivered, the delivery is recorded: as the reminder's outcome when the plan did
 # not change it (or no longer wanted it: it went out all the same), else as `sent_at` /
 # `sent_version` beside the new plan. Repeating a finish with the same token is a no-op
-# (the log's last line carries the token of the last finish). A skip or defer (a send-time
-# rule worked out from the booking as the begin read it) may carry that booking version
-# (field `booking`): if the booking changed since, the rule may no longer hold (a moved
-# appointment's expiry, a corrected timezone's send window), so an owning attempt puts the
-# reminder back at once instead (as `abandon`), for the next begin to work it out afresh.
+# (the log's last line carries the token of the last finish), except a delivery after
+# the same attempt's unknown outcome (a send cut by a shutdown that went out after all).
+# A skip or defer (a send-time rule worked out from the booking as the begin read it) may
+# carry that booking version (field `booking`): if the booking changed since, the rule may
+# no longer hold (a moved appointment's expiry, a corrected timezone's send window), so an
+# owning attempt puts the reminder back at once instead (as `abandon`), for the next
+# begin to work it out afresh.
 _FINISH = """
 local bkey, lkey, due_key, lease_key, dead_key, akey =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -614,7 +616,14 @@ if not r then
   return 'gone'
 end
 local last = redis.call('LINDEX', akey, -1)
-if last and cjson.decode(last)['tok'] == token then return 'repeated' end
+if last then
+  local done = cjson.decode(last)
+  -- The one finish after this attempt's own: the delivery of a send the worker's shutdown
+  -- cut (recorded as unknown) and its provider then accepted (worker/dispatch.py `_send`).
+  if done['tok'] == token and not (outcome == 'sent' and done['outcome'] == 'unknown') then
+    return 'repeated'
+  end
+end
 local status = r[R_ST]
 local same_version = r[R_VER] == version
 -- The plan changed, but what it wants now is what went out (a cancel undone, a move undone).
