@@ -53,7 +53,8 @@ that has not handed its message over yet goes back too (the fenced "abandon" fin
 another worker sends them within seconds, not a lease later. Sends talking to their
 provider get `shutdown_grace_seconds` to finish and be recorded; one still talking then may
 have been delivered, so it is recorded as of unknown outcome (its ledger kept: tried again
-once the ledger expires, never twice at once) and the process ends, closing its sockets.
+once the ledger expires, never twice at once) and the process ends, closing its sockets;
+should its provider accept it before the process has ended, that delivery is recorded.
 """
 
 from __future__ import annotations
