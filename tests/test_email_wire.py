@@ -451,3 +451,35 @@ print(json.dumps([loaded, sent, unknown]))
     assert [(p.to, p.text) for p in sink.snapshot()] == [("+34600111222",
                                                           "Ana, tu cita es mañana. Glow")]
     assert unknown == ["Apprise cannot load the channel URL", True, False]
+
+
+@pytest.mark.parametrize("subject", [
+    "Cómo cuidar tu piel después del peeling químico, día a día: " * 13,  # 780 characters
+    "Tu cita ✨💆‍♀️ mañana 🌞 " * 12,
+    "After your chemical peel: the weeks ahead, one day at a time; " * 17,  # ASCII, 1,000+
+])
+def test_a_subject_too_long_for_one_smtp_line_is_folded_and_received_whole(subject: str):
+    """Unfolded, each of these subjects is one header line over 998 characters, which the
+    server refuses ("500 Line too long"): it is folded, and arrives as it was written."""
+    subject = subject.strip()
+    message = RenderedMessage("email", subject, "Hola Ana,\n", "<p>Hola Ana,</p>")
+    with MailServer() as server:
+        assert send(server.url(), message) == "sent through Apprise"
+    (raw,) = server.received
+    valid_on_the_wire(raw)
+    assert meaning_of_subject(raw) == subject
+
+
+def test_a_subject_that_fits_one_line_is_written_as_the_stdlib_writes_it():
+    subject = "Cómo prepararte para tu peeling químico del sábado, 5 de diciembre de 2026"
+    message = RenderedMessage("email", subject, "Hola Ana,\n", "<p>Hola Ana,</p>")
+    with MailServer() as server:
+        assert send(server.url(), message) == "sent through Apprise"
+    (raw,) = server.received
+    (line,) = [x for x in raw.split(b"\r\n") if x.startswith(b"Subject: ")]
+    assert len(line) > 78  # one encoded word, unfolded, as Apprise's as_string() gives it
+    assert meaning_of_subject(raw) == subject
+
+
+def meaning_of_subject(raw: bytes) -> str:
+    return str(message_from_bytes(raw, policy=policy.strict)["Subject"])

@@ -22,6 +22,8 @@ holds a newline not followed by whitespace (`HeaderWriteError`). FastGenerator m
 check on every Python, whether or not its stdlib has it (`_verify`): a header of a clinic's
 configuration with a stray newline is refused, never written into the message.
 
+Long headers: one whose line would pass SMTP's 998 characters is folded (MAX_LINE).
+
 `install()` puts the subclasses below where the plugin looks up MIMEMultipart and MIMEText
 (as delivery's SMTP session manager is put in place); they differ from the stdlib classes
 only in `as_string`, which gives the same text as the stdlib's for the same message.
@@ -58,6 +60,13 @@ FOLD_CACHED = frozenset({
     "x-application", "list-unsubscribe-post", "subject", "from",
 })
 FOLD_CACHE_SIZE = 512
+# Apprise writes its emails without folding headers (`as_string()`, no line limit), as the
+# stdlib does then. A header line over RFC 5322's 998 characters (a long non-ASCII subject
+# is one encoded word: about 370 accented or 180 emoji characters reach it) makes a server
+# refuse the whole email ("500 Line too long"): such a header, and only such, is folded at
+# FOLD_AT as the stdlib folds for SMTP; every other header is written as the stdlib writes.
+MAX_LINE = 998
+FOLD_AT = 78
 
 _BOUNDARY_FORMAT = f"%0{len(repr(sys.maxsize - 1))}d"  # as email.generator's `_fmt`
 _folded: dict[tuple[Any, ...], str] = {}
@@ -73,6 +82,12 @@ _STDLIB_HEADER_WRITE_ERROR: type[email_errors.MessageError] = getattr(
 class HeaderWriteError(_STDLIB_HEADER_WRITE_ERROR):  # type: ignore[misc,valid-type]
     """A folded header that would break out of its line (the stdlib's HeaderWriteError
     where it has one, so callers catch either)."""
+
+
+def _too_long(folded: str, linesep: str) -> bool:
+    """Whether a folded header has a line longer than SMTP takes (MAX_LINE)."""
+    return len(folded) > MAX_LINE and any(
+        len(line) > MAX_LINE for line in folded.split(linesep))
 
 
 def _verify(folded: str, linesep: str) -> None:
@@ -125,6 +140,8 @@ class FastGenerator(Generator):
             folded = _folded.get(key) if key is not None else None
             if folded is None:
                 folded = policy.fold(name, value)
+                if _too_long(folded, policy.linesep):  # see MAX_LINE
+                    folded = policy.clone(max_line_length=FOLD_AT).fold(name, value)
                 _verify(folded, policy.linesep)  # before it is cached: cached ones passed
                 if key is not None:
                     with _folded_lock:
