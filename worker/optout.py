@@ -18,15 +18,17 @@ In this order:
   stop        (a) every word is a stop word or a courtesy/messaging word (FILLER_WORDS):
               "STOP", "stop.", "Cancel!", "END thanks", "Quit texting me", "BAJA gracias",
               "cancelar por favor", "STOP STOP", "Please stop texting me";
-              (b) a short text (at most SHORT_WORDS words) starting with a sure word:
-              "STOP please", "stop the reminders", "Baja ya";
+              (b) a short text (at most SHORT_WORDS words) starting with a sure word,
+              unless it asks a question ("?"): "STOP please", "stop the reminders",
+              "Baja ya" ("Stop the cream?" asks about the cream);
               (c) a short text with a sure word anywhere, unless it asks a question ("?"):
               "Quiero darme de BAJA", "please stop now", "help me stop these";
               (d) a sure word followed by a messaging word (TEXTS, SMS, MESSAGES,
               MENSAJES ...), with only small words between, at any length: "Please stop
               sending me these text messages, I have what I need".
-              BAJA counts as sure only first, alone, after DE ("darme de baja") or among
-              fillers: "tengo la tension baja" is about blood pressure.
+              BAJA counts as sure only alone, first before a filler ("Baja ya"), after DE
+              ("darme de baja") or among fillers: "tengo la tension baja" is about blood
+              pressure, "Baja la fiebre" says the fever goes down.
   start       the text begins with a word of START_WORDS ("START", "Unstop please", "Alta").
   help        the text begins with a word of HELP_WORDS ("HELP", "info?", "Ayuda").
   change      a word of CHANGE_WORDS (cancel, cancelar, cambiar, anular, reschedule,
@@ -153,7 +155,10 @@ def _sure_at(words: list[str], i: int) -> bool:
         return False
     if word != "BAJA":
         return True
-    return i == 0 or words[i - 1] == "DE" or all(
+    # First only before a courtesy word or nothing ("Baja ya", "Baja de los mensajes"):
+    # "Baja la fiebre" / "¿Baja la hinchazón?" say the fever or the swelling goes down.
+    first = i == 0 and (len(words) == 1 or words[1] in FILLER_WORDS)
+    return first or (i > 0 and words[i - 1] == "DE") or all(
         w in STOP_WORDS or w in FILLER_WORDS for w in words)
 
 
@@ -169,8 +174,8 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
     sure = [i for i in stops if _sure_at(words, i)]
     if not sure:
         return False
-    if len(words) <= SHORT_WORDS and (sure[0] == 0 or not question):
-        return True  # (b), (c)
+    if len(words) <= SHORT_WORDS and not question:
+        return True  # (b), (c): a question ("Stop the cream?") is (a) or (d), or no stop
     for i in sure:  # (d)
         for word in words[i + 1:]:
             if word in MESSAGING_WORDS:
