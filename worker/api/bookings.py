@@ -39,7 +39,7 @@ from ..status import Status
 from ..store import Store
 from .auth import Authenticated
 from .body import json_body
-from .conditional import etag, parse_if_match, upsert
+from .conditional import PreconditionFailed, etag, parse_if_match, upsert
 from .errors import ApiError, error_body, not_found
 from .intake import intake, refused
 from .params import no_unknown_query
@@ -174,7 +174,8 @@ def release_booking(
     svc: Svc,
 ) -> JSONResponse:
     """A `held` booking's reminders are planned from now and scheduled. Any other status
-    answers 409: only a held booking can be released."""
+    answers 409: only a held booking can be released; so does a booking changed (cancelled,
+    corrected) while the release was under way."""
     clinic, store = caller.clinic, svc.store
     try:
         current = store.timeline(clinic, _known(booking_id))
@@ -191,7 +192,14 @@ def release_booking(
                        svc.catalog.clinics[clinic], now)
     except BookingRejected as exc:  # the configuration changed under a stored booking
         raise refused(exc.errors) from None
-    timeline = store.upsert(booking, planned, now, release=True)
+    try:
+        # Fenced by the version checked above: a cancel or a correction landing since is
+        # never undone by writing back the document read before it.
+        timeline, _ = upsert(store, booking, planned, now,
+                             frozenset({int(current["version"])}), release=True)
+    except PreconditionFailed:
+        raise ApiError(409, f"booking {booking_id!r} changed while it was being released; "
+                            "read it again", code="changed") from None
     log.info("booking %s/%s released: version %s", clinic, booking_id, timeline["version"])
     return _timeline_response(timeline)
 

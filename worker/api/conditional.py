@@ -83,8 +83,11 @@ def _check(expected: str | frozenset[int] | None, current: int | None) -> None:
 
 
 def upsert(store: Store, booking: Booking, planned: Plan, now: datetime,
-           expected: str | frozenset[int] | None) -> tuple[dict[str, Any], bool]:
-    """Store the booking if `expected` allows; return (timeline, whether it was new)."""
+           expected: str | frozenset[int] | None, *, release: bool = False
+           ) -> tuple[dict[str, Any], bool]:
+    """Store the booking if `expected` allows; return (timeline, whether it was new).
+
+    `release`: the clinic's release of a held booking (`Store.upsert`'s)."""
     if expected is not None:
         # First against what is stored now: a missing booking never matches (whether or not
         # the store reconciles a new booking); then again inside the transaction.
@@ -94,5 +97,5 @@ def upsert(store: Store, booking: Booking, planned: Plan, now: datetime,
             current = None
         _check(expected, current)
     one = _Upsert(store, expected)
-    timeline = one.upsert(booking, planned, now)
+    timeline = one.upsert(booking, planned, now, release=release)
     return timeline, not one.existed
