@@ -180,7 +180,7 @@ def _place(
 STALE_AFTER = timedelta(days=1)
 
 
-def expiry(step: Step, nominal: datetime, start: datetime) -> tuple[datetime, str]:
+def expiry(step: Step, nominal: datetime, start: datetime, tz: ZoneInfo) -> tuple[datetime, str]:
     """Return the instant after which this occurrence must not be sent, and why.
 
     The same rule as a late booking's (`_place`), applied again at send time: a step meant
@@ -194,6 +194,11 @@ def expiry(step: Step, nominal: datetime, start: datetime) -> tuple[datetime, st
         side = "before" if deadline < start else "after"
         gap = format_duration(abs(deadline - start))
         return deadline, f"it could be sent only until {gap} {side} the start"
+    if step.repeat is not None and step.repeat.weekdays:
+        # A weekday series ("tretinoin tonight"): until the end of its own local day.
+        day = nominal.astimezone(tz).date() + timedelta(days=1)
+        return wall_clock(day, time(0, 0), tz), (
+            "it was meant for that day of a weekday series, which has ended")
     return nominal + STALE_AFTER, "it is more than a day past its planned time"
 
 
@@ -302,7 +307,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         occurrences = list(_occurrences(step, start, tz, now))
         for number, nominal, derived in occurrences:
             status, due, note = _place(step, nominal, start, now, window, tz)
-            expires_at, expires_note = expiry(step, nominal, start)
+            expires_at, expires_note = expiry(step, nominal, start, tz)
             reason = derived + note if status == Status.SCHEDULED else note
             if step.only_if_any and status == Status.SCHEDULED:
                 reason += f"; the patient uses {' or '.join(step.only_if_any)}"

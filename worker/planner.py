@@ -295,14 +295,25 @@ def _place(
 # A step after the visit with no `late_until` is about its own day ("apply SPF this
 # morning", "day 3: peeling is normal"): a day after its planned time its words are stale.
 STALE_AFTER = timedelta(days=1)
+# A weekday series ("tretinoin tonight" on Mon/Wed/Fri nights) is about its own night: once
+# that day has ended (patient-local) it must not go on another night, not even the next one.
+DAY_OVER = "it was meant for that day of a weekday series, which has ended"
 
 
-def expiry(step: Step, nominal: datetime, start: datetime) -> tuple[datetime, str]:
+def day_end(nominal: datetime, tz: ZoneInfo) -> datetime:
+    """The patient-local midnight that ends `nominal`'s day (DST-safe)."""
+    return _wall(nominal.astimezone(tz).date() + timedelta(days=1), 0, 0, tz)
+
+
+def expiry(
+    step: Step, nominal: datetime, start: datetime, tz: ZoneInfo | None = None
+) -> tuple[datetime, str]:
     """Return the instant after which this occurrence must not be sent, and why.
 
     The same rule as a late booking's (`_place`), applied again at send time: a step meant
-    for before the visit never goes once it has begun; `late_until` bounds any step; any
-    other step goes no later than a day after its planned time.
+    for before the visit never goes once it has begun; `late_until` bounds any step; an
+    occurrence of a weekday series goes no later than the end of its own day (in `tz`, the
+    patient's); any other step goes no later than a day after its planned time.
     """
     deadline = start + step.late_until if step.late_until is not None else None
     if nominal < start and (deadline is None or deadline >= start):
@@ -311,6 +322,8 @@ def expiry(step: Step, nominal: datetime, start: datetime) -> tuple[datetime, st
         side = "before" if deadline < start else "after"
         gap = format_duration(abs(deadline - start))
         return deadline, f"it could be sent only until {gap} {side} the start"
+    if tz is not None and step.repeat is not None and step.repeat.weekdays:
+        return day_end(nominal, tz), DAY_OVER
     return nominal + STALE_AFTER, "it is more than a day past its planned time"
 
 
@@ -536,8 +549,8 @@ def _wall_occurrences(
             continue
         nominal = _wall(day, step.hour, step.minute, tz)
         opening = _next_opening(nominal, start, end, tz)
-        out.append((len(out) + 1, nominal, derived, opening, opening != nominal,
-                    nominal + STALE_AFTER))
+        stale = nominal + STALE_AFTER if step.weekdays is None else day_end(nominal, tz)
+        out.append((len(out) + 1, nominal, derived, opening, opening != nominal, stale))
     if len(_OCCURRENCES) >= 65536:
         _OCCURRENCES.clear()
     _OCCURRENCES[key] = result = tuple(out)
@@ -656,7 +669,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
             elif until is not None:
                 expires_at, expires_note = start + until, step.until_note
             else:
-                expires_at, expires_note = stale, _STALE
+                expires_at, expires_note = stale, _STALE if step.weekdays is None else DAY_OVER
             if status == Status.SCHEDULED:
                 reason = _word(derived + note + step.uses + channel_note)
             else:
