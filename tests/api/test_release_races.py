@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
-from tests.api.conftest import held_booking
+from tests.api.conftest import future_booking, held_booking
 from worker.store import Store
 
 
@@ -86,3 +86,59 @@ def test_a_correction_landing_during_a_release_is_not_overwritten(api, glow, mon
     assert final["status"] == "held" and final["version"] == 2
     store = api.app.state.services.store
     assert store.booking_doc("glow", "H-1")["medications"]["isotretinoin_last_dose"] == recent
+
+
+# --- DELETE with If-Match (review) -----------------------------------------------------------
+
+
+def test_delete_with_a_stale_if_match_is_refused_and_cancels_nothing(api, glow):
+    """A clinic's system read version 1 and cancels on that view; meanwhile another moved
+    the appointment (version 2). The stale DELETE names version 1: 412, nothing changed."""
+    first = glow.put("/v1/bookings/A-1", json=future_booking("A-1"))
+    assert first.headers["etag"] == '"1"'
+    moved = glow.put("/v1/bookings/A-1", json=future_booking("A-1", days=21))
+    assert moved.headers["etag"] == '"2"'
+    store = api.app.state.services.store
+    before = (store.redis.hgetall(store.booking_key("glow", "A-1")),
+              store.redis.zrange(store.due_key, 0, -1, withscores=True))
+    stale = glow.delete("/v1/bookings/A-1", headers={"If-Match": '"1"'})
+    assert stale.status_code == 412, stale.text
+    assert stale.json()["error"]["code"] == "precondition_failed"
+    assert stale.headers["etag"] == '"2"'
+    assert (store.redis.hgetall(store.booking_key("glow", "A-1")),
+            store.redis.zrange(store.due_key, 0, -1, withscores=True)) == before
+    assert glow.delete("/v1/bookings/A-2", headers={"If-Match": "*"}).status_code == 412
+    current = glow.delete("/v1/bookings/A-1", headers={"If-Match": '"2"'})
+    assert current.status_code == 200 and current.json()["status"] == "cancelled"
+    assert current.headers["etag"] == '"3"'
+
+
+def test_a_put_landing_during_a_conditional_delete_wins(api, glow, monkeypatch):
+    """The DELETE (If-Match "1") is parked after its read of version 1; a PUT moves the
+    appointment (version 2); released, the DELETE answers 412 and the move stands."""
+    assert glow.put("/v1/bookings/A-1", json=future_booking("A-1")).status_code == 201
+    parked, go = threading.Event(), threading.Event()
+    real = Store._cancel_notices
+
+    def cancel_notices(self, clinic, booking_id, now):
+        out = real(self, clinic, booking_id, now)
+        if not parked.is_set():
+            parked.set()
+            assert go.wait(10)
+        return out
+
+    monkeypatch.setattr(Store, "_cancel_notices", cancel_notices)
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.setdefault(
+        "r", glow.delete("/v1/bookings/A-1", headers={"If-Match": '"1"'})))
+    thread.start()
+    try:
+        assert parked.wait(10)
+        moved = glow.put("/v1/bookings/A-1", json=future_booking("A-1", days=21))
+        assert moved.status_code == 200 and moved.headers["etag"] == '"2"'
+    finally:
+        go.set()
+        thread.join(30)
+    assert answer["r"].status_code == 412, answer["r"].text
+    final = glow.get("/v1/bookings/A-1").json()
+    assert final["status"] == "scheduled" and final["version"] == 2

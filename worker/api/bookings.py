@@ -39,7 +39,7 @@ from ..status import Status
 from ..store import Store
 from .auth import Authenticated
 from .body import json_body
-from .conditional import PreconditionFailed, etag, parse_if_match, upsert
+from .conditional import PreconditionFailed, cancel, etag, parse_if_match, upsert
 from .errors import ApiError, error_body, not_found
 from .intake import intake, refused
 from .params import no_unknown_query
@@ -144,17 +144,21 @@ def get_booking(
     summary="Cancel a booking",
     response_model=None,
     responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
-               **error_responses(401, 404, 429, 503)},
+               **error_responses(401, 404, 412, 429, 503)},
 )
 def cancel_booking(
     booking_id: str,
     caller: Authenticated,
     svc: Svc,
+    if_match: Annotated[str | None, Header(
+        alias="If-Match", description='refuse (412) unless the booking is at this version, '
+                                      'e.g. "3"; * = it must exist')] = None,
 ) -> JSONResponse:
     """Nothing still pending is sent; what was sent stays as history. A PUT of the same id
     opens it again."""
     try:
-        timeline = svc.store.cancel(caller.clinic, _known(booking_id), datetime.now(UTC))
+        timeline = cancel(svc.store, caller.clinic, _known(booking_id), datetime.now(UTC),
+                          parse_if_match(if_match))
     except NotFound:
         raise not_found(booking_id) from None
     log.info("booking %s/%s cancelled", caller.clinic, booking_id)

@@ -9,12 +9,16 @@ against the new version. So two clinics' systems that both read version 3 and bo
 The version is also checked once before the upsert, so a booking that does not exist
 never matches whichever way the store writes a new one.
 
+DELETE takes If-Match too: the cancel script applies only if the booking's hash is still
+the one whose version was compared (else it reads and compares again).
+
 `If-Match: *` asks only that the booking exists. Tags are compared strongly: a weak tag
 (`W/"3"`) never matches, as RFC 9110 says for If-Match.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -73,6 +77,39 @@ class _Upsert(Store):
         self.existed = bool(stored_booking)
         _check(self.expected, int(stored_booking["version"]) if stored_booking else None)
         return Store._reconcile(stored_booking, *args, **kwargs)
+
+
+class _Cancel(Store):
+    """One cancel, checking the stored version against the hash the cancel script fences on.
+
+    The store's cancel applies only if the booking's hash is still the one it read (when
+    the booking is scheduled); here it always is, and that read's version must match.
+    """
+
+    def __init__(self, store: Store, expected: str | frozenset[int]) -> None:
+        self.__dict__.update(store.__dict__)
+        self.expected = expected
+
+    def _cancel_notices(self, clinic: str, booking_id: str, now: datetime
+                        ) -> tuple[str, str, dict[str, str]]:
+        check, adds, texts = Store._cancel_notices(self, clinic, booking_id, now)
+        if check:
+            flat = json.loads(check)
+        else:  # not scheduled: the store fences nothing; fence on the hash read here
+            (stored,) = self._read([(clinic, booking_id)])
+            flat = [x for kv in stored.fields.items() for x in kv]
+            check = json.dumps(flat, ensure_ascii=False) if flat else ""
+        fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+        _check(self.expected, int(fields["version"]) if fields else None)
+        return check, adds, texts
+
+
+def cancel(store: Store, clinic: str, booking_id: str, now: datetime,
+           expected: str | frozenset[int] | None) -> dict[str, Any]:
+    """Cancel the booking if `expected` allows (checked in the cancel's own step)."""
+    if expected is None:
+        return store.cancel(clinic, booking_id, now)
+    return _Cancel(store, expected).cancel(clinic, booking_id, now)
 
 
 def _check(expected: str | frozenset[int] | None, current: int | None) -> None:
