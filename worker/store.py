@@ -112,7 +112,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
 import orjson
@@ -1896,9 +1896,12 @@ class Store:
         return self._prepared(ready, now, release)
 
     # The SMS cap across a patient's bookings reads at most this many of their other
-    # bookings at the clinic (the live ones kept longest); a patient with more is capped
-    # against these only.
+    # bookings at the clinic; a patient with more is capped against those that can share a
+    # day or a week with this booking's SMS (kept until at least its first SMS, less
+    # CAPS_REACH, plus the retention: an index entry's score is its booking's last reminder
+    # plus the retention, or later), the ones that expire first among them.
     CAPS_OTHERS_MAX = 50
+    CAPS_REACH = timedelta(days=8)  # a week either way, and a day for the patient's zone
 
     def _caps_read(self, items: list[tuple[Booking, Plan]]) -> list[_CapsRead | None]:
         """For each booking whose plan has SMS under a cap: its patient's other SMS at the
@@ -1918,6 +1921,28 @@ class Store:
             pipe.zrangebyscore(self.contact_key(booking.clinic, "phone", phone), since, "+inf",
                                start=0, num=limit)
         members = [cast(list[str], m) for m in pipe.execute()]
+        # More than the cap reads: the ones that expire first may be visits long past, and
+        # those that share this booking's days unread (found by review). Read from the first
+        # that can share them instead (CAPS_OTHERS_MAX).
+        starts = [since] * len(wanted)
+        pipe = self.redis.pipeline(transaction=False)
+        again: list[int] = []
+        for k, n in enumerate(wanted):
+            if len(members[k]) < limit:
+                continue
+            booking, planned = items[n]
+            first = min(r.due_at for r in planned.reminders  # the cap moves SMS later only
+                        if r.channel == "sms" and r.status == Status.SCHEDULED)
+            reach = (first - self.CAPS_REACH).timestamp() + self.retention_seconds
+            if reach <= float(since[1:]):
+                continue
+            starts[k] = f"({reach!r}"
+            pipe.zrangebyscore(self.contact_key(booking.clinic, "phone",
+                                                cast(str, booking.patient.phone)),
+                               starts[k], "+inf", start=0, num=limit)
+            again.append(k)
+        for k, found in zip(again, pipe.execute() if again else [], strict=True):
+            members[k] = cast(list[str], found)
         pipe = self.redis.pipeline(transaction=False)
         asked: list[tuple[int, list[str]]] = []
         for n, ids in zip(wanted, members, strict=True):
@@ -1927,7 +1952,7 @@ class Store:
                 pipe.hgetall(self.booking_key(booking.clinic, other))
             asked.append((n, others))
         hashes = iter(_str_hash(h) for h in pipe.execute())
-        for (n, others), ids in zip(asked, members, strict=True):
+        for (n, others), ids, start in zip(asked, members, starts, strict=True):
             booking = items[n][0]
             taken: list[datetime] = []
             versions: list[str] = []
@@ -1935,7 +1960,7 @@ class Store:
                 h = next(hashes)
                 versions += [other, h.get("version", "")]
                 taken += _sms_times(h)
-            guard = [self.contact_id("phone", cast(str, booking.patient.phone)), since, limit,
+            guard = [self.contact_id("phone", cast(str, booking.patient.phone)), start, limit,
                      ids, versions]
             out[n] = _CapsRead(taken, guard)
         return out
