@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["dead letters"],
                    dependencies=[Depends(no_unknown_query)])
 REPLAY_MAX_BYTES = 262_144
+UNKNOWN_FIELD = "unknown field (not part of a booking)"  # field_errors' words, for a booking
 
 
 @router.get(
@@ -69,11 +70,16 @@ def replay_dead_letters(
 ) -> JSONResponse:
     """`{"refs": [ref or booking id, ...]}` or `{"all": true}`. The send-time rules still
     apply: a reminder past its expiry is skipped, one outside the send window waits."""
+    if not isinstance(doc, dict):
+        raise ApiError(422, "the replay request has invalid fields", fields=[
+            ("body", 'must be a JSON object: {"refs": [...]} or {"all": true}')])
     try:
-        request = ReplayRequest.model_validate(doc if isinstance(doc, dict) else {"": doc})
+        request = ReplayRequest.model_validate(doc)
     except ValidationError as exc:
-        raise ApiError(422, "the replay request has invalid fields",
-                       fields=field_errors(exc)) from None
+        raise ApiError(422, "the replay request has invalid fields", fields=[
+            (name, "unknown field (not part of a replay request)"
+             if message == UNKNOWN_FIELD else message)
+            for name, message in field_errors(exc)]) from None
     if bool(request.refs) == request.all:
         raise ApiError(422, "the replay request has invalid fields", fields=[
             ("refs", "name the dead letters to replay, or set all (not both)")])

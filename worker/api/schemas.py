@@ -124,7 +124,8 @@ class DeadLetters(BaseModel):
 class ReplayRequest(BaseModel):
     """Which dead letters to replay: `refs` (at least one) or `all: true`, not both."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `"all": "yes"` or `1` is refused, not taken as true (which replays everything).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     refs: list[str] = Field(
         default_factory=list, max_length=1000,
