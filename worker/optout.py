@@ -10,7 +10,8 @@ tolerated. Both, without opting out a patient who only asked a question ("Can I 
 Tuesday and come Friday?", "see you at the end of the week"): SMS carries the
 care-critical steps, so a wrong opt-out is not free. Two kinds of stop word:
 
-  sure     STOP, STOPALL, UNSUBSCRIBE, OPTOUT / OPT OUT, BAJA, DESUSCRIBIR(ME|SE)
+  sure     STOP, STOPALL, UNSUBSCRIBE, OPTOUT / OPT OUT / OPT ME OUT, BAJA,
+           DESUSCRIBIR(ME|SE)
   maybe    CANCEL, END, QUIT, REVOKE, CANCELAR, PARAR, DETENER (ordinary words too)
 
 In this order:
@@ -136,13 +137,15 @@ Secret = str | bytes  # an HMAC key: a configured text, or the server secret's b
 
 def fold(text: str) -> list[str]:
     """Return the text's words: accents dropped, upper case, split at anything else; the
-    pair OPT OUT as the one word OPTOUT."""
+    pair OPT OUT as the one word OPTOUT, and OPT ME OUT as OPTOUT ME."""
     plain = unicodedata.normalize("NFKD", text)
     plain = "".join(c for c in plain if not unicodedata.combining(c)).upper()
     words: list[str] = []
     for word in _NOT_WORD.split(plain):
         if word == "OUT" and words and words[-1] == "OPT":
             words[-1] = "OPTOUT"
+        elif word == "OUT" and words[-2:] == ["OPT", "ME"]:
+            words[-2:] = ["OPTOUT", "ME"]
         elif word:
             words.append(word)
     return words

@@ -6,7 +6,8 @@ aftercare ones ask about swelling and fever. "Stop the cream?", "Stop retinol to
 going down) opted the number out of every SMS at the clinic, care-critical ones included,
 and answered with the STOP confirmation. Real HTTP (uvicorn), real Redis, Twilio-signed
 posts: the number stays opted in, its reminders stay scheduled, the answer is the
-clarifying one. Clear opt-outs, questions included, still opt out.
+clarifying one. Clear opt-outs, questions included, still opt out; "Opt me out" too (it
+was an unknown text: one help answer a day, the number never opted out).
 """
 
 from __future__ import annotations
@@ -38,3 +39,14 @@ def test_a_question_or_report_starting_with_a_stop_word_opts_nothing_out(server,
 ])
 def test_clear_opt_outs_still_opt_out(body):
     assert classify(body) == "stop", body
+
+
+@pytest.mark.parametrize("body", ["Opt me out", "please opt me out", "OPT ME OUT!"])
+def test_opt_me_out_opts_out(server, tw, body):  # noqa: F811
+    book(tw, "O-1")
+    reply = message_of(text(server, body))
+    assert reply and "no more texts" in reply, reply  # the one confirmation
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "sms", ANA) is not None
+    assert all(r["status"] == "skipped" for r in reminders(tw, "O-1").values()
+               if r["channel"] == "sms")
