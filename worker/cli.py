@@ -350,7 +350,18 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
         print_refusal(checked, True)
         return EXIT_REFUSED
     booking, planned = checked.booking, checked.plan
-    timeline = store.upsert(booking, planned, now, release=True)
+    # Fenced by the version checked above (as the API's release): a cancel or a correction
+    # landing since is never undone by writing back the document read before it.
+    from .api.conditional import PreconditionFailed, upsert  # only this command needs it
+
+    try:
+        timeline, _ = upsert(store, booking, planned, now,
+                             frozenset({int(current["version"])}), release=True)
+    except PreconditionFailed:
+        print(f"{clinic}/{args.booking_id} changed while it was being released (cancelled "
+              "or corrected): nothing was released; show it and release it again if still "
+              "held", file=sys.stderr)
+        return EXIT_REFUSED
     print_timeline(args, timeline, booking.patient.timezone)
     return EXIT_OK
 
