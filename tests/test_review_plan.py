@@ -100,3 +100,21 @@ def test_a_stored_night_text_found_after_the_windows_close_is_skipped_not_sent_t
     assert record["status"] == "skipped", record
     assert "weekday series" in record["reason"], record
     assert store.redis.zscore(store.due_key, ref) is None
+
+
+def test_every_sms_fits_one_gsm7_segment_for_a_spanish_speaking_patient_of_a_us_clinic(
+        catalog):
+    """DOMAIN.md: an SMS is one GSM-7 segment (160). A US clinic's Spanish-speaking patient
+    reads the es templates in the es_US variant ("12:30 p.m.", "100.4F"): every template
+    (each protocol, each wording, the longest names, the change notices) must still fit."""
+    from worker.checking import _render_all
+    from worker.rendering import Renderer
+
+    us = catalog.clinics["glow"].model_copy(update={
+        "timezone": "America/New_York", "locale": "en-US", "phone": "+12125550100"})
+    errors, samples, _, _ = _render_all(Renderer(catalog.templates_dir), catalog, [us])
+    assert errors == []
+    over = [(s.template, s.locale, s.discreet, s.length, s.text) for s in samples
+            if s.segments != 1 or s.encoding != "GSM-7"]
+    assert over == []
+    assert not [s.text for s in samples if "p.m.." in s.text or "a.m.." in s.text]
