@@ -121,7 +121,7 @@ import redis
 from .clinics import SendWindow
 from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
-from .notices import NoticeReminder, is_notice, plan_notices
+from .notices import NoticeReminder, is_notice, plan_notices, went_out
 from .optout import normal_contact
 from .planner import Plan, PlannedReminder, cap_plan, is_hold_notice
 from .protocols import REPAUSE_STEP, parse_notice_steps
@@ -2261,10 +2261,19 @@ class Store:
                 "rescheduled", stored.reminders, booking, plan.notice_steps, seq=seq, now=now,
                 window=plan.window or SendWindow())
             old_start = json.loads(stored.doc or "{}").get("starts_at")
+            moved_from = (_num(datetime.fromisoformat(old_start).timestamp())
+                          if kind == "moved" and old_start else "")
+            told = [r for k, r in stored.reminders.items()
+                    if k.startswith(f"rescheduled#{seq - 1}:")]
+            if moved_from and told and not any(went_out(r) for r in told):
+                # The last move's notice never went out: the patient still knows the date
+                # before it ("moved from" that one, or from nothing if it is the date again).
+                moved_from = booking_fields.get("moved_from", "")
+                if moved_from and float(moved_from) == booking.starts_at.timestamp():
+                    moved_from = ""
             new_fields |= {
                 "seq": str(seq),
-                "moved_from": (_num(datetime.fromisoformat(old_start).timestamp())
-                               if kind == "moved" and old_start else ""),
+                "moved_from": moved_from,
                 "paused": "1" if paused else "",
             }
         hset: list[str] = []

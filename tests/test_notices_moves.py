@@ -1,0 +1,57 @@
+"""Review: two moves in quick succession (real Redis). The second move's notice names the
+date the patient was last told, never one they were never told of."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from tests.test_notices import MOVED_TO, NOW, book, deliver, fields, notices, store  # noqa: F401
+from worker.store import Attempt
+
+ORIGINAL = int(datetime(2026, 12, 5, 13, 30, tzinfo=UTC).timestamp())  # 14:30 Madrid
+FIRST_MOVE = int(datetime(2026, 12, 12, 13, 30, tzinfo=UTC).timestamp())
+AGAIN = "2026-12-19T14:30:00+01:00"
+
+
+def test_a_move_superseding_an_unsent_notice_says_moved_from_the_date_told(
+        store, catalog, booking_doc):  # noqa: F811
+    book(store, catalog, booking_doc)
+    deliver(store, "booking-confirmation:email")  # the patient knows 5 Dec
+    book(store, catalog, dict(booking_doc, starts_at=MOVED_TO))  # notice #1 not yet sent
+    assert fields(store)["moved_from"] == str(ORIGINAL)
+    timeline = book(store, catalog, dict(booking_doc, starts_at=AGAIN))
+    told = notices(timeline)
+    assert told["rescheduled#1:email"]["status"] == "cancelled"
+    assert told["rescheduled#2:email"]["status"] == "scheduled"
+    # Not "your appointment on 12 Dec has moved": nobody told the patient of 12 Dec.
+    assert fields(store)["moved_from"] == str(ORIGINAL)
+
+
+def test_a_move_racing_the_notice_in_flight_says_moved_from_its_date(
+        store, catalog, booking_doc):  # noqa: F811
+    """Notice #1 is being handed over (it may have gone out) when the second move lands:
+    notice #2 says moved from the first move's date; #1's late delivery is only recorded."""
+    book(store, catalog, booking_doc)
+    deliver(store, "booking-confirmation:email")
+    book(store, catalog, dict(booking_doc, starts_at=MOVED_TO))
+    deliver(store, "rescheduled#1:email", finish=False)  # parked mid-send
+    ref = "glow/A-1042/rescheduled#1:email"
+    record = store.record(ref)
+    attempt = Attempt(record["version"], record["claim"], f"tok-{record['claim']}")
+    timeline = book(store, catalog, dict(booking_doc, starts_at=AGAIN))
+    assert set(notices(timeline)) == {"rescheduled#1:email", "rescheduled#2:email"}
+    assert fields(store)["moved_from"] == str(FIRST_MOVE)
+    assert fields(store)["seq"] == "2"
+    assert store.finish_sent(ref, attempt, NOW).startswith("stale")
+    told = notices(store.timeline("glow", "A-1042"))
+    assert told["rescheduled#2:email"]["status"] == "scheduled"
+    assert store.redis.zscore(store.due_key, "glow/A-1042/rescheduled#2:email") is not None
+
+
+def test_moved_back_to_the_date_told_names_no_previous_date(
+        store, catalog, booking_doc):  # noqa: F811
+    book(store, catalog, booking_doc)
+    deliver(store, "booking-confirmation:email")
+    book(store, catalog, dict(booking_doc, starts_at=MOVED_TO))  # notice #1 not yet sent
+    book(store, catalog, booking_doc)  # back to 5 Dec before anything was told
+    assert fields(store).get("moved_from", "") == ""  # not "on 5 Dec has moved to 5 Dec"
