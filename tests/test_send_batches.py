@@ -600,6 +600,44 @@ def test_expired_outstanding_claims_stop_counting(shop, redis_client):
     assert pump(store, lambda *a: None, capacity=capacity(), claim_round=100) == 6
 
 
+def test_a_pump_run_outlasting_its_lock_keeps_it_and_no_second_run_hands_out_more(
+        shop, redis_client, monkeypatch):
+    # A run parked past the run lock's TTL (a broker or Redis stall while publishing): a
+    # second pump must not find the lock free and hand out the window a second time.
+    import worker.pump as pump_module
+
+    monkeypatch.setattr(pump_module, "RUN_LOCK_MS", 300)
+    store = shop.store
+    due_now(shop, [("L", "email")] * 12)
+    parked, release = threading.Event(), threading.Event()
+    first: list[Claim] = []
+
+    def parked_publish(channel: str, claims: Any, at: float) -> None:
+        first.extend(claims)
+        if not parked.is_set():
+            parked.set()
+            release.wait(10)
+
+    runner = threading.Thread(target=lambda: pump(store, parked_publish, capacity=capacity(),
+                                                   claim_round=100))
+    runner.start()
+    try:
+        assert parked.wait(5)
+        time.sleep(1.0)  # well past the lock's 300 ms
+        second: list[Claim] = []
+        assert pump(store, lambda ch, claims, at: second.extend(claims), capacity=capacity(),
+                    claim_round=100) == 0
+        assert second == []
+    finally:
+        release.set()
+        runner.join(10)
+    # One window (2 x 3 threads) in all, as with one run.
+    assert len(first) == 6
+    assert redis_client.zcard(Keys(PREFIX).outstanding("email")) == 6
+    assert redis_client.zcard(store.due_key) == 12 - 6
+    assert redis_client.get(Keys(PREFIX).running()) is None  # released at the end
+
+
 def test_the_channel_is_the_suffix_of_the_reminder_key():
     assert channel_of("glow/A-1/spf#2:sms") == "sms"
     assert channel_of("glow/A-1/aftercare:email") == "email"

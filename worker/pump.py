@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -74,6 +75,12 @@ RUN_LOCK_MS = 2000  # one pump run at a time; a run that died frees the lock aft
 _RELEASE = """
 local key, token = KEYS[1], ARGV[1]
 if redis.call('GET', key) == token then return redis.call('DEL', key) end
+return 0
+"""
+# Keep the run lock ARGV[2] ms more, only if it is still this run's. Returns 1 if kept.
+_EXTEND = """
+local key, token, ms = KEYS[1], ARGV[1], ARGV[2]
+if redis.call('GET', key) == token then return redis.call('PEXPIRE', key, ms) end
 return 0
 """
 HANDED_BACK = "the {channel} senders are busy: handed back to the schedule"
@@ -210,12 +217,32 @@ def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int
     """
     keys = Keys(store.prefix)
     token = uuid.uuid4().hex
-    if not store.redis.set(keys.running(), token, nx=True, px=RUN_LOCK_MS):
+    lock_ms = RUN_LOCK_MS
+    if not store.redis.set(keys.running(), token, nx=True, px=lock_ms):
         return 0
+    # A run may outlast the lock (a publish or a Redis call that stalls): keep it while the
+    # run goes on, or a second run would read the same budgets and hand out a window twice.
+    done = threading.Event()
+    keeper = threading.Thread(target=_keep_lock, args=(store, keys, token, lock_ms, done),
+                              name="pump-lock", daemon=True)
+    keeper.start()
     try:
         return _pump(store, keys, publish, capacity, claim_round)
     finally:
+        done.set()
+        keeper.join(lock_ms / 1000)  # an extend after the release finds no lock of ours
         store.redis.eval(_RELEASE, 1, keys.running(), token)
+
+
+def _keep_lock(store: Store, keys: Keys, token: str, lock_ms: int,
+               done: threading.Event) -> None:
+    """Extend the run lock every third of its TTL until `done`, while it is still ours."""
+    while not done.wait(lock_ms / 3000):
+        try:
+            if not store.redis.eval(_EXTEND, 1, keys.running(), token, lock_ms):
+                return  # lost (expired during an outage): nothing left to keep
+        except redis.RedisError:
+            continue  # Redis unreachable: the lock runs out, as for a run that died
 
 
 class Room:
