@@ -55,3 +55,37 @@ def test_moved_back_to_the_date_told_names_no_previous_date(
     book(store, catalog, dict(booking_doc, starts_at=MOVED_TO))  # notice #1 not yet sent
     book(store, catalog, booking_doc)  # back to 5 Dec before anything was told
     assert fields(store).get("moved_from", "") == ""  # not "on 5 Dec has moved to 5 Dec"
+
+
+def test_a_cancel_after_an_untold_move_names_the_date_the_patient_knows(
+        store, catalog, booking_doc, repo_settings):  # noqa: F811
+    """Moved 5 -> 12 Dec late in the evening (the notice waits for the morning), cancelled
+    before it went out: the cancel notice, rendered as a send renders it, says the 5 Dec
+    visit is cancelled (the patient never heard of 12 Dec), with the invite's CANCEL."""
+    import icalendar
+
+    from worker.dispatch import Context, _render
+    from worker.invites import invite_uid
+    from worker.models import Booking
+    from worker.rendering import Renderer
+
+    book(store, catalog, booking_doc)
+    deliver(store, "booking-confirmation:email")
+    book(store, catalog, dict(booking_doc, starts_at=MOVED_TO))  # notice #1 not yet sent
+    timeline = store.cancel("glow", "A-1042", NOW)
+    told = notices(timeline)
+    assert told["rescheduled#1:email"]["status"] == "cancelled"
+    assert told["cancelled#2:email"]["status"] == "scheduled"
+    ref = "glow/A-1042/cancelled#2:email"
+    stored = fields(store) | {"doc": store.redis.get(store.doc_key("glow", "A-1042"))}
+    booking = Booking.model_validate_json(stored["doc"])
+    ctx = Context(settings=repo_settings, store=store, catalog=catalog,
+                  renderer=Renderer(catalog.templates_dir))
+    _, _, message, _, _ = _render(ctx, ref, store.record(ref), booking, NOW, stored)
+    assert "5 de diciembre" in message.text and "12 de diciembre" not in message.text
+    (event,) = icalendar.Calendar.from_ical(message.attachments[0].data).walk("VEVENT")
+    assert str(event["UID"]) == invite_uid("glow", "A-1042") and event["SEQUENCE"] == 2
+    assert event["STATUS"] == "CANCELLED"
+    # Nothing else of the booking is due: only the cancel notice.
+    assert [r.split("/")[-1] for r in store.redis.zrange(store.due_key, 0, -1)] == [
+        "cancelled#2:email"]

@@ -175,6 +175,17 @@ class RenderExtras(TypedDict, total=False):
     invite: Invite
 
 
+def as_told(record: Mapping[str, str], booking: Booking, stored: Mapping[str, str]) -> Booking:
+    """Return the booking as a cancel notice names it: at the date the patient was last
+    told (`told_start`, set by the cancel when the last move's notice never went out), so
+    "your 12 Dec visit is cancelled" never reaches a patient who only knew of 5 Dec."""
+    told = stored.get("told_start", "")
+    if record.get("step") != "cancelled" or not told:
+        return booking
+    start = datetime.fromtimestamp(float(told), UTC).astimezone(booking.starts_at.tzinfo)
+    return booking.model_copy(update={"starts_at": start})
+
+
 def notice_and_invite(
     record: Mapping[str, str], channel: str, booking: Booking, protocol: Protocol,
     stored: Mapping[str, str], now: datetime,

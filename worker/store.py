@@ -2466,7 +2466,12 @@ class Store:
             return check, "", {}
         version = int(fields.get("version") or 0) + 1
         texts: dict[str, str] = {}
-        adds: list[str] = ["seq", str(seq), "", "paused", "1" if paused else "", ""]
+        # The last move's notice never went out: the patient knows the date before it.
+        told = [r for k, r in stored.reminders.items() if k.startswith(f"rescheduled#{seq - 1}:")]
+        told_start = (fields.get("moved_from", "")
+                      if told and not any(went_out(r) for r in told) else "")
+        adds: list[str] = ["seq", str(seq), "", "paused", "1" if paused else "", "",
+                           "told_start", told_start, ""]
         for notice in notices:
             main, _ = encode_reminder(notice.key, notice_fields(notice, version),
                                       text_id=lambda text: self._intern(text, texts))
