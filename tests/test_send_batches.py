@@ -638,6 +638,37 @@ def test_a_pump_run_outlasting_its_lock_keeps_it_and_no_second_run_hands_out_mor
     assert redis_client.get(Keys(PREFIX).running()) is None  # released at the end
 
 
+def test_a_pump_run_hung_past_the_keep_limit_lets_another_pump_take_over(
+        shop, redis_client, monkeypatch):
+    # A publish that never returns must not keep every other pump out for good.
+    import worker.pump as pump_module
+
+    monkeypatch.setattr(pump_module, "RUN_LOCK_MS", 300)
+    monkeypatch.setattr(pump_module, "RUN_LOCK_KEEP_SECONDS", 0.6)
+    store = shop.store
+    due_now(shop, [("H", "email")] * 12)
+    parked, release = threading.Event(), threading.Event()
+
+    def hung_publish(channel: str, claims: Any, at: float) -> None:
+        parked.set()
+        release.wait(10)
+
+    runner = threading.Thread(target=lambda: pump(store, hung_publish, capacity=capacity(),
+                                                   claim_round=100))
+    runner.start()
+    try:
+        assert parked.wait(5)
+        time.sleep(0.4)  # past the lock's TTL, still within the keep limit: kept
+        assert redis_client.get(Keys(PREFIX).running()) is not None
+        time.sleep(0.9)  # past the keep limit and one TTL more: given up
+        taken: list[Claim] = []
+        assert pump(store, lambda ch, claims, at: taken.extend(claims), capacity=capacity(),
+                    claim_round=100) > 0
+    finally:
+        release.set()
+        runner.join(10)
+
+
 def test_the_channel_is_the_suffix_of_the_reminder_key():
     assert channel_of("glow/A-1/spf#2:sms") == "sms"
     assert channel_of("glow/A-1/aftercare:email") == "email"

@@ -71,6 +71,7 @@ HAND_BACK_MIN = 0.5  # seconds: a claim handed back for a busy channel is due ag
 HAND_BACK_UNKNOWN = 1.0  # ... or after this, before the channel's latency is known
 PROBE_ROUNDS = 10  # how far past a busy channel's reminders a run looks for others
 RUN_LOCK_MS = 2000  # one pump run at a time; a run that died frees the lock after this
+RUN_LOCK_KEEP_SECONDS = 60.0  # a run stuck longer (a hung publish) gives the lock up
 # Delete the run lock only if it is still this run's. Returns 1 if deleted.
 _RELEASE = """
 local key, token = KEYS[1], ARGV[1]
@@ -236,8 +237,10 @@ def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int
 
 def _keep_lock(store: Store, keys: Keys, token: str, lock_ms: int,
                done: threading.Event) -> None:
-    """Extend the run lock every third of its TTL until `done`, while it is still ours."""
-    while not done.wait(lock_ms / 3000):
+    """Extend the run lock every third of its TTL until `done`, while it is still ours, for
+    at most RUN_LOCK_KEEP_SECONDS: a run hung longer must not keep every other pump out."""
+    give_up = time.monotonic() + RUN_LOCK_KEEP_SECONDS
+    while not done.wait(lock_ms / 3000) and time.monotonic() < give_up:
         try:
             if not store.redis.eval(_EXTEND, 1, keys.running(), token, lock_ms):
                 return  # lost (expired during an outage): nothing left to keep
