@@ -669,6 +669,55 @@ def test_a_pump_run_hung_past_the_keep_limit_lets_another_pump_take_over(
         runner.join(10)
 
 
+def test_a_pump_run_across_a_redis_restart_hands_out_each_claim_once(tmp_path, gateway):
+    # Redis stops (AOF flushed) while a run is parked publishing its first batch, and comes
+    # back on the same port after the run lock's TTL: the run goes on by itself, and what
+    # it claimed is handed out once, counted once, leased once; the next run adds nothing.
+    from worker.connections import WORKER, from_url
+    from worker.embedded import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    client = from_url(server.url, WORKER)
+    try:
+        rig = Rig(tmp_path, client, gateway, protocol='name = "One step"\n' + ONE_STEP)
+        due_now(rig, [("O", "email")] * 12)
+        parked, release = threading.Event(), threading.Event()
+        handed: list[Claim] = []
+
+        def publish(channel: str, claims: Any, at: float) -> None:
+            handed.extend(claims)
+            if not parked.is_set():
+                parked.set()
+                release.wait(10)
+
+        result: list[int] = []
+        runner = threading.Thread(target=lambda: result.append(
+            pump(rig.store, publish, capacity=capacity(), claim_round=100)))
+        runner.start()
+        assert parked.wait(5)
+        server.stop()
+        time.sleep(2.5)  # the run lock (2 s) runs out during the outage
+        server.start()
+        release.set()
+        runner.join(15)
+        assert result == [6]
+        refs = [c.ref for c in handed]
+        assert len(refs) == len(set(refs)) == 6
+        keys = Keys(PREFIX)
+        assert sorted(client.zrange(keys.outstanding("email"), 0, -1)) == sorted(
+            member(c) for c in handed)
+        assert sorted(client.zrange(rig.store.lease_key, 0, -1)) == sorted(refs)
+        assert client.zcard(rig.store.due_key) == 6
+        assert client.get(keys.running()) is None
+        again: list[Claim] = []
+        assert pump(rig.store, lambda ch, cs, at: again.extend(cs), capacity=capacity(),
+                    claim_round=100) == 0
+        assert again == []
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_the_channel_is_the_suffix_of_the_reminder_key():
     assert channel_of("glow/A-1/spf#2:sms") == "sms"
     assert channel_of("glow/A-1/aftercare:email") == "email"
