@@ -3,7 +3,7 @@ date the patient was last told, never one they were never told of."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from tests.test_notices import MOVED_TO, NOW, book, deliver, fields, notices, store  # noqa: F401
 from worker.store import Attempt
@@ -28,9 +28,9 @@ def test_a_move_superseding_an_unsent_notice_says_moved_from_the_date_told(
 
 
 def test_a_move_racing_the_notice_in_flight_says_moved_from_its_date(
-        store, catalog, booking_doc):  # noqa: F811
-    """Notice #1 is being handed over (it may have gone out) when the second move lands:
-    notice #2 says moved from the first move's date; #1's late delivery is only recorded."""
+        store, catalog, booking_doc, repo_settings):  # noqa: F811
+    """Notice #1 is being handed over (it may have gone out) when the second move lands,
+    and it does go out: notice #2 names the first move's date as the one it moved from."""
     book(store, catalog, booking_doc)
     deliver(store, "booking-confirmation:email")
     book(store, catalog, dict(booking_doc, starts_at=MOVED_TO))
@@ -46,6 +46,18 @@ def test_a_move_racing_the_notice_in_flight_says_moved_from_its_date(
     told = notices(store.timeline("glow", "A-1042"))
     assert told["rescheduled#2:email"]["status"] == "scheduled"
     assert store.redis.zscore(store.due_key, "glow/A-1042/rescheduled#2:email") is not None
+    # It did go out: notice #2, rendered as a send renders it, names 12 Dec as the old date.
+    from worker.dispatch import Context, _render
+    from worker.models import Booking
+    from worker.rendering import Renderer
+
+    ref2 = "glow/A-1042/rescheduled#2:email"
+    stored = fields(store) | {"doc": store.redis.get(store.doc_key("glow", "A-1042"))}
+    ctx = Context(settings=repo_settings, store=store, catalog=catalog,
+                  renderer=Renderer(catalog.templates_dir))
+    _, _, message, _, _ = _render(ctx, ref2, store.record(ref2),
+                                  Booking.model_validate_json(stored["doc"]), NOW, stored)
+    assert "del 12 de diciembre, 14:30 pasa al 19 de diciembre" in message.text, message.text
 
 
 def test_moved_back_to_the_date_told_names_no_previous_date(
@@ -89,3 +101,60 @@ def test_a_cancel_after_an_untold_move_names_the_date_the_patient_knows(
     # Nothing else of the booking is due: only the cancel notice.
     assert [r.split("/")[-1] for r in store.redis.zrange(store.due_key, 0, -1)] == [
         "cancelled#2:email"]
+
+
+def _claim(rems, key: str):
+    ref = f"glow/A-1042/{key}"
+    rems.redis.zadd(rems.due_key, {ref: 0})
+    claims = rems.claim_due(100, 60)
+    for c in claims:
+        if c.ref != ref:
+            assert rems.requeue(c.ref, NOW + timedelta(days=30), "not in this test", c.claim)
+    (claim,) = [c for c in claims if c.ref == ref]
+    return claim
+
+
+def test_a_move_landing_while_the_last_notice_is_rendered_sends_only_the_new_date(
+        store, catalog, booking_doc, repo_settings, tmp_path):  # noqa: F811
+    """Notice #1 (12 Dec) is rendered and about to be handed over when the clinic moves the
+    visit again (19 Dec): #1 is dropped unsent, #2 goes with the 19 Dec date and SEQUENCE 2."""
+    import email
+    import email.policy
+
+    import icalendar
+
+    from worker.dispatch import Context, attempt
+    from worker.rendering import Renderer
+
+    settings = repo_settings.model_copy(update={"outbox_dir": tmp_path})
+    ctx = Context(settings=settings, store=store, catalog=catalog,
+                  renderer=Renderer(catalog.templates_dir))
+    book(store, catalog, booking_doc)
+    deliver(store, "booking-confirmation:email")
+    book(store, catalog, dict(booking_doc, starts_at=MOVED_TO))
+    first = _claim(store, "rescheduled#1:email")
+    real = store.still_owned
+    parked = []
+
+    def park(*args, **kwargs):  # the seam just before the hand-over
+        if not parked:
+            parked.append(book(store, catalog, dict(booking_doc, starts_at=AGAIN)))
+        return real(*args, **kwargs)
+
+    store.still_owned = park  # type: ignore[method-assign]
+    assert attempt(ctx, first.ref, first.version, first.claim) == (
+        "dropped: overtaken before sending")
+    store.still_owned = real  # type: ignore[method-assign]
+    assert list(tmp_path.glob("*.eml")) == []
+    told = notices(store.timeline("glow", "A-1042"))
+    assert told["rescheduled#1:email"]["status"] == "cancelled"
+    second = _claim(store, "rescheduled#2:email")
+    assert attempt(ctx, second.ref, second.version, second.claim) == "sent"
+    (path,) = tmp_path.glob("*.eml")
+    raw = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    text = raw.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "19 de diciembre" in text and "5 de diciembre" in text, text
+    assert "12 de diciembre" not in text  # never told: not named
+    (part,) = [p for p in raw.walk() if p.get_content_type() == "text/calendar"]
+    (event,) = icalendar.Calendar.from_ical(part.get_payload(decode=True)).walk("VEVENT")
+    assert event["SEQUENCE"] == 2 and str(event["DTSTART"].dt.date()) == "2026-12-19"

@@ -85,8 +85,8 @@ from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
 from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
-from .models import Booking, Channel
-from .notices import as_told, notice_and_invite
+from .models import CHANNELS, Booking, Channel
+from .notices import as_told, as_told_fields, notice_and_invite, sent
 from .optout import UNSUBSCRIBE_SECRET, contact_hash, make_token, unsubscribe_key
 from .planner import SendTime, at_send_time, next_opening
 from .pump import Keys, channel_of, sender_member
@@ -372,7 +372,9 @@ def _render(
     if clinic is None or protocol is None:
         raise DeliveryError("clinic or protocol no longer configured", permanent=True)
     channel = "sms" if via_sms else cast(Channel, record["channel"])
-    booking = as_told(record, booking, stored or {})
+    stored = dict(as_told_fields(record, stored or {}, lambda prefix: any(
+        sent(ctx.store.record(f"{clinic_id}/{booking_id}/{prefix}:{c}")) for c in CHANNELS)))
+    booking = as_told(record, booking, stored)
     plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
     headers: dict[str, str] = {}
     unsubscribe: str | None = None

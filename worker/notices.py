@@ -29,7 +29,7 @@ yet sent (the store cancels it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, TypedDict
@@ -70,6 +70,27 @@ def is_notice(key: str) -> bool:
 def went_out(record: Record) -> bool:
     """Return whether a reminder went out, or may have (it is being sent now)."""
     return record.get("status") in (Status.SENT, Status.SENDING) or bool(record.get("sent_at"))
+
+
+def sent(record: Record) -> bool:
+    """Return whether a reminder went out for certain (its delivery is recorded)."""
+    return record.get("status") == Status.SENT or bool(record.get("sent_at"))
+
+
+def as_told_fields(
+    record: Record, stored: Mapping[str, str], went: Callable[[str], bool]
+) -> Mapping[str, str]:
+    """Return the booking's fields as a change notice should read them.
+
+    A change that landed while the previous move's notice was being sent stored what to
+    name if that notice did not go out after all (`untold`: "<notice key prefix>|<epoch>");
+    `went(prefix)` tells whether it did (read at the send, when its outcome is known).
+    """
+    prefix, _, fallback = stored.get("untold", "").partition("|")
+    step = record.get("step")
+    if step not in NOTICE_STEPS or not prefix or went(prefix):
+        return stored
+    return {**stored, "moved_from" if step == "rescheduled" else "told_start": fallback}
 
 
 def what_went_out(records: Mapping[str, Record], notice_steps: str) -> tuple[set[str], bool]:

@@ -121,7 +121,7 @@ import redis
 from .clinics import SendWindow
 from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
-from .notices import NoticeReminder, is_notice, plan_notices, went_out
+from .notices import NoticeReminder, is_notice, plan_notices, sent, went_out
 from .optout import normal_contact
 from .planner import Plan, PlannedReminder, cap_plan, is_hold_notice
 from .protocols import REPAUSE_STEP, parse_notice_steps
@@ -2265,16 +2265,23 @@ class Store:
                           if kind == "moved" and old_start else "")
             told = [r for k, r in stored.reminders.items()
                     if k.startswith(f"rescheduled#{seq - 1}:")]
+            before = booking_fields.get("moved_from", "")
+            if before and float(before) == booking.starts_at.timestamp():
+                before = ""  # moved back to the date told: no previous date to name
+            untold = ""
             if moved_from and told and not any(went_out(r) for r in told):
                 # The last move's notice never went out: the patient still knows the date
                 # before it ("moved from" that one, or from nothing if it is the date again).
-                moved_from = booking_fields.get("moved_from", "")
-                if moved_from and float(moved_from) == booking.starts_at.timestamp():
-                    moved_from = ""
+                moved_from, untold = before, booking_fields.get("untold", "")
+            elif moved_from and told and not any(sent(r) for r in told):
+                # Being sent now: it may go out or not; the send of this move's notice
+                # reads which (worker/notices.py `as_told_fields`).
+                untold = f"rescheduled#{seq - 1}|{before}"
             new_fields |= {
                 "seq": str(seq),
                 "moved_from": moved_from,
                 "paused": "1" if paused else "",
+                "untold": untold,
             }
         hset: list[str] = []
         hdel: list[str] = []
@@ -2468,10 +2475,13 @@ class Store:
         texts: dict[str, str] = {}
         # The last move's notice never went out: the patient knows the date before it.
         told = [r for k, r in stored.reminders.items() if k.startswith(f"rescheduled#{seq - 1}:")]
-        told_start = (fields.get("moved_from", "")
-                      if told and not any(went_out(r) for r in told) else "")
+        told_start, untold = "", ""
+        if told and not any(went_out(r) for r in told):
+            told_start, untold = fields.get("moved_from", ""), fields.get("untold", "")
+        elif told and not any(sent(r) for r in told):  # being sent: the send reads which
+            untold = f"rescheduled#{seq - 1}|{fields.get('moved_from', '')}"
         adds: list[str] = ["seq", str(seq), "", "paused", "1" if paused else "", "",
-                           "told_start", told_start, ""]
+                           "told_start", told_start, "", "untold", untold, ""]
         for notice in notices:
             main, _ = encode_reminder(notice.key, notice_fields(notice, version),
                                       text_id=lambda text: self._intern(text, texts))
