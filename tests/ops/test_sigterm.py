@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -169,8 +170,13 @@ def sigterm(proc) -> float:
     return time.time()
 
 
-def wait_exit(proc, timeout: float) -> int:
-    proc.wait(timeout=timeout)
+def wait_exit(proc, timeout: float) -> int | None:
+    """The exit status, or None if still running after `timeout` (the caller's assertion
+    then shows the worker's log)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
     return int(proc.returncode)
 
 
