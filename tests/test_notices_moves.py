@@ -114,8 +114,17 @@ def _claim(rems, key: str):
     return claim
 
 
+class _AtNow(datetime):
+    """The send path's clock at NOW (13:00 in Madrid: inside the patient's send window,
+    whatever the hour the test runs at; the real clock deferred the notice after 19:00 UTC)."""
+
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[override]
+        return NOW.astimezone(tz) if tz is not None else NOW.replace(tzinfo=None)
+
+
 def test_a_move_landing_while_the_last_notice_is_rendered_sends_only_the_new_date(
-        store, catalog, booking_doc, repo_settings, tmp_path):  # noqa: F811
+        store, catalog, booking_doc, repo_settings, tmp_path, monkeypatch):  # noqa: F811
     """Notice #1 (12 Dec) is rendered and about to be handed over when the clinic moves the
     visit again (19 Dec): #1 is dropped unsent, #2 goes with the 19 Dec date and SEQUENCE 2."""
     import email
@@ -126,6 +135,7 @@ def test_a_move_landing_while_the_last_notice_is_rendered_sends_only_the_new_dat
     from worker.dispatch import Context, attempt
     from worker.rendering import Renderer
 
+    monkeypatch.setattr("worker.dispatch.datetime", _AtNow)
     settings = repo_settings.model_copy(update={"outbox_dir": tmp_path})
     ctx = Context(settings=settings, store=store, catalog=catalog,
                   renderer=Renderer(catalog.templates_dir))
