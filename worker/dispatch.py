@@ -372,9 +372,10 @@ def _render(
     if clinic is None or protocol is None:
         raise DeliveryError("clinic or protocol no longer configured", permanent=True)
     channel = "sms" if via_sms else cast(Channel, record["channel"])
-    stored = dict(as_told_fields(record, stored or {}, lambda prefix: any(
-        sent(ctx.store.record(f"{clinic_id}/{booking_id}/{prefix}:{c}")) for c in CHANNELS)))
-    booking = as_told(record, booking, stored)
+    # Read-only from here: the booking's own fields unless a notice names another date.
+    fields = as_told_fields(record, stored or {}, lambda prefix: any(
+        sent(ctx.store.record(f"{clinic_id}/{booking_id}/{prefix}:{c}")) for c in CHANNELS))
+    booking = as_told(record, booking, fields)
     plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
     headers: dict[str, str] = {}
     unsubscribe: str | None = None
@@ -397,7 +398,7 @@ def _render(
             due_at=datetime.fromtimestamp(float(record["planned_epoch"]), UTC),
             plan_dates=plan_dates,
             now=now,
-            **notice_and_invite(record, channel, booking, protocol, stored or {}, now),
+            **notice_and_invite(record, channel, booking, protocol, fields, now),
             unsubscribe_url=unsubscribe,
         )
         url = clinic.delivery_url(channel, to)
