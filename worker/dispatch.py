@@ -89,6 +89,7 @@ from .models import CHANNELS, Booking, Channel
 from .notices import as_told, as_told_fields, notice_and_invite, sent
 from .optout import UNSUBSCRIBE_SECRET, contact_hash, make_token, unsubscribe_key
 from .planner import SendTime, at_send_time, next_opening
+from .protocols import NOTICE_STEPS
 from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
@@ -234,6 +235,15 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(store, ref, attempt, rule, entry)
+        wait = _told_in_flight(store, ref, record, stored_booking)
+        if wait is not None:
+            # The last change's notice is at its provider: what this notice names depends
+            # on whether it goes, and it must not arrive after this one. Once it is known.
+            at = now + timedelta(seconds=wait + IN_FLIGHT_MARGIN)
+            result = store.finish_defer(ref, attempt, at, TOLD_IN_FLIGHT, entry)
+            log.info("send %s: the last change's notice is being sent; deferred (%s)",
+                     ref, result)
+            return "deferred"
         with store.reading(ref, begun):
             url, envelope, message, headers, link = _render(
                 ctx, ref, record, booking, now, stored_booking, via_sms=via_sms,
@@ -324,6 +334,26 @@ def _booking(ctx: Context, ref: str, stored: dict[str, str]) -> tuple[Booking, P
     else:
         raise DeliveryError("clinic no longer configured", permanent=True)
     return booking, (window, ZoneInfo(booking.patient.timezone))
+
+
+def _told_in_flight(store: Store, ref: str, record: dict[str, str],
+                    stored: dict[str, str]) -> float | None:
+    """Return the seconds left to the attempt in flight of the notice this change notice's
+    words depend on (`untold`, worker/notices.py `as_told_fields`), or None if there is none:
+    its outcome is known (recorded, or its ledger gone)."""
+    prefix = stored.get("untold", "").partition("|")[0]
+    if not prefix or record.get("step") not in NOTICE_STEPS:
+        return None
+    clinic_id, booking_id, _ = split_ref(ref)
+    refs = [f"{clinic_id}/{booking_id}/{prefix}:{c}" for c in CHANNELS]
+    pipe = store.redis.pipeline(transaction=False)
+    for other in refs:
+        pipe.get(store.ledger_key(other))
+        pipe.pttl(store.ledger_key(other))
+    found = pipe.execute()
+    waits = [max(0, int(ttl)) / 1000 for ledger, ttl in zip(found[::2], found[1::2], strict=True)
+             if ledger is not None and ledger != "sent"]
+    return max(waits) if waits else None
 
 
 def _send_time(record: dict[str, str], window: SendWindow, tz: ZoneInfo, now: datetime) -> SendTime:
@@ -489,6 +519,8 @@ def _failed(
 
 NOT_STARTED = "not started in time (the senders were busy): handed back to the schedule"
 STOPPING_NOT_BEGUN = "the worker was stopping: handed back to the schedule before it began"
+TOLD_IN_FLIGHT = ("the last change's notice is being sent: this one waits for its outcome "
+                  "(what it names, and it must not arrive first)")
 STOPPED_BEFORE_SENDING = "the worker was stopping: handed back to the schedule before sending"
 CUT_REASON = ("the worker stopped before the provider answered (its shutdown grace period "
               "ran out)")
