@@ -26,6 +26,16 @@ record above DEBUG before it is written: email addresses become `[email]` (accen
 other non-ASCII ones too), international phone numbers `[phone]` (with spaces, dots,
 hyphens or brackets; URL-encoded forms too) and a URL's credentials `****`. Apprise URLs are
 shown only through `redact_url` (Apprise's own privacy form, cut after the host).
+
+Secrets in request paths, at every level. An unsubscribe link's token (worker/optout.py)
+lets whoever holds it unsubscribe that patient: `scrub_secrets` cuts it from any line,
+DEBUG included (`/v1/unsubscribe/…`). The API's access lines (uvicorn's, one a request)
+go through `access_path` first: the path as routed with the token cut, and a query
+string's values shown only for the parameters of `GET /v1/bookings` (ACCESS_QUERY_SHOWN),
+any other as `name=…` (an SMS provider's webhook set to GET puts the patient's number and
+text there). The method, the status and the line's time stay:
+
+  [2026-12-04 09:00:01,123: INFO/MainProcess] 10.0.0.5:50412 - "POST /v1/unsubscribe/… HTTP/1.1" 200
 """
 
 from __future__ import annotations
@@ -56,20 +66,55 @@ _EMAIL = re.compile(r"[\w%+-][\w\u0300-\u036f.%+'-]*(?:@|%40)(?:[\w\u0300-\u036f
 # URL-encoded), dots, hyphens or brackets between: +34 600 111 222, +1 (415) 555-0100.
 _PHONE = re.compile(r"(?:\+|%2B)\d(?:[\d \u00a0\u202f().-]|%20){5,24}\d")
 _URL_USER = re.compile(r"\b([a-z][a-z0-9+.-]*://)(?![:*]*@)[^\s/@]+@")  # not if masked
+# An unsubscribe token after its route's segment, in a path or a URL (any case: a path
+# in another case is answered 404, but the token in it is still the patient's).
+_UNSUB_TOKEN = re.compile(r"(/unsubscribe/)[^\s/?#\"'<>]+", re.I)
+# Query parameters whose values an access line shows (GET /v1/bookings's; nothing of a patient).
+ACCESS_QUERY_SHOWN = frozenset({"status", "from", "to", "limit", "cursor"})
+_QUERY_NAME = re.compile(r"[A-Za-z][\w.-]{0,40}")
+ACCESS_LOGGER = "uvicorn.access"
 
 
 def scrub(text: str) -> str:
-    """Return `text` without email addresses, phone numbers or URL credentials.
+    """Return `text` without email addresses, phone numbers, URL credentials or the
+    secrets `scrub_secrets` removes.
 
     (Each pattern needs a character a line without one never holds: "@" or "%40" for an
     address or credentials, "+" or "%2B" for a number; most lines, a send's outcome among
     them, skip the expressions.)"""
+    text = scrub_secrets(text)
     if "@" in text or "%40" in text:
         text = _URL_USER.sub(r"\1****@", text)
         text = _EMAIL.sub("[email]", text)
     if "+" in text or "%2B" in text:
         text = _PHONE.sub("[phone]", text)
     return text
+
+
+def scrub_secrets(text: str) -> str:
+    """Return `text` without the secrets a line may quote at any level: unsubscribe tokens."""
+    if "/unsubscribe/" in text.lower():
+        text = _UNSUB_TOKEN.sub("\\1…", text)
+    return text
+
+
+def access_path(full_path: str) -> str:
+    """Return a request's path and query as an access line shows them (see the docstring):
+    an unsubscribe token cut, query values shown for ACCESS_QUERY_SHOWN only."""
+    path, sep, query = full_path.partition("?")
+    cut = path.lower().find("/unsubscribe/")
+    if cut >= 0:
+        path = path[:cut + len("/unsubscribe/")] + "…"
+    if not sep:
+        return path
+    shown = []
+    for part in query.split("&"):
+        name, equals, _ = part.partition("=")
+        if name in ACCESS_QUERY_SHOWN:
+            shown.append(part)
+        else:  # a name without a value may be anything (a word of a text): "…" too
+            shown.append(f"{name}=…" if equals and _QUERY_NAME.fullmatch(name) else "…")
+    return f"{path}?{'&'.join(shown)}"
 
 
 def redact_url(url: str) -> str:
@@ -95,18 +140,24 @@ def redact_url(url: str) -> str:
 
 
 class Scrub(logging.Filter):
-    """On a handler: rewrite every record above DEBUG through `scrub` (see the docstring)."""
+    """On a handler: rewrite an access line's path through `access_path`, every record
+    through `scrub_secrets` and every record above DEBUG through `scrub` (see the
+    docstring)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.DEBUG:
-            message = record.getMessage()
-            clean = scrub(message)
-            if clean != message:
-                record.msg, record.args = clean, None
-            if record.exc_info and not record.exc_text:
-                record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
-            elif record.exc_text:
-                record.exc_text = scrub(record.exc_text)
+        args = record.args
+        if record.name == ACCESS_LOGGER and isinstance(args, tuple) and len(args) == 5:
+            # uvicorn's (client, method, path with query, HTTP version, status).
+            record.args = (*args[:2], access_path(str(args[2])), *args[3:])
+        clean_text = scrub if record.levelno > logging.DEBUG else scrub_secrets
+        message = record.getMessage()
+        clean = clean_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = clean_text(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = clean_text(record.exc_text)
         return True
 
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from worker.logs import about_reminder, handler, redact_url, scrub
+from worker.logs import about_reminder, access_path, handler, redact_url, scrub
 
 
 @pytest.fixture
@@ -106,3 +106,37 @@ def test_redact_url_hides_secrets_and_recipients():
             assert secret not in shown, (url, shown)
     assert redact_url("mailtos://user:s3cret@smtp.glow.example?to=x@y.com").endswith(
         "smtp.glow.example/…")
+
+
+TOKEN = "v1.eyJjIjoiZ2xvdyIsImNoIjoiZW1haWwifQ.nkNsUkHtNk8rtxpMf04o5EYUucpdK24k7TISZjTGczg"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_unsubscribe_token_is_cut_from_every_line_debug_included(capture, fmt):
+    log, out = capture(fmt)
+    log.error("unhandled KeyError on POST /v1/unsubscribe/%s (incident 1a2b) at x.py:3", TOKEN)
+    log.debug("List-Unsubscribe: <https://r.example/v1/unsubscribe/%s>", TOKEN)
+    log.warning("GET https://r.example/V1/UNSUBSCRIBE/%s?x=1 failed", TOKEN)
+    try:
+        raise ValueError(f"/v1/unsubscribe/{TOKEN}")
+    except ValueError:
+        log.exception("a bug")
+    text = out.getvalue()
+    assert not any(part in text for part in TOKEN.split(".")[1:]), text
+    assert "POST /v1/unsubscribe/… (incident 1a2b)" in text
+    assert "<https://r.example/v1/unsubscribe/…>" in text
+    assert "/V1/UNSUBSCRIBE/…?x=1 failed" in text
+    assert len(text.splitlines()) >= 4
+
+
+def test_access_path_keeps_the_route_and_the_bookings_filters_only():
+    assert access_path(f"/v1/unsubscribe/{TOKEN}") == "/v1/unsubscribe/…"
+    assert access_path(f"/v1/unsubscribe/{TOKEN}/more?a=b") == "/v1/unsubscribe/…?a=…"
+    assert access_path("/v1/bookings?status=held&from=2026-12-01T00%3A00%3A00Z&limit=5"
+                       "&cursor=A-1") == ("/v1/bookings?status=held&from=2026-12-01T00%3A00"
+                                          "%3A00Z&limit=5&cursor=A-1")
+    assert access_path("/v1/inbound/sms/glow?From=%2B34600111222&Body=STOP") == (
+        "/v1/inbound/sms/glow?From=…&Body=…")
+    assert access_path("/v1/bookings?ana%40example.com&x") == "/v1/bookings?…&…"
+    assert access_path("/v1/bookings/A-1042") == "/v1/bookings/A-1042"
+    assert access_path("/healthz") == "/healthz"
