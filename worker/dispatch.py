@@ -235,13 +235,13 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(store, ref, attempt, rule, entry)
-        wait = _told_in_flight(store, ref, record, stored_booking)
+        wait = _told_in_flight(store, ref, record, begun)
         if wait is not None:
-            # The last change's notice is at its provider: what this notice names depends
-            # on whether it goes, and it must not arrive after this one. Once it is known.
+            # A message sent before the change is at its provider: this notice must not
+            # arrive before it, and may name what it told. Once its outcome is known.
             at = now + timedelta(seconds=wait + IN_FLIGHT_MARGIN)
             result = store.finish_defer(ref, attempt, at, TOLD_IN_FLIGHT, entry)
-            log.info("send %s: the last change's notice is being sent; deferred (%s)",
+            log.info("send %s: an earlier message is being sent; deferred (%s)",
                      ref, result)
             return "deferred"
         with store.reading(ref, begun):
@@ -337,15 +337,25 @@ def _booking(ctx: Context, ref: str, stored: dict[str, str]) -> tuple[Booking, P
 
 
 def _told_in_flight(store: Store, ref: str, record: dict[str, str],
-                    stored: dict[str, str]) -> float | None:
-    """Return the seconds left to the attempt in flight of the notice this change notice's
-    words depend on (`untold`, worker/notices.py `as_told_fields`), or None if there is none:
-    its outcome is known (recorded, or its ledger gone)."""
-    prefix = stored.get("untold", "").partition("|")[0]
-    if not prefix or record.get("step") not in NOTICE_STEPS:
+                    begun: Begun) -> float | None:
+    """For a change notice, return the seconds left to the longest attempt in flight of
+    another message of its booking (its ledger holds a token: at its provider, or of
+    unknown outcome), or None if there is none.
+
+    A notice must not arrive before a message sent before the change ("see you tomorrow"
+    after "your visit moved", "stop tretinoin tonight" after "cancelled: you may resume"),
+    and what it names may depend on whether that message went (`untold`, worker/notices.py
+    `as_told_fields`). The notices of its own change (same `<kind>#<seq>`) go together."""
+    if record.get("step") not in NOTICE_STEPS:
         return None
-    clinic_id, booking_id, _ = split_ref(ref)
-    refs = [f"{clinic_id}/{booking_id}/{prefix}:{c}" for c in CHANNELS]
+    clinic_id, booking_id, key = split_ref(ref)
+    own = key.split(":", 1)[0]
+    names: list[str] = list(begun.fields) if begun.read else cast(
+        list[str], store.redis.hkeys(store.booking_key(clinic_id, booking_id)))
+    refs = [f"{clinic_id}/{booking_id}/{name[:-1]}" for name in names
+            if name.endswith("+") and ":" in name and name.split(":", 1)[0] != own]
+    if not refs:
+        return None
     pipe = store.redis.pipeline(transaction=False)
     for other in refs:
         pipe.get(store.ledger_key(other))
@@ -519,8 +529,8 @@ def _failed(
 
 NOT_STARTED = "not started in time (the senders were busy): handed back to the schedule"
 STOPPING_NOT_BEGUN = "the worker was stopping: handed back to the schedule before it began"
-TOLD_IN_FLIGHT = ("the last change's notice is being sent: this one waits for its outcome "
-                  "(what it names, and it must not arrive first)")
+TOLD_IN_FLIGHT = ("a message sent before the change is still at its provider: the notice "
+                  "waits for its outcome, so as never to arrive before it")
 STOPPED_BEFORE_SENDING = "the worker was stopping: handed back to the schedule before sending"
 CUT_REASON = ("the worker stopped before the provider answered (its shutdown grace period "
               "ran out)")
