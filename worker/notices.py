@@ -21,10 +21,21 @@ and cancel): the notice's email carries the invite update (METHOD:REQUEST) or ca
 
 Only when something went out: by email if an email carrying the invite went out (a
 confirmation, a day-before email, an earlier notice) or the pause message went out by
-email; by SMS if the pause message went out by SMS. A message being sent at the moment of
-the change counts as gone out (it may have; a needless "you may resume" is harmless, a
-missing one is not). Nothing went out: no notice. A later change supersedes a notice not
-yet sent (the store cancels it).
+email; by SMS if the pause message went out by SMS, or if the patient was told the date by
+SMS: any SMS planned before the visit's start as it was before the change (an email step
+that went by SMS, flag "s", counts as an SMS). In the shipped protocols every SMS before the
+visit names its date (the hold notice, stop-retinoids, day-before; a confirmation, welcome
+or prep sent by SMS to a patient without email or unsubscribed from it), so a patient who
+only had "see you tomorrow at 10:00" by SMS hears of the move or cancel by SMS too. The one
+that does not name it, a tretinoin night text on the consultation's own day, can precede
+the visit only for a consultation after 19:30: counted all the same (a needless notice is
+harmless, a missing one sends the patient on the wrong day). An SMS planned after that start
+(aftercare of a visit that took place) tells no date and does not count. A protocol with
+neither a pause nor an invite step sends no notices (`reminders check` renders notices only
+for protocols that have one). A message being sent at the moment of the change counts as
+gone out (it may have; a needless "you may resume" is harmless, a missing one is not).
+Nothing went out: no notice. A later change supersedes a notice not yet sent (the store
+cancels it).
 """
 
 from __future__ import annotations
@@ -93,25 +104,42 @@ def as_told_fields(
     return {**stored, "moved_from" if step == "rescheduled" else "told_start": fallback}
 
 
-def what_went_out(records: Mapping[str, Record], notice_steps: str) -> tuple[set[str], bool]:
-    """Return (the channels the pause message went out on, whether an invite went out).
+def sent_by(key: str, record: Record) -> str:
+    """Return the channel a reminder went (or goes) out on: its key's, except an email that
+    went by SMS (flag "s", decoded as `by_sms`: the patient unsubscribed from email)."""
+    channel = key.rsplit(":", 1)[-1]
+    return "sms" if channel == "email" and record.get("by_sms") == "1" else channel
 
-    `notice_steps`: the protocol's pause and invite steps (`Protocol.notice_steps()`).
+
+def what_went_out(
+    records: Mapping[str, Record], notice_steps: str, before: float | None = None
+) -> tuple[set[str], bool, bool]:
+    """Return (the channels the pause message went out on, whether an invite went out by
+    email, whether an SMS naming the visit went out).
+
+    `notice_steps`: the protocol's pause and invite steps (`Protocol.notice_steps()`);
+    `before`: the visit's start (epoch seconds) as the patient may have been told it, before
+    the change: an SMS planned before it told the date (see the module docstring).
     """
     pause, invites = parse_notice_steps(notice_steps)
     invite_steps = invites | set(NOTICE_STEPS)
     paused: set[str] = set()
-    invited = False
+    invited = texted = False
     for key, record in records.items():
         if not record or not went_out(record):
             continue
         step = key.split(":", 1)[0].split("#", 1)[0]
-        channel = key.rsplit(":", 1)[-1]
+        channel = sent_by(key, record)
         if step in (pause, REPAUSE_STEP):
             paused.add(channel)
         if step in invite_steps and channel == "email":
             invited = True
-    return paused, invited
+        if channel == "sms" and notice_steps and (
+                step in NOTICE_STEPS
+                or (before is not None
+                    and float(record.get("planned_epoch") or "inf") < before)):
+            texted = True
+    return paused, invited, texted
 
 
 def plan_notices(
@@ -123,21 +151,24 @@ def plan_notices(
     seq: int,
     now: datetime,
     window: SendWindow,
+    before: datetime | None = None,
 ) -> tuple[list[NoticeReminder], bool]:
     """Return the notices a change calls for and whether the pause had gone out.
 
     `records`: the booking's reminders as stored before the change; `booking`: the booking
     after it (for a cancel, as it was); `notice_steps`: `Protocol.notice_steps()`; `seq`:
-    the invite sequence after the change.
+    the invite sequence after the change; `before`: the visit's start before the change
+    (None: the booking's own, as for a cancel).
     """
-    paused, invited = what_went_out(records, notice_steps)
+    start = (before or booking.starts_at).timestamp()
+    paused, invited, texted = what_went_out(records, notice_steps, start)
     offered = booking.patient.channels
     channels: list[Channel] = []
     if "email" in offered and (invited or "email" in paused):
         channels.append("email")
-    if "sms" in offered and "sms" in paused:
+    if "sms" in offered and ("sms" in paused or texted):
         channels.append("sms")
-    if paused and not channels:  # the patient's channels changed since: the first one
+    if (paused or texted) and not channels:  # the patient's channels changed: the first
         channels.append(offered[0])
     if not channels:
         return [], bool(paused)

@@ -1372,6 +1372,8 @@ def decode_reminder(
         "at_booking": "1" if at_booking else "0",
         "attempts": a[1] or "0",
     }
+    if "s" in flags.split("#", 1)[0]:  # an email that went (or goes) by SMS
+        record["by_sms"] = "1"
     optional = {
         "claim": a[0],
         "tok": a[2],
@@ -2257,10 +2259,11 @@ class Store:
         notices: list[NoticeReminder] = []
         if kind is not None:
             seq = int(booking_fields.get("seq") or 0) + 1
+            old_start = json.loads(stored.doc or "{}").get("starts_at")
             notices, paused = plan_notices(
                 "rescheduled", stored.reminders, booking, plan.notice_steps, seq=seq, now=now,
-                window=plan.window or SendWindow())
-            old_start = json.loads(stored.doc or "{}").get("starts_at")
+                window=plan.window or SendWindow(),
+                before=datetime.fromisoformat(old_start) if old_start else None)
             moved_from = (_num(datetime.fromisoformat(old_start).timestamp())
                           if kind == "moved" and old_start else "")
             told = [r for k, r in stored.reminders.items()

@@ -169,10 +169,14 @@ def test_cancel_before_the_pause_tells_nothing_about_it(changes, smtp_sink, sms_
     cal, _ = invite(cancel)
     assert cal["METHOD"] == "CANCEL"
     assert "resume" not in cancel.text and "tretinoin" not in cancel.text
-    # C-3 had nothing that needs undoing: no notice at all.
-    assert [r["id"] for r in changes.show("C-3")["reminders"]] == ["confirm:sms",
-                                                                   "stop-retinoids:sms"]
+    # C-3 was told the date by SMS (its confirmation): the cancel by SMS too, and not a word
+    # about the product (worker/notices.py).
+    assert sorted(r["id"] for r in changes.show("C-3")["reminders"]) == [
+        "cancelled#1:sms", "confirm:sms", "stop-retinoids:sms"]
+    wait_until(lambda: len(texts_to(sms_sink, sms_only)) >= 2, 20)
+    told = texts_to(sms_sink, sms_only)[1].text
+    assert "cancelled" in told and "resume" not in told and "tretinoin" not in told, told
     time.sleep(2.5)  # a couple of pump rounds: nothing else is sent
     assert texts_to(sms_sink, phone) == []
-    assert len(texts_to(sms_sink, sms_only)) == 1
+    assert len(texts_to(sms_sink, sms_only)) == 2
     assert len(emails_to(smtp_sink, address)) == 2
