@@ -88,12 +88,20 @@ from .metrics import observe_lateness, observe_send
 from .models import CHANNELS, Booking, Channel
 from .notices import as_told, as_told_fields, notice_and_invite, sent
 from .optout import UNSUBSCRIBE_SECRET, contact_hash, make_token, unsubscribe_key
-from .planner import SendTime, at_send_time, next_opening
+from .planner import (
+    PlannedReminder,
+    SendTime,
+    at_send_time,
+    cap_at_send,
+    next_opening,
+    protected_steps,
+)
 from .protocols import NOTICE_STEPS
 from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
-from .store import IN_FLIGHT_MARGIN, Attempt, Begun, Store, split_ref
+from .status import Status
+from .store import IN_FLIGHT_MARGIN, Attempt, Begun, SendCapped, Store, split_ref
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -224,6 +232,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
     entry: dict[str, Any] = {"at": now.isoformat()}
     number = 1
     place: Place | None = None  # the send window and timezone, once read
+    moving: _Moving | None = None  # what the SMS cap needs should a retry move it
     try:  # everything before the hand-over: a failure here cannot have sent anything
         record, stored_booking = store.begun_record(ref, begun)
         number = int(record.get("attempts", 1))
@@ -232,9 +241,10 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
                           template=record.get("template", ""),
                           booking=stored_booking.get("version", ""))
         booking, place = _booking(ctx, ref, stored_booking)
+        moving = _Moving(record, booking, place[1])
         rule = _send_time(record, *place, now)
         if rule.action != "send":
-            return _hold_back(store, ref, attempt, rule, entry)
+            return _hold_back(ctx, ref, attempt, rule, entry, moving)
         wait = _told_in_flight(store, ref, record, begun)
         if wait is not None:
             # A message sent before the change is at its provider: this notice must not
@@ -264,11 +274,13 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
                      ref, result)
             return "handed back"
     except DeliveryError as exc:
-        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place)
+        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place,
+                           moving)
     except Exception as exc:  # Redis, a soft time limit, a bug: nothing was handed over
         problem = DeliveryError(f"could not prepare the message ({type(exc).__name__})")
         log.warning("send %s: %s", ref, problem.reason)
-        return _failed(ctx, ref, attempt, number, problem, entry, started, deadline, place)
+        return _failed(ctx, ref, attempt, number, problem, entry, started, deadline, place,
+                           moving)
     handing = guard.handing_over(ref, attempt, entry, started) if guard else None
     channel, delivered, handed = str(record.get("channel")), "failed", time.monotonic()
     try:
@@ -278,12 +290,14 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
     except DeliveryError as exc:
         if handing is not None and not handing.settle():
             return CUT
-        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place)
+        return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place,
+                           moving)
     except Exception as exc:  # SoftTimeLimitExceeded or worse mid hand-over: it may have gone
         if handing is not None and not handing.settle():
             return CUT
         unknown = DeliveryError(f"the send was interrupted ({type(exc).__name__})", unknown=True)
-        return _failed(ctx, ref, attempt, number, unknown, entry, started, deadline, place)
+        return _failed(ctx, ref, attempt, number, unknown, entry, started, deadline, place,
+                           moving)
     finally:
         observe_send(channel, delivered, time.monotonic() - handed)
     if handing is not None and not handing.settle():
@@ -377,15 +391,100 @@ def _send_time(record: dict[str, str], window: SendWindow, tz: ZoneInfo, now: da
     )
 
 
-def _hold_back(
-    store: Store, ref: str, attempt: Attempt, rule: SendTime, entry: dict[str, Any]
+@dataclass(frozen=True)
+class _Moving:
+    """What the SMS cap needs of an attempt whose reminder's time moves at send time."""
+
+    record: dict[str, str]
+    booking: Booking
+    tz: ZoneInfo
+
+
+# Times the SMS cap's decision is made again when what it read changed before its finish.
+CAP_TRIES = 5
+
+
+def _capped(
+    ctx: Context, ref: str, moving: _Moving | None, at: datetime, reason: str,
+    finish: Callable[[PlannedReminder | None, SendCapped | None], str], *, tried: bool = False,
 ) -> str:
-    """Defer to the window's next opening, or skip an expired reminder; nothing is sent."""
+    """Finish an attempt whose reminder's time moves to `at` (a defer to the send window's
+    next opening; a retry's backoff) through `finish(capped reminder, decision)`: for an SMS
+    landing on another patient-local day, with the SMS cap applied there as the planner
+    applies it (worker/planner.py `cap_at_send`), against the patient's other SMS at the
+    clinic (this booking's and the others', `Store.send_caps_read`). The finish script checks
+    that nothing of what was read changed ("caps changed": read and decide again, CAP_TRIES
+    times; then decided once more and written without the check, logged). `finish(None,
+    None)`: nothing to cap (not an SMS, the same day, no phone or clinic)."""
+    phone = moving.booking.patient.phone if moving is not None else None
+    if moving is None or phone is None or moving.record.get("channel") != "sms":
+        return finish(None, None)
+    record, booking, tz = moving.record, moving.booking, moving.tz
+    clinic = ctx.catalog.clinics.get(split_ref(ref)[0])
+    protocol = ctx.catalog.protocols.get(booking.treatment)
+    was = datetime.fromtimestamp(float(record.get("due_epoch") or at.timestamp()), UTC)
+    if clinic is None or protocol is None or \
+            was.astimezone(tz).date() == at.astimezone(tz).date():
+        return finish(None, None)
+    expires = record.get("expires_epoch")
+    sms = PlannedReminder(
+        key=split_ref(ref)[2], step=record["step"], channel="sms", template=record["template"],
+        occurrence=int(record.get("occurrence", 1)), due_at=at, status=Status.SCHEDULED,
+        reason=reason, expires_at=datetime.fromtimestamp(float(expires), UTC) if expires
+        else None, expires_note=record.get("expires_note", ""))
+    email = "email" in booking.patient.channels and booking.patient.email is not None
+    protected = protected_steps(protocol)
+    for n in range(CAP_TRIES + 1):
+        read = ctx.store.send_caps_read(ref, phone, at)
+        if n == CAP_TRIES:
+            log.warning("send %s: the patient's other SMS kept changing; the SMS cap decides "
+                        "from the last read without checking it again", ref)
+            read = replace(read, guard=[])
+        out = cap_at_send(sms, clinic.sms, tz, email=email, emailed=read.emailed,
+                          taken=read.taken, protected=protected)
+        capped = SendCapped(read, tried=tried)
+        if out.channel == "email":
+            # The step's email copy may go after all when the finish runs: then this.
+            goes = cap_at_send(sms, clinic.sms, tz, email=email, emailed=True,
+                               taken=read.taken, protected=protected)
+            over = out.reason.rsplit("; by email: ", 1)[-1]
+            capped = replace(capped, by_email=out.due_at, email_reason=out.reason.lstrip("; "),
+                             email_goes=goes.reason)
+            out = replace(sms, status=Status.SKIPPED,
+                          reason=f"not sent by SMS: {over}; by email instead")
+        result = finish(out, capped)
+        if result != "caps changed":
+            return result
+    raise AssertionError("unreachable: the last try is not checked")
+
+
+def _hold_back(
+    ctx: Context, ref: str, attempt: Attempt, rule: SendTime, entry: dict[str, Any],
+    moving: _Moving | None = None,
+) -> str:
+    """Defer to the window's next opening, or skip an expired reminder; nothing is sent.
+    A deferred SMS is capped where it lands (`_capped`): moved on, by email, or skipped."""
+    store = ctx.store
     if rule.action == "defer":
         assert rule.at is not None
-        result = store.finish_defer(ref, attempt, rule.at, rule.reason, entry)
-        log.info("send %s: deferred to the send window's next opening (%s)", ref, result)
-        return "deferred"
+        at = rule.at
+        done: list[str] = []
+
+        def finish(out: PlannedReminder | None, capped: SendCapped | None) -> str:
+            done[:] = []
+            if out is None or out.status == Status.SCHEDULED:
+                done.append("deferred")
+                return store.finish_defer(ref, attempt, out.due_at if out else at,
+                                          out.reason if out else rule.reason, entry,
+                                          capped=capped)
+            done.append("skipped")
+            return store.finish_skip(ref, attempt, out.reason, entry, capped=capped)
+
+        result = _capped(ctx, ref, moving, at, rule.reason, finish)
+        log.info("send %s: %s at send time (%s)", ref,
+                 "deferred to the send window's next opening" if done == ["deferred"]
+                 else "not sent by SMS: the SMS cap", result)
+        return done[0]
     result = store.finish_skip(ref, attempt, rule.reason, entry)
     log.info("send %s: skipped at send time: %s (%s)", ref, rule.reason, result)
     return "skipped"
@@ -486,6 +585,7 @@ def _failed(
     started: float,
     deadline: float,
     place: Place | None,
+    moving: _Moving | None = None,
 ) -> str:
     settings, store = ctx.settings, ctx.store
     entry = entry | {"error": exc.reason, "seconds": round(time.monotonic() - started, 3)}
@@ -515,14 +615,28 @@ def _failed(
     retry_at = now + timedelta(seconds=delay)
     if place is not None:  # a retry waits for the patient's send window like any other send
         retry_at = next_opening(retry_at, *place)
-    result = durably(
-        lambda: store.finish_retry(ref, attempt, retry_at, exc.reason, entry), deadline, ref
-    )
+    done: list[str] = []
+
+    def finish(out: PlannedReminder | None, capped: SendCapped | None) -> str:
+        # A retry landing on another patient-local day is capped there (`_capped`).
+        done[:] = []
+        if out is not None and out.status != Status.SCHEDULED:
+            done.append("skipped")
+            return store.finish_skip(ref, attempt, f"{out.reason} (after a transient "
+                                     f"failure: {exc.reason})", entry, capped=capped,
+                                     extra={"last_error": exc.reason})
+        done.append("retrying")
+        return store.finish_retry(ref, attempt, out.due_at if out else retry_at, exc.reason,
+                                  entry, capped=capped, note=out.reason if out else "")
+
+    result = durably(lambda: _capped(ctx, ref, moving, retry_at, "", finish, tried=True),
+                     deadline, ref)
     log.info(
-        "send %s: transient failure on attempt %d (%s); retry at %s (%s)",
-        ref, number, exc.reason, retry_at.isoformat(timespec="seconds"), result,
+        "send %s: transient failure on attempt %d (%s); %s (%s)",
+        ref, number, exc.reason, f"retry at {retry_at.isoformat(timespec='seconds')}"
+        if done == ["retrying"] else "not sent by SMS: the SMS cap", result,
     )
-    return "retrying"
+    return done[0]
 
 
 # --- batches: this process's senders ----------------------------------------------------

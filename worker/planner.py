@@ -692,7 +692,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     if hold and protocol.hold_template:
         reminders.append(hold_notice(protocol.hold_template, offered, now, start, window, tz))
     reminders.sort(key=_order)
-    protected = _protected(protocol)
+    protected = protected_steps(protocol)
     reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered,
                         protected=protected, window=window)
     rule = pause_rule(protocol, booking)
@@ -712,7 +712,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
 _PROTECTED: dict[int, tuple[Protocol, frozenset[str]]] = {}
 
 
-def _protected(protocol: Protocol) -> frozenset[str]:
+def protected_steps(protocol: Protocol) -> frozenset[str]:
     """The protocol's care-critical step ids: the SMS cap never drops their SMS."""
     hit = _PROTECTED.get(id(protocol))
     if hit is not None and hit[0] is protocol:
@@ -938,6 +938,33 @@ def cap_plan(p: Plan, booking: Booking, taken: Iterable[datetime]) -> Plan:
     return replace(p, reminders=reminders,
                    late_pause=late_pause(reminders, p.pause_rule, booking)
                    if p.pause_rule else None)
+
+
+def cap_at_send(
+    reminder: PlannedReminder,
+    caps: SmsSettings,
+    tz: ZoneInfo,
+    *,
+    email: bool,
+    emailed: bool,
+    taken: Iterable[datetime],
+    protected: frozenset[str],
+) -> PlannedReminder:
+    """An SMS whose time moved at send time (a defer to the send window's next opening, a
+    retry's backoff) to `reminder.due_at`, capped by `cap_sms`'s rules against the patient's
+    other SMS at the clinic `taken`: returned as it is (it fits, or a care-critical SMS goes
+    beyond the cap, saying so), moved to a later day, skipped with the reason (its step's
+    email goes, `emailed`; or no day with room before it expires), or as an email (key and
+    channel changed: the patient takes email and the step has no email copy)."""
+    reminders = [reminder]
+    if emailed:
+        reminders.append(replace(reminder, key=reminder.key[: -len("sms")] + "email",
+                                 channel="email"))
+    capped = cap_sms(reminders, caps, tz, email=email, taken=taken, protected=protected)
+    (out,) = [r for r in capped if r.step == reminder.step
+              and r.occurrence == reminder.occurrence
+              and (r.channel == "sms" or not emailed)]
+    return out
 
 
 def _order(reminder: PlannedReminder) -> tuple[datetime, str]:

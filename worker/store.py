@@ -634,13 +634,82 @@ local same_words = sent_planned ~= '' and tonumber(r[R_PLAN]) == tonumber(sent_p
 local current = status == ST_SENDING and same_version and a[A_CLAIM] == claim
   and a[A_TOK] == token
 local overtaken = false  -- a skip or defer for a booking that changed since the begin
+-- The SMS cap at send time (`Store.send_caps_read`, worker/dispatch.py `_capped`): `guard`,
+-- what the decision read of the patient's SMS at the clinic; `by_email`, the instant of the
+-- email that carries this SMS's step instead (with its reason; `email_goes`: the SMS's
+-- reason should the step's email copy go after all); `tried`: a retry turned into a skip
+-- (the attempt was made: it stays counted).
+local guard, by_email, email_reason, email_goes, tried = nil, nil, '', '', false
 for i = 19, #ARGV, 2 do
-  if ARGV[i] == 'booking' and (outcome == 'skip' or outcome == 'defer')
-      and redis.call('HGET', bkey, 'version') ~= ARGV[i + 1] then
+  local name, value = ARGV[i], ARGV[i + 1]
+  if name == 'booking' and (outcome == 'skip' or outcome == 'defer')
+      and redis.call('HGET', bkey, 'version') ~= value then
     overtaken = true
     outcome = 'abandon'
     score = tostring(now)
+  elseif name == 'caps' then guard = cjson.decode(value)
+  elseif name == 'by_email' then by_email = value
+  elseif name == 'email_reason' then email_reason = value
+  elseif name == 'email_goes' then email_goes = value
+  elseif name == 'tried' then tried = true
   end
+end
+-- When a stored booking's SMS go or went, as stored, leaving out the reminder `skip`: the
+-- same as `_sms_slots` in Python (sent: when; to go: unless the booking is held; an email
+-- with the flag "s" counts as an SMS).
+local function sms_slots(obkey, skip)
+  local flat = redis.call('HGETALL', obkey)
+  local h = {}
+  for j = 1, #flat, 2 do h[flat[j]] = flat[j + 1] end
+  local held = h['status'] == ST_HELD
+  local out = {}
+  for f, v in pairs(h) do
+    if is_reminder(f) and f ~= skip then
+      local s = split(v, 9)
+      local sms = string.sub(f, -4) == ':sms'
+      if not sms and string.sub(f, -6) == ':email' then
+        sms = string.find(string.match(s[R_FLAGS], '^[^#]*'), 's', 1, true) ~= nil
+      end
+      if sms then
+        local st, when = STATUS_OF[s[R_ST]], nil
+        if st == ST_SENT then
+          local sa = split(h[f .. '+'] or '', 6)
+          when = sa[A_SENT] ~= '' and sa[A_SENT] or (s[R_DUE] ~= '' and s[R_DUE] or s[R_PLAN])
+        elseif is_pending(st) and not held then
+          when = s[R_DUE] ~= '' and s[R_DUE] or s[R_PLAN]
+        end
+        if when and when ~= '' then table.insert(out, when) end
+      end
+    end
+  end
+  return out
+end
+-- {contact key, min score, limit, the members read, the bookings read, "<id>|<when>" of
+-- every SMS read}: the members and every SMS of those bookings must be unchanged.
+local function caps_unchanged(g)
+  local got = redis.call('ZRANGEBYSCORE', g[1], g[2], '+inf', 'LIMIT', 0, tonumber(g[3]))
+  local want = g[4]
+  if #got ~= #want then return false end
+  for j = 1, #got do
+    if got[j] ~= want[j] then return false end
+  end
+  local expected = {}
+  for _, item in ipairs(g[6]) do expected[item] = (expected[item] or 0) + 1 end
+  for _, id in ipairs(g[5]) do
+    local skip = id == booking_id and key or ''
+    for _, when in ipairs(sms_slots(prefix .. ':b:' .. clinic .. '/' .. id, skip)) do
+      local n = expected[id .. '|' .. when]
+      if not n or n == 0 then return false end
+      expected[id .. '|' .. when] = n - 1
+    end
+  end
+  for _, n in pairs(expected) do
+    if n ~= 0 then return false end
+  end
+  return true
+end
+if current and not overtaken and guard and not caps_unchanged(guard) then
+  return 'caps changed'  -- nothing written: the caller reads and decides again
 end
 local function set_fields()
   if overtaken then return end  -- the rule's reason is not the reminder's any more
@@ -649,7 +718,8 @@ local function set_fields()
     if name == 'reason' then r[R_WHY] = inline(value)
     elseif name == 'last_error' then a[A_ERR] = value
     elseif name == 'sent_at' then a[A_SENT] = value
-    elseif name == 'booking' then  -- read above
+    elseif name == 'booking' or name == 'caps' or name == 'by_email' or name == 'tried'
+        or name == 'email_reason' or name == 'email_goes' then  -- read above
     else error('finish: unknown field ' .. name) end
   end
 end
@@ -699,7 +769,29 @@ elseif current then
   elseif outcome == 'skip' then
     if owner then redis.call('DEL', lkey) end
     r[R_ST] = ST_SKIPPED
-    a[A_TRIES] = add(a[A_TRIES], -1)
+    if not tried then a[A_TRIES] = add(a[A_TRIES], -1) end
+    if by_email then
+      -- The SMS cap: this step goes by email instead, unless its email copy goes anyway.
+      local ekey = string.sub(key, 1, -4) .. 'email'
+      local e, ea = load(bkey, ekey)
+      if e and (is_pending(e[R_ST]) or e[R_ST] == ST_SENT) then
+        r[R_WHY] = inline(email_goes)
+      else
+        local copy = {}
+        for j = 1, 9 do copy[j] = r[j] end
+        copy[R_ST] = ST_SCHEDULED
+        copy[R_DUE] = by_email
+        copy[R_WHY] = inline(email_reason)
+        if not ea then
+          ea = split('', 6)
+          ea.had = false
+        end
+        save(bkey, ekey, copy, ea)
+        local eref = clinic .. '/' .. booking_id .. '/' .. ekey
+        redis.call('ZREM', dead_key, eref)
+        redis.call('ZADD', due_key, by_email, eref)
+      end
+    end
   end
   result = overtaken and 'put back: the booking changed since the begin' or 'ok'
 else
@@ -1569,6 +1661,30 @@ class _CapsRead:
 
 
 @dataclass
+class SendCapsRead:
+    """What the SMS cap at send time read of a patient's SMS at the clinic (`send_caps_read`):
+    when the others go or went, and the guard the finish checks (nothing of it changed)."""
+
+    taken: list[datetime]
+    guard: list[Any]
+    emailed: bool = False  # the SMS's step has an email copy that goes or went
+
+
+@dataclass
+class SendCapped:
+    """The SMS cap's decision at send time, for `Store.finish`: made from `read`; `by_email`:
+    when the email that carries the step instead goes (`email_reason`: its reason;
+    `email_goes`: the SMS's reason should the step's own email copy go after all); `tried`:
+    the attempt was made (a retry turned into a skip keeps it counted)."""
+
+    read: SendCapsRead
+    by_email: datetime | None = None
+    email_reason: str = ""
+    email_goes: str = ""
+    tried: bool = False
+
+
+@dataclass
 class _Prepared:
     """One booking's upsert, ready for the apply script."""
 
@@ -1966,6 +2082,37 @@ class Store:
                      ids, versions]
             out[n] = _CapsRead(taken, guard)
         return out
+
+    def send_caps_read(self, ref: str, phone: str, at: datetime) -> SendCapsRead:
+        """The patient's SMS at the clinic (sent, or still to go) other than `ref`'s, for an
+        SMS whose time moves to `at` at send time: those of every booking in the contact index
+        of `phone` that can share a week with `at` (at most CAPS_OTHERS_MAX of them, the ones
+        kept longest left out), and of `ref`'s own booking; with the guard the finish checks.
+        Two round trips; read outside the finish's script, which checks that all of it is
+        unchanged (`SendCapped`)."""
+        self._ready()
+        clinic, booking_id, key = split_ref(ref)
+        reach = (at - self.CAPS_REACH).timestamp() + self.retention_seconds
+        since = f"({max(time.time(), reach)!r}"
+        limit = self.CAPS_OTHERS_MAX + 1
+        ckey = self.contact_key(clinic, "phone", phone)
+        members = cast(list[str], self.redis.zrangebyscore(ckey, since, "+inf", start=0,
+                                                           num=limit))
+        ids = list(dict.fromkeys([*members, booking_id]))
+        pipe = self.redis.pipeline(transaction=False)
+        for other in ids:
+            pipe.hgetall(self.booking_key(clinic, other))
+        slots: list[str] = []
+        emailed = False
+        for other, h in zip(ids, pipe.execute(), strict=True):
+            fields = _str_hash(h)
+            if other == booking_id:
+                copy = _split(fields.get(key[: -len("sms")] + "email"), len(REMINDER_SLOTS))
+                emailed = STATUS_OF.get(copy[0]) in PENDING | {Status.SENT}
+            slots += [f"{other}|{when}" for when in _sms_slots(
+                fields, key if other == booking_id else "")]
+        taken = [datetime.fromtimestamp(float(s.rsplit("|", 1)[1]), UTC) for s in slots]
+        return SendCapsRead(taken, [ckey, since, limit, members, ids, slots], emailed)
 
     def _prepared(self, ready: _Round, now: datetime, release: bool) -> _Round:
         texts: dict[str, str] = {}
@@ -2673,13 +2820,16 @@ class Store:
         fields: dict[str, str] | None = None,
         entry: dict[str, Any] | None = None,
         sent_at: str = "",
+        capped: SendCapped | None = None,
     ) -> str:
         """Record the outcome of `attempt` (fenced; see _FINISH); return what was done.
 
         outcome: sent | retry | unknown | failed | defer | skip | abandon (the attempt found
         itself overtaken before sending). `at`: when to try again (retry, defer; unknown:
         not before the ledger expires). `entry`: the attempt log line. `fields`: reason,
-        last_error, sent_at (ISO 8601).
+        last_error, sent_at (ISO 8601). `capped`: the SMS cap's decision at send time, made
+        from what `send_caps_read` read: "caps changed" (nothing written) when any of it
+        changed since.
         """
         self._ready()
         clinic, booking_id, key = split_ref(ref)
@@ -2714,6 +2864,14 @@ class Store:
         if outcome in ("skip", "defer") and attempt.booking:
             # The send-time rule was worked out from this booking version (see _FINISH).
             args += ["booking", attempt.booking]
+        if capped is not None:
+            if capped.read.guard:  # empty: decided without the check (see dispatch `_capped`)
+                args += ["caps", json.dumps(capped.read.guard, separators=(",", ":"))]
+            if capped.by_email is not None:
+                args += ["by_email", _num(capped.by_email.timestamp()),
+                         "email_reason", capped.email_reason, "email_goes", capped.email_goes]
+            if capped.tried:
+                args += ["tried", "1"]
         return str(
             self._finish(
                 keys=[
@@ -2749,14 +2907,20 @@ class Store:
         retry_at: datetime,
         reason: str,
         entry: dict[str, Any] | None = None,
+        *,
+        capped: SendCapped | None = None,
+        note: str = "",
     ) -> str:
+        """`note`: what the SMS cap did to the retry's time (`capped`), after the reason."""
         return self.finish(
             ref,
             attempt,
             "retry",
             at=retry_at,
-            fields={"reason": f"retrying at {utc_iso(retry_at)}: {reason}", "last_error": reason},
+            fields={"reason": f"retrying at {utc_iso(retry_at)}: {reason}{note}",
+                    "last_error": reason},
             entry=entry,
+            capped=capped,
         )
 
     def finish_unknown(
@@ -2788,13 +2952,19 @@ class Store:
         at: datetime,
         reason: str,
         entry: dict[str, Any] | None = None,
+        *,
+        capped: SendCapped | None = None,
     ) -> str:
-        return self.finish(ref, attempt, "defer", at=at, fields={"reason": reason}, entry=entry)
+        return self.finish(ref, attempt, "defer", at=at, fields={"reason": reason}, entry=entry,
+                           capped=capped)
 
     def finish_skip(
-        self, ref: str, attempt: Attempt, reason: str, entry: dict[str, Any] | None = None
+        self, ref: str, attempt: Attempt, reason: str, entry: dict[str, Any] | None = None,
+        *, capped: SendCapped | None = None, extra: dict[str, str] | None = None,
     ) -> str:
-        return self.finish(ref, attempt, "skip", fields={"reason": reason}, entry=entry)
+        """`extra`: more fields (a retry turned into a skip keeps its `last_error`)."""
+        return self.finish(ref, attempt, "skip", fields={"reason": reason, **(extra or {})},
+                           entry=entry, capped=capped)
 
     def still_owned(self, ref: str, attempt: Attempt,
                     send_to: tuple[str, str] | None = None, *, link: str | None = None) -> bool:
@@ -3200,10 +3370,16 @@ def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
     """When a stored booking's SMS go or went: sent ones, and those still to go unless the
     booking is held (a hold sends nothing until the clinic's review); its emails that went
     by SMS (flag "s") count as SMS."""
+    return [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(fields)]
+
+
+def _sms_slots(fields: Mapping[str, str], skip: str = "") -> list[str]:
+    """`_sms_times` as stored (epoch seconds as written), leaving out the reminder `skip`.
+    The finish script's `sms_slots` reads the same from the same hash (`SendCapsRead`)."""
     held = fields.get("status") == Status.HELD
     out = []
     for key, value in fields.items():
-        if not is_reminder_field(key):
+        if not is_reminder_field(key) or key == skip:
             continue
         r = _split(value, len(REMINDER_SLOTS))
         # An SMS; or an email that went by SMS (flag "s": the patient unsubscribed from email).
@@ -3219,7 +3395,7 @@ def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
         else:
             continue
         if when:
-            out.append(datetime.fromtimestamp(float(when), UTC))
+            out.append(when)
     return out
 
 

@@ -1,0 +1,286 @@
+"""The SMS cap at send time (real Redis, a real HTTP SMS gateway and SMTP server, the real
+send path with its clock fixed): an SMS whose time moves when it is sent (deferred to the
+send window's next opening; a retry's backoff) onto a patient-local day that already holds
+one of the patient's SMS at the clinic is capped there as the planner caps: moved to a
+day with room, by email, or skipped, saying why; care-critical SMS never dropped.
+
+Dates are a few weeks after the real today (bookings must be ahead of the real clock for
+the store's retention); the send path's clock is fixed (`Clock`), never the real hour."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.conftest import QUICK_PROTOCOL
+from tests.sinks import HttpSink, SmtpSink
+from worker.catalog import Catalog
+from worker.dispatch import Context, send_claimed
+from worker.models import parse_booking
+from worker.planner import plan
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.store import Store
+
+TZ = ZoneInfo("Europe/Madrid")
+ADVICE = "[advice]" + QUICK_PROTOCOL.split("[advice]", 1)[1]
+CAPS = ("the patient's SMS limit at this clinic (1 a day, 3 in any 7 days) is reached on "
+        "{day}")
+
+
+def step(step_id: str, day: int, at: str, channels: str, template: str,
+         critical: bool = False) -> str:
+    return f"""
+name = "{step_id}"
+[[steps]]
+id = "{step_id}"
+day = {day}
+time = "{at}"
+channels = {channels}
+template = "{template}"
+late = "send"
+late_until = "10d"
+care_critical = {str(critical).lower()}
+""" + ADVICE
+
+
+# "eve": one SMS the day after the visit, 19:00; "morn": one the day after, 10:00.
+PROTOCOLS = {
+    "eve": step("evening", 1, "19:00", '["sms"]', "week-check"),
+    "evemail": step("evening", 1, "19:00", '["sms", "email"]', "week-check"),
+    "evecrit": step("evening", 1, "19:00", '["sms"]', "week-check", critical=True),
+    "morn": step("morning", 1, "10:00", '["sms"]', "spf-morning"),
+}
+
+
+class Clock:
+    """The send path's clock (worker.dispatch.datetime), set by the test."""
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class _Fixed(datetime):
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[override]
+        return Clock.at.astimezone(tz) if tz is not None else Clock.at.replace(tzinfo=None)
+
+
+@pytest.fixture
+def sinks() -> Iterator[tuple[SmtpSink, HttpSink]]:
+    smtp, sms = SmtpSink().start(), HttpSink().start()
+    yield smtp, sms
+    smtp.stop()
+    sms.stop()
+
+
+class Rig:
+    def __init__(self, folder: Path, redis_client: Any, smtp: SmtpSink, sms: HttpSink) -> None:
+        (folder / "protocols").mkdir(parents=True)
+        (folder / "clinics").mkdir()
+        for name, text in PROTOCOLS.items():
+            (folder / "protocols" / f"{name}.toml").write_text(text, encoding="utf-8")
+        (folder / "clinics" / "cap.toml").write_text(f"""
+name = "Cap Clinic"
+phone = "+34910000000"
+timezone = "Europe/Madrid"
+locale = "en"
+[sms]
+max_per_day = 1
+max_per_week = 3
+[send_window]
+start = "09:00"
+end = "20:00"
+[channels]
+email = "mailto://127.0.0.1:{smtp.port}?from=clinic@cap.test&to={{to}}&mode=insecure"
+sms = "json://127.0.0.1:{sms.port}/sms?:to={{to}}"
+""", encoding="utf-8")
+        self.settings = Settings(config_dir=folder, templates_dir=ROOT / "templates",
+                                 backoff_base_seconds=600, _env_file=None)
+        self.catalog = Catalog.load(self.settings)
+        self.store = Store(redis_client, "sc")
+        self.ctx = Context(settings=self.settings, store=self.store, catalog=self.catalog,
+                           renderer=Renderer(self.catalog.templates_dir))
+        self.smtp, self.sms = smtp, sms
+        # D: a day three weeks after the real today (patient-local).
+        self.day = datetime.now(TZ).date() + timedelta(days=21)
+        self.sent_days: list[date] = []  # the clock's patient-local day of every SMS sent
+
+    def local(self, day: date, hour: int, minute: int = 0) -> datetime:
+        return datetime.combine(day, time(hour, minute), TZ).astimezone(UTC)
+
+    def book(self, booking_id: str, treatment: str, visit: date, *, email: bool = False) -> None:
+        doc = {"clinic": "cap", "booking_id": booking_id, "treatment": treatment,
+               "starts_at": datetime.combine(visit, time(14, 0), TZ).isoformat(),
+               "patient": {"name": "Ana López", "phone": "+34600111222",
+                           "timezone": "Europe/Madrid", "locale": "en",
+                           "channels": ["sms", "email"] if email else ["sms"]}}
+        if email:
+            doc["patient"]["email"] = "ana@example.com"
+        booking = parse_booking(doc, self.catalog)
+        now = datetime.now(UTC)
+        self.store.upsert(booking, plan(booking, self.catalog.protocols[treatment],
+                                        self.catalog.clinics["cap"], now), now)
+
+    def send(self, booking_id: str, key: str, at: datetime) -> str:
+        """Claim `key` of `booking_id` and send it through the send path at clock `at`."""
+        ref = f"cap/{booking_id}/{key}"
+        self.store.redis.zadd(self.store.due_key, {ref: 0})
+        claims = [c for c in self.store.claim_due(100, 300) if c.ref == ref]
+        assert len(claims) == 1, claims
+        Clock.at = at
+        before = len(self.sms.snapshot())
+        result = send_claimed(self.ctx, ref, claims[0].version, claims[0].claim)
+        self.sent_days += [at.astimezone(TZ).date()] * (len(self.sms.snapshot()) - before)
+        return result
+
+    def reminder(self, booking_id: str, key: str) -> dict[str, Any]:
+        (r,) = [r for r in self.store.timeline("cap", booking_id)["reminders"]
+                if r["id"] == key]
+        return r
+
+    def due(self, booking_id: str, key: str) -> datetime:
+        return datetime.fromisoformat(self.reminder(booking_id, key)["due_at"])
+
+    def deliver_the_rest(self) -> None:
+        """Send every SMS still to go, each at its stored due time (in due order)."""
+        while True:
+            pending = [(self.due(b, r["id"]), b, r["id"])
+                       for b in self.store.booking_ids("cap")
+                       for r in self.store.timeline("cap", b)["reminders"]
+                       if r["status"] in ("scheduled", "retrying") and r["id"].endswith(":sms")]
+            if not pending:
+                return
+            at, booking_id, key = min(pending)
+            assert self.send(booking_id, key, at) == "sent"
+
+
+@pytest.fixture
+def rig(tmp_path, redis_client, sinks, monkeypatch) -> Rig:
+    monkeypatch.setattr("worker.dispatch.datetime", _Fixed)
+    return Rig(tmp_path / "config", redis_client, *sinks)
+
+
+def two_bookings(rig: Rig, first: str = "eve", *, email: bool = False) -> date:
+    """A-1's SMS on D 19:00, A-2's on D+1 10:00 (planned on different days: both fit)."""
+    d = rig.day
+    rig.book("A-1", first, d - timedelta(days=1), email=email)
+    rig.book("A-2", "morn", d, email=email)
+    assert rig.due("A-1", "evening:sms") == rig.local(d, 19)
+    assert rig.due("A-2", "morning:sms") == rig.local(d + timedelta(days=1), 10)
+    return d
+
+
+def test_deferred_at_21h_onto_a_day_holding_another_bookings_sms_moves_on(rig):
+    """A backlog: A-1's 19:00 SMS is found at 21:00, outside the window. Its next opening
+    (D+1 09:00) is the day of A-2's SMS: it moves to D+2 09:00 (no email), saying why; the
+    patient gets one SMS a day."""
+    d = two_bookings(rig)
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "deferred"
+    r = rig.reminder("A-1", "evening:sms")
+    due = rig.due("A-1", "evening:sms")
+    rig.deliver_the_rest()  # each SMS sent at its stored time, to the gateway
+    assert Counter(rig.sent_days) == {d + timedelta(days=1): 1, d + timedelta(days=2): 1}
+    assert due == rig.local(d + timedelta(days=2), 9)
+    assert r["status"] == "scheduled"
+    assert r["reason"].endswith(
+        f"moved to {d + timedelta(days=2)}: {CAPS.format(day=d + timedelta(days=1))} and the "
+        "patient takes no email"), r["reason"]
+
+
+def test_a_transient_failure_whose_backoff_crosses_into_a_taken_day_moves_on(rig):
+    """A-1's SMS fails at 19:55 (HTTP 503); its backoff (5-10 min) passes 20:00, so the
+    retry would wait for D+1 09:00, A-2's SMS day: it is retried on D+2 09:00 instead."""
+    d = two_bookings(rig)
+    rig.sms.status = 503
+    assert rig.send("A-1", "evening:sms", rig.local(d, 19, 55)) == "retrying"
+    rig.sms.status = 200
+    r = rig.reminder("A-1", "evening:sms")
+    due = rig.due("A-1", "evening:sms")
+    rig.deliver_the_rest()
+    assert Counter(rig.sent_days) == {d + timedelta(days=1): 1, d + timedelta(days=2): 1}
+    assert r["status"] == "retrying" and r["attempts"] == 1
+    assert due == rig.local(d + timedelta(days=2), 9)
+    assert r["reason"].startswith("retrying at ") and r["reason"].endswith(
+        f"; moved to {d + timedelta(days=2)}: {CAPS.format(day=d + timedelta(days=1))} and "
+        "the patient takes no email"), r["reason"]
+
+
+def test_a_patient_who_takes_email_gets_it_by_email(rig):
+    """With email (and no email copy of the step): the SMS is skipped and an email of the
+    step goes at the deferred time instead; the day keeps its one SMS."""
+    d = two_bookings(rig, email=True)
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "skipped"
+    r = rig.reminder("A-1", "evening:sms")
+    over = CAPS.format(day=d + timedelta(days=1))
+    assert (r["status"], r["reason"]) == ("skipped", f"not sent by SMS: {over}; by email instead")
+    e = rig.reminder("A-1", "evening:email")
+    assert e["status"] == "scheduled" and rig.due("A-1", "evening:email") == \
+        rig.local(d + timedelta(days=1), 9)
+    assert e["reason"].endswith(f"; by email: {over}"), e["reason"]
+    assert rig.send("A-1", "evening:email", rig.local(d + timedelta(days=1), 9)) == "sent"
+    (mail,) = rig.smtp.snapshot()
+    assert mail.to == "ana@example.com"
+    rig.deliver_the_rest()
+    assert rig.sent_days == [d + timedelta(days=1)]
+
+
+def test_a_step_with_its_own_email_drops_the_sms_saying_so(rig):
+    d = two_bookings(rig, "evemail", email=True)
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "skipped"
+    r = rig.reminder("A-1", "evening:sms")
+    assert r["reason"] == (f"not sent by SMS: {CAPS.format(day=d + timedelta(days=1))}; its "
+                           "email goes")
+    assert rig.reminder("A-1", "evening:email")["status"] == "scheduled"
+
+
+def test_a_care_critical_sms_is_never_dropped(rig):
+    """Without email a care-critical SMS goes at its deferred time all the same, saying it
+    goes beyond the cap."""
+    d = two_bookings(rig, "evecrit")
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "deferred"
+    r = rig.reminder("A-1", "evening:sms")
+    assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=1), 9)
+    assert r["reason"].endswith(f"sent although {CAPS.format(day=d + timedelta(days=1))}: "
+                                "care-critical, the other SMS give way"), r["reason"]
+
+
+def test_a_deferral_on_a_free_day_is_not_touched(rig):
+    d = rig.day
+    rig.book("A-1", "eve", d - timedelta(days=1))
+    rig.book("A-2", "morn", d + timedelta(days=1))  # its SMS on D+2
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "deferred"
+    assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=1), 9)
+    assert "limit" not in rig.reminder("A-1", "evening:sms")["reason"]
+
+
+def test_a_change_to_the_other_booking_after_the_read_is_not_lost(rig, monkeypatch):
+    """Forced race: the deferral has read the patient's SMS (D+1 free: A-2's SMS is on D+2)
+    when the clinic moves A-2 a day earlier (its SMS now on D+1; A-1's SMS still counts on
+    D). The finish sees what it read changed, reads again and moves A-1's SMS to D+2."""
+    d = rig.day
+    rig.book("A-1", "eve", d - timedelta(days=1))
+    rig.book("A-2", "morn", d + timedelta(days=1))
+    real = rig.store.send_caps_read
+    reads: list[list[datetime]] = []
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        read = real(*args, **kwargs)
+        reads.append(read.taken)
+        if len(reads) == 1:  # between the read and the finish: the clinic's move lands
+            rig.book("A-2", "morn", d)
+            assert rig.due("A-2", "morning:sms") == rig.local(d + timedelta(days=1), 10)
+        return read
+
+    monkeypatch.setattr(rig.store, "send_caps_read", parked)
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "deferred"
+    assert len(reads) == 2
+    assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=2), 9)
+    rig.deliver_the_rest()
+    assert sorted(rig.sent_days) == [d + timedelta(days=1), d + timedelta(days=2)]
