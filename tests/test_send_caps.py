@@ -57,6 +57,7 @@ PROTOCOLS = {
     "evemail": step("evening", 1, "19:00", '["sms", "email"]', "week-check"),
     "evecrit": step("evening", 1, "19:00", '["sms"]', "week-check", critical=True),
     "morn": step("morning", 1, "10:00", '["sms"]', "spf-morning"),
+    "critmail": step("check", 1, "09:00", '["email"]', "week-check", critical=True),
 }
 
 
@@ -284,3 +285,26 @@ def test_a_change_to_the_other_booking_after_the_read_is_not_lost(rig, monkeypat
     assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=2), 9)
     rig.deliver_the_rest()
     assert sorted(rig.sent_days) == [d + timedelta(days=1), d + timedelta(days=2)]
+
+
+def test_an_email_that_went_by_email_after_all_is_not_counted_as_an_sms(rig):
+    """An unsubscribed patient's care-critical email goes by SMS (flag "s": the cap counts
+    it); the SMS fails (HTTP 503) and is retried; the patient subscribes again, and the
+    retry goes by email. The patient got no SMS that day, so another booking's SMS on that
+    day keeps its day: the flag was left behind and counted a phantom SMS (it went by email)."""
+    d = rig.day
+    rig.book("A-1", "critmail", d - timedelta(days=1), email=True)
+    rig.store.opt_out("cap", "email", "ana@example.com", "unsubscribed",
+                      critical=rig.catalog.critical_steps)
+    rig.sms.status = 503
+    assert rig.send("A-1", "check:email", rig.local(d, 9)) == "retrying"  # tried by SMS
+    rig.sms.status = 200
+    assert rig.store.opt_in("cap", "email", "ana@example.com")
+    assert rig.send("A-1", "check:email", rig.local(d, 9, 30)) == "sent"
+    (mail,) = rig.smtp.snapshot()
+    assert mail.to == "ana@example.com" and rig.sms.snapshot() == []
+    rig.book("A-2", "morn", d - timedelta(days=1), email=True)  # its SMS on D 10:00
+    ids = {r["id"]: r for r in rig.store.timeline("cap", "A-2")["reminders"]}
+    assert set(ids) == {"morning:sms"}, ids  # not "morning:email: by email: the limit ..."
+    assert ids["morning:sms"]["status"] == "scheduled"
+    assert rig.due("A-2", "morning:sms") == rig.local(d, 10)

@@ -568,9 +568,16 @@ end
 redis.call('SET', lkey, token, 'PX', ledger_ms)
 a[A_TOK] = token
 a[A_TRIES] = add(a[A_TRIES], 1)
-if verdict == 'ok sms' and not string.find(r[R_FLAGS], 's', 1, true) then
+local flagged = string.find(string.match(r[R_FLAGS], '^[^#]*'), 's', 1, true)
+if verdict == 'ok sms' and not flagged then
   -- An email going by SMS: the SMS frequency cap counts it (flag "s", `_sms_times`).
   r[R_FLAGS] = 's' .. r[R_FLAGS]
+elseif verdict == 'ok' and flagged then
+  -- An email that an earlier attempt took by SMS (not sent then: a retry, a defer) goes by
+  -- email now (the patient subscribed again): no longer an SMS for the cap.
+  local hash = string.find(r[R_FLAGS], '#', 1, true) or (#r[R_FLAGS] + 1)
+  r[R_FLAGS] = string.gsub(string.sub(r[R_FLAGS], 1, hash - 1), 's', '')
+    .. string.sub(r[R_FLAGS], hash)
 end
 save(bkey, key, r, a)
 return verdict
