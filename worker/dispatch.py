@@ -605,7 +605,10 @@ def _failed(
                       f"have been delivered): {exc.reason}")
         else:
             reason = f"gave up after {number} attempts: {exc.reason}"
-        result = durably(lambda: store.finish_failed(ref, attempt, reason, entry), deadline, ref)
+        # Fenced by the booking version it was sent from (a correction landing meanwhile
+        # puts it back), unless it may have been delivered: its ledger must stay then.
+        final = replace(attempt, booking="") if exc.unknown else attempt
+        result = durably(lambda: store.finish_failed(ref, final, reason, entry), deadline, ref)
         log.warning("send %s: %s; %s", ref, reason,
                     "dead-lettered" if result == "ok" else f"not dead-lettered ({result})")
         return "failed"

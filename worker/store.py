@@ -605,7 +605,8 @@ return {verdict}
 # carry that booking version (field `booking`): if the booking changed since, the rule may
 # no longer hold (a moved appointment's expiry, a corrected timezone's send window), so an
 # owning attempt puts the reminder back at once instead (as `abandon`), for the next
-# begin to work it out afresh.
+# begin to work it out afresh. So may a failure (a dead letter): the address the server
+# refused, or the data that would not render, may be what the clinic just corrected.
 _FINISH = """
 local bkey, lkey, due_key, lease_key, dead_key, akey =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -640,7 +641,7 @@ local same_words = sent_planned ~= '' and tonumber(r[R_PLAN]) == tonumber(sent_p
   and template == sent_template
 local current = status == ST_SENDING and same_version and a[A_CLAIM] == claim
   and a[A_TOK] == token
-local overtaken = false  -- a skip or defer for a booking that changed since the begin
+local overtaken = false  -- a skip, defer or failure for a booking changed since the begin
 -- The SMS cap at send time (`Store.send_caps_read`, worker/dispatch.py `_capped`): `guard`,
 -- what the decision read of the patient's SMS at the clinic; `by_email`, the instant of the
 -- email that carries this SMS's step instead (with its reason; `email_goes`: the SMS's
@@ -649,7 +650,7 @@ local overtaken = false  -- a skip or defer for a booking that changed since the
 local guard, by_email, email_reason, email_goes, tried = nil, nil, '', '', false
 for i = 19, #ARGV, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
-  if name == 'booking' and (outcome == 'skip' or outcome == 'defer')
+  if name == 'booking' and (outcome == 'skip' or outcome == 'defer' or outcome == 'failed')
       and redis.call('HGET', bkey, 'version') ~= value then
     overtaken = true
     outcome = 'abandon'
@@ -2868,8 +2869,9 @@ class Store:
         ]
         for k, v in (fields or {}).items():
             args += [k, _stored_instant(v) if k == "sent_at" else v]
-        if outcome in ("skip", "defer") and attempt.booking:
-            # The send-time rule was worked out from this booking version (see _FINISH).
+        if outcome in ("skip", "defer", "failed") and attempt.booking:
+            # The send-time rule (the failure) was worked out from this booking version
+            # (see _FINISH).
             args += ["booking", attempt.booking]
         if capped is not None:
             if capped.read.guard:  # empty: decided without the check (see dispatch `_capped`)
