@@ -249,11 +249,11 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         if wait is not None:
             # A message sent before the change is at its provider: this notice must not
             # arrive before it, and may name what it told. Once its outcome is known.
+            # (Deferred as to the window's opening: an SMS is capped where it lands.)
             at = now + timedelta(seconds=wait + IN_FLIGHT_MARGIN)
-            result = store.finish_defer(ref, attempt, at, TOLD_IN_FLIGHT, entry)
-            log.info("send %s: an earlier message is being sent; deferred (%s)",
-                     ref, result)
-            return "deferred"
+            log.info("send %s: an earlier message of the booking is being sent", ref)
+            return _hold_back(ctx, ref, attempt, SendTime("defer", at, TOLD_IN_FLIGHT), entry,
+                              moving)
         with store.reading(ref, begun):
             url, envelope, message, headers, link = _render(
                 ctx, ref, record, booking, now, stored_booking, via_sms=via_sms,
