@@ -308,3 +308,29 @@ def test_an_email_that_went_by_email_after_all_is_not_counted_as_an_sms(rig):
     assert set(ids) == {"morning:sms"}, ids  # not "morning:email: by email: the limit ..."
     assert ids["morning:sms"]["status"] == "scheduled"
     assert rig.due("A-2", "morning:sms") == rig.local(d, 10)
+
+
+def test_an_upsert_that_read_an_sms_before_its_send_time_move_sees_the_move(rig, monkeypatch):
+    """Forced race, the other way: A-2's upsert has read the patient's SMS (A-1's on D 19:00;
+    D+1 free) when A-1's SMS, found at 21:00, is deferred to D+1 09:00 (A-2 not stored yet:
+    D+1 is free for it). The upsert's write sees A-1's SMS moved since its read (the booking's
+    version did not change): it reads again and A-2's SMS leaves D+1."""
+    d = rig.day
+    rig.book("A-1", "eve", d - timedelta(days=1))
+    real = rig.store._caps_read
+    reads: list[Any] = []
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        read = real(*args, **kwargs)
+        reads.append(read)
+        if len(reads) == 1:  # between the upsert's read and its write: A-1's deferral
+            assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "deferred"
+            assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=1), 9)
+        return read
+
+    monkeypatch.setattr(rig.store, "_caps_read", parked)
+    rig.book("A-2", "morn", d)  # its SMS planned on D+1 10:00
+    assert len(reads) == 2
+    assert rig.due("A-2", "morning:sms") == rig.local(d + timedelta(days=2), 10)
+    rig.deliver_the_rest()
+    assert Counter(rig.sent_days) == {d + timedelta(days=1): 1, d + timedelta(days=2): 1}

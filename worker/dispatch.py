@@ -11,6 +11,20 @@ outage obey them too. Outcomes:
              until it expires and the reminder retried only after: never two live attempts
 Every finish is fenced by version, claim and token in one Lua script (store.py).
 
+The SMS cap at send time (`_capped`). An SMS whose time moves at send time onto another
+patient-local day (deferred to the window's next opening, or a retry's backoff) is capped
+there as the planner caps (worker/planner.py `cap_at_send`, `cap_sms`'s rules): kept (it
+fits; a care-critical SMS beyond the cap, saying so), moved to the next day with room before
+it expires, skipped for its step's email, sent by an email of its step instead (added to the
+booking), or skipped, each with the reason. It counts the patient's SMS at the clinic, this
+booking's and the other bookings' (`Store.send_caps_read`, read in Python: the patient's
+timezone is needed); the finish script writes the decision only if every one of those SMS
+is still what was read (else "caps changed": read and decide again). Residual: none between
+the read and the finish; an upsert of another booking that read this SMS before it moved
+sees the move through the booking's `smsv` (its apply checks it beside the version). Not
+capped: a move within the same patient-local day (it was counted on that day already),
+and a change notice's short wait for an earlier message in flight.
+
 Batches (`hand_over`). The pump hands claims to a send task in batches, one queue per
 channel (worker/pump.py). The task hands its claims to this process's senders for the
 claims' channel (`Lanes`: a bounded thread pool per channel, `send_threads` threads) and

@@ -27,7 +27,8 @@ key is "<step>[#<occurrence>]:<channel>". The ZSETs hold these public refs.
 
 The booking hash. Booking fields are plain words: status, version, window (the send window
 it was planned under, minutes "start-end"), created_at, updated_at, keep_until, and only
-when set hold_reason and released_for (a digest of the medications the clinic reviewed).
+when set hold_reason, released_for (a digest of the medications the clinic reviewed) and
+smsv (a count of its SMS whose time moved at send time: the SMS cap's guards read it).
 Every field with a ":" is a reminder's, in a fixed-order "|"-separated form (trailing empty
 slots left out; the last slot is free text and may itself hold "|"):
 
@@ -756,6 +757,13 @@ elseif outcome == 'sent' then
 elseif current then
   redis.call('ZREM', lease_key, ref)
   set_fields()
+  -- An SMS (or an email going by SMS) whose time moves: the upserts of the patient's other
+  -- bookings that counted it at its old time must see the change (`_caps_read`'s guard
+  -- reads `smsv` beside the version; the version itself fences sends).
+  if outcome ~= 'failed' and outcome ~= 'skip' and (channel_of(key) == 'sms'
+      or string.find(string.match(r[R_FLAGS], '^[^#]*'), 's', 1, true)) then
+    redis.call('HINCRBY', bkey, 'smsv', 1)
+  end
   if outcome == 'retry' or outcome == 'defer' or outcome == 'abandon' then
     if owner then redis.call('DEL', lkey) end
     r[R_ST] = outcome == 'retry' and ST_RETRYING or ST_SCHEDULED
@@ -1165,8 +1173,9 @@ while i <= #ARGV do
     for j = 1, #versions, 2 do
       if ok and stale[clinic .. '/' .. versions[j]] then ok = false end
       if ok then
-        local v = redis.call('HGET', prefix .. ':b:' .. clinic .. '/' .. versions[j], 'version')
-        if (v or '') ~= versions[j + 1] then ok = false end
+        local v = redis.call('HMGET', prefix .. ':b:' .. clinic .. '/' .. versions[j], 'version',
+          'smsv')
+        if (v[1] or '') .. '/' .. (v[2] or '') ~= versions[j + 1] then ok = false end
       end
     end
   end
@@ -2084,7 +2093,8 @@ class Store:
             versions: list[str] = []
             for other in others:
                 h = next(hashes)
-                versions += [other, h.get("version", "")]
+                # Its version and its SMS moves at send time (`smsv`, see _FINISH).
+                versions += [other, f"{h.get('version', '')}/{h.get('smsv', '')}"]
                 taken += _sms_times(h)
             guard = [self.contact_id("phone", cast(str, booking.patient.phone)), start, limit,
                      ids, versions]
