@@ -229,3 +229,173 @@ def test_the_day_before_sms_in_flight_at_the_move_makes_one_notice(rig, outcome)
     assert day_before["status"] == "scheduled"
     assert day_before["due_at"][:10] == (
         datetime.fromisoformat(moved["starts_at"]) - timedelta(days=1)).date().isoformat()
+
+
+# --- a message before the visit sent for the old date goes again for the new one ------------
+
+def madrid(day_iso: str, days: int, hour: int) -> str:
+    """The timeline's UTC form of `hour`:00 Madrid, `days` from the date of `day_iso`."""
+    day = datetime.fromisoformat(day_iso).astimezone(TZ).date() + timedelta(days=days)
+    at = datetime(day.year, day.month, day.day, hour, tzinfo=TZ).astimezone(UTC)
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def test_the_messages_sent_for_the_old_date_go_again_for_the_new_one(rig):
+    first, moved = rig.doc(5), rig.doc(12)
+    rig.book(first)
+    assert rig.send("sk/M-1/prep:sms") == "sent"
+    assert rig.send(DAY_BEFORE) == "sent"
+    rig.book(moved)
+    shown = rig.reminders()
+    # The ones sent stay history; each goes again at the new plan's time for it.
+    assert shown["prep:sms"]["status"] == shown["day-before:sms"]["status"] == "sent"
+    again = {k: r for k, r in shown.items() if k.startswith("again-")}
+    assert set(again) == {"again-prep#1:sms", "again-day-before#1:sms"}
+    day_before = again["again-day-before#1:sms"]
+    assert day_before["status"] == "scheduled"
+    assert day_before["due_at"] == madrid(moved["starts_at"], -1, 10)
+    assert day_before["reason"] == (
+        "the appointment moved after it had gone out for the old date: again for the new "
+        "date (1 day before, 10:00 patient-local)")
+    # Its expiry is the step's for the new date (late_until = "-12h"): 02:30 Madrid that night.
+    start = datetime.fromisoformat(moved["starts_at"])
+    assert day_before["expires_at"] == (start - timedelta(hours=12)).astimezone(UTC).isoformat(
+        ).replace("+00:00", "Z")
+    assert again["again-prep#1:sms"]["due_at"] == madrid(moved["starts_at"], -3, 10)
+    for key, r in again.items():
+        assert rig.store.redis.zscore(rig.store.due_key, f"sk/M-1/{key}") == datetime.fromisoformat(
+            r["due_at"]).timestamp()
+    # The notice now, the day-before at its time: through the real send path.
+    assert rig.send("sk/M-1/rescheduled#1:sms") == "sent"
+    before = len(rig.texts())
+    assert rig.send("sk/M-1/again-day-before#1:sms") == "sent"
+    (text,) = rig.texts()[before:]
+    assert names(text, moved["starts_at"]) and "14:30" in text and "see you" in text, text
+    assert rig.reminders()["again-day-before#1:sms"]["status"] == "sent"
+
+
+def test_a_later_move_or_cancel_supersedes_them(rig):
+    rig.book(rig.doc(5))
+    assert rig.send(DAY_BEFORE) == "sent"
+    rig.book(rig.doc(12))
+    latest = rig.doc(19)
+    rig.book(latest)
+    shown = rig.reminders()
+    assert shown["again-day-before#1:sms"]["status"] == "cancelled"
+    assert shown["again-day-before#1:sms"]["reason"] == "superseded by a later change"
+    assert rig.store.redis.zscore(rig.store.due_key, "sk/M-1/again-day-before#1:sms") is None
+    assert shown["again-day-before#2:sms"]["status"] == "scheduled"
+    assert shown["again-day-before#2:sms"]["due_at"] == madrid(latest["starts_at"], -1, 10)
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    shown = rig.reminders()
+    assert shown["again-day-before#2:sms"]["status"] == "cancelled"
+    assert not [r for r in rig.store.redis.zrange(rig.store.due_key, 0, -1)
+                if "again-" in r]
+    assert shown["cancelled#3:sms"]["status"] == "scheduled"
+
+
+def test_not_again_when_its_new_time_has_passed(rig):
+    """Moved to the day after tomorrow: the prep email (3 days before) is past for the new
+    date (the late rules would send it at once, beside the notice, which names the new
+    date): not again; the day-before SMS (tomorrow 10:00) is still ahead: again."""
+    both = ("sms", "email")
+    rig.book(rig.doc(5, channels=both))
+    assert rig.send("sk/M-1/prep:email") == "sent"
+    assert rig.send(DAY_BEFORE) == "sent"
+    moved = rig.doc(2, channels=both)
+    rig.book(moved)
+    shown = rig.reminders()
+    assert sorted(k for k in shown if k.startswith("again-")) == ["again-day-before#1:sms"]
+    assert shown["prep:email"]["status"] == "sent"
+    assert shown["again-day-before#1:sms"]["due_at"] == madrid(moved["starts_at"], -1, 10)
+    assert set(notices(shown)) == {"rescheduled#1:sms"}  # told the date by SMS only
+
+
+def test_an_email_before_the_visit_goes_again_but_not_the_confirmation(rig):
+    """A patient with both channels: the prep email went for the old date; the new date's
+    prep email goes again (its own key), and the confirmation does not (the notice, with the
+    invite update, replaces it)."""
+    first, moved = rig.doc(5, channels=("sms", "email")), rig.doc(12, channels=("sms", "email"))
+    rig.book(first)
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+    assert rig.send("sk/M-1/prep:email") == "sent"
+    rig.book(moved)
+    shown = rig.reminders()
+    assert sorted(k for k in shown if k.startswith("again-")) == ["again-prep#1:email"]
+    assert set(notices(shown)) == {"rescheduled#1:email"}
+    assert shown["again-prep#1:email"]["due_at"] == madrid(moved["starts_at"], -3, 10)
+
+
+def test_an_again_sms_in_flight_at_the_next_move(rig):
+    """The day-before, again for the second date, is parked at the gateway when the visit
+    moves a third time, then delivered: its delivery is recorded, and the third date gets
+    its own day-before; the notice of the third date goes once."""
+    rig.book(rig.doc(5))
+    assert rig.send(DAY_BEFORE) == "sent"
+    rig.book(rig.doc(12))
+    assert rig.send("sk/M-1/rescheduled#1:sms") == "sent"
+    rig.gate.reset()
+    ref = "sk/M-1/again-day-before#1:sms"
+    claim = rig.claim(ref)
+    result: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: result.update(
+        outcome=send_claimed(rig.ctx, ref, claim.version, claim.claim)))
+    thread.start()
+    assert rig.gate.arrived.wait(10), "the SMS never reached the gateway"
+    latest = rig.doc(19)
+    rig.book(latest)
+    shown = rig.reminders()
+    assert shown["again-day-before#1:sms"]["status"] == "cancelled"
+    assert shown["again-day-before#2:sms"]["status"] == "scheduled"
+    assert set(notices(shown)) == {"rescheduled#1:sms", "rescheduled#2:sms"}
+    rig.gate.answer(200)
+    thread.join(20)
+    assert result["outcome"] == "sent"
+    record = rig.store.record(ref)
+    assert record["status"] == "sent" and record["sent_at"]  # it went: recorded
+    assert rig.store.redis.zscore(rig.store.due_key, ref) is None
+    assert rig.store.redis.zscore(rig.store.lease_key, ref) is None
+    shown = rig.reminders()
+    assert shown["again-day-before#2:sms"]["status"] == "scheduled"
+    assert shown["again-day-before#2:sms"]["due_at"] == madrid(latest["starts_at"], -1, 10)
+    before = len(rig.texts())
+    assert rig.send("sk/M-1/rescheduled#2:sms") == "sent"
+    (text,) = rig.texts()[before:]
+    assert names(text, latest["starts_at"]), text
+
+
+def test_the_day_before_by_email_goes_again_with_the_invite_of_the_new_date(rig):
+    """An email-only patient gets the day-before by email with the calendar invite
+    (`invite = true`): again for the new date, it carries the invite at the new time with
+    the move's SEQUENCE, as the step's own email would."""
+    import icalendar
+
+    from worker.dispatch import _render
+    from worker.models import Booking
+
+    first, moved = rig.doc(5, channels=("email",)), rig.doc(12, channels=("email",))
+    rig.book(first)
+    assert rig.send("sk/M-1/day-before:email") == "sent"
+    rig.book(moved)
+    shown = rig.reminders()
+    assert shown["again-day-before#1:email"]["status"] == "scheduled"
+    assert shown["again-day-before#1:email"]["due_at"] == madrid(moved["starts_at"], -1, 10)
+    ref = "sk/M-1/again-day-before#1:email"
+    stored = {k: v for k, v in rig.store.redis.hgetall(rig.store.booking_key("sk", "M-1")).items()
+              if ":" not in k}
+    doc = rig.store.redis.get(rig.store.doc_key("sk", "M-1"))
+    _, _, message, _, _ = _render(rig.ctx, ref, rig.store.record(ref),
+                                  Booking.model_validate_json(doc), datetime.now(UTC), stored)
+    (event,) = icalendar.Calendar.from_ical(message.attachments[0].data).walk("VEVENT")
+    assert event["SEQUENCE"] == 1
+    assert event["DTSTART"].dt == datetime.fromisoformat(moved["starts_at"])
+
+
+def test_a_protocol_step_id_may_not_begin_with_again():
+    from pydantic import ValidationError
+
+    from worker.protocols import Step
+
+    with pytest.raises(ValidationError, match="reserved for the messages sent again"):
+        Step(id="again-day-before", day=-1, time="10:00", channels=["sms"],
+             template="day-before")

@@ -15,6 +15,21 @@ After a move, the pause message itself goes again for the new date (`repause#<se
 the pause step's template, at the new plan's time for it) when it had been sent for the old
 date: the patient who was told to stop is reminded again, not left to remember.
 
+So does any other message before the visit that went out for the old date (the reconcile
+keeps a sent one as history and never sends it again): `again-<step>#<seq>:<channel>`
+(worker/store.py `again_fields`), the step's template, at the new plan's own time, channel,
+expiry and reason for that step, so "see you tomorrow" and the prep email come before the
+new date too. The new plan's reminder decides it all (the send window, the SMS cap, which
+placed it as if it were to be sent; the late rules): only one still ahead and not late (a
+late one would come together with the notice, which already names the new date), of a step
+planned neither at booking (the notice replaces the confirmation) nor in a series; the
+pause step has its own (`repause`). Like a notice, it is fenced by the booking's version at
+the move, and a later move or cancel supersedes it while not yet sent. Its step id is the
+reserved "again-<step>" (no protocol step id may begin with "again-"); what it is for (the
+invite an email carries, a notice's "told by SMS") is read from `<step>`. Not carried over:
+the care-critical rule (an again email does not go by SMS to a patient unsubscribed from
+email; no shipped pre-visit step is both care-critical and not the pause or at booking).
+
 `seq` is the booking's calendar invite sequence after the change (one more at every move
 and cancel): the notice's email carries the invite update (METHOD:REQUEST) or cancel
 (METHOD:CANCEL) with that SEQUENCE and the booking's one UID (worker/invites.py).
@@ -49,7 +64,14 @@ from zoneinfo import ZoneInfo
 from .clinics import SendWindow
 from .models import Booking, Channel
 from .planner import first_nominal, next_opening
-from .protocols import NOTICE_STEPS, REPAUSE_STEP, STORE_STEPS, Protocol, parse_notice_steps
+from .protocols import (
+    AGAIN_PREFIX,
+    NOTICE_STEPS,
+    REPAUSE_STEP,
+    STORE_STEPS,
+    Protocol,
+    parse_notice_steps,
+)
 from .status import Status
 
 Kind = Literal["rescheduled", "cancelled"]
@@ -73,9 +95,17 @@ class NoticeReminder:
 
 
 def is_notice(key: str) -> bool:
-    """Return whether a reminder key is one the store added on a change (a notice, or the
-    pause message again for a new date): the reconcile never sees those."""
-    return key.split(":", 1)[0].split("#", 1)[0] in STORE_STEPS
+    """Return whether a reminder key is one the store added on a change (a notice, the
+    pause message again, or a message before the visit again for a new date): the
+    reconcile never sees those; a later change supersedes those not yet sent."""
+    step = key.split(":", 1)[0].split("#", 1)[0]
+    return step in STORE_STEPS or step.startswith(AGAIN_PREFIX)
+
+
+def base_step(step: str) -> str:
+    """Return the protocol step a reminder's step stands for: "again-day-before" (the
+    day-before message again for a new date) stands for "day-before"."""
+    return step.removeprefix(AGAIN_PREFIX)
 
 
 def went_out(record: Record) -> bool:
@@ -128,7 +158,7 @@ def what_went_out(
     for key, record in records.items():
         if not record or not went_out(record):
             continue
-        step = key.split(":", 1)[0].split("#", 1)[0]
+        step = base_step(key.split(":", 1)[0].split("#", 1)[0])
         channel = sent_by(key, record)
         if step in (pause, REPAUSE_STEP):
             paused.add(channel)
@@ -264,6 +294,6 @@ def notice_and_invite(
         )
         if channel == "email":
             extras["invite"] = Invite(seq, "CANCEL" if step == "cancelled" else "REQUEST")
-    elif channel == "email" and step in protocol.invite_steps():
+    elif channel == "email" and base_step(step) in protocol.invite_steps():
         extras["invite"] = Invite(int(stored.get("seq") or 0), "REQUEST")
     return extras

@@ -43,6 +43,9 @@ NOTICE_STEPS = ("rescheduled", "cancelled")
 # The pause message sent again for the new date after a move (the pause step's template).
 REPAUSE_STEP = "repause"
 STORE_STEPS = (*NOTICE_STEPS, REPAUSE_STEP)  # reminders the store adds, never a step's id
+# A message before the visit sent again for the new date after a move: its step id is
+# "again-<step>" (worker/notices.py), so no protocol step id may begin with it.
+AGAIN_PREFIX = "again-"
 # The step id (and default template) of a held booking's message (Protocol.hold_template).
 HOLD_NOTICE_STEP = "hold-notice"
 
@@ -143,6 +146,9 @@ class Step(BaseModel):
             raise ValueError("channels lists a channel twice")
         if self.id in STORE_STEPS:
             raise ValueError(f"step id {self.id!r} is reserved for the change notices")
+        if self.id.startswith(AGAIN_PREFIX):
+            raise ValueError(f"step ids beginning with {AGAIN_PREFIX!r} are reserved for the "
+                             "messages sent again after a move")
         if self.id == HOLD_NOTICE_STEP:
             raise ValueError(f"step id {self.id!r} is reserved for a held booking's message")
         return self

@@ -124,8 +124,8 @@ from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices, sent, went_out
 from .optout import normal_contact
-from .planner import Plan, PlannedReminder, cap_plan, is_hold_notice
-from .protocols import REPAUSE_STEP, parse_notice_steps
+from .planner import _LATE, Plan, PlannedReminder, cap_plan, is_hold_notice
+from .protocols import AGAIN_PREFIX, REPAUSE_STEP, parse_notice_steps
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
 from .webhooks import LUA_EMIT
@@ -2486,7 +2486,9 @@ class Store:
                 hset += [notice.key, main]
                 reminders[notice.key] = fields
                 due += [notice.key, _num(notice.due_at.timestamp())]
-            for key, fields in repause_fields(plan, stored.reminders, seq, version, now):
+            for key, fields in [
+                    *repause_fields(plan, stored.reminders, seq, version, now),
+                    *again_fields(plan, stored.reminders, booking.starts_at, seq, version, now)]:
                 main, _ = encode_reminder(key, fields, text_id=text_id)
                 hset += [key, main]
                 reminders[key] = fields
@@ -3464,6 +3466,41 @@ def repause_fields(
             "status": Status.SCHEDULED, "version": str(version),
             "reason": f"the appointment moved after it had gone out: again for the new date "
                       f"({r.reason})",
+            "at_booking": "0", "attempts": "0",
+            "expires_epoch": repr(r.expires_at.timestamp()) if r.expires_at else "",
+            "expires_note": r.expires_note,
+        }))
+    return out
+
+
+def again_fields(
+    plan: Plan, stored: Mapping[str, Mapping[str, str]], start: datetime, seq: int,
+    version: int, now: datetime,
+) -> list[tuple[str, dict[str, str]]]:
+    """Return the messages before the visit that went out for the old date, again for the
+    new one (`again-<step>#<seq>:<channel>`; worker/notices.py): the plan's own reminder of
+    the step is history once sent, so the reconcile never sends it again. Each takes the new
+    plan's reminder of its step as it is (time, channel, expiry, reason): only one scheduled
+    and still ahead, not late (its time had passed: it would come with the notice, which
+    names the new date), before the visit, neither at booking nor of a series nor the pause
+    step (`repause_fields`), and sent for another time than the new one."""
+    pause, _ = parse_notice_steps(plan.notice_steps)
+    out = []
+    for r in plan.reminders:
+        record = stored.get(r.key, {})
+        due = repr(r.due_at.timestamp())
+        if (r.step == pause or r.at_booking or "#" in r.key or is_hold_notice(r.key)
+                or r.status != Status.SCHEDULED or r.due_at <= now or r.due_at >= start
+                or _LATE in r.reason or record.get("status") != Status.SENT
+                or record.get("planned_epoch") == due):
+            continue
+        step = f"{AGAIN_PREFIX}{r.step}"
+        out.append((f"{step}#{seq}:{r.channel}", {
+            "step": step, "channel": r.channel, "template": r.template,
+            "occurrence": str(r.occurrence), "planned_epoch": due, "due_epoch": due,
+            "status": Status.SCHEDULED, "version": str(version),
+            "reason": f"the appointment moved after it had gone out for the old date: again "
+                      f"for the new date ({r.reason})",
             "at_booking": "0", "attempts": "0",
             "expires_epoch": repr(r.expires_at.timestamp()) if r.expires_at else "",
             "expires_note": r.expires_note,
