@@ -399,3 +399,49 @@ def test_a_protocol_step_id_may_not_begin_with_again():
     with pytest.raises(ValidationError, match="reserved for the messages sent again"):
         Step(id="again-day-before", day=-1, time="10:00", channels=["sms"],
              template="day-before")
+
+
+def test_the_day_before_overtaken_at_the_fence_makes_one_notice(rig):
+    """The day-before SMS is rendered and at the seam before the hand-over when the move
+    lands: it is dropped unsent, the patient is told once (it counted as gone out: it might
+    have), and the day-before itself waits for the new date."""
+    first, moved = rig.doc(5), rig.doc(12)
+    rig.book(first)
+    claim = rig.claim(DAY_BEFORE)
+    real = rig.store.still_owned
+    landed: list[dict[str, Any]] = []
+
+    def park(*args: Any, **kwargs: Any) -> bool:
+        if not landed:
+            landed.append(rig.book(moved))
+        return real(*args, **kwargs)
+
+    rig.store.still_owned = park  # type: ignore[method-assign]
+    try:
+        outcome = send_claimed(rig.ctx, DAY_BEFORE, claim.version, claim.claim)
+    finally:
+        rig.store.still_owned = real  # type: ignore[method-assign]
+    assert outcome == "dropped: overtaken before sending"
+    assert rig.gate.bodies == []  # nothing reached the gateway
+    shown = rig.reminders()
+    assert set(notices(shown)) == {"rescheduled#1:sms"}
+    assert not [k for k in shown if k.startswith("again-")]  # never sent: no again
+    assert shown["day-before:sms"]["status"] == "scheduled"
+    assert shown["day-before:sms"]["due_at"] == madrid(moved["starts_at"], -1, 10)
+    assert rig.send("sk/M-1/rescheduled#1:sms") == "sent"
+    (text,) = rig.texts()
+    assert names(text, moved["starts_at"]), text
+    assert rig.store.redis.zscore(rig.store.due_key, "sk/M-1/rescheduled#1:sms") is None
+
+
+def test_booked_again_after_a_cancel_the_day_before_goes_again(rig):
+    rig.book(rig.doc(5))
+    assert rig.send(DAY_BEFORE) == "sent"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    again = rig.doc(12)
+    rig.book(again)
+    shown = rig.reminders()
+    assert shown["cancelled#1:sms"]["status"] == "cancelled"  # superseded, not yet sent
+    assert shown["rescheduled#2:sms"]["status"] == "scheduled"
+    assert shown["again-day-before#2:sms"]["status"] == "scheduled"
+    assert shown["again-day-before#2:sms"]["due_at"] == madrid(again["starts_at"], -1, 10)
