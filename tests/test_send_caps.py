@@ -159,7 +159,8 @@ sms = "json://127.0.0.1:{sms.port}/sms?:to={{to}}"
             if not pending:
                 return
             at, booking_id, key = min(pending)
-            assert self.send(booking_id, key, at) == "sent"
+            result = self.send(booking_id, key, at)
+            assert result == "sent", (booking_id, key, at, self.reminder(booking_id, key))
 
 
 @pytest.fixture
@@ -334,3 +335,60 @@ def test_an_upsert_that_read_an_sms_before_its_send_time_move_sees_the_move(rig,
     assert rig.due("A-2", "morning:sms") == rig.local(d + timedelta(days=2), 10)
     rig.deliver_the_rest()
     assert Counter(rig.sent_days) == {d + timedelta(days=1): 1, d + timedelta(days=2): 1}
+
+
+def test_a_backlog_sms_found_the_next_day_inside_the_window_is_capped_there(rig):
+    """An outage: A-1's SMS of D 19:00 is first claimed on D+1 at 11:00, inside the window,
+    after A-2's SMS went at 10:00. It is not sent that day: it moves to D+2 11:00."""
+    d = two_bookings(rig)
+    d1 = d + timedelta(days=1)
+    assert rig.send("A-2", "morning:sms", rig.local(d1, 10)) == "sent"
+    assert rig.send("A-1", "evening:sms", rig.local(d1, 11)) == "deferred"
+    r = rig.reminder("A-1", "evening:sms")
+    due = rig.due("A-1", "evening:sms")
+    rig.deliver_the_rest()
+    assert Counter(rig.sent_days) == {d1: 1, d + timedelta(days=2): 1}
+    assert due == rig.local(d + timedelta(days=2), 11)
+    assert r["reason"] == (
+        f"found after its patient-local day had passed (a backlog, a replay); moved to "
+        f"{d + timedelta(days=2)}: {CAPS.format(day=d1)} and the patient takes no email")
+
+
+def test_a_backlog_sms_whose_free_day_is_taken_meanwhile_moves_on(rig, monkeypatch):
+    """Forced race: A-1's late SMS (D 19:00, found on D+1 09:30) has read D+1 free when the
+    clinic moves A-2 so that its SMS lands on D+1 10:00 (A-1's SMS still counted on D). The
+    late SMS's count on D+1 checks what it read: it reads again and moves to D+2 instead."""
+    d = rig.day
+    d1 = d + timedelta(days=1)
+    rig.book("A-1", "eve", d - timedelta(days=1))
+    rig.book("A-2", "morn", d1)  # its SMS on D+2
+    real = rig.store.send_caps_read
+    reads: list[Any] = []
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        read = real(*args, **kwargs)
+        reads.append(read)
+        if len(reads) == 1:
+            rig.book("A-2", "morn", d)
+            assert rig.due("A-2", "morning:sms") == rig.local(d1, 10)
+        return read
+
+    monkeypatch.setattr(rig.store, "send_caps_read", parked)
+    assert rig.send("A-1", "evening:sms", rig.local(d1, 9, 30)) == "deferred"
+    assert len(reads) == 2
+    assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=2), 9, 30)
+    monkeypatch.setattr(rig.store, "send_caps_read", real)
+    rig.deliver_the_rest()
+    assert Counter(rig.sent_days) == {d1: 1, d + timedelta(days=2): 1}
+
+
+def test_a_backlog_sms_on_a_free_day_goes_and_is_counted_on_it(rig):
+    """Found the next day with that day free: it goes at once, and it is counted on the
+    day it went (a booking planned after it gives way on that day, not on its old one)."""
+    d = rig.day
+    d1 = d + timedelta(days=1)
+    rig.book("A-1", "eve", d - timedelta(days=1))
+    assert rig.send("A-1", "evening:sms", rig.local(d1, 9, 30)) == "sent"
+    rig.book("A-2", "morn", d)  # its SMS planned on D+1 10:00: the day A-1's went
+    assert rig.due("A-2", "morning:sms") == rig.local(d + timedelta(days=2), 10)
+

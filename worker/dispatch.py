@@ -12,18 +12,20 @@ outage obey them too. Outcomes:
 Every finish is fenced by version, claim and token in one Lua script (store.py).
 
 The SMS cap at send time (`_capped`). An SMS whose time moves at send time onto another
-patient-local day (deferred to the window's next opening, or a retry's backoff) is capped
+patient-local day (deferred to the window's next opening, a retry's backoff, or found after
+its day had passed: a backlog, a replay, `_late_sms`) is capped
 there as the planner caps (worker/planner.py `cap_at_send`, `cap_sms`'s rules): kept (it
 fits; a care-critical SMS beyond the cap, saying so), moved to the next day with room before
 it expires, skipped for its step's email, sent by an email of its step instead (added to the
 booking), or skipped, each with the reason. It counts the patient's SMS at the clinic, this
 booking's and the other bookings' (`Store.send_caps_read`, read in Python: the patient's
 timezone is needed); the finish script writes the decision only if every one of those SMS
-is still what was read (else "caps changed": read and decide again). Residual: none between
-the read and the finish; an upsert of another booking that read this SMS before it moved
-sees the move through the booking's `smsv` (its apply checks it beside the version). Not
-capped: a move within the same patient-local day (it was counted on that day already),
-and a change notice's short wait for an earlier message in flight.
+is still what was read (else "caps changed": read and decide again); a late SMS that goes
+at once is first counted on its new day by a script with the same check (`Store.restamp`).
+Residual: none between the read and the write; an upsert of another booking that read this
+SMS before it moved sees the move through the booking's `smsv` (its apply checks it beside
+the version). Not capped: a move within the same patient-local day (it was counted on that
+day already), and a change notice's short wait for an earlier message in flight.
 
 Batches (`hand_over`). The pump hands claims to a send task in batches, one queue per
 channel (worker/pump.py). The task hands its claims to this process's senders for the
@@ -259,6 +261,9 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(ctx, ref, attempt, rule, entry, moving)
+        late = _late_sms(ctx, ref, attempt, entry, moving, now)
+        if late is not None:
+            return late
         wait = _told_in_flight(store, ref, record, begun)
         if wait is not None:
             # A message sent before the change is at its provider: this notice must not
@@ -438,8 +443,8 @@ def _capped(
     protocol = ctx.catalog.protocols.get(booking.treatment)
     was = datetime.fromtimestamp(float(record.get("due_epoch") or at.timestamp()), UTC)
     if clinic is None or protocol is None or \
-            was.astimezone(tz).date() == at.astimezone(tz).date():
-        return finish(None, None)
+            at.astimezone(tz).date() <= was.astimezone(tz).date():
+        return finish(None, None)  # counted on that day already (or an early send: a test's)
     expires = record.get("expires_epoch")
     sms = PlannedReminder(
         key=split_ref(ref)[2], step=record["step"], channel="sms", template=record["template"],
@@ -470,6 +475,40 @@ def _capped(
         if result != "caps changed":
             return result
     raise AssertionError("unreachable: the last try is not checked")
+
+
+LATE_DAY = "found after its patient-local day had passed (a backlog, a replay)"
+
+
+def _late_sms(ctx: Context, ref: str, attempt: Attempt, entry: dict[str, Any],
+              moving: _Moving, now: datetime) -> str | None:
+    """An SMS about to go on a later patient-local day than the one it was counted on (a
+    backlog after an outage, a replay, a re-opened SMS): capped on today (`_capped`); None
+    when it goes now, once counted on today (`Store.restamp`, fenced as a finish is)."""
+    done: list[str] = []
+
+    def finish(out: PlannedReminder | None, capped: SendCapped | None) -> str:
+        done[:] = []
+        if out is None or (out.status == Status.SCHEDULED and out.due_at == now):
+            result = "ok" if capped is None else ctx.store.restamp(ref, attempt, now, capped)
+            done.append("send" if result == "ok" else "dropped")
+            return result
+        if out.status == Status.SCHEDULED:
+            done.append("deferred")
+            return ctx.store.finish_defer(ref, attempt, out.due_at, out.reason, entry,
+                                          capped=capped)
+        done.append("skipped")
+        return ctx.store.finish_skip(ref, attempt, out.reason, entry, capped=capped)
+
+    result = _capped(ctx, ref, moving, now, LATE_DAY, finish)
+    if done == ["send"]:
+        return None
+    if done == ["dropped"]:  # the clinic's change or another claim overtook it
+        result = ctx.store.finish(ref, attempt, "abandon", at=now, entry=entry)
+        log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
+        return "dropped: overtaken before sending"
+    log.info("send %s: late onto a day at the SMS cap: %s (%s)", ref, done[0], result)
+    return done[0]
 
 
 def _hold_back(

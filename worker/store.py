@@ -594,6 +594,66 @@ end
 return {verdict}
 """
 
+# The SMS cap's guard at send time (`Store.send_caps_read`), shared by the finish and the
+# restamp: whether the patient's SMS at the clinic are still what the decision read.
+_CAPS_GUARD = """
+-- When a stored booking's SMS go or went, as stored, leaving out the reminder `skip`: the
+-- same as `_sms_slots` in Python (sent: when; to go: unless the booking is held; an email
+-- with the flag "s" counts as an SMS).
+local function sms_slots(obkey, skip)
+  local flat = redis.call('HGETALL', obkey)
+  local h = {}
+  for j = 1, #flat, 2 do h[flat[j]] = flat[j + 1] end
+  local held = h['status'] == ST_HELD
+  local out = {}
+  for f, v in pairs(h) do
+    if is_reminder(f) and f ~= skip then
+      local s = split(v, 9)
+      local sms = string.sub(f, -4) == ':sms'
+      if not sms and string.sub(f, -6) == ':email' then
+        sms = string.find(string.match(s[R_FLAGS], '^[^#]*'), 's', 1, true) ~= nil
+      end
+      if sms then
+        local st, when = STATUS_OF[s[R_ST]], nil
+        if st == ST_SENT then
+          local sa = split(h[f .. '+'] or '', 6)
+          when = sa[A_SENT] ~= '' and sa[A_SENT] or (s[R_DUE] ~= '' and s[R_DUE] or s[R_PLAN])
+        elseif is_pending(st) and not held then
+          when = s[R_DUE] ~= '' and s[R_DUE] or s[R_PLAN]
+        end
+        if when and when ~= '' then table.insert(out, when) end
+      end
+    end
+  end
+  return out
+end
+-- {contact key, min score, limit, the members read, the bookings read, "<id>|<when>" of
+-- every SMS read}: the members and every SMS of those bookings (but `key` of `booking_id`)
+-- must be unchanged.
+local function caps_unchanged(g, prefix, clinic, booking_id, key)
+  local got = redis.call('ZRANGEBYSCORE', g[1], g[2], '+inf', 'LIMIT', 0, tonumber(g[3]))
+  local want = g[4]
+  if #got ~= #want then return false end
+  for j = 1, #got do
+    if got[j] ~= want[j] then return false end
+  end
+  local expected = {}
+  for _, item in ipairs(g[6]) do expected[item] = (expected[item] or 0) + 1 end
+  for _, id in ipairs(g[5]) do
+    local skip = id == booking_id and key or ''
+    for _, when in ipairs(sms_slots(prefix .. ':b:' .. clinic .. '/' .. id, skip)) do
+      local n = expected[id .. '|' .. when]
+      if not n or n == 0 then return false end
+      expected[id .. '|' .. when] = n - 1
+    end
+  end
+  for _, n in pairs(expected) do
+    if n ~= 0 then return false end
+  end
+  return true
+end
+"""
+
 # Finish an attempt: sent, retry, unknown, failed, defer (outside the send window) or skip
 # (expired). Fenced: only the attempt that still owns the reminder (status sending, same
 # version, claim and token) changes its state. A stale attempt adds to the attempt log;
@@ -663,61 +723,8 @@ for i = 19, #ARGV, 2 do
   elseif name == 'tried' then tried = true
   end
 end
--- When a stored booking's SMS go or went, as stored, leaving out the reminder `skip`: the
--- same as `_sms_slots` in Python (sent: when; to go: unless the booking is held; an email
--- with the flag "s" counts as an SMS).
-local function sms_slots(obkey, skip)
-  local flat = redis.call('HGETALL', obkey)
-  local h = {}
-  for j = 1, #flat, 2 do h[flat[j]] = flat[j + 1] end
-  local held = h['status'] == ST_HELD
-  local out = {}
-  for f, v in pairs(h) do
-    if is_reminder(f) and f ~= skip then
-      local s = split(v, 9)
-      local sms = string.sub(f, -4) == ':sms'
-      if not sms and string.sub(f, -6) == ':email' then
-        sms = string.find(string.match(s[R_FLAGS], '^[^#]*'), 's', 1, true) ~= nil
-      end
-      if sms then
-        local st, when = STATUS_OF[s[R_ST]], nil
-        if st == ST_SENT then
-          local sa = split(h[f .. '+'] or '', 6)
-          when = sa[A_SENT] ~= '' and sa[A_SENT] or (s[R_DUE] ~= '' and s[R_DUE] or s[R_PLAN])
-        elseif is_pending(st) and not held then
-          when = s[R_DUE] ~= '' and s[R_DUE] or s[R_PLAN]
-        end
-        if when and when ~= '' then table.insert(out, when) end
-      end
-    end
-  end
-  return out
-end
--- {contact key, min score, limit, the members read, the bookings read, "<id>|<when>" of
--- every SMS read}: the members and every SMS of those bookings must be unchanged.
-local function caps_unchanged(g)
-  local got = redis.call('ZRANGEBYSCORE', g[1], g[2], '+inf', 'LIMIT', 0, tonumber(g[3]))
-  local want = g[4]
-  if #got ~= #want then return false end
-  for j = 1, #got do
-    if got[j] ~= want[j] then return false end
-  end
-  local expected = {}
-  for _, item in ipairs(g[6]) do expected[item] = (expected[item] or 0) + 1 end
-  for _, id in ipairs(g[5]) do
-    local skip = id == booking_id and key or ''
-    for _, when in ipairs(sms_slots(prefix .. ':b:' .. clinic .. '/' .. id, skip)) do
-      local n = expected[id .. '|' .. when]
-      if not n or n == 0 then return false end
-      expected[id .. '|' .. when] = n - 1
-    end
-  end
-  for _, n in pairs(expected) do
-    if n ~= 0 then return false end
-  end
-  return true
-end
-if current and not overtaken and guard and not caps_unchanged(guard) then
+if current and not overtaken and guard
+    and not caps_unchanged(guard, prefix, clinic, booking_id, key) then
   return 'caps changed'  -- nothing written: the caller reads and decides again
 end
 local function set_fields()
@@ -878,6 +885,29 @@ redis.call('RPUSH', akey, cjson.encode(line))
 redis.call('LTRIM', akey, -tonumber(log_max), -1)
 keep_reminder(prefix, clinic, booking_id, ref, now + retention)
 return result
+"""
+
+# The SMS cap at send time (worker/dispatch.py `_late_sms`): an SMS about to go on a later
+# patient-local day than the one it is counted on is counted on its new day (its due becomes
+# `at`) before it goes, only while the attempt owns it and the patient's SMS the decision
+# read are unchanged (`caps`, as the finish checks; '' unchecked): then any other decision
+# about the patient's SMS sees it there. Returns 'ok', 'caps changed' or 'stale'.
+_RESTAMP = """
+local bkey = KEYS[1]
+local key, version, claim, token, at, caps, prefix, clinic, booking_id =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local r, a = load(bkey, key)
+if not r or r[R_ST] ~= ST_SENDING or r[R_VER] ~= version or a[A_CLAIM] ~= claim
+    or a[A_TOK] ~= token then
+  return 'stale'
+end
+if caps ~= '' and not caps_unchanged(cjson.decode(caps), prefix, clinic, booking_id, key) then
+  return 'caps changed'
+end
+r[R_DUE] = at
+save(bkey, key, r, a)
+redis.call('HINCRBY', bkey, 'smsv', 1)
+return 'ok'
 """
 
 # Read what `Store.still_owned` checks just before the hand-over, in one step: the
@@ -1735,7 +1765,8 @@ class Store:
         script = client.register_script
         self._claim = script(_PRELUDE + _CLAIM)
         self._begin = _BeginScript(script(_PRELUDE + _BEGIN_SEND))
-        self._finish = script(_PRELUDE + _FINISH)
+        self._finish = script(_PRELUDE + _CAPS_GUARD + _FINISH)
+        self._restamp = script(_PRELUDE + _CAPS_GUARD + _RESTAMP)
         self._requeue = script(_PRELUDE + _REQUEUE)
         self._still_owned = script(_STILL_OWNED)
         self._cancel = script(_PRELUDE + _CANCEL)
@@ -2986,6 +3017,18 @@ class Store:
         """`extra`: more fields (a retry turned into a skip keeps its `last_error`)."""
         return self.finish(ref, attempt, "skip", fields={"reason": reason, **(extra or {})},
                            entry=entry, capped=capped)
+
+    def restamp(self, ref: str, attempt: Attempt, at: datetime, capped: SendCapped) -> str:
+        """Count the SMS `ref`, about to be sent by `attempt`, at `at` (see _RESTAMP): "ok",
+        "caps changed" (nothing written: decide again) or "stale" (no longer its attempt)."""
+        self._ready()
+        clinic, booking_id, key = split_ref(ref)
+        guard = json.dumps(capped.read.guard, separators=(",", ":")) if capped.read.guard \
+            else ""
+        return str(self._restamp(
+            keys=[self.booking_key(clinic, booking_id)],
+            args=[key, attempt.version, attempt.claim, attempt.token, _num(at.timestamp()),
+                  guard, self.prefix, clinic, booking_id]))
 
     def still_owned(self, ref: str, attempt: Attempt,
                     send_to: tuple[str, str] | None = None, *, link: str | None = None) -> bool:
