@@ -392,3 +392,13 @@ def test_a_backlog_sms_on_a_free_day_goes_and_is_counted_on_it(rig):
     rig.book("A-2", "morn", d)  # its SMS planned on D+1 10:00: the day A-1's went
     assert rig.due("A-2", "morning:sms") == rig.local(d + timedelta(days=2), 10)
 
+
+
+def test_a_patient_unsubscribed_from_email_gets_it_on_a_later_day(rig):
+    """Email taken but unsubscribed from: not by email (it would be skipped as opted out),
+    moved to the next day with room as for a patient without email."""
+    d = two_bookings(rig, email=True)
+    rig.store.opt_out("cap", "email", "ana@example.com", "unsubscribed")
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "deferred"
+    assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=2), 9)
+    assert "evening:email" not in {r["id"] for r in rig.store.timeline("cap", "A-1")["reminders"]}

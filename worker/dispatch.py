@@ -451,7 +451,10 @@ def _capped(
         occurrence=int(record.get("occurrence", 1)), due_at=at, status=Status.SCHEDULED,
         reason=reason, expires_at=datetime.fromtimestamp(float(expires), UTC) if expires
         else None, expires_note=record.get("expires_note", ""))
-    email = "email" in booking.patient.channels and booking.patient.email is not None
+    # By email only to a patient who takes email and has not unsubscribed from it (read here,
+    # unfenced: an unsubscribe landing after this read skips that email at its begin).
+    email = "email" in booking.patient.channels and booking.patient.email is not None \
+        and ctx.store.opted_out(split_ref(ref)[0], "email", booking.patient.email) is None
     protected = protected_steps(protocol)
     for n in range(CAP_TRIES + 1):
         read = ctx.store.send_caps_read(ref, phone, at)
