@@ -94,7 +94,10 @@ def test_stats_and_purge_commands(redis_server, redis_client, catalog, booking_d
     timeline, _ = book(store, catalog, booking_doc)
     ref = "glow/A-1042/booking-confirmation:email"
     redis_client.zadd(store.due_key, {ref: 0})
-    (claim,) = [c for c in store.claim_due(50, 60) if c.ref == ref]
+    # It alone (due at 0, the first): the other reminders, at fixed dates, are due by
+    # Redis's real clock once those pass, and a wider claim would lease them too.
+    (claim,) = store.claim_due(1, 60)
+    assert claim.ref == ref
     assert store.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"
     store.finish_failed(ref, Attempt(claim.version, claim.claim, "tok"), "permanent: HTTP 400")
 

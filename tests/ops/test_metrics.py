@@ -45,9 +45,14 @@ def counts(store, what):
 
 
 def attempt_on(store, ref):
-    """Make `ref` due now, claim it and take its ledger: an attempt that owns it."""
+    """Make `ref` due now, claim it and take its ledger: an attempt that owns it.
+
+    It alone is claimed (due at 0, the first of the due set): the booking's other reminders,
+    planned at fixed dates, are due by Redis's real clock once those dates pass, and a
+    wider claim would lease them too."""
     store.redis.zadd(store.due_key, {ref: 0})
-    (claim,) = [c for c in store.claim_due(50, 60) if c.ref == ref]
+    (claim,) = store.claim_due(1, 60)
+    assert claim.ref == ref
     token = uuid.uuid4().hex
     assert store.begin_send(ref, claim.version, claim.claim, token, 60_000) == "ok"
     return Attempt(claim.version, claim.claim, token)
