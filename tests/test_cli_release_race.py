@@ -12,6 +12,7 @@ import copy
 import os
 import threading
 from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -20,6 +21,14 @@ from tests.test_cli_store import future
 from worker import cli
 from worker.settings import get_settings
 from worker.store import Store
+
+MADRID = ZoneInfo("Europe/Madrid")
+SOON = (datetime.now(UTC) + timedelta(days=90)).astimezone(MADRID).replace(
+    hour=14, minute=30, second=0, microsecond=0)
+
+
+def patient_today() -> date:
+    return datetime.now(MADRID).date()
 
 
 @pytest.fixture
@@ -31,8 +40,12 @@ def held(redis_server, redis_client, tmp_path, monkeypatch, booking_doc):
     monkeypatch.setenv("REMINDERS_CONFIG_DIR", str(ROOT / "config"))
     monkeypatch.setenv("REMINDERS_TEMPLATES_DIR", str(ROOT / "templates"))
     get_settings.cache_clear()
-    doc = future(booking_doc)
-    doc["medications"]["isotretinoin_last_dose"] = (date.today() - timedelta(days=1)).isoformat()
+    # A visit three months ahead, the last dose yesterday (the patient's day, in Madrid):
+    # held, and a correction to today is still a date already past. (With the visit six
+    # months ahead, yesterday by the machine's date was 182 days before the visit late in
+    # the evening UTC, outside the washout: not held.)
+    doc = future(booking_doc, SOON.isoformat())
+    doc["medications"]["isotretinoin_last_dose"] = (patient_today() - timedelta(days=1)).isoformat()
     yield doc, cli.open_store(get_settings())
     get_settings.cache_clear()
 
@@ -96,7 +109,7 @@ def test_a_cancel_landing_during_a_release_stands(held, monkeypatch, capsys):
 def test_a_correction_landing_during_a_release_is_not_overwritten(held, monkeypatch, capsys):
     doc, store = held
     assert book(store, doc)["version"] == 1
-    recent = date.today().isoformat()  # corrected: the last dose was today
+    recent = patient_today().isoformat()  # corrected: the last dose was today
     corrected = copy.deepcopy(doc)
     corrected["medications"]["isotretinoin_last_dose"] = recent
 

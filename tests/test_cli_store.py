@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -95,7 +95,10 @@ def test_clinic_is_required_when_several_exist(cli, booking_doc):
 
 def test_release_a_held_booking(cli, booking_doc):
     doc = future(booking_doc)
-    doc["medications"]["isotretinoin_last_dose"] = (date.today() - timedelta(days=1)).isoformat()
+    # 181 days before the visit's day in Madrid, inside the 182-day washout whatever the
+    # hour: "yesterday" by the machine's date was 182 days before a visit whose 14:30 fell
+    # on the next Madrid day (late evening UTC, the visit in summer time): not held.
+    doc["medications"]["isotretinoin_last_dose"] = (VISIT.date() - timedelta(days=181)).isoformat()
     held = json.loads(cli("book", "--json", "-", stdin=json.dumps(doc)).stdout)
     assert held["status"] == "held" and "isotretinoin" in held["hold_reason"]
     released = cli("release", "--clinic", "glow", "--json", "A-1042")
