@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 NUDGE_DEBOUNCE_MS = 200  # at most one nudge per channel in this long, whoever asks
 PUMP_RUN_WAIT_SECONDS = 10.0  # a warm shutdown waits this long for a pump run to finish
+_DISPATCH = f"{__package__}.dispatch"  # the senders' module (imported where they run)
 
 _context: Context | None = None
 _context_lock = threading.Lock()
@@ -181,16 +183,25 @@ def _serve_metrics(**_: object) -> None:
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _drain(**_: object) -> None:
-    """Warm shutdown: no new pump run; let one under way finish (it is short: it claims only
-    what the senders can take); hand back claims not begun; give the sends under way the
-    grace period (worker/dispatch.py `Lanes.close`)."""
-    from .dispatch import close_lanes
+    """Warm shutdown: no new pump run; hand back claims not begun and give the sends under
+    way the grace period (worker/dispatch.py `Lanes.close`), at once, even while a pump run
+    is under way; then let that run finish (it is short: it claims only what the senders
+    can take), until PUMP_RUN_WAIT_SECONDS after the shutdown began.
 
+    Waiting for the run first held the senders open meanwhile: their threads began the
+    claims waiting for them instead of handing them back, and the shutdown took the wait
+    and the grace one after the other. A process that never imported the senders (the
+    prefork pool's main process) has none to close: the send path is not imported then.
+    """
     global _stopping
     _stopping = True
-    if _pumping.acquire(timeout=PUMP_RUN_WAIT_SECONDS):
+    began = time.monotonic()
+    if _DISPATCH in sys.modules:
+        from .dispatch import close_lanes
+
+        close_lanes(get_settings().shutdown_grace_seconds)
+    if _pumping.acquire(timeout=max(0.0, began + PUMP_RUN_WAIT_SECONDS - time.monotonic())):
         _pumping.release()
-    close_lanes(get_settings().shutdown_grace_seconds)
 
 
 def _publish(channel: Channel, claims: Sequence[Claim], claimed_at: float) -> None:

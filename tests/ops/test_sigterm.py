@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -30,13 +31,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e.conftest import QUICK_PROTOCOL, Service, wait_until
+from tests.e2e.conftest import BIN, QUICK_PROTOCOL, Service, wait_until
 from tests.sinks import SmtpSink
 from tests.test_send_batches import Gateway as HoldingGateway
 from tests.test_send_batches import Rig, phone, prep
 from worker.dispatch import CUT_REASON, STOPPED_BEFORE_SENDING, attempt
 from worker.embedded import free_port
 from worker.pump import Keys
+from worker.service import WORKER_QUEUES
 from worker.store import Store
 
 pytestmark = pytest.mark.integration
@@ -312,6 +314,79 @@ def test_sigterm_cuts_a_send_still_handing_over_when_the_grace_period_ends(
         assert [(r["status"], r["attempts"]) for r in timeline["reminders"]] == [("sent", 2)]
     print(f"SIGTERM -> exit {exited_at - stopped_at:.1f}s (grace 2s); the cut sends went out "
           f"{first - begun_at:.1f}s after they began (lease {lease}s)")
+
+
+PARK_KEY = "tests:pump:park"  # tests/ops/pump_park.py holds A's pump-run lock while set
+
+
+def test_sigterm_while_a_pump_run_is_under_way_hands_back_at_once(
+        service: Service, gateway: Gateway, redis_client, tmp_path: Path) -> None:
+    """A pump run under way in the stopping pool process (stalled on its broker or on Redis)
+    does not hold its senders open: the claims not begun go back to the schedule at once and
+    another worker sends them, while the run and the parked sends finish. (The shutdown
+    waited for the run first, up to 10 s, and meanwhile the senders began those claims.)"""
+    service.configure(REMINDERS_LEASE_SECONDS="60", REMINDERS_SEND_TIMEOUT_SECONDS="20",
+                      REMINDERS_SEND_MAX_WAIT_SECONDS="40",
+                      REMINDERS_SHUTDOWN_GRACE_SECONDS="15")
+    a = service._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "worker",
+                        "--loglevel=INFO", "--concurrency=1", "-Q", WORKER_QUEUES,
+                        "-n", "a@%h", "--without-gossip", "--without-mingle",
+                        "-I", "tests.ops.pump_park"], "a")
+    wait_until(lambda: b" ready." in a.log_path.read_bytes() or a.poll() is not None, 30)
+    assert a.poll() is None, a.log_path.read_text()
+    service.beat(worker=a)
+    docs = [booking(n, "onesms") for n in range(1, 9)]
+    service.book(*docs)
+    assert gateway.parked.acquire(timeout=15) and gateway.parked.acquire(timeout=15), \
+        "the first two sends never reached the gateway"
+    wait_until(lambda: redis_client.zcard(Keys(PREFIX).outstanding("sms")) >= 4, 15)
+    # A pump run under way in A's (only) pool process, parked until the key goes.
+    from celery import Celery
+
+    publisher = Celery(broker=service.env["REMINDERS_REDIS_URL"], set_as_current=False)
+    publisher.conf.broker_transport_options = {"global_keyprefix": f"{PREFIX}:celery:"}
+    try:
+        publisher.send_task("tests.pump.park", args=(PARK_KEY,), queue="reminders.pump")
+    finally:
+        publisher.close()
+    wait_until(lambda: redis_client.get(PARK_KEY) == "parked", 15)
+    b = service.worker("b", concurrency=1)
+    sigterm(a)
+    # Handed back while the run is still under way and the two sends still parked.
+    wait_until(lambda: b"senders: stopping" in a.log_path.read_bytes(), 6)
+    assert redis_client.get(PARK_KEY) == "parked" and a.poll() is None
+    gateway.release()
+    redis_client.delete(PARK_KEY)  # the run ends
+    assert wait_exit(a, 15) == 0, a.log_path.read_text()
+
+    phones = {d["patient"]["phone"] for d in docs}
+    wait_until(lambda: {to for _, to in gateway.snapshot()} == phones, 20)
+    time.sleep(1.0)  # room for a stray second copy to arrive
+    counts = Counter(to for _, to in gateway.snapshot())
+    assert counts == Counter(phones), f"each SMS once: {counts}"
+    a_log = a.log_path.read_text(errors="replace")
+    handed_back = set(re.findall(r"send (\S+): the worker is stopping; handed back", a_log))
+    sent_by_a = set(re.findall(r"send (\S+): sent \(attempt", a_log))
+    sent_by_b = set(re.findall(r"send (\S+): sent \(attempt", b.log_path.read_text()))
+    assert len(sent_by_a) == 2 and handed_back and handed_back <= sent_by_b, a_log
+    assert sent_by_a | sent_by_b == {f"ops/S-{n}/confirm:sms" for n in range(1, 9)}
+    store = Store(redis_client, PREFIX)
+    refs = [f"ops/S-{n}/confirm:sms" for n in range(1, 9)]
+    wait_until(lambda: final_state(store, refs)["outstanding"] == 0, 10)
+    assert final_state(store, refs) == {"due": 0, "lease": 0, "dead": 0, "outstanding": 0,
+                                        "ledgers": dict.fromkeys(refs, "sent")}
+
+
+def test_the_main_process_drains_without_importing_the_send_path(redis_server) -> None:
+    """The prefork pool's main process has no senders: its warm shutdown does not import
+    the send path (Apprise, Jinja2, about 450 modules, half a second or more) to find none."""
+    code = ("import sys, worker.tasks as t; t._drain(); "
+            "print('worker.dispatch' in sys.modules, 'apprise' in sys.modules)")
+    env = {**os.environ, "REMINDERS_REDIS_URL": redis_server.url}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"], out.stdout
 
 
 # --- the same paths in one process, forced step by step ---------------------------------
