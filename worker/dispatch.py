@@ -25,7 +25,9 @@ at once is first counted on its new day by a script with the same check (`Store.
 Residual: none between the read and the write; an upsert of another booking that read this
 SMS before it moved sees the move through the booking's `smsv` (its apply checks it beside
 the version). Not capped: a move within the same patient-local day (it was counted on that
-day already), and a change notice's short wait for an earlier message in flight.
+day already), and a change notice (never capped, as when planned: a missing "your visit
+moved" sends the patient on the wrong day). The pause message again for a new date
+(`repause`) and a step again (`again-<step>`) are care-critical when their step is.
 
 Batches (`hand_over`). The pump hands claims to a send task in batches, one queue per
 channel (worker/pump.py). The task hands its claims to this process's senders for the
@@ -102,7 +104,7 @@ from .errors import ConfigError, DeliveryError
 from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import CHANNELS, Booking, Channel
-from .notices import as_told, as_told_fields, notice_and_invite, sent
+from .notices import as_told, as_told_fields, base_step, notice_and_invite, sent
 from .optout import UNSUBSCRIBE_SECRET, contact_hash, make_token, unsubscribe_key
 from .planner import (
     PlannedReminder,
@@ -112,7 +114,7 @@ from .planner import (
     next_opening,
     protected_steps,
 )
-from .protocols import NOTICE_STEPS
+from .protocols import NOTICE_STEPS, REPAUSE_STEP
 from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
@@ -439,6 +441,9 @@ def _capped(
     if moving is None or phone is None or moving.record.get("channel") != "sms":
         return finish(None, None)
     record, booking, tz = moving.record, moving.booking, moving.tz
+    step = record.get("step", "")
+    if step in NOTICE_STEPS:  # never capped, as when planned (worker/notices.py)
+        return finish(None, None)
     clinic = ctx.catalog.clinics.get(split_ref(ref)[0])
     protocol = ctx.catalog.protocols.get(booking.treatment)
     was = datetime.fromtimestamp(float(record.get("due_epoch") or at.timestamp()), UTC)
@@ -456,6 +461,10 @@ def _capped(
     email = "email" in booking.patient.channels and booking.patient.email is not None \
         and ctx.store.opted_out(split_ref(ref)[0], "email", booking.patient.email) is None
     protected = protected_steps(protocol)
+    pause = protocol.pause_step()
+    if (pause.id if step == REPAUSE_STEP and pause is not None else base_step(step)) \
+            in protected:  # the pause message or a step again for a new date: as the step
+        protected = protected | {step}
     for n in range(CAP_TRIES + 1):
         read = ctx.store.send_caps_read(ref, phone, at)
         if n == CAP_TRIES:
