@@ -26,6 +26,10 @@ Rules, in order, for each step that applies to the patient:
    emails), else moves to the next day with room at the same local time (a late step,
    planned for the booking's own instant, at that day's send-window opening, so that a
    re-submission plans it the same), before it expires; else it is skipped. Each says why.
+   A re-submission of a stored booking is capped again by the store (`cap_plan`) from the
+   plan as it was before the cap: its SMS already sent count where they went, and its
+   steps already sent are history, neither counted nor changed (a message that goes again
+   for a new date, worker/notices.py, is capped as a new SMS).
 
 A booking is refused (BookingRejected naming the field) when its dates make no sense as
 seen at `now`: an appointment in the past or more than `MAX_DAYS_AHEAD` days ahead, an
@@ -44,7 +48,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from typing import Literal
@@ -104,6 +108,11 @@ class Plan:
     # The protocol's care-critical step ids (`care_critical = true`, the resume message among
     # them): the SMS cap never drops, moves or converts their SMS (`cap_sms`).
     protected: frozenset[str] = frozenset()
+    # The reminders as planned before the SMS cap, when the cap changed them (None: as
+    # `reminders`): a re-submission is capped again from these (`cap_plan`), its steps
+    # already sent being history, not SMS to count again.
+    # Not part of what the plan says: left out of its equality and repr.
+    uncapped: list[PlannedReminder] | None = field(default=None, compare=False, repr=False)
 
 
 # --- clock arithmetic in the patient's timezone ----------------------------------------
@@ -693,6 +702,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         reminders.append(hold_notice(protocol.hold_template, offered, now, start, window, tz))
     reminders.sort(key=_order)
     protected = protected_steps(protocol)
+    uncapped = reminders
     reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered,
                         protected=protected, window=window)
     rule = pause_rule(protocol, booking)
@@ -706,6 +716,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         late_pause=late_pause(reminders, rule, booking) if rule else None,
         pause_rule=rule,
         protected=protected,
+        uncapped=None if reminders is uncapped else uncapped,
     )
 
 
@@ -825,15 +836,19 @@ def cap_sms(
     taken: Iterable[datetime] = (),
     protected: frozenset[str] = frozenset(),
     window: SendWindow | None = None,
+    history: frozenset[str] = frozenset(),
 ) -> list[PlannedReminder]:
     """Return `reminders` (in due order) with their SMS kept within `caps` (module docstring,
-    rule 5). `taken`: when the patient's other SMS at the clinic go (or went); `email`:
+    rule 5). `history`: keys of reminders already sent that do not go again (a
+    re-submission's; their SMS are in `taken` at the time they went): neither counted nor
+    changed here. `taken`: when the patient's other SMS at the clinic go (or went); `email`:
     whether the patient takes email; `protected`: the care-critical step ids, whose SMS the
     cap never drops (counted first; by email, or beyond the cap without email). `window`:
     the send window; a late step (planned for the booking's own instant) that moves to a
     later day goes at that day's opening, not at the booking's clock time, so the same
     booking submitted again later plans it at the same instant."""
-    sms = [r for r in reminders if r.channel == "sms" and r.status == Status.SCHEDULED]
+    sms = [r for r in reminders if r.channel == "sms" and r.status == Status.SCHEDULED
+           and r.key not in history]
     taken = list(taken)
     if len(sms) + len(taken) <= 1:
         return reminders  # nothing to count against
@@ -864,7 +879,7 @@ def cap_sms(
     out: list[PlannedReminder] = []
     changed = False
     for r in reminders:
-        if r.channel != "sms" or r.status != Status.SCHEDULED:
+        if r.channel != "sms" or r.status != Status.SCHEDULED or r.key in history:
             out.append(r)
             continue
         local = r.due_at.astimezone(tz)
@@ -924,15 +939,27 @@ def cap_sms(
     return out
 
 
-def cap_plan(p: Plan, booking: Booking, taken: Iterable[datetime]) -> Plan:
+def cap_plan(
+    p: Plan, booking: Booking, taken: Iterable[datetime], history: frozenset[str] = frozenset(),
+    own: Iterable[datetime] = (),
+) -> Plan:
     """`p` with its SMS capped again, counting the patient's other SMS `taken` (the store
-    reads them from the patient's other bookings at the clinic)."""
+    reads them from the patient's other bookings at the clinic). A re-submission of a stored
+    booking gives its own SMS already sent (and its store-added ones still to go) as `own`,
+    and the keys of its reminders already sent that do not go again as `history`: the plan
+    is then capped again from its reminders as planned before the cap (`Plan.uncapped`),
+    those being history, not SMS to count again (`cap_sms`)."""
     taken = list(taken)
-    if p.caps is None or not taken:
+    own = list(own)
+    if p.caps is None or not (taken or own or history):
         return p
-    reminders = cap_sms(p.reminders, p.caps, ZoneInfo(booking.patient.timezone),
+    base = p.reminders
+    if own or history:
+        base = p.uncapped if p.uncapped is not None else p.reminders
+        taken += own
+    reminders = cap_sms(base, p.caps, ZoneInfo(booking.patient.timezone),
                         email="email" in booking.patient.channels, taken=taken,
-                        protected=p.protected, window=p.window)
+                        protected=p.protected, window=p.window, history=history)
     if reminders is p.reminders:
         return p
     return replace(p, reminders=reminders,
@@ -980,7 +1007,7 @@ _FIELDS = ("key", "step", "channel", "template", "occurrence", "due_at", "status
            "at_booking", "expires_at", "expires_note")
 ReminderRecord = tuple[str, str, str, str, int, int, str, str, bool, int | None, str]
 PlanRecord = tuple[str, str | None, tuple[ReminderRecord, ...], str, str | None,
-                   tuple[str, int] | None, tuple[str, ...]]
+                   tuple[str, int] | None, tuple[str, ...], tuple[ReminderRecord, ...] | None]
 # Instants repeat across the bookings of a batch (the same days, zones and steps).
 _MICROS: dict[datetime, int] = {}
 _INSTANTS: dict[int, datetime] = {}
@@ -1010,16 +1037,21 @@ def plan_record(p: Plan) -> PlanRecord:
     return (
         str(p.status),
         p.hold_reason,
-        tuple(
-            (r.key, r.step, r.channel, r.template, r.occurrence, _micros(r.due_at),
-             str(r.status), r.reason, r.at_booking,
-             None if r.expires_at is None else _micros(r.expires_at), r.expires_note)
-            for r in p.reminders
-        ),
+        _reminder_records(p.reminders),
         p.notice_steps,
         p.late_pause,
         p.pause_rule,
         tuple(sorted(p.protected)),
+        None if p.uncapped is None else _reminder_records(p.uncapped),
+    )
+
+
+def _reminder_records(reminders: list[PlannedReminder]) -> tuple[ReminderRecord, ...]:
+    return tuple(
+        (r.key, r.step, r.channel, r.template, r.occurrence, _micros(r.due_at),
+         str(r.status), r.reason, r.at_booking,
+         None if r.expires_at is None else _micros(r.expires_at), r.expires_note)
+        for r in reminders
     )
 
 
@@ -1027,7 +1059,22 @@ def plan_from_record(
     record: PlanRecord, window: SendWindow | None, caps: SmsSettings | None = None
 ) -> Plan:
     """The plan `plan_record` was made of (its window and caps are the clinic's, given here)."""
-    status, hold_reason, records, notice_steps, late, rule, protected = record
+    status, hold_reason, records, notice_steps, late, rule, protected, uncapped = record
+    return Plan(
+        status=Status.HELD if status == Status.HELD else Status.SCHEDULED,
+        reminders=_from_records(records),
+        hold_reason=hold_reason,
+        window=window,
+        notice_steps=notice_steps,
+        caps=caps,
+        late_pause=late,
+        pause_rule=rule,
+        protected=frozenset(protected),
+        uncapped=None if uncapped is None else _from_records(uncapped),
+    )
+
+
+def _from_records(records: tuple[ReminderRecord, ...]) -> list[PlannedReminder]:
     reminders = []
     instant, statuses = _instant, _STATUS
     for key, step, channel, template, occurrence, due, st, reason, at_booking, expires, note \
@@ -1041,14 +1088,4 @@ def plan_from_record(
             "expires_at": None if expires is None else instant(expires),
             "expires_note": note})
         reminders.append(reminder)
-    return Plan(
-        status=Status.HELD if status == Status.HELD else Status.SCHEDULED,
-        reminders=reminders,
-        hold_reason=hold_reason,
-        window=window,
-        notice_steps=notice_steps,
-        caps=caps,
-        late_pause=late,
-        pause_rule=rule,
-        protected=frozenset(protected),
-    )
+    return reminders

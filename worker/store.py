@@ -2072,9 +2072,12 @@ class Store:
     def _caps_read(self, items: list[tuple[Booking, Plan]]) -> list[_CapsRead | None]:
         """For each booking whose plan has SMS under a cap: its patient's other SMS at the
         clinic (scheduled or going, or sent) from the contact index, in two round trips."""
+        # Over the plan as planned before the cap (`Plan.uncapped`): a re-submission is
+        # capped again from it (`_capped_plan`).
         wanted = [n for n, (b, p) in enumerate(items)
                   if p.caps is not None and b.patient.phone and any(
-                      r.channel == "sms" and r.status == Status.SCHEDULED for r in p.reminders)]
+                      r.channel == "sms" and r.status == Status.SCHEDULED
+                      for r in _as_planned(p))]
         out: list[_CapsRead | None] = [None] * len(items)
         if not wanted:
             return out
@@ -2097,7 +2100,7 @@ class Store:
             if len(members[k]) < limit:
                 continue
             booking, planned = items[n]
-            first = min(r.due_at for r in planned.reminders  # the cap moves SMS later only
+            first = min(r.due_at for r in _as_planned(planned)  # the cap moves SMS later
                         if r.channel == "sms" and r.status == Status.SCHEDULED)
             reach = (first - self.CAPS_REACH).timestamp() + self.retention_seconds
             if reach <= float(since[1:]):
@@ -2163,10 +2166,58 @@ class Store:
         taken = [datetime.fromtimestamp(float(s.rsplit("|", 1)[1]), UTC) for s in slots]
         return SendCapsRead(taken, [ckey, since, limit, members, ids, slots], emailed)
 
+    def _capped_plan(
+        self, booking: Booking, planned: Plan, stored: _Stored, read: _CapsRead | None,
+        now: datetime, release: bool,
+    ) -> Plan:
+        """`planned` capped against the patient's other SMS (`read`) and, for a booking
+        stored already, its own: those it sent count where they went, as do the notices and
+        the messages again (`again_fields`, `repause_fields`) it keeps or this change adds;
+        its reminders already sent are history (`cap_plan`), not SMS to count again, except
+        those that go again for a new date, capped as new SMS. The same count as at send
+        time (`send_caps_read`). What it reads of the booking is the apply's own check."""
+        if read is None:
+            return planned
+        if not stored.fields:
+            return cap_plan(planned, booking, read.taken)
+        base = _as_planned(planned)
+        kind = self._replan_kind(booking, planned, stored, release)
+        booking_fields = {k: v for k, v in stored.fields.items() if ":" not in k}
+        again = again_keys(base, planned.notice_steps, stored.reminders, booking.starts_at,
+                           now) if kind is not None else frozenset()
+        history = frozenset(r.key for r in base
+                            if stored.reminders.get(r.key, {}).get("status") == Status.SENT)
+        # Sent; and still to go, the store's own (notices, messages again) a move keeps.
+        own = [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(
+            stored.fields, pending=lambda key: kind is None and is_notice(key))]
+        if kind is not None:  # this change's own notices
+            seq = int(booking_fields.get("seq") or 0) + 1
+            old_start = json.loads(stored.doc or "{}").get("starts_at")
+            notices, _ = plan_notices(
+                "rescheduled", stored.reminders, booking, planned.notice_steps, seq=seq,
+                now=now, window=planned.window or SendWindow(),
+                before=datetime.fromisoformat(old_start) if old_start else None)
+            own += [n.due_at for n in notices if n.channel == "sms"]
+        return cap_plan(planned, booking, read.taken, history - again, own)
+
+    def _replan_kind(
+        self, booking: Booking, planned: Plan, stored: _Stored, release: bool
+    ) -> str | None:
+        """The change kind `_prepare_reconciled` will find (`_change_kind`: a document
+        unchanged has the same start), before the cap."""
+        fields = stored.fields
+        status = planned.status
+        if status == Status.HELD:  # the reconcile's rule: released for these medications
+            medications = self._medications_digest(booking)
+            if (medications if release else fields.get("released_for", "")) == medications:
+                status = Status.SCHEDULED
+        return self._change_kind(booking, fields, stored.doc, str(status))
+
     def _prepared(self, ready: _Round, now: datetime, release: bool) -> _Round:
         texts: dict[str, str] = {}
         ready.prepared = [
-            self._prepare(booking, cap_plan(planned, booking, read.taken) if read else planned,
+            self._prepare(booking, self._capped_plan(booking, planned, stored, read, now,
+                                                     release),
                           stored, now, release, texts, read.guard if read else None,
                           timeline=ready.timelines)
             for (_, (booking, planned)), stored, read in zip(ready.batch, ready.stored,
@@ -3437,8 +3488,11 @@ def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
     return [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(fields)]
 
 
-def _sms_slots(fields: Mapping[str, str], skip: str = "") -> list[str]:
-    """`_sms_times` as stored (epoch seconds as written), leaving out the reminder `skip`.
+def _sms_slots(
+    fields: Mapping[str, str], skip: str = "", pending: Callable[[str], bool] | None = None,
+) -> list[str]:
+    """`_sms_times` as stored (epoch seconds as written), leaving out the reminder `skip`
+    (and, given `pending`, those still to go whose key it refuses).
     The finish script's `sms_slots` reads the same from the same hash (`SendCapsRead`)."""
     held = fields.get("status") == Status.HELD
     out = []
@@ -3454,7 +3508,7 @@ def _sms_slots(fields: Mapping[str, str], skip: str = "") -> list[str]:
         if status == Status.SENT:
             a = _split(fields.get(key + "+"), len(ATTEMPT_SLOTS))
             when = a[3] or r[3] or r[2]
-        elif status in PENDING and not held:
+        elif status in PENDING and not held and (pending is None or pending(key)):
             when = r[3] or r[2]
         else:
             continue
@@ -3499,8 +3553,7 @@ def repause_fields(
     pause, _ = parse_notice_steps(plan.notice_steps)
     out = []
     for r in plan.reminders:
-        if (r.step != pause or r.status != Status.SCHEDULED or r.due_at <= now
-                or stored.get(r.key, {}).get("status") != Status.SENT):
+        if not _repauses(r, pause, stored, now):
             continue
         due = repr(r.due_at.timestamp())
         out.append((f"{REPAUSE_STEP}#{seq}:{r.channel}", {
@@ -3530,12 +3583,8 @@ def again_fields(
     pause, _ = parse_notice_steps(plan.notice_steps)
     out = []
     for r in plan.reminders:
-        record = stored.get(r.key, {})
         due = repr(r.due_at.timestamp())
-        if (r.step == pause or r.at_booking or "#" in r.key or is_hold_notice(r.key)
-                or r.status != Status.SCHEDULED or r.due_at <= now or r.due_at >= start
-                or _LATE in r.reason or record.get("status") != Status.SENT
-                or record.get("planned_epoch") == due):
+        if not _goes_again(r, pause, stored, start, now):
             continue
         step = f"{AGAIN_PREFIX}{r.step}"
         out.append((f"{step}#{seq}:{r.channel}", {
@@ -3549,6 +3598,43 @@ def again_fields(
             "expires_note": r.expires_note,
         }))
     return out
+
+
+def _repauses(
+    r: PlannedReminder, pause: str | None, stored: Mapping[str, Mapping[str, str]],
+    now: datetime,
+) -> bool:
+    """Whether the pause message `r` goes again for the new date (`repause_fields`)."""
+    return (r.step == pause and r.status == Status.SCHEDULED and r.due_at > now
+            and stored.get(r.key, {}).get("status") == Status.SENT)
+
+
+def _goes_again(
+    r: PlannedReminder, pause: str | None, stored: Mapping[str, Mapping[str, str]],
+    start: datetime, now: datetime,
+) -> bool:
+    """Whether `r`, sent for the old date, goes again for the new one (`again_fields`)."""
+    record = stored.get(r.key, {})
+    return not (r.step == pause or r.at_booking or "#" in r.key or is_hold_notice(r.key)
+                or r.status != Status.SCHEDULED or r.due_at <= now or r.due_at >= start
+                or _LATE in r.reason or record.get("status") != Status.SENT
+                or record.get("planned_epoch") == repr(r.due_at.timestamp()))
+
+
+def again_keys(
+    reminders: list[PlannedReminder], notice_steps: str,
+    stored: Mapping[str, Mapping[str, str]], start: datetime, now: datetime,
+) -> frozenset[str]:
+    """The keys of `reminders` sent for the old date that a move sends again for the new
+    one (`repause_fields`, `again_fields`): the SMS cap counts them as new SMS."""
+    pause, _ = parse_notice_steps(notice_steps)
+    return frozenset(r.key for r in reminders if _repauses(r, pause, stored, now)
+                     or _goes_again(r, pause, stored, start, now))
+
+
+def _as_planned(p: Plan) -> list[PlannedReminder]:
+    """A plan's reminders as planned before the SMS cap."""
+    return p.uncapped if p.uncapped is not None else p.reminders
 
 
 def notice_fields(notice: NoticeReminder, version: int) -> dict[str, str]:
