@@ -2576,6 +2576,20 @@ class Store:
                 reminders[key] = fields
                 if result.status == Status.SCHEDULED:
                     due += [key, _num(float(fields["due_epoch"]))]
+        else:
+            # A message again for the new date goes while the plan has its step on its
+            # channel: the patient's channels (consent) or the SMS cap changed that, and the
+            # plan's own reminder of the step carries it now (or nothing does).
+            for key, record in stored.reminders.items():
+                if record.get("status") in PENDING and not again_planned(key, plan):
+                    fields = {"status": Status.CANCELLED, "version": str(version),
+                              "reason": "no longer in the plan after a change"}
+                    main, _ = encode_reminder(key, fields, stored.fields.get(key, ""),
+                                              text_id=text_id)
+                    hset += [key, main]
+                    reminders[key] = reminders.get(key, {}) | fields
+                    rm_due.append(key)
+                    rm_lease.append(key)
 
         for change in result.changes:
             key = change.key
@@ -3635,6 +3649,20 @@ def again_keys(
 def _as_planned(p: Plan) -> list[PlannedReminder]:
     """A plan's reminders as planned before the SMS cap."""
     return p.uncapped if p.uncapped is not None else p.reminders
+
+
+def again_planned(key: str, plan: Plan) -> bool:
+    """Whether a message again for a new date (`repause#<seq>:<channel>`, `again-<step>#<seq>:
+    <channel>`) still has its step in the plan on its channel (True for any other key). Not
+    there: the patient no longer takes that channel, or the SMS cap sends the step by email."""
+    step, channel = key.split(":", 1)[0].split("#", 1)[0], key.rpartition(":")[2]
+    if step == REPAUSE_STEP:
+        step = parse_notice_steps(plan.notice_steps)[0] or ""
+    elif step.startswith(AGAIN_PREFIX):
+        step = step.removeprefix(AGAIN_PREFIX)
+    else:
+        return True
+    return any(r.step == step and r.channel == channel for r in plan.reminders)
 
 
 def notice_fields(notice: NoticeReminder, version: int) -> dict[str, str]:
