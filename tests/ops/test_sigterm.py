@@ -353,7 +353,8 @@ def test_sigterm_while_a_pump_run_is_under_way_hands_back_at_once(
     b = service.worker("b", concurrency=1)
     sigterm(a)
     # Handed back while the run is still under way and the two sends still parked.
-    wait_until(lambda: b"senders: stopping" in a.log_path.read_bytes(), 6)
+    # (Within 8 s: waiting for the run first handed them back 10 s after the shutdown began.)
+    wait_until(lambda: b"senders: stopping" in a.log_path.read_bytes(), 8)
     assert redis_client.get(PARK_KEY) == "parked" and a.poll() is None
     gateway.release()
     redis_client.delete(PARK_KEY)  # the run ends
