@@ -5,11 +5,16 @@ Redis, real Apprise, a real HTTP SMS gateway; the rig of tests/test_notices_sms.
 The store adds these reminders at the move, and the reconcile never sees them: a later
 re-submission that withdraws the patient's SMS consent (channels ["email"]) left the again
 SMS scheduled, and the send path sent it by SMS (the begin checks opt-outs, not the channels),
-beside the plan's own day-before, now by email: twice, once on a channel withdrawn."""
+beside the plan's own day-before, now by email: twice, once on a channel withdrawn. And a
+booking held after the move and then released put back only the plan's reminders."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from tests import test_notices_sms as ns
+from worker.models import parse_booking
+from worker.planner import plan
 
 DAY_BEFORE = ns.DAY_BEFORE
 gate = ns.gate  # fixtures
@@ -48,3 +53,35 @@ def test_an_unrelated_change_keeps_the_again_sms(rig):
     rig.book(doc)
     assert rig.reminders()["again-day-before#1:sms"]["status"] == "scheduled"
     assert rig.send("sk/M-1/again-day-before#1:sms") == "sent"
+
+
+def test_released_from_a_hold_the_notice_and_the_again_sms_go(rig):
+    """After the move, the clinic enters a recent isotretinoin dose: held. The notice and the
+    again SMS fall due during the hold (their begin drops them: "booking held", out of the
+    schedule). The clinic releases it: before, the reconcile put back only the plan's
+    reminders, and these two stayed "scheduled" for ever, never sent."""
+    rig.book(rig.doc(5))
+    assert rig.send(DAY_BEFORE) == "sent"
+    moved = rig.doc(12)
+    rig.book(moved)
+    held = rig.doc(12)
+    held["medications"]["isotretinoin_last_dose"] = (
+        datetime.now(UTC) - timedelta(days=30)).date().isoformat()
+    rig.book(held)
+    refs = ["sk/M-1/rescheduled#1:sms", "sk/M-1/again-day-before#1:sms"]
+    for ref in refs:
+        assert rig.send(ref) == "dropped: booking held"
+    booking = parse_booking(held, rig.catalog)
+    now = datetime.now(UTC)
+    rig.store.upsert(booking, plan(booking, rig.catalog.protocols["microneedling"],
+                                   rig.catalog.clinics["sk"], now), now, release=True)
+    shown = rig.reminders()
+    for ref in refs:
+        key = ref.rsplit("/", 1)[1]
+        assert shown[key]["status"] == "scheduled"
+        assert rig.store.redis.zscore(rig.store.due_key, ref) == datetime.fromisoformat(
+            shown[key]["due_at"]).timestamp(), ref
+    before = len(rig.texts())
+    assert rig.send(refs[1]) == "sent"
+    (text,) = rig.texts()[before:]
+    assert ns.names(text, moved["starts_at"]), text

@@ -2580,6 +2580,11 @@ class Store:
             # A message again for the new date goes while the plan has its step on its
             # channel: the patient's channels (consent) or the SMS cap changed that, and the
             # plan's own reminder of the step carries it now (or nothing does).
+            # Released from a hold: the store's own reminders still to go (a notice, a
+            # message again) go back into the schedule as the reconcile puts back the plan's
+            # (a begin during the hold took them out of it).
+            released = (stored.fields.get("status") == Status.HELD
+                        and result.status == Status.SCHEDULED)
             for key, record in stored.reminders.items():
                 if record.get("status") in PENDING and not again_planned(key, plan):
                     fields = {"status": Status.CANCELLED, "version": str(version),
@@ -2590,6 +2595,9 @@ class Store:
                     reminders[key] = reminders.get(key, {}) | fields
                     rm_due.append(key)
                     rm_lease.append(key)
+                elif released and is_notice(key) and record.get("due_epoch") \
+                        and record.get("status") in (Status.SCHEDULED, Status.RETRYING):
+                    due += [key, record["due_epoch"]]
 
         for change in result.changes:
             key = change.key
