@@ -217,3 +217,21 @@ def test_a_message_again_for_the_new_date_is_capped_as_a_new_sms(rig):
     again = rig.reminders()["again-day-before#2:sms"]
     assert again["status"] == "scheduled"
     assert rig.due("again-day-before#2:sms") == rig.at(6, 10)
+
+
+def test_the_moves_own_notice_counts_on_its_day(rig):
+    """The notice a move adds is an SMS on its day, as at send time: the visit (X+6, the
+    confirmation sent by SMS on X) moves at X+3 08:00 to X+4; the notice goes at the
+    window's opening, 09:00. The prep, late, would go at that opening too, a second SMS that
+    day: it gives way (SMS only, no later day before it expires), as does the day-before."""
+    rig.book("M-1", 6, rig.at(0, 9, 30))
+    assert rig.send("M-1", "booking-confirmation:sms", rig.at(0, 9, 30)) == "sent"
+    rig.book("M-1", 4, rig.at(3, 8))
+    shown = rig.reminders()
+    assert rig.due("rescheduled#1:sms") == rig.at(3, 9)
+    for key in ("prep:sms", "day-before:sms"):
+        assert shown[key]["status"] == "skipped", shown[key]
+        assert "limit at this clinic (1 a day, 7 in any 7 days) is reached on " \
+            f"{day(rig, 3)}" in shown[key]["reason"], shown[key]["reason"]
+    assert rig.send("M-1", "rescheduled#1:sms", rig.at(3, 9)) == "sent"
+    assert [d for d, _ in rig.sent] == [day(rig, 0), day(rig, 3)]
