@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.sinks import HttpSink, SmtpSink
-from tests.test_send_caps import Clock, _Fixed, step
+from tests.test_send_caps import ADVICE, Clock, _Fixed, step
 from worker.catalog import Catalog
 from worker.dispatch import Context, send_claimed
 from worker.models import parse_booking
@@ -51,6 +51,28 @@ class Rig:
         # "eve": one SMS the day after the visit, 19:00 (another booking of the patient).
         (folder / "protocols" / "eve.toml").write_text(
             step("evening", 1, "19:00", '["sms"]', "week-check"), encoding="utf-8")
+        # "pre": one SMS the day before the visit, 18:00.
+        (folder / "protocols" / "pre.toml").write_text(
+            step("pre", -1, "18:00", '["sms"]', "spf-morning"), encoding="utf-8")
+        # "eve2": the day-before at 10:00, and for a tretinoin user a text at 19:00 that day.
+        (folder / "protocols" / "eve2.toml").write_text("""
+name = "Two texts"
+[[steps]]
+id = "day-before"
+day = -1
+time = "10:00"
+channels = ["sms"]
+template = "day-before"
+late = "send"
+late_until = "-12h"
+[[steps]]
+id = "evening"
+day = -1
+time = "19:00"
+channels = ["sms"]
+template = "spf-morning"
+only_if_any = ["tretinoin"]
+""" + ADVICE, encoding="utf-8")
         (folder / "clinics").mkdir()
         (folder / "clinics" / "rp.toml").write_text(f"""
 name = "Replan Clinic"
@@ -235,3 +257,35 @@ def test_the_moves_own_notice_counts_on_its_day(rig):
             f"{day(rig, 3)}" in shown[key]["reason"], shown[key]["reason"]
     assert rig.send("M-1", "rescheduled#1:sms", rig.at(3, 9)) == "sent"
     assert [d for d, _ in rig.sent] == [day(rig, 0), day(rig, 3)]
+
+
+def test_a_message_again_still_to_go_counts_on_its_day(rig):
+    """After a move the day-before goes again (X+5 10:00, for a visit moved to X+6). The
+    clinic then adds tretinoin, no move: the again is kept, and the new evening text on its
+    day gives way (SMS only; the next evening is after the visit): one SMS that day."""
+    rig.book("M-1", 3, rig.at(0, 9), treatment="eve2")
+    assert rig.send("M-1", "day-before:sms", rig.at(2, 10)) == "sent"
+    rig.book("M-1", 6, rig.at(2, 11), treatment="eve2")
+    assert rig.due("again-day-before#1:sms") == rig.at(5, 10)
+    rig.book("M-1", 6, rig.at(2, 12), treatment="eve2", tretinoin=True)
+    shown = rig.reminders()
+    assert shown["again-day-before#1:sms"]["status"] == "scheduled"
+    assert shown["evening:sms"]["status"] == "skipped", shown["evening:sms"]
+    assert f"is reached on {day(rig, 5)}" in shown["evening:sms"]["reason"]
+    assert rig.send("M-1", "again-day-before#1:sms", rig.at(5, 10)) == "sent"
+    assert Counter(d for d, _ in rig.sent) == {day(rig, 2): 1, day(rig, 5): 1}
+
+
+def test_a_message_again_the_change_cancels_takes_no_room(rig):
+    """The same, but the clinic changes the treatment (no move) to one without a
+    day-before: the again is cancelled with the old plan, so the new plan's SMS that day
+    (18:00) keeps it."""
+    rig.book("M-1", 3, rig.at(0, 9), treatment="eve2")
+    assert rig.send("M-1", "day-before:sms", rig.at(2, 10)) == "sent"
+    rig.book("M-1", 6, rig.at(2, 11), treatment="eve2")
+    assert rig.due("again-day-before#1:sms") == rig.at(5, 10)
+    rig.book("M-1", 6, rig.at(2, 12), treatment="pre")
+    shown = rig.reminders()
+    assert shown["again-day-before#1:sms"]["status"] == "cancelled"
+    assert shown["pre:sms"]["status"] == "scheduled", shown["pre:sms"]
+    assert rig.due("pre:sms") == rig.at(5, 18)

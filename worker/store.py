@@ -112,7 +112,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
@@ -2187,9 +2187,13 @@ class Store:
                            now) if kind is not None else frozenset()
         history = frozenset(r.key for r in base
                             if stored.reminders.get(r.key, {}).get("status") == Status.SENT)
-        # Sent; and still to go, the store's own (notices, messages again) a move keeps.
+        # Sent; and still to go, the store's own (notices, messages again) that a
+        # re-submission without a move keeps (`again_planned`: its step's reminder is
+        # history here, which the cap leaves as planned).
+        as_planned = replace(planned, reminders=base)
         own = [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(
-            stored.fields, pending=lambda key: kind is None and is_notice(key))]
+            stored.fields, pending=lambda key: kind is None and is_notice(key)
+            and again_planned(key, as_planned))]
         if kind is not None:  # this change's own notices
             seq = int(booking_fields.get("seq") or 0) + 1
             old_start = json.loads(stored.doc or "{}").get("starts_at")
