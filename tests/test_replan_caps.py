@@ -289,3 +289,29 @@ def test_a_message_again_the_change_cancels_takes_no_room(rig):
     assert shown["again-day-before#1:sms"]["status"] == "cancelled"
     assert shown["pre:sms"]["status"] == "scheduled", shown["pre:sms"]
     assert rig.due("pre:sms") == rig.at(5, 18)
+
+
+def test_an_sms_sent_between_the_upserts_read_and_its_write_is_counted(rig, monkeypatch):
+    """Forced race: the move of the first test has read the booking (its prep still to go)
+    when the prep is sent. The apply finds the booking changed since its read (its exact
+    hash is checked), reads again and caps with the prep as history sent today: the
+    day-before keeps X+4."""
+    rig.book("M-1", 6, rig.at(0, 9, 30))
+    assert rig.send("M-1", "booking-confirmation:sms", rig.at(0, 9, 30)) == "sent"
+    real = rig.store._caps_read
+    reads: list[Any] = []
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        reads.append(args)
+        if len(reads) == 1:  # between the upsert's read and its write: the prep goes
+            assert rig.send("M-1", "prep:sms", rig.at(3, 10)) == "sent"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rig.store, "_caps_read", parked)
+    rig.book("M-1", 5, rig.at(3, 11))
+    assert len(reads) == 2
+    shown = rig.reminders()
+    assert shown["prep:sms"]["status"] == "sent"
+    assert shown["day-before:sms"]["status"] == "scheduled", shown["day-before:sms"]
+    assert rig.due("day-before:sms") == rig.at(4, 10)
+    assert max(rig.sms_days().values()) == 1
