@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.catalog import Catalog
 from worker.clinics import SmsSettings
 from worker.models import Booking, parse_booking
@@ -156,7 +157,7 @@ def test_across_bookings_in_a_real_redis_care_critical_sms_still_go(
         redis_client, catalog, booking_doc):
     """A second booking whose days the first took: its care-critical SMS go anyway (beyond
     the cap, saying so), its other SMS give way."""
-    store = Store(redis_client, "cc")
+    store = Store(redis_client, "cc", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     now = datetime(2026, 11, 22, 11, 30, tzinfo=UTC)
     starts = datetime(2026, 12, 2, 9, 30, tzinfo=UTC)
     first_doc = sms_only(booking_doc, "microneedling", starts, "UTC")

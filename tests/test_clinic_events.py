@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.clinics import Clinic
 from worker.models import parse_booking
 from worker.planner import plan
@@ -19,7 +20,8 @@ EVERYTHING = ("reminder.sent reminder.failed reminder.skipped booking.held booki
 
 
 def make_store(redis_client, hooks: str = EVERYTHING) -> Store:
-    return Store(redis_client, "t", hooks=lambda clinic: hooks if clinic == "glow" else "")
+    return Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS,
+                 hooks=lambda clinic: hooks if clinic == "glow" else "")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.models import parse_booking
 from worker.planner import plan
 from worker.rendering import Renderer
@@ -69,7 +70,7 @@ def test_the_message_is_neutral(catalog, booking_doc, locale, discreet):
 
 
 def test_only_the_hold_notice_goes_while_held(redis_client, catalog, booking_doc):
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     timeline = store.upsert(*planned(catalog, held_doc(booking_doc)), NOW)
     assert timeline["status"] == "held"
     by_id = {r["id"]: r for r in timeline["reminders"]}
@@ -99,7 +100,7 @@ def test_only_the_hold_notice_goes_while_held(redis_client, catalog, booking_doc
 
 
 def test_a_release_before_it_went_cancels_it(redis_client, catalog, booking_doc):
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     store.upsert(*planned(catalog, held_doc(booking_doc)), NOW)
     released = store.upsert(*planned(catalog, held_doc(booking_doc)), NOW, release=True)
     by_id = {r["id"]: r for r in released["reminders"]}

@@ -9,6 +9,7 @@ import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.catalog import Catalog
 from worker.models import parse_booking
 from worker.planner import plan
@@ -74,7 +75,8 @@ def events_of(redis_client) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def test_timeline_and_events_tell_the_clinic_once(redis_client, catalog, booking_doc):
-    store = Store(redis_client, "t", hooks=lambda clinic: HOOKS)
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS,
+                  hooks=lambda clinic: HOOKS)
     late = store.upsert(*planned(catalog, doc_in(booking_doc, 3)), NOW)
     assert late["late_pause"] is True
     assert store.timeline("glow", "A-1042") == late
@@ -100,7 +102,8 @@ def test_timeline_and_events_tell_the_clinic_once(redis_client, catalog, booking
 
 
 def test_a_booking_on_time_has_the_flag_false(redis_client, catalog, booking_doc):
-    store = Store(redis_client, "t", hooks=lambda clinic: HOOKS)
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS,
+                  hooks=lambda clinic: HOOKS)
     timeline = store.upsert(*planned(catalog, booking_doc), NOW)
     assert timeline["late_pause"] is False
     assert events_of(redis_client) == []

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.models import parse_booking
 from worker.planner import plan
 from worker.store import Attempt, Store
@@ -19,7 +20,7 @@ MOVED_TO = "2026-12-12T14:30:00+01:00"
 
 @pytest.fixture
 def store(redis_client) -> Store:
-    return Store(redis_client, "n")
+    return Store(redis_client, "n", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
 
 
 def book(store: Store, catalog, doc: dict[str, Any], now: datetime = NOW) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.catalog import Catalog
 from worker.errors import BookingRejected
 from worker.models import parse_booking
@@ -61,7 +62,7 @@ def test_greetings_use_the_preferred_name(catalog: Catalog, booking_doc) -> None
 
 
 def test_a_booking_without_one_is_stored_as_before(redis_client, catalog, booking_doc) -> None:
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     booking = parse_booking(booking_doc, catalog)
     assert "preferred_name" not in booking.model_dump_json()
     planned = plan(booking, catalog.protocols["microneedling"], catalog.clinics["glow"], NOW)

@@ -1,5 +1,9 @@
 """Retention: a booking's keys expire after its last reminder; dead letters stay until
-replayed or purged; `reminders stats`, `purge`. Real Redis, real CLI."""
+replayed or purged; `reminders stats`, `purge`. Real Redis, real CLI.
+
+The bookings here are relative to the real today, planned at the real now: Redis expires
+keys by its own (real) clock, so a booking at fixed dates would have its keys expire the
+moment they are written once its last reminder plus the retention has passed."""
 
 from __future__ import annotations
 
@@ -7,23 +11,35 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 from tests.conftest import ROOT
 from worker.models import parse_booking
 from worker.planner import plan
 from worker.store import Attempt, Store
 
-NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 DAY = 86400
+MADRID = ZoneInfo("Europe/Madrid")
+
+
+def soon(doc: dict[str, Any]) -> dict[str, Any]:
+    """DESIGN.md's booking with its visit at 14:30 Madrid 14 days from today (as 5 Dec is
+    from the example's 21 Nov): every reminder of it is still ahead."""
+    day = (datetime.now(MADRID) + timedelta(days=14)).date()
+    starts = datetime(day.year, day.month, day.day, 14, 30, tzinfo=MADRID)
+    return dict(doc, starts_at=starts.isoformat())
 
 
 def book(store, catalog, doc):
-    booking = parse_booking(doc, catalog)
+    """Plan and store `soon(doc)` now (the real now, Redis's clock)."""
+    booking = parse_booking(soon(doc), catalog)
+    now = datetime.now(UTC)
     planned = plan(booking, catalog.protocols[booking.treatment],
-                   catalog.clinics[booking.clinic], NOW)
-    return store.upsert(booking, planned, NOW), planned
+                   catalog.clinics[booking.clinic], now)
+    return store.upsert(booking, planned, now), planned
 
 
 def booking_keys(store, clinic="glow", booking_id="A-1042"):
@@ -55,7 +71,7 @@ def test_a_dead_letter_keeps_its_booking_until_replayed_or_purged(
     assert store.finish_failed(ref, attempt, "permanent failure: SMTP 550") == "ok"
     for key in booking_keys(store) + [store.attempts_key(ref)]:
         assert redis_client.ttl(key) == -1, key  # kept: no expiry while a dead letter waits
-    assert store.purge([ref], NOW) == [ref]
+    assert store.purge([ref], datetime.now(UTC)) == [ref]
     assert store.dead_letters() == []
     assert store.record(ref)["status"] == "failed"
     assert store.record(ref)["reason"].startswith("purged from the dead letters")
@@ -75,7 +91,7 @@ def test_a_sent_ledger_expires_with_its_booking_but_a_held_one_keeps_its_own_ttl
         assert store.begin_send(ref, claims[ref].version, claims[ref].claim, "t" + ref,
                                 60_000) == "ok"
     sent = Attempt(claims[refs[0]].version, claims[refs[0]].claim, "t" + refs[0])
-    assert store.finish_sent(refs[0], sent, NOW) == "ok"
+    assert store.finish_sent(refs[0], sent, datetime.now(UTC)) == "ok"
     assert redis_client.ttl(store.ledger_key(refs[0])) > 89 * DAY
     assert 0 < redis_client.pttl(store.ledger_key(refs[1])) <= 60_000  # still in flight
 
@@ -94,8 +110,8 @@ def test_stats_and_purge_commands(redis_server, redis_client, catalog, booking_d
     timeline, _ = book(store, catalog, booking_doc)
     ref = "glow/A-1042/booking-confirmation:email"
     redis_client.zadd(store.due_key, {ref: 0})
-    # It alone (due at 0, the first): the other reminders, at fixed dates, are due by
-    # Redis's real clock once those pass, and a wider claim would lease them too.
+    # It alone (due at 0, the first): a wider claim would lease any other reminder already
+    # due by Redis's clock too.
     (claim,) = store.claim_due(1, 60)
     assert claim.ref == ref
     assert store.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.errors import NotFound
 from worker.models import parse_booking
 from worker.planner import plan
@@ -17,7 +18,7 @@ NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 @pytest.fixture
 def store(redis_client) -> Store:
-    return Store(redis_client, "t")
+    return Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
 
 
 def book(store, catalog, doc, now=NOW):

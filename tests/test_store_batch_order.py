@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from tests.test_store_caps import NOW, doc_of, planned, sms_days
 from tests.test_store_layout import state
 from worker.store import Store
@@ -23,7 +24,8 @@ def one_by_one_and_batch(redis_client, catalog, before, batch, chunk, monkeypatc
     """Store `before` one by one under two prefixes, then `batch` one by one under the
     first and as one batch under the second; return (one, many, timelines of each)."""
     monkeypatch.setattr("worker.store.APPLY_CHUNK", chunk)
-    one, many = Store(redis_client, "one"), Store(redis_client, "many")
+    one, many = (Store(redis_client, "one", retention_days=FIXED_SCENARIO_RETENTION_DAYS),
+                 Store(redis_client, "many", retention_days=FIXED_SCENARIO_RETENTION_DAYS))
     for doc in before:
         one.upsert(*planned(catalog, doc), NOW)
         many.upsert(*planned(catalog, doc), NOW)
@@ -93,7 +95,7 @@ def test_a_booking_after_one_changed_since_read_waits_for_it(
     must wait for it too: as one by one (the claim, then A-2, then A-3), A-2 has left R
     and A-3 keeps its SMS days. (A-3 was written first, capped against A-2 on R.)"""
     monkeypatch.setattr("worker.store.APPLY_CHUNK", chunk)
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     store.upsert(*planned(catalog, doc_of(booking_doc, "A-2", phone=R, email=False)), NOW)
     real = Store._reconcile
     claimed: list[str] = []
@@ -111,7 +113,7 @@ def test_a_booking_after_one_changed_since_read_waits_for_it(
     got = store.upsert_many(items, NOW)
     assert claimed == ["glow/A-2/booking-confirmation:sms"]  # due at NOW
     # One by one after the claim, in another prefix: the same claim, then A-2, then A-3.
-    one = Store(redis_client, "one")
+    one = Store(redis_client, "one", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     one.upsert(*planned(catalog, doc_of(booking_doc, "A-2", phone=R, email=False)), NOW)
     assert [c.ref for c in one.claim_due(1, 60)] == claimed
     expected = [one.upsert(*item, NOW) for item in items]
@@ -179,7 +181,8 @@ def test_a_booking_changed_while_the_chunk_before_it_applies_is_written_as_one_b
 
     docs = [dict(booking_doc, booking_id=f"B-{n}",
                  patient=dict(booking_doc["patient"], phone=f"+3460011133{n}")) for n in range(3)]
-    stores = {name: Store(redis_client, name) for name in ("one", "many")}
+    stores = {name: Store(redis_client, name, retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+              for name in ("one", "many")}
     for s in stores.values():
         s.upsert_many([planned(catalog, d) for d in docs], NOW)
     other = planned(catalog, dict(docs[1], patient=dict(docs[1]["patient"],

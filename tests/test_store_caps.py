@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.models import parse_booking
 from worker.planner import plan
 from worker.store import Store, connect
@@ -22,7 +23,7 @@ TZ = ZoneInfo("Europe/Madrid")
 
 @pytest.fixture
 def store(redis_client) -> Store:
-    return Store(redis_client, "t")
+    return Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
 
 
 def doc_of(booking_doc, booking_id, *, days=0, phone="+34600111222", email=True):
@@ -109,7 +110,8 @@ def test_two_bookings_for_one_phone_racing_never_share_a_day(
     """Both upserts read (no other booking yet) and are parked; both are released at once:
     the apply script finds the other's booking in the patient's index and sends the loser
     back to read again, so the two plans together keep the cap."""
-    stores = [Store(redis_client, "t"), Store(connect(redis_server.url), "t")]
+    stores = [Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS),
+              Store(connect(redis_server.url), "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)]
     parked = threading.Barrier(2, timeout=10)
     calls: list[str] = []
     real = Store._reconcile

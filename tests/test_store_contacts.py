@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.models import parse_booking
 from worker.planner import plan
 from worker.store import (
@@ -24,7 +25,7 @@ PHONE, OTHER_PHONE = "+34600111222", "+34600999888"
 
 @pytest.fixture
 def store(redis_client) -> Store:
-    return Store(redis_client, "t")
+    return Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
 
 
 def planned(catalog, doc):
@@ -191,7 +192,7 @@ def test_a_contact_change_racing_an_upsert_leaves_the_index_right(
     booking's phone meanwhile; the parked one is then found stale and redone: the index
     holds exactly the final document's contacts."""
     book(store, catalog, doc_of(booking_doc, "A-1"))
-    other = Store(connect(redis_server.url), "t")
+    other = Store(connect(redis_server.url), "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     calls: list[str] = []
     real = Store._reconcile
 

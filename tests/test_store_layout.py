@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.models import parse_booking
 from worker.planner import plan
 from worker.reconcile import record_fields
@@ -70,7 +71,7 @@ def apply_args(prepared):
 @pytest.mark.parametrize("release", [False, True])
 def test_a_new_booking_is_stored_as_the_general_reconcile_would_store_it(
         redis_client, catalog, booking_doc, release):
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     for name, doc in variants(booking_doc, catalog).items():
         booking, p = planned(catalog, doc)
         fast_texts: dict[str, str] = {}
@@ -86,7 +87,7 @@ def test_a_new_booking_is_stored_as_the_general_reconcile_would_store_it(
 
 def test_a_booking_stays_a_compact_listpack_while_pending_and_once_its_first_message_is_sent(
         redis_client, catalog, booking_doc):
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     store.upsert(*planned(catalog, booking_doc), NOW)
     bkey = store.booking_key("glow", "A-1042")
     assert redis_client.object("encoding", bkey) == "listpack"
@@ -114,7 +115,7 @@ def test_a_booking_stays_a_compact_listpack_while_pending_and_once_its_first_mes
 def test_a_store_refuses_data_of_another_layout(redis_server, redis_client, catalog,
                                                  booking_doc):
     redis_client.sadd("t:k:glow/A-1042", "day-before:sms")  # what layout 1 kept per booking
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     for call in (lambda: store.timeline("glow", "A-1042"),
                  lambda: store.upsert(*planned(catalog, booking_doc), NOW),
                  lambda: store.claim_due(10, 60)):
@@ -160,8 +161,10 @@ def state(store, clinic, booking_ids):
 def test_a_batch_gives_what_upserting_one_by_one_gives(  # is prepared, the same booking in two
         redis_client, catalog, booking_doc, monkeypatch, chunk):
     monkeypatch.setattr("worker.store.APPLY_CHUNK", chunk)
-    one, many = Store(redis_client, "one"), Store(redis_client, "many")
-    bare = Store(redis_client, "bare")  # asked for versions only, as `reminders book` asks
+    one, many = (Store(redis_client, "one", retention_days=FIXED_SCENARIO_RETENTION_DAYS),
+                 Store(redis_client, "many", retention_days=FIXED_SCENARIO_RETENTION_DAYS))
+    # asked for versions only, as `reminders book` asks
+    bare = Store(redis_client, "bare", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     docs = [dict(doc, booking_id=f"B-{n}") for n, doc in
             enumerate(variants(booking_doc, catalog).values())]
     first = [planned(catalog, d) for d in docs]
@@ -203,7 +206,7 @@ def test_a_change_landing_mid_batch_is_read_again_for_that_booking_only(
     again (its reminder is history, not rescheduled); the others are written once."""
     from worker.store import connect
 
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     docs = [dict(booking_doc, booking_id=f"B-{n}",  # three patients: no SMS cap between them
                  patient=dict(booking_doc["patient"], phone=f"+3460011122{n}")) for n in range(3)]
     store.upsert_many([planned(catalog, d) for d in docs], NOW)
@@ -212,7 +215,7 @@ def test_a_change_landing_mid_batch_is_read_again_for_that_booking_only(
     (claim,) = [c for c in store.claim_due(50, 60) if c.ref == ref]
     attempt = Attempt(claim.version, claim.claim, "tok")
     assert store.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"
-    other = Store(connect(redis_server.url), "t")
+    other = Store(connect(redis_server.url), "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     calls: list[str] = []
     real = Store._reconcile
 
@@ -239,7 +242,8 @@ class OneLetterIds(Store):
 
 
 def test_text_ids_that_collide_never_show_the_wrong_words(redis_client, catalog, booking_doc):
-    normal, tiny = Store(redis_client, "n"), OneLetterIds(redis_client, "s")
+    normal, tiny = (Store(redis_client, "n", retention_days=FIXED_SCENARIO_RETENTION_DAYS),
+                    OneLetterIds(redis_client, "s", retention_days=FIXED_SCENARIO_RETENTION_DAYS))
     docs = list(variants(booking_doc, catalog).values())
     items = [planned(catalog, dict(d, booking_id=f"B-{n}")) for n, d in enumerate(docs)]
     assert tiny.upsert_many(items, NOW) == normal.upsert_many(items, NOW)
@@ -248,7 +252,7 @@ def test_text_ids_that_collide_never_show_the_wrong_words(redis_client, catalog,
     assert {len(i) for i in ids} != {1}  # some had to take longer ids
     # Another process, knowing nothing and meeting the texts in another order: the apply
     # script finds the collisions in Redis.
-    fresh = OneLetterIds(redis_client, "s")
+    fresh = OneLetterIds(redis_client, "s", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     more = [planned(catalog, dict(d, booking_id=f"C-{n}")) for n, d in enumerate(docs)][::-1]
     assert fresh.upsert_many(more, NOW) == normal.upsert_many(more, NOW)
     assert fresh._taken  # it was told of ids other words hold
@@ -276,7 +280,7 @@ def test_the_reminder_codec_round_trips_what_an_upsert_writes(catalog, booking_d
 
 
 def test_words_written_at_send_time_are_kept_exactly(redis_client, catalog, booking_doc):
-    store = Store(redis_client, "t")
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     store.upsert(*planned(catalog, booking_doc), NOW)
     for ref, reason in (("glow/A-1042/day-before:sms", "@home: 550 | mailbox full"),
                         ("glow/A-1042/spf:sms", "\\ odd | one")):

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.connections import PROBE, from_url
 from worker.embedded import free_port
 from worker.metrics import QUEUES, ScheduleCollector, read_counters
@@ -29,7 +30,7 @@ PREFIX = "t"
 
 @pytest.fixture
 def store(redis_client) -> Store:
-    return Store(redis_client, PREFIX)
+    return Store(redis_client, PREFIX, retention_days=FIXED_SCENARIO_RETENTION_DAYS)
 
 
 def book(store, catalog, doc, now=NOW):
