@@ -45,11 +45,12 @@ only had "see you tomorrow at 10:00" by SMS hears of the move or cancel by SMS t
 that does not name it, a tretinoin night text on the consultation's own day, can precede
 the visit only for a consultation after 19:30: counted all the same (a needless notice is
 harmless, a missing one sends the patient on the wrong day). An SMS planned after that start
-(aftercare of a visit that took place) tells no date and does not count. A protocol with
-neither a pause nor an invite step sends no notices (`reminders check` renders notices only
-for protocols that have one). A message being sent at the moment of the change counts as
-gone out (it may have; a needless "you may resume" is harmless, a missing one is not).
-Nothing went out: no notice. A later change supersedes a notice not yet sent (the store
+(aftercare of a visit that took place) tells no date and does not count; nor does any, for a
+cancel once the visit has begun (a no-show, aftercare stopped: the date told is past). A
+protocol with neither a pause nor an invite step sends no notices (`reminders check` renders
+notices only for protocols that have one). A message being sent at the moment of the change
+counts as gone out (it may have; a needless "you may resume" is harmless, a missing one is
+not). Nothing went out: no notice. A later change supersedes a notice not yet sent (the store
 cancels it).
 """
 
@@ -192,6 +193,8 @@ def plan_notices(
     """
     start = (before or booking.starts_at).timestamp()
     paused, invited, texted = what_went_out(records, notice_steps, start)
+    if kind == "cancelled" and now.timestamp() >= start:
+        texted = False  # the visit has begun: the date the SMS told is past, nothing to undo
     offered = booking.patient.channels
     channels: list[Channel] = []
     if "email" in offered and (invited or "email" in paused):
