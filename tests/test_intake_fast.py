@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from benchmarks.intake import realistic_bookings
+from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.models import Booking, Medications, Patient, parse_booking, trusted_booking
 from worker.planner import WEEK_DAYS, sms_fits
 from worker.store import _num, _stamps, _utc
@@ -116,7 +117,7 @@ def test_bookings_exist_is_what_summaries_say(redis_client: Any, catalog: Any) -
     from worker.planner import plan
     from worker.store import Store
 
-    store = Store(redis_client, "exist-test")
+    store = Store(redis_client, "exist-test", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     docs = list(realistic_bookings(6, seed=4, now=NOW))
     for doc in docs[:3]:
         booking = parse_booking(doc, catalog)
