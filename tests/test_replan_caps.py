@@ -315,3 +315,23 @@ def test_an_sms_sent_between_the_upserts_read_and_its_write_is_counted(rig, monk
     assert shown["day-before:sms"]["status"] == "scheduled", shown["day-before:sms"]
     assert rig.due("day-before:sms") == rig.at(4, 10)
     assert max(rig.sms_days().values()) == 1
+
+
+def test_an_unchanged_resubmission_keeps_the_again_the_cap_sent_by_email(rig):
+    """The day-before went by SMS on X+2 for a visit on X+3; the visit moves to X+6: its
+    day-before (X+5 10:00) goes again, by email (the patient's other booking has an SMS on
+    X+5). The clinic's system sends the same booking again: it was taken as a change (a new
+    version) and the again email cancelled, "no longer in the plan", the day-before for the
+    new date never sent (the cap now passed the sent SMS as history, not capped anew)."""
+    rig.book("M-2", 4, rig.at(0, 9), treatment="eve", email=True)  # its SMS: X+5 19:00
+    rig.book("M-1", 3, rig.at(0, 9), email=True)
+    assert rig.send("M-1", "day-before:sms", rig.at(2, 10)) == "sent"
+    rig.book("M-1", 6, rig.at(2, 11), email=True)
+    moved = rig.store.timeline("rp", "M-1")
+    assert rig.reminders()["day-before:email"]["status"] == "scheduled"
+    rig.book("M-1", 6, rig.at(2, 11, 30), email=True)  # the same booking again
+    again = rig.store.timeline("rp", "M-1")
+    assert again["version"] == moved["version"]
+    assert again["reminders"] == moved["reminders"]
+    assert rig.send("M-1", "day-before:email", rig.at(5, 10)) == "sent"
+    assert [m.to for m in rig.smtp.snapshot()] == ["ana@example.com"]

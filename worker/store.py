@@ -2182,6 +2182,21 @@ class Store:
             return cap_plan(planned, booking, read.taken)
         base = _as_planned(planned)
         kind = self._replan_kind(booking, planned, stored, release)
+        if kind is None and "email" in booking.patient.channels:
+            # A message again for a new date that the cap sent by email at the move (its
+            # step's SMS sent for the old date; the email no step's own reminder) stays as
+            # the move planned it, not dropped for its sent SMS as history.
+            keys = {r.key for r in base}
+            by_email = {r.key for r in base if r.channel == "sms"
+                        and r.status == Status.SCHEDULED
+                        and stored.reminders.get(r.key, {}).get("status") == Status.SENT
+                        and r.key[: -len("sms")] + "email" not in keys
+                        and stored.reminders.get(r.key[: -len("sms")] + "email", {}).get(
+                            "status") in PENDING}
+            if by_email:
+                base = [replace(r, key=r.key[: -len("sms")] + "email", channel="email")
+                        if r.key in by_email else r for r in base]
+                planned = replace(planned, uncapped=base)
         booking_fields = {k: v for k, v in stored.fields.items() if ":" not in k}
         again = again_keys(base, planned.notice_steps, stored.reminders, booking.starts_at,
                            now) if kind is not None else frozenset()
