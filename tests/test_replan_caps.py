@@ -335,3 +335,42 @@ def test_an_unchanged_resubmission_keeps_the_again_the_cap_sent_by_email(rig):
     assert again["reminders"] == moved["reminders"]
     assert rig.send("M-1", "day-before:email", rig.at(5, 10)) == "sent"
     assert [m.to for m in rig.smtp.snapshot()] == ["ana@example.com"]
+
+
+def test_released_from_a_hold_the_again_still_to_go_counts_on_its_day(rig):
+    """After a move the day-before goes again (X+5 10:00, visit moved to X+6) and the
+    tretinoin user's evening text that day (19:00) gives way. The clinic then enters a
+    recent isotretinoin dose (held: the again is out of the schedule) and releases it: the
+    cap at the release left out the again (a held booking's reminders still to go count
+    nowhere), though the release puts it back: the evening text went too, two SMS on X+5."""
+    folder = rig.settings.config_dir / "protocols"
+    (folder / "eve3.toml").write_text((folder / "eve2.toml").read_text(encoding="utf-8").replace(
+        'name = "Two texts"', 'name = "Two texts"\nisotretinoin_washout_days = 182'),
+        encoding="utf-8")
+    rig.catalog = rig.ctx.catalog = Catalog.load(rig.settings)
+
+    def book(visit: int, now: datetime, dose: date | None = None, release: bool = False) -> None:
+        booking = parse_booking({
+            "clinic": "rp", "booking_id": "M-1", "treatment": "eve3",
+            "starts_at": datetime.combine(day(rig, visit), time(14, 30), TZ).isoformat(),
+            "patient": {"name": "Ana López", "phone": PHONE, "timezone": "Europe/Madrid",
+                        "locale": "en", "channels": ["sms"]},
+            "medications": {"tretinoin": True, "retinol": False,
+                            "isotretinoin_last_dose": dose and dose.isoformat()}}, rig.catalog)
+        rig.store.upsert(booking, plan(booking, rig.catalog.protocols["eve3"],
+                                       rig.catalog.clinics["rp"], now), now, release=release)
+
+    book(3, rig.at(0, 9))
+    assert rig.send("M-1", "day-before:sms", rig.at(2, 10)) == "sent"
+    book(6, rig.at(2, 11))
+    assert rig.due("again-day-before#1:sms") == rig.at(5, 10)
+    assert rig.reminders()["evening:sms"]["status"] == "skipped"
+    book(6, rig.at(2, 12), day(rig, -30))
+    assert rig.store.timeline("rp", "M-1")["status"] == "held"
+    book(6, rig.at(2, 13), day(rig, -30), release=True)
+    shown = rig.reminders()
+    assert rig.store.timeline("rp", "M-1")["status"] == "scheduled"
+    assert shown["again-day-before#1:sms"]["status"] == "scheduled"
+    assert shown["evening:sms"]["status"] == "skipped", shown["evening:sms"]
+    assert rig.send("M-1", "again-day-before#1:sms", rig.at(5, 10)) == "sent"
+    assert Counter(d for d, _ in rig.sent) == {day(rig, 2): 1, day(rig, 5): 1}

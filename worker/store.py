@@ -2206,8 +2206,13 @@ class Store:
         # re-submission without a move keeps (`again_planned`: its step's reminder is
         # history here, which the cap leaves as planned).
         as_planned = replace(planned, reminders=base)
+        fields = stored.fields
+        if fields.get("status") == Status.HELD and self._replan_status(
+                booking, planned, stored, release) == Status.SCHEDULED:
+            # Released: the store's own still to go go back into the schedule with it.
+            fields = {**fields, "status": Status.SCHEDULED}
         own = [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(
-            stored.fields, pending=lambda key: kind is None and is_notice(key)
+            fields, pending=lambda key: kind is None and is_notice(key)
             and again_planned(key, as_planned))]
         if kind is not None:  # this change's own notices
             seq = int(booking_fields.get("seq") or 0) + 1
@@ -2224,13 +2229,20 @@ class Store:
     ) -> str | None:
         """The change kind `_prepare_reconciled` will find (`_change_kind`: a document
         unchanged has the same start), before the cap."""
-        fields = stored.fields
+        return self._change_kind(booking, stored.fields, stored.doc,
+                                 self._replan_status(booking, planned, stored, release))
+
+    def _replan_status(
+        self, booking: Booking, planned: Plan, stored: _Stored, release: bool
+    ) -> str:
+        """The status the reconcile will give the booking."""
         status = planned.status
         if status == Status.HELD:  # the reconcile's rule: released for these medications
             medications = self._medications_digest(booking)
-            if (medications if release else fields.get("released_for", "")) == medications:
+            if (medications if release else stored.fields.get("released_for", "")) \
+                    == medications:
                 status = Status.SCHEDULED
-        return self._change_kind(booking, fields, stored.doc, str(status))
+        return str(status)
 
     def _prepared(self, ready: _Round, now: datetime, release: bool) -> _Round:
         texts: dict[str, str] = {}
