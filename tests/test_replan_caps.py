@@ -374,3 +374,24 @@ def test_released_from_a_hold_the_again_still_to_go_counts_on_its_day(rig):
     assert shown["evening:sms"]["status"] == "skipped", shown["evening:sms"]
     assert rig.send("M-1", "again-day-before#1:sms", rig.at(5, 10)) == "sent"
     assert Counter(d for d, _ in rig.sent) == {day(rig, 2): 1, day(rig, 5): 1}
+
+
+def test_a_corrected_phone_keeps_the_again_the_send_time_cap_sent_by_email(rig):
+    """The prep (3 days before, 19:00) went on X+1 for a visit on X+5; the visit moves to
+    X+8: the prep goes again on X+5 19:00. Found at 21:00 (a backlog), it would wait for
+    X+6 09:00, the day of the patient's other SMS: it goes by email instead. The clinic then
+    corrects the phone (no move): the again email was cancelled, "no longer in the plan"
+    (its step is on SMS in the plan), and the prep for the new date never went."""
+    (rig.settings.config_dir / "protocols" / "p3.toml").write_text(
+        step("prep", -3, "19:00", '["sms"]', "spf-morning"), encoding="utf-8")
+    rig.catalog = rig.ctx.catalog = Catalog.load(rig.settings)
+    rig.book("M-2", 5, rig.at(0, 9), treatment="eve", email=True)  # its SMS: X+6 19:00
+    rig.book("M-1", 4, rig.at(0, 9), treatment="p3", email=True)
+    assert rig.send("M-1", "prep:sms", rig.at(1, 19)) == "sent"
+    rig.book("M-1", 8, rig.at(2, 11), treatment="p3", email=True)
+    assert rig.send("M-1", "again-prep#1:sms", rig.at(5, 21)) == "skipped"
+    assert rig.due("again-prep#1:email") == rig.at(6, 9)
+    rig.book("M-1", 8, rig.at(5, 21, 30), treatment="p3", email=True, phone="+34600111333")
+    assert rig.reminders()["again-prep#1:email"]["status"] == "scheduled"
+    assert rig.send("M-1", "again-prep#1:email", rig.at(6, 9)) == "sent"
+    assert [m.to for m in rig.smtp.snapshot()] == ["ana@example.com"]

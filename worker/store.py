@@ -2617,7 +2617,13 @@ class Store:
             released = (stored.fields.get("status") == Status.HELD
                         and result.status == Status.SCHEDULED)
             for key, record in stored.reminders.items():
-                if record.get("status") in PENDING and not again_planned(key, plan):
+                sms = key[: -len("email")] + "sms" if key.endswith(":email") else ""
+                if record.get("status") in PENDING and not again_planned(key, plan) and not (
+                        # By email for its SMS (the cap at send time, `cap_at_send`): it
+                        # goes while the plan has its step on SMS and the patient email.
+                        sms and "email" in booking.patient.channels
+                        and stored.reminders.get(sms, {}).get("status") == Status.SKIPPED
+                        and again_planned(sms, plan)):
                     fields = {"status": Status.CANCELLED, "version": str(version),
                               "reason": "no longer in the plan after a change"}
                     main, _ = encode_reminder(key, fields, stored.fields.get(key, ""),
