@@ -26,6 +26,7 @@ import pytest
 
 from benchmarks.intake import realistic_bookings
 from tests.conftest import ROOT
+from worker.cli import STORE_BATCH
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.integration
@@ -152,12 +153,16 @@ def run_on_a_terminal(env, data: bytes) -> tuple[int, str]:
 
 
 def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(env, redis_client):
-    docs = list(realistic_bookings(4000, seed=26))
+    # The bar shows once a phase has lasted a second, and storing advances it a STORE_BATCH
+    # (4,000) at a time: three batches, so it is updated past its first second even on a
+    # machine three times faster than this one (4,000 alone stored in about 1 s, and the
+    # bar's one update came just before or just after its second).
+    docs = list(realistic_bookings(3 * STORE_BATCH, seed=26))
     code, shown = run_on_a_terminal(env, jsonl(docs))
     assert code == 0, shown[-2000:]
     assert "checking" in shown and "storing" in shown  # both phases
     assert "bookings/s" in shown and "%|" in shown  # a rate and a bar with a percentage
-    assert "booked 4,000 bookings: 4,000 new" in shown
+    assert f"booked {len(docs):,} bookings: {len(docs):,} new" in shown
     redis_client.flushdb()
     piped = book(env, jsonl(docs))
     assert piped.returncode == 0
