@@ -125,7 +125,7 @@ from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices, sent, went_out
 from .optout import normal_contact
 from .planner import _LATE, Plan, PlannedReminder, cap_plan, is_hold_notice
-from .protocols import AGAIN_PREFIX, REPAUSE_STEP, parse_notice_steps
+from .protocols import AGAIN_PREFIX, NOTICE_STEPS, REPAUSE_STEP, parse_notice_steps
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
 from .webhooks import LUA_EMIT
@@ -2211,9 +2211,16 @@ class Store:
                 booking, planned, stored, release) == Status.SCHEDULED:
             # Released: the store's own still to go go back into the schedule with it.
             fields = {**fields, "status": Status.SCHEDULED}
+        offered = booking.patient.channels
         own = [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(
             fields, pending=lambda key: kind is None and is_notice(key)
-            and again_planned(key, as_planned))]
+            and again_planned(key, as_planned) and not notice_off(key, offered))]
+        if kind is None and fields.get("status") != Status.HELD:
+            # A notice the patient's channels moved onto SMS (`notice_elsewhere`).
+            own += [datetime.fromtimestamp(float(f["due_epoch"]), UTC)
+                    for _, f in notice_elsewhere(withdrawn_notices(stored.reminders, offered),
+                                                 stored.reminders, offered, 0)
+                    if f["channel"] == "sms" and f["due_epoch"]]
         if kind is not None:  # this change's own notices
             seq = int(booking_fields.get("seq") or 0) + 1
             old_start = json.loads(stored.doc or "{}").get("starts_at")
@@ -2616,14 +2623,19 @@ class Store:
             # (a begin during the hold took them out of it).
             released = (stored.fields.get("status") == Status.HELD
                         and result.status == Status.SCHEDULED)
+            # A change notice on a channel the patient no longer takes (consent withdrawn):
+            # cancelled, and the change told on a channel they take (`notice_elsewhere`).
+            offered = booking.patient.channels
+            withdrawn = withdrawn_notices(stored.reminders, offered)
             for key, record in stored.reminders.items():
                 sms = key[: -len("email")] + "sms" if key.endswith(":email") else ""
-                if record.get("status") in PENDING and not again_planned(key, plan) and not (
+                if record.get("status") in PENDING and (notice_off(key, offered) or (
+                        not again_planned(key, plan) and not (
                         # By email for its SMS (the cap at send time, `cap_at_send`): it
                         # goes while the plan has its step on SMS and the patient email.
                         sms and "email" in booking.patient.channels
                         and stored.reminders.get(sms, {}).get("status") == Status.SKIPPED
-                        and again_planned(sms, plan)):
+                        and again_planned(sms, plan)))):
                     fields = {"status": Status.CANCELLED, "version": str(version),
                               "reason": "no longer in the plan after a change"}
                     main, _ = encode_reminder(key, fields, stored.fields.get(key, ""),
@@ -2635,6 +2647,12 @@ class Store:
                 elif released and is_notice(key) and record.get("due_epoch") \
                         and record.get("status") in (Status.SCHEDULED, Status.RETRYING):
                     due += [key, record["due_epoch"]]
+            for key, fields in notice_elsewhere(withdrawn, stored.reminders, offered, version):
+                main, _ = encode_reminder(key, fields, text_id=text_id)
+                hset += [key, main]
+                reminders[key] = fields
+                if result.status == Status.SCHEDULED:
+                    due += [key, fields["due_epoch"]]
 
         for change in result.changes:
             key = change.key
@@ -3708,6 +3726,52 @@ def again_planned(key: str, plan: Plan) -> bool:
     else:
         return True
     return any(r.step == step and r.channel == channel for r in plan.reminders)
+
+
+def notice_off(key: str, offered: Sequence[str]) -> bool:
+    """Whether `key` is a change notice on a channel the patient no longer takes."""
+    return key.split("#", 1)[0] in NOTICE_STEPS and key.rpartition(":")[2] not in offered
+
+
+def withdrawn_notices(
+    stored: Mapping[str, Mapping[str, str]], offered: Sequence[str]
+) -> dict[str, Mapping[str, str]]:
+    """The changes (`<kind>#<seq>`) with a notice still to go on a channel the patient no
+    longer takes (their SMS consent withdrawn, say), each with one such record."""
+    out: dict[str, Mapping[str, str]] = {}
+    for key, record in stored.items():
+        if record.get("status") in PENDING and notice_off(key, offered):
+            out.setdefault(key.rpartition(":")[0], record)
+    return out
+
+
+def notice_elsewhere(
+    withdrawn: Mapping[str, Mapping[str, str]], stored: Mapping[str, Mapping[str, str]],
+    offered: Sequence[str], version: int,
+) -> list[tuple[str, dict[str, str]]]:
+    """Return, for each change (`<kind>#<seq>`) whose notice still to go was cancelled for a
+    channel the patient no longer takes (`withdrawn`: one such record each), the same notice
+    on the first channel the patient takes, unless one of that change is to go or went out
+    on a channel they take: the patient still hears of the move or cancel."""
+    out = []
+    for change, record in withdrawn.items():
+        if any(k.rpartition(":")[0] == change and k.rpartition(":")[2] in offered
+               and (r.get("status") in PENDING or went_out(r)) for k, r in stored.items()):
+            continue
+        key = f"{change}:{offered[0]}"
+        if key in stored:  # it was there and did not go (expired, refused): not again
+            continue
+        due = record.get("due_epoch") or record.get("planned_epoch") or ""
+        out.append((key, {
+            "step": record.get("step", ""), "channel": offered[0],
+            "template": record.get("template", ""), "occurrence": record.get("occurrence", ""),
+            "planned_epoch": record.get("planned_epoch") or due, "due_epoch": due,
+            "status": Status.SCHEDULED, "version": str(version),
+            "reason": record.get("reason", ""), "at_booking": "0", "attempts": "0",
+            "expires_epoch": record.get("expires_epoch", ""),
+            "expires_note": record.get("expires_note", ""),
+        }))
+    return out
 
 
 def notice_fields(notice: NoticeReminder, version: int) -> dict[str, str]:
