@@ -11,6 +11,8 @@ so the patient still hears of the move."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from tests import test_notices_sms as ns
 
 DAY_BEFORE = ns.DAY_BEFORE
@@ -62,3 +64,25 @@ def test_an_unrelated_change_keeps_the_sms_notice(rig):
     rig.book(doc)
     assert set(ns.notices(rig.reminders())) == {"rescheduled#1:sms"}
     assert rig.send(SMS_NOTICE) == "sent"
+
+
+def test_email_withdrawn_after_a_move_sends_the_notice_by_sms_counted_by_the_cap(rig):
+    """The other way: told by the confirmation's invite, the move's notice goes by email;
+    the clinic then withdraws email (channels ["sms"]) without a move. The notice goes by
+    SMS instead, and the SMS cap of that same re-submission counts it on its day: the
+    plan's own SMS give way (one SMS a day at this clinic)."""
+    both = ("sms", "email")
+    rig.book(rig.doc(5, channels=both))
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+    rig.book(rig.doc(2, channels=both))
+    assert set(ns.notices(rig.reminders())) == {"rescheduled#1:email"}
+    rig.book(rig.doc(2, channels=("sms",)))
+    shown = rig.reminders()
+    assert shown["rescheduled#1:email"]["status"] == "cancelled"
+    assert shown["rescheduled#1:sms"]["status"] == "scheduled"
+    days: dict[object, list[str]] = {}
+    for key, r in shown.items():
+        if r["channel"] == "sms" and r["status"] in ("scheduled", "retrying", "sent"):
+            day = datetime.fromisoformat(r["due_at"]).astimezone(ns.TZ).date()
+            days.setdefault(day, []).append(key)
+    assert all(len(keys) == 1 for keys in days.values()), days
