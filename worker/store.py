@@ -2223,7 +2223,7 @@ class Store:
                     if f["channel"] == "sms" and f["due_epoch"]]
         if kind is not None:  # this change's own notices
             seq = int(booking_fields.get("seq") or 0) + 1
-            old_start = json.loads(stored.doc or "{}").get("starts_at")
+            old_start = _told_start(stored.fields, stored.doc)
             notices, _ = plan_notices(
                 "rescheduled", stored.reminders, booking, planned.notice_steps, seq=seq,
                 now=now, window=planned.window or SendWindow(),
@@ -2528,7 +2528,7 @@ class Store:
         stamp = utc_iso(now) or ""
         kind = (self._change_kind(booking, booking_fields, stored.doc, str(result.status))
                 if stored.doc != doc or booking_fields.get("status") == Status.CANCELLED
-                else None)
+                or booking_fields.get("held_from") else None)
         new_fields = {
             "status": str(result.status),
             "version": str(version),
@@ -2540,11 +2540,15 @@ class Store:
             "contacts": contacts,
             "late_pause": late,
             "ns": self._intern(plan.notice_steps, texts) if plan.notice_steps else "",
+            # Held: the start the patient was told before the hold (a move while held says
+            # nothing; its release tells it, `_told_start`).
+            "held_from": (_told_start(booking_fields, stored.doc) or ""
+                          if result.status == Status.HELD and stored.doc is not None else ""),
         }
         notices: list[NoticeReminder] = []
         if kind is not None:
             seq = int(booking_fields.get("seq") or 0) + 1
-            old_start = json.loads(stored.doc or "{}").get("starts_at")
+            old_start = _told_start(stored.fields, stored.doc)
             notices, paused = plan_notices(
                 "rescheduled", stored.reminders, booking, plan.notice_steps, seq=seq, now=now,
                 window=plan.window or SendWindow(),
@@ -2716,7 +2720,7 @@ class Store:
             return None
         if stored.get("status") == Status.CANCELLED:
             return "reopened"
-        old = json.loads(doc).get("starts_at")
+        old = _told_start(stored, doc)
         if old and datetime.fromisoformat(old) != booking.starts_at:
             return "moved"
         return None
@@ -3726,6 +3730,15 @@ def again_planned(key: str, plan: Plan) -> bool:
     else:
         return True
     return any(r.step == step and r.channel == channel for r in plan.reminders)
+
+
+def _told_start(fields: Mapping[str, str], doc: str | None) -> str | None:
+    """The appointment's start (ISO 8601) the patient was last told of, as stored: while
+    held, the one before the hold (`held_from`); else the stored document's."""
+    if fields.get("status") == Status.HELD and fields.get("held_from"):
+        return fields["held_from"]
+    start = json.loads(doc or "{}").get("starts_at")
+    return str(start) if start else None
 
 
 def notice_off(key: str, offered: Sequence[str]) -> bool:
