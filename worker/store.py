@@ -115,6 +115,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
+from zoneinfo import ZoneInfo
 
 import orjson
 import redis
@@ -2176,6 +2177,8 @@ class Store:
         its reminders already sent are history (`cap_plan`), not SMS to count again, except
         those that go again for a new date, capped as new SMS. The same count as at send
         time (`send_caps_read`). What it reads of the booking is the apply's own check."""
+        if stored.fields:
+            planned = sent_elsewhere(planned, booking, stored.reminders, now)
         if read is None:
             return planned
         if not stored.fields:
@@ -3711,6 +3714,43 @@ def again_keys(
     pause, _ = parse_notice_steps(notice_steps)
     return frozenset(r.key for r in reminders if _repauses(r, pause, stored, now)
                      or _goes_again(r, pause, stored, start, now))
+
+
+def sent_elsewhere(
+    plan: Plan, booking: Booking, stored: Mapping[str, Mapping[str, str]], now: datetime,
+) -> Plan:
+    """`plan` with each reminder whose step (same occurrence) already went out on another
+    channel skipped, saying so: the patient has it, and a change of their channels does not
+    send it again (nor does the SMS cap count it). Not when that one goes again for a new
+    date (`again_keys`: the plan's own reminder then carries it, `again_planned`)."""
+    pause, _ = parse_notice_steps(plan.notice_steps)
+    tz = ZoneInfo(booking.patient.timezone)
+
+    def skipped(r: PlannedReminder) -> PlannedReminder:
+        if r.status != Status.SCHEDULED or stored.get(r.key, {}).get("status") == Status.SENT:
+            return r
+        for channel in ("email", "sms"):
+            key = r.key[: -len(r.channel)] + channel
+            record = stored.get(key, {})
+            if channel == r.channel or record.get("status") != Status.SENT:
+                continue
+            other = replace(r, key=key, channel=channel)
+            if _repauses(other, pause, stored, now) or _goes_again(
+                    other, pause, stored, booking.starts_at, now):
+                continue
+            sent_at = record.get("sent_at") or ""
+            day = (datetime.fromisoformat(sent_at).astimezone(tz).date().isoformat()
+                   if sent_at else "an earlier day")
+            name = "SMS" if channel == "sms" else channel
+            return replace(r, status=Status.SKIPPED,
+                           reason=f"not sent: already sent by {name} on {day}")
+        return r
+
+    reminders = [skipped(r) for r in plan.reminders]
+    if all(a is b for a, b in zip(reminders, plan.reminders, strict=True)):
+        return plan
+    uncapped = [skipped(r) for r in plan.uncapped] if plan.uncapped is not None else None
+    return replace(plan, reminders=reminders, uncapped=uncapped)
 
 
 def _as_planned(p: Plan) -> list[PlannedReminder]:
