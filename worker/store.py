@@ -3639,18 +3639,24 @@ def repause_fields(
     for r in plan.reminders:
         if not _repauses(r, pause, stored, now):
             continue
-        due = repr(r.due_at.timestamp())
-        out.append((f"{REPAUSE_STEP}#{seq}:{r.channel}", {
-            "step": REPAUSE_STEP, "channel": r.channel, "template": r.template,
-            "occurrence": str(seq), "planned_epoch": due, "due_epoch": due,
-            "status": Status.SCHEDULED, "version": str(version),
-            "reason": f"the appointment moved after it had gone out: again for the new date "
-                      f"({r.reason})",
-            "at_booking": "0", "attempts": "0",
-            "expires_epoch": repr(r.expires_at.timestamp()) if r.expires_at else "",
-            "expires_note": r.expires_note,
-        }))
+        out.append((f"{REPAUSE_STEP}#{seq}:{r.channel}", _again_record(
+            r, REPAUSE_STEP, seq, version,
+            f"the appointment moved after it had gone out: again for the new date ({r.reason})")))
     return out
+
+
+def _again_record(r: PlannedReminder, step: str, occurrence: int, version: int,
+                  reason: str) -> dict[str, str]:
+    """The stored record of `r` sent again for a new date as `step` (a repause, an again)."""
+    due = repr(r.due_at.timestamp())
+    return {
+        "step": step, "channel": r.channel, "template": r.template,
+        "occurrence": str(occurrence), "planned_epoch": due, "due_epoch": due,
+        "status": Status.SCHEDULED, "version": str(version), "reason": reason,
+        "at_booking": "0", "attempts": "0",
+        "expires_epoch": repr(r.expires_at.timestamp()) if r.expires_at else "",
+        "expires_note": r.expires_note,
+    }
 
 
 def again_fields(
@@ -3667,20 +3673,13 @@ def again_fields(
     pause, _ = parse_notice_steps(plan.notice_steps)
     out = []
     for r in plan.reminders:
-        due = repr(r.due_at.timestamp())
         if not _goes_again(r, pause, stored, start, now):
             continue
         step = f"{AGAIN_PREFIX}{r.step}"
-        out.append((f"{step}#{seq}:{r.channel}", {
-            "step": step, "channel": r.channel, "template": r.template,
-            "occurrence": str(r.occurrence), "planned_epoch": due, "due_epoch": due,
-            "status": Status.SCHEDULED, "version": str(version),
-            "reason": f"the appointment moved after it had gone out for the old date: again "
-                      f"for the new date ({r.reason})",
-            "at_booking": "0", "attempts": "0",
-            "expires_epoch": repr(r.expires_at.timestamp()) if r.expires_at else "",
-            "expires_note": r.expires_note,
-        }))
+        out.append((f"{step}#{seq}:{r.channel}", _again_record(
+            r, step, r.occurrence, version,
+            "the appointment moved after it had gone out for the old date: again for the new "
+            f"date ({r.reason})")))
     return out
 
 
