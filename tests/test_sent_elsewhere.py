@@ -12,9 +12,11 @@ cap does not count it. The store's own messages again for a new date still go
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from tests import test_notices_sms as ns
+from worker.models import parse_booking
+from worker.planner import plan
 
 gate = ns.gate  # fixtures
 rig = ns.rig
@@ -74,3 +76,27 @@ def test_moved_then_email_withdrawn_no_confirmation_by_sms_and_the_day_before_st
             when = datetime.fromisoformat(r["due_at"]).astimezone(ns.TZ).date()
             days.setdefault(when, []).append(key)
     assert all(len(keys) == 1 for keys in days.values()), days
+
+
+
+def test_a_step_planned_on_both_channels_keeps_its_sms_once_its_email_went(rig):
+    """"Stop tretinoin tonight" goes by SMS and by email (the protocol plans both). Its email
+    went at its time; its SMS is still to go (the gateway answered 503 and it waits for its
+    retry). The clinic sends the same booking again (a sync) ten minutes later: the SMS is
+    still one the plan sends, not "already sent by email"."""
+    doc = rig.doc(10, channels=BOTH)
+    doc["medications"] = {"tretinoin": True, "retinol": False}
+    rig.book(doc)
+    assert rig.send("sk/M-1/stop-retinoids:email") == "sent"
+    due = datetime.fromisoformat(rig.reminders()["stop-retinoids:sms"]["due_at"])
+    later = due + timedelta(minutes=10)  # past its time, the SMS not sent yet
+    booking = parse_booking(doc, rig.catalog)
+    rig.store.upsert(booking, plan(booking, rig.catalog.protocols["microneedling"],
+                                   rig.catalog.clinics["sk"], later), later)
+    sms = rig.reminders()["stop-retinoids:sms"]
+    assert sms["status"] == "scheduled", sms["reason"]
+    assert "already sent" not in (sms["reason"] or ""), sms
+    before = len(rig.gate.bodies)
+    assert rig.send("sk/M-1/stop-retinoids:sms") == "sent"
+    (text,) = [b["message"] for b in rig.gate.bodies[before:]]
+    assert "tretinoin" in text.lower(), text

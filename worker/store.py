@@ -3719,11 +3719,13 @@ def sent_elsewhere(
     plan: Plan, booking: Booking, stored: Mapping[str, Mapping[str, str]], now: datetime,
 ) -> Plan:
     """`plan` with each reminder whose step (same occurrence) already went out on another
-    channel skipped, saying so: the patient has it, and a change of their channels does not
-    send it again (nor does the SMS cap count it). Not when that one goes again for a new
+    channel, one the plan no longer sends it on, skipped, saying so: the patient has it, and a
+    change of their channels does not send it again (nor does the SMS cap count it). A step
+    the plan sends on both channels keeps each copy. Not when that one goes again for a new
     date (`again_keys`: the plan's own reminder then carries it, `again_planned`)."""
     pause, _ = parse_notice_steps(plan.notice_steps)
     tz = ZoneInfo(booking.patient.timezone)
+    planned = {r.key for r in _as_planned(plan)}
 
     def skipped(r: PlannedReminder) -> PlannedReminder:
         if r.status != Status.SCHEDULED or stored.get(r.key, {}).get("status") == Status.SENT:
@@ -3731,8 +3733,8 @@ def sent_elsewhere(
         for channel in ("email", "sms"):
             key = r.key[: -len(r.channel)] + channel
             record = stored.get(key, {})
-            if channel == r.channel or record.get("status") != Status.SENT:
-                continue
+            if channel == r.channel or record.get("status") != Status.SENT or key in planned:
+                continue  # a step the plan sends on both channels: each copy goes
             other = replace(r, key=key, channel=channel)
             if _repauses(other, pause, stored, now) or _goes_again(
                     other, pause, stored, booking.starts_at, now):
