@@ -86,3 +86,27 @@ def test_email_withdrawn_after_a_move_sends_the_notice_by_sms_counted_by_the_cap
             day = datetime.fromisoformat(r["due_at"]).astimezone(ns.TZ).date()
             days.setdefault(day, []).append(key)
     assert all(len(keys) == 1 for keys in days.values()), days
+
+
+def test_channels_withdrawn_then_given_back_the_move_is_still_told(rig):
+    """SMS only, the move's notice waiting by SMS; the clinic switches the patient to email
+    (the notice moves to email), then back to SMS before it went: the email copy is cancelled
+    as withdrawn, and the SMS copy, cancelled by the first switch (not expired, not refused),
+    goes again. Both were left cancelled: the patient never heard of the move."""
+    rig.book(rig.doc(5, channels=("sms",)))
+    assert rig.send("sk/M-1/booking-confirmation:sms") == "sent"
+    rig.book(rig.doc(4, channels=("sms",)))
+    assert rig.reminders()["rescheduled#1:sms"]["status"] == "scheduled"
+    rig.book(rig.doc(4, channels=("email",)))
+    assert rig.reminders()["rescheduled#1:email"]["status"] == "scheduled"
+    rig.book(rig.doc(4, channels=("sms",)))
+    shown = rig.reminders()
+    assert shown["rescheduled#1:email"]["status"] == "cancelled", shown["rescheduled#1:email"]
+    assert shown["rescheduled#1:sms"]["status"] == "scheduled", shown["rescheduled#1:sms"]
+    before = len(rig.gate.bodies)
+    assert rig.send(SMS_NOTICE) == "sent"
+    (text,) = [b["message"] for b in rig.gate.bodies[before:]]
+    assert "moved" in text.lower(), text
+    version = rig.store.timeline("sk", "M-1")["version"]
+    rig.book(rig.doc(4, channels=("sms",)))  # the same again: nothing changes
+    assert rig.store.timeline("sk", "M-1")["version"] == version

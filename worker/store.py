@@ -3813,8 +3813,9 @@ def notice_elsewhere(
                and (r.get("status") in PENDING or went_out(r)) for k, r in stored.items()):
             continue
         key = f"{change}:{offered[0]}"
-        if key in stored:  # it was there and did not go (expired, refused): not again
-            continue
+        if key in stored and stored[key].get("status") != Status.CANCELLED:
+            continue  # it was there and did not go (expired, refused): not again
+        # (Cancelled: a channel withdrawn before it went, now given back: it goes.)
         due = record.get("due_epoch") or record.get("planned_epoch") or ""
         out.append((key, {
             "step": record.get("step", ""), "channel": offered[0],
