@@ -2596,31 +2596,35 @@ class Store:
         def text_id(text: str) -> str:
             return self._intern(text, texts)
 
+        def cancel(key: str, reason: str) -> None:
+            """A stored reminder of the store's own (a notice, a message again) called off."""
+            fields = {"status": Status.CANCELLED, "version": str(version), "reason": reason}
+            main, _ = encode_reminder(key, fields, stored.fields.get(key, ""), text_id=text_id)
+            hset.extend([key, main])
+            reminders[key] = reminders.get(key, {}) | fields
+            rm_due.append(key)
+            rm_lease.append(key)
+
+        def add(key: str, fields: dict[str, str], due_epoch: str | None) -> None:
+            """A new reminder of the store's own, scheduled at `due_epoch` if given."""
+            main, _ = encode_reminder(key, fields, text_id=text_id)
+            hset.extend([key, main])
+            reminders[key] = fields
+            if due_epoch is not None:
+                due.extend([key, due_epoch])
+
         if kind is not None:
             for key, record in stored.reminders.items():
                 if is_notice(key) and record.get("status") in PENDING:
-                    fields = {"status": Status.CANCELLED, "version": str(version),
-                              "reason": "superseded by a later change"}
-                    main, _ = encode_reminder(key, fields, stored.fields.get(key, ""),
-                                              text_id=text_id)
-                    hset += [key, main]
-                    reminders[key] = reminders.get(key, {}) | fields
-                    rm_due.append(key)
-                    rm_lease.append(key)
+                    cancel(key, "superseded by a later change")
             for notice in notices:
-                fields = notice_fields(notice, version)
-                main, _ = encode_reminder(notice.key, fields, text_id=text_id)
-                hset += [notice.key, main]
-                reminders[notice.key] = fields
-                due += [notice.key, _num(notice.due_at.timestamp())]
+                add(notice.key, notice_fields(notice, version),
+                    _num(notice.due_at.timestamp()))
             for key, fields in [
                     *repause_fields(plan, stored.reminders, seq, version, now),
                     *again_fields(plan, stored.reminders, booking.starts_at, seq, version, now)]:
-                main, _ = encode_reminder(key, fields, text_id=text_id)
-                hset += [key, main]
-                reminders[key] = fields
-                if result.status == Status.SCHEDULED:
-                    due += [key, _num(float(fields["due_epoch"]))]
+                add(key, fields, _num(float(fields["due_epoch"]))
+                    if result.status == Status.SCHEDULED else None)
         else:
             # A message again for the new date goes while the plan has its step on its
             # channel: the patient's channels (consent) or the SMS cap changed that, and the
@@ -2643,23 +2647,13 @@ class Store:
                         sms and "email" in booking.patient.channels
                         and stored.reminders.get(sms, {}).get("status") == Status.SKIPPED
                         and again_planned(sms, plan)))):
-                    fields = {"status": Status.CANCELLED, "version": str(version),
-                              "reason": "no longer in the plan after a change"}
-                    main, _ = encode_reminder(key, fields, stored.fields.get(key, ""),
-                                              text_id=text_id)
-                    hset += [key, main]
-                    reminders[key] = reminders.get(key, {}) | fields
-                    rm_due.append(key)
-                    rm_lease.append(key)
+                    cancel(key, "no longer in the plan after a change")
                 elif released and is_notice(key) and record.get("due_epoch") \
                         and record.get("status") in (Status.SCHEDULED, Status.RETRYING):
                     due += [key, record["due_epoch"]]
             for key, fields in notice_elsewhere(withdrawn, stored.reminders, offered, version):
-                main, _ = encode_reminder(key, fields, text_id=text_id)
-                hset += [key, main]
-                reminders[key] = fields
-                if result.status == Status.SCHEDULED:
-                    due += [key, fields["due_epoch"]]
+                add(key, fields, fields["due_epoch"]
+                    if result.status == Status.SCHEDULED else None)
 
         for change in result.changes:
             key = change.key
