@@ -395,3 +395,45 @@ def test_a_corrected_phone_keeps_the_again_the_send_time_cap_sent_by_email(rig):
     assert rig.reminders()["again-prep#1:email"]["status"] == "scheduled"
     assert rig.send("M-1", "again-prep#1:email", rig.at(6, 9)) == "sent"
     assert [m.to for m in rig.smtp.snapshot()] == ["ana@example.com"]
+
+
+def test_a_held_bookings_again_still_to_go_counts_for_the_patients_other_booking(rig):
+    """Another booking, not the held one. After a move the day-before goes again (X+5 10:00,
+    visit moved to X+6); the clinic enters a recent isotretinoin dose (held: the again is out
+    of the schedule until the release). The patient's other booking, booked while it is held,
+    has its evening SMS on X+5 19:00: a held booking's reminders still to go counted for no
+    other booking, so it kept X+5; the release puts the again back (the store's own
+    reminders are not capped again, only counted), and both went, two SMS on X+5. The
+    held booking's own reminders still to go (the again, a notice) count for the others."""
+    folder = rig.settings.config_dir / "protocols"
+    (folder / "eve3.toml").write_text((folder / "eve2.toml").read_text(encoding="utf-8").replace(
+        'name = "Two texts"', 'name = "Two texts"\nisotretinoin_washout_days = 182'),
+        encoding="utf-8")
+    rig.catalog = rig.ctx.catalog = Catalog.load(rig.settings)
+
+    def book(visit: int, now: datetime, dose: date | None = None, release: bool = False) -> None:
+        booking = parse_booking({
+            "clinic": "rp", "booking_id": "M-1", "treatment": "eve3",
+            "starts_at": datetime.combine(day(rig, visit), time(14, 30), TZ).isoformat(),
+            "patient": {"name": "Ana López", "phone": PHONE, "timezone": "Europe/Madrid",
+                        "locale": "en", "channels": ["sms"]},
+            "medications": {"tretinoin": False, "retinol": False,
+                            "isotretinoin_last_dose": dose and dose.isoformat()}}, rig.catalog)
+        rig.store.upsert(booking, plan(booking, rig.catalog.protocols["eve3"],
+                                       rig.catalog.clinics["rp"], now), now, release=release)
+
+    book(3, rig.at(0, 9))
+    assert rig.send("M-1", "day-before:sms", rig.at(2, 10)) == "sent"
+    book(6, rig.at(2, 11))
+    assert rig.due("again-day-before#1:sms") == rig.at(5, 10)
+    book(6, rig.at(2, 12), day(rig, -30))
+    assert rig.store.timeline("rp", "M-1")["status"] == "held"
+    rig.book("M-2", 4, rig.at(2, 12, 30), treatment="eve")  # its SMS: X+5 19:00 as planned
+    assert rig.reminders("M-2")["evening:sms"]["status"] == "scheduled"
+    book(6, rig.at(2, 13), day(rig, -30), release=True)
+    assert rig.reminders()["again-day-before#1:sms"]["status"] == "scheduled"
+    assert rig.send("M-1", "again-day-before#1:sms", rig.at(5, 10)) == "sent"
+    moved = rig.due("evening:sms", "M-2")
+    assert rig.send("M-2", "evening:sms", moved) == "sent"
+    assert Counter(d for d, _ in rig.sent) == {day(rig, 2): 1, day(rig, 5): 1,
+                                               moved.astimezone(TZ).date(): 1}

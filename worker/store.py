@@ -599,8 +599,14 @@ return {verdict}
 # restamp: whether the patient's SMS at the clinic are still what the decision read.
 _CAPS_GUARD = """
 -- When a stored booking's SMS go or went, as stored, leaving out the reminder `skip`: the
--- same as `_sms_slots` in Python (sent: when; to go: unless the booking is held; an email
--- with the flag "s" counts as an SMS).
+-- same as `_sms_slots` in Python (sent: when; to go: unless the booking is held, but for
+-- the store's own, which a release puts back as they are; an email with the flag "s"
+-- counts as an SMS).
+local function store_own(f)
+  local step = step_of(f)
+  return step == 'rescheduled' or step == 'cancelled' or step == 'repause'
+    or string.sub(step, 1, 6) == 'again-'
+end
 local function sms_slots(obkey, skip)
   local flat = redis.call('HGETALL', obkey)
   local h = {}
@@ -619,7 +625,7 @@ local function sms_slots(obkey, skip)
         if st == ST_SENT then
           local sa = split(h[f .. '+'] or '', 6)
           when = sa[A_SENT] ~= '' and sa[A_SENT] or (s[R_DUE] ~= '' and s[R_DUE] or s[R_PLAN])
-        elseif is_pending(st) and not held then
+        elseif is_pending(st) and (not held or store_own(f)) then
           when = s[R_DUE] ~= '' and s[R_DUE] or s[R_PLAN]
         end
         if when and when ~= '' then table.insert(out, when) end
@@ -3561,8 +3567,10 @@ class Store:
 
 def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
     """When a stored booking's SMS go or went: sent ones, and those still to go unless the
-    booking is held (a hold sends nothing until the clinic's review); its emails that went
-    by SMS (flag "s") count as SMS."""
+    booking is held (a hold sends nothing until the clinic's review, whose release caps its
+    plan again), but for the store's own (`is_notice`: a notice, a message again for a new
+    date), which the release puts back as they are; its emails that went by SMS (flag "s")
+    count as SMS."""
     return [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(fields)]
 
 
@@ -3586,7 +3594,8 @@ def _sms_slots(
         if status == Status.SENT:
             a = _split(fields.get(key + "+"), len(ATTEMPT_SLOTS))
             when = a[3] or r[3] or r[2]
-        elif status in PENDING and not held and (pending is None or pending(key)):
+        elif status in PENDING and (not held or is_notice(key)) and (
+                pending is None or pending(key)):
             when = r[3] or r[2]
         else:
             continue
