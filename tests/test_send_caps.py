@@ -9,6 +9,7 @@ the store's retention); the send path's clock is fixed (`Clock`), never the real
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -402,3 +403,50 @@ def test_a_patient_unsubscribed_from_email_gets_it_on_a_later_day(rig):
     assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "deferred"
     assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=2), 9)
     assert "evening:email" not in {r["id"] for r in rig.store.timeline("cap", "A-1")["reminders"]}
+
+
+def test_two_backlog_sms_of_two_bookings_claimed_at_once_one_goes_that_day(rig, monkeypatch):
+    """Forced race between two attempts: after an outage A-1's SMS (D 19:00) and A-2's (D+1
+    10:00) are both found on D+2 11:00 and claimed at once. A-1's attempt has read D+2 free
+    when A-2's attempt reads it free too, is counted on D+2 and goes. A-1's count on D+2
+    (`Store.restamp`) checks what it read: it reads again and moves to D+3: one SMS a day."""
+    d = two_bookings(rig)
+    d2 = d + timedelta(days=2)
+    real = rig.store.send_caps_read
+    read_a1, go_on = threading.Event(), threading.Event()
+
+    def parked(ref: str, *args: Any, **kwargs: Any) -> Any:
+        read = real(ref, *args, **kwargs)
+        if ref.endswith("/A-1/evening:sms") and not read_a1.is_set():
+            read_a1.set()
+            assert go_on.wait(10)
+        return read
+
+    monkeypatch.setattr(rig.store, "send_caps_read", parked)
+    results: list[str] = []
+    first = threading.Thread(target=lambda: results.append(
+        rig.send("A-1", "evening:sms", rig.local(d2, 11))))
+    first.start()
+    assert read_a1.wait(10)
+    assert rig.send("A-2", "morning:sms", rig.local(d2, 11)) == "sent"
+    go_on.set()
+    first.join(10)
+    assert results == ["deferred"]
+    assert len(rig.sms.snapshot()) == 1
+    rig.sent_days = [d2]  # the parked attempt's count saw A-2's SMS: it sent none
+    assert rig.due("A-1", "evening:sms") == rig.local(d + timedelta(days=3), 11)
+    monkeypatch.setattr(rig.store, "send_caps_read", real)
+    rig.deliver_the_rest()
+    assert Counter(rig.sent_days) == {d2: 1, d + timedelta(days=3): 1}
+
+
+def test_two_backlog_care_critical_sms_claimed_at_once_both_go(rig):
+    """The cap-exempt ones: two care-critical SMS (no email) found late on the same day
+    both go, each saying it goes beyond the cap."""
+    d = rig.day
+    rig.book("A-1", "evecrit", d - timedelta(days=1))
+    rig.book("A-2", "evecrit", d)
+    d2 = d + timedelta(days=2)
+    assert rig.send("A-1", "evening:sms", rig.local(d2, 11)) == "sent"
+    assert rig.send("A-2", "evening:sms", rig.local(d2, 11)) == "sent"
+    assert rig.sent_days == [d2, d2]
