@@ -2183,14 +2183,13 @@ class Store:
         its reminders already sent are history (`cap_plan`), not SMS to count again, except
         those that go again for a new date, capped as new SMS. The same count as at send
         time (`send_caps_read`). What it reads of the booking is the apply's own check."""
-        if stored.fields:
-            planned = sent_elsewhere(planned, booking, stored.reminders, now)
+        if not stored.fields:
+            return planned if read is None else cap_plan(planned, booking, read.taken)
+        kind = self._replan_kind(booking, planned, stored, release)
+        planned = sent_elsewhere(planned, booking, stored.reminders, now, kind is not None)
         if read is None:
             return planned
-        if not stored.fields:
-            return cap_plan(planned, booking, read.taken)
         base = _as_planned(planned)
-        kind = self._replan_kind(booking, planned, stored, release)
         if kind is None and "email" in booking.patient.channels:
             # A message again for a new date that the cap sent by email at the move (its
             # step's SMS sent for the old date; the email no step's own reminder) stays as
@@ -3718,17 +3717,38 @@ def again_keys(
                      or _goes_again(r, pause, stored, start, now))
 
 
+# The reason of a plan's reminder that carries its step for a new date on a channel the
+# step did not go on for the old one (`sent_elsewhere`): a later re-submission without a
+# move finds it there and keeps it.
+_CARRIES_AGAIN = "for the old date: again for the new date ("
+
+
 def sent_elsewhere(
     plan: Plan, booking: Booking, stored: Mapping[str, Mapping[str, str]], now: datetime,
+    moved: bool,
 ) -> Plan:
     """`plan` with each reminder whose step (same occurrence) already went out on another
     channel, one the plan no longer sends it on, skipped, saying so: the patient has it, and a
     change of their channels does not send it again (nor does the SMS cap count it). A step
     the plan sends on both channels keeps each copy. Not when that one goes again for a new
-    date (`again_keys`: the plan's own reminder then carries it, `again_planned`)."""
+    date (`again_keys`: the plan's own reminder then carries it, `again_planned`, and says
+    so): only after a move since it went, this change (`moved`, the change kind of
+    `_change_kind`, which alone makes messages again) or an earlier one whose copy for the
+    new date is still to go (an again or repause of the step on that channel, or this
+    reminder as that move's carrier). A step's time changed without a move (a corrected
+    timezone, a narrower send window, a protocol edit) sends nothing again."""
     pause, _ = parse_notice_steps(plan.notice_steps)
     tz = ZoneInfo(booking.patient.timezone)
     planned = {r.key for r in _as_planned(plan)}
+
+    def again_to_go(r: PlannedReminder, channel: str) -> bool:
+        """Whether an earlier move's copy of `r`'s step for the new date is still to go."""
+        own = stored.get(r.key, {})
+        if own.get("status") in PENDING and _CARRIES_AGAIN in own.get("reason", ""):
+            return True
+        prefix = f"{REPAUSE_STEP}#" if r.step == pause else f"{AGAIN_PREFIX}{r.step}#"
+        return any(key.startswith(prefix) and key.endswith(f":{channel}")
+                   and record.get("status") in PENDING for key, record in stored.items())
 
     def skipped(r: PlannedReminder) -> PlannedReminder:
         if r.status != Status.SCHEDULED or stored.get(r.key, {}).get("status") == Status.SENT:
@@ -3738,14 +3758,16 @@ def sent_elsewhere(
             record = stored.get(key, {})
             if channel == r.channel or record.get("status") != Status.SENT or key in planned:
                 continue  # a step the plan sends on both channels: each copy goes
+            name = "SMS" if channel == "sms" else channel
             other = replace(r, key=key, channel=channel)
-            if _repauses(other, pause, stored, now) or _goes_again(
-                    other, pause, stored, booking.starts_at, now):
-                continue
+            if (_repauses(other, pause, stored, now) or _goes_again(
+                    other, pause, stored, booking.starts_at, now)) and (
+                    moved or again_to_go(r, channel)):
+                return replace(r, reason=(f"the appointment moved after it had gone out by "
+                                          f"{name} {_CARRIES_AGAIN}{r.reason})"))
             sent_at = record.get("sent_at") or ""
             day = (datetime.fromisoformat(sent_at).astimezone(tz).date().isoformat()
                    if sent_at else "an earlier day")
-            name = "SMS" if channel == "sms" else channel
             return replace(r, status=Status.SKIPPED,
                            reason=f"not sent: already sent by {name} on {day}")
         return r
