@@ -16,6 +16,7 @@ from typing import Literal
 from .planner import Plan, PlannedReminder, is_hold_notice
 from .status import PENDING, Status
 
+OPTED_OUT = "opted_out: "  # the reason of a reminder the patient's opt-out skipped
 # What happens to a reminder's place in the schedule:
 #   due     in the due set at its due_epoch (and out of the lease and dead letters)
 #   remove  out of the due set, the lease and the dead letters
@@ -124,7 +125,11 @@ def reconcile_one(
     if old_status == Status.FAILED and new is not None and not doc_changed:
         return None  # dead letter: the same booking again changes nothing; replay does
     if new is None:
-        if old_status in PENDING or old_status == Status.FAILED:
+        # A reminder the patient's opt-out skipped (worker/store.py `opt_in` puts those back
+        # when the patient opts in again) is cancelled too: no longer the plan's.
+        if old_status in PENDING or old_status == Status.FAILED or (
+                old_status == Status.SKIPPED
+                and stored.get("reason", "").startswith(OPTED_OUT)):
             fields = {"status": Status.CANCELLED, "reason": "no longer in the plan after a change"}
             return fields, "remove"
         return None

@@ -120,12 +120,12 @@ from zoneinfo import ZoneInfo
 import orjson
 import redis
 
-from .clinics import SendWindow
+from .clinics import SendWindow, SmsSettings
 from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices, sent, went_out
 from .optout import normal_contact
-from .planner import _LATE, Plan, PlannedReminder, cap_plan, is_hold_notice
+from .planner import _LATE, Plan, PlannedReminder, cap_plan, is_hold_notice, sms_fits
 from .protocols import AGAIN_PREFIX, NOTICE_STEPS, REPAUSE_STEP, parse_notice_steps
 from .reconcile import reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
@@ -1023,17 +1023,52 @@ return 'cancelled'
 # skips it with the reason, or sends a care-critical email step by SMS; `still_owned` sends
 # nothing and puts it back for the next begin to decide); past it, the delivery is
 # recorded as sent. So exactly one of sent and skipped is counted and told for it. An
-# email of a care-critical step is left to go by SMS when the patient allows SMS. mode
-# 'in' removes the opt-out (reminders skipped stay skipped: a later change of the booking
-# plans them again). Returns {1 if the address was not opted out before (0 if it was),
-# number skipped, booking ids touched...}; mode 'in': {1 if it was opted out}.
+# email of a care-critical step is left to go by SMS when the patient allows SMS. Returns
+# {1 if the address was not opted out before (0 if it was), number skipped, booking ids
+# touched...}.
+# Mode 'in' removes the opt-out and puts back into the schedule the reminders Python chose
+# (`Store.opt_in`): ARGV[9] the bookings' hashes as read ({booking id, flat fields}), ARGV[10]
+# the reminders to resume ({booking id, key, due score}), `why` their reason. Only if every
+# hash read is unchanged (else {-1}: read again); an SMS resumed bumps its booking's `smsv`
+# (the SMS cap's guards of other writes read it). Returns {1 if it was opted out, number
+# resumed}.
 _OPT_OUT = """
 local optkey, due_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
 local prefix, clinic, channel, contact, why, mode, hooks, critical =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local field = channel .. ':' .. contact
 if mode == 'in' then
-  return {redis.call('HDEL', optkey, field)}
+  local read, resume = cjson.decode(ARGV[9] or '[]'), cjson.decode(ARGV[10] or '[]')
+  for _, b in ipairs(read) do
+    local flat = redis.call('HGETALL', prefix .. ':b:' .. clinic .. '/' .. b[1])
+    local expected = b[2]
+    if #flat ~= #expected then return {-1} end
+    local want = {}
+    for j = 1, #expected, 2 do want[expected[j]] = expected[j + 1] end
+    for j = 1, #flat, 2 do
+      if want[flat[j]] ~= flat[j + 1] then return {-1} end
+    end
+  end
+  local was = redis.call('HDEL', optkey, field)
+  local resumed, bumped = 0, {}
+  for _, item in ipairs(resume) do
+    local booking_id, key, score = item[1], item[2], item[3]
+    local bkey = prefix .. ':b:' .. clinic .. '/' .. booking_id
+    local r, a = load(bkey, key)
+    if r and r[R_ST] == ST_SKIPPED then
+      r[R_ST] = ST_SCHEDULED
+      r[R_WHY] = inline(why)
+      save(bkey, key, r, a)
+      redis.call('ZADD', due_key, score, clinic .. '/' .. booking_id .. '/' .. key)
+      count_metric(prefix, 'scheduled', clinic, key)
+      resumed = resumed + 1
+      if channel_of(key) == 'sms' and not bumped[booking_id] then
+        bumped[booking_id] = true
+        redis.call('HINCRBY', bkey, 'smsv', 1)
+      end
+    end
+  end
+  return {was, resumed}
 end
 -- ARGV[9]: the addresses of these bookings' documents, normalised in Python (contact_of).
 local norms = cjson.decode(ARGV[9])
@@ -1373,6 +1408,52 @@ class OptOut(tuple[int, list[str]]):
         self = super().__new__(cls, (skipped, touched))
         self.first = first
         return self
+
+
+@dataclass(frozen=True)
+class OptIn:
+    """`Store.opt_in`'s answer: whether the address was opted out (its truth value) and how
+    many reminders were put back into the schedule."""
+
+    was: bool
+    resumed: int
+
+    def __bool__(self) -> bool:
+        return self.was
+
+
+def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact: str,
+               now: float) -> list[tuple[float, str, ZoneInfo]]:
+    """The reminders of a stored booking that an opt-in of `contact` from `channel` puts
+    back: (due, key, the patient's timezone). Those the opt-out skipped (reason
+    "opted_out: ", at STOP or at their begin) in a scheduled booking whose patient still has
+    this address and takes this channel, due (and not expired) after `now`; not a reminder
+    the store added on a change (a notice, a message again: a later change supersedes
+    those). A step the booking no longer plans is never among them: a change of the
+    booking cancels such a skipped reminder (worker/reconcile.py)."""
+    if fields.get("status") != Status.SCHEDULED or doc is None:
+        return []
+    try:
+        patient = json.loads(doc)["patient"]
+        address = patient["phone" if channel == "sms" else "email"]
+        tz = ZoneInfo(patient["timezone"])
+    except (ValueError, KeyError, TypeError):  # a stored document is valid: not expected
+        return []
+    if not isinstance(address, str) or normal_contact(channel, address) != contact \
+            or channel not in (patient.get("channels") or []):
+        return []
+    out = []
+    for key, value in fields.items():
+        if not is_reminder_field(key) or not key.endswith(f":{channel}") or is_notice(key):
+            continue
+        r = _split(value, len(REMINDER_SLOTS))
+        if STATUS_OF.get(r[0]) != Status.SKIPPED or not r[8].startswith("opted_out: "):
+            continue
+        due = float(r[3] or r[2] or 0)
+        if due <= now or (r[4] and float(r[4]) <= now):
+            continue  # its time passed while opted out: not sent late
+        out.append((due, key, tz))
+    return out
 
 
 # `connect` makes the client with decode_responses=True, so every reply is str; redis-py
@@ -3382,15 +3463,62 @@ class Store:
             raise RuntimeError(f"opt-out at {clinic}: the bookings' addresses kept changing")
         return OptOut(int(reply[1]), [str(b) for b in reply[2:]], first=bool(int(reply[0])))
 
-    def opt_in(self, clinic: str, channel: str, contact: str) -> bool:
-        """Remove the opt-out of `contact` from `channel` at `clinic`; return whether it was."""
+    def opt_in(self, clinic: str, channel: str, contact: str, *,
+               caps: SmsSettings | None = None, why: str = "") -> OptIn:
+        """Remove the opt-out of `contact` from `channel` at `clinic`, and put back into the
+        schedule, at their planned time, its reminders of that channel that the opt-out
+        skipped and whose time is still ahead (`_resumable`): true if it was opted out.
+
+        Those whose time passed while the patient was opted out are not sent late. An SMS
+        resumes only where the clinic's SMS cap (`caps`) has room, counting the patient's
+        SMS in all their bookings at the clinic (a booking stored meanwhile may have taken
+        the day: then it stays skipped). Atomic with what was read (see _OPT_OUT).
+        `why`: the patient's request and when (the resumed reminders' reason).
+        """
         self._ready()
-        reply = self._opt_out(
-            keys=[self.optout_key(clinic), self.due_key, self.lease_key],
-            args=[self.prefix, clinic, channel, normal_contact(channel, contact), "", "in", "",
-                  ""],
-        )
-        return bool(int(reply[0]))
+        contact = normal_contact(channel, contact)
+        reason = f"opted in again: {why}" if why else "opted in again"
+        for _ in range(_NORMS_TRIES):  # again only if a booking changed meanwhile
+            now = time.time()
+            bookings = self.contact_bookings(clinic, channel, contact)
+            pipe = self.redis.pipeline(transaction=False)
+            for booking_id in bookings:
+                pipe.hgetall(self.booking_key(clinic, booking_id))
+                pipe.get(self.doc_key(clinic, booking_id))
+            replies = pipe.execute()
+            read: list[list[Any]] = []
+            taken: list[float] = []  # the patient's SMS at the clinic (sent or to go)
+            candidates: list[tuple[float, str, str, ZoneInfo]] = []
+            for booking_id, raw, doc in zip(bookings, replies[0::2], replies[1::2],
+                                            strict=True):
+                fields = _str_hash(raw)
+                if not fields:
+                    continue
+                read.append([booking_id, [x for kv in fields.items() for x in kv]])
+                taken += [float(when) for when in _sms_slots(fields)]
+                found = _resumable(fields, cast(str | None, doc), channel, contact, now)
+                candidates += [(due, booking_id, key, tz) for due, key, tz in found]
+            resume: list[list[Any]] = []
+            for due, booking_id, key, tz in sorted(candidates):
+                if channel == "sms" and caps is not None:
+                    counts: dict[int, int] = {}
+                    for when in taken:
+                        day = datetime.fromtimestamp(when, tz).toordinal()
+                        counts[day] = counts.get(day, 0) + 1
+                    day = datetime.fromtimestamp(due, tz).toordinal()
+                    if not sms_fits(counts, day, caps.max_per_day, caps.max_per_week):
+                        continue  # the day is taken: it stays skipped
+                    taken.append(due)
+                resume.append([booking_id, key, _num(due)])
+            reply = self._opt_out(
+                keys=[self.optout_key(clinic), self.due_key, self.lease_key],
+                args=[self.prefix, clinic, channel, contact, reason, "in", "", "",
+                      json.dumps(read, separators=(",", ":")),
+                      json.dumps(resume, separators=(",", ":"))],
+            )
+            if int(reply[0]) != -1:
+                return OptIn(bool(int(reply[0])), int(reply[1]))
+        raise RuntimeError(f"opt-in at {clinic}: the patient's bookings kept changing")
 
     def opted_out(self, clinic: str, channel: str, contact: str) -> str | None:
         """Return why `contact` is opted out of `channel` at `clinic`, or None."""

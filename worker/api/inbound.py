@@ -15,8 +15,9 @@ Spanish), and the answer goes back as TwiML in the response, so the provider sen
               still to be sent, in every booking of that number at the clinic, is skipped
               with the reason, and the send-time check refuses any other (worker/store.py).
               One confirmation reply, then nothing else.
-  start       opted in again (reminders skipped meanwhile stay skipped; a change of the
-              booking plans them again).
+  start       opted in again: the SMS reminders the opt-out skipped whose time is still
+              ahead go back into the schedule at their planned time, where the SMS cap has
+              room (worker/store.py `opt_in`); those whose time passed are not sent late.
   help        the clinic's name, phone, and how to stop (answered even when opted out).
   confirm     the number's next visit is confirmed: `confirmed_at` on its timeline and a
               `patient.replied` event (reply "confirm").
@@ -174,8 +175,10 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
         # answer), not a second one arriving at the same time or later.
         return intent, answer("stop") if done.first else None
     if intent == "start":
-        store.opt_in(clinic.id, "sms", phone)
-        log.info("inbound SMS for clinic %s: opted in again", clinic.id)
+        back = store.opt_in(clinic.id, "sms", phone, caps=clinic.sms,
+                            why=f"the patient replied START by SMS at {stamp}")
+        log.info("inbound SMS for clinic %s: opted in again (%d SMS reminder(s) resumed)",
+                 clinic.id, back.resumed)
         return intent, answer("start")
     if intent == "help":
         return intent, answer("help")
