@@ -577,8 +577,9 @@ def _render(
         raise DeliveryError("clinic or protocol no longer configured", permanent=True)
     channel = "sms" if via_sms else cast(Channel, record["channel"])
     # Read-only from here: the booking's own fields unless a notice names another date.
-    fields = as_told_fields(record, stored or {}, lambda prefix: any(
-        sent(ctx.store.record(f"{clinic_id}/{booking_id}/{prefix}:{c}")) for c in CHANNELS))
+    fields = as_told_fields(record, stored or {}, lambda prefixes: any(
+        sent(ctx.store.record(f"{clinic_id}/{booking_id}/{prefix}:{c}"))
+        for prefix in prefixes.split() for c in CHANNELS))
     booking = as_told(record, booking, fields)
     plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
     headers: dict[str, str] = {}

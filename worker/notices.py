@@ -51,7 +51,9 @@ protocol with neither a pause nor an invite step sends no notices (`reminders ch
 notices only for protocols that have one). A message being sent at the moment of the change
 counts as gone out (it may have; a needless "you may resume" is harmless, a missing one is
 not). Nothing went out: no notice. A later change supersedes a notice not yet sent (the store
-cancels it).
+cancels it). A move's date counts as told once its notice or a message again for it went out
+(worker/store.py `_told_by`). A held booking cancelled is told as a scheduled one, at the date
+told before the hold (`held_from`); booked again after that and held, its release re-opens it.
 """
 
 from __future__ import annotations
@@ -124,9 +126,10 @@ def as_told_fields(
 ) -> Mapping[str, str]:
     """Return the booking's fields as a change notice should read them.
 
-    A change that landed while the previous move's notice was being sent stored what to
-    name if that notice did not go out after all (`untold`: "<notice key prefix>|<epoch>");
-    `went(prefix)` tells whether it did (read at the send, when its outcome is known).
+    A change that landed while the previous move's notice (or a message again for its date)
+    was being sent stored what to name if none of them went out after all (`untold`: "<key
+    prefixes, space apart>|<epoch>"); `went(prefixes)` tells whether one did (read at the
+    send, when its outcome is known).
     """
     prefix, _, fallback = stored.get("untold", "").partition("|")
     step = record.get("step")

@@ -2633,6 +2633,10 @@ class Store:
             # nothing; its release tells it, `_told_start`).
             "held_from": (_told_start(booking_fields, stored.doc) or ""
                           if result.status == Status.HELD and stored.doc is not None else ""),
+            # Held as it is booked again after a cancel: its release re-opens it.
+            "reopened": ("1" if result.status == Status.HELD and (
+                booking_fields.get("status") == Status.CANCELLED
+                or booking_fields.get("reopened")) else ""),
         }
         notices: list[NoticeReminder] = []
         if kind is not None:
@@ -2644,20 +2648,19 @@ class Store:
                 before=datetime.fromisoformat(old_start) if old_start else None)
             moved_from = (_num(datetime.fromisoformat(old_start).timestamp())
                           if kind == "moved" and old_start else "")
-            told = [r for k, r in stored.reminders.items()
-                    if k.startswith(f"rescheduled#{seq - 1}:")]
+            told = _told_by(stored.reminders, seq - 1)
             before = booking_fields.get("moved_from", "")
             if before and float(before) == booking.starts_at.timestamp():
                 before = ""  # moved back to the date told: no previous date to name
             untold = ""
-            if moved_from and told and not any(went_out(r) for r in told):
+            if moved_from and told and not any(went_out(r) for r in told.values()):
                 # The last move's notice never went out: the patient still knows the date
                 # before it ("moved from" that one, or from nothing if it is the date again).
                 moved_from, untold = before, booking_fields.get("untold", "")
-            elif moved_from and told and not any(sent(r) for r in told):
+            elif moved_from and told and not any(sent(r) for r in told.values()):
                 # Being sent now: it may go out or not; the send of this move's notice
                 # reads which (worker/notices.py `as_told_fields`).
-                untold = f"rescheduled#{seq - 1}|{before}"
+                untold = f"{_told_prefixes(told)}|{before}"
             new_fields |= {
                 "seq": str(seq),
                 "moved_from": moved_from,
@@ -2801,7 +2804,8 @@ class Store:
         the appointment (worker/notices.py), else None. A held booking says nothing."""
         if doc is None or status != Status.SCHEDULED:
             return None
-        if stored.get("status") == Status.CANCELLED:
+        if stored.get("status") == Status.CANCELLED or (
+                stored.get("status") == Status.HELD and stored.get("reopened")):
             return "reopened"
         old = _told_start(stored, doc)
         if old and datetime.fromisoformat(old) != booking.starts_at:
@@ -2869,11 +2873,13 @@ class Store:
         """
         (stored,) = self._read([(clinic, booking_id)])
         fields = stored.fields
-        if not fields or fields.get("status") != Status.SCHEDULED:
+        status = fields.get("status")
+        if not fields or status not in (Status.SCHEDULED, Status.HELD):
             return "", "", {}
         check = json.dumps([x for kv in fields.items() for x in kv], ensure_ascii=False)
-        if stored.doc is None or not fields.get("ns"):
-            return check, "", {}
+        if stored.doc is None or not fields.get("ns") or (
+                status == Status.HELD and fields.get("reopened")):
+            return check, "", {}  # (held since booked again after a cancel: told so)
         notice_steps = self._resolve([fields["ns"]]).get(fields["ns"], "")
         try:
             booking = Booking.model_validate_json(stored.doc)
@@ -2883,19 +2889,23 @@ class Store:
         window = (SendWindow.model_construct(start=int(start), end=int(end)) if start and end
                   else SendWindow())
         seq = int(fields.get("seq") or 0) + 1
+        # Held: the patient knows the start told before the hold (a move while held is
+        # told at its release).
+        held_from = _told_start(fields, stored.doc) if status == Status.HELD else None
+        before = datetime.fromisoformat(held_from) if held_from else None
         notices, paused = plan_notices("cancelled", stored.reminders, booking, notice_steps,
-                                       seq=seq, now=now, window=window)
+                                       seq=seq, now=now, window=window, before=before)
         if not notices:
             return check, "", {}
         version = int(fields.get("version") or 0) + 1
         texts: dict[str, str] = {}
         # The last move's notice never went out: the patient knows the date before it.
-        told = [r for k, r in stored.reminders.items() if k.startswith(f"rescheduled#{seq - 1}:")]
-        told_start, untold = "", ""
-        if told and not any(went_out(r) for r in told):
+        told = _told_by(stored.reminders, seq - 1)
+        told_start, untold = _num(before.timestamp()) if before else "", ""
+        if told and not any(went_out(r) for r in told.values()):
             told_start, untold = fields.get("moved_from", ""), fields.get("untold", "")
-        elif told and not any(sent(r) for r in told):  # being sent: the send reads which
-            untold = f"rescheduled#{seq - 1}|{fields.get('moved_from', '')}"
+        elif told and not any(sent(r) for r in told.values()):  # being sent: the send reads
+            untold = f"{_told_prefixes(told)}|{fields.get('moved_from', '')}"
         adds: list[str] = ["seq", str(seq), "", "paused", "1" if paused else "", "",
                            "told_start", told_start, "", "untold", untold, ""]
         for notice in notices:
@@ -3933,6 +3943,22 @@ def _told_start(fields: Mapping[str, str], doc: str | None) -> str | None:
         return fields["held_from"]
     start = json.loads(doc or "{}").get("starts_at")
     return str(start) if start else None
+
+
+def _told_by(
+    reminders: Mapping[str, Mapping[str, str]], seq: int
+) -> dict[str, Mapping[str, str]]:
+    """The reminders that tell the patient the date of move `seq` (or re-open): its notices,
+    and the messages again for its date (each names it: "see you on <date>", the prep, the
+    pause message); the date was told once one of them went out."""
+    tail = f"#{seq}:"
+    return {k: r for k, r in reminders.items() if tail in k and (
+        k.startswith(("rescheduled#", f"{REPAUSE_STEP}#", AGAIN_PREFIX)))}
+
+
+def _told_prefixes(told: Mapping[str, Mapping[str, str]]) -> str:
+    """The keys of `told` without their channels, as `untold` stores them (space apart)."""
+    return " ".join(sorted({k.rpartition(":")[0] for k in told}))
 
 
 def notice_off(key: str, offered: Sequence[str]) -> bool:
