@@ -59,6 +59,7 @@ PROTOCOLS = {
     "evecrit": step("evening", 1, "19:00", '["sms"]', "week-check", critical=True),
     "morn": step("morning", 1, "10:00", '["sms"]', "spf-morning"),
     "critmail": step("check", 1, "09:00", '["email"]', "week-check", critical=True),
+    "prev": step("evening", -2, "19:00", '["sms"]', "week-check"),  # two days before
 }
 
 
@@ -450,3 +451,109 @@ def test_two_backlog_care_critical_sms_claimed_at_once_both_go(rig):
     assert rig.send("A-1", "evening:sms", rig.local(d2, 11)) == "sent"
     assert rig.send("A-2", "evening:sms", rig.local(d2, 11)) == "sent"
     assert rig.sent_days == [d2, d2]
+
+
+def _book_at(rig: Rig, booking_id: str, treatment: str, visit: date, now: datetime,
+             channels: tuple[str, ...] = ("sms", "email")) -> None:
+    """`Rig.book` (a patient with email) at `now` instead of the real clock."""
+    doc = {"clinic": "cap", "booking_id": booking_id, "treatment": treatment,
+           "starts_at": datetime.combine(visit, time(14, 0), TZ).isoformat(),
+           "patient": {"name": "Ana López", "phone": "+34600111222", "email": "ana@example.com",
+                       "timezone": "Europe/Madrid", "locale": "en", "channels": list(channels)}}
+    booking = parse_booking(doc, rig.catalog)
+    rig.store.upsert(booking, plan(booking, rig.catalog.protocols[treatment],
+                                   rig.catalog.clinics["cap"], now), now)
+
+
+def test_an_sms_sent_by_email_instead_is_not_sent_again_once_its_day_frees_up(rig):
+    """A-1's SMS (two days before its visit, D 19:00), deferred at 21:00 onto D+1 (A-2's SMS
+    day), went by email on D+1 09:00. A-2 is then cancelled (D+1 free) and the clinic sends
+    A-1 again at 09:30: its plan's SMS, late, now fits D+1, but the patient has the step by
+    email: not sent again by SMS (`sent_elsewhere`)."""
+    d = rig.day
+    d1 = d + timedelta(days=1)
+    rig.book("A-1", "prev", d + timedelta(days=2), email=True)  # its SMS: D 19:00
+    rig.book("A-2", "morn", d, email=True)  # its SMS: D+1 10:00
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "skipped"
+    assert rig.send("A-1", "evening:email", rig.local(d1, 9)) == "sent"
+    rig.store.cancel("cap", "A-2", rig.local(d1, 9, 10))
+    _book_at(rig, "A-1", "prev", d + timedelta(days=2), rig.local(d1, 9, 30))
+    r = rig.reminder("A-1", "evening:sms")
+    assert r["status"] == "skipped", r
+    assert r["reason"] == f"not sent: already sent by email on {d1}", r
+    rig.deliver_the_rest()
+    assert rig.sent_days == [] and len(rig.smtp.snapshot()) == 1
+
+
+def test_an_sms_sent_by_email_instead_whose_email_is_at_the_provider_when_its_day_frees_up(
+        rig, monkeypatch):
+    """Forced race: the same, but the clinic's cancel of A-2 and its re-submission of A-1
+    land while the email is at its provider (parked at the hand-over). The re-submission
+    cancelled the email as not in the plan (it went all the same) and put the SMS back (the
+    email not sent yet): the patient had both. The step stays on the channel of the copy at
+    its provider, left to its attempt (retried there should it fail)."""
+    from worker import dispatch
+
+    d = rig.day
+    d1 = d + timedelta(days=1)
+    rig.book("A-1", "prev", d + timedelta(days=2), email=True)  # its SMS: D 19:00
+    rig.book("A-2", "morn", d, email=True)  # its SMS: D+1 10:00
+    assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "skipped"
+    real = dispatch.deliver
+    at_provider, go_on = threading.Event(), threading.Event()
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        if args[1].channel == "email":
+            at_provider.set()
+            assert go_on.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "deliver", parked)
+    results: list[str] = []
+    sending = threading.Thread(target=lambda: results.append(
+        rig.send("A-1", "evening:email", rig.local(d1, 9))))
+    sending.start()
+    assert at_provider.wait(10)
+    rig.store.cancel("cap", "A-2", rig.local(d1, 9, 10))
+    _book_at(rig, "A-1", "prev", d + timedelta(days=2), rig.local(d1, 9, 30))
+    assert rig.reminder("A-1", "evening:email")["status"] == "sending"  # left to its attempt
+    go_on.set()
+    sending.join(10)
+    assert results == ["sent"] and len(rig.smtp.snapshot()) == 1
+    assert rig.reminder("A-1", "evening:email")["status"] == "sent"
+    rig.sent_days = []
+    rig.deliver_the_rest()
+    assert rig.sent_days == [], rig.reminder("A-1", "evening:sms")
+
+
+def test_an_sms_at_the_provider_when_the_patients_sms_is_withdrawn_is_not_kept(
+        rig, monkeypatch):
+    """The other way: A-1's SMS is at its provider when the clinic withdraws the patient's
+    SMS (channels ["email"]): the step goes by email, the SMS is not kept in its place (it
+    fails, HTTP 503: it is not retried by SMS)."""
+    from worker import dispatch
+
+    d = rig.day
+    rig.book("A-1", "prev", d + timedelta(days=2), email=True)  # its SMS: D 19:00
+    real = dispatch.deliver
+    at_provider, go_on = threading.Event(), threading.Event()
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        if args[1].channel == "sms":
+            at_provider.set()
+            assert go_on.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "deliver", parked)
+    results: list[str] = []
+    sending = threading.Thread(target=lambda: results.append(
+        rig.send("A-1", "evening:sms", rig.local(d, 19))))
+    sending.start()
+    assert at_provider.wait(10)
+    _book_at(rig, "A-1", "prev", d + timedelta(days=2), rig.local(d, 19, 1), ("email",))
+    rig.sms.status = 503
+    go_on.set()
+    sending.join(10)
+    assert results == ["retrying"]
+    assert rig.reminder("A-1", "evening:sms")["status"] == "cancelled"
+    assert rig.reminder("A-1", "evening:email")["status"] == "scheduled"

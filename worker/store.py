@@ -3874,7 +3874,10 @@ def sent_elsewhere(
     `_change_kind`, which alone makes messages again) or an earlier one whose copy for the
     new date is still to go (an again or repause of the step on that channel, or this
     reminder as that move's carrier). A step's time changed without a move (a corrected
-    timezone, a narrower send window, a protocol edit) sends nothing again."""
+    timezone, a narrower send window, a protocol edit) sends nothing again. One at its
+    provider now (sending), on a channel the patient still takes, counts as gone and takes
+    the reminder's place as it is (its attempt decides: sent, or retried there), so the
+    step does not go on both."""
     pause, _ = parse_notice_steps(plan.notice_steps)
     tz = ZoneInfo(booking.patient.timezone)
     planned = {r.key for r in _as_planned(plan)}
@@ -3894,15 +3897,28 @@ def sent_elsewhere(
         for channel in ("email", "sms"):
             key = r.key[: -len(r.channel)] + channel
             record = stored.get(key, {})
-            if channel == r.channel or record.get("status") != Status.SENT or key in planned:
+            status = record.get("status")
+            if channel == r.channel or status not in (Status.SENT, Status.SENDING) \
+                    or key in planned:
                 continue  # a step the plan sends on both channels: each copy goes
             name = "SMS" if channel == "sms" else channel
             other = replace(r, key=key, channel=channel)
-            if (_repauses(other, pause, stored, now) or _goes_again(
-                    other, pause, stored, booking.starts_at, now)) and (
+            as_sent = stored if status == Status.SENT else {
+                **stored, key: {**record, "status": Status.SENT}}
+            if (_repauses(other, pause, as_sent, now) or _goes_again(
+                    other, pause, as_sent, booking.starts_at, now)) and (
                     moved or again_to_go(r, channel)):
                 return replace(r, reason=(f"the appointment moved after it had gone out by "
                                           f"{name} {_CARRIES_AGAIN}{r.reason})"))
+            if status == Status.SENDING:
+                if channel not in booking.patient.channels:
+                    continue  # withdrawn: not retried there should it fail
+                # At its provider now: the step stays on that channel, the copy kept as it
+                # is (its planned time: the reconcile leaves it to its attempt), not sent
+                # on this one too; should it fail, it is retried there.
+                planned_at = datetime.fromtimestamp(float(record["planned_epoch"]), UTC)
+                return replace(other, due_at=planned_at, reason=(
+                    f"{r.reason}; by {name}: its copy on that channel was being sent"))
             sent_at = record.get("sent_at") or ""
             day = (datetime.fromisoformat(sent_at).astimezone(tz).date().isoformat()
                    if sent_at else "an earlier day")
