@@ -138,6 +138,12 @@ def reconcile_one(
             return None
         return record_fields(new, Status.SKIPPED, new.reason), "remove"
     planned_epoch = repr(new.due_at.timestamp())
+    if (old_status == Status.SKIPPED and not doc_changed
+            and stored.get("reason", "").startswith(OPTED_OUT)
+            and stored.get("planned_epoch") == planned_epoch):
+        # The same booking again (a clinic's sync) while the patient is opted out: still the
+        # opt-out's, unchanged (worker/store.py `opt_in` puts it back at START).
+        return None
     came_due = (
         float(stored.get("planned_epoch") or "inf") <= now.timestamp() and new.due_at <= now
     )

@@ -1059,7 +1059,9 @@ if mode == 'in' then
       r[R_ST] = ST_SCHEDULED
       r[R_WHY] = inline(why)
       save(bkey, key, r, a)
-      redis.call('ZADD', due_key, score, clinic .. '/' .. booking_id .. '/' .. key)
+      if score ~= '' then  -- '' : a held booking's, put into the schedule by its release
+        redis.call('ZADD', due_key, score, clinic .. '/' .. booking_id .. '/' .. key)
+      end
       count_metric(prefix, 'scheduled', clinic, key)
       resumed = resumed + 1
       if channel_of(key) == 'sms' and not bumped[booking_id] then
@@ -1427,11 +1429,12 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     """The reminders of a stored booking that an opt-in of `contact` from `channel` puts
     back: (due, key, the patient's timezone). Those the opt-out skipped (reason
     "opted_out: ", at STOP or at their begin) in a scheduled booking whose patient still has
-    this address and takes this channel, due (and not expired) after `now`; not a reminder
+    this address and takes this channel, due (and not expired) after `now` (in a held
+    booking too: its release puts them into the schedule); not a reminder
     the store added on a change (a notice, a message again: a later change supersedes
     those). A step the booking no longer plans is never among them: a change of the
     booking cancels such a skipped reminder (worker/reconcile.py)."""
-    if fields.get("status") != Status.SCHEDULED or doc is None:
+    if fields.get("status") not in (Status.SCHEDULED, Status.HELD) or doc is None:
         return []
     try:
         patient = json.loads(doc)["patient"]
@@ -3499,17 +3502,22 @@ class Store:
             read: list[list[Any]] = []
             taken: list[float] = []  # the patient's SMS at the clinic (sent or to go)
             candidates: list[tuple[float, str, str, ZoneInfo]] = []
+            held: dict[str, bool] = {}
             for booking_id, raw, doc in zip(bookings, replies[0::2], replies[1::2],
                                             strict=True):
                 fields = _str_hash(raw)
                 if not fields:
                     continue
                 read.append([booking_id, [x for kv in fields.items() for x in kv]])
+                held[booking_id] = fields.get("status") == Status.HELD
                 taken += [float(when) for when in _sms_slots(fields)]
                 found = _resumable(fields, cast(str | None, doc), channel, contact, now)
                 candidates += [(due, booking_id, key, tz) for due, key, tz in found]
             resume: list[list[Any]] = []
             for due, booking_id, key, tz in sorted(candidates):
+                if held.get(booking_id):  # out of the schedule until the clinic's release
+                    resume.append([booking_id, key, ""])
+                    continue
                 if channel == "sms" and caps is not None:
                     counts: dict[int, int] = {}
                     for when in taken:

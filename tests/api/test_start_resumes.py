@@ -14,6 +14,8 @@ from zoneinfo import ZoneInfo
 
 from tests import test_send_races as races
 from tests.api import test_inbound as inbound
+from tests.api.conftest import held_booking
+from tests.api.test_inbound import ANA as ANA_PHONE
 from tests.api.test_inbound import book, message_of, reminders, text
 from tests.raw import set_reminder_fields
 from tests.test_send_races import PREP, STOP
@@ -24,6 +26,7 @@ tw = inbound.tw
 gate = races.gate  # the send-path rig's fixtures
 rig = races.rig
 FUTURE_SMS = ("day-before:sms", "spf:sms", "resume-retinoids:sms", "week-check:sms")
+HELD_SMS = ("day-before:sms", "spf:sms", "week-check:sms")  # no retinoid
 
 
 def test_start_resumes_the_sms_still_ahead_and_not_those_whose_time_passed(server, tw):
@@ -114,3 +117,43 @@ def test_a_resumed_sms_goes_through_the_send_path(rig):
     assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "sent"
     assert len(rig.gate.bodies) == 1
     assert rig.state(PREP)["record"]["status"] == "sent"
+
+
+def test_the_same_booking_again_while_opted_out_changes_nothing(server, tw):
+    """The clinic's system sends the same booking again (a daily sync) while the number is
+    opted out: the same version, the SMS still skipped for the opt-out (not shown as
+    scheduled, not back in the schedule to be skipped and told again at their time)."""
+    book(tw, "A-1")
+    message_of(text(server, "STOP"))
+    store = server.app.state.services.store
+    before = reminders(tw, "A-1")
+    answer = tw.put("/v1/bookings/A-1", json=store.booking_doc("tw", "A-1"))
+    assert answer.status_code == 200 and answer.headers["ETag"] == '"1"', answer.text
+    assert reminders(tw, "A-1") == before
+    due = store.redis.zrange(store.due_key, 0, -1)
+    assert not [ref for ref in due if ref.endswith(":sms")], due
+    message_of(text(server, "START"))  # and START still puts them back
+    assert all(r["status"] == "scheduled" for k, r in reminders(tw, "A-1").items()
+               if k in FUTURE_SMS)
+
+
+def test_a_held_bookings_sms_resumed_by_start_go_at_its_release(server, tw):
+    """STOP and START while the booking is held (isotretinoin under review): its release
+    schedules its SMS as any other (the same document again: nothing else re-plans them)."""
+    doc = held_booking("H-1")
+    doc.update(clinic="tw")
+    doc["patient"] = doc["patient"] | {"phone": ANA_PHONE, "locale": "en"}
+    assert tw.put("/v1/bookings/H-1", json=doc).json()["status"] == "held"
+    message_of(text(server, "STOP"))
+    assert all(r["status"] == "skipped" for k, r in reminders(tw, "H-1").items()
+               if k in HELD_SMS)
+    message_of(text(server, "START"))
+    store = server.app.state.services.store
+    due = store.redis.zrange(store.due_key, 0, -1)
+    assert not [ref for ref in due if ref.startswith("tw/H-1/")], due  # held: nothing due
+    released = tw.post("/v1/bookings/H-1/release")
+    assert released.status_code == 200, released.text
+    after = reminders(tw, "H-1")
+    for key in HELD_SMS:
+        assert after[key]["status"] == "scheduled", after[key]
+        assert store.redis.zscore(store.due_key, f"tw/H-1/{key}") is not None
