@@ -3536,7 +3536,12 @@ class Store:
             )
             if int(reply[0]) != -1:
                 return OptIn(bool(int(reply[0])), int(reply[1]))
-        raise RuntimeError(f"opt-in at {clinic}: the patient's bookings kept changing")
+        # The patient's bookings kept changing under every read: opted in all the same (the
+        # patient asked), nothing put back; a change of a booking plans its SMS again.
+        reply = self._opt_out(
+            keys=[self.optout_key(clinic), self.due_key, self.lease_key],
+            args=[self.prefix, clinic, channel, contact, reason, "in", "", "", "[]", "[]"])
+        return OptIn(bool(int(reply[0])), 0)
 
     def opted_out(self, clinic: str, channel: str, contact: str) -> str | None:
         """Return why `contact` is opted out of `channel` at `clinic`, or None."""

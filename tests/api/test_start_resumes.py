@@ -157,3 +157,25 @@ def test_a_held_bookings_sms_resumed_by_start_go_at_its_release(server, tw):
     for key in HELD_SMS:
         assert after[key]["status"] == "scheduled", after[key]
         assert store.redis.zscore(store.due_key, f"tw/H-1/{key}") is not None
+
+
+def test_start_under_bookings_that_keep_changing_still_opts_in(rig, monkeypatch):
+    """Every read of the patient's bookings is overtaken by a write (forced: each read is
+    followed by a change of the booking's hash): START still opts the number in, putting
+    nothing back, instead of failing the provider's request."""
+    from worker import store as store_module
+
+    rig.book(rig.booking())
+    rig.store.opt_out("rc", "sms", "+34600111222", "STOP at test")
+    real = store_module._resumable
+    bkey = rig.store.booking_key("rc", "R-1")
+
+    def overtaken(*args, **kwargs):
+        rig.store.redis.hincrby(bkey, "smsv", 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_resumable", overtaken)
+    back = rig.store.opt_in("rc", "sms", "+34600111222", caps=rig.catalog.clinics["rc"].sms)
+    assert back and back.resumed == 0
+    assert rig.store.opted_out("rc", "sms", "+34600111222") is None
+    assert rig.state(PREP)["record"]["status"] == "skipped"
