@@ -190,3 +190,47 @@ def test_the_date_told_again_on_a_channel_then_withdrawn_is_not_told_twice(rig, 
     # A later move sends it again for the date after.
     rig.book(rig.doc(19, channels=(then,)))
     assert rig.reminders()[f"day-before:{then}"]["status"] == "scheduled"
+
+
+def test_an_email_only_patient_held_at_booking_is_told_the_cancel(rig):
+    """Held from the start, the patient had only the hold email ("Your appointment on <date>:
+    we will call you"), no invite; the clinic cancels: it is told by email, naming the date."""
+    first = _held(rig.doc(5, channels=("email",)))
+    assert rig.book(first)["status"] == "held"
+    assert rig.send("sk/M-1/hold-notice:email") == "sent"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    told = ns.notices(rig.reminders())
+    assert set(told) == {"cancelled#1:email"}, told
+    before = len(rig.gate.bodies)
+    assert rig.send("sk/M-1/cancelled#1:email") == "sent"
+    (body,) = rig.gate.bodies[before:]
+    day = datetime.fromisoformat(first["starts_at"]).astimezone(ns.TZ).date()
+    assert f"on {day.day} {day:%b}" in body["title"] and "cancelled" in body["title"], body
+
+
+@pytest.mark.parametrize("reopen_told", [False, True])
+def test_cancelled_booked_again_and_cancelled_before_told_says_nothing_more(rig, reopen_told):
+    """Told 5 days out, then that it is cancelled; booked again at 12 days and cancelled
+    again before the patient heard of it: nothing more (they know it is cancelled), not "your
+    <12 days> visit is cancelled" about a visit they never heard of. Once they had heard of
+    it, they are told it is cancelled."""
+    rig.book(rig.doc(5))
+    assert rig.send(DAY_BEFORE) == "sent"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    assert rig.send("sk/M-1/cancelled#1:sms") == "sent"
+    again = rig.doc(12)
+    rig.book(again)
+    if reopen_told:
+        assert ns.names(_send_one(rig, "sk/M-1/rescheduled#2:sms"), again["starts_at"])
+    sent = len(rig.texts())
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    shown = rig.reminders()
+    if not reopen_told:
+        assert shown["rescheduled#2:sms"]["status"] == "cancelled"
+        assert "cancelled#3:sms" not in shown, shown.get("cancelled#3:sms")
+        assert not [k for k in rig.store.redis.zrange(rig.store.due_key, 0, -1)
+                    if k.startswith("sk/M-1/")]
+        assert len(rig.texts()) == sent
+    else:
+        text = _send_one(rig, "sk/M-1/cancelled#3:sms")
+        assert ns.names(text, again["starts_at"]) and "cancelled" in text, text

@@ -35,10 +35,11 @@ and cancel): the notice's email carries the invite update (METHOD:REQUEST) or ca
 (METHOD:CANCEL) with that SEQUENCE and the booking's one UID (worker/invites.py).
 
 Only when something went out: by email if an email carrying the invite went out (a
-confirmation, a day-before email, an earlier notice) or the pause message went out by
-email; by SMS if the pause message went out by SMS, or if the patient was told the date by
-SMS: any SMS planned before the visit's start as it was before the change (an email step
-that went by SMS, flag "s", counts as an SMS). In the shipped protocols every SMS before the
+confirmation, a day-before email, an earlier notice), or the hold email (it names the date;
+a booking held from the start has no invite), or the pause message went out by email; by
+SMS if the pause message went out by SMS, or if the patient was told the date by SMS: any
+SMS planned before the visit's start as it was before the change (an email step that went
+by SMS, flag "s", counts as an SMS). In the shipped protocols every SMS before the
 visit names its date (the hold notice, stop-retinoids, day-before; a confirmation, welcome
 or prep sent by SMS to a patient without email or unsubscribed from it), so a patient who
 only had "see you tomorrow at 10:00" by SMS hears of the move or cancel by SMS too. The one
@@ -69,6 +70,7 @@ from .models import Booking, Channel
 from .planner import first_nominal, next_opening
 from .protocols import (
     AGAIN_PREFIX,
+    HOLD_NOTICE_STEP,
     NOTICE_STEPS,
     REPAUSE_STEP,
     STORE_STEPS,
@@ -166,8 +168,9 @@ def what_went_out(
         channel = sent_by(key, record)
         if step in (pause, REPAUSE_STEP):
             paused.add(channel)
-        if step in invite_steps and channel == "email":
-            invited = True
+        if channel == "email" and (
+                step in invite_steps or (step == HOLD_NOTICE_STEP and notice_steps)):
+            invited = True  # (the hold email names the date, as an invite does)
         if channel == "sms" and notice_steps and (
                 step in NOTICE_STEPS
                 or (before is not None

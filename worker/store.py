@@ -2904,6 +2904,12 @@ class Store:
         texts: dict[str, str] = {}
         # The last move's notice never went out: the patient knows the date before it.
         told = _told_by(stored.reminders, seq - 1)
+        if told and not any(went_out(r) for r in told.values()) and any(
+                went_out(r) for k, r in stored.reminders.items()
+                if k.startswith(f"cancelled#{seq - 2}:")):
+            # Booked again after a cancel the patient was told of, and they never heard it
+            # was: they know it is cancelled, nothing more to say.
+            return check, "", {}
         told_start, untold = _num(before.timestamp()) if before else "", ""
         if told and not any(went_out(r) for r in told.values()):
             told_start, untold = fields.get("moved_from", ""), fields.get("untold", "")
