@@ -1039,6 +1039,17 @@ local prefix, clinic, channel, contact, why, mode, hooks, critical =
 local field = channel .. ':' .. contact
 if mode == 'in' then
   local read, resume = cjson.decode(ARGV[9] or '[]'), cjson.decode(ARGV[10] or '[]')
+  -- The contact's bookings as read ({contact sets, min score, ids}): one stored since (a
+  -- new booking of the patient, a phone corrected onto this one) was not counted by the
+  -- SMS cap: read again.
+  local index = cjson.decode(ARGV[11] or '[[],"",[]]')
+  local known = {}
+  for _, id in ipairs(index[3]) do known[id] = true end
+  for _, ckey in ipairs(index[1]) do
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', ckey, index[2], '+inf')) do
+      if not known[id] then return {-1} end
+    end
+  end
   for _, b in ipairs(read) do
     local flat = redis.call('HGETALL', prefix .. ':b:' .. clinic .. '/' .. b[1])
     local expected = b[2]
@@ -3497,6 +3508,9 @@ class Store:
         self._ready()
         contact = normal_contact(channel, contact)
         reason = f"opted in again: {why}" if why else "opted in again"
+        kind = "email" if channel == "email" else "phone"
+        index_keys = [self.contact_key(clinic, kind, contact),
+                      f"{self.prefix}:c:{clinic}/{legacy_contact_id(kind, contact)}"]
         for _ in range(_NORMS_TRIES):  # again only if a booking changed meanwhile
             now = time.time()
             bookings = self.contact_bookings(clinic, channel, contact)
@@ -3538,7 +3552,9 @@ class Store:
                 keys=[self.optout_key(clinic), self.due_key, self.lease_key],
                 args=[self.prefix, clinic, channel, contact, reason, "in", "", "",
                       json.dumps(read, separators=(",", ":")),
-                      json.dumps(resume, separators=(",", ":"))],
+                      json.dumps(resume, separators=(",", ":")),
+                      json.dumps([index_keys, f"({now!r}", bookings],
+                                 separators=(",", ":"))],
             )
             if int(reply[0]) != -1:
                 return OptIn(bool(int(reply[0])), int(reply[1]))
