@@ -234,3 +234,26 @@ def test_cancelled_booked_again_and_cancelled_before_told_says_nothing_more(rig,
     else:
         text = _send_one(rig, "sk/M-1/cancelled#3:sms")
         assert ns.names(text, again["starts_at"]) and "cancelled" in text, text
+
+
+@pytest.mark.parametrize("moved_while_held", [False, True])
+def test_held_cancelled_booked_again_held_and_cancelled_before_told_is_told_once(
+        rig, moved_while_held):
+    """Told 5 days out, held (and moved to 12 while held), cancelled: the cancel notice waits
+    (the night, a retry); booked again (held again), which holds it back; cancelled again.
+    The patient, who never heard of the first cancel, is told now, naming the date told."""
+    first = rig.doc(5)
+    rig.book(first)
+    assert rig.send(DAY_BEFORE) == "sent"
+    assert rig.book(_held(rig.doc(5)))["status"] == "held"
+    if moved_while_held:
+        assert rig.book(_held(rig.doc(12)))["status"] == "held"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    assert rig.reminders()["cancelled#1:sms"]["status"] == "scheduled"
+    assert rig.book(_held(rig.doc(12)))["status"] == "held"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    shown = ns.notices(rig.reminders())
+    assert shown["cancelled#1:sms"]["status"] == "cancelled"
+    (key,) = [k for k, r in shown.items() if r["status"] == "scheduled"]
+    text = _send_one(rig, f"sk/M-1/{key}")
+    assert ns.names(text, first["starts_at"]) and "cancelled" in text, text

@@ -2892,8 +2892,10 @@ class Store:
             return "", "", {}
         check = json.dumps([x for kv in fields.items() for x in kv], ensure_ascii=False)
         if stored.doc is None or not fields.get("ns") or (
-                status == Status.HELD and fields.get("reopened")):
-            return check, "", {}  # (held since booked again after a cancel: told so)
+                status == Status.HELD and fields.get("reopened") and any(
+                    went_out(r) for k, r in stored.reminders.items()
+                    if k.startswith(f"cancelled#{fields.get('seq') or 0}:"))):
+            return check, "", {}  # (held since booked again after a cancel told: told so)
         notice_steps = self._resolve([fields["ns"]]).get(fields["ns"], "")
         try:
             booking = Booking.model_validate_json(stored.doc)
@@ -3989,9 +3991,13 @@ def again_planned(key: str, plan: Plan) -> bool:
 
 def _told_start(fields: Mapping[str, str], doc: str | None) -> str | None:
     """The appointment's start (ISO 8601) the patient was last told of, as stored: while
-    held, the one before the hold (`held_from`); else the stored document's."""
+    held, the one before the hold (`held_from`); cancelled, the one its cancel names
+    (`told_start`); else the stored document's."""
     if fields.get("status") == Status.HELD and fields.get("held_from"):
         return fields["held_from"]
+    if fields.get("status") == Status.CANCELLED and fields.get("told_start"):
+        # Cancelled: the date its cancel names (the one told before a hold, say).
+        return datetime.fromtimestamp(float(fields["told_start"]), UTC).isoformat()
     start = json.loads(doc or "{}").get("starts_at")
     return str(start) if start else None
 
