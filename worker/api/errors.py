@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import redis
@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,21 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(422, "the request has invalid parameters", fields=fields))
 
 
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, those of included routers too (FastAPI 0.165 keeps an included router
+    as one route of the app's, whose methods are its own routes')."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes)
+        else:
+            yield route
+
+
 def allowed_methods(request: Request) -> str:
     """Every method some route serves on this path (Starlette's 405 names only the first)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
+    for route in _routes(request.app.router.routes):
         match, _ = route.matches({**request.scope, "method": "\0"})
         if match != Match.NONE:
             methods |= getattr(route, "methods", None) or set()
