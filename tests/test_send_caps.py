@@ -557,3 +557,24 @@ def test_an_sms_at_the_provider_when_the_patients_sms_is_withdrawn_is_not_kept(
     assert results == ["retrying"]
     assert rig.reminder("A-1", "evening:sms")["status"] == "cancelled"
     assert rig.reminder("A-1", "evening:email")["status"] == "scheduled"
+
+
+def test_a_backlog_sms_handed_back_unbegun_is_still_capped_on_the_day_it_goes(rig):
+    """An outage: A-1's SMS of D 19:00 is first claimed on D+1 at 11:00, after A-2's SMS
+    went at 10:00, but its attempt does not start in time and hands the claim back (due
+    now). The hand-back wrote "now" as its due, as if it had been counted on D+1: the next
+    attempt found it on its own day, not late, and sent it, two SMS on D+1. A hand-back
+    changes only when it is tried again, not the day it is counted on."""
+    from worker.dispatch import attempt
+
+    d = two_bookings(rig)
+    d1 = d + timedelta(days=1)
+    assert rig.send("A-2", "morning:sms", rig.local(d1, 10)) == "sent"
+    ref = "cap/A-1/evening:sms"
+    rig.store.redis.zadd(rig.store.due_key, {ref: 0})
+    (claim,) = [c for c in rig.store.claim_due(100, 300) if c.ref == ref]
+    Clock.at = rig.local(d1, 11)
+    assert attempt(rig.ctx, ref, claim.version, claim.claim, start_by=0) == "handed back"
+    assert rig.send("A-1", "evening:sms", rig.local(d1, 11, 1)) == "deferred"
+    rig.deliver_the_rest()
+    assert Counter(rig.sent_days) == {d1: 1, d + timedelta(days=2): 1}

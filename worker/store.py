@@ -941,7 +941,8 @@ if not r or r[R_ST] ~= ST_SENDING then return 0 end
 if claim ~= '' and a[A_CLAIM] ~= claim then return 0 end
 redis.call('ZREM', lease_key, ref)
 r[R_ST] = ST_SCHEDULED
-r[R_DUE] = score
+-- Its due stays: a hand-back changes when it is tried again (the due set), not the time it
+-- is counted on by the SMS cap, nor the day the send path finds it late after (`_late_sms`).
 r[R_WHY] = inline(reason)
 save(bkey, key, r, a)
 redis.call('ZADD', due_key, score, ref)
