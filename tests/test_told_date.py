@@ -257,3 +257,24 @@ def test_held_cancelled_booked_again_held_and_cancelled_before_told_is_told_once
     (key,) = [k for k, r in shown.items() if r["status"] == "scheduled"]
     text = _send_one(rig, f"sk/M-1/{key}")
     assert ns.names(text, first["starts_at"]) and "cancelled" in text, text
+
+
+def test_a_reminder_of_the_new_date_counts_as_telling_it(rig):
+    """Told 5 days out by the confirmation email; moved to 12: the move's email notice waits
+    for its retry (the gateway answered 503) while the plan's own day-before SMS for the new
+    date goes ("see you on <12 days>"). Then the clinic cancels: the patient is told the
+    visit they last heard of is cancelled."""
+    both = ("sms", "email")
+    first, moved = rig.doc(5, channels=both), rig.doc(12, channels=both)
+    rig.book(first)
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+    rig.book(moved)
+    assert set(ns.notices(rig.reminders())) == {"rescheduled#1:email"}
+    rig.gate.status = 503
+    assert rig.send("sk/M-1/rescheduled#1:email") == "retrying"
+    rig.gate.status = 200
+    text = _send_one(rig, DAY_BEFORE)
+    assert ns.names(text, moved["starts_at"]), text
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    text = _send_one(rig, "sk/M-1/cancelled#2:sms")
+    assert ns.names(text, moved["starts_at"]) and "cancelled" in text, text

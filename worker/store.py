@@ -2663,7 +2663,8 @@ class Store:
                 before=datetime.fromisoformat(old_start) if old_start else None)
             moved_from = (_num(datetime.fromisoformat(old_start).timestamp())
                           if kind == "moved" and old_start else "")
-            told = _told_by(stored.reminders, seq - 1)
+            told = _told_by(stored.reminders, seq - 1,
+                            datetime.fromisoformat(old_start) if old_start else None)
             before = booking_fields.get("moved_from", "")
             if before and float(before) == booking.starts_at.timestamp():
                 before = ""  # moved back to the date told: no previous date to name
@@ -2917,7 +2918,7 @@ class Store:
         version = int(fields.get("version") or 0) + 1
         texts: dict[str, str] = {}
         # The last move's notice never went out: the patient knows the date before it.
-        told = _told_by(stored.reminders, seq - 1)
+        told = _told_by(stored.reminders, seq - 1, booking.starts_at)
         if told and not any(went_out(r) for r in told.values()) and any(
                 went_out(r) for k, r in stored.reminders.items()
                 if k.startswith(f"cancelled#{seq - 2}:")):
@@ -4004,14 +4005,23 @@ def _told_start(fields: Mapping[str, str], doc: str | None) -> str | None:
 
 
 def _told_by(
-    reminders: Mapping[str, Mapping[str, str]], seq: int
+    reminders: Mapping[str, Mapping[str, str]], seq: int, start: datetime | None = None,
 ) -> dict[str, Mapping[str, str]]:
     """The reminders that tell the patient the date of move `seq` (or re-open): its notices,
-    and the messages again for its date (each names it: "see you on <date>", the prep, the
-    pause message); the date was told once one of them went out."""
+    and the messages before the visit (`start`, the date it moved to) sent for it, again
+    (`again-<step>`, `repause`) or the plan's own, planned at or after it (of its version
+    or later) and sent (or being sent) since: each names the date ("see you on <date>", the
+    prep, the pause message); the date was told once one of them went out."""
     tail = f"#{seq}:"
-    return {k: r for k, r in reminders.items() if tail in k and (
+    told = {k: r for k, r in reminders.items() if tail in k and (
         k.startswith(("rescheduled#", f"{REPAUSE_STEP}#", AGAIN_PREFIX)))}
+    since = [int(r.get("version") or 0) for k, r in told.items() if k.startswith("rescheduled#")]
+    if since and start is not None:
+        told |= {k: r for k, r in reminders.items() if not is_notice(k)
+                 and r.get("status") in (Status.SENT, Status.SENDING)
+                 and int(r.get("version") or 0) >= min(since)
+                 and float(r.get("planned_epoch") or "inf") < start.timestamp()}
+    return told
 
 
 def _told_prefixes(told: Mapping[str, Mapping[str, str]]) -> str:
