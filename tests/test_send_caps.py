@@ -578,3 +578,39 @@ def test_a_backlog_sms_handed_back_unbegun_is_still_capped_on_the_day_it_goes(ri
     assert rig.send("A-1", "evening:sms", rig.local(d1, 11, 1)) == "deferred"
     rig.deliver_the_rest()
     assert Counter(rig.sent_days) == {d1: 1, d + timedelta(days=2): 1}
+
+
+def test_a_dead_sms_replayed_the_next_day_is_capped_on_that_day(rig):
+    """A-1's SMS of yesterday 19:00 was dead-lettered (HTTP 400); A-2's SMS went today at
+    10:00; ops replay A-1's SMS at noon. The replay wrote "now" as its due, as if it had been
+    counted on today: its attempt found it on its own day, not late, and sent it, two SMS
+    today. It is capped on today as any SMS found after its day (moved to tomorrow).
+    A replay's due is the real clock's (Redis's): the patient lives where it is about noon."""
+    real = datetime.now(UTC)
+    offset = 12 - real.hour  # hours east of UTC: about noon there now
+    tz = ZoneInfo(f"Etc/GMT{-offset:+d}" if offset else "UTC")
+    today = real.astimezone(tz).date()
+
+    def book(booking_id: str, treatment: str, visit: date) -> None:
+        doc = {"clinic": "cap", "booking_id": booking_id, "treatment": treatment,
+               "starts_at": datetime.combine(visit, time(14, 0), tz).isoformat(),
+               "patient": {"name": "Ana López", "phone": "+34600111222", "timezone": tz.key,
+                           "locale": "en", "channels": ["sms"]}}
+        booking = parse_booking(doc, rig.catalog)
+        now = datetime.combine(today - timedelta(days=3), time(9), tz)
+        rig.store.upsert(booking, plan(booking, rig.catalog.protocols[treatment],
+                                       rig.catalog.clinics["cap"], now), now)
+
+    def at(day: date, hour: int) -> datetime:
+        return datetime.combine(day, time(hour), tz).astimezone(UTC)
+
+    book("A-1", "eve", today - timedelta(days=2))  # its SMS: yesterday 19:00
+    book("A-2", "morn", today - timedelta(days=1))  # its SMS: today 10:00
+    rig.sms.status = 400
+    assert rig.send("A-1", "evening:sms", at(today - timedelta(days=1), 19)) == "failed"
+    rig.sms.status = 200
+    assert rig.send("A-2", "morning:sms", at(today, 10)) == "sent"
+    assert rig.store.replay(["cap/A-1/evening:sms"], real) == ["cap/A-1/evening:sms"]
+    assert rig.send("A-1", "evening:sms", datetime.now(UTC)) == "deferred"
+    assert rig.due("A-1", "evening:sms").astimezone(tz).date() == today + timedelta(days=1)
+    assert len(rig.sms.snapshot()) == 1

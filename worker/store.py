@@ -1150,7 +1150,8 @@ redis.call('ZREM', dead_key, ref)
 if mode == 'replay' then
   r[R_ST] = ST_SCHEDULED
   a[A_TRIES] = ''
-  r[R_DUE] = tostring(now)
+  -- Its due stays (only the due set says "now"): an SMS replayed after its patient-local
+  -- day is found late by its attempt and capped on the day it goes (dispatch `_late_sms`).
   r[R_WHY] = inline('replayed at ' .. stamp)
   redis.call('ZADD', due_key, now, ref)
   count_metric(prefix, 'replayed', clinic, key)
