@@ -80,13 +80,17 @@ def reconcile(
     hold_reason = (plan.hold_reason or "") if status == Status.HELD else ""
     doc_changed = stored_booking.get("doc") != doc
     was_held = stored_booking.get("status") == Status.HELD
+    # Booked again after a cancel: a re-open plans afresh, even the opt-out's skipped SMS
+    # (the patient may have opted in meanwhile: START puts nothing back in a cancelled one).
+    reopen = stored_booking.get("status") == Status.CANCELLED
     # A held booking's notice goes despite the hold, and only while it is held.
     planned = {r.key: r for r in plan.reminders
                if status == Status.HELD or not is_hold_notice(r.key)}
     changes: list[Change] = []
     for key in sorted(set(stored) | set(planned)):
         record = stored.get(key, {})
-        one = reconcile_one(record, planned.get(key), doc_changed=doc_changed, now=now)
+        one = reconcile_one(record, planned.get(key), doc_changed=doc_changed or reopen,
+                            now=now)
         if one is not None and one[1] != "keep":
             fields, schedule = one
             if schedule == "due" and status == Status.HELD and not is_hold_notice(key):
