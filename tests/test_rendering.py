@@ -4,6 +4,7 @@ SMS segment maths, and dates in the patient's own timezone and language."""
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from html import unescape
 from pathlib import Path
@@ -381,3 +382,46 @@ def test_fold_to_gsm7_keeps_gsm7_letters_and_folds_the_rest(text: str, expected:
 def test_folded_names_are_gsm7() -> None:
     for name in ("María José", "Ramón", "Zoë", "Purificación", "Łucja", "Bjørn", "Sørina"):
         assert is_gsm7(fold_to_gsm7(name)), name
+
+
+# --- compiled templates and their files --------------------------------------------------
+
+
+def test_templates_are_not_looked_at_on_every_render_but_edits_are_picked_up(
+        catalog: Catalog, booking_doc: dict[str, Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A render uses the compiled templates without a look at their files (Jinja's
+    auto_reload stats every file, the layouts too, at each use); a file edited while the
+    process runs, a layout included, is still picked up once TEMPLATES_RECHECK_SECONDS
+    have passed."""
+    import jinja2.loaders
+
+    from worker import rendering
+
+    monkeypatch.setattr(rendering, "TEMPLATES_RECHECK_SECONDS", 0.3)
+    write_template(tmp_path, "edited", "{% extends 'en/_layout.j2' %}")
+    layout = tmp_path / "en" / "_layout.j2"
+    layout.write_text("{% block body %}first{% endblock %}", encoding="utf-8")
+    (tmp_path / "en" / "_opt_out.sms.txt.j2").write_text("STOP", encoding="utf-8")
+    booking = make_booking(booking_doc, catalog, locale="en")
+    renderer = Renderer(tmp_path)
+
+    def text() -> str:
+        return renderer.render(
+            template="edited", channel="email", booking=booking,
+            clinic=catalog.clinics["glow"], protocol=catalog.protocols["microneedling"],
+            occurrence=1, due_at=datetime(2026, 12, 4, 9, tzinfo=UTC)).text
+
+    assert text() == "first\n"
+    looked: list[str] = []
+    real = jinja2.loaders.os.path.getmtime
+    monkeypatch.setattr(jinja2.loaders.os.path, "getmtime",
+                        lambda path: looked.append(path) or real(path))
+    assert text() == "first\n"
+    assert looked == []  # compiled once, used as is
+    layout.write_text("{% block body %}second{% endblock %}", encoding="utf-8")
+    deadline = time.monotonic() + 5
+    while text() != "second\n":
+        assert time.monotonic() < deadline, "the edited layout was never picked up"
+        time.sleep(0.05)
+    assert looked  # it was looked at, once the recheck time had come
