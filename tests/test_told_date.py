@@ -278,3 +278,22 @@ def test_a_reminder_of_the_new_date_counts_as_telling_it(rig):
     rig.store.cancel("sk", "M-1", datetime.now(UTC))
     text = _send_one(rig, "sk/M-1/cancelled#2:sms")
     assert ns.names(text, moved["starts_at"]) and "cancelled" in text, text
+
+
+def test_a_later_move_supersedes_a_dead_lettered_notice(rig):
+    """The move's notice failed for good (the gateway refused it: a dead letter); the clinic
+    moves the visit again, and that notice goes. Replaying the dead letters after fixing the
+    gateway sends nothing more: the first notice was superseded, as one still to go is."""
+    rig.book(rig.doc(5))
+    assert rig.send(DAY_BEFORE) == "sent"
+    rig.book(rig.doc(12))
+    rig.gate.status = 400
+    assert rig.send("sk/M-1/rescheduled#1:sms") == "failed"
+    rig.gate.status = 200
+    latest = rig.doc(19)
+    rig.book(latest)
+    shown = rig.reminders()
+    assert shown["rescheduled#1:sms"]["status"] == "cancelled", shown["rescheduled#1:sms"]
+    assert rig.store.redis.zscore(rig.store.dead_key, "sk/M-1/rescheduled#1:sms") is None
+    assert ns.names(_send_one(rig, "sk/M-1/rescheduled#2:sms"), latest["starts_at"])
+    assert rig.store.replay(["sk/M-1/rescheduled#1:sms"], datetime.now(UTC)) == []

@@ -2710,6 +2710,7 @@ class Store:
             reminders[key] = reminders.get(key, {}) | fields
             rm_due.append(key)
             rm_lease.append(key)
+            rm_dead.append(key)
 
         def add(key: str, fields: dict[str, str], due_epoch: str | None) -> None:
             """A new reminder of the store's own, scheduled at `due_epoch` if given."""
@@ -2721,7 +2722,8 @@ class Store:
 
         if kind is not None:
             for key, record in stored.reminders.items():
-                if is_notice(key) and record.get("status") in PENDING:
+                # A dead letter too (never sent): a replay must not send it after this one.
+                if is_notice(key) and record.get("status") in PENDING | {Status.FAILED}:
                     cancel(key, "superseded by a later change")
             for notice in notices:
                 add(notice.key, notice_fields(notice, version),
