@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -73,9 +74,12 @@ def _sms_bodies(rig, since: int) -> list[str]:
     return [b["message"] for b in rig.gate.bodies[since:] if b.get("to") == PHONE]
 
 
-def _sent_day(rig, key: str) -> str:
+def _sent_day(rig, key: str, zone: str | None = None) -> str:
+    """The patient-local day `key` went on, in `zone` (the patient's timezone as the reason is
+    written, after a correction), else the rig's."""
     sent_at = rig.reminders()[key]["sent_at"]
-    return datetime.fromisoformat(sent_at).astimezone(ns.TZ).date().isoformat()
+    tz = ZoneInfo(zone) if zone else ns.TZ
+    return datetime.fromisoformat(sent_at).astimezone(tz).date().isoformat()
 
 
 @pytest.mark.parametrize("change", ["timezone", "window", "protocol"])
@@ -88,7 +92,6 @@ def test_the_day_before_by_email_is_not_sent_again_by_sms_after_a_change_of_its_
     doc = rig.doc(5, channels=("email",))
     rig.book(doc)
     assert rig.send("sk/M-1/day-before:email") == "sent"
-    day = _sent_day(rig, "day-before:email")
     catalog = rig.catalog
     if change == "timezone":
         doc["patient"]["timezone"] = "Atlantic/Canary"
@@ -98,6 +101,7 @@ def test_the_day_before_by_email_is_not_sent_again_by_sms_after_a_change_of_its_
         catalog = _edited(rig, "protocols/microneedling.toml",
                           'id = "day-before"\nday = -1\ntime = "10:00"',
                           'id = "day-before"\nday = -1\ntime = "11:00"')
+    day = _sent_day(rig, "day-before:email", doc["patient"]["timezone"])
     due = rig.reminders()["day-before:email"]["due_at"]
     _book_with(rig, doc, catalog)  # the step's time changed; the visit did not move
     shown = rig.reminders()
@@ -126,8 +130,8 @@ def test_the_pause_message_by_email_is_not_sent_again_by_sms_after_a_timezone_co
     doc["medications"] = {"tretinoin": True, "retinol": False}
     rig.book(doc)
     assert rig.send("sk/M-1/stop-retinoids:email") == "sent"
-    day = _sent_day(rig, "stop-retinoids:email")
     doc["patient"]["timezone"] = "America/New_York"
+    day = _sent_day(rig, "stop-retinoids:email", "America/New_York")
     rig.book(doc)
     doc["patient"]["channels"] = ["sms"]
     rig.book(doc)
