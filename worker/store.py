@@ -1029,10 +1029,10 @@ return 'cancelled'
 # touched...}.
 # Mode 'in' removes the opt-out and puts back into the schedule the reminders Python chose
 # (`Store.opt_in`): ARGV[9] the bookings' hashes as read ({booking id, flat fields}), ARGV[10]
-# the reminders to resume ({booking id, key, due score}), `why` their reason. Only if every
-# hash read is unchanged (else {-1}: read again); an SMS resumed bumps its booking's `smsv`
-# (the SMS cap's guards of other writes read it). Returns {1 if it was opted out, number
-# resumed}.
+# the reminders to resume ({booking id, key, due score[, its own reason]}), `why` their
+# reason. Only if every hash read is unchanged (else {-1}: read again); an SMS resumed
+# bumps its booking's `smsv` (the SMS cap's guards of other writes read it). Returns {1 if
+# it was opted out, number resumed}.
 _OPT_OUT = """
 local optkey, due_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
 local prefix, clinic, channel, contact, why, mode, hooks, critical =
@@ -1069,7 +1069,7 @@ if mode == 'in' then
     local r, a = load(bkey, key)
     if r and r[R_ST] == ST_SKIPPED then
       r[R_ST] = ST_SCHEDULED
-      r[R_WHY] = inline(why)
+      r[R_WHY] = inline(item[4] or why)
       save(bkey, key, r, a)
       if score ~= '' then  -- '' : a held booking's, put into the schedule by its release
         redis.call('ZADD', due_key, score, clinic .. '/' .. booking_id .. '/' .. key)
@@ -1438,19 +1438,22 @@ class OptIn:
 
 
 def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact: str,
-               now: float) -> list[tuple[float, str, ZoneInfo]]:
+               now: float, critical: str = "") -> list[tuple[float, str, ZoneInfo, bool, bool]]:
     """The reminders of a stored booking that an opt-in of `contact` from `channel` puts
-    back: (due, key, the patient's timezone). Those the opt-out skipped (reason
-    "opted_out: ", at STOP or at their begin) in a scheduled booking whose patient still has
-    this address and takes this channel, due (and not expired) after `now` (in a held
-    booking too: its release puts them into the schedule); not a reminder
+    back: (due, key, the patient's timezone, whether its step is care-critical (`critical`:
+    "<treatment>/<step>" space-separated), whether the patient takes email). Those the
+    opt-out skipped (reason "opted_out: ", at STOP or at their begin) in a scheduled
+    booking whose patient still has this address and takes this channel, due (and not
+    expired) after `now` (in a held booking too: its release puts them into the schedule);
+    not a reminder
     the store added on a change (a notice, a message again: a later change supersedes
     those). A step the booking no longer plans is never among them: a change of the
     booking cancels such a skipped reminder (worker/reconcile.py)."""
     if fields.get("status") not in (Status.SCHEDULED, Status.HELD) or doc is None:
         return []
     try:
-        patient = json.loads(doc)["patient"]
+        parsed = json.loads(doc)
+        patient = parsed["patient"]
         address = patient["phone" if channel == "sms" else "email"]
         tz = ZoneInfo(patient["timezone"])
     except (ValueError, KeyError, TypeError):  # a stored document is valid: not expected
@@ -1458,6 +1461,9 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     if not isinstance(address, str) or normal_contact(channel, address) != contact \
             or channel not in (patient.get("channels") or []):
         return []
+    protected = {what.partition("/")[2] for what in critical.split()
+                 if what.partition("/")[0] == parsed.get("treatment")}
+    email = "email" in (patient.get("channels") or []) and bool(patient.get("email"))
     out = []
     for key, value in fields.items():
         if not is_reminder_field(key) or not key.endswith(f":{channel}") or is_notice(key):
@@ -1468,7 +1474,7 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
         due = float(r[3] or r[2] or 0)
         if due <= now or (r[4] and float(r[4]) <= now):
             continue  # its time passed while opted out: not sent late
-        out.append((due, key, tz))
+        out.append((due, key, tz, key.split(":", 1)[0].split("#", 1)[0] in protected, email))
     return out
 
 
@@ -3501,7 +3507,7 @@ class Store:
         return OptOut(int(reply[1]), [str(b) for b in reply[2:]], first=bool(int(reply[0])))
 
     def opt_in(self, clinic: str, channel: str, contact: str, *,
-               caps: SmsSettings | None = None, why: str = "") -> OptIn:
+               caps: SmsSettings | None = None, why: str = "", critical: str = "") -> OptIn:
         """Remove the opt-out of `contact` from `channel` at `clinic`, and put back into the
         schedule, at their planned time, its reminders of that channel that the opt-out
         skipped and whose time is still ahead (`_resumable`): true if it was opted out.
@@ -3509,7 +3515,10 @@ class Store:
         Those whose time passed while the patient was opted out are not sent late. An SMS
         resumes only where the clinic's SMS cap (`caps`) has room, counting the patient's
         SMS in all their bookings at the clinic (a booking stored meanwhile may have taken
-        the day: then it stays skipped). Atomic with what was read (see _OPT_OUT).
+        the day: then it stays skipped). A care-critical SMS (`critical`, the steps as
+        `opt_out` takes them) is never dropped by the cap, as when planned (`cap_sms`):
+        counted first, and beyond the cap, saying so, for a patient without email.
+        Atomic with what was read (see _OPT_OUT).
         `why`: the patient's request and when (the resumed reminders' reason).
         """
         self._ready()
@@ -3528,7 +3537,7 @@ class Store:
             replies = pipe.execute()
             read: list[list[Any]] = []
             taken: list[float] = []  # the patient's SMS at the clinic (sent or to go)
-            candidates: list[tuple[float, str, str, ZoneInfo]] = []
+            candidates: list[tuple[bool, float, str, str, ZoneInfo, bool]] = []
             held: dict[str, bool] = {}
             for booking_id, raw, doc in zip(bookings, replies[0::2], replies[1::2],
                                             strict=True):
@@ -3538,10 +3547,13 @@ class Store:
                 read.append([booking_id, [x for kv in fields.items() for x in kv]])
                 held[booking_id] = fields.get("status") == Status.HELD
                 taken += [float(when) for when in _sms_slots(fields)]
-                found = _resumable(fields, cast(str | None, doc), channel, contact, now)
-                candidates += [(due, booking_id, key, tz) for due, key, tz in found]
+                found = _resumable(fields, cast(str | None, doc), channel, contact, now,
+                                   critical)
+                # Care-critical ones first, at their time: the others give way (`cap_sms`).
+                candidates += [(not care, due, booking_id, key, tz, care and not email)
+                               for due, key, tz, care, email in found]
             resume: list[list[Any]] = []
-            for due, booking_id, key, tz in sorted(candidates):
+            for _, due, booking_id, key, tz, beyond in sorted(candidates):
                 if held.get(booking_id):  # out of the schedule until the clinic's release
                     resume.append([booking_id, key, ""])
                     continue
@@ -3552,7 +3564,14 @@ class Store:
                         counts[day] = counts.get(day, 0) + 1
                     day = datetime.fromtimestamp(due, tz).toordinal()
                     if not sms_fits(counts, day, caps.max_per_day, caps.max_per_week):
-                        continue  # the day is taken: it stays skipped
+                        if not beyond:
+                            continue  # the day is taken: it stays skipped
+                        taken.append(due)
+                        resume.append([booking_id, key, _num(due), (
+                            f"{reason}; beyond the SMS cap ({caps.max_per_day} a day, "
+                            f"{caps.max_per_week} in any 7 days): care-critical, and the "
+                            f"patient takes no email")])
+                        continue
                     taken.append(due)
                 resume.append([booking_id, key, _num(due)])
             reply = self._opt_out(

@@ -4,12 +4,19 @@ Twilio-signed form posts) against a real Redis."""
 
 from __future__ import annotations
 
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
 from tests.api import test_inbound as inbound
-from tests.api.test_inbound import book, message_of, reminders, text
+from tests.api.conftest import future_booking
+from tests.api.test_inbound import ANA, book, message_of, reminders, text
 
 server = inbound.server  # the API's fixtures
 tw = inbound.tw
 FUTURE_SMS = ("day-before:sms", "spf:sms", "resume-retinoids:sms", "week-check:sms")
+# microneedling's care-critical steps, all by SMS for a patient without email
+CRITICAL_SMS = ("stop-retinoids:sms", "aftercare:sms", "redness-check:sms",
+                "resume-retinoids:sms")
 
 
 def test_a_booking_cancelled_while_opted_out_and_booked_again_after_start_sends_its_sms(
@@ -31,3 +38,44 @@ def test_a_booking_cancelled_while_opted_out_and_booked_again_after_start_sends_
         assert after[key]["status"] == "scheduled", after[key]
         assert store.redis.zscore(store.due_key, f"tw/A-1/{key}") is not None, key
 
+
+
+def test_start_brings_back_the_care_critical_sms_whose_days_another_booking_took(
+        server, tw):
+    """An SMS-only patient (the clinic's cap: 1 SMS a day, 3 in any 7 days). STOP skips
+    A-1's SMS, among them its care-critical ones (the aftercare and redness warning signs,
+    "you may resume tretinoin": the pause message said "until we say so"). A-2, booked
+    while opted out (A-1's skipped SMS take no room), fills the week after A-1's visit.
+    START: the cap never drops a care-critical SMS (counted first; beyond the cap for a
+    patient without email, saying so, as when planned): they go back into the schedule;
+    they must not stay skipped for good."""
+    doc = future_booking("A-1", clinic="tw")
+    doc["patient"] = doc["patient"] | {"phone": ANA, "locale": "en", "channels": ["sms"]}
+    del doc["patient"]["email"]
+    assert tw.put("/v1/bookings/A-1", json=doc).status_code == 201
+    message_of(text(server, "STOP"))
+    store = server.app.state.services.store
+    later = datetime.fromisoformat(doc["starts_at"]) + timedelta(days=4)
+    two = doc | {"booking_id": "A-2", "starts_at": later.isoformat(),
+                 "medications": {"tretinoin": False, "retinol": False,
+                                 "isotretinoin_last_dose": None}}
+    assert tw.put("/v1/bookings/A-2", json=two).status_code == 201
+    tz = ZoneInfo("Europe/Madrid")
+    before = reminders(tw, "A-1")
+    resume_day = _local_day(before["resume-retinoids:sms"]["due_at"], tz)
+    taken = [r for r in reminders(tw, "A-2").values() if r["channel"] == "sms"
+             and r["status"] == "scheduled"
+             and abs((_local_day(r["due_at"], tz) - resume_day).days) <= 3]
+    assert len(taken) >= 3  # A-2 took the week around A-1's skipped resume message
+    message_of(text(server, "START"))
+    after = reminders(tw, "A-1")
+    for key in CRITICAL_SMS:
+        r = after[key]
+        assert r["status"] == "scheduled", r
+        assert r["due_at"] == before[key]["due_at"]
+        assert store.redis.zscore(store.due_key, f"tw/A-1/{key}") is not None, key
+    assert "beyond the SMS cap" in after["resume-retinoids:sms"]["reason"]
+
+
+def _local_day(instant: str, tz: ZoneInfo) -> date:
+    return datetime.fromisoformat(instant.replace("Z", "+00:00")).astimezone(tz).date()

@@ -176,7 +176,8 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
         return intent, answer("stop") if done.first else None
     if intent == "start":
         back = store.opt_in(clinic.id, "sms", phone, caps=clinic.sms,
-                            why=f"the patient replied START by SMS at {stamp}")
+                            why=f"the patient replied START by SMS at {stamp}",
+                            critical=svc.catalog.critical_steps)
         log.info("inbound SMS for clinic %s: opted in again (%d SMS reminder(s) resumed)",
                  clinic.id, back.resumed)
         return intent, answer("start")
