@@ -297,3 +297,32 @@ def test_a_later_move_supersedes_a_dead_lettered_notice(rig):
     assert rig.store.redis.zscore(rig.store.dead_key, "sk/M-1/rescheduled#1:sms") is None
     assert ns.names(_send_one(rig, "sk/M-1/rescheduled#2:sms"), latest["starts_at"])
     assert rig.store.replay(["sk/M-1/rescheduled#1:sms"], datetime.now(UTC)) == []
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_told_by_the_invite_email_then_sms_only_a_move_is_told_by_sms(rig, together):
+    """Told the date by the confirmation email (its invite); the clinic then takes the
+    patient to SMS only (first, or in the same re-submission) and moves the visit: nothing
+    had gone by SMS, but the patient knows the old date, and is told of the move by SMS."""
+    rig.book(rig.doc(5, channels=("sms", "email")))
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+    if not together:
+        rig.book(rig.doc(5, channels=("sms",)))
+    moved = rig.doc(12, channels=("sms",))
+    rig.book(moved)
+    told = ns.notices(rig.reminders())
+    assert set(told) == {"rescheduled#1:sms"}, told
+    text = _send_one(rig, "sk/M-1/rescheduled#1:sms")
+    assert ns.names(text, moved["starts_at"]), text
+
+
+def test_told_by_the_invite_email_then_sms_only_a_cancel_is_told_by_sms(rig):
+    first = rig.doc(5, channels=("sms", "email"))
+    rig.book(first)
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+    rig.book(rig.doc(5, channels=("sms",)))
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    told = ns.notices(rig.reminders())
+    assert set(told) == {"cancelled#1:sms"}, told
+    text = _send_one(rig, "sk/M-1/cancelled#1:sms")
+    assert ns.names(text, first["starts_at"]) and "cancelled" in text, text

@@ -207,8 +207,8 @@ def plan_notices(
         channels.append("email")
     if "sms" in offered and ("sms" in paused or texted):
         channels.append("sms")
-    if (paused or texted) and not channels:  # the patient's channels changed: the first
-        channels.append(offered[0])
+    if (paused or texted or invited) and not channels:  # the patient's channels changed:
+        channels.append(offered[0])  # the first they take
     if not channels:
         return [], bool(paused)
     tz = ZoneInfo(booking.patient.timezone)
