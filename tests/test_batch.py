@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from benchmarks.intake import realistic_bookings
 from worker import batch
 from worker.batch import (
+    CheckedChunk,
     Document,
     JsonArrayOut,
     LineReader,
@@ -65,34 +67,58 @@ def test_the_spool_keeps_order_across_memory_and_its_file(monkeypatch):
     monkeypatch.setattr(batch, "CHUNK", 3)
     spool = Spool()
     items = [({"n": i}, ("scheduled", None, ())) for i in range(25)]
-    for item in items:
-        spool.add(item)  # type: ignore[arg-type]
+    # Chunks as checked here (items) and as a worker process hands them back (their pickle),
+    # some going to memory, the rest to the file; a chunk with nothing accepted adds nothing.
+    sizes = [2, 4, 0, 1, 5, 3, 6, 4]
+    start = 0
+    for n, size in enumerate(sizes):
+        part = items[start : start + size]
+        start += size
+        if n % 2:
+            spool.add_chunk(CheckedChunk(size, [], size, blob=pickle.dumps(part)))
+        else:
+            spool.add_chunk(CheckedChunk(size, [], size, items=part))
+    assert start == len(items) and spool.count == len(items)
     chunks = list(spool.chunks())
     assert [x for chunk in chunks for x in chunk] == items
-    assert all(len(chunk) <= 3 for chunk in chunks)
+    assert all(len(chunk) == 3 for chunk in chunks[:-1]) and len(chunks[-1]) == 1
     assert spool.file is not None  # the rest went to a temporary file
     spool.close()
+
+
+def _checked(chunks) -> list[tuple[int, list, int, list]]:
+    return [(c.size, c.refused, c.count, c.accepted()) for c in chunks]
 
 
 def test_worker_processes_check_exactly_as_here(catalog, monkeypatch):
     docs = list(realistic_bookings(1200, seed=5, now=NOW))
     docs[700]["patient"]["phone"] = "+34123"
     data = lines(docs) + b"\n" + b'{"clinic": "glow", "clinic": "glow"}\n'
-    here = [o for chunk in check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
-                                        catalog, None, NOW) for o in chunk]
-    there = [o for chunk in check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
-                                         catalog, None, NOW, jobs=2) for o in chunk]
-    assert here == there
+    here = _checked(check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
+                                 catalog, None, NOW))
+    there = list(check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
+                              catalog, None, NOW, jobs=2))
+    assert all(c.items is None and c.blob for c in there)  # handed back as pickles
+    assert here == _checked(there)
     # The default: the first chunks here, the rest in processes (forced onto 2 here).
     monkeypatch.setattr(batch, "auto_jobs", lambda: 2)
     monkeypatch.setattr(batch, "AUTO_AFTER", 1)
-    auto = [o for chunk in check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
-                                        catalog, None, NOW, jobs=None) for o in chunk]
+    auto = _checked(check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
+                                 catalog, None, NOW, jobs=None))
     assert auto == here
-    assert len(here) == 1201
-    assert here[700].errors == [("patient.phone", "is not a valid phone number for its country")]
-    assert (here[1200].line, here[1200].errors) == (
+    assert sum(size for size, *_ in here) == 1201
+    assert sum(count for _, _, count, _ in here) == 1199
+    refused = [o for _, chunk, _, _ in here for o in chunk]
+    assert refused[0].errors == [("patient.phone", "is not a valid phone number for its country")]
+    assert refused[0].line == 701
+    assert (refused[1].line, refused[1].errors) == (
         1202, [("clinic", "is given twice in the same object")])
+    # What is accepted is what checking each booking alone gives.
+    accepted = [item for *_, items in here for item in items]
+    alone = [check_document(doc, catalog, None, NOW)
+             for doc in iter_documents(LineReader(io.BytesIO(data), "-"))]
+    assert accepted == [(c.booking.model_dump(mode="json"), plan_record(c.plan))
+                        for c in alone if c.plan is not None]
 
 
 @pytest.mark.parametrize("count", [0, 1, 3])
@@ -116,8 +142,8 @@ def test_json_out_prints_what_json_dumps_of_the_list_prints(count):
 def test_a_line_that_is_not_json_in_the_middle_is_reported_with_its_line(catalog):
     docs = list(realistic_bookings(3, seed=2, now=NOW + timedelta(days=1)))
     data = lines(docs[:2]) + b"{oops\n" + lines(docs[2:])
-    outcomes = [o for chunk in check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
-                                            catalog, None, NOW) for o in chunk]
-    assert [o.unreadable for o in outcomes] == [
-        None, None, "line 3: not JSON (Expecting property name enclosed in double quotes, "
-        "column 2)", None]
+    (chunk,) = check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")), catalog, None,
+                            NOW)
+    assert (chunk.size, chunk.count) == (4, 3)
+    assert [o.unreadable for o in chunk.refused] == [
+        "line 3: not JSON (Expecting property name enclosed in double quotes, column 2)"]

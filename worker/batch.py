@@ -400,6 +400,9 @@ class Outcome:
                        unreadable=self.unreadable)
 
 
+Accepted = tuple[dict[str, Any], PlanRecord]  # an accepted booking: its document and plan
+
+
 def outcome_of(checked: Checked) -> Outcome:
     if checked.booking is None or checked.plan is None:
         errors = checked.refused.errors if checked.refused is not None else None
@@ -409,10 +412,37 @@ def outcome_of(checked: Checked) -> Outcome:
                    doc=checked.booking.model_dump(mode="json"), plan=plan_record(checked.plan))
 
 
+@dataclass
+class CheckedChunk:
+    """A chunk of documents checked: how many (`size`), the refused or unreadable ones as
+    Outcomes in input order (`refused`), and the `count` accepted ones compactly: as a list
+    of Accepted (`items`), or as its pickle (`blob`), as a worker process hands it back: the
+    spool keeps or writes those bytes as they are, unread until they are stored."""
+
+    size: int
+    refused: list[Outcome]
+    count: int
+    items: list[Accepted] | None = None
+    blob: bytes | None = None
+
+    def accepted(self) -> list[Accepted]:
+        if self.items is not None:
+            return self.items
+        return pickle.loads(self.blob) if self.blob is not None else []
+
+
 def _check_chunk(
     docs: list[Document], catalog: Catalog, clinic: str | None, now: datetime
-) -> list[Outcome]:
-    return [outcome_of(check_document(doc, catalog, clinic, now)) for doc in docs]
+) -> CheckedChunk:
+    refused: list[Outcome] = []
+    items: list[Accepted] = []
+    for doc in docs:
+        checked = check_document(doc, catalog, clinic, now)
+        if checked.booking is not None and checked.plan is not None:
+            items.append((checked.booking.model_dump(mode="json"), plan_record(checked.plan)))
+        else:
+            refused.append(outcome_of(checked))
+    return CheckedChunk(len(docs), refused, len(items), items)
 
 
 # In a worker process: what every chunk is checked against (set once by the initializer).
@@ -426,9 +456,12 @@ def _init_worker(catalog: Catalog, clinic: str | None, now: datetime) -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def _check_in_worker(docs: list[Document]) -> list[Outcome]:
+def _check_in_worker(docs: list[Document]) -> CheckedChunk:
     assert _WORKER is not None
-    return _check_chunk(docs, *_WORKER)
+    chunk = _check_chunk(docs, *_WORKER)
+    # Pickled here, once: the main process keeps these bytes until it stores them.
+    blob = pickle.dumps(chunk.items, protocol=pickle.HIGHEST_PROTOCOL) if chunk.count else None
+    return CheckedChunk(chunk.size, chunk.refused, chunk.count, blob=blob)
 
 
 def auto_jobs() -> int:
@@ -444,7 +477,7 @@ def auto_jobs() -> int:
 def check_chunks(
     docs: Iterable[Document], catalog: Catalog, clinic: str | None, now: datetime, *,
     jobs: int | None = 1,
-) -> Iterator[list[Outcome]]:
+) -> Iterator[CheckedChunk]:
     """Check the documents CHUNK at a time, in order: here, or in `jobs` worker processes.
 
     `jobs` None: here while the input is small; past AUTO_AFTER chunks, the rest in
@@ -468,7 +501,7 @@ def check_chunks(
 
     with ProcessPoolExecutor(jobs, initializer=_init_worker,
                              initargs=(catalog, clinic, now)) as pool:
-        pending: deque[Future[list[Outcome]]] = deque()
+        pending: deque[Future[CheckedChunk]] = deque()
         for chunk in chunks:
             pending.append(pool.submit(_check_in_worker, chunk))
             if len(pending) > 2 * jobs:  # a few chunks ahead, not the whole input
@@ -480,34 +513,33 @@ def check_chunks(
 # --- keeping accepted bookings until they are stored ------------------------------------
 
 
-Accepted = tuple[dict[str, Any], PlanRecord]  # an accepted Outcome's doc and plan
-
-
 class Spool:
-    """Accepted bookings, compact: the first SPOOL_AFTER in memory, the rest in a temp file."""
+    """Accepted bookings, compact: the first SPOOL_AFTER in memory, the rest in a temp file.
+
+    A chunk is added whole (`add_chunk`): its items, or the pickle a worker process made of
+    them, which is kept or written as it is (not read back until it is stored)."""
 
     def __init__(self) -> None:
-        self.memory: list[Accepted] = []
-        self.pending: list[Accepted] = []
+        self.memory: list[list[Accepted] | bytes] = []
         self.file: Any = None
         self.count = 0
 
-    def add(self, item: Accepted) -> None:
-        self.count += 1
-        if self.count <= SPOOL_AFTER:
-            self.memory.append(item)
+    def add_chunk(self, chunk: CheckedChunk) -> None:
+        if not chunk.count:
             return
-        self.pending.append(item)
-        if len(self.pending) >= CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
+        part = chunk.items if chunk.items is not None else chunk.blob
+        assert part is not None
+        in_memory = self.count < SPOOL_AFTER
+        self.count += chunk.count
+        if in_memory:
+            self.memory.append(part)
             return
         if self.file is None:
             self.file = tempfile.TemporaryFile(prefix="reminders-book-")
-        pickle.dump(self.pending, self.file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.pending = []
+        if isinstance(part, bytes):
+            self.file.write(part)  # a whole pickle: `pickle.load` reads it back
+        else:
+            pickle.dump(part, self.file, protocol=pickle.HIGHEST_PROTOCOL)
 
     def chunks(self, size: int | None = None) -> Iterator[list[Accepted]]:
         """The accepted bookings in input order, `size` (CHUNK) at a time (the last one
@@ -523,9 +555,8 @@ class Spool:
             yield chunk
 
     def _parts(self) -> Iterator[list[Accepted]]:
-        for start in range(0, len(self.memory), CHUNK):
-            yield self.memory[start : start + CHUNK]
-        self._flush()
+        for part in self.memory:
+            yield pickle.loads(part) if isinstance(part, bytes) else part
         if self.file is not None:
             self.file.seek(0)
             while True:

@@ -195,16 +195,15 @@ def book_files(args: argparse.Namespace, settings: Settings) -> int:
         size = source.reader.size()
         progress.start("checking", size, "B" if size else "bookings")
         consumed = 0
-        for outcomes in check_chunks(source.documents, catalog, args.clinic, now,
-                                     jobs=args.jobs):
-            for outcome in outcomes:
+        for chunk in check_chunks(source.documents, catalog, args.clinic, now,
+                                  jobs=args.jobs):
+            for outcome in chunk.refused:  # refused or unreadable, in input order
                 if outcome.unreadable is not None:
                     raise UsageError(f"{args.file}: {outcome.unreadable}; nothing was stored")
-                if outcome.doc is not None and outcome.plan is not None:
-                    spool.add((outcome.doc, outcome.plan))
-                else:
-                    refused.append(outcome.checked())
-            read += len(outcomes)
+                refused.append(outcome.checked())
+            if not refused:
+                spool.add_chunk(chunk)
+            read += chunk.size
             done = source.reader.consumed if size else read
             progress.update(done - consumed, read)
             consumed = done

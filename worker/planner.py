@@ -1002,16 +1002,23 @@ def _order(reminder: PlannedReminder) -> tuple[datetime, str]:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-# The fields of a PlannedReminder in order; instants as exact microseconds since the epoch.
-_FIELDS = ("key", "step", "channel", "template", "occurrence", "due_at", "status", "reason",
-           "at_booking", "expires_at", "expires_note")
-ReminderRecord = tuple[str, str, str, str, int, int, str, str, bool, int | None, str]
+# A reminder as plain values: what it says apart from its instants (`ReminderStatic`: the
+# same few dozen for every booking of a protocol, one shared tuple each, which pickle writes
+# once per dump and refers to after), its due instant and its expiry, instants as exact
+# microseconds since the epoch.
+ReminderStatic = tuple[str, str, str, str, int, str, str, bool, str]
+ReminderRecord = tuple[ReminderStatic, int, int | None]
 PlanRecord = tuple[str, str | None, tuple[ReminderRecord, ...], str, str | None,
                    tuple[str, int] | None, tuple[str, ...], tuple[ReminderRecord, ...] | None]
 # Instants repeat across the bookings of a batch (the same days, zones and steps).
 _MICROS: dict[datetime, int] = {}
 _INSTANTS: dict[int, datetime] = {}
 _STATUS = {str(s): s for s in Status}
+_STATUS_NAME = {s: str(s) for s in Status}
+# Shared static parts (`_reminder_records`), and the dict a reminder is built from for each
+# static part met (`_from_records`), by the static tuple's id (the entry keeps it alive).
+_STATICS: dict[ReminderStatic, ReminderStatic] = {}
+_SHAPES: dict[int, tuple[ReminderStatic, dict[str, object]]] = {}
 
 
 def _micros(instant: datetime) -> int:
@@ -1034,25 +1041,52 @@ def _instant(micros: int) -> datetime:
 
 def plan_record(p: Plan) -> PlanRecord:
     """The plan as strings, numbers and tuples (instants in exact microseconds)."""
+    # The cap leaves most reminders as they were planned: those are recorded once.
+    done: dict[int, ReminderRecord] = {}
+    uncapped = None if p.uncapped is None else _reminder_records(p.uncapped, done)
     return (
         str(p.status),
         p.hold_reason,
-        _reminder_records(p.reminders),
+        _reminder_records(p.reminders, done),
         p.notice_steps,
         p.late_pause,
         p.pause_rule,
         tuple(sorted(p.protected)),
-        None if p.uncapped is None else _reminder_records(p.uncapped),
+        uncapped,
     )
 
 
-def _reminder_records(reminders: list[PlannedReminder]) -> tuple[ReminderRecord, ...]:
-    return tuple(
-        (r.key, r.step, r.channel, r.template, r.occurrence, _micros(r.due_at),
-         str(r.status), r.reason, r.at_booking,
-         None if r.expires_at is None else _micros(r.expires_at), r.expires_note)
-        for r in reminders
-    )
+def _reminder_records(
+    reminders: list[PlannedReminder], done: dict[int, ReminderRecord]
+) -> tuple[ReminderRecord, ...]:
+    """The records of `reminders`; `done`: those of reminders recorded already, by id."""
+    statics, micros = _STATICS, _MICROS
+    out = []
+    for r in reminders:
+        record = done.get(id(r))
+        if record is not None:
+            out.append(record)
+            continue
+        static = (r.key, r.step, r.channel, r.template, r.occurrence, _STATUS_NAME[r.status],
+                  r.reason, r.at_booking, r.expires_note)
+        shared = statics.get(static)
+        if shared is None:
+            if len(statics) >= 4096:
+                statics.clear()
+            shared = statics[static] = static
+        due = micros.get(r.due_at)
+        if due is None:
+            due = _micros(r.due_at)
+        expires = r.expires_at
+        if expires is None:
+            record = (shared, due, None)
+        else:
+            expires_micros = micros.get(expires)
+            record = (shared, due,
+                      expires_micros if expires_micros is not None else _micros(expires))
+        done[id(r)] = record
+        out.append(record)
+    return tuple(out)
 
 
 def plan_from_record(
@@ -1060,32 +1094,63 @@ def plan_from_record(
 ) -> Plan:
     """The plan `plan_record` was made of (its window and caps are the clinic's, given here)."""
     status, hold_reason, records, notice_steps, late, rule, protected, uncapped = record
-    return Plan(
-        status=Status.HELD if status == Status.HELD else Status.SCHEDULED,
-        reminders=_from_records(records),
-        hold_reason=hold_reason,
-        window=window,
-        notice_steps=notice_steps,
-        caps=caps,
-        late_pause=late,
-        pause_rule=rule,
-        protected=frozenset(protected),
-        uncapped=None if uncapped is None else _from_records(uncapped),
-    )
+    done: dict[int, PlannedReminder] = {}  # a record met twice is one reminder, as planned
+    unchanged = None if uncapped is None else _from_records(uncapped, done)
+    plan = _new_plan(Plan)
+    # Plan's own fields, as `Plan(...)` sets them, without its per-field frozen `__setattr__`.
+    object.__setattr__(plan, "__dict__", {
+        "status": Status.HELD if status == Status.HELD else Status.SCHEDULED,
+        "reminders": _from_records(records, done),
+        "hold_reason": hold_reason,
+        "window": window,
+        "notice_steps": notice_steps,
+        "caps": caps,
+        "late_pause": late,
+        "pause_rule": rule,
+        "protected": frozenset(protected),
+        "uncapped": unchanged,
+    })
+    return plan
 
 
-def _from_records(records: tuple[ReminderRecord, ...]) -> list[PlannedReminder]:
+_new_plan = object.__new__
+
+
+def _shape(static: ReminderStatic) -> dict[str, object]:
+    """The fields of a reminder with the static part `static`, its instants still None."""
+    key, step, channel, template, occurrence, status, reason, at_booking, note = static
+    if len(_SHAPES) >= 4096:
+        _SHAPES.clear()
+    # The fields in `PlannedReminder`'s own order.
+    shape: dict[str, object] = {
+        "key": key, "step": step, "channel": channel, "template": template,
+        "occurrence": occurrence, "due_at": None, "status": _STATUS[status],
+        "reason": reason, "at_booking": at_booking, "expires_at": None,
+        "expires_note": note}
+    _SHAPES[id(static)] = (static, shape)
+    return shape
+
+
+def _from_records(
+    records: tuple[ReminderRecord, ...], done: dict[int, PlannedReminder]
+) -> list[PlannedReminder]:
     reminders = []
-    instant, statuses = _instant, _STATUS
-    for key, step, channel, template, occurrence, due, st, reason, at_booking, expires, note \
-            in records:
-        reminder: PlannedReminder = _new_reminder(PlannedReminder)
-        # The fields in `_FIELDS` order, as one dict (PlannedReminder's own field order).
-        _set_dict(reminder, {
-            "key": key, "step": step, "channel": channel, "template": template,
-            "occurrence": occurrence, "due_at": instant(due), "status": statuses[st],
-            "reason": reason, "at_booking": at_booking,
-            "expires_at": None if expires is None else instant(expires),
-            "expires_note": note})
+    instants, shapes, new, setter = _INSTANTS, _SHAPES, _new_reminder, object.__setattr__
+    for record in records:
+        reminder = done.get(id(record))
+        if reminder is not None:
+            reminders.append(reminder)
+            continue
+        static, due, expires = record
+        hit = shapes.get(id(static))
+        fields = (hit[1] if hit is not None and hit[0] is static else _shape(static)).copy()
+        instant = instants.get(due)
+        fields["due_at"] = instant if instant is not None else _instant(due)
+        if expires is not None:
+            instant = instants.get(expires)
+            fields["expires_at"] = instant if instant is not None else _instant(expires)
+        reminder = new(PlannedReminder)
+        setter(reminder, "__dict__", fields)
+        done[id(record)] = reminder
         reminders.append(reminder)
     return reminders
