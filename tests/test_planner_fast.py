@@ -83,3 +83,48 @@ def test_a_plan_is_the_same_whatever_offset_now_and_the_start_are_given_in(catal
     second = planner.plan(booking, protocol, clinic, now)
     assert first == second == reference.plan(booking, protocol, clinic, now)
     assert all(r.due_at.tzinfo is UTC for r in first.reminders)
+
+
+def test_the_sms_cap_s_shortcut_changes_nothing(catalog, monkeypatch):
+    """`cap_sms` returns a plan at once when every SMS fits where it is planned
+    (`_all_fit`): over realistic plans, other SMS of the patient, caps, protected steps,
+    history and with and without email, it gives exactly what counting each SMS does."""
+    import random
+    from zoneinfo import ZoneInfo
+
+    from worker.clinics import SmsSettings
+
+    rng = random.Random(17)
+    base = datetime(2026, 3, 20, 9, 0, tzinfo=UTC)
+    cases = []
+    for doc in realistic_bookings(300, seed=9, now=base):
+        booking = parse_booking(doc, catalog)
+        protocol = catalog.protocols[booking.treatment]
+        p = planner.plan(booking, protocol, catalog.clinics[booking.clinic], base)
+        reminders = p.uncapped if p.uncapped is not None else p.reminders
+        tz = ZoneInfo(booking.patient.timezone)
+        sms = [r for r in reminders if r.channel == "sms"]
+        for _ in range(6):
+            per_day = rng.choice([1, 1, 2, 3])
+            caps = SmsSettings(max_per_day=per_day,
+                               max_per_week=rng.choice([per_day, 3, 4, 6, 10]))
+            taken = [rng.choice(sms).due_at + timedelta(days=rng.randrange(-9, 10))
+                     if sms and rng.random() < 0.7 else base + timedelta(days=rng.randrange(120))
+                     for _ in range(rng.choice([0, 0, 1, 2, 5]))]
+            steps = sorted({r.step for r in reminders})
+            protected = frozenset(s for s in steps if rng.random() < 0.3)
+            history = frozenset(r.key for r in sms if rng.random() < 0.1)
+            cases.append((reminders, caps, tz, rng.random() < 0.5, taken, protected,
+                          p.window, history))
+
+    def run() -> list[list]:
+        return [planner.cap_sms(r, caps, tz, email=email, taken=taken, protected=protected,
+                                window=window, history=history)
+                for r, caps, tz, email, taken, protected, window, history in cases]
+
+    fast = run()
+    monkeypatch.setattr(planner, "_all_fit", lambda *args: False)
+    counted = run()
+    assert fast == counted
+    changed = sum(got != r for got, (r, *_) in zip(fast, cases, strict=True))
+    assert 0.1 * len(cases) < changed < 0.9 * len(cases)  # both ways are exercised

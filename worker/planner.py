@@ -40,8 +40,10 @@ step (its words, its days) is prepared once per step; the clock arithmetic that 
 only on (local day, clock time, zone) or (instant, send window, zone) — shared by every
 booking on the same day in the same zone — is memoised by those full inputs (bounded LRU
 caches of pure functions); a local time is resolved with two `utcoffset` calls, not a
-round trip per minute. tests/planner_reference.py keeps the straightforward version,
-and tests check that both give equal plans.
+round trip per minute. The SMS cap first counts every SMS on its planned day: when all
+fit (most plans), nothing is moved and nothing more is counted (`_all_fit`; a test checks
+the cap gives the same with and without it). tests/planner_reference.py keeps the
+straightforward version, and tests check that both give equal plans.
 """
 
 from __future__ import annotations
@@ -607,18 +609,6 @@ def _word(text: str) -> str:
 _new_reminder = object.__new__
 
 
-def _set_dict(reminder: PlannedReminder, fields: dict[str, object]) -> None:
-    object.__setattr__(reminder, "__dict__", fields)
-
-
-def _reminder(**fields: object) -> PlannedReminder:
-    """A PlannedReminder, as `PlannedReminder(**fields)` makes it without its per-field
-    frozen `__setattr__` (a few microseconds each, ten per booking)."""
-    reminder: PlannedReminder = _new_reminder(PlannedReminder)
-    reminder.__dict__.update(fields)
-    return reminder
-
-
 def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) -> Plan:
     """Return the reminders for `booking` as seen at `now` (an aware datetime)."""
     if now.tzinfo is None:
@@ -635,6 +625,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     visit_day: date | None = None
     reminders: list[PlannedReminder] = []
     add = reminders.append
+    new_reminder, set_fields = _new_reminder, object.__setattr__
     prepared, notice_steps = _prepared(protocol)
     for step in prepared:
         if step.flags and not any(getattr(medications, f) for f in step.flags):
@@ -684,19 +675,23 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
             else:
                 reason = note
             for channel in channels:
-                add(_reminder(
-                    key=f"{step.id}#{number}:{channel}" if numbered else step.keys[channel],
-                    step=step.id,
-                    channel=channel,
-                    template=step.template,
-                    occurrence=number,
-                    due_at=due,
-                    status=status,
-                    reason=reason,
-                    at_booking=step.kind == "booking",
-                    expires_at=expires_at,
-                    expires_note=expires_note,
-                ))
+                # A PlannedReminder as `PlannedReminder(...)` makes it (its fields in order),
+                # without its per-field frozen `__setattr__`: ten per booking.
+                reminder = new_reminder(PlannedReminder)
+                set_fields(reminder, "__dict__", {
+                    "key": f"{step.id}#{number}:{channel}" if numbered else step.keys[channel],
+                    "step": step.id,
+                    "channel": channel,
+                    "template": step.template,
+                    "occurrence": number,
+                    "due_at": due,
+                    "status": status,
+                    "reason": reason,
+                    "at_booking": step.kind == "booking",
+                    "expires_at": expires_at,
+                    "expires_note": expires_note,
+                })
+                add(reminder)
     hold = isotretinoin_hold(booking, protocol, clinic)
     if hold and protocol.hold_template:
         reminders.append(hold_notice(protocol.hold_template, offered, now, start, window, tz))
@@ -827,6 +822,27 @@ def sms_fits(counts: dict[int, int], day: int, per_day: int, per_week: int) -> b
     return True
 
 
+def _all_fit(counts: dict[int, int], days: list[int], per_day: int, per_week: int) -> bool:
+    """Whether the SMS `counts` (per day, ordinals) and one more on each of `days` keep
+    within `per_day` on every day and `per_week` in every 7 consecutive days."""
+    total = dict(counts)
+    for day in days:
+        total[day] = total.get(day, 0) + 1
+    if max(total.values()) > per_day:
+        return False
+    # Every 7 days holding SMS hold no more than the 7 from the first of them that has any.
+    ordered = sorted(total.items())
+    end = window = 0
+    for day, n in ordered:
+        while end < len(ordered) and ordered[end][0] < day + WEEK_DAYS:
+            window += ordered[end][1]
+            end += 1
+        if window > per_week:
+            return False
+        window -= n
+    return True
+
+
 def cap_sms(
     reminders: list[PlannedReminder],
     caps: SmsSettings,
@@ -858,6 +874,12 @@ def cap_sms(
         day = t.astimezone(tz).toordinal()
         counts[day] = counts.get(day, 0) + 1
     per_day, per_week = caps.max_per_day, caps.max_per_week
+    # Every SMS counted on its planned day: when that keeps within the caps on every day
+    # and in every 7 consecutive days, each SMS fits below as it comes (the counts then
+    # hold only some of these), so nothing changes (most plans).
+    if _all_fit(counts, [r.due_at.astimezone(tz).toordinal() for r in sms], per_day,
+                per_week):
+        return reminders
 
     def fits(day: int) -> bool:
         return sms_fits(counts, day, per_day, per_week)
