@@ -147,3 +147,14 @@ def test_a_line_that_is_not_json_in_the_middle_is_reported_with_its_line(catalog
     assert (chunk.size, chunk.count) == (4, 3)
     assert [o.unreadable for o in chunk.refused] == [
         "line 3: not JSON (Expecting property name enclosed in double quotes, column 2)"]
+
+
+def test_quiet_gc_collects_rarely_while_a_batch_runs_and_gives_the_thresholds_back():
+    import gc
+
+    before = gc.get_threshold()
+    with batch.quiet_gc():
+        assert gc.get_threshold() == batch.QUIET_GC
+        assert gc.get_freeze_count() > 0  # what was alive at the start is set aside
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
