@@ -127,7 +127,7 @@ from .notices import NoticeReminder, is_notice, plan_notices, sent, went_out
 from .optout import normal_contact
 from .planner import _LATE, Plan, PlannedReminder, cap_plan, is_hold_notice, sms_fits
 from .protocols import AGAIN_PREFIX, NOTICE_STEPS, REPAUSE_STEP, parse_notice_steps
-from .reconcile import reconcile
+from .reconcile import OPTED_OUT, reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
 from .webhooks import LUA_EMIT
 
@@ -3946,7 +3946,12 @@ def sent_elsewhere(
     def again_to_go(r: PlannedReminder, channel: str) -> bool:
         """Whether an earlier move's copy of `r`'s step for the new date is still to go."""
         own = stored.get(r.key, {})
-        if own.get("status") in PENDING and _CARRIES_AGAIN in own.get("reason", ""):
+        # Without a move the plan's reminder on a new channel is new here and skipped as
+        # sent elsewhere, never pending: one still to go is a move's carrier, whatever its
+        # reason now (a retry's, a defer's or the opt-in's replaced `_CARRIES_AGAIN`), and so
+        # is one the patient's opt-out skipped (START puts it back).
+        if own.get("status") in PENDING or (own.get("status") == Status.SKIPPED
+                                            and own.get("reason", "").startswith(OPTED_OUT)):
             return True
         prefix = f"{REPAUSE_STEP}#" if r.step == pause else f"{AGAIN_PREFIX}{r.step}#"
         return any(key.startswith(prefix) and key.endswith(f":{channel}")
