@@ -326,3 +326,30 @@ def test_told_by_the_invite_email_then_sms_only_a_cancel_is_told_by_sms(rig):
     assert set(told) == {"cancelled#1:sms"}, told
     text = _send_one(rig, "sk/M-1/cancelled#1:sms")
     assert ns.names(text, first["starts_at"]) and "cancelled" in text, text
+
+
+@pytest.mark.parametrize("when", ["before the move", "with the notice waiting"])
+def test_unsubscribed_from_email_a_move_told_by_email_goes_by_sms(rig, when):
+    """Told the date by the confirmation email only; the patient unsubscribes from email
+    (they take SMS too). The move's notice, planned by email (the invite's), is not skipped
+    as unsubscribed: it goes by SMS, as a care-critical email does."""
+    both = ("sms", "email")
+    rig.book(rig.doc(5, channels=both))
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+
+    def unsubscribe() -> None:
+        rig.store.opt_out("sk", "email", "ana@example.com", "unsubscribed",
+                          critical=rig.catalog.critical_steps)
+
+    if when == "before the move":
+        unsubscribe()
+    moved = rig.doc(12, channels=both)
+    rig.book(moved)
+    assert set(ns.notices(rig.reminders())) == {"rescheduled#1:email"}
+    if when != "before the move":
+        unsubscribe()
+    before = len(rig.gate.bodies)
+    assert rig.send("sk/M-1/rescheduled#1:email") == "sent", rig.reminders()[
+        "rescheduled#1:email"]
+    (body,) = rig.gate.bodies[before:]
+    assert body["to"] == "+34600111222" and ns.names(body["message"], moved["starts_at"]), body

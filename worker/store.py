@@ -165,7 +165,9 @@ class StoreLayoutError(ConfigError):
 def _lua_codes() -> str:
     code = ", ".join(f"{status}='{c}'" for status, c in STATUS_CODE.items())
     back = ", ".join(f"{c}='{status}'" for status, c in STATUS_CODE.items())
-    return f"local CODE = {{{code}}}\nlocal STATUS_OF = {{{back}}}\nlocal LAYOUT = '{LAYOUT}'\n"
+    notices = ", ".join(f"['{step}']=true" for step in sorted(NOTICE_STEPS))
+    return (f"local CODE = {{{code}}}\nlocal STATUS_OF = {{{back}}}\nlocal LAYOUT = '{LAYOUT}'\n"
+            f"local NOTICE_STEP = {{{notices}}}\n")
 
 
 # Shared by every script: status names, the reminder codec and the retention rule.
@@ -293,6 +295,8 @@ local function norms_stale(doc_table, norms)
 end
 -- Whether `critical` (space-separated "<treatment>/<step>") names this reminder's step.
 local function is_critical(critical, doc_table, key)
+  -- A change notice too: unsent, the patient comes on the wrong day (worker/notices.py).
+  if NOTICE_STEP[step_of(key)] then return true end
   if critical == '' or type(doc_table['treatment']) ~= 'string' then return false end
   local what = doc_table['treatment'] .. '/' .. step_of(key)
   return string.find(' ' .. critical .. ' ', ' ' .. what .. ' ', 1, true) ~= nil
