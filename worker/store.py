@@ -1033,10 +1033,10 @@ return 'cancelled'
 # touched...}.
 # Mode 'in' removes the opt-out and puts back into the schedule the reminders Python chose
 # (`Store.opt_in`): ARGV[9] the bookings' hashes as read ({booking id, flat fields}), ARGV[10]
-# the reminders to resume ({booking id, key, due score[, its own reason]}), `why` their
-# reason. Only if every hash read is unchanged (else {-1}: read again); an SMS resumed
-# bumps its booking's `smsv` (the SMS cap's guards of other writes read it). Returns {1 if
-# it was opted out, number resumed}.
+# the reminders to resume ({booking id, key, due score[, its own reason]}; score '-': it
+# stays skipped, its own reason saying why), `why` their reason. Only if every hash read is
+# unchanged (else {-1}: read again); an SMS resumed bumps its booking's `smsv` (the SMS
+# cap's guards of other writes read it). Returns {1 if it was opted out, number resumed}.
 _OPT_OUT = """
 local optkey, due_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
 local prefix, clinic, channel, contact, why, mode, hooks, critical =
@@ -1071,7 +1071,10 @@ if mode == 'in' then
     local booking_id, key, score = item[1], item[2], item[3]
     local bkey = prefix .. ':b:' .. clinic .. '/' .. booking_id
     local r, a = load(bkey, key)
-    if r and r[R_ST] == ST_SKIPPED then
+    if r and r[R_ST] == ST_SKIPPED and score == '-' then
+      r[R_WHY] = inline(item[4])  -- it stays skipped: why (the SMS cap had no room)
+      save(bkey, key, r, a)
+    elseif r and r[R_ST] == ST_SKIPPED then
       r[R_ST] = ST_SCHEDULED
       r[R_WHY] = inline(item[4] or why)
       save(bkey, key, r, a)
@@ -3519,9 +3522,10 @@ class Store:
         Those whose time passed while the patient was opted out are not sent late. An SMS
         resumes only where the clinic's SMS cap (`caps`) has room, counting the patient's
         SMS in all their bookings at the clinic (a booking stored meanwhile may have taken
-        the day: then it stays skipped). A care-critical SMS (`critical`, the steps as
-        `opt_out` takes them) is never dropped by the cap, as when planned (`cap_sms`):
-        counted first, and beyond the cap, saying so, for a patient without email.
+        the day: then it stays skipped, its reason saying so). A care-critical SMS
+        (`critical`, the steps as `opt_out` takes them) is never dropped by the cap, as when
+        planned (`cap_sms`): counted first, and beyond the cap, saying so, for a patient
+        without email.
         Atomic with what was read (see _OPT_OUT).
         `why`: the patient's request and when (the resumed reminders' reason).
         """
@@ -3568,8 +3572,13 @@ class Store:
                         counts[day] = counts.get(day, 0) + 1
                     day = datetime.fromtimestamp(due, tz).toordinal()
                     if not sms_fits(counts, day, caps.max_per_day, caps.max_per_week):
-                        if not beyond:
-                            continue  # the day is taken: it stays skipped
+                        if not beyond:  # the day is taken: it stays skipped, saying so
+                            resume.append([booking_id, key, "-", (
+                                f"{reason}; not resumed: the patient's SMS limit at this "
+                                f"clinic ({caps.max_per_day} a day, {caps.max_per_week} in "
+                                f"any 7 days) is reached on "
+                                f"{datetime.fromtimestamp(due, tz).date().isoformat()}")])
+                            continue
                         taken.append(due)
                         resume.append([booking_id, key, _num(due), (
                             f"{reason}; beyond the SMS cap ({caps.max_per_day} a day, "

@@ -4,7 +4,7 @@ Twilio-signed form posts) against a real Redis."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from tests.api import test_inbound as inbound
@@ -79,3 +79,24 @@ def test_start_brings_back_the_care_critical_sms_whose_days_another_booking_took
 
 def _local_day(instant: str, tz: ZoneInfo) -> date:
     return datetime.fromisoformat(instant.replace("Z", "+00:00")).astimezone(tz).date()
+
+
+def test_an_sms_start_leaves_skipped_for_the_cap_says_so_on_the_timeline(server, tw):
+    """A-1's SMS are skipped by STOP; A-2, booked while opted out on the same dates, takes
+    their days. START puts back none of A-1's on those days (the clinic's cap): each says
+    why on the timeline, the patient's SMS limit, not the opt-out the patient has lifted."""
+    book(tw, "A-1")
+    message_of(text(server, "STOP"))
+    book(tw, "A-2")
+    message_of(text(server, "START"))
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "sms", ANA) is None
+    left = [r for r in reminders(tw, "A-1").values()
+            if r["channel"] == "sms" and r["status"] == "skipped"
+            and datetime.fromisoformat(r["due_at"].replace("Z", "+00:00")) > datetime.now(UTC)]
+    assert left  # A-2 took their days
+    for r in left:
+        assert not r["reason"].startswith("opted_out: "), r
+        assert r["reason"].startswith("opted in again: the patient replied START by SMS at "), r
+        assert "not resumed: the patient's SMS limit at this clinic (1 a day, 3 in any 7 " \
+            "days) is reached on " in r["reason"], r
