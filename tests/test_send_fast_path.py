@@ -397,3 +397,20 @@ def test_an_old_address_opted_out_as_the_clinic_corrects_it_leaves_the_new_one_s
     sent_to = [str(m.to) for m in sink.snapshot()]
     assert len(sent_to) == 1 and new in sent_to[0] and old not in sent_to[0], sent_to
     assert rig.store.record(ref)["status"] == "sent"
+
+
+def test_redis_replies_are_parsed_in_c(redis_server):
+    """redis-py reads the service's replies with hiredis (a dependency): its pure-Python
+    parser costs the send path about a quarter of its instructions."""
+    from redis._parsers import _HiredisParser
+
+    from worker.store import connect
+
+    client = connect(redis_server.url)
+    connection = client.connection_pool.get_connection()
+    try:
+        assert isinstance(connection._parser, _HiredisParser)
+        assert client.ping()
+    finally:
+        client.connection_pool.release(connection)
+        client.close()
