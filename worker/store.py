@@ -1031,18 +1031,24 @@ return 'cancelled'
 # email of a care-critical step is left to go by SMS when the patient allows SMS. Returns
 # {1 if the address was not opted out before (0 if it was), number skipped, booking ids
 # touched...}.
-# Mode 'in' removes the opt-out and puts back into the schedule the reminders Python chose
-# (`Store.opt_in`): ARGV[9] the bookings' hashes as read ({booking id, flat fields}), ARGV[10]
-# the reminders to resume ({booking id, key, due score[, its own reason]}; score '-': it
-# stays skipped, its own reason saying why), `why` their reason. Only if every hash read is
-# unchanged (else {-1}: read again); an SMS resumed bumps its booking's `smsv` (the SMS
-# cap's guards of other writes read it). Returns {1 if it was opted out, number resumed}.
+# Mode 'optin' removes the opt-out (returns {1 if it was opted out, 0}); then mode 'in'
+# puts back into the schedule the reminders Python chose (`Store.opt_in`), unless the
+# address was opted out again since (a STOP after the START: {0, 0}, nothing put back):
+# ARGV[9] the bookings' hashes as read ({booking id, flat fields}), ARGV[10] the reminders
+# to resume ({booking id, key, due score[, its own reason]}; score '-': it stays skipped,
+# its own reason saying why), `why` their reason. Only if every hash read is unchanged
+# (else {-1}: read again); an SMS resumed bumps its booking's `smsv` (the SMS cap's guards
+# of other writes read it). Returns {0, number resumed}.
 _OPT_OUT = """
 local optkey, due_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
 local prefix, clinic, channel, contact, why, mode, hooks, critical =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local field = channel .. ':' .. contact
+if mode == 'optin' then return {redis.call('HDEL', optkey, field), 0} end
 if mode == 'in' then
+  -- Opted out again since this opt-in (a STOP after the START): the STOP holds, nothing
+  -- goes back.
+  if redis.call('HEXISTS', optkey, field) == 1 then return {0, 0} end
   local read, resume = cjson.decode(ARGV[9] or '[]'), cjson.decode(ARGV[10] or '[]')
   -- The contact's bookings as read ({contact sets, min score, ids}): one stored since (a
   -- new booking of the patient, a phone corrected onto this one) was not counted by the
@@ -1065,7 +1071,6 @@ if mode == 'in' then
       if want[flat[j]] ~= flat[j + 1] then return {-1} end
     end
   end
-  local was = redis.call('HDEL', optkey, field)
   local resumed, bumped = 0, {}
   for _, item in ipairs(resume) do
     local booking_id, key, score = item[1], item[2], item[3]
@@ -1089,7 +1094,7 @@ if mode == 'in' then
       end
     end
   end
-  return {was, resumed}
+  return {0, resumed}
 end
 -- ARGV[9]: the addresses of these bookings' documents, normalised in Python (contact_of).
 local norms = cjson.decode(ARGV[9])
@@ -3535,6 +3540,11 @@ class Store:
         kind = "email" if channel == "email" else "phone"
         index_keys = [self.contact_key(clinic, kind, contact),
                       f"{self.prefix}:c:{clinic}/{legacy_contact_id(kind, contact)}"]
+        # Opted in first, then what to put back is read and decided: a STOP arriving
+        # meanwhile holds (the write puts nothing back once the number is opted out again).
+        was = bool(int(self._opt_out(
+            keys=[self.optout_key(clinic), self.due_key, self.lease_key],
+            args=[self.prefix, clinic, channel, contact, reason, "optin", "", ""])[0]))
         for _ in range(_NORMS_TRIES):  # again only if a booking changed meanwhile
             now = time.time()
             bookings = self.contact_bookings(clinic, channel, contact)
@@ -3596,13 +3606,10 @@ class Store:
                                  separators=(",", ":"))],
             )
             if int(reply[0]) != -1:
-                return OptIn(bool(int(reply[0])), int(reply[1]))
+                return OptIn(was, int(reply[1]))
         # The patient's bookings kept changing under every read: opted in all the same (the
         # patient asked), nothing put back; a change of a booking plans its SMS again.
-        reply = self._opt_out(
-            keys=[self.optout_key(clinic), self.due_key, self.lease_key],
-            args=[self.prefix, clinic, channel, contact, reason, "in", "", "", "[]", "[]"])
-        return OptIn(bool(int(reply[0])), 0)
+        return OptIn(was, 0)
 
     def opted_out(self, clinic: str, channel: str, contact: str) -> str | None:
         """Return why `contact` is opted out of `channel` at `clinic`, or None."""

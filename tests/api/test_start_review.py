@@ -4,7 +4,9 @@ Twilio-signed form posts) against a real Redis."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from tests.api import test_inbound as inbound
@@ -100,3 +102,41 @@ def test_an_sms_start_leaves_skipped_for_the_cap_says_so_on_the_timeline(server,
         assert r["reason"].startswith("opted in again: the patient replied START by SMS at "), r
         assert "not resumed: the patient's SMS limit at this clinic (1 a day, 3 in any 7 " \
             "days) is reached on " in r["reason"], r
+
+
+def test_a_stop_arriving_while_a_start_decides_is_not_undone(server, tw, monkeypatch):
+    """STOP, then START, then STOP again quickly: the second STOP arrives while the START's
+    request is deciding what to put back (forced: parked between its read of the patient's
+    bookings and its write). Everything was already skipped, so the second STOP changed no
+    booking, and the START's write, checking only the bookings, removed the opt-out and
+    put the SMS back: the patient's last word, STOP, was undone. The number must stay
+    opted out and nothing go back into the schedule."""
+    book(tw, "A-1")
+    message_of(text(server, "STOP"))
+    store = server.app.state.services.store
+    real = store._opt_out
+    parked, release = threading.Event(), threading.Event()
+
+    def hook(*, keys: Any, args: Any) -> Any:
+        if args[5] == "in" and not parked.is_set():  # the START's write, once decided
+            parked.set()
+            assert release.wait(10)
+        return real(keys=keys, args=args)
+
+    monkeypatch.setattr(store, "_opt_out", hook)
+    answers: list[Any] = []
+    start = threading.Thread(target=lambda: answers.append(text(server, "START")))
+    start.start()
+    try:
+        assert parked.wait(10)
+        message_of(text(server, "STOP"))  # the patient's STOP, after their START
+    finally:
+        release.set()
+        start.join(10)
+    assert answers and answers[0].status_code == 200
+    assert store.opted_out("tw", "sms", ANA) is not None
+    after = reminders(tw, "A-1")
+    assert all(r["status"] != "scheduled" for r in after.values() if r["channel"] == "sms"), \
+        {k: r["status"] for k, r in after.items()}
+    due = store.redis.zrange(store.due_key, 0, -1)
+    assert not [ref for ref in due if ref.endswith(":sms")], due
