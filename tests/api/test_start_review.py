@@ -9,6 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from tests.api import test_inbound as inbound
 from tests.api.conftest import future_booking
 from tests.api.test_inbound import ANA, book, message_of, reminders, text
@@ -140,3 +142,101 @@ def test_a_stop_arriving_while_a_start_decides_is_not_undone(server, tw, monkeyp
         {k: r["status"] for k, r in after.items()}
     due = store.redis.zrange(store.due_key, 0, -1)
     assert not [ref for ref in due if ref.endswith(":sms")], due
+
+
+def _parked_start(server, store: Any, monkeypatch: Any, during: Any) -> None:
+    """Reply START by a real request, parked between its read of the patient's bookings and
+    its write (the first try only) while `during()` runs; then let it finish."""
+    real = store._opt_out
+    parked, release = threading.Event(), threading.Event()
+
+    def hook(*, keys: Any, args: Any) -> Any:
+        if args[5] == "in" and not parked.is_set():
+            parked.set()
+            assert release.wait(10)
+        return real(keys=keys, args=args)
+
+    monkeypatch.setattr(store, "_opt_out", hook)
+    answers: list[Any] = []
+    start = threading.Thread(target=lambda: answers.append(text(server, "START")))
+    start.start()
+    try:
+        assert parked.wait(10)
+        during()
+    finally:
+        release.set()
+        start.join(10)
+    assert answers and message_of(answers[0])
+
+
+@pytest.mark.parametrize("change", ["move", "cancel", "medications", "email only"])
+def test_a_clinic_change_while_start_decides_is_what_start_follows(
+        server, tw, monkeypatch, change):
+    """START parked between its read and its write while the clinic changes the booking by
+    a real PUT or DELETE: the START must not put back a reminder of the old plan (the old
+    date's, one the new plan dropped, the retinoid SMS once tretinoin is stopped, an SMS of
+    a patient who withdrew SMS consent), nor anything of a cancelled booking."""
+    book(tw, "A-1")
+    message_of(text(server, "STOP"))
+    store = server.app.state.services.store
+    doc = store.booking_doc("tw", "A-1")
+
+    def clinic_change() -> None:
+        if change == "cancel":
+            assert tw.delete("/v1/bookings/A-1").status_code == 200
+            return
+        if change == "move":
+            doc["starts_at"] = (datetime.fromisoformat(doc["starts_at"])
+                                + timedelta(days=5)).isoformat()
+        elif change == "medications":
+            doc["medications"] = {"tretinoin": False, "retinol": False,
+                                  "isotretinoin_last_dose": None}
+        else:
+            doc["patient"]["channels"] = ["email"]
+        answer = tw.put("/v1/bookings/A-1", json=doc)
+        assert answer.status_code == 200, answer.text
+        planned.update({r["id"]: r["due_at"] for r in answer.json()["reminders"]
+                        if r["status"] == "scheduled"})
+
+    planned: dict[str, str] = {}
+    _parked_start(server, store, monkeypatch, clinic_change)
+    assert store.opted_out("tw", "sms", ANA) is None
+    after = reminders(tw, "A-1")
+    due = {ref.rsplit("/", 1)[1]: score for ref, score
+           in store.redis.zrange(store.due_key, 0, -1, withscores=True)
+           if ref.startswith("tw/A-1/")}
+    if change == "cancel":
+        assert not due, due
+        assert not [k for k, r in after.items() if r["status"] == "scheduled"], after
+        return
+    sms = {k: r for k, r in after.items() if r["channel"] == "sms" and r["status"] == "scheduled"}
+    for key, r in sms.items():  # each as the clinic's new plan has it, and due then
+        assert planned.get(key) == r["due_at"], (key, r)
+        assert key in due
+    if change == "medications":
+        assert "resume-retinoids:sms" not in sms and "stop-retinoids:sms" not in sms
+    if change == "email only":
+        assert not sms and not [k for k in due if k.endswith(":sms")], (sms, due)
+    if change == "move":
+        assert "day-before:sms" in sms
+
+
+def test_two_starts_at_once_put_each_sms_back_once(server, tw, monkeypatch):
+    """Two START requests at once (the first parked between its read and its write while
+    the second runs whole): each skipped SMS goes back once (counted once in the
+    'scheduled' metric, one due entry), not twice."""
+    book(tw, "A-1")
+    message_of(text(server, "STOP"))
+    store = server.app.state.services.store
+    metrics = f"{server.settings.key_prefix}:metrics"
+
+    def scheduled() -> int:
+        return int(store.redis.hget(metrics, "scheduled|tw|sms") or 0)
+
+    before = scheduled()
+    _parked_start(server, store, monkeypatch, lambda: message_of(text(server, "START")))
+    after = reminders(tw, "A-1")
+    back = [k for k, r in after.items() if r["channel"] == "sms" and r["status"] == "scheduled"]
+    assert set(FUTURE_SMS) <= set(back), back
+    assert scheduled() - before == len(back)
+    assert all(r["reason"].count("opted in again") == 1 for k, r in after.items() if k in back)
