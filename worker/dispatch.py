@@ -24,9 +24,11 @@ is still what was read (else "caps changed": read and decide again); a late SMS 
 at once is first counted on its new day by a script with the same check (`Store.restamp`).
 Residual: none between the read and the write; an upsert of another booking that read this
 SMS before it moved sees the move through the booking's `smsv` (its apply checks it beside
-the version). Not capped: a move within the same patient-local day (it was counted on that
-day already), and a change notice (never capped, as when planned: a missing "your visit
-moved" sends the patient on the wrong day). The pause message again for a new date
+the version). An email going by SMS (flag "s") is capped as an SMS. Not capped: a move
+within the same patient-local day (it was counted on that day already; but a dead SMS
+replayed, flag "r", was counted on no day: capped even on its own), and a change notice
+(never capped, as when planned: a missing "your visit moved" sends the patient on the
+wrong day). The pause message again for a new date
 (`repause`) and a step again (`again-<step>`) are care-critical when their step is.
 
 Batches (`hand_over`). The pump hands claims to a send task in batches, one queue per
@@ -259,7 +261,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
                           template=record.get("template", ""),
                           booking=stored_booking.get("version", ""))
         booking, place = _booking(ctx, ref, stored_booking)
-        moving = _Moving(record, booking, place[1])
+        moving = _Moving(record, booking, place[1], via_sms)
         rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(ctx, ref, attempt, rule, entry, moving)
@@ -419,6 +421,9 @@ class _Moving:
     record: dict[str, str]
     booking: Booking
     tz: ZoneInfo
+    # An email going by SMS (the patient unsubscribed from email; a care-critical step):
+    # counted as an SMS (flag "s"), so capped as one.
+    via_sms: bool = False
 
 
 # Times the SMS cap's decision is made again when what it read changed before its finish.
@@ -438,7 +443,8 @@ def _capped(
     times; then decided once more and written without the check, logged). `finish(None,
     None)`: nothing to cap (not an SMS, the same day, no phone or clinic)."""
     phone = moving.booking.patient.phone if moving is not None else None
-    if moving is None or phone is None or moving.record.get("channel") != "sms":
+    if moving is None or phone is None or (moving.record.get("channel") != "sms"
+                                           and not moving.via_sms):
         return finish(None, None)
     record, booking, tz = moving.record, moving.booking, moving.tz
     step = record.get("step", "")
@@ -447,8 +453,9 @@ def _capped(
     clinic = ctx.catalog.clinics.get(split_ref(ref)[0])
     protocol = ctx.catalog.protocols.get(booking.treatment)
     was = datetime.fromtimestamp(float(record.get("due_epoch") or at.timestamp()), UTC)
-    if clinic is None or protocol is None or \
-            at.astimezone(tz).date() <= was.astimezone(tz).date():
+    if clinic is None or protocol is None or (
+            at.astimezone(tz).date() <= was.astimezone(tz).date()
+            and record.get("replayed") != "1"):  # a dead SMS was counted on no day
         return finish(None, None)  # counted on that day already (or an early send: a test's)
     expires = record.get("expires_epoch")
     sms = PlannedReminder(
@@ -459,6 +466,7 @@ def _capped(
     # By email only to a patient who takes email and has not unsubscribed from it (read here,
     # unfenced: an unsubscribe landing after this read skips that email at its begin).
     email = "email" in booking.patient.channels and booking.patient.email is not None \
+        and not moving.via_sms \
         and ctx.store.opted_out(split_ref(ref)[0], "email", booking.patient.email) is None
     protected = protected_steps(protocol)
     pause = protocol.pause_step()
@@ -471,7 +479,8 @@ def _capped(
             log.warning("send %s: the patient's other SMS kept changing; the SMS cap decides "
                         "from the last read without checking it again", ref)
             read = replace(read, guard=[])
-        out = cap_at_send(sms, clinic.sms, tz, email=email, emailed=read.emailed,
+        out = cap_at_send(sms, clinic.sms, tz, email=email,
+                          emailed=read.emailed and not moving.via_sms,
                           taken=read.taken, protected=protected)
         capped = SendCapped(read, tried=tried)
         if out.channel == "email":
@@ -494,9 +503,11 @@ LATE_DAY = "found after its patient-local day had passed (a backlog, a replay)"
 
 def _late_sms(ctx: Context, ref: str, attempt: Attempt, entry: dict[str, Any],
               moving: _Moving, now: datetime) -> str | None:
-    """An SMS about to go on a later patient-local day than the one it was counted on (a
-    backlog after an outage, a replay, a re-opened SMS): capped on today (`_capped`); None
-    when it goes now, once counted on today (`Store.restamp`, fenced as a finish is)."""
+    """An SMS (or an email going by SMS) about to go on a later patient-local day than the
+    one it was counted on (a backlog after an outage, a replay, a re-opened SMS, a retry
+    after an unknown outcome), or replayed from the dead letters (counted on no day): capped
+    on today (`_capped`); None when it goes now, once counted on today (`Store.restamp`,
+    fenced as a finish is)."""
     done: list[str] = []
 
     def finish(out: PlannedReminder | None, capped: SendCapped | None) -> str:

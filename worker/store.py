@@ -42,8 +42,11 @@ slots left out; the last slot is free text and may itself hold "|"):
   note     the expiry's words (`expires_note`), as a text id
   template a text id; left empty when it is the step's id. Step and channel come from the key
   flags    "b": due when the booking arrives; "s": an email that went (or goes) by SMS
-           (the patient unsubscribed from email: counted by the SMS cap); "#<n>": the
-           occurrence, when the key's "#<n>" (or its absence, 1) does not say it
+           (the patient unsubscribed from email: counted by the SMS cap); "r": replayed
+           from the dead letters and not counted since by a cap decision (a dead SMS is
+           not counted: its attempt caps it even on its own day, worker/dispatch.py
+           `_late_sms`; the restamp clears it); "#<n>": the occurrence, when the key's
+           "#<n>" (or its absence, 1) does not say it
   reason   "@<id>": a text id; anything else is the text itself ("\\" escapes a leading
            "@" or "\\")
   tok      the token of the attempt that took the ledger (fences finish)
@@ -794,7 +797,8 @@ elseif current then
     local at = now + math.max(ttl, 0) / 1000 + margin
     if tonumber(score) > at then at = tonumber(score) end
     r[R_ST] = ST_RETRYING
-    r[R_DUE] = tostring(at)
+    -- Its due stays (only the due set says when): the retry may fall on a later
+    -- patient-local day (past midnight), where it is capped when it goes (`_late_sms`).
     redis.call('ZADD', due_key, at, ref)
   elseif outcome == 'failed' then
     if owner then redis.call('DEL', lkey) end
@@ -916,6 +920,10 @@ if caps ~= '' and not caps_unchanged(cjson.decode(caps), prefix, clinic, booking
   return 'caps changed'
 end
 r[R_DUE] = at
+-- Counted on its day by a cap decision now: no longer a replay's (flag "r").
+local hash = string.find(r[R_FLAGS], '#', 1, true) or (#r[R_FLAGS] + 1)
+r[R_FLAGS] = string.gsub(string.sub(r[R_FLAGS], 1, hash - 1), 'r', '')
+  .. string.sub(r[R_FLAGS], hash)
 save(bkey, key, r, a)
 redis.call('HINCRBY', bkey, 'smsv', 1)
 return 'ok'
@@ -1164,6 +1172,11 @@ if mode == 'replay' then
   a[A_TRIES] = ''
   -- Its due stays (only the due set says "now"): an SMS replayed after its patient-local
   -- day is found late by its attempt and capped on the day it goes (dispatch `_late_sms`).
+  -- Flag "r": a dead SMS was not counted (another booking may have taken its day since):
+  -- its attempt caps it on the day it goes even when that is its own.
+  if not string.find(string.match(r[R_FLAGS], '^[^#]*'), 'r', 1, true) then
+    r[R_FLAGS] = 'r' .. r[R_FLAGS]
+  end
   r[R_WHY] = inline('replayed at ' .. stamp)
   redis.call('ZADD', due_key, now, ref)
   count_metric(prefix, 'replayed', clinic, key)
@@ -1635,6 +1648,8 @@ def decode_reminder(
     }
     if "s" in flags.split("#", 1)[0]:  # an email that went (or goes) by SMS
         record["by_sms"] = "1"
+    if "r" in flags.split("#", 1)[0]:  # replayed, not counted since by a cap decision
+        record["replayed"] = "1"
     optional = {
         "claim": a[0],
         "tok": a[2],
