@@ -4,6 +4,7 @@ Twilio-signed form posts) against a real Redis."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -12,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.api import test_inbound as inbound
-from tests.api.conftest import future_booking
+from tests.api.conftest import future_booking, held_booking
 from tests.api.test_inbound import ANA, book, message_of, reminders, text
 
 server = inbound.server  # the API's fixtures
@@ -240,3 +241,29 @@ def test_two_starts_at_once_put_each_sms_back_once(server, tw, monkeypatch):
     assert set(FUTURE_SMS) <= set(back), back
     assert scheduled() - before == len(back)
     assert all(r["reason"].count("opted in again") == 1 for k, r in after.items() if k in back)
+
+
+def test_a_held_bookings_sms_put_back_by_start_keep_the_cap_at_its_release(server, tw):
+    """H-1 is held (isotretinoin under review); STOP skips its SMS; A-2, booked while opted
+    out on the same date, plans its SMS on those days; START puts H-1's back (out of the
+    schedule while held, not counted); the clinic releases H-1: the patient still gets at
+    most one SMS a day across both bookings (the release caps H-1's plan again)."""
+    doc = held_booking("H-1")
+    doc.update(clinic="tw")
+    doc["patient"] = doc["patient"] | {"phone": ANA, "locale": "en"}
+    assert tw.put("/v1/bookings/H-1", json=doc).json()["status"] == "held"
+    message_of(text(server, "STOP"))
+    two = copy.deepcopy(doc) | {"booking_id": "A-2", "medications": {
+        "tretinoin": False, "retinol": False, "isotretinoin_last_dose": None}}
+    assert tw.put("/v1/bookings/A-2", json=two).json()["status"] == "scheduled"
+    message_of(text(server, "START"))
+    released = tw.post("/v1/bookings/H-1/release")
+    assert released.status_code == 200, released.text
+    tz = ZoneInfo("Europe/Madrid")
+    days: dict[object, list[str]] = {}
+    for booking_id in ("H-1", "A-2"):
+        for r in reminders(tw, booking_id).values():
+            if r["channel"] == "sms" and r["status"] == "scheduled":
+                days.setdefault(_local_day(r["due_at"], tz), []).append(
+                    f"{booking_id}/{r['id']}")
+    assert days and all(len(refs) == 1 for refs in days.values()), days
