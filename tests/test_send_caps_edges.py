@@ -11,6 +11,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from tests.test_send_caps import Rig
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
 from tests.test_send_caps import sinks as sinks  # noqa: F401
@@ -157,5 +159,28 @@ def test_a_dead_sms_replayed_on_its_own_day_is_capped_on_that_day(rig):
         "cap/A-1/morning:sms"]
     assert rig.send("A-1", "morning:sms", rig.local(d, 12)) == "deferred"
     assert rig.due("A-1", "morning:sms") == rig.local(d + timedelta(days=1), 12)
+    rig.deliver_the_rest()
+    assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "not fixed (found by review; design change): the upsert's SMS cap (planner.cap_plan, "
+    "store._capped_plan) sends an SMS that does not fit by email whenever the patient lists "
+    "email, without reading the clinic's email opt-outs, as the send-time cap does "
+    "(dispatch._capped); the email is then skipped at its begin as opted out, and the step "
+    "is lost though a later day had room for its SMS"))
+def test_an_sms_over_the_cap_of_a_patient_unsubscribed_from_email_moves_on_when_planned(rig):
+    """A-1's SMS is on D 19:00; the patient unsubscribed from email; A-2 is then booked with
+    its SMS on D 19:00 too. The cap sent it by email (the patient lists email): skipped at
+    its begin as opted out, the patient got nothing of that step. As at send time, an
+    unsubscribed patient's SMS moves to the next day with room instead."""
+    d = rig.day
+    rig.book("A-1", "eve", d - timedelta(days=1), email=True)  # its SMS: D 19:00
+    rig.store.opt_out("cap", "email", "ana@example.com", "unsubscribed")
+    rig.book("A-2", "eve", d - timedelta(days=1), email=True)  # its SMS: D 19:00, capped
+    for booking_id in ("A-1", "A-2"):
+        for r in rig.store.timeline("cap", booking_id)["reminders"]:
+            if r["status"] == "scheduled" and r["channel"] == "email":
+                rig.send(booking_id, r["id"], datetime.fromisoformat(r["due_at"]))
     rig.deliver_the_rest()
     assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}
