@@ -409,7 +409,8 @@ def test_redis_replies_are_parsed_in_c(redis_server):
     client = connect(redis_server.url)
     connection = client.connection_pool.get_connection()
     try:
-        assert isinstance(connection._parser, _HiredisParser)
+        assert isinstance(connection._parser, _HiredisParser), (
+            "hiredis is not installed in this environment: `make .venv/.installed-dev`")
         assert client.ping()
     finally:
         client.connection_pool.release(connection)
