@@ -5,6 +5,8 @@ real Apprise, a real HTTP SMS gateway (the rig of tests/test_notices_sms.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests import test_elsewhere_unmoved as eu
 from tests import test_notices_sms as ns
 
@@ -81,3 +83,34 @@ def test_moved_and_switched_to_sms_a_sync_while_opted_out_then_start_the_day_bef
     assert rig.send(eu.DAY_BEFORE_SMS) == "sent"
     (text,) = eu._sms_bodies(rig, before)
     assert "see you" in text and ns.names(text, moved["starts_at"]), text
+
+
+@pytest.mark.parametrize("step", ["day-before", "pause"])
+def test_a_message_again_for_the_new_date_skipped_by_stop_goes_after_start(rig, step):
+    """SMS only. The day-before SMS (or "stop tretinoin tonight") went for the old date;
+    the clinic moved the visit: the message goes again for the new date
+    (again-day-before#1:sms, repause#1:sms), still days ahead. The patient replies STOP,
+    then START: it goes back into the schedule and goes (it was left skipped: the patient,
+    opted in again, never heard "see you tomorrow", or to stop tretinoin, for the new
+    date)."""
+    doc = rig.doc(5 if step == "day-before" else 10)
+    moved = rig.doc(12 if step == "day-before" else 17)
+    if step == "pause":
+        doc["medications"] = moved["medications"] = {"tretinoin": True, "retinol": False}
+    rig.book(doc)
+    first = "day-before:sms" if step == "day-before" else "stop-retinoids:sms"
+    assert rig.send(f"sk/M-1/{first}") == "sent"
+    rig.book(moved)
+    again = "again-day-before#1:sms" if step == "day-before" else "repause#1:sms"
+    assert rig.reminders()[again]["status"] == "scheduled"
+    assert rig.store.opt_out("sk", "sms", PHONE, "STOP at test")[1] == ["M-1"]
+    assert rig.reminders()[again]["status"] == "skipped"
+    rig.store.opt_in("sk", "sms", PHONE, caps=rig.catalog.clinics["sk"].sms,
+                     why="START at test", critical=rig.catalog.critical_steps)
+    shown = rig.reminders()[again]
+    assert shown["status"] == "scheduled", shown
+    assert rig.store.redis.zscore(rig.store.due_key, f"sk/M-1/{again}") is not None
+    before = len(rig.gate.bodies)
+    assert rig.send(f"sk/M-1/{again}") == "sent"
+    (text,) = eu._sms_bodies(rig, before)
+    assert ns.names(text, moved["starts_at"]), text

@@ -1463,17 +1463,19 @@ class OptIn:
 
 
 def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact: str,
-               now: float, critical: str = "") -> list[tuple[float, str, ZoneInfo, bool, bool]]:
+               now: float, critical: str = "", pause: str | None = None,
+               ) -> list[tuple[float, str, ZoneInfo, bool, bool]]:
     """The reminders of a stored booking that an opt-in of `contact` from `channel` puts
     back: (due, key, the patient's timezone, whether its step is care-critical (`critical`:
-    "<treatment>/<step>" space-separated), whether the patient takes email). Those the
-    opt-out skipped (reason "opted_out: ", at STOP or at their begin) in a scheduled
-    booking whose patient still has this address and takes this channel, due (and not
-    expired) after `now` (in a held booking too: its release puts them into the schedule);
-    not a reminder
-    the store added on a change (a notice, a message again: a later change supersedes
-    those). A step the booking no longer plans is never among them: a change of the
-    booking cancels such a skipped reminder (worker/reconcile.py)."""
+    "<treatment>/<step>" space-separated; the pause message again for a new date as the
+    booking's `pause` step), whether the patient takes email). Those the opt-out skipped
+    (reason "opted_out: ", at STOP or at their begin) in a scheduled booking whose patient
+    still has this address and takes this channel, due (and not expired) after `now` (in a
+    held booking too: its release puts them into the schedule); a message again for a new
+    date too (again-<step>, repause: a later change supersedes it as any), not a change
+    notice (told at once: its time passed). A step the booking no longer plans is never
+    among them: a change of the booking cancels such a skipped reminder
+    (worker/reconcile.py)."""
     if fields.get("status") not in (Status.SCHEDULED, Status.HELD) or doc is None:
         return []
     try:
@@ -1491,7 +1493,9 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     email = "email" in (patient.get("channels") or []) and bool(patient.get("email"))
     out = []
     for key, value in fields.items():
-        if not is_reminder_field(key) or not key.endswith(f":{channel}") or is_notice(key):
+        step = key.split(":", 1)[0].split("#", 1)[0]
+        if not is_reminder_field(key) or not key.endswith(f":{channel}") \
+                or step in NOTICE_STEPS:
             continue
         r = _split(value, len(REMINDER_SLOTS))
         if STATUS_OF.get(r[0]) != Status.SKIPPED or not r[8].startswith("opted_out: "):
@@ -1499,7 +1503,8 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
         due = float(r[3] or r[2] or 0)
         if due <= now or (r[4] and float(r[4]) <= now):
             continue  # its time passed while opted out: not sent late
-        out.append((due, key, tz, key.split(":", 1)[0].split("#", 1)[0] in protected, email))
+        step = (pause or "") if step == REPAUSE_STEP else step.removeprefix(AGAIN_PREFIX)
+        out.append((due, key, tz, step in protected, email))
     return out
 
 
@@ -3580,8 +3585,11 @@ class Store:
                 read.append([booking_id, [x for kv in fields.items() for x in kv]])
                 held[booking_id] = fields.get("status") == Status.HELD
                 taken += [float(when) for when in _sms_slots(fields)]
+                ns = fields.get("ns", "")  # the pause step, for a repause's protection
+                pause = parse_notice_steps(self._resolve([ns]).get(ns, ""))[0] if ns and any(
+                    k.startswith(REPAUSE_STEP) for k in fields) else None
                 found = _resumable(fields, cast(str | None, doc), channel, contact, now,
-                                   critical)
+                                   critical, pause)
                 # Care-critical ones first, at their time: the others give way (`cap_sms`).
                 candidates += [(not care, due, booking_id, key, tz, care and not email)
                                for due, key, tz, care, email in found]
