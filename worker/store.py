@@ -4081,7 +4081,9 @@ def _told_by(
     and the messages before the visit (`start`, the date it moved to) sent for it, again
     (`again-<step>`, `repause`) or the plan's own, planned at or after it (of its version
     or later) and sent (or being sent) since: each names the date ("see you on <date>", the
-    prep, the pause message); the date was told once one of them went out."""
+    prep, the pause message); the date was told once one of them went out. A plan's own
+    counts by the version its words went for (`sent_version`): an attempt rendered for the
+    old date and delivered after the move is recorded as sent under the move's version."""
     tail = f"#{seq}:"
     told = {k: r for k, r in reminders.items() if tail in k and (
         k.startswith(("rescheduled#", f"{REPAUSE_STEP}#", AGAIN_PREFIX)))}
@@ -4089,7 +4091,8 @@ def _told_by(
     if since and start is not None:
         told |= {k: r for k, r in reminders.items() if not is_notice(k)
                  and r.get("status") in (Status.SENT, Status.SENDING)
-                 and int(r.get("version") or 0) >= min(since)
+                 and int((r.get("sent_version") if r.get("status") == Status.SENT else None)
+                         or r.get("version") or 0) >= min(since)
                  and float(r.get("planned_epoch") or "inf") < start.timestamp()}
     return told
 
