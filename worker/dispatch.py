@@ -403,6 +403,24 @@ def _told_in_flight(store: Store, ref: str, record: dict[str, str],
     return max(waits) if waits else None
 
 
+def _went(store: Store, clinic_id: str, booking_id: str, prefixes: str) -> bool:
+    """Whether one of the messages `untold` names went out (worker/notices.py
+    `as_told_fields`): a store's own by its key prefix, on either channel; a plan's own
+    ("<key>@<version>", store.py `_told_prefixes`) on its channel only, sent for that
+    version or a later one."""
+    for prefix in prefixes.split():
+        key, at, version = prefix.partition("@")
+        if not at:
+            if any(sent(store.record(f"{clinic_id}/{booking_id}/{prefix}:{c}"))
+                   for c in CHANNELS):
+                return True
+            continue
+        record = store.record(f"{clinic_id}/{booking_id}/{key}")
+        if sent(record) and int(record.get("sent_version") or 0) >= int(version or 0):
+            return True
+    return False
+
+
 def _send_time(record: dict[str, str], window: SendWindow, tz: ZoneInfo, now: datetime) -> SendTime:
     expires = record.get("expires_epoch")
     return at_send_time(
@@ -588,9 +606,8 @@ def _render(
         raise DeliveryError("clinic or protocol no longer configured", permanent=True)
     channel = "sms" if via_sms else cast(Channel, record["channel"])
     # Read-only from here: the booking's own fields unless a notice names another date.
-    fields = as_told_fields(record, stored or {}, lambda prefixes: any(
-        sent(ctx.store.record(f"{clinic_id}/{booking_id}/{prefix}:{c}"))
-        for prefix in prefixes.split() for c in CHANNELS))
+    fields = as_told_fields(record, stored or {},
+                            lambda prefixes: _went(ctx.store, clinic_id, booking_id, prefixes))
     booking = as_told(record, booking, fields)
     plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
     headers: dict[str, str] = {}

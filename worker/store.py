@@ -4098,8 +4098,12 @@ def _told_by(
 
 
 def _told_prefixes(told: Mapping[str, Mapping[str, str]]) -> str:
-    """The keys of `told` without their channels, as `untold` stores them (space apart)."""
-    return " ".join(sorted({k.rpartition(":")[0] for k in told}))
+    """The keys of `told` as `untold` stores them (space apart): the store's own without
+    their channels; a plan's own whole, with the version it is being sent for
+    ("day-before:sms@5"): neither its copy on the other channel nor a delivery of it for an
+    earlier date told the new one (worker/dispatch.py `_went`)."""
+    return " ".join(sorted({k.rpartition(":")[0] if is_notice(k)
+                            else f"{k}@{r.get('version') or 0}" for k, r in told.items()}))
 
 
 def notice_off(key: str, offered: Sequence[str]) -> bool:
