@@ -128,7 +128,15 @@ from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, is_notice, plan_notices, sent, went_out
 from .optout import normal_contact
-from .planner import _LATE, Plan, PlannedReminder, cap_plan, is_hold_notice, sms_fits
+from .planner import (
+    _LATE,
+    Plan,
+    PlannedReminder,
+    cap_plan,
+    cap_words,
+    is_hold_notice,
+    sms_fits,
+)
 from .protocols import AGAIN_PREFIX, NOTICE_STEPS, REPAUSE_STEP, parse_notice_steps
 from .reconcile import OPTED_OUT, reconcile
 from .status import PENDING, TERMINAL, Status, lua_prelude
@@ -1044,7 +1052,8 @@ return 'cancelled'
 # address was opted out again since (a STOP after the START: {0, 0}, nothing put back):
 # ARGV[9] the bookings' hashes as read ({booking id, flat fields}), ARGV[10] the reminders
 # to resume ({booking id, key, due score[, its own reason]}; score '-': it stays skipped,
-# its own reason saying why), `why` their reason. Only if every hash read is unchanged
+# its own reason saying why; '@': it stays skipped and its step goes by email {.., reason,
+# email key, email's reason, due score}), `why` their reason. Only if every hash read is unchanged
 # (else {-1}: read again); an SMS resumed bumps its booking's `smsv` (the SMS cap's guards
 # of other writes read it). Returns {0, number resumed}.
 _OPT_OUT = """
@@ -1087,6 +1096,32 @@ if mode == 'in' then
     if r and r[R_ST] == ST_SKIPPED and score == '-' then
       r[R_WHY] = inline(item[4])  -- it stays skipped: why (the SMS cap had no room)
       save(bkey, key, r, a)
+    elseif r and r[R_ST] == ST_SKIPPED and score == '@' then
+      -- No room for this care-critical SMS: it stays skipped and its step goes by email
+      -- (item[5] at item[7]), as the finish's SMS cap does, unless that email goes anyway.
+      local ekey = item[5]
+      local e, ea = load(bkey, ekey)
+      if e and (is_pending(e[R_ST]) or e[R_ST] == ST_SENT) then
+        r[R_WHY] = inline(item[4] .. '; its email goes')
+        save(bkey, key, r, a)
+      else
+        r[R_WHY] = inline(item[4] .. '; by email instead (care-critical)')
+        save(bkey, key, r, a)
+        local copy = {}
+        for j = 1, 9 do copy[j] = r[j] end
+        copy[R_ST] = ST_SCHEDULED
+        copy[R_DUE] = item[7]
+        copy[R_WHY] = inline(item[6])
+        if not ea then
+          ea = split('', 6)
+          ea.had = false
+        end
+        save(bkey, ekey, copy, ea)
+        local eref = clinic .. '/' .. booking_id .. '/' .. ekey
+        redis.call('ZADD', due_key, item[7], eref)
+        count_metric(prefix, 'scheduled', clinic, ekey)
+        resumed = resumed + 1
+      end
     elseif r and r[R_ST] == ST_SKIPPED then
       r[R_ST] = ST_SCHEDULED
       r[R_WHY] = inline(item[4] or why)
@@ -3549,8 +3584,8 @@ class Store:
         SMS in all their bookings at the clinic (a booking stored meanwhile may have taken
         the day: then it stays skipped, its reason saying so). A care-critical SMS
         (`critical`, the steps as `opt_out` takes them) is never dropped by the cap, as when
-        planned (`cap_sms`): counted first, and beyond the cap, saying so, for a patient
-        without email.
+        planned (`cap_sms`): counted first; one with no room goes by email for a patient
+        who takes email, else beyond the cap, saying so.
         Atomic with what was read (see _OPT_OUT).
         `why`: the patient's request and when (the resumed reminders' reason).
         """
@@ -3575,7 +3610,7 @@ class Store:
             replies = pipe.execute()
             read: list[list[Any]] = []
             taken: list[float] = []  # the patient's SMS at the clinic (sent or to go)
-            candidates: list[tuple[bool, float, str, str, ZoneInfo, bool]] = []
+            candidates: list[tuple[bool, float, str, str, ZoneInfo, bool, bool]] = []
             held: dict[str, bool] = {}
             for booking_id, raw, doc in zip(bookings, replies[0::2], replies[1::2],
                                             strict=True):
@@ -3591,10 +3626,10 @@ class Store:
                 found = _resumable(fields, cast(str | None, doc), channel, contact, now,
                                    critical, pause)
                 # Care-critical ones first, at their time: the others give way (`cap_sms`).
-                candidates += [(not care, due, booking_id, key, tz, care and not email)
+                candidates += [(not care, due, booking_id, key, tz, care, email)
                                for due, key, tz, care, email in found]
             resume: list[list[Any]] = []
-            for _, due, booking_id, key, tz, beyond in sorted(candidates):
+            for _, due, booking_id, key, tz, care, email in sorted(candidates):
                 if held.get(booking_id):  # out of the schedule until the clinic's release
                     resume.append([booking_id, key, ""])
                     continue
@@ -3605,17 +3640,21 @@ class Store:
                         counts[day] = counts.get(day, 0) + 1
                     day = datetime.fromtimestamp(due, tz).toordinal()
                     if not sms_fits(counts, day, caps.max_per_day, caps.max_per_week):
-                        if not beyond:  # the day is taken: it stays skipped, saying so
-                            resume.append([booking_id, key, "-", (
-                                f"{reason}; not resumed: the patient's SMS limit at this "
-                                f"clinic ({caps.max_per_day} a day, {caps.max_per_week} in "
-                                f"any 7 days) is reached on "
-                                f"{datetime.fromtimestamp(due, tz).date().isoformat()}")])
+                        over = (f"{cap_words(caps)} is reached on "
+                                f"{datetime.fromtimestamp(due, tz).date().isoformat()}")
+                        if care and email:  # by email instead, as when planned
+                            resume.append([booking_id, key, "@",
+                                           f"{reason}; not resumed by SMS: {over}",
+                                           key[: -len("sms")] + "email",
+                                f"{reason}; by email: {over} (care-critical)", _num(due)])
+                            continue
+                        if not care:  # the day is taken: it stays skipped, saying so
+                            resume.append([booking_id, key, "-",
+                                           f"{reason}; not resumed: {over}"])
                             continue
                         taken.append(due)
                         resume.append([booking_id, key, _num(due), (
-                            f"{reason}; beyond the SMS cap ({caps.max_per_day} a day, "
-                            f"{caps.max_per_week} in any 7 days): care-critical, and the "
+                            f"{reason}; sent although {over}: care-critical, and the "
                             f"patient takes no email")])
                         continue
                     taken.append(due)

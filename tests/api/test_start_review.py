@@ -79,7 +79,8 @@ def test_start_brings_back_the_care_critical_sms_whose_days_another_booking_took
         assert r["status"] == "scheduled", r
         assert r["due_at"] == before[key]["due_at"]
         assert store.redis.zscore(store.due_key, f"tw/A-1/{key}") is not None, key
-    assert "beyond the SMS cap" in after["resume-retinoids:sms"]["reason"]
+    assert "; sent although the patient's SMS limit at this clinic" in \
+        after["resume-retinoids:sms"]["reason"]
 
 
 def _local_day(instant: str, tz: ZoneInfo) -> date:
@@ -103,8 +104,9 @@ def test_an_sms_start_leaves_skipped_for_the_cap_says_so_on_the_timeline(server,
     for r in left:
         assert not r["reason"].startswith("opted_out: "), r
         assert r["reason"].startswith("opted in again: the patient replied START by SMS at "), r
-        assert "not resumed: the patient's SMS limit at this clinic (1 a day, 3 in any 7 " \
-            "days) is reached on " in r["reason"], r
+        assert ("not resumed: the patient's SMS limit at this clinic (1 a day, 3 in any 7 "
+                "days) is reached on ") in r["reason"].replace("not resumed by SMS:",
+                                                               "not resumed:"), r
 
 
 def test_a_stop_arriving_while_a_start_decides_is_not_undone(server, tw, monkeypatch):
@@ -267,3 +269,38 @@ def test_a_held_bookings_sms_put_back_by_start_keep_the_cap_at_its_release(serve
                 days.setdefault(_local_day(r["due_at"], tz), []).append(
                     f"{booking_id}/{r['id']}")
     assert days and all(len(refs) == 1 for refs in days.values()), days
+
+
+def test_start_sends_by_email_a_care_critical_sms_the_cap_has_no_room_for(server, tw):
+    """As the SMS-only case, for a patient who takes email: START finds the week after
+    A-1's visit taken by A-2's SMS (booked while opted out), so "you may resume tretinoin"
+    (care-critical, SMS only in the protocol) has no room. As when planned (`cap_sms`) it
+    goes by email instead, saying so; it must not stay skipped for good."""
+    doc = future_booking("A-1", clinic="tw")
+    doc["patient"] = doc["patient"] | {"phone": ANA, "locale": "en"}
+    assert doc["patient"]["channels"] == ["sms", "email"]
+    assert tw.put("/v1/bookings/A-1", json=doc).status_code == 201
+    message_of(text(server, "STOP"))
+    store = server.app.state.services.store
+    later = datetime.fromisoformat(doc["starts_at"]) + timedelta(days=4)
+    two = doc | {"booking_id": "A-2", "starts_at": later.isoformat(),
+                 "medications": {"tretinoin": False, "retinol": False,
+                                 "isotretinoin_last_dose": None}}
+    assert tw.put("/v1/bookings/A-2", json=two).status_code == 201
+    before = reminders(tw, "A-1")
+    assert "resume-retinoids:email" not in before
+    message_of(text(server, "START"))
+    after = reminders(tw, "A-1")
+    sms, email = after["resume-retinoids:sms"], after.get("resume-retinoids:email")
+    if sms["status"] == "scheduled":  # room after all (the dates): nothing to prove here
+        raise AssertionError(f"the test's dates left room: {sms}")
+    assert email is not None and email["status"] == "scheduled", (sms, email)
+    assert email["due_at"] == before["resume-retinoids:sms"]["due_at"]
+    assert "by email: the patient's SMS limit at this clinic" in email["reason"], email
+    assert "by email instead" in sms["reason"], sms
+    assert store.redis.zscore(store.due_key, "tw/A-1/resume-retinoids:email") is not None
+    # The clinic's same booking again (a sync): the email stays, the SMS is not planned back.
+    assert tw.put("/v1/bookings/A-1", json=store.booking_doc("tw", "A-1")).status_code == 200
+    again = reminders(tw, "A-1")
+    assert again["resume-retinoids:email"]["status"] == "scheduled", again
+    assert again["resume-retinoids:sms"]["status"] != "scheduled", again
