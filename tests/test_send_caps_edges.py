@@ -1,7 +1,8 @@
 """The SMS cap at send time where a reminder's stored due is not the day it is counted on by
 a cap decision (real Redis, a real HTTP SMS gateway, the real send path; see
 tests/test_send_caps.py for the rig): an attempt of unknown outcome near the patient's
-midnight, an email going by SMS found after its day, a dead SMS replayed on its own day."""
+midnight, an email going by SMS found after its day, a dead SMS replayed on its own day;
+and, when planned, an SMS over the cap of a patient unsubscribed from email."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from collections import Counter
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
-
-import pytest
 
 from tests.test_send_caps import Rig
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
@@ -163,12 +162,6 @@ def test_a_dead_sms_replayed_on_its_own_day_is_capped_on_that_day(rig):
     assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not fixed (found by review; design change): the upsert's SMS cap (planner.cap_plan, "
-    "store._capped_plan) sends an SMS that does not fit by email whenever the patient lists "
-    "email, without reading the clinic's email opt-outs, as the send-time cap does "
-    "(dispatch._capped); the email is then skipped at its begin as opted out, and the step "
-    "is lost though a later day had room for its SMS"))
 def test_an_sms_over_the_cap_of_a_patient_unsubscribed_from_email_moves_on_when_planned(rig):
     """A-1's SMS is on D 19:00; the patient unsubscribed from email; A-2 is then booked with
     its SMS on D 19:00 too. The cap sent it by email (the patient lists email): skipped at

@@ -99,5 +99,8 @@ def test_an_email_sent_by_sms_counts_for_the_sms_cap(rig):
     second = rig.store.upsert(booking, plan(booking, rig.catalog.protocols["unsub"],
                                             rig.catalog.clinics["uc"], now), now)
     by_id = {r["id"]: r for r in second["reminders"]}
-    assert "text:sms" not in by_id, by_id  # its one SMS of the week went by email instead
-    assert "SMS limit" in by_id["text:email"]["reason"], by_id["text:email"]
+    # Its one SMS of the week is taken: not by email either (the patient unsubscribed from
+    # it: it would be skipped at its begin), and no later day has room before it expires.
+    assert "text:email" not in by_id, by_id
+    assert by_id["text:sms"]["status"] == "skipped", by_id["text:sms"]
+    assert "SMS limit" in by_id["text:sms"]["reason"], by_id["text:sms"]

@@ -963,24 +963,30 @@ def cap_sms(
 
 def cap_plan(
     p: Plan, booking: Booking, taken: Iterable[datetime], history: frozenset[str] = frozenset(),
-    own: Iterable[datetime] = (),
+    own: Iterable[datetime] = (), *, email: bool | None = None,
 ) -> Plan:
     """`p` with its SMS capped again, counting the patient's other SMS `taken` (the store
     reads them from the patient's other bookings at the clinic). A re-submission of a stored
     booking gives its own SMS already sent (and its store-added ones still to go) as `own`,
     and the keys of its reminders already sent that do not go again as `history`: the plan
     is then capped again from its reminders as planned before the cap (`Plan.uncapped`),
-    those being history, not SMS to count again (`cap_sms`)."""
+    those being history, not SMS to count again (`cap_sms`). `email`: whether the patient
+    takes email (False: listed, but unsubscribed from it; default: listed), by which an SMS
+    that does not fit may go instead; the plan itself assumed it could."""
     taken = list(taken)
     own = list(own)
-    if p.caps is None or not (taken or own or history):
+    takes_email = "email" in booking.patient.channels if email is None else email
+    # Capped again from the plan before its own cap when that cap may have sent an SMS by
+    # an email the patient no longer takes.
+    unsubscribed = not takes_email and p.uncapped is not None
+    if p.caps is None or not (taken or own or history or unsubscribed):
         return p
     base = p.reminders
-    if own or history:
+    if own or history or unsubscribed:
         base = p.uncapped if p.uncapped is not None else p.reminders
         taken += own
     reminders = cap_sms(base, p.caps, ZoneInfo(booking.patient.timezone),
-                        email="email" in booking.patient.channels, taken=taken,
+                        email=takes_email, taken=taken,
                         protected=p.protected, window=p.window, history=history)
     if reminders is p.reminders:
         return p

@@ -1882,6 +1882,9 @@ class _CapsRead:
 
     taken: list[datetime]
     guard: list[Any]
+    # Whether the patient takes email and has not unsubscribed from it (read unfenced, as at
+    # send time: an unsubscribe landing after this read skips that email at its begin).
+    email: bool = True
 
 
 @dataclass
@@ -2266,7 +2269,17 @@ class Store:
             phone = cast(str, booking.patient.phone)
             pipe.zrangebyscore(self.contact_key(booking.clinic, "phone", phone), since, "+inf",
                                start=0, num=limit)
-        members = [cast(list[str], m) for m in pipe.execute()]
+        # The cap sends by email only to a patient who has not unsubscribed from it (as
+        # dispatch `_capped`): else the email is skipped at its begin and the step lost.
+        asks_email = [n for n in wanted if items[n][0].patient.email is not None
+                      and "email" in items[n][0].patient.channels]
+        for n in asks_email:
+            booking = items[n][0]
+            pipe.hexists(self.optout_key(booking.clinic), "email:" + normal_contact(
+                "email", cast(str, booking.patient.email)))
+        found = pipe.execute()
+        members = [cast(list[str], m) for m in found[:len(wanted)]]
+        email = {n: not out for n, out in zip(asks_email, found[len(wanted):], strict=True)}
         # More than the cap reads: the ones that expire first may be visits long past, and
         # those that share this booking's days unread (found by review). Read from the first
         # that can share them instead (CAPS_OTHERS_MAX).
@@ -2309,7 +2322,7 @@ class Store:
                 taken += _sms_times(h)
             guard = [self.contact_id("phone", cast(str, booking.patient.phone)), start, limit,
                      ids, versions]
-            out[n] = _CapsRead(taken, guard)
+            out[n] = _CapsRead(taken, guard, email.get(n, False))
         return out
 
     def send_caps_read(self, ref: str, phone: str, at: datetime) -> SendCapsRead:
@@ -2354,7 +2367,8 @@ class Store:
         those that go again for a new date, capped as new SMS. The same count as at send
         time (`send_caps_read`). What it reads of the booking is the apply's own check."""
         if not stored.fields:
-            return planned if read is None else cap_plan(planned, booking, read.taken)
+            return planned if read is None else cap_plan(planned, booking, read.taken,
+                                                         email=read.email)
         kind = self._replan_kind(booking, planned, stored, release)
         planned = sent_elsewhere(planned, booking, stored.reminders, now, kind is not None)
         if read is None:
@@ -2407,7 +2421,7 @@ class Store:
                 now=now, window=planned.window or SendWindow(),
                 before=datetime.fromisoformat(old_start) if old_start else None)
             own += [n.due_at for n in notices if n.channel == "sms"]
-        return cap_plan(planned, booking, read.taken, history - again, own)
+        return cap_plan(planned, booking, read.taken, history - again, own, email=read.email)
 
     def _replan_kind(
         self, booking: Booking, planned: Plan, stored: _Stored, release: bool
