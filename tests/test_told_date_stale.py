@@ -8,7 +8,10 @@ tests/test_notices_sms.py). Found by review of `_told_by` (worker/store.py) and 
   provider while the clinic moved the visit, then delivered, was recorded as sent under
   the move's version and counted as telling the new date;
 - a plan's own reminder in flight at a change was stored in `untold` by its step alone, so
-  the send read its copy on the other channel, sent for the earlier date, as "went".
+  the send read its copy on the other channel, sent for the earlier date, as "went";
+- a booking cancelled (held or not) and booked again before its cancel notice went, then
+  cancelled again before the re-open's notice went, named the re-open's date, which the
+  patient never heard: the re-open now moves "from" the date told, as a move does.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from tests import test_notices_sms as ns
+from tests.test_told_date import _held, _release, _send_one
 from worker.dispatch import send_claimed
 
 gate = ns.gate  # fixtures
@@ -95,3 +101,32 @@ def test_the_other_channels_copy_for_the_old_date_is_not_the_new_date_told(rig):
         (body,) = rig.gate.bodies[before:]
         assert ns.names(_said(body), first["starts_at"]), (key, body)
         assert not ns.names(_said(body), moved["starts_at"]), (key, body)
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_reopen_whose_cancel_was_never_told_names_the_date_told(rig, held):
+    """Told 5 days out; (held, then) cancelled: the cancel notice waits for its retry; the
+    clinic books the visit again at 12 days (held, then released): the cancel notice is
+    superseded, the patient never heard it. Cancelled again before the re-open's notice
+    went: the patient, who knows only the first date, is told that one is cancelled."""
+    first = rig.doc(5)
+    rig.book(first)
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    if held:
+        assert rig.book(_held(rig.doc(5)))["status"] == "held"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    rig.gate.status = 503
+    assert rig.send("sk/M-1/cancelled#1:sms") == "retrying"
+    rig.gate.status = 200
+    again = rig.doc(12)
+    if held:
+        assert rig.book(_held(rig.doc(12)))["status"] == "held"
+        _release(rig, _held(again))
+    else:
+        rig.book(again)
+    shown = ns.notices(rig.reminders())
+    assert shown["cancelled#1:sms"]["status"] == "cancelled", shown
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    (key,) = [k for k, r in ns.notices(rig.reminders()).items() if r["status"] == "scheduled"]
+    text = _send_one(rig, f"sk/M-1/{key}")
+    assert ns.names(text, first["starts_at"]) and "cancelled" in text, text

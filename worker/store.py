@@ -2749,8 +2749,15 @@ class Store:
                 "rescheduled", stored.reminders, booking, plan.notice_steps, seq=seq, now=now,
                 window=plan.window or SendWindow(),
                 before=datetime.fromisoformat(old_start) if old_start else None)
+            # Booked again after a cancel the patient never heard of (its notice superseded
+            # before it went): to them the visit moves from the date they were told.
+            unheard = [r for k, r in stored.reminders.items()
+                       if k.startswith(f"cancelled#{seq - 1}:")]
             moved_from = (_num(datetime.fromisoformat(old_start).timestamp())
-                          if kind == "moved" and old_start else "")
+                          if old_start and (kind == "moved" or (
+                              unheard and not any(went_out(r) for r in unheard)
+                              and datetime.fromisoformat(old_start) != booking.starts_at))
+                          else "")
             told = _told_by(stored.reminders, seq - 1,
                             datetime.fromisoformat(old_start) if old_start else None)
             before = booking_fields.get("moved_from", "")
