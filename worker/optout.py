@@ -30,7 +30,10 @@ In this order:
               BAJA counts as sure only alone, first before a filler ("Baja ya"), after DE
               ("darme de baja") or among fillers: "tengo la tension baja" is about blood
               pressure, "Baja la fiebre" says the fever goes down.
-  start       the text begins with a word of START_WORDS ("START", "Unstop please", "Alta").
+  start       the text begins with a word of START_WORDS and holds nothing but fillers and
+              "again" ("START", "Unstop please", "Start again", "Alta"): not a sentence
+              that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a high
+              fever), which must not opt the number in (START puts its SMS back).
   help        the text begins with a word of HELP_WORDS ("HELP", "info?", "Ayuda").
   change      a word of CHANGE_WORDS (cancel, cancelar, cambiar, anular, reschedule,
               reprogramar) that is not an opt-out: "Can I cancel Tuesday and come
@@ -122,6 +125,9 @@ SHORT_WORDS = 4  # "a short text": at most this many words
 CHANGE_WORDS = frozenset({"CANCEL", "CANCELAR", "CAMBIAR", "ANULAR", "RESCHEDULE",
                           "REPROGRAMAR"})
 START_WORDS = frozenset({"START", "UNSTOP", "RESUME", "ALTA", "REANUDAR"})
+# What may stand around a start word in an opt-in ("Start again please", "Alta por favor"):
+# "Resume tretinoin tonight?" or "Alta fiebre" (a high fever) ask or tell something else.
+_START_AROUND = frozenset({"AGAIN", "OTRA", "VEZ", "NUEVO"})
 HELP_WORDS = frozenset({"HELP", "INFO", "AYUDA", "INFORMACION"})
 CONFIRM_WORDS = frozenset({"C", "CONFIRM", "CONFIRMED", "YES", "SI", "CONFIRMO", "CONFIRMAR",
                            "CONFIRMADO"})
@@ -196,7 +202,8 @@ def classify(body: str) -> Intent:
     if is_opt_out(words, question="?" in body):
         return "stop"
     first = words[0]
-    if first in START_WORDS:
+    if first in START_WORDS and all(
+            w in START_WORDS or w in FILLER_WORDS or w in _START_AROUND for w in words):
         return "start"
     if first in HELP_WORDS:
         return "help"
