@@ -130,3 +130,83 @@ def test_a_reopen_whose_cancel_was_never_told_names_the_date_told(rig, held):
     (key,) = [k for k, r in ns.notices(rig.reminders()).items() if r["status"] == "scheduled"]
     text = _send_one(rig, f"sk/M-1/{key}")
     assert ns.names(text, first["starts_at"]) and "cancelled" in text, text
+
+
+def test_held_cancel_reopen_release_move_cancel_tells_each_change_once(rig):
+    """The whole round: told 5 days out, held, cancelled (told, naming 5 days), booked again
+    at 12 days (held), released (told 12 days), moved to 19 (told 19), cancelled (told 19).
+    Each change adds exactly one notice, naming the date the patient was last told of or
+    the new one; the same booking again adds nothing."""
+    first, again, moved = rig.doc(5), rig.doc(12), rig.doc(19)
+    rig.book(first)
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    seen: set[str] = set()
+
+    def one_new(start: str, word: str) -> None:
+        new = [k for k in ns.notices(rig.reminders()) if k not in seen]
+        assert len(new) == 1, new
+        seen.update(new)
+        text = _send_one(rig, f"sk/M-1/{new[0]}")
+        assert ns.names(text, start) and word in text, (new, text)
+
+    assert rig.book(_held(rig.doc(5)))["status"] == "held"
+    assert not ns.notices(rig.reminders())
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    one_new(first["starts_at"], "cancelled")
+    assert rig.book(_held(rig.doc(12)))["status"] == "held"
+    assert set(ns.notices(rig.reminders())) == seen
+    _release(rig, _held(again))
+    one_new(again["starts_at"], "moved")
+    _release(rig, _held(again))
+    assert set(ns.notices(rig.reminders())) == seen
+    moved = _held(moved)
+    _release(rig, moved)
+    one_new(moved["starts_at"], "moved")
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    one_new(moved["starts_at"], "cancelled")
+    assert not [k for k in rig.store.redis.zrange(rig.store.due_key, 0, -1)
+                if k.startswith("sk/M-1/") and k.split("/")[-1].startswith(
+                    ("rescheduled#", "cancelled#"))]
+
+
+def _unsubscribe(rig) -> None:
+    rig.store.opt_out("sk", "email", "ana@example.com", "unsubscribed",
+                      critical=rig.catalog.critical_steps)
+
+
+def test_a_notice_by_sms_for_an_unsubscribed_patient_respects_stop(rig):
+    """Told by the confirmation email; unsubscribed from email and opted out of SMS (STOP):
+    the move's email notice goes nowhere (skipped), nothing reaches the gateway."""
+    both = ("sms", "email")
+    rig.book(rig.doc(5, channels=both))
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+    _unsubscribe(rig)
+    rig.store.opt_out("sk", "sms", "+34600111222", "STOP")
+    rig.book(rig.doc(12, channels=both))
+    assert set(ns.notices(rig.reminders())) == {"rescheduled#1:email"}
+    before = len(rig.gate.bodies)
+    assert rig.send("sk/M-1/rescheduled#1:email").startswith("dropped")
+    assert len(rig.gate.bodies) == before
+    assert rig.reminders()["rescheduled#1:email"]["status"] == "skipped"
+
+
+def test_a_notice_gone_by_sms_is_not_sent_again_once_resubscribed(rig):
+    """The move's email notice went by SMS (unsubscribed from email); the patient subscribes
+    again and the clinic sends the same booking again: nothing more goes."""
+    both = ("sms", "email")
+    rig.book(rig.doc(5, channels=both))
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+    _unsubscribe(rig)
+    moved = rig.doc(12, channels=both)
+    rig.book(moved)
+    before = len(rig.gate.bodies)
+    assert rig.send("sk/M-1/rescheduled#1:email") == "sent"
+    (body,) = rig.gate.bodies[before:]
+    assert body["to"] == "+34600111222", body
+    rig.store.opt_in("sk", "email", "ana@example.com")
+    rig.book(moved)
+    shown = ns.notices(rig.reminders())
+    assert {k: r["status"] for k, r in shown.items()} == {"rescheduled#1:email": "sent"}
+    assert not [k for k in rig.store.redis.zrange(rig.store.due_key, 0, -1)
+                if "rescheduled#" in k]
+
