@@ -11,7 +11,10 @@ tests/test_notices_sms.py). Found by review of `_told_by` (worker/store.py) and 
   the send read its copy on the other channel, sent for the earlier date, as "went";
 - a booking cancelled (held or not) and booked again before its cancel notice went, then
   cancelled again before the re-open's notice went, named the re-open's date, which the
-  patient never heard: the re-open now moves "from" the date told, as a move does.
+  patient never heard: the re-open now moves "from" the date told, as a move does;
+- a plan's own message in flight at a change whose record held the delivery of an earlier
+  date (recorded beside the new plan) counted as sent for certain, so `untold` was not
+  stored and the next notice named the new date though this attempt then failed.
 """
 
 from __future__ import annotations
@@ -210,3 +213,30 @@ def test_a_notice_gone_by_sms_is_not_sent_again_once_resubscribed(rig):
     assert not [k for k in rig.store.redis.zrange(rig.store.due_key, 0, -1)
                 if "rescheduled#" in k]
 
+
+def test_an_earlier_dates_delivery_of_a_message_in_flight_is_not_its_new_one(rig):
+    """The day-before SMS for 5 days out is at the gateway when the visit moves to 12 days:
+    delivered, recorded beside the new plan (its record now the new date's). The move's
+    notice waits for its retry; the day-before for 12 days is at the gateway when the clinic
+    cancels, and is refused. The patient heard only of 5 days: the cancel names it."""
+    first, moved = rig.doc(5), rig.doc(12)
+    rig.book(first)
+    thread, out = _park(rig, ns.DAY_BEFORE)
+    rig.book(moved)
+    rig.gate.answer(200)
+    thread.join(15)
+    assert out and out[0] == "sent", out
+    assert rig.store.record(ns.DAY_BEFORE)["sent_at"]  # the old date's delivery, recorded
+    assert rig.reminders()["day-before:sms"]["status"] == "scheduled"
+    rig.gate.status = 503
+    assert rig.send("sk/M-1/rescheduled#1:sms") == "retrying"
+    thread, out = _park(rig, ns.DAY_BEFORE)
+    assert ns.names(rig.texts()[-1], moved["starts_at"])
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    rig.gate.answer(400)
+    thread.join(15)
+    assert out and out[0] == "failed", out
+    rig.gate.answer(200)
+    (key,) = [k for k, r in ns.notices(rig.reminders()).items() if r["status"] == "scheduled"]
+    text = _send_one(rig, f"sk/M-1/{key}")
+    assert ns.names(text, first["starts_at"]) and "cancelled" in text, text

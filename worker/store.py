@@ -2768,7 +2768,7 @@ class Store:
                 # The last move's notice never went out: the patient still knows the date
                 # before it ("moved from" that one, or from nothing if it is the date again).
                 moved_from, untold = before, booking_fields.get("untold", "")
-            elif moved_from and told and not any(sent(r) for r in told.values()):
+            elif moved_from and told and not _told_sent(told):
                 # Being sent now: it may go out or not; the send of this move's notice
                 # reads which (worker/notices.py `as_told_fields`).
                 untold = f"{_told_prefixes(told)}|{before}"
@@ -3025,7 +3025,7 @@ class Store:
         told_start, untold = _num(before.timestamp()) if before else "", ""
         if told and not any(went_out(r) for r in told.values()):
             told_start, untold = fields.get("moved_from", ""), fields.get("untold", "")
-        elif told and not any(sent(r) for r in told.values()):  # being sent: the send reads
+        elif told and not _told_sent(told):  # being sent: the send reads
             untold = f"{_told_prefixes(told)}|{fields.get('moved_from', '')}"
         adds: list[str] = ["seq", str(seq), "", "paused", "1" if paused else "", "",
                            "told_start", told_start, "", "untold", untold, ""]
@@ -4155,6 +4155,13 @@ def _told_by(
                          or r.get("version") or 0) >= min(since)
                  and float(r.get("planned_epoch") or "inf") < start.timestamp()}
     return told
+
+
+def _told_sent(told: Mapping[str, Mapping[str, str]]) -> bool:
+    """Whether one of `told` went out for certain: a plan's own by its status (its
+    `sent_at` may be a delivery for an earlier date, recorded beside the new plan)."""
+    return any(sent(r) if is_notice(k) else r.get("status") == Status.SENT
+               for k, r in told.items())
 
 
 def _told_prefixes(told: Mapping[str, Mapping[str, str]]) -> str:
