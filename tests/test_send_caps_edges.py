@@ -177,3 +177,38 @@ def test_an_sms_over_the_cap_of_a_patient_unsubscribed_from_email_moves_on_when_
                 rig.send(booking_id, r["id"], datetime.fromisoformat(r["due_at"]))
     rig.deliver_the_rest()
     assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}
+
+
+def test_an_sms_at_its_provider_is_not_capped_again_by_a_resubmission(rig, monkeypatch):
+    """Forced race: A-1's SMS (D 19:00) is at the gateway when the clinic books A-2, whose
+    care-critical SMS takes D too (beyond the cap: the others give way), and then sends A-1
+    again unchanged. The re-submission capped A-1's SMS again and moved it to D+1: its
+    delivery was recorded beside the new plan, which sent the step again on D+1 (A-1's one
+    message twice). An SMS at its provider is left to its attempt, counted where it goes."""
+    from worker import dispatch
+
+    d = rig.day
+    rig.book("A-1", "eve", d - timedelta(days=1))  # its SMS: D 19:00
+    real = dispatch.deliver
+    at_gateway, go_on = threading.Event(), threading.Event()
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        if not at_gateway.is_set():
+            at_gateway.set()
+            assert go_on.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "deliver", parked)
+    results: list[str] = []
+    sending = threading.Thread(target=lambda: results.append(
+        rig.send("A-1", "evening:sms", rig.local(d, 19))))
+    sending.start()
+    assert at_gateway.wait(10)
+    rig.book("A-2", "evecrit", d - timedelta(days=1))  # care-critical: D 19:00, beyond the cap
+    rig.book("A-1", "eve", d - timedelta(days=1))  # the same booking again
+    go_on.set()
+    sending.join(10)
+    assert results == ["sent"]
+    assert rig.reminder("A-1", "evening:sms")["status"] == "sent"
+    rig.deliver_the_rest()
+    assert [p.to for p in rig.sms.snapshot()] == ["+34600111222"] * 2  # A-1's once, A-2's

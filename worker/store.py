@@ -2421,7 +2421,21 @@ class Store:
                 now=now, window=planned.window or SendWindow(),
                 before=datetime.fromisoformat(old_start) if old_start else None)
             own += [n.due_at for n in notices if n.channel == "sms"]
-        return cap_plan(planned, booking, read.taken, history - again, own, email=read.email)
+        # Its own SMS at its provider now (sending) that the reconcile keeps as it is (same
+        # planned time, or due now in both plans): left to its attempt and counted where it
+        # goes, not capped again; moved, its delivery would be recorded beside a new plan
+        # sending the step again (two of one message).
+        now_epoch = now.timestamp()
+        in_flight = frozenset(
+            r.key for r in base if r.channel == "sms" and r.status == Status.SCHEDULED
+            and stored.reminders.get(r.key, {}).get("status") == Status.SENDING
+            and (stored.reminders[r.key].get("planned_epoch") == repr(r.due_at.timestamp())
+                 or (float(stored.reminders[r.key].get("planned_epoch") or "inf") <= now_epoch
+                     and r.due_at <= now)))
+        own += [datetime.fromtimestamp(float(stored.reminders[key]["due_epoch"]), UTC)
+                for key in in_flight if stored.reminders[key].get("due_epoch")]
+        return cap_plan(planned, booking, read.taken, (history - again) | in_flight, own,
+                        email=read.email)
 
     def _replan_kind(
         self, booking: Booking, planned: Plan, stored: _Stored, release: bool
