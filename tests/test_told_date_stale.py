@@ -14,7 +14,9 @@ tests/test_notices_sms.py). Found by review of `_told_by` (worker/store.py) and 
   patient never heard: the re-open now moves "from" the date told, as a move does;
 - a plan's own message in flight at a change whose record held the delivery of an earlier
   date (recorded beside the new plan) counted as sent for certain, so `untold` was not
-  stored and the next notice named the new date though this attempt then failed.
+  stored and the next notice named the new date though this attempt then failed;
+- the hold message of a booking moved as it was held named the new date, while the cancel
+  named (and the release's notice moved from) the date told before the hold.
 """
 
 from __future__ import annotations
@@ -240,3 +242,26 @@ def test_an_earlier_dates_delivery_of_a_message_in_flight_is_not_its_new_one(rig
     (key,) = [k for k, r in ns.notices(rig.reminders()).items() if r["status"] == "scheduled"]
     text = _send_one(rig, f"sk/M-1/{key}")
     assert ns.names(text, first["starts_at"]) and "cancelled" in text, text
+
+
+@pytest.mark.parametrize("then", ["cancel", "release"])
+def test_the_hold_message_of_a_booking_moved_as_held_names_the_date_told(rig, then):
+    """Told 5 days out; the clinic moves the visit to 12 days and it is held at once: the
+    hold SMS ("we will call you before your <date> visit") names 5 days, the date the
+    patient knows (the move is told at the release); so the cancel naming 5 days, or the
+    release's notice of the move to 12, follows what the patient was told."""
+    first, moved = rig.doc(5), _held(rig.doc(12))
+    rig.book(first)
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    assert rig.book(moved)["status"] == "held"
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, first["starts_at"]), text
+    assert not ns.names(text, moved["starts_at"]), text
+    if then == "cancel":
+        rig.store.cancel("sk", "M-1", datetime.now(UTC))
+        text = _send_one(rig, "sk/M-1/cancelled#1:sms")
+        assert ns.names(text, first["starts_at"]) and "cancelled" in text, text
+    else:
+        _release(rig, moved)
+        text = _send_one(rig, "sk/M-1/rescheduled#1:sms")
+        assert ns.names(text, moved["starts_at"]) and "moved" in text, text

@@ -269,7 +269,14 @@ class RenderExtras(TypedDict, total=False):
 def as_told(record: Mapping[str, str], booking: Booking, stored: Mapping[str, str]) -> Booking:
     """Return the booking as a cancel notice names it: at the date the patient was last
     told (`told_start`, set by the cancel when the last move's notice never went out), so
-    "your 12 Dec visit is cancelled" never reaches a patient who only knew of 5 Dec."""
+    "your 12 Dec visit is cancelled" never reaches a patient who only knew of 5 Dec. The
+    hold message of a booking the clinic moved as it held it names the date told before the
+    hold (`held_from`): the move is told at the release, and a cancel names that date (not
+    after a cancel: booked again and held, the patient knows no date but the new one)."""
+    held = stored.get("held_from", "")
+    if record.get("step") == HOLD_NOTICE_STEP and held and not stored.get("reopened"):
+        start = datetime.fromisoformat(held).astimezone(booking.starts_at.tzinfo)
+        return booking.model_copy(update={"starts_at": start})
     told = stored.get("told_start", "")
     if record.get("step") != "cancelled" or not told:
         return booking
