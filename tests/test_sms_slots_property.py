@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from worker.store import _CAPS_GUARD, _PRELUDE, STATUS_CODE, _sms_slots
 
 STEPS = ["evening", "day-before", "again-day-before", "again-prep#2", "rescheduled#1",
-         "cancelled#3", "repause#2", "hold-notice", "check", "stop-retinoids#4"]
+         "cancelled#3", "repause#2", "hold-notice", "hold-notice#2", "check",
+         "stop-retinoids#4"]
 EPOCHS = st.sampled_from(["1797354000", "1797354000.25", "1797440400", "17", "0.5"])
 SLOT = st.one_of(st.just(""), EPOCHS)
 FLAGS = st.sampled_from(["", "s", "b", "bs", "sb", "s#2", "#3", "b#2", "#s", "bs#2"])

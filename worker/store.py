@@ -615,12 +615,12 @@ return {verdict}
 _CAPS_GUARD = """
 -- When a stored booking's SMS go or went, as stored, leaving out the reminder `skip`: the
 -- same as `_sms_slots` in Python (sent: when; to go: unless the booking is held, but for
--- the store's own, which a release puts back as they are; an email with the flag "s"
--- counts as an SMS).
+-- the store's own, which a release puts back as they are, and the hold notice, which goes
+-- while it is held; an email with the flag "s" counts as an SMS).
 local function store_own(f)
   local step = step_of(f)
   return step == 'rescheduled' or step == 'cancelled' or step == 'repause'
-    or string.sub(step, 1, 6) == 'again-'
+    or string.sub(step, 1, 6) == 'again-' or string.match(f, '^[^:]*') == 'hold-notice'
 end
 local function sms_slots(obkey, skip)
   local flat = redis.call('HGETALL', obkey)
@@ -3884,8 +3884,8 @@ def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
     """When a stored booking's SMS go or went: sent ones, and those still to go unless the
     booking is held (a hold sends nothing until the clinic's review, whose release caps its
     plan again), but for the store's own (`is_notice`: a notice, a message again for a new
-    date), which the release puts back as they are; its emails that went by SMS (flag "s")
-    count as SMS."""
+    date), which the release puts back as they are, and its hold notice, which goes while it
+    is held; its emails that went by SMS (flag "s") count as SMS."""
     return [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(fields)]
 
 
@@ -3909,7 +3909,7 @@ def _sms_slots(
         if status == Status.SENT:
             a = _split(fields.get(key + "+"), len(ATTEMPT_SLOTS))
             when = a[3] or r[3] or r[2]
-        elif status in PENDING and (not held or is_notice(key)) and (
+        elif status in PENDING and (not held or is_notice(key) or is_hold_notice(key)) and (
                 pending is None or pending(key)):
             when = r[3] or r[2]
         else:
