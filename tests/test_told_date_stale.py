@@ -16,7 +16,9 @@ tests/test_notices_sms.py). Found by review of `_told_by` (worker/store.py) and 
   date (recorded beside the new plan) counted as sent for certain, so `untold` was not
   stored and the next notice named the new date though this attempt then failed;
 - the hold message of a booking moved as it was held named the new date, while the cancel
-  named (and the release's notice moved from) the date told before the hold.
+  named (and the release's notice moved from) the date told before the hold;
+- booked again after a cancel the patient was told of, and held: the hold message named the
+  new date, and a cancel while so held said nothing (taking the first cancel as told).
 """
 
 from __future__ import annotations
@@ -265,3 +267,21 @@ def test_the_hold_message_of_a_booking_moved_as_held_names_the_date_told(rig, th
         _release(rig, moved)
         text = _send_one(rig, "sk/M-1/rescheduled#1:sms")
         assert ns.names(text, moved["starts_at"]) and "moved" in text, text
+
+
+def test_booked_again_held_and_told_by_the_hold_message_then_cancelled_is_told(rig):
+    """Told 5 days out, then that it is cancelled; booked again at 12 days and held: the hold
+    SMS says "we will call you before your <12 days> visit". Cancelled again while held: the
+    patient heard of that visit, and is told it is cancelled."""
+    rig.book(rig.doc(5))
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    assert rig.send("sk/M-1/cancelled#1:sms") == "sent"
+    again = _held(rig.doc(12))
+    assert rig.book(again)["status"] == "held"
+    assert ns.names(_send_one(rig, "sk/M-1/hold-notice:sms"), again["starts_at"])
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    new = [k for k, r in ns.notices(rig.reminders()).items() if r["status"] == "scheduled"]
+    assert len(new) == 1, ns.notices(rig.reminders())
+    text = _send_one(rig, f"sk/M-1/{new[0]}")
+    assert ns.names(text, again["starts_at"]) and "cancelled" in text, text

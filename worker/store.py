@@ -3004,8 +3004,10 @@ class Store:
         if not fields or status not in (Status.SCHEDULED, Status.HELD):
             return "", "", {}
         check = json.dumps([x for kv in fields.items() for x in kv], ensure_ascii=False)
+        # Held as booked again after a cancel, and its hold message named the new date.
+        hold_told = status == Status.HELD and _told_by_hold(fields, stored.reminders)
         if stored.doc is None or not fields.get("ns") or (
-                status == Status.HELD and fields.get("reopened") and any(
+                status == Status.HELD and fields.get("reopened") and not hold_told and any(
                     went_out(r) for k, r in stored.reminders.items()
                     if k.startswith(f"cancelled#{fields.get('seq') or 0}:"))):
             return check, "", {}  # (held since booked again after a cancel told: told so)
@@ -3020,7 +3022,8 @@ class Store:
         seq = int(fields.get("seq") or 0) + 1
         # Held: the patient knows the start told before the hold (a move while held is
         # told at its release).
-        held_from = _told_start(fields, stored.doc) if status == Status.HELD else None
+        held_from = (_told_start(fields, stored.doc) if status == Status.HELD and not hold_told
+                     else None)
         before = datetime.fromisoformat(held_from) if held_from else None
         notices, paused = plan_notices("cancelled", stored.reminders, booking, notice_steps,
                                        seq=seq, now=now, window=window, before=before)
@@ -4169,6 +4172,19 @@ def _told_by(
                          or r.get("version") or 0) >= min(since)
                  and float(r.get("planned_epoch") or "inf") < start.timestamp()}
     return told
+
+
+def _told_by_hold(fields: Mapping[str, str], reminders: Mapping[str, Mapping[str, str]]) -> bool:
+    """Whether a booking held as it was booked again after a cancel (`reopened`) told the
+    patient its new date by its hold message ("we will call you before your <date> visit"),
+    sent (or being sent) since that cancel."""
+    if not fields.get("reopened"):
+        return False
+    since = max((int(r.get("version") or 0) for k, r in reminders.items()
+                 if k.startswith(f"cancelled#{fields.get('seq') or 0}:")), default=0)
+    return any(is_hold_notice(k) and went_out(r)
+               and int(r.get("sent_version") or r.get("version") or 0) > since
+               for k, r in reminders.items())
 
 
 def _told_sent(told: Mapping[str, Mapping[str, str]]) -> bool:
