@@ -128,3 +128,23 @@ def test_the_sms_cap_s_shortcut_changes_nothing(catalog, monkeypatch):
     assert fast == counted
     changed = sum(got != r for got, (r, *_) in zip(fast, cases, strict=True))
     assert 0.1 * len(cases) < changed < 0.9 * len(cases)  # both ways are exercised
+
+
+def test_a_reminder_the_cap_changes_is_what_dataclasses_replace_makes(catalog):
+    from dataclasses import replace
+
+    from worker.status import Status
+
+    base = datetime(2026, 3, 20, 9, 0, tzinfo=UTC)
+    for doc in realistic_bookings(20, seed=4, now=base):
+        booking = parse_booking(doc, catalog)
+        p = planner.plan(booking, catalog.protocols[booking.treatment],
+                         catalog.clinics[booking.clinic], base)
+        for r in p.reminders:
+            for changes in ({"reason": "x"}, {"status": Status.SKIPPED, "reason": "y"},
+                            {"key": r.key + "!", "channel": "email", "reason": "z"},
+                            {"due_at": base, "reason": "w"}):
+                got, want = planner._changed(r, **changes), replace(r, **changes)
+                assert got == want and got is not r
+                assert list(got.__dict__.items()) == list(want.__dict__.items())
+                assert r == replace(want, **{k: getattr(r, k) for k in changes})  # r as it was

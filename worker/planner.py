@@ -822,6 +822,16 @@ def sms_fits(counts: dict[int, int], day: int, per_day: int, per_week: int) -> b
     return True
 
 
+def _changed(r: PlannedReminder, **changes: object) -> PlannedReminder:
+    """`dataclasses.replace(r, **changes)` for a PlannedReminder (its fields in the same
+    order), without `__init__`'s per-field frozen `__setattr__`."""
+    reminder: PlannedReminder = _new_reminder(PlannedReminder)
+    fields = r.__dict__.copy()
+    fields.update(changes)
+    object.__setattr__(reminder, "__dict__", fields)
+    return reminder
+
+
 def _all_fit(counts: dict[int, int], days: list[int], per_day: int, per_week: int) -> bool:
     """Whether the SMS `counts` (per day, ordinals) and one more on each of `days` keep
     within `per_day` on every day and `per_week` in every 7 consecutive days."""
@@ -917,15 +927,15 @@ def cap_sms(
         changed = True
         over = f"{cap_words(caps)} is reached on {local:%Y-%m-%d}"
         if r.step in protected and not email:
-            out.append(replace(r, reason=(
+            out.append(_changed(r, reason=(
                 f"{r.reason}; sent although {over}: care-critical, the other SMS give way")))
             continue
         if email and (r.step, r.occurrence) in emailed:
-            out.append(replace(r, status=Status.SKIPPED,
+            out.append(_changed(r, status=Status.SKIPPED,
                                reason=f"not sent by SMS: {over}; its email goes"))
             continue
         if email:
-            out.append(replace(r, key=r.key[: -len("sms")] + "email", channel="email",
+            out.append(_changed(r, key=r.key[: -len("sms")] + "email", channel="email",
                                reason=f"{r.reason}; by email: {over}"))
             continue
         moved = None
@@ -946,13 +956,13 @@ def cap_sms(
                 moved = later
                 break
         if moved is None:
-            out.append(replace(r, status=Status.SKIPPED, reason=(
+            out.append(_changed(r, status=Status.SKIPPED, reason=(
                 f"not sent: {over}, the patient takes no email, and no later day has room "
                 "before it expires")))
             continue
         day = moved.astimezone(tz).toordinal()
         counts[day] = counts.get(day, 0) + 1
-        out.append(replace(r, due_at=moved, reason=(
+        out.append(_changed(r, due_at=moved, reason=(
             f"{r.reason}; moved to {moved.astimezone(tz):%Y-%m-%d}: {over} and the patient "
             "takes no email")))
     if not changed:
