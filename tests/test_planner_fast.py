@@ -148,3 +148,24 @@ def test_a_reminder_the_cap_changes_is_what_dataclasses_replace_makes(catalog):
                 assert got == want and got is not r
                 assert list(got.__dict__.items()) == list(want.__dict__.items())
                 assert r == replace(want, **{k: getattr(r, k) for k in changes})  # r as it was
+
+
+def test_a_plan_is_built_as_its_dataclass_builds_it(catalog):
+    """plan() and plan_from_record build Plans and reminders without `__init__`: the same
+    fields, in the same order, as the dataclasses' own `__init__` sets."""
+    from dataclasses import fields
+
+    from worker.planner import Plan, PlannedReminder, plan_from_record, plan_record
+
+    base = datetime(2026, 3, 20, 9, 0, tzinfo=UTC)
+    for doc in realistic_bookings(40, seed=6, now=base):
+        booking = parse_booking(doc, catalog)
+        clinic = catalog.clinics[booking.clinic]
+        p = planner.plan(booking, catalog.protocols[booking.treatment], clinic, base)
+        for q in (p, plan_from_record(plan_record(p), clinic.send_window, clinic.sms)):
+            built = Plan(**{f.name: getattr(q, f.name) for f in fields(Plan)})
+            assert list(q.__dict__.items()) == list(built.__dict__.items())
+            for r in [*q.reminders, *(q.uncapped or [])]:
+                again = PlannedReminder(**{f.name: getattr(r, f.name)
+                                           for f in fields(PlannedReminder)})
+                assert list(r.__dict__.items()) == list(again.__dict__.items())

@@ -606,7 +606,7 @@ def _word(text: str) -> str:
     return shared
 
 
-_new_reminder = object.__new__
+_new_reminder = _new_plan = object.__new__
 
 
 def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) -> Plan:
@@ -701,18 +701,22 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered,
                         protected=protected, window=window)
     rule = pause_rule(protocol, booking)
-    return Plan(
-        status=Status.HELD if hold else Status.SCHEDULED,
-        reminders=reminders,
-        hold_reason=hold,
-        window=window,
-        notice_steps=notice_steps,
-        caps=clinic.sms,
-        late_pause=late_pause(reminders, rule, booking) if rule else None,
-        pause_rule=rule,
-        protected=protected,
-        uncapped=None if reminders is uncapped else uncapped,
-    )
+    # A Plan as `Plan(...)` makes it (its fields in order), without its per-field frozen
+    # `__setattr__`.
+    planned: Plan = _new_plan(Plan)
+    set_fields(planned, "__dict__", {
+        "status": Status.HELD if hold else Status.SCHEDULED,
+        "reminders": reminders,
+        "hold_reason": hold,
+        "window": window,
+        "notice_steps": notice_steps,
+        "caps": clinic.sms,
+        "late_pause": late_pause(reminders, rule, booking) if rule else None,
+        "pause_rule": rule,
+        "protected": protected,
+        "uncapped": None if reminders is uncapped else uncapped,
+    })
+    return planned
 
 
 _PROTECTED: dict[int, tuple[Protocol, frozenset[str]]] = {}
@@ -1150,8 +1154,6 @@ def plan_from_record(
     })
     return plan
 
-
-_new_plan = object.__new__
 
 
 def _shape(static: ReminderStatic) -> dict[str, object]:
