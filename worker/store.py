@@ -1121,6 +1121,7 @@ if mode == 'in' then
         redis.call('ZADD', due_key, item[7], eref)
         count_metric(prefix, 'scheduled', clinic, ekey)
         resumed = resumed + 1
+        redis.call('HDEL', bkey, 'completed_told')  -- more to send: told complete again
       end
     elseif r and r[R_ST] == ST_SKIPPED then
       r[R_ST] = ST_SCHEDULED
@@ -1131,6 +1132,9 @@ if mode == 'in' then
       end
       count_metric(prefix, 'scheduled', clinic, key)
       resumed = resumed + 1
+      -- Told complete before the STOP's skips ended it: more to send now, so the finish
+      -- tells booking.completed again once these are done.
+      redis.call('HDEL', bkey, 'completed_told')
       if channel_of(key) == 'sms' and not bumped[booking_id] then
         bumped[booking_id] = true
         redis.call('HINCRBY', bkey, 'smsv', 1)
@@ -1214,6 +1218,8 @@ if mode == 'replay' then
   end
   r[R_WHY] = inline('replayed at ' .. stamp)
   redis.call('ZADD', due_key, now, ref)
+  -- Told complete with this one failed: to send again, so told again once it is done.
+  redis.call('HDEL', bkey, 'completed_told')
   count_metric(prefix, 'replayed', clinic, key)
 else
   local was = text_of(prefix, r[R_WHY])
@@ -2904,6 +2910,12 @@ class Store:
             rm_due, rm_lease, rm_dead = [], [], []
             hset += ["keep_until", keep]
         changed_doc = stored.doc != doc or new
+        # Told complete (the finish's booking.completed), and this change gives it reminders
+        # to send again (a move, a re-open, a release): told again once those are done.
+        if "completed_told" in booking_fields and any(
+                r.get("status") in PENDING for r in reminders.values()):
+            hdel.append("completed_told")
+            del booking_fields["completed_told"]
         check: str | list[str] = "" if new else [x for kv in stored.fields.items() for x in kv]
         # A hold the clinic has not been told of: a new one, or one for another reason.
         was = stored.fields
