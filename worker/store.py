@@ -1718,7 +1718,8 @@ def encode_reminder(
     """Return a reminder's two stored fields after writing its logical `fields` over them.
 
     Slots the fields do not name keep their stored form (an inline reason stays inline).
-    Words (expires_note, reason) become text ids through `text_id`. Only the fields an
+    Words (expires_note, reason) become text ids through `text_id`. The flags "s" and "r"
+    are kept unless `fields` plan it afresh (planned_epoch). Only the fields an
     upsert writes are known: status, version, step, channel, template, occurrence,
     planned_epoch, due_epoch, expires_epoch, expires_note, reason, at_booking, attempts.
     """
@@ -1759,7 +1760,11 @@ def encode_reminder(
             raise ValueError(f"reminder {key!r}: cannot store field {name!r}")
     if due is not None:
         r[3] = "" if due == r[2] else due
-    r[7] = ("b" if at_booking else "") + (f"#{occurrence}" if occurrence != key_occurrence else "")
+    # The SMS cap's flags ("s", "r") stay unless the reminder is planned afresh (a new
+    # planned time): a write of its expiry, status or reason alone keeps what they say.
+    kept = "" if "planned_epoch" in fields else flags.split("#", 1)[0].replace("b", "")
+    r[7] = kept + ("b" if at_booking else "") + (
+        f"#{occurrence}" if occurrence != key_occurrence else "")
     return _join(r), _join(a)
 
 
