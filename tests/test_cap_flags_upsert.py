@@ -3,7 +3,8 @@
 the rig): a pending email going by SMS (flag "s", counted as an SMS) and a replayed dead
 SMS (flag "r", capped even on its own day) whose expiry alone the clinic's re-submission
 rewrites (its protocol's `late_until` changed; its visit moved by an hour, the SMS at
-booking keeping its time) are still counted, and capped, as before."""
+booking keeping its time) are still counted, and capped, as before. And START sends by
+email a care-critical SMS without room only to a patient not unsubscribed from email."""
 
 from __future__ import annotations
 
@@ -108,3 +109,70 @@ def test_a_replayed_dead_sms_stays_capped_after_an_expiry_only_resubmission(rig)
     assert rig.send("A-1", "booked:sms", rig.local(d, 12)) == "deferred"
     rig.deliver_the_rest()
     assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}
+
+
+def test_start_for_a_patient_unsubscribed_from_email_sends_the_capped_step_by_sms(rig):
+    """A-1's care-critical SMS two days before its visit (D 19:00) went; the clinic moves
+    the visit three days on: the step goes again for the new date (again-evening, D+3
+    19:00). The patient replies STOP (it is skipped) and unsubscribes from email; A-2,
+    booked meanwhile, takes D+3 19:00. START finds no room for A-1's step again: it went
+    "by email", and that email was skipped at its begin as opted out (its step is no
+    protocol step the send time takes by SMS): the step was lost. For a patient who does not
+    take email it goes beyond the cap by SMS, saying so, as for a patient without email."""
+    (rig.settings.config_dir / "protocols" / "prevcrit.toml").write_text(
+        step("evening", -2, "19:00", '["sms"]', "week-check", critical=True),
+        encoding="utf-8")
+    rig.catalog = rig.ctx.catalog = Catalog.load(rig.settings)
+    critical = rig.catalog.critical_steps
+    d = rig.day
+    rig.book("A-1", "prevcrit", d + timedelta(days=2), email=True)  # its SMS: D 19:00
+    assert rig.send("A-1", "evening:sms", rig.local(d, 19)) == "sent"
+    rig.book("A-1", "prevcrit", d + timedelta(days=5), email=True)  # moved: again D+3
+    again = "again-evening#1:sms"
+    assert rig.due("A-1", again) == rig.local(d + timedelta(days=3), 19)
+    rig.store.opt_out("cap", "sms", "+34600111222", "STOP", critical=critical)
+    rig.store.opt_out("cap", "email", "ana@example.com", "unsubscribed", critical=critical)
+    assert rig.reminder("A-1", again)["status"] == "skipped"
+    rig.book("A-2", "prev", d + timedelta(days=5), email=True)  # its SMS: D+3 19:00
+    assert rig.due("A-2", "evening:sms") == rig.local(d + timedelta(days=3), 19)
+    assert rig.store.opt_in("cap", "sms", "+34600111222", caps=rig.catalog.clinics["cap"].sms,
+                            why="START", critical=critical)
+    resumed = rig.reminder("A-1", again)
+    assert resumed["status"] == "scheduled", resumed
+    assert "sent although" in resumed["reason"] and "care-critical" in resumed["reason"]
+    for r in rig.store.timeline("cap", "A-1")["reminders"]:
+        if r["status"] == "scheduled" and r["id"].startswith("again-evening"):
+            rig.send("A-1", r["id"], datetime.fromisoformat(r["due_at"]))
+    rig.deliver_the_rest()
+    steps = {r["id"]: (r["status"], r["reason"])
+             for r in rig.store.timeline("cap", "A-1")["reminders"]
+             if r["id"].startswith("again-evening")}
+    assert [k for k, (status, _) in steps.items() if status == "sent"] == [again], steps
+    assert Counter(rig.sent_days)[d + timedelta(days=3)] == 2, steps  # beyond the cap
+
+
+def test_start_for_a_patient_unsubscribed_from_email_sends_the_capped_step_once(rig):
+    """A-1's care-critical SMS (D 19:00) is skipped by STOP; the patient also unsubscribed
+    from email; A-2, booked while opted out, takes D 19:00. START finds no room on D for
+    A-1's SMS: its step must still reach the patient once (by SMS: email is refused),
+    not be lost as an email skipped for the unsubscribe (a control: before the fix its
+    "by email" copy went by SMS at its begin, as a care-critical email does)."""
+    d = rig.day
+    critical = rig.catalog.critical_steps
+    rig.book("A-1", "evecrit", d - timedelta(days=1), email=True)  # its SMS: D 19:00
+    rig.store.opt_out("cap", "sms", "+34600111222", "STOP", critical=critical)
+    rig.store.opt_out("cap", "email", "ana@example.com", "unsubscribed", critical=critical)
+    rig.book("A-2", "eve", d - timedelta(days=1), email=True)  # its SMS: D 19:00
+    assert rig.due("A-2", "evening:sms") == rig.local(d, 19)
+    assert rig.store.opt_in("cap", "sms", "+34600111222", caps=rig.catalog.clinics["cap"].sms,
+                            why="START", critical=critical)
+    steps = {r["id"]: (r["status"], r["reason"])
+             for r in rig.store.timeline("cap", "A-1")["reminders"]}
+    for r in rig.store.timeline("cap", "A-1")["reminders"]:
+        if r["status"] == "scheduled" and r["channel"] == "email":
+            rig.send("A-1", r["id"], datetime.fromisoformat(r["due_at"]))
+    rig.deliver_the_rest()
+    after = {r["id"]: (r["status"], r["reason"])
+             for r in rig.store.timeline("cap", "A-1")["reminders"]}
+    assert len(rig.sms.snapshot()) == 2, (steps, after)  # A-2's, and A-1's step once
+    assert not rig.smtp.snapshot(), (steps, after)

@@ -3640,7 +3640,7 @@ class Store:
         the day: then it stays skipped, its reason saying so). A care-critical SMS
         (`critical`, the steps as `opt_out` takes them) is never dropped by the cap, as when
         planned (`cap_sms`): counted first; one with no room goes by email for a patient
-        who takes email, else beyond the cap, saying so.
+        who takes email and has not unsubscribed from it, else beyond the cap, saying so.
         Atomic with what was read (see _OPT_OUT).
         `why`: the patient's request and when (the resumed reminders' reason).
         """
@@ -3680,6 +3680,11 @@ class Store:
                     k.startswith(REPAUSE_STEP) for k in fields) else None
                 found = _resumable(fields, cast(str | None, doc), channel, contact, now,
                                    critical, pause)
+                if any(email for *_, email in found) and self.opted_out(
+                        clinic, "email", json.loads(cast(str, doc))["patient"]["email"]):
+                    # By email only to a patient who has not unsubscribed from it (read
+                    # unfenced, as at send time): else that email is skipped at its begin.
+                    found = [(due, key, tz, care, False) for due, key, tz, care, _ in found]
                 # Care-critical ones first, at their time: the others give way (`cap_sms`).
                 candidates += [(not care, due, booking_id, key, tz, care, email)
                                for due, key, tz, care, email in found]
