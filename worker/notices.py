@@ -26,9 +26,9 @@ planned neither at booking (the notice replaces the confirmation) nor in a serie
 pause step has its own (`repause`). Like a notice, it is fenced by the booking's version at
 the move, and a later move or cancel supersedes it while not yet sent. Its step id is the
 reserved "again-<step>" (no protocol step id may begin with "again-"); what it is for (the
-invite an email carries, a notice's "told by SMS") is read from `<step>`. Not carried over:
-the care-critical rule (an again email does not go by SMS to a patient unsubscribed from
-email; no shipped pre-visit step is both care-critical and not the pause or at booking).
+invite an email carries, a notice's "told by SMS", the care-critical rule: an again email
+goes by SMS to a patient unsubscribed from email, worker/store.py `is_critical`) is read
+from `<step>`.
 
 `seq` is the booking's calendar invite sequence after the change (one more at every move
 and cancel): the notice's email carries the invite update (METHOD:REQUEST) or cancel

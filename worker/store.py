@@ -178,7 +178,8 @@ def _lua_codes() -> str:
     back = ", ".join(f"{c}='{status}'" for status, c in STATUS_CODE.items())
     notices = ", ".join(f"['{step}']=true" for step in sorted(NOTICE_STEPS))
     return (f"local CODE = {{{code}}}\nlocal STATUS_OF = {{{back}}}\nlocal LAYOUT = '{LAYOUT}'\n"
-            f"local NOTICE_STEP = {{{notices}}}\n")
+            f"local NOTICE_STEP = {{{notices}}}\n"
+            f"local AGAIN_PREFIX = '{AGAIN_PREFIX}'\nlocal REPAUSE_STEP = '{REPAUSE_STEP}'\n")
 
 
 # Shared by every script: status names, the reminder codec and the retention rule.
@@ -305,11 +306,24 @@ local function norms_stale(doc_table, norms)
   return false
 end
 -- Whether `critical` (space-separated "<treatment>/<step>") names this reminder's step.
-local function is_critical(critical, doc_table, key)
+-- A message again for a new date is its step's (worker/notices.py `base_step`): a step again
+-- (again-<step>) the step, the pause message again (repause) the booking's pause step (its
+-- "ns": "<pause step>|<invite steps>", a text id under `prefix`:t), as Python reads them
+-- (`_resumable`, worker/dispatch.py `_capped`).
+local function is_critical(critical, doc_table, key, bkey, prefix)
+  local step = step_of(key)
   -- A change notice too: unsent, the patient comes on the wrong day (worker/notices.py).
-  if NOTICE_STEP[step_of(key)] then return true end
+  if NOTICE_STEP[step] then return true end
   if critical == '' or type(doc_table['treatment']) ~= 'string' then return false end
-  local what = doc_table['treatment'] .. '/' .. step_of(key)
+  if string.sub(step, 1, #AGAIN_PREFIX) == AGAIN_PREFIX then
+    step = string.sub(step, #AGAIN_PREFIX + 1)
+  elseif step == REPAUSE_STEP then
+    local ns = redis.call('HGET', bkey, 'ns')
+    local text = ns and ns ~= '' and redis.call('HGET', prefix .. ':t', ns) or ''
+    step = string.match(text, '^[^|]*')
+    if step == '' then return false end
+  end
+  local what = doc_table['treatment'] .. '/' .. step
   return string.find(' ' .. critical .. ' ', ' ' .. what .. ' ', 1, true) ~= nil
 end
 -- Clinic events (worker/webhooks.py): `hooks` is the space-separated list of what the
@@ -508,7 +522,7 @@ if a[A_TOK] == token and ledger == token and status == ST_SENDING then
       norms)
     if missing or norms_stale(doc_table, norms) then return 'contacts changed' end
     if contact and redis.call('HEXISTS', optkey, 'email:' .. contact) == 1
-        and is_critical(critical, doc_table, key)
+        and is_critical(critical, doc_table, key, bkey, prefix)
         and allows(optkey, doc_table, patient, 'sms', norms)
         and not own_sms_goes()
     then
@@ -558,7 +572,7 @@ if redis.call('EXISTS', optkey) == 1 then
   local why = contact and redis.call('HGET', optkey, channel .. ':' .. contact)
   if why then
     local carried = false
-    if channel == 'email' and is_critical(critical, doc_table, key)
+    if channel == 'email' and is_critical(critical, doc_table, key, bkey, prefix)
         and allows(optkey, doc_table, patient, 'sms', norms) then
       carried = own_sms_goes()
       if not carried then verdict = 'ok sms' end
@@ -1166,7 +1180,7 @@ for n = 10, #ARGV do
       local key = flat[i]
       if is_reminder(key) and channel_of(key) == channel then
         local r, a = load(bkey, key)
-        local fallback = channel == 'email' and is_critical(critical, doc_table, key)
+        local fallback = channel == 'email' and is_critical(critical, doc_table, key, bkey, prefix)
           and allows(optkey, doc_table, patient, 'sms', norms)
         if is_pending(r[R_ST]) and r[R_ST] ~= ST_SENDING and not fallback then
           local ref = base .. '/' .. key
