@@ -1155,6 +1155,22 @@ if mode == 'in' then
       end
     end
   end
+  -- Email opted in again: an email still to go that an attempt took by SMS (flag "s")
+  -- goes by email now (as its begin says), so the SMS cap no longer counts it.
+  for _, item in ipairs(cjson.decode(ARGV[12] or '[]')) do
+    local bkey = prefix .. ':b:' .. clinic .. '/' .. item[1]
+    local r, a = load(bkey, item[2])
+    if r and (r[R_ST] == ST_SCHEDULED or r[R_ST] == ST_RETRYING) then
+      local hash = string.find(r[R_FLAGS], '#', 1, true) or (#r[R_FLAGS] + 1)
+      r[R_FLAGS] = string.gsub(string.sub(r[R_FLAGS], 1, hash - 1), 's', '')
+        .. string.sub(r[R_FLAGS], hash)
+      save(bkey, item[2], r, a)
+      if not bumped[item[1]] then
+        bumped[item[1]] = true
+        redis.call('HINCRBY', bkey, 'smsv', 1)
+      end
+    end
+  end
   return {0, resumed}
 end
 -- ARGV[9]: the addresses of these bookings' documents, normalised in Python (contact_of).
@@ -3678,6 +3694,7 @@ class Store:
                 pipe.get(self.doc_key(clinic, booking_id))
             replies = pipe.execute()
             read: list[list[Any]] = []
+            unflag: list[list[str]] = []  # (booking, email key) no longer going by SMS
             taken: list[float] = []  # the patient's SMS at the clinic (sent or to go)
             candidates: list[tuple[bool, float, str, str, ZoneInfo, bool, bool]] = []
             held: dict[str, bool] = {}
@@ -3688,6 +3705,15 @@ class Store:
                     continue
                 read.append([booking_id, [x for kv in fields.items() for x in kv]])
                 held[booking_id] = fields.get("status") == Status.HELD
+                if channel == "email" and doc is not None and normal_contact(
+                        "email", json.loads(doc)["patient"].get("email") or "") == contact:
+                    # Its emails still to go that an attempt took by SMS (flag "s") go by
+                    # email now: no longer SMS for the cap (as their begin would say).
+                    unflag += [[booking_id, k] for k, v in fields.items()
+                               if is_reminder_field(k) and k.endswith(":email")
+                               and "s" in _split(v, len(REMINDER_SLOTS))[7].split("#", 1)[0]
+                               and STATUS_OF.get(_split(v, len(REMINDER_SLOTS))[0])
+                               in (Status.SCHEDULED, Status.RETRYING)]
                 taken += [float(when) for when in _sms_slots(fields)]
                 ns = fields.get("ns", "")  # the pause step, for a repause's protection
                 pause = parse_notice_steps(self._resolve([ns]).get(ns, ""))[0] if ns and any(
@@ -3739,7 +3765,8 @@ class Store:
                       json.dumps(read, separators=(",", ":")),
                       json.dumps(resume, separators=(",", ":")),
                       json.dumps([index_keys, f"({now!r}", bookings],
-                                 separators=(",", ":"))],
+                                 separators=(",", ":")),
+                      json.dumps(unflag, separators=(",", ":"))],
             )
             if int(reply[0]) != -1:
                 return OptIn(was, int(reply[1]))
