@@ -43,8 +43,9 @@ slots left out; the last slot is free text and may itself hold "|"):
   template a text id; left empty when it is the step's id. Step and channel come from the key
   flags    "b": due when the booking arrives; "s": an email that went (or goes) by SMS
            (the patient unsubscribed from email: counted by the SMS cap); "r": replayed
-           from the dead letters and not counted since by a cap decision (a dead SMS is
-           not counted: its attempt caps it even on its own day, worker/dispatch.py
+           from the dead letters, or retried after an unknown outcome, and not counted
+           since by a cap decision (a dead SMS is not counted, a retry's time had no cap
+           decision: its attempt caps it even on its own day, worker/dispatch.py
            `_late_sms`; the restamp clears it); "#<n>": the occurrence, when the key's
            "#<n>" (or its absence, 1) does not say it
   reason   "@<id>": a text id; anything else is the text itself ("\\" escapes a leading
@@ -819,8 +820,15 @@ elseif current then
     local at = now + math.max(ttl, 0) / 1000 + margin
     if tonumber(score) > at then at = tonumber(score) end
     r[R_ST] = ST_RETRYING
-    -- Its due stays (only the due set says when): the retry may fall on a later
-    -- patient-local day (past midnight), where it is capped when it goes (`_late_sms`).
+    -- Its due is the retry's time, so the caps of the patient's other bookings count it on
+    -- the day it goes (kept at its old day, a booking made meanwhile took that day beside a
+    -- care-critical retry). That day had no cap decision (the retry may fall past the
+    -- patient's midnight): flag "r", its attempt caps it even on its own day (`_late_sms`;
+    -- the restamp clears it).
+    r[R_DUE] = tostring(at)
+    if not string.find(string.match(r[R_FLAGS], '^[^#]*'), 'r', 1, true) then
+      r[R_FLAGS] = 'r' .. r[R_FLAGS]
+    end
     redis.call('ZADD', due_key, at, ref)
   elseif outcome == 'failed' then
     if owner then redis.call('DEL', lkey) end
