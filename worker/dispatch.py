@@ -116,7 +116,7 @@ from .planner import (
     next_opening,
     protected_steps,
 )
-from .protocols import NOTICE_STEPS, REPAUSE_STEP
+from .protocols import NOTICE_STEPS
 from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
@@ -488,8 +488,8 @@ def _capped(
         and ctx.store.opted_out(split_ref(ref)[0], "email", booking.patient.email) is None
     protected = protected_steps(protocol)
     pause = protocol.pause_step()
-    if (pause.id if step == REPAUSE_STEP and pause is not None else base_step(step)) \
-            in protected:  # the pause message or a step again for a new date: as the step
+    # The pause message or a step again for a new date: care-critical as its step.
+    if base_step(step, pause.id if pause is not None else None) in protected:
         protected = protected | {step}
     for n in range(CAP_TRIES + 1):
         read = ctx.store.send_caps_read(ref, phone, at)

@@ -107,9 +107,13 @@ def is_notice(key: str) -> bool:
     return step in STORE_STEPS or step.startswith(AGAIN_PREFIX)
 
 
-def base_step(step: str) -> str:
+def base_step(step: str, pause: str | None = None) -> str:
     """Return the protocol step a reminder's step stands for: "again-day-before" (the
-    day-before message again for a new date) stands for "day-before"."""
+    day-before message again for a new date) stands for "day-before", and "repause" (the
+    pause message again) for the protocol's pause step `pause` when given (else it stays
+    "repause", never a step's id)."""
+    if step == REPAUSE_STEP and pause:
+        return pause
     return step.removeprefix(AGAIN_PREFIX)
 
 

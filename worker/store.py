@@ -127,7 +127,7 @@ import redis
 from .clinics import SendWindow, SmsSettings
 from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
-from .notices import NoticeReminder, is_notice, plan_notices, sent, went_out
+from .notices import NoticeReminder, base_step, is_notice, plan_notices, sent, went_out
 from .optout import normal_contact
 from .planner import (
     _LATE,
@@ -1577,12 +1577,12 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
                 or step in NOTICE_STEPS:
             continue
         r = _split(value, len(REMINDER_SLOTS))
-        if STATUS_OF.get(r[0]) != Status.SKIPPED or not r[8].startswith("opted_out: "):
+        if STATUS_OF.get(r[0]) != Status.SKIPPED or not r[8].startswith(OPTED_OUT):
             continue
         due = float(r[3] or r[2] or 0)
         if due <= now or (r[4] and float(r[4]) <= now):
             continue  # its time passed while opted out: not sent late
-        step = (pause or "") if step == REPAUSE_STEP else step.removeprefix(AGAIN_PREFIX)
+        step = base_step(step, pause)
         out.append((due, key, tz, step in protected, email))
     return out
 
@@ -4200,12 +4200,9 @@ def again_planned(key: str, plan: Plan) -> bool:
     <channel>`) still has its step in the plan on its channel (True for any other key). Not
     there: the patient no longer takes that channel, or the SMS cap sends the step by email."""
     step, channel = key.split(":", 1)[0].split("#", 1)[0], key.rpartition(":")[2]
-    if step == REPAUSE_STEP:
-        step = parse_notice_steps(plan.notice_steps)[0] or ""
-    elif step.startswith(AGAIN_PREFIX):
-        step = step.removeprefix(AGAIN_PREFIX)
-    else:
+    if step != REPAUSE_STEP and not step.startswith(AGAIN_PREFIX):
         return True
+    step = base_step(step, parse_notice_steps(plan.notice_steps)[0])
     return any(r.step == step and r.channel == channel for r in plan.reminders)
 
 
