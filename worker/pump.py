@@ -287,6 +287,8 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
         return 0
     pending: dict[str, list[Claim]] = {c: [] for c in CHANNELS}
     held: list[Claim] = []  # claimed for a channel with no budget left: handed back at the end
+    claims: list[Claim] = []  # this round's claims; those from `sorted_up_to` on are in
+    sorted_up_to = 0  # neither `pending` nor `held` yet (handed back if publishing fails)
     published = 0
     claimed_at = time.time()  # no later than the lease's start in Redis: a safe deadline
 
@@ -306,8 +308,10 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
                 break
             claimed_at = time.time()
             claims = store.claim_due(limit, capacity.lease_seconds)
-            for claim in claims:
+            sorted_up_to = 0
+            for index, claim in enumerate(claims):
                 channel = channel_of(claim.ref)
+                sorted_up_to = index + 1
                 if room.take(channel) == "pass":
                     held.append(claim)
                     continue
@@ -321,8 +325,11 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
             batch, pending[channel] = pending[channel], []
             flush(channel, batch)
     finally:
-        for channel in CHANNELS:  # left only if publishing failed: never leave a claim idle
+        # Left only if publishing failed: never leave a claim idle (nor the rest of the
+        # round, which the failing batch cut short).
+        for channel in CHANNELS:
             _hand_back(store, pending[channel], "the pump stopped before handing it out")
+        _hand_back(store, claims[sorted_up_to:], "the pump stopped before handing it out")
         for channel in CHANNELS:
             # Due again when the senders should get to them, in order, at their pace: each
             # is taken once more, not at every run.
