@@ -276,7 +276,9 @@ def as_told(record: Mapping[str, str], booking: Booking, stored: Mapping[str, st
     "your 12 Dec visit is cancelled" never reaches a patient who only knew of 5 Dec. The
     hold message of a booking the clinic moved as it held it names the date told before the
     hold (`held_from`): the move is told at the release, and a cancel names that date (not
-    after a cancel: booked again and held, the patient knows no date but the new one)."""
+    after a cancel: booked again and held, the patient knows no date but the new one). Held
+    before anything went out (held from the start, its hold message still to go), no date
+    was told: the hold message names the booking's start as it is when it goes."""
     held = stored.get("held_from", "")
     if record.get("step") == HOLD_NOTICE_STEP and held and not stored.get("reopened"):
         start = datetime.fromisoformat(held).astimezone(booking.starts_at.tzinfo)

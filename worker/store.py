@@ -2796,9 +2796,12 @@ class Store:
             "late_pause": late,
             "ns": self._intern(plan.notice_steps, texts) if plan.notice_steps else "",
             # Held: the start the patient was told before the hold (a move while held says
-            # nothing; its release tells it, `_told_start`).
+            # nothing; its release tells it, `_told_start`). Nothing went out yet (held from
+            # the start, its hold message still to go): no date told, none kept; the hold
+            # message names the booking's start when it goes (worker/notices.py `as_told`).
             "held_from": (_told_start(booking_fields, stored.doc) or ""
-                          if result.status == Status.HELD and stored.doc is not None else ""),
+                          if result.status == Status.HELD and stored.doc is not None
+                          and any(went_out(r) for r in stored.reminders.values()) else ""),
             # Held as it is booked again after a cancel: its release re-opens it.
             "reopened": ("1" if result.status == Status.HELD and (
                 booking_fields.get("status") == Status.CANCELLED

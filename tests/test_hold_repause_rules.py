@@ -1,0 +1,58 @@
+"""Held bookings and the pause message again (`repause`): rules found left over by review
+(real Redis, real Apprise, a real HTTP gateway; the rig of tests/test_notices_sms.py, the
+shipped microneedling protocol, a send window open all day unless a test narrows it).
+
+- a booking held before anything was told (held from the start, or moved and held at once
+  before any message went) named in its hold message the date it had when first stored:
+  `held_from` took the stored document's start although the patient had been told none, so
+  the hold message ("we will call you before your <date> visit") named the first date and
+  the release then told a move from a date the patient never heard;
+"""
+
+from __future__ import annotations
+
+from tests import test_notices_sms as ns
+from tests.test_told_date import _held, _release, _send_one
+
+gate = ns.gate  # fixtures
+rig = ns.rig
+
+
+# --- the hold message names the date the patient can know ------------------------------------
+
+def test_held_from_the_start_and_moved_before_the_hold_message_went_names_the_new_date(rig):
+    """Booked 5 days out and held at once; the clinic moves it to 12 days (still held) before
+    the hold message went: the hold message names 12 days, the only date the patient hears;
+    the release then has no move to tell (nothing told of 5 days)."""
+    first, moved = _held(rig.doc(5)), _held(rig.doc(12))
+    assert rig.book(first)["status"] == "held"
+    assert rig.book(moved)["status"] == "held"
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, moved["starts_at"]), text
+    assert not ns.names(text, first["starts_at"]), text
+    _release(rig, moved)
+    assert ns.notices(rig.reminders()) == {}, ns.notices(rig.reminders())
+
+
+def test_held_from_the_start_the_hold_message_gone_names_that_date_at_the_release(rig):
+    """Held from the start at 5 days, its hold message gone (naming 5 days); moved to 12 while
+    held: the release tells the move, from 5 days (as before)."""
+    first, moved = _held(rig.doc(5)), _held(rig.doc(12))
+    assert rig.book(first)["status"] == "held"
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, first["starts_at"]), text
+    assert rig.book(moved)["status"] == "held"
+    _release(rig, moved)
+    assert set(ns.notices(rig.reminders())) == {"rescheduled#1:sms"}
+    text = _send_one(rig, "sk/M-1/rescheduled#1:sms")
+    assert ns.names(text, moved["starts_at"]) and "moved" in text, text
+
+
+def test_scheduled_with_nothing_sent_then_moved_and_held_names_the_new_date(rig):
+    """Booked 5 days out, nothing sent yet; moved to 12 days and held at once: the hold
+    message names 12 days (the patient was told no other)."""
+    rig.book(rig.doc(5))
+    moved = _held(rig.doc(12))
+    assert rig.book(moved)["status"] == "held"
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, moved["starts_at"]), text
