@@ -43,7 +43,7 @@ from .conditional import PreconditionFailed, cancel, etag, parse_if_match, upser
 from .errors import ApiError, error_body, not_found
 from .intake import intake, refused
 from .params import no_unknown_query
-from .schemas import BatchResult, BookingPage, Timeline, error_responses
+from .schemas import BatchResult, BookingPage, ErrorBody, Timeline, error_responses
 from .services import Svc
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,41 @@ PAGE_SCAN = 1000  # bookings read per page at most; a sparse filter may return a
 _BOOKING_ID = re.compile(BOOKING_ID_PATTERN)
 # An RFC 3339 instant with its offset (JSON Schema's date-time), nothing looser.
 INSTANT = r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+
+
+# If-Match as RFC 9110 13.1.1 writes it: "*", or a list of entity tags (`"3"`, `W/"3"`;
+# empty elements allowed) with optional spaces around the commas. Tag characters: printable
+# ASCII but the quote (RFC 9110's obs-text left out: no version is written with it).
+_TAG = r'(W/)?"[!#-~]*"'
+IF_MATCH = re.compile(rf"\*|({_TAG})?([ \t]*,[ \t]*({_TAG})?)*")  # after its outer spaces
+_IF_MATCH_HEADER = Header(
+    alias="If-Match",
+    description='refuse (412) unless the booking is at this version, e.g. "3"; * = it must '
+                'exist. Not "*" nor a list of quoted tags: 400 naming the header',
+    json_schema_extra=lambda schema: _if_match_schema(schema))
+_BAD_IF_MATCH: dict[int | str, dict[str, Any]] = {400: {
+    "model": ErrorBody,
+    "description": "If-Match is not * nor a list of entity tags (the header is named)"}}
+
+
+def _if_match_schema(schema: dict[str, Any]) -> None:
+    """The header's OpenAPI schema: a string of that grammar (left out, it is no header;
+    there is no null header for a client to send)."""
+    schema.pop("anyOf", None)
+    schema.update(type="string", pattern=f"^({IF_MATCH.pattern})$")
+
+
+def _if_match(header: str | None) -> str | frozenset[int] | None:
+    """The versions If-Match names (`parse_if_match`), once it is well-formed: a malformed
+    one (`1` unquoted, garbage) is the client's syntax error, 400 naming the header (RFC
+    9110 15.5.1), not the 412 of a well-formed tag naming another version: re-reading the
+    booking would never fix it."""
+    if header is not None and not IF_MATCH.fullmatch(header.strip(" \t")):
+        message = ('If-Match must be * or a list of quoted entity tags such as "3" '
+                   '(the ETag a GET answered)')
+        raise ApiError(400, f"malformed If-Match header: {message}",
+                       fields=[("If-Match", message)])
+    return parse_if_match(header)
 
 
 _TIMELINE_HEADERS = {"ETag": {"description": 'the booking\'s version, e.g. "3"',
@@ -95,7 +130,7 @@ async def _batch_body(request: Request, svc: Svc) -> Any:
                201: {"model": Timeline, "description": "created", "headers": {
                    **_TIMELINE_HEADERS, "Location": {"description": "the booking's URL",
                                                      "schema": {"type": "string"}}}},
-               **error_responses(401, 412, 413, 415, 422, 429, 503)},
+               **_BAD_IF_MATCH, **error_responses(401, 412, 413, 415, 422, 429, 503)},
     openapi_extra=_request_body("BookingIn"),
 )
 def put_booking(
@@ -103,15 +138,14 @@ def put_booking(
     caller: Authenticated,
     doc: Annotated[Any, Depends(_booking_body)],
     svc: Svc,
-    if_match: Annotated[str | None, Header(
-        alias="If-Match", description='refuse (412) unless the booking is at this version, '
-                                      'e.g. "3"; * = it must exist')] = None,
+    if_match: Annotated[str | None, _IF_MATCH_HEADER] = None,
 ) -> JSONResponse:
     """Store the booking and return its timeline. The same body again changes nothing
     (same version); a changed one is reconciled and gets a new version (the `ETag`)."""
+    expected = _if_match(if_match)
     now = datetime.now(UTC)
     booking, planned = intake(doc, caller.clinic, booking_id, svc.catalog, now)
-    timeline, created = upsert(svc.store, booking, planned, now, parse_if_match(if_match))
+    timeline, created = upsert(svc.store, booking, planned, now, expected)
     log.info("booking %s/%s stored: version %s, %s", caller.clinic, booking_id,
              timeline["version"], timeline["status"])
     response = _timeline_response(timeline, 201 if created else 200)
@@ -144,21 +178,20 @@ def get_booking(
     summary="Cancel a booking",
     response_model=None,
     responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
-               **error_responses(401, 404, 412, 429, 503)},
+               **_BAD_IF_MATCH, **error_responses(401, 404, 412, 429, 503)},
 )
 def cancel_booking(
     booking_id: str,
     caller: Authenticated,
     svc: Svc,
-    if_match: Annotated[str | None, Header(
-        alias="If-Match", description='refuse (412) unless the booking is at this version, '
-                                      'e.g. "3"; * = it must exist')] = None,
+    if_match: Annotated[str | None, _IF_MATCH_HEADER] = None,
 ) -> JSONResponse:
     """Nothing still pending is sent; what was sent stays as history. A PUT of the same id
     opens it again."""
+    expected = _if_match(if_match)
     try:
         timeline = cancel(svc.store, caller.clinic, _known(booking_id), datetime.now(UTC),
-                          parse_if_match(if_match))
+                          expected)
     except NotFound:
         raise not_found(booking_id) from None
     log.info("booking %s/%s cancelled", caller.clinic, booking_id)
