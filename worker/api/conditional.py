@@ -98,7 +98,9 @@ class _Cancel(Store):
         else:  # not scheduled: the store fences nothing; fence on the hash read here
             (stored,) = self._read([(clinic, booking_id)])
             flat = [x for kv in stored.fields.items() for x in kv]
-            check = json.dumps(flat, ensure_ascii=False) if flat else ""
+            # Missing: "[]", so that the script cancels no booking created since (one
+            # whose version was never compared); it answers "missing" or "changed".
+            check = json.dumps(flat, ensure_ascii=False)
         if flat:  # a missing booking is the 404 it would be without If-Match (RFC 9110)
             fields = dict(zip(flat[0::2], flat[1::2], strict=True))
             _check(self.expected, int(fields["version"]))
