@@ -308,6 +308,11 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         for number, nominal, derived in occurrences:
             status, due, note = _place(step, nominal, start, now, window, tz)
             expires_at, expires_note = expiry(step, nominal, start, tz)
+            if status == Status.SCHEDULED and due >= expires_at:
+                # The window opens only once it has expired: it could never be sent.
+                status, due, note = Status.SKIPPED, nominal, (
+                    f"outside the send window {window.describe()} until after it expires: "
+                    f"{expires_note}")
             reason = derived + note if status == Status.SCHEDULED else note
             if step.only_if_any and status == Status.SCHEDULED:
                 reason += f"; the patient uses {' or '.join(step.only_if_any)}"

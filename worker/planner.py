@@ -8,7 +8,9 @@ Rules, in order, for each step that applies to the patient:
    to the next valid minute, an ambiguous one takes its first occurrence).
 2. Send window (patient-local): a time outside it moves to the next opening. A step
    meant for before the appointment that would then land after it moves back to the
-   last allowed moment before the appointment.
+   last allowed moment before the appointment. One that would then land at or after its
+   expiry (a 19:30 night text of a weekday series with a window closing at 18:00: the
+   next opening is on another day) is skipped, saying why: it could never be sent.
 3. Late: if the result is already past when the booking arrives, the step's late
    policy decides: `skip`, or `send` at the next opening (no later than `late_until`
    relative to the start; before the appointment for a pre-appointment step).
@@ -580,11 +582,12 @@ def _channel_choice(
 
 
 @lru_cache(maxsize=64)
-def _window_notes(start: int, end: int) -> tuple[str, str]:
+def _window_notes(start: int, end: int) -> tuple[str, str, str]:
     window = _describe(start, end)
     return (
         f"; moved into the send window {window}",
         f"; moved to the last moment of the send window {window} before the visit",
+        f"outside the send window {window} until after it expires: ",
     )
 
 
@@ -619,7 +622,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     check_dates(booking, now, tz)
     window = clinic.send_window
     w_start, w_end = window.start, window.end
-    moved, moved_back = _window_notes(w_start, w_end)
+    moved, moved_back, unsendable = _window_notes(w_start, w_end)
     medications = booking.medications
     offered = tuple(booking.patient.channels)
     visit_day: date | None = None
@@ -670,6 +673,10 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                 expires_at, expires_note = start + until, step.until_note
             else:
                 expires_at, expires_note = stale, _STALE if step.weekdays is None else DAY_OVER
+            if status == Status.SCHEDULED and due >= expires_at:
+                # The window opens only once it has expired (a night text at 19:30, a window
+                # closing at 18:00): it could never be sent; nor does it take an SMS slot.
+                status, due, note = Status.SKIPPED, nominal, _word(unsendable + expires_note)
             if status == Status.SCHEDULED:
                 reason = _word(derived + note + step.uses + channel_note)
             else:
