@@ -911,9 +911,12 @@ class Lanes:
 
         outcome = "not completed"
         started = time.monotonic()
+        # On shutdown, what has not begun goes straight back to the schedule.
+        deadline = 0.0 if self._closing else start_by
+        # Past its start: handed back unbegun, or dropped unbegun (claimed again meanwhile:
+        # a stale batch a worker finds in its queue after an outage).
+        unbegun = time.time() > deadline
         try:
-            # On shutdown, what has not begun goes straight back to the schedule.
-            deadline = 0.0 if self._closing else start_by
             outcome = attempt(self.ctx, ref, version, claim, start_by=deadline, begun=on_begun,
                               watchdog=self.watchdog, guard=self)
         except Exception as exc:  # Redis down past its retries, a bug: the lease brings it back
@@ -921,8 +924,10 @@ class Lanes:
                         ref, type(exc).__name__)
         finally:
             on_begun()
-            # A claim handed back unbegun says nothing of how long a send takes.
-            took = None if outcome == "handed back" else time.monotonic() - started
+            # A claim not begun says nothing of how long a send takes: counted as one, a
+            # queue of stale batches drained in round trips shrank the pump's measured
+            # latency to milliseconds, and its window to the whole backlog.
+            took = None if outcome == "handed back" or unbegun else time.monotonic() - started
             self._settle(channel, f"{claim}@{ref}", took)
         return outcome
 
