@@ -7,9 +7,18 @@ shipped microneedling protocol, a send window open all day unless a test narrows
   `held_from` took the stored document's start although the patient had been told none, so
   the hold message ("we will call you before your <date> visit") named the first date and
   the release then told a move from a date the patient never heard;
+- a booking booked again while held before `reopened` existed (commit 7a8337b) told nothing
+  at its release (on the cancelled date), its hold message named the cancelled date, and a
+  cancel while so held told the cancel a second time: the stored shape is written here
+  directly, as that code left it (the mark removed from the hash in Redis);
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
 
 from tests import test_notices_sms as ns
 from tests.test_told_date import _held, _release, _send_one
@@ -56,3 +65,51 @@ def test_scheduled_with_nothing_sent_then_moved_and_held_names_the_new_date(rig)
     assert rig.book(moved)["status"] == "held"
     text = _send_one(rig, "sk/M-1/hold-notice:sms")
     assert ns.names(text, moved["starts_at"]), text
+
+
+# --- a booking booked again while held, as stored before `reopened` (7a8337b) -------------------
+
+def _reopened_held_as_stored_before(rig, days: int) -> dict[str, Any]:
+    """Told 5 days out, cancelled (the patient told so), booked again at `days` and held:
+    stored as the code before 7a8337b left it, without the `reopened` mark (written here
+    by removing it from the booking's hash in Redis)."""
+    rig.book(rig.doc(5))
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    assert _send_one(rig, "sk/M-1/cancelled#1:sms")
+    again = _held(rig.doc(days))
+    assert rig.book(again)["status"] == "held"
+    assert rig.store.redis.hdel(rig.store.booking_key("sk", "M-1"), "reopened") == 1
+    return again
+
+
+@pytest.mark.parametrize("days", [5, 12])
+def test_an_old_reopened_held_booking_is_told_at_its_release(rig, days):
+    """Released, the patient hears the visit is on again, on its date (the same date as the
+    cancelled one too), as a booking stored with `reopened` does; once."""
+    again = _reopened_held_as_stored_before(rig, days)
+    told = set(ns.notices(rig.reminders()))
+    _release(rig, again)
+    new = {k: r for k, r in ns.notices(rig.reminders()).items() if k not in told}
+    assert [r["status"] for r in new.values()] == ["scheduled"], new
+    (key,) = new
+    assert key.startswith("rescheduled#") and key.endswith(":sms"), key
+    text = _send_one(rig, f"sk/M-1/{key}")
+    assert ns.names(text, again["starts_at"]) and "14:30" in text, text
+    _release(rig, again)
+    assert {k for k in ns.notices(rig.reminders()) if k not in told} == {key}
+
+
+def test_an_old_reopened_held_bookings_hold_message_names_the_new_date(rig):
+    again = _reopened_held_as_stored_before(rig, 12)
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, again["starts_at"]), text
+
+
+def test_an_old_reopened_held_booking_cancelled_again_says_nothing_more(rig):
+    """Cancelled again while so held: the patient was told it is cancelled and heard of
+    nothing since; no second cancel message."""
+    _reopened_held_as_stored_before(rig, 12)
+    told = set(ns.notices(rig.reminders()))
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    assert set(ns.notices(rig.reminders())) == told

@@ -2781,9 +2781,9 @@ class Store:
                                                       reminders, stored.doc))
         version = int(booking_fields.get("version", 0)) + (1 if result.changed else 0)
         stamp = utc_iso(now) or ""
-        kind = (self._change_kind(booking, booking_fields, stored.doc, str(result.status))
+        kind = (self._change_kind(booking, stored.fields, stored.doc, str(result.status))
                 if stored.doc != doc or booking_fields.get("status") == Status.CANCELLED
-                or booking_fields.get("held_from") else None)
+                or booking_fields.get("held_from") or reopened(stored.fields) else None)
         new_fields = {
             "status": str(result.status),
             "version": str(version),
@@ -2805,7 +2805,7 @@ class Store:
             # Held as it is booked again after a cancel: its release re-opens it.
             "reopened": ("1" if result.status == Status.HELD and (
                 booking_fields.get("status") == Status.CANCELLED
-                or booking_fields.get("reopened")) else ""),
+                or reopened(stored.fields)) else ""),
         }
         notices: list[NoticeReminder] = []
         if kind is not None:
@@ -2986,11 +2986,11 @@ class Store:
         booking: Booking, stored: Mapping[str, str], doc: str | None, status: str
     ) -> str | None:
         """Return "moved" or "reopened" if this upsert changes what the patient was told of
-        the appointment (worker/notices.py), else None. A held booking says nothing."""
+        the appointment (worker/notices.py), else None. A held booking says nothing.
+        `stored`: the booking's hash as stored, its reminders' fields too (`reopened`)."""
         if doc is None or status != Status.SCHEDULED:
             return None
-        if stored.get("status") == Status.CANCELLED or (
-                stored.get("status") == Status.HELD and stored.get("reopened")):
+        if stored.get("status") == Status.CANCELLED or reopened(stored):
             return "reopened"
         old = _told_start(stored, doc)
         if old and datetime.fromisoformat(old) != booking.starts_at:
@@ -3065,7 +3065,7 @@ class Store:
         # Held as booked again after a cancel, and its hold message named the new date.
         hold_told = status == Status.HELD and _told_by_hold(fields, stored.reminders)
         if stored.doc is None or not fields.get("ns") or (
-                status == Status.HELD and fields.get("reopened") and not hold_told and any(
+                status == Status.HELD and reopened(fields) and not hold_told and any(
                     went_out(r) for k, r in stored.reminders.items()
                     if k.startswith(f"cancelled#{fields.get('seq') or 0}:"))):
             return check, "", {}  # (held since booked again after a cancel told: told so)
@@ -3271,6 +3271,8 @@ class Store:
         booking = {k: v for k, v in fields.items() if ":" not in k}
         if fields and doc is not None:  # as _read: a document only beside its booking
             booking["doc"] = doc
+        if not booking.get("reopened") and reopened(fields):  # stored before the mark
+            booking["reopened"] = "1"
         main = fields.get(key)
         if main is None:
             return {}, booking
@@ -4245,11 +4247,24 @@ def _told_by(
     return told
 
 
+def reopened(fields: Mapping[str, str]) -> bool:
+    """Whether a booking is held as it was booked again after a cancel (its release re-opens
+    it; a cancel while so held tells nothing more): marked `reopened` since 7a8337b; one
+    stored before that is known by its hash (`fields`, with its reminders' fields) alone:
+    held, and its last change told the patient was a cancel (`cancelled#<seq>:<channel>` of
+    its current `seq`; a re-open or a move since would have taken the next seq)."""
+    if fields.get("reopened"):
+        return True
+    seq = fields.get("seq")
+    return fields.get("status") == Status.HELD and bool(seq) and any(
+        k.startswith(f"cancelled#{seq}:") for k in fields)
+
+
 def _told_by_hold(fields: Mapping[str, str], reminders: Mapping[str, Mapping[str, str]]) -> bool:
     """Whether a booking held as it was booked again after a cancel (`reopened`) told the
     patient its new date by its hold message ("we will call you before your <date> visit"),
     sent (or being sent) since that cancel."""
-    if not fields.get("reopened"):
+    if not reopened(fields):
         return False
     since = max((int(r.get("version") or 0) for k, r in reminders.items()
                  if k.startswith(f"cancelled#{fields.get('seq') or 0}:")), default=0)
