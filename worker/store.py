@@ -2807,6 +2807,12 @@ class Store:
                 booking_fields.get("status") == Status.CANCELLED
                 or reopened(stored.fields)) else ""),
         }
+        if "confirmed_at" in booking_fields and stored.doc is not None and (
+                booking_fields.get("status") == Status.CANCELLED
+                or datetime.fromisoformat(json.loads(stored.doc)["starts_at"])
+                != booking.starts_at):
+            # The patient confirmed the visit as it was (its date), not this one.
+            new_fields["confirmed_at"] = ""
         notices: list[NoticeReminder] = []
         if kind is not None:
             seq = int(booking_fields.get("seq") or 0) + 1

@@ -1,0 +1,52 @@
+"""A patient's confirmation is of the visit as it was when they confirmed it (review).
+
+The patient replies "C" to confirm their visit of the 13th (the answer names that date);
+the clinic then moves the visit to the 20th, or cancels it and books it again. The
+timeline kept `confirmed_at`, so the clinic read the new visit as confirmed by a patient
+who never heard of it. A move or a re-opening clears it; a confirmation of the new
+date sets it again; a change that keeps the date (the patient's name) keeps it. Real HTTP
+(uvicorn), real Redis, Twilio-signed posts.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from tests.api.test_inbound import ANA, book, message_of, server, text, tw  # noqa: F401
+
+
+def put(client, doc: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    answer = client.put(f"/v1/bookings/{doc['booking_id']}", json=doc | changes)
+    assert answer.status_code == 200, answer.text
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def test_a_move_or_a_reopening_clears_the_confirmation(server, tw):  # noqa: F811
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    doc = store.booking_doc("tw", "A-1")
+    assert "is confirmed" in (message_of(text(server, "C")) or "")
+    confirmed = tw.get("/v1/bookings/A-1").json()["confirmed_at"]
+    assert confirmed
+
+    # Another name, the same visit: still the visit the patient confirmed.
+    renamed = put(tw, doc, patient=doc["patient"] | {"name": "Ana María López"})
+    assert renamed["confirmed_at"] == confirmed
+    doc = store.booking_doc("tw", "A-1")
+
+    later = (datetime.fromisoformat(doc["starts_at"]) + timedelta(days=7)).isoformat()
+    moved = put(tw, doc, starts_at=later)
+    assert "confirmed_at" not in moved, moved
+    assert "confirmed_at" not in tw.get("/v1/bookings/A-1").json()
+    assert "confirmed_at" not in store.redis.hgetall(store.booking_key("tw", "A-1"))
+
+    # The patient confirms the new date; then the clinic cancels and books it again.
+    assert "is confirmed" in (message_of(text(server, "C")) or "")
+    assert tw.get("/v1/bookings/A-1").json()["confirmed_at"]
+    assert tw.delete("/v1/bookings/A-1").status_code == 200
+    doc = store.booking_doc("tw", "A-1")
+    reopened = put(tw, doc)
+    assert reopened["status"] == "scheduled"
+    assert "confirmed_at" not in reopened, reopened
+    assert "confirmed_at" not in tw.get("/v1/bookings/A-1").json()
