@@ -116,7 +116,7 @@ from .planner import (
     next_opening,
     protected_steps,
 )
-from .protocols import NOTICE_STEPS
+from .protocols import NOTICE_STEPS, REPAUSE_STEP
 from .pump import Keys, channel_of, sender_member
 from .rendering import RenderedMessage, Renderer
 from .settings import Settings
@@ -261,7 +261,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
                           template=record.get("template", ""),
                           booking=stored_booking.get("version", ""))
         booking, place = _booking(ctx, ref, stored_booking)
-        moving = _Moving(record, booking, place[1], via_sms)
+        moving = _Moving(record, booking, place[1], via_sms, stored_booking.get("ns", ""))
         rule = _send_time(record, *place, now)
         if rule.action != "send":
             return _hold_back(ctx, ref, attempt, rule, entry, moving)
@@ -442,6 +442,9 @@ class _Moving:
     # An email going by SMS (the patient unsubscribed from email; a care-critical step):
     # counted as an SMS (flag "s"), so capped as one.
     via_sms: bool = False
+    # The booking's stored plan's pause and invite steps (its "ns" text id): a repause
+    # stands for that pause step, as the store's scripts read it (`is_critical`).
+    ns: str = ""
 
 
 # Times the SMS cap's decision is made again when what it read changed before its finish.
@@ -487,9 +490,11 @@ def _capped(
         and not moving.via_sms \
         and ctx.store.opted_out(split_ref(ref)[0], "email", booking.patient.email) is None
     protected = protected_steps(protocol)
-    pause = protocol.pause_step()
-    # The pause message or a step again for a new date: care-critical as its step.
-    if base_step(step, pause.id if pause is not None else None) in protected:
+    # The pause message or a step again for a new date: care-critical as its step; the
+    # pause message again as the pause step of the booking's own stored plan, as the store
+    # reads it (`is_critical`), not of the protocol as configured now.
+    pause = ctx.store.pause_step(moving.ns) if step == REPAUSE_STEP else None
+    if base_step(step, pause) in protected:
         protected = protected | {step}
     for n in range(CAP_TRIES + 1):
         read = ctx.store.send_caps_read(ref, phone, at)

@@ -3793,6 +3793,11 @@ class Store:
         # patient asked), nothing put back; a change of a booking plans its SMS again.
         return OptIn(was, 0)
 
+    def pause_step(self, ns: str) -> str | None:
+        """The pause step id of a booking's stored plan (its "ns" text id; None: none), as
+        the scripts' `is_critical` reads it for a repause."""
+        return parse_notice_steps(self._resolve([ns]).get(ns, ""))[0] if ns else None
+
     def opted_out(self, clinic: str, channel: str, contact: str) -> str | None:
         """Return why `contact` is opted out of `channel` at `clinic`, or None."""
         field = f"{channel}:{normal_contact(channel, contact)}"
