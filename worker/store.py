@@ -3827,36 +3827,50 @@ class Store:
         return channel, contact
 
     def note_reply(self, clinic: str, booking_id: str, field: str, when: datetime,
-                   reply: str) -> bool:
+                   reply: str, *, starts_at: str | None = None) -> bool:
         """Record a patient's reply on a booking (`field`: `confirmed_at`, `call_requested_at`,
         or "" for none) and
         tell the clinic (`patient.replied`, and for a call request the clinic's email), in
-        one step; return False if the booking is gone."""
+        one step; return False if the booking is gone.
+
+        `starts_at`: the visit's start as the reply read it (a confirmation names its date):
+        the field is set only while the booking still starts then (a move landing since is
+        not confirmed); the clinic is told of the reply either way."""
         self._ready()
         bkey = self.booking_key(clinic, booking_id)
+        dkey = self.doc_key(clinic, booking_id)
         hooks = self._hooks(clinic).split()
-        doc = self.redis.get(self.doc_key(clinic, booking_id))
-        if doc is None or not self.redis.exists(bkey):
-            return False
-        booking = json.loads(doc)
-        pipe = self.redis.pipeline(transaction=True)
-        if field:
-            pipe.hset(bkey, field, _num(when.timestamp()))
-        version = int(cast(str, self.redis.hget(bkey, "version")) or 0)
-        fields = {"booking_id": booking_id, "version": version, "reply": reply,
-                  "received_at": when.timestamp()}
         from .webhooks import Events
 
         events = Events(self.redis, self.prefix)
-        if "patient.replied" in hooks:
-            events.emit(clinic, "webhook", "patient.replied", fields, pipe=pipe)
-        if reply == "reschedule" and "alert" in hooks:
-            starts = datetime.fromisoformat(booking["starts_at"]).timestamp()
-            events.emit(clinic, "alert", "patient.replied",
-                        fields | {"treatment": booking.get("treatment", ""),
-                                  "starts_at": starts}, pipe=pipe)
-        pipe.execute()
-        return True
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    # Watched: a write of the booking between this read and the reply's
+                    # own (a move) makes it read again.
+                    pipe.watch(bkey, dkey)  # type: ignore[no-untyped-call]  # redis-py stubs
+                    doc = cast(str | None, pipe.get(dkey))
+                    if doc is None or not pipe.exists(bkey):
+                        return False
+                    booking = json.loads(doc)
+                    version = int(cast(str, pipe.hget(bkey, "version")) or 0)
+                    pipe.multi()
+                    if field and (starts_at is None or datetime.fromisoformat(
+                            booking["starts_at"]) == datetime.fromisoformat(starts_at)):
+                        pipe.hset(bkey, field, _num(when.timestamp()))
+                    fields = {"booking_id": booking_id, "version": version, "reply": reply,
+                              "received_at": when.timestamp()}
+                    if "patient.replied" in hooks:
+                        events.emit(clinic, "webhook", "patient.replied", fields, pipe=pipe)
+                    if reply == "reschedule" and "alert" in hooks:
+                        starts = datetime.fromisoformat(booking["starts_at"]).timestamp()
+                        events.emit(clinic, "alert", "patient.replied",
+                                    fields | {"treatment": booking.get("treatment", ""),
+                                              "starts_at": starts}, pipe=pipe)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     # --- read-only: the clinic's booking list, for the HTTP API (worker/api/bookings.py) ----
     # Added for GET /v1/bookings; reads only, layout knowledge kept here with the rest.

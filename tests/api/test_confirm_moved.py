@@ -10,10 +10,12 @@ date sets it again; a change that keeps the date (the patient's name) keeps it. 
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta
 from typing import Any
 
-from tests.api.test_inbound import ANA, book, message_of, server, text, tw  # noqa: F401
+from tests.api.test_inbound import ANA, book, events, message_of, server, text, tw  # noqa: F401
+from worker.store import Store
 
 
 def put(client, doc: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -50,3 +52,42 @@ def test_a_move_or_a_reopening_clears_the_confirmation(server, tw):  # noqa: F81
     assert reopened["status"] == "scheduled"
     assert "confirmed_at" not in reopened, reopened
     assert "confirmed_at" not in tw.get("/v1/bookings/A-1").json()
+
+
+def test_a_confirmation_read_before_a_move_is_not_recorded_on_the_moved_visit(
+        server, tw, monkeypatch):  # noqa: F811
+    """The "C" has read the visit (the 13th, which its answer names) and is parked before
+    it records the confirmation; the clinic moves the visit to the 20th; the reply resumes.
+    The patient confirmed the 13th: the 20th is not recorded as confirmed."""
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    doc = store.booking_doc("tw", "A-1")
+    parked, go = threading.Event(), threading.Event()
+    real = Store.note_reply
+
+    def note_reply(self: Store, *args: Any, **kwargs: Any) -> bool:
+        parked.set()
+        assert go.wait(10)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "note_reply", note_reply)
+    answer: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: answer.setdefault("r", text(server, "C")))
+    thread.start()
+    try:
+        assert parked.wait(10)
+        later = (datetime.fromisoformat(doc["starts_at"]) + timedelta(days=7)).isoformat()
+        assert put(tw, doc, starts_at=later)["version"] == 2
+    finally:
+        go.set()
+        thread.join(30)
+    assert "is confirmed" in (message_of(answer["r"]) or "")  # of the date it read
+    monkeypatch.setattr(Store, "note_reply", real)
+    assert "confirmed_at" not in tw.get("/v1/bookings/A-1").json()
+    assert "confirmed_at" not in store.redis.hgetall(store.booking_key("tw", "A-1"))
+    # The patient still replied: the clinic hears of it.
+    replied = [e for e in events(server) if e.type == "patient.replied"]
+    assert [e.fields["reply"] for e in replied] == ["confirm"]
+    # Confirming again (the date now told) records it.
+    assert "is confirmed" in (message_of(text(server, "C")) or "")
+    assert tw.get("/v1/bookings/A-1").json()["confirmed_at"]

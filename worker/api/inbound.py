@@ -191,8 +191,10 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
         if booking_id is None:
             return intent, None if opted_out else answer("no_visit")
         field = "confirmed_at" if intent == "confirm" else "call_requested_at"
+        # A confirmation is of the visit as read here (the answer names its date).
         store.note_reply(clinic.id, booking_id, field, now,
-                         "confirm" if intent == "confirm" else "reschedule")
+                         "confirm" if intent == "confirm" else "reschedule",
+                         starts_at=str(doc["starts_at"]) if intent == "confirm" else None)
         log.info("inbound SMS for clinic %s: %s for booking %s", clinic.id, intent, booking_id)
         if opted_out:
             return intent, None
