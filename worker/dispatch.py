@@ -636,7 +636,8 @@ def _render(
             due_at=datetime.fromtimestamp(float(record["planned_epoch"]), UTC),
             plan_dates=plan_dates,
             now=now,
-            **notice_and_invite(record, channel, booking, protocol, fields, now),
+            **notice_and_invite(record, channel, booking, protocol, fields, now,
+                                window=clinic.send_window),
             unsubscribe_url=unsubscribe,
         )
         url = clinic.delivery_url(channel, to)

@@ -67,7 +67,7 @@ from zoneinfo import ZoneInfo
 
 from .clinics import SendWindow
 from .models import Booking, Channel
-from .planner import first_nominal, next_opening
+from .planner import first_nominal, last_opening_before, next_opening
 from .protocols import (
     AGAIN_PREFIX,
     HOLD_NOTICE_STEP,
@@ -234,15 +234,25 @@ def plan_notices(
     ], bool(paused)
 
 
-def pause_from(booking: Booking, protocol: Protocol, now: datetime) -> datetime | None:
-    """Return when the pause begins again for the booking's appointment, if still ahead."""
+def pause_from(
+    booking: Booking, protocol: Protocol, now: datetime, window: SendWindow | None = None
+) -> datetime | None:
+    """Return when the pause begins again for the booking's appointment, if still ahead:
+    when the pause message goes again, placed in the patient's send `window` as the planner
+    places it (an 18:00 step with a window closing at 18:00 goes the next morning)."""
     step = protocol.pause_step()
     if step is None:
         return None
+    tz = ZoneInfo(booking.patient.timezone)
     try:
-        begins = first_nominal(step, booking.starts_at, ZoneInfo(booking.patient.timezone), now)
+        begins = first_nominal(step, booking.starts_at, tz, now)
     except StopIteration:
         return None
+    if window is not None:
+        placed = next_opening(begins, window, tz)
+        if begins < booking.starts_at <= placed:  # a pre-visit step never goes after it
+            placed = last_opening_before(booking.starts_at, window, tz)
+        begins = placed
     return begins if begins > now else None
 
 
@@ -292,11 +302,12 @@ def as_told(record: Mapping[str, str], booking: Booking, stored: Mapping[str, st
 
 def notice_and_invite(
     record: Mapping[str, str], channel: str, booking: Booking, protocol: Protocol,
-    stored: Mapping[str, str], now: datetime,
+    stored: Mapping[str, str], now: datetime, window: SendWindow | None = None,
 ) -> RenderExtras:
     """Return what a reminder's message says of a change and the invite its email carries.
 
-    `record`: the reminder; `stored`: its booking's fields (`seq`, `moved_from`, `paused`).
+    `record`: the reminder; `stored`: its booking's fields (`seq`, `moved_from`, `paused`);
+    `window`: the clinic's send window, in which the pause message goes again (`pause_from`).
     A change notice's email carries the invite update or cancel with the notice's sequence;
     an email of an invite step (`invite = true`) carries the invite at the booking's
     current sequence, so a day-before email after a move has the new time and SEQUENCE.
@@ -312,7 +323,7 @@ def notice_and_invite(
             previous_start=(datetime.fromtimestamp(float(moved_from), UTC)
                             if moved and moved_from else None),
             paused=paused,
-            pause_from=pause_from(booking, protocol, now) if moved and paused else None,
+            pause_from=pause_from(booking, protocol, now, window) if moved and paused else None,
         )
         if channel == "email":
             extras["invite"] = Invite(seq, "CANCEL" if step == "cancelled" else "REQUEST")
