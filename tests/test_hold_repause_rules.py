@@ -11,6 +11,9 @@ shipped microneedling protocol, a send window open all day unless a test narrows
   at its release (on the cancelled date), its hold message named the cancelled date, and a
   cancel while so held told the cancel a second time: the stored shape is written here
   directly, as that code left it (the mark removed from the hash in Redis);
+- a move keeping the visit's day (a later hour), made while the send window was closed,
+  sent the pause message again at the next opening, word for word the one the patient had
+  (its time had passed in both plans: "too soon for a full pause, stop now").
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import pytest
 
 from tests import test_notices_sms as ns
 from tests.test_told_date import _held, _release, _send_one
+from worker.catalog import Catalog
+from worker.dispatch import Context
+from worker.rendering import Renderer
 
 gate = ns.gate  # fixtures
 rig = ns.rig
@@ -113,3 +119,51 @@ def test_an_old_reopened_held_booking_cancelled_again_says_nothing_more(rig):
     told = set(ns.notices(rig.reminders()))
     rig.store.cancel("sk", "M-1", datetime.now(UTC))
     assert set(ns.notices(rig.reminders())) == told
+
+
+# --- the pause message again only when what it says changed ----------------------------------
+
+def _window_closed_now(rig) -> None:
+    """The clinic's send window made one hour wide, opening after the current Madrid hour
+    (so it is closed now, whatever the hour the test runs at); the catalog read again."""
+    hour = datetime.now(ns.TZ).hour
+    start = hour + 1 if hour + 2 <= 24 else 1
+    path = rig.ctx.settings.config_dir / "clinics" / "sk.toml"
+    text = path.read_text(encoding="utf-8")
+    assert 'start = "00:00"\nend = "24:00"' in text
+    path.write_text(text.replace('start = "00:00"\nend = "24:00"',
+                                 f'start = "{start:02d}:00"\nend = "{start + 1:02d}:00"'),
+                    encoding="utf-8")
+    rig.catalog = Catalog.load(rig.ctx.settings)
+    rig.ctx = Context(settings=rig.ctx.settings, store=rig.store, catalog=rig.catalog,
+                      renderer=Renderer(rig.catalog.templates_dir))
+
+
+def _on_tretinoin(doc: dict[str, Any], hour: int = 14, minute: int = 30) -> dict[str, Any]:
+    doc["medications"]["tretinoin"] = True
+    start = datetime.fromisoformat(doc["starts_at"]).replace(hour=hour, minute=minute)
+    doc["starts_at"] = start.isoformat()
+    return doc
+
+
+@pytest.mark.parametrize("days", [5, 6])
+def test_a_move_keeping_the_visits_day_sends_the_pause_message_once(rig, days):
+    """Booked 5 days out, on tretinoin: the pause SMS's time (7 days before) had passed, so
+    it went at once ("your <date> visit is too soon for a full pause: stop now and call
+    us"). Later, with the send window closed, the clinic moves the visit to 16:30 the same
+    day: the move's notice tells the new time (and to keep pausing); the pause SMS does not
+    go again at the next opening, word for word the one the patient has. Moved to another
+    day (6 days out), it goes again for the new date."""
+    first = _on_tretinoin(rig.doc(5))
+    rig.book(first)
+    text = _send_one(rig, "sk/M-1/stop-retinoids:sms")
+    assert ns.names(text, first["starts_at"]) and "stop" in text, text
+    _window_closed_now(rig)
+    moved = _on_tretinoin(rig.doc(days), 16, 30)
+    rig.book(moved)
+    shown = rig.reminders()
+    assert set(ns.notices(shown)) == {"rescheduled#1:sms"}, shown
+    again = sorted(k for k in shown if k.startswith("repause#"))
+    assert again == ([] if days == 5 else ["repause#1:sms"]), again
+    if again:
+        assert rig.reminders()[again[0]]["status"] == "scheduled"

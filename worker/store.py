@@ -2419,7 +2419,9 @@ class Store:
             return planned if read is None else cap_plan(planned, booking, read.taken,
                                                          email=read.email)
         kind = self._replan_kind(booking, planned, stored, release)
-        planned = sent_elsewhere(planned, booking, stored.reminders, now, kind is not None)
+        same_day = _same_day(kind, booking, stored.fields, stored.doc)
+        planned = sent_elsewhere(planned, booking, stored.reminders, now, kind is not None,
+                                 same_day)
         if read is None:
             return planned
         base = _as_planned(planned)
@@ -2440,7 +2442,7 @@ class Store:
                 planned = replace(planned, uncapped=base)
         booking_fields = {k: v for k, v in stored.fields.items() if ":" not in k}
         again = again_keys(base, planned.notice_steps, stored.reminders, booking.starts_at,
-                           now) if kind is not None else frozenset()
+                           now, same_day) if kind is not None else frozenset()
         history = frozenset(r.key for r in base
                             if stored.reminders.get(r.key, {}).get("status") == Status.SENT)
         # Sent; and still to go, the store's own (notices, messages again) that a
@@ -2895,7 +2897,8 @@ class Store:
                 add(notice.key, notice_fields(notice, version),
                     _num(notice.due_at.timestamp()))
             for key, fields in [
-                    *repause_fields(plan, stored.reminders, seq, version, now),
+                    *repause_fields(plan, stored.reminders, seq, version, now,
+                                    _same_day(kind, booking, stored.fields, stored.doc)),
                     *again_fields(plan, stored.reminders, booking.starts_at, seq, version, now)]:
                 add(key, fields, _num(float(fields["due_epoch"]))
                     if result.status == Status.SCHEDULED else None)
@@ -4052,14 +4055,16 @@ class Attempt:
 
 def repause_fields(
     plan: Plan, stored: Mapping[str, Mapping[str, str]], seq: int, version: int, now: datetime,
+    same_day: bool = False,
 ) -> list[tuple[str, dict[str, str]]]:
     """Return the pause message again for the new date, per channel it had been sent on
     (`repause#<seq>:<channel>`; worker/notices.py): the plan's own reminder of the pause step
-    is history once sent, so the reconcile never sends it again."""
+    is history once sent, so the reconcile never sends it again. `same_day`: the change is
+    a move keeping the visit on the patient-local day told (`_same_day`, `_repauses`)."""
     pause, _ = parse_notice_steps(plan.notice_steps)
     out = []
     for r in plan.reminders:
-        if not _repauses(r, pause, stored, now):
+        if not _repauses(r, pause, stored, now, same_day):
             continue
         out.append((f"{REPAUSE_STEP}#{seq}:{r.channel}", _again_record(
             r, REPAUSE_STEP, seq, version,
@@ -4107,11 +4112,20 @@ def again_fields(
 
 def _repauses(
     r: PlannedReminder, pause: str | None, stored: Mapping[str, Mapping[str, str]],
-    now: datetime,
+    now: datetime, same_day: bool = False,
 ) -> bool:
-    """Whether the pause message `r` goes again for the new date (`repause_fields`)."""
+    """Whether the pause message `r` goes again for the new date (`repause_fields`).
+
+    Not after a move keeping the visit on the patient-local day told (`same_day`) when the
+    new plan's pause time had passed too (late: it would go at the next opening only because
+    the send window is closed now): the patient has that message word for word (the same
+    visit date, "stop now" or "from tonight" of the same night), and the move's notice says
+    to keep pausing (worker/notices.py `pause_from`: the pause begins no later than now).
+    A new pause time still ahead is the one the notice announces ("you may use it until
+    <date>, then stop again"): it goes."""
     return (r.step == pause and r.status == Status.SCHEDULED and r.due_at > now
-            and stored.get(r.key, {}).get("status") == Status.SENT)
+            and stored.get(r.key, {}).get("status") == Status.SENT
+            and not (same_day and _LATE in r.reason))
 
 
 def _goes_again(
@@ -4129,11 +4143,12 @@ def _goes_again(
 def again_keys(
     reminders: list[PlannedReminder], notice_steps: str,
     stored: Mapping[str, Mapping[str, str]], start: datetime, now: datetime,
+    same_day: bool = False,
 ) -> frozenset[str]:
     """The keys of `reminders` sent for the old date that a move sends again for the new
     one (`repause_fields`, `again_fields`): the SMS cap counts them as new SMS."""
     pause, _ = parse_notice_steps(notice_steps)
-    return frozenset(r.key for r in reminders if _repauses(r, pause, stored, now)
+    return frozenset(r.key for r in reminders if _repauses(r, pause, stored, now, same_day)
                      or _goes_again(r, pause, stored, start, now))
 
 
@@ -4145,7 +4160,7 @@ _CARRIES_AGAIN = "for the old date: again for the new date ("
 
 def sent_elsewhere(
     plan: Plan, booking: Booking, stored: Mapping[str, Mapping[str, str]], now: datetime,
-    moved: bool,
+    moved: bool, same_day: bool = False,
 ) -> Plan:
     """`plan` with each reminder whose step (same occurrence) already went out on another
     channel, one the plan no longer sends it on, skipped, saying so: the patient has it, and a
@@ -4192,7 +4207,7 @@ def sent_elsewhere(
             other = replace(r, key=key, channel=channel)
             as_sent = stored if status == Status.SENT else {
                 **stored, key: {**record, "status": Status.SENT}}
-            if (_repauses(other, pause, as_sent, now) or _goes_again(
+            if (_repauses(other, pause, as_sent, now, same_day) or _goes_again(
                     other, pause, as_sent, booking.starts_at, now)) and (
                     moved or again_to_go(r, channel)):
                 return replace(r, reason=(f"the appointment moved after it had gone out by "
@@ -4234,6 +4249,18 @@ def again_planned(key: str, plan: Plan) -> bool:
         return True
     step = base_step(step, parse_notice_steps(plan.notice_steps)[0])
     return any(r.step == step and r.channel == channel for r in plan.reminders)
+
+
+def _same_day(kind: str | None, booking: Booking, fields: Mapping[str, str],
+              doc: str | None) -> bool:
+    """Whether change `kind` is a move keeping the visit on the patient-local day the
+    patient was told (`_told_start`): a later hour, say (`_repauses`)."""
+    old = _told_start(fields, doc) if kind == "moved" else None
+    if not old:
+        return False
+    tz = ZoneInfo(booking.patient.timezone)
+    return (datetime.fromisoformat(old).astimezone(tz).date()
+            == booking.starts_at.astimezone(tz).date())
 
 
 def _told_start(fields: Mapping[str, str], doc: str | None) -> str | None:
