@@ -124,10 +124,11 @@ def test_an_old_reopened_held_booking_cancelled_again_says_nothing_more(rig):
 # --- the pause message again only when what it says changed ----------------------------------
 
 def _window_closed_now(rig) -> None:
-    """The clinic's send window made one hour wide, opening after the current Madrid hour
-    (so it is closed now, whatever the hour the test runs at); the catalog read again."""
+    """The clinic's send window made one hour wide, opening at least an hour after now in
+    Madrid (so it is closed for the test, whatever the hour it runs at); the catalog read
+    again."""
     hour = datetime.now(ns.TZ).hour
-    start = hour + 1 if hour + 2 <= 24 else 1
+    start = hour + 2 if hour + 3 <= 24 else 1
     path = rig.ctx.settings.config_dir / "clinics" / "sk.toml"
     text = path.read_text(encoding="utf-8")
     assert 'start = "00:00"\nend = "24:00"' in text
