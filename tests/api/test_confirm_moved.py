@@ -91,3 +91,15 @@ def test_a_confirmation_read_before_a_move_is_not_recorded_on_the_moved_visit(
     # Confirming again (the date now told) records it.
     assert "is confirmed" in (message_of(text(server, "C")) or "")
     assert tw.get("/v1/bookings/A-1").json()["confirmed_at"]
+
+
+def test_the_openapi_timeline_documents_the_replies_fields(server, tw):  # noqa: F811
+    """Every field a timeline answers with is in the OpenAPI document's Timeline."""
+    book(tw, "A-1")
+    message_of(text(server, "C"))
+    message_of(text(server, "R"))
+    timeline = tw.get("/v1/bookings/A-1").json()
+    assert timeline["confirmed_at"] and timeline["call_requested_at"]
+    documented = tw.get("/openapi.json").json()["components"]["schemas"]["Timeline"]
+    assert set(timeline) <= set(documented["properties"]), set(timeline) - set(
+        documented["properties"])

@@ -74,6 +74,12 @@ class Timeline(BaseModel):
     hold_reason: str | None = None
     late_pause: bool = Field(False, description="booked too late for the protocol's minimum "
                              "retinoid pause: the patient is asked to call the clinic")
+    confirmed_at: str | None = Field(
+        None, description="when the patient confirmed this visit by SMS (reply C); absent "
+                          "until then, and again once the visit moves or is booked again")
+    call_requested_at: str | None = Field(
+        None, description="when the patient asked by SMS to be called (reply R); absent "
+                          "until then")
     reminders: list[Reminder]
 
 
