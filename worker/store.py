@@ -429,6 +429,29 @@ local function keep_reminder(prefix, clinic, booking_id, ref, at)
 end
 """
     + LUA_EMIT
+    + """
+-- Once a scheduled booking has no reminder left to send (none scheduled, sending or
+-- retrying), tell the clinic booking.completed, once (`completed_told`; a step that gives
+-- it reminders to send again clears that, so it is told again once those are done). Every
+-- step that ends a reminder calls it: the finish, the begin's opt-out skip, STOP's skips.
+local function tell_completed(prefix, clinic, booking_id, bkey, hooks)
+  if not wants(hooks, 'booking.completed') then return end
+  local flat = redis.call('HGETALL', bkey)
+  local open, status_b, told = false, nil, false
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], flat[i + 1]
+    if f == 'status' then status_b = v
+    elseif f == 'completed_told' then told = true
+    elseif is_reminder(f) and is_pending(STATUS_OF[string.sub(v, 1, 1)]) then open = true end
+  end
+  if not open and not told and status_b == ST_SCHEDULED then
+    redis.call('HSET', bkey, 'completed_told', '1')
+    local b = redis.call('HMGET', bkey, 'version', 'late_pause')
+    emit_event(prefix, clinic, 'webhook', 'booking.completed',
+      {booking_id = booking_id, version = tonumber(b[1]), late_pause = b[2] == '1'})
+  end
+end
+"""
 )
 
 # Claim due reminders: one atomic step with Redis's own clock. Expired leases (a pump
@@ -593,6 +616,8 @@ if redis.call('EXISTS', optkey) == 1 then
            or r[R_PLAN]), attempts = tonumber(a[A_TRIES]) or 0,
            reason = why})
       end
+      -- The last one to go, maybe (a STOP left it to this attempt): told complete.
+      tell_completed(prefix, clinic, booking_id, bkey, hooks)
       return carried and 'carried by its own sms' or 'opted out'
     end
   end
@@ -906,22 +931,7 @@ if event and wants(hooks, event) then
   end
   emit_event(prefix, clinic, 'webhook', event, fields)
 end
-if event and wants(hooks, 'booking.completed') then
-  local flat = redis.call('HGETALL', bkey)
-  local open, status_b, told = false, nil, false
-  for i = 1, #flat, 2 do
-    local f, v = flat[i], flat[i + 1]
-    if f == 'status' then status_b = v
-    elseif f == 'completed_told' then told = true
-    elseif is_reminder(f) and is_pending(STATUS_OF[string.sub(v, 1, 1)]) then open = true end
-  end
-  if not open and not told and status_b == ST_SCHEDULED then
-    redis.call('HSET', bkey, 'completed_told', '1')
-    local b = redis.call('HMGET', bkey, 'version', 'late_pause')
-    emit_event(prefix, clinic, 'webhook', 'booking.completed',
-      {booking_id = booking_id, version = tonumber(b[1]), late_pause = b[2] == '1'})
-  end
-end
+if event then tell_completed(prefix, clinic, booking_id, bkey, hooks) end
 local line = cjson.decode(entry)
 if overtaken then line['outcome'] = 'abandoned' end
 line['result'] = result
@@ -1226,7 +1236,10 @@ for n = 10, #ARGV do
         end
       end
     end
-    if any then table.insert(touched, booking_id) end
+    if any then
+      table.insert(touched, booking_id)
+      tell_completed(prefix, clinic, booking_id, bkey, hooks)  -- maybe nothing left to go
+    end
   end
 end
 local out = {first, skipped}
@@ -2982,6 +2995,17 @@ class Store:
         if result.status != Status.HELD and late and (
                 was_late != late or was.get("status") == Status.HELD):
             emits += self._late_pause_events(booking, version, plan.late_pause)
+        # This change ends the last reminders it had to send (a step no longer planned, a
+        # channel withdrawn): nothing more goes, told complete as the finish tells it.
+        if (result.status == Status.SCHEDULED and "completed_told" not in booking_fields
+                and any(r.get("status") in PENDING for r in stored.reminders.values())
+                and not any(r.get("status") in PENDING for r in reminders.values())
+                and "booking.completed" in self._hooks(clinic).split()):
+            hset += ["completed_told", "1"]
+            booking_fields["completed_told"] = "1"
+            emits.append(["webhook", "booking.completed",
+                          {"booking_id": booking_id, "version": version,
+                           "late_pause": bool(late)}])
         unindex = " ".join(sorted(set(had.split()) - set(contacts.split())))
         args = apply_args(clinic, booking_id, check, doc if changed_doc else "", keep, hset,
                           hdel, due, rm_due, rm_lease, rm_dead, emits, unindex, guard, contacts,
