@@ -389,11 +389,18 @@ def _on_dead_letters(
 ) -> int:
     """Apply `act` to the dead letters named (REF or BOOKING_ID) or --all; print the result."""
     store = open_store(settings)
+    clinic = args.clinic
+    if any("/" not in r for r in args.refs):
+        # A booking id is one clinic's (two clinics may use the same id): --clinic, or the
+        # only clinic configured, as `show` and `cancel` take it. A REF names its clinic.
+        clinic = clinic_of(args, Catalog.load(settings))
     dead = store.dead_letters(args.clinic)
     if args.refs:
         wanted = set(args.refs)
-        refs = [d["ref"] for d in dead if d["ref"] in wanted or d["booking_id"] in wanted]
-        unknown = wanted - {d["ref"] for d in dead} - {d["booking_id"] for d in dead}
+        refs = [d["ref"] for d in dead if d["ref"] in wanted
+                or d["clinic"] == clinic and d["booking_id"] in wanted]
+        unknown = (wanted - {d["ref"] for d in dead}
+                   - {d["booking_id"] for d in dead if d["clinic"] == clinic})
         if unknown:
             print(f"not dead-lettered: {', '.join(sorted(unknown))}", file=sys.stderr)
             return EXIT_REFUSED

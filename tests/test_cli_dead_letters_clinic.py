@@ -1,0 +1,71 @@
+"""`reminders replay|purge BOOKING_ID` act on one clinic's booking, as real processes on a
+real Redis: two clinics may use the same booking id and never meet (a REF names its clinic;
+a booking id takes --clinic, or the only clinic configured, as `show` and `cancel` do)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from worker.models import parse_booking
+from worker.planner import plan
+from worker.store import Attempt, Store
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.integration
+
+
+def cli_env(url: str, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env.update(REMINDERS_REDIS_URL=url, REMINDERS_DATA_DIR=str(tmp_path))
+    return env
+
+
+def dead_letter(store: Store, catalog, doc) -> str:
+    booking = parse_booking(doc, catalog)
+    now = datetime.now(UTC)
+    store.upsert(booking, plan(booking, catalog.protocols[booking.treatment],
+                               catalog.clinics[booking.clinic], now), now)
+    ref = f"{booking.clinic}/{booking.booking_id}/booking-confirmation:email"
+    store.redis.zadd(store.due_key, {ref: 0})
+    (claim,) = [c for c in store.claim_due(50, 60) if c.ref == ref]
+    assert store.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"
+    assert store.finish_failed(ref, Attempt(claim.version, claim.claim, "tok"),
+                               "permanent: HTTP 400") == "ok"
+    return ref
+
+
+@pytest.mark.parametrize("verb", ["purge", "replay"])
+def test_a_booking_id_names_one_clinics_dead_letters(
+        redis_server, redis_client, tmp_path, catalog, booking_doc, verb):
+    assert {"glow", "demo"} <= set(catalog.clinics)
+    store = Store(redis_client, "reminders")
+    doc = copy.deepcopy(booking_doc)
+    doc["starts_at"] = (datetime.now(UTC) + timedelta(days=30)).replace(
+        microsecond=0).isoformat()
+    glow = dead_letter(store, catalog, doc)
+    demo = dead_letter(store, catalog, {**doc, "clinic": "demo"})
+    env = cli_env(redis_server.url, tmp_path)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "reminders"), *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    ambiguous = cli(verb, "A-1042")
+    assert ambiguous.returncode == 2 and "--clinic is required" in ambiguous.stderr, (
+        ambiguous.stdout, ambiguous.stderr)
+    assert {d["ref"] for d in store.dead_letters()} == {glow, demo}
+    one = cli(verb, "--clinic", "glow", "A-1042")
+    assert one.returncode == 0, one.stderr
+    assert glow in one.stdout and demo not in one.stdout
+    assert [d["ref"] for d in store.dead_letters()] == [demo]
+    by_ref = cli(verb, demo)  # a REF names its clinic
+    assert by_ref.returncode == 0 and demo in by_ref.stdout, by_ref.stderr
+    assert store.dead_letters() == []
