@@ -34,6 +34,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -72,6 +73,11 @@ MAX_AUTO_JOBS = 4
 
 class UsageError(Exception):
     """The command line or its input cannot be used."""
+
+
+class CheckerDied(Exception):
+    """A process checking bookings ended abruptly (killed, out of memory): the pool is
+    broken, and the bookings it held were not checked."""
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -452,6 +458,9 @@ _WORKER: tuple[Catalog, str | None, datetime] | None = None
 def _init_worker(catalog: Catalog, clinic: str | None, now: datetime) -> None:
     global _WORKER
     _WORKER = (catalog, clinic, now)
+    # Ctrl-C at a terminal reaches the whole process group: the main process stops the
+    # batch and says so; a checking process does not die of it (with a traceback) first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.freeze()  # a worker lives for one batch: collect less often, as quiet_gc does
     gc.set_threshold(*QUIET_GC)
 
@@ -498,16 +507,21 @@ def check_chunks(
             yield _check_chunk(chunk, catalog, clinic, now)
         return
     from concurrent.futures import ProcessPoolExecutor  # multiprocessing: only when asked
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(jobs, initializer=_init_worker,
-                             initargs=(catalog, clinic, now)) as pool:
-        pending: deque[Future[CheckedChunk]] = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_check_in_worker, chunk))
-            if len(pending) > 2 * jobs:  # a few chunks ahead, not the whole input
+    try:
+        with ProcessPoolExecutor(jobs, initializer=_init_worker,
+                                 initargs=(catalog, clinic, now)) as pool:
+            pending: deque[Future[CheckedChunk]] = deque()
+            for chunk in chunks:
+                pending.append(pool.submit(_check_in_worker, chunk))
+                if len(pending) > 2 * jobs:  # a few chunks ahead, not the whole input
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise CheckerDied("a process checking the bookings ended abruptly (killed, or out "
+                          "of memory?)") from None
 
 
 # --- keeping accepted bookings until they are stored ------------------------------------

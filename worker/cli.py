@@ -2,6 +2,7 @@
 
 Exit codes: 0 ok; 1 a booking was refused or not found; 2 bad usage or unreadable
 input; 3 invalid configuration (config/ or templates/). `health`: 0 healthy, 1 not.
+`book` stopped by Ctrl-C: 130, having said how many bookings it stored.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -21,6 +24,7 @@ from .batch import (
     MAX_AUTO_JOBS,
     REFUSALS_SHOWN,
     Checked,
+    CheckerDied,
     Document,
     JsonArrayOut,
     Progress,
@@ -43,9 +47,12 @@ from .status import Status
 from .timeline import from_plan, render_table
 
 if TYPE_CHECKING:
+    from .models import Booking
+    from .planner import Plan
     from .store import Store
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # `book` stopped by Ctrl-C (128 + SIGINT), saying what was stored
 
 
 # Booking files (reading, checking, storing in chunks): worker/batch.py.
@@ -180,7 +187,10 @@ def print_timeline(
 def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     """Check every booking first; store them, a chunk at a time, only if all are acceptable."""
     with quiet_gc():
-        return book_files(args, settings)
+        try:
+            return book_files(args, settings)
+        except KeyboardInterrupt:  # what was stored is said (`book_files`, `store_all`)
+            return EXIT_INTERRUPTED
 
 
 def book_files(args: argparse.Namespace, settings: Settings) -> int:
@@ -195,18 +205,29 @@ def book_files(args: argparse.Namespace, settings: Settings) -> int:
         size = source.reader.size()
         progress.start("checking", size, "B" if size else "bookings")
         consumed = 0
-        for chunk in check_chunks(source.documents, catalog, args.clinic, now,
-                                  jobs=args.jobs):
-            for outcome in chunk.refused:  # refused or unreadable, in input order
-                if outcome.unreadable is not None:
-                    raise UsageError(f"{args.file}: {outcome.unreadable}; nothing was stored")
-                refused.append(outcome.checked())
-            if not refused:
-                spool.add_chunk(chunk)
-            read += chunk.size
-            done = source.reader.consumed if size else read
-            progress.update(done - consumed, read)
-            consumed = done
+        try:
+            for chunk in check_chunks(source.documents, catalog, args.clinic, now,
+                                      jobs=args.jobs):
+                for outcome in chunk.refused:  # refused or unreadable, in input order
+                    if outcome.unreadable is not None:
+                        raise UsageError(f"{args.file}: {outcome.unreadable}; "
+                                         "nothing was stored")
+                    refused.append(outcome.checked())
+                if not refused:
+                    spool.add_chunk(chunk)
+                read += chunk.size
+                done = source.reader.consumed if size else read
+                progress.update(done - consumed, read)
+                consumed = done
+        except (KeyboardInterrupt, CheckerDied) as exc:
+            progress.close()
+            spool.close()
+            if isinstance(exc, CheckerDied):
+                raise UsageError(f"{exc}: nothing was stored (book the file again; --jobs 1 "
+                                 "checks it in this process)") from None
+            print(f"interrupted while checking (after {read:,} bookings): nothing was stored",
+                  file=sys.stderr)
+            raise
         if refused:
             progress.close()
             spool.close()
@@ -257,29 +278,42 @@ def store_all(
     stored = 0
     progress.start("storing", spool.count)
     out = JsonArrayOut(sys.stdout, single) if args.json else None
+    items: list[tuple[Booking, Plan]] = []
+    storing = False  # inside `upsert_many`: some of `items` may be stored, not all
     try:
-        for chunk in spool.chunks(STORE_BATCH):
-            items = [decode(item, catalog) for item in chunk]
-            before: list[str | None] = [None] * len(items)
-            timelines = store.upsert_many(items, now, previous=before,
-                                          timelines=out is not None or tables)
-            for (booking, planned), old, timeline in zip(items, before, timelines, strict=True):
-                kind = ("new" if old is None
-                        else "unchanged" if str(timeline["version"]) == old else "changed")
-                counts[kind] += 1
-                nudge = nudge or planned.status == Status.SCHEDULED and any(
-                    r.status == Status.SCHEDULED and r.due_at <= soon for r in planned.reminders)
-                if out is not None:
-                    out.write(timeline)
-                elif tables:
-                    print(render_table(timeline, booking.patient.timezone))
-                    print()
-            stored += len(items)
-            progress.update(len(items), stored)
+        with StopBetweenBatches() as ctrl_c:
+            for chunk in spool.chunks(STORE_BATCH):
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
+                items = [decode(item, catalog) for item in chunk]
+                before: list[str | None] = [None] * len(items)
+                storing = True
+                timelines = store.upsert_many(items, now, previous=before,
+                                              timelines=out is not None or tables)
+                storing = False
+                for (booking, planned), old, timeline in zip(items, before, timelines,
+                                                             strict=True):
+                    kind = ("new" if old is None
+                            else "unchanged" if str(timeline["version"]) == old else "changed")
+                    counts[kind] += 1
+                    nudge = nudge or planned.status == Status.SCHEDULED and any(
+                        r.status == Status.SCHEDULED and r.due_at <= soon
+                        for r in planned.reminders)
+                    if out is not None:
+                        out.write(timeline)
+                    elif tables:
+                        print(render_table(timeline, booking.patient.timezone))
+                        print()
+                stored += len(items)
+                progress.update(len(items), stored)
     except BaseException:
         if stored < spool.count:
             progress.close()
-            print(f"stopped after storing {stored:,} of {spool.count:,} bookings (booking "
+            # Cut inside `upsert_many` (a second Ctrl-C, Redis gone): each booking is
+            # written whole or not at all, but some of the ones it was given may be.
+            what = (f"{stored:,} to {stored + len(items):,}" if storing and items
+                    else f"{stored:,}")
+            print(f"stopped after storing {what} of {spool.count:,} bookings (booking "
                   "them again is safe: an unchanged booking stays as it is)", file=sys.stderr)
         raise
     if out is not None:
@@ -290,6 +324,35 @@ def store_all(
         print(f"{spool.count:,} timelines not printed (more than {TABLES_UP_TO}): "
               "`reminders show BOOKING_ID` prints one, --json prints all", file=sys.stderr)
     return counts
+
+
+class StopBetweenBatches:
+    """While bookings are stored: a first Ctrl-C (SIGINT) lets the `upsert_many` call under
+    way finish (up to STORE_BATCH bookings, a second or two), so the stop is between calls
+    and what is stored is known; a second stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> StopBetweenBatches:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        try:
+            print("\nCtrl-C: stopping once the bookings being stored are stored (Ctrl-C "
+                  "again: at once)", file=sys.stderr)
+        except RuntimeError:  # a write to stderr under way (reentrant): the stop still says
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def nudge_pump_quietly() -> None:
