@@ -1,18 +1,43 @@
-"""The pump's hand-out under faults, forced (found by review): real Redis, the real pump
-(worker/pump.py), the publish seam parked or failing as a broker would.
+"""The pump's hand-out and the send path under faults, forced (found by review): real Redis,
+the real pump (worker/pump.py) and senders (worker/dispatch.py), the broker's publish
+refusing as kombu does, a real Redis restarted under an attempt.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kombu.exceptions import OperationalError
 
-from tests.test_send_batches import PREFIX, capacity, due_now, gateway, shop  # noqa: F401
+from tests.conftest import ROOT
+from tests.raw import set_reminder_fields
+from tests.test_send_batches import (  # noqa: F401  (gateway, shop: fixtures)
+    ONE_STEP,
+    PREFIX,
+    Rig,
+    capacity,
+    due_now,
+    gateway,
+    shop,
+    wait_for,
+)
+from tests.test_send_races import (
+    PREP,
+    gate,  # noqa: F401  (a fixture)
+    write_config,
+)
+from tests.test_send_races import Rig as RaceRig
+from worker.catalog import Catalog
+from worker.connections import WORKER, from_url
+from worker.dispatch import Context, send_claimed
+from worker.embedded import RedisServer
 from worker.pump import Keys, pump
-from worker.store import Claim
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.store import Claim, Store
 
 
 def test_a_broker_refusal_mid_round_hands_every_claim_of_the_round_back_at_once(
@@ -53,8 +78,6 @@ def test_stale_tasks_drained_after_an_outage_do_not_shrink_the_window(
     # being begun: that says nothing of how long a send takes. Counted as sends, they made
     # the measured latency a millisecond and the window thousands: the next run claimed the
     # whole backlog at once, most of it only to be handed back as not started in time.
-    from tests.test_send_batches import ONE_STEP, Rig, wait_for
-
     rig = Rig(tmp_path, redis_client, gateway, protocol='name = "One step"\n' + ONE_STEP)
     store, keys = rig.store, Keys(PREFIX)
     try:
@@ -85,3 +108,50 @@ def test_stale_tasks_drained_after_an_outage_do_not_shrink_the_window(
     finally:
         gateway.release()
         rig.drain()
+
+
+def test_a_reminder_expiring_while_its_last_fence_waits_out_a_redis_restart_is_not_sent(
+        tmp_path, gate):  # noqa: F811
+    # The send-time rules are checked when the attempt begins; its last fence before the
+    # hand-over (`still_owned`) is a Redis round trip, which the client retries through a
+    # Redis restart (up to about half a minute). A pre-visit reminder whose expiry (the
+    # visit's start) passes meanwhile went out after it all the same.
+    server = RedisServer(tmp_path / "redis").start()
+    client = from_url(server.url, WORKER)
+    restarted: list[threading.Thread] = []
+    try:
+        settings = Settings(config_dir=write_config(tmp_path / "config", gate.port),
+                            templates_dir=ROOT / "templates", lease_seconds=30,
+                            send_timeout_seconds=2, _env_file=None)
+        catalog = Catalog.load(settings)
+        store = Store(client, "race")
+        rig = RaceRig(store, Context(settings, store, catalog, Renderer(catalog.templates_dir)),
+                      catalog, gate)
+        rig.book(rig.booking())
+        expires = time.time() + 1.5
+        set_reminder_fields(store, PREP, expires_epoch=repr(expires))
+        claim = rig.claim_now(PREP)
+        real = store.still_owned
+
+        def across_a_restart(*args: Any, **kwargs: Any) -> bool:
+            server.stop()  # Redis goes down just as the last fence is read ...
+            restart = threading.Timer(3.0, server.start)  # ... and is back after the expiry
+            restarted.append(restart)
+            restart.start()
+            return real(*args, **kwargs)
+
+        store.still_owned = across_a_restart  # type: ignore[method-assign]
+        gate.answer(200)
+        outcome = send_claimed(rig.ctx, PREP, claim.version, claim.claim)
+        assert time.time() > expires
+        assert gate.bodies == [], outcome  # nothing went after the visit began
+        s = rig.state(PREP)
+        assert (outcome, s["record"]["status"]) == ("skipped", "skipped"), s
+        assert s["record"]["reason"] == (
+            "not sent: it was meant for before the appointment, which has begun")
+        assert (s["due"], s["lease"], s["ledger"]) == (None, None, None), s
+    finally:
+        for restart in restarted:
+            restart.join(10)
+        client.close()
+        server.stop()

@@ -296,6 +296,12 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
             log.info("send %s: the worker is stopping; handed back before sending (%s)",
                      ref, result)
             return "handed back"
+        # The time rules again, now: the fence's round trip may have waited out a Redis
+        # restart (the client retries for about half a minute) past the reminder's expiry
+        # or the end of the send window.
+        rule = _send_time(record, *place, datetime.now(UTC))
+        if rule.action != "send":
+            return _hold_back(ctx, ref, attempt, rule, entry, moving)
     except DeliveryError as exc:
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place,
                            moving)
