@@ -193,22 +193,25 @@ def sample_notices(renderer: Renderer, booking: Booking, clinic: Clinic, protoco
                    ) -> Iterator[tuple[str, RenderedMessage]]:
     """Yield (template, message) for the change notices (worker/notices.py) of a protocol
     that can send them, in their longest forms: after the pause went out, a move with a
-    date to go on until, a move within the pause, and a cancel."""
+    date to go on until, a move within the pause, and a cancel, before the visit and once
+    it has begun (then it asks the patient to call before resuming)."""
     if not protocol.notice_steps():
         return
     start = booking.starts_at
     sent_at = start - timedelta(days=SAMPLE_BOOKED_DAYS_BEFORE - 1)
     moved = booking.model_copy(update={"starts_at": start + timedelta(days=14)})
     pause = protocol.pause_step() is not None
+    begun = start + timedelta(hours=3)
     forms = [("rescheduled", moved, Notice(previous_start=start, paused=pause,
-                                           pause_from=start + timedelta(days=7))),
-             ("rescheduled", moved, Notice(previous_start=start, paused=pause)),
-             ("cancelled", booking, Notice(paused=pause))]
-    for template, which, notice in forms:
+                                           pause_from=start + timedelta(days=7)), sent_at),
+             ("rescheduled", moved, Notice(previous_start=start, paused=pause), sent_at),
+             ("cancelled", booking, Notice(paused=pause), sent_at),
+             ("cancelled", booking, Notice(paused=pause), begun)]
+    for template, which, notice, at in forms:
         for channel in channels:
             yield template, renderer.render(
                 template=template, channel=channel, booking=which, clinic=clinic,
-                protocol=protocol, occurrence=1, due_at=sent_at, now=sent_at, notice=notice,
+                protocol=protocol, occurrence=1, due_at=at, now=at, notice=notice,
                 invite=Invite(1, "CANCEL" if template == "cancelled" else "REQUEST")
                 if channel == "email" else None)
 

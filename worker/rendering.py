@@ -22,6 +22,8 @@ Variables (all dates and times in the patient's timezone, in the message's varia
     days_until              calendar days from the moment of sending (the due date in previews)
                             to the appointment (0 today, 1 tomorrow, negative after)
     days_since              -days_until: 0 on the day, 1 the day after the appointment
+    visit_begun             the appointment has begun at the moment of sending (the visit
+                            may have taken place: a cancel then names no "resume as before")
     occurrence              1-based number within a repeating step
     week                    1-based week since the appointment date (day 0-6 is week 1;
                             0 or less before the appointment)
@@ -416,6 +418,7 @@ class Renderer:
             "continue_until_short": day(notice.pause_from, "MMMd"),
             "days_until": days_until,
             "days_since": -days_until,
+            "visit_begun": (now or due_at) >= booking.starts_at,
             "occurrence": occurrence,
             "week": -days_until // 7 + 1,
             "plan_dates": {
