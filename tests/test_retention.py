@@ -128,6 +128,7 @@ def test_stats_and_purge_commands(redis_server, redis_client, catalog, booking_d
     missing = reminders_cli("purge", "glow/A-1042/nope", redis_url=redis_server.url)
     assert missing.returncode == 1 and "not dead-lettered: glow/A-1042/nope" in missing.stderr
     assert reminders_cli("purge", redis_url=redis_server.url).returncode == 2
-    done = reminders_cli("purge", "--json", "A-1042", redis_url=redis_server.url)
+    done = reminders_cli("purge", "--json", "--clinic", "glow", "A-1042",
+                         redis_url=redis_server.url)
     assert json.loads(done.stdout) == {"purged": [ref]}
     assert store.dead_letters() == []
