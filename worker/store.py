@@ -1666,6 +1666,14 @@ def _split(raw: str | None, n: int) -> list[str]:
     return parts + [""] * (n - len(parts))
 
 
+def _without_flag(main: str, flag: str) -> str:
+    """A stored reminder's main field without `flag` among its flags (before the "#")."""
+    r = _split(main, len(REMINDER_SLOTS))
+    head, sep, tail = r[7].partition("#")
+    r[7] = head.replace(flag, "") + sep + tail
+    return _join(r)
+
+
 def _join(parts: list[str]) -> str:
     last = len(parts)
     while last > 1 and parts[last - 1] == "":
@@ -2418,16 +2426,33 @@ class Store:
         taken = [datetime.fromtimestamp(float(s.rsplit("|", 1)[1]), UTC) for s in slots]
         return SendCapsRead(taken, [ckey, since, limit, members, ids, slots], emailed)
 
+    def _by_email_again(self, booking: Booking, stored: _Stored) -> frozenset[str]:
+        """The stored emails still to go (not sending) that an attempt took by SMS (flag
+        "s": the patient had unsubscribed from email) and that go by email now, as their
+        begin will say: the document's address is not unsubscribed (a new address the
+        clinic sent, say). This write clears their flag, so the SMS cap stops counting them
+        (as `opt_in` does for an address subscribed again). The opt-out is read unfenced,
+        as the cap's own read (`_caps_read`) and the send time read it."""
+        keys = frozenset(k for k, r in stored.reminders.items()
+                         if r.get("by_sms") == "1" and k.endswith(":email")
+                         and r.get("status") in (Status.SCHEDULED, Status.RETRYING))
+        email = booking.patient.email
+        if not keys or not email or self.redis.hexists(
+                self.optout_key(booking.clinic), "email:" + normal_contact("email", email)):
+            return frozenset()
+        return keys
+
     def _capped_plan(
         self, booking: Booking, planned: Plan, stored: _Stored, read: _CapsRead | None,
-        now: datetime, release: bool,
+        now: datetime, release: bool, unflag: frozenset[str] = frozenset(),
     ) -> Plan:
         """`planned` capped against the patient's other SMS (`read`) and, for a booking
         stored already, its own: those it sent count where they went, as do the notices and
         the messages again (`again_fields`, `repause_fields`) it keeps or this change adds;
         its reminders already sent are history (`cap_plan`), not SMS to count again, except
         those that go again for a new date, capped as new SMS. The same count as at send
-        time (`send_caps_read`). What it reads of the booking is the apply's own check."""
+        time (`send_caps_read`). What it reads of the booking is the apply's own check.
+        `unflag`: its emails no longer going by SMS (`_by_email_again`), not counted."""
         if not stored.fields:
             return planned if read is None else cap_plan(planned, booking, read.taken,
                                                          email=read.email)
@@ -2463,6 +2488,8 @@ class Store:
         # history here, which the cap leaves as planned).
         as_planned = replace(planned, reminders=base)
         fields = stored.fields
+        if unflag:
+            fields = {**fields, **{k: _without_flag(fields[k], "s") for k in unflag}}
         if fields.get("status") == Status.HELD and self._replan_status(
                 booking, planned, stored, release) == Status.SCHEDULED:
             # Released: the store's own still to go go back into the schedule with it.
@@ -2523,14 +2550,14 @@ class Store:
 
     def _prepared(self, ready: _Round, now: datetime, release: bool) -> _Round:
         texts: dict[str, str] = {}
-        ready.prepared = [
-            self._prepare(booking, self._capped_plan(booking, planned, stored, read, now,
-                                                     release),
-                          stored, now, release, texts, read.guard if read else None,
-                          timeline=ready.timelines)
-            for (_, (booking, planned)), stored, read in zip(ready.batch, ready.stored,
-                                                             ready.caps, strict=True)
-        ]
+        ready.prepared = []
+        for (_, (booking, planned)), stored, read in zip(ready.batch, ready.stored, ready.caps,
+                                                         strict=True):
+            unflag = self._by_email_again(booking, stored)
+            ready.prepared.append(self._prepare(
+                booking, self._capped_plan(booking, planned, stored, read, now, release, unflag),
+                stored, now, release, texts, read.guard if read else None,
+                timeline=ready.timelines, unflag=unflag))
         args: list[Any] = [self.prefix, len(texts)]
         for tid, text in texts.items():
             args += [tid, text]
@@ -2582,9 +2609,10 @@ class Store:
         guard: list[Any] | None = None,
         *,
         timeline: bool = True,
+        unflag: frozenset[str] = frozenset(),
     ) -> _Prepared:
         """Return the apply script's input for one booking, and its timeline after it (only
-        its version unless `timeline`).
+        its version unless `timeline`). `unflag`: `_by_email_again`.
 
         A store whose `_reconcile` seam is overridden sees every booking there, new ones too
         (the HTTP API checks If-Match in it).
@@ -2593,7 +2621,7 @@ class Store:
             return self._prepare_new(booking, plan, now, release, texts, guard,
                                      timeline=timeline)
         return self._prepare_reconciled(booking, plan, stored, now, release, texts, guard,
-                                        timeline=timeline)
+                                        timeline=timeline, unflag=unflag)
 
     def _prepare_new(
         self, booking: Booking, plan: Plan, now: datetime, release: bool, texts: dict[str, str],
@@ -2762,8 +2790,10 @@ class Store:
         guard: list[Any] | None = None,
         *,
         timeline: bool = True,
+        unflag: frozenset[str] = frozenset(),
     ) -> _Prepared:
-        """Reconcile (worker/reconcile.py) with the booking as stored."""
+        """Reconcile (worker/reconcile.py) with the booking as stored; `unflag`, its emails
+        no longer going by SMS (`_by_email_again`), lose their flag "s"."""
         clinic, booking_id = booking.key
         doc = booking.model_dump_json()
         medications = self._medications_digest(booking)
@@ -2787,7 +2817,7 @@ class Store:
         late = "1" if plan.late_pause else ""
         was_late = booking_fields.get("late_pause", "")
         if (not result.changed and not result.changes and not window_changed
-                and had == contacts and was_late == late):
+                and had == contacts and was_late == late and not unflag):
             # Unchanged as planned from what the SMS cap read: still the guard (what it read
             # may have changed since, by an earlier booking of the batch, say).
             args = apply_args(clinic, booking_id, "-", "", keep, [], [], [], [], [], [], [], "",
@@ -2883,10 +2913,16 @@ class Store:
         def text_id(text: str) -> str:
             return self._intern(text, texts)
 
+        # Its emails going by email again: their stored form without the flag "s".
+        unflagged = {k: _without_flag(stored.fields[k], "s") for k in unflag}
+        for key in unflag:
+            reminders[key].pop("by_sms", None)
+
         def cancel(key: str, reason: str) -> None:
             """A stored reminder of the store's own (a notice, a message again) called off."""
             fields = {"status": Status.CANCELLED, "version": str(version), "reason": reason}
-            main, _ = encode_reminder(key, fields, stored.fields.get(key, ""), text_id=text_id)
+            main, _ = encode_reminder(key, fields, unflagged.get(key, stored.fields.get(key, "")),
+                                      text_id=text_id)
             hset.extend([key, main])
             reminders[key] = reminders.get(key, {}) | fields
             rm_due.append(key)
@@ -2953,8 +2989,8 @@ class Store:
                     fields["version"] = str(version)
                     rm_lease.append(key)
                 main, attempt = encode_reminder(
-                    key, fields, stored.fields.get(key, ""), stored.fields.get(key + "+", ""),
-                    text_id=text_id,
+                    key, fields, unflagged.get(key, stored.fields.get(key, "")),
+                    stored.fields.get(key + "+", ""), text_id=text_id,
                 )
                 hset += [key, main]
                 if attempt:
@@ -2973,6 +3009,14 @@ class Store:
                 rm_due.append(key)
                 if change.fields is not None:  # rewritten: no longer a dead letter
                     rm_dead.append(key)
+        if unflag:
+            written = set(hset[0::2])
+            hset += [x for k in sorted(unflag) if k not in written for x in (k, unflagged[k])]
+            # No longer SMS for the cap: the cap guards of other writes that read this
+            # booking's SMS read them again (as `opt_in`'s unflag bumps it).
+            smsv = str(int(booking_fields.get("smsv") or 0) + 1)
+            hset += ["smsv", smsv]
+            booking_fields["smsv"] = smsv
         new = not stored.fields
         if new:  # nothing of it can be due, leased or dead-lettered yet
             rm_due, rm_lease, rm_dead = [], [], []
