@@ -29,6 +29,9 @@ PART_OF_MANY = {"GSM-7": 153, "UCS-2": 67}
 _TYPOGRAPHIC = str.maketrans({
     "\u00a0": " ", "\u2007": " ", "\u2009": " ", "\u202f": " ",
     "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u2032": "'",
+    # Apostrophes names are written with: modifier letters (the Hawaiian ʻokina, U+02BC),
+    # and a grave or acute accent typed for one ("O`Brien", "D´Angelo" on Spanish keyboards).
+    "\u02bb": "'", "\u02bc": "'", "\u0060": "'", "\u00b4": "'",
     "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
     "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-",
     "\u2026": "...",
