@@ -3201,7 +3201,28 @@ class Store:
         if not stored.fields:
             raise NotFound(f"{clinic}/{booking_id}")
         booking = {k: v for k, v in stored.fields.items() if ":" not in k}
-        return self._timeline_of(clinic, booking_id, booking, stored.reminders, stored.doc)
+        return self._timeline_of(clinic, booking_id, booking, stored.reminders, stored.doc,
+                                 self._next_tries(clinic, booking_id, stored.reminders))
+
+    def _next_tries(
+        self, clinic: str, booking_id: str, records: Mapping[str, Mapping[str, str]],
+    ) -> dict[str, str]:
+        """When each reminder handed back to the schedule unbegun is tried next (its score
+        in the due set, epoch seconds), for the timeline: a hand-back keeps the reminder's
+        due (the SMS cap counts it on that day, `_REQUEUE`), already past. Only a pending
+        reminder whose due has passed can be one (a round trip only then)."""
+        now = time.time()
+        keys = [k for k, r in records.items() if r.get("status") in (
+            Status.SCHEDULED, Status.RETRYING) and r.get("due_epoch")
+            and float(r["due_epoch"]) <= now]
+        if not keys:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.zscore(self.due_key, f"{clinic}/{booking_id}/{k}")
+        scores: list[float | None] = pipe.execute()
+        return {k: _num(score) for k, score in zip(keys, scores, strict=True)
+                if score is not None and abs(score - float(records[k]["due_epoch"])) > 0.001}
 
     def _shown(
         self, timeline: bool, clinic: str, booking_id: str, booking: Mapping[str, str],
@@ -3219,8 +3240,11 @@ class Store:
         booking: Mapping[str, str],
         records: Mapping[str, Mapping[str, str]],
         doc: str | None,
+        next_tries: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        reminders = [_timeline_entry(key, rec) for key, rec in records.items() if rec]
+        tries = next_tries or {}
+        reminders = [_timeline_entry(key, rec, tries.get(key))
+                     for key, rec in records.items() if rec]
         reminders.sort(key=lambda r: (r["due_at"] or "", r["id"]))
         status = booking["status"]
         if status == Status.HELD:
@@ -4469,7 +4493,11 @@ def notice_fields(notice: NoticeReminder, version: int) -> dict[str, str]:
     }
 
 
-def _timeline_entry(key: str, rec: Mapping[str, str]) -> dict[str, Any]:
+def _timeline_entry(key: str, rec: Mapping[str, str], next_try: str | None = None
+                    ) -> dict[str, Any]:
+    """One reminder as the timeline shows it; `next_try`: when a reminder handed back to the
+    schedule is tried next (`Store._next_tries`), shown beside its due (`next_try_at`) and
+    in its reason."""
     entry: dict[str, Any] = {
         "id": key,
         "step": rec.get("step"),
@@ -4488,6 +4516,10 @@ def _timeline_entry(key: str, rec: Mapping[str, str]) -> dict[str, Any]:
             # Delivered for an earlier version; the new plan sends it again.
             note = f"already sent at {entry['sent_at']} for version {entry['sent_version']}"
             entry["reason"] = f"{entry['reason']}; {note}" if entry["reason"] else note
+    if next_try:
+        entry["next_try_at"] = _iso(next_try)
+        note = f"next try at {entry['next_try_at']}"
+        entry["reason"] = f"{entry['reason']}; {note}" if entry["reason"] else note
     return entry
 
 

@@ -62,6 +62,8 @@ class Reminder(BaseModel):
     reason: str | None
     expires_at: str | None = None
     sent_version: int | None = None
+    next_try_at: str | None = Field(None, description="handed back to the schedule unbegun: "
+                                    "when it is tried next (its due_at stays, past)")
 
 
 class Timeline(BaseModel):
