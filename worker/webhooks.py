@@ -375,11 +375,14 @@ def deliver_event(
 def render_alert(clinic: Clinic, event: Event, renderer: Renderer) -> RenderedMessage:
     """Render the clinic's alert for `event` (templates/<locale>/clinic/<name>.email.*.j2)."""
     from babel.dates import format_date, format_time
+    from jinja2 import TemplateError
 
     name = event.type.split(".", 1)[1]
     fields = event.fields
     tz = ZoneInfo(clinic.timezone)
-    locale = renderer.locale(clinic.locale)
+    # In the clinic's locale if it has templates, else English, as its patients' messages.
+    folder = renderer.fallback(clinic.locale, clinic)
+    locale = renderer.locale(folder)
     starts = datetime.fromtimestamp(float(fields.get("starts_at", 0)), UTC).astimezone(tz)
     context = {
         "clinic_name": clinic.name,
@@ -389,9 +392,15 @@ def render_alert(clinic: Clinic, event: Event, renderer: Renderer) -> RenderedMe
         "appointment_date": format_date(starts.date(), "full", locale=locale),
         "appointment_time": format_time(starts, "short", tzinfo=tz, locale=locale),
     }
-    base = f"{clinic.locale}/clinic/{name}.email"
-    subject = renderer.env.get_template(f"{base}.subject.j2").render(context)
-    text = renderer.env.get_template(f"{base}.txt.j2").render(context)
+    base = f"{folder}/clinic/{name}.email"
+    try:
+        subject = renderer.env.get_template(f"{base}.subject.j2").render(context)
+        text = renderer.env.get_template(f"{base}.txt.j2").render(context)
+    except TemplateError as exc:
+        # A ConfigError: counted, retried and given up as any failed delivery, not an
+        # exception that leaves the event claimed and claims it again at every lease's end.
+        raise ConfigError(renderer.templates_dir / base,
+                          f"cannot render the clinic's alert ({type(exc).__name__})") from None
     from .rendering import RenderedMessage
 
     return RenderedMessage(channel="email", subject=" ".join(subject.split()),
