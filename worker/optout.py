@@ -30,6 +30,23 @@ In this order:
               BAJA counts as sure only alone, first before a filler ("Baja ya"), after DE
               ("darme de baja") or among fillers: "tengo la tension baja" is about blood
               pressure, "Baja la fiebre" says the fever goes down.
+              (e) natural language (FCC 24-18: opt-out "by any reasonable means"): the
+              text holds a phrase of OPT_OUT_PHRASES with only courtesy words or a
+              request opener (REQUEST_WORDS: "can you", "I want", "please") before it,
+              and, if it asks a question, only courtesy words after it:
+                en  no more <texts>; don't / do not / never text|message|contact me;
+                    don't send me <texts>; don't want <texts>; remove|take me off|from
+                    your|the list; remove|delete|lose my (phone) number; leave me alone
+                es  no (quiero) mas <mensajes>; no me envien|manden|escriban (mas)
+                    (<mensajes>); dejen|deja de enviarme|mandarme|escribirme;
+                    borrenme|quitenme|sacarme de la|su lista; dejenme en paz
+              ("No more texts", "Please don't text me anymore", "Can you remove me from
+              your list?", "No más mensajes", "No me envíen mensajes"). Not a phrase in
+              a sentence about something else ("I got no more messages after Tuesday",
+              "the redness won't leave me alone", "Why don't you text me the address?"),
+              nor a question going on past it ("No more texts after the peel?"): the
+              phrases name the messages, so "Should I stop tretinoin tonight?" or "Is it
+              ok to stop using SPF" never match one (they stay clarify).
   start       the text begins with a word of START_WORDS and holds nothing but fillers and
               "again" ("START", "Unstop please", "Start again", "Alta"): not a sentence
               that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a high
@@ -194,12 +211,62 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
     return False
 
 
+# Rule (e): natural-language opt-outs, as regular expressions over the folded words joined
+# by single spaces ("Don't text me!" -> "DON T TEXT ME"); {msg} is any MESSAGING_WORDS word.
+_MSG = "(?:" + "|".join(sorted(MESSAGING_WORDS)) + ")"
+_NOT = "(?:DON T|DONT|DO NOT|NEVER)"
+_SMALL = "(?:(?:ANY|MORE|OF|YOUR|THESE|THOSE|THE|THIS|YA|LOS|LAS|ESTOS|SUS|TUS|MAS) )*"
+OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on either side
+    "(?<![^ ])(?:" + p.replace("{msg}", _MSG).replace("{not}", _NOT).replace("{small}", _SMALL)
+    + ")(?![^ ])") for p in (
+    # en
+    r"NO MORE {small}{msg}",
+    r"{not} (?:TEXT|MESSAGE|SMS|CONTACT) ME",
+    r"{not} (?:SEND ME|WANT|NEED) {small}{msg}(?! TO)",  # not "want the texts to stop"
+    r"(?:REMOVE|TAKE) ME (?:OFF|FROM|OFF OF) (?:YOUR|THE|THIS|THAT) "
+    r"(?:(?:TEXT|TEXTING|SMS|MAILING|CONTACT|MESSAGING) )?LIST",
+    r"(?:REMOVE|DELETE|LOSE) MY (?:PHONE |MOBILE |CELL )?NUMBER",
+    r"LEAVE ME ALONE",
+    # es
+    r"NO (?:QUIERO (?:RECIBIR )?)?MAS {small}{msg}",
+    r"NO ME (?:ENVIEN|ENVIES|MANDEN|MANDES|ESCRIBAN|ESCRIBAS)(?= MAS| {small}{msg}|$)",
+    r"(?:DEJEN|DEJA|DEJAD) DE (?:ENVIARME|MANDARME|ESCRIBIRME)",
+    r"(?:BORRENME|BORRAME|QUITENME|QUITAME|SAQUENME|SACAME|SACARME|BORRARME|QUITARME) "
+    r"DE (?:LA|SU|TU|VUESTRA) LISTA",
+    r"DEJENME EN PAZ",
+))
+# What may come before a phrase: courtesy words and the words of a request ("Can you
+# please", "I would like you to", "Por favor, ya").
+REQUEST_WORDS = FILLER_WORDS | frozenset({
+    "I", "D", "WE", "CAN", "COULD", "WOULD", "WILL", "JUST", "KINDLY", "SO", "LIKE", "TO",
+    "WANT", "AND", "PUEDEN", "PUEDES", "PODRIAN", "QUIERO", "QUE", "Y", "PERO",
+})
+
+# What may follow a phrase in a question, besides courtesy words ("Could you not text me
+# anymore?" is not one, "Can you remove me from your list?" is).
+_AFTER = frozenset({"ANYMORE", "AGAIN", "EVER", "PORFA", "NUNCA"})
+
+
+def said_opt_out(words: list[str], question: bool = False) -> bool:
+    """Whether the folded text is a natural-language opt-out (rule e of the docstring)."""
+    text = " ".join(words)
+    for phrase in OPT_OUT_PHRASES:
+        for found in phrase.finditer(text):
+            before = text[:found.start()].split()
+            after = text[found.end():].split()
+            if all(w in REQUEST_WORDS for w in before) and (
+                    not question or all(w in FILLER_WORDS or w in _AFTER for w in after)):
+                return True
+    return False
+
+
 def classify(body: str) -> Intent:
     """Return what an inbound text asks for (see the module docstring)."""
     words = fold(body)
     if not words:
         return "unknown"
-    if is_opt_out(words, question="?" in body):
+    question = "?" in body
+    if is_opt_out(words, question=question) or said_opt_out(words, question=question):
         return "stop"
     first = words[0]
     if first in START_WORDS and all(

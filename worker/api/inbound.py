@@ -11,7 +11,9 @@ ids exist.
 What a text asks for is decided by worker/optout.py `classify` (keywords in English and
 Spanish), and the answer goes back as TwiML in the response, so the provider sends it:
 
-  stop        the number is opted out of SMS from this clinic at once: every reminder by SMS
+  stop        a keyword or a natural-language opt-out ("No more texts", "don't text me",
+              "no más mensajes": worker/optout.py rule e), all alike:
+              the number is opted out of SMS from this clinic at once: every reminder by SMS
               still to be sent, in every booking of that number at the clinic, is skipped
               with the reason, and the send-time check refuses any other (worker/store.py).
               One confirmation reply, then nothing else.

@@ -1,0 +1,128 @@
+"""A natural-language opt-out opts the number out exactly as STOP does (review).
+
+DOMAIN.md: opt-out keywords "(+ natural language)", FCC 24-18 (opt-out by any reasonable
+means). "No more texts", "don't text me", "remove me from your list", "leave me alone",
+"no más mensajes" were `unknown`: the patient got a help answer, stayed opted in and kept
+getting texts. Now (worker/optout.py rule e) they are `stop`: the STOP confirmation, every
+SMS still to go skipped with STOP's reason, the clinic told `patient.replied` "stop". A
+clinical question holding "stop" or "cancel" still opts nothing out. Real HTTP (uvicorn),
+real Redis, Twilio-signed posts, as tests/api/test_inbound.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.api.test_inbound import (  # noqa: F401
+    ANA,
+    book,
+    events,
+    message_of,
+    reminders,
+    server,
+    text,
+    tw,
+)
+from worker.api.inbound import reply_text
+from worker.optout import classify
+
+OPT_OUTS = [
+    # the review's list
+    "No more texts", "don't text me", "Please stop texting me", "stop sending me messages",
+    "remove me from your list", "leave me alone",
+    # the same phrases, otherwise phrased
+    "no more messages please", "NO MORE TEXTS!", "Do not text me", "dont text me anymore",
+    "Never text me again", "Don't message me", "Do not contact me again",
+    "Hi, please don't text me anymore", "I don't want any more texts",
+    "don't send me any more reminders", "take me off your list",
+    "Can you remove me from your list?", "I'd like you to remove me from your list",
+    "Please remove me from your text list, I have finished my treatment",
+    "Lose my number", "Please leave me alone!", "No more texts?",
+    # Spanish (templates/es)
+    "no más mensajes", "No más mensajes, gracias", "no me envíen mensajes",
+    "No me envíen más", "no me manden mas mensajes", "No quiero más mensajes",
+    "No quiero recibir mas mensajes", "dejen de enviarme mensajes",
+    "Dejen de escribirme por favor", "Bórrenme de la lista", "Déjenme en paz",
+]
+
+# (text, what it is instead): questions and reports that must not opt anybody out.
+NOT_OPT_OUTS = [
+    # clinical questions (the review's list)
+    ("Should I stop tretinoin tonight?", "clarify"), ("can I stop the cream", "clarify"),
+    ("stop bleeding?", "clarify"), ("When do I stop retinol", "clarify"),
+    ("Is it ok to stop using SPF", "clarify"),
+    # a request to the clinic: it is asked to call (the answer says how to stop texts)
+    ("cancel my appointment", "change"),
+    # a phrase's words in a sentence about something else
+    ("I got no more messages after Tuesday", "unknown"),
+    ("No more texts after the peel?", "unknown"), ("No more tretinoin?", "unknown"),
+    ("Is there no more retinol after the peel?", "unknown"),
+    ("No more redness, thanks for the messages", "unknown"),
+    ("the redness won't leave me alone", "unknown"),
+    ("Why don't you text me the address?", "unknown"),
+    ("I don't want the texts to stop", "clarify"),
+    ("remove me from the waiting list", "unknown"),
+    ("¿No más retinol?", "unknown"), ("No me envíen la factura", "unknown"),
+    ("Dejé de usar la crema", "unknown"), ("No más dolor, gracias por los mensajes", "unknown"),
+]
+
+
+@pytest.mark.parametrize("body", OPT_OUTS)
+def test_a_natural_language_opt_out_is_stop(body):
+    assert classify(body) == "stop", body
+
+
+@pytest.mark.parametrize("body,intent", NOT_OPT_OUTS)
+def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, intent):
+    assert classify(body) == intent, body
+
+
+@pytest.mark.parametrize("body,locale", [
+    ("No more texts", "en"), ("don't text me", "en"), ("remove me from your list", "en"),
+    ("leave me alone", "en"), ("no más mensajes", "es"), ("no me envíen mensajes", "es"),
+])
+def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
+    book(tw, "N-1", patient_locale=locale)
+    book(tw, "N-2", days=30, patient_locale=locale)
+    before = {b: reminders(tw, b) for b in ("N-1", "N-2")}
+    assert any(r["channel"] == "sms" and r["status"] == "scheduled"
+               for r in before["N-1"].values())
+
+    services = server.app.state.services
+    # The one confirmation STOP gets, in the patient's language.
+    assert message_of(text(server, body)) == reply_text(
+        server.settings.templates_dir, locale, "stop", services.catalog.clinics["tw"])
+    # Every SMS still to go skipped with STOP's reason; email untouched.
+    for booking_id in ("N-1", "N-2"):
+        for r in reminders(tw, booking_id).values():
+            was = before[booking_id][r["id"]]
+            if r["channel"] == "sms" and was["status"] == "scheduled":
+                assert r["status"] == "skipped", r
+                assert r["reason"].startswith("opted_out: the patient replied STOP by SMS at ")
+            else:
+                assert (r["status"], r["reason"]) == (was["status"], was["reason"]), r
+    store = services.store
+    due = store.redis.zrange(store.due_key, 0, -1)
+    assert not [ref for ref in due if ref.endswith(":sms")], due
+    assert store.opted_out("tw", "sms", ANA).startswith("the patient replied STOP")
+    # The clinic is told as for STOP, without the number or the words.
+    replied = [e for e in events(server) if e.type == "patient.replied"]
+    assert {e.fields["booking_id"] for e in replied} == {"N-1", "N-2"}
+    assert all(e.fields["reply"] == "stop" for e in replied)
+    assert all(ANA not in str(e.fields) and body not in str(e.fields) for e in events(server))
+    # And then nothing else: a second one gets no answer.
+    assert message_of(text(server, body)) is None
+
+
+@pytest.mark.parametrize("body", [
+    "Should I stop tretinoin tonight?", "can I stop the cream", "Is it ok to stop using SPF",
+    "I got no more messages after Tuesday", "the redness won't leave me alone",
+])
+def test_a_clinical_question_opts_nothing_out(server, tw, body):  # noqa: F811
+    book(tw, "Q-1")
+    before = reminders(tw, "Q-1")
+    reply = message_of(text(server, body))
+    assert reply and "STOP" in reply, reply  # a help-style answer, not the confirmation
+    assert server.app.state.services.store.opted_out("tw", "sms", ANA) is None
+    assert reminders(tw, "Q-1") == before
+    assert not [e for e in events(server) if e.type == "patient.replied"]
