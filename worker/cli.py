@@ -28,10 +28,12 @@ from .batch import (
     Document,
     JsonArrayOut,
     Progress,
+    SeenBookings,
     Spool,
     UsageError,
     check_chunks,
     check_document,
+    chunk_refusals,
     decode,
     print_refusal,
     progress_on,
@@ -200,6 +202,7 @@ def book_files(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     spool = Spool()
     refused: list[Checked] = []
+    seen = SeenBookings()  # a booking given twice in the file is refused (at its second)
     read = 0
     with progress_on(sys.stderr) as progress:
         size = source.reader.size()
@@ -208,7 +211,8 @@ def book_files(args: argparse.Namespace, settings: Settings) -> int:
         try:
             for chunk in check_chunks(source.documents, catalog, args.clinic, now,
                                       jobs=args.jobs):
-                for outcome in chunk.refused:  # refused or unreadable, in input order
+                # Refused, unreadable or given before, in input order.
+                for outcome in chunk_refusals(chunk, seen):
                     if outcome.unreadable is not None:
                         raise UsageError(f"{args.file}: {outcome.unreadable}; "
                                          "nothing was stored")
