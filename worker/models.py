@@ -342,8 +342,32 @@ def _plain_domain(domain: str) -> str | None:
     return normalized if normalized == domain.lower() else None
 
 
+# Files of the tz database that ZoneInfo loads but that name no place: the host's own zone
+# ("localtime": the API server's, not the patient's), the old POSIX default rules, and the
+# placeholder zone "Factory" (offset 0, abbreviation "-00"); `right/...` and `posix/...` are
+# copies of the zones under other clocks (leap seconds), not zone names.
+NOT_PLACES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@lru_cache(maxsize=1)
+def iana_timezones() -> frozenset[str]:
+    """The IANA zone names a booking may give: `zoneinfo.available_timezones()` (the tzdata
+    package's list and the system's), less NOT_PLACES. Read once (about 0.1 s: it walks the
+    system's zoneinfo folder), not per booking."""
+    import zoneinfo
+
+    return frozenset(name for name in zoneinfo.available_timezones()
+                     if name not in NOT_PLACES and not name.startswith(("right/", "posix/")))
+
+
 def parse_timezone(value: str) -> str:
-    """Return `value` if it names an IANA timezone."""
+    """Return `value` if it names an IANA timezone (a place, as "Europe/Madrid", or a fixed
+    zone as "UTC"); "localtime", "posixrules", "Factory" and "right/..." are refused."""
+    if value in NOT_PLACES or value.startswith(("right/", "posix/")):
+        raise ValueError(f"{value!r} is not an IANA timezone name (a file of the server's "
+                         f"time zone database, not a place), e.g. Europe/Madrid")
+    if value not in iana_timezones():
+        raise ValueError(f"unknown IANA timezone {value!r}, e.g. Europe/Madrid")
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
