@@ -48,7 +48,10 @@ The variant: the patient's locale region if it has one ("en-GB"), else the clini
 region when it is the same language, else the territory of the clinic's timezone (Babel),
 else the bare language. It picks date formats, Fahrenheit (US) and the spelling table
 `<locale>/_spelling.toml` (English templates are written in British spelling; the `[US]`
-table turns them American).
+table turns them American). Only our wording is respelt: the text written in the templates,
+never a value they print (a clinic's name or address, a patient's name, a protocol's
+advice): "The Colour Clinic" stays "The Colour Clinic" in an American message. A template
+is compiled once per spelling (see `_Respell`).
 
 SMS: every text ends with `<locale>/_opt_out.sms.txt.j2`, is put on one line with plain
 typography, and letters outside GSM-7 are folded (María -> Maria, tretinoína -> tretinoina)
@@ -64,11 +67,11 @@ import threading
 import time
 import tomllib
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
@@ -85,6 +88,8 @@ from jinja2 import (
     TemplateSyntaxError,
     select_autoescape,
 )
+from jinja2.ext import Extension
+from jinja2.lexer import Token, TokenStream
 from jinja2.sandbox import SandboxedEnvironment
 
 from .clinics import Clinic
@@ -107,6 +112,8 @@ TEMPLATE_FILE = re.compile(
 OPT_OUT_FILE = "_opt_out.sms.txt.j2"  # the line every SMS ends with
 INVITE_FILE = "_invite.txt.j2"  # the calendar invite's summary (first line) and description
 SPELLING_FILE = "_spelling.toml"  # [REGION] written word -> that region's spelling
+# A loader name "en+US/x.j2" is the file "en/x.j2" with its wording in US spelling.
+SPELLING_MARK = "+"
 # The last fallback of a message's language (patient's -> clinic's -> this).
 FALLBACK_LOCALE = "en"
 # The longest name an SMS greets the patient by (characters): `check` proves every SMS fits
@@ -217,6 +224,7 @@ class LocaleFolderLoader(FileSystemLoader):
     def get_source(
         self, environment: Environment, template: str
     ) -> tuple[str, str, Callable[[], bool]]:
+        template = unmarked(template)
         try:
             return super().get_source(environment, template)
         except TemplateNotFound:
@@ -236,6 +244,53 @@ def region_of(locale: str) -> str | None:
     """Return the region part of a locale in upper case: "en-gb" -> "GB"; None if none."""
     parts = re.split(r"[-_]", locale)
     return parts[-1].upper() if len(parts) > 1 and len(parts[-1]) == 2 else None
+
+
+def spelt(name: str) -> tuple[str, str | None]:
+    """Split a loader name's spelling mark off its folder: ("en/x.j2", "US") for
+    "en+US/x.j2", (name, None) for an unmarked name."""
+    folder, sep, rest = name.partition("/")
+    base, mark, region = folder.partition(SPELLING_MARK)
+    if not sep or not mark:
+        return name, None
+    return f"{base}/{rest}", region
+
+
+def unmarked(name: str) -> str:
+    """Return the file a loader name stands for: "en+US/x.j2" -> "en/x.j2"."""
+    return spelt(name)[0]
+
+
+Rules = Sequence[tuple[re.Pattern[str], str]]
+
+
+def respelt(text: str, rules: Rules) -> str:
+    """Return `text` with each whole-word pattern of `rules` replaced."""
+    for pattern, replacement in rules:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class _Respell(Extension):
+    """Respell a template's own wording when it is compiled under a marked name.
+
+    The text written between a template's tags (Jinja's "data" tokens) of "en+US/x.j2"
+    goes through the US table of en/_spelling.toml; what its expressions print at render
+    time (names, addresses, advice values) never does. A template a marked one extends,
+    includes or imports is loaded under the same mark (`_Templates.join_path`).
+    """
+
+    def filter_stream(self, stream: TokenStream) -> Iterator[Token]:
+        name, region = spelt(stream.name or "")
+        rules: Rules = ()
+        if region is not None:
+            rules = cast(_Templates, self.environment).spelling_rules(
+                name.partition("/")[0], region)
+        for token in stream:
+            if rules and token.type == "data":
+                yield Token(token.lineno, token.type, respelt(token.value, rules))
+            else:
+                yield token
 
 
 def file_name(locale: str, template: str, part: str) -> str:
@@ -263,10 +318,20 @@ class _Templates(SandboxedEnvironment):
     dropped and compiled again from the files as they are.
     """
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(auto_reload=False, **options)
+    def __init__(self, spelling_rules: Callable[[str, str], Rules], **options: Any) -> None:
+        super().__init__(auto_reload=False, extensions=[_Respell], **options)
+        self.spelling_rules = spelling_rules  # (folder, region) -> rules; see _Respell
         self._checked_at = time.monotonic()
         self._check_lock = threading.Lock()
+
+    def join_path(self, template: str, parent: str) -> str:
+        """A template named by a respelt one ("en/_common.j2" from "en+US/x.j2") is
+        respelt the same way ("en+US/_common.j2")."""
+        region = spelt(parent)[1]
+        folder, sep, rest = template.partition("/")
+        if region is None or not sep or SPELLING_MARK in folder:
+            return template
+        return f"{folder}{SPELLING_MARK}{region}/{rest}"
 
     def get_template(self, name: str | Template, parent: str | None = None,
                      globals: Any = None) -> Template:  # noqa: A002  # Jinja's name
@@ -301,6 +366,7 @@ class Renderer:
         self._variants: dict[tuple[str, str, str], Variant] = {}
         self._lock = threading.Lock()
         self.env: SandboxedEnvironment = _Templates(
+            self.rules,
             loader=LocaleFolderLoader(templates_dir),
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
@@ -328,9 +394,10 @@ class Renderer:
         context["unsubscribe_url"] = unsubscribe_url or ""
         advice: Advice = context["advice"]
 
+        folder = self.spelt_folder(variant)
+
         def part(name: str) -> str:
-            rendered = self._render(file_name(variant.folder, template, name), context)
-            return self.respell(rendered, variant)
+            return self._render(file_name(folder, template, name), context)
 
         if channel == "sms":
             name = sms_name(booking.patient)
@@ -338,8 +405,7 @@ class Renderer:
             body = part("sms.txt")
             if name is None:
                 body = _NO_NAME_GAP.sub("", body)
-            opt_out = self.respell(self._render(f"{variant.folder}/{OPT_OUT_FILE}", context),
-                                   variant)
+            opt_out = self._render(f"{folder}/{OPT_OUT_FILE}", context)
             text = normalise(f"{body} {opt_out}")
             names = (name or "", clinic.sms_label)
             if clinic.sms_accents == "fold" or all(is_gsm7(normalise(n)) for n in names):
@@ -352,8 +418,7 @@ class Renderer:
         html = part("email.html")
         attachments: tuple[Attachment, ...] = ()
         if invite is not None:
-            words = self.respell(self._render(f"{variant.folder}/{INVITE_FILE}", context),
-                                 variant).strip().split("\n", 1)
+            words = self._render(f"{folder}/{INVITE_FILE}", context).strip().split("\n", 1)
             attachments = (build_invite(
                 booking=booking, clinic=clinic, protocol=protocol,
                 summary=" ".join(words[0].split()),
@@ -475,13 +540,17 @@ class Renderer:
                    for name in (locale, language_of(locale)) if name and "/" not in name
                    and not name.startswith((".", "_")))
 
-    def respell(self, text: str, variant: Variant) -> str:
-        """Return `text` in the variant's spelling (`<folder>/_spelling.toml`, [REGION])."""
-        if variant.region is None:
-            return text
-        for pattern, replacement in self.spelling(variant.folder).get(variant.region, []):
-            text = pattern.sub(replacement, text)
-        return text
+    def spelt_folder(self, variant: Variant) -> str:
+        """Return the loader folder of the variant's templates: "en+US" when the folder's
+        spelling table has rules for the variant's region (its wording is respelt), else
+        the folder itself."""
+        if variant.region is None or not self.rules(variant.folder, variant.region):
+            return variant.folder
+        return f"{variant.folder}{SPELLING_MARK}{variant.region}"
+
+    def rules(self, folder: str, region: str) -> Rules:
+        """Return the spelling rules of `region` in `folder`'s table (none: empty)."""
+        return self.spelling(folder).get(region, [])
 
     def spelling(self, folder: str) -> dict[str, list[tuple[re.Pattern[str], str]]]:
         """Return {region: [(whole-word pattern, replacement)]} from a folder's spelling
@@ -538,9 +607,10 @@ class Renderer:
         try:
             return self.env.get_template(name).render(context)
         except TemplateNotFound:
-            raise ConfigError(self.templates_dir / name, "template file not found") from None
+            raise ConfigError(self.templates_dir / unmarked(name),
+                              "template file not found") from None
         except TemplateSyntaxError as exc:
-            raise syntax_error(exc, self.templates_dir / name) from None
+            raise syntax_error(exc, self.templates_dir / unmarked(name)) from None
         except TemplateError as exc:  # undefined variable, sandbox refusal, bad filter use
             raise ConfigError(self._failing_file(exc, name), str(exc)) from None
 
@@ -548,5 +618,5 @@ class Renderer:
         """Return "file:line" of the innermost template frame (a layout or macro file)."""
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".j2")]
         if not frames:
-            return str(self.templates_dir / name)
+            return str(self.templates_dir / unmarked(name))
         return f"{frames[-1].filename}:{frames[-1].lineno}"
