@@ -280,7 +280,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         with store.reading(ref, begun):
             url, envelope, message, headers, link = _render(
                 ctx, ref, record, booking, now, stored_booking, via_sms=via_sms,
-                secret=begun.secret)
+                secret=begun.secret, window=place[0])
         if via_sms:
             entry["via"] = "sms: the patient unsubscribed from email; a care-critical step"
         if not store.still_owned(ref, attempt, send_to=(envelope.channel, envelope.to),
@@ -598,6 +598,7 @@ def _hold_back(
 def _render(
     ctx: Context, ref: str, record: dict[str, str], booking: Booking, now: datetime,
     stored: dict[str, str] | None = None, *, via_sms: bool = False, secret: str | None = None,
+    window: SendWindow | None = None,
 ) -> tuple[str | None, Envelope, RenderedMessage, dict[str, str], str | None]:
     """Return (Apprise URL or None for the outbox, envelope, message, extra headers, the id
     of the unsubscribe link it carries); problems of the configuration or the templates
@@ -608,7 +609,9 @@ def _render(
     unsubscribed from email). An email carries its unsubscribe link in the footer and in
     the List-Unsubscribe headers (RFC 2369, RFC 8058 one-click); the caller notes the
     address behind the link's id (`Store.still_owned`). `secret`: the stored unsubscribe
-    secret as the begin read it (None: read here).
+    secret as the begin read it (None: read here). `window`: the send window the booking's
+    plan was placed in (`_booking`; None: the clinic's as configured now), where a move's
+    notice places the pause message again, as its plan placed it.
     """
     clinic_id, booking_id, _ = split_ref(ref)
     clinic = ctx.catalog.clinics.get(clinic_id)
@@ -643,7 +646,7 @@ def _render(
             plan_dates=plan_dates,
             now=now,
             **notice_and_invite(record, channel, booking, protocol, fields, now,
-                                window=clinic.send_window),
+                                window=window or clinic.send_window),
             unsubscribe_url=unsubscribe,
         )
         url = clinic.delivery_url(channel, to)
