@@ -405,9 +405,9 @@ def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
     # but its sends on that channel fail permanently.
     errors += [ConfigError(clinics_dir / f"{c.id}.toml", unreachable_problem(channel))
                for c in clinics for channel in c.unreachable_channels()]
-    # The held-booking alert is emailed to a clinic with an address, in the clinic's locale.
+    # The clinic's alerts are emailed to a clinic with an address, in the clinic's locale.
     errors += [ConfigError(catalog.templates_dir / name, f"missing (needed by clinic {c.id}'s "
-                           "held-booking alert)")
+                           f"{CLINIC_ALERTS[name.split('/')[-1].split('.')[0]]})")
                for c in clinics if c.email and (folder := template_folder(catalog, c.locale))
                for name in clinic_alert_files(folder)
                if not (catalog.templates_dir / name).is_file()]
@@ -422,9 +422,16 @@ def template_folder(catalog: Catalog, locale: str) -> str | None:
     return None
 
 
+# The alerts the clinic itself is emailed (worker/webhooks.py `render_alert`: the event
+# type's second part names the template): a held booking, a booking too late for the full
+# retinoid pause, and a patient's reply asking for a call (`patient.replied`, "reschedule").
+CLINIC_ALERTS = {"held": "held-booking alert", "late_pause": "late-pause alert",
+                 "replied": "patient-reply alert"}
+
+
 def clinic_alert_files(locale: str) -> list[str]:
     """Return the template files of the alerts the clinic itself receives, in `locale`."""
-    return [f"{locale}/clinic/{name}.email.{part}.j2" for name in ("held", "late_pause")
+    return [f"{locale}/clinic/{name}.email.{part}.j2" for name in CLINIC_ALERTS
             for part in ("subject", "txt")]
 
 
