@@ -931,7 +931,9 @@ if event and wants(hooks, event) then
   end
   emit_event(prefix, clinic, 'webhook', event, fields)
 end
-if event then tell_completed(prefix, clinic, booking_id, bkey, hooks) end
+-- Overtaken (a change took the reminder out of the plan while this attempt was at work,
+-- and told nothing then: `Store._in_flight`): this attempt's end may be the booking's.
+if event or result == 'stale' then tell_completed(prefix, clinic, booking_id, bkey, hooks) end
 local line = cjson.decode(entry)
 if overtaken then line['outcome'] = 'abandoned' end
 line['result'] = result
@@ -3040,11 +3042,16 @@ class Store:
                 was_late != late or was.get("status") == Status.HELD):
             emits += self._late_pause_events(booking, version, plan.late_pause)
         # This change ends the last reminders it had to send (a step no longer planned, a
-        # channel withdrawn): nothing more goes, told complete as the finish tells it.
+        # channel withdrawn): nothing more goes, told complete as the finish tells it. Not
+        # while an attempt it overtakes is at work (at the provider: it may still deliver):
+        # that attempt's finish tells it, as STOP leaves a reminder in flight to its attempt.
         if (result.status == Status.SCHEDULED and "completed_told" not in booking_fields
                 and any(r.get("status") in PENDING for r in stored.reminders.values())
                 and not any(r.get("status") in PENDING for r in reminders.values())
-                and "booking.completed" in self._hooks(clinic).split()):
+                and "booking.completed" in self._hooks(clinic).split()
+                and not self._in_flight(clinic, booking_id, [
+                    k for k, r in stored.reminders.items()
+                    if r.get("status") == Status.SENDING])):
             hset += ["completed_told", "1"]
             booking_fields["completed_told"] = "1"
             emits.append(["webhook", "booking.completed",
@@ -3057,6 +3064,22 @@ class Store:
         return _Prepared(args, self._shown(timeline, clinic, booking_id, booking_fields,
                                            reminders,
                                                  doc))
+
+    def _in_flight(self, clinic: str, booking_id: str, keys: list[str]) -> bool:
+        """Whether an attempt begun on one of `keys` is still at work: the send ledger holds
+        its token and the attempt log has no finish of it yet (read unfenced: its begin and
+        its finish both change the booking's hash, which the upsert's write checks)."""
+        if not keys:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            ref = ref_of(clinic, booking_id, key)
+            pipe.get(self.ledger_key(ref))
+            pipe.lindex(self.attempts_key(ref), -1)
+        replies = pipe.execute()
+        return any(ledger and ledger != "sent" and (
+                       last is None or json.loads(last).get("tok") != ledger)
+                   for ledger, last in zip(replies[0::2], replies[1::2], strict=True))
 
     @staticmethod
     def _change_kind(

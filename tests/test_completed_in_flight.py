@@ -1,0 +1,87 @@
+"""`booking.completed` means nothing more will be sent: a clinic's change that takes out of
+the plan the last reminder to go while an attempt is sending it (at the gateway) does not
+tell the booking complete before that attempt is done; the attempt's finish tells it, once,
+whether it delivered or not (review of 5221279, which told it in the change's own write, so
+the clinic heard "complete" and then "reminder.sent" for a message that went after it).
+As STOP leaves a reminder in flight to its attempt (tests/test_completed_skips.py). A
+reminder claimed but not begun (nothing at the gateway) is still told at the change.
+
+Real Redis, the real send path to a real HTTP SMS gateway parked mid-request
+(tests/test_send_races.py's rig), the clinic events delivered, signed, to a real webhook
+receiver (tests/test_completed_again.py's rig)."""
+
+from __future__ import annotations
+
+from tests.test_completed_again import completed, delivered, send
+from tests.test_completed_again import gate as gate  # noqa: F401  (the fixtures)
+from tests.test_completed_again import receiver as receiver  # noqa: F401
+from tests.test_completed_again import rig as rig  # noqa: F401
+from tests.test_send_races import PREP, STOP
+from worker.dispatch import send_claimed
+
+
+def _stop_tretinoin(rig, doc: dict) -> dict:
+    """The clinic records that the patient stopped tretinoin (the same visit): the stop SMS
+    leaves the plan."""
+    return rig.book(doc | {"medications": {"tretinoin": False}})
+
+
+def test_a_change_ending_the_reminder_at_the_gateway_tells_complete_after_it_went(
+        rig, receiver):
+    """The prep SMS went; the stop SMS is at the gateway when the clinic takes it out of the
+    plan: nothing told yet; the gateway accepts it (the delivery is recorded): then, and
+    once, booking.completed."""
+    doc = rig.booking()
+    rig.book(doc)
+    rig.gate.answer(200)
+    assert send(rig, PREP) == "sent"
+    rig.gate.reset()
+    thread, result = rig.park(STOP)
+    timeline = _stop_tretinoin(rig, doc)
+    assert {r["id"]: r["status"] for r in timeline["reminders"]}[STOP.rsplit("/", 1)[1]] \
+        == "cancelled"
+    assert completed(delivered(rig, receiver)) == []  # the stop SMS may still go
+    rig.gate.answer(200)
+    thread.join(20)
+    assert not thread.is_alive()
+    assert rig.state(STOP)["record"]["status"] == "sent"
+    got = delivered(rig, receiver)
+    assert [e["type"] for e in got] == ["reminder.sent", "reminder.sent", "booking.completed"]
+    assert len(rig.gate.bodies) == 2, result
+
+
+def test_the_attempt_overtaken_and_not_delivered_tells_it_complete(rig, receiver):
+    """The same, but the gateway refuses the stop SMS for now (503): the attempt, overtaken
+    by the change, writes nothing of its own, and tells the booking complete, once."""
+    doc = rig.booking()
+    rig.book(doc)
+    rig.gate.answer(200)
+    assert send(rig, PREP) == "sent"
+    rig.gate.reset()
+    thread, result = rig.park(STOP)
+    _stop_tretinoin(rig, doc)
+    assert completed(delivered(rig, receiver)) == []
+    rig.gate.answer(503)
+    thread.join(20)
+    assert not thread.is_alive()
+    assert rig.state(STOP)["record"]["status"] == "cancelled", result
+    got = delivered(rig, receiver)
+    assert [e["type"] for e in got] == ["reminder.sent", "booking.completed"]
+    assert rig.state(STOP)["due"] is None and rig.state(STOP)["lease"] is None
+
+
+def test_a_change_ending_a_reminder_claimed_but_not_begun_tells_complete_at_once(
+        rig, receiver):
+    """Claimed (its task on its way), not begun: nothing is at the gateway, and its begin
+    will drop it (the version moved): told complete by the change, once."""
+    doc = rig.booking()
+    rig.book(doc)
+    rig.gate.answer(200)
+    assert send(rig, PREP) == "sent"
+    claim = rig.claim_now(STOP)
+    _stop_tretinoin(rig, doc)
+    got = delivered(rig, receiver)
+    assert [e["type"] for e in got] == ["reminder.sent", "booking.completed"]
+    assert send_claimed(rig.ctx, STOP, claim.version, claim.claim).startswith("dropped")
+    assert delivered(rig, receiver) == got
+    assert len(rig.gate.bodies) == 1
