@@ -36,4 +36,4 @@ VOLUME ["/data"]
 USER reminders:reminders
 
 # The worker, exactly as docker-compose.yml runs it; beat overrides the command.
-CMD ["python", "-m", "worker.celery_main", "worker", "--loglevel=INFO", "--concurrency=4", "-Q", "reminders.send.email,reminders.send.sms,reminders.pump,reminders.events", "--without-gossip", "--without-mingle"]
+CMD ["python", "-m", "worker.celery_main", "worker", "--concurrency=4", "-Q", "reminders.send.email,reminders.send.sms,reminders.pump,reminders.events", "--without-gossip", "--without-mingle"]

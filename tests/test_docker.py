@@ -40,10 +40,10 @@ BIN = Path(sys.executable).parent
 
 # Gossip and mingle off, as `reminders run` starts it: gossip's broadcast queue breaks the
 # channel clean-up when Redis restarts (see worker/broker.py).
-WORKER_COMMAND = ("python -m worker.celery_main worker --loglevel=INFO --concurrency=4 "
+WORKER_COMMAND = ("python -m worker.celery_main worker --concurrency=4 "
                   "-Q reminders.send.email,reminders.send.sms,reminders.pump,reminders.events "
                   "--without-gossip --without-mingle")
-BEAT_COMMAND = "python -m worker.celery_main beat --loglevel=INFO"
+BEAT_COMMAND = "python -m worker.celery_main beat"
 SEND_QUEUES = {"reminders.send.email", "reminders.send.sms"}
 QUEUES = SEND_QUEUES | {"reminders.pump", "reminders.events"}
 # Services whose command or healthcheck the tests below run; a new one must join them.

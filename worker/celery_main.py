@@ -20,7 +20,7 @@ callers handle that; each would weigh on every process):
   classification reads HTTP statuses and Apprise's lines, the webhooks their statuses.
 
 `celery -A worker.celery_app worker` keeps working; docker-compose.yml and the Dockerfile
-run this module too.
+run this module too. Without `--loglevel` (as there), the level is REMINDERS_LOG_LEVEL.
 
 `worker --detach` starts the worker again in the background as Celery does, through this
 module: Celery's own command re-runs `python -m celery` with this command line, which
@@ -29,6 +29,7 @@ names no app (it would start Celery's default app on amqp://localhost and never 
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -50,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     role, options = args[0], args[1:]
+    if not _names_log_level(options) and not os.environ.get(f"CELERY_{role.upper()}_LOGLEVEL"):
+        # No --loglevel: REMINDERS_LOG_LEVEL (Celery's own default, WARNING, would win over
+        # it, as it reaches our logging setup as the level Celery was given).
+        from .settings import get_settings
+
+        options = [f"--loglevel={get_settings().log_level}", *options]
     # An import of these in this process (and its pool processes) now fails
     # (ModuleNotFoundError, as when they are not installed); one made already is kept.
     for name in LEFT_OUT:
@@ -80,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
+
+
+def _names_log_level(options: Sequence[str]) -> bool:
+    """Whether Celery's command line gives a log level (-l LEVEL, -lLEVEL, --loglevel[=]LEVEL)."""
+    return any(option == "--loglevel" or option.startswith("--loglevel=")
+               or (option.startswith("-l") and not option.startswith("--"))
+               for option in options)
 
 
 def _detach_through_this_module(module: Any) -> None:

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class Settings(BaseSettings):
     """Runtime settings; `.env.example` documents each one."""
@@ -97,6 +99,17 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(0, ge=0, le=65535)
     health_max_age_seconds: float | None = Field(None, gt=0)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        # Python's logging, Celery's --loglevel and uvicorn's --log-level all take these
+        # five; logging itself takes only the upper-case names ("debug" stopped the API).
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level; expected one of "
+                             f"{', '.join(LOG_LEVELS)} (any case)")
+        return level
 
     @field_validator("redis_sentinels")
     @classmethod
