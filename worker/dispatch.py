@@ -55,7 +55,11 @@ When a claim may begin. A claim is begun only while its lease leaves time for a 
 before `claimed_at + min(lease_seconds - send_timeout_seconds - 1, send_max_wait_seconds)`.
 A claim still waiting for a free thread after that is handed back to the schedule at once
 (`Store.requeue`, due now): never left to sit until its lease runs out and be claimed again
-behind a stale task. The pump sizes batches so that this is rare.
+behind a stale task. The pump sizes batches so that this is rare. `claimed_at` is an
+instant on Redis's clock (the pump reads it there), so the deadline is compared with this
+process's estimate of Redis's clock (`CLOCK`, worker/clock.py: measured when the senders
+start and every few seconds after), never with this host's own: a host whose clock runs
+ahead of the pump's still begins its claims.
 
 No attempt outlives its ledger entry. The entry lives `lease_seconds` from the attempt's
 start; a send's sockets time out long before (`lease_seconds > 2 x send_timeout_seconds +
@@ -101,6 +105,7 @@ from pydantic import ValidationError
 
 from .catalog import Catalog
 from .clinics import SendWindow
+from .clock import RedisClock
 from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
 from .logs import about_reminder
@@ -125,6 +130,9 @@ from .store import IN_FLIGHT_MARGIN, Attempt, Begun, SendCapped, Store, split_re
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Redis's clock as this process sees it: start-by deadlines and the senders' registrations
+# are instants on it. (`time.time` looked up at each call: this module's clock.)
+CLOCK = RedisClock(lambda: time.time())
 Place = tuple[SendWindow, ZoneInfo]  # a booking's send window and the patient's timezone
 
 
@@ -186,19 +194,19 @@ def attempt(
 ) -> str:
     """One attempt at a claimed reminder; return what happened.
 
-    `start_by` (time.time()): past it the claim is handed back to the schedule instead of
+    `start_by` (Redis's clock, `CLOCK`): past it the claim is handed back to the schedule instead of
     begun. `begun` is called once the attempt has taken its ledger, or knows it will not.
     `watchdog` ends the process should the attempt outlive its ledger entry. `guard` (the
     senders running it) says when the process is stopping: an attempt not yet handed to
     the provider then goes back to the schedule, and one handing over may be cut.
     """
     settings, store = ctx.settings, ctx.store
-    if start_by is not None and time.time() > start_by:
+    if start_by is not None and CLOCK.now() > start_by:
         if begun:
             begun()
         stopping = guard is not None and guard.stopping()
         reason = STOPPING_NOT_BEGUN if stopping else NOT_STARTED
-        if store.requeue(ref, datetime.now(UTC), reason, claim=claim):
+        if store.requeue(ref, datetime.fromtimestamp(CLOCK.now(), UTC), reason, claim=claim):
             log.info("send %s: %s; handed back to the schedule", ref,
                      "the worker is stopping" if stopping else "not started in time")
             return "handed back"
@@ -876,6 +884,7 @@ class Lanes:
 
     def open(self, channel: Channel) -> ThreadPoolExecutor:
         """Return this channel's thread pool, made (and its threads registered) on first use."""
+        CLOCK.refresh(self.ctx.store.redis)  # measured before the first claim is compared
         with self._lock:
             if self._closing:
                 raise RuntimeError("the senders are shutting down")
@@ -930,7 +939,7 @@ class Lanes:
         deadline = 0.0 if self._closing else start_by
         # Past its start: handed back unbegun, or dropped unbegun (claimed again meanwhile:
         # a stale batch a worker finds in its queue after an outage).
-        unbegun = time.time() > deadline
+        unbegun = CLOCK.now() > deadline
         try:
             outcome = attempt(self.ctx, ref, version, claim, start_by=deadline, begun=on_begun,
                               watchdog=self.watchdog, guard=self)
@@ -989,7 +998,7 @@ class Lanes:
                         pipe.incrby(self.keys.drained(channel), drained[channel])
                         pipe.incrbyfloat(self.keys.busy(channel), busy[channel])
                 for channel in register:
-                    pipe.zadd(self.keys.senders(channel), {self.node: time.time() + REGISTER_TTL})
+                    pipe.zadd(self.keys.senders(channel), {self.node: CLOCK.now() + REGISTER_TTL})
                 pipe.execute()
             except redis.RedisError:
                 # The pump's counts only: its members expire on their own.
@@ -1008,6 +1017,7 @@ class Lanes:
             try:
                 self.flush()
                 smtp_sessions.sweep()
+                CLOCK.refresh(self.ctx.store.redis)
             except Exception:  # a bug here must not stop the reports for good
                 log.exception("senders: reporting to the pump failed")
 

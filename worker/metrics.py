@@ -35,7 +35,9 @@ observable):
 
 3. **Histograms, per worker process** (`Histograms`): send duration by channel (the
    delivery call: Apprise or the outbox), lateness by channel (sent minus the instant the
-   attempt was due: what the pump and senders add), and the pump run's duration. They
+   attempt was due: what the pump and senders add), and the pump run's duration; with
+   them one gauge, `reminders_clock_skew_seconds`: this host's clock minus Redis's, as the
+   senders last measured it (worker/clock.py; the most recent of the live processes). They
    are observed in the Celery pool processes, so they use prometheus-client's multiprocess
    mode: each process writes its own file under `<data_dir>/metrics/<host>-<pid>/` (one
    folder per worker, wiped when it starts), and the worker's main process serves them,
@@ -61,7 +63,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -193,6 +195,10 @@ class Histograms:
         self.pump_seconds = Histogram(
             "reminders_pump_run_duration_seconds", "Duration of one pump run",
             buckets=PUMP_BUCKETS, registry=registry)
+        self.clock_skew = Gauge(
+            "reminders_clock_skew_seconds",
+            "This host's clock minus Redis's, as the senders last measured it",
+            registry=registry, multiprocess_mode="livemostrecent")
 
 
 _lock = threading.Lock()
@@ -219,6 +225,10 @@ def observe_lateness(channel: str, seconds: float) -> None:
 
 def observe_pump(seconds: float) -> None:
     histograms().pump_seconds.observe(seconds)
+
+
+def set_clock_skew(seconds: float) -> None:
+    histograms().clock_skew.set(seconds)
 
 
 def exposition(registry: CollectorRegistry) -> bytes:

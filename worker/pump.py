@@ -45,6 +45,12 @@ needless.)
 
 Each channel's claims go out in batches of at most `send_batch_size`, one Celery task per
 batch on the channel's own queue (`publish`), with the instant they were claimed.
+
+Every instant the pump reads or writes is on Redis's clock (worker/clock.py `redis_time`),
+never this host's: the claim script's, the instant a claim was made (the senders on other
+hosts count their start-by deadline from it), what is due, the outstanding and senders
+sets' scores, a hand-back's due time. A pump host whose clock is off claims and hands out
+as one in step.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from typing import cast
 
 import redis
 
+from .clock import redis_time
 from .models import CHANNELS, Channel
 from .store import Claim, Store
 
@@ -280,7 +287,7 @@ class Room:
 
 
 def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_round: int) -> int:
-    now = time.time()
+    now = redis_time(store.redis)
     found = budgets(store.redis, keys, capacity, now)
     room = Room(found)
     if not room.left():
@@ -290,7 +297,9 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
     claims: list[Claim] = []  # this round's claims; those from `sorted_up_to` on are in
     sorted_up_to = 0  # neither `pending` nor `held` yet (handed back if publishing fails)
     published = 0
-    claimed_at = time.time()  # no later than the lease's start in Redis: a safe deadline
+    # Redis's clock before the claim script runs: no later than its lease's start, so a
+    # safe instant to count the senders' start-by deadline from.
+    claimed_at = now
 
     def flush(channel: Channel, claims: list[Claim]) -> None:
         nonlocal published
@@ -303,10 +312,10 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
         for _ in range(MAX_ROUNDS):
             if not room.left() or len(held) >= claim_round:
                 break
-            limit = _worth_claiming(store, room, claim_round - len(held))
+            claimed_at = redis_time(store.redis)
+            limit = _worth_claiming(store, room, claim_round - len(held), claimed_at)
             if limit == 0:
                 break
-            claimed_at = time.time()
             claims = store.claim_due(limit, capacity.lease_seconds)
             sorted_up_to = 0
             for index, claim in enumerate(claims):
@@ -343,15 +352,15 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
     return published
 
 
-def _worth_claiming(store: Store, room: Room, skip: int) -> int:
+def _worth_claiming(store: Store, room: Room, skip: int, now: float) -> int:
     """Return how many of the claims due next to take.
 
     A read-only look at what the claim script takes next (expired leases, then the due
     set, in that order): through the last one a channel with room wants, passing at most
     `skip` of channels without room. If none is reachable so, but one lies further on (up
     to PROBE_ROUNDS x skip), `skip`: passing that many moves the line on for the next run.
+    `now`: Redis's clock.
     """
-    now = time.time()
     look = sum(room.wanted.values()) + sum(room.spare.values()) + skip
     read = store.redis.pipeline(transaction=False)
     read.zrangebyscore(store.lease_key, "-inf", now, start=0, num=look)
@@ -401,7 +410,9 @@ def _hand_back(store: Store, claims: Sequence[Claim], reason: str, after: float 
                pace: float = 0.0) -> None:
     """Put claims back in the schedule, the first due `after` seconds from now, each next
     one `pace` seconds after the one before."""
-    now = datetime.now(UTC)
+    if not claims:
+        return
+    now = datetime.fromtimestamp(redis_time(store.redis), UTC)
     for index, claim in enumerate(claims):
         at = now + timedelta(seconds=after + index * pace)
         store.requeue(claim.ref, at, reason, claim=claim.claim)

@@ -1,0 +1,88 @@
+"""Redis's clock, the one clock every host shares, as this process sees it.
+
+An instant that one host sets and another compares (a claim's start-by deadline: set by
+the pump, checked by a sender, worker/dispatch.py) is an instant on Redis's clock: the
+claim script leases on it, the pump reads it (`redis_time`), and each sender process
+keeps the offset between its own clock and Redis's (`RedisClock`), measured from a TIME
+reply when its senders start and every CHECK_EVERY_SECONDS after. So a host whose clock is
+off (no NTP, a VM resumed) still begins its claims in time instead of handing every one
+back as "not started in time".
+
+The offset is shown as `reminders_clock_skew_seconds` (this host's clock minus Redis's,
+worker/metrics.py), and a skew beyond SKEW_WARN_SECONDS is logged as a WARNING (again
+every SKEW_WARN_EVERY_SECONDS while it lasts): the rest of the service (send windows,
+timelines, backoff) reads the host's clock, so hosts must still be NTP-synced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from .metrics import set_clock_skew
+
+log = logging.getLogger(__name__)
+CHECK_EVERY_SECONDS = 5.0  # a sender's offset to Redis's clock is measured again this often
+SKEW_WARN_SECONDS = 1.0  # a host's clock further off Redis's than this is warned about
+SKEW_WARN_EVERY_SECONDS = 300.0  # ... at most this often while it lasts
+
+
+def redis_time(client: redis.Redis) -> float:
+    """Return Redis's clock now (epoch seconds), from its TIME reply."""
+    seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1_000_000
+
+
+class RedisClock:
+    """This process's estimate of Redis's clock: `local()` plus the offset last measured."""
+
+    def __init__(self, local: Callable[[], float]) -> None:
+        self.local = local  # the host's wall clock (time.time)
+        self.offset = 0.0  # Redis's clock minus the host's, last measured
+        self._measured_at: float | None = None  # time.monotonic() of the last measure
+        self._warned_at: float | None = None
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        """Return Redis's clock now, as estimated here (epoch seconds)."""
+        return self.local() + self.offset
+
+    def measure(self, client: redis.Redis) -> float:
+        """Measure the offset from one TIME round trip; return the host's skew (its clock
+        minus Redis's). Raises what the Redis client raises."""
+        before = self.local()
+        server = redis_time(client)
+        after = self.local()
+        skew = (before + after) / 2 - server  # off by at most half the round trip
+        with self._lock:
+            self.offset = -skew
+            self._measured_at = time.monotonic()
+            warn = abs(skew) > SKEW_WARN_SECONDS and (
+                self._warned_at is None
+                or self._measured_at - self._warned_at >= SKEW_WARN_EVERY_SECONDS)
+            if warn:
+                self._warned_at = self._measured_at
+            elif abs(skew) <= SKEW_WARN_SECONDS:
+                self._warned_at = None
+        set_clock_skew(skew)
+        if warn:
+            log.warning("clock: this host's clock is %+.1f s off Redis's; deadlines are kept "
+                        "on Redis's clock, but send windows and timelines read this host's: "
+                        "sync it with NTP", skew)
+        return skew
+
+    def refresh(self, client: redis.Redis) -> None:
+        """Measure again if the last measure is CHECK_EVERY_SECONDS old (or none was made);
+        Redis unreachable keeps the last offset."""
+        with self._lock:
+            due = (self._measured_at is None
+                   or time.monotonic() - self._measured_at >= CHECK_EVERY_SECONDS)
+        if due:
+            try:
+                self.measure(client)
+            except redis.RedisError:
+                pass  # the last offset holds; the next refresh tries again
