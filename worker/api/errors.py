@@ -8,11 +8,20 @@ what is not a dead letter); field names are the CLI's (worker/models.py `field_e
 Nothing unexpected ever answers with a traceback: `CatchAll` turns it into a 500 in the
 same shape and logs where it happened (file, line, function: no values, which could hold
 a patient's contact details).
+
+Redis unreachable (connection refused or lost, timeout) answers 503 with Retry-After, and
+so does a Redis that is up but refuses writes: out of memory under `maxmemory` with
+`noeviction` (OOM), unable to persist (MISCONF: a failed RDB save or AOF write), or a
+read-only replica (READONLY). A Lua script or MULTI refused so is refused at its first
+write and changes nothing, and the routes' writes are idempotent (PUT, DELETE, release,
+batch, STOP): the request may be sent again as it is. Any other error reply from Redis
+is a bug, a 500.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -154,6 +163,38 @@ async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# How Redis says it refuses writes; an error in a pipeline is prefixed by redis-py with
+# "Command # N (...) of pipeline caused error: ".
+_REFUSES_WRITES = re.compile(r"(?:^|caused error: )(MISCONF|OOM|READONLY)\b")
+
+
+def refused_write(exc: redis.ResponseError) -> str | None:
+    """Which refusal of writes `exc` is ("OOM", "MISCONF", "READONLY"), or None."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return "READONLY"
+    found = _REFUSES_WRITES.search(str(exc))
+    return found.group(1) if found else None
+
+
+async def _redis_refuses(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, redis.ResponseError)
+    why = refused_write(exc)
+    if why is None:
+        raise exc  # any other error reply: a bug, the catch-all's 500
+    # Never the message: a pipeline's names the command and its arguments.
+    log.warning("Redis refuses writes (%s)", why)
+    return error_response(
+        ApiError(
+            503,
+            "the schedule store (Redis) refuses writes (out of memory, or it cannot "
+            "persist); send the request again shortly",
+            headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)},
+        )
+    )
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers: every refusal leaves in the one shape."""
     app.add_exception_handler(ApiError, _api_error)
@@ -161,6 +202,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for kind in (redis.ConnectionError, redis.TimeoutError):
         app.add_exception_handler(kind, _redis_down)
+    app.add_exception_handler(redis.ResponseError, _redis_refuses)
 
 
 def where(exc: BaseException) -> str:

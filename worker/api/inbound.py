@@ -224,7 +224,8 @@ _REFUSALS = {
     413: "the body is too large",
     415: "the body is not application/x-www-form-urlencoded",
     422: "From is missing or not a phone number",
-    503: "Redis is unreachable, or the clinic's auth token is not set; see Retry-After",
+    503: "Redis is unreachable or refuses writes, or the clinic's auth token is not set; "
+         "see Retry-After",
 }
 _FORM_FIELDS = {name: {"type": "string"} for name in (
     "MessageSid", "AccountSid", "From", "To", "Body", "NumMedia", "NumSegments")}
