@@ -632,6 +632,11 @@ def _render(
                             lambda prefixes: _went(ctx.store, clinic_id, booking_id, prefixes))
     booking = as_told(record, booking, fields)
     plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
+    # A move's notice names the day the pause message goes again as stored (the SMS cap may
+    # have moved it a day on), not as the protocol would place it.
+    repause_at = ctx.store.repause_due(clinic_id, booking_id,
+                                       int(record.get("occurrence") or 1)) \
+        if record.get("step") == "rescheduled" else None
     headers: dict[str, str] = {}
     unsubscribe: str | None = None
     link: str | None = None
@@ -654,7 +659,7 @@ def _render(
             plan_dates=plan_dates,
             now=now,
             **notice_and_invite(record, channel, booking, protocol, fields, now,
-                                window=window or clinic.send_window),
+                                window=window or clinic.send_window, repause_at=repause_at),
             unsubscribe_url=unsubscribe,
         )
         url = clinic.delivery_url(channel, to)

@@ -303,11 +303,14 @@ def as_told(record: Mapping[str, str], booking: Booking, stored: Mapping[str, st
 def notice_and_invite(
     record: Mapping[str, str], channel: str, booking: Booking, protocol: Protocol,
     stored: Mapping[str, str], now: datetime, window: SendWindow | None = None,
+    repause_at: datetime | None = None,
 ) -> RenderExtras:
     """Return what a reminder's message says of a change and the invite its email carries.
 
     `record`: the reminder; `stored`: its booking's fields (`seq`, `moved_from`, `paused`);
-    `window`: the clinic's send window, in which the pause message goes again (`pause_from`).
+    `window`: the clinic's send window, in which the pause message goes again (`pause_from`);
+    `repause_at`: when the pause message again of this change goes, as stored (the SMS cap
+    may have moved it a day on): named rather than worked out, when given.
     A change notice's email carries the invite update or cancel with the notice's sequence;
     an email of an invite step (`invite = true`) carries the invite at the booking's
     current sequence, so a day-before email after a move has the new time and SEQUENCE.
@@ -319,11 +322,15 @@ def notice_and_invite(
         moved_from = stored.get("moved_from", "")
         paused = stored.get("paused") == "1"
         moved = step == "rescheduled"
+        again: datetime | None = None
+        if moved and paused:
+            again = pause_from(booking, protocol, now, window) if repause_at is None \
+                else repause_at if repause_at > now else None
         extras["notice"] = Notice(
             previous_start=(datetime.fromtimestamp(float(moved_from), UTC)
                             if moved and moved_from else None),
             paused=paused,
-            pause_from=pause_from(booking, protocol, now, window) if moved and paused else None,
+            pause_from=again,
         )
         if channel == "email":
             extras["invite"] = Invite(seq, "CANCEL" if step == "cancelled" else "REQUEST")

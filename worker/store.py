@@ -3664,6 +3664,28 @@ class Store:
                 dates[step] = min(when, dates.get(step, when))
         return dates
 
+    def repause_due(self, clinic: str, booking_id: str, seq: int) -> datetime | None:
+        """Return when the pause message again of the change `seq` (`repause#<seq>:*`) goes or
+        went, the earliest of its channels (None: there is none, or none goes): its stored
+        time, where the plan and the SMS cap put it. From the hash the begin read, as
+        `plan_dates` (see `reading`)."""
+        self._ready()
+        bkey = self.booking_key(clinic, booking_id)
+        begun = getattr(self._local, "fields", None)
+        if begun is not None and begun[0] == bkey:
+            stored = begun[1]
+        else:
+            stored = _str_hash(self.redis.hgetall(bkey))
+        head = f"{REPAUSE_STEP}#{seq}:"
+        found: list[datetime] = []
+        for key, value in stored.items():
+            if not key.startswith(head) or not is_reminder_field(key):
+                continue
+            r = _split(value, len(REMINDER_SLOTS))
+            if STATUS_OF.get(r[0]) in PENDING | {Status.SENT} and (r[3] or r[2]):
+                found.append(datetime.fromtimestamp(float(r[3] or r[2]), UTC))
+        return min(found) if found else None
+
     def attempts(self, ref: str) -> list[dict[str, Any]]:
         lines = [json.loads(x) for x in self.redis.lrange(self.attempts_key(ref), 0, -1)]
         for line in lines:
