@@ -55,6 +55,8 @@ def test_compose_worker_and_beat_log_at_the_dot_env_level(
         # Celery's own DEBUG lines, logged once its logging is set up (beat sets ours up at
         # REMINDERS_LOG_LEVEL first, so an earlier DEBUG line proves nothing).
         process.wait_for(r'"level": "DEBUG", "logger": "celery\.(beat|bootsteps)"', timeout=15)
+        # Up (its signal handlers in place) before the SIGTERM.
+        process.wait_for(r"celery@\S+ ready\." if role == "worker" else r"beat: Starting")
     finally:
         status = process.stop()
     assert status == 0, process.output()[-3000:]
