@@ -12,6 +12,9 @@ own schedule:
                         last_error
   P:ev:due        ZSET  event id -> when to try it (a claimed event: when its lease ends)
   P:ev:dead       ZSET  event id -> when it was given up (kept `retention`, then expires)
+  P:ev:consent:<clinic>  HASH  "<channel>:<contact id>" -> "1": the clinic was told this
+                        contact opted out of that channel (`tell_consent`; no number or
+                        address in it: the contact index's keyed id)
 
 The pump claims due events (one Lua step, Redis's clock) and publishes one task each on
 their own queue, so a slow clinic endpoint never delays a patient's reminder. A task POSTs
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from .clinics import Clinic
     from .rendering import RenderedMessage, Renderer
     from .settings import Settings
+    from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +248,65 @@ class Events:
 
     def dead(self) -> list[str]:
         return cast(list[str], self.redis.zrange(self.dead_key, 0, -1))
+
+
+# The reply kind a change of consent is told as, per channel: (opted out, opted in again).
+CONSENT_REPLIES = {"sms": ("stop", "start"), "email": ("unsubscribe", "resubscribe")}
+
+
+def tell_consent(store: Store, clinic: str, channel: str, contact: str, when: datetime, *,
+                 hooks: str) -> str | None:
+    """Tell the clinic of `contact`'s consent to `channel` as it stands now, if it was not
+    told yet: `patient.replied` (reply "stop" / "start", "unsubscribe"; `channel`) on each of
+    the contact's bookings at the clinic. Return the reply told, or None (nothing changed
+    since the clinic was last told).
+
+    Called after each opt-out and opt-in (STOP, START, the email unsubscribe), and again
+    when the patient repeats one: what was told is kept per contact (P:ev:consent), written
+    in the same MULTI as the events, watched with the opt-out itself. So a change is told
+    once whoever asks (two STOPs at once), and a change whose telling was lost (Redis failed
+    after the opt-out's write, the process died) is told when the patient or the provider
+    sends it again, where the opt-out script's own answer says "nothing changed". A STOP
+    then a START before either is told tells nothing: the clinic's record is still right.
+    """
+    import redis
+
+    from .optout import normal_contact
+
+    contact = normal_contact(channel, contact)
+    out_key = store.optout_key(clinic)
+    out_field = f"{channel}:{contact}"
+    told_key = f"{store.prefix}:ev:consent:{clinic}"
+    kind = "email" if channel == "email" else "phone"
+    told_field = f"{channel}:{store.contact_id(kind, contact)}"
+    events = Events(store.redis, store.prefix)
+    with store.redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(out_key, told_key)  # type: ignore[no-untyped-call]  # redis-py stubs
+                out = bool(pipe.hexists(out_key, out_field))
+                if out == bool(pipe.hexists(told_key, told_field)):
+                    pipe.reset()
+                    return None
+                reply = CONSENT_REPLIES[channel][0 if out else 1]
+                ids = store.contact_bookings(clinic, channel, contact)
+                summaries = [s for s in store.booking_summaries(clinic, ids) if s]
+                pipe.multi()
+                if out:
+                    pipe.hset(told_key, told_field, "1")
+                else:
+                    pipe.hdel(told_key, told_field)
+                if "patient.replied" in hooks.split():
+                    for summary in summaries:
+                        events.emit(clinic, "webhook", "patient.replied",
+                                    {"booking_id": summary["booking_id"],
+                                     "version": summary["version"], "reply": reply,
+                                     "channel": channel, "received_at": when.timestamp()},
+                                    pipe=pipe)
+                pipe.execute()
+                return reply
+            except redis.WatchError:
+                continue
 
 
 def hooks_of(clinic: Clinic | None) -> str:

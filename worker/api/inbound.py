@@ -17,9 +17,13 @@ Spanish), and the answer goes back as TwiML in the response, so the provider sen
               still to be sent, in every booking of that number at the clinic, is skipped
               with the reason, and the send-time check refuses any other (worker/store.py).
               One confirmation reply, then nothing else.
+              The clinic is told: `patient.replied` (reply "stop") on each of the number's
+              bookings, once per change (worker/webhooks.py `tell_consent`), also when no
+              SMS was left to skip, and by a STOP sent again if the first could not tell it.
   start       opted in again: the SMS reminders the opt-out skipped whose time is still
               ahead go back into the schedule at their planned time, where the SMS cap has
               room (worker/store.py `opt_in`); those whose time passed are not sent late.
+              The clinic is told as of STOP (reply "start"), once per change.
   help        the clinic's name, phone, and how to stop (answered even when opted out).
   confirm     the number's next visit is confirmed: `confirmed_at` on its timeline and a
               `patient.replied` event (reply "confirm").
@@ -64,6 +68,7 @@ from ..optout import (
 )
 from ..sms import fold_to_gsm7
 from ..status import Status
+from ..webhooks import hooks_of, tell_consent
 from .errors import ApiError
 from .schemas import ErrorBody
 from .services import Services, Svc
@@ -165,21 +170,23 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
 
     opted_out = store.opted_out(clinic.id, "sms", phone) is not None
     if intent == "stop":
-        done = store.opt_out(
+        skipped, touched = store.opt_out(
             clinic.id, "sms", phone, f"the patient replied STOP by SMS at {stamp}",
             critical=svc.catalog.critical_steps)
-        skipped, touched = done
-        for touched_id in touched:
-            store.note_reply(clinic.id, touched_id, "", now, "stop")
+        # The clinic is told (patient.replied "stop") by the STOP that changed the number's
+        # consent, or by a STOP sent again when that one could not tell it (webhooks.py).
+        told = tell_consent(store, clinic.id, "sms", phone, now, hooks=hooks_of(clinic))
         log.info("inbound SMS for clinic %s: opted out (%d SMS reminder(s) skipped in %d "
                  "booking(s))", clinic.id, skipped, len(touched))
-        # One confirmation: only the STOP that opted the number out (the same script's
-        # answer), not a second one arriving at the same time or later.
-        return intent, answer("stop") if done.first else None
+        # One confirmation: only the STOP that told the opt-out, not a second one arriving
+        # at the same time or later (a STOP whose request failed before it was told is
+        # answered when it comes again: its first answer never reached the patient).
+        return intent, answer("stop") if told == "stop" else None
     if intent == "start":
         back = store.opt_in(clinic.id, "sms", phone, caps=clinic.sms,
                             why=f"the patient replied START by SMS at {stamp}",
                             critical=svc.catalog.critical_steps)
+        tell_consent(store, clinic.id, "sms", phone, now, hooks=hooks_of(clinic))
         log.info("inbound SMS for clinic %s: opted in again (%d SMS reminder(s) resumed)",
                  clinic.id, back.resumed)
         return intent, answer("start")

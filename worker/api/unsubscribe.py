@@ -7,8 +7,9 @@ scanners fetch links, and a fetch must not unsubscribe anyone. POST unsubscribes
 button, or a mail provider's one-click POST with the body `List-Unsubscribe=One-Click`):
 the address is opted out of email from that clinic at once (worker/store.py `opt_out`),
 every email still to be sent is skipped with the reason, and the send-time check refuses
-any other; care-critical steps still go by SMS when the patient allows SMS. Doing it again
-changes nothing.
+any other; care-critical steps still go by SMS when the patient allows SMS. The clinic is
+told (`patient.replied`, reply "unsubscribe", channel "email") once (worker/webhooks.py
+`tell_consent`). Doing it again changes nothing.
 
 The token (worker/optout.py) names the clinic, the channel and a keyed hash of the
 address; the address behind the hash is what the send noted in Redis. A token this
@@ -28,6 +29,7 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..optout import Unsubscribe, read_token, token_matches, unsubscribe_key
+from ..webhooks import hooks_of, tell_consent
 from .schemas import ErrorBody
 from .services import Services, Svc
 
@@ -113,14 +115,20 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
         return _not_valid()
     named, address = found
     clinic = svc.catalog.clinics[named.clinic]
-    stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    now = datetime.now(UTC)
+    stamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
 
     def act() -> tuple[int, list[str]]:
-        if svc.store.opted_out(named.clinic, named.channel, address):
-            return 0, []
-        return svc.store.opt_out(named.clinic, named.channel, address,
-                                 f"the patient unsubscribed from email at {stamp}",
-                                 critical=svc.catalog.critical_steps)
+        done: tuple[int, list[str]] = (0, [])
+        if not svc.store.opted_out(named.clinic, named.channel, address):
+            done = svc.store.opt_out(named.clinic, named.channel, address,
+                                     f"the patient unsubscribed from email at {stamp}",
+                                     critical=svc.catalog.critical_steps)
+        # The clinic is told once (patient.replied "unsubscribe", channel "email"), also by
+        # a click again when the first could not tell it (worker/webhooks.py).
+        tell_consent(svc.store, named.clinic, named.channel, address, now,
+                     hooks=hooks_of(clinic))
+        return done
 
     skipped, touched = await run_in_threadpool(act)
     log.info("unsubscribe for clinic %s: %s opted out (%d reminder(s) skipped in %d "
