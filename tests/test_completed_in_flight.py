@@ -85,3 +85,28 @@ def test_a_change_ending_a_reminder_claimed_but_not_begun_tells_complete_at_once
     assert send_claimed(rig.ctx, STOP, claim.version, claim.claim).startswith("dropped")
     assert delivered(rig, receiver) == got
     assert len(rig.gate.bodies) == 1
+
+
+def test_the_attempt_whose_worker_died_tells_it_complete_when_its_task_comes_again(
+        rig, receiver):
+    """The stop SMS's attempt began (its ledger taken: at the provider, as far as anyone
+    knows) and its worker died before its finish; the clinic takes it out of the plan
+    meanwhile: nothing told (it may have gone). Its task comes again (acks_late: a worker
+    lost rejects it back to the queue): its begin drops it (the version moved) and tells the
+    booking complete, once."""
+    doc = rig.booking()
+    rig.book(doc)
+    rig.gate.answer(200)
+    assert send(rig, PREP) == "sent"
+    claim = rig.claim_now(STOP)
+    # The dead worker's begin: the ledger taken, then nothing more.
+    assert rig.store.begin_send(STOP, claim.version, claim.claim, "dead-worker", 8000) == "ok"
+    _stop_tretinoin(rig, doc)
+    assert completed(delivered(rig, receiver)) == []
+    again = send_claimed(rig.ctx, STOP, claim.version, claim.claim)
+    assert again.startswith("dropped"), again
+    got = delivered(rig, receiver)
+    assert [e["type"] for e in got] == ["reminder.sent", "booking.completed"]
+    assert send_claimed(rig.ctx, STOP, claim.version, claim.claim).startswith("dropped")
+    assert delivered(rig, receiver) == got
+    assert len(rig.gate.bodies) == 1

@@ -555,7 +555,16 @@ if a[A_TOK] == token and ledger == token and status == ST_SENDING then
   end
   return 'ok'
 end
-if r[R_VER] ~= version then return 'version moved' end
+if r[R_VER] ~= version then
+  if not is_pending(status) then
+    -- A change took it out of the plan while an attempt was at work (`Store._in_flight`),
+    -- and that attempt never finished (its worker died; this is its task again): its
+    -- end may be the booking's.
+    local clinic, booking_id = parse_ref(ref)
+    tell_completed(prefix, clinic, booking_id, bkey, hooks)
+  end
+  return 'version moved'
+end
 if a[A_CLAIM] ~= claim then return 'stale claim' end
 if status ~= ST_SENDING then return 'status ' .. status end
 local booking = redis.call('HGET', bkey, 'status')
