@@ -498,6 +498,64 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    """Clinic events (webhooks, alerts) given up after webhook_max_attempts: list them
+    (`dead`) or send them again now (`replay`), after the clinic's endpoint is fixed."""
+    from .connections import client
+    from .webhooks import EVENT_REF, Events
+
+    catalog = Catalog.load(settings)
+    chosen = getattr(args, "clinic", None)
+    if chosen is not None and chosen not in catalog.clinics:
+        raise UsageError(f"--clinic: unknown clinic {chosen!r}")
+    events = Events(client(settings), settings.key_prefix,
+                    retention_days=settings.retention_days)
+    as_json = getattr(args, "json", False)
+    if args.action == "dead":
+        dead = events.dead_events(chosen)
+        if as_json:
+            print(json.dumps(dead, indent=2, ensure_ascii=False))
+        elif not dead:
+            print("no given-up clinic events")
+        for d in [] if as_json else dead:
+            kind = "" if d["kind"] == "webhook" else f" ({d['kind']})"
+            print(f"{d['ref']}  {d['clinic']}  {d['type']}{kind}  {d['booking_id'] or '-'}  "
+                  f"attempts={d['attempts']}  given_up_at={d['given_up_at']}  "
+                  f"{d['reason'] or ''}".rstrip())
+        return EXIT_OK
+    names: list[str] = args.ids
+    clinic = chosen
+    if any(not n.startswith(EVENT_REF) for n in names):
+        # A booking id is one clinic's (two clinics may use the same id): --clinic, or the
+        # only clinic configured, as `replay` of dead letters takes it. "ev:ID" names one.
+        clinic = clinic_of(args, catalog)
+    dead = events.dead_events(chosen)
+    if names:
+        wanted = set(names)
+        chosen_ids = [d["id"] for d in dead if d["ref"] in wanted
+                      or d["clinic"] == clinic and d["booking_id"] in wanted]
+        unknown = (wanted - {d["ref"] for d in dead}
+                   - {d["booking_id"] for d in dead if d["clinic"] == clinic})
+        if unknown:
+            print(f"not given up (or expired): {', '.join(sorted(unknown))}; "
+                  "`reminders events dead` lists them", file=sys.stderr)
+            return EXIT_REFUSED
+    elif getattr(args, "all", False):
+        chosen_ids = [d["id"] for d in dead]
+    else:
+        raise UsageError("name the events to replay (ev:ID, or a BOOKING_ID with --clinic), "
+                         "or use --all")
+    done = set(events.replay(chosen_ids))
+    replayed = [d for d in dead if d["id"] in done]
+    if as_json:
+        print(json.dumps({"replayed": [d["ref"] for d in replayed]}))
+    else:
+        print(f"replayed {len(replayed)} clinic event(s)" + "".join(
+            f"\n  {d['ref']}  {d['clinic']}  {d['type']}  {d['booking_id'] or '-'}"
+            for d in replayed))
+    return EXIT_OK
+
+
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     """Print how much the store keeps: bookings per clinic, reminders, dead letters."""
     stats = open_store(settings).stats()
@@ -616,6 +674,11 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "dead-letters": (cmd_dead_letters, "list reminders that failed for good"),
     "replay": (cmd_replay, "send dead-lettered reminders again"),
     "purge": (cmd_purge, "remove dead letters without sending them"),
+    "events": (
+        cmd_events,
+        "clinic events (webhooks, alerts) given up after webhook_max_attempts: "
+        "`events dead` lists them, `events replay ev:ID|BOOKING_ID|--all` sends them again",
+    ),
     "stats": (cmd_stats, "how many bookings and reminders are kept, and where they are"),
     "keys": (cmd_keys, "issue, list or revoke a clinic's API keys (for the HTTP API)"),
     "health": (
@@ -670,6 +733,24 @@ def build_parser() -> argparse.ArgumentParser:
                 a = actions.add_parser(action, help=text, description=text)
                 if action == "revoke":
                     a.add_argument("key_id", metavar="KEY_ID", help="as `keys list` shows it")
+                # SUPPRESS: given before or after the action, neither hides the other.
+                a.add_argument("--clinic", default=argparse.SUPPRESS, help="clinic id")
+                a.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                               help="print the machine-readable form")
+        if name == "events":
+            actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+            for action, text in (
+                    ("dead", "list the given-up clinic events: ref, clinic, type, booking id, "
+                     "attempts, when and the last reason (no contact data)"),
+                    ("replay", "send given-up clinic events again, now")):
+                a = actions.add_parser(action, help=text, description=text)
+                if action == "replay":
+                    a.add_argument("ids", nargs="*", metavar="ID",
+                                   help="an event's ref as `events dead` lists it (ev:ID), or "
+                                   "a booking id (with --clinic when several clinics are "
+                                   "configured)")
+                    a.add_argument("--all", action="store_true", default=argparse.SUPPRESS,
+                                   help="replay every given-up event (of --clinic if given)")
                 # SUPPRESS: given before or after the action, neither hides the other.
                 a.add_argument("--clinic", default=argparse.SUPPRESS, help="clinic id")
                 a.add_argument("--json", action="store_true", default=argparse.SUPPRESS,

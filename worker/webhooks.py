@@ -20,7 +20,8 @@ The pump claims due events (one Lua step, Redis's clock) and publishes one task 
 their own queue, so a slow clinic endpoint never delays a patient's reminder. A task POSTs
 the event to the clinic's webhook URL (or emails the held-booking alert to the clinic's
 address through its email channel), then deletes it; on failure it is tried again with
-backoff, and after `max_attempts` it is given up and kept in `P:ev:dead`. A worker killed
+backoff, and after `max_attempts` it is given up and kept in `P:ev:dead` (`reminders events
+dead` lists them, `reminders events replay` sends them again). A worker killed
 mid-delivery leaves the event claimed until its lease ends, then it is claimed again: a
 receiver may see an event twice, with the same `id` (deduplicate on it), never zero times.
 
@@ -134,11 +135,29 @@ if outcome == 'dead' then
   redis.call('ZREM', due_key, id)
   redis.call('ZADD', dead_key, tonumber(t[1]), id)
   redis.call('EXPIRE', ekey, keep)
+  -- Those given up longer ago than `keep` have expired: their entries go too.
+  redis.call('ZREMRANGEBYSCORE', dead_key, '-inf', '(' .. (tonumber(t[1]) - keep))
   return 'dead'
 end
 redis.call('ZADD', due_key, at, id)
 return 'retry'
 """
+
+
+# Send a given-up event again (`reminders events replay`): due now with its attempts
+# counted afresh, kept until delivered. 0 if it is not given up (any more), or expired.
+_REPLAY = """
+local dead_key, due_key, ekey, id = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+if not redis.call('ZSCORE', dead_key, id) then return 0 end
+redis.call('ZREM', dead_key, id)
+if redis.call('EXISTS', ekey) == 0 then return 0 end
+redis.call('PERSIST', ekey)
+redis.call('HSET', ekey, 'attempts', '0')
+redis.call('ZADD', due_key, 0, id)
+return 1
+"""
+
+EVENT_REF = "ev:"  # an event as `reminders events` names it: "ev:<id>" (no booking id has ":")
 
 
 @dataclass(frozen=True)
@@ -178,6 +197,7 @@ class Events:
         self.emit_script = client.register_script(_EMIT)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
+        self._replay = client.register_script(_REPLAY)
 
     def event_key(self, event_id: str) -> str:
         return f"{self.prefix}:ev:{event_id}"
@@ -248,6 +268,42 @@ class Events:
 
     def dead(self) -> list[str]:
         return cast(list[str], self.redis.zrange(self.dead_key, 0, -1))
+
+    def dead_events(self, clinic: str | None = None) -> list[dict[str, Any]]:
+        """Return the given-up events (optionally one clinic's), oldest first: ids, type,
+        booking id, attempts and the last reason; never a body or contact (events have
+        none). Entries whose event has expired (`retention` after it was given up) are
+        dropped from P:ev:dead on the way."""
+        rows = cast(list[tuple[str, float]],
+                    self.redis.zrange(self.dead_key, 0, -1, withscores=True))
+        pipe = self.redis.pipeline(transaction=False)
+        for event_id, _ in rows:
+            pipe.hgetall(self.event_key(event_id))
+        out: list[dict[str, Any]] = []
+        gone: list[str] = []
+        for (event_id, score), raw in zip(rows, pipe.execute(), strict=True):
+            if not raw:  # expired (an id is never used again: nothing can bring it back)
+                gone.append(event_id)
+                continue
+            if clinic is not None and raw["clinic"] != clinic:
+                continue
+            fields = json.loads(raw["body"])
+            out.append({
+                "id": event_id, "ref": EVENT_REF + event_id, "clinic": raw["clinic"],
+                "type": raw["type"], "kind": raw["kind"],
+                "booking_id": fields.get("booking_id"),
+                "attempts": int(raw.get("attempts", 0)),
+                "reason": raw.get("last_error") or None, "given_up_at": iso(score),
+            })
+        if gone:
+            self.redis.zrem(self.dead_key, *gone)
+        out.sort(key=lambda d: (d["given_up_at"], int(d["id"])))
+        return out
+
+    def replay(self, event_ids: list[str]) -> list[str]:
+        """Put given-up events back to be delivered now; return the ids replayed."""
+        return [event_id for event_id in event_ids if int(self._replay(
+            keys=[self.dead_key, self.due_key, self.event_key(event_id)], args=[event_id]))]
 
 
 # The reply kind a change of consent is told as, per channel: (opted out, opted in again).
