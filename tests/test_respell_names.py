@@ -3,12 +3,17 @@ patient gave us ("The Colour Clinic" stays "The Colour Clinic" in an American me
 
 from __future__ import annotations
 
+import html
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
+from tests.test_send_batches import Rig, gateway, wait_for  # noqa: F401  (gateway: fixture)
+from tests.test_send_races import PROTOCOL
 from worker.catalog import Catalog
+from worker.dispatch import Context, Lanes, Watchdog, hand_over
 from worker.models import CHANNELS, Booking
 from worker.planner import plan
 from worker.rendering import Renderer
@@ -72,3 +77,37 @@ def test_names_keep_their_spelling_in_an_american_message(
     sms = [m for channel, m in messages if channel == "sms"]
     assert any("Colour Clinic" in m for m in sms)
     assert not any("Color" in m for m in sms)
+
+
+def test_a_real_send_to_an_american_patient_names_the_clinic_and_patient_as_given(
+        tmp_path, redis_client, gateway) -> None:  # noqa: F811
+    # Through the real send path (claim, senders, render, Apprise) to a real HTTP gateway.
+    protocol = ('name = "Race protocol"\n[[steps]]\nid = "stop"\noffset = "-3h"\n'
+                'channels = ["email"]\ntemplate = "stop-retinoids"\nlate = "send"\n'
+                + PROTOCOL[PROTOCOL.index("[advice]"):])
+    rig = Rig(tmp_path, redis_client, gateway, protocol=protocol)
+    clinic_file = tmp_path / "config" / "clinics" / "rc.toml"
+    clinic_file.write_text(clinic_file.read_text(encoding="utf-8").replace(
+        'name = "Race Clinic"', f'name = "{CLINIC_NAME}"').replace(
+        'timezone = "UTC"', 'timezone = "America/New_York"').replace(
+        'locale = "en"', 'locale = "en-US"'), encoding="utf-8")
+    rig.catalog = Catalog.load(rig.settings)
+    rig.ctx = Context(settings=rig.settings, store=rig.store, catalog=rig.catalog,
+                      renderer=Renderer(rig.catalog.templates_dir))
+    rig.lanes = Lanes(rig.ctx, watchdog=Watchdog())
+    doc = rig.doc(1, channel="email")
+    doc["patient"].update(name=PATIENT_NAME, timezone="America/New_York", locale="en-US")
+    rig.book(doc)
+    ref = "rc/R-1/stop:email"
+    try:
+        claim = rig.claim(ref)[0]
+        hand_over(rig.ctx, rig.lanes, "email", [[claim.ref, claim.version, claim.claim]],
+                  time.time())
+        wait_for(lambda: rig.store.record(ref).get("status") == "sent")
+    finally:
+        rig.drain()
+    [body] = gateway.bodies
+    sent = html.unescape(f"{body.get('title')}\n{body.get('message')}")  # the HTML body
+    assert CLINIC_NAME in sent and "Hi Moisturiser," in sent, sent
+    assert "moisturizer" in sent and "Call us at" in sent, sent
+    assert "Color" not in sent and "Moisturizer Bar" not in sent, sent
