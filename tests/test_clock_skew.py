@@ -11,6 +11,7 @@ import time as real_time
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
@@ -23,6 +24,7 @@ from tests.test_send_batches import (  # noqa: F401  (gateway, shop: fixtures)
 )
 from worker import dispatch, metrics
 from worker import pump as pump_module
+from worker.clock import RedisClock, redis_time
 from worker.dispatch import hand_over
 from worker.pump import pump
 from worker.store import Claim
@@ -41,6 +43,12 @@ class Skewed:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(real_time, name)
+
+
+@pytest.fixture(autouse=True)
+def fresh_clock(monkeypatch) -> None:
+    """Each test is a sender process that has not read Redis's clock yet."""
+    monkeypatch.setattr(dispatch, "CLOCK", RedisClock(dispatch.CLOCK.local))
 
 
 def publisher(rig: Rig, handed: list[float]):
@@ -119,3 +127,14 @@ def test_a_sender_in_step_with_redis_says_nothing(shop, monkeypatch, caplog):  #
     line = next(x for x in generate_latest(registry).decode().splitlines()
                 if x.startswith("reminders_clock_skew_seconds "))
     assert abs(float(line.split()[1])) < 0.5, line
+
+
+def test_a_wall_clock_stepped_after_the_reading_changes_nothing(redis_client) -> None:
+    # NTP stepping the host's clock (or a VM resumed) between two readings: Redis's clock as
+    # read here goes on with the monotonic clock, not with the wall clock.
+    wall = {"offset": 0.0}
+    clock = RedisClock(lambda: real_time.time() + wall["offset"])
+    assert abs(clock.measure(redis_client)) < 0.5
+    wall["offset"] = 3600.0
+    assert abs(clock.now() - redis_time(redis_client)) < 0.5
+    assert abs(clock.measure(redis_client) - 3600.0) < 0.5  # and the next reading tells

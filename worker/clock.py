@@ -3,12 +3,12 @@
 An instant that one host sets and another compares (a claim's start-by deadline: set by
 the pump, checked by a sender, worker/dispatch.py) is an instant on Redis's clock: the
 claim script leases on it, the pump reads it (`redis_time`), and each sender process
-keeps the offset between its own clock and Redis's (`RedisClock`), measured from a TIME
-reply when its senders start and every CHECK_EVERY_SECONDS after. So a host whose clock is
-off (no NTP, a VM resumed) still begins its claims in time instead of handing every one
-back as "not started in time".
+keeps its own reading of it (`RedisClock`): Redis's TIME, taken when its senders start and
+every CHECK_EVERY_SECONDS after, carried forward by the monotonic clock in between. So a
+host whose wall clock is off (no NTP, a VM resumed), or is stepped meanwhile, still begins
+its claims in time instead of handing every one back as "not started in time".
 
-The offset is shown as `reminders_clock_skew_seconds` (this host's clock minus Redis's,
+The skew is shown as `reminders_clock_skew_seconds` (this host's clock minus Redis's,
 worker/metrics.py), and a skew beyond SKEW_WARN_SECONDS is logged as a WARNING (again
 every SKEW_WARN_EVERY_SECONDS while it lasts): the rest of the service (send windows,
 timelines, backoff) reads the host's clock, so hosts must still be NTP-synced.
@@ -26,7 +26,7 @@ import redis
 from .metrics import set_clock_skew
 
 log = logging.getLogger(__name__)
-CHECK_EVERY_SECONDS = 5.0  # a sender's offset to Redis's clock is measured again this often
+CHECK_EVERY_SECONDS = 5.0  # a sender reads Redis's clock again this often
 SKEW_WARN_SECONDS = 1.0  # a host's clock further off Redis's than this is warned about
 SKEW_WARN_EVERY_SECONDS = 300.0  # ... at most this often while it lasts
 
@@ -38,29 +38,35 @@ def redis_time(client: redis.Redis) -> float:
 
 
 class RedisClock:
-    """This process's estimate of Redis's clock: `local()` plus the offset last measured."""
+    """This process's reading of Redis's clock: the last TIME reply plus the monotonic
+    time since (this host's wall clock until a first reply)."""
 
     def __init__(self, local: Callable[[], float]) -> None:
-        self.local = local  # the host's wall clock (time.time)
-        self.offset = 0.0  # Redis's clock minus the host's, last measured
+        self.local = local  # the host's wall clock (time.time): its skew is measured
+        # (Redis's clock, time.monotonic()) at the last measure
+        self._reading: tuple[float, float] | None = None
         self._measured_at: float | None = None  # time.monotonic() of the last measure
         self._warned_at: float | None = None
         self._lock = threading.Lock()
 
     def now(self) -> float:
-        """Return Redis's clock now, as estimated here (epoch seconds)."""
-        return self.local() + self.offset
+        """Return Redis's clock now, as read here (epoch seconds)."""
+        reading = self._reading
+        if reading is None:
+            return self.local()
+        server, at = reading
+        return server + (time.monotonic() - at)
 
     def measure(self, client: redis.Redis) -> float:
-        """Measure the offset from one TIME round trip; return the host's skew (its clock
-        minus Redis's). Raises what the Redis client raises."""
-        before = self.local()
+        """Read Redis's clock in one TIME round trip; return the host's skew (its wall
+        clock minus Redis's). Raises what the Redis client raises."""
+        sent, before = time.monotonic(), self.local()
         server = redis_time(client)
-        after = self.local()
+        after, answered = self.local(), time.monotonic()
         skew = (before + after) / 2 - server  # off by at most half the round trip
         with self._lock:
-            self.offset = -skew
-            self._measured_at = time.monotonic()
+            self._reading = (server, (sent + answered) / 2)
+            self._measured_at = answered
             warn = abs(skew) > SKEW_WARN_SECONDS and (
                 self._warned_at is None
                 or self._measured_at - self._warned_at >= SKEW_WARN_EVERY_SECONDS)
@@ -77,7 +83,7 @@ class RedisClock:
 
     def refresh(self, client: redis.Redis) -> None:
         """Measure again if the last measure is CHECK_EVERY_SECONDS old (or none was made);
-        Redis unreachable keeps the last offset."""
+        Redis unreachable keeps the last reading."""
         with self._lock:
             due = (self._measured_at is None
                    or time.monotonic() - self._measured_at >= CHECK_EVERY_SECONDS)
@@ -85,4 +91,4 @@ class RedisClock:
             try:
                 self.measure(client)
             except redis.RedisError:
-                pass  # the last offset holds; the next refresh tries again
+                pass  # the last reading holds; the next refresh tries again

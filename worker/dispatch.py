@@ -57,8 +57,8 @@ A claim still waiting for a free thread after that is handed back to the schedul
 (`Store.requeue`, due now): never left to sit until its lease runs out and be claimed again
 behind a stale task. The pump sizes batches so that this is rare. `claimed_at` is an
 instant on Redis's clock (the pump reads it there), so the deadline is compared with this
-process's estimate of Redis's clock (`CLOCK`, worker/clock.py: measured when the senders
-start and every few seconds after), never with this host's own: a host whose clock runs
+process's reading of Redis's clock (`CLOCK`, worker/clock.py: read when the senders start
+and every few seconds after), never with this host's own: a host whose clock runs
 ahead of the pump's still begins its claims.
 
 No attempt outlives its ledger entry. The entry lives `lease_seconds` from the attempt's
