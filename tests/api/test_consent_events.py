@@ -186,3 +186,32 @@ def test_two_stops_at_once_tell_the_clinic_once(server, tw, receiver):
     assert replied(server, receiver) == [("A-1", "stop", "sms")]
     assert all(r["status"] != "scheduled" for r in reminders(tw, "A-1").values()
                if r["channel"] == "sms")
+
+
+def test_an_unsubscribe_whose_event_was_not_written_is_told_when_clicked_again(
+        server, tw, receiver):
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    real = store.opt_out
+    calls = []
+
+    def then_redis_fails(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        if len(calls) == 1:
+            raise redis.ConnectionError("forced: the connection broke after the write")
+        return calls[-1]
+
+    path = link_for(server, "ana@example.com")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    store.opt_out = then_redis_fails
+    try:
+        with server.client() as client:
+            assert client.post(path, content="List-Unsubscribe=One-Click",
+                               headers=form).status_code == 503
+            assert store.opted_out("tw", "email", "ana@example.com")
+            assert client.post(path, content="List-Unsubscribe=One-Click",
+                               headers=form).status_code == 200
+    finally:
+        del store.opt_out
+    assert len(calls) == 1  # opted out already: the second click only tells the clinic
+    assert replied(server, receiver) == [("A-1", "unsubscribe", "email")]
