@@ -635,17 +635,25 @@ redis.call('SET', lkey, token, 'PX', ledger_ms)
 a[A_TOK] = token
 a[A_TRIES] = add(a[A_TRIES], 1)
 local flagged = string.find(string.match(r[R_FLAGS], '^[^#]*'), 's', 1, true)
+local flipped = false
 if verdict == 'ok sms' and not flagged then
   -- An email going by SMS: the SMS frequency cap counts it (flag "s", `_sms_times`).
   r[R_FLAGS] = 's' .. r[R_FLAGS]
+  flipped = true
 elseif verdict == 'ok' and flagged then
   -- An email that an earlier attempt took by SMS (not sent then: a retry, a defer) goes by
   -- email now (the patient subscribed again): no longer an SMS for the cap.
   local hash = string.find(r[R_FLAGS], '#', 1, true) or (#r[R_FLAGS] + 1)
   r[R_FLAGS] = string.gsub(string.sub(r[R_FLAGS], 1, hash - 1), 's', '')
     .. string.sub(r[R_FLAGS], hash)
+  flipped = true
 end
 save(bkey, key, r, a)
+if flipped then
+  -- What the SMS cap counts changed: the upserts of the patient's other bookings that read
+  -- it before must see it (`_caps_read`'s guard reads `smsv` beside the version).
+  redis.call('HINCRBY', bkey, 'smsv', 1)
+end
 return verdict
 end
 local verdict = begin()
