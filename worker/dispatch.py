@@ -861,8 +861,10 @@ class Lanes:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._waiting: dict[str, int] = {}  # handed over, not begun yet
         self._settled: dict[str, list[str]] = {}  # outstanding members to report
-        self._drained: dict[str, int] = {}  # of which began (or were dropped by the fence)
+        self._drained: dict[str, int] = {}  # of which reached the provider
         self._busy: dict[str, float] = {}  # ... and the seconds they took
+        # Per sender thread: whether its current attempt reached the provider (`_one`).
+        self._reached = threading.local()
         self._idle_since: dict[str, float] = {}  # channels that ran dry, to nudge
         self._registered_at = 0.0
         self._closing = False
@@ -883,6 +885,7 @@ class Lanes:
                      started: float) -> HandingOver:
         """Register an attempt about to hand its message to the provider (see `close`)."""
         handing = HandingOver(self, ref, attempt, entry, started)
+        self._reached.provider = True  # a send: its time counts in the pump's latency
         with self._lock:
             self._handing[id(handing)] = handing
         return handing
@@ -942,9 +945,7 @@ class Lanes:
         started = time.monotonic()
         # On shutdown, what has not begun goes straight back to the schedule.
         deadline = 0.0 if self._closing else start_by
-        # Past its start: handed back unbegun, or dropped unbegun (claimed again meanwhile:
-        # a stale batch a worker finds in its queue after an outage).
-        unbegun = CLOCK.now() > deadline
+        self._reached.provider = False  # set by `handing_over`
         try:
             outcome = attempt(self.ctx, ref, version, claim, start_by=deadline, begun=on_begun,
                               watchdog=self.watchdog, guard=self)
@@ -953,10 +954,13 @@ class Lanes:
                         ref, type(exc).__name__)
         finally:
             on_begun()
-            # A claim not begun says nothing of how long a send takes: counted as one, a
-            # queue of stale batches drained in round trips shrank the pump's measured
-            # latency to milliseconds, and its window to the whole backlog.
-            took = None if outcome == "handed back" or unbegun else time.monotonic() - started
+            # Only an attempt that reached the provider (sent, or failed there) says how
+            # long a send takes: one ending in a round trip or two (handed back or dropped
+            # unbegun, skipped as expired, deferred by the send window, dropped because the
+            # booking moved, requeued) counted as one, and a backlog of them drained after
+            # an outage shrank the pump's measured latency to milliseconds, and its window
+            # to the whole backlog.
+            took = time.monotonic() - started if self._reached.provider else None
             self._settle(channel, f"{claim}@{ref}", took)
         return outcome
 
