@@ -307,9 +307,17 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         # The time rules again, now: the fence's round trip may have waited out a Redis
         # restart (the client retries for about half a minute) past the reminder's expiry
         # or the end of the send window.
-        rule = _send_time(record, *place, datetime.now(UTC))
+        later = datetime.now(UTC)
+        rule = _send_time(record, *place, later)
         if rule.action != "send":
             return _hold_back(ctx, ref, attempt, rule, entry, moving)
+        # And the SMS cap's day: an SMS begun before the patient's midnight and handed over
+        # after it goes on a day it was not counted on (that day may hold another SMS):
+        # capped there as a late SMS (moved to the next slot the cap allows).
+        if later.astimezone(place[1]).date() != now.astimezone(place[1]).date():
+            late = _late_sms(ctx, ref, attempt, entry, moving, later)
+            if late is not None:
+                return late
     except DeliveryError as exc:
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place,
                            moving)
