@@ -9,9 +9,11 @@ embedded Redis is restarted the same way, on the same port and data folder (AOF 
 the worker, beat and the other `reminders` commands find it again at the same URL with
 its data.
 
-Only Ctrl-C or SIGTERM stops the service: every child is stopped (SIGTERM, then
-SIGKILL once the worker's whole shutdown grace and a margin have passed: `stop_grace`),
-the embedded Redis last, and nothing is left behind.
+Only Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops the service: every child is
+stopped (SIGTERM, then SIGKILL once the worker's whole shutdown grace and a margin have
+passed: `stop_grace`), the embedded Redis last, and nothing is left behind. A `reminders
+run` that finds the embedded Redis of an earlier one still serving its folder (that one
+was SIGKILLed: its children outlive it) refuses to start a second on the same data.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import redis
 
 from .embedded import URL_FILE, RedisServer, free_port
 from .errors import ConfigError
@@ -200,6 +204,25 @@ def _stop(children: list[Child], grace: float = GRACE_SECONDS) -> None:
         child.stop(deadline)
 
 
+def serving_embedded(redis_dir: Path, url_file: Path) -> str | None:
+    """Return the URL of an embedded Redis still serving `redis_dir` (named by `url_file`,
+    left by a `reminders run` that did not stop cleanly: a SIGKILL ends it alone), else None."""
+    try:
+        url = url_file.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    from .connections import PROBE, from_url
+
+    client = from_url(url, PROBE)
+    try:
+        served = client.config_get("dir").get("dir")
+    except (redis.RedisError, ValueError):
+        return None
+    finally:
+        client.close()
+    return url if served and Path(str(served)) == redis_dir.resolve() else None
+
+
 def run_all(settings: Settings) -> int:
     """Run Redis (if embedded), worker, beat and the API until interrupted; return the code."""
     configure(settings.log_format, settings.log_level)  # worker/logs.py
@@ -214,7 +237,10 @@ def run_all(settings: Settings) -> int:
         nonlocal stopping
         stopping = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too: the terminal closed. Its default would end this process alone, leaving the
+    # children (own sessions) running, orphaned, the embedded Redis among them.
+    previous = {s: signal.signal(s, on_signal)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     celery_children = [Child(role, _celery_spawner(role, settings, env))
                        for role in ("worker", "beat")]
     api_port = settings.api_port or free_port()  # chosen once: a restart keeps the URL
@@ -223,6 +249,13 @@ def run_all(settings: Settings) -> int:
     children = [*celery_children, api_child]
     try:
         if settings.redis_url is None and not settings.redis_sentinels:
+            running = serving_embedded(settings.data_dir / "redis", url_file)
+            if running:
+                raise ConfigError(url_file, f"the embedded Redis of an earlier `reminders run` "
+                                  f"still serves this folder at {running} (with its worker, "
+                                  "beat and API, if they outlived it): stop them first; a "
+                                  "second Redis on the same data would send every reminder "
+                                  "twice")
             server = RedisServer(settings.data_dir / "redis")
             embedded = server
 
