@@ -1098,6 +1098,12 @@ return 'cancelled'
 # email of a care-critical step is left to go by SMS when the patient allows SMS. Returns
 # {1 if the address was not opted out before (0 if it was), number skipped, booking ids
 # touched...}.
+# KEYS[4], ARGV[9] (modes 'out', 'optin'): the clinic's consent record (worker/webhooks.py
+# `tell_consent`) and this contact's field in it. An opt-out made here marks it "0" (opted
+# out, the clinic not told yet) unless it holds "1" (told opted out: a START not told yet),
+# so an opt-out with no field was made before the record existed, by code that told the
+# clinic of a STOP then (`tell_consent` counts it told). The opt-in of such an SMS opt-out
+# writes "1" in the same step, so its START is told as a change.
 # Mode 'optin' removes the opt-out (returns {1 if it was opted out, 0}); then mode 'in'
 # puts back into the schedule the reminders Python chose (`Store.opt_in`), unless the
 # address was opted out again since (a STOP after the START: {0, 0}, nothing put back):
@@ -1108,11 +1114,17 @@ return 'cancelled'
 # (else {-1}: read again); an SMS resumed bumps its booking's `smsv` (the SMS cap's guards
 # of other writes read it). Returns {0, number resumed}.
 _OPT_OUT = """
-local optkey, due_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
+local optkey, due_key, lease_key, told_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, clinic, channel, contact, why, mode, hooks, critical =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local field = channel .. ':' .. contact
-if mode == 'optin' then return {redis.call('HDEL', optkey, field), 0} end
+if mode == 'optin' then
+  local was = redis.call('HDEL', optkey, field)
+  if was == 1 and channel == 'sms' and redis.call('HEXISTS', told_key, ARGV[9]) == 0 then
+    redis.call('HSET', told_key, ARGV[9], '1')  -- an opt-out from before the record: told
+  end
+  return {was, 0}
+end
 if mode == 'in' then
   -- Opted out again since this opt-in (a STOP after the START): the STOP holds, nothing
   -- goes back.
@@ -1210,18 +1222,19 @@ if mode == 'in' then
   end
   return {0, resumed}
 end
--- ARGV[9]: the addresses of these bookings' documents, normalised in Python (contact_of).
-local norms = cjson.decode(ARGV[9])
+-- ARGV[10]: the addresses of these bookings' documents, normalised in Python (contact_of).
+local norms = cjson.decode(ARGV[10])
 local seen = {}
-for n = 10, #ARGV do
+for n = 11, #ARGV do
   local found, doc_table, patient, missing = contact_of(
     redis.call('GET', prefix .. ':d:' .. clinic .. '/' .. ARGV[n]), channel, norms)
   if missing or norms_stale(doc_table, norms) then return {-1} end  -- read again
   seen[n] = {found, doc_table, patient}
 end
 local first = redis.call('HSET', optkey, field, why)
+if first == 1 then redis.call('HSETNX', told_key, ARGV[9], '0') end  -- to be told
 local skipped, touched = 0, {}
-for n = 10, #ARGV do
+for n = 11, #ARGV do
   local booking_id = ARGV[n]
   local base = clinic .. '/' .. booking_id
   local bkey = prefix .. ':b:' .. base
@@ -2077,6 +2090,18 @@ class Store:
         """HASH "<channel>:<address>" -> why (the patient's words and when) of opted-out
         addresses (worker/optout.py): kept until the patient opts in again."""
         return f"{self.prefix}:optout:{clinic}"
+
+    def consent_key(self, clinic: str) -> str:
+        """HASH `consent_field` -> what the clinic was told of that contact's consent
+        (worker/webhooks.py `tell_consent`: "1" told opted out, "0" opted out and not told
+        yet; no field: told nothing, or opted out before this record existed)."""
+        return f"{self.prefix}:ev:consent:{clinic}"
+
+    def consent_field(self, channel: str, contact: str) -> str:
+        """`contact`'s field in `consent_key`: "<channel>:<contact id>" (keyed: no number
+        or address in it)."""
+        kind = "email" if channel == "email" else "phone"
+        return f"{channel}:{self.contact_id(kind, normal_contact(channel, contact))}"
 
     # --- layout ----------------------------------------------------------------------
 
@@ -3824,9 +3849,10 @@ class Store:
                 pipe.get(self.doc_key(clinic, booking_id))
             norms = _contact_norms(cast(list[str | None], pipe.execute()))
             reply = self._opt_out(
-                keys=[self.optout_key(clinic), self.due_key, self.lease_key],
+                keys=[self.optout_key(clinic), self.due_key, self.lease_key,
+                      self.consent_key(clinic)],
                 args=[self.prefix, clinic, channel, contact, why, "out", self._hooks(clinic),
-                      critical, norms, *bookings],
+                      critical, self.consent_field(channel, contact), norms, *bookings],
             )
             if int(reply[0]) != -1:
                 break
@@ -3859,8 +3885,10 @@ class Store:
         # Opted in first, then what to put back is read and decided: a STOP arriving
         # meanwhile holds (the write puts nothing back once the number is opted out again).
         was = bool(int(self._opt_out(
-            keys=[self.optout_key(clinic), self.due_key, self.lease_key],
-            args=[self.prefix, clinic, channel, contact, reason, "optin", "", ""])[0]))
+            keys=[self.optout_key(clinic), self.due_key, self.lease_key,
+                  self.consent_key(clinic)],
+            args=[self.prefix, clinic, channel, contact, reason, "optin", "", "",
+                  self.consent_field(channel, contact)])[0]))
         for _ in range(_NORMS_TRIES):  # again only if a booking changed meanwhile
             now = time.time()
             bookings = self.contact_bookings(clinic, channel, contact)

@@ -13,8 +13,10 @@ own schedule:
   P:ev:due        ZSET  event id -> when to try it (a claimed event: when its lease ends)
   P:ev:dead       ZSET  event id -> when it was given up (kept `retention`, then expires)
   P:ev:consent:<clinic>  HASH  "<channel>:<contact id>" -> "1": the clinic was told this
-                        contact opted out of that channel (`tell_consent`; no number or
-                        address in it: the contact index's keyed id)
+                        contact opted out of that channel; "0": opted out (the opt-out
+                        script writes it), not told yet (`tell_consent`; no number or
+                        address in it: the contact index's keyed id). An SMS opt-out with
+                        no field predates the record: the clinic was told of it then
 
 The pump claims due events (one Lua step, Redis's clock) and publishes one task each on
 their own queue, so a slow clinic endpoint never delays a patient's reminder. A task POSTs
@@ -324,6 +326,15 @@ def tell_consent(store: Store, clinic: str, channel: str, contact: str, when: da
     after the opt-out's write, the process died) is told when the patient or the provider
     sends it again, where the opt-out script's own answer says "nothing changed". A STOP
     then a START before either is told tells nothing: the clinic's record is still right.
+
+    An upgraded deployment: an SMS opt-out with no record was made before the record
+    existed (every opt-out since marks it "0" in its own script, worker/store.py _OPT_OUT),
+    and the code of its day told the clinic and confirmed it: counted told, so a STOP again
+    gets no second event or confirmation, and its START (whose opt-in writes "1" for it) is
+    told. No marker in time: nothing to set at start-up, any process may serve any request,
+    and a STOP served by an older process still running meanwhile (which tells it itself)
+    is counted told too. An email unsubscribe was never told before the record: one with no
+    record is told (once) when the link is clicked again.
     """
     import redis
 
@@ -332,17 +343,23 @@ def tell_consent(store: Store, clinic: str, channel: str, contact: str, when: da
     contact = normal_contact(channel, contact)
     out_key = store.optout_key(clinic)
     out_field = f"{channel}:{contact}"
-    told_key = f"{store.prefix}:ev:consent:{clinic}"
-    kind = "email" if channel == "email" else "phone"
-    told_field = f"{channel}:{store.contact_id(kind, contact)}"
+    told_key = store.consent_key(clinic)
+    told_field = store.consent_field(channel, contact)
     events = Events(store.redis, store.prefix)
     with store.redis.pipeline(transaction=True) as pipe:
         while True:
             try:
                 pipe.watch(out_key, told_key)  # type: ignore[no-untyped-call]  # redis-py stubs
                 out = bool(pipe.hexists(out_key, out_field))
-                if out == bool(pipe.hexists(told_key, told_field)):
-                    pipe.reset()
+                record = cast(str | None, pipe.hget(told_key, told_field))
+                told = record == "1" or (record is None and out and channel == "sms")
+                if out == told:
+                    if record == "0":  # out and in again, never told: nothing to tell
+                        pipe.multi()
+                        pipe.hdel(told_key, told_field)
+                        pipe.execute()
+                    else:
+                        pipe.reset()
                     return None
                 reply = CONSENT_REPLIES[channel][0 if out else 1]
                 ids = store.contact_bookings(clinic, channel, contact)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import redis
+
 from tests.api.test_consent_events import receiver, replied, server, tw  # noqa: F401
 from tests.api.test_inbound import ANA, EVA, book, link_for, message_of, reminders, text
 
@@ -128,3 +130,31 @@ def test_a_start_from_a_number_opted_out_before_the_upgrade_is_told_once(
     assert message_of(text(server, "STOP")) is not None
     assert message_of(text(server, "STOP")) is None
     assert replied(server, receiver)[2:] == [("A-1", "stop", "sms")]
+
+
+def test_a_legacy_numbers_start_whose_event_was_not_written_is_told_when_sent_again(
+        server, tw, receiver):  # noqa: F811
+    """Redis fails right after the opt-in of a number opted out before the upgrade (its
+    opt-out is gone, nothing told): the provider's retry still tells "start", once."""
+    book(tw, "A-1")
+    legacy_stop(server)
+    store = server.app.state.services.store
+    real = store.opt_in
+    calls = []
+
+    def then_redis_fails(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        if len(calls) == 1:
+            raise redis.ConnectionError("forced: the connection broke after the write")
+        return calls[-1]
+
+    store.opt_in = then_redis_fails
+    try:
+        assert text(server, "START").status_code == 503
+        assert store.opted_out("tw", "sms", ANA) is None
+        assert message_of(text(server, "START")) is not None
+    finally:
+        del store.opt_in
+    assert replied(server, receiver) == [("A-1", "stop", "sms"), ("A-1", "start", "sms")]
+    message_of(text(server, "START"))
+    assert len(replied(server, receiver)) == 2
