@@ -215,3 +215,30 @@ def test_an_unsubscribe_whose_event_was_not_written_is_told_when_clicked_again(
         del store.opt_out
     assert len(calls) == 1  # opted out already: the second click only tells the clinic
     assert replied(server, receiver) == [("A-1", "unsubscribe", "email")]
+
+
+def test_a_stop_after_a_start_whose_event_was_not_written_is_confirmed(
+        server, tw, receiver):
+    """STOP (told), then START opts the number in but Redis fails before the clinic is told
+    (503), then the patient texts STOP: that STOP opted the number out again and is the
+    patient's to be confirmed, although the clinic's record ('stop') needs no new event."""
+    book(tw, "A-1")
+    assert message_of(text(server, "STOP")) is not None
+    assert replied(server, receiver) == [("A-1", "stop", "sms")]
+    store = server.app.state.services.store
+    real = store.opt_in
+
+    def then_redis_fails(*args, **kwargs):
+        real(*args, **kwargs)
+        raise redis.ConnectionError("forced: the connection broke after the write")
+
+    store.opt_in = then_redis_fails
+    try:
+        assert text(server, "START").status_code == 503
+    finally:
+        del store.opt_in
+    assert store.opted_out("tw", "sms", ANA) is None  # opted in, the clinic not told
+    assert message_of(text(server, "STOP")) is not None  # its one confirmation
+    assert store.opted_out("tw", "sms", ANA) is not None
+    assert message_of(text(server, "STOP")) is None  # and only one
+    assert replied(server, receiver) == [("A-1", "stop", "sms")]
