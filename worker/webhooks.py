@@ -312,6 +312,16 @@ class Events:
 CONSENT_REPLIES = {"sms": ("stop", "start"), "email": ("unsubscribe", "resubscribe")}
 
 
+def consent_told(store: Store, clinic: str, channel: str, contact: str) -> bool:
+    """Return whether the clinic was last told that `contact` opted out of `channel`
+    (P:ev:consent, as `tell_consent` writes it)."""
+    from .optout import normal_contact
+
+    kind = "email" if channel == "email" else "phone"
+    field = f"{channel}:{store.contact_id(kind, normal_contact(channel, contact))}"
+    return bool(store.redis.hexists(f"{store.prefix}:ev:consent:{clinic}", field))
+
+
 def tell_consent(store: Store, clinic: str, channel: str, contact: str, when: datetime, *,
                  hooks: str) -> str | None:
     """Tell the clinic of `contact`'s consent to `channel` as it stands now, if it was not

@@ -68,7 +68,7 @@ from ..optout import (
 )
 from ..sms import fold_to_gsm7
 from ..status import Status
-from ..webhooks import hooks_of, tell_consent
+from ..webhooks import consent_told, hooks_of, tell_consent
 from .errors import ApiError
 from .schemas import ErrorBody
 from .services import Services, Svc
@@ -170,9 +170,13 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
 
     opted_out = store.opted_out(clinic.id, "sms", phone) is not None
     if intent == "stop":
-        skipped, touched = store.opt_out(
+        # Read before the opt-out: a START that opted the number in and failed before it
+        # told the clinic leaves "opted out" told, and this STOP has nothing to tell.
+        told_out = consent_told(store, clinic.id, "sms", phone)
+        done = store.opt_out(
             clinic.id, "sms", phone, f"the patient replied STOP by SMS at {stamp}",
             critical=svc.catalog.critical_steps)
+        skipped, touched = done
         # The clinic is told (patient.replied "stop") by the STOP that changed the number's
         # consent, or by a STOP sent again when that one could not tell it (webhooks.py).
         told = tell_consent(store, clinic.id, "sms", phone, now, hooks=hooks_of(clinic))
@@ -180,8 +184,11 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
                  "booking(s))", clinic.id, skipped, len(touched))
         # One confirmation: only the STOP that told the opt-out, not a second one arriving
         # at the same time or later (a STOP whose request failed before it was told is
-        # answered when it comes again: its first answer never reached the patient).
-        return intent, answer("stop") if told == "stop" else None
+        # answered when it comes again: its first answer never reached the patient). And
+        # the STOP that opted the number out again after an untold START: nothing to tell
+        # the clinic (its record says opted out), but the patient is owed the answer.
+        confirm = told == "stop" or (done.first and told is None and told_out)
+        return intent, answer("stop") if confirm else None
     if intent == "start":
         back = store.opt_in(clinic.id, "sms", phone, caps=clinic.sms,
                             why=f"the patient replied START by SMS at {stamp}",
