@@ -18,6 +18,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from .batch import (
     AUTO_AFTER,
     CHUNK,
@@ -44,7 +46,7 @@ from .batch import (
 from .catalog import Catalog
 from .errors import ConfigError, NotFound
 from .models import YEARS
-from .settings import Settings, get_settings
+from .settings import Settings, get_settings, settings_problem
 from .status import Status
 from .timeline import from_plan, render_table
 
@@ -792,6 +794,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
+    except ValidationError as exc:  # named as set, not a traceback
+        print(f"configuration error: {settings_problem(exc)}", file=sys.stderr)
+        return EXIT_REFUSED if args.command == "health" else EXIT_CONFIG  # health: unhealthy
+    try:
         return COMMANDS[args.command][0](args, settings)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -187,6 +187,19 @@ def _parse_sentinels(value: str) -> list[tuple[str, int]]:
                              "list such as sentinel-1:26379,sentinel-2:26379")
         addresses.append((host.strip("[]"), int(port)))
     return addresses
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """Return what is wrong with the environment's settings, each named as it is set:
+    "REMINDERS_LEASE_SECONDS: Input should be a valid integer, ..." (not the value given:
+    it may be a secret)."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = "__".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{prefix}{where}".upper() + f": {message}" if where else message)
+    return "; ".join(problems)
 
 
 @lru_cache(maxsize=1)
