@@ -1,0 +1,53 @@
+"""An email goes to the patient's address exactly as booked, whatever it holds.
+
+The address reaches Apprise inside the channel URL (`{to}`, URL-quoted) and Apprise's
+email plugin reads it back with its own pattern (apprise/utils/parse.py GET_EMAIL_RE),
+which takes an apostrophe in the first word of an address as the end of a display name:
+"o'brien@example.com" became the recipient "brien@example.com" named "o", another
+person's mailbox. Real aiosmtpd server: the envelope recipient and the To header.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.sinks import SmtpSink
+from worker.clinics import Clinic
+from worker.delivery import Envelope, deliver
+from worker.models import parse_email
+from worker.rendering import RenderedMessage
+
+NOW = datetime(2026, 11, 28, 17, 0, 1, tzinfo=UTC)
+MAIL = RenderedMessage("email", "Tu cita - Glow", "Hola,\nnos vemos pronto.",
+                       "<p>Hola,</p><p>nos vemos pronto.</p>")
+
+
+@pytest.fixture(scope="module")
+def sink():
+    server = SmtpSink().start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("address", [
+    "o'brien@example.com",
+    "mary'ann.smith@example.com",
+    "x+o'brien@example.com",
+    "a&cc=eve@example.com",
+    "a?to=eve%40example.org#x/y@example.com",
+    "ana+tag@example.com",
+])
+def test_email_reaches_exactly_the_booked_address(sink, address):
+    to = parse_email(address)
+    assert to == address  # a valid address, kept as written
+    url = Clinic(id="glow", name="Glow", phone="+34910000000", timezone="Europe/Madrid",
+                 channels={"email": f"mailto://127.0.0.1:{sink.port}?from=hola@glow.example"
+                                    "&to={to}&mode=insecure"}).channel_url("email", to)
+    before = len(sink.snapshot())
+    deliver(url, Envelope("glow/A-1/prep:email", "glow", "email", to), MAIL, outbox=None,
+            timeout=5, now=NOW)
+    got = sink.snapshot()[before:]
+    assert [m.to for m in got] == [address]
+    assert got[0].raw["To"].addresses[0].addr_spec == address
