@@ -73,7 +73,7 @@ from apprise.plugins.email.smtp import (
     AppriseSMTPController,
     SMTPSecureMode,
 )
-from apprise.utils.parse import GET_SCHEMA_RE, parse_urls
+from apprise.utils.parse import GET_SCHEMA_RE, is_email, parse_urls
 
 from . import apprise_lines, email_mime
 from .apprise_plugins import has_plugin, load_plugins, schema_of
@@ -667,9 +667,12 @@ def _load_service(url: str) -> Any:
 
 
 def send_apprise(url: str, message: RenderedMessage, timeout: float,
-                 headers: Mapping[str, str] | None = None) -> str:
+                 headers: Mapping[str, str] | None = None, *, to: str | None = None) -> str:
     """Send one message through Apprise (this thread's Apprise object, the URL's plugin
     made for this message); classify any failure.
+
+    `to`: the recipient's address as booked (the URL's `{to}`): an email goes to it
+    exactly (`_exact_recipient`).
 
     Safe to call from many threads at once: nothing here changes shared state.
     """
@@ -681,6 +684,8 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float,
         ) from None
     if not services:
         raise DeliveryError("Apprise cannot load the channel URL", permanent=True)
+    if to is not None:
+        _exact_recipient(services, to)
     notifier = _notifier()
     notifier.clear()
     notifier.add(services)
@@ -688,6 +693,27 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float,
         return _notify(notifier, message)
     finally:
         notifier.clear()
+
+
+def _exact_recipient(services: Sequence[Any], to: str) -> None:
+    """Have the email plugin send to `to` itself where it read the address as another one.
+
+    Apprise's email plugin reads each recipient of its URL with its own pattern
+    (GET_EMAIL_RE), which takes an apostrophe in the first word of an address as the end
+    of a display name: "o'brien@example.com" is read as "brien@example.com" named "o", a
+    valid address, someone else's. That reading is put back to the address as booked.
+    An address the plugin drops as invalid stays dropped (the send fails for good).
+    """
+    found = is_email(to)  # type: ignore[no-untyped-call]  # Apprise: untyped
+    if not found:
+        return
+    misread = (found["name"] or False, found["full_email"])
+    if misread == (False, to):
+        return
+    for service in services:
+        if isinstance(service, apprise_email.NotifyEmail):
+            service.targets = [(False, to) if target == misread else target
+                               for target in service.targets]
 
 
 def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
@@ -823,7 +849,8 @@ def deliver(
             raise DeliveryError(
                 f"cannot write to the outbox ({exc.strerror})", permanent=False
             ) from None
-    return send_apprise(url, message, timeout, headers if _is_email_url(url) else None)
+    return send_apprise(url, message, timeout, headers if _is_email_url(url) else None,
+                        to=envelope.to)
 
 
 def _is_email_url(url: str) -> bool:
