@@ -7,6 +7,7 @@ HTTP gateway; the skewed clock is the one edge patched: the module's `time`."""
 from __future__ import annotations
 
 import logging
+import threading
 import time as real_time
 from collections.abc import Sequence
 from typing import Any
@@ -138,3 +139,30 @@ def test_a_wall_clock_stepped_after_the_reading_changes_nothing(redis_client) ->
     wall["offset"] = 3600.0
     assert abs(clock.now() - redis_time(redis_client)) < 0.5
     assert abs(clock.measure(redis_client) - 3600.0) < 0.5  # and the next reading tells
+
+
+def test_a_reading_taken_across_a_redis_restart_is_not_off_by_the_wait(tmp_path) -> None:
+    # Redis restarts (about 3 s) when a sender reads its clock: the client retries TIME
+    # until it is back, and the reply is of the moment Redis answered, not of the middle of
+    # the wait. Read as the middle, the sender's clock ran ahead by half the outage and
+    # every claim with less start-by than that left was handed back "not started in time".
+    from worker.connections import WORKER, from_url
+    from worker.embedded import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    client = from_url(server.url, WORKER)
+    back: list[threading.Thread] = []
+    try:
+        clock = RedisClock(real_time.time)
+        server.stop()
+        back.append(threading.Thread(target=lambda: (real_time.sleep(3.0), server.start())))
+        back[0].start()
+        started = real_time.monotonic()
+        clock.measure(client)  # retried through the restart
+        assert real_time.monotonic() - started > 2.5
+        assert abs(clock.now() - redis_time(client)) < 0.5
+    finally:
+        for thread in back:
+            thread.join()
+        client.close()
+        server.stop()
