@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 CHECK_EVERY_SECONDS = 5.0  # a sender reads Redis's clock again this often
 SKEW_WARN_SECONDS = 1.0  # a host's clock further off Redis's than this is warned about
 SKEW_WARN_EVERY_SECONDS = 300.0  # ... at most this often while it lasts
+TRUSTED_ROUND_TRIP_SECONDS = 0.25  # a TIME round trip longer than this is read again
 
 
 def redis_time(client: redis.Redis) -> float:
@@ -58,11 +59,16 @@ class RedisClock:
         return server + (time.monotonic() - at)
 
     def measure(self, client: redis.Redis) -> float:
-        """Read Redis's clock in one TIME round trip; return the host's skew (its wall
+        """Read Redis's clock in a quick TIME round trip; return the host's skew (its wall
         clock minus Redis's). Raises what the Redis client raises."""
-        sent, before = time.monotonic(), self.local()
-        server = redis_time(client)
-        after, answered = self.local(), time.monotonic()
+        for _ in range(3):
+            sent, before = time.monotonic(), self.local()
+            server = redis_time(client)
+            after, answered = self.local(), time.monotonic()
+            # A slow reply (the client retried TIME through a Redis restart: the reply is
+            # of its end, not of the middle) says little: read again, Redis is back.
+            if answered - sent <= TRUSTED_ROUND_TRIP_SECONDS:
+                break
         skew = (before + after) / 2 - server  # off by at most half the round trip
         with self._lock:
             self._reading = (server, (sent + answered) / 2)
