@@ -238,9 +238,12 @@ def run_all(settings: Settings) -> int:
         stopping = True
 
     # SIGHUP too: the terminal closed. Its default would end this process alone, leaving the
-    # children (own sessions) running, orphaned, the embedded Redis among them.
-    previous = {s: signal.signal(s, on_signal)
-                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # children (own sessions) running, orphaned, the embedded Redis among them. Unless it
+    # is ignored (`nohup reminders run`): then the service outlives the terminal, as asked.
+    stops = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stops.append(signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in stops}
     celery_children = [Child(role, _celery_spawner(role, settings, env))
                        for role in ("worker", "beat")]
     api_port = settings.api_port or free_port()  # chosen once: a restart keeps the URL

@@ -41,11 +41,12 @@ def run_env(home: Path) -> dict[str, str]:
     return env
 
 
-def start_run(home: Path, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_run(home: Path, name: str, nohup: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = home / f"{name}.log"
     with log_path.open("wb") as log:
-        run = subprocess.Popen([str(BIN / "reminders"), "run"], cwd=home, env=run_env(home),
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        run = subprocess.Popen(
+            [*(["nohup"] if nohup else []), str(BIN / "reminders"), "run"], cwd=home,
+            env=run_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return run, log_path
 
 
@@ -124,4 +125,26 @@ def test_a_second_run_refuses_while_an_earlier_ones_redis_serves_the_folder(
                 second.wait(timeout=45)
             except subprocess.TimeoutExpired:
                 second.kill()
+        kill_all(children + servers_of(tmp_path / "data"))
+
+
+def test_sighup_of_run_under_nohup_leaves_it_running(tmp_path: Path) -> None:
+    """`nohup reminders run`: the hang-up is ignored, as nohup asks (and Ctrl-C still stops)."""
+    run, log_path = start_run(tmp_path, "run", nohup=True)
+    children: list[psutil.Process] = []
+    try:
+        wait_until(lambda: b"press Ctrl-C" in log_path.read_bytes() or run.poll() is not None,
+                   40)
+        assert run.poll() is None, log_path.read_text()
+        children = psutil.Process(run.pid).children(recursive=True)
+        run.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            run.wait(timeout=2)
+        assert len(servers_of(tmp_path / "data")) == 1
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=45) == 0, log_path.read_text()
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        kill_all([psutil.Process(run.pid)] if run.poll() is None else [])
         kill_all(children + servers_of(tmp_path / "data"))
