@@ -242,3 +242,36 @@ def test_a_stop_after_a_start_whose_event_was_not_written_is_confirmed(
     assert store.opted_out("tw", "sms", ANA) is not None
     assert message_of(text(server, "STOP")) is None  # and only one
     assert replied(server, receiver) == [("A-1", "stop", "sms")]
+
+
+def test_a_stop_landing_while_a_start_is_at_work_is_confirmed(server, tw, receiver):
+    """STOP (told), then START parked after its opt-in, before it tells the clinic; a STOP
+    lands meanwhile and opts the number out again; START goes on. The STOP is confirmed
+    once, the number stays opted out and the clinic, told 'stop', hears nothing more."""
+    book(tw, "A-1")
+    assert message_of(text(server, "STOP")) is not None
+    store = server.app.state.services.store
+    real = store.opt_in
+    parked, release = threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        done = real(*args, **kwargs)
+        parked.set()
+        assert release.wait(10)
+        return done
+
+    store.opt_in = held
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            start = pool.submit(lambda: message_of(text(server, "START")))
+            assert parked.wait(10)
+            stop = message_of(text(server, "STOP"))
+            release.set()
+            assert start.result(10) is not None  # START's own answer
+    finally:
+        release.set()
+        del store.opt_in
+    assert stop is not None  # the STOP that opted the number out again: confirmed
+    assert store.opted_out("tw", "sms", ANA) is not None
+    assert message_of(text(server, "STOP")) is None
+    assert replied(server, receiver) == [("A-1", "stop", "sms")]
