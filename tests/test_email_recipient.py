@@ -16,6 +16,7 @@ import pytest
 from tests.sinks import SmtpSink
 from worker.clinics import Clinic
 from worker.delivery import Envelope, deliver
+from worker.errors import DeliveryError
 from worker.models import parse_email
 from worker.rendering import RenderedMessage
 
@@ -51,3 +52,35 @@ def test_email_reaches_exactly_the_booked_address(sink, address):
     got = sink.snapshot()[before:]
     assert [m.to for m in got] == [address]
     assert got[0].raw["To"].addresses[0].addr_spec == address
+
+
+def test_an_address_on_an_international_domain_goes_to_its_ascii_form(sink):
+    # Apprise's pattern reads ASCII domains only: it dropped the recipient, and the send
+    # failed as "the provider reported a failure", retried, then dead-lettered.
+    to = parse_email("ana@münchen.de")
+    url = Clinic(id="glow", name="Glow", phone="+34910000000", timezone="Europe/Madrid",
+                 channels={"email": f"mailto://127.0.0.1:{sink.port}?from=hola@glow.example"
+                                    "&to={to}&mode=insecure"}).channel_url("email", to)
+    before = len(sink.snapshot())
+    deliver(url, Envelope("glow/A-1/prep:email", "glow", "email", to), MAIL, outbox=None,
+            timeout=5, now=NOW)
+    got = sink.snapshot()[before:]
+    assert [m.to for m in got] == ["ana@xn--mnchen-3ya.de"]  # the same mailbox (IDNA)
+
+
+@pytest.mark.parametrize("address", ["ñoño@example.com", "ana'@example.com"])
+def test_an_address_apprise_cannot_write_fails_for_good_and_sends_nothing(sink, address):
+    # Valid addresses (a non-ASCII mailbox name needs SMTPUTF8, which Apprise's SMTP
+    # session does not ask for; an apostrophe ending the first word Apprise cannot read):
+    # the same data fails again, so retrying only delays the dead letter.
+    to = parse_email(address)
+    url = Clinic(id="glow", name="Glow", phone="+34910000000", timezone="Europe/Madrid",
+                 channels={"email": f"mailto://127.0.0.1:{sink.port}?from=hola@glow.example"
+                                    "&to={to}&mode=insecure"}).channel_url("email", to)
+    before = len(sink.snapshot())
+    with pytest.raises(DeliveryError) as info:
+        deliver(url, Envelope("glow/A-1/prep:email", "glow", "email", to), MAIL,
+                outbox=None, timeout=5, now=NOW)
+    assert info.value.permanent is True and info.value.unknown is False
+    assert "address" in info.value.reason and address not in info.value.reason
+    assert sink.snapshot()[before:] == []
