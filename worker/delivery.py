@@ -74,6 +74,7 @@ from apprise.plugins.email.smtp import (
     SMTPSecureMode,
 )
 from apprise.utils.parse import GET_SCHEMA_RE, is_email, parse_urls
+from email_validator import EmailNotValidError, validate_email
 
 from . import apprise_lines, email_mime
 from .apprise_plugins import has_plugin, load_plugins, schema_of
@@ -696,24 +697,49 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float,
 
 
 def _exact_recipient(services: Sequence[Any], to: str) -> None:
-    """Have the email plugin send to `to` itself where it read the address as another one.
+    """Have the email plugin send to `to` itself where it reads the address otherwise.
 
     Apprise's email plugin reads each recipient of its URL with its own pattern
     (GET_EMAIL_RE), which takes an apostrophe in the first word of an address as the end
     of a display name: "o'brien@example.com" is read as "brien@example.com" named "o", a
     valid address, someone else's. That reading is put back to the address as booked.
-    An address the plugin drops as invalid stays dropped (the send fails for good).
+    An address it cannot read at all it drops (the send then failed as a provider's
+    failure, retried): an international domain is given in its ASCII form (IDNA, the same
+    mailbox); any other (a non-ASCII mailbox name, which needs SMTPUTF8) fails for good.
     """
-    found = is_email(to)  # type: ignore[no-untyped-call]  # Apprise: untyped
-    if not found:
+    emails = [s for s in services if isinstance(s, apprise_email.NotifyEmail)]
+    read = _apprise_reading(to)
+    if not emails or read == (False, to):
         return
-    misread = (found["name"] or False, found["full_email"])
-    if misread == (False, to):
-        return
-    for service in services:
-        if isinstance(service, apprise_email.NotifyEmail):
-            service.targets = [(False, to) if target == misread else target
+    if read is not None:
+        for service in emails:
+            service.targets = [(False, to) if target == read else target
                                for target in service.targets]
+        return
+    address = _ascii_address(to)
+    if address is None:
+        raise DeliveryError("the email address cannot be written for the mail server "
+                            "(Apprise takes ASCII mailbox names only); nothing was sent",
+                            permanent=True)
+    for service in emails:  # the URL's reading of `to` was dropped: none to replace
+        service.targets.append((False, address))
+
+
+def _apprise_reading(address: str) -> tuple[str | bool, str] | None:
+    """The (name, address) Apprise's email plugin makes of `address`, None if it drops it."""
+    found = is_email(address)  # type: ignore[no-untyped-call]  # Apprise: untyped
+    return (found["name"] or False, found["full_email"]) if found else None
+
+
+def _ascii_address(address: str) -> str | None:
+    """`address` with its domain in ASCII (IDNA), if Apprise then reads it as it is."""
+    try:
+        ascii_form = validate_email(address, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        return None
+    if ascii_form is None or _apprise_reading(ascii_form) is None:
+        return None
+    return ascii_form
 
 
 def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
