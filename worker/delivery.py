@@ -704,8 +704,10 @@ def _exact_recipient(services: Sequence[Any], to: str) -> None:
     of a display name: "o'brien@example.com" is read as "brien@example.com" named "o", a
     valid address, someone else's. That reading is put back to the address as booked.
     An address it cannot read at all it drops (the send then failed as a provider's
-    failure, retried): an international domain is given in its ASCII form (IDNA, the same
-    mailbox); any other (a non-ASCII mailbox name, which needs SMTPUTF8) fails for good.
+    failure, retried): it is given as it is ("ana'@example.com", "a+b+c@example.com"; the
+    plugin writes its recipients as given), an international domain in its ASCII form
+    (IDNA, the same mailbox); a non-ASCII mailbox name (it needs SMTPUTF8, which Apprise's
+    SMTP session does not ask for) fails for good.
     """
     emails = [s for s in services if isinstance(s, apprise_email.NotifyEmail)]
     read = _apprise_reading(to)
@@ -732,12 +734,10 @@ def _apprise_reading(address: str) -> tuple[str | bool, str] | None:
 
 
 def _ascii_address(address: str) -> str | None:
-    """`address` with its domain in ASCII (IDNA), if Apprise then reads it as it is."""
+    """`address` with its domain in ASCII (IDNA); None if its mailbox name is not ASCII."""
     try:
         ascii_form = validate_email(address, check_deliverability=False).ascii_email
     except EmailNotValidError:
-        return None
-    if ascii_form is None or _apprise_reading(ascii_form) is None:
         return None
     return ascii_form
 
