@@ -86,3 +86,17 @@ def test_an_address_apprise_cannot_write_fails_for_good_and_sends_nothing(sink, 
     assert info.value.permanent is True and info.value.unknown is False
     assert "address" in info.value.reason and address not in info.value.reason
     assert sink.snapshot()[before:] == []
+
+
+def test_an_sms_through_an_email_to_sms_gateway_goes_to_the_number_at_the_gateway(sink):
+    # The SMS channel's URL may be an email gateway's: {to}, the number, is part of the
+    # address; the patient's number is no email address and must not be taken for one.
+    url = Clinic(id="glow", name="Glow", phone="+34910000000", timezone="Europe/Madrid",
+                 channels={"sms": f"mailto://127.0.0.1:{sink.port}?from=hola@glow.example"
+                                  "&to=sms-{to}@sms.example&mode=insecure"}).channel_url(
+        "sms", "+34600111222")
+    before = len(sink.snapshot())
+    deliver(url, Envelope("glow/A-1/prep:sms", "glow", "sms", "+34600111222"),
+            RenderedMessage("sms", None, "Glow: mañana a las 10:00", None), outbox=None,
+            timeout=5, now=NOW)
+    assert [m.to for m in sink.snapshot()[before:]] == ["sms-+34600111222@sms.example"]

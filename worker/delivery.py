@@ -875,8 +875,10 @@ def deliver(
             raise DeliveryError(
                 f"cannot write to the outbox ({exc.strerror})", permanent=False
             ) from None
+    # `to`: an email's address (on the SMS channel {to} is a number, perhaps part of an
+    # email-to-SMS gateway's address: the URL's own).
     return send_apprise(url, message, timeout, headers if _is_email_url(url) else None,
-                        to=envelope.to)
+                        to=envelope.to if envelope.channel == "email" else None)
 
 
 def _is_email_url(url: str) -> bool:
