@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from jinja2 import TemplateSyntaxError
 
 from .catalog import Catalog
-from .clinics import Clinic, unreachable_problem
+from .clinics import Clinic, parse_clock, unreachable_problem
 from .errors import ConfigError
 from .models import CHANNELS, Booking, Channel
 from .notices import Invite, Notice
@@ -50,6 +50,9 @@ SAMPLE_PATIENT_PHONE = "+34600111222"
 SAMPLE_APPOINTMENT = (date(2026, 9, 30), time(12, 30))
 SAMPLE_BOOKED_DAYS_BEFORE = 30  # booked before any step of any protocol is due
 
+
+# DOMAIN.md "US quiet hours": SMS only from 08:00 to 21:00 patient-local.
+QUIET_HOURS = ("08:00", "21:00")
 
 # A name longer than any SMS greets by (`SMS_NAME_MAX`): its SMS greet with no name.
 SAMPLE_UNFIT_NAME = "Wolfeschlegelsteinhausenbergerdorff"
@@ -405,6 +408,15 @@ def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
     # but its sends on that channel fail permanently.
     errors += [ConfigError(clinics_dir / f"{c.id}.toml", unreachable_problem(channel))
                for c in clinics for channel in c.unreachable_channels()]
+    # DOMAIN.md "US quiet hours": no texts before 08:00 or after 21:00 patient-local (47 CFR
+    # 64.1200(c)(1)). A clinic whose SMS go to the outbox (the demo) texts nobody.
+    errors += [ConfigError(clinics_dir / f"{c.id}.toml", f"send_window: "
+                           f"{c.send_window.describe()} lets SMS arrive in US quiet hours "
+                           f"(before {QUIET_HOURS[0]} or after {QUIET_HOURS[1]} patient-local, "
+                           "DOMAIN.md); keep start and end within them")
+               for c in clinics if not c.uses_outbox("sms")
+               and (c.send_window.start < parse_clock(QUIET_HOURS[0])
+                    or c.send_window.end > parse_clock(QUIET_HOURS[1]))]
     # The clinic's alerts are emailed to a clinic with an address, in the clinic's locale.
     errors += [ConfigError(catalog.templates_dir / name, f"missing (needed by clinic {c.id}'s "
                            f"{CLINIC_ALERTS[name.split('/')[-1].split('.')[0]]})")
