@@ -296,6 +296,7 @@ def protocol_comments(path: Path) -> ProtocolComments:
             pending.append(line.lstrip("#").strip())
             continue
         if line.startswith("["):
+            line = line.split("#", 1)[0].strip()  # a header's trailing comment (TOML allows it)
             if line == "[[steps]]":
                 close_step()
                 section, step_comments, step_id = "steps", list(pending), None
