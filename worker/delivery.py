@@ -73,7 +73,7 @@ from apprise.plugins.email.smtp import (
     AppriseSMTPController,
     SMTPSecureMode,
 )
-from apprise.utils.parse import GET_SCHEMA_RE, is_email, parse_urls
+from apprise.utils.parse import GET_SCHEMA_RE, is_email, parse_emails, parse_urls
 from email_validator import EmailNotValidError, validate_email
 
 from . import apprise_lines, email_mime
@@ -699,32 +699,34 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float,
 def _exact_recipient(services: Sequence[Any], to: str) -> None:
     """Have the email plugin send to `to` itself where it reads the address otherwise.
 
-    Apprise's email plugin reads each recipient of its URL with its own pattern
-    (GET_EMAIL_RE), which takes an apostrophe in the first word of an address as the end
-    of a display name: "o'brien@example.com" is read as "brien@example.com" named "o", a
-    valid address, someone else's. That reading is put back to the address as booked.
-    An address it cannot read at all it drops (the send then failed as a provider's
-    failure, retried): it is given as it is ("ana'@example.com", "a+b+c@example.com"; the
-    plugin writes its recipients as given), an international domain in its ASCII form
-    (IDNA, the same mailbox); a non-ASCII mailbox name (it needs SMTPUTF8, which Apprise's
-    SMTP session does not ask for) fails for good.
+    Apprise's email plugin reads the recipients of its URL with its own patterns
+    (apprise/utils/parse.py: EMAIL_DETECTION_RE finds them, GET_EMAIL_RE reads each),
+    which read some valid addresses as others: an apostrophe in the first word ends a
+    display name ("o'brien@example.com" is "brien@example.com" named "o", someone else's
+    mailbox), a domain is cut at its first character they do not take ("ana@example.рф"
+    is "ana@example"); others they drop ("ana'@example.com", "a+b+c@example.com", an
+    international domain), and the send failed as a provider's failure, retried. What the
+    plugin made of the URL's `to` is put back to the address as booked (the plugin writes
+    its recipients as given), its domain in ASCII (IDNA, the same mailbox); an address
+    with a non-ASCII mailbox name (it needs SMTPUTF8, which Apprise's SMTP session does
+    not ask for) fails for good.
     """
     emails = [s for s in services if isinstance(s, apprise_email.NotifyEmail)]
-    read = _apprise_reading(to)
-    if not emails or read == (False, to):
+    readings = [_apprise_reading(found) for found in
+                parse_emails(to)]  # type: ignore[no-untyped-call]  # Apprise: untyped
+    if not emails or readings == [(False, to)]:
         return
-    if read is not None:
-        for service in emails:
-            service.targets = [(False, to) if target == read else target
-                               for target in service.targets]
-        return
-    address = _ascii_address(to)
+    address = to if to.isascii() else _ascii_address(to)
     if address is None:
         raise DeliveryError("the email address cannot be written for the mail server "
                             "(Apprise takes ASCII mailbox names only); nothing was sent",
                             permanent=True)
-    for service in emails:  # the URL's reading of `to` was dropped: none to replace
-        service.targets.append((False, address))
+    exact = (False, address)
+    for service in emails:
+        targets = [exact if target in readings else target for target in service.targets]
+        if exact not in targets:  # the plugin dropped it
+            targets.append(exact)
+        service.targets = list(dict.fromkeys(targets))
 
 
 def _apprise_reading(address: str) -> tuple[str | bool, str] | None:
