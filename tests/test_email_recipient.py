@@ -108,3 +108,20 @@ def test_an_sms_through_an_email_to_sms_gateway_goes_to_the_number_at_the_gatewa
             RenderedMessage("sms", None, "Glow: mañana a las 10:00", None), outbox=None,
             timeout=5, now=NOW)
     assert [m.to for m in sink.snapshot()[before:]] == ["sms-+34600111222@sms.example"]
+
+
+def test_a_gateway_address_apprise_drops_fails_for_good_and_sends_nothing(sink):
+    # "{to}@gateway" with an E.164 number: Apprise's email plugin drops "+34...@..." (its
+    # pattern takes no "+" at the start) and has no recipient; the same data fails again.
+    url = Clinic(id="glow", name="Glow", phone="+34910000000", timezone="Europe/Madrid",
+                 channels={"sms": f"mailto://127.0.0.1:{sink.port}?from=hola@glow.example"
+                                  "&to={to}@sms.example&mode=insecure"}).channel_url(
+        "sms", "+34600111222")
+    before = len(sink.snapshot())
+    with pytest.raises(DeliveryError) as info:
+        deliver(url, Envelope("glow/A-1/prep:sms", "glow", "sms", "+34600111222"),
+                RenderedMessage("sms", None, "Glow: mañana a las 10:00", None), outbox=None,
+                timeout=5, now=NOW)
+    assert info.value.permanent is True and info.value.unknown is False
+    assert "+34600111222" not in info.value.reason
+    assert sink.snapshot()[before:] == []
