@@ -121,6 +121,9 @@ _OUT_OF_TIME = "SoftTimeLimitExceeded"
 _HEADER_REFUSED = re.compile(
     r"^Notification Exception: (?:folded header (?:contains newline|does not end with)"
     r"|header value appears to contain an embedded header)", re.MULTILINE)
+# Apprise's email plugin found no recipient it can read in the URL (it dropped them as it
+# loaded the URL, before this send's lines): the same URL fails again.
+_NO_RECIPIENT = "There are no Email recipients to notify"
 _READABLE = email.policy.default.clone(max_line_length=998, utf8=True)  # a file, not SMTP
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -598,6 +601,9 @@ def classify(
             "connection failure with the provider; the message may have been delivered",
             unknown=True,
         )
+    if _NO_RECIPIENT in text:
+        return DeliveryError("the email plugin reads no recipient in the channel URL's "
+                             "address; nothing was sent", permanent=True)
     if "invalid" in lowered or "no valid" in lowered:
         return DeliveryError("the provider refused the address or message", permanent=True)
     return DeliveryError("the provider reported a failure")
