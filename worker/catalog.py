@@ -1,15 +1,43 @@
-"""The loaded configuration: protocols, clinics and the locales templates exist for."""
+"""The loaded configuration: protocols, clinics and the locales templates exist for.
+
+A running process reads config/ again when its files change (`Catalog.fresh`, looked at
+at most once a second, as edited templates are picked up: worker/rendering.py), so that a
+protocol and the templates that state its values are used together; an edit that does
+not load keeps the configuration loaded before (logged as an error naming the file)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from .clinics import Clinic, load_clinics
 from .errors import ConfigError
 from .protocols import Protocol, load_protocols
 from .settings import Settings
+
+log = logging.getLogger(__name__)
+# How long a loaded configuration is used without looking at its files again (seconds).
+CONFIG_RECHECK_SECONDS = 1.0
+Stamp = tuple[tuple[str, int, int], ...]
+_reload_lock = threading.Lock()
+
+
+def config_stamp(settings: Settings) -> Stamp:
+    """Return each protocol and clinic file with its modification time and size."""
+    stamp = []
+    for path in sorted([*settings.protocols_dir.glob("*.toml"),
+                        *settings.clinics_dir.glob("*.toml")]):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stamp.append((str(path), st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
 
 
 @dataclass(frozen=True)
@@ -20,6 +48,9 @@ class Catalog:
     clinics: dict[str, Clinic]
     locales: frozenset[str]
     templates_dir: Path
+    # The files as they were when read (`fresh`); () for a catalog made by hand.
+    stamp: Stamp = ()
+    _checked: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
     def critical_steps(self) -> str:
@@ -34,6 +65,7 @@ class Catalog:
         templates_dir = settings.templates_dir
         if not templates_dir.is_dir():
             raise ConfigError(templates_dir, "templates folder not found")
+        stamp = config_stamp(settings)  # before reading: an edit meanwhile is read again
         locales = frozenset(
             p.name for p in templates_dir.iterdir() if p.is_dir() and not p.name.startswith("_")
         )
@@ -42,4 +74,34 @@ class Catalog:
             clinics=load_clinics(settings.clinics_dir),
             locales=locales,
             templates_dir=templates_dir,
+            stamp=stamp,
         )
+
+    def fresh(self, settings: Settings) -> Catalog:
+        """Return this catalog, or config/ read again if its files changed since (looked at
+        at most once every CONFIG_RECHECK_SECONDS). A change that does not load is logged
+        once and this catalog kept."""
+        if not self.stamp:
+            return self
+        now = time.monotonic()
+        if now - self._checked.get("at", 0.0) < CONFIG_RECHECK_SECONDS:
+            return self
+        if not _reload_lock.acquire(blocking=False):
+            return self  # another thread is looking
+        try:
+            self._checked["at"] = now
+            stamp = config_stamp(settings)
+            if stamp in (self.stamp, self._checked.get("bad")):
+                return self
+            try:
+                catalog = Catalog.load(settings)
+            except ConfigError as exc:
+                self._checked["bad"] = stamp
+                log.error("configuration changed but does not load; still using the one "
+                          "loaded before: %s", exc)
+                return self
+            log.info("configuration changed: read again (%d protocols, %d clinics)",
+                     len(catalog.protocols), len(catalog.clinics))
+            return catalog
+        finally:
+            _reload_lock.release()

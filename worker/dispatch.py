@@ -201,6 +201,7 @@ def attempt(
     the provider then goes back to the schedule, and one handing over may be cut.
     """
     settings, store = ctx.settings, ctx.store
+    ctx.catalog = ctx.catalog.fresh(settings)  # config/ edited: read again (worker/catalog.py)
     if start_by is not None and CLOCK.now() > start_by:
         if begun:
             begun()
