@@ -56,12 +56,22 @@ CELERY_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 _reminder: ContextVar[str | None] = ContextVar("reminders_log_reminder", default=None)
 F = TypeVar("F", bound=Callable[..., Any])
 
-# An address: a local part and domain labels of letters in any script (\w is Unicode),
-# digits and the usual punctuation, URL-encoded too (%C3%A9, %40); a top-level domain of
-# letters (any script) or an IDN's punycode (xn--...). Over-masking is harmless.
-# (\u0300-\u036f: combining accents, as in a decomposed "José").
-_EMAIL = re.compile(r"[\w%+-][\w\u0300-\u036f.%+'-]*(?:@|%40)(?:[\w\u0300-\u036f%-]+\.)+"
-                    r"(?:[^\W\d_]{2,}|xn--[\w-]+)")
+# An address: a local part of RFC 5322 atext (letters in any script: \w is Unicode; digits;
+# ! # $ % & ' * + - / = ? ^ _ ` { | } ~; dots), URL-encoded too (%C3%A9, %40), and domain
+# labels of letters in any script, digits and hyphens; a top-level domain of letters (any
+# script) or an IDN's punycode (xn--...). Over-masking is harmless. A match starts a run of
+# such characters (after a space, a quote, "<", "=", "?" ...), never on URL credentials
+# already masked (`mailtos://****@host`), and not on a query parameter's name or a URL's
+# host or path before its query, so those stay readable (`?to=[email]&cc=[email]`,
+# `smtp.glow.example?to=[email]`): a run right after "?", "&", ";", "@", "/" or at the
+# line's start that reaches "=" or "?". (An address with "=" or "?" at the very start of a
+# line shows its first characters up to that sign.) Quoted local parts ("ana luis"@...)
+# are refused by the booking's validation (email_validator's default).
+# (\u0300-\u036f: combining accents, as in a decomposed "José".)
+_EMAIL = re.compile(r"(?<![\w\u0300-\u036f.!#$%&*+/^`{|}~-])(?![/*]*(?:@|%40))"
+                    r"(?!(?:(?<=[?&;@/])|(?<![\s\S]))[\w.%/-]*[?=])"
+                    r"[\w!#$%&*+/^`{|}~-][\w\u0300-\u036f.!#$%&'*+/=?^`{|}~-]*"
+                    r"(?:@|%40)(?:[\w\u0300-\u036f%-]+\.)+(?:[^\W\d_]{2,}|xn--[\w-]+)")
 # An international number: "+" (or %2B) then digits, with spaces (also no-break and
 # URL-encoded), dots, hyphens or brackets between: +34 600 111 222, +1 (415) 555-0100.
 _PHONE = re.compile(r"(?:\+|%2B)\d(?:[\d \u00a0\u202f().-]|%20){5,24}\d")
