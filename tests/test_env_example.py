@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from worker.settings import Settings
 
@@ -147,6 +148,11 @@ def test_copying_it_to_dot_env_changes_nothing(
 def test_commented_examples_are_valid_values(entries: dict[str, Entry]) -> None:
     for name in Settings.model_fields:
         entry = entries[PREFIX + name.upper()]
+        if name == "unsubscribe_secret":
+            # A secret's example is a placeholder that must never work if uncommented as is.
+            with pytest.raises(ValidationError, match="REMINDERS_UNSUBSCRIBE_SECRET must be"):
+                Settings(_env_file=None, **{name: entry.value})
+            continue
         if entry.commented:
             settings = Settings(_env_file=None, **{name: entry.value})
             assert getattr(settings, name) is not None

@@ -73,16 +73,19 @@ def test_a_damaged_secret_is_refused_by_name(redis_client):
         secret_key("rx", "Bad Name")
 
 
+CONFIGURED = "configured-secret-of-at-least-32-chars"
+
+
 def test_the_configured_secret_wins(redis_client, tmp_path):
     plain = Settings(data_dir=tmp_path, _env_file=None)
     shared = unsubscribe_key(plain, redis_client, "rx")
     assert shared == server_secret(redis_client, "rx", "unsubscribe")
     assert not (tmp_path / "unsubscribe.secret").exists()  # nothing kept on local disk
-    set_ = Settings(data_dir=tmp_path, unsubscribe_secret=SecretStr("configured"),
+    set_ = Settings(data_dir=tmp_path, unsubscribe_secret=SecretStr(CONFIGURED),
                     _env_file=None)
-    assert unsubscribe_key(set_, redis_client, "rx") == b"configured"
+    assert unsubscribe_key(set_, redis_client, "rx") == CONFIGURED.encode()
     # A token made with the configured text reads with it (as before) and not with the
     # shared secret.
-    token = make_token("configured", "glow", "email", "ana@example.com")
+    token = make_token(CONFIGURED, "glow", "email", "ana@example.com")
     assert read_token(unsubscribe_key(set_, redis_client, "rx"), token) is not None
     assert read_token(shared, token) is None

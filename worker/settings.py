@@ -10,6 +10,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The shortest signing secret a setting takes (token_urlsafe(32) gives 43 characters).
+MIN_SECRET_CHARS = 32
+# .env.example's commented-out example of a secret: refused like a short one.
+SECRET_PLACEHOLDER = "paste-the-output-of-secrets.token_urlsafe-32-here"
 
 
 class Settings(BaseSettings):
@@ -23,6 +27,8 @@ class Settings(BaseSettings):
         extra="ignore",
         # An empty variable means "not set" (REMINDERS_REDIS_URL= must not be an empty URL).
         env_ignore_empty=True,
+        # A bad value is named, never echoed: it may be a secret (tracebacks included).
+        hide_input_in_errors=True,
     )
 
     # Where things live.
@@ -110,6 +116,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a log level; expected one of "
                              f"{', '.join(LOG_LEVELS)} (any case)")
         return level
+
+    @field_validator("unsubscribe_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short or guessable key would let anyone forge a patient's unsubscribe link.
+        if value is not None and (len(value.get_secret_value()) < MIN_SECRET_CHARS
+                                  or value.get_secret_value() == SECRET_PLACEHOLDER):
+            raise ValueError(
+                f"REMINDERS_UNSUBSCRIBE_SECRET must be at least {MIN_SECRET_CHARS} characters "
+                "of random text (a short one makes unsubscribe links forgeable); make one "
+                "with: python -c \"import secrets; print(secrets.token_urlsafe(32))\", or "
+                "leave it unset to use the one kept in Redis")
+        return value
 
     @field_validator("redis_sentinels")
     @classmethod

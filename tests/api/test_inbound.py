@@ -28,7 +28,7 @@ from worker.webhooks import Events
 
 PUBLIC = "https://reminders.example/base"
 TOKEN = "twilio-auth-token-for-tests"
-SECRET = "unsubscribe-secret-for-tests"
+SECRET = "unsubscribe-secret-for-tests-0123456789"
 ANA = "+34600111222"
 EVA = "+34600333444"
 
