@@ -296,6 +296,9 @@ def load_clinic(path: Path) -> Clinic:
     for channel, url in clinic.channels.items():
         if "{to}" not in url:
             raise ConfigError(path, f"channels.{channel}: the URL must contain {{to}}")
+        if "${" in _ENV_REF.sub("", url):
+            raise ConfigError(path, f"channels.{channel}: an environment variable is written "
+                              "${NAME}, NAME in capitals, digits and _ (e.g. ${GLOW_SMS_TOKEN})")
         where = _literal_secret(url)
         if where:
             raise ConfigError(
