@@ -15,7 +15,8 @@ with a skewed clock still reads the age right):
 `Settings.heartbeat_max_age` (default max(30 s, 10 pump intervals)); `--role beat` while
 beat's tick is. Neither looks at the broker's queues, so a busy or an idle broker makes no
 difference. Both answer in one line (or `--json`), exit 0 healthy, 1 not: a Docker
-healthcheck. `--role api` (or none) checks the pump heartbeat and Redis like /healthz.
+healthcheck. Without `--role` it is `worker` (the CLI's default); `--role api` checks the
+same pump heartbeat and Redis, as /healthz does.
 
 Why the pump heartbeat for the worker: with one worker it is that worker's evidence; with
 several, any of them running the pump refreshes it, so a single dead worker of many is not
