@@ -366,13 +366,32 @@ def parse_timezone(value: str) -> str:
     if value in NOT_PLACES or value.startswith(("right/", "posix/")):
         raise ValueError(f"{value!r} is not an IANA timezone name (a file of the server's "
                          f"time zone database, not a place), e.g. Europe/Madrid")
-    if value not in iana_timezones():
+    # The list is read once per process: a zone installed since (a tzdata update, a
+    # PYTHONTZPATH folder filled later) is not in it, so a name missing from it is taken if
+    # ZoneInfo loads it as a zone, as every name was before the list. A stored booking's zone
+    # must stay readable by a worker started before the zone file was there.
+    if value not in iana_timezones() and not _zone_file_name(value):
         raise ValueError(f"unknown IANA timezone {value!r}, e.g. Europe/Madrid")
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown IANA timezone {value!r}, e.g. Europe/Madrid") from None
     return value
+
+
+_ZONE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(?:/[A-Za-z0-9][A-Za-z0-9_+-]*)*")
+
+
+def _zone_file_name(value: str) -> bool:
+    """Whether `value` is shaped like a zone name ("Area/Place": letters, digits, "_", "-",
+    "+"; no dot, so never a table such as "zone.tab") and loads as a zone."""
+    if not _ZONE_NAME.fullmatch(value):
+        return False
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _plain_text(value: str) -> str:

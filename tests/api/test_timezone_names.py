@@ -113,3 +113,35 @@ def test_reminders_book_refuses_it_naming_the_field_and_stores_nothing(
                f"IANA timezone name" in done.stderr, done.stderr
     # Nothing stored: no key but what any command writes first (the store's layout mark).
     assert set(redis_client.keys("*")) - before <= {"reminders:layout"}
+
+
+def test_a_zone_installed_after_the_list_was_read_is_taken(tmp_path):
+    # A worker reads the list once; a zone file that appears later (a tzdata update, a
+    # PYTHONTZPATH folder filled after start) must still be readable in a stored booking,
+    # or its reminders would be dead-lettered as "no longer valid".
+    models.iana_timezones.cache_clear()
+    assert "Test/Later" not in models.iana_timezones()
+    (tmp_path / "Test").mkdir()
+    (tmp_path / "Test" / "Later").write_bytes(_tzif_of("Europe/Madrid"))
+    zoneinfo.reset_tzpath([str(tmp_path), *zoneinfo.TZPATH])
+    try:
+        zoneinfo.ZoneInfo.clear_cache()
+        assert "Test/Later" not in models.iana_timezones()  # the list read before it
+        assert parse_timezone("Test/Later") == "Test/Later"
+        (tmp_path / "zone.tab").write_text("# not a zone\n", encoding="utf-8")
+        with pytest.raises(ValueError, match="unknown IANA timezone"):
+            parse_timezone("zone.tab")
+        with pytest.raises(ValueError, match="unknown IANA timezone"):
+            parse_timezone("Test/Missing")
+    finally:
+        zoneinfo.reset_tzpath()
+        zoneinfo.ZoneInfo.clear_cache()
+        models.iana_timezones.cache_clear()
+
+
+def _tzif_of(name: str) -> bytes:
+    """The TZif bytes of `name` from the tzdata package (a real zone file)."""
+    import importlib.resources
+
+    package, _, leaf = f"tzdata.zoneinfo.{name.replace('/', '.')}".rpartition(".")
+    return importlib.resources.files(package).joinpath(leaf).read_bytes()
