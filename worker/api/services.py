@@ -8,7 +8,7 @@ second, then the request is answered 503 with `Retry-After` and the clinic retri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 import redis
@@ -60,6 +60,9 @@ def build(settings: Settings, catalog: Catalog, url: str | None = None) -> Servi
 def services(request: Request) -> Services:
     """FastAPI dependency: the app's services."""
     svc: Services = request.app.state.services
+    catalog = svc.catalog.fresh(svc.settings)  # config/ edited: read again (worker/catalog.py)
+    if catalog is not svc.catalog:
+        svc = request.app.state.services = replace(svc, catalog=catalog)
     return svc
 
 
