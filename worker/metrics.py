@@ -58,6 +58,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -246,6 +247,70 @@ def worker_metrics_dir(data_dir: Path) -> Path:
     return data_dir / "metrics" / f"{socket.gethostname()}-{os.getpid()}"
 
 
+# A worker touches ALIVE_FILE in its folder every ALIVE_EVERY seconds; a folder of another
+# host untouched for STALE_AFTER is a gone worker's (a re-created container's hostname is new).
+ALIVE_FILE = "alive"
+ALIVE_EVERY = 60.0
+STALE_AFTER = 900.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def _last_touched(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    times += [entry.stat().st_mtime for entry in folder.iterdir() if entry.is_file()]
+    return max(times)
+
+
+def remove_gone_folders(metrics_root: Path, *, host: str | None = None,
+                        now: float | None = None) -> list[Path]:
+    """Remove the metrics folders (`<host>-<pid>`) of worker processes that are gone, and
+    return them: on this host, those whose pid is not alive; of another host (a container
+    since re-created, whose hostname was its id), those untouched for STALE_AFTER (a live
+    worker touches its ALIVE_FILE every ALIVE_EVERY). Nothing is lost: a folder holds only
+    its own worker's histograms and skew gauge, which only that worker's port served (the
+    outcome counters live in Redis)."""
+    host = socket.gethostname() if host is None else host
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        folders = [entry for entry in metrics_root.iterdir() if entry.is_dir()]
+    except FileNotFoundError:
+        return []
+    for folder in folders:
+        owner, sep, pid = folder.name.rpartition("-")
+        if not sep or not owner or not pid.isdigit():
+            continue  # not a worker's folder
+        try:
+            if owner == host:
+                gone = int(pid) != os.getpid() and not _pid_alive(int(pid))
+            else:
+                gone = now - _last_touched(folder) > STALE_AFTER
+        except OSError:
+            continue  # removed meanwhile by another worker starting
+        if gone:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _keep_alive(folder: Path) -> None:
+    while True:
+        try:
+            (folder / ALIVE_FILE).touch()
+        except OSError:
+            pass
+        time.sleep(ALIVE_EVERY)
+
+
 def start_worker_metrics(scrape: redis.Redis, prefix: str, data_dir: Path, host: str,
                          port: int) -> tuple[str, int] | None:
     """In the Celery worker's main process, before its pool forks: switch the histograms to
@@ -263,7 +328,11 @@ def start_worker_metrics(scrape: redis.Redis, prefix: str, data_dir: Path, host:
 
     folder = worker_metrics_dir(data_dir)
     shutil.rmtree(folder, ignore_errors=True)  # a previous run's files would count again
+    for gone in remove_gone_folders(folder.parent):
+        log.info("metrics: removed %s, the folder of a worker that is gone", gone.name)
     folder.mkdir(parents=True, exist_ok=True)
+    threading.Thread(target=_keep_alive, args=(folder,), name="metrics-alive",
+                     daemon=True).start()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     with _lock:
         global _histograms
