@@ -49,6 +49,9 @@ AGAIN_PREFIX = "again-"
 # The step id (and default template) of a held booking's message (Protocol.hold_template).
 HOLD_NOTICE_STEP = "hold-notice"
 
+# How far from the appointment a step may fall, either way (days): a year.
+MAX_STEP_DAYS = 366
+
 _DURATION = re.compile(r"^([+-])?((?:\d+[dhms])+)$")
 _DURATION_PART = re.compile(r"(\d+)([dhms])")
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -64,6 +67,8 @@ def parse_duration(value: object) -> timedelta:
     if not match:
         raise ValueError(f"{value!r} is not a duration such as '3h', '-2d', '1h30m' or '90s'")
     seconds = sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(match[2]))
+    if seconds > MAX_STEP_DAYS * 86400:
+        raise ValueError(f"{value!r} is more than {MAX_STEP_DAYS} days")
     return timedelta(seconds=-seconds if match[1] == "-" else seconds)
 
 
@@ -87,7 +92,7 @@ class Repeat(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    through_day: int
+    through_day: int = Field(ge=-MAX_STEP_DAYS, le=MAX_STEP_DAYS)
     every_days: int | None = Field(None, ge=1)
     weekdays: list[Weekday] | None = Field(None, min_length=1)
 
@@ -106,7 +111,7 @@ class Step(BaseModel):
     id: str = Field(pattern=STEP_ID_PATTERN)
     # When: exactly one of `at = "booking"`, `day` + `time`, or `offset`.
     at: Literal["booking"] | None = None
-    day: int | None = None
+    day: int | None = Field(None, ge=-MAX_STEP_DAYS, le=MAX_STEP_DAYS)
     time: dt.time | None = None
     offset: Duration | None = None
     channels: list[Channel] = Field(min_length=1)
