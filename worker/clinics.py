@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote
 
+from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -96,6 +97,16 @@ class Webhook(BaseModel):
         return value
 
 
+def _clinic_email(value: str) -> str:
+    """Return the clinic's address (held-booking alerts; the invites' organizer), or raise
+    ValueError saying why it is not one. A test domain (`desk@clinic.test`) is allowed."""
+    try:
+        return str(validate_email(value, check_deliverability=False,
+                                  test_environment=True).normalized)
+    except EmailNotValidError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _one_line(value: str) -> str:
     value = safe_text(value).strip()
     if not value:
@@ -164,7 +175,7 @@ class Clinic(BaseModel):
     id: str = Field(pattern=CLINIC_ID_PATTERN)
     name: str = Field(min_length=1, max_length=60)
     phone: Annotated[str, AfterValidator(parse_e164)]
-    email: str | None = None
+    email: Annotated[str, AfterValidator(_clinic_email)] | None = None
     # Where the visit happens, one line ("Calle Mayor 1, 28013 Madrid"): the location of the
     # calendar invite (worker/invites.py). Without it the invite names the clinic only.
     address: Address | None = None
