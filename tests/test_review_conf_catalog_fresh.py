@@ -1,5 +1,6 @@
-"""Catalog.fresh: a running process reads config/ again once its files change; an edit that
-does not load keeps what was loaded before, logged once naming the file."""
+"""Catalog.fresh: a running process reads config/ again once its files changed and held still
+for one look (not in the middle of an editor's save, which may remove a file a moment); an
+edit that does not load keeps what was loaded before, logged once naming the file."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def test_fresh_reads_a_changed_config_and_keeps_the_old_one_when_broken(
     peel = tmp_path / "config" / "protocols" / "chemical-peel.toml"
     peel.write_text(peel.read_text(encoding="utf-8").replace("spf = 30", "spf = 50", 1),
                     encoding="utf-8")
+    assert first.fresh(settings) is first  # not in the middle of an edit: once it holds still
     second = first.fresh(settings)
     assert second is not first and second.protocols["chemical-peel"].advice["spf"] == 50
     assert first.protocols["chemical-peel"].advice["spf"] == 30
@@ -39,5 +41,6 @@ def test_fresh_reads_a_changed_config_and_keeps_the_old_one_when_broken(
     (tmp_path / "config" / "clinics" / "demo.toml").unlink()  # fixed otherwise: read again
     peel.write_text(peel.read_text(encoding="utf-8").split("\n[[steps]]\nid = 'x'")[0],
                     encoding="utf-8")
+    assert second.fresh(settings) is second
     third = second.fresh(settings)
     assert set(third.clinics) == {"glow"}

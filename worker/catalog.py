@@ -1,9 +1,10 @@
 """The loaded configuration: protocols, clinics and the locales templates exist for.
 
-A running process reads config/ again when its files change (`Catalog.fresh`, looked at
-at most once a second, as edited templates are picked up: worker/rendering.py), so that a
-protocol and the templates that state its values are used together; an edit that does
-not load keeps the configuration loaded before (logged as an error naming the file)."""
+A running process reads config/ again when its files change (`Catalog.fresh`: looked at
+at most once a second, read once the files held still for a look; edited templates are
+picked up within a second too, worker/rendering.py), so that a protocol and the templates
+that state its values are used together; an edit that does not load keeps the
+configuration loaded before (logged as an error naming the file)."""
 
 from __future__ import annotations
 
@@ -78,9 +79,9 @@ class Catalog:
         )
 
     def fresh(self, settings: Settings) -> Catalog:
-        """Return this catalog, or config/ read again if its files changed since (looked at
-        at most once every CONFIG_RECHECK_SECONDS). A change that does not load is logged
-        once and this catalog kept."""
+        """Return this catalog, or config/ read again if its files changed since and held
+        still for one more look (looked at at most once every CONFIG_RECHECK_SECONDS). A
+        change that does not load is logged once and this catalog kept."""
         if not self.stamp:
             return self
         now = time.monotonic()
@@ -92,6 +93,11 @@ class Catalog:
             self._checked["at"] = now
             stamp = config_stamp(settings)
             if stamp in (self.stamp, self._checked.get("bad")):
+                return self
+            if self._checked.get("seen") != stamp:
+                # Changed since the last look: read once it holds still for a look, not
+                # in the middle of an edit (an editor's save may remove the file a moment).
+                self._checked["seen"] = stamp
                 return self
             try:
                 catalog = Catalog.load(settings)

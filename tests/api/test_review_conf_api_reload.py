@@ -36,7 +36,11 @@ def test_a_protocol_edited_while_the_api_runs_plans_new_bookings(tmp_path: Path,
         old = 'id = "spf"\nday = 1\ntime = "09:00"'
         assert old in text
         path.write_text(text.replace(old, old.replace("09:00", "11:00"), 1), encoding="utf-8")
-        time.sleep(1.2)  # the configuration is looked at again at most once a second
+        # The configuration is looked at again at most once a second, and read once it held
+        # still for a look: within about two seconds.
+        for _ in range(2):
+            time.sleep(1.2)
+            assert glow.get("/v1/bookings/A-1").status_code == 200
         second = glow.put("/v1/bookings/A-2", json=future_booking("A-2"))
         assert second.status_code == 201, second.text
         assert _spf_hour(second.json()) == 11
