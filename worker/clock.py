@@ -4,9 +4,13 @@ An instant that one host sets and another compares (a claim's start-by deadline:
 the pump, checked by a sender, worker/dispatch.py) is an instant on Redis's clock: the
 claim script leases on it, the pump reads it (`redis_time`), and each sender process
 keeps its own reading of it (`RedisClock`): Redis's TIME, taken when its senders start and
-every CHECK_EVERY_SECONDS after, carried forward by the monotonic clock in between. So a
-host whose wall clock is off (no NTP, a VM resumed), or is stepped meanwhile, still begins
-its claims in time instead of handing every one back as "not started in time".
+every CHECK_EVERY_SECONDS after, carried forward in between by `elapsed`: the time since
+boot, counting the time the host or VM was suspended (Linux's CLOCK_BOOTTIME; elsewhere
+the monotonic clock). Linux's monotonic clock stops during a suspend, so carried by it, a
+sender resumed after an hour would read Redis's clock an hour late until its next reading
+and could begin claims past their start-by. So a host whose wall clock is off (no NTP, a
+VM resumed), or is stepped meanwhile, still begins its claims in time instead of handing
+every one back as "not started in time".
 
 The skew is shown as `reminders_clock_skew_seconds` (this host's clock minus Redis's,
 worker/metrics.py), and a skew beyond SKEW_WARN_SECONDS is logged as a WARNING (again
@@ -32,6 +36,15 @@ SKEW_WARN_EVERY_SECONDS = 300.0  # ... at most this often while it lasts
 TRUSTED_ROUND_TRIP_SECONDS = 0.25  # a TIME round trip longer than this is read again
 
 
+def _boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+# Seconds on a clock that never goes back and keeps counting through a suspend (Linux);
+# the monotonic clock where there is no CLOCK_BOOTTIME (not Linux).
+elapsed: Callable[[], float] = _boottime if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
+
+
 def redis_time(client: redis.Redis) -> float:
     """Return Redis's clock now (epoch seconds), from its TIME reply."""
     seconds, micros = client.time()
@@ -39,14 +52,14 @@ def redis_time(client: redis.Redis) -> float:
 
 
 class RedisClock:
-    """This process's reading of Redis's clock: the last TIME reply plus the monotonic
-    time since (this host's wall clock until a first reply)."""
+    """This process's reading of Redis's clock: the last TIME reply plus the `elapsed`
+    time since, suspends included (this host's wall clock until a first reply)."""
 
     def __init__(self, local: Callable[[], float]) -> None:
         self.local = local  # the host's wall clock (time.time): its skew is measured
-        # (Redis's clock, time.monotonic()) at the last measure
+        # (Redis's clock, elapsed()) at the last measure
         self._reading: tuple[float, float] | None = None
-        self._measured_at: float | None = None  # time.monotonic() of the last measure
+        self._measured_at: float | None = None  # elapsed() of the last measure
         self._warned_at: float | None = None
         self._lock = threading.Lock()
 
@@ -56,15 +69,15 @@ class RedisClock:
         if reading is None:
             return self.local()
         server, at = reading
-        return server + (time.monotonic() - at)
+        return server + (elapsed() - at)
 
     def measure(self, client: redis.Redis) -> float:
         """Read Redis's clock in a quick TIME round trip; return the host's skew (its wall
         clock minus Redis's). Raises what the Redis client raises."""
         for _ in range(3):
-            sent, before = time.monotonic(), self.local()
+            sent, before = elapsed(), self.local()
             server = redis_time(client)
-            after, answered = self.local(), time.monotonic()
+            after, answered = self.local(), elapsed()
             # A slow reply (the client retried TIME through a Redis restart: the reply is
             # of its end, not of the middle) says little: read again, Redis is back.
             if answered - sent <= TRUSTED_ROUND_TRIP_SECONDS:
@@ -92,7 +105,7 @@ class RedisClock:
         Redis unreachable keeps the last reading."""
         with self._lock:
             due = (self._measured_at is None
-                   or time.monotonic() - self._measured_at >= CHECK_EVERY_SECONDS)
+                   or elapsed() - self._measured_at >= CHECK_EVERY_SECONDS)
         if due:
             try:
                 self.measure(client)
