@@ -35,6 +35,7 @@ from .rendering import (
     language_of,
     syntax_error,
 )
+from .settings import MIN_SECRET_CHARS
 from .sms import Encoding, fold_to_gsm7, non_gsm7, normalise, sms_segments
 
 # Realistic worst-case first names per language: the longest, and letters outside GSM-7
@@ -238,6 +239,11 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
         for name in clinic.missing_secrets(None if env is None else dict(env)):
             report.warnings.append(f"{clinics_dir / f'{clinic.id}.toml'}: environment variable "
                                    f"{name} is not set (channel URLs read it at send time)")
+    # A webhook signing secret set but short (set, since unset is only warned about above):
+    # anyone could forge the clinic's event signatures. Named, never shown.
+    secret_errors = [
+        ConfigError(clinics_dir / f"{c.id}.toml", webhook_secret_problem(var))
+        for c in clinics if c.webhook and (var := c.webhook.short_secret(env))]
     if not errors:  # rendering a missing or broken file would only repeat those errors
         render_errors, report.sms, claims, too_long = _render_all(renderer, catalog, clinics)
         errors += render_errors
@@ -247,6 +253,7 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
                             if s.segments != 1 or s.encoding != "GSM-7"]
         report.sources = _sources(catalog, comments, claims)
         report.warnings += _unstated_advice(catalog, claims, protocols_dir)
+    errors += secret_errors
     # One broken file fails many renders: report each distinct problem once, sorted.
     report.errors = list({str(e): e for e in sorted(errors, key=str)}.values())
     return report
@@ -425,6 +432,14 @@ def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
                for name in clinic_alert_files(folder)
                if not (catalog.templates_dir / name).is_file()]
     return errors
+
+
+def webhook_secret_problem(name: str) -> str:
+    """Return the problem of a webhook secret shorter than MIN_SECRET_CHARS (no value)."""
+    return (f"webhook.secret: environment variable {name} must be at least "
+            f"{MIN_SECRET_CHARS} characters of random text (a short one makes the clinic's "
+            "webhook signatures forgeable); make one with: python -c \"import secrets; "
+            "print(secrets.token_urlsafe(32))\"")
 
 
 def template_folder(catalog: Catalog, locale: str) -> str | None:

@@ -32,6 +32,7 @@ from pydantic import (
 from .errors import ConfigError
 from .models import CHANNELS, CLINIC_ID_PATTERN, Channel, Timezone, parse_e164, safe_text
 from .protocols import _pydantic_problem, read_toml
+from .settings import MIN_SECRET_CHARS
 from .webhooks import EVENT_TYPES
 
 MINUTES_PER_DAY = 24 * 60
@@ -95,6 +96,14 @@ class Webhook(BaseModel):
         if not value:
             raise ConfigError(f"clinic {clinic}", f"environment variable {name} is not set")
         return value
+
+    def short_secret(self, env: Mapping[str, str] | None = None) -> str | None:
+        """Return the name of the secret's environment variable if it is set to fewer than
+        MIN_SECRET_CHARS characters (a forgeable signature), else None. Sends still use it:
+        `reminders check` fails on it instead."""
+        name = self.secret[2:-1]
+        value = (os.environ if env is None else env).get(name)
+        return name if value is not None and len(value) < MIN_SECRET_CHARS else None
 
 
 def _clinic_email(value: str) -> str:
