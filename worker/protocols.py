@@ -243,6 +243,8 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(path, str(exc)) from None
+    except UnicodeDecodeError as exc:  # not UTF-8 (a file saved as Latin-1): tomllib's decode
+        raise ConfigError(path, f"not UTF-8 text (byte {exc.start})") from None
 
 
 def load_protocol(path: Path) -> Protocol:
