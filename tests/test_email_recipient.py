@@ -78,7 +78,10 @@ def test_an_address_on_an_international_domain_goes_to_its_ascii_form(sink, addr
     assert [m.to for m in got] == [sent_to]  # the same mailbox (IDNA)
 
 
-@pytest.mark.parametrize("address", ["ñoño@example.com", "o'ñoño@münchen.de"])
+# "ñ+a@example.com": Apprise reads it whole, smtplib then cannot write it: the plugin
+# raised, "the message may have been delivered", retried to a dead letter.
+@pytest.mark.parametrize("address", ["ñoño@example.com", "o'ñoño@münchen.de", "ñ+a@example.com",
+                                     "ñ-a@münchen.de"])
 def test_an_address_apprise_cannot_write_fails_for_good_and_sends_nothing(sink, address):
     # Valid addresses, but a non-ASCII mailbox name needs SMTPUTF8, which Apprise's SMTP
     # session does not ask for: the same data fails again, so retrying only delays the
