@@ -718,15 +718,19 @@ def _exact_recipient(services: Sequence[Any], to: str) -> None:
     not ask for) fails for good.
     """
     emails = [s for s in services if isinstance(s, apprise_email.NotifyEmail)]
-    readings = [_apprise_reading(found) for found in
-                parse_emails(to)]  # type: ignore[no-untyped-call]  # Apprise: untyped
-    if not emails or readings == [(False, to)]:
+    if not emails:
         return
+    # Before taking the plugin's reading: one it reads whole ("ñ+a@example.com") cannot
+    # be written either (smtplib raised in the plugin: an outcome unknown, retried).
     address = to if to.isascii() else _ascii_address(to)
     if address is None:
         raise DeliveryError("the email address cannot be written for the mail server "
                             "(Apprise takes ASCII mailbox names only); nothing was sent",
                             permanent=True)
+    readings = [_apprise_reading(found) for found in
+                parse_emails(to)]  # type: ignore[no-untyped-call]  # Apprise: untyped
+    if readings == [(False, address)]:
+        return
     exact = (False, address)
     for service in emails:
         targets = [exact if target in readings else target for target in service.targets]
