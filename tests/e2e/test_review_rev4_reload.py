@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.e2e.conftest import wait_until
+from tests.sinks import WebhookReceiver
+
+SECRET = "e2e-webhook-secret-0123456789"
 
 
 def test_a_clinic_file_edited_into_latin1_keeps_the_loaded_config_and_sends_at_once(
@@ -31,3 +34,29 @@ def test_a_clinic_file_edited_into_latin1_keeps_the_loaded_config_and_sends_at_o
     log = worker.log_path.read_text(encoding="utf-8", errors="replace")
     assert "attempt not completed" not in log, log[-3000:]
     assert "does not load" in log and str(clinic) in log, log[-3000:]
+
+
+def test_a_webhook_added_while_the_worker_runs_is_told_of_the_sends_after_the_reload(
+        service, e2e_config: Path, sms_sink, smtp_sink, make_booking) -> None:
+    # The worker reads the clinic file again (54682d1), but the events each clinic takes
+    # were worked out once, at start (Store(hooks=...)): a webhook added while it ran was
+    # in the configuration it sent with and was told nothing until a restart.
+    receiver = WebhookReceiver(SECRET).start()
+    try:
+        service.configure(E2E_WEBHOOK_SECRET=SECRET).up()
+        service.book(make_booking("W-1", starts_in=10.0))
+        wait_until(lambda: any(m.to == "w-1@example.com" for m in smtp_sink.snapshot()), 10)
+        clinic = e2e_config / "clinics" / "e2e.toml"
+        clinic.write_text(clinic.read_text(encoding="utf-8") + f'[webhook]\nurl = '
+                          f'"{receiver.url}"\nsecret = "${{E2E_WEBHOOK_SECRET}}"\n',
+                          encoding="utf-8")
+        # The reminder before the visit (2 s from now) sees the edit, the aftercare (12 s)
+        # reads it (a webhook's delivery follows the send within a second or so).
+        wait_until(lambda: len([m for m in smtp_sink.snapshot() if m.to == "w-1@example.com"])
+                   >= 3, 20, interval=0.3)
+        told = wait_until(lambda: {h.json()["reminder"] for h in receiver.snapshot()
+                                   if h.json()["type"] == "reminder.sent"}, 4)
+        assert told == {"aftercare:email"}, told
+    finally:
+        receiver.gate.set()
+        receiver.stop()
