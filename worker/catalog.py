@@ -60,6 +60,16 @@ class Catalog:
         return " ".join(f"{p.id}/{s.id}" for p in self.protocols.values() for s in p.steps
                         if s.care_critical)
 
+    @cached_property
+    def _hooks(self) -> dict[str, str]:
+        from .webhooks import hooks_of  # imports this module's neighbours
+
+        return {clinic_id: hooks_of(clinic) for clinic_id, clinic in self.clinics.items()}
+
+    def hooks(self, clinic_id: str) -> str:
+        """What the clinic is told of (webhooks.hooks_of), per this configuration."""
+        return self._hooks.get(clinic_id, "")
+
     @classmethod
     def load(cls, settings: Settings) -> Catalog:
         """Read config/ and templates/; raise ConfigError naming the first bad file."""

@@ -66,7 +66,6 @@ def context() -> Context:
             from .dispatch import Context
             from .rendering import Renderer
             from .store import Store
-            from .webhooks import hooks_for
 
             settings = get_settings()
             catalog = Catalog.load(settings)
@@ -76,12 +75,18 @@ def context() -> Context:
                     client(settings),
                     settings.key_prefix,
                     retention_days=settings.retention_days,
-                    hooks=hooks_for(catalog.clinics),
+                    # Of the configuration sent with now: config/ is read again (fresh).
+                    hooks=lambda clinic_id: _current().catalog.hooks(clinic_id),
                 ),
                 catalog=catalog,
                 renderer=Renderer(catalog.templates_dir),
             )
         return _context
+
+
+def _current() -> Context:
+    assert _context is not None  # made before its store is used
+    return _context
 
 
 def senders() -> Lanes:
