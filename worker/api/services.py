@@ -8,7 +8,7 @@ second, then the request is answered 503 with `Retry-After` and the clinic retri
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import redis
@@ -20,7 +20,6 @@ from ..keys import ApiKeys
 from ..metrics import ScheduleCollector
 from ..settings import Settings
 from ..store import Store
-from ..webhooks import hooks_for
 from .metrics import ApiMetrics
 from .ratelimit import RateLimiter
 
@@ -34,6 +33,8 @@ class Services:
     keys: ApiKeys
     limiter: RateLimiter
     metrics: ApiMetrics
+    current: list[Catalog] = field(repr=False, compare=False)
+    """Holds `catalog`, shared by every copy: what the store's clinic events follow."""
 
 
 def api_client(url: str) -> redis.Redis:
@@ -44,12 +45,14 @@ def api_client(url: str) -> redis.Redis:
 def build(settings: Settings, catalog: Catalog, url: str | None = None) -> Services:
     """The app's services; Redis at `url`, else as the settings say (URL or Sentinel)."""
     client = api_client(url) if url else connections.client(settings, connections.API)
+    current = [catalog]  # the catalog the routes work with now (`services` reads config/ again)
     return Services(
         settings=settings,
         catalog=catalog,
         redis=client,
         store=Store(client, settings.key_prefix, retention_days=settings.retention_days,
-                    hooks=hooks_for(catalog.clinics)),
+                    hooks=lambda clinic_id: current[0].hooks(clinic_id)),
+        current=current,
         keys=ApiKeys(client, settings.key_prefix),
         limiter=RateLimiter(client, settings.key_prefix, settings.api_rate_per_second,
                             settings.api_rate_burst),
@@ -63,6 +66,7 @@ def services(request: Request) -> Services:
     catalog = svc.catalog.fresh(svc.settings)  # config/ edited: read again (worker/catalog.py)
     if catalog is not svc.catalog:
         svc = request.app.state.services = replace(svc, catalog=catalog)
+        svc.current[0] = catalog  # the store's clinic events follow it too
     return svc
 
 
