@@ -201,7 +201,10 @@ def attempt(
     the provider then goes back to the schedule, and one handing over may be cut.
     """
     settings, store = ctx.settings, ctx.store
-    ctx.catalog = ctx.catalog.fresh(settings)  # config/ edited: read again (worker/catalog.py)
+    ctx.catalog = catalog = ctx.catalog.fresh(settings)  # config/ edited: read again
+    # This attempt reads that catalog throughout (fenced, ruled and rendered with one
+    # configuration), though another sender thread may put a newer one in `ctx` meanwhile.
+    ctx = replace(ctx, catalog=catalog)
     if start_by is not None and CLOCK.now() > start_by:
         if begun:
             begun()
