@@ -476,6 +476,7 @@ def test_in_flight_duplicate_never_undoes_the_finished_attempt(redis_client, out
     settings = Settings(lease_seconds=8, send_timeout_seconds=3, _env_file=None)
     # The duplicate stops at the ledger: it renders nothing, and no step is care-critical.
     catalog = SimpleNamespace(protocols={}, critical_steps="")
+    catalog.fresh = lambda settings: catalog  # no config/ to read again (worker/catalog.py)
     ctx = Context(settings=settings, store=store, catalog=catalog, renderer=None)  # type: ignore[arg-type]
     assert send_claimed(ctx, rid, claim.version, claim.claim) != "sent"  # the duplicate
 
