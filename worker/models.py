@@ -374,7 +374,7 @@ def parse_timezone(value: str) -> str:
         raise ValueError(f"unknown IANA timezone {value!r}, e.g. Europe/Madrid")
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder ("Europe")
         raise ValueError(f"unknown IANA timezone {value!r}, e.g. Europe/Madrid") from None
     return value
 
@@ -389,7 +389,9 @@ def _zone_file_name(value: str) -> bool:
         return False
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        # OSError: a folder of the database ("Europe", "America/Argentina"), which ZoneInfo
+        # opens from the tzdata package (IsADirectoryError), or a file it cannot read.
         return False
     return True
 
