@@ -395,8 +395,26 @@ def _booking(ctx: Context, ref: str, stored: dict[str, str]) -> tuple[Booking, P
     elif clinic is not None:
         window = clinic.send_window
     else:
-        raise DeliveryError("clinic no longer configured", permanent=True)
+        raise _unconfigured(ctx, ref, booking.treatment)
     return booking, (window, ZoneInfo(booking.patient.timezone))
+
+
+def _unconfigured(ctx: Context, ref: str, treatment: str) -> DeliveryError:
+    """The error of a reminder whose clinic or protocol file is missing from config/ as read
+    now: transient (retried with backoff; given up only after max_attempts), logged as a
+    WARNING naming the file. A file deleted by mistake, or missing while a deploy rewrites
+    config/ (a git checkout, an rsync), must not dead-letter every due reminder of it, nor
+    send it with words the configuration no longer has: once the file is back, the retry
+    is sent with the configuration then."""
+    settings = ctx.settings
+    clinic_id = split_ref(ref)[0]
+    if clinic_id not in ctx.catalog.clinics:
+        path = settings.clinics_dir / f"{clinic_id}.toml"
+    else:
+        path = settings.protocols_dir / f"{treatment}.toml"
+    log.warning("send %s: %s is not in config/ as read now (deleted, or being rewritten); "
+                "retried later", ref, path)
+    return DeliveryError(f"not configured: {path} is missing; retried later")
 
 
 def _told_in_flight(store: Store, ref: str, record: dict[str, str],
@@ -637,7 +655,7 @@ def _render(
     clinic = ctx.catalog.clinics.get(clinic_id)
     protocol = ctx.catalog.protocols.get(booking.treatment)
     if clinic is None or protocol is None:
-        raise DeliveryError("clinic or protocol no longer configured", permanent=True)
+        raise _unconfigured(ctx, ref, booking.treatment)
     channel = "sms" if via_sms else cast(Channel, record["channel"])
     # Read-only from here: the booking's own fields unless a notice names another date.
     fields = as_told_fields(record, stored or {},
