@@ -201,7 +201,12 @@ def attempt(
     the provider then goes back to the schedule, and one handing over may be cut.
     """
     settings, store = ctx.settings, ctx.store
-    ctx.catalog = catalog = ctx.catalog.fresh(settings)  # config/ edited: read again
+    seen = ctx.catalog
+    catalog = seen.fresh(settings)  # config/ edited: read again
+    if catalog is not seen:
+        # Only a catalog just read is put in `ctx`: one that read `ctx.catalog` before
+        # another thread's fresh gets the old catalog back, which must not replace the new.
+        ctx.catalog = catalog
     # This attempt reads that catalog throughout (fenced, ruled and rendered with one
     # configuration), though another sender thread may put a newer one in `ctx` meanwhile.
     ctx = replace(ctx, catalog=catalog)
