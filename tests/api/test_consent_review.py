@@ -1,0 +1,223 @@
+"""Review of patients' consent (STOP, START, the email one-click), each case forced:
+
+- a STOP confirmed while an SMS of the number is past its last check (parked after
+  `still_owned`, before the gateway): that SMS still reaches the patient after the
+  confirmation was answered, so the confirmation must not promise that nothing more comes;
+- STOP, START, STOP interleaved (the first STOP parked before it tells the clinic, the
+  START parked after its opt-in, the second STOP parked before it tells): each STOP that
+  opted the number out is confirmed, the clinic is told "stop" once, the number stays out;
+- an RFC 8058 one-click POST in the RFC's own multipart/form-data form unsubscribes.
+
+Real Redis, a real API (uvicorn), a real HTTP SMS gateway, real Apprise; clinic events
+delivered signed to a real webhook receiver.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.api.test_consent_events import receiver, replied, server, tw  # noqa: F401
+from tests.api.test_inbound import ANA, book, link_for, message_of, text
+from tests.conftest import ROOT
+from tests.e2e.conftest import QUICK_PROTOCOL
+from tests.sinks import HttpSink
+from worker.api import inbound
+from worker.catalog import Catalog
+from worker.dispatch import Context, send_claimed
+from worker.models import parse_booking
+from worker.planner import plan
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.store import Store
+
+PROTOCOL = """
+name = "Consent review protocol"
+[[steps]]
+id = "prep"
+offset = "-3h"
+channels = ["sms"]
+template = "day-before"
+late = "send"
+[[steps]]
+id = "later"
+offset = "-2h"
+channels = ["sms"]
+template = "day-before"
+late = "send"
+[advice]""" + QUICK_PROTOCOL.split("[advice]", 1)[1]
+
+
+def write_clinic(folder: Path, port: int) -> None:
+    (folder / "protocols").mkdir(parents=True)
+    (folder / "clinics").mkdir()
+    (folder / "protocols" / "consent.toml").write_text(PROTOCOL, encoding="utf-8")
+    (folder / "clinics" / "cr.toml").write_text(f"""
+name = "Consent Clinic"
+phone = "+34910000000"
+timezone = "UTC"
+locale = "en"
+[sms]
+max_per_day = 10
+max_per_week = 30
+[send_window]
+start = "00:00"
+end = "24:00"
+[channels]
+sms = "json://127.0.0.1:{port}/sms?:to={{to}}"
+[inbound]
+allow_unsigned = true
+""", encoding="utf-8")
+
+
+@pytest.fixture
+def gateway() -> Iterator[HttpSink]:
+    sink = HttpSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def both(tmp_path, redis_client, gateway, serve):
+    """The API and a sender (the worker's send path, in this process) on one Redis."""
+    folder = tmp_path / "config"
+    write_clinic(folder, gateway.port)
+    api = serve(config_dir=folder)
+    settings = Settings(config_dir=folder, templates_dir=ROOT / "templates", _env_file=None)
+    catalog = Catalog.load(settings)
+    store = Store(redis_client, api.settings.key_prefix)  # the API's store
+    ctx = Context(settings=settings, store=store, catalog=catalog,
+                  renderer=Renderer(catalog.templates_dir))
+    starts = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
+    booking = parse_booking({
+        "clinic": "cr", "booking_id": "C-1", "treatment": "consent",
+        "starts_at": starts.isoformat(),
+        "patient": {"name": "Ana López", "phone": ANA, "timezone": "UTC", "locale": "en",
+                    "channels": ["sms"]}}, catalog)
+    now = datetime.now(UTC)
+    store.upsert(booking, plan(booking, catalog.protocols["consent"], catalog.clinics["cr"],
+                               now), now)
+    return api, ctx
+
+
+def test_a_stop_confirmed_while_an_sms_is_past_its_last_check_promises_no_more_than_holds(
+        both, gateway):
+    api, ctx = both
+    store: Store = ctx.store
+    ref = "cr/C-1/prep:sms"
+    store.redis.zadd(store.due_key, {ref: 0})
+    (claim,) = [c for c in store.claim_due(100, 300) if c.ref == ref]
+    real = store.still_owned
+    parked, release = threading.Event(), threading.Event()
+
+    def owned_then_park(*args: Any, **kwargs: Any) -> bool:
+        owned = real(*args, **kwargs)  # its last check: passed
+        parked.set()
+        assert release.wait(20)
+        return owned
+
+    store.still_owned = owned_then_park  # type: ignore[method-assign]
+    out: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: out.setdefault(
+        "r", send_claimed(ctx, ref, claim.version, claim.claim)))
+    thread.start()
+    try:
+        assert parked.wait(10)
+        confirmation = message_of(text(api, "STOP", clinic="cr", sign=False))
+        answered = datetime.now(UTC).timestamp()
+    finally:
+        release.set()
+        thread.join(20)
+        del store.still_owned
+    assert out["r"] == "sent"
+    # The SMS past its last check reached the patient after the STOP was answered...
+    (got,) = gateway.posts
+    assert got.to.endswith(ANA[1:]) and got.at > answered
+    assert store.record(ref)["status"] == "sent"
+    later = store.record("cr/C-1/later:sms")
+    assert later["status"] == "skipped" and later["reason"].startswith("opted_out: ")
+    assert store.redis.zscore(store.due_key, "cr/C-1/later:sms") is None
+    # ...so the one confirmation must not say that nothing more comes at all.
+    assert confirmation is not None
+    assert "no more texts from us after any already on the way" in confirmation, confirmation
+
+
+def test_stop_start_stop_interleaved_confirms_each_opt_out_and_tells_the_clinic_once(
+        server, tw, receiver, monkeypatch):  # noqa: F811
+    """Known (1): STOP A parked before it tells the clinic; START B parked after its
+    opt-in; STOP C opts the number out again and is parked before it tells; A, then C,
+    then B go on. A and C each opted the number out (both first): each is confirmed; the
+    clinic, whose record went from nothing to 'stop', is told 'stop' once."""
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    real_tell, real_in = inbound.tell_consent, store.opt_in
+    at_tell = [threading.Event(), threading.Event()]
+    go_tell = [threading.Event(), threading.Event()]
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def parked_tell(*args: Any, **kwargs: Any) -> str | None:
+        with lock:
+            n = len(calls)
+            calls.append(n)
+        if n < 2:  # the two STOPs' tells
+            at_tell[n].set()
+            assert go_tell[n].wait(20)
+        return real_tell(*args, **kwargs)
+
+    b_in, b_go = threading.Event(), threading.Event()
+
+    def parked_in(*args: Any, **kwargs: Any) -> Any:
+        done = real_in(*args, **kwargs)
+        b_in.set()
+        assert b_go.wait(20)
+        return done
+
+    monkeypatch.setattr(inbound, "tell_consent", parked_tell)
+    store.opt_in = parked_in
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            a = pool.submit(lambda: message_of(text(server, "STOP")))
+            assert at_tell[0].wait(10)
+            b = pool.submit(lambda: message_of(text(server, "START")))
+            assert b_in.wait(10)
+            c = pool.submit(lambda: message_of(text(server, "STOP")))
+            assert at_tell[1].wait(10)
+            go_tell[0].set()
+            answer_a = a.result(20)
+            go_tell[1].set()
+            answer_c = c.result(20)
+            b_go.set()
+            answer_b = b.result(20)
+    finally:
+        for event in (*go_tell, b_go):
+            event.set()
+        del store.opt_in
+    assert answer_a is not None and answer_c is not None  # two opt-outs: two answers
+    assert answer_b is not None and "back on" in answer_b
+    assert store.opted_out("tw", "sms", ANA) is not None  # the last STOP holds
+    assert replied(server, receiver) == [("A-1", "stop", "sms")]
+    assert message_of(text(server, "STOP")) is None  # and nothing more
+    assert replied(server, receiver) == [("A-1", "stop", "sms")]
+
+
+def test_the_rfc_8058_multipart_one_click_post_unsubscribes(server, tw, receiver):  # noqa: F811
+    """RFC 8058 section 8's example: the mail receiver's POST in multipart/form-data."""
+    book(tw, "A-1")
+    path = link_for(server, "ana@example.com")
+    boundary = "---FormBoundaryjWmhtjORrn"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n"
+            f"\r\nOne-Click\r\n--{boundary}--\r\n")
+    with server.client() as client:
+        done = client.post(path, content=body, headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert done.status_code == 200 and "unsubscribed" in done.text, done.text
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "email", "ana@example.com")
+    assert replied(server, receiver) == [("A-1", "unsubscribe", "email")]
