@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.conftest import ROOT
-from tests.test_send_caps import TZ, Clock, Rig, _Fixed, step
+from tests.test_send_caps import Clock, Rig, _Fixed, step
 from tests.test_send_caps import sinks as sinks  # noqa: F401  (a fixture)
 from worker.catalog import Catalog
 from worker.connections import WORKER, from_url

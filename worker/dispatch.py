@@ -327,6 +327,16 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
             late = _late_sms(ctx, ref, attempt, entry, moving, later)
             if late is not None:
                 return late
+        # And its words: written at `now` ("see you tomorrow", "you may resume as before"),
+        # they may be wrong once the patient-local day changed or the visit began: handed
+        # back at once (fenced), the next attempt writes them again.
+        if (later.astimezone(place[1]).date() != now.astimezone(place[1]).date()
+                or now < booking.starts_at <= later):
+            result = store.finish(ref, attempt, "abandon", at=later,
+                                  fields={"reason": WRITTEN_FOR_EARLIER}, entry=entry)
+            log.info("send %s: written for an earlier moment; handed back to be written "
+                     "again (%s)", ref, result)
+            return "handed back"
     except DeliveryError as exc:
         return _failed(ctx, ref, attempt, number, exc, entry, started, deadline, place,
                            moving)
@@ -806,6 +816,8 @@ STOPPING_NOT_BEGUN = "the worker was stopping: handed back to the schedule befor
 TOLD_IN_FLIGHT = ("a message sent before the change is still at its provider: the notice "
                   "waits for its outcome, so as never to arrive before it")
 STOPPED_BEFORE_SENDING = "the worker was stopping: handed back to the schedule before sending"
+WRITTEN_FOR_EARLIER = ("written before the patient's day changed or the visit began: handed "
+                       "back to the schedule to be written again")
 CUT_REASON = ("the worker stopped before the provider answered (its shutdown grace period "
               "ran out)")
 CUT = "cut: outcome unknown"
