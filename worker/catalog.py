@@ -24,6 +24,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 # How long a loaded configuration is used without looking at its files again (seconds).
 CONFIG_RECHECK_SECONDS = 1.0
+# Files unchanged for this long have held still: read at once, without waiting for a look.
+CONFIG_STILL_SECONDS = 1.0
 Stamp = tuple[tuple[str, int, int], ...]
 _reload_lock = threading.Lock()
 
@@ -39,6 +41,18 @@ def config_stamp(settings: Settings) -> Stamp:
             continue
         stamp.append((str(path), st.st_mtime_ns, st.st_size))
     return tuple(stamp)
+
+
+def _still(settings: Settings, stamp: Stamp) -> bool:
+    """Whether nothing in config/ changed for CONFIG_STILL_SECONDS: no file's modification
+    time and no folder's (a file added, removed or renamed into place) is more recent."""
+    times = [mtime for _, mtime, _ in stamp]
+    for folder in (settings.protocols_dir, settings.clinics_dir):
+        try:
+            times.append(folder.stat().st_mtime_ns)
+        except OSError:
+            return False
+    return time.time_ns() - max(times) >= CONFIG_STILL_SECONDS * 1e9
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,8 @@ class Catalog:
 
     def fresh(self, settings: Settings) -> Catalog:
         """Return this catalog, or config/ read again if its files changed since and held
-        still for one more look (looked at at most once every CONFIG_RECHECK_SECONDS). A
+        still for one more look, or were already unchanged for CONFIG_STILL_SECONDS (looked
+        at at most once every CONFIG_RECHECK_SECONDS). A
         change that does not load is logged once and this catalog kept."""
         if not self.stamp:
             return self
@@ -104,9 +119,12 @@ class Catalog:
             stamp = config_stamp(settings)
             if stamp in (self.stamp, self._checked.get("bad")):
                 return self
-            if self._checked.get("seen") != stamp:
+            if self._checked.get("seen") != stamp and not _still(settings, stamp):
                 # Changed since the last look: read once it holds still for a look, not
                 # in the middle of an edit (an editor's save may remove the file a moment).
+                # Files that have not changed for that long held still already (a quiet
+                # process looks only when a send asks: its first send after an edit made
+                # long before would else go with the old configuration and new templates).
                 self._checked["seen"] = stamp
                 return self
             try:
