@@ -5,8 +5,12 @@ every pump run, worker/health.py) is younger than `Settings.heartbeat_max_age` (
 max(30 s, 10 pump intervals)), so beat ticks and a worker runs them; and the pump keeps up:
 the oldest reminder waiting in the due set is at most `max(30 s, 10 pump intervals)`
 overdue. `pump` says `never` (no run recorded), `stale`, `behind` or `ok`. `/readyz` is
-this API process's readiness: Redis answers (the compose healthcheck of the api service:
-an API is worth serving while beat is down). Both answer 503 with `Retry-After` when not.
+this API process's readiness: Redis answers and takes writes (the compose healthcheck of
+the api service: an API is worth serving while beat is down). Both answer 503 with
+`Retry-After` when not; `"redis": "refuses writes"` when Redis answers but refuses writes
+(OOM under `noeviction`, MISCONF, a read-only replica): every keyed route writes first
+(the rate limiter's token), so the API then serves no clinic request, reads included.
+Writes are probed with a short-lived key, `P:health:api`.
 `/metrics` is the API's requests and the schedule's figures (worker/metrics.py).
 """
 
@@ -19,7 +23,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from ..health import check
-from .errors import REDIS_RETRY_AFTER_SECONDS
+from .errors import REDIS_RETRY_AFTER_SECONDS, refused_write
 from .metrics import CONTENT_TYPE
 from .schemas import Health
 from .services import Svc
@@ -40,12 +44,37 @@ def pump_lag_limit(pump_interval_seconds: float) -> float:
     return max(30.0, 10 * pump_interval_seconds)
 
 
+PROBE_MS = 60_000
+
+
+def refuses_writes(svc: Svc) -> str | None:
+    """Which refusal of writes Redis answers ("OOM", "MISCONF", "READONLY"), or None when
+    it answers PING and takes a small write. PING alone does not tell: out of memory or a
+    replica, Redis answers it (MISCONF refuses PING too)."""
+    try:
+        svc.redis.ping()
+        svc.redis.set(f"{svc.settings.key_prefix}:health:api", "1", px=PROBE_MS)
+    except redis.ResponseError as exc:
+        why = refused_write(exc)
+        if why is None:
+            raise
+        return why
+    return None
+
+
+def _refusing(why: str) -> JSONResponse:
+    return _answer({"status": f"Redis refuses writes ({why}): out of memory under "
+                              "noeviction, unable to persist, or a read-only replica",
+                    "redis": "refuses writes"}, False)
+
+
 @router.get("/healthz", summary="Redis reachable and the pump keeping up", response_model=None,
             responses=_HEALTH)
 def healthz(svc: Svc) -> JSONResponse:
     settings = svc.settings
     try:
-        svc.redis.ping()
+        if why := refuses_writes(svc):
+            return _refusing(why)
         verdict = check(svc.redis, settings.key_prefix, "worker", settings.heartbeat_max_age)
         due_in = svc.store.next_due_in()
     except (redis.ConnectionError, redis.TimeoutError):
@@ -65,13 +94,15 @@ def healthz(svc: Svc) -> JSONResponse:
     return _answer({"status": "ok", "pump": "ok", **body}, True)
 
 
-@router.get("/readyz", summary="This API process can serve (Redis reachable)",
+@router.get("/readyz", summary="This API process can serve (Redis reachable, taking writes)",
             response_model=None, responses=_HEALTH)
 def readyz(svc: Svc) -> JSONResponse:
     try:
-        svc.redis.ping()
+        why = refuses_writes(svc)
     except (redis.ConnectionError, redis.TimeoutError):
         return _answer({"status": "Redis is unreachable", "redis": "unreachable"}, False)
+    if why:
+        return _refusing(why)
     return _answer({"status": "ok", "redis": "ok"}, True)
 
 
