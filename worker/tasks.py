@@ -307,7 +307,13 @@ def clinic_event(event_id: str, claim: str) -> str:
     from .webhooks import deliver_event
 
     ctx = context()
-    return deliver_event(_events(), event_id, claim, clinics=ctx.catalog.clinics,
+    # config/ edited: read again (worker/catalog.py), as a send attempt does; a worker with
+    # nothing to send would else tell the clinic at its address and URL as at its start.
+    seen = ctx.catalog
+    catalog = seen.fresh(ctx.settings)
+    if catalog is not seen:
+        ctx.catalog = catalog
+    return deliver_event(_events(), event_id, claim, clinics=catalog.clinics,
                          renderer=ctx.renderer, settings=ctx.settings)
 
 
