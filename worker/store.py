@@ -1597,7 +1597,10 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     still has this address and takes this channel, due (and not expired) after `now` (in a
     held booking too: its release puts them into the schedule); a message again for a new
     date too (again-<step>, repause: a later change supersedes it as any), not a change
-    notice (told at once: its time passed). A step the booking no longer plans is never
+    notice (told at once: its time passed). An SMS opt-in also puts back a care-critical
+    email step its begin skipped while the patient was unsubscribed from email and opted out
+    of SMS (it goes by SMS; not one whose own SMS carries the step; never "by email": its
+    last flag is false). A step the booking no longer plans is never
     among them: a change of the booking cancels such a skipped reminder
     (worker/reconcile.py)."""
     if fields.get("status") not in (Status.SCHEDULED, Status.HELD) or doc is None:
@@ -1618,8 +1621,15 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     out = []
     for key, value in fields.items():
         step = key.split(":", 1)[0].split("#", 1)[0]
-        if not is_reminder_field(key) or not key.endswith(f":{channel}") \
-                or step in NOTICE_STEPS:
+        if not is_reminder_field(key) or step in NOTICE_STEPS:
+            continue
+        # An SMS opt-in also brings back a care-critical email step skipped at its begin
+        # while the patient, unsubscribed from email, was opted out of SMS too: its begin
+        # sends it by SMS now ('ok sms'), unless the step's own SMS carries it. Counted as
+        # an SMS, never by email (the patient unsubscribed from it).
+        by_sms = channel == "sms" and key.endswith(":email") \
+            and key[: -len("email")] + "sms" not in fields
+        if not key.endswith(f":{channel}") and not by_sms:
             continue
         r = _split(value, len(REMINDER_SLOTS))
         if STATUS_OF.get(r[0]) != Status.SKIPPED or not r[8].startswith(OPTED_OUT):
@@ -1628,7 +1638,9 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
         if due <= now or (r[4] and float(r[4]) <= now):
             continue  # its time passed while opted out: not sent late
         step = base_step(step, pause)
-        out.append((due, key, tz, step in protected, email))
+        if by_sms and step not in protected:
+            continue
+        out.append((due, key, tz, step in protected, email and not by_sms))
     return out
 
 
