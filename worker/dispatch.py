@@ -103,7 +103,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from .catalog import Catalog
+from .catalog import Catalog, config_stamp
 from .clinics import SendWindow
 from .clock import RedisClock
 from .delivery import Envelope, deliver, smtp_sessions
@@ -709,7 +709,7 @@ def _render(
         )
         url = clinic.delivery_url(channel, to)
     except ConfigError as exc:
-        raise DeliveryError(str(exc), permanent=True) from None
+        raise DeliveryError(str(exc), permanent=not _being_read(ctx, ref)) from None
     except KeyError:
         raise DeliveryError(f"the patient has no {channel} contact", permanent=True) from None
     except SoftTimeLimitExceeded:
@@ -718,10 +718,21 @@ def _render(
         raise
     except Exception as exc:  # a template that fails to render cannot succeed on retry
         raise DeliveryError(
-            f"cannot render {record['template']} ({type(exc).__name__})", permanent=True
-        ) from None
+            f"cannot render {record['template']} ({type(exc).__name__})",
+            permanent=not _being_read(ctx, ref)) from None
     envelope = Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to)
     return url, envelope, message, headers, link
+
+
+def _being_read(ctx: Context, ref: str) -> bool:
+    """Whether config/ changed since the attempt's catalog was read (not read yet: it has
+    not held still for a look, worker/catalog.py). A render failing then may be the new
+    templates (read again within a second) meeting the old protocol: retried (transient),
+    not dead-lettered; once the edit is read it renders, or fails for good then."""
+    if not ctx.catalog.stamp or config_stamp(ctx.settings) == ctx.catalog.stamp:
+        return False
+    log.warning("send %s: cannot render while config/ is being read again; retried", ref)
+    return True
 
 
 def unsubscribe_link(ctx: Context, clinic: str, to: str) -> str:
