@@ -11,8 +11,9 @@ a patient's contact details).
 
 Redis unreachable (connection refused or lost, timeout) answers 503 with Retry-After, and
 so does a Redis that is up but refuses writes: out of memory under `maxmemory` with
-`noeviction` (OOM), unable to persist (MISCONF: a failed RDB save or AOF write), or a
-read-only replica (READONLY). A Lua script or MULTI refused so is refused at its first
+`noeviction` (OOM), unable to persist (MISCONF: a failed RDB save or AOF write), a
+read-only replica (READONLY), or a master short of the replicas `min-replicas-to-write`
+asks for (NOREPLICAS). A Lua script or MULTI refused so is refused at its first
 write and changes nothing, and the routes' writes are idempotent (PUT, DELETE, release,
 batch, STOP): the request may be sent again as it is. Any other error reply from Redis
 is a bug, a 500.
@@ -164,12 +165,14 @@ async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
 
 
 # How Redis says it refuses writes; an error in a pipeline is prefixed by redis-py with
-# "Command # N (...) of pipeline caused error: ".
-_REFUSES_WRITES = re.compile(r"(?:^|caused error: )(MISCONF|OOM|READONLY)\b")
+# "Command # N (...) of pipeline caused error: ". NOREPLICAS: a master with
+# `min-replicas-to-write` (the usual guard with Sentinel) and fewer replicas in sync.
+_REFUSES_WRITES = re.compile(r"(?:^|caused error: )(MISCONF|OOM|READONLY|NOREPLICAS)\b")
 
 
 def refused_write(exc: redis.ResponseError) -> str | None:
-    """Which refusal of writes `exc` is ("OOM", "MISCONF", "READONLY"), or None."""
+    """Which refusal of writes `exc` is ("OOM", "MISCONF", "READONLY", "NOREPLICAS"), or
+    None."""
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         return "OOM"
     if isinstance(exc, redis.exceptions.ReadOnlyError):

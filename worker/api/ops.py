@@ -48,9 +48,9 @@ PROBE_MS = 60_000
 
 
 def refuses_writes(svc: Svc) -> str | None:
-    """Which refusal of writes Redis answers ("OOM", "MISCONF", "READONLY"), or None when
-    it answers PING and takes a small write. PING alone does not tell: out of memory or a
-    replica, Redis answers it (MISCONF refuses PING too)."""
+    """Which refusal of writes Redis answers ("OOM", "MISCONF", "READONLY", "NOREPLICAS"),
+    or None when it answers PING and takes a small write. PING alone does not tell: out of
+    memory, a replica or short of replicas, Redis answers it (MISCONF refuses PING too)."""
     try:
         svc.redis.ping()
         svc.redis.set(f"{svc.settings.key_prefix}:health:api", "1", px=PROBE_MS)
@@ -64,7 +64,8 @@ def refuses_writes(svc: Svc) -> str | None:
 
 def _refusing(why: str) -> JSONResponse:
     return _answer({"status": f"Redis refuses writes ({why}): out of memory under "
-                              "noeviction, unable to persist, or a read-only replica",
+                              "noeviction, unable to persist, a read-only replica, or "
+                              "short of the replicas min-replicas-to-write asks for",
                     "redis": "refuses writes"}, False)
 
 
