@@ -221,3 +221,63 @@ def test_the_rfc_8058_multipart_one_click_post_unsubscribes(server, tw, receiver
     store = server.app.state.services.store
     assert store.opted_out("tw", "email", "ana@example.com")
     assert replied(server, receiver) == [("A-1", "unsubscribe", "email")]
+
+
+def test_an_unsubscribe_answered_while_an_email_is_past_its_last_check_promises_no_more_than_holds(
+        tmp_path, redis_client, serve):
+    """The email analog: an email of the patient parked after its last check; the one-click
+    POST answers; released, that email reaches the SMTP server after the answer, so the
+    page must not say that no email comes at all."""
+    from tests.sinks import SmtpSink
+    from tests.test_unsub_races import book as book_email
+    from tests.test_unsub_races import claim as claim_email
+    from tests.test_unsub_races import first_link
+    from tests.test_unsubscribe_send import PUBLIC, SECRET, Rig
+
+    smtp, sms = SmtpSink().start(), HttpSink().start()
+    try:
+        rig = Rig(tmp_path / "config", redis_client, smtp, sms)
+        api = serve(config_dir=tmp_path / "config", public_url=PUBLIC,
+                    unsubscribe_secret=SECRET)
+        rig.store = Store(redis_client, api.settings.key_prefix)
+        rig.ctx = Context(settings=rig.settings, store=rig.store, catalog=rig.catalog,
+                          renderer=rig.ctx.renderer)
+        book_email(rig, "U-1", "ana@example.com", 2)
+        book_email(rig, "U-2", "ana@example.com", 9)
+        link = first_link(rig)
+        ref = "uc/U-2/plain:email"
+        c = claim_email(rig, ref)
+        real = rig.store.still_owned
+        parked, release = threading.Event(), threading.Event()
+
+        def owned_then_park(*args: Any, **kwargs: Any) -> bool:
+            owned = real(*args, **kwargs)
+            parked.set()
+            assert release.wait(20)
+            return owned
+
+        rig.store.still_owned = owned_then_park  # type: ignore[method-assign]
+        out: dict[str, str] = {}
+        thread = threading.Thread(target=lambda: out.setdefault(
+            "r", send_claimed(rig.ctx, ref, c.version, c.claim)))
+        thread.start()
+        try:
+            assert parked.wait(10)
+            with api.client() as client:
+                page = client.post(link.replace(PUBLIC, ""), content="List-Unsubscribe=One-Click",
+                                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+            answered = datetime.now(UTC).timestamp()
+        finally:
+            release.set()
+            thread.join(20)
+        assert page.status_code == 200 and "You are unsubscribed" in page.text
+        assert out["r"] == "sent"
+        mails = smtp.snapshot()
+        assert len(mails) == 2 and mails[-1].at > answered  # U-1's, then U-2's after
+        assert "after any already on the way" in page.text, page.text
+        with api.client() as client:  # the page of a link used again says the same
+            assert "after any already on the way" in client.get(
+                link.replace(PUBLIC, "")).text
+    finally:
+        smtp.stop()
+        sms.stop()
