@@ -5,7 +5,9 @@ Every email carries the patient's link in its footer and in the headers
 List-Unsubscribe=One-Click` (RFC 8058). GET only shows a small page with a button: mail
 scanners fetch links, and a fetch must not unsubscribe anyone. POST unsubscribes (the
 button, or a mail provider's one-click POST with the body `List-Unsubscribe=One-Click`):
-the address is opted out of email from that clinic at once (worker/store.py `opt_out`),
+the address is opted out of email from that clinic at once (worker/store.py `opt_out`;
+an email already past its last check, being handed to the SMTP server, still goes: the
+page says "after any already on the way"),
 every email still to be sent is skipped with the reason, and the send-time check refuses
 any other; care-critical steps still go by SMS when the patient allows SMS. The clinic is
 told (`patient.replied`, reply "unsubscribe", channel "email") once (worker/webhooks.py
@@ -96,7 +98,7 @@ async def unsubscribe_page(token: str, svc: Svc) -> HTMLResponse:
     if done:
         return _page("You are unsubscribed",
                      f"<p>{escape(_masked(address))} gets no more emails from "
-                     f"{escape(clinic.name)}.</p>")
+                     f"{escape(clinic.name)} after any already on the way.</p>")
     return _page(
         f"Unsubscribe from {clinic.name}",
         f"<p>Stop the appointment emails from {escape(clinic.name)} to "
@@ -135,4 +137,4 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
              "booking(s))", named.clinic, named.channel, skipped, len(touched))
     return _page("You are unsubscribed",
                  f"<p>{escape(_masked(address))} gets no more emails from "
-                 f"{escape(clinic.name)}.</p>")
+                 f"{escape(clinic.name)} after any already on the way.</p>")
