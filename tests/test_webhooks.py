@@ -191,11 +191,14 @@ def test_events_a_clinic_does_not_take_are_dropped(events, receiver, tmp_path):
     events.emit("glow", "webhook", "booking.held", {"booking_id": "A-2"})
     events.emit("gone", "webhook", "booking.held", {"booking_id": "A-3"})
     results = deliver_all(events, hooked(receiver, events=["booking.held"]), tmp_path)
-    assert sorted(results) == sorted([
-        "dropped: the clinic's webhook does not take this event", "delivered",
-        "dropped: clinic 'gone' is no longer configured"])
+    # A clinic not in config/ as read now is retried: its file may be back soon (a deploy
+    # rewriting config/; tests/test_review_conf_missing_clinic_events.py).
+    gone = [r for r in results if "'gone'" in r]
+    assert len(gone) == 1 and gone[0].startswith("retrying: clinic 'gone' not configured")
+    assert sorted(r for r in results if r not in gone) == sorted([
+        "dropped: the clinic's webhook does not take this event", "delivered"])
     assert [h.json()["booking_id"] for h in receiver.snapshot()] == ["A-2"]
-    assert events.pending() == []
+    assert [e.clinic for e in events.pending()] == ["gone"]
 
 
 def test_a_missing_secret_is_retried_not_sent_unsigned(events, receiver, tmp_path):

@@ -486,8 +486,12 @@ def deliver_event(
     clinic = clinics.get(event.clinic)
     try:
         if clinic is None:
-            events.done(event_id, claim)
-            return f"dropped: clinic {event.clinic!r} is no longer configured"
+            # Its file missing as config/ is read now: deleted by mistake, or being rewritten
+            # by a deploy. Retried, not dropped (given up after webhook_max_attempts).
+            path = settings.clinics_dir / f"{event.clinic}.toml"
+            log.warning("clinic event %s (%s): %s is not in config/ as read now; retried",
+                        event_id, event.type, path)
+            raise DeliveryError(f"clinic {event.clinic!r} not configured: {path} is missing")
         if event.kind == "alert":
             if not clinic.email:
                 events.done(event_id, claim)
