@@ -1139,7 +1139,7 @@ class Lanes:
             cancelled = [(key, item) for key, item in self._queued.items() if item[0].cancelled()]
             for key, _ in cancelled:
                 del self._queued[key]
-        now = datetime.now(UTC)
+        now = datetime.fromtimestamp(CLOCK.now(), UTC)  # due now for the pump: Redis's clock
         for _, (_, channel, ref, claim) in cancelled:
             try:
                 handed = self.ctx.store.requeue(ref, now, STOPPING_NOT_BEGUN, claim=claim)
@@ -1218,7 +1218,7 @@ def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
         try:
             lanes.submit(channel, ref, version, claim, start_by)
         except RuntimeError:  # shutting down: back to the schedule now, not a lease later
-            now = datetime.now(UTC)
+            now = datetime.fromtimestamp(CLOCK.now(), UTC)  # the pump's clock: Redis's
             for ref, _, claim in claims[index:]:
                 ctx.store.requeue(ref, now, "the worker was stopping", claim=claim)
             return f"{index} claim(s) handed to the {channel} senders; the rest handed back"
