@@ -281,3 +281,35 @@ def test_an_unsubscribe_answered_while_an_email_is_past_its_last_check_promises_
     finally:
         smtp.stop()
         sms.stop()
+
+
+@pytest.mark.parametrize("body", [
+    "Yes, no more texts please", "Yes please remove me from your list",
+    "Yeah, don't text me anymore", "Thanks but no more texts",
+])
+def test_an_opt_out_after_yes_or_but_is_an_opt_out(body):
+    from worker.optout import classify
+
+    assert classify(body) == "stop", body
+
+
+@pytest.mark.parametrize("body,intent", [
+    ("Yes", "confirm"), ("Yes, see you Friday", "confirm"), ("yes confirmed", "confirm"),
+    ("Yes no more tretinoin?", "confirm"), ("But I got no more texts after Tuesday", "unknown"),
+])
+def test_yes_or_but_alone_opts_nothing_out(body, intent):
+    from worker.optout import classify
+
+    assert classify(body) == intent, body
+
+
+def test_yes_no_more_texts_opts_the_number_out_and_confirms_no_visit(
+        server, tw, receiver):  # noqa: F811
+    """'Yes, no more texts please' was a visit confirmation (its first word): the number
+    stayed opted in, the answer ('your visit is confirmed') did not say how to stop."""
+    book(tw, "A-1")
+    answer = message_of(text(server, "Yes, no more texts please"))
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "sms", ANA) is not None
+    assert answer is not None and "no more texts" in answer, answer
+    assert replied(server, receiver) == [("A-1", "stop", "sms")]
