@@ -32,7 +32,7 @@ In this order:
               pressure, "Baja la fiebre" says the fever goes down.
               (e) natural language (FCC 24-18: opt-out "by any reasonable means"): the
               text holds a phrase of OPT_OUT_PHRASES with only courtesy words or a
-              request opener (REQUEST_WORDS: "can you", "I want", "please") before it,
+              request opener (REQUEST_WORDS: "can you", "I want", "please", "yes", "but") before it,
               and, if it asks a question, only courtesy words after it:
                 en  no more <texts>; don't / do not / never text|message|contact me;
                     don't send me <texts>; don't want <texts>; remove|take me off|from
@@ -240,6 +240,10 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
 REQUEST_WORDS = FILLER_WORDS | frozenset({
     "I", "D", "WE", "CAN", "COULD", "WOULD", "WILL", "JUST", "KINDLY", "SO", "LIKE", "TO",
     "WANT", "AND", "PUEDEN", "PUEDES", "PODRIAN", "QUIERO", "QUE", "Y", "PERO",
+    # An assent or a "but" before the phrase ("Yes, no more texts please", "Thanks but no
+    # more texts"): else the first word made it a visit confirmation, the number kept
+    # getting texts and the answer did not say how to stop. (Not SI: also "if" in Spanish.)
+    "YES", "YEAH", "YEP", "BUT",
 })
 
 # What may follow a phrase in a question, besides courtesy words ("Could you not text me
