@@ -53,3 +53,26 @@ def test_the_first_send_after_a_quiet_edit_uses_the_edited_protocol(
     (body,) = gate.bodies
     assert "no makeup for 12 h." in body["message"], body
     assert ctx.catalog.protocols["race"].advice["makeup_free_hours"] == 12
+
+
+def test_a_file_copied_with_its_old_times_is_not_read_until_it_held_still(
+        tmp_path, monkeypatch) -> None:
+    import os
+
+    from worker import catalog as catalog_module
+
+    config = races.write_config(tmp_path / "config", 9)
+    settings = Settings(config_dir=config, templates_dir=ROOT / "templates", _env_file=None)
+    first = Catalog.load(settings)
+    time.sleep(1.1)
+    monkeypatch.setattr(catalog_module, "CONFIG_RECHECK_SECONDS", 0.0)
+    # A deploy copying config/ with its source's times (rsync -a): written now, dated old.
+    clinic = config / "clinics" / "rc.toml"
+    clinic.write_text(clinic.read_text(encoding="utf-8").replace(
+        'name = "Race Clinic"', 'name = "Copied Clinic"'), encoding="utf-8")
+    old = time.time() - 3600
+    for path in (clinic, config / "clinics", config / "protocols"):
+        os.utime(path, (old, old))
+    assert first.fresh(settings) is first  # changed just now: not in the middle of a copy
+    second = first.fresh(settings)  # held still for a look
+    assert second.clinics["rc"].name == "Copied Clinic"

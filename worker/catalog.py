@@ -44,14 +44,18 @@ def config_stamp(settings: Settings) -> Stamp:
 
 
 def _still(settings: Settings, stamp: Stamp) -> bool:
-    """Whether nothing in config/ changed for CONFIG_STILL_SECONDS: no file's modification
-    time and no folder's (a file added, removed or renamed into place) is more recent."""
-    times = [mtime for _, mtime, _ in stamp]
-    for folder in (settings.protocols_dir, settings.clinics_dir):
+    """Whether nothing in config/ changed for CONFIG_STILL_SECONDS: no file's change time
+    and no folder's (a file added, removed or renamed into place) is more recent. Change
+    times (ctime), not modification times: a copy that keeps its source's times (rsync -a,
+    cp -p) or a `touch -d` cannot make a file just written look old."""
+    times = []
+    paths = [settings.protocols_dir, settings.clinics_dir, *(Path(p) for p, _, _ in stamp)]
+    for path in paths:
         try:
-            times.append(folder.stat().st_mtime_ns)
+            st = path.stat()
         except OSError:
             return False
+        times.append(max(st.st_ctime_ns, st.st_mtime_ns))
     return time.time_ns() - max(times) >= CONFIG_STILL_SECONDS * 1e9
 
 
