@@ -123,7 +123,7 @@ from .planner import (
 )
 from .protocols import NOTICE_STEPS, REPAUSE_STEP
 from .pump import Keys, channel_of, sender_member
-from .rendering import RenderedMessage, Renderer
+from .rendering import TEMPLATE_NOT_FOUND, RenderedMessage, Renderer
 from .settings import Settings
 from .status import Status
 from .store import IN_FLIGHT_MARGIN, Attempt, Begun, SendCapped, Store, split_ref
@@ -693,20 +693,33 @@ def _render(
             link = contact_hash(key, "email", to)
             unsubscribe = unsubscribe_url(ctx, key, clinic_id, to)
             headers = unsubscribe_headers(unsubscribe)
-        message = ctx.renderer.render(
-            template=record["template"],
-            channel=channel,
-            booking=booking,
-            clinic=clinic,
-            protocol=protocol,
-            occurrence=int(record.get("occurrence", 1)),
-            due_at=datetime.fromtimestamp(float(record["planned_epoch"]), UTC),
-            plan_dates=plan_dates,
-            now=now,
-            **notice_and_invite(record, channel, booking, protocol, fields, now,
-                                window=window or clinic.send_window, repause_at=repause_at),
-            unsubscribe_url=unsubscribe,
-        )
+        def render(template: str) -> RenderedMessage:
+            return ctx.renderer.render(
+                template=template,
+                channel=channel,
+                booking=booking,
+                clinic=clinic,
+                protocol=protocol,
+                occurrence=int(record.get("occurrence", 1)),
+                due_at=datetime.fromtimestamp(float(record["planned_epoch"]), UTC),
+                plan_dates=plan_dates,
+                now=now,
+                **notice_and_invite(record, channel, booking, protocol, fields, now,
+                                    window=window or clinic.send_window,
+                                    repause_at=repause_at),
+                unsubscribe_url=unsubscribe,
+            )
+
+        try:
+            message = render(record["template"])
+        except ConfigError as exc:
+            # The template the reminder was planned with is gone: renamed with the step
+            # that names it (edited together while it waited). Its step's template now.
+            renamed = next((s.template for s in protocol.steps if s.id == record.get("step")
+                            and s.template != record["template"]), None)
+            if exc.problem != TEMPLATE_NOT_FOUND or renamed is None:
+                raise
+            message = render(renamed)
         url = clinic.delivery_url(channel, to)
     except ConfigError as exc:
         raise DeliveryError(str(exc), permanent=not _being_read(ctx, ref)) from None

@@ -303,6 +303,7 @@ def syntax_error(exc: TemplateSyntaxError, path: Path) -> ConfigError:
     return ConfigError(f"{exc.filename or path}:{exc.lineno}", f"syntax error: {exc.message}")
 
 
+TEMPLATE_NOT_FOUND = "template file not found"  # a ConfigError's problem
 # How long a compiled template is used without looking at its file again (seconds).
 TEMPLATES_RECHECK_SECONDS = 1.0
 
@@ -607,8 +608,7 @@ class Renderer:
         try:
             return self.env.get_template(name).render(context)
         except TemplateNotFound:
-            raise ConfigError(self.templates_dir / unmarked(name),
-                              "template file not found") from None
+            raise ConfigError(self.templates_dir / unmarked(name), TEMPLATE_NOT_FOUND) from None
         except TemplateSyntaxError as exc:
             raise syntax_error(exc, self.templates_dir / unmarked(name)) from None
         except TemplateError as exc:  # undefined variable, sandbox refusal, bad filter use
