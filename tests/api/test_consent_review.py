@@ -313,3 +313,24 @@ def test_yes_no_more_texts_opts_the_number_out_and_confirms_no_visit(
     assert store.opted_out("tw", "sms", ANA) is not None
     assert answer is not None and "no more texts" in answer, answer
     assert replied(server, receiver) == [("A-1", "stop", "sms")]
+
+
+@pytest.mark.parametrize("locale", ["en", "es"])
+def test_answers_to_texts_use_the_clinics_sms_name(locale):
+    """A clinic whose name is too long for SMS sets `sms_name` (what every SMS names it by,
+    and what `reminders check` measures): the answers to a patient's texts (STOP's one
+    confirmation, HELP, ...) used the full name, two segments with a 60-character name."""
+    from worker.api.inbound import reply_text
+    from worker.clinics import Clinic
+    from worker.sms import is_gsm7
+
+    clinic = Clinic(id="x", name="Clinica Dermatologica y Estetica Doctora Montserrat Garcia L",
+                    sms_name="Clinica Montserrat", phone="+34910000000",
+                    timezone="Europe/Madrid")
+    assert len(clinic.name) == 60
+    for what in ("stop", "start", "help", "confirm", "reschedule", "no_visit", "clarify",
+                 "change"):
+        answer = reply_text(ROOT / "templates", locale, what, clinic, date="28 de sept.",
+                            time="18:30")
+        assert "Clinica Montserrat" in answer and clinic.name not in answer, (what, answer)
+        assert is_gsm7(answer) and len(answer) <= 160, (what, len(answer), answer)
