@@ -96,11 +96,12 @@ def _replies(templates_dir: Path, folder: str) -> dict[str, str]:
 
 
 def reply_text(templates_dir: Path, locale: str, what: str, clinic: Clinic, **values: str) -> str:
-    """Return the answer `what` in the patient's language (else English), in GSM-7."""
+    """Return the answer `what` in the patient's language (else English), in GSM-7, naming
+    the clinic as its SMS do (`sms_name`, else its name)."""
     language = locale.split("-")[0].split("_")[0]
     folder = language if (templates_dir / language / "_replies.toml").is_file() else "en"
-    text = _replies(templates_dir, folder)[what].format(clinic=clinic.name, phone=clinic.phone,
-                                                          **values)
+    text = _replies(templates_dir, folder)[what].format(clinic=clinic.sms_label,
+                                                          phone=clinic.phone, **values)
     return fold_to_gsm7(" ".join(text.split()))
 
 
