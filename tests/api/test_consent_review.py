@@ -334,3 +334,29 @@ def test_answers_to_texts_use_the_clinics_sms_name(locale):
                             time="18:30")
         assert "Clinica Montserrat" in answer and clinic.name not in answer, (what, answer)
         assert is_gsm7(answer) and len(answer) <= 160, (what, len(answer), answer)
+
+
+def test_a_stop_opts_the_number_out_at_that_clinic_only(server, tw, receiver):  # noqa: F811
+    """README: 'opted out of SMS from this clinic'. The same number booked at two clinics:
+    its STOP to one leaves the other's SMS to go (and tells that clinic nothing)."""
+    from tests.api.test_inbound import reminders
+
+    book(tw, "A-1")
+    with server.client(server.issue_key("dev")) as dev:
+        from tests.api.conftest import future_booking
+
+        doc = future_booking("D-1", clinic="dev")
+        doc["patient"] = doc["patient"] | {"phone": ANA, "email": "ana@example.com"}
+        assert dev.put("/v1/bookings/D-1", json=doc).status_code == 201
+        assert message_of(text(server, "STOP")) is not None  # to tw
+        store = server.app.state.services.store
+        assert store.opted_out("tw", "sms", ANA) is not None
+        assert store.opted_out("dev", "sms", ANA) is None
+        assert all(r["status"] == "skipped" for r in reminders(tw, "A-1").values()
+                   if r["channel"] == "sms" and r["status"] != "sent")
+        theirs = [r for r in reminders(dev, "D-1").values() if r["channel"] == "sms"]
+        assert theirs and all(r["status"] == "scheduled" for r in theirs), theirs
+        due = store.redis.zrange(store.due_key, 0, -1)
+        assert [ref for ref in due if ref.startswith("dev/D-1/") and ref.endswith(":sms")]
+        assert not [ref for ref in due if ref.startswith("tw/") and ref.endswith(":sms")]
+    assert replied(server, receiver) == [("A-1", "stop", "sms")]
