@@ -313,8 +313,12 @@ def clinic_event(event_id: str, claim: str) -> str:
     catalog = seen.fresh(ctx.settings)
     if catalog is not seen:
         ctx.catalog = catalog
+    from .catalog import config_stamp
+
     return deliver_event(_events(), event_id, claim, clinics=catalog.clinics,
-                         renderer=ctx.renderer, settings=ctx.settings)
+                         renderer=ctx.renderer, settings=ctx.settings,
+                         unsettled=lambda: bool(catalog.stamp)
+                         and config_stamp(ctx.settings) != catalog.stamp)
 
 
 # The limits of the tasks themselves (a batch task only hands its claims over; the single

@@ -476,8 +476,13 @@ def deliver_event(
     renderer: Renderer,
     settings: Settings,
     env: Mapping[str, str] | None = None,
+    unsettled: Callable[[], bool] | None = None,
 ) -> str:
-    """Deliver one claimed event; return what happened (for the task's log line)."""
+    """Deliver one claimed event; return what happened (for the task's log line).
+
+    `unsettled()`: config/ changed since `clinics` was read (not read yet: worker/catalog.py).
+    An event the clinic does not take as `clinics` say is then retried, not dropped: the
+    process that wrote it (the API) may have read the edit that made the clinic take it."""
     from .dispatch import compute_backoff  # dispatch imports the clinic config, which imports us
 
     event = events.load(event_id, claim)
@@ -494,11 +499,13 @@ def deliver_event(
             raise DeliveryError(f"clinic {event.clinic!r} not configured: {path} is missing")
         if event.kind == "alert":
             if not clinic.email:
+                _unsettled(unsettled)
                 events.done(event_id, claim)
                 return "dropped: the clinic has no email address"
             send_alert(clinic, event, renderer, settings, env)
         else:
             if clinic.webhook is None or not clinic.wants(event.type):
+                _unsettled(unsettled)
                 events.done(event_id, claim)
                 return "dropped: the clinic's webhook does not take this event"
             secret = clinic.webhook.secret_value(clinic.id, env)
@@ -520,6 +527,13 @@ def deliver_event(
     events.done(event_id, claim)
     log.info("clinic event %s (%s) delivered to clinic %s", event_id, event.type, event.clinic)
     return "delivered"
+
+
+def _unsettled(unsettled: Callable[[], bool] | None) -> None:
+    """Raise a (transient) DeliveryError if config/ is being read again (`deliver_event`)."""
+    if unsettled is not None and unsettled():
+        raise DeliveryError("config/ changed and is not read yet: what the clinic takes "
+                            "is decided once it is")
 
 
 def render_alert(clinic: Clinic, event: Event, renderer: Renderer) -> RenderedMessage:
