@@ -96,6 +96,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
@@ -103,7 +104,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from .catalog import Catalog, config_stamp
+from .catalog import CONFIG_STILL_SECONDS, Catalog, config_stamp
 from .clinics import SendWindow
 from .clock import RedisClock
 from .delivery import Envelope, deliver, smtp_sessions
@@ -739,13 +740,29 @@ def _render(
 
 def _being_read(ctx: Context, ref: str) -> bool:
     """Whether config/ changed since the attempt's catalog was read (not read yet: it has
-    not held still for a look, worker/catalog.py). A render failing then may be the new
-    templates (read again within a second) meeting the old protocol: retried (transient),
-    not dead-lettered; once the edit is read it renders, or fails for good then."""
-    if not ctx.catalog.stamp or config_stamp(ctx.settings) == ctx.catalog.stamp:
-        return False
-    log.warning("send %s: cannot render while config/ is being read again; retried", ref)
-    return True
+    not held still for a look, worker/catalog.py), or templates/ changed within the last
+    CONFIG_STILL_SECONDS. A render failing then may be the new templates (read again within
+    a second) meeting the old protocol, or a template file a deploy is rewriting (a git
+    checkout unlinks it and writes it again): retried (transient), not dead-lettered; once
+    the edit is read it renders, or fails for good then."""
+    if ctx.catalog.stamp and config_stamp(ctx.settings) != ctx.catalog.stamp:
+        log.warning("send %s: cannot render while config/ is being read again; retried", ref)
+        return True
+    if _changing(ctx.renderer.templates_dir):
+        log.warning("send %s: cannot render while templates/ is being changed; retried", ref)
+        return True
+    return False
+
+
+def _changing(folder: Path) -> bool:
+    """Whether anything in `folder` (a file written, added, removed) changed within the last
+    CONFIG_STILL_SECONDS (change times: a copy keeping its source's times is seen too)."""
+    try:
+        paths = [folder, *folder.rglob("*")]
+        newest = max(max(st.st_ctime_ns, st.st_mtime_ns) for st in (p.stat() for p in paths))
+    except OSError:
+        return True
+    return time.time_ns() - newest < CONFIG_STILL_SECONDS * 1e9
 
 
 def unsubscribe_link(ctx: Context, clinic: str, to: str) -> str:
