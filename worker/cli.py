@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 a booking was refused or not found; 2 bad usage or unreadable
 input; 3 invalid configuration (config/ or templates/). `health`: 0 healthy, 1 not.
-`book` stopped by Ctrl-C: 130, having said how many bookings it stored.
+`book` stopped by Ctrl-C: 130, by SIGTERM: 143, having said how many bookings it stored.
+A Redis refusing writes (OOM, MISCONF, READONLY, NOREPLICAS) is 3, as one unreachable.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # `book` stopped by Ctrl-C (128 + SIGINT), saying what was stored
+EXIT_TERMINATED = 143  # `book` stopped by SIGTERM (128 + SIGTERM), the same
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while `book` stores: handled as a Ctrl-C (said, stopped between batches)."""
 
 
 # Booking files (reading, checking, storing in chunks): worker/batch.py.
@@ -193,8 +199,8 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     with quiet_gc():
         try:
             return book_files(args, settings)
-        except KeyboardInterrupt:  # what was stored is said (`book_files`, `store_all`)
-            return EXIT_INTERRUPTED
+        except KeyboardInterrupt as exc:  # what was stored is said (`book_files`, `store_all`)
+            return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 def book_files(args: argparse.Namespace, settings: Settings) -> int:
@@ -290,7 +296,7 @@ def store_all(
         with StopBetweenBatches() as ctrl_c:
             for chunk in spool.chunks(STORE_BATCH):
                 if ctrl_c.requested:
-                    raise KeyboardInterrupt
+                    raise Terminated if ctrl_c.requested == signal.SIGTERM else KeyboardInterrupt
                 items = [decode(item, catalog) for item in chunk]
                 before: list[str | None] = [None] * len(items)
                 storing = True
@@ -335,30 +341,36 @@ def store_all(
 class StopBetweenBatches:
     """While bookings are stored: a first Ctrl-C (SIGINT) lets the `upsert_many` call under
     way finish (up to STORE_BATCH bookings, a second or two), so the stop is between calls
-    and what is stored is known; a second stops at once."""
+    and what is stored is known; a second stops at once. SIGTERM (`timeout`, a job
+    cancelled, `docker stop`) likewise: without it the process died at once, saying
+    nothing, with some batches stored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
+        self.requested = 0  # the signal that asked to stop (0: none)
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopBetweenBatches:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.requested = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         try:
-            print("\nCtrl-C: stopping once the bookings being stored are stored (Ctrl-C "
+            print(f"\n{name}: stopping once the bookings being stored are stored ({name} "
                   "again: at once)", file=sys.stderr)
         except RuntimeError:  # a write to stderr under way (reentrant): the stop still says
             pass
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def nudge_pump_quietly() -> None:
@@ -814,6 +826,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         import redis  # already loaded by any command that talks to Redis (`plan` does not)
 
+        if isinstance(exc, redis.ResponseError):
+            from .api.errors import refused_write  # only on this failure
+
+            why = refused_write(exc)
+            if why is None:
+                raise
+            # Never the message: a pipeline's names the command and its arguments.
+            print(f"Redis refuses writes ({why}): out of memory, read-only, cannot persist, "
+                  "or too few replicas; try again once it takes writes", file=sys.stderr)
+            return EXIT_CONFIG
         if not isinstance(exc, redis.ConnectionError):
             raise
         print(f"cannot reach Redis: {exc}", file=sys.stderr)
