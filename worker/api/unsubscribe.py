@@ -63,7 +63,7 @@ def _resolve(svc: Services, token: str) -> tuple[Unsubscribe, str] | None:
     """Return what the token names and the address behind it, or None if it is not valid."""
     secret = unsubscribe_key(svc.settings, svc.store.redis, svc.store.prefix)
     named = read_token(secret, token)
-    if named is None or named.clinic not in svc.catalog.clinics:
+    if named is None:  # (the clinic's file may be missing a moment: the token still holds)
         return None
     found = svc.store.unsubscribe_address(named.clinic, named.contact_hash)
     if found is None or found[0] != named.channel:
@@ -93,20 +93,21 @@ async def unsubscribe_page(token: str, svc: Svc) -> HTMLResponse:
     if found is None:
         return _not_valid()
     named, address = found
-    clinic = svc.catalog.clinics[named.clinic]
+    clinic = svc.catalog.clinics.get(named.clinic)
+    name = clinic.name if clinic else "the clinic"
     done = await run_in_threadpool(svc.store.opted_out, named.clinic, named.channel, address)
     if done:
         return _page("You are unsubscribed",
                      f"<p>{escape(_masked(address))} gets no more emails from "
-                     f"{escape(clinic.name)} after any already on the way.</p>")
+                     f"{escape(name)} after any already on the way.</p>")
     return _page(
-        f"Unsubscribe from {clinic.name}",
-        f"<p>Stop the appointment emails from {escape(clinic.name)} to "
+        f"Unsubscribe from {name}",
+        f"<p>Stop the appointment emails from {escape(name)} to "
         f"{escape(_masked(address))}?</p>"
         f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
         f'<button type="submit">Unsubscribe</button></form>'
-        f"<p>Safety reminders still reach you by text message if you receive them. "
-        f"Questions: {escape(clinic.phone)}.</p>")
+        f"<p>Safety reminders still reach you by text message if you receive them."
+        f"{f' Questions: {escape(clinic.phone)}.' if clinic else ''}</p>")
 
 
 @router.post("/v1/unsubscribe/{token}", summary="Unsubscribe (RFC 8058 one-click)",
@@ -116,7 +117,9 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
     if found is None:
         return _not_valid()
     named, address = found
-    clinic = svc.catalog.clinics[named.clinic]
+    # None while the clinic's file is missing from config/ (deleted by mistake, a deploy
+    # rewriting it): the opt-out is taken all the same; the clinic is told at a click again.
+    clinic = svc.catalog.clinics.get(named.clinic)
     now = datetime.now(UTC)
     stamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -128,8 +131,9 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
                                      critical=svc.catalog.critical_steps)
         # The clinic is told once (patient.replied "unsubscribe", channel "email"), also by
         # a click again when the first could not tell it (worker/webhooks.py).
-        tell_consent(svc.store, named.clinic, named.channel, address, now,
-                     hooks=hooks_of(clinic))
+        if clinic is not None:  # else kept as not told yet (P:ev:consent "0")
+            tell_consent(svc.store, named.clinic, named.channel, address, now,
+                         hooks=hooks_of(clinic))
         return done
 
     skipped, touched = await run_in_threadpool(act)
@@ -137,4 +141,5 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
              "booking(s))", named.clinic, named.channel, skipped, len(touched))
     return _page("You are unsubscribed",
                  f"<p>{escape(_masked(address))} gets no more emails from "
-                 f"{escape(clinic.name)} after any already on the way.</p>")
+                 f"{escape(clinic.name if clinic else 'the clinic')} after any already on "
+                 f"the way.</p>")
