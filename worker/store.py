@@ -1027,14 +1027,61 @@ return 1
 # cancel (worker/notices.py), a flat JSON list of field, value, due score (and booking
 # fields with no score: ''). ARGV[9]: the texts the notices refer to ({id: text}); an id
 # already taken by other words is reported ('collision:<id>') and nothing is done.
+# One booking as it stands, read in one step (`Store._read`, and the cancel's answer read in
+# the step that wrote it): {its hash (flat), its document or false, {key, due score, ...} of
+# its scheduled and retrying reminders that are in the due set (only if `with_scores`: the
+# timeline's `next_try_at`)}. A missing booking: {{}, false, {}}.
+_READ_BOOKING = """
+local function read_booking(bkey, dkey, due_key, base, with_scores)
+  local flat = redis.call('HGETALL', bkey)
+  if #flat == 0 then return {flat, false, {}} end
+  local scores = {}
+  if with_scores then
+    for i = 1, #flat, 2 do
+      local key = flat[i]
+      if is_reminder(key) then
+        local st = STATUS_OF[split(flat[i + 1], 9)[R_ST]]
+        if st == ST_SCHEDULED or st == ST_RETRYING then
+          local score = redis.call('ZSCORE', due_key, base .. '/' .. key)
+          if score then
+            scores[#scores + 1] = key
+            scores[#scores + 1] = score
+          end
+        end
+      end
+    end
+  end
+  return {flat, redis.call('GET', dkey), scores}
+end
+"""
+
+# Bookings read each in one step (`read_booking`): KEYS the due set, then each booking's
+# hash and document; ARGV '1' to read the due scores (else ''), then each booking's
+# "<clinic>/<booking id>". Returns one {hash, document, scores} per booking.
+_READ = """
+local out = {}
+for n = 2, #ARGV do
+  out[n - 1] = read_booking(KEYS[2 * n - 2], KEYS[2 * n - 1], KEYS[1], ARGV[n], ARGV[1] == '1')
+end
+return out
+"""
+
+# A booking cancelled. KEYS[5], its document: the answer ('cancelled' or 'already') comes
+# with the booking as this step leaves it ({outcome, hash, document, due scores}: see
+# `read_booking`), so the timeline answered is the one this cancel made, never a write
+# landing after it (a PUT re-opening it).
 _CANCEL = """
 local bkey, due_key, lease_key, dead_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local function answer(outcome)
+  local t = read_booking(bkey, KEYS[5], due_key, ARGV[5] .. '/' .. ARGV[6], true)
+  return {outcome, t[1], t[2], t[3]}
+end
 local reason, stamp, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local prefix, clinic, booking_id = ARGV[4], ARGV[5], ARGV[6]
 local check, adds, texts = ARGV[7] or '', ARGV[8] or '', ARGV[9] or ''
 local b = redis.call('HMGET', bkey, 'status', 'version')
 if b[1] == false then return 'missing' end
-if b[1] == ST_CANCELLED then return 'already' end
+if b[1] == ST_CANCELLED then return answer('already') end
 if texts ~= '' then
   for id, text in pairs(cjson.decode(texts)) do
     local cur = redis.call('HGET', prefix .. ':t', id)
@@ -1084,7 +1131,7 @@ if adds ~= '' then
   end
 end
 keep_booking(prefix, clinic, booking_id, redis_now() + retention)
-return 'cancelled'
+return answer('cancelled')
 """
 
 # A patient's opt-out of one channel at one clinic (worker/optout.py), in one step: the
@@ -1646,6 +1693,11 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
 
 # `connect` makes the client with decode_responses=True, so every reply is str; redis-py
 # still types replies as `bytes | str`. These narrow the types where a reply is read.
+def _flat_hash(flat: Sequence[Any]) -> dict[str, str]:
+    """A hash as a script answers HGETALL's reply: [field, value, ...]."""
+    return {str(k): str(v) for k, v in zip(flat[0::2], flat[1::2], strict=True)}
+
+
 def _str_hash(reply: Any) -> dict[str, str]:
     return cast(dict[str, str], reply)
 
@@ -1969,6 +2021,9 @@ class _Stored:
     fields: dict[str, str]
     doc: str | None
     reminders: dict[str, dict[str, str]]
+    # Where each of its scheduled and retrying reminders is in the due set (its score),
+    # when read for a timeline (`Store._next_tries`).
+    scores: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -2063,7 +2118,8 @@ class Store:
         self._restamp = script(_PRELUDE + _CAPS_GUARD + _RESTAMP)
         self._requeue = script(_PRELUDE + _REQUEUE)
         self._still_owned = script(_STILL_OWNED)
-        self._cancel = script(_PRELUDE + _CANCEL)
+        self._cancel = script(_PRELUDE + _READ_BOOKING + _CANCEL)
+        self._read_bookings = script(_PRELUDE + _READ_BOOKING + _READ)
         self._revive = script(_PRELUDE + _REVIVE)
         self._opt_out = script(_PRELUDE + _OPT_OUT)
         self._apply = script(_PRELUDE + _APPLY)
@@ -2170,21 +2226,25 @@ class Store:
 
     # --- reading -------------------------------------------------------------------
 
-    def _read(self, keys: Sequence[tuple[str, str]]) -> list[_Stored]:
-        """Read bookings: their hashes in one round trip, the documents of those that exist
-        and the texts they name not yet known in one more each (none for new bookings)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for clinic, booking_id in keys:
-            pipe.hgetall(self.booking_key(clinic, booking_id))
-        hashes = [_str_hash(h) for h in pipe.execute()]
-        docs: list[str | None] = [None] * len(keys)
-        found = [n for n, h in enumerate(hashes) if h]
-        if found:
-            pipe = self.redis.pipeline(transaction=False)
-            for n in found:
-                pipe.get(self.doc_key(*keys[n]))
-            for n, doc in zip(found, pipe.execute(), strict=True):
-                docs[n] = doc
+    def _read(self, keys: Sequence[tuple[str, str]], *, scores: bool = False
+              ) -> list[_Stored]:
+        """Read bookings in one round trip (one script: each booking's hash and document
+        read in the same step, never a write between them), and the texts they name not yet
+        known in one more (texts never change under their id). `scores`: also where their
+        pending reminders are in the due set (`_Stored.scores`, for a timeline)."""
+        if not keys:
+            return []
+        rows = self._read_bookings(
+            keys=[self.due_key, *(k for clinic, booking_id in keys
+                                  for k in (self.booking_key(clinic, booking_id),
+                                            self.doc_key(clinic, booking_id)))],
+            args=["1" if scores else "", *(f"{clinic}/{booking_id}"
+                                           for clinic, booking_id in keys)])
+        return self._stored_rows(rows)
+
+    def _stored_rows(self, rows: Sequence[Sequence[Any]]) -> list[_Stored]:
+        """Bookings as `read_booking` (Lua) answers them: {hash, document, due scores}."""
+        hashes = [_flat_hash(row[0]) for row in rows]
         texts = self._resolve(
             tid
             for h in hashes
@@ -2195,14 +2255,15 @@ class Store:
         return [
             _Stored(
                 h,
-                doc,
+                cast(str | None, row[1]) if h else None,
                 {
                     f: decode_reminder(f, v, h.get(f + "+"), texts)
                     for f, v in h.items()
                     if is_reminder_field(f)
                 },
+                _flat_hash(row[2]),
             )
-            for h, doc in zip(hashes, docs, strict=True)
+            for h, row in zip(hashes, rows, strict=True)
         ]
 
     def _one(self, ref: str, *extra: str) -> tuple[dict[str, str], list[str | None]]:
@@ -3182,12 +3243,13 @@ class Store:
         self._ready()
         while True:
             check, adds, texts = self._cancel_notices(clinic, booking_id, now)
-            outcome = str(self._cancel(
+            reply = self._cancel(
                 keys=[self.booking_key(clinic, booking_id), self.due_key, self.lease_key,
-                      self.dead_key],
+                      self.dead_key, self.doc_key(clinic, booking_id)],
                 args=[reason, utc_iso(now) or "", self.retention_seconds, self.prefix, clinic,
                       booking_id, check, adds, json.dumps(texts) if texts else ""],
-            ))
+            )
+            outcome = str(reply[0] if isinstance(reply, list) else reply)
             if outcome.startswith("collision:"):  # words of another text: a longer id
                 taken = outcome.split(":", 1)[1]
                 self._taken.add(taken)
@@ -3199,7 +3261,10 @@ class Store:
             self._texts.update(texts)
         if outcome == "missing":
             raise NotFound(f"{clinic}/{booking_id}")
-        return self.timeline(clinic, booking_id)
+        # The booking as this cancel left it, read by the script in the same step: a write
+        # landing after it (a PUT opening it again) is not answered as this DELETE's result.
+        (stored,) = self._stored_rows([reply[1:]])
+        return self._timeline(clinic, booking_id, stored)
 
     def _cancel_notices(
         self, clinic: str, booking_id: str, now: datetime
@@ -3274,32 +3339,33 @@ class Store:
     def timeline(self, clinic: str, booking_id: str) -> dict[str, Any]:
         """Return the booking's timeline in the DESIGN.md JSON shape."""
         self._ready()
-        (stored,) = self._read([(clinic, booking_id)])
+        (stored,) = self._read([(clinic, booking_id)], scores=True)
         if not stored.fields:
             raise NotFound(f"{clinic}/{booking_id}")
+        return self._timeline(clinic, booking_id, stored)
+
+    def _timeline(self, clinic: str, booking_id: str, stored: _Stored) -> dict[str, Any]:
+        """The timeline of a booking read in one step (its hash, document and due scores:
+        `read_booking`), so its status, reminders and version describe one state."""
         booking = {k: v for k, v in stored.fields.items() if ":" not in k}
         return self._timeline_of(clinic, booking_id, booking, stored.reminders, stored.doc,
-                                 self._next_tries(clinic, booking_id, stored.reminders))
+                                 self._next_tries(stored))
 
-    def _next_tries(
-        self, clinic: str, booking_id: str, records: Mapping[str, Mapping[str, str]],
-    ) -> dict[str, str]:
+    @staticmethod
+    def _next_tries(stored: _Stored) -> dict[str, str]:
         """When each reminder handed back to the schedule unbegun is tried next (its score
         in the due set, epoch seconds), for the timeline: a hand-back keeps the reminder's
         due (the SMS cap counts it on that day, `_REQUEUE`), already past. Only a pending
-        reminder whose due has passed can be one (a round trip only then)."""
+        reminder whose due has passed can be one. The scores were read with the booking."""
         now = time.time()
-        keys = [k for k, r in records.items() if r.get("status") in (
-            Status.SCHEDULED, Status.RETRYING) and r.get("due_epoch")
-            and float(r["due_epoch"]) <= now]
-        if not keys:
-            return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for k in keys:
-            pipe.zscore(self.due_key, f"{clinic}/{booking_id}/{k}")
-        scores: list[float | None] = pipe.execute()
-        return {k: _num(score) for k, score in zip(keys, scores, strict=True)
-                if score is not None and abs(score - float(records[k]["due_epoch"])) > 0.001}
+        out: dict[str, str] = {}
+        for k, score in stored.scores.items():
+            r = stored.reminders.get(k, {})
+            if r.get("status") in (Status.SCHEDULED, Status.RETRYING) and r.get("due_epoch") \
+                    and float(r["due_epoch"]) <= now \
+                    and abs(float(score) - float(r["due_epoch"])) > 0.001:
+                out[k] = _num(float(score))
+        return out
 
     def _shown(
         self, timeline: bool, clinic: str, booking_id: str, booking: Mapping[str, str],
