@@ -772,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "health":
             p.add_argument("--role", choices=("worker", "beat", "api"), default="worker",
                            help="whose evidence to check (default: worker, the pump's "
-                           "heartbeat; api: the same, as /healthz)")
+                           "heartbeat; api: the same, as /healthz, and that Redis takes "
+                           "writes, as /readyz)")
             p.add_argument("--max-age", type=float, default=None, metavar="SECONDS",
                            help="oldest heartbeat that counts as alive (default: "
                            "REMINDERS_HEALTH_MAX_AGE_SECONDS, else max(30, 10 pump intervals))")

@@ -16,7 +16,10 @@ with a skewed clock still reads the age right):
 beat's tick is. Neither looks at the broker's queues, so a busy or an idle broker makes no
 difference. Both answer in one line (or `--json`), exit 0 healthy, 1 not: a Docker
 healthcheck. Without `--role` it is `worker` (the CLI's default); `--role api` checks the
-same pump heartbeat and Redis, as /healthz does.
+same pump heartbeat and Redis, as /healthz does: first that Redis takes writes, as /readyz
+and /healthz do (`write_refusal`: PING and a short-lived key `P:health:api`; out of memory
+under `noeviction`, a replica or short of replicas, Redis answers PING but refuses writes,
+so the API serves no clinic request: "Redis refuses writes (OOM)").
 
 Why the pump heartbeat for the worker: with one worker it is that worker's evidence; with
 several, any of them running the pump refreshes it, so a single dead worker of many is not
@@ -26,6 +29,7 @@ seen here (its claims come back with their leases), but a service that stopped s
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -42,6 +46,46 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('HSET', KEYS[1], 'at', string.format('%.6f', now), unpack(ARGV))
 return 1
 """
+
+
+# How Redis says it refuses writes; an error in a pipeline is prefixed by redis-py with
+# "Command # N (...) of pipeline caused error: ". NOREPLICAS: a master with
+# `min-replicas-to-write` (the usual guard with Sentinel) and fewer replicas in sync.
+_REFUSES_WRITES = re.compile(r"(?:^|caused error: )(MISCONF|OOM|READONLY|NOREPLICAS)\b")
+REFUSAL_CAUSES = ("out of memory under noeviction, unable to persist, a read-only replica, "
+                  "or short of the replicas min-replicas-to-write asks for")
+WRITE_PROBE_MS = 60_000  # life of the write probe's key
+
+
+def refused_write(exc: redis.ResponseError) -> str | None:
+    """Which refusal of writes `exc` is ("OOM", "MISCONF", "READONLY", "NOREPLICAS"), or
+    None."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return "READONLY"
+    found = _REFUSES_WRITES.search(str(exc))
+    return found.group(1) if found else None
+
+
+def api_probe_key(prefix: str) -> str:
+    return f"{prefix}:health:api"
+
+
+def write_refusal(client: redis.Redis, prefix: str) -> str | None:
+    """Which refusal of writes Redis answers ("OOM", "MISCONF", "READONLY", "NOREPLICAS"),
+    or None when it answers PING and takes a small write. PING alone does not tell: out of
+    memory, a replica or short of replicas, Redis answers it (MISCONF refuses PING too).
+    Any other error reply is raised, as are connection errors."""
+    try:
+        client.ping()
+        client.set(api_probe_key(prefix), "1", px=WRITE_PROBE_MS)
+    except redis.ResponseError as exc:
+        why = refused_write(exc)
+        if why is None:
+            raise
+        return why
+    return None
 
 
 def pump_key(prefix: str) -> str:
@@ -109,7 +153,11 @@ def _heartbeat(client: redis.Redis, key: str, what: str, limit: float, hint: str
 
 
 def check(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Verdict:
-    """Return the health of `role` from its heartbeat (Redis errors are the caller's)."""
+    """Return the health of `role` from its heartbeat (Redis errors are the caller's);
+    `api`: unhealthy first if Redis refuses writes (`write_refusal`), as /readyz is."""
+    if role == "api" and (why := write_refusal(client, prefix)):
+        return Verdict(False, f"Redis refuses writes ({why}): {REFUSAL_CAUSES}",
+                       {"redis": "refuses writes"})
     if role == "beat":
         return _heartbeat(client, beat_key(prefix), "beat tick published", max_age,
                           "is celery beat running and can it reach the broker?")

@@ -22,7 +22,6 @@ is a bug, a 500.
 from __future__ import annotations
 
 import logging
-import re
 import traceback
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,6 +34,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..health import refused_write
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_AFTER_SECONDS = 5
@@ -162,23 +163,6 @@ async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
             headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)},
         )
     )
-
-
-# How Redis says it refuses writes; an error in a pipeline is prefixed by redis-py with
-# "Command # N (...) of pipeline caused error: ". NOREPLICAS: a master with
-# `min-replicas-to-write` (the usual guard with Sentinel) and fewer replicas in sync.
-_REFUSES_WRITES = re.compile(r"(?:^|caused error: )(MISCONF|OOM|READONLY|NOREPLICAS)\b")
-
-
-def refused_write(exc: redis.ResponseError) -> str | None:
-    """Which refusal of writes `exc` is ("OOM", "MISCONF", "READONLY", "NOREPLICAS"), or
-    None."""
-    if isinstance(exc, redis.exceptions.OutOfMemoryError):
-        return "OOM"
-    if isinstance(exc, redis.exceptions.ReadOnlyError):
-        return "READONLY"
-    found = _REFUSES_WRITES.search(str(exc))
-    return found.group(1) if found else None
 
 
 async def _redis_refuses(_: Request, exc: Exception) -> JSONResponse:

@@ -22,8 +22,8 @@ import redis
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from ..health import check
-from .errors import REDIS_RETRY_AFTER_SECONDS, refused_write
+from ..health import REFUSAL_CAUSES, check, write_refusal
+from .errors import REDIS_RETRY_AFTER_SECONDS
 from .metrics import CONTENT_TYPE
 from .schemas import Health
 from .services import Svc
@@ -44,28 +44,15 @@ def pump_lag_limit(pump_interval_seconds: float) -> float:
     return max(30.0, 10 * pump_interval_seconds)
 
 
-PROBE_MS = 60_000
-
-
 def refuses_writes(svc: Svc) -> str | None:
     """Which refusal of writes Redis answers ("OOM", "MISCONF", "READONLY", "NOREPLICAS"),
-    or None when it answers PING and takes a small write. PING alone does not tell: out of
-    memory, a replica or short of replicas, Redis answers it (MISCONF refuses PING too)."""
-    try:
-        svc.redis.ping()
-        svc.redis.set(f"{svc.settings.key_prefix}:health:api", "1", px=PROBE_MS)
-    except redis.ResponseError as exc:
-        why = refused_write(exc)
-        if why is None:
-            raise
-        return why
-    return None
+    or None when it answers PING and takes a small write (worker/health.py
+    `write_refusal`, which `reminders health --role api` asks too)."""
+    return write_refusal(svc.redis, svc.settings.key_prefix)
 
 
 def _refusing(why: str) -> JSONResponse:
-    return _answer({"status": f"Redis refuses writes ({why}): out of memory under "
-                              "noeviction, unable to persist, a read-only replica, or "
-                              "short of the replicas min-replicas-to-write asks for",
+    return _answer({"status": f"Redis refuses writes ({why}): {REFUSAL_CAUSES}",
                     "redis": "refuses writes"}, False)
 
 
