@@ -466,11 +466,19 @@ if done then return cjson.decode(done) end
 local now = redis_now()
 local lease_until = now + lease_seconds
 local out = {}
-local function claim(ref)
+local function claim(ref, leased)
   local clinic, booking_id, key = parse_ref(ref)
   if not key then return end
   local bkey = prefix .. ':b:' .. clinic .. '/' .. booking_id
   local r, a = load(bkey, key)
+  if r and leased and not is_pending(r[R_ST]) then
+    -- A change took it out of the plan while it was being sent (its lease kept): its
+    -- attempt may have been lost at the provider. Left in the lease set, answered with no
+    -- version or claim: `Store.claim_due` settles it (`_LEFT`).
+    redis.call('ZADD', lease_key, now, ref)
+    table.insert(out, {ref, '', ''})
+    return
+  end
   if not r or not is_pending(r[R_ST]) then return end
   a[A_CLAIM] = add(a[A_CLAIM], 1)
   r[R_ST] = ST_SENDING
@@ -481,7 +489,7 @@ end
 local expired = redis.call('ZRANGEBYSCORE', lease_key, '-inf', now, 'LIMIT', 0, limit)
 for _, ref in ipairs(expired) do
   redis.call('ZREM', lease_key, ref)
-  claim(ref)
+  claim(ref, true)
 end
 if #out < limit then
   local due = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit - #out)
@@ -492,6 +500,37 @@ if #out < limit then
 end
 redis.call('SET', run_key, cjson.encode(out), 'EX', 60)
 return out
+"""
+
+# Settle an expired lease the claim left (KEYS: booking, ledger, lease set, attempt log;
+# ARGV: ref, key, the clinic's events, prefix, margin): a reminder a change took out of the
+# plan while an attempt was sending it. While that attempt may still be at work (its ledger
+# holds its token, its log has no finish of it) the lease is looked at again once the
+# ledger expires (the watchdog ends a sender's process before that); then the attempt's
+# end, never written (its worker was lost), may be the booking's: told complete, once.
+_LEFT = """
+local bkey, lkey, lease_key, akey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ref, key, hooks, prefix, margin = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local now = redis_now()
+local score = redis.call('ZSCORE', lease_key, ref)
+if not score or tonumber(score) > now then return 'not due' end
+local r = load(bkey, key)
+if r and is_pending(r[R_ST]) then return 'pending' end  -- the next claim takes it
+local ledger = redis.call('GET', lkey)
+if r and ledger and ledger ~= 'sent' then
+  local last = redis.call('LINDEX', akey, -1)
+  if not last or cjson.decode(last)['tok'] ~= ledger then
+    local ttl = math.max(redis.call('PTTL', lkey), 0)
+    redis.call('ZADD', lease_key, now + ttl / 1000 + margin, ref)
+    return 'in flight'
+  end
+end
+redis.call('ZREM', lease_key, ref)
+if r then
+  local clinic, booking_id = parse_ref(ref)
+  tell_completed(prefix, clinic, booking_id, bkey, hooks)
+end
+return 'settled'
 """
 
 # Fence the task and take the send ledger in one step; idempotent for the same token.
@@ -908,6 +947,8 @@ else
   -- Overtaken by the clinic's change or by another claim: only the log changes. An unknown
   -- outcome keeps the ledger until it expires, whoever owns the reminder now.
   if owner and outcome ~= 'unknown' then redis.call('DEL', lkey) end
+  -- Out of the plan (a change kept its lease for this attempt's end: `_LEFT`): ended here.
+  if not is_pending(status) then redis.call('ZREM', lease_key, ref) end
   result = 'stale'
 end
 save(bkey, key, r, a)
@@ -2113,6 +2154,7 @@ class Store:
         self.texts_key = f"{prefix}:t"
         script = client.register_script
         self._claim = script(_PRELUDE + _CLAIM)
+        self._left = script(_PRELUDE + _LEFT)
         self._begin = _BeginScript(script(_PRELUDE + _BEGIN_SEND))
         self._finish = script(_PRELUDE + _CAPS_GUARD + _FINISH)
         self._restamp = script(_PRELUDE + _CAPS_GUARD + _RESTAMP)
@@ -3138,6 +3180,18 @@ class Store:
         if new:  # nothing of it can be due, leased or dead-lettered yet
             rm_due, rm_lease, rm_dead = [], [], []
             hset += ["keep_until", keep]
+        if not new:
+            # A reminder being sent that this change takes out of the plan keeps its lease:
+            # should its attempt's worker be lost at the provider (its batch task was
+            # acknowledged at the hand-over: never given again), the pump's claim looks at it
+            # once the lease runs out and tells the booking complete then (`_LEFT`). One due
+            # again that was not being sent leaves the lease set (a lease such a change left):
+            # the due set brings it at its time.
+            rm_lease = [k for k in rm_lease if not (
+                stored.reminders.get(k, {}).get("status") == Status.SENDING
+                and reminders.get(k, {}).get("status") not in PENDING)]
+            rm_lease += [k for k in due[0::2] if k not in rm_lease
+                         and stored.reminders.get(k, {}).get("status") != Status.SENDING]
         changed_doc = stored.doc != doc or new
         # Told complete (the finish's booking.completed), and this change gives it reminders
         # to send again (a move, a re-open, a release): told again once those are done.
@@ -3423,7 +3477,12 @@ class Store:
             keys=[self.due_key, self.lease_key, run_key],
             args=[limit, lease_seconds, self.prefix],
         )
-        return [Claim(ref=r[0], version=r[1], claim=r[2]) for r in rows]
+        for ref in [r[0] for r in rows if not r[1]]:  # out of the plan while being sent
+            clinic, booking_id, key = split_ref(ref)
+            self._left(keys=[self.booking_key(clinic, booking_id), self.ledger_key(ref),
+                             self.lease_key, self.attempts_key(ref)],
+                       args=[ref, key, self._hooks(clinic), self.prefix, IN_FLIGHT_MARGIN])
+        return [Claim(ref=r[0], version=r[1], claim=r[2]) for r in rows if r[1]]
 
     def next_due_in(self) -> float | None:
         """Return seconds until the earliest due reminder (negative if overdue), or None."""
