@@ -148,6 +148,7 @@ ATTEMPT_LOG_MAX = 50
 IN_FLIGHT_MARGIN = 1.0  # seconds past an in-flight attempt's ledger expiry before trying again
 _NORMS_TRIES = 20  # reads of the patients' addresses before a script gives up (see contact_of)
 APPLY_CHUNK = 200  # bookings per apply script: a few milliseconds of Redis at a time
+READ_CHUNK = 200  # bookings per read script (`Store._read`): the same
 
 # A reminder's status as stored (one letter) and back.
 STATUS_CODE: dict[str, str] = {
@@ -2276,12 +2277,27 @@ class Store:
         pending reminders are in the due set (`_Stored.scores`, for a timeline)."""
         if not keys:
             return []
-        rows = self._read_bookings(
-            keys=[self.due_key, *(k for clinic, booking_id in keys
-                                  for k in (self.booking_key(clinic, booking_id),
-                                            self.doc_key(clinic, booking_id)))],
-            args=["1" if scores else "", *(f"{clinic}/{booking_id}"
-                                           for clinic, booking_id in keys)])
+        calls = [([self.due_key, *(k for clinic, booking_id in part
+                                   for k in (self.booking_key(clinic, booking_id),
+                                             self.doc_key(clinic, booking_id)))],
+                  ["1" if scores else "", *(f"{clinic}/{booking_id}"
+                                            for clinic, booking_id in part)])
+                 for part in (keys[n:n + READ_CHUNK] for n in range(0, len(keys), READ_CHUNK))]
+        if len(calls) == 1:
+            rows = self._read_bookings(keys=calls[0][0], args=calls[0][1])
+        else:
+            # A script per READ_CHUNK bookings (a few milliseconds of Redis each, not one
+            # long script), all in one round trip.
+            pipe = self.redis.pipeline(transaction=False)
+            for call_keys, call_args in calls:
+                pipe.evalsha(self._read_bookings.sha, len(call_keys), *call_keys, *call_args)
+            replies = pipe.execute(raise_on_error=False)
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                replies = [self._read_bookings(keys=k, args=a) for k, a in calls]  # loads it
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            rows = [row for reply in replies for row in reply]
         return self._stored_rows(rows)
 
     def _stored_rows(self, rows: Sequence[Sequence[Any]]) -> list[_Stored]:
