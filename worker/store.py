@@ -883,10 +883,11 @@ elseif outcome == 'sent' then
 elseif current then
   redis.call('ZREM', lease_key, ref)
   set_fields()
-  -- An SMS (or an email going by SMS) whose time moves: the upserts of the patient's other
-  -- bookings that counted it at its old time must see the change (`_caps_read`'s guard
-  -- reads `smsv` beside the version; the version itself fences sends).
-  if outcome ~= 'failed' and outcome ~= 'skip' and (channel_of(key) == 'sms'
+  -- An SMS (or an email going by SMS) whose time moves, or that no longer counts (failed,
+  -- skipped: neither sent nor to go): the upserts of the patient's other bookings that
+  -- counted it at its old time must see the change (`_caps_read`'s guard reads `smsv`
+  -- beside the version; the version itself fences sends).
+  if (channel_of(key) == 'sms'
       or string.find(string.match(r[R_FLAGS], '^[^#]*'), 's', 1, true)) then
     redis.call('HINCRBY', bkey, 'smsv', 1)
   end
