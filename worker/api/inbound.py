@@ -23,7 +23,9 @@ Spanish), and the answer goes back as TwiML in the response, so the provider sen
   start       opted in again: the SMS reminders the opt-out skipped whose time is still
               ahead go back into the schedule at their planned time, where the SMS cap has
               room (worker/store.py `opt_in`); those whose time passed are not sent late.
-              The clinic is told as of STOP (reply "start"), once per change.
+              The clinic is told as of STOP (reply "start"), once per change. Answered
+              only if the number is still opted in then: a STOP that landed meanwhile
+              (and answered its confirmation) leaves START unanswered.
   help        the clinic's name, phone, and how to stop (answered even when opted out).
   confirm     the number's next visit is confirmed: `confirmed_at` on its timeline and a
               `patient.replied` event (reply "confirm").
@@ -197,6 +199,13 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
         tell_consent(store, clinic.id, "sms", phone, now, hooks=hooks_of(clinic))
         log.info("inbound SMS for clinic %s: opted in again (%d SMS reminder(s) resumed)",
                  clinic.id, back.resumed)
+        if store.opted_out(clinic.id, "sms", phone) is not None:
+            # A STOP landed while this START was at work and opted the number out again;
+            # it answered its own confirmation. "Texts are back on" after it would be the
+            # patient's last word from us, and wrong: nothing (one confirmation, no more).
+            log.info("inbound SMS for clinic %s: START overtaken by a STOP: not answered",
+                     clinic.id)
+            return intent, None
         return intent, answer("start")
     if intent == "help":
         return intent, answer("help")
