@@ -3880,6 +3880,18 @@ class Store:
             r = _split(value, len(REMINDER_SLOTS))
             if STATUS_OF.get(r[0]) in PENDING | {Status.SENT} and (r[3] or r[2]):
                 found.append(datetime.fromtimestamp(float(r[3] or r[2]), UTC))
+        if not found:
+            # None: the pause message was being sent, not sent, when the change was written
+            # (`_repauses` wants it sent): the plan's own pause reminder, rescheduled to the
+            # new plan's time (the SMS cap applied), carries it again while still to go.
+            pause = self.pause_step(stored.get("ns", ""))
+            for key, value in stored.items():
+                if pause is None or not key.startswith(f"{pause}:") \
+                        or not is_reminder_field(key):
+                    continue
+                r = _split(value, len(REMINDER_SLOTS))
+                if STATUS_OF.get(r[0]) in PENDING and (r[3] or r[2]):
+                    found.append(datetime.fromtimestamp(float(r[3] or r[2]), UTC))
         return min(found) if found else None
 
     def attempts(self, ref: str) -> list[dict[str, Any]]:
