@@ -2630,8 +2630,13 @@ class Store:
         time (`send_caps_read`). What it reads of the booking is the apply's own check.
         `unflag`: its emails no longer going by SMS (`_by_email_again`), not counted."""
         if not stored.fields:
-            return planned if read is None else cap_plan(planned, booking, read.taken,
-                                                         email=read.email)
+            if read is None or not read.taken and read.email == (
+                    "email" in booking.patient.channels):
+                # Nothing else to count, and email as the planner took it (listed or not):
+                # the planner's own cap is the answer (`cap_plan` would work it out again
+                # for a patient without email, to the same reminders).
+                return planned
+            return cap_plan(planned, booking, read.taken, email=read.email)
         kind = self._replan_kind(booking, planned, stored, release)
         same_day = _same_day(kind, booking, stored.fields, stored.doc)
         planned = sent_elsewhere(planned, booking, stored.reminders, now, kind is not None,
