@@ -2378,7 +2378,9 @@ class Store:
         before: list[str | None] = [None] * len(items) if previous is None else previous
         first = self._select(list(range(len(items))), items, whole=True)
         if first.batch:
-            first.stored = self._read([item[0].key for _, item in first.batch])
+            # The due scores too for the answers' timelines (`next_try_at`, as GET shows).
+            first.stored = self._read([item[0].key for _, item in first.batch],
+                                      scores=timelines)
             first.caps = self._caps_read([item for _, item in first.batch])
             self._wait_for_later(first, items)
             stored, caps = first.stored, first.caps
@@ -2482,7 +2484,7 @@ class Store:
         """Read and prepare the bookings at `todo` that can go in one round (`_select`)."""
         ready = self._select(todo, items)
         ready.timelines = timelines
-        ready.stored = self._read([item[0].key for _, item in ready.batch])
+        ready.stored = self._read([item[0].key for _, item in ready.batch], scores=timelines)
         ready.caps = self._caps_read([item for _, item in ready.batch])
         self._wait_for_later(ready, items)
         return self._prepared(ready, now, release)
@@ -3004,7 +3006,8 @@ class Store:
             args = apply_args(clinic, booking_id, "-", "", keep, [], [], [], [], [], [], [], "",
                               guard, "", {})
             return _Prepared(args, self._shown(timeline, clinic, booking_id, booking_fields,
-                                                      reminders, stored.doc))
+                                                      reminders, stored.doc,
+                                                      self._next_tries(stored)))
         version = int(booking_fields.get("version", 0)) + (1 if result.changed else 0)
         stamp = utc_iso(now) or ""
         kind = (self._change_kind(booking, stored.fields, stored.doc, str(result.status))
@@ -3252,9 +3255,14 @@ class Store:
         args = apply_args(clinic, booking_id, check, doc if changed_doc else "", keep, hset,
                           hdel, due, rm_due, rm_lease, rm_dead, emits, unindex, guard, contacts,
                           stored.fields)
+        # A reminder handed back unbegun that this write leaves where it is in the due set
+        # shows its next try as GET of this version will (the hash it was read with is
+        # checked by the apply); one the write puts in or takes out of the due set, not.
+        moved = {*due[0::2], *rm_due}
+        kept = _Stored(stored.fields, stored.doc, reminders,
+                       {k: v for k, v in stored.scores.items() if k not in moved})
         return _Prepared(args, self._shown(timeline, clinic, booking_id, booking_fields,
-                                           reminders,
-                                                 doc))
+                                           reminders, doc, self._next_tries(kept)))
 
     def _in_flight(self, clinic: str, booking_id: str, keys: list[str]) -> bool:
         """Whether an attempt begun on one of `keys` is still at work: the send ledger holds
@@ -3446,11 +3454,13 @@ class Store:
     def _shown(
         self, timeline: bool, clinic: str, booking_id: str, booking: Mapping[str, str],
         records: Mapping[str, Mapping[str, str]], doc: str | None,
+        next_tries: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """The booking's timeline, or only its version (`timeline` False)."""
+        """The booking's timeline, or only its version (`timeline` False); `next_tries`:
+        `_next_tries` of the reminders the write leaves in the due set as read."""
         if not timeline:
             return {"version": int(booking["version"])}
-        return self._timeline_of(clinic, booking_id, booking, records, doc)
+        return self._timeline_of(clinic, booking_id, booking, records, doc, next_tries)
 
     @staticmethod
     def _timeline_of(
