@@ -1,0 +1,59 @@
+"""A patient's STOP while the clinic's file is missing from config/ as the API reads it
+(deleted by mistake, or missing for two looks while a deploy rewrites config/): the Twilio
+signature is checked with the clinic's auth token, named in that file, so the STOP was
+answered 403 as from an unknown clinic; Twilio does not retry an inbound message, and the
+opt-out was lost: the clinic's SMS went on once its file was back.
+
+The API keeps the clinics of the configuration it read before (`Catalog.former`) for the
+patients' texts: the signature is checked with the clinic's token as last loaded, the STOP
+taken and confirmed, a forged one still refused. The clinic hears of it once its file is
+back. Real uvicorn, real Redis, the clinic events delivered signed to a real receiver.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tests.api.test_consent_events import receiver, replied, server, tw  # noqa: F401
+from tests.api.test_inbound import ANA, EVA, PUBLIC, book, message_of, text
+from worker.optout import twilio_signature
+
+
+def test_a_stop_while_the_clinic_file_is_missing_is_taken(server, tw, receiver):  # noqa: F811
+    book(tw, "A-1")
+    book(tw, "E-1", phone=EVA, email="eva@example.com")
+    clinic = server.settings.config_dir / "clinics" / "tw.toml"
+    content = clinic.read_text(encoding="utf-8")
+    clinic.unlink()
+    time.sleep(1.2)  # missing for longer than an edit: the API reads config/ without it
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+    services = server.app.state.services
+    assert "tw" not in services.catalog.clinics
+    store = services.store
+
+    answer = message_of(text(server, "STOP"))  # signed with the clinic's token
+    assert answer is not None and "no more texts from us" in answer, answer
+    assert store.opted_out("tw", "sms", ANA) is not None
+    sms = [r for r in store.timeline("tw", "A-1")["reminders"] if r["channel"] == "sms"]
+    assert sms and all(r["status"] == "skipped" and r["reason"].startswith("opted_out: ")
+                       for r in sms), sms
+    assert not [ref for ref in store.redis.zrange(store.due_key, 0, -1)
+                if ref.startswith("tw/A-1/") and ref.endswith(":sms")]
+
+    # A forged STOP (another number, another token) is still refused and changes nothing.
+    forged = twilio_signature("not-the-token", PUBLIC + "/v1/inbound/sms/tw",
+                              [("From", EVA), ("Body", "STOP")])
+    assert text(server, "STOP", sender=EVA, signature=forged).status_code == 403
+    assert text(server, "STOP", sender=EVA, sign=False).status_code == 403
+    assert store.opted_out("tw", "sms", EVA) is None
+
+    clinic.write_text(content, encoding="utf-8")  # back
+    time.sleep(1.2)
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+    services = server.app.state.services
+    assert "tw" in services.catalog.clinics and "tw" not in services.catalog.former
+    assert replied(server, receiver) == [("A-1", "stop", "sms")]  # the clinic is told once
+    assert message_of(text(server, "STOP")) is None  # one confirmation, then nothing
+    assert store.opted_out("tw", "sms", ANA) is not None
