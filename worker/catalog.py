@@ -4,14 +4,22 @@ A running process reads config/ again when its files change (`Catalog.fresh`: lo
 at most once a second, read once the files held still for a look; edited templates are
 picked up within a second too, worker/rendering.py), so that a protocol and the templates
 that state its values are used together; an edit that does not load keeps the
-configuration loaded before (logged as an error naming the file)."""
+configuration loaded before (logged as an error naming the file).
+
+A clinic whose file is gone from config/ as read again (deleted by mistake, or missing for
+two looks while a deploy rewrites config/) is kept, as last loaded, in `former`: only the
+patients' texts use it (worker/api/inbound.py checks a STOP's Twilio signature with the
+clinic's auth token, named in that file; Twilio does not retry an inbound message, and
+refusing it would lose the opt-out). Nothing is planned or sent for it. Kept for the
+process's life (a clinic removed on purpose still has its patients' STOPs taken); a process
+started while the file is missing does not know it."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -69,6 +77,9 @@ class Catalog:
     templates_dir: Path
     # The files as they were when read (`fresh`); () for a catalog made by hand.
     stamp: Stamp = ()
+    # Clinics an earlier configuration of this process had and this one has not, as last
+    # loaded: for the patients' texts only (see the module's docstring).
+    former: dict[str, Clinic] = field(default_factory=dict, compare=False, repr=False)
     _checked: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
@@ -140,6 +151,13 @@ class Catalog:
                 return self
             log.info("configuration changed: read again (%d protocols, %d clinics)",
                      len(catalog.protocols), len(catalog.clinics))
-            return catalog
+            gone = sorted(set(self.clinics) - set(catalog.clinics))
+            if gone:
+                log.warning("clinic file(s) no longer in config/: %s; nothing is planned or "
+                            "sent for them, their patients' texts (STOP) are still taken",
+                            ", ".join(str(settings.clinics_dir / f"{c}.toml") for c in gone))
+            former = {k: v for k, v in {**self.former, **self.clinics}.items()
+                      if k not in catalog.clinics}
+            return replace(catalog, former=former) if former else catalog
         finally:
             _reload_lock.release()

@@ -39,6 +39,11 @@ Spanish), and the answer goes back as TwiML in the response, so the provider sen
   unknown     one help answer per number and clinic every 24 hours (a rolling 24 h, not a
               calendar day: no timezone to guess for an unknown number); else no answer.
 
+A clinic whose file is missing from config/ as the API reads it now (deleted, or for two
+looks while a deploy rewrites config/) is served with its configuration as last loaded by
+this process (worker/catalog.py `former`): its token checks the signature, and a STOP is
+taken and confirmed as always. A process started while the file was missing refuses (403).
+
 An opted-out number gets no answer but to HELP and START (a confirm or reschedule is still
 recorded). Events carry ids and the kind of reply only: never the text or the number.
 """
@@ -277,6 +282,14 @@ async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
             raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes")
     pairs = form_pairs(raw)
     config = svc.catalog.clinics.get(clinic)
+    if config is None:
+        # Its file missing from config/ as read now (deleted, or a deploy rewriting it): its
+        # configuration as last loaded checks the signature, and the text is acted on (a
+        # STOP refused is lost: Twilio does not send it again). worker/catalog.py `former`.
+        config = svc.catalog.former.get(clinic)
+        if config is not None:
+            log.warning("inbound SMS for clinic %s, whose file is not in config/ as read "
+                        "now: taken with its configuration as last loaded", clinic)
     if config is None:  # answered as a bad signature: no telling which clinic ids exist
         raise refused()
     check_signature(request, svc, config, pairs)
