@@ -1,0 +1,72 @@
+"""A booking moved and held while its first message is at the gateway, that message then not
+delivered, names in its hold message the date it has when that message goes (review of
+8903979; real Redis, real Apprise, a real HTTP SMS gateway parked mid-request; the rig of
+tests/test_notices_sms.py, the shipped microneedling protocol).
+
+8903979 keeps `held_from` (the date told before the hold) once something went out, or may
+have: a message being sent counts (it may deliver). When that message is then refused (or
+never handed over), nothing was told after all, yet `held_from` stayed: the hold message
+("we will call you before your <date> visit") named the first date, which the patient never
+heard, and the release told a move from it. The attempt's end (its finish; or its begin,
+finding the booking held) now drops `held_from` when nothing of the booking went out."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests import test_notices_sms as ns
+from tests.test_told_date import _held, _release, _send_one
+
+gate = ns.gate  # fixtures
+rig = ns.rig
+
+CONFIRMATION = "sk/M-1/booking-confirmation:sms"
+
+
+@pytest.mark.parametrize("answer", [503, 400])
+def test_moved_and_held_while_the_first_sms_is_refused_names_the_new_date(rig, answer):
+    """Booked 10 days out; its confirmation SMS is at the gateway when the clinic moves the
+    visit to 17 days and it is held; the gateway refuses that SMS (for now, or for good):
+    the hold message names 17 days, and the release has no move to tell."""
+    first, moved = rig.doc(10), _held(rig.doc(17))
+    rig.book(first)
+    rig.gate.reset()
+    claim = rig.claim(CONFIRMATION)
+    out: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: out.setdefault("r", ns.send_claimed(
+        rig.ctx, CONFIRMATION, claim.version, claim.claim)))
+    thread.start()
+    assert rig.gate.arrived.wait(10)
+    assert rig.book(moved)["status"] == "held"
+    rig.gate.answer(answer)
+    thread.join(20)
+    assert out["r"] != "sent", out
+    rig.gate.reset()
+    rig.gate.answer(200)
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, moved["starts_at"]), text
+    assert not ns.names(text, first["starts_at"]), text
+    _release(rig, moved)
+    assert ns.notices(rig.reminders()) == {}, ns.notices(rig.reminders())
+
+
+def test_control_moved_and_held_while_the_first_sms_is_delivered_names_the_date_told(rig):
+    """The same, the gateway accepting it: the patient was told 10 days; the hold message
+    names it, and the release tells the move (as before)."""
+    first, moved = rig.doc(10), _held(rig.doc(17))
+    rig.book(first)
+    rig.gate.reset()
+    claim = rig.claim(CONFIRMATION)
+    thread = threading.Thread(target=lambda: ns.send_claimed(
+        rig.ctx, CONFIRMATION, claim.version, claim.claim))
+    thread.start()
+    assert rig.gate.arrived.wait(10)
+    assert rig.book(moved)["status"] == "held"
+    rig.gate.answer(200)
+    thread.join(20)
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, first["starts_at"]), text
+    _release(rig, moved)
+    assert set(ns.notices(rig.reminders())) == {"rescheduled#1:sms"}
