@@ -431,6 +431,26 @@ end
 """
     + LUA_EMIT
     + """
+-- A held booking keeps `held_from` (the date told before the hold) once a message went out
+-- or may have (one being sent as the hold was written). An attempt that ends without
+-- delivering (`skip`: its own key, that attempt's) may leave nothing of the booking gone
+-- out: then no date was told, and its hold message names the start as it is when it goes.
+local function drop_untold_hold(bkey, skip)
+  local got = redis.call('HMGET', bkey, 'status', 'held_from')
+  if got[1] ~= ST_HELD or not got[2] or got[2] == '' then return end
+  local flat = redis.call('HGETALL', bkey)
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], flat[i + 1]
+    if is_reminder(f) then
+      local st = STATUS_OF[string.sub(v, 1, 1)]
+      if st == ST_SENT or (st == ST_SENDING and f ~= skip) then return end
+    elseif string.sub(f, -1) == '+' and is_reminder(string.sub(f, 1, -2))
+        and split(v, 6)[A_SENT] ~= '' then
+      return
+    end
+  end
+  redis.call('HDEL', bkey, 'held_from')
+end
 -- Once a scheduled booking has no reminder left to send (none scheduled, sending or
 -- retrying), tell the clinic booking.completed, once (`completed_told`; a step that gives
 -- it reminders to send again clears that, so it is told again once those are done). Every
@@ -603,6 +623,7 @@ if r[R_VER] ~= version then
     local clinic, booking_id = parse_ref(ref)
     tell_completed(prefix, clinic, booking_id, bkey, hooks)
   end
+  drop_untold_hold(bkey, nil)  -- claimed as the hold was written, not begun: nothing sent
   return 'version moved'
 end
 if a[A_CLAIM] ~= claim then return 'stale claim' end
@@ -624,6 +645,7 @@ if booking ~= ST_SCHEDULED
     r[R_WHY] = inline('booking ' .. booking)
   end
   save(bkey, key, r, a)
+  if booking == ST_HELD then drop_untold_hold(bkey, nil) end
   return 'booking ' .. tostring(booking)
 end
 if ledger == 'sent' then
@@ -954,6 +976,10 @@ else
   result = 'stale'
 end
 save(bkey, key, r, a)
+-- Ended without delivering (an unknown outcome may have delivered): maybe nothing told.
+if outcome ~= 'sent' and outcome ~= 'unknown' then
+  drop_untold_hold(bkey, current and key or nil)  -- (stale: another attempt may own it)
+end
 -- Count the outcome for the metrics, in this same step (exact, whoever sent it).
 if outcome == 'sent' and result ~= 'already recorded as sent' then
   count_metric(prefix, 'sent', clinic, key)
