@@ -70,3 +70,29 @@ def test_control_moved_and_held_while_the_first_sms_is_delivered_names_the_date_
     assert ns.names(text, first["starts_at"]), text
     _release(rig, moved)
     assert set(ns.notices(rig.reminders())) == {"rescheduled#1:sms"}
+
+
+def test_the_hold_message_waits_for_the_sms_at_the_gateway_and_names_what_was_told(rig):
+    """The same race, the hold message due while the confirmation SMS is still at the gateway:
+    it named the first date at once (that SMS may still deliver), and the SMS was then
+    refused: the patient heard of a visit on a date never told. The hold message waits for
+    that SMS's outcome, as a change notice does (`TOLD_IN_FLIGHT`); refused, it names the
+    new date."""
+    first, moved = rig.doc(10), _held(rig.doc(17))
+    rig.book(first)
+    rig.gate.reset()
+    claim = rig.claim(CONFIRMATION)
+    thread = threading.Thread(target=lambda: ns.send_claimed(
+        rig.ctx, CONFIRMATION, claim.version, claim.claim))
+    thread.start()
+    assert rig.gate.arrived.wait(10)
+    assert rig.book(moved)["status"] == "held"
+    assert rig.send("sk/M-1/hold-notice:sms") == "deferred"
+    assert len(rig.gate.bodies) == 1  # only the confirmation, still at the gateway
+    rig.gate.answer(503)
+    thread.join(20)
+    rig.gate.reset()
+    rig.gate.answer(200)
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, moved["starts_at"]), text
+    assert not ns.names(text, first["starts_at"]), text
