@@ -122,7 +122,7 @@ from .planner import (
     next_opening,
     protected_steps,
 )
-from .protocols import NOTICE_STEPS, REPAUSE_STEP
+from .protocols import HOLD_NOTICE_STEP, NOTICE_STEPS, REPAUSE_STEP
 from .pump import Keys, channel_of, sender_member
 from .rendering import TEMPLATE_NOT_FOUND, RenderedMessage, Renderer
 from .settings import Settings
@@ -443,7 +443,9 @@ def _told_in_flight(store: Store, ref: str, record: dict[str, str],
     after "your visit moved", "stop tretinoin tonight" after "cancelled: you may resume"),
     and what it names may depend on whether that message went (`untold`, worker/notices.py
     `as_told_fields`). The notices of its own change (same `<kind>#<seq>`) go together."""
-    if record.get("step") not in NOTICE_STEPS:
+    if record.get("step") not in (*NOTICE_STEPS, HOLD_NOTICE_STEP):
+        # (The hold message names the date told before the hold, `held_from`, kept while a
+        # message may have told it: it waits to know whether that message went.)
         return None
     clinic_id, booking_id, key = split_ref(ref)
     own = key.split(":", 1)[0]
