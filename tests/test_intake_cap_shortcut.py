@@ -6,11 +6,14 @@ pause and the store's encoding alike, SMS only or not, some capped by the planne
 
 from __future__ import annotations
 
+import json
+import math
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from benchmarks.intake import realistic_bookings
-from worker.models import parse_booking
+from worker.models import parse_booking, utc_iso
 from worker.planner import cap_plan, plan
 from worker.store import Store, _CapsRead, _Stored
 from worker.webhooks import hooks_for
@@ -48,3 +51,29 @@ def test_the_planners_cap_is_what_cap_plan_gives_with_nothing_else_to_count(cata
             unsubscribed += got != planned
     # The shortcut was taken where cap_plan worked the cap out again; and the other case seen.
     assert recapped > 50 and unsubscribed > 10
+
+
+def test_a_new_bookings_stamps_and_keep_until(catalog, redis_client, booking_doc):
+    """`_prepare_new`'s faster forms: `updated_at` is each call's own `now` (kept for the
+    last one only), and `keep_until` counts from the latest of the start (given in the
+    patient's zone) and the reminders, whichever it is."""
+    store = Store(redis_client, "cs", hooks=hooks_for(catalog.clinics))
+    booking = parse_booking(booking_doc, catalog)
+    planned = plan(booking, catalog.protocols[booking.treatment],
+                   catalog.clinics[booking.clinic], NOW)
+
+    def fields(p, now):
+        head = store._prepare_new(booking, p, now, False, {}, timeline=False).args[0]
+        hset = json.loads(head)[4]
+        return dict(zip(hset[0::2], hset[1::2], strict=True))
+
+    later = NOW + timedelta(seconds=1, microseconds=5)
+    for now in (NOW, later, NOW):
+        assert fields(planned, now)["updated_at"] == utc_iso(now)
+    last = max(r.due_at for r in planned.reminders)
+    assert booking.starts_at.utcoffset() and last > booking.starts_at
+    retention = store.retention_seconds
+    assert fields(planned, NOW)["keep_until"] == str(math.ceil(last.timestamp() + retention))
+    early = [r for r in planned.reminders if r.due_at <= booking.starts_at]
+    assert fields(replace(planned, reminders=early), NOW)["keep_until"] == str(
+        int(booking.starts_at.timestamp()) + retention)

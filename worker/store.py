@@ -2205,6 +2205,7 @@ class Store:
         self._contact_secret: bytes | None = None
         self._contact_ids: dict[tuple[str, str], str] = {}  # (kind, value) -> `contact_id`
         self._digests: dict[tuple[Any, ...], str] = {}  # medications -> their digest
+        self._last_stamp: tuple[datetime, str] | None = None  # `_stamp_of`
         self._local = threading.local()  # this thread's attempt: see `reading`
 
     # --- keys ----------------------------------------------------------------------
@@ -2852,8 +2853,10 @@ class Store:
             status = Status.SCHEDULED
         held = status == Status.HELD
         hold_reason = (plan.hold_reason or "") if held else ""
-        stamp = utc_iso(now) or ""
-        last = booking.starts_at
+        stamp = self._stamp_of(now)
+        # In UTC, as the plan's instants are (decoded): compared without the zone's offset
+        # worked out at each comparison.
+        last = booking.starts_at.astimezone(UTC)
         for r in plan.reminders:
             if r.due_at > last:
                 last = r.due_at
@@ -2922,6 +2925,15 @@ class Store:
         args = apply_args(clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], [],
                           emits, "", guard, fields["contacts"], {})
         return _Prepared(args, shown_timeline)
+
+    def _stamp_of(self, now: datetime) -> str:
+        """`utc_iso(now)`, kept for the last `now` (a batch's bookings share one)."""
+        last = self._last_stamp
+        if last is not None and last[0] is now:
+            return last[1]
+        stamp = utc_iso(now) or ""
+        self._last_stamp = (now, stamp)
+        return stamp
 
     _STATIC_MAX = 4096  # kinds of reminder kept by `_reminder_static`
 
