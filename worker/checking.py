@@ -6,6 +6,12 @@ language, every configured clinic's name), and reports each SMS template's encod
 length and segments. Every protocol `[advice]` value must have a source comment in its
 file; `--sources` lists, per protocol step, the clinical claims its messages make and
 where each comes from. The renderer itself is worker/rendering.py.
+
+`--redis` (the only part that reads Redis; `check` alone touches none) also looks at the
+reminders still to be sent (the due and lease sets, read with ZSCAN) and names each clinic
+or protocol they are of that config/ does not have: their sends fail as "not configured",
+are retried with backoff and given up (dead-lettered) after max_attempts
+(worker/dispatch.py `_unconfigured`); an error, so a deploy can run it before switching.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from jinja2 import TemplateSyntaxError
@@ -37,6 +43,9 @@ from .rendering import (
 )
 from .settings import MIN_SECRET_CHARS
 from .sms import Encoding, fold_to_gsm7, non_gsm7, normalise, sms_segments
+
+if TYPE_CHECKING:
+    from .store import Store
 
 # Realistic worst-case first names per language: the longest, and letters outside GSM-7
 # (folded by default, see `sms_accents`), so that a template that fits here fits for real
@@ -100,6 +109,28 @@ class StepSources:
     claims: list[Claim]
 
 
+@dataclass(frozen=True)
+class Unconfigured:
+    """Reminders still to be sent (or being sent) that name a clinic or protocol config/
+    does not have (`check --redis`)."""
+
+    kind: str  # "clinic" or "protocol"
+    name: str
+    path: str  # the file config/ lacks
+    reminders: int
+    bookings: int
+
+    def error(self, max_attempts: int, retry_minutes: int) -> ConfigError:
+        whose = (f"of clinic {self.name!r}" if self.kind == "clinic"
+                 else f"of treatment {self.name!r}")
+        return ConfigError(Path(self.path), (
+            f"missing, yet {self.reminders} reminder(s) of {self.bookings} booking(s) still "
+            f"to be sent in Redis are {whose}: each fails as 'not configured' when due, is "
+            f"retried with backoff and dead-lettered after {max_attempts} attempts (about "
+            f"{retry_minutes} minutes of backoff); put the file back, or cancel those "
+            f"bookings"))
+
+
 @dataclass
 class CheckReport:
     """What `reminders check` found: any error makes the configuration unusable."""
@@ -108,6 +139,8 @@ class CheckReport:
     warnings: list[str] = field(default_factory=list)
     sms: list[SmsSample] = field(default_factory=list)
     sources: list[StepSources] = field(default_factory=list)
+    # `--redis` only: pending reminders of clinics or protocols config/ does not have.
+    unconfigured: list[Unconfigured] | None = None
 
     def table(self) -> str:
         """Return the SMS samples as an aligned text table."""
@@ -144,6 +177,8 @@ class CheckReport:
         }
         if sources:
             doc["sources"] = [asdict(s) for s in self.sources]
+        if self.unconfigured is not None:
+            doc["unconfigured"] = [asdict(u) for u in self.unconfigured]
         return doc
 
 
@@ -257,6 +292,53 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
     # One broken file fails many renders: report each distinct problem once, sorted.
     report.errors = list({str(e): e for e in sorted(errors, key=str)}.values())
     return report
+
+
+# --- --redis: pending reminders config/ cannot send ---------------------------------------
+
+SCAN_COUNT = 1000  # ZSCAN's COUNT, and bookings read per round trip
+
+
+def pending_unconfigured(store: Store, catalog: Catalog, clinics_dir: Path,
+                         protocols_dir: Path, clinic_ids: list[str] | None = None,
+                         ) -> list[Unconfigured]:
+    """Return each clinic and protocol that reminders still to be sent (the due set) or
+    being sent (the lease set) name and `catalog` does not have, with how many reminders
+    and bookings; only of `clinic_ids` if given. Reads the sets with ZSCAN (no long
+    command) and, for the bookings of configured clinics, their treatment, SCAN_COUNT
+    bookings a round trip (no patient data kept)."""
+    from .store import split_ref
+
+    counts: dict[tuple[str, str], int] = {}  # (clinic, booking id) -> reminders
+    for key in (store.due_key, store.lease_key):
+        for ref, _ in store.redis.zscan_iter(key, count=SCAN_COUNT):
+            clinic, booking_id, _ = split_ref(ref)
+            if clinic_ids is None or clinic in clinic_ids:
+                counts[clinic, booking_id] = counts.get((clinic, booking_id), 0) + 1
+    found: dict[tuple[str, str], list[int]] = {}  # (kind, name) -> [reminders, bookings]
+
+    def count(kind: str, name: str, reminders: int) -> None:
+        tally = found.setdefault((kind, name), [0, 0])
+        tally[0] += reminders
+        tally[1] += 1
+
+    configured: dict[str, list[str]] = {}
+    for (clinic, booking_id), n in counts.items():
+        if clinic in catalog.clinics:
+            configured.setdefault(clinic, []).append(booking_id)
+        else:
+            count("clinic", clinic, n)
+    for clinic, ids in configured.items():
+        for start in range(0, len(ids), SCAN_COUNT):
+            part = ids[start:start + SCAN_COUNT]
+            for booking_id, summary in zip(part, store.booking_summaries(clinic, part),
+                                           strict=True):
+                treatment = summary and summary.get("treatment")
+                if treatment and treatment not in catalog.protocols:
+                    count("protocol", str(treatment), counts[clinic, booking_id])
+    folders = {"clinic": clinics_dir, "protocol": protocols_dir}
+    return [Unconfigured(kind, name, str(folders[kind] / f"{name}.toml"), n, b)
+            for (kind, name), (n, b) in sorted(found.items())]
 
 
 # --- sources: the comments of a protocol file ------------------------------------------

@@ -112,6 +112,14 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     clinic_ids = [args.clinic] if args.clinic else sorted(catalog.clinics)
     report = check(catalog, settings.clinics_dir, clinic_ids=clinic_ids,
                    protocols_dir=settings.protocols_dir)
+    if args.redis:  # the only part that reads Redis
+        from .checking import pending_unconfigured
+
+        report.unconfigured = pending_unconfigured(
+            open_store(settings), catalog, settings.clinics_dir, settings.protocols_dir,
+            [args.clinic] if args.clinic else None)
+        minutes = _retry_minutes(settings)
+        report.errors += [u.error(settings.max_attempts, minutes) for u in report.unconfigured]
     for error in report.errors:
         print(f"configuration error: {error}", file=sys.stderr)
     if args.json:
@@ -133,12 +141,24 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
                   f"{clinic.timezone}, {clinic.locale}")
         for warning in report.warnings:
             print(f"WARNING: {warning}")
+        if report.unconfigured is not None and not report.unconfigured:
+            print("Redis: every reminder still to be sent is of a configured clinic and "
+                  "protocol")
         outcome = f"{len(report.errors)} error(s)" if report.errors else "ok"
         print(
             f"{outcome}: {len(catalog.protocols)} protocols, {len(clinic_ids)} clinic(s), "
             f"locales {', '.join(sorted(catalog.locales))}"
         )
     return EXIT_CONFIG if report.errors else EXIT_OK
+
+
+def _retry_minutes(settings: Settings) -> int:
+    """The longest a failing reminder is retried before it is given up: the nominal
+    backoffs of its max_attempts (worker/dispatch.py `compute_backoff`, jitter at most)."""
+    seconds = sum(min(settings.backoff_cap_seconds,
+                      settings.backoff_base_seconds * 2 ** max(0, attempt - 1))
+                  for attempt in range(1, settings.max_attempts))
+    return max(1, int(round(seconds / 60)))
 
 
 def parse_now(value: str) -> datetime:
@@ -790,6 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "check":
             p.add_argument("--sources", action="store_true",
                            help="also list each protocol step's clinical claims and sources")
+            p.add_argument("--redis", action="store_true",
+                           help="also read Redis (as the other commands find it): an error "
+                           "for each clinic or protocol that reminders still to be sent "
+                           "name and config/ does not have (check alone reads no Redis)")
         if name in ("replay", "purge"):
             p.add_argument(
                 "refs",
