@@ -120,3 +120,42 @@ def test_one_bad_line_among_thousands_stores_nothing_and_changes_nothing(
     assert f"line 4321 ({again[4320]['booking_id']}) refused:" in done.stderr, done.stderr
     assert "refused 1 of 4,500 bookings (line 4321): nothing was stored" in done.stderr
     assert snapshot(redis_client) == before
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def test_sigterm_while_checking_in_processes_leaves_no_process_behind(
+        redis_server, redis_client, tmp_path):
+    path = tmp_path / "bookings.jsonl"
+    path.write_text(jsonl(realistic_bookings(12000, seed=36)), encoding="utf-8")
+    proc = subprocess.Popen([str(BIN / "reminders"), "book", "--jobs", "2", str(path)],
+                            env=cli_env(redis_server.url, tmp_path), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(kids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            kids = _children(proc.pid)
+        assert len(kids) == 2, "the checking processes never started"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        # The checking processes held the command's stdout and stderr: a caller reading
+        # them (a pipe, `subprocess.run`, CI) waited for ever.
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        for kid in kids:  # without the fix they outlive the command (re-parented, blocked)
+            try:
+                os.kill(kid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert "Traceback" not in err, err
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert "interrupted while checking" in err and "nothing was stored" in err, err
+    assert not any(os.path.exists(f"/proc/{kid}") and "zombie" not in
+                   Path(f"/proc/{kid}/status").read_text() for kid in kids)
+    assert stored(redis_client) == 0
