@@ -471,6 +471,9 @@ def _init_worker(catalog: Catalog, clinic: str | None, now: datetime) -> None:
     # Ctrl-C at a terminal reaches the whole process group: the main process stops the
     # batch and says so; a checking process does not die of it (with a traceback) first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM as by default (the pool ends a broken pool's processes with it), not the
+    # main process's handler inherited (worker/cli.py `sigterm_stops`).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gc.freeze()  # a worker lives for one batch: collect less often, as quiet_gc does
     gc.set_threshold(*QUIET_GC)
 

@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -216,11 +217,30 @@ def print_timeline(
 
 def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     """Check every booking first; store them, a chunk at a time, only if all are acceptable."""
-    with quiet_gc():
+    with quiet_gc(), sigterm_stops():
         try:
             return book_files(args, settings)
         except KeyboardInterrupt as exc:  # what was stored is said (`book_files`, `store_all`)
             return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+@contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """SIGTERM stops `book` as Ctrl-C does (`Terminated`): while checking, the checking
+    processes are stopped and nothing is stored (it killed only this process: they lived on
+    for ever, holding its stdout and stderr); while storing, see StopBetweenBatches."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def book_files(args: argparse.Namespace, settings: Settings) -> int:
