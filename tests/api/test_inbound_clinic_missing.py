@@ -57,3 +57,34 @@ def test_a_stop_while_the_clinic_file_is_missing_is_taken(server, tw, receiver):
     assert replied(server, receiver) == [("A-1", "stop", "sms")]  # the clinic is told once
     assert message_of(text(server, "STOP")) is None  # one confirmation, then nothing
     assert store.opted_out("tw", "sms", ANA) is not None
+
+
+def test_only_a_stop_is_acted_on_while_the_clinic_file_is_missing(server, tw, receiver):  # noqa: F811
+    """`former` is for a STOP's signature only: nothing is planned or sent for a clinic
+    not in config/. A START while its file was missing put the opted-out SMS back into the
+    schedule for that clinic and answered 'texts are back on'; a confirm was recorded and
+    answered with its visit's date."""
+    book(tw, "A-1")
+    assert "no more texts from us" in (message_of(text(server, "STOP")) or "")
+    store = server.app.state.services.store
+    clinic = server.settings.config_dir / "clinics" / "tw.toml"
+    content = clinic.read_text(encoding="utf-8")
+    clinic.unlink()
+    time.sleep(1.2)  # missing for longer than an edit: the API reads config/ without it
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+    assert "tw" in server.app.state.services.catalog.former
+
+    for body in ("START", "C", "HELP"):
+        assert message_of(text(server, body)) is None, body
+    assert store.opted_out("tw", "sms", ANA) is not None  # the START not taken
+    assert not [ref for ref in store.redis.zrange(store.due_key, 0, -1)
+                if ref.startswith("tw/A-1/") and ref.endswith(":sms")]  # none put back
+    assert not store.timeline("tw", "A-1").get("confirmed_at")
+
+    clinic.write_text(content, encoding="utf-8")  # back: a START is taken again
+    time.sleep(1.2)
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+    assert message_of(text(server, "START")) is not None
+    assert store.opted_out("tw", "sms", ANA) is None
