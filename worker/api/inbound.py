@@ -42,7 +42,8 @@ Spanish), and the answer goes back as TwiML in the response, so the provider sen
 A clinic whose file is missing from config/ as the API reads it now (deleted, or for two
 looks while a deploy rewrites config/) is served with its configuration as last loaded by
 this process (worker/catalog.py `former`): its token checks the signature, and a STOP is
-taken and confirmed as always. A process started while the file was missing refuses (403).
+taken and confirmed as always; any other text is not acted on (no answer: nothing is
+planned or sent for it). A process started while the file was missing refuses (403).
 
 An opted-out number gets no answer but to HELP and START (a confirm or reschedule is still
 recorded). Events carry ids and the kind of reply only: never the text or the number.
@@ -282,9 +283,10 @@ async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
             raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes")
     pairs = form_pairs(raw)
     config = svc.catalog.clinics.get(clinic)
+    gone = config is None
     if config is None:
         # Its file missing from config/ as read now (deleted, or a deploy rewriting it): its
-        # configuration as last loaded checks the signature, and the text is acted on (a
+        # configuration as last loaded checks the signature, and a STOP is acted on (a
         # STOP refused is lost: Twilio does not send it again). worker/catalog.py `former`.
         config = svc.catalog.former.get(clinic)
         if config is not None:
@@ -303,6 +305,12 @@ async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
         raise ApiError(422, "the request has invalid parameters",
                        fields=[("From", str(exc))]) from None
     body = first(pairs, "Body") or ""
+    if gone and classify(body) != "stop":
+        # Nothing but a STOP is acted on for a clinic not in config/: a START would put its
+        # SMS back in the schedule, a confirm record and answer for a clinic not configured.
+        log.warning("inbound SMS for clinic %s, whose file is not in config/ as read now: "
+                    "not a STOP, not acted on", clinic)
+        return twiml(None)
     intent, message = await run_in_threadpool(handle, svc, config, phone, body)
     log.debug("inbound SMS for clinic %s: %s", clinic, intent)
     return twiml(message)
