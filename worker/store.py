@@ -501,6 +501,9 @@ local function claim(ref, leased)
     return
   end
   if not r or not is_pending(r[R_ST]) then return end
+  -- A lease a change kept (above) whose reminder something else scheduled again (the SMS
+  -- cap's email copy of a step, START's): the due set brings it at its own time.
+  if leased and r[R_ST] ~= ST_SENDING and redis.call('ZSCORE', due_key, ref) then return end
   a[A_CLAIM] = add(a[A_CLAIM], 1)
   r[R_ST] = ST_SENDING
   save(bkey, key, r, a)
