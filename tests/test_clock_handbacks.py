@@ -63,3 +63,41 @@ def test_a_warm_shutdown_on_a_host_ahead_hands_back_due_on_redis_clock(
         gateway.release(200)
         closing.join(10)
     assert rig.state(prep(1))["record"]["status"] == "sent"
+
+
+def test_an_attempt_stopped_before_sending_on_a_host_ahead_is_due_on_redis_clock(
+        tmp_path, redis_client, gateway, monkeypatch):  # noqa: F811
+    """The attempt past its last fence when the worker stops hands its reminder back
+    (STOPPED_BEFORE_SENDING, an abandon) due at its own 'now': this host's clock, SKEW
+    ahead of the pump's. Parked at the fence while the senders stop, released."""
+    monkeypatch.setattr(dispatch, "CLOCK", RedisClock(dispatch.CLOCK.local))
+    monkeypatch.setattr(dispatch, "time", Skewed(SKEW))  # the sending host is 30 s ahead
+    monkeypatch.setattr(dispatch, "datetime", _Ahead)
+    rig = Rig(tmp_path, redis_client, gateway, send_threads=1)
+    rig.book(rig.doc(1))
+    at_fence, go = threading.Event(), threading.Event()
+    real = rig.store.still_owned
+
+    def parked(*args, **kwargs):  # type: ignore[no-untyped-def]
+        at_fence.set()
+        assert go.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rig.store, "still_owned", parked)
+    rig.hand(rig.claim(prep(1)), redis_time(redis_client))
+    assert at_fence.wait(10)
+    closing = threading.Thread(target=rig.drain)
+    closing.start()
+    try:
+        deadline = real_time.monotonic() + 10
+        while not rig.lanes.stopping():
+            assert real_time.monotonic() < deadline
+            real_time.sleep(0.02)
+    finally:
+        go.set()
+        closing.join(10)
+    s = rig.state(prep(1))
+    assert s["record"]["status"] == "scheduled" and s["due"] is not None, s
+    assert gateway.bodies == []  # nothing handed over
+    # Due now on Redis's clock (the pump takes it at its next run), not SKEW later.
+    assert s["due"] <= redis_time(redis_client) + 1.0, s["due"] - redis_time(redis_client)
