@@ -309,7 +309,8 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
             return "dropped: overtaken before sending"
         if guard is not None and guard.stopping():
             # Nothing handed over yet: back to the schedule now, for another worker.
-            result = store.finish(ref, attempt, "abandon", at=now,
+            result = store.finish(ref, attempt, "abandon",
+                                  at=datetime.fromtimestamp(CLOCK.now(), UTC),  # the pump's
                                   fields={"reason": STOPPED_BEFORE_SENDING}, entry=entry)
             log.info("send %s: the worker is stopping; handed back before sending (%s)",
                      ref, result)
