@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -178,6 +179,99 @@ email = "json://127.0.0.1:{gate.port}/email?:to={{to}}"
     finally:
         for restart in restarted:
             restart.join(15)
+        client.close()
+        server.stop()
+        gate.close()
+
+
+def test_a_notice_handed_back_to_be_written_again_is_due_on_redis_clock(
+        tmp_path, monkeypatch):
+    """The hand-back of words written for before the visit is 'at once': due at the
+    attempt's 'later', this host's clock, while the pump claims by Redis's. A host 30 s
+    ahead (the skew e7fde86 keeps sending through) put the notice 30 s into the pump's
+    future. The notice's last fence parked until the visit began on the host's clock, then
+    released; real Redis, a real HTTP gateway."""
+    from tests.test_clock_handbacks import _Ahead
+    from tests.test_clock_skew import SKEW
+    from tests.test_send_races import Gate
+    from worker import dispatch
+    from worker.clock import RedisClock, redis_time
+
+    gate = Gate()
+    gate.answer(200)
+    server = RedisServer(tmp_path / "redis").start()
+    client = from_url(server.url, WORKER)
+    try:
+        config = tmp_path / "config"
+        shutil.copytree(ROOT / "config" / "protocols", config / "protocols")
+        (config / "clinics").mkdir()
+        (config / "clinics" / "sk.toml").write_text(f"""
+name = "Skin Clinic"
+phone = "+34910000000"
+timezone = "Europe/Madrid"
+locale = "en"
+[sms]
+max_per_day = 10
+max_per_week = 70
+[send_window]
+start = "00:00"
+end = "24:00"
+[channels]
+sms = "json://127.0.0.1:{gate.port}/sms?:to={{to}}"
+email = "json://127.0.0.1:{gate.port}/email?:to={{to}}"
+""", encoding="utf-8")
+        settings = Settings(config_dir=config, templates_dir=ROOT / "templates",
+                            lease_seconds=30, send_timeout_seconds=2, _env_file=None)
+        catalog = Catalog.load(settings)
+        store = Store(client, "revwords")
+        ctx = Context(settings=settings, store=store, catalog=catalog,
+                      renderer=Renderer(catalog.templates_dir))
+        clock = RedisClock(dispatch.CLOCK.local)
+        clock.refresh(client)
+        monkeypatch.setattr(dispatch, "CLOCK", clock)
+        monkeypatch.setattr(dispatch, "datetime", _Ahead)  # the sending host is 30 s ahead
+        # The visit 3 s ahead on the sending host's clock.
+        start = (datetime.now(UTC) + timedelta(seconds=SKEW + 3)).replace(microsecond=0)
+        booking = parse_booking({
+            "clinic": "sk", "booking_id": "D-1", "treatment": "demo",
+            "starts_at": start.isoformat(),
+            "patient": {"name": "Ana Ruiz", "phone": "+34600111222",
+                        "timezone": "Europe/Madrid", "locale": "en", "channels": ["sms"]},
+            "medications": {"tretinoin": True}}, catalog)
+        now = datetime.now(UTC)
+        store.upsert(booking, plan(booking, catalog.protocols["demo"],
+                                   catalog.clinics["sk"], now), now)
+
+        def send(key: str) -> str:
+            ref = f"sk/D-1/{key}"
+            store.redis.zadd(store.due_key, {ref: 0})
+            claims = store.claim_due(100, settings.lease_seconds)
+            for c in claims:
+                if c.ref != ref:
+                    assert store.requeue(c.ref, datetime.now(UTC) + timedelta(days=30),
+                                         "not in this test", c.claim)
+            (claim,) = [c for c in claims if c.ref == ref]
+            return send_claimed(ctx, ref, claim.version, claim.claim)
+
+        assert send("stop-retinoids:sms") == "sent"
+        store.cancel("sk", "D-1", datetime.now(UTC))
+        (notice,) = [r["id"] for r in store.timeline("sk", "D-1")["reminders"]
+                     if r["id"].startswith("cancelled#")]
+        real = store.still_owned
+
+        def parked(*args: Any, **kwargs: Any) -> bool:
+            wait = (start - _Ahead.now(UTC)).total_seconds() + 0.5
+            time.sleep(max(0.0, wait))  # the visit begins (on the host's clock) meanwhile
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(store, "still_owned", parked)
+        assert send(notice) == "handed back"
+        ref = f"sk/D-1/{notice}"
+        due = store.redis.zscore(store.due_key, ref)
+        assert store.record(ref)["status"] == "scheduled" and due is not None
+        # Due now on Redis's clock (the pump takes it at its next run), not SKEW later.
+        assert due <= redis_time(client) + 1.0, due - redis_time(client)
+    finally:
         client.close()
         server.stop()
         gate.close()
