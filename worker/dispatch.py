@@ -334,7 +334,8 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         # back at once (fenced), the next attempt writes them again.
         if (later.astimezone(place[1]).date() != now.astimezone(place[1]).date()
                 or now < booking.starts_at <= later):
-            result = store.finish(ref, attempt, "abandon", at=later,
+            result = store.finish(ref, attempt, "abandon",
+                                  at=datetime.fromtimestamp(CLOCK.now(), UTC),  # the pump's
                                   fields={"reason": WRITTEN_FOR_EARLIER}, entry=entry)
             log.info("send %s: written for an earlier moment; handed back to be written "
                      "again (%s)", ref, result)
