@@ -159,3 +159,33 @@ def test_sigterm_while_checking_in_processes_leaves_no_process_behind(
     assert not any(os.path.exists(f"/proc/{kid}") and "zombie" not in
                    Path(f"/proc/{kid}/status").read_text() for kid in kids)
     assert stored(redis_client) == 0
+
+
+def test_the_command_killed_while_checking_leaves_no_process_behind(
+        redis_server, redis_client, tmp_path):
+    """SIGKILL (the OOM killer, `docker kill`, `timeout -s KILL`): nothing can be said, but
+    the checking processes end with it instead of holding its stdout and stderr for ever."""
+    path = tmp_path / "bookings.jsonl"
+    path.write_text(jsonl(realistic_bookings(12000, seed=37)), encoding="utf-8")
+    proc = subprocess.Popen([str(BIN / "reminders"), "book", "--jobs", "2", str(path)],
+                            env=cli_env(redis_server.url, tmp_path), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(kids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            kids = _children(proc.pid)
+        assert len(kids) == 2, "the checking processes never started"
+        time.sleep(0.3)
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        for kid in kids:
+            try:
+                os.kill(kid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == -signal.SIGKILL
+    assert stored(redis_client) == 0
