@@ -465,9 +465,10 @@ def _check_chunk(
 _WORKER: tuple[Catalog, str | None, datetime] | None = None
 
 
-def _init_worker(catalog: Catalog, clinic: str | None, now: datetime) -> None:
+def _init_worker(catalog: Catalog, clinic: str | None, now: datetime, parent: int) -> None:
     global _WORKER
     _WORKER = (catalog, clinic, now)
+    _end_with(parent)
     # Ctrl-C at a terminal reaches the whole process group: the main process stops the
     # batch and says so; a checking process does not die of it (with a traceback) first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -476,6 +477,23 @@ def _init_worker(catalog: Catalog, clinic: str | None, now: datetime) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gc.freeze()  # a worker lives for one batch: collect less often, as quiet_gc does
     gc.set_threshold(*QUIET_GC)
+
+
+def _end_with(parent: int) -> None:
+    """End this checking process when `parent` (the command) ends, however it ends: killed
+    (SIGKILL, the OOM killer), the pool's processes waited on its call queue for ever,
+    holding the command's stdout and stderr (a caller reading them hung). Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the request was made
+        os._exit(1)
 
 
 def _check_in_worker(docs: list[Document]) -> CheckedChunk:
@@ -524,7 +542,7 @@ def check_chunks(
 
     try:
         with ProcessPoolExecutor(jobs, initializer=_init_worker,
-                                 initargs=(catalog, clinic, now)) as pool:
+                                 initargs=(catalog, clinic, now, os.getpid())) as pool:
             pending: deque[Future[CheckedChunk]] = deque()
             for chunk in chunks:
                 pending.append(pool.submit(_check_in_worker, chunk))
