@@ -468,13 +468,14 @@ _WORKER: tuple[Catalog, str | None, datetime] | None = None
 def _init_worker(catalog: Catalog, clinic: str | None, now: datetime, parent: int) -> None:
     global _WORKER
     _WORKER = (catalog, clinic, now)
-    _end_with(parent)
     # Ctrl-C at a terminal reaches the whole process group: the main process stops the
     # batch and says so; a checking process does not die of it (with a traceback) first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM as by default (the pool ends a broken pool's processes with it), not the
     # main process's handler inherited (worker/cli.py `sigterm_stops`).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held at the fork
+    _end_with(parent)  # after the signals: the pool may end a process still starting
     gc.freeze()  # a worker lives for one batch: collect less often, as quiet_gc does
     gc.set_threshold(*QUIET_GC)
 
@@ -537,15 +538,20 @@ def check_chunks(
         for chunk in chunks:
             yield _check_chunk(chunk, catalog, clinic, now)
         return
+    import ctypes  # noqa: F401  (for `_end_with`: imported before the fork, not in each)
     from concurrent.futures import ProcessPoolExecutor  # multiprocessing: only when asked
     from concurrent.futures.process import BrokenProcessPool
 
+    # The processes are forked (at the first submit) with SIGTERM held: the command's
+    # handler (worker/cli.py `sigterm_stops`) must not run in them; `_init_worker` sets it.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         with ProcessPoolExecutor(jobs, initializer=_init_worker,
                                  initargs=(catalog, clinic, now, os.getpid())) as pool:
             pending: deque[Future[CheckedChunk]] = deque()
             for chunk in chunks:
                 pending.append(pool.submit(_check_in_worker, chunk))
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 if len(pending) > 2 * jobs:  # a few chunks ahead, not the whole input
                     yield pending.popleft().result()
             while pending:
@@ -553,6 +559,8 @@ def check_chunks(
     except BrokenProcessPool:
         raise CheckerDied("a process checking the bookings ended abruptly (killed, or out "
                           "of memory?)") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class SeenBookings:
