@@ -38,7 +38,6 @@ URLs), and nothing here logs a contact or a message body above DEBUG.
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import email.policy
 import functools
@@ -47,7 +46,6 @@ import os
 import re
 import smtplib
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -516,72 +514,6 @@ def _route_apprise_http() -> None:
 
 _route_apprise_http()
 os.register_at_fork(after_in_child=lambda: setattr(_http_sessions, "session", None))
-
-
-# --- requests' protocol checks, typing's verdict without typing's cost --------------------
-
-# requests (2.33 on) asks `isinstance(x, SupportsItems)` and `isinstance(x, SupportsRead)`,
-# runtime-checkable typing Protocols, about nine times a request (merging the session's
-# headers, params, hooks, cookies and proxies; preparing the body). On Python 3.11 typing
-# works out the protocol's members again at every such call: about 10 us each, some 90 us
-# an SMS (measured: `python -m benchmarks.apprise_probe`). These names are replaced by
-# classes giving the very verdict typing's check gives, its members worked out once.
-_REQUESTS_PROTOCOLS = (("requests.utils", "_SupportsItems"), ("requests.models", "_SupportsRead"))
-
-
-class _ProtocolCheck(type):
-    """The type of `quick_protocol(proto)`: isinstance(x, it) is isinstance(x, proto) as
-    Python 3.11's typing decides it for a runtime-checkable protocol whose members are all
-    methods: the class of x is a subclass of it (by the protocol's own subclass hook, which
-    ABCMeta caches per class), or x has each member and none is None, or ABCMeta's own check
-    (a registered class)."""
-
-    _protocol: type
-    _members: tuple[str, ...]
-
-    def __instancecheck__(cls, instance: object) -> bool:
-        proto = cls._protocol
-        if issubclass(instance.__class__, proto):
-            return True
-        if all(getattr(instance, name, None) is not None for name in cls._members):
-            return True
-        if type(instance) is instance.__class__:  # ABCMeta's check would ask the same again
-            return False
-        return bool(abc.ABCMeta.__instancecheck__(proto, instance))  # type: ignore[arg-type]
-
-    def __subclasscheck__(cls, subclass: type) -> bool:
-        return issubclass(subclass, cls._protocol)
-
-
-def quick_protocol(proto: Any) -> type | None:
-    """Return a class whose isinstance checks give typing's verdict for `proto` (see
-    `_ProtocolCheck`), or None if `proto` is not a runtime-checkable protocol of methods
-    only on Python 3.11 (3.12's typing decides otherwise, and caches its members itself)."""
-    import typing
-
-    members_of = getattr(typing, "_get_protocol_attrs", None)
-    if sys.version_info[:2] != (3, 11) or members_of is None or not isinstance(proto, type) \
-            or not getattr(proto, "_is_protocol", False) \
-            or not getattr(proto, "_is_runtime_protocol", False):
-        return None
-    members = tuple(sorted(members_of(proto)))
-    if not members or not all(callable(getattr(proto, name, None)) for name in members):
-        return None
-    return _ProtocolCheck(f"Quick{proto.__name__}", (), {
-        "_protocol": proto, "_members": members, "__module__": __name__})
-
-
-def _quick_requests_protocols() -> None:
-    """Put `quick_protocol`'s classes where requests looks its protocols up (if it has them)."""
-    for module_name, name in _REQUESTS_PROTOCOLS:
-        module = sys.modules.get(module_name)
-        found = getattr(module, name, None)
-        quick = quick_protocol(found)
-        if module is not None and quick is not None:
-            setattr(module, name, quick)
-
-
-_quick_requests_protocols()
 
 
 @dataclass(frozen=True)
