@@ -15,6 +15,8 @@ import threading
 import time as real_time
 from datetime import datetime, timedelta
 
+import pytest
+
 from tests.test_clock_skew import SKEW, Skewed
 from tests.test_send_batches import Rig, gateway, phone, prep  # noqa: F401  (gateway: fixture)
 from worker import dispatch
@@ -101,3 +103,38 @@ def test_an_attempt_stopped_before_sending_on_a_host_ahead_is_due_on_redis_clock
     assert gateway.bodies == []  # nothing handed over
     # Due now on Redis's clock (the pump takes it at its next run), not SKEW later.
     assert s["due"] <= redis_time(redis_client) + 1.0, s["due"] - redis_time(redis_client)
+
+
+@pytest.mark.parametrize("site", ["overtaken", "in flight"])
+def test_an_attempt_handing_back_on_a_host_ahead_is_due_on_redis_clock(
+        site, tmp_path, redis_client, gateway, monkeypatch):  # noqa: F811
+    """The other hand-backs of an attempt are due on Redis's clock too: one overtaken before
+    sending (`still_owned` answers no: the abandon) and one finding another attempt in
+    flight (its ledger held: requeued just after the ledger's TTL, a Redis TTL). Both were
+    dated on this host's clock, SKEW ahead of the pump's."""
+    monkeypatch.setattr(dispatch, "CLOCK", RedisClock(dispatch.CLOCK.local))
+    monkeypatch.setattr(dispatch, "time", Skewed(SKEW))  # the sending host is 30 s ahead
+    monkeypatch.setattr(dispatch, "datetime", _Ahead)
+    rig = Rig(tmp_path, redis_client, gateway, send_threads=1)
+    rig.book(rig.doc(1))
+    claims = rig.claim(prep(1))
+    wait = 0.0
+    if site == "overtaken":
+        # The one edge patched: the last check finds the reminder overtaken.
+        monkeypatch.setattr(rig.store, "still_owned", lambda *a, **k: False)
+    else:
+        wait = 2.0  # an earlier attempt's ledger, held for 2 s more
+        redis_client.set(rig.store.ledger_key(prep(1)), "earlier", px=int(wait * 1000))
+    try:
+        rig.hand(claims, redis_time(redis_client))
+        deadline = real_time.monotonic() + 10
+        while rig.state(prep(1))["record"]["status"] != "scheduled":
+            assert real_time.monotonic() < deadline, rig.state(prep(1))
+            real_time.sleep(0.05)
+    finally:
+        rig.drain()
+    s = rig.state(prep(1))
+    assert s["due"] is not None and gateway.bodies == [], s  # nothing handed over
+    now = redis_time(redis_client)
+    # Due on Redis's clock (after the ledger's TTL for "in flight"), not SKEW later.
+    assert s["due"] <= now + wait + dispatch.IN_FLIGHT_MARGIN + 1.0, (site, s["due"] - now)
