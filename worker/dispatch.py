@@ -241,7 +241,9 @@ def attempt(
     if verdict == "in flight":
         # A previous attempt whose lease ran out may still be talking to the provider.
         # Try again just after that attempt's ledger entry expires (or it finishes first).
-        retry_at = datetime.now(UTC) + timedelta(seconds=store.ledger_ttl(ref) + IN_FLIGHT_MARGIN)
+        # Due on the pump's clock (Redis's): the ledger's TTL is Redis's too.
+        retry_at = (datetime.fromtimestamp(CLOCK.now(), UTC)
+                    + timedelta(seconds=store.ledger_ttl(ref) + IN_FLIGHT_MARGIN))
         if store.requeue(ref, retry_at, "another attempt is in flight", claim=claim):
             log.info("send %s: another attempt is in flight; requeued", ref)
             return "requeued"
@@ -291,7 +293,9 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
             # A message sent before the change is at its provider: this notice must not
             # arrive before it, and may name what it told. Once its outcome is known.
             # (Deferred as to the window's opening: an SMS is capped where it lands.)
-            at = now + timedelta(seconds=wait + IN_FLIGHT_MARGIN)
+            # (The wait is a TTL in Redis: counted from the pump's clock, not this host's.)
+            at = datetime.fromtimestamp(CLOCK.now(), UTC) + timedelta(
+                seconds=wait + IN_FLIGHT_MARGIN)
             log.info("send %s: an earlier message of the booking is being sent", ref)
             return _hold_back(ctx, ref, attempt, SendTime("defer", at, TOLD_IN_FLIGHT), entry,
                               moving)
@@ -304,7 +308,9 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         if not store.still_owned(ref, attempt, send_to=(envelope.channel, envelope.to),
                                  link=link):
             # The clinic's change landed since begin: do not hand it over at all.
-            result = store.finish(ref, attempt, "abandon", at=now, entry=entry)
+            result = store.finish(ref, attempt, "abandon",
+                                  at=datetime.fromtimestamp(CLOCK.now(), UTC),  # the pump's
+                                  entry=entry)
             log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
             return "dropped: overtaken before sending"
         if guard is not None and guard.stopping():
@@ -614,7 +620,9 @@ def _late_sms(ctx: Context, ref: str, attempt: Attempt, entry: dict[str, Any],
     if done == ["send"]:
         return None
     if done == ["dropped"]:  # the clinic's change or another claim overtook it
-        result = ctx.store.finish(ref, attempt, "abandon", at=now, entry=entry)
+        result = ctx.store.finish(ref, attempt, "abandon",
+                                  at=datetime.fromtimestamp(CLOCK.now(), UTC),  # the pump's
+                                  entry=entry)
         log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
         return "dropped: overtaken before sending"
     log.info("send %s: late onto a day at the SMS cap: %s (%s)", ref, done[0], result)
