@@ -4,8 +4,9 @@ rewrites config/), a patient's unsubscribe (the page's button, a mail provider's
 one-click POST) answered 'This link is not valid' and changed nothing: the token and the
 address behind it are in Redis, not in the clinic's file, yet the opt-out was lost, and the
 clinic's emails went on once its file was back. The unsubscribe is taken; the clinic is told
-of it once its file is back (a click then tells it, as after any untold opt-out). Real
-uvicorn, real Redis."""
+of it once, through its configuration as last loaded (`Catalog.former`, as a STOP is,
+77fe138): it was told only if the patient clicked again after the file was back. Real
+uvicorn, real Redis, the clinic events delivered signed to a real receiver."""
 
 from __future__ import annotations
 
@@ -31,11 +32,14 @@ def test_an_unsubscribe_while_the_clinic_file_is_missing_is_taken(
         assert done.status_code == 200 and "unsubscribed" in done.text, done.text
     store = server.app.state.services.store
     assert store.opted_out("tw", "email", "ana@example.com")
-    clinic.write_text(text, encoding="utf-8")  # back: the clinic is told at a click again
+    clinic.write_text(text, encoding="utf-8")  # back
     time.sleep(1.2)
     with server.client() as client:
         assert client.get("/readyz").status_code == 200
         assert "tw" in server.app.state.services.catalog.clinics
+    # Told once, without the patient clicking again.
+    assert replied(server, receiver) == [("A-1", "unsubscribe", "email")]
+    with server.client() as client:  # a click again tells nothing more
         again = client.post(path, content="List-Unsubscribe=One-Click",
                             headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert again.status_code == 200 and "unsubscribed" in again.text
