@@ -11,7 +11,8 @@ page says "after any already on the way"),
 every email still to be sent is skipped with the reason, and the send-time check refuses
 any other; care-critical steps still go by SMS when the patient allows SMS. The clinic is
 told (`patient.replied`, reply "unsubscribe", channel "email") once (worker/webhooks.py
-`tell_consent`). Doing it again changes nothing.
+`tell_consent`), also while its file is missing from config/ (with its configuration as
+last loaded, `Catalog.former`, as a STOP is). Doing it again changes nothing.
 
 The token (worker/optout.py) names the clinic, the channel and a keyed hash of the
 address; the address behind the hash is what the send noted in Redis. A token this
@@ -117,9 +118,18 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
     if found is None:
         return _not_valid()
     named, address = found
-    # None while the clinic's file is missing from config/ (deleted by mistake, a deploy
-    # rewriting it): the opt-out is taken all the same; the clinic is told at a click again.
     clinic = svc.catalog.clinics.get(named.clinic)
+    if clinic is None:
+        # Its file missing from config/ as read now (deleted by mistake, a deploy rewriting
+        # it): the opt-out is taken all the same, and the clinic told through its
+        # configuration as last loaded, as a STOP is (worker/catalog.py `former`). Not known
+        # to this process either (started while the file was missing): kept as not told yet,
+        # and told at a click again once the file is back.
+        clinic = svc.catalog.former.get(named.clinic)
+        if clinic is not None:
+            log.warning("unsubscribe for clinic %s, whose file is not in config/ as read "
+                        "now: the clinic told with its configuration as last loaded",
+                        named.clinic)
     now = datetime.now(UTC)
     stamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
 
