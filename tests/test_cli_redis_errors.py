@@ -1,0 +1,65 @@
+"""Any Redis error reply a command meets, as a real `reminders` process on a real Redis.
+
+redis-py's message for a failed pipelined command quotes the command and its arguments
+(the first 100 characters): an SMS cap's opt-out read names the patient's email address.
+`reminders book`'s stderr lands in cron mails and CI logs: it was a traceback ending in
+that message, exit 1 ("a booking was refused"). Now one line naming the error class, the
+Redis error code and the Redis command, scrubbed, exit 3 (as Redis unreachable or
+refusing writes); the traceback only at REMINDERS_LOG_LEVEL=DEBUG.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_cli_book_stops import cli_env, snapshot
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.integration
+
+NAME, EMAIL, PHONE = "Rosalind Quimby", "rosalind.quimby@example.fr", "+34649103265"
+BOOKING = {
+    "clinic": "glow", "booking_id": "LEAK-1", "treatment": "microneedling",
+    "starts_at": "2027-03-18T13:30:00+01:00",
+    "patient": {"name": NAME, "email": EMAIL, "phone": PHONE, "timezone": "Europe/Madrid",
+                "locale": "es", "channels": ["email", "sms"]},
+    "medications": {"tretinoin": False, "retinol": False, "isotretinoin_last_dose": None},
+}
+
+
+def book(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "reminders"), "book", "-"], input=json.dumps(BOOKING),
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_a_redis_error_quoting_a_patients_address_is_one_scrubbed_line(
+        redis_server, redis_client, tmp_path):
+    # The clinic's opt-out hash is a string (a stray SET, a foreign tool on the same
+    # database): the SMS cap's HEXISTS of the patient's address fails in a pipeline.
+    redis_client.set("reminders:optout:glow", "x")
+    before = snapshot(redis_client)
+    env = cli_env(redis_server.url, tmp_path)
+    done = book(env)
+    assert EMAIL not in done.stderr and "rosalind" not in done.stderr.lower(), done.stderr
+    assert PHONE not in done.stderr and PHONE[1:] not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 3, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    # The range stored is said first (as for any stop while storing), then the error.
+    assert lines[:-1] == ["stopped after storing 0 to 1 of 1 bookings (booking them again "
+                          "is safe: an unchanged booking stays as it is)"], done.stderr
+    assert "ResponseError" in lines[-1] and "WRONGTYPE" in lines[-1], done.stderr
+    assert "HEXISTS" in lines[-1] and "storing bookings" in lines[-1], done.stderr
+    assert snapshot(redis_client) == before
+
+    # At DEBUG the traceback (and so the message) is there for whoever asked for it.
+    env["REMINDERS_LOG_LEVEL"] = "DEBUG"
+    done = book(env)
+    assert done.returncode == 3, (done.returncode, done.stderr)
+    assert "Traceback" in done.stderr and "WRONGTYPE" in done.stderr, done.stderr
