@@ -3,7 +3,8 @@
 Exit codes: 0 ok; 1 a booking was refused or not found; 2 bad usage or unreadable
 input; 3 invalid configuration (config/ or templates/). `health`: 0 healthy, 1 not.
 `book` stopped by Ctrl-C: 130, by SIGTERM: 143, having said how many bookings it stored.
-A Redis refusing writes (OOM, MISCONF, READONLY, NOREPLICAS) is 3, as one unreachable.
+A Redis refusing writes (OOM, MISCONF, READONLY, NOREPLICAS) is 3, as one unreachable, and
+any other Redis error (one line, without its message but at REMINDERS_LOG_LEVEL=DEBUG).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,6 +49,7 @@ from .batch import (
 )
 from .catalog import Catalog
 from .errors import ConfigError, NotFound
+from .logs import scrub
 from .models import YEARS
 from .settings import Settings, get_settings, settings_problem
 from .status import Status
@@ -875,16 +878,56 @@ def main(argv: list[str] | None = None) -> int:
             from .api.errors import refused_write  # only on this failure
 
             why = refused_write(exc)
-            if why is None:
-                raise
-            # Never the message: a pipeline's names the command and its arguments.
-            print(f"Redis refuses writes ({why}): out of memory, read-only, cannot persist, "
-                  "or too few replicas; try again once it takes writes", file=sys.stderr)
+            if why is not None:
+                # Never the message: a pipeline's names the command and its arguments.
+                print(f"Redis refuses writes ({why}): out of memory, read-only, cannot "
+                      "persist, or too few replicas; try again once it takes writes",
+                      file=sys.stderr)
+                return EXIT_CONFIG
+        if isinstance(exc, redis.ConnectionError):
+            print(f"cannot reach Redis: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        if not isinstance(exc, redis.ConnectionError):
+        if not isinstance(exc, redis.RedisError):
             raise
-        print(f"cannot reach Redis: {exc}", file=sys.stderr)
+        if settings.log_level == "DEBUG":  # the message may quote contact data: DEBUG only
+            import traceback
+
+            traceback.print_exc()
+        print(redis_failure(exc, args.command), file=sys.stderr)
         return EXIT_CONFIG
+
+
+# What each command does with Redis, for the line saying a Redis error stopped it.
+DOING = {
+    "book": "storing bookings", "show": "reading the booking",
+    "cancel": "cancelling the booking", "release": "releasing the booking",
+    "dead-letters": "reading dead letters", "replay": "replaying dead letters",
+    "purge": "purging dead letters", "events": "handling clinic events",
+    "stats": "counting what is kept", "keys": "handling API keys",
+    "health": "reading the heartbeats", "migrate": "migrating the stored layout",
+    "check": "reading what Redis holds",
+}
+_PIPELINED = re.compile(r"Command # \d+ \(([A-Za-z][A-Za-z._-]{0,30})[ )]")
+_CODE = re.compile(r"[A-Z][A-Z_-]{1,30}")
+
+
+def redis_failure(exc: Exception, command: str) -> str:
+    """One line for a Redis error other than unreachable or refusing writes: the error's
+    class, Redis's error code and the Redis command (a failed pipelined one), scrubbed.
+    Never the message: redis-py's quotes a pipelined command's arguments (an address, a
+    number) and a script's error may quote what it was given."""
+    text = str(exc)
+    doing = DOING.get(command, f"running `{command}`")
+    what = type(exc).__name__
+    found = _PIPELINED.match(text)
+    if found:
+        text = text.partition(" caused error: ")[2]
+    code = text.split(" ", 1)[0]
+    if _CODE.fullmatch(code):
+        what += f" {code}"
+    at = f" at {found.group(1).upper()}" if found else ""
+    return scrub(f"Redis error while {doing}: {what}{at} (the message is shown at "
+                 "REMINDERS_LOG_LEVEL=DEBUG only: it may quote contact details)")
 
 
 if __name__ == "__main__":
