@@ -3252,10 +3252,12 @@ class Store:
             # acknowledged at the hand-over: never given again), the pump's claim looks at it
             # once the lease runs out and tells the booking complete then (`_LEFT`). One due
             # again that was not being sent leaves the lease set (a lease such a change left):
-            # the due set brings it at its time.
-            rm_lease = [k for k in rm_lease if not (
-                stored.reminders.get(k, {}).get("status") == Status.SENDING
-                and reminders.get(k, {}).get("status") not in PENDING)]
+            # the due set brings it at its time. One left without a pending status keeps
+            # whatever lease it has: a later change (planned again as skipped for another
+            # reason: its stored status no longer `sending`) must not drop a kept lease.
+            rm_lease = [k for k in rm_lease if reminders.get(k, {}).get("status") in PENDING
+                        or (k not in reminders
+                            and stored.reminders.get(k, {}).get("status") != Status.SENDING)]
             rm_lease += [k for k in due[0::2] if k not in rm_lease
                          and stored.reminders.get(k, {}).get("status") != Status.SENDING]
         changed_doc = stored.doc != doc or new
