@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import redis
 
@@ -70,6 +71,11 @@ class RedisClock:
             return self.local()
         server, at = reading
         return server + (elapsed() - at)
+
+    def now_utc(self) -> datetime:
+        """Return Redis's clock now, as read here, as an aware UTC datetime: the instant a
+        hand-back is due "now" for the pump, which claims by Redis's clock."""
+        return datetime.fromtimestamp(self.now(), UTC)
 
     def measure(self, client: redis.Redis) -> float:
         """Read Redis's clock in a quick TIME round trip; return the host's skew (its wall

@@ -216,7 +216,7 @@ def attempt(
             begun()
         stopping = guard is not None and guard.stopping()
         reason = STOPPING_NOT_BEGUN if stopping else NOT_STARTED
-        if store.requeue(ref, datetime.fromtimestamp(CLOCK.now(), UTC), reason, claim=claim):
+        if store.requeue(ref, CLOCK.now_utc(), reason, claim=claim):
             log.info("send %s: %s; handed back to the schedule", ref,
                      "the worker is stopping" if stopping else "not started in time")
             return "handed back"
@@ -242,8 +242,7 @@ def attempt(
         # A previous attempt whose lease ran out may still be talking to the provider.
         # Try again just after that attempt's ledger entry expires (or it finishes first).
         # Due on the pump's clock (Redis's): the ledger's TTL is Redis's too.
-        retry_at = (datetime.fromtimestamp(CLOCK.now(), UTC)
-                    + timedelta(seconds=store.ledger_ttl(ref) + IN_FLIGHT_MARGIN))
+        retry_at = CLOCK.now_utc() + timedelta(seconds=store.ledger_ttl(ref) + IN_FLIGHT_MARGIN)
         if store.requeue(ref, retry_at, "another attempt is in flight", claim=claim):
             log.info("send %s: another attempt is in flight; requeued", ref)
             return "requeued"
@@ -294,8 +293,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
             # arrive before it, and may name what it told. Once its outcome is known.
             # (Deferred as to the window's opening: an SMS is capped where it lands.)
             # (The wait is a TTL in Redis: counted from the pump's clock, not this host's.)
-            at = datetime.fromtimestamp(CLOCK.now(), UTC) + timedelta(
-                seconds=wait + IN_FLIGHT_MARGIN)
+            at = CLOCK.now_utc() + timedelta(seconds=wait + IN_FLIGHT_MARGIN)
             log.info("send %s: an earlier message of the booking is being sent", ref)
             return _hold_back(ctx, ref, attempt, SendTime("defer", at, TOLD_IN_FLIGHT), entry,
                               moving)
@@ -308,15 +306,13 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         if not store.still_owned(ref, attempt, send_to=(envelope.channel, envelope.to),
                                  link=link):
             # The clinic's change landed since begin: do not hand it over at all.
-            result = store.finish(ref, attempt, "abandon",
-                                  at=datetime.fromtimestamp(CLOCK.now(), UTC),  # the pump's
-                                  entry=entry)
+            result = store.finish(ref, attempt, "abandon", at=CLOCK.now_utc(), entry=entry)
             log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
             return "dropped: overtaken before sending"
         if guard is not None and guard.stopping():
             # Nothing handed over yet: back to the schedule now, for another worker.
             result = store.finish(ref, attempt, "abandon",
-                                  at=datetime.fromtimestamp(CLOCK.now(), UTC),  # the pump's
+                                  at=CLOCK.now_utc(),
                                   fields={"reason": STOPPED_BEFORE_SENDING}, entry=entry)
             log.info("send %s: the worker is stopping; handed back before sending (%s)",
                      ref, result)
@@ -341,7 +337,7 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
         if (later.astimezone(place[1]).date() != now.astimezone(place[1]).date()
                 or now < booking.starts_at <= later):
             result = store.finish(ref, attempt, "abandon",
-                                  at=datetime.fromtimestamp(CLOCK.now(), UTC),  # the pump's
+                                  at=CLOCK.now_utc(),
                                   fields={"reason": WRITTEN_FOR_EARLIER}, entry=entry)
             log.info("send %s: written for an earlier moment; handed back to be written "
                      "again (%s)", ref, result)
@@ -620,9 +616,7 @@ def _late_sms(ctx: Context, ref: str, attempt: Attempt, entry: dict[str, Any],
     if done == ["send"]:
         return None
     if done == ["dropped"]:  # the clinic's change or another claim overtook it
-        result = ctx.store.finish(ref, attempt, "abandon",
-                                  at=datetime.fromtimestamp(CLOCK.now(), UTC),  # the pump's
-                                  entry=entry)
+        result = ctx.store.finish(ref, attempt, "abandon", at=CLOCK.now_utc(), entry=entry)
         log.info("send %s: overtaken before sending; dropped (%s)", ref, result)
         return "dropped: overtaken before sending"
     log.info("send %s: late onto a day at the SMS cap: %s (%s)", ref, done[0], result)
@@ -1181,7 +1175,7 @@ class Lanes:
             cancelled = [(key, item) for key, item in self._queued.items() if item[0].cancelled()]
             for key, _ in cancelled:
                 del self._queued[key]
-        now = datetime.fromtimestamp(CLOCK.now(), UTC)  # due now for the pump: Redis's clock
+        now = CLOCK.now_utc()  # due now for the pump: Redis's clock
         for _, (_, channel, ref, claim) in cancelled:
             try:
                 handed = self.ctx.store.requeue(ref, now, STOPPING_NOT_BEGUN, claim=claim)
@@ -1260,7 +1254,7 @@ def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
         try:
             lanes.submit(channel, ref, version, claim, start_by)
         except RuntimeError:  # shutting down: back to the schedule now, not a lease later
-            now = datetime.fromtimestamp(CLOCK.now(), UTC)  # the pump's clock: Redis's
+            now = CLOCK.now_utc()  # the pump's clock: Redis's
             for ref, _, claim in claims[index:]:
                 ctx.store.requeue(ref, now, "the worker was stopping", claim=claim)
             return f"{index} claim(s) handed to the {channel} senders; the rest handed back"
