@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -51,20 +52,26 @@ def config_stamp(settings: Settings) -> Stamp:
     return tuple(stamp)
 
 
-def _still(settings: Settings, stamp: Stamp) -> bool:
-    """Whether nothing in config/ changed for CONFIG_STILL_SECONDS: no file's change time
-    and no folder's (a file added, removed or renamed into place) is more recent. Change
-    times (ctime), not modification times: a copy that keeps its source's times (rsync -a,
-    cp -p) or a `touch -d` cannot make a file just written look old."""
-    times = []
-    paths = [settings.protocols_dir, settings.clinics_dir, *(Path(p) for p, _, _ in stamp)]
+def changed_lately(paths: Iterable[Path]) -> bool:
+    """Whether any of `paths` changed within the last CONFIG_STILL_SECONDS (or cannot be
+    looked at): a folder's time changes when a file is added, removed or renamed into
+    place. Change times (ctime), not only modification times: a copy that keeps its
+    source's times (rsync -a, cp -p) or a `touch -d` cannot make a file just written look
+    old."""
+    newest = 0
     for path in paths:
         try:
             st = path.stat()
         except OSError:
-            return False
-        times.append(max(st.st_ctime_ns, st.st_mtime_ns))
-    return time.time_ns() - max(times) >= CONFIG_STILL_SECONDS * 1e9
+            return True
+        newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+    return time.time_ns() - newest < CONFIG_STILL_SECONDS * 1e9
+
+
+def _still(settings: Settings, stamp: Stamp) -> bool:
+    """Whether nothing in config/ (its files and folders) changed for CONFIG_STILL_SECONDS."""
+    return not changed_lately([settings.protocols_dir, settings.clinics_dir,
+                               *(Path(p) for p, _, _ in stamp)])
 
 
 @dataclass(frozen=True)

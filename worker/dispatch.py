@@ -104,7 +104,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from .catalog import CONFIG_STILL_SECONDS, Catalog, config_stamp
+from .catalog import Catalog, changed_lately, config_stamp
 from .clinics import SendWindow
 from .clock import RedisClock
 from .delivery import Envelope, deliver, smtp_sessions
@@ -762,13 +762,12 @@ def _being_read(ctx: Context, ref: str) -> bool:
 
 def _changing(folder: Path) -> bool:
     """Whether anything in `folder` (a file written, added, removed) changed within the last
-    CONFIG_STILL_SECONDS (change times: a copy keeping its source's times is seen too)."""
+    CONFIG_STILL_SECONDS (worker/catalog.py `changed_lately`)."""
     try:
         paths = [folder, *folder.rglob("*")]
-        newest = max(max(st.st_ctime_ns, st.st_mtime_ns) for st in (p.stat() for p in paths))
     except OSError:
         return True
-    return time.time_ns() - newest < CONFIG_STILL_SECONDS * 1e9
+    return changed_lately(paths)
 
 
 def unsubscribe_link(ctx: Context, clinic: str, to: str) -> str:
