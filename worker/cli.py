@@ -875,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         import redis  # already loaded by any command that talks to Redis (`plan` does not)
 
         if isinstance(exc, redis.ResponseError):
-            from .api.errors import refused_write  # only on this failure
+            from .health import refused_write  # only on this failure
 
             why = refused_write(exc)
             if why is not None:

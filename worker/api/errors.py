@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..health import refused_write as refused_write  # (re-exported: worker/cli.py)
+from ..health import refused_write
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_AFTER_SECONDS = 5
