@@ -497,6 +497,32 @@ def test_a_delivery_is_recorded_after_a_redis_outage_at_the_moment_of_finishing(
             restarted.stop()
 
 
+def test_a_delivery_is_recorded_when_redis_refuses_writes_at_the_moment_of_finishing(
+        rig, redis_client):
+    """The provider accepts while Redis refuses writes for a moment (NOREPLICAS: a master with
+    `min-replicas-to-write`, as the README advises with Sentinel, whose replica lags; OOM,
+    MISCONF and READONLY alike): the finish is tried again until Redis takes it, as through
+    an outage. It was given up at once: the delivery never recorded, the reminder left
+    `sending` with its ledger, and sent a second time once the ledger expired (review)."""
+    rig.book(rig.booking())
+    thread, result = rig.park(PREP)
+    redis_client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
+    try:
+        rig.gate.answer(200)  # the provider accepts while Redis refuses writes
+        time.sleep(2)
+    finally:
+        redis_client.config_set("min-replicas-to-write", 0)  # the replica caught up
+    thread.join(20)
+    assert result.get("outcome") == "sent", result
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"], s["dead"]) == (None, None, None), s
+    assert [e["outcome"] for e in s["log"]] == ["sent"]
+    rig.store.redis.zadd(rig.store.lease_key, {PREP: 0})  # even if its lease had run out
+    assert [c for c in rig.store.claim_due(10, 8) if c.ref == PREP] == []
+    assert len(rig.gate.bodies) == 1
+
+
 # --- found by review: each forced -----------------------------------------------------------
 
 def test_cancel_then_rebook_while_in_flight_does_not_send_the_same_words_again(rig):
