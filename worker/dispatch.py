@@ -109,6 +109,7 @@ from .clinics import SendWindow
 from .clock import RedisClock
 from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
+from .health import refused_write
 from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import CHANNELS, Booking, Channel
@@ -163,7 +164,10 @@ def durably(call: Callable[[], T], deadline: float, what: str) -> T:
     """Run a Redis call until it succeeds or `deadline` (time.monotonic()) passes.
 
     The client already retries for about 30 s; this outlasts a longer Redis restart for
-    what must not be lost (the record of a delivery that happened).
+    what must not be lost (the record of a delivery that happened). So does a Redis that
+    refuses writes for a while (NOREPLICAS: a master with `min-replicas-to-write` whose
+    replica lags; OOM, MISCONF, READONLY): nothing was written, so trying again is safe,
+    and a delivery given up then was sent again once its ledger expired.
     """
     while True:
         try:
@@ -172,7 +176,12 @@ def durably(call: Callable[[], T], deadline: float, what: str) -> T:
             if time.monotonic() >= deadline:
                 raise
             log.warning("%s: Redis unreachable; trying again", what)
-            time.sleep(1.0)
+        except redis.ResponseError as exc:
+            why = refused_write(exc)
+            if why is None or time.monotonic() >= deadline:
+                raise
+            log.warning("%s: Redis refuses writes (%s); trying again", what, why)
+        time.sleep(1.0)
 
 
 def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:

@@ -49,9 +49,12 @@ return 1
 
 
 # How Redis says it refuses writes; an error in a pipeline is prefixed by redis-py with
-# "Command # N (...) of pipeline caused error: ". NOREPLICAS: a master with
-# `min-replicas-to-write` (the usual guard with Sentinel) and fewer replicas in sync.
-_REFUSES_WRITES = re.compile(r"(?:^|caused error: )(MISCONF|OOM|READONLY|NOREPLICAS)\b")
+# "Command # N (...) of pipeline caused error: ", and a write refused inside a Lua script is
+# quoted by Redis 6 as "Error running script (...): @user_script: N: -NOREPLICAS ...".
+# NOREPLICAS: a master with `min-replicas-to-write` (the usual guard with Sentinel) and
+# fewer replicas in sync.
+_REFUSES_WRITES = re.compile(
+    r"(?:^|caused error: |@user_script: \d+: -)(MISCONF|OOM|READONLY|NOREPLICAS)\b")
 REFUSAL_CAUSES = ("out of memory under noeviction, unable to persist, a read-only replica, "
                   "or short of the replicas min-replicas-to-write asks for")
 WRITE_PROBE_MS = 60_000  # life of the write probe's key
