@@ -189,3 +189,40 @@ def test_care_critical_email_unsubscribed_while_it_renders_goes_by_sms(rig):
     assert sms.to == "+34600111222"
     record = rig.store.record("uc/U-1/care:email")
     assert record["status"] == "sent", record
+
+
+# Review (config while sending): a protocol file missing from config/ as read now (deleted by
+# mistake, or for a look while a deploy rewrites config/) makes its sends "not configured":
+# retried, and sent with the configuration once the file is back (7dd0e67). But the fenced
+# begin decides whether an unsubscribed patient's email is of a care-critical step (to go by
+# SMS) from the care-critical steps of the configuration as read now, which then has none of
+# that protocol's: the care-critical email was skipped as opted out, for good, before the
+# send could fail as not configured. The safety message never reached the patient. Real
+# Redis, a real SMTP server and HTTP SMS gateway, the real send path.
+def test_a_care_critical_email_while_its_protocol_file_is_missing_still_goes_by_sms(rig):
+    import time
+
+    rig.book()
+    rig.unsubscribe()
+    assert rig.store.record("uc/U-1/care:email")["status"] == "scheduled"
+    protocol = rig.settings.protocols_dir / "unsub.toml"
+    text = protocol.read_text(encoding="utf-8")
+    protocol.unlink()  # a deploy rewriting config/ (or a file deleted by mistake)
+    time.sleep(1.2)  # held still: the next look reads config/ without it
+    outcome = rig.send("care:email")
+    assert "unsub" not in rig.ctx.catalog.protocols  # read without it
+    record = rig.store.record("uc/U-1/care:email")
+    assert outcome == "retrying" and record["status"] == "retrying", (outcome, record)
+    assert "not configured" in record.get("last_error", ""), record
+    assert rig.smtp.snapshot() == [] and rig.sms.snapshot() == []
+    protocol.write_text(text, encoding="utf-8")  # the file back
+    time.sleep(1.2)
+    assert rig.send("care:email") == "sent"
+    assert "unsub" in rig.ctx.catalog.protocols
+    assert rig.smtp.snapshot() == []  # never to the unsubscribed address
+    (sms,) = rig.sms.snapshot()
+    assert sms.to == "+34600111222" and "Reply STOP" in sms.text
+    record = rig.store.record("uc/U-1/care:email")
+    assert record["status"] == "sent", record
+    *_, line = rig.store.attempts("uc/U-1/care:email")
+    assert line["via"].startswith("sms: the patient unsubscribed from email")
