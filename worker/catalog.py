@@ -12,7 +12,13 @@ patients' texts use it (worker/api/inbound.py checks a STOP's Twilio signature w
 clinic's auth token, named in that file; Twilio does not retry an inbound message, and
 refusing it would lose the opt-out). Nothing is planned or sent for it. Kept for the
 process's life (a clinic removed on purpose still has its patients' STOPs taken); a process
-started while the file is missing does not know it."""
+started while the file is missing does not know it.
+
+A protocol whose file is gone is kept the same way (`former_protocols`), only for which of
+its steps are care-critical (`critical_steps`): its sends fail as "not configured" and are
+retried until the file is back (worker/dispatch.py `_unconfigured`), and an email of a
+care-critical step to a patient unsubscribed from email must stay one to go by SMS then, not
+be skipped as opted out by the begin (or an unsubscribe) meanwhile."""
 
 from __future__ import annotations
 
@@ -87,13 +93,19 @@ class Catalog:
     # Clinics an earlier configuration of this process had and this one has not, as last
     # loaded: for the patients' texts only (see the module's docstring).
     former: dict[str, Clinic] = field(default_factory=dict, compare=False, repr=False)
+    # Protocols an earlier configuration of this process had and this one has not, as last
+    # loaded: for `critical_steps` only (see the module's docstring).
+    former_protocols: dict[str, Protocol] = field(default_factory=dict, compare=False,
+                                                  repr=False)
     _checked: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
     def critical_steps(self) -> str:
         """The care-critical steps of every protocol, as the store's opt-out checks take
-        them: "<treatment>/<step>", space-separated (worked out once, read at every send)."""
-        return " ".join(f"{p.id}/{s.id}" for p in self.protocols.values() for s in p.steps
+        them: "<treatment>/<step>", space-separated (worked out once, read at every send);
+        those of a protocol whose file is gone too, as last loaded (`former_protocols`)."""
+        protocols = {**self.former_protocols, **self.protocols}
+        return " ".join(f"{p.id}/{s.id}" for p in protocols.values() for s in p.steps
                         if s.care_critical)
 
     @cached_property
@@ -163,8 +175,18 @@ class Catalog:
                 log.warning("clinic file(s) no longer in config/: %s; nothing is planned or "
                             "sent for them, their patients' texts (STOP) are still taken",
                             ", ".join(str(settings.clinics_dir / f"{c}.toml") for c in gone))
+            gone = sorted(set(self.protocols) - set(catalog.protocols))
+            if gone:
+                log.warning("protocol file(s) no longer in config/: %s; their reminders are "
+                            "retried until the file is back", ", ".join(
+                                str(settings.protocols_dir / f"{p}.toml") for p in gone))
             former = {k: v for k, v in {**self.former, **self.clinics}.items()
                       if k not in catalog.clinics}
-            return replace(catalog, former=former) if former else catalog
+            former_protocols = {k: v for k, v in {**self.former_protocols,
+                                                  **self.protocols}.items()
+                                if k not in catalog.protocols}
+            if former or former_protocols:
+                return replace(catalog, former=former, former_protocols=former_protocols)
+            return catalog
         finally:
             _reload_lock.release()
