@@ -730,8 +730,14 @@ def _render(
             message = render(record["template"])
         except ConfigError as exc:
             # The template the reminder was planned with is gone: renamed with the step
-            # that names it (edited together while it waited). Its step's template now.
-            renamed = next((s.template for s in protocol.steps if s.id == record.get("step")
+            # that names it (edited together while it waited). Its step's template now: the
+            # step a message again for a new date stands for (`base_step`: again-<step>; the
+            # repause the pause step of the booking's stored plan, as `_capped` reads it).
+            step = record.get("step", "")
+            pause = ctx.store.pause_step((stored or {}).get("ns", "")) \
+                if step == REPAUSE_STEP else None
+            renamed = next((s.template for s in protocol.steps
+                            if s.id == base_step(step, pause)
                             and s.template != record["template"]), None)
             if exc.problem != TEMPLATE_NOT_FOUND or renamed is None:
                 raise
