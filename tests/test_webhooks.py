@@ -249,3 +249,21 @@ def test_the_held_alert_is_dropped_for_a_clinic_without_an_email(events, tmp_pat
     clinic = glow(email=None, outbox=True)
     events.emit("glow", "alert", "booking.held", {"booking_id": "A-7", "starts_at": STARTS})
     assert deliver_all(events, clinic, tmp_path) == ["dropped: the clinic has no email address"]
+
+
+def test_a_webhook_url_requests_cannot_parse_is_retried_then_given_up(events, tmp_path):
+    # The config accepts any http(s) URL without spaces; a typo such as an empty label
+    # ("hooks..glow.example") makes urllib3 raise LocationParseError, a ValueError and not a
+    # requests.RequestException. It escaped the delivery: the event stayed claimed, was
+    # claimed again at every lease's end with its attempts never counted, and was never
+    # given up, so `reminders events dead` never showed the clinic's broken URL.
+    clinic = glow(webhook={"url": "https://hooks..glow.example/reminders",
+                           "secret": "${GLOW_WEBHOOK_SECRET}"})
+    event_id = events.emit("glow", "webhook", "booking.held", {"booking_id": "A-1"})
+    assert deliver_all(events, clinic, tmp_path, webhook_max_attempts=2) == [
+        "retrying: webhook URL cannot be used (LocationParseError)"]
+    assert [e.attempts for e in events.pending()] == [1]
+    events.redis.zadd(events.due_key, {event_id: 0})
+    assert deliver_all(events, clinic, tmp_path, webhook_max_attempts=2) == [
+        "given up: webhook URL cannot be used (LocationParseError)"]
+    assert events.dead() == [event_id]
