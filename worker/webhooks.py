@@ -460,6 +460,11 @@ def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None
                                  allow_redirects=False)
     except requests.RequestException as exc:
         raise DeliveryError(f"webhook unreachable ({type(exc).__name__})") from None
+    except ValueError as exc:
+        # urllib3's LocationParseError (a host label empty or too long: "hooks..x.example")
+        # is a ValueError, not a RequestException: counted, retried and given up as any
+        # failure, never left to escape (the event stayed claimed and was never given up).
+        raise DeliveryError(f"webhook URL cannot be used ({type(exc).__name__})") from None
     if not 200 <= response.status_code < 300:
         raise DeliveryError(f"webhook answered HTTP {response.status_code}")
 
