@@ -121,3 +121,57 @@ def test_the_clinic_alert_renders_in_each_language(catalog):
         message = render_alert(clinic, event, renderer)
         assert "A-1042" in (message.subject or "") and words in message.text
         assert "the message goes 3 days before" in message.text
+
+
+def _send(store: Store, sent_at: datetime, *keys: str) -> None:
+    """Claim these reminders of glow/A-1042 and record them sent at `sent_at`."""
+    from worker.store import Attempt
+
+    refs = [f"glow/A-1042/{k}" for k in keys]
+    store.redis.zadd(store.due_key, {ref: 0 for ref in refs})
+    for c in store.claim_due(100, 60):
+        if c.ref not in refs:  # others due by the real clock wait again
+            assert store.requeue(c.ref, NOW + timedelta(days=60), "not in this test", c.claim)
+            continue
+        token = f"tok-{c.claim}"
+        assert store.begin_send(c.ref, c.version, c.claim, token, 60_000) == "ok"
+        assert store.finish_sent(c.ref, Attempt(c.version, c.claim, token), sent_at) == "ok"
+
+
+def test_the_pause_that_went_out_in_time_is_not_late_when_the_booking_comes_again(
+        redis_client, catalog, booking_doc):
+    # Visit 5 Dec 14:30 Madrid: "stop tretinoin tonight" went on 28 Nov at 18:00, seven days
+    # before. The clinic's daily sync sends the same booking on 3 Dec: the plan alone finds
+    # the pause step's time passed (late: "now", two days before the visit) and flagged the
+    # booking too late for the five-day pause, telling the clinic (webhook and alert email)
+    # to call a patient who has paused for a week.
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS,
+                  hooks=lambda clinic: HOOKS)
+    assert store.upsert(*planned(catalog, booking_doc), NOW)["late_pause"] is False
+    paused_at = datetime(2026, 11, 28, 17, 0, 2, tzinfo=UTC)
+    _send(store, paused_at, "stop-retinoids:sms", "stop-retinoids:email")
+    sync_at = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
+    sync = store.upsert(*planned(catalog, booking_doc, sync_at), sync_at)
+    assert sync["late_pause"] is False
+    assert store.timeline("glow", "A-1042")["late_pause"] is False
+    assert "late_pause" not in store.redis.hgetall(store.booking_key("glow", "A-1042"))
+    assert events_of(redis_client) == []
+    # Moved a day earlier: paused since 28 Nov, still six days before 4 Dec: not late.
+    earlier = store.upsert(*planned(catalog, booking_doc | {
+        "starts_at": "2026-12-04T14:30:00+01:00"}, sync_at), sync_at)
+    assert earlier["late_pause"] is False and events_of(redis_client) == []
+
+
+def test_a_move_too_close_to_the_pause_that_went_out_is_late(redis_client, catalog, booking_doc):
+    # The other side: told to pause on 28 Nov, moved on 29 Nov to 2 Dec: four days of pause
+    # against the protocol's five. Late, and the clinic is told.
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS,
+                  hooks=lambda clinic: HOOKS)
+    store.upsert(*planned(catalog, booking_doc), NOW)
+    _send(store, datetime(2026, 11, 28, 17, 0, 2, tzinfo=UTC), "stop-retinoids:sms")
+    at = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+    late = store.upsert(*planned(catalog, booking_doc | {
+        "starts_at": "2026-12-02T18:00:00+01:00"}, at), at)
+    assert late["late_pause"] is True
+    assert [(k, t) for k, t, _ in events_of(redis_client)] == [
+        ("webhook", "booking.late_pause"), ("alert", "booking.late_pause")]
