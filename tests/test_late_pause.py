@@ -175,3 +175,20 @@ def test_a_move_too_close_to_the_pause_that_went_out_is_late(redis_client, catal
     assert late["late_pause"] is True
     assert [(k, t) for k, t, _ in events_of(redis_client)] == [
         ("webhook", "booking.late_pause"), ("alert", "booking.late_pause")]
+
+
+def test_a_pause_the_patient_was_told_to_end_does_not_count(redis_client, catalog, booking_doc):
+    # Told to pause on 28 Nov; cancelled on 1 Dec, and the cancel notice ("you may resume")
+    # went out; booked again on 2 Dec for the same 5 Dec: the pause begins again now, three
+    # days before: late, and the clinic is told.
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS,
+                  hooks=lambda clinic: HOOKS)
+    store.upsert(*planned(catalog, booking_doc), NOW)
+    _send(store, datetime(2026, 11, 28, 17, 0, 2, tzinfo=UTC), "stop-retinoids:sms")
+    store.cancel("glow", "A-1042", datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+    _send(store, datetime(2026, 12, 1, 9, 0, 1, tzinfo=UTC), "cancelled#1:sms")
+    at = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    again = store.upsert(*planned(catalog, booking_doc, at), at)
+    assert again["status"] == "scheduled" and again["late_pause"] is True
+    assert [(k, t) for k, t, _ in events_of(redis_client)] == [
+        ("webhook", "booking.late_pause"), ("alert", "booking.late_pause")]

@@ -3038,7 +3038,8 @@ class Store:
         reminders = {k: dict(v) for k, v in stored.reminders.items()}
         contacts = self._booking_contacts(booking)
         had = booking_fields.get("contacts", "")
-        late = "1" if plan.late_pause else ""
+        late_reason = _late_pause(plan, booking, stored.reminders)
+        late = "1" if late_reason else ""
         was_late = booking_fields.get("late_pause", "")
         if (not result.changed and not result.changes and not window_changed
                 and had == contacts and was_late == late and not unflag):
@@ -3277,7 +3278,7 @@ class Store:
                  else [])
         if result.status != Status.HELD and late and (
                 was_late != late or was.get("status") == Status.HELD):
-            emits += self._late_pause_events(booking, version, plan.late_pause)
+            emits += self._late_pause_events(booking, version, late_reason)
         # This change ends the last reminders it had to send (a step no longer planned, a
         # channel withdrawn): nothing more goes, told complete as the finish tells it. Not
         # while an attempt it overtakes is at work (at the provider: it may still deliver):
@@ -4490,6 +4491,45 @@ def _again_record(r: PlannedReminder, step: str, occurrence: int, version: int,
         "expires_epoch": repr(r.expires_at.timestamp()) if r.expires_at else "",
         "expires_note": r.expires_note,
     }
+
+
+def _late_pause(plan: Plan, booking: Booking,
+                stored: Mapping[str, Mapping[str, str]]) -> str | None:
+    """`plan.late_pause`, unless the pause message already went out early enough.
+
+    The plan alone knows no history: once the pause step's time has passed it plans the step
+    late ("now") and finds the pause too short, so the same booking sent again two days
+    before its visit (a clinic's daily sync) told the clinic to call a patient who had
+    paused for a week. When the plan's pause goes only late (or not at all), the pause is
+    in force since the pause message (or its repause) went out: counted from the earliest
+    delivery after the last notice that may have let the patient use the product again (a
+    cancel notice; a move's notice that announced a repause: "you may use it until ...").
+    A pause still ahead in the plan is the one the patient keeps: the plan decides."""
+    if not plan.late_pause or not plan.pause_rule:
+        return plan.late_pause
+    pause, days = plan.pause_rule
+    if any(r.step == pause and r.status == Status.SCHEDULED and _LATE not in r.reason
+           for r in plan.reminders):
+        return plan.late_pause
+    resumed = max((_epoch_of(r.get("sent_at", "")) for k, r in stored.items() if sent(r) and (
+        k.startswith("cancelled#") or (k.startswith("rescheduled#") and any(
+            o.startswith(f"{REPAUSE_STEP}#{k.split('#', 1)[1].split(':', 1)[0]}:")
+            for o in stored)))), default=0.0)
+    paused = [at for k, r in stored.items()
+              if r.get("status") == Status.SENT and base_step(key_parts(k)[0], pause) == pause
+              and (at := _epoch_of(r.get("sent_at", ""))) > resumed]
+    if not paused:
+        return plan.late_pause
+    tz = ZoneInfo(booking.patient.timezone)
+    began = datetime.fromtimestamp(min(paused), UTC).astimezone(tz).date()
+    if (booking.starts_at.astimezone(tz).date() - began).days >= days:
+        return None
+    return plan.late_pause
+
+
+def _epoch_of(iso: str) -> float:
+    """Epoch seconds of a stored record's ISO 8601 instant (`sent_at`); 0 for none."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else 0.0
 
 
 def again_fields(
