@@ -43,6 +43,13 @@ OPT_OUTS = [
     "No me envíen más", "no me manden mas mensajes", "No quiero más mensajes",
     "No quiero recibir mas mensajes", "dejen de enviarme mensajes",
     "Dejen de escribirme por favor", "Bórrenme de la lista", "Déjenme en paz",
+    # "don't want" with "to receive" / "to get", and its Spanish without "más" (review s20):
+    # `unknown`, the patient kept getting texts while "I don't want texts" and "No quiero
+    # más mensajes" opted out
+    "I do not want to receive messages", "I don't want to get these texts",
+    "I dont want to receive any more reminders",
+    "No quiero mensajes", "No quiero recibir mensajes", "Ya no quiero recibir estos mensajes",
+    "No deseo recibir mensajes", "No deseo recibir más mensajes, gracias",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -80,6 +87,7 @@ def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, inte
 @pytest.mark.parametrize("body,locale", [
     ("No more texts", "en"), ("don't text me", "en"), ("remove me from your list", "en"),
     ("leave me alone", "en"), ("no más mensajes", "es"), ("no me envíen mensajes", "es"),
+    ("I do not want to receive these messages", "en"), ("No quiero recibir mensajes", "es"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
