@@ -35,10 +35,11 @@ In this order:
               request opener (REQUEST_WORDS: "can you", "I want", "please", "yes", "but") before it,
               and, if it asks a question, only courtesy words after it:
                 en  no more <texts>; don't / do not / never text|message|contact me;
-                    don't send me <texts>; don't want <texts>; remove|take me off|from
-                    your|the list; remove|delete|lose my (phone) number; leave me alone
-                es  no (quiero) mas <mensajes>; no me envien|manden|escriban (mas)
-                    (<mensajes>); dejen|deja de enviarme|mandarme|escribirme;
+                    don't send me <texts>; don't want (to receive|get) <texts>;
+                    remove|take me off|from your|the list; remove|delete|lose my (phone)
+                    number; leave me alone
+                es  no (quiero|deseo (recibir)) (mas) <mensajes>; no me envien|manden|
+                    escriban (mas) (<mensajes>); dejen|deja de enviarme|mandarme|escribirme;
                     borrenme|quitenme|sacarme de la|su lista; dejenme en paz
               ("No more texts", "Please don't text me anymore", "Can you remove me from
               your list?", "No más mensajes", "No me envíen mensajes"). Not a phrase in
@@ -222,13 +223,15 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     # en
     r"NO MORE {small}{msg}",
     r"{not} (?:TEXT|MESSAGE|SMS|CONTACT) ME",
-    r"{not} (?:SEND ME|WANT|NEED) {small}{msg}(?! TO)",  # not "want the texts to stop"
+    # not "want the texts to stop"
+    r"{not} (?:SEND ME|WANT|NEED) (?:TO (?:RECEIVE|GET) )?{small}{msg}(?! TO)",
     r"(?:REMOVE|TAKE) ME (?:OFF|FROM|OFF OF) (?:YOUR|THE|THIS|THAT) "
     r"(?:(?:TEXT|TEXTING|SMS|MAILING|CONTACT|MESSAGING) )?LIST",
     r"(?:REMOVE|DELETE|LOSE) MY (?:PHONE |MOBILE |CELL )?NUMBER",
     r"LEAVE ME ALONE",
     # es
-    r"NO (?:QUIERO (?:RECIBIR )?)?MAS {small}{msg}",
+    r"NO (?:(?:QUIERO|DESEO) (?:RECIBIR )?)?MAS {small}{msg}",
+    r"NO (?:QUIERO|DESEO) (?:RECIBIR )?{small}{msg}",  # ({small} holds MAS, ESTOS ...)
     r"NO ME (?:ENVIEN|ENVIES|MANDEN|MANDES|ESCRIBAN|ESCRIBAS)(?= MAS| {small}{msg}|$)",
     r"(?:DEJEN|DEJA|DEJAD) DE (?:ENVIARME|MANDARME|ESCRIBIRME)",
     r"(?:BORRENME|BORRAME|QUITENME|QUITAME|SAQUENME|SACAME|SACARME|BORRARME|QUITARME) "
