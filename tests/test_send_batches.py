@@ -769,3 +769,28 @@ def test_the_senders_report_their_threads_and_how_long_their_sends_took(rig, red
     assert registered.endswith(f":{os.getpid()}|4")  # this process, send_threads=4
     rig.drain()
     assert redis_client.zcard(keys.senders("sms")) == 0  # gone with the process's senders
+
+
+def test_a_claim_begun_while_redis_refuses_writes_for_a_moment_goes_out_on_time(
+        rig, redis_client):
+    """The begin meets Redis refusing writes for a moment (NOREPLICAS: a master with
+    `min-replicas-to-write`, as the README advises, whose replica lags a second; OOM,
+    MISCONF and READONLY alike): nothing was written, so the begin is tried again and the
+    SMS goes out within seconds. It was given up at once: the reminder stayed `sending`,
+    sent only once its lease ran out (5 minutes by default), for every claim begun in
+    that second (review)."""
+    rig.book(rig.doc(1))
+    claims = rig.claim(prep(1))
+    redis_client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
+    try:
+        rig.hand(claims)
+        time.sleep(1.5)
+    finally:
+        redis_client.config_set("min-replicas-to-write", 0)  # the replica caught up
+    wait_for(lambda: settled(rig, prep(1)), timeout=5)  # well within its lease (8 s)
+    rig.drain()
+    s = rig.state(prep(1))
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert s["lease"] is None and s["due"] is None, s
+    assert [e["outcome"] for e in s["log"]] == ["sent"]
+    assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]
