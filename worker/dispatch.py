@@ -241,9 +241,16 @@ def attempt(
     # of its own), unless the settings give it.
     secret = UNSUBSCRIBE_SECRET if (settings.unsubscribe_secret is None
                                     and channel_of(ref) == "email") else None
+    # A begin refused by Redis (a replica lagging behind `min-replicas-to-write`: NOREPLICAS;
+    # OOM, MISCONF, READONLY) wrote nothing: tried again while the claim may still begin
+    # (its start-by), not left `sending` until its lease runs out.
+    begin_by = started + (max(0.0, start_by - CLOCK.now()) if start_by is not None
+                          else min(settings.send_max_wait_seconds, soft - 1))
     try:
-        verdict = store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000,
-                                   critical=ctx.catalog.critical_steps, secret=secret)
+        verdict = durably(
+            lambda: store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000,
+                                     critical=ctx.catalog.critical_steps, secret=secret),
+            begin_by, f"send {ref}")
     finally:
         if begun:
             begun()
