@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,9 +84,12 @@ def book(client, booking_id: str, phone: str = ANA, email: str = "ana@example.co
 
 
 def text(server, body: str, *, clinic: str = "tw", sender: str = ANA, sign: bool = True,
-         signature: str | None = None, extra: dict[str, str] | None = None):
-    """POST what Twilio posts for an inbound SMS, signed as Twilio signs it."""
-    form = {"MessageSid": "SM" + "0" * 32, "AccountSid": "AC" + "1" * 32, "From": sender,
+         signature: str | None = None, extra: dict[str, str] | None = None,
+         sid: str | None = None):
+    """POST what Twilio posts for an inbound SMS, signed as Twilio signs it: each text its
+    own MessageSid, unless `sid` names one (the same request again: a replay)."""
+    form = {"MessageSid": sid or "SM" + uuid.uuid4().hex, "AccountSid": "AC" + "1" * 32,
+            "From": sender,
             "To": "+34910000000", "Body": body, "NumMedia": "0"} | (extra or {})
     path = f"/v1/inbound/sms/{clinic}"
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -317,6 +322,33 @@ def test_a_forged_or_missing_signature_is_refused_and_changes_nothing(server, tw
     refused(text(server, "STOP", signature=wrong_url), 403)
     assert server.app.state.services.store.opted_out("tw", "sms", ANA) is None
     assert all(r["status"] == "scheduled" for r in reminders(tw, "A-1").values())
+
+
+def test_a_replayed_text_is_not_acted_on_again(server, tw):
+    """Twilio's signature has no timestamp: a signed request captured (or retried by the
+    provider) can be sent again as it is. Its MessageSid was acted on once; the same text
+    again changes nothing: an old START replayed after the patient's later STOP must not
+    put their SMS back, nor an old confirm tell the clinic again."""
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    assert message_of(text(server, "STOP", sid="SM" + "1" * 32))
+    assert message_of(text(server, "START", sid="SM" + "2" * 32))
+    assert message_of(text(server, "STOP", sid="SM" + "3" * 32))
+    before = reminders(tw, "A-1")
+    told = [(e.type, e.fields.get("reply")) for e in events(server)]
+    assert any(r["channel"] == "sms" and r["status"] == "skipped" for r in before.values())
+
+    assert message_of(text(server, "START", sid="SM" + "2" * 32)) is None  # the replay
+    assert message_of(text(server, "C", sid="SM" + "4" * 32)) is None  # opted out: no answer
+    assert message_of(text(server, "C", sid="SM" + "4" * 32)) is None
+
+    assert store.opted_out("tw", "sms", ANA), "a replayed START opted the number back in"
+    assert reminders(tw, "A-1") == before
+    due = store.redis.zrange(store.due_key, 0, -1)
+    assert not [ref for ref in due if ref.startswith("tw/A-1/") and ref.endswith(":sms")]
+    after = [(e.type, e.fields.get("reply")) for e in events(server)]
+    assert Counter(after) - Counter(told) == Counter({("patient.replied", "confirm"): 1})
+    assert not Counter(told) - Counter(after)
 
 
 def test_a_clinic_without_a_token_refuses_unless_it_allows_unsigned(server):
