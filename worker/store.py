@@ -21,6 +21,9 @@ Layout 2. Keys, all under the configured prefix P:
                                  `retention` after the last one, each address on its own)
   P:secret:<name>          STR   a server secret shared by every process (worker/secrets.py)
   P:once:help:<clinic>:<contact> STR the one help answer to an unknown text in 24 h
+  P:inbound:<clinic>/<sid> STR   an inbound text acted on (its provider's MessageSid): sent
+                                 again (a replay), it is not acted on again; kept
+                                 `retention` (worker/api/inbound.py)
 
 A reminder ref is "<clinic>/<booking_id>/<key>" (neither id may contain "/"); a reminder
 key is "<step>[#<occurrence>]:<channel>". The ZSETs hold these public refs.
@@ -4216,6 +4219,18 @@ class Store:
     def first_in(self, what: str, seconds: int) -> bool:
         """Return True the first time `what` is asked within `seconds` (SET NX EX)."""
         return bool(self.redis.set(f"{self.prefix}:once:{what}", "1", nx=True, ex=seconds))
+
+    def inbound_key(self, clinic: str, sid: str) -> str:
+        return f"{self.prefix}:inbound:{clinic}/{sid}"
+
+    def inbound_taken(self, clinic: str, sid: str) -> bool:
+        """Whether the inbound text `sid` (its provider's MessageSid) was acted on before."""
+        return bool(self.redis.exists(self.inbound_key(clinic, sid)))
+
+    def took_inbound(self, clinic: str, sid: str) -> None:
+        """Note the inbound text `sid` as acted on, for `retention`."""
+        self.redis.set(self.inbound_key(clinic, sid), "1",
+                       ex=max(1, math.ceil(self.retention_seconds)))
 
     def unsub_key(self, clinic: str, token_id: str) -> str:
         return f"{self.prefix}:unsub:{clinic}/{token_id}"

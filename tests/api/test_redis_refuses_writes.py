@@ -70,7 +70,8 @@ def requests() -> list[tuple[str, bool, Callable[[Any], Any]]]:
     """(what, whether it is rate limited, how to send it)."""
     moved = future_booking("A-1", days=25, clinic="tw")
     moved["patient"] = moved["patient"] | {"phone": "+34600111222"}
-    form = {"From": "+34600111222", "To": "+34910000000", "Body": "STOP"}
+    form = {"MessageSid": "SM" + "5" * 32, "From": "+34600111222", "To": "+34910000000",
+            "Body": "STOP"}
     path = "/v1/inbound/sms/tw"
     signature = twilio_signature(TOKEN, PUBLIC + path, list(form.items()))
     return [
@@ -165,8 +166,13 @@ def test_redis_refusing_writes_is_503_and_nothing_is_stored(api, own, monkeypatc
             pushed = [name for name, ttl in expiries(redis_of_api).items() if name in ttls
                       and not (ttl <= ttls[name] if ttls[name] >= 0 else ttl == ttls[name])]
             assert not pushed, (what, pushed)
+        # Once Redis takes writes again, the same request works: the same text (its
+        # MessageSid) too, which the refusal did not mark as acted on. (It takes no rate
+        # limit: sent before undo, which unsets the clinic's auth token too.)
+        stop = requests()[-1][2](client)
+        assert stop.status_code == 200 and "<Message>" in stop.text, stop.text
+        assert api.app.state.services.store.opted_out("tw", "sms", "+34600111222")
         monkeypatch.undo()
-        # Once Redis takes writes again, the same request works.
         assert requests()[0][2](client).status_code == 201
 
 

@@ -47,11 +47,19 @@ planned or sent for it). A process started while the file was missing refuses (4
 
 An opted-out number gets no answer but to HELP and START (a confirm or reschedule is still
 recorded). Events carry ids and the kind of reply only: never the text or the number.
+
+Each text is acted on once, by its `MessageSid`: the signature has no timestamp, so a
+signed request sent again as it is (captured and replayed, or retried by the provider)
+would otherwise act again, and an old START replayed after the patient's later STOP would
+put their texts back. The same MessageSid again (kept `retention`, REMINDERS_RETENTION_DAYS)
+is answered with no message and changes nothing. A request whose handling failed (Redis
+down or refusing writes: 503) is acted on when the provider sends it again.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import tomllib
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -85,6 +93,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["patients"])
 MAX_BODY_BYTES = 16_384
 UNKNOWN_REPLY_SECONDS = 86_400  # one help answer per number and clinic in this time
+_SID = re.compile(r"[A-Za-z0-9]{2,64}")  # Twilio's: "SM" + 32 hex digits
 FORM = "application/x-www-form-urlencoded"
 TWIML = "application/xml"
 
@@ -248,6 +257,27 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
     return intent, answer("clarify" if intent == "clarify" else "help")
 
 
+def handle_once(svc: Services, clinic: Clinic, phone: str, body: str, sid: str | None
+                ) -> tuple[str, str | None]:
+    """`handle` the text unless its MessageSid `sid` was acted on before (a replay or a
+    retry: ("replayed", None)). A text without a usable sid is handled as it comes.
+
+    Noted once acted on, not taken before: a text whose handling failed (Redis refusing
+    writes half-way: 503) must be acted on when the provider sends it again, and a mark
+    written first could not always be taken back then. Two copies at the very same moment
+    may both act, as any two texts at once do."""
+    if sid is None or not _SID.fullmatch(sid):
+        return handle(svc, clinic, phone, body)
+    store = svc.store
+    if store.inbound_taken(clinic.id, sid):
+        log.info("inbound SMS for clinic %s: a text already acted on (the same MessageSid "
+                 "again): not acted on again", clinic.id)
+        return "replayed", None
+    done = handle(svc, clinic, phone, body)
+    store.took_inbound(clinic.id, sid)
+    return done
+
+
 _REFUSALS = {
     403: "missing or invalid X-Twilio-Signature (also for a clinic that takes no inbound "
          "texts, or that does not exist: the same answer)",
@@ -311,6 +341,7 @@ async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
         log.warning("inbound SMS for clinic %s, whose file is not in config/ as read now: "
                     "not a STOP, not acted on", clinic)
         return twiml(None)
-    intent, message = await run_in_threadpool(handle, svc, config, phone, body)
+    intent, message = await run_in_threadpool(handle_once, svc, config, phone, body,
+                                              first(pairs, "MessageSid"))
     log.debug("inbound SMS for clinic %s: %s", clinic, intent)
     return twiml(message)
