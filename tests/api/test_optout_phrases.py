@@ -50,6 +50,12 @@ OPT_OUTS = [
     "I dont want to receive any more reminders",
     "No quiero mensajes", "No quiero recibir mensajes", "Ya no quiero recibir estos mensajes",
     "No deseo recibir mensajes", "No deseo recibir más mensajes, gracias",
+    # Spanish as the English list has it (review s20): "stop sending me", "remove my number",
+    # "remove me from the list", "cancel the subscription" were `unknown` (or `change`: the
+    # clinic asked to call) and the texts kept coming
+    "Para de enviarme mensajes", "Paren de escribirme por favor", "No envíen más mensajes",
+    "No quiero que me manden mensajes", "Borren mi número", "Eliminen mi número por favor",
+    "Elimínenme de la lista", "Cancelar suscripción", "Quiero cancelar mi suscripción",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -71,6 +77,8 @@ NOT_OPT_OUTS = [
     ("remove me from the waiting list", "unknown"),
     ("¿No más retinol?", "unknown"), ("No me envíen la factura", "unknown"),
     ("Dejé de usar la crema", "unknown"), ("No más dolor, gracias por los mensajes", "unknown"),
+    ("Para de sangrar, ¿es normal?", "unknown"), ("Borren mi cita del martes", "unknown"),
+    ("¿Quiero cancelar mi suscripción al gimnasio?", "change"),
 ]
 
 
@@ -88,6 +96,7 @@ def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, inte
     ("No more texts", "en"), ("don't text me", "en"), ("remove me from your list", "en"),
     ("leave me alone", "en"), ("no más mensajes", "es"), ("no me envíen mensajes", "es"),
     ("I do not want to receive these messages", "en"), ("No quiero recibir mensajes", "es"),
+    ("Para de enviarme mensajes", "es"), ("Cancelar suscripción", "es"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
