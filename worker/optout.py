@@ -38,9 +38,11 @@ In this order:
                     don't send me <texts>; don't want (to receive|get) <texts>;
                     remove|take me off|from your|the list; remove|delete|lose my (phone)
                     number; leave me alone
-                es  no (quiero|deseo (recibir)) (mas) <mensajes>; no me envien|manden|
-                    escriban (mas) (<mensajes>); dejen|deja de enviarme|mandarme|escribirme;
-                    borrenme|quitenme|sacarme de la|su lista; dejenme en paz
+                es  no (quiero|deseo (recibir)) (mas) <mensajes>; no (quiero que) me
+                    envien|manden|escriban (mas) (<mensajes>); no envien|mandar (mas)
+                    <mensajes>; dejen|deja|paren|para de enviarme|mandarme|escribirme;
+                    borrenme|quitenme|eliminenme|sacarme de la|su lista; borren|eliminen|
+                    quiten mi numero|telefono; cancelar (mi|la) suscripcion; dejenme en paz
               ("No more texts", "Please don't text me anymore", "Can you remove me from
               your list?", "No más mensajes", "No me envíen mensajes"). Not a phrase in
               a sentence about something else ("I got no more messages after Tuesday",
@@ -232,10 +234,15 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     # es
     r"NO (?:(?:QUIERO|DESEO) (?:RECIBIR )?)?MAS {small}{msg}",
     r"NO (?:QUIERO|DESEO) (?:RECIBIR )?{small}{msg}",  # ({small} holds MAS, ESTOS ...)
-    r"NO ME (?:ENVIEN|ENVIES|MANDEN|MANDES|ESCRIBAN|ESCRIBAS)(?= MAS| {small}{msg}|$)",
-    r"(?:DEJEN|DEJA|DEJAD) DE (?:ENVIARME|MANDARME|ESCRIBIRME)",
-    r"(?:BORRENME|BORRAME|QUITENME|QUITAME|SAQUENME|SACAME|SACARME|BORRARME|QUITARME) "
-    r"DE (?:LA|SU|TU|VUESTRA) LISTA",
+    r"NO (?:(?:QUIERO|DESEO) QUE )?ME (?:ENVIEN|ENVIES|MANDEN|MANDES|ESCRIBAN|ESCRIBAS)"
+    r"(?= MAS| {small}{msg}|$)",
+    r"NO (?:ENVIEN|ENVIES|MANDEN|MANDES|ENVIAR|MANDAR) {small}{msg}",
+    r"(?:DEJEN|DEJA|DEJAD|PAREN|PARA|PARAD|PARE) DE (?:ENVIARME|MANDARME|ESCRIBIRME)",
+    r"(?:BORRENME|BORRAME|QUITENME|QUITAME|SAQUENME|SACAME|SACARME|BORRARME|QUITARME"
+    r"|ELIMINENME|ELIMINAME|ELIMINARME) DE (?:LA|SU|TU|VUESTRA) LISTA",
+    r"(?:BORREN|BORRA|BORRAR|ELIMINEN|ELIMINA|ELIMINAR|QUITEN|QUITA|QUITAR) MI "
+    r"(?:NUMERO|TELEFONO|MOVIL|CELULAR)",
+    r"(?:CANCELAR|ANULAR) (?:MI |LA |ESTA )?SUSCRIPCION",
     r"DEJENME EN PAZ",
 ))
 # What may come before a phrase: courtesy words and the words of a request ("Can you
