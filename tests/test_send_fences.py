@@ -10,6 +10,7 @@ Real Redis, real Apprise, a real HTTP gateway on 127.0.0.1 (tests/test_send_race
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -180,9 +181,11 @@ def test_new_medications_that_hold_the_booking_before_the_fence_send_nothing_unt
     nothing; the reminder waits for the clinic's review (never sent while held), and goes
     once after the release."""
     rig = hold_rig
-    rig.book(rig.booking())
+    doc = rig.booking()
+    rig.book(doc)
     _, result, go = parked_before_the_fence(rig, PREP)
-    held = rig.booking()
+    # The same visit (a booking made again now could start a second later: the plan moved).
+    held = copy.deepcopy(doc)
     held["medications"] = {"tretinoin": True, "isotretinoin_last_dose": (
         datetime.now(UTC) - timedelta(days=30)).date().isoformat()}
     assert rig.book(held)["status"] == "held"
