@@ -267,3 +267,36 @@ def test_a_clinic_without_address_is_a_warning_and_a_bad_one_an_error(copy: Path
     assert result.returncode == EXIT_CONFIG
     assert "address: Value error, must not be blank" in result.stderr or (
         "address" in result.stderr and "blank" in result.stderr), result.stderr
+
+
+# Review (config while sending): `check` passed a clinic whose channel URL Apprise cannot
+# load (a scheme mistyped, "jsn://"; an email URL with no sender, "mailto://host?to={to}"):
+# exit 0, and the worker dead-lettered every message of that channel at its first attempt
+# ("Apprise cannot load the channel URL", a permanent failure). `check` loads each URL as
+# the worker does (the patient's address a sample, its ${NAME}s from the environment; with
+# one unset only the scheme is asked) and names the file and channels.<channel>, never the
+# URL (it may hold a secret once filled in).
+def test_a_channel_url_apprise_cannot_load_is_an_error(copy: Path) -> None:
+    from worker.delivery import load_services
+
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    text = clinic.read_text()
+    clinic.write_text(text + 'sms = "jsn://sms.example/${CHECK_TEST_TOKEN}?:to={to}"\n'
+                      + 'email = "mailto://smtp.example?to={to}"\n')
+    # What the worker makes of them at each send (worker/delivery.py): nothing to send with.
+    assert load_services("jsn://sms.example/x?:to=%2B34600111222") is None
+    assert load_services("mailto://smtp.example?to=patient@example.com") is None
+    for env in ({}, {"CHECK_TEST_TOKEN": "s3cret-value"}):
+        result = check_copy(copy, env=env)
+        assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+        assert (f"configuration error: {clinic}: channels.sms: Apprise cannot load this URL "
+                "(no plugin for the scheme 'jsn')") in result.stderr, result.stderr
+        assert (f"configuration error: {clinic}: channels.email: Apprise cannot load this URL"
+                in result.stderr), result.stderr
+        assert "smtp.example" not in result.stderr and "s3cret" not in result.stderr
+    # Loadable URLs pass, their secrets set or not.
+    clinic.write_text(text + 'sms = "json://sms.example/${CHECK_TEST_TOKEN}?:to={to}"\n'
+                      + 'email = "mailto://smtp.example?from=desk@glow.example&to={to}"\n')
+    for env in ({}, {"CHECK_TEST_TOKEN": "s3cret-value"}):
+        result = check_copy(copy, env=env)
+        assert result.returncode == EXIT_OK, result.stdout + result.stderr
