@@ -186,7 +186,7 @@ def test_missing_channel_secrets_are_warnings(copy: Path) -> None:
     clinic = copy / "config" / "clinics" / "glow.toml"
     clinic.write_text(clinic.read_text()
                       + 'sms = "json://sms.example/${CHECK_TEST_SMS_TOKEN}/{to}"\n'
-                      + 'email = "mailto://smtp.example?to={to}"\n')
+                      + 'email = "mailto://smtp.example?from=desk@glow.example&to={to}"\n')
     result = check_copy(copy)
     assert result.returncode == EXIT_OK, result.stderr
     assert (f"WARNING: {clinic}: environment variable CHECK_TEST_SMS_TOKEN is not set"

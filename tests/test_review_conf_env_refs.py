@@ -18,7 +18,7 @@ def test_a_reference_the_worker_cannot_fill_is_refused(copy: Path, ref: str) -> 
     clinic = copy / "config" / "clinics" / "glow.toml"
     clinic.write_text(clinic.read_text()
                       + f'sms = "json://sms.example/{ref}/send?:to={{to}}"\n'
-                      + 'email = "mailto://smtp.example?to={to}"\n')
+                      + 'email = "mailto://smtp.example?from=desk@glow.example&to={to}"\n')
     result = check_copy(copy, env={"glow_token": "x", "GLOW_TOKEN": "x"})
     assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert (f"configuration error: {clinic}: channels.sms: " in result.stderr

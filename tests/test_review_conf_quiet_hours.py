@@ -12,7 +12,7 @@ import pytest
 from tests.test_check import EXIT_CONFIG, EXIT_OK, check_copy, copy  # noqa: F401
 
 URLS = ('sms = "json://sms.example/${QH_TOKEN}/{to}"\n'
-        'email = "mailto://smtp.example?to={to}"\n')
+        'email = "mailto://smtp.example?from=desk@glow.example&to={to}"\n')
 
 
 def _glow(copy: Path, start: str, end: str) -> Path:  # noqa: F811

@@ -265,6 +265,7 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
     report = CheckReport()
     comments = {p: protocol_comments(protocols_dir / f"{p}.toml") for p in catalog.protocols}
     errors = (_file_errors(renderer, catalog) + _clinic_errors(catalog, clinics, clinics_dir)
+              + _channel_url_errors(clinics, clinics_dir, env)
               + _unsourced_advice(catalog, comments, protocols_dir))
     report.warnings += _unused_templates(renderer, catalog)
     for clinic in clinics:
@@ -513,6 +514,48 @@ def _clinic_errors(catalog: Catalog, clinics: list[Clinic],
                for c in clinics if c.email and (folder := template_folder(catalog, c.locale))
                for name in clinic_alert_files(folder)
                if not (catalog.templates_dir / name).is_file()]
+    return errors
+
+
+# The patient's address a channel URL's {to} is filled with when `check` loads it.
+SAMPLE_CONTACTS: dict[Channel, str] = {"sms": SAMPLE_PATIENT_PHONE,
+                                       "email": "patient@example.com"}
+
+
+def _channel_url_errors(clinics: list[Clinic], clinics_dir: Path,
+                        env: Mapping[str, str] | None) -> list[ConfigError]:
+    """Return each channel URL Apprise cannot load as the worker loads it at every send
+    (worker/delivery.py `load_services`; it dead-letters the message, a permanent failure):
+    a scheme no plugin takes, or a URL its plugin refuses (a part missing or malformed).
+    The URL is loaded with a sample address and its ${NAME}s from the environment; with one
+    unset (warned about) only its scheme is asked. Names the field, never the URL."""
+    from .apprise_plugins import has_plugin, schema_of  # Apprise: only when checking
+    from .delivery import load_services
+
+    errors = []
+    for clinic in clinics:
+        for channel, template in sorted(clinic.channels.items()):
+            schema = schema_of(template)
+            if schema not in ("http", "https") and not has_plugin(schema):
+                problem = (f"no plugin for the scheme {schema!r}" if schema
+                           else "it has no scheme")
+            else:
+                try:
+                    url = clinic.channel_url(channel, SAMPLE_CONTACTS[channel], env)
+                except ConfigError:
+                    continue  # a ${NAME} unset: warned about, loaded at send time
+                try:
+                    loaded = load_services(url)
+                except Exception:  # a plugin's parser may raise on a malformed URL
+                    loaded = None
+                if loaded:
+                    continue
+                problem = (f"its {schema} plugin refuses it: a part missing or malformed, "
+                           "such as an email URL's sender")
+            errors.append(ConfigError(
+                clinics_dir / f"{clinic.id}.toml",
+                f"channels.{channel}: Apprise cannot load this URL ({problem}); every "
+                f"{channel} message would be dead-lettered"))
     return errors
 
 
