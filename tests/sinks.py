@@ -182,6 +182,8 @@ class WebhookReceiver:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hooks"
         self.status = 200
+        # > 0: the answer's body (no length given) comes a byte at a time for this long.
+        self.trickle_seconds = 0.0
         self.hooks: list[Hook] = []
         # Cleared: requests are recorded, then parked until it is set (a slow endpoint).
         self.gate = threading.Event()
@@ -198,6 +200,17 @@ class WebhookReceiver:
                 receiver.gate.wait(60)
                 status = receiver.status if valid else 400
                 self.send_response(status)
+                if receiver.trickle_seconds:
+                    self.end_headers()
+                    end = time.time() + receiver.trickle_seconds
+                    try:
+                        while time.time() < end:
+                            self.wfile.write(b".")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    except OSError:  # the sender stopped reading
+                        pass
+                    return
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -267,3 +267,19 @@ def test_a_webhook_url_requests_cannot_parse_is_retried_then_given_up(events, tm
     assert deliver_all(events, clinic, tmp_path, webhook_max_attempts=2) == [
         "given up: webhook URL cannot be used (LocationParseError)"]
     assert events.dead() == [event_id]
+
+
+def test_an_answer_whose_body_never_ends_counts_by_its_status(events, receiver, tmp_path):
+    # The clinic's endpoint answers 200 at once, then its body trickles on (a proxy holding
+    # the connection open, a streaming error page): each byte within the read timeout, so
+    # the delivery read it until the task's time limit (lease_seconds - 3), and the event,
+    # which the clinic had taken, was left claimed and sent again at every lease's end.
+    # The answer's status decides: the body is never read.
+    receiver.trickle_seconds = 20.0
+    event_id = events.emit("glow", "webhook", "booking.held", {"booking_id": "A-1"})
+    began = time.monotonic()
+    assert deliver_all(events, hooked(receiver), tmp_path, webhook_timeout_seconds=1.0) == [
+        "delivered"]
+    assert time.monotonic() - began < 5
+    assert [h.json()["id"] for h in receiver.snapshot()] == [event_id]
+    assert events.pending() == []
