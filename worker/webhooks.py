@@ -456,8 +456,12 @@ def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None
         SIGNATURE_HEADER: sign(secret, body, int(time.time())),
     }
     try:
+        # The status decides; the body is never read (stream=True, closed unread): an
+        # answer whose body trickles on, each byte inside the read timeout, held the
+        # delivery until the task's time limit, the event left claimed and sent again.
         response = requests.post(url, data=body, headers=headers, timeout=timeout,
-                                 allow_redirects=False)
+                                 allow_redirects=False, stream=True)
+        response.close()
     except requests.RequestException as exc:
         raise DeliveryError(f"webhook unreachable ({type(exc).__name__})") from None
     except ValueError as exc:
