@@ -11,11 +11,13 @@ import threading
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlencode
 from xml.etree import ElementTree
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -238,6 +240,23 @@ def test_confirm_marks_the_next_visit_and_tells_the_clinic(server, tw):
     assert event.fields["booking_id"] == "A-NEXT" and event.fields["reply"] == "confirm"
     assert set(event.payload()) == {"id", "type", "clinic", "booking_id", "version", "reply",
                                     "received_at", "created_at"}
+
+
+@pytest.mark.parametrize("locale", ["es-LA", "en-EU", "es-ES-x1"])
+def test_confirm_answers_a_patient_whose_locale_babel_does_not_know(server, tw, locale):
+    """A locale the booking takes (its language has templates: "es-LA", as clinic software
+    writes Latin American Spanish) but Babel cannot format dates in: the confirmation was
+    recorded, then the answer's date formatting raised, a 500 to the provider and no
+    answer to the patient. It answers in the language's own format now."""
+    book(tw, "L-1", days=10, patient_locale=locale)
+    answer = text(server, "C")
+    reply = message_of(answer)
+    stored = server.app.state.services.store.booking_doc("tw", "L-1")
+    starts = datetime.fromisoformat(stored["starts_at"])
+    day = starts.astimezone(ZoneInfo("Europe/Madrid")).day
+    assert reply and str(day) in reply, reply
+    assert ("queda confirmada" if locale.startswith("es") else "confirmed") in reply, reply
+    assert tw.get("/v1/bookings/L-1").json()["confirmed_at"]
 
 
 def test_reschedule_asks_the_clinic_to_call(server, tw):
