@@ -68,6 +68,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 from zoneinfo import ZoneInfo
 
+from babel import Locale, UnknownLocaleError
 from babel.dates import format_skeleton, format_time
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -112,11 +113,30 @@ def _replies(templates_dir: Path, folder: str) -> dict[str, str]:
         return {k: str(v) for k, v in tomllib.load(fh).items()}
 
 
+def _reply_folder(templates_dir: Path, locale: str) -> str:
+    """The language the answers are written in: the patient's if it has replies, else en."""
+    language = locale.split("-")[0].split("_")[0]
+    return language if (templates_dir / language / "_replies.toml").is_file() else "en"
+
+
+def date_locale(templates_dir: Path, locale: str) -> Locale:
+    """The Babel locale an answer writes the visit's date and time in: the patient's, else
+    its language's (a tag a booking takes because its language has templates, but Babel
+    does not know: "es-LA", "en-EU"), in the answer's own language."""
+    folder = _reply_folder(templates_dir, locale)
+    mine = locale.split("-")[0].split("_")[0] == folder
+    for name in ((locale.replace("-", "_"), folder) if mine else (folder,)):
+        try:
+            return Locale.parse(name)
+        except (UnknownLocaleError, ValueError):
+            continue
+    return Locale.parse("en")
+
+
 def reply_text(templates_dir: Path, locale: str, what: str, clinic: Clinic, **values: str) -> str:
     """Return the answer `what` in the patient's language (else English), in GSM-7, naming
     the clinic as its SMS do (`sms_name`, else its name)."""
-    language = locale.split("-")[0].split("_")[0]
-    folder = language if (templates_dir / language / "_replies.toml").is_file() else "en"
+    folder = _reply_folder(templates_dir, locale)
     text = _replies(templates_dir, folder)[what].format(clinic=clinic.sms_label,
                                                           phone=clinic.phone, **values)
     return fold_to_gsm7(" ".join(text.split()))
@@ -247,7 +267,7 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
             return intent, answer("change")
         tz = ZoneInfo(str(patient.get("timezone") or clinic.timezone))
         start = datetime.fromisoformat(str(doc["starts_at"])).astimezone(tz)
-        babel_locale = locale.replace("-", "_")
+        babel_locale = date_locale(templates, locale)
         return intent, answer(
             "confirm", date=format_skeleton("MMMd", start.date(), locale=babel_locale),
             time=format_time(start, "short", tzinfo=tz, locale=babel_locale))
