@@ -123,8 +123,9 @@ def test_the_clinic_alert_renders_in_each_language(catalog):
         assert "the message goes 3 days before" in message.text
 
 
-def _send(store: Store, sent_at: datetime, *keys: str) -> None:
-    """Claim these reminders of glow/A-1042 and record them sent at `sent_at`."""
+def _send(store: Store, sent_at: datetime | None, *keys: str) -> None:
+    """Claim these reminders of glow/A-1042 and record them sent at `sent_at` (None: leave
+    them being sent)."""
     from worker.store import Attempt
 
     refs = [f"glow/A-1042/{k}" for k in keys]
@@ -135,7 +136,9 @@ def _send(store: Store, sent_at: datetime, *keys: str) -> None:
             continue
         token = f"tok-{c.claim}"
         assert store.begin_send(c.ref, c.version, c.claim, token, 60_000) == "ok"
-        assert store.finish_sent(c.ref, Attempt(c.version, c.claim, token), sent_at) == "ok"
+        if sent_at is not None:
+            assert store.finish_sent(c.ref, Attempt(c.version, c.claim, token),
+                                     sent_at) == "ok"
 
 
 def test_the_pause_that_went_out_in_time_is_not_late_when_the_booking_comes_again(
@@ -190,5 +193,22 @@ def test_a_pause_the_patient_was_told_to_end_does_not_count(redis_client, catalo
     at = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
     again = store.upsert(*planned(catalog, booking_doc, at), at)
     assert again["status"] == "scheduled" and again["late_pause"] is True
+    assert [(k, t) for k, t, _ in events_of(redis_client)] == [
+        ("webhook", "booking.late_pause"), ("alert", "booking.late_pause")]
+
+
+def test_a_resume_notice_being_sent_ends_the_pause_too(redis_client, catalog, booking_doc):
+    # As above, but the cancel notice ("you may resume") is being sent as the booking comes
+    # again: it may be on the patient's phone already, so the pause told on 28 Nov no longer
+    # counts and the pause begins again now: late.
+    store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS,
+                  hooks=lambda clinic: HOOKS)
+    store.upsert(*planned(catalog, booking_doc), NOW)
+    _send(store, datetime(2026, 11, 28, 17, 0, 2, tzinfo=UTC), "stop-retinoids:sms")
+    store.cancel("glow", "A-1042", datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+    _send(store, None, "cancelled#1:sms")
+    at = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    again = store.upsert(*planned(catalog, booking_doc, at), at)
+    assert again["late_pause"] is True
     assert [(k, t) for k, t, _ in events_of(redis_client)] == [
         ("webhook", "booking.late_pause"), ("alert", "booking.late_pause")]
