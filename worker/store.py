@@ -4526,7 +4526,9 @@ def _late_pause(plan: Plan, booking: Booking,
     if any(r.step == pause and r.status == Status.SCHEDULED and _LATE not in r.reason
            for r in plan.reminders):
         return plan.late_pause
-    resumed = max((_epoch_of(r.get("sent_at", "")) for k, r in stored.items() if sent(r) and (
+    # One being sent may be on the patient's phone already: it ends any pause told before.
+    resumed = max((_epoch_of(r["sent_at"]) if r.get("sent_at") else math.inf
+                   for k, r in stored.items() if went_out(r) and (
         k.startswith("cancelled#") or (k.startswith("rescheduled#") and any(
             o.startswith(f"{REPAUSE_STEP}#{k.split('#', 1)[1].split(':', 1)[0]}:")
             for o in stored)))), default=0.0)
