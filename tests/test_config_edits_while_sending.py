@@ -212,3 +212,43 @@ def test_a_message_again_for_a_new_date_planned_before_its_template_was_renamed_
     assert s["record"]["status"] == "sent", s
     first, second = gate.bodies
     assert "Please come with clean skin" in second["message"], second
+
+
+# Review (config while sending): the same for a held booking's message, whose template is the
+# protocol's `hold_template` (step id `hold-notice`, no protocol step's): renamed with the
+# protocol's hold_template (edited together; `reminders check` passes), a hold message
+# planned before failed for good, 'template file not found': dead-lettered, and the patient
+# whose booking is held for review never heard that the clinic will call. Real Redis, real
+# Apprise, a real HTTP gateway.
+def test_a_hold_message_planned_before_its_template_was_renamed_is_sent(
+        tmp_path, redis_client, gate) -> None:
+    from datetime import UTC, datetime
+
+    config, templates, store, ctx, rig = editable(tmp_path, redis_client, gate)
+    protocol = config / "protocols" / "race.toml"
+    text = protocol.read_text(encoding="utf-8")
+    protocol.write_text("isotretinoin_washout_days = 182\n" + text, encoding="utf-8")
+    rig.catalog = ctx.catalog = Catalog.load(ctx.settings)
+    doc = rig.booking(booking_id="R-2")
+    doc["medications"]["isotretinoin_last_dose"] = (
+        datetime.now(UTC) - timedelta(days=30)).date().isoformat()
+    assert rig.book(doc)["status"] == "held"
+    hold = "rc/R-2/hold-notice:sms"
+    assert store.record(hold)["template"] == "hold-notice", store.record(hold)
+    for path in (templates / "en").glob("hold-notice.*.j2"):
+        words = path.read_text(encoding="utf-8").replace("We will call you",
+                                                         "Our team will call you")
+        (templates / "en" / path.name.replace("hold-notice", "call-first")).write_text(
+            words, encoding="utf-8")
+        path.unlink()
+    protocol.write_text('isotretinoin_washout_days = 182\nhold_template = "call-first"\n'
+                        + text, encoding="utf-8")
+    time.sleep(1.2)  # the edit held still: read at the next look
+    claim = rig.claim_now(hold)
+    outcome = races.send_claimed(ctx, hold, claim.version, claim.claim)
+    s = rig.state(hold)
+    assert ctx.catalog.protocols["race"].hold_template == "call-first"
+    assert outcome == "sent" and s["dead"] is None, (outcome, s)
+    assert s["record"]["status"] == "sent", s
+    (body,) = gate.bodies
+    assert "Our team will call you" in body["message"], body
