@@ -739,13 +739,15 @@ def _render(
             # The template the reminder was planned with is gone: renamed with the step
             # that names it (edited together while it waited). Its step's template now: the
             # step a message again for a new date stands for (`base_step`: again-<step>; the
-            # repause the pause step of the booking's stored plan, as `_capped` reads it).
+            # repause the pause step of the booking's stored plan, as `_capped` reads it); a
+            # held booking's message the protocol's hold_template.
             step = record.get("step", "")
             pause = ctx.store.pause_step((stored or {}).get("ns", "")) \
                 if step == REPAUSE_STEP else None
-            renamed = next((s.template for s in protocol.steps
-                            if s.id == base_step(step, pause)
-                            and s.template != record["template"]), None)
+            now_named = [s.template for s in protocol.steps if s.id == base_step(step, pause)]
+            if step == HOLD_NOTICE_STEP:  # a held booking's message: the protocol's own
+                now_named = [protocol.hold_template] if protocol.hold_template else []
+            renamed = next((t for t in now_named if t != record["template"]), None)
             if exc.problem != TEMPLATE_NOT_FOUND or renamed is None:
                 raise
             message = render(renamed)
