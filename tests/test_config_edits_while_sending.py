@@ -252,3 +252,28 @@ def test_a_hold_message_planned_before_its_template_was_renamed_is_sent(
     assert s["record"]["status"] == "sent", s
     (body,) = gate.bodies
     assert "Our team will call you" in body["message"], body
+
+
+# Review (config while sending): templates/<locale>/_spelling.toml (how an en-US message
+# respells the templates' British wording) was read once per process and never again: an
+# edit (a respelling added or corrected; `reminders check` shows it at once) never reached
+# a running worker's messages, while the templates beside it are read again within a second.
+# The worker went on sending the old wording until restarted. It is read again with the
+# templates. Real Redis, real Apprise, a real HTTP gateway.
+def test_an_edited_spelling_table_is_used_by_the_next_message(
+        tmp_path, redis_client, gate) -> None:
+    config, templates, store, ctx, rig = editable(tmp_path, redis_client, gate)
+    doc = rig.booking(booking_id="R-3")
+    doc["patient"]["locale"] = "en-US"
+    rig.book(doc)
+    stop, prep = "rc/R-3/stop:sms", "rc/R-3/prep:sms"
+    claim = rig.claim_now(stop)  # a first US message: the spelling table is read
+    assert races.send_claimed(ctx, stop, claim.version, claim.claim) == "sent"
+    spelling = templates / "en" / "_spelling.toml"
+    spelling.write_text(spelling.read_text(encoding="utf-8")
+                        + '"clean skin" = "freshly washed skin"\n', encoding="utf-8")
+    time.sleep(1.2)  # the templates are looked at again
+    claim = rig.claim_now(prep)
+    assert races.send_claimed(ctx, prep, claim.version, claim.claim) == "sent"
+    first, second = gate.bodies
+    assert "Come with freshly washed skin" in second["message"], second
