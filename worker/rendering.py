@@ -316,12 +316,17 @@ class _Templates(SandboxedEnvironment):
     includes and macro files too (each `extends` and `import` runs at render time): some
     ten files an email, about half the CPU of rendering one. Here a file edited while the
     process runs is still picked up, within a second: then every compiled template is
-    dropped and compiled again from the files as they are.
+    dropped and compiled again from the files as they are. So is an edited spelling table
+    (`_spelling.toml`, read again; the templates respelt with it compiled again).
     """
 
-    def __init__(self, spelling_rules: Callable[[str, str], Rules], **options: Any) -> None:
+    def __init__(self, spelling_rules: Callable[[str, str], Rules],
+                 spelling_changed: Callable[[], bool] = lambda: False, **options: Any) -> None:
         super().__init__(auto_reload=False, extensions=[_Respell], **options)
         self.spelling_rules = spelling_rules  # (folder, region) -> rules; see _Respell
+        # Whether a spelling table read changed since (it is then read again): the
+        # templates respelt with it are compiled again too.
+        self.spelling_changed = spelling_changed
         self._checked_at = time.monotonic()
         self._check_lock = threading.Lock()
 
@@ -348,11 +353,22 @@ class _Templates(SandboxedEnvironment):
             if now - self._checked_at < TEMPLATES_RECHECK_SECONDS:
                 return
             cache = self.cache
-            if cache is not None and not all(t.is_up_to_date for t in cache.values()):
+            respelt = self.spelling_changed()
+            if cache is not None and (respelt or not all(t.is_up_to_date
+                                                         for t in cache.values())):
                 cache.clear()
             self._checked_at = time.monotonic()
         finally:
             self._check_lock.release()
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """A file's (mtime, ctime, size), or None if it cannot be looked at."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
 
 class Renderer:
@@ -361,6 +377,8 @@ class Renderer:
     def __init__(self, templates_dir: Path) -> None:
         self.templates_dir = templates_dir
         self._spelling: dict[str, dict[str, list[tuple[re.Pattern[str], str]]]] = {}
+        # Each spelling table as read: its file's (mtime, ctime, size), None if absent.
+        self._spelling_stamps: dict[str, tuple[int, int, int] | None] = {}
         # (patient locale, clinic locale, clinic timezone) -> Variant (see `variant`); the
         # sender threads share it: written under the lock, read without (a dict read is
         # atomic, and a value once there never changes).
@@ -368,6 +386,7 @@ class Renderer:
         self._lock = threading.Lock()
         self.env: SandboxedEnvironment = _Templates(
             self.rules,
+            self._spelling_changed,
             loader=LocaleFolderLoader(templates_dir),
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
@@ -558,6 +577,7 @@ class Renderer:
         table, longest words first; each word also matches with a capital first letter."""
         if folder not in self._spelling:
             path = self.templates_dir / folder / SPELLING_FILE
+            stamp = _file_stamp(path)  # before reading: an edit meanwhile is read again
             try:
                 table = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
             except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -573,8 +593,20 @@ class Renderer:
                      r[:1].upper() + r[1:])
                     for w, r in pairs] + [
                     (re.compile(rf"\b{re.escape(w)}\b"), r) for w, r in pairs]
+            self._spelling_stamps[folder] = stamp
             self._spelling[folder] = rules
         return self._spelling[folder]
+
+    def _spelling_changed(self) -> bool:
+        """Forget each spelling table whose file changed since it was read (it is read
+        again at its next use, as edited templates are: `_Templates`); return whether any
+        did."""
+        changed = [folder for folder, stamp in list(self._spelling_stamps.items())
+                   if _file_stamp(self.templates_dir / folder / SPELLING_FILE) != stamp]
+        for folder in changed:
+            self._spelling.pop(folder, None)
+            self._spelling_stamps.pop(folder, None)
+        return bool(changed)
 
     def locale(self, name: str) -> Locale:
         """Return the Babel locale of a locale folder ("es", "pt-BR", "en_GB")."""
