@@ -337,6 +337,36 @@ def test_a_warm_shutdown_hands_back_what_has_not_begun_and_waits_for_the_rest(
     assert s["record"]["status"] == "scheduled" and s["lease"] is None and s["due"], s
 
 
+def test_a_send_cut_by_the_shutdown_then_accepted_is_recorded_through_a_refusal_of_writes(
+        tmp_path, redis_client, gateway):
+    """A warm shutdown cuts a send still at its provider (recorded as of unknown outcome);
+    the provider then accepts it while Redis refuses writes for a moment (NOREPLICAS): the
+    delivery is recorded over the unknown outcome once Redis takes writes again, before
+    the process ends, as the README promises. It was tried once: the reminder stayed
+    'retrying' and was sent a second time once its ledger expired (review)."""
+    rig = Rig(tmp_path, redis_client, gateway, send_threads=1)
+    rig.book(rig.doc(1))
+    gateway.hold = {phone(1)}
+    rig.hand(rig.claim(prep(1)))
+    gateway.wait_held()
+    closing = threading.Thread(target=rig.lanes.close, args=(0.2,))
+    closing.start()
+    wait_for(lambda: rig.store.record(prep(1)).get("status") == "retrying", timeout=5)  # cut
+    redis_client.config_set("min-replicas-to-write", 1)  # no replica: every write refused
+    try:
+        gateway.release(200)  # the provider accepts after the cut
+        time.sleep(0.6)  # the delivery's record is refused at least once
+    finally:
+        redis_client.config_set("min-replicas-to-write", 0)  # the replica caught up
+    closing.join(10)
+    assert not closing.is_alive()
+    s = rig.state(prep(1))
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert s["lease"] is None and s["due"] is None, s
+    assert [e["outcome"] for e in s["log"]] == ["unknown", "sent"]
+    assert [b["to"] for b in gateway.bodies] == [phone(1)]
+
+
 # --- no attempt outlives its ledger ----------------------------------------------------------
 
 class Trickle:
