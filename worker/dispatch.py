@@ -388,10 +388,12 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
     if handing is not None and not handing.settle():
         # Cut by the shutdown meanwhile and recorded as of unknown outcome, but it went out:
         # record the delivery over that (once, fenced by this attempt's token), or it would
-        # be sent again once its ledger expires. The process is ending: one try.
+        # be sent again once its ledger expires. The process is ending: tried again (Redis
+        # refusing writes for a moment) only while the senders wait for it (CUT_WAIT_SECONDS).
         try:
-            result = store.finish_sent(ref, attempt, datetime.now(UTC), entry | {
-                "detail": detail, "seconds": round(time.monotonic() - started, 3)})
+            result = durably(lambda: store.finish_sent(ref, attempt, datetime.now(UTC), entry | {
+                "detail": detail, "seconds": round(time.monotonic() - started, 3)}),
+                time.monotonic() + CUT_WAIT_SECONDS - 1, f"send {ref}")
         except redis.RedisError:
             result = "not recorded (Redis unreachable)"
         log.warning("send %s: the provider accepted it after the worker's grace period, "
