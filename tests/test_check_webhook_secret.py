@@ -72,3 +72,16 @@ def test_a_long_webhook_secret_passes_and_unset_is_a_warning(config) -> None:
     unset = check(config, None)
     assert unset.returncode == 0, unset.stdout + unset.stderr
     assert "GLOW_WEBHOOK_SECRET is not set" in unset.stdout
+
+
+def test_a_webhook_url_whose_host_cannot_be_used_fails_check(config) -> None:
+    # A typo the URL pattern lets through ("booking..glow.example": an empty label) loads,
+    # but no delivery can reach it (worker/webhooks.py: each attempt fails, then the events
+    # are given up): `reminders check` says so before the clinic's events are lost.
+    glow = config / "clinics" / "glow.toml"
+    glow.write_text(glow.read_text(encoding="utf-8").replace(
+        "booking.glow.example", "booking..glow.example"), encoding="utf-8")
+    result = check(config, secrets.token_urlsafe(32))
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert f"configuration error: {glow}: webhook.url: the host " in result.stderr, output
