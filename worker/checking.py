@@ -280,6 +280,11 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
     secret_errors = [
         ConfigError(clinics_dir / f"{c.id}.toml", webhook_secret_problem(var))
         for c in clinics if c.webhook and (var := c.webhook.short_secret(env))]
+    # A webhook URL whose host no request can be made to (a typo: "hooks..clinic.example"):
+    # it loads, and every delivery fails until the clinic's events are given up.
+    secret_errors += [
+        ConfigError(clinics_dir / f"{c.id}.toml", problem)
+        for c in clinics if c.webhook and (problem := webhook_url_problem(c.webhook.url))]
     if not errors:  # rendering a missing or broken file would only repeat those errors
         render_errors, report.sms, claims, too_long = _render_all(renderer, catalog, clinics)
         errors += render_errors
@@ -557,6 +562,27 @@ def _channel_url_errors(clinics: list[Clinic], clinics_dir: Path,
                 f"channels.{channel}: Apprise cannot load this URL ({problem}); every "
                 f"{channel} message would be dead-lettered"))
     return errors
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Return why no request can be made to the webhook `url` (its host or port), or None.
+    The host is checked as the HTTP client encodes it (IDNA: no empty label, none over 63
+    characters); the URL itself is never shown (it may hold a token)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError:
+        return "webhook.url: the host or port cannot be read"
+    if not host:
+        return "webhook.url: the host is missing"
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return ("webhook.url: the host cannot be used (an empty label, as in 'a..b', or "
+                "one longer than 63 characters): no delivery can reach it")
+    return None
 
 
 def webhook_secret_problem(name: str) -> str:
