@@ -411,6 +411,40 @@ def test_bad_requests_name_the_field(server):
     refused(answer, 413)
 
 
+def test_an_edit_of_the_answers_is_taken_without_a_restart_and_a_broken_one_is_not(
+        serve, tmp_path, monkeypatch):
+    """The API reads config/ and templates/ again after an edit (README), but kept the
+    answers file (templates/<lang>/_replies.toml) as first read for the life of the
+    process: a corrected answer went out wrong until a restart. And an edit that does not
+    load must keep the answers as last loaded, as every other file does, not fail the
+    texts (a STOP opted out, then a 500 instead of its one confirmation)."""
+    monkeypatch.setenv("TW_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("TW_HOOK_SECRET", "hook-secret")
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    server = serve(config_dir=write_config(tmp_path / "config"), public_url=PUBLIC,
+                   templates_dir=templates, unsubscribe_secret=SECRET,
+                   data_dir=tmp_path / "data")
+    replies = templates / "en" / "_replies.toml"
+    first = message_of(text(server, "HELP"))
+    assert first and "STOP" in first
+    original = replies.read_text(encoding="utf-8")
+    edited = "\n".join(
+        'help = "{clinic}: call us on {phone}. Text STOP to stop, START to start again."'
+        if line.startswith("help =") else line for line in original.splitlines()) + "\n"
+    replies.write_text(edited, encoding="utf-8")
+    stamp = replies.stat().st_mtime + 2
+    os.utime(replies, (stamp, stamp))
+    reply = message_of(text(server, "HELP"))
+    assert reply == "Piel & Co <Madrid>: call us on +34910000000. Text STOP to stop, START " \
+                    "to start again.", reply
+    replies.write_text(edited.replace('help = "', 'help = '), encoding="utf-8")
+    os.utime(replies, (stamp + 2, stamp + 2))
+    assert message_of(text(server, "HELP")) == reply  # as last loaded
+    stop = message_of(text(server, "STOP"))
+    assert stop and "Reply START" in stop
+
+
 @pytest.mark.parametrize("locale", ["en", "es"])
 def test_every_answer_is_one_gsm7_segment_with_a_long_clinic_name(locale):
     clinic = Clinic(id="x", name="Clínica Dermatológica Doctora Montserrat", phone="+34910000000",
