@@ -62,7 +62,6 @@ import logging
 import re
 import tomllib
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -106,11 +105,30 @@ def twiml(message: str | None) -> Response:
     return Response(f'<?xml version="1.0" encoding="UTF-8"?>{body}', media_type=TWIML)
 
 
-@lru_cache(maxsize=16)
+# Each answers file as last loaded, with the (mtime, size) it was loaded at.
+_REPLIES: dict[Path, tuple[tuple[int, int], dict[str, str]]] = {}
+
+
 def _replies(templates_dir: Path, folder: str) -> dict[str, str]:
+    """The answers of `folder`, read again once its file changes (as templates are), and
+    kept as last loaded while an edit does not load (logged), as config/ is."""
     path = templates_dir / folder / "_replies.toml"
-    with open(path, "rb") as fh:
-        return {k: str(v) for k, v in tomllib.load(fh).items()}
+    held = _REPLIES.get(path)
+    try:
+        stat = path.stat()
+        seen = (stat.st_mtime_ns, stat.st_size)
+        if held is not None and held[0] == seen:
+            return held[1]
+        with open(path, "rb") as fh:
+            loaded = {k: str(v) for k, v in tomllib.load(fh).items()}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        if held is None:
+            raise
+        log.error("%s does not load (%s): the answers as last loaded are kept", path,
+                  type(exc).__name__)
+        return held[1]
+    _REPLIES[path] = (seen, loaded)
+    return loaded
 
 
 def _reply_folder(templates_dir: Path, locale: str) -> str:
