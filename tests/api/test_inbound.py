@@ -445,6 +445,35 @@ def test_an_edit_of_the_answers_is_taken_without_a_restart_and_a_broken_one_is_n
     assert stop and "Reply START" in stop
 
 
+def test_an_answer_missing_or_broken_in_the_patients_language_is_given_in_english(
+        serve, tmp_path, monkeypatch):
+    """templates/es/_replies.toml without its "stop" answer, or with a placeholder the
+    route does not fill ({telefono}): `reminders check` says nothing of the answers file,
+    and a Spanish patient's BAJA was taken, then answered 500 (KeyError): no confirmation
+    (the one message an opted-out number is owed). The English answer goes instead."""
+    monkeypatch.setenv("TW_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("TW_HOOK_SECRET", "hook-secret")
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    replies = templates / "es" / "_replies.toml"
+    replies.write_text("\n".join(
+        line.replace("{phone}", "{telefono}") if line.startswith("help =") else line
+        for line in replies.read_text(encoding="utf-8").splitlines()
+        if not line.startswith("stop =")) + "\n", encoding="utf-8")
+    server = serve(config_dir=write_config(tmp_path / "config"), public_url=PUBLIC,
+                   templates_dir=templates, unsubscribe_secret=SECRET,
+                   data_dir=tmp_path / "data")
+    with server.client(server.issue_key("tw")) as tw:
+        book(tw, "S-1", patient_locale="es")
+    english = {what: reply_text(ROOT / "templates", "en", what, SimpleNamespace(
+        sms_label="Piel & Co <Madrid>", phone="+34910000000"))  # type: ignore[arg-type]
+        for what in ("stop", "help")}
+    assert message_of(text(server, "Ayuda")) == english["help"]
+    assert message_of(text(server, "BAJA")) == english["stop"]
+    assert server.app.state.services.store.opted_out("tw", "sms", ANA)
+    assert "vuelves a recibir" in (message_of(text(server, "ALTA")) or "")  # Spanish still
+
+
 @pytest.mark.parametrize("locale", ["en", "es"])
 def test_every_answer_is_one_gsm7_segment_with_a_long_clinic_name(locale):
     clinic = Clinic(id="x", name="Clínica Dermatológica Doctora Montserrat", phone="+34910000000",
