@@ -155,9 +155,21 @@ def reply_text(templates_dir: Path, locale: str, what: str, clinic: Clinic, **va
     """Return the answer `what` in the patient's language (else English), in GSM-7, naming
     the clinic as its SMS do (`sms_name`, else its name)."""
     folder = _reply_folder(templates_dir, locale)
-    text = _replies(templates_dir, folder)[what].format(clinic=clinic.sms_label,
-                                                          phone=clinic.phone, **values)
-    return fold_to_gsm7(" ".join(text.split()))
+    for name in dict.fromkeys((folder, "en")):
+        try:
+            text = _replies(templates_dir, name)[what].format(
+                clinic=clinic.sms_label, phone=clinic.phone, **values)
+        except (KeyError, IndexError, ValueError, OSError) as exc:
+            # `reminders check` does not read the answers files: one missing this answer,
+            # or naming a value the route does not fill, must not cost the patient theirs
+            # (a STOP's confirmation is the one message an opted-out number is owed).
+            if name == "en":
+                raise
+            log.error("templates/%s/_replies.toml: the answer %r does not load or format "
+                      "(%s): answered in English", name, what, type(exc).__name__)
+            continue
+        return fold_to_gsm7(" ".join(text.split()))
+    raise AssertionError("unreachable: English answers or raise")
 
 
 def check_signature(request: Request, svc: Services, clinic: Clinic,
