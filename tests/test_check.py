@@ -300,3 +300,41 @@ def test_a_channel_url_apprise_cannot_load_is_an_error(copy: Path) -> None:
     for env in ({}, {"CHECK_TEST_TOKEN": "s3cret-value"}):
         result = check_copy(copy, env=env)
         assert result.returncode == EXIT_OK, result.stdout + result.stderr
+
+
+# Review (config while sending): `check` never read templates/<language>/_replies.toml, the
+# answers to a patient's texts (worker/api/inbound.py). A placeholder mistyped there
+# ("{clinc}"), one an answer is not given ("{date}" outside `confirm`), an answer left out or
+# a file that is not TOML passed `check` (exit 0); the API then failed the patient's STOP
+# with a 500 after taking it (the provider does not send it again: the STOP's confirmation,
+# the one answer an opted-out number is owed, never went), and every HELP with a 500.
+# `check` reads each file as the API does and names the file and the answer.
+def test_a_reply_the_api_cannot_write_is_an_error(copy: Path) -> None:
+    from worker.api.inbound import reply_text
+    from worker.catalog import Catalog
+    from worker.settings import Settings
+
+    replies = copy / "templates" / "es" / "_replies.toml"
+    text = replies.read_text(encoding="utf-8")
+    broken = (text.replace("stop = \"{clinic}:", "stop = \"{clinc}:", 1)
+              .replace("help = \"{clinic} reminders", "help = \"{clinic} ({date}) reminders", 1))
+    broken = "\n".join(line for line in broken.splitlines()
+                       if not line.startswith("no_visit ")) + "\n"
+    replies.write_text(broken, encoding="utf-8")
+    settings = Settings(config_dir=copy / "config", templates_dir=copy / "templates",
+                        _env_file=None)
+    clinic = Catalog.load(settings).clinics["glow"]
+    with pytest.raises(KeyError):  # what the API does with a Spanish patient's STOP
+        reply_text(copy / "templates", "es", "stop", clinic)
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    for problem in ("stop: the placeholder {clinc} is not one this answer has",
+                    "help: the placeholder {date} is not one this answer has",
+                    "no_visit: missing"):
+        assert f"configuration error: {replies}: {problem}" in result.stderr, result.stderr
+    replies.write_text("stop = \n", encoding="utf-8")  # not TOML
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert f"configuration error: {replies}: " in result.stderr, result.stderr
+    replies.write_text(text, encoding="utf-8")
+    assert check_copy(copy).returncode == EXIT_OK
