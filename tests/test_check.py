@@ -317,7 +317,8 @@ def test_a_reply_the_api_cannot_write_is_an_error(copy: Path) -> None:
     replies = copy / "templates" / "es" / "_replies.toml"
     text = replies.read_text(encoding="utf-8")
     broken = (text.replace("stop = \"{clinic}:", "stop = \"{clinc}:", 1)
-              .replace("help = \"{clinic} reminders", "help = \"{clinic} ({date}) reminders", 1))
+              .replace("help = \"{clinic}:", "help = \"{clinic} ({date}):", 1))
+    assert "{clinc}" in broken and "({date})" in broken
     broken = "\n".join(line for line in broken.splitlines()
                        if not line.startswith("no_visit ")) + "\n"
     replies.write_text(broken, encoding="utf-8")

@@ -266,6 +266,7 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
     comments = {p: protocol_comments(protocols_dir / f"{p}.toml") for p in catalog.protocols}
     errors = (_file_errors(renderer, catalog) + _clinic_errors(catalog, clinics, clinics_dir)
               + _channel_url_errors(clinics, clinics_dir, env)
+              + _reply_errors(catalog, clinics)
               + _unsourced_advice(catalog, comments, protocols_dir))
     report.warnings += _unused_templates(renderer, catalog)
     for clinic in clinics:
@@ -583,6 +584,52 @@ def webhook_url_problem(url: str) -> str | None:
         return ("webhook.url: the host cannot be used (an empty label, as in 'a..b', or "
                 "one longer than 63 characters): no delivery can reach it")
     return None
+
+
+# The answers to a patient's texts (worker/api/inbound.py `reply_text`), from
+# templates/<language>/_replies.toml (English when the patient's language has none), and
+# what each is written with besides {clinic} and {phone}.
+REPLIES_FILE = "_replies.toml"
+REPLY_VALUES: dict[str, tuple[str, ...]] = {
+    "stop": (), "start": (), "help": (), "confirm": ("date", "time"), "reschedule": (),
+    "no_visit": (), "clarify": (), "change": ()}
+
+
+def _reply_errors(catalog: Catalog, clinics: list[Clinic]) -> list[ConfigError]:
+    """Return each answer to a patient's text the API cannot write (it fails the request
+    with a 500, a STOP after taking it): a file that is not TOML, an answer left out, or a
+    placeholder the answer is not given; per language folder, English always."""
+    import tomllib
+
+    errors = []
+    folders = sorted({f for f in catalog.locales if language_of(f) == f} | {"en"})
+    sample = {"clinic": "Clinic", "phone": SAMPLE_PATIENT_PHONE, "date": "Sep 30",
+              "time": "12:30 PM"}
+    for folder in folders:
+        path = catalog.templates_dir / folder / REPLIES_FILE
+        if folder != "en" and not path.is_file():
+            continue  # its patients are answered in English
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            errors.append(ConfigError(path, f"cannot be read: {exc}"))
+            continue
+        for key, extra in REPLY_VALUES.items():
+            value = table.get(key)
+            if not isinstance(value, str) or not value.strip():
+                errors.append(ConfigError(path, f"{key}: missing (the answer to a patient's "
+                                          "text; the API fails the request without it)"))
+                continue
+            given = {k: v for k, v in sample.items() if k in ("clinic", "phone", *extra)}
+            try:
+                value.format(**given)
+            except KeyError as exc:
+                errors.append(ConfigError(path, f"{key}: the placeholder {{{exc.args[0]}}} "
+                                          "is not one this answer has (it has "
+                                          f"{', '.join('{' + k + '}' for k in given)})"))
+            except (IndexError, ValueError) as exc:
+                errors.append(ConfigError(path, f"{key}: {exc} (write a brace as {{{{ or }}}})"))
+    return errors
 
 
 def webhook_secret_problem(name: str) -> str:
