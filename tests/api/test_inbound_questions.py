@@ -19,7 +19,11 @@ from worker.optout import classify
 
 
 @pytest.mark.parametrize("body", ["Stop the cream?", "Stop retinol tonight?",
-                                  "¿Baja la hinchazón?", "Baja la fiebre"])
+                                  "¿Baja la hinchazón?", "Baja la fiebre",
+                                  # the reminder's words echoed back, or acknowledged (review
+                                  # s20): statements about the product, not the texts
+                                  "Stop tretinoin tonight", "Ok stop tretinoin",
+                                  "Will stop retinol", "STOP tretinoin", "Stop the cream"])
 def test_a_question_or_report_starting_with_a_stop_word_opts_nothing_out(server, tw, body):  # noqa: F811
     book(tw, "Q-1")
     before = reminders(tw, "Q-1")
@@ -36,6 +40,8 @@ def test_a_question_or_report_starting_with_a_stop_word_opts_nothing_out(server,
 @pytest.mark.parametrize("body", [
     "Stop the reminders?", "Unsubscribe me?", "stop it?", "STOP?", "Stop texting me?",
     "¿Baja?", "Baja ya", "Baja de los mensajes", "BAJA gracias", "Baja por favor",
+    # a product named beside the texts: still about the texts
+    "Stop tretinoin texts", "stop the tretinoin reminders", "Stop retinol and stop texting me",
 ])
 def test_clear_opt_outs_still_opt_out(body):
     assert classify(body) == "stop", body
