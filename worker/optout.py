@@ -20,13 +20,16 @@ In this order:
               "STOP", "stop.", "Cancel!", "END thanks", "Quit texting me", "BAJA gracias",
               "cancelar por favor", "STOP STOP", "Please stop texting me";
               (b) a short text (at most SHORT_WORDS words) starting with a sure word,
-              unless it asks a question ("?"): "STOP please", "stop the reminders",
-              "Baja ya" ("Stop the cream?" asks about the cream);
-              (c) a short text with a sure word anywhere, unless it asks a question ("?"):
+              unless it asks a question ("?") or names a product the reminders name
+              (CARE_WORDS) and not the messages: "STOP please", "stop the reminders",
+              "Baja ya" ("Stop the cream?" asks about the cream; "Stop tretinoin
+              tonight" echoes the pause reminder);
+              (c) a short text with a sure word anywhere, on the same terms:
               "Quiero darme de BAJA", "please stop now", "help me stop these";
               (d) a sure word followed by a messaging word (TEXTS, SMS, MESSAGES,
-              MENSAJES ...), with only small words between, at any length: "Please stop
-              sending me these text messages, I have what I need".
+              MENSAJES ...), with only small words (or products) between, at any length:
+              "Stop tretinoin texts", "Please stop sending me these text messages, I
+              have what I need".
               BAJA counts as sure only alone, first before a filler ("Baja ya"), after DE
               ("darme de baja") or among fillers: "tengo la tension baja" is about blood
               pressure, "Baja la fiebre" says the fever goes down.
@@ -142,6 +145,16 @@ _BETWEEN = FILLER_WORDS | frozenset({
     "LA", "ESTAS", "ESOS", "ESAS",
 })
 SHORT_WORDS = 4  # "a short text": at most this many words
+# The products the reminders name ("stop tretinoin tonight"): a short text naming one and
+# not the messages is about the product ("Stop tretinoin tonight", "Ok stop retinol": the
+# reminder's words echoed back), not an opt-out (rules b and c); it gets the clarifying
+# answer, which says how to stop texts.
+CARE_WORDS = frozenset({
+    "TRETINOIN", "TRETINOINA", "RETINOL", "RETINOID", "RETINOIDS", "RETINOIDE", "RETINOIDES",
+    "RETIN", "ISOTRETINOIN", "ISOTRETINOINA", "ACCUTANE", "ROACCUTAN", "ROACCUTANE",
+    "CREAM", "CREAMS", "CREMA", "CREMAS", "SERUM", "SPF", "SUNSCREEN", "MEDICATION",
+    "MEDICINE", "MEDICACION", "MEDICAMENTO", "PILLS", "PASTILLAS",
+})
 CHANGE_WORDS = frozenset({"CANCEL", "CANCELAR", "CAMBIAR", "ANULAR", "RESCHEDULE",
                           "REPROGRAMAR"})
 START_WORDS = frozenset({"START", "UNSTOP", "RESUME", "ALTA", "REANUDAR"})
@@ -203,13 +216,14 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
     sure = [i for i in stops if _sure_at(words, i)]
     if not sure:
         return False
-    if len(words) <= SHORT_WORDS and not question:
+    if len(words) <= SHORT_WORDS and not question and (
+            not CARE_WORDS.intersection(words) or MESSAGING_WORDS.intersection(words)):
         return True  # (b), (c): a question ("Stop the cream?") is (a) or (d), or no stop
     for i in sure:  # (d)
         for word in words[i + 1:]:
             if word in MESSAGING_WORDS:
                 return True
-            if word not in _BETWEEN:
+            if word not in _BETWEEN and word not in CARE_WORDS:
                 break
     return False
 
