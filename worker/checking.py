@@ -596,8 +596,9 @@ REPLY_VALUES: dict[str, tuple[str, ...]] = {
 
 
 def _reply_errors(catalog: Catalog, clinics: list[Clinic]) -> list[ConfigError]:
-    """Return each answer to a patient's text the API cannot write (it fails the request
-    with a 500, a STOP after taking it): a file that is not TOML, an answer left out, or a
+    """Return each answer to a patient's text the API cannot write (it answers in English
+    instead, and fails the request with a 500 for English, a STOP after taking it): a file
+    that is not TOML, an answer left out, or a
     placeholder the answer is not given; per language folder, English always."""
     import tomllib
 

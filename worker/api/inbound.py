@@ -160,8 +160,9 @@ def reply_text(templates_dir: Path, locale: str, what: str, clinic: Clinic, **va
             text = _replies(templates_dir, name)[what].format(
                 clinic=clinic.sms_label, phone=clinic.phone, **values)
         except (KeyError, IndexError, ValueError, OSError) as exc:
-            # `reminders check` does not read the answers files: one missing this answer,
-            # or naming a value the route does not fill, must not cost the patient theirs
+            # `reminders check` reads the answers files (worker/checking.py), but one edited
+            # after it missing this answer, or naming a value the route does not fill, must
+            # not cost the patient theirs
             # (a STOP's confirmation is the one message an opted-out number is owed).
             if name == "en":
                 raise
