@@ -277,3 +277,30 @@ def test_an_edited_spelling_table_is_used_by_the_next_message(
     assert races.send_claimed(ctx, prep, claim.version, claim.claim) == "sent"
     first, second = gate.bodies
     assert "Come with freshly washed skin" in second["message"], second
+
+
+# Review (config while sending): the language a message is written in (the patient's if
+# templates/ has a folder for it, else the clinic's, else English) was worked out once per
+# patient and clinic locale for the process's life. A language folder added to templates/
+# (`reminders check` renders it at once) never reached a running worker: its patients kept
+# getting the clinic's language until a restart, while the templates themselves are read
+# again within a second. Real Redis, real Apprise, a real HTTP gateway.
+def test_a_language_folder_added_is_used_by_the_next_message(
+        tmp_path, redis_client, gate) -> None:
+    config, templates, store, ctx, rig = editable(tmp_path, redis_client, gate)
+    doc = rig.booking(booking_id="R-4")
+    doc["patient"]["locale"] = "pt"  # no templates in Portuguese: the clinic's English
+    rig.book(doc)
+    stop, prep = "rc/R-4/stop:sms", "rc/R-4/prep:sms"
+    claim = rig.claim_now(stop)
+    assert races.send_claimed(ctx, stop, claim.version, claim.claim) == "sent"
+    assert "Hi Ana" in gate.bodies[0]["message"], gate.bodies
+    shutil.copytree(templates / "en", templates / "pt")
+    sms = templates / "pt" / "day-before.sms.txt.j2"
+    sms.write_text(sms.read_text(encoding="utf-8").replace(
+        "Come with clean skin", "Venha com a pele limpa"), encoding="utf-8")
+    time.sleep(1.2)  # the templates are looked at again
+    claim = rig.claim_now(prep)
+    assert races.send_claimed(ctx, prep, claim.version, claim.claim) == "sent"
+    first, second = gate.bodies
+    assert "Venha com a pele limpa" in second["message"], second
