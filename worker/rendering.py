@@ -341,10 +341,14 @@ class _Templates(SandboxedEnvironment):
 
     def get_template(self, name: str | Template, parent: str | None = None,
                      globals: Any = None) -> Template:  # noqa: A002  # Jinja's name
+        self.look()
+        return super().get_template(name, parent, globals)
+
+    def look(self) -> None:
+        """Look at the files again if the last look is TEMPLATES_RECHECK_SECONDS old."""
         now = time.monotonic()
         if now - self._checked_at >= TEMPLATES_RECHECK_SECONDS:
             self._recheck(now)
-        return super().get_template(name, parent, globals)
 
     def _recheck(self, now: float) -> None:
         if not self._check_lock.acquire(blocking=False):
@@ -379,6 +383,8 @@ class Renderer:
         self._spelling: dict[str, dict[str, list[tuple[re.Pattern[str], str]]]] = {}
         # Each spelling table as read: its file's (mtime, ctime, size), None if absent.
         self._spelling_stamps: dict[str, tuple[int, int, int] | None] = {}
+        # The folders of templates_dir the variants were worked out with (`_changed`).
+        self._folders = self._folder_names()
         # (patient locale, clinic locale, clinic timezone) -> Variant (see `variant`); the
         # sender threads share it: written under the lock, read without (a dict read is
         # atomic, and a value once there never changes).
@@ -386,7 +392,7 @@ class Renderer:
         self._lock = threading.Lock()
         self.env: SandboxedEnvironment = _Templates(
             self.rules,
-            self._spelling_changed,
+            self._changed,
             loader=LocaleFolderLoader(templates_dir),
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
@@ -407,6 +413,7 @@ class Renderer:
         `notice`: what a change notice says. `invite`: an email carries the calendar invite.
         `unsubscribe_url`: the patient's email unsubscribe link (the email footer shows it).
         """
+        cast(_Templates, self.env).look()  # before the variant: a folder added or removed
         variant = self.variant(booking.patient.locale, clinic)
         context = self.context(booking=booking, clinic=clinic, protocol=protocol,
                                occurrence=occurrence, due_at=due_at, plan_dates=plan_dates,
@@ -596,6 +603,24 @@ class Renderer:
             self._spelling_stamps[folder] = stamp
             self._spelling[folder] = rules
         return self._spelling[folder]
+
+    def _folder_names(self) -> frozenset[str]:
+        try:
+            return frozenset(p.name for p in self.templates_dir.iterdir() if p.is_dir())
+        except OSError:
+            return frozenset()
+
+    def _changed(self) -> bool:
+        """The templates' once-a-second look (`_Templates`): forget the variants when a
+        language folder was added or removed (a patient's language gets its templates, or
+        falls back, from the next message on), and each spelling table edited; return
+        whether the compiled templates must be dropped."""
+        folders = self._folder_names()
+        if folders != self._folders:
+            with self._lock:
+                self._folders = folders
+                self._variants = {}
+        return self._spelling_changed()
 
     def _spelling_changed(self) -> bool:
         """Forget each spelling table whose file changed since it was read (it is read
