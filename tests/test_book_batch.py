@@ -35,7 +35,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def env(redis_server, redis_client, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
-    env.update(REMINDERS_REDIS_URL=redis_server.url, REMINDERS_DATA_DIR=str(tmp_path))
+    # PYTHONPATH: this checkout's code, whichever checkout the virtualenv was installed from.
+    env.update(REMINDERS_REDIS_URL=redis_server.url, REMINDERS_DATA_DIR=str(tmp_path),
+               PYTHONPATH=str(ROOT))
     return env
 
 
@@ -114,6 +116,25 @@ def test_a_line_that_is_not_json_stops_everything(env, redis_client):
     assert "-: line 41: not JSON (Expecting value, column 12); nothing was stored" in \
         done.stderr.decode()
     assert redis_client.dbsize() == 0
+
+
+def test_a_reader_leaving_stdout_does_not_cut_the_file_half_way(env, redis_client, tmp_path):
+    # `reminders book --json FILE | head`: the reader leaves after the first timelines. The
+    # file was accepted whole; it is stored whole, and the summary says so (it stored the
+    # first STORE_BATCH, said "stopped after storing 0 of 4,300", and exited 0).
+    docs = list(realistic_bookings(STORE_BATCH + 300, seed=27))
+    path = tmp_path / "bookings.jsonl"
+    path.write_bytes(jsonl(docs))
+    proc = subprocess.Popen([str(BIN / "reminders"), "book", "--json", str(path)], env=env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(100).startswith(b"[")  # `head -c 100`: timelines came out
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 0, stderr
+    assert stored_bookings(redis_client) == len(docs)
+    assert f"booked {len(docs):,} bookings: {len(docs):,} new" in stderr, stderr
+    assert "stopped" not in stderr and "Traceback" not in stderr, stderr
 
 
 def test_redis_gone_says_so_and_how_far_it_got(tmp_path):
