@@ -335,6 +335,7 @@ def store_all(
     out = JsonArrayOut(sys.stdout, single) if args.json else None
     items: list[tuple[Booking, Plan]] = []
     storing = False  # inside `upsert_many`: some of `items` may be stored, not all
+    printing = True  # False once stdout's reader has left
     try:
         with StopBetweenBatches() as ctrl_c:
             for chunk in spool.chunks(STORE_BATCH):
@@ -346,6 +347,7 @@ def store_all(
                 timelines = store.upsert_many(items, now, previous=before,
                                               timelines=out is not None or tables)
                 storing = False
+                stored += len(items)
                 for (booking, planned), old, timeline in zip(items, before, timelines,
                                                              strict=True):
                     kind = ("new" if old is None
@@ -354,12 +356,17 @@ def store_all(
                     nudge = nudge or planned.status == Status.SCHEDULED and any(
                         r.status == Status.SCHEDULED and r.due_at <= soon
                         for r in planned.reminders)
-                    if out is not None:
-                        out.write(timeline)
-                    elif tables:
-                        print(render_table(timeline, booking.patient.timezone))
-                        print()
-                stored += len(items)
+                    try:
+                        if out is not None:
+                            out.write(timeline)
+                        elif tables:
+                            print(render_table(timeline, booking.patient.timezone))
+                            print()
+                    except BrokenPipeError:
+                        # The reader left (`| head`): the file was accepted whole, so the
+                        # rest is stored all the same, unprinted; the summary says it all.
+                        stdout_gone()
+                        out, tables, printing = None, False, False
                 progress.update(len(items), stored)
     except BaseException:
         if stored < spool.count:
@@ -372,10 +379,13 @@ def store_all(
                   "them again is safe: an unchanged booking stays as it is)", file=sys.stderr)
         raise
     if out is not None:
-        out.close()
+        try:
+            out.close()
+        except BrokenPipeError:
+            stdout_gone()
     if nudge:
         nudge_pump_quietly()
-    if not args.json and not tables:
+    if printing and not args.json and not tables:
         print(f"{spool.count:,} timelines not printed (more than {TABLES_UP_TO}): "
               "`reminders show BOOKING_ID` prints one, --json prints all", file=sys.stderr)
     return counts
@@ -414,6 +424,12 @@ class StopBetweenBatches:
     def __exit__(self, *exc: object) -> None:
         for signum, previous in self.previous.items():
             signal.signal(signum, previous)
+
+
+def stdout_gone() -> None:
+    """The reader of stdout left (`| head`): what is still to be printed goes nowhere, and
+    Python's flush of stdout at exit does not fail."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def nudge_pump_quietly() -> None:
@@ -869,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not found: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except BrokenPipeError:  # `reminders show ... | head`: the reader left, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_gone()
         return EXIT_OK
     except Exception as exc:
         import redis  # already loaded by any command that talks to Redis (`plan` does not)
