@@ -151,10 +151,12 @@ def test_an_array_over_the_whole_input_limit_is_refused(booking_doc, monkeypatch
 
 # --- as a user runs it --------------------------------------------------------------------
 
-def reminders(*args: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+def reminders(*args: str, stdin: bytes | None,
+              **popen: Any) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env["PYTHONPATH"] = str(ROOT)  # this checkout's code, whichever the venv was installed from
     return subprocess.run([str(Path(sys.executable).parent / "reminders"), *args], input=stdin,
-                          capture_output=True, cwd=ROOT, env=env, timeout=60)
+                          capture_output=True, cwd=ROOT, env=env, timeout=60, **popen)
 
 
 def test_plan_names_the_line_of_each_refused_booking_and_plans_the_rest(booking_doc):
@@ -177,3 +179,12 @@ def test_plan_now_outside_the_years_is_a_usage_error():
     done = reminders("plan", "--now", "9999-12-31T23:00:00-05:00", "examples/booking.json",
                      stdin=b"")
     assert done.returncode == 2 and b"years 1900-2999" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["plan", "book"])
+def test_a_closed_stdin_is_a_usage_error_not_a_traceback(command):
+    # `reminders book - <&-` (a cron line, a service with no stdin): it was a traceback
+    # (AttributeError: 'NoneType' object has no attribute 'buffer'), exit 1 ("refused").
+    done = reminders(command, "-", stdin=None, preexec_fn=lambda: os.close(0))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.decode().splitlines() == ["error: cannot read -: stdin is closed"]
