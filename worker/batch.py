@@ -98,6 +98,8 @@ class Document:
 def open_input(source: str) -> BinaryIO:
     """Return FILE, or stdin for "-", as a binary stream; raise UsageError if unreadable."""
     if source == "-":
+        if sys.stdin is None:  # started with fd 0 closed (`<&-`, some cron or service setups)
+            raise UsageError("cannot read -: stdin is closed")
         return sys.stdin.buffer
     try:
         return open(source, "rb")
