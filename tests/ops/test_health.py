@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.e2e.conftest import BIN, wait_until
 from worker.health import beat_key, pump_beat, pump_key, stamp
 
@@ -29,7 +30,8 @@ def health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def env(redis_server, redis_client, tmp_path) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
     out.update({"REMINDERS_REDIS_URL": redis_server.url, "REMINDERS_DATA_DIR": str(tmp_path),
-                "REMINDERS_HEALTH_MAX_AGE_SECONDS": "20"})
+                "REMINDERS_HEALTH_MAX_AGE_SECONDS": "20",
+                "PYTHONPATH": str(ROOT)})  # this checkout's code, wherever the venv points
     return out
 
 
@@ -73,6 +75,27 @@ def test_health_is_unhealthy_when_redis_is_unreachable(env):
     down = health(env, "--role", "worker")
     assert down.returncode == 1 and "Redis is unreachable" in down.stdout
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("role", ["worker", "beat", "api"])
+def test_an_error_reply_from_redis_is_unhealthy_in_one_line(env, redis_client, role):
+    # Redis answers, but with an error (here WRONGTYPE: the heartbeat key is not a hash; in
+    # production NOPERM from an ACL, MASTERDOWN from a replica cut off from its master): the
+    # healthcheck's answer is still "unhealthy", exit 1, one line or one JSON object, as
+    # README says. It was the generic Redis-error line on stderr, nothing on stdout (no JSON
+    # for --json) and exit 3.
+    redis_client.set(pump_key(PREFIX), "x")
+    redis_client.set(beat_key(PREFIX), "x")
+    plain = health(env, "--role", role)
+    assert plain.returncode == 1, (plain.returncode, plain.stdout, plain.stderr)
+    assert plain.stdout.startswith(f"{role}: unhealthy: Redis answered an error "
+                                   "(ResponseError WRONGTYPE)"), plain.stdout
+    assert len(plain.stdout.splitlines()) == 1 and plain.stderr == "", plain.stderr
+    as_json = health(env, "--role", role, "--json")
+    assert as_json.returncode == 1, (as_json.returncode, as_json.stdout, as_json.stderr)
+    body = json.loads(as_json.stdout)
+    assert body["healthy"] is False and body["redis"] == "error", body
+    assert body["status"].startswith("Redis answered an error (ResponseError WRONGTYPE)")
 
 
 def test_a_running_worker_and_beat_are_healthy_and_stop_being_so_when_beat_stops(service):
