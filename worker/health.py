@@ -176,8 +176,21 @@ def evaluate(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Ve
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return Verdict(False, f"Redis is unreachable ({type(exc).__name__})",
                        {"redis": "unreachable"})
+    except redis.RedisError as exc:  # an error reply (NOPERM, MASTERDOWN, WRONGTYPE...)
+        return Verdict(False, f"Redis answered an error ({error_name(exc)})",
+                       {"redis": "error"})
     finally:
         client.close()
+
+
+_ERROR_CODE = re.compile(r"(?:^|caused error: )([A-Z][A-Z_-]{1,30})\b")
+
+
+def error_name(exc: Exception) -> str:
+    """`ResponseError WRONGTYPE`: the class and Redis's error code, never the message (a
+    pipelined command's quotes its arguments)."""
+    found = _ERROR_CODE.search(str(exc))
+    return type(exc).__name__ + (f" {found.group(1)}" if found else "")
 
 
 # --- beat's heartbeat -------------------------------------------------------------------
