@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 
 def cli_env(url: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
-    env.update(REMINDERS_REDIS_URL=url, REMINDERS_DATA_DIR=str(tmp_path))
+    env.update(REMINDERS_REDIS_URL=url, REMINDERS_DATA_DIR=str(tmp_path),
+               PYTHONPATH=str(ROOT))  # this checkout's code, whichever the venv points at
     return env
 
 
@@ -40,6 +41,34 @@ def dead_letter(store: Store, catalog, doc) -> str:
     assert store.finish_failed(ref, Attempt(claim.version, claim.claim, "tok"),
                                "permanent: HTTP 400") == "ok"
     return ref
+
+
+def two_clinics_dead_letters(store: Store, catalog, booking_doc) -> tuple[str, str]:
+    assert {"glow", "demo"} <= set(catalog.clinics)
+    doc = copy.deepcopy(booking_doc)
+    doc["starts_at"] = (datetime.now(UTC) + timedelta(days=30)).replace(
+        microsecond=0).isoformat()
+    return dead_letter(store, catalog, doc), dead_letter(store, catalog, {**doc, "clinic": "demo"})
+
+
+@pytest.mark.parametrize("verb", ["purge", "replay"])
+def test_an_empty_clinic_is_refused_not_every_clinic(
+        redis_server, redis_client, tmp_path, catalog, booking_doc, verb):
+    # `reminders purge --all --clinic "$CLINIC"` in a script with CLINIC unset: --clinic ""
+    # read as "no clinic" purged (or replayed) every clinic's dead letters.
+    store = Store(redis_client, "reminders")
+    glow, demo = two_clinics_dead_letters(store, catalog, booking_doc)
+    before = store.dead_letters()
+    done = subprocess.run([str(BIN / "reminders"), verb, "--all", "--clinic", ""],
+                          env=cli_env(redis_server.url, tmp_path), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "--clinic" in done.stderr and "empty" in done.stderr, done.stderr
+    assert store.dead_letters() == before and {d["ref"] for d in before} == {glow, demo}
+    listed = subprocess.run([str(BIN / "reminders"), "dead-letters", "--clinic", ""],
+                            env=cli_env(redis_server.url, tmp_path), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 2 and glow not in listed.stdout, listed.stdout
 
 
 @pytest.mark.parametrize("verb", ["purge", "replay"])
