@@ -183,6 +183,14 @@ def _jobs(value: str) -> int:
     return int(value)
 
 
+def _clinic_id(value: str) -> str:
+    """--clinic: an empty one (`--clinic "$CLINIC"`, the variable unset) is refused, not read
+    as no clinic: `purge --all` of one clinic would act on every clinic."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty: name a clinic, or leave --clinic out")
+    return value
+
+
 def open_store(settings: Settings, catalog: Catalog | None = None) -> Store:
     """Return the schedule store on the configured (or embedded) Redis.
 
@@ -807,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
                 if action == "revoke":
                     a.add_argument("key_id", metavar="KEY_ID", help="as `keys list` shows it")
                 # SUPPRESS: given before or after the action, neither hides the other.
-                a.add_argument("--clinic", default=argparse.SUPPRESS, help="clinic id")
+                a.add_argument("--clinic", default=argparse.SUPPRESS, type=_clinic_id,
+                               help="clinic id")
                 a.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                                help="print the machine-readable form")
         if name == "events":
@@ -825,7 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
                     a.add_argument("--all", action="store_true", default=argparse.SUPPRESS,
                                    help="replay every given-up event (of --clinic if given)")
                 # SUPPRESS: given before or after the action, neither hides the other.
-                a.add_argument("--clinic", default=argparse.SUPPRESS, help="clinic id")
+                a.add_argument("--clinic", default=argparse.SUPPRESS, type=_clinic_id,
+                               help="clinic id")
                 a.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                                help="print the machine-readable form")
         if name == "health":
@@ -861,7 +871,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="a dead letter's ref (clinic/booking/reminder) or a booking id",
             )
             p.add_argument("--all", action="store_true", help=f"{name} every dead letter")
-        p.add_argument("--clinic", help="clinic id (default: the booking's own `clinic` field)")
+        p.add_argument("--clinic", type=_clinic_id,
+                       help="clinic id (default: the booking's own `clinic` field)")
         p.add_argument("--json", action="store_true", help="print the machine-readable form")
     return parser
 
