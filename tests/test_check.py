@@ -134,6 +134,25 @@ def test_a_clinic_locale_without_templates_is_an_error(copy: Path) -> None:
     assert f"{clinic}: locale 'fr' has no templates folder" in result.stderr
 
 
+def test_a_reader_leaving_stdout_does_not_turn_an_error_into_success(copy: Path) -> None:
+    # `reminders check | grep -q ...` (or `| head` under `set -o pipefail`): the reader
+    # leaves before check prints. The broken pipe was caught as "the reader left, not an
+    # error" and check exited 0 on a broken configuration.
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text().replace('locale = "es"', 'locale = "fr"'))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    clean.update(REMINDERS_CONFIG_DIR=str(copy / "config"), PYTHONPATH=str(ROOT),
+                 REMINDERS_TEMPLATES_DIR=str(copy / "templates"))
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "check"], cwd=copy, env=clean,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before the first line
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_CONFIG, stderr
+    assert f"{clinic}: locale 'fr' has no templates folder" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
 def test_an_sms_over_one_segment_is_a_warning(copy: Path) -> None:
     sms = copy / "templates" / "es" / "week-check.sms.txt.j2"
     sms.write_text(sms.read_text() + " Recuerda tu próxima sesión dentro de unas semanas.\n")
