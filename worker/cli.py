@@ -877,7 +877,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ReaderMayLeave:
+    """sys.stdout while a command runs: once the reader of the pipe has left (`| head`,
+    `| grep -q`), what is still to be printed goes nowhere and the command carries on to
+    its own exit code (a broken configuration stays 3, a refused booking 1). Caught in
+    `main` instead, the broken pipe ended every command with 0."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self.stream.write(text))
+        except BrokenPipeError:
+            stdout_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            stdout_gone()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stdout = sys.stdout
+    if stdout is None:
+        return run_command(argv)
+    sys.stdout = ReaderMayLeave(stdout)
+    try:
+        return run_command(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
@@ -895,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
     except NotFound as exc:
         print(f"not found: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    except BrokenPipeError:  # `reminders show ... | head`: the reader left, not an error
+    except BrokenPipeError:  # written past ReaderMayLeave: the reader left, not an error
         stdout_gone()
         return EXIT_OK
     except Exception as exc:
