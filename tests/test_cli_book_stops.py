@@ -34,7 +34,8 @@ pytestmark = pytest.mark.integration
 
 def cli_env(url: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
-    env.update(REMINDERS_REDIS_URL=url, REMINDERS_DATA_DIR=str(tmp_path))
+    env.update(REMINDERS_REDIS_URL=url, REMINDERS_DATA_DIR=str(tmp_path),
+               PYTHONPATH=str(ROOT))  # this checkout's code, whichever the venv points at
     return env
 
 
@@ -79,6 +80,46 @@ def test_sigterm_while_storing_stops_between_batches_and_says_how_many(
     assert proc.returncode == 143, (proc.returncode, now_stored, err)
     assert 0 < now_stored < 4300
     assert f"stopped after storing {now_stored:,} of 4,300 bookings" in err, (now_stored, err)
+
+
+def test_sigterm_after_the_last_batch_says_everything_is_stored(
+        redis_server, redis_client, tmp_path):
+    # Stored, then the timelines' last write waits on a full stdout pipe (a slow reader):
+    # SIGTERM there ended the command with 143 and not a word, as if it had stopped before
+    # storing; the stop is said, with what is stored (all of it).
+    (doc,) = realistic_bookings(1, seed=35)
+    env = cli_env(redis_server.url, tmp_path)
+    env.pop("PYTHONUNBUFFERED", None)  # stdout block-buffered: written at its last flush
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"x" * 4096)  # the pipe full before the command writes
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    proc = subprocess.Popen([str(BIN / "reminders"), "book", "--json", "-"], env=env, cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=write_end, stderr=subprocess.PIPE,
+                            text=True)
+    os.close(write_end)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(json.dumps(doc))
+    proc.stdin.close()
+    deadline = time.monotonic() + 60
+    while stored(redis_client) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stored(redis_client) == 1
+    time.sleep(1)  # past the store call: blocked writing the timeline, nothing else to do
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with os.fdopen(read_end, "rb") as reader:
+        reader.read()  # the reader catches up; the command may write
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143, err
+    assert "Traceback" not in err, err
+    assert "stopped after storing 1 of 1 bookings" in err, err
+    assert stored(redis_client) == 1
 
 
 def test_redis_refusing_writes_while_storing_is_not_a_refused_booking(
