@@ -376,23 +376,24 @@ def store_all(
                         stdout_gone()
                         out, tables, printing = None, False, False
                 progress.update(len(items), stored)
+        # Still stoppable as above (a stop here is said too): the last timelines written
+        # (to a slow reader, perhaps), the pump nudged.
+        if out is not None:
+            try:
+                out.close()
+            except BrokenPipeError:
+                stdout_gone()
+        if nudge:
+            nudge_pump_quietly()
     except BaseException:
-        if stored < spool.count:
-            progress.close()
-            # Cut inside `upsert_many` (a second Ctrl-C, Redis gone): each booking is
-            # written whole or not at all, but some of the ones it was given may be.
-            what = (f"{stored:,} to {stored + len(items):,}" if storing and items
-                    else f"{stored:,}")
-            print(f"stopped after storing {what} of {spool.count:,} bookings (booking "
-                  "them again is safe: an unchanged booking stays as it is)", file=sys.stderr)
+        progress.close()
+        # Cut inside `upsert_many` (a second Ctrl-C, Redis gone): each booking is
+        # written whole or not at all, but some of the ones it was given may be.
+        what = (f"{stored:,} to {stored + len(items):,}" if storing and items
+                else f"{stored:,}")
+        print(f"stopped after storing {what} of {spool.count:,} bookings (booking "
+              "them again is safe: an unchanged booking stays as it is)", file=sys.stderr)
         raise
-    if out is not None:
-        try:
-            out.close()
-        except BrokenPipeError:
-            stdout_gone()
-    if nudge:
-        nudge_pump_quietly()
     if printing and not args.json and not tables:
         print(f"{spool.count:,} timelines not printed (more than {TABLES_UP_TO}): "
               "`reminders show BOOKING_ID` prints one, --json prints all", file=sys.stderr)
