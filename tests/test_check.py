@@ -108,6 +108,11 @@ def test_json_gives_the_same_data(tmp_path: Path) -> None:
          "syntax error"),
         ("write:<p>{{ clinic_adress }}</p>{% block body %}{% endblock %}",
          "templates/en/_layout.email.html.j2:1", "'clinic_adress' is undefined"),
+        # A Python error inside a template (not Jinja's own): a traceback, exit 1.
+        ("write:Hi {{ 1 / 0 }}", "templates/es/day-before.sms.txt.j2:1",
+         "ZeroDivisionError: division by zero"),
+        ("write:{{ '%d' % clinic_name }}", "templates/en/week-check.email.txt.j2:1",
+         "TypeError: %d format: a real number is required"),
         ("write:name = [broken", "config/protocols/microneedling.toml", "configuration error"),
         ("write:name = 'x'\nsteps = []", "config/protocols/microneedling.toml",
          "steps: List should have at least 1 item"),
