@@ -728,7 +728,19 @@ def _render_all(
                         keep(clinic, template, locale, discreet, message.text)
             except ConfigError as exc:
                 errors.append(exc)
+            except Exception as exc:  # a template's own Python error ({{ 1 / 0 }}): its file
+                errors.append(ConfigError(_template_frame(exc, catalog.templates_dir),
+                                          f"{type(exc).__name__}: {exc}"))
     return errors, [worst[k] for k in sorted(worst)], claims, too_long
+
+
+def _template_frame(exc: Exception, templates_dir: Path) -> str:
+    """"file:line" of the innermost template frame of `exc`'s traceback (else the folder):
+    the send path gives such a reminder up as "could not prepare the message"."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".j2")]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(templates_dir)
 
 
 def _empty_parts(message: RenderedMessage) -> list[str]:
