@@ -58,7 +58,10 @@ def test_check_redis_names_pending_reminders_of_a_missing_clinic_or_protocol(
     # One of the demo clinic's reminders is being sent: claimed, in the lease set.
     ref = next(r for r, _ in store.redis.zscan_iter(store.due_key) if r.startswith("demo/"))
     store.redis.zadd(store.due_key, {ref: 0})
-    assert [c.ref for c in store.claim_due(100, 300)] == [ref]
+    # The others' booking confirmations are due too inside the clinics' send window (09:00
+    # to 20:00 in Madrid): claimed with it, they are being sent as well (the counts below
+    # add the due and lease sets either way); outside it, only this one is.
+    assert ref in [c.ref for c in store.claim_due(100, 300)]
     demo_pending, peel_pending = pending(store, "demo/"), pending(store, "glow/P-")
     assert demo_pending > 1 and peel_pending > 1
     (config / "clinics" / "demo.toml").unlink()
