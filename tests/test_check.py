@@ -365,3 +365,21 @@ def test_a_reply_the_api_cannot_write_is_an_error(copy: Path) -> None:
     assert f"configuration error: {replies}: " in result.stderr, result.stderr
     replies.write_text(text, encoding="utf-8")
     assert check_copy(copy).returncode == EXIT_OK
+
+
+# Review (config while sending): every `*.toml` in config/clinics and config/protocols was
+# read, hidden files too: the AppleDouble `._glow.toml` a macOS tar or copy leaves beside
+# each file (binary), or the lock `.#glow.toml` Emacs keeps while a file is edited (a
+# symlink to nowhere), made the whole configuration fail to load: `check` exit 3, and a
+# worker or API (re)started then stopped at start, again and again, though no clinic or
+# protocol was wrong (no clinic id may begin with "."). Hidden files are not configuration.
+def test_hidden_files_beside_the_configuration_are_not_read(copy: Path) -> None:
+    apple = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\x00\x00\x00\x09\xff"
+    (copy / "config" / "clinics" / "._glow.toml").write_bytes(apple)
+    (copy / "config" / "protocols" / "._microneedling.toml").write_bytes(apple)
+    (copy / "config" / "clinics" / ".#glow.toml").symlink_to("ops@host.4242:1763880000")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert result.stderr == ""
+    clinics = len(list((ROOT / "config" / "clinics").glob("*.toml")))
+    assert f" protocols, {clinics} clinic(s), " in result.stdout.splitlines()[-1], result.stdout
