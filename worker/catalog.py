@@ -33,7 +33,7 @@ from typing import Any
 
 from .clinics import Clinic, load_clinics
 from .errors import ConfigError
-from .protocols import Protocol, load_protocols
+from .protocols import Protocol, config_files, load_protocols
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ _reload_lock = threading.Lock()
 def config_stamp(settings: Settings) -> Stamp:
     """Return each protocol and clinic file with its modification time and size."""
     stamp = []
-    for path in sorted([*settings.protocols_dir.glob("*.toml"),
-                        *settings.clinics_dir.glob("*.toml")]):
+    for path in sorted([*config_files(settings.protocols_dir),
+                        *config_files(settings.clinics_dir)]):
         try:
             st = path.stat()
         except OSError:

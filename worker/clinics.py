@@ -31,7 +31,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .models import CHANNELS, CLINIC_ID_PATTERN, Channel, Timezone, parse_e164, safe_text
-from .protocols import _pydantic_problem, read_toml
+from .protocols import _pydantic_problem, config_files, read_toml
 from .settings import MIN_SECRET_CHARS
 from .webhooks import EVENT_TYPES
 
@@ -328,7 +328,7 @@ def load_clinic(path: Path) -> Clinic:
 
 
 def load_clinics(folder: Path) -> dict[str, Clinic]:
-    """Load every `*.toml` clinic in `folder`, keyed by clinic id."""
+    """Load every `*.toml` clinic in `folder` (`config_files`), keyed by clinic id."""
     if not folder.is_dir():
         raise ConfigError(folder, "clinics folder not found")
-    return {p.stem: load_clinic(p) for p in sorted(folder.glob("*.toml"))}
+    return {p.stem: load_clinic(p) for p in config_files(folder)}

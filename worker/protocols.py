@@ -259,8 +259,15 @@ def load_protocol(path: Path) -> Protocol:
         raise ConfigError(path, _pydantic_problem(exc)) from None
 
 
+def config_files(folder: Path) -> list[Path]:
+    """Return the `*.toml` files of a config folder, sorted, hidden ones left out: the
+    AppleDouble `._x.toml` a macOS copy leaves beside each file, an editor's lock
+    `.#x.toml` are no configuration (and no clinic id may begin with ".")."""
+    return sorted(p for p in folder.glob("*.toml") if not p.name.startswith("."))
+
+
 def load_protocols(folder: Path) -> dict[str, Protocol]:
-    """Load every `*.toml` protocol in `folder`, keyed by treatment id."""
+    """Load every `*.toml` protocol in `folder` (`config_files`), keyed by treatment id."""
     if not folder.is_dir():
         raise ConfigError(folder, "protocols folder not found")
-    return {p.stem: load_protocol(p) for p in sorted(folder.glob("*.toml"))}
+    return {p.stem: load_protocol(p) for p in config_files(folder)}
