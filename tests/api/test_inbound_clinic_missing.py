@@ -88,3 +88,39 @@ def test_only_a_stop_is_acted_on_while_the_clinic_file_is_missing(server, tw, re
         assert client.get("/readyz").status_code == 200
     assert message_of(text(server, "START")) is not None
     assert store.opted_out("tw", "sms", ANA) is None
+
+
+def test_a_clinic_write_while_its_file_is_missing_is_503_to_send_again(server, tw):  # noqa: F811
+    """While the clinic's file is missing from config/ (a deploy rewriting it), its PUT,
+    batch and release were refused 422 "clinic: unknown clinic 'tw'", "the booking was
+    refused": an answer a clinic's system takes as final (the booking is wrong, do not send
+    it again), so the booking was never stored and its patient got no reminders. The key
+    says the clinic is real and the API knew its file a moment ago: 503 with Retry-After,
+    nothing stored, and the same request works once the file is back."""
+    from tests.api.conftest import future_booking, held_booking
+
+    held = held_booking("H-1") | {"clinic": "tw"}
+    assert tw.put("/v1/bookings/H-1", json=held).status_code == 201
+    store = server.app.state.services.store
+    clinic = server.settings.config_dir / "clinics" / "tw.toml"
+    content = clinic.read_text(encoding="utf-8")
+    clinic.unlink()
+    time.sleep(1.2)  # missing for longer than an edit: the API reads config/ without it
+    assert tw.get("/v1/bookings/H-1").status_code == 200
+    assert "tw" in server.app.state.services.catalog.former
+    before = sorted(store.redis.keys("*"))
+
+    doc = future_booking("N-1", clinic="tw")
+    for answer in (tw.put("/v1/bookings/N-1", json=doc),
+                   tw.post("/v1/bookings:batch", json={"bookings": [doc]}),
+                   tw.post("/v1/bookings/H-1/release")):
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "5"
+        assert answer.json()["error"]["code"] == "unavailable"
+    assert [k for k in sorted(store.redis.keys("*")) if ":ratelimit:" not in k] == [
+        k for k in before if ":ratelimit:" not in k]
+
+    clinic.write_text(content, encoding="utf-8")  # back
+    time.sleep(1.2)
+    assert tw.put("/v1/bookings/N-1", json=doc).status_code == 201
+    assert tw.post("/v1/bookings/H-1/release").json()["status"] == "scheduled"
