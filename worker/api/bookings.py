@@ -40,11 +40,11 @@ from ..store import Store
 from .auth import Authenticated
 from .body import json_body
 from .conditional import PreconditionFailed, cancel, etag, parse_if_match, upsert
-from .errors import ApiError, error_body, not_found
+from .errors import REDIS_RETRY_AFTER_SECONDS, ApiError, error_body, not_found
 from .intake import intake, refused
 from .params import no_unknown_query
 from .schemas import BatchResult, BookingPage, ErrorBody, Timeline, error_responses
-from .services import Svc
+from .services import Services, Svc
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["bookings"],
@@ -100,6 +100,18 @@ def _request_body(schema: str) -> dict[str, Any]:
         "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
 
 
+def _configured(clinic: str, svc: Services) -> None:
+    """Refuse (503, to send again) a write for a clinic whose file is missing from config/
+    as read now but was there a moment ago (`Catalog.former`: a deploy rewriting config/):
+    the key says the clinic is real, and "unknown clinic" (422) would tell its system the
+    booking is wrong and not to send it again. Nothing is planned without its config."""
+    if clinic not in svc.catalog.clinics and clinic in svc.catalog.former:
+        raise ApiError(503, f"clinic {clinic!r}'s configuration is not readable right now "
+                            "(its file is being rewritten in config/); nothing was stored: "
+                            "send the request again shortly",
+                       headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)})
+
+
 def _timeline_response(timeline: dict[str, Any], status: int = 200) -> JSONResponse:
     return JSONResponse(timeline, status_code=status, headers={"ETag": etag(timeline["version"])})
 
@@ -143,6 +155,7 @@ def put_booking(
     """Store the booking and return its timeline. The same body again changes nothing
     (same version); a changed one is reconciled and gets a new version (the `ETag`)."""
     expected = _if_match(if_match)
+    _configured(caller.clinic, svc)
     now = datetime.now(UTC)
     booking, planned = intake(doc, caller.clinic, booking_id, svc.catalog, now)
     timeline, created = upsert(svc.store, booking, planned, now, expected)
@@ -214,6 +227,7 @@ def release_booking(
     answers 409: only a held booking can be released; so does a booking changed (cancelled,
     corrected) while the release was under way."""
     clinic, store = caller.clinic, svc.store
+    _configured(clinic, svc)
     try:
         current = store.timeline(clinic, _known(booking_id))
         doc = store.booking_doc(clinic, booking_id)
@@ -332,6 +346,7 @@ def batch_bookings(
     """`{"bookings": [...]}`: each booking is stored or refused on its own (see `results`,
     in request order); valid ones are stored even if others are refused."""
     items = _batch_items(doc)
+    _configured(caller.clinic, svc)
     now = datetime.now(UTC)
     results: list[dict[str, Any]] = []
     accepted = []
