@@ -383,3 +383,18 @@ def test_hidden_files_beside_the_configuration_are_not_read(copy: Path) -> None:
     assert result.stderr == ""
     clinics = len(list((ROOT / "config" / "clinics").glob("*.toml")))
     assert f" protocols, {clinics} clinic(s), " in result.stdout.splitlines()[-1], result.stdout
+
+
+# Review (config while sending): a hidden folder in templates/ (`.git` when templates/ is its
+# own checkout, an editor's `.idea`) was taken as a language: `check` failed with every
+# template "missing" in it and ".git: not a locale Babel knows" (exit 3, 85 errors), for
+# templates the worker sends from without a word (its renderer never takes a hidden folder
+# as a language). Hidden folders are not languages.
+def test_a_hidden_folder_in_templates_is_not_a_language(copy: Path) -> None:
+    git = copy / "templates" / ".git"
+    (git / "objects").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n", encoding="utf-8")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert result.stderr == ""
+    assert result.stdout.rstrip().splitlines()[-1].endswith("locales en, es"), result.stdout
