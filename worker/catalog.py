@@ -125,8 +125,9 @@ class Catalog:
         if not templates_dir.is_dir():
             raise ConfigError(templates_dir, "templates folder not found")
         stamp = config_stamp(settings)  # before reading: an edit meanwhile is read again
-        locales = frozenset(
-            p.name for p in templates_dir.iterdir() if p.is_dir() and not p.name.startswith("_")
+        locales = frozenset(  # not "_" pieces, nor hidden folders (.git of a checkout)
+            p.name for p in templates_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(("_", "."))
         )
         return cls(
             protocols=load_protocols(settings.protocols_dir),
