@@ -29,7 +29,8 @@ pytestmark = pytest.mark.integration
 
 def cli_env(url: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
-    env.update(REMINDERS_REDIS_URL=url, REMINDERS_DATA_DIR=str(tmp_path))
+    env.update(REMINDERS_REDIS_URL=url, REMINDERS_DATA_DIR=str(tmp_path),
+               PYTHONPATH=str(ROOT))  # this checkout's code, whichever the venv points at
     return env
 
 
@@ -122,4 +123,41 @@ def test_ctrl_c_while_checking_stores_nothing_and_says_so(redis_server, redis_cl
     assert "Traceback" not in err, err
     assert proc.returncode == 130, err
     assert "interrupted while checking" in err and "nothing was stored" in err, err
+    assert stored(redis_client) == 0
+
+
+# `reminders book` with its own signal sent to it at one instant: when the booking model's
+# serializer (pydantic calls it from Rust, wrapping whatever it raises) is entered for the
+# Nth time. The signal is real; only its instant is chosen.
+SIGNAL_IN_SERIALIZER = """
+import os, signal, sys
+from worker.cli import main
+calls = 0
+def at_call(frame, event, arg):
+    global calls
+    if event == "call" and frame.f_code.co_name == "_without_unset_preferred_name":
+        calls += 1
+        if calls == 2:
+            sys.setprofile(None)
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+sys.setprofile(at_call)
+sys.exit(main(["book", "--jobs", "1", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize(("signame", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_while_a_booking_is_serialized_is_a_stop_not_a_traceback(
+        redis_server, redis_client, tmp_path, signame, code):
+    # Ctrl-C or SIGTERM landing while a checked booking was dumped to its document: pydantic
+    # wrapped the KeyboardInterrupt in a PydanticSerializationError, and book ended with a
+    # traceback and exit 1 ("a booking was refused"), not "interrupted while checking".
+    path = tmp_path / "bookings.jsonl"
+    path.write_text(jsonl(realistic_bookings(3, seed=36)), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-c", SIGNAL_IN_SERIALIZER, signame, str(path)],
+                          env=cli_env(redis_server.url, tmp_path), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert done.stderr.strip() == ("interrupted while checking (after 0 bookings): nothing "
+                                   "was stored"), done.stderr
     assert stored(redis_client) == 0
