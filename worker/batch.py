@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from pydantic_core import PydanticSerializationError
+
 from .catalog import Catalog
 from .errors import BookingRejected
 from .jsonsafe import JSONRefused, load_json, printable
@@ -418,7 +420,7 @@ def outcome_of(checked: Checked) -> Outcome:
         return Outcome(checked.number, checked.line, checked.label, errors=errors,
                        unreadable=checked.unreadable)
     return Outcome(checked.number, checked.line, checked.label,
-                   doc=checked.booking.model_dump(mode="json"), plan=plan_record(checked.plan))
+                   doc=dump_booking(checked.booking), plan=plan_record(checked.plan))
 
 
 # An accepted booking's (clinic, booking id, number, line): what `SeenBookings` compares.
@@ -446,6 +448,23 @@ class CheckedChunk:
         return pickle.loads(self.blob) if self.blob is not None else []
 
 
+def dump_booking(booking: Booking) -> dict[str, Any]:
+    """`booking.model_dump(mode="json")`, a Ctrl-C or SIGTERM landing inside it raised as
+    itself: pydantic wraps whatever a serializer function raises (KeyboardInterrupt too) in
+    PydanticSerializationError, and a stop while checking was a traceback, exit 1."""
+    try:
+        return booking.model_dump(mode="json")
+    except PydanticSerializationError as exc:
+        raise_stop(exc)
+        raise
+
+
+def raise_stop(exc: BaseException) -> None:
+    """Raise the KeyboardInterrupt (Ctrl-C, or SIGTERM as `Terminated`) `exc` wraps, if any."""
+    if isinstance(exc.__cause__, KeyboardInterrupt):
+        raise exc.__cause__ from None
+
+
 def _check_chunk(
     docs: list[Document], catalog: Catalog, clinic: str | None, now: datetime
 ) -> CheckedChunk:
@@ -456,7 +475,7 @@ def _check_chunk(
         checked = check_document(doc, catalog, clinic, now)
         if checked.booking is not None and checked.plan is not None:
             booking = checked.booking
-            items.append((booking.model_dump(mode="json"), plan_record(checked.plan)))
+            items.append((dump_booking(booking), plan_record(checked.plan)))
             keys.append((booking.clinic, booking.booking_id, doc.number, doc.line))
         else:
             refused.append(outcome_of(checked))

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from .batch import (
     AUTO_AFTER,
@@ -44,6 +45,7 @@ from .batch import (
     print_refusal,
     progress_on,
     quiet_gc,
+    raise_stop,
     read_documents,
     refusal_heading,
 )
@@ -230,7 +232,11 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     """Check every booking first; store them, a chunk at a time, only if all are acceptable."""
     with quiet_gc(), sigterm_stops():
         try:
-            return book_files(args, settings)
+            try:
+                return book_files(args, settings)
+            except PydanticSerializationError as exc:  # a stop inside a booking's dump
+                raise_stop(exc)
+                raise
         except KeyboardInterrupt as exc:  # what was stored is said (`book_files`, `store_all`)
             return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
