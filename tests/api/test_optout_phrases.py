@@ -56,6 +56,12 @@ OPT_OUTS = [
     "Para de enviarme mensajes", "Paren de escribirme por favor", "No envíen más mensajes",
     "No quiero que me manden mensajes", "Borren mi número", "Eliminen mi número por favor",
     "Elimínenme de la lista", "Cancelar suscripción", "Quiero cancelar mi suscripción",
+    # English as the Spanish list has it since (review s20, second look): "No envíen más
+    # mensajes", "No quiero que me manden mensajes", "Cancelar suscripción" opted out, their
+    # English was `unknown` (or `change`) and the texts kept coming
+    "Please don't send any more texts", "Don't send texts", "Do not send these messages",
+    "I don't want you to text me anymore", "I do not want you to send me messages",
+    "Cancel my subscription", "Please cancel my subscription",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -79,6 +85,9 @@ NOT_OPT_OUTS = [
     ("Dejé de usar la crema", "unknown"), ("No más dolor, gracias por los mensajes", "unknown"),
     ("Para de sangrar, ¿es normal?", "unknown"), ("Borren mi cita del martes", "unknown"),
     ("¿Quiero cancelar mi suscripción al gimnasio?", "change"),
+    ("Don't send the texts to my old number", "unknown"),
+    ("Why don't you send me the texts by email?", "unknown"),
+    ("Can I cancel my subscription to the newsletter?", "change"),
 ]
 
 
@@ -97,6 +106,7 @@ def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, inte
     ("leave me alone", "en"), ("no más mensajes", "es"), ("no me envíen mensajes", "es"),
     ("I do not want to receive these messages", "en"), ("No quiero recibir mensajes", "es"),
     ("Para de enviarme mensajes", "es"), ("Cancelar suscripción", "es"),
+    ("Please don't send any more texts", "en"), ("Cancel my subscription", "en"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
