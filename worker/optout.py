@@ -38,9 +38,10 @@ In this order:
               request opener (REQUEST_WORDS: "can you", "I want", "please", "yes", "but") before it,
               and, if it asks a question, only courtesy words after it:
                 en  no more <texts>; don't / do not / never text|message|contact me;
-                    don't send me <texts>; don't want (to receive|get) <texts>;
-                    remove|take me off|from your|the list; remove|delete|lose my (phone)
-                    number; leave me alone
+                    don't send (me) <texts>; don't want (to receive|get) <texts>; don't
+                    want you to text|message|contact|send me; remove|take me off|from
+                    your|the list; remove|delete|lose my (phone) number; cancel|end (my)
+                    subscription; leave me alone
                 es  no (quiero|deseo (recibir)) (mas) <mensajes>; no (quiero que) me
                     envien|manden|escriban (mas) (<mensajes>); no envien|mandar (mas)
                     <mensajes>; dejen|deja|paren|para de enviarme|mandarme|escribirme;
@@ -240,7 +241,9 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     r"NO MORE {small}{msg}",
     r"{not} (?:TEXT|MESSAGE|SMS|CONTACT) ME",
     # not "want the texts to stop"
-    r"{not} (?:SEND ME|WANT|NEED) (?:TO (?:RECEIVE|GET) )?{small}{msg}(?! TO)",
+    r"{not} (?:SEND(?: ME)?|WANT|NEED) (?:TO (?:RECEIVE|GET) )?{small}{msg}(?! TO)",
+    r"{not} WANT YOU TO (?:TEXT|MESSAGE|SMS|CONTACT|SEND) ME",
+    r"(?:CANCEL|END) (?:MY |THE |THIS )?SUBSCRIPTION",
     r"(?:REMOVE|TAKE) ME (?:OFF|FROM|OFF OF) (?:YOUR|THE|THIS|THAT) "
     r"(?:(?:TEXT|TEXTING|SMS|MAILING|CONTACT|MESSAGING) )?LIST",
     r"(?:REMOVE|DELETE|LOSE) MY (?:PHONE |MOBILE |CELL )?NUMBER",
