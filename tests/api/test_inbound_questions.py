@@ -23,7 +23,15 @@ from worker.optout import classify
                                   # the reminder's words echoed back, or acknowledged (review
                                   # s20): statements about the product, not the texts
                                   "Stop tretinoin tonight", "Ok stop tretinoin",
-                                  "Will stop retinol", "STOP tretinoin", "Stop the cream"])
+                                  "Will stop retinol", "STOP tretinoin", "Stop the cream",
+                                  # the pause reminder acknowledged (review s20, second
+                                  # look): 7eb47e9 let a product stand between STOP and a
+                                  # messaging word at any length, and "message received"
+                                  # after it made these opt-outs (they were not)
+                                  "Ok stop retinol, message received",
+                                  "Stop the cream, message received thanks",
+                                  "Stop tretinoin, reminder received",
+                                  "Stop retinol, message received"])
 def test_a_question_or_report_starting_with_a_stop_word_opts_nothing_out(server, tw, body):  # noqa: F811
     book(tw, "Q-1")
     before = reminders(tw, "Q-1")
@@ -42,6 +50,7 @@ def test_a_question_or_report_starting_with_a_stop_word_opts_nothing_out(server,
     "¿Baja?", "Baja ya", "Baja de los mensajes", "BAJA gracias", "Baja por favor",
     # a product named beside the texts: still about the texts
     "Stop tretinoin texts", "stop the tretinoin reminders", "Stop retinol and stop texting me",
+    "Stop the retinol reminders please", "Stop retinol messages now thanks",
 ])
 def test_clear_opt_outs_still_opt_out(body):
     assert classify(body) == "stop", body
