@@ -29,7 +29,8 @@ In this order:
               (d) a sure word followed by a messaging word (TEXTS, SMS, MESSAGES,
               MENSAJES ...), with only small words (or products) between, at any length:
               "Stop tretinoin texts", "Please stop sending me these text messages, I
-              have what I need".
+              have what I need"; past a product, only courtesy words after the messaging
+              word ("Ok stop retinol, message received" acknowledges the reminder).
               BAJA counts as sure only alone, first before a filler ("Baja ya"), after DE
               ("darme de baja") or among fillers: "tengo la tension baja" is about blood
               pressure, "Baja la fiebre" says the fever goes down.
@@ -217,14 +218,24 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
     sure = [i for i in stops if _sure_at(words, i)]
     if not sure:
         return False
+    # A short text naming a product is one only with the texts and nothing else ("Retinol
+    # texts: STOP"), not "Stop retinol, message received" (the reminder acknowledged).
     if len(words) <= SHORT_WORDS and not question and (
-            not CARE_WORDS.intersection(words) or MESSAGING_WORDS.intersection(words)):
+            not CARE_WORDS.intersection(words) or (MESSAGING_WORDS.intersection(words) and all(
+                w in STOP_WORDS or w in _BETWEEN or w in CARE_WORDS for w in words))):
         return True  # (b), (c): a question ("Stop the cream?") is (a) or (d), or no stop
-    for i in sure:  # (d)
-        for word in words[i + 1:]:
+    for i in sure:  # (d); (b) and (c) of a text naming a product
+        named = False
+        for j, word in enumerate(words[i + 1:], start=i + 1):
             if word in MESSAGING_WORDS:
-                return True
-            if word not in _BETWEEN and word not in CARE_WORDS:
+                # Past a product, the texts must end it ("Stop tretinoin texts please"):
+                # "Ok stop retinol, message received" acknowledges the pause reminder.
+                if not named or all(w in FILLER_WORDS for w in words[j + 1:]):
+                    return True
+                break
+            if word in CARE_WORDS:
+                named = True
+            elif word not in _BETWEEN:
                 break
     return False
 

@@ -51,6 +51,7 @@ def test_a_question_or_report_starting_with_a_stop_word_opts_nothing_out(server,
     # a product named beside the texts: still about the texts
     "Stop tretinoin texts", "stop the tretinoin reminders", "Stop retinol and stop texting me",
     "Stop the retinol reminders please", "Stop retinol messages now thanks",
+    "Retinol texts: STOP",
 ])
 def test_clear_opt_outs_still_opt_out(body):
     assert classify(body) == "stop", body
