@@ -124,3 +124,33 @@ def test_a_clinic_write_while_its_file_is_missing_is_503_to_send_again(server, t
     time.sleep(1.2)
     assert tw.put("/v1/bookings/N-1", json=doc).status_code == 201
     assert tw.post("/v1/bookings/H-1/release").json()["status"] == "scheduled"
+
+
+def test_a_booking_whose_protocol_file_is_missing_is_503_to_send_again(server, tw):  # noqa: F811
+    """As for the clinic's file: while the treatment's protocol file is missing from
+    config/ (a deploy rewriting it), a PUT answered 422 "no protocol for treatment
+    'microneedling'", "the booking was refused", and a batch refused the item the same way:
+    the booking was never sent again. 503 (the batch: that item's status), nothing stored."""
+    from tests.api.conftest import future_booking
+
+    store = server.app.state.services.store
+    protocol = server.settings.config_dir / "protocols" / "microneedling.toml"
+    content = protocol.read_text(encoding="utf-8")
+    protocol.unlink()
+    time.sleep(1.2)  # missing for longer than an edit: the API reads config/ without it
+    assert tw.get("/readyz").status_code == 200
+    assert "microneedling" in server.app.state.services.catalog.former_protocols
+
+    doc = future_booking("N-1", clinic="tw")
+    answer = tw.put("/v1/bookings/N-1", json=doc)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "5"
+    batch = tw.post("/v1/bookings:batch", json={"bookings": [doc]})
+    assert batch.status_code == 200, batch.text
+    (item,) = batch.json()["results"]
+    assert (item["status"], item["error"]["code"]) == (503, "unavailable"), item
+    assert store.booking_ids("tw") == []
+
+    protocol.write_text(content, encoding="utf-8")  # back
+    time.sleep(1.2)
+    assert tw.put("/v1/bookings/N-1", json=doc).status_code == 201
