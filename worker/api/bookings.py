@@ -41,7 +41,7 @@ from .auth import Authenticated
 from .body import json_body
 from .conditional import PreconditionFailed, cancel, etag, parse_if_match, upsert
 from .errors import REDIS_RETRY_AFTER_SECONDS, ApiError, error_body, not_found
-from .intake import intake, refused
+from .intake import intake, protocol_readable, refused
 from .params import no_unknown_query
 from .schemas import BatchResult, BookingPage, ErrorBody, Timeline, error_responses
 from .services import Services, Svc
@@ -237,6 +237,7 @@ def release_booking(
         raise ApiError(409, f"booking {booking_id!r} is {current['status']}, not held: "
                             "only a held booking can be released", code="not_held")
     now = datetime.now(UTC)
+    protocol_readable(doc, svc.catalog)
     try:
         booking = parse_booking(doc, svc.catalog)
         planned = plan(booking, svc.catalog.protocols[booking.treatment],

@@ -16,7 +16,7 @@ from ..catalog import Catalog
 from ..errors import BookingRejected
 from ..models import Booking, parse_booking
 from ..planner import Plan, plan
-from .errors import ApiError
+from .errors import REDIS_RETRY_AFTER_SECONDS, ApiError
 
 
 def refused(errors: list[tuple[str, str]]) -> ApiError:
@@ -24,9 +24,25 @@ def refused(errors: list[tuple[str, str]]) -> ApiError:
                     fields=errors)
 
 
+def protocol_readable(doc: Any, catalog: Catalog) -> None:
+    """Refuse (503, to send again) a booking whose treatment's protocol file is missing
+    from config/ as read now but was there a moment ago (`Catalog.former_protocols`: a
+    deploy rewriting config/): "no protocol for treatment" (422) would tell the clinic's
+    system the booking is wrong and not to send it again."""
+    treatment = doc.get("treatment") if isinstance(doc, dict) else None
+    if isinstance(treatment, str) and treatment not in catalog.protocols \
+            and treatment in catalog.former_protocols:
+        raise ApiError(503, f"the protocol of treatment {treatment!r} is not readable right "
+                            "now (its file is being rewritten in config/); nothing was "
+                            "stored: send the booking again shortly",
+                       headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)})
+
+
 def intake(doc: Any, clinic: str, booking_id: str | None, catalog: Catalog,
            now: datetime) -> tuple[Booking, Plan]:
-    """Return the booking and its plan, or raise ApiError(422) naming every bad field."""
+    """Return the booking and its plan, or raise ApiError(422) naming every bad field
+    (503 while its protocol's file is missing a moment: `protocol_readable`)."""
+    protocol_readable(doc, catalog)
     errors: list[tuple[str, str]] = []
     if isinstance(doc, dict) and booking_id is not None:
         if "booking_id" not in doc:

@@ -88,7 +88,9 @@ class Timeline(BaseModel):
 class BatchItem(BaseModel):
     index: int = Field(description="0-based position in the request's `bookings`")
     booking_id: str | None
-    status: int = Field(description="200 updated, 201 created, 422 refused")
+    status: int = Field(description="200 updated, 201 created, 422 refused, 503 not "
+                                    "stored for now (its protocol's file is being "
+                                    "rewritten): send it again")
     timeline: Timeline | None = None
     error: ErrorDetail | None = None
 
