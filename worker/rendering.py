@@ -526,8 +526,7 @@ class Renderer:
     def variant(self, patient_locale: str, clinic: Clinic) -> Variant:
         """Return the variant a message to this patient from this clinic is written in
         (see the module docstring). Worked out once per patient locale and clinic locale
-        and timezone for the life of this renderer (the templates folders it looks at are
-        read once per process, as the catalog is)."""
+        and timezone, until a folder is added to or removed from templates/ (`_changed`)."""
         key = (patient_locale, clinic.locale, clinic.timezone)
         found = self._variants.get(key)
         if found is None:
