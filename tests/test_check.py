@@ -398,3 +398,23 @@ def test_a_hidden_folder_in_templates_is_not_a_language(copy: Path) -> None:
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     assert result.stderr == ""
     assert result.stdout.rstrip().splitlines()[-1].endswith("locales en, es"), result.stdout
+
+
+# Review (config while sending): `check` compiles every .j2 file under templates/, hidden ones
+# too, and took a file that is not UTF-8 as a crash: the AppleDouble `._day-before.sms.txt.j2`
+# a macOS copy leaves beside each template (binary; the worker never reads it) ended check
+# with a UnicodeDecodeError traceback, and so did a template saved as Latin-1, naming no file
+# (the worker dead-letters its messages). Hidden files are left out; a template that is not
+# UTF-8 is an error naming the file.
+def test_a_template_that_is_not_utf8_is_named_and_hidden_ones_are_not_read(copy: Path) -> None:
+    apple = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\x00\x00\x00\x09\xff\xfe"
+    (copy / "templates" / "en" / "._day-before.sms.txt.j2").write_bytes(apple)
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert result.stderr == ""
+    sms = copy / "templates" / "es" / "day-before.sms.txt.j2"
+    sms.write_bytes(sms.read_text(encoding="utf-8").encode("latin-1"))  # saved as Latin-1
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"configuration error: {sms}: not UTF-8 text (byte " in result.stderr, result.stderr
