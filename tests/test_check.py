@@ -412,8 +412,10 @@ def test_a_template_that_is_not_utf8_is_named_and_hidden_ones_are_not_read(copy:
     result = check_copy(copy)
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     assert result.stderr == ""
-    sms = copy / "templates" / "es" / "day-before.sms.txt.j2"
-    sms.write_bytes(sms.read_text(encoding="utf-8").encode("latin-1"))  # saved as Latin-1
+    sms = copy / "templates" / "es" / "confirmation.sms.txt.j2"
+    text = sms.read_text(encoding="utf-8")
+    assert not text.isascii()
+    sms.write_bytes(text.encode("latin-1"))  # saved as Latin-1
     result = check_copy(copy)
     assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr

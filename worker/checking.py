@@ -39,6 +39,7 @@ from .rendering import (
     Renderer,
     file_name,
     language_of,
+    not_utf8,
     syntax_error,
 )
 from .settings import MIN_SECRET_CHARS
@@ -488,10 +489,14 @@ def _file_errors(renderer: Renderer, catalog: Catalog) -> list[ConfigError]:
             errors += [ConfigError(catalog.templates_dir / name, f"missing (needed by {user})")
                        for name in renderer.missing_files(locale, template)]
     for name in renderer.env.list_templates(extensions=["j2"]):
+        if any(part.startswith(".") for part in name.split("/")):
+            continue  # a macOS ._x.j2 beside each file, .git: never a template
         try:
             renderer.env.get_template(name)
         except TemplateSyntaxError as exc:
             errors.append(syntax_error(exc, catalog.templates_dir / name))
+        except UnicodeDecodeError as exc:
+            errors.append(not_utf8(exc, catalog.templates_dir / name))
     return errors
 
 

@@ -303,6 +303,12 @@ def syntax_error(exc: TemplateSyntaxError, path: Path) -> ConfigError:
     return ConfigError(f"{exc.filename or path}:{exc.lineno}", f"syntax error: {exc.message}")
 
 
+def not_utf8(exc: UnicodeDecodeError, path: Path) -> ConfigError:
+    """Return a template file that is not UTF-8 as a ConfigError naming it (the file
+    `path` asked for; a layout or macro file it uses is not known by name here)."""
+    return ConfigError(path, f"not UTF-8 text (byte {exc.start}), or a file it uses is not")
+
+
 TEMPLATE_NOT_FOUND = "template file not found"  # a ConfigError's problem
 # How long a compiled template is used without looking at its file again (seconds).
 TEMPLATES_RECHECK_SECONDS = 1.0
@@ -667,6 +673,8 @@ class Renderer:
             raise ConfigError(self.templates_dir / unmarked(name), TEMPLATE_NOT_FOUND) from None
         except TemplateSyntaxError as exc:
             raise syntax_error(exc, self.templates_dir / unmarked(name)) from None
+        except UnicodeDecodeError as exc:  # a file saved as Latin-1 (this one, or one it uses)
+            raise not_utf8(exc, self.templates_dir / unmarked(name)) from None
         except TemplateError as exc:  # undefined variable, sandbox refusal, bad filter use
             raise ConfigError(self._failing_file(exc, name), str(exc)) from None
 
