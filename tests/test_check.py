@@ -420,3 +420,17 @@ def test_a_template_that_is_not_utf8_is_named_and_hidden_ones_are_not_read(copy:
     assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert f"configuration error: {sms}: not UTF-8 text (byte " in result.stderr, result.stderr
+
+
+# Review (config while sending): an [advice] value written `inf` or `nan` (TOML floats) loaded
+# and passed `check` (exit 0): the messages stating it told patients "SPF inf" / "SPF nan".
+# A value must be a finite number; refused at load, naming the file and the key.
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_an_advice_value_that_is_no_number_is_an_error(copy: Path, value: str) -> None:
+    protocol = copy / "config" / "protocols" / "microneedling.toml"
+    text = protocol.read_text(encoding="utf-8")
+    assert "\nspf = 30" in text
+    protocol.write_text(text.replace("\nspf = 30", f"\nspf = {value}", 1), encoding="utf-8")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert f"configuration error: {protocol}: advice.spf" in result.stderr, result.stderr
