@@ -32,7 +32,9 @@ from .models import Channel, Medications
 STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,47}$"
 TEMPLATE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 ADVICE_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,47}$"
-AdviceValue = StrictBool | StrictInt | StrictFloat | list[StrictInt | StrictFloat]
+# A finite number: `inf` and `nan` are TOML floats, and no message may say "SPF inf".
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+AdviceValue = StrictBool | StrictInt | FiniteFloat | list[StrictInt | FiniteFloat]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 # Boolean medication flags a step may be conditioned on.
