@@ -122,6 +122,34 @@ def test_sigterm_after_the_last_batch_says_everything_is_stored(
     assert stored(redis_client) == 1
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_before_the_first_booking_is_read_says_nothing_was_stored(
+        redis_server, redis_client, tmp_path, signum, code):
+    # `slow-export | reminders book -` stopped while book waits for its first booking: it
+    # ended 130/143 without a word (stopped while checking or storing it says what it
+    # stored; here too: nothing).
+    proc = subprocess.Popen([str(BIN / "reminders"), "book", "-"],
+                            env=cli_env(redis_server.url, tmp_path), cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write('{"clinic": "glow", ')  # the first booking, still coming
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # blocked reading stdin (read(2) of fd 0)
+        if Path(f"/proc/{proc.pid}/syscall").read_text().startswith("0 0x0 "):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("book never waited on stdin")
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert proc.returncode == code, (proc.returncode, err)
+    assert "nothing was stored" in err, err
+    assert stored(redis_client) == 0
+
+
 def test_redis_refusing_writes_while_storing_is_not_a_refused_booking(
         redis_server, redis_client, tmp_path):
     docs = list(realistic_bookings(30, seed=34))
