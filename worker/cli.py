@@ -261,8 +261,13 @@ def sigterm_stops() -> Iterator[None]:
 
 
 def book_files(args: argparse.Namespace, settings: Settings) -> int:
-    catalog = Catalog.load(settings)
-    source = read_documents(args.file)
+    try:
+        catalog = Catalog.load(settings)
+        source = read_documents(args.file)  # waits for the first bookings (a slow pipe)
+    except KeyboardInterrupt:
+        print("interrupted before any booking was checked: nothing was stored",
+              file=sys.stderr)
+        raise
     now = datetime.now(UTC)
     started = time.monotonic()
     spool = Spool()
