@@ -111,6 +111,8 @@ class HttpSink:
     def __init__(self) -> None:
         self.port = free_port()
         self.status = 200
+        # > 0: the answer's body (no length given) comes a byte at a time for this long.
+        self.trickle_seconds = 0.0
         self.posts: list[Received] = []
         self.requests: list[tuple[float, str, int]] = []  # every POST: (time, to, status answered)
         self._lock = threading.Lock()
@@ -135,7 +137,15 @@ class HttpSink:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
-                self.wfile.write(b"{}")
+                end = time.time() + sink.trickle_seconds
+                try:
+                    while time.time() < end:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                    self.wfile.write(b"{}")
+                except OSError:  # the sender stopped reading
+                    pass
 
             def log_message(self, *args: Any) -> None:
                 pass

@@ -313,6 +313,28 @@ def test_sms_gateway_over_http(status, permanent):
     assert ok.raw["message"] == SMS.text and ok.raw["to"] == "+34600111222"
 
 
+def test_an_sms_gateway_answer_whose_body_never_ends_is_sent_by_its_status():
+    # The gateway accepts the SMS (200) and then its body trickles on (a proxy holding the
+    # connection, a streaming answer), each byte inside the read timeout: the send read it
+    # until the attempt's time limit, far past send_timeout_seconds. A worker then records
+    # the send as of unknown outcome (or its watchdog ends the process) and sends the SMS
+    # again once its ledger expires: twice. As a clinic's webhook (56b1565), the status
+    # decides; the body is read for at most the read timeout.
+    sink = HttpSink().start()
+    sink.trickle_seconds = 20.0
+    try:
+        url = f"json://127.0.0.1:{sink.port}/sms?:to=%2B34600111222"
+        env = Envelope("r/b/k", "glow", "sms", "+34600111222")
+        began = time.monotonic()
+        assert deliver(url, env, SMS, outbox=None, timeout=1, now=NOW) == "sent through Apprise"
+        took = time.monotonic() - began
+    finally:
+        sink.stop()
+    assert took < 5, took
+    (ok,) = sink.snapshot()
+    assert ok.raw["message"] == SMS.text and ok.raw["to"] == "+34600111222"
+
+
 class Gateway:
     """A real HTTP SMS gateway on 127.0.0.1 for Apprise's json:// posts.
 
