@@ -62,6 +62,7 @@ import apprise
 import requests
 import requests.api
 import requests.utils
+import urllib3.exceptions
 from apprise.apprise import N_MGR
 from apprise.attachment.memory import AttachMemory
 from apprise.exception import AppriseImproperlyConfigured
@@ -503,7 +504,52 @@ def _request(method: str, url: Any, **kwargs: Any) -> requests.Response:
         return _plain_request(method, url, **kwargs)
     session = _thread_session()
     session.cookies.clear()
-    return session.request(method=method, url=url, **kwargs)
+    if kwargs.pop("stream", False):
+        return session.request(method=method, url=url, stream=True, **kwargs)
+    response = session.request(method=method, url=url, stream=True, **kwargs)
+    _read_body(response, _read_seconds(kwargs.get("timeout")))
+    return response
+
+
+def _read_seconds(timeout: Any) -> float | None:
+    """The read timeout of a `requests` timeout (seconds, or (connect, read)), if any."""
+    if isinstance(timeout, tuple):
+        timeout = timeout[1] if len(timeout) > 1 else None
+    return float(timeout) if isinstance(timeout, int | float) else None
+
+
+def _read_body(response: requests.Response, seconds: float | None) -> None:
+    """Read `response`'s body as `requests` does unless streamed, for at most `seconds` in
+    all: the status decides a send, and an answer whose body trickles on (each byte inside
+    the read timeout: a proxy holding the connection) held the send past its timeout until
+    the attempt's time limit, recorded as of unknown outcome and sent again. What came by
+    then is the body; the connection is closed, not reused."""
+    if seconds is None:
+        response.content  # noqa: B018 (reads it, as `requests` does)
+        return
+    end = time.monotonic() + seconds
+    chunks: list[bytes] = []
+    try:
+        while True:
+            chunk = response.raw.read1(65_536, decode_content=True)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if time.monotonic() >= end:
+                log.info("an HTTP answer's body still coming after %.0f s: not read further",
+                         seconds)
+                response.close()
+                break
+    except urllib3.exceptions.ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from None
+    except urllib3.exceptions.DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from None
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ConnectionError(exc) from None
+    except urllib3.exceptions.SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from None
+    response._content = b"".join(chunks)
+    response._content_consumed = True
 
 
 def _route_apprise_http() -> None:
