@@ -51,7 +51,7 @@ straightforward version, and tests check that both give equal plans.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
@@ -816,6 +816,10 @@ def cap_words(caps: SmsSettings) -> str:
             f"{caps.max_per_week} in any {WEEK_DAYS} days)")
 
 
+# The end of the reason of a care-critical SMS that goes beyond the cap (`cap_sms`).
+BEYOND_CAP = ": care-critical, the other SMS give way"
+
+
 def sms_fits(counts: dict[int, int], day: int, per_day: int, per_week: int) -> bool:
     """Whether one more SMS on `day` keeps within `per_day` that day and `per_week` in every
     7 consecutive days holding it; `counts`: SMS per day (ordinals), only days with some.
@@ -874,6 +878,8 @@ def cap_sms(
     protected: frozenset[str] = frozenset(),
     window: SendWindow | None = None,
     history: frozenset[str] = frozenset(),
+    held: Mapping[str, tuple[float, str]] | None = None,
+    beyond: Iterable[datetime] = (),
 ) -> list[PlannedReminder]:
     """Return `reminders` (in due order) with their SMS kept within `caps` (module docstring,
     rule 5). `history`: keys of reminders already sent that do not go again (a
@@ -883,7 +889,17 @@ def cap_sms(
     cap never drops (counted first; by email, or beyond the cap without email). `window`:
     the send window; a late step (planned for the booking's own instant) that moves to a
     later day goes at that day's opening, not at the booking's clock time, so the same
-    booking submitted again later plans it at the same instant."""
+    booking submitted again later plans it at the same instant.
+
+    `held`: a stored booking capped again (a re-submission without a move): its SMS still
+    to go as the cap left them, key -> (epoch, reason). `beyond`: those of `taken` that
+    went beyond the cap (`BEYOND_CAP`: care-critical, written after the days were full). An
+    SMS that this cap would leave as it is held (the same instant and reason) keeps its day
+    if it fits counting the others' SMS within the cap: one that went beyond it later (it
+    found this one's day taken) takes nothing from it, so an unchanged booking keeps its
+    decisions whatever its cap-mates did since; it is counted before the ones not held (a
+    day freed by a cap-mate, a new step). A moved SMS held on a later day moves back only
+    to a day with room that came free."""
     sms = [r for r in reminders if r.channel == "sms" and r.status == Status.SCHEDULED
            and r.key not in history]
     taken = list(taken)
@@ -902,8 +918,25 @@ def cap_sms(
                 per_week):
         return reminders
 
+    # The same counts without the others' SMS beyond the cap, for the SMS held (`held`).
+    within = dict(counts)
+    for t in beyond:
+        day = t.astimezone(tz).toordinal()
+        within[day] = within.get(day, 0) - 1
+    held = held or {}
+
     def fits(day: int) -> bool:
         return sms_fits(counts, day, per_day, per_week)
+
+    def count(day: int) -> None:
+        counts[day] = counts.get(day, 0) + 1
+        within[day] = within.get(day, 0) + 1
+
+    def keeps(r: PlannedReminder, due: datetime, reason: str) -> bool:
+        """Whether `r` is held as (due, reason) and fits on that day within the cap."""
+        stored = held.get(r.key)
+        return (stored is not None and stored == (due.timestamp(), reason)
+                and sms_fits(within, due.astimezone(tz).toordinal(), per_day, per_week))
 
     emailed = {(r.step, r.occurrence) for r in reminders
                if r.channel == "email" and r.status == Status.SCHEDULED}
@@ -914,11 +947,34 @@ def cap_sms(
     for r in sms:
         if r.step in protected:
             day = r.due_at.astimezone(tz).toordinal()
-            if not fits(day):
+            if not fits(day) and not keeps(r, r.due_at, r.reason):
                 over_cap.add(r.key)
                 if email:
                     continue
-            counts[day] = counts.get(day, 0) + 1
+            count(day)
+    # Then the others held: each keeps its day if it fits within the cap, unless a moved
+    # one finds room (counting every SMS) on a day before it.
+    kept: dict[str, PlannedReminder] = {}
+    for r in sms:
+        if r.step in protected or r.key not in held:
+            continue
+        local = r.due_at.astimezone(tz)
+        if keeps(r, r.due_at, r.reason):
+            kept[r.key] = r
+            count(local.toordinal())
+            continue
+        if email:
+            continue
+        stored_at = datetime.fromtimestamp(held[r.key][0], UTC)
+        if stored_at <= r.due_at or (r.expires_at is not None and stored_at >= r.expires_at):
+            continue
+        stored_day = stored_at.astimezone(tz).toordinal()
+        if any(fits(day) for day in range(local.toordinal(), stored_day)):
+            continue  # room came free before it: moved there below
+        again = _changed(r, due_at=stored_at, reason=_moved_reason(r, stored_at, caps, tz))
+        if keeps(r, stored_at, again.reason):
+            kept[r.key] = again
+            count(stored_day)
     out: list[PlannedReminder] = []
     changed = False
     for r in reminders:
@@ -927,19 +983,22 @@ def cap_sms(
             continue
         local = r.due_at.astimezone(tz)
         day = local.toordinal()
+        if r.key in kept:
+            changed = changed or kept[r.key] is not r
+            out.append(kept[r.key])
+            continue
         if r.step in protected:
             if r.key not in over_cap:
                 out.append(r)
                 continue
         elif fits(day):
-            counts[day] = counts.get(day, 0) + 1
+            count(day)
             out.append(r)
             continue
         changed = True
         over = f"{cap_words(caps)} is reached on {local:%Y-%m-%d}"
         if r.step in protected and not email:
-            out.append(_changed(r, reason=(
-                f"{r.reason}; sent although {over}: care-critical, the other SMS give way")))
+            out.append(_changed(r, reason=f"{r.reason}; sent although {over}{BEYOND_CAP}"))
             continue
         if email and (r.step, r.occurrence) in emailed:
             out.append(_changed(r, status=Status.SKIPPED,
@@ -971,20 +1030,24 @@ def cap_sms(
                 f"not sent: {over}, the patient takes no email, and no later day has room "
                 "before it expires")))
             continue
-        day = moved.astimezone(tz).toordinal()
-        counts[day] = counts.get(day, 0) + 1
-        out.append(_changed(r, due_at=moved, reason=(
-            f"{r.reason}; moved to {moved.astimezone(tz):%Y-%m-%d}: {over} and the patient "
-            "takes no email")))
+        count(moved.astimezone(tz).toordinal())
+        out.append(_changed(r, due_at=moved, reason=_moved_reason(r, moved, caps, tz)))
     if not changed:
         return reminders
     out.sort(key=_order)
     return out
 
 
+def _moved_reason(r: PlannedReminder, moved: datetime, caps: SmsSettings, tz: ZoneInfo) -> str:
+    """The reason of `r` moved by the cap to `moved` (the patient takes no email)."""
+    return (f"{r.reason}; moved to {moved.astimezone(tz):%Y-%m-%d}: {cap_words(caps)} is "
+            f"reached on {r.due_at.astimezone(tz):%Y-%m-%d} and the patient takes no email")
+
+
 def cap_plan(
     p: Plan, booking: Booking, taken: Iterable[datetime], history: frozenset[str] = frozenset(),
     own: Iterable[datetime] = (), *, email: bool | None = None,
+    held: Mapping[str, tuple[float, str]] | None = None, beyond: Iterable[datetime] = (),
 ) -> Plan:
     """`p` with its SMS capped again, counting the patient's other SMS `taken` (the store
     reads them from the patient's other bookings at the clinic). A re-submission of a stored
@@ -993,7 +1056,9 @@ def cap_plan(
     is then capped again from its reminders as planned before the cap (`Plan.uncapped`),
     those being history, not SMS to count again (`cap_sms`). `email`: whether the patient
     takes email (False: listed, but unsubscribed from it; default: listed), by which an SMS
-    that does not fit may go instead; the plan itself assumed it could."""
+    that does not fit may go instead; the plan itself assumed it could. `held`, `beyond`: a
+    stored booking's SMS as the cap left them, and those of `taken` beyond the cap
+    (`cap_sms`)."""
     taken = list(taken)
     own = list(own)
     takes_email = "email" in booking.patient.channels if email is None else email
@@ -1008,7 +1073,8 @@ def cap_plan(
         taken += own
     reminders = cap_sms(base, p.caps, ZoneInfo(booking.patient.timezone),
                         email=takes_email, taken=taken,
-                        protected=p.protected, window=p.window, history=history)
+                        protected=p.protected, window=p.window, history=history,
+                        held=held, beyond=beyond)
     if reminders is p.reminders:
         return p
     return replace(p, reminders=reminders,

@@ -134,6 +134,7 @@ from .notices import NoticeReminder, base_step, is_notice, plan_notices, sent, w
 from .optout import normal_contact
 from .planner import (
     _LATE,
+    BEYOND_CAP,
     Plan,
     PlannedReminder,
     cap_plan,
@@ -2129,6 +2130,8 @@ class _CapsRead:
     # Whether the patient takes email and has not unsubscribed from it (read unfenced, as at
     # send time: an unsubscribe landing after this read skips that email at its begin).
     email: bool = True
+    # Those of `taken` that went beyond the cap (care-critical: `cap_sms`'s `beyond`).
+    beyond: list[datetime] = field(default_factory=list)
 
 
 @dataclass
@@ -2591,19 +2594,24 @@ class Store:
             for other in others:
                 pipe.hgetall(self.booking_key(booking.clinic, other))
             asked.append((n, others))
-        hashes = iter(_str_hash(h) for h in pipe.execute())
+        read = [_str_hash(h) for h in pipe.execute()]
+        # The reasons of their SMS, to tell those beyond the cap (`_beyond_cap`).
+        texts = self._resolve(tid for h in read for tid in _sms_reason_ids(h))
+        hashes = iter(read)
         for (n, others), ids, start in zip(asked, members, starts, strict=True):
             booking = items[n][0]
             taken: list[datetime] = []
+            beyond: list[datetime] = []
             versions: list[str] = []
             for other in others:
                 h = next(hashes)
                 # Its version and its SMS moves at send time (`smsv`, see _FINISH).
                 versions += [other, f"{h.get('version', '')}/{h.get('smsv', '')}"]
                 taken += _sms_times(h)
+                beyond += _beyond_cap(h, texts)
             guard = [self.contact_id("phone", cast(str, booking.patient.phone)), start, limit,
                      ids, versions]
-            out[n] = _CapsRead(taken, guard, email.get(n, False))
+            out[n] = _CapsRead(taken, guard, email.get(n, False), beyond)
         return out
 
     def send_caps_read(self, ref: str, phone: str, at: datetime) -> SendCapsRead:
@@ -2741,8 +2749,14 @@ class Store:
                      and r.due_at <= now)))
         own += [datetime.fromtimestamp(float(stored.reminders[key]["due_epoch"]), UTC)
                 for key in in_flight if stored.reminders[key].get("due_epoch")]
+        # Its SMS still to go as the cap left them, which keep their days if they fit within
+        # the cap (an unchanged booking keeps its decisions; `cap_sms`). Not after a move:
+        # its SMS are planned afresh.
+        held = {} if kind is not None else {
+            key: (float(r["planned_epoch"]), r["reason"]) for key, r in stored.reminders.items()
+            if r["channel"] == "sms" and r["status"] == Status.SCHEDULED and r["planned_epoch"]}
         return cap_plan(planned, booking, read.taken, (history - again) | in_flight, own,
-                        email=read.email)
+                        email=read.email, held=held, beyond=read.beyond)
 
     def _replan_kind(
         self, booking: Booking, planned: Plan, stored: _Stored, release: bool
@@ -4416,6 +4430,33 @@ def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
     date), which the release puts back as they are, and its hold notice, which goes while it
     is held; its emails that went by SMS (flag "s") count as SMS."""
     return [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(fields)]
+
+
+def _sms_reason_ids(fields: Mapping[str, str]) -> list[str]:
+    """The text ids of the reasons of a stored booking's SMS."""
+    out = []
+    for key, value in fields.items():
+        if key.endswith(":sms") and is_reminder_field(key):
+            reason = _split(value, len(REMINDER_SLOTS))[8]
+            if reason[:1] == "@":
+                out.append(reason[1:])
+    return out
+
+
+def _beyond_cap(fields: Mapping[str, str], texts: Mapping[str, str]) -> list[datetime]:
+    """Those of `_sms_times(fields)` that went beyond the SMS cap: care-critical SMS whose
+    reason says so (`BEYOND_CAP`)."""
+    keys = [key for key, value in fields.items()
+            if key.endswith(":sms") and is_reminder_field(key)
+            and BEYOND_CAP in _text(_split(value, len(REMINDER_SLOTS))[8], texts)]
+    if not keys:
+        return []
+    own = {"status": fields.get("status", "")}
+    for key in keys:
+        own[key] = fields[key]
+        if key + "+" in fields:
+            own[key + "+"] = fields[key + "+"]
+    return _sms_times(own)
 
 
 def _sms_slots(
