@@ -372,9 +372,13 @@ def store_all(
                     kind = ("new" if old is None
                             else "unchanged" if str(timeline["version"]) == old else "changed")
                     counts[kind] += 1
-                    nudge = nudge or planned.status == Status.SCHEDULED and any(
-                        r.status == Status.SCHEDULED and r.due_at <= soon
-                        for r in planned.reminders)
+                    # Not for a booking unchanged: nothing of it is new to send (its
+                    # at-booking message, planned again at `now`, went or is due already),
+                    # and booking a file again writes nothing, to the broker either.
+                    nudge = nudge or kind != "unchanged" and planned.status == (
+                        Status.SCHEDULED) and any(r.status == Status.SCHEDULED
+                                                  and r.due_at <= soon
+                                                  for r in planned.reminders)
                     try:
                         if out is not None:
                             out.write(timeline)
