@@ -62,6 +62,11 @@ OPT_OUTS = [
     "Please don't send any more texts", "Don't send texts", "Do not send these messages",
     "I don't want you to text me anymore", "I do not want you to send me messages",
     "Cancel my subscription", "Please cancel my subscription",
+    # the product the texts are about before them, as 'Stop tretinoin texts' (7eb47e9) and
+    # the Spanish 'No más recordatorios de retinol' opt out (review s20, second look): they
+    # were `unknown`, the texts kept coming
+    "No more retinol reminders", "No more tretinoin texts please",
+    "Don't send me retinol reminders", "I don't want any more tretinoin messages",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -88,6 +93,8 @@ NOT_OPT_OUTS = [
     ("Don't send the texts to my old number", "unknown"),
     ("Why don't you send me the texts by email?", "unknown"),
     ("Can I cancel my subscription to the newsletter?", "change"),
+    ("No more retinol texts after the peel?", "unknown"),
+    ("No more tretinoin, the texts said so", "unknown"),
 ]
 
 
@@ -107,6 +114,7 @@ def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, inte
     ("I do not want to receive these messages", "en"), ("No quiero recibir mensajes", "es"),
     ("Para de enviarme mensajes", "es"), ("Cancelar suscripción", "es"),
     ("Please don't send any more texts", "en"), ("Cancel my subscription", "en"),
+    ("No more retinol reminders", "en"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
