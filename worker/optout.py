@@ -48,6 +48,8 @@ In this order:
                     <mensajes>; dejen|deja|paren|para de enviarme|mandarme|escribirme;
                     borrenme|quitenme|eliminenme|sacarme de la|su lista; borren|eliminen|
                     quiten mi numero|telefono; cancelar (mi|la) suscripcion; dejenme en paz
+              (<texts>: a messaging word, perhaps just after a product the reminders
+              name: "No more retinol reminders", as "Stop tretinoin texts")
               ("No more texts", "Please don't text me anymore", "Can you remove me from
               your list?", "No más mensajes", "No me envíen mensajes"). Not a phrase in
               a sentence about something else ("I got no more messages after Tuesday",
@@ -242,7 +244,10 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
 
 # Rule (e): natural-language opt-outs, as regular expressions over the folded words joined
 # by single spaces ("Don't text me!" -> "DON T TEXT ME"); {msg} is any MESSAGING_WORDS word.
-_MSG = "(?:" + "|".join(sorted(MESSAGING_WORDS)) + ")"
+# A messaging word, perhaps just after a product the reminders name ("No more retinol
+# reminders", as "Stop tretinoin texts" is one; Spanish names it after: "de retinol").
+_MSG = ("(?:(?:" + "|".join(sorted(CARE_WORDS)) + ") )?(?:" + "|".join(sorted(MESSAGING_WORDS))
+        + ")")
 _NOT = "(?:DON T|DONT|DO NOT|NEVER)"
 _SMALL = "(?:(?:ANY|MORE|OF|YOUR|THESE|THOSE|THE|THIS|YA|LOS|LAS|ESTOS|SUS|TUS|MAS) )*"
 OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on either side
