@@ -1,7 +1,11 @@
 """The pump: hand reminders that are due now to the senders, no ETA, no more than they can take.
 
-Run by Celery beat every `pump_interval_seconds`, and again when a channel's senders ran
-out of work (a nudge, see worker/tasks.py). Claiming is one Lua script on Redis's own clock,
+Run by Celery beat every `pump_interval_seconds`, again when a channel's senders ran out of
+work (a nudge), and when something falls due before the next tick: after each run the pump
+looks when the next reminder falls due or lease runs out (`next_due`, one read) and, if that
+comes before beat's next tick, its thread waits for that instant and runs again, at most
+one run per FOLLOW_UP_GAP_SECONDS (worker/tasks.py `_pump_run`). So a reminder goes when it
+falls due, not up to a tick later. Claiming is one Lua script on Redis's own clock,
 so any number of pumps may run at once without double claims; a lock lets one run at a
 time all the same, so that two do not hand out the same window twice.
 
@@ -215,6 +219,15 @@ def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Run:
+    """What one pump run did: the claims it published, and when it began on Redis's clock
+    (None: another run held the lock, and this one left the work to it)."""
+
+    published: int
+    began: float | None
+
+
 def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int) -> int:
     """Claim what each channel's senders can take and publish it in batches; return how many.
 
@@ -223,11 +236,16 @@ def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int
     since both would read the same budgets. (Two at once would still claim nothing twice;
     the lock only keeps them from handing out a window twice.)
     """
+    return pump_run(store, publish, capacity=capacity, claim_round=claim_round).published
+
+
+def pump_run(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int) -> Run:
+    """`pump`, saying also whether the run took the lock and when it began (`Run`)."""
     keys = Keys(store.prefix)
     token = uuid.uuid4().hex
     lock_ms = RUN_LOCK_MS
     if not store.redis.set(keys.running(), token, nx=True, px=lock_ms):
-        return 0
+        return Run(0, None)
     # A run may outlast the lock (a publish or a Redis call that stalls): keep it while the
     # run goes on, or a second run would read the same budgets and hand out a window twice.
     done = threading.Event()
@@ -235,11 +253,32 @@ def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int
                               name="pump-lock", daemon=True)
     keeper.start()
     try:
-        return _pump(store, keys, publish, capacity, claim_round)
+        began = redis_time(store.redis)
+        return Run(_pump(store, keys, publish, capacity, claim_round, began), began)
     finally:
         done.set()
         keeper.join(lock_ms / 1000)  # an extend after the release finds no lock of ours
         store.redis.eval(_RELEASE, 1, keys.running(), token)
+
+
+def next_due(store: Store, after: float) -> tuple[float, float | None]:
+    """Return Redis's clock now and the first instant later than `after` at which the claim
+    script would find something new (None: nothing): a reminder falling due (the due set,
+    which holds the hand-backs and retries too) or a lease running out (the lease set).
+    One read: Redis's TIME and the first member of each set past `after`.
+
+    `after`: when the last run began (`Run.began`): what was due by then that run saw, and
+    took or left (its channel had no room: the senders running dry ask for a run, see
+    worker/tasks.py); what falls due after it, no run has seen yet.
+    """
+    read = store.redis.pipeline(transaction=False)
+    read.time()
+    for key in (store.due_key, store.lease_key):
+        read.zrangebyscore(key, f"({after!r}", "+inf", start=0, num=1, withscores=True)
+    (seconds, micros), *firsts = read.execute()
+    now = float(seconds) + float(micros) / 1_000_000
+    scores = [float(first[0][1]) for first in firsts if first]
+    return now, min(scores, default=None)
 
 
 def _keep_lock(store: Store, keys: Keys, token: str, lock_ms: int,
@@ -286,8 +325,8 @@ class Room:
         return "pass"
 
 
-def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_round: int) -> int:
-    now = redis_time(store.redis)
+def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_round: int,
+          now: float) -> int:
     found = budgets(store.redis, keys, capacity, now)
     room = Room(found)
     if not room.left():

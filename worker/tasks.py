@@ -1,7 +1,8 @@
 """Celery tasks, thin: build the context once per process, then call plain functions.
 
   reminders.pump        start a pump run (in a thread beside the senders): claim what each
-                        channel's senders can take, publish it in batches
+                        channel's senders can take, publish it in batches; the thread runs
+                        again when the next reminder falls due before beat's next tick
   reminders.send_batch  hand a batch of claims [[ref, version, claim], ...] to this process's
                         senders for their channel (worker/dispatch.py `hand_over`)
   reminders.send        send one claimed reminder now, in the task (the same attempt; kept
@@ -45,12 +46,17 @@ from .settings import get_settings
 if TYPE_CHECKING:
     from .dispatch import Context, Lanes
     from .models import Channel
+    from .pump import Run
     from .store import Claim
     from .webhooks import Events
 
 log = logging.getLogger(__name__)
 NUDGE_DEBOUNCE_MS = 200  # at most one nudge per channel in this long, whoever asks
 PUMP_RUN_WAIT_SECONDS = 10.0  # a warm shutdown waits this long for a pump run to finish
+# A pump thread waiting for the next due instant runs again no sooner than this after its
+# last run began: reminders falling due a few milliseconds apart (a hand-back's pace, a
+# stream of bookings) make at most ten runs a second, each claiming what fell due by then.
+FOLLOW_UP_GAP_SECONDS = 0.1
 _DISPATCH = f"{__package__}.dispatch"  # the senders' module (imported where they run)
 
 _context: Context | None = None
@@ -225,6 +231,7 @@ def _drain(**_: object) -> None:
     """
     global _stopping
     _stopping = True
+    _stop.set()  # a pump thread waiting for the next due instant ends now
     began = time.monotonic()
     if _DISPATCH in sys.modules:
         from .dispatch import close_lanes
@@ -249,7 +256,8 @@ def pump_task() -> str:
     them. It runs in a thread so that the pool process is free again at once: the batches it
     publishes then go to whichever pool process is free, not all to the others while this
     one pumps. A run already under way in this process covers the tick; one in another
-    process is found by the pump's own lock (worker/pump.py).
+    process is found by the pump's own lock (worker/pump.py). A pump thread waiting for the
+    next due instant (`_pump_run`) is no run under way: the tick runs the pump now.
     """
     if _stopping:
         return "this process is stopping: no pump run"
@@ -263,22 +271,63 @@ def pump_task() -> str:
     return "pump run started"
 
 
-_pumping = threading.Lock()  # held by this process's pump run
+_pumping = threading.Lock()  # held by this process's pump run (not while it waits)
 _stopping = False  # set by a warm shutdown: no new pump run starts
+_stop = threading.Event()  # ... and a pump thread waiting for a due instant ends at once
 
 
 def _pump_run() -> None:
-    try:
-        pump_now()
-    except Exception:  # the next tick tries again; what it claimed comes back with its lease
-        log.exception("pump: run failed")
-    finally:
-        _pumping.release()
+    """Run the pump (the thread holds `_pumping`); then, while something falls due before
+    beat's next tick would come (`_follow_up`), wait for it and run again.
+
+    The wait holds no lock: a tick or a nudge meanwhile starts a run at once (in this process
+    too), and a warm shutdown waits for none of it. A run that found another under way (the
+    pump's own lock, worker/pump.py) waits for nothing: that one looks ahead after its run.
+    So the threads waiting for the same instant (a tick came to another process meanwhile)
+    are one again after it, and one run at a time claims, as ever.
+    """
+    while True:
+        started = time.monotonic()
+        wait = None
+        try:
+            wait = _follow_up(pump_now(), started)
+        except Exception:  # the next tick tries again; what it claimed comes back with its lease
+            log.exception("pump: run failed")
+        finally:
+            _pumping.release()
+        if wait is None or _stop.wait(wait):
+            return
+        if not _pumping.acquire(blocking=False):
+            return  # a run began in this process meanwhile: it looks ahead after itself
+        if _stopping:  # a warm shutdown began as the wait ended
+            _pumping.release()
+            return
 
 
-def pump_now() -> int:
-    """Claim due reminders and clinic events and publish them; return the reminders published."""
-    from .pump import Capacity, pump
+def _follow_up(run: Run, started: float) -> float | None:
+    """Return how long to wait before running the pump again, or None: leave it to beat.
+
+    Again when a reminder falls due (or a lease runs out) after `run` began and before beat's
+    next tick would come (`pump_interval_seconds` from now, at the latest), at that instant
+    on Redis's clock, and no sooner than FOLLOW_UP_GAP_SECONDS after `started` (this run's
+    start, on this host's monotonic clock). One read (worker/pump.py `next_due`), whatever
+    is due: with nothing due within the interval, a run costs no more than that.
+    """
+    if run.began is None:
+        return None  # another run held the lock: it looks ahead itself
+    ctx = context()
+    from .pump import next_due
+
+    now, at = next_due(ctx.store, run.began)
+    if at is None or at - now >= ctx.settings.pump_interval_seconds:
+        return None
+    return max(0.0, at - now, started + FOLLOW_UP_GAP_SECONDS - time.monotonic())
+
+
+def pump_now() -> Run:
+    """Claim due reminders and clinic events and publish them; return the run (`Run`: the
+    reminders published, when it began)."""
+    from .pump import Capacity, pump_run
 
     ctx = context()
     settings = ctx.settings
@@ -295,7 +344,7 @@ def pump_now() -> int:
     from .webhooks import pump_events
 
     started = time.monotonic()
-    published = pump(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
+    run = pump_run(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
     # The clinic's webhooks and alerts, on their own queue. Their lease outlasts one attempt
     # (the task's hard limit ends it first); an event whose worker died is claimed again.
     pump_events(_events(), _publish_event, batch=settings.pump_batch,
@@ -304,7 +353,7 @@ def pump_now() -> int:
     took = time.monotonic() - started
     pump_beat(ctx.store.redis, settings.key_prefix, took)
     observe_pump(took)
-    return published
+    return run
 
 
 def _events() -> Events:
