@@ -30,7 +30,17 @@ from worker.dispatch import Context, Lanes, Watchdog, attempt, hand_over
 from worker.embedded import free_port
 from worker.models import parse_booking
 from worker.planner import plan
-from worker.pump import Capacity, Keys, channel_of, member, pump, sender_member
+from worker.pump import (
+    Capacity,
+    Keys,
+    Run,
+    channel_of,
+    member,
+    next_due,
+    pump,
+    pump_run,
+    sender_member,
+)
 from worker.rendering import Renderer
 from worker.settings import Settings
 from worker.store import Claim, Store
@@ -628,6 +638,39 @@ def test_expired_outstanding_claims_stop_counting(shop, redis_client):
     # A killed worker's claims: their hold is over, so they free the window.
     redis_client.zadd(keys.outstanding("sms"), {f"x{i}": time.time() - 1 for i in range(6)})
     assert pump(store, lambda *a: None, capacity=capacity(), claim_round=100) == 6
+
+
+def test_after_a_run_the_pump_looks_only_at_what_falls_due_after_it_began(shop, redis_client):
+    # What the run saw and left (its channel had no room) is not something to wait for: the
+    # senders' nudge asks for it. What falls due, or whose lease runs out, after the run
+    # began is: the earliest of them, on Redis's clock.
+    store = shop.store
+    assert next_due(store, 0.0)[1] is None  # nothing scheduled, nothing leased
+    refs = due_now(shop, [("L", "sms")] * 10)
+    run = pump_run(store, lambda *a: None, capacity=capacity(), claim_round=100)
+    assert run.published == 6 and run.began is not None
+    assert abs(run.began - time.time()) < 1.0  # this host and the test's Redis agree
+    assert redis_client.zcard(store.due_key) == 4  # left: no room
+    now, at = next_due(store, run.began)
+    # Only the leases of the claims it made: they run out a lease (60 s) after their claim.
+    assert at is not None and run.began + 60 <= at < run.began + 61
+    assert abs(now - time.time()) < 1.0
+    left = [ref for ref in refs if redis_client.zscore(store.due_key, ref) is not None]
+    redis_client.zadd(store.due_key, {left[0]: run.began + 3.0, left[1]: run.began + 2.0})
+    assert next_due(store, run.began)[1] == pytest.approx(run.began + 2.0, abs=1e-3)
+    leased = redis_client.zrange(store.lease_key, 0, 0)[0]
+    redis_client.zadd(store.lease_key, {leased: run.began + 1.0})
+    assert next_due(store, run.began)[1] == pytest.approx(run.began + 1.0, abs=1e-3)
+    # Exclusive: what fell due at the instant the run began, the run saw.
+    assert next_due(store, run.began + 1.0)[1] == pytest.approx(run.began + 2.0, abs=1e-3)
+
+
+def test_a_pump_run_that_finds_another_under_way_says_it_did_not_run(shop, redis_client):
+    store = shop.store
+    due_now(shop, [("R", "sms")] * 3)
+    redis_client.set(Keys(PREFIX).running(), "another run", px=5000)
+    assert pump_run(store, lambda *a: None, capacity=capacity(), claim_round=100) == Run(0, None)
+    assert redis_client.zcard(store.due_key) == 3
 
 
 def test_a_pump_run_outlasting_its_lock_keeps_it_and_no_second_run_hands_out_more(
