@@ -312,6 +312,11 @@ def _follow_up(run: Run, started: float) -> float | None:
     on Redis's clock, and no sooner than FOLLOW_UP_GAP_SECONDS after `started` (this run's
     start, on this host's monotonic clock). One read (worker/pump.py `next_due`), whatever
     is due: with nothing due within the interval, a run costs no more than that.
+
+    Clinic events (worker/webhooks.py `pump_events`) are not looked at: an event is due at
+    once when it is written (nothing to wait for: the next run takes it, a follow-up's too),
+    its retries back off by seconds to minutes, which a tick more does not change, and no
+    patient waits on it; a read of their schedule in every run would buy nothing.
     """
     if run.began is None:
         return None  # another run held the lock: it looks ahead itself
