@@ -230,8 +230,9 @@ def _drain(**_: object) -> None:
     prefork pool's main process) has none to close: the send path is not imported then.
     """
     global _stopping
-    _stopping = True
-    _stop.set()  # a pump thread waiting for the next due instant ends now
+    with _turn:
+        _stopping = True
+        _wake.set()  # a pump thread waiting for the next due instant ends now
     began = time.monotonic()
     if _DISPATCH in sys.modules:
         from .dispatch import close_lanes
@@ -256,13 +257,17 @@ def pump_task() -> str:
     them. It runs in a thread so that the pool process is free again at once: the batches it
     publishes then go to whichever pool process is free, not all to the others while this
     one pumps. A run already under way in this process covers the tick; one in another
-    process is found by the pump's own lock (worker/pump.py). A pump thread waiting for the
-    next due instant (`_pump_run`) is no run under way: the tick runs the pump now.
+    process is found by the pump's own lock (worker/pump.py). This process's pump thread
+    waiting for the next due instant (`_pump_run`) is woken: it runs the pump now.
     """
     if _stopping:
         return "this process is stopping: no pump run"
-    if not _pumping.acquire(blocking=False):
-        return "a pump run is under way in this process"
+    with _turn:
+        if _waiting:
+            _wake.set()
+            return "woke this process's pump thread: it runs now"
+        if not _pumping.acquire(blocking=False):
+            return "a pump run is under way in this process"
     try:
         threading.Thread(target=_pump_run, name="pump", daemon=True).start()
     except BaseException:
@@ -273,35 +278,43 @@ def pump_task() -> str:
 
 _pumping = threading.Lock()  # held by this process's pump run (not while it waits)
 _stopping = False  # set by a warm shutdown: no new pump run starts
-_stop = threading.Event()  # ... and a pump thread waiting for a due instant ends at once
+_waiting = False  # this process's pump thread waits for the next due instant
+_wake = threading.Event()  # ... until this is set (a tick, a nudge, a warm shutdown)
+_turn = threading.Lock()  # `_waiting`, and `_pumping` taken or given up with it
 
 
 def _pump_run() -> None:
     """Run the pump (the thread holds `_pumping`); then, while something falls due before
     beat's next tick would come (`_follow_up`), wait for it and run again.
 
-    The wait holds no lock: a tick or a nudge meanwhile starts a run at once (in this process
-    too), and a warm shutdown waits for none of it. A run that found another under way (the
-    pump's own lock, worker/pump.py) waits for nothing: that one looks ahead after its run.
-    So the threads waiting for the same instant (a tick came to another process meanwhile)
-    are one again after it, and one run at a time claims, as ever.
+    The wait holds no lock: a warm shutdown waits for none of it (it wakes the thread, which
+    ends), and a tick or a nudge meanwhile wakes it to run at once, so a process has one
+    pump thread. A run that found another process's run under way (the pump's own lock,
+    worker/pump.py) waits for nothing: that one looks ahead after its run. So the processes
+    waiting for the same instant (a tick went to another meanwhile) are one again after it,
+    and one run at a time claims, as ever.
     """
+    global _waiting
     while True:
         started = time.monotonic()
         wait = None
+        waits = False
         try:
             wait = _follow_up(pump_now(), started)
         except Exception:  # the next tick tries again; what it claimed comes back with its lease
             log.exception("pump: run failed")
         finally:
-            _pumping.release()
-        if wait is None or _stop.wait(wait):
+            with _turn:
+                _pumping.release()
+                waits = _waiting = wait is not None and not _stopping
+                _wake.clear()
+        if not waits:
             return
-        if not _pumping.acquire(blocking=False):
-            return  # a run began in this process meanwhile: it looks ahead after itself
-        if _stopping:  # a warm shutdown began as the wait ended
-            _pumping.release()
-            return
+        _wake.wait(wait)
+        with _turn:
+            _waiting = False
+            if _stopping or not _pumping.acquire(blocking=False):
+                return  # stopping; or another run in this process (a test's) looks on
 
 
 def _follow_up(run: Run, started: float) -> float | None:
