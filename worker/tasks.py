@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery.signals import (
     worker_init,
     worker_process_init,
@@ -336,7 +337,11 @@ def _follow_up(run: Run, started: float) -> float | None:
     ctx = context()
     from .pump import next_due
 
-    now, at = next_due(ctx.store, run.began)
+    try:
+        now, at = next_due(ctx.store, run.began)
+    except redis.RedisError as exc:  # the run went well; the next tick runs the pump again
+        log.warning("pump: could not read when the next reminder falls due: %s", exc)
+        return None
     if at is None or at - now >= ctx.settings.pump_interval_seconds:
         return None
     return max(0.0, at - now, started + FOLLOW_UP_GAP_SECONDS - time.monotonic())
