@@ -57,12 +57,16 @@ def booking(booking_id: str, due: float, phone: str) -> dict[str, Any]:
     }
 
 
-def start(service: Service, e2e_config: Path, interval: float) -> Any:
-    """One worker and beat with a long pump interval; return the worker once beat's first
-    tick has run there (the next comes `interval` seconds after it)."""
+def start(service: Service, e2e_config: Path, interval: float) -> float:
+    """One worker and beat with a long pump interval; return the instant before beat began:
+    its first tick comes `interval` after its start (Celery beat's first run of an entry),
+    so no tick runs the pump before then."""
     (e2e_config / "protocols" / "soon.toml").write_text(SOON_PROTOCOL, encoding="utf-8")
     service.configure(REMINDERS_PUMP_INTERVAL_SECONDS=str(interval))
-    return service.up()
+    service.worker()
+    began = time.time()
+    service.beat()
+    return began
 
 
 def arrivals(sms_sink: HttpSink, phone: str) -> list[float]:
@@ -77,15 +81,14 @@ def pump_runs_since(redis_client: Any, since: float) -> bool:
 
 def test_a_reminder_due_before_the_next_tick_goes_at_its_due_instant_once(
         service: Service, e2e_config: Path, sms_sink: HttpSink, redis_client) -> None:
-    interval = 15.0
-    start(service, e2e_config, interval)
-    ticked = time.time()  # beat's first tick has run: its next one comes ~15 s from now
-    due = ticked + 6.0
+    interval = 60.0
+    no_tick_before = start(service, e2e_config, interval) + interval
+    due = time.time() + 12.0
     service.book(booking("P-1", due, "+34600000001"))
     assert time.time() < due - 0.5, "booked too late: the booking's own nudge would send it"
     # The booking's nudge ran the pump: nothing due yet, so it waits for the due instant.
-    # (Before, the reminder waited for the next tick, ~15 s after the first.)
-    wait_until(lambda: arrivals(sms_sink, "+34600000001"), ticked + interval - time.time())
+    # (Before, the reminder waited for beat's first tick, a minute after its start.)
+    wait_until(lambda: arrivals(sms_sink, "+34600000001"), no_tick_before - time.time())
     first = arrivals(sms_sink, "+34600000001")[0]
     assert due - 0.05 <= first < due + 3.0, f"arrived {first - due:+.2f}s after its due instant"
     time.sleep(1.5)  # room for a stray second copy
@@ -98,18 +101,18 @@ def test_a_reminder_due_before_the_next_tick_goes_at_its_due_instant_once(
 
 def test_a_reminder_cancelled_while_the_pump_waits_for_it_is_never_sent(
         service: Service, e2e_config: Path, sms_sink: HttpSink, redis_client) -> None:
-    interval = 20.0
-    start(service, e2e_config, interval)
-    ticked = time.time()
-    due = ticked + 10.0
+    interval = 60.0
+    no_tick_before = start(service, e2e_config, interval) + interval
+    booked = time.time()
+    due = booked + 15.0
     service.book(booking("K-1", due, "+34600000011"), booking("C-1", due, "+34600000012"))
-    wait_until(lambda: pump_runs_since(redis_client, ticked), 5)  # the nudge's run: it waits
+    wait_until(lambda: pump_runs_since(redis_client, booked), 10)  # the nudge's run: it waits
     result = service.cli("cancel", "--clinic", "e2e", "C-1")
     assert result.returncode == 0, result.stderr
     assert time.time() < due - 0.5, "cancelled too late to be a cancel during the wait"
     # The pump ran at the due instant (the other booking's SMS went then, long before the
     # next tick) and found nothing of the cancelled booking to claim.
-    wait_until(lambda: arrivals(sms_sink, "+34600000011"), ticked + interval - time.time())
+    wait_until(lambda: arrivals(sms_sink, "+34600000011"), no_tick_before - time.time())
     first = arrivals(sms_sink, "+34600000011")[0]
     assert first < due + 3.0, f"arrived {first - due:+.2f}s after its due instant"
     time.sleep(2.0)  # room for a late or second copy of either
