@@ -67,6 +67,10 @@ OPT_OUTS = [
     # were `unknown`, the texts kept coming
     "No more retinol reminders", "No more tretinoin texts please",
     "Don't send me retinol reminders", "I don't want any more tretinoin messages",
+    # Spanish as "I don't want these notifications" (review s20, second look): a feminine
+    # or distant demonstrative, or "de", before the texts was `unknown`
+    "No quiero recibir estas notificaciones", "No me envíen estas notificaciones",
+    "No me manden esas notificaciones", "No más de estos mensajes",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -95,6 +99,7 @@ NOT_OPT_OUTS = [
     ("Can I cancel my subscription to the newsletter?", "change"),
     ("No more retinol texts after the peel?", "unknown"),
     ("No more tretinoin, the texts said so", "unknown"),
+    ("No quiero más de tres mensajes al día", "unknown"),
 ]
 
 
@@ -114,7 +119,7 @@ def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, inte
     ("I do not want to receive these messages", "en"), ("No quiero recibir mensajes", "es"),
     ("Para de enviarme mensajes", "es"), ("Cancelar suscripción", "es"),
     ("Please don't send any more texts", "en"), ("Cancel my subscription", "en"),
-    ("No more retinol reminders", "en"),
+    ("No more retinol reminders", "en"), ("No quiero recibir estas notificaciones", "es"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
