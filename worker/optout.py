@@ -249,7 +249,8 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
 _MSG = ("(?:(?:" + "|".join(sorted(CARE_WORDS)) + ") )?(?:" + "|".join(sorted(MESSAGING_WORDS))
         + ")")
 _NOT = "(?:DON T|DONT|DO NOT|NEVER)"
-_SMALL = "(?:(?:ANY|MORE|OF|YOUR|THESE|THOSE|THE|THIS|YA|LOS|LAS|ESTOS|SUS|TUS|MAS) )*"
+_SMALL = ("(?:(?:ANY|MORE|OF|YOUR|THESE|THOSE|THE|THIS|YA|LOS|LAS|ESTOS|ESTAS|ESOS|ESAS|SUS|"
+          "TUS|MAS|DE) )*")
 OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on either side
     "(?<![^ ])(?:" + p.replace("{msg}", _MSG).replace("{not}", _NOT).replace("{small}", _SMALL)
     + ")(?![^ ])") for p in (
