@@ -7,6 +7,7 @@ can be told to be slow, to refuse, or (SMTP) to be down for a while.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import json
@@ -241,3 +242,50 @@ class WebhookReceiver:
     def snapshot(self) -> list[Hook]:
         with self._lock:
             return list(self.hooks)
+
+
+class DeadEndpoint:
+    """A clinic's webhook endpoint that is up but dead: it accepts every connection, reads
+    nothing and never answers (a hung server behind a live listener), until `stop()`."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/hooks"
+        self.accepted: list[float] = []  # time.time() of each connection accepted
+        self._held: list[Any] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def start(self) -> DeadEndpoint:
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed by stop()
+                return
+            with self._lock:
+                self.accepted.append(time.time())
+                self._held.append(conn)
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self.accepted)
+
+    def stop(self) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for conn in self._held:
+                conn.close()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import QUICK_MESSAGES, wait_until
-from tests.sinks import WebhookReceiver
+from tests.sinks import DeadEndpoint, WebhookReceiver
+from worker.webhooks import Events
 
 SECRET = "e2e-webhook-secret-0123456789"
 RECENT_DOSE = (date.today() - timedelta(days=30)).isoformat()  # within the 180-day washout
@@ -103,3 +104,57 @@ def test_an_event_in_flight_when_the_worker_is_killed_is_delivered_after_the_lea
     ids = Counter(h.headers["Reminders-Event-Id"] for h in hooks)
     assert len(ids) == 1 and all(h.valid for h in hooks)  # the same event, the same id
     assert hooks[-1].json()["type"] == "booking.held"
+
+
+@pytest.fixture
+def dead_endpoint() -> Iterator[DeadEndpoint]:
+    endpoint = DeadEndpoint().start()
+    yield endpoint
+    endpoint.stop()
+
+
+def dead_hooked(service, e2e_config: Path, endpoint: DeadEndpoint):
+    """Clinic e2e whose webhook URL is up but dead (accepts, never answers)."""
+    clinic = e2e_config / "clinics" / "e2e.toml"
+    clinic.write_text(clinic.read_text()
+                      + f'[webhook]\nurl = "{endpoint.url}"\nsecret = "${{E2E_WEBHOOK_SECRET}}"\n')
+    return service.configure(E2E_WEBHOOK_SECRET=SECRET)
+
+
+def emit_events(redis_client, count: int) -> list[str]:
+    """Write `count` events for clinic e2e as the store's scripts do."""
+    events = Events(redis_client, "reminders")
+    return [str(events.emit("e2e", "webhook", "reminder.skipped",
+                            {"booking_id": f"OLD-{n}", "reason": "test"})) for n in range(count)]
+
+
+def test_a_dead_clinic_endpoint_delays_no_reminder(service, e2e_config, dead_endpoint,
+                                                   make_booking, smtp_sink, sms_sink,
+                                                   redis_client):
+    # A lease long enough that a delivery waits the webhook's whole timeout (10 s) for
+    # the answer that never comes, as in production (the lease there is 300 s).
+    svc = dead_hooked(service, e2e_config, dead_endpoint).configure(
+        REMINDERS_LEASE_SECONDS="30")
+    svc.up()
+    emit_events(redis_client, 30)
+    # Deliveries are under way, each waiting for the dead endpoint.
+    wait_until(lambda: dead_endpoint.connections() >= 2, 20)
+    svc.book(make_booking("D-1", starts_in=12))
+    wait_until(lambda: len(smtp_sink.snapshot()) + len(sms_sink.snapshot())
+               >= QUICK_MESSAGES, 60)
+    timeline = svc.show("D-1")["reminders"]
+    assert len(timeline) == QUICK_MESSAGES
+    assert all(r["status"] == "sent" for r in timeline), timeline
+    late = {r["id"]: round(iso_seconds(r["sent_at"]) - iso_seconds(r["due_at"]), 1)
+            for r in timeline}
+    # Each on time (a few seconds' margin for a loaded machine), though the clinic's
+    # events are still waiting for their endpoint meanwhile.
+    assert max(late.values()) < 5, late
+    events = Events(redis_client, "reminders")
+    assert len(events.pending("e2e")) >= 30 and events.dead() == []
+
+
+def iso_seconds(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
