@@ -54,13 +54,13 @@ def test_an_event_the_worker_has_not_read_the_webhook_for_yet_is_not_dropped(
         event_id = events.emit("rc", "webhook", "reminder.skipped", {"booking_id": "R-1"})
         ((claimed, claim),) = events.claim(10, 30)
         assert claimed == event_id
-        first = tasks.clinic_event(event_id, claim)
+        first = tasks.deliver_clinic_event(event_id, claim)
         assert first.startswith("retrying"), first
         assert [e.id for e in events.pending()] == [event_id]
         time.sleep(1.1)  # the worker reads the edit at its next look
         redis_client.zadd(events.due_key, {event_id: 0})
         ((_, claim),) = events.claim(10, 30)
-        assert tasks.clinic_event(event_id, claim) == "delivered"
+        assert tasks.deliver_clinic_event(event_id, claim) == "delivered"
         (hook,) = receiver.snapshot()
         assert hook.valid and hook.json()["type"] == "reminder.skipped"
     finally:

@@ -917,15 +917,18 @@ class Watchdog:
         self._clock = clock
         self._lock = threading.Lock()
         self._running: dict[int, tuple[str, float]] = {}
+        self._what: dict[int, str] = {}
         self._next = 0
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def watch(self, ref: str, end_at: float) -> Iterator[None]:
+    def watch(self, ref: str, end_at: float, what: str = "send") -> Iterator[None]:
+        """Watch one attempt (`what`: "send", or "clinic event" for worker/event_senders.py)."""
         with self._lock:
             self._next += 1
             key = self._next
             self._running[key] = (ref, end_at)
+            self._what[key] = what
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="send-watchdog",
                                                 daemon=True)
@@ -935,22 +938,28 @@ class Watchdog:
         finally:
             with self._lock:
                 del self._running[key]
+                del self._what[key]
 
     def overdue(self) -> list[str]:
         """Return the refs of attempts past their end (checked by the thread)."""
+        return [ref for _, ref in self._late()]
+
+    def _late(self) -> list[tuple[str, str]]:
         now = self._clock()
         with self._lock:
-            return [ref for ref, end_at in self._running.values() if now >= end_at]
+            return [(self._what[key], ref) for key, (ref, end_at) in self._running.items()
+                    if now >= end_at]
 
     def _run(self) -> None:
         while True:
             time.sleep(WATCH_INTERVAL)
-            late = self.overdue()
+            late = self._late()
             if late:
+                what, ref = late[0]
                 log.critical(
-                    "send %s: still running when its send ledger entry is about to expire; "
-                    "ending this worker process so that no attempt outlives it (%d running)",
-                    late[0], len(late))
+                    "%s %s: still running when its %s is about to expire; ending this "
+                    "worker process so that no attempt outlives it (%d running)", what, ref,
+                    "send ledger entry" if what == "send" else "lease", len(late))
                 for handler in logging.getLogger().handlers:
                     handler.flush()
                 self._kill()

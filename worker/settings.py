@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # Clinic webhooks and alerts: one attempt's timeout, and attempts before giving up.
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_max_attempts: int = Field(12, ge=1)
+    # Clinic events a worker process delivers at once (its own threads, beside the senders:
+    # a dead endpoint holds these, never a pool process; worker/event_senders.py).
+    webhook_threads: int = Field(4, ge=1, le=64)
     broker_visibility_timeout_seconds: int = Field(600, ge=60)
 
     # The send path's throughput (worker/pump.py, worker/dispatch.py): claims go to send

@@ -7,8 +7,9 @@
                         senders for their channel (worker/dispatch.py `hand_over`)
   reminders.send        send one claimed reminder now, in the task (the same attempt; kept
                         for tools that publish a single claim)
-  reminders.clinic_event  deliver one claimed clinic event: a signed webhook, or the held
-                        alert by email (worker/webhooks.py); the pump claims them too
+  reminders.clinic_event  hand one claimed clinic event (a signed webhook, or the held
+                        alert by email; worker/webhooks.py) to this process's event senders
+                        (worker/event_senders.py); the pump claims them too
 
 The send path's modules (dispatch, delivery, rendering, Apprise) are imported in the pool
 processes that send, not in the Celery main process, which only routes messages.
@@ -46,6 +47,7 @@ from .settings import get_settings
 
 if TYPE_CHECKING:
     from .dispatch import Context, Lanes
+    from .event_senders import EventSenders
     from .models import Channel
     from .pump import Run
     from .store import Claim
@@ -59,6 +61,7 @@ PUMP_RUN_WAIT_SECONDS = 10.0  # a warm shutdown waits this long for a pump run t
 # stream of bookings) make at most ten runs a second, each claiming what fell due by then.
 FOLLOW_UP_GAP_SECONDS = 0.1
 _DISPATCH = f"{__package__}.dispatch"  # the senders' module (imported where they run)
+_EVENT_SENDERS = f"{__package__}.event_senders"  # the clinic events' threads (likewise)
 
 _context: Context | None = None
 _context_lock = threading.Lock()
@@ -133,6 +136,8 @@ def _warm_up() -> None:
     lanes = senders()
     for channel in _channels_taken():
         lanes.open(channel)
+    if _takes_events():
+        event_senders()  # registered at once: the pump counts their threads
 
 
 def _channels_taken() -> list[Channel]:
@@ -143,6 +148,12 @@ def _channels_taken() -> list[Channel]:
     selected = app.amqp.queues.consume_from
     names = set(selected) if selected else set(SEND_QUEUES.values())
     return [channel for channel in CHANNELS if SEND_QUEUES[channel] in names]
+
+
+def _takes_events() -> bool:
+    """Whether this worker consumes the clinic events' queue (`-Q`; all if not narrowed)."""
+    selected = app.amqp.queues.consume_from
+    return not selected or EVENTS_QUEUE in set(selected)
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
@@ -235,10 +246,19 @@ def _drain(**_: object) -> None:
         _stopping = True
         _wake.set()  # a pump thread waiting for the next due instant ends now
     began = time.monotonic()
+    grace = get_settings().shutdown_grace_seconds
+    # Clinic events not begun go back at once too; those under way share the grace period.
+    closing = None
+    if _EVENT_SENDERS in sys.modules:
+        from .event_senders import stop_event_senders
+
+        closing = stop_event_senders()
     if _DISPATCH in sys.modules:
         from .dispatch import close_lanes
 
-        close_lanes(get_settings().shutdown_grace_seconds)
+        close_lanes(grace)
+    if closing is not None:
+        closing.wait(max(0.0, began + grace - time.monotonic()))
     if _pumping.acquire(timeout=max(0.0, began + PUMP_RUN_WAIT_SECONDS - time.monotonic())):
         _pumping.release()
 
@@ -370,8 +390,9 @@ def pump_now() -> Run:
     run = pump_run(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
     # The clinic's webhooks and alerts, on their own queue. Their lease outlasts one attempt
     # (the task's hard limit ends it first); an event whose worker died is claimed again.
+    # At most what the event senders take at once (worker/event_senders.py).
     pump_events(_events(), _publish_event, batch=settings.pump_batch,
-                lease_seconds=settings.lease_seconds)
+                lease_seconds=settings.lease_seconds, capacity=settings.webhook_threads)
     # The run's evidence for `reminders health` and /healthz (worker/health.py).
     took = time.monotonic() - started
     pump_beat(ctx.store.redis, settings.key_prefix, took)
@@ -400,7 +421,26 @@ def _publish_event(event_id: str, claim: str) -> None:
     time_limit=get_settings().lease_seconds - 1,
 )
 def clinic_event(event_id: str, claim: str) -> str:
-    """Deliver one claimed clinic event (a signed webhook, or the held alert by email)."""
+    """Hand one claimed clinic event to this process's event senders, and return: a dead
+    clinic endpoint holds one of their threads, never this pool process (the pump's runs
+    and the send batches go on). A process that is stopping hands it back to the schedule."""
+    if _stopping:
+        outcome = _events().release(event_id, claim)
+        log.info("clinic event %s: the worker is stopping; handed back (%s)", event_id, outcome)
+        return f"handed back: the worker is stopping ({outcome})"
+    return event_senders().submit(event_id, claim)
+
+
+def event_senders() -> EventSenders:
+    """Return this process's event senders (worker/event_senders.py)."""
+    from .event_senders import event_senders as make
+
+    return make(_events, deliver_clinic_event, context().settings.webhook_threads)
+
+
+def deliver_clinic_event(event_id: str, claim: str, wait_at_most: float | None = None) -> str:
+    """Deliver one claimed clinic event now, in this thread (a signed webhook, or the held
+    alert by email), each network wait at most `wait_at_most` seconds."""
     from .webhooks import deliver_event
 
     ctx = context()
@@ -415,7 +455,8 @@ def clinic_event(event_id: str, claim: str) -> str:
     return deliver_event(_events(), event_id, claim, clinics=catalog.clinics,
                          renderer=ctx.renderer, settings=ctx.settings,
                          unsettled=lambda: bool(catalog.stamp)
-                         and config_stamp(ctx.settings) != catalog.stamp)
+                         and config_stamp(ctx.settings) != catalog.stamp,
+                         timeout=wait_at_most)
 
 
 # The limits of the tasks themselves (a batch task only hands its claims over; the single
@@ -460,5 +501,5 @@ def send_reminder(ref: str, version: str, claim: str) -> str:
     return send_claimed(context(), ref, version, claim)
 
 
-__all__ = ["PUMP_QUEUE", "clinic_event", "context", "pump_now", "pump_task", "send_batch",
-           "send_reminder", "senders"]
+__all__ = ["PUMP_QUEUE", "clinic_event", "context", "deliver_clinic_event", "event_senders",
+           "pump_now", "pump_task", "send_batch", "send_reminder", "senders"]

@@ -99,17 +99,32 @@ return emit_event(ARGV[1], ARGV[2], ARGV[3], ARGV[4], cjson.decode(ARGV[5]))
 )
 
 # Claim due events: their score becomes the lease's end, so one whose worker died is due
-# again then. Returns {id, claim} pairs.
+# again then. Each claim is counted in P:ev:out (id -> its lease's end) until it finishes,
+# is handed back or its lease ends. With a capacity (ARGV[4] > 0) no more are claimed than
+# the event senders registered in P:ev:senders ("<node>|<threads>" -> until when) take at
+# once (ARGV[4] itself while none is registered). Returns {id, claim} pairs.
 _CLAIM = """
-local due_key, prefix = KEYS[1], ARGV[1]
-local limit, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
+local due_key, out_key, senders_key, prefix = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+local limit, lease, default = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', out_key, '-inf', now)
+if default > 0 then
+  redis.call('ZREMRANGEBYSCORE', senders_key, '-inf', now)
+  local capacity = 0
+  for _, m in ipairs(redis.call('ZRANGE', senders_key, 0, -1)) do
+    capacity = capacity + (tonumber(string.match(m, '|(%d+)$')) or 0)
+  end
+  if capacity == 0 then capacity = default end
+  limit = math.min(limit, capacity - redis.call('ZCARD', out_key))
+  if limit <= 0 then return {} end
+end
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit)) do
   local ekey = prefix .. ':ev:' .. id
   if redis.call('EXISTS', ekey) == 1 then
     redis.call('ZADD', due_key, now + lease, id)
+    redis.call('ZADD', out_key, now + lease, id)
     table.insert(out, {id, tostring(redis.call('HINCRBY', ekey, 'claim', 1))})
   else
     redis.call('ZREM', due_key, id)
@@ -118,18 +133,31 @@ end
 return out
 """
 
+# Hand a claimed event back, not begun (its senders are stopping, or its lease is nearly
+# over): due now, its attempts unchanged. Only the attempt that still holds the claim.
+_RELEASE = """
+local due_key, out_key, ekey, id, claim = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2]
+if redis.call('HGET', ekey, 'claim') ~= claim then return 'stale' end
+local t = redis.call('TIME')
+redis.call('ZADD', due_key, tonumber(t[1]) + tonumber(t[2]) / 1000000, id)
+redis.call('ZREM', out_key, id)
+return 'released'
+"""
+
 # Finish one delivery attempt. done: the event is deleted (whoever holds the claim: it was
 # delivered). retry / dead: only the attempt that still holds the claim reschedules it.
 _FINISH = """
-local due_key, dead_key, ekey = KEYS[1], KEYS[2], KEYS[3]
+local due_key, dead_key, ekey, out_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, claim, outcome, at, err, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],
   tonumber(ARGV[6])
 if outcome == 'done' then
   redis.call('DEL', ekey)
   redis.call('ZREM', due_key, id)
+  redis.call('ZREM', out_key, id)
   return 'done'
 end
 if redis.call('HGET', ekey, 'claim') ~= claim then return 'stale' end
+redis.call('ZREM', out_key, id)
 redis.call('HINCRBY', ekey, 'attempts', 1)
 redis.call('HSET', ekey, 'last_error', err)
 if outcome == 'dead' then
@@ -196,10 +224,13 @@ class Events:
         self.keep_seconds = int(retention_days * 86400)
         self.due_key = f"{prefix}:ev:due"
         self.dead_key = f"{prefix}:ev:dead"
+        self.out_key = f"{prefix}:ev:out"  # claimed, not finished: id -> its lease's end
+        self.senders_key = f"{prefix}:ev:senders"  # "<node>|<threads>" -> until when
         self.emit_script = client.register_script(_EMIT)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._replay = client.register_script(_REPLAY)
+        self._release = client.register_script(_RELEASE)
 
     def event_key(self, event_id: str) -> str:
         return f"{self.prefix}:ev:{event_id}"
@@ -220,10 +251,33 @@ class Events:
             return None
         return str(self.emit_script(args=args))
 
-    def claim(self, limit: int, lease_seconds: float) -> list[tuple[str, str]]:
-        """Lease up to `limit` due events; return (event id, claim) pairs."""
-        rows = self._claim(keys=[self.due_key], args=[self.prefix, limit, lease_seconds])
+    def claim(self, limit: int, lease_seconds: float,
+              capacity: int = 0) -> list[tuple[str, str]]:
+        """Lease up to `limit` due events; return (event id, claim) pairs.
+
+        `capacity` > 0: no more than the registered event senders take at once, counting
+        the claims not finished yet (`capacity` itself while no sender is registered)."""
+        rows = self._claim(keys=[self.due_key, self.out_key, self.senders_key],
+                           args=[self.prefix, limit, lease_seconds, capacity])
         return [(str(r[0]), str(r[1])) for r in rows]
+
+    def release(self, event_id: str, claim: str) -> str:
+        """Hand a claimed event back, not begun: due now ("released"), if `claim` still
+        holds it ("stale" otherwise)."""
+        return str(self._release(keys=[self.due_key, self.out_key, self.event_key(event_id)],
+                                 args=[event_id, claim]))
+
+    def lease_left(self, event_id: str, claim: str) -> float | None:
+        """Return the seconds left of `claim`'s lease (Redis's clock), None if it no longer
+        holds the event (delivered, or claimed again)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.event_key(event_id), "claim")
+        pipe.zscore(self.due_key, event_id)
+        pipe.time()
+        held, until, (seconds, micros) = pipe.execute()
+        if held != claim or until is None:
+            return None
+        return float(until) - (float(seconds) + float(micros) / 1_000_000)
 
     def load(self, event_id: str, claim: str) -> Event | None:
         """Return the event if `claim` still holds it, else None (done, or claimed again)."""
@@ -251,7 +305,7 @@ class Events:
     def _fin(self, event_id: str, claim: str, outcome: str, at: float = 0.0, err: str = "") -> str:
         return str(
             self._finish(
-                keys=[self.due_key, self.dead_key, self.event_key(event_id)],
+                keys=[self.due_key, self.dead_key, self.event_key(event_id), self.out_key],
                 args=[event_id, claim, outcome, at, err, self.keep_seconds],
             )
         )
@@ -486,8 +540,12 @@ def deliver_event(
     settings: Settings,
     env: Mapping[str, str] | None = None,
     unsettled: Callable[[], bool] | None = None,
+    timeout: float | None = None,
 ) -> str:
     """Deliver one claimed event; return what happened (for the task's log line).
+
+    `timeout`: the most one network wait of this attempt may take, below the settings'
+    (the event senders keep a delivery inside its lease: worker/event_senders.py).
 
     `unsettled()`: config/ changed since `clinics` was read (not read yet: worker/catalog.py).
     An event the clinic does not take as `clinics` say is then retried, not dropped: the
@@ -511,15 +569,15 @@ def deliver_event(
                 _unsettled(unsettled)
                 events.done(event_id, claim)
                 return "dropped: the clinic has no email address"
-            send_alert(clinic, event, renderer, settings, env)
+            send_alert(clinic, event, renderer, settings, env, timeout=timeout)
         else:
             if clinic.webhook is None or not clinic.wants(event.type):
                 _unsettled(unsettled)
                 events.done(event_id, claim)
                 return "dropped: the clinic's webhook does not take this event"
             secret = clinic.webhook.secret_value(clinic.id, env)
-            timeout = settings.webhook_timeout_seconds
-            post_webhook(clinic.webhook.url, secret, event, timeout=timeout)
+            post_webhook(clinic.webhook.url, secret, event,
+                         timeout=_within(settings.webhook_timeout_seconds, timeout))
     except (DeliveryError, ConfigError) as exc:
         reason = exc.reason if isinstance(exc, DeliveryError) else exc.problem
         attempts = event.attempts + 1
@@ -536,6 +594,10 @@ def deliver_event(
     events.done(event_id, claim)
     log.info("clinic event %s (%s) delivered to clinic %s", event_id, event.type, event.clinic)
     return "delivered"
+
+
+def _within(configured: float, limit: float | None) -> float:
+    return configured if limit is None else min(configured, limit)
 
 
 def _unsettled(unsettled: Callable[[], bool] | None) -> None:
@@ -586,6 +648,8 @@ def send_alert(
     renderer: Renderer,
     settings: Settings,
     env: Mapping[str, str] | None = None,
+    *,
+    timeout: float | None = None,
 ) -> str:
     """Email the alert to the clinic's own address through its email channel (or outbox)."""
     from .delivery import Envelope, deliver
@@ -599,16 +663,19 @@ def send_alert(
         envelope,
         render_alert(clinic, event, renderer),
         outbox=settings.outbox,
-        timeout=settings.send_timeout_seconds,
+        timeout=_within(settings.send_timeout_seconds, timeout),
         now=datetime.now(UTC),
     )
 
 
 def pump_events(events: Events, publish: Callable[[str, str], None], *, batch: int,
-                lease_seconds: float) -> int:
-    """Claim due clinic events and publish one delivery task each; return how many."""
+                lease_seconds: float, capacity: int = 0) -> int:
+    """Claim due clinic events and publish one delivery task each; return how many.
+
+    `capacity` > 0: only what the workers' event senders can take at once (`Events.claim`):
+    the others stay due, not claimed to wait behind a dead endpoint until their lease ends."""
     published = 0
-    for event_id, claim in events.claim(batch, lease_seconds):
+    for event_id, claim in events.claim(batch, lease_seconds, capacity):
         publish(event_id, claim)  # a refused publish leaves it claimed: due again after the lease
         published += 1
     if published:

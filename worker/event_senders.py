@@ -1,0 +1,208 @@
+"""This process's event senders: clinic events delivered by threads of their own.
+
+A clinic event task (worker/tasks.py `clinic_event`) only hands its claim to these threads
+and returns, as a send batch hands its claims to the senders (worker/dispatch.py
+`hand_over`): a clinic endpoint that accepts the connection and never answers holds one of
+these threads for the webhook's timeout, never a Celery pool process, so pump runs and
+send batches go on. The pump claims no more events than the registered event senders take
+at once (`Events.claim`'s capacity, P:ev:out and P:ev:senders; worker/webhooks.py): the
+rest stay due in Redis instead of waiting in a thread's queue until their lease ends.
+
+Not `Lanes` itself: its bookkeeping is the send path's (the pump's per-channel counts and
+latency, the send ledger, the cut of a send handing over). What is shared: the watchdog,
+the same hand-over and warm shutdown shape.
+
+The events' guarantees, as with the task: a delivery is fenced by its claim and finished
+by `deliver_event` (delivered, retried with backoff, given up after
+`webhook_max_attempts`). A delivery begins only while its lease leaves time for it: its
+network waits are bounded to half of what is left of the lease less LEASE_MARGIN (and by
+the settings' timeouts), so a dead endpoint ends it as a retry before the lease runs out
+(no second delivery of the same claim meanwhile); a claim with less than
+MIN_ATTEMPT_SECONDS so left goes back to the schedule, due now. Should a delivery still run
+a second before its lease ends (an endpoint trickling its answer under every timeout), the
+watchdog ends the process, as the task's hard time limit did. A worker killed mid-delivery
+leaves the event claimed until its lease ends, then it is claimed again (the same id).
+
+Warm shutdown (`close`): claims not begun go back to the schedule at once (due now,
+fenced by their claim); deliveries under way get the grace period; one still waiting then
+is left to its lease (delivered again after it, with the same id).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import redis
+
+from .dispatch import CLOCK, REGISTER_EVERY, REGISTER_TTL, Watchdog, watchdog
+from .pump import sender_member
+from .webhooks import Events
+
+log = logging.getLogger(__name__)
+LEASE_MARGIN = 2.0  # seconds a delivery's network waits leave of its lease
+MIN_ATTEMPT_SECONDS = 1.0  # a delivery begins only if its network waits may take this long
+STOPPING = "handed back: the worker is stopping"
+LEASE_NEARLY_OVER = "handed back: its lease leaves no time for a delivery"
+
+Deliver = Callable[[str, str, float], str]  # (event id, claim, most seconds a wait may take)
+
+
+class EventSenders:
+    """A bounded thread pool delivering claimed clinic events (see the module docstring)."""
+
+    def __init__(self, events: Events, deliver: Deliver, *, threads: int,
+                 dog: Watchdog | None = None) -> None:
+        self.events = events
+        self.deliver = deliver
+        self.threads = threads
+        self.watchdog = dog or Watchdog()
+        self.node = sender_member(f"{socket.gethostname()}:{os.getpid()}", threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="clinic-event")
+        self._lock = threading.Lock()
+        self._closing = False
+        self._queued: dict[int, tuple[Future[str], str, str]] = {}  # not taken by a thread
+        self._futures: set[Future[str]] = set()
+        self._next_key = 0
+        self._stop = threading.Event()
+        self._register()
+        self._registrar = threading.Thread(target=self._register_loop, name="event-register",
+                                           daemon=True)
+        self._registrar.start()
+
+    def submit(self, event_id: str, claim: str) -> str:
+        """Hand one claimed event to a thread; return what happened (for the task's log)."""
+        with self._lock:
+            if not self._closing:
+                self._next_key += 1
+                key = self._next_key
+                future = self._pool.submit(self._one, key, event_id, claim)
+                self._queued[key] = (future, event_id, claim)
+                self._futures.add(future)
+                future.add_done_callback(self._forget)
+                return "handed to the event senders"
+        return self._hand_back(event_id, claim, STOPPING)
+
+    def _forget(self, future: Future[str]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def _one(self, key: int, event_id: str, claim: str) -> str:
+        with self._lock:  # taken by a thread: no longer the closer's to hand back
+            self._queued.pop(key, None)
+            closing = self._closing
+        try:
+            if closing:
+                return self._hand_back(event_id, claim, STOPPING)
+            return self.attempt(event_id, claim)
+        except Exception as exc:  # Redis down, a bug: the lease brings the event back
+            log.warning("clinic event %s: delivery not completed (%s); its lease will bring "
+                        "it back", event_id, type(exc).__name__)
+            return "not completed"
+
+    def attempt(self, event_id: str, claim: str) -> str:
+        """Deliver one claimed event now, in this thread, inside its lease."""
+        left = self.events.lease_left(event_id, claim)
+        if left is None:
+            return "gone (delivered, or claimed again after the lease)"
+        wait_at_most = (left - LEASE_MARGIN) / 2  # a connect and a read, each at most this
+        if wait_at_most < MIN_ATTEMPT_SECONDS:
+            return self._hand_back(event_id, claim, LEASE_NEARLY_OVER)
+        with self.watchdog.watch(event_id, time.monotonic() + left - 1, what="clinic event"):
+            outcome = self.deliver(event_id, claim, wait_at_most)
+        log.info("clinic event %s: %s", event_id, outcome)
+        return outcome
+
+    def _hand_back(self, event_id: str, claim: str, why: str) -> str:
+        try:
+            result = self.events.release(event_id, claim)
+        except redis.RedisError:
+            result = "not handed back (Redis unreachable): its lease brings it back"
+        log.info("clinic event %s: %s (%s)", event_id, why, result)
+        return why
+
+    def _register(self) -> None:
+        try:
+            self.events.redis.zadd(self.events.senders_key,
+                                   {self.node: CLOCK.now() + REGISTER_TTL})
+        except redis.RedisError:  # the pump's count only: it expires on its own
+            log.warning("event senders: could not register with the pump")
+
+    def _register_loop(self) -> None:
+        while not self._stop.wait(REGISTER_EVERY):
+            self._register()
+
+    def close(self, grace: float | None = None) -> None:
+        """Stop (a warm shutdown): `stop`, then `wait` up to `grace` seconds."""
+        self.stop()
+        self.wait(grace)
+
+    def stop(self) -> None:
+        """Take no more events, leave the pump's count, and hand back at once the claims
+        no thread has begun (due now, fenced by their claim)."""
+        with self._lock:
+            self._closing = True
+        self._stop.set()
+        try:
+            self.events.redis.zrem(self.events.senders_key, self.node)
+        except redis.RedisError:
+            pass  # it expires on its own
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            cancelled = [(k, e, c) for k, (f, e, c) in self._queued.items() if f.cancelled()]
+            for key, _, _ in cancelled:
+                del self._queued[key]
+        for _, event_id, claim in cancelled:
+            self._hand_back(event_id, claim, STOPPING)
+        if cancelled:
+            log.info("event senders: stopping: %d clinic event(s) not begun handed back",
+                     len(cancelled))
+
+    def wait(self, grace: float | None) -> None:
+        """Give the deliveries under way `grace` seconds (None: as long as they take)."""
+        with self._lock:
+            futures = [f for f in self._futures if not f.cancelled()]
+        _, running = wait(futures, timeout=grace)
+        if running:
+            log.warning("event senders: stopped after the %gs grace period with %d clinic "
+                        "event(s) still being delivered (claimed again once their lease "
+                        "ends, with the same id)", grace or 0, len(running))
+
+
+_process_senders: EventSenders | None = None
+_senders_lock = threading.Lock()
+
+
+def event_senders(events: Callable[[], Events], deliver: Deliver, threads: int) -> EventSenders:
+    """Return this process's event senders (made on first use, after a fork)."""
+    global _process_senders
+    with _senders_lock:
+        if _process_senders is None:
+            CLOCK.refresh(events().redis)  # their registration is an instant on Redis's clock
+            _process_senders = EventSenders(events(), deliver, threads=threads, dog=watchdog())
+        return _process_senders
+
+
+def stop_event_senders() -> EventSenders | None:
+    """Stop this process's event senders, if any (`EventSenders.stop`); return them, for
+    the caller to `wait` on."""
+    global _process_senders
+    with _senders_lock:
+        current, _process_senders = _process_senders, None
+    if current is not None:
+        current.stop()
+    return current
+
+
+def _forget_after_fork() -> None:
+    global _process_senders, _senders_lock
+    _process_senders = None
+    _senders_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
