@@ -158,3 +158,30 @@ def iso_seconds(text: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_warm_shutdown_lets_the_event_under_way_be_delivered_once(hooked, receiver,
+                                                                   redis_client):
+    import signal
+    import subprocess
+    import threading
+
+    svc = hooked.configure(REMINDERS_SHUTDOWN_GRACE_SECONDS="10")
+    worker = svc.worker("w1")
+    svc.beat(worker=worker)
+    receiver.gate.clear()  # the clinic's endpoint parks the POST
+    (event_id,) = emit_events(redis_client, 1)
+    wait_until(lambda: receiver.snapshot(), 30)
+    worker.send_signal(signal.SIGTERM)  # the main process only, as `docker stop` does
+    # It answers within the grace period, a second after the SIGTERM.
+    threading.Timer(1.0, receiver.gate.set).start()
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(worker.log_path.read_text()) from None
+    events = Events(redis_client, "reminders")
+    (hook,) = receiver.snapshot()
+    assert hook.valid and hook.headers["Reminders-Event-Id"] == event_id
+    assert events.pending() == [] and events.dead() == []  # delivered and recorded: once
+    assert redis_client.zcard(events.out_key) == 0
+    assert redis_client.zrange(events.senders_key, 0, -1) == []  # left the pump's count
