@@ -17,13 +17,17 @@ own schedule:
                         script writes it), not told yet (`tell_consent`; no number or
                         address in it: the contact index's keyed id). An SMS opt-out with
                         no field predates the record: the clinic was told of it then
+  P:ev:out        ZSET  event id -> its lease's end: claimed, not finished (the pump's count)
+  P:ev:senders    ZSET  "<host>:<pid>|<threads>" -> until when: the event senders registered
 
-The pump claims due events (one Lua step, Redis's clock) and publishes one task each on
-their own queue, so a slow clinic endpoint never delays a patient's reminder. A task POSTs
-the event to the clinic's webhook URL (or emails the held-booking alert to the clinic's
-address through its email channel), then deletes it; on failure it is tried again with
-backoff, and after `max_attempts` it is given up and kept in `P:ev:dead` (`reminders events
-dead` lists them, `reminders events replay` sends them again). A worker killed
+The pump claims due events (one Lua step, Redis's clock), no more than the registered event
+senders take at once, and publishes one task each on their own queue; the task hands the
+claim to its process's event senders (worker/event_senders.py: threads of their own), so a
+slow or dead clinic endpoint never holds a pool process nor delays a patient's reminder.
+A delivery POSTs the event to the clinic's webhook URL (or emails the held-booking alert
+to the clinic's address through its email channel), then deletes it; on failure it is tried
+again with backoff, and after `max_attempts` it is given up and kept in `P:ev:dead`
+(`reminders events dead` lists them, `reminders events replay` sends them again). A worker killed
 mid-delivery leaves the event claimed until its lease ends, then it is claimed again: a
 receiver may see an event twice, with the same `id` (deduplicate on it), never zero times.
 
