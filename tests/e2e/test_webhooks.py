@@ -149,6 +149,8 @@ def test_a_dead_clinic_endpoint_delays_no_reminder(service, e2e_config, dead_end
             for r in timeline}
     # Each on time (a few seconds' margin for a loaded machine), though the clinic's
     # events are still waiting for their endpoint meanwhile.
+    print(f"seconds late with {dead_endpoint.connections()} deliveries to the dead endpoint "
+          f"under way or timed out: {late}")
     assert max(late.values()) < 5, late
     events = Events(redis_client, "reminders")
     assert len(events.pending("e2e")) >= 30 and events.dead() == []
