@@ -58,12 +58,14 @@ ONE_EMAIL = ONE_SMS.replace('"One SMS"', '"One email"').replace('["sms"]', '["em
 
 class Gateway:
     """An HTTP SMS gateway that parks the first `park` requests until `release()`, answers
-    the rest at once (200), and records every request when it arrives: a request that
-    reached it counts as delivered, as with a real provider."""
+    the rest at once (200), or after `delay` seconds (a slow provider), and records every
+    request when it arrives: a request that reached it counts as delivered, as with a real
+    provider."""
 
-    def __init__(self, park: int) -> None:
+    def __init__(self, park: int, delay: float = 0.0) -> None:
         self.port = free_port()
         self.park = park
+        self.delay = delay
         self.arrived: list[tuple[float, str]] = []  # (time, to)
         self.parked = threading.Semaphore(0)
         self._gate = threading.Event()
@@ -79,6 +81,8 @@ class Gateway:
                 if parking:
                     gateway.parked.release()
                     gateway._gate.wait(60)
+                elif gateway.delay:
+                    time.sleep(gateway.delay)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", "2")
