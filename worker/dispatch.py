@@ -43,7 +43,11 @@ threads: never a Celery pool process, never the other channel, never the pump. (
 this process's senders for the channel have more than a round of claims waiting does the
 task wait, at most BACKPRESSURE_SECONDS, so that Celery gives the next batches to another
 pool process: the pump hands out no more than all senders take, but Celery would give
-them all to whichever pool process is free first.)
+them all to whichever pool process is free first. The wait ends as soon as a message of
+another queue the worker takes waits in the broker, `others_waiting`: the pool processes
+are all the worker has to take messages with, and a channel whose batches held them in
+turn let the other channel's batches in only one between two of its holds, so that the
+two drained in lockstep, at the pace of the busier one.)
 
 Why threads, and why this is safe with them: a send waits on the network almost all the
 time. Nothing shared changes during a send: the Redis client is thread-safe (a connection
@@ -899,6 +903,7 @@ FLUSH_INTERVAL = 0.1  # seconds between reports of settled claims to the pump's 
 REGISTER_EVERY = 2.0  # seconds between refreshes of this process's senders for the pump
 BACKPRESSURE_SECONDS = 0.5  # longest a hand-over waits for its senders to have room
 ROOM_POLL_SECONDS = 0.01
+OTHERS_POLL_SECONDS = 0.05  # ... for another queue's messages in the broker (~0.13 ms CPU a look)
 REGISTER_TTL = 10.0  # seconds after which the pump forgets a process that stopped refreshing
 NUDGE_AFTER = 0.05  # a channel's senders idle this long after settling: ask for more work
 
@@ -1106,10 +1111,21 @@ class Lanes:
         with self._lock:
             return self._waiting.get(channel, 0)
 
-    def wait_for_room(self, channel: Channel, seconds: float) -> None:
-        """Wait (at most `seconds`) until no more than a round of claims waits to begin."""
+    def wait_for_room(self, channel: Channel, seconds: float,
+                      others_waiting: Callable[[], bool] | None = None) -> None:
+        """Wait (at most `seconds`) until no more than a round of claims waits to begin, or
+        until `others_waiting()` (asked every OTHERS_POLL_SECONDS) says other work waits
+        for this process."""
         deadline = time.monotonic() + seconds
-        while self.waiting(channel) > self.threads and time.monotonic() < deadline:
+        look_at = 0.0
+        while self.waiting(channel) > self.threads:
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            if others_waiting is not None and now >= look_at:
+                if others_waiting():
+                    return
+                look_at = now + OTHERS_POLL_SECONDS
             time.sleep(ROOM_POLL_SECONDS)
 
     def flush(self) -> None:
@@ -1279,8 +1295,12 @@ class HandingOver:
 
 
 def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
-              claims: Sequence[Sequence[str]], claimed_at: float) -> str:
-    """Give a batch of claims ([ref, version, claim], ...) to this process's senders."""
+              claims: Sequence[Sequence[str]], claimed_at: float, *,
+              others_waiting: Callable[[], bool] | None = None) -> str:
+    """Give a batch of claims ([ref, version, claim], ...) to this process's senders.
+
+    `others_waiting()`: whether work of another queue waits for a pool process (then the
+    hand-over does not hold this one for its senders' room)."""
     settings = ctx.settings
     start_by = claimed_at + min(settings.lease_seconds - settings.send_timeout_seconds - 1,
                                 settings.send_max_wait_seconds)
@@ -1295,8 +1315,9 @@ def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
     # Celery gives the next batch to a pool process that is free, and a hand-over frees
     # it at once, however busy its senders are: one process could take every batch. A
     # process whose senders have more than a round waiting stays busy a little (at most
-    # BACKPRESSURE_SECONDS), so the next batches go to another.
-    lanes.wait_for_room(channel, BACKPRESSURE_SECONDS)
+    # BACKPRESSURE_SECONDS), so the next batches go to another; never while a message of
+    # another queue waits for a pool process (another channel's batch, a clinic event).
+    lanes.wait_for_room(channel, BACKPRESSURE_SECONDS, others_waiting)
     return f"{len(claims)} claim(s) handed to the {channel} senders"
 
 
