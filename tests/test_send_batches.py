@@ -867,3 +867,49 @@ def test_a_claim_begun_while_redis_refuses_writes_for_a_moment_goes_out_on_time(
     assert s["lease"] is None and s["due"] is None, s
     assert [e["outcome"] for e in s["log"]] == ["sent"]
     assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]
+
+
+# --- the same batch delivered twice (kombu gives an unacked batch back on a Redis restart) -------
+
+def _parked_fence(rig: Rig) -> tuple[threading.Event, threading.Event]:
+    """Hold every attempt of `rig` just before its fence (`still_owned`) until released."""
+    parked, release = threading.Event(), threading.Event()
+    real = Store.still_owned
+
+    def held(self: Store, *args: Any, **kwargs: Any) -> bool:
+        parked.set()
+        assert release.wait(20)
+        return real(self, *args, **kwargs)
+
+    rig.store.still_owned = held.__get__(rig.store)  # type: ignore[method-assign]
+    return parked, release
+
+
+def test_a_batch_delivered_again_while_its_first_copy_is_at_work_sends_once_on_time(rig):
+    """A Redis restart makes kombu give every delivered, unacknowledged batch back to its queue
+    at once (worker/broker.py): a batch whose task had handed its claims over but whose
+    acknowledgement was lost is delivered again, to this or another worker, while the first
+    copy's attempts are still at work. The second copy's begin finds the first copy's ledger
+    (the same claim): it must leave the reminder to that attempt, which owns it. It took it
+    away instead ("another attempt is in flight": back to the schedule a ledger later), so the
+    first attempt's fence found it no longer its own and sent nothing: the reminder went out
+    a lease late (5 minutes by default) instead of now (review)."""
+    rig.book(rig.doc(1))
+    claims = rig.claim(prep(1))
+    claimed_at = time.time()
+    parked, release = _parked_fence(rig)
+    try:
+        rig.hand(claims, claimed_at)  # the first copy: begun, parked before its fence
+        assert parked.wait(10)
+        rig.hand(claims, claimed_at)  # the same message again, well within its start-by
+        wait_for(lambda: len(rig.lanes._futures) == 1)  # the second copy is done
+    finally:
+        release.set()
+    wait_for(lambda: not rig.lanes._futures)
+    rig.drain()
+    s = rig.state(prep(1))
+    assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]  # sent now, once
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"]) == (None, None), s
+    assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
+    assert rig.store.claim_due(100, LEASE) == []
