@@ -95,7 +95,6 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -132,7 +131,15 @@ from .pump import Keys, channel_of, sender_member
 from .rendering import TEMPLATE_NOT_FOUND, RenderedMessage, Renderer
 from .settings import Settings
 from .status import Status
-from .store import IN_FLIGHT_MARGIN, Attempt, Begun, SendCapped, Store, split_ref
+from .store import (
+    IN_FLIGHT_MARGIN,
+    Attempt,
+    Begun,
+    SendCapped,
+    Store,
+    attempt_token,
+    split_ref,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -240,7 +247,7 @@ def attempt(
     # retrying Redis a little before the watchdog would end the process.
     soft, hard = settings.send_time_limit
     deadline = started + soft - 1
-    token = uuid.uuid4().hex
+    token = attempt_token(claim)
     # An email's begin also reads the unsubscribe links' secret as stored (no round trip
     # of its own), unless the settings give it.
     secret = UNSUBSCRIBE_SECRET if (settings.unsubscribe_secret is None

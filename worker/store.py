@@ -661,7 +661,14 @@ if ledger == 'sent' then
   save(bkey, key, r, a)
   return 'already sent'
 end
-if ledger then return 'in flight' end
+if ledger then
+  -- Held by an attempt of this same claim (its token starts with the claim, `attempt_token`):
+  -- a second copy of the claim's task, its batch delivered again (kombu gives an unacked
+  -- message back to its queue after a Redis restart). The reminder is that attempt's: left to
+  -- it, not handed back from under it (its fence would then send nothing, a lease late).
+  if string.sub(ledger, 1, #claim + 1) == claim .. '.' then return 'claim in flight' end
+  return 'in flight'
+end
 -- The patient's opt-out, checked in this same step (worker/optout.py): an opted-out
 -- address is never sent to. An email of a care-critical step goes by SMS instead when
 -- the patient allows SMS ('ok sms'), unless the step's own SMS carries it (skipped).
@@ -4514,6 +4521,13 @@ class Attempt:
     # of the booking alone (a corrected phone or email, a new name) leaves the reminder's
     # own version as it was, and the fence before the hand-over must still see it.
     booking: str = ""
+
+
+def attempt_token(claim: str) -> str:
+    """Return a new attempt's token: unique, led by its claim ("<claim>.<hex>"), so that a
+    begin finding the ledger held can tell an attempt of its own claim (a second copy of the
+    same task) from one of an earlier claim whose lease ran out (_BEGIN_SEND)."""
+    return f"{claim}.{uuid.uuid4().hex}"
 
 
 def repause_fields(
