@@ -913,3 +913,35 @@ def test_a_batch_delivered_again_while_its_first_copy_is_at_work_sends_once_on_t
     assert (s["due"], s["lease"]) == (None, None), s
     assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
     assert rig.store.claim_due(100, LEASE) == []
+
+
+def test_a_claim_whose_begin_redis_refuses_until_its_start_by_goes_back_to_the_schedule(
+        rig, redis_client):
+    """Redis runs out of memory (`noeviction`) after the pump's claim: every begin is refused
+    (OOM) until the claim's start-by passes. Nothing was begun, and Redis, out of memory,
+    still takes a hand-back (its first write removes the lease): the reminder goes back to
+    the schedule, due now, and is sent as soon as Redis takes writes again. It was left
+    `sending` until its lease ran out (5 minutes after the claim by default), the same for
+    every claim handed over during the outage (review)."""
+    rig.book(rig.doc(1))
+    claims = rig.claim(prep(1))
+    redis_client.config_set("maxmemory", 1)  # out of memory: writes that grow it refused
+    try:
+        rig.hand(claims)
+        wait_for(lambda: not rig.lanes._futures, timeout=10)  # past its start-by (4 s)
+    finally:
+        redis_client.config_set("maxmemory", 0)  # memory freed
+    s = rig.state(prep(1))
+    assert s["record"]["status"] == "scheduled", s
+    assert s["lease"] is None and s["ledger"] is None and s["log"] == [], s
+    assert s["due"] is not None and s["due"] <= time.time(), s  # due now, not a lease later
+    assert s["record"]["attempts"] == "0"
+    assert rig.gateway.bodies == []
+    # The pump's next claim takes it at once (its lease, 8 s, has not run out), and it goes.
+    (again,) = rig.store.claim_due(10, LEASE)
+    assert again.ref == prep(1)
+    rig.hand([again])
+    wait_for(lambda: settled(rig, prep(1)))
+    rig.drain()
+    assert rig.state(prep(1))["record"]["status"] == "sent"
+    assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]
