@@ -262,6 +262,11 @@ def attempt(
             lambda: store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000,
                                      critical=ctx.catalog.critical_steps, secret=secret),
             begin_by, f"send {ref}")
+    except redis.ResponseError as exc:
+        why = refused_write(exc)
+        if why is None:
+            raise
+        return _refused_at_begin(store, ref, claim, why)
     finally:
         if begun:
             begun()
@@ -283,6 +288,28 @@ def attempt(
         return _send(ctx, ref, Attempt(version=version, claim=claim, token=token), started,
                      deadline, guard, via_sms=verdict == "ok sms",
                      begun=verdict if isinstance(verdict, Begun) else Begun(str(verdict)))
+
+
+def _refused_at_begin(store: Store, ref: str, claim: str, why: str) -> str:
+    """Redis refused the begin's writes until the claim's start-by: nothing was begun (the
+    begin writes nothing when refused). Hand the reminder back to the schedule, due now, if
+    Redis takes that (out of memory it does: the hand-back's script begins with a write that
+    grows nothing, removing the lease, and Redis refuses only a script's first write), so
+    that it goes as soon as Redis takes writes again, not once its lease runs out; else
+    (MISCONF, READONLY, NOREPLICAS refuse it too) its lease brings it back."""
+    try:
+        handed = store.requeue(ref, CLOCK.now_utc(), REFUSED_NOT_BEGUN.format(why=why),
+                               claim=claim)
+    except redis.RedisError:
+        log.warning("send %s: Redis refuses writes (%s); not begun, its lease brings it back",
+                    ref, why)
+        return "not begun: Redis refuses writes"
+    if handed:
+        log.warning("send %s: Redis refused writes (%s) until its start-by; handed back to "
+                    "the schedule", ref, why)
+        return "handed back"
+    log.info("send %s: Redis refused writes (%s); dropped (finished or claimed again)", ref, why)
+    return "dropped: finished meanwhile"
 
 
 def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: float,
@@ -898,6 +925,8 @@ NOT_STARTED = "not started in time (the senders were busy): handed back to the s
 STOPPING_NOT_BEGUN = "the worker was stopping: handed back to the schedule before it began"
 TOLD_IN_FLIGHT = ("a message sent before the change is still at its provider: the notice "
                   "waits for its outcome, so as never to arrive before it")
+REFUSED_NOT_BEGUN = ("Redis refused writes ({why}) before it began: handed back to the "
+                     "schedule")
 STOPPED_BEFORE_SENDING = "the worker was stopping: handed back to the schedule before sending"
 WRITTEN_FOR_EARLIER = ("written before the patient's day changed or the visit began: handed "
                        "back to the schedule to be written again")
