@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.conftest import ROOT
 from tests.test_send_races import PROTOCOL
@@ -945,3 +946,41 @@ def test_a_claim_whose_begin_redis_refuses_until_its_start_by_goes_back_to_the_s
     rig.drain()
     assert rig.state(prep(1))["record"]["status"] == "sent"
     assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]
+
+
+def test_claims_redis_refuses_to_count_go_back_to_the_schedule_not_a_lease_later(
+        shop, redis_client):
+    """Redis runs out of memory (`noeviction`) right after a pump run's claim (the claim's own
+    writes can fill it): the run's count of the claims it hands out (the outstanding set) is
+    refused (OOM), so the run fails before publishing them. They were left leased with no
+    task, `sending` until their lease ran out (5 minutes by default), though Redis still
+    takes a hand-back, as it does when the broker refuses the task (review)."""
+    store = shop.store
+    refs = due_now(shop, [("M", "email")] * 3)
+    real = Store.claim_due
+
+    def claim_then_full(self: Store, *args: Any, **kwargs: Any) -> list[Claim]:
+        claims = real(self, *args, **kwargs)
+        redis_client.config_set("maxmemory", 1)  # full from here on
+        return claims
+
+    store.claim_due = claim_then_full.__get__(store)  # type: ignore[method-assign]
+    published: list[Claim] = []
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):  # the run fails, and says so
+            pump(store, lambda ch, claims, at: published.extend(claims), capacity=capacity(),
+                 claim_round=100)
+    finally:
+        redis_client.config_set("maxmemory", 0)  # memory freed
+        del store.claim_due
+    assert published == []
+    for ref in refs:
+        s = shop.state(ref)
+        assert s["record"]["status"] == "scheduled" and s["lease"] is None, s
+        assert s["due"] is not None and s["due"] <= time.time() + 1, s
+    assert redis_client.zcard(Keys(PREFIX).outstanding("email")) == 0
+    # The next run hands them out at once (their lease, 60 s, is far from over).
+    again: list[Claim] = []
+    assert pump(store, lambda ch, claims, at: again.extend(claims), capacity=capacity(),
+                claim_round=100) == 3
+    assert sorted(c.ref for c in again) == sorted(refs)
