@@ -435,7 +435,14 @@ def _hand_out(store: Store, keys: Keys, capacity: Capacity, publish: Publish, ch
               claims: list[Claim], claimed_at: float) -> None:
     """Count the claims as outstanding, then publish them as one send task."""
     until = claimed_at + capacity.hold_seconds
-    store.redis.zadd(keys.outstanding(channel), {member(c): until for c in claims})
+    try:
+        store.redis.zadd(keys.outstanding(channel), {member(c): until for c in claims})
+    except redis.RedisError:
+        # Refused (out of memory since the claim, whose own writes may have filled Redis):
+        # nothing published, so back now rather than after the lease (out of memory Redis
+        # takes a hand-back: its script's first write removes the lease, growing nothing).
+        _hand_back(store, claims, "Redis refused to count it as handed out")
+        raise
     try:
         publish(channel, claims, claimed_at)
     except Exception:
