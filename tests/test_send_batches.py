@@ -984,3 +984,39 @@ def test_claims_redis_refuses_to_count_go_back_to_the_schedule_not_a_lease_later
     assert pump(store, lambda ch, claims, at: again.extend(claims), capacity=capacity(),
                 claim_round=100) == 3
     assert sorted(c.ref for c in again) == sorted(refs)
+
+
+def test_a_delivery_while_redis_is_out_of_memory_is_recorded_and_never_sent_again(
+        rig, redis_client):
+    """Redis runs out of memory (`noeviction`) while an SMS is at its gateway; the gateway
+    accepts it. Redis refuses only a script's first write, and only a write that may grow
+    memory: the finish of a retry, an unknown outcome or a hand-back begins by removing the
+    lease and goes through, but the finish of a delivery began with the ledger's SET and was
+    refused until the attempt's time ran out: the delivery was never recorded, and once
+    the outage had outlasted the ledger the reminder was claimed again and the patient got
+    the SMS twice (review)."""
+    rig.book(rig.doc(1))
+    claims = rig.claim(prep(1))
+    leased_until = time.time() + LEASE
+    rig.gateway.hold = {phone(1)}
+    rig.hand(claims)
+    rig.gateway.wait_held()
+    redis_client.config_set("maxmemory", 1)  # out of memory from here on
+    try:
+        rig.gateway.release(200)  # the gateway accepts it: the SMS is on its way
+        wait_for(lambda: not rig.lanes._futures, timeout=10)
+        # The outage outlasts the attempt's lease and ledger (8 s).
+        time.sleep(max(0.0, leased_until + 0.5 - time.time()))
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    # The pump's next run: whatever it finds to send goes.
+    again = rig.store.claim_due(10, LEASE)
+    if again:
+        rig.hand(again)
+        wait_for(lambda: not rig.lanes._futures)
+    assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]  # once
+    assert again == []
+    s = rig.state(prep(1))
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["lease"], s["due"]) == (None, None), s
+    assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
