@@ -905,10 +905,13 @@ elseif outcome == 'sent' and (same_version or same_words or not is_pending(statu
     r[R_WHY] = inline(
       'sent by an attempt for version ' .. version .. ' while the booking was being changed')
   end
-  redis.call('SET', lkey, 'sent')
-  redis.call('ZREM', due_key, ref)
+  -- The lease's ZREM first: Redis out of memory (noeviction) refuses only a script's first
+  -- write, and only one that may grow memory; a delivery must be recorded even then (else it
+  -- is sent again once its ledger expires), as a retry's or an unknown outcome's is.
   redis.call('ZREM', lease_key, ref)
+  redis.call('ZREM', due_key, ref)
   redis.call('ZREM', dead_key, ref)
+  redis.call('SET', lkey, 'sent')
   result = current and 'ok' or 'stale: recorded as sent'
 elseif outcome == 'sent' then
   -- The clinic moved it meanwhile: the delivery is history, the new plan decides what next.
