@@ -437,10 +437,11 @@ def _hand_out(store: Store, keys: Keys, capacity: Capacity, publish: Publish, ch
     until = claimed_at + capacity.hold_seconds
     try:
         store.redis.zadd(keys.outstanding(channel), {member(c): until for c in claims})
-    except redis.RedisError:
+    except redis.ResponseError:
         # Refused (out of memory since the claim, whose own writes may have filled Redis):
         # nothing published, so back now rather than after the lease (out of memory Redis
         # takes a hand-back: its script's first write removes the lease, growing nothing).
+        # (Unreachable past the client's retries: a hand-back would fail too; the lease.)
         _hand_back(store, claims, "Redis refused to count it as handed out")
         raise
     try:
