@@ -1020,3 +1020,38 @@ def test_a_delivery_while_redis_is_out_of_memory_is_recorded_and_never_sent_agai
     assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
     assert (s["lease"], s["due"]) == (None, None), s
     assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
+
+
+def test_a_batch_delivered_again_past_its_start_by_leaves_the_first_copy_its_reminder(rig):
+    """As above, but the batch comes again after its claims' start-by (a Redis outage of more
+    than send_max_wait_seconds: kombu gives it back when the worker reconnects), while the
+    first copy's attempt is still at work, before its fence. The late copy must not hand the
+    reminder back from under that attempt: it did ("not started in time"), the pump's next
+    run claimed it again, whose begin found the first copy's ledger and put it back for a
+    ledger later, and the first attempt's fence then found it no longer its own and sent
+    nothing: the reminder went out a lease late (review)."""
+    rig.book(rig.doc(1))
+    claims = rig.claim(prep(1))
+    claimed_at = time.time()
+    parked, release = _parked_fence(rig)
+    try:
+        rig.hand(claims, claimed_at)  # the first copy: begun, parked before its fence
+        assert parked.wait(10)
+        # Past the claim's start-by (lease 8 s - send timeout 3 s - 1 s = 4 s).
+        time.sleep(max(0.0, claimed_at + 4.3 - time.time()))
+        rig.hand(claims, claimed_at)  # the same message again, late
+        wait_for(lambda: len(rig.lanes._futures) == 1)  # the second copy is done
+        again = rig.store.claim_due(10, LEASE)  # the pump's next run
+        if again:
+            rig.hand(again)
+            wait_for(lambda: len(rig.lanes._futures) == 1)
+    finally:
+        release.set()
+    wait_for(lambda: not rig.lanes._futures)
+    rig.drain()
+    assert again == []  # still the first copy's: nothing to claim
+    assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]  # sent now, once
+    s = rig.state(prep(1))
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"]) == (None, None), s
+    assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
