@@ -1089,13 +1089,19 @@ return {out, why}
 
 # Hand a leased reminder back to the due set, only if it is still being sent under the given
 # claim: once its attempt finished (sent, retrying, dead-lettered) or it was claimed again,
-# there is nothing to hand back. Returns 1 if handed back.
+# there is nothing to hand back; nor while an attempt of that same claim holds the ledger
+# (KEYS[4]; its token starts with the claim, `attempt_token`): another copy of the claim's
+# task is at work and owns it. Returns 1 if handed back.
 _REQUEUE = """
-local bkey, lease_key, due_key = KEYS[1], KEYS[2], KEYS[3]
+local bkey, lease_key, due_key, lkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ref, key, score, claim, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local r, a = load(bkey, key)
 if not r or r[R_ST] ~= ST_SENDING then return 0 end
 if claim ~= '' and a[A_CLAIM] ~= claim then return 0 end
+if claim ~= '' and lkey then
+  local ledger = redis.call('GET', lkey)
+  if ledger and string.sub(ledger, 1, #claim + 1) == claim .. '.' then return 0 end
+end
 redis.call('ZREM', lease_key, ref)
 r[R_ST] = ST_SCHEDULED
 -- Its due stays: a hand-back changes when it is tried again (the due set), not the time it
@@ -3913,14 +3919,16 @@ class Store:
     def requeue(self, ref: str, at: datetime, reason: str, claim: str | None = None) -> bool:
         """Put a leased reminder back in the due set (another attempt holds the ledger).
 
-        Only while it is still being sent (under `claim`, if given); return whether it was.
+        Only while it is still being sent (under `claim`, if given, and no attempt of that
+        claim holds the ledger: another copy of its task is at work); return whether it was.
         An attempt that finished in the meantime keeps its outcome.
         """
         self._ready()
         clinic, booking_id, key = split_ref(ref)
         return bool(
             self._requeue(
-                keys=[self.booking_key(clinic, booking_id), self.lease_key, self.due_key],
+                keys=[self.booking_key(clinic, booking_id), self.lease_key, self.due_key,
+                      self.ledger_key(ref)],
                 args=[ref, key, _num(at.timestamp()), claim or "", reason],
             )
         )
