@@ -43,7 +43,7 @@ from worker.pump import (
     sender_member,
 )
 from worker.rendering import Renderer
-from worker.settings import Settings
+from worker.settings import Settings, get_settings
 from worker.store import Claim, Store
 
 PREFIX = "batch"
@@ -672,6 +672,58 @@ def test_a_pump_run_that_finds_another_under_way_says_it_did_not_run(shop, redis
     redis_client.set(Keys(PREFIX).running(), "another run", px=5000)
     assert pump_run(store, lambda *a: None, capacity=capacity(), claim_round=100) == Run(0, None)
     assert redis_client.zcard(store.due_key) == 3
+
+
+def test_a_nudge_finding_another_run_under_way_is_not_lost(shop, redis_client, redis_server,
+                                                           monkeypatch, request):
+    # A run (another process's, the lock holder) is under way, parked while publishing; a
+    # booking is written meanwhile with a reminder due at its own `now`, before the run
+    # began (`reminders book` plans at its start and writes later), and asks for a run. That
+    # run finds the lock held and leaves the work to the holder, which had already claimed:
+    # the holder must run again at once, not leave the reminder to beat's next tick.
+    # worker.tasks reads the process's settings as it is imported (its tasks' limits).
+    monkeypatch.setenv("REMINDERS_REDIS_URL", redis_server.url)
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "_context", shop.ctx)  # this process's send context
+    store = shop.store
+    due_now(shop, [("A", "sms")])
+    parked, release = threading.Event(), threading.Event()
+    published: list[Claim] = []
+
+    def parked_publish(channel: str, claims: Any, at: float) -> None:
+        published.extend(claims)
+        parked.set()
+        release.wait(10)
+
+    runs: list[Run] = []
+    runner = threading.Thread(target=lambda: runs.append(
+        pump_run(store, parked_publish, capacity=capacity(), claim_round=100)))
+    runner.start()
+    try:
+        assert parked.wait(5)
+        (late,) = due_now(shop, [("N", "sms")])  # due 100 s ago: before the run began
+        nudged = pump_run(Store(redis_client, PREFIX), lambda *a: None, capacity=capacity(),
+                          claim_round=100)
+        assert nudged.began is None  # left to the run under way
+    finally:
+        release.set()
+        runner.join(10)
+    (run,) = runs
+    assert [c.ref for c in published] != [late]
+    assert redis_client.zscore(store.due_key, late) is not None  # still waiting
+    # The holder's follow-up: at once (after the gap), not at the next tick.
+    wait = tasks._follow_up(run, time.monotonic())
+    assert wait is not None and wait <= tasks.FOLLOW_UP_GAP_SECONDS, wait
+    again: list[Claim] = []
+    assert pump_run(store, lambda ch, claims, at: again.extend(claims), capacity=capacity(),
+                    claim_round=100).published == 1
+    assert [c.ref for c in again] == [late]
+    # Asked once: the run after it does not run again for it.
+    assert tasks._follow_up(pump_run(store, lambda *a: None, capacity=capacity(),
+                                     claim_round=100), time.monotonic()) is None
 
 
 def test_a_pump_run_outlasting_its_lock_keeps_it_and_no_second_run_hands_out_more(
