@@ -7,7 +7,9 @@ comes before beat's next tick, its thread waits for that instant and runs again,
 one run per FOLLOW_UP_GAP_SECONDS (worker/tasks.py `_pump_run`). So a reminder goes when it
 falls due, not up to a tick later. Claiming is one Lua script on Redis's own clock,
 so any number of pumps may run at once without double claims; a lock lets one run at a
-time all the same, so that two do not hand out the same window twice.
+time all the same, so that two do not hand out the same window twice. A run finding the
+lock held asks the holder to run again once it is done (`Run.again`): what it was started
+for (a nudge for a booking written after the holder claimed) is not left to the next tick.
 
 Claims follow what the senders can absorb, per channel. A claim is leased: one that waits
 in a queue until its lease runs out is claimed again and its first task only dropped later
@@ -83,11 +85,21 @@ HAND_BACK_UNKNOWN = 1.0  # ... or after this, before the channel's latency is kn
 PROBE_ROUNDS = 10  # how far past a busy channel's reminders a run looks for others
 RUN_LOCK_MS = 2000  # one pump run at a time; a run that died frees the lock after this
 RUN_LOCK_KEEP_SECONDS = 60.0  # a run stuck longer (a hung publish) gives the lock up
-# Delete the run lock only if it is still this run's. Returns 1 if deleted.
+# Take the run lock; a run finding it held asks the holder to run again (KEYS[2], kept
+# ARGV[3] ms): what it was asked to run for (a booking written after the holder claimed, due
+# before that run began) is no later instant the holder would wait for. Returns 1 if taken.
+_TAKE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+return 0
+"""
+# Delete the run lock only if it is still this run's, and take the request to run again
+# made meanwhile (in the same step: a run finding the lock held asks before this, or takes
+# the lock after it). Returns 1 if a run was asked for.
 _RELEASE = """
 local key, token = KEYS[1], ARGV[1]
-if redis.call('GET', key) == token then return redis.call('DEL', key) end
-return 0
+if redis.call('GET', key) == token then redis.call('DEL', key) end
+return redis.call('DEL', KEYS[2])
 """
 # Keep the run lock ARGV[2] ms more, only if it is still this run's. Returns 1 if kept.
 _EXTEND = """
@@ -140,6 +152,9 @@ class Keys:
 
     def running(self) -> str:
         return f"{self.prefix}:send:pumping"
+
+    def again(self) -> str:
+        return f"{self.prefix}:send:pumping:again"
 
 
 def sender_member(node: str, threads: int) -> str:
@@ -222,10 +237,12 @@ def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> 
 @dataclass(frozen=True)
 class Run:
     """What one pump run did: the claims it published, and when it began on Redis's clock
-    (None: another run held the lock, and this one left the work to it)."""
+    (None: another run held the lock, and this one left the work to it); `again`: a run
+    that found this one under way left its work to it (run again now)."""
 
     published: int
     began: float | None
+    again: bool = False
 
 
 def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int) -> int:
@@ -244,7 +261,8 @@ def pump_run(store: Store, publish: Publish, *, capacity: Capacity, claim_round:
     keys = Keys(store.prefix)
     token = uuid.uuid4().hex
     lock_ms = RUN_LOCK_MS
-    if not store.redis.set(keys.running(), token, nx=True, px=lock_ms):
+    if not store.redis.eval(_TAKE, 2, keys.running(), keys.again(), token, lock_ms,
+                            int(RUN_LOCK_KEEP_SECONDS * 1000)):
         return Run(0, None)
     # A run may outlast the lock (a publish or a Redis call that stalls): keep it while the
     # run goes on, or a second run would read the same budgets and hand out a window twice.
@@ -254,11 +272,12 @@ def pump_run(store: Store, publish: Publish, *, capacity: Capacity, claim_round:
     keeper.start()
     try:
         began = redis_time(store.redis)
-        return Run(_pump(store, keys, publish, capacity, claim_round, began), began)
+        published = _pump(store, keys, publish, capacity, claim_round, began)
     finally:
         done.set()
         keeper.join(lock_ms / 1000)  # an extend after the release finds no lock of ours
-        store.redis.eval(_RELEASE, 1, keys.running(), token)
+        asked = store.redis.eval(_RELEASE, 2, keys.running(), keys.again(), token)
+    return Run(published, began, again=bool(asked))
 
 
 def next_due(store: Store, after: float) -> tuple[float, float | None]:

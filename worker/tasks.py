@@ -386,6 +386,12 @@ def _follow_up(run: Run, started: float) -> float | None:
     """
     if run.began is None:
         return None  # another run held the lock: it looks ahead itself
+    gap = max(0.0, started + FOLLOW_UP_GAP_SECONDS - time.monotonic())
+    if run.again:
+        # A run was asked for while this one was under way (a nudge for a booking written
+        # after this run claimed, its reminder due before this run began): it found the
+        # lock held and left it to this one. Again now, not at beat's next tick.
+        return gap
     ctx = context()
     from .pump import next_due
 
@@ -396,7 +402,7 @@ def _follow_up(run: Run, started: float) -> float | None:
         return None
     if at is None or at - now >= ctx.settings.pump_interval_seconds:
         return None
-    return max(0.0, at - now, started + FOLLOW_UP_GAP_SECONDS - time.monotonic())
+    return max(at - now, gap)
 
 
 def pump_now() -> Run:
