@@ -726,6 +726,50 @@ def test_a_nudge_finding_another_run_under_way_is_not_lost(shop, redis_client, r
                                      claim_round=100), time.monotonic()) is None
 
 
+def test_a_nudge_finding_this_process_pumping_is_not_lost(shop, redis_client, redis_server,
+                                                          monkeypatch, request):
+    # The same within one worker process: its pump thread is under way (parked while
+    # publishing) when the nudge for a booking written meanwhile comes to the same process
+    # (the pump task runs in the pool process, the run in a thread beside it). The thread
+    # had claimed already; it must run again once done, not leave the reminder to the tick.
+    monkeypatch.setenv("REMINDERS_REDIS_URL", redis_server.url)
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "_context", shop.ctx)  # this process's send context
+    parked, release = threading.Event(), threading.Event()
+    published: list[str] = []
+
+    def parked_publish(channel: str, claims: Any, at: float) -> None:  # the broker's seam
+        published.extend(c.ref for c in claims)
+        if not parked.is_set():
+            parked.set()
+            release.wait(10)
+
+    monkeypatch.setattr(tasks, "_publish", parked_publish)
+    store = shop.store
+    (first,) = due_now(shop, [("A", "sms")])
+    assert tasks.pump_task() == "pump run started"
+    try:
+        assert parked.wait(5)
+        (late,) = due_now(shop, [("N", "sms")])  # due 100 s ago: before the run began
+        tasks.pump_task()  # the booking's nudge, in this process
+    finally:
+        release.set()
+    # No beat here: no tick runs the pump, only the thread itself (or nothing) claims it.
+    deadline = time.monotonic() + 3
+    while late not in published and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert published == [first, late]
+    assert redis_client.zscore(store.due_key, late) is None  # claimed
+    # The thread ends (nothing due within the interval), leaving no run under way.
+    deadline = time.monotonic() + 5
+    while (tasks._waiting or tasks._pumping.locked()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not tasks._waiting and not tasks._pumping.locked()
+
+
 def test_a_pump_run_outlasting_its_lock_keeps_it_and_no_second_run_hands_out_more(
         shop, redis_client, monkeypatch):
     # A run parked past the run lock's TTL (a broker or Redis stall while publishing): a
