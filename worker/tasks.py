@@ -309,18 +309,24 @@ def pump_task() -> str:
     The run claims due reminders, as many as each channel's senders can take, and publishes
     them. It runs in a thread so that the pool process is free again at once: the batches it
     publishes then go to whichever pool process is free, not all to the others while this
-    one pumps. A run already under way in this process covers the tick; one in another
-    process is found by the pump's own lock (worker/pump.py). This process's pump thread
-    waiting for the next due instant (`_pump_run`) is woken: it runs the pump now.
+    one pumps. A run already under way in this process runs again once done, for this tick
+    (it may have claimed before what the tick is for was written); one in another process
+    is found by the pump's own lock, and runs again likewise (worker/pump.py). This
+    process's pump thread waiting for the next due instant (`_pump_run`) is woken: it runs
+    the pump now.
     """
     if _stopping:
         return "this process is stopping: no pump run"
+    global _again
     with _turn:
         if _waiting:
             _wake.set()
             return "woke this process's pump thread: it runs now"
         if not _pumping.acquire(blocking=False):
-            return "a pump run is under way in this process"
+            # It may have claimed before what this tick or nudge is for was written (a
+            # booking due at its own `now`): it runs again once done (`_pump_run`).
+            _again = True
+            return "a pump run is under way in this process: it runs again after"
     try:
         threading.Thread(target=_pump_run, name="pump", daemon=True).start()
     except BaseException:
@@ -332,6 +338,7 @@ def pump_task() -> str:
 _pumping = threading.Lock()  # held by this process's pump run (not while it waits)
 _stopping = False  # set by a warm shutdown: no new pump run starts
 _waiting = False  # this process's pump thread waits for the next due instant
+_again = False  # a tick or nudge came while the pump thread ran: it runs again at once
 _wake = threading.Event()  # ... until this is set (a tick, a nudge, a warm shutdown)
 _turn = threading.Lock()  # `_waiting`, and `_pumping` taken or given up with it
 
@@ -342,12 +349,14 @@ def _pump_run() -> None:
 
     The wait holds no lock: a warm shutdown waits for none of it (it wakes the thread, which
     ends), and a tick or a nudge meanwhile wakes it to run at once, so a process has one
-    pump thread. A run that found another process's run under way (the pump's own lock,
-    worker/pump.py) waits for nothing: that one looks ahead after its run. So the processes
+    pump thread. A tick or a nudge during a run has it run again at once (`_again`): the
+    run may have claimed before what it was sent for was written. A run that found another
+    process's run under way (the pump's own lock, worker/pump.py) waits for nothing: that
+    one looks ahead after its run, and runs again for it (`Run.again`). So the processes
     waiting for the same instant (a tick went to another meanwhile) are one again after it,
     and one run at a time claims, as ever.
     """
-    global _waiting
+    global _waiting, _again
     while True:
         started = time.monotonic()
         wait = None
@@ -358,6 +367,10 @@ def _pump_run() -> None:
             log.exception("pump: run failed")
         finally:
             with _turn:
+                if _again:  # a tick or nudge came meanwhile (`pump_task`): again at once
+                    _again = False
+                    soon = max(0.0, started + FOLLOW_UP_GAP_SECONDS - time.monotonic())
+                    wait = soon if wait is None else min(wait, soon)
                 _pumping.release()
                 waits = _waiting = wait is not None and not _stopping
                 _wake.clear()
