@@ -22,9 +22,11 @@ run: $(VENV)/.installed-run
 	$(BIN)/reminders run
 
 # Three test processes: most of the suite waits on real servers, workers and timers, so
-# idle processes take the next test (worksteal) and the run takes about 6 minutes, not 14.
+# idle processes take the next test (worksteal). On CI's bare 2-core machine the run takes
+# about 16 minutes (981 s in the last CI run; its limit is 20 minutes with the installs):
+# the slowest 30 tests are listed at the end, to see where the time goes.
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n 3 --dist worksteal $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 3 --dist worksteal --durations=30 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check worker tests benchmarks
