@@ -134,7 +134,16 @@ class SmtpSink:
 
 
 class HttpSink:
-    """A threaded HTTP server taking Apprise's json:// SMS posts; answers 200."""
+    """A threaded HTTP server taking Apprise's json:// SMS posts; answers 200.
+
+    It speaks HTTP/1.1 and keeps a connection open for the client's next request, as
+    providers' gateways do (a sender that keeps its connection saves a TCP handshake and,
+    here, the sink's thread per connection; a client that closes after each request, as
+    the raw client's `requests.post` does, costs what it did). Each answer goes out in one
+    write, without Nagle's delay: written as two (status and headers, then the body), the
+    body of an answer on a kept connection waited for the client's delayed ACK, about
+    40 ms a message, which no gateway makes its clients wait.
+    """
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -143,6 +152,10 @@ class HttpSink:
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as providers' gateways do
+            disable_nagle_algorithm = True
+            wbufsize = -1  # buffered: the answer is flushed once, after do_POST
+
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
                 data = self.rfile.read(length)
