@@ -180,6 +180,8 @@ class HttpSink:
 
         self._server = _Gateway(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
+        # A kept connection's thread waits for its client's next request: not joined.
+        self._server.block_on_close = False
         self._thread = threading.Thread(target=self._server.serve_forever, name="sms-sink",
                                         daemon=True)
 

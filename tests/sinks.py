@@ -107,19 +107,34 @@ class SmtpSink:
 
 
 class HttpSink:
-    """A threaded HTTP server for Apprise's json:// SMS posts; answers `status`."""
+    """A threaded HTTP server for Apprise's json:// SMS posts; answers `status`.
 
-    def __init__(self) -> None:
+    `keep_alive`: HTTP/1.1, the connection kept for the client's next request (as
+    providers' gateways do; the answer in one write, with its length: `trickle_seconds`
+    is for the default, HTTP/1.0 one answer per connection). `drop_after_answer` then
+    closes a connection silently after each answer (no "Connection: close"), as a gateway
+    whose keep-alive ran out or a load balancer does.
+    """
+
+    def __init__(self, keep_alive: bool = False) -> None:
         self.port = free_port()
         self.status = 200
         # > 0: the answer's body (no length given) comes a byte at a time for this long.
         self.trickle_seconds = 0.0
+        self.drop_after_answer = False
         self.posts: list[Received] = []
         self.requests: list[tuple[float, str, int]] = []  # every POST: (time, to, status answered)
+        self.peers: list[int] = []  # every POST: the client's port (one a connection)
         self._lock = threading.Lock()
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            if keep_alive:
+                protocol_version = "HTTP/1.1"
+                disable_nagle_algorithm = True
+                wbufsize = -1  # the answer flushed once, after do_POST
+                timeout = 30  # an idle kept connection's thread ends in the end
+
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
                 data = self.rfile.read(length)
@@ -130,6 +145,7 @@ class HttpSink:
                 status = sink.status
                 with sink._lock:
                     sink.requests.append((time.time(), body.get("to", ""), status))
+                    sink.peers.append(self.client_address[1])
                 if 200 <= status < 300:
                     with sink._lock:
                         sink.posts.append(Received(at=time.time(), to=body.get("to", ""),
@@ -137,6 +153,12 @@ class HttpSink:
                                                    raw=body))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if keep_alive:
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    self.close_connection = sink.drop_after_answer
+                    return
                 self.end_headers()
                 end = time.time() + sink.trickle_seconds
                 try:
@@ -152,6 +174,9 @@ class HttpSink:
                 pass
 
         self._server = _Gateway(("127.0.0.1", self.port), Handler)
+        # A kept connection's thread waits for the client's next request: not joined.
+        self._server.daemon_threads = keep_alive
+        self._server.block_on_close = not keep_alive
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> HttpSink:
