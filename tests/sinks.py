@@ -11,6 +11,7 @@ import contextlib
 import email
 import email.policy
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class HttpSink:
         self.posts: list[Received] = []
         self.requests: list[tuple[float, str, int]] = []  # every POST: (time, to, status answered)
         self.peers: list[int] = []  # every POST: the client's port (one a connection)
+        self._open: dict[int, Any] = {}  # keep_alive: each open connection, by client port
         self._lock = threading.Lock()
         sink = self
 
@@ -134,6 +136,11 @@ class HttpSink:
                 disable_nagle_algorithm = True
                 wbufsize = -1  # the answer flushed once, after do_POST
                 timeout = 30  # an idle kept connection's thread ends in the end
+
+                def setup(self) -> None:
+                    super().setup()
+                    with sink._lock:
+                        sink._open[self.client_address[1]] = self.connection
 
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
@@ -186,6 +193,13 @@ class HttpSink:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def drop(self, peer: int) -> None:
+        """Close the kept connection of the client at port `peer` now (keep_alive)."""
+        with self._lock:
+            conn = self._open.pop(peer)
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
 
     def snapshot(self) -> list[Received]:
         with self._lock:

@@ -10,9 +10,14 @@ real Apprise; the rig of tests/test_send_fast_path.py.
 
 from __future__ import annotations
 
+import select
+import time
 from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
 
 import pytest
+from urllib3.connectionpool import HTTPConnectionPool
 
 from tests.sinks import HttpSink, SmtpSink
 from tests.test_send_fast_path import Rig
@@ -68,3 +73,46 @@ def test_a_connection_the_gateway_drops_after_accepting_loses_and_repeats_nothin
     assert send_all(rig) == ["sent"] * N
     assert_each_sent_once(rig)
     assert len(set(rig.sms.peers)) == N  # each over a fresh connection
+
+
+def test_a_kept_connection_dropped_as_the_sms_goes_out_is_sent_once_later(rig, monkeypatch):
+    """Forced: the gateway closes the thread's kept connection after urllib3 found it
+    open and before the SMS is written to it (a keep-alive running out at that instant).
+    The request meets a closed connection: the gateway never has it, the sender cannot
+    know that, so the outcome is unknown, never retried while its ledger lives; then it
+    goes once. Nothing lost, no copy."""
+    rig.ctx = replace(rig.ctx, settings=rig.settings.model_copy(update={"lease_seconds": 8}))
+    for n in range(2):
+        rig.book(f"K-{n}", phone=phone(n))
+    assert rig.send("fc/K-0/prep:sms") == "sent"  # the connection the next SMS reuses
+    (kept,) = rig.sms.peers
+    real_get_conn = HTTPConnectionPool._get_conn
+    parked: list[int] = []
+
+    def get_conn(pool: HTTPConnectionPool, *args: Any, **kwargs: Any) -> Any:
+        conn = real_get_conn(pool, *args, **kwargs)  # checked: not dropped
+        if not parked and conn.sock is not None:
+            port = conn.sock.getsockname()[1]
+            parked.append(port)
+            rig.sms.drop(port)  # the competing change, then release
+            assert select.select([conn.sock], [], [], 5)[0]  # its close has arrived
+        return conn
+
+    monkeypatch.setattr(HTTPConnectionPool, "_get_conn", get_conn)
+    ref = "fc/K-1/prep:sms"
+    assert rig.send(ref) == "unknown"
+    assert parked == [kept]  # it was the kept connection
+    assert [p.to for p in rig.sms.snapshot()] == [phone(0)]  # the gateway never had it
+    record = rig.store.record(ref)
+    assert record["status"] != "sent" and "outcome unknown" in record["reason"], record
+    assert rig.store.redis.get(rig.store.ledger_key(ref)) is not None  # no retry meanwhile
+    assert rig.send(ref) == "requeued"  # another attempt may still be in flight
+    assert [p.to for p in rig.sms.snapshot()] == [phone(0)]
+    deadline = time.monotonic() + 20
+    while rig.store.redis.get(rig.store.ledger_key(ref)) is not None:
+        assert time.monotonic() < deadline, "the ledger of the unknown attempt never expired"
+        time.sleep(0.2)
+    assert rig.send(ref) == "sent"
+    assert sorted(p.to for p in rig.sms.snapshot()) == [phone(0), phone(1)]
+    assert rig.store.record(ref)["status"] == "sent"
+    assert [e["outcome"] for e in rig.store.attempts(ref)] == ["unknown", "sent"]
