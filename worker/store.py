@@ -2345,6 +2345,12 @@ class Store:
             for call_keys, call_args in calls:
                 pipe.evalsha(self._read_bookings.sha, len(call_keys), *call_keys, *call_args)
             replies = pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    # Its traceback holds redis-py's frames that hold it (a cycle), and
+                    # through them this call's and the caller's: a whole store batch of
+                    # bookings and plans was kept until a full garbage collection.
+                    reply.__traceback__ = None
             if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                 replies = [self._read_bookings(keys=k, args=a) for k, a in calls]  # loads it
             for reply in replies:
