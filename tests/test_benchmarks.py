@@ -38,6 +38,7 @@ from benchmarks.side_by_side import (
     strip_at_booking,
 )
 from tests.conftest import ROOT
+from tests.once import once_per_run
 
 ROW_KEYS = [
     "burst_email_rate", "burst_sms_rate", "burst_both_rate", "burst_drain_seconds",
@@ -237,15 +238,19 @@ def test_table_columns_line_up():
 # --- a real quick run ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    folder = tmp_path_factory.mktemp("bench")
+def _run_quick_bench(folder: Path) -> dict[str, Any]:
     workdir, out = folder / "work", folder / "report.json"
     result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--workdir",
                              str(workdir), "--json", str(out)], cwd=ROOT, capture_output=True,
                             text=True, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     return {"stdout": result.stdout, "report": json.loads(out.read_text()), "workdir": workdir}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    # Run once, even when xdist spreads this module's tests over several workers.
+    return once_per_run("bench", tmp_path_factory, _run_quick_bench)
 
 
 def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

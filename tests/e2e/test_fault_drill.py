@@ -22,6 +22,7 @@ from benchmarks.fault_drill import (
     render_report,
     run_drill,
 )
+from tests.once import once_per_run
 
 
 def _processes_using(folder: Path) -> list[str]:
@@ -93,11 +94,14 @@ def test_the_fault_plan_alternates_workers_and_ends_the_outage():
 
 # --- the drill itself, small ----------------------------------------------------------------
 
+def _run_quick_drill(workdir: Path):
+    return run_drill(DrillParams(**QUICK), workdir), workdir  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def drill(tmp_path_factory: pytest.TempPathFactory):
-    workdir = tmp_path_factory.mktemp("drill")
-    params = DrillParams(**QUICK)  # type: ignore[arg-type]
-    report = run_drill(params, workdir)
+    # Run once, even when xdist spreads this module's tests over several workers.
+    report, workdir = once_per_run("drill", tmp_path_factory, _run_quick_drill)
     print(render_report(report))  # shown by pytest when a test fails
     return report, workdir
 
