@@ -226,3 +226,48 @@ def test_a_care_critical_email_while_its_protocol_file_is_missing_still_goes_by_
     assert record["status"] == "sent", record
     *_, line = rig.store.attempts("uc/U-1/care:email")
     assert line["via"].startswith("sms: the patient unsubscribed from email")
+
+
+# Review (retention): the address behind an email's unsubscribe link was kept `retention`
+# after that email only, though the booking it came from keeps its keys until `retention`
+# after its last reminder. A visit booked months ahead (a tretinoin start, a follow-up six
+# weeks later) sends its confirmation now and its next email months later: a patient who
+# clicked "unsubscribe" in the confirmation after `retention` got "This link is not valid"
+# (404) and the next emails all the same. Real Redis (the link's key expiring by Redis's
+# own clock, the retention shortened), the real send path and SMTP server, the real API.
+def test_a_link_stays_valid_while_its_booking_still_has_emails_to_send(rig, redis_server):
+    import time
+
+    import httpx
+
+    from tests.api.conftest import ApiServer
+
+    retention = 2.0
+    rig.store = Store(rig.store.redis, "unsub", retention_days=retention / 86400)
+    rig.ctx = replace(rig.ctx, store=rig.store)
+    rig.book()  # the visit two days ahead: its emails kept until then, and `retention` after
+    assert rig.send("care:email") == "sent"
+    (mail,) = rig.smtp.snapshot()
+    link = mail.raw["List-Unsubscribe"][1:-1]
+    time.sleep(retention + 1.5)  # the patient reads the email later than `retention`
+    assert rig.store.record("uc/U-1/plain:email")["status"] == "scheduled"  # still to come
+    settings = rig.settings.model_copy(update={"key_prefix": "unsub"})
+    api = ApiServer(settings, redis_server.url).start()
+    try:
+        with httpx.Client(timeout=30) as http:
+            page = http.get(api.url + link.removeprefix(PUBLIC))
+            done = http.post(api.url + link.removeprefix(PUBLIC),
+                             data={"List-Unsubscribe": "One-Click"})
+    finally:
+        api.stop()
+    assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
+    assert done.status_code == 200 and "You are unsubscribed" in done.text, done.text
+    assert rig.store.opted_out("uc", "email", "ana@example.com")
+    plain = rig.store.record("uc/U-1/plain:email")
+    assert plain["status"] == "skipped" and plain["reason"].startswith(
+        "opted_out: the patient unsubscribed from email at "), plain
+    assert rig.store.redis.zscore(rig.store.due_key, "uc/U-1/plain:email") is None
+    assert len(rig.smtp.snapshot()) == 1  # nothing more to the patient who unsubscribed
+    # Still no longer than the booking's own keys: gone with them.
+    (name,) = list(rig.store.redis.scan_iter("unsub:unsub:*"))
+    assert 0 < rig.store.redis.ttl(name) <= rig.store.redis.ttl(rig.store.booking_key("uc", "U-1"))
