@@ -18,7 +18,8 @@ Layout 2. Keys, all under the configured prefix P:
                                  the patient opts in again (worker/optout.py)
   P:unsub:<clinic>/<link>  STR   "<channel>:<address>" behind one unsubscribe link id
                                  (written by each email's send to that address; expires
-                                 `retention` after the last one, each address on its own)
+                                 `retention` after the last one, each address on its own,
+                                 but not before the keys of the booking that sent it)
   P:secret:<name>          STR   a server secret shared by every process (worker/secrets.py)
   P:once:help:<clinic>:<contact> STR the one help answer to an unknown text in 24 h
   P:inbound:<clinic>/<sid> STR   an inbound text acted on (its provider's MessageSid): sent
@@ -1083,7 +1084,16 @@ local key, optfield, unsub_value, unsub_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local out = redis.call('HMGET', bkey, key, key .. '+', 'status', 'version')
 local why = false
 if optfield ~= '' then why = redis.call('HGET', optkey, optfield) end
-if unsub_key then redis.call('SET', unsub_key, unsub_value, 'EX', unsub_ttl) end
+-- The link lives `retention` after this email, and at least as long as the booking it comes
+-- from (its keys expire at `keep_until`, `retention` after its last reminder): a booking
+-- months ahead emails again long after, and a click on this link meanwhile must work.
+if unsub_key then
+  local t = redis.call('TIME')
+  local at = tonumber(t[1]) + 1 + tonumber(unsub_ttl)
+  local keep = tonumber(redis.call('HGET', bkey, 'keep_until') or '')
+  if keep and keep > at then at = math.ceil(keep) end
+  redis.call('SET', unsub_key, unsub_value, 'EXAT', at)
+end
 return {out, why}
 """
 
