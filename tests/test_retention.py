@@ -132,3 +132,41 @@ def test_stats_and_purge_commands(redis_server, redis_client, catalog, booking_d
                          redis_url=redis_server.url)
     assert json.loads(done.stdout) == {"purged": [ref]}
     assert store.dead_letters() == []
+
+
+# Review (retention): a cancelled booking kept its keys (the patient's name, phone and email
+# in its document, the contact index) until `retention` after the visit it no longer has:
+# every write of retention only ever lengthened it. A tretinoin start booked ten months
+# ahead and cancelled today kept the patient's details for thirteen months, not for the
+# retention after its last reminder (the cancel, or the notice of it). Real Redis (the keys'
+# expiry as Redis holds it), a real `reminders cancel` process.
+def test_a_cancelled_booking_is_kept_retention_after_the_cancel_not_after_its_old_visit(
+        redis_server, redis_client, catalog, booking_doc):
+    store = Store(redis_client, "reminders", retention_days=90)
+    day = (datetime.now(MADRID) + timedelta(days=300)).date()
+    far = dict(booking_doc, starts_at=datetime(day.year, day.month, day.day, 14, 30,
+                                               tzinfo=MADRID).isoformat())
+    booking = parse_booking(far, catalog)
+    now = datetime.now(UTC)
+    store.upsert(booking, plan(booking, catalog.protocols[booking.treatment],
+                               catalog.clinics[booking.clinic], now), now)
+    # Its confirmation went out: an attempt log and a sent ledger, and a notice of the cancel.
+    ref = "glow/A-1042/booking-confirmation:email"
+    redis_client.zadd(store.due_key, {ref: 0})
+    (claim,) = [c for c in store.claim_due(50, 60) if c.ref == ref]
+    assert store.begin_send(ref, claim.version, claim.claim, "tok", 60_000) == "ok"
+    assert store.finish_sent(ref, Attempt(claim.version, claim.claim, "tok"),
+                             datetime.now(UTC)) == "ok"
+    assert redis_client.ttl(store.booking_key("glow", "A-1042")) > 300 * DAY
+    done = reminders_cli("cancel", "A-1042", "--clinic", "glow", redis_url=redis_server.url)
+    assert done.returncode == 0, done.stderr
+    assert store.timeline("glow", "A-1042")["status"] == "cancelled"
+    cancelled = datetime.now(UTC).timestamp()
+    contacts = [k for k in redis_client.scan_iter("reminders:c:glow/*")]
+    assert contacts
+    keys = [*booking_keys(store), store.attempts_key(ref), store.ledger_key(ref), *contacts]
+    for key in keys:
+        at = redis_client.expiretime(key)
+        assert cancelled + 89 * DAY < at <= cancelled + 93 * DAY, (key, (at - cancelled) / DAY)
+    assert redis_client.zscore(store.bookings_key("glow"), "A-1042") == redis_client.expiretime(
+        store.booking_key("glow", "A-1042"))
