@@ -385,7 +385,9 @@ local function unindex_booking(prefix, clinic, booking_id, ids)
     index_expiry(ckey)
   end
 end
-local function keep_booking(prefix, clinic, booking_id, at)
+-- `exact`: `at` replaces the stored expiry even when earlier (a cancel: the booking's last
+-- reminder is now, not its old visit); else the expiry is only ever lengthened.
+local function keep_booking(prefix, clinic, booking_id, at, exact)
   local base = clinic .. '/' .. booking_id
   local bkey, dkey = prefix .. ':b:' .. base, prefix .. ':d:' .. base
   local flat = redis.call('HGETALL', bkey)
@@ -402,7 +404,7 @@ local function keep_booking(prefix, clinic, booking_id, at)
       if redis.call('ZSCORE', prefix .. ':dead', base .. '/' .. f) then dead = true end
     end
   end
-  if stored > at then at = stored end
+  if stored > at and not exact then at = stored end
   at = math.ceil(at)
   redis.call('HSET', bkey, 'keep_until', tostring(at))
   local function apply(key)
@@ -1223,16 +1225,20 @@ end
 if texts ~= '' then
   for id, text in pairs(cjson.decode(texts)) do redis.call('HSET', prefix .. ':t', id, text) end
 end
+-- Kept `retention` after its last reminder: the cancel, or a notice of it still to go (not
+-- after the visit it no longer has: the patient's details go on time).
+local keep = redis_now() + retention
 if adds ~= '' then
   local a = cjson.decode(adds)
   for j = 1, #a, 3 do
     redis.call('HSET', bkey, a[j], a[j + 1])
     if a[j + 2] ~= '' then
       redis.call('ZADD', due_key, a[j + 2], clinic .. '/' .. booking_id .. '/' .. a[j])
+      keep = math.max(keep, tonumber(a[j + 2]) + retention)
     end
   end
 end
-keep_booking(prefix, clinic, booking_id, redis_now() + retention)
+keep_booking(prefix, clinic, booking_id, keep, true)
 return answer('cancelled')
 """
 
