@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue  # kombu.Queue; kombu/__init__ does not export it to mypy
 
-from .connections import broker
+from .connections import broker, broker_transport_options
 from .health import install_beat_heartbeat
 from .logs import setup_celery
 from .settings import get_settings
@@ -81,11 +81,7 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    broker_transport_options={
-        "visibility_timeout": settings.broker_visibility_timeout_seconds,
-        "global_keyprefix": f"{settings.key_prefix}:celery:",
-        **BROKER_OPTIONS,
-    },
+    broker_transport_options=broker_transport_options(settings, BROKER_OPTIONS),
     # kombu's Redis (or Sentinel) transport with a narrow fix for a channel used after its
     # connection closed, as happens when Redis restarts under the worker or fails over:
     # see worker/broker.py.

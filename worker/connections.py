@@ -122,6 +122,17 @@ def broker(settings: Settings) -> tuple[str, str, dict[str, Any]]:
     }
 
 
+def broker_transport_options(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+    """Celery's `broker_transport_options` for the service's broker: the worker's and beat's
+    app (worker/celery_app.py) and the API's pump nudges (worker/nudge.py) alike, so that
+    both reach the same queues. `options`: the third of `broker`'s answer."""
+    return {
+        "visibility_timeout": settings.broker_visibility_timeout_seconds,
+        "global_keyprefix": f"{settings.key_prefix}:celery:",
+        **options,
+    }
+
+
 def describe(settings: Settings) -> str:
     """Where Redis is, for logs and errors (no password)."""
     addresses = settings.sentinel_addresses

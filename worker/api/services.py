@@ -18,6 +18,7 @@ from .. import connections
 from ..catalog import Catalog
 from ..keys import ApiKeys
 from ..metrics import ScheduleCollector
+from ..nudge import PumpNudge
 from ..settings import Settings
 from ..store import Store
 from .metrics import ApiMetrics
@@ -33,6 +34,8 @@ class Services:
     keys: ApiKeys
     limiter: RateLimiter
     metrics: ApiMetrics
+    nudge: PumpNudge = field(repr=False, compare=False)
+    """Asks the pump for a run after a write storing something due soon (worker/nudge.py)."""
     current: list[Catalog] = field(repr=False, compare=False)
     """Holds `catalog`, shared by every copy: what the store's clinic events follow."""
 
@@ -57,6 +60,7 @@ def build(settings: Settings, catalog: Catalog, url: str | None = None) -> Servi
         limiter=RateLimiter(client, settings.key_prefix, settings.api_rate_per_second,
                             settings.api_rate_burst),
         metrics=ApiMetrics(ScheduleCollector(client, settings.key_prefix)),
+        nudge=PumpNudge(settings, url),
     )
 
 
