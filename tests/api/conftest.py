@@ -50,6 +50,8 @@ class ApiServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        # No pump nudge of this server's published into the next test's emptied database.
+        self.app.state.services.nudge.close()
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -115,3 +117,26 @@ def held_booking(booking_id: str = "H-1") -> dict[str, Any]:
     dose = (datetime.now(UTC) - timedelta(days=30)).date().isoformat()
     doc["medications"] = {"tretinoin": False, "retinol": False, "isotretinoin_last_dose": dose}
     return doc
+
+
+PUMP_LIST = "reminders:celery:reminders.pump"  # the broker's list of the pump queue
+
+
+def nudges(redis_client: Any) -> int:
+    """How many pump nudges (worker/nudge.py) wait in the pump queue (no worker takes them)."""
+    return int(redis_client.llen(PUMP_LIST))
+
+
+def nudges_settled(redis_client: Any, at_least: int = 1) -> int:
+    """The number of nudges once they stopped coming: the API's nudge thread publishes
+    after the answer, one per GAP_SECONDS at most; wait for `at_least`, then for a quiet
+    spell longer than the gap."""
+    from tests.e2e.conftest import wait_until
+    from worker.nudge import GAP_SECONDS
+
+    wait_until(lambda: nudges(redis_client) >= at_least, 10, interval=0.02)
+    count = -1
+    while count != nudges(redis_client):
+        count = nudges(redis_client)
+        time.sleep(GAP_SECONDS * 3)
+    return count

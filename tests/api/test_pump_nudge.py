@@ -11,36 +11,24 @@ import threading
 import time
 from dataclasses import replace
 
-import pytest
-
-from tests.api.conftest import ApiServer, future_booking, held_booking
+from tests.api.conftest import (
+    PUMP_LIST,
+    ApiServer,
+    future_booking,
+    held_booking,
+    nudges,
+    nudges_settled,
+)
 from tests.e2e.conftest import wait_until
 from tests.sinks import DeadEndpoint
 from worker.embedded import free_port
 from worker.nudge import GAP_SECONDS, PumpNudge
 
-PUMP_LIST = "reminders:celery:reminders.pump"  # the broker's list of the pump queue
-
-
-def nudges(redis_client) -> int:
-    return int(redis_client.llen(PUMP_LIST))
-
-
-def settled(redis_client, at_least: int = 1) -> int:
-    """The number of nudges once they stopped coming (the nudge thread publishes after the
-    answer: wait for the first, then for a quiet spell longer than its gap)."""
-    wait_until(lambda: nudges(redis_client) >= at_least, 10, interval=0.02)
-    count = -1
-    while count != nudges(redis_client):
-        count = nudges(redis_client)
-        time.sleep(GAP_SECONDS * 3)
-    return count
-
 
 def test_a_put_nudges_the_pump_and_the_nudge_is_the_pump_task(glow, redis_client):
     created = glow.put("/v1/bookings/N-1", json=future_booking("N-1"))
     assert created.status_code == 201, created.text
-    assert settled(redis_client) == 1
+    assert nudges_settled(redis_client) == 1
     message = json.loads(redis_client.lindex(PUMP_LIST, 0))
     assert message["headers"]["task"] == "reminders.pump"
     assert message["headers"]["expires"] is not None
@@ -50,7 +38,7 @@ def test_a_put_nudges_the_pump_and_the_nudge_is_the_pump_task(glow, redis_client
 def test_reads_and_an_unchanged_put_do_not_nudge(glow, redis_client):
     doc = future_booking("N-2")
     assert glow.put("/v1/bookings/N-2", json=doc).status_code == 201
-    assert settled(redis_client) == 1
+    assert nudges_settled(redis_client) == 1
     again = glow.put("/v1/bookings/N-2", json=doc)
     assert again.status_code == 200 and again.json()["version"] == 1
     for _ in range(5):
@@ -65,7 +53,7 @@ def test_a_batch_of_fifty_publishes_one_nudge(glow, redis_client):
     answered = glow.post("/v1/bookings:batch", json=batch)
     assert answered.status_code == 200, answered.text
     assert answered.json()["stored"] == 50
-    assert settled(redis_client) == 1
+    assert nudges_settled(redis_client) == 1
 
 
 def test_a_burst_of_puts_is_coalesced(api: ApiServer, redis_client):
@@ -84,7 +72,7 @@ def test_a_burst_of_puts_is_coalesced(api: ApiServer, redis_client):
     for thread in threads:
         thread.join()
     took = time.monotonic() - began
-    count = settled(redis_client)
+    count = nudges_settled(redis_client)
     # One per gap at most, plus the first and the trailing one; never one per PUT.
     assert count <= took / GAP_SECONDS + 2, (count, took)
     assert count < 50
@@ -93,10 +81,10 @@ def test_a_burst_of_puts_is_coalesced(api: ApiServer, redis_client):
 
 def test_a_release_nudges_the_pump(glow, redis_client):
     assert glow.put("/v1/bookings/H-1", json=held_booking("H-1")).status_code == 201
-    before = settled(redis_client)  # the hold notice is due at once: one for the PUT
+    before = nudges_settled(redis_client)  # the hold notice is due at once: one for the PUT
     released = glow.post("/v1/bookings/H-1/release")
     assert released.status_code == 200, released.text
-    assert settled(redis_client, before + 1) == before + 1
+    assert nudges_settled(redis_client, before + 1) == before + 1
 
 
 def test_with_the_broker_refusing_connections_a_put_is_stored_answered_and_warned_once(
@@ -150,8 +138,3 @@ def test_with_the_broker_hung_a_put_is_answered_without_waiting_for_it(
         hung.stop()
         nudge.close(timeout=1)
 
-
-@pytest.fixture(autouse=True)
-def _close_nudges(api: ApiServer):
-    yield
-    api.app.state.services.nudge.close()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import future_booking
+from tests.api.conftest import future_booking, nudges_settled
 from tests.api.test_errors import assert_error_shape
 from tests.api.test_inbound import write_config
 from worker.embedded import RedisServer, free_port
@@ -137,6 +137,9 @@ def test_redis_refusing_writes_is_503_and_nothing_is_stored(api, own, monkeypatc
         held["medications"] = held["medications"] | {"isotretinoin_last_dose": (
             datetime.now(UTC) - timedelta(days=30)).date().isoformat()}
         assert client.put("/v1/bookings/H-1", json=held).json()["status"] == "held"
+    # The pump nudges of these PUTs (worker/nudge.py: published after the answer) are in
+    # before the snapshots, not landing between one and the next.
+    nudges_settled(connect(own.url))
     refusal = Refusal(kind, own)
     limiter = api.app.state.services.limiter
     real_take = limiter.take

@@ -26,7 +26,6 @@ def api(service, e2e_config, redis_server):
                        redis_server.url).start()
     yield server
     server.stop()
-    server.app.state.services.nudge.close()
 
 
 def emails(smtp_sink, to: str, subject_has: str = "") -> list[float]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -34,6 +35,7 @@ from ..models import (
     json_field,
     parse_booking,
 )
+from ..nudge import due_soon
 from ..planner import plan
 from ..status import Status
 from ..store import Store
@@ -158,9 +160,12 @@ def put_booking(
     _configured(caller.clinic, svc)
     now = datetime.now(UTC)
     booking, planned = intake(doc, caller.clinic, booking_id, svc.catalog, now)
-    timeline, created = upsert(svc.store, booking, planned, now, expected)
+    before: list[str | None] = [None]
+    timeline, created = upsert(svc.store, booking, planned, now, expected, previous=before)
     log.info("booking %s/%s stored: version %s, %s", caller.clinic, booking_id,
              timeline["version"], timeline["status"])
+    if str(timeline["version"]) != before[0]:  # an unchanged booking wrote nothing new
+        _nudge(svc, [timeline], now)
     response = _timeline_response(timeline, 201 if created else 200)
     if created:
         response.headers["Location"] = f"/v1/bookings/{booking_id}"
@@ -208,6 +213,7 @@ def cancel_booking(
     except NotFound:
         raise not_found(booking_id) from None
     log.info("booking %s/%s cancelled", caller.clinic, booking_id)
+    _nudge(svc, [timeline], datetime.now(UTC))  # its notices are due at once
     return _timeline_response(timeline)
 
 
@@ -253,6 +259,7 @@ def release_booking(
         raise ApiError(409, f"booking {booking_id!r} changed while it was being released; "
                             "read it again", code="changed") from None
     log.info("booking %s/%s released: version %s", clinic, booking_id, timeline["version"])
+    _nudge(svc, [timeline], now)
     return _timeline_response(timeline)
 
 
@@ -377,6 +384,9 @@ def batch_bookings(
         for (index, _, _), timeline, old in zip(accepted, timelines, existed, strict=True):
             results[index].update({"status": 200 if old is not None else 201,
                                    "timeline": timeline})
+        # One ask for the whole batch, for what it changed (worker/nudge.py coalesces asks).
+        _nudge(svc, (t for t, old in zip(timelines, existed, strict=True)
+                     if str(t["version"]) != old), now)
     refused_count = len(items) - len(accepted)
     log.info("batch for clinic %s: %d stored, %d refused", caller.clinic, len(accepted),
              refused_count)
@@ -384,6 +394,15 @@ def batch_bookings(
     # a thousand timelines.
     return Response(orjson.dumps({"stored": len(accepted), "refused": refused_count,
                                   "results": results}), media_type="application/json")
+
+
+def _nudge(svc: Services, timelines: Iterable[dict[str, Any]], now: datetime) -> None:
+    """After a write: if it stored a reminder due before the pump's next tick, ask for a pump
+    run now (worker/nudge.py: returns at once, never fails the request), as `reminders
+    book` does; else the reminder would wait for the tick, or for the follow-up run the
+    pump planned before this write."""
+    if due_soon(timelines, now, svc.settings.pump_interval_seconds):
+        svc.nudge.ask()
 
 
 def _batch_items(doc: Any) -> list[Any]:

@@ -70,11 +70,13 @@ class _Upsert(Store):
         self.__dict__.update(store.__dict__)
         self.expected = expected
         self.existed = False
+        self.previous: str | None = None  # the stored version this upsert compared
 
     def _reconcile(  # type: ignore[override]  # the base is a staticmethod seam
         self, stored_booking: dict[str, str], *args: Any, **kwargs: Any
     ) -> Any:
         self.existed = bool(stored_booking)
+        self.previous = stored_booking.get("version") if stored_booking else None
         _check(self.expected, int(stored_booking["version"]) if stored_booking else None)
         return Store._reconcile(stored_booking, *args, **kwargs)
 
@@ -123,11 +125,12 @@ def _check(expected: str | frozenset[int] | None, current: int | None) -> None:
 
 
 def upsert(store: Store, booking: Booking, planned: Plan, now: datetime,
-           expected: str | frozenset[int] | None, *, release: bool = False
-           ) -> tuple[dict[str, Any], bool]:
+           expected: str | frozenset[int] | None, *, release: bool = False,
+           previous: list[str | None] | None = None) -> tuple[dict[str, Any], bool]:
     """Store the booking if `expected` allows; return (timeline, whether it was new).
 
-    `release`: the clinic's release of a held booking (`Store.upsert`'s)."""
+    `release`: the clinic's release of a held booking (`Store.upsert`'s); `previous`: a
+    one-item list given the version it replaced (None: new), as `Store.upsert_many`'s."""
     if expected is not None:
         # First against what is stored now: a missing booking never matches (whether or not
         # the store reconciles a new booking); then again inside the transaction.
@@ -138,4 +141,6 @@ def upsert(store: Store, booking: Booking, planned: Plan, now: datetime,
         _check(expected, current)
     one = _Upsert(store, expected)
     timeline = one.upsert(booking, planned, now, release=release)
+    if previous is not None:
+        previous[0] = one.previous
     return timeline, not one.existed

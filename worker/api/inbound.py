@@ -265,6 +265,8 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
         tell_consent(store, clinic.id, "sms", phone, now, hooks=hooks_of(clinic))
         log.info("inbound SMS for clinic %s: opted in again (%d SMS reminder(s) resumed)",
                  clinic.id, back.resumed)
+        if back.resumed:  # due as planned, maybe at once: the pump runs now (worker/nudge.py)
+            svc.nudge.ask()
         if store.opted_out(clinic.id, "sms", phone) is not None:
             # A STOP landed while this START was at work and opted the number out again;
             # it answered its own confirmation. "Texts are back on" after it would be the
