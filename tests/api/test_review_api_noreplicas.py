@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from tests.api.conftest import future_booking
+from tests.api.conftest import future_booking, nudges_settled
 from tests.api.test_errors import assert_error_shape
 from tests.api.test_redis_refuses_writes import (  # noqa: F401 (fixtures)
     api,
@@ -37,6 +37,7 @@ def test_noreplicas_is_503_and_nothing_is_stored(api, own):  # noqa: F811
             datetime.now(UTC) - timedelta(days=30)).date().isoformat()}
         assert client.put("/v1/bookings/H-1", json=held).json()["status"] == "held"
     admin = connect(own.url)
+    nudges_settled(admin)  # these PUTs' pump nudges are in before the snapshots
     redis_of_api = api.app.state.services.redis
     with api.client(key) as client, api.client() as ops:
         sent = [("GET a timeline", lambda c: c.get("/v1/bookings/A-1")),

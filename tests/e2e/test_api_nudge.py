@@ -48,8 +48,12 @@ def test_a_put_confirmation_and_a_reminder_moved_earlier_go_before_the_tick(
         assert created.status_code == 201, created.text
         wait_until(lambda: emails(smtp_sink, to), no_tick_before - time.time() - 1)
         first = emails(smtp_sink, to)[0]
-        assert first - put_at < 8.0, f"the confirmation came {first - put_at:.1f}s after the PUT"
-        assert first < no_tick_before
+        # Seconds: a fresh worker's pool process warms up (Apprise, templates) before it
+        # takes the nudge, 4 s on a loaded machine; the tick would be 30 s.
+        assert first - put_at < 15.0, f"the confirmation came {first - put_at:.1f}s after the PUT"
+        assert first < no_tick_before - 5
+        print(f"confirmation at the sink {first - put_at:.2f}s after the PUT "
+              f"(the tick: {no_tick_before - put_at:.0f}s after it)")
         # Moved earlier: its "prep" email (8 s before the start) now falls due in a few
         # seconds, before the tick: the pump's follow-up waits for it once nudged.
         moved = doc | {"starts_at": (datetime.now(UTC) + timedelta(seconds=12)).isoformat(
@@ -66,6 +70,7 @@ def test_a_put_confirmation_and_a_reminder_moved_earlier_go_before_the_tick(
 
         wait_until(prep_sent, no_tick_before - time.time() - 1, interval=0.2)
         assert time.time() < no_tick_before
+        print(f"moved prep email sent {time.time() - prep_due:+.2f}s from its due instant")
         time.sleep(1.0)  # room for a stray second copy
         timeline = client.get("/v1/bookings/NUDGE-1").json()
     sent = {r["id"]: r["attempts"] for r in timeline["reminders"] if r["status"] == "sent"}
