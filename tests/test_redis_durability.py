@@ -30,6 +30,7 @@ from tests.api.conftest import ApiServer, api_settings
 from tests.test_check import EXIT_OK, run_check
 from tests.test_docker import ROOT, Process, argv_of, free_port, resolve
 from worker.health import pump_beat
+from worker.settings import Settings
 from worker.store import connect
 
 
@@ -108,7 +109,7 @@ def test_a_redis_that_can_lose_or_evict_the_schedule_is_warned_about_never_faile
         redis_with, tmp_path, extra, setting, value, words, fix):
     url = redis_with(*extra)
     client = connect(url)
-    pump_beat(client, "P", 0.01)  # a pump just ran: the worker is healthy
+    pump_beat(client, Settings.model_fields["key_prefix"].default, 0.01)  # a pump just ran
     client.close()
 
     found = check(url, tmp_path)
@@ -165,9 +166,8 @@ def test_without_config_the_settings_come_from_info_and_the_rest_could_not_be_re
     found = check(bad, tmp_path)
     assert found.returncode == EXIT_OK, found.stderr
     warnings = redis_warnings(found.stdout)
-    assert [w.split(":")[0] for w in warnings] == [
-        "WARNING: Redis appendonly is no", "WARNING: Redis maxmemory-policy is allkeys-lru"], \
-        found.stdout
+    assert [w.split(": ")[1] for w in warnings] == [
+        "Redis appendonly is no", "Redis maxmemory-policy is allkeys-lru"], found.stdout
     # appendfsync is moot without AOF: not asked for.
 
     good = redis_with("--rename-command", "CONFIG", "")

@@ -12,6 +12,9 @@ reminders still to be sent (the due and lease sets, read with ZSCAN) and names e
 or protocol they are of that config/ does not have: their sends fail as "not configured",
 are retried with backoff and given up (dead-lettered) after max_attempts
 (worker/dispatch.py `_unconfigured`); an error, so a deploy can run it before switching.
+It also warns of each Redis setting that can lose or evict the schedule (AOF off,
+appendfsync no, a maxmemory-policy that evicts, a replica: worker/durability.py), a
+warning only: ops may run such a Redis on purpose.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .settings import MIN_SECRET_CHARS
 from .sms import Encoding, fold_to_gsm7, non_gsm7, normalise, sms_segments
 
 if TYPE_CHECKING:
+    from .durability import Finding
     from .store import Store
 
 # Realistic worst-case first names per language: the longest, and letters outside GSM-7
@@ -142,6 +146,9 @@ class CheckReport:
     sources: list[StepSources] = field(default_factory=list)
     # `--redis` only: pending reminders of clinics or protocols config/ does not have.
     unconfigured: list[Unconfigured] | None = None
+    # `--redis` only: Redis settings that can lose or evict the schedule (warnings).
+    redis_settings: list[Finding] | None = None
+    redis_summary: str = ""  # the settings as read, when none is found
 
     def table(self) -> str:
         """Return the SMS samples as an aligned text table."""
@@ -180,6 +187,8 @@ class CheckReport:
             doc["sources"] = [asdict(s) for s in self.sources]
         if self.unconfigured is not None:
             doc["unconfigured"] = [asdict(u) for u in self.unconfigured]
+        if self.redis_settings is not None:
+            doc["redis_settings"] = [f.as_json() for f in self.redis_settings]
         return doc
 
 

@@ -120,12 +120,19 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
                    protocols_dir=settings.protocols_dir)
     if args.redis:  # the only part that reads Redis
         from .checking import pending_unconfigured
+        from .durability import findings, read_settings, summary
 
+        store = open_store(settings)
         report.unconfigured = pending_unconfigured(
-            open_store(settings), catalog, settings.clinics_dir, settings.protocols_dir,
+            store, catalog, settings.clinics_dir, settings.protocols_dir,
             [args.clinic] if args.clinic else None)
         minutes = _retry_minutes(settings)
         report.errors += [u.error(settings.max_attempts, minutes) for u in report.unconfigured]
+        # Warnings, not errors: a Redis run so on purpose is ops' choice (worker/durability.py).
+        redis_settings = read_settings(store.redis)
+        report.redis_settings = findings(redis_settings)
+        report.redis_summary = summary(redis_settings)
+        report.warnings += [f"Redis {f.problem}" for f in report.redis_settings]
     for error in report.errors:
         print(f"configuration error: {error}", file=sys.stderr)
     if args.json:
@@ -150,6 +157,8 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         if report.unconfigured is not None and not report.unconfigured:
             print("Redis: every reminder still to be sent is of a configured clinic and "
                   "protocol")
+        if report.redis_settings == []:
+            print(f"Redis: {report.redis_summary}")
         outcome = f"{len(report.errors)} error(s)" if report.errors else "ok"
         print(
             f"{outcome}: {len(catalog.protocols)} protocols, {len(clinic_ids)} clinic(s), "
@@ -720,6 +729,8 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps({"role": args.role, **verdict.as_json()}))
     else:
         print(f"{args.role}: {'healthy' if verdict.healthy else 'unhealthy'}: {verdict.reason}")
+        for finding in verdict.details.get("redis_settings", []):  # never changes the exit
+            print(f"warning: Redis {finding['problem']}")
     return EXIT_OK if verdict.healthy else EXIT_REFUSED
 
 

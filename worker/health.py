@@ -19,7 +19,10 @@ healthcheck. Without `--role` it is `worker` (the CLI's default); `--role api` c
 same pump heartbeat and Redis, as /healthz does: first that Redis takes writes, as /readyz
 and /healthz do (`write_refusal`: PING and a short-lived key `P:health:api`; out of memory
 under `noeviction`, a replica or short of replicas, Redis answers PING but refuses writes,
-so the API serves no clinic request: "Redis refuses writes (OOM)").
+so the API serves no clinic request: "Redis refuses writes (OOM)"). Every role then adds a
+line (`--json`: `redis_settings`) for each Redis setting that can lose or evict the schedule
+(AOF off, appendfsync no, an evicting maxmemory-policy, a replica: worker/durability.py),
+a warning that never makes it unhealthy: ops may run such a Redis on purpose.
 
 Why the pump heartbeat for the worker: with one worker it is that worker's evidence; with
 several, any of them running the pump refreshes it, so a single dead worker of many is not
@@ -170,9 +173,15 @@ def check(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Verdi
 
 def evaluate(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Verdict:
     """`check` on a short-lived client (worker/connections.py PROBE: it is closed after);
-    an unreachable Redis is unhealthy."""
+    an unreachable Redis is unhealthy. The details add `redis_settings`: each setting that
+    can lose or evict the schedule (worker/durability.py), which never makes it unhealthy."""
+    from .durability import findings_of
+
     try:
-        return check(client, prefix, role, max_age)
+        verdict = check(client, prefix, role, max_age)
+        settings = [f.as_json() for f in findings_of(client)]
+        return Verdict(verdict.healthy, verdict.reason,
+                       {**verdict.details, "redis_settings": settings})
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return Verdict(False, f"Redis is unreachable ({type(exc).__name__})",
                        {"redis": "unreachable"})

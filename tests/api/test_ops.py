@@ -20,11 +20,13 @@ def test_healthz_needs_a_fresh_pump_heartbeat_and_readyz_only_redis(api):
         stale = client.get("/healthz")
     assert never.status_code == 503 and never.json()["pump"] == "never"
     assert never.json()["status"].startswith("no pump run recorded yet")
-    assert ready.status_code == 200 and ready.json() == {"status": "ok", "redis": "ok"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ok", "redis": "ok",
+                                                       "redis_settings": []}
     assert health.status_code == 200
     body = health.json()
     assert body["status"] == "ok" and body["pump"] == "ok" and body["redis"] == "ok"
     assert body["oldest_due_overdue_seconds"] is None
+    assert body["redis_settings"] == []  # the session Redis is the embedded default: it passes
     assert 0 <= body["pump_heartbeat_age_seconds"] < 5
     assert stale.status_code == 503 and stale.headers["retry-after"]
     assert stale.json()["pump"] == "stale" and stale.json()["pump_heartbeat_age_seconds"] >= 120

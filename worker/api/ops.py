@@ -10,7 +10,9 @@ the api service: an API is worth serving while beat is down). Both answer 503 wi
 `Retry-After` when not; `"redis": "refuses writes"` when Redis answers but refuses writes
 (OOM under `noeviction`, MISCONF, a read-only replica): every keyed route writes first
 (the rate limiter's token), so the API then serves no clinic request, reads included.
-Writes are probed with a short-lived key, `P:health:api`.
+Writes are probed with a short-lived key, `P:health:api`. When they answer 200 both add
+`redis_settings`: each Redis setting that can lose or evict the schedule (AOF off, appendfsync
+no, an evicting maxmemory-policy, a replica; worker/durability.py), a warning, never a 503.
 `/metrics` is the API's requests and the schedule's figures (worker/metrics.py).
 """
 
@@ -22,6 +24,7 @@ import redis
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from ..durability import findings_of
 from ..health import REFUSAL_CAUSES, check, write_refusal
 from .errors import REDIS_RETRY_AFTER_SECONDS
 from .metrics import CONTENT_TYPE
@@ -79,7 +82,13 @@ def healthz(svc: Svc) -> JSONResponse:
         return _answer({"status": f"the pump is behind: a reminder has waited {overdue:g}s "
                                   f"past its time (limit {limit:g}s); are beat and a worker "
                                   "running?", "pump": "behind", **body}, False)
-    return _answer({"status": "ok", "pump": "ok", **body}, True)
+    return _answer({"status": "ok", "pump": "ok", **body, "redis_settings": _settings(svc)},
+                   True)
+
+
+def _settings(svc: Svc) -> list[dict[str, Any]]:
+    """The Redis settings that can lose or evict the schedule (worker/durability.py)."""
+    return [f.as_json() for f in findings_of(svc.redis)]
 
 
 @router.get("/readyz", summary="This API process can serve (Redis reachable, taking writes)",
@@ -91,7 +100,7 @@ def readyz(svc: Svc) -> JSONResponse:
         return _answer({"status": "Redis is unreachable", "redis": "unreachable"}, False)
     if why:
         return _refusing(why)
-    return _answer({"status": "ok", "redis": "ok"}, True)
+    return _answer({"status": "ok", "redis": "ok", "redis_settings": _settings(svc)}, True)
 
 
 @router.get("/metrics", summary="Prometheus metrics of the API", response_model=None,

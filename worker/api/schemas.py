@@ -148,6 +148,12 @@ class Replayed(BaseModel):
     replayed: list[str]
 
 
+class RedisSettingWarning(BaseModel):
+    setting: str = Field(description="appendonly, appendfsync, maxmemory-policy or role")
+    value: str | None = Field(description="as Redis has it; null: could not be read")
+    problem: str = Field(description="what it can cost the schedule, and the fix")
+
+
 class Health(BaseModel):
     status: str = Field(description="ok, or what is wrong")
     redis: str
@@ -156,6 +162,10 @@ class Health(BaseModel):
     pump_heartbeat_age_seconds: float | None = Field(
         None, description="seconds since the last pump run ended (Redis's clock)")
     oldest_due_overdue_seconds: float | None = None
+    redis_settings: list[RedisSettingWarning] | None = Field(
+        None, description="Redis settings that can lose or evict the schedule (AOF off, "
+        "appendfsync no, a maxmemory-policy other than noeviction, a replica), or could not "
+        "be read: warnings only, never a 503")
 
 
 ERROR_DESCRIPTIONS = {
