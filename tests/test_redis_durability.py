@@ -28,7 +28,7 @@ import yaml
 
 from tests.api.conftest import ApiServer, api_settings
 from tests.test_check import EXIT_OK, run_check
-from tests.test_docker import ROOT, Process, argv_of, free_port, resolve
+from tests.test_docker import ROOT, Process, argv_of, container_env, free_port, resolve
 from worker.health import pump_beat
 from worker.settings import Settings
 from worker.store import connect
@@ -202,3 +202,20 @@ def test_the_compose_redis_and_the_embedded_default_pass(redis_with, redis_serve
         assert len(alive.stdout.splitlines()) == 1, alive.stdout
         ready = readyz(url, tmp_path)
         assert ready.status_code == 200 and ready.json()["redis_settings"] == [], ready.text
+
+
+@pytest.mark.integration
+def test_a_worker_started_on_such_a_redis_logs_a_warning_and_runs(services, redis_with,
+                                                                  tmp_path):
+    """Ops who never run check or read health see it in the worker's log at start."""
+    url = redis_with("--maxmemory-policy", "allkeys-lru")
+    env = container_env(services["worker"], url, tmp_path / "data")
+    worker = Process("worker", resolve(argv_of(services["worker"]["command"])), env, tmp_path)
+    worker.start()
+    try:
+        worker.wait_for(r"celery@\S+ ready\.")
+        [line] = worker.wait_for(r".*Redis maxmemory-policy is allkeys-lru: .*")
+        assert '"level": "WARNING"' in line and "maxmemory-policy noeviction" in line, line
+        assert "appendonly" not in line  # the compose Redis's other settings pass
+    finally:
+        assert worker.stop() == 0, worker.output()
