@@ -20,7 +20,8 @@ refused (managed Redis renames or forbids it) it reads INFO persistence and memo
 (aof_enabled, maxmemory_policy), and what neither shows (appendfsync) "could not be read".
 `findings` is the rule, pure. None of it is fatal (ops may choose otherwise on purpose, a
 throw-away staging Redis): `reminders check --redis` warns, `reminders health` adds a line,
-/readyz and /healthz a field, and no exit code or status changes for it.
+/readyz and /healthz a field, a starting worker logs it (worker/tasks.py), and no exit code
+or status changes for it.
 """
 
 from __future__ import annotations

@@ -243,6 +243,26 @@ def _warm_up_single_process(sender: Any = None, **_: object) -> None:
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _warn_of_redis_settings(**_: object) -> None:
+    """Log a warning per Redis setting that can lose or evict the schedule (AOF off, an
+    evicting maxmemory-policy, a replica: worker/durability.py), once, at start: ops who
+    never run `reminders check --redis` see it too. Never stops the worker."""
+    from .connections import PROBE, client
+    from .durability import findings_of
+    from .errors import ConfigError
+
+    try:
+        probe = client(get_settings(), PROBE, decode=False)
+    except ConfigError:
+        return  # no Redis to ask: the worker says so itself as it connects
+    try:
+        for finding in findings_of(probe):
+            log.warning("Redis %s (README \"Redis requirements\")", finding.problem)
+    finally:
+        probe.close()
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _serve_metrics(**_: object) -> None:
     """The worker's Prometheus port (worker/metrics.py), set up before the pool forks."""
     settings = get_settings()
