@@ -76,7 +76,7 @@ def test_the_pump_claims_no_more_events_than_the_event_senders_take(events):
     # One finished (delivered) and one retried later make room for two more.
     (done_id, done_claim), (retry_id, retry_claim) = first[:2]
     assert events.done(done_id, done_claim) == "done"
-    assert events.retry(retry_id, retry_claim, time.time() + 60, "HTTP 503") == "retry"
+    assert events.retry(retry_id, retry_claim, 60, "HTTP 503") == "retry"
     assert len(events.claim(10, 30, capacity=4)) == 2
     assert events.claim(10, 30, capacity=4) == []
     # Without a capacity (tools, tests) every due event is claimed, as before: the two

@@ -10,6 +10,7 @@ import pytest
 
 from tests.sinks import SmtpSink, WebhookReceiver
 from worker.clinics import Clinic
+from worker.clock import redis_time
 from worker.rendering import Renderer
 from worker.settings import Settings
 from worker.webhooks import (
@@ -89,7 +90,7 @@ def test_an_expired_lease_is_claimed_again_and_the_old_claim_is_stale(events):
     second = events.claim(10, lease_seconds=30)[0]
     assert first[0] == second[0] and first[1] != second[1]
     assert events.load(*first) is None  # the old attempt no longer owns it
-    assert events.retry(first[0], first[1], time.time(), "late") == "stale"
+    assert events.retry(first[0], first[1], 0, "late") == "stale"
     # ... but a delivery by the old attempt still counts: the event is done.
     assert events.done(*first) == "done"
     assert events.load(*second) is None
@@ -98,9 +99,9 @@ def test_an_expired_lease_is_claimed_again_and_the_old_claim_is_stale(events):
 def test_retry_reschedules_and_give_up_keeps_it_dead(events, redis_client):
     event_id = events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"})
     claim = events.claim(10, 30)[0]
-    later = time.time() + 100
-    assert events.retry(event_id, claim[1], later, "HTTP 500") == "retry"
-    assert redis_client.zscore(events.due_key, event_id) == pytest.approx(later)
+    later = redis_time(redis_client) + 100  # 100 s from now on Redis's clock, the claims'
+    assert events.retry(event_id, claim[1], 100, "HTTP 500") == "retry"
+    assert redis_client.zscore(events.due_key, event_id) == pytest.approx(later, abs=1)
     assert events.claim(10, 30) == []  # not due yet
     redis_client.zadd(events.due_key, {event_id: 0})
     claim = events.claim(10, 30)[0]

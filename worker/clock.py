@@ -15,7 +15,8 @@ every one back as "not started in time".
 The skew is shown as `reminders_clock_skew_seconds` (this host's clock minus Redis's,
 worker/metrics.py), and a skew beyond SKEW_WARN_SECONDS is logged as a WARNING (again
 every SKEW_WARN_EVERY_SECONDS while it lasts): the rest of the service (send windows,
-timelines, backoff) reads the host's clock, so hosts must still be NTP-synced.
+timelines, a reminder's backoff, webhook signatures) reads the host's clock, so hosts must
+still be NTP-synced.
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ claim to its process's event senders (worker/event_senders.py: threads of their 
 slow or dead clinic endpoint never holds a pool process nor delays a patient's reminder.
 A delivery POSTs the event to the clinic's webhook URL (or emails the held-booking alert
 to the clinic's address through its email channel), then deletes it; on failure it is tried
-again with backoff, and after `max_attempts` it is given up and kept in `P:ev:dead`
-(`reminders events dead` lists them, `reminders events replay` sends them again). A worker killed
-mid-delivery leaves the event claimed until its lease ends, then it is claimed again: a
-receiver may see an event twice, with the same `id` (deduplicate on it), never zero times.
+again with backoff (counted on Redis's clock, as its claims), and after `max_attempts` it is
+given up and kept in `P:ev:dead` (`reminders events dead` lists them, `reminders events
+replay` sends them again). A worker killed mid-delivery leaves the event claimed until its
+lease ends, then it is claimed again: a receiver may see an event twice, with the same `id`
+(deduplicate on it), never zero times.
 
 Signature (Stripe-style): header `Reminders-Signature: t=<unix seconds>,v1=<hex>` where
 hex = HMAC-SHA256(secret, "<t>.<raw body>"). A receiver checks it with `verify_signature`
@@ -150,10 +151,12 @@ return 'released'
 
 # Finish one delivery attempt. done: the event is deleted (whoever holds the claim: it was
 # delivered). retry / dead: only the attempt that still holds the claim reschedules it.
+# A retry is due ARGV[4] seconds after now on Redis's clock, the one the claim compares
+# with: a delivering host's clock off Redis's neither shortens the backoff nor stretches it.
 _FINISH = """
 local due_key, dead_key, ekey, out_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, claim, outcome, at, err, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],
-  tonumber(ARGV[6])
+local id, claim, outcome, delay, err, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
+  ARGV[5], tonumber(ARGV[6])
 if outcome == 'done' then
   redis.call('DEL', ekey)
   redis.call('ZREM', due_key, id)
@@ -173,7 +176,8 @@ if outcome == 'dead' then
   redis.call('ZREMRANGEBYSCORE', dead_key, '-inf', '(' .. (tonumber(t[1]) - keep))
   return 'dead'
 end
-redis.call('ZADD', due_key, at, id)
+local t = redis.call('TIME')
+redis.call('ZADD', due_key, tonumber(t[1]) + tonumber(t[2]) / 1000000 + delay, id)
 return 'retry'
 """
 
@@ -300,17 +304,19 @@ class Events:
     def done(self, event_id: str, claim: str) -> str:
         return self._fin(event_id, claim, "done")
 
-    def retry(self, event_id: str, claim: str, at: float, error: str) -> str:
-        return self._fin(event_id, claim, "retry", at, error)
+    def retry(self, event_id: str, claim: str, delay: float, error: str) -> str:
+        """Try the event again `delay` seconds from now on Redis's clock (its claims')."""
+        return self._fin(event_id, claim, "retry", delay, error)
 
     def give_up(self, event_id: str, claim: str, error: str) -> str:
         return self._fin(event_id, claim, "dead", 0.0, error)
 
-    def _fin(self, event_id: str, claim: str, outcome: str, at: float = 0.0, err: str = "") -> str:
+    def _fin(self, event_id: str, claim: str, outcome: str, delay: float = 0.0,
+             err: str = "") -> str:
         return str(
             self._finish(
                 keys=[self.due_key, self.dead_key, self.event_key(event_id), self.out_key],
-                args=[event_id, claim, outcome, at, err, self.keep_seconds],
+                args=[event_id, claim, outcome, delay, err, self.keep_seconds],
             )
         )
 
@@ -511,6 +517,8 @@ def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None
         "User-Agent": USER_AGENT,
         "Reminders-Event": event.type,
         "Reminders-Event-Id": event.id,
+        # The host's clock, not Redis's: the receiver compares it with its own clock
+        # (`verify_signature`), and both should be NTP-synced; Redis's is for our claims.
         SIGNATURE_HEADER: sign(secret, body, int(time.time())),
     }
     try:
@@ -592,7 +600,7 @@ def deliver_event(
             return f"given up: {reason}"
         delay = compute_backoff(attempts, base=settings.backoff_base_seconds,
                                 cap=settings.backoff_cap_seconds)
-        events.retry(event_id, claim, time.time() + delay, reason)
+        events.retry(event_id, claim, delay, reason)  # due on Redis's clock, not this host's
         log.info("clinic event %s (%s) retried in %.0f s: %s", event_id, event.type, delay, reason)
         return f"retrying: {reason}"
     events.done(event_id, claim)
