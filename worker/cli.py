@@ -53,6 +53,7 @@ from .catalog import Catalog
 from .errors import ConfigError, NotFound
 from .logs import scrub
 from .models import YEARS
+from .nudge import due_soon
 from .settings import Settings, get_settings, settings_problem
 from .status import Status
 from .timeline import from_plan, render_table
@@ -357,7 +358,7 @@ def store_all(
     counts = {"new": 0, "changed": 0, "unchanged": 0}
     tables = not args.json and spool.count <= TABLES_UP_TO
     soon = now + timedelta(seconds=settings.pump_interval_seconds)
-    nudge = False
+    nudge = False  # something stored is due before the next tick
     stored = 0
     progress.start("storing", spool.count)
     out = JsonArrayOut(sys.stdout, single) if args.json else None
@@ -384,10 +385,15 @@ def store_all(
                     # Not for a booking unchanged: nothing of it is new to send (its
                     # at-booking message, planned again at `now`, went or is due already),
                     # and booking a file again writes nothing, to the broker either.
-                    nudge = nudge or kind != "unchanged" and planned.status == (
-                        Status.SCHEDULED) and any(r.status == Status.SCHEDULED
-                                                  and r.due_at <= soon
-                                                  for r in planned.reminders)
+                    if nudge or kind == "unchanged":
+                        pass
+                    elif "reminders" in timeline:  # what was stored, notices included
+                        nudge = due_soon([timeline], now, settings.pump_interval_seconds)
+                    else:  # not built (a big file, not printed): the plan says, and a
+                        # change may have stored a notice due at once that no plan has
+                        nudge = kind == "changed" or planned.status == Status.SCHEDULED and any(
+                            r.status == Status.SCHEDULED and r.due_at <= soon
+                            for r in planned.reminders)
                     try:
                         if out is not None:
                             out.write(timeline)
@@ -408,7 +414,7 @@ def store_all(
             except BrokenPipeError:
                 stdout_gone()
         if nudge:
-            nudge_pump_quietly()
+            nudge_pump(settings)
     except BaseException:
         progress.close()
         # Cut inside `upsert_many` (a second Ctrl-C, Redis gone): each booking is
@@ -465,26 +471,44 @@ def stdout_gone() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def nudge_pump_quietly() -> None:
-    """Have a pump run at once so an at-booking message goes out without waiting a tick."""
-    try:
-        from .celery_app import nudge_pump
+def nudge_if_due(settings: Settings, timelines: list[dict[str, Any]], now: datetime,
+                 url: str | None = None) -> None:
+    """After a write: if the timelines it stored hold a reminder due before the pump's next
+    tick (a confirmation, a notice, a released hold's), have the pump run now, as the API
+    does (worker/nudge.py `due_soon`). `url`: the broker's, default the settings'."""
+    if due_soon(timelines, now, settings.pump_interval_seconds):
+        nudge_pump(settings, url)
 
-        nudge_pump()
-    except Exception as exc:  # beat runs the pump anyway within a second
-        print(f"note: could not nudge the pump ({type(exc).__name__})", file=sys.stderr)
+
+def nudge_pump(settings: Settings, url: str | None = None) -> None:
+    """Publish a pump nudge now (worker/nudge.py: the API's message, to the same broker) and
+    wait for it, bounded: with the broker down or hung the command gives up after two tries
+    of PUBLISH_TIMEOUT_SECONDS, says so in one line and exits as it would have (what was
+    stored stays stored; the pump's next tick sends it)."""
+    from .nudge import PumpNudge
+
+    try:
+        PumpNudge(settings, url).publish_now()
+    except Exception as exc:  # noqa: BLE001 - any failure: the tick sends it all the same
+        print(f"note: could not nudge the pump ({type(exc).__name__}): what was just stored "
+              f"and is due now goes at the pump's next tick (within "
+              f"{settings.pump_interval_seconds:g} s)", file=sys.stderr)
 
 
 def _on_booking(
-    args: argparse.Namespace, settings: Settings, act: Callable[[Store, str], dict[str, Any]]
+    args: argparse.Namespace, settings: Settings, act: Callable[[Store, str], dict[str, Any]],
+    writes: bool = False,
 ) -> int:
-    """Run `act(store, clinic)` on the named booking and print the timeline it returns."""
+    """Run `act(store, clinic)` on the named booking and print the timeline it returns;
+    `writes`: it stores it (nudge the pump if something of it is due now)."""
     catalog = Catalog.load(settings)
     clinic = clinic_of(args, catalog)
     store = open_store(settings, catalog)
     timeline = act(store, clinic)
     timezone = store.booking_doc(clinic, args.booking_id)["patient"]["timezone"]
     print_timeline(args, timeline, timezone)
+    if writes:
+        nudge_if_due(settings, [timeline], datetime.now(UTC))  # a notice is due at once
     return EXIT_OK
 
 
@@ -501,6 +525,7 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
         args,
         settings,
         lambda store, clinic: store.cancel(clinic, args.booking_id, datetime.now(UTC)),
+        writes=True,
     )
 
 
@@ -535,6 +560,7 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
               "held", file=sys.stderr)
         return EXIT_REFUSED
     print_timeline(args, timeline, booking.patient.timezone)
+    nudge_if_due(settings, [timeline], now)
     return EXIT_OK
 
 

@@ -1,4 +1,4 @@
-"""The pump nudged from a process without a Celery worker: the API.
+"""The pump nudged from a process without a Celery worker: the API, the `reminders` CLI.
 
 A write through the API (a PUT, a batch, a release, a cancel that plans a notice, a START
 that resumes texts) may store a reminder due before the pump's next planned run: a
@@ -7,7 +7,7 @@ at once. Nothing of the pump sees it until beat's next tick (up to
 REMINDERS_PUMP_INTERVAL_SECONDS) or the follow-up run the pump planned for a later
 instant: so the API asks for a run at once, as `reminders book` does.
 
-The message is the CLI's (worker/celery_app.py `nudge_pump`): a `reminders.pump` task on
+The message is the worker's (worker/celery_app.py `nudge_pump`): a `reminders.pump` task on
 the pump queue, expiring after 30 s, published to the same broker (worker/connections.py
 `broker`, the kombu transport of worker/broker.py) by a Celery app of this process made
 for publishing only: the worker's app is not imported here (made at import from the
@@ -15,6 +15,10 @@ environment's settings, it registers the tasks and beat's heartbeat). A worker r
 it starts a pump run, wakes its pump thread waiting for a later instant, or has the run
 under way go again after (worker/tasks.py `pump_task`); another process's run under way
 is asked to go again through the pump's own lock (worker/pump.py `Run.again`).
+
+`reminders book`, `cancel` and `release` publish in their own thread
+(`PumpNudge.publish_now`, bounded by PUBLISH_TIMEOUT_SECONDS a try) after the write, under
+the same rule (`due_soon` of the timelines written); a failure is their one stderr line.
 
 Never in the request: `PumpNudge.ask` sets a flag and returns; one thread per process
 publishes. The broker slow or down holds that thread, not the clinic's answer: the write
@@ -124,11 +128,18 @@ class PumpNudge:
             if self._closing.wait(self.gap):
                 return
 
+    def publish_now(self) -> None:
+        """Publish one nudge in the caller's thread, now, and return once it is published
+        (a `reminders` command, which may wait: bounded by PUBLISH_TIMEOUT_SECONDS a try,
+        two tries); raises what the publish raised, logging nothing (the caller says it)."""
+        if self._app is None:
+            self._app = self._make_app()
+        self._app.send_task(PUMP_TASK, queue=PUMP_QUEUE, expires=EXPIRES_SECONDS)
+        self.published += 1
+
     def _publish(self) -> None:
         try:
-            if self._app is None:
-                self._app = self._make_app()
-            self._app.send_task(PUMP_TASK, queue=PUMP_QUEUE, expires=EXPIRES_SECONDS)
+            self.publish_now()
         except Exception as exc:  # noqa: BLE001 - any failure: the tick sends it all the same
             if not self._failing:
                 self._failing = True
@@ -139,7 +150,6 @@ class PumpNudge:
             else:
                 log.debug("could not nudge the pump (%s)", type(exc).__name__)
             return
-        self.published += 1
         if self._failing:
             self._failing = False
             log.info("the pump is nudged again")
