@@ -22,9 +22,10 @@ from kombu.entity import Queue  # kombu.Queue; kombu/__init__ does not export it
 from .connections import broker, broker_transport_options
 from .health import install_beat_heartbeat
 from .logs import setup_celery
+from .nudge import EXPIRES_SECONDS, PUMP_TASK
+from .nudge import PUMP_QUEUE as PUMP_QUEUE  # re-exported: tasks and tests take it from here
 from .settings import get_settings
 
-PUMP_QUEUE = "reminders.pump"
 CHANNELS = ("email", "sms")  # worker/models.py's, without importing the models here
 SEND_QUEUES = {channel: f"reminders.send.{channel}" for channel in CHANNELS}
 EVENTS_QUEUE = "reminders.events"
@@ -107,4 +108,4 @@ install_beat_heartbeat()
 
 def nudge_pump() -> None:
     """Ask for a pump run now (after a booking with something due at once); beat would anyway."""
-    app.send_task("reminders.pump", queue=PUMP_QUEUE, expires=30)
+    app.send_task(PUMP_TASK, queue=PUMP_QUEUE, expires=EXPIRES_SECONDS)

@@ -47,9 +47,9 @@ if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger(__name__)
-PUMP_QUEUE = "reminders.pump"  # worker/celery_app.py's (that module builds the worker's app)
+PUMP_QUEUE = "reminders.pump"  # worker/celery_app.py imports these (this module must not import it)
 PUMP_TASK = "reminders.pump"
-EXPIRES_SECONDS = 30  # as worker/celery_app.py `nudge_pump`: a late nudge is worthless
+EXPIRES_SECONDS = 30  # a late nudge is worthless (the tick sends one anyway)
 GAP_SECONDS = 0.2  # one nudge per this long at most, per process, whatever the writes
 PUBLISH_TIMEOUT_SECONDS = 2.0  # the broker's connect and socket timeouts for a nudge
 
