@@ -80,9 +80,10 @@ sms = "json://127.0.0.1:{sms.port}/sms?:to={{to}}"
                            renderer=Renderer(self.catalog.templates_dir))
         self.smtp, self.sms = smtp, sms
 
-    def book(self, channels: list[str] | None = None) -> None:
-        starts = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
-        doc = {"clinic": "uc", "booking_id": "U-1", "treatment": "unsub",
+    def book(self, channels: list[str] | None = None, booking_id: str = "U-1",
+             ahead: timedelta = timedelta(days=2)) -> None:
+        starts = (datetime.now(UTC) + ahead).replace(microsecond=0)
+        doc = {"clinic": "uc", "booking_id": booking_id, "treatment": "unsub",
                "starts_at": starts.isoformat(),
                "patient": {"name": "Ana López", "email": "Ana@Example.com",
                            "phone": "+34600111222", "timezone": "UTC", "locale": "en",
@@ -92,15 +93,15 @@ sms = "json://127.0.0.1:{sms.port}/sms?:to={{to}}"
         self.store.upsert(booking, plan(booking, self.catalog.protocols["unsub"],
                                         self.catalog.clinics["uc"], now), now)
 
-    def claim(self, key: str) -> Any:
-        ref = f"uc/U-1/{key}"
+    def claim(self, key: str, booking_id: str = "U-1") -> Any:
+        ref = f"uc/{booking_id}/{key}"
         self.store.redis.zadd(self.store.due_key, {ref: 0})
         claims = [c for c in self.store.claim_due(100, 300) if c.ref == ref]
         assert len(claims) == 1, claims
         return claims[0]
 
-    def send(self, key: str, claim: Any = None) -> str:
-        claim = claim or self.claim(key)
+    def send(self, key: str, claim: Any = None, booking_id: str = "U-1") -> str:
+        claim = claim or self.claim(key, booking_id)
         return send_claimed(self.ctx, claim.ref, claim.version, claim.claim)
 
     def unsubscribe(self) -> None:
@@ -271,3 +272,59 @@ def test_a_link_stays_valid_while_its_booking_still_has_emails_to_send(rig, redi
     # Still no longer than the booking's own keys: gone with them.
     (name,) = list(rig.store.redis.scan_iter("unsub:unsub:*"))
     assert 0 < rig.store.redis.ttl(name) <= rig.store.redis.ttl(rig.store.booking_key("uc", "U-1"))
+
+
+# Review (retention, two bookings): the link's id is the address's (one per address at a
+# clinic), and every email to that address set its expiry to its own booking's keep_until,
+# though an earlier email of a later-kept booking carries the same link. A patient booked
+# for a visit months ahead (its confirmation sent, its next emails still to come) and for a
+# visit now: the near visit's email cut the link short, and a click on the far booking's
+# link once the near one was done answered 404 "This link is not valid" while the far
+# booking went on emailing. Real Redis (the key expiring on Redis's clock, the retention
+# shortened), the real send path and SMTP server, the real API.
+def test_a_nearer_booking_of_the_same_address_does_not_cut_the_link_short(rig, redis_server):
+    import time
+
+    import httpx
+
+    from tests.api.conftest import ApiServer
+
+    retention = 2.0
+    rig.store = Store(rig.store.redis, "unsub", retention_days=retention / 86400)
+    rig.ctx = replace(rig.ctx, store=rig.store)
+    rig.book()  # the far visit: two days ahead, its emails kept until then, and after
+    assert rig.send("care:email") == "sent"
+    (far,) = rig.smtp.snapshot()
+    link = far.raw["List-Unsubscribe"][1:-1]
+    # A visit in seconds, same address: both its steps already late, sent now; its keys
+    # kept `retention` after its visit.
+    rig.book(booking_id="U-2", ahead=timedelta(seconds=10))
+    assert rig.send("care:email", booking_id="U-2") == "sent"
+    assert rig.send("plain:email", booking_id="U-2") == "sent"
+    mails = rig.smtp.snapshot()
+    assert len(mails) == 3 and {m.raw["List-Unsubscribe"][1:-1] for m in mails} == {link}
+    near = rig.store.booking_key("uc", "U-2")
+    far = rig.store.booking_key("uc", "U-1")
+    keep = int(rig.store.redis.hget(near, "keep_until"))
+    time.sleep(max(0.0, keep + 1.5 - time.time()))  # the near visit's keys are gone
+    assert rig.store.redis.exists(near) == 0 and rig.store.redis.ttl(far) > 86400
+    assert rig.store.record("uc/U-1/plain:email")["status"] == "scheduled"  # still to come
+    settings = rig.settings.model_copy(update={"key_prefix": "unsub"})
+    api = ApiServer(settings, redis_server.url).start()
+    try:
+        with httpx.Client(timeout=30) as http:
+            page = http.get(api.url + link.removeprefix(PUBLIC))
+            done = http.post(api.url + link.removeprefix(PUBLIC),
+                             data={"List-Unsubscribe": "One-Click"})
+    finally:
+        api.stop()
+    assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
+    assert done.status_code == 200 and "You are unsubscribed" in done.text, done.text
+    assert rig.store.opted_out("uc", "email", "ana@example.com")
+    plain = rig.store.record("uc/U-1/plain:email")
+    assert plain["status"] == "skipped" and plain["reason"].startswith(
+        "opted_out: the patient unsubscribed from email at "), plain
+    assert len(rig.smtp.snapshot()) == 3  # nothing more to the patient who unsubscribed
+    # Still no longer than the longest-kept booking that emailed it.
+    (name,) = list(rig.store.redis.scan_iter("unsub:unsub:*"))
+    assert 0 < rig.store.redis.ttl(name) <= rig.store.redis.ttl(far)
