@@ -19,7 +19,7 @@ Layout 2. Keys, all under the configured prefix P:
   P:unsub:<clinic>/<link>  STR   "<channel>:<address>" behind one unsubscribe link id
                                  (written by each email's send to that address; expires
                                  `retention` after the last one, each address on its own,
-                                 but not before the keys of the booking that sent it)
+                                 but not before the keys of a booking that sent it)
   P:secret:<name>          STR   a server secret shared by every process (worker/secrets.py)
   P:once:help:<clinic>:<contact> STR the one help answer to an unknown text in 24 h
   P:inbound:<clinic>/<sid> STR   an inbound text acted on (its provider's MessageSid): sent
@@ -1088,12 +1088,21 @@ local why = false
 if optfield ~= '' then why = redis.call('HGET', optkey, optfield) end
 -- The link lives `retention` after this email, and at least as long as the booking it comes
 -- from (its keys expire at `keep_until`, `retention` after its last reminder): a booking
--- months ahead emails again long after, and a click on this link meanwhile must work.
+-- months ahead emails again long after, and a click on this link meanwhile must work. Never
+-- shortened: the link is the address's, and an earlier email of another booking to it, kept
+-- longer (a visit months ahead, this one's now), carries the same link.
 if unsub_key then
   local t = redis.call('TIME')
-  local at = tonumber(t[1]) + 1 + tonumber(unsub_ttl)
+  local now = tonumber(t[1])
+  local at = now + 1 + tonumber(unsub_ttl)
   local keep = tonumber(redis.call('HGET', bkey, 'keep_until') or '')
   if keep and keep > at then at = math.ceil(keep) end
+  local left = redis.call('PTTL', unsub_key)
+  if left > 0 then
+    -- (Its EXAT is whole seconds: rounded, not ceiled, so as not to creep up a second.)
+    local set = math.floor(now + tonumber(t[2]) / 1000000 + left / 1000 + 0.5)
+    if set > at then at = set end
+  end
   redis.call('SET', unsub_key, unsub_value, 'EXAT', at)
 end
 return {out, why}
