@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -368,6 +369,57 @@ def test_a_replayed_text_is_not_acted_on_again(server, tw):
     after = [(e.type, e.fields.get("reply")) for e in events(server)]
     assert Counter(after) - Counter(told) == Counter({("patient.replied", "confirm"): 1})
     assert not Counter(told) - Counter(after)
+
+
+def retention_passes(server) -> None:
+    """`REMINDERS_RETENTION_DAYS` (and a second) go by, as far as Redis's expiries go: every
+    key of the server's whose TTL ends by then expires, as Redis would expire it; a key
+    without a TTL, or with a longer one, is kept, as it would be."""
+    redis = server.app.state.services.redis
+    ends = server.settings.retention_days * 86_400_000 + 1000
+    for key in redis.scan_iter(f"{server.settings.key_prefix}:*"):
+        if 0 < redis.pttl(key) <= ends:
+            redis.pexpire(key, 1)
+    time.sleep(0.05)
+
+
+# Review (consent): the MessageSid guard was kept `retention` only, and the opt-out it
+# protects is kept until the patient opts in again. A patient texts START, months later
+# STOP; the START's signed request (in a proxy's log, or retried late) sent again then
+# opted them back in: their SMS went back into the schedule after their STOP, and "texts
+# are back on" was the last word they got. An old STOP sent again after a later START
+# stopped their care reminders likewise. Real HTTP, real Redis, the guard expiring by its
+# own TTL.
+def test_an_old_consent_text_replayed_after_the_retention_changes_nothing(server, tw):
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    start, stop, start_again = "SM" + "5" * 32, "SM" + "6" * 32, "SM" + "7" * 32
+    assert message_of(text(server, "STOP", sid="SM" + "4" * 32))
+    assert "back on" in message_of(text(server, "START", sid=start)).lower()
+    retention_passes(server)  # the START's guard is gone by now, if it expires
+    assert message_of(text(server, "STOP", sid=stop))
+    stopped = reminders(tw, "A-1")
+    assert any(r["channel"] == "sms" and r["status"] == "skipped" for r in stopped.values())
+    told = [(e.type, e.fields.get("reply")) for e in events(server)]
+
+    retention_passes(server)
+    assert message_of(text(server, "START", sid=start)) is None  # the old START again
+    assert store.opted_out("tw", "sms", ANA), "an old START opted the number back in"
+    assert reminders(tw, "A-1") == stopped
+    due = store.redis.zrange(store.due_key, 0, -1)
+    assert not [ref for ref in due if ref.startswith("tw/A-1/") and ref.endswith(":sms")]
+    assert [(e.type, e.fields.get("reply")) for e in events(server)] == told
+
+    # The other way: the patient's START, then the old STOP again.
+    assert message_of(text(server, "START", sid=start_again))
+    back = reminders(tw, "A-1")
+    assert any(r["channel"] == "sms" and r["status"] == "scheduled" for r in back.values())
+    retention_passes(server)
+    assert message_of(text(server, "STOP", sid=stop)) is None
+    assert store.opted_out("tw", "sms", ANA) is None, "an old STOP opted the number out"
+    assert reminders(tw, "A-1") == back
+    # What is kept names no phone number.
+    assert not [k for k in store.redis.scan_iter("*") if ANA in k or ANA[1:] in k]
 
 
 def test_a_clinic_without_a_token_refuses_unless_it_allows_unsigned(server):
