@@ -422,6 +422,22 @@ def test_an_old_consent_text_replayed_after_the_retention_changes_nothing(server
     assert not [k for k in store.redis.scan_iter("*") if ANA in k or ANA[1:] in k]
 
 
+def test_a_numbers_consent_texts_are_kept_without_expiry_and_bounded(server):
+    """Kept as long as the opt-out (no expiry), the last CONSENT_SIDS_MAX of a number only:
+    memory stays bounded however often one number texts STOP and START."""
+    store = server.app.state.services.store
+    most = store.CONSENT_SIDS_MAX
+    sids = [f"SM{n:032x}" for n in range(most + 5)]
+    for sid in sids:
+        store.took_inbound("tw", sid, ANA)
+    key = store.consent_sids_key("tw", ANA)
+    assert store.redis.zcard(key) == most and store.redis.ttl(key) == -1
+    assert all(store.inbound_taken("tw", sid, ANA) for sid in sids[5:])
+    assert not any(store.inbound_taken("tw", sid, ANA) for sid in sids[:5])
+    assert not store.inbound_taken("tw", sids[-1], EVA)  # another number's record
+    assert not store.inbound_taken("tw", sids[-1])  # not in the texts kept `retention`
+
+
 def test_a_clinic_without_a_token_refuses_unless_it_allows_unsigned(server):
     refused(text(server, "STOP", clinic="plain", sign=False), 403)
     assert message_of(text(server, "HELP", clinic="dev", sign=False))

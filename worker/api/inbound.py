@@ -51,8 +51,14 @@ recorded). Events carry ids and the kind of reply only: never the text or the nu
 Each text is acted on once, by its `MessageSid`: the signature has no timestamp, so a
 signed request sent again as it is (captured and replayed, or retried by the provider)
 would otherwise act again, and an old START replayed after the patient's later STOP would
-put their texts back. The same MessageSid again (kept `retention`, REMINDERS_RETENTION_DAYS)
-is answered with no message and changes nothing. A request whose handling failed (Redis
+put their texts back. The same MessageSid again is answered with no message and changes
+nothing. A text's MessageSid is kept `retention` (REMINDERS_RETENTION_DAYS), but a STOP's or
+START's as long as the opt-out it could change, which has no expiry: in the number's own
+record of its last 100 STOP and START texts (worker/store.py `took_inbound`), so an old
+START replayed after a later STOP never opts the patient back in, however late. An old
+STOP replayed after a later START does not opt them out either: a replay is not the
+patient's word (a new STOP has a MessageSid of its own and always acts), and it would stop
+the care reminders the patient asked to get back. A request whose handling failed (Redis
 down or refusing writes: 503) is acted on when the provider sends it again.
 """
 
@@ -322,12 +328,17 @@ def handle_once(svc: Services, clinic: Clinic, phone: str, body: str, sid: str |
     if sid is None or not _SID.fullmatch(sid):
         return handle(svc, clinic, phone, body)
     store = svc.store
-    if store.inbound_taken(clinic.id, sid):
+    # A STOP or START is kept as long as the opt-out it could change (no expiry), in the
+    # number's own record: an old START sent again after the patient's later STOP, however
+    # much later, must not opt them back in, nor an old STOP opt out a patient who said
+    # START since (worker/store.py `took_inbound`).
+    consent_of = phone if classify(body) in ("stop", "start") else None
+    if store.inbound_taken(clinic.id, sid, consent_of):
         log.info("inbound SMS for clinic %s: a text already acted on (the same MessageSid "
                  "again): not acted on again", clinic.id)
         return "replayed", None
     done = handle(svc, clinic, phone, body)
-    store.took_inbound(clinic.id, sid)
+    store.took_inbound(clinic.id, sid, consent_of)
     return done
 
 
