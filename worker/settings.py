@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_SECRET_CHARS = 32
 # .env.example's commented-out example of a secret: refused like a short one.
 SECRET_PLACEHOLDER = "paste-the-output-of-secrets.token_urlsafe-32-here"
+# The shortest retention: the weekly SMS cap counts a patient's SMS from their bookings'
+# records, kept `retention` after each booking's last reminder; it must see every SMS of
+# the 7 days around a new one, and a day more for the patient's zone (worker/store.py
+# CAPS_REACH). Shorter, a patient's next booking is capped without the SMS of the week.
+MIN_RETENTION_DAYS = 8
 
 
 class Settings(BaseSettings):
@@ -77,8 +83,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(20.0, ge=0)
 
     # Retention: a booking's keys, attempt logs and ledger entries expire this many days
-    # after its last reminder; a dead letter is kept until it is replayed or purged.
-    retention_days: float = Field(90, ge=1)
+    # after its last reminder; a dead letter is kept until it is replayed or purged. At
+    # least MIN_RETENTION_DAYS (the weekly SMS cap reads these records).
+    retention_days: float = 90
 
     # HTTP API (worker/api/): where it listens (port 0: `reminders run` picks a free one),
     # each key's request rate (token bucket in Redis: sustained rate, burst), and the
@@ -119,6 +126,20 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a log level; expected one of "
                              f"{', '.join(LOG_LEVELS)} (any case)")
         return level
+
+    @field_validator("retention_days")
+    @classmethod
+    def _retention_covers_the_sms_week(cls, value: float) -> float:
+        # Not `ge`: the refusal says why. NaN and infinity are no number of days.
+        if not math.isfinite(value):
+            raise ValueError("REMINDERS_RETENTION_DAYS must be a finite number of days")
+        if value < MIN_RETENTION_DAYS:
+            raise ValueError(
+                f"REMINDERS_RETENTION_DAYS must be at least {MIN_RETENTION_DAYS} (days): the "
+                "weekly SMS cap counts a patient's SMS from their bookings' records, kept this "
+                "long after each booking's last reminder, and must see the 7 days around each "
+                "SMS and a day for the patient's time zone")
+        return value
 
     @field_validator("unsubscribe_secret")
     @classmethod
