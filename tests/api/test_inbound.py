@@ -422,6 +422,23 @@ def test_an_old_consent_text_replayed_after_the_retention_changes_nothing(server
     assert not [k for k in store.redis.scan_iter("*") if ANA in k or ANA[1:] in k]
 
 
+# Review (replies): a confirm's MessageSid was kept `retention` only, but what it acts on is
+# the number's next visit as found when it comes. Sent again after that (a proxy's log, a
+# late retry), an old "C" confirmed the patient's next visit, one they never confirmed, and
+# the clinic was told so ("confirm"): a visit nobody calls about.
+def test_an_old_confirm_replayed_after_the_retention_confirms_no_later_visit(server, tw):
+    book(tw, "A-1", days=10)
+    assert "confirmed" in message_of(text(server, "C", sid="SM" + "8" * 32))
+    assert tw.delete("/v1/bookings/A-1").status_code in (200, 204)
+    retention_passes(server)  # months later: a new visit
+    book(tw, "A-2", days=20)
+    told = [(e.type, e.fields.get("booking_id"), e.fields.get("reply")) for e in events(server)]
+    assert message_of(text(server, "C", sid="SM" + "8" * 32)) is None
+    assert "confirmed_at" not in tw.get("/v1/bookings/A-2").json()
+    assert [(e.type, e.fields.get("booking_id"), e.fields.get("reply"))
+            for e in events(server)] == told
+
+
 def test_a_numbers_consent_texts_are_kept_without_expiry_and_bounded(server):
     """Kept as long as the opt-out (no expiry), the last CONSENT_SIDS_MAX of a number only:
     memory stays bounded however often one number texts STOP and START."""
