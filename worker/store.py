@@ -25,9 +25,9 @@ Layout 2. Keys, all under the configured prefix P:
   P:inbound:<clinic>/<sid> STR   an inbound text acted on (its provider's MessageSid): sent
                                  again (a replay), it is not acted on again; kept
                                  `retention` (worker/api/inbound.py)
-  P:insid:<clinic>/<contact> ZSET MessageSid -> when: the number's STOP and START texts
-                                 acted on, as P:inbound but kept as long as the opt-outs
-                                 they could change (no expiry), the last 100 of a number
+  P:insid:<clinic>/<contact> ZSET MessageSid -> when: the number's STOP, START, confirm
+                                 and reschedule texts acted on, as P:inbound but with no
+                                 expiry (as the opt-outs they change), the last 100 of a number
 
 A reminder ref is "<clinic>/<booking_id>/<key>" (neither id may contain "/"); a reminder
 key is "<step>[#<occurrence>]:<channel>". The ZSETs hold these public refs.
@@ -4289,36 +4289,38 @@ class Store:
     def inbound_key(self, clinic: str, sid: str) -> str:
         return f"{self.prefix}:inbound:{clinic}/{sid}"
 
-    # The latest STOP and START texts of one number whose MessageSids are kept (`took_inbound`).
+    # The latest texts of one number whose MessageSids are kept with no expiry (`took_inbound`).
     CONSENT_SIDS_MAX = 100
 
     def consent_sids_key(self, clinic: str, phone: str) -> str:
-        """ZSET MessageSid -> when acted on: the number's STOP and START texts at `clinic`
-        (named by its contact id: no phone number in a key name)."""
+        """ZSET MessageSid -> when acted on: the number's STOP, START, confirm and reschedule
+        texts at `clinic` (named by its contact id: no phone number in a key name)."""
         return (f"{self.prefix}:insid:{clinic}/"
                 f"{self.contact_id('phone', normal_contact('sms', phone))}")
 
-    def inbound_taken(self, clinic: str, sid: str, consent_of: str | None = None) -> bool:
+    def inbound_taken(self, clinic: str, sid: str, number: str | None = None) -> bool:
         """Whether the inbound text `sid` (its provider's MessageSid) was acted on before;
-        `consent_of`: the number of a STOP or START, whose own record is read too."""
-        if consent_of is None:
+        `number`: the sender of a text kept with no expiry, whose record is read too."""
+        if number is None:
             return bool(self.redis.exists(self.inbound_key(clinic, sid)))
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(self.inbound_key(clinic, sid))
-        pipe.zscore(self.consent_sids_key(clinic, consent_of), sid)
+        pipe.zscore(self.consent_sids_key(clinic, number), sid)
         taken, score = pipe.execute()
         return bool(taken) or score is not None
 
-    def took_inbound(self, clinic: str, sid: str, consent_of: str | None = None) -> None:
-        """Note the inbound text `sid` as acted on: for `retention`, or, a STOP or START
-        (`consent_of`: its number), as long as the opt-out it could undo is kept, which is
-        with no expiry: in the number's record of its last CONSENT_SIDS_MAX such texts (an
-        old START sent again after the patient's later STOP must never opt them in)."""
-        if consent_of is None:
+    def took_inbound(self, clinic: str, sid: str, number: str | None = None) -> None:
+        """Note the inbound text `sid` as acted on: for `retention`, or, with `number` (its
+        sender: a STOP, START, confirm or reschedule, which acts on what it finds when it
+        comes), with no expiry, as long as the opt-out it could undo is kept: in the
+        number's record of its last CONSENT_SIDS_MAX such texts (an old START sent again
+        after the patient's later STOP must never opt them in, an old confirm never confirm
+        a later visit)."""
+        if number is None:
             self.redis.set(self.inbound_key(clinic, sid), "1",
                            ex=max(1, math.ceil(self.retention_seconds)))
             return
-        key = self.consent_sids_key(clinic, consent_of)
+        key = self.consent_sids_key(clinic, number)
         pipe = self.redis.pipeline(transaction=True)
         pipe.zadd(key, {sid: time.time()})
         pipe.zremrangebyrank(key, 0, -self.CONSENT_SIDS_MAX - 1)

@@ -52,10 +52,12 @@ Each text is acted on once, by its `MessageSid`: the signature has no timestamp,
 signed request sent again as it is (captured and replayed, or retried by the provider)
 would otherwise act again, and an old START replayed after the patient's later STOP would
 put their texts back. The same MessageSid again is answered with no message and changes
-nothing. A text's MessageSid is kept `retention` (REMINDERS_RETENTION_DAYS), but a STOP's or
-START's as long as the opt-out it could change, which has no expiry: in the number's own
-record of its last 100 STOP and START texts (worker/store.py `took_inbound`), so an old
-START replayed after a later STOP never opts the patient back in, however late. An old
+nothing. A text's MessageSid is kept `retention` (REMINDERS_RETENTION_DAYS), but a STOP's,
+START's, confirm's or reschedule's with no expiry (what it changes is found when it comes:
+the opt-out, which has no expiry; the number's next visit): in the number's own record of
+its last 100 such texts (worker/store.py `took_inbound`), so an old START replayed after a
+later STOP never opts the patient back in, however late, nor an old "C" confirms a later
+visit. An old
 STOP replayed after a later START does not opt them out either: a replay is not the
 patient's word (a new STOP has a MessageSid of its own and always acts), and it would stop
 the care reminders the patient asked to get back. A request whose handling failed (Redis
@@ -100,6 +102,9 @@ router = APIRouter(tags=["patients"])
 MAX_BODY_BYTES = 16_384
 UNKNOWN_REPLY_SECONDS = 86_400  # one help answer per number and clinic in this time
 _SID = re.compile(r"[A-Za-z0-9]{2,64}")  # Twilio's: "SM" + 32 hex digits
+# The texts whose MessageSid is kept with no expiry (`handle_once`): each acts on the
+# number's state as found when it comes, so one sent again however late would act again.
+KEPT_FOR_GOOD = ("stop", "start", "confirm", "reschedule", "change")
 FORM = "application/x-www-form-urlencoded"
 TWIML = "application/xml"
 
@@ -328,17 +333,18 @@ def handle_once(svc: Services, clinic: Clinic, phone: str, body: str, sid: str |
     if sid is None or not _SID.fullmatch(sid):
         return handle(svc, clinic, phone, body)
     store = svc.store
-    # A STOP or START is kept as long as the opt-out it could change (no expiry), in the
-    # number's own record: an old START sent again after the patient's later STOP, however
-    # much later, must not opt them back in, nor an old STOP opt out a patient who said
-    # START since (worker/store.py `took_inbound`).
-    consent_of = phone if classify(body) in ("stop", "start") else None
-    if store.inbound_taken(clinic.id, sid, consent_of):
+    # A text that acts on the number's state as found when it comes (STOP, START, confirm,
+    # reschedule) is kept with no expiry, in the number's own record: an old START sent
+    # again after the patient's later STOP, however much later, must not opt them back in,
+    # nor an old STOP opt out a patient who said START since, nor an old "C" confirm a
+    # later visit (worker/store.py `took_inbound`).
+    number = phone if classify(body) in KEPT_FOR_GOOD else None
+    if store.inbound_taken(clinic.id, sid, number):
         log.info("inbound SMS for clinic %s: a text already acted on (the same MessageSid "
                  "again): not acted on again", clinic.id)
         return "replayed", None
     done = handle(svc, clinic, phone, body)
-    store.took_inbound(clinic.id, sid, consent_of)
+    store.took_inbound(clinic.id, sid, number)
     return done
 
 
