@@ -23,6 +23,7 @@ from tests.conftest import ROOT
 from tests.e2e.conftest import QUICK_PROTOCOL
 from tests.sinks import HttpSink, SmtpSink
 from worker.catalog import Catalog
+from worker.clock import RedisClock
 from worker.dispatch import Context, send_claimed
 from worker.models import parse_booking
 from worker.planner import plan
@@ -73,6 +74,15 @@ class _Fixed(datetime):
     @classmethod
     def now(cls, tz=None):  # type: ignore[override]
         return Clock.at.astimezone(tz) if tz is not None else Clock.at.replace(tzinfo=None)
+
+
+def on_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the send path at `Clock.at`: the host's clock (worker.dispatch.datetime: send
+    windows, patient-local days) and Redis's as the send path reads it (dispatch `CLOCK`,
+    never measured here: it reads its host clock, `Clock.at`; a retry's backoff counts
+    from it)."""
+    monkeypatch.setattr("worker.dispatch.datetime", _Fixed)
+    monkeypatch.setattr("worker.dispatch.CLOCK", RedisClock(lambda: Clock.at.timestamp()))
 
 
 @pytest.fixture
@@ -167,7 +177,7 @@ sms = "json://127.0.0.1:{sms.port}/sms?:to={{to}}"
 
 @pytest.fixture
 def rig(tmp_path, redis_client, sinks, monkeypatch) -> Rig:
-    monkeypatch.setattr("worker.dispatch.datetime", _Fixed)
+    on_the_clock(monkeypatch)
     return Rig(tmp_path / "config", redis_client, *sinks)
 
 

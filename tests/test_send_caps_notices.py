@@ -18,7 +18,7 @@ import pytest
 
 import tests.test_send_caps as caps
 from tests.sinks import HttpSink, SmtpSink
-from tests.test_send_caps import TZ, Rig, _Fixed
+from tests.test_send_caps import TZ, Rig, on_the_clock
 from worker.models import parse_booking
 from worker.planner import plan
 
@@ -60,7 +60,7 @@ retinoid_pause_min_days = 5
 def rig(tmp_path, redis_client, monkeypatch) -> Iterator[Rig]:
     monkeypatch.setitem(caps.PROTOCOLS, "pre", PRE)
     monkeypatch.setitem(caps.PROTOCOLS, "pause", PAUSE)
-    monkeypatch.setattr("worker.dispatch.datetime", _Fixed)
+    on_the_clock(monkeypatch)
     smtp, sms = SmtpSink().start(), HttpSink().start()
     yield Rig(tmp_path / "config", redis_client, smtp, sms)
     smtp.stop()

@@ -15,8 +15,9 @@ every one back as "not started in time".
 The skew is shown as `reminders_clock_skew_seconds` (this host's clock minus Redis's,
 worker/metrics.py), and a skew beyond SKEW_WARN_SECONDS is logged as a WARNING (again
 every SKEW_WARN_EVERY_SECONDS while it lasts): the rest of the service (send windows,
-timelines, a reminder's backoff, webhook signatures) reads the host's clock, so hosts must
-still be NTP-synced.
+timelines, webhook signatures) reads the host's clock, so hosts must still be NTP-synced. (A
+reminder's and a clinic event's retry backoff count from Redis's clock; a reminder's retry
+landing outside its send window waits for the opening as the host's clock reads it.)
 """
 
 from __future__ import annotations

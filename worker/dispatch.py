@@ -143,8 +143,9 @@ from .store import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Redis's clock as this process sees it: start-by deadlines and the senders' registrations
-# are instants on it. (`time.time` looked up at each call: this module's clock.)
+# Redis's clock as this process sees it: start-by deadlines, the senders' registrations and
+# every due instant a send writes back relative to now (a retry's backoff, a hand-back) are
+# instants on it. (`time.time` looked up at each call: this module's clock.)
 CLOCK = RedisClock(lambda: time.time())
 Place = tuple[SendWindow, ZoneInfo]  # a booking's send window and the patient's timezone
 
@@ -866,7 +867,9 @@ def _failed(
 ) -> str:
     settings, store = ctx.settings, ctx.store
     entry = entry | {"error": exc.reason, "seconds": round(time.monotonic() - started, 3)}
-    now = datetime.now(UTC)
+    # A retry is due on Redis's clock (as this process reads it, `CLOCK`): the pump claims by
+    # it, so a host whose clock is off neither skips the backoff nor stretches it.
+    now = CLOCK.now_utc()
     if exc.unknown and number < settings.max_attempts:
         result = durably(
             lambda: store.finish_unknown(ref, attempt, exc.reason, entry), deadline, ref
@@ -894,6 +897,7 @@ def _failed(
     )
     retry_at = now + timedelta(seconds=delay)
     if place is not None:  # a retry waits for the patient's send window like any other send
+        # (the window is the host's clock, NTP-synced; the instant it is given is Redis's)
         retry_at = next_opening(retry_at, *place)
     done: list[str] = []
 

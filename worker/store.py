@@ -839,6 +839,9 @@ local prefix, clinic, booking_id, margin = ARGV[10], ARGV[11], ARGV[12], tonumbe
 local sent_at, sent_planned, sent_template, key = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
 local hooks = ARGV[18]  -- the events the clinic takes (worker/webhooks.py)
 local now = redis_now()
+-- No time given: now on Redis's clock, the one the pump claims by (an unknown outcome's
+-- "not before", a hand-back's "due now"), never the finishing host's.
+if score == '' then score = tostring(now) end
 local r, a = load(bkey, key)
 local owner = redis.call('GET', lkey) == token
 if not r then
@@ -3746,7 +3749,8 @@ class Store:
 
         outcome: sent | retry | unknown | failed | defer | skip | abandon (the attempt found
         itself overtaken before sending). `at`: when to try again (retry, defer; unknown:
-        not before the ledger expires). `entry`: the attempt log line. `fields`: reason,
+        not before the ledger expires); by default now on Redis's clock (the script's TIME,
+        the pump's), never this host's. `entry`: the attempt log line. `fields`: reason,
         last_error, sent_at (ISO 8601). `capped`: the SMS cap's decision at send time, made
         from what `send_caps_read` read: "caps changed" (nothing written) when any of it
         changed since.
@@ -3765,7 +3769,7 @@ class Store:
             attempt.version,
             attempt.claim,
             outcome,
-            _num((at or datetime.now(UTC)).timestamp()),
+            "" if at is None else _num(at.timestamp()),  # '': Redis's now (_FINISH)
             self.retention_seconds,
             json.dumps(line, separators=(",", ":")),
             ATTEMPT_LOG_MAX,
