@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,12 @@ from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_BOOKING = json.loads((ROOT / "examples" / "booking.json").read_text(encoding="utf-8"))
+
+# A suite started in the background from a script (`make test &`: SIGINT ignored) hands
+# the ignored Ctrl-C to every process it starts, and the tests of Ctrl-C would find the
+# `reminders` commands deaf to it. Python's own default, as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +60,10 @@ def redis_client(redis_server):
     client.flushdb()
     yield client
     client.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the slowest modules first and spread evenly (tests/schedule.py)."""
+    from tests.schedule import load_durations, order, workers_from_env
+
+    items[:] = order(items, workers_from_env(), load_durations())
