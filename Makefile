@@ -21,12 +21,13 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/reminders run
 
-# Three test processes: most of the suite waits on real servers, workers and timers, so
-# idle processes take the next test (worksteal). On CI's bare 2-core machine the run takes
-# about 16 minutes (981 s in the last CI run; its limit is 20 minutes with the installs):
-# the slowest 30 tests are listed at the end, to see where the time goes.
+# Four test processes on CI's 2 cores: much of the suite waits on real servers, workers and
+# timers. Idle processes take the next test (worksteal), and the slowest test modules go
+# first, spread evenly over the processes (tests/schedule.py, from tests/durations.json:
+# `make test PYTEST_ARGS=--durations=0 | .venv/bin/python -m tests.schedule` writes it). CI's
+# limit is 20 minutes with the installs; the slowest 30 tests are listed at the end.
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n 3 --dist worksteal --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 4 --dist worksteal --durations=30 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check worker tests benchmarks
