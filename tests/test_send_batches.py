@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace as dc_replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,8 +28,9 @@ import redis
 from tests.conftest import ROOT
 from tests.test_send_races import PROTOCOL
 from worker.catalog import Catalog
+from worker.connections import WORKER, from_url
 from worker.dispatch import Context, Lanes, Watchdog, attempt, hand_over
-from worker.embedded import free_port
+from worker.embedded import RedisServer, free_port
 from worker.models import parse_booking
 from worker.planner import plan
 from worker.pump import (
@@ -1148,6 +1150,131 @@ def test_a_batch_delivered_again_past_its_start_by_leaves_the_first_copy_its_rem
     assert again == []  # still the first copy's: nothing to claim
     assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]  # sent now, once
     s = rig.state(prep(1))
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"]) == (None, None), s
+    assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
+
+
+# --- Redis down longer than the client's own retries, shorter than the lease ----------------
+
+# The worker's Redis profile (worker/connections.py) with a retry budget of about a second
+# instead of ~45 s: an outage that outlasts the client's retries is then a few seconds long.
+SHORT_RETRIES = dc_replace(WORKER, retries=4, backoff_base=0.05, backoff_cap=0.3,
+                           connect_timeout=1, socket_timeout=3)
+OUTAGE_LEASE = 120  # seconds: "a lease late" is unmistakable
+BACK_WITHIN = 5.0  # seconds after Redis's return by which the reminder must have gone
+
+
+class Outage:
+    """A redis-server of the test's own (AOF on: stopped and started again with its data),
+    a rig on it through SHORT_RETRIES (claims leased OUTAGE_LEASE, begun within a second of
+    their claim), and pump runs as beat's ticks make them (`tick`), handing their batches to
+    the rig's senders as a send task does."""
+
+    def __init__(self, tmp_path: Path, gateway: Gateway) -> None:
+        self.server = RedisServer(tmp_path / "redis").start()
+        self.client = from_url(self.server.url, SHORT_RETRIES)
+        self.rig = Rig(tmp_path, self.client, gateway, lease_seconds=OUTAGE_LEASE,
+                       send_max_wait_seconds=1.0)
+        self._ticking = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def claim(self, ref: str) -> Claim:
+        self.client.zadd(self.rig.store.due_key, {ref: 0})
+        (claim,) = self.rig.store.claim_due(10, OUTAGE_LEASE)
+        assert claim.ref == ref
+        return claim
+
+    def publish(self, channel: str, claims: Any, claimed_at: float) -> None:
+        hand_over(self.rig.ctx, self.rig.lanes, channel,  # type: ignore[arg-type]
+                  [[c.ref, c.version, c.claim] for c in claims], claimed_at)
+
+    def tick(self) -> None:
+        """Run the pump every 0.3 s from now on, as beat's ticks would."""
+        def run() -> None:
+            while not self._ticking.wait(0.3):
+                try:
+                    pump(self.rig.store, self.publish,
+                         capacity=capacity(lease_seconds=OUTAGE_LEASE), claim_round=100)
+                except redis.RedisError:
+                    pass  # the next tick tries again
+        self._ticker = threading.Thread(target=run, daemon=True)
+        self._ticker.start()
+
+    def close(self) -> None:
+        self._ticking.set()
+        if self._ticker is not None:
+            self._ticker.join(10)
+        if self.server.process is None or self.server.process.poll() is not None:
+            self.server.start()
+        self.rig.gateway.release()
+        self.rig.drain()
+        self.client.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def outage(tmp_path, gateway) -> Iterator[Outage]:
+    o = Outage(tmp_path, gateway)
+    yield o
+    o.close()
+
+
+def _parked(rig: Rig, method: str) -> tuple[threading.Event, threading.Event]:
+    """Hold the first call of `rig.store.<method>` until released (then it runs as ever)."""
+    parked, release = threading.Event(), threading.Event()
+    real = getattr(Store, method)
+
+    def held(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if not parked.is_set():
+            parked.set()
+            assert release.wait(30)
+        return real(self, *args, **kwargs)
+
+    setattr(rig.store, method, held.__get__(rig.store))
+    return parked, release
+
+
+def _begin_cut_off_by_an_outage(outage: Outage, ref: str) -> Claim:
+    """Hand `ref`'s claim to the senders; stop Redis while its begin is parked; let the
+    begin meet the outage past the client's retries and the claim's start-by."""
+    rig = outage.rig
+    claim = outage.claim(ref)
+    parked, release = _parked(rig, "begin_send")
+    rig.hand([claim])
+    assert parked.wait(10)
+    outage.server.stop()  # SIGTERM: the AOF is flushed, the claim kept
+    release.set()
+    wait_for(lambda: not rig.lanes._futures, timeout=20)  # the attempt gave up
+    return claim
+
+
+def test_a_claim_whose_begin_outlasts_the_clients_retries_goes_once_redis_is_back(outage):
+    """Redis is down (stopped, then started again with its data) for longer than the Redis
+    client's own retries (~45 s with the worker's profile) but far shorter than the lease,
+    while a send batch's claim is about to begin: the begin gives up, nothing has begun.
+    The reminder must go within seconds of Redis's return. It stayed `sending`, claimed,
+    until its lease ran out (300 s by default): every reminder handed out during a one-
+    minute outage went ~5 minutes late though everything was up again (review)."""
+    rig = outage.rig
+    rig.book(rig.doc(1))
+    _begin_cut_off_by_an_outage(outage, prep(1))
+    time.sleep(1.0)  # down a little longer
+    outage.server.start()
+    back = time.monotonic()
+    outage.tick()
+    deadline = back + 15
+    while not rig.gateway.to(phone(1)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    took = time.monotonic() - back
+    assert rig.gateway.to(phone(1)), (
+        f"not sent {took:.0f} s after Redis came back (its lease is {OUTAGE_LEASE} s): "
+        f"{rig.state(prep(1))}")
+    assert took < BACK_WITHIN, f"sent {took:.1f} s after Redis came back"
+    wait_for(lambda: settled(rig, prep(1)))
+    time.sleep(1.0)  # a few more ticks: nothing goes twice
+    s = rig.state(prep(1))
+    assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]
     assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
     assert (s["due"], s["lease"]) == (None, None), s
     assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
