@@ -1278,3 +1278,60 @@ def test_a_claim_whose_begin_outlasts_the_clients_retries_goes_once_redis_is_bac
     assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
     assert (s["due"], s["lease"]) == (None, None), s
     assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
+
+
+@pytest.mark.parametrize("first", ["cancel", "another copy begun", "claimed again and begun"])
+def test_the_hand_back_after_the_outage_loses_to_what_came_first(outage, first):
+    """The claim the outage cut off is handed back once Redis answers, fenced by its claim:
+    parked at that hand-back, a cancel, another copy of the same claim's task that began,
+    or the pump's claim again (its lease ran out) that began, each applied meanwhile, wins:
+    nothing is sent after the cancel, and the attempt at work sends once, now, unhindered."""
+    rig = outage.rig
+    rig.book(rig.doc(1))
+    returned: list[bool] = []
+    real_requeue = Store.requeue
+    parked_back, release_back = threading.Event(), threading.Event()
+
+    def parked_requeue(self: Store, *args: Any, **kwargs: Any) -> bool:
+        if not parked_back.is_set():  # the first: the owed hand-back
+            parked_back.set()
+            assert release_back.wait(30)
+            returned.append(real_requeue(self, *args, **kwargs))
+            return returned[-1]
+        return real_requeue(self, *args, **kwargs)
+
+    rig.store.requeue = parked_requeue.__get__(rig.store)  # type: ignore[method-assign]
+    claim = _begin_cut_off_by_an_outage(outage, prep(1))
+    assert parked_back.wait(10)  # the hand-back, tried while Redis is down, is parked
+    outage.server.start()
+    try:
+        if first == "cancel":
+            rig.store.cancel("rc", "R-1", datetime.now(UTC))
+        else:
+            if first == "claimed again and begun":
+                outage.client.zadd(rig.store.lease_key, {prep(1): 0})  # its lease ran out
+                (claim,) = rig.store.claim_due(10, OUTAGE_LEASE)
+                assert (claim.ref, claim.claim) == (prep(1), "2")
+            parked_fence, release_fence = _parked(rig, "still_owned")
+            rig.hand([claim])  # begun: its ledger held, parked before its fence
+            assert parked_fence.wait(10)
+            assert rig.state(prep(1))["ledger"] is not None
+    finally:
+        release_back.set()
+    wait_for(lambda: returned)
+    assert returned == [False]  # the hand-back lost
+    assert rig.lanes._owed == {}
+    if first != "cancel":
+        release_fence.set()
+    outage.tick()
+    wait_for(lambda: not rig.lanes._futures and settled(rig, prep(1)))
+    time.sleep(1.0)  # a few pump runs: nothing more goes
+    s = rig.state(prep(1))
+    assert (s["due"], s["lease"]) == (None, None), s
+    if first == "cancel":
+        assert s["record"]["status"] == "cancelled" and s["ledger"] is None, s
+        assert s["log"] == [] and rig.gateway.bodies == []
+    else:
+        assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]  # once, by the one at work
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]

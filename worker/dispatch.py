@@ -65,6 +65,20 @@ process's reading of Redis's clock (`CLOCK`, worker/clock.py: read when the send
 and every few seconds after), never with this host's own: a host whose clock runs
 ahead of the pump's still begins its claims.
 
+A claim Redis cut off before it began. With Redis unreachable past the client's retries
+(half a minute or more) and the claim's start-by, or refusing writes until then, the begin
+gives up: nothing was handed to a provider, and the hand-back fails too. The senders
+remember the claim
+(`Lanes.owe`) and hand it back, due now, as soon as Redis takes it (`hand_back_owed`,
+tried every OWED_RETRY_SECONDS by the senders' reporting thread, and once more at a warm
+shutdown), then nudge the pump: after a Redis restart of a minute the reminder goes within
+seconds, not once its lease runs out (5 minutes by default). The hand-back is fenced as any
+(`Store.requeue`): only while the reminder is still `sending` under that claim and no
+attempt of that claim holds the ledger, so a cancel or opt-out, a copy of the same task
+that began meanwhile (or whose begin ran but whose answer was lost), and the pump's claim
+again once the lease ran out each win over it. Kept until the claim's lease ends, then
+left to the pump. (The single-reminder task has no senders to remember it: its lease.)
+
 No attempt outlives its ledger entry. The entry lives `lease_seconds` from the attempt's
 start; a send's sockets time out long before (`lease_seconds > 2 x send_timeout_seconds +
 1`, checked by the settings), and Redis retries (`durably`) stop 4 s before it. Should a
@@ -199,7 +213,22 @@ def durably(call: Callable[[], T], deadline: float, what: str) -> T:
 def send_claimed(ctx: Context, ref: str, version: str, claim: str) -> str:
     """Send the reminder `ref` now, in this thread, if this task still owns it; return what
     happened. (The single-reminder task; batches go through `hand_over`.)"""
-    return attempt(ctx, ref, version, claim, watchdog=watchdog())
+    try:
+        return attempt(ctx, ref, version, claim, watchdog=watchdog())
+    except NotBegun as exc:  # no senders here to hand it back later: its lease brings it back
+        log.warning("send %s: not begun (%s); its lease brings it back", ref, exc.why)
+        return "not begun: Redis unreachable or refusing writes"
+
+
+class NotBegun(redis.ConnectionError):
+    """An attempt that never began (nothing was handed to a provider) whose claim Redis
+    could not take back: unreachable past the client's retries, or refusing writes. Its
+    senders hand it back as soon as Redis takes it (`Lanes.owe`), not a lease later."""
+
+    def __init__(self, ref: str, claim: str, reason: str, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__} before the attempt began")
+        self.ref, self.claim, self.reason = ref, claim, reason
+        self.why = type(cause).__name__
 
 
 @about_reminder  # every line of an attempt carries its ids (worker/logs.py)
@@ -237,7 +266,11 @@ def attempt(
             begun()
         stopping = guard is not None and guard.stopping()
         reason = STOPPING_NOT_BEGUN if stopping else NOT_STARTED
-        if store.requeue(ref, CLOCK.now_utc(), reason, claim=claim):
+        try:
+            handed = store.requeue(ref, CLOCK.now_utc(), reason, claim=claim)
+        except redis.RedisError as exc:
+            raise NotBegun(ref, claim, reason, exc) from exc
+        if handed:
             log.info("send %s: %s; handed back to the schedule", ref,
                      "the worker is stopping" if stopping else "not started in time")
             return "handed back"
@@ -263,6 +296,10 @@ def attempt(
             lambda: store.begin_send(ref, version, claim, token, settings.lease_seconds * 1000,
                                      critical=ctx.catalog.critical_steps, secret=secret),
             begin_by, f"send {ref}")
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # Unreachable past the client's retries and the claim's start-by: not begun (or
+        # begun with its answer lost: its ledger then keeps the hand-back off).
+        raise NotBegun(ref, claim, UNREACHABLE_NOT_BEGUN, exc) from exc
     except redis.ResponseError as exc:
         why = refused_write(exc)
         if why is None:
@@ -297,14 +334,13 @@ def _refused_at_begin(store: Store, ref: str, claim: str, why: str) -> str:
     Redis takes that (out of memory it does: the hand-back's script begins with a write that
     grows nothing, removing the lease, and Redis refuses only a script's first write), so
     that it goes as soon as Redis takes writes again, not once its lease runs out; else
-    (MISCONF, READONLY, NOREPLICAS refuse it too) its lease brings it back."""
+    (MISCONF, READONLY, NOREPLICAS refuse it too) `NotBegun`: its senders hand it back as
+    soon as Redis takes it."""
+    reason = REFUSED_NOT_BEGUN.format(why=why)
     try:
-        handed = store.requeue(ref, CLOCK.now_utc(), REFUSED_NOT_BEGUN.format(why=why),
-                               claim=claim)
-    except redis.RedisError:
-        log.warning("send %s: Redis refuses writes (%s); not begun, its lease brings it back",
-                    ref, why)
-        return "not begun: Redis refuses writes"
+        handed = store.requeue(ref, CLOCK.now_utc(), reason, claim=claim)
+    except redis.RedisError as exc:
+        raise NotBegun(ref, claim, reason, exc) from exc
     if handed:
         log.warning("send %s: Redis refused writes (%s) until its start-by; handed back to "
                     "the schedule", ref, why)
@@ -931,6 +967,9 @@ TOLD_IN_FLIGHT = ("a message sent before the change is still at its provider: th
                   "waits for its outcome, so as never to arrive before it")
 REFUSED_NOT_BEGUN = ("Redis refused writes ({why}) before it began: handed back to the "
                      "schedule")
+UNREACHABLE_NOT_BEGUN = ("Redis was unreachable before it began: handed back to the schedule "
+                         "once Redis answered")
+OWED_RETRY_SECONDS = 1.0  # between two tries at the hand-backs Redis could not take
 STOPPED_BEFORE_SENDING = "the worker was stopping: handed back to the schedule before sending"
 WRITTEN_FOR_EARLIER = ("written before the patient's day changed or the visit began: handed "
                        "back to the schedule to be written again")
@@ -1047,6 +1086,11 @@ class Lanes:
         self._next_key = 0
         self._futures: set[Future[str]] = set()  # not settled
         self._handing: dict[int, HandingOver] = {}  # attempts talking to their provider
+        # Claims not begun that Redis could not take back (`owe`): member -> (ref, claim,
+        # reason, the end of its lease on Redis's clock); tried every OWED_RETRY_SECONDS.
+        self._owed: dict[str, tuple[str, str, str, float]] = {}
+        self._owed_next = 0.0  # time.monotonic() of the next try
+        self._owing = threading.Lock()  # one try at a time (the flusher's, or `close`'s)
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -1122,6 +1166,9 @@ class Lanes:
         try:
             outcome = attempt(self.ctx, ref, version, claim, start_by=deadline, begun=on_begun,
                               watchdog=self.watchdog, guard=self)
+        except NotBegun as exc:  # handed back as soon as Redis takes it, not a lease later
+            self.owe(exc, start_by)
+            outcome = "not begun: handed back once Redis takes it"
         except Exception as exc:  # Redis down past its retries, a bug: the lease brings it back
             log.warning("send %s: attempt not completed (%s); its lease will bring it back",
                         ref, type(exc).__name__)
@@ -1205,10 +1252,67 @@ class Lanes:
                     log.warning("senders: could not ask the pump for more %s work (%s)",
                                 channel, type(exc).__name__)
 
+    def owe(self, not_begun: NotBegun, start_by: float) -> None:
+        """Remember a claim not begun that Redis could not take back: handed back (fenced
+        by its claim, as ever) as soon as Redis takes it (`hand_back_owed`), until its lease
+        runs out (then the pump claims it again itself). `start_by`: the claim's, from
+        which its lease's end is known (`hand_over`)."""
+        settings = self.ctx.settings
+        claimed_at = start_by - min(settings.lease_seconds - settings.send_timeout_seconds - 1,
+                                    settings.send_max_wait_seconds)
+        with self._lock:
+            self._owed[f"{not_begun.claim}@{not_begun.ref}"] = (
+                not_begun.ref, not_begun.claim, not_begun.reason,
+                claimed_at + settings.lease_seconds)
+        log.warning("send %s: not begun, and Redis could not take it back (%s); handed back "
+                    "as soon as Redis takes it", not_begun.ref, not_begun.why)
+
+    def hand_back_owed(self) -> None:
+        """Hand back the claims owed (`owe`) if Redis takes them now: each due now, only
+        while it is still the claim's and no attempt of it began (`Store.requeue`: a cancel,
+        an opt-out, another copy of the task at work, or the pump's claim again, whichever
+        came first, wins); kept for the next try while Redis still cannot take them."""
+        if not self._owing.acquire(blocking=False):
+            return  # another thread is at it (the flusher's try, when `close` comes)
+        handed: set[str] = set()
+        try:
+            with self._lock:
+                owed = list(self._owed.items())
+            if not owed or time.monotonic() < self._owed_next:
+                return
+            for key, (ref, claim, reason, lease_end) in owed:
+                if CLOCK.now() >= lease_end:
+                    outcome = "its lease ran out first: the pump claims it again"
+                else:
+                    try:
+                        back = self.ctx.store.requeue(ref, CLOCK.now_utc(), reason, claim=claim)
+                    except redis.RedisError:
+                        self._owed_next = time.monotonic() + OWED_RETRY_SECONDS
+                        break  # still out of reach: the rest at the next try
+                    if back:
+                        handed.add(channel_of(ref))
+                    outcome = "handed back to the schedule" if back else (
+                        "not handed back: finished, cancelled, begun or claimed again meanwhile")
+                with self._lock:
+                    self._owed.pop(key, None)
+                log.info("send %s: not begun during a Redis outage; %s", ref, outcome)
+        finally:
+            self._owing.release()
+        on_idle = self._on_idle
+        if on_idle is None:
+            return
+        for channel in handed:
+            try:  # due now: the pump hands it out at once, not at its next tick
+                on_idle(cast(Channel, channel))
+            except Exception as exc:
+                log.warning("senders: could not ask the pump for more %s work (%s)",
+                            channel, type(exc).__name__)
+
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
             try:
                 self.flush()
+                self.hand_back_owed()
                 smtp_sessions.sweep()
                 CLOCK.refresh(self.ctx.store.redis)
             except Exception:  # a bug here must not stop the reports for good
@@ -1248,6 +1352,7 @@ class Lanes:
                         f"; {len(running)} still recording" if running else "")
         self._stop.set()
         self.flush()
+        self.hand_back_owed()  # once more, if Redis answered at the last try
         self._deregister(pools)
         if not running:
             smtp_sessions.close()
