@@ -1335,3 +1335,43 @@ def test_the_hand_back_after_the_outage_loses_to_what_came_first(outage, first):
         assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]  # once, by the one at work
         assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
         assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
+
+
+def test_a_warm_shutdown_hands_back_the_owed_claim_though_its_reporter_is_mid_try(outage):
+    """The warm shutdown comes just after Redis's return, while the senders' reporting thread
+    is still at its try at the owed hand-back (asleep in the Redis client's retry backoff:
+    parked here). The shutdown's own try ("once more at a warm shutdown") must hand the claim
+    back now: the process ends once its senders are closed, cutting the reporter's try short,
+    and the reminder waited for its lease (5 minutes by default). Close found the reporter
+    at it and gave up at once (or skipped its try for a second after a failed one) (review)."""
+    rig = outage.rig
+    rig.book(rig.doc(1))
+    real_requeue = Store.requeue
+    parked_back, release_back = threading.Event(), threading.Event()
+
+    def parked_requeue(self: Store, *args: Any, **kwargs: Any) -> bool:
+        if not parked_back.is_set():  # the reporter's try: never answered (the process ends)
+            parked_back.set()
+            assert release_back.wait(30)
+            raise redis.ConnectionError("cut short by the end of the process")
+        return real_requeue(self, *args, **kwargs)
+
+    rig.store.requeue = parked_requeue.__get__(rig.store)  # type: ignore[method-assign]
+    try:
+        _begin_cut_off_by_an_outage(outage, prep(1))
+        assert parked_back.wait(10)  # the reporter's try, made while Redis was down
+        outage.server.start()
+        assert rig.state(prep(1))["record"]["status"] == "sending"
+        closing = threading.Thread(target=rig.lanes.close, daemon=True)
+        closing.start()  # the warm shutdown
+        closing.join(20)
+        assert not closing.is_alive()
+        s = rig.state(prep(1))  # as the process ends
+    finally:
+        release_back.set()
+    assert s["record"]["status"] == "scheduled", s  # handed back, not left to its lease
+    assert s["lease"] is None and s["ledger"] is None and s["log"] == [], s
+    assert s["due"] is not None and s["due"] <= time.time(), s  # due now
+    assert rig.gateway.bodies == []
+    (again,) = rig.store.claim_due(10, OUTAGE_LEASE)  # the next pump run takes it at once
+    assert (again.ref, again.claim) == (prep(1), "2")
