@@ -1090,7 +1090,7 @@ class Lanes:
         # reason, the end of its lease on Redis's clock); tried every OWED_RETRY_SECONDS.
         self._owed: dict[str, tuple[str, str, str, float]] = {}
         self._owed_next = 0.0  # time.monotonic() of the next try
-        self._owing = threading.Lock()  # one try at a time (the flusher's, or `close`'s)
+        self._owing = threading.Lock()  # the flusher's tries one at a time (`close`'s: any time)
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -1267,18 +1267,25 @@ class Lanes:
         log.warning("send %s: not begun, and Redis could not take it back (%s); handed back "
                     "as soon as Redis takes it", not_begun.ref, not_begun.why)
 
-    def hand_back_owed(self) -> None:
+    def hand_back_owed(self, *, last: bool = False) -> None:
         """Hand back the claims owed (`owe`) if Redis takes them now: each due now, only
         while it is still the claim's and no attempt of it began (`Store.requeue`: a cancel,
         an opt-out, another copy of the task at work, or the pump's claim again, whichever
-        came first, wins); kept for the next try while Redis still cannot take them."""
-        if not self._owing.acquire(blocking=False):
-            return  # another thread is at it (the flusher's try, when `close` comes)
+        came first, wins); kept for the next try while Redis still cannot take them.
+
+        `last`: the warm shutdown's try (`close`), made now whatever the reporting thread is
+        doing: that thread may be in the middle of its own try (asleep in the Redis client's
+        retry backoff, or just failed), and the process ends once its senders are closed,
+        cutting that try short. Two tries at once are safe: each hand-back is fenced by its
+        claim, and a second one of the same claim finds it no longer `sending`."""
+        owning = self._owing.acquire(blocking=False)
+        if not owning and not last:
+            return  # another thread is at it (the flusher's try)
         handed: set[str] = set()
         try:
             with self._lock:
                 owed = list(self._owed.items())
-            if not owed or time.monotonic() < self._owed_next:
+            if not owed or (not last and time.monotonic() < self._owed_next):
                 return
             for key, (ref, claim, reason, lease_end) in owed:
                 if CLOCK.now() >= lease_end:
@@ -1297,7 +1304,8 @@ class Lanes:
                     self._owed.pop(key, None)
                 log.info("send %s: not begun during a Redis outage; %s", ref, outcome)
         finally:
-            self._owing.release()
+            if owning:
+                self._owing.release()
         on_idle = self._on_idle
         if on_idle is None:
             return
@@ -1352,7 +1360,7 @@ class Lanes:
                         f"; {len(running)} still recording" if running else "")
         self._stop.set()
         self.flush()
-        self.hand_back_owed()  # once more, if Redis answered at the last try
+        self.hand_back_owed(last=True)  # once more, if Redis answers now
         self._deregister(pools)
         if not running:
             smtp_sessions.close()
