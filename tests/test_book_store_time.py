@@ -18,12 +18,19 @@ pytestmark = pytest.mark.integration
 
 
 def at_booking_as_now(timelines):
-    """The timelines with the instants of the two runs' "now" (at-booking steps) as "now"."""
-    soon = datetime.now(UTC) - timedelta(minutes=10)
+    """The timelines with the instants of the two runs' "now" (at-booking steps) as "now",
+    and those an SMS cap moved from "now" to the same time a few days later as "now+Nd"
+    (the two runs book a minute apart: a hold notice capped to tomorrow is at each run's
+    minute)."""
+    now = datetime.now(UTC)
     for t in timelines:
         for r in t["reminders"]:
-            if soon <= datetime.fromisoformat(r["due_at"]) <= datetime.now(UTC):
-                r["due_at"] = "now"
+            due = datetime.fromisoformat(r["due_at"])
+            for days in range(8):
+                later = timedelta(days=days)
+                if now - timedelta(minutes=10) + later <= due <= now + later:
+                    r["due_at"] = f"now+{days}d" if days else "now"
+                    break
     return timelines
 
 
