@@ -219,3 +219,33 @@ def test_a_worker_started_on_such_a_redis_logs_a_warning_and_runs(services, redi
         assert "appendonly" not in line  # the compose Redis's other settings pass
     finally:
         assert worker.stop() == 0, worker.output()
+
+
+@pytest.mark.integration
+def test_the_unauthenticated_health_answers_do_not_name_the_redis_master(redis_with, tmp_path):
+    # A replica that takes writes (replica-read-only no): /readyz and /healthz answer 200 with
+    # the replica warning. They need no key, so the master's internal host and port must not
+    # be in them; `reminders health` (ops, on the host) still names it.
+    master = f"127.0.0.1:{free_port()}"
+    url = redis_with("--replicaof", *master.split(":"), "--replica-read-only", "no")
+    client = connect(url)
+    pump_beat(client, Settings.model_fields["key_prefix"].default, 0.01)  # a pump just ran
+    client.close()
+
+    server = ApiServer(api_settings(data_dir=tmp_path / "data"), url).start()
+    try:
+        with server.client() as http:
+            answers = [http.get("/readyz"), http.get("/healthz")]
+    finally:
+        server.stop()
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        found = answer.json()["redis_settings"]
+        assert [(s["setting"], s["value"]) for s in found] == [("role", "replica")], found
+        assert "role is replica" in found[0]["problem"] and "master" in found[0]["problem"]
+        assert master not in answer.text and "127.0.0.1" not in answer.text, answer.text
+
+    alive = health(url, tmp_path, "--json")
+    assert alive.returncode == 0, alive.stdout + alive.stderr
+    assert master in json.loads(alive.stdout)["redis_settings"][0]["problem"]
+    assert master in health(url, tmp_path).stdout
