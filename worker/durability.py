@@ -20,13 +20,13 @@ refused (managed Redis renames or forbids it) it reads INFO persistence and memo
 (aof_enabled, maxmemory_policy), and what neither shows (appendfsync) "could not be read".
 `findings` is the rule, pure. None of it is fatal (ops may choose otherwise on purpose, a
 throw-away staging Redis): `reminders check --redis` warns, `reminders health` adds a line,
-/readyz and /healthz a field, a starting worker logs it (worker/tasks.py), and no exit code
-or status changes for it.
+/readyz and /healthz a field (without a replica's master's address: they need no key), a
+starting worker logs it (worker/tasks.py), and no exit code or status changes for it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis
@@ -153,7 +153,8 @@ def findings(settings: RedisSettings) -> list[Finding]:
     if settings.role == "replica":
         out.append(Finding("role", "replica", (
             "role is replica: it refuses writes, or takes writes its next sync throws "
-            f"away; point REMINDERS_REDIS_URL at its master ({settings.master}), or use "
+            f"away; point REMINDERS_REDIS_URL at its master"
+            f"{f' ({settings.master})' if settings.master else ''}, or use "
             "REMINDERS_REDIS_SENTINELS")))
     return out
 
@@ -166,11 +167,14 @@ def summary(settings: RedisSettings) -> str:
             "the schedule survives a restart and is never evicted")
 
 
-def findings_of(client: redis.Redis) -> list[Finding]:
+def findings_of(client: redis.Redis, *, addresses: bool = True) -> list[Finding]:
     """`findings` of the Redis `client` reaches; a Redis error (the connection lost, an
-    ACL refusing the pipeline) is one finding, never raised: health must not fail on it."""
+    ACL refusing the pipeline) is one finding, never raised: health must not fail on it.
+    `addresses=False`: no internal address in them (a replica's master is not named), for
+    answers given without a key (/readyz, /healthz); ops' own tools name it."""
     try:
-        return findings(read_settings(client))
+        read = read_settings(client)
+        return findings(read if addresses else replace(read, master=None))
     except redis.RedisError as exc:
         return [Finding("settings", None, f"settings could not be read ({_why(exc)}): make "
                         "sure of appendonly yes, appendfsync everysec, maxmemory-policy "

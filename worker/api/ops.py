@@ -12,7 +12,9 @@ the api service: an API is worth serving while beat is down). Both answer 503 wi
 (the rate limiter's token), so the API then serves no clinic request, reads included.
 Writes are probed with a short-lived key, `P:health:api`. When they answer 200 both add
 `redis_settings`: each Redis setting that can lose or evict the schedule (AOF off, appendfsync
-no, an evicting maxmemory-policy, a replica; worker/durability.py), a warning, never a 503.
+no, an evicting maxmemory-policy, a replica; worker/durability.py), a warning, never a 503;
+"connected to a replica" without its master's host and port (no key is asked here: internal
+addresses are for `reminders health` and the logs).
 `/metrics` is the API's requests and the schedule's figures (worker/metrics.py).
 """
 
@@ -87,8 +89,9 @@ def healthz(svc: Svc) -> JSONResponse:
 
 
 def _settings(svc: Svc) -> list[dict[str, Any]]:
-    """The Redis settings that can lose or evict the schedule (worker/durability.py)."""
-    return [f.as_json() for f in findings_of(svc.redis)]
+    """The Redis settings that can lose or evict the schedule (worker/durability.py), naming
+    no internal address (a replica's master): these answers need no key."""
+    return [f.as_json() for f in findings_of(svc.redis, addresses=False)]
 
 
 @router.get("/readyz", summary="This API process can serve (Redis reachable, taking writes)",
