@@ -328,3 +328,93 @@ def test_a_nearer_booking_of_the_same_address_does_not_cut_the_link_short(rig, r
     # Still no longer than the longest-kept booking that emailed it.
     (name,) = list(rig.store.redis.scan_iter("unsub:unsub:*"))
     assert 0 < rig.store.redis.ttl(name) <= rig.store.redis.ttl(far)
+
+
+# Review (privacy, retention after a cancel): the cancel shortens a booking's keys to
+# `retention` after it (not after the visit it no longer has), but the address behind its
+# emails' unsubscribe link stayed until the old visit + retention: a visit months ahead,
+# cancelled, kept the patient's address for those months. The link must still work while a
+# live booking's email carries it (the cancelled booking's own, `retention` after the cancel;
+# another booking's of the same address, as long as that one is kept). Real Redis (keys
+# expiring on Redis's clock, the retention shortened), the real send path and SMTP server,
+# the real API's unsubscribe page.
+def _short_retention(rig: Rig, seconds: float) -> None:
+    rig.store = Store(rig.store.redis, "unsub", retention_days=seconds / 86400)
+    rig.ctx = replace(rig.ctx, store=rig.store)
+
+
+def _wait_gone(rig: Rig, booking_id: str) -> None:
+    import time
+
+    bkey = rig.store.booking_key("uc", booking_id)
+    keep = int(rig.store.redis.hget(bkey, "keep_until"))
+    time.sleep(max(0.0, keep + 1.5 - time.time()))
+    assert rig.store.redis.exists(bkey) == 0
+
+
+def _page(api: Any, link: str) -> Any:
+    import httpx
+
+    with httpx.Client(timeout=30) as http:
+        return http.get(api.url + link.removeprefix(PUBLIC))
+
+
+def test_a_cancelled_bookings_link_is_kept_retention_after_the_cancel_not_its_old_visit(
+        rig, redis_server):
+    from tests.api.conftest import ApiServer
+
+    _short_retention(rig, 2.0)
+    r = rig.store.redis
+    rig.book()  # two days ahead: its link kept as long as it is
+    assert rig.send("care:email") == "sent"
+    (mail,) = rig.smtp.snapshot()
+    link = mail.raw["List-Unsubscribe"][1:-1]
+    (name,) = list(r.scan_iter("unsub:unsub:*"))
+    assert r.ttl(name) > 86400
+    rig.store.cancel("uc", "U-1", datetime.now(UTC))
+    bkey = rig.store.booking_key("uc", "U-1")
+    assert 0 < r.ttl(bkey) <= 3  # (213278e) the booking: retention after the cancel
+    assert 0 < r.ttl(name) <= r.ttl(bkey) + 1, r.ttl(name)  # and so the address behind it
+    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
+                    redis_server.url).start()
+    try:
+        page = _page(api, link)  # the cancelled booking's email still works meanwhile
+        assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text
+        _wait_gone(rig, "U-1")
+        assert r.exists(name) == 0
+        page = _page(api, link)
+    finally:
+        api.stop()
+    assert page.status_code == 404 and "This link is not valid" in page.text, page.text
+
+
+def test_a_cancel_keeps_the_link_another_live_booking_of_the_address_sent(rig, redis_server):
+    from tests.api.conftest import ApiServer
+
+    _short_retention(rig, 2.0)
+    r = rig.store.redis
+    rig.book(booking_id="U-2", ahead=timedelta(days=4))  # the farther visit emails first
+    assert rig.send("care:email", booking_id="U-2") == "sent"
+    rig.book()  # two days ahead, same address: the same link
+    assert rig.send("care:email") == "sent"
+    mails = rig.smtp.snapshot()
+    assert len(mails) == 2 and len({m.raw["List-Unsubscribe"] for m in mails}) == 1
+    link = mails[0].raw["List-Unsubscribe"][1:-1]
+    (name,) = list(r.scan_iter("unsub:unsub:*"))
+    far = rig.store.booking_key("uc", "U-2")
+    rig.store.cancel("uc", "U-1", datetime.now(UTC))
+    assert r.ttl(name) >= r.ttl(far) - 1 > 3 * 86400  # U-2's email carries it: kept
+    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
+                    redis_server.url).start()
+    try:
+        _wait_gone(rig, "U-1")
+        page = _page(api, link)
+        assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text
+        rig.store.cancel("uc", "U-2", datetime.now(UTC))  # no live booking emailed it now
+        assert 0 < r.ttl(name) <= r.ttl(far) + 1 <= 4, (r.ttl(name), r.ttl(far))
+        _wait_gone(rig, "U-2")
+        assert r.exists(name) == 0
+        page = _page(api, link)
+    finally:
+        api.stop()
+    assert page.status_code == 404 and "This link is not valid" in page.text, page.text
