@@ -19,7 +19,9 @@ Layout 2. Keys, all under the configured prefix P:
   P:unsub:<clinic>/<link>  STR   "<channel>:<address>" behind one unsubscribe link id
                                  (written by each email's send to that address; expires
                                  `retention` after the last one, each address on its own,
-                                 but not before the keys of a booking that sent it)
+                                 but not before the keys of a booking that sent it; a
+                                 cancel brings it down to the cancelled booking's expiry
+                                 unless another live booking of its contacts sent it)
   P:secret:<name>          STR   a server secret shared by every process (worker/secrets.py)
   P:once:help:<clinic>:<contact> STR the one help answer to an unknown text in 24 h
   P:inbound:<clinic>/<sid> STR   an inbound text acted on (its provider's MessageSid): sent
@@ -34,8 +36,10 @@ key is "<step>[#<occurrence>]:<channel>". The ZSETs hold these public refs.
 
 The booking hash. Booking fields are plain words: status, version, window (the send window
 it was planned under, minutes "start-end"), created_at, updated_at, keep_until, and only
-when set hold_reason, released_for (a digest of the medications the clinic reviewed) and
-smsv (a count of its SMS whose time moved at send time: the SMS cap's guards read it).
+when set hold_reason, released_for (a digest of the medications the clinic reviewed),
+smsv (a count of its SMS whose time moved at send time: the SMS cap's guards read it) and
+unsub (the ids of the unsubscribe links its emails carried, space-separated: its cancel
+lets the address behind each go on time).
 Every field with a ":" is a reminder's, in a fixed-order "|"-separated form (trailing empty
 slots left out; the last slot is free text and may itself hold "|"):
 
@@ -1110,6 +1114,15 @@ if unsub_key then
     if set > at then at = set end
   end
   redis.call('SET', unsub_key, unsub_value, 'EXAT', at)
+  -- The booking notes the links its emails carried (`unsub`), so that its cancel lets each
+  -- go `retention` after it unless another live booking's email carries it (_CANCEL).
+  if out[3] then
+    local link = string.match(unsub_key, '/([^/]+)$')
+    local noted = redis.call('HGET', bkey, 'unsub') or ''
+    if link and not string.find(' ' .. noted .. ' ', ' ' .. link .. ' ', 1, true) then
+      redis.call('HSET', bkey, 'unsub', noted == '' and link or (noted .. ' ' .. link))
+    end
+  end
 end
 return {out, why}
 """
@@ -1254,6 +1267,45 @@ if adds ~= '' then
   end
 end
 keep_booking(prefix, clinic, booking_id, keep, true)
+-- The unsubscribe links its emails carried (`unsub`, noted by _STILL_OWNED): the address
+-- behind each is kept no longer than this booking now is, unless another live booking of
+-- its contacts emailed the same link (it carries it as long as that booking is kept; one
+-- emailed before links were noted counts when it has begun any email). Only shortened:
+-- the link's own expiry, `retention` after its last email, may already be sooner.
+local links = redis.call('HGET', bkey, 'unsub')
+if links then
+  local now = redis_now()
+  local own = tonumber(redis.call('HGET', bkey, 'keep_until'))
+  local others = {}
+  for _, ckey in ipairs(contact_keys(prefix, clinic, redis.call('HGET', bkey, 'contacts'))) do
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', ckey, '(' .. tostring(now), '+inf')) do
+      if id ~= booking_id then others[id] = true end
+    end
+  end
+  local function carries(okey, noted, link)
+    if noted then return string.find(' ' .. noted .. ' ', ' ' .. link .. ' ', 1, true) ~= nil end
+    local flat = redis.call('HKEYS', okey)
+    for i = 1, #flat do
+      if string.sub(flat[i], -7) == ':email+' then return true end
+    end
+    return false
+  end
+  for link in string.gmatch(links, '%S+') do
+    local ukey = prefix .. ':unsub:' .. clinic .. '/' .. link
+    local left = redis.call('PTTL', ukey)
+    if left > 0 and own then
+      local at = own
+      for id in pairs(others) do
+        local okey = prefix .. ':b:' .. clinic .. '/' .. id
+        local o = redis.call('HMGET', okey, 'unsub', 'keep_until')
+        local okeep = tonumber(o[2] or '')
+        if okeep and okeep > at and carries(okey, o[1], link) then at = okeep end
+      end
+      at = math.ceil(at)
+      if at < now + left / 1000 then redis.call('EXPIREAT', ukey, at) end
+    end
+  end
+end
 return answer('cancelled')
 """
 
