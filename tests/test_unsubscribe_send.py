@@ -81,13 +81,15 @@ sms = "json://127.0.0.1:{sms.port}/sms?:to={{to}}"
         self.smtp, self.sms = smtp, sms
 
     def book(self, channels: list[str] | None = None, booking_id: str = "U-1",
-             ahead: timedelta = timedelta(days=2)) -> None:
+             ahead: timedelta = timedelta(days=2), email: str = "Ana@Example.com",
+             phone: str | None = "+34600111222") -> None:
         starts = (datetime.now(UTC) + ahead).replace(microsecond=0)
+        patient = {"name": "Ana López", "email": email, "phone": phone, "timezone": "UTC",
+                   "locale": "en", "channels": channels or ["sms", "email"]}
+        if phone is None:
+            del patient["phone"]
         doc = {"clinic": "uc", "booking_id": booking_id, "treatment": "unsub",
-               "starts_at": starts.isoformat(),
-               "patient": {"name": "Ana López", "email": "Ana@Example.com",
-                           "phone": "+34600111222", "timezone": "UTC", "locale": "en",
-                           "channels": channels or ["sms", "email"]}}
+               "starts_at": starts.isoformat(), "patient": patient}
         booking = parse_booking(doc, self.catalog)
         now = datetime.now(UTC)
         self.store.upsert(booking, plan(booking, self.catalog.protocols["unsub"],
@@ -418,3 +420,35 @@ def test_a_cancel_keeps_the_link_another_live_booking_of_the_address_sent(rig, r
     finally:
         api.stop()
     assert page.status_code == 404 and "This link is not valid" in page.text, page.text
+
+
+def test_a_cancel_keeps_the_link_a_booking_emailed_before_its_address_was_corrected(
+        rig, redis_server):
+    # U-2 (email only) emailed ana@, then the clinic corrected its address: it is no longer
+    # among ana@'s bookings, but its email in ana@'s inbox still carries ana@'s link, as long
+    # as U-2 is kept. U-1's cancel must not cut that link to U-1's own retention.
+    from tests.api.conftest import ApiServer
+
+    _short_retention(rig, 2.0)
+    r = rig.store.redis
+    rig.book(booking_id="U-2", ahead=timedelta(days=4), channels=["email"], phone=None)
+    assert rig.send("care:email", booking_id="U-2") == "sent"
+    rig.book(booking_id="U-2", ahead=timedelta(days=4), channels=["email"], phone=None,
+             email="ana.lopez@example.org")
+    rig.book()  # two days ahead, ana@ again: the same link
+    assert rig.send("care:email") == "sent"
+    mails = rig.smtp.snapshot()
+    assert len(mails) == 2 and len({m.raw["List-Unsubscribe"] for m in mails}) == 1
+    link = mails[0].raw["List-Unsubscribe"][1:-1]
+    (name,) = list(r.scan_iter("unsub:unsub:*"))
+    far = rig.store.booking_key("uc", "U-2")
+    rig.store.cancel("uc", "U-1", datetime.now(UTC))
+    assert r.ttl(name) >= r.ttl(far) - 1 > 3 * 86400, (r.ttl(name), r.ttl(far))
+    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
+                    redis_server.url).start()
+    try:
+        _wait_gone(rig, "U-1")
+        page = _page(api, link)
+    finally:
+        api.stop()
+    assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
