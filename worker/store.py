@@ -21,7 +21,9 @@ Layout 2. Keys, all under the configured prefix P:
                                  `retention` after the last one, each address on its own,
                                  but not before the keys of a booking that sent it; a
                                  cancel brings it down to the cancelled booking's expiry
-                                 unless another live booking of its contacts sent it)
+                                 unless another live booking sent it)
+  P:unsub-by:<clinic>/<link> ZSET the bookings whose emails carried that link (scores 0),
+                                 read by a cancel; expires with the link
   P:secret:<name>          STR   a server secret shared by every process (worker/secrets.py)
   P:once:help:<clinic>:<contact> STR the one help answer to an unknown text in 24 h
   P:inbound:<clinic>/<sid> STR   an inbound text acted on (its provider's MessageSid): sent
@@ -1091,7 +1093,7 @@ return 'ok'
 # reminder's two fields, the booking's status and version, and (ARGV[2] not empty) the
 # address's opt-out; and note (KEYS[3]) the address behind the email's unsubscribe link.
 _STILL_OWNED = """
-local bkey, optkey, unsub_key = KEYS[1], KEYS[2], KEYS[3]
+local bkey, optkey, unsub_key, by_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local key, optfield, unsub_value, unsub_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local out = redis.call('HMGET', bkey, key, key .. '+', 'status', 'version')
 local why = false
@@ -1114,14 +1116,17 @@ if unsub_key then
     if set > at then at = set end
   end
   redis.call('SET', unsub_key, unsub_value, 'EXAT', at)
-  -- The booking notes the links its emails carried (`unsub`), so that its cancel lets each
-  -- go `retention` after it unless another live booking's email carries it (_CANCEL).
+  -- The booking notes the links its emails carried (`unsub`), and the link the bookings
+  -- that emailed it (P:unsub-by), so that a cancel lets each go `retention` after it unless
+  -- another live booking's email carries it (_CANCEL).
   if out[3] then
     local link = string.match(unsub_key, '/([^/]+)$')
     local noted = redis.call('HGET', bkey, 'unsub') or ''
     if link and not string.find(' ' .. noted .. ' ', ' ' .. link .. ' ', 1, true) then
       redis.call('HSET', bkey, 'unsub', noted == '' and link or (noted .. ' ' .. link))
     end
+    redis.call('ZADD', by_key, 0, ARGV[5])
+    redis.call('EXPIREAT', by_key, at)
   end
 end
 return {out, why}
@@ -1268,18 +1273,19 @@ if adds ~= '' then
 end
 keep_booking(prefix, clinic, booking_id, keep, true)
 -- The unsubscribe links its emails carried (`unsub`, noted by _STILL_OWNED): the address
--- behind each is kept no longer than this booking now is, unless another live booking of
--- its contacts emailed the same link (it carries it as long as that booking is kept; one
--- emailed before links were noted counts when it has begun any email). Only shortened:
--- the link's own expiry, `retention` after its last email, may already be sooner.
+-- behind each is kept no longer than this booking now is, unless another live booking
+-- emailed the same link (P:unsub-by; its email carries it as long as that booking is kept,
+-- its address corrected since or not; one of its contacts' bookings emailed before links
+-- were noted counts when it has begun any email). Only shortened: the link's own expiry,
+-- `retention` after its last email, may already be sooner.
 local links = redis.call('HGET', bkey, 'unsub')
 if links then
   local now = redis_now()
   local own = tonumber(redis.call('HGET', bkey, 'keep_until'))
-  local others = {}
+  local near = {}
   for _, ckey in ipairs(contact_keys(prefix, clinic, redis.call('HGET', bkey, 'contacts'))) do
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', ckey, '(' .. tostring(now), '+inf')) do
-      if id ~= booking_id then others[id] = true end
+      if id ~= booking_id then near[id] = true end
     end
   end
   local function carries(okey, noted, link)
@@ -1292,17 +1298,29 @@ if links then
   end
   for link in string.gmatch(links, '%S+') do
     local ukey = prefix .. ':unsub:' .. clinic .. '/' .. link
+    local by_key = prefix .. ':unsub-by:' .. clinic .. '/' .. link
     local left = redis.call('PTTL', ukey)
     if left > 0 and own then
-      local at = own
+      local at, others = own, {}
+      for id in pairs(near) do others[id] = true end
+      for _, id in ipairs(redis.call('ZRANGE', by_key, 0, -1)) do
+        if id ~= booking_id then others[id] = true end
+      end
       for id in pairs(others) do
         local okey = prefix .. ':b:' .. clinic .. '/' .. id
         local o = redis.call('HMGET', okey, 'unsub', 'keep_until')
         local okeep = tonumber(o[2] or '')
-        if okeep and okeep > at and carries(okey, o[1], link) then at = okeep end
+        if not okeep then
+          redis.call('ZREM', by_key, id)  -- its keys are gone
+        elseif okeep > at and carries(okey, o[1], link) then
+          at = okeep
+        end
       end
       at = math.ceil(at)
-      if at < now + left / 1000 then redis.call('EXPIREAT', ukey, at) end
+      if at < now + left / 1000 then
+        redis.call('EXPIREAT', ukey, at)
+        redis.call('EXPIREAT', by_key, at)
+      end
     end
   end
 end
@@ -3981,8 +3999,9 @@ class Store:
             normal = normal_contact(channel, contact)
             args[1] = f"{channel}:{normal}"
             if link is not None:  # as `remember_unsubscribe`
-                keys.append(self.unsub_key(clinic, link))
-                args[2:] = [f"{channel}:{normal}", max(1, math.ceil(self.retention_seconds))]
+                keys += [self.unsub_key(clinic, link), self.unsub_by_key(clinic, link)]
+                args[2:] = [f"{channel}:{normal}", max(1, math.ceil(self.retention_seconds)),
+                            booking_id]
         fields, why = self._still_owned(keys=keys, args=args)
         fields, why = [_str_or_none(v) for v in fields], _str_or_none(why)
         if why is not None:
@@ -4384,6 +4403,9 @@ class Store:
 
     def unsub_key(self, clinic: str, token_id: str) -> str:
         return f"{self.prefix}:unsub:{clinic}/{token_id}"
+
+    def unsub_by_key(self, clinic: str, token_id: str) -> str:
+        return f"{self.prefix}:unsub-by:{clinic}/{token_id}"
 
     def remember_unsubscribe(self, clinic: str, token_id: str, channel: str, contact: str) -> None:
         """Note which address an unsubscribe link's id stands for (read by the route), for
