@@ -452,3 +452,35 @@ def test_a_cancel_keeps_the_link_a_booking_emailed_before_its_address_was_correc
     finally:
         api.stop()
     assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
+
+
+# Review (retention, a visit moved later): the link is kept as long as the booking whose
+# email carried it was kept when that email went; a move keeps the booking longer, but not
+# the link: between the old expiry and the next email (weeks for a visit moved months out),
+# the confirmation's link in the patient's inbox answered 404 while its booking was live.
+# So did one cancelled and booked again. Real Redis, send path, SMTP server and API.
+@pytest.mark.parametrize("cancelled_first", [False, True], ids=["moved", "cancelled-rebooked"])
+def test_a_link_lives_as_long_as_its_booking_after_a_move_later(rig, redis_server,
+                                                                cancelled_first):
+    from tests.api.conftest import ApiServer
+
+    _short_retention(rig, 2.0)
+    r = rig.store.redis
+    rig.book()  # two days ahead
+    assert rig.send("care:email") == "sent"
+    (mail,) = rig.smtp.snapshot()
+    link = mail.raw["List-Unsubscribe"][1:-1]
+    (name,) = list(r.scan_iter("unsub:unsub:*"))
+    if cancelled_first:
+        rig.store.cancel("uc", "U-1", datetime.now(UTC))
+    rig.book(ahead=timedelta(days=4))  # moved two days later: kept two days longer
+    bkey = rig.store.booking_key("uc", "U-1")
+    assert r.ttl(bkey) > 3 * 86400
+    assert r.ttl(name) >= r.ttl(bkey) - 1, (r.ttl(name), r.ttl(bkey))
+    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
+                    redis_server.url).start()
+    try:
+        page = _page(api, link)
+    finally:
+        api.stop()
+    assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
