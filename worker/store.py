@@ -400,13 +400,15 @@ local function keep_booking(prefix, clinic, booking_id, at, exact)
   local base = clinic .. '/' .. booking_id
   local bkey, dkey = prefix .. ':b:' .. base, prefix .. ':d:' .. base
   local flat = redis.call('HGETALL', bkey)
-  local dead, tried, stored, contacts = false, {}, 0, ''
+  local dead, tried, stored, contacts, links = false, {}, 0, '', ''
   for i = 1, #flat, 2 do
     local f, v = flat[i], flat[i + 1]
     if f == 'keep_until' then
       stored = tonumber(v) or 0
     elseif f == 'contacts' then
       contacts = v
+    elseif f == 'unsub' then
+      links = v
     elseif string.sub(f, -1) == '+' then
       table.insert(tried, base .. '/' .. string.sub(f, 1, -2))
     elseif string.sub(v, 1, 1) == 'F' and is_reminder(f) then
@@ -428,6 +430,17 @@ local function keep_booking(prefix, clinic, booking_id, at, exact)
   end
   redis.call('ZADD', prefix .. ':bookings:' .. clinic, dead and '+inf' or at, booking_id)
   index_booking(prefix, clinic, booking_id, contacts, dead and '+inf' or at)
+  -- The unsubscribe links its emails carried (`unsub`) live at least as long as it now is
+  -- (a visit moved later: its earlier email's link must work until its next one): only
+  -- lengthened here; a cancel shortens them itself (_CANCEL).
+  for link in string.gmatch(links, '%S+') do
+    local ukey = prefix .. ':unsub:' .. clinic .. '/' .. link
+    local left = redis.call('PTTL', ukey)
+    if left > 0 and redis_now() + left / 1000 < at then
+      redis.call('EXPIREAT', ukey, at)
+      redis.call('EXPIREAT', prefix .. ':unsub-by:' .. clinic .. '/' .. link, at)
+    end
+  end
 end
 -- After one reminder's finish. The common case: the booking's expiry already reaches `at`
 -- and no dead letter keeps it, so only this reminder's keys (its attempt log may be new)
