@@ -1375,3 +1375,59 @@ def test_a_warm_shutdown_hands_back_the_owed_claim_though_its_reporter_is_mid_tr
     assert rig.gateway.bodies == []
     (again,) = rig.store.claim_due(10, OUTAGE_LEASE)  # the next pump run takes it at once
     assert (again.ref, again.claim) == (prep(1), "2")
+
+
+def test_a_warm_shutdown_with_redis_down_does_not_wait_out_its_retries_claim_by_claim(outage):
+    """A warm shutdown (SIGTERM) while Redis is unreachable, with claims still waiting for a
+    sender thread: each hand-back of a queued claim waited out the Redis client's retries
+    (~45 s with the worker's profile) one after the other, as did the report and the
+    deregistering around them, so a stop with a dozen queued claims took minutes, past
+    Docker's stop grace period: SIGKILLed mid-way. With Redis down nothing can be handed
+    back: the shutdown must give up at the first unreachable answer and leave the claims to
+    their lease (fenced as ever), taking about one retry budget, not one per claim (review).
+    """
+    rig = outage.rig
+    queued = 8
+    total = rig.settings.send_threads + queued
+    rig.book(*(rig.doc(n) for n in range(1, total + 1)))
+    refs = [prep(n) for n in range(1, total + 1)]
+    outage.client.zadd(rig.store.due_key, dict.fromkeys(refs, 0))
+    claims = rig.store.claim_due(100, OUTAGE_LEASE)
+    assert sorted(c.ref for c in claims) == sorted(refs)
+    real_begin = Store.begin_send
+    begun: list[str] = []
+    release = threading.Event()
+
+    def parked_begin(self: Store, *args: Any, **kwargs: Any) -> Any:
+        begun.append("begin")
+        assert release.wait(30)
+        return real_begin(self, *args, **kwargs)
+
+    rig.store.begin_send = parked_begin.__get__(rig.store)  # type: ignore[method-assign]
+    handing = threading.Thread(target=rig.hand, args=(claims,), daemon=True)
+    handing.start()
+    wait_for(lambda: len(begun) == rig.settings.send_threads)  # every thread at a begin
+    handing.join(30)
+    assert len(rig.lanes._queued) == queued
+    outage.server.stop()  # SIGTERM: the AOF is flushed, the claims kept
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        outage.client.ping()
+    budget = time.monotonic() - started  # one wait through the client's retries
+    closing = threading.Thread(target=rig.lanes.close, args=(0.5,), daemon=True)
+    started = time.monotonic()
+    closing.start()  # the warm shutdown
+    release.set()  # the begins under way meet the outage too (each in its own thread)
+    closing.join(60)
+    took = time.monotonic() - started
+    assert not closing.is_alive()
+    assert took < 3 * budget + 1.0, (
+        f"the warm shutdown took {took:.1f} s with Redis down ({queued} claims queued; one "
+        f"wait through the client's retries: {budget:.1f} s)")
+    wait_for(lambda: not rig.lanes._futures, timeout=20)
+    outage.server.start()
+    for ref in refs:  # nothing lost, nothing sent: each left to its lease
+        s = rig.state(ref)
+        assert s["record"]["status"] == "sending" and s["lease"] is not None, (ref, s)
+        assert s["ledger"] is None and s["log"] == [], (ref, s)
+    assert rig.gateway.bodies == []
