@@ -1215,8 +1215,9 @@ class Lanes:
                 look_at = now + OTHERS_POLL_SECONDS
             time.sleep(ROOM_POLL_SECONDS)
 
-    def flush(self) -> None:
-        """Report to the pump now; call `on_idle` for channels that ran dry."""
+    def flush(self) -> bool:
+        """Report to the pump now; call `on_idle` for channels that ran dry. Return False if
+        Redis could not be reached (past the client's retries)."""
         now = time.monotonic()
         with self._lock:
             settled, self._settled = self._settled, {}
@@ -1229,6 +1230,7 @@ class Lanes:
                 else list(self._pools)
             if register:
                 self._registered_at = now
+        reachable = True
         if settled or register:
             try:
                 pipe = self.ctx.store.redis.pipeline(transaction=False)
@@ -1240,10 +1242,11 @@ class Lanes:
                 for channel in register:
                     pipe.zadd(self.keys.senders(channel), {self.node: CLOCK.now() + REGISTER_TTL})
                 pipe.execute()
-            except redis.RedisError:
+            except redis.RedisError as exc:
                 # The pump's counts only: its members expire on their own.
                 log.warning("senders: could not report %d settled claim(s) to the pump",
                             sum(len(m) for m in settled.values()))
+                reachable = not isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
         for channel in idle:
             if self._on_idle is not None:
                 try:
@@ -1251,6 +1254,7 @@ class Lanes:
                 except Exception as exc:
                     log.warning("senders: could not ask the pump for more %s work (%s)",
                                 channel, type(exc).__name__)
+        return reachable
 
     def owe(self, not_begun: NotBegun, start_by: float) -> None:
         """Remember a claim not begun that Redis could not take back: handed back (fenced
@@ -1345,10 +1349,11 @@ class Lanes:
             pools = dict(self._pools)
             futures = set(self._futures)
         self._stopping.set()
-        self._deregister(pools)  # the pump stops counting these senders at once
+        # First, with no round trip: no thread takes a queued claim from here on.
         for pool in pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
-        self._hand_back_queued()
+        # The pump stops counting these senders, and the queued claims go back, at once.
+        reachable = self._hand_back_queued(pools)
         # (A cancelled future never counts as done for `wait`: leave those out.)
         _, running = wait([f for f in futures if not f.cancelled()], timeout=grace)
         if running:
@@ -1359,9 +1364,18 @@ class Lanes:
                         "ledger expires)%s", grace or 0, cut,
                         f"; {len(running)} still recording" if running else "")
         self._stop.set()
-        self.flush()
-        self.hand_back_owed(last=True)  # once more, if Redis answers now
-        self._deregister(pools)
+        # Redis unreachable (past the client's retries) at this shutdown: each more try
+        # waits those retries out again (~45 s with the worker's profile), past the
+        # container's stop grace period (then SIGKILL). The claims owed are left to their
+        # lease, the pump's counts expire on their own (REGISTER_TTL), as after a SIGKILL.
+        if reachable:
+            reachable = self.flush()
+        if reachable:
+            self.hand_back_owed(last=True)  # once more, if Redis answers now
+            self._deregister(pools)
+        elif self._owed:
+            log.warning("senders: stopping with Redis unreachable: %d claim(s) not begun "
+                        "left to their lease", len(self._owed))
         if not running:
             smtp_sessions.close()
 
@@ -1372,27 +1386,47 @@ class Lanes:
                 pipe.zrem(self.keys.senders(channel), self.node)
             pipe.execute()
 
-    def _hand_back_queued(self) -> None:
-        """Hand back the claims no thread took (their futures were cancelled)."""
+    def _hand_back_queued(self, pools: dict[str, ThreadPoolExecutor]) -> bool:
+        """Deregister these senders and hand back the claims no thread took (their futures
+        were cancelled), in one round trip, each hand-back fenced by its claim (`requeue`).
+        Return False if Redis could not be reached (past the client's retries): the claims
+        are then left to their lease, all of them at once, not one wait per claim."""
         with self._lock:
             cancelled = [(key, item) for key, item in self._queued.items() if item[0].cancelled()]
             for key, _ in cancelled:
                 del self._queued[key]
-        now = CLOCK.now_utc()  # due now for the pump: Redis's clock
-        for _, (_, channel, ref, claim) in cancelled:
-            try:
-                handed = self.ctx.store.requeue(ref, now, STOPPING_NOT_BEGUN, claim=claim)
-            except redis.RedisError:  # its lease brings it back
-                handed = False
+        items = [(ref, claim) for _, (_, _, ref, claim) in cancelled]
+        reachable = True
+        answers: list[Any] = []
+        try:
+            pipe = self.ctx.store.redis.pipeline(transaction=False)
+            for channel in pools:
+                pipe.zrem(self.keys.senders(channel), self.node)
+            if items:
+                self.ctx.store.requeue_in(pipe, items, CLOCK.now_utc(),  # due now: Redis's clock
+                                          STOPPING_NOT_BEGUN)
+            answers = pipe.execute(raise_on_error=False)[len(pools):]
+        except (redis.ConnectionError, redis.TimeoutError):
+            reachable = False
+            log.warning("senders: stopping with Redis unreachable: %d claim(s) not begun left "
+                        "to their lease", len(items))
+        except redis.RedisError as exc:
+            log.warning("senders: stopping: could not hand back %d claim(s) not begun (%s): "
+                        "their lease brings them back", len(items), type(exc).__name__)
+        handed = 0
+        for index, (_, (_, channel, ref, claim)) in enumerate(cancelled):
+            back = index < len(answers) and answers[index] == 1
+            handed += back
             log.info("send %s: the worker is stopping; %s", ref,
-                     "handed back to the schedule" if handed else "not handed back (finished "
+                     "handed back to the schedule" if back else "not handed back (finished "
                      "or claimed again meanwhile, or Redis unreachable: its lease brings it back)")
             with self._lock:
                 self._waiting[channel] -= 1
             self._settle(channel, f"{claim}@{ref}", None)
         if cancelled:
-            log.info("senders: stopping: %d claim(s) not begun handed back to the schedule",
-                     len(cancelled))
+            log.info("senders: stopping: %d of %d claim(s) not begun handed back to the "
+                     "schedule", handed, len(cancelled))
+        return reachable
 
     def _cut(self) -> int:
         """Record the attempts still handing over as of unknown outcome; return how many."""

@@ -4055,6 +4055,21 @@ class Store:
             )
         )
 
+    def requeue_in(self, pipe: Any, claims: Sequence[tuple[str, str]], at: datetime,
+                   reason: str) -> None:
+        """Add a `requeue` of each (ref, claim) to `pipe` (a pipeline, transaction=False),
+        each fenced by its claim as ever: many hand-backs, and other commands, in one round
+        trip. `pipe.execute(raise_on_error=False)` answers each in order: 1 (handed back),
+        0 (not: finished, cancelled, begun or claimed again meanwhile) or the error it met;
+        Redis unreachable past the client's retries raises, as any command would."""
+        self._ready()
+        for ref, claim in claims:
+            clinic, booking_id, key = split_ref(ref)
+            self._requeue(
+                keys=[self.booking_key(clinic, booking_id), self.lease_key, self.due_key,
+                      self.ledger_key(ref)],
+                args=[ref, key, _num(at.timestamp()), claim, reason], client=pipe)
+
     def plan_dates(self, clinic: str, booking_id: str) -> dict[str, datetime]:
         """Return each step's first due instant among reminders still to be (or already) sent."""
         self._ready()
