@@ -772,6 +772,60 @@ def test_a_nudge_finding_this_process_pumping_is_not_lost(shop, redis_client, re
     assert not tasks._waiting and not tasks._pumping.locked()
 
 
+def test_a_nudge_left_to_a_run_that_then_fails_is_not_lost(shop, redis_client, redis_server,
+                                                           monkeypatch, request):
+    # This process's pump thread holds the run lock, parked while publishing; a booking is
+    # written meanwhile, due before that run began, and its nudge (another process's run)
+    # finds the lock held: it asks the holder to run again and leaves the work to it. The
+    # holder's run then fails (the broker or Redis unreachable at its publish). Its release
+    # took the request all the same, and the failure dropped it: the nudged reminder waited
+    # for beat's next tick (up to REMINDERS_PUMP_INTERVAL_SECONDS). It must go at once.
+    monkeypatch.setenv("REMINDERS_REDIS_URL", redis_server.url)
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "_context", shop.ctx)  # this process's send context
+    parked, release = threading.Event(), threading.Event()
+    published: list[str] = []
+
+    def failing_publish(channel: str, claims: Any, at: float) -> None:  # the broker's seam
+        if not parked.is_set():
+            parked.set()
+            release.wait(10)
+            raise redis.ConnectionError("the broker is unreachable")  # this run fails
+        published.extend(c.ref for c in claims)
+
+    monkeypatch.setattr(tasks, "_publish", failing_publish)
+    store = shop.store
+    (first,) = due_now(shop, [("A", "sms")])
+    assert tasks.pump_task() == "pump run started"
+    try:
+        assert parked.wait(5)
+        (late,) = due_now(shop, [("N", "sms")])  # due 100 s ago: before the run began
+        nudged = pump_run(Store(redis_client, PREFIX), lambda *a: None, capacity=capacity(),
+                          claim_round=100)  # the booking's nudge, in another process
+        assert nudged.began is None  # left to the run under way
+    finally:
+        release.set()
+    # No beat here: no tick runs the pump, only the holder's thread (or nothing) claims it.
+    deadline = time.monotonic() + 3
+    while late not in published and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # a few follow-up gaps: nothing published twice
+    # The failed run handed its claim back (the broker refused it): the run again takes it
+    # too. Each published once.
+    assert sorted(published) == sorted([first, late]), published
+    for ref in (first, late):
+        assert redis_client.zscore(store.due_key, ref) is None  # claimed
+        assert redis_client.zscore(store.lease_key, ref) is not None
+    assert redis_client.get(Keys(PREFIX).again()) is None  # asked once, run once
+    deadline = time.monotonic() + 5
+    while (tasks._waiting or tasks._pumping.locked()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not tasks._waiting and not tasks._pumping.locked()
+
+
 def test_a_pump_run_outlasting_its_lock_keeps_it_and_no_second_run_hands_out_more(
         shop, redis_client, monkeypatch):
     # A run parked past the run lock's TTL (a broker or Redis stall while publishing): a
@@ -1424,7 +1478,7 @@ def test_a_warm_shutdown_with_redis_down_does_not_wait_out_its_retries_claim_by_
     assert took < 3 * budget + 1.0, (
         f"the warm shutdown took {took:.1f} s with Redis down ({queued} claims queued; one "
         f"wait through the client's retries: {budget:.1f} s)")
-    wait_for(lambda: not rig.lanes._futures, timeout=20)
+    wait_for(lambda: not rig.lanes._futures, timeout=20)  # the begins gave up too
     outage.server.start()
     for ref in refs:  # nothing lost, nothing sent: each left to its lease
         s = rig.state(ref)
