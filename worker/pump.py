@@ -8,8 +8,9 @@ one run per FOLLOW_UP_GAP_SECONDS (worker/tasks.py `_pump_run`). So a reminder g
 falls due, not up to a tick later. Claiming is one Lua script on Redis's own clock,
 so any number of pumps may run at once without double claims; a lock lets one run at a
 time all the same, so that two do not hand out the same window twice. A run finding the
-lock held asks the holder to run again once it is done (`Run.again`): what it was started
-for (a nudge for a booking written after the holder claimed) is not left to the next tick.
+lock held asks the holder to run again once it is done (`Run.again`; a holder whose run
+fails passes the request on with its error, `asked_again`): what it was started for (a
+nudge for a booking written after the holder claimed) is not left to the next tick.
 
 Claims follow what the senders can absorb, per channel. A claim is leased: one that waits
 in a queue until its lease runs out is claimed again and its first task only dropped later
@@ -270,14 +271,33 @@ def pump_run(store: Store, publish: Publish, *, capacity: Capacity, claim_round:
     keeper = threading.Thread(target=_keep_lock, args=(store, keys, token, lock_ms, done),
                               name="pump-lock", daemon=True)
     keeper.start()
+    failed: Exception | None = None
     try:
         began = redis_time(store.redis)
         published = _pump(store, keys, publish, capacity, claim_round, began)
+    except Exception as exc:
+        failed = exc
     finally:
         done.set()
         keeper.join(lock_ms / 1000)  # an extend after the release finds no lock of ours
         asked = store.redis.eval(_RELEASE, 2, keys.running(), keys.again(), token)
+    if failed is not None:
+        # The release took a request to run again made meanwhile, failed run or not: pass
+        # it on with the error (`asked_again`), or what it was for waits for beat's next tick.
+        if asked:
+            setattr(failed, _ASKED_AGAIN, True)
+        raise failed
     return Run(published, began, again=bool(asked))
+
+
+_ASKED_AGAIN = "reminders_pump_asked_again"
+
+
+def asked_again(error: BaseException) -> bool:
+    """Whether the pump run that raised `error` was asked to run again while under way
+    (`Run.again`, which a run that fails has no answer to carry): its caller runs again
+    now, as after a run that went well, not at beat's next tick."""
+    return bool(getattr(error, _ASKED_AGAIN, False))
 
 
 def next_due(store: Store, after: float) -> tuple[float, float | None]:

@@ -377,14 +377,20 @@ def _pump_run() -> None:
     and one run at a time claims, as ever.
     """
     global _waiting, _again
+    from .pump import asked_again
+
     while True:
         started = time.monotonic()
         wait = None
         waits = False
         try:
             wait = _follow_up(pump_now(), started)
-        except Exception:  # the next tick tries again; what it claimed comes back with its lease
-            log.exception("pump: run failed")
+        except Exception as exc:  # the next tick tries again (what it claimed goes back)
+            if asked_again(exc):  # a run was asked of it meanwhile: that one runs now
+                log.exception("pump: run failed; a run was asked for meanwhile: again now")
+                wait = max(0.0, started + FOLLOW_UP_GAP_SECONDS - time.monotonic())
+            else:
+                log.exception("pump: run failed")
         finally:
             with _turn:
                 if _again:  # a tick or nudge came meanwhile (`pump_task`): again at once
