@@ -350,6 +350,43 @@ def test_a_warm_shutdown_hands_back_what_has_not_begun_and_waits_for_the_rest(
     assert s["record"]["status"] == "scheduled" and s["lease"] is None and s["due"], s
 
 
+def test_the_shutdowns_hand_back_of_queued_claims_is_fenced_by_each_claim(
+        tmp_path, redis_client, gateway):
+    """A warm shutdown hands back the claims still queued in one round trip, each fenced by
+    its claim as a hand-back one by one was: one whose booking was cancelled while it
+    waited for a thread stays cancelled, one whose lease ran out and that the pump claimed
+    again stays that claim's; only the others go back to the schedule, due now."""
+    rig = Rig(tmp_path, redis_client, gateway, send_threads=1)
+    for n in (1, 2, 3, 4):
+        rig.book(rig.doc(n))
+    gateway.hold = {phone(1)}
+    claims = rig.claim(prep(1), prep(2), prep(3), prep(4))
+    rig.hand(claims)  # prep(1) at the provider, the rest queued behind it
+    gateway.wait_held()
+    assert len(rig.lanes._queued) == 3
+    rig.store.cancel("rc", "R-2", datetime.now(UTC))  # cancelled while it waits
+    rig.store.redis.zadd(rig.store.lease_key, {prep(3): 0})  # its lease ran out ...
+    (again,) = rig.store.claim_due(10, LEASE)  # ... and the pump claimed it again
+    assert (again.ref, again.claim) == (prep(3), "2")
+    closing = threading.Thread(target=rig.lanes.close, daemon=True)
+    closing.start()
+    wait_for(lambda: rig.state(prep(4))["record"]["status"] == "scheduled", timeout=5)
+    gateway.release(200)
+    closing.join(10)
+    assert not closing.is_alive()
+    assert rig.state(prep(1))["record"]["status"] == "sent"
+    cancelled = rig.state(prep(2))
+    assert cancelled["record"]["status"] == "cancelled", cancelled
+    assert (cancelled["due"], cancelled["lease"], cancelled["log"]) == (None, None, []), cancelled
+    claimed = rig.state(prep(3))  # still the new claim's, leased, nothing begun
+    assert claimed["record"]["status"] == "sending" and claimed["lease"] is not None, claimed
+    assert claimed["due"] is None and claimed["log"] == [], claimed
+    back = rig.state(prep(4))
+    assert back["record"]["status"] == "scheduled" and back["lease"] is None, back
+    assert back["due"] is not None and back["due"] <= time.time() + 1 and back["log"] == [], back
+    assert [b["to"] for b in gateway.bodies] == [phone(1)]
+
+
 def test_a_send_cut_by_the_shutdown_then_accepted_is_recorded_through_a_refusal_of_writes(
         tmp_path, redis_client, gateway):
     """A warm shutdown cuts a send still at its provider (recorded as of unknown outcome);
