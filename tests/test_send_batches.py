@@ -29,7 +29,7 @@ from tests.conftest import ROOT
 from tests.test_send_races import PROTOCOL
 from worker.catalog import Catalog
 from worker.connections import WORKER, from_url
-from worker.dispatch import Context, Lanes, Watchdog, attempt, hand_over
+from worker.dispatch import CUT_WAIT_SECONDS, Context, Lanes, Watchdog, attempt, hand_over
 from worker.embedded import RedisServer, free_port
 from worker.models import parse_booking
 from worker.planner import plan
@@ -1262,11 +1262,11 @@ class Outage:
     their claim), and pump runs as beat's ticks make them (`tick`), handing their batches to
     the rig's senders as a send task does."""
 
-    def __init__(self, tmp_path: Path, gateway: Gateway) -> None:
+    def __init__(self, tmp_path: Path, gateway: Gateway, **overrides: Any) -> None:
         self.server = RedisServer(tmp_path / "redis").start()
         self.client = from_url(self.server.url, SHORT_RETRIES)
-        self.rig = Rig(tmp_path, self.client, gateway, lease_seconds=OUTAGE_LEASE,
-                       send_max_wait_seconds=1.0)
+        self.rig = Rig(tmp_path, self.client, gateway, **{
+            "lease_seconds": OUTAGE_LEASE, "send_max_wait_seconds": 1.0} | overrides)
         self._ticking = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -1522,3 +1522,60 @@ def test_a_warm_shutdown_with_redis_down_does_not_wait_out_its_retries_claim_by_
         assert s["record"]["status"] == "sending" and s["lease"] is not None, (ref, s)
         assert s["ledger"] is None and s["log"] == [], (ref, s)
     assert rig.gateway.bodies == []
+
+
+def test_a_warm_shutdown_with_redis_down_cuts_the_sends_at_their_provider_at_once(
+        tmp_path, gateway):
+    """The grace period ends with every sender thread still at its provider and Redis
+    unreachable: each cut send's record (its outcome unknown) waited out the Redis client's
+    retries, one send after the other (16 threads a channel by default: many minutes, past
+    the container's stop grace). Once Redis is found unreachable at this shutdown, the cuts
+    must not try it again one by one: unrecorded, each is brought back by its lease and
+    ledger, and a provider's late acceptance is still recorded by its own thread (review)."""
+    # The default threads; a provider slower than the test (no timeout of its own meanwhile).
+    outage = Outage(tmp_path, gateway, send_threads=16, send_timeout_seconds=30)
+    try:
+        _cuts_with_redis_down(outage)
+    finally:
+        outage.close()
+
+
+def _cuts_with_redis_down(outage: Outage) -> None:
+    rig = outage.rig
+    threads = rig.settings.send_threads
+    refs = [prep(n) for n in range(1, threads + 1)]
+    rig.book(*(rig.doc(n) for n in range(1, threads + 1)))
+    outage.client.zadd(rig.store.due_key, dict.fromkeys(refs, 0))
+    claims = rig.store.claim_due(100, OUTAGE_LEASE)
+    rig.gateway.hold = {phone(n) for n in range(1, threads + 1)}
+    rig.hand(claims)
+    rig.gateway.wait_held(threads)  # every thread at its provider
+    outage.server.stop()
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        outage.client.ping()
+    budget = time.monotonic() - started  # one wait through the client's retries
+    grace = 0.3
+    closing = threading.Thread(target=rig.lanes.close, args=(grace,), daemon=True)
+    started = time.monotonic()
+    closing.start()
+    closing.join(60)
+    took = time.monotonic() - started
+    assert not closing.is_alive()
+    # The grace, one wait through the retries, and the wait for the cut ones to record.
+    assert took < grace + 2 * budget + CUT_WAIT_SECONDS + 0.5, (
+        f"the warm shutdown took {took:.1f} s with Redis down ({threads} sends cut; one "
+        f"wait through the client's retries: {budget:.1f} s)")
+    outage.server.start()
+    for ref in refs:  # begun, not recorded: held by its lease and ledger, not lost
+        s = rig.state(ref)
+        assert s["record"]["status"] == "sending" and s["lease"] is not None, (ref, s)
+        assert s["ledger"] is not None and s["log"] == [], (ref, s)
+    rig.gateway.release(200)  # the providers accept after all: recorded by each attempt
+    wait_for(lambda: not rig.lanes._futures, timeout=20)
+    assert sorted(b["to"] for b in rig.gateway.bodies) == sorted(
+        phone(n) for n in range(1, threads + 1))
+    for ref in refs:
+        s = rig.state(ref)
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", (ref, s)
+        assert [e["outcome"] for e in s["log"]] == ["sent"], (ref, s)
