@@ -1081,6 +1081,9 @@ class Lanes:
         self._registered_at = 0.0
         self._closing = False
         self._stopping = threading.Event()  # set once close() begins
+        # Set once close() found Redis unreachable (past the client's retries): no more
+        # tries at this shutdown, each another wait through those retries (`close`).
+        self._unreachable = threading.Event()
         # Claims not taken by a thread yet: key -> (future, channel, ref, claim).
         self._queued: dict[int, tuple[Future[str], Channel, str, str]] = {}
         self._next_key = 0
@@ -1342,6 +1345,12 @@ class Lanes:
         it is recorded as of unknown outcome (its ledger kept, so it is tried again only
         once the ledger expires, never twice at once), and the process must end right
         after (the pool child does), closing its sockets.
+
+        Redis unreachable at this shutdown (past the client's retries, ~45 s with the
+        worker's profile): found so once, at the hand-back of the queued claims (one round
+        trip) or at a cut's record, and not tried again one claim or cut after the other:
+        what could not be handed back or recorded is brought back by its lease (and ledger),
+        as after a SIGKILL, which a stop taking minutes would have ended in anyway.
         """
         with self._lock:
             self._closing = True
@@ -1353,7 +1362,8 @@ class Lanes:
         for pool in pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
         # The pump stops counting these senders, and the queued claims go back, at once.
-        reachable = self._hand_back_queued(pools)
+        if not self._hand_back_queued(pools):
+            self._unreachable.set()
         # (A cancelled future never counts as done for `wait`: leave those out.)
         _, running = wait([f for f in futures if not f.cancelled()], timeout=grace)
         if running:
@@ -1368,9 +1378,9 @@ class Lanes:
         # waits those retries out again (~45 s with the worker's profile), past the
         # container's stop grace period (then SIGKILL). The claims owed are left to their
         # lease, the pump's counts expire on their own (REGISTER_TTL), as after a SIGKILL.
-        if reachable:
-            reachable = self.flush()
-        if reachable:
+        if not self._unreachable.is_set() and not self.flush():
+            self._unreachable.set()
+        if not self._unreachable.is_set():
             self.hand_back_owed(last=True)  # once more, if Redis answers now
             self._deregister(pools)
         elif self._owed:
@@ -1469,11 +1479,18 @@ class HandingOver:
         self._leave()
         entry = self.entry | {"error": CUT_REASON,
                               "seconds": round(time.monotonic() - self.started, 3)}
-        try:
-            result = self.lanes.ctx.store.finish_unknown(self.ref, self.attempt, CUT_REASON,
-                                                         entry)
-        except redis.RedisError:
-            result = "not recorded (Redis unreachable): its lease and ledger bring it back"
+        unreachable = self.lanes._unreachable
+        result = "not recorded (Redis unreachable): its lease and ledger bring it back"
+        # Found unreachable at this shutdown: no try (each a wait through the client's
+        # retries, one cut after the other, past the container's stop grace period).
+        if not unreachable.is_set():
+            try:
+                result = self.lanes.ctx.store.finish_unknown(self.ref, self.attempt,
+                                                             CUT_REASON, entry)
+            except (redis.ConnectionError, redis.TimeoutError):
+                unreachable.set()
+            except redis.RedisError as exc:
+                result = f"not recorded ({type(exc).__name__}): its lease and ledger bring it back"
         log.warning("send %s: %s; outcome unknown, tried again once its ledger expires (%s)",
                     self.ref, CUT_REASON, result)
         # Settled for the pump's count too (the attempt's thread never reports it).
