@@ -484,3 +484,47 @@ def test_a_link_lives_as_long_as_its_booking_after_a_move_later(rig, redis_serve
     finally:
         api.stop()
     assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
+
+
+# Review (retention, the send's fence): the fence wrote the address behind the email's
+# unsubscribe link (kept as long as the booking: a visit a month ahead, a month) and noted
+# the link on the booking before knowing whether the email would go. An email overtaken at
+# its fence (its address corrected, its booking cancelled, after the begin read them) sends
+# nothing, yet left the address it was never sent to behind a working link, kept as long as
+# the booking, lengthened with it (a move later), and counted by other bookings' cancels as
+# a live booking's email carrying it. A corrected address is often someone else's. Real
+# Redis, the real send path (parked at render, between begin and fence), the real SMTP
+# server and API.
+@pytest.mark.parametrize("change", ["corrected", "cancelled"])
+def test_an_email_overtaken_at_its_fence_leaves_no_address_behind_a_link(rig, redis_server,
+                                                                         change):
+    from tests.api.conftest import ApiServer
+
+    r = rig.store.redis
+    month = timedelta(days=30)
+    rig.ctx = replace(rig.ctx, renderer=DuringRender(rig.catalog.templates_dir))
+    if change == "corrected":
+        rig.ctx.renderer.change = lambda: rig.book(ahead=month, email="bob@example.org")
+    else:
+        rig.ctx.renderer.change = lambda: rig.store.cancel("uc", "U-1", datetime.now(UTC))
+    rig.book(ahead=month)  # ana@
+    assert rig.send("care:email") == "dropped: overtaken before sending"
+    assert rig.smtp.snapshot() == []
+    bkey = rig.store.booking_key("uc", "U-1")
+    assert list(r.scan_iter("unsub:unsub*")) == []  # no email went to ana@: no link of hers
+    assert r.hget(bkey, "unsub") is None
+    if change == "cancelled":
+        return
+    assert rig.send("care:email") == "sent"  # the next attempt: to the corrected address
+    (mail,) = rig.smtp.snapshot()
+    assert mail.to == "bob@example.org"
+    (name,) = list(r.scan_iter("unsub:unsub:*"))
+    assert r.get(name) == "email:bob@example.org"
+    assert r.hget(bkey, "unsub") == name.rsplit("/", 1)[1]
+    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
+                    redis_server.url).start()
+    try:
+        page = _page(api, mail.raw["List-Unsubscribe"][1:-1])
+    finally:
+        api.stop()
+    assert page.status_code == 200 and "b***@example.org" in page.text, page.text
