@@ -1104,7 +1104,8 @@ return 'ok'
 
 # Read what `Store.still_owned` checks just before the hand-over, in one step: the
 # reminder's two fields, the booking's status and version, and (ARGV[2] not empty) the
-# address's opt-out; and note (KEYS[3]) the address behind the email's unsubscribe link.
+# address's opt-out; and, for an email that goes, note (KEYS[3]) the address behind its
+# unsubscribe link. Returns {fields, opt-out or false, 1 if the link was noted else 0}.
 _STILL_OWNED = """
 local bkey, optkey, unsub_key, by_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local key, optfield, unsub_value, unsub_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -1116,7 +1117,29 @@ if optfield ~= '' then why = redis.call('HGET', optkey, optfield) end
 -- months ahead emails again long after, and a click on this link meanwhile must work. Never
 -- shortened: the link is the address's, and an earlier email of another booking to it, kept
 -- longer (a visit months ahead, this one's now), carries the same link.
-if unsub_key then
+-- Only for an email that goes: the attempt still owns the reminder, and the booking and
+-- address are as its words were made from (`Store.still_owned`'s own rule, ARGV[6..11]).
+-- One overtaken here sends nothing (its address corrected, its booking cancelled since the
+-- begin): the address it would have gone to is not kept behind a link, nor noted.
+local function slots(v, n)
+  local got, i = {}, 1
+  v = v or ''
+  for k = 1, n do
+    local j = string.find(v, '|', i, true)
+    if j then got[k] = string.sub(v, i, j - 1); i = j + 1
+    else got[k] = string.sub(v, i); i = #v + 2 end
+  end
+  return got
+end
+local goes = false
+if unsub_key and not why and out[1] then
+  local r, a, booking = slots(out[1], 2), slots(out[2], 3), out[3]
+  if booking == 'cancelled' and ARGV[10] == '1' and r[2] == out[4] then booking = 'scheduled' end
+  if booking == 'held' and ARGV[11] == '1' then booking = 'scheduled' end
+  goes = (ARGV[9] == '' or out[4] == ARGV[9]) and r[1] == 'P' and r[2] == ARGV[6]
+    and a[1] == ARGV[7] and a[3] == ARGV[8] and booking == 'scheduled'
+end
+if goes then
   local t = redis.call('TIME')
   local now = tonumber(t[1])
   local at = now + 1 + tonumber(unsub_ttl)
@@ -1142,7 +1165,7 @@ if unsub_key then
     redis.call('EXPIREAT', by_key, at)
   end
 end
-return {out, why}
+return {out, why, goes and 1 or 0}
 """
 
 # Hand a leased reminder back to the due set, only if it is still being sent under the given
@@ -4006,16 +4029,19 @@ class Store:
         self._ready()
         clinic, booking_id, key = split_ref(ref)
         keys = [self.booking_key(clinic, booking_id), self.optout_key(clinic)]
-        args: list[Any] = [key, "", "", 0]
+        # (ARGV[6..11]: what the link's note checks that the email goes, as below.)
+        args: list[Any] = [key, "", "", 0, booking_id, attempt.version, attempt.claim,
+                           attempt.token, attempt.booking,
+                           "1" if key.startswith("cancelled#") else "",
+                           "1" if is_hold_notice(key) else ""]
         if send_to is not None:
             channel, contact = send_to
             normal = normal_contact(channel, contact)
             args[1] = f"{channel}:{normal}"
             if link is not None:  # as `remember_unsubscribe`
                 keys += [self.unsub_key(clinic, link), self.unsub_by_key(clinic, link)]
-                args[2:] = [f"{channel}:{normal}", max(1, math.ceil(self.retention_seconds)),
-                            booking_id]
-        fields, why = self._still_owned(keys=keys, args=args)
+                args[2:4] = [f"{channel}:{normal}", max(1, math.ceil(self.retention_seconds))]
+        fields, why, noted = self._still_owned(keys=keys, args=args)
         fields, why = [_str_or_none(v) for v in fields], _str_or_none(why)
         if why is not None:
             return False  # opted out since the begin: back to the begin's full rule
@@ -4033,10 +4059,13 @@ class Store:
             # or email, a new name or locale): not sent; the abandon puts the reminder back
             # at once, and the next attempt reads the booking as it is now.
             return False
-        return bool(
+        owned = bool(
             (STATUS_OF.get(r[0]), r[1], a[0], a[2], booking)
             == (Status.SENDING, attempt.version, attempt.claim, attempt.token, Status.SCHEDULED)
         )
+        # An email goes only with the address behind its link noted (the script's same rule):
+        # never one whose link would answer 404.
+        return owned and (link is None or send_to is None or noted == 1)
 
     def requeue(self, ref: str, at: datetime, reason: str, claim: str | None = None) -> bool:
         """Put a leased reminder back in the due set (another attempt holds the ledger).
