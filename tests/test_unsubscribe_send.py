@@ -528,3 +528,45 @@ def test_an_email_overtaken_at_its_fence_leaves_no_address_behind_a_link(rig, re
     finally:
         api.stop()
     assert page.status_code == 200 and "b***@example.org" in page.text, page.text
+
+
+# Review (a race, checked sound): another booking of the same address cancelled while an
+# email is between its begin and its fence (parked at render). U-2 noted only the link of
+# the address it emailed before its correction, so the cancel of U-1 cuts ana@'s link to
+# U-1's own retention; U-2's fence then sends and keeps the link as long as U-2 (a visit a
+# month ahead): the link in that email answers 200 after U-1's keys are gone.
+def test_a_cancel_while_another_bookings_email_is_at_its_fence_keeps_its_link(
+        rig, redis_server):
+    from tests.api.conftest import ApiServer
+
+    _short_retention(rig, 2.0)
+    r = rig.store.redis
+    month = timedelta(days=30)
+    rig.book()  # U-1, two days ahead, emails ana@ first
+    assert rig.send("care:email") == "sent"
+    rig.book(booking_id="U-2", ahead=month, email="bob@example.org")
+    assert rig.send("care:email", booking_id="U-2") == "sent"  # U-2 notes bob@'s link
+    rig.book(booking_id="U-2", ahead=month)  # corrected to ana@
+    rig.ctx = replace(rig.ctx, renderer=DuringRender(rig.catalog.templates_dir))
+    ana = rig.store.unsub_key("uc", r.hget(rig.store.booking_key("uc", "U-1"), "unsub"))
+
+    def cancel() -> None:
+        rig.store.cancel("uc", "U-1", datetime.now(UTC))
+        assert 0 < r.ttl(ana) <= 3  # cut: no other booking noted ana@'s link
+
+    rig.ctx.renderer.change = cancel
+    assert rig.send("plain:email", booking_id="U-2") == "sent"
+    mails = rig.smtp.snapshot()
+    assert [m.to.lower() for m in mails] == ["ana@example.com", "bob@example.org",
+                                             "ana@example.com"]
+    assert mails[0].raw["List-Unsubscribe"] == mails[2].raw["List-Unsubscribe"]
+    far = rig.store.booking_key("uc", "U-2")
+    assert r.ttl(ana) >= r.ttl(far) - 1 > 29 * 86400, (r.ttl(ana), r.ttl(far))
+    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
+                    redis_server.url).start()
+    try:
+        _wait_gone(rig, "U-1")
+        page = _page(api, mails[2].raw["List-Unsubscribe"][1:-1])
+    finally:
+        api.stop()
+    assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
