@@ -241,10 +241,6 @@ def test_a_care_critical_email_while_its_protocol_file_is_missing_still_goes_by_
 def test_a_link_stays_valid_while_its_booking_still_has_emails_to_send(rig, redis_server):
     import time
 
-    import httpx
-
-    from tests.api.conftest import ApiServer
-
     retention = 2.0
     rig.store = Store(rig.store.redis, "unsub", retention_days=retention / 86400)
     rig.ctx = replace(rig.ctx, store=rig.store)
@@ -254,21 +250,7 @@ def test_a_link_stays_valid_while_its_booking_still_has_emails_to_send(rig, redi
     link = mail.raw["List-Unsubscribe"][1:-1]
     time.sleep(retention + 1.5)  # the patient reads the email later than `retention`
     assert rig.store.record("uc/U-1/plain:email")["status"] == "scheduled"  # still to come
-    settings = rig.settings.model_copy(update={"key_prefix": "unsub"})
-    api = ApiServer(settings, redis_server.url).start()
-    try:
-        with httpx.Client(timeout=30) as http:
-            page = http.get(api.url + link.removeprefix(PUBLIC))
-            done = http.post(api.url + link.removeprefix(PUBLIC),
-                             data={"List-Unsubscribe": "One-Click"})
-    finally:
-        api.stop()
-    assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
-    assert done.status_code == 200 and "You are unsubscribed" in done.text, done.text
-    assert rig.store.opted_out("uc", "email", "ana@example.com")
-    plain = rig.store.record("uc/U-1/plain:email")
-    assert plain["status"] == "skipped" and plain["reason"].startswith(
-        "opted_out: the patient unsubscribed from email at "), plain
+    _unsubscribe_by_the_link(rig, redis_server, link)
     assert rig.store.redis.zscore(rig.store.due_key, "uc/U-1/plain:email") is None
     assert len(rig.smtp.snapshot()) == 1  # nothing more to the patient who unsubscribed
     # Still no longer than the booking's own keys: gone with them.
@@ -286,10 +268,6 @@ def test_a_link_stays_valid_while_its_booking_still_has_emails_to_send(rig, redi
 # shortened), the real send path and SMTP server, the real API.
 def test_a_nearer_booking_of_the_same_address_does_not_cut_the_link_short(rig, redis_server):
     import time
-
-    import httpx
-
-    from tests.api.conftest import ApiServer
 
     retention = 2.0
     rig.store = Store(rig.store.redis, "unsub", retention_days=retention / 86400)
@@ -311,6 +289,20 @@ def test_a_nearer_booking_of_the_same_address_does_not_cut_the_link_short(rig, r
     time.sleep(max(0.0, keep + 1.5 - time.time()))  # the near visit's keys are gone
     assert rig.store.redis.exists(near) == 0 and rig.store.redis.ttl(far) > 86400
     assert rig.store.record("uc/U-1/plain:email")["status"] == "scheduled"  # still to come
+    _unsubscribe_by_the_link(rig, redis_server, link)
+    assert len(rig.smtp.snapshot()) == 3  # nothing more to the patient who unsubscribed
+    # Still no longer than the longest-kept booking that emailed it.
+    (name,) = list(rig.store.redis.scan_iter("unsub:unsub:*"))
+    assert 0 < rig.store.redis.ttl(name) <= rig.store.redis.ttl(far)
+
+
+def _unsubscribe_by_the_link(rig: Rig, redis_server: Any, link: str) -> None:
+    """The patient opens the link (the real API) and unsubscribes in one click: both pages
+    answer, the address is opted out, and U-1's next email is skipped for it."""
+    import httpx
+
+    from tests.api.conftest import ApiServer
+
     settings = rig.settings.model_copy(update={"key_prefix": "unsub"})
     api = ApiServer(settings, redis_server.url).start()
     try:
@@ -326,10 +318,6 @@ def test_a_nearer_booking_of_the_same_address_does_not_cut_the_link_short(rig, r
     plain = rig.store.record("uc/U-1/plain:email")
     assert plain["status"] == "skipped" and plain["reason"].startswith(
         "opted_out: the patient unsubscribed from email at "), plain
-    assert len(rig.smtp.snapshot()) == 3  # nothing more to the patient who unsubscribed
-    # Still no longer than the longest-kept booking that emailed it.
-    (name,) = list(rig.store.redis.scan_iter("unsub:unsub:*"))
-    assert 0 < rig.store.redis.ttl(name) <= rig.store.redis.ttl(far)
 
 
 # Review (privacy, retention after a cancel): the cancel shortens a booking's keys to
