@@ -28,8 +28,16 @@ import redis
 from tests.conftest import ROOT
 from tests.test_send_races import PROTOCOL
 from worker.catalog import Catalog
-from worker.connections import WORKER, from_url
-from worker.dispatch import CUT_WAIT_SECONDS, Context, Lanes, Watchdog, attempt, hand_over
+from worker.connections import WORKER, Profile, from_url
+from worker.dispatch import (
+    CUT_WAIT_SECONDS,
+    HAND_BACK_WAIT_SECONDS,
+    Context,
+    Lanes,
+    Watchdog,
+    attempt,
+    hand_over,
+)
 from worker.embedded import RedisServer, free_port
 from worker.models import parse_booking
 from worker.planner import plan
@@ -1262,9 +1270,10 @@ class Outage:
     their claim), and pump runs as beat's ticks make them (`tick`), handing their batches to
     the rig's senders as a send task does."""
 
-    def __init__(self, tmp_path: Path, gateway: Gateway, **overrides: Any) -> None:
+    def __init__(self, tmp_path: Path, gateway: Gateway, profile: Profile = SHORT_RETRIES,
+                 **overrides: Any) -> None:
         self.server = RedisServer(tmp_path / "redis").start()
-        self.client = from_url(self.server.url, SHORT_RETRIES)
+        self.client = from_url(self.server.url, profile)
         self.rig = Rig(tmp_path, self.client, gateway, **{
             "lease_seconds": OUTAGE_LEASE, "send_max_wait_seconds": 1.0} | overrides)
         self._ticking = threading.Event()
@@ -1587,3 +1596,61 @@ def _cuts_with_redis_down(outage: Outage) -> None:
         s = rig.state(ref)
         assert s["record"]["status"] == "sent" and s["ledger"] == "sent", (ref, s)
         assert [e["outcome"] for e in s["log"]] == ["sent"], (ref, s)
+
+
+# Retries of about 9 s (20 of them, jittered, up to 1 s apart): longer than the grace below.
+SLOW_RETRIES = dc_replace(WORKER, retries=20, backoff_base=0.05, backoff_cap=1.0,
+                          connect_timeout=1, socket_timeout=3)
+
+
+def test_a_warm_shutdown_with_redis_down_ends_within_its_grace(tmp_path, gateway):
+    """Redis unreachable at a warm shutdown, sends at their provider and claims queued
+    behind them: the one try at handing the queued claims back waits out the Redis
+    client's retries (~45 s with the worker's profile) before the sends under way even get
+    their grace period (20 s): the stop took the two one after the other, past the
+    container's stop grace (30 s), and was SIGKILLed. That try must run during the grace
+    period, not before it: the stop ends within the grace (at least HAND_BACK_WAIT_SECONDS
+    given to the hand-back) and the wait for the cut sends, whatever the retries (review).
+    """
+    outage = Outage(tmp_path, gateway, SLOW_RETRIES, send_threads=2, send_timeout_seconds=30)
+    try:
+        rig = outage.rig
+        refs = [prep(n) for n in range(1, 6)]
+        rig.book(*(rig.doc(n) for n in range(1, 6)))
+        outage.client.zadd(rig.store.due_key, dict.fromkeys(refs, 0))
+        claims = rig.store.claim_due(100, OUTAGE_LEASE)
+        rig.gateway.hold = {phone(n) for n in range(1, 6)}
+        handing = threading.Thread(target=rig.hand, args=(claims,), daemon=True)
+        handing.start()
+        rig.gateway.wait_held(2)  # both threads at their provider, three claims queued
+        handing.join(30)
+        assert len(rig.lanes._queued) == 3
+        outage.server.stop()
+        grace = 1.0
+        closing = threading.Thread(target=rig.lanes.close, args=(grace,), daemon=True)
+        started = time.monotonic()
+        closing.start()
+        closing.join(120)
+        took = time.monotonic() - started
+        assert not closing.is_alive()
+        bound = max(grace, HAND_BACK_WAIT_SECONDS) + CUT_WAIT_SECONDS + 1.0
+        assert took < bound, f"the warm shutdown took {took:.1f} s with Redis down"
+        for thread in threading.enumerate():  # the hand-back's try, left behind: it ends
+            if thread.name == "send-handback":  # with the process (here: gives up first)
+                thread.join(60)
+        outage.server.start()
+        for ref in refs:  # nothing handed back nor recorded: each held by its lease
+            s = rig.state(ref)
+            assert s["record"]["status"] == "sending" and s["lease"] is not None, (ref, s)
+            assert s["log"] == [], (ref, s)
+        rig.gateway.release(200)  # the two at their provider go after all: recorded, once
+        wait_for(lambda: not rig.lanes._futures, timeout=20)
+        assert sorted(b["to"] for b in rig.gateway.bodies) == [phone(1), phone(2)]
+        for ref in refs[:2]:
+            s = rig.state(ref)
+            assert s["record"]["status"] == "sent" and s["ledger"] == "sent", (ref, s)
+        for ref in refs[2:]:
+            s = rig.state(ref)
+            assert s["record"]["status"] == "sending" and s["ledger"] is None, (ref, s)
+    finally:
+        outage.close()
