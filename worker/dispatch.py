@@ -976,6 +976,9 @@ WRITTEN_FOR_EARLIER = ("written before the patient's day changed or the visit be
 CUT_REASON = ("the worker stopped before the provider answered (its shutdown grace period "
               "ran out)")
 CUT = "cut: outcome unknown"
+# A warm shutdown's hand-back of the claims not begun runs during the grace period, not
+# before it; it is given the grace, and at least this long (a grace of 0).
+HAND_BACK_WAIT_SECONDS = 3.0
 CUT_WAIT_SECONDS = 2.0  # after a cut, how long to wait for attempts recording their outcome
 WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks
 FLUSH_INTERVAL = 0.1  # seconds between reports of settled claims to the pump's counts
@@ -1348,7 +1351,9 @@ class Lanes:
 
         Redis unreachable at this shutdown (past the client's retries, ~45 s with the
         worker's profile): found so once, at the hand-back of the queued claims (one round
-        trip) or at a cut's record, and not tried again one claim or cut after the other:
+        trip, tried during the grace period, given the grace or HAND_BACK_WAIT_SECONDS,
+        whichever is longer) or at a cut's record, and not tried again one claim or cut
+        after the other, so the stop ends within the grace and CUT_WAIT_SECONDS:
         what could not be handed back or recorded is brought back by its lease (and ledger),
         as after a SIGKILL, which a stop taking minutes would have ended in anyway.
         """
@@ -1361,11 +1366,21 @@ class Lanes:
         # First, with no round trip: no thread takes a queued claim from here on.
         for pool in pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
-        # The pump stops counting these senders, and the queued claims go back, at once.
-        if not self._hand_back_queued(pools):
-            self._unreachable.set()
+        # The pump stops counting these senders, and the queued claims go back, at once, in
+        # a thread of its own: with Redis unreachable that try waits out the client's
+        # retries, and the sends under way get their grace period meanwhile, not after it.
+        began = time.monotonic()
+        backing = threading.Thread(target=self._hand_back_queued, args=(pools,),
+                                   name="send-handback", daemon=True)
+        backing.start()
         # (A cancelled future never counts as done for `wait`: leave those out.)
         _, running = wait([f for f in futures if not f.cancelled()], timeout=grace)
+        backing.join(None if grace is None
+                     else max(0.0, began + max(grace, HAND_BACK_WAIT_SECONDS) - time.monotonic()))
+        if backing.is_alive():  # still waiting through the retries: left to their lease
+            self._unreachable.set()
+            log.warning("senders: stopping with Redis unreachable: the claims not begun are "
+                        "left to their lease")
         if running:
             cut = self._cut()
             _, running = wait(running, timeout=CUT_WAIT_SECONDS)
@@ -1396,17 +1411,16 @@ class Lanes:
                 pipe.zrem(self.keys.senders(channel), self.node)
             pipe.execute()
 
-    def _hand_back_queued(self, pools: dict[str, ThreadPoolExecutor]) -> bool:
+    def _hand_back_queued(self, pools: dict[str, ThreadPoolExecutor]) -> None:
         """Deregister these senders and hand back the claims no thread took (their futures
         were cancelled), in one round trip, each hand-back fenced by its claim (`requeue`).
-        Return False if Redis could not be reached (past the client's retries): the claims
-        are then left to their lease, all of them at once, not one wait per claim."""
+        Redis unreachable (past the client's retries): the claims are left to their lease,
+        all of them at once, not one wait per claim, and the shutdown tries Redis no more."""
         with self._lock:
             cancelled = [(key, item) for key, item in self._queued.items() if item[0].cancelled()]
             for key, _ in cancelled:
                 del self._queued[key]
         items = [(ref, claim) for _, (_, _, ref, claim) in cancelled]
-        reachable = True
         answers: list[Any] = []
         try:
             pipe = self.ctx.store.redis.pipeline(transaction=False)
@@ -1417,7 +1431,7 @@ class Lanes:
                                           STOPPING_NOT_BEGUN)
             answers = pipe.execute(raise_on_error=False)[len(pools):]
         except (redis.ConnectionError, redis.TimeoutError):
-            reachable = False
+            self._unreachable.set()
             log.warning("senders: stopping with Redis unreachable: %d claim(s) not begun left "
                         "to their lease", len(items))
         except redis.RedisError as exc:
@@ -1436,7 +1450,6 @@ class Lanes:
         if cancelled:
             log.info("senders: stopping: %d of %d claim(s) not begun handed back to the "
                      "schedule", handed, len(cancelled))
-        return reachable
 
     def _cut(self) -> int:
         """Record the attempts still handing over as of unknown outcome; return how many."""
