@@ -721,20 +721,13 @@ def test_a_pump_run_that_finds_another_under_way_says_it_did_not_run(shop, redis
     assert redis_client.zcard(store.due_key) == 3
 
 
-def test_a_nudge_finding_another_run_under_way_is_not_lost(shop, redis_client, redis_server,
-                                                           monkeypatch, request):
+def test_a_nudge_finding_another_run_under_way_is_not_lost(shop, redis_client, pump_here):
     # A run (another process's, the lock holder) is under way, parked while publishing; a
     # booking is written meanwhile with a reminder due at its own `now`, before the run
     # began (`reminders book` plans at its start and writes later), and asks for a run. That
     # run finds the lock held and leaves the work to the holder, which had already claimed:
     # the holder must run again at once, not leave the reminder to beat's next tick.
-    # worker.tasks reads the process's settings as it is imported (its tasks' limits).
-    monkeypatch.setenv("REMINDERS_REDIS_URL", redis_server.url)
-    get_settings.cache_clear()
-    request.addfinalizer(get_settings.cache_clear)
-    from worker import tasks
-
-    monkeypatch.setattr(tasks, "_context", shop.ctx)  # this process's send context
+    tasks = pump_here  # worker.tasks reads the settings as it is imported (its tasks' limits)
     store = shop.store
     due_now(shop, [("A", "sms")])
     parked, release = threading.Event(), threading.Event()
@@ -773,18 +766,40 @@ def test_a_nudge_finding_another_run_under_way_is_not_lost(shop, redis_client, r
                                      claim_round=100), time.monotonic()) is None
 
 
-def test_a_nudge_finding_this_process_pumping_is_not_lost(shop, redis_client, redis_server,
-                                                          monkeypatch, request):
-    # The same within one worker process: its pump thread is under way (parked while
-    # publishing) when the nudge for a booking written meanwhile comes to the same process
-    # (the pump task runs in the pool process, the run in a thread beside it). The thread
-    # had claimed already; it must run again once done, not leave the reminder to the tick.
+@pytest.fixture
+def pump_here(shop, redis_server, monkeypatch, request):
+    """worker.tasks as in a worker process whose send context is `shop`'s: a pump task
+    called here runs its pump thread in this process."""
     monkeypatch.setenv("REMINDERS_REDIS_URL", redis_server.url)
     get_settings.cache_clear()
     request.addfinalizer(get_settings.cache_clear)
     from worker import tasks
 
     monkeypatch.setattr(tasks, "_context", shop.ctx)  # this process's send context
+    return tasks
+
+
+def _wait_for_publish(published: list[str], ref: str, seconds: float = 3.0) -> None:
+    deadline = time.monotonic() + seconds
+    while ref not in published and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _assert_pump_thread_ends(tasks: Any) -> None:
+    """The pump thread ends (nothing due within the interval), leaving no run under way."""
+    deadline = time.monotonic() + 5
+    while (tasks._waiting or tasks._pumping.locked()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not tasks._waiting and not tasks._pumping.locked()
+
+
+def test_a_nudge_finding_this_process_pumping_is_not_lost(shop, redis_client, pump_here,
+                                                          monkeypatch):
+    # The same within one worker process: its pump thread is under way (parked while
+    # publishing) when the nudge for a booking written meanwhile comes to the same process
+    # (the pump task runs in the pool process, the run in a thread beside it). The thread
+    # had claimed already; it must run again once done, not leave the reminder to the tick.
+    tasks = pump_here
     parked, release = threading.Event(), threading.Event()
     published: list[str] = []
 
@@ -805,32 +820,22 @@ def test_a_nudge_finding_this_process_pumping_is_not_lost(shop, redis_client, re
     finally:
         release.set()
     # No beat here: no tick runs the pump, only the thread itself (or nothing) claims it.
-    deadline = time.monotonic() + 3
-    while late not in published and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _wait_for_publish(published, late)
     assert published == [first, late]
     assert redis_client.zscore(store.due_key, late) is None  # claimed
     # The thread ends (nothing due within the interval), leaving no run under way.
-    deadline = time.monotonic() + 5
-    while (tasks._waiting or tasks._pumping.locked()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not tasks._waiting and not tasks._pumping.locked()
+    _assert_pump_thread_ends(tasks)
 
 
-def test_a_nudge_left_to_a_run_that_then_fails_is_not_lost(shop, redis_client, redis_server,
-                                                           monkeypatch, request):
+def test_a_nudge_left_to_a_run_that_then_fails_is_not_lost(shop, redis_client, pump_here,
+                                                           monkeypatch):
     # This process's pump thread holds the run lock, parked while publishing; a booking is
     # written meanwhile, due before that run began, and its nudge (another process's run)
     # finds the lock held: it asks the holder to run again and leaves the work to it. The
     # holder's run then fails (the broker or Redis unreachable at its publish). Its release
     # took the request all the same, and the failure dropped it: the nudged reminder waited
     # for beat's next tick (up to REMINDERS_PUMP_INTERVAL_SECONDS). It must go at once.
-    monkeypatch.setenv("REMINDERS_REDIS_URL", redis_server.url)
-    get_settings.cache_clear()
-    request.addfinalizer(get_settings.cache_clear)
-    from worker import tasks
-
-    monkeypatch.setattr(tasks, "_context", shop.ctx)  # this process's send context
+    tasks = pump_here
     parked, release = threading.Event(), threading.Event()
     published: list[str] = []
 
@@ -854,9 +859,7 @@ def test_a_nudge_left_to_a_run_that_then_fails_is_not_lost(shop, redis_client, r
     finally:
         release.set()
     # No beat here: no tick runs the pump, only the holder's thread (or nothing) claims it.
-    deadline = time.monotonic() + 3
-    while late not in published and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _wait_for_publish(published, late)
     time.sleep(0.3)  # a few follow-up gaps: nothing published twice
     # The failed run handed its claim back (the broker refused it): the run again takes it
     # too. Each published once.
@@ -865,10 +868,7 @@ def test_a_nudge_left_to_a_run_that_then_fails_is_not_lost(shop, redis_client, r
         assert redis_client.zscore(store.due_key, ref) is None  # claimed
         assert redis_client.zscore(store.lease_key, ref) is not None
     assert redis_client.get(Keys(PREFIX).again()) is None  # asked once, run once
-    deadline = time.monotonic() + 5
-    while (tasks._waiting or tasks._pumping.locked()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not tasks._waiting and not tasks._pumping.locked()
+    _assert_pump_thread_ends(tasks)
 
 
 def test_a_pump_run_outlasting_its_lock_keeps_it_and_no_second_run_hands_out_more(
