@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.api.conftest import awake_timezone
 from tests.conftest import EXAMPLE_BOOKING, ROOT
 from tests.test_book_batch import BIN, book, jsonl
 
@@ -54,6 +55,7 @@ def capped_visits(prefix: str = "R", count: int = 6) -> list[dict[str, Any]]:
         doc["booking_id"] = f"{prefix}-{n}"
         doc["starts_at"] = (start + timedelta(days=2 * n)).isoformat()
         doc["patient"]["phone"] = PHONE
+        doc["patient"]["timezone"] = awake_timezone()  # what is due at once: due now
         if n % 2:
             doc["patient"].pop("email")
             doc["patient"]["channels"] = ["sms"]

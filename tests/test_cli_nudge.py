@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.api.conftest import PUMP_LIST, held_booking, nudges
+from tests.api.conftest import PUMP_LIST, awake_timezone, held_booking, nudges
 from tests.conftest import ROOT
 from tests.sinks import DeadEndpoint
 from tests.test_cli_store import BIN, VISIT, future
@@ -38,6 +38,14 @@ def reminders(redis_server, redis_client, tmp_path):
 
     return run
 
+
+
+@pytest.fixture
+def booking_doc(booking_doc):
+    """DESIGN.md's booking for a patient where it is afternoon now: its confirmation is due
+    at once whatever the time of day the test runs at (`awake_timezone`)."""
+    booking_doc["patient"]["timezone"] = awake_timezone()
+    return booking_doc
 
 def deliver(redis_client, *keys: str) -> None:
     """Claim these reminders of glow/A-1042 now and record them sent (the rest wait)."""

@@ -22,13 +22,18 @@ def _spf_hour(timeline: dict) -> int:
     return datetime.fromisoformat(spf["due_at"]).astimezone(ZoneInfo("Europe/Madrid")).hour
 
 
+def _in_madrid(doc: dict) -> dict:
+    doc["patient"]["timezone"] = "Europe/Madrid"  # the SPF hour is read in Madrid's time
+    return doc
+
+
 def test_a_protocol_edited_while_the_api_runs_plans_new_bookings(tmp_path: Path,
                                                                  serve) -> None:
     config = tmp_path / "config"
     shutil.copytree(ROOT / "config", config)
     api = serve(config_dir=config)
     with api.client(api.issue_key("glow")) as glow:
-        first = glow.put("/v1/bookings/A-1", json=future_booking("A-1"))
+        first = glow.put("/v1/bookings/A-1", json=_in_madrid(future_booking("A-1")))
         assert first.status_code == 201, first.text
         assert _spf_hour(first.json()) == 9
         path = config / "protocols" / "microneedling.toml"
@@ -41,6 +46,6 @@ def test_a_protocol_edited_while_the_api_runs_plans_new_bookings(tmp_path: Path,
         for _ in range(2):
             time.sleep(1.2)
             assert glow.get("/v1/bookings/A-1").status_code == 200
-        second = glow.put("/v1/bookings/A-2", json=future_booking("A-2"))
+        second = glow.put("/v1/bookings/A-2", json=_in_madrid(future_booking("A-2")))
         assert second.status_code == 201, second.text
         assert _spf_hour(second.json()) == 11
