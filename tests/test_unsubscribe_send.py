@@ -342,6 +342,18 @@ def _wait_gone(rig: Rig, booking_id: str) -> None:
     assert rig.store.redis.exists(bkey) == 0
 
 
+def _open(rig: Rig, redis_server: Any, link: str) -> Any:
+    """The page the link opens, on the real API started for it (and stopped)."""
+    from tests.api.conftest import ApiServer
+
+    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
+                    redis_server.url).start()
+    try:
+        return _page(api, link)
+    finally:
+        api.stop()
+
+
 def _page(api: Any, link: str) -> Any:
     import httpx
 
@@ -415,8 +427,6 @@ def test_a_cancel_keeps_the_link_a_booking_emailed_before_its_address_was_correc
     # U-2 (email only) emailed ana@, then the clinic corrected its address: it is no longer
     # among ana@'s bookings, but its email in ana@'s inbox still carries ana@'s link, as long
     # as U-2 is kept. U-1's cancel must not cut that link to U-1's own retention.
-    from tests.api.conftest import ApiServer
-
     _short_retention(rig, 2.0)
     r = rig.store.redis
     rig.book(booking_id="U-2", ahead=timedelta(days=4), channels=["email"], phone=None)
@@ -432,13 +442,8 @@ def test_a_cancel_keeps_the_link_a_booking_emailed_before_its_address_was_correc
     far = rig.store.booking_key("uc", "U-2")
     rig.store.cancel("uc", "U-1", datetime.now(UTC))
     assert r.ttl(name) >= r.ttl(far) - 1 > 3 * 86400, (r.ttl(name), r.ttl(far))
-    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
-                    redis_server.url).start()
-    try:
-        _wait_gone(rig, "U-1")
-        page = _page(api, link)
-    finally:
-        api.stop()
+    _wait_gone(rig, "U-1")
+    page = _open(rig, redis_server, link)
     assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
 
 
@@ -450,8 +455,6 @@ def test_a_cancel_keeps_the_link_a_booking_emailed_before_its_address_was_correc
 @pytest.mark.parametrize("cancelled_first", [False, True], ids=["moved", "cancelled-rebooked"])
 def test_a_link_lives_as_long_as_its_booking_after_a_move_later(rig, redis_server,
                                                                 cancelled_first):
-    from tests.api.conftest import ApiServer
-
     _short_retention(rig, 2.0)
     r = rig.store.redis
     rig.book()  # two days ahead
@@ -465,12 +468,7 @@ def test_a_link_lives_as_long_as_its_booking_after_a_move_later(rig, redis_serve
     bkey = rig.store.booking_key("uc", "U-1")
     assert r.ttl(bkey) > 3 * 86400
     assert r.ttl(name) >= r.ttl(bkey) - 1, (r.ttl(name), r.ttl(bkey))
-    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
-                    redis_server.url).start()
-    try:
-        page = _page(api, link)
-    finally:
-        api.stop()
+    page = _open(rig, redis_server, link)
     assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
 
 
@@ -486,8 +484,6 @@ def test_a_link_lives_as_long_as_its_booking_after_a_move_later(rig, redis_serve
 @pytest.mark.parametrize("change", ["corrected", "cancelled"])
 def test_an_email_overtaken_at_its_fence_leaves_no_address_behind_a_link(rig, redis_server,
                                                                          change):
-    from tests.api.conftest import ApiServer
-
     r = rig.store.redis
     month = timedelta(days=30)
     rig.ctx = replace(rig.ctx, renderer=DuringRender(rig.catalog.templates_dir))
@@ -509,12 +505,7 @@ def test_an_email_overtaken_at_its_fence_leaves_no_address_behind_a_link(rig, re
     (name,) = list(r.scan_iter("unsub:unsub:*"))
     assert r.get(name) == "email:bob@example.org"
     assert r.hget(bkey, "unsub") == name.rsplit("/", 1)[1]
-    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
-                    redis_server.url).start()
-    try:
-        page = _page(api, mail.raw["List-Unsubscribe"][1:-1])
-    finally:
-        api.stop()
+    page = _open(rig, redis_server, mail.raw["List-Unsubscribe"][1:-1])
     assert page.status_code == 200 and "b***@example.org" in page.text, page.text
 
 
@@ -525,8 +516,6 @@ def test_an_email_overtaken_at_its_fence_leaves_no_address_behind_a_link(rig, re
 # month ahead): the link in that email answers 200 after U-1's keys are gone.
 def test_a_cancel_while_another_bookings_email_is_at_its_fence_keeps_its_link(
         rig, redis_server):
-    from tests.api.conftest import ApiServer
-
     _short_retention(rig, 2.0)
     r = rig.store.redis
     month = timedelta(days=30)
@@ -550,11 +539,6 @@ def test_a_cancel_while_another_bookings_email_is_at_its_fence_keeps_its_link(
     assert mails[0].raw["List-Unsubscribe"] == mails[2].raw["List-Unsubscribe"]
     far = rig.store.booking_key("uc", "U-2")
     assert r.ttl(ana) >= r.ttl(far) - 1 > 29 * 86400, (r.ttl(ana), r.ttl(far))
-    api = ApiServer(rig.settings.model_copy(update={"key_prefix": "unsub"}),
-                    redis_server.url).start()
-    try:
-        _wait_gone(rig, "U-1")
-        page = _page(api, mails[2].raw["List-Unsubscribe"][1:-1])
-    finally:
-        api.stop()
+    _wait_gone(rig, "U-1")
+    page = _open(rig, redis_server, mails[2].raw["List-Unsubscribe"][1:-1])
     assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
