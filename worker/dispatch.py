@@ -1268,8 +1268,7 @@ class Lanes:
         runs out (then the pump claims it again itself). `start_by`: the claim's, from
         which its lease's end is known (`hand_over`)."""
         settings = self.ctx.settings
-        claimed_at = start_by - min(settings.lease_seconds - settings.send_timeout_seconds - 1,
-                                    settings.send_max_wait_seconds)
+        claimed_at = start_by - start_margin(settings)
         with self._lock:
             self._owed[f"{not_begun.claim}@{not_begun.ref}"] = (
                 not_begun.ref, not_begun.claim, not_begun.reason,
@@ -1511,6 +1510,13 @@ class HandingOver:
         return True
 
 
+def start_margin(settings: Settings) -> float:
+    """Seconds from a claim to its start-by (`hand_over`): room left in its lease for the
+    send's timeout, and no longer than the senders may keep it waiting."""
+    return min(settings.lease_seconds - settings.send_timeout_seconds - 1,
+               settings.send_max_wait_seconds)
+
+
 def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
               claims: Sequence[Sequence[str]], claimed_at: float, *,
               others_waiting: Callable[[], bool] | None = None) -> str:
@@ -1518,9 +1524,7 @@ def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
 
     `others_waiting()`: whether work of another queue waits for a pool process (then the
     hand-over does not hold this one for its senders' room)."""
-    settings = ctx.settings
-    start_by = claimed_at + min(settings.lease_seconds - settings.send_timeout_seconds - 1,
-                                settings.send_max_wait_seconds)
+    start_by = claimed_at + start_margin(ctx.settings)
     for index, (ref, version, claim) in enumerate(claims):
         try:
             lanes.submit(channel, ref, version, claim, start_by)
