@@ -67,3 +67,18 @@ def test_well_formed_tags_keep_their_answers(api, glow):
     assert ok.status_code == 200 and ok.headers["etag"] == '"2"'
     assert glow.delete("/v1/bookings/A-1042", headers={"If-Match": '"1"'}).status_code == 412
     assert glow.delete("/v1/bookings/A-1042", headers={"If-Match": "*"}).status_code == 200
+
+
+@pytest.mark.parametrize("header", ['"01"', '"001"', '"+1"', '"1.0"'])
+def test_a_tag_that_spells_the_version_otherwise_is_not_it(api, glow, header):
+    """Entity tags compare character by character (RFC 9110 8.8.3.2): `"01"` or `"+1"` is
+    not `"1"`: a 412 that changes nothing, never a write over a version the client did
+    not name."""
+    glow.put("/v1/bookings/A-1042", json=future_booking())
+    before = _stored(api, "glow", "A-1042")
+    moved = glow.put("/v1/bookings/A-1042", json=future_booking(medications={"tretinoin": False}),
+                     headers={"If-Match": header})
+    assert moved.status_code == 412, (header, moved.text)
+    assert moved.headers["etag"] == '"1"'
+    assert glow.delete("/v1/bookings/A-1042", headers={"If-Match": header}).status_code == 412
+    assert _stored(api, "glow", "A-1042") == before
