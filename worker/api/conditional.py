@@ -19,6 +19,7 @@ the one whose version was compared (else it reads and compares again).
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..store import Store
 from .errors import ApiError
 
 ANY = "*"
+_VERSION_TAG = re.compile(r'"(0|[1-9][0-9]*)"')  # as `etag` writes a version
 
 
 def etag(version: int) -> str:
@@ -44,7 +46,9 @@ def parse_if_match(header: str | None) -> str | frozenset[int] | None:
     versions = set()
     for tag in header.split(","):
         tag = tag.strip()
-        if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
+        # Compared character by character (RFC 9110 8.8.3.2): only a version as ETag
+        # writes it (`"3"`, never `"03"`), in ASCII digits.
+        if _VERSION_TAG.fullmatch(tag):
             versions.add(int(tag[1:-1]))
     return frozenset(versions)
 
