@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -98,3 +99,40 @@ def test_a_booking_id_names_one_clinics_dead_letters(
     by_ref = cli(verb, demo)  # a REF names its clinic
     assert by_ref.returncode == 0 and demo in by_ref.stdout, by_ref.stderr
     assert store.dead_letters() == []
+
+
+@pytest.mark.parametrize("command", [["purge", "--all"], ["replay", "--all"], ["dead-letters"]])
+def test_a_clinic_not_configured_and_without_dead_letters_is_refused(
+        redis_server, redis_client, tmp_path, catalog, booking_doc, command):
+    # `reminders replay --all --clinic glwo` (a typo) answered "replayed 0 dead letter(s)",
+    # exit 0: the operator took the clinic's dead letters as sent again.
+    store = Store(redis_client, "reminders")
+    two_clinics_dead_letters(store, catalog, booking_doc)
+    before = store.dead_letters()
+    done = subprocess.run([str(BIN / "reminders"), *command, "--clinic", "glwo"],
+                          env=cli_env(redis_server.url, tmp_path), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "--clinic" in done.stderr and "'glwo'" in done.stderr, done.stderr
+    assert done.stdout == ""
+    assert store.dead_letters() == before
+
+
+def test_a_removed_clinics_dead_letters_can_still_be_listed_and_purged(
+        redis_server, redis_client, tmp_path, catalog, booking_doc):
+    # A clinic taken out of config/ keeps its dead letters in Redis: ops must still be
+    # able to see and clear them by its id.
+    store = Store(redis_client, "reminders")
+    glow, demo = two_clinics_dead_letters(store, catalog, booking_doc)
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    (config / "clinics" / "demo.toml").unlink()
+    env = {**cli_env(redis_server.url, tmp_path), "REMINDERS_CONFIG_DIR": str(config)}
+    listed = subprocess.run([str(BIN / "reminders"), "dead-letters", "--clinic", "demo"],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and demo in listed.stdout and glow not in listed.stdout, (
+        listed.stdout, listed.stderr)
+    purged = subprocess.run([str(BIN / "reminders"), "purge", "--all", "--clinic", "demo"],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert purged.returncode == 0, (purged.stdout, purged.stderr)
+    assert {d["ref"] for d in store.dead_letters()} == {glow}
