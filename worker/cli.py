@@ -566,7 +566,7 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     """List reminders that failed for good, with the reason."""
-    dead = open_store(settings).dead_letters(args.clinic)
+    dead = _dead_letters(args, settings, open_store(settings))
     if args.json:
         print(json.dumps(dead, indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -578,6 +578,18 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
             f"{d['reason']}"
         )
     return EXIT_OK
+
+
+def _dead_letters(args: argparse.Namespace, settings: Settings, store: Store
+                  ) -> list[dict[str, Any]]:
+    """The dead letters of --clinic (all clinics without it). A clinic that is neither
+    configured nor has any is refused, naming it (a typo must not read as "none left");
+    one removed from config/ that left dead letters behind is still listed and handled."""
+    dead = store.dead_letters(args.clinic)
+    if args.clinic and not dead and args.clinic not in Catalog.load(settings).clinics:
+        raise UsageError(f"--clinic: unknown clinic {args.clinic!r} (not configured, and "
+                         "no dead letters of it)")
+    return dead
 
 
 def _on_dead_letters(
@@ -593,7 +605,7 @@ def _on_dead_letters(
         # A booking id is one clinic's (two clinics may use the same id): --clinic, or the
         # only clinic configured, as `show` and `cancel` take it. A REF names its clinic.
         clinic = clinic_of(args, Catalog.load(settings))
-    dead = store.dead_letters(args.clinic)
+    dead = _dead_letters(args, settings, store)
     if args.refs:
         wanted = set(args.refs)
         refs = [d["ref"] for d in dead if d["ref"] in wanted
