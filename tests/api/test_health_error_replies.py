@@ -1,0 +1,148 @@
+"""/readyz and /healthz while Redis answers, but with an error reply (review).
+
+Both routes caught connection errors only. A Redis that answers a check's command with an
+error reply other than a refusal of writes - NOPERM (an ACL user lacking a command the
+check runs: PING, the probe's SET, TIME, HGETALL, ZRANGE), MASTERDOWN (a replica with
+`replica-serve-stale-data no` whose master went away: PING, HGETALL, ZRANGE answer it) -
+made them answer the catch-all's bare 500 `{"error": {"code": "internal"}}` instead of
+their JSON 503 (Retry-After) that a load balancer, compose or an orchestrator reads as
+"not ready". Now: 503, `"redis": "error"`, a reason naming the error (never the Redis
+host or port: these routes need no key), and one WARNING log line for ops naming the
+route and the error, with no password and no address.
+
+Real redis-server (the test's own, put in each state as ops would: ACL SETUSER,
+REPLICAOF a master that is not there), real HTTP to the real app served by uvicorn.
+`reminders health` (worker/health.py `evaluate`) answers the same Redis as unhealthy in
+one line, exit 1, no traceback, for every role.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.api.test_redis_refuses_writes import own  # noqa: F401 (fixture)
+from tests.conftest import ROOT
+from tests.e2e.conftest import BIN
+from worker.embedded import RedisServer, free_port
+from worker.health import pump_beat
+from worker.store import connect
+
+PASSWORD = "pw-of-the-health-user-for-tests"
+USER = "healthcheck"
+
+
+def acl_url(server: RedisServer, lacking: str) -> str:
+    """A user that may run everything but `lacking` (NOPERM for it), on every key."""
+    admin = connect(server.url)
+    admin.execute_command("ACL", "SETUSER", USER, "reset", "on", f">{PASSWORD}", "~*", "&*",
+                          "+@all", f"-{lacking}")
+    admin.close()
+    return f"redis://{USER}:{PASSWORD}@127.0.0.1:{server.port}/0"
+
+
+@pytest.fixture
+def beating(own) -> Iterator[RedisServer]:  # noqa: F811
+    """The own Redis with a fresh pump heartbeat: healthy but for what the test does."""
+    admin = connect(own.url)
+    pump_beat(admin, "reminders", 0.01)
+    admin.close()
+    yield own
+
+
+def assert_not_ready(answer, server: RedisServer, error: str) -> None:
+    assert answer.status_code == 503, (answer.request.url, answer.status_code, answer.text)
+    assert answer.headers["retry-after"] == "5"
+    body = answer.json()
+    assert body["redis"] == "error", body
+    assert body["status"].startswith(f"Redis answered an error ({error}"), body
+    assert str(server.port) not in answer.text and "127.0.0.1" not in answer.text, answer.text
+
+
+def warnings_of(caplog, route: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and route in r.getMessage()]
+
+
+@pytest.mark.parametrize("lacking, routes", [
+    ("ping", ("/readyz", "/healthz")),  # the first command of both
+    ("set", ("/readyz", "/healthz")),  # the write probe
+    ("time", ("/healthz",)),  # the heartbeat's age, by Redis's clock
+    ("hgetall", ("/healthz",)),  # the heartbeat
+    ("zrange", ("/healthz",)),  # the oldest due reminder
+])
+def test_noperm_is_503_naming_the_error(serve, beating, caplog, lacking, routes):
+    api = serve(redis_url=acl_url(beating, lacking))
+    with api.client() as ops, caplog.at_level(logging.INFO):
+        answers = {route: ops.get(route) for route in ("/readyz", "/healthz")}
+    for route, answer in answers.items():
+        if route not in routes:  # a route that does not run the command is unaffected
+            assert answer.status_code == 200, (route, answer.text)
+            continue
+        assert_not_ready(answer, beating, "NoPermissionError")
+        said = warnings_of(caplog, route)
+        assert len(said) == 1, (route, [r.getMessage() for r in caplog.records])
+        assert "NoPermissionError" in said[0] and f"'{lacking}'" in said[0], said
+        assert PASSWORD not in said[0] and str(beating.port) not in said[0], said
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_masterdown_is_503_naming_the_error(serve, beating, caplog):
+    admin = connect(beating.url)
+    api = serve(redis_url=beating.url)
+    with api.client() as ops:
+        assert ops.get("/readyz").status_code == 200
+        assert ops.get("/healthz").status_code == 200
+        admin.config_set("replica-serve-stale-data", "no")
+        master = free_port()
+        admin.replicaof("127.0.0.1", master)  # a master that is not there
+        try:
+            with caplog.at_level(logging.INFO):
+                ready, health = ops.get("/readyz"), ops.get("/healthz")
+        finally:
+            admin.replicaof("NO", "ONE")
+        again = ops.get("/readyz")
+    for route, answer in (("/readyz", ready), ("/healthz", health)):
+        assert_not_ready(answer, beating, "MasterDownError")
+        assert str(master) not in answer.text, answer.text  # nor the master's address
+        said = warnings_of(caplog, route)
+        assert len(said) == 1 and "MasterDownError" in said[0], said
+        assert str(master) not in said[0] and str(beating.port) not in said[0], said
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert again.status_code == 200, again.text
+
+
+def health(url: str, role: str, *args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env.update({"REMINDERS_REDIS_URL": url, "PYTHONPATH": str(ROOT)})
+    return subprocess.run([str(BIN / "reminders"), "health", "--role", role, *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("role", ["worker", "beat", "api"])
+def test_reminders_health_is_unhealthy_in_one_line_on_noperm_and_masterdown(beating, role):
+    # `reminders health` (a Docker healthcheck) already caught every Redis error: kept so.
+    for url, error in ((acl_url(beating, "ping" if role == "api" else "hgetall"),
+                        "NoPermissionError"), (beating.url, "MasterDownError")):
+        admin = connect(beating.url)
+        if error == "MasterDownError":
+            admin.config_set("replica-serve-stale-data", "no")
+            admin.replicaof("127.0.0.1", free_port())
+        try:
+            plain, as_json = health(url, role), health(url, role, "--json")
+        finally:
+            admin.replicaof("NO", "ONE")
+            admin.close()
+        assert plain.returncode == 1 and plain.stderr == "", (plain.stdout, plain.stderr)
+        assert plain.stdout.startswith(f"{role}: unhealthy: Redis answered an error ({error}"
+                                       ), plain.stdout
+        assert PASSWORD not in plain.stdout
+        body = json.loads(as_json.stdout)
+        assert as_json.returncode == 1 and body["healthy"] is False, as_json.stdout
+        assert body["redis"] == "error", body
