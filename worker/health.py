@@ -186,7 +186,7 @@ def evaluate(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Ve
         return Verdict(False, f"Redis is unreachable ({type(exc).__name__})",
                        {"redis": "unreachable"})
     except redis.RedisError as exc:  # an error reply (NOPERM, MASTERDOWN, WRONGTYPE...)
-        return Verdict(False, f"Redis answered an error ({error_name(exc)})",
+        return Verdict(False, f"Redis answered an error ({error_detail(exc)})",
                        {"redis": "error"})
     finally:
         client.close()
@@ -200,6 +200,17 @@ def error_name(exc: Exception) -> str:
     pipelined command's quotes its arguments)."""
     found = _ERROR_CODE.search(str(exc))
     return type(exc).__name__ + (f" {found.group(1)}" if found else "")
+
+
+# NOPERM's message: "User <name> has no permissions to run the '<command>' command".
+_DENIED_COMMAND = re.compile(r"no permissions to run the '([a-z|_-]{1,40})' command")
+
+
+def error_detail(exc: Exception) -> str:
+    """`error_name`, and for NOPERM the command the ACL denies ("NoPermissionError: 'ping'
+    denied"): what ops must grant. Never the user's name, a key or an argument."""
+    found = _DENIED_COMMAND.search(str(exc))
+    return error_name(exc) + (f": '{found.group(1)}' denied" if found else "")
 
 
 # --- beat's heartbeat -------------------------------------------------------------------

@@ -84,6 +84,7 @@ def test_noperm_is_503_naming_the_error(serve, beating, caplog, lacking, routes)
             assert answer.status_code == 200, (route, answer.text)
             continue
         assert_not_ready(answer, beating, "NoPermissionError")
+        assert f"'{lacking}' denied" in answer.json()["status"], answer.text  # what to grant
         said = warnings_of(caplog, route)
         assert len(said) == 1, (route, [r.getMessage() for r in caplog.records])
         assert "NoPermissionError" in said[0] and f"'{lacking}'" in said[0], said
@@ -143,6 +144,8 @@ def test_reminders_health_is_unhealthy_in_one_line_on_noperm_and_masterdown(beat
         assert plain.stdout.startswith(f"{role}: unhealthy: Redis answered an error ({error}"
                                        ), plain.stdout
         assert PASSWORD not in plain.stdout
+        if error == "NoPermissionError":  # what ops must grant the user
+            assert f"'{'ping' if role == 'api' else 'hgetall'}' denied" in plain.stdout
         body = json.loads(as_json.stdout)
         assert as_json.returncode == 1 and body["healthy"] is False, as_json.stdout
         assert body["redis"] == "error", body

@@ -10,7 +10,10 @@ the api service: an API is worth serving while beat is down). Both answer 503 wi
 `Retry-After` when not; `"redis": "refuses writes"` when Redis answers but refuses writes
 (OOM under `noeviction`, MISCONF, a read-only replica): every keyed route writes first
 (the rate limiter's token), so the API then serves no clinic request, reads included.
-Writes are probed with a short-lived key, `P:health:api`. When they answer 200 both add
+Writes are probed with a short-lived key, `P:health:api`. Any other error reply to a check's
+command (NOPERM: the ACL user lacks it; MASTERDOWN: a replica cut off from its master with
+`replica-serve-stale-data no`) is a 503 too, `"redis": "error"`, naming the error (and the
+command NOPERM denies), logged at WARNING. When they answer 200 both add
 `redis_settings`: each Redis setting that can lose or evict the schedule (AOF off, appendfsync
 no, an evicting maxmemory-policy, a replica; worker/durability.py), a warning, never a 503;
 "connected to a replica" without its master's host and port (no key is asked here: internal
@@ -20,6 +23,7 @@ addresses are for `reminders health` and the logs).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
@@ -27,12 +31,13 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from ..durability import findings_of
-from ..health import REFUSAL_CAUSES, check, write_refusal
+from ..health import REFUSAL_CAUSES, check, error_detail, write_refusal
 from .errors import REDIS_RETRY_AFTER_SECONDS
 from .metrics import CONTENT_TYPE
 from .schemas import Health
 from .services import Svc
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["ops"])
 _HEALTH: dict[int | str, dict[str, Any]] = {
     200: {"model": Health}, 503: {"model": Health, "description": "not healthy"}}
@@ -56,6 +61,22 @@ def refuses_writes(svc: Svc) -> str | None:
     return write_refusal(svc.redis, svc.settings.key_prefix)
 
 
+def _unreachable() -> JSONResponse:
+    return _answer({"status": "Redis is unreachable", "redis": "unreachable"}, False)
+
+
+def _error_reply(route: str, exc: redis.RedisError) -> JSONResponse:
+    """Redis answered a check's command with an error reply that is no refusal of writes:
+    NOPERM (the ACL user lacks a command the check runs), MASTERDOWN (a replica with
+    `replica-serve-stale-data no` cut off from its master), WRONGTYPE... Not ready either;
+    logged for ops by its class, code and (NOPERM) the command denied: never the message,
+    which can name the user, a key or arguments."""
+    detail = error_detail(exc)
+    log.warning("%s: Redis answered an error (%s)", route, detail)
+    return _answer({"status": f"Redis answered an error ({detail}); see the API's log",
+                    "redis": "error"}, False)
+
+
 def _refusing(why: str) -> JSONResponse:
     return _answer({"status": f"Redis refuses writes ({why}): {REFUSAL_CAUSES}",
                     "redis": "refuses writes"}, False)
@@ -70,8 +91,10 @@ def healthz(svc: Svc) -> JSONResponse:
             return _refusing(why)
         verdict = check(svc.redis, settings.key_prefix, "worker", settings.heartbeat_max_age)
         due_in = svc.store.next_due_in()
-    except (redis.ConnectionError, redis.TimeoutError):
-        return _answer({"status": "Redis is unreachable", "redis": "unreachable"}, False)
+    except (redis.ConnectionError, redis.TimeoutError):  # LOADING too (BusyLoadingError)
+        return _unreachable()
+    except redis.RedisError as exc:
+        return _error_reply("/healthz", exc)
     age = verdict.details["age_seconds"]
     overdue = None if due_in is None or due_in > 0 else round(-due_in, 3)
     body = {"redis": "ok", "pump_heartbeat_age_seconds": age,
@@ -99,8 +122,10 @@ def _settings(svc: Svc) -> list[dict[str, Any]]:
 def readyz(svc: Svc) -> JSONResponse:
     try:
         why = refuses_writes(svc)
-    except (redis.ConnectionError, redis.TimeoutError):
-        return _answer({"status": "Redis is unreachable", "redis": "unreachable"}, False)
+    except (redis.ConnectionError, redis.TimeoutError):  # LOADING too (BusyLoadingError)
+        return _unreachable()
+    except redis.RedisError as exc:
+        return _error_reply("/readyz", exc)
     if why:
         return _refusing(why)
     return _answer({"status": "ok", "redis": "ok", "redis_settings": _settings(svc)}, True)
