@@ -542,3 +542,52 @@ def test_a_cancel_while_another_bookings_email_is_at_its_fence_keeps_its_link(
     _wait_gone(rig, "U-1")
     page = _open(rig, redis_server, mails[2].raw["List-Unsubscribe"][1:-1])
     assert page.status_code == 200 and "Unsubscribe from Unsub Clinic" in page.text, page.text
+
+
+# Review (growth): each link notes the bookings that emailed it (P:unsub-by), one more per
+# visit, and every email to the address keeps that note alive: for a long-term patient it
+# grew by one booking per visit forever (pruned only when a cancel found a booking gone),
+# and each cancel read every one of them. Visits come and go (their keys expire on Redis's
+# clock, the retention shortened), then a far visit emails: the note must list only the
+# bookings still kept - among them two that emailed the address and were moved to another
+# since (so a cancel finds them by the note alone), one of them first due to go within
+# seconds (its note older than its move) - and a cancel must read no more than those, while
+# still keeping the link as long as the longest-kept of them.
+def test_a_long_term_patients_link_notes_only_the_bookings_still_kept(rig, redis_server):
+    import time
+
+    _short_retention(rig, 1.0)
+    r = rig.store.redis
+    only_email: dict[str, Any] = {"channels": ["email"], "phone": None}
+    rig.book(booking_id="L-2", ahead=timedelta(days=4), **only_email)
+    assert rig.send("care:email", booking_id="L-2") == "sent"
+    rig.book(booking_id="L-2", ahead=timedelta(days=4), email="ana.lopez@example.org",
+             **only_email)
+    rig.book(booking_id="L-3", ahead=timedelta(seconds=3), **only_email)
+    assert rig.send("care:email", booking_id="L-3") == "sent"
+    rig.book(booking_id="L-3", ahead=timedelta(days=6), email="ana.l@example.net",
+             **only_email)  # moved months out (kept longer than its email's note said)
+    for visits in ("V-a", "V-b"):  # two seasons of visits, each over and forgotten
+        ids = [f"{visits}{i}" for i in range(8)]
+        for booking_id in ids:
+            rig.book(booking_id=booking_id, ahead=timedelta(seconds=3), **only_email)
+            assert rig.send("care:email", booking_id=booking_id) == "sent"
+        keeps = [float(r.hget(rig.store.booking_key("uc", b), "keep_until")) for b in ids]
+        time.sleep(max(0.0, max(keeps) + 1.5 - time.time()))
+        assert not any(r.exists(rig.store.booking_key("uc", b)) for b in ids)
+    rig.book(booking_id="F-1", ahead=timedelta(days=2), **only_email)
+    assert rig.send("care:email", booking_id="F-1") == "sent"
+    mails = rig.smtp.snapshot()
+    assert len(mails) == 19 and len({m.raw["List-Unsubscribe"] for m in mails}) == 1
+    (by_key,) = list(r.scan_iter("unsub:unsub-by:*"))
+    (name,) = list(r.scan_iter("unsub:unsub:*"))
+    assert set(r.zrange(by_key, 0, -1)) == {"L-2", "L-3", "F-1"}
+    r.config_resetstat()
+    rig.store.cancel("uc", "F-1", datetime.now(UTC))
+    # The cancel looks at each other booking noted or of the address (one HMGET each): the
+    # two kept, not the sixteen gone.
+    read = r.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
+    assert read <= 2 + 2, read
+    far = rig.store.booking_key("uc", "L-3")
+    assert r.ttl(name) >= r.ttl(far) - 1 > 5 * 86400, (r.ttl(name), r.ttl(far))
+    assert r.ttl(by_key) >= r.ttl(far) - 1
