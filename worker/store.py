@@ -22,8 +22,10 @@ Layout 2. Keys, all under the configured prefix P:
                                  but not before the keys of a booking that sent it; a
                                  cancel brings it down to the cancelled booking's expiry
                                  unless another live booking sent it)
-  P:unsub-by:<clinic>/<link> ZSET the bookings whose emails carried that link (scores 0),
-                                 read by a cancel; expires with the link
+  P:unsub-by:<clinic>/<link> ZSET the bookings whose emails carried that link, each scored
+                                 by its keep_until when noted (an email's send drops a few
+                                 past it whose keys are gone, scores again those still
+                                 kept), read by a cancel; expires with the link
   P:secret:<name>          STR   a server secret shared by every process (worker/secrets.py)
   P:once:help:<clinic>:<contact> STR the one help answer to an unknown text in 24 h
   P:inbound:<clinic>/<sid> STR   an inbound text acted on (its provider's MessageSid): sent
@@ -1161,7 +1163,21 @@ if goes then
     if link and not string.find(' ' .. noted .. ' ', ' ' .. link .. ' ', 1, true) then
       redis.call('HSET', bkey, 'unsub', noted == '' and link or (noted .. ' ' .. link))
     end
-    redis.call('ZADD', by_key, 0, ARGV[5])
+    -- Each booking noted is scored by when to look at it again: its keep_until (its keys
+    -- expire then, unless it was moved later since). A send looks at a few of those past
+    -- it: one gone is dropped, one still kept (moved later, a dead letter keeping its keys)
+    -- is scored again. So the note lists the bookings still kept, not every visit ever
+    -- emailed to the address, and a cancel reads no more than those.
+    redis.call('ZADD', by_key, math.ceil(keep or at), ARGV[5])
+    local stem = string.sub(bkey, 1, #bkey - #ARGV[5])
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', by_key, '-inf', now, 'LIMIT', 0, 10)) do
+      if redis.call('EXISTS', stem .. id) == 0 then
+        redis.call('ZREM', by_key, id)
+      else
+        local okeep = tonumber(redis.call('HGET', stem .. id, 'keep_until') or '') or 0
+        redis.call('ZADD', by_key, math.max(math.ceil(okeep), now + tonumber(unsub_ttl)), id)
+      end
+    end
     redis.call('EXPIREAT', by_key, at)
   end
 end
