@@ -149,3 +149,55 @@ def test_reminders_health_is_unhealthy_in_one_line_on_noperm_and_masterdown(beat
         body = json.loads(as_json.stdout)
         assert as_json.returncode == 1 and body["healthy"] is False, as_json.stdout
         assert body["redis"] == "error", body
+
+
+def test_loading_is_503_saying_redis_is_loading(serve, tmp_path):
+    # A Redis reading its data back at start (LOADING to almost every command, PING too):
+    # redis-py's BusyLoadingError is a ConnectionError, so both routes answered their 503,
+    # but said "Redis is unreachable" of a Redis that answers. They name what it is doing.
+    # Real redis-server restarted on an AOF of 100,000 keys, each read back slowly
+    # (`key-load-delay`, microseconds a key), so that it is loading while they are asked.
+    import time
+
+    from worker.connections import PROBE, from_url
+    from worker.embedded import redis_server_binary
+
+    first = RedisServer(tmp_path / "redis").start()
+    admin = connect(first.url)
+    pipe = admin.pipeline(transaction=False)  # one command a key in the AOF (a script's
+    for i in range(100_000):                   # one transaction is read back at once)
+        pipe.set(f"k{i}", "v")
+    pipe.execute()
+    admin.close()
+    first.stop()  # the AOF flushed on SIGTERM
+    process = subprocess.Popen(
+        [redis_server_binary(), "--port", str(first.port), "--bind", "127.0.0.1", "--dir",
+         str(first.data_dir.resolve()), "--appendonly", "yes", "--save", "",
+         "--key-load-delay", "50", "--logfile", "redis.log"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        watch = from_url(first.url, PROBE)  # one try a call
+        deadline = time.monotonic() + 10
+        while True:  # INFO is answered while loading
+            try:
+                if watch.info("persistence")["loading"] == 1:
+                    break
+            except Exception:  # noqa: BLE001 (not listening yet)
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start loading"
+            time.sleep(0.02)
+        api = serve(redis_url=first.url)
+        with api.client() as ops:
+            answers = [ops.get("/readyz"), ops.get("/healthz")]
+        assert watch.info("persistence")["loading"] == 1, "loaded before the check: too fast"
+        watch.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    for answer in answers:
+        assert answer.status_code == 503, (answer.request.url, answer.text)
+        assert answer.headers["retry-after"] == "5"
+        body = answer.json()
+        assert body["redis"] == "unreachable", body  # not serving: as one down, for now
+        assert body["status"].startswith("Redis is loading its data (LOADING)"), body
+        assert str(first.port) not in answer.text and "127.0.0.1" not in answer.text
