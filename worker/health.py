@@ -61,6 +61,8 @@ _REFUSES_WRITES = re.compile(
 REFUSAL_CAUSES = ("out of memory under noeviction, unable to persist, a read-only replica, "
                   "or short of the replicas min-replicas-to-write asks for")
 WRITE_PROBE_MS = 60_000  # life of the write probe's key
+LOADING = ("Redis is loading its data (LOADING): it serves nothing until it has read its "
+           "AOF or RDB file back; try again shortly")
 
 
 def refused_write(exc: redis.ResponseError) -> str | None:
@@ -182,6 +184,8 @@ def evaluate(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Ve
         settings = [f.as_json() for f in findings_of(client)]
         return Verdict(verdict.healthy, verdict.reason,
                        {**verdict.details, "redis_settings": settings})
+    except redis.exceptions.BusyLoadingError:  # a ConnectionError, of a Redis that answers
+        return Verdict(False, LOADING, {"redis": "unreachable"})
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return Verdict(False, f"Redis is unreachable ({type(exc).__name__})",
                        {"redis": "unreachable"})

@@ -189,6 +189,7 @@ def test_loading_is_503_saying_redis_is_loading(serve, tmp_path):
         api = serve(redis_url=first.url)
         with api.client() as ops:
             answers = [ops.get("/readyz"), ops.get("/healthz")]
+        cli = health(first.url, "worker")  # `reminders health`, the same words
         assert watch.info("persistence")["loading"] == 1, "loaded before the check: too fast"
         watch.close()
     finally:
@@ -201,3 +202,6 @@ def test_loading_is_503_saying_redis_is_loading(serve, tmp_path):
         assert body["redis"] == "unreachable", body  # not serving: as one down, for now
         assert body["status"].startswith("Redis is loading its data (LOADING)"), body
         assert str(first.port) not in answer.text and "127.0.0.1" not in answer.text
+    assert cli.returncode == 1 and cli.stderr == "", (cli.stdout, cli.stderr)
+    assert cli.stdout.startswith("worker: unhealthy: Redis is loading its data (LOADING)"), \
+        cli.stdout

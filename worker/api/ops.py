@@ -13,7 +13,8 @@ the api service: an API is worth serving while beat is down). Both answer 503 wi
 Writes are probed with a short-lived key, `P:health:api`. Any other error reply to a check's
 command (NOPERM: the ACL user lacks it; MASTERDOWN: a replica cut off from its master with
 `replica-serve-stale-data no`) is a 503 too, `"redis": "error"`, naming the error (and the
-command NOPERM denies), logged at WARNING. When they answer 200 both add
+command NOPERM denies), logged at WARNING. A Redis reading its data back at start (LOADING)
+is "unreachable" too, its status saying it is loading. When they answer 200 both add
 `redis_settings`: each Redis setting that can lose or evict the schedule (AOF off, appendfsync
 no, an evicting maxmemory-policy, a replica; worker/durability.py), a warning, never a 503;
 "connected to a replica" without its master's host and port (no key is asked here: internal
@@ -31,7 +32,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from ..durability import findings_of
-from ..health import REFUSAL_CAUSES, check, error_detail, write_refusal
+from ..health import LOADING, REFUSAL_CAUSES, check, error_detail, write_refusal
 from .errors import REDIS_RETRY_AFTER_SECONDS
 from .metrics import CONTENT_TYPE
 from .schemas import Health
@@ -61,8 +62,12 @@ def refuses_writes(svc: Svc) -> str | None:
     return write_refusal(svc.redis, svc.settings.key_prefix)
 
 
-def _unreachable() -> JSONResponse:
-    return _answer({"status": "Redis is unreachable", "redis": "unreachable"}, False)
+def _unreachable(exc: redis.RedisError) -> JSONResponse:
+    """Not serving: down, or (LOADING) reading its data back at start, which answers but
+    serves nothing yet ("redis": "unreachable" either way)."""
+    status = (LOADING if isinstance(exc, redis.exceptions.BusyLoadingError)
+              else "Redis is unreachable")
+    return _answer({"status": status, "redis": "unreachable"}, False)
 
 
 def _error_reply(route: str, exc: redis.RedisError) -> JSONResponse:
@@ -91,8 +96,8 @@ def healthz(svc: Svc) -> JSONResponse:
             return _refusing(why)
         verdict = check(svc.redis, settings.key_prefix, "worker", settings.heartbeat_max_age)
         due_in = svc.store.next_due_in()
-    except (redis.ConnectionError, redis.TimeoutError):  # LOADING too (BusyLoadingError)
-        return _unreachable()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # LOADING too
+        return _unreachable(exc)
     except redis.RedisError as exc:
         return _error_reply("/healthz", exc)
     age = verdict.details["age_seconds"]
@@ -122,8 +127,8 @@ def _settings(svc: Svc) -> list[dict[str, Any]]:
 def readyz(svc: Svc) -> JSONResponse:
     try:
         why = refuses_writes(svc)
-    except (redis.ConnectionError, redis.TimeoutError):  # LOADING too (BusyLoadingError)
-        return _unreachable()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # LOADING too
+        return _unreachable(exc)
     except redis.RedisError as exc:
         return _error_reply("/readyz", exc)
     if why:
