@@ -1,6 +1,7 @@
 """A Redis that is up but refuses writes answers 503 with Retry-After, and stores nothing
 (review): out of memory (`maxmemory 1mb`, `noeviction`: OOM), unable to persist (a failed
-RDB save: MISCONF) or a read-only replica (READONLY) answered the API's 500 "internal
+RDB save: MISCONF), a read-only replica (READONLY) or a replica between masters that
+serves no stale data (MASTERDOWN: a failover's old master) answered the API's 500 "internal
 error", as if the request were wrong, where a Redis that is down answers 503. Real
 redis-server (its own, set by CONFIG SET as ops would), real HTTP requests to the real app;
 every key of the Redis holds the same, no expiry pushed back, before and after. The refusal
@@ -113,6 +114,10 @@ class Refusal:
             self.admin.config_set("maxmemory", "1mb")
         elif self.kind == "MISCONF":
             self.admin.config_set("save", "3600 1")
+        elif self.kind == "MASTERDOWN":  # a failover's old master, its new master not
+            # answering yet, serving no stale data: every command refused, reads too
+            self.admin.config_set("replica-serve-stale-data", "no")
+            self.admin.replicaof("127.0.0.1", free_port())
         else:  # a replica of a master that is not there: READONLY
             self.admin.replicaof("127.0.0.1", free_port())
 
@@ -123,10 +128,11 @@ class Refusal:
             self.admin.config_set("save", "")
         else:
             self.admin.replicaof("NO", "ONE")
+            self.admin.config_set("replica-serve-stale-data", "yes")
 
 
 @pytest.mark.parametrize("when", ["before the request", "after the rate limit"])
-@pytest.mark.parametrize("kind", ["OOM", "MISCONF", "READONLY"])
+@pytest.mark.parametrize("kind", ["OOM", "MISCONF", "READONLY", "MASTERDOWN"])
 def test_redis_refusing_writes_is_503_and_nothing_is_stored(api, own, monkeypatch, kind, when):
     key = api.issue_key("tw")
     with api.client(key) as client:
