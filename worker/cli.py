@@ -3,8 +3,9 @@
 Exit codes: 0 ok; 1 a booking was refused or not found; 2 bad usage or unreadable
 input; 3 invalid configuration (config/ or templates/). `health`: 0 healthy, 1 not.
 `book` stopped by Ctrl-C: 130, by SIGTERM: 143, having said how many bookings it stored.
-A Redis refusing writes (OOM, MISCONF, READONLY, NOREPLICAS) is 3, as one unreachable, and
-any other Redis error (one line, without its message but at REMINDERS_LOG_LEVEL=DEBUG).
+A Redis refusing writes (OOM, MISCONF, READONLY, NOREPLICAS, MASTERDOWN) is 3, as one
+unreachable, and any other Redis error (one line, without its message but at
+REMINDERS_LOG_LEVEL=DEBUG).
 """
 
 from __future__ import annotations

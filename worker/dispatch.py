@@ -334,8 +334,8 @@ def _refused_at_begin(store: Store, ref: str, claim: str, why: str) -> str:
     Redis takes that (out of memory it does: the hand-back's script begins with a write that
     grows nothing, removing the lease, and Redis refuses only a script's first write), so
     that it goes as soon as Redis takes writes again, not once its lease runs out; else
-    (MISCONF, READONLY, NOREPLICAS refuse it too) `NotBegun`: its senders hand it back as
-    soon as Redis takes it."""
+    (MISCONF, READONLY, NOREPLICAS, MASTERDOWN refuse it too) `NotBegun`: its senders
+    hand it back as soon as Redis takes it."""
     reason = REFUSED_NOT_BEGUN.format(why=why)
     try:
         handed = store.requeue(ref, CLOCK.now_utc(), reason, claim=claim)

@@ -55,21 +55,26 @@ return 1
 # "Command # N (...) of pipeline caused error: ", and a write refused inside a Lua script is
 # quoted by Redis 6 as "Error running script (...): @user_script: N: -NOREPLICAS ...".
 # NOREPLICAS: a master with `min-replicas-to-write` (the usual guard with Sentinel) and
-# fewer replicas in sync.
-_REFUSES_WRITES = re.compile(
-    r"(?:^|caused error: |@user_script: \d+: -)(MISCONF|OOM|READONLY|NOREPLICAS)\b")
+# fewer replicas in sync. MASTERDOWN: a replica whose master link is down and that serves
+# no stale data (`replica-serve-stale-data no`; a failover's old master for a moment)
+# refuses every command, reads too, before running it: like the others, nothing done.
+_REFUSES_WRITES = re.compile(r"(?:^|caused error: |@user_script: \d+: -)"
+                             r"(MISCONF|OOM|READONLY|NOREPLICAS|MASTERDOWN)\b")
 REFUSAL_CAUSES = ("out of memory under noeviction, unable to persist, a read-only replica, "
-                  "or short of the replicas min-replicas-to-write asks for")
+                  "short of the replicas min-replicas-to-write asks for, or a replica whose "
+                  "master is down (a failover under way)")
 WRITE_PROBE_MS = 60_000  # life of the write probe's key
 LOADING = ("Redis is loading its data (LOADING): it serves nothing until it has read its "
            "AOF or RDB file back; try again shortly")
 
 
 def refused_write(exc: redis.ResponseError) -> str | None:
-    """Which refusal of writes `exc` is ("OOM", "MISCONF", "READONLY", "NOREPLICAS"), or
-    None."""
+    """Which refusal of writes `exc` is ("OOM", "MISCONF", "READONLY", "NOREPLICAS",
+    "MASTERDOWN"), or None."""
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         return "OOM"
+    if isinstance(exc, redis.exceptions.MasterDownError):
+        return "MASTERDOWN"
     if isinstance(exc, redis.exceptions.ReadOnlyError):
         return "READONLY"
     found = _REFUSES_WRITES.search(str(exc))

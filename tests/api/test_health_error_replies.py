@@ -8,7 +8,9 @@ made them answer the catch-all's bare 500 `{"error": {"code": "internal"}}` inst
 their JSON 503 (Retry-After) that a load balancer, compose or an orchestrator reads as
 "not ready". Now: 503, `"redis": "error"`, a reason naming the error (never the Redis
 host or port: these routes need no key), and one WARNING log line for ops naming the
-route and the error, with no password and no address.
+route and the error, with no password and no address. MASTERDOWN, which refuses every
+command before it runs, is since taken as a refusal of writes everywhere (the clinic
+routes and the send path try again): `"redis": "refuses writes"`, naming it.
 
 Real redis-server (the test's own, put in each state as ops would: ACL SETUSER,
 REPLICAOF a master that is not there), real HTTP to the real app served by uvicorn.
@@ -107,12 +109,16 @@ def test_masterdown_is_503_naming_the_error(serve, beating, caplog):
         finally:
             admin.replicaof("NO", "ONE")
         again = ops.get("/readyz")
-    for route, answer in (("/readyz", ready), ("/healthz", health)):
-        assert_not_ready(answer, beating, "MasterDownError")
+    for answer in (ready, health):
+        # Every command refused before it runs, as a refusal of writes is: said so, as
+        # the clinic routes and the send path take it (worker/health.py `refused_write`).
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "5", answer.text
+        body = answer.json()
+        assert body["redis"] == "refuses writes", body
+        assert body["status"].startswith("Redis refuses writes (MASTERDOWN)"), body
+        assert "failover" in body["status"], body
         assert str(master) not in answer.text, answer.text  # nor the master's address
-        said = warnings_of(caplog, route)
-        assert len(said) == 1 and "MasterDownError" in said[0], said
-        assert str(master) not in said[0] and str(beating.port) not in said[0], said
+        assert str(beating.port) not in answer.text and "127.0.0.1" not in answer.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert again.status_code == 200, again.text
 
@@ -141,14 +147,19 @@ def test_reminders_health_is_unhealthy_in_one_line_on_noperm_and_masterdown(beat
             admin.replicaof("NO", "ONE")
             admin.close()
         assert plain.returncode == 1 and plain.stderr == "", (plain.stdout, plain.stderr)
-        assert plain.stdout.startswith(f"{role}: unhealthy: Redis answered an error ({error}"
-                                       ), plain.stdout
+        refuses = error == "MasterDownError" and role == "api"  # as /readyz: no writes
+        if refuses:
+            assert plain.stdout.startswith("api: unhealthy: Redis refuses writes (MASTERDOWN)"
+                                           ), plain.stdout
+        else:
+            assert plain.stdout.startswith(
+                f"{role}: unhealthy: Redis answered an error ({error}"), plain.stdout
         assert PASSWORD not in plain.stdout
         if error == "NoPermissionError":  # what ops must grant the user
             assert f"'{'ping' if role == 'api' else 'hgetall'}' denied" in plain.stdout
         body = json.loads(as_json.stdout)
         assert as_json.returncode == 1 and body["healthy"] is False, as_json.stdout
-        assert body["redis"] == "error", body
+        assert body["redis"] == ("refuses writes" if refuses else "error"), body
 
 
 def test_loading_is_503_saying_redis_is_loading(serve, tmp_path):

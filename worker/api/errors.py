@@ -12,10 +12,12 @@ a patient's contact details).
 Redis unreachable (connection refused or lost, timeout) answers 503 with Retry-After, and
 so does a Redis that is up but refuses writes: out of memory under `maxmemory` with
 `noeviction` (OOM), unable to persist (MISCONF: a failed RDB save or AOF write), a
-read-only replica (READONLY), or a master short of the replicas `min-replicas-to-write`
-asks for (NOREPLICAS). A Lua script or MULTI refused so is refused at its first
-write and changes nothing, and the routes' writes are idempotent (PUT, DELETE, release,
-batch, STOP): the request may be sent again as it is. Any other error reply from Redis
+read-only replica (READONLY), a master short of the replicas `min-replicas-to-write`
+asks for (NOREPLICAS), or a replica between masters that serves no stale data
+(MASTERDOWN: a failover's old master, which refuses reads too, before they run). A Lua
+script or MULTI refused so is refused at its first write and changes nothing, and the
+routes' writes are idempotent (PUT, DELETE, release, batch, STOP): the request may be
+sent again as it is. Any other error reply from Redis
 is a bug, a 500.
 """
 
@@ -175,8 +177,8 @@ async def _redis_refuses(_: Request, exc: Exception) -> JSONResponse:
     return error_response(
         ApiError(
             503,
-            "the schedule store (Redis) refuses writes (out of memory, or it cannot "
-            "persist); send the request again shortly",
+            "the schedule store (Redis) refuses writes (out of memory, it cannot "
+            "persist, or a failover is under way); send the request again shortly",
             headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)},
         )
     )

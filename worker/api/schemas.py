@@ -157,7 +157,7 @@ class RedisSettingWarning(BaseModel):
 class Health(BaseModel):
     status: str = Field(description="ok, or what is wrong")
     redis: str = Field(description="ok, unreachable, refuses writes (OOM, MISCONF, READONLY, "
-                       "NOREPLICAS) or error (another error reply: NOPERM, MASTERDOWN...)")
+                       "NOREPLICAS, MASTERDOWN) or error (another error reply: NOPERM...)")
     pump: str | None = Field(None, description="ok, never (no pump run recorded), stale (no "
                              "recent pump run) or behind (a due reminder waits too long)")
     pump_heartbeat_age_seconds: float | None = Field(
