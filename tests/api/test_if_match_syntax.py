@@ -82,3 +82,20 @@ def test_a_tag_that_spells_the_version_otherwise_is_not_it(api, glow, header):
     assert moved.headers["etag"] == '"1"'
     assert glow.delete("/v1/bookings/A-1042", headers={"If-Match": header}).status_code == 412
     assert _stored(api, "glow", "A-1042") == before
+
+
+def test_a_tag_of_a_version_too_long_to_be_one_is_a_412(api, glow):
+    """A well-formed tag of digits no version reaches (thousands of them: Python refuses to
+    read past 4300 digits as an int) names no current version: the 412 of any other tag,
+    changing nothing, not a 500 (review)."""
+    glow.put("/v1/bookings/A-1042", json=future_booking())
+    before = _stored(api, "glow", "A-1042")
+    for header in ['"' + "1" * 5000 + '"', '"7", "' + "9" * 4301 + '"']:
+        moved = glow.put("/v1/bookings/A-1042",
+                         json=future_booking(medications={"tretinoin": False}),
+                         headers={"If-Match": header})
+        assert moved.status_code == 412, (moved.status_code, moved.text[:200])
+        assert moved.headers["etag"] == '"1"'
+        gone = glow.delete("/v1/bookings/A-1042", headers={"If-Match": header})
+        assert gone.status_code == 412, (gone.status_code, gone.text[:200])
+    assert _stored(api, "glow", "A-1042") == before
