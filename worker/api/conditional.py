@@ -30,7 +30,10 @@ from ..store import Store
 from .errors import ApiError
 
 ANY = "*"
-_VERSION_TAG = re.compile(r'"(0|[1-9][0-9]*)"')  # as `etag` writes a version
+# As `etag` writes a version; one of more digits than any version reaches (19: one per
+# write) is a well-formed tag naming no version, not read as an int (Python refuses to read
+# past 4300 digits: a 500).
+_VERSION_TAG = re.compile(r'"(0|[1-9][0-9]{0,18})"')
 
 
 def etag(version: int) -> str:
