@@ -216,3 +216,27 @@ def test_loading_is_503_saying_redis_is_loading(serve, tmp_path):
     assert cli.returncode == 1 and cli.stderr == "", (cli.stdout, cli.stderr)
     assert cli.stdout.startswith("worker: unhealthy: Redis is loading its data (LOADING)"), \
         cli.stdout
+
+
+def test_reminders_between_masters_says_a_failover_not_out_of_memory(beating):
+    # `reminders` exits 3 on MASTERDOWN as on a refusal of writes; its one line named the
+    # causes of the other refusals ("out of memory, read-only, cannot persist, or too few
+    # replicas"), none of which it is: ops were sent looking at memory and disks (review).
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env.update({"REMINDERS_REDIS_URL": beating.url, "PYTHONPATH": str(ROOT)})
+    admin = connect(beating.url)
+    admin.config_set("replica-serve-stale-data", "no")
+    admin.replicaof("127.0.0.1", free_port())
+    try:
+        done = subprocess.run([str(BIN / "reminders"), "dead-letters"], env=env,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        admin.replicaof("NO", "ONE")
+        admin.close()
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Redis refuses writes (MASTERDOWN)"), lines
+    assert "failover" in lines[0] and "out of memory" not in lines[0], lines
+    assert str(beating.port) not in done.stderr, done.stderr
