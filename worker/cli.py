@@ -1006,14 +1006,13 @@ def run_command(argv: list[str] | None) -> int:
         import redis  # already loaded by any command that talks to Redis (`plan` does not)
 
         if isinstance(exc, redis.ResponseError):
-            from .health import refused_write  # only on this failure
+            from .health import REFUSAL_CAUSE, refused_write  # only on this failure
 
             why = refused_write(exc)
             if why is not None:
                 # Never the message: a pipeline's names the command and its arguments.
-                print(f"Redis refuses writes ({why}): out of memory, read-only, cannot "
-                      "persist, or too few replicas; try again once it takes writes",
-                      file=sys.stderr)
+                print(f"Redis refuses writes ({why}): {REFUSAL_CAUSE[why]}; try again once "
+                      "it takes writes", file=sys.stderr)
                 return EXIT_CONFIG
         if isinstance(exc, redis.ConnectionError):
             print(f"cannot reach Redis: {exc}", file=sys.stderr)

@@ -63,6 +63,14 @@ _REFUSES_WRITES = re.compile(r"(?:^|caused error: |@user_script: \d+: -)"
 REFUSAL_CAUSES = ("out of memory under noeviction, unable to persist, a read-only replica, "
                   "short of the replicas min-replicas-to-write asks for, or a replica whose "
                   "master is down (a failover under way)")
+# Each refusal's own cause, in words for ops (`reminders`' one line names the one it is).
+REFUSAL_CAUSE = {
+    "OOM": "out of memory under noeviction",
+    "MISCONF": "unable to persist (a failed RDB save or AOF write)",
+    "READONLY": "a read-only replica",
+    "NOREPLICAS": "short of the replicas min-replicas-to-write asks for",
+    "MASTERDOWN": "a replica whose master is down (a failover under way)",
+}
 WRITE_PROBE_MS = 60_000  # life of the write probe's key
 LOADING = ("Redis is loading its data (LOADING): it serves nothing until it has read its "
            "AOF or RDB file back; try again shortly")
