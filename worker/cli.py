@@ -602,11 +602,12 @@ def _on_dead_letters(
     """Apply `act` to the dead letters named (REF or BOOKING_ID) or --all; print the result."""
     store = open_store(settings)
     clinic = args.clinic
-    if any("/" not in r for r in args.refs):
+    dead = _dead_letters(args, settings, store)
+    if any("/" not in r for r in args.refs) and not (args.clinic and dead):
         # A booking id is one clinic's (two clinics may use the same id): --clinic, or the
         # only clinic configured, as `show` and `cancel` take it. A REF names its clinic.
+        # A --clinic with dead letters is taken as it is (one removed from config/ too).
         clinic = clinic_of(args, Catalog.load(settings))
-    dead = _dead_letters(args, settings, store)
     if args.refs:
         wanted = set(args.refs)
         refs = [d["ref"] for d in dead if d["ref"] in wanted
