@@ -976,10 +976,31 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv)
     sys.stdout = ReaderMayLeave(stdout)
     try:
-        return run_command(argv)
+        code = run_command(argv)
     finally:
         sys.stdout.flush()
         sys.stdout = stdout
+    if argv is None and sys.argv[1:2] == ["book"]:  # the `reminders` script, not a caller
+        exit_at_once(code)
+    return code
+
+
+def exit_at_once(code: int) -> None:
+    """End the process now with `code`, everything written flushed: without the
+    interpreter's teardown, which after `book` frees the millions of objects a batch left
+    (its caches, the last store batch) one by one and collects them all once more: about
+    0.25 s of CPU at 10,000 bookings, for nothing. Returns (the usual exit follows) if a
+    stream cannot be flushed: its error is then reported as without this."""
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):
+        return
+    import logging
+
+    logging.shutdown()  # the handlers' buffers too (a log file)
+    os._exit(code)
 
 
 def run_command(argv: list[str] | None) -> int:
