@@ -14,6 +14,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -110,6 +112,35 @@ def test_trusted_booking_is_model_construct(catalog: Any) -> None:
         assert rebuilt == booking
         assert rebuilt.model_dump_json() == booking.model_dump_json()
         assert rebuilt.patient.first_name == booking.patient.first_name
+        # From the JSON text `reminders book` hands from its check to its store: the same.
+        from_text = trusted_booking(orjson.loads(booking.model_dump_json()))
+        assert fields_of(from_text) == fields_of(rebuilt)
+        assert from_text.model_dump_json() == booking.model_dump_json()
+
+
+def test_upsert_many_writes_the_documents_given(redis_client: Any, catalog: Any) -> None:
+    """`docs` (each booking's `model_dump_json()`, as the batch's check made it) is what is
+    stored, new or reconciled, with the same outcome as the store making it itself."""
+    from worker.planner import plan
+    from worker.store import Store
+
+    docs = list(realistic_bookings(8, seed=6, now=NOW))
+    items = []
+    for doc in docs:
+        booking = parse_booking(doc, catalog)
+        items.append((booking, plan(booking, catalog.protocols[booking.treatment],
+                                    catalog.clinics[booking.clinic], NOW)))
+    texts = [b.model_dump_json() for b, _ in items]
+    given = Store(redis_client, "docs-given", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    made = Store(redis_client, "docs-made", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    assert given.upsert_many(items[:5], NOW, docs=texts[:5]) == made.upsert_many(items[:5], NOW)
+    # Again (reconciled: unchanged) with three new ones.
+    assert given.upsert_many(items, NOW, docs=texts) == made.upsert_many(items, NOW)
+    for (booking, _), text in zip(items, texts, strict=True):
+        assert redis_client.get(given.doc_key(*booking.key)) == text
+        assert redis_client.get(made.doc_key(*booking.key)) == text
+    with pytest.raises(ValueError):
+        given.upsert_many(items, NOW, docs=texts[:3])
 
 
 def test_bookings_exist_is_what_summaries_say(redis_client: Any, catalog: Any) -> None:

@@ -375,7 +375,8 @@ def store_all(
                 before: list[str | None] = [None] * len(items)
                 storing = True
                 timelines = store.upsert_many(items, now, previous=before,
-                                              timelines=out is not None or tables)
+                                              timelines=out is not None or tables,
+                                              docs=[doc for doc, _ in chunk])
                 storing = False
                 stored += len(items)
                 for (booking, planned), old, timeline in zip(items, before, timelines,

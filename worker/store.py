@@ -2283,6 +2283,9 @@ class _Round:
     texts: dict[str, str] = field(default_factory=dict)
     args: list[Any] = field(default_factory=list)
     timelines: bool = True  # False: each booking's timeline is only its version
+    # Each booking's `model_dump_json()` as the caller had it, by position in its items
+    # (`upsert_many`'s `docs`), or None: made here.
+    docs: Sequence[str] | None = None
     # "<clinic>/<booking id>" of the batch's bookings before these whose check failed in an
     # earlier apply (the script makes a booking whose SMS cap read one of them wait too).
     stale: list[str] = field(default_factory=list)
@@ -2565,6 +2568,7 @@ class Store:
     def upsert_many(
         self, items: list[tuple[Booking, Plan]], now: datetime, *, release: bool = False,
         previous: list[str | None] | None = None, timelines: bool = True,
+        docs: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """`upsert` each (booking, plan), in a few round trips per chunk; return the timelines.
 
@@ -2583,7 +2587,12 @@ class Store:
         any later booking whose SMS cap read one of those (`_wait_for_later`; the apply
         script's `stale`): each is then read and reconciled again, in input order, so the
         result is that of upserting them one by one.
+
+        `docs`, when given (as long as `items`): each booking's `model_dump_json()`, as the
+        caller already has it (`reminders book`'s check made it), not made again here.
         """
+        if docs is not None and len(docs) != len(items):
+            raise ValueError("docs: one per booking")
         self._ready()
         out: list[dict[str, Any] | None] = [None] * len(items)
         before: list[str | None] = [None] * len(items) if previous is None else previous
@@ -2598,9 +2607,10 @@ class Store:
             redo = list(first.later)
             if len(first.batch) <= APPLY_CHUNK:  # one chunk (a single PUT): nothing to overlap
                 ready = self._prepared(_Round(first.batch, stored, [], caps,
-                                              timelines=timelines), now, release)
+                                              timelines=timelines, docs=docs), now, release)
                 redo += self._settle(ready, self._send(ready), now, release, out, before)
-                self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines)
+                self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines,
+                                    docs)
                 return cast(list[dict[str, Any]], out)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-apply") as pool:
                 sent: tuple[_Round, Future[Any]] | None = None
@@ -2609,7 +2619,7 @@ class Store:
                     part = slice(start, start + APPLY_CHUNK)
                     ready = self._prepared(
                         _Round(first.batch[part], stored[part], [], caps[part],
-                               timelines=timelines), now, release)
+                               timelines=timelines, docs=docs), now, release)
                     if sent is not None:
                         redo += self._settle(sent[0], sent[1].result(), now, release, out,
                                              before)
@@ -2618,7 +2628,8 @@ class Store:
                     sent = (ready, pool.submit(self._send, ready))
                 assert sent is not None
                 redo += self._settle(sent[0], sent[1].result(), now, release, out, before)
-            self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines)
+            self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines,
+                                docs)
         return cast(list[dict[str, Any]], out)
 
     def _upsert_rounds(
@@ -2630,11 +2641,12 @@ class Store:
         out: list[dict[str, Any] | None],
         before: list[str | None],
         timelines: bool = True,
+        docs: Sequence[str] | None = None,
     ) -> None:
         """Read, prepare and apply the bookings at `todo` until every one is written,
         APPLY_CHUNK at a time."""
         while todo:
-            ready = self._round(todo[:APPLY_CHUNK], items, now, release, timelines)
+            ready = self._round(todo[:APPLY_CHUNK], items, now, release, timelines, docs)
             todo = sorted(self._settle(ready, self._send(ready), now, release, out, before)
                           + todo[APPLY_CHUNK:])
 
@@ -2690,11 +2702,11 @@ class Store:
 
     def _round(
         self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool,
-        timelines: bool = True,
+        timelines: bool = True, docs: Sequence[str] | None = None,
     ) -> _Round:
         """Read and prepare the bookings at `todo` that can go in one round (`_select`)."""
         ready = self._select(todo, items)
-        ready.timelines = timelines
+        ready.timelines, ready.docs = timelines, docs
         ready.stored = self._read([item[0].key for _, item in ready.batch], scores=timelines)
         ready.caps = self._caps_read([item for _, item in ready.batch])
         self._wait_for_later(ready, items)
@@ -2956,13 +2968,15 @@ class Store:
     def _prepared(self, ready: _Round, now: datetime, release: bool) -> _Round:
         texts: dict[str, str] = {}
         ready.prepared = []
-        for (_, (booking, planned)), stored, read in zip(ready.batch, ready.stored, ready.caps,
+        docs = ready.docs
+        for (i, (booking, planned)), stored, read in zip(ready.batch, ready.stored, ready.caps,
                                                          strict=True):
             unflag = self._by_email_again(booking, stored)
             ready.prepared.append(self._prepare(
                 booking, self._capped_plan(booking, planned, stored, read, now, release, unflag),
                 stored, now, release, texts, read.guard if read else None,
-                timeline=ready.timelines, unflag=unflag))
+                timeline=ready.timelines, unflag=unflag,
+                doc=docs[i] if docs is not None else None))
         args: list[Any] = [self.prefix, len(texts)]
         for tid, text in texts.items():
             args += [tid, text]
@@ -3015,22 +3029,24 @@ class Store:
         *,
         timeline: bool = True,
         unflag: frozenset[str] = frozenset(),
+        doc: str | None = None,
     ) -> _Prepared:
         """Return the apply script's input for one booking, and its timeline after it (only
-        its version unless `timeline`). `unflag`: `_by_email_again`.
+        its version unless `timeline`). `unflag`: `_by_email_again`. `doc`: the booking's
+        `model_dump_json()` if the caller has it.
 
         A store whose `_reconcile` seam is overridden sees every booking there, new ones too
         (the HTTP API checks If-Match in it).
         """
         if not stored.fields and self._plain_reconcile:
             return self._prepare_new(booking, plan, now, release, texts, guard,
-                                     timeline=timeline)
+                                     timeline=timeline, doc=doc)
         return self._prepare_reconciled(booking, plan, stored, now, release, texts, guard,
-                                        timeline=timeline, unflag=unflag)
+                                        timeline=timeline, unflag=unflag, doc=doc)
 
     def _prepare_new(
         self, booking: Booking, plan: Plan, now: datetime, release: bool, texts: dict[str, str],
-        guard: list[Any] | None = None, *, timeline: bool = True,
+        guard: list[Any] | None = None, *, timeline: bool = True, doc: str | None = None,
     ) -> _Prepared:
         """The common case, a booking not stored yet, without the general reconcile.
 
@@ -3040,7 +3056,8 @@ class Store:
         released exactly these medications.
         """
         clinic, booking_id = booking.key
-        doc = booking.model_dump_json()
+        if doc is None:
+            doc = booking.model_dump_json()
         medications = self._medications_digest(booking)
         released_for = medications if release else ""
         status = plan.status
@@ -3207,11 +3224,14 @@ class Store:
         *,
         timeline: bool = True,
         unflag: frozenset[str] = frozenset(),
+        doc: str | None = None,
     ) -> _Prepared:
         """Reconcile (worker/reconcile.py) with the booking as stored; `unflag`, its emails
-        no longer going by SMS (`_by_email_again`), lose their flag "s"."""
+        no longer going by SMS (`_by_email_again`), lose their flag "s". `doc`: the
+        booking's `model_dump_json()` if the caller has it."""
         clinic, booking_id = booking.key
-        doc = booking.model_dump_json()
+        if doc is None:
+            doc = booking.model_dump_json()
         medications = self._medications_digest(booking)
         window = f"{plan.window.start}-{plan.window.end}" if plan.window else ""
         planned_keys = {r.key for r in plan.reminders}
