@@ -21,8 +21,7 @@ from tests.test_send_batches import (  # noqa: F401 (fixtures)
     phone,
     prep,
     rig,
-    settled,
-    wait_for,
+    sent_once_within_its_lease,
 )
 from worker.embedded import free_port
 
@@ -46,13 +45,7 @@ def test_a_claim_begun_while_redis_is_between_masters_goes_out_on_time(rig, redi
     claims = rig.claim(prep(1))
     with master_down(redis_client, 1.2):  # the begin is refused at least once
         rig.hand(claims)
-    wait_for(lambda: settled(rig, prep(1)), timeout=5)  # well within its lease (8 s)
-    rig.drain()
-    s = rig.state(prep(1))
-    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
-    assert s["lease"] is None and s["due"] is None, s
-    assert [e["outcome"] for e in s["log"]] == ["sent"]
-    assert [b["to"] for b in rig.gateway.bodies] == [phone(1)]
+    sent_once_within_its_lease(rig)
 
 
 def test_a_delivery_accepted_while_redis_is_between_masters_is_recorded_once(
@@ -63,11 +56,5 @@ def test_a_delivery_accepted_while_redis_is_between_masters_is_recorded_once(
     gateway.wait_held()  # begun, at the provider
     with master_down(redis_client, 1.2):
         gateway.release(200)  # the provider accepts; its record is refused at least once
-    wait_for(lambda: settled(rig, prep(1)), timeout=5)
-    rig.drain()
-    s = rig.state(prep(1))
-    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
-    assert s["lease"] is None and s["due"] is None, s
-    assert [e["outcome"] for e in s["log"]] == ["sent"], s["log"]
-    assert [b["to"] for b in gateway.bodies] == [phone(1)]
+    sent_once_within_its_lease(rig)
     assert rig.store.claim_due(100, 60) == []
