@@ -14,8 +14,10 @@ One run, on 127.0.0.1 only:
 - bookings through `reminders book -` (JSON lines on stdin), with starts spread so that
   every message falls due within the first minute;
 - while it drains: a worker SIGKILLed (its whole process group) every few seconds and
-  started again, Redis SIGKILLed once and started again on the same port and data
-  folder, the SMTP server down for a while.
+  started again; a worker stopped warm now and then (SIGTERM to its main process, as
+  `docker stop` sends it) while a new one starts beside it, as a rolling deploy does;
+  Redis SIGKILLed once and started again on the same port and data folder; the SMTP
+  server down for a while.
 
 Then it waits until every message has arrived (or a time limit), and until nothing is
 due or leased, and prints what the sinks received against what was booked. A message is
@@ -24,9 +26,11 @@ address and phone number and every step its own template, so the same name arriv
 twice is one reminder sent twice. A duplicate is explained when its earlier copy was
 accepted just before a kill (within --explain-window seconds before a worker SIGKILL,
 or from that long before a Redis kill until Redis was back): the kill landed inside or
-just after the provider call, before the outcome was recorded. Anything else fails the
-drill: a lost message, a dead letter (`reminders dead-letters --json`), an unexplained
-duplicate, or a message nobody booked. Exit 0 only if none of those happened.
+just after the provider call, before the outcome was recorded. A warm stop explains
+none: it hands back what has not begun and lets what has finish, within its grace.
+Anything else fails the drill: a lost message, a dead letter (`reminders dead-letters
+--json`), an unexplained duplicate, a message nobody booked, or a worker that did not
+end its warm stop within its grace. Exit 0 only if none of those happened.
 
 Every process is stopped (SIGTERM, then SIGKILL, to its process group) however the run
 ends.
@@ -71,6 +75,9 @@ PROGRESS_SECONDS = 10.0
 # a run saw copies at 0.26-0.27 s whose attempts no surviving process ever logged (the
 # killed worker's; its replacement logged only the later send, after the ledger expired).
 AFTER_KILL_SLACK = 0.5
+# A worker stopped warm must end within its grace and this margin (Celery's own shutdown,
+# the pool's exit) or the drill fails.
+STOP_MARGIN = 10.0
 DETAIL_LIMIT = 30  # lost or duplicated reminders shown with their timeline and attempt log
 RETRY_SAMPLE = 50  # bookings whose timelines are read to count retried reminders
 
@@ -126,6 +133,10 @@ class DrillParams:
     kill_first: float = 5.0  # first worker SIGKILL, seconds after the bookings went in
     kill_every: float = 5.0  # then one every this many seconds...
     worker_kills: int = 12  # ...this many in all, alternating between workers
+    stop_first: float = 7.5  # first warm stop (SIGTERM), seconds after the bookings...
+    stop_every: float = 15.0  # ...then one every this many seconds...
+    worker_stops: int = 3  # ...this many in all, alternating workers (w2 first)
+    stop_grace: float = 20.0  # REMINDERS_SHUTDOWN_GRACE_SECONDS
     redis_kill_at: float = 25.0  # Redis SIGKILLed once, this long after the bookings
     smtp_down_at: float = 10.0  # the SMTP server goes down this long after the bookings...
     smtp_down_for: float = 30.0  # ...for this long
@@ -144,6 +155,7 @@ class DrillParams:
             "REMINDERS_BACKOFF_BASE_SECONDS": f"{self.backoff_base:g}",
             "REMINDERS_BACKOFF_CAP_SECONDS": f"{self.backoff_cap:g}",
             "REMINDERS_MAX_ATTEMPTS": str(self.max_attempts),
+            "REMINDERS_SHUTDOWN_GRACE_SECONDS": f"{self.stop_grace:g}",
         }
 
 
@@ -156,6 +168,10 @@ HELP = {
     "kill_first": "first worker SIGKILL, seconds after booking",
     "kill_every": "seconds between worker SIGKILLs",
     "worker_kills": "worker SIGKILLs in all, alternating workers",
+    "stop_first": "first warm worker stop (SIGTERM), seconds after booking",
+    "stop_every": "seconds between warm worker stops",
+    "worker_stops": "warm worker stops in all, alternating workers",
+    "stop_grace": "REMINDERS_SHUTDOWN_GRACE_SECONDS",
     "redis_kill_at": "Redis SIGKILL, seconds after booking (negative: none)",
     "smtp_down_at": "SMTP server down, seconds after booking",
     "smtp_down_for": "seconds the SMTP server stays down (0: no outage)",
@@ -170,7 +186,8 @@ HELP = {
 # lead: `reminders book` must finish before the first start (a past appointment is refused),
 # with room for a loaded test machine.
 QUICK = {"bookings": 60, "lead": 12.0, "spread": 10.0, "kill_first": 11.0, "kill_every": 6.0,
-         "worker_kills": 2, "redis_kill_at": 16.0, "smtp_down_at": 10.0, "smtp_down_for": 10.0,
+         "worker_kills": 2, "stop_first": 14.0, "worker_stops": 1, "stop_grace": 8.0,
+         "redis_kill_at": 16.0, "smtp_down_at": 10.0, "smtp_down_for": 10.0,
          "lease_seconds": 12, "timeout": 150.0}
 
 
@@ -178,7 +195,7 @@ QUICK = {"bookings": 60, "lead": 12.0, "spread": 10.0, "kill_first": 11.0, "kill
 class Fault:
     """One fault the drill caused; `until` is when it was over (the service was whole)."""
 
-    kind: str  # "worker kill", "redis kill", "smtp down"
+    kind: str  # "worker kill", "worker stop", "redis kill", "smtp down"
     at: float  # epoch seconds
     until: float
     detail: str
@@ -221,6 +238,7 @@ class DrillReport:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)  # processes that died unasked
+    failed_stops: list[str] = field(default_factory=list)  # warm stops not ended in grace
     booking_seconds: float = 0.0
     first_due_at: float = 0.0
     last_due_at: float = 0.0
@@ -233,6 +251,10 @@ class DrillReport:
     @property
     def worker_kills(self) -> int:
         return sum(f.kind == "worker kill" for f in self.faults)
+
+    @property
+    def worker_stops(self) -> int:
+        return sum(f.kind == "worker stop" for f in self.faults)
 
     @property
     def redis_kills(self) -> int:
@@ -260,7 +282,8 @@ class DrillReport:
     @property
     def ok(self) -> bool:
         return (not self.lost and not self.dead_letters and not self.unexplained
-                and not self.unexpected and self.delivered == self.expected > 0)
+                and not self.unexpected and not self.failed_stops
+                and self.delivered == self.expected > 0)
 
 
 # --- the service, as ops would run it ---------------------------------------------------
@@ -283,6 +306,8 @@ class Service:
         self.incarnations: Counter[str] = Counter()
         self.beat_proc: subprocess.Popen[bytes] | None = None
         self.killed: set[int] = set()  # pids we killed (their exit is no surprise)
+        # Workers stopped warm, still ending: pid -> (process, slot, when SIGTERM was sent).
+        self.stopping: dict[int, tuple[subprocess.Popen[bytes], str, float]] = {}
 
     @property
     def redis_url(self) -> str:
@@ -372,6 +397,49 @@ class Service:
                      f"{slot} pid {proc.pid}, {'ready' if ready else 'starting'}; "
                      f"restarted as pid {new.pid}")
 
+    def stop_worker(self, slot: str) -> None:
+        """SIGTERM a worker's main process (as `docker stop` does: a warm shutdown, within
+        its grace) and start a new one in its slot at once, as a rolling deploy does. Its
+        fault is noted once it has ended (`supervise`)."""
+        proc = self.slots[slot]
+        self.killed.add(proc.pid)
+        self.stopping[proc.pid] = (proc, slot, time.time())
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.start_worker(slot)
+
+    def _ended_stops(self) -> list[Fault]:
+        """The warm stops that ended since the last look; a worker still running past its
+        grace and a margin is noted as an unexpected exit and SIGKILLed."""
+        ended = []
+        for pid, (proc, slot, at) in list(self.stopping.items()):
+            code = proc.poll()
+            overdue = time.time() > at + self.params.stop_grace + STOP_MARGIN
+            if code is None and not overdue:
+                continue
+            if code is None:
+                self.report.failed_stops.append(
+                    f"{slot} pid {pid} still running {time.time() - at:.0f}s after SIGTERM "
+                    f"(grace {self.params.stop_grace:g}s); SIGKILLed; see {self.logs[pid]}")
+                self.kill_group(proc)
+                code = proc.returncode
+            else:
+                if proc in self.procs.running:
+                    self.procs.running.remove(proc)
+                left = group_pids(pid)
+                if left:  # its pool processes must end with it
+                    self.report.failed_stops.append(
+                        f"{slot} pid {pid} ended its warm stop leaving {len(left)} "
+                        f"process(es) of its group; see {self.logs[pid]}")
+                    self.kill_group(proc)
+            del self.stopping[pid]
+            ended.append(Fault("worker stop", at, time.time(),
+                               f"{slot} pid {pid}, exit {code} after "
+                               f"{time.time() - at:.1f}s"))
+        return ended
+
     def kill_group(self, proc: subprocess.Popen[bytes]) -> float:
         """SIGKILL every process of `proc`'s group; return when the signal was sent."""
         self.killed.add(proc.pid)
@@ -394,8 +462,10 @@ class Service:
             if proc is not None and proc in self.procs.running:
                 self.procs.stop(proc)
 
-    def supervise(self) -> None:
-        """Restart a worker or beat that exited without being killed; note it."""
+    def supervise(self) -> list[Fault]:
+        """Restart a worker or beat that exited without being killed; note it. Return the
+        warm stops that ended since the last call."""
+        ended = self._ended_stops()
         for slot, proc in list(self.slots.items()):
             if proc.poll() is not None and proc.pid not in self.killed:
                 self.report.unexpected_exits.append(
@@ -408,6 +478,7 @@ class Service:
                 f"beat pid {self.beat_proc.pid} exited ({self.beat_proc.returncode}); restarted")
             self.procs.running.remove(self.beat_proc)
             self.start_beat()
+        return ended
 
     # The CLI ---------------------------------------------------------------------
 
@@ -559,6 +630,8 @@ def fault_plan(params: DrillParams, t0: float) -> list[tuple[float, str]]:
     """Return (when, what) for every fault, in order: kills, the Redis kill, the outage."""
     plan = [(t0 + params.kill_first + k * params.kill_every, f"kill w{k % params.workers + 1}")
             for k in range(params.worker_kills)]
+    plan += [(t0 + params.stop_first + k * params.stop_every,
+              f"stop w{(k + 1) % params.workers + 1}") for k in range(params.worker_stops)]
     if params.redis_kill_at >= 0:
         plan.append((t0 + params.redis_kill_at, "kill redis"))
     if params.smtp_down_for > 0:
@@ -634,7 +707,7 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
     while time.time() < deadline:
         while plan and plan[0][0] <= time.time():
             _, what, planned = plan.pop(0)
-            if what.startswith("kill w"):
+            if what.startswith(("kill w", "stop w")):
                 slot = what.split()[1]
                 proc = service.slots[slot]
                 if (not service.is_ready(proc) and proc.poll() is None
@@ -642,6 +715,11 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
                     # Kill a worker at work: a restarted one still starting is killed once up.
                     bisect.insort(plan, (time.time() + 0.2, what, planned))
                     break
+                if what.startswith("stop w"):
+                    service.stop_worker(slot)
+                    say(f"T+{time.time() - t0:5.1f}s worker stop: SIGTERM to {slot} pid "
+                        f"{proc.pid}; restarted as pid {service.slots[slot].pid}")
+                    continue
                 fault = service.kill_worker(slot)
             elif what == "kill redis":
                 fault = service.kill_redis()
@@ -662,10 +740,12 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
             report.faults.append(fault)
             event = "smtp up" if fault.kind == "smtp down" else fault.kind
             say(f"T+{time.time() - t0:5.1f}s {event}: {fault.detail}")
-        service.supervise()
+        for fault in service.supervise():
+            report.faults.append(fault)
+            say(f"T+{time.time() - t0:5.1f}s worker stopped: {fault.detail}")
         received = received_by_name(smtp, sms)
         delivered = sum(1 for k in names if k in received)
-        if delivered == len(names) and not plan:
+        if delivered == len(names) and not plan and not service.stopping:
             break
         if time.time() >= next_progress:
             say(f"T+{time.time() - t0:5.1f}s {delivered}/{len(names)} delivered")
@@ -783,6 +863,7 @@ def table_rows(report: DrillReport) -> list[tuple[str, str]]:
         ("time to drain after the last fault",
          "—" if drain is None else f"{drain:.1f} s"),
         ("worker kills (SIGKILL, process group)", f"{report.worker_kills}"),
+        ("worker stops (SIGTERM, warm)", f"{report.worker_stops}"),
         ("Redis kills (SIGKILL, AOF restart)", f"{report.redis_kills}"),
         ("SMTP down", f"{report.smtp_down_seconds:.0f} s"),
     ]
@@ -820,6 +901,8 @@ def render_report(report: DrillReport) -> str:
         lines.append(f"UNEXPECTED {json.dumps(extra, ensure_ascii=False)}")
     for note in report.unexpected_exits:
         lines.append(f"note: process exited unasked, restarted: {note}")
+    for note in report.failed_stops:
+        lines.append(f"WARM STOP FAILED: {note}")
     lines += [
         "faults: " + "; ".join(f"T+{f.at - t0:.1f}s {f.kind}"
                                for f in sorted(report.faults, key=lambda f: f.at)),
@@ -846,7 +929,8 @@ def report_json(report: DrillReport) -> dict[str, Any]:
         "duplicates": [asdict(d) | {"explained": d.explained} for d in report.duplicates],
         "lost": report.lost, "dead_letters": report.dead_letters,
         "unexpected": report.unexpected, "faults": [asdict(f) for f in report.faults],
-        "unexpected_exits": report.unexpected_exits, "drain_seconds": report.drain_seconds,
+        "unexpected_exits": report.unexpected_exits, "failed_stops": report.failed_stops,
+        "drain_seconds": report.drain_seconds,
         "seconds": round(report.seconds, 1),
     }
 

@@ -1,7 +1,8 @@
 """The fault drill (benchmarks/fault_drill.py, `make faults`) at a small size.
 
 60 bookings x 4 messages, real Redis (AOF), two real Celery workers and beat, real SMTP
-and HTTP sinks; two workers SIGKILLed and restarted, Redis SIGKILLed and restarted on
+and HTTP sinks; two workers SIGKILLed and restarted, one stopped warm (SIGTERM) while a
+new one starts beside it (a warm stop explains no duplicate), Redis SIGKILLed and restarted on
 its AOF, the SMTP server down for 10 s. Nothing may be lost or dead-lettered, and every
 message that arrived twice must have had its first copy accepted just before a kill.
 """
@@ -87,8 +88,8 @@ def test_every_resend_needs_its_own_kill_and_strangers_are_reported():
 
 def test_the_fault_plan_alternates_workers_and_ends_the_outage():
     plan = fault_plan(DrillParams(**QUICK), T0)  # type: ignore[arg-type]
-    assert [what for _, what in plan] == ["smtp down", "kill w1", "kill redis", "kill w2",
-                                         "smtp up"]
+    assert [what for _, what in plan] == ["smtp down", "kill w1", "stop w2", "kill redis",
+                                         "kill w2", "smtp up"]
     assert plan[-1][0] - plan[0][0] == QUICK["smtp_down_for"]
 
 
@@ -130,6 +131,9 @@ def test_every_duplicate_was_caused_by_a_kill(drill):
 def test_the_faults_really_happened(drill):
     report, _ = drill
     assert report.worker_kills == 2 and report.redis_kills == 1
+    # The warm stop ended within its grace, its pool with it (else `failed_stops`).
+    (stop,) = [f for f in report.faults if f.kind == "worker stop"]
+    assert report.failed_stops == [] and stop.until - stop.at < QUICK["stop_grace"] + 10
     assert 9.5 <= report.smtp_down_seconds <= 13, report.faults
     # The outage made email reminders retry: somebody's timeline shows more than one attempt.
     assert report.retried > 0
