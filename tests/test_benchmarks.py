@@ -421,12 +421,15 @@ def test_printed_table_shows_the_measured_numbers_with_units(quick_run):
 @pytest.mark.integration
 def test_a_run_that_falls_behind_gives_each_phase_a_fresh_service(tmp_path: Path):
     # No wait for the burst and the stream (beyond the half second every wait ends with),
-    # and more than either side could send in it: 100 messages due at one instant, 400
-    # spread over one second (ours sends at most a few hundred a second, the naive peer
-    # less): they are left behind, unsent. Sizes this small keep the booking leads short.
+    # and far more than either side could send in it: 600 messages due at one instant
+    # (1,200 a second to send them in that half second), 1,000 spread over one second
+    # (about 670 a second); ours sends at most a few hundred a second on 2 cores, the naive
+    # peer less: they are left behind, unsent. (100 and 400 were once enough; a quicker
+    # moment of this machine sent the 100 in time, and the test failed.) Sizes this small
+    # keep the booking leads short.
     workdir, out = tmp_path / "work", tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--burst", "50", "--steady-rate", "400",
+        [sys.executable, "-m", "benchmarks", "--burst", "300", "--steady-rate", "1000",
          "--steady-seconds", "1", "--intake", "20", "--pending-bookings", "20",
          "--pending-reminders", "100", "--naive-pending", "50", "--drain-timeout", "0",
          "--steady-drain", "0", "--workdir", str(workdir), "--json", str(out)],
