@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.e2e.conftest import wait_until
 from tests.e2e.test_webhooks import RECENT_DOSE, by_type, hooked, receiver
+from worker.catalog import CONFIG_RECHECK_SECONDS, CONFIG_STILL_SECONDS
 
 __all__ = ["hooked", "receiver"]  # the fixtures, used by name
 
@@ -23,7 +24,11 @@ def test_a_held_alert_goes_to_the_clinic_address_as_edited_while_the_worker_ran(
     clinic = e2e_config / "clinics" / "e2e.toml"
     clinic.write_text(clinic.read_text(encoding="utf-8").replace(
         'email = "desk@e2e.test"', 'email = "review@e2e.test"'), encoding="utf-8")
-    time.sleep(1.5)  # the edit is done (and `reminders book` reads config/ as it starts)
+    # A running process reads config/ again once the edit held still for a look, and looks
+    # at most once a second (worker/catalog.py `fresh`): a look just after the edit only
+    # notes it, the next one, a second later, reads it. 1.5 s was once the wait here, and a
+    # loaded full run saw the alert go with the configuration as before the edit.
+    time.sleep(CONFIG_STILL_SECONDS + CONFIG_RECHECK_SECONDS + 1.0)
     held = make_booking("W-9", starts_in=3600)
     held["medications"] = {"isotretinoin_last_dose": RECENT_DOSE}
     (timeline,) = hooked.book(held)

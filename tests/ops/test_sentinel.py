@@ -90,10 +90,12 @@ sentinel parallel-syncs {MASTER} 1
         wait_until(lambda: _quiet(lambda: replica.info("replication")
                                   .get("master_link_status") == "up"), 15)
         # Every sentinel knows the replica and the two other sentinels: a failover can happen.
+        # (They hear of each other by hellos every 2 s: 20 s was once too short in a loaded
+        # full run.)
         for port in self.sentinel_ports:
             s = redis.Redis(port=port, decode_responses=True)
             wait_until(lambda s=s: _quiet(lambda: len(s.sentinel_slaves(MASTER)) == 1
-                                          and len(s.sentinel_sentinels(MASTER)) == 2), 20)
+                                          and len(s.sentinel_sentinels(MASTER)) == 2), 45)
         return self
 
     def master_address(self) -> tuple[str, int] | None:
