@@ -60,10 +60,8 @@ return 1
 # refuses every command, reads too, before running it: like the others, nothing done.
 _REFUSES_WRITES = re.compile(r"(?:^|caused error: |@user_script: \d+: -)"
                              r"(MISCONF|OOM|READONLY|NOREPLICAS|MASTERDOWN)\b")
-REFUSAL_CAUSES = ("out of memory under noeviction, unable to persist, a read-only replica, "
-                  "short of the replicas min-replicas-to-write asks for, or a replica whose "
-                  "master is down (a failover under way)")
-# Each refusal's own cause, in words for ops (`reminders`' one line names the one it is).
+# Each refusal's own cause, in words for ops (`reminders`, /readyz, /healthz and `reminders
+# health` name the one it is).
 REFUSAL_CAUSE = {
     "OOM": "out of memory under noeviction",
     "MISCONF": "unable to persist (a failed RDB save or AOF write)",
@@ -177,7 +175,7 @@ def check(client: redis.Redis, prefix: str, role: Role, max_age: float) -> Verdi
     """Return the health of `role` from its heartbeat (Redis errors are the caller's);
     `api`: unhealthy first if Redis refuses writes (`write_refusal`), as /readyz is."""
     if role == "api" and (why := write_refusal(client, prefix)):
-        return Verdict(False, f"Redis refuses writes ({why}): {REFUSAL_CAUSES}",
+        return Verdict(False, f"Redis refuses writes ({why}): {REFUSAL_CAUSE[why]}",
                        {"redis": "refuses writes"})
     if role == "beat":
         return _heartbeat(client, beat_key(prefix), "beat tick published", max_age,

@@ -11,9 +11,8 @@ the api service: an API is worth serving while beat is down). Both answer 503 wi
 (OOM under `noeviction`, MISCONF, a read-only replica): every keyed route writes first
 (the rate limiter's token), so the API then serves no clinic request, reads included.
 Writes are probed with a short-lived key, `P:health:api`. Any other error reply to a check's
-command (NOPERM: the ACL user lacks it; MASTERDOWN: a replica cut off from its master with
-`replica-serve-stale-data no`) is a 503 too, `"redis": "error"`, naming the error (and the
-command NOPERM denies), logged at WARNING. A Redis reading its data back at start (LOADING)
+command (NOPERM: the ACL user lacks it; WRONGTYPE...) is a 503 too, `"redis": "error"`,
+naming the error (and the command NOPERM denies), logged at WARNING. A Redis reading its data back at start (LOADING)
 is "unreachable" too, its status saying it is loading. When they answer 200 both add
 `redis_settings`: each Redis setting that can lose or evict the schedule (AOF off, appendfsync
 no, an evicting maxmemory-policy, a replica; worker/durability.py), a warning, never a 503;
@@ -32,7 +31,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from ..durability import findings_of
-from ..health import LOADING, REFUSAL_CAUSES, check, error_detail, write_refusal
+from ..health import LOADING, REFUSAL_CAUSE, check, error_detail, write_refusal
 from .errors import REDIS_RETRY_AFTER_SECONDS
 from .metrics import CONTENT_TYPE
 from .schemas import Health
@@ -72,8 +71,8 @@ def _unreachable(exc: redis.RedisError) -> JSONResponse:
 
 def _error_reply(route: str, exc: redis.RedisError) -> JSONResponse:
     """Redis answered a check's command with an error reply that is no refusal of writes:
-    NOPERM (the ACL user lacks a command the check runs), MASTERDOWN (a replica with
-    `replica-serve-stale-data no` cut off from its master), WRONGTYPE... Not ready either;
+    NOPERM (the ACL user lacks a command the check runs), WRONGTYPE... (MASTERDOWN is a
+    refusal of writes: `refuses_writes`). Not ready either;
     logged for ops by its class, code and (NOPERM) the command denied: never the message,
     which can name the user, a key or arguments."""
     detail = error_detail(exc)
@@ -83,7 +82,7 @@ def _error_reply(route: str, exc: redis.RedisError) -> JSONResponse:
 
 
 def _refusing(why: str) -> JSONResponse:
-    return _answer({"status": f"Redis refuses writes ({why}): {REFUSAL_CAUSES}",
+    return _answer({"status": f"Redis refuses writes ({why}): {REFUSAL_CAUSE[why]}",
                     "redis": "refuses writes"}, False)
 
 
