@@ -12,8 +12,9 @@ the api service: an API is worth serving while beat is down). Both answer 503 wi
 (the rate limiter's token), so the API then serves no clinic request, reads included.
 Writes are probed with a short-lived key, `P:health:api`. Any other error reply to a check's
 command (NOPERM: the ACL user lacks it; WRONGTYPE...) is a 503 too, `"redis": "error"`,
-naming the error (and the command NOPERM denies), logged at WARNING. A Redis reading its data back at start (LOADING)
-is "unreachable" too, its status saying it is loading. When they answer 200 both add
+naming the error (and the command NOPERM denies), logged at WARNING. A Redis reading its
+data back at start (LOADING) is "unreachable" too, its status saying it is loading.
+When they answer 200 both add
 `redis_settings`: each Redis setting that can lose or evict the schedule (AOF off, appendfsync
 no, an evicting maxmemory-policy, a replica; worker/durability.py), a warning, never a 503;
 "connected to a replica" without its master's host and port (no key is asked here: internal
