@@ -9,11 +9,11 @@ from tests.api.conftest import future_booking
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), [
-    ("PATCH", "/v1/bookings/A-1", "DELETE, GET, PUT"),
+    ("PATCH", "/v1/bookings/A-1", "DELETE, GET, HEAD, PUT"),
     ("PUT", "/v1/bookings/A-1/release", "POST"),
     ("GET", "/v1/bookings:batch", "POST"),
     ("GET", "/v1/inbound/sms/glow", "POST"),
-    ("PUT", "/v1/unsubscribe/v1.abc.def", "GET, POST"),
+    ("PUT", "/v1/unsubscribe/v1.abc.def", "GET, HEAD, POST"),
 ])
 def test_a_method_the_path_does_not_serve_names_those_it_does(glow, api, method, path,
                                                               allowed):

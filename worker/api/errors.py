@@ -136,12 +136,15 @@ def _routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
 
 
 def allowed_methods(request: Request) -> str:
-    """Every method some route serves on this path (Starlette's 405 names only the first)."""
+    """Every method some route serves on this path (Starlette's 405 names only the first),
+    HEAD wherever GET is."""
     methods: set[str] = set()
     for route in _routes(request.app.router.routes):
         match, _ = route.matches({**request.scope, "method": "\0"})
         if match != Match.NONE:
             methods |= getattr(route, "methods", None) or set()
+    if "GET" in methods:  # answered as GET (factory.py `HeadAsGet`)
+        methods.add("HEAD")
     return ", ".join(sorted(methods))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..catalog import Catalog
 from ..logs import configure
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None, url: str | None = None) -> Fast
     app.include_router(inbound.router)
     app.include_router(unsubscribe.router)
     # Added last = outermost: metrics see every answer, including the catch-all's 500.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(errors.CatchAll)
     app.add_middleware(MetricsMiddleware, metrics=app.state.services.metrics)
 
@@ -73,3 +75,28 @@ def create_app(settings: Settings | None = None, url: str | None = None) -> Fast
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
     return app
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET, wherever GET is (RFC 9110 9.1), with the
+    same status and headers; uvicorn sends no body for a HEAD. FastAPI's routes answer only
+    the methods they declare, so HEAD was a 405 on every route: an uptime monitor asking
+    /healthz with HEAD read the service as down. Where GET is not served either, a HEAD
+    is a 405 as before, its `Allow` naming the methods that are (errors.py).
+
+    The app sees a copy of the request's scope saying GET (uvicorn reads its own, HEAD, to
+    leave the body out); the route it matched is handed back for the metrics' label."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, send)
+        finally:
+            if "route" in as_get:
+                scope["route"] = as_get["route"]
