@@ -21,10 +21,11 @@ from pydantic import ValidationError
 
 from tests.conftest import ROOT
 from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
+from tests.test_redis_durability import redis_with, services  # noqa: F401 (fixtures)
 from worker.models import parse_booking
 from worker.planner import plan
 from worker.settings import Settings
-from worker.store import Attempt, Store
+from worker.store import Attempt, Store, connect
 
 DAY = 86400
 MADRID = ZoneInfo("Europe/Madrid")
@@ -239,3 +240,66 @@ def test_the_sms_cap_counts_an_expired_booking_s_sms_at_the_least_retention_take
     assert sms_of(timelines[0]) == sms_of(timelines[1]), (
         f"with REMINDERS_RETENTION_DAYS={days}, the first booking's SMS ({sms}) were no "
         "longer counted by the cap")
+
+
+# `reminders stats` pruned each clinic's booking index (expired members) by the host's
+# clock as it counted: a write, so on a read-only replica (where ops run reports, off the
+# master) it failed with READONLY and printed nothing. And since only `stats` pruned it,
+# the index of a clinic whose operators never ran it grew by one member per booking ever
+# made. Now stats only reads (counted by Redis's clock), and storing a booking removes a
+# few expired members of its clinic's index. Real master and replica redis-servers, the
+# real `reminders stats` process.
+def replica_of(start_redis, master_url: str):
+    host, port = master_url.removeprefix("redis://").split("/")[0].split(":")
+    url = start_redis("--replicaof", host, port)
+    replica = connect(url)
+    deadline = time.monotonic() + 30
+    while replica.info("replication").get("master_link_status") != "up":
+        assert time.monotonic() < deadline, "the replica never synced"
+        time.sleep(0.1)
+    return url, replica
+
+
+def caught_up(master, replica) -> None:
+    master.set("probe:sync", str(time.time()))
+    expected = master.get("probe:sync")
+    deadline = time.monotonic() + 10
+    while replica.get("probe:sync") != expected:
+        assert time.monotonic() < deadline, "the replica fell behind"
+        time.sleep(0.05)
+
+
+def test_stats_reads_a_read_only_replica(redis_with, catalog, booking_doc):  # noqa: F811
+    master_url = redis_with()
+    master = connect(master_url)
+    store = Store(master, "reminders")
+    timeline, _ = book(store, catalog, booking_doc)
+    master.zadd(store.bookings_key("glow"), {"GONE-1": time.time() - DAY})  # keys expired
+    url, replica = replica_of(redis_with, master_url)
+    caught_up(master, replica)
+
+    done = reminders_cli("stats", "--json", redis_url=url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stats = json.loads(done.stdout)
+    assert stats["bookings"] == {"glow": 1} and stats["bookings_total"] == 1
+    assert stats["reminders_kept"] == len(timeline["reminders"])
+    # The same figures as on the master, and the master's index untouched by reading it.
+    assert json.loads(reminders_cli("stats", "--json", redis_url=master_url).stdout) == stats
+    assert master.zscore(store.bookings_key("glow"), "GONE-1") is not None
+
+
+def test_storing_a_booking_prunes_expired_members_of_its_clinics_index(
+        redis_server, redis_client, catalog, booking_doc):
+    store = Store(redis_client, "reminders")
+    index = store.bookings_key("glow")
+    gone = {f"GONE-{i}": time.time() - DAY - i for i in range(3)}
+    redis_client.zadd(index, gone)
+    redis_client.zadd(store.bookings_key("demo"), {"OTHER-GONE": time.time() - DAY})
+    book(store, catalog, booking_doc)
+    assert sorted(redis_client.zrange(index, 0, -1)) == ["A-1042"]
+    # Another clinic's index is that clinic's writes' to prune.
+    assert redis_client.zrange(store.bookings_key("demo"), 0, -1) == ["OTHER-GONE"]
+    # A booking stored again (unchanged, or changed) prunes too.
+    redis_client.zadd(index, gone)
+    book(store, catalog, dict(booking_doc, patient={**booking_doc["patient"], "name": "Ana M."}))
+    assert sorted(redis_client.zrange(index, 0, -1)) == ["A-1042"]
