@@ -140,6 +140,7 @@ import orjson
 import redis
 
 from .clinics import SendWindow, SmsSettings
+from .clock import redis_time
 from .errors import ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, base_step, is_notice, plan_notices, sent, went_out
@@ -390,6 +391,15 @@ local function index_booking(prefix, clinic, booking_id, ids, score)
     end
   end
 end
+-- The clinic's booking list (P:bookings:<clinic>: GET /v1/bookings, `stats`): the booking
+-- at its keys' expiry, and up to 8 members whose keys have expired dropped, so that the
+-- list holds about the live bookings only (each write adds at most one; `stats` only reads).
+local function list_booking(prefix, clinic, booking_id, score)
+  local key = prefix .. ':bookings:' .. clinic
+  local gone = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. redis_now(), 'LIMIT', 0, 8)
+  if #gone > 0 then redis.call('ZREM', key, unpack(gone)) end
+  redis.call('ZADD', key, score, booking_id)
+end
 local function unindex_booking(prefix, clinic, booking_id, ids)
   for _, ckey in ipairs(contact_keys(prefix, clinic, ids)) do
     redis.call('ZREM', ckey, booking_id)
@@ -430,7 +440,7 @@ local function keep_booking(prefix, clinic, booking_id, at, exact)
     local lkey = prefix .. ':ledger:' .. ref
     if redis.call('GET', lkey) == 'sent' then apply(lkey) end
   end
-  redis.call('ZADD', prefix .. ':bookings:' .. clinic, dead and '+inf' or at, booking_id)
+  list_booking(prefix, clinic, booking_id, dead and '+inf' or at)
   index_booking(prefix, clinic, booking_id, contacts, dead and '+inf' or at)
   -- The unsubscribe links its emails carried (`unsub`) live at least as long as it now is
   -- (a visit moved later: its earlier email's link must work until its next one): only
@@ -1735,7 +1745,7 @@ while i <= #ARGV do
       -- (its keep_until came with its fields; its document expires as it is set.)
       redis.call('EXPIREAT', bkey, keep)
       if doc == '' then redis.call('EXPIREAT', dkey, keep) end
-      redis.call('ZADD', prefix .. ':bookings:' .. clinic, keep, booking_id)
+      list_booking(prefix, clinic, booking_id, keep)
       index_booking(prefix, clinic, booking_id, contacts, keep)
     elseif redis.call('EXISTS', bkey) == 1 then
       keep_booking(prefix, clinic, booking_id, keep)
@@ -4255,12 +4265,13 @@ class Store:
     def stats(self) -> dict[str, Any]:
         """Return how much is kept: bookings per clinic, reminders by place, keys by kind."""
         self._ready()
-        now = time.time()
+        now = redis_time(self.redis)  # Redis's clock: the one that expires the keys
         clinics: dict[str, int] = {}
+        # Reads only (a read-only replica answers it): members whose keys have expired are
+        # not counted; writing a booking of the clinic drops them (`list_booking`).
         for key in self.redis.scan_iter(match=f"{self.prefix}:bookings:*", count=1000):
             clinic = key.rsplit(":", 1)[1]
-            self.redis.zremrangebyscore(key, "-inf", now)  # their keys have expired
-            clinics[clinic] = int(self.redis.zcard(key))
+            clinics[clinic] = int(self.redis.zcount(key, now, "+inf"))
         reminders = 0
         pipe = self.redis.pipeline(transaction=False)
         for key in self.redis.scan_iter(match=f"{self.prefix}:b:*", count=1000):
