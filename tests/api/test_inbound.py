@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,8 +27,10 @@ from tests.conftest import ROOT
 from worker.api.inbound import reply_text
 from worker.clinics import Clinic
 from worker.dispatch import unsubscribe_link
+from worker.models import Booking
 from worker.optout import twilio_signature
-from worker.sms import is_gsm7
+from worker.rendering import Renderer
+from worker.sms import fold_to_gsm7, is_gsm7, normalise
 from worker.webhooks import Events
 
 PUBLIC = "https://reminders.example/base"
@@ -258,6 +260,26 @@ def test_confirm_answers_a_patient_whose_locale_babel_does_not_know(server, tw, 
     assert reply and str(day) in reply, reply
     assert ("queda confirmada" if locale.startswith("es") else "confirmed") in reply, reply
     assert tw.get("/v1/bookings/L-1").json()["confirmed_at"]
+
+
+@pytest.mark.parametrize("locale", ["en", "en-GB", "es"])
+def test_confirm_names_the_visit_as_the_reminders_do(server, tw, locale):
+    """The answer to "C" names the visit's date and time the way the patient's reminders
+    do (the message's variant: rendering.Renderer.variant). An English patient of a Madrid
+    clinic (locale "en") reads "see you tomorrow at 14:35" and "5 Dec" in every reminder;
+    the answer said "your visit on Dec 5 at 2:35 PM", American formats nobody had chosen."""
+    book(tw, "F-1", days=10, patient_locale=locale)
+    reply = message_of(text(server, "C"))
+    services = server.app.state.services
+    stored = services.store.booking_doc("tw", "F-1")
+    booking = Booking.model_validate(stored)
+    clinic = services.catalog.clinics["tw"]
+    words = Renderer(ROOT / "templates").context(
+        booking=booking, clinic=clinic, protocol=services.catalog.protocols["microneedling"],
+        occurrence=1, due_at=datetime.now(UTC), channel="sms")
+    date, time_ = (fold_to_gsm7(normalise(words[k]))
+                   for k in ("appointment_date_short", "appointment_time"))
+    assert reply and f" {date} " in f" {reply} " and time_ in reply, (reply, date, time_)
 
 
 def test_reschedule_asks_the_clinic_to_call(server, tw):
