@@ -66,6 +66,7 @@ down or refusing writes: 503) is acted on when the provider sends it again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import tomllib
@@ -90,6 +91,7 @@ from ..optout import (
     form_pairs,
     twilio_valid,
 )
+from ..rendering import Renderer
 from ..sms import fold_to_gsm7
 from ..status import Status
 from ..webhooks import consent_told, hooks_of, tell_consent
@@ -148,11 +150,24 @@ def _reply_folder(templates_dir: Path, locale: str) -> str:
     return language if (templates_dir / language / "_replies.toml").is_file() else "en"
 
 
-def date_locale(templates_dir: Path, locale: str) -> Locale:
-    """The Babel locale an answer writes the visit's date and time in: the patient's, else
-    its language's (a tag a booking takes because its language has templates, but Babel
-    does not know: "es-LA", "en-EU"), in the answer's own language."""
+@functools.lru_cache(maxsize=8)
+def _renderer(templates_dir: Path) -> Renderer:
+    """The renderer whose message variants the answers' dates follow (one per folder)."""
+    return Renderer(templates_dir)
+
+
+def date_locale(templates_dir: Path, locale: str, clinic: Clinic) -> Locale:
+    """The Babel locale an answer writes the visit's date and time in: the variant the
+    patient's reminders are written in (rendering.Renderer.variant: the patient's locale
+    region, else the clinic's, else the territory of its timezone: "5 Dec, 14:30" for an
+    English patient of a Madrid clinic, as every reminder says it), when the answer is in
+    that language; else the patient's locale, else its language's (a tag a booking takes
+    because its language has templates, but Babel does not know: "es-LA", "en-EU"), in
+    the answer's own language."""
     folder = _reply_folder(templates_dir, locale)
+    variant = _renderer(templates_dir).variant(locale, clinic)
+    if variant.locale.language == folder:
+        return variant.locale
     mine = locale.split("-")[0].split("_")[0] == folder
     for name in ((locale.replace("-", "_"), folder) if mine else (folder,)):
         try:
@@ -311,7 +326,7 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
             return intent, answer("change")
         tz = ZoneInfo(str(patient.get("timezone") or clinic.timezone))
         start = datetime.fromisoformat(str(doc["starts_at"])).astimezone(tz)
-        babel_locale = date_locale(templates, locale)
+        babel_locale = date_locale(templates, locale, clinic)
         return intent, answer(
             "confirm", date=format_skeleton("MMMd", start.date(), locale=babel_locale),
             time=format_time(start, "short", tzinfo=tz, locale=babel_locale))
