@@ -172,6 +172,32 @@ def test_a_stop_message_too_late_for_the_full_pause_says_to_call(
     assert email_says not in "\n".join(texts(on_time, "stop-retinoids"))
 
 
+@pytest.mark.parametrize(("locale", "tonight", "now"), [
+    ("en", "tonight", "stop using tretinoin and retinol now"),
+    ("es", "esta noche", "deja ya de usar tretinoína y retinol"),
+])
+@pytest.mark.parametrize("discreet", [False, True])
+def test_a_stop_email_sent_on_the_day_of_the_visit_says_now_not_tonight(
+    renderer: Renderer, catalog: Catalog, booking_doc: dict[str, Any], locale: str,
+    tonight: str, now: str, discreet: bool,
+) -> None:
+    """Booked at 08:00 for 17:00 the same day: the pause message still goes (until 6 h
+    before, at 09:00). Its SMS says "stop now and call us"; its email said "Stop tretinoin
+    and retinol from tonight" and "Your appointment is today at 17:00. From tonight, please
+    stop...": tonight comes after the treatment, and no retinoid is used on its day
+    (seeds/000). Too late for the full pause, the email says "now", as the SMS does."""
+    appointment = booking(catalog, booking_doc, locale=locale,
+                          starts_at="2026-12-05T17:00:00+01:00")
+    clinic = catalog.clinics["glow"].model_copy(update={"discreet": discreet})
+    messages = list(rendered(renderer, catalog, appointment, clinic,
+                             booked_at=appointment.starts_at - timedelta(hours=9)))
+    (email,) = [m for key, m in messages
+                if key == "stop-retinoids:email" and m.channel == "email"]
+    assert tonight not in f"{email.subject}\n{email.text}\n{email.html}".lower(), email
+    assert now in email.text and now in (email.html or "").replace("<strong>", "").replace(
+        "</strong>", ""), email.text
+
+
 # --- English variants ----------------------------------------------------------------------
 
 
