@@ -194,8 +194,8 @@ def test_a_stop_email_sent_on_the_day_of_the_visit_says_now_not_tonight(
     (email,) = [m for key, m in messages
                 if key == "stop-retinoids:email" and m.channel == "email"]
     assert tonight not in f"{email.subject}\n{email.text}\n{email.html}".lower(), email
-    assert now in email.text and now in (email.html or "").replace("<strong>", "").replace(
-        "</strong>", ""), email.text
+    html = (email.html or "").replace("<strong>", "").replace("</strong>", "")
+    assert now in email.text.lower() and now in html.lower(), email.text
 
 
 # --- English variants ----------------------------------------------------------------------
