@@ -10,10 +10,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import icalendar
 import pytest
 
 from worker.catalog import Catalog
-from worker.checking import SAMPLE_FIRST_NAMES, check, sample_booking, sample_messages
+from worker.checking import (
+    SAMPLE_FIRST_NAMES,
+    check,
+    sample_booking,
+    sample_messages,
+    sample_notices,
+)
 from worker.clinics import Clinic
 from worker.models import CHANNELS, Booking
 from worker.planner import plan
@@ -222,11 +229,13 @@ def test_the_variant_follows_the_clinic(renderer: Renderer, catalog: Catalog, lo
 
 @pytest.mark.parametrize(("locale", "timezone", "wants", "never"), [
     ("en-US", "America/New_York",
-     ["moisturizer", "call us at", "100.4 °F", "December 5, 2026", "2:30 PM", "tanning beds"],
-     ["moisturis", "°C", "call us on", "sunbeds"]),
+     ["moisturizer", "call us at", "100.4 °F", "December 5, 2026", "2:30 PM", "tanning beds",
+      "is canceled"],
+     ["moisturis", "°C", "call us on", "sunbeds", "cancelled", "Demo Skin Clinic on"]),
     ("en-GB", "Europe/London",
-     ["moisturiser", "call us on", "38 °C", "5 December 2026", "14:30", "sunbeds"],
-     ["moisturiz", "°F", "call us at", "PM"]),
+     ["moisturiser", "call us on", "38 °C", "5 December 2026", "14:30", "sunbeds",
+      "is cancelled"],
+     ["moisturiz", "°F", "call us at", "PM", "canceled"]),
 ])
 def test_one_spelling_and_unit_per_english_variant(
     renderer: Renderer, catalog: Catalog, booking_doc: dict[str, Any], locale: str,
@@ -238,11 +247,16 @@ def test_one_spelling_and_unit_per_english_variant(
         patient = booking(catalog, booking_doc, treatment=treatment, locale="en",
                           timezone=timezone, starts_at="2026-12-05T14:30:00"
                           + ("-05:00" if timezone == "America/New_York" else "+00:00"))
-        for _, message in rendered(renderer, catalog, patient, clinic):
+        # The change notices, and the calendar invite's title and description.
+        for _, message in [*rendered(renderer, catalog, patient, clinic),
+                           *sample_notices(renderer, patient, clinic,
+                                           catalog.protocols[treatment])]:
             everything += f"{message.subject}\n{message.text}\n{message.html}\n"
-    found = [w for w in wants if w not in everything]
-    assert found == []
-    assert [w for w in never if w in everything] == []
+            for attachment in message.attachments:
+                event = icalendar.Calendar.from_ical(attachment.data).walk("VEVENT")[0]
+                everything += f"{event['SUMMARY']}\n{event['DESCRIPTION']}\n"
+    assert ([w for w in wants if w not in everything],
+            [w for w in never if w in everything]) == ([], [])
 
 
 def test_every_us_sms_fits_one_gsm7_segment(renderer: Renderer, catalog: Catalog) -> None:
