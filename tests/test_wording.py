@@ -231,7 +231,7 @@ def test_the_variant_follows_the_clinic(renderer: Renderer, catalog: Catalog, lo
     ("en-US", "America/New_York",
      ["moisturizer", "call us at", "100.4 °F", "December 5, 2026", "2:30 PM", "tanning beds",
       "is canceled"],
-     ["moisturis", "°C", "call us on", "sunbeds", "cancelled", "Demo Skin Clinic on"]),
+     ["moisturis", "°C", "call us on", "sunbeds", "cancelled", "Demo Skin Clinic on +"]),
     ("en-GB", "Europe/London",
      ["moisturiser", "call us on", "38 °C", "5 December 2026", "14:30", "sunbeds",
       "is cancelled"],
