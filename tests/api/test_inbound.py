@@ -593,6 +593,18 @@ def test_every_answer_is_one_gsm7_segment_with_a_long_clinic_name(locale):
         assert is_gsm7(answer) and len(answer) <= 160, (what, len(answer), answer)
 
 
+def test_english_answers_read_right_in_every_variant():
+    """The English answers go to American patients too (reminders are respelt for them,
+    templates/en/_spelling.toml; answers are not): "Or call us on +1..." is British. The
+    answers name the phone in words right in every English variant."""
+    clinic = Clinic(id="x", name="Clinic", phone="+12125550100", timezone="America/New_York")
+    for what in ("stop", "start", "help", "confirm", "reschedule", "no_visit", "clarify",
+                 "change"):
+        answer = reply_text(ROOT / "templates", "en-US", what, clinic, date="Sep 28",
+                            time="6:30 PM")
+        assert " on +1" not in answer, (what, answer)
+
+
 # --- email unsubscribe --------------------------------------------------------------------
 
 def link_for(server, address: str, clinic: str = "tw") -> str:
