@@ -376,3 +376,38 @@ def test_check_accepts_a_clinic_locale_with_a_region(tmp_path: Path) -> None:
     assert report.errors == [] and report.warnings == []
     day_before = next(s for s in report.sms if (s.template, s.locale) == ("day-before", "en"))
     assert "12:30 PM" in day_before.text  # the clinic's en-US variant
+
+
+# --- plain-text layout ---------------------------------------------------------------------
+
+
+def run_together(text: str) -> list[tuple[str, str]]:
+    """Consecutive lines of a plain-text body that belong to two paragraphs (no blank line
+    between them): a sentence then another sentence, or a sentence then a list."""
+    body = text.split("\n--\n", 1)[0].split("\n")
+    return [(a, b) for a, b in zip(body, body[1:], strict=False)
+            if a.strip() and b.strip() and not a.startswith("- ") and not a.endswith(":")]
+
+
+@pytest.mark.parametrize("locale", ["en", "es"])
+def test_plain_text_paragraphs_stay_apart(renderer: Renderer, catalog: Catalog,
+                                         locale: str) -> None:
+    """A line of a .txt template ending in "{% endif %}" lost its line break (trim_blocks):
+    "...so the treatment would irritate it more.\\nUntil then:", "...that is the peel
+    working.\\nWhat helps:", "That is expected.\\n- Let the skin...": paragraphs run
+    together in the plain-text email (what text-only mail clients and screen readers of
+    the text part show)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for protocol in catalog.protocols.values():
+        for discreet in (False, True):
+            clinic = catalog.clinics["glow"].model_copy(update={"discreet": discreet})
+            patient = sample_booking(clinic, protocol, locale)
+            for reminder, message in sample_messages(renderer, patient, clinic, protocol,
+                                                     ("email",)):
+                if run_together(message.text):
+                    found[reminder.template] = run_together(message.text)
+            for template, message in sample_notices(renderer, patient, clinic, protocol,
+                                                    ("email",)):
+                if run_together(message.text):
+                    found[template] = run_together(message.text)
+    assert found == {}
