@@ -7,6 +7,11 @@ The SMTP server can go down and come back on the same port, the way a mail serve
 restarts: `down()` stops listening (new connections are refused) and lets a session
 already handing over a message finish; `up()` listens again. A message counts as
 accepted only when the client is still there to get our "250".
+
+The SMS gateway can fail for a while, the way a provider's outage looks: `fail(503)`
+makes it answer every request with that status, taking nothing (the message is not
+recorded: the provider did not accept it; `refused` counts these answers), until
+`recover()`. It never takes a message and then answers an error.
 """
 
 from __future__ import annotations
@@ -134,7 +139,8 @@ class SmtpSink:
 
 
 class HttpSink:
-    """A threaded HTTP server taking Apprise's json:// SMS posts; answers 200.
+    """A threaded HTTP server taking Apprise's json:// SMS posts; answers 200 (while
+    failing, `fail`'s 5xx, taking nothing).
 
     It speaks HTTP/1.1 and keeps a connection open for the client's next request, as
     providers' gateways do (a sender that keeps its connection saves a TCP handshake and,
@@ -149,6 +155,8 @@ class HttpSink:
         self.port = port or free_port()
         self._messages: list[Received] = []
         self._lock = threading.Lock()
+        self._failing: int | None = None  # the status answered while failing (under _lock)
+        self._refused = 0  # requests answered with it (under _lock)
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -165,15 +173,20 @@ class HttpSink:
                     self.close_connection = True
                     return
                 body = json.loads(data)
-                with sink._lock:
-                    sink._messages.append(Received(
-                        at=time.time(), channel="sms", to=str(body.get("to", "")), subject=None,
-                        text=str(body.get("message", ""))))
-                self.send_response(200)
+                with sink._lock:  # one decision: refused (nothing kept) or accepted
+                    status = sink._failing
+                    if status is None:
+                        sink._messages.append(Received(
+                            at=time.time(), channel="sms", to=str(body.get("to", "")),
+                            subject=None, text=str(body.get("message", ""))))
+                    else:
+                        sink._refused += 1
+                answer = b"{}" if status is None else b'{"error": "service unavailable"}'
+                self.send_response(status or 200)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(answer)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -193,6 +206,30 @@ class HttpSink:
         if self._thread.is_alive():
             self._server.shutdown()
         self._server.server_close()
+
+    def fail(self, status: int = 503) -> None:
+        """Answer every request with `status` (5xx), accepting nothing, until recover()."""
+        if not 500 <= status < 600:
+            raise ValueError(f"a gateway outage answers 5xx, not {status}")
+        with self._lock:
+            self._failing = status
+
+    def recover(self) -> None:
+        """Accept messages again (answer 200)."""
+        with self._lock:
+            self._failing = None
+
+    @property
+    def failing(self) -> int | None:
+        """The status answered while failing, or None when accepting."""
+        with self._lock:
+            return self._failing
+
+    @property
+    def refused(self) -> int:
+        """How many requests were answered with a failure status (nothing accepted)."""
+        with self._lock:
+            return self._refused
 
     def snapshot(self, start: int = 0) -> list[Received]:
         """Return the messages accepted so far, from the `start`-th on."""

@@ -530,3 +530,33 @@ def test_the_sms_sinks_count_only_requests_received_whole(sink_class):
         assert [m.to for m in received] == ["+34600100001"]
     finally:
         sink.stop()
+
+
+def test_the_drill_gateway_fails_without_taking_anything_until_it_recovers():
+    """The fault drill's SMS gateway outage: while failing it answers 503 on a kept
+    connection and records nothing (the provider did not accept it); then it takes
+    messages again on that same connection."""
+    import requests
+
+    from benchmarks.sinks import HttpSink
+
+    sink = HttpSink().start()
+    url = f"http://127.0.0.1:{sink.port}/sms"
+    try:
+        with requests.Session() as session:
+            sink.fail(503)
+            assert sink.failing == 503
+            for n in range(3):
+                answer = session.post(url, timeout=5, json={"to": f"+3460010000{n}",
+                                                            "message": "SPF 30 today"})
+                assert answer.status_code == 503
+            assert sink.snapshot() == [] and sink.count() == 0 and sink.refused == 3
+            sink.recover()
+            answer = session.post(url, timeout=5, json={"to": "+34600100001",
+                                                        "message": "SPF 30 today"})
+            assert answer.status_code == 200 and sink.failing is None
+        assert [m.to for m in sink.snapshot()] == ["+34600100001"] and sink.refused == 3
+        with pytest.raises(ValueError):
+            sink.fail(400)  # an outage is a 5xx; a 4xx would be the provider refusing for good
+    finally:
+        sink.stop()
