@@ -14,23 +14,29 @@ One run, on 127.0.0.1 only:
 - bookings through `reminders book -` (JSON lines on stdin), with starts spread so that
   every message falls due within the first minute;
 - while it drains: a worker SIGKILLed (its whole process group) every few seconds and
-  started again; a worker stopped warm now and then (SIGTERM to its main process, as
-  `docker stop` sends it) while a new one starts beside it, as a rolling deploy does;
-  Redis SIGKILLed once and started again on the same port and data folder; the SMTP
-  server down for a while.
+  started again; now and then one pool process of a worker SIGKILLed alone (as the OOM
+  killer picks one), its main process left to fork a replacement; a worker stopped warm
+  now and then (SIGTERM to its main process, as `docker stop` sends it) while a new one
+  starts beside it, as a rolling deploy does; Redis SIGKILLed once and started again on
+  the same port and data folder; the SMTP server down for a while; the SMS gateway
+  failing for a while, as a provider's outage looks: it answers 503 to every post and
+  takes nothing (the worker must treat that as transient and retry with back-off).
 
 Then it waits until every message has arrived (or a time limit), and until nothing is
 due or leased, and prints what the sinks received against what was booked. A message is
 named by (channel, recipient, subject or SMS text): every booking has its own email
 address and phone number and every step its own template, so the same name arriving
 twice is one reminder sent twice. A duplicate is explained when its earlier copy was
-accepted just before a kill (within --explain-window seconds before a worker SIGKILL,
-or from that long before a Redis kill until Redis was back): the kill landed inside or
-just after the provider call, before the outcome was recorded. A warm stop explains
-none: it hands back what has not begun and lets what has finish, within its grace.
-Anything else fails the drill: a lost message, a dead letter (`reminders dead-letters
---json`), an unexplained duplicate, a message nobody booked, or a worker that did not
-end its warm stop within its grace. Exit 0 only if none of those happened.
+accepted just before a kill (within --explain-window seconds before a worker's or a
+pool process's SIGKILL, or from that long before a Redis kill until Redis was back): the
+kill landed inside or just after the provider call, before the outcome was recorded. A
+warm stop explains none: it hands back what has not begun and lets what has finish,
+within its grace; nor does an outage (the SMTP server refusing connections, the gateway
+answering 5xx): nothing was accepted. Anything else fails the drill: a lost message, a
+dead letter (`reminders dead-letters --json`), an unexplained duplicate, a message nobody
+booked, a worker that did not end its warm stop within its grace, or a worker whose main
+process lived on without replacing a killed pool process. Exit 0 only if none of those
+happened.
 
 Every process is stopped (SIGTERM, then SIGKILL, to its process group) however the run
 ends.
@@ -56,7 +62,7 @@ from typing import Any
 
 import redis
 
-from benchmarks.procs import Processes, group_pids, service_command, wait_for
+from benchmarks.procs import Processes, child_pids, group_pids, service_command, wait_for
 from benchmarks.sinks import HttpSink, Received, SmtpSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +146,12 @@ class DrillParams:
     redis_kill_at: float = 25.0  # Redis SIGKILLed once, this long after the bookings
     smtp_down_at: float = 10.0  # the SMTP server goes down this long after the bookings...
     smtp_down_for: float = 30.0  # ...for this long
+    gateway_fail_at: float = 42.0  # the SMS gateway answers 5xx this long after the bookings...
+    gateway_fail_for: float = 15.0  # ...for this long, taking nothing
+    gateway_status: int = 503  # what it answers meanwhile (500-599)
+    pool_first: float = 12.5  # first pool process SIGKILL, seconds after the bookings...
+    pool_every: float = 15.0  # ...then one every this many seconds...
+    pool_kills: int = 3  # ...this many in all, alternating workers (w1 first)
     lease_seconds: int = 20  # REMINDERS_LEASE_SECONDS
     send_timeout: float = 4.0  # REMINDERS_SEND_TIMEOUT_SECONDS
     backoff_base: float = 1.0  # REMINDERS_BACKOFF_BASE_SECONDS
@@ -175,6 +187,12 @@ HELP = {
     "redis_kill_at": "Redis SIGKILL, seconds after booking (negative: none)",
     "smtp_down_at": "SMTP server down, seconds after booking",
     "smtp_down_for": "seconds the SMTP server stays down (0: no outage)",
+    "gateway_fail_at": "SMS gateway starts answering 5xx, seconds after booking",
+    "gateway_fail_for": "seconds the SMS gateway answers 5xx, taking nothing (0: never)",
+    "gateway_status": "the status the failing SMS gateway answers (500-599)",
+    "pool_first": "first pool process SIGKILL, seconds after booking",
+    "pool_every": "seconds between pool process SIGKILLs",
+    "pool_kills": "pool process SIGKILLs in all (one pool child each), alternating workers",
     "lease_seconds": "REMINDERS_LEASE_SECONDS",
     "send_timeout": "REMINDERS_SEND_TIMEOUT_SECONDS",
     "backoff_base": "REMINDERS_BACKOFF_BASE_SECONDS",
@@ -188,6 +206,7 @@ HELP = {
 QUICK = {"bookings": 60, "lead": 12.0, "spread": 10.0, "kill_first": 11.0, "kill_every": 6.0,
          "worker_kills": 2, "stop_first": 14.0, "worker_stops": 1, "stop_grace": 8.0,
          "redis_kill_at": 16.0, "smtp_down_at": 10.0, "smtp_down_for": 10.0,
+         "gateway_fail_at": 18.0, "gateway_fail_for": 8.0, "pool_first": 21.0, "pool_kills": 1,
          "lease_seconds": 12, "timeout": 150.0}
 
 
@@ -195,14 +214,16 @@ QUICK = {"bookings": 60, "lead": 12.0, "spread": 10.0, "kill_first": 11.0, "kill
 class Fault:
     """One fault the drill caused; `until` is when it was over (the service was whole)."""
 
-    kind: str  # "worker kill", "worker stop", "redis kill", "smtp down"
+    kind: str  # "worker kill", "pool kill", "worker stop", "redis kill", "smtp down",
+    # "sms gateway 5xx"
     at: float  # epoch seconds
     until: float
     detail: str
 
     def explains(self, accepted_at: float, window: float) -> bool:
         """Whether a copy accepted at `accepted_at` may have lost its outcome to this fault."""
-        if self.kind == "worker kill":
+        if self.kind in ("worker kill", "pool kill"):
+            # A pool process SIGKILLed alone loses its send's outcome as a whole worker does.
             return self.at - window <= accepted_at <= self.at + AFTER_KILL_SLACK
         if self.kind == "redis kill":
             # A send under way when Redis died could finish at the provider while Redis
@@ -239,6 +260,9 @@ class DrillReport:
     faults: list[Fault] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)  # processes that died unasked
     failed_stops: list[str] = field(default_factory=list)  # warm stops not ended in grace
+    # Pool processes killed whose worker's main process, still alive, forked no replacement.
+    unreplaced_pools: list[str] = field(default_factory=list)
+    gateway_refused: int = 0  # SMS posts the failing gateway answered 5xx (nothing taken)
     booking_seconds: float = 0.0
     first_due_at: float = 0.0
     last_due_at: float = 0.0
@@ -257,12 +281,20 @@ class DrillReport:
         return sum(f.kind == "worker stop" for f in self.faults)
 
     @property
+    def pool_kills(self) -> int:
+        return sum(f.kind == "pool kill" for f in self.faults)
+
+    @property
     def redis_kills(self) -> int:
         return sum(f.kind == "redis kill" for f in self.faults)
 
     @property
     def smtp_down_seconds(self) -> float:
         return sum(f.until - f.at for f in self.faults if f.kind == "smtp down")
+
+    @property
+    def gateway_fail_seconds(self) -> float:
+        return sum(f.until - f.at for f in self.faults if f.kind == "sms gateway 5xx")
 
     @property
     def unexplained(self) -> list[Duplicate]:
@@ -282,7 +314,7 @@ class DrillReport:
     @property
     def ok(self) -> bool:
         return (not self.lost and not self.dead_letters and not self.unexplained
-                and not self.unexpected and not self.failed_stops
+                and not self.unexpected and not self.failed_stops and not self.unreplaced_pools
                 and self.delivered == self.expected > 0)
 
 
@@ -308,6 +340,10 @@ class Service:
         self.killed: set[int] = set()  # pids we killed (their exit is no surprise)
         # Workers stopped warm, still ending: pid -> (process, slot, when SIGTERM was sent).
         self.stopping: dict[int, tuple[subprocess.Popen[bytes], str, float]] = {}
+        # Pool kills whose replacement was not seen yet: main pid -> (pool pids before the
+        # kill, the kill's fault).
+        self.replacing: dict[int, tuple[set[int], Fault]] = {}
+        self.pool_kills = 0
 
     @property
     def redis_url(self) -> str:
@@ -397,6 +433,49 @@ class Service:
                      f"{slot} pid {proc.pid}, {'ready' if ready else 'starting'}; "
                      f"restarted as pid {new.pid}")
 
+    def pool_of(self, slot: str) -> list[int]:
+        """The pool processes of `slot`'s worker: the children of its main process."""
+        return child_pids(self.slots[slot].pid)
+
+    def kill_pool_process(self, slot: str) -> Fault:
+        """SIGKILL one pool process of `slot`'s worker (as the OOM killer would), its main
+        process left alive to fork a replacement (seen by `supervise`)."""
+        proc = self.slots[slot]
+        pool = self.pool_of(slot)
+        victim = pool[self.pool_kills % len(pool)]
+        self.pool_kills += 1
+        at = time.time()
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        fault = Fault("pool kill", at, at, f"{slot} pool pid {victim} of main pid {proc.pid} "
+                                           f"(pool {' '.join(map(str, pool))})")
+        self.replacing[proc.pid] = (set(pool), fault)
+        return fault
+
+    def _replaced_pools(self) -> None:
+        """Note the pool kills whose worker forked a replacement; a worker whose main
+        process lives on without one past START_TIMEOUT is a failure (`unreplaced_pools`)."""
+        for main, (before, fault) in list(self.replacing.items()):
+            proc = next((p for p in self.slots.values() if p.pid == main), None)
+            if proc is None or proc.poll() is not None or main in self.killed:
+                fault.detail += "; its worker ended before a replacement was seen"
+                del self.replacing[main]
+                continue
+            new = sorted(set(child_pids(main)) - before)
+            if new:
+                fault.until = time.time()
+                fault.detail += f"; replaced by pid {new[0]} after {fault.until - fault.at:.1f}s"
+                del self.replacing[main]
+                say(f"T+{time.time() - self.report.started_at:5.1f}s pool process replaced: "
+                    f"{fault.detail}")
+            elif time.time() > fault.at + START_TIMEOUT:
+                self.report.unreplaced_pools.append(
+                    f"{fault.detail}: no replacement {START_TIMEOUT:g}s later; "
+                    f"see {self.logs[main]}")
+                del self.replacing[main]
+
     def stop_worker(self, slot: str) -> None:
         """SIGTERM a worker's main process (as `docker stop` does: a warm shutdown, within
         its grace) and start a new one in its slot at once, as a rolling deploy does. Its
@@ -466,6 +545,7 @@ class Service:
         """Restart a worker or beat that exited without being killed; note it. Return the
         warm stops that ended since the last call."""
         ended = self._ended_stops()
+        self._replaced_pools()
         for slot, proc in list(self.slots.items()):
             if proc.poll() is not None and proc.pid not in self.killed:
                 self.report.unexpected_exits.append(
@@ -627,9 +707,11 @@ def received_by_name(smtp: SmtpSink, sms: HttpSink) -> dict[tuple[str, str, str]
 
 
 def fault_plan(params: DrillParams, t0: float) -> list[tuple[float, str]]:
-    """Return (when, what) for every fault, in order: kills, the Redis kill, the outage."""
+    """Return (when, what) for every fault, in order: kills, the Redis kill, the outages."""
     plan = [(t0 + params.kill_first + k * params.kill_every, f"kill w{k % params.workers + 1}")
             for k in range(params.worker_kills)]
+    plan += [(t0 + params.pool_first + k * params.pool_every, f"pool w{k % params.workers + 1}")
+             for k in range(params.pool_kills)]
     plan += [(t0 + params.stop_first + k * params.stop_every,
               f"stop w{(k + 1) % params.workers + 1}") for k in range(params.worker_stops)]
     if params.redis_kill_at >= 0:
@@ -637,6 +719,9 @@ def fault_plan(params: DrillParams, t0: float) -> list[tuple[float, str]]:
     if params.smtp_down_for > 0:
         plan.append((t0 + params.smtp_down_at, "smtp down"))
         plan.append((t0 + params.smtp_down_at + params.smtp_down_for, "smtp up"))
+    if params.gateway_fail_for > 0:
+        plan.append((t0 + params.gateway_fail_at, "gateway fail"))
+        plan.append((t0 + params.gateway_fail_at + params.gateway_fail_for, "gateway ok"))
     return sorted(plan)
 
 
@@ -701,16 +786,19 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
 
     plan = [(when, what, when) for when, what in fault_plan(params, t0)]  # + first planned
     smtp_down_since: float | None = None
+    gateway_fail_since: float | None = None
+    refused_before = 0
     deadline = t0 + params.timeout
     next_progress = t0 + PROGRESS_SECONDS
     delivered = 0
     while time.time() < deadline:
         while plan and plan[0][0] <= time.time():
             _, what, planned = plan.pop(0)
-            if what.startswith(("kill w", "stop w")):
+            if what.startswith(("kill w", "stop w", "pool w")):
                 slot = what.split()[1]
                 proc = service.slots[slot]
-                if (not service.is_ready(proc) and proc.poll() is None
+                if ((not service.is_ready(proc) and proc.poll() is None
+                        or what.startswith("pool w") and not service.pool_of(slot))
                         and time.time() < planned + START_TIMEOUT):
                     # Kill a worker at work: a restarted one still starting is killed once up.
                     bisect.insort(plan, (time.time() + 0.2, what, planned))
@@ -720,7 +808,14 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
                     say(f"T+{time.time() - t0:5.1f}s worker stop: SIGTERM to {slot} pid "
                         f"{proc.pid}; restarted as pid {service.slots[slot].pid}")
                     continue
-                fault = service.kill_worker(slot)
+                if what.startswith("pool w"):
+                    if not service.pool_of(slot):
+                        say(f"T+{time.time() - t0:5.1f}s pool kill skipped: {slot} pid "
+                            f"{proc.pid} has no pool process {START_TIMEOUT:g}s on")
+                        continue
+                    fault = service.kill_pool_process(slot)
+                else:
+                    fault = service.kill_worker(slot)
             elif what == "kill redis":
                 fault = service.kill_redis()
             elif what == "smtp down":
@@ -732,20 +827,37 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
                 say(f"T+{smtp_down_since - t0:5.1f}s smtp down: port {smtp.port} refuses "
                     f"connections for {params.smtp_down_for:g}s")
                 continue
+            elif what == "gateway fail":
+                sms.fail(params.gateway_status)
+                gateway_fail_since, refused_before = time.time(), sms.refused
+                plan = sorted((gateway_fail_since + params.gateway_fail_for, w, p)
+                              if w == "gateway ok" else (t, w, p) for t, w, p in plan)
+                say(f"T+{gateway_fail_since - t0:5.1f}s sms gateway fails: port {sms.port} "
+                    f"answers {params.gateway_status} for {params.gateway_fail_for:g}s, "
+                    "taking nothing")
+                continue
+            elif what == "gateway ok":
+                sms.recover()
+                assert gateway_fail_since is not None
+                fault = Fault("sms gateway 5xx", gateway_fail_since, time.time(),
+                              f"port {sms.port} answered {params.gateway_status} to "
+                              f"{sms.refused - refused_before} posts, taking none")
             else:
                 smtp.up()
                 assert smtp_down_since is not None
                 fault = Fault("smtp down", smtp_down_since, time.time(),
                               f"port {smtp.port} refused connections")
             report.faults.append(fault)
-            event = "smtp up" if fault.kind == "smtp down" else fault.kind
+            event = {"smtp down": "smtp up", "sms gateway 5xx": "sms gateway ok"}.get(
+                fault.kind, fault.kind)
             say(f"T+{time.time() - t0:5.1f}s {event}: {fault.detail}")
         for fault in service.supervise():
             report.faults.append(fault)
             say(f"T+{time.time() - t0:5.1f}s worker stopped: {fault.detail}")
         received = received_by_name(smtp, sms)
         delivered = sum(1 for k in names if k in received)
-        if delivered == len(names) and not plan and not service.stopping:
+        if (delivered == len(names) and not plan and not service.stopping
+                and not service.replacing):
             break
         if time.time() >= next_progress:
             say(f"T+{time.time() - t0:5.1f}s {delivered}/{len(names)} delivered")
@@ -767,6 +879,7 @@ def _account(service: Service, names: dict[tuple[str, str, str], str], smtp: Smt
              sms: HttpSink, report: DrillReport) -> None:
     """Compare what arrived with what was booked; explain every duplicate."""
     received = received_by_name(smtp, sms)
+    report.gateway_refused = sms.refused
     report.received = sum(len(v) for v in received.values())
     report.delivered = sum(1 for k in names if k in received)
     firsts = [received[k][0] for k in names if k in received]
@@ -818,7 +931,7 @@ def find_duplicates(received: dict[tuple[str, str, str], list[float]],
     Every copy but the last was followed by another send: its outcome was lost. That is
     explained only by a kill just after it reached the provider (see Fault.explains).
     """
-    kills = [f for f in faults if f.kind in ("worker kill", "redis kill")]
+    kills = [f for f in faults if f.kind in ("worker kill", "pool kill", "redis kill")]
     duplicates, unexpected = [], []
     for key, copies in received.items():
         ref = names.get(key)
@@ -863,9 +976,12 @@ def table_rows(report: DrillReport) -> list[tuple[str, str]]:
         ("time to drain after the last fault",
          "—" if drain is None else f"{drain:.1f} s"),
         ("worker kills (SIGKILL, process group)", f"{report.worker_kills}"),
+        ("pool process kills (SIGKILL, one)", f"{report.pool_kills}"),
         ("worker stops (SIGTERM, warm)", f"{report.worker_stops}"),
         ("Redis kills (SIGKILL, AOF restart)", f"{report.redis_kills}"),
         ("SMTP down", f"{report.smtp_down_seconds:.0f} s"),
+        (f"SMS gateway answering {report.params.gateway_status}",
+         f"{report.gateway_fail_seconds:.0f} s ({report.gateway_refused:,} posts refused)"),
     ]
 
 
@@ -903,6 +1019,8 @@ def render_report(report: DrillReport) -> str:
         lines.append(f"note: process exited unasked, restarted: {note}")
     for note in report.failed_stops:
         lines.append(f"WARM STOP FAILED: {note}")
+    for note in report.unreplaced_pools:
+        lines.append(f"POOL PROCESS NOT REPLACED: {note}")
     lines += [
         "faults: " + "; ".join(f"T+{f.at - t0:.1f}s {f.kind}"
                                for f in sorted(report.faults, key=lambda f: f.at)),
@@ -913,7 +1031,8 @@ def render_report(report: DrillReport) -> str:
         f"Settings: lease {p.lease_seconds} s, send timeout {p.send_timeout:g} s, backoff "
         f"{p.backoff_base:g}-{p.backoff_cap:g} s, max attempts {p.max_attempts}; "
         f"{p.workers} workers x --concurrency {p.concurrency}, beat; Redis AOF everysec. "
-        f"A duplicate is explained by a kill within {p.explain_window:g} s after its copy.",
+        f"A duplicate is explained by a kill (worker, pool process or Redis) within "
+        f"{p.explain_window:g} s after its copy.",
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.platform()}; "
         f"run time {report.seconds:.0f} s; logs in {report.workdir}.",
         "RESULT: " + ("PASS" if report.ok else "FAIL"),
@@ -930,6 +1049,7 @@ def report_json(report: DrillReport) -> dict[str, Any]:
         "lost": report.lost, "dead_letters": report.dead_letters,
         "unexpected": report.unexpected, "faults": [asdict(f) for f in report.faults],
         "unexpected_exits": report.unexpected_exits, "failed_stops": report.failed_stops,
+        "unreplaced_pools": report.unreplaced_pools, "gateway_refused": report.gateway_refused,
         "drain_seconds": report.drain_seconds,
         "seconds": round(report.seconds, 1),
     }
@@ -957,6 +1077,8 @@ def parse_args(argv: list[str]) -> tuple[DrillParams, argparse.Namespace]:
         ap.error("--bookings, --workers and --concurrency must be at least 1")
     if params.lease_seconds <= 2 * params.send_timeout + 1:
         ap.error("--lease-seconds must exceed 2 x --send-timeout + 1 (the service refuses it)")
+    if not 500 <= params.gateway_status < 600:
+        ap.error("--gateway-status must be a 5xx (a provider's outage, not a refusal for good)")
     return params, args
 
 

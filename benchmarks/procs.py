@@ -70,6 +70,24 @@ def group_pids(pgid: int) -> list[int]:
     return sorted(pids)
 
 
+def child_pids(pid: int) -> list[int]:
+    """Return the pids of the live children of `pid` (a Celery worker's main process: its
+    pool processes), from /proc."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp ...
+        if int(fields[1]) == pid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
 def vm_rss_kib(pid: int) -> int:
     """Return VmRSS of `pid` in KiB (0 if it is gone or has none)."""
     try:

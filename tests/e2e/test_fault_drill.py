@@ -2,8 +2,10 @@
 
 60 bookings x 4 messages, real Redis (AOF), two real Celery workers and beat, real SMTP
 and HTTP sinks; two workers SIGKILLed and restarted, one stopped warm (SIGTERM) while a
-new one starts beside it (a warm stop explains no duplicate), Redis SIGKILLed and restarted on
-its AOF, the SMTP server down for 10 s. Nothing may be lost or dead-lettered, and every
+new one starts beside it (a warm stop explains no duplicate), one pool process SIGKILLed
+alone (its worker's main process forks a replacement), Redis SIGKILLed and restarted on
+its AOF, the SMTP server down for 10 s, the SMS gateway answering 503 (taking nothing) for
+8 s. Nothing may be lost or dead-lettered, and every
 message that arrived twice must have had its first copy accepted just before a kill.
 """
 
@@ -70,6 +72,17 @@ def test_a_copy_away_from_any_kill_is_an_unexplained_duplicate(accepted):
     assert not dup.explained and dup.explanations == [""]
 
 
+def test_a_pool_process_kill_explains_as_a_worker_kill_and_an_outage_explains_nothing():
+    faults = [Fault("pool kill", T0 + 10, T0 + 10.3, "w1 pool pid 7 of main pid 6"),
+              Fault("sms gateway 5xx", T0 + 12, T0 + 27, "port 3 answered 503")]
+    for accepted, explained in [(7.9, False), (8.1, True), (10.4, True), (10.6, False),
+                                (15.0, False)]:
+        (dup,), _ = find_duplicates({SMS: [T0 + accepted, T0 + 60]}, NAMES, faults, 2.0, T0)
+        assert dup.explained is explained, accepted
+    (dup,), _ = find_duplicates({SMS: [T0 + 9.5, T0 + 60]}, NAMES, faults, 2.0, T0)
+    assert "0.50s before the pool kill at T+10.0s" in dup.explanations[0]
+
+
 def test_a_redis_kill_explains_copies_until_redis_was_back():
     for accepted, explained in [(28.1, True), (31.6, True), (31.9, True), (32.1, False)]:
         (dup,), _ = find_duplicates({SMS: [T0 + accepted, T0 + 60]}, NAMES, FAULTS, 2.0, T0)
@@ -89,8 +102,21 @@ def test_every_resend_needs_its_own_kill_and_strangers_are_reported():
 def test_the_fault_plan_alternates_workers_and_ends_the_outage():
     plan = fault_plan(DrillParams(**QUICK), T0)  # type: ignore[arg-type]
     assert [what for _, what in plan] == ["smtp down", "kill w1", "stop w2", "kill redis",
-                                         "kill w2", "smtp up"]
-    assert plan[-1][0] - plan[0][0] == QUICK["smtp_down_for"]
+                                         "kill w2", "gateway fail", "smtp up", "pool w1",
+                                         "gateway ok"]
+    at = {what: when for when, what in plan}
+    assert at["smtp up"] - at["smtp down"] == QUICK["smtp_down_for"]
+    assert at["gateway ok"] - at["gateway fail"] == QUICK["gateway_fail_for"]
+    # A pool kill's explain window (2 s before it, 0.5 s after) overlaps no other kill's, nor
+    # falls on a warm stop: a duplicate it explains is its own.
+    kills = [when for when, what in plan if what.startswith(("kill", "stop"))]
+    assert all(abs(at["pool w1"] - k) >= 2.5 for k in kills)
+    full = fault_plan(DrillParams(), T0)
+    assert [what for _, what in full if what.startswith("pool")] == ["pool w1", "pool w2",
+                                                                   "pool w1"]
+    others = [when for when, what in full if what.startswith(("kill", "stop"))]
+    assert all(abs(when - k) >= 2.5 for when, what in full if what.startswith("pool")
+               for k in others)
 
 
 # --- the drill itself, small ----------------------------------------------------------------
@@ -131,6 +157,13 @@ def test_every_duplicate_was_caused_by_a_kill(drill):
 def test_the_faults_really_happened(drill):
     report, _ = drill
     assert report.worker_kills == 2 and report.redis_kills == 1
+    # One pool process SIGKILLed alone; its worker's main process forked a replacement.
+    (pool,) = [f for f in report.faults if f.kind == "pool kill"]
+    assert report.pool_kills == 1 and report.unreplaced_pools == []
+    assert "replaced by pid" in pool.detail, pool.detail
+    # The gateway answered 503 to real sends (taking nothing) for its window.
+    assert 7.5 <= report.gateway_fail_seconds <= 11, report.faults
+    assert report.gateway_refused > 0, render_report(report)
     # The warm stop ended within its grace, its pool with it (else `failed_stops`).
     (stop,) = [f for f in report.faults if f.kind == "worker stop"]
     assert report.failed_stops == [] and stop.until - stop.at < QUICK["stop_grace"] + 10
