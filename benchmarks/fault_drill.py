@@ -151,7 +151,7 @@ class DrillParams:
     gateway_status: int = 503  # what it answers meanwhile (500-599)
     pool_first: float = 12.5  # first pool process SIGKILL, seconds after the bookings...
     pool_every: float = 15.0  # ...then one every this many seconds...
-    pool_kills: int = 3  # ...this many in all, alternating workers (w1 first)
+    pool_kills: int = 3  # ...this many in all, alternating workers (w2 first)
     lease_seconds: int = 20  # REMINDERS_LEASE_SECONDS
     send_timeout: float = 4.0  # REMINDERS_SEND_TIMEOUT_SECONDS
     backoff_base: float = 1.0  # REMINDERS_BACKOFF_BASE_SECONDS
@@ -206,7 +206,7 @@ HELP = {
 QUICK = {"bookings": 60, "lead": 12.0, "spread": 10.0, "kill_first": 11.0, "kill_every": 6.0,
          "worker_kills": 2, "stop_first": 14.0, "worker_stops": 1, "stop_grace": 8.0,
          "redis_kill_at": 16.0, "smtp_down_at": 10.0, "smtp_down_for": 10.0,
-         "gateway_fail_at": 18.0, "gateway_fail_for": 8.0, "pool_first": 21.0, "pool_kills": 1,
+         "gateway_fail_at": 18.0, "gateway_fail_for": 8.0, "pool_first": 22.0, "pool_kills": 1,
          "lease_seconds": 12, "timeout": 150.0}
 
 
@@ -710,8 +710,11 @@ def fault_plan(params: DrillParams, t0: float) -> list[tuple[float, str]]:
     """Return (when, what) for every fault, in order: kills, the Redis kill, the outages."""
     plan = [(t0 + params.kill_first + k * params.kill_every, f"kill w{k % params.workers + 1}")
             for k in range(params.worker_kills)]
-    plan += [(t0 + params.pool_first + k * params.pool_every, f"pool w{k % params.workers + 1}")
-             for k in range(params.pool_kills)]
+    # w2 first: at the default times each pool kill hits the worker whose main process has
+    # the longest to live (7.5 s) before its next kill, time for Celery to replace the pool
+    # process (it may take up to its 5 s maintain_pool timer to notice the death).
+    plan += [(t0 + params.pool_first + k * params.pool_every,
+              f"pool w{(k + 1) % params.workers + 1}") for k in range(params.pool_kills)]
     plan += [(t0 + params.stop_first + k * params.stop_every,
               f"stop w{(k + 1) % params.workers + 1}") for k in range(params.worker_stops)]
     if params.redis_kill_at >= 0:
