@@ -308,6 +308,9 @@ def test_spanish_greets_hola_comma_name_colon_everywhere(
     ("tretinoin-welcome", "email", "0,025 %"),
     ("microneedling-aftercare", "email", "fiebre de 38 °C o más"),
     ("microneedling-redness", "sms", "fiebre de 38C o mas"),
+    # As in English ("restart ... tonight, every other night at first"): a lower frequency
+    # at first (seeds/000), not alternate nights for good, and from when.
+    ("resume-retinoids", "sms", "retoma hoy tretinoina o retinol, al principio en noches alternas"),
 ])
 def test_spanish_phrasing(renderer: Renderer, catalog: Catalog, booking_doc: dict[str, Any],
                           template: str, channel: str, phrase: str) -> None:
