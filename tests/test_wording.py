@@ -311,6 +311,8 @@ def test_spanish_greets_hola_comma_name_colon_everywhere(
     # As in English ("restart ... tonight, every other night at first"): a lower frequency
     # at first (seeds/000), not alternate nights for good, and from when.
     ("resume-retinoids", "sms", "retoma hoy tretinoina o retinol, al principio en noches alternas"),
+    # As in English ("Moisturise, SPF 30+."), for a patient without email (seeds/000).
+    ("tretinoin-step-up", "sms", "Hidrata, SPF 30+."),
 ])
 def test_spanish_phrasing(renderer: Renderer, catalog: Catalog, booking_doc: dict[str, Any],
                           template: str, channel: str, phrase: str) -> None:
