@@ -285,7 +285,9 @@ class WebhookReceiver:
 
 class DeadEndpoint:
     """A clinic's webhook endpoint that is up but dead: it accepts every connection, reads
-    nothing and never answers (a hung server behind a live listener), until `stop()`."""
+    nothing and never answers (a hung server behind a live listener), until `stop()`; or
+    until `answer()`, from when on each new connection gets its request read and answered
+    200 (the event id of each recorded in `answered`): the endpoint recovered."""
 
     def __init__(self) -> None:
         import socket
@@ -299,6 +301,8 @@ class DeadEndpoint:
         self.accepted: list[float] = []  # time.time() of each connection accepted
         self._held: list[Any] = []
         self._lock = threading.Lock()
+        self._answering = False
+        self.answered: list[str] = []  # Reminders-Event-Id of each request answered
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
     def start(self) -> DeadEndpoint:
@@ -314,10 +318,47 @@ class DeadEndpoint:
             with self._lock:
                 self.accepted.append(time.time())
                 self._held.append(conn)
+                answering = self._answering
+            if answering:
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def answer(self) -> None:
+        """Recover: answer 200 to every connection accepted from now on."""
+        with self._lock:
+            self._answering = True
+
+    def _answer(self, conn: Any) -> None:
+        with contextlib.suppress(OSError):
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            headers = {}
+            for line in head.decode("latin-1").split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "0"))
+            while len(body) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                body += chunk
+            with self._lock:
+                self.answered.append(headers.get("reminders-event-id", ""))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
 
     def connections(self) -> int:
         with self._lock:
             return len(self.accepted)
+
+    def answered_ids(self) -> list[str]:
+        with self._lock:
+            return list(self.answered)
 
     def stop(self) -> None:
         import socket

@@ -1,0 +1,217 @@
+"""An endpoint that did not answer rests (worker/webhooks.py): one clinic whose webhook
+accepts and never answers no longer holds every event sender while another clinic's events,
+and its own held-booking alert, wait behind its burst. Real Redis, the real EventSenders and
+delivery path, a real endpoint that never answers (then recovers) and a real receiver.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.sinks import DeadEndpoint, WebhookReceiver
+from tests.test_webhooks import ENV, ROOT, SECRET, STARTS, glow
+from worker.clinics import Clinic
+from worker.clock import redis_time
+from worker.dispatch import Watchdog
+from worker.embedded import free_port
+from worker.event_senders import EventSenders
+from worker.rendering import Renderer
+from worker.settings import Settings
+from worker.webhooks import Events, deliver_event, pump_events
+
+TIMEOUT = 1.5  # the webhook's timeout: how long a dead endpoint holds a thread
+THREADS = 4
+HOOK = {"secret": "${GLOW_WEBHOOK_SECRET}"}
+
+
+@pytest.fixture
+def events(redis_client) -> Events:
+    return Events(redis_client, "t", retention_days=1)
+
+
+def fast(tmp_path: Path) -> Settings:
+    return Settings(templates_dir=ROOT / "templates", data_dir=tmp_path, _env_file=None,
+                    backoff_base_seconds=2, backoff_cap_seconds=4,
+                    webhook_timeout_seconds=TIMEOUT)  # type: ignore[call-arg]
+
+
+def clinic(clinic_id: str, url: str, **extra: object) -> Clinic:
+    return glow(id=clinic_id, name=f"{clinic_id} clinic", webhook=HOOK | {"url": url}, **extra)
+
+
+def deliver(events: Events, event_id: str, claim: str, the_clinic: Clinic,
+            tmp_path: Path) -> str:
+    return deliver_event(events, event_id, claim, clinics={the_clinic.id: the_clinic},
+                         renderer=Renderer(ROOT / "templates"), settings=fast(tmp_path), env=ENV)
+
+
+def attempts(events: Events, event_id: str) -> int:
+    return int(events.redis.hget(events.event_key(event_id), "attempts") or 0)
+
+
+def wait_until(predicate, timeout: float) -> float:
+    """Wait for `predicate`; return how long it took."""
+    began = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - began < timeout, "condition not met in time"
+        time.sleep(0.05)
+    return time.monotonic() - began
+
+
+def test_a_clinic_endpoint_that_never_answers_starves_no_other_clinic(events, tmp_path):
+    dead = DeadEndpoint().start()
+    receiver = WebhookReceiver(SECRET).start()
+    # Clinic "glow": its webhook accepts and never answers; its alerts go to the outbox.
+    # Clinic "bloom": its webhook answers 200.
+    clinics = {"glow": clinic("glow", dead.url, outbox=True),
+               "bloom": clinic("bloom", receiver.url)}
+
+    def send(event_id: str, claim: str, wait_at_most: float) -> str:
+        return deliver_event(events, event_id, claim, clinics=clinics,
+                             renderer=Renderer(ROOT / "templates"), settings=fast(tmp_path),
+                             env=ENV, timeout=wait_at_most)
+
+    kills: list[str] = []
+    lanes = EventSenders(events, send, threads=THREADS,
+                         dog=Watchdog(kill=lambda: kills.append("kill")))
+    stop = threading.Event()
+
+    def pump() -> None:  # the pump's part, as beat runs it (each second, here each half)
+        while not stop.is_set():
+            pump_events(events, lanes.submit, batch=200, lease_seconds=30, capacity=THREADS)
+            stop.wait(0.5)
+
+    burst = [str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": f"A-{n}"}))
+             for n in range(60)]
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
+    try:
+        wait_until(lambda: dead.connections() >= THREADS, 10)  # every thread held by glow
+        other = str(events.emit("bloom", "webhook", "reminder.sent", {"booking_id": "B-1"}))
+        events.emit("glow", "alert", "booking.held", {
+            "booking_id": "A-held", "treatment": "chemical-peel", "starts_at": STARTS,
+            "reason": "isotretinoin"})
+        began = time.monotonic()
+        # Without rests, the 60 events ahead of them hold the 4 threads 1.5 s each: ~20 s.
+        took = wait_until(lambda: [h.headers["Reminders-Event-Id"]
+                                   for h in receiver.snapshot()] == [other], 40)
+        alerted = wait_until(lambda: (tmp_path / "outbox").exists()
+                             and any((tmp_path / "outbox").iterdir()), 40)
+        assert took < 2 * TIMEOUT + 1, took
+        # Glow's own alert is another endpoint (its email channel): its webhook's rest
+        # never holds it back.
+        assert alerted < 2 * TIMEOUT + 1, alerted
+
+        # Glow's endpoint stays dead a while: it rests between tries, it is not hammered.
+        time.sleep(max(0.0, began + 10 - time.monotonic()))
+        tried = dead.connections()
+        counted = {event_id: attempts(events, event_id) for event_id in burst}
+        assert tried <= 12, tried  # 60 events, ~11 s dead: ~4 at first, then ~1 per rest
+        # Each connection is a real attempt, counted; the events rested were not.
+        assert sum(counted.values()) <= tried <= sum(counted.values()) + THREADS
+        assert events.dead() == []  # none given up: max_attempts counts real attempts only
+        assert max(counted.values()) < fast(tmp_path).webhook_max_attempts
+        rested = [e for e, n in counted.items() if n == 0]
+        assert rested, counted
+        note = events.redis.hget(events.event_key(rested[0]), "last_error") or ""
+        assert "rest" in note, note
+        assert "127.0.0.1" not in note and "http" not in note and SECRET not in note
+
+        # Glow's endpoint recovers: every event of the burst arrives.
+        dead.answer()
+        wait_until(lambda: set(burst) <= set(dead.answered_ids()), 60)
+        wait_until(lambda: events.pending() == [], 10)
+    finally:
+        stop.set()
+        pumping.join(5)
+        lanes.close(0)
+        dead.stop()
+        receiver.stop()
+    answered = dead.answered_ids()
+    # No duplicate: an event is only sent again after an attempt that got no answer, and
+    # the dead endpoint never read one; a recovered one answers each once.
+    assert sorted(answered, key=int) == sorted(burst, key=int)
+    assert [h.headers["Reminders-Event-Id"] for h in receiver.snapshot()] == [other]
+    assert events.dead() == [] and kills == []
+
+
+def test_an_endpoint_that_did_not_answer_rests_until_the_retry_and_an_answer_ends_it(
+        events, tmp_path):
+    receiver = WebhookReceiver(SECRET).start()
+    refusing = clinic("glow", f"http://127.0.0.1:{free_port()}/hooks")  # nothing listens
+    hung = DeadEndpoint().start()
+    rest_key = "t:ev:rest:glow"
+    try:
+        first, parked, before = (str(events.emit("glow", "webhook", "reminder.sent",
+                                                 {"booking_id": f"A-{n}"})) for n in range(3))
+        claims = dict(events.claim(10, 30))
+        # An attempt under way (begun before any rest) parks at the receiver.
+        receiver.gate.clear()
+        outcome: list[str] = []
+        under_way = threading.Thread(target=lambda: outcome.append(
+            deliver(events, parked, claims[parked], clinic("glow", receiver.url), tmp_path)))
+        under_way.start()
+        wait_until(lambda: len(receiver.snapshot()) == 1, 10)
+
+        # Refused: no answer. The endpoint rests until that event's retry, on Redis's clock,
+        # and the mark expires on its own.
+        assert deliver(events, first, claims[first], refusing, tmp_path) == (
+            "retrying: webhook unreachable (ConnectionError)")
+        retry_at = float(events.redis.zscore(events.due_key, first))
+        until = float(events.redis.hget(rest_key, "until") or 0)
+        assert until == pytest.approx(retry_at, abs=0.01)
+        now = redis_time(events.redis)
+        assert until - now - 1 <= events.redis.ttl(rest_key) <= until - now + 120
+
+        # An event claimed before the rest, taken by a thread meanwhile: not tried (the
+        # hung endpoint sees no connection), back to the schedule at the rest's end, no
+        # attempt counted, the reason told without URL or secret.
+        result = deliver(events, before, claims[before], clinic("glow", hung.url), tmp_path)
+        assert result.startswith("resting"), result
+        assert hung.connections() == 0 and attempts(events, before) == 0
+        assert float(events.redis.zscore(events.due_key, before)) == pytest.approx(until,
+                                                                                   abs=0.01)
+        assert events.redis.zscore(events.out_key, before) is None
+        note = events.redis.hget(events.event_key(before), "last_error") or ""
+        assert "rest" in note and "127.0.0.1" not in note and SECRET not in note, note
+        # An event written during the rest is not even claimed: it waits for the rest's end.
+        later = str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-9"}))
+        assert events.claim(10, 30, capacity=THREADS) == []
+        assert float(events.redis.zscore(events.due_key, later)) == pytest.approx(until,
+                                                                                  abs=0.01)
+        assert attempts(events, later) == 0
+
+        # The attempt under way is answered: the rest ends at once and the events that
+        # waited for it are due now.
+        receiver.gate.set()
+        under_way.join(10)
+        assert outcome == ["delivered"]
+        assert not events.redis.exists(rest_key)
+        now = redis_time(events.redis)
+        for waited in (before, later):
+            assert float(events.redis.zscore(events.due_key, waited)) <= now
+        assert sorted(e for e, _ in events.claim(10, 30)) == sorted([before, later])
+    finally:
+        receiver.gate.set()
+        receiver.stop()
+        hung.stop()
+
+
+def test_an_endpoint_that_answers_an_error_does_not_rest(events, tmp_path):
+    receiver = WebhookReceiver(SECRET).start()
+    receiver.status = 500
+    try:
+        one, two = (str(events.emit("glow", "webhook", "reminder.sent",
+                                    {"booking_id": f"A-{n}"})) for n in range(2))
+        ((_, claim),) = events.claim(1, 30)
+        assert deliver(events, one, claim, clinic("glow", receiver.url), tmp_path) == (
+            "retrying: webhook answered HTTP 500")
+        assert not events.redis.exists("t:ev:rest:glow")
+        ((again, _),) = events.claim(10, 30)  # the other is claimed, as before
+        assert again == two
+    finally:
+        receiver.stop()
