@@ -7,6 +7,10 @@ these threads for the webhook's timeout, never a Celery pool process, so pump ru
 send batches go on. The pump claims no more events than the registered event senders take
 at once (`Events.claim`'s capacity, P:ev:out and P:ev:senders; worker/webhooks.py): the
 rest stay due in Redis instead of waiting in a thread's queue until their lease ends.
+A clinic's webhook endpoint that did not answer rests (worker/webhooks.py): its events are
+put back to the schedule without an attempt until the rest's end, by the claim or by the
+thread that takes one (`Events.take`), so a dead endpoint holds about one of these threads
+per rest, not all of them for a burst of its events, and other clinics' events go on.
 
 Not `Lanes` itself: its bookkeeping is the send path's (the pump's per-channel counts and
 latency, the send ledger, the cut of a send handing over). What is shared: the watchdog,

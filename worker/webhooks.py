@@ -19,6 +19,10 @@ own schedule:
                         no field predates the record: the clinic was told of it then
   P:ev:out        ZSET  event id -> its lease's end: claimed, not finished (the pump's count)
   P:ev:senders    ZSET  "<host>:<pid>|<threads>" -> until when: the event senders registered
+  P:ev:rest:<clinic>     HASH  the clinic's webhook endpoint rests: until (Redis's clock),
+                        probe_for, probe, why (an event id and reason: no URL or secret);
+                        expires REST_SLACK_SECONDS after its end
+  P:ev:resting:<clinic>  SET   the events put back to wait for that rest's end (same expiry)
 
 The pump claims due events (one Lua step, Redis's clock), no more than the registered event
 senders take at once, and publishes one task each on their own queue; the task hands the
@@ -31,6 +35,30 @@ given up and kept in `P:ev:dead` (`reminders events dead` lists them, `reminders
 replay` sends them again). A worker killed mid-delivery leaves the event claimed until its
 lease ends, then it is claimed again: a receiver may see an event twice, with the same `id`
 (deduplicate on it), never zero times.
+
+An endpoint that did not answer rests, so that one clinic's dead endpoint cannot hold every
+event sender while other clinics' events wait behind its burst (as Stripe and Svix isolate
+endpoints). The endpoint is a clinic's webhook URL (P:ev:rest:<clinic>). When an attempt
+gets no answer (`NoAnswer`: the connection refused or reset, or a connect or read timeout;
+not an HTTP status, even 500, which holds no thread, nor a TLS or URL error) the endpoint
+rests until that event's retry (and, given up, as long as a retry would have waited), on
+Redis's clock. While it rests its events are not tried: the claim puts each back due at the
+rest's end without claiming it for a sender (no capacity taken), and a sender thread that
+takes one claimed before the rest began (`Events.take`) does the same, fenced by its claim;
+neither counts an attempt (`webhook_max_attempts` counts real ones), and the event's
+last_error says it waited for its endpoint to rest after which event got no answer. Once
+the rest is over, the first event claimed tries the endpoint (the probe); the others wait
+for its answer, `probe_for` seconds at most (its two network waits and a margin). So a
+dead endpoint holds about one thread per rest, not all of them. Any answer (a 2xx or any
+HTTP status) ends the rest at once and makes the events that waited for it due now; so
+does replaying one of the clinic's given-up events. The held-booking alert is another
+endpoint (the clinic's email channel) and never rests: alerts come one per held booking,
+not in bursts, the clinic needs each promptly, its email channel is shared with the
+clinic's patient messages (often one relay for several clinics) and Apprise's failures do not
+tell "no answer" apart from an outcome unknown; a webhook's rest never holds an alert back.
+A rest can last as long as the backoff's cap (`backoff_cap_seconds`): events written
+meanwhile wait for its end, as the retries before them do; a URL edited in config/ is
+tried at the rest's end (or at once, by replaying one of the clinic's given-up events).
 
 Signature (Stripe-style): header `Reminders-Signature: t=<unix seconds>,v1=<hex>` where
 hex = HMAC-SHA256(secret, "<t>.<raw body>"). A receiver checks it with `verify_signature`
@@ -80,6 +108,10 @@ EVENT_TYPES = (
 SIGNATURE_HEADER = "Reminders-Signature"
 SIGNATURE_TOLERANCE_SECONDS = 300
 USER_AGENT = "aftercare-reminders-webhooks/1"
+# What a delivery returns for an event not tried because its endpoint rests.
+RESTED = ("resting: its webhook endpoint did not answer an earlier event; due again at the "
+          "rest's end")
+PROBE_MARGIN = 2.0  # seconds past an attempt's two network waits the others wait for it
 
 # Write one event. Shared by the store's scripts (spliced into their source) and by
 # `Events.emit_script` (Python callers, e.g. inside the upsert's MULTI). `fields` is a Lua
@@ -103,12 +135,73 @@ return emit_event(ARGV[1], ARGV[2], ARGV[3], ARGV[4], cjson.decode(ARGV[5]))
 """
 )
 
+# A clinic's webhook endpoint that did not answer rests (see the module docstring):
+#   P:ev:rest:<clinic>     HASH until (Redis's clock), probe_for (seconds one attempt may
+#                          take), probe ("<id>:<claim>" let through to try it), why
+#   P:ev:resting:<clinic>  SET  the ids put back to wait for the rest's end
+# `endpoint_rest` returns 'go' (no rest, or this claim is its probe), 'probe' (the rest is
+# over: this claim tries the endpoint, the others wait for its answer until `probe_for`
+# from now) or the rest's end (a number): this event waits for it. `rest_event` puts an
+# event back to the schedule due then: its claim ended, no attempt counted, its
+# last_error saying why. Both expire REST_SLACK seconds after the rest's end.
+REST_SLACK_SECONDS = 60
+LUA_REST = (
+    f"local REST_SLACK = {REST_SLACK_SECONDS}\n"
+    + """
+local function endpoint_rest(prefix, clinic, token, now)
+  local rkey = prefix .. ':ev:rest:' .. clinic
+  local mark = redis.call('HMGET', rkey, 'until', 'probe_for', 'probe')
+  if not mark[1] or mark[3] == token then return 'go' end
+  local rest_end = tonumber(mark[1])
+  if rest_end > now then return rest_end end
+  local probe_end = now + (tonumber(mark[2]) or 30)
+  redis.call('HSET', rkey, 'until', string.format('%.6f', probe_end), 'probe', token)
+  redis.call('EXPIREAT', rkey, math.ceil(probe_end + REST_SLACK))
+  return 'probe'
+end
+
+local function rest_event(prefix, due_key, out_key, id, clinic, rest_end, now)
+  local rkey = prefix .. ':ev:rest:' .. clinic
+  local wkey = prefix .. ':ev:resting:' .. clinic
+  redis.call('ZADD', due_key, string.format('%.6f', rest_end), id)
+  redis.call('ZREM', out_key, id)
+  redis.call('HSET', prefix .. ':ev:' .. id, 'last_error',
+    'not tried, no attempt counted: waited for its webhook endpoint to rest after ' ..
+    (redis.call('HGET', rkey, 'why') or 'an event it did not answer'))
+  redis.call('SADD', wkey, id)
+  if redis.call('TTL', wkey) < rest_end - now + REST_SLACK then
+    redis.call('EXPIREAT', wkey, math.ceil(rest_end + REST_SLACK))
+  end
+end
+
+-- The endpoint answered (or was fixed): its rest ends, and the events put back to wait for
+-- it are due now (those claimed meanwhile, or due already, are left as they are).
+local function end_rest(prefix, clinic, due_key, out_key, now)
+  local wkey = prefix .. ':ev:resting:' .. clinic
+  redis.call('DEL', prefix .. ':ev:rest:' .. clinic)
+  for _, waited in ipairs(redis.call('SMEMBERS', wkey)) do
+    local due = tonumber(redis.call('ZSCORE', due_key, waited))
+    local leased = tonumber(redis.call('ZSCORE', out_key, waited))
+    if due and due > now and not (leased and leased > now) then
+      redis.call('ZADD', due_key, now, waited)
+    end
+  end
+  redis.call('DEL', wkey)
+end
+""")
+
 # Claim due events: their score becomes the lease's end, so one whose worker died is due
 # again then. Each claim is counted in P:ev:out (id -> its lease's end) until it finishes,
 # is handed back or its lease ends. With a capacity (ARGV[4] > 0) no more are claimed than
 # the event senders registered in P:ev:senders ("<node>|<threads>" -> until when) take at
-# once (ARGV[4] itself while none is registered). Returns {id, claim} pairs.
-_CLAIM = """
+# once (ARGV[4] itself while none is registered). A webhook event whose endpoint rests is
+# not claimed: it is put back due at the rest's end (`rest_event`), taking no capacity, and
+# the claim looks further (up to CLAIM_SCAN events a call). Returns {id, claim} pairs.
+CLAIM_SCAN = 1000
+_CLAIM = (
+    LUA_REST
+    + f"local CLAIM_SCAN = {CLAIM_SCAN}\n"
+    + """
 local due_key, out_key, senders_key, prefix = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
 local limit, lease, default = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
@@ -125,18 +218,59 @@ if default > 0 then
   if limit <= 0 then return {} end
 end
 local out = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit)) do
-  local ekey = prefix .. ':ev:' .. id
-  if redis.call('EXISTS', ekey) == 1 then
-    redis.call('ZADD', due_key, now + lease, id)
-    redis.call('ZADD', out_key, now + lease, id)
-    table.insert(out, {id, tostring(redis.call('HINCRBY', ekey, 'claim', 1))})
-  else
-    redis.call('ZREM', due_key, id)
+local scanned = 0
+while #out < limit and scanned < CLAIM_SCAN do
+  local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0,
+    math.min(limit - #out + 100, CLAIM_SCAN - scanned))
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if #out >= limit then break end
+    scanned = scanned + 1
+    local ekey = prefix .. ':ev:' .. id
+    local ev = redis.call('HMGET', ekey, 'kind', 'clinic', 'claim')
+    if ev[1] then
+      local claim = (tonumber(ev[3]) or 0) + 1
+      local go = 'go'
+      if ev[1] == 'webhook' then go = endpoint_rest(prefix, ev[2], id .. ':' .. claim, now) end
+      if type(go) == 'number' then
+        -- Claimed and put back at once: an attempt still holding an older claim (its lease
+        -- over) is fenced out, as by any claim.
+        redis.call('HINCRBY', ekey, 'claim', 1)
+        rest_event(prefix, due_key, out_key, id, ev[2], go, now)
+      else
+        redis.call('ZADD', due_key, now + lease, id)
+        redis.call('ZADD', out_key, now + lease, id)
+        table.insert(out, {id, tostring(redis.call('HINCRBY', ekey, 'claim', 1))})
+      end
+    else
+      redis.call('ZREM', due_key, id)
+    end
   end
 end
 return out
 """
+)
+
+# A claimed event taken by a sender thread, before it is sent: 'go' (or 'probe'), or, if
+# its webhook endpoint rests, put back due at the rest's end ('rested': claimed before the
+# rest began). Only the attempt that still holds the claim ('stale' otherwise).
+_TAKE = (
+    LUA_REST
+    + """
+local due_key, out_key, ekey = KEYS[1], KEYS[2], KEYS[3]
+local prefix, id, claim = ARGV[1], ARGV[2], ARGV[3]
+local ev = redis.call('HMGET', ekey, 'claim', 'clinic')
+if ev[1] ~= claim then return 'stale' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local go = endpoint_rest(prefix, ev[2], id .. ':' .. claim, now)
+if type(go) == 'number' then
+  rest_event(prefix, due_key, out_key, id, ev[2], go, now)
+  return 'rested'
+end
+return go
+"""
+)
 
 # Hand a claimed event back, not begun (its senders are stopping, or its lease is nearly
 # over): due now, its attempts unchanged. Only the attempt that still holds the claim.
@@ -153,17 +287,40 @@ return 'released'
 # delivered). retry / dead: only the attempt that still holds the claim reschedules it.
 # A retry is due ARGV[4] seconds after now on Redis's clock, the one the claim compares
 # with: a delivering host's clock off Redis's neither shortens the backoff nor stretches it.
-_FINISH = """
+# ARGV[8], the clinic's webhook endpoint as this attempt found it (whichever claim it held:
+# it is about the endpoint, not the event): 'rest', no answer: it rests until ARGV[4]
+# seconds from now (the event's retry), an attempt then taking up to ARGV[9] seconds;
+# 'answered' (any HTTP status): its rest ends and the events that waited for it are due
+# now (those not claimed meanwhile); '' neither.
+_FINISH = LUA_REST + """
 local due_key, dead_key, ekey, out_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, claim, outcome, delay, err, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
   ARGV[5], tonumber(ARGV[6])
+local prefix, endpoint, probe_for = ARGV[7], ARGV[8], ARGV[9]
+local clinic = redis.call('HGET', ekey, 'clinic')
+local wkey = prefix .. ':ev:resting:' .. (clinic or '')
+if clinic then
+  local rkey = prefix .. ':ev:rest:' .. clinic
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if endpoint == 'rest' then
+    redis.call('HSET', rkey, 'until', string.format('%.6f', now + delay),
+      'probe_for', probe_for, 'why', 'ev:' .. id .. ' got no answer (' .. err .. ')')
+    redis.call('HDEL', rkey, 'probe')
+    redis.call('EXPIREAT', rkey, math.ceil(now + delay + REST_SLACK))
+  elseif endpoint == 'answered' then
+    end_rest(prefix, clinic, due_key, out_key, now)
+  end
+end
 if outcome == 'done' then
+  redis.call('SREM', wkey, id)
   redis.call('DEL', ekey)
   redis.call('ZREM', due_key, id)
   redis.call('ZREM', out_key, id)
   return 'done'
 end
 if redis.call('HGET', ekey, 'claim') ~= claim then return 'stale' end
+redis.call('SREM', wkey, id)
 redis.call('ZREM', out_key, id)
 redis.call('HINCRBY', ekey, 'attempts', 1)
 redis.call('HSET', ekey, 'last_error', err)
@@ -184,14 +341,21 @@ return 'retry'
 
 # Send a given-up event again (`reminders events replay`): due now with its attempts
 # counted afresh, kept until delivered. 0 if it is not given up (any more), or expired.
-_REPLAY = """
-local dead_key, due_key, ekey, id = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+# Replayed once the endpoint is fixed: the clinic's webhook rest, if any, ends too.
+_REPLAY = LUA_REST + """
+local dead_key, due_key, ekey, out_key, id, prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  ARGV[1], ARGV[2]
 if not redis.call('ZSCORE', dead_key, id) then return 0 end
 redis.call('ZREM', dead_key, id)
 if redis.call('EXISTS', ekey) == 0 then return 0 end
 redis.call('PERSIST', ekey)
 redis.call('HSET', ekey, 'attempts', '0')
 redis.call('ZADD', due_key, 0, id)
+if redis.call('HGET', ekey, 'kind') == 'webhook' then
+  local t = redis.call('TIME')
+  end_rest(prefix, redis.call('HGET', ekey, 'clinic'), due_key, out_key,
+    tonumber(t[1]) + tonumber(t[2]) / 1000000)
+end
 return 1
 """
 
@@ -239,9 +403,14 @@ class Events:
         self._finish = client.register_script(_FINISH)
         self._replay = client.register_script(_REPLAY)
         self._release = client.register_script(_RELEASE)
+        self._take = client.register_script(_TAKE)
 
     def event_key(self, event_id: str) -> str:
         return f"{self.prefix}:ev:{event_id}"
+
+    def rest_key(self, clinic: str) -> str:
+        """The mark of `clinic`'s webhook endpoint resting (see the module docstring)."""
+        return f"{self.prefix}:ev:rest:{clinic}"
 
     def emit(
         self,
@@ -301,22 +470,42 @@ class Events:
             attempts=int(raw.get("attempts", 0)),
         )
 
-    def done(self, event_id: str, claim: str) -> str:
-        return self._fin(event_id, claim, "done")
+    def take(self, event_id: str, claim: str) -> str:
+        """A sender thread takes a claimed webhook event: "go" (or "probe": its endpoint's
+        rest is over and this attempt tries it), "rested" (its endpoint rests: put back due
+        at the rest's end, not tried, no attempt counted) or "stale" (`claim` no longer
+        holds it)."""
+        return str(self._take(keys=[self.due_key, self.out_key, self.event_key(event_id)],
+                              args=[self.prefix, event_id, claim]))
 
-    def retry(self, event_id: str, claim: str, delay: float, error: str) -> str:
+    def done(self, event_id: str, claim: str, *, endpoint: str = "") -> str:
+        """Delete the delivered event; `endpoint` "answered": its webhook endpoint's rest
+        ends (`_fin`)."""
+        return self._fin(event_id, claim, "done", endpoint=endpoint)
+
+    def retry(self, event_id: str, claim: str, delay: float, error: str, *,
+              endpoint: str = "", probe_for: float = 0.0) -> str:
         """Try the event again `delay` seconds from now on Redis's clock (its claims')."""
-        return self._fin(event_id, claim, "retry", delay, error)
+        return self._fin(event_id, claim, "retry", delay, error, endpoint=endpoint,
+                         probe_for=probe_for)
 
-    def give_up(self, event_id: str, claim: str, error: str) -> str:
-        return self._fin(event_id, claim, "dead", 0.0, error)
+    def give_up(self, event_id: str, claim: str, error: str, *, endpoint: str = "",
+                rest: float = 0.0, probe_for: float = 0.0) -> str:
+        """Give the event up; `endpoint` "rest": its webhook endpoint rests `rest` seconds."""
+        return self._fin(event_id, claim, "dead", rest, error, endpoint=endpoint,
+                         probe_for=probe_for)
 
     def _fin(self, event_id: str, claim: str, outcome: str, delay: float = 0.0,
-             err: str = "") -> str:
+             err: str = "", *, endpoint: str = "", probe_for: float = 0.0) -> str:
+        """`endpoint`: what the attempt found of the clinic's webhook endpoint: "rest" (no
+        answer: it rests `delay` seconds, an attempt then taking up to `probe_for`),
+        "answered" (any HTTP status: its rest ends, the events that waited are due now),
+        or "" (neither, or not a webhook)."""
         return str(
             self._finish(
                 keys=[self.due_key, self.dead_key, self.event_key(event_id), self.out_key],
-                args=[event_id, claim, outcome, delay, err, self.keep_seconds],
+                args=[event_id, claim, outcome, delay, err, self.keep_seconds, self.prefix,
+                      endpoint, probe_for],
             )
         )
 
@@ -369,7 +558,8 @@ class Events:
     def replay(self, event_ids: list[str]) -> list[str]:
         """Put given-up events back to be delivered now; return the ids replayed."""
         return [event_id for event_id in event_ids if int(self._replay(
-            keys=[self.dead_key, self.due_key, self.event_key(event_id)], args=[event_id]))]
+            keys=[self.dead_key, self.due_key, self.event_key(event_id), self.out_key],
+            args=[event_id, self.prefix]))]
 
 
 # The reply kind a change of consent is told as, per channel: (opted out, opted in again).
@@ -528,6 +718,11 @@ def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None
         response = requests.post(url, data=body, headers=headers, timeout=timeout,
                                  allow_redirects=False, stream=True)
         response.close()
+    except (requests.Timeout, requests.ConnectionError) as exc:
+        if isinstance(exc, requests.exceptions.SSLError):  # an answer, not HTTP: no rest
+            raise DeliveryError(f"webhook unreachable ({type(exc).__name__})") from None
+        # Refused, reset, or no answer in time: its endpoint rests (`deliver_event`).
+        raise NoAnswer(f"webhook unreachable ({type(exc).__name__})") from None
     except requests.RequestException as exc:
         raise DeliveryError(f"webhook unreachable ({type(exc).__name__})") from None
     except ValueError as exc:
@@ -536,7 +731,15 @@ def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None
         # failure, never left to escape (the event stayed claimed and was never given up).
         raise DeliveryError(f"webhook URL cannot be used ({type(exc).__name__})") from None
     if not 200 <= response.status_code < 300:
-        raise DeliveryError(f"webhook answered HTTP {response.status_code}")
+        raise Answered(f"webhook answered HTTP {response.status_code}")
+
+
+class NoAnswer(DeliveryError):
+    """The webhook endpoint gave no answer: the connection refused or reset, or a timeout."""
+
+
+class Answered(DeliveryError):
+    """The webhook endpoint answered, with an HTTP status other than 2xx."""
 
 
 # --- delivering one claimed event ----------------------------------------------------
@@ -568,6 +771,9 @@ def deliver_event(
     if event is None:
         return "gone (delivered, or claimed again after the lease)"
     clinic = clinics.get(event.clinic)
+    endpoint = ""  # what this attempt finds of the clinic's webhook endpoint (`Events._fin`)
+    wait = _within(settings.webhook_timeout_seconds, timeout)
+    probe_for = 2 * wait + PROBE_MARGIN  # a connect and a read, each at most `wait`
     try:
         if clinic is None:
             # Its file missing as config/ is read now: deleted by mistake, or being rewritten
@@ -588,22 +794,36 @@ def deliver_event(
                 events.done(event_id, claim)
                 return "dropped: the clinic's webhook does not take this event"
             secret = clinic.webhook.secret_value(clinic.id, env)
-            post_webhook(clinic.webhook.url, secret, event,
-                         timeout=_within(settings.webhook_timeout_seconds, timeout))
+            taken = events.take(event_id, claim)
+            if taken == "stale":
+                return "gone (delivered, or claimed again after the lease)"
+            if taken == "rested":
+                log.info("clinic event %s (%s): clinic %s's webhook endpoint rests after an "
+                         "event it did not answer; not tried, due again when the rest ends",
+                         event_id, event.type, event.clinic)
+                return RESTED
+            post_webhook(clinic.webhook.url, secret, event, timeout=wait)
+            endpoint = "answered"
     except (DeliveryError, ConfigError) as exc:
         reason = exc.reason if isinstance(exc, DeliveryError) else exc.problem
+        endpoint = "rest" if isinstance(exc, NoAnswer) else (
+            "answered" if isinstance(exc, Answered) else "")
         attempts = event.attempts + 1
+        # Its retry; with no answer, its endpoint rests until then (and on giving up, as
+        # long as a retry would have waited), the events taken meanwhile not tried.
+        delay = compute_backoff(attempts, base=settings.backoff_base_seconds,
+                                cap=settings.backoff_cap_seconds)
         if attempts >= settings.webhook_max_attempts:
-            events.give_up(event_id, claim, reason)
+            events.give_up(event_id, claim, reason, endpoint=endpoint, rest=delay,
+                           probe_for=probe_for)
             log.warning("clinic event %s (%s) given up after %d attempts: %s",
                         event_id, event.type, attempts, reason)
             return f"given up: {reason}"
-        delay = compute_backoff(attempts, base=settings.backoff_base_seconds,
-                                cap=settings.backoff_cap_seconds)
-        events.retry(event_id, claim, delay, reason)  # due on Redis's clock, not this host's
+        # Due on Redis's clock, not this host's.
+        events.retry(event_id, claim, delay, reason, endpoint=endpoint, probe_for=probe_for)
         log.info("clinic event %s (%s) retried in %.0f s: %s", event_id, event.type, delay, reason)
         return f"retrying: {reason}"
-    events.done(event_id, claim)
+    events.done(event_id, claim, endpoint=endpoint)
     log.info("clinic event %s (%s) delivered to clinic %s", event_id, event.type, event.clinic)
     return "delivered"
 
