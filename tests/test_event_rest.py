@@ -21,7 +21,7 @@ from worker.embedded import free_port
 from worker.event_senders import EventSenders
 from worker.rendering import Renderer
 from worker.settings import Settings
-from worker.webhooks import Events, deliver_event, pump_events
+from worker.webhooks import REST_MAX_SECONDS, Events, deliver_event, pump_events
 
 TIMEOUT = 1.5  # the webhook's timeout: how long a dead endpoint holds a thread
 THREADS = 4
@@ -239,3 +239,26 @@ def test_an_event_given_up_unanswered_rests_its_endpoint_until_a_replay(events, 
     assert events.replay([first]) == [first]
     assert not events.redis.exists("t:ev:rest:glow")
     assert sorted(e for e, _ in events.claim(10, 30)) == sorted([first, waiting])
+
+
+def test_a_rest_lasts_at_most_a_minute_though_the_events_own_retry_is_an_hour_away(
+        events, tmp_path):
+    # An endpoint down for hours: the event that finds it so has tried many times and its
+    # own retry is the backoff's cap away (an hour). Its endpoint's rest must not last as
+    # long, or events the clinic writes after the endpoint is back would wait that hour
+    # though none of them was ever tried: a rest ends after REST_MAX_SECONDS at most, and
+    # the next event due tries the endpoint (that event's own backoff is unchanged).
+    refusing = clinic("glow", f"http://127.0.0.1:{free_port()}/hooks")  # nothing listens
+    slow = fast(tmp_path).model_copy(update={"backoff_base_seconds": 60.0,
+                                             "backoff_cap_seconds": 3600.0})
+    first = str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"}))
+    events.redis.hset(events.event_key(first), "attempts", 8)  # its 9th try
+    ((_, claim),) = events.claim(10, 30)
+    assert deliver_event(events, first, claim, clinics={"glow": refusing},
+                         renderer=Renderer(ROOT / "templates"), settings=slow, env=ENV) == (
+        "retrying: webhook unreachable (ConnectionError)")
+    now = redis_time(events.redis)
+    assert float(events.redis.zscore(events.due_key, first)) > now + 1700  # its own backoff
+    until = float(events.redis.hget("t:ev:rest:glow", "until") or 0)
+    assert now + REST_MAX_SECONDS - 2 <= until <= now + REST_MAX_SECONDS + 0.5
+    assert events.redis.ttl("t:ev:rest:glow") <= REST_MAX_SECONDS + 61

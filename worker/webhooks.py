@@ -42,23 +42,25 @@ endpoints). The endpoint is a clinic's webhook URL (P:ev:rest:<clinic>). When an
 gets no answer (`NoAnswer`: the connection refused or reset, or a connect or read timeout;
 not an HTTP status, even 500, which holds no thread, nor a TLS or URL error) the endpoint
 rests until that event's retry (and, given up, as long as a retry would have waited), on
-Redis's clock. While it rests its events are not tried: the claim puts each back due at the
-rest's end without claiming it for a sender (no capacity taken), and a sender thread that
-takes one claimed before the rest began (`Events.take`) does the same, fenced by its claim;
-neither counts an attempt (`webhook_max_attempts` counts real ones), and the event's
-last_error says it waited for its endpoint to rest after which event got no answer. Once
-the rest is over, the first event claimed tries the endpoint (the probe); the others wait
-for its answer, `probe_for` seconds at most (its two network waits and a margin). So a
-dead endpoint holds about one thread per rest, not all of them. Any answer (a 2xx or any
-HTTP status) ends the rest at once and makes the events that waited for it due now; so
-does replaying one of the clinic's given-up events. The held-booking alert is another
-endpoint (the clinic's email channel) and never rests: alerts come one per held booking,
-not in bursts, the clinic needs each promptly, its email channel is shared with the
-clinic's patient messages (often one relay for several clinics) and Apprise's failures do not
-tell "no answer" apart from an outcome unknown; a webhook's rest never holds an alert back.
-A rest can last as long as the backoff's cap (`backoff_cap_seconds`): events written
-meanwhile wait for its end, as the retries before them do; a URL edited in config/ is
-tried at the rest's end (or at once, by replaying one of the clinic's given-up events).
+Redis's clock, REST_MAX_SECONDS (a minute) at most: that event keeps its own backoff, and
+the next event due after the rest tries the endpoint, so an endpoint back after an outage
+of hours is found within a minute, not the backoff's cap (an hour) later. While it rests
+its events are not tried: the claim puts each back due at the rest's end without claiming
+it for a sender (no capacity taken), and a sender thread that takes one claimed before the
+rest began (`Events.take`) does the same, fenced by its claim; neither counts an attempt
+(`webhook_max_attempts` counts real ones), and the event's last_error says it waited for
+its endpoint to rest after which event got no answer. Once the rest is over, the first
+event claimed tries the endpoint (the probe); the others wait for its answer, `probe_for`
+seconds at most (its two network waits and a margin). So a dead endpoint holds about one
+thread per rest, not all of them. Any answer (a 2xx or any HTTP status) ends the rest at
+once and makes the events that waited for it due now; so does replaying one of the clinic's
+given-up events. The held-booking alert is another endpoint (the clinic's email channel)
+and never rests: alerts come one per held booking, not in bursts, the clinic needs each
+promptly, its email channel is shared with the clinic's patient messages (often one relay
+for several clinics) and Apprise's failures do not tell "no answer" apart from an outcome
+unknown; a webhook's rest never holds an alert back. Events written during a rest wait for
+its end (a minute at most), as the retries before them do; a URL edited in config/ is tried
+at the rest's end (or at once, by replaying one of the clinic's given-up events).
 
 Signature (Stripe-style): header `Reminders-Signature: t=<unix seconds>,v1=<hex>` where
 hex = HMAC-SHA256(secret, "<t>.<raw body>"). A receiver checks it with `verify_signature`
@@ -145,6 +147,9 @@ return emit_event(ARGV[1], ARGV[2], ARGV[3], ARGV[4], cjson.decode(ARGV[5]))
 # event back to the schedule due then: its claim ended, no attempt counted, its
 # last_error saying why. Both expire REST_SLACK seconds after the rest's end.
 REST_SLACK_SECONDS = 60
+# A rest lasts the failed event's retry, at most this long: the next event due then tries the
+# endpoint, so a recovered endpoint is found within a minute, whatever the backoff's cap.
+REST_MAX_SECONDS = 60.0
 LUA_REST = (
     f"local REST_SLACK = {REST_SLACK_SECONDS}\n"
     + """
@@ -288,15 +293,16 @@ return 'released'
 # A retry is due ARGV[4] seconds after now on Redis's clock, the one the claim compares
 # with: a delivering host's clock off Redis's neither shortens the backoff nor stretches it.
 # ARGV[8], the clinic's webhook endpoint as this attempt found it (whichever claim it held:
-# it is about the endpoint, not the event): 'rest', no answer: it rests until ARGV[4]
-# seconds from now (the event's retry), an attempt then taking up to ARGV[9] seconds;
+# it is about the endpoint, not the event): 'rest', no answer: it rests ARGV[10] seconds
+# from now (the event's retry, at most REST_MAX_SECONDS), an attempt then taking up to
+# ARGV[9] seconds;
 # 'answered' (any HTTP status): its rest ends and the events that waited for it are due
 # now (those not claimed meanwhile); '' neither.
 _FINISH = LUA_REST + """
 local due_key, dead_key, ekey, out_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, claim, outcome, delay, err, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
   ARGV[5], tonumber(ARGV[6])
-local prefix, endpoint, probe_for = ARGV[7], ARGV[8], ARGV[9]
+local prefix, endpoint, probe_for, rest_for = ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
 local clinic = redis.call('HGET', ekey, 'clinic')
 local wkey = prefix .. ':ev:resting:' .. (clinic or '')
 if clinic then
@@ -304,10 +310,10 @@ if clinic then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   if endpoint == 'rest' then
-    redis.call('HSET', rkey, 'until', string.format('%.6f', now + delay),
+    redis.call('HSET', rkey, 'until', string.format('%.6f', now + rest_for),
       'probe_for', probe_for, 'why', 'ev:' .. id .. ' got no answer (' .. err .. ')')
     redis.call('HDEL', rkey, 'probe')
-    redis.call('EXPIREAT', rkey, math.ceil(now + delay + REST_SLACK))
+    redis.call('EXPIREAT', rkey, math.ceil(now + rest_for + REST_SLACK))
   elseif endpoint == 'answered' then
     end_rest(prefix, clinic, due_key, out_key, now)
   end
@@ -484,28 +490,30 @@ class Events:
         return self._fin(event_id, claim, "done", endpoint=endpoint)
 
     def retry(self, event_id: str, claim: str, delay: float, error: str, *,
-              endpoint: str = "", probe_for: float = 0.0) -> str:
-        """Try the event again `delay` seconds from now on Redis's clock (its claims')."""
+              endpoint: str = "", rest: float = 0.0, probe_for: float = 0.0) -> str:
+        """Try the event again `delay` seconds from now on Redis's clock (its claims');
+        `endpoint` "rest": its webhook endpoint rests `rest` seconds."""
         return self._fin(event_id, claim, "retry", delay, error, endpoint=endpoint,
-                         probe_for=probe_for)
+                         rest=rest, probe_for=probe_for)
 
     def give_up(self, event_id: str, claim: str, error: str, *, endpoint: str = "",
                 rest: float = 0.0, probe_for: float = 0.0) -> str:
         """Give the event up; `endpoint` "rest": its webhook endpoint rests `rest` seconds."""
-        return self._fin(event_id, claim, "dead", rest, error, endpoint=endpoint,
+        return self._fin(event_id, claim, "dead", 0.0, error, endpoint=endpoint, rest=rest,
                          probe_for=probe_for)
 
     def _fin(self, event_id: str, claim: str, outcome: str, delay: float = 0.0,
-             err: str = "", *, endpoint: str = "", probe_for: float = 0.0) -> str:
+             err: str = "", *, endpoint: str = "", rest: float = 0.0,
+             probe_for: float = 0.0) -> str:
         """`endpoint`: what the attempt found of the clinic's webhook endpoint: "rest" (no
-        answer: it rests `delay` seconds, an attempt then taking up to `probe_for`),
+        answer: it rests `rest` seconds, an attempt then taking up to `probe_for`),
         "answered" (any HTTP status: its rest ends, the events that waited are due now),
         or "" (neither, or not a webhook)."""
         return str(
             self._finish(
                 keys=[self.due_key, self.dead_key, self.event_key(event_id), self.out_key],
                 args=[event_id, claim, outcome, delay, err, self.keep_seconds, self.prefix,
-                      endpoint, probe_for],
+                      endpoint, probe_for, rest],
             )
         )
 
@@ -810,17 +818,20 @@ def deliver_event(
             "answered" if isinstance(exc, Answered) else "")
         attempts = event.attempts + 1
         # Its retry; with no answer, its endpoint rests until then (and on giving up, as
-        # long as a retry would have waited), the events taken meanwhile not tried.
+        # long as a retry would have waited), at most REST_MAX_SECONDS, the events taken
+        # meanwhile not tried.
         delay = compute_backoff(attempts, base=settings.backoff_base_seconds,
                                 cap=settings.backoff_cap_seconds)
+        rest = min(delay, REST_MAX_SECONDS)
         if attempts >= settings.webhook_max_attempts:
-            events.give_up(event_id, claim, reason, endpoint=endpoint, rest=delay,
+            events.give_up(event_id, claim, reason, endpoint=endpoint, rest=rest,
                            probe_for=probe_for)
             log.warning("clinic event %s (%s) given up after %d attempts: %s",
                         event_id, event.type, attempts, reason)
             return f"given up: {reason}"
         # Due on Redis's clock, not this host's.
-        events.retry(event_id, claim, delay, reason, endpoint=endpoint, probe_for=probe_for)
+        events.retry(event_id, claim, delay, reason, endpoint=endpoint, rest=rest,
+                     probe_for=probe_for)
         log.info("clinic event %s (%s) retried in %.0f s: %s", event_id, event.type, delay, reason)
         return f"retrying: {reason}"
     events.done(event_id, claim, endpoint=endpoint)
