@@ -643,6 +643,23 @@ def test_unsubscribe_get_shows_a_page_and_changes_nothing_then_post_unsubscribes
     assert {"stop-retinoids:email", "aftercare:email", "redness-check:email"} <= seen
 
 
+def test_the_unsubscribe_page_speaks_the_patients_language(server, tw):
+    """A Spanish patient clicks "Darse de baja de estos correos" in a Spanish email: the
+    page and its button were in English ("Stop the appointment emails from ...?",
+    "Unsubscribe"). They are in the patient's language, as the emails are."""
+    book(tw, "S-1", patient_locale="es")
+    path = link_for(server, "ana@example.com")
+    with server.client() as client:
+        page = client.get(path)
+        assert page.status_code == 200 and '<html lang="es">' in page.text, page.text
+        assert "Darme de baja</button>" in page.text and "a***@example.com" in page.text
+        assert "Unsubscribe" not in page.text and "Stop the" not in page.text, page.text
+        done = client.post(path, content="List-Unsubscribe=One-Click",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert done.status_code == 200 and "Te has dado de baja" in done.text, done.text
+    assert server.app.state.services.store.opted_out("tw", "email", "ana@example.com")
+
+
 def test_an_unsubscribe_token_for_another_patient_or_forged_is_refused(server, tw):
     book(tw, "A-1")
     book(tw, "E-1", phone=EVA, email="eva@example.com")
