@@ -18,6 +18,9 @@ The token (worker/optout.py) names the clinic, the channel and a keyed hash of t
 address; the address behind the hash is what the send noted in Redis. A token this
 service's secret did not make, or one whose hash no email of the clinic was sent to,
 answers 404: a token cannot be made, edited or reused for another patient.
+
+The page is in the patient's language, as the emails are: the locale of their latest
+booking at the clinic with that address, else the clinic's, else English (`WORDS`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["patients"])
 
 _PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
+<html lang="{lang}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="robots" content="noindex"><title>{title}</title></head>
 <body style="font-family:Helvetica,Arial,sans-serif;max-width:32em;margin:3em auto;padding:0 1em">
@@ -49,8 +52,58 @@ _PAGE = """<!doctype html>
 </body></html>"""
 
 
-def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(_PAGE.format(title=escape(title), body=body), status_code=status,
+# The page's words per language ({clinic}, {address}, {phone} filled in, HTML-escaped).
+WORDS: dict[str, dict[str, str]] = {
+    "en": {
+        "done_title": "You are unsubscribed",
+        "done": "{address} gets no more emails from {clinic} after any already on the way.",
+        "ask_title": "Unsubscribe from {clinic}",
+        "ask": "Stop the appointment emails from {clinic} to {address}?",
+        "button": "Unsubscribe",
+        "safety": "Safety reminders still reach you by text message if you receive them.",
+        "questions": " Questions: {phone}.",
+        "the_clinic": "the clinic",
+    },
+    "es": {
+        "done_title": "Te has dado de baja",
+        "done": "{address} ya no recibirá correos de {clinic}, salvo los que ya estén en "
+                "camino.",
+        "ask_title": "Darse de baja de {clinic}",
+        "ask": "¿Dejar de recibir en {address} los correos de {clinic} sobre tus citas?",
+        "button": "Darme de baja",
+        "safety": "Los avisos importantes para tu seguridad te seguirán llegando por SMS si "
+                  "los recibes.",
+        "questions": " Dudas: {phone}.",
+        "the_clinic": "la clínica",
+    },
+}
+FALLBACK_LANGUAGE = "en"
+
+
+def _language(svc: Services, clinic_id: str, clinic: Any, address: str) -> str:
+    """The page's language: the patient's latest booking's locale at the clinic (as its
+    emails are written), else the clinic's, else English; a language `WORDS` has."""
+    store = svc.store
+    summaries = [s for s in store.booking_summaries(
+        clinic_id, store.contact_bookings(clinic_id, "email", address)) if s]
+    locales: list[str] = []
+    if summaries:
+        latest = max(summaries, key=lambda s: s.get("updated_at") or "")["booking_id"]
+        patient = (store.booking_doc(clinic_id, latest) or {}).get("patient") or {}
+        locales.append(str(patient.get("locale") or ""))
+    if clinic is not None:
+        locales.append(clinic.locale)
+    for locale in locales:
+        language = locale.replace("_", "-").split("-")[0].lower()
+        if language in WORDS:
+            return language
+    return FALLBACK_LANGUAGE
+
+
+def _page(title: str, body: str, status: int = 200, lang: str = FALLBACK_LANGUAGE
+          ) -> HTMLResponse:
+    return HTMLResponse(_PAGE.format(lang=lang, title=escape(title), body=body),
+                        status_code=status,
                         headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
 
@@ -95,20 +148,28 @@ async def unsubscribe_page(token: str, svc: Svc) -> HTMLResponse:
         return _not_valid()
     named, address = found
     clinic = svc.catalog.clinics.get(named.clinic)
-    name = clinic.name if clinic else "the clinic"
+    lang = await run_in_threadpool(_language, svc, named.clinic, clinic, address)
+    words = WORDS[lang]
+    name = clinic.name if clinic else words["the_clinic"]
     done = await run_in_threadpool(svc.store.opted_out, named.clinic, named.channel, address)
     if done:
-        return _page("You are unsubscribed",
-                     f"<p>{escape(_masked(address))} gets no more emails from "
-                     f"{escape(name)} after any already on the way.</p>")
+        return _done_page(words, lang, address, name)
+    fill = {"clinic": escape(name), "address": escape(_masked(address)),
+            "phone": escape(clinic.phone) if clinic else ""}
     return _page(
-        f"Unsubscribe from {name}",
-        f"<p>Stop the appointment emails from {escape(name)} to "
-        f"{escape(_masked(address))}?</p>"
+        words["ask_title"].format(clinic=name),
+        f"<p>{words['ask'].format(**fill)}</p>"
         f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
-        f'<button type="submit">Unsubscribe</button></form>'
-        f"<p>Safety reminders still reach you by text message if you receive them."
-        f"{f' Questions: {escape(clinic.phone)}.' if clinic else ''}</p>")
+        f'<button type="submit">{escape(words["button"])}</button></form>'
+        f"<p>{escape(words['safety'])}"
+        f"{words['questions'].format(**fill) if clinic else ''}</p>", lang=lang)
+
+
+def _done_page(words: dict[str, str], lang: str, address: str, name: str) -> HTMLResponse:
+    """The page after unsubscribing (or at a link already used)."""
+    return _page(words["done_title"],
+                 "<p>" + words["done"].format(address=escape(_masked(address)),
+                                              clinic=escape(name)) + "</p>", lang=lang)
 
 
 @router.post("/v1/unsubscribe/{token}", summary="Unsubscribe (RFC 8058 one-click)",
@@ -149,7 +210,6 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
     skipped, touched = await run_in_threadpool(act)
     log.info("unsubscribe for clinic %s: %s opted out (%d reminder(s) skipped in %d "
              "booking(s))", named.clinic, named.channel, skipped, len(touched))
-    return _page("You are unsubscribed",
-                 f"<p>{escape(_masked(address))} gets no more emails from "
-                 f"{escape(clinic.name if clinic else 'the clinic')} after any already on "
-                 f"the way.</p>")
+    lang = await run_in_threadpool(_language, svc, named.clinic, clinic, address)
+    words = WORDS[lang]
+    return _done_page(words, lang, address, clinic.name if clinic else words["the_clinic"])
