@@ -416,3 +416,25 @@ def test_plain_text_paragraphs_stay_apart(renderer: Renderer, catalog: Catalog,
                 if run_together(message.text):
                     found[template] = run_together(message.text)
     assert found == {}
+
+
+@pytest.mark.parametrize(("locale", "texted", "reminded"), [
+    ("en", "we will text you", "we will remind you on those nights"),
+    ("es", "te enviaremos un SMS", "te lo recordaremos esas noches"),
+])
+def test_the_tretinoin_welcome_promises_no_texts_to_a_patient_without_sms(
+    renderer: Renderer, catalog: Catalog, booking_doc: dict[str, Any], locale: str,
+    texted: str, reminded: str,
+) -> None:
+    """A patient who takes email only gets the night reminders by email (the planner's
+    fallback), yet the welcome email said "we will text you on those nights"."""
+    patient = booking(catalog, booking_doc, treatment="tretinoin-start", locale=locale,
+                      channels=["email"])
+    (welcome,) = [m for key, m in rendered(renderer, catalog, patient, catalog.clinics["glow"])
+                  if key.startswith("welcome:") and m.channel == "email"]
+    for part in (welcome.text, welcome.html or ""):
+        assert texted not in part and reminded in part, part
+    # The night reminders do go by email.
+    nights = [key for key, m in rendered(renderer, catalog, patient, catalog.clinics["glow"])
+              if key.startswith("application-night") and m.channel == "email"]
+    assert nights and all(key.endswith(":email") for key in nights)
