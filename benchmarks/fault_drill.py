@@ -26,13 +26,33 @@ Then it waits until every message has arrived (or a time limit), and until nothi
 due or leased, and prints what the sinks received against what was booked. A message is
 named by (channel, recipient, subject or SMS text): every booking has its own email
 address and phone number and every step its own template, so the same name arriving
-twice is one reminder sent twice. A duplicate is explained when its earlier copy was
-accepted just before a kill (within --explain-window seconds before a worker's or a
-pool process's SIGKILL, or from that long before a Redis kill until Redis was back): the
-kill landed inside or just after the provider call, before the outcome was recorded. A
-warm stop explains none: it hands back what has not begun and lets what has finish,
-within its grace; nor does an outage (the SMTP server refusing connections, the gateway
-answering 5xx): nothing was accepted. Anything else fails the drill: a lost message, a
+twice is one reminder sent twice (the drill maps each name to its reminder's ref). A
+duplicate is explained only when both of these hold, and the report gives both per
+duplicate:
+
+- time: each earlier copy was accepted just before a kill (within --explain-window
+  seconds before a worker's or a pool process's SIGKILL, or from that long before a Redis
+  kill until Redis was back; or up to AFTER_KILL_SLACK after it): the kill landed inside or
+  just after the provider call, before the outcome was recorded. A warm stop explains
+  none: it hands back what has not begun and lets what has finish, within its grace; nor
+  does an outage (the SMTP server refusing connections, the gateway answering 5xx):
+  nothing was accepted;
+- the store, read after the drain (StoreEvidence): for each resend, an attempt whose
+  outcome may have gone unrecorded. The `attempts` slot of the reminder's `<key>+` field
+  counts attempts begun (the begin adds one as it takes the send ledger; a finish that
+  defers, skips or hands back gives it back, and its log line says so), and every finish
+  writes one line, with the attempt's token, to the attempt log P:a:<ref>. An attempt
+  begun with no line is a lost attempt (its process died after the begin: the provider
+  may have had the message, and once its ledger expired the reminder went again); a line
+  "unknown" (a timeout after the hand-over) not followed by "sent" under the same token is
+  an unknown outcome, retried once its ledger expired. And the attempt recorded as sent
+  must have begun (its line's "at") after the earlier copies arrived: it sent the last.
+  A duplicate whose every attempt the store recorded (a retry that took nothing, then
+  the delivery), or whose recorded delivery began before an earlier copy arrived, is a
+  real double send.
+
+The summary counts the duplicates explained by a lost attempt and by an unknown outcome.
+Anything else fails the drill: a lost message, a
 dead letter (`reminders dead-letters --json`), an unexplained duplicate, a message nobody
 booked, a worker that did not end its warm stop within its grace, or a worker whose main
 process lived on without replacing a killed pool process. Exit 0 only if none of those
@@ -232,6 +252,113 @@ class Fault:
         return False
 
 
+# Attempt log lines whose finish gave the begin's count back (worker/store.py _FINISH: an
+# owning attempt's defer, skip or hand-back, `a[A_TRIES] - 1`; "put back" is an overtaken
+# skip, defer or failure handed back as `abandon`). A skip the SMS cap made of a retry
+# ("tried") keeps its count: counted here as given back, it hides no lost attempt (it can
+# only make the evidence look thinner, never invent a lost attempt).
+GAVE_BACK_OUTCOMES = ("deferred", "skipped", "abandoned")
+GAVE_BACK_RESULTS = ("ok", "put back: the booking changed since the begin")
+ATTEMPT_LOG_MAX = 50  # worker/store.py ATTEMPT_LOG_MAX: the log keeps the last this many
+
+
+@dataclass
+class StoreEvidence:
+    """What the store kept of one reminder's attempts, read after the drain.
+
+    `begun` counts the attempts that took the send ledger (worker/store.py _BEGIN_SEND adds
+    one to the `<key>+` field's `attempts` slot as it sets the ledger's token); each
+    finished attempt wrote one line, with its token, to the attempt log P:a:<ref> (two for
+    a send cut by a shutdown that the provider accepted after all: an "unknown" then a
+    "sent" line with the same token, still one attempt). An attempt that was begun and
+    never finished is a send whose worker died (SIGKILL, or a Redis outage it could not
+    outlast) with its outcome unrecorded: it may have reached the provider, and its reminder
+    was sent again once its ledger expired. An attempt that finished "unknown" (a timeout
+    after the hand-over, a shutdown cutting the send) and was never then recorded as sent
+    may also have reached the provider, and was retried after its ledger expired.
+    """
+
+    attempt_field: str | None  # the `<key>+` field: claim|attempts|tok|sent_at|...
+    lines: list[dict[str, Any]]  # the attempt log, oldest first
+    error: str = ""  # why it could not be read
+
+    @property
+    def begun(self) -> int:
+        """Attempts that took the ledger: the counter plus those whose finish gave it back."""
+        slots = (self.attempt_field or "").split("|")
+        counted = int(slots[1]) if len(slots) > 1 and slots[1].isdigit() else 0
+        gave_back = sum(1 for line in self.lines if line.get("outcome") in GAVE_BACK_OUTCOMES
+                        and line.get("result") in GAVE_BACK_RESULTS)
+        return counted + gave_back
+
+    @property
+    def finished(self) -> int:
+        """Attempts with a line in the log (distinct tokens)."""
+        return len({line.get("tok") for line in self.lines})
+
+    @property
+    def trimmed(self) -> bool:
+        """The log may have dropped its oldest lines: the counts cannot be compared."""
+        return len(self.lines) >= ATTEMPT_LOG_MAX
+
+    @property
+    def lost(self) -> int:
+        """Attempts begun whose outcome was never recorded."""
+        if self.error or self.trimmed:
+            return 0
+        return max(0, self.begun - self.finished)
+
+    @property
+    def unknown(self) -> int:
+        """Attempts recorded as of unknown outcome and never then as sent."""
+        doubted = {line.get("tok") for line in self.lines if line.get("outcome") == "unknown"}
+        sent = {line.get("tok") for line in self.lines if line.get("outcome") == "sent"}
+        return len(doubted - sent)
+
+    @property
+    def sent(self) -> int:
+        """Attempts recorded as delivered."""
+        return len({line.get("tok") for line in self.lines if line.get("outcome") == "sent"})
+
+    @property
+    def sent_started(self) -> list[float]:
+        """When each attempt recorded as delivered began (its line's "at", epoch seconds)."""
+        out = []
+        for line in self.lines:
+            if line.get("outcome") == "sent":
+                try:
+                    out.append(datetime.fromisoformat(str(line.get("at"))).timestamp())
+                except ValueError:
+                    continue
+        return out
+
+    def covers(self, copies: list[float]) -> bool:
+        """Whether the copies but the last each have an attempt that may have gone unrecorded,
+        and the attempt recorded as delivered began after they were accepted (an earlier
+        copy is not its: it sent the last). A delivery recorded before an earlier copy
+        arrived, then sent again, is a double send past the ledger's "sent"."""
+        if self.error or self.lost + self.unknown < len(copies) - 1:
+            return False
+        started = self.sent_started
+        return bool(started) and min(started) > max(copies[:-1])
+
+    def summary(self) -> str:
+        """The evidence in words: counts, then each attempt log line (no bodies, no
+        addresses: the line's attempt number, claim, outcome and result only)."""
+        if self.error:
+            return f"store unreadable: {self.error}"
+        words = [f"{self.begun} begun, {self.finished} finished ({self.sent} sent), "
+                 f"{self.lost} never finished, {self.unknown} unknown outcome"]
+        if self.trimmed:
+            words.append(f"log trimmed to {ATTEMPT_LOG_MAX} lines: lost attempts not counted")
+        slots = (self.attempt_field or "").split("|")
+        words.append(f"claims {slots[0] or 0}")
+        log = ", ".join(f"#{line.get('attempt', '?')} claim {line.get('claim', '?')} "
+                        f"{line.get('outcome')}/{line.get('result')} "
+                        f"tok ..{str(line.get('tok', ''))[-6:]}" for line in self.lines)
+        return "; ".join(words) + f"; log: [{log}]"
+
+
 @dataclass
 class Duplicate:
     ref: str
@@ -240,10 +367,33 @@ class Duplicate:
     explanations: list[str]  # one per copy but the last: why it was sent again, or ""
     timeline: dict[str, Any] | None = None  # the reminder, from `reminders show --json`
     attempt_log: list[dict[str, Any]] = field(default_factory=list)
+    store: StoreEvidence | None = None  # the store's record of its attempts (None: unread)
+
+    @property
+    def by_time(self) -> bool:
+        """Every copy but the last was accepted just before a kill (Fault.explains)."""
+        return all(self.explanations)
+
+    @property
+    def by_store(self) -> bool:
+        """The store shows, for every copy but the last, an attempt whose outcome was never
+        recorded or was recorded as unknown (StoreEvidence)."""
+        return self.store is not None and self.store.covers(self.copies)
 
     @property
     def explained(self) -> bool:
-        return all(self.explanations)
+        return self.by_time and self.by_store
+
+    @property
+    def cause(self) -> str:
+        """What the store shows sent it again: "lost attempt", "unknown outcome", both, or ""."""
+        if not self.by_store or self.store is None:
+            return ""
+        if self.store.unknown == 0:
+            return "lost attempt"
+        if self.store.lost == 0:
+            return "unknown outcome"
+        return "lost attempt and unknown outcome"
 
 
 @dataclass
@@ -586,12 +736,35 @@ class Service:
 
     def status_of(self, ref: str) -> str:
         """Return a reminder's stored status and reason, for a report ("?" if unreadable)."""
+        clinic, booking_id, key = ref.split("/", 2)
         client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2)
         try:
-            status, reason = client.hmget(f"{KEY_PREFIX}:r:{ref}", "status", "reason")
-            return f"{status}: {reason}" if reason else str(status)
+            # The booking hash's `<key>` field: status letter first (worker/store.py layout 2).
+            value = client.hget(f"{KEY_PREFIX}:b:{clinic}/{booking_id}", key)
         except redis.RedisError:
             return "?"
+        finally:
+            client.close()
+        if value is None:
+            return "absent"
+        from worker.store import STATUS_OF
+
+        code = str(value).split("|", 1)[0]
+        return STATUS_OF.get(code, f"code {code}")
+
+    def store_evidence(self, ref: str) -> StoreEvidence:
+        """Read what the store kept of a reminder's attempts: its `<key>+` field in the
+        booking hash and its attempt log, in one transaction (see StoreEvidence)."""
+        clinic, booking_id, key = ref.split("/", 2)
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=5)
+        try:
+            pipe = client.pipeline(transaction=True)
+            pipe.hget(f"{KEY_PREFIX}:b:{clinic}/{booking_id}", f"{key}+")
+            pipe.lrange(f"{KEY_PREFIX}:a:{ref}", 0, -1)
+            field_value, raw = pipe.execute()
+            return StoreEvidence(field_value, [json.loads(x) for x in raw])
+        except (redis.RedisError, ValueError) as exc:
+            return StoreEvidence(None, [], error=f"{type(exc).__name__}: {exc}")
         finally:
             client.close()
 
@@ -902,6 +1075,10 @@ def _account(service: Service, names: dict[tuple[str, str, str], str], smtp: Smt
 
     report.duplicates, report.unexpected = find_duplicates(
         received, names, report.faults, report.params.explain_window, report.started_at)
+    # Every duplicate's attempts as the store kept them: the evidence that an earlier copy's
+    # outcome went unrecorded (or was in doubt), so that sending it again was the design.
+    for dup in report.duplicates:
+        dup.store = service.store_evidence(dup.ref)
     for dup in report.duplicates[:DETAIL_LIMIT]:  # `reminders show` takes about a second
         dup.timeline, dup.attempt_log = timeline_of(dup.ref), service.attempt_log(dup.ref)
     for key, ref in names.items():
@@ -932,7 +1109,9 @@ def find_duplicates(received: dict[tuple[str, str, str], list[float]],
     the messages that match no booked reminder.
 
     Every copy but the last was followed by another send: its outcome was lost. That is
-    explained only by a kill just after it reached the provider (see Fault.explains).
+    explained only by a kill just after it reached the provider (see Fault.explains): the
+    time rule, filled in here. The store's side of the evidence (`Duplicate.store`, read
+    after the drain) must show the lost outcome as well (Duplicate.explained).
     """
     kills = [f for f in faults if f.kind in ("worker kill", "pool kill", "redis kill")]
     duplicates, unexpected = [], []
@@ -967,12 +1146,17 @@ def _explain(at: float, fault: Fault, t0: float) -> str:
 def table_rows(report: DrillReport) -> list[tuple[str, str]]:
     drain = report.drain_seconds
     unexplained = len(report.unexplained)
+    causes = Counter(d.cause for d in report.duplicates if d.explained)
     return [
         ("expected reminders", f"{report.expected:,}"),
         ("delivered (unique)", f"{report.delivered:,}"),
         ("duplicates (extra copies)",
          f"{report.duplicate_sends} ({len(report.duplicates)} "
          f"reminder{'' if len(report.duplicates) == 1 else 's'}, {unexplained} unexplained)"),
+        ("  explained by a lost attempt / unknown outcome",
+         f"{causes['lost attempt']} / {causes['unknown outcome']}"
+         + (f" (+{causes['lost attempt and unknown outcome']} both)"
+            if causes["lost attempt and unknown outcome"] else "")),
         ("lost (expected - delivered)", f"{report.expected - report.delivered:,}"),
         ("dead-lettered", f"{len(report.dead_letters):,}"),
         ("unexpected messages", f"{len(report.unexpected):,}"),
@@ -999,12 +1183,19 @@ def render_report(report: DrillReport) -> str:
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines.append("")
     for d in report.duplicates:
-        state = "explained" if d.explained else "UNEXPLAINED"
+        state = f"explained: {d.cause}" if d.explained else "UNEXPLAINED"
         t = d.timeline or {}
         lines.append(f"duplicate {d.ref} ({d.key[0]} to {d.key[1]}): {len(d.copies)} copies, "
                      f"{state}; timeline: status {t.get('status')}, attempts {t.get('attempts')}")
         for at, why in zip(d.copies, d.explanations, strict=False):
             lines.append(f"  - {why or f'copy accepted at T+{at - t0:.2f}s: no kill near it'}")
+        began = ", ".join(f"T+{at - t0:.2f}s" for at in (d.store.sent_started if d.store
+                                                          else []))
+        lines.append(f"  - time rule: {'holds' if d.by_time else 'FAILS'}; store: "
+                     f"{'shows' if d.by_store else 'DOES NOT SHOW'} an unrecorded or "
+                     f"in-doubt attempt for each resend, the recorded delivery begun after "
+                     f"the earlier copies (began {began or 'never'}; "
+                     f"{d.store.summary() if d.store else 'not read'})")
         lines.append(f"  - last copy accepted at T+{d.copies[-1] - t0:.2f}s; attempt log: "
                      + ", ".join(f"{e.get('attempt')}:{e.get('outcome')}" for e in d.attempt_log))
     for status, count in Counter(lost["status"] for lost in report.lost).most_common():
@@ -1035,7 +1226,9 @@ def render_report(report: DrillReport) -> str:
         f"{p.backoff_base:g}-{p.backoff_cap:g} s, max attempts {p.max_attempts}; "
         f"{p.workers} workers x --concurrency {p.concurrency}, beat; Redis AOF everysec. "
         f"A duplicate is explained by a kill (worker, pool process or Redis) within "
-        f"{p.explain_window:g} s after its copy.",
+        f"{p.explain_window:g} s after its copy and by the store: an attempt of it begun "
+        f"and never finished, or finished as of unknown outcome, for each resend, and its "
+        f"recorded delivery begun after the earlier copies arrived.",
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.platform()}; "
         f"run time {report.seconds:.0f} s; logs in {report.workdir}.",
         "RESULT: " + ("PASS" if report.ok else "FAIL"),
@@ -1048,7 +1241,10 @@ def report_json(report: DrillReport) -> dict[str, Any]:
         "params": asdict(report.params), "ok": report.ok,
         "table": dict(table_rows(report)),
         "expected": report.expected, "delivered": report.delivered,
-        "duplicates": [asdict(d) | {"explained": d.explained} for d in report.duplicates],
+        "duplicates": [asdict(d) | {"explained": d.explained, "by_time": d.by_time,
+                                    "by_store": d.by_store, "cause": d.cause,
+                                    "store_counts": _store_counts(d.store)}
+                       for d in report.duplicates],
         "lost": report.lost, "dead_letters": report.dead_letters,
         "unexpected": report.unexpected, "faults": [asdict(f) for f in report.faults],
         "unexpected_exits": report.unexpected_exits, "failed_stops": report.failed_stops,
@@ -1056,6 +1252,14 @@ def report_json(report: DrillReport) -> dict[str, Any]:
         "drain_seconds": report.drain_seconds,
         "seconds": round(report.seconds, 1),
     }
+
+
+def _store_counts(evidence: StoreEvidence | None) -> dict[str, Any] | None:
+    if evidence is None:
+        return None
+    return {"begun": evidence.begun, "finished": evidence.finished, "sent": evidence.sent,
+            "lost": evidence.lost, "unknown": evidence.unknown, "trimmed": evidence.trimmed,
+            "error": evidence.error}
 
 
 def parse_args(argv: list[str]) -> tuple[DrillParams, argparse.Namespace]:

@@ -6,12 +6,15 @@ new one starts beside it (a warm stop explains no duplicate), one pool process S
 alone (its worker's main process forks a replacement), Redis SIGKILLed and restarted on
 its AOF, the SMTP server down for 10 s, the SMS gateway answering 503 (taking nothing) for
 8 s. Nothing may be lost or dead-lettered, and every
-message that arrived twice must have had its first copy accepted just before a kill.
+message that arrived twice must have had its first copy accepted just before a kill, and
+the store must show an attempt of it whose outcome went unrecorded (begun, never finished)
+or was unknown: the explanation rule is tested here on made-up sink and store records.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,9 @@ import pytest
 from benchmarks.fault_drill import (
     QUICK,
     DrillParams,
+    Duplicate,
     Fault,
+    StoreEvidence,
     fault_plan,
     find_duplicates,
     render_report,
@@ -63,13 +68,17 @@ def test_a_copy_just_before_a_worker_kill_explains_its_duplicate():
     assert unexpected == []
     (dup,) = dups
     assert dup.ref == "drill/D-00001/check:email" and dup.copies == [T0 + 8.5, T0 + 20]
-    assert dup.explained and "1.50s before the worker kill at T+10.0s" in dup.explanations[0]
+    assert dup.by_time and "1.50s before the worker kill at T+10.0s" in dup.explanations[0]
+    # The time rule alone explains nothing: the store was not read.
+    assert not dup.by_store and not dup.explained
 
 
 @pytest.mark.parametrize("accepted", [7.9, 10.6, 13.0])  # too early, too late, an outage
 def test_a_copy_away_from_any_kill_is_an_unexplained_duplicate(accepted):
     (dup,), _ = find_duplicates({EMAIL: [T0 + accepted, T0 + 50]}, NAMES, FAULTS, 2.0, T0)
-    assert not dup.explained and dup.explanations == [""]
+    assert not dup.by_time and dup.explanations == [""]
+    dup.store = StoreEvidence("1|2|t2|1.5|1", [line("t1", "unknown"), line("t2", "sent")])
+    assert dup.by_store and not dup.explained  # the store's evidence is not enough either
 
 
 def test_a_pool_process_kill_explains_as_a_worker_kill_and_an_outage_explains_nothing():
@@ -78,7 +87,7 @@ def test_a_pool_process_kill_explains_as_a_worker_kill_and_an_outage_explains_no
     for accepted, explained in [(7.9, False), (8.1, True), (10.4, True), (10.6, False),
                                 (15.0, False)]:
         (dup,), _ = find_duplicates({SMS: [T0 + accepted, T0 + 60]}, NAMES, faults, 2.0, T0)
-        assert dup.explained is explained, accepted
+        assert dup.by_time is explained, accepted
     (dup,), _ = find_duplicates({SMS: [T0 + 9.5, T0 + 60]}, NAMES, faults, 2.0, T0)
     assert "0.50s before the pool kill at T+10.0s" in dup.explanations[0]
 
@@ -86,17 +95,127 @@ def test_a_pool_process_kill_explains_as_a_worker_kill_and_an_outage_explains_no
 def test_a_redis_kill_explains_copies_until_redis_was_back():
     for accepted, explained in [(28.1, True), (31.6, True), (31.9, True), (32.1, False)]:
         (dup,), _ = find_duplicates({SMS: [T0 + accepted, T0 + 60]}, NAMES, FAULTS, 2.0, T0)
-        assert dup.explained is explained, accepted
+        assert dup.by_time is explained, accepted
 
 
 def test_every_resend_needs_its_own_kill_and_strangers_are_reported():
     received = {EMAIL: [T0 + 9.9, T0 + 29.5, T0 + 45], ("sms", "+34600999999", "hi"): [T0]}
     (dup,), unexpected = find_duplicates(received, NAMES, FAULTS, 2.0, T0)
-    assert dup.explained and len(dup.explanations) == 2
+    assert dup.by_time and len(dup.explanations) == 2
     assert unexpected == [{"key": ["sms", "+34600999999", "hi"], "copies": 1}]
     received[EMAIL] = [T0 + 9.9, T0 + 20, T0 + 45]
     (dup,), _ = find_duplicates(received, NAMES, FAULTS, 2.0, T0)
-    assert not dup.explained and dup.explanations[1] == ""
+    assert not dup.by_time and dup.explanations[1] == ""
+
+
+# --- the store's evidence, on made-up attempt records ------------------------------------
+# `<key>+` is claim|attempts|tok|sent_at|sent_version|last_error; `attempts` counts begun
+# attempts (worker/store.py _BEGIN_SEND), less those whose owning finish deferred, skipped or
+# handed back (_FINISH). Each finish adds one log line with its token.
+
+
+def line(tok: str, outcome: str, result: str = "ok", attempt: int = 1, claim: str = "1",
+         began: float = T0 + 40) -> dict[str, object]:
+    return {"version": "1", "claim": claim, "outcome": outcome, "attempt": attempt,
+            "at": datetime.fromtimestamp(began, UTC).isoformat(), "result": result,
+            "tok": tok}
+
+
+def duplicate(copies: list[float], store: StoreEvidence) -> Duplicate:
+    (dup,), _ = find_duplicates({EMAIL: copies}, NAMES, FAULTS, 2.0, T0)
+    dup.store = store
+    return dup
+
+
+def test_an_attempt_begun_and_never_finished_explains_a_resend_near_a_kill():
+    # Claim 1 began (attempts 1), its worker was killed after the hand-over: no line. Claim 2
+    # (the lease ran out) began after the ledger expired (attempts 2) and was recorded sent.
+    store = StoreEvidence("2|2|2.b|1797354000|1", [line("2.b", "sent", claim="2", attempt=2)])
+    assert (store.begun, store.finished, store.lost, store.unknown) == (2, 1, 1, 0)
+    dup = duplicate([T0 + 9.0, T0 + 30], store)
+    assert dup.by_time and dup.by_store and dup.explained and dup.cause == "lost attempt"
+
+
+def test_a_delivery_recorded_before_an_earlier_copy_arrived_is_a_double_send():
+    # The attempt recorded as sent began at T+8.5 s: the copy at T+9.0 s is its, and the one
+    # at T+30 s came after the ledger said "sent", whatever attempt the store lost.
+    store = StoreEvidence("2|2|2.b|1797354000|1",
+                          [line("2.b", "sent", claim="2", attempt=2, began=T0 + 8.5)])
+    assert store.lost == 1 and store.sent_started == [T0 + 8.5]
+    dup = duplicate([T0 + 9.0, T0 + 30], store)
+    assert dup.by_time and not dup.by_store and not dup.explained
+    # No recorded delivery at all: nothing says which attempt sent the last copy.
+    unsent = StoreEvidence("2|2|2.b", [line("1.a", "retrying")])
+    assert unsent.lost == 1 and not duplicate([T0 + 9.0, T0 + 30], unsent).explained
+
+
+def test_an_unknown_outcome_explains_a_resend_unless_it_was_then_recorded_sent():
+    store = StoreEvidence("1|2|1.b|1797354000|1",
+                          [line("1.a", "unknown", result="ok"), line("1.b", "sent", attempt=2)])
+    assert (store.lost, store.unknown) == (0, 1)
+    dup = duplicate([T0 + 9.0, T0 + 30], store)
+    assert dup.explained and dup.cause == "unknown outcome"
+    # A send a shutdown cut (unknown) that the provider accepted after all is recorded sent
+    # with the same token: one attempt, its outcome known, nothing in doubt.
+    settled = StoreEvidence("1|1|1.a|1797354000|1",
+                            [line("1.a", "unknown"), line("1.a", "sent", result="ok")])
+    assert (settled.begun, settled.finished, settled.lost, settled.unknown) == (1, 1, 0, 0)
+    assert not duplicate([T0 + 9.0, T0 + 30], settled).explained
+
+
+def test_a_resend_whose_every_attempt_is_recorded_is_a_double_send_even_near_a_kill():
+    # Two begun attempts, both finished: a retry (nothing taken) and the delivery. A second
+    # copy at the sink has no attempt that could have sent it unrecorded: a real double send.
+    store = StoreEvidence("1|2|1.b|1797354000|1",
+                          [line("1.a", "retrying"), line("1.b", "sent", attempt=2)])
+    assert (store.begun, store.finished, store.lost, store.unknown) == (2, 2, 0, 0)
+    dup = duplicate([T0 + 9.0, T0 + 30], store)
+    assert dup.by_time and not dup.by_store and not dup.explained and dup.cause == ""
+    assert "2 begun, 2 finished (1 sent), 0 never finished, 0 unknown outcome" in \
+        store.summary()
+    # Two recorded deliveries (two attempts sent it, each recorded): not explained either.
+    twice = StoreEvidence("2|2|2.a|1797354000|1",
+                          [line("1.a", "sent"), line("2.a", "sent", claim="2", attempt=2)])
+    assert not duplicate([T0 + 9.0, T0 + 30], twice).explained
+
+
+def test_hand_backs_and_defers_give_their_count_back_and_hide_no_lost_attempt():
+    # Begun four times: a hand-back before sending (its finish took the count back), a
+    # defer (the same), an attempt killed after the hand-over (no line), the delivery.
+    store = StoreEvidence("3|2|3.a|1797354000|1", [
+        line("1.a", "abandoned"), line("1.b", "deferred"),
+        line("3.a", "sent", claim="3", attempt=2)])
+    assert (store.begun, store.finished, store.lost) == (4, 3, 1)
+    assert duplicate([T0 + 9.0, T0 + 30], store).explained
+    # A stale defer (another claim owned it by then) took nothing back: its count stays.
+    stale = StoreEvidence("2|2|2.a|1797354000|1", [
+        line("1.a", "deferred", result="stale"), line("2.a", "sent", claim="2", attempt=2)])
+    assert (stale.begun, stale.finished, stale.lost) == (2, 2, 0)
+    assert not duplicate([T0 + 9.0, T0 + 30], stale).explained
+
+
+def test_every_resend_needs_its_own_unrecorded_attempt():
+    # Three copies: two resends, each near a kill; the store shows one lost attempt only.
+    one = StoreEvidence("3|2|3.a|1797354000|1", [line("3.a", "sent", claim="3")])
+    dup = duplicate([T0 + 9.9, T0 + 29.5, T0 + 45], one)
+    assert dup.by_time and not dup.by_store and not dup.explained
+    two = StoreEvidence("3|3|3.a|1797354000|1", [line("3.a", "sent", claim="3")])
+    assert duplicate([T0 + 9.9, T0 + 29.5, T0 + 45], two).explained
+    both = StoreEvidence("3|3|3.a|1797354000|1",
+                         [line("2.a", "unknown", claim="2"), line("3.a", "sent", claim="3")])
+    assert duplicate([T0 + 9.9, T0 + 29.5, T0 + 45], both).cause == \
+        "lost attempt and unknown outcome"
+
+
+def test_an_unreadable_or_trimmed_store_explains_no_lost_attempt():
+    gone = StoreEvidence(None, [], error="ConnectionError: refused")
+    assert not duplicate([T0 + 9.0, T0 + 30], gone).explained
+    assert "store unreadable" in gone.summary()
+    # The log keeps its last 50 lines: older finishes may be gone, the counts say nothing.
+    lines = [line(f"{i}.a", "retrying", claim=str(i)) for i in range(50)]
+    trimmed = StoreEvidence("60|60|59.a", lines)
+    assert trimmed.trimmed and trimmed.lost == 0
+    assert not duplicate([T0 + 9.0, T0 + 30], trimmed).explained
 
 
 def test_the_fault_plan_alternates_workers_and_ends_the_outage():
@@ -150,6 +269,9 @@ def test_every_duplicate_was_caused_by_a_kill(drill):
     for dup in report.duplicates:
         assert len(dup.copies) >= 2 and len(dup.explanations) == len(dup.copies) - 1
         assert all("before the" in why or "after the" in why for why in dup.explanations)
+        # The store shows, for each resend, an attempt whose outcome went unrecorded.
+        assert dup.store is not None and not dup.store.error, render_report(report)
+        assert dup.store.lost + dup.store.unknown >= len(dup.copies) - 1, dup.store.summary()
     assert report.ok
 
 
