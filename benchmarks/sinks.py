@@ -6,7 +6,11 @@ here, not in tests/, because benchmarks never import tests (tests may import ben
 The SMTP server can go down and come back on the same port, the way a mail server
 restarts: `down()` stops listening (new connections are refused) and lets a session
 already handing over a message finish; `up()` listens again. A message counts as
-accepted only when the client is still there to get our "250".
+accepted only when the client is still there to get our "250". `cut_sessions()` (or
+`down(cut=True)`) also drops every open session at once, from the server's side, as a
+restarting or failing-over server does, and as a server closing a client's idle session
+does: each connection is closed at once, mid-message or not; a message cut before our
+"250" was not accepted (nothing recorded), one answered before the cut was.
 
 The SMS gateway can fail for a while, the way a provider's outage looks: `fail(503)`
 makes it answer every request with that status, taking nothing (the message is not
@@ -53,8 +57,33 @@ class Received:
     text: str  # the SMS text (email: empty, the subject identifies it)
 
 
+class _SinkSMTP(SMTP):
+    """aiosmtpd's session, registered with its sink while its connection is open."""
+
+    def __init__(self, sink: SmtpSink, **kwargs: Any) -> None:
+        super().__init__(sink, **kwargs)
+        self._sink = sink
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._sink._live.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sink._live.discard(self)
+        super().connection_lost(error)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What one cut of the open sessions dropped."""
+
+    sessions: int  # connections closed
+    mid_message: int  # of them, between MAIL and our answer to DATA
+
+
 class SmtpSink:
-    """An aiosmtpd server on its own event loop thread; can go down and come back."""
+    """An aiosmtpd server on its own event loop thread; can go down and come back, and
+    can drop its open sessions."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -65,6 +94,8 @@ class SmtpSink:
         self._thread = threading.Thread(target=self._loop.run_forever, name="smtp-sink",
                                         daemon=True)
         self._server: asyncio.AbstractServer | None = None
+        self._live: set[_SinkSMTP] = set()  # open sessions; touched on the loop thread only
+        self.cuts: list[Cut] = []
 
     # aiosmtpd handler hook
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
@@ -93,21 +124,52 @@ class SmtpSink:
 
         async def listen() -> asyncio.AbstractServer:
             return await self._loop.create_server(
-                lambda: SMTP(self, hostname="sink.local", loop=self._loop),
+                lambda: _SinkSMTP(self, hostname="sink.local", loop=self._loop),
                 host="127.0.0.1", port=self.port, reuse_address=True)
 
         if self._server is None:
             self._server = self._run(listen())
 
-    def down(self) -> None:
-        """Stop listening: connections are refused until up(); open sessions may finish."""
+    def down(self, cut: bool = False) -> Cut | None:
+        """Stop listening: connections are refused until up(); open sessions may finish,
+        or with `cut`, are dropped at the same instant (see cut_sessions)."""
+        server, self._server = self._server, None
 
-        async def close(server: asyncio.AbstractServer) -> None:
-            server.close()
+        async def close() -> Cut | None:
+            if server is not None:
+                server.close()
+            return self._cut() if cut else None
 
-        if self._server is not None:
-            self._run(close(self._server))
-            self._server = None
+        return self._run(close())  # type: ignore[no-any-return]
+
+    def cut_sessions(self) -> Cut:
+        """Close every open session at once from the server's side, as the kernel closes a
+        killed server's sockets: no reply, no 421; what was already answered still reaches
+        the client, then the connection ends, and the client finds it gone at its next
+        read. Whatever the session was doing (idle, mid-message) stops there. The listener
+        stays as it was: new connections are taken if up."""
+
+        async def cut() -> Cut:
+            return self._cut()
+
+        return self._run(cut())  # type: ignore[no-any-return]
+
+    def _cut(self) -> Cut:
+        # On the loop thread, in one step: no session's handler runs meanwhile, so each is
+        # cut between two of its awaits: handle_DATA has recorded and written its answer, or
+        # not begun (then it finds the transport closing and records nothing). close(), not
+        # abort(): an answer already written but still buffered is not thrown away.
+        live = [s for s in self._live if s.transport is not None and not s.transport.is_closing()]
+        mid = 0
+        for session in live:
+            if session.envelope is not None and session.envelope.mail_from is not None:
+                mid += 1
+            assert session.transport is not None
+            session.transport.close()
+        done = Cut(sessions=len(live), mid_message=mid)
+        with self._lock:
+            self.cuts.append(done)
+        return done
 
     @property
     def is_up(self) -> bool:

@@ -560,3 +560,44 @@ def test_the_drill_gateway_fails_without_taking_anything_until_it_recovers():
             sink.fail(400)  # an outage is a 5xx; a 4xx would be the provider refusing for good
     finally:
         sink.stop()
+
+
+def test_the_drill_smtp_server_cuts_its_open_sessions_idle_or_mid_message():
+    """The fault drill's SMTP outage drops every open session, as a restarting server
+    does, and a cut without an outage drops them while the server stays up: a kept idle
+    session finds the connection gone at its next command, a session cut between MAIL and
+    DATA delivered nothing, and the messages answered before the cut count once."""
+    import smtplib
+
+    from benchmarks.sinks import Cut, SmtpSink
+
+    message = "Subject: {}\r\n\r\nSPF 30 today\r\n"
+    sink = SmtpSink().start()
+    try:
+        idle = smtplib.SMTP("127.0.0.1", sink.port, timeout=5)
+        idle.sendmail("c@example.com", ["a@example.com"], message.format("before"))
+        mid = smtplib.SMTP("127.0.0.1", sink.port, timeout=5)
+        mid.ehlo()
+        assert mid.mail("c@example.com")[0] == 250 and mid.rcpt("b@example.com")[0] == 250
+        assert sink.cut_sessions() == Cut(sessions=2, mid_message=1)
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            idle.mail("c@example.com")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            mid.data(message.format("cut"))
+        # The server stayed up: a new session delivers.
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as fresh:
+            fresh.sendmail("c@example.com", ["a@example.com"], message.format("after"))
+            # An outage with cut=True: the listener closes and this open session drops too.
+            assert sink.down(cut=True) == Cut(sessions=1, mid_message=0) and not sink.is_up
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                fresh.mail("c@example.com")
+        with pytest.raises(ConnectionRefusedError):
+            smtplib.SMTP("127.0.0.1", sink.port, timeout=5)
+        assert sink.down() is None  # already down: nothing to cut, nothing refused twice
+        sink.up()
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as back:
+            back.sendmail("c@example.com", ["a@example.com"], message.format("back"))
+        assert [m.subject for m in sink.snapshot()] == ["before", "after", "back"]
+        assert len(sink.cuts) == 2 and sink.data_abandoned == 0
+    finally:
+        sink.stop()
