@@ -18,9 +18,12 @@ One run, on 127.0.0.1 only:
   killer picks one), its main process left to fork a replacement; a worker stopped warm
   now and then (SIGTERM to its main process, as `docker stop` sends it) while a new one
   starts beside it, as a rolling deploy does; Redis SIGKILLed once and started again on
-  the same port and data folder; the SMTP server down for a while; the SMS gateway
-  failing for a while, as a provider's outage looks: it answers 503 to every post and
-  takes nothing (the worker must treat that as transient and retry with back-off).
+  the same port and data folder; the SMTP server down for a while, dropping every open
+  session as it goes down (as a restart or a relay failover does: the workers' kept
+  sessions are cut, not only new connections refused), and later, the server up, every
+  open session dropped once more while emails flow (a server closing kept sessions); the
+  SMS gateway failing for a while, as a provider's outage looks: it answers 503 to every
+  post and takes nothing (the worker must treat that as transient and retry with back-off).
 
 Then it waits until every message has arrived (or a time limit), and until nothing is
 due or leased, and prints what the sinks received against what was booked. A message is
@@ -36,7 +39,11 @@ duplicate:
   just after the provider call, before the outcome was recorded. A warm stop explains
   none: it hands back what has not begun and lets what has finish, within its grace; nor
   does an outage (the SMTP server refusing connections, the gateway answering 5xx):
-  nothing was accepted;
+  nothing was accepted; nor does a drop of the open SMTP sessions: a kept session found
+  closed is noticed before any of the message is handed over and the message goes over a
+  fresh session (worker/delivery.py), and a session cut mid-message delivered nothing
+  (the sink records a message only as it answers DATA, and a cut lands between steps of
+  its event loop, never between the record and the answer);
 - the store, read after the drain (StoreEvidence): for each resend, an attempt whose
   outcome may have gone unrecorded. The `attempts` slot of the reminder's `<key>+` field
   counts attempts begun (the begin adds one as it takes the send ledger; a finish that
@@ -83,7 +90,7 @@ from typing import Any
 import redis
 
 from benchmarks.procs import Processes, child_pids, group_pids, service_command, wait_for
-from benchmarks.sinks import HttpSink, Received, SmtpSink
+from benchmarks.sinks import Cut, HttpSink, Received, SmtpSink
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -166,6 +173,8 @@ class DrillParams:
     redis_kill_at: float = 25.0  # Redis SIGKILLed once, this long after the bookings
     smtp_down_at: float = 10.0  # the SMTP server goes down this long after the bookings...
     smtp_down_for: float = 30.0  # ...for this long
+    smtp_down_cuts: int = 1  # 1: the outage also drops every open SMTP session as it starts
+    smtp_cut_at: float = 47.5  # open SMTP sessions dropped, the server up (negative: never)
     gateway_fail_at: float = 42.0  # the SMS gateway answers 5xx this long after the bookings...
     gateway_fail_for: float = 15.0  # ...for this long, taking nothing
     gateway_status: int = 503  # what it answers meanwhile (500-599)
@@ -207,6 +216,10 @@ HELP = {
     "redis_kill_at": "Redis SIGKILL, seconds after booking (negative: none)",
     "smtp_down_at": "SMTP server down, seconds after booking",
     "smtp_down_for": "seconds the SMTP server stays down (0: no outage)",
+    "smtp_down_cuts": "1: the SMTP outage also drops every open session as it starts; 0: "
+                      "it only refuses new connections",
+    "smtp_cut_at": "every open SMTP session dropped by the server, which stays up, seconds "
+                   "after booking (negative: never)",
     "gateway_fail_at": "SMS gateway starts answering 5xx, seconds after booking",
     "gateway_fail_for": "seconds the SMS gateway answers 5xx, taking nothing (0: never)",
     "gateway_status": "the status the failing SMS gateway answers (500-599)",
@@ -222,10 +235,13 @@ HELP = {
     "timeout": "give up waiting for deliveries this long after booking",
 }
 # lead: `reminders book` must finish before the first start (a past appointment is refused),
-# with room for a loaded test machine.
+# with room for a loaded test machine. The SMTP outage begins once emails flow (the first
+# due at T+13 s), so that it has kept sessions to drop; the cut while up falls in the
+# backlog's drain.
 QUICK = {"bookings": 60, "lead": 12.0, "spread": 10.0, "kill_first": 11.0, "kill_every": 6.0,
          "worker_kills": 2, "stop_first": 14.0, "worker_stops": 1, "stop_grace": 8.0,
-         "redis_kill_at": 16.0, "smtp_down_at": 10.0, "smtp_down_for": 10.0,
+         "redis_kill_at": 16.0, "smtp_down_at": 15.0, "smtp_down_for": 10.0,
+         "smtp_cut_at": 27.0,
          "gateway_fail_at": 18.0, "gateway_fail_for": 8.0, "pool_first": 22.0, "pool_kills": 1,
          "lease_seconds": 12, "timeout": 150.0}
 
@@ -235,7 +251,7 @@ class Fault:
     """One fault the drill caused; `until` is when it was over (the service was whole)."""
 
     kind: str  # "worker kill", "pool kill", "worker stop", "redis kill", "smtp down",
-    # "sms gateway 5xx"
+    # "smtp cut" (open sessions dropped), "sms gateway 5xx"
     at: float  # epoch seconds
     until: float
     detail: str
@@ -412,6 +428,9 @@ class DrillReport:
     failed_stops: list[str] = field(default_factory=list)  # warm stops not ended in grace
     # Pool processes killed whose worker's main process, still alive, forked no replacement.
     unreplaced_pools: list[str] = field(default_factory=list)
+    # Each drop of the open SMTP sessions: at, sessions, mid_message (between MAIL and the
+    # answer to DATA), outage (at an outage's start, or with the server up).
+    smtp_cuts: list[dict[str, Any]] = field(default_factory=list)
     gateway_refused: int = 0  # SMS posts the failing gateway answered 5xx (nothing taken)
     booking_seconds: float = 0.0
     first_due_at: float = 0.0
@@ -441,6 +460,10 @@ class DrillReport:
     @property
     def smtp_down_seconds(self) -> float:
         return sum(f.until - f.at for f in self.faults if f.kind == "smtp down")
+
+    @property
+    def smtp_sessions_cut(self) -> int:
+        return sum(c["sessions"] for c in self.smtp_cuts)
 
     @property
     def gateway_fail_seconds(self) -> float:
@@ -895,6 +918,8 @@ def fault_plan(params: DrillParams, t0: float) -> list[tuple[float, str]]:
     if params.smtp_down_for > 0:
         plan.append((t0 + params.smtp_down_at, "smtp down"))
         plan.append((t0 + params.smtp_down_at + params.smtp_down_for, "smtp up"))
+    if params.smtp_cut_at >= 0:
+        plan.append((t0 + params.smtp_cut_at, "smtp cut"))
     if params.gateway_fail_for > 0:
         plan.append((t0 + params.gateway_fail_at, "gateway fail"))
         plan.append((t0 + params.gateway_fail_at + params.gateway_fail_for, "gateway ok"))
@@ -995,14 +1020,19 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
             elif what == "kill redis":
                 fault = service.kill_redis()
             elif what == "smtp down":
-                smtp.down()
+                cut = smtp.down(cut=bool(params.smtp_down_cuts))
                 smtp_down_since = time.time()
                 # The outage lasts its full length even when this step ran late.
                 plan = sorted((smtp_down_since + params.smtp_down_for, w, p)
                               if w == "smtp up" else (t, w, p) for t, w, p in plan)
                 say(f"T+{smtp_down_since - t0:5.1f}s smtp down: port {smtp.port} refuses "
                     f"connections for {params.smtp_down_for:g}s")
-                continue
+                if cut is None:
+                    continue
+                fault = _smtp_cut(report, smtp_down_since, cut, smtp.port, outage=True)
+            elif what == "smtp cut":
+                at = time.time()
+                fault = _smtp_cut(report, at, smtp.cut_sessions(), smtp.port, outage=False)
             elif what == "gateway fail":
                 sms.fail(params.gateway_status)
                 gateway_fail_since, refused_before = time.time(), sms.refused
@@ -1049,6 +1079,15 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
         say(str(exc))
     time.sleep(2.0)  # for a stray send to land
     _account(service, names, smtp, sms, report)
+
+
+def _smtp_cut(report: DrillReport, at: float, cut: Cut, port: int, outage: bool) -> Fault:
+    """Record a drop of the SMTP server's open sessions."""
+    report.smtp_cuts.append({"at": at, "sessions": cut.sessions, "mid_message": cut.mid_message,
+                             "outage": outage})
+    return Fault("smtp cut", at, at,
+                 f"port {port} dropped {cut.sessions} open sessions ({cut.mid_message} "
+                 f"mid-message) {'as the outage began' if outage else 'while up'}")
 
 
 def _account(service: Service, names: dict[tuple[str, str, str], str], smtp: SmtpSink,
@@ -1167,6 +1206,10 @@ def table_rows(report: DrillReport) -> list[tuple[str, str]]:
         ("worker stops (SIGTERM, warm)", f"{report.worker_stops}"),
         ("Redis kills (SIGKILL, AOF restart)", f"{report.redis_kills}"),
         ("SMTP down", f"{report.smtp_down_seconds:.0f} s"),
+        ("SMTP open sessions dropped (server side)",
+         f"{report.smtp_sessions_cut} in {len(report.smtp_cuts)} "
+         f"cut{'' if len(report.smtp_cuts) == 1 else 's'} "
+         f"({sum(c['mid_message'] for c in report.smtp_cuts)} mid-message)"),
         (f"SMS gateway answering {report.params.gateway_status}",
          f"{report.gateway_fail_seconds:.0f} s ({report.gateway_refused:,} posts refused)"),
     ]
@@ -1249,6 +1292,7 @@ def report_json(report: DrillReport) -> dict[str, Any]:
         "unexpected": report.unexpected, "faults": [asdict(f) for f in report.faults],
         "unexpected_exits": report.unexpected_exits, "failed_stops": report.failed_stops,
         "unreplaced_pools": report.unreplaced_pools, "gateway_refused": report.gateway_refused,
+        "smtp_cuts": report.smtp_cuts,
         "drain_seconds": report.drain_seconds,
         "seconds": round(report.seconds, 1),
     }

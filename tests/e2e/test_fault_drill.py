@@ -4,7 +4,8 @@
 and HTTP sinks; two workers SIGKILLed and restarted, one stopped warm (SIGTERM) while a
 new one starts beside it (a warm stop explains no duplicate), one pool process SIGKILLed
 alone (its worker's main process forks a replacement), Redis SIGKILLed and restarted on
-its AOF, the SMTP server down for 10 s, the SMS gateway answering 503 (taking nothing) for
+its AOF, the SMTP server down for 10 s (its open sessions dropped as it goes down, and
+once more at T+27 s, the server up), the SMS gateway answering 503 (taking nothing) for
 8 s. Nothing may be lost or dead-lettered, and every
 message that arrived twice must have had its first copy accepted just before a kill, and
 the store must show an attempt of it whose outcome went unrecorded (begun, never finished)
@@ -220,9 +221,9 @@ def test_an_unreadable_or_trimmed_store_explains_no_lost_attempt():
 
 def test_the_fault_plan_alternates_workers_and_ends_the_outage():
     plan = fault_plan(DrillParams(**QUICK), T0)  # type: ignore[arg-type]
-    assert [what for _, what in plan] == ["smtp down", "kill w1", "stop w2", "kill redis",
-                                         "kill w2", "gateway fail", "smtp up", "pool w2",
-                                         "gateway ok"]
+    assert [what for _, what in plan] == ["kill w1", "stop w2", "smtp down", "kill redis",
+                                         "kill w2", "gateway fail", "pool w2", "smtp up",
+                                         "gateway ok", "smtp cut"]
     at = {what: when for when, what in plan}
     assert at["smtp up"] - at["smtp down"] == QUICK["smtp_down_for"]
     assert at["gateway ok"] - at["gateway fail"] == QUICK["gateway_fail_for"]
@@ -290,6 +291,11 @@ def test_the_faults_really_happened(drill):
     (stop,) = [f for f in report.faults if f.kind == "worker stop"]
     assert report.failed_stops == [] and stop.until - stop.at < QUICK["stop_grace"] + 10
     assert 9.5 <= report.smtp_down_seconds <= 13, report.faults
+    # The outage dropped the workers' open SMTP sessions as it began, and a cut while up
+    # dropped those open then (emails flowing after the outage): kept sessions really cut.
+    assert [c["outage"] for c in report.smtp_cuts] == [True, False], report.smtp_cuts
+    assert report.smtp_cuts[0]["sessions"] > 0, report.smtp_cuts
+    assert [f.kind for f in report.faults].count("smtp cut") == 2
     # The outage made email reminders retry: somebody's timeline shows more than one attempt.
     assert report.retried > 0
     assert report.drain_seconds is not None and report.drain_seconds < 60
