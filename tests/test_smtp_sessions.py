@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 import worker.delivery as delivery
 from worker.embedded import free_port
@@ -22,9 +23,29 @@ MAIL = RenderedMessage(channel="email", subject="Your visit", text="See you soon
                        html="<p>See you soon.</p>")
 
 
+class _CuttingSMTP(SMTP):
+    """aiosmtpd's session; closes itself at the DATA command, before its 354, when the
+    server's `close_at_next_data` is set."""
+
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
+        handler = self.event_handler
+        if handler.close_at_next_data and self.transport is not None:
+            handler.close_at_next_data = False
+            self.transport.close()  # as a server dropping the session right then: no 354
+            return
+        await super().smtp_DATA(arg)
+
+
+class _CuttingController(Controller):
+    def factory(self) -> SMTP:
+        return _CuttingSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class CountingServer:
     """aiosmtpd that counts sessions (EHLO) and messages; `drop()` closes every session
-    from the server side; `abort_next_data` makes the next DATA vanish unanswered."""
+    from the server side; `abort_next_data` makes the next DATA vanish unanswered;
+    `close_at_next_data` closes the session at the next DATA command, before any of the
+    message is asked for (no 354)."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -32,10 +53,11 @@ class CountingServer:
         self.quits = 0
         self.messages: list[str] = []
         self.abort_next_data = False
+        self.close_at_next_data = False
         self.refuse: str | None = None  # e.g. "550 5.1.1 No such user" for every recipient
         self._transports: list[asyncio.BaseTransport] = []
         self._lock = threading.Lock()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller = _CuttingController(self, hostname="127.0.0.1", port=self.port)
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: N802
         with self._lock:
@@ -117,6 +139,20 @@ def test_a_kept_session_the_server_closed_is_replaced_before_anything_is_sent(se
     assert send(server, 1) == "sent through Apprise"
     server.drop()  # the kept session is dead now; the client does not know yet
     assert send(server, 2) == "sent through Apprise"  # not an unknown outcome
+    assert server.messages == ["p1@example.com", "p2@example.com"]  # each once
+    assert server.sessions == 2
+
+
+def test_a_kept_session_the_server_closed_at_the_data_command_is_replaced_too(server):
+    """The server drops a kept session between its answer to RCPT and the 354 that asks for
+    the message (a restart, a relay failover, an idle timeout firing as the client reuses
+    it: the fault drill's cut of the open sessions lands there now and then). None of the
+    message was handed over: it goes over a fresh session at once, as when MAIL or RCPT
+    finds the session gone, not as a message of unknown outcome."""
+    assert send(server, 1) == "sent through Apprise"
+    server.close_at_next_data = True
+    assert send(server, 2) == "sent through Apprise"
+    assert not server.close_at_next_data  # the cut happened, at DATA
     assert server.messages == ["p1@example.com", "p2@example.com"]  # each once
     assert server.sessions == 2
 
