@@ -18,10 +18,10 @@ message here); ours builds one per process and hands it to the same calls. And a
 that delivered is kept (per server and login, at most SMTP_IDLE_SECONDS idle and
 SMTP_MESSAGES_PER_SESSION messages) for the next message instead of QUIT, saving the
 connection, greeting, EHLO, STARTTLS and AUTH of each message. A kept session the server
-has closed meanwhile is noticed before any of the message is handed over (MAIL or RCPT
-finds the connection gone, or a 421; DATA was not sent): the message then goes over a
-fresh session at once, so reuse never turns a message into one of unknown outcome. A
-session that saw any error is closed.
+has closed meanwhile is noticed before any of the message is handed over (MAIL, RCPT or
+the DATA command finds the connection gone, or a 421, before the server's 354 asked for
+the message): the message then goes over a fresh session at once, so reuse never turns
+a message into one of unknown outcome. A session that saw any error is closed.
 
 The messages it builds are serialized by `email_mime` (the same text as the stdlib's
 `as_string`, without compiling a regular expression per multipart or re-folding the
@@ -224,21 +224,43 @@ def tls_context(verify: bool) -> ssl.SSLContext:
 
 
 class _Session(smtplib.SMTP):
-    """An SMTP session that notes when a message's DATA began."""
+    """An SMTP session that notes when a message's hand-over began: the server answered
+    the DATA command with 354 and the message goes out. Before that 354 the server has
+    none of it: a session closed at the DATA command (no answer, or 421) took nothing."""
 
     data_started = False
+    _asked_data = False
 
     def data(self, msg: Any) -> tuple[int, bytes]:
-        self.data_started = True
-        return super().data(msg)
+        self._asked_data = True
+        try:
+            return super().data(msg)
+        finally:
+            self._asked_data = False
+
+    def getreply(self) -> tuple[int, bytes]:
+        reply = super().getreply()
+        if self._asked_data and reply[0] == 354:
+            self.data_started = True
+        return reply
 
 
 class _SessionSSL(smtplib.SMTP_SSL):
     data_started = False
+    _asked_data = False
 
     def data(self, msg: Any) -> tuple[int, bytes]:
-        self.data_started = True
-        return super().data(msg)
+        self._asked_data = True
+        try:
+            return super().data(msg)
+        finally:
+            self._asked_data = False
+
+    def getreply(self) -> tuple[int, bytes]:
+        reply = super().getreply()
+        if self._asked_data and reply[0] == 354:
+            self.data_started = True
+        return reply
 
 
 SessionKey = tuple[str, int, str, str, str, bool]
