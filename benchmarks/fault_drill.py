@@ -429,7 +429,8 @@ class DrillReport:
     # Pool processes killed whose worker's main process, still alive, forked no replacement.
     unreplaced_pools: list[str] = field(default_factory=list)
     # Each drop of the open SMTP sessions: at, sessions, mid_message (between MAIL and the
-    # answer to DATA), outage (at an outage's start, or with the server up).
+    # answer to DATA), in_data (of those, after the 354: an unknown outcome for the sender),
+    # outage (at an outage's start, or with the server up).
     smtp_cuts: list[dict[str, Any]] = field(default_factory=list)
     gateway_refused: int = 0  # SMS posts the failing gateway answered 5xx (nothing taken)
     booking_seconds: float = 0.0
@@ -1084,10 +1085,11 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
 def _smtp_cut(report: DrillReport, at: float, cut: Cut, port: int, outage: bool) -> Fault:
     """Record a drop of the SMTP server's open sessions."""
     report.smtp_cuts.append({"at": at, "sessions": cut.sessions, "mid_message": cut.mid_message,
-                             "outage": outage})
+                             "in_data": cut.in_data, "outage": outage})
     return Fault("smtp cut", at, at,
                  f"port {port} dropped {cut.sessions} open sessions ({cut.mid_message} "
-                 f"mid-message) {'as the outage began' if outage else 'while up'}")
+                 f"mid-message, {cut.in_data} of them after the 354) "
+                 f"{'as the outage began' if outage else 'while up'}")
 
 
 def _account(service: Service, names: dict[tuple[str, str, str], str], smtp: SmtpSink,
@@ -1209,7 +1211,8 @@ def table_rows(report: DrillReport) -> list[tuple[str, str]]:
         ("SMTP open sessions dropped (server side)",
          f"{report.smtp_sessions_cut} in {len(report.smtp_cuts)} "
          f"cut{'' if len(report.smtp_cuts) == 1 else 's'} "
-         f"({sum(c['mid_message'] for c in report.smtp_cuts)} mid-message)"),
+         f"({sum(c['mid_message'] for c in report.smtp_cuts)} mid-message, "
+         f"{sum(c['in_data'] for c in report.smtp_cuts)} after the 354)"),
         (f"SMS gateway answering {report.params.gateway_status}",
          f"{report.gateway_fail_seconds:.0f} s ({report.gateway_refused:,} posts refused)"),
     ]

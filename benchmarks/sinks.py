@@ -63,6 +63,16 @@ class _SinkSMTP(SMTP):
     def __init__(self, sink: SmtpSink, **kwargs: Any) -> None:
         super().__init__(sink, **kwargs)
         self._sink = sink
+        self.in_data = False  # DATA read and answered 354: the message is coming
+
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
+        # Reading the command and pushing 354 (or an error) happen in one step of the loop:
+        # a cut sees either neither or both.
+        self.in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -78,7 +88,9 @@ class Cut:
     """What one cut of the open sessions dropped."""
 
     sessions: int  # connections closed
-    mid_message: int  # of them, between MAIL and our answer to DATA
+    mid_message: int  # of them, between MAIL and our answer to DATA...
+    in_data: int = 0  # ...and of those, after our 354: the message was coming (the client
+    # cannot know whether we took it); the others were cut before any of it was asked for
 
 
 class SmtpSink:
@@ -160,13 +172,14 @@ class SmtpSink:
         # not begun (then it finds the transport closing and records nothing). close(), not
         # abort(): an answer already written but still buffered is not thrown away.
         live = [s for s in self._live if s.transport is not None and not s.transport.is_closing()]
-        mid = 0
+        mid = in_data = 0
         for session in live:
             if session.envelope is not None and session.envelope.mail_from is not None:
                 mid += 1
+                in_data += session.in_data
             assert session.transport is not None
             session.transport.close()
-        done = Cut(sessions=len(live), mid_message=mid)
+        done = Cut(sessions=len(live), mid_message=mid, in_data=in_data)
         with self._lock:
             self.cuts.append(done)
         return done

@@ -579,11 +579,20 @@ def test_the_drill_smtp_server_cuts_its_open_sessions_idle_or_mid_message():
         mid = smtplib.SMTP("127.0.0.1", sink.port, timeout=5)
         mid.ehlo()
         assert mid.mail("c@example.com")[0] == 250 and mid.rcpt("b@example.com")[0] == 250
-        assert sink.cut_sessions() == Cut(sessions=2, mid_message=1)
+        coming = smtplib.SMTP("127.0.0.1", sink.port, timeout=5)  # cut after our 354
+        coming.ehlo()
+        assert coming.mail("c@example.com")[0] == 250 and coming.rcpt("d@example.com")[0] == 250
+        coming.putcmd("data")
+        assert coming.getreply()[0] == 354
+        coming.send(b"Subject: half\r\n")
+        assert sink.cut_sessions() == Cut(sessions=3, mid_message=2, in_data=1)
         with pytest.raises(smtplib.SMTPServerDisconnected):
             idle.mail("c@example.com")
         with pytest.raises(smtplib.SMTPServerDisconnected):
             mid.data(message.format("cut"))
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            coming.send(b"\r\nSPF 30 today\r\n.\r\n")
+            coming.getreply()
         # The server stayed up: a new session delivers.
         with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as fresh:
             fresh.sendmail("c@example.com", ["a@example.com"], message.format("after"))
