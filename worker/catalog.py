@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .clinics import Clinic, load_clinics
 from .errors import ConfigError
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CONFIG_RECHECK_SECONDS = 1.0
 # Files unchanged for this long have held still: read at once, without waiting for a look.
 CONFIG_STILL_SECONDS = 1.0
+# A thread finding another reading config/ waits this long at most for its answer.
+RELOAD_WAIT_SECONDS = 10.0
 Stamp = tuple[tuple[str, int, int], ...]
 _reload_lock = threading.Lock()
 
@@ -118,6 +120,21 @@ class Catalog:
         """What the clinic is told of (webhooks.hooks_of), per this configuration."""
         return self._hooks.get(clinic_id, "")
 
+    def _answer_of_another(self) -> Catalog:
+        """Another thread is looking at config/, maybe reading an edit: wait for its answer
+        rather than go on with the configuration as before the edit (two event threads of
+        one booking, its webhook and its alert, ask at once)."""
+        if _reload_lock.acquire(timeout=RELOAD_WAIT_SECONDS):
+            _reload_lock.release()
+        return self._latest()
+
+    def _latest(self) -> Catalog:
+        """This catalog, or the last one read again after it (never an older one)."""
+        latest = self
+        while "next" in latest._checked:
+            latest = cast(Catalog, latest._checked["next"])
+        return latest
+
     @classmethod
     def load(cls, settings: Settings) -> Catalog:
         """Read config/ and templates/; raise ConfigError naming the first bad file."""
@@ -141,14 +158,22 @@ class Catalog:
         """Return this catalog, or config/ read again if its files changed since and held
         still for one more look, or were already unchanged for CONFIG_STILL_SECONDS (looked
         at at most once every CONFIG_RECHECK_SECONDS). A
-        change that does not load is logged once and this catalog kept."""
+        change that does not load is logged once and this catalog kept. One thread looks at
+        a time: another asking meanwhile waits for its answer, and a catalog read again
+        since hands on to the one read after it (a thread may hold an old one)."""
         if not self.stamp:
             return self
+        if "next" in self._checked:
+            # Read again since (by another thread: this one took this catalog before it was
+            # replaced): the last one read after it, itself looked at as any.
+            return self._latest().fresh(settings)
+        if _reload_lock.locked():
+            return self._answer_of_another()
         now = time.monotonic()
         if now - self._checked.get("at", 0.0) < CONFIG_RECHECK_SECONDS:
             return self
         if not _reload_lock.acquire(blocking=False):
-            return self  # another thread is looking
+            return self._answer_of_another()
         try:
             self._checked["at"] = now
             stamp = config_stamp(settings)
@@ -187,7 +212,8 @@ class Catalog:
                                                   **self.protocols}.items()
                                 if k not in catalog.protocols}
             if former or former_protocols:
-                return replace(catalog, former=former, former_protocols=former_protocols)
+                catalog = replace(catalog, former=former, former_protocols=former_protocols)
+            self._checked["next"] = catalog  # for threads that still hold this one
             return catalog
         finally:
             _reload_lock.release()
