@@ -52,8 +52,9 @@ def service_command(role: str, env: dict[str, str]) -> list[str]:
     return list(celery_command(role, settings_under(env)))
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Return the pids of every live process in process group `pgid` (from /proc)."""
+def _live_pids(field: int, value: int) -> list[int]:
+    """Return the pids of every live process whose /proc stat field `field` (counted after
+    "(comm)": 0 state, 1 ppid, 2 pgrp) is `value`."""
     pids = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -65,27 +66,20 @@ def group_pids(pgid: int) -> list[int]:
             continue  # gone meanwhile
         # Fields after "(comm)": state ppid pgrp ...; comm may contain spaces or parens.
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        if int(fields[field]) == value and fields[0] != "Z":
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Return the pids of every live process in process group `pgid` (from /proc)."""
+    return _live_pids(2, pgid)
 
 
 def child_pids(pid: int) -> list[int]:
     """Return the pids of the live children of `pid` (a Celery worker's main process: its
     pool processes), from /proc."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
-                stat = fh.read()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp ...
-        if int(fields[1]) == pid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return sorted(pids)
+    return _live_pids(1, pid)
 
 
 def vm_rss_kib(pid: int) -> int:

@@ -223,10 +223,11 @@ def tls_context(verify: bool) -> ssl.SSLContext:
         return context
 
 
-class _Session(smtplib.SMTP):
-    """An SMTP session that notes when a message's hand-over began: the server answered
-    the DATA command with 354 and the message goes out. Before that 354 the server has
-    none of it: a session closed at the DATA command (no answer, or 421) took nothing."""
+class _NotesHandOver:
+    """Notes when a message's hand-over began: the server answered the DATA command with
+    354 and the message goes out. Before that 354 the server has none of it: a session
+    closed at the DATA command (no answer, or 421) took nothing. Mixed into smtplib's
+    sessions (its `data` and `getreply` are theirs)."""
 
     data_started = False
     _asked_data = False
@@ -234,33 +235,23 @@ class _Session(smtplib.SMTP):
     def data(self, msg: Any) -> tuple[int, bytes]:
         self._asked_data = True
         try:
-            return super().data(msg)
+            return super().data(msg)  # type: ignore[misc, no-any-return]
         finally:
             self._asked_data = False
 
     def getreply(self) -> tuple[int, bytes]:
-        reply = super().getreply()
+        reply: tuple[int, bytes] = super().getreply()  # type: ignore[misc]
         if self._asked_data and reply[0] == 354:
             self.data_started = True
         return reply
 
 
-class _SessionSSL(smtplib.SMTP_SSL):
-    data_started = False
-    _asked_data = False
+class _Session(_NotesHandOver, smtplib.SMTP):
+    """An SMTP session that notes when a message's hand-over began."""
 
-    def data(self, msg: Any) -> tuple[int, bytes]:
-        self._asked_data = True
-        try:
-            return super().data(msg)
-        finally:
-            self._asked_data = False
 
-    def getreply(self) -> tuple[int, bytes]:
-        reply = super().getreply()
-        if self._asked_data and reply[0] == 354:
-            self.data_started = True
-        return reply
+class _SessionSSL(_NotesHandOver, smtplib.SMTP_SSL):
+    """An SMTP session over TLS from its start that notes when a message's hand-over began."""
 
 
 SessionKey = tuple[str, int, str, str, str, bool]
