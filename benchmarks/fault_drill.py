@@ -89,6 +89,7 @@ from typing import Any
 
 import redis
 
+from benchmarks.drill_changes import Change, ChangeOutcome, Changer, judge, plan_changes
 from benchmarks.procs import Processes, child_pids, group_pids, service_command, wait_for
 from benchmarks.sinks import Cut, HttpSink, Received, SmtpSink
 
@@ -152,6 +153,7 @@ warning_signs = true
 fever_celsius = 38
 """
 MESSAGES_PER_BOOKING = 4
+STEP_OFFSETS = {"aftercare": 1.0, "spf": 3.0, "redness": 5.0, "check": 7.0}  # as above
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,10 @@ class DrillParams:
     max_attempts: int = 100  # REMINDERS_MAX_ATTEMPTS: an outage must never dead-letter
     explain_window: float = 2.0  # seconds before a kill that explain a duplicate
     timeout: float = 300.0  # give up waiting for deliveries this long after the bookings
+    cancels: int = 75  # bookings cancelled while they drain (DELETE /v1/bookings/<id>)...
+    moves: int = 40  # ...moved `move_by` later (`reminders book -`)...
+    optouts: int = 10  # ...whose phone texts STOP (the inbound SMS webhook)
+    move_by: float = 60.0  # seconds a move adds to the booking's start
 
     def service_env(self) -> dict[str, str]:
         return {
@@ -233,6 +239,10 @@ HELP = {
     "max_attempts": "REMINDERS_MAX_ATTEMPTS",
     "explain_window": "seconds before a kill that explain a duplicate",
     "timeout": "give up waiting for deliveries this long after booking",
+    "cancels": "bookings cancelled through the API while they drain",
+    "moves": "bookings moved later through `reminders book -` while they drain",
+    "optouts": "bookings whose phone texts STOP (inbound SMS webhook) while they drain",
+    "move_by": "seconds a move adds to the booking's start",
 }
 # lead: `reminders book` must finish before the first start (a past appointment is refused),
 # with room for a loaded test machine. The SMTP outage begins once emails flow (the first
@@ -243,7 +253,8 @@ QUICK = {"bookings": 60, "lead": 12.0, "spread": 10.0, "kill_first": 11.0, "kill
          "redis_kill_at": 16.0, "smtp_down_at": 15.0, "smtp_down_for": 10.0,
          "smtp_cut_at": 27.0,
          "gateway_fail_at": 18.0, "gateway_fail_for": 8.0, "pool_first": 22.0, "pool_kills": 1,
-         "lease_seconds": 12, "timeout": 150.0}
+         "lease_seconds": 12, "timeout": 150.0,
+         "cancels": 3, "moves": 3, "optouts": 2, "move_by": 20.0}
 
 
 @dataclass
@@ -439,6 +450,9 @@ class DrillReport:
     last_delivery_at: float | None = None
     last_fault_over_at: float = 0.0
     retried: int = 0  # reminders whose timeline shows more than one attempt
+    changes: list[Change] = field(default_factory=list)  # cancels, moves, opt-outs applied
+    change_outcome: ChangeOutcome = field(default_factory=ChangeOutcome)
+    notices: list[str] = field(default_factory=list)  # reminders the changes added (none due)
     seconds: float = 0.0
     workdir: str = ""
 
@@ -489,6 +503,8 @@ class DrillReport:
     def ok(self) -> bool:
         return (not self.lost and not self.dead_letters and not self.unexplained
                 and not self.unexpected and not self.failed_stops and not self.unreplaced_pools
+                and not self.change_outcome.violations and not self.change_outcome.failed
+                and not self.notices
                 and self.delivered == self.expected > 0)
 
 
@@ -505,6 +521,9 @@ class Service:
         self.workdir, self.env, self.params = workdir, env, params
         self.procs, self.report = procs, report
         self.redis_port = free_port()
+        self.api_port = free_port()
+        self.api_proc: subprocess.Popen[bytes] | None = None
+        self.api_key = ""  # the drill clinic's API key, issued once Redis is up
         self.redis_dir = workdir / "redis"
         self.redis_proc: subprocess.Popen[bytes] | None = None
         self.slots: dict[str, subprocess.Popen[bytes]] = {}  # "w1" -> its current process
@@ -583,9 +602,38 @@ class Service:
              "-s", str(self.workdir / "beat-schedule")], env=self.env, cwd=self.workdir, log=log)
         self.logs[self.beat_proc.pid] = log
 
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start_api(self) -> None:
+        """Start the clinic API (the drill's cancels and the patients' STOPs go through it)."""
+        import urllib.request
+
+        from benchmarks.procs import settings_under
+        from worker.service import api_command
+
+        log = self.workdir / "api.log"
+        self.api_proc = self.procs.spawn(api_command(settings_under(self.env), self.api_port),
+                                         env=self.env, cwd=self.workdir, log=log)
+        self.logs[self.api_proc.pid] = log
+
+        def answers() -> bool:
+            if self.api_proc is not None and self.api_proc.poll() is not None:
+                raise RuntimeError(f"the API exited at start; see {log}")
+            try:
+                with urllib.request.urlopen(self.api_url + "/readyz", timeout=2) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        wait_for(answers, START_TIMEOUT, "API start")
+
     def start(self) -> None:
-        """Start Redis, the workers, beat; return once a pump tick has run on a worker."""
+        """Start Redis, the API, the workers, beat; return once a pump tick has run on a
+        worker."""
         self.start_redis()
+        self.start_api()
         for i in range(self.params.workers):
             self.start_worker(f"w{i + 1}")
         for proc in self.slots.values():
@@ -711,7 +759,7 @@ class Service:
 
     def stop(self) -> None:
         """Stop beat, then the workers, then Redis (so none of them sees Redis go first)."""
-        for proc in [self.beat_proc, *self.slots.values(), self.redis_proc]:
+        for proc in [self.beat_proc, *self.slots.values(), self.api_proc, self.redis_proc]:
             if proc is not None and proc in self.procs.running:
                 self.procs.stop(proc)
 
@@ -792,6 +840,18 @@ class Service:
         finally:
             client.close()
 
+    def api_timeline(self, booking_id: str) -> dict[str, Any] | None:
+        """A booking's timeline through the API (`GET /v1/bookings/<id>`; None: unreadable)."""
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.api_url}/v1/bookings/{booking_id}",
+                                     headers={"Authorization": f"Bearer {self.api_key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return dict(json.loads(resp.read()))
+        except (OSError, ValueError):
+            return None
+
     def attempt_log(self, ref: str) -> list[dict[str, Any]]:
         """Return a reminder's attempt log (evidence for a report; empty if unreadable)."""
         client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2)
@@ -821,6 +881,8 @@ end = "24:00"
 [channels]
 email = "mailto://127.0.0.1:{smtp_port}?from=clinic@example.com&to={{to}}&mode=insecure"
 sms = "json://127.0.0.1:{sms_port}/sms?:to={{to}}"
+[inbound]
+allow_unsigned = true
 """, encoding="utf-8")
     return folder
 
@@ -969,8 +1031,16 @@ def run_drill(params: DrillParams, workdir: Path) -> DrillReport:
 
 def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, sms: HttpSink,
            report: DrillReport) -> None:
+    service.api_key = key = service.cli_json("keys", "issue", "--json", "--clinic",
+                                             CLINIC)["key"]
     now = datetime.now(UTC)
     docs = booking_docs(params, now)
+    starts = [_dt(d["starts_at"]).timestamp() for d in docs]
+    report.changes = plan_changes(starts, params.cancels, params.moves, params.optouts)
+    changer = Changer(report.changes, service.api_url, key, CLINIC,
+                      {d["booking_id"]: d for d in docs}, params.move_by,
+                      lambda lines: service.cli("book", "--json", "-", stdin=lines),
+                      lambda text: say(f"T+{time.time() - t0:5.1f}s {text}"))
     report.started_at = t0 = time.time()
     say(f"booking {len(docs)} x {MESSAGES_PER_BOOKING} through `reminders book -`")
     result = service.cli("book", "--json", "-", stdin="\n".join(json.dumps(d) for d in docs))
@@ -986,6 +1056,26 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
     say(f"{report.expected} reminders due between T+{report.first_due_at - t0:.1f}s and "
         f"T+{report.last_due_at - t0:.1f}s (booking took {report.booking_seconds:.1f}s)")
 
+    # The reminders a cancel or an opt-out may rightly stop: not waited for, judged at the end.
+    stoppable = {ref for ref in names.values()
+                 if any(c.booking_id == ref.split("/")[1] and (
+                     c.kind == "cancel" or c.kind == "opt-out" and ref.endswith(":sms"))
+                     for c in report.changes)}
+    waited = {k for k, ref in names.items() if ref not in stoppable}
+    changer.start()
+    say(f"changes while it drains: {params.cancels} cancels (API), {params.moves} moves "
+        f"(+{params.move_by:g}s, `reminders book -`), {params.optouts} STOPs (inbound SMS)")
+    try:
+        _drain(params, service, smtp, sms, report, names, waited, changer, t0)
+    finally:
+        changer.stop()
+    _account(service, names, smtp, sms, report, config, docs)
+
+
+def _drain(params: DrillParams, service: Service, smtp: SmtpSink, sms: HttpSink,
+           report: DrillReport, names: dict[tuple[str, str, str], str],
+           waited: set[tuple[str, str, str]], changer: Changer, t0: float) -> None:
+    """Cause the faults on schedule until every waited-for message arrived."""
     plan = [(when, what, when) for when, what in fault_plan(params, t0)]  # + first planned
     smtp_down_since: float | None = None
     gateway_fail_since: float | None = None
@@ -1062,16 +1152,17 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
             report.faults.append(fault)
             say(f"T+{time.time() - t0:5.1f}s worker stopped: {fault.detail}")
         received = received_by_name(smtp, sms)
-        delivered = sum(1 for k in names if k in received)
-        if (delivered == len(names) and not plan and not service.stopping
-                and not service.replacing):
+        delivered = sum(1 for k in waited if k in received)
+        if (delivered == len(waited) and not plan and not service.stopping
+                and not service.replacing and not changer.busy):
             break
         if time.time() >= next_progress:
-            say(f"T+{time.time() - t0:5.1f}s {delivered}/{len(names)} delivered")
+            say(f"T+{time.time() - t0:5.1f}s {delivered}/{len(waited)} delivered; "
+                f"{sum(c.done for c in report.changes)}/{len(report.changes)} changes")
             next_progress += PROGRESS_SECONDS
         time.sleep(POLL_SECONDS)
     report.last_fault_over_at = max((f.until for f in report.faults), default=t0)
-    say(f"{delivered}/{len(names)} delivered at T+{time.time() - t0:.1f}s; waiting until "
+    say(f"{delivered}/{len(waited)} delivered at T+{time.time() - t0:.1f}s; waiting until "
         "nothing is due or leased")
     # A reminder whose outcome a kill lost is still leased: wait for it to be sent again.
     try:
@@ -1079,7 +1170,55 @@ def _drive(params: DrillParams, service: Service, config: Path, smtp: SmtpSink, 
     except TimeoutError as exc:
         say(str(exc))
     time.sleep(2.0)  # for a stray send to land
-    _account(service, names, smtp, sms, report)
+
+
+def _judge_changes(service: Service, names: dict[tuple[str, str, str], str],
+                   received: dict[tuple[str, str, str], list[float]], report: DrillReport,
+                   config: Path, docs: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """Judge the cancels, moves and opt-outs (benchmarks/drill_changes.py) on the sinks'
+    records, the changed bookings' timelines (the API's GET) and the store's attempt
+    records. A moved message rendered for its new date is counted as its reminder's copy
+    (`received` is merged in place). Return the messages that must have arrived: all but
+    those a cancel or an opt-out rightly stopped."""
+    by_id = {d["booking_id"]: d for d in docs}
+    key_of = {ref: k for k, ref in names.items()}
+    refs: dict[str, list[str]] = defaultdict(list)
+    for ref in names.values():
+        refs[ref.split("/")[1]].append(ref)
+    after: dict[str, dict[str, Any]] = {}
+    for c in report.changes:
+        timeline = service.api_timeline(c.booking_id)
+        if timeline is not None:
+            after[c.booking_id] = timeline
+    for c in report.changes:
+        if c.kind != "move" or not c.done or c.booking_id not in after:
+            continue
+        moved = dict(by_id[c.booking_id])
+        moved["starts_at"] = datetime.fromtimestamp(c.new_start, UTC).isoformat(
+            timespec="milliseconds")
+        try:
+            alt = expected_messages(config, [moved], [after[c.booking_id]])
+        except (RuntimeError, KeyError, ValueError):
+            continue  # a reminder not sent: judged below
+        for key, ref in alt.items():
+            primary = key_of.get(ref)
+            if primary is not None and key != primary and key in received:
+                received[primary] = sorted(received.get(primary, []) + received.pop(key))
+    reminders = {f"{CLINIC}/{b}/{r['id']}": r for b, t in after.items() for r in t["reminders"]}
+    for ref, rem in reminders.items():
+        if ref not in key_of:  # a notice or a message again: none documented for this protocol
+            report.notices.append(f"{ref}: {rem.get('status')} ({rem.get('reason')})")
+    copies = {ref: received.get(key_of[ref], []) for c in report.changes
+              for ref in refs[c.booking_id]}
+    report.change_outcome = judge(report.changes, refs, copies, reminders,
+                                  service.store_evidence, STEP_OFFSETS, report.started_at)
+    for c in report.changes:
+        if c.booking_id not in after:
+            report.change_outcome.violations.append(f"{c.booking_id}: timeline unreadable")
+    stopped = {ref for c in report.changes if c.kind in ("cancel", "opt-out")
+               for ref in refs[c.booking_id] if c.kind == "cancel" or ref.endswith(":sms")}
+    return {k: ref for k, ref in names.items()
+            if ref not in stopped or ref in report.change_outcome.sent_refs}
 
 
 def _smtp_cut(report: DrillReport, at: float, cut: Cut, port: int, outage: bool) -> Fault:
@@ -1093,13 +1232,17 @@ def _smtp_cut(report: DrillReport, at: float, cut: Cut, port: int, outage: bool)
 
 
 def _account(service: Service, names: dict[tuple[str, str, str], str], smtp: SmtpSink,
-             sms: HttpSink, report: DrillReport) -> None:
-    """Compare what arrived with what was booked; explain every duplicate."""
+             sms: HttpSink, report: DrillReport, config: Path,
+             docs: list[dict[str, Any]]) -> None:
+    """Compare what arrived with what was booked; explain every duplicate; judge the
+    changes."""
     received = received_by_name(smtp, sms)
     report.gateway_refused = sms.refused
     report.received = sum(len(v) for v in received.values())
-    report.delivered = sum(1 for k in names if k in received)
-    firsts = [received[k][0] for k in names if k in received]
+    counted = _judge_changes(service, names, received, report, config, docs)
+    report.expected = len(counted)
+    report.delivered = sum(1 for k in counted if k in received)
+    firsts = [received[k][0] for k in counted if k in received]
     report.last_delivery_at = max(firsts, default=None)
     timelines: dict[str, dict[str, Any]] = {}
 
@@ -1122,7 +1265,7 @@ def _account(service: Service, names: dict[tuple[str, str, str], str], smtp: Smt
         dup.store = service.store_evidence(dup.ref)
     for dup in report.duplicates[:DETAIL_LIMIT]:  # `reminders show` takes about a second
         dup.timeline, dup.attempt_log = timeline_of(dup.ref), service.attempt_log(dup.ref)
-    for key, ref in names.items():
+    for key, ref in counted.items():
         if key not in received:
             detailed = len(report.lost) < DETAIL_LIMIT  # `reminders show` takes a second
             report.lost.append({"ref": ref, "key": list(key),
@@ -1187,6 +1330,7 @@ def _explain(at: float, fault: Fault, t0: float) -> str:
 def table_rows(report: DrillReport) -> list[tuple[str, str]]:
     drain = report.drain_seconds
     unexplained = len(report.unexplained)
+    co = report.change_outcome
     causes = Counter(d.cause for d in report.duplicates if d.explained)
     return [
         ("expected reminders", f"{report.expected:,}"),
@@ -1215,6 +1359,14 @@ def table_rows(report: DrillReport) -> list[tuple[str, str]]:
          f"{sum(c['in_data'] for c in report.smtp_cuts)} after the 354)"),
         (f"SMS gateway answering {report.params.gateway_status}",
          f"{report.gateway_fail_seconds:.0f} s ({report.gateway_refused:,} posts refused)"),
+        ("changes: cancelled / moved / opted out",
+         f"{co.cancelled} / {co.moved} / {co.opted_out}"
+         + (f" ({len(co.failed)} not applied)" if co.failed else "")),
+        ("  messages suppressed (cancelled or skipped)", f"{co.suppressed}"),
+        ("  sent before the change / moved, at the new time",
+         f"{co.sent_before} / {co.moved_on_time}"),
+        ("  in flight at the change (store evidence)", f"{len(co.exceptions)}"),
+        ("  broken promises (after a change, early, lost)", f"{len(co.violations)}"),
     ]
 
 
@@ -1255,6 +1407,14 @@ def render_report(report: DrillReport) -> str:
         lines.append(f"DEAD LETTER {json.dumps(dead)}")
     for extra in report.unexpected[:20]:
         lines.append(f"UNEXPECTED {json.dumps(extra, ensure_ascii=False)}")
+    for note in report.change_outcome.exceptions:
+        lines.append(f"in flight at the change: {note}")
+    for note in report.change_outcome.violations:
+        lines.append(f"CHANGE VIOLATED: {note}")
+    for note in report.change_outcome.failed:
+        lines.append(f"CHANGE NOT APPLIED: {note}")
+    for note in report.notices:
+        lines.append(f"UNDOCUMENTED NOTICE: {note}")
     for note in report.unexpected_exits:
         lines.append(f"note: process exited unasked, restarted: {note}")
     for note in report.failed_stops:
@@ -1296,6 +1456,10 @@ def report_json(report: DrillReport) -> dict[str, Any]:
         "unexpected_exits": report.unexpected_exits, "failed_stops": report.failed_stops,
         "unreplaced_pools": report.unreplaced_pools, "gateway_refused": report.gateway_refused,
         "smtp_cuts": report.smtp_cuts,
+        "changes": [asdict(c) for c in report.changes],
+        "change_outcome": asdict(report.change_outcome) | {
+            "sent_refs": sorted(report.change_outcome.sent_refs)},
+        "notices": report.notices,
         "drain_seconds": report.drain_seconds,
         "seconds": round(report.seconds, 1),
     }

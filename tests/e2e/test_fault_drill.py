@@ -31,6 +31,7 @@ from benchmarks.fault_drill import (
     render_report,
     run_drill,
 )
+from benchmarks.drill_changes import Change, judge, plan_changes
 from tests.once import once_per_run
 
 
@@ -237,6 +238,118 @@ def test_the_fault_plan_alternates_workers_and_ends_the_outage():
     others = [when for when, what in full if what.startswith(("kill", "stop"))]
     assert all(abs(when - k) >= 2.5 for when, what in full if what.startswith("pool")
                for k in others)
+
+
+# --- the competing changes, judged on made-up records ----------------------------------
+
+OFFSETS = {"aftercare": 1.0, "spf": 3.0, "redness": 5.0, "check": 7.0}
+B = "D-00001"
+REFS = {B: [f"drill/{B}/aftercare:email", f"drill/{B}/spf:sms", f"drill/{B}/check:email"]}
+
+
+def change(kind: str, committed: float = T0 + 20, new_start: float = 0.0) -> Change:
+    return Change(kind, B, committed - 1, began=committed - 0.3, committed=committed,
+                  outcome="ok", new_start=new_start)
+
+
+def rems(**statuses: tuple[str, str]) -> dict[str, dict[str, str]]:
+    return {f"drill/{B}/{k.replace('_', ':')}": {"status": st, "reason": why}
+            for k, (st, why) in statuses.items()}
+
+
+def no_store(ref: str) -> StoreEvidence:
+    return StoreEvidence("1|1|1.a", [])
+
+
+def test_the_changes_are_spread_and_no_booking_is_changed_twice():
+    starts = [T0 + i for i in range(60)]
+    changes = plan_changes(starts, 3, 3, 2)
+    assert [c.kind for c in changes].count("cancel") == 3 and len(changes) == 8
+    assert len({c.booking_id for c in changes}) == 8
+    assert changes == sorted(changes, key=lambda c: c.at)
+    assert all(starts[int(c.booking_id[2:])] < c.at <= starts[int(c.booking_id[2:])] + 7
+               for c in changes)
+
+
+def test_a_cancel_suppresses_what_was_pending_and_keeps_what_went_before():
+    statuses = rems(aftercare_email=("sent", ""), spf_sms=("cancelled", "cancelled by the clinic"),
+                    check_email=("cancelled", "cancelled by the clinic"))
+    out = judge([change("cancel")], REFS, {REFS[B][0]: [T0 + 15]}, statuses, no_store,
+                OFFSETS, T0)
+    assert (out.cancelled, out.suppressed, out.sent_before) == (1, 2, 1)
+    assert out.violations == [] and out.exceptions == []
+    assert out.sent_refs == {REFS[B][0]}
+
+
+def test_a_message_after_a_cancel_needs_its_delivery_begun_before_it():
+    statuses = rems(aftercare_email=("sent", ""), spf_sms=("sent", ""),
+                    check_email=("cancelled", "cancelled by the clinic"))
+    copies = {REFS[B][0]: [T0 + 15], REFS[B][1]: [T0 + 20.4]}
+    began = StoreEvidence("1|1|1.a|x|1", [line("1.a", "sent", began=T0 + 19.5)])
+    out = judge([change("cancel")], REFS, copies, statuses, lambda ref: began, OFFSETS, T0)
+    assert out.violations == [] and len(out.exceptions) == 1
+    assert "past its last check" in out.exceptions[0]
+    # Its delivery began after the cancel returned: the cancel's fence failed.
+    late = StoreEvidence("1|1|1.a|x|1", [line("1.a", "sent", began=T0 + 20.2)])
+    out = judge([change("cancel")], REFS, copies, statuses, lambda ref: late, OFFSETS, T0)
+    assert len(out.violations) == 1 and "after the change" in out.violations[0]
+    # Recorded cancelled, yet it arrived after the cancel: a violation whatever the store says.
+    statuses = rems(aftercare_email=("sent", ""), spf_sms=("cancelled", "cancelled by the clinic"),
+                    check_email=("cancelled", "cancelled by the clinic"))
+    out = judge([change("cancel")], REFS, copies, statuses, no_store, OFFSETS, T0)
+    assert len(out.violations) == 1 and "recorded cancelled" in out.violations[0]
+
+
+def test_a_copy_before_the_change_recorded_cancelled_needs_an_unrecorded_attempt():
+    statuses = rems(aftercare_email=("sent", ""), spf_sms=("cancelled", "cancelled by the clinic"),
+                    check_email=("cancelled", "cancelled by the clinic"))
+    copies = {REFS[B][0]: [T0 + 15], REFS[B][1]: [T0 + 19.0]}
+    lost = StoreEvidence("1|1|1.a", [])  # begun, never finished: its worker was killed
+    lost_one = StoreEvidence("1|2|1.a", [line("1.a", "abandoned", result="stale")])
+    assert lost_one.lost == 1
+    out = judge([change("cancel")], REFS, copies, statuses,
+                lambda ref: lost_one if ref.endswith("sms") else lost, OFFSETS, T0)
+    assert out.violations == [] and len(out.exceptions) == 1
+    out = judge([change("cancel")], REFS, copies, statuses, lambda ref: StoreEvidence(
+        "1|1|1.a", [line("1.a", "sent")]), OFFSETS, T0)
+    assert len(out.violations) == 1
+
+
+def test_an_opt_out_stops_the_sms_only_with_its_reason():
+    statuses = rems(aftercare_email=("sent", ""), spf_sms=("skipped", "opted_out: STOP"),
+                    check_email=("sent", ""))
+    copies = {REFS[B][0]: [T0 + 15], REFS[B][2]: [T0 + 30]}
+    out = judge([change("opt-out")], REFS, copies, statuses, no_store, OFFSETS, T0)
+    assert (out.opted_out, out.suppressed, out.violations) == (1, 1, [])
+    # Skipped for another reason than the opt-out: not what the STOP promises.
+    statuses[REFS[B][1]] = {"status": "skipped", "reason": "expired"}
+    out = judge([change("opt-out")], REFS, copies, statuses, no_store, OFFSETS, T0)
+    assert len(out.violations) == 1 and "not opted_out" in out.violations[0]
+
+
+def test_a_moved_message_goes_at_its_new_time_unless_it_was_on_its_way():
+    move = change("move", committed=T0 + 20, new_start=T0 + 80)
+    statuses = rems(aftercare_email=("sent", ""), spf_sms=("sent", ""), check_email=("sent", ""))
+    copies = {REFS[B][0]: [T0 + 18], REFS[B][1]: [T0 + 83.2], REFS[B][2]: [T0 + 87.5]}
+    out = judge([move], REFS, copies, statuses, no_store, OFFSETS, T0)
+    assert (out.moved, out.moved_on_time, out.sent_before, out.violations) == (1, 2, 1, [])
+    # The SMS at the old time, after the move returned: only if its delivery began before.
+    copies[REFS[B][1]] = [T0 + 21.0]
+    out = judge([move], REFS, copies, statuses, no_store, OFFSETS, T0)
+    assert len(out.violations) == 1 and "before its new due T+83.00s" in out.violations[0]
+    began = StoreEvidence("1|1|1.a|x|1", [line("1.a", "sent", began=T0 + 19.8)])
+    out = judge([move], REFS, copies, statuses, lambda ref: began, OFFSETS, T0)
+    assert out.violations == [] and "on its way at the old time" in out.exceptions[0]
+    # A moved reminder never sent is lost.
+    statuses[REFS[B][2]] = {"status": "scheduled", "reason": ""}
+    out = judge([move], REFS, {REFS[B][0]: [T0 + 18]}, statuses, no_store, OFFSETS, T0)
+    assert len(out.violations) == 2
+
+
+def test_a_change_never_applied_is_reported():
+    out = judge([Change("cancel", B, T0, error="RuntimeError: 503")], REFS, {}, {}, no_store,
+                OFFSETS, T0)
+    assert out.failed == [f"cancel {B}: RuntimeError: 503"] and out.cancelled == 0
 
 
 # --- the drill itself, small ----------------------------------------------------------------
