@@ -23,7 +23,14 @@ One run, on 127.0.0.1 only:
   sessions are cut, not only new connections refused), and later, the server up, every
   open session dropped once more while emails flow (a server closing kept sessions); the
   SMS gateway failing for a while, as a provider's outage looks: it answers 503 to every
-  post and takes nothing (the worker must treat that as transient and retry with back-off).
+  post and takes nothing (the worker must treat that as transient and retry with back-off);
+- and, competing with the sends, the clinic's and the patients' changes through the real
+  interfaces (benchmarks/drill_changes.py), each at its booking's start plus 0.5-6.8 s, as
+  its messages fall due or are in flight: bookings cancelled (`DELETE /v1/bookings/<id>` on
+  the clinic API the drill runs), moved `--move-by` seconds later (the booking again
+  through `reminders book -`), and patients texting STOP (`POST /v1/inbound/sms/<clinic>`,
+  the SMS provider's webhook). Each change records when its successful request went out
+  and when it returned (committed).
 
 Then it waits until every message has arrived (or a time limit), and until nothing is
 due or leased, and prints what the sinks received against what was booked. A message is
@@ -59,7 +66,20 @@ duplicate:
   real double send.
 
 The summary counts the duplicates explained by a lost attempt and by an unknown outcome.
-Anything else fails the drill: a lost message, a
+
+The changes are judged after the drain (drill_changes.judge) on the sinks' records, the
+changed bookings' timelines (the API's GET) and the store's attempt records: a cancelled
+booking's reminders and an opted-out number's SMS are `cancelled`/`skipped` on the
+timeline with the change's reason and never arrived, or `sent` and arrived once (any
+copy accepted after the change returned needs a `sent` attempt line begun before it: a
+send already past its last check); a moved booking's reminders each arrived once, those
+accepted after the move no earlier than the new start plus their step's offset unless
+their delivery began before the move. The drill's protocol has no pause step nor invite
+and no SMS before the visit: a change sends no notice (worker/notices.py), and any extra
+message is unexpected. A message a change rightly stopped is not expected; the rest are.
+
+Anything else fails the drill: a lost message, a broken change promise, a change never
+applied, a notice nobody documented, a
 dead letter (`reminders dead-letters --json`), an unexplained duplicate, a message nobody
 booked, a worker that did not end its warm stop within its grace, or a worker whose main
 process lived on without replacing a killed pool process. Exit 0 only if none of those
@@ -775,6 +795,11 @@ class Service:
                     f"T+{time.time() - self.report.started_at:.1f}s; see {self.logs[proc.pid]}")
                 self.procs.running.remove(proc)
                 self.start_worker(slot)
+        if self.api_proc is not None and self.api_proc.poll() is not None:
+            self.report.unexpected_exits.append(
+                f"API pid {self.api_proc.pid} exited ({self.api_proc.returncode}); restarted")
+            self.procs.running.remove(self.api_proc)
+            self.start_api()
         if self.beat_proc is not None and self.beat_proc.poll() is not None:
             self.report.unexpected_exits.append(
                 f"beat pid {self.beat_proc.pid} exited ({self.beat_proc.returncode}); restarted")
@@ -842,15 +867,23 @@ class Service:
 
     def api_timeline(self, booking_id: str) -> dict[str, Any] | None:
         """A booking's timeline through the API (`GET /v1/bookings/<id>`; None: unreadable)."""
+        import urllib.error
         import urllib.request
 
         req = urllib.request.Request(f"{self.api_url}/v1/bookings/{booking_id}",
                                      headers={"Authorization": f"Bearer {self.api_key}"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return dict(json.loads(resp.read()))
-        except (OSError, ValueError):
-            return None
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return dict(json.loads(resp.read()))
+            except urllib.error.HTTPError as exc:
+                # The key's rate limit (429) or Redis away (503): as a client should, wait.
+                if exc.code not in (429, 503) or time.monotonic() > deadline:
+                    return None
+                time.sleep(min(5.0, float(exc.headers.get("Retry-After") or 1)))
+            except (OSError, ValueError):
+                return None
 
     def attempt_log(self, ref: str) -> list[dict[str, Any]]:
         """Return a reminder's attempt log (evidence for a report; empty if unreadable)."""
