@@ -372,7 +372,8 @@ def drill(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.integration
 def test_nothing_lost_nothing_dead_lettered(drill):
     report, _ = drill
-    assert report.expected == 60 * 4
+    # All 240 but those a cancel (4 each) or a STOP (the SMS) rightly stopped before they went.
+    assert 60 * 4 - 3 * 4 - 2 <= report.expected <= 60 * 4 - report.change_outcome.suppressed
     assert report.lost == [], render_report(report)
     assert report.delivered == report.expected
     assert report.dead_letters == [], report.dead_letters
