@@ -90,14 +90,14 @@ def plan_changes(starts: list[float], cancels: int, moves: int, optouts: int) ->
     for kind, count, shift in (("cancel", cancels, 0.5), ("move", moves, 0.25),
                                ("opt-out", optouts, 0.75)):
         for k in range(min(count, n)):
+            if len(taken) >= n:
+                break  # more changes than bookings: each booking changed once
             i = min(n - 1, int((k + shift) * n / max(1, count)))
             while i in taken:
                 i = (i + 1) % n
             taken.add(i)
             offset = CHANGE_OFFSETS[(len(changes)) % len(CHANGE_OFFSETS)]
             changes.append(Change(kind, f"D-{i:05d}", starts[i] + offset))
-        if len(taken) >= n:
-            break
     return sorted(changes, key=lambda c: c.at)
 
 
@@ -241,12 +241,15 @@ def _t(at: float, t0: float) -> str:
 def judge(changes: list[Change], refs: dict[str, list[str]],
           copies_of: dict[str, list[float]], reminders: dict[str, dict[str, Any]],
           evidence: Callable[[str], Evidence], offsets: dict[str, float],
-          t0: float) -> ChangeOutcome:
+          t0: float, handed_of: dict[str, list[float]] | None = None) -> ChangeOutcome:
     """Hold every changed booking's reminders to the promise (see the module docstring).
 
     refs: booking id -> its reminders' refs; copies_of: ref -> acceptance times at the sinks;
     reminders: ref -> the reminder as the timeline shows it after the drain (status, reason);
-    evidence: ref -> the store's attempt records; offsets: step -> seconds after the start.
+    evidence: ref -> the store's attempt records; offsets: step -> seconds after the start;
+    handed_of: ref -> when each copy's hand-over began at the sink (SMTP MAIL, the SMS post),
+    in acceptance order: an attempt whose worker was killed wrote no line with its begin
+    time, but it had begun before its message's hand-over did.
     """
     out = ChangeOutcome()
     for c in changes:
@@ -260,13 +263,13 @@ def judge(changes: list[Change], refs: dict[str, list[str]],
             if c.kind == "opt-out" and not ref.endswith(":sms"):
                 continue  # an SMS opt-out leaves the emails alone: they are expected as ever
             _judge_one(c, ref, sorted(copies_of.get(ref, [])), reminders.get(ref) or {},
-                       evidence, offsets, t0, out)
+                       evidence, offsets, t0, out, (handed_of or {}).get(ref, []))
     return out
 
 
 def _judge_one(c: Change, ref: str, copies: list[float], rem: dict[str, Any],
                evidence: Callable[[str], Evidence], offsets: dict[str, float], t0: float,
-               out: ChangeOutcome) -> None:
+               out: ChangeOutcome, handed: list[float]) -> None:
     status, reason = rem.get("status"), rem.get("reason") or ""
     what = f"{ref} ({c.kind} committed {_t(c.committed, t0)})"
     if copies and copies[0] < c.began:
@@ -290,6 +293,14 @@ def _judge_one(c: Change, ref: str, copies: list[float], rem: dict[str, Any],
             out.exceptions.append(f"{what}: accepted {_t(first, t0)}, before its new due "
                                   f"{_t(due, t0)}: its delivery began {_t(min(began), t0)}, "
                                   "before the move: on its way at the old time")
+            return
+        if _lost_in_flight(ev, handed[:1], c):
+            out.exceptions.append(f"{what}: accepted {_t(first, t0)}, before its new due "
+                                  f"{_t(due, t0)}, handed over from {_t(handed[0], t0)}, "
+                                  f"before the move returned, by an attempt the store shows "
+                                  f"never finished ({ev.lost}) or of unknown outcome "
+                                  f"({ev.unknown}): on its way at the old time, its outcome "
+                                  "lost, sent again at the new time")
             return
         out.violations.append(f"{what}: accepted {_t(first, t0)}, {due - first:.2f}s before "
                               f"its new due {_t(due, t0)}, its delivery begun "
@@ -324,12 +335,22 @@ def _judge_one(c: Change, ref: str, copies: list[float], rem: dict[str, Any],
     # Accepted, yet recorded cancelled or skipped: only a send whose outcome went
     # unrecorded (its worker killed after the hand-over) before the change may do that.
     ev = evidence(ref)
-    if copies[-1] <= c.committed and not ev.error and ev.lost + ev.unknown >= len(copies):
+    if _lost_in_flight(ev, handed, c, len(copies)):
         out.exceptions.append(f"{what}: {len(copies)} cop{'y' if len(copies) == 1 else 'ies'} "
-                              f"accepted by {_t(copies[-1], t0)}, before the change returned, "
-                              f"then recorded {status}: the store shows {ev.lost} attempt(s) "
+                              f"accepted by {_t(copies[-1], t0)}, handed over from "
+                              f"{_t(min(handed), t0)}, before the change returned, then "
+                              f"recorded {status}: the store shows {ev.lost} attempt(s) "
                               f"never finished, {ev.unknown} of unknown outcome")
         return
     out.violations.append(f"{what}: recorded {status} ({reason}) yet accepted at "
                           f"{', '.join(_t(a, t0) for a in copies)}; store: {ev.lost} never "
                           f"finished, {ev.unknown} unknown")
+
+
+def _lost_in_flight(ev: Evidence, handed: list[float], c: Change, copies: int = 1) -> bool:
+    """Whether copies whose outcome the store lost were on their way before the change: an
+    attempt never finished or of unknown outcome for each, and each copy's hand-over at the
+    sink began before the change returned (its attempt, begun before its hand-over, began
+    before the change did)."""
+    return (not ev.error and ev.lost + ev.unknown >= copies and len(handed) >= copies
+            and all(0 < h < c.committed for h in handed))

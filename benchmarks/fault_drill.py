@@ -988,6 +988,14 @@ def _dt(iso: str) -> datetime:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC)
 
 
+def handed_by_name(smtp: SmtpSink, sms: HttpSink) -> dict[tuple[str, str, str], list[float]]:
+    """When each copy's hand-over began (SMTP MAIL, the SMS post), in acceptance order."""
+    out: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for m in sorted(smtp.snapshot() + sms.snapshot(), key=lambda m: m.at):
+        out[message_key(m)].append(m.handed_at)
+    return out
+
+
 def received_by_name(smtp: SmtpSink, sms: HttpSink) -> dict[tuple[str, str, str], list[float]]:
     out: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for m in sorted(smtp.snapshot() + sms.snapshot(), key=lambda m: m.at):
@@ -1206,7 +1214,8 @@ def _drain(params: DrillParams, service: Service, smtp: SmtpSink, sms: HttpSink,
 
 
 def _judge_changes(service: Service, names: dict[tuple[str, str, str], str],
-                   received: dict[tuple[str, str, str], list[float]], report: DrillReport,
+                   received: dict[tuple[str, str, str], list[float]],
+                   handed: dict[tuple[str, str, str], list[float]], report: DrillReport,
                    config: Path, docs: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
     """Judge the cancels, moves and opt-outs (benchmarks/drill_changes.py) on the sinks'
     records, the changed bookings' timelines (the API's GET) and the store's attempt
@@ -1236,15 +1245,20 @@ def _judge_changes(service: Service, names: dict[tuple[str, str, str], str],
         for key, ref in alt.items():
             primary = key_of.get(ref)
             if primary is not None and key != primary and key in received:
-                received[primary] = sorted(received.get(primary, []) + received.pop(key))
+                pairs = sorted(zip(received.get(primary, []) + received.pop(key),
+                                   handed.get(primary, []) + handed.pop(key, []), strict=True))
+                received[primary] = [at for at, _ in pairs]
+                handed[primary] = [h for _, h in pairs]
     reminders = {f"{CLINIC}/{b}/{r['id']}": r for b, t in after.items() for r in t["reminders"]}
     for ref, rem in reminders.items():
         if ref not in key_of:  # a notice or a message again: none documented for this protocol
             report.notices.append(f"{ref}: {rem.get('status')} ({rem.get('reason')})")
     copies = {ref: received.get(key_of[ref], []) for c in report.changes
               for ref in refs[c.booking_id]}
+    handed_of = {ref: handed.get(key_of[ref], []) for ref in copies}
     report.change_outcome = judge(report.changes, refs, copies, reminders,
-                                  service.store_evidence, STEP_OFFSETS, report.started_at)
+                                  service.store_evidence, STEP_OFFSETS, report.started_at,
+                                  handed_of)
     for c in report.changes:
         if c.booking_id not in after:
             report.change_outcome.violations.append(f"{c.booking_id}: timeline unreadable")
@@ -1272,7 +1286,8 @@ def _account(service: Service, names: dict[tuple[str, str, str], str], smtp: Smt
     received = received_by_name(smtp, sms)
     report.gateway_refused = sms.refused
     report.received = sum(len(v) for v in received.values())
-    counted = _judge_changes(service, names, received, report, config, docs)
+    counted = _judge_changes(service, names, received, handed_by_name(smtp, sms), report,
+                             config, docs)
     report.expected = len(counted)
     report.delivered = sum(1 for k in counted if k in received)
     firsts = [received[k][0] for k in counted if k in received]

@@ -55,6 +55,9 @@ class Received:
     to: str
     subject: str | None  # email only
     text: str  # the SMS text (email: empty, the subject identifies it)
+    # When its hand-over began: the SMTP MAIL command, the SMS post read (the sender's
+    # attempt had begun before it). 0.0: not known.
+    handed_at: float = 0.0
 
 
 class _SinkSMTP(SMTP):
@@ -64,6 +67,11 @@ class _SinkSMTP(SMTP):
         super().__init__(sink, **kwargs)
         self._sink = sink
         self.in_data = False  # DATA read and answered 354: the message is coming
+        self.mail_at = 0.0  # when this session's last MAIL command arrived
+
+    async def smtp_MAIL(self, arg: str) -> None:  # noqa: N802
+        self.mail_at = time.time()
+        await super().smtp_MAIL(arg)
 
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
         # Reading the command and pushing 354 (or an error) happen in one step of the loop:
@@ -120,7 +128,8 @@ class SmtpSink:
         with self._lock:
             self._messages.append(Received(at=time.time(), channel="email",
                                            to=",".join(envelope.rcpt_tos),
-                                           subject=str(msg["Subject"] or ""), text=""))
+                                           subject=str(msg["Subject"] or ""), text="",
+                                           handed_at=getattr(server, "mail_at", 0.0)))
         return "250 Message accepted"
 
     def _run(self, coro: Any) -> Any:
@@ -240,6 +249,7 @@ class HttpSink:
             wbufsize = -1  # buffered: the answer is flushed once, after do_POST
 
             def do_POST(self) -> None:  # noqa: N802
+                handed_at = time.time()
                 length = int(self.headers.get("Content-Length", 0))
                 data = self.rfile.read(length)
                 if len(data) < length or not data:
@@ -253,7 +263,8 @@ class HttpSink:
                     if status is None:
                         sink._messages.append(Received(
                             at=time.time(), channel="sms", to=str(body.get("to", "")),
-                            subject=None, text=str(body.get("message", ""))))
+                            subject=None, text=str(body.get("message", "")),
+                            handed_at=handed_at))
                     else:
                         sink._refused += 1
                 answer = b"{}" if status is None else b'{"error": "service unavailable"}'

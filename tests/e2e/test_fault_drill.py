@@ -272,6 +272,9 @@ def test_the_changes_are_spread_and_no_booking_is_changed_twice():
     assert changes == sorted(changes, key=lambda c: c.at)
     assert all(starts[int(c.booking_id[2:])] < c.at <= starts[int(c.booking_id[2:])] + 7
                for c in changes)
+    # More changes than bookings: each booking is changed once, and the plan ends.
+    assert sorted(c.booking_id for c in plan_changes(starts[:3], 5, 5, 5)) == [
+        "D-00000", "D-00001", "D-00002"]
 
 
 def test_a_cancel_suppresses_what_was_pending_and_keeps_what_went_before():
@@ -310,11 +313,24 @@ def test_a_copy_before_the_change_recorded_cancelled_needs_an_unrecorded_attempt
     lost = StoreEvidence("1|1|1.a", [])  # begun, never finished: its worker was killed
     lost_one = StoreEvidence("1|2|1.a", [line("1.a", "abandoned", result="stale")])
     assert lost_one.lost == 1
+    handed = {REFS[B][1]: [T0 + 18.9]}
     out = judge([change("cancel")], REFS, copies, statuses,
-                lambda ref: lost_one if ref.endswith("sms") else lost, OFFSETS, T0)
+                lambda ref: lost_one if ref.endswith("sms") else lost, OFFSETS, T0, handed)
     assert out.violations == [] and len(out.exceptions) == 1
     out = judge([change("cancel")], REFS, copies, statuses, lambda ref: StoreEvidence(
-        "1|1|1.a", [line("1.a", "sent")]), OFFSETS, T0)
+        "1|1|1.a", [line("1.a", "sent")]), OFFSETS, T0, handed)
+    assert len(out.violations) == 1
+    # Accepted after the cancel returned, its worker killed: its hand-over at the sink began
+    # before the cancel returned (so did its attempt): in flight. After it: a violation.
+    copies[REFS[B][1]] = [T0 + 20.4]
+    for at, ok in [(T0 + 19.9, True), (T0 + 20.1, False), (0.0, False)]:
+        out = judge([change("cancel")], REFS, copies, statuses, lambda ref: lost_one, OFFSETS,
+                    T0, {REFS[B][1]: [at]})
+        assert (out.violations == [] and len(out.exceptions) == 1) is ok, at
+    # Without the store's lost attempt, a hand-over before the change explains nothing.
+    recorded = StoreEvidence("1|1|1.a", [line("1.a", "retrying")])
+    out = judge([change("cancel")], REFS, copies, statuses, lambda ref: recorded, OFFSETS, T0,
+                {REFS[B][1]: [T0 + 19.9]})
     assert len(out.violations) == 1
 
 
@@ -343,6 +359,16 @@ def test_a_moved_message_goes_at_its_new_time_unless_it_was_on_its_way():
     began = StoreEvidence("1|1|1.a|x|1", [line("1.a", "sent", began=T0 + 19.8)])
     out = judge([move], REFS, copies, statuses, lambda ref: began, OFFSETS, T0)
     assert out.violations == [] and "on its way at the old time" in out.exceptions[0]
+    # Its worker killed after the hand-over (no line), sent again at the new time: in flight
+    # if the hand-over began before the move returned and the store lost an attempt.
+    copies[REFS[B][1]] = [T0 + 21.0, T0 + 83.5]
+    resent = StoreEvidence("2|2|2.a|x|1", [line("2.a", "sent", claim="2", began=T0 + 83.1)])
+    assert resent.lost == 1
+    for at, ok in [(T0 + 19.7, True), (T0 + 20.2, False)]:
+        out = judge([move], REFS, copies, statuses, lambda ref: resent, OFFSETS, T0,
+                    {REFS[B][1]: [at, T0 + 83.3]})
+        assert (out.violations == []) is ok and ("its outcome lost" in "".join(
+            out.exceptions)) is ok, at
     # A moved reminder never sent is lost.
     statuses[REFS[B][2]] = {"status": "scheduled", "reason": ""}
     out = judge([move], REFS, {REFS[B][0]: [T0 + 18]}, statuses, no_store, OFFSETS, T0)
