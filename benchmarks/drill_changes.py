@@ -14,14 +14,18 @@ Then `judge` holds each changed booking's reminders to what the README promises:
   the drill's rule explains them), and if a copy arrived after the change committed, the
   store shows the delivery's attempt began before it did (an attempt log `sent` line whose
   "at" is before `committed`: the send was past its last check, "already on its way"). A
-  copy that arrived before the change of a reminder recorded cancelled or skipped needs the
-  store's evidence that its attempt's outcome went unrecorded (begun and never finished, or
-  of unknown outcome);
+  copy of a reminder recorded cancelled or skipped needs the store's evidence that its
+  attempt's outcome went unrecorded (begun and never finished: its worker was killed; or
+  of unknown outcome) and its hand-over at the sink (the SMTP MAIL command, the SMS post)
+  begun before the change returned: a killed attempt leaves no begin time in the store,
+  but it began before its hand-over did;
 - a moved booking's reminders: each sent exactly once; one accepted after the move
   committed arrived no earlier than its new due time (the new start plus its step's
   offset; the pump claims a reminder once it is due, no documented tolerance, so only
   MOVE_SLACK for the milliseconds of `starts_at`), unless its delivery's attempt began
-  before the move (it was on its way at the old time); those sent before stay sent. The
+  before the move, or it was handed over before the move returned by an attempt the store
+  shows never finished (on its way at the old time, its outcome lost to a kill: sent again
+  at the new time, a duplicate the drill's rule must explain); those sent before stay sent. The
   drill's protocol has no pause step and no invite and every SMS is after the visit, so
   the product sends no notice and no message again for a move or a cancel
   (worker/notices.py): any extra message is unexpected.

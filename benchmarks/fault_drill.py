@@ -72,11 +72,15 @@ changed bookings' timelines (the API's GET) and the store's attempt records: a c
 booking's reminders and an opted-out number's SMS are `cancelled`/`skipped` on the
 timeline with the change's reason and never arrived, or `sent` and arrived once (any
 copy accepted after the change returned needs a `sent` attempt line begun before it: a
-send already past its last check); a moved booking's reminders each arrived once, those
-accepted after the move no earlier than the new start plus their step's offset unless
-their delivery began before the move. The drill's protocol has no pause step nor invite
-and no SMS before the visit: a change sends no notice (worker/notices.py), and any extra
-message is unexpected. A message a change rightly stopped is not expected; the rest are.
+send already past its last check; a copy of one recorded cancelled or skipped needs an
+attempt the store shows never finished or of unknown outcome and its hand-over at the
+sink, SMTP MAIL or the SMS post, begun before the change returned); a moved booking's
+reminders each arrived once, those accepted after the move no earlier than the new start
+plus their step's offset unless their delivery began before the move (a `sent` line, or
+a hand-over before it by an attempt never finished). The drill's protocol has no pause
+step nor invite and no SMS before the visit: a change sends no notice
+(worker/notices.py), and any extra message is unexpected. A message a change rightly
+stopped is not expected; the rest are.
 
 Anything else fails the drill: a lost message, a broken change promise, a change never
 applied, a notice nobody documented, a
