@@ -556,6 +556,9 @@ def test_the_drill_gateway_fails_without_taking_anything_until_it_recovers():
                                                         "message": "SPF 30 today"})
             assert answer.status_code == 200 and sink.failing is None
         assert [m.to for m in sink.snapshot()] == ["+34600100001"] and sink.refused == 3
+        # When its hand-over began (the drill's evidence that an attempt began before it).
+        (taken,) = sink.snapshot()
+        assert 0 < taken.handed_at <= taken.at
         with pytest.raises(ValueError):
             sink.fail(400)  # an outage is a 5xx; a 4xx would be the provider refusing for good
     finally:
@@ -576,6 +579,8 @@ def test_the_drill_smtp_server_cuts_its_open_sessions_idle_or_mid_message():
     try:
         idle = smtplib.SMTP("127.0.0.1", sink.port, timeout=5)
         idle.sendmail("c@example.com", ["a@example.com"], message.format("before"))
+        (before,) = sink.snapshot()  # handed over from its MAIL command, then accepted
+        assert 0 < before.handed_at <= before.at
         mid = smtplib.SMTP("127.0.0.1", sink.port, timeout=5)
         mid.ehlo()
         assert mid.mail("c@example.com")[0] == 250 and mid.rcpt("b@example.com")[0] == 250
