@@ -1660,3 +1660,45 @@ def test_a_warm_shutdown_with_redis_down_ends_within_its_grace(tmp_path, gateway
             assert s["record"]["status"] == "sending" and s["ledger"] is None, (ref, s)
     finally:
         outage.close()
+
+
+# --- a message after the visit in flight while the visit moves ----------------------------
+# Found by the fault drill with changes (benchmarks/drill_changes.py): a moved booking's
+# post-visit email began its attempt while the move was being stored, was accepted, and its
+# finish, the version moved, recorded the delivery "beside the new plan"; the new plan's
+# reminder (rescheduled by the move: it was only "sending" then) went again at the new time.
+# A message being sent at the moment of a change counts as gone out (README), and a step
+# after the visit that went out is history: a move sends it again only when it is a message
+# before the visit whose new time is still ahead (`again_fields`), never one after it.
+AFTER_VISIT = PROTOCOL.replace('[advice]', '''[[steps]]
+id = "redness"
+offset = "2h"
+channels = ["sms"]
+template = "spf-morning"
+late = "send"
+[advice]''')
+
+
+def test_a_message_after_the_visit_in_flight_at_a_move_goes_once(tmp_path, redis_client,
+                                                                 gateway):
+    rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
+    ref = "rc/R-1/redness:sms"
+    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
+    gateway.hold = {phone(1)}
+    (claim,) = rig.claim(ref)  # made due now, as its time would
+    rig.hand([claim])
+    gateway.wait_held()  # at the gateway: begun, the provider has it
+    moved = rig.book(rig.doc(1, starts_in=timedelta(days=3)))  # moved while in flight
+    assert {r["id"]: r for r in moved["reminders"]}["redness:sms"]["status"] in (
+        "sending", "scheduled")
+    gateway.release(200)
+    wait_for(lambda: settled(rig, ref) and rig.state(ref)["log"])
+    rig.drain()
+    s = rig.state(ref)
+    assert len(gateway.to(phone(1))) == 1
+    # It went out: history, as if it had gone a moment before the move; nothing to send.
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"]) == (None, None), s
+    rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
+    assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
+    assert rig.store.timeline("rc", "R-1")["status"] != "cancelled"
