@@ -3253,6 +3253,9 @@ class Store:
         records = {k: stored.reminders.get(k, {})
                    for k in sorted(stored.reminders.keys() | planned_keys) if not is_notice(k)}
         result = self._reconcile(stored_booking, records, plan, doc, medications, release, now)
+        gone = _in_flight_gone(plan, records, booking.starts_at, now)
+        if gone:
+            result = replace(result, changes=[c for c in result.changes if c.key not in gone])
         last = max([r.due_at.timestamp() for r in plan.reminders]
                    + [booking.starts_at.timestamp()])
         keep = str(math.ceil(last + self.retention_seconds))
@@ -4911,6 +4914,32 @@ def _goes_again(
                 or r.status != Status.SCHEDULED or r.due_at <= now or r.due_at >= start
                 or _LATE in r.reason or record.get("status") != Status.SENT
                 or record.get("planned_epoch") == repr(r.due_at.timestamp()))
+
+
+def _in_flight_gone(
+    plan: Plan, stored: Mapping[str, Mapping[str, str]], start: datetime, now: datetime,
+) -> frozenset[str]:
+    """The keys of reminders at their provider now (sending) whose time the change moves and
+    that a move would not send again had they gone a moment before it: left as they are
+    (not rescheduled), for their attempt to decide. A message being sent at the moment of a
+    change counts as gone out: sent, it is history, as one sent before the change would be
+    (a step after the visit, at booking, of a series, late, or whose new time has passed is
+    not sent again for the new date); failed, it is retried as it was. Rescheduled, its
+    delivery was recorded beside the new plan (the version moved) and the new plan sent it
+    again at its new time. One that goes again for the new date (`_goes_again`,
+    `_repauses`) is rescheduled as before: its new time is the message again."""
+    pause, _ = parse_notice_steps(plan.notice_steps)
+    out = []
+    for r in plan.reminders:
+        record = stored.get(r.key, {})
+        if (record.get("status") != Status.SENDING or r.status != Status.SCHEDULED
+                or record.get("planned_epoch") == repr(r.due_at.timestamp())):
+            continue
+        as_sent = {**stored, r.key: {**record, "status": Status.SENT}}
+        if not (_goes_again(r, pause, as_sent, start, now)
+                or _repauses(r, pause, as_sent, now)):
+            out.append(r.key)
+    return frozenset(out)
 
 
 def again_keys(
