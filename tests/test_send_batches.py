@@ -1679,8 +1679,9 @@ late = "send"
 [advice]''')
 
 
+@pytest.mark.parametrize("answer", [200, 503])
 def test_a_message_after_the_visit_in_flight_at_a_move_goes_once(tmp_path, redis_client,
-                                                                 gateway):
+                                                                 gateway, answer):
     rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
     ref = "rc/R-1/redness:sms"
     rig.book(rig.doc(1, starts_in=timedelta(days=2)))
@@ -1689,16 +1690,21 @@ def test_a_message_after_the_visit_in_flight_at_a_move_goes_once(tmp_path, redis
     rig.hand([claim])
     gateway.wait_held()  # at the gateway: begun, the provider has it
     moved = rig.book(rig.doc(1, starts_in=timedelta(days=3)))  # moved while in flight
-    assert {r["id"]: r for r in moved["reminders"]}["redness:sms"]["status"] in (
-        "sending", "scheduled")
-    gateway.release(200)
-    wait_for(lambda: settled(rig, ref) and rig.state(ref)["log"])
+    new_due = {r["id"]: r for r in moved["reminders"]}["redness:sms"]["due_at"]
+    gateway.release(answer)
+    wait_for(lambda: rig.state(ref)["log"])
     rig.drain()
     s = rig.state(ref)
     assert len(gateway.to(phone(1))) == 1
-    # It went out: history, as if it had gone a moment before the move; nothing to send.
-    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
-    assert (s["due"], s["lease"]) == (None, None), s
-    rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
-    assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
-    assert rig.store.timeline("rc", "R-1")["status"] != "cancelled"
+    assert s["lease"] is None, s
+    if answer == 200:
+        # It went out: history, as if it had gone a moment before the move; nothing to send.
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert s["due"] is None and s["log"][-1]["result"] == "stale: recorded as sent", s
+        rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
+        assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
+    else:
+        # Refused: nothing went out; the moved plan sends it at its new time.
+        assert s["record"]["status"] == "scheduled" and s["record"]["version"] == "2", s
+        assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
+        assert s["ledger"] is None

@@ -897,6 +897,11 @@ local same_words = sent_planned ~= '' and tonumber(r[R_PLAN]) == tonumber(sent_p
   and template == sent_template
 local current = status == ST_SENDING and same_version and a[A_CLAIM] == claim
   and a[A_TOK] == token
+-- Being sent when a change moved it, a reminder a move does not send again: its delivery
+-- counts as its send (the booking's `gone`, "<key>@<version> ...", Store._in_flight_gone).
+local gone = outcome == 'sent' and not same_version and string.find(
+  ' ' .. (redis.call('HGET', bkey, 'gone') or '') .. ' ', ' ' .. key .. '@' .. version .. ' ',
+  1, true) ~= nil
 local overtaken = false  -- a skip, defer or failure for a booking changed since the begin
 -- The SMS cap at send time (`Store.send_caps_read`, worker/dispatch.py `_capped`): `guard`,
 -- what the decision read of the patient's SMS at the clinic; `by_email`, the instant of the
@@ -937,7 +942,8 @@ end
 local result
 if outcome == 'sent' and status == ST_SENT then
   result = 'already recorded as sent'
-elseif outcome == 'sent' and (same_version or same_words or not is_pending(status)) then
+elseif outcome == 'sent' and (same_version or same_words or gone or not is_pending(status))
+    then
   set_fields()
   r[R_ST] = ST_SENT
   a[A_SENTV] = version
@@ -3253,9 +3259,13 @@ class Store:
         records = {k: stored.reminders.get(k, {})
                    for k in sorted(stored.reminders.keys() | planned_keys) if not is_notice(k)}
         result = self._reconcile(stored_booking, records, plan, doc, medications, release, now)
-        gone = _in_flight_gone(plan, records, booking.starts_at, now)
-        if gone:
-            result = replace(result, changes=[c for c in result.changes if c.key not in gone])
+        # Reminders at their provider now that this change moves: should their attempt
+        # deliver, it counts as this reminder's send (`_in_flight_gone`, the finish script).
+        gone = " ".join(sorted(
+            [entry for entry in booking_fields.get("gone", "").split()
+             if stored.reminders.get(entry.rpartition("@")[0], {}).get("status") in PENDING]
+            + [f"{key}@{records[key].get('version', '')}"
+               for key in _in_flight_gone(plan, records, booking.starts_at, now)]))
         last = max([r.due_at.timestamp() for r in plan.reminders]
                    + [booking.starts_at.timestamp()])
         keep = str(math.ceil(last + self.retention_seconds))
@@ -3290,6 +3300,7 @@ class Store:
             "created_at": booking_fields.get("created_at") or stamp,
             "contacts": contacts,
             "late_pause": late,
+            "gone": gone,
             "ns": self._intern(plan.notice_steps, texts) if plan.notice_steps else "",
             # Held: the start the patient was told before the hold (a move while held says
             # nothing; its release tells it, `_told_start`). Nothing went out yet (held from
@@ -4918,16 +4929,17 @@ def _goes_again(
 
 def _in_flight_gone(
     plan: Plan, stored: Mapping[str, Mapping[str, str]], start: datetime, now: datetime,
-) -> frozenset[str]:
-    """The keys of reminders at their provider now (sending) whose time the change moves and
-    that a move would not send again had they gone a moment before it: left as they are
-    (not rescheduled), for their attempt to decide. A message being sent at the moment of a
-    change counts as gone out: sent, it is history, as one sent before the change would be
-    (a step after the visit, at booking, of a series, late, or whose new time has passed is
-    not sent again for the new date); failed, it is retried as it was. Rescheduled, its
-    delivery was recorded beside the new plan (the version moved) and the new plan sent it
-    again at its new time. One that goes again for the new date (`_goes_again`,
-    `_repauses`) is rescheduled as before: its new time is the message again."""
+) -> list[str]:
+    """The keys of reminders being sent now (claimed, maybe at their provider) whose time
+    the change moves and that a move would not send again had they gone a moment before it
+    (a step after the visit, at booking, of a series, late, or whose new time has passed:
+    not `_goes_again` nor `_repauses` with it as sent). The change reschedules them as any;
+    the booking's field `gone` notes "<key>@<version>" of each, and should that attempt
+    deliver after all, the finish records the delivery as the reminder's send: a message
+    being sent at the moment of a change counts as gone out, once (without the note it was
+    recorded beside the new plan, which sent it again at its new time). Should the attempt
+    fail, or never begin, the new plan's reminder goes at its new time. One that goes again
+    for the new date is not noted: its new time is the message again."""
     pause, _ = parse_notice_steps(plan.notice_steps)
     out = []
     for r in plan.reminders:
@@ -4939,7 +4951,7 @@ def _in_flight_gone(
         if not (_goes_again(r, pause, as_sent, start, now)
                 or _repauses(r, pause, as_sent, now)):
             out.append(r.key)
-    return frozenset(out)
+    return out
 
 
 def again_keys(
