@@ -1708,3 +1708,6 @@ def test_a_message_after_the_visit_in_flight_at_a_move_goes_once(tmp_path, redis
         assert s["record"]["status"] == "scheduled" and s["record"]["version"] == "2", s
         assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
         assert s["ledger"] is None
+        # The attempt that was in flight still counts (the move does not start the count
+        # afresh for it): a killed one leaves no log line, and only this count tells it began.
+        assert s["record"]["attempts"] == "1", s

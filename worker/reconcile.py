@@ -166,6 +166,10 @@ def reconcile_one(
     fields = record_fields(new, Status.SCHEDULED, new.reason)
     if old_status in PENDING:
         fields["reason"] = f"rescheduled: {new.reason}"
+    if old_status == Status.SENDING:
+        # Its attempt in flight counts: should it have reached the provider and its worker
+        # died, the attempt log shows no line for it, and only this count tells it began.
+        fields["attempts"] = stored.get("attempts", "0")
     if old_status == Status.FAILED:  # the clinic corrected the booking: try afresh
         fields["reason"] = f"booking changed, sending again: {new.reason}"
     return fields, "due"
