@@ -196,7 +196,10 @@ class DrillParams:
     stop_every: float = 15.0  # ...then one every this many seconds...
     worker_stops: int = 3  # ...this many in all, alternating workers (w2 first)
     stop_grace: float = 20.0  # REMINDERS_SHUTDOWN_GRACE_SECONDS
-    redis_kill_at: float = 25.0  # Redis SIGKILLed once, this long after the bookings
+    # Redis SIGKILLed once, this long after the bookings: not within a few seconds after a
+    # warm stop, whose worker must end within its grace (Celery hands unacknowledged
+    # messages back to the broker as it stops; with Redis down it waits for it).
+    redis_kill_at: float = 32.0
     smtp_down_at: float = 10.0  # the SMTP server goes down this long after the bookings...
     smtp_down_for: float = 30.0  # ...for this long
     smtp_down_cuts: int = 1  # 1: the outage also drops every open SMTP session as it starts
@@ -274,7 +277,7 @@ HELP = {
 # backlog's drain.
 QUICK = {"bookings": 60, "lead": 12.0, "spread": 10.0, "kill_first": 11.0, "kill_every": 6.0,
          "worker_kills": 2, "stop_first": 14.0, "worker_stops": 1, "stop_grace": 8.0,
-         "redis_kill_at": 16.0, "smtp_down_at": 15.0, "smtp_down_for": 10.0,
+         "redis_kill_at": 19.5, "smtp_down_at": 15.0, "smtp_down_for": 10.0,
          "smtp_cut_at": 27.0,
          "gateway_fail_at": 18.0, "gateway_fail_for": 8.0, "pool_first": 22.0, "pool_kills": 1,
          "lease_seconds": 12, "timeout": 150.0,
