@@ -71,6 +71,22 @@ OPT_OUTS = [
     # or distant demonstrative, or "de", before the texts was `unknown`
     "No quiero recibir estas notificaciones", "No me envíen estas notificaciones",
     "No me manden esas notificaciones", "No más de estos mensajes",
+    # a request whose verb is the keyword itself (review rev-patient): a sure word after "I
+    # would like to", "can you please", "yes I want to" and before nothing but "me", "from
+    # this list", courtesy words. They were `clarify` (the patient was told to reply STOP
+    # and kept getting texts), and "Yes I want to unsubscribe" `confirm` (the visit
+    # confirmed, "thank you, your visit is confirmed" the answer, the texts kept coming);
+    # "I want to unsubscribe" and "I want to opt out" opted out.
+    "I would like to opt out", "I would like to unsubscribe", "I'd like to unsubscribe please",
+    "I want to unsubscribe please", "Yes I want to unsubscribe", "Can you please unsubscribe me",
+    "Can you please unsubscribe me?", "Unsubscribe me from this list",
+    "Please unsubscribe me from your list", "Please opt me out of texts",
+    "I want to opt out of these texts", "I would like to stop please",
+    # "stop receiving / getting" the texts, as "stop sending me" the texts
+    "I would like to stop receiving these texts", "I want to stop receiving texts",
+    "I want to stop getting these messages",
+    # Spanish: "darme de baja" after "quiero", with courtesy words after
+    "Me quiero dar de baja", "Quiero darme de baja por favor gracias",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -100,6 +116,11 @@ NOT_OPT_OUTS = [
     ("No more retinol texts after the peel?", "unknown"),
     ("No more tretinoin, the texts said so", "unknown"),
     ("No quiero más de tres mensajes al día", "unknown"),
+    # a request with the keyword about something else, or a question holding STOP
+    ("Can I stop?", "clarify"), ("I would like to stop by on Friday", "clarify"),
+    ("I want to stop the cream", "clarify"), ("Can I opt out of the peel?", "clarify"),
+    ("I would like to unsubscribe from the newsletter", "clarify"),
+    ("Quiero darme de baja del gimnasio", "clarify"),
 ]
 
 
@@ -120,6 +141,8 @@ def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, inte
     ("Para de enviarme mensajes", "es"), ("Cancelar suscripción", "es"),
     ("Please don't send any more texts", "en"), ("Cancel my subscription", "en"),
     ("No more retinol reminders", "en"), ("No quiero recibir estas notificaciones", "es"),
+    ("Yes I want to unsubscribe", "en"), ("I would like to opt out", "en"),
+    ("Me quiero dar de baja", "es"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
