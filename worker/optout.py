@@ -57,6 +57,14 @@ In this order:
               nor a question going on past it ("No more texts after the peel?"): the
               phrases name the messages, so "Should I stop tretinoin tonight?" or "Is it
               ok to stop using SPF" never match one (they stay clarify).
+              (f) a request whose verb is a sure word: only a request's words before it
+              (as e), only "me", "from / of this list", the messages and courtesy words
+              after it: "I would like to opt out", "Can you please unsubscribe me?",
+              "Yes I want to unsubscribe", "Unsubscribe me from this list", "Me quiero
+              dar de baja". STOP and BAJA (words with other uses) not in a question: "Can
+              I stop?" asks about the cream; "Can I opt out of the peel?" and "I would
+              like to stop by on Friday" name something else. (d) takes "receiving" and
+              "getting" between: "I want to stop receiving these texts".
   start       the text begins with a word of START_WORDS and holds nothing but fillers and
               "again" ("START", "Unstop please", "Start again", "Alta"): not a sentence
               that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a high
@@ -144,7 +152,7 @@ FILLER_WORDS = MESSAGING_WORDS | frozenset({
 })
 # Words that may stand between a sure stop word and the messages it names (rule d).
 _BETWEEN = FILLER_WORDS | frozenset({
-    "THE", "YOUR", "THOSE", "ANY", "SEND", "SENT", "US", "FROM",
+    "THE", "YOUR", "THOSE", "ANY", "SEND", "SENT", "US", "FROM", "RECEIVING", "GETTING",
     "ENVIAR", "ENVIARME", "ENVIANDO", "MANDAR", "MANDARME", "MANDANDO", "TUS", "SUS", "EL",
     "LA", "ESTAS", "ESOS", "ESAS",
 })
@@ -295,6 +303,28 @@ REQUEST_WORDS = FILLER_WORDS | frozenset({
 _AFTER = frozenset({"ANYMORE", "AGAIN", "EVER", "PORFA", "NUNCA"})
 
 
+# Rule (f): a request whose verb is the keyword itself ("I would like to opt out", "Can
+# you please unsubscribe me?", "Unsubscribe me from this list", "Me quiero dar de baja").
+# Before the sure word, only a request's words (and Spanish "dar(me) de" before BAJA);
+# after it, only "me", "from / of this list", the messages and courtesy words: "I would
+# like to stop by on Friday", "Can I opt out of the peel?" name something else. STOP and
+# BAJA, words with other uses, not in a question: "Can I stop?" asks about the cream.
+_ASK_BEFORE = REQUEST_WORDS | frozenset({"DAR", "DARME", "DARNOS", "DARSE"})
+_ASK_AFTER = _BETWEEN | frozenset({"OF", "LIST", "MAILING"})
+_ASK_IN_QUESTIONS = SURE_STOP_WORDS - {"STOP", "BAJA"}
+
+
+def asked_opt_out(words: list[str], question: bool = False) -> bool:
+    """Whether the folded text asks, in a request, to opt out (rule f of the docstring)."""
+    for i, word in enumerate(words):
+        if not _sure_at(words, i) or (question and word not in _ASK_IN_QUESTIONS):
+            continue
+        if all(w in _ASK_BEFORE for w in words[:i]) and all(
+                w in _ASK_AFTER or w in STOP_WORDS for w in words[i + 1:]):
+            return True
+    return False
+
+
 def said_opt_out(words: list[str], question: bool = False) -> bool:
     """Whether the folded text is a natural-language opt-out (rule e of the docstring)."""
     text = " ".join(words)
@@ -314,7 +344,8 @@ def classify(body: str) -> Intent:
     if not words:
         return "unknown"
     question = "?" in body
-    if is_opt_out(words, question=question) or said_opt_out(words, question=question):
+    if is_opt_out(words, question=question) or said_opt_out(words, question=question) \
+            or asked_opt_out(words, question=question):
         return "stop"
     first = words[0]
     if first in START_WORDS and all(
