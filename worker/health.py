@@ -221,11 +221,37 @@ def error_name(exc: Exception) -> str:
 _DENIED_COMMAND = re.compile(r"no permissions to run the '([a-z|_-]{1,40})' command")
 
 
+# NOPERM for a key outside the user's key patterns, and a denial inside a Lua script, which
+# Redis 7 answers without the NOPERM code ("The user executing the script can't run this
+# command or subcommand script: <sha>, on @user_script:1.", "... can't access at least one
+# of the keys ...").
+_DENIED_KEY = re.compile(r"no permissions to access (?:a|one of the) key|"
+                         r"can't access at least one of the keys")
+_DENIED_IN_SCRIPT = re.compile(r"The user executing the script can't")
+
+
+def acl_denied(exc: Exception) -> bool:
+    """Whether `exc` is Redis's ACL denying the user a command, a key or a channel (NOPERM,
+    in a pipeline or a Lua script too): a deployment to fix, not a bug of ours."""
+    return isinstance(exc, redis.exceptions.NoPermissionError) or (
+        isinstance(exc, redis.ResponseError) and bool(_DENIED_IN_SCRIPT.search(str(exc))))
+
+
 def error_detail(exc: Exception) -> str:
-    """`error_name`, and for NOPERM the command the ACL denies ("NoPermissionError: 'ping'
-    denied"): what ops must grant. Never the user's name, a key or an argument."""
-    found = _DENIED_COMMAND.search(str(exc))
-    return error_name(exc) + (f": '{found.group(1)}' denied" if found else "")
+    """`error_name`, and for NOPERM what the ACL denies ("NoPermissionError: 'ping'
+    denied", "NoPermissionError: a key denied", "NOPERM in a Lua script"): what ops must
+    grant. Never the user's name, a key or an argument."""
+    text = str(exc)
+    found = _DENIED_COMMAND.search(text)
+    if found:
+        return error_name(exc) + f": '{found.group(1)}' denied"
+    if _DENIED_IN_SCRIPT.search(text):
+        what = "a key" if _DENIED_KEY.search(text) else "a command or a key"
+        return f"{error_name(exc)} NOPERM: {what} of a Lua script denied (grant @scripting's " \
+               "commands and the key prefix's keys)"
+    if _DENIED_KEY.search(text):
+        return error_name(exc) + ": a key denied (the ACL user's key patterns)"
+    return error_name(exc)
 
 
 # --- beat's heartbeat -------------------------------------------------------------------

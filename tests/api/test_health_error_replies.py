@@ -73,7 +73,10 @@ def warnings_of(caplog, route: str) -> list[str]:
 @pytest.mark.parametrize("lacking, routes", [
     ("ping", ("/readyz", "/healthz")),  # the first command of both
     ("set", ("/readyz", "/healthz")),  # the write probe
-    ("time", ("/healthz",)),  # the heartbeat's age, by Redis's clock
+    # the heartbeat's age, by Redis's clock; and the rate limiter's script, which both run
+    # since (tests/api/test_review_ops_noperm.py), calls it: Redis 7.0 names no command
+    # denied in a script, only that one is
+    ("time", ("/readyz", "/healthz")),
     ("hgetall", ("/healthz",)),  # the heartbeat
     ("zrange", ("/healthz",)),  # the oldest due reminder
 ])
@@ -85,11 +88,15 @@ def test_noperm_is_503_naming_the_error(serve, beating, caplog, lacking, routes)
         if route not in routes:  # a route that does not run the command is unaffected
             assert answer.status_code == 200, (route, answer.text)
             continue
-        assert_not_ready(answer, beating, "NoPermissionError")
-        assert f"'{lacking}' denied" in answer.json()["status"], answer.text  # what to grant
+        in_script = lacking == "time"  # the limiter's, the first to call it
+        assert_not_ready(answer, beating, "ResponseError NOPERM" if in_script
+                         else "NoPermissionError")
+        denied = "of a Lua script denied" if in_script else f"'{lacking}' denied"
+        assert denied in answer.json()["status"], answer.text  # what to grant
         said = warnings_of(caplog, route)
         assert len(said) == 1, (route, [r.getMessage() for r in caplog.records])
-        assert "NoPermissionError" in said[0] and f"'{lacking}'" in said[0], said
+        assert "NOPERM" in said[0] or "NoPermissionError" in said[0], said
+        assert denied in said[0], said
         assert PASSWORD not in said[0] and str(beating.port) not in said[0], said
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 

@@ -17,8 +17,10 @@ asks for (NOREPLICAS), or a replica between masters that serves no stale data
 (MASTERDOWN: a failover's old master, which refuses reads too, before they run). A Lua
 script or MULTI refused so is refused at its first write and changes nothing, and the
 routes' writes are idempotent (PUT, DELETE, release, batch, STOP): the request may be
-sent again as it is. Any other error reply from Redis
-is a bug, a 500.
+sent again as it is. Redis's ACL denying its user a command or a key a route runs
+(NOPERM) is the deployment's to fix: 503 with Retry-After too, logged at ERROR naming the
+route and the command denied (never the user or the message); the request may be sent
+again as it is once ops have granted it. Any other error reply from Redis is a bug, a 500.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..health import refused_write
+from ..health import acl_denied, error_detail, refused_write
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_AFTER_SECONDS = 5
@@ -170,9 +172,11 @@ async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _redis_refuses(_: Request, exc: Exception) -> JSONResponse:
+async def _redis_refuses(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, redis.ResponseError)
     why = refused_write(exc)
+    if why is None and acl_denied(exc):
+        return _acl_denied(request, exc)
     if why is None:
         raise exc  # any other error reply: a bug, the catch-all's 500
     # Never the message: a pipeline's names the command and its arguments.
@@ -182,6 +186,24 @@ async def _redis_refuses(_: Request, exc: Exception) -> JSONResponse:
             503,
             "the schedule store (Redis) refuses writes (out of memory, it cannot "
             "persist, or a failover is under way); send the request again shortly",
+            headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)},
+        )
+    )
+
+
+def _acl_denied(request: Request, exc: redis.ResponseError) -> JSONResponse:
+    """Redis's ACL user lacks a permission a route needs (NOPERM): the deployment's to fix,
+    not the request's nor a bug of ours. 503 with Retry-After (send it again once ops have
+    granted it), and one ERROR line naming the route and what is denied: never the message,
+    which names the user, and a pipeline's the command's arguments."""
+    log.error("%s %s: Redis denies a command this service needs (%s): grant it to the ACL "
+              "user of REMINDERS_REDIS_URL", request.method, request.url.path,
+              error_detail(exc))
+    return error_response(
+        ApiError(
+            503,
+            "the schedule store (Redis) denies a command this service needs (a permission "
+            "its ACL user lacks); ops are told: send the request again later",
             headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)},
         )
     )

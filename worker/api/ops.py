@@ -10,8 +10,10 @@ the api service: an API is worth serving while beat is down). Both answer 503 wi
 `Retry-After` when not; `"redis": "refuses writes"` when Redis answers but refuses writes
 (OOM under `noeviction`, MISCONF, a read-only replica): every keyed route writes first
 (the rate limiter's token), so the API then serves no clinic request, reads included.
-Writes are probed with a short-lived key, `P:health:api`. Any other error reply to a check's
-command (NOPERM: the ACL user lacks it; WRONGTYPE...) is a 503 too, `"redis": "error"`,
+Writes are probed with a short-lived key, `P:health:api`, and the rate limiter's Lua script
+(on its own bucket, `P:ratelimit:health-probe`), which every keyed request runs first. Any
+other error reply to a check's command (NOPERM: the ACL user lacks it, `@scripting` say;
+WRONGTYPE...) is a 503 too, `"redis": "error"`,
 naming the error (and the command NOPERM denies), logged at WARNING. A Redis reading its
 data back at start (LOADING) is "unreachable" too, its status saying it is loading.
 When they answer 200 both add
@@ -32,7 +34,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from ..durability import findings_of
-from ..health import LOADING, REFUSAL_CAUSE, check, error_detail, write_refusal
+from ..health import LOADING, REFUSAL_CAUSE, check, error_detail, refused_write, write_refusal
 from .errors import REDIS_RETRY_AFTER_SECONDS
 from .metrics import CONTENT_TYPE
 from .schemas import Health
@@ -55,11 +57,26 @@ def pump_lag_limit(pump_interval_seconds: float) -> float:
     return max(30.0, 10 * pump_interval_seconds)
 
 
+# The rate limiter's bucket the checks take a token of: what every keyed request runs first.
+PROBE_KEY_ID = "health-probe"
+
+
 def refuses_writes(svc: Svc) -> str | None:
     """Which refusal of writes Redis answers ("OOM", "MISCONF", "READONLY", "NOREPLICAS"),
     or None when it answers PING and takes a small write (worker/health.py
-    `write_refusal`, which `reminders health --role api` asks too)."""
-    return write_refusal(svc.redis, svc.settings.key_prefix)
+    `write_refusal`, which `reminders health --role api` asks too), and runs the rate
+    limiter's Lua script, which every keyed request runs first: an ACL user without
+    `@scripting` (a "+@read +@write" user) answers PING and SET, but no clinic request
+    (NOPERM, raised: `_error_reply`)."""
+    if why := write_refusal(svc.redis, svc.settings.key_prefix):
+        return why
+    try:
+        svc.limiter.take(PROBE_KEY_ID)
+    except redis.ResponseError as exc:
+        if (why := refused_write(exc)) is None:
+            raise
+        return why
+    return None
 
 
 def _unreachable(exc: redis.RedisError) -> JSONResponse:
