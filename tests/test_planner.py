@@ -851,6 +851,19 @@ def test_cli_plan_refuses_an_invalid_booking_naming_every_bad_field(tmp_path, bo
     assert "stop-retinoids" not in done.stdout
 
 
+def test_cli_plan_json_of_one_refused_booking_prints_no_timeline(tmp_path, booking_doc):
+    # One booking in, refused: `plan --json` printed `[]`, a list where the one booking's
+    # timeline is an object (`jq .reminders` fails on it, a script reads "planned nothing").
+    # As `book --json`: nothing on stdout, the refusal on stderr, exit 1 (review).
+    booking_doc["patient"]["phone"] = "600111222"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(booking_doc), encoding="utf-8")
+    done = reminders("plan", *NOW_ARG, "--json", str(path))
+    assert done.returncode == 1, done.stderr
+    assert "patient.phone" in done.stderr
+    assert done.stdout == "", done.stdout
+
+
 def test_cli_plan_refuses_a_visit_in_the_past():
     done = reminders("plan", "--now", "2027-01-01T00:00:00Z", "examples/booking.json")
     assert done.returncode != 0
