@@ -105,8 +105,11 @@ def plan_files(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(render_table(timeline, checked.booking.patient.timezone))
             print()
-    if args.json:
-        print(json.dumps(out[0] if source.single and out else out, indent=2, ensure_ascii=False))
+    if args.json and source.single:  # its timeline, or (refused) nothing, as `book --json`
+        if out:
+            print(json.dumps(out[0], indent=2, ensure_ascii=False))
+    elif args.json:  # the timelines of those accepted; each refusal on stderr, exit 1
+        print(json.dumps(out, indent=2, ensure_ascii=False))
     return status
 
 
