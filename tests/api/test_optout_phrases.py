@@ -87,6 +87,15 @@ OPT_OUTS = [
     "I want to stop getting these messages",
     # Spanish: "darme de baja" after "quiero", with courtesy words after
     "Me quiero dar de baja", "Quiero darme de baja por favor gracias",
+    # an opt-out after a confirmation or an assent (review rev-patient): "Sí, no más
+    # mensajes" was `confirm` while "Yes, no more texts" opted out; "Confirmed, but no more
+    # texts" confirmed the visit, and the texts kept coming. Stop wins, as in "C stop".
+    "Confirmed. No more texts please", "Confirmed, but no more texts", "C. No more texts",
+    "Sí, no más mensajes", "Si, pero no más mensajes por favor", "Sí, BAJA",
+    "Confirmo, pero no me manden más mensajes",
+    # after "vale" / "perfecto" / "great" (courtesy words as "ok" and "thanks" are)
+    "Vale gracias, BAJA", "Perfecto, baja por favor", "Vale, no más mensajes",
+    "Great thanks, can you unsubscribe me?",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -121,6 +130,7 @@ NOT_OPT_OUTS = [
     ("I want to stop the cream", "clarify"), ("Can I opt out of the peel?", "clarify"),
     ("I would like to unsubscribe from the newsletter", "clarify"),
     ("Quiero darme de baja del gimnasio", "clarify"),
+    ("C you tomorrow, no more texts needed after", "unknown"),
 ]
 
 
@@ -134,6 +144,13 @@ def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, inte
     assert classify(body) == intent, body
 
 
+def test_si_without_a_comma_or_an_accent_is_if_not_an_assent():
+    """"Si no me mandan mensajes, llamo yo": "if you send me no messages, I will call" (the
+    words of an opt-out after "si", which is "yes" only as "sí" or "si," before them)."""
+    assert classify("Si no me mandan mensajes llamo yo") != "stop"
+    assert classify("si no me envian mensajes como se la hora") != "stop"
+
+
 @pytest.mark.parametrize("body,locale", [
     ("No more texts", "en"), ("don't text me", "en"), ("remove me from your list", "en"),
     ("leave me alone", "en"), ("no más mensajes", "es"), ("no me envíen mensajes", "es"),
@@ -142,7 +159,8 @@ def test_a_question_or_a_phrase_in_another_sentence_is_not_an_opt_out(body, inte
     ("Please don't send any more texts", "en"), ("Cancel my subscription", "en"),
     ("No more retinol reminders", "en"), ("No quiero recibir estas notificaciones", "es"),
     ("Yes I want to unsubscribe", "en"), ("I would like to opt out", "en"),
-    ("Me quiero dar de baja", "es"),
+    ("Me quiero dar de baja", "es"), ("Sí, no más mensajes", "es"),
+    ("Confirmed, but no more texts", "en"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
