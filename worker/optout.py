@@ -36,7 +36,8 @@ In this order:
               pressure, "Baja la fiebre" says the fever goes down.
               (e) natural language (FCC 24-18: opt-out "by any reasonable means"): the
               text holds a phrase of OPT_OUT_PHRASES with only courtesy words or a
-              request opener (REQUEST_WORDS: "can you", "I want", "please", "yes", "but") before it,
+              request opener (REQUEST_WORDS: "can you", "I want", "please", "yes", "but",
+              "confirmed") before it,
               and, if it asks a question, only courtesy words after it:
                 en  no more <texts>; don't / do not / never text|message|contact me;
                     don't send (me) <texts>; don't want (to receive|get) <texts>; don't
@@ -65,6 +66,9 @@ In this order:
               I stop?" asks about the cream; "Can I opt out of the peel?" and "I would
               like to stop by on Friday" name something else. (d) takes "receiving" and
               "getting" between: "I want to stop receiving these texts".
+              Each rule also past an opening assent: "Sí" (accented), or "Si" / "C" before
+              a comma or a stop ("Sí, no más mensajes", "C. No more texts"); "si" run on is
+              "if" ("Si no me mandan mensajes llamo yo"). Stop wins over the confirmation.
   start       the text begins with a word of START_WORDS and holds nothing but fillers and
               "again" ("START", "Unstop please", "Start again", "Alta"): not a sentence
               that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a high
@@ -149,6 +153,8 @@ FILLER_WORDS = MESSAGING_WORDS | frozenset({
     "THIS", "THESE", "THEM", "SENDING", "OK", "OKAY", "NO", "MORE",
     "POR", "FAVOR", "GRACIAS", "YA", "TODO", "TODOS", "TODAS", "LOS", "LAS", "MAS", "MUCHAS",
     "DE", "ESTO", "ESTOS", "HI", "HELLO", "HEY", "HOLA",
+    # "OK" in other words: "Vale gracias, BAJA", "Great thanks, can you unsubscribe me?"
+    "VALE", "PERFECTO", "GREAT",
 })
 # Words that may stand between a sure stop word and the messages it names (rule d).
 _BETWEEN = FILLER_WORDS | frozenset({
@@ -296,6 +302,8 @@ REQUEST_WORDS = FILLER_WORDS | frozenset({
     # more texts"): else the first word made it a visit confirmation, the number kept
     # getting texts and the answer did not say how to stop. (Not SI: also "if" in Spanish.)
     "YES", "YEAH", "YEP", "BUT",
+    # A confirmation before it ("Confirmed, but no more texts"): stop wins, as in "C stop".
+    "CONFIRM", "CONFIRMED", "CONFIRMO", "CONFIRMADO",
 })
 
 # What may follow a phrase in a question, besides courtesy words ("Could you not text me
@@ -338,14 +346,26 @@ def said_opt_out(words: list[str], question: bool = False) -> bool:
     return False
 
 
+# An assent that opens a text: "Sí" (accented), or "Si" / "C" before a comma or a stop
+# ("Sí, no más mensajes", "C. No more texts"). Not "si" run on: it is also "if" ("Si no me
+# mandan mensajes, llamo yo" says if they send none, the patient calls).
+_ASSENT = re.compile(r"[\s\u00a1]*(?:s\u00ed\b|(?:si|c)\s*[,.;:!])", re.IGNORECASE)
+
+
+def _opts_out(words: list[str], question: bool) -> bool:
+    return (is_opt_out(words, question=question) or said_opt_out(words, question=question)
+            or asked_opt_out(words, question=question))
+
+
 def classify(body: str) -> Intent:
     """Return what an inbound text asks for (see the module docstring)."""
     words = fold(body)
     if not words:
         return "unknown"
     question = "?" in body
-    if is_opt_out(words, question=question) or said_opt_out(words, question=question) \
-            or asked_opt_out(words, question=question):
+    if _opts_out(words, question) or (
+            len(words) > 1 and _ASSENT.match(unicodedata.normalize("NFC", body))
+            and _opts_out(words[1:], question)):
         return "stop"
     first = words[0]
     if first in START_WORDS and all(
