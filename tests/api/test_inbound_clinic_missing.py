@@ -154,3 +154,42 @@ def test_a_booking_whose_protocol_file_is_missing_is_503_to_send_again(server, t
     protocol.write_text(content, encoding="utf-8")  # back
     time.sleep(1.2)
     assert tw.put("/v1/bookings/N-1", json=doc).status_code == 201
+
+
+def test_a_key_of_a_clinic_config_lacks_at_start_is_403_not_a_booking_to_fix(serve, tmp_path,
+                                                                              caplog):
+    """A clinic removed from config/ (its keys not revoked) after the API restarts: its PUT
+    and batch answered 422 `invalid_booking`, "clinic: unknown clinic 'tw'", blaming a field
+    the clinic never sent (the clinic is the key's) and telling its system the booking is
+    wrong: the answer the 503 above keeps it from while the API still knew the file. Now 403
+    `forbidden` naming the clinic as not configured, nothing stored, and one WARNING for
+    ops to revoke its keys; its release too. Reads of what it left are answered as before."""
+    import logging
+
+    from tests.api.conftest import future_booking
+    from tests.api.test_inbound import write_config
+
+    config = write_config(tmp_path / "config")
+    (config / "clinics" / "tw.toml").unlink()  # removed before this API process started
+    started = serve(config_dir=config, data_dir=tmp_path / "data")
+    store = started.app.state.services.store
+    key = started.issue_key("tw")
+    before = sorted(store.redis.keys("*"))
+    doc = future_booking("N-1", clinic="tw")
+    with started.client(key) as clinic, caplog.at_level(logging.INFO):
+        answers = [clinic.put("/v1/bookings/N-1", json=doc),
+                   clinic.post("/v1/bookings:batch", json={"bookings": [doc]}),
+                   clinic.post("/v1/bookings/N-1/release")]
+        read = clinic.get("/v1/bookings/N-1")
+    for answer in answers:
+        assert answer.status_code == 403, (answer.request.url, answer.text)
+        error = answer.json()["error"]
+        assert error["code"] == "forbidden" and "fields" not in error, error
+        assert "'tw' is not configured" in error["message"], error
+    assert read.status_code == 404, read.text  # none of its bookings: as any missing one
+    # nothing stored (the store's layout mark, the limiter's buckets aside)
+    kept = [k for k in sorted(store.redis.keys("*"))
+            if ":ratelimit:" not in k and k != "reminders:layout"]
+    assert kept == [k for k in before if ":ratelimit:" not in k and k != "reminders:layout"]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([s for s in said if "'tw'" in s and "revoke" in s]) == 3, said
