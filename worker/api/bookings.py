@@ -106,12 +106,22 @@ def _configured(clinic: str, svc: Services) -> None:
     """Refuse (503, to send again) a write for a clinic whose file is missing from config/
     as read now but was there a moment ago (`Catalog.former`: a deploy rewriting config/):
     the key says the clinic is real, and "unknown clinic" (422) would tell its system the
-    booking is wrong and not to send it again. Nothing is planned without its config."""
-    if clinic not in svc.catalog.clinics and clinic in svc.catalog.former:
+    booking is wrong and not to send it again. Nothing is planned without its config. A
+    clinic this process never had in config/ (removed, its keys not revoked) is refused
+    403, logged at WARNING for ops."""
+    if clinic in svc.catalog.clinics:
+        return
+    if clinic in svc.catalog.former:
         raise ApiError(503, f"clinic {clinic!r}'s configuration is not readable right now "
                             "(its file is being rewritten in config/); nothing was stored: "
                             "send the request again shortly",
                        headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)})
+    # Not configured since this process started (a clinic removed; its keys not revoked):
+    # not the booking's fault, so no 422 blaming a `clinic` field the key supplied.
+    log.warning("a key of clinic %r, which config/ does not have, asked to write; revoke "
+                "its keys (reminders keys revoke) or restore its file", clinic)
+    raise ApiError(403, f"clinic {clinic!r} is not configured on this service; nothing was "
+                        "stored: ask the service's operators")
 
 
 def _timeline_response(timeline: dict[str, Any], status: int = 200) -> JSONResponse:
@@ -144,7 +154,7 @@ async def _batch_body(request: Request, svc: Svc) -> Any:
                201: {"model": Timeline, "description": "created", "headers": {
                    **_TIMELINE_HEADERS, "Location": {"description": "the booking's URL",
                                                      "schema": {"type": "string"}}}},
-               **_BAD_IF_MATCH, **error_responses(401, 412, 413, 415, 422, 429, 503)},
+               **_BAD_IF_MATCH, **error_responses(401, 403, 412, 413, 415, 422, 429, 503)},
     openapi_extra=_request_body("BookingIn"),
 )
 def put_booking(
@@ -222,7 +232,7 @@ def cancel_booking(
     summary="Release a held booking after the clinic's review",
     response_model=None,
     responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
-               **error_responses(401, 404, 409, 422, 429, 503)},
+               **error_responses(401, 403, 404, 409, 422, 429, 503)},
 )
 def release_booking(
     booking_id: str,
@@ -343,7 +353,8 @@ def _matches(summary: dict[str, Any], status: str | None, starts_from: datetime 
     "/bookings:batch",
     summary="Create or update up to 1,000 bookings, each answered on its own",
     response_model=None,
-    responses={200: {"model": BatchResult}, **error_responses(401, 413, 415, 422, 429, 503)},
+    responses={200: {"model": BatchResult},
+               **error_responses(401, 403, 413, 415, 422, 429, 503)},
     openapi_extra=_request_body("BatchIn"),
 )
 def batch_bookings(

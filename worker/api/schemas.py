@@ -171,6 +171,7 @@ class Health(BaseModel):
 
 ERROR_DESCRIPTIONS = {
     401: "no API key, or not a valid one (WWW-Authenticate says so)",
+    403: "the key's clinic is not configured on this service (nothing stored)",
     404: "no such booking (or dead letter) for this clinic",
     409: "the booking is not in a state that allows this",
     412: "If-Match does not name the current version",
