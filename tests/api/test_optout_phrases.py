@@ -96,6 +96,18 @@ OPT_OUTS = [
     # after "vale" / "perfecto" / "great" (courtesy words as "ok" and "thanks" are)
     "Vale gracias, BAJA", "Perfecto, baja por favor", "Vale, no más mensajes",
     "Great thanks, can you unsubscribe me?",
+    # consent revoked in so many words (FCC 24-18 is the rule on revoking consent), "remove
+    # me", "this number", "do not contact" (review rev-patient): `clarify` or `unknown`,
+    # and the texts kept coming
+    "Revoke consent", "I revoke my consent", "I revoke consent to receive texts",
+    "I withdraw my consent", "Revoco mi consentimiento", "Retiro mi consentimiento",
+    "remove me", "Please remove me", "Remove me please", "Please remove this number",
+    "Take this number off your list", "Delete this number", "Do not contact",
+    "Please do not contact this number", "Basta de mensajes", "Basta ya de mensajes",
+    # a last sentence that is a sure keyword alone, after a question or a remark: a wrong
+    # number, mostly (`clarify`: the texts kept coming)
+    "Who is this? Stop", "I am not a patient, stop", "This number is not Ana, please stop",
+    "Wrong number. STOP", "No conozco a Ana. BAJA",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -131,6 +143,13 @@ NOT_OPT_OUTS = [
     ("I would like to unsubscribe from the newsletter", "clarify"),
     ("Quiero darme de baja del gimnasio", "clarify"),
     ("C you tomorrow, no more texts needed after", "unknown"),
+    # consent to something else; a removal of something else; a question ending on STOP
+    ("I want to withdraw consent for the procedure", "unknown"),
+    ("Please remove my appointment", "unknown"),
+    ("remove me from the waiting list please", "unknown"),
+    ("Is the redness normal? When should I stop?", "clarify"),
+    ("My skin burns, should I stop", "clarify"),
+    ("I don't know when to stop", "clarify"),
 ]
 
 
@@ -160,7 +179,8 @@ def test_si_without_a_comma_or_an_accent_is_if_not_an_assent():
     ("No more retinol reminders", "en"), ("No quiero recibir estas notificaciones", "es"),
     ("Yes I want to unsubscribe", "en"), ("I would like to opt out", "en"),
     ("Me quiero dar de baja", "es"), ("Sí, no más mensajes", "es"),
-    ("Confirmed, but no more texts", "en"),
+    ("Confirmed, but no more texts", "en"), ("I revoke my consent", "en"),
+    ("Who is this? Stop", "en"), ("remove me", "en"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
