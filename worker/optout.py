@@ -41,14 +41,17 @@ In this order:
               and, if it asks a question, only courtesy words after it:
                 en  no more <texts>; don't / do not / never text|message|contact me;
                     don't send (me) <texts>; don't want (to receive|get) <texts>; don't
-                    want you to text|message|contact|send me; remove|take me off|from
-                    your|the list; remove|delete|lose my (phone) number; cancel|end (my)
-                    subscription; leave me alone
+                    want you to text|message|contact|send me; remove|take me|this number
+                    off|from your|the list; remove|delete|lose my|this (phone) number;
+                    cancel|end (my) subscription; leave me alone; and as the whole text
+                    (courtesy words after): remove me; don't contact (this number);
+                    revoke|withdraw (my) consent (to receive <texts>) (FCC 24-18)
                 es  no (quiero|deseo (recibir)) (mas) <mensajes>; no (quiero que) me
                     envien|manden|escriban (mas) (<mensajes>); no envien|mandar (mas)
                     <mensajes>; dejen|deja|paren|para de enviarme|mandarme|escribirme;
                     borrenme|quitenme|eliminenme|sacarme de la|su lista; borren|eliminen|
-                    quiten mi numero|telefono; cancelar (mi|la) suscripcion; dejenme en paz
+                    quiten mi numero|telefono; cancelar (mi|la) suscripcion; dejenme en paz;
+                    basta (ya) de <mensajes>; revoco|retiro mi consentimiento (whole text)
               (<texts>: a messaging word, perhaps just after a product the reminders
               name: "No more retinol reminders", as "Stop tretinoin texts")
               ("No more texts", "Please don't text me anymore", "Can you remove me from
@@ -69,6 +72,10 @@ In this order:
               Each rule also past an opening assent: "Sí" (accented), or "Si" / "C" before
               a comma or a stop ("Sí, no más mensajes", "C. No more texts"); "si" run on is
               "if" ("Si no me mandan mensajes llamo yo"). Stop wins over the confirmation.
+              (g) the text's last sentence is a sure word with courtesy words only, and
+              the text does not end in a question: "Who is this? Stop", "I am not a
+              patient, stop" (a wrong number, mostly); not "When should I stop?", "I
+              don't know when to stop".
   start       the text begins with a word of START_WORDS and holds nothing but fillers and
               "again" ("START", "Unstop please", "Start again", "Alta"): not a sentence
               that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a high
@@ -263,11 +270,13 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
 _MSG = ("(?:(?:" + "|".join(sorted(CARE_WORDS)) + ") )?(?:" + "|".join(sorted(MESSAGING_WORDS))
         + ")")
 _NOT = "(?:DON T|DONT|DO NOT|NEVER)"
+# The end of the text, perhaps after courtesy words ("Remove me please").
+_END = "(?:(?: (?:PLEASE|PLS|PLZ|NOW|THANKS|THANK YOU|THX|POR FAVOR|GRACIAS|YA))*$)"
 _SMALL = ("(?:(?:ANY|MORE|OF|YOUR|THESE|THOSE|THE|THIS|YA|LOS|LAS|ESTOS|ESTAS|ESOS|ESAS|SUS|"
           "TUS|MAS|DE) )*")
 OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on either side
     "(?<![^ ])(?:" + p.replace("{msg}", _MSG).replace("{not}", _NOT).replace("{small}", _SMALL)
-    + ")(?![^ ])") for p in (
+    .replace("{end}", _END) + ")(?![^ ])") for p in (
     # en
     r"NO MORE {small}{msg}",
     r"{not} (?:TEXT|MESSAGE|SMS|CONTACT) ME",
@@ -275,10 +284,17 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     r"{not} (?:SEND(?: ME)?|WANT|NEED) (?:TO (?:RECEIVE|GET) )?{small}{msg}(?! TO)",
     r"{not} WANT YOU TO (?:TEXT|MESSAGE|SMS|CONTACT|SEND) ME",
     r"(?:CANCEL|END) (?:MY |THE |THIS )?SUBSCRIPTION",
-    r"(?:REMOVE|TAKE) ME (?:OFF|FROM|OFF OF) (?:YOUR|THE|THIS|THAT) "
+    r"(?:REMOVE|TAKE) (?:ME|THIS NUMBER) (?:OFF|FROM|OFF OF) (?:YOUR|THE|THIS|THAT) "
     r"(?:(?:TEXT|TEXTING|SMS|MAILING|CONTACT|MESSAGING) )?LIST",
-    r"(?:REMOVE|DELETE|LOSE) MY (?:PHONE |MOBILE |CELL )?NUMBER",
+    r"(?:REMOVE|DELETE|LOSE) (?:MY|THIS) (?:PHONE |MOBILE |CELL )?NUMBER",
     r"LEAVE ME ALONE",
+    # "remove me", "do not contact (this number)" as the whole request: not "remove me
+    # from the waiting list", "don't contact me about the photos" is the phrase above
+    r"(?:REMOVE ME|{not} CONTACT(?: THIS NUMBER)?)(?={end})",
+    # consent revoked (FCC 24-18), to the messages or as a whole: not "withdraw consent
+    # for the procedure"
+    r"(?:REVOKE|WITHDRAW|REVOKING|WITHDRAWING) (?:MY |ALL |THE |YOUR )?CONSENT"
+    r"(?: (?:TO|FOR) (?:(?:RECEIVE|RECEIVING|GET|GETTING) )?{small}{msg})?(?={end})",
     # es
     r"NO (?:(?:QUIERO|DESEO) (?:RECIBIR )?)?MAS {small}{msg}",
     r"NO (?:QUIERO|DESEO) (?:RECIBIR )?{small}{msg}",  # ({small} holds MAS, ESTOS ...)
@@ -292,6 +308,9 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     r"(?:NUMERO|TELEFONO|MOVIL|CELULAR)",
     r"(?:CANCELAR|ANULAR) (?:MI |LA |ESTA )?SUSCRIPCION",
     r"DEJENME EN PAZ",
+    r"BASTA (?:YA )?DE {small}{msg}",
+    r"(?:REVOCO|RETIRO|REVOCAR|RETIRAR) (?:MI |EL )?CONSENTIMIENTO"
+    r"(?: (?:PARA|DE) (?:RECIBIR )?{small}{msg})?(?={end})",
 ))
 # What may come before a phrase: courtesy words and the words of a request ("Can you
 # please", "I would like you to", "Por favor, ya").
@@ -352,6 +371,23 @@ def said_opt_out(words: list[str], question: bool = False) -> bool:
 _ASSENT = re.compile(r"[\s\u00a1]*(?:s\u00ed\b|(?:si|c)\s*[,.;:!])", re.IGNORECASE)
 
 
+# Rule (g): the last sentence of a text is a sure keyword with courtesy words only ("Who is
+# this? Stop", "I am not a patient, stop": a wrong number, mostly); not a question ("When
+# should I stop?"), nor a sentence ending on the word ("I don't know when to stop").
+_SENTENCES = re.compile(r"[.,;:!?\u00a1\u00bf\n]+")
+
+
+def _ends_with_a_keyword(body: str) -> bool:
+    if body.rstrip().endswith("?"):
+        return False
+    parts = [p for p in _SENTENCES.split(body) if p.strip()]
+    if len(parts) < 2:
+        return False  # one sentence: rules a-f decided
+    last = fold(parts[-1])
+    return bool(last) and any(_sure_at(last, i) for i in range(len(last))) and all(
+        w in SURE_STOP_WORDS or w in FILLER_WORDS for w in last)
+
+
 def _opts_out(words: list[str], question: bool) -> bool:
     return (is_opt_out(words, question=question) or said_opt_out(words, question=question)
             or asked_opt_out(words, question=question))
@@ -365,7 +401,7 @@ def classify(body: str) -> Intent:
     question = "?" in body
     if _opts_out(words, question) or (
             len(words) > 1 and _ASSENT.match(unicodedata.normalize("NFC", body))
-            and _opts_out(words[1:], question)):
+            and _opts_out(words[1:], question)) or _ends_with_a_keyword(body):
         return "stop"
     first = words[0]
     if first in START_WORDS and all(

@@ -149,7 +149,7 @@ NOT_OPT_OUTS = [
     ("remove me from the waiting list please", "unknown"),
     ("Is the redness normal? When should I stop?", "clarify"),
     ("My skin burns, should I stop", "clarify"),
-    ("I don't know when to stop", "clarify"),
+    ("I don't know when to stop", "clarify"), ("Who is this? Stop?", "clarify"),
 ]
 
 
