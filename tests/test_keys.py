@@ -103,3 +103,43 @@ def test_keys_command_refuses_bad_usage(redis_server):
     assert no_id.returncode == 2 and "required: KEY_ID" in no_id.stderr
     bad_action = reminders("keys", "rotate", "--clinic", "glow", redis_url=redis_server.url)
     assert bad_action.returncode == 2
+
+
+def test_a_removed_clinics_keys_can_be_listed_and_revoked_and_a_broken_config_stops_neither(
+        redis_server, redis_client, tmp_path):
+    # README: "revoke a removed clinic's keys" (they go on authenticating). `keys list` and
+    # `keys revoke --clinic X` refused X once its file was gone ("--clinic: unknown clinic",
+    # exit 2), and any key at all while config/ did not load (a bad edit the running
+    # services survive: exit 3): a leaked key could not be revoked then. Both act on what
+    # Redis holds; a clinic neither configured nor holding keys is still refused (a typo).
+    import shutil
+
+    keys = ApiKeys(redis_client)
+    gone, kept = keys.issue("demo"), keys.issue("glow")
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    (config / "clinics" / "demo.toml").unlink()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+        env.update(REMINDERS_REDIS_URL=redis_server.url, REMINDERS_CONFIG_DIR=str(config),
+                   REMINDERS_TEMPLATES_DIR=str(ROOT / "templates"), PYTHONPATH=str(ROOT))
+        return subprocess.run([str(BIN / "reminders"), *args], env=env, capture_output=True,
+                              text=True, timeout=60, cwd=ROOT)
+
+    listed = run("keys", "list", "--clinic", "demo", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [k["key_id"] for k in json.loads(listed.stdout)] == [gone.key_id]
+    revoked = run("keys", "revoke", "--clinic", "demo", gone.key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert keys.verify(gone.key) is None
+    typo = run("keys", "list", "--clinic", "demoo")
+    assert typo.returncode == 2 and "unknown clinic 'demoo'" in typo.stderr, typo.stderr
+
+    (config / "clinics" / "glow.toml").write_text("name = [\n", encoding="utf-8")  # broken
+    revoked = run("keys", "revoke", "--clinic", "glow", kept.key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert keys.verify(kept.key) is None
+    issued = run("keys", "issue", "--clinic", "glow")  # a new key needs a clinic that loads
+    assert issued.returncode == 3 and "glow.toml" in issued.stderr, issued.stderr
+    assert keys.list("glow") == []
