@@ -728,8 +728,14 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from .connections import client
     from .keys import ApiKeys
 
-    clinic = clinic_of(args, Catalog.load(settings))
     keys = ApiKeys(client(settings), settings.key_prefix)
+    if args.action != "issue" and args.clinic and keys.list(args.clinic):
+        # Its keys, as Redis holds them: a clinic removed from config/ (whose keys go on
+        # authenticating until revoked), and while config/ does not load (a leaked key
+        # must be revocable during a bad edit). Without keys, it is checked as any.
+        clinic = str(args.clinic)
+    else:
+        clinic = clinic_of(args, Catalog.load(settings))
     if args.action == "issue":
         issued = keys.issue(clinic)
         if args.json:
