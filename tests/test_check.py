@@ -355,8 +355,8 @@ def test_a_reply_the_api_cannot_write_is_an_error(copy: Path) -> None:
     assert "no more texts from us" in reply_text(copy / "templates", "es", "stop", clinic)
     result = check_copy(copy)
     assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
-    for problem in ("stop: the placeholder {clinc} is not one this answer has",
-                    "help: the placeholder {date} is not one this answer has",
+    for problem in ("stop: the placeholder {clinc} is not one this text has",
+                    "help: the placeholder {date} is not one this text has",
                     "no_visit: missing"):
         assert f"configuration error: {replies}: {problem}" in result.stderr, result.stderr
     replies.write_text("stop = \n", encoding="utf-8")  # not TOML
@@ -365,6 +365,35 @@ def test_a_reply_the_api_cannot_write_is_an_error(copy: Path) -> None:
     assert f"configuration error: {replies}: " in result.stderr, result.stderr
     replies.write_text(text, encoding="utf-8")
     assert check_copy(copy).returncode == EXIT_OK
+
+
+# The unsubscribe page's words were Python (a dict of en and es in worker/api/unsubscribe.py):
+# a clinic adding templates in a third language got its emails in it and the page in
+# English. They are templates/<language>/_unsubscribe.toml now, read by `check` as the
+# answers are.
+def test_an_unsubscribe_page_text_the_api_cannot_write_is_an_error(copy: Path) -> None:
+    words = copy / "templates" / "es" / "_unsubscribe.toml"
+    text = words.read_text(encoding="utf-8")
+    broken = "\n".join(
+        line.replace("{phone}", "{telefono}") if line.startswith("questions =") else line
+        for line in text.splitlines() if not line.startswith("button =")) + "\n"
+    assert "{telefono}" in broken
+    words.write_text(broken.replace('done_title = "', 'done_title = "{address} '),
+                     encoding="utf-8")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    for problem in ("questions: the placeholder {telefono} is not one this text has (it has "
+                    "{clinic}, {phone})",
+                    "done_title: the placeholder {address} is not one this text has",
+                    "button: missing (the unsubscribe page's text"):
+        assert f"configuration error: {words}: {problem}" in result.stderr, result.stderr
+    words.unlink()  # Spanish patients then get the English page: not an error
+    assert check_copy(copy).returncode == EXIT_OK
+    english = copy / "templates" / "en" / "_unsubscribe.toml"
+    english.unlink()
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert f"configuration error: {english}: cannot be read" in result.stderr, result.stderr
 
 
 # Review (config while sending): every `*.toml` in config/clinics and config/protocols was

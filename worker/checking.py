@@ -30,6 +30,7 @@ from zoneinfo import ZoneInfo
 
 from jinja2 import TemplateSyntaxError
 
+from . import words
 from .catalog import Catalog
 from .clinics import Clinic, parse_clock, unreachable_problem
 from .errors import ConfigError
@@ -600,50 +601,47 @@ def webhook_url_problem(url: str) -> str | None:
     return None
 
 
-# The answers to a patient's texts (worker/api/inbound.py `reply_text`), from
-# templates/<language>/_replies.toml (English when the patient's language has none), and
-# what each is written with besides {clinic} and {phone}.
-REPLIES_FILE = "_replies.toml"
-REPLY_VALUES: dict[str, tuple[str, ...]] = {
-    "stop": (), "start": (), "help": (), "confirm": ("date", "time"), "reschedule": (),
-    "no_visit": (), "clarify": (), "change": ()}
-
-
 def _reply_errors(catalog: Catalog, clinics: list[Clinic]) -> list[ConfigError]:
-    """Return each answer to a patient's text the API cannot write (it answers in English
-    instead, and fails the request with a 500 for English, a STOP after taking it): a file
-    that is not TOML, an answer left out, or a
-    placeholder the answer is not given; per language folder, English always."""
+    """Return each plain text beside the templates the API cannot write (worker/words.py:
+    the answers to a patient's text, `_replies.toml`, and the unsubscribe page's words,
+    `_unsubscribe.toml`; it gives English instead, and fails the request when English
+    fails, a STOP after taking it): a file that is not TOML, a text left out, or a
+    placeholder the text is not given; per language folder, English always."""
     import tomllib
 
     errors = []
-    folders = sorted({f for f in catalog.locales if language_of(f) == f} | {"en"})
+    folders = sorted({f for f in catalog.locales if language_of(f) == f} | {words.FALLBACK})
     sample = {"clinic": "Clinic", "phone": SAMPLE_PATIENT_PHONE, "date": "Sep 30",
-              "time": "12:30 PM"}
-    for folder in folders:
-        path = catalog.templates_dir / folder / REPLIES_FILE
-        if folder != "en" and not path.is_file():
-            continue  # its patients are answered in English
-        try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            errors.append(ConfigError(path, f"cannot be read: {exc}"))
-            continue
-        for key, extra in REPLY_VALUES.items():
-            value = table.get(key)
-            if not isinstance(value, str) or not value.strip():
-                errors.append(ConfigError(path, f"{key}: missing (the answer to a patient's "
-                                          "text; the API fails the request without it)"))
-                continue
-            given = {k: v for k, v in sample.items() if k in ("clinic", "phone", *extra)}
+              "time": "12:30 PM", "address": "a***@example.com"}
+    for name, texts in words.VALUES.items():
+        what = ("the answer to a patient's text" if name == words.REPLIES
+                else "the unsubscribe page's text")
+        for folder in folders:
+            path = catalog.templates_dir / folder / name
+            if folder != words.FALLBACK and not path.is_file():
+                continue  # its patients are answered in English
             try:
-                value.format(**given)
-            except KeyError as exc:
-                errors.append(ConfigError(path, f"{key}: the placeholder {{{exc.args[0]}}} "
-                                          "is not one this answer has (it has "
-                                          f"{', '.join('{' + k + '}' for k in given)})"))
-            except (IndexError, ValueError) as exc:
-                errors.append(ConfigError(path, f"{key}: {exc} (write a brace as {{{{ or }}}})"))
+                table = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                errors.append(ConfigError(path, f"cannot be read: {exc}"))
+                continue
+            for key, given_names in texts.items():
+                value = table.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    errors.append(ConfigError(path, f"{key}: missing ({what}; the API fails "
+                                              "the request without it)"))
+                    continue
+                given = {k: sample[k] for k in given_names}
+                try:
+                    value.format(**given)
+                except KeyError as exc:
+                    has = ", ".join("{" + k + "}" for k in given) or "none"
+                    errors.append(ConfigError(path, f"{key}: the placeholder "
+                                              f"{{{exc.args[0]}}} is not one this text has "
+                                              f"(it has {has})"))
+                except (IndexError, ValueError) as exc:
+                    errors.append(ConfigError(path, f"{key}: {exc} (write a brace as {{{{ or "
+                                              "}}}})"))
     return errors
 
 

@@ -660,6 +660,59 @@ def test_the_unsubscribe_page_speaks_the_patients_language(server, tw):
     assert server.app.state.services.store.opted_out("tw", "email", "ana@example.com")
 
 
+def test_the_unsubscribe_page_speaks_a_language_a_clinic_adds(serve, tmp_path, monkeypatch):
+    """The page's words were written in Python, in English and Spanish: a clinic adding
+    templates in French (templates/fr/) got its emails in French and this page in English.
+    They are templates/<language>/_unsubscribe.toml: French with a French file, English for
+    a text the file lacks; a link that cannot be read, whose patient is unknown, in the
+    browser's language."""
+    monkeypatch.setenv("TW_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("TW_HOOK_SECRET", "hook-secret")
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    shutil.copytree(templates / "en", templates / "fr")  # a clinic's French templates
+    (templates / "fr" / "_unsubscribe.toml").write_text("""
+ask_title = "Se désabonner de {clinic}"
+ask = "Ne plus envoyer à {address} les e-mails de {clinic} sur vos rendez-vous ?"
+safety = "Les rappels de sécurité vous parviennent toujours par SMS si vous les recevez."
+questions = "Questions : {phone}."
+done_title = "Vous êtes désabonné"
+done = "{address} ne recevra plus d'e-mails de {clinic}, sauf ceux déjà en route."
+the_clinic = "la clinique"
+invalid_title = "Ce lien n'est pas valide"
+invalid = "Ce lien de désabonnement n'est pas valide. Appelez la clinique."
+""", encoding="utf-8")
+    server = serve(config_dir=write_config(tmp_path / "config"), public_url=PUBLIC,
+                   templates_dir=templates, unsubscribe_secret=SECRET,
+                   data_dir=tmp_path / "data")
+    with server.client(server.issue_key("tw")) as tw:
+        book(tw, "F-1", patient_locale="fr")
+    path = link_for(server, "ana@example.com")
+    with server.client() as client:
+        page = client.get(path)
+        assert page.status_code == 200 and '<html lang="fr">' in page.text, page.text
+        assert "<title>Se désabonner de Piel &amp; Co &lt;Madrid&gt;</title>" in page.text
+        assert ("Ne plus envoyer à a***@example.com les e-mails de Piel &amp; Co "
+                "&lt;Madrid&gt; sur vos rendez-vous ?") in page.text, page.text
+        assert "Questions : +34910000000." in page.text
+        assert ">Unsubscribe</button>" in page.text  # "button" is not in the French file
+        done = client.post(path, content="List-Unsubscribe=One-Click",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert done.status_code == 200 and "Vous êtes désabonné" in done.text, done.text
+        assert "ne recevra plus d&#x27;e-mails" in done.text, done.text
+        cut = path[:-8]
+        for asked, lang, words in [
+                ("fr-CA,fr;q=0.9,en;q=0.5", "fr", "Ce lien n&#x27;est pas valide"),
+                ("de-DE, es;q=0.8, *;q=0.1", "es", "Este enlace no es válido"),
+                ("de, fr;q=0", "en", "This link is not valid"), (None, "en", "not valid")]:
+            headers = {"Accept-Language": asked} if asked else {}
+            refused = client.get(cut, headers=headers)
+            assert refused.status_code == 404, refused.text
+            assert f'<html lang="{lang}">' in refused.text and words in refused.text, \
+                (asked, refused.text)
+    assert server.app.state.services.store.opted_out("tw", "email", "ana@example.com")
+
+
 def test_an_unsubscribe_token_for_another_patient_or_forged_is_refused(server, tw):
     book(tw, "A-1")
     book(tw, "E-1", phone=EVA, email="eva@example.com")

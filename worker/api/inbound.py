@@ -69,7 +69,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +80,7 @@ from babel.dates import format_skeleton, format_time
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from .. import words
 from ..clinics import Clinic
 from ..errors import ConfigError
 from ..models import parse_e164
@@ -118,36 +118,9 @@ def twiml(message: str | None) -> Response:
     return Response(f'<?xml version="1.0" encoding="UTF-8"?>{body}', media_type=TWIML)
 
 
-# Each answers file as last loaded, with the (mtime, size) it was loaded at.
-_REPLIES: dict[Path, tuple[tuple[int, int], dict[str, str]]] = {}
-
-
-def _replies(templates_dir: Path, folder: str) -> dict[str, str]:
-    """The answers of `folder`, read again once its file changes (as templates are), and
-    kept as last loaded while an edit does not load (logged), as config/ is."""
-    path = templates_dir / folder / "_replies.toml"
-    held = _REPLIES.get(path)
-    try:
-        stat = path.stat()
-        seen = (stat.st_mtime_ns, stat.st_size)
-        if held is not None and held[0] == seen:
-            return held[1]
-        with open(path, "rb") as fh:
-            loaded = {k: str(v) for k, v in tomllib.load(fh).items()}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        if held is None:
-            raise
-        log.error("%s does not load (%s): the answers as last loaded are kept", path,
-                  type(exc).__name__)
-        return held[1]
-    _REPLIES[path] = (seen, loaded)
-    return loaded
-
-
 def _reply_folder(templates_dir: Path, locale: str) -> str:
     """The language the answers are written in: the patient's if it has replies, else en."""
-    language = locale.split("-")[0].split("_")[0]
-    return language if (templates_dir / language / "_replies.toml").is_file() else "en"
+    return words.folder_for(templates_dir, (locale,), words.REPLIES)
 
 
 @functools.lru_cache(maxsize=8)
@@ -179,24 +152,12 @@ def date_locale(templates_dir: Path, locale: str, clinic: Clinic) -> Locale:
 
 def reply_text(templates_dir: Path, locale: str, what: str, clinic: Clinic, **values: str) -> str:
     """Return the answer `what` in the patient's language (else English), in GSM-7, naming
-    the clinic as its SMS do (`sms_name`, else its name)."""
-    folder = _reply_folder(templates_dir, locale)
-    for name in dict.fromkeys((folder, "en")):
-        try:
-            text = _replies(templates_dir, name)[what].format(
-                clinic=clinic.sms_label, phone=clinic.phone, **values)
-        except (KeyError, IndexError, ValueError, OSError) as exc:
-            # `reminders check` reads the answers files (worker/checking.py), but one edited
-            # after it missing this answer, or naming a value the route does not fill, must
-            # not cost the patient theirs
-            # (a STOP's confirmation is the one message an opted-out number is owed).
-            if name == "en":
-                raise
-            log.error("templates/%s/_replies.toml: the answer %r does not load or format "
-                      "(%s): answered in English", name, what, type(exc).__name__)
-            continue
-        return fold_to_gsm7(" ".join(text.split()))
-    raise AssertionError("unreachable: English answers or raise")
+    the clinic as its SMS do (`sms_name`, else its name). An answer missing or broken in
+    that language after `reminders check` read it is given in English (`words.text`): a
+    STOP's confirmation is the one message an opted-out number is owed."""
+    text = words.text(templates_dir, _reply_folder(templates_dir, locale), words.REPLIES,
+                      what, clinic=clinic.sms_label, phone=clinic.phone, **values)
+    return fold_to_gsm7(" ".join(text.split()))
 
 
 def check_signature(request: Request, svc: Services, clinic: Clinic,

@@ -20,7 +20,9 @@ service's secret did not make, or one whose hash no email of the clinic was sent
 answers 404: a token cannot be made, edited or reused for another patient.
 
 The page is in the patient's language, as the emails are: the locale of their latest
-booking at the clinic with that address, else the clinic's, else English (`WORDS`).
+booking at the clinic with that address, else the clinic's, else English; its words are
+templates/<language>/_unsubscribe.toml (worker/words.py). A link that cannot be read is
+answered in the browser's language (Accept-Language), the patient being unknown.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
+from .. import words
 from ..optout import Unsubscribe, read_token, token_matches, unsubscribe_key
 from ..webhooks import hooks_of, tell_consent
 from .schemas import ErrorBody
@@ -52,37 +55,10 @@ _PAGE = """<!doctype html>
 </body></html>"""
 
 
-# The page's words per language ({clinic}, {address}, {phone} filled in, HTML-escaped).
-WORDS: dict[str, dict[str, str]] = {
-    "en": {
-        "done_title": "You are unsubscribed",
-        "done": "{address} gets no more emails from {clinic} after any already on the way.",
-        "ask_title": "Unsubscribe from {clinic}",
-        "ask": "Stop the appointment emails from {clinic} to {address}?",
-        "button": "Unsubscribe",
-        "safety": "Safety reminders still reach you by text message if you receive them.",
-        "questions": " Questions: {phone}.",
-        "the_clinic": "the clinic",
-    },
-    "es": {
-        "done_title": "Te has dado de baja",
-        "done": "{address} ya no recibirá correos de {clinic}, salvo los que ya estén en "
-                "camino.",
-        "ask_title": "Darse de baja de {clinic}",
-        "ask": "¿Dejar de recibir en {address} los correos de {clinic} sobre tus citas?",
-        "button": "Darme de baja",
-        "safety": "Los avisos importantes para tu seguridad te seguirán llegando por SMS si "
-                  "los recibes.",
-        "questions": " Dudas: {phone}.",
-        "the_clinic": "la clínica",
-    },
-}
-FALLBACK_LANGUAGE = "en"
-
-
 def _language(svc: Services, clinic_id: str, clinic: Any, address: str) -> str:
     """The page's language: the patient's latest booking's locale at the clinic (as its
-    emails are written), else the clinic's, else English; a language `WORDS` has."""
+    emails are written), else the clinic's, else English; one whose templates folder has
+    the page's words (templates/<language>/_unsubscribe.toml)."""
     store = svc.store
     summaries = [s for s in store.booking_summaries(
         clinic_id, store.contact_bookings(clinic_id, "email", address)) if s]
@@ -93,14 +69,17 @@ def _language(svc: Services, clinic_id: str, clinic: Any, address: str) -> str:
         locales.append(str(patient.get("locale") or ""))
     if clinic is not None:
         locales.append(clinic.locale)
-    for locale in locales:
-        language = locale.replace("_", "-").split("-")[0].lower()
-        if language in WORDS:
-            return language
-    return FALLBACK_LANGUAGE
+    return words.folder_for(svc.settings.templates_dir, locales, words.UNSUBSCRIBE)
 
 
-def _page(title: str, body: str, status: int = 200, lang: str = FALLBACK_LANGUAGE
+def _say(svc: Services, lang: str, key: str, **values: str) -> str:
+    """The page's text `key` in `lang` (in English when that one does not load or
+    format), written with those of `values` it may name; plain text, to be escaped."""
+    given = {k: v for k, v in values.items() if k in words.VALUES[words.UNSUBSCRIBE][key]}
+    return words.text(svc.settings.templates_dir, lang, words.UNSUBSCRIBE, key, **given)
+
+
+def _page(title: str, body: str, status: int = 200, lang: str = words.FALLBACK
           ) -> HTMLResponse:
     return HTMLResponse(_PAGE.format(lang=lang, title=escape(title), body=body),
                         status_code=status,
@@ -127,10 +106,53 @@ def _resolve(svc: Services, token: str) -> tuple[Unsubscribe, str] | None:
     return named, found[1]
 
 
-def _not_valid() -> HTMLResponse:
-    return _page("This link is not valid",
-                 "<p>This unsubscribe link is not valid (it may have been cut short). "
-                 "Please use the link in your latest email, or call the clinic.</p>", 404)
+def _browser_languages(request: Request) -> list[str]:
+    """The languages of the request's Accept-Language, most wanted first ("*" and those
+    with q=0 left out)."""
+    ranked = []
+    for n, part in enumerate(request.headers.get("accept-language", "").split(",")[:20]):
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if tag and tag != "*" and q > 0:
+            ranked.append((-q, n, tag.strip()))
+    return [tag for _, _, tag in sorted(ranked)]
+
+
+def _not_valid(svc: Services, request: Request) -> HTMLResponse:
+    """The page for a link this service cannot read: the patient is not known, so in the
+    browser's language (Accept-Language) when templates/ has the page's words in it."""
+    lang = words.folder_for(svc.settings.templates_dir, _browser_languages(request),
+                            words.UNSUBSCRIBE)
+    return _page(_say(svc, lang, "invalid_title"),
+                 f"<p>{escape(_say(svc, lang, 'invalid'))}</p>", 404, lang=lang)
+
+
+def _ask_page(svc: Services, lang: str, address: str, clinic: Any) -> HTMLResponse:
+    """The page before unsubscribing: a button (GET changes nothing)."""
+    values = {"clinic": clinic.name if clinic else _say(svc, lang, "the_clinic"),
+              "address": _masked(address), "phone": clinic.phone if clinic else ""}
+    questions = f" {escape(_say(svc, lang, 'questions', **values))}" if clinic else ""
+    return _page(
+        _say(svc, lang, "ask_title", **values),
+        f"<p>{escape(_say(svc, lang, 'ask', **values))}</p>"
+        f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        f'<button type="submit">{escape(_say(svc, lang, "button"))}</button></form>'
+        f"<p>{escape(_say(svc, lang, 'safety'))}{questions}</p>", lang=lang)
+
+
+def _done_page(svc: Services, lang: str, address: str, clinic: Any) -> HTMLResponse:
+    """The page after unsubscribing (or at a link already used)."""
+    values = {"clinic": clinic.name if clinic else _say(svc, lang, "the_clinic"),
+              "address": _masked(address)}
+    return _page(_say(svc, lang, "done_title", **values),
+                 f"<p>{escape(_say(svc, lang, 'done', **values))}</p>", lang=lang)
 
 
 _HTML = {"text/html": {"schema": {"type": "string"}}}
@@ -142,34 +164,20 @@ _NOT_VALID: dict[int | str, dict[str, Any]] = {
 
 @router.get("/v1/unsubscribe/{token}", summary="The unsubscribe page (a button; GET changes "
             "nothing)", response_class=HTMLResponse, responses=_NOT_VALID)
-async def unsubscribe_page(token: str, svc: Svc) -> HTMLResponse:
+async def unsubscribe_page(token: str, request: Request, svc: Svc) -> HTMLResponse:
     found = await run_in_threadpool(_resolve, svc, token)
     if found is None:
-        return _not_valid()
+        return await run_in_threadpool(_not_valid, svc, request)
     named, address = found
     clinic = svc.catalog.clinics.get(named.clinic)
-    lang = await run_in_threadpool(_language, svc, named.clinic, clinic, address)
-    words = WORDS[lang]
-    name = clinic.name if clinic else words["the_clinic"]
-    done = await run_in_threadpool(svc.store.opted_out, named.clinic, named.channel, address)
-    if done:
-        return _done_page(words, lang, address, name)
-    fill = {"clinic": escape(name), "address": escape(_masked(address)),
-            "phone": escape(clinic.phone) if clinic else ""}
-    return _page(
-        words["ask_title"].format(clinic=name),
-        f"<p>{words['ask'].format(**fill)}</p>"
-        f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
-        f'<button type="submit">{escape(words["button"])}</button></form>'
-        f"<p>{escape(words['safety'])}"
-        f"{words['questions'].format(**fill) if clinic else ''}</p>", lang=lang)
 
+    def page() -> HTMLResponse:
+        lang = _language(svc, named.clinic, clinic, address)
+        if svc.store.opted_out(named.clinic, named.channel, address):
+            return _done_page(svc, lang, address, clinic)
+        return _ask_page(svc, lang, address, clinic)
 
-def _done_page(words: dict[str, str], lang: str, address: str, name: str) -> HTMLResponse:
-    """The page after unsubscribing (or at a link already used)."""
-    return _page(words["done_title"],
-                 "<p>" + words["done"].format(address=escape(_masked(address)),
-                                              clinic=escape(name)) + "</p>", lang=lang)
+    return await run_in_threadpool(page)
 
 
 @router.post("/v1/unsubscribe/{token}", summary="Unsubscribe (RFC 8058 one-click)",
@@ -177,7 +185,7 @@ def _done_page(words: dict[str, str], lang: str, address: str, name: str) -> HTM
 async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
     found = await run_in_threadpool(_resolve, svc, token)
     if found is None:
-        return _not_valid()
+        return await run_in_threadpool(_not_valid, svc, request)
     named, address = found
     clinic = svc.catalog.clinics.get(named.clinic)
     if clinic is None:
@@ -210,6 +218,8 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
     skipped, touched = await run_in_threadpool(act)
     log.info("unsubscribe for clinic %s: %s opted out (%d reminder(s) skipped in %d "
              "booking(s))", named.clinic, named.channel, skipped, len(touched))
-    lang = await run_in_threadpool(_language, svc, named.clinic, clinic, address)
-    words = WORDS[lang]
-    return _done_page(words, lang, address, clinic.name if clinic else words["the_clinic"])
+
+    def page() -> HTMLResponse:
+        return _done_page(svc, _language(svc, named.clinic, clinic, address), address, clinic)
+
+    return await run_in_threadpool(page)
