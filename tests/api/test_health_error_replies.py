@@ -247,3 +247,25 @@ def test_reminders_between_masters_says_a_failover_not_out_of_memory(beating):
     assert len(lines) == 1 and lines[0].startswith("Redis refuses writes (MASTERDOWN)"), lines
     assert "failover" in lines[0] and "out of memory" not in lines[0], lines
     assert str(beating.port) not in done.stderr, done.stderr
+
+
+def test_wrong_credentials_are_named_not_unreachable(serve, beating, caplog):
+    # A wrong password in REMINDERS_REDIS_URL (or a disabled ACL user): /readyz and /healthz
+    # said "Redis is unreachable" of a Redis that answers, and logged nothing; ops looked
+    # at the network. `reminders health` names AuthenticationError. Now they say the
+    # credentials are refused, and log it at WARNING, never the user or the password.
+    acl_url(beating, "flushall")  # the user exists; the API is given another password
+    wrong = f"redis://{USER}:not-{PASSWORD}@127.0.0.1:{beating.port}/0"
+    api = serve(redis_url=wrong)
+    with api.client() as ops, caplog.at_level(logging.INFO):
+        answers = {route: ops.get(route) for route in ("/readyz", "/healthz")}
+    for route, answer in answers.items():
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "5", answer.text
+        body = answer.json()
+        assert body["redis"] == "unreachable", body  # not served, as before
+        assert "AuthenticationError" in body["status"], body
+        assert "credentials" in body["status"], body
+        assert PASSWORD not in answer.text and USER not in answer.text, answer.text
+        said = warnings_of(caplog, route)
+        assert len(said) == 1 and "AuthenticationError" in said[0], said
+        assert PASSWORD not in said[0] and USER not in said[0], said
