@@ -15,7 +15,8 @@ Writes are probed with a short-lived key, `P:health:api`, and the rate limiter's
 other error reply to a check's command (NOPERM: the ACL user lacks it, `@scripting` say;
 WRONGTYPE...) is a 503 too, `"redis": "error"`,
 naming the error (and the command NOPERM denies), logged at WARNING. A Redis reading its
-data back at start (LOADING) is "unreachable" too, its status saying it is loading.
+data back at start (LOADING) is "unreachable" too, its status saying it is loading, and so is
+one refusing the API's password (AuthenticationError), its status saying so.
 When they answer 200 both add
 `redis_settings`: each Redis setting that can lose or evict the schedule (AOF off, appendfsync
 no, an evicting maxmemory-policy, a replica; worker/durability.py), a warning, never a 503;
@@ -79,11 +80,21 @@ def refuses_writes(svc: Svc) -> str | None:
     return None
 
 
-def _unreachable(exc: redis.RedisError) -> JSONResponse:
+CREDENTIALS = ("Redis refuses this service's credentials (AuthenticationError): a wrong user "
+               "or password in REMINDERS_REDIS_URL, or its ACL user disabled")
+
+
+def _unreachable(route: str, exc: redis.RedisError) -> JSONResponse:
     """Not serving: down, or (LOADING) reading its data back at start, which answers but
-    serves nothing yet ("redis": "unreachable" either way)."""
-    status = (LOADING if isinstance(exc, redis.exceptions.BusyLoadingError)
-              else "Redis is unreachable")
+    serves nothing yet, or refusing the credentials, logged at WARNING (redis-py's
+    AuthenticationError is a ConnectionError): "redis": "unreachable" each."""
+    if isinstance(exc, redis.AuthenticationError):
+        log.warning("%s: %s", route, CREDENTIALS)
+        status = CREDENTIALS
+    elif isinstance(exc, redis.exceptions.BusyLoadingError):
+        status = LOADING
+    else:
+        status = "Redis is unreachable"
     return _answer({"status": status, "redis": "unreachable"}, False)
 
 
@@ -114,7 +125,7 @@ def healthz(svc: Svc) -> JSONResponse:
         verdict = check(svc.redis, settings.key_prefix, "worker", settings.heartbeat_max_age)
         due_in = svc.store.next_due_in()
     except (redis.ConnectionError, redis.TimeoutError) as exc:  # LOADING too
-        return _unreachable(exc)
+        return _unreachable("/healthz", exc)
     except redis.RedisError as exc:
         return _error_reply("/healthz", exc)
     age = verdict.details["age_seconds"]
@@ -145,7 +156,7 @@ def readyz(svc: Svc) -> JSONResponse:
     try:
         why = refuses_writes(svc)
     except (redis.ConnectionError, redis.TimeoutError) as exc:  # LOADING too
-        return _unreachable(exc)
+        return _unreachable("/readyz", exc)
     except redis.RedisError as exc:
         return _error_reply("/readyz", exc)
     if why:
