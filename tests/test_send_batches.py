@@ -1711,3 +1711,45 @@ def test_a_message_after_the_visit_in_flight_at_a_move_goes_once(tmp_path, redis
         # The attempt that was in flight still counts (the move does not start the count
         # afresh for it): a killed one leaves no log line, and only this count tells it began.
         assert s["record"]["attempts"] == "1", s
+
+
+# --- two changes while one attempt is parked at the gateway ----------------------------------
+# A move reschedules a reminder being sent (its status is no longer `sending`) while its
+# attempt is still at the provider: a second change landing before that attempt ends must
+# still count it as a message that may have gone out (README: "A message being sent at the
+# moment of the change counts as gone out"), for the patient's notices and for what it sends.
+
+NOTICED = PROTOCOL.replace('template = "stop-retinoids"\n',
+                           'template = "stop-retinoids"\npause = true\n')  # with notices
+
+
+def test_a_move_then_a_cancel_while_a_dated_sms_is_parked_tells_the_patient(
+        tmp_path, redis_client, gateway):
+    rig = Rig(tmp_path, redis_client, gateway, protocol=NOTICED)
+    ref = prep(1)  # the day-before SMS: it names the visit's date
+    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
+    rig.gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    rig.gateway.wait_held()
+    moved = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    assert "rescheduled#1:sms" in {r["id"] for r in moved["reminders"]}  # it counted then
+    rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    rig.gateway.release(200)
+    wait_for(lambda: rig.state(ref)["log"])
+    rig.drain()
+    s = rig.state(ref)
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert s["log"][-1]["result"] == "stale: recorded as sent", s
+    # The patient had "see you on <the old date>": the cancel is told, once.
+    timeline = rig.store.timeline("rc", "R-1")
+    assert timeline["status"] == "cancelled"
+    notices = {r["id"]: r for r in timeline["reminders"] if "#" in r["id"]}
+    assert notices["rescheduled#1:sms"]["status"] == "cancelled", notices
+    assert notices.get("cancelled#2:sms", {}).get("status") == "scheduled", notices
+    rig.lanes = Lanes(rig.ctx, watchdog=Watchdog(kill=lambda: None))
+    rig.hand(rig.claim("rc/R-1/cancelled#2:sms"))
+    wait_for(lambda: settled(rig, "rc/R-1/cancelled#2:sms"))
+    rig.drain()
+    assert rig.store.record("rc/R-1/cancelled#2:sms")["status"] == "sent"
+    assert len(rig.gateway.to(phone(1))) == 2  # the day-before SMS, then the cancel
+    assert rig.store.claim_due(100, LEASE) == []
