@@ -2935,7 +2935,8 @@ class Store:
             seq = int(booking_fields.get("seq") or 0) + 1
             old_start = _told_start(stored.fields, stored.doc)
             notices, _ = plan_notices(
-                "rescheduled", stored.reminders, booking, planned.notice_steps, seq=seq,
+                "rescheduled", self._as_sending(*booking.key, stored.reminders), booking,
+                planned.notice_steps, seq=seq,
                 now=now, window=planned.window or SendWindow(),
                 before=datetime.fromisoformat(old_start) if old_start else None)
             own += [n.due_at for n in notices if n.channel == "sms"]
@@ -3325,7 +3326,8 @@ class Store:
             seq = int(booking_fields.get("seq") or 0) + 1
             old_start = _told_start(stored.fields, stored.doc)
             notices, paused = plan_notices(
-                "rescheduled", stored.reminders, booking, plan.notice_steps, seq=seq, now=now,
+                "rescheduled", self._as_sending(clinic, booking_id, stored.reminders), booking,
+                plan.notice_steps, seq=seq, now=now,
                 window=plan.window or SendWindow(),
                 before=datetime.fromisoformat(old_start) if old_start else None)
             # Booked again after a cancel the patient never heard of (its notice superseded
@@ -3548,17 +3550,39 @@ class Store:
         """Whether an attempt begun on one of `keys` is still at work: the send ledger holds
         its token and the attempt log has no finish of it yet (read unfenced: its begin and
         its finish both change the booking's hash, which the upsert's write checks)."""
+        return bool(self._in_flight_keys(clinic, booking_id, keys))
+
+    def _in_flight_keys(self, clinic: str, booking_id: str, keys: list[str]) -> set[str]:
+        """Those of `keys` whose attempt is still at work (as `_in_flight`)."""
         if not keys:
-            return False
+            return set()
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             ref = ref_of(clinic, booking_id, key)
             pipe.get(self.ledger_key(ref))
             pipe.lindex(self.attempts_key(ref), -1)
         replies = pipe.execute()
-        return any(ledger and ledger != "sent" and (
-                       last is None or json.loads(last).get("tok") != ledger)
-                   for ledger, last in zip(replies[0::2], replies[1::2], strict=True))
+        return {key for key, ledger, last in zip(keys, replies[0::2], replies[1::2], strict=True)
+                if ledger and ledger != "sent"
+                and (last is None or json.loads(last).get("tok") != ledger)}
+
+    def _as_sending(
+        self, clinic: str, booking_id: str, reminders: Mapping[str, Mapping[str, str]],
+    ) -> Mapping[str, Mapping[str, str]]:
+        """`reminders` as a change notice counts what went out: one an earlier change took
+        off `sending` (a move rescheduled it, a cancel cancelled it) while its attempt is
+        still at the provider shows as `sending` (it may go out: "a message being sent at
+        the moment of the change counts as gone out"). Without this, a move then a cancel
+        (or a second move) while it is at the provider told the patient nothing, though
+        it then went out naming the old date."""
+        keys = [k for k, r in reminders.items()
+                if r and r.get("status") not in (Status.SENT, Status.SENDING)
+                and not r.get("sent_at")]
+        flying = self._in_flight_keys(clinic, booking_id, keys)
+        if not flying:
+            return reminders
+        return {k: {**r, "status": Status.SENDING} if k in flying else r
+                for k, r in reminders.items()}
 
     @staticmethod
     def _change_kind(
@@ -3666,7 +3690,9 @@ class Store:
         held_from = (_told_start(fields, stored.doc) if status == Status.HELD and not hold_told
                      else None)
         before = datetime.fromisoformat(held_from) if held_from else None
-        notices, paused = plan_notices("cancelled", stored.reminders, booking, notice_steps,
+        notices, paused = plan_notices("cancelled",
+                                       self._as_sending(clinic, booking_id, stored.reminders),
+                                       booking, notice_steps,
                                        seq=seq, now=now, window=window, before=before)
         if not notices:
             return check, "", {}
