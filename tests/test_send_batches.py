@@ -1753,3 +1753,41 @@ def test_a_move_then_a_cancel_while_a_dated_sms_is_parked_tells_the_patient(
     assert rig.store.record("rc/R-1/cancelled#2:sms")["status"] == "sent"
     assert len(rig.gateway.to(phone(1))) == 2  # the day-before SMS, then the cancel
     assert rig.store.claim_due(100, LEASE) == []
+
+
+@pytest.mark.parametrize("answer", [200, 503])
+def test_a_cancel_then_a_rebook_elsewhere_while_parked_sends_once(tmp_path, redis_client,
+                                                                  gateway, answer):
+    """A message after the visit at the gateway when the clinic cancels the booking and
+    books it again (same id) at another time: delivered, it went out while the cancel
+    landed (README: it counts as gone out, recorded as sent), and a re-open never sends
+    again what went out; refused, the re-opened plan sends it at its new time, once."""
+    rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
+    ref = "rc/R-1/redness:sms"
+    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
+    gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    gateway.wait_held()
+    rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    again = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    new_due = {r["id"]: r for r in again["reminders"]}["redness:sms"]["due_at"]
+    gateway.release(answer)
+    wait_for(lambda: rig.state(ref)["log"])
+    rig.drain()
+    s = rig.state(ref)
+    assert len(gateway.to(phone(1))) == 1
+    assert s["lease"] is None, s
+    timeline = rig.store.timeline("rc", "R-1")
+    shown = {r["id"]: r for r in timeline["reminders"]}["redness:sms"]
+    assert timeline["status"] == "scheduled"
+    if answer == 200:
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert s["due"] is None and s["log"][-1]["result"] == "stale: recorded as sent", s
+        assert shown["status"] == "sent", shown
+        rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
+        assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
+    else:
+        assert s["record"]["status"] == "scheduled" and s["ledger"] is None, s
+        assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
+        assert shown["status"] == "scheduled" and shown["due_at"] == new_due, shown
+
