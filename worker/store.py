@@ -1306,11 +1306,20 @@ end
 local version = tostring(tonumber(b[2] or '0') + 1)
 redis.call('HSET', bkey, 'status', ST_CANCELLED, 'version', version, 'updated_at', stamp)
 local flat = redis.call('HGETALL', bkey)
+-- Being sent as it is cancelled: noted in the booking's `gone` ("<key>@<version>" of the
+-- attempt), so that, booked again elsewhere before that attempt ends, its delivery still
+-- counts as its send when a re-open would not send it again (Store._in_flight_gone).
+local gone = redis.call('HGET', bkey, 'gone') or ''
+local noted = gone
 for i = 1, #flat, 2 do
   local key = flat[i]
   if is_reminder(key) then
     local r = split(flat[i + 1], 9)
     local st = STATUS_OF[r[R_ST]]
+    if st == ST_SENDING and not string.find(
+        ' ' .. gone .. ' ', ' ' .. key .. '@' .. r[R_VER] .. ' ', 1, true) then
+      noted = noted .. (noted == '' and '' or ' ') .. key .. '@' .. r[R_VER]
+    end
     if is_pending(st) or st == ST_FAILED then
       local ref = clinic .. '/' .. booking_id .. '/' .. key
       r[R_ST] = CODE[ST_CANCELLED]
@@ -1323,6 +1332,7 @@ for i = 1, #flat, 2 do
     end
   end
 end
+if noted ~= gone then redis.call('HSET', bkey, 'gone', noted) end
 if texts ~= '' then
   for id, text in pairs(cjson.decode(texts)) do redis.call('HSET', prefix .. ':t', id, text) end
 end
@@ -3262,11 +3272,20 @@ class Store:
         result = self._reconcile(stored_booking, records, plan, doc, medications, release, now)
         # Reminders at their provider now that this change moves: should their attempt
         # deliver, it counts as this reminder's send (`_in_flight_gone`, the finish script).
-        gone = " ".join(sorted(
-            [entry for entry in booking_fields.get("gone", "").split()
+        # Noted at a cancel (being sent then, now `cancelled`), for a re-open: read as still
+        # being sent, and noted again under the same attempt's version if the re-open's plan
+        # would not send it again; else dropped (its delivery is history beside the new plan).
+        noted = booking_fields.get("gone", "").split()
+        at_cancel = {entry.rpartition("@")[0]: entry for entry in noted
+                     if stored.reminders.get(entry.rpartition("@")[0], {}).get("status")
+                     == Status.CANCELLED}
+        sending = {k: {**r, "status": Status.SENDING} if k in at_cancel else r
+                   for k, r in records.items()}
+        gone = " ".join(sorted(set(
+            [entry for entry in noted
              if stored.reminders.get(entry.rpartition("@")[0], {}).get("status") in PENDING]
-            + [f"{key}@{records[key].get('version', '')}"
-               for key in _in_flight_gone(plan, records, booking.starts_at, now)]))
+            + [at_cancel.get(key) or f"{key}@{records[key].get('version', '')}"
+               for key in _in_flight_gone(plan, sending, booking.starts_at, now)])))
         last = max([r.due_at.timestamp() for r in plan.reminders]
                    + [booking.starts_at.timestamp()])
         keep = str(math.ceil(last + self.retention_seconds))
