@@ -62,7 +62,8 @@ LEASE = 8
 
 class Gateway:
     """An SMS/email gateway on HTTP: answers 200 at once, except for the recipients in
-    `hold`, whose requests wait until `release()` (then get `status`)."""
+    `hold`, whose requests wait until `release()` (then get `status`; 0: the connection is
+    closed with no answer, as a cut after the hand-over)."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -82,6 +83,9 @@ class Gateway:
                     gateway.held.release()
                     gateway._release.wait(30)
                     status = gateway.status
+                if status == 0:  # the connection cut after the hand-over: no answer at all
+                    self.close_connection = True
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", "2")
@@ -1791,3 +1795,130 @@ def test_a_cancel_then_a_rebook_elsewhere_while_parked_sends_once(tmp_path, redi
         assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
         assert shown["status"] == "scheduled" and shown["due_at"] == new_due, shown
 
+
+@pytest.mark.parametrize("back", [False, True], ids=["on", "back"])
+@pytest.mark.parametrize("answer", [200, 503, 0])
+def test_two_moves_while_one_attempt_is_parked(tmp_path, redis_client, gateway, answer, back):
+    """A -> B, then B -> C (or back to A), while one attempt of a message after the visit
+    is parked at the gateway; then it is accepted (200), refused (503), or its connection is
+    cut after the hand-over (0: of unknown outcome). Delivered, it counts as gone out, once
+    (the second move keeps the first's note; back at A, its words are the plan's again);
+    refused, the plan sends it at its last time, not before; unknown, it is tried again
+    then (an unknown outcome is retried: README "Outcomes"), not before."""
+    rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
+    ref = "rc/R-1/redness:sms"
+    first = rig.doc(1, starts_in=timedelta(days=2))
+    rig.book(first)
+    gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    gateway.wait_held()
+    rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    last = rig.book(first if back else rig.doc(1, starts_in=timedelta(days=4)))
+    new_due = {r["id"]: r for r in last["reminders"]}["redness:sms"]["due_at"]
+    gateway.release(answer)
+    wait_for(lambda: rig.state(ref)["log"])
+    rig.drain()
+    s = rig.state(ref)
+    assert len(gateway.to(phone(1))) == 1
+    assert s["lease"] is None, s
+    shown = {r["id"]: r for r in rig.store.timeline("rc", "R-1")["reminders"]}["redness:sms"]
+    if answer == 200:
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert s["due"] is None and s["log"][-1]["result"] == "stale: recorded as sent", s
+        assert shown["status"] == "sent", shown
+        rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
+        assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
+        return
+    assert s["log"][-1]["result"] == "stale", s
+    assert s["log"][-1]["outcome"] == ("retrying" if answer == 503 else "unknown"), s
+    assert s["record"]["status"] == "scheduled" and s["record"]["version"] == "3", s
+    assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
+    assert shown["status"] == "scheduled" and shown["due_at"] == new_due, shown
+    assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]  # not before C
+
+
+@pytest.mark.parametrize("answer", [200, 503])
+def test_a_move_then_a_stop_while_parked(tmp_path, redis_client, gateway, answer):
+    """The patient's STOP lands after a move, while the message is at the gateway: its
+    delivery began before the STOP and is recorded as sent, once; refused, it stays skipped
+    by the STOP and never goes."""
+    rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
+    ref = "rc/R-1/redness:sms"
+    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
+    gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    gateway.wait_held()
+    rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    rig.store.opt_out("rc", "sms", phone(1), "STOP by SMS")
+    gateway.release(answer)
+    wait_for(lambda: rig.state(ref)["log"])
+    rig.drain()
+    s = rig.state(ref)
+    assert len(gateway.to(phone(1))) == 1
+    assert (s["due"], s["lease"]) == (None, None), s
+    shown = {r["id"]: r for r in rig.store.timeline("rc", "R-1")["reminders"]}["redness:sms"]
+    if answer == 200:
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert shown["status"] == "sent", shown
+    else:
+        assert s["record"]["status"] == "skipped" and s["ledger"] is None, s
+        assert shown["reason"].startswith("opted_out: "), shown
+    rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
+    assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
+
+
+@pytest.mark.parametrize("answer", [200, 503])
+def test_new_medications_while_parked(tmp_path, redis_client, gateway, answer):
+    """Tretinoin added (the plan gains the pause message) while a message after the visit
+    is at the gateway: its time unchanged, its attempt stays current: sent once, or retried
+    as any refusal is."""
+    rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
+    ref = "rc/R-1/redness:sms"
+    doc = rig.doc(1, starts_in=timedelta(days=2))
+    rig.book({**doc, "medications": {"tretinoin": False}})
+    gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    gateway.wait_held()
+    changed = rig.book(doc)
+    assert "stop:sms" in {r["id"] for r in changed["reminders"]}
+    gateway.release(answer)
+    wait_for(lambda: rig.state(ref)["log"])
+    rig.drain()
+    s = rig.state(ref)
+    assert len(gateway.to(phone(1))) == 1
+    assert s["lease"] is None, s
+    assert s["log"][-1]["result"] == "ok", s
+    shown = {r["id"]: r for r in rig.store.timeline("rc", "R-1")["reminders"]}["redness:sms"]
+    if answer == 200:
+        assert s["record"]["status"] == "sent" and s["due"] is None, s
+    else:
+        assert s["record"]["status"] == "retrying" and s["due"] is not None, s
+    assert shown["status"] == s["record"]["status"], shown
+
+
+def test_a_move_while_a_message_waits_to_retry_sends_it_at_its_new_time(
+        tmp_path, redis_client, gateway):
+    """Refused (503) and waiting out its backoff (retrying, nothing in flight) when the
+    visit moves: the retry at the old time is dropped, the moved plan sends it at its new
+    time, once, not before."""
+    rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
+    ref = "rc/R-1/redness:sms"
+    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
+    gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    gateway.wait_held()
+    gateway.release(503)
+    wait_for(lambda: rig.state(ref)["log"])
+    s = rig.state(ref)
+    assert s["record"]["status"] == "retrying" and s["due"] is not None, s
+    retry_at = s["due"]
+    moved = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    new_due = {r["id"]: r for r in moved["reminders"]}["redness:sms"]["due_at"]
+    wait_for(lambda: time.time() > retry_at + 0.5)  # the old retry's time has passed
+    assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
+    rig.drain()
+    s = rig.state(ref)
+    assert len(gateway.to(phone(1))) == 1
+    assert s["record"]["status"] == "scheduled" and s["record"]["version"] == "2", s
+    assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
+    assert (s["lease"], s["ledger"]) == (None, None), s
