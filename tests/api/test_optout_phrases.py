@@ -108,6 +108,10 @@ OPT_OUTS = [
     # number, mostly (`clarify`: the texts kept coming)
     "Who is this? Stop", "I am not a patient, stop", "This number is not Ana, please stop",
     "Wrong number. STOP", "No conozco a Ana. BAJA",
+    # a negation that is not of the keyword: these stay opt-outs
+    "Don't worry, stop", "Don't worry stop the texts", "Can't you just stop texting me",
+    "Why won't you stop texting me", "No stop texting me", "No, stop", "No please stop",
+    "Don't text me stop", "Stop, don't text me again", "No, no quiero mas mensajes. BAJA",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -150,6 +154,15 @@ NOT_OPT_OUTS = [
     ("Is the redness normal? When should I stop?", "clarify"),
     ("My skin burns, should I stop", "clarify"),
     ("I don't know when to stop", "clarify"), ("Who is this? Stop?", "clarify"),
+    # the keyword negated (review rev-patient): the patient asked NOT to stop, and was
+    # opted out of every SMS, the care-critical ones too
+    ("Don't stop", "clarify"), ("Dont stop", "clarify"),
+    ("Please don't stop the reminders", "clarify"), ("Do not stop texting me", "clarify"),
+    ("Don't stop the texts, they help", "clarify"), ("Never stop", "clarify"),
+    ("Do not unsubscribe me", "clarify"), ("Don't opt me out", "clarify"),
+    ("I never said STOP", "clarify"), ("I didn't say stop", "clarify"),
+    ("I don't want to unsubscribe", "clarify"), ("I do not want to opt out", "clarify"),
+    ("No quiero darme de baja", "clarify"), ("No me des de baja", "clarify"),
 ]
 
 
@@ -217,6 +230,7 @@ def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale
 
 @pytest.mark.parametrize("body", [
     "Should I stop tretinoin tonight?", "can I stop the cream", "Is it ok to stop using SPF",
+    "Please don't stop the reminders", "No quiero darme de baja",
     "I got no more messages after Tuesday", "the redness won't leave me alone",
 ])
 def test_a_clinical_question_opts_nothing_out(server, tw, body):  # noqa: F811
