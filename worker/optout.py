@@ -76,6 +76,11 @@ In this order:
               the text does not end in a question: "Who is this? Stop", "I am not a
               patient, stop" (a wrong number, mostly); not "When should I stop?", "I
               don't know when to stop".
+              A negated keyword counts for none of these: a negation in its sentence a
+              few words before it, with only words such as "want to", "say", "quiero
+              darme de" between ("Please don't stop the reminders", "I never said STOP",
+              "Don't opt me out", "No quiero darme de baja": clarify). Not "Don't worry,
+              stop", "Can't you just stop texting me".
   start       the text begins with a word of START_WORDS and holds nothing but fillers and
               "again" ("START", "Unstop please", "Start again", "Alta"): not a sentence
               that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a high
@@ -359,7 +364,8 @@ def said_opt_out(words: list[str], question: bool = False) -> bool:
         for found in phrase.finditer(text):
             before = text[:found.start()].split()
             after = text[found.end():].split()
-            if all(w in REQUEST_WORDS for w in before) and (
+            # (After a keyword too: "Stop, don't text me again".)
+            if all(w in REQUEST_WORDS or w in SURE_STOP_WORDS for w in before) and (
                     not question or all(w in FILLER_WORDS or w in _AFTER for w in after)):
                 return True
     return False
@@ -393,15 +399,63 @@ def _opts_out(words: list[str], question: bool) -> bool:
             or asked_opt_out(words, question=question))
 
 
+# A keyword negated ("Please don't stop the reminders", "I never said STOP", "No quiero
+# darme de baja") asks for the opposite of an opt-out: in the same sentence, a negation
+# (don't, didn't, doesn't, do not, never, "no" before a Spanish verb or pronoun) up to a
+# few words before it, with only such words between ("want to", "say", "quiero darme de"):
+# not "Don't worry, stop", "Can't you just stop texting me", "Why won't you stop".
+_NEGATION_GAP = frozenset({
+    "I", "YOU", "WANT", "WANNA", "TO", "PLEASE", "EVER", "SAY", "SAID", "ASK", "ASKED",
+    "REALLY", "JUST", "ME", "US", "LIKE", "NEED", "MEAN", "EVEN",
+    "QUIERO", "DESEO", "QUEREMOS", "DAR", "DARME", "DARNOS", "DE", "DES", "DEN", "NOS", "QUE",
+})
+_NEGATION_BEFORE_T = frozenset({"DON", "DIDN", "DOESN"})  # "don't" folds to DON T
+_NEGATIONS = frozenset({"DONT", "DIDNT", "DOESNT", "NOT", "NEVER", "NUNCA"})
+_SPANISH_NEGATED = frozenset({"QUIERO", "DESEO", "QUEREMOS", "ME", "NOS", "DES", "DEN"})
+_NEGATION_REACH = 5  # words from the negation to the keyword, at most
+
+
+def _negated(words: list[str]) -> set[int]:
+    """The indices of the stop words a negation in `words` (one sentence) applies to."""
+    out: set[int] = set()
+    for j, word in enumerate(words):
+        if not (word in _NEGATIONS or (word == "T" and j and words[j - 1] in _NEGATION_BEFORE_T)
+                or (word == "NO" and words[j + 1:j + 2]
+                    and words[j + 1] in _SPANISH_NEGATED)):
+            continue
+        for i in range(j + 1, min(len(words), j + 1 + _NEGATION_REACH)):
+            if words[i] in STOP_WORDS:
+                out.add(i)
+                break
+            if words[i] not in _NEGATION_GAP:
+                break
+    return out
+
+
+def _unnegated(body: str, words: list[str]) -> list[str]:
+    """`words` with each negated stop word masked (a token no rule knows)."""
+    clauses = [fold(c) for c in _SENTENCES.split(body)]
+    negated: set[int] = set()
+    if [w for c in clauses for w in c] == words:  # per sentence (else the whole text)
+        base = 0
+        for clause in clauses:
+            negated |= {base + i for i in _negated(clause)}
+            base += len(clause)
+    else:
+        negated = _negated(words)
+    return [f"~{w}" if i in negated else w for i, w in enumerate(words)]
+
+
 def classify(body: str) -> Intent:
     """Return what an inbound text asks for (see the module docstring)."""
     words = fold(body)
     if not words:
         return "unknown"
     question = "?" in body
-    if _opts_out(words, question) or (
-            len(words) > 1 and _ASSENT.match(unicodedata.normalize("NFC", body))
-            and _opts_out(words[1:], question)) or _ends_with_a_keyword(body):
+    asked = _unnegated(body, words)
+    if _opts_out(asked, question) or (
+            len(asked) > 1 and _ASSENT.match(unicodedata.normalize("NFC", body))
+            and _opts_out(asked[1:], question)) or _ends_with_a_keyword(body):
         return "stop"
     first = words[0]
     if first in START_WORDS and all(
