@@ -131,3 +131,45 @@ def test_commands_say_when_redis_is_not_there(tmp_path, booking_doc):
     )
     assert result.returncode == 3
     assert "REMINDERS_REDIS_URL" in result.stderr and "reminders run" in result.stderr
+
+
+def test_show_reads_a_removed_clinics_booking_and_while_config_does_not_load(
+        cli, redis_server, tmp_path, booking_doc):
+    # An ops read of what Redis holds: `show --clinic X ID` refused X as unknown once its
+    # file was removed (exit 2), though its pending reminders go on (and fail "not
+    # configured"), and any booking while config/ did not load (exit 3: a bad edit the
+    # running services survive). Now it shows the booking Redis holds; a clinic neither
+    # configured nor holding that booking is refused as before (a typo reads as nothing).
+    import shutil
+
+    booked = cli("book", "--json", "-", stdin=json.dumps(future(booking_doc)))
+    assert booked.returncode == 0, booked.stderr
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    (config / "clinics" / "glow.toml").unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env.update(REMINDERS_REDIS_URL=redis_server.url, REMINDERS_DATA_DIR=str(tmp_path),
+               REMINDERS_CONFIG_DIR=str(config), PYTHONPATH=str(ROOT))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "reminders"), *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    expected = json.loads(booked.stdout)
+    shown = run("show", "--clinic", "glow", "--json", "A-1042")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == expected
+    table = run("show", "--clinic", "glow", "A-1042")
+    assert table.returncode == 0 and "glow/A-1042" in table.stdout, table.stderr
+    typo = run("show", "--clinic", "glo", "A-1042")
+    assert typo.returncode == 2 and "unknown clinic 'glo'" in typo.stderr, typo.stderr
+    missing = run("show", "--clinic", "glow", "A-9999")
+    assert missing.returncode == 2 and "unknown clinic 'glow'" in missing.stderr
+
+    (config / "clinics" / "demo.toml").write_text("name = [\n", encoding="utf-8")  # broken
+    shown = run("show", "--clinic", "glow", "--json", "A-1042")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == expected
+    cancel = run("cancel", "--clinic", "glow", "A-1042")  # a write still needs config/
+    assert cancel.returncode == 3 and "demo.toml" in cancel.stderr, cancel.stderr
+    assert json.loads(run("show", "--clinic", "glow", "--json", "A-1042").stdout) == expected
