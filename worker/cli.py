@@ -506,7 +506,16 @@ def _on_booking(
 ) -> int:
     """Run `act(store, clinic)` on the named booking and print the timeline it returns;
     `writes`: it stores it (nudge the pump if something of it is due now)."""
-    catalog = Catalog.load(settings)
+    loaded: Catalog | None = None
+    if not writes and args.clinic:
+        store = open_store(settings)
+        unconfigured, loaded = _unconfigured_clinic(args, settings, store)
+        if unconfigured is not None:
+            timeline = act(store, unconfigured)
+            timezone = store.booking_doc(unconfigured, args.booking_id)["patient"]["timezone"]
+            print_timeline(args, timeline, timezone)
+            return EXIT_OK
+    catalog = loaded or Catalog.load(settings)
     clinic = clinic_of(args, catalog)
     store = open_store(settings, catalog)
     timeline = act(store, clinic)
@@ -515,6 +524,30 @@ def _on_booking(
     if writes:
         nudge_if_due(settings, [timeline], datetime.now(UTC))  # a notice is due at once
     return EXIT_OK
+
+
+def _unconfigured_clinic(args: argparse.Namespace, settings: Settings, store: Store
+                         ) -> tuple[str | None, Catalog | None]:
+    """For a read: --clinic when config/ lacks it (removed) or does not load (a bad edit the
+    running services survive) but Redis holds the booking named of it; None when config/
+    has it (taken as always), with the catalog read. A clinic neither configured nor
+    holding that booking is refused as unknown (a typo must not read as "no such
+    booking"), or, config/ broken, with its configuration error."""
+    try:
+        catalog = Catalog.load(settings)
+        if args.clinic in catalog.clinics:
+            return None, catalog
+        broken: ConfigError | None = None
+    except ConfigError as exc:
+        broken = exc
+    try:
+        store.booking_doc(args.clinic, args.booking_id)
+    except NotFound:
+        if broken is not None:
+            raise broken from None
+        raise UsageError(f"--clinic: unknown clinic {args.clinic!r} (not configured, and no "
+                         f"booking {args.booking_id!r} of it)") from None
+    return str(args.clinic), None
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
