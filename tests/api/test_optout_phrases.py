@@ -112,6 +112,10 @@ OPT_OUTS = [
     "Don't worry, stop", "Don't worry stop the texts", "Can't you just stop texting me",
     "Why won't you stop texting me", "No stop texting me", "No, stop", "No please stop",
     "Don't text me stop", "Stop, don't text me again", "No, no quiero mas mensajes. BAJA",
+    # a first sentence that is the keyword, ended by a stop, then a question or a remark
+    # (review rev-patient): `clarify`, the texts kept coming
+    "Stop. Who is this?", "STOP! I never signed up for this", "stop it. I don't want it",
+    "BAJA. ¿Quién es?", "Please stop. I finished my treatment last month and I am fine",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -154,6 +158,7 @@ NOT_OPT_OUTS = [
     ("Is the redness normal? When should I stop?", "clarify"),
     ("My skin burns, should I stop", "clarify"),
     ("I don't know when to stop", "clarify"), ("Who is this? Stop?", "clarify"),
+    ("Stop, is it normal that my skin is red?", "clarify"),
     # the keyword negated (review rev-patient): the patient asked NOT to stop, and was
     # opted out of every SMS, the care-critical ones too
     ("Don't stop", "clarify"), ("Dont stop", "clarify"),
