@@ -72,10 +72,11 @@ In this order:
               Each rule also past an opening assent: "Sí" (accented), or "Si" / "C" before
               a comma or a stop ("Sí, no más mensajes", "C. No more texts"); "si" run on is
               "if" ("Si no me mandan mensajes llamo yo"). Stop wins over the confirmation.
-              (g) the text's last sentence is a sure word with courtesy words only, and
-              the text does not end in a question: "Who is this? Stop", "I am not a
-              patient, stop" (a wrong number, mostly); not "When should I stop?", "I
-              don't know when to stop".
+              (g) a sentence of the text is a sure word with courtesy words only, the
+              last or one ended by a stop or "!", not by "?": "Who is this? Stop", "I am
+              not a patient, stop" (a wrong number, mostly), "Stop. Who is this?"; not
+              "Who is this? Stop?", "Stop, is it normal that my skin is red?", "I don't
+              know when to stop".
               A negated keyword counts for none of these: a negation in its sentence a
               few words before it, with only words such as "want to", "say", "quiero
               darme de" between ("Please don't stop the reminders", "I never said STOP",
@@ -377,21 +378,28 @@ def said_opt_out(words: list[str], question: bool = False) -> bool:
 _ASSENT = re.compile(r"[\s\u00a1]*(?:s\u00ed\b|(?:si|c)\s*[,.;:!])", re.IGNORECASE)
 
 
-# Rule (g): the last sentence of a text is a sure keyword with courtesy words only ("Who is
-# this? Stop", "I am not a patient, stop": a wrong number, mostly); not a question ("When
-# should I stop?"), nor a sentence ending on the word ("I don't know when to stop").
+# Rule (g): a sentence of a text is a sure keyword with courtesy words only, and it is the
+# last ("Who is this? Stop", "I am not a patient, stop": a wrong number, mostly) or ends
+# with a stop or an exclamation mark ("Stop. Who is this?", "BAJA. ¿Quién es?"); not a
+# question ("Who is this? Stop?"), nor the keyword before a comma ("Stop, is it normal
+# that my skin is red?"), nor a sentence ending on the word ("I don't know when to stop").
 _SENTENCES = re.compile(r"[.,;:!?\u00a1\u00bf\n]+")
+_SENTENCE = re.compile(r"([^.,;:!?\u00a1\u00bf\n]*)([.,;:!?\u00a1\u00bf\n]*)")
 
 
 def _ends_with_a_keyword(body: str) -> bool:
-    if body.rstrip().endswith("?"):
-        return False
-    parts = [p for p in _SENTENCES.split(body) if p.strip()]
+    parts = [(text, end) for text, end in _SENTENCE.findall(body) if text.strip()]
     if len(parts) < 2:
         return False  # one sentence: rules a-f decided
-    last = fold(parts[-1])
-    return bool(last) and any(_sure_at(last, i) for i in range(len(last))) and all(
-        w in SURE_STOP_WORDS or w in FILLER_WORDS for w in last)
+    for n, (text, end) in enumerate(parts):
+        last = n == len(parts) - 1
+        if "?" in end or not (last or "." in end or "!" in end or "\n" in end):
+            continue
+        words = fold(text)
+        if words and any(_sure_at(words, i) for i in range(len(words))) and all(
+                w in SURE_STOP_WORDS or w in FILLER_WORDS for w in words):
+            return True
+    return False
 
 
 def _opts_out(words: list[str], question: bool) -> bool:
