@@ -1835,6 +1835,9 @@ def test_two_moves_while_one_attempt_is_parked(tmp_path, redis_client, gateway, 
     assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
     assert shown["status"] == "scheduled" and shown["due_at"] == new_due, shown
     assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]  # not before C
+    # The attempt in flight through both moves still counts (as through one: a killed one
+    # leaves no log line, and only this count tells it began).
+    assert s["record"]["attempts"] == "1" and shown["attempts"] == 1, (s, shown)
 
 
 @pytest.mark.parametrize("answer", [200, 503])
