@@ -3464,10 +3464,20 @@ class Store:
                 add(key, fields, fields["due_epoch"]
                     if result.status == Status.SCHEDULED else None)
 
+        # A reminder an earlier change took off `sending` (rescheduled, cancelled) while its
+        # attempt is still at the provider: that attempt still counts, as the reconcile keeps
+        # the count of one being sent (worker/reconcile.py `reconcile_one`).
+        counting = self._in_flight_keys(clinic, booking_id, [
+            c.key for c in result.changes if c.fields is not None
+            and c.fields.get("attempts") == "0"
+            and records.get(c.key, {}).get("status") not in (None, Status.SENT, Status.SENDING)
+            and records.get(c.key, {}).get("attempts", "0") not in ("", "0")])
         for change in result.changes:
             key = change.key
             if change.fields is not None:
                 fields = dict(change.fields)
+                if key in counting:
+                    fields["attempts"] = records[key]["attempts"]
                 if change.bump:
                     fields["version"] = str(version)
                     rm_lease.append(key)
