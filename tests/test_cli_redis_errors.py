@@ -65,3 +65,24 @@ def test_a_redis_error_quoting_a_patients_address_is_one_scrubbed_line(
     done = book(env)
     assert done.returncode == 3, (done.returncode, done.stderr)
     assert "Traceback" in done.stderr and "WRONGTYPE" in done.stderr, done.stderr
+
+
+def test_a_command_the_acl_denies_is_named_on_the_one_line(redis_server, redis_client,
+                                                            tmp_path):
+    # Redis's ACL user lacks a command `book` needs (no @scripting: a "+@read +@write"
+    # user): the line said "NoPermissionError", and what to grant was only in the
+    # DEBUG traceback. It names the command denied (worker/health.py `error_detail`, as
+    # `reminders health` and the API do), never the user, its password or the message.
+    user, password = "bookings-only", "pw-of-the-acl-user"
+    redis_client.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "~*",
+                                 "&*", "+@all", "-@scripting")
+    try:
+        url = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0"
+        done = book(cli_env(url, tmp_path))
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", user)
+    assert done.returncode == 3, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "NoPermissionError" in last and "'evalsha' denied" in last, done.stderr
+    assert user not in done.stderr and password not in done.stderr, done.stderr
