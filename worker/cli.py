@@ -1121,6 +1121,11 @@ def redis_failure(exc: Exception, command: str) -> str:
     if _CODE.fullmatch(code):
         what += f" {code}"
     at = f" at {found.group(1).upper()}" if found else ""
+    from .health import acl_denied, error_detail  # only on this failure
+
+    if acl_denied(exc):  # what to grant, named safely (never the user or the message)
+        return scrub(f"Redis error while {doing}: {error_detail(exc)}{at}: Redis's ACL "
+                     "denies it to the user of REMINDERS_REDIS_URL; grant it")
     return scrub(f"Redis error while {doing}: {what}{at} (the message is shown at "
                  "REMINDERS_LOG_LEVEL=DEBUG only: it may quote contact details)")
 
