@@ -10,6 +10,7 @@ import pytest
 
 from tests.api import test_inbound as inbound
 from tests.api.test_inbound import ANA, book, message_of, reminders, text
+from worker.api.inbound import reply_text
 from worker.optout import classify
 
 server = inbound.server  # the API's fixtures
@@ -19,7 +20,8 @@ tw = inbound.tw
 @pytest.mark.parametrize("body", [
     "Resume tretinoin tonight?", "resume my retinol now", "Start the cream tomorrow?",
     "Alta fiebre desde ayer", "Alta temperatura, ¿es normal?", "Reanudar el retinol hoy?",
-    "Unstop the peeling?",
+    "Unstop the peeling?", "Don't start", "When do the texts start?",
+    "Start tretinoin again. Thanks", "I will start the cream. Alta fiebre",
 ])
 def test_a_sentence_beginning_with_a_start_word_is_not_an_opt_in(body):
     assert classify(body) != "start", body
@@ -28,6 +30,12 @@ def test_a_sentence_beginning_with_a_start_word_is_not_an_opt_in(body):
 @pytest.mark.parametrize("body", [
     "START", "Start!", "unstop please", "Start again", "START texts please", "Alta",
     "alta por favor", "Reanudar mensajes", "Resume reminders", "start sending me texts",
+    # courtesy words or an assent before it, or a last sentence of its own (review
+    # rev-patient): `unknown` or `confirm`, and an opted-out number gets no answer to
+    # those: the patient asked for the texts back and heard nothing
+    "Please start", "Ok start", "Hi, START", "Yes, start again", "Sorry, START",
+    "Thanks. START", "Please unstop", "Por favor alta", "Oops, START",
+    "I didn't mean to stop. START", "Sorry I sent stop by mistake. Start",
 ])
 def test_a_start_word_with_courtesy_words_is_an_opt_in(body):
     assert classify(body) == "start", body
@@ -45,3 +53,20 @@ def test_an_opted_out_patient_asking_about_resuming_tretinoin_stays_opted_out(se
     assert reminders(tw, "A-1") == before
     due = store.redis.zrange(store.due_key, 0, -1)
     assert not [ref for ref in due if ref.endswith(":sms")], due
+
+
+@pytest.mark.parametrize("body", ["Please start", "I didn't mean to stop. START"])
+def test_an_opted_out_patient_asking_for_the_texts_back_gets_them(server, tw, body):
+    """Real HTTP: STOP, then a START with courtesy words before it, or as its own last
+    sentence: opted in, the SMS back in the schedule, the START answer (it was silence:
+    an opted-out number gets no answer to an unknown or clarify text)."""
+    book(tw, "A-1")
+    message_of(text(server, "STOP"))
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "sms", ANA) is not None
+    answer = message_of(text(server, body))
+    assert answer == reply_text(server.settings.templates_dir, "en", "start",
+                                server.app.state.services.catalog.clinics["tw"])
+    assert store.opted_out("tw", "sms", ANA) is None
+    back = [r for r in reminders(tw, "A-1").values() if r["channel"] == "sms"]
+    assert back and all(r["status"] == "scheduled" for r in back), back
