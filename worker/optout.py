@@ -82,10 +82,12 @@ In this order:
               darme de" between ("Please don't stop the reminders", "I never said STOP",
               "Don't opt me out", "No quiero darme de baja": clarify). Not "Don't worry,
               stop", "Can't you just stop texting me".
-  start       the text begins with a word of START_WORDS and holds nothing but fillers and
-              "again" ("START", "Unstop please", "Start again", "Alta"): not a sentence
-              that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a high
-              fever), which must not opt the number in (START puts its SMS back).
+  start       the text, or its last sentence (not a question), holds a word of START_WORDS
+              and nothing but fillers, "again", and before it an assent or an apology
+              ("START", "Unstop please", "Start again", "Alta", "Please start", "Yes,
+              start again", "Oops, START", "I didn't mean to stop. START"): not a
+              sentence that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a
+              high fever), which must not opt the number in (START puts its SMS back).
   help        the text begins with a word of HELP_WORDS ("HELP", "info?", "Ayuda").
   change      a word of CHANGE_WORDS (cancel, cancelar, cambiar, anular, reschedule,
               reprogramar) that is not an opt-out: "Can I cancel Tuesday and come
@@ -100,9 +102,10 @@ In this order:
               STOP to stop texts; call us to change your visit"), at most once a day.
   unknown     anything else.
 
-START, HELP and the replies match only at the start of the text ("when do I start the
-cream?" is a question, not a request to resume). A mistaken opt-out costs one reply that
-says how to resume (START); a missed one is caught by the clarifying answer.
+HELP and the replies match only at the start of the text, START only with the words its
+rule names ("when do I start the cream?" is a question, not a request to resume). A
+mistaken opt-out costs one reply that says how to resume (START); a missed one is caught
+by the clarifying answer.
 
 Signature (Twilio's scheme, https://www.twilio.com/docs/usage/security): base64 of
 HMAC-SHA1, keyed with the account's auth token, over the full URL Twilio requested
@@ -454,6 +457,33 @@ def _unnegated(body: str, words: list[str]) -> list[str]:
     return [f"~{w}" if i in negated else w for i, w in enumerate(words)]
 
 
+# Before a start word, besides courtesy words: an assent or an apology ("Yes, start again",
+# "Oops, START"), which name nothing else.
+_START_BEFORE = frozenset({"YES", "YEAH", "YEP", "SI", "SORRY", "OOPS", "PERDON"})
+
+
+def _is_start(words: list[str]) -> bool:
+    """Whether `words` hold a start word and nothing but courtesy words, "again", or an
+    assent or an apology before it."""
+    seen = False
+    for word in words:
+        if word in START_WORDS:
+            seen = True
+        elif not (word in FILLER_WORDS or word in _START_AROUND
+                  or (not seen and word in _START_BEFORE)):
+            return False
+    return seen
+
+
+def _asks_to_start(body: str, words: list[str]) -> bool:
+    """The start rule: the text, or its last sentence (not a question), is a start word
+    with courtesy words ("Please start", "I didn't mean to stop. START")."""
+    if _is_start(words):
+        return True
+    parts = [(text, end) for text, end in _SENTENCE.findall(body) if text.strip()]
+    return len(parts) > 1 and "?" not in parts[-1][1] and _is_start(fold(parts[-1][0]))
+
+
 def classify(body: str) -> Intent:
     """Return what an inbound text asks for (see the module docstring)."""
     words = fold(body)
@@ -466,8 +496,7 @@ def classify(body: str) -> Intent:
             and _opts_out(asked[1:], question)) or _ends_with_a_keyword(body):
         return "stop"
     first = words[0]
-    if first in START_WORDS and all(
-            w in START_WORDS or w in FILLER_WORDS or w in _START_AROUND for w in words):
+    if _asks_to_start(body, words):
         return "start"
     if first in HELP_WORDS:
         return "help"
