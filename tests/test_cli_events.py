@@ -221,3 +221,40 @@ def test_given_up_events_that_expired_leave_the_list(redis_client, settings, rec
     deliver_all(events, catalog, settings)
     (newer,) = events.dead()
     assert newer != older
+
+
+def test_given_up_events_are_listed_with_their_clinic_removed_or_config_broken(
+        redis_server, redis_client, tmp_path, settings, config, receiver, booking_doc):
+    # `events dead` read config/ first, for nothing: it exited 3 while config/ did not
+    # load (a bad edit the running services survive, as `dead-letters` lists on), and
+    # `--clinic X` refused a clinic removed from config/ whose given-up events are still
+    # there ("unknown clinic", exit 2; `dead-letters --clinic` lists such a clinic's).
+    # A clinic neither configured nor with given-up events is refused as before.
+    catalog = Catalog.load(settings)
+    store = Store(redis_client, PREFIX, hooks=lambda clinic: "booking.held")
+    events = Events(redis_client, PREFIX, retention_days=settings.retention_days)
+    hold(store, catalog, booking_doc, "demo")
+    (demo_id,) = (e.id for e in events.pending())
+    receiver.status = 503
+    assert deliver_all(events, catalog, settings)[-1] == "given up: webhook answered HTTP 503"
+    env = cli_env(redis_server.url, tmp_path, config)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "reminders"), "events", *args],
+                              env=env | {"PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    (config / "clinics" / "demo.toml").unlink()  # removed
+    only = cli("dead", "--clinic", "demo")
+    assert only.returncode == 0, only.stderr
+    assert only.stdout.split()[:2] == [f"ev:{demo_id}", "demo"], only.stdout
+    typo = cli("dead", "--clinic", "dem")
+    assert typo.returncode == 2 and "unknown clinic 'dem'" in typo.stderr, typo.stderr
+
+    (config / "clinics" / "glow.toml").write_text("name = [\n", encoding="utf-8")  # broken
+    for args in (("dead",), ("dead", "--clinic", "demo")):
+        listed = cli(*args)
+        assert listed.returncode == 0, (args, listed.stderr)
+        assert listed.stdout.split()[:2] == [f"ev:{demo_id}", "demo"], listed.stdout
+    other = cli("dead", "--clinic", "glow")  # none of it: whether it exists needs config/
+    assert other.returncode == 3 and "glow.toml" in other.stderr, other.stderr
