@@ -687,15 +687,17 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     from .connections import client
     from .webhooks import EVENT_REF, Events
 
-    catalog = Catalog.load(settings)
     chosen = getattr(args, "clinic", None)
-    if chosen is not None and chosen not in catalog.clinics:
-        raise UsageError(f"--clinic: unknown clinic {chosen!r}")
     events = Events(client(settings), settings.key_prefix,
                     retention_days=settings.retention_days)
     as_json = getattr(args, "json", False)
     if args.action == "dead":
+        # Reads Redis only: config/ is read just to tell a typo from a clinic with none
+        # (one removed from config/ that left given-up events is listed, as dead letters).
         dead = events.dead_events(chosen)
+        if chosen is not None and not dead and chosen not in Catalog.load(settings).clinics:
+            raise UsageError(f"--clinic: unknown clinic {chosen!r} (not configured, and no "
+                             "given-up events of it)")
         if as_json:
             print(json.dumps(dead, indent=2, ensure_ascii=False))
         elif not dead:
@@ -706,6 +708,9 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
                   f"attempts={d['attempts']}  given_up_at={d['given_up_at']}  "
                   f"{d['reason'] or ''}".rstrip())
         return EXIT_OK
+    catalog = Catalog.load(settings)
+    if chosen is not None and chosen not in catalog.clinics:
+        raise UsageError(f"--clinic: unknown clinic {chosen!r}")
     names: list[str] = args.ids
     clinic = chosen
     if any(not n.startswith(EVENT_REF) for n in names):
