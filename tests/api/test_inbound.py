@@ -176,6 +176,18 @@ def test_one_confirmation_then_nothing_else(server, tw):
     assert help_answer and "STOP" in help_answer
 
 
+@pytest.mark.parametrize("body", ["Hi, HELP", "Please help", "Hola, ayuda", "Hello. HELP"])
+def test_help_after_a_greeting_is_answered_also_when_opted_out(server, tw, body):
+    """HELP is always answered (CTIA), but only a text beginning with it was: "Hi, HELP"
+    was unknown, which an opted-out number gets no answer to (review rev-patient)."""
+    book(tw, "A-1")
+    assert message_of(text(server, "STOP")) is not None
+    services = server.app.state.services
+    assert message_of(text(server, body)) == reply_text(
+        server.settings.templates_dir, "en", "help", services.catalog.clinics["tw"])
+    assert services.store.opted_out("tw", "sms", ANA) is not None
+
+
 def test_two_stops_at_once_get_one_confirmation(server, tw):
     """Both texts are read before either opts out (a barrier holds each at the store's
     opt-out): the reply follows the opt-out script's own answer, so one confirmation."""
