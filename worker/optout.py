@@ -88,7 +88,8 @@ In this order:
               start again", "Oops, START", "I didn't mean to stop. START"): not a
               sentence that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a
               high fever), which must not opt the number in (START puts its SMS back).
-  help        the text begins with a word of HELP_WORDS ("HELP", "info?", "Ayuda").
+  help        the text begins with a word of HELP_WORDS, perhaps after courtesy words
+              ("HELP", "info?", "Ayuda", "Hi, HELP", "Please help").
   change      a word of CHANGE_WORDS (cancel, cancelar, cambiar, anular, reschedule,
               reprogramar) that is not an opt-out: "Can I cancel Tuesday and come
               Friday?", "Cancel my appointment", "¿Puedo cambiar la cita?". The clinic is
@@ -498,7 +499,9 @@ def classify(body: str) -> Intent:
     first = words[0]
     if _asks_to_start(body, words):
         return "start"
-    if first in HELP_WORDS:
+    # After a greeting or courtesy words too ("Hi, HELP", "Please help"): HELP is always
+    # answered, and an opted-out number gets no answer to an unknown text.
+    if next((w for w in words if w not in FILLER_WORDS), first) in HELP_WORDS:
         return "help"
     if CHANGE_WORDS.intersection(words) and not (
             first in RESCHEDULE_WORDS and first not in _SINGLE_LETTERS):
