@@ -1925,3 +1925,29 @@ def test_a_move_while_a_message_waits_to_retry_sends_it_at_its_new_time(
     assert s["record"]["status"] == "scheduled" and s["record"]["version"] == "2", s
     assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
     assert (s["lease"], s["ledger"]) == (None, None), s
+
+
+def test_a_dated_sms_at_the_gateway_moved_past_then_ahead_goes_again_for_the_new_date(rig):
+    """The day-before SMS ("see you at <A>") is at the gateway; the visit moves to within
+    the next two hours (its time passed: a move would not send it again, noted as gone),
+    then to C days ahead, before the attempt ends: delivered, it went out for A, and a
+    message before the visit that went out for an old date goes again for the new one
+    (README "Before the new date"): at C's time, once more, not lost."""
+    ref = prep(1)
+    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
+    rig.gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    rig.gateway.wait_held()
+    rig.book(rig.doc(1, starts_in=timedelta(hours=1)))  # its time has passed: noted
+    last = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    new_due = datetime.fromisoformat(
+        {r["id"]: r for r in last["reminders"]}["prep:sms"]["due_at"]).timestamp()
+    rig.gateway.release(200)
+    wait_for(lambda: rig.state(ref)["log"])
+    rig.drain()
+    assert len(rig.gateway.to(phone(1))) == 1
+    timeline = rig.store.timeline("rc", "R-1")
+    for_c = [r for r in timeline["reminders"] if r["step"] in ("prep", "again-prep")
+             and r["status"] == "scheduled"]
+    assert [datetime.fromisoformat(r["due_at"]).timestamp() for r in for_c] == [new_due], [
+        (r["id"], r["status"], r["due_at"]) for r in timeline["reminders"]]
