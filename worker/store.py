@@ -3281,9 +3281,15 @@ class Store:
                      == Status.CANCELLED}
         sending = {k: {**r, "status": Status.SENDING} if k in at_cancel else r
                    for k, r in records.items()}
+        # One noted by an earlier change that this one moves where it goes again for the
+        # new date (sent for an old date, a message before the visit whose new time is
+        # ahead): no longer noted, its delivery is history beside the new plan, which sends
+        # it for the new date (noted, it was recorded as the reminder's send: none for it).
         gone = " ".join(sorted(set(
             [entry for entry in noted
-             if stored.reminders.get(entry.rpartition("@")[0], {}).get("status") in PENDING]
+             if stored.reminders.get(entry.rpartition("@")[0], {}).get("status") in PENDING
+             and not _again_as_sent(plan, records, entry.rpartition("@")[0],
+                                    booking.starts_at, now)]
             + [at_cancel.get(key) or f"{key}@{records[key].get('version', '')}"
                for key in _in_flight_gone(plan, sending, booking.starts_at, now)])))
         last = max([r.due_at.timestamp() for r in plan.reminders]
@@ -4980,6 +4986,20 @@ def _goes_again(
                 or r.status != Status.SCHEDULED or r.due_at <= now or r.due_at >= start
                 or _LATE in r.reason or record.get("status") != Status.SENT
                 or record.get("planned_epoch") == repr(r.due_at.timestamp()))
+
+
+def _again_as_sent(
+    plan: Plan, stored: Mapping[str, Mapping[str, str]], key: str, start: datetime,
+    now: datetime,
+) -> bool:
+    """Whether the plan's reminder `key`, were it sent, goes again for the new date
+    (`_goes_again`, `_repauses`)."""
+    pause, _ = parse_notice_steps(plan.notice_steps)
+    r = next((r for r in plan.reminders if r.key == key), None)
+    if r is None:
+        return False
+    as_sent = {**stored, key: {**stored.get(key, {}), "status": Status.SENT}}
+    return _goes_again(r, pause, as_sent, start, now) or _repauses(r, pause, as_sent, now)
 
 
 def _in_flight_gone(
