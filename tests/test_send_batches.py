@@ -1727,8 +1727,12 @@ NOTICED = PROTOCOL.replace('template = "stop-retinoids"\n',
                            'template = "stop-retinoids"\npause = true\n')  # with notices
 
 
+@pytest.mark.parametrize("answer", [200, 503])
 def test_a_move_then_a_cancel_while_a_dated_sms_is_parked_tells_the_patient(
-        tmp_path, redis_client, gateway):
+        tmp_path, redis_client, gateway, answer):
+    """Delivered, the patient had "see you on <the old date>": the cancel is told, once.
+    Refused, nothing went out but it might have (README: a needless cancel notice is
+    harmless, a missing one is not): the cancel is told; the SMS never goes."""
     rig = Rig(tmp_path, redis_client, gateway, protocol=NOTICED)
     ref = prep(1)  # the day-before SMS: it names the visit's date
     rig.book(rig.doc(1, starts_in=timedelta(days=2)))
@@ -1738,24 +1742,30 @@ def test_a_move_then_a_cancel_while_a_dated_sms_is_parked_tells_the_patient(
     moved = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
     assert "rescheduled#1:sms" in {r["id"] for r in moved["reminders"]}  # it counted then
     rig.store.cancel("rc", "R-1", datetime.now(UTC))
-    rig.gateway.release(200)
+    rig.gateway.release(answer)
     wait_for(lambda: rig.state(ref)["log"])
     rig.drain()
     s = rig.state(ref)
-    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
-    assert s["log"][-1]["result"] == "stale: recorded as sent", s
-    # The patient had "see you on <the old date>": the cancel is told, once.
+    if answer == 200:
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert s["log"][-1]["result"] == "stale: recorded as sent", s
+    else:
+        assert s["record"]["status"] == "cancelled" and s["ledger"] is None, s
+        assert s["log"][-1]["result"] == "stale", s
+    assert (s["due"], s["lease"]) == (None, None), s
     timeline = rig.store.timeline("rc", "R-1")
     assert timeline["status"] == "cancelled"
     notices = {r["id"]: r for r in timeline["reminders"] if "#" in r["id"]}
     assert notices["rescheduled#1:sms"]["status"] == "cancelled", notices
     assert notices.get("cancelled#2:sms", {}).get("status") == "scheduled", notices
+    rig.gateway.hold = set()
     rig.lanes = Lanes(rig.ctx, watchdog=Watchdog(kill=lambda: None))
     rig.hand(rig.claim("rc/R-1/cancelled#2:sms"))
     wait_for(lambda: settled(rig, "rc/R-1/cancelled#2:sms"))
     rig.drain()
     assert rig.store.record("rc/R-1/cancelled#2:sms")["status"] == "sent"
-    assert len(rig.gateway.to(phone(1))) == 2  # the day-before SMS, then the cancel
+    # The day-before SMS (delivered or refused), then the cancel: nothing more.
+    assert len(rig.gateway.to(phone(1))) == 2
     assert rig.store.claim_due(100, LEASE) == []
 
 
@@ -1951,3 +1961,26 @@ def test_a_dated_sms_at_the_gateway_moved_past_then_ahead_goes_again_for_the_new
              and r["status"] == "scheduled"]
     assert [datetime.fromisoformat(r["due_at"]).timestamp() for r in for_c] == [new_due], [
         (r["id"], r["status"], r["due_at"]) for r in timeline["reminders"]]
+
+
+def test_a_dated_sms_at_the_gateway_cancelled_and_booked_again_goes_for_the_new_date(rig):
+    """The day-before SMS is at the gateway when the booking is cancelled and booked again
+    days later: delivered, it went out for the old date; the re-opened plan sends it for
+    the new one at its time, once (not noted as gone at the re-open)."""
+    ref = prep(1)
+    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
+    rig.gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    rig.gateway.wait_held()
+    rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    again = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    new_due = {r["id"]: r for r in again["reminders"]}["prep:sms"]["due_at"]
+    rig.gateway.release(200)
+    wait_for(lambda: rig.state(ref)["log"])
+    rig.drain()
+    s = rig.state(ref)
+    assert len(rig.gateway.to(phone(1))) == 1
+    assert s["log"][-1]["result"] == "stale: delivery recorded beside the new plan", s
+    assert s["record"]["status"] == "scheduled" and s["record"]["sent_version"] == "1", s
+    assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
+    assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]  # not before then
