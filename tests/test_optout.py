@@ -96,6 +96,23 @@ def test_start_help_and_replies(text, intent):
     assert classify(text) == intent
 
 
+@pytest.mark.parametrize("text,intent", [
+    # a confirmation stays one with what usually follows it
+    ("Yes see you then", "confirm"), ("Yes, I'll be there", "confirm"),
+    ("Sí, allí estaré", "confirm"), ("Confirmed, thanks!", "confirm"),
+    ("Yes no problem", "confirm"), ("Yes, don't worry", "confirm"),
+    # not a visit the patient can keep: the clinic is asked to call (review rev-patient)
+    ("Yes I can't make it", "change"), ("Yes I cannot come", "change"),
+    ("Yes, I need to change the time", "change"), ("Yes I will be late", "change"),
+    ("Yes I won't be able to come", "change"), ("Si pero no puedo ir", "change"),
+    ("Sí, pero no podré llegar a esa hora", "change"), ("C, but I'd like another day", "change"),
+    # a question: no confirmation
+    ("Yes?", "unknown"), ("C?", "unknown"), ("Yes, can I come at 5 instead?", "change"),
+])
+def test_a_confirm_word_first_confirms_only_a_visit_the_patient_keeps(text, intent):
+    assert classify(text) == intent
+
+
 @pytest.mark.parametrize("text", [
     "", "   ", "?!", "Hello", "C you tomorrow",  # a lone letter counts only alone
     "R u open?", "when do I start the cream?",  # START/HELP only at the start

@@ -325,6 +325,40 @@ def test_cancel_in_a_sentence_asks_the_clinic_to_call_and_opts_nothing_out(
     assert kinds == [("alert", "reschedule"), ("webhook", "reschedule")]  # as R does
 
 
+@pytest.mark.parametrize("body,locale", [
+    ("Yes I can't make it", "en"), ("Yes, I need to change the time", "en"),
+    ("Yes I will be late", "en"), ("Si pero no puedo ir", "es"),
+    ("Sí, pero no podré llegar a esa hora", "es"),
+])
+def test_yes_then_a_visit_the_patient_cannot_keep_asks_the_clinic_to_call(
+        server, tw, body, locale):
+    """A text beginning with "Yes" / "Sí" confirmed the visit whatever followed: "Yes I
+    can't make it" answered "your visit on ... is confirmed" and told the clinic so (review
+    rev-patient). It asks the clinic to call, as a change does, and confirms nothing."""
+    book(tw, "A-1", patient_locale=locale)
+    services = server.app.state.services
+    assert message_of(text(server, body)) == reply_text(
+        server.settings.templates_dir, locale, "change", services.catalog.clinics["tw"])
+    timeline = tw.get("/v1/bookings/A-1").json()
+    assert timeline.get("call_requested_at") and not timeline.get("confirmed_at"), timeline
+    kinds = sorted((e.kind, e.fields["reply"]) for e in events(server)
+                   if e.type == "patient.replied")
+    assert kinds == [("alert", "reschedule"), ("webhook", "reschedule")]
+
+
+@pytest.mark.parametrize("body", ["Yes?", "C?", "Yes, can I come at 5 instead?",
+                                  "Yes I have a question about the cream?"])
+def test_yes_in_a_question_confirms_nothing(server, tw, body):
+    """"Yes?" or "C?" asks something: it confirmed the visit and said so (review
+    rev-patient). Not a confirmation: the clinic is told nothing; the help-style answer."""
+    book(tw, "A-1")
+    reply = message_of(text(server, body))
+    assert reply is None or "confirmed" not in reply, reply
+    assert not tw.get("/v1/bookings/A-1").json().get("confirmed_at")
+    assert not [e for e in events(server) if e.type == "patient.replied"
+                and e.fields["reply"] == "confirm"]
+
+
 @pytest.mark.parametrize("body", ["see you at the end of the week", "Should I stop the cream?",
                                   "¿Tengo que parar la crema antes?", "I quit smoking, is that ok"])
 def test_a_stop_word_in_a_sentence_gets_one_clarifying_answer(server, tw, body):
