@@ -95,7 +95,9 @@ In this order:
               Friday?", "Cancel my appointment", "¿Puedo cambiar la cita?". The clinic is
               asked to call (as R), and the answer says how to stop texts too.
   confirm     the text begins with a word of CONFIRM_WORDS ("C", "Confirm", "Sí, confirmo");
-              the single letter only alone.
+              the single letter only alone. Not a question ("Yes?": unknown), and not a
+              visit the patient cannot keep or wants changed ("Yes I can't make it", "Si
+              pero no puedo ir", "Yes, I need to change the time": change).
   reschedule  the text begins with a word of RESCHEDULE_WORDS ("R", "Reschedule please",
               "Cambiar"); the single letter only alone.
   clarify     any other text holding a stop word: "see you at the end of the week",
@@ -485,6 +487,33 @@ def _asks_to_start(body: str, words: list[str]) -> bool:
     return len(parts) > 1 and "?" not in parts[-1][1] and _is_start(fold(parts[-1][0]))
 
 
+# What turns a text beginning with a confirm word into a change: a visit the patient
+# cannot keep ("can't", "won't be able", "no puedo") or wants changed ("change the time",
+# "another day", "late", "instead").
+_CANNOT = frozenset({"CANT", "CANNOT", "WONT", "COULDNT", "UNABLE"})
+_CANNOT_BEFORE_T = frozenset({"CAN", "WON", "COULDN"})  # "can't" folds to CAN T
+_NOT_ABLE = frozenset({"ABLE", "COMING", "GOING", "MAKE", "ATTEND"})  # after NOT
+_SPANISH_CANNOT = frozenset({"PUEDO", "PODRE", "PODEMOS", "PODREMOS", "VOY", "VAMOS",
+                             "LLEGO", "LLEGARE", "VENGO", "IRE", "ASISTIRE"})  # after NO
+_CHANGED = frozenset({"CHANGE", "RESCHEDULE", "MOVE", "LATE", "INSTEAD", "CAMBIAR",
+                      "CAMBIO", "REPROGRAMAR", "MOVER", "TARDE"})
+_OTHER = frozenset({"ANOTHER", "DIFFERENT", "OTHER", "OTRO", "OTRA"})
+_WHEN = frozenset({"DAY", "TIME", "DATE", "WEEK", "DIA", "HORA", "FECHA", "SEMANA"})
+
+
+def _keeps_no_visit(words: list[str]) -> bool:
+    """Whether the words say the visit will not be kept as it is (see `_CANNOT`)."""
+    for j, word in enumerate(words):
+        after = words[j + 1] if j + 1 < len(words) else ""
+        if (word in _CANNOT or word in _CHANGED
+                or (word == "T" and j and words[j - 1] in _CANNOT_BEFORE_T)
+                or (word == "NOT" and after in _NOT_ABLE)
+                or (word == "NO" and after in _SPANISH_CANNOT)
+                or (word in _OTHER and after in _WHEN)):
+            return True
+    return False
+
+
 def classify(body: str) -> Intent:
     """Return what an inbound text asks for (see the module docstring)."""
     words = fold(body)
@@ -506,6 +535,13 @@ def classify(body: str) -> Intent:
     if CHANGE_WORDS.intersection(words) and not (
             first in RESCHEDULE_WORDS and first not in _SINGLE_LETTERS):
         return "change"
+    if first in CONFIRM_WORDS:
+        # "Yes I can't make it", "Si pero no puedo ir": the clinic is asked to call, as a
+        # change; "Yes?" asks something: neither confirms the visit.
+        if _keeps_no_visit(words):
+            return "change"
+        if question:
+            return "unknown"
     for intent, table in (("confirm", CONFIRM_WORDS), ("reschedule", RESCHEDULE_WORDS)):
         if first in table and (first not in _SINGLE_LETTERS or len(words) == 1):
             return intent  # type: ignore[return-value]
