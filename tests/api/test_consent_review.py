@@ -298,7 +298,9 @@ def test_an_opt_out_after_yes_or_but_is_an_opt_out(body):
 
 @pytest.mark.parametrize("body,intent", [
     ("Yes", "confirm"), ("Yes, see you Friday", "confirm"), ("yes confirmed", "confirm"),
-    ("Yes no more tretinoin?", "confirm"), ("But I got no more texts after Tuesday", "unknown"),
+    # a question: no opt-out, and since a confirm word in a question confirms nothing
+    # ("Yes?"), no confirmation either
+    ("Yes no more tretinoin?", "unknown"), ("But I got no more texts after Tuesday", "unknown"),
 ])
 def test_yes_or_but_alone_opts_nothing_out(body, intent):
     from worker.optout import classify
