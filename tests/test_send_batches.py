@@ -1984,3 +1984,27 @@ def test_a_dated_sms_at_the_gateway_cancelled_and_booked_again_goes_for_the_new_
     assert s["record"]["status"] == "scheduled" and s["record"]["sent_version"] == "1", s
     assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
     assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]  # not before then
+
+
+def test_a_move_after_a_dated_sms_of_unknown_outcome_tells_the_patient(
+        tmp_path, redis_client, gateway):
+    """The day-before SMS's connection is cut after the hand-over (unknown outcome: the
+    provider may have it, retried once its ledger expires); the visit moves before that
+    retry. It may have gone out naming the old date, as one still being sent may have: the
+    move is told (README: a needless notice is harmless, a missing one is not)."""
+    rig = Rig(tmp_path, redis_client, gateway, protocol=NOTICED)
+    ref = prep(1)
+    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
+    gateway.hold = {phone(1)}
+    rig.hand(rig.claim(ref))
+    gateway.wait_held()
+    gateway.release(0)
+    wait_for(lambda: rig.state(ref)["log"])
+    s = rig.state(ref)
+    assert s["log"][-1]["outcome"] == "unknown" and s["record"]["status"] == "retrying", s
+    assert s["ledger"] not in (None, "sent"), s  # kept until it expires
+    moved = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    rig.drain()
+    shown = {r["id"]: r for r in moved["reminders"]}
+    assert shown.get("rescheduled#1:sms", {}).get("status") == "scheduled", shown
+    assert len(gateway.to(phone(1))) == 1
