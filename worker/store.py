@@ -3606,14 +3606,22 @@ class Store:
     ) -> Mapping[str, Mapping[str, str]]:
         """`reminders` as a change notice counts what went out: one an earlier change took
         off `sending` (a move rescheduled it, a cancel cancelled it) while its attempt is
-        still at the provider shows as `sending` (it may go out: "a message being sent at
-        the moment of the change counts as gone out"). Without this, a move then a cancel
-        (or a second move) while it is at the provider told the patient nothing, though
-        it then went out naming the old date."""
+        still at the provider, or one of unknown outcome waiting for its ledger to expire,
+        shows as `sending` (it may go out, or have: "a message being sent at the moment of
+        the change counts as gone out"). Without this, a move then a cancel (or a second
+        move) while it is at the provider, or a move after a send cut after the hand-over,
+        told the patient nothing, though it went out naming the old date."""
         keys = [k for k, r in reminders.items()
                 if r and r.get("status") not in (Status.SENT, Status.SENDING)
                 and not r.get("sent_at")]
-        flying = self._in_flight_keys(clinic, booking_id, keys)
+        # Its ledger holds an attempt's token: at its provider, or of unknown outcome (kept
+        # until it expires: the provider may have it), as worker/dispatch.py
+        # `_told_in_flight` reads it (a notice waits for it to go or not).
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(self.ledger_key(ref_of(clinic, booking_id, key)))
+        flying = {key for key, ledger in zip(keys, pipe.execute() if keys else [], strict=True)
+                  if ledger and ledger != "sent"}
         if not flying:
             return reminders
         return {k: {**r, "status": Status.SENDING} if k in flying else r
