@@ -75,3 +75,49 @@ def test_a_command_the_acl_denies_is_a_503_naming_it_not_a_500(serve, own, caplo
     assert answer.json()["redis"] == "error", answer.text
     assert denied in answer.json()["status"], answer.text
     admin.close()
+
+
+def test_a_redis_busy_running_a_long_script_is_a_503_not_a_500(serve, own, caplog):  # noqa: F811
+    """A Lua script running past `busy-reply-threshold` (a long migration, a foreign tool's
+    script on the same Redis) makes Redis answer BUSY to every other command until it ends:
+    nothing runs. The clinic routes answered the catch-all's 500 "internal error", logged
+    as an unhandled exception; it is a moment's unavailability, as a Redis that is down:
+    503 with Retry-After, nothing stored, and the same request works once it ends."""
+    import threading
+    import time
+
+    admin = connect(own.url)
+    key = ApiKeys(admin, "reminders").issue("glow").key
+    admin.config_set("busy-reply-threshold", 100)  # ms (lua-time-limit)
+    api = serve(redis_url=own.url)
+    spin = ("local t0 = redis.call('TIME') local s = tonumber(t0[1]) + tonumber(ARGV[1]) "
+            "while tonumber(redis.call('TIME')[1]) < s do end return 1")
+    runner = connect(own.url)
+    thread = threading.Thread(target=lambda: runner.eval(spin, 0, 3), daemon=True)
+    with api.client(key) as clinic, caplog.at_level(logging.INFO):
+        thread.start()
+        probe = connect(own.url)
+        deadline = time.monotonic() + 5
+        while True:  # until Redis answers BUSY
+            try:
+                probe.ping()
+            except Exception as exc:  # noqa: BLE001
+                if "BUSY" in str(exc):
+                    break
+            assert time.monotonic() < deadline, "the script did not make Redis busy"
+            time.sleep(0.02)
+        before = time.monotonic()
+        put = clinic.put("/v1/bookings/B-1", json=future_booking("B-1"))
+        busy_still = time.monotonic() - before < 2.5
+        thread.join(timeout=10)
+        again = clinic.put("/v1/bookings/B-1", json=future_booking("B-1"))
+    assert busy_still, "the request outlived the script: it did not meet BUSY"
+    assert put.status_code == 503, put.text
+    assert put.headers["retry-after"] == "5"
+    assert_error_shape(put.json(), "unavailable")
+    assert "busy" in put.json()["error"]["message"], put.text
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("unhandled" in s for s in said), said
+    assert again.status_code == 201, again.text
+    for client in (admin, runner, probe):
+        client.close()
