@@ -87,6 +87,16 @@ def refused_write(exc: redis.ResponseError) -> str | None:
     return found.group(1) if found else None
 
 
+# A Lua script running past `busy-reply-threshold`: every other command is answered BUSY,
+# not run, until it ends (or SCRIPT KILL).
+_BUSY = re.compile(r"(?:^|caused error: )BUSY\b")
+
+
+def busy(exc: redis.ResponseError) -> bool:
+    """Whether `exc` is Redis's BUSY: a script is running; the command was not run."""
+    return bool(_BUSY.search(str(exc)))
+
+
 def api_probe_key(prefix: str) -> str:
     return f"{prefix}:health:api"
 

@@ -20,7 +20,9 @@ routes' writes are idempotent (PUT, DELETE, release, batch, STOP): the request m
 sent again as it is. Redis's ACL denying its user a command or a key a route runs
 (NOPERM) is the deployment's to fix: 503 with Retry-After too, logged at ERROR naming the
 route and the command denied (never the user or the message); the request may be sent
-again as it is once ops have granted it. Any other error reply from Redis is a bug, a 500.
+again as it is once ops have granted it. BUSY (a Lua script running past
+`busy-reply-threshold`: nothing else runs until it ends) is a 503 with Retry-After too.
+Any other error reply from Redis is a bug, a 500.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..health import acl_denied, error_detail, refused_write
+from ..health import acl_denied, busy, error_detail, refused_write
 
 log = logging.getLogger(__name__)
 REDIS_RETRY_AFTER_SECONDS = 5
@@ -177,6 +179,11 @@ async def _redis_refuses(request: Request, exc: Exception) -> JSONResponse:
     why = refused_write(exc)
     if why is None and acl_denied(exc):
         return _acl_denied(request, exc)
+    if why is None and busy(exc):
+        log.warning("Redis is busy running a script (BUSY)")
+        return error_response(ApiError(
+            503, "the schedule store (Redis) is busy running a script; send the request again "
+                 "shortly", headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)}))
     if why is None:
         raise exc  # any other error reply: a bug, the catch-all's 500
     # Never the message: a pipeline's names the command and its arguments.
