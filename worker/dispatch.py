@@ -365,8 +365,8 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
     moving: _Moving | None = None  # what the SMS cap needs should a retry move it
     try:  # everything before the hand-over: a failure here cannot have sent anything
         record, stored_booking = store.begun_record(ref, begun)
-        number = int(record.get("attempts", 1))
-        entry["attempt"] = number
+        number = int(record.get("attempts", 1))  # of its budget (afresh after a move, a replay)
+        entry["attempt"] = number + int(record.get("earlier") or 0)  # of all made at it
         attempt = replace(attempt, planned=record.get("planned_epoch", ""),
                           template=record.get("template", ""),
                           booking=stored_booking.get("version", ""))
@@ -914,13 +914,18 @@ def _failed(
                     "retried after its ledger expires" if result == "ok" else result)
         return "unknown"
     if exc.permanent or number >= settings.max_attempts:
+        # The count the clinic is shown is every attempt made (the log's numbers): one moved
+        # or replayed says how many of those its fresh budget was.
+        made = entry.get("attempt", number)
+        tries = (f"{number} attempts" if made == number else
+                 f"{number} attempts since it was rescheduled or replayed ({made} in all)")
         if exc.permanent:
             reason = f"permanent failure: {exc.reason}"
         elif exc.unknown:  # never an endless series of possible duplicates
-            reason = (f"gave up after {number} attempts, the last of unknown outcome (it may "
+            reason = (f"gave up after {tries}, the last of unknown outcome (it may "
                       f"have been delivered): {exc.reason}")
         else:
-            reason = f"gave up after {number} attempts: {exc.reason}"
+            reason = f"gave up after {tries}: {exc.reason}"
         # Fenced by the booking version it was sent from (a correction landing meanwhile
         # puts it back), unless it may have been delivered: its ledger must stay then.
         final = replace(attempt, booking="") if exc.unknown else attempt

@@ -140,7 +140,7 @@ def reconcile_one(
     if new.status == Status.SKIPPED:
         if old_status == Status.SKIPPED and stored.get("reason") == new.reason:
             return None
-        return record_fields(new, Status.SKIPPED, new.reason), "remove"
+        return _made(stored, record_fields(new, Status.SKIPPED, new.reason)), "remove"
     planned_epoch = repr(new.due_at.timestamp())
     if (old_status == Status.SKIPPED and not doc_changed
             and stored.get("reason", "").startswith(OPTED_OUT)
@@ -172,7 +172,18 @@ def reconcile_one(
         fields["attempts"] = stored.get("attempts", "0")
     if old_status == Status.FAILED:  # the clinic corrected the booking: try afresh
         fields["reason"] = f"booking changed, sending again: {new.reason}"
-    return fields, "due"
+    return _made(stored, fields), "due"
+
+
+def _made(stored: Record, fields: dict[str, str]) -> dict[str, str]:
+    """`fields` with the attempts made so far kept as `earlier` when they start the attempts
+    afresh (a fresh budget of max_attempts): the clinic is shown every attempt made, never a
+    count that goes back to 0 (worker/store.py `attempts_made`)."""
+    if fields.get("attempts") == "0":
+        made = int(stored.get("attempts") or 0) + int(stored.get("earlier") or 0)
+        if made:
+            fields["earlier"] = str(made)
+    return fields
 
 
 def _expiry_fields(r: PlannedReminder) -> dict[str, str]:
