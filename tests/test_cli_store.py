@@ -173,3 +173,31 @@ def test_show_reads_a_removed_clinics_booking_and_while_config_does_not_load(
     cancel = run("cancel", "--clinic", "glow", "A-1042")  # a write still needs config/
     assert cancel.returncode == 3 and "demo.toml" in cancel.stderr, cancel.stderr
     assert json.loads(run("show", "--clinic", "glow", "--json", "A-1042").stdout) == expected
+
+
+def test_show_tells_the_patients_sms_replies(cli, redis_client, booking_doc):
+    """The patient confirmed the visit (reply C) and asked to be called (reply R): GET and
+    `show --json` carry `confirmed_at` and `call_requested_at`; the table `reminders show`
+    prints for the clinic's desk said neither, so a patient waiting for a call went
+    unseen there. It says both, at the patient's local time as its other times."""
+    from worker.store import Store
+
+    doc = future(booking_doc)
+    assert cli("book", "-", stdin=json.dumps(doc)).returncode == 0
+    store = Store(redis_client, "reminders")
+    madrid = ZoneInfo("Europe/Madrid")
+    confirmed = datetime(2026, 11, 20, 9, 15, tzinfo=UTC)
+    called = datetime(2026, 11, 21, 18, 40, tzinfo=UTC)
+    assert store.note_reply("glow", "A-1042", "confirmed_at", confirmed, "confirm",
+                            starts_at=doc["starts_at"])
+    assert store.note_reply("glow", "A-1042", "call_requested_at", called, "reschedule")
+    shown = json.loads(cli("show", "--clinic", "glow", "--json", "A-1042").stdout)
+    assert (shown["confirmed_at"], shown["call_requested_at"]) == (
+        "2026-11-20T09:15:00Z", "2026-11-21T18:40:00Z")
+    table = cli("show", "--clinic", "glow", "A-1042")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert ("CONFIRMED: the patient confirmed this visit by SMS on "
+            f"{confirmed.astimezone(madrid):%a %Y-%m-%d %H:%M %Z}") in lines, table.stdout
+    assert ("CALL REQUESTED: the patient asked by SMS to be called, on "
+            f"{called.astimezone(madrid):%a %Y-%m-%d %H:%M %Z}") in lines, table.stdout
