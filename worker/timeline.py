@@ -48,9 +48,6 @@ def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
     lines = [head]
     if timeline.get("hold_reason"):
         lines.append(f"HELD: {timeline['hold_reason']}")
-    if timeline.get("late_pause"):
-        lines.append("LATE PAUSE: booked too late for the full retinoid pause; the patient is "
-                     "asked to call the clinic")
     rows = [("DUE", "STEP", "CHANNEL", "STATUS", "TRIES", "REASON")]
     dues = [datetime.fromisoformat(r["due_at"]) for r in timeline["reminders"] if r["due_at"]]
     # Seconds only when some reminder needs them (second-based test and demo protocols).
@@ -59,6 +56,17 @@ def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
     def local(iso: str) -> str:
         when = datetime.fromisoformat(iso)
         return when.astimezone(tz).strftime(f"%a %Y-%m-%d {clock} %Z") if tz else iso
+
+    if timeline.get("late_pause"):
+        lines.append("LATE PAUSE: booked too late for the full retinoid pause; the patient is "
+                     "asked to call the clinic")
+    # The patient's SMS replies (worker/api/inbound.py), as the JSON has them.
+    if timeline.get("confirmed_at"):
+        lines.append("CONFIRMED: the patient confirmed this visit by SMS on "
+                     + local(timeline["confirmed_at"]))
+    if timeline.get("call_requested_at"):
+        lines.append("CALL REQUESTED: the patient asked by SMS to be called, on "
+                     + local(timeline["call_requested_at"]))
 
     for r in timeline["reminders"]:
         due = local(r["due_at"]) if r["due_at"] else "-"
