@@ -22,6 +22,8 @@ tw = inbound.tw
     "Alta fiebre desde ayer", "Alta temperatura, ¿es normal?", "Reanudar el retinol hoy?",
     "Unstop the peeling?", "Don't start", "When do the texts start?",
     "Start tretinoin again. Thanks", "I will start the cream. Alta fiebre",
+    "Subscribe to what?", "Opt in to the photos?", "I want my skin back",
+    "Quiero volver a recibir el tratamiento",
 ])
 def test_a_sentence_beginning_with_a_start_word_is_not_an_opt_in(body):
     assert classify(body) != "start", body
@@ -36,6 +38,11 @@ def test_a_sentence_beginning_with_a_start_word_is_not_an_opt_in(body):
     "Please start", "Ok start", "Hi, START", "Yes, start again", "Sorry, START",
     "Thanks. START", "Please unstop", "Por favor alta", "Oops, START",
     "I didn't mean to stop. START", "Sorry I sent stop by mistake. Start",
+    # "opt in", "subscribe", "the texts back", "volver a recibir mensajes" (review
+    # rev-patient): `unknown`, so an opted-out number heard nothing and stayed opted out
+    "Opt in", "Opt-in please", "optin", "Subscribe", "Resubscribe", "I want the texts back",
+    "Can I get the reminders back?", "Texts back on please",
+    "Quiero volver a recibir mensajes", "Quiero volver a recibir los recordatorios",
 ])
 def test_a_start_word_with_courtesy_words_is_an_opt_in(body):
     assert classify(body) == "start", body
@@ -55,7 +62,8 @@ def test_an_opted_out_patient_asking_about_resuming_tretinoin_stays_opted_out(se
     assert not [ref for ref in due if ref.endswith(":sms")], due
 
 
-@pytest.mark.parametrize("body", ["Please start", "I didn't mean to stop. START"])
+@pytest.mark.parametrize("body", ["Please start", "I didn't mean to stop. START", "Opt in",
+                                  "I want the texts back"])
 def test_an_opted_out_patient_asking_for_the_texts_back_gets_them(server, tw, body):
     """Real HTTP: STOP, then a START with courtesy words before it, or as its own last
     sentence: opted in, the SMS back in the schedule, the START answer (it was silence:
