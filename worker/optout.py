@@ -85,7 +85,10 @@ In this order:
   start       the text, or its last sentence (not a question), holds a word of START_WORDS
               and nothing but fillers, "again", and before it an assent or an apology
               ("START", "Unstop please", "Start again", "Alta", "Please start", "Yes,
-              start again", "Oops, START", "I didn't mean to stop. START"): not a
+              start again", "Oops, START", "I didn't mean to stop. START", "Opt in",
+              "Subscribe"); or the text asks for the texts back in so many words (after a
+              request's words, before courtesy words: "I want the texts back", "Can I
+              get the reminders back?", "Quiero volver a recibir mensajes"): not a
               sentence that begins with one ("Resume tretinoin tonight?", "Alta fiebre": a
               high fever), which must not opt the number in (START puts its SMS back).
   help        the text begins with a word of HELP_WORDS, perhaps after courtesy words
@@ -194,7 +197,8 @@ CARE_WORDS = frozenset({
 })
 CHANGE_WORDS = frozenset({"CANCEL", "CANCELAR", "CAMBIAR", "ANULAR", "RESCHEDULE",
                           "REPROGRAMAR"})
-START_WORDS = frozenset({"START", "UNSTOP", "RESUME", "ALTA", "REANUDAR"})
+START_WORDS = frozenset({"START", "UNSTOP", "RESUME", "ALTA", "REANUDAR", "OPTIN",
+                         "SUBSCRIBE", "RESUBSCRIBE"})
 # What may stand around a start word in an opt-in ("Start again please", "Alta por favor"):
 # "Resume tretinoin tonight?" or "Alta fiebre" (a high fever) ask or tell something else.
 _START_AROUND = frozenset({"AGAIN", "OTRA", "VEZ", "NUEVO"})
@@ -213,13 +217,13 @@ Secret = str | bytes  # an HMAC key: a configured text, or the server secret's b
 
 def fold(text: str) -> list[str]:
     """Return the text's words: accents dropped, upper case, split at anything else; the
-    pair OPT OUT as the one word OPTOUT, and OPT ME OUT as OPTOUT ME."""
+    pairs OPT OUT and OPT IN as the one word OPTOUT / OPTIN, and OPT ME OUT as OPTOUT ME."""
     plain = unicodedata.normalize("NFKD", text)
     plain = "".join(c for c in plain if not unicodedata.combining(c)).upper()
     words: list[str] = []
     for word in _NOT_WORD.split(plain):
-        if word == "OUT" and words and words[-1] == "OPT":
-            words[-1] = "OPTOUT"
+        if word in ("OUT", "IN") and words and words[-1] == "OPT":
+            words[-1] = "OPT" + word  # OPTOUT, OPTIN
         elif word == "OUT" and words[-2:] == ["OPT", "ME"]:
             words[-2:] = ["OPTOUT", "ME"]
         elif word:
@@ -478,11 +482,31 @@ def _is_start(words: list[str]) -> bool:
     return seen
 
 
+# A request for the texts back in so many words ("I want the texts back", "Can I get the
+# reminders back?", "Texts back on please", "Quiero volver a recibir mensajes"), after only
+# a request's words, before only courtesy words: the text as a whole.
+START_PHRASES = tuple(re.compile(
+    "^((?:[^ ]+ )*?)(?:" + p.replace("{msg}", _MSG).replace("{small}", _SMALL) + ")((?: [^ ]+)*)$")
+    for p in (
+        r"(?:WANT|NEED|GET) {small}{msg} BACK(?: ON)?",
+        r"{msg} BACK ON",
+        r"(?:VOLVER A )?RECIBIR {small}{msg}(?: (?:DE NUEVO|OTRA VEZ))?",
+    ))
+
+
 def _asks_to_start(body: str, words: list[str]) -> bool:
     """The start rule: the text, or its last sentence (not a question), is a start word
-    with courtesy words ("Please start", "I didn't mean to stop. START")."""
+    with courtesy words ("Please start", "I didn't mean to stop. START"), or the text is a
+    request for the texts back (`START_PHRASES`)."""
     if _is_start(words):
         return True
+    text = " ".join(words)
+    for phrase in START_PHRASES:
+        found = phrase.match(text)
+        if found and all(w in REQUEST_WORDS or w in _START_BEFORE
+                         for w in found.group(1).split()) and all(
+                w in FILLER_WORDS or w in _START_AROUND for w in found.group(2).split()):
+            return True
     parts = [(text, end) for text, end in _SENTENCE.findall(body) if text.strip()]
     return len(parts) > 1 and "?" not in parts[-1][1] and _is_start(fold(parts[-1][0]))
 
