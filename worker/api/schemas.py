@@ -57,7 +57,8 @@ class Reminder(BaseModel):
     due_at: str | None = Field(description="UTC instant, e.g. 2026-11-28T17:00:00Z")
     status: str = Field(description="scheduled, sending, sent, retrying, failed, skipped or "
                                     "cancelled")
-    attempts: int
+    attempts: int = Field(description="every attempt made at it; a move or a replay gives a "
+                          "fresh budget of REMINDERS_MAX_ATTEMPTS but keeps the count")
     sent_at: str | None
     reason: str | None
     expires_at: str | None = None
