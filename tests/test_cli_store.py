@@ -201,3 +201,27 @@ def test_show_tells_the_patients_sms_replies(cli, redis_client, booking_doc):
             f"{confirmed.astimezone(madrid):%a %Y-%m-%d %H:%M %Z}") in lines, table.stdout
     assert ("CALL REQUESTED: the patient asked by SMS to be called, on "
             f"{called.astimezone(madrid):%a %Y-%m-%d %H:%M %Z}") in lines, table.stdout
+
+
+def test_plan_says_why_a_held_bookings_step_is_skipped_as_show_does(cli, booking_doc):
+    """A visit 5 hours away whose patient took isotretinoin a month ago: held, and its steps
+    before the visit skipped as too late. `reminders plan` (the dry run of what would be
+    scheduled) gave every skipped step the hold's reason, as if the clinic's release would
+    send it, while the stored timeline (`book`, `show`, GET) says it is too late. The dry
+    run now says what the stored timeline says."""
+    doc = copy.deepcopy(booking_doc)
+    now = datetime.now(UTC)
+    doc["starts_at"] = (now + timedelta(hours=5)).replace(second=0, microsecond=0).isoformat()
+    doc["medications"]["isotretinoin_last_dose"] = (now - timedelta(days=30)).date().isoformat()
+    planned = cli("plan", "--json", "-", stdin=json.dumps(doc))
+    assert planned.returncode == 0, planned.stderr
+    assert cli("book", "-", stdin=json.dumps(doc)).returncode == 0
+    stored = json.loads(cli("show", "--clinic", "glow", "--json", "A-1042").stdout)
+    assert stored["status"] == json.loads(planned.stdout)["status"] == "held"
+
+    def reasons(timeline):
+        return {r["id"]: (r["status"], r["reason"]) for r in timeline["reminders"]}
+
+    skipped = {k: v for k, v in reasons(stored).items() if v[0] == "skipped"}
+    assert skipped and all("held" not in why for _, why in skipped.values()), skipped
+    assert reasons(json.loads(planned.stdout)) == reasons(stored)
