@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 from .models import Booking, utc_iso
 from .planner import Plan, is_hold_notice
+from .status import PENDING
 
 REMINDER_FIELDS = ("id", "step", "channel", "due_at", "status", "attempts", "sent_at", "reason")
 
@@ -31,7 +32,10 @@ def from_plan(booking: Booking, plan: Plan, *, version: int = 0) -> dict[str, An
                 "status": r.status,
                 "attempts": 0,
                 "sent_at": None,
-                "reason": (hold if hold and not is_hold_notice(r.key) else r.reason),
+                # As the stored timeline (`Store._timeline_of`): the hold is the reason of
+                # what waits for the release, not of a step skipped for its own reason.
+                "reason": (hold if hold and r.status in PENDING and not is_hold_notice(r.key)
+                           else r.reason),
             }
             for r in plan.reminders
         ],
