@@ -116,6 +116,8 @@ OPT_OUTS = [
     # (review rev-patient): `clarify`, the texts kept coming
     "Stop. Who is this?", "STOP! I never signed up for this", "stop it. I don't want it",
     "BAJA. ¿Quién es?", "Please stop. I finished my treatment last month and I am fine",
+    # "and" among courtesy words, and "unsub" (review rev-patient): `clarify` / `unknown`
+    "Stop please and thank you", "Baja por favor y gracias", "Unsub", "unsub please",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
