@@ -10,7 +10,7 @@ tolerated. Both, without opting out a patient who only asked a question ("Can I 
 Tuesday and come Friday?", "see you at the end of the week"): SMS carries the
 care-critical steps, so a wrong opt-out is not free. Two kinds of stop word:
 
-  sure     STOP, STOPALL, UNSUBSCRIBE, OPTOUT / OPT OUT / OPT ME OUT, BAJA,
+  sure     STOP, STOPALL, UNSUBSCRIBE, UNSUB, OPTOUT / OPT OUT / OPT ME OUT, BAJA,
            DESUSCRIBIR(ME|SE)
   maybe    CANCEL, END, QUIT, REVOKE, CANCELAR, PARAR, DETENER (ordinary words too)
 
@@ -18,7 +18,8 @@ In this order:
 
   stop        (a) every word is a stop word or a courtesy/messaging word (FILLER_WORDS):
               "STOP", "stop.", "Cancel!", "END thanks", "Quit texting me", "BAJA gracias",
-              "cancelar por favor", "STOP STOP", "Please stop texting me";
+              "cancelar por favor", "STOP STOP", "Please stop texting me", "Stop please
+              and thank you";
               (b) a short text (at most SHORT_WORDS words) starting with a sure word,
               unless it asks a question ("?") or names a product the reminders name
               (CARE_WORDS) and not the messages: "STOP please", "stop the reminders",
@@ -158,7 +159,7 @@ Intent = Literal["stop", "start", "help", "change", "confirm", "reschedule", "cl
 
 # English (CTIA, FCC 24-18) and Spanish words; see the module docstring.
 SURE_STOP_WORDS = frozenset({
-    "STOP", "STOPALL", "UNSUBSCRIBE", "OPTOUT",
+    "STOP", "STOPALL", "UNSUBSCRIBE", "UNSUB", "OPTOUT",
     # es: "baja" (darse de baja), desuscribir(se).
     "BAJA", "DESUSCRIBIR", "DESUSCRIBIRME", "DESUSCRIBIRSE",
 })
@@ -185,6 +186,7 @@ _BETWEEN = FILLER_WORDS | frozenset({
     "LA", "ESTAS", "ESOS", "ESAS",
 })
 SHORT_WORDS = 4  # "a short text": at most this many words
+_AND = frozenset({"AND", "Y"})  # between courtesy words in rule (a) only: not in (d)
 # The products the reminders name ("stop tretinoin tonight"): a short text naming one and
 # not the messages is about the product ("Stop tretinoin tonight", "Ok stop retinol": the
 # reminder's words echoed back), not an opt-out (rules b and c); it gets the clarifying
@@ -252,8 +254,8 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
     stops = [i for i, w in enumerate(words) if w in STOP_WORDS]
     if not stops:
         return False
-    if all(w in STOP_WORDS or w in FILLER_WORDS for w in words):
-        return True  # (a)
+    if all(w in STOP_WORDS or w in FILLER_WORDS or w in _AND for w in words):
+        return True  # (a), "and" among the courtesy words ("Stop please and thank you")
     sure = [i for i in stops if _sure_at(words, i)]
     if not sure:
         return False
