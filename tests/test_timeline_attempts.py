@@ -61,3 +61,29 @@ def test_a_first_budget_reads_as_before(rig):
     assert dead["attempts"] == 3, dead
     assert dead["reason"] == "gave up after 3 attempts: HTTP 503 from the provider", dead
     assert [line["attempt"] for line in rig.store.attempts(DAY_BEFORE)] == [1, 2, 3]
+
+
+def test_an_attempt_at_the_gateway_through_two_moves_counts_once(rig):
+    """The day-before email is parked at the gateway (handed over, no answer) while the
+    clinic moves the visit twice: the attempt still at work keeps counting (the store's
+    `_in_flight_keys`), once: never as one of this budget and again as an earlier one."""
+    import threading
+
+    from worker.dispatch import send_claimed
+
+    rig.book(rig.doc(5, channels=("email",)))
+    rig.gate.reset()
+    claim = rig.claim(DAY_BEFORE)
+    out: list[str] = []
+    thread = threading.Thread(target=lambda: out.append(
+        send_claimed(rig.ctx, DAY_BEFORE, claim.version, claim.claim)))
+    thread.start()
+    assert rig.gate.arrived.wait(10), "never reached the gateway"
+    rig.book(rig.doc(12, channels=("email",)))
+    assert rig.reminders()[KEY]["attempts"] == 1
+    rig.book(rig.doc(13, channels=("email",)))
+    assert rig.reminders()[KEY]["attempts"] == 1, rig.reminders()[KEY]
+    rig.gate.answer(503)
+    thread.join(15)
+    shown = rig.reminders()[KEY]
+    assert shown["status"] == "scheduled" and shown["attempts"] == 1, shown
