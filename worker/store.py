@@ -3513,8 +3513,9 @@ class Store:
             key = change.key
             if change.fields is not None:
                 fields = dict(change.fields)
-                if key in counting:
+                if key in counting:  # this budget's count kept: none of it earlier
                     fields["attempts"] = records[key]["attempts"]
+                    fields["earlier"] = records[key].get("earlier", "0")
                 if change.bump:
                     fields["version"] = str(version)
                     rm_lease.append(key)
