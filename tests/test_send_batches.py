@@ -1852,9 +1852,11 @@ def test_two_moves_while_one_attempt_is_parked(tmp_path, redis_client, gateway, 
 
 @pytest.mark.parametrize("answer", [200, 503])
 def test_a_move_then_a_stop_while_parked(tmp_path, redis_client, gateway, answer):
-    """The patient's STOP lands after a move, while the message is at the gateway: its
-    delivery began before the STOP and is recorded as sent, once; refused, it stays skipped
-    by the STOP and never goes."""
+    """The patient's STOP lands after a move, while the message is at the gateway: left to
+    its attempt, as one being sent is (README: exactly one of sent and skipped is counted
+    and told for it). Delivered, its delivery began before the STOP: recorded as sent,
+    once, never counted skipped; refused, its next begin skips it for the STOP, once, and
+    it never goes."""
     rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
     ref = "rc/R-1/redness:sms"
     rig.book(rig.doc(1, starts_in=timedelta(days=2)))
@@ -1866,16 +1868,29 @@ def test_a_move_then_a_stop_while_parked(tmp_path, redis_client, gateway, answer
     gateway.release(answer)
     wait_for(lambda: rig.state(ref)["log"])
     rig.drain()
+    if answer == 503:
+        s = rig.state(ref)
+        assert s["record"]["status"] == "scheduled" and s["log"][-1]["result"] == "stale", s
+        rig.lanes = Lanes(rig.ctx, watchdog=Watchdog(kill=lambda: None))
+        rig.hand(rig.claim(ref))  # at its new time (made due now): its begin reads the STOP
+        wait_for(lambda: settled(rig, ref))
+        rig.drain()
     s = rig.state(ref)
     assert len(gateway.to(phone(1))) == 1
     assert (s["due"], s["lease"]) == (None, None), s
     shown = {r["id"]: r for r in rig.store.timeline("rc", "R-1")["reminders"]}["redness:sms"]
+    metrics = rig.store.redis.hgetall(f"{PREFIX}:metrics")
     if answer == 200:
         assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
         assert shown["status"] == "sent", shown
+        assert int(metrics.get("sent|rc|sms", 0)) == 1, metrics
+        # The STOP skipped the booking's two other SMS (stop, prep), not this one.
+        assert int(metrics.get("skipped|rc|sms", 0)) == 2, metrics
     else:
         assert s["record"]["status"] == "skipped" and s["ledger"] is None, s
         assert shown["reason"].startswith("opted_out: "), shown
+        assert int(metrics.get("sent|rc|sms", 0)) == 0, metrics
+        assert int(metrics.get("skipped|rc|sms", 0)) == 3, metrics  # its two others, it
     rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
     assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
 
