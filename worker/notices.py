@@ -52,10 +52,11 @@ protocol with neither a pause nor an invite step sends no notices (`reminders ch
 notices only for protocols that have one). A message being sent at the moment of the change
 counts as gone out (it may have; a needless "you may resume" is harmless, a missing one is
 not), as does one still at its provider or of unknown outcome (worker/store.py
-`Store._as_sending`). Nothing went out: no notice. A later change supersedes a notice not yet sent (the store
-cancels it). A move's date counts as told once its notice or a message again for it went out
-(worker/store.py `_told_by`). A held booking cancelled is told as a scheduled one, at the date
-told before the hold (`held_from`); booked again after that and held, its release re-opens it.
+`Store._as_sending`). Nothing went out: no notice. A later change supersedes a notice not
+yet sent (the store cancels it). A move's date counts as told once its notice or a message
+again for it went out (worker/store.py `_told_by`). A held booking cancelled is told as a
+scheduled one, at the date told before the hold (`held_from`); booked again after that and
+held, its release re-opens it.
 """
 
 from __future__ import annotations
