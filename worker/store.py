@@ -1573,6 +1573,15 @@ for n = 11, #ARGV do
 end
 local first = redis.call('HSET', optkey, field, why)
 if first == 1 then redis.call('HSETNX', told_key, ARGV[9], '0') end  -- to be told
+-- An attempt still at work on `ref` (its ledger holds the token, its log has no finish of
+-- it): one a change took off `sending` (a move rescheduled it) is left to it as one being
+-- sent is, so it is counted and told once, sent or skipped (`Store._in_flight`).
+local function at_work(ref)
+  local ledger = redis.call('GET', prefix .. ':ledger:' .. ref)
+  if not ledger or ledger == 'sent' then return false end
+  local last = redis.call('LINDEX', prefix .. ':a:' .. ref, -1)
+  return not last or cjson.decode(last)['tok'] ~= ledger
+end
 local skipped, touched = 0, {}
 for n = 11, #ARGV do
   local booking_id = ARGV[n]
@@ -1588,7 +1597,8 @@ for n = 11, #ARGV do
         local r, a = load(bkey, key)
         local fallback = channel == 'email' and is_critical(critical, doc_table, key, bkey, prefix)
           and allows(optkey, doc_table, patient, 'sms', norms)
-        if is_pending(r[R_ST]) and r[R_ST] ~= ST_SENDING and not fallback then
+        if is_pending(r[R_ST]) and r[R_ST] ~= ST_SENDING and not fallback
+            and not at_work(base .. '/' .. key) then
           local ref = base .. '/' .. key
           r[R_ST] = ST_SKIPPED
           r[R_WHY] = inline('opted_out: ' .. why)
