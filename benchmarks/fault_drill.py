@@ -336,21 +336,6 @@ class StoreEvidence:
     lines: list[dict[str, Any]]  # the attempt log, oldest first
     error: str = ""  # why it could not be read
 
-    @property
-    def counted(self) -> list[dict[str, Any]]:
-        """The log lines of the attempts the counter still counts: those since it last
-        started afresh. A move of a reminder not being sent (and a replay) starts its count
-        afresh (worker/store.py), so the next attempt is numbered 1 again; a 1 after any
-        line but a first attempt that gave its count back (then the next is a 1 too) marks
-        that point. Lines before it are history the counter no longer holds."""
-        start = 0
-        for i in range(1, len(self.lines)):
-            line, before = self.lines[i], self.lines[i - 1]
-            if str(line.get("attempt")) == "1" and not (
-                    str(before.get("attempt")) == "1" and self._gave_back(before)):
-                start = i
-        return self.lines[start:]
-
     @staticmethod
     def _gave_back(line: dict[str, Any]) -> bool:
         return (line.get("outcome") in GAVE_BACK_OUTCOMES
@@ -358,17 +343,20 @@ class StoreEvidence:
 
     @property
     def begun(self) -> int:
-        """Attempts that took the ledger since the counter last started afresh: the counter
-        plus those whose finish gave it back."""
+        """Attempts that took the ledger: the counter plus those whose finish gave it back.
+        The counter's slot is "<n>" or "<n>+<earlier>" (worker/store.py: a move or a replay
+        starts the budget's n afresh and keeps the attempts made before it as earlier):
+        every attempt made is their sum, as the log numbers them."""
         slots = (self.attempt_field or "").split("|")
-        counted = int(slots[1]) if len(slots) > 1 and slots[1].isdigit() else 0
-        return counted + sum(1 for line in self.counted if self._gave_back(line))
+        counted = 0
+        for part in (slots[1] if len(slots) > 1 else "").split("+"):
+            counted += int(part) if part.isdigit() else 0
+        return counted + sum(1 for line in self.lines if self._gave_back(line))
 
     @property
     def finished(self) -> int:
-        """Attempts with a line in the log (distinct tokens) since the counter last started
-        afresh."""
-        return len({line.get("tok") for line in self.counted})
+        """Attempts with a line in the log (distinct tokens)."""
+        return len({line.get("tok") for line in self.lines})
 
     @property
     def trimmed(self) -> bool:
@@ -425,9 +413,6 @@ class StoreEvidence:
                  f"{self.lost} never finished, {self.unknown} unknown outcome"]
         if self.trimmed:
             words.append(f"log trimmed to {ATTEMPT_LOG_MAX} lines: lost attempts not counted")
-        if len(self.counted) < len(self.lines):
-            words.append(f"count started afresh after {len(self.lines) - len(self.counted)} "
-                         "line(s) (a move)")
         slots = (self.attempt_field or "").split("|")
         words.append(f"claims {slots[0] or 0}")
         log = ", ".join(f"#{line.get('attempt', '?')} claim {line.get('claim', '?')} "

@@ -471,29 +471,25 @@ def test_no_process_outlives_the_drill(drill):
     assert _processes_using(workdir) == []
 
 
-def test_a_count_started_afresh_by_a_move_compares_with_the_lines_since():
+def test_a_count_started_afresh_by_a_move_keeps_the_attempts_made_before():
     # The drill's D-00107 (a full run): two retries at version 1, then a move (the reminder
-    # was retrying, not being sent: its count starts afresh), a retry numbered 1 again, an
-    # attempt killed after the hand-over (no line), the delivery numbered 3. Compared with
-    # every line (4 finished against 3 counted) the lost attempt was hidden.
-    store = StoreEvidence("6|3|6.f|1797354000|2", [
+    # was retrying, not being sent: its budget starts afresh, the 2 made before kept as
+    # "earlier", worker/store.py), a retry (#3), an attempt killed after the hand-over (#4,
+    # no line), the delivery (#5). Compared with the budget's count alone (3) against every
+    # line (4) the lost attempt was hidden.
+    store = StoreEvidence("6|3+2|6.f|1797354000|2", [
         line("1.a", "retrying", attempt=1, claim="1"),
         line("2.a", "retrying", attempt=2, claim="2"),
-        line("3.a", "retrying", attempt=1, claim="3"),
-        line("6.f", "sent", attempt=3, claim="6")])
-    assert (store.begun, store.finished, store.lost) == (3, 2, 1)
-    assert "count started afresh after 2 line(s)" in store.summary()
+        line("3.a", "retrying", attempt=3, claim="3"),
+        line("6.f", "sent", attempt=5, claim="6")])
+    assert (store.begun, store.finished, store.lost) == (5, 4, 1)
     assert duplicate([T0 + 9.0, T0 + 30], store).explained
-    # Without the kill the count matches the lines since the move: nothing lost, and a
-    # second copy is a double send.
-    whole = StoreEvidence("6|2|6.f|1797354000|2", [
+    # Without the kill every attempt made has its line: nothing lost, and a second copy is
+    # a double send.
+    whole = StoreEvidence("6|2+2|6.f|1797354000|2", [
         line("1.a", "retrying", attempt=1, claim="1"),
-        line("3.a", "retrying", attempt=1, claim="3"),
-        line("6.f", "sent", attempt=2, claim="6")])
-    assert (whole.begun, whole.finished, whole.lost) == (2, 2, 0)
+        line("2.a", "retrying", attempt=2, claim="2"),
+        line("3.a", "retrying", attempt=3, claim="3"),
+        line("6.f", "sent", attempt=4, claim="6")])
+    assert (whole.begun, whole.finished, whole.lost) == (4, 4, 0)
     assert not duplicate([T0 + 9.0, T0 + 30], whole).explained
-    # A first attempt that gave its count back is numbered 1 again without a move.
-    back = StoreEvidence("2|2|2.a|1797354000|1", [
-        line("1.a", "abandoned", attempt=1), line("1.b", "retrying", attempt=1),
-        line("2.a", "sent", attempt=2, claim="2")])
-    assert (back.begun, back.finished, back.lost) == (3, 3, 0)
