@@ -128,6 +128,7 @@ import base64
 import hashlib
 import json
 import math
+import re
 import threading
 import time
 import uuid
@@ -2050,6 +2051,12 @@ def _key_parts(key: str) -> tuple[str, str, int]:
 
 def _entry_order(entry: dict[str, Any]) -> tuple[str, str]:
     return entry["due_at"] or "", entry["id"]
+
+
+def _to_the_second(iso: str | None) -> str:
+    """An instant as a reason's words say it: "2026-11-24T02:36:59Z", not
+    "2026-11-24T02:36:59.689449Z" (the JSON fields keep their precision)."""
+    return re.sub(r"\.\d+(?=Z$|[+-]\d\d:\d\d$)", "", iso or "")
 
 
 def _iso(epoch: float | str | None) -> str | None:
@@ -4119,7 +4126,8 @@ class Store:
             attempt,
             "retry",
             at=retry_at,
-            fields={"reason": f"retrying at {utc_iso(retry_at)}: {reason}{note}",
+            fields={"reason": f"retrying at {_to_the_second(utc_iso(retry_at))}: "
+                              f"{reason}{note}",
                     "last_error": reason},
             entry=entry,
             capped=capped,
@@ -5367,11 +5375,12 @@ def _timeline_entry(key: str, rec: Mapping[str, str], next_try: str | None = Non
         entry["sent_version"] = int(rec["sent_version"])
         if entry["status"] in PENDING:
             # Delivered for an earlier version; the new plan sends it again.
-            note = f"already sent at {entry['sent_at']} for version {entry['sent_version']}"
+            note = (f"already sent at {_to_the_second(entry['sent_at'])} for version "
+                    f"{entry['sent_version']}")
             entry["reason"] = f"{entry['reason']}; {note}" if entry["reason"] else note
     if next_try:
         entry["next_try_at"] = _iso(next_try)
-        note = f"next try at {entry['next_try_at']}"
+        note = f"next try at {_to_the_second(entry['next_try_at'])}"
         entry["reason"] = f"{entry['reason']}; {note}" if entry["reason"] else note
     return entry
 
