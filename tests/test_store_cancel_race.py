@@ -116,3 +116,47 @@ def test_the_pause_sms_sent_inside_a_moves_reconcile_gets_the_move_notice(rig):
     keys = set(rig.store.redis.hkeys(rig.store.booking_key("rc", "R-1")))
     assert "rescheduled#1:sms" in keys and "repause#1:sms" in keys, sorted(keys)
     assert rig.store.record(STOP)["status"] == "sent"
+
+
+@pytest.mark.parametrize("before", ["missing", "cancelled"])
+def test_a_cancel_read_before_the_booking_was_made_live_still_tells_what_went_out(rig, before):
+    """A cancel of a booking that does not exist yet (or is cancelled) reads it so; before
+    its script runs, the clinic creates (or books again) the booking and its pause SMS goes
+    out. The cancel then applies to that live booking: it must read it again and add the
+    "you may resume" notice, as for a booking it read scheduled (review: its script applied
+    unfenced, and the patient told to stop tretinoin never heard the visit was off)."""
+    if before == "cancelled":
+        rig.book(rig.booking())
+        rig.store.cancel("rc", "R-1", datetime.now(UTC))
+        assert rig.store.redis.zrange(rig.store.due_key, 0, -1) == []
+    real = rig.store._cancel_notices
+    reads: list[str] = []
+
+    def racing(clinic, booking_id, now):
+        out = real(clinic, booking_id, now)
+        reads.append(out[1])
+        if len(reads) == 1:  # read missing (or cancelled): now it is booked and the SMS goes
+            assert out[1] == ""
+            assert rig.book(rig.booking())["status"] == "scheduled"
+            assert _send_now(rig, STOP) == "sent"
+        return out
+
+    rig.store._cancel_notices = racing  # type: ignore[method-assign]
+    timeline = rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    assert len(reads) == 2, "the cancel did not read again after the booking was made"
+    assert timeline["status"] == "cancelled"
+    statuses = {r["id"]: r["status"] for r in timeline["reminders"]}
+    assert statuses["stop:sms"] == "sent"
+    assert statuses["prep:sms"] == "cancelled"
+    seq = 2 if before == "cancelled" else 1
+    notice = f"cancelled#{seq}:sms"
+    assert statuses.get(notice) == "scheduled", statuses
+    due = [m for m in rig.store.redis.zrange(rig.store.due_key, 0, -1)]
+    assert due == [f"rc/R-1/{notice}"], due  # the notice alone: nothing else of it goes
+    version = int(rig.store.redis.hget(rig.store.booking_key("rc", "R-1"), "version"))
+    assert timeline["version"] == version
+    sent = len(rig.gate.bodies)
+    rig.gate.reset()
+    assert _send_now(rig, f"rc/R-1/{notice}") == "sent"
+    assert len(rig.gate.bodies) == sent + 1
+    assert "resume" in str(rig.gate.bodies[-1]), rig.gate.bodies[-1]
