@@ -3749,18 +3749,21 @@ class Store:
     def _cancel_notices(
         self, clinic: str, booking_id: str, now: datetime
     ) -> tuple[str, str, dict[str, str]]:
-        """Return the cancel script's check, notices and their texts ("", "", {}: none).
+        """Return the cancel script's check, notices and their texts ("" and {}: none).
 
-        The check is the booking's hash as read whenever the booking is scheduled, with
-        notices or not: a reminder claimed or sent after this read (the pause message going
+        The check is the booking's hash as read, always (with notices or not, "[]" when
+        missing): a reminder claimed or sent after this read (the pause message going
         out) changes the hash, so the cancel reads again and plans the notice it now needs.
         """
         (stored,) = self._read([(clinic, booking_id)])
         fields = stored.fields
         status = fields.get("status")
-        if not fields or status not in (Status.SCHEDULED, Status.HELD):
-            return "", "", {}
+        # Missing or cancelled as read ("[]" for missing) fences too: the script answers
+        # "missing" or "already" while it still is, and "changed" once a PUT has made it
+        # live since (created, booked again), whose messages may have gone out meanwhile.
         check = json.dumps([x for kv in fields.items() for x in kv], ensure_ascii=False)
+        if not fields or status not in (Status.SCHEDULED, Status.HELD):
+            return check, "", {}
         # Held as booked again after a cancel, and its hold message named the new date.
         hold_told = status == Status.HELD and _told_by_hold(fields, stored.reminders)
         if stored.doc is None or not fields.get("ns") or (

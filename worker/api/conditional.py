@@ -102,14 +102,9 @@ class _Cancel(Store):
     def _cancel_notices(self, clinic: str, booking_id: str, now: datetime
                         ) -> tuple[str, str, dict[str, str]]:
         check, adds, texts = Store._cancel_notices(self, clinic, booking_id, now)
-        if check:
-            flat = json.loads(check)
-        else:  # not scheduled: the store fences nothing; fence on the hash read here
-            (stored,) = self._read([(clinic, booking_id)])
-            flat = [x for kv in stored.fields.items() for x in kv]
-            # Missing: "[]", so that the script cancels no booking created since (one
-            # whose version was never compared); it answers "missing" or "changed".
-            check = json.dumps(flat, ensure_ascii=False)
+        # The hash as read ("[]" missing: the script cancels no booking created since, one
+        # whose version was never compared; it answers "missing" or "changed").
+        flat = json.loads(check)
         if flat:  # a missing booking is the 404 it would be without If-Match (RFC 9110)
             fields = dict(zip(flat[0::2], flat[1::2], strict=True))
             _check(self.expected, int(fields["version"]))
