@@ -85,3 +85,52 @@ def test_two_puts_racing_leave_one_of_them_entirely(glow, api, monkeypatch):
     assert all(k.startswith(("booking-confirmation", "rescheduled#", "cancelled#", "again-",
                              "repause#")) for k in due), due
     assert datetime.now(UTC) < base + timedelta(days=5)
+
+
+def test_an_unchanged_put_racing_a_cancel_answers_what_is_stored(glow, api, monkeypatch):
+    """The clinic's sync sends the booking again as it is (nothing changed: a no-op) and is
+    parked after its read; the clinic's desk cancels it (version 2); the PUT resumes. Its
+    answer must be the booking as it is stored after it: either it re-opened the booking
+    (the later write wins) or it answers the cancel, never "scheduled, version 1" over a
+    booking cancelled at version 2 (the clinic's system would hold a version going back
+    and a visit it thinks is on). Real HTTP (uvicorn), real Redis."""
+    doc = future_booking("A-1042", days=20)
+    assert glow.put("/v1/bookings/A-1042", json=doc).status_code == 201
+    store = api.app.state.services.store
+    parked, resume = threading.Event(), threading.Event()
+    real = store_module.reconcile
+    calls = {"n": 0}
+
+    def slow_reconcile(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the unchanged PUT, after it read version 1
+            parked.set()
+            assert resume.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "reconcile", slow_reconcile)
+    result = {}
+    writer = threading.Thread(target=lambda: result.setdefault(
+        "put", glow.put("/v1/bookings/A-1042", json=doc)))
+    writer.start()
+    try:
+        assert parked.wait(10)
+        cancelled = glow.delete("/v1/bookings/A-1042")
+        assert cancelled.status_code == 200 and cancelled.headers["etag"] == '"2"'
+    finally:
+        resume.set()
+        writer.join(10)
+    put = result["put"]
+    assert put.status_code == 200, put.text
+    monkeypatch.setattr(store_module, "reconcile", real)
+    final = glow.get("/v1/bookings/A-1042").json()
+    answered = put.json()
+    assert int(put.headers["etag"].strip('"')) > 2, put.headers["etag"]  # after the cancel
+    assert (answered["version"], answered["status"]) == (final["version"], final["status"])
+    assert final["status"] == "scheduled"
+    stored = store.redis.hgetall(store.booking_key("glow", "A-1042"))
+    assert stored["status"] == "scheduled" and stored["version"] == str(final["version"])
+    due = {ref.split("/", 2)[2] for ref in store.redis.zrange(store.due_key, 0, -1)
+           if ref.startswith("glow/A-1042/")}
+    pending = {r["id"] for r in final["reminders"] if r["status"] in ("scheduled", "retrying")}
+    assert pending and due == pending, (due, pending)
