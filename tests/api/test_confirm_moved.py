@@ -93,6 +93,47 @@ def test_a_confirmation_read_before_a_move_is_not_recorded_on_the_moved_visit(
     assert tw.get("/v1/bookings/A-1").json()["confirmed_at"]
 
 
+def test_a_confirmation_read_before_a_cancel_confirms_no_cancelled_visit(
+        server, tw, monkeypatch):  # noqa: F811
+    """The "C" has read the visit (the 13th) and is parked before it records the
+    confirmation; the clinic cancels the visit; the reply resumes. Review: the cancelled
+    booking was recorded as confirmed and the patient answered "your visit on the 13th is
+    confirmed" after the clinic cancelled it. Now: no `confirmed_at` on the cancelled
+    booking, the patient is answered that no upcoming visit was found (call the clinic),
+    and the clinic still hears of the reply, once."""
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    parked, go = threading.Event(), threading.Event()
+    real = Store.note_reply
+
+    def note_reply(self: Store, *args: Any, **kwargs: Any) -> bool:
+        parked.set()
+        assert go.wait(10)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "note_reply", note_reply)
+    answer: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: answer.setdefault("r", text(server, "C")))
+    thread.start()
+    try:
+        assert parked.wait(10)
+        cancelled = tw.delete("/v1/bookings/A-1")
+        assert cancelled.status_code == 200 and cancelled.headers["etag"] == '"2"'
+    finally:
+        go.set()
+        thread.join(30)
+    said = message_of(answer["r"]) or ""
+    assert "is confirmed" not in said, said
+    assert "no upcoming visit" in said, said
+    monkeypatch.setattr(Store, "note_reply", real)
+    timeline = tw.get("/v1/bookings/A-1").json()
+    assert timeline["status"] == "cancelled" and timeline["version"] == 2
+    assert "confirmed_at" not in timeline
+    assert "confirmed_at" not in store.redis.hgetall(store.booking_key("tw", "A-1"))
+    replied = [e for e in events(server) if e.type == "patient.replied"]
+    assert [e.fields["reply"] for e in replied] == ["confirm"]
+
+
 def test_the_openapi_timeline_documents_the_replies_fields(server, tw):  # noqa: F811
     """Every field a timeline answers with is in the OpenAPI document's Timeline."""
     book(tw, "A-1")
