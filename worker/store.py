@@ -1668,8 +1668,9 @@ return 1
 # The upsert's write, for a chunk of bookings. ARGV: the prefix, the batch's earlier
 # bookings still to be written (JSON, see `stale` below), then the texts the chunk refers to
 # (a text id already taken by other words is reported, and nothing is written). Then per booking
-# (`apply_args`): a JSON array (its check: '' = it must not exist yet; '-' = nothing to
-# write, only retention; else the hash's fields as they were read; its retention, the hash
+# (`apply_args`): a JSON array (its check: '' = it must not exist yet; '-' followed by the
+# hash's fields as they were read = nothing to write, only retention, while it is still as
+# read; else the hash's fields as they were read; its retention, the hash
 # fields to set and to delete, its due entries as ZADD takes them (score, ref), ...), then
 # its document ('' = unchanged) as a plain argument, not inside the JSON (no escaping, no
 # decoding). The metrics it counts come precomputed (counted only for a booking whose
@@ -1700,10 +1701,11 @@ for _ = 1, ntexts do
 end
 -- Whether a hash (HGETALL reply) holds exactly the expected fields (a flat list). No
 -- sorting: Lua compares strings by the server's locale, Python by code point.
-local function same(flat, expected)
-  if #flat ~= #expected then return false end
+local function same(flat, expected, from)
+  from = from or 1
+  if #flat ~= #expected - from + 1 then return false end
   local want = {}
-  for j = 1, #expected, 2 do want[expected[j]] = expected[j + 1] end
+  for j = from, #expected, 2 do want[expected[j]] = expected[j + 1] end
   for j = 1, #flat, 2 do
     if want[flat[j]] ~= flat[j + 1] then return false end
   end
@@ -1740,10 +1742,13 @@ while i <= #ARGV do
   local base = clinic .. '/' .. booking_id
   local bkey, dkey = prefix .. ':b:' .. base, prefix .. ':d:' .. base
   local ok
+  -- Unchanged as planned: nothing to write, but only while the booking is still as read
+  -- (a cancel or a move landing since is reconciled again, not answered as read).
+  local noop = check ~= '' and check[1] == '-'
   if check == '' then
     ok = redis.call('EXISTS', bkey) == 0
-  elseif check == '-' then
-    ok = true
+  elseif noop then
+    ok = same(redis.call('HGETALL', bkey), check, 2)
   else
     ok = same(redis.call('HGETALL', bkey), check)
   end
@@ -1771,7 +1776,7 @@ while i <= #ARGV do
     table.insert(out, position)
     stale[base] = true
   else
-    if check ~= '-' then
+    if not noop then
       if doc ~= '' then
         if check == '' then redis.call('SET', dkey, doc, 'EXAT', keep_s)
         else redis.call('SET', dkey, doc) end
@@ -3354,8 +3359,9 @@ class Store:
                 and had == contacts and was_late == late and not unflag):
             # Unchanged as planned from what the SMS cap read: still the guard (what it read
             # may have changed since, by an earlier booking of the batch, say).
-            args = apply_args(clinic, booking_id, "-", "", keep, [], [], [], [], [], [], [], "",
-                              guard, "", {})
+            args = apply_args(clinic, booking_id,
+                              ["-", *(x for kv in stored.fields.items() for x in kv)], "",
+                              keep, [], [], [], [], [], [], [], "", guard, "", {})
             return _Prepared(args, self._shown(timeline, clinic, booking_id, booking_fields,
                                                       reminders, stored.doc,
                                                       self._next_tries(stored)))
