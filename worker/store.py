@@ -4674,7 +4674,8 @@ class Store:
         """Record a patient's reply on a booking (`field`: `confirmed_at`, `call_requested_at`,
         or "" for none) and
         tell the clinic (`patient.replied`, and for a call request the clinic's email), in
-        one step; return False if the booking is gone.
+        one step; return False if the booking is gone, or is cancelled and `field` is
+        `confirmed_at` (a cancelled visit is not confirmed).
 
         `starts_at`: the visit's start as the reply read it (a confirmation names its date):
         the field is set only while the booking still starts then (a move landing since is
@@ -4697,8 +4698,11 @@ class Store:
                         return False
                     booking = json.loads(doc)
                     version = int(cast(str, pipe.hget(bkey, "version")) or 0)
+                    # Cancelled since the reply read its visit: nothing to confirm.
+                    live = not (field == "confirmed_at"
+                                and pipe.hget(bkey, "status") == Status.CANCELLED)
                     pipe.multi()
-                    if field and (starts_at is None or datetime.fromisoformat(
+                    if field and live and (starts_at is None or datetime.fromisoformat(
                             booking["starts_at"]) == datetime.fromisoformat(starts_at)):
                         pipe.hset(bkey, field, _num(when.timestamp()))
                     fields = {"booking_id": booking_id, "version": version, "reply": reply,
@@ -4711,7 +4715,7 @@ class Store:
                                     fields | {"treatment": booking.get("treatment", ""),
                                               "starts_at": starts}, pipe=pipe)
                     pipe.execute()
-                    return True
+                    return live
                 except redis.WatchError:
                     continue
 

@@ -273,12 +273,15 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
             return intent, None if opted_out else answer("no_visit")
         field = "confirmed_at" if intent == "confirm" else "call_requested_at"
         # A confirmation is of the visit as read here (the answer names its date).
-        store.note_reply(clinic.id, booking_id, field, now,
-                         "confirm" if intent == "confirm" else "reschedule",
-                         starts_at=str(doc["starts_at"]) if intent == "confirm" else None)
+        noted = store.note_reply(clinic.id, booking_id, field, now,
+                                 "confirm" if intent == "confirm" else "reschedule",
+                                 starts_at=str(doc["starts_at"]) if intent == "confirm" else None)
         log.info("inbound SMS for clinic %s: %s for booking %s", clinic.id, intent, booking_id)
         if opted_out:
             return intent, None
+        if intent == "confirm" and not noted:
+            # Cancelled (or gone) since it was read here: not "your visit is confirmed".
+            return intent, answer("no_visit")
         if intent == "reschedule":
             return intent, answer("reschedule")
         if intent == "change":
