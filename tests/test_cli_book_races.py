@@ -226,3 +226,38 @@ def test_a_send_begun_between_the_commands_read_and_its_apply(rig, redis_server,
         assert len(rig.gate.bodies) == 1
     assert {r["status"] for r in rig.store.timeline("rc", "O-0")["reminders"]} == {"scheduled"}
     assert datetime.now(UTC) < start
+
+
+def test_an_unchanged_file_racing_reminders_cancel_books_it_again(rig, redis_server):
+    """`reminders book -` of the booking exactly as stored (the clinic's nightly export),
+    its apply parked after its read; `reminders cancel` (another real process) cancels it;
+    the apply resumes. Review: the apply's no-op skipped its check, so the command said
+    "unchanged" and left the booking cancelled, the clinic's export believing it booked. Now
+    the later write wins entirely: the booking is read again and booked again, the command
+    counts it changed, its reminders are due again and nothing of the cancel is left due."""
+    doc = rig.booking(starts_in=timedelta(days=9))
+    assert rig.book(doc)["version"] == 1
+    host, port = redis_server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    proxy = ApplyParker((host, int(port)), f"{PREFIX}:layout".encode())
+    env = cli_env(rig, redis_server.url)
+    try:
+        url = redis_server.url.replace(f":{port}", f":{proxy.port}", 1)
+        proc = book_file(cli_env(rig, url), [doc])
+        assert proxy.parked.wait(30), "the command never applied"
+        cancel = subprocess.run([str(BIN / "reminders"), "cancel", "R-1"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert cancel.returncode == 0, cancel.stderr
+        assert rig.store.timeline("rc", "R-1")["status"] == "cancelled"
+        assert due_entries(rig) == {}
+        proxy.release()
+        said = finished(proc)
+    finally:
+        proxy.close()
+    assert "1 changed, 0 unchanged" in said, said
+    timeline = rig.store.timeline("rc", "R-1")
+    assert timeline["status"] == "scheduled" and timeline["version"] == 3, timeline
+    pending = {f"rc/R-1/{r['id']}": datetime.fromisoformat(r["due_at"]).timestamp()
+               for r in timeline["reminders"] if r["status"] == "scheduled"}
+    assert pending and due_entries(rig) == pending
+    assert not [r for r in timeline["reminders"] if r["id"].startswith("cancelled#")]
+    assert rig.gate.bodies == []  # nothing went out, nothing to tell
