@@ -262,3 +262,110 @@ def test_a_rest_lasts_at_most_a_minute_though_the_events_own_retry_is_an_hour_aw
     until = float(events.redis.hget("t:ev:rest:glow", "until") or 0)
     assert now + REST_MAX_SECONDS - 2 <= until <= now + REST_MAX_SECONDS + 0.5
     assert events.redis.ttl("t:ev:rest:glow") <= REST_MAX_SECONDS + 61
+
+
+def senders_pumping(events: Events, clinics: dict[str, Clinic], tmp_path: Path,
+                    settings: Settings | None = None) -> tuple[EventSenders, threading.Event,
+                                                              threading.Thread]:
+    """The real event senders fed by a pump thread (beat's part, each tenth of a second),
+    delivering with `clinics` as config/ reads now."""
+    used = settings or fast(tmp_path)
+
+    def send(event_id: str, claim: str, wait_at_most: float) -> str:
+        return deliver_event(events, event_id, claim, clinics=clinics,
+                             renderer=Renderer(ROOT / "templates"), settings=used,
+                             env=ENV, timeout=wait_at_most)
+
+    lanes = EventSenders(events, send, threads=THREADS, dog=Watchdog(kill=lambda: None))
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            pump_events(events, lanes.submit, batch=200, lease_seconds=30, capacity=THREADS)
+            stop.wait(0.1)
+
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
+    return lanes, stop, pumping
+
+
+def rest_after_refusal(events: Events, tmp_path: Path) -> tuple[str, float]:
+    """Rest glow's endpoint as a refused attempt does; return that event and the rest's end."""
+    refusing = clinic("glow", f"http://127.0.0.1:{free_port()}/hooks")  # nothing listens
+    first = str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-0"}))
+    ((_, claim),) = events.claim(10, 30)
+    assert deliver(events, first, claim, refusing, tmp_path).startswith("retrying")
+    return first, float(events.redis.hget("t:ev:rest:glow", "until") or 0)
+
+
+def test_events_of_a_webhook_removed_during_a_rest_are_dropped_at_its_end_not_one_per_probe(
+        events, tmp_path):
+    # Glow's endpoint rests (a refused attempt); events wait for it. The clinic then removes
+    # its webhook from config/: at the rest's end each of its events is dropped (the clinic
+    # takes none). The first one claimed is the rest's probe, and a dropped probe got no
+    # answer and no silence either: the rest must end with it, not leave the others waiting
+    # `probe_for` (two timeouts and a margin) each, one event dropped per probe.
+    _, until = rest_after_refusal(events, tmp_path)
+    waiting = [str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": f"A-{n}"}))
+               for n in range(1, 6)]
+    assert events.claim(10, 30) == []  # they wait for the rest
+    lanes, stop, pumping = senders_pumping(events, {"glow": glow()}, tmp_path)  # no webhook
+    try:
+        def dropped() -> bool:
+            return not any(events.redis.exists(events.event_key(e)) for e in waiting)
+
+        wait_until(dropped, 60)
+        late = redis_time(events.redis) - until
+    finally:
+        stop.set()
+        pumping.join(5)
+        lanes.close(0)
+    # One probe_for here is 2 x 1.5 + 2 = 5 s: five waiting events took ~20 s past the rest.
+    assert late < 2.0, late
+    assert events.dead() == []
+
+
+def test_a_probe_that_meets_a_tls_error_ends_the_rest_so_the_others_are_tried(events, tmp_path):
+    # After a rest, the probe finds the endpoint back up but answering TLS with a bad
+    # certificate (a TLS error is an answer, not silence: no rest). The others must be
+    # tried then (each counting its attempt, on its own backoff), not kept waiting one
+    # probe_for per event while the "rest" goes on with nothing to rest for.
+    import socket
+    import ssl  # noqa: F401  (the client's TLS handshake meets a plain-text server)
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    port = server.getsockname()[1]
+    stop_serving = threading.Event()
+
+    def serve() -> None:  # not TLS: the client's handshake fails at once
+        server.settimeout(0.2)
+        while not stop_serving.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    serving = threading.Thread(target=serve, daemon=True)
+    serving.start()
+    _, until = rest_after_refusal(events, tmp_path)
+    waiting = [str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": f"A-{n}"}))
+               for n in range(1, 6)]
+    tls = {"glow": clinic("glow", f"https://127.0.0.1:{port}/hooks")}
+    lanes, stop, pumping = senders_pumping(events, tls, tmp_path)
+    try:
+        wait_until(lambda: all(attempts(events, e) >= 1 for e in waiting), 40)
+        late = redis_time(events.redis) - until
+    finally:
+        stop.set()
+        pumping.join(5)
+        lanes.close(0)
+        stop_serving.set()
+        serving.join(2)
+        server.close()
+    assert late < 2.0, late
+    note = events.redis.hget(events.event_key(waiting[0]), "last_error") or ""
+    assert "SSLError" in note, note
