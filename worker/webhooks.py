@@ -53,8 +53,9 @@ its endpoint to rest after which event got no answer. Once the rest is over, the
 event claimed tries the endpoint (the probe); the others wait for its answer, `probe_for`
 seconds at most (its two network waits and a margin). So a dead endpoint holds about one
 thread per rest, not all of them. Any answer (a 2xx or any HTTP status) ends the rest at
-once and makes the events that waited for it due now; so does replaying one of the clinic's
-given-up events. The held-booking alert is another endpoint (the clinic's email channel)
+once and makes the events that waited for it due now; so does a probe that meets anything
+but silence (a TLS or URL error, or the event dropped: the clinic's webhook removed from
+config/), and replaying one of the clinic's given-up events. The held-booking alert is another endpoint (the clinic's email channel)
 and never rests: alerts come one per held booking, not in bursts, the clinic needs each
 promptly, its email channel is shared with the clinic's patient messages (often one relay
 for several clinics) and Apprise's failures do not tell "no answer" apart from an outcome
@@ -297,7 +298,8 @@ return 'released'
 # from now (the event's retry, at most REST_MAX_SECONDS), an attempt then taking up to
 # ARGV[9] seconds;
 # 'answered' (any HTTP status): its rest ends and the events that waited for it are due
-# now (those not claimed meanwhile); '' neither.
+# now (those not claimed meanwhile); '' neither: the rest ends too if this attempt was its
+# probe (a probe that met no silence leaves nothing to rest for).
 _FINISH = LUA_REST + """
 local due_key, dead_key, ekey, out_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, claim, outcome, delay, err, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
@@ -314,7 +316,11 @@ if clinic then
       'probe_for', probe_for, 'why', 'ev:' .. id .. ' got no answer (' .. err .. ')')
     redis.call('HDEL', rkey, 'probe')
     redis.call('EXPIREAT', rkey, math.ceil(now + rest_for + REST_SLACK))
-  elseif endpoint == 'answered' then
+  elseif endpoint == 'answered'
+      or redis.call('HGET', rkey, 'probe') == id .. ':' .. claim then
+    -- Answered; or this attempt was the rest's probe and found no silence (dropped: the
+    -- clinic no longer takes it; a TLS or URL error; config/ being read): nothing left
+    -- to rest for, the others go now rather than one per `probe_for`.
     end_rest(prefix, clinic, due_key, out_key, now)
   end
 end
