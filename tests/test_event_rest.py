@@ -369,3 +369,26 @@ def test_a_probe_that_meets_a_tls_error_ends_the_rest_so_the_others_are_tried(ev
     assert late < 2.0, late
     note = events.redis.hget(events.event_key(waiting[0]), "last_error") or ""
     assert "SSLError" in note, note
+
+
+def test_a_probe_handed_back_by_a_stopping_worker_leaves_the_next_claim_free_to_probe(
+        events, tmp_path):
+    # The rest is over; the pump claims the probe, but the worker it goes to is stopping and
+    # hands it back, not begun (due now). Nothing tried the endpoint: the next claim (on
+    # another worker) must probe it now, not find the handed-back probe's token holding
+    # the endpoint for probe_for while every event of the clinic waits.
+    first, until = rest_after_refusal(events, tmp_path)
+    waiting = [str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": f"A-{n}"}))
+               for n in range(1, 4)]
+    time.sleep(max(0.0, until - redis_time(events.redis)) + 0.05)
+    ((probe, claim),) = events.claim(1, 30)
+    assert events.redis.hget("t:ev:rest:glow", "probe") == f"{probe}:{claim}"
+    stopping = EventSenders(events, lambda *_: "delivered", threads=1,
+                            dog=Watchdog(kill=lambda: None))
+    stopping.stop()
+    assert stopping.submit(probe, claim).startswith("handed back")
+    assert attempts(events, probe) == 0
+    again = [e for e, _ in events.claim(10, 30)]
+    assert len(again) == 1 and again[0] in [first, *waiting], again
+    assert events.redis.hget("t:ev:rest:glow", "probe") == f"{again[0]}:" + str(
+        events.redis.hget(events.event_key(again[0]), "claim"))
