@@ -51,17 +51,19 @@ rest began (`Events.take`) does the same, fenced by its claim; neither counts an
 (`webhook_max_attempts` counts real ones), and the event's last_error says it waited for
 its endpoint to rest after which event got no answer. Once the rest is over, the first
 event claimed tries the endpoint (the probe); the others wait for its answer, `probe_for`
-seconds at most (its two network waits and a margin). So a dead endpoint holds about one
-thread per rest, not all of them. Any answer (a 2xx or any HTTP status) ends the rest at
-once and makes the events that waited for it due now; so does a probe that meets anything
-but silence (a TLS or URL error, or the event dropped: the clinic's webhook removed from
-config/), and replaying one of the clinic's given-up events. The held-booking alert is another endpoint (the clinic's email channel)
-and never rests: alerts come one per held booking, not in bursts, the clinic needs each
-promptly, its email channel is shared with the clinic's patient messages (often one relay
-for several clinics) and Apprise's failures do not tell "no answer" apart from an outcome
-unknown; a webhook's rest never holds an alert back. Events written during a rest wait for
-its end (a minute at most), as the retries before them do; a URL edited in config/ is tried
-at the rest's end (or at once, by replaying one of the clinic's given-up events).
+seconds at most (its two network waits and a margin: a probe whose worker died is replaced
+then; one handed back, not begun, at once). So a dead endpoint holds about one thread per
+rest, not all of them. Any answer (a 2xx or any HTTP status) ends the rest at once and
+makes the events that waited for it due now; so does a probe that meets anything but
+silence (a TLS or URL error, or the event dropped: the clinic's webhook removed from
+config/), and replaying one of the clinic's given-up events. The held-booking alert is
+another endpoint (the clinic's email channel) and never rests: alerts come one per held
+booking, not in bursts, the clinic needs each promptly, its email channel is shared with
+the clinic's patient messages (often one relay for several clinics) and Apprise's failures
+do not tell "no answer" apart from an outcome unknown; a webhook's rest never holds an
+alert back. Events written during a rest wait for its end (a minute at most), as the
+retries before them do; a URL edited in config/ is tried at the rest's end (or at once, by
+replaying one of the clinic's given-up events).
 
 Signature (Stripe-style): header `Reminders-Signature: t=<unix seconds>,v1=<hex>` where
 hex = HMAC-SHA256(secret, "<t>.<raw body>"). A receiver checks it with `verify_signature`
@@ -280,12 +282,20 @@ return go
 
 # Hand a claimed event back, not begun (its senders are stopping, or its lease is nearly
 # over): due now, its attempts unchanged. Only the attempt that still holds the claim.
+# Its webhook endpoint's probe, handed back, tried nothing: the next claim probes at once.
 _RELEASE = """
-local due_key, out_key, ekey, id, claim = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2]
+local due_key, out_key, ekey, id, claim, prefix = KEYS[1], KEYS[2], KEYS[3], ARGV[1],
+  ARGV[2], ARGV[3]
 if redis.call('HGET', ekey, 'claim') ~= claim then return 'stale' end
 local t = redis.call('TIME')
-redis.call('ZADD', due_key, tonumber(t[1]) + tonumber(t[2]) / 1000000, id)
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', due_key, now, id)
 redis.call('ZREM', out_key, id)
+local rkey = prefix .. ':ev:rest:' .. (redis.call('HGET', ekey, 'clinic') or '')
+if redis.call('HGET', rkey, 'probe') == id .. ':' .. claim then
+  redis.call('HSET', rkey, 'until', string.format('%.6f', now))
+  redis.call('HDEL', rkey, 'probe')
+end
 return 'released'
 """
 
@@ -454,7 +464,7 @@ class Events:
         """Hand a claimed event back, not begun: due now ("released"), if `claim` still
         holds it ("stale" otherwise)."""
         return str(self._release(keys=[self.due_key, self.out_key, self.event_key(event_id)],
-                                 args=[event_id, claim]))
+                                 args=[event_id, claim, self.prefix]))
 
     def lease_left(self, event_id: str, claim: str) -> float | None:
         """Return the seconds left of `claim`'s lease (Redis's clock), None if it no longer
