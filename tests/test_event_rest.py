@@ -21,7 +21,7 @@ from worker.embedded import free_port
 from worker.event_senders import EventSenders
 from worker.rendering import Renderer
 from worker.settings import Settings
-from worker.webhooks import REST_MAX_SECONDS, Events, deliver_event, pump_events
+from worker.webhooks import REST_MAX_SECONDS, Events, deliver_event, pump_events, webhook_urls
 
 TIMEOUT = 1.5  # the webhook's timeout: how long a dead endpoint holds a thread
 THREADS = 4
@@ -279,9 +279,10 @@ def senders_pumping(events: Events, clinics: dict[str, Clinic], tmp_path: Path,
     lanes = EventSenders(events, send, threads=THREADS, dog=Watchdog(kill=lambda: None))
     stop = threading.Event()
 
-    def pump() -> None:
+    def pump() -> None:  # with the clinics' webhook URLs, as the worker's pump reads them
         while not stop.is_set():
-            pump_events(events, lanes.submit, batch=200, lease_seconds=30, capacity=THREADS)
+            pump_events(events, lanes.submit, batch=200, lease_seconds=30, capacity=THREADS,
+                        endpoints=webhook_urls(clinics))
             stop.wait(0.1)
 
     pumping = threading.Thread(target=pump, daemon=True)
@@ -392,3 +393,47 @@ def test_a_probe_handed_back_by_a_stopping_worker_leaves_the_next_claim_free_to_
     assert len(again) == 1 and again[0] in [first, *waiting], again
     assert events.redis.hget("t:ev:rest:glow", "probe") == f"{again[0]}:" + str(
         events.redis.hget(events.event_key(again[0]), "claim"))
+
+
+def test_a_webhook_url_edited_while_its_endpoint_rests_is_tried_at_once(events, tmp_path):
+    # Glow's old endpoint refused a late attempt: it rests a minute (the event's own retry is
+    # further off). The clinic fixes its webhook URL in config/ meanwhile. The rest was the
+    # old URL's: the new one has given no reason to wait, so the events that waited go to it
+    # at once, not a minute later.
+    refusing = clinic("glow", f"http://127.0.0.1:{free_port()}/hooks")  # nothing listens
+    slow = fast(tmp_path).model_copy(update={"backoff_base_seconds": 60.0,
+                                             "backoff_cap_seconds": 3600.0})
+    first = str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-0"}))
+    events.redis.hset(events.event_key(first), "attempts", 8)
+    ((_, claim),) = events.claim(10, 30)
+    assert deliver_event(events, first, claim, clinics={"glow": refusing},
+                         renderer=Renderer(ROOT / "templates"), settings=slow, env=ENV
+                         ).startswith("retrying")
+    until = float(events.redis.hget("t:ev:rest:glow", "until") or 0)
+    assert until - redis_time(events.redis) > 50
+    waiting = [str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": f"A-{n}"}))
+               for n in range(1, 4)]
+    assert events.claim(10, 30) == []  # they wait for the old URL's rest
+    receiver = WebhookReceiver(SECRET).start()
+    lanes, stop, pumping = senders_pumping(events, {"glow": clinic("glow", receiver.url)},
+                                           tmp_path, slow)
+    try:
+        took = wait_until(lambda: {h.headers["Reminders-Event-Id"]
+                                   for h in receiver.snapshot()} >= set(waiting), 20)
+    finally:
+        stop.set()
+        pumping.join(5)
+        lanes.close(0)
+        receiver.stop()
+    assert took < 3, took
+    assert not events.redis.exists("t:ev:rest:glow")
+    # The event that met the old URL keeps its own backoff (it is tried at its retry).
+    assert float(events.redis.zscore(events.due_key, first)) > redis_time(events.redis) + 1000
+    # An unchanged URL keeps its rest: the check is on the URL, not on any config read.
+    refused_again = str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-8"}))
+    ((_, claim),) = events.claim(10, 30)
+    assert deliver(events, refused_again, claim, refusing, tmp_path).startswith("retrying")
+    later = str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-9"}))
+    assert pump_events(events, lambda *_: None, batch=10, lease_seconds=30,
+                       endpoints=webhook_urls({"glow": refusing})) == 0
+    assert events.redis.exists("t:ev:rest:glow") and attempts(events, later) == 0
