@@ -461,15 +461,21 @@ def pump_now() -> Run:
     )
     from .health import pump_beat
     from .metrics import observe_pump
-    from .webhooks import pump_events
+    from .webhooks import pump_events, webhook_urls
 
     started = time.monotonic()
     run = pump_run(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
     # The clinic's webhooks and alerts, on their own queue. Their lease outlasts one attempt
     # (the task's hard limit ends it first); an event whose worker died is claimed again.
     # At most what the event senders take at once (worker/event_senders.py).
+    # Told the clinics' webhook URLs as config/ reads now: a URL edited while its endpoint
+    # rested is tried at once (worker/webhooks.py).
+    catalog = ctx.catalog.fresh(settings)
+    if catalog is not ctx.catalog:
+        ctx.catalog = catalog
     pump_events(_events(), _publish_event, batch=settings.pump_batch,
-                lease_seconds=settings.lease_seconds, capacity=settings.webhook_threads)
+                lease_seconds=settings.lease_seconds, capacity=settings.webhook_threads,
+                endpoints=webhook_urls(catalog.clinics))
     # The run's evidence for `reminders health` and /healthz (worker/health.py).
     took = time.monotonic() - started
     pump_beat(ctx.store.redis, settings.key_prefix, took)

@@ -20,8 +20,9 @@ own schedule:
   P:ev:out        ZSET  event id -> its lease's end: claimed, not finished (the pump's count)
   P:ev:senders    ZSET  "<host>:<pid>|<threads>" -> until when: the event senders registered
   P:ev:rest:<clinic>     HASH  the clinic's webhook endpoint rests: until (Redis's clock),
-                        probe_for, probe, why (an event id and reason: no URL or secret);
-                        expires REST_SLACK_SECONDS after its end
+                        probe_for, probe, why (an event id and reason: no URL or secret),
+                        url (the digest of the URL that rests); expires
+                        REST_SLACK_SECONDS after its end
   P:ev:resting:<clinic>  SET   the events put back to wait for that rest's end (same expiry)
 
 The pump claims due events (one Lua step, Redis's clock), no more than the registered event
@@ -62,8 +63,9 @@ booking, not in bursts, the clinic needs each promptly, its email channel is sha
 the clinic's patient messages (often one relay for several clinics) and Apprise's failures
 do not tell "no answer" apart from an outcome unknown; a webhook's rest never holds an
 alert back. Events written during a rest wait for its end (a minute at most), as the
-retries before them do; a URL edited in config/ is tried at the rest's end (or at once, by
-replaying one of the clinic's given-up events).
+retries before them do. The rest is the URL's that got no answer (its digest in the mark): a
+URL edited in config/ ends it at the pump's next run (`pump_events` is told the clinics'
+URLs), so the new URL is tried at once.
 
 Signature (Stripe-style): header `Reminders-Signature: t=<unix seconds>,v1=<hex>` where
 hex = HMAC-SHA256(secret, "<t>.<raw body>"). A receiver checks it with `verify_signature`
@@ -142,7 +144,8 @@ return emit_event(ARGV[1], ARGV[2], ARGV[3], ARGV[4], cjson.decode(ARGV[5]))
 
 # A clinic's webhook endpoint that did not answer rests (see the module docstring):
 #   P:ev:rest:<clinic>     HASH until (Redis's clock), probe_for (seconds one attempt may
-#                          take), probe ("<id>:<claim>" let through to try it), why
+#                          take), probe ("<id>:<claim>" let through to try it), why, url
+#                          (`url_id` of the URL that rests)
 #   P:ev:resting:<clinic>  SET  the ids put back to wait for the rest's end
 # `endpoint_rest` returns 'go' (no rest, or this claim is its probe), 'probe' (the rest is
 # over: this claim tries the endpoint, the others wait for its answer until `probe_for`
@@ -306,7 +309,7 @@ return 'released'
 # ARGV[8], the clinic's webhook endpoint as this attempt found it (whichever claim it held:
 # it is about the endpoint, not the event): 'rest', no answer: it rests ARGV[10] seconds
 # from now (the event's retry, at most REST_MAX_SECONDS), an attempt then taking up to
-# ARGV[9] seconds;
+# ARGV[9] seconds, the URL that rests being ARGV[11] (`url_id`: a digest, not the URL);
 # 'answered' (any HTTP status): its rest ends and the events that waited for it are due
 # now (those not claimed meanwhile); '' neither: the rest ends too if this attempt was its
 # probe (a probe that met no silence leaves nothing to rest for).
@@ -315,6 +318,7 @@ local due_key, dead_key, ekey, out_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, claim, outcome, delay, err, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
   ARGV[5], tonumber(ARGV[6])
 local prefix, endpoint, probe_for, rest_for = ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
+local url_id = ARGV[11]
 local clinic = redis.call('HGET', ekey, 'clinic')
 local wkey = prefix .. ':ev:resting:' .. (clinic or '')
 if clinic then
@@ -323,7 +327,8 @@ if clinic then
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   if endpoint == 'rest' then
     redis.call('HSET', rkey, 'until', string.format('%.6f', now + rest_for),
-      'probe_for', probe_for, 'why', 'ev:' .. id .. ' got no answer (' .. err .. ')')
+      'probe_for', probe_for, 'why', 'ev:' .. id .. ' got no answer (' .. err .. ')',
+      'url', url_id)
     redis.call('HDEL', rkey, 'probe')
     redis.call('EXPIREAT', rkey, math.ceil(now + rest_for + REST_SLACK))
   elseif endpoint == 'answered'
@@ -381,6 +386,35 @@ end
 return 1
 """
 
+# The clinics' webhook URLs as config/ reads now (ARGV[2], JSON: clinic -> `url_id`): a
+# clinic's rest of another URL (edited in config/ since) ends, the events that waited due
+# now, for the new URL has given no reason to wait. Returns the clinics whose rest ended.
+_MOVED = LUA_REST + """
+local due_key, out_key, prefix = KEYS[1], KEYS[2], ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ended = {}
+for clinic, url_id in pairs(cjson.decode(ARGV[2])) do
+  local rested = redis.call('HGET', prefix .. ':ev:rest:' .. clinic, 'url')
+  if rested and rested ~= url_id then
+    end_rest(prefix, clinic, due_key, out_key, now)
+    table.insert(ended, clinic)
+  end
+end
+return ended
+"""
+
+
+def url_id(url: str) -> str:
+    """A webhook URL as a rest's mark names it: a digest (a URL may carry a token)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def webhook_urls(clinics: Mapping[str, Clinic]) -> dict[str, str]:
+    """Return each clinic's webhook URL (those with a webhook), for `pump_events`."""
+    return {clinic_id: c.webhook.url for clinic_id, c in clinics.items() if c.webhook}
+
+
 EVENT_REF = "ev:"  # an event as `reminders events` names it: "ev:<id>" (no booking id has ":")
 
 
@@ -426,6 +460,7 @@ class Events:
         self._replay = client.register_script(_REPLAY)
         self._release = client.register_script(_RELEASE)
         self._take = client.register_script(_TAKE)
+        self._moved = client.register_script(_MOVED)
 
     def event_key(self, event_id: str) -> str:
         return f"{self.prefix}:ev:{event_id}"
@@ -506,32 +541,43 @@ class Events:
         return self._fin(event_id, claim, "done", endpoint=endpoint)
 
     def retry(self, event_id: str, claim: str, delay: float, error: str, *,
-              endpoint: str = "", rest: float = 0.0, probe_for: float = 0.0) -> str:
+              endpoint: str = "", rest: float = 0.0, probe_for: float = 0.0,
+              url: str = "") -> str:
         """Try the event again `delay` seconds from now on Redis's clock (its claims');
-        `endpoint` "rest": its webhook endpoint rests `rest` seconds."""
+        `endpoint` "rest": its webhook endpoint (`url`) rests `rest` seconds."""
         return self._fin(event_id, claim, "retry", delay, error, endpoint=endpoint,
-                         rest=rest, probe_for=probe_for)
+                         rest=rest, probe_for=probe_for, url=url)
 
     def give_up(self, event_id: str, claim: str, error: str, *, endpoint: str = "",
-                rest: float = 0.0, probe_for: float = 0.0) -> str:
-        """Give the event up; `endpoint` "rest": its webhook endpoint rests `rest` seconds."""
+                rest: float = 0.0, probe_for: float = 0.0, url: str = "") -> str:
+        """Give the event up; `endpoint` "rest": its webhook endpoint (`url`) rests `rest`
+        seconds."""
         return self._fin(event_id, claim, "dead", 0.0, error, endpoint=endpoint, rest=rest,
-                         probe_for=probe_for)
+                         probe_for=probe_for, url=url)
 
     def _fin(self, event_id: str, claim: str, outcome: str, delay: float = 0.0,
              err: str = "", *, endpoint: str = "", rest: float = 0.0,
-             probe_for: float = 0.0) -> str:
+             probe_for: float = 0.0, url: str = "") -> str:
         """`endpoint`: what the attempt found of the clinic's webhook endpoint: "rest" (no
-        answer: it rests `rest` seconds, an attempt then taking up to `probe_for`),
+        answer: it, `url`, rests `rest` seconds, an attempt then taking up to `probe_for`),
         "answered" (any HTTP status: its rest ends, the events that waited are due now),
         or "" (neither, or not a webhook)."""
         return str(
             self._finish(
                 keys=[self.due_key, self.dead_key, self.event_key(event_id), self.out_key],
                 args=[event_id, claim, outcome, delay, err, self.keep_seconds, self.prefix,
-                      endpoint, probe_for, rest],
+                      endpoint, probe_for, rest, url_id(url) if url else ""],
             )
         )
+
+    def end_moved_rests(self, urls: Mapping[str, str]) -> list[str]:
+        """End the rests of webhook URLs no longer the clinic's (`urls`: clinic -> its
+        webhook URL as config/ reads now); return the clinics whose rest ended."""
+        if not urls:
+            return []
+        ids = {clinic_id: url_id(url) for clinic_id, url in urls.items()}
+        return [str(c) for c in self._moved(keys=[self.due_key, self.out_key],
+                                            args=[self.prefix, json.dumps(ids)])]
 
     def pending(self, clinic: str | None = None) -> list[Event]:
         """Return the events waiting (or being delivered), oldest first (for tests and ops)."""
@@ -839,15 +885,16 @@ def deliver_event(
         delay = compute_backoff(attempts, base=settings.backoff_base_seconds,
                                 cap=settings.backoff_cap_seconds)
         rest = min(delay, REST_MAX_SECONDS)
+        url = clinic.webhook.url if clinic is not None and clinic.webhook else ""
         if attempts >= settings.webhook_max_attempts:
             events.give_up(event_id, claim, reason, endpoint=endpoint, rest=rest,
-                           probe_for=probe_for)
+                           probe_for=probe_for, url=url)
             log.warning("clinic event %s (%s) given up after %d attempts: %s",
                         event_id, event.type, attempts, reason)
             return f"given up: {reason}"
         # Due on Redis's clock, not this host's.
         events.retry(event_id, claim, delay, reason, endpoint=endpoint, rest=rest,
-                     probe_for=probe_for)
+                     probe_for=probe_for, url=url)
         log.info("clinic event %s (%s) retried in %.0f s: %s", event_id, event.type, delay, reason)
         return f"retrying: {reason}"
     events.done(event_id, claim, endpoint=endpoint)
@@ -928,11 +975,16 @@ def send_alert(
 
 
 def pump_events(events: Events, publish: Callable[[str, str], None], *, batch: int,
-                lease_seconds: float, capacity: int = 0) -> int:
+                lease_seconds: float, capacity: int = 0,
+                endpoints: Mapping[str, str] | None = None) -> int:
     """Claim due clinic events and publish one delivery task each; return how many.
 
     `capacity` > 0: only what the workers' event senders can take at once (`Events.claim`):
-    the others stay due, not claimed to wait behind a dead endpoint until their lease ends."""
+    the others stay due, not claimed to wait behind a dead endpoint until their lease ends.
+    `endpoints`: each clinic's webhook URL as config/ reads now (`webhook_urls`): a rest of
+    a URL edited since ends first, so the new URL is tried at once."""
+    for clinic_id in events.end_moved_rests(endpoints or {}):
+        log.info("pump: clinic %s's webhook URL changed in config/: its rest ends", clinic_id)
     published = 0
     for event_id, claim in events.claim(batch, lease_seconds, capacity):
         publish(event_id, claim)  # a refused publish leaves it claimed: due again after the lease
