@@ -178,6 +178,8 @@ FILLER_WORDS = MESSAGING_WORDS | frozenset({
     "DE", "ESTO", "ESTOS", "HI", "HELLO", "HEY", "HOLA",
     # "OK" in other words: "Vale gracias, BAJA", "Great thanks, can you unsubscribe me?"
     "VALE", "PERFECTO", "GREAT",
+    # the number texted: "Stop sending to this number", "Stop texting this phone"
+    "TO", "NUMBER", "PHONE",
 })
 # Words that may stand between a sure stop word and the messages it names (rule d).
 _BETWEEN = FILLER_WORDS | frozenset({

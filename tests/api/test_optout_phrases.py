@@ -118,6 +118,8 @@ OPT_OUTS = [
     "BAJA. ¿Quién es?", "Please stop. I finished my treatment last month and I am fine",
     # "and" among courtesy words, and "unsub" (review rev-patient): `clarify` / `unknown`
     "Stop please and thank you", "Baja por favor y gracias", "Unsub", "unsub please",
+    # the number named with "to" (`clarify`: the texts kept coming)
+    "Stop sending to this number", "Stop texting this phone", "stop sending texts to this number",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
