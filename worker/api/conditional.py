@@ -91,8 +91,8 @@ class _Upsert(Store):
 class _Cancel(Store):
     """One cancel, checking the stored version against the hash the cancel script fences on.
 
-    The store's cancel applies only if the booking's hash is still the one it read (when
-    the booking is scheduled); here it always is, and that read's version must match.
+    The store's cancel applies only if the booking's hash is still the one it read ("[]"
+    when missing); that read's version must match.
     """
 
     def __init__(self, store: Store, expected: str | frozenset[int]) -> None:
