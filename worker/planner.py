@@ -940,12 +940,73 @@ def cap_sms(
 
     emailed = {(r.step, r.occurrence) for r in reminders
                if r.channel == "email" and r.status == Status.SCHEDULED}
-    # Care-critical SMS first, at their time; the others give way. One that does not fit
+    over_cap: set[str] = set()
+    kept: dict[str, PlannedReminder] = {}
+    changed = False
+
+    def place(r: PlannedReminder) -> PlannedReminder:
+        """`r` (an SMS to go) as the cap leaves it, its day counted if it stays an SMS."""
+        nonlocal changed
+        local = r.due_at.astimezone(tz)
+        day = local.toordinal()
+        if r.key in kept:
+            changed = changed or kept[r.key] is not r
+            return kept[r.key]
+        if r.step in protected:
+            if r.key not in over_cap:
+                return r
+        elif fits(day):
+            count(day)
+            return r
+        changed = True
+        over = f"{cap_words(caps)} is reached on {local:%Y-%m-%d}"
+        if r.step in protected and not email:
+            return _changed(r, reason=f"{r.reason}; sent although {over}{BEYOND_CAP}")
+        if email and (r.step, r.occurrence) in emailed:
+            return _changed(r, status=Status.SKIPPED,
+                            reason=f"not sent by SMS: {over}; its email goes")
+        if email:
+            return _changed(r, key=r.key[: -len("sms")] + "email", channel="email",
+                            reason=f"{r.reason}; by email: {over}")
+        moved = None
+        late = window is not None and _LATE in r.reason
+        for n in range(1, WEEK_DAYS * 2):
+            if late:
+                assert window is not None
+                later = next_opening(_wall(local.date() + timedelta(days=n), 0, 0, tz),
+                                     window, tz)
+            else:
+                later = _wall(local.date() + timedelta(days=n), local.hour, local.minute, tz)
+            if r.expires_at is not None and later >= r.expires_at:
+                break
+            shown = later.astimezone(tz)
+            if not late and (shown.hour, shown.minute) != (local.hour, local.minute):
+                continue  # not on that day's clock (a DST gap): maybe outside the window
+            if fits(shown.toordinal()):
+                moved = later
+                break
+        if moved is None:
+            return _changed(r, status=Status.SKIPPED, reason=(
+                f"not sent: {over}, the patient takes no email, and no later day has room "
+                "before it expires"))
+        count(moved.astimezone(tz).toordinal())
+        return _changed(r, due_at=moved, reason=_moved_reason(r, moved, caps, tz))
+
+    # A held booking's hold notice first: the one message that goes while it is held, its
+    # other SMS (held back until the clinic's release, then capped again) give way to it.
+    # The patient's other bookings' SMS (`taken`) still count.
+    first: dict[str, PlannedReminder] = {}
+    for r in sms:
+        if r.step == HOLD_NOTICE_STEP:
+            if keeps(r, r.due_at, r.reason):  # held as it is: it keeps its day
+                kept[r.key] = r
+                count(r.due_at.astimezone(tz).toordinal())
+            first[r.key] = place(r)
+    # Care-critical SMS next, at their time; the others give way. One that does not fit
     # (the patient's other bookings took the days) goes by email when the patient takes
     # email, as any other; else it goes all the same, beyond the cap.
-    over_cap: set[str] = set()
     for r in sms:
-        if r.step in protected:
+        if r.step in protected and r.key not in first:
             day = r.due_at.astimezone(tz).toordinal()
             if not fits(day) and not keeps(r, r.due_at, r.reason):
                 over_cap.add(r.key)
@@ -954,9 +1015,8 @@ def cap_sms(
             count(day)
     # Then the others held: each keeps its day if it fits within the cap, unless a moved
     # one finds room (counting every SMS) on a day before it.
-    kept: dict[str, PlannedReminder] = {}
     for r in sms:
-        if r.step in protected or r.key not in held:
+        if r.step in protected or r.key not in held or r.key in first:
             continue
         local = r.due_at.astimezone(tz)
         if keeps(r, r.due_at, r.reason):
@@ -976,62 +1036,11 @@ def cap_sms(
             kept[r.key] = again
             count(stored_day)
     out: list[PlannedReminder] = []
-    changed = False
     for r in reminders:
         if r.channel != "sms" or r.status != Status.SCHEDULED or r.key in history:
             out.append(r)
-            continue
-        local = r.due_at.astimezone(tz)
-        day = local.toordinal()
-        if r.key in kept:
-            changed = changed or kept[r.key] is not r
-            out.append(kept[r.key])
-            continue
-        if r.step in protected:
-            if r.key not in over_cap:
-                out.append(r)
-                continue
-        elif fits(day):
-            count(day)
-            out.append(r)
-            continue
-        changed = True
-        over = f"{cap_words(caps)} is reached on {local:%Y-%m-%d}"
-        if r.step in protected and not email:
-            out.append(_changed(r, reason=f"{r.reason}; sent although {over}{BEYOND_CAP}"))
-            continue
-        if email and (r.step, r.occurrence) in emailed:
-            out.append(_changed(r, status=Status.SKIPPED,
-                               reason=f"not sent by SMS: {over}; its email goes"))
-            continue
-        if email:
-            out.append(_changed(r, key=r.key[: -len("sms")] + "email", channel="email",
-                               reason=f"{r.reason}; by email: {over}"))
-            continue
-        moved = None
-        late = window is not None and _LATE in r.reason
-        for n in range(1, WEEK_DAYS * 2):
-            if late:
-                assert window is not None
-                later = next_opening(_wall(local.date() + timedelta(days=n), 0, 0, tz),
-                                     window, tz)
-            else:
-                later = _wall(local.date() + timedelta(days=n), local.hour, local.minute, tz)
-            if r.expires_at is not None and later >= r.expires_at:
-                break
-            shown = later.astimezone(tz)
-            if not late and (shown.hour, shown.minute) != (local.hour, local.minute):
-                continue  # not on that day's clock (a DST gap): maybe outside the window
-            if fits(shown.toordinal()):
-                moved = later
-                break
-        if moved is None:
-            out.append(_changed(r, status=Status.SKIPPED, reason=(
-                f"not sent: {over}, the patient takes no email, and no later day has room "
-                "before it expires")))
-            continue
-        count(moved.astimezone(tz).toordinal())
-        out.append(_changed(r, due_at=moved, reason=_moved_reason(r, moved, caps, tz)))
+        else:
+            out.append(first[r.key] if r.key in first else place(r))
     if not changed:
         return reminders
     out.sort(key=_order)
