@@ -114,6 +114,10 @@ def test_other_bookings_still_count_and_held_messages_take_nothing_from_them(rig
     assert rig.send("M-1", "hold-notice:sms", rig.at(2, 9)) == "sent"
     _book(rig, "M-1", "held", 4, rig.at(2, 12), release=True)
     assert rig.store.timeline("rp", "M-1")["status"] == "scheduled"
+    confirmation = rig.reminders()["booking-confirmation:sms"]
+    assert confirmation["status"] == "scheduled", confirmation
+    assert rig.due("booking-confirmation:sms") == rig.at(4, 9), confirmation  # X+3: M-2's
+    assert "limit" in confirmation["reason"], confirmation
     for key, r in rig.reminders().items():
         if key.endswith(":sms") and r["status"] == "scheduled":
             assert rig.send("M-1", key, rig.due(key)) == "sent", (key, r)

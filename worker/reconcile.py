@@ -90,7 +90,7 @@ def reconcile(
     for key in sorted(set(stored) | set(planned)):
         record = stored.get(key, {})
         one = reconcile_one(record, planned.get(key), doc_changed=doc_changed or reopen,
-                            now=now)
+                            now=now, released=was_held and status != Status.HELD)
         if one is not None and one[1] != "keep":
             fields, schedule = one
             if schedule == "due" and status == Status.HELD and not is_hold_notice(key):
@@ -120,9 +120,13 @@ def reconcile(
 
 
 def reconcile_one(
-    stored: Record, new: PlannedReminder | None, *, doc_changed: bool, now: datetime
+    stored: Record, new: PlannedReminder | None, *, doc_changed: bool, now: datetime,
+    released: bool = False,
 ) -> tuple[dict[str, str], Schedule] | None:
-    """Return (fields to write, schedule) for one reminder, or None if it stays as it is."""
+    """Return (fields to write, schedule) for one reminder, or None if it stays as it is.
+    `released`: the booking's hold ends; a message at booking held back for a time still
+    ahead keeps it only if the plan does (the store capped it there again, counting what
+    went while it was held), not for being at booking."""
     old_status = stored.get("status")
     if old_status == Status.SENT:
         return None  # history: never sent again, whatever the new plan says
@@ -153,7 +157,8 @@ def reconcile_one(
     )
     if old_status in PENDING and (
         stored.get("planned_epoch") == planned_epoch
-        or (new.at_booking and stored.get("at_booking") == "1")
+        or (new.at_booking and stored.get("at_booking") == "1" and not (
+            released and float(stored.get("planned_epoch") or "-inf") > now.timestamp()))
         or came_due
     ):
         # Unchanged, or due now in both plans (a late step is planned for "now", which

@@ -2980,10 +2980,28 @@ class Store:
         fields = stored.fields
         if unflag:
             fields = {**fields, **{k: _without_flag(fields[k], "s") for k in unflag}}
-        if fields.get("status") == Status.HELD and self._replan_status(
-                booking, planned, stored, release) == Status.SCHEDULED:
+        released = fields.get("status") == Status.HELD and self._replan_status(
+            booking, planned, stored, release) == Status.SCHEDULED
+        at_stored: dict[str, PlannedReminder] = {}
+        if released:
             # Released: the store's own still to go go back into the schedule with it.
             fields = {**fields, "status": Status.SCHEDULED}
+            if kind is None:
+                # Its SMS at booking held back for a time still ahead are capped at that time
+                # (the reconcile keeps it if they fit), counting what went while it was held
+                # (its hold notice) and the SMS the patient's other bookings took meanwhile.
+                at_stored = {
+                    r.key: replace(r, due_at=datetime.fromtimestamp(float(
+                        stored.reminders[r.key]["planned_epoch"]), UTC))
+                    for r in base if r.channel == "sms" and r.at_booking
+                    and r.status == Status.SCHEDULED
+                    and stored.reminders.get(r.key, {}).get("status") == Status.SCHEDULED
+                    and stored.reminders[r.key].get("at_booking") == "1"
+                    and float(stored.reminders[r.key].get("planned_epoch") or 0) > now.timestamp()}
+                if at_stored:
+                    base = [at_stored.get(r.key, r) for r in base]
+                    planned = replace(planned, uncapped=base, reminders=[
+                        at_stored.get(r.key, r) for r in planned.reminders])
         offered = booking.patient.channels
         own = [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(
             fields, pending=lambda key: kind is None and is_notice(key)
@@ -3022,6 +3040,7 @@ class Store:
         held = {} if kind is not None else {
             key: (float(r["planned_epoch"]), r["reason"]) for key, r in stored.reminders.items()
             if r["channel"] == "sms" and r["status"] == Status.SCHEDULED and r["planned_epoch"]}
+        held.update({key: (r.due_at.timestamp(), r.reason) for key, r in at_stored.items()})
         return cap_plan(planned, booking, read.taken, (history - again) | in_flight, own,
                         email=read.email, held=held, beyond=read.beyond)
 
