@@ -23,6 +23,8 @@ Rules, in order, for each step that applies to the patient:
    the cap: they are counted first, at their time, and the other SMS give way. One that
    still does not fit (the patient's other bookings took the days) goes by email when the
    patient takes email, as any other, else by SMS all the same, beyond the cap, saying so.
+   Before them a held booking's hold notice: its other SMS do not go while it is held
+   (its release caps them again), so they give way to it.
    Then, in due order, another SMS that does not
    fit goes by email when the patient takes email (or is dropped when the step already
    emails), else moves to the next day with room at the same local time (a late step,
