@@ -124,8 +124,8 @@ def reconcile_one(
     released: bool = False,
 ) -> tuple[dict[str, str], Schedule] | None:
     """Return (fields to write, schedule) for one reminder, or None if it stays as it is.
-    `released`: the booking's hold ends; a message at booking held back for a time still
-    ahead keeps it only if the plan does (the store capped it there again, counting what
+    `released`: the booking's hold ends; an SMS at booking held back for a time still ahead
+    keeps it only if the plan does (the store capped it there again, counting what
     went while it was held), not for being at booking."""
     old_status = stored.get("status")
     if old_status == Status.SENT:
@@ -158,7 +158,8 @@ def reconcile_one(
     if old_status in PENDING and (
         stored.get("planned_epoch") == planned_epoch
         or (new.at_booking and stored.get("at_booking") == "1" and not (
-            released and float(stored.get("planned_epoch") or "-inf") > now.timestamp()))
+            released and new.channel == "sms" and old_status == Status.SCHEDULED
+            and float(stored.get("planned_epoch") or "-inf") > now.timestamp()))
         or came_due
     ):
         # Unchanged, or due now in both plans (a late step is planned for "now", which
