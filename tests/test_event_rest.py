@@ -437,3 +437,37 @@ def test_a_webhook_url_edited_while_its_endpoint_rests_is_tried_at_once(events, 
     assert pump_events(events, lambda *_: None, batch=10, lease_seconds=30,
                        endpoints=webhook_urls({"glow": refusing})) == 0
     assert events.redis.exists("t:ev:rest:glow") and attempts(events, later) == 0
+
+
+def test_an_endpoint_trickling_its_answer_ends_the_attempt_not_the_worker(events, tmp_path):
+    # A clinic endpoint (or a proxy before it) answers one header byte at a time, each
+    # inside the read timeout. The attempt must end as no answer in time (its two network
+    # waits), counted, its endpoint resting: not run on until the watchdog kills the whole
+    # worker process (its patients' sends with it), the event claimed again after its lease
+    # to kill the next worker, never counted, never given up.
+    from tests.test_send_batches import Trickle
+
+    trickle = Trickle()
+    kills: list[float] = []
+    slow = clinic("glow", f"http://127.0.0.1:{trickle.port}/hooks")
+
+    def send(event_id: str, claim: str, wait_at_most: float) -> str:
+        return deliver_event(events, event_id, claim, clinics={"glow": slow},
+                             renderer=Renderer(ROOT / "templates"), settings=fast(tmp_path),
+                             env=ENV, timeout=wait_at_most)
+
+    lanes = EventSenders(events, send, threads=1,
+                         dog=Watchdog(kill=lambda: kills.append(time.monotonic())))
+    try:
+        event = str(events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"}))
+        ((_, claim),) = events.claim(1, 10)
+        began = time.monotonic()
+        outcome = lanes.attempt(event, claim)  # its waits: 1.5 s each (the webhook timeout)
+        took = time.monotonic() - began
+    finally:
+        lanes.close(0)
+        trickle.close()
+    assert kills == [] and outcome.startswith("retrying"), (kills, outcome)
+    assert took < 2 * TIMEOUT + 1, took
+    assert attempts(events, event) == 1
+    assert events.redis.exists("t:ev:rest:glow")  # no answer in time: it rests
