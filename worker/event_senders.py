@@ -22,8 +22,10 @@ by `deliver_event` (delivered, retried with backoff, given up after
 network waits are bounded to half of what is left of the lease less LEASE_MARGIN (and by
 the settings' timeouts), so a dead endpoint ends it as a retry before the lease runs out
 (no second delivery of the same claim meanwhile); a claim with less than
-MIN_ATTEMPT_SECONDS so left goes back to the schedule, due now. Should a delivery still run
-a second before its lease ends (an endpoint trickling its answer under every timeout), the
+MIN_ATTEMPT_SECONDS so left goes back to the schedule, due now. A webhook's POST is cut
+after its two network waits, whatever the endpoint does (one trickling its answer under
+every timeout ends as no answer: worker/webhooks.py `post_webhook`); should a delivery still
+run a second before its lease ends (an alert's email channel stuck past its timeouts), the
 watchdog ends the process, as the task's hard time limit did. A worker killed mid-delivery
 leaves the event claimed until its lease ends, then it is claimed again (the same id).
 

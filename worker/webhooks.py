@@ -76,10 +76,12 @@ reasons only: never a message body or a patient's contact details.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -781,27 +783,94 @@ def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None
         # (`verify_signature`), and both should be NTP-synced; Redis's is for our claims.
         SIGNATURE_HEADER: sign(secret, body, int(time.time())),
     }
+    session = requests.Session()
+    adapter = _DeadlineAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    # The whole attempt ends after its two network waits (a connect and a read): an answer
+    # whose status line and headers trickle in, each byte inside the read timeout, had no
+    # end but the watchdog's kill of the worker process (worker/event_senders.py).
+    deadline = threading.Timer(2 * timeout, adapter.cut)
+    deadline.daemon = True
+    deadline.start()
     try:
         # The status decides; the body is never read (stream=True, closed unread): an
         # answer whose body trickles on, each byte inside the read timeout, held the
         # delivery until the task's time limit, the event left claimed and sent again.
-        response = requests.post(url, data=body, headers=headers, timeout=timeout,
-                                 allow_redirects=False, stream=True)
+        response = session.post(url, data=body, headers=headers, timeout=timeout,
+                                allow_redirects=False, stream=True)
         response.close()
     except (requests.Timeout, requests.ConnectionError) as exc:
+        if adapter.was_cut:
+            raise NoAnswer(f"webhook gave no full answer in {2 * timeout:g} s") from None
         if isinstance(exc, requests.exceptions.SSLError):  # an answer, not HTTP: no rest
             raise DeliveryError(f"webhook unreachable ({type(exc).__name__})") from None
         # Refused, reset, or no answer in time: its endpoint rests (`deliver_event`).
         raise NoAnswer(f"webhook unreachable ({type(exc).__name__})") from None
     except requests.RequestException as exc:
+        if adapter.was_cut:
+            raise NoAnswer(f"webhook gave no full answer in {2 * timeout:g} s") from None
         raise DeliveryError(f"webhook unreachable ({type(exc).__name__})") from None
     except ValueError as exc:
+        if adapter.was_cut:  # http.client's parse of a cut answer
+            raise NoAnswer(f"webhook gave no full answer in {2 * timeout:g} s") from None
         # urllib3's LocationParseError (a host label empty or too long: "hooks..x.example")
         # is a ValueError, not a RequestException: counted, retried and given up as any
         # failure, never left to escape (the event stayed claimed and was never given up).
         raise DeliveryError(f"webhook URL cannot be used ({type(exc).__name__})") from None
+    finally:
+        deadline.cancel()
+        session.close()
     if not 200 <= response.status_code < 300:
         raise Answered(f"webhook answered HTTP {response.status_code}")
+
+
+def _DeadlineAdapter() -> Any:  # noqa: N802  (a class made on use: requests is imported late)
+    """A requests adapter whose connections `cut()` shuts (the attempt's deadline)."""
+    import socket
+
+    from requests.adapters import HTTPAdapter
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Adapter(HTTPAdapter):
+        def __init__(self) -> None:
+            self.connections: list[Any] = []
+            self.was_cut = False
+            self._cut_lock = threading.Lock()
+            super().__init__(max_retries=0)
+
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            adapter = self
+
+            class Pool(HTTPConnectionPool):
+                def _new_conn(self) -> Any:
+                    conn = super()._new_conn()
+                    adapter._made(conn)
+                    return conn
+
+            class TLSPool(HTTPSConnectionPool):
+                def _new_conn(self) -> Any:
+                    conn = super()._new_conn()
+                    adapter._made(conn)
+                    return conn
+
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+        def _made(self, conn: Any) -> None:
+            with self._cut_lock:
+                self.connections.append(conn)
+
+        def cut(self) -> None:
+            with self._cut_lock:
+                self.was_cut = True
+                for conn in self.connections:
+                    sock = getattr(conn, "sock", None)
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+
+    return Adapter()
 
 
 class NoAnswer(DeliveryError):
