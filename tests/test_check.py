@@ -463,3 +463,29 @@ def test_an_advice_value_that_is_no_number_is_an_error(copy: Path, value: str) -
     result = check_copy(copy)
     assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert f"configuration error: {protocol}: advice.spf" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("zone", ["CET", "EST", "MST7MDT", "Etc/GMT-1"])
+def test_a_clinic_timezone_that_names_no_place_is_an_error(copy: Path, zone: str) -> None:
+    """A zone abbreviation or a fixed offset loads in zoneinfo but is not where the clinic
+    is: "EST" stays UTC-5 all summer (invites, patients' replies an hour off in New York),
+    and no country is found for the region's formats (°F, dates)."""
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text().replace('timezone = "Europe/Madrid"',
+                                                 f'timezone = "{zone}"'))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert f"{clinic}: timezone: {zone!r} is not a place" in result.stderr
+    assert "e.g. Europe/Madrid or America/New_York" in result.stderr
+
+
+def test_two_pause_steps_in_one_protocol_are_an_error(copy: Path) -> None:
+    """Only one step's pause is corrected when the visit moves (Protocol.pause_step): a
+    second `pause = true` would be left standing, so it is refused."""
+    protocol = copy / "config" / "protocols" / "microneedling.toml"
+    protocol.write_text(protocol.read_text().replace(
+        'template = "microneedling-prep"', 'template = "microneedling-prep"\npause = true'))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert (f"{protocol}: pause = true on steps stop-retinoids, prep: one step per protocol "
+            "may pause a product") in result.stderr
