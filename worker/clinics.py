@@ -54,6 +54,21 @@ def parse_clock(value: object) -> int:
 ClockMinutes = Annotated[int, BeforeValidator(parse_clock)]
 
 
+def _a_place(value: str) -> str:
+    """Return a clinic's timezone if it names a place ("Europe/Madrid") or is "UTC". The tz
+    database also loads abbreviations and fixed offsets ("CET", "EST", "MST7MDT",
+    "Etc/GMT-1"): "EST" stays UTC-5 all summer in New York (invites, patients' replies an
+    hour off) and none names a country, whose formats the messages use (°F, dates)."""
+    if value in ("UTC", "Etc/UTC") or ("/" in value and not value.startswith("Etc/")):
+        return value
+    raise ValueError(f"{value!r} is not a place (an abbreviation or a fixed offset: it knows "
+                     "no summer time nor country); write the clinic's Area/City zone, e.g. "
+                     "Europe/Madrid or America/New_York, or UTC")
+
+
+ClinicTimezone = Annotated[Timezone, AfterValidator(_a_place)]
+
+
 class SendWindow(BaseModel):
     """Patient-local hours in which reminders may be delivered: [start, end)."""
 
@@ -188,7 +203,7 @@ class Clinic(BaseModel):
     # Where the visit happens, one line ("Calle Mayor 1, 28013 Madrid"): the location of the
     # calendar invite (worker/invites.py). Without it the invite names the clinic only.
     address: Address | None = None
-    timezone: Timezone
+    timezone: ClinicTimezone  # IANA Area/City, or UTC
     locale: str = "en"
     send_window: SendWindow = SendWindow()
     # Discreet wording: subjects and SMS do not name the treatment or medication.
