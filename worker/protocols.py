@@ -203,6 +203,10 @@ class Protocol(BaseModel):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"step ids used twice: {', '.join(dupes)}")
+        pauses = [s.id for s in self.steps if s.pause]
+        if len(pauses) > 1:  # only pause_step()'s pause is corrected on a move or cancel
+            raise ValueError(f"pause = true on steps {', '.join(pauses)}: one step per "
+                             "protocol may pause a product")
         return self
 
     def pause_step(self) -> Step | None:
