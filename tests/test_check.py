@@ -489,3 +489,29 @@ def test_two_pause_steps_in_one_protocol_are_an_error(copy: Path) -> None:
     assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert (f"{protocol}: pause = true on steps stop-retinoids, prep: one step per protocol "
             "may pause a product") in result.stderr
+
+
+@pytest.mark.parametrize(("file", "old", "new", "problem"), [
+    ("protocols/microneedling.toml", 'offset = "3h"', 'offest = "3h"',
+     "steps.4.offest: unknown key (did you mean offset?) in step 'aftercare'"),
+    ("protocols/microneedling.toml", 'late_until = "-6h"', 'late_untill = "-6h"',
+     "steps.1.late_untill: unknown key (did you mean late_until?) in step 'stop-retinoids'"),
+    ("protocols/microneedling.toml", 'time = "18:00"', 'time = "25:00"',
+     "steps.1.time: Input should be in a valid time format, hour value is outside expected "
+     "range of 0-23 in step 'stop-retinoids'"),
+    ("clinics/glow.toml", "[send_window]", "[sendwindow]",
+     "sendwindow: unknown key (did you mean send_window?)"),
+    ("clinics/glow.toml", "max_per_day = 1", "max_per_dya = 1",
+     "sms.max_per_dya: unknown key (did you mean max_per_day?)"),
+])
+def test_a_mistyped_key_is_named_with_what_to_write_and_its_step(copy: Path, file: str, old: str,
+                                                                 new: str, problem: str) -> None:
+    """An ops person's typo: the error says which key was meant, and which step (by id, not
+    only its 0-based place among the [[steps]]) it is in."""
+    path = copy / "config" / file
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert f"{path}: {problem}" in result.stderr
