@@ -327,7 +327,7 @@ def load_clinic(path: Path) -> Clinic:
     try:
         clinic = Clinic.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigError(path, _pydantic_problem(exc)) from None
+        raise ConfigError(path, _pydantic_problem(exc, Clinic)) from None
     for channel, url in clinic.channels.items():
         if "{to}" not in url:
             raise ConfigError(path, f"channels.{channel}: the URL must contain {{to}}")

@@ -8,11 +8,12 @@ to do when the booking arrives after the step's time (its late policy).
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -233,11 +234,48 @@ def parse_notice_steps(text: str) -> tuple[str | None, frozenset[str]]:
     return pause or None, frozenset(i for i in invites.split(",") if i)
 
 
-def _pydantic_problem(exc: ValidationError) -> str:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """Return the model a field holds (itself, in a list, or optional), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_key(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """Return the words for a key `model` does not have at `loc`, with the key meant."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model and isinstance(part, str) else None
+        if isinstance(part, str):
+            model = _model_in(field.annotation) if field else None
+    if model is None:
+        return "unknown key"
+    keys = [k for k in model.model_fields if k != "id"]
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    return (f"unknown key (did you mean {close[0]}?)" if close
+            else f"unknown key (the keys here: {', '.join(keys)})")
+
+
+def _pydantic_problem(exc: ValidationError, model: type[BaseModel] | None = None,
+                      doc: dict[str, Any] | None = None) -> str:
+    """Return a validation error as an ops person reads it: each field's dotted place, a
+    mistyped key with the key meant (`model`: the file's), a step's id (`doc`: the file)."""
+    steps = (doc or {}).get("steps")
     parts = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = _unknown_key(model, err["loc"])
+        where = err["loc"]
+        if (len(where) > 1 and where[0] == "steps" and isinstance(where[1], int)
+                and isinstance(steps, list) and where[1] < len(steps)
+                and isinstance(steps[where[1]], dict)
+                and isinstance(steps[where[1]].get("id"), str)):
+            msg += f" in step {steps[where[1]]['id']!r}"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
@@ -262,7 +300,7 @@ def load_protocol(path: Path) -> Protocol:
     try:
         return Protocol.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigError(path, _pydantic_problem(exc)) from None
+        raise ConfigError(path, _pydantic_problem(exc, Protocol, doc)) from None
 
 
 def config_files(folder: Path) -> list[Path]:
