@@ -515,3 +515,20 @@ def test_a_mistyped_key_is_named_with_what_to_write_and_its_step(copy: Path, fil
     result = check_copy(copy)
     assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert f"{path}: {problem}" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "instead"), [("chemical peel", "chemical-peel"),
+                                               ("Chemical-Peel", "chemical-peel"),
+                                               ("peel.v2", "peel-v2")])
+def test_a_protocol_file_name_that_is_no_treatment_id_is_an_error(copy: Path, name: str,
+                                                                   instead: str) -> None:
+    """The file name is the treatment id bookings name and the store keeps space-separated
+    ("<treatment>/<step>", Catalog.critical_steps): a clinic id has a pattern, a treatment
+    id had none, so "chemical peel.toml" passed and its care-critical steps were not found
+    by the SMS opt-in's split."""
+    folder = copy / "config" / "protocols"
+    (folder / "chemical-peel.toml").rename(folder / f"{name}.toml")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert (f"{folder / name}.toml: the file name is the treatment id bookings give: "
+            f"a-z, 0-9, '-' and '_' only (rename it {instead}.toml)") in result.stderr
