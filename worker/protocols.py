@@ -31,6 +31,9 @@ from .errors import ConfigError
 from .models import Channel, Medications
 
 STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,47}$"
+# A protocol's file name: the treatment id bookings give, kept in Redis keys and in the
+# space-separated "<treatment>/<step>" list of care-critical steps (Catalog.critical_steps).
+TREATMENT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 TEMPLATE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 ADVICE_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,47}$"
 # A finite number: `inf` and `nan` are TOML floats, and no message may say "SPF inf".
@@ -293,6 +296,10 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def load_protocol(path: Path) -> Protocol:
     """Load one protocol file; its id is the file name without `.toml`."""
+    if not re.fullmatch(TREATMENT_ID_PATTERN, path.stem):
+        instead = re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_") or "treatment"
+        raise ConfigError(path, "the file name is the treatment id bookings give: a-z, 0-9, "
+                          f"'-' and '_' only (rename it {instead[:64]}.toml)")
     doc = read_toml(path)
     doc.setdefault("id", path.stem)
     if doc["id"] != path.stem:
