@@ -93,6 +93,18 @@ def format_duration(value: timedelta) -> str:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
+def _time_of_day(value: object) -> object:
+    """Refuse a number for a step's time: pydantic reads `time = 18` as 18 seconds after
+    midnight. "18:00" (a string) and a TOML local time (18:00:00) are times of day."""
+    if isinstance(value, (bool, int, float)):
+        raise ValueError(f'{value} is not a time of day: write it as "HH:MM" in quotes, '
+                         'e.g. time = "18:00"')
+    return value
+
+
+TimeOfDay = Annotated[dt.time, BeforeValidator(_time_of_day)]
+
+
 class Repeat(BaseModel):
     """A series: the step recurs on days `day`..`through_day` (appointment-relative)."""
 
@@ -118,7 +130,7 @@ class Step(BaseModel):
     # When: exactly one of `at = "booking"`, `day` + `time`, or `offset`.
     at: Literal["booking"] | None = None
     day: int | None = Field(None, ge=-MAX_STEP_DAYS, le=MAX_STEP_DAYS)
-    time: dt.time | None = None
+    time: TimeOfDay | None = None
     offset: Duration | None = None
     channels: list[Channel] = Field(min_length=1)
     template: str = Field(pattern=TEMPLATE_PATTERN)
