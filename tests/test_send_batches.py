@@ -202,6 +202,21 @@ email = "json://127.0.0.1:{port}/email?:to={{to}}"
                 "lease": r.zscore(self.store.lease_key, ref),
                 "ledger": r.get(self.store.ledger_key(ref)), "log": self.store.attempts(ref)}
 
+    def park(self, ref: str, starts_in: timedelta = timedelta(days=2)) -> None:
+        """Book patient 1 `starts_in` ahead and park `ref`'s attempt at the gateway: begun,
+        the provider has it, no answer yet (a change races it from here)."""
+        self.book(self.doc(1, starts_in=starts_in))
+        self.gateway.hold = {phone(1)}
+        self.hand(self.claim(ref))
+        self.gateway.wait_held()
+
+    def settle(self, ref: str, answer: int) -> None:
+        """Let the parked attempt have the gateway's `answer` (0: the connection cut after the
+        hand-over), wait for its finish to be logged, then for every sender."""
+        self.gateway.release(answer)
+        wait_for(lambda: self.state(ref)["log"])
+        self.drain()
+
     def drain(self) -> None:
         self.lanes.close()
 
@@ -1695,9 +1710,7 @@ def test_a_message_after_the_visit_in_flight_at_a_move_goes_once(tmp_path, redis
     gateway.wait_held()  # at the gateway: begun, the provider has it
     moved = rig.book(rig.doc(1, starts_in=timedelta(days=3)))  # moved while in flight
     new_due = {r["id"]: r for r in moved["reminders"]}["redness:sms"]["due_at"]
-    gateway.release(answer)
-    wait_for(lambda: rig.state(ref)["log"])
-    rig.drain()
+    rig.settle(ref, answer)
     s = rig.state(ref)
     assert len(gateway.to(phone(1))) == 1
     assert s["lease"] is None, s
@@ -1735,16 +1748,11 @@ def test_a_move_then_a_cancel_while_a_dated_sms_is_parked_tells_the_patient(
     harmless, a missing one is not): the cancel is told; the SMS never goes."""
     rig = Rig(tmp_path, redis_client, gateway, protocol=NOTICED)
     ref = prep(1)  # the day-before SMS: it names the visit's date
-    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
-    rig.gateway.hold = {phone(1)}
-    rig.hand(rig.claim(ref))
-    rig.gateway.wait_held()
+    rig.park(ref)
     moved = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
     assert "rescheduled#1:sms" in {r["id"] for r in moved["reminders"]}  # it counted then
     rig.store.cancel("rc", "R-1", datetime.now(UTC))
-    rig.gateway.release(answer)
-    wait_for(lambda: rig.state(ref)["log"])
-    rig.drain()
+    rig.settle(ref, answer)
     s = rig.state(ref)
     if answer == 200:
         assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
@@ -1778,16 +1786,11 @@ def test_a_cancel_then_a_rebook_elsewhere_while_parked_sends_once(tmp_path, redi
     again what went out; refused, the re-opened plan sends it at its new time, once."""
     rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
     ref = "rc/R-1/redness:sms"
-    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
-    gateway.hold = {phone(1)}
-    rig.hand(rig.claim(ref))
-    gateway.wait_held()
+    rig.park(ref)
     rig.store.cancel("rc", "R-1", datetime.now(UTC))
     again = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
     new_due = {r["id"]: r for r in again["reminders"]}["redness:sms"]["due_at"]
-    gateway.release(answer)
-    wait_for(lambda: rig.state(ref)["log"])
-    rig.drain()
+    rig.settle(ref, answer)
     s = rig.state(ref)
     assert len(gateway.to(phone(1))) == 1
     assert s["lease"] is None, s
@@ -1825,9 +1828,7 @@ def test_two_moves_while_one_attempt_is_parked(tmp_path, redis_client, gateway, 
     rig.book(rig.doc(1, starts_in=timedelta(days=3)))
     last = rig.book(first if back else rig.doc(1, starts_in=timedelta(days=4)))
     new_due = {r["id"]: r for r in last["reminders"]}["redness:sms"]["due_at"]
-    gateway.release(answer)
-    wait_for(lambda: rig.state(ref)["log"])
-    rig.drain()
+    rig.settle(ref, answer)
     s = rig.state(ref)
     assert len(gateway.to(phone(1))) == 1
     assert s["lease"] is None, s
@@ -1859,15 +1860,10 @@ def test_a_move_then_a_stop_while_parked(tmp_path, redis_client, gateway, answer
     it never goes."""
     rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
     ref = "rc/R-1/redness:sms"
-    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
-    gateway.hold = {phone(1)}
-    rig.hand(rig.claim(ref))
-    gateway.wait_held()
+    rig.park(ref)
     rig.book(rig.doc(1, starts_in=timedelta(days=3)))
     rig.store.opt_out("rc", "sms", phone(1), "STOP by SMS")
-    gateway.release(answer)
-    wait_for(lambda: rig.state(ref)["log"])
-    rig.drain()
+    rig.settle(ref, answer)
     if answer == 503:
         s = rig.state(ref)
         assert s["record"]["status"] == "scheduled" and s["log"][-1]["result"] == "stale", s
@@ -1909,9 +1905,7 @@ def test_new_medications_while_parked(tmp_path, redis_client, gateway, answer):
     gateway.wait_held()
     changed = rig.book(doc)
     assert "stop:sms" in {r["id"] for r in changed["reminders"]}
-    gateway.release(answer)
-    wait_for(lambda: rig.state(ref)["log"])
-    rig.drain()
+    rig.settle(ref, answer)
     s = rig.state(ref)
     assert len(gateway.to(phone(1))) == 1
     assert s["lease"] is None, s
@@ -1931,10 +1925,7 @@ def test_a_move_while_a_message_waits_to_retry_sends_it_at_its_new_time(
     time, once, not before."""
     rig = Rig(tmp_path, redis_client, gateway, protocol=AFTER_VISIT)
     ref = "rc/R-1/redness:sms"
-    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
-    gateway.hold = {phone(1)}
-    rig.hand(rig.claim(ref))
-    gateway.wait_held()
+    rig.park(ref)
     gateway.release(503)
     wait_for(lambda: rig.state(ref)["log"])
     s = rig.state(ref)
@@ -1959,17 +1950,12 @@ def test_a_dated_sms_at_the_gateway_moved_past_then_ahead_goes_again_for_the_new
     message before the visit that went out for an old date goes again for the new one
     (README "Before the new date"): at C's time, once more, not lost."""
     ref = prep(1)
-    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
-    rig.gateway.hold = {phone(1)}
-    rig.hand(rig.claim(ref))
-    rig.gateway.wait_held()
+    rig.park(ref)
     rig.book(rig.doc(1, starts_in=timedelta(hours=1)))  # its time has passed: noted
     last = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
     new_due = datetime.fromisoformat(
         {r["id"]: r for r in last["reminders"]}["prep:sms"]["due_at"]).timestamp()
-    rig.gateway.release(200)
-    wait_for(lambda: rig.state(ref)["log"])
-    rig.drain()
+    rig.settle(ref, 200)
     assert len(rig.gateway.to(phone(1))) == 1
     timeline = rig.store.timeline("rc", "R-1")
     for_c = [r for r in timeline["reminders"] if r["step"] in ("prep", "again-prep")
@@ -1983,16 +1969,11 @@ def test_a_dated_sms_at_the_gateway_cancelled_and_booked_again_goes_for_the_new_
     days later: delivered, it went out for the old date; the re-opened plan sends it for
     the new one at its time, once (not noted as gone at the re-open)."""
     ref = prep(1)
-    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
-    rig.gateway.hold = {phone(1)}
-    rig.hand(rig.claim(ref))
-    rig.gateway.wait_held()
+    rig.park(ref)
     rig.store.cancel("rc", "R-1", datetime.now(UTC))
     again = rig.book(rig.doc(1, starts_in=timedelta(days=3)))
     new_due = {r["id"]: r for r in again["reminders"]}["prep:sms"]["due_at"]
-    rig.gateway.release(200)
-    wait_for(lambda: rig.state(ref)["log"])
-    rig.drain()
+    rig.settle(ref, 200)
     s = rig.state(ref)
     assert len(rig.gateway.to(phone(1))) == 1
     assert s["log"][-1]["result"] == "stale: delivery recorded beside the new plan", s
@@ -2009,10 +1990,7 @@ def test_a_move_after_a_dated_sms_of_unknown_outcome_tells_the_patient(
     move is told (README: a needless notice is harmless, a missing one is not)."""
     rig = Rig(tmp_path, redis_client, gateway, protocol=NOTICED)
     ref = prep(1)
-    rig.book(rig.doc(1, starts_in=timedelta(days=2)))
-    gateway.hold = {phone(1)}
-    rig.hand(rig.claim(ref))
-    gateway.wait_held()
+    rig.park(ref)
     gateway.release(0)
     wait_for(lambda: rig.state(ref)["log"])
     s = rig.state(ref)
