@@ -11,6 +11,8 @@ date sets it again; a change that keeps the date (the patient's name) keeps it. 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,6 +24,32 @@ def put(client, doc: dict[str, Any], **changes: Any) -> dict[str, Any]:
     answer = client.put(f"/v1/bookings/{doc['booking_id']}", json=doc | changes)
     assert answer.status_code == 200, answer.text
     return answer.json()  # type: ignore[no-any-return]
+
+
+@contextmanager
+def confirm_parked(server, monkeypatch) -> Iterator[dict[str, Any]]:  # noqa: F811
+    """A patient's "C" that has read the visit, parked before it records the confirmation
+    while the block runs (the competing change); then it resumes and its answer is in the
+    yielded dict's "r"; recording is real again after."""
+    parked, go = threading.Event(), threading.Event()
+    real = Store.note_reply
+
+    def note_reply(self: Store, *args: Any, **kwargs: Any) -> bool:
+        parked.set()
+        assert go.wait(10)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "note_reply", note_reply)
+    answer: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: answer.setdefault("r", text(server, "C")))
+    thread.start()
+    try:
+        assert parked.wait(10)
+        yield answer
+    finally:
+        go.set()
+        thread.join(30)
+        monkeypatch.setattr(Store, "note_reply", real)
 
 
 def test_a_move_or_a_reopening_clears_the_confirmation(server, tw):  # noqa: F811
@@ -62,27 +90,10 @@ def test_a_confirmation_read_before_a_move_is_not_recorded_on_the_moved_visit(
     book(tw, "A-1")
     store = server.app.state.services.store
     doc = store.booking_doc("tw", "A-1")
-    parked, go = threading.Event(), threading.Event()
-    real = Store.note_reply
-
-    def note_reply(self: Store, *args: Any, **kwargs: Any) -> bool:
-        parked.set()
-        assert go.wait(10)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Store, "note_reply", note_reply)
-    answer: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: answer.setdefault("r", text(server, "C")))
-    thread.start()
-    try:
-        assert parked.wait(10)
+    with confirm_parked(server, monkeypatch) as answer:
         later = (datetime.fromisoformat(doc["starts_at"]) + timedelta(days=7)).isoformat()
         assert put(tw, doc, starts_at=later)["version"] == 2
-    finally:
-        go.set()
-        thread.join(30)
     assert "is confirmed" in (message_of(answer["r"]) or "")  # of the date it read
-    monkeypatch.setattr(Store, "note_reply", real)
     assert "confirmed_at" not in tw.get("/v1/bookings/A-1").json()
     assert "confirmed_at" not in store.redis.hgetall(store.booking_key("tw", "A-1"))
     # The patient still replied: the clinic hears of it.
@@ -103,29 +114,12 @@ def test_a_confirmation_read_before_a_cancel_confirms_no_cancelled_visit(
     and the clinic still hears of the reply, once."""
     book(tw, "A-1")
     store = server.app.state.services.store
-    parked, go = threading.Event(), threading.Event()
-    real = Store.note_reply
-
-    def note_reply(self: Store, *args: Any, **kwargs: Any) -> bool:
-        parked.set()
-        assert go.wait(10)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Store, "note_reply", note_reply)
-    answer: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: answer.setdefault("r", text(server, "C")))
-    thread.start()
-    try:
-        assert parked.wait(10)
+    with confirm_parked(server, monkeypatch) as answer:
         cancelled = tw.delete("/v1/bookings/A-1")
         assert cancelled.status_code == 200 and cancelled.headers["etag"] == '"2"'
-    finally:
-        go.set()
-        thread.join(30)
     said = message_of(answer["r"]) or ""
     assert "is confirmed" not in said, said
     assert "no upcoming visit" in said, said
-    monkeypatch.setattr(Store, "note_reply", real)
     timeline = tw.get("/v1/bookings/A-1").json()
     assert timeline["status"] == "cancelled" and timeline["version"] == 2
     assert "confirmed_at" not in timeline
