@@ -61,9 +61,9 @@ def _a_place(value: str) -> str:
     hour off) and none names a country, whose formats the messages use (°F, dates)."""
     if value in ("UTC", "Etc/UTC") or ("/" in value and not value.startswith("Etc/")):
         return value
-    raise ValueError(f"{value!r} is not a place (an abbreviation or a fixed offset: it knows "
-                     "no summer time nor country); write the clinic's Area/City zone, e.g. "
-                     "Europe/Madrid or America/New_York, or UTC")
+    raise ValueError(f"{value!r} is not a place (an abbreviation or a fixed offset: it names "
+                     "no country, and may not follow its summer time); write the clinic's "
+                     "Area/City zone, e.g. Europe/Madrid or America/New_York, or UTC")
 
 
 ClinicTimezone = Annotated[Timezone, AfterValidator(_a_place)]
