@@ -217,6 +217,15 @@ email = "json://127.0.0.1:{port}/email?:to={{to}}"
         wait_for(lambda: self.state(ref)["log"])
         self.drain()
 
+    def assert_sent_stale(self, ref: str, s: dict[str, Any]) -> None:
+        """The parked attempt delivered after a change overtook it: recorded as the
+        reminder's send (`s` is `state(ref)`), nothing due, and never claimed again, even
+        were it made due now."""
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert s["due"] is None and s["log"][-1]["result"] == "stale: recorded as sent", s
+        self.store.redis.zadd(self.store.due_key, {ref: 0})
+        assert ref not in [c.ref for c in self.store.claim_due(100, LEASE)]
+
     def drain(self) -> None:
         self.lanes.close()
 
@@ -1716,10 +1725,7 @@ def test_a_message_after_the_visit_in_flight_at_a_move_goes_once(tmp_path, redis
     assert s["lease"] is None, s
     if answer == 200:
         # It went out: history, as if it had gone a moment before the move; nothing to send.
-        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
-        assert s["due"] is None and s["log"][-1]["result"] == "stale: recorded as sent", s
-        rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
-        assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
+        rig.assert_sent_stale(ref, s)
     else:
         # Refused: nothing went out; the moved plan sends it at its new time.
         assert s["record"]["status"] == "scheduled" and s["record"]["version"] == "2", s
@@ -1798,11 +1804,8 @@ def test_a_cancel_then_a_rebook_elsewhere_while_parked_sends_once(tmp_path, redi
     shown = {r["id"]: r for r in timeline["reminders"]}["redness:sms"]
     assert timeline["status"] == "scheduled"
     if answer == 200:
-        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
-        assert s["due"] is None and s["log"][-1]["result"] == "stale: recorded as sent", s
+        rig.assert_sent_stale(ref, s)
         assert shown["status"] == "sent", shown
-        rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
-        assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
     else:
         assert s["record"]["status"] == "scheduled" and s["ledger"] is None, s
         assert s["due"] == datetime.fromisoformat(new_due).timestamp(), s
@@ -1834,11 +1837,8 @@ def test_two_moves_while_one_attempt_is_parked(tmp_path, redis_client, gateway, 
     assert s["lease"] is None, s
     shown = {r["id"]: r for r in rig.store.timeline("rc", "R-1")["reminders"]}["redness:sms"]
     if answer == 200:
-        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
-        assert s["due"] is None and s["log"][-1]["result"] == "stale: recorded as sent", s
+        rig.assert_sent_stale(ref, s)
         assert shown["status"] == "sent", shown
-        rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it due now
-        assert ref not in [c.ref for c in rig.store.claim_due(100, LEASE)]
         return
     assert s["log"][-1]["result"] == "stale", s
     assert s["log"][-1]["outcome"] == ("retrying" if answer == 503 else "unknown"), s
