@@ -95,3 +95,59 @@ def test_an_alert_whose_template_is_missing_is_retried_then_given_up_not_left_cl
     assert alert.id in events.dead() and alert.id not in [e.id for e in events.pending()]
     assert redis_client.hget(events.event_key(alert.id), "last_error") == reason
     assert sink.snapshot() == []
+
+
+def _alerts_received(redis_client, catalog, booking, prefix, tmp_path) -> list:
+    """Store `booking` at the Spanish-speaking glow clinic as of NOW, deliver the clinic's
+    alert emails it emits through the pump to a real SMTP server, and return the mails."""
+    sink = SmtpSink().start()
+    try:
+        clinic = catalog.clinics["glow"].model_copy(update={"channels": {
+            "email": f"mailto://127.0.0.1:{sink.port}?from=noreply@glow.example&to={{to}}"
+                     "&mode=insecure",
+            "sms": "json://127.0.0.1:9/sms?:to={to}"}})
+        clinics = {"glow": clinic}
+        store = Store(redis_client, prefix, retention_days=3650, hooks=hooks_for(clinics))
+        store.upsert(booking, plan(booking, catalog.protocols["microneedling"],
+                                   catalog.clinics["glow"], NOW), NOW)
+        events = Events(redis_client, prefix)
+        settings = Settings(templates_dir=ROOT / "templates", data_dir=tmp_path,
+                            _env_file=None)
+        results: list[str] = []
+        pump_events(events, lambda i, c: results.append(deliver_event(
+            events, i, c, clinics=clinics, renderer=Renderer(ROOT / "templates"),
+            settings=settings, env={})), batch=10, lease_seconds=30)
+        assert results and set(results) == {"delivered"}
+    finally:
+        sink.stop()
+    return sink.snapshot()
+
+
+def test_a_spanish_clinics_held_alert_says_why_in_spanish(redis_client, catalog, booking_doc,
+                                                         tmp_path):
+    """glow's locale is es: its alert is the es template, and so is the reason it gives. Before:
+    "Motivo: isotretinoin last taken 2026-10-01, 65 days before the appointment; the washout
+    for microneedling is 182 days: the clinic must review" (the planner's English)."""
+    booking = parse_booking(dict(booking_doc, medications=HELD_MEDS), catalog)
+    (mail,) = _alerts_received(redis_client, catalog, booking, "esheld", tmp_path)
+    assert mail.to == "hola@glow.example"
+    assert mail.subject == "La cita A-1042 está retenida para su revisión"
+    why = next(line for line in mail.text.splitlines() if line.startswith("Motivo: "))
+    # The facts, as DOMAIN.md's gate states them: the last dose, the gap, the washout.
+    assert "isotretinoína" in why and "1 de octubre de 2026" in why, why
+    assert "65 días" in why and "182 días" in why, why
+    assert [w for w in ("last taken", "washout", "days", "appointment", "the clinic")
+            if w in why] == [], why
+
+
+def test_a_spanish_clinics_late_pause_alert_says_why_in_spanish(redis_client, catalog,
+                                                                booking_doc, tmp_path):
+    """Booked 3 days before the visit: the pause message goes then, short of
+    the 5-day minimum pause (seeds/001): the clinic is told why, in its own language."""
+    doc = dict(booking_doc, starts_at="2026-11-24T14:30:00+01:00")
+    booking = parse_booking(doc, catalog)
+    (mail,) = _alerts_received(redis_client, catalog, booking, "eslate", tmp_path)
+    assert mail.subject.startswith("Cita A-1042: sin tiempo para la pausa completa")
+    why = next(line for line in mail.text.splitlines() if line.startswith("Motivo: "))
+    assert "5 días" in why, why
+    assert [w for w in ("message", "days", "appointment", "the patient") if w in why] == [], why
