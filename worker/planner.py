@@ -53,6 +53,7 @@ straightforward version, and tests check that both give equal plans.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
@@ -407,10 +408,40 @@ def isotretinoin_hold(booking: Booking, protocol: Protocol, clinic: Clinic) -> s
     gap = (visit_day - last_dose).days
     if gap >= washout:
         return None
-    return (
-        f"isotretinoin last taken {last_dose.isoformat()}, {gap} days before the appointment; "
-        f"the washout for {protocol.id} is {washout} days: the clinic must review"
-    )
+    return HOLD_REASON.format(last_dose=last_dose.isoformat(), gap=gap, treatment=protocol.id,
+                              washout=washout)
+
+
+# The reasons a clinic is alerted with (a hold, a late pause): English on the timeline and in
+# the webhooks; `reason_facts` reads their values back for an alert in the clinic's language.
+HOLD_REASON = ("isotretinoin last taken {last_dose}, {gap} days before the appointment; "
+               "the washout for {treatment} is {washout} days: the clinic must review")
+NO_PAUSE_REASON = ("the message to pause retinoids cannot go before the appointment; the "
+                   "protocol's minimum pause is {days} days: call the patient")
+SHORT_PAUSE_REASON = ("the message to pause retinoids goes {gap} days before the appointment, "
+                      "less than the protocol's minimum pause of {days} days: the patient is "
+                      "asked to call")
+_REASON_KINDS = {"isotretinoin": HOLD_REASON, "no_pause": NO_PAUSE_REASON,
+                 "short_pause": SHORT_PAUSE_REASON}
+
+
+def _reason_pattern(form: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", form)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^,;:]+?)"
+                              for i, p in enumerate(parts)) + r"\Z")
+
+
+_REASON_PATTERNS = {kind: _reason_pattern(form) for kind, form in _REASON_KINDS.items()}
+
+
+def reason_facts(reason: str) -> dict[str, str]:
+    """The values of a hold or late-pause reason, with its `kind` ("isotretinoin",
+    "no_pause", "short_pause"); {} for any other text (an event stored by an older
+    version: the alert then quotes it as it is)."""
+    for kind, pattern in _REASON_PATTERNS.items():
+        if found := pattern.match(reason):
+            return {"kind": kind, **found.groupdict()}
+    return {}
 
 
 def check_dates(booking: Booking, now: datetime, tz: ZoneInfo) -> None:
@@ -798,13 +829,11 @@ def late_pause(
     visit_day = booking.starts_at.astimezone(tz).date()
     going = [r.due_at for r in reminders if r.step == step and r.status == Status.SCHEDULED]
     if not going:
-        return (f"the message to pause retinoids cannot go before the appointment; the "
-                f"protocol's minimum pause is {days} days: call the patient")
+        return NO_PAUSE_REASON.format(days=days)
     gap = (visit_day - min(going).astimezone(tz).date()).days
     if gap >= days:
         return None
-    return (f"the message to pause retinoids goes {gap} days before the appointment, less than "
-            f"the protocol's minimum pause of {days} days: the patient is asked to call")
+    return SHORT_PAUSE_REASON.format(gap=gap, days=days)
 
 
 # --- the SMS frequency cap -----------------------------------------------------------------

@@ -85,7 +85,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo
 
@@ -987,6 +987,8 @@ def render_alert(clinic: Clinic, event: Event, renderer: Renderer) -> RenderedMe
     from babel.dates import format_date, format_time
     from jinja2 import TemplateError
 
+    from .planner import reason_facts
+
     name = event.type.split(".", 1)[1]
     fields = event.fields
     tz = ZoneInfo(clinic.timezone)
@@ -994,11 +996,21 @@ def render_alert(clinic: Clinic, event: Event, renderer: Renderer) -> RenderedMe
     folder = renderer.fallback(clinic.locale, clinic)
     locale = renderer.locale(folder)
     starts = datetime.fromtimestamp(float(fields.get("starts_at", 0)), UTC).astimezone(tz)
+    # The reason's values, for a template that says it in its own language (`kind` "" for a
+    # reason it does not know: the template quotes `reason` as it is).
+    facts = reason_facts(str(fields.get("reason", ""))) or {"kind": ""}
+    if "last_dose" in facts:
+        try:
+            facts["last_dose"] = format_date(date.fromisoformat(facts["last_dose"]), "long",
+                                             locale=locale)
+        except ValueError:
+            facts = {"kind": ""}
     context = {
         "clinic_name": clinic.name,
         "booking_id": fields.get("booking_id", ""),
         "treatment_id": fields.get("treatment", ""),
         "reason": fields.get("reason", ""),
+        "facts": facts,
         "appointment_date": format_date(starts.date(), "full", locale=locale),
         "appointment_time": format_time(starts, "short", tzinfo=tz, locale=locale),
     }
