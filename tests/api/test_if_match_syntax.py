@@ -6,6 +6,7 @@ Real HTTP requests to the real app (uvicorn on a loopback port), a real Redis.""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.api.conftest import future_booking
@@ -99,3 +100,29 @@ def test_a_tag_of_a_version_too_long_to_be_one_is_a_412(api, glow):
         gone = glow.delete("/v1/bookings/A-1042", headers={"If-Match": header})
         assert gone.status_code == 412, (gone.status_code, gone.text[:200])
     assert _stored(api, "glow", "A-1042") == before
+
+
+def test_if_match_sent_as_several_header_lines_is_one_list(api, glow):
+    """RFC 9110 5.3: a field sent on several lines is the comma-joined list of them (as a
+    proxy may split or a client library send it). The current version on a later line
+    matches (it was a 412: only the first line was read), and a malformed later line is
+    the 400 naming the header, nothing changed (it was ignored: the write went through)."""
+    glow.put("/v1/bookings/A-1042", json=future_booking())
+    before = _stored(api, "glow", "A-1042")
+    changed = future_booking(medications={"tretinoin": False})
+    for lines in ([("If-Match", '"1"'), ("If-Match", "garbage")],
+                  [("If-Match", '"1"'), ("If-Match", "*")]):
+        _names_if_match(glow.put("/v1/bookings/A-1042", json=changed,
+                                 headers=httpx.Headers(lines)))
+        _names_if_match(glow.delete("/v1/bookings/A-1042", headers=httpx.Headers(lines)))
+        assert _stored(api, "glow", "A-1042") == before
+    stale_then_current = httpx.Headers([("If-Match", '"9"'), ("If-Match", '"1"')])
+    put = glow.put("/v1/bookings/A-1042", json=changed, headers=stale_then_current)
+    assert put.status_code == 200, put.text
+    assert put.headers["ETag"] == '"2"'
+    # The old version on a later line does not match the new one; the current one does.
+    assert glow.delete("/v1/bookings/A-1042", headers=stale_then_current).status_code == 412
+    deleted = glow.delete("/v1/bookings/A-1042",
+                          headers=httpx.Headers([("If-Match", '"9"'), ("If-Match", '"2"')]))
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["status"] == "cancelled"
