@@ -80,11 +80,15 @@ def _if_match_schema(schema: dict[str, Any]) -> None:
     schema.update(type="string", pattern=f"^({IF_MATCH.pattern})$")
 
 
-def _if_match(header: str | None) -> str | frozenset[int] | None:
+def _if_match(request: Request) -> str | frozenset[int] | None:
     """The versions If-Match names (`parse_if_match`), once it is well-formed: a malformed
     one (`1` unquoted, garbage) is the client's syntax error, 400 naming the header (RFC
     9110 15.5.1), not the 412 of a well-formed tag naming another version: re-reading the
-    booking would never fix it."""
+    booking would never fix it. Sent on several lines, it is their comma-joined list (RFC
+    9110 5.3; the framework's header parameter reads the first line only: a malformed
+    later line was ignored, the current version on one was a false 412)."""
+    lines = request.headers.getlist("if-match")
+    header = ", ".join(line.strip(" \t") for line in lines) if lines else None
     if header is not None and not IF_MATCH.fullmatch(header.strip(" \t")):
         message = ('If-Match must be * or a list of quoted entity tags such as "3" '
                    '(the ETag a GET answered)')
@@ -158,6 +162,7 @@ async def _batch_body(request: Request, svc: Svc) -> Any:
     openapi_extra=_request_body("BookingIn"),
 )
 def put_booking(
+    request: Request,
     booking_id: str,
     caller: Authenticated,
     doc: Annotated[Any, Depends(_booking_body)],
@@ -166,7 +171,8 @@ def put_booking(
 ) -> JSONResponse:
     """Store the booking and return its timeline. The same body again changes nothing
     (same version); a changed one is reconciled and gets a new version (the `ETag`)."""
-    expected = _if_match(if_match)
+    del if_match  # documents the header; read with its every line by `_if_match`
+    expected = _if_match(request)
     _configured(caller.clinic, svc)
     now = datetime.now(UTC)
     booking, planned = intake(doc, caller.clinic, booking_id, svc.catalog, now)
@@ -209,6 +215,7 @@ def get_booking(
                **_BAD_IF_MATCH, **error_responses(401, 404, 412, 429, 503)},
 )
 def cancel_booking(
+    request: Request,
     booking_id: str,
     caller: Authenticated,
     svc: Svc,
@@ -216,7 +223,8 @@ def cancel_booking(
 ) -> JSONResponse:
     """Nothing still pending is sent; what was sent stays as history. A PUT of the same id
     opens it again."""
-    expected = _if_match(if_match)
+    del if_match  # documents the header; read with its every line by `_if_match`
+    expected = _if_match(request)
     try:
         timeline = cancel(svc.store, caller.clinic, _known(booking_id), datetime.now(UTC),
                           expected)
