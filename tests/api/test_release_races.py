@@ -143,3 +143,33 @@ def test_a_put_landing_during_a_conditional_delete_wins(api, glow, monkeypatch):
     assert answer["r"].status_code == 412, answer["r"].text
     final = glow.get("/v1/bookings/A-1").json()
     assert final["status"] == "scheduled" and final["version"] == 2
+
+
+def test_a_release_with_if_match_releases_only_the_version_reviewed(api, glow):
+    """The clinic reviews a held booking at version 1 and releases it with `If-Match: "1"`;
+    meanwhile its booking system corrected the medications (a dose 5 days ago: version 2,
+    held again for another reason, not reviewed). The release must not release version
+    2: 412 with the current ETag, nothing stored changes (RFC 9110 13.1.1: a server
+    evaluates If-Match before the method; the route ignored it and released the unreviewed
+    version). A malformed If-Match is the 400 naming the header, as on PUT and DELETE."""
+    assert glow.put("/v1/bookings/H-1", json=held_booking()).headers["ETag"] == '"1"'
+    corrected = held_booking()
+    dose = (datetime.now(UTC) - timedelta(days=5)).date().isoformat()
+    corrected["medications"]["isotretinoin_last_dose"] = dose
+    put = glow.put("/v1/bookings/H-1", json=corrected)
+    assert (put.status_code, put.json()["status"], put.headers["ETag"]) == (200, "held", '"2"')
+    before = stored_state(api)
+
+    refused = glow.post("/v1/bookings/H-1/release", headers={"If-Match": '"1"'})
+    assert refused.status_code == 412, refused.text
+    assert refused.json()["error"]["code"] == "precondition_failed"
+    assert refused.headers["ETag"] == '"2"'
+    malformed = glow.post("/v1/bookings/H-1/release", headers={"If-Match": "1"})
+    assert malformed.status_code == 400, malformed.text
+    assert [f["field"] for f in malformed.json()["error"]["fields"]] == ["If-Match"]
+    assert stored_state(api) == before
+    assert glow.get("/v1/bookings/H-1").json()["status"] == "held"
+
+    released = glow.post("/v1/bookings/H-1/release", headers={"If-Match": '"2"'})
+    assert released.status_code == 200, released.text
+    assert (released.json()["status"], released.headers["ETag"]) == ("scheduled", '"3"')
