@@ -41,7 +41,14 @@ from ..status import Status
 from ..store import Store
 from .auth import Authenticated
 from .body import json_body
-from .conditional import PreconditionFailed, cancel, etag, parse_if_match, upsert
+from .conditional import (
+    PreconditionFailed,
+    cancel,
+    check_version,
+    etag,
+    parse_if_match,
+    upsert,
+)
 from .errors import REDIS_RETRY_AFTER_SECONDS, ApiError, error_body, not_found
 from .intake import intake, protocol_readable, refused
 from .params import no_unknown_query
@@ -240,16 +247,21 @@ def cancel_booking(
     summary="Release a held booking after the clinic's review",
     response_model=None,
     responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
-               **error_responses(401, 403, 404, 409, 422, 429, 503)},
+               **_BAD_IF_MATCH, **error_responses(401, 403, 404, 409, 412, 422, 429, 503)},
 )
 def release_booking(
+    request: Request,
     booking_id: str,
     caller: Authenticated,
     svc: Svc,
+    if_match: Annotated[str | None, _IF_MATCH_HEADER] = None,
 ) -> JSONResponse:
     """A `held` booking's reminders are planned from now and scheduled. Any other status
     answers 409: only a held booking can be released; so does a booking changed (cancelled,
-    corrected) while the release was under way."""
+    corrected) while the release was under way. `If-Match` with the version reviewed
+    refuses (412) to release a version the clinic has not seen (a correction since)."""
+    del if_match  # documents the header; read with its every line by `_if_match`
+    expected = _if_match(request)
     clinic, store = caller.clinic, svc.store
     _configured(clinic, svc)
     try:
@@ -257,6 +269,8 @@ def release_booking(
         doc = store.booking_doc(clinic, booking_id)
     except NotFound:
         raise not_found(booking_id) from None
+    # Before the method (RFC 9110 13.2.2); the write below is fenced by this same version.
+    check_version(expected, int(current["version"]))
     if current["status"] != Status.HELD:
         raise ApiError(409, f"booking {booking_id!r} is {current['status']}, not held: "
                             "only a held booking can be released", code="not_held")

@@ -84,7 +84,7 @@ class _Upsert(Store):
     ) -> Any:
         self.existed = bool(stored_booking)
         self.previous = stored_booking.get("version") if stored_booking else None
-        _check(self.expected, int(stored_booking["version"]) if stored_booking else None)
+        check_version(self.expected, int(stored_booking["version"]) if stored_booking else None)
         return Store._reconcile(stored_booking, *args, **kwargs)
 
 
@@ -107,7 +107,7 @@ class _Cancel(Store):
         flat = json.loads(check)
         if flat:  # a missing booking is the 404 it would be without If-Match (RFC 9110)
             fields = dict(zip(flat[0::2], flat[1::2], strict=True))
-            _check(self.expected, int(fields["version"]))
+            check_version(self.expected, int(fields["version"]))
         return check, adds, texts
 
 
@@ -119,7 +119,8 @@ def cancel(store: Store, clinic: str, booking_id: str, now: datetime,
     return _Cancel(store, expected).cancel(clinic, booking_id, now)
 
 
-def _check(expected: str | frozenset[int] | None, current: int | None) -> None:
+def check_version(expected: str | frozenset[int] | None, current: int | None) -> None:
+    """Raise PreconditionFailed (412) unless `expected` (parsed If-Match) allows `current`."""
     if expected is not None and (
         current is None or (expected != ANY and current not in expected)
     ):
@@ -140,7 +141,7 @@ def upsert(store: Store, booking: Booking, planned: Plan, now: datetime,
             current: int | None = int(store.timeline(*booking.key)["version"])
         except NotFound:
             current = None
-        _check(expected, current)
+        check_version(expected, current)
     one = _Upsert(store, expected)
     timeline = one.upsert(booking, planned, now, release=release)
     if previous is not None:
