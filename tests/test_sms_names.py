@@ -97,3 +97,40 @@ def test_without_the_limit_a_long_name_takes_two_segments(catalog: Catalog) -> N
     assert greeted in message.text
     longer = message.text.replace(greeted, "Hi " + LONGEST[:40] + " " + LONGEST[:59] + ",")
     assert sms_segments(longer)[2] > 1
+
+
+@pytest.mark.parametrize(("locale", "name", "preferred", "greeting"), [
+    # An emoji in the preferred name: greeted by the name's first word, which folds.
+    ("en", "Ana López", "Ana 🌸", "Hi Ana, "),
+    ("es", "Ana López", "Ana 🌸", "Hola, Ana: "),
+    # A name in a script GSM-7 cannot spell (no base letter to fold to): no name.
+    ("en", "Ольга Petrova", None, "Hi, "),
+    ("es", "Ελένη Παπαδοπούλου", None, "Hola: "),
+    # Its first word folds: "Zoë" -> "Zoe", as before.
+    ("en", "Zoë 山田", "Zoë 山田", "Hi Zoe, "),
+])
+def test_a_name_that_cannot_be_written_in_gsm7_does_not_turn_every_sms_into_ucs2(
+        catalog: Catalog, booking_doc: dict[str, Any], locale: str, name: str,
+        preferred: str | None, greeting: str) -> None:
+    """DOMAIN.md "SMS cost": one character outside GSM-7 (an emoji, "ł" has a base letter,
+    "л" has none) turns the whole text to UCS-2, 70 characters a segment: the 140-character
+    reminder is three segments. The clinic folds SMS to stay GSM-7 (`sms_accents = "fold"`,
+    the default), and the module docstring promises one GSM-7 segment whatever the name.
+    Before: "Hi Ana 🌸, ..." and "Hi Ольга, ..." went out as UCS-2, three segments each."""
+    renderer = Renderer(catalog.templates_dir)
+    clinic = catalog.clinics["glow"]
+    protocol = catalog.protocols["microneedling"]
+    booking = patient(booking_doc, catalog, name, preferred)
+    booking = booking.model_copy(update={"patient": booking.patient.model_copy(
+        update={"locale": locale})})
+    messages = [m for _, m in sample_messages(renderer, booking, clinic, protocol, ("sms",))]
+    messages += [m for _, m in sample_notices(renderer, booking, clinic, protocol, ("sms",))]
+    assert len(messages) > 5
+    for message in messages:
+        assert sms_segments(message.text)[0::2] == ("GSM-7", 1), message.text
+        assert message.text.startswith(greeting) or message.text.startswith(
+            greeting.replace("Hi", "Good morning").replace(", ", ". ")), message.text
+    # A clinic that keeps accents (`sms_accents = "keep"`) chose UCS-2: the name as written.
+    keep = clinic.model_copy(update={"sms_accents": "keep"})
+    (_, kept), *_ = sample_messages(renderer, booking, keep, protocol, ("sms",))
+    assert (preferred or name).split()[0] in kept.text and sms_segments(kept.text)[0] == "UCS-2"
