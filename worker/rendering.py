@@ -120,18 +120,22 @@ FALLBACK_LOCALE = "en"
 # one GSM-7 segment with names this long (worker/checking.py SAMPLE_FIRST_NAMES). A longer
 # preferred name is greeted by its first word, else the name's first word, if one fits;
 # else the SMS greets with no name ("Hi," / "Hola:"). Emails always use the full name.
+# At a clinic that folds SMS to GSM-7 (`sms_accents = "fold"`), a name that cannot be
+# folded (an emoji, Cyrillic, Greek, CJK) does not fit either: it would turn the whole
+# text into UCS-2, two or three segments (DOMAIN.md "SMS cost").
 SMS_NAME_MAX = 12
 # Stands for "no name" while an SMS renders; removed with the separator before it.
 _NO_NAME = "\ue000"
 _NO_NAME_GAP = re.compile(r"[ ,]*\ue000")
 
 
-def sms_name(patient: Any) -> str | None:
+def sms_name(patient: Any, gsm7: bool = False) -> str | None:
     """The name an SMS greets `patient` (a models.Patient) by, or None: no name fits
-    (`SMS_NAME_MAX`)."""
+    (`SMS_NAME_MAX`; with `gsm7`, a name must also fold to GSM-7)."""
     preferred = patient.first_name
     for candidate in (preferred, preferred.split()[0], patient.name.split()[0]):
-        if len(candidate) <= SMS_NAME_MAX:
+        if len(candidate) <= SMS_NAME_MAX and (
+                not gsm7 or is_gsm7(fold_to_gsm7(normalise(candidate)))):
             return str(candidate)
     return None
 # Territories that measure fever in Fahrenheit.
@@ -433,7 +437,7 @@ class Renderer:
             return self._render(file_name(folder, template, name), context)
 
         if channel == "sms":
-            name = sms_name(booking.patient)
+            name = sms_name(booking.patient, gsm7=clinic.sms_accents == "fold")
             context["patient_first_name"] = _NO_NAME if name is None else name
             body = part("sms.txt")
             if name is None:
