@@ -438,3 +438,32 @@ def test_the_tretinoin_welcome_promises_no_texts_to_a_patient_without_sms(
     nights = [key for key, m in rendered(renderer, catalog, patient, catalog.clinics["glow"])
               if key.startswith("application-night") and m.channel == "email"]
     assert nights and all(key.endswith(":email") for key in nights)
+
+
+# --- isotretinoin: the months the patient is asked about are the clinic's washout -------
+
+
+@pytest.mark.parametrize(("washout_days", "en", "es"), [
+    (None, "in the last 6 months", "en los últimos 6 meses"),  # the protocols' 182 days
+    (365, "in the last 12 months", "en los últimos 12 meses"),
+    (270, "in the last 9 months", "en los últimos 9 meses"),
+])
+@pytest.mark.parametrize("treatment", ["microneedling", "chemical-peel"])
+def test_the_isotretinoin_question_asks_about_the_clinics_own_washout(
+    renderer: Renderer, catalog: Catalog, booking_doc: dict[str, Any], treatment: str,
+    washout_days: int | None, en: str, es: str,
+) -> None:
+    """A clinic may set its own isotretinoin washout (`isotretinoin_washout_days`; DOMAIN.md
+    "Oral isotretinoin": "the clinic's washout (default 182 days ...)"), and the planner
+    holds by it. The confirmation and prep emails ask the patient to tell the clinic if
+    they took isotretinoin "in the last N months": N must be that washout. Before: always
+    the protocol's 6, so at a clinic holding for 12 months a patient who took it 8 months
+    ago read that they had nothing to tell."""
+    clinic = catalog.clinics["glow"].model_copy(
+        update={"isotretinoin_washout_days": washout_days})
+    for locale, phrase in (("en", en), ("es", es)):
+        patient = booking(catalog, booking_doc, treatment=treatment, locale=locale)
+        asked = [m.text for key, m in rendered(renderer, catalog, patient, clinic)
+                 if m.channel == "email" and "isotretino" in m.text]
+        assert len(asked) >= 2, asked  # the confirmation and the prep email
+        assert all(phrase in text for text in asked), (phrase, asked)
