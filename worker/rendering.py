@@ -62,6 +62,7 @@ name already needs UCS-2: then the whole text keeps its accents.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import threading
 import time
@@ -183,6 +184,23 @@ class Advice:
         value = self._values[key]
         self._used.add(key)
         return value
+
+
+def washout_months(days: int) -> int:
+    """An isotretinoin washout in days as the whole months a message names: 182 -> 6,
+    365 -> 12; a part of a month over a tenth counts as one more (270 -> 9, 190 -> 7)."""
+    return max(1, math.ceil(round(days * 12 / 365.25, 1)))
+
+
+def clinic_advice(protocol: Protocol, clinic: Clinic) -> Mapping[str, AdviceValue]:
+    """The protocol's advice as `clinic` gives it: a clinic's own isotretinoin washout
+    (`isotretinoin_washout_days`, which the planner holds by) is the months the messages
+    ask the patient about (`isotretinoin_months`)."""
+    days = clinic.isotretinoin_washout_days
+    if (not days or protocol.isotretinoin_washout_days is None
+            or "isotretinoin_months" not in protocol.advice):
+        return protocol.advice
+    return {**protocol.advice, "isotretinoin_months": washout_months(days)}
 
 
 # Babel's words for dates and times, cached per value: formatting is a pure function of
@@ -527,7 +545,7 @@ class Renderer:
                 step: _date_text(when.astimezone(tz).date(), "full", locale)
                 for step, when in ordered
             },
-            "advice": Advice(protocol.advice),
+            "advice": Advice(clinic_advice(protocol, clinic)),
             "region": variant.region,
             "number": number,
             "temperature": temperature,
