@@ -388,10 +388,12 @@ def test_check_accepts_a_clinic_locale_with_a_region(tmp_path: Path) -> None:
 
 def run_together(text: str) -> list[tuple[str, str]]:
     """Consecutive lines of a plain-text body that belong to two paragraphs (no blank line
-    between them): a sentence then another sentence, or a sentence then a list."""
+    between them): a sentence then another sentence, a sentence then a list, or a list
+    then a sentence (which reads as the last item's own)."""
     body = text.split("\n--\n", 1)[0].split("\n")
     return [(a, b) for a, b in zip(body, body[1:], strict=False)
-            if a.strip() and b.strip() and not a.startswith("- ") and not a.endswith(":")]
+            if a.strip() and b.strip() and not a.endswith(":")
+            and (not a.startswith("- ") or not b.startswith("- "))]
 
 
 @pytest.mark.parametrize("locale", ["en", "es"])
@@ -401,7 +403,9 @@ def test_plain_text_paragraphs_stay_apart(renderer: Renderer, catalog: Catalog,
     "...so the treatment would irritate it more.\\nUntil then:", "...that is the peel
     working.\\nWhat helps:", "That is expected.\\n- Let the skin...": paragraphs run
     together in the plain-text email (what text-only mail clients and screen readers of
-    the text part show)."""
+    the text part show). And a list then a sentence: the tretinoin welcome's "- Every
+    morning: ... sensitive to the sun.\nSome dryness, redness and peeling ... is common."
+    read as part of the last item."""
     found: dict[str, list[tuple[str, str]]] = {}
     for protocol in catalog.protocols.values():
         for discreet in (False, True):
