@@ -154,7 +154,8 @@ def sent_by(key: str, record: Record) -> str:
 
 
 def what_went_out(
-    records: Mapping[str, Record], notice_steps: str, before: float | None = None
+    records: Mapping[str, Record], notice_steps: str, before: float | None = None,
+    planned_for: float | None = None,
 ) -> tuple[set[str], bool, bool]:
     """Return (the channels the pause message went out on, whether an invite went out by
     email, whether an SMS naming the visit went out).
@@ -162,6 +163,11 @@ def what_went_out(
     `notice_steps`: the protocol's pause and invite steps (`Protocol.notice_steps()`);
     `before`: the visit's start (epoch seconds) as the patient may have been told it, before
     the change: an SMS planned before it told the date (see the module docstring).
+    `planned_for`: the start of the visit the stored plan is for (the stored document's),
+    when it differs from `before` (cancelled or held after a move the patient was not
+    told of): a reminder not recorded as sent (being sent, or one a move rescheduled while
+    it was at its provider) carries that plan's time, and was planned before the visit if
+    it is before that start.
     """
     pause, invites = parse_notice_steps(notice_steps)
     invite_steps = invites | set(NOTICE_STEPS)
@@ -177,10 +183,12 @@ def what_went_out(
         if channel == "email" and (
                 step in invite_steps or (step == HOLD_NOTICE_STEP and notice_steps)):
             invited = True  # (the hold email names the date, as an invite does)
+        planned = float(record.get("planned_epoch") or "inf")
         if channel == "sms" and notice_steps and (
                 step in NOTICE_STEPS
-                or (before is not None
-                    and float(record.get("planned_epoch") or "inf") < before)):
+                or (before is not None and planned < before)
+                or (planned_for is not None and record.get("status") != Status.SENT
+                    and planned < planned_for)):
             texted = True
     return paused, invited, texted
 
@@ -195,16 +203,19 @@ def plan_notices(
     now: datetime,
     window: SendWindow,
     before: datetime | None = None,
+    planned_for: datetime | None = None,
 ) -> tuple[list[NoticeReminder], bool]:
     """Return the notices a change calls for and whether the pause had gone out.
 
     `records`: the booking's reminders as stored before the change; `booking`: the booking
     after it (for a cancel, as it was); `notice_steps`: `Protocol.notice_steps()`; `seq`:
     the invite sequence after the change; `before`: the visit's start before the change
-    (None: the booking's own, as for a cancel).
+    as the patient was told it (None: the booking's own, as for a cancel); `planned_for`:
+    the start the stored reminders were planned for (`what_went_out`).
     """
     start = (before or booking.starts_at).timestamp()
-    paused, invited, texted = what_went_out(records, notice_steps, start)
+    paused, invited, texted = what_went_out(
+        records, notice_steps, start, planned_for.timestamp() if planned_for else None)
     if kind == "cancelled" and now.timestamp() >= start:
         texted = False  # the visit has begun: the date the SMS told is past, nothing to undo
     offered = booking.patient.channels

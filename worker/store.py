@@ -3019,7 +3019,8 @@ class Store:
                 "rescheduled", self._as_sending(*booking.key, stored.reminders), booking,
                 planned.notice_steps, seq=seq,
                 now=now, window=planned.window or SendWindow(),
-                before=datetime.fromisoformat(old_start) if old_start else None)
+                before=datetime.fromisoformat(old_start) if old_start else None,
+                planned_for=_doc_start(stored.doc))
             own += [n.due_at for n in notices if n.channel == "sms"]
         # Its own SMS at its provider now (sending) that the reconcile keeps as it is (same
         # planned time, or due now in both plans): left to its attempt and counted where it
@@ -3427,7 +3428,8 @@ class Store:
                 "rescheduled", self._as_sending(clinic, booking_id, stored.reminders), booking,
                 plan.notice_steps, seq=seq, now=now,
                 window=plan.window or SendWindow(),
-                before=datetime.fromisoformat(old_start) if old_start else None)
+                before=datetime.fromisoformat(old_start) if old_start else None,
+                planned_for=_doc_start(stored.doc))
             # Booked again after a cancel the patient never heard of (its notice superseded
             # before it went): to them the visit moves from the date they were told.
             unheard = [r for k, r in stored.reminders.items()
@@ -3813,7 +3815,8 @@ class Store:
         notices, paused = plan_notices("cancelled",
                                        self._as_sending(clinic, booking_id, stored.reminders),
                                        booking, notice_steps,
-                                       seq=seq, now=now, window=window, before=before)
+                                       seq=seq, now=now, window=window, before=before,
+                                       planned_for=booking.starts_at)
         if not notices:
             return check, "", {}
         version = int(fields.get("version") or 0) + 1
@@ -5240,6 +5243,12 @@ def _same_day(kind: str | None, booking: Booking, fields: Mapping[str, str],
     tz = ZoneInfo(booking.patient.timezone)
     return (datetime.fromisoformat(old).astimezone(tz).date()
             == booking.starts_at.astimezone(tz).date())
+
+
+def _doc_start(doc: str | None) -> datetime | None:
+    """The appointment's start the stored document (and so its stored plan) is for."""
+    start = json.loads(doc or "{}").get("starts_at")
+    return datetime.fromisoformat(start) if start else None
 
 
 def _told_start(fields: Mapping[str, str], doc: str | None) -> str | None:
