@@ -97,3 +97,51 @@ def test_a_move_a_cancel_and_booked_again_while_parked_tells_the_new_date(
     assert "moved to" in got[1] and day(timedelta(days=4)) in got[1], got
     assert rig.store.redis.zscore(rig.store.due_key, ref) == s["due"]  # for C, at its time
     assert rig.store.claim_due(100, LEASE) == []
+
+
+@pytest.mark.parametrize("answer", [200, 503])
+@pytest.mark.parametrize("between", ["move", "cancel"])
+def test_moved_on_then_to_a_time_passed_while_parked_it_goes_once(
+        tmp_path, redis_client, gateway, between, answer):
+    """The day-before SMS ("see you on <A>") is at the gateway; the visit moves to B days
+    ahead (the SMS would go again for B), then (or after a cancel) to C within the hour:
+    its time for C has passed, so a move would not send it again had it gone a moment
+    before (README "Races with the clinic's changes": however many changes landed while it
+    was at its provider). Delivered, it is recorded as the reminder's send and the move is
+    told by the notice; it was recorded beside the plan for C, which sent it again: a second
+    day-before SMS. Refused, it goes once, for C."""
+    rig = Rig(tmp_path, redis_client, gateway, protocol=NOTICED)
+    ref = prep(1)
+    rig.park(ref)
+    rig.book(rig.doc(1, starts_in=timedelta(days=3)))
+    if between == "cancel":
+        rig.store.cancel("rc", "R-1", datetime.now(UTC))
+    rig.book(rig.doc(1, starts_in=timedelta(hours=1)))
+    rig.settle(ref, answer)
+    s = rig.state(ref)
+    if answer == 200:
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert s["log"][-1]["result"] == "stale: recorded as sent", s
+        assert s["record"]["sent_version"] == "1" and s["due"] is None, s
+    else:
+        assert s["record"]["status"] == "scheduled" and s["ledger"] is None, s
+        assert s["log"][-1]["result"] == "stale", s
+    send_due(rig)
+    got = texts(rig)
+    day_before = [t for t in got if "see you" in t]
+    assert len(day_before) == 2 if answer == 503 else 1, got  # (503: refused, then for C)
+    assert "see you today" in day_before[-1] if answer == 503 else True, got
+    assert len([t for t in got if "moved to" in t]) == 1, got
+    assert len(got) == len(day_before) + 2, got  # and the stop message, late for C
+    s = rig.state(ref)
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"]) == (None, None), s
+    timeline = shown(rig)
+    assert timeline["prep:sms"]["status"] == "sent", timeline
+    assert not [k for k in timeline if k.startswith("again-")], timeline
+    assert rig.store.claim_due(100, LEASE) == []
+    if answer == 200:
+        rig.assert_sent_stale(ref, s)  # never claimed again, even were it made due now
+    else:
+        rig.store.redis.zadd(rig.store.due_key, {ref: 0})
+        assert rig.store.claim_due(100, LEASE) == []
