@@ -3352,7 +3352,22 @@ class Store:
         at_cancel = {entry.rpartition("@")[0]: entry for entry in noted
                      if stored.reminders.get(entry.rpartition("@")[0], {}).get("status")
                      == Status.CANCELLED}
-        sending = {k: {**r, "status": Status.SENDING} if k in at_cancel else r
+        # Rescheduled (or cancelled) by an earlier change while its attempt was at its
+        # provider, and that attempt still at work (`flying`: "<key>@<the attempt's
+        # version>"): read as being sent by it, as one noted at a cancel is, so that a
+        # change moving it where a move would not send it again notes it (without this, a
+        # move that sent it again for a new date, then a second change, left it recorded
+        # beside a plan that sent it once more).
+        flown = {entry.rpartition("@")[0]: entry
+                 for entry in booking_fields.get("flying", "").split()}
+        flown = {k: flown[k] for k in self._in_flight_keys(clinic, booking_id, [
+            k for k in flown if k in records and k not in at_cancel
+            and records[k].get("status") != Status.SENDING])}
+        flying = " ".join(sorted({**flown, **{
+            k: f"{k}@{r.get('version', '')}" for k, r in records.items()
+            if r.get("status") == Status.SENDING}}.values()))
+        being_sent = at_cancel | flown
+        sending = {k: {**r, "status": Status.SENDING} if k in being_sent else r
                    for k, r in records.items()}
         # One noted by an earlier change that this one moves where it goes again for the
         # new date (sent for an old date, a message before the visit whose new time is
@@ -3363,7 +3378,7 @@ class Store:
              if stored.reminders.get(entry.rpartition("@")[0], {}).get("status") in PENDING
              and not _again_as_sent(plan, records, entry.rpartition("@")[0],
                                     booking.starts_at, now)]
-            + [at_cancel.get(key) or f"{key}@{records[key].get('version', '')}"
+            + [being_sent.get(key) or f"{key}@{records[key].get('version', '')}"
                for key in _in_flight_gone(plan, sending, booking.starts_at, now)])))
         last = max([r.due_at.timestamp() for r in plan.reminders]
                    + [booking.starts_at.timestamp()])
@@ -3401,6 +3416,7 @@ class Store:
             "contacts": contacts,
             "late_pause": late,
             "gone": gone,
+            "flying": flying,
             "ns": self._intern(plan.notice_steps, texts) if plan.notice_steps else "",
             # Held: the start the patient was told before the hold (a move while held says
             # nothing; its release tells it, `_told_start`). Nothing went out yet (held from
