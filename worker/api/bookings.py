@@ -46,7 +46,9 @@ from .conditional import (
     cancel,
     check_version,
     etag,
+    none_match,
     parse_if_match,
+    parse_if_none_match,
     upsert,
 )
 from .errors import REDIS_RETRY_AFTER_SECONDS, ApiError, error_body, not_found
@@ -75,9 +77,15 @@ _IF_MATCH_HEADER = Header(
     description='refuse (412) unless the booking is at this version, e.g. "3"; * = it must '
                 'exist. Not "*" nor a list of quoted tags: 400 naming the header',
     json_schema_extra=lambda schema: _if_match_schema(schema))
+_IF_NONE_MATCH_HEADER = Header(
+    alias="If-None-Match",
+    description='* = refuse (412) if the booking exists (create only); a tag such as "3" = '
+                'refuse a write, or answer a GET with 304, while it is at that version',
+    json_schema_extra=lambda schema: _if_match_schema(schema))
 _BAD_IF_MATCH: dict[int | str, dict[str, Any]] = {400: {
     "model": ErrorBody,
-    "description": "If-Match is not * nor a list of entity tags (the header is named)"}}
+    "description": "If-Match or If-None-Match is not * nor a list of entity tags (the "
+                   "header is named)"}}
 
 
 def _if_match_schema(schema: dict[str, Any]) -> None:
@@ -87,21 +95,32 @@ def _if_match_schema(schema: dict[str, Any]) -> None:
     schema.update(type="string", pattern=f"^({IF_MATCH.pattern})$")
 
 
-def _if_match(request: Request) -> str | frozenset[int] | None:
-    """The versions If-Match names (`parse_if_match`), once it is well-formed: a malformed
-    one (`1` unquoted, garbage) is the client's syntax error, 400 naming the header (RFC
-    9110 15.5.1), not the 412 of a well-formed tag naming another version: re-reading the
-    booking would never fix it. Sent on several lines, it is their comma-joined list (RFC
-    9110 5.3; the framework's header parameter reads the first line only: a malformed
-    later line was ignored, the current version on one was a false 412)."""
-    lines = request.headers.getlist("if-match")
+def _header_tags(request: Request, name: str) -> str | None:
+    """The header's lines as one list (None: not sent), once it is well-formed: a
+    malformed one (`1` unquoted, garbage) is the client's syntax error, 400 naming the
+    header (RFC 9110 15.5.1). Sent on several lines, it is their comma-joined list (RFC
+    9110 5.3)."""
+    lines = request.headers.getlist(name)
     header = ", ".join(line.strip(" \t") for line in lines) if lines else None
     if header is not None and not IF_MATCH.fullmatch(header.strip(" \t")):
-        message = ('If-Match must be * or a list of quoted entity tags such as "3" '
+        message = (f'{name} must be * or a list of quoted entity tags such as "3" '
                    '(the ETag a GET answered)')
-        raise ApiError(400, f"malformed If-Match header: {message}",
-                       fields=[("If-Match", message)])
-    return parse_if_match(header)
+        raise ApiError(400, f"malformed {name} header: {message}", fields=[(name, message)])
+    return header
+
+
+def _if_none_match(request: Request) -> str | frozenset[int] | None:
+    """The versions If-None-Match names (`parse_if_none_match`); 400 if malformed."""
+    return parse_if_none_match(_header_tags(request, "If-None-Match"))
+
+
+def _if_match(request: Request) -> str | frozenset[int] | None:
+    """The versions If-Match names (`parse_if_match`), once it is well-formed: a malformed
+    one is the 400 naming the header (`_header_tags`), not the 412 of a well-formed tag
+    naming another version: re-reading the booking would never fix it. (The framework's
+    header parameter reads the first line only: a malformed later line was ignored, the
+    current version on one was a false 412.)"""
+    return parse_if_match(_header_tags(request, "If-Match"))
 
 
 _TIMELINE_HEADERS = {"ETag": {"description": 'the booking\'s version, e.g. "3"',
@@ -175,16 +194,18 @@ def put_booking(
     doc: Annotated[Any, Depends(_booking_body)],
     svc: Svc,
     if_match: Annotated[str | None, _IF_MATCH_HEADER] = None,
+    if_none_match: Annotated[str | None, _IF_NONE_MATCH_HEADER] = None,
 ) -> JSONResponse:
     """Store the booking and return its timeline. The same body again changes nothing
     (same version); a changed one is reconciled and gets a new version (the `ETag`)."""
-    del if_match  # documents the header; read with its every line by `_if_match`
-    expected = _if_match(request)
+    del if_match, if_none_match  # documented; read with their every line (`_header_tags`)
+    expected, unexpected = _if_match(request), _if_none_match(request)
     _configured(caller.clinic, svc)
     now = datetime.now(UTC)
     booking, planned = intake(doc, caller.clinic, booking_id, svc.catalog, now)
     before: list[str | None] = [None]
-    timeline, created = upsert(svc.store, booking, planned, now, expected, previous=before)
+    timeline, created = upsert(svc.store, booking, planned, now, expected,
+                               unexpected=unexpected, previous=before)
     log.info("booking %s/%s stored: version %s, %s", caller.clinic, booking_id,
              timeline["version"], timeline["status"])
     if str(timeline["version"]) != before[0]:  # an unchanged booking wrote nothing new
@@ -200,18 +221,27 @@ def put_booking(
     summary="A booking's timeline",
     response_model=None,
     responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
-               **error_responses(401, 404, 429, 503)},
+               304: {"description": "If-None-Match names the current version: not modified",
+                     "headers": _TIMELINE_HEADERS},
+               **_BAD_IF_MATCH, **error_responses(401, 404, 429, 503)},
 )
 def get_booking(
+    request: Request,
     booking_id: str,
     caller: Authenticated,
     svc: Svc,
-) -> JSONResponse:
+    if_none_match: Annotated[str | None, _IF_NONE_MATCH_HEADER] = None,
+) -> Response:
     """Every reminder of the booking: when it is due, whether it was sent, and why not."""
+    del if_none_match  # documented; read with its every line (`_header_tags`)
+    unexpected = _if_none_match(request)
     try:
-        return _timeline_response(svc.store.timeline(caller.clinic, _known(booking_id)))
+        timeline = svc.store.timeline(caller.clinic, _known(booking_id))
     except NotFound:
         raise not_found(booking_id) from None
+    if none_match(unexpected, int(timeline["version"])):
+        return Response(status_code=304, headers={"ETag": etag(timeline["version"])})
+    return _timeline_response(timeline)
 
 
 @router.delete(
@@ -227,14 +257,15 @@ def cancel_booking(
     caller: Authenticated,
     svc: Svc,
     if_match: Annotated[str | None, _IF_MATCH_HEADER] = None,
+    if_none_match: Annotated[str | None, _IF_NONE_MATCH_HEADER] = None,
 ) -> JSONResponse:
     """Nothing still pending is sent; what was sent stays as history. A PUT of the same id
     opens it again."""
-    del if_match  # documents the header; read with its every line by `_if_match`
-    expected = _if_match(request)
+    del if_match, if_none_match  # documented; read with their every line (`_header_tags`)
+    expected, unexpected = _if_match(request), _if_none_match(request)
     try:
         timeline = cancel(svc.store, caller.clinic, _known(booking_id), datetime.now(UTC),
-                          expected)
+                          expected, unexpected)
     except NotFound:
         raise not_found(booking_id) from None
     log.info("booking %s/%s cancelled", caller.clinic, booking_id)
@@ -255,13 +286,14 @@ def release_booking(
     caller: Authenticated,
     svc: Svc,
     if_match: Annotated[str | None, _IF_MATCH_HEADER] = None,
+    if_none_match: Annotated[str | None, _IF_NONE_MATCH_HEADER] = None,
 ) -> JSONResponse:
     """A `held` booking's reminders are planned from now and scheduled. Any other status
     answers 409: only a held booking can be released; so does a booking changed (cancelled,
     corrected) while the release was under way. `If-Match` with the version reviewed
     refuses (412) to release a version the clinic has not seen (a correction since)."""
-    del if_match  # documents the header; read with its every line by `_if_match`
-    expected = _if_match(request)
+    del if_match, if_none_match  # documented; read with their every line (`_header_tags`)
+    expected, unexpected = _if_match(request), _if_none_match(request)
     clinic, store = caller.clinic, svc.store
     _configured(clinic, svc)
     try:
@@ -270,7 +302,7 @@ def release_booking(
     except NotFound:
         raise not_found(booking_id) from None
     # Before the method (RFC 9110 13.2.2); the write below is fenced by this same version.
-    check_version(expected, int(current["version"]))
+    check_version(expected, int(current["version"]), unexpected)
     if current["status"] != Status.HELD:
         raise ApiError(409, f"booking {booking_id!r} is {current['status']}, not held: "
                             "only a held booking can be released", code="not_held")

@@ -9,6 +9,11 @@ against the new version. So two clinics' systems that both read version 3 and bo
 The version is also checked once before the upsert, so a booking that does not exist
 never matches whichever way the store writes a new one.
 
+If-None-Match (RFC 9110 13.1.2) is checked in the same places: `*` refuses (412) a write
+to a booking that exists (PUT as create-only: a second booking system creating the same
+id never overwrites the first's patient), a tag naming the current version refuses a
+write, and answers a GET with 304. Its tags compare weakly (`W/"3"` names version 3).
+
 DELETE takes If-Match too: the cancel script applies only if the booking's hash is still
 the one whose version was compared (else it reads and compares again).
 
@@ -34,6 +39,8 @@ ANY = "*"
 # write) is a well-formed tag naming no version, not read as an int (Python refuses to read
 # past 4300 digits: a 500).
 _VERSION_TAG = re.compile(r'"(0|[1-9][0-9]{0,18})"')
+_WEAK_VERSION_TAG = re.compile(r'(?:W/)?"(0|[1-9][0-9]{0,18})"')
+Tags = str | frozenset[int] | None  # a parsed If-Match or If-None-Match (see parse_if_match)
 
 
 def etag(version: int) -> str:
@@ -56,13 +63,29 @@ def parse_if_match(header: str | None) -> str | frozenset[int] | None:
     return frozenset(versions)
 
 
+def parse_if_none_match(header: str | None) -> Tags:
+    """As `parse_if_match`, comparing weakly (RFC 9110 13.1.2): `W/"3"` names version 3."""
+    if header is None or header.strip() == ANY:
+        return None if header is None else ANY
+    found = (_WEAK_VERSION_TAG.fullmatch(tag.strip()) for tag in header.split(","))
+    return frozenset(int(m.group(1)) for m in found if m)
+
+
+def none_match(unexpected: Tags, current: int | None) -> bool:
+    """Whether If-None-Match (parsed) names the booking as it is: `*` and it exists, or a
+    tag of its current version."""
+    return unexpected is not None and current is not None and (
+        unexpected == ANY or current in unexpected)
+
+
 class PreconditionFailed(ApiError):
-    def __init__(self, current: int | None) -> None:
+    def __init__(self, current: int | None, *, none_match: bool = False) -> None:
         shown = f"version {current}" if current is not None else "no such booking"
-        super().__init__(
-            412, f"If-Match does not name the current version ({shown}); "
-                 "read the booking again and re-apply the change",
-            headers={"ETag": etag(current)} if current is not None else None)
+        message = (f"If-None-Match names the booking as it is ({shown}): nothing was changed"
+                   if none_match else f"If-Match does not name the current version ({shown}); "
+                   "read the booking again and re-apply the change")
+        super().__init__(412, message,
+                         headers={"ETag": etag(current)} if current is not None else None)
 
 
 class _Upsert(Store):
@@ -72,10 +95,11 @@ class _Upsert(Store):
     holds), differing only in its `_reconcile` seam.
     """
 
-    def __init__(self, store: Store, expected: str | frozenset[int] | None) -> None:
+    def __init__(self, store: Store, expected: Tags, unexpected: Tags = None) -> None:
         # No Store.__init__: take the configured store's state as it is.
         self.__dict__.update(store.__dict__)
         self.expected = expected
+        self.unexpected = unexpected
         self.existed = False
         self.previous: str | None = None  # the stored version this upsert compared
 
@@ -84,7 +108,8 @@ class _Upsert(Store):
     ) -> Any:
         self.existed = bool(stored_booking)
         self.previous = stored_booking.get("version") if stored_booking else None
-        check_version(self.expected, int(stored_booking["version"]) if stored_booking else None)
+        check_version(self.expected, int(stored_booking["version"]) if stored_booking else None,
+                      self.unexpected)
         return Store._reconcile(stored_booking, *args, **kwargs)
 
 
@@ -95,9 +120,10 @@ class _Cancel(Store):
     when missing); that read's version must match.
     """
 
-    def __init__(self, store: Store, expected: str | frozenset[int]) -> None:
+    def __init__(self, store: Store, expected: Tags, unexpected: Tags = None) -> None:
         self.__dict__.update(store.__dict__)
         self.expected = expected
+        self.unexpected = unexpected
 
     def _cancel_notices(self, clinic: str, booking_id: str, now: datetime
                         ) -> tuple[str, str, dict[str, str]]:
@@ -107,42 +133,47 @@ class _Cancel(Store):
         flat = json.loads(check)
         if flat:  # a missing booking is the 404 it would be without If-Match (RFC 9110)
             fields = dict(zip(flat[0::2], flat[1::2], strict=True))
-            check_version(self.expected, int(fields["version"]))
+            check_version(self.expected, int(fields["version"]), self.unexpected)
         return check, adds, texts
 
 
 def cancel(store: Store, clinic: str, booking_id: str, now: datetime,
-           expected: str | frozenset[int] | None) -> dict[str, Any]:
-    """Cancel the booking if `expected` allows (checked in the cancel's own step)."""
-    if expected is None:
+           expected: Tags, unexpected: Tags = None) -> dict[str, Any]:
+    """Cancel the booking if `expected` (If-Match) and `unexpected` (If-None-Match) allow
+    (checked in the cancel's own step)."""
+    if expected is None and unexpected is None:
         return store.cancel(clinic, booking_id, now)
-    return _Cancel(store, expected).cancel(clinic, booking_id, now)
+    return _Cancel(store, expected, unexpected).cancel(clinic, booking_id, now)
 
 
-def check_version(expected: str | frozenset[int] | None, current: int | None) -> None:
-    """Raise PreconditionFailed (412) unless `expected` (parsed If-Match) allows `current`."""
+def check_version(expected: Tags, current: int | None, unexpected: Tags = None) -> None:
+    """Raise PreconditionFailed (412) unless `expected` (parsed If-Match) allows `current`
+    and `unexpected` (parsed If-None-Match) does not name it (RFC 9110 13.2.2's order)."""
     if expected is not None and (
         current is None or (expected != ANY and current not in expected)
     ):
         raise PreconditionFailed(current)
+    if none_match(unexpected, current):
+        raise PreconditionFailed(current, none_match=True)
 
 
 def upsert(store: Store, booking: Booking, planned: Plan, now: datetime,
-           expected: str | frozenset[int] | None, *, release: bool = False,
+           expected: Tags, *, unexpected: Tags = None, release: bool = False,
            previous: list[str | None] | None = None) -> tuple[dict[str, Any], bool]:
-    """Store the booking if `expected` allows; return (timeline, whether it was new).
+    """Store the booking if `expected` (If-Match) and `unexpected` (If-None-Match) allow;
+    return (timeline, whether it was new).
 
     `release`: the clinic's release of a held booking (`Store.upsert`'s); `previous`: a
     one-item list given the version it replaced (None: new), as `Store.upsert_many`'s."""
-    if expected is not None:
+    if expected is not None or unexpected is not None:
         # First against what is stored now: a missing booking never matches (whether or not
         # the store reconciles a new booking); then again inside the transaction.
         try:
             current: int | None = int(store.timeline(*booking.key)["version"])
         except NotFound:
             current = None
-        check_version(expected, current)
-    one = _Upsert(store, expected)
+        check_version(expected, current, unexpected)
+    one = _Upsert(store, expected, unexpected)
     timeline = one.upsert(booking, planned, now, release=release)
     if previous is not None:
         previous[0] = one.previous
