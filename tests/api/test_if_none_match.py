@@ -50,3 +50,46 @@ def test_a_malformed_if_none_match_names_the_header_and_changes_nothing(api, glo
         assert answer.status_code == 400, answer.text
         assert [f["field"] for f in answer.json()["error"]["fields"]] == ["If-None-Match"]
     assert _stored(api, "glow", "A-1042") == before
+
+
+def test_two_creators_with_if_none_match_star_one_wins(api, glow, monkeypatch):
+    """A PUT with `If-None-Match: *` reads the booking missing and is parked at its
+    reconcile; another system creates the booking meanwhile; the first resumes. It must not
+    overwrite it: 412 with the ETag, the other's patient stored (the check is made again
+    inside the upsert's transaction, not only before it)."""
+    import threading
+    from typing import Any
+
+    from worker.store import Store
+
+    parked, go = threading.Event(), threading.Event()
+    real = Store._reconcile
+
+    def reconcile(stored_booking: dict[str, str], *args: Any, **kwargs: Any) -> Any:
+        if not parked.is_set():  # the conditional PUT's first read: missing
+            assert not stored_booking
+            parked.set()
+            assert go.wait(10)
+        return real(stored_booking, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "_reconcile", staticmethod(reconcile))
+    mine = future_booking(medications={"tretinoin": False})
+    mine["patient"]["name"] = "First System"
+    answer: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: answer.setdefault("r", glow.put(
+        "/v1/bookings/A-1042", json=mine, headers={"If-None-Match": "*"})))
+    thread.start()
+    try:
+        assert parked.wait(10)
+        theirs = glow.put("/v1/bookings/A-1042", json=future_booking())
+        assert theirs.status_code == 201, theirs.text
+    finally:
+        go.set()
+        thread.join(30)
+    monkeypatch.undo()
+    refused = answer["r"]
+    assert refused.status_code == 412, refused.text
+    assert refused.headers["ETag"] == '"1"'
+    store = api.app.state.services.store
+    assert store.booking_doc("glow", "A-1042")["patient"]["name"] == "Ana López"
+    assert glow.get("/v1/bookings/A-1042").json()["version"] == 1
