@@ -202,3 +202,33 @@ email = "json://127.0.0.1:{gate.port}/email?:to={{to}}"
         assert f"until {again.day} {again:%b}, then stop again" in text, (text, again)
     finally:
         gate.close()
+
+
+def test_the_welcome_promises_no_night_reminders_the_window_cannot_send(
+        catalog, booking_doc, redis_client):
+    """A clinic closing at 18:00 sends none of the 19:30 "tretinoin tonight" texts (above),
+    yet the welcome email said "we will remind you on those nights" ("te lo recordaremos
+    esas noches"): the patient waits for reminders that never come. The welcome renders
+    with the dates the store keeps for the booking (`Store.plan_dates`, as the send path
+    reads them): no night reminder among them, no promise of one."""
+    from worker.rendering import Renderer
+    from worker.store import Store
+
+    protocol = catalog.protocols["tretinoin-start"]
+    renderer = Renderer(catalog.templates_dir)
+    store = Store(redis_client, "welcomew")
+    promises = {"en": ("we will remind you on those nights", "2 or 3 nights a week only"),
+                "es": ("te lo recordaremos esas noches", "2 o 3 noches por semana")}
+    for clinic, nights_go in ((_closing_early(catalog), False), (catalog.clinics["glow"], True)):
+        for locale, (promise, advice) in promises.items():
+            booking = _tretinoin_start(catalog, {
+                **booking_doc, "patient": {**booking_doc["patient"], "locale": locale}})
+            store.upsert(booking, plan(booking, protocol, clinic, NOW), NOW)
+            dates = store.plan_dates("glow", "T-1")
+            assert ("application-night" in dates) is nights_go
+            welcome = renderer.render(
+                template="tretinoin-welcome", channel="email", booking=booking, clinic=clinic,
+                protocol=protocol, occurrence=1, due_at=NOW, now=NOW, plan_dates=dates)
+            for part in (welcome.text, welcome.html or ""):
+                assert advice in part, part  # the advice itself stays
+                assert (promise in part) is nights_go, (clinic.send_window, part)
