@@ -46,7 +46,6 @@ from .conditional import (
     cancel,
     check_version,
     etag,
-    none_match,
     parse_if_match,
     parse_if_none_match,
     upsert,
@@ -80,7 +79,7 @@ _IF_MATCH_HEADER = Header(
 _IF_NONE_MATCH_HEADER = Header(
     alias="If-None-Match",
     description='* = refuse (412) if the booking exists (create only); a tag such as "3" = '
-                'refuse a write, or answer a GET with 304, while it is at that version',
+                'refuse the write while it is at that version',
     json_schema_extra=lambda schema: _if_match_schema(schema))
 _BAD_IF_MATCH: dict[int | str, dict[str, Any]] = {400: {
     "model": ErrorBody,
@@ -221,27 +220,20 @@ def put_booking(
     summary="A booking's timeline",
     response_model=None,
     responses={200: {"model": Timeline, "headers": _TIMELINE_HEADERS},
-               304: {"description": "If-None-Match names the current version: not modified",
-                     "headers": _TIMELINE_HEADERS},
-               **_BAD_IF_MATCH, **error_responses(401, 404, 429, 503)},
+               **error_responses(401, 404, 429, 503)},
 )
 def get_booking(
-    request: Request,
     booking_id: str,
     caller: Authenticated,
     svc: Svc,
-    if_none_match: Annotated[str | None, _IF_NONE_MATCH_HEADER] = None,
-) -> Response:
-    """Every reminder of the booking: when it is due, whether it was sent, and why not."""
-    del if_none_match  # documented; read with its every line (`_header_tags`)
-    unexpected = _if_none_match(request)
+) -> JSONResponse:
+    """Every reminder of the booking: when it is due, whether it was sent, and why not.
+    (No 304 for an If-None-Match of the version: the version is the clinic's booking's,
+    and the timeline changes under it as its reminders go out.)"""
     try:
-        timeline = svc.store.timeline(caller.clinic, _known(booking_id))
+        return _timeline_response(svc.store.timeline(caller.clinic, _known(booking_id)))
     except NotFound:
         raise not_found(booking_id) from None
-    if none_match(unexpected, int(timeline["version"])):
-        return Response(status_code=304, headers={"ETag": etag(timeline["version"])})
-    return _timeline_response(timeline)
 
 
 @router.delete(

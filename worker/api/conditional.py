@@ -11,8 +11,9 @@ never matches whichever way the store writes a new one.
 
 If-None-Match (RFC 9110 13.1.2) is checked in the same places: `*` refuses (412) a write
 to a booking that exists (PUT as create-only: a second booking system creating the same
-id never overwrites the first's patient), a tag naming the current version refuses a
-write, and answers a GET with 304. Its tags compare weakly (`W/"3"` names version 3).
+id never overwrites the first's patient), and a tag naming the current version refuses a
+write. Its tags compare weakly (`W/"3"` names version 3). A GET answers no 304: the version
+is the clinic's booking's, and the timeline changes under it as its reminders go out.
 
 DELETE takes If-Match too: the cancel script applies only if the booking's hash is still
 the one whose version was compared (else it reads and compares again).
