@@ -471,3 +471,40 @@ def test_the_isotretinoin_question_asks_about_the_clinics_own_washout(
                  if m.channel == "email" and "isotretino" in m.text]
         assert len(asked) >= 2, asked  # the confirmation and the prep email
         assert all(phrase in text for text in asked), (phrase, asked)
+
+
+# --- a sentence ending in an abbreviation takes one full stop -----------------------------
+
+# A full stop right after one that ends an abbreviation ("p.m.", "p. m.", "oct."), with at
+# most tags between them: "12:30 p.m..", "12:30 p.m.</strong>.". Not an ellipsis ("...").
+DOUBLE_STOP = re.compile(r"[^.\s]\.(?:</?[a-z][^>]*>)*\.(?!\.)")
+
+
+@pytest.mark.parametrize(("locale", "clinic_locale", "timezone"), [
+    ("es-US", "en-US", "America/New_York"),   # a US clinic's Spanish-speaking patients
+    ("es-MX", "es-MX", "America/Mexico_City"),
+    ("es-CO", "es", "Europe/Madrid"),          # a Colombian patient of glow
+    ("en-CA", "en", "Europe/Madrid"),
+])
+def test_a_time_ending_in_p_m_is_not_followed_by_a_second_full_stop(
+    renderer: Renderer, catalog: Catalog, locale: str, clinic_locale: str, timezone: str,
+) -> None:
+    """The templates end sentences with "{{ appointment_time }}." and "{{ ..._short }}.": in
+    variants whose 12-hour times end in "p.m." / "p. m." (es-US, es-MX, es-CO, en-CA) or
+    whose short months end in a dot ("30 set." in es-PE), every confirmation, stop and
+    prep email read "a las 12:30 p.m.. Así puedes prepararte"."""
+    clinic = catalog.clinics["glow"].model_copy(update={
+        "locale": clinic_locale, "timezone": timezone, "phone": "+12125550100"})
+    seen, found = 0, []
+    for protocol in catalog.protocols.values():
+        patient = sample_booking(clinic, protocol, locale)
+        messages = [m for _, m in sample_messages(renderer, patient, clinic, protocol)]
+        messages += [m for _, m in sample_notices(renderer, patient, clinic, protocol)]
+        for message in messages:
+            for part in (message.subject or "", message.text, message.html or ""):
+                seen += bool(re.search(r"p\.\s?m\.", part))
+                found += [(message.channel, hit.group(0), part[max(0, hit.start() - 40):
+                                                             hit.end() + 20])
+                          for hit in DOUBLE_STOP.finditer(part)]
+    assert seen > 10  # the times are 12-hour ones
+    assert found == []
