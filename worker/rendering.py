@@ -186,6 +186,18 @@ class Advice:
         return value
 
 
+# A full stop right after one that ends an abbreviation, with at most tags between them: a
+# template's "{{ appointment_time }}." after "12:30 p.m." (es-US, es-MX, en-CA) or a short
+# date's "30 set." (es-PE). Not an ellipsis ("...").
+_DOUBLE_STOP = re.compile(r"(?<=[^.\s]\.)((?:</?[a-zA-Z][^>]*>)*)\.(?!\.)")
+
+
+def one_stop(text: str) -> str:
+    """Return `text` with a sentence that ends in an abbreviation ending in one full stop:
+    "a las 12:30 p.m.." -> "a las 12:30 p.m.", "p.m.</strong>." -> "p.m.</strong>"."""
+    return _DOUBLE_STOP.sub(r"\1", text) if ".." in text or ".<" in text else text
+
+
 def washout_months(days: int) -> int:
     """An isotretinoin washout in days as the whole months a message names: 182 -> 6,
     365 -> 12; a part of a month over a tenth counts as one more (270 -> 9, 190 -> 7)."""
@@ -690,7 +702,7 @@ class Renderer:
 
     def _render(self, name: str, context: dict[str, Any]) -> str:
         try:
-            return self.env.get_template(name).render(context)
+            return one_stop(self.env.get_template(name).render(context))
         except TemplateNotFound:
             raise ConfigError(self.templates_dir / unmarked(name), TEMPLATE_NOT_FOUND) from None
         except TemplateSyntaxError as exc:
