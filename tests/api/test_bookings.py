@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -29,6 +29,31 @@ def test_put_creates_then_the_same_body_changes_nothing(glow):
 
     got = glow.get("/v1/bookings/A-1042")
     assert got.status_code == 200 and got.json() == timeline and got.headers["etag"] == '"1"'
+
+
+def test_the_same_start_written_with_another_offset_changes_nothing(api, glow):
+    """The same booking again, its start the same instant written with another UTC offset
+    (one system sends the clinic's local time, its nightly sync UTC): the same booking,
+    re-submitted (DESIGN.md: an idempotent upsert). It was a change: a new version (the
+    clinic's other system's If-Match then refused), and its dead letter (a permanent
+    failure) sent again as "booking changed". Then the batch route and back: the same."""
+    from tests.api.test_isolation import dead_letter
+
+    doc = future_booking()
+    start = datetime.fromisoformat(doc["starts_at"])
+    doc["starts_at"] = start.astimezone(timezone(timedelta(hours=1))).isoformat()
+    assert glow.put("/v1/bookings/A-1042", json=doc).status_code == 201
+    ref = dead_letter(api.app.state.services.store, "glow", "A-1042")
+    before = glow.get("/v1/bookings/A-1042").json()
+    for offset in (0, -5, 1):
+        again = dict(doc, starts_at=start.astimezone(timezone(timedelta(hours=offset)))
+                     .isoformat())
+        answer = glow.put("/v1/bookings/A-1042", json=again)
+        assert (answer.status_code, answer.headers["etag"]) == (200, '"1"'), answer.text
+        assert answer.json() == before
+        batch = glow.post("/v1/bookings:batch", json={"bookings": [again]}).json()
+        assert batch["results"][0]["timeline"] == before
+    assert [d["ref"] for d in glow.get("/v1/dead-letters").json()["dead_letters"]] == [ref]
 
 
 def test_a_changed_body_is_reconciled_with_a_new_version(glow):
