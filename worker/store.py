@@ -3332,6 +3332,7 @@ class Store:
         clinic, booking_id = booking.key
         if doc is None:
             doc = booking.model_dump_json()
+        doc = _same_booking_doc(stored.doc, doc)
         medications = self._medications_digest(booking)
         window = f"{plan.window.start}-{plan.window.end}" if plan.window else ""
         planned_keys = {r.key for r in plan.reminders}
@@ -5259,6 +5260,23 @@ def _same_day(kind: str | None, booking: Booking, fields: Mapping[str, str],
     tz = ZoneInfo(booking.patient.timezone)
     return (datetime.fromisoformat(old).astimezone(tz).date()
             == booking.starts_at.astimezone(tz).date())
+
+
+def _same_booking_doc(stored: str | None, doc: str) -> str:
+    """`stored` if `doc` is the same booking, its start the same instant written with another
+    UTC offset (a clinic's system sending its local time, its nightly sync UTC), else `doc`.
+    Re-submitting the same booking is an idempotent upsert (DESIGN.md): it was a change, a
+    new version and its dead letters sent again as "booking changed"."""
+    if stored is None or stored == doc:
+        return doc
+    try:
+        old, new = json.loads(stored), json.loads(doc)
+        was, now = old.get("starts_at"), new.get("starts_at")
+        same = (isinstance(was, str) and isinstance(now, str) and was != now
+                and datetime.fromisoformat(was) == datetime.fromisoformat(now))
+    except (ValueError, AttributeError):
+        return doc
+    return stored if same and dict(new, starts_at=was) == old else doc
 
 
 def _doc_start(doc: str | None) -> datetime | None:
