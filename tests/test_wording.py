@@ -7,6 +7,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from worker.checking import (
     check,
     sample_booking,
     sample_messages,
+    sample_names,
     sample_notices,
 )
 from worker.clinics import Clinic
@@ -508,3 +510,49 @@ def test_a_time_ending_in_p_m_is_not_followed_by_a_second_full_stop(
                           for hit in DOUBLE_STOP.finditer(part)]
     assert seen > 10  # the times are 12-hour ones
     assert found == []
+
+
+def regional_variants(renderer: Renderer, catalog: Catalog) -> list[str]:
+    """One patient locale (language-TERRITORY) per distinct way Babel writes the variable
+    parts of an SMS in a language with a templates folder: the time, the short and long
+    dates, the fever, a decimal ("12:30 p. m.", "30 de sept", "100.4F", "0,025")."""
+    from babel.localedata import locale_identifiers
+
+    clinic, protocol = catalog.clinics["glow"], catalog.protocols["microneedling"]
+    seen: dict[tuple[str, ...], str] = {}
+    for ident in sorted(locale_identifiers()):
+        language, _, territory = ident.partition("_")
+        if language not in catalog.locales or not territory.isalpha():
+            continue
+        patient = sample_booking(clinic, protocol, f"{language}-{territory}")
+        values = renderer.context(booking=patient, clinic=clinic, protocol=protocol,
+                                  occurrence=1, due_at=patient.starts_at, channel="sms")
+        key = (language, values["appointment_time"], values["appointment_date_short"],
+               values["appointment_when"], values["temperature"](38), values["number"](0.025))
+        seen.setdefault(key, f"{language}-{territory}")
+    return sorted(seen.values())
+
+
+def test_every_sms_fits_one_gsm7_segment_in_every_regional_variant_of_its_language(
+        renderer: Renderer, catalog: Catalog) -> None:
+    """DOMAIN.md: an SMS is one GSM-7 segment (160). A message is written in the patient's
+    own regional variant (templates/README.md "Variants"), and `check` renders only the
+    clinics' own: a Colombian patient of glow read "tu cita pasa al 14 de oct, 12:30 p. m.
+    Puedes usar tretinoina/retinol solo hasta el 7 de oct." in two segments (166), as did
+    es-PE, es-PY, es-UY and es-VE patients (161)."""
+    variants = regional_variants(renderer, catalog)
+    assert {"es-CO", "es-PE", "es-US", "en-CA", "en-AS"} <= set(variants), variants
+    over = []
+    for clinic, protocol, discreet in product(catalog.clinics.values(),
+                                              catalog.protocols.values(), (False, True)):
+        wording = clinic.model_copy(update={"discreet": discreet})
+        for locale in variants:
+            for name in sample_names(locale.split("-")[0]):
+                patient = sample_booking(wording, protocol, locale, first_name=name)
+                messages = [m for _, m in sample_messages(renderer, patient, wording, protocol,
+                                                          ("sms",))]
+                messages += [m for _, m in sample_notices(renderer, patient, wording, protocol,
+                                                          ("sms",))]
+                over += [(locale, sms_segments(m.text)[1], m.text) for m in messages
+                         if sms_segments(m.text)[0::2] != ("GSM-7", 1)]
+    assert sorted(set(over)) == [], "\n".join(map(str, sorted(set(over))))
