@@ -145,3 +145,47 @@ def test_moved_on_then_to_a_time_passed_while_parked_it_goes_once(
     else:
         rig.store.redis.zadd(rig.store.due_key, {ref: 0})
         assert rig.store.claim_due(100, LEASE) == []
+
+
+@pytest.mark.parametrize("answer", [200, 503])
+def test_a_reclaim_finding_it_in_flight_then_a_move_to_a_time_passed_sends_it_once(
+        tmp_path, redis_client, gateway, answer):
+    """The day-before SMS is at the gateway past its lease (a slow send): the pump claims it
+    again, and the second attempt, finding the first at work (its ledger), puts it back in
+    the schedule for after that ledger. The visit then moves to within the hour (its time
+    passed: a move would not send it again had it gone a moment before). The first attempt
+    is still at its provider: it counts as being sent. Delivered, it is the reminder's send
+    (it was recorded beside the plan, which sent a second day-before SMS); refused, it goes
+    once, for the new time."""
+    rig = Rig(tmp_path, redis_client, gateway, protocol=NOTICED)
+    ref = prep(1)
+    rig.park(ref)
+    rig.store.redis.zadd(rig.store.lease_key, {ref: 0})  # its lease ran out
+    (again,) = rig.store.claim_due(100, LEASE)
+    other = Lanes(rig.ctx, watchdog=Watchdog(kill=lambda: None))  # another worker's senders
+    hand_over(rig.ctx, other, "sms", [[again.ref, again.version, again.claim]], time.time())
+    wait_for(lambda: rig.store.record(ref).get("reason") == "another attempt is in flight")
+    other.close()
+    s = rig.state(ref)
+    assert s["record"]["status"] == "scheduled" and s["ledger"] not in (None, "sent"), s
+    rig.book(rig.doc(1, starts_in=timedelta(hours=1)))
+    rig.settle(ref, answer)
+    s = rig.state(ref)
+    if answer == 200:
+        assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+        assert s["log"][-1]["result"] == "stale: recorded as sent", s
+        assert s["due"] is None, s
+    else:
+        assert s["record"]["status"] == "scheduled" and s["ledger"] is None, s
+    send_due(rig)
+    got = texts(rig)
+    day_before = [t for t in got if "see you" in t]
+    assert len(day_before) == (2 if answer == 503 else 1), got  # (503: refused, then for C)
+    assert len([t for t in got if "moved to" in t]) == 1, got
+    assert len(got) == len(day_before) + 2, got  # and the stop message, late for C
+    s = rig.state(ref)
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"]) == (None, None), s
+    assert shown(rig)["prep:sms"]["status"] == "sent"
+    rig.store.redis.zadd(rig.store.due_key, {ref: 0})  # even were it made due now
+    assert rig.store.claim_due(100, LEASE) == []
