@@ -3355,15 +3355,18 @@ class Store:
                      == Status.CANCELLED}
         # Rescheduled (or cancelled) by an earlier change while its attempt was at its
         # provider, and that attempt still at work (`flying`: "<key>@<the attempt's
-        # version>"): read as being sent by it, as one noted at a cancel is, so that a
-        # change moving it where a move would not send it again notes it (without this, a
-        # move that sent it again for a new date, then a second change, left it recorded
-        # beside a plan that sent it once more).
+        # version>"), or put back in the schedule while it is (claimed again past its
+        # lease, the new claim found its ledger held: its version is the attempt's): read
+        # as being sent by it, as one noted at a cancel is, so that a change moving it
+        # where a move would not send it again notes it (without this, its delivery was
+        # recorded beside a plan that sent it once more).
         flown = {entry.rpartition("@")[0]: entry
                  for entry in booking_fields.get("flying", "").split()}
-        flown = {k: flown[k] for k in self._in_flight_keys(clinic, booking_id, [
-            k for k in flown if k in records and k not in at_cancel
-            and records[k].get("status") != Status.SENDING])}
+        flown = {k: flown.get(k) or f"{k}@{records[k].get('version', '')}"
+                 for k in self._in_flight_keys(clinic, booking_id, [
+                     k for k, r in records.items() if k not in at_cancel
+                     and r.get("status") != Status.SENDING
+                     and (k in flown or (r.get("tok") and r.get("status") in PENDING))])}
         flying = " ".join(sorted({**flown, **{
             k: f"{k}@{r.get('version', '')}" for k, r in records.items()
             if r.get("status") == Status.SENDING}}.values()))
