@@ -425,3 +425,22 @@ def test_templates_are_not_looked_at_on_every_render_but_edits_are_picked_up(
         assert time.monotonic() < deadline, "the edited layout was never picked up"
         time.sleep(0.05)
     assert looked  # it was looked at, once the recheck time had come
+
+
+@pytest.mark.parametrize(("given", "canonical"), [("EN", "en"), ("En-gb", "en-GB"),
+                                                  ("ES", "es"), ("es-es", "es-ES")])
+def test_a_locale_written_in_another_case_is_written_in_its_language(
+        renderer: Renderer, catalog: Catalog, booking_doc: dict[str, Any], given: str,
+        canonical: str) -> None:
+    """Language tags are case-insensitive (BCP 47): `EN` is English. The booking (as the API
+    and `reminders book` take it) accepted `EN`, but the templates' folder is `en`: its
+    messages were written in the clinic's language instead (Spanish, at glow)."""
+    def words(locale: str) -> list[tuple[str | None, str]]:
+        doc = {**booking_doc, "patient": dict(booking_doc["patient"])}
+        return [(m.subject, m.text) for m in rendered(
+            renderer, catalog, doc, locale=locale, template="day-before",
+            discreet=False)]
+
+    assert words(given) == words(canonical) != []
+    doc = {**booking_doc, "patient": {**booking_doc["patient"], "locale": given}}
+    assert Booking.model_validate(doc, context={"catalog": catalog}).patient.locale == canonical
