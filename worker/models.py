@@ -439,6 +439,24 @@ StartsAt = Annotated[AwareDatetime, BeforeValidator(_iso_datetime), AfterValidat
 DoseDate = Annotated[date | None, BeforeValidator(_iso_date)]
 
 
+
+def canonical_locale(tag: str) -> str:
+    """A language tag in its canonical case (BCP 47 tags are case-insensitive: RFC 5646
+    2.1.1): the language lower-case, a script title-case, a region upper-case; `EN-gb` ->
+    `en-GB`. The templates' folders are named so (`en`, `es`): `EN` was taken, then its
+    messages written in the clinic's language, not in English."""
+    parts = re.split(r"([-_])", tag)
+    out = [parts[0].lower()]
+    for sep, part in zip(parts[1::2], parts[2::2], strict=True):
+        if len(part) == 4 and part.isalpha():
+            part = part.title()
+        elif len(part) == 2 and part.isalpha() or len(part) == 3 and part.isdigit():
+            part = part.upper()
+        else:
+            part = part.lower()
+        out += [sep, part]
+    return "".join(out)
+
 class Patient(BaseModel):
     """Who receives the reminders, where, in which language and on which channels."""
 
@@ -461,6 +479,7 @@ class Patient(BaseModel):
     @field_validator("locale")
     @classmethod
     def _known_locale(cls, value: str, info: ValidationInfo) -> str:
+        value = canonical_locale(value)
         catalog = _catalog(info)
         language = re.split(r"[-_]", value, maxsplit=1)[0]
         if catalog is None or value in catalog.locales or language in catalog.locales:
