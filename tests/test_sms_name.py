@@ -98,3 +98,28 @@ def test_other_invisible_characters_stay_refused(catalog: Catalog, booking_doc, 
         parse_booking(doc, catalog)
     (field, message), = refused.value.errors
     assert field == "patient.name" and found in message
+
+
+def test_check_fails_a_name_that_passes_in_the_clinics_variant_but_not_in_a_patients(
+        tmp_path):
+    """A message is written in the patient's regional variant (an en-US patient of a Madrid
+    clinic: "Sep 30 at 12:30 PM", "100.4F"), but check rendered only the clinic's own (en-ES:
+    "30 Sept at 12:30", "38C"). With the 17-character "Clinica Piel Sana" check passed, yet
+    that patient's SMS were 161 characters: two segments (DOMAIN.md "SMS cost")."""
+    from worker.checking import sample_booking, sample_messages, sample_notices
+    from worker.sms import sms_segments
+
+    settings = config_with(tmp_path, "Clinica Piel Sana", None)
+    catalog = Catalog.load(settings)
+    renderer = Renderer(catalog.templates_dir)
+    clinic = catalog.clinics["glow"]
+    over = []
+    for protocol in catalog.protocols.values():
+        patient = sample_booking(clinic, protocol, "en-US")
+        messages = [m for _, m in sample_messages(renderer, patient, clinic, protocol, ("sms",))]
+        messages += [m for _, m in sample_notices(renderer, patient, clinic, protocol, ("sms",))]
+        over += [m.text for m in messages if sms_segments(m.text)[2] > 1]
+    assert over  # what the patient would get
+    report = check(catalog, settings.clinics_dir, env={})
+    mine = [str(e) for e in report.errors if "glow.toml" in str(e)]
+    assert mine and "set a shorter sms_name" in mine[0], report.errors
