@@ -382,7 +382,9 @@ def test_check_accepts_a_clinic_locale_with_a_region(tmp_path: Path) -> None:
     report = check(catalog, settings.clinics_dir, env={}, clinic_ids=["demo"])
     assert report.errors == [] and report.warnings == []
     day_before = next(s for s in report.sms if (s.template, s.locale) == ("day-before", "en"))
-    assert "12:30 PM" in day_before.text  # the clinic's en-US variant
+    # A 12-hour time: the clinic's en-US variant ("12:30 PM"), or a patient's wider one that
+    # check renders too (en-CA "12:30 p.m."), never the 24-hour clock of bare English.
+    assert re.search(r"12:30 (PM|p\.m\.)", day_before.text), day_before.text
 
 
 # --- plain-text layout ---------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .notices import Invite, Notice
 from .planner import PlannedReminder, hold_notice, plan
 from .protocols import NOTICE_STEPS, AdviceValue, Protocol
 from .rendering import (
+    FAHRENHEIT_TERRITORIES,
     RenderedMessage,
     Renderer,
     file_name,
@@ -212,6 +213,37 @@ def sample_booking(clinic: Clinic, protocol: Protocol, locale: str,
         # Both flags, so that every conditional step is planned and rendered.
         "medications": {"tretinoin": True, "retinol": True},
     })
+
+
+def regional_variants(renderer: Renderer, clinic: Clinic, language: str) -> tuple[str, ...]:
+    """The widest regional variants of `language` (patient locales "es-CO", "en-US"): one
+    per width of what an SMS writes the variant's way (the time, a short date, the date
+    and time, a fever) that no other variant's widths all reach or pass. `check` renders
+    SMS in them too, as patients of those regions get them at any clinic."""
+    from babel.dates import format_skeleton, format_time
+    from babel.localedata import locale_identifiers
+
+    start = datetime.combine(*SAMPLE_APPOINTMENT)
+    widths: dict[tuple[int, ...], str] = {}
+    for ident in sorted(locale_identifiers()):
+        lang, _, territory = ident.partition("_")
+        if lang != language or not territory.isalpha():
+            continue
+        patient_locale = f"{lang}-{territory}"
+        variant = renderer.variant(patient_locale, clinic)
+        if variant.folder != language:
+            continue
+        time_text = format_time(start.time(), "short", locale=variant.locale)
+        width = (len(normalise(time_text)),
+                 *(len(normalise(format_skeleton("MMMd", start.date() + timedelta(days=d),
+                                                 locale=variant.locale))) for d in (0, 7, 14)),
+                 len(normalise(format_skeleton("MMMMd", start.date(), locale=variant.locale))),
+                 len("100.4F") if variant.region in FAHRENHEIT_TERRITORIES else len("38C"))
+        widths.setdefault(width, patient_locale)
+    return tuple(sorted(
+        name for width, name in widths.items()
+        if not any(other != width and all(a >= b for a, b in zip(other, width, strict=True))
+                   for other in widths)))
 
 
 def sample_messages(renderer: Renderer, booking: Booking, clinic: Clinic, protocol: Protocol,
@@ -713,11 +745,19 @@ def _render_all(
                 if was is None or (sample.segments, sample.length) > (was.segments, was.length):
                     too_long[clinic.id] = sample
                 return
+    # A patient is written to in their own regional variant ("12:30 PM", "100.4F" for en-US
+    # at a Madrid clinic): each language's widest variants too, their SMS with the longest
+    # sample name.
+    regional = ({language: regional_variants(renderer, clinics[0], language)
+                 for language in catalog.locales} if clinics else {})
     for clinic, locale, protocol, discreet in product(
             clinics, sorted(catalog.locales), catalog.protocols.values(), (False, True)):
         wording = clinic.model_copy(update={"discreet": discreet})
-        for n, name in enumerate(sample_names(locale)):
-            booking = sample_booking(wording, protocol, locale, first_name=name)
+        names = sample_names(locale)
+        for n, (patient_locale, name) in enumerate(
+                [(locale, name) for name in names]
+                + [(variant, names[0]) for variant in regional.get(locale, ())]):
+            booking = sample_booking(wording, protocol, patient_locale, first_name=name)
             # Emails do not depend on the name's letters: render them once.
             channels: tuple[Channel, ...] = CHANNELS if n == 0 else ("sms",)
             try:
