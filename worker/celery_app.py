@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.beat import PersistentScheduler
+from celery.utils.time import maybe_make_aware
 from kombu.entity import Queue  # kombu.Queue; kombu/__init__ does not export it to mypy
 
 from .connections import broker, broker_transport_options
@@ -51,6 +53,29 @@ def _route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
     if name == "reminders.clinic_event":
         return {"queue": EVENTS_QUEUE}
     return {"queue": PUMP_QUEUE} if name == "reminders.pump" else None
+
+
+class PumpScheduler(PersistentScheduler):  # type: ignore[misc]  # celery is untyped
+    """Celery beat's scheduler, which a host clock stepped back does not stop.
+
+    Beat runs an interval entry once `last_run_at + interval` has passed by the wall clock,
+    and keeps its entries in a heap by that instant. After the host's clock steps back N
+    seconds (an NTP step, a VM restored from a snapshot, a clock set by hand), or when beat
+    starts with a schedule file written while the clock was ahead, `last_run_at` lies in
+    the future: beat published no pump tick for N seconds, and what fell due meanwhile
+    (nothing nudging the pump) waited for them. An entry last run later than now is taken
+    as run now, and the heap built again: it runs again an interval later.
+    """
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        now = maybe_make_aware(self.app.now())
+        stepped = [entry for entry in self.schedule.values()
+                   if maybe_make_aware(entry.last_run_at) > now]
+        if stepped:
+            for entry in stepped:
+                entry.last_run_at = now
+            self._heap = None  # built again by this tick (`populate_heap`)
+        return super().tick(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 settings = get_settings()
@@ -98,6 +123,7 @@ app.conf.update(
             "options": {"expires": max(5.0, 5 * settings.pump_interval_seconds)},
         },
     },
+    beat_scheduler=f"{__name__}:PumpScheduler",
     beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
 )
 
