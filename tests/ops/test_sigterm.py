@@ -382,6 +382,35 @@ def test_sigterm_while_a_pump_run_is_under_way_hands_back_at_once(
                                         "ledgers": dict.fromkeys(refs, "sent")}
 
 
+def test_sigterm_with_redis_down_ends_within_the_grace_period(
+        service: Service, gateway: Gateway, redis_server, redis_client) -> None:
+    """SIGTERM (`docker stop`) while Redis is unreachable: the worker still ends within its
+    grace period and a few seconds (README "Operate"), what it could not hand back left to
+    its lease, not after each pool process waited out the Redis client's retries (~40 s)
+    first: past the compose file's stop grace period of 30 s, Docker SIGKILLs it mid-drain.
+    Real Redis (SIGKILLed, then started again on its port and AOF), worker and beat."""
+    gateway.park = 0
+    grace = 4.0
+    service.configure(REMINDERS_SHUTDOWN_GRACE_SECONDS=str(grace))
+    worker = service.worker()
+    service.beat(worker=worker)
+    service.book(booking(1, "onesms"))  # the senders and event senders are up and used
+    wait_until(lambda: gateway.snapshot(), 15)
+    assert redis_server.process is not None
+    redis_server.process.kill()
+    redis_server.process.wait()
+    try:
+        time.sleep(1.0)
+        stopped = sigterm(worker)
+        status = wait_exit(worker, grace + 20)
+        took = time.time() - stopped
+    finally:
+        redis_server.start()
+    log = worker.log_path.read_text()  # type: ignore[attr-defined]
+    assert status == 0 and took < grace + 6, (took, status, log[-3000:])
+    assert "senders: stopping with Redis unreachable" in log, log[-3000:]
+
+
 def test_the_main_process_drains_without_importing_the_send_path(redis_server) -> None:
     """The prefork pool's main process has no senders: its warm shutdown does not import
     the send path (Apprise, Jinja2, about 450 modules, half a second or more) to find none."""
