@@ -55,6 +55,7 @@ LEASE_MARGIN = 2.0  # seconds a delivery's network waits leave of its lease
 MIN_ATTEMPT_SECONDS = 1.0  # a delivery begins only if its network waits may take this long
 STOPPING = "handed back: the worker is stopping"
 LEASE_NEARLY_OVER = "handed back: its lease leaves no time for a delivery"
+STOP_WAIT_SECONDS = 1.0  # `stop` waits this long for its round trips (Redis unreachable)
 
 Deliver = Callable[[str, str, float], str]  # (event id, claim, most seconds a wait may take)
 
@@ -76,6 +77,7 @@ class EventSenders:
         self._futures: set[Future[str]] = set()
         self._next_key = 0
         self._stop = threading.Event()
+        self._leaving: threading.Thread | None = None  # `stop`'s round trips
         self._register()
         self._registrar = threading.Thread(target=self._register_loop, name="event-register",
                                            daemon=True)
@@ -150,19 +152,32 @@ class EventSenders:
 
     def stop(self) -> None:
         """Take no more events, leave the pump's count, and hand back at once the claims
-        no thread has begun (due now, fenced by their claim)."""
+        no thread has begun (due now, fenced by their claim).
+
+        The round trips (leaving the count, the hand-backs) go in a thread of their own,
+        waited for STOP_WAIT_SECONDS here and the rest of the grace period by `wait`: with
+        Redis unreachable each waits out the client's retries (~40 s with the worker's
+        profile), and the send lanes' shutdown, which follows in the worker's drain, must
+        not wait for them (the stop would end past its grace period, and the container's:
+        SIGKILL). What they could not do, the lease does (the count expires on its own)."""
         with self._lock:
             self._closing = True
         self._stop.set()
-        try:
-            self.events.redis.zrem(self.events.senders_key, self.node)
-        except redis.RedisError:
-            pass  # it expires on its own
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             cancelled = [(k, e, c) for k, (f, e, c) in self._queued.items() if f.cancelled()]
             for key, _, _ in cancelled:
                 del self._queued[key]
+        self._leaving = threading.Thread(target=self._leave, args=(cancelled,),
+                                         name="event-handback", daemon=True)
+        self._leaving.start()
+        self._leaving.join(STOP_WAIT_SECONDS)  # done by then unless Redis is unreachable
+
+    def _leave(self, cancelled: list[tuple[int, str, str]]) -> None:
+        try:
+            self.events.redis.zrem(self.events.senders_key, self.node)
+        except redis.RedisError:
+            pass  # it expires on its own
         for _, event_id, claim in cancelled:
             self._hand_back(event_id, claim, STOPPING)
         if cancelled:
@@ -170,10 +185,15 @@ class EventSenders:
                      len(cancelled))
 
     def wait(self, grace: float | None) -> None:
-        """Give the deliveries under way `grace` seconds (None: as long as they take)."""
+        """Give the deliveries under way, and the hand-back of `stop`, `grace` seconds
+        (None: as long as they take)."""
+        began = time.monotonic()
         with self._lock:
             futures = [f for f in self._futures if not f.cancelled()]
         _, running = wait(futures, timeout=grace)
+        leaving = self._leaving
+        if leaving is not None:
+            leaving.join(None if grace is None else max(0.0, began + grace - time.monotonic()))
         if running:
             log.warning("event senders: stopped after the %gs grace period with %d clinic "
                         "event(s) still being delivered (claimed again once their lease "
