@@ -151,3 +151,26 @@ def test_a_spanish_clinics_late_pause_alert_says_why_in_spanish(redis_client, ca
     why = next(line for line in mail.text.splitlines() if line.startswith("Motivo: "))
     assert "5 días" in why, why
     assert [w for w in ("message", "days", "appointment", "the patient") if w in why] == [], why
+
+
+def test_a_spanish_clinics_alerts_address_it_the_same_way(catalog, tmp_path):
+    """The held and late-pause alerts address the clinic as usted ("libérela desde su
+    software de citas", "Espere su llamada"); the call-request alert switched to tú ("Llama
+    al paciente", "Por favor, llámale", "hasta que la cambies ... desde tu programa de
+    reservas") and called the booking a "reserva" where the others say "cita"."""
+    from worker.webhooks import Event, render_alert
+
+    renderer = Renderer(ROOT / "templates")
+    clinic = catalog.clinics["glow"]  # locale es
+    fields = {"booking_id": "A-1042", "treatment": "microneedling", "starts_at": 1764941400,
+              "reason": "whatever"}
+    texts = {name: render_alert(clinic, Event("1", "glow", "alert", f"booking.{name}",
+                                              dict(fields), 0), renderer)
+             for name in ("held", "late_pause")}
+    texts["replied"] = render_alert(clinic, Event("1", "glow", "alert", "patient.replied",
+                                                  dict(fields), 0), renderer)
+    informal = ("Llama al", "llámale", "cambies", "canceles", " tu ", "reserva")
+    found = {name: [w for w in informal if w in f"{m.subject}\n{m.text}"]
+             for name, m in texts.items()}
+    assert found == {"held": [], "late_pause": [], "replied": []}
+    assert texts["replied"].subject == "Llame al paciente de la cita A-1042"
