@@ -22,7 +22,7 @@ from worker.pump import channel_of
 gateway = batches.gateway  # the rig's fixture
 
 
-def send_due(rig: Rig, within: float = 12.0) -> None:
+def send_due(rig: Rig, within: float = 25.0) -> None:
     """Send what falls due within `within` seconds, as the pump and the senders would, each
     at its time (a notice waiting for a message at its provider falls due a lease later)."""
     rig.gateway.hold = set()
