@@ -148,12 +148,14 @@ def test_moved_on_then_to_a_time_passed_while_parked_it_goes_once(
 
 
 @pytest.mark.parametrize("answer", [200, 503])
+@pytest.mark.parametrize("cancel", [False, True], ids=["moved", "cancelled"])
 def test_a_reclaim_finding_it_in_flight_then_a_move_to_a_time_passed_sends_it_once(
-        tmp_path, redis_client, gateway, answer):
+        tmp_path, redis_client, gateway, cancel, answer):
     """The day-before SMS is at the gateway past its lease (a slow send): the pump claims it
     again, and the second attempt, finding the first at work (its ledger), puts it back in
-    the schedule for after that ledger. The visit then moves to within the hour (its time
-    passed: a move would not send it again had it gone a moment before). The first attempt
+    the schedule for after that ledger. The visit then moves to within the hour (or is
+    cancelled and booked again for then; its time passed: a move would not send it again
+    had it gone a moment before). The first attempt
     is still at its provider: it counts as being sent. Delivered, it is the reminder's send
     (it was recorded beside the plan, which sent a second day-before SMS); refused, it goes
     once, for the new time."""
@@ -168,6 +170,8 @@ def test_a_reclaim_finding_it_in_flight_then_a_move_to_a_time_passed_sends_it_on
     other.close()
     s = rig.state(ref)
     assert s["record"]["status"] == "scheduled" and s["ledger"] not in (None, "sent"), s
+    if cancel:
+        rig.store.cancel("rc", "R-1", datetime.now(UTC))
     rig.book(rig.doc(1, starts_in=timedelta(hours=1)))
     rig.settle(ref, answer)
     s = rig.state(ref)
