@@ -1331,7 +1331,16 @@ redis.call('HSET', bkey, 'status', ST_CANCELLED, 'version', version, 'updated_at
 local flat = redis.call('HGETALL', bkey)
 -- Being sent as it is cancelled: noted in the booking's `gone` ("<key>@<version>" of the
 -- attempt), so that, booked again elsewhere before that attempt ends, its delivery still
--- counts as its send when a re-open would not send it again (Store._in_flight_gone).
+-- counts as its send when a re-open would not send it again (Store._in_flight_gone). So
+-- is one put back in the schedule while its attempt is still at work (claimed again past
+-- its lease, the new claim found the ledger held): its version is that attempt's, unless
+-- a move since rescheduled it (the booking's `flying` has that one, read first).
+local function at_work(ref)
+  local ledger = redis.call('GET', prefix .. ':ledger:' .. ref)
+  if not ledger or ledger == 'sent' then return false end
+  local last = redis.call('LINDEX', prefix .. ':a:' .. ref, -1)
+  return not last or cjson.decode(last)['tok'] ~= ledger
+end
 local gone = redis.call('HGET', bkey, 'gone') or ''
 local noted = gone
 for i = 1, #flat, 2 do
@@ -1339,7 +1348,8 @@ for i = 1, #flat, 2 do
   if is_reminder(key) then
     local r = split(flat[i + 1], 9)
     local st = STATUS_OF[r[R_ST]]
-    if st == ST_SENDING and not string.find(
+    if (st == ST_SENDING or (is_pending(st)
+        and at_work(clinic .. '/' .. booking_id .. '/' .. key))) and not string.find(
         ' ' .. gone .. ' ', ' ' .. key .. '@' .. r[R_VER] .. ' ', 1, true) then
       noted = noted .. (noted == '' and '' or ' ') .. key .. '@' .. r[R_VER]
     end
@@ -3364,9 +3374,9 @@ class Store:
                  for entry in booking_fields.get("flying", "").split()}
         flown = {k: flown.get(k) or f"{k}@{records[k].get('version', '')}"
                  for k in self._in_flight_keys(clinic, booking_id, [
-                     k for k, r in records.items() if k not in at_cancel
-                     and r.get("status") != Status.SENDING
-                     and (k in flown or (r.get("tok") and r.get("status") in PENDING))])}
+                     k for k, r in records.items() if r.get("status") != Status.SENDING
+                     and (k in flown or (k not in at_cancel and r.get("tok")
+                                         and r.get("status") in PENDING))])}
         flying = " ".join(sorted({**flown, **{
             k: f"{k}@{r.get('version', '')}" for k, r in records.items()
             if r.get("status") == Status.SENDING}}.values()))
