@@ -147,6 +147,7 @@ from .settings import Settings
 from .status import Status
 from .store import (
     IN_FLIGHT_MARGIN,
+    IN_FLIGHT_REQUEUED,
     Attempt,
     Begun,
     SendCapped,
@@ -313,7 +314,7 @@ def attempt(
         # Try again just after that attempt's ledger entry expires (or it finishes first).
         # Due on the pump's clock (Redis's): the ledger's TTL is Redis's too.
         retry_at = CLOCK.now_utc() + timedelta(seconds=store.ledger_ttl(ref) + IN_FLIGHT_MARGIN)
-        if store.requeue(ref, retry_at, "another attempt is in flight", claim=claim):
+        if store.requeue(ref, retry_at, IN_FLIGHT_REQUEUED, claim=claim):
             log.info("send %s: another attempt is in flight; requeued", ref)
             return "requeued"
         log.info("send %s: the attempt in flight finished meanwhile; dropped", ref)

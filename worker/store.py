@@ -167,6 +167,9 @@ from .webhooks import LUA_EMIT
 LAYOUT = "2"
 ATTEMPT_LOG_MAX = 50
 IN_FLIGHT_MARGIN = 1.0  # seconds past an in-flight attempt's ledger expiry before trying again
+# The reason of a reminder a claim put back in the schedule because an earlier attempt of it
+# is still at work (its ledger held): a change reads that attempt as being sent.
+IN_FLIGHT_REQUEUED = "another attempt is in flight"
 _NORMS_TRIES = 20  # reads of the patients' addresses before a script gives up (see contact_of)
 APPLY_CHUNK = 200  # bookings per apply script: a few milliseconds of Redis at a time
 READ_CHUNK = 200  # bookings per read script (`Store._read`): the same
@@ -3375,8 +3378,8 @@ class Store:
         flown = {k: flown.get(k) or f"{k}@{records[k].get('version', '')}"
                  for k in self._in_flight_keys(clinic, booking_id, [
                      k for k, r in records.items() if r.get("status") != Status.SENDING
-                     and (k in flown or (k not in at_cancel and r.get("tok")
-                                         and r.get("status") in PENDING))])}
+                     and (k in flown or (k not in at_cancel and r.get("status") in PENDING
+                                         and r.get("reason") == IN_FLIGHT_REQUEUED))])}
         flying = " ".join(sorted({**flown, **{
             k: f"{k}@{r.get('version', '')}" for k, r in records.items()
             if r.get("status") == Status.SENDING}}.values()))
