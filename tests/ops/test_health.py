@@ -126,3 +126,28 @@ def test_a_running_worker_and_beat_are_healthy_and_stop_being_so_when_beat_stops
     assert "the last pump run was" in down.stdout
     assert health(service.env, "--role", "beat").returncode == 1
     assert worker.poll() is None  # the worker itself is up: what stopped is the ticking
+
+
+def test_beat_with_no_worker_to_run_its_ticks_does_not_pile_them_up(
+        service, redis_client, smtp_sink, make_booking):
+    """Beat ticking while no worker consumes the pump queue (workers down, crash-looping on
+    a bad deploy): each tick was one more ~1 KB message in the queue's Redis list, 86 MB a
+    day under `noeviction`, and a worker coming back discarded every expired one, in order,
+    before it ran the pump at all (50,000, 14 hours of ticks, took it over two minutes: no
+    reminder went meanwhile). A tick behind ticks nobody ran adds nothing: beat publishes
+    none while a few wait, and says it is alive all the same."""
+    service.configure(REMINDERS_HEALTH_MAX_AGE_SECONDS="3")
+    beat = service.beat()
+    queue = f"{PREFIX}:celery:reminders.pump"
+    time.sleep(12.0)  # a tick a second
+    assert redis_client.llen(queue) <= 5, redis_client.llen(queue)
+    assert b"Sending due task pump" in beat.log_path.read_bytes()  # type: ignore[attr-defined]
+    verdict = health(service.env, "--role", "beat")
+    assert verdict.returncode == 0, verdict.stdout  # beat is up: what is missing is a worker
+    assert health(service.env, "--role", "worker").returncode == 1  # ... which this says
+    # A worker back: the ticks waiting go at once, the pump runs, a booking's message goes.
+    service.worker()
+    doc = make_booking("B-TICKS", starts_in=60.0)
+    service.book(doc)
+    wait_until(lambda: any(m.to == doc["patient"]["email"] for m in smtp_sink.snapshot()), 15)
+    wait_until(lambda: redis_client.llen(queue) <= 1, 10)
