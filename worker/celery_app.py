@@ -14,20 +14,24 @@ WORKER_QUEUES takes all of them; a worker per channel
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.beat import PersistentScheduler
 from celery.utils.time import maybe_make_aware
 from kombu.entity import Queue  # kombu.Queue; kombu/__init__ does not export it to mypy
 
 from .connections import broker, broker_transport_options
-from .health import install_beat_heartbeat
+from .health import beat_alive, beat_client, install_beat_heartbeat
 from .logs import setup_celery
 from .nudge import EXPIRES_SECONDS, PUMP_TASK
 from .nudge import PUMP_QUEUE as PUMP_QUEUE  # re-exported: tasks and tests take it from here
 from .settings import get_settings
 
+log = logging.getLogger(__name__)
+TICKS_WAITING_MAX = 5  # pump tasks waiting unrun in their queue: beat adds no tick to them
 CHANNELS = ("email", "sms")  # worker/models.py's, without importing the models here
 SEND_QUEUES = {channel: f"reminders.send.{channel}" for channel in CHANNELS}
 EVENTS_QUEUE = "reminders.events"
@@ -66,6 +70,27 @@ class PumpScheduler(PersistentScheduler):  # type: ignore[misc]  # celery is unt
     (nothing nudging the pump) waited for them. An entry last run later than now is taken
     as run now, and the heap built again: it runs again an interval later.
     """
+
+    def apply_entry(self, entry: Any, producer: Any = None) -> None:
+        """Publish the pump tick, unless TICKS_WAITING_MAX pump tasks already wait unrun.
+
+        Then no worker consumes the pump queue (workers down, or crash-looping): each tick
+        more was one more message in its Redis list (~1 KB, 86 MB a day at a tick a second,
+        under `noeviction`), and a worker coming back discarded every expired one, in
+        order, before it ran the pump at all (minutes, for a day's ticks): what waits runs
+        the pump as well. Beat's heartbeat is stamped all the same: beat is alive, and
+        `reminders health --role worker` says the pump is not running. Redis unreachable:
+        published as ever (the publish says what fails)."""
+        if entry.task == PUMP_TASK:
+            try:
+                waiting = int(beat_client().llen(queue_key(PUMP_QUEUE)))
+            except redis.RedisError:
+                waiting = 0
+            if waiting >= TICKS_WAITING_MAX:
+                beat_alive()
+                log.debug("beat: %d pump task(s) wait unrun: no tick added", waiting)
+                return
+        super().apply_entry(entry, producer=producer)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         now = maybe_make_aware(self.app.now())

@@ -279,22 +279,34 @@ def install_beat_heartbeat() -> None:
         after_task_publish.connect(on_published, weak=False)
 
     def on_published(sender: str | None = None, **_: object) -> None:
-        global _beat_client, _beat_last
-        if sender != "reminders.pump":
-            return
-        now = time.monotonic()
-        if now - _beat_last < BEAT_STAMP_EVERY:
-            return
-        _beat_last = now
+        if sender == "reminders.pump":
+            beat_alive()
+
+    beat_init.connect(on_beat_init, weak=False)
+
+
+def beat_client() -> redis.Redis:
+    """Return the beat process's Redis client for its own checks (made once; PROBE)."""
+    global _beat_client
+    if _beat_client is None:
         from .connections import PROBE, client
         from .settings import get_settings
 
-        settings = get_settings()
-        try:
-            if _beat_client is None:
-                _beat_client = client(settings, PROBE, decode=False)
-            stamp(_beat_client, beat_key(settings.key_prefix), node=node_name())
-        except redis.RedisError:
-            pass  # the tick was published; a heartbeat missed is seen as such by the check
+        _beat_client = client(get_settings(), PROBE, decode=False)
+    return _beat_client
 
-    beat_init.connect(on_beat_init, weak=False)
+
+def beat_alive() -> None:
+    """In the beat process: stamp beat's heartbeat (at most every BEAT_STAMP_EVERY): it
+    published a pump tick, or found ticks waiting unrun and left them to the workers."""
+    global _beat_last
+    now = time.monotonic()
+    if now - _beat_last < BEAT_STAMP_EVERY:
+        return
+    _beat_last = now
+    from .settings import get_settings
+
+    try:
+        stamp(beat_client(), beat_key(get_settings().key_prefix), node=node_name())
+    except redis.RedisError:
+        pass  # a heartbeat missed is seen as such by the check
