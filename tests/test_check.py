@@ -139,6 +139,27 @@ def test_a_clinic_locale_without_templates_is_an_error(copy: Path) -> None:
     assert f"{clinic}: locale 'fr' has no templates folder" in result.stderr
 
 
+@pytest.mark.parametrize("written", ["ES", "Es", "es_es"])
+def test_a_clinic_locale_in_another_case_is_its_language(copy: Path, written: str) -> None:
+    # Language tags are case-insensitive (RFC 5646 2.1.1), as a patient's locale is read:
+    # "ES" was refused ("has no templates folder") while "es" has one.
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text().replace('locale = "es"', f'locale = "{written}"'))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "has no templates folder" not in result.stderr
+
+
+@pytest.mark.parametrize("written", ["", "spanish!", "e", "es-ES-x-y-z"])
+def test_a_clinic_locale_that_is_no_language_tag_is_named(copy: Path, written: str) -> None:
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text().replace('locale = "es"', f'locale = "{written}"'))
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG
+    assert re.search(rf"{re.escape(str(clinic))}.*locale: .*language tag such as en or es-ES",
+                     result.stderr), result.stderr
+
+
 def test_a_reader_leaving_stdout_does_not_turn_an_error_into_success(copy: Path) -> None:
     # `reminders check | grep -q ...` (or `| head` under `set -o pipefail`): the reader
     # leaves before check prints. The broken pipe was caught as "the reader left, not an
