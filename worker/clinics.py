@@ -30,7 +30,16 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .models import CHANNELS, CLINIC_ID_PATTERN, Channel, Timezone, parse_e164, safe_text
+from .models import (
+    CHANNELS,
+    CLINIC_ID_PATTERN,
+    LANGUAGE_TAG_PATTERN,
+    Channel,
+    Timezone,
+    canonical_locale,
+    parse_e164,
+    safe_text,
+)
 from .protocols import _pydantic_problem, config_files, read_toml
 from .settings import MIN_SECRET_CHARS
 from .webhooks import EVENT_TYPES
@@ -191,6 +200,16 @@ class Inbound(BaseModel):
         return value
 
 
+_LANGUAGE_TAG = re.compile(LANGUAGE_TAG_PATTERN)
+
+
+def _language_tag(value: str) -> str:
+    """A clinic's locale in its canonical case (`ES` -> `es`), as a patient's is read."""
+    if not _LANGUAGE_TAG.match(value):
+        raise ValueError(f"{value!r} is not a language tag such as en or es-ES")
+    return canonical_locale(value)
+
+
 class Clinic(BaseModel):
     """A clinic: who it is, how to reach it, when and how its patients are messaged."""
 
@@ -204,7 +223,9 @@ class Clinic(BaseModel):
     # calendar invite (worker/invites.py). Without it the invite names the clinic only.
     address: Address | None = None
     timezone: ClinicTimezone  # IANA Area/City, or UTC
-    locale: str = "en"
+    # The clinic's language (its alerts; a patient's messages when their own has no
+    # templates), read in its canonical case: "ES" is es/ (RFC 5646 2.1.1).
+    locale: Annotated[str, AfterValidator(_language_tag)] = "en"
     send_window: SendWindow = SendWindow()
     # Discreet wording: subjects and SMS do not name the treatment or medication.
     discreet: bool = False

@@ -439,6 +439,9 @@ StartsAt = Annotated[AwareDatetime, BeforeValidator(_iso_datetime), AfterValidat
 DoseDate = Annotated[date | None, BeforeValidator(_iso_date)]
 
 
+# A language tag as locales are written: "en", "es-ES", "pt_BR", "zh-Hant-TW".
+LANGUAGE_TAG_PATTERN = r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8}){0,2}$"
+
 
 def canonical_locale(tag: str) -> str:
     """A language tag in its canonical case (BCP 47 tags are case-insensitive: RFC 5646
@@ -471,7 +474,7 @@ class Patient(BaseModel):
     email: Email | None = None
     phone: Phone | None = None
     timezone: Timezone
-    locale: str = Field(strict=True, pattern=r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8}){0,2}$",
+    locale: str = Field(strict=True, pattern=LANGUAGE_TAG_PATTERN,
                         max_length=10)
     # Last so its validator can see which contacts were given.
     channels: list[Channel] = Field(min_length=1, max_length=len(CHANNELS))
