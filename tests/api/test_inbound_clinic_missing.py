@@ -163,7 +163,8 @@ def test_a_key_of_a_clinic_config_lacks_at_start_is_403_not_a_booking_to_fix(ser
     the clinic never sent (the clinic is the key's) and telling its system the booking is
     wrong: the answer the 503 above keeps it from while the API still knew the file. Now 403
     `forbidden` naming the clinic as not configured, nothing stored, and one WARNING for
-    ops to revoke its keys; its release and dead-letter replay too. Reads of what it left are answered as before."""
+    ops to revoke its keys; its release and dead-letter replay too. Reads of what it left
+    are answered as before."""
     import logging
 
     from tests.api.conftest import future_booking

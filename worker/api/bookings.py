@@ -131,7 +131,7 @@ def _request_body(schema: str) -> dict[str, Any]:
         "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
 
 
-def _configured(clinic: str, svc: Services) -> None:
+def require_configured(clinic: str, svc: Services) -> None:
     """Refuse (503, to send again) a write for a clinic whose file is missing from config/
     as read now but was there a moment ago (`Catalog.former`: a deploy rewriting config/):
     the key says the clinic is real, and "unknown clinic" (422) would tell its system the
@@ -199,7 +199,7 @@ def put_booking(
     (same version); a changed one is reconciled and gets a new version (the `ETag`)."""
     del if_match, if_none_match  # documented; read with their every line (`_header_tags`)
     expected, unexpected = _if_match(request), _if_none_match(request)
-    _configured(caller.clinic, svc)
+    require_configured(caller.clinic, svc)
     now = datetime.now(UTC)
     booking, planned = intake(doc, caller.clinic, booking_id, svc.catalog, now)
     before: list[str | None] = [None]
@@ -287,7 +287,7 @@ def release_booking(
     del if_match, if_none_match  # documented; read with their every line (`_header_tags`)
     expected, unexpected = _if_match(request), _if_none_match(request)
     clinic, store = caller.clinic, svc.store
-    _configured(clinic, svc)
+    require_configured(clinic, svc)
     try:
         current = store.timeline(clinic, _known(booking_id))
         doc = store.booking_doc(clinic, booking_id)
@@ -411,7 +411,7 @@ def batch_bookings(
     """`{"bookings": [...]}`: each booking is stored or refused on its own (see `results`,
     in request order); valid ones are stored even if others are refused."""
     items = _batch_items(doc)
-    _configured(caller.clinic, svc)
+    require_configured(caller.clinic, svc)
     now = datetime.now(UTC)
     results: list[dict[str, Any]] = []
     accepted = []

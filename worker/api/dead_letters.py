@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from ..models import field_errors
 from .auth import Authenticated
 from .body import json_body
+from .bookings import require_configured
 from .errors import ApiError
 from .params import no_unknown_query
 from .schemas import DeadLetters, Replayed, ReplayRequest, error_responses
@@ -59,7 +60,8 @@ async def _replay_body(request: Request) -> Any:
     "/dead-letters/replay",
     summary="Send dead-lettered reminders again",
     response_model=None,
-    responses={200: {"model": Replayed}, **error_responses(401, 404, 413, 415, 422, 429, 503)},
+    responses={200: {"model": Replayed},
+               **error_responses(401, 403, 404, 413, 415, 422, 429, 503)},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ReplayRequest"}}}}},
 )
@@ -69,7 +71,10 @@ def replay_dead_letters(
     svc: Svc,
 ) -> JSONResponse:
     """`{"refs": [ref or booking id, ...]}` or `{"all": true}`. The send-time rules still
-    apply: a reminder past its expiry is skipped, one outside the send window waits."""
+    apply: a reminder past its expiry is skipped, one outside the send window waits.
+    Refused (403, or 503 while its file is being rewritten) for a clinic config/ lacks:
+    its dead letters would only fail "not configured" again."""
+    require_configured(caller.clinic, svc)
     if not isinstance(doc, dict):
         raise ApiError(422, "the replay request has invalid fields", fields=[
             ("body", 'must be a JSON object: {"refs": [...]} or {"all": true}')])
