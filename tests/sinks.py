@@ -302,6 +302,7 @@ class DeadEndpoint:
         self._held: list[Any] = []
         self._lock = threading.Lock()
         self._answering = False
+        self._reply = b""
         self.answered: list[str] = []  # Reminders-Event-Id of each request answered
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
@@ -322,10 +323,12 @@ class DeadEndpoint:
             if answering:
                 threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
-    def answer(self) -> None:
-        """Recover: answer 200 to every connection accepted from now on."""
+    def answer(self, reply: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+               b"Connection: close\r\n\r\n") -> None:
+        """Recover: answer `reply` (a 200) to every connection accepted from now on."""
         with self._lock:
             self._answering = True
+            self._reply = reply
 
     def _answer(self, conn: Any) -> None:
         with contextlib.suppress(OSError):
@@ -349,7 +352,7 @@ class DeadEndpoint:
                 body += chunk
             with self._lock:
                 self.answered.append(headers.get("reminders-event-id", ""))
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.sendall(self._reply)
             conn.close()
 
     def connections(self) -> int:

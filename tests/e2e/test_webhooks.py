@@ -187,3 +187,27 @@ def test_a_warm_shutdown_lets_the_event_under_way_be_delivered_once(hooked, rece
     assert events.pending() == [] and events.dead() == []  # delivered and recorded: once
     assert redis_client.zcard(events.out_key) == 0
     assert redis_client.zrange(events.senders_key, 0, -1) == []  # left the pump's count
+
+
+def test_a_webhook_url_s_token_is_in_no_log_line_when_its_answer_is_malformed(
+        service, e2e_config, dead_endpoint, redis_client):
+    # A receiver's URL often carries its own token (in the path or the query: Zapier's
+    # hooks, a `?token=`). An answer whose headers urllib3 cannot parse (a header line
+    # without a colon) made urllib3 log, at WARNING, "Failed to parse headers (url=...)"
+    # with the whole URL, through the worker's handler: the token in its log.
+    dead_endpoint.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Receiver-Note\r\n"
+                         b"Connection: close\r\n\r\n")
+    clinic = e2e_config / "clinics" / "e2e.toml"
+    url = f"{dead_endpoint.url}/PathToken9f3a?token=QueryToken7c1e"
+    clinic.write_text(clinic.read_text()
+                      + f'[webhook]\nurl = "{url}"\nsecret = "${{E2E_WEBHOOK_SECRET}}"\n')
+    svc = service.configure(E2E_WEBHOOK_SECRET=SECRET)
+    worker = svc.up()
+    [event_id] = emit_events(redis_client, 1)
+    wait_until(lambda: dead_endpoint.answered_ids() == [event_id], 30)
+    events = Events(redis_client, "reminders")
+    wait_until(lambda: events.pending("e2e") == [], 30)  # delivered: a 200 is a 200
+    assert events.dead() == []
+    log = worker.log_path.read_text()
+    assert f"clinic event {event_id}" in log  # the worker's own lines are there
+    assert "PathToken9f3a" not in log and "QueryToken7c1e" not in log, log
