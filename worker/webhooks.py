@@ -773,6 +773,8 @@ def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None
     """POST one signed event; raise DeliveryError unless the clinic answers 2xx."""
     import requests
 
+    from .delivery import urllib3_lines_kept_out
+
     body = json.dumps(event.payload(), separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
@@ -797,9 +799,11 @@ def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None
         # The status decides; the body is never read (stream=True, closed unread): an
         # answer whose body trickles on, each byte inside the read timeout, held the
         # delivery until the task's time limit, the event left claimed and sent again.
-        response = session.post(url, data=body, headers=headers, timeout=timeout,
-                                allow_redirects=False, stream=True)
-        response.close()
+        # urllib3's lines carry the URL (its token): kept out of every handler.
+        with urllib3_lines_kept_out():
+            response = session.post(url, data=body, headers=headers, timeout=timeout,
+                                    allow_redirects=False, stream=True)
+            response.close()
     except (requests.Timeout, requests.ConnectionError) as exc:
         if adapter.was_cut:
             raise NoAnswer(f"webhook gave no full answer in {2 * timeout:g} s") from None
