@@ -269,3 +269,39 @@ def test_wrong_credentials_are_named_not_unreachable(serve, beating, caplog):
         said = warnings_of(caplog, route)
         assert len(said) == 1 and "AuthenticationError" in said[0], said
         assert PASSWORD not in said[0] and USER not in said[0], said
+
+
+@pytest.mark.parametrize("state", ["masterdown", "noperm"])
+def test_metrics_scrape_says_redis_is_not_answering_and_keeps_the_api_s_own(
+        serve, beating, caplog, state):
+    # The schedule's gauges caught connection errors only: a Redis answering an error
+    # reply (MASTERDOWN during a failover, NOPERM for a command the scrape runs) made the
+    # whole /metrics a 500, so Prometheus lost the API's own request counters and never
+    # saw `reminders_redis_up 0`, on which the alert rules (deploy/prometheus) fire.
+    admin = connect(beating.url)
+    url = acl_url(beating, "hgetall") if state == "noperm" else beating.url
+    api = serve(redis_url=url)
+    with api.client() as ops:
+        assert ops.get("/readyz").status_code == 200
+        if state == "masterdown":
+            admin.config_set("replica-serve-stale-data", "no")
+            admin.replicaof("127.0.0.1", free_port())  # a master that is not there
+        try:
+            with caplog.at_level(logging.INFO):
+                scrape = ops.get("/metrics")
+        finally:
+            if state == "masterdown":
+                admin.replicaof("NO", "ONE")
+        again = ops.get("/metrics")
+    assert scrape.status_code == 200, scrape.text
+    lines = scrape.text.splitlines()
+    assert "reminders_redis_up 0.0" in lines, scrape.text
+    assert any(line.startswith('reminders_api_requests_total{method="GET",route="/readyz"')
+               for line in lines), scrape.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    said = warnings_of(caplog, "metrics")
+    assert said and all("MasterDownError" in line or "'hgetall' denied" in line
+                        for line in said), said
+    assert PASSWORD not in caplog.text and not [x for x in said if str(beating.port) in x]
+    assert again.status_code == 200 and (
+        "reminders_redis_up 1.0" in again.text.splitlines()) == (state == "masterdown")
