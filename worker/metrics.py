@@ -30,8 +30,9 @@ observable):
    the reminders due now and the age of the oldest overdue one, the lease set's size, the
    dead letters, each Celery queue's length (the broker's Redis lists, `queue_key` in
    worker/celery_app.py), and the age of the pump's and beat's heartbeats
-   (worker/health.py). One pipelined round trip per scrape; Redis down gives
-   `reminders_redis_up 0` and nothing else of it.
+   (worker/health.py). One pipelined round trip per scrape; Redis down, or answering an
+   error reply (MASTERDOWN, NOPERM: a WARNING naming it), gives `reminders_redis_up 0`
+   and nothing else of it; the rest of the scrape is served.
 
 3. **Histograms, per worker process** (`Histograms`): send duration by channel (the
    delivery call: Apprise or the outbox), lateness by channel (sent minus the instant the
@@ -67,6 +68,8 @@ import redis
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .health import error_detail
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,15 @@ class ScheduleCollector(Collector):
                 pipe.llen(f"{p}:celery:{queue}")
             replies = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):
+            up.add_metric([], 0)
+            yield up
+            return
+        except redis.ResponseError as exc:
+            # An error reply (MASTERDOWN in a failover, NOPERM for a command read here):
+            # no figures from Redis, said as `reminders_redis_up 0`, the rest of the
+            # scrape served (a raised error lost the whole scrape: a 503).
+            log.warning("metrics: Redis answered an error (%s): reminders_redis_up 0",
+                        error_detail(exc))
             up.add_metric([], 0)
             yield up
             return
