@@ -72,3 +72,21 @@ def test_files_the_readme_points_to_exist():
         "Dockerfile",
     ):
         assert path in README and (ROOT / path).exists()
+
+
+def test_try_it_says_when_the_demo_messages_reach_the_outbox(catalog):
+    # "Try it" said the "late" stop-tretinoin messages appear at once with the confirmation:
+    # the demo booking starts 90 s ahead and stops tretinoin a minute before, so they come
+    # 30 s later; what comes at once besides the confirmation is the clinic's late-pause alert.
+    demo = catalog.protocols["demo"]
+    ahead = float(re.search(r"else (\d+(?:\.\d+)?)\n",
+                            (ROOT / "examples/demo_booking.py").read_text())[1])
+    steps = {s.id: s for s in demo.steps}
+    stop = ahead + steps["stop-retinoids"].offset.total_seconds()
+    last = max(ahead + s.offset.total_seconds() for s in demo.steps if s.offset is not None)
+    section = re.search(r"## Try it\n(.*?)\n## ", README, flags=re.S)[1]
+    said = " ".join(section.split())
+    assert f"the \"stop tretinoin\" messages {stop:g} seconds later" in said, said
+    assert f"a minute before the visit, which the demo booking puts {ahead:g} seconds" in said
+    assert f"{-steps['stop-retinoids'].offset.total_seconds():g}" == "60"
+    assert "late_pause" in said and last <= 120 and "within the next two minutes" in said
