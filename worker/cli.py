@@ -986,9 +986,27 @@ def build_parser() -> argparse.ArgumentParser:
                 help="a dead letter's ref (clinic/booking/reminder) or a booking id",
             )
             p.add_argument("--all", action="store_true", help=f"{name} every dead letter")
-        p.add_argument("--clinic", type=_clinic_id,
-                       help="clinic id (default: the booking's own `clinic` field)")
-        p.add_argument("--json", action="store_true", help="print the machine-readable form")
+        # Only where it selects something: stats, health, migrate and run act on every
+        # clinic, and took --clinic only to ignore it (stats --clinic glow printed them all).
+        if name in ("plan", "book"):
+            p.add_argument("--clinic", type=_clinic_id,
+                           help="clinic id (default: the booking's own `clinic` field)")
+        elif name in ("show", "cancel", "release"):
+            p.add_argument("--clinic", type=_clinic_id,
+                           help="clinic id (may be left out while only one clinic is "
+                           "configured)")
+        elif name in ("dead-letters", "replay", "purge"):
+            p.add_argument("--clinic", type=_clinic_id,
+                           help="only this clinic's dead letters (default: every clinic's); "
+                           "the clinic of a BOOKING_ID, which may be left out while only "
+                           "one clinic is configured" if name != "dead-letters" else
+                           "only this clinic's dead letters (default: every clinic's)")
+        elif name in ("check", "keys", "events"):
+            p.add_argument("--clinic", type=_clinic_id, help="clinic id (check: every "
+                           "configured clinic if left out)" if name == "check" else "clinic id")
+        if name != "run":
+            p.add_argument("--json", action="store_true",
+                           help="print the machine-readable form")
     return parser
 
 
