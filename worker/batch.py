@@ -484,6 +484,23 @@ def raise_stop(exc: BaseException) -> None:
 def _check_chunk(
     docs: list[Document], catalog: Catalog, clinic: str | None, now: datetime
 ) -> CheckedChunk:
+    """Check a chunk of documents. In the main thread of the command, Ctrl-C and SIGTERM
+    are held while it runs (a chunk: a tenth of a second or so) and stop the command as it
+    returns, as `dump_json` holds them around each booking's dump (once a chunk, not two
+    system calls a booking); a checking process (`_init_worker`) gets neither as a Python
+    exception, and holds nothing."""
+    if _WORKER is not None or threading.current_thread() is not threading.main_thread():
+        return _check_docs(docs, catalog, clinic, now)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        return _check_docs(docs, catalog, clinic, now)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _check_docs(
+    docs: list[Document], catalog: Catalog, clinic: str | None, now: datetime
+) -> CheckedChunk:
     refused: list[Outcome] = []
     items: list[Accepted] = []
     keys: list[BookingKey] = []
@@ -491,7 +508,8 @@ def _check_chunk(
         checked = check_document(doc, catalog, clinic, now)
         if checked.booking is not None and checked.plan is not None:
             booking = checked.booking
-            items.append((dump_json(booking), plan_record(checked.plan)))
+            # No stop can land inside the dump (see `_check_chunk`): `dump_json` unneeded.
+            items.append((booking.model_dump_json(), plan_record(checked.plan)))
             keys.append((booking.clinic, booking.booking_id, doc.number, doc.line))
         else:
             refused.append(outcome_of(checked))
