@@ -68,17 +68,18 @@ def apply_args(prepared):
             dict(zip(counts[0::2], counts[1::2], strict=True)), contacts)
 
 
+@pytest.mark.parametrize("timeline", [True, False])  # False: as `reminders book` stores
 @pytest.mark.parametrize("release", [False, True])
 def test_a_new_booking_is_stored_as_the_general_reconcile_would_store_it(
-        redis_client, catalog, booking_doc, release):
+        redis_client, catalog, booking_doc, release, timeline):
     store = Store(redis_client, "t", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     for name, doc in variants(booking_doc, catalog).items():
         booking, p = planned(catalog, doc)
         fast_texts: dict[str, str] = {}
         slow_texts: dict[str, str] = {}
-        fast = store._prepare_new(booking, p, NOW, release, fast_texts)
+        fast = store._prepare_new(booking, p, NOW, release, fast_texts, timeline=timeline)
         slow = store._prepare_reconciled(booking, p, _Stored({}, None, {}), NOW, release,
-                                         slow_texts)
+                                         slow_texts, timeline=timeline)
         assert apply_args(fast) == apply_args(slow), name
         assert fast.timeline == slow.timeline, name
         assert fast_texts == slow_texts, name

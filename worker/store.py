@@ -2054,6 +2054,18 @@ def _stamps(when: datetime) -> tuple[str, str]:
     return hit
 
 
+# An instant's stored epoch alone (`_stamps` without the timeline's form), memoised alike.
+_EPOCHS: dict[datetime, str] = {}
+
+
+def _epoch_stamp(when: datetime) -> str:
+    """`_stamps(when)[0]`, kept in `_EPOCHS`."""
+    if len(_EPOCHS) >= 65536:
+        _EPOCHS.clear()
+    stamp = _EPOCHS[when] = _num(when.timestamp())
+    return stamp
+
+
 _KEY_PARTS: dict[str, tuple[str, str, int]] = {}
 
 
@@ -2931,6 +2943,8 @@ class Store:
         clinic sent, say). This write clears their flag, so the SMS cap stops counting them
         (as `opt_in` does for an address subscribed again). The opt-out is read unfenced,
         as the cap's own read (`_caps_read`) and the send time read it."""
+        if not stored.reminders:  # a new booking
+            return frozenset()
         keys = frozenset(k for k, r in stored.reminders.items()
                          if r.get("by_sms") == "1" and k.endswith(":email")
                          and r.get("status") in (Status.SCHEDULED, Status.RETRYING))
@@ -3195,9 +3209,15 @@ class Store:
                   "late_pause": "1" if plan.late_pause else "",
                   "ns": intern(plan.notice_steps, texts) if plan.notice_steps else ""}
         hset = [x for k, v in fields.items() if v for x in (k, v)]
-        due: list[str] = []
+        # The apply script's input as `apply_args` makes it, built here: its due entries
+        # (score, ref) and the metrics' counts per channel (scheduled, skipped).
+        zadd: list[str] = []
+        base = f"{clinic}/{booking_id}/"
+        scheduled: dict[str, int] = {}
+        skipped: dict[str, int] = {}
         entries = []
         static = self._static
+        epochs = _EPOCHS
         for r in plan.reminders:
             # What does not depend on the booking's instants is worked out once per kind of
             # reminder (a protocol has a few dozen): `_reminder_static`.
@@ -3211,14 +3231,23 @@ class Store:
             head, tail, goes_due, shown_status, reason, used = hit
             if used:
                 texts.update(used)
-            planned, due_iso = _stamps(r.due_at)
+            if timeline:
+                planned, due_iso = _stamps(r.due_at)
+            else:  # its stored epoch only
+                planned = epochs.get(r.due_at) or _epoch_stamp(r.due_at)
             if r.expires_at is not None:
-                expires, expires_iso = _stamps(r.expires_at)
+                if timeline:
+                    expires, expires_iso = _stamps(r.expires_at)
+                else:
+                    expires = epochs.get(r.expires_at) or _epoch_stamp(r.expires_at)
                 hset += [r.key, f"{head}{planned}||{expires}{tail}"]
             else:
                 hset += [r.key, f"{head}{planned}||{tail}" if tail else head + planned]
             if goes_due:
-                due += [r.key, planned]
+                zadd += [planned, base + r.key]
+                scheduled[r.channel] = scheduled.get(r.channel, 0) + 1
+            elif head[0] == "K":
+                skipped[r.channel] = skipped.get(r.channel, 0) + 1
             if timeline:
                 entry: dict[str, Any] = {
                     "id": r.key,
@@ -3247,8 +3276,15 @@ class Store:
                               "late_pause": bool(plan.late_pause), "reminders": entries}
         emits = (self._held_events(booking, 1, hold_reason, bool(plan.late_pause)) if held
                  else self._late_pause_events(booking, 1, plan.late_pause))
-        args = apply_args(clinic, booking_id, "", doc, str(keep), hset, [], due, [], [], [],
-                          emits, "", guard, fields["contacts"], {})
+        counts: list[str | int] = []
+        for what, tally in (("scheduled", scheduled), ("skipped", skipped)):
+            for channel, n in tally.items():
+                counts += [f"{what}|{clinic}|{channel}", n]
+        args: list[str | bytes] = [
+            _dumps([clinic, booking_id, "", str(keep), hset, [], zadd, emits, "",
+                    guard if guard is not None else False, counts, fields["contacts"], [],
+                    [], []]),
+            doc]
         return _Prepared(args, shown_timeline)
 
     def _stamp_of(self, now: datetime) -> str:
