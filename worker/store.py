@@ -1678,6 +1678,23 @@ keep_booking(prefix, clinic, booking_id, now + retention)
 return 1
 """
 
+# The SMS cap's first read (`Store._caps_read`), for a chunk of bookings: ARGV: the lowest
+# score (exclusive, as ZRANGEBYSCORE takes it), the limit, the number n of contact index
+# keys, those n keys, then (opt-out key, field) pairs. Returns each key's first members
+# from that score on, then 1 or 0 per pair: the field exists. What a pipeline of
+# ZRANGEBYSCOREs and HEXISTSs answered, without a reply parsed in Python per command.
+_CAPS_FIRST = """
+local since, limit, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+for j = 1, n do
+  out[j] = redis.call('ZRANGEBYSCORE', ARGV[3 + j], since, '+inf', 'LIMIT', 0, limit)
+end
+for j = 4 + n, #ARGV, 2 do
+  out[#out + 1] = redis.call('HEXISTS', ARGV[j], ARGV[j + 1])
+end
+return out
+"""
+
 # The upsert's write, for a chunk of bookings. ARGV: the prefix, the batch's earlier
 # bookings still to be written (JSON, see `stale` below), then the texts the chunk refers to
 # (a text id already taken by other words is reported, and nothing is written). Then per booking
@@ -2478,6 +2495,7 @@ class Store:
         self._revive = script(_PRELUDE + _REVIVE)
         self._opt_out = script(_PRELUDE + _OPT_OUT)
         self._apply = script(_PRELUDE + _APPLY)
+        self._caps_first = script(_CAPS_FIRST)
         self._layout_ok = False
         # text -> its id (known not to collide). Shared by the API's threads: rebuilt from
         # `list(items())`, a copy taken in one step, so another thread's insert cannot
@@ -2618,6 +2636,26 @@ class Store:
                     raise reply
             rows = [row for reply in replies for row in reply]
         return self._stored_rows(rows)
+
+    def _scripted(self, script: Any, calls: list[list[Any]]) -> list[Any]:
+        """Run a read-only `script` (no KEYS) once per argument list of `calls`: one call
+        as is, several in one pipelined round trip (the script not loaded yet: it is
+        loaded, and each call made again)."""
+        if len(calls) == 1:
+            return [script(args=calls[0])]
+        pipe = self.redis.pipeline(transaction=False)
+        for args in calls:
+            pipe.evalsha(script.sha, 0, *args)
+        replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                reply.__traceback__ = None  # a cycle through the caller's frames (`_read`)
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+            replies = [script(args=args) for args in calls]  # loads it
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def _stored_rows(self, rows: Sequence[Sequence[Any]]) -> list[_Stored]:
         """Bookings as `read_booking` (Lua) answers them: {hash, document, due scores}."""
@@ -2838,23 +2876,29 @@ class Store:
             return out
         since = f"({time.time()!r}"
         limit = self.CAPS_OTHERS_MAX + 1  # itself too
-        pipe = self.redis.pipeline(transaction=False)
-        for n in wanted:
-            booking = items[n][0]
-            phone = cast(str, booking.patient.phone)
-            pipe.zrangebyscore(self.contact_key(booking.clinic, "phone", phone), since, "+inf",
-                               start=0, num=limit)
         # The cap sends by email only to a patient who has not unsubscribed from it (as
         # dispatch `_capped`): else the email is skipped at its begin and the step lost.
         asks_email = [n for n in wanted if items[n][0].patient.email is not None
                       and "email" in items[n][0].patient.channels]
-        for n in asks_email:
-            booking = items[n][0]
-            pipe.hexists(self.optout_key(booking.clinic), "email:" + normal_contact(
-                "email", cast(str, booking.patient.email)))
-        found = pipe.execute()
-        members = [cast(list[str], m) for m in found[:len(wanted)]]
-        email = {n: not out for n, out in zip(asks_email, found[len(wanted):], strict=True)}
+        # Each patient's first members of the contact index, and the email opt-out: one
+        # script per READ_CHUNK bookings (`_CAPS_FIRST`), all in one round trip.
+        calls: list[list[Any]] = []
+        sizes: list[int] = []
+        for part in range(0, len(wanted), READ_CHUNK):  # asks_email: at most as many
+            ckeys = [self.contact_key(items[n][0].clinic, "phone",
+                                      cast(str, items[n][0].patient.phone))
+                     for n in wanted[part:part + READ_CHUNK]]
+            optouts = [x for n in asks_email[part:part + READ_CHUNK] for x in (
+                self.optout_key(items[n][0].clinic),
+                "email:" + normal_contact("email", cast(str, items[n][0].patient.email)))]
+            calls.append([since, limit, len(ckeys), *ckeys, *optouts])
+            sizes.append(len(ckeys))
+        members: list[list[str]] = []
+        exists: list[int] = []
+        for size, reply in zip(sizes, self._scripted(self._caps_first, calls), strict=True):
+            members += reply[:size]
+            exists += reply[size:]
+        email = {n: not out for n, out in zip(asks_email, exists, strict=True)}
         # More than the cap reads: the ones that expire first may be visits long past, and
         # those that share this booking's days unread (found by review). Read from the first
         # that can share them instead (CAPS_OTHERS_MAX).
