@@ -285,3 +285,30 @@ def test_booked_again_held_and_told_by_the_hold_message_then_cancelled_is_told(r
     assert len(new) == 1, ns.notices(rig.reminders())
     text = _send_one(rig, f"sk/M-1/{new[0]}")
     assert ns.names(text, again["starts_at"]) and "cancelled" in text, text
+
+
+@pytest.mark.parametrize("cancel_heard", [False, True])
+def test_a_reopen_with_no_date_to_move_from_does_not_say_moved(rig, cancel_heard):
+    """Told "see you on <5 days>"; cancelled; booked again. Its cancel notice never went
+    (503, superseded) and the visit is booked again at the same date: the patient knows
+    that date and nothing else, yet read "your visit moved to <the same date>". Its cancel
+    notice went: the patient read "cancelled", then "your visit moved to <12 days>", a
+    move from nothing they were told. The notice now says the visit is on that date."""
+    first = rig.doc(5)
+    rig.book(first)
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    if cancel_heard:
+        assert "cancel" in _send_one(rig, "sk/M-1/cancelled#1:sms")
+        again = rig.doc(12)
+    else:
+        rig.gate.status = 503
+        assert rig.send("sk/M-1/cancelled#1:sms") == "retrying"
+        rig.gate.status = 200
+        again = first
+    rig.book(again)
+    (key,) = [k for k, r in ns.notices(rig.reminders()).items()
+              if k.startswith("rescheduled#") and r["status"] == "scheduled"]
+    text = _send_one(rig, f"sk/M-1/{key}")
+    assert ns.names(text, again["starts_at"]), text
+    assert "moved" not in text and "your visit is on" in text, text
