@@ -141,7 +141,7 @@ def test_a_reopen_whose_cancel_was_never_told_names_the_date_told(rig, held):
 
 def test_held_cancel_reopen_release_move_cancel_tells_each_change_once(rig):
     """The whole round: told 5 days out, held, cancelled (told, naming 5 days), booked again
-    at 12 days (held), released (told 12 days), moved to 19 (told 19), cancelled (told 19).
+    at 12 days (held), released (told it is on 12 days), moved to 19 (told 19), cancelled (told 19).
     Each change adds exactly one notice, naming the date the patient was last told of or
     the new one; the same booking again adds nothing."""
     first, again, moved = rig.doc(5), rig.doc(12), rig.doc(19)
@@ -163,7 +163,7 @@ def test_held_cancel_reopen_release_move_cancel_tells_each_change_once(rig):
     assert rig.book(_held(rig.doc(12)))["status"] == "held"
     assert set(ns.notices(rig.reminders())) == seen
     _release(rig, _held(again))
-    one_new(again["starts_at"], "moved")
+    one_new(again["starts_at"], "is on")  # told cancelled: no date it moves from
     _release(rig, _held(again))
     assert set(ns.notices(rig.reminders())) == seen
     moved = _held(moved)

@@ -6,8 +6,11 @@ cancelled booking; the cancel): due at once, at the patient's send window's next
 claimed, fenced and sent like any other reminder. Its key is `<kind>#<seq>:<channel>`:
 
   rescheduled   the appointment moved (or a cancelled booking was booked again): the new
-                date and time; if the pause message ("stop tretinoin") had gone out, until
-                when the product may still be used (or to keep pausing)
+                date and time ("moved to" it from the date told; "is on" it when there is
+                no date to move from: booked again after a cancel the patient was told
+                of, or at the very date they know); if the pause message ("stop
+                tretinoin") had gone out, until when the product may still be used (or to
+                keep pausing)
   cancelled     the booking was cancelled: if the pause message had gone out, that the
                 product may be resumed
 
