@@ -107,11 +107,46 @@ def test_apprise_builds_its_emails_with_the_fast_classes_and_the_same_text(monke
         return re.sub(r"(?m)^(Date|Message-ID): .*$", r"\1: -", message.body)
 
     fast = prepared(3)
+    assert fast == prepared(3)  # again: the text parts' headers as kept
     monkeypatch.setattr(apprise_email, "MIMEMultipart", MIMEMultipart)
     monkeypatch.setattr(apprise_email, "MIMEText", MIMEText)
+    monkeypatch.setattr(apprise_email.NotifyEmail, "_get_charset", staticmethod(
+        apprise_email.NotifyEmail._get_charset.wrapped))  # Apprise's own
     assert fast == prepared(3)
     assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in fast
     assert 'filename="cita.ics"' in fast and "multipart/alternative" in fast
+
+
+TEXTS = ["Hola Ana,\nnos vemos pronto.", "", "ñandú, 😀 " * 40, "x" * 300 + "\r\nend ",
+         "=?utf-8?q?no?= tab\there", "Ana\udcff"]
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "iso-8859-1", "us-ascii", "euc-jp", "utf-16"])
+@pytest.mark.parametrize("subtype", ["plain", "html"])
+def test_a_text_part_is_made_as_the_stdlib_makes_it(charset, subtype):
+    """FastMIMEText's constructor (its headers kept per subtype and charset, where the
+    body encoding is quoted-printable or base64; Apprise's utf-8 is quoted-printable):
+    the same headers, payload, charset and text as MIMEText's, for the first part and the
+    next ones; a text the charset cannot take fails as it does in the stdlib."""
+    for _ in range(2):
+        for text in TEXTS:
+            try:
+                expected = MIMEText(text, subtype, charset)
+            except Exception as exc:
+                with pytest.raises(type(exc)):
+                    FastMIMEText(text, subtype, charset)
+                continue
+            made = FastMIMEText(text, subtype, charset)
+            assert made._headers == expected._headers
+            assert made._payload == expected._payload
+            assert str(made.get_charset()) == str(expected.get_charset())
+            assert made.as_string() == expected.as_string()
+
+
+def test_apprise_asks_the_charset_of_a_header_value_with_the_same_answers():
+    get_charset = apprise_email.NotifyEmail._get_charset
+    for value in ["", "Glow Skin Clinic", SUBJECT, "Zoë", "😀", "\x7f", "\x80"]:
+        assert get_charset(value) == get_charset.wrapped(value)
 
 
 @pytest.mark.parametrize("value", [
