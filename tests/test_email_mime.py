@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import re
+import string
 import sys
 from email.header import Header
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.policy import Compat32
 from typing import Any
 
 import pytest
@@ -81,11 +83,33 @@ def test_a_boundary_found_in_the_text_is_changed_as_the_stdlib_changes_it():
 def test_the_header_cache_stays_bounded(monkeypatch):
     monkeypatch.setattr(email_mime, "FOLD_CACHE_SIZE", 5)
     email_mime._folded.clear()
-    for i in range(20):
-        message = FastMIMEText("x", "plain", "utf-8")
-        message["Subject"] = f"subject {i}"
-        assert f"Subject: subject {i}\n" in message.as_string()
+    for i in range(20):  # a subject to fold (not ASCII): through the cache
+        message, expected = FastMIMEText("x", "plain", "utf-8"), MIMEText("x", "plain", "utf-8")
+        message["Subject"] = expected["Subject"] = f"sujet ñ {i}"
+        assert message.as_string() == expected.as_string()
     assert 0 < len(email_mime._folded) <= 5
+
+
+def test_a_plain_header_is_written_as_compat32_writes_it():
+    """A header that is one line of printable ASCII is written without compat32's fold
+    (`email_mime._plain`): the same line, for texts of every kind of space and sign."""
+    rng = random.Random(7)
+    signs = string.ascii_letters + string.digits + string.punctuation + "    \t"
+    unfolded = Compat32().clone(max_line_length=0)
+    plain = 0
+    for _ in range(20_000):
+        text = "".join(rng.choice(signs) for _ in range(rng.randint(0, 30)))
+        for value in (text, Header(text, None), Header(text, "us-ascii")):
+            written = email_mime._plain(value)
+            if written is not None:
+                plain += 1
+                assert f"X-Name: {written}\n" == unfolded.fold("X-Name", value)
+    assert plain > 20_000  # most are plain
+    two = Header("a", None)
+    two.append("b", "utf-8")
+    for value in ["ñ", " lead", "trail ", "tab\there", "two\nlines", Header("ñ", "utf-8"),
+                  two, ""]:
+        assert email_mime._plain(value) is None
 
 
 def test_apprise_builds_its_emails_with_the_fast_classes_and_the_same_text(monkeypatch):

@@ -15,6 +15,9 @@ work whose result does not depend on the message (about a third of `as_string`):
   The folded text of a compat32 header is a function of the header's name and value (its
   text and charsets, for a `Header`) and the policy's line separator and maximum line
   length; for the headers of FOLD_CACHED it is kept (at most FOLD_CACHE_SIZE of them).
+  And a header that is one line of printable ASCII (To, Date, Message-ID, a
+  List-Unsubscribe link: most of those that differ per message) is written as compat32
+  writes it when not folding, without `Header.encode` (`_plain`).
 
 Header injection: Python's fix for CVE-2024-6923 (3.11.10+, and Debian's 3.11 builds) has
 the stdlib Generator refuse a folded header that does not end with the line separator or
@@ -116,6 +119,33 @@ def _fold_key(policy: Compat32, name: str, value: Any) -> tuple[Any, ...] | None
     return None
 
 
+def _plain(value: Any) -> str | None:
+    """The text of a header value compat32 writes as it is when not folding (a line
+    length of 0, as `as_string()` has it): one ASCII text, printable characters only (no
+    line break, no tab), not starting or ending with a space; None for any other value.
+
+    compat32 folds each header through `Header.encode`, which splits the text at its
+    spaces and joins the pieces again; for such a text on one line, the text itself
+    (tests/test_email_mime.py compares the two). Most of a message's headers that differ
+    from message to message (To, Date, Message-ID, List-Unsubscribe) are such texts."""
+    if type(value) is str:
+        text = value
+    elif type(value) is Header:
+        state: Any = value  # (attributes of Header that typeshed does not list)
+        chunks = state._chunks
+        if len(chunks) != 1 or str(chunks[0][1]) != "us-ascii":
+            return None
+        text = chunks[0][0]
+        if type(text) is not str:
+            return None
+    else:
+        return None
+    if text and text.isascii() and text.isprintable() and text[0] != " " \
+            and text[-1] != " ":
+        return text
+    return None
+
+
 class FastGenerator(Generator):
     """The stdlib Generator, with the boundary check and header folding described above."""
 
@@ -139,7 +169,13 @@ class FastGenerator(Generator):
         if type(policy) is not Compat32:
             super()._write_headers(msg)  # type: ignore[misc]  # untyped in typeshed
             return
+        unfolded = not policy.max_line_length  # as Apprise writes (`as_string()`)
         for name, value in msg.raw_items():
+            if unfolded:
+                text = _plain(value)
+                if text is not None and len(name) + 2 + len(text) <= MAX_LINE:
+                    self.write(f"{name}: {text}{policy.linesep}")  # compat32's fold of it
+                    continue
             key = _fold_key(policy, name, value)
             folded = _folded.get(key) if key is not None else None
             if folded is None:
