@@ -120,3 +120,29 @@ def test_outside_a_send_requests_is_untouched(recorder: Recorder) -> None:
                              timeout=5).status_code == 200
     ports = [port for port, _ in recorder.lines]
     assert len(ports) == 2 and ports[0] != ports[1]  # a new session, a new connection each
+
+
+def test_a_send_leaves_the_services_url_out_of_apprises_result(
+        recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apprise renders a service's whole URL (and hashes it) for each result; delivery
+    reads only the result's status, so during a send the result gets the schema alone.
+    Outside a send Apprise's metadata is as ever."""
+    from apprise import dispatch
+    from apprise.plugins.custom_json import NotifyJSON
+
+    rendered: list[bool] = []
+    own_url = NotifyJSON.url
+
+    def counted(self: NotifyJSON, *args: object, **kwargs: object) -> str:
+        rendered.append(True)
+        return own_url(self, *args, **kwargs)
+
+    monkeypatch.setattr(NotifyJSON, "url", counted)
+    url = f"json://127.0.0.1:{recorder.port}/sms?:to=%2B34600111222"
+    assert send_apprise(url, SMS, 5) == "sent through Apprise"
+    assert rendered == [] and len(recorder.lines) == 1
+
+    (service,) = delivery.load_services(url)
+    name, shown, url_id, _, weight = dispatch.service_metadata(service)
+    assert shown.startswith(f"json://127.0.0.1:{recorder.port}/sms") and url_id
+    assert rendered == [True] and weight == 1 and name == service.service_name
