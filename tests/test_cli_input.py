@@ -175,6 +175,25 @@ def test_plan_names_the_line_of_each_refused_booking_and_plans_the_rest(booking_
     assert [t["booking_id"] for t in json.loads(done.stdout)] == ["G-1"]
 
 
+def test_plan_refuses_a_booking_given_twice_as_book_does(booking_doc):
+    # plan, the dry run, said a file was fine (exit 0, two timelines for A-1042) that book
+    # then refused whole for its line 3 repeating line 1's booking.
+    data = (line(booking_doc) + line(dict(booking_doc, booking_id="A-2")) + line(booking_doc)
+            + line(dict(booking_doc, clinic="demo")))
+    done = reminders("plan", "--now", "2026-11-21T12:00:00Z", "--json", "-", stdin=data)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.decode() == (
+        "line 3 (A-1042) refused:\n  booking_id: appears earlier in this input (line 1, "
+        "clinic 'glow'): give each booking once\n")
+    planned = [(t["clinic"], t["booking_id"]) for t in json.loads(done.stdout)]
+    assert planned == [("glow", "A-1042"), ("glow", "A-2"), ("demo", "A-1042")]
+    as_array = json.dumps([booking_doc, booking_doc]).encode()
+    done = reminders("plan", "--now", "2026-11-21T12:00:00Z", "-", stdin=as_array)
+    assert done.returncode == 1
+    assert "booking 2 (A-1042) refused:\n  booking_id: appears earlier in this input " \
+        "(booking 1, clinic 'glow')" in done.stderr.decode()
+
+
 def test_plan_now_outside_the_years_is_a_usage_error():
     done = reminders("plan", "--now", "9999-12-31T23:00:00-05:00", "examples/booking.json",
                      stdin=b"")
