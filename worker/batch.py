@@ -644,10 +644,15 @@ class SeenBookings:
             first = ids.setdefault(booking_id, where)
             if first != where:
                 kind = "booking" if line is None else "line"
-                refusals.append(Outcome(number, line, printable(booking_id, 64), errors=[
-                    ("booking_id", f"appears earlier in this input ({kind} {first}, clinic "
-                                   f"{clinic!r}): give each booking once")]))
+                refusals.append(Outcome(number, line, printable(booking_id, 64),
+                                        errors=[given_before(kind, first, clinic)]))
         return refusals
+
+
+def given_before(kind: str, first: int, clinic: str) -> tuple[str, str]:
+    """The refusal of a booking given again in one input (`book` and `plan` alike)."""
+    return ("booking_id", f"appears earlier in this input ({kind} {first}, clinic "
+                          f"{clinic!r}): give each booking once")
 
 
 def chunk_refusals(chunk: CheckedChunk, seen: SeenBookings) -> list[Outcome]:

@@ -43,6 +43,7 @@ from .batch import (
     check_document,
     chunk_refusals,
     decode,
+    given_before,
     print_refusal,
     progress_on,
     quiet_gc,
@@ -51,7 +52,7 @@ from .batch import (
     refusal_heading,
 )
 from .catalog import Catalog
-from .errors import ConfigError, NotFound
+from .errors import BookingRejected, ConfigError, NotFound
 from .logs import scrub
 from .models import YEARS
 from .nudge import due_soon
@@ -91,10 +92,19 @@ def plan_files(args: argparse.Namespace, settings: Settings) -> int:
     source = read_documents(args.file)
     now = args.now or datetime.now(UTC)
     status, out = EXIT_OK, []
+    # A booking given twice is refused at its second, as `book` refuses it (SeenBookings).
+    first: dict[tuple[str, str], int] = {}
     for doc in source.documents:
         checked = check_document(doc, catalog, args.clinic, now)
         if checked.unreadable is not None:
             raise UsageError(f"{args.file}: {checked.unreadable}")
+        if checked.booking is not None:
+            where = checked.number if checked.line is None else checked.line
+            seen = first.setdefault((checked.booking.clinic, checked.booking.booking_id), where)
+            if seen != where:
+                kind = "booking" if checked.line is None else "line"
+                checked = Checked(checked.number, checked.line, checked.label, refused=(
+                    BookingRejected([given_before(kind, seen, checked.booking.clinic)])))
         if checked.booking is None or checked.plan is None:
             print_refusal(checked, source.single)
             status = EXIT_REFUSED
