@@ -90,3 +90,13 @@ def test_try_it_says_when_the_demo_messages_reach_the_outbox(catalog):
     assert f"a minute before the visit, which the demo booking puts {ahead:g} seconds" in said
     assert f"{-steps['stop-retinoids'].offset.total_seconds():g}" == "60"
     assert "late_pause" in said and last <= 120 and "within the next two minutes" in said
+
+
+def test_each_metric_observe_names_is_defined_where_it_says():
+    # "all defined in worker/metrics.py" while the API's two live in worker/api/metrics.py.
+    section = re.search(r"## Observe: metrics, health, logs\n(.*?)\n## ", README, flags=re.S)[1]
+    files = set(re.findall(r"`(worker/[a-z_/]*metrics\.py)`", section))
+    source = "".join((ROOT / f).read_text(encoding="utf-8") for f in files)
+    for metric in sorted(set(re.findall(r"\breminders_[a-z_]+", section))):
+        name = metric.removesuffix("_total")
+        assert f'"{name}"' in source or f'"{metric}"' in source, (metric, sorted(files))
