@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -100,3 +101,18 @@ def test_each_metric_observe_names_is_defined_where_it_says():
     for metric in sorted(set(re.findall(r"\breminders_[a-z_]+", section))):
         name = metric.removesuffix("_total")
         assert f'"{name}"' in source or f'"{metric}"' in source, (metric, sorted(files))
+
+
+def test_the_plan_json_fields_are_the_readmes():
+    said = re.search(r"`--json` prints the machine form:\n`(\{.*?\})` with UTC", README,
+                     flags=re.S)[1]
+    top, inner = re.fullmatch(r'\{(.*), "reminders":\s*\[\{(.*)\}\]\}', " ".join(said.split()),
+                              flags=re.S).groups()
+    done = subprocess.run([str(BIN / "reminders"), "plan", "--json", "--now",
+                           "2026-11-21T12:00:00Z", "examples/booking.json"], cwd=ROOT,
+                          env={k: v for k, v in os.environ.items()
+                               if not k.startswith("REMINDERS_")},
+                          capture_output=True, text=True, timeout=60, check=True)
+    timeline = json.loads(done.stdout)
+    assert list(timeline) == [*re.findall(r'"(\w+)"', top), "reminders"]
+    assert {tuple(r) for r in timeline["reminders"]} == {tuple(re.findall(r'"(\w+)"', inner))}
