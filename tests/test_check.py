@@ -566,3 +566,22 @@ def test_a_step_time_written_as_a_number_is_an_error(copy: Path, value: str) -> 
     assert (f"{protocol}: steps.1.time: {value} is not a time of day: write it "
             "as \"HH:MM\" in quotes, e.g. time = \"18:00\" in step 'stop-retinoids'"
             ) in result.stderr
+
+
+def test_a_protocol_lacking_advice_its_messages_read_is_named(copy: Path) -> None:
+    # config/protocols/README.md's own example as a new protocol: its stop-retinoids step's
+    # messages read advice.retinoid_pause_min_days, which its [advice] lacks. check named
+    # only the template and "'worker.rendering.Advice object' has no attribute ...": with
+    # five protocols using that template, not which file to fix.
+    text = (ROOT / "config/protocols/README.md").read_text(encoding="utf-8")
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    protocol = copy / "config" / "protocols" / "newone.toml"
+    protocol.write_text(example, encoding="utf-8")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert "worker.rendering" not in result.stderr and "Advice object" not in result.stderr
+    assert (f"{protocol}: advice.retinoid_pause_min_days: not defined, and the messages of "
+            "step 'stop-retinoids' read it (template stop-retinoids)") in result.stderr
+    others = [line for line in result.stderr.splitlines() if "configuration error" in line
+              and "newone.toml" not in line]
+    assert others == [], others
