@@ -330,7 +330,8 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
         ConfigError(clinics_dir / f"{c.id}.toml", problem)
         for c in clinics if c.webhook and (problem := webhook_url_problem(c.webhook.url))]
     if not errors:  # rendering a missing or broken file would only repeat those errors
-        render_errors, report.sms, claims, too_long = _render_all(renderer, catalog, clinics)
+        render_errors, report.sms, claims, too_long = _render_all(renderer, catalog, clinics,
+                                                                  protocols_dir)
         errors += render_errors
         errors += [_clinic_sms_error(clinics_dir, catalog.clinics[c], s)
                    for c, s in sorted(too_long.items())]
@@ -714,7 +715,7 @@ def _unused_templates(renderer: Renderer, catalog: Catalog) -> list[str]:
 
 
 def _render_all(
-    renderer: Renderer, catalog: Catalog, clinics: list[Clinic],
+    renderer: Renderer, catalog: Catalog, clinics: list[Clinic], protocols_dir: Path,
 ) -> tuple[list[ConfigError], list[SmsSample], dict[tuple[str, str], set[str]],
            dict[str, SmsSample]]:
     """Render every template for every clinic, locale, wording and sample first name.
@@ -779,11 +780,30 @@ def _render_all(
                     if message.channel == "sms":
                         keep(clinic, template, locale, discreet, message.text)
             except ConfigError as exc:
-                errors.append(exc)
+                errors.append(_advice_undefined(exc, protocol, protocols_dir) or exc)
             except Exception as exc:  # a template's own Python error ({{ 1 / 0 }}): its file
                 errors.append(ConfigError(_template_frame(exc, catalog.templates_dir),
                                           f"{type(exc).__name__}: {exc}"))
     return errors, [worst[k] for k in sorted(worst)], claims, too_long
+
+
+_ADVICE_UNDEFINED = re.compile(r"'[\w.]*Advice object' has no attribute '(?P<key>\w+)'")
+
+
+def _advice_undefined(exc: ConfigError, protocol: Protocol,
+                      protocols_dir: Path) -> ConfigError | None:
+    """A message reading an advice key its protocol lacks: an error of the protocol's file,
+    naming the key and the step (Jinja's own words name a Python class and the template,
+    which several protocols may share)."""
+    found = _ADVICE_UNDEFINED.search(exc.problem)
+    if found is None:
+        return None
+    template = Path(str(exc.path).rsplit(":", 1)[0]).name.split(".", 1)[0]
+    steps = [s.id for s in protocol.steps if s.template == template]
+    reader = (f"the messages of step {steps[0]!r} read it (template {template})" if steps
+              else f"template {template} reads it")
+    return ConfigError(protocols_dir / f"{protocol.id}.toml",
+                       f"advice.{found['key']}: not defined, and {reader}")
 
 
 def _template_frame(exc: Exception, templates_dir: Path) -> str:
