@@ -58,3 +58,18 @@ def test_help_says_what_clinic_defaults_to(command, tmp_path):
     text = reminders(command, "--help", env=cli_env("redis://127.0.0.1:1/0", tmp_path)).stdout
     assert "booking's own" not in text, text
     assert "--clinic" in text
+
+
+def test_help_names_settings_and_roles_as_the_readme_does(tmp_path):
+    # `events --help` named the setting by its Python name (webhook_max_attempts), which no
+    # one can set; `health --help` left out --role api, which the README's table lists.
+    env = cli_env("redis://127.0.0.1:1/0", tmp_path)
+    top = reminders("--help", env=env).stdout
+    events = reminders("events", "--help", env=env).stdout
+    health = reminders("health", "--help", env=env).stdout
+    for text in (top, events):
+        assert "REMINDERS_WEBHOOK_MAX_ATTEMPTS" in " ".join(text.split())
+        assert "webhook_max_attempts" not in text
+    for text in (top, health):
+        description = " ".join(text.split("options:")[0].split())
+        assert "--role api" in description, description
