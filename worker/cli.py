@@ -882,7 +882,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "purge": (cmd_purge, "remove dead letters without sending them"),
     "events": (
         cmd_events,
-        "clinic events (webhooks, alerts) given up after webhook_max_attempts: "
+        "clinic events (webhooks, alerts) given up after REMINDERS_WEBHOOK_MAX_ATTEMPTS: "
         "`events dead` lists them, `events replay ev:ID|BOOKING_ID|--all` sends them again",
     ),
     "stats": (cmd_stats, "how many bookings and reminders are kept, and where they are"),
@@ -890,7 +890,8 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "health": (
         cmd_health,
         "liveness for a Docker healthcheck: the pump's heartbeat (--role worker) or beat's "
-        "last tick (--role beat) is fresh; exit 0 healthy, 1 not",
+        "last tick (--role beat) is fresh; --role api: Redis takes writes too; exit 0 "
+        "healthy, 1 not",
     ),
     "migrate": (
         cmd_migrate,
