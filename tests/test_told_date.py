@@ -353,3 +353,44 @@ def test_unsubscribed_from_email_a_move_told_by_email_goes_by_sms(rig, when):
         "rescheduled#1:email"]
     (body,) = rig.gate.bodies[before:]
     assert body["to"] == "+34600111222" and ns.names(body["message"], moved["starts_at"]), body
+
+
+@pytest.mark.parametrize("change", ["cancel", "move"])
+def test_an_email_only_patient_told_the_date_by_the_prep_email_hears_of_the_change(rig, change):
+    """The confirmation (the invite) failed for good (the provider refused it: a dead
+    letter), then the prep email went: "Your microneedling ... is in 3 days (<date>) at
+    14:30", no invite. The clinic cancels or moves the visit: the patient, told the date by
+    email only, is told of the change by email (before, only an email carrying the invite,
+    the hold email or the pause message counted, and nobody told them: they came on the
+    old day)."""
+    first = rig.doc(5, channels=("email",))
+    rig.book(first)
+    rig.gate.status = 400
+    assert rig.send("sk/M-1/booking-confirmation:email") == "failed"
+    rig.gate.status = 200
+    before = len(rig.gate.bodies)
+    assert rig.send("sk/M-1/prep:email") == "sent"
+    (prep,) = rig.gate.bodies[before:]
+    day = datetime.fromisoformat(first["starts_at"]).astimezone(ns.TZ).date()
+    assert f"{day.day} {day:%b}" in prep["title"], prep
+    moved = rig.doc(12, channels=("email",))
+    if change == "cancel":
+        rig.store.cancel("sk", "M-1", datetime.now(UTC))
+        key, said = "cancelled#1:email", first["starts_at"]
+    else:
+        rig.book(moved)
+        key, said = "rescheduled#1:email", moved["starts_at"]
+    shown = rig.reminders()
+    assert set(ns.notices(shown)) == {key}, shown
+    before = len(rig.gate.bodies)
+    assert rig.send(f"sk/M-1/{key}") == "sent"
+    (body,) = rig.gate.bodies[before:]
+    told = datetime.fromisoformat(said).astimezone(ns.TZ).date()
+    assert f"{told.day} {told:%b}" in body["title"], body
+    word = "cancelled" if change == "cancel" else "moved"
+    assert word in body["title"] + body["message"], body
+    shown = rig.reminders()
+    assert shown[key]["status"] == "sent", shown[key]
+    assert shown["booking-confirmation:email"]["status"] == "failed"
+    assert shown["prep:email"]["status"] == "sent"
+    assert rig.store.redis.zscore(rig.store.dead_key, "sk/M-1/booking-confirmation:email")
