@@ -308,7 +308,8 @@ def test_not_again_when_its_new_time_has_passed(rig):
     assert sorted(k for k in shown if k.startswith("again-")) == ["again-day-before#1:sms"]
     assert shown["prep:email"]["status"] == "sent"
     assert shown["again-day-before#1:sms"]["due_at"] == madrid(moved["starts_at"], -1, 10)
-    assert set(notices(shown)) == {"rescheduled#1:sms"}  # told the date by SMS only
+    # told the date by the prep email and the day-before SMS: told of the move on both
+    assert set(notices(shown)) == {"rescheduled#1:sms", "rescheduled#1:email"}
 
 
 def test_an_email_before_the_visit_goes_again_but_not_the_confirmation(rig):

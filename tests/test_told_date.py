@@ -391,6 +391,12 @@ def test_an_email_only_patient_told_the_date_by_the_prep_email_hears_of_the_chan
     assert word in body["title"] + body["message"], body
     shown = rig.reminders()
     assert shown[key]["status"] == "sent", shown[key]
-    assert shown["booking-confirmation:email"]["status"] == "failed"
     assert shown["prep:email"]["status"] == "sent"
-    assert rig.store.redis.zscore(rig.store.dead_key, "sk/M-1/booking-confirmation:email")
+    # the dead letter goes with the booking it was for: cancelled with it, or re-planned by
+    # the move (a correction of the booking), never left to replay for the old date
+    assert shown["booking-confirmation:email"]["status"] == (
+        "cancelled" if change == "cancel" else "scheduled")
+    assert rig.store.redis.zscore(
+        rig.store.dead_key, "sk/M-1/booking-confirmation:email") is None
+    # the refused confirmation, the prep email and the notice: nothing else reached the sink
+    assert len(rig.gate.bodies) == 3, [b["title"] for b in rig.gate.bodies]

@@ -39,12 +39,17 @@ and cancel): the notice's email carries the invite update (METHOD:REQUEST) or ca
 
 Only when something went out: by email if an email carrying the invite went out (a
 confirmation, a day-before email, an earlier notice), or the hold email (it names the date;
-a booking held from the start has no invite), or the pause message went out by email; by
-SMS if the pause message went out by SMS, or if the patient was told the date by SMS: any
-SMS planned before the visit's start as it was before the change (an email step that went
-by SMS, flag "s", counts as an SMS). In the shipped protocols every SMS before the
-visit names its date (the hold notice, stop-retinoids, day-before; a confirmation, welcome
-or prep sent by SMS to a patient without email or unsubscribed from it), so a patient who
+a booking held from the start has no invite), or the pause message went out by email, or
+the patient was told the date by email: any email planned before the visit's start as it
+was before the change, as for SMS below (the prep email names the date and carries no
+invite: an email-only patient whose confirmation failed, told only by it, hears of the
+change too); by SMS if the pause message went out by SMS, or if the patient was told the
+date by SMS: any SMS planned before the visit's start as it was before the change (an
+email step that went by SMS, flag "s", counts as an SMS). In the shipped protocols every
+email before the visit names its date (confirmation, welcome, stop-retinoids, prep, a
+day-before by email), and so does every SMS before the visit (the hold notice,
+stop-retinoids, day-before; a confirmation, welcome or prep sent by SMS to a patient
+without email or unsubscribed from it), so a patient who
 only had "see you tomorrow at 10:00" by SMS hears of the move or cancel by SMS too. The one
 that does not name it, a tretinoin night text on the consultation's own day, can precede
 the visit only for a consultation after 19:30: counted all the same (a needless notice is
@@ -160,12 +165,13 @@ def what_went_out(
     records: Mapping[str, Record], notice_steps: str, before: float | None = None,
     planned_for: float | None = None,
 ) -> tuple[set[str], bool, bool]:
-    """Return (the channels the pause message went out on, whether an invite went out by
-    email, whether an SMS naming the visit went out).
+    """Return (the channels the pause message went out on, whether an email naming the visit
+    went out: one carrying the invite, the hold email or any planned before the visit,
+    whether an SMS naming the visit went out).
 
     `notice_steps`: the protocol's pause and invite steps (`Protocol.notice_steps()`);
     `before`: the visit's start (epoch seconds) as the patient may have been told it, before
-    the change: an SMS planned before it told the date (see the module docstring).
+    the change: an SMS or email planned before it told the date (see the module docstring).
     `planned_for`: the start of the visit the stored plan is for (the stored document's),
     when it differs from `before` (cancelled or held after a move the patient was not
     told of): a reminder not recorded as sent (being sent, or one a move rescheduled while
@@ -183,15 +189,15 @@ def what_went_out(
         channel = sent_by(key, record)
         if step in (pause, REPAUSE_STEP):
             paused.add(channel)
-        if channel == "email" and (
-                step in invite_steps or (step == HOLD_NOTICE_STEP and notice_steps)):
-            invited = True  # (the hold email names the date, as an invite does)
         planned = float(record.get("planned_epoch") or "inf")
-        if channel == "sms" and notice_steps and (
-                step in NOTICE_STEPS
-                or (before is not None and planned < before)
-                or (planned_for is not None and record.get("status") != Status.SENT
-                    and planned < planned_for)):
+        ahead = bool(notice_steps) and (
+            (before is not None and planned < before)
+            or (planned_for is not None and record.get("status") != Status.SENT
+                and planned < planned_for))  # planned before the visit: it named the date
+        if channel == "email" and (
+                step in invite_steps or (step == HOLD_NOTICE_STEP and notice_steps) or ahead):
+            invited = True  # (the hold email and a prep email name the date, as an invite does)
+        if channel == "sms" and notice_steps and (step in NOTICE_STEPS or ahead):
             texted = True
     return paused, invited, texted
 
