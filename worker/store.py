@@ -3751,13 +3751,16 @@ class Store:
         # channel withdrawn): nothing more goes, told complete as the finish tells it. Not
         # while an attempt it overtakes is at work (at the provider: it may still deliver):
         # that attempt's finish tells it, as STOP leaves a reminder in flight to its attempt.
+        # Also one an earlier change took off `sending` (a move rescheduled it: `flying`)
+        # while its attempt is still at work: any pending one is looked at, not only those
+        # stored as `sending`.
         if (result.status == Status.SCHEDULED and "completed_told" not in booking_fields
                 and any(r.get("status") in PENDING for r in stored.reminders.values())
                 and not any(r.get("status") in PENDING for r in reminders.values())
                 and "booking.completed" in self._hooks(clinic).split()
                 and not self._in_flight(clinic, booking_id, [
                     k for k, r in stored.reminders.items()
-                    if r.get("status") == Status.SENDING])):
+                    if r.get("status") in PENDING])):
             hset += ["completed_told", "1"]
             booking_fields["completed_told"] = "1"
             emits.append(["webhook", "booking.completed",
