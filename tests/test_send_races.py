@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -454,6 +454,67 @@ def test_replay_obeys_the_send_time_rules(rig):
     (claim,) = rig.store.claim_due(10, 8)
     assert send_claimed(rig.ctx, PREP, claim.version, claim.claim) == "skipped"
     assert len(rig.gate.bodies) == 1  # only the first, refused attempt
+
+
+def test_replays_racing_a_dead_letter_of_unknown_outcome_send_it_once_its_ledger_expires(rig):
+    """The last attempt the budget allows is still held at the gateway when the client gives
+    up (unknown outcome): dead-lettered, its ledger kept (the provider may have it). Two
+    replays race (two `reminders replay`, or the CLI and POST /v1/dead-letters/replay): one
+    puts it back. Two workers given its claim then find that attempt in flight and requeue it
+    (nothing reaches the gateway); once its ledger has expired it goes, once: at most the
+    one retry an unknown outcome already allows, never a third copy."""
+    ctx = replace(rig.ctx, settings=rig.ctx.settings.model_copy(update={"max_attempts": 1}))
+    rig.book(rig.booking())
+    claim = rig.claim_now(PREP)
+    first: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: first.update(
+        outcome=send_claimed(ctx, PREP, claim.version, claim.claim)))
+    thread.start()
+    assert rig.gate.arrived.wait(10)
+    rig.gate.answer(None)  # holds the request past the client's timeout
+    thread.join(20)
+    assert first["outcome"] == "failed"
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "failed" and s["dead"] is not None, s
+    assert s["ledger"] not in (None, "sent") and s["ledger_ttl"] > 0, s  # may be delivered
+    results: list[list[str]] = []
+    start = threading.Barrier(2)
+
+    def replay() -> None:
+        start.wait()
+        results.append(rig.store.replay([PREP], datetime.now(UTC)))
+
+    racers = [threading.Thread(target=replay) for _ in range(2)]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join(10)
+    assert sorted(results) == [[], [PREP]], results
+    claim = rig.claim_now(PREP)
+    outcomes: list[str] = []
+    workers = [threading.Thread(target=lambda: outcomes.append(
+        send_claimed(ctx, PREP, claim.version, claim.claim))) for _ in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(20)
+    assert len(outcomes) == 2 and "requeued" in outcomes and all(
+        o.startswith(("requeued", "dropped")) for o in outcomes), outcomes
+    assert len(rig.gate.bodies) == 1  # nothing more reached the gateway
+    s = rig.state(PREP)
+    assert s["record"]["status"] in ("scheduled", "retrying") and s["dead"] is None, s
+    assert s["due"] is not None and s["due"] > time.time(), s  # after the ledger expires
+    rig.store.redis.pexpire(rig.store.ledger_key(PREP), 1)  # its time passes
+    time.sleep(0.05)
+    rig.gate.answer(200)
+    claim = rig.claim_now(PREP)
+    assert send_claimed(ctx, PREP, claim.version, claim.claim) == "sent"
+    claim_again = rig.store.claim_due(10, 8)
+    assert [c for c in claim_again if c.ref == PREP] == []
+    assert len(rig.gate.bodies) == 2  # the held one and its one retry
+    s = rig.state(PREP)
+    assert s["record"]["status"] == "sent" and s["ledger"] == "sent", s
+    assert (s["due"], s["lease"], s["dead"]) == (None, None, None), s
 
 
 # --- Redis unreachable when the provider has accepted ------------------------------------------
