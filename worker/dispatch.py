@@ -9,6 +9,7 @@ outage obey them too. Outcomes:
   permanent  (or out of attempts) dead-lettered with the reason
   unknown    (a timeout, a connection broken after the hand-over) the ledger is kept
              until it expires and the reminder retried only after: never two live attempts
+             (out of attempts: dead-lettered, the ledger kept all the same: a replay waits)
 Every finish is fenced by version, claim and token in one Lua script (store.py).
 
 The SMS cap at send time (`_capped`). An SMS whose time moves at send time onto another
@@ -930,7 +931,8 @@ def _failed(
         # Fenced by the booking version it was sent from (a correction landing meanwhile
         # puts it back), unless it may have been delivered: its ledger must stay then.
         final = replace(attempt, booking="") if exc.unknown else attempt
-        result = durably(lambda: store.finish_failed(ref, final, reason, entry), deadline, ref)
+        result = durably(lambda: store.finish_failed(ref, final, reason, entry,
+                                                     maybe_sent=exc.unknown), deadline, ref)
         log.warning("send %s: %s; %s", ref, reason,
                     "dead-lettered" if result == "ok" else f"not dead-lettered ({result})")
         return "failed"

@@ -935,7 +935,11 @@ local overtaken = false  -- a skip, defer or failure for a booking changed since
 -- email that carries this SMS's step instead (with its reason; `email_goes`: the SMS's
 -- reason should the step's email copy go after all); `tried`: a retry turned into a skip
 -- (the attempt was made: it stays counted).
+-- `maybe_sent`: a failure (out of attempts) whose last attempt's outcome is unknown: it may
+-- have reached the provider, so its ledger stays until it expires, as an unknown outcome's
+-- does: a replay of the dead letter waits for it ("in flight"), never sent beside it.
 local guard, by_email, email_reason, email_goes, tried = nil, nil, '', '', false
+local maybe_sent = false
 for i = 19, #ARGV, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
   if name == 'booking' and (outcome == 'skip' or outcome == 'defer' or outcome == 'failed')
@@ -948,6 +952,7 @@ for i = 19, #ARGV, 2 do
   elseif name == 'email_reason' then email_reason = value
   elseif name == 'email_goes' then email_goes = value
   elseif name == 'tried' then tried = true
+  elseif name == 'maybe_sent' then maybe_sent = true
   end
 end
 if current and not overtaken and guard
@@ -962,7 +967,8 @@ local function set_fields()
     elseif name == 'last_error' then a[A_ERR] = value
     elseif name == 'sent_at' then a[A_SENT] = value
     elseif name == 'booking' or name == 'caps' or name == 'by_email' or name == 'tried'
-        or name == 'email_reason' or name == 'email_goes' then  -- read above
+        or name == 'email_reason' or name == 'email_goes' or name == 'maybe_sent' then
+      -- read above
     else error('finish: unknown field ' .. name) end
   end
 end
@@ -1026,7 +1032,7 @@ elseif current then
     end
     redis.call('ZADD', due_key, at, ref)
   elseif outcome == 'failed' then
-    if owner then redis.call('DEL', lkey) end
+    if owner and not maybe_sent then redis.call('DEL', lkey) end
     r[R_ST] = ST_FAILED
     redis.call('ZADD', dead_key, now, ref)
   elseif outcome == 'skip' then
@@ -1060,7 +1066,7 @@ elseif current then
 else
   -- Overtaken by the clinic's change or by another claim: only the log changes. An unknown
   -- outcome keeps the ledger until it expires, whoever owns the reminder now.
-  if owner and outcome ~= 'unknown' then redis.call('DEL', lkey) end
+  if owner and outcome ~= 'unknown' and not maybe_sent then redis.call('DEL', lkey) end
   -- Out of the plan (a change kept its lease for this attempt's end: `_LEFT`): ended here.
   if not is_pending(status) then redis.call('ZREM', lease_key, ref) end
   result = 'stale'
@@ -4302,11 +4308,15 @@ class Store:
         )
 
     def finish_failed(
-        self, ref: str, attempt: Attempt, reason: str, entry: dict[str, Any] | None = None
+        self, ref: str, attempt: Attempt, reason: str, entry: dict[str, Any] | None = None,
+        *, maybe_sent: bool = False,
     ) -> str:
+        """`maybe_sent`: the last attempt's outcome is unknown (it may have reached the
+        provider): its ledger stays until it expires, so a replay waits for it."""
         return self.finish(
-            ref, attempt, "failed", fields={"reason": reason, "last_error": reason}, entry=entry
-        )
+            ref, attempt, "failed", fields={"reason": reason, "last_error": reason,
+                                            **({"maybe_sent": "1"} if maybe_sent else {})},
+            entry=entry)
 
     def finish_defer(
         self,
