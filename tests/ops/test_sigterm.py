@@ -411,6 +411,45 @@ def test_sigterm_with_redis_down_ends_within_the_grace_period(
     assert "senders: stopping with Redis unreachable" in log, log[-3000:]
 
 
+def test_sigterm_then_redis_dies_mid_stop_still_ends_within_the_grace_period(
+        service: Service, gateway: Gateway, redis_server, redis_client) -> None:
+    """Redis dies DURING a warm stop (the fault drill: SIGTERM, Redis SIGKILLed seconds
+    later): two sends parked at the gateway when the SIGTERM comes, accepted by it once
+    Redis is gone, so their records wait on Redis. The worker still ends within its grace
+    period and a few seconds (README "Operate"): what it could not record is brought back
+    by its lease and ledger, as after a SIGKILL. (The stop went on to deregister its
+    senders in Redis, waiting out the client's retries, ~40 s, past the grace: Docker's
+    SIGKILL then cut it mid-drain.)"""
+    # Longer than the drain's wait for a pump run caught by the outage (10 s from the
+    # stop's start, worker/tasks.py PUMP_RUN_WAIT_SECONDS): the grace is what is measured.
+    grace = 8.0
+    service.configure(REMINDERS_LEASE_SECONDS="60", REMINDERS_SEND_TIMEOUT_SECONDS="20",
+                      REMINDERS_SEND_MAX_WAIT_SECONDS="40",
+                      REMINDERS_SHUTDOWN_GRACE_SECONDS=str(grace))
+    worker = service.worker(concurrency=1)
+    service.beat(worker=worker)
+    service.book(*[booking(n, "onesms") for n in (1, 2)])
+    assert gateway.parked.acquire(timeout=15) and gateway.parked.acquire(timeout=15), \
+        "the two sends never reached the gateway"
+    assert redis_server.process is not None
+    stopped = sigterm(worker)
+    try:
+        wait_until(lambda: b"Warm shutdown" in worker.log_path.read_bytes(), 5)
+        time.sleep(1.5)  # the pool process is draining: its senders' sends still parked
+        redis_server.process.kill()
+        redis_server.process.wait()
+        gateway.release()  # accepted now: recording them needs the Redis that is gone
+        status = wait_exit(worker, grace + 60)
+        took = time.time() - stopped
+    finally:
+        redis_server.start()
+    log = worker.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+    # The grace, the cut's wait for the records (2 s), the last report's (1 s), the exit:
+    # within the compose file's stop grace (30 s) at the default grace (20 s).
+    assert status == 0 and took < grace + 8, (took, status, log[-3000:])
+    print(f"SIGTERM -> exit {took:.1f}s (grace {grace:g}s; Redis killed during the stop)")
+
+
 def test_the_main_process_drains_without_importing_the_send_path(redis_server) -> None:
     """The prefork pool's main process has no senders: its warm shutdown does not import
     the send path (Apprise, Jinja2, about 450 modules, half a second or more) to find none."""
