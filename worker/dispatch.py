@@ -988,6 +988,7 @@ CUT = "cut: outcome unknown"
 # before it; it is given the grace, and at least this long (a grace of 0).
 HAND_BACK_WAIT_SECONDS = 3.0
 CUT_WAIT_SECONDS = 2.0  # after a cut, how long to wait for attempts recording their outcome
+LAST_REPORT_WAIT_SECONDS = 1.0  # a stop's last report to the pump, once its grace is spent
 WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks
 FLUSH_INTERVAL = 0.1  # seconds between reports of settled claims to the pump's counts
 REGISTER_EVERY = 2.0  # seconds between refreshes of this process's senders for the pump
@@ -1360,9 +1361,12 @@ class Lanes:
         worker's profile): found so once, at the hand-back of the queued claims (one round
         trip, tried during the grace period, given the grace or HAND_BACK_WAIT_SECONDS,
         whichever is longer) or at a cut's record, and not tried again one claim or cut
-        after the other, so the stop ends within the grace and CUT_WAIT_SECONDS:
-        what could not be handed back or recorded is brought back by its lease (and ledger),
-        as after a SIGKILL, which a stop taking minutes would have ended in anyway.
+        after the other; Redis gone during the stop (after the hand-back found it up): the
+        last report to the pump (and the owed hand-backs) is given what is left of the grace
+        or LAST_REPORT_WAIT_SECONDS. So the stop ends within the grace, CUT_WAIT_SECONDS and
+        LAST_REPORT_WAIT_SECONDS: what could not be handed back or recorded is brought back
+        by its lease (and ledger), as after a SIGKILL, which a stop taking minutes would
+        have ended in anyway.
         """
         with self._lock:
             self._closing = True
@@ -1396,10 +1400,31 @@ class Lanes:
                         "ledger expires)%s", grace or 0, cut,
                         f"; {len(running)} still recording" if running else "")
         self._stop.set()
-        # Redis unreachable (past the client's retries) at this shutdown: each more try
-        # waits those retries out again (~45 s with the worker's profile), past the
-        # container's stop grace period (then SIGKILL). The claims owed are left to their
-        # lease, the pump's counts expire on their own (REGISTER_TTL), as after a SIGKILL.
+        # The last report, the owed hand-backs and leaving the pump's count: in a thread of
+        # its own, given what is left of the grace period or LAST_REPORT_WAIT_SECONDS,
+        # whichever is longer. Redis may have died during the stop, after the hand-back
+        # above found it up (a fault drill killed it seconds into the stop): each of
+        # these then waits out the client's retries (~45 s with the worker's profile), past
+        # the container's stop grace period (then SIGKILL mid-drain). What it could not do
+        # is left as after a SIGKILL: the claims owed to their lease, the pump's counts
+        # and this registration expire on their own (REGISTER_TTL).
+        last = threading.Thread(target=self._last_report, args=(pools,), name="send-report",
+                                daemon=True)
+        last.start()
+        last.join(None if grace is None else
+                  max(LAST_REPORT_WAIT_SECONDS, began + grace - time.monotonic()))
+        if last.is_alive():
+            self._unreachable.set()
+            log.warning("senders: stopping with Redis unreachable: the last report to the "
+                        "pump not made; the claims not begun that it owes (%d) are left to "
+                        "their lease", len(self._owed))
+        if not running:
+            smtp_sessions.close()
+
+    def _last_report(self, pools: dict[str, ThreadPoolExecutor]) -> None:
+        """Report to the pump, hand back the claims owed, and leave the pump's count (`close`).
+        Redis found unreachable (past the client's retries) at this shutdown: not tried, each
+        try another wait through those retries."""
         if not self._unreachable.is_set() and not self.flush():
             self._unreachable.set()
         if not self._unreachable.is_set():
@@ -1408,8 +1433,6 @@ class Lanes:
         elif self._owed:
             log.warning("senders: stopping with Redis unreachable: %d claim(s) not begun "
                         "left to their lease", len(self._owed))
-        if not running:
-            smtp_sessions.close()
 
     def _deregister(self, pools: dict[str, ThreadPoolExecutor]) -> None:
         with contextlib.suppress(redis.RedisError):
