@@ -153,3 +153,44 @@ def test_a_move_and_back_ending_the_reminder_at_the_gateway_waits_for_it(
     assert rig.state(STOP)["due"] is None and rig.state(STOP)["lease"] is None
     assert len(rig.gate.bodies) == 2
     assert rig.store.redis.hget(rig.store.booking_key("rc", "R-1"), "completed_told") == "1"
+
+
+def test_the_moved_attempt_ending_between_the_changes_read_and_write_tells_it_once(
+        rig, receiver):
+    """As above, but the stop SMS's attempt ends (the gateway refuses it for now: the
+    attempt, overtaken, writes nothing of its own) after the second change has read the
+    booking and before its write lands: the finish still sees the stop SMS to go and tells
+    nothing; the write must then tell it, once (before, it read the attempt as at work
+    before the write and told nothing either: booking.completed never came)."""
+    doc = rig.booking()
+    rig.book(doc)
+    rig.gate.answer(200)
+    assert send(rig, PREP) == "sent"
+    rig.gate.reset()
+    thread, result = rig.park(STOP)
+    moved = doc | {"starts_at": (datetime.fromisoformat(doc["starts_at"])
+                                 + timedelta(days=1)).isoformat()}
+    rig.book(moved)
+    real = rig.store._apply
+    landed: list[str] = []
+
+    def finish_landing(*args, **kwargs):
+        if not landed:  # the attempt ends between the change's read and its write
+            rig.gate.answer(503)
+            thread.join(20)
+            landed.append(result["outcome"])
+        return real(*args, **kwargs)
+
+    rig.store._apply = finish_landing  # type: ignore[method-assign]
+    timeline = _stop_tretinoin(rig, doc)
+    rig.store._apply = real  # type: ignore[method-assign]
+    assert landed and not thread.is_alive()
+    shown = {r["id"]: r["status"] for r in timeline["reminders"]}
+    assert shown["stop:sms"] == "cancelled" and shown["again-prep#1:sms"] == "cancelled", shown
+    got = delivered(rig, receiver)
+    assert [e["type"] for e in got] == ["reminder.sent", "booking.completed"], got
+    assert rig.state(STOP)["record"]["status"] == "cancelled", result
+    assert rig.state(STOP)["due"] is None and rig.state(STOP)["lease"] is None
+    assert rig.state(STOP)["ledger"] is None
+    assert len(rig.gate.bodies) == 2  # the prep SMS and the refused stop SMS
+    assert rig.store.redis.hget(rig.store.booking_key("rc", "R-1"), "completed_told") == "1"
