@@ -1753,6 +1753,13 @@ local function refs(keys, base)
   for j, k in ipairs(keys) do out[j] = base .. '/' .. k end
   return out
 end
+-- An attempt still at work on `ref`: its ledger holds a token its log has no finish of.
+local function at_work(prefix, ref)
+  local ledger = redis.call('GET', prefix .. ':ledger:' .. ref)
+  if not ledger or ledger == 'sent' then return false end
+  local last = redis.call('LINDEX', prefix .. ':a:' .. ref, -1)
+  return not last or cjson.decode(last)['tok'] ~= ledger
+end
 local out = {'ok'}
 local tally = {}  -- metrics: "<what>|<clinic>|<channel>" -> count, one HINCRBY each at the end
 -- Bookings ("<clinic>/<booking id>") to be written after this one, in a later round: those
@@ -1824,7 +1831,19 @@ while i <= #ARGV do
       if #rm_due > 0 then redis.call('ZREM', due_key, unpack(refs(rm_due, base))) end
       if #rm_lease > 0 then redis.call('ZREM', lease_key, unpack(refs(rm_lease, base))) end
       if #rm_dead > 0 then redis.call('ZREM', dead_key, unpack(refs(rm_dead, base))) end
-      for _, e in ipairs(emits) do emit_event(prefix, clinic, e[1], e[2], e[3]) end
+      for _, e in ipairs(emits) do
+        if e[1] == 'completed' then
+          -- booking.completed, unless an attempt on one of these keys is still at work (its
+          -- finish tells it): read here, with the write (Store._prepare_reconciled).
+          local busy = false
+          for _, k in ipairs(e[3]) do
+            if at_work(prefix, base .. '/' .. k) then busy = true end
+          end
+          if not busy then tell_completed(prefix, clinic, booking_id, bkey, e[2]) end
+        else
+          emit_event(prefix, clinic, e[1], e[2], e[3])
+        end
+      end
       if unindex ~= '' then unindex_booking(prefix, clinic, booking_id, unindex) end
       -- Metrics (worker/metrics.py): reminders put into the schedule (new, moved or
       -- re-opened) and reminders the plan skips, counted for the whole script (`tally`).
@@ -3759,19 +3778,17 @@ class Store:
         # that attempt's finish tells it, as STOP leaves a reminder in flight to its attempt.
         # Also one an earlier change took off `sending` (a move rescheduled it: `flying`)
         # while its attempt is still at work: any pending one is looked at, not only those
-        # stored as `sending`.
+        # stored as `sending`. Read by the write itself (`_APPLY`, "completed"), atomically
+        # with it: read here, an attempt ending between the read and the write (overtaken,
+        # it rewrites nothing the write's check would see) would find the reminder still
+        # to go and tell nothing, and the write nothing either.
         if (result.status == Status.SCHEDULED and "completed_told" not in booking_fields
                 and any(r.get("status") in PENDING for r in stored.reminders.values())
                 and not any(r.get("status") in PENDING for r in reminders.values())
-                and "booking.completed" in self._hooks(clinic).split()
-                and not self._in_flight(clinic, booking_id, [
-                    k for k, r in stored.reminders.items()
-                    if r.get("status") in PENDING])):
-            hset += ["completed_told", "1"]
-            booking_fields["completed_told"] = "1"
-            emits.append(["webhook", "booking.completed",
-                          {"booking_id": booking_id, "version": version,
-                           "late_pause": bool(late)}])
+                and "booking.completed" in self._hooks(clinic).split()):
+            emits.append(["completed", "booking.completed",
+                          [k for k, r in stored.reminders.items()
+                           if r.get("status") in PENDING]])
         unindex = " ".join(sorted(set(had.split()) - set(contacts.split())))
         args = apply_args(clinic, booking_id, check, doc if changed_doc else "", keep, hset,
                           hdel, due, rm_due, rm_lease, rm_dead, emits, unindex, guard, contacts,
@@ -3787,8 +3804,9 @@ class Store:
 
     def _in_flight(self, clinic: str, booking_id: str, keys: list[str]) -> bool:
         """Whether an attempt begun on one of `keys` is still at work: the send ledger holds
-        its token and the attempt log has no finish of it yet (read unfenced: its begin and
-        its finish both change the booking's hash, which the upsert's write checks)."""
+        its token and the attempt log has no finish of it yet (read unfenced). The upsert's
+        write reads the same within itself (`_APPLY`'s `at_work`): an overtaken attempt's
+        finish changes nothing in the booking's hash that the write's check would see."""
         return bool(self._in_flight_keys(clinic, booking_id, keys))
 
     def _in_flight_keys(self, clinic: str, booking_id: str, keys: list[str]) -> set[str]:
