@@ -411,15 +411,17 @@ def test_sigterm_with_redis_down_ends_within_the_grace_period(
     assert "senders: stopping with Redis unreachable" in log, log[-3000:]
 
 
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "still-parked"])
 def test_sigterm_then_redis_dies_mid_stop_still_ends_within_the_grace_period(
-        service: Service, gateway: Gateway, redis_server, redis_client) -> None:
+        service: Service, gateway: Gateway, redis_server, redis_client, accepted: bool) -> None:
     """Redis dies DURING a warm stop (the fault drill: SIGTERM, Redis SIGKILLed seconds
     later): two sends parked at the gateway when the SIGTERM comes, accepted by it once
-    Redis is gone, so their records wait on Redis. The worker still ends within its grace
-    period and a few seconds (README "Operate"): what it could not record is brought back
-    by its lease and ledger, as after a SIGKILL. (The stop went on to deregister its
-    senders in Redis, waiting out the client's retries, ~40 s, past the grace: Docker's
-    SIGKILL then cut it mid-drain.)"""
+    Redis is gone, so their records wait on Redis, or still parked when the grace ends, so
+    they are cut and their records (unknown outcome) wait on Redis. The worker still ends
+    within its grace period and a few seconds (README "Operate"): what it could not record
+    is brought back by its lease and ledger, as after a SIGKILL. (The stop went on to
+    deregister its senders in Redis, or to record the first cut send, waiting out the
+    client's retries, ~40 s, past the grace: Docker's SIGKILL then cut it mid-drain.)"""
     # Longer than the drain's wait for a pump run caught by the outage (10 s from the
     # stop's start, worker/tasks.py PUMP_RUN_WAIT_SECONDS): the grace is what is measured.
     grace = 8.0
@@ -438,10 +440,12 @@ def test_sigterm_then_redis_dies_mid_stop_still_ends_within_the_grace_period(
         time.sleep(1.5)  # the pool process is draining: its senders' sends still parked
         redis_server.process.kill()
         redis_server.process.wait()
-        gateway.release()  # accepted now: recording them needs the Redis that is gone
+        if accepted:
+            gateway.release()  # accepted now: recording them needs the Redis that is gone
         status = wait_exit(worker, grace + 60)
         took = time.time() - stopped
     finally:
+        gateway.release()
         redis_server.start()
     log = worker.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
     # The grace, the cut's wait for the records (2 s), the last report's (1 s), the exit:
