@@ -1107,6 +1107,7 @@ class Lanes:
         self._owed_next = 0.0  # time.monotonic() of the next try
         self._owing = threading.Lock()  # the flusher's tries one at a time (`close`'s: any time)
         self._flusher: threading.Thread | None = None
+        self._recording: threading.Thread | None = None  # the cut sends' records (`_cut`)
         self._stop = threading.Event()
 
     def stopping(self) -> bool:
@@ -1362,8 +1363,9 @@ class Lanes:
         trip, tried during the grace period, given the grace or HAND_BACK_WAIT_SECONDS,
         whichever is longer) or at a cut's record, and not tried again one claim or cut
         after the other; Redis gone during the stop (after the hand-back found it up): the
-        last report to the pump (and the owed hand-backs) is given what is left of the grace
-        or LAST_REPORT_WAIT_SECONDS. So the stop ends within the grace, CUT_WAIT_SECONDS and
+        records of the sends cut are given CUT_WAIT_SECONDS (in a thread of their own), the
+        last report to the pump (and the owed hand-backs) what is left of the grace or
+        LAST_REPORT_WAIT_SECONDS. So the stop ends within the grace, CUT_WAIT_SECONDS and
         LAST_REPORT_WAIT_SECONDS: what could not be handed back or recorded is brought back
         by its lease (and ledger), as after a SIGKILL, which a stop taking minutes would
         have ended in anyway.
@@ -1393,8 +1395,16 @@ class Lanes:
             log.warning("senders: stopping with Redis unreachable: the claims not begun are "
                         "left to their lease")
         if running:
+            cut_began = time.monotonic()
             cut = self._cut()
             _, running = wait(running, timeout=CUT_WAIT_SECONDS)
+            recording = self._recording
+            if recording is not None:
+                recording.join(max(0.0, cut_began + CUT_WAIT_SECONDS - time.monotonic()))
+                if recording.is_alive():  # waiting through the client's retries
+                    self._unreachable.set()
+                    log.warning("senders: stopping with Redis unreachable: the sends cut are "
+                                "left to their lease and ledger")
             log.warning("senders: stopped after the %gs grace period: %d send(s) cut while "
                         "handing over (recorded as of unknown outcome: tried again once their "
                         "ledger expires)%s", grace or 0, cut,
@@ -1482,10 +1492,24 @@ class Lanes:
                      "schedule", handed, len(cancelled))
 
     def _cut(self) -> int:
-        """Record the attempts still handing over as of unknown outcome; return how many."""
+        """Cut the attempts still handing over, and record them as of unknown outcome in a
+        thread of its own, one after the other; return how many. Redis gone during the stop
+        (after the hand-back found it up): the first record waits out the client's retries
+        (~45 s), past the container's stop grace; the caller's wait for the recording
+        (CUT_WAIT_SECONDS) bounds it, and what is not recorded then is brought back by its
+        lease and ledger, as after a SIGKILL."""
         with self._lock:
             handing = list(self._handing.values())
-        return sum(1 for h in handing if h.cut())
+        cut = [h for h in handing if h.mark_cut()]
+        if cut:
+            self._recording = threading.Thread(target=self._record_cuts, args=(cut,),
+                                               name="send-cut", daemon=True)
+            self._recording.start()
+        return len(cut)
+
+    def _record_cuts(self, cut: list[HandingOver]) -> None:
+        for handing in cut:
+            handing.record_cut()
 
 
 class HandingOver:
@@ -1513,13 +1537,17 @@ class HandingOver:
         self._leave()
         return True
 
-    def cut(self) -> bool:
-        """Cut the attempt unless it has settled: record it as of unknown outcome."""
+    def mark_cut(self) -> bool:
+        """Cut the attempt unless it has settled (no round trip); `record_cut` records it."""
         with self._lock:
             if self._state != "handing over":
                 return False
             self._state = "cut"
         self._leave()
+        return True
+
+    def record_cut(self) -> None:
+        """Record the attempt cut (`mark_cut`) as of unknown outcome."""
         entry = self.entry | {"error": CUT_REASON,
                               "seconds": round(time.monotonic() - self.started, 3)}
         unreachable = self.lanes._unreachable
@@ -1538,7 +1566,6 @@ class HandingOver:
                     self.ref, CUT_REASON, result)
         # Settled for the pump's count too (the attempt's thread never reports it).
         self.lanes._settle(channel_of(self.ref), f"{self.attempt.claim}@{self.ref}", None)
-        return True
 
 
 def start_margin(settings: Settings) -> float:
