@@ -103,7 +103,7 @@ def test_a_stored_night_text_found_after_the_windows_close_is_skipped_not_sent_t
 
 
 def test_every_sms_fits_one_gsm7_segment_for_a_spanish_speaking_patient_of_a_us_clinic(
-        catalog):
+        catalog, repo_settings):
     """DOMAIN.md: an SMS is one GSM-7 segment (160). A US clinic's Spanish-speaking patient
     reads the es templates in the es_US variant ("12:30 p.m.", "100.4F"): every template
     (each protocol, each wording, the longest names, the change notices) must still fit."""
@@ -112,7 +112,8 @@ def test_every_sms_fits_one_gsm7_segment_for_a_spanish_speaking_patient_of_a_us_
 
     us = catalog.clinics["glow"].model_copy(update={
         "timezone": "America/New_York", "locale": "en-US", "phone": "+12125550100"})
-    errors, samples, _, _ = _render_all(Renderer(catalog.templates_dir), catalog, [us])
+    errors, samples, _, _ = _render_all(Renderer(catalog.templates_dir), catalog, [us],
+                                        repo_settings.protocols_dir)
     assert errors == []
     over = [(s.template, s.locale, s.discreet, s.length, s.text) for s in samples
             if s.segments != 1 or s.encoding != "GSM-7"]

@@ -1138,6 +1138,7 @@ DOING = {
 }
 _PIPELINED = re.compile(r"Command # \d+ \(([A-Za-z][A-Za-z._-]{0,30})[ )]")
 _CODE = re.compile(r"[A-Z][A-Z_-]{1,30}")
+_IN_SCRIPT = re.compile(r" script: [0-9a-f]{40}, on @user_script:\d+\.?$")
 
 
 def redis_failure(exc: Exception, command: str) -> str:
@@ -1155,6 +1156,8 @@ def redis_failure(exc: Exception, command: str) -> str:
     if _CODE.fullmatch(code):
         what += f" {code}"
     at = f" at {found.group(1).upper()}" if found else ""
+    if _IN_SCRIPT.search(text):  # Redis 7 ends an error raised inside a script so
+        at += " in one of its Lua scripts"
     from .health import acl_denied, error_detail  # only on this failure
 
     if acl_denied(exc):  # what to grant, named safely (never the user or the message)
