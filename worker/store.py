@@ -221,6 +221,14 @@ local function redis_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+-- An attempt still at work on `ref` (<clinic>/<booking id>/<key>): its send ledger holds
+-- a token its attempt log has no finish of (Store._in_flight_keys reads the same).
+local function at_work(prefix, ref)
+  local ledger = redis.call('GET', prefix .. ':ledger:' .. ref)
+  if not ledger or ledger == 'sent' then return false end
+  local last = redis.call('LINDEX', prefix .. ':a:' .. ref, -1)
+  return not last or cjson.decode(last)['tok'] ~= ledger
+end
 -- Slots of a reminder's field (<key>) and of its attempt field (<key>+).
 local R_ST, R_VER, R_PLAN, R_DUE, R_EXP, R_NOTE, R_TPL, R_FLAGS, R_WHY = 1, 2, 3, 4, 5, 6, 7, 8, 9
 local A_CLAIM, A_TRIES, A_TOK, A_SENT, A_SENTV, A_ERR = 1, 2, 3, 4, 5, 6
@@ -1345,12 +1353,6 @@ local flat = redis.call('HGETALL', bkey)
 -- is one put back in the schedule while its attempt is still at work (claimed again past
 -- its lease, the new claim found the ledger held): its version is that attempt's, unless
 -- a move since rescheduled it (the booking's `flying` has that one, read first).
-local function at_work(ref)
-  local ledger = redis.call('GET', prefix .. ':ledger:' .. ref)
-  if not ledger or ledger == 'sent' then return false end
-  local last = redis.call('LINDEX', prefix .. ':a:' .. ref, -1)
-  return not last or cjson.decode(last)['tok'] ~= ledger
-end
 local gone = redis.call('HGET', bkey, 'gone') or ''
 local noted = gone
 for i = 1, #flat, 2 do
@@ -1359,7 +1361,7 @@ for i = 1, #flat, 2 do
     local r = split(flat[i + 1], 9)
     local st = STATUS_OF[r[R_ST]]
     if (st == ST_SENDING or (is_pending(st)
-        and at_work(clinic .. '/' .. booking_id .. '/' .. key))) and not string.find(
+        and at_work(prefix, clinic .. '/' .. booking_id .. '/' .. key))) and not string.find(
         ' ' .. gone .. ' ', ' ' .. key .. '@' .. r[R_VER] .. ' ', 1, true) then
       noted = noted .. (noted == '' and '' or ' ') .. key .. '@' .. r[R_VER]
     end
@@ -1596,13 +1598,8 @@ local first = redis.call('HSET', optkey, field, why)
 if first == 1 then redis.call('HSETNX', told_key, ARGV[9], '0') end  -- to be told
 -- An attempt still at work on `ref` (its ledger holds the token, its log has no finish of
 -- it): one a change took off `sending` (a move rescheduled it) is left to it as one being
--- sent is, so it is counted and told once, sent or skipped (`Store._in_flight`).
-local function at_work(ref)
-  local ledger = redis.call('GET', prefix .. ':ledger:' .. ref)
-  if not ledger or ledger == 'sent' then return false end
-  local last = redis.call('LINDEX', prefix .. ':a:' .. ref, -1)
-  return not last or cjson.decode(last)['tok'] ~= ledger
-end
+-- sent is, so it is counted and told once, sent or skipped (`Store._in_flight`;
+-- `at_work` of the prelude).
 local skipped, touched = 0, {}
 for n = 11, #ARGV do
   local booking_id = ARGV[n]
@@ -1619,7 +1616,7 @@ for n = 11, #ARGV do
         local fallback = channel == 'email' and is_critical(critical, doc_table, key, bkey, prefix)
           and allows(optkey, doc_table, patient, 'sms', norms)
         if is_pending(r[R_ST]) and r[R_ST] ~= ST_SENDING and not fallback
-            and not at_work(base .. '/' .. key) then
+            and not at_work(prefix, base .. '/' .. key) then
           local ref = base .. '/' .. key
           r[R_ST] = ST_SKIPPED
           r[R_WHY] = inline('opted_out: ' .. why)
@@ -1752,13 +1749,6 @@ local function refs(keys, base)
   local out = {}
   for j, k in ipairs(keys) do out[j] = base .. '/' .. k end
   return out
-end
--- An attempt still at work on `ref`: its ledger holds a token its log has no finish of.
-local function at_work(prefix, ref)
-  local ledger = redis.call('GET', prefix .. ':ledger:' .. ref)
-  if not ledger or ledger == 'sent' then return false end
-  local last = redis.call('LINDEX', prefix .. ':a:' .. ref, -1)
-  return not last or cjson.decode(last)['tok'] ~= ledger
 end
 local out = {'ok'}
 local tally = {}  -- metrics: "<what>|<clinic>|<channel>" -> count, one HINCRBY each at the end
@@ -3805,8 +3795,9 @@ class Store:
     def _in_flight(self, clinic: str, booking_id: str, keys: list[str]) -> bool:
         """Whether an attempt begun on one of `keys` is still at work: the send ledger holds
         its token and the attempt log has no finish of it yet (read unfenced). The upsert's
-        write reads the same within itself (`_APPLY`'s `at_work`): an overtaken attempt's
-        finish changes nothing in the booking's hash that the write's check would see."""
+        write reads the same within itself (`_PRELUDE`'s `at_work`, in `_APPLY`): an
+        overtaken attempt's finish changes nothing in the booking's hash that the write's
+        check would see."""
         return bool(self._in_flight_keys(clinic, booking_id, keys))
 
     def _in_flight_keys(self, clinic: str, booking_id: str, keys: list[str]) -> set[str]:
