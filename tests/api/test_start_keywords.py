@@ -78,3 +78,32 @@ def test_an_opted_out_patient_asking_for_the_texts_back_gets_them(server, tw, bo
     assert store.opted_out("tw", "sms", ANA) is None
     back = [r for r in reminders(tw, "A-1").values() if r["channel"] == "sms"]
     assert back and all(r["status"] == "scheduled" for r in back), back
+
+
+@pytest.mark.parametrize("body", ["YES", "yes", " Yes \n"])
+def test_yes_from_an_opted_out_number_opts_it_in_as_twilio_does(server, tw, body):
+    """Real HTTP: STOP, then "YES". Twilio's own STOP filtering (on by default for the
+    clinic's long code) takes START, YES and UNSTOP as opt-in keywords: it unblocks the
+    number and tells the patient "You have successfully been re-subscribed". YES was a
+    confirm here: the number stayed opted out, no answer came from us, and every SMS after
+    it was skipped while the patient had been told texts were back on."""
+    book(tw, "A-1")
+    message_of(text(server, "STOP"))
+    store = server.app.state.services.store
+    assert store.opted_out("tw", "sms", ANA) is not None
+    answer = message_of(text(server, body))
+    assert answer == reply_text(server.settings.templates_dir, "en", "start",
+                                server.app.state.services.catalog.clinics["tw"])
+    assert store.opted_out("tw", "sms", ANA) is None
+    back = [r for r in reminders(tw, "A-1").values() if r["channel"] == "sms"]
+    assert back and all(r["status"] == "scheduled" for r in back), back
+    # An opt-in, not a confirmation of the visit.
+    assert not tw.get("/v1/bookings/A-1").json().get("confirmed_at")
+
+
+@pytest.mark.parametrize("body", ["YES", "Yes, see you then"])
+def test_yes_from_a_number_not_opted_out_still_confirms(server, tw, body):
+    book(tw, "A-1")
+    answer = message_of(text(server, body))
+    assert answer and "confirmed" in answer
+    assert tw.get("/v1/bookings/A-1").json()["confirmed_at"]
