@@ -101,7 +101,9 @@ In this order:
   confirm     the text begins with a word of CONFIRM_WORDS ("C", "Confirm", "Sí, confirmo");
               the single letter only alone. Not a question ("Yes?": unknown), and not a
               visit the patient cannot keep or wants changed ("Yes I can't make it", "Si
-              pero no puedo ir", "Yes, I need to change the time": change).
+              pero no puedo ir", "Yes, I need to change the time": change). "YES" alone
+              from an opted-out number is an opt-in (the route asks `provider_opt_in`):
+              the SMS provider re-subscribes the number on it.
   reschedule  the text begins with a word of RESCHEDULE_WORDS ("R", "Reschedule please",
               "Cambiar"); the single letter only alone.
   clarify     any other text holding a stop word: "see you at the end of the week",
@@ -210,6 +212,13 @@ HELP_WORDS = frozenset({"HELP", "INFO", "AYUDA", "INFORMACION"})
 CONFIRM_WORDS = frozenset({"C", "CONFIRM", "CONFIRMED", "YES", "SI", "CONFIRMO", "CONFIRMAR",
                            "CONFIRMADO"})
 RESCHEDULE_WORDS = frozenset({"R", "RESCHEDULE", "CHANGE", "CAMBIAR", "CAMBIO", "REPROGRAMAR"})
+# The SMS provider's own opt-in keywords: Twilio's STOP filtering, on by default for a long
+# code, unblocks a number that texts one of these alone (case and surrounding white space
+# ignored) and tells it "You have successfully been re-subscribed" (Twilio's error 23002
+# page: "Users who reply START, YES, or UNSTOP should be removed from your STOP
+# blocklist"). YES is a confirm word; from an opted-out number it is this opt-in
+# (`provider_opt_in`), so our record agrees with what the patient was told.
+PROVIDER_START_WORDS = frozenset({"START", "YES", "UNSTOP"})
 _SINGLE_LETTERS = frozenset({"C", "R"})
 _NOT_WORD = re.compile(r"[^A-Z0-9]+")
 
@@ -576,6 +585,12 @@ def classify(body: str) -> Intent:
     if STOP_WORDS.intersection(words):
         return "clarify"
     return "unknown"
+
+
+def provider_opt_in(body: str) -> bool:
+    """Whether the SMS provider itself opts the sender back in on this text: one of
+    PROVIDER_START_WORDS alone, in any case, white space around it ("YES", " yes\n")."""
+    return body.strip().upper() in PROVIDER_START_WORDS
 
 
 # --- the SMS provider's signature ------------------------------------------------------

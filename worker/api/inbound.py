@@ -28,7 +28,10 @@ Spanish), and the answer goes back as TwiML in the response, so the provider sen
               (and answered its confirmation) leaves START unanswered.
   help        the clinic's name, phone, and how to stop (answered even when opted out).
   confirm     the number's next visit is confirmed: `confirmed_at` on its timeline and a
-              `patient.replied` event (reply "confirm").
+              `patient.replied` event (reply "confirm"). "YES" alone from an opted-out
+              number is a start instead: Twilio's STOP filtering opts the number in on
+              START, YES and UNSTOP and tells the patient so (worker/optout.py
+              `provider_opt_in`).
   reschedule  the clinic is asked to call: `call_requested_at` on the timeline, a
               `patient.replied` event (reply "reschedule") and an email to the clinic.
   change      "cancel" or "cambiar" in a sentence ("Can I cancel Tuesday?"): as reschedule,
@@ -89,6 +92,7 @@ from ..optout import (
     classify,
     first,
     form_pairs,
+    provider_opt_in,
     twilio_valid,
 )
 from ..rendering import Renderer
@@ -225,6 +229,10 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
         return reply_text(templates, locale, what, clinic, **values)
 
     opted_out = store.opted_out(clinic.id, "sms", phone) is not None
+    if opted_out and intent == "confirm" and provider_opt_in(body):
+        # "YES" alone: Twilio's own STOP filtering has just unblocked the number and told
+        # the patient they are re-subscribed; a confirm here would leave every SMS skipped.
+        intent = "start"
     if intent == "stop":
         # Read before the opt-out: a START that opted the number in and failed before it
         # told the clinic leaves "opted out" told, and this STOP has nothing to tell.
