@@ -530,8 +530,13 @@ end
 -- Once a scheduled booking has no reminder left to send (none scheduled, sending or
 -- retrying), tell the clinic booking.completed, once (`completed_told`; a step that gives
 -- it reminders to send again clears that, so it is told again once those are done). Every
--- step that ends a reminder calls it: the finish, the begin's opt-out skip, STOP's skips.
-local function tell_completed(prefix, clinic, booking_id, bkey, hooks)
+-- step that ends a reminder calls it: the finish, the begin's opt-out skip, STOP's skips,
+-- a change's write. A reminder a change took out of the plan while its attempt is still at
+-- work (`at_work`: at its provider, it may yet deliver) still counts as going: that
+-- attempt's finish tells it (so the clinic never hears reminder.sent after the booking's
+-- end). `own`: the key whose attempt is ending in this step (the finish, before its log
+-- line is written; the begin of a lost worker's task again; `_LEFT`, which looked).
+local function tell_completed(prefix, clinic, booking_id, bkey, hooks, own)
   if not wants(hooks, 'booking.completed') then return end
   local flat = redis.call('HGETALL', bkey)
   local open, status_b, told = false, nil, false
@@ -542,6 +547,14 @@ local function tell_completed(prefix, clinic, booking_id, bkey, hooks)
     elseif is_reminder(f) and is_pending(STATUS_OF[string.sub(v, 1, 1)]) then open = true end
   end
   if not open and not told and status_b == ST_SCHEDULED then
+    local base = clinic .. '/' .. booking_id .. '/'
+    for i = 1, #flat, 2 do
+      local f = flat[i]
+      if f ~= own and is_reminder(f) and STATUS_OF[string.sub(flat[i + 1], 1, 1)] ~= ST_SENT
+          and at_work(prefix, base .. f) then
+        return
+      end
+    end
     redis.call('HSET', bkey, 'completed_told', '1')
     local b = redis.call('HMGET', bkey, 'version', 'late_pause')
     emit_event(prefix, clinic, 'webhook', 'booking.completed',
@@ -628,7 +641,7 @@ end
 redis.call('ZREM', lease_key, ref)
 if r then
   local clinic, booking_id = parse_ref(ref)
-  tell_completed(prefix, clinic, booking_id, bkey, hooks)
+  tell_completed(prefix, clinic, booking_id, bkey, hooks, key)
 end
 return 'settled'
 """
@@ -700,7 +713,7 @@ if r[R_VER] ~= version then
     -- and that attempt never finished (its worker died; this is its task again): its
     -- end may be the booking's.
     local clinic, booking_id = parse_ref(ref)
-    tell_completed(prefix, clinic, booking_id, bkey, hooks)
+    tell_completed(prefix, clinic, booking_id, bkey, hooks, key)
   end
   drop_untold_hold(bkey, nil)  -- claimed as the hold was written, not begun: nothing sent
   return 'version moved'
@@ -774,7 +787,7 @@ if redis.call('EXISTS', optkey) == 1 then
            reason = why})
       end
       -- The last one to go, maybe (a STOP left it to this attempt): told complete.
-      tell_completed(prefix, clinic, booking_id, bkey, hooks)
+      tell_completed(prefix, clinic, booking_id, bkey, hooks, key)
       return carried and 'carried by its own sms' or 'opted out'
     end
   end
@@ -1123,7 +1136,7 @@ if event and wants(hooks, event) then
 end
 -- Overtaken (a change took the reminder out of the plan while this attempt was at work,
 -- and told nothing then: `Store._in_flight`): this attempt's end may be the booking's.
-if event or result == 'stale' then tell_completed(prefix, clinic, booking_id, bkey, hooks) end
+if event or result == 'stale' then tell_completed(prefix, clinic, booking_id, bkey, hooks, key) end
 local line = cjson.decode(entry)
 if overtaken then line['outcome'] = 'abandoned' end
 line['result'] = result
