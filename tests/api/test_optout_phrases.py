@@ -120,6 +120,14 @@ OPT_OUTS = [
     "Stop please and thank you", "Baja por favor y gracias", "Unsub", "unsub please",
     # the number named with "to" (`clarify`: the texts kept coming)
     "Stop sending to this number", "Stop texting this phone", "stop sending texts to this number",
+    # CANCEL, END, QUIT (and their Spanish) with "my" / "the" before the texts (review
+    # patients): "Cancel all texts" and "Cancelar los mensajes" opted out, while "Cancel my
+    # texts" and "Cancelar mis mensajes" were `change` (the clinic emailed to call the
+    # patient about their visit) and "End my texts" `clarify`: the texts kept coming
+    "Cancel my texts", "Cancel the texts", "Cancel my reminders", "Cancel my sms",
+    "Cancel my text messages please", "Please cancel my texts", "Can you cancel my texts?",
+    "End my texts", "Quit my texts", "Cancel the reminders please, thanks",
+    "Cancelar mis mensajes", "Cancelar mis SMS por favor", "Parar mis mensajes",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -172,6 +180,9 @@ NOT_OPT_OUTS = [
     ("I never said STOP", "clarify"), ("I didn't say stop", "clarify"),
     ("I don't want to unsubscribe", "clarify"), ("I do not want to opt out", "clarify"),
     ("No quiero darme de baja", "clarify"), ("No me des de baja", "clarify"),
+    # "cancel my ..." about the visit or one reminder: the clinic is asked to call
+    ("Cancel my reminder for Friday", "change"), ("Cancel my texts for Friday's visit", "change"),
+    ("Cancelar mi cita", "change"), ("Cancel my texts and my appointment?", "change"),
 ]
 
 
@@ -203,6 +214,7 @@ def test_si_without_a_comma_or_an_accent_is_if_not_an_assent():
     ("Me quiero dar de baja", "es"), ("Sí, no más mensajes", "es"),
     ("Confirmed, but no more texts", "en"), ("I revoke my consent", "en"),
     ("Who is this? Stop", "en"), ("remove me", "en"),
+    ("Cancel my texts", "en"), ("Cancelar mis mensajes", "es"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
