@@ -44,14 +44,16 @@ In this order:
                     don't send (me) <texts>; don't want (to receive|get) <texts>; don't
                     want you to text|message|contact|send me; remove|take me|this number
                     off|from your|the list; remove|delete|lose my|this (phone) number;
-                    cancel|end (my) subscription; leave me alone; and as the whole text
+                    cancel|end (my) subscription; cancel|end|quit my|the <texts> (the
+                    whole text); leave me alone; and as the whole text
                     (courtesy words after): remove me; don't contact (this number);
                     revoke|withdraw (my) consent (to receive <texts>) (FCC 24-18)
                 es  no (quiero|deseo (recibir)) (mas) <mensajes>; no (quiero que) me
                     envien|manden|escriban (mas) (<mensajes>); no envien|mandar (mas)
                     <mensajes>; dejen|deja|paren|para de enviarme|mandarme|escribirme;
                     borrenme|quitenme|eliminenme|sacarme de la|su lista; borren|eliminen|
-                    quiten mi numero|telefono; cancelar (mi|la) suscripcion; dejenme en paz;
+                    quiten mi numero|telefono; cancelar (mi|la) suscripcion; cancelar|
+                    parar|detener mis <mensajes> (the whole text); dejenme en paz;
                     basta (ya) de <mensajes>; revoco|retiro mi consentimiento (whole text)
               (<texts>: a messaging word, perhaps just after a product the reminders
               name: "No more retinol reminders", as "Stop tretinoin texts")
@@ -313,6 +315,9 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     r"{not} (?:SEND(?: ME)?|WANT|NEED) (?:TO (?:RECEIVE|GET) )?{small}{msg}(?! TO)",
     r"{not} WANT YOU TO (?:TEXT|MESSAGE|SMS|CONTACT|SEND) ME",
     r"(?:CANCEL|END) (?:MY |THE |THIS )?SUBSCRIPTION",
+    # the keyword with other uses, naming the texts as the patient's or "the" texts: "Cancel
+    # all texts" is rule (a); "cancel my reminder for Friday" (one, about the visit) is not
+    r"(?:CANCEL|END|QUIT) (?:MY|THE) (?:TEXT |SMS )?{msg}(?={end})",
     r"(?:REMOVE|TAKE) (?:ME|THIS NUMBER) (?:OFF|FROM|OFF OF) (?:YOUR|THE|THIS|THAT) "
     r"(?:(?:TEXT|TEXTING|SMS|MAILING|CONTACT|MESSAGING) )?LIST",
     r"(?:REMOVE|DELETE|LOSE) (?:MY|THIS) (?:PHONE |MOBILE |CELL )?NUMBER",
@@ -336,6 +341,7 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     r"(?:BORREN|BORRA|BORRAR|ELIMINEN|ELIMINA|ELIMINAR|QUITEN|QUITA|QUITAR) MI "
     r"(?:NUMERO|TELEFONO|MOVIL|CELULAR)",
     r"(?:CANCELAR|ANULAR) (?:MI |LA |ESTA )?SUSCRIPCION",
+    r"(?:CANCELAR|PARAR|DETENER) (?:MIS|TUS|SUS) {msg}(?={end})",
     r"DEJENME EN PAZ",
     r"BASTA (?:YA )?DE {small}{msg}",
     r"(?:REVOCO|RETIRO|REVOCAR|RETIRAR) (?:MI |EL )?CONSENTIMIENTO"
