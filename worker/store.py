@@ -192,6 +192,9 @@ REMINDER_SLOTS = ("status", "version", "planned", "due", "expires", "note", "tem
 ATTEMPT_SLOTS = ("claim", "attempts", "tok", "sent_at", "sent_version", "last_error")
 
 
+# The timeline's words for an email step that went (or goes) by SMS (flag "s").
+BY_SMS = "by SMS: the patient unsubscribed from email; a care-critical step"
+
 # A patient's replies by SMS, kept on the booking and shown on its timeline (epoch seconds).
 REPLY_FIELDS = ("confirmed_at", "call_requested_at")
 
@@ -5601,6 +5604,12 @@ def _timeline_entry(key: str, rec: Mapping[str, str], next_try: str | None = Non
         entry["next_try_at"] = _iso(next_try)
         note = f"next try at {_to_the_second(entry['next_try_at'])}"
         entry["reason"] = f"{entry['reason']}; {note}" if entry["reason"] else note
+    if rec.get("by_sms") == "1" and (entry["status"] in PENDING
+                                     or entry["status"] in (Status.SENT, Status.FAILED)):
+        # An email step its attempt took by SMS (flag "s": the patient unsubscribed from
+        # email; a care-critical step): the key still says email, the patient got a text.
+        entry["via"] = "sms"
+        entry["reason"] = f"{entry['reason']}; {BY_SMS}" if entry["reason"] else BY_SMS
     return entry
 
 

@@ -74,7 +74,10 @@ def render_table(timeline: dict[str, Any], timezone: str | None = None) -> str:
 
     for r in timeline["reminders"]:
         due = local(r["due_at"]) if r["due_at"] else "-"
-        reason = r["reason"] or (f"sent {local(r['sent_at'])}" if r["sent_at"] else "")
+        if r["status"] == "sent" and r["sent_at"]:  # when, and why if not the plain path
+            reason = f"sent {local(r['sent_at'])}" + (f"; {r['reason']}" if r["reason"] else "")
+        else:
+            reason = r["reason"] or (f"sent {local(r['sent_at'])}" if r["sent_at"] else "")
         rows.append((due, r["id"], r["channel"], r["status"], str(r["attempts"]), reason))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:

@@ -65,6 +65,9 @@ class Reminder(BaseModel):
     sent_version: int | None = None
     next_try_at: str | None = Field(None, description="handed back to the schedule unbegun: "
                                     "when it is tried next (its due_at stays, past)")
+    via: str | None = Field(None, description='"sms": an email step that went (or, pending, '
+                            "goes) by SMS: the patient unsubscribed from email and the step "
+                            "is care-critical; its reason says so")
 
 
 class Timeline(BaseModel):
