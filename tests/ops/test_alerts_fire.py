@@ -1,0 +1,57 @@
+"""The heartbeat alerts of deploy/prometheus/alerts.yml fire for the failure they name, as
+Prometheus would evaluate them on a real scrape (`ScheduleCollector` on a real Redis,
+through prometheus-client's exposition): a gauge the scrape leaves out makes `max(...) > N`
+empty, which never fires, so a rule must also say `absent(...)`."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT
+from worker.health import pump_key, stamp
+from worker.metrics import ScheduleCollector
+
+PREFIX = "alerts"
+PART = re.compile(r"max\((\w+)\) > (\d+)|absent\((\w+)\)")
+
+
+def scrape(client) -> dict[str, float]:
+    registry = CollectorRegistry()
+    registry.register(ScheduleCollector(client, PREFIX))
+    text = generate_latest(registry).decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if not s.labels}
+
+
+def fires(expr: str, samples: dict[str, float]) -> bool:
+    """`max(M) > N`, `absent(M)`, joined by `or`: the forms the heartbeat rules take."""
+    fired = False
+    for part in expr.split(" or "):
+        found = PART.fullmatch(part.strip())
+        assert found, f"not a form this test evaluates: {part!r}"
+        if found[3]:
+            fired |= found[3] not in samples
+        else:
+            fired |= found[1] in samples and samples[found[1]] > float(found[2])
+    return fired
+
+
+def test_beat_never_started_fires_the_beat_alert_and_not_the_pump_one(redis_client) -> None:
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    alerts = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    # Workers run the pump (nudged by each booking written), beat never came up: no beat
+    # tick was ever published, so its heartbeat was never stamped.
+    stamp(redis_client, pump_key(PREFIX), node="w1:1", seconds="0.001")
+    samples = scrape(redis_client)
+    assert samples["reminders_redis_up"] == 1
+    assert "reminders_beat_heartbeat_age_seconds" not in samples
+    assert not fires(alerts["RemindersPumpStalled"], samples)
+    assert fires(alerts["RemindersBeatStalled"], samples)
+    # And with beat's heartbeat three minutes old, as after a beat that died.
+    redis_client.hset(f"{PREFIX}:health:beat", "at", str(redis_client.time()[0] - 180))
+    assert fires(alerts["RemindersBeatStalled"], scrape(redis_client))
