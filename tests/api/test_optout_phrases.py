@@ -128,6 +128,12 @@ OPT_OUTS = [
     "Cancel my text messages please", "Please cancel my texts", "Can you cancel my texts?",
     "End my texts", "Quit my texts", "Cancel the reminders please, thanks",
     "Cancelar mis mensajes", "Cancelar mis SMS por favor", "Parar mis mensajes",
+    # "no longer want", "don't wish to receive", and "no texts" as the whole text (review
+    # patients): `unknown`, one help answer a day at most and the texts kept coming
+    "I no longer want these texts", "I no longer want to receive messages",
+    "I no longer wish to receive these texts", "I don't wish to receive texts",
+    "No texts please", "No texts", "No SMS", "No sms por favor", "Nada de mensajes",
+    "No mensajes, gracias",
 ]
 
 # (text, what it is instead): questions and reports that must not opt anybody out.
@@ -183,6 +189,9 @@ NOT_OPT_OUTS = [
     # "cancel my ..." about the visit or one reminder: the clinic is asked to call
     ("Cancel my reminder for Friday", "change"), ("Cancel my texts for Friday's visit", "change"),
     ("Cancelar mi cita", "change"), ("Cancel my texts and my appointment?", "change"),
+    # "no texts" in a sentence about something else
+    ("No texts received yet", "unknown"), ("No texts after 8pm please", "unknown"),
+    ("No texts needed, see you Friday", "unknown"), ("Nada de mensajes todavía?", "unknown"),
 ]
 
 
@@ -215,6 +224,7 @@ def test_si_without_a_comma_or_an_accent_is_if_not_an_assent():
     ("Confirmed, but no more texts", "en"), ("I revoke my consent", "en"),
     ("Who is this? Stop", "en"), ("remove me", "en"),
     ("Cancel my texts", "en"), ("Cancelar mis mensajes", "es"),
+    ("I no longer want these texts", "en"), ("No sms por favor", "es"),
 ])
 def test_a_natural_language_opt_out_does_what_stop_does(server, tw, body, locale):  # noqa: F811
     book(tw, "N-1", patient_locale=locale)
