@@ -40,8 +40,9 @@ In this order:
               request opener (REQUEST_WORDS: "can you", "I want", "please", "yes", "but",
               "confirmed") before it,
               and, if it asks a question, only courtesy words after it:
-                en  no more <texts>; don't / do not / never text|message|contact me;
-                    don't send (me) <texts>; don't want (to receive|get) <texts>; don't
+                en  no more <texts>; don't / do not / never / no longer text|message|contact
+                    me; don't send (me) <texts>; don't want|wish (to receive|get) <texts>;
+                    no texts|messages|SMS|reminders (the whole text); don't
                     want you to text|message|contact|send me; remove|take me|this number
                     off|from your|the list; remove|delete|lose my|this (phone) number;
                     cancel|end (my) subscription; cancel|end|quit my|the <texts> (the
@@ -54,7 +55,8 @@ In this order:
                     borrenme|quitenme|eliminenme|sacarme de la|su lista; borren|eliminen|
                     quiten mi numero|telefono; cancelar (mi|la) suscripcion; cancelar|
                     parar|detener mis <mensajes> (the whole text); dejenme en paz;
-                    basta (ya) de <mensajes>; revoco|retiro mi consentimiento (whole text)
+                    basta (ya) de <mensajes>; nada (mas) de <mensajes> and no mensajes|
+                    SMS|recordatorios (the whole text); revoco|retiro mi consentimiento (whole text)
               (<texts>: a messaging word, perhaps just after a product the reminders
               name: "No more retinol reminders", as "Stop tretinoin texts")
               ("No more texts", "Please don't text me anymore", "Can you remove me from
@@ -300,7 +302,7 @@ def is_opt_out(words: list[str], question: bool = False) -> bool:
 # reminders", as "Stop tretinoin texts" is one; Spanish names it after: "de retinol").
 _MSG = ("(?:(?:" + "|".join(sorted(CARE_WORDS)) + ") )?(?:" + "|".join(sorted(MESSAGING_WORDS))
         + ")")
-_NOT = "(?:DON T|DONT|DO NOT|NEVER)"
+_NOT = "(?:DON T|DONT|DO NOT|NEVER|NO LONGER)"
 # The end of the text, perhaps after courtesy words ("Remove me please").
 _END = "(?:(?: (?:PLEASE|PLS|PLZ|NOW|THANKS|THANK YOU|THX|POR FAVOR|GRACIAS|YA))*$)"
 _SMALL = ("(?:(?:ANY|MORE|OF|YOUR|THESE|THOSE|THE|THIS|YA|LOS|LAS|ESTOS|ESTAS|ESOS|ESAS|SUS|"
@@ -312,7 +314,11 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     r"NO MORE {small}{msg}",
     r"{not} (?:TEXT|MESSAGE|SMS|CONTACT) ME",
     # not "want the texts to stop"
-    r"{not} (?:SEND(?: ME)?|WANT|NEED) (?:TO (?:RECEIVE|GET) )?{small}{msg}(?! TO)",
+    r"{not} (?:SEND(?: ME)?|WANT|NEED|WISH) (?:TO (?:RECEIVE|GET) )?{small}{msg}(?! TO)",
+    # "No texts (please)" as the whole text: not "No texts after 8pm please", nor "No
+    # message" (none came?)
+    r"NO (?:TEXTS|MESSAGES|SMS|REMINDERS|NOTIFICATIONS|MENSAJES|RECORDATORIOS|AVISOS"
+    r"|NOTIFICACIONES)(?={end})",
     r"{not} WANT YOU TO (?:TEXT|MESSAGE|SMS|CONTACT|SEND) ME",
     r"(?:CANCEL|END) (?:MY |THE |THIS )?SUBSCRIPTION",
     # the keyword with other uses, naming the texts as the patient's or "the" texts: "Cancel
@@ -344,6 +350,7 @@ OPT_OUT_PHRASES = tuple(re.compile(  # whole words only: a space or an end on ei
     r"(?:CANCELAR|PARAR|DETENER) (?:MIS|TUS|SUS) {msg}(?={end})",
     r"DEJENME EN PAZ",
     r"BASTA (?:YA )?DE {small}{msg}",
+    r"NADA (?:MAS )?DE {small}{msg}(?={end})",
     r"(?:REVOCO|RETIRO|REVOCAR|RETIRAR) (?:MI |EL )?CONSENTIMIENTO"
     r"(?: (?:PARA|DE) (?:RECIBIR )?{small}{msg})?(?={end})",
 ))
