@@ -622,7 +622,8 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
         print("no dead letters")
     for d in dead:
         print(
-            f"{d['ref']}  {d['channel']}  attempts={d['attempts']}  failed_at={d['failed_at']}  "
+            f"{d['ref']}  {d['channel']}{' (by sms)' if d.get('via') == 'sms' else ''}  "
+            f"attempts={d['attempts']}  failed_at={d['failed_at']}  "
             f"{d['reason']}"
         )
     return EXIT_OK

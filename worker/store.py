@@ -1129,6 +1129,10 @@ if event and wants(hooks, event) then
     channel = string.match(key, ':([^:]*)$'), version = tonumber(r[R_VER]),
     due_at = tonumber(r[R_DUE] ~= '' and r[R_DUE] or r[R_PLAN]),
     attempts = all_tries(a)}
+  -- An email step this attempt took by SMS (the patient unsubscribed from email; a
+  -- care-critical step): its key says email, the patient got (or was refused) a text.
+  local via = cjson.decode(entry)['via']
+  if type(via) == 'string' and string.sub(via, 1, 4) == 'sms:' then fields['via'] = 'sms' end
   if event == 'reminder.sent' then
     fields['sent_at'] = tonumber(sent_at)
     fields['version'] = tonumber(version)
@@ -4552,6 +4556,8 @@ class Store:
                     "attempts": attempts_made(rec),
                     "failed_at": _iso(score),
                     "reason": rec.get("reason"),
+                    # An email step its attempt took by SMS (flag "s"): the SMS gateway's.
+                    **({"via": "sms"} if rec.get("by_sms") == "1" else {}),
                 }
             )
         return out

@@ -129,6 +129,9 @@ class DeadLetter(BaseModel):
     attempts: int
     failed_at: str | None
     reason: str | None
+    via: str | None = Field(None, description='"sms": an email step that went by SMS (the '
+                            "patient unsubscribed from email; a care-critical step): the "
+                            "reason is the SMS provider's")
 
 
 class DeadLetters(BaseModel):
