@@ -96,3 +96,39 @@ def test_the_hold_message_waits_for_the_sms_at_the_gateway_and_names_what_was_to
     text = _send_one(rig, "sk/M-1/hold-notice:sms")
     assert ns.names(text, moved["starts_at"]), text
     assert not ns.names(text, first["starts_at"]), text
+
+
+def test_the_hold_message_deferred_for_a_moved_sms_at_the_gateway_then_delivered_names_it(rig):
+    """The day-before SMS (naming the first date) is at the gateway when the clinic moves
+    the visit a week on and it is held: the move reschedules that SMS (its attempt goes on),
+    the hold message waits for it (deferred), and the gateway then accepts it. The patient
+    was told the first date: the hold message names it, and the release tells the move, as
+    when the hold message comes after the delivery (the control above). The hold message's
+    deferral ended nothing, yet it dropped `held_from`: the rescheduled SMS, no longer
+    `sending`, did not count as maybe gone out although its attempt was at the gateway; the
+    hold message named the new date and the release told no move."""
+    first, moved = rig.doc(10), _held(rig.doc(17))
+    rig.book(first)
+    rig.gate.reset()
+    claim = rig.claim(ns.DAY_BEFORE)
+    out: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: out.setdefault("r", ns.send_claimed(
+        rig.ctx, ns.DAY_BEFORE, claim.version, claim.claim)))
+    thread.start()
+    assert rig.gate.arrived.wait(10)
+    assert rig.book(moved)["status"] == "held"
+    assert rig.reminders()["day-before:sms"]["status"] == "scheduled"  # moved, still at work
+    assert rig.send("sk/M-1/hold-notice:sms") == "deferred"
+    assert len(rig.gate.bodies) == 1  # only the day-before, still at the gateway
+    rig.gate.answer(200)
+    thread.join(20)
+    assert out["r"] == "sent", out
+    (told,) = rig.texts()
+    assert ns.names(told, first["starts_at"]), told
+    rig.gate.reset()
+    rig.gate.answer(200)
+    text = _send_one(rig, "sk/M-1/hold-notice:sms")
+    assert ns.names(text, first["starts_at"]), text
+    assert not ns.names(text, moved["starts_at"]), text
+    _release(rig, moved)
+    assert set(ns.notices(rig.reminders())) == {"rescheduled#1:sms"}
