@@ -511,10 +511,12 @@ end
     + LUA_EMIT
     + """
 -- A held booking keeps `held_from` (the date told before the hold) once a message went out
--- or may have (one being sent as the hold was written). An attempt that ends without
--- delivering (`skip`: its own key, that attempt's) may leave nothing of the booking gone
--- out: then no date was told, and its hold message names the start as it is when it goes.
-local function drop_untold_hold(bkey, skip)
+-- or may have (one being sent as the hold was written; one the change rescheduled or took
+-- out of the plan while its attempt is still at work, `at_work`: at its provider, it may
+-- yet deliver). An attempt that ends without delivering (`skip`: its own key, that
+-- attempt's) may leave nothing of the booking gone out: then no date was told, and its
+-- hold message names the start as it is when it goes. `base`: "<clinic>/<booking id>/".
+local function drop_untold_hold(bkey, skip, prefix, base)
   local got = redis.call('HMGET', bkey, 'status', 'held_from')
   if got[1] ~= ST_HELD or not got[2] or got[2] == '' then return end
   local flat = redis.call('HGETALL', bkey)
@@ -523,6 +525,7 @@ local function drop_untold_hold(bkey, skip)
     if is_reminder(f) then
       local st = STATUS_OF[string.sub(v, 1, 1)]
       if st == ST_SENT or (st == ST_SENDING and f ~= skip) then return end
+      if f ~= skip and at_work(prefix, base .. f) then return end
     elseif string.sub(f, -1) == '+' and is_reminder(string.sub(f, 1, -2))
         and split(v, 6)[A_SENT] ~= '' then
       return
@@ -718,7 +721,8 @@ if r[R_VER] ~= version then
     local clinic, booking_id = parse_ref(ref)
     tell_completed(prefix, clinic, booking_id, bkey, hooks, key)
   end
-  drop_untold_hold(bkey, nil)  -- claimed as the hold was written, not begun: nothing sent
+  -- Claimed as the hold was written, not begun: nothing sent by this claim.
+  drop_untold_hold(bkey, nil, prefix, string.sub(ref, 1, #ref - #key))
   return 'version moved'
 end
 if a[A_CLAIM] ~= claim then return 'stale claim' end
@@ -740,7 +744,9 @@ if booking ~= ST_SCHEDULED
     r[R_WHY] = inline('booking ' .. booking)
   end
   save(bkey, key, r, a)
-  if booking == ST_HELD then drop_untold_hold(bkey, nil) end
+  if booking == ST_HELD then
+    drop_untold_hold(bkey, nil, prefix, string.sub(ref, 1, #ref - #key))
+  end
   return 'booking ' .. tostring(booking)
 end
 if ledger == 'sent' then
@@ -1098,7 +1104,8 @@ end
 save(bkey, key, r, a)
 -- Ended without delivering (an unknown outcome may have delivered): maybe nothing told.
 if outcome ~= 'sent' and outcome ~= 'unknown' then
-  drop_untold_hold(bkey, current and key or nil)  -- (stale: another attempt may own it)
+  -- (stale: another attempt may own it)
+  drop_untold_hold(bkey, current and key or nil, prefix, clinic .. '/' .. booking_id .. '/')
 end
 -- Count the outcome for the metrics, in this same step (exact, whoever sent it).
 if outcome == 'sent' and result ~= 'already recorded as sent' then
