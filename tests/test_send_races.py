@@ -607,9 +607,9 @@ def test_a_change_landing_after_begin_but_before_the_hand_over_sends_nothing(rig
     rig.book(rig.booking())
 
     class CancelsWhileRendering(Store):
-        def plan_dates(self, clinic, booking_id):
+        def plan_dates(self, clinic, booking_id, *rest):
             self.cancel(clinic, booking_id, datetime.now(UTC))
-            return super().plan_dates(clinic, booking_id)
+            return super().plan_dates(clinic, booking_id, *rest)
 
     store = CancelsWhileRendering(rig.store.redis, PREFIX)
     ctx = Context(rig.ctx.settings, store, rig.catalog, rig.ctx.renderer)
@@ -630,11 +630,11 @@ def test_a_redis_error_while_preparing_is_transient_not_a_dead_letter(rig):
     class RedisFailsOnce(Store):
         failed = False
 
-        def plan_dates(self, clinic, booking_id):
+        def plan_dates(self, clinic, booking_id, *rest):
             if not RedisFailsOnce.failed:
                 RedisFailsOnce.failed = True
                 raise redis_lib.ConnectionError("Connection reset by peer")
-            return super().plan_dates(clinic, booking_id)
+            return super().plan_dates(clinic, booking_id, *rest)
 
     store = RedisFailsOnce(rig.store.redis, PREFIX)
     ctx = Context(rig.ctx.settings, store, rig.catalog, rig.ctx.renderer)

@@ -778,7 +778,16 @@ def _render(
     fields = as_told_fields(record, stored or {},
                             lambda prefixes: _went(ctx.store, clinic_id, booking_id, prefixes))
     booking = as_told(record, booking, fields)
-    plan_dates = ctx.store.plan_dates(clinic_id, booking_id)  # Redis errors are transient
+    # The steps the email at booking (the confirmation, the welcome: the templates that
+    # list `plan_dates`) names with their dates: not those going only by SMS to a patient
+    # who texted STOP (their begin skips them; "we send you a reminder of the time" would
+    # promise what never comes). Read for those emails only: any other attempt keeps to its
+    # three round trips. Redis errors are transient.
+    phone = booking.patient.phone
+    silent = frozenset({"sms"}) if (
+        channel == "email" and record.get("at_booking") == "1" and phone
+        and ctx.store.opted_out(clinic_id, "sms", phone) is not None) else frozenset()
+    plan_dates = ctx.store.plan_dates(clinic_id, booking_id, silent)
     # A move's notice names the day the pause message goes again as stored (the SMS cap may
     # have moved it a day on), not as the protocol would place it.
     repause_at = ctx.store.repause_due(clinic_id, booking_id,

@@ -27,7 +27,9 @@ Variables (all dates and times in the patient's timezone, in the message's varia
     occurrence              1-based number within a repeating step
     week                    1-based week since the appointment date (day 0-6 is week 1;
                             0 or less before the appointment)
-    plan_dates              step id -> full date of that step, in plan order (may be empty)
+    plan_dates              step id -> full date of that step, in plan order (may be empty);
+                            in an email at booking, not a step going only by SMS to a
+                            patient who texted STOP (worker/dispatch.py `_render`)
     advice                  the protocol's [advice] values (each sourced in the protocol file);
                             every one a message reads is recorded in `RenderedMessage.claims`
     region                  the variant's region ("GB", "US", "ES") or None

@@ -4477,8 +4477,12 @@ class Store:
                       self.ledger_key(ref)],
                 args=[ref, key, _num(at.timestamp()), claim, reason], client=pipe)
 
-    def plan_dates(self, clinic: str, booking_id: str) -> dict[str, datetime]:
-        """Return each step's first due instant among reminders still to be (or already) sent."""
+    def plan_dates(self, clinic: str, booking_id: str,
+                   silent: frozenset[str] = frozenset()) -> dict[str, datetime]:
+        """Return each step's first due instant among reminders still to be (or already) sent.
+
+        `silent`: channels the patient opted out of: their reminders not sent yet do not
+        count (their begin skips them), so a step going only by those is not named."""
         self._ready()
         bkey = self.booking_key(clinic, booking_id)
         begun = getattr(self._local, "fields", None)  # see `reading`
@@ -4492,7 +4496,9 @@ class Store:
                 continue
             r = _split(value, len(REMINDER_SLOTS))
             # The planned time, not the current one: a retry must not shift the dates shown.
-            if r[2] and STATUS_OF.get(r[0]) not in (Status.SKIPPED, Status.CANCELLED):
+            status = STATUS_OF.get(r[0])
+            if r[2] and status not in (Status.SKIPPED, Status.CANCELLED) and not (
+                    status != Status.SENT and key_parts(key)[1] in silent):
                 step = key_parts(key)[0]
                 when = datetime.fromtimestamp(float(r[2]), UTC)
                 dates[step] = min(when, dates.get(step, when))
