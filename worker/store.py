@@ -1395,7 +1395,13 @@ for i = 1, #flat, 2 do
     if is_pending(st) or st == ST_FAILED then
       local ref = clinic .. '/' .. booking_id .. '/' .. key
       r[R_ST] = CODE[ST_CANCELLED]
-      r[R_WHY] = inline(reason)
+      if st == ST_FAILED then
+        -- A dead letter leaves with the booking (never replayed for a visit that is off);
+        -- why it failed first stays on the timeline, before the cancel.
+        r[R_WHY] = inline(reason .. '; it had failed before: ' .. text_of(prefix, r[R_WHY]))
+      else
+        r[R_WHY] = inline(reason)
+      end
       r[R_VER] = version
       redis.call('HSET', bkey, key, join(r, 9))
       redis.call('ZREM', due_key, ref)
