@@ -2,9 +2,9 @@
 cac56ac; real Redis, a real HTTP SMS gateway, the real send path with its clock fixed; the
 rig of tests/test_send_caps_notices.py).
 
-The pause message again (`repause`) is placed at the move by that plan: in the send window
-the store keeps with the booking (`window`, which the send path applies to it,
-worker/dispatch.py `_booking`), and capped by the patient's SMS limit. The notice's "you may
+The pause message again (`repause`) is placed at the move by that plan, in the clinic's send
+window then, and capped by the patient's SMS limit; the send path then keeps to the clinic's
+window as it is when the message goes (worker/dispatch.py `_booking`). The notice's "you may
 use it until <day>, then stop again" (worker/notices.py `pause_from`) placed the pause step
 afresh in the clinic's window as configured when the notice goes, uncapped: after a config
 edit of the window (the booking not sent again), or when the SMS cap moved a pause SMS that
@@ -44,18 +44,18 @@ def rig(tmp_path, redis_client, monkeypatch) -> Iterator[Rig]:
 
 def test_the_move_notice_names_the_repause_day_after_the_clinic_edits_its_window(rig):
     """Window 09:00-20:00. The pause SMS went on D 18:00 for a visit on D+7; the visit moves to
-    D+8 and the pause goes again on D+1 18:00. The clinic then closes its window at 18:00
-    (a config edit). The notice, sent on D 19:00, said "until <D+2>" (18:00 placed on the
-    next morning by the new window) while the pause message came on D+1 18:00, placed and
-    sent by the booking's own window: it must name D+1."""
+    D+8 and the pause goes again on D+1 18:00 as planned. The clinic then closes its window at
+    18:00 (a config edit; the booking not sent again). The send path keeps to the window as
+    edited (tests/test_window_edit_at_send.py): the notice found on D 19:00 waits for D+1
+    09:00, and the pause message found on D+1 18:00 for D+2 09:00. The notice names the day
+    the pause message comes, D+2: not D+1, the day it was planned for."""
     d = rig.day
     cn.book(rig, "A-1", "pause", rig.local(d + timedelta(days=7), 14), tretinoin=True)
     assert rig.send("A-1", "stop:sms", rig.local(d, 18)) == "sent"
     cn.book(rig, "A-1", "pause", rig.local(d + timedelta(days=8), 10), tretinoin=True)
     (notice,) = cn.keys(rig, "A-1", "rescheduled#")
     (again,) = cn.keys(rig, "A-1", "repause#")
-    repause_at = rig.local(d + timedelta(days=1), 18)
-    assert rig.due("A-1", again) == repause_at
+    assert rig.due("A-1", again) == rig.local(d + timedelta(days=1), 18)
     # The clinic's config edit: its window now closes at 18:00 (the booking not sent again).
     path = rig.settings.config_dir / "clinics" / "cap.toml"
     text = path.read_text(encoding="utf-8")
@@ -65,11 +65,18 @@ def test_the_move_notice_names_the_repause_day_after_the_clinic_edits_its_window
     assert rig.catalog.clinics["cap"].send_window.describe() == "09:00-18:00"
     rig.ctx = Context(settings=rig.settings, store=rig.store, catalog=rig.catalog,
                       renderer=Renderer(rig.catalog.templates_dir))
-    assert rig.send("A-1", notice, rig.local(d, 19)) == "sent"
+    texts = len(rig.sms.snapshot())
+    assert rig.send("A-1", notice, rig.local(d, 19)) == "deferred"
+    assert rig.due("A-1", notice) == rig.local(d + timedelta(days=1), 9)
+    assert rig.send("A-1", notice, rig.local(d + timedelta(days=1), 9)) == "sent"
     told = rig.sms.snapshot()[-1].text
-    # The pause message goes when the booking's window says, on D+1 at 18:00.
+    # The pause message waits for the window as edited: D+2 09:00.
+    assert rig.send("A-1", again, rig.local(d + timedelta(days=1), 18)) == "deferred"
+    repause_at = rig.local(d + timedelta(days=2), 9)
+    assert rig.due("A-1", again) == repause_at
     assert rig.send("A-1", again, repause_at) == "sent"
     assert "stop" in rig.sms.snapshot()[-1].text.lower()
+    assert len(rig.sms.snapshot()) == texts + 2  # nothing went outside 09:00-18:00
     day = repause_at.astimezone(cn.TZ)
     assert f"until {day.day} {day:%b}, then stop again" in told, (told, day)
 
