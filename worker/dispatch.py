@@ -494,7 +494,13 @@ def _send(ctx: Context, ref: str, attempt: Attempt, started: float, deadline: fl
 
 
 def _booking(ctx: Context, ref: str, stored: dict[str, str]) -> tuple[Booking, Place]:
-    """Return the stored booking and its place in time: send window, patient's timezone."""
+    """Return the stored booking and its place in time: send window, patient's timezone.
+
+    The send window is the clinic's as configured now: a clinic that narrows its window (a
+    complaint; a window in US quiet hours corrected) stops texting in the old hours at
+    once, for the bookings it stored before too. The window the booking was planned under
+    (kept with it) only when the clinic's file is missing (its sends then fail as "not
+    configured" all the same, `_render`)."""
     clinic_id = split_ref(ref)[0]
     try:
         booking = Booking.model_validate_json(stored["doc"])
@@ -505,10 +511,10 @@ def _booking(ctx: Context, ref: str, stored: dict[str, str]) -> tuple[Booking, P
         ) from None
     start, _, end = stored.get("window", "").partition("-")
     clinic = ctx.catalog.clinics.get(clinic_id)
-    if start and end:
-        window = SendWindow.model_construct(start=int(start), end=int(end))
-    elif clinic is not None:
+    if clinic is not None:
         window = clinic.send_window
+    elif start and end:
+        window = SendWindow.model_construct(start=int(start), end=int(end))
     else:
         raise _unconfigured(ctx, ref, booking.treatment)
     return booking, (window, ZoneInfo(booking.patient.timezone))
@@ -764,9 +770,9 @@ def _render(
     unsubscribed from email). An email carries its unsubscribe link in the footer and in
     the List-Unsubscribe headers (RFC 2369, RFC 8058 one-click); the caller notes the
     address behind the link's id (`Store.still_owned`). `secret`: the stored unsubscribe
-    secret as the begin read it (None: read here). `window`: the send window the booking's
-    plan was placed in (`_booking`; None: the clinic's as configured now), where a move's
-    notice places the pause message again, as its plan placed it.
+    secret as the begin read it (None: read here). `window`: the send window the send path
+    keeps to (`_booking`; None: the clinic's as configured now), where a move's notice places
+    the pause message again, as its own attempt will find it.
     """
     clinic_id, booking_id, _ = split_ref(ref)
     clinic = ctx.catalog.clinics.get(clinic_id)

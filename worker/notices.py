@@ -332,7 +332,8 @@ def notice_and_invite(
     `record`: the reminder; `stored`: its booking's fields (`seq`, `moved_from`, `paused`);
     `window`: the clinic's send window, in which the pause message goes again (`pause_from`);
     `repause_at`: when the pause message again of this change goes, as stored (the SMS cap
-    may have moved it a day on): named rather than worked out, when given.
+    may have moved it a day on): named rather than worked out, when given (at the window's
+    next opening from it: its attempt keeps to the window as it is then).
     A change notice's email carries the invite update or cancel with the notice's sequence;
     an email of an invite step (`invite = true`) carries the invite at the booking's
     current sequence, so a day-before email after a move has the new time and SEQUENCE.
@@ -346,6 +347,11 @@ def notice_and_invite(
         moved = step == "rescheduled"
         again: datetime | None = None
         if moved and paused:
+            if repause_at is not None and window is not None:
+                # Its attempt keeps to the send window as it is then (a clinic's edit since
+                # it was placed may have closed it at that hour): it goes at the next opening.
+                repause_at = next_opening(repause_at, window,
+                                          ZoneInfo(booking.patient.timezone))
             again = pause_from(booking, protocol, now, window) if repause_at is None \
                 else repause_at if repause_at > now else None
         extras["notice"] = Notice(
