@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import os
 import sys
 import threading
 import time
@@ -232,6 +233,25 @@ def release_free_memory() -> None:
     except (OSError, AttributeError):  # not glibc: nothing to trim this way
         return
     trim(0)
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _refuse_a_broken_config(**_: object) -> None:
+    """Exit (os.EX_CONFIG) before consuming anything if config/ does not load, as `reminders
+    run` refuses to start. A running worker keeps the configuration it loaded when an edit
+    breaks it (worker/catalog.py); a worker started meanwhile (a restart, a deploy, a
+    scale-up) has none: it would take send batches off the queues only to fail them, each
+    claim then waiting out its lease while the other workers could have sent it."""
+    from .catalog import Catalog
+    from .errors import ConfigError
+
+    try:
+        Catalog.load(get_settings())
+    except ConfigError as exc:
+        log.critical("configuration does not load: %s; this worker does not start (workers "
+                     "already running keep the configuration they loaded; `reminders check` "
+                     "names the problem)", exc)
+        raise SystemExit(os.EX_CONFIG) from None
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
