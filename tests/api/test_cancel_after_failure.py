@@ -68,3 +68,38 @@ def test_a_cancel_after_a_dead_letter_keeps_why_it_failed(
     (row,) = [line for line in render_table(got, "UTC").splitlines() if "plain:email" in line]
     assert row.endswith(f"cancelled by the clinic; it had failed before: {FAILED}"), row
     assert store.redis.zscore(store.due_key, ref) is None
+
+
+def test_a_change_that_drops_a_dead_letters_step_keeps_why_it_failed(
+        tmp_path, redis_client, sinks, serve):  # noqa: F811 - the fixture
+    """The same for a correction that takes the failed step out of the plan (the patient
+    now takes SMS only): "no longer in the plan after a change" was all it said."""
+    smtp, sms = sinks
+    folder = tmp_path / "config"
+    Rig(folder, redis_client, smtp, sms)
+    server = serve(config_dir=folder)
+    svc = server.app.state.services
+    store = svc.store
+    ctx = Context(settings=svc.settings, store=store, catalog=svc.catalog,
+                  renderer=Renderer(svc.catalog.templates_dir))
+    starts = (datetime.now(UTC) + timedelta(days=2)).replace(second=0, microsecond=0)
+    doc = {"booking_id": "U-1", "treatment": "unsub", "starts_at": starts.isoformat(),
+           "patient": {"name": "Ana López", "email": "ana@example.com",
+                       "phone": "+34600111222", "timezone": "UTC", "locale": "en",
+                       "channels": ["email"]}}
+    ref = "uc/U-1/plain:email"
+    with server.client(server.issue_key("uc")) as uc:
+        assert uc.put("/v1/bookings/U-1", json=doc).status_code == 201
+        smtp.refuse_code = "550 5.1.1 No such user"
+        store.redis.zadd(store.due_key, {ref: 0})
+        (claim,) = [c for c in store.claim_due(100, 300) if c.ref == ref]
+        assert send_claimed(ctx, claim.ref, claim.version, claim.claim) == "failed"
+        doc["patient"]["channels"] = ["sms"]  # the clinic's correction
+        changed = uc.put("/v1/bookings/U-1", json=doc)
+        assert changed.status_code == 200, changed.text
+        assert uc.get("/v1/dead-letters").json() == {"dead_letters": []}
+        got = uc.get("/v1/bookings/U-1").json()
+    plain = {r["id"]: r for r in got["reminders"]}["plain:email"]
+    assert plain["status"] == "cancelled" and plain["attempts"] == 1, plain
+    assert plain["reason"] == ("no longer in the plan after a change; it had failed before: "
+                               f"{FAILED}"), plain
