@@ -138,8 +138,10 @@ def reconcile_one(
         if old_status in PENDING or old_status == Status.FAILED or (
                 old_status == Status.SKIPPED
                 and stored.get("reason", "").startswith(OPTED_OUT)):
-            fields = {"status": Status.CANCELLED, "reason": "no longer in the plan after a change"}
-            return fields, "remove"
+            reason = "no longer in the plan after a change"
+            if old_status == Status.FAILED:  # a dead letter leaves; why it failed stays
+                reason += f"; it had failed before: {stored.get('reason', '')}"
+            return {"status": Status.CANCELLED, "reason": reason}, "remove"
         return None
     if new.status == Status.SKIPPED:
         if old_status == Status.SKIPPED and stored.get("reason") == new.reason:
