@@ -107,3 +107,32 @@ def test_yes_from_a_number_not_opted_out_still_confirms(server, tw, body):
     answer = message_of(text(server, body))
     assert answer and "confirmed" in answer
     assert tw.get("/v1/bookings/A-1").json()["confirmed_at"]
+
+
+def test_the_providers_opt_out_type_is_followed_for_its_own_keywords(server, tw):
+    """Real HTTP, Twilio-signed: a clinic's Messaging Service with Advanced Opt-Out has
+    keywords of its own ("FIN", "ALTO" for its Spanish patients; "SI" to opt in) and says
+    what it did in `OptOutType` (STOP, START, HELP): it blocked or unblocked the number.
+    Those texts were `unknown` or a confirm here: the number stayed opted in while Twilio
+    refused every SMS to it (error 21610: dead letters), or stayed opted out while Twilio
+    had told the patient the texts were back."""
+    book(tw, "A-1")
+    store = server.app.state.services.store
+    clinic = server.app.state.services.catalog.clinics["tw"]
+    answer = message_of(text(server, "FIN", extra={"OptOutType": "STOP"}))
+    assert answer == reply_text(server.settings.templates_dir, "en", "stop", clinic)
+    assert store.opted_out("tw", "sms", ANA) is not None
+    sms = [r for r in reminders(tw, "A-1").values() if r["channel"] == "sms"]
+    assert sms and all(r["status"] == "skipped" for r in sms), sms
+    answer = message_of(text(server, "Si", extra={"OptOutType": "START"}))
+    assert answer == reply_text(server.settings.templates_dir, "en", "start", clinic)
+    assert store.opted_out("tw", "sms", ANA) is None
+    sms = [r for r in reminders(tw, "A-1").values() if r["channel"] == "sms"]
+    assert all(r["status"] == "scheduled" for r in sms), sms
+    assert not tw.get("/v1/bookings/A-1").json().get("confirmed_at")
+
+
+def test_without_the_providers_opt_out_type_its_words_are_read_as_ever(server, tw):
+    book(tw, "A-1")
+    message_of(text(server, "FIN"))
+    assert server.app.state.services.store.opted_out("tw", "sms", ANA) is None
