@@ -9,7 +9,9 @@ very same 403 (status and body) as a bad signature: the route does not tell whic
 ids exist.
 
 What a text asks for is decided by worker/optout.py `classify` (keywords in English and
-Spanish), and the answer goes back as TwiML in the response, so the provider sends it:
+Spanish), unless the provider says it blocked or unblocked the number on it (Twilio's
+`OptOutType` STOP or START, sent with Advanced Opt-Out's own keywords: `intent_of`), and the
+answer goes back as TwiML in the response, so the provider sends it:
 
   stop        a keyword or a natural-language opt-out ("No more texts", "don't text me",
               "no más mensajes": worker/optout.py rule e), all alike:
@@ -111,6 +113,13 @@ _SID = re.compile(r"[A-Za-z0-9]{2,64}")  # Twilio's: "SM" + 32 hex digits
 # The texts whose MessageSid is kept with no expiry (`handle_once`): each acts on the
 # number's state as found when it comes, so one sent again however late would act again.
 KEPT_FOR_GOOD = ("stop", "start", "confirm", "reschedule", "change")
+# The SMS provider's own verdict on a text, when it sends one (Twilio's `OptOutType`, with
+# Advanced Opt-Out on a Messaging Service: a keyword of the clinic's own, "FIN", "SI"): it
+# blocked the number (STOP) or unblocked it (START). Followed over `classify`, so the
+# opt-out kept here is the provider's: else every SMS to a number it blocks fails (its
+# error 21610), or a number it told "you are re-subscribed" gets nothing. (HELP: the text
+# is read as ever, and HELP words are answered alike.)
+PROVIDER_INTENTS = ("stop", "start")
 FORM = "application/x-www-form-urlencoded"
 TWIML = "application/xml"
 
@@ -214,10 +223,19 @@ def _next_visit(svc: Services, clinic: Clinic, phone: str) -> tuple[str | None, 
     return chosen, doc
 
 
-def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, str | None]:
-    """Act on one text; return (what it asked for, the answer or None)."""
+def intent_of(body: str, provider: str | None = None) -> str:
+    """What a text asks for: `provider` (the SMS provider's OptOutType: STOP or START, the
+    number blocked or unblocked by it) when it says, else `classify`."""
+    said = (provider or "").strip().lower()
+    return said if said in PROVIDER_INTENTS else classify(body)
+
+
+def handle(svc: Services, clinic: Clinic, phone: str, body: str,
+           provider: str | None = None) -> tuple[str, str | None]:
+    """Act on one text; return (what it asked for, the answer or None). `provider`: the
+    provider's OptOutType, if it sent one (`intent_of`)."""
     store = svc.store
-    intent = classify(body)
+    intent = intent_of(body, provider)
     now = datetime.now(UTC)
     stamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
     booking_id, doc = _next_visit(svc, clinic, phone)
@@ -308,8 +326,8 @@ def handle(svc: Services, clinic: Clinic, phone: str, body: str) -> tuple[str, s
     return intent, answer("clarify" if intent == "clarify" else "help")
 
 
-def handle_once(svc: Services, clinic: Clinic, phone: str, body: str, sid: str | None
-                ) -> tuple[str, str | None]:
+def handle_once(svc: Services, clinic: Clinic, phone: str, body: str, sid: str | None,
+                provider: str | None = None) -> tuple[str, str | None]:
     """`handle` the text unless its MessageSid `sid` was acted on before (a replay or a
     retry: ("replayed", None)). A text without a usable sid is handled as it comes.
 
@@ -318,19 +336,19 @@ def handle_once(svc: Services, clinic: Clinic, phone: str, body: str, sid: str |
     written first could not always be taken back then. Two copies at the very same moment
     may both act, as any two texts at once do."""
     if sid is None or not _SID.fullmatch(sid):
-        return handle(svc, clinic, phone, body)
+        return handle(svc, clinic, phone, body, provider)
     store = svc.store
     # A text that acts on the number's state as found when it comes (STOP, START, confirm,
     # reschedule) is kept with no expiry, in the number's own record: an old START sent
     # again after the patient's later STOP, however much later, must not opt them back in,
     # nor an old STOP opt out a patient who said START since, nor an old "C" confirm a
     # later visit (worker/store.py `took_inbound`).
-    number = phone if classify(body) in KEPT_FOR_GOOD else None
+    number = phone if intent_of(body, provider) in KEPT_FOR_GOOD else None
     if store.inbound_taken(clinic.id, sid, number):
         log.info("inbound SMS for clinic %s: a text already acted on (the same MessageSid "
                  "again): not acted on again", clinic.id)
         return "replayed", None
-    done = handle(svc, clinic, phone, body)
+    done = handle(svc, clinic, phone, body, provider)
     store.took_inbound(clinic.id, sid, number)
     return done
 
@@ -345,7 +363,8 @@ _REFUSALS = {
          "see Retry-After",
 }
 _FORM_FIELDS = {name: {"type": "string"} for name in (
-    "MessageSid", "AccountSid", "From", "To", "Body", "NumMedia", "NumSegments")}
+    "MessageSid", "AccountSid", "From", "To", "Body", "NumMedia", "NumSegments",
+    "OptOutType")}
 
 
 @router.post(
@@ -392,13 +411,14 @@ async def inbound_sms(clinic: str, request: Request, svc: Svc) -> Response:
         raise ApiError(422, "the request has invalid parameters",
                        fields=[("From", str(exc))]) from None
     body = first(pairs, "Body") or ""
-    if gone and classify(body) != "stop":
+    provider = first(pairs, "OptOutType")
+    if gone and intent_of(body, provider) != "stop":
         # Nothing but a STOP is acted on for a clinic not in config/: a START would put its
         # SMS back in the schedule, a confirm record and answer for a clinic not configured.
         log.warning("inbound SMS for clinic %s, whose file is not in config/ as read now: "
                     "not a STOP, not acted on", clinic)
         return twiml(None)
     intent, message = await run_in_threadpool(handle_once, svc, config, phone, body,
-                                              first(pairs, "MessageSid"))
+                                              first(pairs, "MessageSid"), provider)
     log.debug("inbound SMS for clinic %s: %s", clinic, intent)
     return twiml(message)
