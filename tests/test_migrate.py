@@ -379,3 +379,21 @@ def test_a_change_between_read_and_write_and_a_text_id_collision_are_read_again(
         assert {r["id"]: r["status"] for r in timeline["reminders"]}[
             "booking-confirmation:email"] == ("sent" if b == "A-2" else "scheduled")
     assert redis_client.hget(f"{PREFIX}:t", taken) == "other words"
+
+
+def test_migrate_on_a_live_store_already_at_layout_2_is_a_no_op_not_a_refusal(
+        redis_server, redis_client, catalog, booking_doc):
+    """A deploy that runs `reminders migrate` every time (idempotent, as the README says) meets
+    the service running on a store at layout 2: there is nothing to convert, so nothing to
+    stop the workers for. It says so and exits 0, writing nothing, without --force."""
+    env = _env(redis_server)
+    now = datetime.now(UTC)
+    store = Store(redis_client, PREFIX)
+    store.upsert(*planned(catalog, _soon(booking_doc, "L2-1", now), now), now)
+    assert redis_client.get(f"{PREFIX}:layout") == "2"
+    pump_beat(redis_client, PREFIX, 0.01)  # the live worker's pump ran just now
+    stored = snapshot(redis_client)
+    done = cli(env, "migrate")
+    assert done.returncode == 0, done.stderr
+    assert "nothing to migrate" in done.stdout and "refused" not in done.stderr, done
+    assert snapshot(redis_client) == stored
