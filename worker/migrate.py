@@ -146,6 +146,8 @@ class Report:
     layout_set: bool = False
     removed: int = 0
     kept_old: bool = False
+    # At layout 2 already with no layout-1 key left: nothing was looked at or written.
+    nothing_to_do: bool = False
 
     @property
     def ok(self) -> bool:
@@ -160,9 +162,13 @@ class Report:
             "reminders": dict(sorted(self.reminders.items())),
             "dead_letters": self.dead_letters, "layout_set": self.layout_set,
             "layout_1_keys_removed": self.removed, "kept_old": self.kept_old, "ok": self.ok,
+            "nothing_to_migrate": self.nothing_to_do,
         }
 
     def lines(self) -> list[str]:
+        if self.nothing_to_do:
+            return [f"store layout {LAYOUT} under prefix {self.prefix!r}: nothing to migrate "
+                    "(no layout-1 key left)"]
         verb = "would convert" if self.dry_run else "converted"
         out = [f"store layout {self.layout_before or '1 (no P:layout key)'} under prefix "
                f"{self.prefix!r}: {verb} {len(self.converted)} bookings; "
@@ -207,6 +213,17 @@ class Migration:
         self._convert = client.register_script(_PRELUDE + _CONVERT)
 
     # --- is it safe to run? -----------------------------------------------------------
+
+    def up_to_date(self) -> bool:
+        """Whether the store is at layout 2 with no layout-1 key left (P:k:*, P:r:*,
+        P:v1:b:*; a layout-1 write, even one made after P:layout was set, leaves P:k and
+        P:r keys): a run would convert and remove nothing, safe while the service runs."""
+        if self.redis.get(f"{self.prefix}:layout") != LAYOUT:
+            return False
+        for pattern in (f"{self.prefix}:[kr]:*", f"{self.prefix}:v1:b:*"):
+            if next(iter(self.redis.scan_iter(match=pattern, count=1000)), None) is not None:
+                return False
+        return True
 
     def running(self, max_age: float) -> list[str]:
         """Return the evidence that a worker or beat is running now ([]: none)."""
@@ -499,9 +516,13 @@ def migrate(client: redis.Redis, prefix: str, catalog: Catalog, *, dry_run: bool
             crash_after: int | None = None,
             say: Callable[[str], None] | None = None) -> Report:
     """Run the migration (see the module docstring); raise MigrationRefused if a worker
-    seems to be running (unless `force`: `say` is told instead)."""
+    seems to be running (unless `force`: `say` is told instead). A store at layout 2 with
+    no layout-1 key left is reported as such at once, running service or not: nothing to
+    convert, nothing to stop it for."""
     migration = Migration(client, prefix, catalog, dry_run=dry_run, keep_old=keep_old,
                           crash_after=crash_after)
+    if migration.up_to_date():  # a deploy running it every time, the service up: a no-op
+        return Report(prefix, dry_run, LAYOUT, kept_old=keep_old, nothing_to_do=True)
     evidence = migration.running(max_age)
     if evidence and not force and not dry_run:
         raise MigrationRefused(
