@@ -2032,8 +2032,10 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     (reason "opted_out: ", at STOP or at their begin) in a scheduled booking whose patient
     still has this address and takes this channel, due (and not expired) after `now` (in a
     held booking too: its release puts them into the schedule); a message again for a new
-    date too (again-<step>, repause: a later change supersedes it as any), not a change
-    notice (told at once: its time passed). An SMS opt-in also puts back a care-critical
+    date too (again-<step>, repause), and a change notice still ahead (one waiting for the
+    send window's opening: without it the patient never hears of the move), each only of
+    the booking's latest change (`seq`): one a later change superseded names a date no
+    longer true, and that change added its own. An SMS opt-in also puts back a care-critical
     email step its begin skipped while the patient was unsubscribed from email and opted out
     of SMS (it goes by SMS; not one whose own SMS carries the step; never "by email": its
     last flag is false). A step the booking no longer plans is never
@@ -2057,8 +2059,10 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     out = []
     for key, value in fields.items():
         step = key.split(":", 1)[0].split("#", 1)[0]
-        if not is_reminder_field(key) or step in NOTICE_STEPS:
+        if not is_reminder_field(key):
             continue
+        if is_notice(key) and key.split(":", 1)[0].partition("#")[2] != fields.get("seq"):
+            continue  # superseded by a later change (which added its own)
         # An SMS opt-in also brings back a care-critical email step skipped at its begin
         # while the patient, unsubscribed from email, was opted out of SMS too: its begin
         # sends it by SMS now ('ok sms'), unless the step's own SMS carries it. Counted as
@@ -4756,7 +4760,8 @@ class Store:
                 if held.get(booking_id):  # out of the schedule until the clinic's release
                     resume.append([booking_id, key, ""])
                     continue
-                if channel == "sms" and caps is not None:
+                notice = key.split(":", 1)[0].split("#", 1)[0] in NOTICE_STEPS
+                if channel == "sms" and caps is not None and not notice:  # (never capped)
                     counts: dict[int, int] = {}
                     for when in taken:
                         day = datetime.fromtimestamp(when, tz).toordinal()
