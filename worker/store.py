@@ -1007,7 +1007,15 @@ if outcome == 'sent' and status == ST_SENT then
   result = 'already recorded as sent'
 elseif outcome == 'sent' and (same_version or same_words or gone or not is_pending(status))
     then
+  -- What the SMS cap did to it (planner.py `cap_sms`: by email instead of SMS, moved to a
+  -- day with room, sent although the patient's limit is reached) stays: the timeline says
+  -- so once it went too (README, SMS caps). The rest of the reason was the plain path's.
+  local was = '; ' .. text_of(prefix, r[R_WHY])
+  local cap_note = string.match(was, '; (by email: .*)$')
+    or string.match(was, '; (sent although .*)$')
+    or string.match(was, '; (moved to %d+%-%d+%-%d+: .*)$')
   set_fields()
+  if cap_note and same_version then r[R_WHY] = inline(cap_note) end
   r[R_ST] = ST_SENT
   a[A_SENTV] = version
   if not same_version then
