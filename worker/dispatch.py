@@ -6,6 +6,7 @@ again (its expiry; the patient's send window), so retries, replays and a backlog
 outage obey them too. Outcomes:
   sent       recorded (always, even if the clinic's change overtook the attempt)
   transient  back into the schedule with backoff, at the send window's next opening
+             (skipped at once if that is at or after its expiry)
   permanent  (or out of attempts) dead-lettered with the reason
   unknown    (a timeout, a connection broken after the hand-over) the ledger is kept
              until it expires and the reminder retried only after: never two live attempts
@@ -955,8 +956,33 @@ def _failed(
         number, base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds
     )
     retry_at = now + timedelta(seconds=delay)
-    if place is not None:  # a retry waits for the patient's send window like any other send
-        # (the window is the host's clock, NTP-synced; the instant it is given is Redis's)
+    if place is not None and moving is not None:
+        # A retry waits for the patient's send window like any other send (the window is
+        # the host's clock, NTP-synced; the instant it is given is Redis's), and goes no
+        # later than the reminder's expiry: one that could only come after it is skipped
+        # now, saying why, as a deferral would be (not left `retrying` until then, its SMS
+        # holding a day of the patient's SMS cap).
+        skip = None
+        expires = moving.record.get("expires_epoch")
+        if expires and retry_at.timestamp() >= float(expires):
+            note = moving.record.get("expires_note") or "past its expiry"
+            skip = (f"not sent: its retry after a transient failure ({exc.reason}) would come "
+                    f"after it expires: {note}")
+        else:
+            rule = _send_time(moving.record, *place, retry_at)
+            if rule.action == "skip":
+                skip = f"{rule.reason}; not tried again after a transient failure ({exc.reason})"
+            elif rule.at is not None:
+                retry_at = rule.at
+        if skip is not None:
+            reason = skip
+            result = durably(lambda: store.finish_skip(ref, attempt, reason, entry,
+                                                       extra={"last_error": exc.reason}),
+                             deadline, ref)
+            log.info("send %s: transient failure on attempt %d (%s); its retry could only "
+                     "come after it expires: skipped (%s)", ref, number, exc.reason, result)
+            return "skipped"
+    elif place is not None:
         retry_at = next_opening(retry_at, *place)
     done: list[str] = []
 
