@@ -55,3 +55,42 @@ def test_beat_never_started_fires_the_beat_alert_and_not_the_pump_one(redis_clie
     # And with beat's heartbeat three minutes old, as after a beat that died.
     redis_client.hset(f"{PREFIX}:health:beat", "at", str(redis_client.time()[0] - 180))
     assert fires(alerts["RemindersBeatStalled"], scrape(redis_client))
+
+
+def labelled(client, name: str) -> dict[tuple[str, str], float]:
+    """One counter's series, {(clinic, channel): value}, as a real scrape gives them."""
+    registry = CollectorRegistry()
+    registry.register(ScheduleCollector(client, PREFIX))
+    text = generate_latest(registry).decode()
+    return {(s.labels["clinic"], s.labels["channel"]): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == name}
+
+
+def increase(before: dict, after: dict) -> dict:
+    """Prometheus's increase() over two scrapes: only a series present in both has one (a
+    series first seen at 1 shows no increase: Prometheus has no sample of it before)."""
+    return {k: after[k] - before[k] for k in after if k in before}
+
+
+def test_a_clinics_first_dead_letter_fires_dead_letters_growing(redis_client, catalog,
+                                                                 booking_doc) -> None:
+    """Counters kept in Redis appear in the scrape only once counted: the first dead letter of
+    a clinic's channel made its series appear at 1, and `increase(...) > 0` never saw it."""
+    from datetime import UTC, datetime
+
+    from tests.ops.test_metrics import attempt_on, book
+    from worker.store import Store
+
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    expr = next(r["expr"] for g in rules["groups"] for r in g["rules"]
+                if r["alert"] == "RemindersDeadLettersGrowing")
+    assert expr.startswith("sum by (clinic, channel) (increase(reminders_dead_lettered_total")
+    store = Store(redis_client, PREFIX, retention_days=400)
+    book(store, catalog, booking_doc, datetime.now(UTC))  # scheduled: the clinic is running
+    before = labelled(redis_client, "reminders_dead_lettered_total")
+    sms = "glow/A-1042/day-before:sms"
+    assert store.finish_failed(sms, attempt_on(store, sms), "HTTP 400") == "ok"
+    after = labelled(redis_client, "reminders_dead_lettered_total")
+    assert after[("glow", "sms")] == 1
+    assert increase(before, after).get(("glow", "sms"), 0) > 0, (before, after)
