@@ -22,7 +22,10 @@ observable):
      reminders_deferred_total        attempts deferred to the patient's send window
      reminders_replayed_total        dead letters sent again (`replay`)
 
-   each with labels clinic and channel. Only an attempt that still owned its reminder
+   each with labels clinic and channel; every one of them for every (clinic, channel) any
+   of them has counted, at 0 until it counts (a series first scraped at 1 shows Prometheus
+   no increase: `increase(reminders_dead_lettered_total[30m])` missed a channel's first
+   dead letter). Only an attempt that still owned its reminder
    counts a failure, retry, skip or deferral (an attempt the clinic's change overtook
    changes nothing, so counts nothing).
 
@@ -160,11 +163,14 @@ class ScheduleCollector(Collector):
         (secs, micros), raw, due, first, leased, dead, pump_at, beat_at = replies[:8]
         now = secs + micros / 1_000_000
         counts = _parse_counters(raw)
+        # Every counter of every (clinic, channel) any counter names, at 0 until counted: a
+        # series that first appears at 1 shows Prometheus no increase (it has no sample of
+        # it before), so a clinic channel's first dead letter (or failure) alerted nothing.
+        pairs = sorted({(clinic, channel) for _, clinic, channel in counts})
         for what, (name, text) in COUNTERS.items():
             family = CounterMetricFamily(name, text, labels=["clinic", "channel"])
-            for (kind, clinic, channel), value in sorted(counts.items()):
-                if kind == what:
-                    family.add_metric([clinic, channel], value)
+            for clinic, channel in pairs:
+                family.add_metric([clinic, channel], counts.get((what, clinic, channel), 0))
             yield family
         yield _gauge("reminders_due", "Reminders in the due set (waiting for their time)", due)
         overdue = max(0.0, now - float(first[0][1])) if first else 0.0
