@@ -17,7 +17,7 @@ the shipped microneedling protocol); the STOP and START through `Store.opt_out` 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from tests import test_notices_sms as ns
 from tests.test_notices_sms import TZ
@@ -109,3 +109,34 @@ def test_start_leaves_what_a_later_change_superseded_skipped(rig):
     day_before = [k for k, r in after.items() if k.startswith(("day-before", "again-day-before"))
                   and r["status"] == "scheduled"]
     assert day_before == ["again-day-before#2:sms"], day_before
+
+
+def test_start_brings_back_the_cancel_notice_waiting_for_the_window(rig, monkeypatch):
+    """The clinic cancels outside the patient's send window: the cancel notice's attempt
+    defers it to the window's opening. STOP skips it, START comes before the opening: the
+    notice goes at its time (a cancelled booking sends only that), or the patient, told the
+    date, comes to a visit that no longer exists."""
+    rig.book(rig.doc(10))
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    _window_ahead(rig)
+    rig.store.cancel("sk", "M-1", datetime.now(UTC))
+    ref = "sk/M-1/cancelled#1:sms"
+    assert rig.send(ref) == "deferred"  # to the window's opening
+    due = rig.reminders()["cancelled#1:sms"]["due_at"]
+    assert rig.store.opt_out("sk", "sms", PHONE, "STOP at test").first
+    assert rig.reminders()["cancelled#1:sms"]["status"] == "skipped"
+    assert _start(rig) == 1
+    back = rig.reminders()["cancelled#1:sms"]
+    assert (back["status"], back["due_at"]) == ("scheduled", due), back
+    opens = datetime.fromisoformat(due.replace("Z", "+00:00")) + timedelta(minutes=1)
+
+    class _Opened(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return opens.astimezone(tz) if tz is not None else opens.replace(tzinfo=None)
+
+    monkeypatch.setattr("worker.dispatch.datetime", _Opened)
+    assert rig.send(ref) == "sent"
+    assert len(rig.texts()) == 2  # the day-before, then the cancel notice
+    assert "cancel" in rig.texts()[-1].lower(), rig.texts()[-1]
+    assert rig.store.timeline("sk", "M-1")["status"] == "cancelled"
