@@ -2037,7 +2037,8 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     back: (due, key, the patient's timezone, whether its step is care-critical (`critical`:
     "<treatment>/<step>" space-separated; the pause message again for a new date as the
     booking's `pause` step), whether the patient takes email). Those the opt-out skipped
-    (reason "opted_out: ", at STOP or at their begin) in a scheduled booking whose patient
+    (reason "opted_out: ", at STOP or at their begin) in a scheduled booking (in a cancelled
+    one, only the notice of its cancel) whose patient
     still has this address and takes this channel, due (and not expired) after `now` (in a
     held booking too: its release puts them into the schedule); a message again for a new
     date too (again-<step>, repause), and a change notice still ahead (one waiting for the
@@ -2049,7 +2050,8 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     last flag is false). A step the booking no longer plans is never
     among them: a change of the booking cancels such a skipped reminder
     (worker/reconcile.py)."""
-    if fields.get("status") not in (Status.SCHEDULED, Status.HELD) or doc is None:
+    status = fields.get("status")
+    if status not in (Status.SCHEDULED, Status.HELD, Status.CANCELLED) or doc is None:
         return []
     try:
         parsed = json.loads(doc)
@@ -2071,6 +2073,8 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
             continue
         if is_notice(key) and key.split(":", 1)[0].partition("#")[2] != fields.get("seq"):
             continue  # superseded by a later change (which added its own)
+        if status == Status.CANCELLED and step != "cancelled":
+            continue  # a cancelled booking sends only the notice of its cancel
         # An SMS opt-in also brings back a care-critical email step skipped at its begin
         # while the patient, unsubscribed from email, was opted out of SMS too: its begin
         # sends it by SMS now ('ok sms'), unless the step's own SMS carries it. Counted as
