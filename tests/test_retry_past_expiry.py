@@ -32,6 +32,7 @@ def test_a_retry_that_could_only_come_after_its_expiry_is_skipped_at_once(
     rig.sms.status = 200
     r = rig.reminder("A-1", "before:sms")
     assert r["status"] == "skipped", r
+    assert r["attempts"] == 1, r  # the attempt made (the gateway answered 503) counts
     assert r["reason"].startswith("not sent: outside the send window 09:00-20:00 until "), r
     assert "it could be sent only until 12h before the start" in r["reason"], r
     assert "; not tried again after a transient failure (HTTP 503" in r["reason"], r
