@@ -977,7 +977,8 @@ def _failed(
         if skip is not None:
             reason = skip
             result = durably(lambda: store.finish_skip(ref, attempt, reason, entry,
-                                                       extra={"last_error": exc.reason}),
+                                                       extra={"last_error": exc.reason},
+                                                       tried=True),
                              deadline, ref)
             log.info("send %s: transient failure on attempt %d (%s); its retry could only "
                      "come after it expires: skipped (%s)", ref, number, exc.reason, result)

@@ -4245,6 +4245,7 @@ class Store:
         entry: dict[str, Any] | None = None,
         sent_at: str = "",
         capped: SendCapped | None = None,
+        tried: bool = False,
     ) -> str:
         """Record the outcome of `attempt` (fenced; see _FINISH); return what was done.
 
@@ -4254,7 +4255,8 @@ class Store:
         the pump's), never this host's. `entry`: the attempt log line. `fields`: reason,
         last_error, sent_at (ISO 8601). `capped`: the SMS cap's decision at send time, made
         from what `send_caps_read` read: "caps changed" (nothing written) when any of it
-        changed since.
+        changed since. `tried`: a skip of an attempt that was made (a retry turned into a
+        skip): it stays counted (as `capped.tried`).
         """
         self._ready()
         clinic, booking_id, key = split_ref(ref)
@@ -4297,7 +4299,9 @@ class Store:
                 args += ["by_email", _num(capped.by_email.timestamp()),
                          "email_reason", capped.email_reason, "email_goes", capped.email_goes]
             if capped.tried:
-                args += ["tried", "1"]
+                tried = True
+        if tried:
+            args += ["tried", "1"]
         return str(
             self._finish(
                 keys=[
@@ -4392,10 +4396,12 @@ class Store:
     def finish_skip(
         self, ref: str, attempt: Attempt, reason: str, entry: dict[str, Any] | None = None,
         *, capped: SendCapped | None = None, extra: dict[str, str] | None = None,
+        tried: bool = False,
     ) -> str:
-        """`extra`: more fields (a retry turned into a skip keeps its `last_error`)."""
+        """`extra`: more fields (a retry turned into a skip keeps its `last_error`); `tried`:
+        the attempt was made (a retry turned into a skip): it stays counted."""
         return self.finish(ref, attempt, "skip", fields={"reason": reason, **(extra or {})},
-                           entry=entry, capped=capped)
+                           entry=entry, capped=capped, tried=tried)
 
     def restamp(self, ref: str, attempt: Attempt, at: datetime, capped: SendCapped) -> str:
         """Count the SMS `ref`, about to be sent by `attempt`, at `at` (see _RESTAMP): "ok",
