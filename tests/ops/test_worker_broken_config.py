@@ -34,3 +34,21 @@ def test_a_worker_refuses_to_start_on_a_config_that_does_not_load(service, e2e_c
     assert proc.returncode not in (0, None), text
     assert " ready." not in text and f"{clinic}: " in text, text
     assert "does not load" in text, text
+
+
+def test_the_config_check_leaves_the_main_process_as_lean_as_before(redis_server) -> None:
+    """The check loads config/ in a child process: the prefork pool's main process only
+    routes messages, and the catalog's imports (phonenumbers, email-validator, about 4 MB)
+    would add to the worker's idle memory, which the benchmark holds to the naive design's."""
+    import os
+    import subprocess
+
+    code = ("import sys, worker.tasks as t; t._refuse_a_broken_config(); "
+            "print(*(m in sys.modules for m in ('worker.catalog', 'phonenumbers', "
+            "'email_validator')))")
+    env = {**os.environ, "REMINDERS_REDIS_URL": redis_server.url,
+           "REMINDERS_CONFIG_DIR": str(ROOT / "config")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "False"], out.stdout
