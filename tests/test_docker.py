@@ -366,19 +366,22 @@ def test_prometheus_scrapes_the_ports_the_services_serve(services) -> None:
 def exposed_metrics(client: redis.Redis) -> dict[str, str]:
     """Every metric family the service exposes (API and worker) with its type, from real
     registries: the Redis counters and gauges read from a real Redis (with a count and both
-    heartbeats in it), the worker's histograms, the API's own."""
+    heartbeats in it), whether config/ loads, the worker's histograms, the API's own."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.exposition import generate_latest
 
     from worker.api.metrics import ApiMetrics
     from worker.health import beat_key, pump_key, stamp
-    from worker.metrics import Histograms, ScheduleCollector
+    from worker.metrics import ConfigCollector, Histograms, ScheduleCollector
+    from worker.settings import Settings
 
     client.hset("expose:metrics", "sent|glow|sms", 1)
     stamp(client, pump_key("expose"), node="test")
     stamp(client, beat_key("expose"), node="test")
     worker_registry = CollectorRegistry()
     worker_registry.register(ScheduleCollector(client, "expose"))
+    worker_registry.register(ConfigCollector(Settings(
+        _env_file=None, config_dir=ROOT / "config", templates_dir=ROOT / "templates")))
     Histograms(worker_registry)
     families: dict[str, str] = {}
     for text in (generate_latest(worker_registry), ApiMetrics().exposition()):

@@ -195,6 +195,36 @@ class ScheduleCollector(Collector):
         yield queues
 
 
+class ConfigCollector(Collector):
+    """`reminders_config_loads`: 1 while config/ as it is on disk now loads, 0 when it does
+    not (an edit the running processes keep out, logged once at ERROR: worker/catalog.py;
+    a worker started now refuses to start). Read again at a scrape only when its files
+    changed (worker/catalog.py `config_stamp`)."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self._seen: tuple[Any, float] | None = None  # (stamp, value)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from .catalog import Catalog, config_stamp
+        from .errors import ConfigError
+
+        stamp = config_stamp(self.settings)
+        if self._seen is None or self._seen[0] != stamp:
+            try:
+                Catalog.load(self.settings)
+                value = 1.0
+            except (ConfigError, OSError):
+                value = 0.0
+            self._seen = (stamp, value)
+        yield _gauge("reminders_config_loads",
+                     "Whether config/ as it is on disk now loads (0: an edit is kept out)",
+                     self._seen[1])
+
+
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, text, value=value)
 
@@ -330,7 +360,8 @@ def _keep_alive(folder: Path) -> None:
 
 
 def start_worker_metrics(scrape: redis.Redis, prefix: str, data_dir: Path, host: str,
-                         port: int) -> tuple[str, int] | None:
+                         port: int, config: Collector | None = None
+                         ) -> tuple[str, int] | None:
     """In the Celery worker's main process, before its pool forks: switch the histograms to
     multiprocess mode and serve every process's figures with the Redis ones on host:port.
 
@@ -359,6 +390,8 @@ def start_worker_metrics(scrape: redis.Redis, prefix: str, data_dir: Path, host:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
     registry.register(ScheduleCollector(scrape, prefix))
+    if config is not None:
+        registry.register(config)
     try:
         server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

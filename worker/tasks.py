@@ -331,12 +331,13 @@ def _serve_metrics(**_: object) -> None:
         # themselves for their histograms).
         return
     from .connections import PROBE, client
-    from .metrics import start_worker_metrics
+    from .metrics import ConfigCollector, start_worker_metrics
 
     # Scrapes give up quickly (a scrape must not hang); the client follows Sentinel too.
     start_worker_metrics(client(settings, PROBE, decode=False), settings.key_prefix,
                          settings.data_dir,
-                         settings.metrics_host, settings.metrics_port)
+                         settings.metrics_host, settings.metrics_port,
+                         config=ConfigCollector(settings))
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped

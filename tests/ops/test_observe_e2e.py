@@ -203,6 +203,7 @@ def test_metrics_equal_what_happened_and_logs_hold_no_patient_data(
         for name, expected in EXPECTED.items():
             assert series(metrics, name) == expected, name
         assert metrics["reminders_redis_up"] == 1
+        assert metrics["reminders_config_loads"] == 1
         assert metrics["reminders_due"] == 0 and metrics["reminders_leased"] == 0
         assert metrics["reminders_dead_letters"] == 1
         assert metrics["reminders_oldest_overdue_seconds"] == 0

@@ -21,10 +21,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ApiMetrics:
-    def __init__(self, schedule: Collector | None = None) -> None:
+    def __init__(self, schedule: Collector | None = None, *more: Collector) -> None:
         self.registry = CollectorRegistry()
-        if schedule is not None:
-            self.registry.register(schedule)
+        for collector in (schedule, *more):
+            if collector is not None:
+                self.registry.register(collector)
         self.requests = Counter(
             "reminders_api_requests", "HTTP API requests answered, by route and status",
             ["method", "route", "status"], registry=self.registry)

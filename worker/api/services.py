@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 from .. import connections
 from ..catalog import Catalog
 from ..keys import ApiKeys
-from ..metrics import ScheduleCollector
+from ..metrics import ConfigCollector, ScheduleCollector
 from ..nudge import PumpNudge
 from ..settings import Settings
 from ..store import Store
@@ -59,7 +59,8 @@ def build(settings: Settings, catalog: Catalog, url: str | None = None) -> Servi
         keys=ApiKeys(client, settings.key_prefix),
         limiter=RateLimiter(client, settings.key_prefix, settings.api_rate_per_second,
                             settings.api_rate_burst),
-        metrics=ApiMetrics(ScheduleCollector(client, settings.key_prefix)),
+        metrics=ApiMetrics(ScheduleCollector(client, settings.key_prefix),
+                           ConfigCollector(settings)),
         nudge=PumpNudge(settings, url),
     )
 
