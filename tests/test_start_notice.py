@@ -20,6 +20,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from tests import test_notices_sms as ns
+from tests.raw import set_reminder_fields
 from tests.test_notices_sms import TZ
 from worker.catalog import Catalog
 
@@ -140,3 +141,44 @@ def test_start_brings_back_the_cancel_notice_waiting_for_the_window(rig, monkeyp
     assert len(rig.texts()) == 2  # the day-before, then the cancel notice
     assert "cancel" in rig.texts()[-1].lower(), rig.texts()[-1]
     assert rig.store.timeline("sk", "M-1")["status"] == "cancelled"
+
+
+def test_start_brings_back_the_move_notice_skipped_at_its_time_while_the_visit_is_ahead(rig):
+    """The patient texts STOP; the clinic then moves the visit: the notice is due at once
+    and its begin skips it (opted out). The patient texts START a little later: the notice's
+    time has passed, but it is meant for any time before the visit (its expiry), unlike a
+    reminder of a given day ("not sent late"): it goes now, or the patient, who asked for
+    the texts back, never hears that the visit moved."""
+    first, later = rig.doc(10), rig.doc(17)
+    rig.book(first)
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    assert rig.store.opt_out("sk", "sms", PHONE, "STOP at test").first
+    rig.book(later)
+    ref = "sk/M-1/rescheduled#1:sms"
+    assert rig.send(ref) == "dropped: opted out"
+    assert rig.reminders()["rescheduled#1:sms"]["status"] == "skipped"
+    assert _start(rig) >= 1
+    back = rig.reminders()["rescheduled#1:sms"]
+    assert back["status"] == "scheduled", back
+    due = rig.store.redis.zscore(rig.store.due_key, ref)
+    assert due is not None and due <= datetime.now(UTC).timestamp() + 1  # at once
+    assert rig.send(ref) == "sent"
+    told = rig.texts()[-1]
+    assert "moved" in told and ns.names(told, later["starts_at"]), told
+    assert len(rig.texts()) == 2  # the day-before, then the notice
+
+
+def test_start_leaves_a_move_notice_whose_visit_has_begun(rig):
+    """The same, START coming once the moved visit has begun: the notice has expired (it
+    was meant for before the visit) and stays skipped."""
+    rig.book(rig.doc(10))
+    assert rig.send(ns.DAY_BEFORE) == "sent"
+    assert rig.store.opt_out("sk", "sms", PHONE, "STOP at test").first
+    rig.book(rig.doc(17))
+    ref = "sk/M-1/rescheduled#1:sms"
+    assert rig.send(ref) == "dropped: opted out"
+    past = datetime.now(UTC).timestamp() - 60
+    set_reminder_fields(rig.store, ref, expires_epoch=repr(past))  # the visit has begun
+    _start(rig)
+    assert rig.reminders()["rescheduled#1:sms"]["status"] == "skipped"
+    assert rig.store.redis.zscore(rig.store.due_key, ref) is None
