@@ -2041,10 +2041,11 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     one, only the notice of its cancel) whose patient
     still has this address and takes this channel, due (and not expired) after `now` (in a
     held booking too: its release puts them into the schedule); a message again for a new
-    date too (again-<step>, repause), and a change notice still ahead (one waiting for the
-    send window's opening: without it the patient never hears of the move), each only of
-    the booking's latest change (`seq`): one a later change superseded names a date no
-    longer true, and that change added its own. An SMS opt-in also puts back a care-critical
+    date too (again-<step>, repause), and a change notice not expired (at its time, or now
+    if that passed: it is meant for any time before its expiry, and without it the patient
+    never hears of the move or the cancel), each only of the booking's latest change
+    (`seq`): one a later change superseded names a date no longer true, and that change
+    added its own. An SMS opt-in also puts back a care-critical
     email step its begin skipped while the patient was unsubscribed from email and opted out
     of SMS (it goes by SMS; not one whose own SMS carries the step; never "by email": its
     last flag is false). A step the booking no longer plans is never
@@ -2087,7 +2088,11 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
         if STATUS_OF.get(r[0]) != Status.SKIPPED or not r[8].startswith(OPTED_OUT):
             continue
         due = float(r[3] or r[2] or 0)
-        if due <= now or (r[4] and float(r[4]) <= now):
+        if r[4] and float(r[4]) <= now:
+            continue  # expired while opted out
+        if step in NOTICE_STEPS:
+            due = max(due, now)  # a change notice is meant for any time before its expiry
+        elif due <= now:
             continue  # its time passed while opted out: not sent late
         step = base_step(step, pause)
         if by_sms and step not in protected:
@@ -4707,7 +4712,8 @@ class Store:
         schedule, at their planned time, its reminders of that channel that the opt-out
         skipped and whose time is still ahead (`_resumable`): true if it was opted out.
 
-        Those whose time passed while the patient was opted out are not sent late. An SMS
+        Those whose time passed while the patient was opted out are not sent late (but a
+        change notice not yet expired goes now: `_resumable`). An SMS
         resumes only where the clinic's SMS cap (`caps`) has room, counting the patient's
         SMS in all their bookings at the clinic (a booking stored meanwhile may have taken
         the day: then it stays skipped, its reason saying so). A care-critical SMS

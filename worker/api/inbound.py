@@ -24,7 +24,8 @@ answer goes back as TwiML in the response, so the provider sends it:
               SMS was left to skip, and by a STOP sent again if the first could not tell it.
   start       opted in again: the SMS reminders the opt-out skipped whose time is still
               ahead go back into the schedule at their planned time, where the SMS cap has
-              room (worker/store.py `opt_in`); those whose time passed are not sent late.
+              room (worker/store.py `opt_in`); those whose time passed are not sent late
+              (but a move's or cancel's notice, meant for any time before it expires).
               The clinic is told as of STOP (reply "start"), once per change. Answered
               only if the number is still opted in then: a STOP that landed meanwhile
               (and answered its confirmation) leaves START unanswered.
