@@ -1009,13 +1009,14 @@ elseif outcome == 'sent' and (same_version or same_words or gone or not is_pendi
     then
   -- What the SMS cap did to it (planner.py `cap_sms`: by email instead of SMS, moved to a
   -- day with room, sent although the patient's limit is reached) stays: the timeline says
-  -- so once it went too (README, SMS caps). The rest of the reason was the plain path's.
+  -- so once it went too (README, SMS caps). The planned reason is kept as stored (a text
+  -- id: the booking's hash keeps its small encoding).
   local was = '; ' .. text_of(prefix, r[R_WHY])
-  local cap_note = string.match(was, '; (by email: .*)$')
-    or string.match(was, '; (sent although .*)$')
-    or string.match(was, '; (moved to %d+%-%d+%-%d+: .*)$')
+  local capped = same_version and (string.find(was, '; by email: ', 1, true)
+    or string.find(was, '; sent although ', 1, true)
+    or string.match(was, '; moved to %d+%-%d+%-%d+: ')) and r[R_WHY]
   set_fields()
-  if cap_note and same_version then r[R_WHY] = inline(cap_note) end
+  if capped then r[R_WHY] = capped end
   r[R_ST] = ST_SENT
   a[A_SENTV] = version
   if not same_version then

@@ -4,8 +4,8 @@ README (SMS caps): an SMS that does not fit the clinic's `[sms]` cap goes by ema
 care-critical one by SMS beyond the cap, "saying so on the timeline". The timeline said so
 only until the reminder went: a delivery cleared its reason, so the step that went by email
 instead of SMS, and the care-critical SMS sent although the patient's daily limit was
-reached (the one a clinic must be able to account for), then read as plainly sent. The
-cap's note now stays on the sent reminder.
+reached (the one a clinic must be able to account for), then read as plainly sent. Such
+a reminder now keeps its planned reason, the cap's note with it, once sent.
 
 Real HTTP (uvicorn on a loopback port) against a real Redis; the reminders sent through the
 real send path to a real SMTP server and HTTP SMS gateway.
@@ -127,9 +127,8 @@ def test_the_sms_caps_note_stays_on_a_sent_reminder(tmp_path, sinks, serve):
         got = {b: cc.get(f"/v1/bookings/{b}").json() for b in ("E-1", "C-1")}
     emailed = {r["id"]: r for r in got["E-1"]["reminders"]}["second:email"]
     texted = {r["id"]: r for r in got["C-1"]["reminders"]}["second:sms"]
-    assert emailed["status"] == "sent" and emailed["reason"] == f"by email: {over}", emailed
-    assert texted["status"] == "sent" and texted["reason"] == (
-        f"sent although {over}: care-critical, the other SMS give way"), texted
+    assert emailed["status"] == "sent" and emailed["reason"] == by_email, emailed
+    assert texted["status"] == "sent" and texted["reason"] == beyond, texted
     # `reminders show`'s table of the same timeline: when it went, and what the cap did.
     (row,) = [line for line in render_table(got["C-1"], "UTC").splitlines()
               if "second:sms" in line]
