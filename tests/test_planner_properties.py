@@ -129,7 +129,7 @@ def random_steps(draw, index: int) -> Step:
 def random_protocols(draw) -> Protocol:
     n = draw(st.integers(1, 5))
     return Protocol(id="random", name="Random", steps=[draw(random_steps(i)) for i in range(n)],
-                    isotretinoin_washout_days=draw(st.none() | st.integers(0, 400)))
+                    isotretinoin_washout_days=draw(st.none() | st.integers(1, 400)))
 
 
 @st.composite
@@ -160,7 +160,7 @@ def cases(draw, catalog):
     })
     clinic = Clinic(id="test", name="Test", phone="+34910000000",
                     timezone=draw(st.sampled_from(ZONES)), send_window=draw(windows()),
-                    isotretinoin_washout_days=draw(st.none() | st.integers(0, 400)))
+                    isotretinoin_washout_days=draw(st.none() | st.integers(1, 400)))
     return booking, protocol, clinic, now
 
 

@@ -240,8 +240,9 @@ class Clinic(BaseModel):
     sms_name: Annotated[str, Field(min_length=1, max_length=SMS_NAME_MAX),
                         AfterValidator(_one_line)] | None = None
     sms: SmsSettings = SmsSettings()
-    # Overrides the protocol's isotretinoin washout, in days.
-    isotretinoin_washout_days: int | None = Field(None, ge=0)
+    # Overrides the protocol's isotretinoin washout, in days (at least 1: 0 would hold no
+    # booking ever, while the messages still ask about the protocol's months).
+    isotretinoin_washout_days: int | None = Field(None, ge=1)
     channels: dict[Channel, str] = {}
     # true: a channel without a URL goes to the local outbox; false: never the outbox;
     # unset: the outbox only when there is no channel URL at all.

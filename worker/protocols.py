@@ -199,8 +199,9 @@ class Protocol(BaseModel):
     id: str
     name: str
     description: str = ""
-    # Days before the appointment within which an isotretinoin dose holds the booking.
-    isotretinoin_washout_days: int | None = Field(None, ge=0)
+    # Days before the appointment within which an isotretinoin dose holds the booking; at
+    # least 1 (0 would hold no booking ever: a protocol without the gate leaves it out).
+    isotretinoin_washout_days: int | None = Field(None, ge=1)
     # The one message a held booking sends the patient (at booking, on SMS if the patient
     # takes SMS, else email): a neutral "we will call you before your visit" that names no
     # treatment, medication or condition. "" sends nothing while held.
