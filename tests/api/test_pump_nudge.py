@@ -138,3 +138,16 @@ def test_with_the_broker_hung_a_put_is_answered_without_waiting_for_it(
         hung.stop()
         nudge.close(timeout=1)
 
+
+
+def test_with_no_worker_taking_the_pump_queue_nudges_do_not_pile_up(glow, redis_client):
+    """Workers down (stopped, crash-looping, refusing a config that does not load) while the
+    API takes bookings: each write due soon published one more nudge into the pump queue,
+    ~1 KB each kept under noeviction, and a worker coming back first discarded every expired
+    one. As beat adds no tick to TICKS_WAITING_MAX waiting ones, no nudge is added either."""
+    TICKS_WAITING_MAX = 5  # noqa: N806 - worker/celery_app.py's, beat's limit
+    for i in range(TICKS_WAITING_MAX + 3):
+        answer = glow.put(f"/v1/bookings/Q-{i}", json=future_booking(f"Q-{i}"))
+        assert answer.status_code == 201, answer.text
+        time.sleep(GAP_SECONDS * 1.5)  # each write's nudge its own, not coalesced
+    assert nudges_settled(redis_client) == TICKS_WAITING_MAX
