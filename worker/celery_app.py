@@ -28,10 +28,10 @@ from .health import beat_alive, beat_client, install_beat_heartbeat
 from .logs import setup_celery
 from .nudge import EXPIRES_SECONDS, PUMP_TASK
 from .nudge import PUMP_QUEUE as PUMP_QUEUE  # re-exported: tasks and tests take it from here
+from .nudge import TICKS_WAITING_MAX as TICKS_WAITING_MAX  # beat adds no tick to this many
 from .settings import get_settings
 
 log = logging.getLogger(__name__)
-TICKS_WAITING_MAX = 5  # pump tasks waiting unrun in their queue: beat adds no tick to them
 CHANNELS = ("email", "sms")  # worker/models.py's, without importing the models here
 SEND_QUEUES = {channel: f"reminders.send.{channel}" for channel in CHANNELS}
 EVENTS_QUEUE = "reminders.events"

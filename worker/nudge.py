@@ -52,6 +52,11 @@ PUMP_TASK = "reminders.pump"
 EXPIRES_SECONDS = 30  # a late nudge is worthless (the tick sends one anyway)
 GAP_SECONDS = 0.2  # one nudge per this long at most, per process, whatever the writes
 PUBLISH_TIMEOUT_SECONDS = 2.0  # the broker's connect and socket timeouts for a nudge
+# Pump tasks waiting unrun in their queue (no worker consuming it: workers down, crash-looping
+# or refusing to start): beat adds no tick to this many (worker/celery_app.py), and no nudge
+# is added either, so the queue does not grow by a message (~1 KB) per write while the
+# workers are away, and a worker coming back does not first discard every expired one.
+TICKS_WAITING_MAX = 5
 
 
 def due_soon(timelines: Iterable[Mapping[str, Any]], now: datetime, within: float) -> bool:
@@ -87,6 +92,8 @@ class PumpNudge:
         self._url = url
         self.gap = gap
         self.published = 0  # nudges this process published
+        self.left = 0  # nudges not published: TICKS_WAITING_MAX pump tasks waited unrun
+        self._probe: Any = None  # a Redis client reading the pump queue's length
         self._asked = threading.Event()
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -131,7 +138,12 @@ class PumpNudge:
     def publish_now(self) -> None:
         """Publish one nudge in the caller's thread, now, and return once it is published
         (a `reminders` command, which may wait: bounded by PUBLISH_TIMEOUT_SECONDS a try,
-        two tries); raises what the publish raised, logging nothing (the caller says it)."""
+        two tries); raises what the publish raised, logging nothing (the caller says it).
+        Nothing is published while TICKS_WAITING_MAX pump tasks wait unrun: no worker
+        takes them, and the one that comes back runs the pump (or beat's next tick does)."""
+        if self._waiting() >= TICKS_WAITING_MAX:
+            self.left += 1
+            return
         if self._app is None:
             self._app = self._make_app()
         self._app.send_task(PUMP_TASK, queue=PUMP_QUEUE, expires=EXPIRES_SECONDS)
@@ -153,6 +165,22 @@ class PumpNudge:
         if self._failing:
             self._failing = False
             log.info("the pump is nudged again")
+
+    def _waiting(self) -> int:
+        """How many pump tasks wait in their queue (the broker's Redis list); 0 if Redis does
+        not answer (the publish then says what fails)."""
+        import redis
+
+        from . import connections
+
+        try:
+            if self._probe is None:
+                self._probe = (connections.from_url(self._url, connections.PROBE)
+                               if self._url is not None
+                               else connections.client(self._settings, connections.PROBE))
+            return int(self._probe.llen(f"{self._settings.key_prefix}:celery:{PUMP_QUEUE}"))
+        except (redis.RedisError, OSError):
+            return 0
 
     def _make_app(self) -> Celery:
         from celery import Celery

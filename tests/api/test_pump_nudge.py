@@ -145,7 +145,8 @@ def test_with_no_worker_taking_the_pump_queue_nudges_do_not_pile_up(glow, redis_
     API takes bookings: each write due soon published one more nudge into the pump queue,
     ~1 KB each kept under noeviction, and a worker coming back first discarded every expired
     one. As beat adds no tick to TICKS_WAITING_MAX waiting ones, no nudge is added either."""
-    TICKS_WAITING_MAX = 5  # noqa: N806 - worker/celery_app.py's, beat's limit
+    from worker.nudge import TICKS_WAITING_MAX
+
     for i in range(TICKS_WAITING_MAX + 3):
         answer = glow.put(f"/v1/bookings/Q-{i}", json=future_booking(f"Q-{i}"))
         assert answer.status_code == 201, answer.text
