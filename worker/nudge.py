@@ -29,7 +29,9 @@ Coalesced: the thread publishes once for all the asks made before it began to pu
 then waits GAP_SECONDS before the next, so a burst of writes publishes a nudge per
 GAP_SECONDS at most, not one each. No ask is lost: one made while a publish or the gap is
 under way has another publish after it, and a publish begun after the write it was asked
-for has its pump run begin after that write, so the run claims it.
+for has its pump run begin after that write, so the run claims it. None is published while
+TICKS_WAITING_MAX pump tasks wait unrun (no worker takes the queue): the worker that comes
+back runs the pump, as beat's next tick does.
 """
 
 from __future__ import annotations
