@@ -27,7 +27,9 @@ from worker.rendering import SMS_NAME_MAX, Renderer, sms_name
 from worker.sms import sms_segments
 
 LONGEST = "Wolfeschlegelsteinhausenbergerdorffwelchevoralternwarengewissenhaftschaferswessen"
-GREETINGS = {"en": ("Hi,", "Good morning."), "es": ("Hola:", "Buenos días.")}
+# (A morning message sampled after noon, as the demo protocol's may be, says "Hi." without
+# a name: its "Good morning" is only for the morning, templates/README.md `morning`.)
+GREETINGS = {"en": ("Hi,", "Good morning.", "Hi."), "es": ("Hola:", "Buenos días.")}
 
 
 def patient(booking_doc: dict[str, Any], catalog: Catalog, name: str,

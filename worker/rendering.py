@@ -24,6 +24,9 @@ Variables (all dates and times in the patient's timezone, in the message's varia
     days_since              -days_until: 0 on the day, 1 the day after the appointment
     visit_begun             the appointment has begun at the moment of sending (the visit
                             may have taken place: a cancel then names no "resume as before")
+    morning                 the moment of sending is before noon, patient-local: a message
+                            planned for the morning that goes later (a backlog, a retry)
+                            says "Hi", not "Good morning"
     occurrence              1-based number within a repeating step
     week                    1-based week since the appointment date (day 0-6 is week 1;
                             0 or less before the appointment)
@@ -119,6 +122,7 @@ SPELLING_FILE = "_spelling.toml"  # [REGION] written word -> that region's spell
 SPELLING_MARK = "+"
 # The last fallback of a message's language (patient's -> clinic's -> this).
 FALLBACK_LOCALE = "en"
+NOON = 12  # patient-local hour from which a message no longer greets "Good morning"
 # The longest name an SMS greets the patient by (characters): `check` proves every SMS fits
 # one GSM-7 segment with names this long (worker/checking.py SAMPLE_FIRST_NAMES). A longer
 # preferred name is greeted by its first word, else the name's first word, if one fits;
@@ -553,6 +557,7 @@ class Renderer:
             "days_until": days_until,
             "days_since": -days_until,
             "visit_begun": (now or due_at) >= booking.starts_at,
+            "morning": (now or due_at).astimezone(tz).hour < NOON,
             "occurrence": occurrence,
             "week": -days_until // 7 + 1,
             "plan_dates": {
