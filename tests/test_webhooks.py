@@ -284,3 +284,20 @@ def test_an_answer_whose_body_never_ends_counts_by_its_status(events, receiver, 
     assert time.monotonic() - began < 5
     assert [h.json()["id"] for h in receiver.snapshot()] == [event_id]
     assert events.pending() == []
+
+
+def test_events_go_out_in_the_order_they_were_written_past_a_power_of_ten(
+        events, receiver, tmp_path, redis_client):
+    """Events due together are claimed oldest first: the id "10" after the id "9" (a due
+    set of equal scores sorts its ids as text, "10" before "9"), so a booking's last
+    reminder.sent is not told after its booking.completed, nor a backlog shuffled."""
+    redis_client.set(f"{events.prefix}:ev:seq", 8)
+    sent = events.emit("glow", "webhook", "reminder.sent",
+                       {"booking_id": "A-1", "reminder": "spf:sms", "version": 1})
+    completed = events.emit("glow", "webhook", "booking.completed",
+                            {"booking_id": "A-1", "version": 1})
+    assert (sent, completed) == ("9", "10")
+    assert [e.id for e in events.pending()] == ["9", "10"]  # "oldest first"
+    assert deliver_all(events, hooked(receiver), tmp_path) == ["delivered", "delivered"]
+    assert [(h.json()["id"], h.json()["type"]) for h in receiver.snapshot()] == [
+        ("9", "reminder.sent"), ("10", "booking.completed")]
