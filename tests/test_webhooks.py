@@ -301,3 +301,15 @@ def test_events_go_out_in_the_order_they_were_written_past_a_power_of_ten(
     assert deliver_all(events, hooked(receiver), tmp_path) == ["delivered", "delivered"]
     assert [(h.json()["id"], h.json()["type"]) for h in receiver.snapshot()] == [
         ("9", "reminder.sent"), ("10", "booking.completed")]
+    # Given up, then replayed together (`reminders events replay --all`): oldest first too.
+    receiver.status = 500
+    for event_id in ("11", "12"):
+        assert events.emit("glow", "webhook", "reminder.failed", {"booking_id": "A-2"}) == \
+            event_id
+    redis_client.set(f"{events.prefix}:ev:seq", 98)
+    assert events.emit("glow", "webhook", "booking.completed", {"booking_id": "A-2"}) == "99"
+    assert events.emit("glow", "webhook", "booking.completed", {"booking_id": "A-3"}) == "100"
+    deliver_all(events, hooked(receiver), tmp_path, webhook_max_attempts=1)
+    assert sorted(events.dead(), key=int) == ["11", "12", "99", "100"]
+    assert events.replay(["100", "99", "12", "11"]) == ["11", "12", "99", "100"]
+    assert [e.id for e in events.pending()] == ["11", "12", "99", "100"]

@@ -8,9 +8,13 @@ events in one MULTI), so an event is never lost and never made up. Events wait i
 own schedule:
 
   P:ev:seq        STR   event id counter
+  P:ev:last       STR   the due set's score of the last event written or replayed
+                        (`event_due`: each a microsecond after the one before at least)
   P:ev:<id>       HASH  clinic, kind (webhook | alert), type, body (JSON), attempts, claim,
                         last_error
-  P:ev:due        ZSET  event id -> when to try it (a claimed event: when its lease ends)
+  P:ev:due        ZSET  event id -> when to try it (a claimed event: when its lease ends; a
+                        new or replayed one: when it was put there, so those due together
+                        go oldest first)
   P:ev:dead       ZSET  event id -> when it was given up (kept `retention`, then expires)
   P:ev:consent:<clinic>  HASH  "<channel>:<contact id>" -> "1": the clinic was told this
                         contact opted out of that channel; "0": opted out (the opt-out
@@ -126,13 +130,28 @@ PROBE_MARGIN = 2.0  # seconds past an attempt's two network waits the others wai
 # `Events.emit_script` (Python callers, e.g. inside the upsert's MULTI). `fields` is a Lua
 # table; times in it are epoch seconds (turned into ISO 8601 when the event is sent).
 LUA_EMIT = """
+-- An event's place in the due set: now, on Redis's clock, not 0: events due together are
+-- claimed oldest first (equal scores sort their ids as text, "10" before "9"). One put in
+-- the same microsecond as the one before (one script writes several) comes a microsecond
+-- after it; never further (a clock stepped back: a last one more than a second ahead is
+-- ignored).
+local function event_due(prefix, now)
+  local last = tonumber(redis.call('GET', prefix .. ':ev:last'))
+  local due = now
+  if last and last >= now and last < now + 1 then due = last + 0.000001 end
+  due = string.format('%.6f', due)
+  redis.call('SET', prefix .. ':ev:last', due)
+  return due
+end
+
 local function emit_event(prefix, clinic, kind, etype, fields)
   local id = tostring(redis.call('INCR', prefix .. ':ev:seq'))
   local t = redis.call('TIME')
-  fields['created_at'] = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local created = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  fields['created_at'] = created
   redis.call('HSET', prefix .. ':ev:' .. id, 'clinic', clinic, 'kind', kind, 'type', etype,
     'body', cjson.encode(fields), 'attempts', '0')
-  redis.call('ZADD', prefix .. ':ev:due', 0, id)
+  redis.call('ZADD', prefix .. ':ev:due', event_due(prefix, created), id)
   return id
 end
 """
@@ -371,7 +390,7 @@ return 'retry'
 # Send a given-up event again (`reminders events replay`): due now with its attempts
 # counted afresh, kept until delivered. 0 if it is not given up (any more), or expired.
 # Replayed once the endpoint is fixed: the clinic's webhook rest, if any, ends too.
-_REPLAY = LUA_REST + """
+_REPLAY = LUA_EMIT + LUA_REST + """
 local dead_key, due_key, ekey, out_key, id, prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
   ARGV[1], ARGV[2]
 if not redis.call('ZSCORE', dead_key, id) then return 0 end
@@ -379,11 +398,11 @@ redis.call('ZREM', dead_key, id)
 if redis.call('EXISTS', ekey) == 0 then return 0 end
 redis.call('PERSIST', ekey)
 redis.call('HSET', ekey, 'attempts', '0')
-redis.call('ZADD', due_key, 0, id)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', due_key, event_due(prefix, now), id)
 if redis.call('HGET', ekey, 'kind') == 'webhook' then
-  local t = redis.call('TIME')
-  end_rest(prefix, redis.call('HGET', ekey, 'clinic'), due_key, out_key,
-    tonumber(t[1]) + tonumber(t[2]) / 1000000)
+  end_rest(prefix, redis.call('HGET', ekey, 'clinic'), due_key, out_key, now)
 end
 return 1
 """
@@ -628,8 +647,10 @@ class Events:
         return out
 
     def replay(self, event_ids: list[str]) -> list[str]:
-        """Put given-up events back to be delivered now; return the ids replayed."""
-        return [event_id for event_id in event_ids if int(self._replay(
+        """Put given-up events back to be delivered now, in the order they were written;
+        return the ids replayed."""
+        ordered = sorted(event_ids, key=lambda i: (len(i), i))  # "9" before "10"
+        return [event_id for event_id in ordered if int(self._replay(
             keys=[self.dead_key, self.due_key, self.event_key(event_id), self.out_key],
             args=[event_id, self.prefix]))]
 
