@@ -182,3 +182,28 @@ def test_start_leaves_a_move_notice_whose_visit_has_begun(rig):
     _start(rig)
     assert rig.reminders()["rescheduled#1:sms"]["status"] == "skipped"
     assert rig.store.redis.zscore(rig.store.due_key, ref) is None
+
+
+def test_start_brings_back_an_email_move_notice_of_a_patient_unsubscribed_from_email(rig):
+    """The patient was told the date by email (the booking confirmation), then
+    unsubscribed from email and texted STOP. The clinic moves the visit: its notice is an
+    email, which goes by SMS to a patient unsubscribed from email (a change notice counts as
+    care-critical, worker/store.py `is_critical`); opted out of SMS too, its begin skips
+    it. START: it goes now, by SMS, as its begin then says; without it the patient never
+    hears of the move."""
+    first, later = rig.doc(10, channels=("sms", "email")), rig.doc(17, channels=("sms", "email"))
+    rig.book(first)
+    assert rig.send("sk/M-1/booking-confirmation:email") == "sent"
+    assert rig.store.opt_out("sk", "email", "ana@example.com", "unsubscribed at test").first
+    assert rig.store.opt_out("sk", "sms", PHONE, "STOP at test").first
+    rig.book(later)
+    assert set(ns.notices(rig.reminders())) == {"rescheduled#1:email"}
+    ref = "sk/M-1/rescheduled#1:email"
+    assert rig.send(ref) == "dropped: opted out"
+    assert rig.reminders()["rescheduled#1:email"]["status"] == "skipped"
+    _start(rig)
+    back = rig.reminders()["rescheduled#1:email"]
+    assert back["status"] == "scheduled", back
+    assert rig.send(ref) == "sent"
+    (body,) = [b for b in rig.gate.bodies if b.get("to") == PHONE]  # by SMS, once
+    assert "moved" in body["message"] and ns.names(body["message"], later["starts_at"]), body
