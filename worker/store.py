@@ -2048,7 +2048,8 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     (`seq`): one a later change superseded names a date no longer true, and that change
     added its own. An SMS opt-in also puts back a care-critical
     email step its begin skipped while the patient was unsubscribed from email and opted out
-    of SMS (it goes by SMS; not one whose own SMS carries the step; never "by email": its
+    of SMS (a change notice counts, as for the scripts' `is_critical`) (it goes by SMS;
+    not one whose own SMS carries the step; never "by email": its
     last flag is false). A step the booking no longer plans is never
     among them: a change of the booking cancels such a skipped reminder
     (worker/reconcile.py)."""
@@ -2067,6 +2068,7 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
         return []
     protected = {what.partition("/")[2] for what in critical.split()
                  if what.partition("/")[0] == parsed.get("treatment")}
+    protected |= set(NOTICE_STEPS)  # care-critical as the scripts' `is_critical` counts them
     email = "email" in (patient.get("channels") or []) and bool(patient.get("email"))
     out = []
     for key, value in fields.items():
