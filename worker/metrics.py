@@ -199,30 +199,84 @@ class ConfigCollector(Collector):
     """`reminders_config_loads`: 1 while config/ as it is on disk now loads, 0 when it does
     not (an edit the running processes keep out, logged once at ERROR: worker/catalog.py;
     a worker started now refuses to start). Read again at a scrape only when its files
-    changed (worker/catalog.py `config_stamp`)."""
+    changed (their names, modification times and sizes). `in_child`: loaded by a child
+    Python process (the Celery worker's main process, which only routes messages: the
+    catalog's imports, about 4 MB, would stay in it for nothing; see worker/tasks.py
+    `_config_problem`), else in this process (the API, which holds the catalog anyway)."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, *, in_child: bool = False) -> None:
         self.settings = settings
+        self.in_child = in_child
         self._seen: tuple[Any, float] | None = None  # (stamp, value)
 
     def describe(self) -> Iterable[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        from .catalog import Catalog, config_stamp
-        from .errors import ConfigError
-
-        stamp = config_stamp(self.settings)
+        stamp = _config_stamp(self.settings)
         if self._seen is None or self._seen[0] != stamp:
-            try:
-                Catalog.load(self.settings)
-                value = 1.0
-            except (ConfigError, OSError):
-                value = 0.0
-            self._seen = (stamp, value)
-        yield _gauge("reminders_config_loads",
-                     "Whether config/ as it is on disk now loads (0: an edit is kept out)",
-                     self._seen[1])
+            value = _loads_in_child() if self.in_child else _loads_here(self.settings)
+            if value is not None:  # a child that could not tell: asked again next scrape
+                self._seen = (stamp, value)
+        if self._seen is not None:
+            yield _gauge("reminders_config_loads",
+                         "Whether config/ as it is on disk now loads (0: an edit is kept out)",
+                         self._seen[1])
+
+
+def _config_stamp(settings: Any) -> tuple[tuple[str, int, int], ...]:
+    """The config files' names, modification times and sizes (as worker/catalog.py's
+    `config_stamp`, without importing the catalog)."""
+    stamp = []
+    for folder in (settings.protocols_dir, settings.clinics_dir):
+        try:
+            for path in sorted(folder.glob("*.toml")):
+                if not path.name.startswith("."):
+                    st = path.stat()
+                    stamp.append((str(path), st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamp.append((str(folder), -1, -1))
+    return tuple(stamp)
+
+
+def _loads_here(settings: Any) -> float:
+    from .catalog import Catalog
+    from .errors import ConfigError
+
+    try:
+        Catalog.load(settings)
+    except (ConfigError, OSError):
+        return 0.0
+    return 1.0
+
+
+# A child's check: exit 0 if config/ loads, 3 if it does not (any other end: it could not tell).
+_CHECK = """
+import sys
+from worker.catalog import Catalog
+from worker.errors import ConfigError
+from worker.settings import get_settings
+try:
+    Catalog.load(get_settings())
+except ConfigError:
+    sys.exit(3)
+"""
+CHECK_TIMEOUT_SECONDS = 30.0
+
+
+def _loads_in_child() -> float | None:
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)  # where `worker` is imported from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True,
+                              timeout=CHECK_TIMEOUT_SECONDS, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {0: 1.0, 3: 0.0}.get(done.returncode)
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

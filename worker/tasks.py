@@ -337,7 +337,7 @@ def _serve_metrics(**_: object) -> None:
     start_worker_metrics(client(settings, PROBE, decode=False), settings.key_prefix,
                          settings.data_dir,
                          settings.metrics_host, settings.metrics_port,
-                         config=ConfigCollector(settings))
+                         config=ConfigCollector(settings, in_child=True))
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped

@@ -94,3 +94,37 @@ def test_a_clinics_first_dead_letter_fires_dead_letters_growing(redis_client, ca
     after = labelled(redis_client, "reminders_dead_lettered_total")
     assert after[("glow", "sms")] == 1
     assert increase(before, after).get(("glow", "sms"), 0) > 0, (before, after)
+
+
+def test_the_workers_config_gauge_loads_config_in_a_child_and_says_when_it_does_not(
+        tmp_path, monkeypatch) -> None:
+    """The worker's metrics port (its main process) asks a child Python whether config/ as on
+    disk loads: a real child, the environment's settings, as the worker's own."""
+    import shutil
+    import time
+
+    from worker.metrics import ConfigCollector
+    from worker.settings import Settings
+
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    monkeypatch.setenv("REMINDERS_CONFIG_DIR", str(config))
+    monkeypatch.setenv("REMINDERS_TEMPLATES_DIR", str(ROOT / "templates"))
+    settings = Settings(_env_file=None, config_dir=config, templates_dir=ROOT / "templates")
+    collector = ConfigCollector(settings, in_child=True)
+
+    def gauge() -> float:
+        registry = CollectorRegistry()
+        registry.register(collector)
+        (sample,) = [s for f in text_string_to_metric_families(generate_latest(
+            registry).decode()) for s in f.samples if s.name == "reminders_config_loads"]
+        return sample.value
+
+    assert gauge() == 1
+    clinic = config / "clinics" / "glow.toml"
+    good = clinic.read_text(encoding="utf-8")
+    clinic.write_text(good + '\nname = "unclosed\n', encoding="utf-8")
+    assert gauge() == 0
+    time.sleep(0.01)
+    clinic.write_text(good, encoding="utf-8")
+    assert gauge() == 1
