@@ -7,11 +7,16 @@ the clinic must get an error naming the file, the step and the field instead."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests.test_check import EXIT_CONFIG, check_copy, copy  # noqa: F401
+from worker.clinics import load_clinic
+from worker.models import Booking
+from worker.planner import plan
+from worker.protocols import load_protocol
 
 
 def edit(path: Path, old: str, new: str) -> None:
@@ -44,3 +49,60 @@ def test_an_isotretinoin_washout_of_0_days_is_refused(copy: Path, file: str, old
     assert f"configuration error: {path}: isotretinoin_washout_days: " in result.stderr, (
         result.stderr)
     assert "Traceback" not in result.stderr
+
+
+# --- a step that can never be sent ----------------------------------------------------------
+
+
+def _booking(treatment: str, starts_at: str) -> Booking:
+    return Booking.model_validate({
+        "clinic": "glow", "booking_id": "R-1", "treatment": treatment, "starts_at": starts_at,
+        "patient": {"name": "Ana López", "email": "ana@example.com", "phone": "+34600111222",
+                    "timezone": "Europe/Madrid", "locale": "es", "channels": ["sms", "email"]},
+        "medications": {"tretinoin": True, "retinol": False},
+    })
+
+
+def test_a_late_until_before_the_steps_own_time_is_refused(copy: Path) -> None:  # noqa: F811
+    """`late_until = "1h"` on the aftercare step due 3 h after the start: the step may be
+    sent only until an hour after the start, two hours before its own time, so the
+    planner skips it for every booking ("outside the send window ... until after it
+    expires") and the patient never gets the care-critical aftercare email. `reminders
+    check` accepted it."""
+    path = copy / "config" / "protocols" / "microneedling.toml"
+    edit(path, 'offset = "3h"', 'offset = "3h"\nlate = "send"\nlate_until = "1h"')
+    # What the worker does with it: the real planner, a booking a month ahead.
+    protocol = load_protocol(path)
+    clinic = load_clinic(copy / "config" / "clinics" / "glow.toml")
+    planned = plan(_booking("microneedling", "2026-12-05T14:30:00+01:00"), protocol, clinic,
+                   datetime(2026, 11, 5, 10, 0, tzinfo=UTC))
+    aftercare = [r for r in planned.reminders if r.step == "aftercare"]
+    assert aftercare and all(r.status == "skipped" for r in aftercare), aftercare
+
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert (f"configuration error: {path}: steps.4.late_until: step 'aftercare' is never "
+            "sent:") in result.stderr, result.stderr
+
+
+def test_a_step_outside_a_clinics_send_window_until_it_expires_is_refused(
+        copy: Path) -> None:  # noqa: F811
+    """A clinic narrowing its send window to 09:00-18:00 while tretinoin-start's
+    application nights are due at 19:30 (a weekday series: each night's text is about that
+    night and expires at its midnight): the window next opens the day after, so every night
+    text is skipped and the patient starting tretinoin gets none of them. `reminders check`
+    accepted it; it names the clinic's window and the step's time."""
+    clinic_path = copy / "config" / "clinics" / "glow.toml"
+    edit(clinic_path, 'end = "20:00"', 'end = "18:00"')
+    protocol = load_protocol(copy / "config" / "protocols" / "tretinoin-start.toml")
+    planned = plan(_booking("tretinoin-start", "2026-12-07T11:00:00+01:00"), protocol,
+                   load_clinic(clinic_path), datetime(2026, 11, 5, 10, 0, tzinfo=UTC))
+    nights = [r for r in planned.reminders if r.step == "application-night"]
+    assert nights and all(r.status == "skipped" for r in nights), nights
+
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    protocol_path = copy / "config" / "protocols" / "tretinoin-start.toml"
+    assert (f"configuration error: {protocol_path}: steps.1.time: step 'application-night' is "
+            "never sent at clinic glow (send_window 09:00-18:00):") in result.stderr, (
+                result.stderr)
