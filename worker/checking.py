@@ -3,7 +3,10 @@
 Validates that each template a protocol step names exists in every locale, compiles and
 renders with realistic long values (the longest and the most accented first names of each
 language, every configured clinic's name), and reports each SMS template's encoding,
-length and segments. Every protocol `[advice]` value must have a source comment in its
+length and segments. Each protocol is planned for each clinic (a sample booking made well
+ahead): a step that would never be sent (its `late_until` ends before its own time, or the
+clinic's send window opens only after it expires) and a pause step after the visit are
+errors. Every protocol `[advice]` value must have a source comment in its
 file; `--sources` lists, per protocol step, the clinical claims its messages make and
 where each comes from. The renderer itself is worker/rendering.py.
 
@@ -37,7 +40,7 @@ from .errors import ConfigError
 from .models import CHANNELS, Booking, Channel
 from .notices import Invite, Notice
 from .planner import PlannedReminder, hold_notice, plan
-from .protocols import NOTICE_STEPS, AdviceValue, Protocol
+from .protocols import NOTICE_STEPS, AdviceValue, Protocol, format_duration
 from .rendering import (
     FAHRENHEIT_TERRITORIES,
     RenderedMessage,
@@ -49,6 +52,7 @@ from .rendering import (
 )
 from .settings import MIN_SECRET_CHARS
 from .sms import Encoding, fold_to_gsm7, non_gsm7, normalise, sms_segments
+from .status import Status
 
 if TYPE_CHECKING:
     from .durability import Finding
@@ -340,9 +344,66 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
         report.sources = _sources(catalog, comments, claims)
         report.warnings += _unstated_advice(catalog, claims, protocols_dir)
     errors += secret_errors
+    errors += _plan_errors(catalog, clinics, protocols_dir)
     # One broken file fails many renders: report each distinct problem once, sorted.
     report.errors = list({str(e): e for e in sorted(errors, key=str)}.values())
     return report
+
+
+# --- plans: steps a clinic's patients would never get -------------------------------------
+
+
+def _plan_errors(catalog: Catalog, clinics: list[Clinic],
+                 protocols_dir: Path) -> list[ConfigError]:
+    """Return what the planner would do wrong for every patient of a clinic, from the plan of
+    a sample booking made SAMPLE_BOOKED_DAYS_BEFORE days ahead (both channels, both
+    medications: every step applies): a step skipped although booked in time (its
+    `late_until` ends before its own time, or the clinic's send window opens only after it
+    expires: it could never be sent), and a pause step (`pause = true`) after the visit."""
+    errors: list[ConfigError] = []
+    for clinic, protocol in product(clinics, catalog.protocols.values()):
+        path = protocols_dir / f"{protocol.id}.toml"
+        booking = sample_booking(clinic, protocol, clinic.locale)
+        start = booking.starts_at
+        planned = plan(booking, protocol, clinic,
+                       start - timedelta(days=SAMPLE_BOOKED_DAYS_BEFORE))
+        index = {step.id: (n, step) for n, step in enumerate(protocol.steps)}
+        told: set[str] = set()
+        for reminder in planned.uncapped or planned.reminders:
+            if reminder.step not in index or reminder.step in told:
+                continue
+            n, step = index[reminder.step]
+            if step.pause and reminder.due_at >= start:
+                told.add(step.id)
+                errors.append(ConfigError(path, (
+                    f"steps.{n}.pause: step {step.id!r} pauses a product but is due after "
+                    "the visit: the pause step tells the patient to stop it before the "
+                    "visit; give it a time before the appointment")))
+            if reminder.status != Status.SKIPPED:
+                continue
+            told.add(step.id)
+            expires = reminder.expires_at
+            if (step.late_until is not None and expires is not None
+                    and expires <= reminder.due_at):
+                errors.append(ConfigError(path, (
+                    f"steps.{n}.late_until: step {step.id!r} is never sent: it may be sent "
+                    f"only until {_from_start(step.late_until)}, which is not after its own "
+                    "time; give a late_until after the step's time, "
+                    "or leave it out")))
+            else:
+                field = "time" if step.time is not None else "offset" if step.offset else "at"
+                errors.append(ConfigError(path, (
+                    f"steps.{n}.{field}: step {step.id!r} is never sent at clinic "
+                    f"{clinic.id} (send_window {clinic.send_window.describe()}): "
+                    f"{reminder.reason}; move the step's time into the window, or widen "
+                    "the clinic's send_window")))
+    return errors
+
+
+def _from_start(gap: timedelta) -> str:
+    """"6h before the start", "1h after the start"."""
+    side = "before" if gap < timedelta(0) else "after"
+    return f"{format_duration(abs(gap))} {side} the start"
 
 
 # --- --redis: pending reminders config/ cannot send ---------------------------------------
