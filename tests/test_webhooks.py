@@ -313,3 +313,50 @@ def test_events_go_out_in_the_order_they_were_written_past_a_power_of_ten(
     assert sorted(events.dead(), key=int) == ["11", "12", "99", "100"]
     assert events.replay(["100", "99", "12", "11"]) == ["11", "12", "99", "100"]
     assert [e.id for e in events.pending()] == ["11", "12", "99", "100"]
+
+
+def rotating(url: str) -> Clinic:
+    return glow(webhook={"url": url, "secret": "${GLOW_WEBHOOK_SECRET_NEW}",
+                         "previous_secret": "${GLOW_WEBHOOK_SECRET}"})
+
+
+def deliver_with(events: Events, clinic: Clinic, tmp_path: Path, env: dict[str, str]
+                 ) -> list[str]:
+    results: list[str] = []
+    pump_events(events, lambda i, c: results.append(deliver_event(
+        events, i, c, clinics={"glow": clinic}, renderer=Renderer(ROOT / "templates"),
+        settings=settings(tmp_path), env=env)), batch=10, lease_seconds=30)
+    return results
+
+
+def test_a_secret_rotated_with_previous_secret_verifies_with_either_secret(events, tmp_path):
+    """Rotating the signing secret: while `previous_secret` names the old one, each event is
+    signed with both (two `v1=` in the header), so the clinic's receiver still on the old
+    secret, and the one already on the new, both verify every event; none is refused in the
+    switch-over (refused ones were retried, then given up)."""
+    new = "whsec-new-0123456789-0123456789-abcdef"
+    env = ENV | {"GLOW_WEBHOOK_SECRET_NEW": new}
+    for receiving_with in (SECRET, new):
+        receiver = WebhookReceiver(receiving_with).start()
+        try:
+            events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-1"})
+            assert deliver_with(events, rotating(receiver.url), tmp_path, env) == ["delivered"]
+            (hook,) = receiver.snapshot()
+            assert hook.valid
+            header = hook.headers[SIGNATURE_HEADER]
+            assert header.count("v1=") == 2
+            assert verify_signature(new, header, hook.body)
+            assert verify_signature(SECRET, header, hook.body)
+        finally:
+            receiver.stop()
+    # Its variable unset: retried, not sent signed with the new secret alone.
+    receiver = WebhookReceiver(SECRET).start()
+    try:
+        events.emit("glow", "webhook", "reminder.sent", {"booking_id": "A-2"})
+        only_new = {"GLOW_WEBHOOK_SECRET_NEW": new}
+        assert deliver_with(events, rotating(receiver.url), tmp_path, only_new) == [
+            "retrying: environment variable GLOW_WEBHOOK_SECRET is not set"]
+        assert receiver.snapshot() == []
+        assert rotating(receiver.url).missing_secrets(only_new) == ["GLOW_WEBHOOK_SECRET"]
+    finally:
+        receiver.stop()
