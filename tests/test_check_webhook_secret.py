@@ -85,3 +85,20 @@ def test_a_webhook_url_whose_host_cannot_be_used_fails_check(config) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
     assert f"configuration error: {glow}: webhook.url: the host " in result.stderr, output
+
+
+def test_a_short_previous_secret_fails_check_naming_webhook_previous_secret(config) -> None:
+    glow = config / "clinics" / "glow.toml"
+    glow.write_text(glow.read_text(encoding="utf-8").replace(
+        WEBHOOK, WEBHOOK + 'previous_secret = "${GLOW_WEBHOOK_SECRET_OLD}"\n'),
+        encoding="utf-8")
+    os.environ["GLOW_WEBHOOK_SECRET_OLD"] = SHORT
+    try:
+        result = check(config, secrets.token_urlsafe(32))
+    finally:
+        del os.environ["GLOW_WEBHOOK_SECRET_OLD"]
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert (f"configuration error: {glow}: webhook.previous_secret: environment variable "
+            "GLOW_WEBHOOK_SECRET_OLD must be at least 32 characters") in result.stderr, output
+    assert SHORT not in output, output

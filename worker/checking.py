@@ -326,7 +326,9 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
     # A webhook signing secret set but short (set, since unset is only warned about above):
     # anyone could forge the clinic's event signatures. Named, never shown.
     secret_errors = [
-        ConfigError(clinics_dir / f"{c.id}.toml", webhook_secret_problem(var))
+        ConfigError(clinics_dir / f"{c.id}.toml", webhook_secret_problem(
+            var, "webhook.secret" if c.webhook.secret == f"${{{var}}}"
+            else "webhook.previous_secret"))
         for c in clinics if c.webhook and (var := c.webhook.short_secret(env))]
     # A webhook URL whose host no request can be made to (a typo: "hooks..clinic.example"):
     # it loads, and every delivery fails until the clinic's events are given up.
@@ -739,9 +741,9 @@ def _reply_errors(catalog: Catalog, clinics: list[Clinic]) -> list[ConfigError]:
     return errors
 
 
-def webhook_secret_problem(name: str) -> str:
+def webhook_secret_problem(name: str, field: str = "webhook.secret") -> str:
     """Return the problem of a webhook secret shorter than MIN_SECRET_CHARS (no value)."""
-    return (f"webhook.secret: environment variable {name} must be at least "
+    return (f"{field}: environment variable {name} must be at least "
             f"{MIN_SECRET_CHARS} characters of random text (a short one makes the clinic's "
             "webhook signatures forgeable); make one with: python -c \"import secrets; "
             "print(secrets.token_urlsafe(32))\"")

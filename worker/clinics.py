@@ -110,24 +110,44 @@ class Webhook(BaseModel):
     url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2000)
     # "${NAME}": the signing secret is read from the environment at send time.
     secret: str = Field(pattern=r"^\$\{[A-Z_][A-Z0-9_]*\}$")
+    # "${NAME}" of the secret being rotated out: while set, each event is signed with both
+    # (two `v1=` in the header, `secret`'s first), so the clinic's receiver verifies with
+    # either while it switches to the new one; removed once it has.
+    previous_secret: str | None = Field(None, pattern=r"^\$\{[A-Z_][A-Z0-9_]*\}$")
     # Which events to send (default: all of them).
     events: list[Literal[EVENT_TYPES]] | None = None  # type: ignore[valid-type]
 
     def secret_value(self, clinic: str, env: Mapping[str, str] | None = None) -> str:
         """Return the signing secret from the environment."""
-        name = self.secret[2:-1]
-        value = (os.environ if env is None else env).get(name)
-        if not value:
-            raise ConfigError(f"clinic {clinic}", f"environment variable {name} is not set")
-        return value
+        return self.secret_values(clinic, env)[0]
+
+    def secret_values(self, clinic: str, env: Mapping[str, str] | None = None) -> list[str]:
+        """Return the signing secrets from the environment: `secret`, then `previous_secret`
+        if set (a ConfigError if either variable is unset: an event signed with the new
+        secret alone would be refused by a receiver not switched yet)."""
+        values = []
+        for ref in self.secret_refs():
+            name = ref[2:-1]
+            value = (os.environ if env is None else env).get(name)
+            if not value:
+                raise ConfigError(f"clinic {clinic}", f"environment variable {name} is not set")
+            values.append(value)
+        return values
+
+    def secret_refs(self) -> list[str]:
+        """Return `secret`, then `previous_secret` if set ("${NAME}" each)."""
+        return [self.secret] + ([self.previous_secret] if self.previous_secret else [])
 
     def short_secret(self, env: Mapping[str, str] | None = None) -> str | None:
-        """Return the name of the secret's environment variable if it is set to fewer than
-        MIN_SECRET_CHARS characters (a forgeable signature), else None. Sends still use it:
-        `reminders check` fails on it instead."""
-        name = self.secret[2:-1]
-        value = (os.environ if env is None else env).get(name)
-        return name if value is not None and len(value) < MIN_SECRET_CHARS else None
+        """Return the name of the first secret's environment variable (`secret`, then
+        `previous_secret`) set to fewer than MIN_SECRET_CHARS characters (a forgeable
+        signature), else None. Sends still use it: `reminders check` fails on it instead."""
+        for ref in self.secret_refs():
+            name = ref[2:-1]
+            value = (os.environ if env is None else env).get(name)
+            if value is not None and len(value) < MIN_SECRET_CHARS:
+                return name
+        return None
 
 
 def _clinic_email(value: str) -> str:
@@ -306,7 +326,7 @@ class Clinic(BaseModel):
         env = os.environ if env is None else env
         names = {m for url in self.channels.values() for m in _ENV_REF.findall(url)}
         if self.webhook:
-            names.add(self.webhook.secret[2:-1])
+            names.update(ref[2:-1] for ref in self.webhook.secret_refs())
         if self.inbound.twilio_auth_token:
             names.add(self.inbound.twilio_auth_token[2:-1])
         return sorted(n for n in names if n not in env)

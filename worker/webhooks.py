@@ -72,7 +72,9 @@ URL edited in config/ ends it at the pump's next run (`pump_events` is told the 
 URLs), so the new URL is tried at once.
 
 Signature (Stripe-style): header `Reminders-Signature: t=<unix seconds>,v1=<hex>` where
-hex = HMAC-SHA256(secret, "<t>.<raw body>"). A receiver checks it with `verify_signature`
+hex = HMAC-SHA256(secret, "<t>.<raw body>"); while the clinic's `previous_secret` is set
+(a secret being rotated), a second `v1=<hex>` with it follows the first, so a receiver on
+either secret verifies the event. A receiver checks it with `verify_signature`
 and refuses a timestamp more than `SIGNATURE_TOLERANCE_SECONDS` from its clock, so a
 captured request cannot be replayed later. Bodies carry ids, steps, channels, times and
 reasons only: never a message body or a patient's contact details.
@@ -87,7 +89,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -759,10 +761,13 @@ def hooks_for(clinics: Mapping[str, Clinic]) -> Callable[[str], str]:
 # --- signing -----------------------------------------------------------------------
 
 
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    """Return the signature header value for `body` sent at `timestamp`."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
+def sign(secret: str | Sequence[str], body: bytes, timestamp: int) -> str:
+    """Return the signature header value for `body` sent at `timestamp`: one `v1=` per
+    secret (several while one is rotated: `verify_signature` accepts any of them)."""
+    secrets = [secret] if isinstance(secret, str) else list(secret)
+    macs = [hmac.new(s.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+            for s in secrets]
+    return f"t={timestamp}," + ",".join(f"v1={mac}" for mac in macs)
 
 
 def verify_signature(
@@ -786,12 +791,16 @@ def verify_signature(
         return False
     if abs((time.time() if now is None else now) - timestamp) > tolerance:
         return False
-    expected = sign(secret, body, timestamp).split("v1=", 1)[1]
+    expected = sign(secret, body, timestamp).split(",v1=", 1)[1]
     return any(hmac.compare_digest(expected, given) for given in parts.get("v1", []))
 
 
-def post_webhook(url: str, secret: str, event: Event, *, timeout: float) -> None:
-    """POST one signed event; raise DeliveryError unless the clinic answers 2xx."""
+def post_webhook(url: str, secret: str | Sequence[str], event: Event, *,
+                 timeout: float) -> None:
+    """POST one signed event; raise DeliveryError unless the clinic answers 2xx.
+
+    `secret`: one, or several (a secret being rotated: the new one, then the previous one),
+    each giving the signature header a `v1=` of its own (`sign`)."""
     import requests
 
     from .delivery import urllib3_lines_kept_out
@@ -957,7 +966,7 @@ def deliver_event(
                 _unsettled(unsettled)
                 events.done(event_id, claim)
                 return "dropped: the clinic's webhook does not take this event"
-            secret = clinic.webhook.secret_value(clinic.id, env)
+            secrets = clinic.webhook.secret_values(clinic.id, env)
             taken = events.take(event_id, claim)
             if taken == "stale":
                 return "gone (delivered, or claimed again after the lease)"
@@ -966,7 +975,7 @@ def deliver_event(
                          "event it did not answer; not tried, due again when the rest ends",
                          event_id, event.type, event.clinic)
                 return RESTED
-            post_webhook(clinic.webhook.url, secret, event, timeout=wait)
+            post_webhook(clinic.webhook.url, secrets, event, timeout=wait)
             endpoint = "answered"
     except (DeliveryError, ConfigError) as exc:
         reason = exc.reason if isinstance(exc, DeliveryError) else exc.problem
