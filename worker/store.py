@@ -4094,10 +4094,14 @@ class Store:
         doc: str | None,
         next_tries: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
+        """The timeline of these records, its reminders in the order they are due (by the
+        instant, then by id)."""
         tries = next_tries or {}
         reminders = [_timeline_entry(key, rec, tries.get(key))
                      for key, rec in records.items() if rec]
-        reminders.sort(key=lambda r: (r["due_at"] or "", r["id"]))
+        # By the instant, not the text: "09:45:24.500000Z" sorts before "09:45:24Z" as text.
+        reminders.sort(key=lambda r: (float(records[r["id"]].get("due_epoch") or "-inf"),
+                                      r["id"]))
         status = booking["status"]
         if status == Status.HELD:
             for r in reminders:
