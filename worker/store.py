@@ -3696,7 +3696,10 @@ class Store:
             for key, record in stored.reminders.items():
                 # A dead letter too (never sent): a replay must not send it after this one.
                 if is_notice(key) and record.get("status") in PENDING | {Status.FAILED}:
-                    cancel(key, "superseded by a later change")
+                    reason = "superseded by a later change"
+                    if record.get("status") == Status.FAILED:  # why it failed first stays
+                        reason += f"; it had failed before: {record.get('reason', '')}"
+                    cancel(key, reason)
             for notice in notices:
                 add(notice.key, notice_fields(notice, version),
                     _num(notice.due_at.timestamp()))
