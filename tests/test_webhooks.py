@@ -360,3 +360,30 @@ def test_a_secret_rotated_with_previous_secret_verifies_with_either_secret(event
         assert rotating(receiver.url).missing_secrets(only_new) == ["GLOW_WEBHOOK_SECRET"]
     finally:
         receiver.stop()
+
+
+def test_an_event_id_is_not_used_again_after_redis_rolls_back(events, receiver, tmp_path,
+                                                               redis_client):
+    """Redis restored from a backup, or a replica promoted that had not yet got the last
+    writes: the event counter goes back. The events written after that are new events: a
+    receiver deduplicating on `id` as the README says must not take one for an event it
+    already had (a second hold dropped, never reviewed)."""
+    seq = f"{events.prefix}:ev:seq"
+    backup = redis_client.get(seq)  # the counter as the backup (or the replica) holds it
+    first = events.emit("glow", "webhook", "booking.held", {"booking_id": "A-1"})
+    assert deliver_all(events, hooked(receiver), tmp_path) == ["delivered"]
+    if backup is None:
+        redis_client.delete(seq)
+    else:
+        redis_client.set(seq, backup)
+    time.sleep(0.01)
+    second = events.emit("glow", "webhook", "booking.held", {"booking_id": "A-2"})
+    assert deliver_all(events, hooked(receiver), tmp_path) == ["delivered"]
+    seen: set[str] = set()
+    taken = []
+    for hook in receiver.snapshot():  # the clinic's receiver, deduplicating on id
+        if hook.json()["id"] not in seen:
+            seen.add(hook.json()["id"])
+            taken.append(hook.json()["booking_id"])
+    assert taken == ["A-1", "A-2"]
+    assert int(second) > int(first)  # and still in the order they were written
