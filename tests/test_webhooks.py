@@ -291,28 +291,27 @@ def test_events_go_out_in_the_order_they_were_written_past_a_power_of_ten(
     """Events due together are claimed oldest first: the id "10" after the id "9" (a due
     set of equal scores sorts its ids as text, "10" before "9"), so a booking's last
     reminder.sent is not told after its booking.completed, nor a backlog shuffled."""
-    redis_client.set(f"{events.prefix}:ev:seq", 8)
+    nines = "9" * 13  # ids are at least Redis's clock in milliseconds (13 digits until 2286)
+    redis_client.set(f"{events.prefix}:ev:seq", int(nines) - 1)
     sent = events.emit("glow", "webhook", "reminder.sent",
                        {"booking_id": "A-1", "reminder": "spf:sms", "version": 1})
     completed = events.emit("glow", "webhook", "booking.completed",
                             {"booking_id": "A-1", "version": 1})
-    assert (sent, completed) == ("9", "10")
-    assert [e.id for e in events.pending()] == ["9", "10"]  # "oldest first"
+    assert (sent, completed) == (nines, "1" + "0" * 13)
+    assert [e.id for e in events.pending()] == [sent, completed]  # "oldest first"
     assert deliver_all(events, hooked(receiver), tmp_path) == ["delivered", "delivered"]
     assert [(h.json()["id"], h.json()["type"]) for h in receiver.snapshot()] == [
-        ("9", "reminder.sent"), ("10", "booking.completed")]
+        (sent, "reminder.sent"), (completed, "booking.completed")]
     # Given up, then replayed together (`reminders events replay --all`): oldest first too.
     receiver.status = 500
-    for event_id in ("11", "12"):
-        assert events.emit("glow", "webhook", "reminder.failed", {"booking_id": "A-2"}) == \
-            event_id
-    redis_client.set(f"{events.prefix}:ev:seq", 98)
-    assert events.emit("glow", "webhook", "booking.completed", {"booking_id": "A-2"}) == "99"
-    assert events.emit("glow", "webhook", "booking.completed", {"booking_id": "A-3"}) == "100"
+    redis_client.set(f"{events.prefix}:ev:seq", int("9" * 14) - 2)
+    written = [events.emit("glow", "webhook", "reminder.failed", {"booking_id": f"A-{n}"})
+               for n in range(3)]
+    assert [len(i) for i in written] == [14, 14, 15]
     deliver_all(events, hooked(receiver), tmp_path, webhook_max_attempts=1)
-    assert sorted(events.dead(), key=int) == ["11", "12", "99", "100"]
-    assert events.replay(["100", "99", "12", "11"]) == ["11", "12", "99", "100"]
-    assert [e.id for e in events.pending()] == ["11", "12", "99", "100"]
+    assert sorted(events.dead(), key=int) == written
+    assert events.replay(written[::-1]) == written
+    assert [e.id for e in events.pending()] == written
 
 
 def rotating(url: str) -> Clinic:

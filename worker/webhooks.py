@@ -7,7 +7,8 @@ upsert queues the emit script inside its MULTI; a patient's reply is recorded wi
 events in one MULTI), so an event is never lost and never made up. Events wait in their
 own schedule:
 
-  P:ev:seq        STR   event id counter
+  P:ev:seq        STR   event id counter, never behind Redis's clock in milliseconds (so
+                        an id is not given again after Redis rolls back: `emit_event`)
   P:ev:last       STR   the due set's score of the last event written or replayed
                         (`event_due`: each a microsecond after the one before at least)
   P:ev:<id>       HASH  clinic, kind (webhook | alert), type, body (JSON), attempts, claim,
@@ -147,9 +148,18 @@ local function event_due(prefix, now)
 end
 
 local function emit_event(prefix, clinic, kind, etype, fields)
-  local id = tostring(redis.call('INCR', prefix .. ':ev:seq'))
   local t = redis.call('TIME')
   local created = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  -- The id: the counter, never behind Redis's clock in milliseconds. A counter gone back
+  -- (Redis restored from a backup, a lagging replica promoted) would give new events the
+  -- ids of events the clinic already took, and its deduplication would drop them.
+  local n = redis.call('INCR', prefix .. ':ev:seq')
+  local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if n < floor then
+    n = floor
+    redis.call('SET', prefix .. ':ev:seq', string.format('%.0f', n))
+  end
+  local id = string.format('%.0f', n)
   fields['created_at'] = created
   redis.call('HSET', prefix .. ':ev:' .. id, 'clinic', clinic, 'kind', kind, 'type', etype,
     'body', cjson.encode(fields), 'attempts', '0')
