@@ -106,3 +106,58 @@ def test_a_step_outside_a_clinics_send_window_until_it_expires_is_refused(
     assert (f"configuration error: {protocol_path}: steps.1.time: step 'application-night' is "
             "never sent at clinic glow (send_window 09:00-18:00):") in result.stderr, (
                 result.stderr)
+
+
+# --- a pause with nothing that ends it ------------------------------------------------------
+
+
+def _without(text: str, step: str) -> str:
+    """The protocol text without the `[[steps]]` block of `step`."""
+    blocks = text.split("[[steps]]")
+    kept = [b for b in blocks if f'\nid = "{step}"\n' not in b]
+    assert len(kept) == len(blocks) - 1, step
+    return "[[steps]]".join(kept)
+
+
+def _step_block(text: str, step: str) -> tuple[int, str]:
+    blocks = text.split("[[steps]]")
+    found = [(n, b) for n, b in enumerate(blocks) if f'\nid = "{step}"\n' in b]
+    assert len(found) == 1, step
+    return found[0]
+
+
+def test_a_pause_step_without_a_step_that_ends_it_is_refused(copy: Path) -> None:  # noqa: F811
+    """stop-retinoids tells a tretinoin patient to stop it "until we say so" (pause = true);
+    a clinic's protocol without the resume-retinoids step is accepted, and the patient is
+    never told they may restart. `reminders check` names the pause step and the field."""
+    path = copy / "config" / "protocols" / "microneedling.toml"
+    path.write_text(_without(path.read_text(encoding="utf-8"), "resume-retinoids"),
+                    encoding="utf-8")
+    planned = plan(_booking("microneedling", "2026-12-05T14:30:00+01:00"),
+                   load_protocol(path), load_clinic(copy / "config" / "clinics" / "glow.toml"),
+                   datetime(2026, 11, 5, 10, 0, tzinfo=UTC))
+    steps = {r.step for r in planned.reminders}
+    assert "stop-retinoids" in steps and not any("resume" in s for s in steps), steps
+
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert (f"configuration error: {path}: steps.1.pause: step 'stop-retinoids' tells the "
+            "patient to stop a product until told they may resume, and no step tells "
+            "them:") in result.stderr, result.stderr
+
+
+def test_a_resume_step_the_sms_cap_may_drop_is_refused(copy: Path) -> None:  # noqa: F811
+    """The step that ends the pause without `care_critical = true`: the clinic's SMS cap
+    may drop its SMS (moved past its expiry, skipped) for a patient who takes SMS only, and
+    the paused patient never hears. `reminders check` names its care_critical."""
+    path = copy / "config" / "protocols" / "microneedling.toml"
+    text = path.read_text(encoding="utf-8")
+    n, block = _step_block(text, "resume-retinoids")
+    assert block.count("\ncare_critical = true\n") == 1
+    path.write_text(text.replace(block, block.replace("\ncare_critical = true\n", "\n")),
+                    encoding="utf-8")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert (f"configuration error: {path}: steps.{n - 1}.care_critical: step "
+            "'resume-retinoids' ends the pause of step 'stop-retinoids'") in result.stderr, (
+                result.stderr)
