@@ -347,6 +347,7 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
         report.warnings += _unstated_advice(catalog, claims, protocols_dir)
     errors += secret_errors
     errors += _plan_errors(catalog, clinics, protocols_dir)
+    errors += _pause_errors(catalog, protocols_dir)
     # One broken file fails many renders: report each distinct problem once, sorted.
     report.errors = list({str(e): e for e in sorted(errors, key=str)}.values())
     return report
@@ -361,7 +362,8 @@ def _plan_errors(catalog: Catalog, clinics: list[Clinic],
     a sample booking made SAMPLE_BOOKED_DAYS_BEFORE days ahead (both channels, both
     medications: every step applies): a step skipped although booked in time (its
     `late_until` ends before its own time, or the clinic's send window opens only after it
-    expires: it could never be sent), and a pause step (`pause = true`) after the visit."""
+    expires: it could never be sent), a pause step (`pause = true`) after the visit, and a
+    step ending the pause (`resume = true`) before it."""
     errors: list[ConfigError] = []
     for clinic, protocol in product(clinics, catalog.protocols.values()):
         path = protocols_dir / f"{protocol.id}.toml"
@@ -381,6 +383,12 @@ def _plan_errors(catalog: Catalog, clinics: list[Clinic],
                     f"steps.{n}.pause: step {step.id!r} pauses a product but is due after "
                     "the visit: the pause step tells the patient to stop it before the "
                     "visit; give it a time before the appointment")))
+            if step.resume and reminder.due_at < start:
+                told.add(step.id)
+                errors.append(ConfigError(path, (
+                    f"steps.{n}.resume: step {step.id!r} tells the patient they may resume "
+                    "the paused product but is due before the visit; give it a time after "
+                    "the appointment")))
             if reminder.status != Status.SKIPPED:
                 continue
             told.add(step.id)
@@ -399,6 +407,45 @@ def _plan_errors(catalog: Catalog, clinics: list[Clinic],
                     f"{clinic.id} (send_window {clinic.send_window.describe()}): "
                     f"{reminder.reason}; move the step's time into the window, or widen "
                     "the clinic's send_window")))
+    return errors
+
+
+def _pause_errors(catalog: Catalog, protocols_dir: Path) -> list[ConfigError]:
+    """Return each protocol whose pause is never ended: the pause step (`pause = true`) tells
+    the patient to stop a product "until we say so"; a step with `resume = true` says so. It
+    must exist, be care-critical (the SMS cap never drops it, worker/planner.py `cap_sms`)
+    and go to every patient the pause goes to (`only_if_any`); `resume = true` without a
+    pause step ends nothing. (That it is due after the visit: `_plan_errors`.)"""
+    errors = []
+    for pid, protocol in sorted(catalog.protocols.items()):
+        path = protocols_dir / f"{pid}.toml"
+        numbered = list(enumerate(protocol.steps))
+        pause = next(((n, s) for n, s in numbered if s.pause), None)
+        resumes = [(n, s) for n, s in numbered if s.resume]
+        if pause is None:
+            errors += [ConfigError(path, f"steps.{n}.resume: step {s.id!r} has resume = true "
+                                   "but no step of this protocol pauses a product "
+                                   "(pause = true)") for n, s in resumes]
+            continue
+        p, step = pause
+        if not resumes:
+            errors.append(ConfigError(path, (
+                f"steps.{p}.pause: step {step.id!r} tells the patient to stop a product "
+                "until told they may resume, and no step tells them: add a step after the "
+                "visit with resume = true and care_critical = true (or leave out pause)")))
+        paused = set(step.only_if_any)
+        for n, resume in resumes:
+            if not resume.care_critical:
+                errors.append(ConfigError(path, (
+                    f"steps.{n}.care_critical: step {resume.id!r} ends the pause of step "
+                    f"{step.id!r} (resume = true) but is not care_critical = true: the SMS "
+                    "cap may drop its SMS, and the patient would never hear they may resume")))
+            if resume.only_if_any and not (paused and paused <= set(resume.only_if_any)):
+                who = " or ".join(step.only_if_any) if paused else "every patient"
+                errors.append(ConfigError(path, (
+                    f"steps.{n}.only_if_any: step {resume.id!r} (resume = true) goes only to "
+                    f"patients using {' or '.join(resume.only_if_any)}, but step {step.id!r} "
+                    f"pauses for {who}: give it the pause step's only_if_any")))
     return errors
 
 

@@ -143,6 +143,10 @@ class Step(BaseModel):
     # It tells the patient to pause a product before the visit: once it went out, a move or
     # a cancel tells the patient until when they may go on with it, or that they may resume.
     pause: StrictBool = False
+    # It tells the patient they may go on with the product the pause step stopped ("until we
+    # say so": this says so). `reminders check` wants one after the visit, care-critical, for
+    # every patient the pause applies to, in each protocol with a pause step.
+    resume: StrictBool = False
     # Care-critical: its words protect the patient's safety. A patient who unsubscribed
     # from email still gets it, by SMS, when they allow SMS (worker/optout.py).
     care_critical: StrictBool = False

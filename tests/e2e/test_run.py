@@ -20,7 +20,7 @@ from tests.e2e.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-DEMO_MESSAGES = 6  # confirmation, stop-retinoids sms+email, day-before, aftercare, spf
+DEMO_MESSAGES = 7  # confirmation, stop-retinoids sms+email, day-before, aftercare, resume, spf
 # Booked DEMO_STARTS seconds ahead, the demo is too late for its pause step (a minute before
 # the visit): the clinic is emailed a late-pause alert, beside the patient's messages.
 CLINIC_ALERT = "clinic-booking.late_pause"
@@ -100,7 +100,7 @@ def test_run_book_outbox_and_ctrl_c_leaves_nothing_behind(project_copy: Path):
             alert_mail.get_body(("plain",)).get_content())
         emails = [f for f in files if f.suffix == ".eml"]
         texts = [f for f in files if f.name.endswith(".sms.txt")]
-        assert len(emails) == 3 and len(texts) == 3
+        assert len(emails) == 3 and len(texts) == 4
         for path in emails:
             mail = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
             assert mail["To"] == "ana@example.com" and mail["Subject"]
