@@ -149,3 +149,29 @@ def test_a_delivery_overtaken_by_a_cancel_is_still_told(store, events, catalog, 
     assert event[1] == "reminder.sent" and event[2]["reminder"] == ref.rsplit("/", 1)[1]
     # A cancelled booking is not "completed".
     assert store.timeline("glow", "A-1042")["status"] == "cancelled"
+
+
+def test_each_event_carries_the_fields_the_readme_lists(store, events, catalog, booking_doc):
+    """The README's table of event fields, as the real store writes them."""
+    book(store, catalog, dict(booking_doc, booking_id="H-1", medications=HELD_MEDS))
+    timeline = book(store, catalog, booking_doc)
+    refs = [f"glow/A-1042/{r['id']}" for r in timeline["reminders"]]
+    store.finish_failed(refs[0], claim(store, refs[0]), "HTTP 400: invalid number")
+    store.finish_skip(refs[1], claim(store, refs[1]), "too late")
+    for ref in refs[2:]:
+        store.finish_sent(ref, claim(store, ref), NOW + timedelta(minutes=1))
+    common = {"booking_id", "version", "created_at"}
+    reminder = common | {"reminder", "step", "channel", "due_at", "attempts"}
+    expected = {
+        "booking.held": common | {"reason", "treatment", "starts_at", "late_pause"},
+        "reminder.failed": reminder | {"reason"}, "reminder.skipped": reminder | {"reason"},
+        "reminder.sent": reminder | {"sent_at"},
+        "booking.completed": common | {"late_pause"},
+    }
+    seen = set()
+    for kind, etype, fields in told(events):
+        if kind == "webhook":
+            assert set(fields) == expected[etype], etype
+            assert isinstance(fields["version"], int) and isinstance(fields["booking_id"], str)
+            seen.add(etype)
+    assert seen == set(expected)
