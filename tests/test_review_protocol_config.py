@@ -161,3 +161,28 @@ def test_a_resume_step_the_sms_cap_may_drop_is_refused(copy: Path) -> None:  # n
     assert (f"configuration error: {path}: steps.{n - 1}.care_critical: step "
             "'resume-retinoids' ends the pause of step 'stop-retinoids'") in result.stderr, (
                 result.stderr)
+
+
+# --- a step's clock time the planner cannot keep --------------------------------------------
+
+
+@pytest.mark.parametrize(("written", "problem"), [
+    ('"18:00+02:00"', "a UTC offset"),
+    ('"18:00Z"', "a UTC offset"),
+    ('"18:00:30"', "seconds"),
+    ("18:00:30", "seconds"),  # a TOML local time
+])
+def test_a_step_time_with_an_offset_or_seconds_is_refused(copy: Path, written: str,  # noqa: F811
+                                                          problem: str) -> None:
+    """A step's `time` is patient-local and whole minutes (the planner reads its hour and
+    minute only). `time = "18:00+02:00"` loaded, and the step went at 18:00 in each
+    patient's own zone, not at 18:00 UTC+2 as written (16:00 UTC); `"18:00:30"` went at
+    18:00. Each is now refused, naming the step and the field."""
+    path = copy / "config" / "protocols" / "microneedling.toml"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace('time = "18:00"', f"time = {written}", 1), encoding="utf-8")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert f"configuration error: {path}: steps.1.time: " in result.stderr, result.stderr
+    assert problem in result.stderr and "in step 'stop-retinoids'" in result.stderr, (
+        result.stderr)
