@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -102,7 +103,20 @@ def _time_of_day(value: object) -> object:
     return value
 
 
-TimeOfDay = Annotated[dt.time, BeforeValidator(_time_of_day)]
+def _whole_local_minute(value: dt.time) -> dt.time:
+    """Refuse what the planner cannot keep: it reads a step's hour and minute, in each
+    patient's own timezone. "18:00+02:00" would go at 18:00 patient-local, "18:00:30" at
+    18:00."""
+    if value.tzinfo is not None:
+        raise ValueError(f"{value.isoformat()} has a UTC offset: a step's time is "
+                         'patient-local, written without one, e.g. time = "18:00"')
+    if value.second or value.microsecond:
+        raise ValueError(f"{value.isoformat()} has seconds: a step's time is whole minutes "
+                         '(time = "18:00"; use offset = "90s" for seconds)')
+    return value
+
+
+TimeOfDay = Annotated[dt.time, BeforeValidator(_time_of_day), AfterValidator(_whole_local_minute)]
 
 
 class Repeat(BaseModel):
