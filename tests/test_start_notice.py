@@ -83,12 +83,13 @@ def test_start_brings_back_the_move_notice_waiting_for_the_window(rig, monkeypat
     assert len(rig.texts()) == 2  # the day-before, then the notice: nothing else went
 
 
-def test_start_leaves_what_a_later_change_superseded_skipped(rig):
+def test_start_leaves_what_a_later_change_superseded_cancelled(rig):
     """STOP skipped the first move's notice and its day-before again for the new date
     (`again-day-before#1`); the clinic moved the visit again while the number was opted out
     (its own notice and day-before again, #2). START brings back the latest change's only:
     the first's name a date no longer true, and its day-before again would have gone a week
-    early beside the second's (two day-before SMS)."""
+    early beside the second's (two day-before SMS). The second move superseded the first's
+    (`cancelled`, as one not skipped: tests/test_notice_skipped_superseded.py)."""
     rig.book(rig.doc(10))
     assert rig.send(ns.DAY_BEFORE) == "sent"
     _window_ahead(rig)
@@ -99,12 +100,13 @@ def test_start_leaves_what_a_later_change_superseded_skipped(rig):
     first = ("rescheduled#1:sms", "again-day-before#1:sms")
     latest = ("rescheduled#2:sms", "again-day-before#2:sms")
     before = rig.reminders()
-    assert [before[k]["status"] for k in first] == ["skipped", "skipped"], before
+    assert [(before[k]["status"], before[k]["reason"]) for k in first] == [
+        ("cancelled", "superseded by a later change")] * 2, before
     assert [before[k]["status"] for k in latest] == ["scheduled", "scheduled"], before
     _start(rig)
     after = rig.reminders()
     for key in first:
-        assert after[key]["status"] == "skipped", after[key]
+        assert after[key]["status"] == "cancelled", after[key]
         assert rig.store.redis.zscore(rig.store.due_key, f"sk/M-1/{key}") is None
     assert [after[k]["status"] for k in latest] == ["scheduled", "scheduled"], after
     day_before = [k for k, r in after.items() if k.startswith(("day-before", "again-day-before"))

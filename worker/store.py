@@ -3694,8 +3694,12 @@ class Store:
 
         if kind is not None:
             for key, record in stored.reminders.items():
-                # A dead letter too (never sent): a replay must not send it after this one.
-                if is_notice(key) and record.get("status") in PENDING | {Status.FAILED}:
+                # A dead letter too (never sent): a replay must not send it after this one;
+                # and one the patient's opt-out skipped, which START no longer brings back
+                # (only the latest change's), as the reconcile cancels the plan's own.
+                if is_notice(key) and (record.get("status") in PENDING | {Status.FAILED} or (
+                        record.get("status") == Status.SKIPPED
+                        and record.get("reason", "").startswith(OPTED_OUT))):
                     reason = "superseded by a later change"
                     if record.get("status") == Status.FAILED:  # why it failed first stays
                         reason += f"; it had failed before: {record.get('reason', '')}"
