@@ -186,3 +186,25 @@ def test_a_step_time_with_an_offset_or_seconds_is_refused(copy: Path, written: s
     assert f"configuration error: {path}: steps.1.time: " in result.stderr, result.stderr
     assert problem in result.stderr and "in step 'stop-retinoids'" in result.stderr, (
         result.stderr)
+
+
+@pytest.mark.parametrize(("step", "old", "new", "field", "problem"), [
+    # The pause message ("stop tretinoin from tonight until we say so") after the visit.
+    ("stop-retinoids", "day = -7", "day = 2", "steps.1.pause",
+     "step 'stop-retinoids' pauses a product but is due after the visit"),
+    # "You may restart tretinoin tonight" before the visit it was paused for.
+    ("resume-retinoids", "day = 3\n", "day = -2\n", "steps.7.resume",
+     "step 'resume-retinoids' tells the patient they may resume the paused product but is "
+     "due before the visit"),
+])
+def test_a_pause_after_the_visit_or_a_resume_before_it_is_refused(
+        copy: Path, step: str, old: str, new: str, field: str,  # noqa: F811
+        problem: str) -> None:
+    path = copy / "config" / "protocols" / "microneedling.toml"
+    text = path.read_text(encoding="utf-8")
+    _, block = _step_block(text, step)
+    assert block.count(old) == 1
+    path.write_text(text.replace(block, block.replace(old, new)), encoding="utf-8")
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert f"configuration error: {path}: {field}: {problem}" in result.stderr, result.stderr
