@@ -144,6 +144,8 @@ class ScheduleCollector(Collector):
             pipe.hget(f"{p}:health:beat", "at")
             for queue in QUEUES:
                 pipe.llen(f"{p}:celery:{queue}")
+            pipe.zcard(f"{p}:ev:due")  # clinic events waiting (worker/webhooks.py)
+            pipe.zcard(f"{p}:ev:dead")  # clinic events given up
             replies = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):
             up.add_metric([], 0)
@@ -190,9 +192,17 @@ class ScheduleCollector(Collector):
         queues = GaugeMetricFamily("reminders_celery_queue_length",
                                    "Messages waiting in a Celery queue (the broker's list)",
                                    labels=["queue"])
-        for queue, length in zip(QUEUES, replies[8:], strict=True):
+        for queue, length in zip(QUEUES, replies[8:8 + len(QUEUES)], strict=True):
             queues.add_metric([queue], length)
         yield queues
+        events_due, events_dead = replies[8 + len(QUEUES):]
+        yield _gauge("reminders_clinic_events_waiting",
+                     "Clinic events (webhooks, alerts) waiting to be delivered or retried",
+                     events_due)
+        yield _gauge("reminders_clinic_events_given_up",
+                     "Clinic events given up after REMINDERS_WEBHOOK_MAX_ATTEMPTS, kept for "
+                     "`reminders events replay` until the retention ends (some may have "
+                     "expired and not yet been removed from the count)", events_dead)
 
 
 class ConfigCollector(Collector):
