@@ -50,6 +50,9 @@ def create_app(settings: Settings | None = None, url: str | None = None) -> Fast
         description=DESCRIPTION,
         docs_url="/docs",
         redoc_url=None,
+        # A trailing slash is an unknown route (404 in the error shape), not Starlette's
+        # 307 to the path without it: an empty body, and a PUT's body re-sent elsewhere.
+        redirect_slashes=False,
     )
     app.state.services = services.build(settings, catalog, url)
     errors.install(app)
