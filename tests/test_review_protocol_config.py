@@ -208,3 +208,28 @@ def test_a_pause_after_the_visit_or_a_resume_before_it_is_refused(
     result = check_copy(copy)
     assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert f"configuration error: {path}: {field}: {problem}" in result.stderr, result.stderr
+
+
+def test_a_step_never_sent_for_morning_appointments_is_refused(copy: Path) -> None:  # noqa: F811
+    """`late_until = "1d"` on the day-after 09:00 SPF text: for a visit at 12:30 it may go
+    until 12:30 the next day and does; for a visit at 08:00 it may go only until 08:00 the
+    next day, before its own 09:00, so every morning patient's SPF text is skipped.
+    `reminders check` planned one sample visit at 12:30 only and accepted it; it now names
+    the step, the field and the appointment time it fails for."""
+    path = copy / "config" / "protocols" / "microneedling.toml"
+    text = path.read_text(encoding="utf-8")
+    _, block = _step_block(text, "spf")
+    path.write_text(text.replace(block, block.replace(
+        'template = "spf-morning"\n', 'template = "spf-morning"\nlate = "send"\n'
+        'late_until = "1d"\n')), encoding="utf-8")
+    clinic = load_clinic(copy / "config" / "clinics" / "glow.toml")
+    booked = datetime(2026, 11, 5, 10, 0, tzinfo=UTC)
+    for starts_at, status in (("2026-12-05T12:30:00+01:00", "scheduled"),
+                              ("2026-12-05T08:00:00+01:00", "skipped")):
+        planned = plan(_booking("microneedling", starts_at), load_protocol(path), clinic, booked)
+        assert [r.status for r in planned.reminders if r.step == "spf"] == [status], starts_at
+
+    result = check_copy(copy)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert (f"configuration error: {path}: steps.5.late_until: step 'spf' is never sent "
+            "for an appointment at 08:00:") in result.stderr, result.stderr
