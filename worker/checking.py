@@ -3,10 +3,12 @@
 Validates that each template a protocol step names exists in every locale, compiles and
 renders with realistic long values (the longest and the most accented first names of each
 language, every configured clinic's name), and reports each SMS template's encoding,
-length and segments. Each protocol is planned for each clinic (a sample booking made well
-ahead): a step that would never be sent (its `late_until` ends before its own time, or the
-clinic's send window opens only after it expires) and a pause step after the visit are
-errors. Every protocol `[advice]` value must have a source comment in its
+length and segments. Each protocol is planned for each clinic (sample bookings made well
+ahead, for visits at 08:00, 12:30 and 19:30): a step that would never be sent (its
+`late_until` ends before its own time, or the clinic's send window opens only after it
+expires), a pause step after the visit and a resume step before it are errors; so is a
+pause step with no care-critical resume step for every patient it pauses. Every protocol
+`[advice]` value must have a source comment in its
 file; `--sources` lists, per protocol step, the clinical claims its messages make and
 where each comes from. The renderer itself is worker/rendering.py.
 
@@ -356,57 +358,76 @@ def check(catalog: Catalog, clinics_dir: Path, *, env: Mapping[str, str] | None 
 # --- plans: steps a clinic's patients would never get -------------------------------------
 
 
+# The appointment times (clinic-local) `check` plans each protocol for: a step's `late_until`
+# or a clinic's window may keep it from the morning's or the evening's patients only.
+SAMPLE_VISIT_TIMES = (time(8, 0), SAMPLE_APPOINTMENT[1], time(19, 30))
+
+
 def _plan_errors(catalog: Catalog, clinics: list[Clinic],
                  protocols_dir: Path) -> list[ConfigError]:
-    """Return what the planner would do wrong for every patient of a clinic, from the plan of
-    a sample booking made SAMPLE_BOOKED_DAYS_BEFORE days ahead (both channels, both
-    medications: every step applies): a step skipped although booked in time (its
-    `late_until` ends before its own time, or the clinic's send window opens only after it
-    expires: it could never be sent), a pause step (`pause = true`) after the visit, and a
-    step ending the pause (`resume = true`) before it."""
+    """Return what the planner would do wrong for a clinic's patients, from the plans of
+    sample bookings made SAMPLE_BOOKED_DAYS_BEFORE days ahead (both channels, both
+    medications: every step applies), for a visit at each of SAMPLE_VISIT_TIMES: a step
+    skipped although booked in time (its `late_until` ends before its own time, or the
+    clinic's send window opens only after it expires: it could never be sent), a pause step
+    (`pause = true`) after the visit, and a step ending the pause (`resume = true`) before
+    it. Each names the visit times it happens for, unless it happens for all of them."""
     errors: list[ConfigError] = []
     for clinic, protocol in product(clinics, catalog.protocols.values()):
         path = protocols_dir / f"{protocol.id}.toml"
-        booking = sample_booking(clinic, protocol, clinic.locale)
-        start = booking.starts_at
-        planned = plan(booking, protocol, clinic,
-                       start - timedelta(days=SAMPLE_BOOKED_DAYS_BEFORE))
         index = {step.id: (n, step) for n, step in enumerate(protocol.steps)}
-        told: set[str] = set()
-        for reminder in planned.uncapped or planned.reminders:
-            if reminder.step not in index or reminder.step in told:
-                continue
-            n, step = index[reminder.step]
-            if step.pause and reminder.due_at >= start:
-                told.add(step.id)
-                errors.append(ConfigError(path, (
-                    f"steps.{n}.pause: step {step.id!r} pauses a product but is due after "
-                    "the visit: the pause step tells the patient to stop it before the "
-                    "visit; give it a time before the appointment")))
-            if step.resume and reminder.due_at < start:
-                told.add(step.id)
-                errors.append(ConfigError(path, (
-                    f"steps.{n}.resume: step {step.id!r} tells the patient they may resume "
-                    "the paused product but is due before the visit; give it a time after "
-                    "the appointment")))
-            if reminder.status != Status.SKIPPED:
-                continue
-            told.add(step.id)
-            expires = reminder.expires_at
-            if (step.late_until is not None and expires is not None
-                    and expires <= reminder.due_at):
-                errors.append(ConfigError(path, (
-                    f"steps.{n}.late_until: step {step.id!r} is never sent: it may be sent "
-                    f"only until {_from_start(step.late_until)}, which is not after its own "
-                    "time; give a late_until after the step's time, "
-                    "or leave it out")))
-            else:
-                field = "time" if step.time is not None else "offset" if step.offset else "at"
-                errors.append(ConfigError(path, (
-                    f"steps.{n}.{field}: step {step.id!r} is never sent at clinic "
-                    f"{clinic.id} (send_window {clinic.send_window.describe()}): "
-                    f"{reminder.reason}; move the step's time into the window, or widen "
-                    "the clinic's send_window")))
+        # (step, problem) -> (the field, the words around "{when}", the visit times)
+        found: dict[tuple[str, str], tuple[str, str, list[str]]] = {}
+
+        def note(step_id: str, problem: str, field: str, text: str, at: str,
+                 found: dict[tuple[str, str], tuple[str, str, list[str]]] = found) -> None:
+            found.setdefault((step_id, problem), (field, text, []))[2].append(at)
+
+        for visit in SAMPLE_VISIT_TIMES:
+            at = f"{visit:%H:%M}"
+            booking = sample_booking(clinic, protocol, clinic.locale)
+            start = booking.starts_at.replace(hour=visit.hour, minute=visit.minute)
+            booking = booking.model_copy(update={"starts_at": start})
+            planned = plan(booking, protocol, clinic,
+                           start - timedelta(days=SAMPLE_BOOKED_DAYS_BEFORE))
+            seen: set[str] = set()
+            for reminder in planned.uncapped or planned.reminders:
+                if reminder.step not in index or reminder.step in seen:
+                    continue
+                seen.add(reminder.step)  # its first occurrence (a series: the first night)
+                n, step = index[reminder.step]
+                if step.pause and reminder.due_at >= start:
+                    note(step.id, "pause", f"steps.{n}.pause", (
+                        f"step {step.id!r} pauses a product but is due after the visit"
+                        "{when}: the pause step tells the patient to stop it before the "
+                        "visit; give it a time before the appointment"), at)
+                if step.resume and reminder.due_at < start:
+                    note(step.id, "resume", f"steps.{n}.resume", (
+                        f"step {step.id!r} tells the patient they may resume the paused "
+                        "product but is due before the visit{when}; give it a time after "
+                        "the appointment"), at)
+                if reminder.status != Status.SKIPPED:
+                    continue
+                expires = reminder.expires_at
+                if (step.late_until is not None and expires is not None
+                        and expires <= reminder.due_at):
+                    note(step.id, "late_until", f"steps.{n}.late_until", (
+                        f"step {step.id!r} is never sent{{when}}: it may be sent only until "
+                        f"{_from_start(step.late_until)}, which is not after its own time; "
+                        "give a late_until after the step's time, or leave it out"), at)
+                else:
+                    field = ("time" if step.time is not None
+                             else "offset" if step.offset is not None else "at")
+                    note(step.id, "window", f"steps.{n}.{field}", (
+                        f"step {step.id!r} is never sent at clinic {clinic.id} (send_window "
+                        f"{clinic.send_window.describe()}){{when}}: "
+                        + reminder.reason.replace("{", "{{").replace("}", "}}")
+                        + "; move the step's time into the window, or widen the clinic's "
+                        "send_window"), at)
+        for field, text, times in found.values():
+            when = ("" if len(times) == len(SAMPLE_VISIT_TIMES)
+                    else f" for an appointment at {' or '.join(times)}")
+            errors.append(ConfigError(path, f"{field}: {text.format(when=when)}"))
     return errors
 
 
