@@ -63,7 +63,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -209,14 +209,16 @@ class ConfigCollector(Collector):
     """`reminders_config_loads`: 1 while config/ as it is on disk now loads, 0 when it does
     not (an edit the running processes keep out, logged once at ERROR: worker/catalog.py;
     a worker started now refuses to start). Read again at a scrape only when its files
-    changed (their names, modification times and sizes). `in_child`: loaded by a child
-    Python process (the Celery worker's main process, which only routes messages: the
-    catalog's imports, about 4 MB, would stay in it for nothing; see worker/tasks.py
-    `_config_problem`), else in this process (the API, which holds the catalog anyway)."""
+    changed (their names, modification times and sizes). `loads`: how to find out (1.0,
+    0.0, or None when it could not tell: asked again at the next scrape); by default in
+    this process (the API, which holds the catalog anyway). The Celery worker's main process
+    only routes messages and passes worker/tasks.py's check in a child Python: the
+    catalog's imports, about 4 MB, would stay in it for nothing."""
 
-    def __init__(self, settings: Any, *, in_child: bool = False) -> None:
+    def __init__(self, settings: Any, *,
+                 loads: Callable[[], float | None] | None = None) -> None:
         self.settings = settings
-        self.in_child = in_child
+        self.loads = loads if loads is not None else lambda: _loads_here(settings)
         self._seen: tuple[Any, float] | None = None  # (stamp, value)
 
     def describe(self) -> Iterable[Metric]:
@@ -225,8 +227,8 @@ class ConfigCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stamp = _config_stamp(self.settings)
         if self._seen is None or self._seen[0] != stamp:
-            value = _loads_in_child() if self.in_child else _loads_here(self.settings)
-            if value is not None:  # a child that could not tell: asked again next scrape
+            value = self.loads()
+            if value is not None:  # could not tell: asked again at the next scrape
                 self._seen = (stamp, value)
         if self._seen is not None:
             yield _gauge("reminders_config_loads",
@@ -258,35 +260,6 @@ def _loads_here(settings: Any) -> float:
     except (ConfigError, OSError):
         return 0.0
     return 1.0
-
-
-# A child's check: exit 0 if config/ loads, 3 if it does not (any other end: it could not tell).
-_CHECK = """
-import sys
-from worker.catalog import Catalog
-from worker.errors import ConfigError
-from worker.settings import get_settings
-try:
-    Catalog.load(get_settings())
-except ConfigError:
-    sys.exit(3)
-"""
-CHECK_TIMEOUT_SECONDS = 30.0
-
-
-def _loads_in_child() -> float | None:
-    import subprocess
-    import sys
-
-    root = str(Path(__file__).resolve().parent.parent)  # where `worker` is imported from
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    try:
-        done = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True,
-                              timeout=CHECK_TIMEOUT_SECONDS, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return {0: 1.0, 3: 0.0}.get(done.returncode)
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

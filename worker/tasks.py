@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -243,7 +244,7 @@ def _refuse_a_broken_config(**_: object) -> None:
     scale-up) has none: it would take send batches off the queues only to fail them, each
     claim then waiting out its lease while the other workers could have sent it.
 
-    Loaded in a forked child (a few tenths of a second at start): this main process only
+    Loaded in a child Python (a few tenths of a second at start): this main process only
     routes messages, and the catalog's imports (phonenumbers, email-validator: about 4 MB)
     would stay in it, and in the memory of the worker at rest, for nothing."""
     problem = _config_problem()
@@ -254,35 +255,47 @@ def _refuse_a_broken_config(**_: object) -> None:
         raise SystemExit(os.EX_CONFIG)
 
 
-def _config_problem() -> str | None:
-    """Load config/ in a child process; return what keeps it from loading (None: it loads)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: load, say why not, and end without any of the parent's exit
-        code = 0
-        try:
-            os.close(read)
-            from .catalog import Catalog
-            from .errors import ConfigError
+# The child's check: exit 0 if config/ loads; 3 if it does not, saying why on stdout (the
+# catalog's warnings go to stderr); any other end: it could not tell.
+_CHECK = """
+import sys
+from worker.catalog import Catalog
+from worker.errors import ConfigError
+from worker.settings import get_settings
+try:
+    Catalog.load(get_settings())
+except ConfigError as exc:
+    sys.stdout.write(str(exc))
+    sys.exit(3)
+"""
+CHECK_TIMEOUT_SECONDS = 30.0
 
-            try:
-                Catalog.load(get_settings())
-            except ConfigError as exc:
-                os.write(write, str(exc).encode("utf-8", "replace")[:16_000])
-                code = 1
-        except BaseException:  # anything else: the parent loads it itself
-            code = 2
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as said:
-        message = said.read().decode("utf-8", "replace")
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    if status == 0:
-        return None
-    if status == 1:
-        return message
-    # The child could not tell (killed, out of memory, a bug): load here, as before.
+
+def config_in_child() -> tuple[bool | None, str]:
+    """Load config/ in a child Python; return whether it loads (None: the child could not
+    tell: killed, timed out, a bug) and, if it does not, why. This process keeps none of
+    the catalog's imports (used at start, `_refuse_a_broken_config`, and by the worker's
+    `reminders_config_loads` gauge)."""
+    import subprocess
+
+    root = str(Path(__file__).resolve().parent.parent)  # where `worker` is imported from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True,
+                              timeout=CHECK_TIMEOUT_SECONDS, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, ""
+    loads = {0: True, 3: False}.get(done.returncode)
+    return loads, done.stdout.decode("utf-8", "replace") if loads is False else ""
+
+
+def _config_problem() -> str | None:
+    """What keeps config/ from loading (None: it loads), found in a child Python; a child
+    that could not tell: loaded here, as before."""
+    loads, why = config_in_child()
+    if loads is not None:
+        return None if loads else why
     from .catalog import Catalog
     from .errors import ConfigError
 
@@ -337,7 +350,13 @@ def _serve_metrics(**_: object) -> None:
     start_worker_metrics(client(settings, PROBE, decode=False), settings.key_prefix,
                          settings.data_dir,
                          settings.metrics_host, settings.metrics_port,
-                         config=ConfigCollector(settings, in_child=True))
+                         config=ConfigCollector(settings, loads=_config_loads))
+
+
+def _config_loads() -> float | None:
+    """`reminders_config_loads` for the worker's port, found in a child Python."""
+    loads = config_in_child()[0]
+    return None if loads is None else float(loads)
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery is untyped

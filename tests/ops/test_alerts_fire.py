@@ -5,6 +5,7 @@ empty, which never fires, so a rule must also say `absent(...)`."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import yaml
@@ -111,7 +112,12 @@ def test_the_workers_config_gauge_loads_config_in_a_child_and_says_when_it_does_
     monkeypatch.setenv("REMINDERS_CONFIG_DIR", str(config))
     monkeypatch.setenv("REMINDERS_TEMPLATES_DIR", str(ROOT / "templates"))
     settings = Settings(_env_file=None, config_dir=config, templates_dir=ROOT / "templates")
-    collector = ConfigCollector(settings, in_child=True)
+    # The worker's own check (importing worker.tasks needs a broker URL; nothing connects).
+    monkeypatch.setenv("REMINDERS_REDIS_URL", os.environ.get("REMINDERS_REDIS_URL")
+                       or "redis://127.0.0.1:1/0")
+    from worker.tasks import _config_loads
+
+    collector = ConfigCollector(settings, loads=_config_loads)
 
     def gauge() -> float:
         registry = CollectorRegistry()
