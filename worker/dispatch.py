@@ -68,9 +68,9 @@ and every few seconds after), never with this host's own: a host whose clock run
 ahead of the pump's still begins its claims.
 
 A claim Redis cut off before it began. With Redis unreachable past the client's retries
-(half a minute or more) and the claim's start-by, or refusing writes until then, the begin
-gives up: nothing was handed to a provider, and the hand-back fails too. The senders
-remember the claim
+(half a minute or more) and the claim's start-by, or refusing writes (or busy running a
+script: BUSY) until then, the begin gives up: nothing was handed to a provider, and the
+hand-back fails too. The senders remember the claim
 (`Lanes.owe`) and hand it back, due now, as soon as Redis takes it (`hand_back_owed`,
 tried every OWED_RETRY_SECONDS by the senders' reporting thread, and once more at a warm
 shutdown), then nudge the pump: after a Redis restart of a minute the reminder goes within
@@ -128,7 +128,7 @@ from .clinics import SendWindow
 from .clock import RedisClock
 from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
-from .health import refused_write
+from .health import not_run
 from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import CHANNELS, Booking, Channel
@@ -195,8 +195,10 @@ def durably(call: Callable[[], T], deadline: float, what: str) -> T:
     The client already retries for about 30 s; this outlasts a longer Redis restart for
     what must not be lost (the record of a delivery that happened). So does a Redis that
     refuses writes for a while (NOREPLICAS: a master with `min-replicas-to-write` whose
-    replica lags; OOM, MISCONF, READONLY): nothing was written, so trying again is safe,
-    and a delivery given up then was sent again once its ledger expired.
+    replica lags; OOM, MISCONF, READONLY), or that is busy running a Lua script past
+    `busy-reply-threshold` (BUSY: anyone's script on the same Redis, until it ends or SCRIPT
+    KILL): nothing was run, so trying again is safe, and a delivery given up then was sent
+    again once its ledger expired.
     """
     while True:
         try:
@@ -206,10 +208,11 @@ def durably(call: Callable[[], T], deadline: float, what: str) -> T:
                 raise
             log.warning("%s: Redis unreachable; trying again", what)
         except redis.ResponseError as exc:
-            why = refused_write(exc)
+            why = not_run(exc)
             if why is None or time.monotonic() >= deadline:
                 raise
-            log.warning("%s: Redis refuses writes (%s); trying again", what, why)
+            log.warning("%s: Redis %s (%s); trying again", what,
+                        "is busy running a script" if why == "BUSY" else "refuses writes", why)
         time.sleep(1.0)
 
 
@@ -290,8 +293,8 @@ def attempt(
     secret = UNSUBSCRIBE_SECRET if (settings.unsubscribe_secret is None
                                     and channel_of(ref) == "email") else None
     # A begin refused by Redis (a replica lagging behind `min-replicas-to-write`: NOREPLICAS;
-    # OOM, MISCONF, READONLY) wrote nothing: tried again while the claim may still begin
-    # (its start-by), not left `sending` until its lease runs out.
+    # OOM, MISCONF, READONLY; BUSY, another script running) wrote nothing: tried again while
+    # the claim may still begin (its start-by), not left `sending` until its lease runs out.
     begin_by = started + (max(0.0, start_by - CLOCK.now()) if start_by is not None
                           else min(settings.send_max_wait_seconds, soft - 1))
     try:
@@ -304,7 +307,7 @@ def attempt(
         # begun with its answer lost: its ledger then keeps the hand-back off).
         raise NotBegun(ref, claim, UNREACHABLE_NOT_BEGUN, exc) from exc
     except redis.ResponseError as exc:
-        why = refused_write(exc)
+        why = not_run(exc)
         if why is None:
             raise
         return _refused_at_begin(store, ref, claim, why)
@@ -337,8 +340,8 @@ def _refused_at_begin(store: Store, ref: str, claim: str, why: str) -> str:
     Redis takes that (out of memory it does: the hand-back's script begins with a write that
     grows nothing, removing the lease, and Redis refuses only a script's first write), so
     that it goes as soon as Redis takes writes again, not once its lease runs out; else
-    (MISCONF, READONLY, NOREPLICAS, MASTERDOWN refuse it too) `NotBegun`: its senders
-    hand it back as soon as Redis takes it."""
+    (MISCONF, READONLY, NOREPLICAS, MASTERDOWN refuse it too, and BUSY runs nothing)
+    `NotBegun`: its senders hand it back as soon as Redis takes it."""
     reason = REFUSED_NOT_BEGUN.format(why=why)
     try:
         handed = store.requeue(ref, CLOCK.now_utc(), reason, claim=claim)

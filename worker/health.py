@@ -97,6 +97,13 @@ def busy(exc: redis.ResponseError) -> bool:
     return bool(_BUSY.search(str(exc)))
 
 
+def not_run(exc: redis.ResponseError) -> str | None:
+    """Which answer of Redis's that ran nothing `exc` is: a refusal of writes
+    (`refused_write`: "OOM", "MISCONF", ...) or "BUSY" (another script running); or None.
+    Sending the command again once Redis takes it is safe: nothing of it was done."""
+    return refused_write(exc) or ("BUSY" if busy(exc) else None)
+
+
 def api_probe_key(prefix: str) -> str:
     return f"{prefix}:health:api"
 
