@@ -134,3 +134,45 @@ def test_the_workers_config_gauge_loads_config_in_a_child_and_says_when_it_does_
     time.sleep(0.01)
     clinic.write_text(good, encoding="utf-8")
     assert gauge() == 1
+
+
+def test_a_redis_that_evicts_fires_an_alert_and_keys_it_evicted_another(redis_client) -> None:
+    """A Redis that may evict (a managed Redis's default `volatile-lru` evicts the bookings'
+    keys, which carry a TTL) was said only in a log line at the worker's start, by `reminders
+    check --redis` and by health's details: no metric, so no alert, and keys actually evicted
+    (reminders gone unsent) were seen by no one; nor was a Redis about to be full, which
+    under `noeviction` refuses every booking and every record (review)."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    alerts = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    assert alerts["RemindersRedisMayEvict"] == "max(reminders_redis_setting_unsafe) > 0"
+    assert alerts["RemindersRedisEvictedKeys"] == (
+        "max(increase(reminders_redis_evicted_keys_total[30m])) > 0")
+    assert alerts["RemindersRedisMemoryNearlyFull"] == (
+        "max(reminders_redis_memory_used_ratio) > 0.9")
+
+    def unsafe() -> dict[str, float]:
+        registry = CollectorRegistry()
+        registry.register(ScheduleCollector(redis_client, PREFIX))
+        text = generate_latest(registry).decode()
+        return {s.labels["setting"]: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "reminders_redis_setting_unsafe"}
+
+    assert unsafe() == {"appendonly": 0, "appendfsync": 0, "maxmemory-policy": 0, "role": 0}
+    before = scrape(redis_client)["reminders_redis_evicted_keys_total"]
+    assert scrape(redis_client)["reminders_redis_memory_used_ratio"] == 0  # no maxmemory
+    try:
+        redis_client.config_set("maxmemory-policy", "allkeys-lru")
+        assert unsafe()["maxmemory-policy"] == 1
+        used = int(redis_client.info("memory")["used_memory"])
+        redis_client.config_set("maxmemory", used + 512 * 1024)
+        for n in range(64):  # 2 MB more than it takes: keys are evicted
+            redis_client.set(f"{PREFIX}:filler:{n}", "x" * 32 * 1024)
+        samples = scrape(redis_client)
+        after = samples["reminders_redis_evicted_keys_total"]
+        assert samples["reminders_redis_memory_used_ratio"] > 0.9, samples
+    finally:
+        redis_client.config_set("maxmemory", 0)
+        redis_client.config_set("maxmemory-policy", "noeviction")
+        redis_client.config_resetstat()
+    assert after > before, (before, after)
+    assert unsafe()["maxmemory-policy"] == 0
