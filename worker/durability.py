@@ -21,7 +21,9 @@ refused (managed Redis renames or forbids it) it reads INFO persistence and memo
 `findings` is the rule, pure. None of it is fatal (ops may choose otherwise on purpose, a
 throw-away staging Redis): `reminders check --redis` warns, `reminders health` adds a line,
 /readyz and /healthz a field (without a replica's master's address: they need no key), a
-starting worker logs it (worker/tasks.py), and no exit code or status changes for it.
+starting worker logs it (worker/tasks.py), the metrics give it (worker/metrics.py
+`redis_keeping`, with keys evicted and memory used; deploy/prometheus/alerts.yml alerts on
+them), and no exit code or status changes for it.
 """
 
 from __future__ import annotations

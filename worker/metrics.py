@@ -35,7 +35,9 @@ observable):
    worker/celery_app.py), and the age of the pump's and beat's heartbeats
    (worker/health.py). One pipelined round trip per scrape; Redis down, or answering an
    error reply (MASTERDOWN, NOPERM: a WARNING naming it), gives `reminders_redis_up 0`
-   and nothing else of it; the rest of the scrape is served.
+   and nothing else of it; the rest of the scrape is served. Then, with a round trip or two
+   of their own, whether Redis keeps the schedule (`redis_keeping`: an unsafe setting, keys
+   evicted, memory used of maxmemory).
 
 3. **Histograms, per worker process** (`Histograms`): send duration by channel (the
    delivery call: Apprise or the outbox), lateness by channel (sent minus the instant the
@@ -72,6 +74,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .durability import findings, read_settings
 from .health import error_detail
 
 log = logging.getLogger(__name__)
@@ -203,6 +206,57 @@ class ScheduleCollector(Collector):
                      "Clinic events given up after REMINDERS_WEBHOOK_MAX_ATTEMPTS, kept for "
                      "`reminders events replay` until the retention ends (some may have "
                      "expired and not yet been removed from the count)", events_dead)
+        yield from redis_keeping(self.client)
+
+
+# The settings `reminders_redis_setting_unsafe` has a series for (worker/durability.py).
+SETTINGS = ("appendonly", "appendfsync", "maxmemory-policy", "role")
+
+
+def redis_keeping(client: redis.Redis) -> Iterator[Metric]:
+    """Whether Redis keeps the schedule, as metrics (README "Redis requirements"):
+
+      reminders_redis_setting_unsafe{setting}  1 while the setting can lose or evict the
+          schedule (worker/durability.py `findings`: AOF off, appendfsync no, an evicting
+          maxmemory-policy, a replica), else 0; no series for one Redis does not show
+          (CONFIG refused and INFO silent: `reminders check --redis` says so)
+      reminders_redis_evicted_keys_total       keys Redis evicted since it started (INFO
+          stats evicted_keys: a reminder, a booking's record, a ledger entry gone)
+      reminders_redis_memory_used_ratio        used_memory / maxmemory (0 with no
+          maxmemory): at 1, under noeviction, Redis refuses every booking and record (OOM)
+
+    Read with their own round trips, never failing the scrape: an error leaves them out
+    (a WARNING naming it)."""
+    try:
+        read = read_settings(client)
+        pipe = client.pipeline(transaction=False)
+        pipe.info("stats")
+        pipe.info("memory")
+        stats, memory = pipe.execute(raise_on_error=False)
+    except redis.RedisError as exc:
+        log.warning("metrics: Redis's settings could not be read (%s)", error_detail(exc))
+        return
+    bad = {f.setting for f in findings(read) if f.value is not None}
+    values = {"appendonly": read.appendonly, "appendfsync": read.appendfsync,
+              "maxmemory-policy": read.maxmemory_policy, "role": read.role}
+    unsafe = GaugeMetricFamily(
+        "reminders_redis_setting_unsafe", "1 while this Redis setting can lose or evict the "
+        "schedule (README, Redis requirements), else 0", labels=["setting"])
+    for name in SETTINGS:
+        if values[name] is not None:
+            unsafe.add_metric([name], 1 if name in bad else 0)
+    yield unsafe
+    if not isinstance(stats, Exception) and "evicted_keys" in stats:
+        evicted = CounterMetricFamily(
+            "reminders_redis_evicted_keys", "Keys Redis evicted since it started (INFO "
+            "evicted_keys): reminders and their records gone unsent")
+        evicted.add_metric([], int(stats["evicted_keys"]))
+        yield evicted
+    if not isinstance(memory, Exception) and "used_memory" in memory:
+        limit = int(memory.get("maxmemory") or 0)
+        yield _gauge("reminders_redis_memory_used_ratio", "Redis's used_memory / maxmemory "
+                     "(0: no maxmemory); at 1 Redis refuses writes (OOM, noeviction)",
+                     int(memory["used_memory"]) / limit if limit else 0.0)
 
 
 class ConfigCollector(Collector):
