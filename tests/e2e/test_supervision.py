@@ -191,19 +191,25 @@ def test_our_transport_fails_as_a_connection_error_while_redis_is_down(own_redis
 
 @pytest.mark.integration
 def test_redis_restarts_under_a_running_worker_every_reminder_arrives_once(
-        service, own_redis, smtp_sink, sms_sink, make_booking, e2e_config):
+        own_redis, service, smtp_sink, sms_sink, make_booking, e2e_config):
     """SIGKILL Redis again and again while confirmations are being sent; nothing is lost."""
+    # own_redis before service: set up first, so stopped last, after the worker and beat
+    # (a worker stopped with its Redis gone waits out the whole stop timeout).
     smtp_sink.delay = 1.0  # each email holds the SMTP DATA answer: sends are in flight
     service.configure(REMINDERS_REDIS_URL=own_redis.url)
     worker = service.worker()
     beat = service.beat(worker=worker)
 
     # A booking between kills: its confirmation is sent (or queued) when Redis dies next.
-    # The visits start late enough that no pre-visit step expires during the outages.
+    # The visits start late enough that no pre-visit step expires during the outages: 40 s
+    # after the first booking (the loop of kills takes about 25 s), and never sooner than
+    # 25 s after its own booking (its prep, 8 s before, still 17 s away).
     rng = random.Random(582970)
     docs, expected = [], Counter()
+    visits_at = time.monotonic() + 40
     for i in range(KILLS):
-        doc = make_booking(f"R-{i}", starts_in=45, phone=f"+3460020{i:04d}")
+        starts_in = max(25.0, visits_at - time.monotonic())
+        doc = make_booking(f"R-{i}", starts_in=starts_in, phone=f"+3460020{i:04d}")
         [timeline] = service.book(doc)
         docs.append(doc)
         expected += expected_keys(e2e_config, doc, timeline)
