@@ -186,8 +186,8 @@ def test_worker_killed_mid_send_every_reminder_arrives_once(
     smtp_sink.delay = 3.0  # each email holds the SMTP DATA answer for 3 s
     w1 = service.up()
     # 3 confirmations due at once, then 3 preps; the visit is far enough away that what the
-    # kill held back (a lease, 10 s) is still before it.
-    docs = bookings(make_booking, "K", 3, starts_in=40)
+    # kill held back (a lease, 10 s) and the preps (8 s before it) are still before it.
+    docs = bookings(make_booking, "K", 3, starts_in=28)
     timelines = service.book(*docs)
     expected = sum((expected_keys(e2e_config, d, t) for d, t in zip(docs, timelines, strict=True)),
                    Counter())
@@ -197,6 +197,7 @@ def test_worker_killed_mid_send_every_reminder_arrives_once(
     service.kill(w1)  # SIGKILL, pool and all, while a message is being handed over
     wait_until(lambda: smtp_sink.data_abandoned >= 1, 10)  # the server saw the client vanish
     assert smtp_sink.snapshot() == [], "nothing was acknowledged before the kill"
+    smtp_sink.delay = 0.0  # the kill is done: the rest need not be slow to hand over
     service.worker("w2")
 
     # Leased reminders come back when their lease (10 s) and ledger run out.
@@ -250,9 +251,9 @@ def test_smtp_down_for_20s_retries_with_backoff_and_sends_once(
     service.configure(REMINDERS_MAX_ATTEMPTS="30")
     smtp_sink.stop()  # its port stays in the clinic's config: connections are refused
     service.up()
-    # The confirmations fall due during the outage; the visit (36 s) is well after it, so
+    # The confirmations fall due during the outage; the visit (32 s) is well after it, so
     # they are still worth sending when the server is back.
-    docs = bookings(make_booking, "D", 2, starts_in=36, first_phone=200)
+    docs = bookings(make_booking, "D", 2, starts_in=32, first_phone=200)
     timelines = service.book(*docs)
     down_since = time.time()
     expected = sum((expected_keys(e2e_config, d, t) for d, t in zip(docs, timelines, strict=True)),
