@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -272,10 +271,7 @@ def test_master_killed_mid_run_sentinel_promotes_the_replica_and_everything_carr
                                capture_output=True, text=True, timeout=20).stdout
         assert ready == "200", ready
     finally:
-        for proc in service.processes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        service.stop()
+        service.discard()
 
 
 # --- worker/broker.py's fix, through Sentinel ----------------------------------------------

@@ -158,7 +158,7 @@ def service(tmp_path: Path, redis_server, redis_client, gateway: Gateway,
     })
     svc = Service(env, tmp_path)
     yield svc
-    svc.stop()
+    svc.discard()
 
 
 def booking(n: int, treatment: str) -> dict[str, Any]:
