@@ -15,6 +15,15 @@ and a connection that finds the old master gone, or demoted to a replica (READON
 dropped and made again: the retries below ride out the failover (Sentinel promotes a
 replica within seconds of `down-after-milliseconds`).
 
+With a plain URL, a failover that moves the URL's name (a managed Redis's endpoint, a DNS
+name or a virtual IP ops flip) leaves the old master, now a replica, holding the connections
+made before: every command on them answers READONLY (or MASTERDOWN) for good, and redis-py
+makes a new connection only when its pool has none free. So a connection that was answered
+READONLY or MASTERDOWN is made again before its next command (`_Demotable`): the caller's
+own try again (worker/dispatch.py `durably`: the record of a delivery; the pump's next run;
+a clinic's request sent again) reaches whatever the name points at now. (The answer itself
+stays the caller's: a Redis that is a replica for good says so at once, as before.)
+
 Profiles (how long a caller waits for Redis):
   WORKER  the send path, the pump, the CLI: connection errors retried for about 30 s
   API     a clinic waits on an HTTP answer: about a second, then 503 with Retry-After
@@ -70,9 +79,37 @@ def _options(profile: Profile, decode: bool) -> dict[str, Any]:
     return options
 
 
+class _Demotable:
+    """A connection made again before its next command once Redis answered it READONLY or
+    MASTERDOWN (see the module docstring). Not at once: the replies of a pipeline's other
+    commands are still to be read on it."""
+
+    _demoted = False
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except (redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError):
+            self._demoted = True
+            raise
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self._demoted:
+            self._demoted = False
+            self.disconnect()  # type: ignore[attr-defined]  # the next line connects again
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+
+_DEMOTABLE: dict[type, type] = {
+    base: type(f"Demotable{base.__name__}", (_Demotable, base), {})
+    for base in (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)}
+
+
 def from_url(url: str, profile: Profile = WORKER, *, decode: bool = True) -> redis.Redis:
     """Return a client of the Redis at `url` (tests, benchmarks, the embedded default)."""
-    return redis.Redis.from_url(url, **_options(profile, decode))
+    base = parse_url(url).get("connection_class", redis.Connection)  # type: ignore[no-untyped-call]
+    return redis.Redis.from_url(url, connection_class=_DEMOTABLE.get(base, base),
+                                **_options(profile, decode))
 
 
 def _credentials(settings: Settings) -> dict[str, Any]:
