@@ -162,3 +162,50 @@ def test_english_is_the_last_fallback(renderer, catalog, booking_doc, tmp_path):
     glow = catalog.clinics["glow"].model_copy(update={"locale": "de"})
     assert renderer.fallback("fr", glow) == "en"
     assert renderer.fallback("es-AR", glow) == "es-AR"
+
+
+def client_offset(vtimezone: Any, instant: datetime) -> Any:
+    """The UTC offset a calendar program reads from `vtimezone` at `instant` (RFC 5545
+    3.6.5: each observance begins at its DTSTART and RDATEs, local times in its
+    TZOFFSETFROM; the one begun last is in force)."""
+    onsets = []
+    for observance in vtimezone.subcomponents:
+        assert "RRULE" not in observance  # (none written: every onset is listed)
+        rdates = observance.get("RDATE", [])
+        local = [observance.decoded("DTSTART")] + [
+            p.dt for r in (rdates if isinstance(rdates, list) else [rdates]) for p in r.dts]
+        offset_from = observance.decoded("TZOFFSETFROM")
+        onsets += [(t.replace(tzinfo=None) - offset_from, observance.decoded("TZOFFSETTO"))
+                   for t in local]
+    begun = [o for o in sorted(onsets, key=lambda o: o[0])
+             if o[0] <= instant.astimezone(UTC).replace(tzinfo=None)]
+    assert begun, "the VTIMEZONE does not cover the visit"
+    return begun[-1][1]
+
+
+@pytest.mark.parametrize(("zone", "starts_at"), [
+    ("Europe/Madrid", "2027-04-02T10:30:00+02:00"),  # after the spring change
+    ("Europe/Madrid", "2027-03-28T03:30:00+02:00"),  # the first hour of summer time
+    ("America/New_York", "2027-03-14T03:15:00-04:00"),
+    ("Africa/Casablanca", "2027-02-17T11:00:00+00:00"),  # Ramadan: an hour back, 5 weeks
+    ("Africa/Casablanca", "2027-04-02T11:00:00+01:00"),
+])
+def test_a_calendar_reads_the_visit_at_its_instant_from_the_invites_own_vtimezone(
+        renderer, catalog, booking_doc, zone, starts_at):
+    """A calendar program places the event by the VTIMEZONE the invite carries, not by its
+    own idea of the TZID's rules: those must give the visit's instant."""
+    booking_doc["starts_at"] = starts_at
+    b = booking(catalog, booking_doc)
+    clinic = catalog.clinics["glow"].model_copy(update={"timezone": zone})
+    message = renderer.render(template="confirmation", channel="email", booking=b,
+                              clinic=clinic, protocol=catalog.protocols["microneedling"],
+                              occurrence=1, due_at=NOW, now=NOW, invite=Invite(0, "REQUEST"))
+    cal = icalendar.Calendar.from_ical(message.attachments[0].data)
+    (vtimezone,) = cal.walk("VTIMEZONE")
+    (event,) = cal.walk("VEVENT")
+    assert str(vtimezone["TZID"]) == str(event["DTSTART"].params["TZID"]) == zone
+    for name in ("DTSTART", "DTEND"):
+        wall = event.decoded(name).replace(tzinfo=None)  # as written: the zone's wall clock
+        instant = b.starts_at + (event.decoded(name) - event.decoded("DTSTART"))
+        assert wall - client_offset(vtimezone, instant) == instant.astimezone(UTC).replace(
+            tzinfo=None), (name, wall, client_offset(vtimezone, instant))
