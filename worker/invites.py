@@ -8,7 +8,11 @@ One event per booking, built with the icalendar library:
   METHOD    REQUEST (an invite or its update), CANCEL (the event is cancelled)
   DTSTART   the appointment instant in the clinic's timezone (TZID), with the VTIMEZONE
             of that zone, so it imports at the right time in any calendar; DTEND after the
-            protocol's `visit_minutes`
+            protocol's `visit_minutes`. The VTIMEZONE is written here (`vtimezone`), not by
+            icalendar's `add_missing_timezones`: that one searches for changes in steps of
+            64 days and missed a change and its return within them (Morocco's hour back for
+            Ramadan: a visit then was an hour off in the patient's calendar), and wrote each
+            spring change's onset in the new offset's local time, an hour late by RFC 5545
   LOCATION  the clinic's name and `address`
 ORGANIZER is the clinic (its email, else a no-reply address of the clinic's id) and the
 patient is the one ATTENDEE: calendar programs want both for REQUEST and CANCEL.
@@ -16,11 +20,20 @@ patient is the one ATTENDEE: calendar programs want both for REQUEST and CANCEL.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from icalendar import Calendar, Event, vCalAddress, vText
+from icalendar import (
+    Calendar,
+    Event,
+    Timezone,
+    TimezoneDaylight,
+    TimezoneStandard,
+    vCalAddress,
+    vText,
+)
 
 from .clinics import Clinic
 from .models import Booking
@@ -85,13 +98,76 @@ def build_invite(
         attendee.params["role"] = vText("REQ-PARTICIPANT")
         attendee.params["rsvp"] = vText("FALSE")
         event.add("attendee", attendee)
+    tzid = event["DTSTART"].params.get("TZID")  # none for UTC: "Z" times need no VTIMEZONE
+    if tzid:
+        # The VTIMEZONE of the clinic's zone, its rules from the start of the year before
+        # the visit's to the end of the year after it (compact; the whole history would be
+        # a few kilobytes of past transitions; whole years: worked out once a zone and year).
+        cal.add_component(vtimezone(str(tzid), date(start.year - 1, 1, 1),
+                                    date(start.year + 2, 1, 1)))
     cal.add_component(event)
-    # The VTIMEZONE of the clinic's zone, its rules for a year either side of the visit
-    # (compact; the whole history would be a few kilobytes of past transitions).
-    cal.add_missing_timezones(first_date=start.date() - timedelta(days=366),
-                              last_date=start.date() + timedelta(days=366))
     return Attachment(
         name=FILE_NAME,
         mimetype=f"text/calendar; method={method}; charset=UTF-8",
         data=cal.to_ical(),
     )
+
+
+# The state of a zone at an instant: its UTC offset, daylight saving part and name.
+_State = tuple[timedelta, timedelta, str]
+
+
+def _state(tz: ZoneInfo, instant: datetime) -> _State:
+    local = instant.astimezone(tz)
+    return local.utcoffset() or timedelta(), local.dst() or timedelta(), local.tzname() or ""
+
+
+@functools.lru_cache(maxsize=64)
+def _transitions(tzid: str, first: date, last: date) -> tuple[_State, tuple[
+        tuple[datetime, _State, _State], ...]]:
+    """The zone's state at `first` (midnight UTC) and each change until `last`: (instant
+    in UTC, state before, state after). Sampled daily (no zone changes twice within a
+    day), each change then found to the second."""
+    tz = ZoneInfo(tzid)
+    at = datetime(first.year, first.month, first.day, tzinfo=UTC)
+    end = datetime(last.year, last.month, last.day, tzinfo=UTC)
+    step = timedelta(days=1)
+    initial = before = _state(tz, at)
+    changes = []
+    while at < end:
+        after = _state(tz, at + step)
+        if after != before:
+            lo, hi = at, at + step  # before at lo, after at hi
+            while hi - lo > timedelta(seconds=1):
+                mid = lo + (hi - lo) / 2
+                if _state(tz, mid) == before:
+                    lo = mid
+                else:
+                    hi = mid
+            changes.append((hi.replace(microsecond=0), before, after))
+            before = after
+        at += step
+    return initial, tuple(changes)
+
+
+def vtimezone(tzid: str, first: date, last: date) -> Timezone:
+    """Return the VTIMEZONE of `tzid` from `first` to `last` (RFC 5545 3.6.5): an
+    observance from `first` with the zone's state then, and one per change, each with its
+    onset as the local time before it (in its TZOFFSETFROM), as the RFC's examples have it
+    (02:00 for the US spring change, not the 03:00 the clocks then show)."""
+    initial, changes = _transitions(tzid, first, last)
+    tz = Timezone()
+    tz.add("tzid", tzid)
+    observances = [(datetime(first.year, first.month, first.day) + initial[0], initial,
+                    initial)] + [
+        ((instant + before[0]).replace(tzinfo=None), before, after)
+        for instant, before, after in changes]
+    for onset, before, after in observances:
+        observance = TimezoneDaylight() if after[1] else TimezoneStandard()
+        observance.add("dtstart", onset)
+        observance.add("tzoffsetfrom", before[0])
+        observance.add("tzoffsetto", after[0])
+        if after[2]:
+            observance.add("tzname", after[2])
+        tz.add_component(observance)
+    return tz
