@@ -41,7 +41,9 @@ batch back to the broker). From then on each claim is guarded like any attempt i
 by its lease (a worker killed before the claim's outcome is recorded loses nothing: the
 pump claims it again once the lease runs out) and by its ledger (nothing is sent twice).
 The task does not wait for the sends, so a slow provider holds only its own channel's
-threads: never a Celery pool process, never the other channel, never the pump. (Only when
+threads: never a Celery pool process, never the other channel, never the pump; and, once
+measured slow, no more than its share of them (`Lanes`, "One provider's share"): never
+another clinic's provider. (Only when
 this process's senders for the channel have more than a round of claims waiting does the
 task wait, at most BACKPRESSURE_SECONDS, so that Celery gives the next batches to another
 pool process: the pump hands out no more than all senders take, but Celery would give
@@ -143,7 +145,7 @@ from .planner import (
     protected_steps,
 )
 from .protocols import HOLD_NOTICE_STEP, NOTICE_STEPS, REPAUSE_STEP
-from .pump import Keys, channel_of, sender_member
+from .pump import HAND_BACK_MIN, Keys, channel_of, sender_member
 from .rendering import TEMPLATE_NOT_FOUND, RenderedMessage, Renderer
 from .settings import Settings
 from .status import Status
@@ -1042,6 +1044,14 @@ ROOM_POLL_SECONDS = 0.01
 OTHERS_POLL_SECONDS = 0.05  # ... for another queue's messages in the broker (~0.13 ms CPU a look)
 REGISTER_TTL = 10.0  # seconds after which the pump forgets a process that stopped refreshing
 NUDGE_AFTER = 0.05  # a channel's senders idle this long after settling: ask for more work
+# One clinic's provider never holds every sender of a channel (`Lanes`, "One provider's
+# share"): a provider whose sends take SLOW_SEND_SECONDS or more has at most PROVIDER_SHARE
+# of a channel's threads in this process, and the slow ones together no more than that.
+PROVIDER_SHARE = 0.5
+SLOW_SEND_SECONDS = 1.0
+PROVIDER_WEIGHT = 0.3  # how far one send's time moves its provider's measured send time
+PROVIDER_BUSY = ("its clinic's {channel} provider is slow and has its share of the senders: "
+                 "handed back to the schedule")
 
 
 class Watchdog:
@@ -1107,6 +1117,18 @@ class Watchdog:
                 return
 
 
+@dataclass
+class _Provider:
+    """One provider of a channel, as this process's senders know it (`Lanes`)."""
+
+    running: int = 0  # its attempts under way here
+    latency: float | None = None  # its send time, a moving average (None: not measured)
+    back_at: float = 0.0  # Redis's clock: when the last claim handed back for it is due
+
+    def slow(self) -> bool:
+        return self.latency is not None and self.latency >= SLOW_SEND_SECONDS
+
+
 class Lanes:
     """This process's senders: a bounded thread pool per channel, and their bookkeeping.
 
@@ -1116,6 +1138,25 @@ class Lanes:
     REGISTER_EVERY, forgotten REGISTER_TTL after the process stops). Once a channel's
     senders have nothing waiting, `on_idle(channel)` is called so that the pump can hand
     out more at once instead of at its next tick.
+
+    One provider's share. All clinics' claims of a channel share its threads, and a send
+    holds its thread until its provider answers (or the send timeout): a clinic whose
+    gateway answers in seconds, or hangs, took every thread with a burst of its claims,
+    and the other clinics' claims, behind them in the due set, waited for the whole burst
+    at that provider's pace (minutes). So each provider (a clinic's Apprise URL for the
+    channel as configured; clinics giving the very same URL share one) is measured here
+    (the moving average of its sends' time), and one that is slow (SLOW_SEND_SECONDS or
+    more) has at most PROVIDER_SHARE of the channel's threads under way; the slow ones
+    together no more than that either, so the other providers always have the rest. A
+    claim beyond that is not begun: the thread taking it hands it back to the schedule
+    (`Store.requeue`, fenced by its claim as any hand-back; no attempt is counted), due
+    once its provider should have room (one at the provider's pace after the one handed
+    back before, within a send timeout), behind what is due before then; the pump hands
+    out the claims behind it meanwhile. A provider measured fast, or not measured yet in this
+    process, is held to no share (a burst of one clinic uses every thread): one slow from
+    the start, or turning slow, is found by its first slow sends to end, so it holds every
+    thread for one of its sends at most (the send timeout), not for its whole burst. All
+    of it in memory, under the senders' lock: no round trip on the way to a send.
     """
 
     def __init__(self, ctx: Context, *, on_idle: Callable[[Channel], None] | None = None,
@@ -1134,6 +1175,11 @@ class Lanes:
         self._busy: dict[str, float] = {}  # ... and the seconds they took
         # Per sender thread: whether its current attempt reached the provider (`_one`).
         self._reached = threading.local()
+        # The channel's providers (`_Provider`): (channel, provider) -> what is known of it;
+        # and per channel, the attempts under way of those slow (their share together).
+        self.share = max(1, int(self.threads * PROVIDER_SHARE))
+        self._providers: dict[tuple[str, str], _Provider] = {}
+        self._slow_running: dict[str, int] = {}
         self._idle_since: dict[str, float] = {}  # channels that ran dry, to nudge
         self._registered_at = 0.0
         self._closing = False
@@ -1206,11 +1252,67 @@ class Lanes:
         with self._lock:
             self._futures.discard(future)
 
+    def provider(self, channel: Channel, ref: str) -> str:
+        """Return the provider `ref` goes through: its clinic's Apprise URL for `channel` as
+        configured (with its ${NAME}s, not their values: never logged), or the clinic's own
+        name for the outbox or an unknown clinic."""
+        clinic_id = ref.partition("/")[0]
+        clinic = self.ctx.catalog.clinics.get(clinic_id)
+        url = clinic.channels.get(channel) if clinic is not None else None
+        return url if url is not None else f"{clinic_id}:{channel}"
+
+    def _take_provider(self, channel: Channel, ref: str) -> tuple[_Provider, bool] | None:
+        """Count an attempt of `ref` under way at its provider and return (the provider,
+        whether it counts among the slow); None if its provider is slow and has its share,
+        or the slow ones together have it (then it must not begin). Called under `_lock`."""
+        name = (channel, self.provider(channel, ref))
+        found = self._providers.get(name)
+        if found is None:
+            found = self._providers[name] = _Provider()
+        slow = found.slow()
+        if slow and not self._closing and (
+                found.running >= self.share or self._slow_running.get(channel, 0) >= self.share):
+            return None
+        found.running += 1
+        if slow:
+            self._slow_running[channel] = self._slow_running.get(channel, 0) + 1
+        return found, slow
+
+    def _hand_back_busy(self, channel: Channel, ref: str, claim: str, start_by: float) -> str:
+        """Hand a claim whose provider has its share back to the schedule (not begun), due
+        once the provider should have room: one at its pace (its send time over its share,
+        HAND_BACK_MIN at least) after the claim handed back before, and within a send
+        timeout (by then one of its sends has ended: a provider that recovered meanwhile
+        finds its claims due, not spread over the time its slowness would have taken)."""
+        name = (channel, self.provider(channel, ref))
+        now = CLOCK.now()
+        with self._lock:
+            found = self._providers.setdefault(name, _Provider())
+            pace = (found.latency or 0.0) / self.share
+            at = min(max(now + max(HAND_BACK_MIN, pace), found.back_at + pace),
+                     now + max(HAND_BACK_MIN, self.ctx.settings.send_timeout_seconds))
+            found.back_at = at
+        reason = PROVIDER_BUSY.format(channel=channel)
+        try:
+            handed = self.ctx.store.requeue(ref, datetime.fromtimestamp(at, UTC), reason,
+                                            claim=claim)
+        except redis.RedisError as exc:
+            self.owe(NotBegun(ref, claim, reason, exc), start_by)
+            return "not begun: handed back once Redis takes it"
+        if handed:
+            log.info("send %s: its clinic's %s provider is slow and has its share of the "
+                     "senders; handed back to the schedule (due in %.1fs)", ref, channel,
+                     at - now)
+            return "handed back"
+        log.info("send %s: its provider is busy; dropped (finished or claimed again)", ref)
+        return "dropped: finished meanwhile"
+
     def _one(self, key: int, channel: Channel, ref: str, version: str, claim: str,
              start_by: float) -> str:
         begun = False
         with self._lock:  # taken by a thread: no longer the closer's to hand back
             self._queued.pop(key, None)
+            taken = self._take_provider(channel, ref)
 
         def on_begun() -> None:
             nonlocal begun
@@ -1225,8 +1327,11 @@ class Lanes:
         deadline = 0.0 if self._closing else start_by
         self._reached.provider = False  # set by `handing_over`
         try:
-            outcome = attempt(self.ctx, ref, version, claim, start_by=deadline, begun=on_begun,
-                              watchdog=self.watchdog, guard=self)
+            if taken is None:
+                outcome = self._hand_back_busy(channel, ref, claim, start_by)
+            else:
+                outcome = attempt(self.ctx, ref, version, claim, start_by=deadline,
+                                  begun=on_begun, watchdog=self.watchdog, guard=self)
         except NotBegun as exc:  # handed back as soon as Redis takes it, not a lease later
             self.owe(exc, start_by)
             outcome = "not begun: handed back once Redis takes it"
@@ -1242,8 +1347,22 @@ class Lanes:
             # an outage shrank the pump's measured latency to milliseconds, and its window
             # to the whole backlog.
             took = time.monotonic() - started if self._reached.provider else None
+            if taken is not None:
+                self._leave_provider(channel, *taken, took)
             self._settle(channel, f"{claim}@{ref}", took)
         return outcome
+
+    def _leave_provider(self, channel: Channel, provider: _Provider, slow: bool,
+                        took: float | None) -> None:
+        """An attempt counted by `_take_provider` ended (`took`: its time, if it reached
+        the provider)."""
+        with self._lock:
+            provider.running -= 1
+            if slow:
+                self._slow_running[channel] -= 1
+            if took is not None:
+                provider.latency = took if provider.latency is None else (
+                    provider.latency + (took - provider.latency) * PROVIDER_WEIGHT)
 
     def _settle(self, channel: Channel, done: str, took: float | None) -> None:
         with self._lock:

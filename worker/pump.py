@@ -48,7 +48,9 @@ HAND_BACK_MIN and send_backlog_seconds, then one at their pace after another): a
 channel's backlog never keeps the other channel's reminders from being claimed, and the
 next runs do not take the same reminders again at once. A run passes at most `pump_batch`
 such claims. (A store method claiming per channel would make the look and the hand-back
-needless.)
+needless.) Within a channel the senders keep a slow provider (one clinic's) to its share of
+their threads (worker/dispatch.py `Lanes`): its claims beyond that they hand back to the
+schedule unbegun, settled here like any, so the next runs hand out what is behind them.
 
 Each channel's claims go out in batches of at most `send_batch_size`, one Celery task per
 batch on the channel's own queue (`publish`), with the instant they were claimed.
