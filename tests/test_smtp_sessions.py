@@ -200,3 +200,69 @@ def test_idle_sessions_are_closed_and_sessions_are_retired_after_a_while(server,
     assert server.quits == 3  # the two retired, and the idle one closed with a QUIT
     send(server, 8)
     assert server.sessions == 4
+
+
+class SilentServer(CountingServer):
+    """A mail server that, once `silent`, answers nothing more on the sessions it has open
+    (hung; or its idle connections dropped without a word by a firewall or a NAT on the
+    way): a QUIT on one of them waits for an answer that never comes."""
+
+    silent = False
+
+    async def handle_QUIT(self, server, session, envelope):  # noqa: N802
+        with self._lock:
+            self.quits += 1
+        deadline = time.monotonic() + 10
+        while self.silent and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return "221 Bye"
+
+
+def test_another_servers_idle_sessions_never_hold_a_send(server, monkeypatch):
+    """Clinic A's mail server went silent on its idle sessions. Those sessions are closed
+    once idle for SMTP_IDLE_SECONDS by whichever thread finds them so first: another
+    clinic's send (taking a session of its own server), or the senders' reporting thread
+    (`sweep`). Each waited for its QUIT's answer, up to A's socket timeout (the send
+    timeout), one after the other: clinic B's email waited seconds for A's server (and the
+    reporting thread reported nothing to the pump meanwhile). The QUIT is sent; its answer
+    is not waited for."""
+    silent = SilentServer()
+    with silent, ThreadPoolExecutor(3) as pool:
+        barrier = threading.Barrier(3)
+
+        def send_a(n: int) -> str:
+            barrier.wait(5)  # three at once: three sessions kept
+            return delivery.send_apprise(silent.url(f"a{n}@example.com"), MAIL, timeout=2)
+
+        assert list(pool.map(send_a, range(3))) == ["sent through Apprise"] * 3
+        kept = silent.sessions
+        assert kept >= 2, kept
+        silent.silent = True
+        monkeypatch.setattr(delivery, "SMTP_IDLE_SECONDS", 0.1)
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert send(server, 1) == "sent through Apprise"  # clinic B's, on its own server
+        took = time.monotonic() - started
+        assert took < 0.5, f"clinic B's email waited {took:.1f}s for A's idle sessions"
+        time.sleep(0.3)
+        assert silent.quits == kept  # each closed with a QUIT all the same
+        # The reporting thread's sweep does not wait either.
+        silent.silent = False
+        assert send_all(silent, 3, pool) == ["sent through Apprise"] * 3
+        silent.silent = True
+        time.sleep(0.3)
+        started = time.monotonic()
+        delivery.smtp_sessions.sweep()
+        assert time.monotonic() - started < 0.5
+        silent.silent = False
+    assert server.messages == ["p1@example.com"]
+
+
+def send_all(server: CountingServer, n: int, pool: ThreadPoolExecutor) -> list[str]:
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> str:
+        barrier.wait(5)
+        return delivery.send_apprise(server.url(f"b{i}@example.com"), MAIL, timeout=2)
+
+    return list(pool.map(one, range(n)))
