@@ -220,6 +220,7 @@ def urllib3_lines_kept_out() -> Iterator[None]:
 SMTP_IDLE_SECONDS = 10.0  # a kept session unused this long is closed, not reused
 SMTP_MESSAGES_PER_SESSION = 100  # then a new session: servers cap messages per connection
 SMTP_KEPT_PER_SERVER = 32  # idle sessions kept per server and login
+QUIT_WRITE_SECONDS = 1.0  # an idle session's QUIT is written within this; no answer awaited
 
 _tls_lock = threading.Lock()
 _tls_contexts: dict[bool, ssl.SSLContext] = {}
@@ -273,7 +274,13 @@ SessionKey = tuple[str, int, str, str, str, bool]
 
 
 class _KeptSessions:
-    """Idle SMTP sessions by server and login; each is used by one thread at a time."""
+    """Idle SMTP sessions by server and login; each is used by one thread at a time.
+
+    Those idle too long are closed by whichever thread finds them so (another clinic's
+    send, the senders' reporting thread's `sweep`) with `_close_idle`: their QUIT is
+    written, its answer not waited for, so a server gone silent (hung, or its idle
+    connections dropped without a word by a firewall or a NAT) holds no other clinic's
+    send, nor the reports to the pump, for its socket timeout per session."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -286,7 +293,7 @@ class _KeptSessions:
             kept = self._idle.get(key)
             newest = kept.pop() if kept else None
         for session in stale:
-            _quit(session)
+            _close_idle(session)
         return (newest[0], newest[2]) if newest else None
 
     def give(self, key: SessionKey, session: _Session | _SessionSSL, sent: int) -> None:
@@ -298,14 +305,14 @@ class _KeptSessions:
             else:
                 stale.append(session)
         for old in stale:
-            _quit(old)
+            _close_idle(old)
 
     def sweep(self) -> None:
         """Close the sessions idle too long (called now and then by the senders)."""
         with self._lock:
             stale = self._stale_locked()
         for session in stale:
-            _quit(session)
+            _close_idle(session)
 
     def _stale_locked(self) -> list[_Session | _SessionSSL]:
         now = time.monotonic()
@@ -325,7 +332,7 @@ class _KeptSessions:
             idle, self._idle = self._idle, {}
         for kept in idle.values():
             for session, _, _ in kept:
-                _quit(session)
+                _close_idle(session)
 
     def forget(self) -> None:
         """Drop every session without a word: after a fork they belong to the parent."""
@@ -345,6 +352,17 @@ def _session_gone(exc: BaseException) -> bool:
 def _quit(session: _Session | _SessionSSL) -> None:
     with contextlib.suppress(*SMTP_EXCEPTIONS):
         session.quit()
+    with contextlib.suppress(OSError):
+        session.close()
+
+
+def _close_idle(session: _Session | _SessionSSL) -> None:
+    """Close an idle kept session: its QUIT written (within QUIT_WRITE_SECONDS), its
+    answer not waited for (`_KeptSessions`)."""
+    with contextlib.suppress(OSError, *SMTP_EXCEPTIONS):
+        if session.sock is not None:
+            session.sock.settimeout(QUIT_WRITE_SECONDS)
+        session.putcmd("quit")
     with contextlib.suppress(OSError):
         session.close()
 
