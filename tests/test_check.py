@@ -240,6 +240,29 @@ def test_missing_channel_secrets_are_warnings(copy: Path) -> None:
     assert "CHECK_TEST_SMS_TOKEN" not in with_secret.stdout
 
 
+
+def test_emails_whose_unsubscribe_link_patients_cannot_open_are_a_warning(copy: Path) -> None:
+    """Without REMINDERS_PUBLIC_URL every email's unsubscribe link (footer, List-Unsubscribe)
+    is the API's own http://127.0.0.1:8000 address; one-click (RFC 8058) takes https only."""
+    clinic = copy / "config" / "clinics" / "glow.toml"
+    clinic.write_text(clinic.read_text()
+                      + 'sms = "json://sms.example/send?:to={to}"\n'
+                      + 'email = "mailto://smtp.example?from=desk@glow.example&to={to}"\n')
+    unset = check_copy(copy, "--clinic", "glow")
+    assert unset.returncode == EXIT_OK, unset.stderr
+    assert ("WARNING: REMINDERS_PUBLIC_URL is not set: the unsubscribe link of every email "
+            "(its footer and List-Unsubscribe header) is http://127.0.0.1:8000/v1/unsubscribe/"
+            in unset.stdout), unset.stdout
+    plain = check_copy(copy, "--clinic", "glow",
+                       env={"REMINDERS_PUBLIC_URL": "http://reminders.glow.example"})
+    assert ("WARNING: REMINDERS_PUBLIC_URL is http://reminders.glow.example: mail providers' "
+            "one-click unsubscribe (RFC 8058) takes https links only" in plain.stdout)
+    https = check_copy(copy, "--clinic", "glow",
+                       env={"REMINDERS_PUBLIC_URL": "https://reminders.glow.example"})
+    assert "REMINDERS_PUBLIC_URL" not in https.stdout
+    # Emails to the outbox only (no email URL): no patient gets a link.
+    assert "REMINDERS_PUBLIC_URL" not in check_copy(copy, "--clinic", "demo").stdout
+
 def test_a_clinic_with_a_url_for_one_channel_only_is_an_error(copy: Path) -> None:
     clinic = copy / "config" / "clinics" / "glow.toml"
     clinic.write_text(clinic.read_text() + 'sms = "json://sms.example/send?:to={to}"\n')
