@@ -52,7 +52,7 @@ from .rendering import (
     not_utf8,
     syntax_error,
 )
-from .settings import MIN_SECRET_CHARS
+from .settings import MIN_SECRET_CHARS, Settings
 from .sms import Encoding, fold_to_gsm7, non_gsm7, normalise, sms_segments
 from .status import Status
 
@@ -816,6 +816,26 @@ def webhook_secret_problem(name: str, field: str = "webhook.secret") -> str:
             "webhook signatures forgeable); make one with: python -c \"import secrets; "
             "print(secrets.token_urlsafe(32))\"")
 
+
+def unsubscribe_link_warnings(settings: Settings, clinics: list[Clinic]) -> list[str]:
+    """A warning when a clinic emails patients through a real channel (an email URL, not
+    the outbox) and their unsubscribe link (the footer and the List-Unsubscribe header,
+    worker/dispatch.py) is not an https address: unset, it is the API's own address
+    (http://127.0.0.1:8000), which no patient can open; mail providers' one-click
+    unsubscribe (RFC 8058) takes https links only."""
+    if not any("email" in c.channels for c in clinics):
+        return []
+    base = settings.public_base_url
+    if not settings.public_url:
+        return [f"REMINDERS_PUBLIC_URL is not set: the unsubscribe link of every email (its "
+                f"footer and List-Unsubscribe header) is {base}/v1/unsubscribe/..., an "
+                "address patients cannot open; set it to the https address patients reach "
+                "the API at"]
+    if not base.lower().startswith("https://"):
+        return [f"REMINDERS_PUBLIC_URL is {base}: mail providers' one-click unsubscribe "
+                "(RFC 8058) takes https links only; set it to the https address patients "
+                "reach the API at"]
+    return []
 
 def template_folder(catalog: Catalog, locale: str) -> str | None:
     """Return the templates folder a locale uses ("en-GB" -> "en"), or None if none."""

@@ -125,7 +125,11 @@ def plan_files(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """Validate config/ and templates/; report each SMS template's length and segments."""
-    from .checking import SAMPLE_FIRST_NAMES, check  # Jinja and Babel: only this command
+    from .checking import (  # Jinja and Babel: only this command
+        SAMPLE_FIRST_NAMES,
+        check,
+        unsubscribe_link_warnings,
+    )
 
     catalog = Catalog.load(settings)
     if args.clinic is not None and args.clinic not in catalog.clinics:
@@ -133,6 +137,8 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     clinic_ids = [args.clinic] if args.clinic else sorted(catalog.clinics)
     report = check(catalog, settings.clinics_dir, clinic_ids=clinic_ids,
                    protocols_dir=settings.protocols_dir)
+    report.warnings += unsubscribe_link_warnings(
+        settings, [catalog.clinics[c] for c in clinic_ids])
     if args.redis:  # the only part that reads Redis
         from .checking import pending_unconfigured
         from .durability import findings, read_settings, summary
