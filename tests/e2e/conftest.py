@@ -102,15 +102,22 @@ class Service:
         self.processes.append(proc)
         return proc
 
-    def worker(self, name: str = "w1", concurrency: int = 2) -> subprocess.Popen[bytes]:
-        """Start `celery -A worker.celery_app worker` and wait until it is ready."""
+    def worker(self, name: str = "w1", concurrency: int = 2,
+               wait: bool = True) -> subprocess.Popen[bytes]:
+        """Start `celery -A worker.celery_app worker` and wait until it is ready (`wait`)."""
         proc = self._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "worker",
                             "--loglevel=INFO", f"--concurrency={concurrency}",
                             "-Q", WORKER_QUEUES, "-n", f"{name}@%h",
                             "--without-gossip", "--without-mingle"], name)
-        wait_until(lambda: b" ready." in proc.log_path.read_bytes() or proc.poll() is not None, 30)
-        assert proc.poll() is None, proc.log_path.read_text()
+        if wait:
+            self.ready(proc)
         return proc
+
+    def ready(self, worker: subprocess.Popen[bytes]) -> None:
+        """Wait until a worker started with `wait=False` is ready."""
+        wait_until(lambda: b" ready." in worker.log_path.read_bytes()  # type: ignore[attr-defined]
+                   or worker.poll() is not None, 30)
+        assert worker.poll() is None, worker.log_path.read_text()  # type: ignore[attr-defined]
 
     def beat(self, name: str = "beat",
              worker: subprocess.Popen[bytes] | list[subprocess.Popen[bytes]] | None = None,
@@ -123,17 +130,29 @@ class Service:
         proc = self._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "beat",
                             "--loglevel=INFO", "-s", str(schedule)], name)
         if worker is not None:
-            # Any of the workers may run the tick: both consume the pump queue.
-            workers = worker if isinstance(worker, list) else [worker]
-            wait_until(lambda: any(b"Task reminders.pump[" in w.log_path.read_bytes()
-                                   for w in workers), 30)
+            self.ticked(worker)
         return proc
 
+    def ticked(self, worker: subprocess.Popen[bytes] | list[subprocess.Popen[bytes]]) -> None:
+        """Wait until a pump tick has run at `worker` (any of a list: all consume the pump
+        queue)."""
+        workers = worker if isinstance(worker, list) else [worker]
+        wait_until(lambda: any(b"Task reminders.pump[" in w.log_path.read_bytes()  # type: ignore[attr-defined]
+                               for w in workers), 30)
+
+    def start(self, name: str = "w1", concurrency: int = 2,
+              ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+        """Start one worker and beat side by side; return (worker, beat) once the worker is
+        ready and a pump tick has run there."""
+        worker = self.worker(name, concurrency, wait=False)
+        beat = self.beat()
+        self.ready(worker)
+        self.ticked(worker)
+        return worker, beat
+
     def up(self) -> subprocess.Popen[bytes]:
-        """Start one worker and beat; return the worker once a pump tick has run."""
-        worker = self.worker()
-        self.beat(worker=worker)
-        return worker
+        """Start one worker and beat (`start`); return the worker."""
+        return self.start()[0]
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL a process and its children (a worker's pool) at once."""

@@ -216,10 +216,13 @@ def test_worker_killed_mid_send_every_reminder_arrives_once(
 def test_two_workers_two_pumps_send_each_reminder_once(
         service, smtp_sink, sms_sink, make_booking, e2e_config, redis_client):
     smtp_sink.delay = 0.5  # sends stay in flight across the other pump's ticks
-    w1 = service.worker("w1")
-    w2 = service.worker("w2")
-    b1 = service.beat("beat1", worker=[w1, w2])
+    w1 = service.worker("w1", wait=False)
+    w2 = service.worker("w2", wait=False)
+    b1 = service.beat("beat1")
     b2 = service.beat("beat2")
+    service.ready(w1)
+    service.ready(w2)
+    service.ticked([w1, w2])
     docs = bookings(make_booking, "P", 10, starts_in=lambda i: 10 + 1.3 * i, first_phone=100)
     timelines = service.book(*docs)
     expected = sum((expected_keys(e2e_config, d, t) for d, t in zip(docs, timelines, strict=True)),

@@ -197,8 +197,7 @@ def test_redis_restarts_under_a_running_worker_every_reminder_arrives_once(
     # (a worker stopped with its Redis gone waits out the whole stop timeout).
     smtp_sink.delay = 1.0  # each email holds the SMTP DATA answer: sends are in flight
     service.configure(REMINDERS_REDIS_URL=own_redis.url)
-    worker = service.worker()
-    beat = service.beat(worker=worker)
+    worker, beat = service.start()
 
     # A booking between kills: its confirmation is sent (or queued) when Redis dies next.
     # The visits start late enough that no pre-visit step expires during the outages: 40 s

@@ -88,8 +88,7 @@ def test_a_held_booking_is_told_once_by_webhook_and_email(hooked, receiver, make
 
 def test_an_event_in_flight_when_the_worker_is_killed_is_delivered_after_the_lease(
         hooked, receiver, make_booking):
-    worker = hooked.worker("w1")
-    hooked.beat(worker=worker)
+    worker, _ = hooked.start("w1")
     receiver.gate.clear()  # the clinic's endpoint hangs: the first POST is parked
     hooked.book(make_booking("W-3", starts_in=3600,
                              **{"channels": ["email"]}) | {"medications": {
@@ -169,8 +168,7 @@ def test_a_warm_shutdown_lets_the_event_under_way_be_delivered_once(hooked, rece
     import threading
 
     svc = hooked.configure(REMINDERS_SHUTDOWN_GRACE_SECONDS="10")
-    worker = svc.worker("w1")
-    svc.beat(worker=worker)
+    worker, _ = svc.start("w1")
     receiver.gate.clear()  # the clinic's endpoint parks the POST
     (event_id,) = emit_events(redis_client, 1)
     wait_until(lambda: receiver.snapshot(), 30)

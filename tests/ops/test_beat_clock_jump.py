@@ -77,8 +77,7 @@ def test_reminder_due_after_the_clock_stepped_back_goes_on_time(
         service: Service, smtp_sink: SmtpSink, sms_sink: HttpSink, make_booking,
         tmp_path: Path) -> None:
     offset = stepped_clock(service, tmp_path)
-    worker = service.worker()
-    beat = service.beat(worker=worker)
+    worker, beat = service.start()
     doc = make_booking("B-JUMP", starts_in=30.0)
     starts = time.time() + 30.0
     service.book(doc)

@@ -114,8 +114,7 @@ def test_an_error_reply_from_redis_is_unhealthy_in_one_line(env, redis_client, r
 
 def test_a_running_worker_and_beat_are_healthy_and_stop_being_so_when_beat_stops(service):
     service.configure(REMINDERS_HEALTH_MAX_AGE_SECONDS="3")
-    worker = service.worker()
-    beat = service.beat(worker=worker)
+    worker, beat = service.start()
     # The broker is never idle for long here (a tick a second): health does not care.
     wait_until(lambda: health(service.env, "--role", "beat").returncode == 0, 15)
     wait_until(lambda: health(service.env, "--role", "worker").returncode == 0, 15)

@@ -162,8 +162,7 @@ def test_metrics_equal_what_happened_and_logs_hold_no_patient_data(
     api_port, metrics_port = free_port(), free_port()
     service.configure(REMINDERS_LOG_FORMAT=log_format, REMINDERS_METRICS_PORT=str(metrics_port),
                       REMINDERS_LOG_LEVEL="INFO")
-    worker = service.worker()
-    service.beat(worker=worker)
+    worker, _ = service.start()
     api = service._spawn([sys.executable, "-m", "uvicorn", "worker.api:app", "--host",
                           "127.0.0.1", "--port", str(api_port), "--log-level", "info"], "api")
     base = f"http://127.0.0.1:{api_port}"

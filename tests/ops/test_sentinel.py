@@ -203,8 +203,7 @@ def test_master_killed_mid_run_sentinel_promotes_the_replica_and_everything_carr
     assert redis.Redis(port=cluster.master_port).get("probe") == b"1"
     probe.close()
     try:
-        worker = service.worker("w1")
-        service.beat(worker=worker)
+        service.start("w1")
         api = service._spawn([str(BIN / "uvicorn"), "worker.api:app", "--host", "127.0.0.1",
                               "--port", str(api_port)], "api")
         key = service.cli("keys", "issue", "--clinic", "e2e").stdout.strip()

@@ -207,8 +207,7 @@ def test_sigterm_mid_batch_finishes_what_is_sending_and_hands_back_the_rest(
     service.configure(REMINDERS_LEASE_SECONDS="60", REMINDERS_SEND_TIMEOUT_SECONDS="20",
                       REMINDERS_SEND_MAX_WAIT_SECONDS="40",
                       REMINDERS_SHUTDOWN_GRACE_SECONDS="15")
-    a = service.worker("a", concurrency=1)
-    service.beat(worker=a)
+    a, _ = service.start("a", concurrency=1)
     docs = [booking(n, "onesms") for n in range(1, 9)]
     service.book(*docs)
     assert gateway.parked.acquire(timeout=15) and gateway.parked.acquire(timeout=15), \
@@ -275,8 +274,7 @@ def test_sigterm_cuts_a_send_still_handing_over_when_the_grace_period_ends(
     service.configure(REMINDERS_LEASE_SECONDS=str(lease), REMINDERS_SEND_TIMEOUT_SECONDS="5",
                       REMINDERS_SHUTDOWN_GRACE_SECONDS="2")
     smtp_sink.delay = 30.0
-    a = service.worker("a", concurrency=1)
-    service.beat(worker=a)
+    a, _ = service.start("a", concurrency=1)
     docs = [booking(n, "oneemail") for n in (1, 2)]
     service.book(*docs)
     wait_until(lambda: smtp_sink.data_started >= 2, 15)
@@ -392,8 +390,7 @@ def test_sigterm_with_redis_down_ends_within_the_grace_period(
     gateway.park = 0
     grace = 4.0
     service.configure(REMINDERS_SHUTDOWN_GRACE_SECONDS=str(grace))
-    worker = service.worker()
-    service.beat(worker=worker)
+    worker, _ = service.start()
     service.book(booking(1, "onesms"))  # the senders and event senders are up and used
     wait_until(lambda: gateway.snapshot(), 15)
     assert redis_server.process is not None
@@ -428,8 +425,7 @@ def test_sigterm_then_redis_dies_mid_stop_still_ends_within_the_grace_period(
     service.configure(REMINDERS_LEASE_SECONDS="60", REMINDERS_SEND_TIMEOUT_SECONDS="20",
                       REMINDERS_SEND_MAX_WAIT_SECONDS="40",
                       REMINDERS_SHUTDOWN_GRACE_SECONDS=str(grace))
-    worker = service.worker(concurrency=1)
-    service.beat(worker=worker)
+    worker, _ = service.start(concurrency=1)
     service.book(*[booking(n, "onesms") for n in (1, 2)])
     assert gateway.parked.acquire(timeout=15) and gateway.parked.acquire(timeout=15), \
         "the two sends never reached the gateway"

@@ -57,8 +57,7 @@ def test_a_cut_send_the_provider_accepts_before_the_process_ends_is_recorded_as_
         service: Service, smtp_sink: GatedSmtp, redis_client, tmp_path: Path) -> None:
     service.configure(REMINDERS_LEASE_SECONDS="12", REMINDERS_SEND_TIMEOUT_SECONDS="5",
                       REMINDERS_SHUTDOWN_GRACE_SECONDS="1")
-    a = service.worker("a", concurrency=1)
-    service.beat(worker=a)
+    a, _ = service.start("a", concurrency=1)
     service.book(booking(1, "oneemail"))
     wait_until(lambda: smtp_sink.waiting >= 1, 15)  # DATA sent, waiting for our answer
     sigterm(a)
