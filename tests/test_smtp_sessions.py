@@ -5,6 +5,7 @@ sessions and can drop them."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -266,3 +267,79 @@ def send_all(server: CountingServer, n: int, pool: ThreadPoolExecutor) -> list[s
         return delivery.send_apprise(server.url(f"b{i}@example.com"), MAIL, timeout=2)
 
     return list(pool.map(one, range(n)))
+
+
+class TricklingServer:
+    """A mail server that answers a connection with a greeting that never ends: a line
+    ("220-...") every TRICKLE_EVERY seconds, each well within the client's socket timeout
+    (a tarpit, or a server wedged in a loop)."""
+
+    TRICKLE_EVERY = 0.3
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.connections = 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.2)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            deadline = time.monotonic() + 30
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    conn.sendall(b"220-mail.clinic.example still greeting\r\n")
+                except OSError:
+                    return
+                self._stop.wait(self.TRICKLE_EVERY)
+
+    def url(self, to: str) -> str:
+        return f"mailto://127.0.0.1:{self.port}?from=clinic@example.com&to={to}&mode=insecure"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+
+
+def test_a_server_trickling_its_answers_ends_the_send_within_two_timeouts():
+    """Each line of the greeting came within the socket timeout, so the send waited on, as
+    long as the server went on: until the watchdog ended the worker process before the
+    attempt's ledger expired (the lease, 5 minutes by default), taking every other clinic's
+    sends under way and claims waiting in that process with it (back only after their
+    lease). A session's answers are read for at most two send timeouts in all (the lease
+    outlasts that, settings.py): then the send fails as any timeout does, nothing handed
+    over (transient)."""
+    trickling = TricklingServer()
+    outcome: list[BaseException | str] = []
+
+    def send_one() -> None:
+        try:
+            outcome.append(delivery.send_apprise(trickling.url("p1@example.com"), MAIL,
+                                                 timeout=1))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            outcome.append(exc)
+
+    started = time.monotonic()
+    sender = threading.Thread(target=send_one, daemon=True)
+    sender.start()
+    sender.join(6)
+    took = time.monotonic() - started
+    trickling.close()
+    assert not sender.is_alive(), "the send still waited on the trickling greeting after 6s"
+    assert took < 2 + 1, took
+    (error,) = outcome
+    assert isinstance(error, DeliveryError), error
+    assert not error.permanent and not error.unknown, error.reason
+    assert trickling.connections == 1
