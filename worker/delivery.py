@@ -22,6 +22,10 @@ has closed meanwhile is noticed before any of the message is handed over (MAIL, 
 the DATA command finds the connection gone, or a 421, before the server's 354 asked for
 the message): the message then goes over a fresh session at once, so reuse never turns
 a message into one of unknown outcome. A session that saw any error is closed.
+During one send a session's answers are read for SMTP_SEND_TIMEOUTS send timeouts at most
+in all (`_DeadlineReader`: a server trickling its lines, each within the socket timeout,
+no longer holds the send until the watchdog ends the process), and an idle session is
+closed with its QUIT written, not its answer awaited (`_KeptSessions`).
 
 The messages it builds are serialized by `email_mime` (the same text as the stdlib's
 `as_string`, without compiling a regular expression per multipart or re-folding the
@@ -41,10 +45,12 @@ from __future__ import annotations
 import contextlib
 import email.policy
 import functools
+import io
 import logging
 import os
 import re
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -221,6 +227,10 @@ SMTP_IDLE_SECONDS = 10.0  # a kept session unused this long is closed, not reuse
 SMTP_MESSAGES_PER_SESSION = 100  # then a new session: servers cap messages per connection
 SMTP_KEPT_PER_SERVER = 32  # idle sessions kept per server and login
 QUIT_WRITE_SECONDS = 1.0  # an idle session's QUIT is written within this; no answer awaited
+SMTP_SEND_TIMEOUTS = 2  # a send reads its session's answers for this many send timeouts at most
+# When the send under way in this context must have its answers (time.monotonic()), if any
+# (`send_apprise`; read by `_DeadlineReader`).
+_smtp_deadline: ContextVar[float | None] = ContextVar("delivery_smtp_deadline", default=None)
 
 _tls_lock = threading.Lock()
 _tls_contexts: dict[bool, ssl.SSLContext] = {}
@@ -239,14 +249,43 @@ def tls_context(verify: bool) -> ssl.SSLContext:
         return context
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A session's socket as its answers are read: each read within the socket timeout,
+    and during a send never past the send's end (`_smtp_deadline`). A server whose every
+    line comes within the timeout (a tarpit; one wedged in a loop, greeting on and on) held
+    the send as long as it went on, until the watchdog ended the worker process before the
+    attempt's ledger expired, and every other clinic's sends under way and claims waiting
+    in that process went with it (back only after their lease)."""
+
+    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        super().__init__()
+        self._sock, self._timeout = sock, timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        end = _smtp_deadline.get()
+        if end is not None:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the server's answers took longer than a send may")
+            self._sock.settimeout(left if self._timeout is None else min(self._timeout, left))
+        return self._sock.recv_into(buffer)
+
+
 class _NotesHandOver:
     """Notes when a message's hand-over began: the server answered the DATA command with
     354 and the message goes out. Before that 354 the server has none of it: a session
     closed at the DATA command (no answer, or 421) took nothing. Mixed into smtplib's
-    sessions (its `data` and `getreply` are theirs)."""
+    sessions (its `data` and `getreply` are theirs); their answers are read through a
+    `_DeadlineReader`."""
 
     data_started = False
     _asked_data = False
+    file: Any
+    sock: Any
+    timeout: Any
 
     def data(self, msg: Any) -> tuple[int, bytes]:
         self._asked_data = True
@@ -256,6 +295,9 @@ class _NotesHandOver:
             self._asked_data = False
 
     def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:  # (made again after STARTTLS)
+            timeout = self.timeout if isinstance(self.timeout, int | float) else None
+            self.file = io.BufferedReader(_DeadlineReader(self.sock, timeout))
         reply: tuple[int, bytes] = super().getreply()  # type: ignore[misc]
         if self._asked_data and reply[0] == 354:
             self.data_started = True
@@ -455,6 +497,8 @@ class _KeptSMTPController(AppriseSMTPController):
         if session is None:
             return
         if exc_type is None and self._healthy and self._sent < SMTP_MESSAGES_PER_SESSION:
+            with contextlib.suppress(OSError):  # its own timeout again, not this send's rest
+                session.sock.settimeout(session.timeout)
             smtp_sessions.give(self._key, session, self._sent)
         else:
             _quit(session)
@@ -843,9 +887,14 @@ def send_apprise(url: str, message: RenderedMessage, timeout: float,
     notifier = _notifier()
     notifier.clear()
     notifier.add(services)
+    # An SMTP session's answers are read for SMTP_SEND_TIMEOUTS timeouts at most in all
+    # (`_DeadlineReader`): the send ends well within its ledger (lease_seconds > 2 x
+    # send_timeout_seconds + 1, settings.py), not by the watchdog ending the process.
+    deadline = _smtp_deadline.set(time.monotonic() + SMTP_SEND_TIMEOUTS * timeout)
     try:
         return _notify(notifier, message)
     finally:
+        _smtp_deadline.reset(deadline)
         notifier.clear()
 
 
