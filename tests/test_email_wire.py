@@ -483,3 +483,31 @@ def test_a_subject_that_fits_one_line_is_written_as_the_stdlib_writes_it():
 
 def meaning_of_subject(raw: bytes) -> str:
     return str(message_from_bytes(raw, policy=policy.strict)["Subject"])
+
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    # The README's URL names the address only: the patient sees the clinic's name.
+    ("mailto://127.0.0.1:{port}?from=hola@glow.example", ("Glow Skin Clinic",
+                                                          "hola@glow.example")),
+    # No from= at all: the login's address (not "Apprise", Apprise's own name for it).
+    ("mailto://hola@localhost:{port}?", ("Glow Skin Clinic", "hola@localhost")),
+    # A name the URL gives is the clinic's choice, kept.
+    ("mailto://127.0.0.1:{port}?from=" + quote("Glow Madrid <hola@glow.example>"),
+     ("Glow Madrid", "hola@glow.example")),
+    ("mailto://127.0.0.1:{port}?from=hola@glow.example&name=Glow%20Madrid",
+     ("Glow Madrid", "hola@glow.example")),
+])
+def test_a_patient_sees_the_clinics_name_as_the_sender(catalog, url: str,
+                                                        shown: tuple[str, str]) -> None:
+    """Apprise names a sender the URL gives no name "Apprise" (without from=) or writes its
+    bare address: the send path's URL (`Clinic.delivery_url`) gives the clinic's name."""
+    message = RenderedMessage(channel="email", subject="Tu cita", text="Hola, Ana:\n",
+                              html="<p>Hola, Ana:</p>")
+    with MailServer() as server:
+        glow = catalog.clinics["glow"].model_copy(update={"channels": {
+            "email": url.format(port=server.port).replace("?", "?to={to}&mode=insecure&", 1)
+            .rstrip("&")}})
+        assert send(glow.delivery_url("email", TO) or "", message) == "sent through Apprise"
+    (address,) = message_from_bytes(server.received[0], policy=policy.default)["From"].addresses
+    assert (address.display_name, address.addr_spec) == shown
