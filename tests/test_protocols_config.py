@@ -384,7 +384,7 @@ def test_a_clinic_with_urls_for_every_channel_never_uses_the_outbox(tmp_path):
     assert clinic.delivery_url("sms", "+34600111222", {}) == (
         "json://sms.glow.example/send?:to=+34600111222")
     assert clinic.delivery_url("email", "ana@example.com", MAIL_ENV) == (
-        "mailtos://glow:pw@smtp.glow.example?to=ana@example.com")
+        "mailtos://glow:pw@smtp.glow.example?to=ana@example.com&name=Test%20Clinic")
     assert clinic.unreachable_channels() == []
     with pytest.raises(ConfigError, match="GLOW_USER is not set"):
         clinic.delivery_url("email", "ana@example.com", {})

@@ -6,6 +6,11 @@ file. The local outbox is used only when the clinic says so: `outbox = true` (fo
 channels it has no URL for), or no channel URL at all (the embedded/demo default). A
 clinic with a URL for one channel but not the other, and without `outbox = true`, is a
 configuration error (`reminders check`); its sends on the missing channel fail for good.
+
+An email URL of Apprise's email plugin (`mailto://`, `mailtos://`) that gives its sender no
+name (`from=` an address only, or no `from=`) is sent with the clinic's `name` as the From
+name (`name=`, `delivery_url`): Apprise would write the bare address, or "Apprise" as the
+name of the login's address. A name the URL gives (`name=`, `from=Name <address>`) is kept.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
@@ -311,7 +317,8 @@ class Clinic(BaseModel):
         outbox, or if a secret the URL needs is not set.
         """
         if channel in self.channels:
-            return self.channel_url(channel, to, env)
+            url = self.channel_url(channel, to, env)
+            return with_sender_name(url, self.name) if channel == "email" else url
         if self.uses_outbox(channel):
             return None
         raise ConfigError(f"clinic {self.id}", unreachable_problem(channel))
@@ -330,6 +337,20 @@ class Clinic(BaseModel):
         if self.inbound.twilio_auth_token:
             names.add(self.inbound.twilio_auth_token[2:-1])
         return sorted(n for n in names if n not in env)
+
+
+def with_sender_name(url: str, name: str) -> str:
+    """Return an Apprise email URL (`mailto://`, `mailtos://`) whose sender has no name of
+    its own with `name` as its From name (`name=`); any other URL as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("mailto", "mailtos"):
+        return url
+    query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    if any(v.strip() for v in query.get("name", [])) or any(
+            parseaddr(v)[0].strip() for v in query.get("from", [])):
+        return url
+    extra = f"name={quote(name, safe='')}"
+    return url + ("&" if "?" in rest else "?") + extra
 
 
 def unreachable_problem(channel: Channel) -> str:
