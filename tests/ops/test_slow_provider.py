@@ -108,8 +108,7 @@ def due_booking(clinic: str, n: int, due: float) -> dict[str, Any]:
 
 def test_a_slow_provider_never_holds_another_clinics_sms_back(
         service: Service, slow: Gateway, fast: Gateway, redis_client) -> None:
-    worker = service.worker(concurrency=1)
-    service.beat(worker=worker)
+    worker, _ = service.start(concurrency=1)
     due = time.time() + 6.0  # after the booking (a process of its own) is done
     acme = [due_booking("acme", n, due) for n in range(1, ACME + 1)]
     bloom = [due_booking("bloom", n, due) for n in range(ACME + 1, ACME + BLOOM + 1)]
