@@ -511,3 +511,26 @@ def test_a_patient_sees_the_clinics_name_as_the_sender(catalog, url: str,
         assert send(glow.delivery_url("email", TO) or "", message) == "sent through Apprise"
     (address,) = message_from_bytes(server.received[0], policy=policy.default)["From"].addresses
     assert (address.display_name, address.addr_spec) == shown
+
+
+@pytest.mark.parametrize(("url", "reply_to"), [
+    # A sender address that is not the clinic's (a provider's no-reply): a patient's reply
+    # ("the redness is worse") goes to the clinic's own address.
+    ("mailto://127.0.0.1:{port}?from=no-reply@mail.glow.example", "hola@glow.example"),
+    ("mailto://127.0.0.1:{port}?from=hola@glow.example", None),  # replies reach it already
+    ("mailto://127.0.0.1:{port}?from=no-reply@mail.glow.example&reply=desk@glow.example",
+     "desk@glow.example"),  # the URL's own choice, kept
+])
+def test_a_patients_reply_reaches_the_clinics_address(catalog, url: str,
+                                                       reply_to: str | None) -> None:
+    message = RenderedMessage(channel="email", subject="Tu cita", text="Hola, Ana:\n",
+                              html="<p>Hola, Ana:</p>")
+    with MailServer() as server:
+        glow = catalog.clinics["glow"].model_copy(update={"channels": {
+            "email": url.format(port=server.port) + "&to={to}&mode=insecure"}})
+        assert glow.email == "hola@glow.example"
+        assert send(glow.delivery_url("email", TO) or "", message) == "sent through Apprise"
+    received = message_from_bytes(server.received[0], policy=policy.default)
+    replies = received["Reply-To"]
+    assert ([a.addr_spec for a in replies.addresses] if replies else None) == (
+        [reply_to] if reply_to else None)
