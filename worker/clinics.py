@@ -11,6 +11,9 @@ An email URL of Apprise's email plugin (`mailto://`, `mailtos://`) that gives it
 name (`from=` an address only, or no `from=`) is sent with the clinic's `name` as the From
 name (`name=`, `delivery_url`): Apprise would write the bare address, or "Apprise" as the
 name of the login's address. A name the URL gives (`name=`, `from=Name <address>`) is kept.
+And one sending from an address other than the clinic's `email` (a provider's no-reply) has
+Reply-To the clinic's `email` (`reply=`), so a patient's reply reaches the clinic, unless
+the URL names its own `reply=`.
 """
 
 from __future__ import annotations
@@ -318,7 +321,7 @@ class Clinic(BaseModel):
         """
         if channel in self.channels:
             url = self.channel_url(channel, to, env)
-            return with_sender_name(url, self.name) if channel == "email" else url
+            return with_sender(url, self.name, self.email) if channel == "email" else url
         if self.uses_outbox(channel):
             return None
         raise ConfigError(f"clinic {self.id}", unreachable_problem(channel))
@@ -339,18 +342,26 @@ class Clinic(BaseModel):
         return sorted(n for n in names if n not in env)
 
 
-def with_sender_name(url: str, name: str) -> str:
-    """Return an Apprise email URL (`mailto://`, `mailtos://`) whose sender has no name of
-    its own with `name` as its From name (`name=`); any other URL as it is."""
+def with_sender(url: str, name: str, reply_to: str | None = None) -> str:
+    """Return an Apprise email URL (`mailto://`, `mailtos://`) with `name` as its From name
+    if its sender has none of its own (`name=`), and `reply_to` as its Reply-To if it names
+    none (`reply=`) and sends from another address (`from=`, else the login); any other URL
+    as it is."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("mailto", "mailtos"):
         return url
     query = parse_qs(urlsplit(url).query, keep_blank_values=True)
-    if any(v.strip() for v in query.get("name", [])) or any(
-            parseaddr(v)[0].strip() for v in query.get("from", [])):
+    senders = [parseaddr(v) for v in query.get("from", [])]
+    extra = []
+    if not any(v.strip() for v in query.get("name", [])) and not any(
+            n.strip() for n, _ in senders):
+        extra.append(f"name={quote(name, safe='')}")
+    if reply_to and not any(v.strip() for v in query.get("reply", [])) and not any(
+            a.strip().lower() == reply_to.lower() for _, a in senders):
+        extra.append(f"reply={quote(reply_to, safe='@')}")
+    if not extra:
         return url
-    extra = f"name={quote(name, safe='')}"
-    return url + ("&" if "?" in rest else "?") + extra
+    return url + ("&" if "?" in rest else "?") + "&".join(extra)
 
 
 def unreachable_problem(channel: Channel) -> str:
