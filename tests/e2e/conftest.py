@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -109,14 +111,30 @@ class Service:
                             "--loglevel=INFO", f"--concurrency={concurrency}",
                             "-Q", WORKER_QUEUES, "-n", f"{name}@%h",
                             "--without-gossip", "--without-mingle"], name)
+        proc.concurrency = concurrency  # type: ignore[attr-defined]
         if wait:
             self.ready(proc)
         return proc
 
     def ready(self, worker: subprocess.Popen[bytes]) -> None:
-        """Wait until a worker started with `wait=False` is ready."""
+        """Wait until a worker started with `wait=False` is ready, its pool processes too.
+
+        The worker says it is ready before its pool processes have warmed up (worker/
+        tasks.py `_warm_up`: seconds on a loaded machine); each starts its sender threads
+        as it ends, so a test's first send does not wait for it.
+        """
         wait_until(lambda: b" ready." in worker.log_path.read_bytes()  # type: ignore[attr-defined]
                    or worker.poll() is not None, 30)
+        assert worker.poll() is None, worker.log_path.read_text()  # type: ignore[attr-defined]
+
+        def warm() -> bool:
+            try:
+                pool = psutil.Process(worker.pid).children()
+                return len(pool) >= getattr(worker, "concurrency", 1) and all(
+                    p.num_threads() > 1 for p in pool)
+            except psutil.NoSuchProcess:
+                return True  # a pool process replaced meanwhile, or the worker ended
+        wait_until(warm, 30)
         assert worker.poll() is None, worker.log_path.read_text()  # type: ignore[attr-defined]
 
     def beat(self, name: str = "beat",
@@ -135,9 +153,10 @@ class Service:
 
     def ticked(self, worker: subprocess.Popen[bytes] | list[subprocess.Popen[bytes]]) -> None:
         """Wait until a pump tick has run at `worker` (any of a list: all consume the pump
-        queue)."""
+        queue): run, not only received."""
         workers = worker if isinstance(worker, list) else [worker]
-        wait_until(lambda: any(b"Task reminders.pump[" in w.log_path.read_bytes()  # type: ignore[attr-defined]
+        ran = re.compile(rb"Task reminders\.pump\[[^\]]*\] succeeded")
+        wait_until(lambda: any(ran.search(w.log_path.read_bytes())  # type: ignore[attr-defined]
                                for w in workers), 30)
 
     def start(self, name: str = "w1", concurrency: int = 2,
