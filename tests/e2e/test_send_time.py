@@ -80,10 +80,10 @@ def test_narrow_window_holds_retries_until_it_reopens_then_sends_each_once(
     service.up()
 
     t0 = datetime.now(UTC)
-    # Local 23:58:40 now: the window (00:00-23:59) closes in 20 s and reopens in 80 s.
-    (zones / "Test" / "Edge").write_bytes(tzif(offset_for_local(t0, 23 * 3600 + 58 * 60 + 40)))
-    closes, reopens = t0.timestamp() + 20, t0.timestamp() + 80
-    start = t0 + timedelta(seconds=200)  # local 00:02:00; the steps fall due at +8 s and +10 s
+    # Local 23:58:46 now: the window (00:00-23:59) closes in 14 s and reopens in 74 s.
+    (zones / "Test" / "Edge").write_bytes(tzif(offset_for_local(t0, 23 * 3600 + 58 * 60 + 46)))
+    closes, reopens = t0.timestamp() + 14, t0.timestamp() + 74
+    start = t0 + timedelta(seconds=197)  # local 00:02:03; the steps fall due at +5 s and +7 s
     doc = {"clinic": "edge", "booking_id": "W-1", "treatment": "edge",
            "starts_at": start.isoformat(timespec="milliseconds"),
            "patient": {"name": "Ana López", "phone": "+34600111333", "timezone": "Test/Edge",
