@@ -45,6 +45,7 @@ from apprise.plugins.email import base as apprise_email
 
 from tests.conftest import ROOT
 from tests.sinks import HttpSink
+from worker.clinics import with_sender
 from worker.delivery import Envelope, deliver, send_apprise
 from worker.email_mime import FastMIMEMultipart, FastMIMEText
 from worker.embedded import free_port
@@ -534,3 +535,10 @@ def test_a_patients_reply_reaches_the_clinics_address(catalog, url: str,
     replies = received["Reply-To"]
     assert ([a.addr_spec for a in replies.addresses] if replies else None) == (
         [reply_to] if reply_to else None)
+
+
+def test_a_clinic_name_with_a_line_break_is_one_line_as_the_from_name() -> None:
+    # (a From header with a line break would be refused, every email dead-lettered)
+    assert with_sender("mailto://smtp.example?from=hola@glow.example", "Glow\n Skin\tClinic") \
+        == "mailto://smtp.example?from=hola@glow.example&name=Glow%20Skin%20Clinic"
+    assert with_sender("json://sms.example/send", "Glow") == "json://sms.example/send"
