@@ -355,7 +355,8 @@ def with_sender(url: str, name: str, reply_to: str | None = None) -> str:
     extra = []
     if not any(v.strip() for v in query.get("name", [])) and not any(
             n.strip() for n, _ in senders):
-        extra.append(f"name={quote(name, safe='')}")
+        # On one line (a name from TOML may hold a line break): a From header never breaks.
+        extra.append(f"name={quote(' '.join(name.split()), safe='')}")
     if reply_to and not any(v.strip() for v in query.get("reply", [])) and not any(
             a.strip().lower() == reply_to.lower() for _, a in senders):
         extra.append(f"reply={quote(reply_to, safe='@')}")
