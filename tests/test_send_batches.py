@@ -507,6 +507,33 @@ def test_the_watchdog_ends_the_process_before_an_attempt_outlives_its_ledger(
         rig.drain()
 
 
+def test_the_watchdog_hands_back_the_claims_not_begun_before_it_ends_the_process(
+        tmp_path, redis_client, gateway):
+    """One clinic's gateway trickles its answer under every timeout: the watchdog ends the
+    worker process before that attempt outlives its ledger. The claims waiting in that
+    process for a thread (any clinic's: the trickling sends hold the threads) went with it,
+    back only once their lease ran out (5 minutes by default). They go back to the schedule
+    as the watchdog acts, due now (fenced by their claim), for another process to send."""
+    trickle = Trickle()
+    rig = Rig(tmp_path, redis_client, gateway, port=trickle.port, lease_seconds=5,
+              send_timeout_seconds=1.5, send_threads=1)
+    try:
+        rig.book(*(rig.doc(n) for n in (1, 2, 3)))
+        claims = rig.claim(prep(1), prep(2), prep(3))
+        rig.hand(claims)
+        wait_for(lambda: rig.kills, timeout=10)
+        # At the kill, before the waiting claims' leases (5 s) ran out.
+        for ref in (prep(2), prep(3)):
+            s = rig.state(ref)
+            assert s["lease"] is None and s["due"] is not None, (ref, s)
+            assert s["record"]["status"] == "scheduled" and s["log"] == [], (ref, s)
+            assert s["ledger"] is None, (ref, s)
+        assert rig.state(prep(1))["lease"] is not None  # its attempt is what overran
+    finally:
+        trickle.close()
+        rig.drain()
+
+
 def test_the_watchdog_leaves_attempts_that_end_in_time_alone():
     now = [100.0]
     kills: list[str] = []
