@@ -88,8 +88,10 @@ start; a send's sockets time out long before (`lease_seconds > 2 x send_timeout_
 1`, checked by the settings), and Redis retries (`durably`) stop 4 s before it. Should a
 send hang anyway (a provider trickling bytes under every socket timeout), a watchdog ends
 this process 1 s before that attempt's entry would expire, as the prefork pool's hard time
-limit ended the single-reminder task before: the Celery parent replaces the process, the
-lease brings its claims back.
+limit ended the single-reminder task before: the Celery parent replaces the process. Just
+before, the claims its senders have not begun (any clinic's, waiting behind the overrunning
+provider's sends) go back to the schedule, due now (`Lanes.abandon`); the lease brings back
+the attempts that were under way.
 
 Warm shutdown (SIGTERM to the Celery worker, as `docker stop` sends; `Lanes.close`). The
 pool process learns it within about a second (its pool is closed; worker/tasks.py `_drain`):
@@ -1037,6 +1039,7 @@ HAND_BACK_WAIT_SECONDS = 3.0
 CUT_WAIT_SECONDS = 2.0  # after a cut, how long to wait for attempts recording their outcome
 LAST_REPORT_WAIT_SECONDS = 1.0  # a stop's last report to the pump, once its grace is spent
 WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks
+LAST_WORDS_SECONDS = 0.25  # what runs before the watchdog ends the process: at most this long
 FLUSH_INTERVAL = 0.1  # seconds between reports of settled claims to the pump's counts
 REGISTER_EVERY = 2.0  # seconds between refreshes of this process's senders for the pump
 BACKPRESSURE_SECONDS = 0.5  # longest a hand-over waits for its senders to have room
@@ -1060,6 +1063,8 @@ class Watchdog:
     `watch(ref, end_at)` (time.monotonic()) registers an attempt; a thread looks every
     WATCH_INTERVAL and, if one is still running at `end_at`, logs it and kills the process
     (`kill`, by default SIGKILL to itself): its sockets close, so the attempt cannot go on.
+    Just before, what was registered with `before_kill` runs, for LAST_WORDS_SECONDS at
+    most (the senders hand back the claims they have not begun: `Lanes.abandon`).
     """
 
     def __init__(self, kill: Callable[[], None] | None = None,
@@ -1071,6 +1076,37 @@ class Watchdog:
         self._what: dict[int, str] = {}
         self._next = 0
         self._thread: threading.Thread | None = None
+        self._last_words: list[Callable[[], None]] = []
+
+    def before_kill(self, call: Callable[[], None]) -> None:
+        """Have `call` run just before this watchdog ends the process (see the class)."""
+        with self._lock:
+            self._last_words.append(call)
+
+    def forget(self, call: Callable[[], None]) -> None:
+        """Undo `before_kill(call)`."""
+        with self._lock:
+            if call in self._last_words:
+                self._last_words.remove(call)
+
+    def _say_last_words(self) -> None:
+        with self._lock:
+            calls = list(self._last_words)
+        if not calls:
+            return
+
+        def run() -> None:
+            for call in calls:
+                try:
+                    call()
+                except Exception:
+                    log.exception("watchdog: what was to run before ending the process failed")
+
+        # In a thread of its own: Redis unreachable must not keep the process past its
+        # attempt's ledger (the kill comes within LAST_WORDS_SECONDS whatever it does).
+        last = threading.Thread(target=run, name="send-watchdog-last", daemon=True)
+        last.start()
+        last.join(LAST_WORDS_SECONDS)
 
     @contextlib.contextmanager
     def watch(self, ref: str, end_at: float, what: str = "send") -> Iterator[None]:
@@ -1111,6 +1147,7 @@ class Watchdog:
                     "%s %s: still running when its %s is about to expire; ending this "
                     "worker process so that no attempt outlives it (%d running)", what, ref,
                     "send ledger entry" if what == "send" else "lease", len(late))
+                self._say_last_words()
                 for handler in logging.getLogger().handlers:
                     handler.flush()
                 self._kill()
@@ -1200,6 +1237,7 @@ class Lanes:
         self._flusher: threading.Thread | None = None
         self._recording: threading.Thread | None = None  # the cut sends' records (`_cut`)
         self._stop = threading.Event()
+        self.watchdog.before_kill(self.abandon)
 
     def stopping(self) -> bool:
         """Return whether these senders are closing (nothing new is handed to a provider)."""
@@ -1509,6 +1547,23 @@ class Lanes:
             except Exception:  # a bug here must not stop the reports for good
                 log.exception("senders: reporting to the pump failed")
 
+    def abandon(self) -> None:
+        """The watchdog is ending this process (an attempt about to outlive its ledger): hand
+        the claims no thread has taken back to the schedule now (due now, fenced by their
+        claim, one round trip), and have the attempts not handed over yet go back too (as
+        at a warm shutdown), rather than leave them all to their lease: they are any
+        clinic's, waiting behind the sends of the provider that overran."""
+        with self._lock:
+            if self._closing:  # a warm shutdown hands them back itself
+                return
+            self._closing = True
+            self._on_idle = None
+            pools = dict(self._pools)
+        self._stopping.set()
+        for pool in pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._hand_back_queued(pools)
+
     def close(self, grace: float | None = None) -> None:
         """Stop (a warm shutdown): hand back at once what has not begun, give the sends under
         way `grace` seconds (None: as long as they take), cut those still handing over then,
@@ -1534,6 +1589,7 @@ class Lanes:
         by its lease (and ledger), as after a SIGKILL, which a stop taking minutes would
         have ended in anyway.
         """
+        self.watchdog.forget(self.abandon)
         with self._lock:
             self._closing = True
             self._on_idle = None
