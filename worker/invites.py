@@ -152,22 +152,28 @@ def _transitions(tzid: str, first: date, last: date) -> tuple[_State, tuple[
 
 def vtimezone(tzid: str, first: date, last: date) -> Timezone:
     """Return the VTIMEZONE of `tzid` from `first` to `last` (RFC 5545 3.6.5): an
-    observance from `first` with the zone's state then, and one per change, each with its
-    onset as the local time before it (in its TZOFFSETFROM), as the RFC's examples have it
-    (02:00 for the US spring change, not the 03:00 the clocks then show)."""
+    observance from `first` with the zone's state then, and the zone's changes, each onset
+    the local time before it (in its TZOFFSETFROM), as the RFC's examples have it (02:00 for
+    the US spring change, not the 03:00 the clocks then show). Changes alike (the same
+    offsets and name) are one observance, its first onset DTSTART and the others RDATEs,
+    in the shape icalendar writes."""
     initial, changes = _transitions(tzid, first, last)
+    onsets: dict[tuple[timedelta, timedelta, bool, str], list[datetime]] = {}
+    for onset, before, after in [
+            (datetime(first.year, first.month, first.day) + initial[0], initial, initial),
+            *(((instant + before[0]).replace(tzinfo=None), before, after)
+              for instant, before, after in changes)]:
+        onsets.setdefault((before[0], after[0], bool(after[1]), after[2]), []).append(onset)
     tz = Timezone()
     tz.add("tzid", tzid)
-    observances = [(datetime(first.year, first.month, first.day) + initial[0], initial,
-                    initial)] + [
-        ((instant + before[0]).replace(tzinfo=None), before, after)
-        for instant, before, after in changes]
-    for onset, before, after in observances:
-        observance = TimezoneDaylight() if after[1] else TimezoneStandard()
-        observance.add("dtstart", onset)
-        observance.add("tzoffsetfrom", before[0])
-        observance.add("tzoffsetto", after[0])
-        if after[2]:
-            observance.add("tzname", after[2])
+    for (offset_from, offset_to, daylight, name), when in onsets.items():
+        observance = TimezoneDaylight() if daylight else TimezoneStandard()
+        observance.add("dtstart", when[0])
+        if len(when) > 1:
+            observance.add("rdate", when[1:])
+        observance.add("tzoffsetfrom", offset_from)
+        observance.add("tzoffsetto", offset_to)
+        if name:
+            observance.add("tzname", name)
         tz.add_component(observance)
     return tz
