@@ -57,14 +57,15 @@ ONE_EMAIL = ONE_SMS.replace('"One SMS"', '"One email"').replace('["sms"]', '["em
 
 
 class Gateway:
-    """An HTTP SMS gateway that parks the first `park` requests until `release()`, answers
-    the rest at once (200), or after `delay` seconds (a slow provider), and records every
-    request when it arrives: a request that reached it counts as delivered, as with a real
-    provider."""
+    """An HTTP SMS gateway that parks the first `park` requests (after the first
+    `answer_first`, answered at once) until `release()`, answers the rest at once (200), or
+    after `delay` seconds (a slow provider), and records every request when it arrives: a
+    request that reached it counts as delivered, as with a real provider."""
 
-    def __init__(self, park: int, delay: float = 0.0) -> None:
+    def __init__(self, park: int, delay: float = 0.0, answer_first: int = 0) -> None:
         self.port = free_port()
         self.park = park
+        self.answer_first = answer_first
         self.delay = delay
         self.arrived: list[tuple[float, str]] = []  # (time, to)
         self.parked = threading.Semaphore(0)
@@ -77,7 +78,8 @@ class Gateway:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with gateway._lock:
                     gateway.arrived.append((time.time(), body.get("to", "")))
-                    parking = len(gateway.arrived) <= gateway.park
+                    parking = (gateway.answer_first < len(gateway.arrived)
+                               <= gateway.answer_first + gateway.park)
                 if parking:
                     gateway.parked.release()
                     gateway._gate.wait(60)
