@@ -24,7 +24,11 @@ as stale. So the pump hands out no more than the senders can begin within
                   CPU-bound worker, both show here
   window(c)       senders(c) x max(1, send_backlog_seconds / latency(c)): what they finish
                   in that time, and never less than one claim per thread; before anything
-                  was measured, twice the threads
+                  was measured (a fresh store), twice the threads, and while such a channel
+                  has no room and more due the pump runs again every FOLLOW_UP_GAP_SECONDS
+                  (`Run.measuring`, worker/tasks.py `_follow_up`): once the senders report
+                  their first attempts the window follows them, without waiting for the
+                  senders to run dry and ask
   outstanding(c)  claims of channel c handed out and not yet settled (sent, retried, handed
                   back, dropped): a sorted set per channel, one member per claim, added
                   before the task is published and removed once the claim is settled; a
@@ -183,6 +187,7 @@ class Budget:
     latency: float | None
     outstanding: int
     window: int
+    registered: bool = True  # some process's senders registered (else `senders` is assumed)
 
     @property
     def free(self) -> int:
@@ -232,7 +237,8 @@ def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> 
             window = 2 * senders
         else:
             window = math.ceil(senders * max(1.0, capacity.backlog_seconds / max(latency, 1e-3)))
-        out[channel] = Budget(channel, senders, latency, int(outstanding), window)
+        out[channel] = Budget(channel, senders, latency, int(outstanding), window,
+                              registered=bool(members))
     write.execute()
     return out
 
@@ -241,11 +247,14 @@ def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> 
 class Run:
     """What one pump run did: the claims it published, and when it began on Redis's clock
     (None: another run held the lock, and this one left the work to it); `again`: a run
-    that found this one under way left its work to it (run again now)."""
+    that found this one under way left its work to it (run again now); `measuring`: a
+    channel whose latency is not measured yet had no room left and more of it is due (run
+    again soon: its senders' first attempts say how much more they take)."""
 
     published: int
     began: float | None
     again: bool = False
+    measuring: bool = False
 
 
 def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int) -> int:
@@ -276,7 +285,7 @@ def pump_run(store: Store, publish: Publish, *, capacity: Capacity, claim_round:
     failed: Exception | None = None
     try:
         began = redis_time(store.redis)
-        published = _pump(store, keys, publish, capacity, claim_round, began)
+        published, measuring = _pump(store, keys, publish, capacity, claim_round, began)
     except Exception as exc:
         failed = exc
     finally:
@@ -289,7 +298,7 @@ def pump_run(store: Store, publish: Publish, *, capacity: Capacity, claim_round:
         if asked:
             setattr(failed, _ASKED_AGAIN, True)
         raise failed
-    return Run(published, began, again=bool(asked))
+    return Run(published, began, again=bool(asked), measuring=measuring)
 
 
 _ASKED_AGAIN = "reminders_pump_asked_again"
@@ -367,11 +376,13 @@ class Room:
 
 
 def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_round: int,
-          now: float) -> int:
+          now: float) -> tuple[int, bool]:
+    """Return the claims published, and whether a channel not measured yet wants more
+    (`Run.measuring`)."""
     found = budgets(store.redis, keys, capacity, now)
     room = Room(found)
     if not room.left():
-        return 0
+        return 0, _unmeasured_waiting(store, found, room, now, claim_round)
     pending: dict[str, list[Claim]] = {c: [] for c in CHANNELS}
     held: list[Claim] = []  # claimed for a channel with no budget left: handed back at the end
     claims: list[Claim] = []  # this round's claims; those from `sorted_up_to` on are in
@@ -413,6 +424,7 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
         for channel in CHANNELS:
             batch, pending[channel] = pending[channel], []
             flush(channel, batch)
+        measuring = _unmeasured_waiting(store, found, room, claimed_at, claim_round)
     finally:
         # Left only if publishing failed: never leave a claim idle (nor the rest of the
         # round, which the failing batch cut short).
@@ -429,7 +441,24 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
     if published or held:
         log.info("pump: published %d claim(s)%s", published,
                  f"; {len(held)} handed back (their channel's senders are busy)" if held else "")
-    return published
+    return published, measuring
+
+
+def _unmeasured_waiting(store: Store, found: dict[str, Budget], room: Room, now: float,
+                        look: int) -> bool:
+    """Whether a channel whose latency is not measured yet, its senders registered, has no
+    room left in this run and has more due among the next `look` in line (`now`: Redis's
+    clock). Its window is the guess of two claims a thread until its senders' first
+    attempts are measured; from then it follows their latency, and the next run hands out
+    what that allows (`Run.measuring`)."""
+    full = {c for c, b in found.items()
+            if b.latency is None and b.registered and room.wanted[c] == 0}
+    if not full:
+        return False
+    read = store.redis.pipeline(transaction=False)
+    read.zrangebyscore(store.lease_key, "-inf", now, start=0, num=look)
+    read.zrangebyscore(store.due_key, "-inf", now, start=0, num=look)
+    return any(channel_of(ref) in full for refs in read.execute() for ref in refs)
 
 
 def _worth_claiming(store: Store, room: Room, skip: int, now: float) -> int:

@@ -497,6 +497,12 @@ def _follow_up(run: Run, started: float) -> float | None:
     start, on this host's monotonic clock). One read (worker/pump.py `next_due`), whatever
     is due: with nothing due within the interval, a run costs no more than that.
 
+    And again FOLLOW_UP_GAP_SECONDS after `started` while a channel whose latency is not
+    measured yet has no room left and more due (`Run.measuring`: a fresh store's first
+    burst): its window is a guess of two claims a thread until its senders' first attempts
+    are measured, and then the next run hands out what their latency allows, without waiting
+    for the senders to run dry and ask (`_ask_for_more`, a nudge through the broker).
+
     Clinic events (worker/webhooks.py `pump_events`) are not looked at: an event is due at
     once when it is written (nothing to wait for: the next run takes it, a follow-up's too),
     its retries back off by seconds to minutes, which a tick more does not change, and no
@@ -509,6 +515,11 @@ def _follow_up(run: Run, started: float) -> float | None:
         # A run was asked for while this one was under way (a nudge for a booking written
         # after this run claimed, its reminder due before this run began): it found the
         # lock held and left it to this one. Again now, not at beat's next tick.
+        return gap
+    if run.measuring:
+        # A channel not measured yet (a fresh store) had its first window, two claims a
+        # thread, and more is due: again soon, so that once its senders' first attempts are
+        # measured the window follows them, not when the senders run dry (their nudge).
         return gap
     ctx = context()
     from .pump import next_due
