@@ -117,7 +117,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -1161,9 +1161,15 @@ class _Provider:
     running: int = 0  # its attempts under way here
     latency: float | None = None  # its send time, a moving average (None: not measured)
     back_at: float = 0.0  # Redis's clock: when the last claim handed back for it is due
+    # When each of its attempts under way began (time.monotonic()), by the senders' key.
+    since: dict[int, float] = field(default_factory=dict)
 
-    def slow(self) -> bool:
-        return self.latency is not None and self.latency >= SLOW_SEND_SECONDS
+    def slow(self, now: float) -> bool:
+        """Whether its sends take SLOW_SEND_SECONDS or more: measured so, or one under way
+        has run that long already (a hung provider, before any send of it has ended)."""
+        if self.latency is not None and self.latency >= SLOW_SEND_SECONDS:
+            return True
+        return bool(self.since) and now - min(self.since.values()) >= SLOW_SEND_SECONDS
 
 
 class Lanes:
@@ -1183,7 +1189,8 @@ class Lanes:
     at that provider's pace (minutes). So each provider (a clinic's Apprise URL for the
     channel as configured; clinics giving the very same URL share one) is measured here
     (the moving average of its sends' time), and one that is slow (SLOW_SEND_SECONDS or
-    more) has at most PROVIDER_SHARE of the channel's threads under way; the slow ones
+    more, or one of its sends under way has run that long already: hung) has at most
+    PROVIDER_SHARE of the channel's threads under way; the slow ones
     together no more than that either, so the other providers always have the rest. A
     claim beyond that is not begun: the thread taking it hands it back to the schedule
     (`Store.requeue`, fenced by its claim as any hand-back; no attempt is counted), due
@@ -1191,9 +1198,10 @@ class Lanes:
     back before, within a send timeout), behind what is due before then; the pump hands
     out the claims behind it meanwhile. A provider measured fast, or not measured yet in this
     process, is held to no share (a burst of one clinic uses every thread): one slow from
-    the start, or turning slow, is found by its first slow sends to end, so it holds every
-    thread for one of its sends at most (the send timeout), not for its whole burst. All
-    of it in memory, under the senders' lock: no round trip on the way to a send.
+    the start, or turning slow, is found once one of its sends has run SLOW_SEND_SECONDS,
+    so a burst of its claims arriving at once may hold every thread for one of its sends
+    (the send timeout at most), not for its whole burst. All of it in memory, under the
+    senders' lock: no round trip on the way to a send.
     """
 
     def __init__(self, ctx: Context, *, on_idle: Callable[[Channel], None] | None = None,
@@ -1299,7 +1307,8 @@ class Lanes:
         url = clinic.channels.get(channel) if clinic is not None else None
         return url if url is not None else f"{clinic_id}:{channel}"
 
-    def _take_provider(self, channel: Channel, ref: str) -> tuple[_Provider, bool] | None:
+    def _take_provider(self, channel: Channel, ref: str,
+                       key: int) -> tuple[_Provider, bool] | None:
         """Count an attempt of `ref` under way at its provider and return (the provider,
         whether it counts among the slow); None if its provider is slow and has its share,
         or the slow ones together have it (then it must not begin). Called under `_lock`."""
@@ -1307,11 +1316,13 @@ class Lanes:
         found = self._providers.get(name)
         if found is None:
             found = self._providers[name] = _Provider()
-        slow = found.slow()
+        now = time.monotonic()
+        slow = found.slow(now)
         if slow and not self._closing and (
                 found.running >= self.share or self._slow_running.get(channel, 0) >= self.share):
             return None
         found.running += 1
+        found.since[key] = now
         if slow:
             self._slow_running[channel] = self._slow_running.get(channel, 0) + 1
         return found, slow
@@ -1350,7 +1361,7 @@ class Lanes:
         begun = False
         with self._lock:  # taken by a thread: no longer the closer's to hand back
             self._queued.pop(key, None)
-            taken = self._take_provider(channel, ref)
+            taken = self._take_provider(channel, ref, key)
 
         def on_begun() -> None:
             nonlocal begun
@@ -1386,16 +1397,17 @@ class Lanes:
             # to the whole backlog.
             took = time.monotonic() - started if self._reached.provider else None
             if taken is not None:
-                self._leave_provider(channel, *taken, took)
+                self._leave_provider(channel, *taken, took, key)
             self._settle(channel, f"{claim}@{ref}", took)
         return outcome
 
     def _leave_provider(self, channel: Channel, provider: _Provider, slow: bool,
-                        took: float | None) -> None:
+                        took: float | None, key: int) -> None:
         """An attempt counted by `_take_provider` ended (`took`: its time, if it reached
         the provider)."""
         with self._lock:
             provider.running -= 1
+            provider.since.pop(key, None)
             if slow:
                 self._slow_running[channel] -= 1
             if took is not None:
