@@ -46,15 +46,16 @@ order the claim script takes them) and claims only through the last one a channe
 room can use. While another channel still has room, a channel may go up to a window over
 its own (in a burst the channels alternate in the line). A claim beyond that, taken
 because a usable one was behind it (or the line changed since the look), is held until
-the end of the run and handed back to the schedule (`Store.requeue`), due again once that
-channel's senders should have room (the time they need for what they have, between
-HAND_BACK_MIN and send_backlog_seconds, then one at their pace after another): a slow
-channel's backlog never keeps the other channel's reminders from being claimed, and the
-next runs do not take the same reminders again at once. A run passes at most `pump_batch`
-such claims. (A store method claiming per channel would make the look and the hand-back
-needless.) Within a channel the senders keep a slow provider (one clinic's) to its share of
-their threads (worker/dispatch.py `Lanes`): its claims beyond that they hand back to the
-schedule unbegun, settled here like any, so the next runs hand out what is behind them.
+the end of the run and handed back to the schedule (`Store.requeue_in`, all in one round
+trip), due again once that channel's senders should have room (the time they need for
+what they have, between HAND_BACK_MIN and send_backlog_seconds, then one at their pace
+after another): a slow channel's backlog never keeps the other channel's reminders from
+being claimed, and the next runs do not take the same reminders again at once. A run
+passes at most `pump_batch` such claims. (A store method claiming per channel would make
+the look and the hand-back needless.) Within a channel the senders keep a slow provider
+(one clinic's) to its share of their threads (worker/dispatch.py `Lanes`): its claims
+beyond that they hand back to the schedule unbegun, settled here like any, so the next runs
+hand out what is behind them.
 
 Each channel's claims go out in batches of at most `send_batch_size`, one Celery task per
 batch on the channel's own queue (`publish`), with the instant they were claimed.
@@ -526,10 +527,16 @@ def _hand_out(store: Store, keys: Keys, capacity: Capacity, publish: Publish, ch
 def _hand_back(store: Store, claims: Sequence[Claim], reason: str, after: float = 0.0,
                pace: float = 0.0) -> None:
     """Put claims back in the schedule, the first due `after` seconds from now, each next
-    one `pace` seconds after the one before."""
+    one `pace` seconds after the one before: one round trip for them all (each fenced by
+    its claim as ever), since the run lock is held meanwhile. Raise the first error met,
+    once every other claim was tried."""
     if not claims:
         return
     now = datetime.fromtimestamp(redis_time(store.redis), UTC)
+    pipe = store.redis.pipeline(transaction=False)
     for index, claim in enumerate(claims):
         at = now + timedelta(seconds=after + index * pace)
-        store.requeue(claim.ref, at, reason, claim=claim.claim)
+        store.requeue_in(pipe, [(claim.ref, claim.claim)], at, reason)
+    for answer in pipe.execute(raise_on_error=False):
+        if isinstance(answer, Exception):
+            raise answer
