@@ -278,7 +278,7 @@ def test_a_nearer_booking_of_the_same_address_does_not_cut_the_link_short(rig, r
     link = far.raw["List-Unsubscribe"][1:-1]
     # A visit in seconds, same address: both its steps already late, sent now; its keys
     # kept `retention` after its visit.
-    rig.book(booking_id="U-2", ahead=timedelta(seconds=10))
+    rig.book(booking_id="U-2", ahead=timedelta(seconds=5))
     assert rig.send("care:email", booking_id="U-2") == "sent"
     assert rig.send("plain:email", booking_id="U-2") == "sent"
     mails = rig.smtp.snapshot()
