@@ -83,7 +83,7 @@ def test_a_reminder_due_before_the_next_tick_goes_at_its_due_instant_once(
         service: Service, e2e_config: Path, sms_sink: HttpSink, redis_client) -> None:
     interval = 60.0
     no_tick_before = start(service, e2e_config, interval) + interval
-    due = time.time() + 12.0
+    due = time.time() + 8.0  # the booking (a process start) takes a second or two
     service.book(booking("P-1", due, "+34600000001"))
     assert time.time() < due - 0.5, "booked too late: the booking's own nudge would send it"
     # The booking's nudge ran the pump: nothing due yet, so it waits for the due instant.
@@ -104,7 +104,7 @@ def test_a_reminder_cancelled_while_the_pump_waits_for_it_is_never_sent(
     interval = 60.0
     no_tick_before = start(service, e2e_config, interval) + interval
     booked = time.time()
-    due = booked + 15.0
+    due = booked + 10.0  # the booking and the cancel take a few seconds at most
     service.book(booking("K-1", due, "+34600000011"), booking("C-1", due, "+34600000012"))
     wait_until(lambda: pump_runs_since(redis_client, booked), 10)  # the nudge's run: it waits
     # The store's cancel, as `reminders cancel` runs it, from here: a CLI process took seconds
