@@ -60,3 +60,46 @@ def test_a_dedicated_pump_worker_and_one_worker_per_channel_deliver_each_once(
     assert "reminders.send_batch" in logs[sms] and "reminders.send_batch" in logs[email]
     assert "Task reminders.send_batch[" not in logs[pump]
     assert "Task reminders.pump[" in logs[pump]
+
+
+def senders_gauge(redis_client) -> dict[str, float]:
+    """`reminders_senders{channel}` as a scrape reads it now (worker/metrics.py)."""
+    from worker.metrics import ScheduleCollector
+
+    found = [m for m in ScheduleCollector(redis_client, "reminders").collect()
+             if m.name == "reminders_senders"]
+    assert found, "the scrape has a reminders_senders gauge"
+    return {s.labels["channel"]: s.value for s in found[0].samples}
+
+
+def test_sms_with_no_worker_taking_its_queue_wait_unclaimed_and_go_once_one_comes(
+        service, redis_client, smtp_sink, sms_sink, make_booking) -> None:
+    """Ops started the workers with `-Q ...,reminders.send.email` only (or every SMS worker
+    crashed): the pump claims no SMS into a queue nobody reads (each lease again, out of
+    every metric's sight: not overdue, leased); they stay due, the scrape says no process
+    sends SMS, and the SMS worker started later sends each once, at once."""
+    base = [sys.executable, "-m", "worker.celery_main", "worker", "--concurrency=1"]
+    email = spawn(service, [*base, "-Q", "reminders.pump,reminders.events,reminders.send.email"],
+                  "email")
+    service.beat(worker=email)
+    booked = time.monotonic()
+    (timeline,) = service.book(make_booking("NOSMS-1", starts_in=3))
+    texts = [r for r in timeline["reminders"] if r["channel"] == "sms"]
+    assert len(texts) == 2  # prep (due at once: late "send") and spf (in ~8 s)
+    wait_until(lambda: all(r["status"] == "sent" for r in service.show("NOSMS-1")["reminders"]
+                           if r["channel"] == "email"), 20)
+    time.sleep(max(0.0, booked + 9.5 - time.monotonic()))  # spf:sms due 1.5 s ago, too
+    shown = [r for r in service.show("NOSMS-1")["reminders"] if r["channel"] == "sms"]
+    assert [r["status"] for r in shown] == ["scheduled", "scheduled"], shown
+    assert redis_client.llen("reminders:celery:reminders.send.sms") == 0  # nothing published
+    assert redis_client.zcard("reminders:lease") == 0
+    gauge = senders_gauge(redis_client)
+    assert gauge["sms"] == 0 and gauge["email"] > 0, gauge
+    assert sms_sink.snapshot() == []
+    sms = spawn(service, [*base, "-Q", "reminders.send.sms"], "sms")
+    wait_until(lambda: all(r["status"] == "sent" for r in service.show("NOSMS-1")["reminders"]),
+               8)  # well within a lease (10 s here): handed out at once, not re-claimed
+    time.sleep(1.5)
+    assert len(sms_sink.snapshot()) == 2  # each once
+    assert senders_gauge(redis_client)["sms"] > 0
+    assert "reminders.send_batch" in sms.log_path.read_text()  # type: ignore[attr-defined]
