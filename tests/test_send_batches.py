@@ -831,6 +831,10 @@ def pump_here(shop, redis_server, monkeypatch, request):
     from worker import tasks
 
     monkeypatch.setattr(tasks, "_context", shop.ctx)  # this process's send context
+    # Its senders registered, as a worker's warm-up does: the pump hands out to them.
+    for channel in ("email", "sms"):
+        shop.store.redis.zadd(Keys(PREFIX).senders(channel),
+                                 {sender_member("here:1", 3): time.time() + 60})
     return tasks
 
 

@@ -32,12 +32,13 @@ observable):
 2. **Gauges, read from Redis at scrape time** (`ScheduleCollector`): the due set's depth,
    the reminders due now and the age of the oldest overdue one, the lease set's size, the
    dead letters, each Celery queue's length (the broker's Redis lists, `queue_key` in
-   worker/celery_app.py), and the age of the pump's and beat's heartbeats
-   (worker/health.py). One pipelined round trip per scrape; Redis down, or answering an
-   error reply (MASTERDOWN, NOPERM: a WARNING naming it), gives `reminders_redis_up 0`
-   and nothing else of it; the rest of the scrape is served. Then, with a round trip or two
-   of their own, whether Redis keeps the schedule (`redis_keeping`: an unsafe setting, keys
-   evicted, memory used of maxmemory).
+   worker/celery_app.py), each channel's sender threads in the live worker processes
+   (`reminders_senders`, the pump's senders sets: 0 means no worker sends it), and the age
+   of the pump's and beat's heartbeats (worker/health.py). One pipelined round trip per
+   scrape; Redis down, or answering an error reply (MASTERDOWN, NOPERM: a WARNING naming
+   it), gives `reminders_redis_up 0` and nothing else of it; the rest of the scrape is
+   served. Then, with a round trip or two of their own, whether Redis keeps the schedule
+   (`redis_keeping`: an unsafe setting, keys evicted, memory used of maxmemory).
 
 3. **Histograms, per worker process** (`Histograms`): send duration by channel (the
    delivery call: Apprise or the outbox), lateness by channel (sent minus the instant the
@@ -94,6 +95,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
 # worker/celery_app.py's queues, written out: importing the Celery app here would make the
 # API build a Celery app (tests/ops/test_metrics.py checks they are the same).
 QUEUES = ("reminders.send.email", "reminders.send.sms", "reminders.pump", "reminders.events")
+CHANNELS = ("email", "sms")  # worker/models.py's, likewise without importing the models
 SEND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 PUMP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -149,6 +151,8 @@ class ScheduleCollector(Collector):
                 pipe.llen(f"{p}:celery:{queue}")
             pipe.zcard(f"{p}:ev:due")  # clinic events waiting (worker/webhooks.py)
             pipe.zcard(f"{p}:ev:dead")  # clinic events given up
+            for channel in CHANNELS:  # each live process's sender threads (worker/pump.py)
+                pipe.zrange(f"{p}:send:senders:{channel}", 0, -1, withscores=True)
             replies = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):
             up.add_metric([], 0)
@@ -198,7 +202,15 @@ class ScheduleCollector(Collector):
         for queue, length in zip(QUEUES, replies[8:8 + len(QUEUES)], strict=True):
             queues.add_metric([queue], length)
         yield queues
-        events_due, events_dead = replies[8 + len(QUEUES):]
+        events_due, events_dead = replies[8 + len(QUEUES):10 + len(QUEUES)]
+        senders = GaugeMetricFamily(
+            "reminders_senders", "Sender threads of the channel in the worker processes "
+            "alive now (0: no worker takes its queue, and the pump hands it nothing)",
+            labels=["channel"])
+        for channel, members in zip(CHANNELS, replies[10 + len(QUEUES):], strict=True):
+            senders.add_metric([channel], sum(int(_s(m).rpartition("|")[2])
+                                              for m, until in members if until > now))
+        yield senders
         yield _gauge("reminders_clinic_events_waiting",
                      "Clinic events (webhooks, alerts) waiting to be delivered or retried",
                      events_due)

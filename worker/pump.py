@@ -18,7 +18,11 @@ as stale. So the pump hands out no more than the senders can begin within
 `send_backlog_seconds`:
 
   senders(c)      sender threads for channel c in the worker processes running now: each
-                  process registers its own (`send_threads`) and refreshes it while alive
+                  process registers its own (`send_threads`) and refreshes it while alive;
+                  none registered (no live worker takes c's queue: started without it, or
+                  crashed): the workers' pump assumes none (`Capacity.threads` 0) and hands
+                  c nothing, so its reminders wait due, not leased in a queue no one reads
+                  and claimed again each lease; once a worker for c registers, they go
   latency(c)      how long one attempt on channel c takes, measured by the senders (a
                   moving average over the last few dozen attempts): slow providers, and a
                   CPU-bound worker, both show here
@@ -176,7 +180,7 @@ class Capacity:
 
     lease_seconds: int
     batch_size: int  # most claims in one send task
-    threads: int  # senders per channel in one process, assumed while none has registered
+    threads: int  # senders assumed for a channel no live process has registered (workers: 0)
     backlog_seconds: float  # the window: what the senders finish in this long
     hold_seconds: float  # an outstanding claim stops counting this long after its claim
 
@@ -195,7 +199,10 @@ class Budget:
         return max(0, self.window - self.outstanding)
 
     def room_in(self, longest: float) -> float:
-        """Return seconds until the senders have room: their work at hand, bounded."""
+        """Return seconds until the senders have room: their work at hand, bounded (none
+        live: `longest`)."""
+        if self.senders == 0:
+            return longest
         if self.latency is None:
             return min(longest, HAND_BACK_UNKNOWN)
         busy_for = self.outstanding * self.latency / max(1, self.senders)

@@ -544,7 +544,9 @@ def pump_now() -> Run:
     capacity = Capacity(
         lease_seconds=settings.lease_seconds,
         batch_size=settings.send_batch_size,
-        threads=settings.send_threads,
+        # A channel no live worker sends (no process registered its threads) gets nothing:
+        # its reminders stay due (overdue, for the alerts) until one comes (worker/pump.py).
+        threads=0,
         backlog_seconds=settings.send_backlog_seconds,
         # A claim counts as outstanding until it must have begun, plus the slowest send.
         hold_seconds=settings.send_max_wait_seconds + 2 * settings.send_timeout_seconds + 1,

@@ -135,3 +135,10 @@ def test_a_scrape_with_redis_down_says_so_and_fails_nothing():
 def test_the_queue_lengths_cover_the_celery_apps_queues():
     # worker/service.py's copy is checked against worker/celery_app.py's by its own tests.
     assert set(QUEUES) == set(WORKER_QUEUES.split(","))
+
+
+def test_the_senders_gauge_covers_the_channels():
+    from worker.metrics import CHANNELS as METRIC_CHANNELS
+    from worker.models import CHANNELS
+
+    assert METRIC_CHANNELS == CHANNELS
