@@ -1257,6 +1257,7 @@ class Lanes:
         """Register an attempt about to hand its message to the provider (see `close`)."""
         handing = HandingOver(self, ref, attempt, entry, started)
         self._reached.provider = True  # a send: its time counts in the pump's latency
+        self._reached.at = time.monotonic()  # ... and from here, in its provider's (`_Provider`)
         with self._lock:
             self._handing[id(handing)] = handing
         return handing
@@ -1396,16 +1397,19 @@ class Lanes:
             # booking moved, requeued) counted as one, and a backlog of them drained after
             # an outage shrank the pump's measured latency to milliseconds, and its window
             # to the whole backlog.
-            took = time.monotonic() - started if self._reached.provider else None
-            if taken is not None:
-                self._leave_provider(channel, *taken, took, key)
+            ended = time.monotonic()
+            took = ended - started if self._reached.provider else None
+            if taken is not None:  # the provider's own time: from the hand-over on
+                self._leave_provider(channel, *taken,
+                                     ended - self._reached.at if took is not None else None, key)
             self._settle(channel, f"{claim}@{ref}", took)
         return outcome
 
     def _leave_provider(self, channel: Channel, provider: _Provider, slow: bool,
                         took: float | None, key: int) -> None:
-        """An attempt counted by `_take_provider` ended (`took`: its time, if it reached
-        the provider)."""
+        """An attempt counted by `_take_provider` ended (`took`: how long its provider took
+        from the hand-over, if it reached the provider; not the round trips to Redis
+        before, which a Redis outage would make every provider's)."""
         with self._lock:
             provider.running -= 1
             provider.since.pop(key, None)
