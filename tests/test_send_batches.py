@@ -640,6 +640,35 @@ def test_the_window_follows_the_senders_and_how_long_a_send_takes(shop, redis_cl
     assert redis_client.zcount(store.due_key, time.time(), "+inf") == 0
 
 
+def test_a_channel_no_worker_sends_is_handed_nothing_and_its_hand_backs_say_so(
+        shop, redis_client):
+    # As the workers' pump sizes it (`Capacity.threads` 0): email senders registered, none
+    # for SMS (no worker takes reminders.send.sms). The SMS due first are passed, not
+    # published into a queue no one reads, and their record says why, not "busy".
+    store = shop.store
+    keys = Keys(PREFIX)
+    refs = due_now(shop, [("S", "sms")] * 3 + [("E", "email")] * 2)
+    redis_client.zadd(keys.senders("email"), {sender_member("w:1", 3): time.time() + 10})
+    published: list[tuple[str, list[Claim]]] = []
+    assert pump(store, lambda ch, claims, at: published.append((ch, list(claims))),
+                capacity=capacity(threads=0), claim_round=100) == 2
+    assert [ch for ch, _ in published] == ["email"]
+    assert redis_client.zcard(keys.outstanding("sms")) == 0
+    for ref in refs[:3]:
+        record = store.record(ref)
+        assert record["status"] == "scheduled", record
+        assert record["reason"] == ("no worker takes the sms queue: handed back to the "
+                                    "schedule"), record
+        # Looked at again no sooner than the backlog's time: not at every run.
+        assert redis_client.zscore(store.due_key, ref) > time.time() + 1.5
+    # Nothing else due: the next run claims none of them only to hand it back.
+    published.clear()
+    redis_client.zadd(store.due_key, {ref: time.time() - 1 for ref in refs[:3]})
+    assert pump(store, lambda ch, claims, at: published.append((ch, list(claims))),
+                capacity=capacity(threads=0), claim_round=100) == 0
+    assert redis_client.zcard(store.lease_key) == 2  # the emails' alone
+
+
 def test_a_full_channel_never_keeps_the_other_one_from_being_claimed(shop, redis_client):
     store = shop.store
     keys = Keys(PREFIX)
