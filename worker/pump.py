@@ -22,7 +22,8 @@ as stale. So the pump hands out no more than the senders can begin within
                   none registered (no live worker takes c's queue: started without it, or
                   crashed): the workers' pump assumes none (`Capacity.threads` 0) and hands
                   c nothing, so its reminders wait due, not leased in a queue no one reads
-                  and claimed again each lease; once a worker for c registers, they go
+                  and claimed again each lease (one passed in the line goes back saying
+                  NO_SENDERS); once a worker for c registers, they go
   latency(c)      how long one attempt on channel c takes, measured by the senders (a
                   moving average over the last few dozen attempts): slow providers, and a
                   CPU-bound worker, both show here
@@ -120,6 +121,7 @@ if redis.call('GET', key) == token then return redis.call('PEXPIRE', key, ms) en
 return 0
 """
 HANDED_BACK = "the {channel} senders are busy: handed back to the schedule"
+NO_SENDERS = "no worker takes the {channel} queue: handed back to the schedule"
 
 Publish = Callable[[Channel, Sequence[Claim], float], None]
 
@@ -444,11 +446,13 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
             # is taken once more, not at every run.
             mine = [c for c in held if channel_of(c.ref) == channel]
             budget = found[channel]
-            _hand_back(store, mine, HANDED_BACK.format(channel=channel),
+            why = HANDED_BACK if budget.senders else NO_SENDERS
+            _hand_back(store, mine, why.format(channel=channel),
                        after=budget.room_in(capacity.backlog_seconds), pace=budget.pace)
     if published or held:
         log.info("pump: published %d claim(s)%s", published,
-                 f"; {len(held)} handed back (their channel's senders are busy)" if held else "")
+                 f"; {len(held)} handed back (their channel's senders are busy or gone)"
+                 if held else "")
     return published, measuring
 
 
