@@ -180,3 +180,69 @@ def test_cancel_before_the_pause_tells_nothing_about_it(changes, smtp_sink, sms_
     assert texts_to(sms_sink, phone) == []
     assert len(texts_to(sms_sink, sms_only)) == 2
     assert len(emails_to(smtp_sink, address)) == 2
+
+
+# Two treatments the clinic may switch a booking between: the same steps (the confirmation
+# and a day-before email, both carrying the invite), another name and visit length.
+INVITE_PROTOCOL = """
+name = "{name}"
+visit_minutes = {minutes}
+[[steps]]
+id = "confirm"
+at = "booking"
+channels = ["email"]
+template = "confirmation"
+late = "send"
+invite = true
+[[steps]]
+id = "day-before"
+offset = "-12s"
+channels = ["email"]
+template = "day-before"
+late = "send"
+invite = true
+[advice]
+spf = 30
+no_tanning_before = true
+clean_skin_on_the_day = true
+ask_acne_eczema_rosacea = true
+ask_cold_sore_or_infection = true
+isotretinoin_months = 6
+"""
+
+
+def test_a_changed_treatment_raises_the_invites_sequence_an_unchanged_resend_does_not(
+        e2e_config, service, smtp_sink):
+    """RFC 5546: an attendee's calendar applies a REQUEST only if its SEQUENCE is above the
+    event's it has (equal: the same revision, ignored). The clinic switches a booking from a
+    45-minute treatment to a 90-minute one after its confirmation went: the day-before
+    email's invite has another title and end, so it must carry a higher SEQUENCE, or the
+    patient's calendar keeps the old title and end. A booking left as it was carries its
+    invite again at the same SEQUENCE (not a new revision)."""
+    for treatment, name, minutes in (("short", "Short session", 45),
+                                     ("long", "Long session", 90)):
+        (e2e_config / "protocols" / f"{treatment}.toml").write_text(
+            INVITE_PROTOCOL.format(name=name, minutes=minutes), encoding="utf-8")
+    service.up()
+    start = (datetime.now(UTC) + timedelta(seconds=20)).replace(microsecond=0)
+    changed, kept = (dict(doc(b, start, "+34600111304", channels=["email"]), treatment="short")
+                     for b in ("C-4", "C-5"))
+    service.book(changed, kept)
+    wait_until(lambda: emails_to(smtp_sink, "c-4@example.com")
+               and emails_to(smtp_sink, "c-5@example.com"), 20)
+    (confirmation,) = emails_to(smtp_sink, "c-4@example.com")
+    _, before = invite(confirmation)
+    assert before["SEQUENCE"] == 0 and str(before["SUMMARY"]) == "Short session at E2E Skin Clinic"
+    assert before.decoded("DTEND") - before.decoded("DTSTART") == timedelta(minutes=45)
+
+    service.book(dict(changed, treatment="long"))
+    wait_until(lambda: len(emails_to(smtp_sink, "c-4@example.com")) >= 2
+               and len(emails_to(smtp_sink, "c-5@example.com")) >= 2, 25)
+    _, after = invite(emails_to(smtp_sink, "c-4@example.com")[1])
+    assert str(after["UID"]) == str(before["UID"])
+    assert str(after["SUMMARY"]) == "Long session at E2E Skin Clinic"
+    assert after.decoded("DTEND") - after.decoded("DTSTART") == timedelta(minutes=90)
+    assert after["SEQUENCE"] > before["SEQUENCE"], (before["SEQUENCE"], after["SEQUENCE"])
+    # The booking left alone: its invite again, the same revision.
+    sequences = [invite(m)[1]["SEQUENCE"] for m in emails_to(smtp_sink, "c-5@example.com")]
+    assert sequences == [0, 0]
