@@ -168,3 +168,20 @@ def test_a_move_landing_while_the_last_notice_is_rendered_sends_only_the_new_dat
     (part,) = [p for p in raw.walk() if p.get_content_type() == "text/calendar"]
     (event,) = icalendar.Calendar.from_ical(part.get_payload(decode=True)).walk("VEVENT")
     assert event["SEQUENCE"] == 2 and str(event["DTSTART"].dt.date()) == "2026-12-19"
+
+
+def test_the_invite_sequence_rises_with_the_event_not_with_each_invite(
+        store, catalog, booking_doc):  # noqa: F811
+    """`Store.invite_sequence` on real Redis: the same event again keeps its SEQUENCE; another
+    event goes one above the last (or at the change's own sequence, if higher); a booking no
+    longer stored gets no hash (it would live forever: no expiry)."""
+    book(store, catalog, booking_doc)
+    assert store.invite_sequence("glow", "A-1042", 0, "a") == 0
+    assert store.invite_sequence("glow", "A-1042", 0, "a") == 0  # the day-before: same event
+    assert store.invite_sequence("glow", "A-1042", 0, "b") == 1  # a new treatment's title
+    assert store.invite_sequence("glow", "A-1042", 0, "b") == 1  # a retry of it
+    assert store.invite_sequence("glow", "A-1042", 1, "c") == 2  # a move's notice (seq 1)
+    assert store.invite_sequence("glow", "A-1042", 5, "c") == 5  # never below the change's
+    assert store.invite_sequence("glow", "A-1042", 0, "a") == 6  # back to the first: new too
+    assert store.invite_sequence("glow", "GONE", 3, "a") == 3
+    assert not store.redis.exists(store.booking_key("glow", "GONE"))

@@ -133,6 +133,7 @@ from .clock import RedisClock
 from .delivery import Envelope, deliver, smtp_sessions
 from .errors import ConfigError, DeliveryError
 from .health import not_run
+from .invites import content_key, sequence_of, with_sequence
 from .logs import about_reminder
 from .metrics import observe_lateness, observe_send
 from .models import CHANNELS, Booking, Channel
@@ -853,6 +854,8 @@ def _render(
             if exc.problem != TEMPLATE_NOT_FOUND or renamed is None:
                 raise
             message = render(renamed)
+        if message.attachments:
+            message = _revised(ctx.store, clinic_id, booking_id, message)
         url = clinic.delivery_url(channel, to)
     except ConfigError as exc:
         raise DeliveryError(str(exc), permanent=not _being_read(ctx, ref)) from None
@@ -868,6 +871,21 @@ def _render(
             permanent=not _being_read(ctx, ref)) from None
     envelope = Envelope(ref=ref, clinic=clinic_id, channel=channel, to=to)
     return url, envelope, message, headers, link
+
+
+def _revised(store: Store, clinic: str, booking_id: str,
+             message: RenderedMessage) -> RenderedMessage:
+    """Return `message` with its calendar invite at the SEQUENCE the store gives it
+    (`Store.invite_sequence`, worker/invites.py): one above the last invite made for the
+    booking when its event differs from that one's (the treatment, the visit's length, the
+    address changed since: else calendars ignore the update), the same when it is the same
+    event again. One round trip, for the emails that carry an invite only."""
+    invite, *rest = message.attachments
+    built = sequence_of(invite)
+    sequence = store.invite_sequence(clinic, booking_id, built, content_key(invite.data))
+    if sequence == built:
+        return message
+    return replace(message, attachments=(with_sequence(invite, sequence), *rest))
 
 
 def _being_read(ctx: Context, ref: str) -> bool:

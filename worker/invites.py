@@ -3,8 +3,15 @@
 One event per booking, built with the icalendar library:
   UID       stable per booking: clinic and booking id (no patient data), so a calendar
             updates the same event when the appointment moves and removes it on a cancel
-  SEQUENCE  the booking's invite sequence, kept in the store: 0 when booked, one more on
-            every move and on a cancel (`Store` field `seq`)
+  SEQUENCE  the revision of the event (RFC 5546: a calendar applies a REQUEST or CANCEL only
+            if its SEQUENCE is above the one it has; equal is the same revision, ignored).
+            Built at the booking's change sequence (`Store` field `seq`: 0 when booked,
+            one more on every move and on a cancel), then raised as the send path records
+            it (`Store.invite_sequence`, before the hand-over): an invite whose event differs
+            in anything but DTSTAMP and SEQUENCE (`content_key`: a new treatment's title
+            or visit length, an edited address or invite wording, a cancel) from the last
+            one made for the booking goes one above that one's; the same event again (the
+            day-before email after the confirmation, a retry) at the same SEQUENCE
   METHOD    REQUEST (an invite or its update), CANCEL (the event is cancelled)
   DTSTART   the appointment instant in the clinic's timezone (TZID), with the VTIMEZONE
             of that zone, so it imports at the right time in any calendar; DTEND after the
@@ -21,7 +28,9 @@ patient is the one ATTENDEE: calendar programs want both for REQUEST and CANCEL.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import hashlib
+import re
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -111,6 +120,35 @@ def build_invite(
         mimetype=f"text/calendar; method={method}; charset=UTF-8",
         data=cal.to_ical(),
     )
+
+
+# The lines of an unfolded .ics that change with every invite made, not with its event.
+_STAMPS = re.compile(rb"^(?:DTSTAMP|SEQUENCE)[;:][^\r\n]*\r\n", re.MULTILINE)
+_SEQUENCE = re.compile(rb"^SEQUENCE:([0-9]+)\r\n", re.MULTILINE)
+
+
+def content_key(data: bytes) -> str:
+    """Return a digest of what a calendar shows of an invite (`build_invite`'s `data`): the
+    whole calendar but for DTSTAMP and SEQUENCE (the method, title, description, start, end,
+    time zone, location, status, organizer and attendee). Equal digests: the same event."""
+    unfolded = data.replace(b"\r\n ", b"").replace(b"\r\n\t", b"")
+    return hashlib.sha256(_STAMPS.sub(b"", unfolded)).hexdigest()[:20]
+
+
+def sequence_of(invite: Attachment) -> int:
+    """Return the SEQUENCE `invite` (`build_invite`'s) was built with."""
+    found = _SEQUENCE.search(invite.data)
+    if found is None:
+        raise ValueError("the invite has no SEQUENCE")
+    return int(found.group(1))
+
+
+def with_sequence(invite: Attachment, sequence: int) -> Attachment:
+    """Return `invite` (`build_invite`'s) with its event's SEQUENCE set to `sequence`."""
+    data, found = _SEQUENCE.subn(f"SEQUENCE:{sequence}\r\n".encode(), invite.data, count=1)
+    if not found:
+        raise ValueError("the invite has no SEQUENCE")
+    return replace(invite, data=data)
 
 
 # The state of a zone at an instant: its UTC offset, daylight saving part and name.

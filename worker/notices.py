@@ -35,7 +35,8 @@ from `<step>`.
 
 `seq` is the booking's calendar invite sequence after the change (one more at every move
 and cancel): the notice's email carries the invite update (METHOD:REQUEST) or cancel
-(METHOD:CANCEL) with that SEQUENCE and the booking's one UID (worker/invites.py).
+(METHOD:CANCEL) with that SEQUENCE, or one above the last invite made for the booking if
+that is higher (`Store.invite_sequence`), and the booking's one UID (worker/invites.py).
 
 Only when something went out: by email if an email carrying the invite went out (a
 confirmation, a day-before email, an earlier notice), or the hold email (it names the date;
@@ -337,6 +338,8 @@ def notice_and_invite(
     A change notice's email carries the invite update or cancel with the notice's sequence;
     an email of an invite step (`invite = true`) carries the invite at the booking's
     current sequence, so a day-before email after a move has the new time and SEQUENCE.
+    (The send path raises either to one above the last invite made for the booking when
+    its event differs from that one's: worker/dispatch.py `_revised`.)
     """
     step = record.get("step", "")
     extras: RenderExtras = {}

@@ -1729,6 +1729,28 @@ return 1
 # keys, those n keys, then (opt-out key, field) pairs. Returns each key's first members
 # from that score on, then 1 or 0 per pair: the field exists. What a pipeline of
 # ZRANGEBYSCOREs and HEXISTSs answered, without a reply parsed in Python per command.
+# The SEQUENCE of a calendar invite about to go (Store.invite_sequence; worker/invites.py):
+# the booking's field `ics` is "<sequence> <content key>" of the last invite made for it.
+# The same event again: that sequence (never below the change sequence `base`); another
+# event: one above it (or `base`, if higher). Nothing written for a booking no longer stored.
+_INVITE_SEQUENCE = """
+local bkey, base, content = KEYS[1], tonumber(ARGV[1]), ARGV[2]
+if redis.call('EXISTS', bkey) == 0 then return base end
+local last = redis.call('HGET', bkey, 'ics')
+local seq = base
+if last then
+  local was, was_content = string.match(last, '^(%d+) (.*)$')
+  was = tonumber(was)
+  if was then
+    if was_content ~= content then was = was + 1 end
+    if was > seq then seq = was end
+  end
+end
+local now = seq .. ' ' .. content
+if now ~= last then redis.call('HSET', bkey, 'ics', now) end
+return seq
+"""
+
 _CAPS_FIRST = """
 local since, limit, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
@@ -2574,6 +2596,7 @@ class Store:
         self._opt_out = script(_PRELUDE + _OPT_OUT)
         self._apply = script(_PRELUDE + _APPLY)
         self._caps_first = script(_CAPS_FIRST)
+        self._invite_seq = script(_INVITE_SEQUENCE)
         self._layout_ok = False
         # text -> its id (known not to collide). Shared by the API's threads: rebuilt from
         # `list(items())`, a copy taken in one step, so another thread's insert cannot
@@ -4550,6 +4573,19 @@ class Store:
                 when = datetime.fromtimestamp(float(r[2]), UTC)
                 dates[step] = min(when, dates.get(step, when))
         return dates
+
+    def invite_sequence(self, clinic: str, booking_id: str, base: int, content: str) -> int:
+        """Return the SEQUENCE a calendar invite of the booking goes with, and note it (one
+        round trip, atomic; worker/invites.py): `base` the sequence it was built at (the
+        booking's `seq`, or a change notice's own), `content` its `content_key`. The same
+        event as the last invite made for the booking: that one's sequence, so a calendar
+        sees nothing new; another event (a new treatment's title or visit length, a move, a
+        cancel, an edited address): one above it, so every calendar applies the update
+        (RFC 5546). Noted before the hand-over: an invite made and never delivered only
+        leaves a gap, which calendars accept."""
+        self._ready()
+        return int(self._invite_seq(keys=[self.booking_key(clinic, booking_id)],
+                                    args=[base, content]))
 
     def repause_due(self, clinic: str, booking_id: str, seq: int) -> datetime | None:
         """Return when the pause message again of the change `seq` (`repause#<seq>:*`) goes or
