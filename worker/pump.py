@@ -63,7 +63,9 @@ beyond that they hand back to the schedule unbegun, settled here like any, so th
 hand out what is behind them.
 
 Each channel's claims go out in batches of at most `send_batch_size`, one Celery task per
-batch on the channel's own queue (`publish`), with the instant they were claimed.
+batch on the channel's own queue (`publish`), with the instant the batch's first claim was
+claimed (the earliest: a batch filled over two claim rounds holds claims of both, and the
+senders count every claim's start-by deadline from it).
 
 Every instant the pump reads or writes is on Redis's clock (worker/clock.py `redis_time`),
 never this host's: the claim script's, the instant a claim was made (the senders on other
@@ -394,6 +396,7 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
     if not room.left():
         return 0, _unmeasured_waiting(store, found, room, now, claim_round)
     pending: dict[str, list[Claim]] = {c: [] for c in CHANNELS}
+    since: dict[str, float] = {}  # when the first of a channel's pending claims was claimed
     held: list[Claim] = []  # claimed for a channel with no budget left: handed back at the end
     claims: list[Claim] = []  # this round's claims; those from `sorted_up_to` on are in
     sorted_up_to = 0  # neither `pending` nor `held` yet (handed back if publishing fails)
@@ -406,7 +409,8 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
         nonlocal published
         if not claims:
             return
-        _hand_out(store, keys, capacity, publish, channel, claims, claimed_at)
+        # Its first claim's round: a batch may hold claims of an earlier round than this.
+        _hand_out(store, keys, capacity, publish, channel, claims, since.pop(channel))
         published += len(claims)
 
     try:
@@ -425,6 +429,7 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
                 if room.take(channel) == "pass":
                     held.append(claim)
                     continue
+                since.setdefault(channel, claimed_at)
                 pending[channel].append(claim)
                 if len(pending[channel]) >= capacity.batch_size:
                     batch, pending[channel] = pending[channel], []
