@@ -173,3 +173,79 @@ def test_contact_ids_hmac_is_the_standard_one(key: bytes, message: bytes) -> Non
 
     assert _hmac_sha256(key, message) == hmac.digest(key, message, "sha256")
     assert _hmac_sha256(key, message) == hmac.digest(key, message, "sha256")
+
+
+def test_decode_ahead_is_each_batch_decoded(catalog: Any) -> None:
+    """`DecodeAhead` (the next store batch decoded a slice at a time while Redis applies the
+    one before) gives each spool batch with exactly what `decode` makes of it, in order,
+    however many of its steps ran in between; and nothing once the spool is done."""
+    from worker.batch import CHUNK, DecodeAhead, Document, Spool, _check_chunk, decode
+
+    docs = list(realistic_bookings(2 * CHUNK + 70, seed=9, now=NOW))
+    spool = Spool()
+    lines = [orjson.dumps(d) for d in docs]
+    for start in range(0, len(lines), CHUNK):
+        part = [Document(n + 1, n + 1, raw=lines[n])
+                for n in range(start, min(start + CHUNK, len(lines)))]
+        spool.add_chunk(_check_chunk(part, catalog, None, NOW))
+    size = 450  # batches of 450: 3 of them, the last 170 (not a multiple of a slice)
+    expected = [(chunk, [decode(item, catalog) for item in chunk])
+                for chunk in spool.chunks(size)]
+    assert [len(c) for c, _ in expected] == [450, 450, 170]
+    for steps in (0, 1, 2, 5):
+        ahead = DecodeAhead(spool.chunks(size), catalog)
+        got = []
+        while (taken := ahead.take()) is not None:
+            got.append(taken)
+            for _ in range(steps):
+                ahead.step()
+        for _ in range(3):
+            ahead.step()
+        assert ahead.take() is None
+        assert len(got) == len(expected)
+        for (chunk, items), (want_chunk, want_items) in zip(got, expected, strict=True):
+            assert chunk == want_chunk
+            assert [b.model_dump_json() for b, _ in items] == [
+                b.model_dump_json() for b, _ in want_items]
+            assert [p for _, p in items] == [p for _, p in want_items]
+
+
+def test_upsert_many_runs_idle_while_each_chunk_is_applied(redis_client: Any,
+                                                           catalog: Any) -> None:
+    """`idle` runs once a chunk is sent to Redis and before its reply is taken (the apply
+    thread at work), once per apply chunk; what is stored and answered is as without it."""
+    import threading
+
+    from worker.planner import plan
+    from worker.store import APPLY_CHUNK, Store
+
+    docs = list(realistic_bookings(2 * APPLY_CHUNK + 30, seed=8, now=NOW))
+    items = []
+    for doc in docs:
+        booking = parse_booking(doc, catalog)
+        items.append((booking, plan(booking, catalog.protocols[booking.treatment],
+                                    catalog.clinics[booking.clinic], NOW)))
+    texts = [b.model_dump_json() for b, _ in items]
+    calls: list[bool] = []
+
+    def idle() -> None:
+        calls.append(any(t.name.startswith("store-apply") for t in threading.enumerate()))
+
+    with_idle = Store(redis_client, "idle-on", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    plain = Store(redis_client, "idle-off", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    before_idle: list[str | None] = [None] * len(items)
+    before_plain: list[str | None] = [None] * len(items)
+    got = with_idle.upsert_many(items, NOW, previous=before_idle, timelines=False, docs=texts,
+                                idle=idle)
+    assert got == plain.upsert_many(items, NOW, previous=before_plain, timelines=False,
+                                    docs=texts)
+    assert before_idle == before_plain == [None] * len(items)
+    assert calls == [True, True, True]
+    for booking, _ in items:
+        # Each store keys its contact ids by its own secret: all the rest is the same.
+        stored = redis_client.hgetall(with_idle.booking_key(*booking.key))
+        expected = redis_client.hgetall(plain.booking_key(*booking.key))
+        assert stored.pop("contacts") and expected.pop("contacts")
+        assert stored == expected
+        assert redis_client.get(with_idle.doc_key(*booking.key)) == \
+            redis_client.get(plain.doc_key(*booking.key))

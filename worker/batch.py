@@ -733,6 +733,46 @@ def decode(item: Accepted, catalog: Catalog) -> tuple[Booking, Plan]:
     return booking, plan_from_record(record, clinic.send_window, clinic.sms)
 
 
+class DecodeAhead:
+    """The spool's store batches (`Spool.chunks`), each with its bookings and plans decoded
+    (`decode`). The next batch is decoded a slice at a time by `step`, which `reminders
+    book` hands to `Store.upsert_many` as its `idle`: called while the store waits for Redis
+    to apply a chunk of the batch before, it decodes the next one then (about 5 ms a
+    slice, within the 15-20 ms Redis takes a chunk), instead of with Redis idle between
+    two batches. Only decoding: nothing is read from or written to Redis here."""
+
+    SLICE = 200  # bookings decoded per `step`
+
+    def __init__(self, chunks: Iterator[list[Accepted]], catalog: Catalog) -> None:
+        self.chunks, self.catalog = chunks, catalog
+        self.fetched = False  # the next batch taken from `chunks` (None: there is none)
+        self.raw: list[Accepted] | None = None
+        self.items: list[tuple[Booking, Plan]] = []
+
+    def step(self) -> None:
+        """Decode a slice more of the next batch (taking it from the spool first)."""
+        if not self.fetched:
+            self.raw, self.fetched = next(self.chunks, None), True
+        raw = self.raw
+        if raw is None or len(self.items) >= len(raw):
+            return
+        catalog, start = self.catalog, len(self.items)
+        self.items += [decode(item, catalog) for item in raw[start : start + self.SLICE]]
+
+    def take(self) -> tuple[list[Accepted], list[tuple[Booking, Plan]]] | None:
+        """The next batch and its decoded bookings and plans (the rest decoded now); None
+        once the spool has no more."""
+        self.step()
+        raw = self.raw
+        if raw is None:
+            return None
+        while len(self.items) < len(raw):
+            self.step()
+        items = self.items
+        self.fetched, self.raw, self.items = False, None, []
+        return raw, items
+
+
 # --- output, progress, garbage collection ---------------------------------------------
 
 

@@ -2811,7 +2811,7 @@ class Store:
     def upsert_many(
         self, items: list[tuple[Booking, Plan]], now: datetime, *, release: bool = False,
         previous: list[str | None] | None = None, timelines: bool = True,
-        docs: Sequence[str] | None = None,
+        docs: Sequence[str] | None = None, idle: Callable[[], object] | None = None,
     ) -> list[dict[str, Any]]:
         """`upsert` each (booking, plan), in a few round trips per chunk; return the timelines.
 
@@ -2833,6 +2833,11 @@ class Store:
 
         `docs`, when given (as long as `items`): each booking's `model_dump_json()`, as the
         caller already has it (`reminders book`'s check made it), not made again here.
+
+        `idle`, when given: called once each time this thread has an apply chunk prepared
+        and waits for Redis to apply the one before (Redis works on the other core): a
+        caller's own work that touches no Redis (`reminders book` decodes its next batch
+        there), a few milliseconds at a time, instead of with Redis idle between calls.
         """
         if docs is not None and len(docs) != len(items):
             raise ValueError("docs: one per booking")
@@ -2864,12 +2869,16 @@ class Store:
                         _Round(first.batch[part], stored[part], [], caps[part],
                                timelines=timelines, docs=docs), now, release)
                     if sent is not None:
+                        if idle is not None:
+                            idle()
                         redo += self._settle(sent[0], sent[1].result(), now, release, out,
                                              before)
                         failed += sent[0].failed
                     ready.stale = list(failed)
                     sent = (ready, pool.submit(self._send, ready))
                 assert sent is not None
+                if idle is not None:
+                    idle()
                 redo += self._settle(sent[0], sent[1].result(), now, release, out, before)
             self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines,
                                 docs)
