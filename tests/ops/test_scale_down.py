@@ -1,0 +1,213 @@
+"""A sudden scale-down, for real: one of two workers SIGKILLed mid-burst (its container
+removed, the OOM killer), or paused (SIGSTOP: a frozen VM, a stalled host) past the lapse of
+its senders' registration and then let go on (SIGCONT).
+
+Real Redis, two real `celery worker` processes (each one pool process, two SMS threads),
+`celery beat`, and a real HTTP SMS gateway that parks the first two sends. A burst of SMS
+falls due at once; the pump's first window (two claims a thread, nothing measured yet) goes
+to one worker as one batch: its two threads are parked at the gateway, the rest wait in it,
+not begun, and the other worker is idle while the rest of the burst waits due. Then that
+worker is gone. What must hold: once its registration lapses, its claims stop counting
+against the channel's capacity and those it had not begun go back to the schedule (fenced by
+their claim), so the survivor sends the whole burst within seconds, not once the claims'
+hold (41 s here) or lease (300 s) runs out; each SMS reaches the gateway once; the two sends
+that were at the gateway when it went are left to their ledger (their outcome is unknown);
+and a worker that was only slow sends nothing late twice, nor anything cancelled meanwhile.
+Both workers' registrations lapse 3 s after their last refresh (tests/ops/senders_lapse.py;
+10 s by default).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.e2e.conftest import BIN, Service, wait_until
+from tests.ops import test_sigterm
+from tests.ops.senders_lapse import LAPSE_TTL
+from tests.ops.test_sigterm import PREFIX, Gateway, booking, final_state
+from worker.pump import Keys
+from worker.service import WORKER_QUEUES
+from worker.store import Store
+
+pytestmark = pytest.mark.integration
+service, gateway, smtp_sink = test_sigterm.service, test_sigterm.gateway, test_sigterm.smtp_sink
+BURST = 24
+HOLD = 10 + 2 * 15 + 1  # what an outstanding claim counts for, at the default settings
+# The survivor sends the burst within this long of the other worker going: its lapse and a
+# few seconds, far below the claims' hold and lease.
+BOUND = LAPSE_TTL + 6
+
+
+def ref(n: int) -> str:
+    return f"ops/S-{n}/confirm:sms"
+
+
+def number(phone: str) -> int:
+    return int(phone[-5:])
+
+
+def start(service: Service, name: str) -> subprocess.Popen[bytes]:
+    proc = service._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "worker",
+                           "--loglevel=INFO", "--concurrency=1", "-Q", WORKER_QUEUES,
+                           "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+                           "-I", "tests.ops.senders_lapse"], name)
+    proc.concurrency = 1  # type: ignore[attr-defined]
+    return proc
+
+
+def burst_held_by_one(service: Service, gateway: Gateway, redis_client,
+                      ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], set[int],
+                                 set[int]]:
+    """Start two workers and beat, book the burst; return (the worker holding the pump's
+    first window, the other, the bookings it has at the gateway, those waiting in it)."""
+    a, b = start(service, "a"), start(service, "b")
+    service.beat(worker=[a, b])
+    service.ready(a)
+    service.ready(b)
+    # Both registered: the pump counts four threads (a window of eight before any is measured).
+    senders = Keys(PREFIX).senders("sms")
+    wait_until(lambda: redis_client.zcard(senders) == 2, 10)
+    service.book(*[booking(n, "onesms") for n in range(1, BURST + 1)])
+    assert gateway.parked.acquire(timeout=15) and gateway.parked.acquire(timeout=15), \
+        "the first two sends never reached the gateway"
+    parked = {number(to) for _, to in gateway.snapshot()}
+    assert len(parked) == 2
+
+    def at_gateway(worker: subprocess.Popen[bytes]) -> int:
+        found = 0
+        for child in psutil.Process(worker.pid).children():
+            try:
+                found += sum(1 for c in child.net_connections("tcp")
+                             if c.raddr and c.raddr.port == gateway.port)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    victim, survivor = (a, b) if at_gateway(a) else (b, a)
+    assert at_gateway(victim) == 2 and at_gateway(survivor) == 0
+    time.sleep(0.5)  # the pump's runs meanwhile hand out nothing more: the window is full
+    out = Keys(PREFIX).outstanding("sms")
+    held = {int(m.split("/")[1][2:]) for m in redis_client.zrange(out, 0, -1)}
+    waiting = held - parked
+    assert parked <= held and len(waiting) >= 3, (held, parked)
+    # The rest of the burst is still due: the survivor has been handed nothing.
+    assert redis_client.zcard(Store(redis_client, PREFIX).due_key) == BURST - len(held)
+    assert survivor.poll() is None and victim.poll() is None
+    return victim, survivor, parked, waiting
+
+
+def wait_sent(gateway: Gateway, expected: set[int], since: float) -> None:
+    """Wait BOUND seconds for every SMS of `expected` to reach the gateway; else fail,
+    saying which arrived and when."""
+    try:
+        wait_until(lambda: {number(to) for _, to in gateway.snapshot()} >= expected, BOUND)
+    except AssertionError:
+        got = sorted((round(at - since, 1), number(to)) for at, to in gateway.snapshot())
+        raise AssertionError(f"within {BOUND:g}s of the worker going, the gateway got only "
+                             f"(seconds after, booking) {got}, not {sorted(expected)}") from None
+
+
+def sent_in(log: str) -> set[int]:
+    return {int(n) for n in re.findall(r"send ops/S-(\d+)/confirm:sms: sent \(attempt", log)}
+
+
+def records(store: Store, n: int) -> tuple[Any, ...]:
+    (reminder,) = store.timeline("ops", f"S-{n}")["reminders"]
+    return reminder["status"], reminder["attempts"], [
+        line["outcome"] for line in store.attempts(ref(n))]
+
+
+def test_a_worker_killed_mid_burst_holds_its_claims_only_until_its_registration_lapses(
+        service: Service, gateway: Gateway, redis_client) -> None:
+    victim, survivor, parked, waiting = burst_held_by_one(service, gateway, redis_client)
+    killed_at = time.time()
+    service.kill(victim)  # the whole worker, pool and all, as a container removed
+    everyone = set(range(1, BURST + 1))
+    rest = everyone - parked
+
+    def arrived() -> Counter[int]:
+        return Counter(number(to) for _, to in gateway.snapshot())
+
+    # Every SMS not at the gateway when the worker went: sent by the survivor within
+    # seconds of its registration lapsing. (Before: none for the claims' hold, 41 s: the
+    # dead worker's claims filled the channel's window; those it held, its lease, 300 s.)
+    wait_sent(gateway, everyone, killed_at)
+    took = max(at for at, to in gateway.snapshot() if number(to) in rest) - killed_at
+    assert took < BOUND < HOLD, took
+    time.sleep(1.0)  # room for a stray second copy
+    assert arrived() == Counter(everyone), arrived()  # each once
+    assert sent_in(survivor.log_path.read_text()) == rest  # type: ignore[attr-defined]
+
+    store = Store(redis_client, PREFIX)
+    for n in rest:
+        assert records(store, n) == ("sent", 1, ["sent"]), (n, records(store, n))
+        assert redis_client.get(store.ledger_key(ref(n))) == "sent"
+    # The two at the gateway when the worker went: outcome unknown, left to their ledger
+    # (held by the dead worker's attempt) and lease: never sent again beside it.
+    for n in parked:
+        assert records(store, n) == ("sending", 1, []), (n, records(store, n))
+        ledger = store.ledger_key(ref(n))
+        assert redis_client.get(ledger) not in (None, "sent")
+        assert redis_client.pttl(ledger) > 200_000  # the attempt's: lease_seconds, 300 s
+        assert redis_client.zscore(store.lease_key, ref(n)) is not None
+    # Nothing left counting against the channel, nothing due.
+    state = final_state(store, [ref(n) for n in everyone])
+    assert (state["due"], state["lease"], state["dead"], state["outstanding"]) == (0, 2, 0, 0)
+    print(f"killed the worker holding {len(parked) + len(waiting)} claims; the survivor sent "
+          f"the {len(rest)} others {took:.1f}s after (registration lapse {LAPSE_TTL:g}s, "
+          f"hold {HOLD}s)")
+
+
+def test_a_worker_paused_past_its_lapse_then_let_go_on_sends_nothing_twice_nor_cancelled(
+        service: Service, gateway: Gateway, redis_client) -> None:
+    victim, survivor, parked, waiting = burst_held_by_one(service, gateway, redis_client)
+    stopped_at = time.time()
+    os.killpg(victim.pid, signal.SIGSTOP)  # slow, not dead: every process of it paused
+    store = Store(redis_client, PREFIX)
+    try:
+        # The clinic cancels one booking the paused worker holds, not begun.
+        cancelled = min(waiting)
+        done = service.cli("cancel", "--clinic", "ops", f"S-{cancelled}")
+        assert done.returncode == 0, done.stderr
+        everyone = set(range(1, BURST + 1))
+        rest = everyone - parked - {cancelled}
+
+        def arrived() -> Counter[int]:
+            return Counter(number(to) for _, to in gateway.snapshot())
+
+        wait_sent(gateway, everyone - {cancelled}, stopped_at)
+        took = time.time() - stopped_at
+        assert sent_in(survivor.log_path.read_text()) == rest  # type: ignore[attr-defined]
+        # The parked two: at the gateway, its answer waiting for the paused worker.
+        gateway.release()
+        time.sleep(0.5)
+    finally:
+        os.killpg(victim.pid, signal.SIGCONT)
+    # Let go on: it records its two sends and begins the claims it held, each fenced off
+    # (handed back and sent by the survivor meanwhile, or cancelled).
+    wait_until(lambda: all(records(store, n)[0] == "sent" for n in parked), 10)
+    wait_until(lambda: redis_client.zcard(Keys(PREFIX).outstanding("sms")) == 0
+               and b"dropped" in victim.log_path.read_bytes(), 10)  # type: ignore[attr-defined]
+    time.sleep(1.5)  # room for a stray late send
+    assert arrived() == Counter(everyone - {cancelled}), arrived()  # each once, no cancelled
+    victim_log = victim.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+    assert sent_in(victim_log) == parked, victim_log[-3000:]
+    for n in parked | rest:
+        assert records(store, n) == ("sent", 1, ["sent"]), (n, records(store, n))
+    status, _, outcomes = records(store, cancelled)
+    assert status == "cancelled" and outcomes == [], records(store, cancelled)
+    state = final_state(store, [ref(n) for n in everyone - {cancelled}])
+    assert state == {"due": 0, "lease": 0, "dead": 0, "outstanding": 0,
+                     "ledgers": {ref(n): "sent" for n in everyone - {cancelled}}}, state
+    assert victim.poll() is None and survivor.poll() is None
+    print(f"paused the worker holding {len(parked) + len(waiting)} claims; the survivor sent "
+          f"{len(rest)} within {took:.1f}s; let go on, it sent its 2 parked and nothing else")
