@@ -40,6 +40,12 @@ returns; its message is acknowledged then (acks late: a worker lost before that 
 batch back to the broker). From then on each claim is guarded like any attempt in flight:
 by its lease (a worker killed before the claim's outcome is recorded loses nothing: the
 pump claims it again once the lease runs out) and by its ledger (nothing is sent twice).
+Before queueing them the senders note the batch's claims as held by this process
+(`Lanes.hold`, one round trip): should the process go without a word (SIGKILL, its
+container removed, the OOM killer) or stall past its registration's lapse (REGISTER_TTL),
+the pump stops counting them against the channel and hands back, fenced by their claim,
+those not begun (worker/pump.py `_LAPSED`): the other workers send them within seconds of
+the lapse, not a lease later, and are not kept idle meanwhile.
 The task does not wait for the sends, so a slow provider holds only its own channel's
 threads: never a Celery pool process, never the other channel, never the pump; and, once
 measured slow, no more than its share of them (`Lanes`, "One provider's share"): never
@@ -1063,7 +1069,9 @@ REGISTER_EVERY = 2.0  # seconds between refreshes of this process's senders for 
 BACKPRESSURE_SECONDS = 0.5  # longest a hand-over waits for its senders to have room
 ROOM_POLL_SECONDS = 0.01
 OTHERS_POLL_SECONDS = 0.05  # ... for another queue's messages in the broker (~0.13 ms CPU a look)
-REGISTER_TTL = 10.0  # seconds after which the pump forgets a process that stopped refreshing
+# Seconds after which the pump forgets a process that stopped refreshing, and hands back
+# the claims it held and had not begun (worker/pump.py `_LAPSED`).
+REGISTER_TTL = 10.0
 NUDGE_AFTER = 0.05  # a channel's senders idle this long after settling: ask for more work
 # One clinic's provider never holds every sender of a channel (`Lanes`, "One provider's
 # share"): a provider whose sends take SLOW_SEND_SECONDS or more has at most PROVIDER_SHARE
@@ -1195,9 +1203,10 @@ class Lanes:
     """This process's senders: a bounded thread pool per channel, and their bookkeeping.
 
     For the pump (worker/pump.py), one Redis pipeline every FLUSH_INTERVAL reports the
-    claims settled (off the outstanding set), how many began and how long they took (the
-    channel's latency), and this process's sender threads per channel (refreshed every
-    REGISTER_EVERY, forgotten REGISTER_TTL after the process stops). Once a channel's
+    claims settled (off the outstanding set and this process's held set, `hold`), how many
+    began and how long they took (the channel's latency), and this process's sender threads
+    per channel (refreshed every REGISTER_EVERY, forgotten REGISTER_TTL after the process
+    stops: then the pump hands back the claims it held and had not begun). Once a channel's
     senders have nothing waiting, `on_idle(channel)` is called so that the pump can hand
     out more at once instead of at its next tick.
 
@@ -1246,6 +1255,7 @@ class Lanes:
         self._slow_running: dict[str, int] = {}
         self._idle_since: dict[str, float] = {}  # channels that ran dry, to nudge
         self._registered_at = 0.0
+        self._announced: set[str] = set()  # channels registered once at least (`hold`)
         self._closing = False
         self._stopping = threading.Event()  # set once close() begins
         # Set once close() found Redis unreachable (past the client's retries): no more
@@ -1446,6 +1456,45 @@ class Lanes:
             if self._waiting.get(channel, 0) == 0:
                 self._idle_since.setdefault(channel, time.monotonic())
 
+    def hold(self, channel: Channel, claims: Sequence[tuple[str, str]],
+             claimed_at: float) -> None:
+        """Note, before they are queued, the claims ((ref, claim), ...) handed to these
+        senders, for the pump: should this process go without a word (SIGKILL, its container
+        removed) or stall past its registration's lapse, the pump takes them off the
+        channel's count and hands back those not begun (worker/pump.py `_LAPSED`), rather
+        than count them until their hold and leave them leased until their lease. One round
+        trip (the held set, its holder, and this process's registration if not made yet).
+        Settled claims leave the set with the senders' next report (`flush`); each member is
+        scored by its lease's end, and the set expires a lease after the last hand-over.
+        Redis unreachable: not noted (the claims then count until their hold, as they did)."""
+        if not claims:
+            return
+        settings = self.ctx.settings
+        now = CLOCK.now()
+        with self._lock:
+            if self._closing:
+                return  # `submit` refuses: they go back at once (`hand_over`)
+            register = channel not in self._announced
+        held = self.keys.held(channel, self.node)
+        try:
+            pipe = self.ctx.store.redis.pipeline(transaction=False)
+            if register:
+                pipe.zadd(self.keys.senders(channel), {self.node: now + REGISTER_TTL})
+            pipe.zremrangebyscore(held, "-inf", now)  # settled and never reported
+            pipe.zadd(held, {f"{claim}@{ref}": claimed_at + settings.lease_seconds
+                             for ref, claim in claims})
+            pipe.expire(held, settings.lease_seconds + 60)
+            pipe.sadd(self.keys.holders(channel), self.node)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("senders: could not note %d %s claim(s) as held here (%s): should this "
+                        "process go, they count until their hold", len(claims), channel,
+                        type(exc).__name__)
+            return
+        if register:
+            with self._lock:
+                self._announced.add(channel)
+
     def waiting(self, channel: Channel) -> int:
         """Return how many claims handed to this channel's senders have not begun."""
         with self._lock:
@@ -1489,12 +1538,16 @@ class Lanes:
                 pipe = self.ctx.store.redis.pipeline(transaction=False)
                 for channel, members in settled.items():
                     pipe.zrem(self.keys.outstanding(channel), *members)
+                    pipe.zrem(self.keys.held(channel, self.node), *members)
                     if drained.get(channel):
                         pipe.incrby(self.keys.drained(channel), drained[channel])
                         pipe.incrbyfloat(self.keys.busy(channel), busy[channel])
                 for channel in register:
                     pipe.zadd(self.keys.senders(channel), {self.node: CLOCK.now() + REGISTER_TTL})
                 pipe.execute()
+                if register:
+                    with self._lock:
+                        self._announced.update(register)
             except redis.RedisError as exc:
                 # The pump's counts only: its members expire on their own.
                 log.warning("senders: could not report %d settled claim(s) to the pump",
@@ -1699,11 +1752,18 @@ class Lanes:
             log.warning("senders: stopping with Redis unreachable: %d claim(s) not begun "
                         "left to their lease", len(self._owed))
 
+    def _leave(self, pipe: Any, pools: dict[str, ThreadPoolExecutor]) -> None:
+        """Add to `pipe` what leaves the pump's count: this process's registration and the
+        claims it notes as held (`hold`), which a stop hands back or settles itself."""
+        for channel in pools:
+            pipe.zrem(self.keys.senders(channel), self.node)
+            pipe.srem(self.keys.holders(channel), self.node)
+            pipe.delete(self.keys.held(channel, self.node))
+
     def _deregister(self, pools: dict[str, ThreadPoolExecutor]) -> None:
         with contextlib.suppress(redis.RedisError):
             pipe = self.ctx.store.redis.pipeline(transaction=False)
-            for channel in pools:
-                pipe.zrem(self.keys.senders(channel), self.node)
+            self._leave(pipe, pools)
             pipe.execute()
 
     def _hand_back_queued(self, pools: dict[str, ThreadPoolExecutor]) -> None:
@@ -1719,12 +1779,11 @@ class Lanes:
         answers: list[Any] = []
         try:
             pipe = self.ctx.store.redis.pipeline(transaction=False)
-            for channel in pools:
-                pipe.zrem(self.keys.senders(channel), self.node)
+            self._leave(pipe, pools)
             if items:
                 self.ctx.store.requeue_in(pipe, items, CLOCK.now_utc(),  # due now: Redis's clock
                                           STOPPING_NOT_BEGUN)
-            answers = pipe.execute(raise_on_error=False)[len(pools):]
+            answers = pipe.execute(raise_on_error=False)[3 * len(pools):]
         except (redis.ConnectionError, redis.TimeoutError):
             self._unreachable.set()
             log.warning("senders: stopping with Redis unreachable: %d claim(s) not begun left "
@@ -1838,6 +1897,7 @@ def hand_over(ctx: Context, lanes: Lanes, channel: Channel,
     `others_waiting()`: whether work of another queue waits for a pool process (then the
     hand-over does not hold this one for its senders' room)."""
     start_by = claimed_at + start_margin(ctx.settings)
+    lanes.hold(channel, [(ref, claim) for ref, _, claim in claims], claimed_at)
     for index, (ref, version, claim) in enumerate(claims):
         try:
             lanes.submit(channel, ref, version, claim, start_by)

@@ -23,7 +23,10 @@ as stale. So the pump hands out no more than the senders can begin within
                   crashed): the workers' pump assumes none (`Capacity.threads` 0) and hands
                   c nothing, so its reminders wait due, not leased in a queue no one reads
                   and claimed again each lease (one passed in the line goes back saying
-                  NO_SENDERS); once a worker for c registers, they go
+                  NO_SENDERS); once a worker for c registers, they go. A process that
+                  stops refreshing (SIGKILLed, its container removed, paused) drops out
+                  once its registration lapses (REGISTER_TTL, worker/dispatch.py), and so
+                  do the claims it held (below)
   latency(c)      how long one attempt on channel c takes, measured by the senders (a
                   moving average over the last few dozen attempts): slow providers, and a
                   CPU-bound worker, both show here
@@ -38,7 +41,20 @@ as stale. So the pump hands out no more than the senders can begin within
                   back, dropped): a sorted set per channel, one member per claim, added
                   before the task is published and removed once the claim is settled; a
                   member also leaves when its score (the latest it may still be running)
-                  passes, so a killed worker's claims stop counting on their own
+                  passes, so a killed worker's claims stop counting on their own. Sooner:
+                  the senders a batch reaches note its claims as held by their process
+                  (`Keys.held`, before queueing them), and once that process's
+                  registration lapses each run's first step (`_LAPSED`) takes them off
+                  this count and the pump hands them back to the schedule, due now, each
+                  fenced by its claim (`_hand_back_gone`): those it had not begun go to the
+                  live senders within seconds of the lapse, not a hold (41 s) or lease
+                  (300 s) later; one it had begun (maybe at the provider: outcome unknown)
+                  is refused by the fence and left to its ledger and lease, as ever; a
+                  process that was only slow and goes on finds the claims it had not begun
+                  no longer its own (handed back, claimed again, sent or cancelled) and
+                  drops them. (A batch still in the broker, or taken by the dead worker's
+                  main process and not yet handed to its senders, is noted nowhere: it
+                  counts until its hold and waits for its lease, as before.)
   budget(c)       window(c) - outstanding(c): what this run may claim for channel c
 
 Counting claims in our own set rather than by the queue's length (LLEN of the kombu list)
@@ -122,7 +138,34 @@ local key, token, ms = KEYS[1], ARGV[1], ARGV[2]
 if redis.call('GET', key) == token then return redis.call('PEXPIRE', key, ms) end
 return 0
 """
+# Forget the senders whose registration lapsed (KEYS: the channel's senders, holders and
+# outstanding sets; ARGV: Redis's clock now, the prefix of its held sets): each process
+# that had claims handed to it (a `holders` member) and is no longer registered (its score
+# passed, or gone) has its held claims taken off the outstanding set and its held set
+# dropped, in this one step; returns them ("<claim>@<ref>") for the pump to hand back.
+_LAPSED = """
+local senders, holders, outstanding = KEYS[1], KEYS[2], KEYS[3]
+local now, held_prefix = tonumber(ARGV[1]), ARGV[2]
+local out = {}
+for _, node in ipairs(redis.call('SMEMBERS', holders)) do
+  local live = redis.call('ZSCORE', senders, node)
+  if not live or tonumber(live) <= now then
+    local held = held_prefix .. node
+    local members = redis.call('ZRANGE', held, 0, -1)
+    for i = 1, #members, 1000 do
+      redis.call('ZREM', outstanding, unpack(members, i, math.min(i + 999, #members)))
+    end
+    for _, m in ipairs(members) do out[#out + 1] = m end
+    redis.call('DEL', held)
+    redis.call('SREM', holders, node)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', senders, '-inf', now)
+return out
+"""
 HANDED_BACK = "the {channel} senders are busy: handed back to the schedule"
+GONE = ("the worker it was handed to is gone (its senders' registration lapsed): handed "
+        "back to the schedule")
 NO_SENDERS = "no worker takes the {channel} queue: handed back to the schedule"
 
 Publish = Callable[[Channel, Sequence[Claim], float], None]
@@ -166,6 +209,15 @@ class Keys:
     def stats(self, channel: str) -> str:
         return f"{self.prefix}:send:stats:{channel}"
 
+    def held(self, channel: str, node: str) -> str:
+        """The claims of `channel` one process's senders were handed and have not settled
+        (`sender_member` `node`): handed back by the pump once its registration lapses."""
+        return f"{self.prefix}:send:held:{channel}:{node}"
+
+    def holders(self, channel: str) -> str:
+        """The processes (`sender_member`) with a `held` set of `channel`."""
+        return f"{self.prefix}:send:holders:{channel}"
+
     def running(self) -> str:
         return f"{self.prefix}:send:pumping"
 
@@ -197,6 +249,9 @@ class Budget:
     outstanding: int
     window: int
     registered: bool = True  # some process's senders registered (else `senders` is assumed)
+    # The claims ("<claim>@<ref>") held by processes whose registration lapsed: off the
+    # count (`outstanding` is without them), to be handed back (`_pump`).
+    gone: tuple[str, ...] = ()
 
     @property
     def free(self) -> int:
@@ -219,12 +274,17 @@ class Budget:
 
 
 def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> dict[str, Budget]:
-    """Return each channel's budget now, and fold the latency measured since last run in."""
+    """Return each channel's budget now, and fold the latency measured since last run in.
+
+    First the senders whose registration lapsed are forgotten, and the claims they held
+    taken off the count (`_LAPSED`; `Budget.gone`): a worker gone without a word (SIGKILL,
+    its container removed, the OOM killer) keeps no capacity from the live ones."""
     read = client.pipeline(transaction=False)
     for channel in CHANNELS:
+        read.eval(_LAPSED, 3, keys.senders(channel), keys.holders(channel),
+                  keys.outstanding(channel), repr(now), keys.held(channel, ""))
         read.zremrangebyscore(keys.outstanding(channel), "-inf", now)
         read.zcard(keys.outstanding(channel))
-        read.zremrangebyscore(keys.senders(channel), "-inf", now)
         read.zrange(keys.senders(channel), 0, -1)
         read.get(keys.drained(channel))
         read.get(keys.busy(channel))
@@ -233,7 +293,7 @@ def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> 
     out: dict[str, Budget] = {}
     write = client.pipeline(transaction=False)
     for i, channel in enumerate(CHANNELS):
-        _, outstanding, _, members, drained_raw, busy_raw, state = replies[7 * i: 7 * i + 7]
+        gone, _, outstanding, members, drained_raw, busy_raw, state = replies[7 * i: 7 * i + 7]
         senders = sum(int(m.rpartition("|")[2]) for m in members) or capacity.threads
         drained, busy = int(drained_raw or 0), float(busy_raw or 0.0)
         latency = float(state["latency"]) if state.get("latency") else None
@@ -250,7 +310,7 @@ def budgets(client: redis.Redis, keys: Keys, capacity: Capacity, now: float) -> 
         else:
             window = math.ceil(senders * max(1.0, capacity.backlog_seconds / max(latency, 1e-3)))
         out[channel] = Budget(channel, senders, latency, int(outstanding), window,
-                              registered=bool(members))
+                              registered=bool(members), gone=tuple(gone))
     write.execute()
     return out
 
@@ -392,6 +452,7 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
     """Return the claims published, and whether a channel not measured yet wants more
     (`Run.measuring`)."""
     found = budgets(store.redis, keys, capacity, now)
+    _hand_back_gone(store, found)
     room = Room(found)
     if not room.left():
         return 0, _unmeasured_waiting(store, found, room, now, claim_round)
@@ -459,6 +520,32 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
                  f"; {len(held)} handed back (their channel's senders are busy or gone)"
                  if held else "")
     return published, measuring
+
+
+def _hand_back_gone(store: Store, found: dict[str, Budget]) -> None:
+    """Hand back, due now, the claims held by senders whose registration lapsed (`Budget.gone`).
+
+    Each hand-back is fenced by its claim as any (`Store.requeue`): it happens only while
+    the reminder is still `sending` under that claim and no attempt of that claim holds the
+    ledger. So a claim the gone process never began goes back and the next run hands it to
+    the live senders; one it began (it may be at the provider: outcome unknown) is left to
+    its ledger and lease, never sent beside it; one that finished meanwhile keeps its
+    outcome. A process that was only slow (paused past its lapse) and goes on later finds
+    the claims it had not begun no longer its own (its begin is fenced by the claim: the
+    reminder was handed back, claimed again, sent or cancelled meanwhile) and drops them.
+    Redis refusing the hand-back: the claims are left to their lease, as before."""
+    gone = [Claim(ref, "", claim) for budget in found.values() for claim, _, ref in
+            (m.partition("@") for m in budget.gone)]
+    if not gone:
+        return
+    try:
+        _hand_back(store, gone, GONE)
+    except redis.RedisError as exc:
+        log.warning("pump: could not hand back %d claim(s) of senders gone (%s): their lease "
+                    "brings them back", len(gone), type(exc).__name__)
+        return
+    log.info("pump: senders gone (their registration lapsed) held %d claim(s): those not "
+             "begun handed back to the schedule", len(gone))
 
 
 def _unmeasured_waiting(store: Store, found: dict[str, Budget], room: Room, now: float,

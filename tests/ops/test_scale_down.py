@@ -122,7 +122,7 @@ def sent_in(log: str) -> set[int]:
 
 def records(store: Store, n: int) -> tuple[Any, ...]:
     (reminder,) = store.timeline("ops", f"S-{n}")["reminders"]
-    return reminder["status"], reminder["attempts"], [
+    return reminder["status"], reminder["attempts"], reminder["reason"], [
         line["outcome"] for line in store.attempts(ref(n))]
 
 
@@ -149,12 +149,13 @@ def test_a_worker_killed_mid_burst_holds_its_claims_only_until_its_registration_
 
     store = Store(redis_client, PREFIX)
     for n in rest:
-        assert records(store, n) == ("sent", 1, ["sent"]), (n, records(store, n))
+        assert records(store, n) == ("sent", 1, None, ["sent"]), (n, records(store, n))
         assert redis_client.get(store.ledger_key(ref(n))) == "sent"
     # The two at the gateway when the worker went: outcome unknown, left to their ledger
     # (held by the dead worker's attempt) and lease: never sent again beside it.
     for n in parked:
-        assert records(store, n) == ("sending", 1, []), (n, records(store, n))
+        found = records(store, n)
+        assert found == ("sending", 1, "when the booking arrives", []), (n, found)
         ledger = store.ledger_key(ref(n))
         assert redis_client.get(ledger) not in (None, "sent")
         assert redis_client.pttl(ledger) > 200_000  # the attempt's: lease_seconds, 300 s
@@ -202,9 +203,10 @@ def test_a_worker_paused_past_its_lapse_then_let_go_on_sends_nothing_twice_nor_c
     victim_log = victim.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
     assert sent_in(victim_log) == parked, victim_log[-3000:]
     for n in parked | rest:
-        assert records(store, n) == ("sent", 1, ["sent"]), (n, records(store, n))
-    status, _, outcomes = records(store, cancelled)
+        assert records(store, n) == ("sent", 1, None, ["sent"]), (n, records(store, n))
+    status, _, reason, outcomes = records(store, cancelled)
     assert status == "cancelled" and outcomes == [], records(store, cancelled)
+    print(f"the cancelled one: {reason!r}")
     state = final_state(store, [ref(n) for n in everyone - {cancelled}])
     assert state == {"due": 0, "lease": 0, "dead": 0, "outstanding": 0,
                      "ledgers": {ref(n): "sent" for n in everyone - {cancelled}}}, state
