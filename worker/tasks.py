@@ -58,7 +58,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NUDGE_DEBOUNCE_MS = 200  # at most one nudge per channel in this long, whoever asks
-PUMP_RUN_WAIT_SECONDS = 10.0  # a warm shutdown waits this long for a pump run to finish
+# A warm shutdown waits for a pump run under way to finish: within its grace period, at
+# least PUMP_RUN_MIN_WAIT_SECONDS (a run takes milliseconds with Redis up), at most
+# PUMP_RUN_WAIT_SECONDS from the shutdown's start. (A run waiting on a Redis that died
+# waits out the client's retries, ~45 s: not for the stop to wait for past its grace.)
+PUMP_RUN_WAIT_SECONDS = 10.0
+PUMP_RUN_MIN_WAIT_SECONDS = 3.0
 # A pump thread waiting for the next due instant runs again no sooner than this after its
 # last run began: reminders falling due a few milliseconds apart (a hand-back's pace, a
 # stream of bookings) make at most ten runs a second, each claiming what fell due by then.
@@ -365,7 +370,11 @@ def _drain(**_: object) -> None:
     """Warm shutdown: no new pump run; hand back claims not begun and give the sends under
     way the grace period (worker/dispatch.py `Lanes.close`), at once, even while a pump run
     is under way; then let that run finish (it is short: it claims only what the senders
-    can take), until PUMP_RUN_WAIT_SECONDS after the shutdown began.
+    can take), until the grace period (PUMP_RUN_MIN_WAIT_SECONDS at least, and
+    PUMP_RUN_WAIT_SECONDS at most) after the shutdown began. A run caught by a Redis
+    outage waits out the client's retries; the stop, for it, no longer than its grace
+    (it waited 10 s whatever the grace: past a short one): what that run claimed and
+    could not publish waits for its lease, as after a SIGKILL.
 
     Waiting for the run first held the senders open meanwhile: their threads began the
     claims waiting for them instead of handing them back, and the shutdown took the wait
@@ -390,7 +399,8 @@ def _drain(**_: object) -> None:
         close_lanes(grace)
     if closing is not None:
         closing.wait(max(0.0, began + grace - time.monotonic()))
-    if _pumping.acquire(timeout=max(0.0, began + PUMP_RUN_WAIT_SECONDS - time.monotonic())):
+    wait = min(PUMP_RUN_WAIT_SECONDS, max(grace, PUMP_RUN_MIN_WAIT_SECONDS))
+    if _pumping.acquire(timeout=max(0.0, began + wait - time.monotonic())):
         _pumping.release()
 
 
