@@ -312,6 +312,21 @@ def _config_problem() -> str | None:
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
+def _no_celery_heartbeat(sender: Any = None, **_: object) -> None:
+    """Run the worker without Celery's own heartbeat (as `--without-heartbeat`), however it
+    is started: nothing here reads it (task events are off, no gossip, no mingle; the
+    service's liveness is the pump's heartbeat in Redis, worker/health.py), and it hung the
+    worker's main loop whenever the broker went away unnoticed (frozen, a network cut): the
+    heartbeat's publish, every 2 s on that loop, retries its connection until the broker is
+    back (kombu's `ensure`, no limit), so a SIGTERM (`docker stop`) was never acted on and
+    the container was SIGKILLed at its stop grace period, its senders never drained.
+    (Before the blueprint is built: the consumer reads its steps' options then.)"""
+    options = getattr(sender, "options", None)
+    if isinstance(options, dict):
+        options["without_heartbeat"] = True
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]  # celery is untyped
 def _warm_up_single_process(sender: Any = None, **_: object) -> None:
     # Tasks run in the main process with the solo and threads pools (no pool processes).
     pool = getattr(sender, "pool_cls", None)
