@@ -79,9 +79,21 @@ beyond that they hand back to the schedule unbegun, settled here like any, so th
 hand out what is behind them.
 
 Each channel's claims go out in batches of at most `send_batch_size`, one Celery task per
-batch on the channel's own queue (`publish`), with the instant the batch's first claim was
-claimed (the earliest: a batch filled over two claim rounds holds claims of both, and the
-senders count every claim's start-by deadline from it).
+batch on the channel's own queue, with the instant the batch's first claim was claimed (the
+earliest: the senders count every claim's start-by deadline from it). A run hands out its
+batches in two round trips, whatever their number: one pipeline counts them all as
+outstanding, then one publishes all their tasks (`PublishAll`; the worker's is kombu's
+batch publish, one pipelined LPUSH per task: worker/tasks.py `_publish_all`). A run that
+claims again (another claim round) first hands out the full batches it has, so that they
+do not wait for that round; what is left goes at the end with the rest. One round trip
+each (a ZADD and a publish per batch of 20) cost about 1.8 ms a claim in a pool process
+whose sender threads hold the GIL in turn: a large window took the run 0.5-1.9 s to hand
+out. Should the count or the publish fail (Redis refusing writes, the connection lost
+mid-pipeline), which of that call's tasks went out is not known: every claim of it leaves
+the outstanding set and is handed back to the schedule at once (fenced by its claim: a
+task that did go out then finds its claim gone and is dropped, or began first and the
+hand-back leaves it alone); if the hand-back fails too, the lease brings them back. No
+claim is left leased with no task.
 
 Every instant the pump reads or writes is on Redis's clock (worker/clock.py `redis_time`),
 never this host's: the claim script's, the instant a claim was made (the senders on other
@@ -168,7 +180,32 @@ GONE = ("the worker it was handed to is gone (its senders' registration lapsed):
         "back to the schedule")
 NO_SENDERS = "no worker takes the {channel} queue: handed back to the schedule"
 
+
+@dataclass(frozen=True)
+class Batch:
+    """One send task's claims: all of one channel, and the instant (Redis's clock) no
+    later than the earliest of them was claimed."""
+
+    channel: Channel
+    claims: Sequence[Claim]
+    claimed_at: float
+
+
+# Publish one batch as one send task (tests and tools; the worker publishes `PublishAll`).
 Publish = Callable[[Channel, Sequence[Claim], float], None]
+# Publish many batches, one send task each, in as few round trips as the broker allows. On
+# an error, any of them may have gone out or not: the pump hands every one of them back.
+PublishAll = Callable[[Sequence[Batch]], None]
+
+
+def each(publish: Publish) -> PublishAll:
+    """Return a `PublishAll` publishing each batch through `publish`, in order."""
+
+    def publish_all(batches: Sequence[Batch]) -> None:
+        for batch in batches:
+            publish(batch.channel, batch.claims, batch.claimed_at)
+
+    return publish_all
 
 
 def channel_of(ref: str) -> Channel:
@@ -329,19 +366,27 @@ class Run:
     measuring: bool = False
 
 
-def pump(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int) -> int:
+def pump(store: Store, publish: Publish | None, *, capacity: Capacity, claim_round: int,
+         publish_all: PublishAll | None = None) -> int:
     """Claim what each channel's senders can take and publish it in batches; return how many.
 
-    `claim_round`: most reminders one claim script takes at once. One run at a time: a run
-    that finds another under way (a beat tick and a nudge together) leaves the work to it,
-    since both would read the same budgets. (Two at once would still claim nothing twice;
-    the lock only keeps them from handing out a window twice.)
+    `publish`: one batch at a time; or `publish_all`: all of a round's batches at once (the
+    worker's). `claim_round`: most reminders one claim script takes at once. One run at a
+    time: a run that finds another under way (a beat tick and a nudge together) leaves the
+    work to it, since both would read the same budgets. (Two at once would still claim
+    nothing twice; the lock only keeps them from handing out a window twice.)
     """
-    return pump_run(store, publish, capacity=capacity, claim_round=claim_round).published
+    return pump_run(store, publish, capacity=capacity, claim_round=claim_round,
+                    publish_all=publish_all).published
 
 
-def pump_run(store: Store, publish: Publish, *, capacity: Capacity, claim_round: int) -> Run:
+def pump_run(store: Store, publish: Publish | None, *, capacity: Capacity, claim_round: int,
+             publish_all: PublishAll | None = None) -> Run:
     """`pump`, saying also whether the run took the lock and when it began (`Run`)."""
+    if publish_all is None:
+        if publish is None:
+            raise TypeError("pump_run needs publish or publish_all")
+        publish_all = each(publish)
     keys = Keys(store.prefix)
     token = uuid.uuid4().hex
     lock_ms = RUN_LOCK_MS
@@ -357,7 +402,7 @@ def pump_run(store: Store, publish: Publish, *, capacity: Capacity, claim_round:
     failed: Exception | None = None
     try:
         began = redis_time(store.redis)
-        published, measuring = _pump(store, keys, publish, capacity, claim_round, began)
+        published, measuring = _pump(store, keys, publish_all, capacity, claim_round, began)
     except Exception as exc:
         failed = exc
     finally:
@@ -447,8 +492,8 @@ class Room:
         return "pass"
 
 
-def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_round: int,
-          now: float) -> tuple[int, bool]:
+def _pump(store: Store, keys: Keys, publish_all: PublishAll, capacity: Capacity,
+          claim_round: int, now: float) -> tuple[int, bool]:
     """Return the claims published, and whether a channel not measured yet wants more
     (`Run.measuring`)."""
     found = budgets(store.redis, keys, capacity, now)
@@ -458,6 +503,7 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
         return 0, _unmeasured_waiting(store, found, room, now, claim_round)
     pending: dict[str, list[Claim]] = {c: [] for c in CHANNELS}
     since: dict[str, float] = {}  # when the first of a channel's pending claims was claimed
+    ready: list[Batch] = []  # full batches not handed out yet (at the next round, or the end)
     held: list[Claim] = []  # claimed for a channel with no budget left: handed back at the end
     claims: list[Claim] = []  # this round's claims; those from `sorted_up_to` on are in
     sorted_up_to = 0  # neither `pending` nor `held` yet (handed back if publishing fails)
@@ -466,13 +512,17 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
     # safe instant to count the senders' start-by deadline from.
     claimed_at = now
 
-    def flush(channel: Channel, claims: list[Claim]) -> None:
-        nonlocal published
-        if not claims:
-            return
-        # Its first claim's round: a batch may hold claims of an earlier round than this.
-        _hand_out(store, keys, capacity, publish, channel, claims, since.pop(channel))
-        published += len(claims)
+    def hand_out() -> None:
+        nonlocal published, ready
+        batches, ready = ready, []
+        if batches:
+            _hand_out(store, keys, capacity, publish_all, batches)
+            published += sum(len(b.claims) for b in batches)
+
+    def batch_of(channel: Channel) -> None:
+        if pending[channel]:
+            ready.append(Batch(channel, pending[channel], since.pop(channel)))
+            pending[channel] = []
 
     try:
         for _ in range(MAX_ROUNDS):
@@ -482,6 +532,7 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
             limit = _worth_claiming(store, room, claim_round - len(held), claimed_at)
             if limit == 0:
                 break
+            hand_out()  # the last round's full batches, before this round's claim script
             claims = store.claim_due(limit, capacity.lease_seconds)
             sorted_up_to = 0
             for index, claim in enumerate(claims):
@@ -493,20 +544,21 @@ def _pump(store: Store, keys: Keys, publish: Publish, capacity: Capacity, claim_
                 since.setdefault(channel, claimed_at)
                 pending[channel].append(claim)
                 if len(pending[channel]) >= capacity.batch_size:
-                    batch, pending[channel] = pending[channel], []
-                    flush(channel, batch)
+                    batch_of(channel)
             if len(claims) < limit:
                 break
         for channel in CHANNELS:
-            batch, pending[channel] = pending[channel], []
-            flush(channel, batch)
+            batch_of(channel)
+        hand_out()
         measuring = _unmeasured_waiting(store, found, room, claimed_at, claim_round)
     finally:
         # Left only if publishing failed: never leave a claim idle (nor the rest of the
         # round, which the failing batch cut short).
+        stopped = "the pump stopped before handing it out"
+        _hand_back(store, [c for b in ready for c in b.claims], stopped)
         for channel in CHANNELS:
-            _hand_back(store, pending[channel], "the pump stopped before handing it out")
-        _hand_back(store, claims[sorted_up_to:], "the pump stopped before handing it out")
+            _hand_back(store, pending[channel], stopped)
+        _hand_back(store, claims[sorted_up_to:], stopped)
         for channel in CHANNELS:
             # Due again when the senders should get to them, in order, at their pace: each
             # is taken once more, not at every run.
@@ -605,26 +657,47 @@ def _worth_claiming(store: Store, room: Room, skip: int, now: float) -> int:
     return 0
 
 
-def _hand_out(store: Store, keys: Keys, capacity: Capacity, publish: Publish, channel: Channel,
-              claims: list[Claim], claimed_at: float) -> None:
-    """Count the claims as outstanding, then publish them as one send task."""
-    until = claimed_at + capacity.hold_seconds
+def _hand_out(store: Store, keys: Keys, capacity: Capacity, publish_all: PublishAll,
+              batches: Sequence[Batch]) -> None:
+    """Count the batches' claims as outstanding (one pipeline), then publish them, one send
+    task each (`publish_all`: one round trip for them all, the worker's)."""
+    claims = [c for b in batches for c in b.claims]
+    count = store.redis.pipeline(transaction=False)
+    for batch in batches:
+        until = batch.claimed_at + capacity.hold_seconds
+        count.zadd(keys.outstanding(batch.channel), {member(c): until for c in batch.claims})
     try:
-        store.redis.zadd(keys.outstanding(channel), {member(c): until for c in claims})
+        count.execute()
     except redis.ResponseError:
         # Refused (out of memory since the claim, whose own writes may have filled Redis):
         # nothing published, so back now rather than after the lease (out of memory Redis
         # takes a hand-back: its script's first write removes the lease, growing nothing).
         # (Unreachable past the client's retries: a hand-back would fail too; the lease.)
+        _uncount(store, keys, batches)
         _hand_back(store, claims, "Redis refused to count it as handed out")
         raise
     try:
-        publish(channel, claims, claimed_at)
+        publish_all(batches)
     except Exception:
-        # The broker refused: hand them back now rather than after the lease.
-        store.redis.zrem(keys.outstanding(channel), *[member(c) for c in claims])
-        _hand_back(store, claims, "the broker refused the task")
+        # The broker refused all or some of them (Redis refusing writes, the connection
+        # lost mid-pipeline): which went out is not known. Back now rather than after the
+        # lease, each fenced by its claim: a task that went out finds its claim gone and is
+        # dropped, unless it began first (then its hand-back does nothing).
+        _uncount(store, keys, batches)
+        _hand_back(store, claims, "the broker refused the task, or its answer was lost")
         raise
+
+
+def _uncount(store: Store, keys: Keys, batches: Sequence[Batch]) -> None:
+    """Take the batches' claims out of the outstanding sets (one round trip; best effort:
+    a member left behind stops counting once its score passes)."""
+    pipe = store.redis.pipeline(transaction=False)
+    for batch in batches:
+        pipe.zrem(keys.outstanding(batch.channel), *[member(c) for c in batch.claims])
+    try:
+        pipe.execute(raise_on_error=False)
+    except redis.RedisError:
+        pass
 
 
 def _hand_back(store: Store, claims: Sequence[Claim], reason: str, after: float = 0.0,

@@ -1,8 +1,10 @@
 """Celery tasks, thin: build the context once per process, then call plain functions.
 
   reminders.pump        start a pump run (in a thread beside the senders): claim what each
-                        channel's senders can take, publish it in batches; the thread runs
-                        again when the next reminder falls due before beat's next tick
+                        channel's senders can take, publish it in batches (all of a claim
+                        round's tasks in one pipelined round trip, `_publish_all`); the
+                        thread runs again when the next reminder falls due before beat's
+                        next tick
   reminders.send_batch  hand a batch of claims [[ref, version, claim], ...] to this process's
                         senders for their channel (worker/dispatch.py `hand_over`)
   reminders.send        send one claimed reminder now, in the task (the same attempt; kept
@@ -52,8 +54,7 @@ if TYPE_CHECKING:
     from .dispatch import Context, Lanes
     from .event_senders import EventSenders
     from .models import Channel
-    from .pump import Run
-    from .store import Claim
+    from .pump import Batch, Run
     from .webhooks import Events
 
 log = logging.getLogger(__name__)
@@ -419,11 +420,26 @@ def _drain(**_: object) -> None:
         _pumping.release()
 
 
-def _publish(channel: Channel, claims: Sequence[Claim], claimed_at: float) -> None:
-    send_batch.apply_async(
-        args=([[c.ref, c.version, c.claim] for c in claims], claimed_at),
-        queue=send_queue(channel),
-    )
+def _publish_all(batches: Sequence[Batch]) -> None:
+    """Publish a pump run's batches, one `reminders.send_batch` task each on its channel's
+    queue, in one pipelined round trip to the broker.
+
+    Each task is built and routed as `apply_async` always did (Celery's message, headers
+    and id; kombu's envelope, its queue's Redis list, a priority's list if one were set),
+    inside kombu's batch publish (`Producer.batch`, kombu 5.7): the Redis transport
+    buffers each message's LPUSH in one non-transactional pipeline and runs it once as the
+    batch ends. The broker's client does not retry that pipeline (kombu batches only while
+    its connection has no retries; otherwise it publishes each message at once, as before,
+    one round trip each). Should the pipeline fail (Redis refusing writes part-way, the
+    connection lost), kombu raises BatchPublishError: which tasks went out is not known,
+    and the pump hands every claim of the batches back (worker/pump.py `_hand_out`)."""
+    with app.producer_or_acquire() as producer, producer.batch():
+        for batch in batches:
+            send_batch.apply_async(
+                args=([[c.ref, c.version, c.claim] for c in batch.claims], batch.claimed_at),
+                queue=send_queue(batch.channel),
+                producer=producer,
+            )
 
 
 @app.task(name="reminders.pump", ignore_result=True)  # type: ignore[untyped-decorator]  # celery
@@ -581,7 +597,8 @@ def pump_now() -> Run:
     from .webhooks import pump_events, webhook_urls
 
     started = time.monotonic()
-    run = pump_run(ctx.store, _publish, capacity=capacity, claim_round=settings.pump_batch)
+    run = pump_run(ctx.store, None, publish_all=_publish_all, capacity=capacity,
+                   claim_round=settings.pump_batch)
     # The clinic's webhooks and alerts, on their own queue. Their lease outlasts one attempt
     # (the task's hard limit ends it first); an event whose worker died is claimed again.
     # At most what the event senders take at once (worker/event_senders.py).
