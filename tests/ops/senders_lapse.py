@@ -1,6 +1,7 @@
-"""Loaded into a real worker with `-I tests.ops.senders_lapse`: its senders refresh their
-registration for the pump (worker/dispatch.py REGISTER_EVERY) every LAPSE_EVERY seconds and
-it lapses LAPSE_TTL seconds after the last refresh (REGISTER_TTL), instead of 2 s and 10 s,
+"""Loaded into a real worker with `-I tests.ops.senders_lapse`: its senders (and its clinic
+event senders, worker/event_senders.py) refresh their registration for the pump
+(worker/dispatch.py REGISTER_EVERY) every LAPSE_EVERY seconds and it lapses LAPSE_TTL
+seconds after the last refresh (REGISTER_TTL), instead of 2 s and 10 s,
 so that a test of what the pump does once a worker is gone takes seconds, not ten more.
 Only these two timings change: the registration, its lapse and what follows are the
 worker's and the pump's own code.
@@ -20,7 +21,12 @@ LAPSE_TTL = 3.0
 def _shorten(**_: Any) -> None:
     # In the pool process (the send path is not imported in the main one); read at each
     # refresh, so set before or after the senders' first one alike.
-    from worker import dispatch
+    from worker import dispatch, event_senders
 
-    dispatch.REGISTER_EVERY = LAPSE_EVERY
-    dispatch.REGISTER_TTL = LAPSE_TTL
+    for module in (dispatch, event_senders):
+        module.REGISTER_EVERY = LAPSE_EVERY  # type: ignore[attr-defined]
+        module.REGISTER_TTL = LAPSE_TTL  # type: ignore[attr-defined]
+    # Event senders made before (the warm-up's handler ran first) registered for 10 s.
+    made = event_senders._process_senders
+    if made is not None:
+        made._register()

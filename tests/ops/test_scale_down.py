@@ -25,6 +25,8 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -34,6 +36,7 @@ from tests.e2e.conftest import BIN, Service, wait_until
 from tests.ops import test_sigterm
 from tests.ops.senders_lapse import LAPSE_TTL
 from tests.ops.test_sigterm import PREFIX, Gateway, booking, final_state
+from tests.sinks import SmtpSink, WebhookReceiver
 from worker.pump import Keys
 from worker.service import WORKER_QUEUES
 from worker.store import Store
@@ -213,3 +216,76 @@ def test_a_worker_paused_past_its_lapse_then_let_go_on_sends_nothing_twice_nor_c
     assert victim.poll() is None and survivor.poll() is None
     print(f"paused the worker holding {len(parked) + len(waiting)} claims; the survivor sent "
           f"{len(rest)} within {took:.1f}s; let go on, it sent its 2 parked and nothing else")
+
+
+# --- the clinic's events: the same lapse -------------------------------------------------
+
+WEBHOOK_SECRET = "ops-webhook-secret-0123456789"
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    r = WebhookReceiver(WEBHOOK_SECRET).start()
+    yield r
+    r.gate.set()
+    r.stop()
+
+
+def test_a_worker_killed_with_a_clinic_event_keeps_no_event_threads_from_its_replacement(
+        service: Service, gateway: Gateway, smtp_sink: SmtpSink, receiver: WebhookReceiver,
+        redis_client, tmp_path: Path) -> None:
+    """The clinic's webhooks (reminder.sent here; booking.held alerts alike) are claimed no
+    more than the registered event senders take at once, each counted until it finishes or
+    its lease ends. A worker killed while delivering one, and the worker that replaces it:
+    once the dead one's registration lapses, what it held stops counting, so the clinic's
+    other events go at once, not after the dead one's lease (60 s here; 300 s by default).
+    The event it was delivering is the clinic's again after its lease (at least once)."""
+    clinic = tmp_path / "config" / "clinics" / "ops.toml"
+    clinic.write_text(clinic.read_text() + f'[webhook]\nurl = "{receiver.url}"\n'
+                      'secret = "${OPS_WEBHOOK_SECRET}"\n', encoding="utf-8")
+    service.configure(OPS_WEBHOOK_SECRET=WEBHOOK_SECRET, REMINDERS_LEASE_SECONDS="60",
+                      REMINDERS_WEBHOOK_THREADS="1")
+    receiver.gate.clear()  # every delivery parked until set
+    a = start(service, "a")
+    service.beat(worker=a)
+    service.ready(a)
+    docs = [booking(n, "oneemail") for n in range(1, 7)]
+    service.book(*docs)
+    wait_until(lambda: len(smtp_sink.snapshot()) == len(docs), 15)
+    wait_until(lambda: receiver.snapshot(), 15)  # A's one event thread, parked
+    time.sleep(0.5)
+    parked = {h.headers["Reminders-Event-Id"] for h in receiver.snapshot()}
+    assert len(parked) == 1 and redis_client.zcard(f"{PREFIX}:ev:out") == 1
+    killed_at = time.time()
+    service.kill(a)
+    receiver.gate.set()  # the endpoint answers from here on
+    # Its registration lapses; then its replacement starts.
+    wait_until(lambda: not redis_client.zrangebyscore(f"{PREFIX}:ev:senders", time.time(),
+                                                      "+inf"), LAPSE_TTL + 3)
+    b = start(service, "b")
+    service.ready(b)
+
+    def delivered() -> Counter[str]:
+        return Counter(h.headers["Reminders-Event-Id"] for h in receiver.snapshot()
+                       if h.headers["Reminders-Event-Id"] not in parked)
+
+    others = 2 * len(docs) - 1  # each booking's reminder.sent and booking.completed
+
+    try:
+        wait_until(lambda: len(delivered()) == others, BOUND)
+    except AssertionError:
+        raise AssertionError(f"{time.time() - killed_at:.1f}s after the kill, the clinic got "
+                             f"{sum(delivered().values())} of the {others} other events"
+                             ) from None
+    time.sleep(1.0)
+    assert set(delivered().values()) == {1}, delivered()  # each once
+    assert all(h.valid for h in receiver.snapshot())
+    types = Counter(h.json()["type"] for h in receiver.snapshot())
+    assert types == {"reminder.sent": len(docs), "booking.completed": len(docs)}, types
+    # The one the dead worker was delivering: due again once its lease ends, not before.
+    (event,) = parked
+    due = redis_client.zscore(f"{PREFIX}:ev:due", event)
+    assert due is not None and due > time.time() + 40, due
+    assert redis_client.zcard(f"{PREFIX}:ev:out") <= 1
+    print(f"killed the worker delivering a clinic event; its replacement delivered the "
+          f"{others} others {time.time() - killed_at:.1f}s after (lease 60s)")
