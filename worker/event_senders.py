@@ -27,7 +27,11 @@ after its two network waits, whatever the endpoint does (one trickling its answe
 every timeout ends as no answer: worker/webhooks.py `post_webhook`); should a delivery still
 run a second before its lease ends (an alert's email channel stuck past its timeouts), the
 watchdog ends the process, as the task's hard time limit did. A worker killed mid-delivery
-leaves the event claimed until its lease ends, then it is claimed again (the same id).
+leaves the event claimed until its lease ends, then it is claimed again (the same id); it
+counts against the event senders' capacity only until the dead process's registration
+lapses (REGISTER_TTL): each claim is noted as held by this process before it is queued
+(`P:ev:held:<node>`, worker/webhooks.py), and the pump's claim takes a gone process's off
+its count, so the live processes' threads deliver the other events meanwhile.
 
 Warm shutdown (`close`): claims not begun go back to the schedule at once (due now,
 fenced by their claim); deliveries under way get the grace period; one still waiting then
@@ -56,6 +60,7 @@ MIN_ATTEMPT_SECONDS = 1.0  # a delivery begins only if its network waits may tak
 STOPPING = "handed back: the worker is stopping"
 LEASE_NEARLY_OVER = "handed back: its lease leaves no time for a delivery"
 STOP_WAIT_SECONDS = 1.0  # `stop` waits this long for its round trips (Redis unreachable)
+HELD_KEEP_SECONDS = 86400  # a process's held set expires this long after its last claim
 
 Deliver = Callable[[str, str, float], str]  # (event id, claim, most seconds a wait may take)
 
@@ -85,6 +90,7 @@ class EventSenders:
 
     def submit(self, event_id: str, claim: str) -> str:
         """Hand one claimed event to a thread; return what happened (for the task's log)."""
+        self._hold(event_id, claim)
         with self._lock:
             if not self._closing:
                 self._next_key += 1
@@ -95,6 +101,22 @@ class EventSenders:
                 future.add_done_callback(self._forget)
                 return "handed to the event senders"
         return self._hand_back(event_id, claim, STOPPING)
+
+    def _hold(self, event_id: str, claim: str) -> None:
+        """Note the claim as held by this process, before it is queued: should the process
+        go without a word, the pump stops counting it once the registration lapses
+        (worker/webhooks.py `_CLAIM`). Redis unreachable: not noted (it counts until its
+        lease ends, as it did)."""
+        held = self.events.held_key(self.node)
+        try:
+            pipe = self.events.redis.pipeline(transaction=False)
+            pipe.sadd(held, f"{claim}@{event_id}")
+            pipe.expire(held, HELD_KEEP_SECONDS)
+            pipe.sadd(self.events.holders_key, self.node)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("clinic event %s: could not note it as held here (%s)", event_id,
+                        type(exc).__name__)
 
     def _forget(self, future: Future[str]) -> None:
         with self._lock:
@@ -112,6 +134,11 @@ class EventSenders:
             log.warning("clinic event %s: delivery not completed (%s); its lease will bring "
                         "it back", event_id, type(exc).__name__)
             return "not completed"
+        finally:
+            try:
+                self.events.redis.srem(self.events.held_key(self.node), f"{claim}@{event_id}")
+            except redis.RedisError:
+                pass  # the pump ignores a claim finished since; the set expires
 
     def attempt(self, event_id: str, claim: str) -> str:
         """Deliver one claimed event now, in this thread, inside its lease."""
@@ -175,7 +202,11 @@ class EventSenders:
 
     def _leave(self, cancelled: list[tuple[int, str, str]]) -> None:
         try:
-            self.events.redis.zrem(self.events.senders_key, self.node)
+            pipe = self.events.redis.pipeline(transaction=False)
+            pipe.zrem(self.events.senders_key, self.node)
+            pipe.srem(self.events.holders_key, self.node)
+            pipe.delete(self.events.held_key(self.node))
+            pipe.execute()
         except redis.RedisError:
             pass  # it expires on its own
         for _, event_id, claim in cancelled:

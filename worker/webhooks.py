@@ -24,6 +24,12 @@ own schedule:
                         no field predates the record: the clinic was told of it then
   P:ev:out        ZSET  event id -> its lease's end: claimed, not finished (the pump's count)
   P:ev:senders    ZSET  "<host>:<pid>|<threads>" -> until when: the event senders registered
+  P:ev:held:<node> SET  "<claim>@<id>": the claims handed to one process's event senders
+                        (`<node>` as in P:ev:senders), not finished; expires a day after
+                        the last one
+  P:ev:holders    SET   the processes with such a set: once one's registration lapses (it
+                        was SIGKILLed, its container removed), the claim takes what it held
+                        off P:ev:out (`_CLAIM`), so it keeps no capacity from the live ones
   P:ev:rest:<clinic>     HASH  the clinic's webhook endpoint rests: until (Redis's clock),
                         probe_for, probe, why (an event id and reason: no URL or secret),
                         url (the digest of the URL that rests); expires
@@ -236,21 +242,43 @@ end
 
 # Claim due events: their score becomes the lease's end, so one whose worker died is due
 # again then. Each claim is counted in P:ev:out (id -> its lease's end) until it finishes,
-# is handed back or its lease ends. With a capacity (ARGV[4] > 0) no more are claimed than
-# the event senders registered in P:ev:senders ("<node>|<threads>" -> until when) take at
-# once (ARGV[4] itself while none is registered). A webhook event whose endpoint rests is
-# not claimed: it is put back due at the rest's end (`rest_event`), taking no capacity, and
-# the claim looks further (up to CLAIM_SCAN events a call). Returns {id, claim} pairs.
+# is handed back or its lease ends, or the event senders it was handed to are gone (their
+# registration lapsed: KEYS[4], P:ev:holders and P:ev:held:<node>). With a capacity
+# (ARGV[4] > 0) no more are claimed than the event senders registered in P:ev:senders
+# ("<node>|<threads>" -> until when) take at once (ARGV[4] itself while none is
+# registered). A webhook event whose endpoint rests is not claimed: it is put back due at
+# the rest's end (`rest_event`), taking no capacity, and the claim looks further (up to
+# CLAIM_SCAN events a call). Returns {id, claim} pairs.
 CLAIM_SCAN = 1000
 _CLAIM = (
     LUA_REST
     + f"local CLAIM_SCAN = {CLAIM_SCAN}\n"
     + """
 local due_key, out_key, senders_key, prefix = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+local holders_key = KEYS[4]
 local limit, lease, default = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZREMRANGEBYSCORE', out_key, '-inf', now)
+-- Event senders gone (their registration lapsed): what they held stops counting (each
+-- still that claim's); it stays due at its lease's end, as ever (it may be at the endpoint).
+for _, node in ipairs(redis.call('SMEMBERS', holders_key)) do
+  local live = redis.call('ZSCORE', senders_key, node)
+  if not live or tonumber(live) <= now then
+    local held = prefix .. ':ev:held:' .. node
+    for _, m in ipairs(redis.call('SMEMBERS', held)) do
+      local at = string.find(m, '@', 1, true)
+      if at then
+        local id = string.sub(m, at + 1)
+        if redis.call('HGET', prefix .. ':ev:' .. id, 'claim') == string.sub(m, 1, at - 1) then
+          redis.call('ZREM', out_key, id)
+        end
+      end
+    end
+    redis.call('DEL', held)
+    redis.call('SREM', holders_key, node)
+  end
+end
 if default > 0 then
   redis.call('ZREMRANGEBYSCORE', senders_key, '-inf', now)
   local capacity = 0
@@ -487,6 +515,7 @@ class Events:
         self.dead_key = f"{prefix}:ev:dead"
         self.out_key = f"{prefix}:ev:out"  # claimed, not finished: id -> its lease's end
         self.senders_key = f"{prefix}:ev:senders"  # "<node>|<threads>" -> until when
+        self.holders_key = f"{prefix}:ev:holders"  # nodes with a held set
         self.emit_script = client.register_script(_EMIT)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
@@ -497,6 +526,10 @@ class Events:
 
     def event_key(self, event_id: str) -> str:
         return f"{self.prefix}:ev:{event_id}"
+
+    def held_key(self, node: str) -> str:
+        """The claims ("<claim>@<id>") handed to one process's event senders, not finished."""
+        return f"{self.prefix}:ev:held:{node}"
 
     def rest_key(self, clinic: str) -> str:
         """The mark of `clinic`'s webhook endpoint resting (see the module docstring)."""
@@ -524,7 +557,7 @@ class Events:
 
         `capacity` > 0: no more than the registered event senders take at once, counting
         the claims not finished yet (`capacity` itself while no sender is registered)."""
-        rows = self._claim(keys=[self.due_key, self.out_key, self.senders_key],
+        rows = self._claim(keys=[self.due_key, self.out_key, self.senders_key, self.holders_key],
                            args=[self.prefix, limit, lease_seconds, capacity])
         return [(str(r[0]), str(r[1])) for r in rows]
 
