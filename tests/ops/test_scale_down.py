@@ -1,6 +1,7 @@
 """A sudden scale-down, for real: one of two workers SIGKILLed mid-burst (its container
 removed, the OOM killer), or paused (SIGSTOP: a frozen VM, a stalled host) past the lapse of
-its senders' registration and then let go on (SIGCONT).
+its senders' registration and then let go on (SIGCONT); or SIGKILLed and its container
+restarted, its pool process under the same hostname and pid as the one that died.
 
 Real Redis, two real `celery worker` processes (each one pool process, two SMS threads),
 `celery beat`, and a real HTTP SMS gateway that parks the first two sends. A burst of SMS
@@ -58,24 +59,83 @@ def number(phone: str) -> int:
     return int(phone[-5:])
 
 
-def start(service: Service, name: str) -> subprocess.Popen[bytes]:
-    proc = service._spawn([str(BIN / "celery"), "-A", "worker.celery_app", "worker",
+# A worker as in a container named `worker-<name>`: the first process of a pid namespace of
+# its own, so that its pool process has the pid the same worker's pool process had before it
+# (a container restarted keeps its hostname and numbers its processes afresh).
+CONTAINED = ["unshare", "--user", "--map-root-user", "--uts", "--pid", "--fork",
+             "--kill-child", "sh", "-c", 'hostname "worker-$0" && exec "$@"']
+
+
+def containers() -> None:
+    """Skip unless this host lets a test make a container's namespaces (user, UTS, pid)."""
+    try:
+        made = subprocess.run([*CONTAINED, "probe", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"no unshare here: {exc}")
+    if made.returncode != 0:
+        pytest.skip(f"this host makes no user/pid namespaces: {made.stderr.decode()[-200:]}")
+
+
+def start(service: Service, name: str, *, contained: bool = False,
+          log: str | None = None) -> subprocess.Popen[bytes]:
+    proc = service._spawn([*(CONTAINED + [name] if contained else []), str(BIN / "celery"), "-A",
+                           "worker.celery_app", "worker",
                            "--loglevel=INFO", "--concurrency=1", "-Q", WORKER_QUEUES,
                            "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-                           "-I", "tests.ops.senders_lapse"], name)
+                           "-I", "tests.ops.senders_lapse"], log or name)
     proc.concurrency = 1  # type: ignore[attr-defined]
     return proc
 
 
-def burst_held_by_one(service: Service, gateway: Gateway, redis_client,
+def pool_of(worker: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The worker's pool processes (under the celery main process when contained)."""
+    main = psutil.Process(worker.pid)
+    if main.name() == "unshare":
+        inside = main.children()
+        if not inside:
+            return []
+        main = inside[0]
+    return main.children()
+
+
+def ready(service: Service, worker: subprocess.Popen[bytes]) -> None:
+    """`Service.ready`, for a worker contained or not: ready, its pool warmed up too."""
+    if psutil.Process(worker.pid).name() != "unshare":
+        service.ready(worker)
+        return
+    wait_until(lambda: b" ready." in worker.log_path.read_bytes()  # type: ignore[attr-defined]
+               or worker.poll() is not None, 30)
+    assert worker.poll() is None, worker.log_path.read_text()  # type: ignore[attr-defined]
+
+    def warm() -> bool:
+        try:
+            pool = pool_of(worker)
+            return len(pool) >= 1 and all(p.num_threads() > 1 for p in pool)
+        except psutil.NoSuchProcess:
+            return False
+    wait_until(warm, 30)
+
+
+def own_pid(process: psutil.Process) -> int:
+    """The pid a process sees for itself (in its own pid namespace, if contained)."""
+    with open(f"/proc/{process.pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    raise AssertionError(f"no NSpid for {process.pid}")
+
+
+def burst_held_by_one(service: Service, gateway: Gateway, redis_client, *,
+                      contained: bool = False,
                       ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], set[int],
                                  set[int]]:
     """Start two workers and beat, book the burst; return (the worker holding the pump's
     first window, the other, the bookings it has at the gateway, those waiting in it)."""
-    a, b = start(service, "a"), start(service, "b")
+    a = start(service, "a", contained=contained)
+    b = start(service, "b", contained=contained)
     service.beat(worker=[a, b])
-    service.ready(a)
-    service.ready(b)
+    ready(service, a)
+    ready(service, b)
     # Both registered: the pump counts four threads (a window of eight before any is measured).
     senders = Keys(PREFIX).senders("sms")
     wait_until(lambda: redis_client.zcard(senders) == 2, 10)
@@ -87,7 +147,7 @@ def burst_held_by_one(service: Service, gateway: Gateway, redis_client,
 
     def at_gateway(worker: subprocess.Popen[bytes]) -> int:
         found = 0
-        for child in psutil.Process(worker.pid).children():
+        for child in pool_of(worker):
             try:
                 found += sum(1 for c in child.net_connections("tcp")
                              if c.raddr and c.raddr.port == gateway.port)
@@ -169,6 +229,61 @@ def test_a_worker_killed_mid_burst_holds_its_claims_only_until_its_registration_
     print(f"killed the worker holding {len(parked) + len(waiting)} claims; the survivor sent "
           f"the {len(rest)} others {took:.1f}s after (registration lapse {LAPSE_TTL:g}s, "
           f"hold {HOLD}s)")
+
+
+def test_a_worker_killed_mid_burst_whose_container_restarts_under_the_same_pid_holds_nothing(
+        service: Service, gateway: Gateway, redis_client) -> None:
+    """Containers number their processes afresh: a worker's container restarted (OOM-killed,
+    `restart: always`; a pod's container restarted keeps the pod's hostname) runs its pool
+    process under the same hostname and pid as the one that died, as every container does
+    (the pool's first process is pid 2 in each). Its senders then register under the dead
+    one's name: the dead one's registration must still lapse, and what it held go to the
+    live senders within seconds, not a hold or lease later.
+
+    The restarted worker comes up while the one it replaces still refreshes its
+    registration, and then that one is killed: in Redis the same as a restart that registers
+    within the dead one's lapse (10 s by default: a worker starts in a few), without
+    depending on how fast a loaded machine starts one."""
+    # A send held at the gateway, and claims waiting for the senders, both outlast the
+    # restart on a busy machine: the waiting claims are never handed back by their own
+    # worker's start-by meanwhile.
+    containers()
+    service.configure(REMINDERS_SEND_TIMEOUT_SECONDS="60", REMINDERS_SEND_MAX_WAIT_SECONDS="60")
+    hold = 60 + 2 * 60 + 1
+    victim, survivor, parked, waiting = burst_held_by_one(service, gateway, redis_client,
+                                                          contained=True)
+    argv = list(victim.args)  # type: ignore[arg-type]
+    name = str(argv[argv.index("-n") + 1]).partition("@")[0]
+    restarted = start(service, name, contained=True, log=f"{name}-restarted")
+    ready(service, restarted)
+    (dead,), (again,) = pool_of(victim), pool_of(restarted)
+    assert own_pid(dead) == own_pid(again), (own_pid(dead), own_pid(again))  # the forcing
+    killed_at = time.time()
+    service.kill(victim)
+    everyone = set(range(1, BURST + 1))
+    rest = everyone - parked
+
+    def arrived() -> Counter[int]:
+        return Counter(number(to) for _, to in gateway.snapshot())
+
+    wait_sent(gateway, everyone, killed_at)
+    took = max(at for at, to in gateway.snapshot() if number(to) in rest) - killed_at
+    assert took < BOUND < hold, took
+    time.sleep(1.0)  # room for a stray second copy
+    assert arrived() == Counter(everyone), arrived()  # each once
+    sent = [sent_in(w.log_path.read_text())  # type: ignore[attr-defined]
+            for w in (survivor, restarted)]
+    assert sent[0] | sent[1] == rest and not sent[0] & sent[1], sent
+    store = Store(redis_client, PREFIX)
+    for n in rest:
+        assert records(store, n) == ("sent", 1, None, ["sent"]), (n, records(store, n))
+    for n in parked:  # left to their ledger and lease, as ever
+        assert records(store, n)[0] == "sending", (n, records(store, n))
+        assert redis_client.get(store.ledger_key(ref(n))) not in (None, "sent")
+    state = final_state(store, [ref(n) for n in everyone])
+    assert (state["due"], state["lease"], state["dead"], state["outstanding"]) == (0, 2, 0, 0)
+    print(f"killed the worker holding {len(parked) + len(waiting)} claims, its restart "
+          f"under pid {own_pid(again)} up: the others sent {took:.1f}s after")
 
 
 def test_a_worker_paused_past_its_lapse_then_let_go_on_sends_nothing_twice_nor_cancelled(
