@@ -118,7 +118,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -154,7 +153,7 @@ from .planner import (
     protected_steps,
 )
 from .protocols import HOLD_NOTICE_STEP, NOTICE_STEPS, REPAUSE_STEP
-from .pump import HAND_BACK_MIN, Keys, channel_of, sender_member
+from .pump import HAND_BACK_MIN, Keys, channel_of, process_node, sender_member
 from .rendering import TEMPLATE_NOT_FOUND, RenderedMessage, Renderer
 from .settings import Settings
 from .status import Status
@@ -1237,7 +1236,7 @@ class Lanes:
         self.ctx = ctx
         self.threads = ctx.settings.send_threads
         self.keys = Keys(ctx.store.prefix)
-        self.node = sender_member(f"{socket.gethostname()}:{os.getpid()}", self.threads)
+        self.node = sender_member(process_node(), self.threads)
         self.watchdog = watchdog or Watchdog()
         self._on_idle = on_idle
         self._lock = threading.Lock()

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import redis
 
 from .dispatch import CLOCK, REGISTER_EVERY, REGISTER_TTL, Watchdog, watchdog
-from .pump import sender_member
+from .pump import process_node, sender_member
 from .webhooks import Events
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class EventSenders:
         self.deliver = deliver
         self.threads = threads
         self.watchdog = dog or Watchdog()
-        self.node = sender_member(f"{socket.gethostname()}:{os.getpid()}", threads)
+        self.node = sender_member(process_node(), threads)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="clinic-event")
         self._lock = threading.Lock()
         self._closing = False

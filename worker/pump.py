@@ -106,6 +106,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
 import time
 import uuid
@@ -265,6 +267,19 @@ class Keys:
 def sender_member(node: str, threads: int) -> str:
     """Return the senders-set member of one process's senders for a channel."""
     return f"{node}|{threads}"
+
+
+def process_node() -> str:
+    """Return a name for this process's senders, "<host>:<pid>:<token>" (`sender_member`),
+    the token drawn afresh on each call (once per process: its senders' construction).
+
+    Host and pid alone name the process that died as well as the one that took its place
+    when a container restarts: it keeps its hostname and numbers its processes afresh, so
+    its pool process has the dead one's pid (a pod's container restarted alike). Under one
+    name, the new process's registration kept the dead one's alive: what the dead one held
+    was never handed back (`_LAPSED`; worker/webhooks.py `_CLAIM`), but counted until its
+    hold and left leased until its lease, and the new process's clean stop dropped it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)

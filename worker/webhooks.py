@@ -23,7 +23,7 @@ own schedule:
                         address in it: the contact index's keyed id). An SMS opt-out with
                         no field predates the record: the clinic was told of it then
   P:ev:out        ZSET  event id -> its lease's end: claimed, not finished (the pump's count)
-  P:ev:senders    ZSET  "<host>:<pid>|<threads>" -> until when: the event senders registered
+  P:ev:senders    ZSET  "<host>:<pid>:<token>|<threads>" -> until when: the event senders registered
   P:ev:held:<node> SET  "<claim>@<id>": the claims handed to one process's event senders
                         (`<node>` as in P:ev:senders), not finished; expires a day after
                         the last one
