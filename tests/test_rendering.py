@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from html import unescape
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from worker import sms as sms_module
 from worker.catalog import Catalog
 from worker.checking import check, sample_notices
 from worker.errors import ConfigError
@@ -19,7 +21,15 @@ from worker.models import CHANNELS, Booking
 from worker.planner import plan
 from worker.protocols import NOTICE_STEPS, load_protocols
 from worker.rendering import PARTS, RenderedMessage, Renderer, file_name
-from worker.sms import fold_to_gsm7, is_gsm7, non_gsm7, normalise, sms_segments
+from worker.sms import (
+    GSM7_BASIC,
+    GSM7_EXTENSION,
+    fold_to_gsm7,
+    is_gsm7,
+    non_gsm7,
+    normalise,
+    sms_segments,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = load_protocols(ROOT / "config" / "protocols")
@@ -383,6 +393,43 @@ def test_folded_names_are_gsm7() -> None:
     for name in ("María José", "Ramón", "Zoë", "Purificación", "Łucja", "Bjørn", "Sørina"):
         assert is_gsm7(fold_to_gsm7(name)), name
 
+
+
+def _fold_char_by_char(text: str) -> str:
+    """`fold_to_gsm7` as it was written first (a loop over the characters): the reference
+    its table-driven form must match exactly."""
+    gsm7 = GSM7_BASIC | GSM7_EXTENSION
+    out = []
+    for ch in unicodedata.normalize("NFC", text):
+        if ch in gsm7:
+            out.append(ch)
+        elif ch in sms_module._FOLD_EXTRA:
+            out.append(sms_module._FOLD_EXTRA[ch])
+        else:
+            base = "".join(c for c in unicodedata.normalize("NFKD", ch)
+                           if not unicodedata.combining(c))
+            out.append(base if base and all(c in gsm7 for c in base) else ch)
+    return "".join(out)
+
+
+def test_fold_to_gsm7_folds_every_character_as_the_loop_did(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every character of the Basic Multilingual Plane and a sample beyond (emoji, CJK
+    extensions), alone and in a text mixing GSM-7, folded and unfoldable ones, folds
+    exactly as the character-by-character loop folded it; once the folds kept number
+    FOLDS_KEPT no more are kept, and characters still fold the same."""
+    monkeypatch.setattr(sms_module, "_FOLDS", {})
+    monkeypatch.setattr(sms_module, "FOLDS_KEPT", 2000)
+    chars = [chr(c) for c in [*range(0xD800), *range(0xE000, 0x10000),
+                              *range(0x1F600, 0x1F650), *range(0x20000, 0x20100)]]
+    for ch in chars:
+        assert fold_to_gsm7(ch) == _fold_char_by_char(ch), hex(ord(ch))
+        assert is_gsm7(ch) == (ch in GSM7_BASIC or ch in GSM7_EXTENSION), hex(ord(ch))
+    assert len(sms_module._FOLDS) == 2000
+    mixed = "Hola María, Łukasz: 李 😀 38 °C {ok} ~ € Jose\u0301 Œuvre ﬁn ²"
+    assert fold_to_gsm7(mixed) == _fold_char_by_char(mixed) != mixed
+    plain = "Hi Ana, see you tomorrow at 14:30. Reply STOP to opt out"
+    assert fold_to_gsm7(plain) == plain
 
 # --- compiled templates and their files --------------------------------------------------
 

@@ -56,22 +56,47 @@ def fold_to_gsm7(text: str) -> str:
     "María Zoë Łukasz François" -> "Maria Zoe Lukasz Francois". GSM-7's own accented
     letters (é è ù ì ò à ä ö ñ ü Ä Ö Ñ Ü Ç É Å å Ø ø Æ æ ß) are kept, as is anything
     with no GSM-7 base (other scripts, emoji, "°"): those still cost UCS-2.
+
+    Each character folds on its own (`_fold_one`, kept once worked out): a text already
+    all GSM-7 (most SMS) is returned as it is; else each of its characters outside GSM-7
+    is replaced by its fold (a fold is GSM-7 or the character itself, so no replacement
+    makes another). (A per-character loop was the send path's costliest function of its
+    own for an SMS: two texts a message.)
     """
-    out = []
-    for ch in unicodedata.normalize("NFC", text):
-        if ch in GSM7_BASIC or ch in GSM7_EXTENSION:
-            out.append(ch)
-        elif ch in _FOLD_EXTRA:
-            out.append(_FOLD_EXTRA[ch])
-        else:
-            base = "".join(c for c in unicodedata.normalize("NFKD", ch)
-                           if not unicodedata.combining(c))
-            out.append(base if base and is_gsm7(base) else ch)
-    return "".join(out)
+    text = unicodedata.normalize("NFC", text)
+    if _GSM7.issuperset(text):
+        return text
+    for ch in set(text).difference(_GSM7):
+        folded = _FOLDS.get(ch)
+        if folded is None:
+            folded = _fold_one(ch)
+            if len(_FOLDS) < FOLDS_KEPT:
+                _FOLDS[ch] = folded
+        if folded != ch:
+            text = text.replace(ch, folded)
+    return text
+
+
+def _fold_one(ch: str) -> str:
+    """One character folded as `fold_to_gsm7` folds it."""
+    if ch in _GSM7:
+        return ch
+    if ch in _FOLD_EXTRA:
+        return _FOLD_EXTRA[ch]
+    base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+    return base if base and is_gsm7(base) else ch
+
+
+# Each character folded so far and its fold (the sender threads share it: a fold is the
+# same whichever thread stores it); at most FOLDS_KEPT, so that texts in every script
+# cannot grow it without bound (past that, a new character is worked out each time).
+FOLDS_KEPT = 4096
+_FOLDS: dict[str, str] = {}
+_GSM7 = GSM7_BASIC | GSM7_EXTENSION
 
 
 def is_gsm7(text: str) -> bool:
-    return all(ch in GSM7_BASIC or ch in GSM7_EXTENSION for ch in text)
+    return _GSM7.issuperset(text)
 
 
 def non_gsm7(text: str) -> list[str]:
