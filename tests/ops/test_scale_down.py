@@ -38,6 +38,7 @@ from tests.ops import test_sigterm
 from tests.ops.senders_lapse import LAPSE_TTL
 from tests.ops.test_sigterm import PREFIX, Gateway, booking, final_state
 from tests.sinks import SmtpSink, WebhookReceiver
+from worker.clock import redis_time
 from worker.pump import Keys
 from worker.service import WORKER_QUEUES
 from worker.store import Store
@@ -254,6 +255,9 @@ def test_a_worker_killed_mid_burst_whose_container_restarts_under_the_same_pid_h
                                                           contained=True)
     argv = list(victim.args)  # type: ignore[arg-type]
     name = str(argv[argv.index("-n") + 1]).partition("@")[0]
+    # The dead one's clinic event senders, registered by its pool process as it warmed up.
+    (events_of_dead,) = [m for m in redis_client.zrange(f"{PREFIX}:ev:senders", 0, -1)
+                         if m.startswith(f"worker-{name}:")]
     restarted = start(service, name, contained=True, log=f"{name}-restarted")
     ready(service, restarted)
     (dead,), (again,) = pool_of(victim), pool_of(restarted)
@@ -269,6 +273,15 @@ def test_a_worker_killed_mid_burst_whose_container_restarts_under_the_same_pid_h
     wait_sent(gateway, everyone, killed_at)
     took = max(at for at, to in gateway.snapshot() if number(to) in rest) - killed_at
     assert took < BOUND < hold, took
+    # Its clinic event senders' registration lapses too (what they held then stops counting
+    # against the event threads: worker/webhooks.py `_CLAIM`), not kept alive by the
+    # restarted worker's under the same name.
+    try:
+        wait_until(lambda: (redis_client.zscore(f"{PREFIX}:ev:senders", events_of_dead)
+                            or 0) < redis_time(redis_client), BOUND)
+    except AssertionError:
+        raise AssertionError(f"the dead worker's event senders ({events_of_dead}) are still "
+                             f"registered {time.time() - killed_at:.1f}s after") from None
     time.sleep(1.0)  # room for a stray second copy
     assert arrived() == Counter(everyone), arrived()  # each once
     sent = [sent_in(w.log_path.read_text())  # type: ignore[attr-defined]
