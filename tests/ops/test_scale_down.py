@@ -237,7 +237,7 @@ def test_a_worker_killed_mid_burst_whose_container_restarts_under_the_same_pid_h
     """Containers number their processes afresh: a worker's container restarted (OOM-killed,
     `restart: always`; a pod's container restarted keeps the pod's hostname) runs its pool
     process under the same hostname and pid as the one that died, as every container does
-    (the pool's first process is pid 2 in each). Its senders then register under the dead
+    (its processes numbered alike at each start). Its senders then register under the dead
     one's name: the dead one's registration must still lapse, and what it held go to the
     live senders within seconds, not a hold or lease later.
 
