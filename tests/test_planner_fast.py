@@ -42,6 +42,8 @@ def clear_caches() -> None:
         cached.cache_clear()
     planner._PREPARED.clear()
     planner._OCCURRENCES.clear()
+    for memo in (planner._WALLS, planner._CHOICES, planner._DAYS, planner._PAUSES):
+        memo.clear()
 
 
 @pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])

@@ -357,6 +357,18 @@ def _label(value: Any) -> str | None:
 
 def check_document(doc: Document, catalog: Catalog, clinic: str | None, now: datetime) -> Checked:
     """Parse (JSON lines), validate and plan one document."""
+    checked = _check_one(doc, catalog, clinic, now)
+    if isinstance(checked, Checked):
+        return checked
+    value, booking, planned = checked
+    return Checked(doc.number, doc.line, _label(value), booking=booking, plan=planned)
+
+
+def _check_one(
+    doc: Document, catalog: Catalog, clinic: str | None, now: datetime
+) -> Checked | tuple[Any, Booking, Plan]:
+    """`check_document`, an accepted document given as (its value, booking, plan): a batch
+    needs no label (nor a Checked) for those."""
     value = doc.value
     if doc.refused is None and doc.raw is not None:
         try:
@@ -366,17 +378,16 @@ def check_document(doc: Document, catalog: Catalog, clinic: str | None, now: dat
                 return Checked(doc.number, doc.line, None,
                                unreadable=_not_json(exc, doc.line or 0))
             return Checked(doc.number, doc.line, None, refused=json_refusal(exc))
-    label = _label(value)
     if doc.refused is not None:
-        return Checked(doc.number, doc.line, label, refused=doc.refused)
+        return Checked(doc.number, doc.line, _label(value), refused=doc.refused)
     try:
         booking = parse_booking(value, catalog, clinic=clinic)
         planned = plan(
             booking, catalog.protocols[booking.treatment], catalog.clinics[booking.clinic], now
         )
     except BookingRejected as exc:
-        return Checked(doc.number, doc.line, label, refused=exc)
-    return Checked(doc.number, doc.line, label, booking=booking, plan=planned)
+        return Checked(doc.number, doc.line, _label(value), refused=exc)
+    return value, booking, planned
 
 
 def refusal_heading(checked: Checked, single: bool) -> str:
@@ -506,14 +517,14 @@ def _check_docs(
     items: list[Accepted] = []
     keys: list[BookingKey] = []
     for doc in docs:
-        checked = check_document(doc, catalog, clinic, now)
-        if checked.booking is not None and checked.plan is not None:
-            booking = checked.booking
-            # No stop can land inside the dump (see `_check_chunk`): `dump_json` unneeded.
-            items.append((booking.model_dump_json(), plan_record(checked.plan)))
-            keys.append((booking.clinic, booking.booking_id, doc.number, doc.line))
-        else:
+        checked = _check_one(doc, catalog, clinic, now)
+        if isinstance(checked, Checked):
             refused.append(outcome_of(checked))
+            continue
+        _, booking, planned = checked
+        # No stop can land inside the dump (see `_check_chunk`): `dump_json` unneeded.
+        items.append((booking.model_dump_json(), plan_record(planned)))
+        keys.append((booking.clinic, booking.booking_id, doc.number, doc.line))
     return CheckedChunk(len(docs), refused, len(items), items, keys=keys)
 
 

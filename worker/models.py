@@ -443,6 +443,7 @@ DoseDate = Annotated[date | None, BeforeValidator(_iso_date)]
 LANGUAGE_TAG_PATTERN = r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8}){0,2}$"
 
 
+@lru_cache(maxsize=1024)  # a pure function of a short tag: patients share a handful
 def canonical_locale(tag: str) -> str:
     """A language tag in its canonical case (BCP 47 tags are case-insensitive: RFC 5646
     2.1.1): the language lower-case, a script title-case, a region upper-case; `EN-gb` ->
@@ -459,6 +460,12 @@ def canonical_locale(tag: str) -> str:
             part = part.lower()
         out += [sep, part]
     return "".join(out)
+
+@lru_cache(maxsize=1024)
+def _language(tag: str) -> str:
+    """The language of a language tag ("es-MX" -> "es")."""
+    return re.split(r"[-_]", tag, maxsplit=1)[0]
+
 
 class Patient(BaseModel):
     """Who receives the reminders, where, in which language and on which channels."""
@@ -484,7 +491,7 @@ class Patient(BaseModel):
     def _known_locale(cls, value: str, info: ValidationInfo) -> str:
         value = canonical_locale(value)
         catalog = _catalog(info)
-        language = re.split(r"[-_]", value, maxsplit=1)[0]
+        language = _language(value)
         if catalog is None or value in catalog.locales or language in catalog.locales:
             return value
         # No templates in it: the messages fall back to the clinic's language, then English

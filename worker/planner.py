@@ -444,11 +444,14 @@ def reason_facts(reason: str) -> dict[str, str]:
     return {}
 
 
+_MAX_AHEAD = timedelta(days=MAX_DAYS_AHEAD)
+
+
 def check_dates(booking: Booking, now: datetime, tz: ZoneInfo) -> None:
     """Refuse dates that make no sense at `now` (UTC), naming each field."""
     errors = []
     start = booking.starts_at.astimezone(UTC)
-    latest = now + timedelta(days=MAX_DAYS_AHEAD)
+    latest = now + _MAX_AHEAD
     if start <= now:
         errors.append(("starts_at", "the appointment is in the past"))
     elif start > latest:
@@ -494,6 +497,7 @@ class _Prepared:
     template: str
     late_skip: bool
     late_until: timedelta | None
+    until_not_before: bool  # no late_until, or one not before the start
     until_note: str  # expiry words when late_until bounds it
 
 
@@ -542,6 +546,7 @@ def _prepare(step: Step) -> _Prepared:
         template=step.template,
         late_skip=step.late == "skip",
         late_until=step.late_until,
+        until_not_before=step.late_until is None or step.late_until >= timedelta(0),
         until_note=until_note,
     )
 
@@ -601,6 +606,39 @@ def _wall_occurrences(
         _OCCURRENCES.clear()
     _OCCURRENCES[key] = result = tuple(out)
     return result
+
+
+# Per protocol (its prepared steps' first ident) and the channels a patient takes: each
+# step's channels and the words its reasons end with (`_Prepared.uses`, the channel note).
+_CHOICES: dict[tuple[int, tuple[Channel, ...]], tuple[tuple[tuple[Channel, ...], str], ...]] = {}
+
+
+def _choices(prepared: tuple[_Prepared, ...], ident: int,
+             offered: tuple[Channel, ...]) -> tuple[tuple[tuple[Channel, ...], str], ...]:
+    out = []
+    for step in prepared:
+        channels, channel_note = _channel_choice(step.channels, offered)
+        out.append((channels, step.uses + channel_note))
+    if len(_CHOICES) >= 1024:
+        _CHOICES.clear()
+    _CHOICES[(ident, offered)] = result = tuple(out)
+    return result
+
+
+# Per protocol, visit day, zone and send window: its wall-clock steps' occurrences, each
+# worked out (`_wall_occurrences`) when a booking first needs it (None until then).
+_WALLS: dict[tuple[int, date, ZoneInfo, int, int], list[tuple[_Occurrence, ...] | None]] = {}
+
+
+def _walls(prepared: tuple[_Prepared, ...], ident: int, visit_day: date, tz: ZoneInfo,
+           start: int, end: int) -> list[tuple[_Occurrence, ...] | None]:
+    key = (ident, visit_day, tz, start, end)
+    walls = _WALLS.get(key)
+    if walls is None:
+        if len(_WALLS) >= 16384:
+            _WALLS.clear()
+        walls = _WALLS[key] = [None] * len(prepared)
+    return walls
 
 
 @lru_cache(maxsize=64)
@@ -663,15 +701,24 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     add = reminders.append
     new_reminder, set_fields = _new_reminder, object.__setattr__
     prepared, notice_steps = _prepared(protocol)
-    for step in prepared:
+    ident = prepared[0].ident if prepared else -1
+    choices = _CHOICES.get((ident, offered))
+    if choices is None:
+        choices = _choices(prepared, ident, offered)
+    walls: list[tuple[_Occurrence, ...] | None] | None = None
+    for i, step in enumerate(prepared):
         if step.flags and not any(getattr(medications, f) for f in step.flags):
             continue
-        channels, channel_note = _channel_choice(step.channels, offered)
-        occurrences: tuple[_Occurrence, ...]
+        channels, suffix = choices[i]
+        occurrences: tuple[_Occurrence, ...] | None
         if step.kind == "wall":
             if visit_day is None:
                 visit_day = start.astimezone(tz).date()
-            occurrences = _wall_occurrences(step, visit_day, tz, w_start, w_end)
+            if walls is None:
+                walls = _walls(prepared, ident, visit_day, tz, w_start, w_end)
+            occurrences = walls[i]
+            if occurrences is None:
+                occurrences = walls[i] = _wall_occurrences(step, visit_day, tz, w_start, w_end)
         else:
             nominal = now if step.kind == "booking" else start + step.offset
             opening = _next_opening(nominal, w_start, w_end, tz)
@@ -700,7 +747,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                         note = _LATE
             # When it must no longer be sent (as `expiry`).
             until = step.late_until
-            if nominal < start and (until is None or until >= timedelta(0)):
+            if before_visit and step.until_not_before:
                 expires_at, expires_note = start, _BEGUN
             elif until is not None:
                 expires_at, expires_note = start + until, step.until_note
@@ -711,7 +758,9 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                 # closing at 18:00): it could never be sent; nor does it take an SMS slot.
                 status, due, note = Status.SKIPPED, nominal, _word(unsendable + expires_note)
             if status == Status.SCHEDULED:
-                reason = _word(derived + note + step.uses + channel_note)
+                # Most reminders say only how their time was derived: no words to join.
+                reason = (derived if not note and not suffix
+                          else _word(derived + note + suffix))
             else:
                 reason = note
             for channel in channels:
@@ -741,6 +790,8 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
     reminders = cap_sms(reminders, clinic.sms, tz, email="email" in offered,
                         protected=protected, window=window)
     rule = pause_rule(protocol, booking)
+    if rule and visit_day is None:
+        visit_day = start.astimezone(tz).date()
     # A Plan as `Plan(...)` makes it (its fields in order), without its per-field frozen
     # `__setattr__`.
     planned: Plan = _new_plan(Plan)
@@ -751,7 +802,8 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         "window": window,
         "notice_steps": notice_steps,
         "caps": clinic.sms,
-        "late_pause": late_pause(reminders, rule, booking) if rule else None,
+        "late_pause": _late_pause(reminders, rule, visit_day, tz)
+        if rule and visit_day is not None else None,
         "pause_rule": rule,
         "protected": protected,
         "uncapped": None if reminders is uncapped else uncapped,
@@ -805,13 +857,34 @@ def hold_notice(
 def pause_rule(protocol: Protocol, booking: Booking) -> tuple[str, int] | None:
     """(pause step id, minimum pause in days) when the protocol's pause step applies to the
     patient and the protocol states the minimum (`[advice] retinoid_pause_min_days`)."""
+    found = _pause_of(protocol)
+    if found is None:
+        return None
+    rule, flags = found
+    medications = booking.medications
+    if flags and not any(getattr(medications, f) for f in flags):  # `Step.applies_to`
+        return None
+    return rule
+
+
+_PAUSES: dict[int, tuple[Protocol, tuple[tuple[str, int], tuple[str, ...]] | None]] = {}
+
+
+def _pause_of(protocol: Protocol) -> tuple[tuple[str, int], tuple[str, ...]] | None:
+    """The protocol's pause rule and the medications its pause step is for (any of them;
+    none: every patient), or None without a pause step or a minimum: worked out once."""
+    hit = _PAUSES.get(id(protocol))
+    if hit is not None and hit[0] is protocol:
+        return hit[1]
+    if len(_PAUSES) >= 256:
+        _PAUSES.clear()
     step = protocol.pause_step()
     days = protocol.advice.get("retinoid_pause_min_days")
-    if step is None or not step.applies_to(booking.medications):
-        return None
-    if isinstance(days, bool) or not isinstance(days, int | float):
-        return None
-    return step.id, int(days)
+    found = None
+    if step is not None and not isinstance(days, bool) and isinstance(days, int | float):
+        found = (step.id, int(days)), tuple(step.only_if_any)
+    _PAUSES[id(protocol)] = (protocol, found)
+    return found
 
 
 def late_pause(
@@ -824,13 +897,18 @@ def late_pause(
     message then asks the patient to call the clinic; the clinic is told (`late_pause` on
     the timeline, the `booking.late_pause` event).
     """
-    step, days = rule
     tz = ZoneInfo(booking.patient.timezone)
-    visit_day = booking.starts_at.astimezone(tz).date()
+    return _late_pause(reminders, rule, booking.starts_at.astimezone(tz).date(), tz)
+
+
+def _late_pause(reminders: list[PlannedReminder], rule: tuple[str, int], visit_day: date,
+                tz: ZoneInfo) -> str | None:
+    """`late_pause` for an appointment on the patient-local day `visit_day`."""
+    step, days = rule
     going = [r.due_at for r in reminders if r.step == step and r.status == Status.SCHEDULED]
     if not going:
         return NO_PAUSE_REASON.format(days=days)
-    gap = (visit_day - min(going).astimezone(tz).date()).days
+    gap = visit_day.toordinal() - local_day(min(going), tz)
     if gap >= days:
         return None
     return SHORT_PAUSE_REASON.format(gap=gap, days=days)
@@ -851,6 +929,29 @@ def cap_words(caps: SmsSettings) -> str:
 BEYOND_CAP = ": care-critical, the other SMS give way"
 
 
+# Per zone, the patient-local day (ordinal) of each UTC instant met (the planner's instants
+# are UTC): a booking's SMS fall on the days of its neighbours' in the same zone.
+_DAYS: dict[ZoneInfo, dict[datetime, int]] = {}
+
+
+def local_day(instant: datetime, tz: ZoneInfo) -> int:
+    """`instant.astimezone(tz).toordinal()`, memoised for a UTC instant (one in another zone
+    is worked out: two wall times of a repeated hour there compare equal)."""
+    if instant.tzinfo is not UTC:
+        return instant.astimezone(tz).toordinal()
+    days = _DAYS.get(tz)
+    if days is None:
+        if len(_DAYS) >= 256:
+            _DAYS.clear()
+        days = _DAYS[tz] = {}
+    day = days.get(instant)
+    if day is None:
+        if len(days) >= 65536:
+            days.clear()
+        day = days[instant] = instant.astimezone(tz).toordinal()
+    return day
+
+
 def sms_fits(counts: dict[int, int], day: int, per_day: int, per_week: int) -> bool:
     """Whether one more SMS on `day` keeps within `per_day` that day and `per_week` in every
     7 consecutive days holding it; `counts`: SMS per day (ordinals), only days with some.
@@ -859,11 +960,23 @@ def sms_fits(counts: dict[int, int], day: int, per_day: int, per_week: int) -> b
     """
     if counts.get(day, 0) >= per_day:
         return False
-    near = [(d - day, n) for d, n in counts.items() if -WEEK_DAYS < d - day < WEEK_DAYS]
-    if sum(n for _, n in near) < per_week:
+    # The 13 days around `day` (index 6 is `day`), the others' counts on them.
+    near = [0] * (2 * WEEK_DAYS - 1)
+    total = 0
+    for d, n in counts.items():
+        k = d - day
+        if -WEEK_DAYS < k < WEEK_DAYS:
+            near[k + WEEK_DAYS - 1] += n
+            total += n
+    if total < per_week:
         return True  # all 13 days together hold fewer: so does every 7 of them
-    for first in range(1 - WEEK_DAYS, 1):  # every 7 consecutive days holding `day`
-        if sum(n for k, n in near if first <= k < first + WEEK_DAYS) >= per_week:
+    # Every 7 consecutive days holding `day` (days -6..0 first, then one later at a time).
+    window = sum(near[:WEEK_DAYS])
+    if window >= per_week:
+        return False
+    for first in range(1, WEEK_DAYS):
+        window += near[first + WEEK_DAYS - 1] - near[first - 1]
+        if window >= per_week:
             return False
     return True
 
@@ -939,20 +1052,20 @@ def cap_sms(
     # Patient-local days as ordinals: how many SMS each.
     counts: dict[int, int] = {}
     for t in taken:
-        day = t.astimezone(tz).toordinal()
+        day = local_day(t, tz)
         counts[day] = counts.get(day, 0) + 1
     per_day, per_week = caps.max_per_day, caps.max_per_week
     # Every SMS counted on its planned day: when that keeps within the caps on every day
     # and in every 7 consecutive days, each SMS fits below as it comes (the counts then
     # hold only some of these), so nothing changes (most plans).
-    if _all_fit(counts, [r.due_at.astimezone(tz).toordinal() for r in sms], per_day,
+    if _all_fit(counts, [local_day(r.due_at, tz) for r in sms], per_day,
                 per_week):
         return reminders
 
     # The same counts without the others' SMS beyond the cap, for the SMS held (`held`).
     within = dict(counts)
     for t in beyond:
-        day = t.astimezone(tz).toordinal()
+        day = local_day(t, tz)
         within[day] = within.get(day, 0) - 1
     held = held or {}
 
@@ -967,7 +1080,7 @@ def cap_sms(
         """Whether `r` is held as (due, reason) and fits on that day within the cap."""
         stored = held.get(r.key)
         return (stored is not None and stored == (due.timestamp(), reason)
-                and sms_fits(within, due.astimezone(tz).toordinal(), per_day, per_week))
+                and sms_fits(within, local_day(due, tz), per_day, per_week))
 
     emailed = {(r.step, r.occurrence) for r in reminders
                if r.channel == "email" and r.status == Status.SCHEDULED}
@@ -978,8 +1091,7 @@ def cap_sms(
     def place(r: PlannedReminder) -> PlannedReminder:
         """`r` (an SMS to go) as the cap leaves it, its day counted if it stays an SMS."""
         nonlocal changed
-        local = r.due_at.astimezone(tz)
-        day = local.toordinal()
+        day = local_day(r.due_at, tz)
         if r.key in kept:
             changed = changed or kept[r.key] is not r
             return kept[r.key]
@@ -990,6 +1102,7 @@ def cap_sms(
             count(day)
             return r
         changed = True
+        local = r.due_at.astimezone(tz)
         over = f"{cap_words(caps)} is reached on {local:%Y-%m-%d}"
         if r.step in protected and not email:
             return _changed(r, reason=f"{r.reason}; sent although {over}{BEYOND_CAP}")
@@ -1020,7 +1133,7 @@ def cap_sms(
             return _changed(r, status=Status.SKIPPED, reason=(
                 f"not sent: {over}, the patient takes no email, and no later day has room "
                 "before it expires"))
-        count(moved.astimezone(tz).toordinal())
+        count(local_day(moved, tz))
         return _changed(r, due_at=moved, reason=_moved_reason(r, moved, caps, tz))
 
     # A held booking's hold notice first: the one message that goes while it is held, its
@@ -1031,14 +1144,14 @@ def cap_sms(
         if r.step == HOLD_NOTICE_STEP:
             if keeps(r, r.due_at, r.reason):  # held as it is: it keeps its day
                 kept[r.key] = r
-                count(r.due_at.astimezone(tz).toordinal())
+                count(local_day(r.due_at, tz))
             first[r.key] = place(r)
     # Care-critical SMS next, at their time; the others give way. One that does not fit
     # (the patient's other bookings took the days) goes by email when the patient takes
     # email, as any other; else it goes all the same, beyond the cap.
     for r in sms:
         if r.step in protected and r.key not in first:
-            day = r.due_at.astimezone(tz).toordinal()
+            day = local_day(r.due_at, tz)
             if not fits(day) and not keeps(r, r.due_at, r.reason):
                 over_cap.add(r.key)
                 if email:
@@ -1197,8 +1310,11 @@ def _instant(micros: int) -> datetime:
 def plan_record(p: Plan) -> PlanRecord:
     """The plan as strings, numbers and tuples (instants in exact microseconds)."""
     # The cap leaves most reminders as they were planned: those are recorded once.
-    done: dict[int, ReminderRecord] = {}
-    uncapped = None if p.uncapped is None else _reminder_records(p.uncapped, done)
+    done: dict[int, ReminderRecord] | None = None
+    uncapped = None
+    if p.uncapped is not None:
+        done = {}
+        uncapped = _reminder_records(p.uncapped, done)
     return (
         str(p.status),
         p.hold_reason,
@@ -1212,16 +1328,18 @@ def plan_record(p: Plan) -> PlanRecord:
 
 
 def _reminder_records(
-    reminders: list[PlannedReminder], done: dict[int, ReminderRecord]
+    reminders: list[PlannedReminder], done: dict[int, ReminderRecord] | None
 ) -> tuple[ReminderRecord, ...]:
-    """The records of `reminders`; `done`: those of reminders recorded already, by id."""
+    """The records of `reminders`; `done`: those of reminders recorded already, by id, and
+    where to note these (None: no other list shares them)."""
     statics, micros = _STATICS, _MICROS
     out = []
     for r in reminders:
-        record = done.get(id(r))
-        if record is not None:
-            out.append(record)
-            continue
+        if done is not None:
+            record = done.get(id(r))
+            if record is not None:
+                out.append(record)
+                continue
         static = (r.key, r.step, r.channel, r.template, r.occurrence, _STATUS_NAME[r.status],
                   r.reason, r.at_booking, r.expires_note)
         shared = statics.get(static)
@@ -1239,7 +1357,8 @@ def _reminder_records(
             expires_micros = micros.get(expires)
             record = (shared, due,
                       expires_micros if expires_micros is not None else _micros(expires))
-        done[id(r)] = record
+        if done is not None:
+            done[id(r)] = record
         out.append(record)
     return tuple(out)
 
