@@ -483,6 +483,7 @@ class _Prepared:
     ident: int  # unique among prepared steps: the key of its memoised occurrences
     id: str
     kind: Literal["booking", "offset", "wall"]
+    at_booking: bool  # kind "booking"
     channels: tuple[Channel, ...]
     flags: tuple[str, ...]  # only_if_any
     uses: str  # "; the patient uses tretinoin or retinol", or ""
@@ -532,6 +533,7 @@ def _prepare(step: Step) -> _Prepared:
         ident=next(_IDENTS),
         id=step.id,
         kind=kind,
+        at_booking=kind == "booking",
         channels=tuple(step.channels),
         flags=tuple(step.only_if_any),
         uses=f"; the patient uses {' or '.join(step.only_if_any)}" if step.only_if_any else "",
@@ -707,8 +709,12 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
         choices = _choices(prepared, ident, offered)
     walls: list[tuple[_Occurrence, ...] | None] | None = None
     for i, step in enumerate(prepared):
-        if step.flags and not any(getattr(medications, f) for f in step.flags):
-            continue
+        if step.flags:  # only for a patient who uses one of them
+            for flag in step.flags:
+                if getattr(medications, flag):
+                    break
+            else:
+                continue
         channels, suffix = choices[i]
         occurrences: tuple[_Occurrence, ...] | None
         if step.kind == "wall":
@@ -776,12 +782,14 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                     "due_at": due,
                     "status": status,
                     "reason": reason,
-                    "at_booking": step.kind == "booking",
+                    "at_booking": step.at_booking,
                     "expires_at": expires_at,
                     "expires_note": expires_note,
                 })
                 add(reminder)
-    hold = isotretinoin_hold(booking, protocol, clinic)
+    # Without a last dose nothing is held (`isotretinoin_hold`).
+    hold = (isotretinoin_hold(booking, protocol, clinic)
+            if medications.isotretinoin_last_dose is not None else None)
     if hold and protocol.hold_template:
         reminders.append(hold_notice(protocol.hold_template, offered, now, start, window, tz))
     reminders.sort(key=_order)
