@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -1130,7 +1132,9 @@ def test_the_senders_report_their_threads_and_how_long_their_sends_took(rig, red
     assert 0 < float(redis_client.get(keys.busy("sms"))) < 3 * 3  # three short sends
     assert redis_client.zcard(keys.outstanding("sms")) == 0  # settled
     (registered,) = redis_client.zrange(keys.senders("sms"), 0, -1)
-    assert registered.endswith(f":{os.getpid()}|4")  # this process, send_threads=4
+    # This process (host, pid and its senders' own token), send_threads=4.
+    assert re.fullmatch(rf"{re.escape(socket.gethostname())}:{os.getpid()}:[0-9a-f]+\|4",
+                        registered), registered
     rig.drain()
     assert redis_client.zcard(keys.senders("sms")) == 0  # gone with the process's senders
 
