@@ -40,14 +40,22 @@ seen at `now`: an appointment in the past or more than `MAX_DAYS_AHEAD` days ahe
 isotretinoin last dose after the patient's today.
 
 Speed (intake plans thousands of bookings a second): what depends only on a protocol's
-step (its words, its days) is prepared once per step; the clock arithmetic that depends
-only on (local day, clock time, zone) or (instant, send window, zone) — shared by every
-booking on the same day in the same zone — is memoised by those full inputs (bounded LRU
-caches of pure functions); a local time is resolved with two `utcoffset` calls, not a
-round trip per minute. The SMS cap first counts every SMS on its planned day: when all
-fit (most plans), nothing is moved and nothing more is counted (`_all_fit`; a test checks
-the cap gives the same with and without it). tests/planner_reference.py keeps the
-straightforward version, and tests check that both give equal plans.
+step (its words, its days) is prepared once per step, and what depends only on the
+protocol is worked out once for it (its pause rule, its care-critical steps), or once per
+set of channels a patient takes (each step's channels and the words its reasons end
+with); the clock arithmetic that depends only on (local day, clock time, zone) or
+(instant, send window, zone) — shared by every booking on the same day in the same zone —
+is memoised by those full inputs (bounded caches of pure functions: a wall-clock step's
+occurrences per visit day, zone and window, looked up once a booking for all its steps;
+the patient-local day of a UTC instant, which the SMS cap counts by); a local time is
+resolved with two `utcoffset` calls, not a round trip per minute. A reminder that says
+only how its time was derived takes those words as they are, not joined again. The SMS
+cap first counts every SMS on its planned day: when all fit (most plans), nothing is
+moved and nothing more is counted (`_all_fit`; a test checks the cap gives the same with
+and without it); otherwise each 7-day count slides one day at a time. tests/
+planner_reference.py keeps the straightforward version, and tests check that both give
+equal plans; tests/test_check_fixture.py checks that a varied set of bookings is checked
+(validated, planned, recorded) as the code before these memos checked it.
 """
 
 from __future__ import annotations
