@@ -171,3 +171,23 @@ def test_a_plan_is_built_as_its_dataclass_builds_it(catalog):
                 again = PlannedReminder(**{f.name: getattr(r, f.name)
                                            for f in fields(PlannedReminder)})
                 assert list(r.__dict__.items()) == list(again.__dict__.items())
+
+
+def test_local_day_is_the_instant_s_day_in_the_zone_and_its_memo_stays_bounded(monkeypatch):
+    """`local_day` (the SMS cap's days) gives `astimezone(tz).toordinal()` for UTC instants
+    (memoised) and for wall times of another zone, a repeated hour's second one too (worked
+    out), around the autumn's DST changes; its memo holds at most `_DAYS_MAX` instants."""
+    from zoneinfo import ZoneInfo
+
+    monkeypatch.setattr(planner, "_DAYS_MAX", 50, raising=False)
+    zones = [ZoneInfo(z) for z in ("Europe/Madrid", "America/New_York", "Australia/Sydney",
+                                   "Pacific/Chatham")]
+    base = datetime(2026, 10, 24, tzinfo=UTC)
+    for i in range(400):
+        instant = base + timedelta(minutes=37 * i)
+        for tz in zones:
+            assert planner.local_day(instant, tz) == instant.astimezone(tz).toordinal()
+            local = instant.astimezone(tz)  # the same instant as a wall time there
+            for other in zones:
+                assert planner.local_day(local, other) == local.astimezone(other).toordinal()
+        assert sum(len(days) for days in planner._DAYS.values()) <= 50
