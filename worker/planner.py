@@ -645,7 +645,7 @@ def _walls(prepared: tuple[_Prepared, ...], ident: int, visit_day: date, tz: Zon
     key = (ident, visit_day, tz, start, end)
     walls = _WALLS.get(key)
     if walls is None:
-        if len(_WALLS) >= 16384:
+        if len(_WALLS) >= 4096:  # a few hundred a day of visits in a few zones
             _WALLS.clear()
         walls = _WALLS[key] = [None] * len(prepared)
     return walls
@@ -947,24 +947,31 @@ BEYOND_CAP = ": care-critical, the other SMS give way"
 
 # Per zone, the patient-local day (ordinal) of each UTC instant met (the planner's instants
 # are UTC): a booking's SMS fall on the days of its neighbours' in the same zone.
+# At most _DAYS_MAX instants in all zones together (then all are forgotten).
 _DAYS: dict[ZoneInfo, dict[datetime, int]] = {}
+_DAYS_MAX = 65536
+_days_held = 0
 
 
 def local_day(instant: datetime, tz: ZoneInfo) -> int:
     """`instant.astimezone(tz).toordinal()`, memoised for a UTC instant (one in another zone
     is worked out: two wall times of a repeated hour there compare equal)."""
+    global _days_held
     if instant.tzinfo is not UTC:
         return instant.astimezone(tz).toordinal()
     days = _DAYS.get(tz)
+    if days is not None:
+        day = days.get(instant)
+        if day is not None:
+            return day
+    if _days_held >= _DAYS_MAX:
+        _DAYS.clear()
+        _days_held = 0
+        days = None
     if days is None:
-        if len(_DAYS) >= 256:
-            _DAYS.clear()
         days = _DAYS[tz] = {}
-    day = days.get(instant)
-    if day is None:
-        if len(days) >= 65536:
-            days.clear()
-        day = days[instant] = instant.astimezone(tz).toordinal()
+    day = days[instant] = instant.astimezone(tz).toordinal()
+    _days_held += 1
     return day
 
 
