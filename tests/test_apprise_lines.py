@@ -196,3 +196,50 @@ def test_urllib3_answers_are_taken_without_records_during_a_send_only():
     # Outside a send: urllib3's records as it makes them, where its level lets them pass.
     assert [('"POST /sms HTTP/1.1" 503' in r.getMessage(), r.funcName)
             for r in handler.records if "POST" in r.getMessage()] == [(True, "_make_request")]
+
+
+def test_a_payloads_debug_copy_is_made_only_when_a_line_shows_it(recorder, monkeypatch):
+    """Apprise's plugins hand `sanitize_payload(payload)` to a DEBUG line whenever their
+    logger takes DEBUG, every send included: during a send (whose DEBUG payload line is
+    never formatted) it is not worked out, and the SMS reaches the gateway as ever;
+    outside a send the line reads exactly as with Apprise's own function."""
+    from apprise.plugins import custom_json
+    from apprise.utils import sanitize
+
+    from tests.sinks import HttpSink
+    from worker import delivery
+
+    delivery.load_services("json://127.0.0.1/sms")  # the plugin as the senders load it
+    assert custom_json.sanitize_payload is sanitize.sanitize_payload
+    apprises = delivery._apprise_sanitize_payload  # Apprise's own function
+    calls: list[object] = []
+
+    def counted(payload: object, **kwargs: object) -> object:
+        calls.append(payload)
+        return apprises(payload, **kwargs)
+
+    monkeypatch.setattr(delivery, "_apprise_sanitize_payload", counted)
+    sink = HttpSink().start()
+    try:
+        assert delivery.send_apprise(
+            f"json://127.0.0.1:{sink.port}/sms?:to=%2B34600111222",
+            delivery.RenderedMessage("sms", None, "Ana, hoy no", None), 5) \
+            == "sent through Apprise"
+        assert [(p.to, p.text) for p in sink.posts] == [
+            ("+34600111222", "Ana, hoy no")]
+    finally:
+        sink.stop()
+    assert calls == []
+    payload = {"message": "x" * 5000, "to": "+34600111222", "attachments": [
+        {"base64": "QUJD" * 2000, "filename": "a.ics"}]}
+    level = apprise_logger.level
+    apprise_logger.setLevel(logging.DEBUG)
+    try:
+        apprise_logger.debug("JSON Payload: %s", custom_json.sanitize_payload(payload))
+    finally:
+        apprise_logger.setLevel(level)
+    shown = apprises(payload)
+    assert [r.getMessage() for r in recorder.records
+            if r.getMessage().startswith("JSON Payload")] == [f"JSON Payload: {shown}"]
+    assert f"JSON Payload: {shown}" != f"JSON Payload: {payload}"  # a blob summarized
+    assert calls == [payload]
