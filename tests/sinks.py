@@ -123,6 +123,7 @@ class HttpSink:
         # > 0: the answer's body (no length given) comes a byte at a time for this long.
         self.trickle_seconds = 0.0
         self.drop_after_answer = False
+        self.closed = 0  # keep_alive: connections this side has closed (its FIN written)
         self.posts: list[Received] = []
         self.requests: list[tuple[float, str, int]] = []  # every POST: (time, to, status answered)
         self.peers: list[int] = []  # every POST: the client's port (one a connection)
@@ -141,6 +142,14 @@ class HttpSink:
                     super().setup()
                     with sink._lock:
                         sink._open[self.client_address[1]] = self.connection
+
+                def finish(self) -> None:
+                    # The connection's end written (FIN) before it is counted `closed`.
+                    super().finish()
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_WR)
+                    with sink._lock:
+                        sink.closed += 1
 
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
