@@ -41,7 +41,6 @@ def clear_caches() -> None:
                    planner._channel_choice, planner._window_notes):
         cached.cache_clear()
     planner._PREPARED.clear()
-    planner._OCCURRENCES.clear()
     for memo in (planner._WALLS, planner._CHOICES, planner._DAYS, planner._PAUSES):
         memo.clear()
 

@@ -404,13 +404,15 @@ def _channels(step: Step, offered: list[Channel]) -> tuple[list[Channel], str]:
 
 def isotretinoin_hold(booking: Booking, protocol: Protocol, clinic: Clinic) -> str | None:
     """Return why the booking must be held for the clinic's review, or None."""
+    last_dose = booking.medications.isotretinoin_last_dose
+    if last_dose is None:
+        return None  # no last dose: nothing to wait for
     if protocol.isotretinoin_washout_days is None:
         return None  # this treatment has no isotretinoin gate; a clinic override only sets days
     washout = clinic.isotretinoin_washout_days
     if washout is None:
         washout = protocol.isotretinoin_washout_days
-    last_dose = booking.medications.isotretinoin_last_dose
-    if washout is None or last_dose is None:
+    if washout is None:
         return None
     visit_day = booking.starts_at.astimezone(ZoneInfo(booking.patient.timezone)).date()
     gap = (visit_day - last_dose).days
@@ -488,7 +490,7 @@ def check_dates(booking: Booking, now: datetime, tz: ZoneInfo) -> None:
 class _Prepared:
     """What `plan` needs of one step, worked out once for the step object."""
 
-    ident: int  # unique among prepared steps: the key of its memoised occurrences
+    ident: int  # unique among prepared steps: the first one keys its protocol's memos
     id: str
     kind: Literal["booking", "offset", "wall"]
     at_booking: bool  # kind "booking"
@@ -592,17 +594,13 @@ def _prepared(protocol: Protocol) -> tuple[tuple[_Prepared, ...], str]:
 # A wall-clock step's occurrences for a visit day, zone and send window:
 # (number, nominal instant, derived words, first opening at or after it, its note, stale expiry)
 _Occurrence = tuple[int, datetime, str, datetime, bool, datetime]
-_OCCURRENCES: dict[tuple[int, date, ZoneInfo, int, int], tuple[_Occurrence, ...]] = {}
 
 
 def _wall_occurrences(
     step: _Prepared, visit_day: date, tz: ZoneInfo, start: int, end: int
 ) -> tuple[_Occurrence, ...]:
-    """Memoised by its full inputs: every booking on that day in that zone shares it."""
-    key = (step.ident, visit_day, tz, start, end)
-    hit = _OCCURRENCES.get(key)
-    if hit is not None:
-        return hit
+    """Kept per protocol, visit day, zone and window (`_walls`): every booking on that day
+    in that zone shares it."""
     out: list[_Occurrence] = []
     for offset, derived in step.days:
         day = visit_day + timedelta(days=offset)
@@ -612,10 +610,7 @@ def _wall_occurrences(
         opening = _next_opening(nominal, start, end, tz)
         stale = nominal + STALE_AFTER if step.weekdays is None else day_end(nominal, tz)
         out.append((len(out) + 1, nominal, derived, opening, opening != nominal, stale))
-    if len(_OCCURRENCES) >= 65536:
-        _OCCURRENCES.clear()
-    _OCCURRENCES[key] = result = tuple(out)
-    return result
+    return tuple(out)
 
 
 # Per protocol (its prepared steps' first ident) and the channels a patient takes: each
@@ -795,9 +790,7 @@ def plan(booking: Booking, protocol: Protocol, clinic: Clinic, now: datetime) ->
                     "expires_note": expires_note,
                 })
                 add(reminder)
-    # Without a last dose nothing is held (`isotretinoin_hold`).
-    hold = (isotretinoin_hold(booking, protocol, clinic)
-            if medications.isotretinoin_last_dose is not None else None)
+    hold = isotretinoin_hold(booking, protocol, clinic)
     if hold and protocol.hold_template:
         reminders.append(hold_notice(protocol.hold_template, offered, now, start, window, tz))
     reminders.sort(key=_order)
