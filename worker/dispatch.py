@@ -1779,10 +1779,11 @@ class Lanes:
         try:
             pipe = self.ctx.store.redis.pipeline(transaction=False)
             self._leave(pipe, pools)
+            left = len(pipe)  # the hand-backs' answers come after `_leave`'s
             if items:
                 self.ctx.store.requeue_in(pipe, items, CLOCK.now_utc(),  # due now: Redis's clock
                                           STOPPING_NOT_BEGUN)
-            answers = pipe.execute(raise_on_error=False)[3 * len(pools):]
+            answers = pipe.execute(raise_on_error=False)[left:]
         except (redis.ConnectionError, redis.TimeoutError):
             self._unreachable.set()
             log.warning("senders: stopping with Redis unreachable: %d claim(s) not begun left "
