@@ -313,7 +313,8 @@ def test_a_held_claim_that_fails_after_a_cancel_changes_nothing(rig, status):
     s = rig.state(prep(1))
     assert s["record"]["status"] == "cancelled" and s["log"][-1]["result"] == "stale", s
     assert (s["due"], s["lease"], s["ledger"]) == (None, None, None), s
-    assert rig.state(prep(2))["record"]["status"] == "sent"
+    other = rig.state(prep(2))
+    assert other["record"]["status"] == "sent", other
 
 
 # --- claims that cannot start in time go back at once -----------------------------------------
