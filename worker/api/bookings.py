@@ -9,10 +9,15 @@ stored even when others are refused. Why not all-or-nothing like `reminders book
 caller is a clinic's booking software syncing its day, where one bad phone number must
 not hold back the other 999 patients' reminders; each item's answer says what happened
 to it, and sending the same batch again after a fix is safe (PUT semantics: an unchanged
-booking keeps its version). Every item is validated and planned before any is stored,
-so a refusal is found without a write; then the accepted ones are stored together
-(`Store.upsert_many`: a few round trips per 200 bookings). A Redis failure midway answers
-503, and the bookings stored before it stay stored (resending the batch completes it).
+booking keeps its version). Each item is validated and planned before it is stored, so a
+refusal is found without a write. The accepted ones are stored STORE_PART at a time, in
+request order (`Store.upsert_many`: a few round trips per 200 bookings), and the next
+items are checked while Redis applies the part before (`_BatchCheck.step`, its `idle`):
+the answer and what is stored are those of checking every item, then storing all the
+accepted ones in one call (`upsert_many` gives the result of upserting them one by one,
+in order; tests/api/test_batch_exact.py). A Redis failure midway answers 503, and the
+bookings stored before it stay stored (resending the batch completes it), as does an
+unexpected error (500) while a later part is checked.
 """
 
 from __future__ import annotations
@@ -27,18 +32,20 @@ import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..catalog import Catalog
 from ..errors import BookingRejected, NotFound
 from ..models import (
     BOOKING_ID_PATTERN,
     MAX_BOOKING_BYTES,
     MAX_BOOKING_DEPTH,
+    Booking,
     json_field,
     parse_booking,
 )
 from ..nudge import due_soon
-from ..planner import plan
+from ..planner import Plan, plan
 from ..status import Status
-from ..store import Store
+from ..store import APPLY_CHUNK, Store
 from .auth import Authenticated
 from .body import json_body
 from .conditional import (
@@ -60,6 +67,11 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["bookings"],
                    dependencies=[Depends(no_unknown_query)])
 MAX_BATCH = 1000
+# A batch is stored STORE_PART accepted bookings at a time (`Store.upsert_many`: two apply
+# chunks); while Redis applies a chunk, the next CHECK_SLICE items are checked
+# (`_BatchCheck.step`), about as long as Redis takes.
+STORE_PART = 2 * APPLY_CHUNK
+CHECK_SLICE = APPLY_CHUNK
 PAGE_SCAN = 1000  # bookings read per page at most; a sparse filter may return a short page
 _BOOKING_ID = re.compile(BOOKING_ID_PATTERN)
 # An RFC 3339 instant with its offset (JSON Schema's date-time), nothing looser.
@@ -413,44 +425,81 @@ def batch_bookings(
     items = _batch_items(doc)
     require_configured(caller.clinic, svc)
     now = datetime.now(UTC)
-    results: list[dict[str, Any]] = []
-    accepted = []
-    seen: dict[str, int] = {}
-    for index, item in enumerate(items):
+    batch = _BatchCheck(items, caller.clinic, svc.catalog, now)
+    batch.check(STORE_PART)
+    stored = 0
+    changed: list[dict[str, Any]] = []  # the timelines of what the writes changed
+    while batch.pending:
+        part, batch.pending = batch.pending, []
+        # Which existed (200) or not (201): read by the same step that writes each. The
+        # next part is checked while Redis applies this one (`_BatchCheck.step`).
+        existed: list[str | None] = [None] * len(part)
+        timelines = svc.store.upsert_many([(b, p) for _, b, p in part], now,
+                                          previous=existed, idle=batch.step)
+        for (index, _, _), timeline, old in zip(part, timelines, existed, strict=True):
+            batch.results[index].update({"status": 200 if old is not None else 201,
+                                         "timeline": timeline})
+            if str(timeline["version"]) != old:
+                changed.append(timeline)
+        stored += len(part)
+        batch.check(STORE_PART)
+    # One ask for the whole batch, for what it changed (worker/nudge.py coalesces asks).
+    _nudge(svc, changed, now)
+    results = batch.results
+    refused_count = len(items) - stored
+    log.info("batch for clinic %s: %d stored, %d refused", caller.clinic, stored,
+             refused_count)
+    # orjson: the JSON JSONResponse would send (compact, UTF-8), in a tenth of the time for
+    # a thousand timelines.
+    return Response(orjson.dumps({"stored": stored, "refused": refused_count,
+                                  "results": results}), media_type="application/json")
+
+
+class _BatchCheck:
+    """A batch's items checked in request order (`intake`), a few at a time: each item's
+    result (`results`: index and booking id; a refusal's status and error too) and the
+    accepted ones not yet stored (`pending`: index, booking, plan). An item is refused on
+    its own fields, and on a booking id given by an earlier item accepted in the batch."""
+
+    def __init__(self, items: list[Any], clinic: str, catalog: Catalog, now: datetime) -> None:
+        self.items, self.clinic, self.catalog, self.now = items, clinic, catalog, now
+        self.results: list[dict[str, Any]] = []
+        self.pending: list[tuple[int, Booking, Plan]] = []
+        self.seen: dict[str, int] = {}
+
+    def check(self, until: int) -> None:
+        """Check items until `until` accepted ones are pending, or none is left."""
+        while len(self.pending) < until and len(self.results) < len(self.items):
+            self._one()
+
+    def step(self) -> None:
+        """`Store.upsert_many`'s `idle`: called while Redis applies a chunk of the part
+        being stored, check up to CHECK_SLICE more items, while fewer than STORE_PART
+        accepted ones wait (the next part). Touches no Redis."""
+        for _ in range(CHECK_SLICE):
+            if len(self.pending) >= STORE_PART or len(self.results) >= len(self.items):
+                return
+            self._one()
+
+    def _one(self) -> None:
+        index = len(self.results)
+        item = self.items[index]
         given = item.get("booking_id") if isinstance(item, dict) else None
         shown = given if isinstance(given, str) else None
         try:
             if isinstance(item, dict) and given is None:
                 raise refused([("booking_id", "Field required")])
-            if isinstance(given, str) and given in seen:
+            if isinstance(given, str) and given in self.seen:
                 raise refused([("booking_id", f"appears earlier in this batch (index "
-                                              f"{seen[given]})")])
-            booking, planned = intake(item, caller.clinic, None, svc.catalog, now)
+                                              f"{self.seen[given]})")])
+            booking, planned = intake(item, self.clinic, None, self.catalog, self.now)
         except ApiError as exc:
-            results.append({"index": index, "booking_id": shown, "status": exc.status,
-                            **error_body(exc.code, exc.message, exc.fields)})
-            continue
-        seen[booking.booking_id] = index
-        results.append({"index": index, "booking_id": booking.booking_id})
-        accepted.append((index, booking, planned))
-    if accepted:
-        # Which existed (200) or not (201): read by the same step that writes each.
-        existed: list[str | None] = [None] * len(accepted)
-        timelines = svc.store.upsert_many([(b, p) for _, b, p in accepted], now,
-                                          previous=existed)
-        for (index, _, _), timeline, old in zip(accepted, timelines, existed, strict=True):
-            results[index].update({"status": 200 if old is not None else 201,
-                                   "timeline": timeline})
-        # One ask for the whole batch, for what it changed (worker/nudge.py coalesces asks).
-        _nudge(svc, (t for t, old in zip(timelines, existed, strict=True)
-                     if str(t["version"]) != old), now)
-    refused_count = len(items) - len(accepted)
-    log.info("batch for clinic %s: %d stored, %d refused", caller.clinic, len(accepted),
-             refused_count)
-    # orjson: the JSON JSONResponse would send (compact, UTF-8), in a tenth of the time for
-    # a thousand timelines.
-    return Response(orjson.dumps({"stored": len(accepted), "refused": refused_count,
-                                  "results": results}), media_type="application/json")
+            self.results.append({"index": index, "booking_id": shown, "status": exc.status,
+                                 **error_body(exc.code, exc.message, exc.fields)})
+            return
+        self.seen[booking.booking_id] = index
+        self.results.append({"index": index, "booking_id": booking.booking_id})
+        self.pending.append((index, booking, planned))
 
 
 def _nudge(svc: Services, timelines: Iterable[dict[str, Any]], now: datetime) -> None:
