@@ -7,7 +7,9 @@ its OpenAPI document says whether the batch route exists and how many bookings a
 may hold. Each clinic gets a key from `reminders keys issue --clinic …`. One client (a
 keep-alive session) sends one booking per clinic to warm the API up (as the CLI's start-up
 is left out), then the batches one after the other, timed; a 429 is waited out as its
-Retry-After asks, and that wait counts. Every booking must come back stored.
+Retry-After asks, and that wait counts. Every booking must come back stored. Over the
+timed part it also reads the CPU time of the API process (/proc, Linux) and of redis-server
+(INFO cpu): `api_cpu_us` and `redis_cpu_us`, a booking (None where it cannot be read).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 
 from benchmarks.procs import Processes, settings_under, wait_for
@@ -90,20 +93,54 @@ def measure_batch_intake(params: Any, workdir: Path, config: Path, docs: list[di
         batches = [(clinic, items[i:i + size]) for clinic, items in by_clinic.items()
                    for i in range(0, len(items), size)]
         session = requests.Session()
+        redis_client = redis.Redis.from_url(url)
         # Warm up as the CLI's start-up is left out: one booking per clinic (and key) first.
         for clinic in by_clinic:
             post_batch(session, f"{base}{ROUTE}", keys[clinic],
                        [warm_up_booking(by_clinic[clinic][0])], deadline=time.monotonic() + 60)
+        api_cpu, redis_cpu = process_cpu(api.pid), server_cpu(redis_client)
         started = time.monotonic()
         for clinic, batch in batches:
             post_batch(session, f"{base}{ROUTE}", keys[clinic], batch,
                        deadline=started + params.intake_budget)
         seconds = time.monotonic() - started
+        api_after, redis_after = process_cpu(api.pid), server_cpu(redis_client)
+        redis_client.close()
+
+        def per_booking(before: float | None, after: float | None) -> float | None:
+            if before is None or after is None:
+                return None
+            return (after - before) / len(docs) * 1e6
+
         return {"available": True, "bookings": len(docs),
                 "batch": max(len(b) for _, b in batches), "requests": len(batches),
-                "seconds": seconds, "rate": len(docs) / seconds}
+                "seconds": seconds, "rate": len(docs) / seconds,
+                "api_cpu_us": per_booking(api_cpu, api_after),
+                "redis_cpu_us": per_booking(redis_cpu, redis_after)}
     finally:
         procs.stop(api)
+
+
+def process_cpu(pid: int) -> float | None:
+    """The CPU seconds (user + system) process `pid` has used, from /proc; None elsewhere."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "(comm)": state is field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(client: redis.Redis) -> float | None:
+    """The CPU seconds redis-server has used (INFO cpu, its main process and threads)."""
+    try:
+        info = client.info("cpu")
+    except redis.RedisError:
+        return None
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def warm_up_booking(doc: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"POST {ROUTE}: {result['bookings']:,} bookings in {result['requests']} batches of "
           f"{result['batch']:,} in {result['seconds']:.2f} s = {result['rate']:,.0f} bookings/s")
+    if result["api_cpu_us"] is not None and result["redis_cpu_us"] is not None:
+        print(f"CPU a booking: API process {result['api_cpu_us']:.0f} µs, redis-server "
+              f"{result['redis_cpu_us']:.0f} µs")
     return 0
 
 
