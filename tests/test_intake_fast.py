@@ -5,7 +5,10 @@
 - `models.trusted_booking` (builds the models directly) against `model_construct`;
 - the store's memoised instant forms (`_stamps`) against `_num(timestamp)` and `_utc`, for
   equal instants given in different zones too;
-- the contact ids' HMAC (`store._hmac_sha256`, from padded keys kept) against `hmac.digest`.
+- the contact ids' HMAC (`store._hmac_sha256`, from padded keys kept) against `hmac.digest`;
+- a batch stored from its plans' records (`upsert_many(records=...)`, as `reminders book`
+  stores) against the same batch stored from the plan objects: every key, field, score and
+  expiry the same.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from benchmarks.intake import realistic_bookings
 from tests.fixed_scenario import FIXED_SCENARIO_RETENTION_DAYS
 from worker.models import Booking, Medications, Patient, parse_booking, trusted_booking
 from worker.planner import WEEK_DAYS, sms_fits
-from worker.store import _num, _stamps, _utc
+from worker.store import _micro_epoch, _num, _stamps, _utc
 
 NOW = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 
@@ -72,6 +75,11 @@ def test_stamps_are_the_plain_forms(seconds: int, micros: int, zone: ZoneInfo,
     expected = (_num(instant.timestamp()), _utc(instant))
     assert _stamps(instant) == expected
     assert _stamps(instant.astimezone(other)) == expected  # the same instant elsewhere
+    # From a plan record's exact microseconds (`_new_from_record`), before the epoch too.
+    whole = seconds * 1_000_000 + micros
+    assert _micro_epoch(whole) == expected[0] == _micro_epoch(whole)  # again: from its memo
+    before = datetime(1970, 1, 1, tzinfo=UTC) - timedelta(microseconds=whole)
+    assert _micro_epoch(-whole) == _num(before.timestamp())
 
 
 def constructed(doc: dict) -> Booking:
@@ -249,3 +257,100 @@ def test_upsert_many_runs_idle_while_each_chunk_is_applied(redis_client: Any,
         assert stored == expected
         assert redis_client.get(with_idle.doc_key(*booking.key)) == \
             redis_client.get(plain.doc_key(*booking.key))
+
+
+def _dumped(redis_client: Any, prefix: str) -> dict[str, Any]:
+    """Everything under `prefix`, as comparable values: each key (the prefix cut) with its
+    type, value and expiry. Clinic events are keyed and stamped by Redis's clock at the
+    apply: compared as a list of their fields without their stamps."""
+    import re
+
+    out: dict[str, Any] = {}
+    events: list[Any] = []
+    keys = sorted(redis_client.scan_iter(f"{prefix}:*", count=1000))
+    pipe = redis_client.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+    kinds = pipe.execute()
+    reads = {"string": pipe.get, "hash": pipe.hgetall, "set": pipe.smembers,
+             "zset": lambda k: pipe.zrange(k, 0, -1, withscores=True),
+             "list": lambda k: pipe.lrange(k, 0, -1)}
+    for key, kind in zip(keys, kinds, strict=True):
+        reads[kind](key)
+        pipe.execute_command("EXPIRETIME", key)
+    replies = pipe.execute()
+    for key, kind, value, expiry in zip(keys, kinds, replies[0::2], replies[1::2],
+                                        strict=True):
+        name = key[len(prefix) + 1:]
+        if name.startswith("ev:") and kind == "hash":
+            events.append(sorted((f, re.sub(r'"created_at":[0-9.]+,?', "", v))
+                                 for f, v in value.items()))
+        elif name in ("ev:due", "ev:last", "ev:seq"):
+            out[name] = len(value) if kind == "zset" else kind
+        elif not name.startswith("secret:"):
+            out[name] = (kind, value, expiry)
+    out["(events)"] = sorted(events)
+    return out
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_a_batch_stored_from_its_records_is_stored_as_from_its_plans(
+        redis_client: Any, catalog: Any, release: bool) -> None:
+    """`upsert_many(records=...)`, as `reminders book` stores a batch (each new booking's
+    reminders written from its plan's record: `_new_from_record`), writes key for key, field
+    for field, score for score what the same batch writes from the plan objects, and
+    answers the same: varied bookings (three treatments, held, released, late, patients
+    with several bookings whose SMS the cap moves by the others'), booked, then booked
+    again (unchanged), then with changes."""
+    from worker.batch import Document, _check_chunk, decode
+    from worker.store import APPLY_CHUNK, Store
+
+    now = NOW
+    docs = list(realistic_bookings(2 * APPLY_CHUNK + 50, seed=12, now=now))
+    for n in range(0, 60, 3):  # patients with three bookings each, a day apart
+        for k in (1, 2):
+            docs[n + k]["patient"] = dict(docs[n]["patient"], channels=["sms"])
+            docs[n + k]["starts_at"] = (datetime.fromisoformat(docs[n]["starts_at"])
+                                        + timedelta(days=k)).isoformat()
+    docs[71]["starts_at"] = (now + timedelta(hours=30)).isoformat()  # steps late
+    docs[72]["treatment"] = "microneedling"
+    docs[72]["medications"] = {"tretinoin": True, "retinol": False,
+                               "isotretinoin_last_dose": (now - timedelta(days=30)).date()
+                               .isoformat()}  # held (released with `release`)
+    changed = [dict(d, starts_at=(datetime.fromisoformat(d["starts_at"]) + timedelta(days=1))
+                    .isoformat()) if n % 5 == 0 else d for n, d in enumerate(docs)]
+    with_records = Store(redis_client, "from-records",
+                         retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    from_plans = Store(redis_client, "from-plans", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    from_plans._contact_secret = with_records.contact_secret  # the same contact ids
+    for batch in (docs, docs, changed):
+        lines = [orjson.dumps(d) for d in batch]
+        chunk = _check_chunk([Document(n + 1, n + 1, raw=line) for n, line in enumerate(lines)],
+                             catalog, None, now)
+        assert not chunk.refused
+        accepted = chunk.accepted()
+        items = [decode(item, catalog) for item in accepted]
+        texts = [doc for doc, _ in accepted]
+        before: list[list[str | None]] = [[None] * len(items) for _ in range(2)]
+        got = with_records.upsert_many(items, now, release=release, previous=before[0],
+                                       timelines=False, docs=texts,
+                                       records=[record for _, record in accepted])
+        assert got == from_plans.upsert_many(items, now, release=release, previous=before[1],
+                                             timelines=False, docs=texts)
+        assert before[0] == before[1]
+        assert _dumped(redis_client, "from-records") == _dumped(redis_client, "from-plans")
+    assert with_records._kinds, "no booking was stored from its record"
+    stored = _dumped(redis_client, "from-plans")
+    held = stored["b:glow/" + docs[72]["booking_id"]][1]
+    assert held["status"] == ("scheduled" if release else "held")
+    texts_by_id = stored["t"][1]
+    late = stored["b:glow/" + docs[71]["booking_id"]][1]
+    assert any("late:" in texts_by_id[v.rsplit("@", 1)[1]] for k, v in late.items()
+               if ":" in k and "@" in v), "no step late"
+    # The cap moved some of the three-booking patients' SMS (a reason beyond the planner's).
+    reasons = {texts_by_id[v.rsplit("@", 1)[1]] for n in range(60)
+               for k, v in stored["b:glow/" + docs[n]["booking_id"]][1].items()
+               if k.endswith(":sms") and "@" in v}
+    assert any("SMS" in reason for reason in reasons), reasons
+    with pytest.raises(ValueError):
+        with_records.upsert_many(items, now, records=[])

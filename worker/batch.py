@@ -19,7 +19,9 @@ about 1 KB, against about 10 KB as objects), in memory for the first `SPOOL_AFTE
 a temporary file beyond, so a large file never sits in memory; storing then takes `CHUNK`
 bookings at a time through `Store.upsert_many` (a few thousand per call: it reads them at
 once, then prepares each apply chunk while Redis applies the one before), each batch
-decoded while Redis applies the batch before (`DecodeAhead`). The check of a
+decoded while Redis applies the batch before (`DecodeAhead`), and handed over with each
+plan's record too (`records`: a new booking's reminders are written from it, not taken
+apart again from the decoded objects). The check of a
 large input runs in one process per core (at most MAX_AUTO_JOBS) past its first AUTO_AFTER
 chunks: Redis has nothing to do until storing starts, so on 2 cores checking takes about
 half the time; `jobs` sets the number (1: here).

@@ -400,7 +400,8 @@ def store_all(
                 storing = True
                 timelines = store.upsert_many(items, now, previous=before,
                                               timelines=out is not None or tables,
-                                              docs=[doc for doc, _ in chunk], idle=ahead.step)
+                                              docs=[doc for doc, _ in chunk], idle=ahead.step,
+                                              records=[record for _, record in chunk])
                 storing = False
                 stored += len(items)
                 for (booking, planned), old, timeline in zip(items, before, timelines,

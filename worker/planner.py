@@ -1384,8 +1384,14 @@ def plan_from_record(
 ) -> Plan:
     """The plan `plan_record` was made of (its window and caps are the clinic's, given here)."""
     status, hold_reason, records, notice_steps, late, rule, protected, uncapped = record
-    done: dict[int, PlannedReminder] = {}  # a record met twice is one reminder, as planned
-    unchanged = None if uncapped is None else _from_records(uncapped, done)
+    # A record met twice (in both lists: the cap left it as planned) is one reminder, as
+    # planned; a plan the cap did not change has one list (`done` None: no record is met
+    # twice, nothing to note).
+    done: dict[int, PlannedReminder] | None = None
+    unchanged = None
+    if uncapped is not None:
+        done = {}
+        unchanged = _from_records(uncapped, done)
     plan = _new_plan(Plan)
     # Plan's own fields, as `Plan(...)` sets them, without its per-field frozen `__setattr__`.
     object.__setattr__(plan, "__dict__", {
@@ -1420,15 +1426,18 @@ def _shape(static: ReminderStatic) -> dict[str, object]:
 
 
 def _from_records(
-    records: tuple[ReminderRecord, ...], done: dict[int, PlannedReminder]
+    records: tuple[ReminderRecord, ...], done: dict[int, PlannedReminder] | None
 ) -> list[PlannedReminder]:
+    """The reminders of `records`; `done`: those made already, by their record's id, and
+    where to note these (None: no other list shares them)."""
     reminders = []
     instants, shapes, new, setter = _INSTANTS, _SHAPES, _new_reminder, object.__setattr__
     for record in records:
-        reminder = done.get(id(record))
-        if reminder is not None:
-            reminders.append(reminder)
-            continue
+        if done is not None:
+            reminder = done.get(id(record))
+            if reminder is not None:
+                reminders.append(reminder)
+                continue
         static, due, expires = record
         hit = shapes.get(id(static))
         fields = (hit[1] if hit is not None and hit[0] is static else _shape(static)).copy()
@@ -1439,6 +1448,7 @@ def _from_records(
             fields["expires_at"] = instant if instant is not None else _instant(expires)
         reminder = new(PlannedReminder)
         setter(reminder, "__dict__", fields)
-        done[id(record)] = reminder
+        if done is not None:
+            done[id(record)] = reminder
         reminders.append(reminder)
     return reminders

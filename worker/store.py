@@ -155,6 +155,8 @@ from .planner import (
     BEYOND_CAP,
     Plan,
     PlannedReminder,
+    PlanRecord,
+    ReminderRecord,
     cap_plan,
     cap_words,
     is_hold_notice,
@@ -2170,6 +2172,21 @@ def _stamps(when: datetime) -> tuple[str, str]:
 _EPOCHS: dict[datetime, str] = {}
 
 
+# The same by the instant's exact microseconds since the epoch (a plan record's instants).
+_MICRO_EPOCHS: dict[int, str] = {}
+
+
+def _micro_epoch(micros: int) -> str:
+    """`_epoch_stamp` of the instant `micros` microseconds after the epoch, kept in
+    `_MICRO_EPOCHS`. The same text: an aware datetime's `timestamp()` is its microseconds
+    since the epoch over 10**6 (an exact integer division, correctly rounded), as here."""
+    if len(_MICRO_EPOCHS) >= 65536:
+        _MICRO_EPOCHS.clear()
+    seconds, fraction = divmod(micros, 1_000_000)
+    stamp = _MICRO_EPOCHS[micros] = str(seconds) if not fraction else repr(micros / 1_000_000)
+    return stamp
+
+
 def _epoch_stamp(when: datetime) -> str:
     """`_stamps(when)[0]`, kept in `_EPOCHS`."""
     if len(_EPOCHS) >= 65536:
@@ -2507,6 +2524,8 @@ class _Round:
     # Each booking's `model_dump_json()` as the caller had it, by position in its items
     # (`upsert_many`'s `docs`), or None: made here.
     docs: Sequence[str] | None = None
+    # Each plan's `plan_record` as the caller had it (`upsert_many`'s `records`), or None.
+    records: Sequence[PlanRecord] | None = None
     # "<clinic>/<booking id>" of the batch's bookings before these whose check failed in an
     # earlier apply (the script makes a booking whose SMS cap read one of them wait too).
     stale: list[str] = field(default_factory=list)
@@ -2604,6 +2623,8 @@ class Store:
         self._ids: dict[str, str] = {}
         # A new booking's reminder apart from its instants, per kind (`_reminder_static`).
         self._static: dict[tuple[Any, ...], Any] = {}
+        # The same per plan record's static tuple, by its id, per hold (`_new_from_record`).
+        self._kinds: dict[tuple[bool, str], dict[int, tuple[Any, ...]]] = {}
         self._texts: dict[str, str] = {}  # text id -> text, as read from Redis
         self._taken: set[str] = set()  # ids that name other words
         self._contact_secret: bytes | None = None
@@ -2760,7 +2781,9 @@ class Store:
 
     def _stored_rows(self, rows: Sequence[Sequence[Any]]) -> list[_Stored]:
         """Bookings as `read_booking` (Lua) answers them: {hash, document, due scores}."""
-        hashes = [_flat_hash(row[0]) for row in rows]
+        hashes = [_flat_hash(row[0]) if row[0] else {} for row in rows]
+        if not any(hashes):  # none stored (new bookings): nothing to decode
+            return [_Stored({}, None, {}, _flat_hash(row[2]) if row[2] else {}) for row in rows]
         texts = self._resolve(
             tid
             for h in hashes
@@ -2812,6 +2835,7 @@ class Store:
         self, items: list[tuple[Booking, Plan]], now: datetime, *, release: bool = False,
         previous: list[str | None] | None = None, timelines: bool = True,
         docs: Sequence[str] | None = None, idle: Callable[[], object] | None = None,
+        records: Sequence[PlanRecord] | None = None,
     ) -> list[dict[str, Any]]:
         """`upsert` each (booking, plan), in a few round trips per chunk; return the timelines.
 
@@ -2834,6 +2858,11 @@ class Store:
         `docs`, when given (as long as `items`): each booking's `model_dump_json()`, as the
         caller already has it (`reminders book`'s check made it), not made again here.
 
+        `records`, when given (as long as `items`): each plan's `plan_record`, the record it
+        was decoded from (`reminders book` decodes its plans from these): a new booking's
+        reminders are then stored from the record's parts, each kind worked out once
+        (`_prepare_new`), not taken apart again from the reminder objects.
+
         `idle`, when given: called once each time this thread has an apply chunk prepared
         and waits for Redis to apply the one before (Redis works on the other core): a
         caller's own work that touches no Redis (`reminders book` decodes its next batch
@@ -2841,6 +2870,8 @@ class Store:
         """
         if docs is not None and len(docs) != len(items):
             raise ValueError("docs: one per booking")
+        if records is not None and len(records) != len(items):
+            raise ValueError("records: one per booking")
         self._ready()
         out: list[dict[str, Any] | None] = [None] * len(items)
         before: list[str | None] = [None] * len(items) if previous is None else previous
@@ -2855,10 +2886,11 @@ class Store:
             redo = list(first.later)
             if len(first.batch) <= APPLY_CHUNK:  # one chunk (a single PUT): nothing to overlap
                 ready = self._prepared(_Round(first.batch, stored, [], caps,
-                                              timelines=timelines, docs=docs), now, release)
+                                              timelines=timelines, docs=docs,
+                                              records=records), now, release)
                 redo += self._settle(ready, self._send(ready), now, release, out, before)
                 self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines,
-                                    docs)
+                                    docs, records)
                 return cast(list[dict[str, Any]], out)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-apply") as pool:
                 sent: tuple[_Round, Future[Any]] | None = None
@@ -2867,7 +2899,8 @@ class Store:
                     part = slice(start, start + APPLY_CHUNK)
                     ready = self._prepared(
                         _Round(first.batch[part], stored[part], [], caps[part],
-                               timelines=timelines, docs=docs), now, release)
+                               timelines=timelines, docs=docs, records=records), now,
+                        release)
                     if sent is not None:
                         if idle is not None:
                             idle()
@@ -2881,7 +2914,7 @@ class Store:
                     idle()
                 redo += self._settle(sent[0], sent[1].result(), now, release, out, before)
             self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines,
-                                docs)
+                                docs, records)
         return cast(list[dict[str, Any]], out)
 
     def _upsert_rounds(
@@ -2894,11 +2927,13 @@ class Store:
         before: list[str | None],
         timelines: bool = True,
         docs: Sequence[str] | None = None,
+        records: Sequence[PlanRecord] | None = None,
     ) -> None:
         """Read, prepare and apply the bookings at `todo` until every one is written,
         APPLY_CHUNK at a time."""
         while todo:
-            ready = self._round(todo[:APPLY_CHUNK], items, now, release, timelines, docs)
+            ready = self._round(todo[:APPLY_CHUNK], items, now, release, timelines, docs,
+                                records)
             todo = sorted(self._settle(ready, self._send(ready), now, release, out, before)
                           + todo[APPLY_CHUNK:])
 
@@ -2955,10 +2990,11 @@ class Store:
     def _round(
         self, todo: list[int], items: list[tuple[Booking, Plan]], now: datetime, release: bool,
         timelines: bool = True, docs: Sequence[str] | None = None,
+        records: Sequence[PlanRecord] | None = None,
     ) -> _Round:
         """Read and prepare the bookings at `todo` that can go in one round (`_select`)."""
         ready = self._select(todo, items)
-        ready.timelines, ready.docs = timelines, docs
+        ready.timelines, ready.docs, ready.records = timelines, docs, records
         ready.stored = self._read([item[0].key for _, item in ready.batch], scores=timelines)
         ready.caps = self._caps_read([item for _, item in ready.batch])
         self._wait_for_later(ready, items)
@@ -3249,15 +3285,17 @@ class Store:
     def _prepared(self, ready: _Round, now: datetime, release: bool) -> _Round:
         texts: dict[str, str] = {}
         ready.prepared = []
-        docs = ready.docs
+        docs, records = ready.docs, ready.records
         for (i, (booking, planned)), stored, read in zip(ready.batch, ready.stored, ready.caps,
                                                          strict=True):
             unflag = self._by_email_again(booking, stored)
+            capped = self._capped_plan(booking, planned, stored, read, now, release, unflag)
             ready.prepared.append(self._prepare(
-                booking, self._capped_plan(booking, planned, stored, read, now, release, unflag),
-                stored, now, release, texts, read.guard if read else None,
+                booking, capped, stored, now, release, texts, read.guard if read else None,
                 timeline=ready.timelines, unflag=unflag,
-                doc=docs[i] if docs is not None else None))
+                doc=docs[i] if docs is not None else None,
+                # The plan's record, for the plan as decoded from it (not capped again here).
+                record=records[i] if records is not None and capped is planned else None))
         args: list[Any] = [self.prefix, len(texts)]
         for tid, text in texts.items():
             args += [tid, text]
@@ -3281,6 +3319,7 @@ class Store:
             self._taken.add(str(reply[1]))
             self._ids = {t: i for t, i in list(self._ids.items()) if i != reply[1]}
             self._static.clear()  # it names texts by their ids
+            self._kinds.clear()
             reply = self._send(self._prepared(ready, now, release))
         if reply[0] == "layout":
             self._layout_ok = False
@@ -3311,23 +3350,26 @@ class Store:
         timeline: bool = True,
         unflag: frozenset[str] = frozenset(),
         doc: str | None = None,
+        record: PlanRecord | None = None,
     ) -> _Prepared:
         """Return the apply script's input for one booking, and its timeline after it (only
         its version unless `timeline`). `unflag`: `_by_email_again`. `doc`: the booking's
-        `model_dump_json()` if the caller has it.
+        `model_dump_json()` if the caller has it. `record`: the `plan_record` `plan` was
+        decoded from, if the caller has it (used for a new booking).
 
         A store whose `_reconcile` seam is overridden sees every booking there, new ones too
         (the HTTP API checks If-Match in it).
         """
         if not stored.fields and self._plain_reconcile:
             return self._prepare_new(booking, plan, now, release, texts, guard,
-                                     timeline=timeline, doc=doc)
+                                     timeline=timeline, doc=doc, record=record)
         return self._prepare_reconciled(booking, plan, stored, now, release, texts, guard,
                                         timeline=timeline, unflag=unflag, doc=doc)
 
     def _prepare_new(
         self, booking: Booking, plan: Plan, now: datetime, release: bool, texts: dict[str, str],
         guard: list[Any] | None = None, *, timeline: bool = True, doc: str | None = None,
+        record: PlanRecord | None = None,
     ) -> _Prepared:
         """The common case, a booking not stored yet, without the general reconcile.
 
@@ -3335,6 +3377,13 @@ class Store:
         it): every planned reminder is written with version 1 as planned, scheduled ones due
         unless the booking is held; the booking takes the plan's status unless the clinic
         released exactly these medications.
+
+        `record`: the `plan_record` that `plan` was decoded from (`reminders book`). Its
+        reminders' static parts are shared tuples, one per kind of reminder, and its
+        instants whole microseconds: without a timeline to build, each reminder's stored
+        form is then made from those (`_new_from_record`), its kind looked up by the
+        tuple's identity and its epoch by the integer, not from the reminder's attributes
+        and datetimes (the same text: tests/test_intake_fast.py compares the two).
         """
         clinic, booking_id = booking.key
         if doc is None:
@@ -3347,22 +3396,43 @@ class Store:
         held = status == Status.HELD
         hold_reason = (plan.hold_reason or "") if held else ""
         stamp = self._stamp_of(now)
-        # In UTC, as the plan's instants are (decoded): compared without the zone's offset
-        # worked out at each comparison.
-        last = booking.starts_at.astimezone(UTC)
-        for r in plan.reminders:
-            if r.due_at > last:
-                last = r.due_at
-        keep = math.ceil(last.timestamp() + self.retention_seconds)
-        intern = self._intern
-        fields = {"status": str(status), "version": "1",
-                  "window": f"{plan.window.start}-{plan.window.end}" if plan.window else "",
-                  "hold_reason": hold_reason, "released_for": released_for,
-                  "updated_at": stamp, "created_at": stamp, "keep_until": str(keep),
-                  "contacts": self._booking_contacts(booking),
-                  "late_pause": "1" if plan.late_pause else "",
-                  "ns": intern(plan.notice_steps, texts) if plan.notice_steps else ""}
-        hset = [x for k, v in fields.items() if v for x in (k, v)]
+        records = record[2] if record is not None and not timeline else None
+        if records is not None and len(records) == len(plan.reminders):
+            # The last instant from the record's microseconds: an instant's `timestamp()` is
+            # its microseconds over 10**6 (see `_micro_epoch`).
+            last_epoch = booking.starts_at.timestamp()
+            for _, due, _ in records:
+                if due / 1_000_000 > last_epoch:
+                    last_epoch = due / 1_000_000
+            keep = math.ceil(last_epoch + self.retention_seconds)
+        else:
+            records = None
+            # In UTC, as the plan's instants are (decoded): compared without the zone's
+            # offset worked out at each comparison.
+            last = booking.starts_at.astimezone(UTC)
+            for r in plan.reminders:
+                if r.due_at > last:
+                    last = r.due_at
+            keep = math.ceil(last.timestamp() + self.retention_seconds)
+        contacts = self._booking_contacts(booking)
+        # The booking's fields, those not empty (status, version, the stamps and keep_until
+        # never are), in this order.
+        hset = ["status", str(status), "version", "1"]
+        if plan.window:
+            hset += ["window", f"{plan.window.start}-{plan.window.end}"]
+        if hold_reason:
+            hset += ["hold_reason", hold_reason]
+        if released_for:
+            hset += ["released_for", released_for]
+        if stamp:
+            hset += ["updated_at", stamp, "created_at", stamp]
+        hset += ["keep_until", str(keep)]
+        if contacts:
+            hset += ["contacts", contacts]
+        if plan.late_pause:
+            hset += ["late_pause", "1"]
+        if plan.notice_steps:
+            hset += ["ns", self._intern(plan.notice_steps, texts)]
         # The apply script's input as `apply_args` makes it, built here: its due entries
         # (score, ref) and the metrics' counts per channel (scheduled, skipped).
         zadd: list[str] = []
@@ -3372,7 +3442,10 @@ class Store:
         entries = []
         static = self._static
         epochs = _EPOCHS
-        for r in plan.reminders:
+        if records is not None:
+            self._new_from_record(records, plan.reminders, held, hold_reason, base, hset,
+                                  zadd, scheduled, skipped, texts)
+        for r in () if records is not None else plan.reminders:
             # What does not depend on the booking's instants is worked out once per kind of
             # reminder (a protocol has a few dozen): `_reminder_static`.
             hit = static.get((r.key, r.step, r.channel, r.template, r.occurrence,
@@ -3436,7 +3509,7 @@ class Store:
                 counts += [f"{what}|{clinic}|{channel}", n]
         args: list[str | bytes] = [
             _dumps([clinic, booking_id, "", str(keep), hset, [], zadd, emits, "",
-                    guard if guard is not None else False, counts, fields["contacts"], [],
+                    guard if guard is not None else False, counts, contacts, [],
                     [], []]),
             doc]
         return _Prepared(args, shown_timeline)
@@ -3451,6 +3524,68 @@ class Store:
         return stamp
 
     _STATIC_MAX = 4096  # kinds of reminder kept by `_reminder_static`
+
+    def _new_from_record(
+        self, records: tuple[ReminderRecord, ...], reminders: list[PlannedReminder],
+        held: bool, hold_reason: str, base: str, hset: list[str], zadd: list[str],
+        scheduled: dict[str, int], skipped: dict[str, int], texts: dict[str, str],
+    ) -> None:
+        """`_prepare_new`'s loop over the reminders without a timeline, from the plan's
+        record (`records`, one per reminder of `reminders`, in order): each reminder's
+        stored field and value onto `hset`, its due entry onto `zadd`, its channel counted in
+        `scheduled` or `skipped`, the texts it names into `texts`. What `_reminder_static`
+        gives a kind is kept here by the identity of the record's static tuple (for this
+        hold), with the key, channel and value's parts it makes (a miss is worked out from the
+        reminder object itself, as the general loop does); an epoch's stored form from its
+        microseconds (`_micro_epoch`)."""
+        kinds = self._kinds.get((held, hold_reason))
+        if kinds is None:
+            if len(self._kinds) >= 64:
+                self._kinds.clear()
+            kinds = self._kinds[(held, hold_reason)] = {}
+        stamps = _MICRO_EPOCHS
+        for n, (shared, due, expires) in enumerate(records):
+            hit = kinds.get(id(shared))
+            if hit is None or hit[0] is not shared:
+                hit = self._record_kind(shared, reminders[n], held, hold_reason, kinds)
+            if hit[1] is None:  # released: the hold notice has nothing to say
+                continue
+            _, key, channel, head, tail, goes_due, used = hit
+            if used:
+                texts.update(used)
+            planned = stamps.get(due) or _micro_epoch(due)
+            if expires is not None:
+                expiry = stamps.get(expires) or _micro_epoch(expires)
+                hset += [key, f"{head}{planned}||{expiry}{tail}"]
+            else:
+                hset += [key, f"{head}{planned}||{tail}" if tail else head + planned]
+            if goes_due:
+                zadd += [planned, base + key]
+                scheduled[channel] = scheduled.get(channel, 0) + 1
+            elif head[0] == "K":
+                skipped[channel] = skipped.get(channel, 0) + 1
+
+    def _record_kind(
+        self, shared: tuple[Any, ...], r: PlannedReminder, held: bool, hold_reason: str,
+        kinds: dict[int, tuple[Any, ...]],
+    ) -> tuple[Any, ...]:
+        """What `_new_from_record` keeps for the kind of reminder `r` (whose record's static
+        tuple is `shared`): (shared, key, channel, head, tail, goes due, texts named), with
+        key None for a hold notice of a booking not held (`_reminder_static`'s False)."""
+        hit = self._static.get((r.key, r.step, r.channel, r.template, r.occurrence,
+                                r.status == Status.SKIPPED, r.reason, r.at_booking,
+                                r.expires_note, held, hold_reason))
+        if hit is None:
+            hit = self._reminder_static(r, held, hold_reason)
+        if hit is False:
+            value: tuple[Any, ...] = (shared, None, None, "", "", False, {})
+        else:
+            head, tail, goes_due, _, _, used = hit
+            value = (shared, r.key, r.channel, head, tail, goes_due, used)
+        if len(kinds) >= self._STATIC_MAX:
+            kinds.clear()
+        kinds[id(shared)] = value
+        return value
 
     def _reminder_static(
         self, r: PlannedReminder, held: bool, hold_reason: str
@@ -3486,6 +3621,7 @@ class Store:
                      else r.reason or None, used)
         if len(self._static) >= self._STATIC_MAX:
             self._static.clear()
+            self._kinds.clear()
         self._static[(r.key, r.step, r.channel, r.template, r.occurrence,
                       skipped, r.reason, r.at_booking, r.expires_note, held, hold_reason)] = value
         return value
