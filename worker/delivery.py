@@ -4,7 +4,9 @@
 whether retrying can help (`permanent`) and whether the message may have reached the
 provider anyway (`unknown`). Each message gets its own plugin object, loaded from its URL
 as `Apprise.add` loads it (`load_services`, without the masked copies of the URL Apprise
-renders for its DEBUG lines), and is sent through the sending thread's Apprise object,
+renders for its DEBUG lines; the URL's parse kept once per clinic URL and filled with the
+message's recipient and header values where that is the plugin's own parse, `_parsed`),
+and is sent through the sending thread's Apprise object,
 which holds that one service during the send. Apprise's own retries off (its default of
 one attempt), socket timeouts bounded by the settings, and the plugin run in the calling
 thread (no Apprise deadline, so no hidden shared thread pool in which a busy worker's sends
@@ -63,7 +65,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import apprise
 import requests
@@ -854,7 +856,7 @@ def _load_service(url: str) -> Any:
     # Loads the schema's plugin module if it is not loaded yet (worker/apprise_plugins.py).
     if not has_plugin(schema):
         return apprise.Apprise.instantiate(url, asset=_ASSET)
-    results = N_MGR[schema].parse_url(fixed)
+    results = _parsed(N_MGR[schema], fixed)
     if not results or not N_MGR[results["schema"]].enabled:
         return None
     results["tag"] = set()
@@ -864,6 +866,113 @@ def _load_service(url: str) -> Any:
     except Exception:  # Apprise's instantiate: the arguments cannot be used
         return None
     return service if service.enabled else None
+
+
+# --- the parsed URL of a channel, made once per clinic URL and reused -----------------------
+
+# A channel URL differs from message to message only in a few query values: the recipient
+# (`to={to}`, `:to={to}`), an email's List-Unsubscribe link. Parsing it is most of loading
+# its plugin (`_load_service`). So the URL is parsed once with each such value replaced by
+# a marker, and for each message the parsed result is copied with each marker replaced by
+# that message's value; the plugin's constructor still runs for every message, as before.
+# Only where this is the same result as parsing the message's own URL:
+#  - the value is the whole value of a query parameter (after the URL's first "?") whose
+#    name the plugin's `parse_url` keeps without reading its value (`_OPAQUE`): it unquotes
+#    it (`apprise.utils.parse.parse_qsd`: `unquote`, then `strip`), perhaps unquotes it once
+#    more (the custom plugins' payload, headers and parameters; the email plugin's headers),
+#    and stores it; it never splits, lowercases or tests it, except for being empty;
+#  - the value, so unquoted, is not empty and holds no "%" (unquoting it again changes
+#    nothing); the query holds no ";" (which `parse_qsd` also splits on);
+#  - in what the plugin's `parse_url` made of the URL with the markers, each marker is found
+#    only as a whole string, never inside another, never in a key (checked once per URL:
+#    else that URL is parsed for every message, as before).
+# Any other URL (a recipient in the path or host: twilio://.../{to}) is parsed for every
+# message, as before.
+_OPAQUE: dict[tuple[str, str], re.Pattern[str]] = {
+    ("apprise.plugins.custom_json", "NotifyJSON"): re.compile(r"[:+-][A-Za-z0-9_-]+"),
+    ("apprise.plugins.custom_form", "NotifyForm"): re.compile(r"[:+-][A-Za-z0-9_-]+"),
+    ("apprise.plugins.custom_xml", "NotifyXML"): re.compile(r"[:+-][A-Za-z0-9_-]+"),
+    ("apprise.plugins.email.base", "NotifyEmail"):
+        re.compile(r"to|cc|bcc|reply|\+[A-Za-z0-9_-]+"),
+}
+# Markers: letters and digits, as a plain value is; mixed case, so that a plugin lowering a
+# value would show; a token of this process's own, so that no URL holds one already.
+_MARK = f"Mk{os.urandom(6).hex()}Q"
+_MARKED = re.compile(re.escape(_MARK) + r"\d+Z")
+PARSED_KEPT = 256  # parsed channel URLs kept (per process; emptied when full)
+_parsed_urls: dict[str, dict[str, Any] | None] = {}  # None: parsed for every message
+
+
+def _parsed(plugin: Any, url: str) -> dict[str, Any] | None:
+    """`plugin.parse_url(url)`, from the URL's parsed form kept with markers where it can
+    be (see above): the same dictionary, made anew for each call."""
+    opaque = _OPAQUE.get((plugin.__module__, plugin.__qualname__))
+    base, question, query = url.partition("?")
+    if opaque is None or not question or ";" in query or _MARK in url:
+        return plugin.parse_url(url)  # type: ignore[no-any-return]
+    pairs = query.split("&")
+    values: dict[str, str] = {}
+    for i, pair in enumerate(pairs):
+        name, equals, raw = pair.partition("=")
+        if not equals or not opaque.fullmatch(name):
+            continue
+        value = unquote(raw).strip()
+        if value and "%" not in value:
+            marker = f"{_MARK}{i}Z"
+            values[marker] = value
+            pairs[i] = f"{name}={marker}"
+    if not values:
+        return plugin.parse_url(url)  # type: ignore[no-any-return]
+    key = f"{plugin.__module__}.{plugin.__qualname__} {base}?{'&'.join(pairs)}"
+    try:
+        kept = _parsed_urls[key]
+    except KeyError:
+        kept = plugin.parse_url(key.split(" ", 1)[1])
+        if kept is not None and not _markers_whole(kept):
+            kept = None
+        if len(_parsed_urls) >= PARSED_KEPT:
+            _parsed_urls.clear()
+        _parsed_urls[key] = kept
+        if kept is None:
+            return plugin.parse_url(url)  # type: ignore[no-any-return]
+    if kept is None:
+        return plugin.parse_url(url)  # type: ignore[no-any-return]
+    filled: dict[str, Any] = _filled(kept, values)
+    return filled
+
+
+_SCALARS = (type(None), bool, int, float)
+
+
+def _markers_whole(found: Any) -> bool:
+    """Whether every marker in `found` (a parsed URL) is a whole string of it, never in a
+    key, and it holds only what `_filled` copies or may share: dicts, lists, tuples and sets
+    (exactly those types), strings and scalars."""
+    kind = type(found)
+    if isinstance(found, str):
+        return _MARK not in found or (kind is str and _MARKED.fullmatch(found) is not None)
+    if kind is dict:
+        return all((not isinstance(k, str) or _MARK not in k) and _markers_whole(k)
+                   and _markers_whole(v) for k, v in found.items())
+    if kind in (list, tuple, set, frozenset):
+        return all(_markers_whole(v) for v in found)
+    return kind in _SCALARS
+
+
+def _filled(kept: Any, values: Mapping[str, str]) -> Any:
+    """A copy of `kept` (every container new) with each marker string replaced by its value."""
+    kind = type(kept)
+    if kind is str:
+        return values.get(kept, kept)
+    if kind is dict:
+        return {k: _filled(v, values) for k, v in kept.items()}
+    if kind is list:
+        return [_filled(v, values) for v in kept]
+    if kind is tuple:
+        return tuple(_filled(v, values) for v in kept)
+    if kind is set or kind is frozenset:
+        return kind(_filled(v, values) for v in kept)
+    return kept
 
 
 def send_apprise(url: str, message: RenderedMessage, timeout: float,
