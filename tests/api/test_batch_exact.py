@@ -9,11 +9,12 @@ The batches are varied and long (over 800 items: several parts, for a route that
 a batch a part at a time): realistic bookings (benchmarks/intake.py: names with accents,
 five countries' numbers, zones, locales, three protocols, retinoid users, held ones),
 refusals for many reasons among them, a booking id given twice (the second time hundreds
-of items later), one patient's visits under the SMS cap spread over the whole batch, then
-the same ids again: unchanged, changed (moved, medications), new ones; and while a
-protocol's file is being rewritten, its items answered 503 and the others stored. The
-nudge (asked when a batch changes something due soon, not when it changes nothing) and
-the log line are checked too.
+of items later), one patient's visits under the SMS cap spread over the whole batch (some
+in each of the route's parts), then the same ids again: unchanged, changed (moved,
+medications), new ones; and while a protocol's file is being rewritten, its items
+answered 503 and the others stored. The
+nudge (asked when a batch changes something due soon, in any part, not when it changes
+nothing) and the log line are checked too.
 """
 
 from __future__ import annotations
@@ -260,6 +261,24 @@ def _post(server, glow, reference, redis_client, caplog, items: list[Any],
     return got
 
 
+def across(items: list[Any], inserts: list[Any]) -> list[Any]:
+    """`items` with `inserts` put at an even spread over the whole of it, the first at its
+    start, the last at its end: a batch of over 2 * STORE_PART has them in each of the
+    route's parts."""
+    out = list(items)
+    for n, item in reversed(list(enumerate(inserts))):
+        out.insert(n * len(items) // (len(inserts) - 1), item)
+    return out
+
+
+def parts_of(got: dict[str, Any], prefix: str) -> set[int]:
+    """The route's parts (STORE_PART accepted items each, in request order) that stored
+    the items whose booking id starts with `prefix`."""
+    accepted = [r["booking_id"] for r in got["results"] if "timeline" in r]
+    return {n // STORE_PART for n, booking_id in enumerate(accepted)
+            if booking_id.startswith(prefix)}
+
+
 def _compare(server, glow, reference, redis_client, caplog) -> None:
     first = realistic("R", 850, seed=11)
     visits = capped_visits("CAP", count=6)  # one patient, the SMS cap ties them together
@@ -267,10 +286,11 @@ def _compare(server, glow, reference, redis_client, caplog) -> None:
             for n, d in enumerate(realistic("X", 4, seed=5))]
     twice = copy.deepcopy(first[30])  # given again 600 items later: refused there
     twice["patient"]["name"] = "Other Name"
-    items = spread([probe("NOW-1"), *first], [*visits, *refusals(first[0]), twice, *peel],
-                   seed=1)
+    items = spread(across([probe("NOW-1"), *first], visits),
+                   [*refusals(first[0]), twice, *peel], seed=1)
     assert len(items) > 2 * STORE_PART  # three of the route's parts at least
     got = _post(server, glow, reference, redis_client, caplog, items, "NOW-1")
+    assert parts_of(got, "CAP-") == {0, 1, 2}  # the capped patient's visits in every part
     statuses = [r["status"] for r in got["results"]]
     assert statuses.count(201) > 800 and statuses.count(422) == 25, sorted(set(statuses))
     assert any(r["timeline"]["status"] == "held" for r in got["results"] if "timeline" in r)
@@ -289,9 +309,10 @@ def _compare(server, glow, reference, redis_client, caplog) -> None:
         doc["medications"]["tretinoin"] = not doc["medications"]["tretinoin"]
     moved = copy.deepcopy(visits[::-1])
     moved[2]["starts_at"] = moved[1]["starts_at"]  # two visits of the patient the same day
-    items = spread([probe("NOW-2"), *again, *realistic("S", 300, seed=12)],
-                   [*moved, *refusals(first[1]), again[10]], seed=2)
+    items = spread(across([probe("NOW-2"), *again, *realistic("S", 300, seed=12)], moved),
+                   [*refusals(first[1]), again[10]], seed=2)
     got = _post(server, glow, reference, redis_client, caplog, items, "NOW-2")
+    assert parts_of(got, "CAP-") == {0, 1, 2}
     statuses = [r["status"] for r in got["results"]]
     assert statuses.count(200) > 450 and statuses.count(201) >= 300
     versions = [r["timeline"]["version"] for r in got["results"] if r["status"] == 200]
@@ -303,6 +324,14 @@ def _compare(server, glow, reference, redis_client, caplog) -> None:
           spread(again[:450], refusals(first[2]), seed=4), None)
     time.sleep(0.5)
     assert nudges(redis_client) == before
+
+    # A new booking due at once in the first part, then only unchanged ones (later parts):
+    # the pump is asked for a run all the same.
+    got = _post(server, glow, reference, redis_client, caplog,
+                [probe("NOW-4"), *again, *first[500:]], "NOW-4")
+    assert [r["status"] for r in got["results"]].count(201) == 1
+    assert parts_of(got, "R-") == {0, 1, 2}
+    assert nudges_settled(redis_client, before + 1) > before
 
     # The peel's copy being rewritten: its items 503 (send again), the others stored.
     (server.settings.config_dir / "protocols" / "peel-b.toml").unlink()
