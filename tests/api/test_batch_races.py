@@ -1,16 +1,19 @@
 """The batch route under a change landing between its read and its apply (found sound by
 review): the apply thread is parked on the first chunk while a PUT creates, or a DELETE
 cancels, a booking of a later chunk; then released. That booking is read again and
-written after the change: 200 (it existed by then) with the version it really has."""
+written after the change: 200 (it existed by then) with the version it really has. The
+same for a change landing while an earlier part of the batch is stored (the route stores
+STORE_PART accepted items at a time), to bookings of later parts."""
 
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 
 import pytest
 
 from tests.api.conftest import future_booking
-from worker.store import Store
+from worker.store import APPLY_CHUNK, Store
 
 
 def parked_batch(glow, items, change, monkeypatch):
@@ -80,3 +83,65 @@ def test_the_batch_route_answers_a_booking_changed_since_its_read_as_stored(
     # reopened).
     assert stored["status"] == "scheduled"
     assert stored["version"] == (2 if what == "created" else 3)
+
+
+def test_a_later_part_of_the_batch_is_written_after_a_change_landing_while_one_is_stored(
+        api, glow, monkeypatch):
+    """The route stores a batch STORE_PART accepted items at a time: while its first part
+    is parked at Redis, another request moves a booking of the second part and cancels one
+    of the third. Each is then written as the batch says, against the change (200, a new
+    version; the cancelled one reopened), and answered as stored."""
+    from worker.api.bookings import STORE_PART
+
+    docs = [future_booking(f"P-{n}", days=20 + n / 100,
+                           patient=dict(future_booking()["patient"], phone=f"+346001{n:05d}"))
+            for n in range(2 * STORE_PART + 10)]
+    moved_id, cancelled_id = f"P-{STORE_PART + 5}", f"P-{2 * STORE_PART + 5}"
+    cancelled = docs[2 * STORE_PART + 5]
+    assert glow.put(f"/v1/bookings/{cancelled_id}", json=cancelled).status_code == 201
+    docs[2 * STORE_PART + 5] = dict(cancelled, patient=dict(cancelled["patient"],
+                                                             name="Ana María López"))
+    other_day = dict(docs[STORE_PART + 5], starts_at=future_booking(days=40)["starts_at"])
+    parked, go = threading.Event(), threading.Event()
+    real_send = Store._send
+    sends: list[int] = []
+
+    def send(self, ready):
+        if threading.current_thread().name.startswith("store-apply"):
+            sends.append(len(ready.batch))
+            if len(sends) == 1:
+                parked.set()
+                assert go.wait(10)
+        return real_send(self, ready)
+
+    monkeypatch.setattr(Store, "_send", send)
+    answer: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: answer.update(
+        r=glow.post("/v1/bookings:batch", json={"bookings": docs}, timeout=60)))
+    thread.start()
+    try:
+        assert parked.wait(10)
+        assert glow.put(f"/v1/bookings/{moved_id}", json=other_day).status_code == 201
+        assert glow.delete(f"/v1/bookings/{cancelled_id}").status_code == 200
+    finally:
+        go.set()
+        thread.join(60)
+    response = answer["r"]
+    assert response.status_code == 200, response.text[:500]  # type: ignore[attr-defined]
+    results = response.json()["results"]  # type: ignore[attr-defined]
+    # Two apply chunks in each of the first two parts (the third, one chunk, is sent by the
+    # request's own thread).
+    assert sends == [APPLY_CHUNK] * 4
+    statuses = {r["booking_id"]: r["status"] for r in results}
+    assert statuses.pop(moved_id) == statuses.pop(cancelled_id) == 200
+    assert set(statuses.values()) == {201}
+    for booking_id, version, starts in ((moved_id, 2, docs[STORE_PART + 5]["starts_at"]),
+                                        (cancelled_id, 3, cancelled["starts_at"])):
+        stored = glow.get(f"/v1/bookings/{booking_id}")
+        timeline = stored.json()
+        assert [r["timeline"] for r in results if r["booking_id"] == booking_id] == [timeline]
+        assert timeline["status"] == "scheduled" and timeline["version"] == version
+        assert stored.headers["ETag"] == f'"{version}"'
+        written = api.app.state.services.store.booking_doc("glow", booking_id)
+        assert datetime.fromisoformat(written["starts_at"]) == datetime.fromisoformat(starts)
+    assert written["patient"]["name"] == "Ana María López"
