@@ -138,6 +138,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any, Literal, cast
 from zoneinfo import ZoneInfo
 
@@ -2174,6 +2175,7 @@ _EPOCHS: dict[datetime, str] = {}
 
 # The same by the instant's exact microseconds since the epoch (a plan record's instants).
 _MICRO_EPOCHS: dict[int, str] = {}
+_DUE_OF = itemgetter(1)  # a reminder record's due instant (microseconds)
 
 
 def _micro_epoch(micros: int) -> str:
@@ -3401,9 +3403,8 @@ class Store:
             # The last instant from the record's microseconds: an instant's `timestamp()` is
             # its microseconds over 10**6 (see `_micro_epoch`).
             last_epoch = booking.starts_at.timestamp()
-            for _, due, _ in records:
-                if due / 1_000_000 > last_epoch:
-                    last_epoch = due / 1_000_000
+            if records:
+                last_epoch = max(last_epoch, max(map(_DUE_OF, records)) / 1_000_000)
             keep = math.ceil(last_epoch + self.retention_seconds)
         else:
             records = None
