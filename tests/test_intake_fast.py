@@ -303,6 +303,7 @@ def test_a_batch_stored_from_its_records_is_stored_as_from_its_plans(
     with several bookings whose SMS the cap moves by the others'), booked, then booked
     again (unchanged), then with changes."""
     from worker.batch import Document, _check_chunk, decode
+    from worker.planner import decoded_from
     from worker.store import APPLY_CHUNK, Store
 
     now = NOW
@@ -323,6 +324,7 @@ def test_a_batch_stored_from_its_records_is_stored_as_from_its_plans(
                          retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     from_plans = Store(redis_client, "from-plans", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
     from_plans._contact_secret = with_records.contact_secret  # the same contact ids
+    lazy_left: int | None = None
     for batch in (docs, docs, changed):
         lines = [orjson.dumps(d) for d in batch]
         chunk = _check_chunk([Document(n + 1, n + 1, raw=line) for n, line in enumerate(lines)],
@@ -335,11 +337,17 @@ def test_a_batch_stored_from_its_records_is_stored_as_from_its_plans(
         got = with_records.upsert_many(items, now, release=release, previous=before[0],
                                        timelines=False, docs=texts,
                                        records=[record for _, record in accepted])
+        if lazy_left is None:  # new bookings: stored from their records
+            lazy_left = sum(decoded_from(p, r) for (_, p), (_, r) in zip(items, accepted,
+                                                                           strict=True))
         assert got == from_plans.upsert_many(items, now, release=release, previous=before[1],
                                              timelines=False, docs=texts)
         assert before[0] == before[1]
         assert _dumped(redis_client, "from-records") == _dumped(redis_client, "from-plans")
     assert with_records._kinds, "no booking was stored from its record"
+    # Most plans' reminders were never made: stored from the record, the plan left lazy
+    # (until the second store, from the plan objects, read them).
+    assert lazy_left is not None and lazy_left > len(docs) // 2, lazy_left
     stored = _dumped(redis_client, "from-plans")
     held = stored["b:glow/" + docs[72]["booking_id"]][1]
     assert held["status"] == ("scheduled" if release else "held")
@@ -354,3 +362,48 @@ def test_a_batch_stored_from_its_records_is_stored_as_from_its_plans(
     assert any("SMS" in reason for reason in reasons), reasons
     with pytest.raises(ValueError):
         with_records.upsert_many(items, now, records=[])
+
+
+def test_a_plan_decoded_lazily_is_the_plan_decoded_at_once(catalog: Any) -> None:
+    """`plan_from_record(lazy=True)` (what `reminders book` decodes): a plan the SMS cap
+    left alone makes its reminders when first read, the same as made at once, however they
+    are first reached (compared, copied, pickled, replaced); its `uncapped` reads None
+    before that (a plan the cap changed is made at once, `uncapped` and all); whether it
+    has an SMS scheduled is said from its record without making them."""
+    import copy
+    import dataclasses
+    import pickle
+
+    from worker.batch import Document, _check_chunk
+    from worker.planner import decoded_from, plan_from_record, scheduled_sms
+
+    docs = list(realistic_bookings(300, seed=13, now=NOW))
+    for n in range(0, 30, 3):  # a patient with three bookings: the cap changes some plans
+        docs[n + 1]["patient"] = docs[n + 2]["patient"] = dict(docs[n]["patient"],
+                                                               channels=["sms"])
+        docs[n + 1]["starts_at"] = docs[n + 2]["starts_at"] = docs[n]["starts_at"]
+    lines = [orjson.dumps(d) for d in docs]
+    chunk = _check_chunk([Document(n + 1, n + 1, raw=line) for n, line in enumerate(lines)],
+                         catalog, None, NOW)
+    kinds = {"lazy": 0, "made at once": 0}
+    for doc, record in chunk.accepted():
+        clinic = catalog.clinics[orjson.loads(doc)["clinic"]]
+
+        def made(lazy: bool, record: Any = record, clinic: Any = clinic) -> Any:
+            return plan_from_record(record, clinic.send_window, clinic.sms, lazy=lazy)
+
+        eager = made(False)
+        lazy = made(True)
+        kinds["lazy" if decoded_from(lazy, record) else "made at once"] += 1
+        assert lazy.uncapped == eager.uncapped  # read first: before its reminders are made
+        assert scheduled_sms(lazy) == scheduled_sms(eager)
+        assert decoded_from(lazy, record) == (record[7] is None)  # still lazy if it was
+        assert lazy == eager
+        assert [r.__dict__ for r in lazy.reminders] == [r.__dict__ for r in eager.reminders]
+        assert not decoded_from(lazy, record)  # made now: a plain plan
+        assert copy.deepcopy(made(True)) == eager
+        assert pickle.loads(pickle.dumps(made(True))) == eager
+        assert dataclasses.replace(made(True), hold_reason="x").reminders == eager.reminders
+        assert made(True).reminders == eager.reminders
+        assert not hasattr(made(True), "no_such_field")
+    assert kinds["lazy"] and kinds["made at once"], kinds

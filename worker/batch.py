@@ -740,11 +740,13 @@ class Spool:
 
 def decode(item: Accepted, catalog: Catalog) -> tuple[Booking, Plan]:
     """The booking and plan an accepted item holds (checked by this program: not again).
-    Its document's text is the item's first part: `Store.upsert_many(docs=...)`."""
+    Its document's text is the item's first part: `Store.upsert_many(docs=...)`. The plan
+    is decoded lazily: its reminders are made from its record when first read, which
+    storing a new booking from that record (`Store.upsert_many(records=...)`) never does."""
     doc, record = item
     booking = trusted_booking(orjson.loads(doc))
     clinic = catalog.clinics[booking.clinic]
-    return booking, plan_from_record(record, clinic.send_window, clinic.sms)
+    return booking, plan_from_record(record, clinic.send_window, clinic.sms, lazy=True)
 
 
 class DecodeAhead:

@@ -66,7 +66,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
 from .clinics import MINUTES_PER_DAY, Clinic, SendWindow, SmsSettings
@@ -128,6 +128,19 @@ class Plan:
     # already sent being history, not SMS to count again.
     # Not part of what the plan says: left out of its equality and repr.
     uncapped: list[PlannedReminder] | None = field(default=None, compare=False, repr=False)
+
+    if not TYPE_CHECKING:  # (hidden from mypy: it would take any name for a Plan's)
+
+        def __getattr__(self, name: str) -> Any:
+            """A plan decoded lazily (`plan_from_record(lazy=True)`) makes its reminders
+            from its record when they are first read (then a plain field); any other
+            missing attribute is missing as usual."""
+            if name == "reminders":
+                record = self.__dict__.get("_record")
+                if record is not None:
+                    _make_reminders(self, record)
+                    return self.__dict__[name]
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 # --- clock arithmetic in the patient's timezone ----------------------------------------
@@ -1380,10 +1393,45 @@ def _reminder_records(
 
 
 def plan_from_record(
-    record: PlanRecord, window: SendWindow | None, caps: SmsSettings | None = None
+    record: PlanRecord, window: SendWindow | None, caps: SmsSettings | None = None, *,
+    lazy: bool = False,
 ) -> Plan:
-    """The plan `plan_record` was made of (its window and caps are the clinic's, given here)."""
+    """The plan `plan_record` was made of (its window and caps are the clinic's, given here).
+
+    `lazy`: for a plan the SMS cap left as planned (most), its reminders are made from
+    the record only when first read (`Plan.__getattr__`), the same then as made at once:
+    `reminders book` stores a new booking from its record (`Store._prepare_new`) and reads
+    them only for what the record cannot say (`scheduled_sms` says whether the SMS cap has
+    anything to read). A plan the cap changed is made at once (its `uncapped` too)."""
     status, hold_reason, records, notice_steps, late, rule, protected, uncapped = record
+    plan = _new_plan(Plan)
+    # Plan's own fields, as `Plan(...)` sets them, without its per-field frozen `__setattr__`.
+    fields: dict[str, Any] = {
+        "status": Status.HELD if status == Status.HELD else Status.SCHEDULED,
+        "hold_reason": hold_reason,
+        "window": window,
+        "notice_steps": notice_steps,
+        "caps": caps,
+        "late_pause": late,
+        "pause_rule": rule,
+        "protected": frozenset(protected),
+    }
+    if lazy and uncapped is None:
+        # Only a plan the cap left as planned (`uncapped` None, the field's class default,
+        # which a missing field would read as, and so never made from the record).
+        fields["uncapped"] = None
+        fields["_record"] = record
+        object.__setattr__(plan, "__dict__", fields)
+    else:
+        object.__setattr__(plan, "__dict__", fields)
+        _make_reminders(plan, record)
+    return plan
+
+
+def _make_reminders(plan: Plan, record: PlanRecord) -> None:
+    """Give `plan` its reminders and `uncapped` as `record` holds them (its fields then in
+    `Plan`'s own order, the record no longer kept)."""
+    records, uncapped = record[2], record[7]
     # A record met twice (in both lists: the cap left it as planned) is one reminder, as
     # planned; a plan the cap did not change has one list (`done` None: no record is met
     # twice, nothing to note).
@@ -1392,21 +1440,41 @@ def plan_from_record(
     if uncapped is not None:
         done = {}
         unchanged = _from_records(uncapped, done)
-    plan = _new_plan(Plan)
-    # Plan's own fields, as `Plan(...)` sets them, without its per-field frozen `__setattr__`.
+    given = plan.__dict__
     object.__setattr__(plan, "__dict__", {
-        "status": Status.HELD if status == Status.HELD else Status.SCHEDULED,
+        "status": given["status"],
         "reminders": _from_records(records, done),
-        "hold_reason": hold_reason,
-        "window": window,
-        "notice_steps": notice_steps,
-        "caps": caps,
-        "late_pause": late,
-        "pause_rule": rule,
-        "protected": frozenset(protected),
+        "hold_reason": given["hold_reason"],
+        "window": given["window"],
+        "notice_steps": given["notice_steps"],
+        "caps": given["caps"],
+        "late_pause": given["late_pause"],
+        "pause_rule": given["pause_rule"],
+        "protected": given["protected"],
         "uncapped": unchanged,
     })
-    return plan
+
+
+def decoded_from(plan: Plan, record: PlanRecord | None) -> bool:
+    """Whether `plan` is `record` decoded lazily, its reminders not made yet."""
+    return record is not None and plan.__dict__.get("_record") is record
+
+
+def scheduled_sms(plan: Plan) -> bool:
+    """Whether the plan as planned before the SMS cap (`uncapped`, else its reminders) has
+    an SMS scheduled; from the record of a plan decoded lazily, its reminders not made."""
+    record = plan.__dict__.get("_record")
+    if record is not None:
+        entries = record[7] if record[7] is not None else record[2]
+        scheduled = _STATUS_NAME[Status.SCHEDULED]
+        return any(static[2] == "sms" and static[5] == scheduled for static, _, _ in entries)
+    return any(r.channel == "sms" and r.status == Status.SCHEDULED
+               for r in (plan.uncapped if plan.uncapped is not None else plan.reminders))
+
+
+def reminder_from_record(entry: ReminderRecord) -> PlannedReminder:
+    """The reminder one record of `plan_record` holds (as its plan decoded has it)."""
+    return _from_records((entry,), None)[0]
 
 
 

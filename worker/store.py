@@ -160,7 +160,10 @@ from .planner import (
     ReminderRecord,
     cap_plan,
     cap_words,
+    decoded_from,
     is_hold_notice,
+    reminder_from_record,
+    scheduled_sms,
     sms_fits,
 )
 from .protocols import AGAIN_PREFIX, NOTICE_STEPS, REPAUSE_STEP, parse_notice_steps
@@ -3016,9 +3019,7 @@ class Store:
         # Over the plan as planned before the cap (`Plan.uncapped`): a re-submission is
         # capped again from it (`_capped_plan`).
         wanted = [n for n, (b, p) in enumerate(items)
-                  if p.caps is not None and b.patient.phone and any(
-                      r.channel == "sms" and r.status == Status.SCHEDULED
-                      for r in _as_planned(p))]
+                  if p.caps is not None and b.patient.phone and scheduled_sms(p)]
         out: list[_CapsRead | None] = [None] * len(items)
         if not wanted:
             return out
@@ -3399,7 +3400,8 @@ class Store:
         hold_reason = (plan.hold_reason or "") if held else ""
         stamp = self._stamp_of(now)
         records = record[2] if record is not None and not timeline else None
-        if records is not None and len(records) == len(plan.reminders):
+        if records is not None and (decoded_from(plan, record)
+                                    or len(records) == len(plan.reminders)):
             # The last instant from the record's microseconds: an instant's `timestamp()` is
             # its microseconds over 10**6 (see `_micro_epoch`).
             last_epoch = booking.starts_at.timestamp()
@@ -3444,8 +3446,8 @@ class Store:
         static = self._static
         epochs = _EPOCHS
         if records is not None:
-            self._new_from_record(records, plan.reminders, held, hold_reason, base, hset,
-                                  zadd, scheduled, skipped, texts)
+            self._new_from_record(records, held, hold_reason, base, hset, zadd, scheduled,
+                                  skipped, texts)
         for r in () if records is not None else plan.reminders:
             # What does not depend on the booking's instants is worked out once per kind of
             # reminder (a protocol has a few dozen): `_reminder_static`.
@@ -3527,17 +3529,18 @@ class Store:
     _STATIC_MAX = 4096  # kinds of reminder kept by `_reminder_static`
 
     def _new_from_record(
-        self, records: tuple[ReminderRecord, ...], reminders: list[PlannedReminder],
-        held: bool, hold_reason: str, base: str, hset: list[str], zadd: list[str],
-        scheduled: dict[str, int], skipped: dict[str, int], texts: dict[str, str],
+        self, records: tuple[ReminderRecord, ...], held: bool, hold_reason: str, base: str,
+        hset: list[str], zadd: list[str], scheduled: dict[str, int], skipped: dict[str, int],
+        texts: dict[str, str],
     ) -> None:
         """`_prepare_new`'s loop over the reminders without a timeline, from the plan's
-        record (`records`, one per reminder of `reminders`, in order): each reminder's
+        record (`records`, one per reminder of the plan, in order): each reminder's
         stored field and value onto `hset`, its due entry onto `zadd`, its channel counted in
         `scheduled` or `skipped`, the texts it names into `texts`. What `_reminder_static`
         gives a kind is kept here by the identity of the record's static tuple (for this
         hold), with the key, channel and value's parts it makes (a miss is worked out from the
-        reminder object itself, as the general loop does); an epoch's stored form from its
+        reminder the record holds, as the general loop does, without making the plan's
+        others: `plan_from_record(lazy=True)`); an epoch's stored form from its
         microseconds (`_micro_epoch`)."""
         kinds = self._kinds.get((held, hold_reason))
         if kinds is None:
@@ -3545,10 +3548,12 @@ class Store:
                 self._kinds.clear()
             kinds = self._kinds[(held, hold_reason)] = {}
         stamps = _MICRO_EPOCHS
-        for n, (shared, due, expires) in enumerate(records):
+        for entry in records:
+            shared, due, expires = entry
             hit = kinds.get(id(shared))
             if hit is None or hit[0] is not shared:
-                hit = self._record_kind(shared, reminders[n], held, hold_reason, kinds)
+                hit = self._record_kind(shared, reminder_from_record(entry), held,
+                                        hold_reason, kinds)
             if hit[1] is None:  # released: the hold notice has nothing to say
                 continue
             _, key, channel, head, tail, goes_due, used = hit
