@@ -56,6 +56,11 @@ and without it); otherwise each 7-day count slides one day at a time. tests/
 planner_reference.py keeps the straightforward version, and tests check that both give
 equal plans; tests/test_check_fixture.py checks that a varied set of bookings is checked
 (validated, planned, recorded) as the code before these memos checked it.
+
+A plan travels from `reminders book`'s check to its store as plain values (`plan_record`)
+and back (`plan_from_record`); there, a plan the SMS cap left alone is decoded lazily: its
+reminders are made from the record when first read (the store writes a new booking from
+the record itself and never reads them; tests/test_intake_fast.py compares the two).
 """
 
 from __future__ import annotations
