@@ -145,3 +145,52 @@ def test_a_later_part_of_the_batch_is_written_after_a_change_landing_while_one_i
         written = api.app.state.services.store.booking_doc("glow", booking_id)
         assert datetime.fromisoformat(written["starts_at"]) == datetime.fromisoformat(starts)
     assert written["patient"]["name"] == "Ana María López"
+
+
+def test_the_same_document_put_while_the_batch_is_stored_stays_unchanged(api, glow, monkeypatch):
+    """A booking whose steps are late (its visit in two and a half days: the steps of a
+    week and three days before go at once), given by the batch and, while an earlier part
+    of the batch is stored, by a PUT of the same document: the PUT creates it (a moment
+    after the batch planned it), and the batch, writing it after, finds it unchanged (200,
+    version 1, the PUT's timeline). Its late steps were planned for "now" by each, the
+    batch's a moment before the PUT's: due now in both plans, not a move (it was version 2,
+    each late step 'rescheduled' to the batch's earlier instant)."""
+    from worker.api.bookings import STORE_PART
+
+    docs = [future_booking(f"P-{n}", days=20 + n / 100,
+                           patient=dict(future_booking()["patient"], phone=f"+346001{n:05d}"))
+            for n in range(STORE_PART + 10)]
+    late_id = f"P-{STORE_PART + 5}"
+    docs[STORE_PART + 5] = late = future_booking(late_id, days=2.5)
+    parked, go = threading.Event(), threading.Event()
+    real_send = Store._send
+    sends: list[int] = []
+
+    def send(self, ready):
+        if threading.current_thread().name.startswith("store-apply"):
+            sends.append(len(ready.batch))
+            if len(sends) == 1:
+                parked.set()
+                assert go.wait(10)
+        return real_send(self, ready)
+
+    monkeypatch.setattr(Store, "_send", send)
+    answer: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: answer.update(
+        r=glow.post("/v1/bookings:batch", json={"bookings": docs}, timeout=60)))
+    thread.start()
+    try:
+        assert parked.wait(10)
+        put = glow.put(f"/v1/bookings/{late_id}", json=late)
+        assert put.status_code == 201
+    finally:
+        go.set()
+        thread.join(60)
+    response = answer["r"]
+    assert response.status_code == 200, response.text[:500]  # type: ignore[attr-defined]
+    (result,) = [r for r in response.json()["results"]  # type: ignore[attr-defined]
+                 if r["booking_id"] == late_id]
+    reasons = [r["reason"] or "" for r in put.json()["reminders"]]
+    assert any("late:" in reason for reason in reasons)  # steps planned for "now"
+    assert (result["status"], result["timeline"]["version"]) == (200, 1)
+    assert result["timeline"] == put.json() == glow.get(f"/v1/bookings/{late_id}").json()
