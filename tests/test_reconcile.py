@@ -88,3 +88,23 @@ def test_a_corrected_booking_tries_a_dead_letter_afresh():
     assert change.fields["attempts"] == "0" and change.schedule == "due"
     assert change.fields["reason"].startswith("booking changed, sending again")
     assert run({r.key: stored(r, "failed")}, [r]).changes == []  # the same booking: no
+
+
+def test_a_late_step_written_by_a_later_submission_is_due_now_in_an_older_plan_too():
+    """A late step is planned for "now" by each submission. One made a moment before the
+    stored write (a PUT of the same booking landed between its planning and its apply)
+    finds the stored step due a moment after its own `now`: due now in both, kept; a step
+    the stored write planned for later than it was written is still a move."""
+    written = NOW + timedelta(seconds=0.3)
+    late = planned(due=written, reason="late: sent at the next opening")
+    mine = planned(due=NOW, reason="late: sent at the next opening")
+    booking = {"doc": "d", "status": "scheduled", "version": "1",
+               "updated_at": written.isoformat().replace("+00:00", "Z")}
+    result = run({late.key: stored(late)}, [mine], booking=booking)
+    assert result.changes == [] and not result.changed
+    # Without the write's instant (or written before this plan's now): rescheduled as before.
+    (change,) = run({late.key: stored(late)}, [mine]).changes
+    assert change.fields is not None and change.fields["reason"].startswith("rescheduled")
+    ahead = planned(due=written + timedelta(seconds=1))
+    (change,) = run({ahead.key: stored(ahead)}, [mine], booking=booking).changes
+    assert change.schedule == "due" and change.due_epoch == NOW.timestamp()

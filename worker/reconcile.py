@@ -86,11 +86,13 @@ def reconcile(
     # A held booking's notice goes despite the hold, and only while it is held.
     planned = {r.key: r for r in plan.reminders
                if status == Status.HELD or not is_hold_notice(r.key)}
+    written = written_epoch(stored_booking)
     changes: list[Change] = []
     for key in sorted(set(stored) | set(planned)):
         record = stored.get(key, {})
         one = reconcile_one(record, planned.get(key), doc_changed=doc_changed or reopen,
-                            now=now, released=was_held and status != Status.HELD)
+                            now=now, released=was_held and status != Status.HELD,
+                            written=written)
         if one is not None and one[1] != "keep":
             fields, schedule = one
             if schedule == "due" and status == Status.HELD and not is_hold_notice(key):
@@ -119,14 +121,29 @@ def reconcile(
     return Reconciled(status, hold_reason, released_for, changes, booking_changed)
 
 
+def written_epoch(stored_booking: Record) -> float:
+    """When the stored booking was last written (its `updated_at`, as an epoch; -inf if
+    never). A plan made at a `now` before it (a PUT of the same document landing between
+    this write's planning and its apply) finds that write's late steps, planned for its
+    own "now", due at a time after this `now`: they are due now in both plans all the
+    same (`reconcile_one`)."""
+    try:
+        return datetime.fromisoformat(
+            stored_booking.get("updated_at", "").replace("Z", "+00:00")).timestamp()
+    except ValueError:  # none (never written), or not an instant
+        return float("-inf")
+
+
 def reconcile_one(
     stored: Record, new: PlannedReminder | None, *, doc_changed: bool, now: datetime,
-    released: bool = False,
+    released: bool = False, written: float = float("-inf"),
 ) -> tuple[dict[str, str], Schedule] | None:
     """Return (fields to write, schedule) for one reminder, or None if it stays as it is.
     `released`: the booking's hold ends; an SMS at booking held back for a time still ahead
     keeps it only if the plan does (the store capped it there again, counting what
-    went while it was held), not for being at booking."""
+    went while it was held), not for being at booking. `written`: when the stored booking
+    was last written (`written_epoch`): a stored reminder due by then, or by `now`, came
+    due (a plan made before that write is older than it, not a move)."""
     old_status = stored.get("status")
     if old_status == Status.SENT:
         return None  # history: never sent again, whatever the new plan says
@@ -155,7 +172,8 @@ def reconcile_one(
         # opt-out's, unchanged (worker/store.py `opt_in` puts it back at START).
         return None
     came_due = (
-        float(stored.get("planned_epoch") or "inf") <= now.timestamp() and new.due_at <= now
+        float(stored.get("planned_epoch") or "inf") <= max(now.timestamp(), written)
+        and new.due_at <= now
     )
     if old_status in PENDING and (
         stored.get("planned_epoch") == planned_epoch
@@ -165,7 +183,9 @@ def reconcile_one(
         or came_due
     ):
         # Unchanged, or due now in both plans (a late step is planned for "now", which
-        # moves with every submission): keep its time, attempts and any retry. Its expiry
+        # moves with every submission, and may be a moment after this plan's `now` when
+        # written by a submission landing between this one's planning and its write):
+        # keep its time, attempts and any retry. Its expiry
         # follows the new plan (the appointment may have moved).
         expiry = _expiry_fields(new)
         if all(stored.get(k, "") == v for k, v in expiry.items()):

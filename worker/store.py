@@ -167,7 +167,7 @@ from .planner import (
     sms_fits,
 )
 from .protocols import AGAIN_PREFIX, NOTICE_STEPS, REPAUSE_STEP, parse_notice_steps
-from .reconcile import OPTED_OUT, reconcile
+from .reconcile import OPTED_OUT, reconcile, written_epoch
 from .status import PENDING, TERMINAL, Status, lua_prelude
 from .webhooks import LUA_EMIT
 
@@ -3246,7 +3246,9 @@ class Store:
         # planned time, or due now in both plans): left to its attempt and counted where it
         # goes, not capped again; moved, its delivery would be recorded beside a new plan
         # sending the step again (two of one message).
-        now_epoch = now.timestamp()
+        # A plan older than the stored write (made before it landed): its late SMS, planned
+        # for that write's "now", are due now too (worker/reconcile.py `written_epoch`).
+        now_epoch = max(now.timestamp(), written_epoch(stored.fields))
         in_flight = frozenset(
             r.key for r in base if r.channel == "sms" and r.status == Status.SCHEDULED
             and stored.reminders.get(r.key, {}).get("status") == Status.SENDING
