@@ -49,6 +49,7 @@ import email.policy
 import functools
 import io
 import logging
+import mimetypes
 import os
 import re
 import smtplib
@@ -1188,6 +1189,18 @@ def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
     # Warnings and errors, and the socket or plugin error; not the DEBUG lines that echo
     # the payload or the provider's response body.
     raise classify(status, apprise_lines.classified_lines(lines), answers)
+
+
+# Apprise refuses an attachment whose MIME type is not in the stdlib's `mimetypes.types_map`,
+# which `mimetypes.init()` fills from the system's files (/etc/mime.types, Debian's
+# media-types) on first use. Set up here, at import, before any sender thread: `init()`
+# marks itself done before it has read the files, so a thread making an invite while
+# another's first `init()` still read them saw the stdlib's built-in table, which has no
+# text/calendar, and the send failed ("An invalid mime-type"). And told text/calendar
+# itself: an image without media-types (python:3.11-slim) has no such file, and every
+# invite was refused. (tests/test_invite_mime_types.py)
+mimetypes.init()
+mimetypes.add_type("text/calendar", ".ics")
 
 
 def _apprise_attachments(attachments: Sequence[Attachment]) -> apprise.AppriseAttachment:
