@@ -1,8 +1,9 @@
 """The worker as `reminders run` starts it (worker/service.py `celery_command`, through
 worker/celery_main.py) carries only what it sends with: each pool process has imported the
 Apprise plugins of the clinic's channel URLs and no other, none of Celery's other
-sub-commands' imports (the amqp REPL's prompt_toolkit, pygments), no charset_normalizer;
-and it delivers, by email and through the SMS gateway (an HTTP JSON API).
+sub-commands' imports (the amqp REPL's prompt_toolkit, pygments), no charset_normalizer,
+no prometheus-client while the metrics port is off; and it delivers, by email and through
+the SMS gateway (an HTTP JSON API).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def test_each_pool_process_holds_only_the_configured_plugins_and_delivers(
         # without its charset guessing).
         assert not {"click_repl", "prompt_toolkit", "pygments", "celery.bin.amqp"} & modules
         assert "requests" in modules and "charset_normalizer" not in modules
+        # The metrics port is off (REMINDERS_METRICS_PORT unset): nothing could show the
+        # senders' histograms, and prometheus-client (about 1.8 MB a pool process, its
+        # exposition's http.server and wsgiref with it) is not imported for them.
+        assert not {"prometheus_client", "wsgiref", "http.server"} & modules, pid
 
     # And it delivers through both plugins (the clinic's email and SMS gateway), with beat
     # started the same way.
