@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 import redis
 
-from .metrics import set_clock_skew
+from .observe import set_clock_skew
 
 log = logging.getLogger(__name__)
 CHECK_EVERY_SECONDS = 5.0  # a sender reads Redis's clock again this often

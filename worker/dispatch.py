@@ -140,9 +140,9 @@ from .errors import ConfigError, DeliveryError
 from .health import not_run
 from .invites import content_key, sequence_of, with_sequence
 from .logs import about_reminder
-from .metrics import observe_lateness, observe_send
 from .models import CHANNELS, Booking, Channel
 from .notices import as_told, as_told_fields, base_step, notice_and_invite, sent
+from .observe import observe_lateness, observe_send
 from .optout import UNSUBSCRIBE_SECRET, contact_hash, make_token, unsubscribe_key
 from .planner import (
     PlannedReminder,

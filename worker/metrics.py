@@ -51,7 +51,10 @@ observable):
    merged, with the Redis counters and gauges, on `REMINDERS_METRICS_PORT` (0: off) at
    `REMINDERS_METRICS_HOST`. Multiprocess mode is switched on in that worker only
    (`start_worker_metrics`, before its pool forks), never by environment for every
-   process: the API's own metrics stay in-process.
+   process: the API's own metrics stay in-process. The senders, the clock and the pump
+   report through worker/observe.py, which hands each observation to these histograms only
+   in a process that imported this module: with the port off, a pool process keeps none
+   (nothing could show them) and does without prometheus-client.
 
 The API's `/metrics` (worker/api/metrics.py) serves its own request counts and latencies
 plus the same Redis counters and gauges (not the worker's histograms: scrape the worker's
@@ -75,6 +78,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import observe
 from .durability import findings, read_settings
 from .health import error_detail
 
@@ -367,20 +371,13 @@ def histograms() -> Histograms:
         return _histograms
 
 
-def observe_send(channel: str, result: str, seconds: float) -> None:
-    histograms().send_seconds.labels(channel, result).observe(seconds)
-
-
-def observe_lateness(channel: str, seconds: float) -> None:
-    histograms().lateness.labels(channel).observe(max(0.0, seconds))
-
-
-def observe_pump(seconds: float) -> None:
-    histograms().pump_seconds.observe(seconds)
-
-
-def set_clock_skew(seconds: float) -> None:
-    histograms().clock_skew.set(seconds)
+# The send path reports through worker/observe.py (which imports no prometheus-client): to
+# these histograms from now on, in this process and in the pool processes forked from it.
+observe.keep_in(histograms)
+observe_send = observe.observe_send
+observe_lateness = observe.observe_lateness
+observe_pump = observe.observe_pump
+set_clock_skew = observe.set_clock_skew
 
 
 def exposition(registry: CollectorRegistry) -> bytes:
@@ -468,8 +465,8 @@ def start_worker_metrics(scrape: redis.Redis, prefix: str, data_dir: Path, host:
     """In the Celery worker's main process, before its pool forks: switch the histograms to
     multiprocess mode and serve every process's figures with the Redis ones on host:port.
 
-    Returns the address served, or None when `port` is 0 (the histograms stay per process,
-    unseen).
+    Returns the address served, or None when `port` is 0 (then nothing shows the histograms:
+    a pool process that does not import this module keeps none, worker/observe.py).
     """
     global _server
     if port == 0 or _server is not None:

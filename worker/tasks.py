@@ -361,8 +361,8 @@ def _serve_metrics(**_: object) -> None:
     settings = get_settings()
     if not settings.metrics_port:
         # Off (start_worker_metrics would do nothing): prometheus-client stays out of the
-        # main process, which the pool processes would inherit it from (they import it
-        # themselves for their histograms).
+        # main process and so of the pool processes, which then keep no histograms
+        # (worker/observe.py: nothing could show them).
         return
     from .connections import PROBE, client
     from .metrics import ConfigCollector, start_worker_metrics
@@ -593,7 +593,7 @@ def pump_now() -> Run:
         hold_seconds=settings.send_max_wait_seconds + 2 * settings.send_timeout_seconds + 1,
     )
     from .health import pump_beat
-    from .metrics import observe_pump
+    from .observe import observe_pump
     from .webhooks import pump_events, webhook_urls
 
     started = time.monotonic()
