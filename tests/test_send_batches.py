@@ -309,6 +309,9 @@ def test_a_held_claim_that_fails_after_a_cancel_changes_nothing(rig, status):
     rig.store.cancel("rc", "R-1", datetime.now(UTC))
     rig.gateway.release(status)
     wait_for(lambda: rig.state(prep(1))["log"])
+    # The other claim went to the gateway beside the held one; on a loaded machine its thread
+    # may not have begun it yet, and the drain (a warm shutdown) would hand it back unbegun.
+    wait_for(lambda: settled(rig, prep(2)))
     rig.drain()
     s = rig.state(prep(1))
     assert s["record"]["status"] == "cancelled" and s["log"][-1]["result"] == "stale", s
