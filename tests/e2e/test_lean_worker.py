@@ -2,8 +2,8 @@
 worker/celery_main.py) carries only what it sends with: each pool process has imported the
 Apprise plugins of the clinic's channel URLs and no other, none of Celery's other
 sub-commands' imports (the amqp REPL's prompt_toolkit, pygments), no charset_normalizer,
-no prometheus-client while the metrics port is off; and it delivers, by email and through
-the SMS gateway (an HTTP JSON API).
+no prometheus-client while the metrics port is off, no icalendar before its first invite;
+and it delivers, by email and through the SMS gateway (an HTTP JSON API).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def test_each_pool_process_holds_only_the_configured_plugins_and_delivers(
         # senders' histograms, and prometheus-client (about 1.8 MB a pool process, its
         # exposition's http.server and wsgiref with it) is not imported for them.
         assert not {"prometheus_client", "wsgiref", "http.server"} & modules, pid
+        # The icalendar library waits for the process's first invite (none sent yet).
+        assert "icalendar" not in modules and "worker.invites" in modules, pid
 
     # And it delivers through both plugins (the clinic's email and SMS gateway), with beat
     # started the same way.
