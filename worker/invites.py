@@ -23,6 +23,13 @@ One event per booking, built with the icalendar library:
   LOCATION  the clinic's name and `address`
 ORGANIZER is the clinic (its email, else a no-reply address of the clinic's id) and the
 patient is the one ATTENDEE: calendar programs want both for REQUEST and CANCEL.
+
+The icalendar library is imported at the first invite a process makes (about 25 ms, once),
+not with this module: the send path imports this module, and a worker's pool process that
+sends no invite would hold the library's 80 modules (about 2.5 MB) for nothing. Sender
+threads making their first invites at once are safe: Python's import lock makes a thread
+that finds the import under way in another wait for it to finish
+(tests/test_invite_import.py).
 """
 
 from __future__ import annotations
@@ -32,22 +39,16 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
-
-from icalendar import (
-    Calendar,
-    Event,
-    Timezone,
-    TimezoneDaylight,
-    TimezoneStandard,
-    vCalAddress,
-    vText,
-)
 
 from .clinics import Clinic
 from .models import Booking
 from .notices import Method
 from .protocols import Protocol
+
+if TYPE_CHECKING:
+    from icalendar import Timezone
 
 PRODID = "-//Aftercare reminders//Calendar invite//EN"
 UID_DOMAIN = "aftercare-reminders.invalid"
@@ -80,6 +81,9 @@ def build_invite(
     now: datetime,
 ) -> Attachment:
     """Return the `.ics` attachment of one booking's appointment."""
+    # Imported at the process's first invite (see the module's docstring).
+    from icalendar import Calendar, Event, vCalAddress, vText
+
     tz = ZoneInfo(clinic.timezone)
     start = booking.starts_at.astimezone(tz)
     cal = Calendar()
@@ -195,6 +199,8 @@ def vtimezone(tzid: str, first: date, last: date) -> Timezone:
     the US spring change, not the 03:00 the clocks then show). Changes alike (the same
     offsets and name) are one observance, its first onset DTSTART and the others RDATEs,
     in the shape icalendar writes."""
+    from icalendar import Timezone, TimezoneDaylight, TimezoneStandard
+
     initial, changes = _transitions(tzid, first, last)
     onsets: dict[tuple[timedelta, timedelta, bool, str], list[datetime]] = {}
     for onset, before, after in [
