@@ -2,8 +2,9 @@
 worker/celery_main.py) carries only what it sends with: each pool process has imported the
 Apprise plugins of the clinic's channel URLs and no other, none of Celery's other
 sub-commands' imports (the amqp REPL's prompt_toolkit, pygments), no charset_normalizer,
-no prometheus-client while the metrics port is off, no icalendar before its first invite;
-and it delivers, by email and through the SMS gateway (an HTTP JSON API).
+PyYAML or OpenTelemetry, no prometheus-client while the metrics port is off, no icalendar
+before its first invite; and it delivers, by email and through the SMS gateway (an HTTP
+JSON API).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def test_each_pool_process_holds_only_the_configured_plugins_and_delivers(
         # without its charset guessing).
         assert not {"click_repl", "prompt_toolkit", "pygments", "celery.bin.amqp"} & modules
         assert "requests" in modules and "charset_normalizer" not in modules
+        # Nor kombu's YAML serializer (PyYAML: every message here is JSON) or redis-py's
+        # OpenTelemetry hooks (off unless an application sets them up; this one does not).
+        assert not {"yaml", "opentelemetry"} & modules, pid
         # The metrics port is off (REMINDERS_METRICS_PORT unset): nothing could show the
         # senders' histograms, and prometheus-client (about 1.8 MB a pool process, its
         # exposition's http.server and wsgiref with it) is not imported for them.
