@@ -10,7 +10,7 @@ inherit them: the pages a pool process inherits count in its own resident size t
 the worker's summed RSS carries that weight three times (`reminders run` starts the
 worker and beat this way: worker/service.py `celery_command`).
 
-Two optional imports are left out too, as if those libraries were not installed (both
+Optional imports are left out too, as if those libraries were not installed (their
 callers handle that; each would weigh on every process):
 - pygments: Celery's command helpers (celery/bin/base.py) import it only to colour the
   output of `celery inspect` & co., and print plain text without it.
@@ -18,6 +18,12 @@ callers handle that; each would weigh on every process):
   the charset of a response body that declares none (`Response.apparent_encoding`), and
   without it takes UTF-8 (requests/models.py). Nothing here decodes such a body: the
   classification reads HTTP statuses and Apprise's lines, the webhooks their statuses.
+- yaml (PyYAML, about 0.8 MB in the main process, so in each process): kombu registers its
+  YAML serializer with it (kombu/serialization.py `register_yaml`), else a stub that
+  refuses YAML messages. Every message here is JSON (`accept_content`), and no Apprise
+  configuration file is read (its YAML loader imports it when one is parsed).
+- opentelemetry (the API package, if installed): redis-py imports it for its OpenTelemetry
+  metrics, which stay off unless the application sets them up; this one does not.
 
 `celery -A worker.celery_app worker` keeps working; docker-compose.yml and the Dockerfile
 run this module too. Without `--loglevel` (as there), the level is REMINDERS_LOG_LEVEL.
@@ -37,7 +43,7 @@ from typing import Any
 
 ROLES = ("worker", "beat")
 # Optional imports of libraries the worker and beat do without (see the docstring).
-LEFT_OUT = ("pygments", "charset_normalizer")
+LEFT_OUT = ("pygments", "charset_normalizer", "yaml", "opentelemetry")
 NO_CHARSET_GUESSING = "Unable to find acceptable character detection dependency"
 APP = "worker.celery_app"
 MODULE = "worker.celery_main"  # this module, as `python -m` runs it (its __name__ is __main__)
