@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import unicodedata
 
@@ -10,9 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import worker.jsonsafe as jsonsafe
+from benchmarks.intake import realistic_bookings
 from worker.jsonsafe import (
     UNSAFE_CATEGORIES,
     JSONRefused,
+    _deepest,
     dotted,
     load_json,
     printable,
@@ -55,6 +59,52 @@ def test_depth_up_to_the_limit_is_parsed_and_one_more_refused_with_its_path():
 def test_brackets_inside_strings_do_not_count_as_depth():
     text = '{"a": "[[[[[[[[[[{{{{{{{{{{", "b": "\\"[[[[[[["}'
     assert load_json(text, max_bytes=1000, max_depth=1)["b"] == '"[[[[[[['
+
+
+def reference_deepest(text: str) -> int:
+    """The depth scan as worker/jsonsafe.py wrote it before it read UTF-8 bytes: the
+    strings (a quote, then anything but a quote or a backslash, or a backslash and any
+    character, up to a quote) cut out, then the brackets left counted in order."""
+    outside = re.sub(r'"[^"\\]*(?:\\.[^"\\]*)*"', "", text, flags=re.S)
+    depth = deepest = 0
+    for char in re.sub(r"[^\[\]{}]+", "", outside):
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_PIECES = ['"', '\\', '\\"', '\\\\', '""', "[", "]", "{", "}", "a", "é", "😀", ":", ",",
+           " ", "\n", '"[', ']"', '"{"', "\ufeff"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(
+    st.lists(st.sampled_from(_PIECES), max_size=40).map("".join),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                 lambda inner: st.lists(inner, max_size=4)
+                 | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=25)
+    .flatmap(lambda v: st.sampled_from([json.dumps(v), json.dumps(v, ensure_ascii=False),
+                                        json.dumps(v, indent=1)]))))
+def test_the_depth_read_from_utf8_bytes_is_the_depth_of_the_text(text):
+    raw = text.encode("utf-8", "surrogatepass")
+    assert _deepest(text, raw) == _deepest(text) == reference_deepest(text)
+
+
+def test_a_batch_of_bookings_is_scanned_for_depth_without_the_string_pattern(monkeypatch):
+    """The fast path is the one a batch takes (requests' JSON: every accent escaped)."""
+    docs = list(realistic_bookings(300, seed=3))
+    docs[5]["patient"]["name"] = 'Ana "[[[[[[[[" López'  # a quote escaped: not this path
+    for body in (json.dumps({"bookings": docs[:5] + docs[6:]}),
+                 json.dumps({"bookings": docs[:5] + docs[6:]}, ensure_ascii=False)):
+        expected = reference_deepest(body)
+        monkeypatch.setattr(jsonsafe, "_STRING", None)  # used only by the other path
+        assert _deepest(body, body.encode()) == expected == 5  # patient.channels
+        assert load_json(body.encode(), max_bytes=10**6, max_depth=5) == json.loads(body)
+        exc = refused(body.encode(), max_bytes=10**6, max_depth=4)
+        assert (exc.kind, exc.path) == ("depth", ("bookings", 0, "patient", "channels"))
+        monkeypatch.undo()
+    body = json.dumps({"bookings": docs})
+    assert '\\"' in body and _deepest(body, body.encode()) == reference_deepest(body) == 5
 
 
 @pytest.mark.parametrize("depth", [1000, 100_000])

@@ -27,6 +27,7 @@ import re
 import threading
 import unicodedata
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
 PathPart = str | int
@@ -187,21 +188,50 @@ _DECODER = json.JSONDecoder(
 )
 
 
-def _too_deep(text: str, max_depth: int) -> Path | None:
-    """Return the path at which `text` nests deeper than `max_depth`, or None."""
+def _too_deep(text: str, max_depth: int, raw: bytes | None = None) -> Path | None:
+    """Return the path at which `text` nests deeper than `max_depth`, or None. `raw`:
+    `text` as UTF-8 bytes, when the caller has them (`_deepest`)."""
     if text.count("[") + text.count("{") <= max_depth:
         return None  # cannot be deeper than the number of brackets it has
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    if _deepest(text, raw) <= max_depth:
+        return None
+    return _path_at_depth(text, max_depth + 1)
+
+
+# The brackets and quotes of UTF-8 bytes (`_deepest`): every other byte, and the depth
+# each bracket steps by.
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_STEP = [0] * 256
+for _byte in b"[{":
+    _STEP[_byte] = 1
+for _byte in b"]}":
+    _STEP[_byte] = -1
+
+
+def _deepest(text: str, raw: bytes | None = None) -> int:
+    """How deep the brackets outside strings nest in `text` (at least 0), the strings as
+    `_STRING` finds them (a quote left open is not a string).
+
+    From `raw` (the same text as UTF-8) when no quote in it is escaped and its quotes are
+    even in number (plain JSON, a batch of thousands of bookings): then each quote opens or
+    closes a string in turn, and a bracket is outside the strings when an even number of
+    quotes comes before it. Every byte but the quotes and brackets is deleted, pairs of
+    adjacent quotes (strings holding no bracket) dropped, and what lies between the rest
+    taken in turn, in C; about a quarter of the time of `_STRING`'s pass over the text
+    (4.6 -> 1.2 ms for a batch of 1,000 bookings, 380 KB).
+    Otherwise `_STRING` and `_NOT_BRACKET` over `text`. The same depth either way (tests/
+    test_jsonsafe.py compares them)."""
+    if raw is not None and b'\\"' not in raw and not raw.count(b'"') % 2:
+        brackets = raw.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+        if b'"' in brackets:
+            brackets = b"".join(brackets.split(b'"')[::2])
+        return max(accumulate(map(_STEP.__getitem__, brackets), initial=0))
     depth = deepest = 0
-    for char in brackets:
+    for char in _NOT_BRACKET.sub("", _STRING.sub("", text)):
         depth += 1 if char in "[{" else -1
         if depth > deepest:
             deepest = depth
-            if deepest > max_depth:
-                break
-    if deepest <= max_depth:
-        return None
-    return _path_at_depth(text, max_depth + 1)
+    return deepest
 
 
 def _path_at_depth(text: str, depth: int) -> Path:
@@ -258,6 +288,7 @@ def _surrogate(value: Any, problem: str) -> JSONRefused | None:
 
 def load_json(data: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
     """Parse untrusted JSON; raise JSONRefused (with the path) for anything hostile."""
+    raw: bytes | None = None
     if isinstance(data, bytes | bytearray | memoryview):
         raw = bytes(data)
         if len(raw) > max_bytes:
@@ -283,7 +314,7 @@ def load_json(data: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
                                   kind="size")
     if text.startswith("\ufeff"):
         text = text[1:]
-    deep = _too_deep(text, max_depth)
+    deep = _too_deep(text, max_depth, raw)
     if deep is not None:
         raise JSONRefused(f"is nested more than {max_depth} levels deep", deep, kind="depth")
     _marked.any = False
