@@ -105,12 +105,20 @@ def test_worker_processes_check_exactly_as_here(catalog, monkeypatch):
                               catalog, None, NOW, jobs=2))
     assert all(c.items is None and c.blob for c in there)  # handed back as pickles
     assert here == _checked(there)
-    # The default: the first chunks here, the rest in processes (forced onto 2 here).
+    # The default (forced onto 2 processes here): an input of more than AUTO_AFTER chunks
+    # is checked in the processes from its first booking (no core idle while the first
+    # chunks are checked here alone); one of at most AUTO_AFTER chunks, here.
     monkeypatch.setattr(batch, "auto_jobs", lambda: 2)
-    monkeypatch.setattr(batch, "AUTO_AFTER", 1)
-    auto = _checked(check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
-                                 catalog, None, NOW, jobs=None))
-    assert auto == here
+    monkeypatch.setattr(batch, "AUTO_AFTER", 2)
+    there = list(check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
+                              catalog, None, NOW, jobs=None))
+    assert len(there) == 3 and all(c.items is None and c.blob for c in there)
+    assert _checked(there) == here
+    monkeypatch.setattr(batch, "AUTO_AFTER", 3)
+    auto = list(check_chunks(iter_documents(LineReader(io.BytesIO(data), "-")),
+                             catalog, None, NOW, jobs=None))
+    assert len(auto) == 3 and all(c.items is not None and c.blob is None for c in auto)
+    assert _checked(auto) == here
     assert sum(size for size, *_ in here) == 1201
     assert sum(count for _, _, count, _ in here) == 1199
     refused = [o for _, chunk, _, _ in here for o in chunk]
