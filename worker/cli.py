@@ -958,8 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_jobs,
                 default=None,
                 metavar="N",
-                help="check bookings in N processes (1: here; default: past the first "
-                f"{AUTO_AFTER * CHUNK:,} bookings, one process per core, at most "
+                help="check bookings in N processes (1: here; default: here up to "
+                f"{AUTO_AFTER * CHUNK:,} bookings, one process per core for more, at most "
                 f"{MAX_AUTO_JOBS})",
             )
         if name in ("show", "cancel", "release"):
