@@ -1202,7 +1202,7 @@ def _notify(notifier: apprise.Apprise, message: RenderedMessage) -> str:
 # Of the system's files nothing here needs anything (the only attachment is the invite,
 # whose type is told here): the table is the built-in one (`init()` with `knownfiles`
 # empty; `init(files=[])` would still read them the first time), which spared each pool
-# process the system file's 1,500 types (about 0.23 MB, benchmarks/rss_probe.py). Set up
+# process the system file's 1,500 types (about 0.35 MB, benchmarks/rss_probe.py). Set up
 # already (by a library imported before this module): kept as it is.
 def _set_up_mime_types() -> None:
     if not mimetypes.inited:
