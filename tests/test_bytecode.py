@@ -70,3 +70,31 @@ def test_make_compiles_the_packages_bytecode_before_the_service_starts(tmp_path)
     for target in ("run", "bench", "test", "faults"):
         line = next(x for x in rules.splitlines() if x.startswith(f"{target}:"))
         assert "bytecode" in line.split(":", 1)[1].split(), line
+
+
+def test_the_images_processes_find_the_bytecode_of_the_copy_they_import(tmp_path) -> None:
+    """The image's processes start in its WORKDIR, /app (`python -m worker.celery_main`,
+    `uvicorn worker.api:app`: the working directory first on sys.path), so they import
+    /app/worker, the copy `COPY worker/ ./worker/` made (.dockerignore leaves its
+    __pycache__ out), not the one `pip install .` compiled into site-packages. Nothing can
+    write its bytecode at run time (PYTHONDONTWRITEBYTECODE, a read-only root filesystem,
+    an unprivileged user): the build must. Here /app as the build leaves it: the copy, then
+    the Dockerfile's compile steps of RUN (as root, after that COPY and before USER) run in
+    it; then a process started there, as in the image, compiles nothing of the send path."""
+    from tests.test_docker import DOCKERFILE, dockerfile_instructions
+
+    instructions = dockerfile_instructions()
+    assert ("WORKDIR", "/app") in instructions
+    copied = instructions.index(("COPY", "worker/ ./worker/"))
+    user = next(i for i, (keyword, _) in enumerate(instructions) if keyword == "USER")
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copytree(ROOT / "worker", app / "worker", ignore=shutil.ignore_patterns("__pycache__"))
+    steps = [step.split() for keyword, rest in instructions[copied + 1:user] if keyword == "RUN"
+             for step in rest.split("&&") if "compileall" in step]
+    for argv in steps:
+        assert argv[0] == "python", argv  # the image's interpreter: here, this one
+        done = subprocess.run([sys.executable, *argv[1:]], cwd=app, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert compiled_by_import(app) == [], f"{DOCKERFILE.name} leaves /app/worker uncompiled"
