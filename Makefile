@@ -19,7 +19,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-run
 
 # The package's bytecode (worker/**/__pycache__), brought up to date before the service
-# starts, as pip writes it for a regular install (the Docker image's `pip install .`), even
+# starts, as pip writes it for a regular install (and the Dockerfile for /app/worker), even
 # where PYTHONDONTWRITEBYTECODE is set: this editable install's modules would otherwise be
 # compiled from source by every process that imports them, each worker pool process too
 # (about 3.5 MB more of each one's resident memory, and a slower start). Only the files

@@ -5,7 +5,8 @@ worker/, and where PYTHONDONTWRITEBYTECODE is set (this project's Docker image s
 so may a developer's or CI's machine) Python writes no bytecode for them, so every process
 compiled them from source as it imported them: each worker pool process too, which kept
 about 3.5 MB more resident (benchmarks/rss_probe.py: 187.4 against 180.2 MB for the idle
-worker) and started slower. A regular install has it compiled by pip, as the image does.
+worker) and started slower. A regular install has it compiled by pip; the Docker image
+compiles the copy its processes import at its build (the last test).
 Here on a copy of worker/ (the repository's own is left as it is): after the Makefile's
 `bytecode` target, a process with PYTHONDONTWRITEBYTECODE=1 compiles none of the send
 path's modules; a module edited since is compiled again by the next `make bytecode`.
