@@ -82,7 +82,7 @@ def test_the_images_processes_find_the_bytecode_of_the_copy_they_import(tmp_path
     an unprivileged user): the build must. Here /app as the build leaves it: the copy, then
     the Dockerfile's compile steps of RUN (as root, after that COPY and before USER) run in
     it; then a process started there, as in the image, compiles nothing of the send path."""
-    from tests.test_docker import DOCKERFILE, dockerfile_instructions
+    from tests.test_docker import DOCKERFILE, dockerfile_env, dockerfile_instructions
 
     instructions = dockerfile_instructions()
     assert ("WORKDIR", "/app") in instructions
@@ -95,7 +95,8 @@ def test_the_images_processes_find_the_bytecode_of_the_copy_they_import(tmp_path
              for step in rest.split("&&") if "compileall" in step]
     for argv in steps:
         assert argv[0] == "python", argv  # the image's interpreter: here, this one
-        done = subprocess.run([sys.executable, *argv[1:]], cwd=app, capture_output=True,
+        done = subprocess.run([sys.executable, *argv[1:]], cwd=app,
+                              env={**os.environ, **dockerfile_env()}, capture_output=True,
                               text=True, timeout=120, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
     assert compiled_by_import(app) == [], f"{DOCKERFILE.name} leaves /app/worker uncompiled"
