@@ -194,6 +194,32 @@ def test_plan_refuses_a_booking_given_twice_as_book_does(booking_doc):
         "(booking 1, clinic 'glow')" in done.stderr.decode()
 
 
+@pytest.mark.parametrize(("hostile", "problem"), [
+    (b'"booking_id": "A-4", "booking_id": "A-4", ',
+     "booking_id: is given twice in the same object"),
+    (b'"notes": ' + b"[" * 9 + b"]" * 9 + b", ", "notes: is nested more than 8 levels deep"),
+])
+def test_a_hostile_booking_of_an_array_is_named_by_its_position_as_the_user_sees_it(
+        booking_doc, hostile, problem):
+    # The array cannot be read past its 4th booking; that one alone is reported, and was
+    # headed "booking refused:" as if the input were one booking: which of the array's
+    # bookings (of thousands) was not said.
+    docs = [json.dumps(dict(booking_doc, booking_id=f"A-{n}")).encode() for n in range(1, 7)]
+    docs[3] = b"{" + hostile + docs[3][1:]
+    data = b"[\n" + b",\n".join(docs) + b"\n]\n"
+    for command in (["book", "-"], ["plan", "--now", "2026-11-21T12:00:00Z", "-"]):
+        done = reminders(*command, stdin=data)
+        assert done.returncode == 1
+        assert done.stderr.decode().startswith(f"booking 4 refused:\n  {problem}\n"), done.stderr
+    done = reminders("plan", "--now", "2026-11-21T12:00:00Z", "--json", "-", stdin=data)
+    assert done.returncode == 1 and json.loads(done.stdout) == []  # an array given: an array
+    docs[3] = json.dumps(dict(booking_doc, booking_id="A-4")).encode()
+    done = reminders("plan", "--now", "2026-11-21T12:00:00Z", "--json", "-",
+                     stdin=b"[\n" + b",\n".join(docs) + b"\n]\n")
+    assert done.returncode == 0, done.stderr  # the same array without it is fine
+    assert [t["booking_id"] for t in json.loads(done.stdout)] == [f"A-{n}" for n in range(1, 7)]
+
+
 def test_plan_now_outside_the_years_is_a_usage_error():
     done = reminders("plan", "--now", "9999-12-31T23:00:00-05:00", "examples/booking.json",
                      stdin=b"")
