@@ -102,6 +102,9 @@ class Document:
     value: Any = None
     raw: bytes | None = None  # one line of JSON lines, parsed where it is checked
     refused: BookingRejected | None = None
+    # The input was read no further than this booking (a hostile element of a JSON array):
+    # whatever followed it is unknown, so it is never taken for a lone booking.
+    cut_short: bool = False
 
 
 def open_input(source: str) -> BinaryIO:
@@ -303,7 +306,7 @@ def _whole_array(reader: LineReader) -> Iterator[Document]:
         if exc.kind == "depth":
             problem = f"is nested more than {MAX_BOOKING_DEPTH} levels deep"
         inner = JSONRefused(problem, exc.path[1:], kind=exc.kind)
-        yield Document(exc.path[0] + 1, None, refused=json_refusal(inner))
+        yield Document(exc.path[0] + 1, None, refused=json_refusal(inner), cut_short=True)
         return
     if not isinstance(docs, list) or not docs:
         raise UsageError(f"{source}: no booking in the input")
@@ -334,7 +337,9 @@ def read_documents(source: str) -> Input:
 
     docs = documents()
     ahead = list(itertools.islice(docs, 2))
-    return Input(itertools.chain(ahead, docs), len(ahead) == 1, reader)
+    # One booking (an array's hostile one stops its reading: "booking 4", not "booking").
+    single = len(ahead) == 1 and not ahead[0].cut_short
+    return Input(itertools.chain(ahead, docs), single, reader)
 
 
 # --- checking ---------------------------------------------------------------------------
