@@ -52,7 +52,11 @@ resolved with two `utcoffset` calls, not a round trip per minute. A reminder tha
 only how its time was derived takes those words as they are, not joined again. The SMS
 cap first counts every SMS on its planned day: when all fit (most plans), nothing is
 moved and nothing more is counted (`_all_fit`; a test checks the cap gives the same with
-and without it); otherwise each 7-day count slides one day at a time. tests/
+and without it); otherwise each 7-day count slides one day at a time, each SMS's local day
+is the one worked out for that check, the days its reasons name are written once per day
+(strftime is slow; `_ymd`) and the later days an SMS may move to are looked up per (local
+day, clock time, zone) (`_later_wall`; tests/test_cap_sms_before.py compares the cap with
+its copy from before these). tests/
 planner_reference.py keeps the straightforward version, and tests check that both give
 equal plans; tests/test_check_fixture.py checks that a varied set of bookings is checked
 (validated, planned, recorded) as the code before these memos checked it.
@@ -88,6 +92,7 @@ _MAX_GAP_MINUTES = MINUTES_PER_DAY
 # compare equal to their names: "held" == Status.HELD).
 PlanStatus = Literal[Status.SCHEDULED, Status.HELD]
 ReminderStatus = Literal[Status.SCHEDULED, Status.SKIPPED]
+_SCHEDULED = Status.SCHEDULED  # (a local name: reading it from the enum takes longer)
 
 
 @dataclass(frozen=True)
@@ -948,12 +953,53 @@ _WEEK = timedelta(days=WEEK_DAYS - 1)
 
 
 def cap_words(caps: SmsSettings) -> str:
-    return (f"the patient's SMS limit at this clinic ({caps.max_per_day} a day, "
-            f"{caps.max_per_week} in any {WEEK_DAYS} days)")
+    return _cap_words(caps.max_per_day, caps.max_per_week)
+
+
+@lru_cache(maxsize=64)
+def _cap_words(per_day: int, per_week: int) -> str:
+    return (f"the patient's SMS limit at this clinic ({per_day} a day, "
+            f"{per_week} in any {WEEK_DAYS} days)")
 
 
 # The end of the reason of a care-critical SMS that goes beyond the cap (`cap_sms`).
 BEYOND_CAP = ": care-critical, the other SMS give way"
+
+
+# A patient-local day (ordinal) as the cap's reasons write it, `f"{day:%Y-%m-%d}"`
+# (strftime, about 2.5 µs): memoised, at most _YMD_MAX days (then all are forgotten).
+_YMD: dict[int, str] = {}
+_YMD_MAX = 4096
+
+
+def _ymd(day: int) -> str:
+    text = _YMD.get(day)
+    if text is None:
+        if len(_YMD) >= _YMD_MAX:
+            _YMD.clear()
+        text = _YMD[day] = f"{date.fromordinal(day):%Y-%m-%d}"
+    return text
+
+
+# The later days an SMS the cap moves may go (`cap_sms`): per (local day as an ordinal,
+# hour, minute, zone), `_wall` of them and its local day, or None for the day when that
+# clock time does not show there (a DST gap moved it). At most _LATER_MAX (then all are
+# forgotten).
+_LATER: dict[tuple[int, int, int, ZoneInfo], tuple[datetime, int | None]] = {}
+_LATER_MAX = 16384
+
+
+def _later_wall(day: int, hour: int, minute: int, tz: ZoneInfo) -> tuple[datetime, int | None]:
+    key = (day, hour, minute, tz)
+    found = _LATER.get(key)
+    if found is None:
+        if len(_LATER) >= _LATER_MAX:
+            _LATER.clear()
+        later = _wall(date.fromordinal(day), hour, minute, tz)
+        shown = later.astimezone(tz)
+        found = _LATER[key] = (later, shown.toordinal() if (shown.hour, shown.minute)
+                               == (hour, minute) else None)
+    return found
 
 
 # Per zone, the patient-local day (ordinal) of each UTC instant met (the planner's instants
@@ -1078,7 +1124,8 @@ def cap_sms(
     decisions whatever its cap-mates did since; it is counted before the ones not held (a
     day freed by a cap-mate, a new step). A moved SMS held on a later day moves back only
     to a day with room that came free."""
-    sms = [r for r in reminders if r.channel == "sms" and r.status == Status.SCHEDULED
+    scheduled = _SCHEDULED
+    sms = [r for r in reminders if r.channel == "sms" and r.status == scheduled
            and r.key not in history]
     taken = list(taken)
     if len(sms) + len(taken) <= 1:
@@ -1092,23 +1139,27 @@ def cap_sms(
     # Every SMS counted on its planned day: when that keeps within the caps on every day
     # and in every 7 consecutive days, each SMS fits below as it comes (the counts then
     # hold only some of these), so nothing changes (most plans).
-    if _all_fit(counts, [local_day(r.due_at, tz) for r in sms], per_day,
-                per_week):
+    days = [local_day(r.due_at, tz) for r in sms]
+    if _all_fit(counts, days, per_day, per_week):
         return reminders
+    # Each SMS's planned local day, worked out once (by its identity: `sms` holds them).
+    day_of = dict(zip(map(id, sms), days, strict=True))
 
-    # The same counts without the others' SMS beyond the cap, for the SMS held (`held`).
+    # The same counts without the others' SMS beyond the cap, for the SMS held (`held`):
+    # kept only when some are held (`keeps` reads them for those alone).
+    held = held or {}
     within = dict(counts)
     for t in beyond:
         day = local_day(t, tz)
         within[day] = within.get(day, 0) - 1
-    held = held or {}
 
     def fits(day: int) -> bool:
         return sms_fits(counts, day, per_day, per_week)
 
     def count(day: int) -> None:
         counts[day] = counts.get(day, 0) + 1
-        within[day] = within.get(day, 0) + 1
+        if held:
+            within[day] = within.get(day, 0) + 1
 
     def keeps(r: PlannedReminder, due: datetime, reason: str) -> bool:
         """Whether `r` is held as (due, reason) and fits on that day within the cap."""
@@ -1117,7 +1168,7 @@ def cap_sms(
                 and sms_fits(within, local_day(due, tz), per_day, per_week))
 
     emailed = {(r.step, r.occurrence) for r in reminders
-               if r.channel == "email" and r.status == Status.SCHEDULED}
+               if r.channel == "email" and r.status == scheduled} if email else set()
     over_cap: set[str] = set()
     kept: dict[str, PlannedReminder] = {}
     changed = False
@@ -1125,8 +1176,8 @@ def cap_sms(
     def place(r: PlannedReminder) -> PlannedReminder:
         """`r` (an SMS to go) as the cap leaves it, its day counted if it stays an SMS."""
         nonlocal changed
-        day = local_day(r.due_at, tz)
-        if r.key in kept:
+        day = day_of[id(r)]
+        if kept and r.key in kept:
             changed = changed or kept[r.key] is not r
             return kept[r.key]
         if r.step in protected:
@@ -1136,8 +1187,7 @@ def cap_sms(
             count(day)
             return r
         changed = True
-        local = r.due_at.astimezone(tz)
-        over = f"{cap_words(caps)} is reached on {local:%Y-%m-%d}"
+        over = f"{_cap_words(per_day, per_week)} is reached on {_ymd(day)}"
         if r.step in protected and not email:
             return _changed(r, reason=f"{r.reason}; sent although {over}{BEYOND_CAP}")
         if email and (r.step, r.occurrence) in emailed:
@@ -1146,29 +1196,42 @@ def cap_sms(
         if email:
             return _changed(r, key=r.key[: -len("sms")] + "email", channel="email",
                             reason=f"{r.reason}; by email: {over}")
-        moved = None
-        late = window is not None and _LATE in r.reason
-        for n in range(1, WEEK_DAYS * 2):
-            if late:
-                assert window is not None
+        moved = moved_day = None
+        expires = r.expires_at
+        if window is not None and _LATE in r.reason:
+            # A late step: at a later day's opening.
+            local = r.due_at.astimezone(tz)
+            for n in range(1, WEEK_DAYS * 2):
                 later = next_opening(_wall(local.date() + timedelta(days=n), 0, 0, tz),
                                      window, tz)
-            else:
-                later = _wall(local.date() + timedelta(days=n), local.hour, local.minute, tz)
-            if r.expires_at is not None and later >= r.expires_at:
-                break
-            shown = later.astimezone(tz)
-            if not late and (shown.hour, shown.minute) != (local.hour, local.minute):
-                continue  # not on that day's clock (a DST gap): maybe outside the window
-            if fits(shown.toordinal()):
-                moved = later
-                break
-        if moved is None:
+                if expires is not None and later >= expires:
+                    break
+                opens_day = later.astimezone(tz).toordinal()
+                if fits(opens_day):
+                    moved, moved_day = later, opens_day
+                    break
+        else:
+            # At the same local time a later day (`_later_wall`: the instant, and its local
+            # day unless a DST gap moved it off that clock time, maybe outside the window).
+            local = r.due_at.astimezone(tz)
+            hour, minute = local.hour, local.minute
+            for n in range(1, WEEK_DAYS * 2):
+                later, shown_day = _later_wall(day + n, hour, minute, tz)
+                if expires is not None and later >= expires:
+                    break
+                # (A day already holding `per_day` SMS is full: `sms_fits`'s first test.)
+                if (shown_day is not None and counts.get(shown_day, 0) < per_day
+                        and fits(shown_day)):
+                    moved, moved_day = later, shown_day
+                    break
+        if moved is None or moved_day is None:
             return _changed(r, status=Status.SKIPPED, reason=(
                 f"not sent: {over}, the patient takes no email, and no later day has room "
                 "before it expires"))
-        count(local_day(moved, tz))
-        return _changed(r, due_at=moved, reason=_moved_reason(r, moved, caps, tz))
+        count(moved_day)
+        return _changed(r, due_at=moved, reason=(
+            f"{r.reason}; moved to {_ymd(moved_day)}: {_cap_words(per_day, per_week)} is "
+            f"reached on {_ymd(day)} and the patient takes no email"))
 
     # A held booking's hold notice first: the one message that goes while it is held, its
     # other SMS (held back until the clinic's release, then capped again) give way to it.
@@ -1178,14 +1241,14 @@ def cap_sms(
         if r.step == HOLD_NOTICE_STEP:
             if keeps(r, r.due_at, r.reason):  # held as it is: it keeps its day
                 kept[r.key] = r
-                count(local_day(r.due_at, tz))
+                count(day_of[id(r)])
             first[r.key] = place(r)
     # Care-critical SMS next, at their time; the others give way. One that does not fit
     # (the patient's other bookings took the days) goes by email when the patient takes
     # email, as any other; else it goes all the same, beyond the cap.
     for r in sms:
         if r.step in protected and r.key not in first:
-            day = local_day(r.due_at, tz)
+            day = day_of[id(r)]
             if not fits(day) and not keeps(r, r.due_at, r.reason):
                 over_cap.add(r.key)
                 if email:
@@ -1215,10 +1278,10 @@ def cap_sms(
             count(stored_day)
     out: list[PlannedReminder] = []
     for r in reminders:
-        if r.channel != "sms" or r.status != Status.SCHEDULED or r.key in history:
+        if r.channel != "sms" or r.status != scheduled or r.key in history:
             out.append(r)
         else:
-            out.append(first[r.key] if r.key in first else place(r))
+            out.append(first[r.key] if first and r.key in first else place(r))
     if not changed:
         return reminders
     out.sort(key=_order)
@@ -1226,9 +1289,10 @@ def cap_sms(
 
 
 def _moved_reason(r: PlannedReminder, moved: datetime, caps: SmsSettings, tz: ZoneInfo) -> str:
-    """The reason of `r` moved by the cap to `moved` (the patient takes no email)."""
-    return (f"{r.reason}; moved to {moved.astimezone(tz):%Y-%m-%d}: {cap_words(caps)} is "
-            f"reached on {r.due_at.astimezone(tz):%Y-%m-%d} and the patient takes no email")
+    """The reason of `r` moved by the cap to `moved` (the patient takes no email), as
+    `cap_sms`'s moves word it."""
+    return (f"{r.reason}; moved to {_ymd(local_day(moved, tz))}: {cap_words(caps)} is "
+            f"reached on {_ymd(local_day(r.due_at, tz))} and the patient takes no email")
 
 
 def cap_plan(
