@@ -8,7 +8,10 @@
 - the contact ids' HMAC (`store._hmac_sha256`, from padded keys kept) against `hmac.digest`;
 - a batch stored from its plans' records (`upsert_many(records=...)`, as `reminders book`
   stores) against the same batch stored from the plan objects: every key, field, score and
-  expiry the same.
+  expiry the same;
+- a store batch read ahead (`Store.read_first`, `ReadAhead`: before the batch before is
+  applied, or while it is) against the batches read and stored in turn, with patients under
+  the SMS cap whose bookings are in both batches: the same, key for key.
 """
 
 from __future__ import annotations
@@ -183,11 +186,15 @@ def test_contact_ids_hmac_is_the_standard_one(key: bytes, message: bytes) -> Non
     assert _hmac_sha256(key, message) == hmac.digest(key, message, "sha256")
 
 
-def test_decode_ahead_is_each_batch_decoded(catalog: Any) -> None:
-    """`DecodeAhead` (the next store batch decoded a slice at a time while Redis applies the
-    one before) gives each spool batch with exactly what `decode` makes of it, in order,
-    however many of its steps ran in between; and nothing once the spool is done."""
-    from worker.batch import CHUNK, DecodeAhead, Document, Spool, _check_chunk, decode
+def test_read_ahead_is_each_batch_decoded(redis_client: Any, catalog: Any) -> None:
+    """`ReadAhead` (each next store batch decoded and read in a thread while the one before
+    is stored) gives each spool batch with exactly what `decode` makes of it, in order, with
+    its first read of those very items (none for the first, nor when that read fails:
+    `upsert_many` reads it itself); and nothing once the spool is done."""
+    import redis
+
+    from worker.batch import CHUNK, Document, ReadAhead, Spool, _check_chunk, decode
+    from worker.store import Store
 
     docs = list(realistic_bookings(2 * CHUNK + 70, seed=9, now=NOW))
     spool = Spool()
@@ -196,26 +203,36 @@ def test_decode_ahead_is_each_batch_decoded(catalog: Any) -> None:
         part = [Document(n + 1, n + 1, raw=lines[n])
                 for n in range(start, min(start + CHUNK, len(lines)))]
         spool.add_chunk(_check_chunk(part, catalog, None, NOW))
-    size = 450  # batches of 450: 3 of them, the last 170 (not a multiple of a slice)
+    size = 450  # batches of 450: 3 of them, the last 170
     expected = [(chunk, [decode(item, catalog) for item in chunk])
                 for chunk in spool.chunks(size)]
     assert [len(c) for c, _ in expected] == [450, 450, 170]
-    for steps in (0, 1, 2, 5):
-        ahead = DecodeAhead(spool.chunks(size), catalog)
+    class Unreadable(Store):
+        def read_first(self, *args: Any, **kwargs: Any) -> Any:
+            raise redis.ConnectionError("gone")
+
+    store = Store(redis_client, "ahead", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    gone = Unreadable(redis_client, "gone", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    for timelines, reading in ((False, store), (True, store), (False, gone)):
+        ahead = ReadAhead(spool.chunks(size), catalog, reading, timelines)
         got = []
         while (taken := ahead.take()) is not None:
             got.append(taken)
-            for _ in range(steps):
-                ahead.step()
-        for _ in range(3):
-            ahead.step()
         assert ahead.take() is None
         assert len(got) == len(expected)
-        for (chunk, items), (want_chunk, want_items) in zip(got, expected, strict=True):
+        for n, ((chunk, items, first), (want_chunk, want_items)) in enumerate(
+                zip(got, expected, strict=True)):
             assert chunk == want_chunk
             assert [b.model_dump_json() for b, _ in items] == [
                 b.model_dump_json() for b, _ in want_items]
             assert [p for _, p in items] == [p for _, p in want_items]
+            if n == 0 or reading is gone:
+                # The first batch is read by `upsert_many`; so is one whose read failed.
+                assert first is None
+            else:
+                assert first is not None
+                assert first.items is items and first.timelines == timelines
+                assert len(first.round.batch) == len(first.round.stored) == len(items)
 
 
 def test_upsert_many_runs_idle_while_each_chunk_is_applied(redis_client: Any,
@@ -407,3 +424,185 @@ def test_a_plan_decoded_lazily_is_the_plan_decoded_at_once(catalog: Any) -> None
         assert made(True).reminders == eager.reminders
         assert not hasattr(made(True), "no_such_field")
     assert kinds["lazy"] and kinds["made at once"], kinds
+
+
+def _capped_across(docs: list[dict[str, Any]], size: int, now: datetime) -> None:
+    """Patients under the SMS cap (SMS only) with a booking in each of two store batches of
+    `size`: the one in the first batch, another a day later in the next; and three with
+    three bookings, the middle one in the batch after."""
+    for n in range(0, 40, 2):
+        other = n + size
+        docs[other]["patient"] = dict(docs[n]["patient"], channels=["sms"])
+        docs[n]["patient"] = docs[other]["patient"]
+        docs[other]["starts_at"] = (datetime.fromisoformat(docs[n]["starts_at"])
+                                    + timedelta(days=1)).isoformat()
+    for n in (50, 60, 70):
+        for k, at in ((1, size + n), (2, n + 1)):
+            docs[at]["patient"] = dict(docs[n]["patient"], channels=["sms"])
+            docs[at]["starts_at"] = (datetime.fromisoformat(docs[n]["starts_at"])
+                                     + timedelta(days=k)).isoformat()
+
+
+def _rounds_of(now: datetime, size: int, seed: int) -> list[list[dict[str, Any]]]:
+    """A file of two store batches of `size` (`_capped_across`), booked new, then again
+    (unchanged), then with every fifth booking moved a day (its version changes) and one
+    patient's phone changed."""
+    docs = list(realistic_bookings(2 * size, seed=seed, now=now))
+    _capped_across(docs, size, now)
+    changed = [dict(d, starts_at=(datetime.fromisoformat(d["starts_at"]) + timedelta(days=1))
+                    .isoformat()) if n % 5 == 0 else d for n, d in enumerate(docs)]
+    # One of those patients' first-batch booking given another phone (a number corrected):
+    # it leaves the phone that the cap of the booking in the next batch reads.
+    changed[2] = dict(changed[2], patient=dict(changed[2]["patient"],
+                                               phone=docs[1]["patient"]["phone"]))
+    return [docs, docs, changed]
+
+
+def _accepted(batch: list[dict[str, Any]], catalog: Any, now: datetime) -> list[Any]:
+    from worker.batch import Document, _check_chunk
+
+    lines = [orjson.dumps(d) for d in batch]
+    chunk = _check_chunk([Document(n + 1, n + 1, raw=line) for n, line in enumerate(lines)],
+                         catalog, None, now)
+    assert not chunk.refused
+    return chunk.accepted()
+
+
+def _stores(redis_client: Any, *prefixes: str) -> list[Any]:
+    from worker.store import Store
+
+    stores = [Store(redis_client, p, retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+              for p in prefixes]
+    for store in stores[1:]:
+        store._contact_secret = stores[0].contact_secret  # the same contact ids
+    return stores
+
+
+def _redone(store: Any) -> list[int]:
+    """Spy on `store`: the bookings each `upsert_many` read and wrote again after its
+    first pass (a check that failed, or a booking waiting for another)."""
+    counts: list[int] = []
+    rounds = store._upsert_rounds
+
+    def spy(todo: list[int], *args: Any) -> None:
+        counts.append(len(todo))
+        rounds(todo, *args)
+
+    store._upsert_rounds = spy
+    return counts
+
+
+@pytest.mark.parametrize("when", ["before", "midway"])
+def test_a_batch_read_before_the_batch_before_is_applied_is_stored_as_in_turn(
+        redis_client: Any, catalog: Any, when: str) -> None:
+    """The race `reminders book`'s read ahead (`ReadAhead`) makes, forced: the next store
+    batch read (`Store.read_first`) before the batch before is applied ("before"), or while
+    its first apply chunk is at Redis ("midway", from `upsert_many`'s `idle`), then stored
+    from that read. Patients under the SMS cap have bookings in both batches, so that read
+    is out of date for them (their other booking new, unchanged, then moved): the apply's
+    guard refuses those, which are read and written again; every key, field, score and
+    expiry, each answer and each version before is what storing the batches in turn gives."""
+    from worker.batch import decode
+    from worker.store import APPLY_CHUNK
+
+    now, size = NOW, APPLY_CHUNK + 30
+    in_turn, ahead = _stores(redis_client, "in-turn", "read-ahead")
+    # Each batch's bookings read and written again after its first pass.
+    redone, redone_in_turn = _redone(ahead), _redone(in_turn)
+    for round_no, batch in enumerate(_rounds_of(now, size, seed=21)):
+        parts = []
+        for part in (batch[:size], batch[size:]):
+            accepted = _accepted(part, catalog, now)
+            parts.append(([decode(item, catalog) for item in accepted], accepted))
+        answers: list[list[Any]] = [[], []]
+        befores: list[list[str | None]] = [[], []]
+        unsure: list[int] = []
+        for n, store in enumerate((in_turn, ahead)):
+            reads: list[Any] = []
+            for k, (items, accepted) in enumerate(parts):
+                following = parts[k + 1][0] if k + 1 < len(parts) else None
+
+                def read_next(following: Any = following, items: Any = items,
+                              reads: list[Any] = reads, store: Any = store,
+                              unsure: list[int] = unsure) -> None:
+                    if following is not None and not reads:
+                        reads.append(store.read_first(following, timelines=False,
+                                                      after=items))
+                        unsure.append(len(reads[0].unsure))
+
+                if store is ahead and when == "before":
+                    read_next()
+                before: list[str | None] = [None] * len(items)
+                answers[n] += store.upsert_many(
+                    items, now, previous=before, timelines=False,
+                    docs=[doc for doc, _ in accepted],
+                    records=[record for _, record in accepted],
+                    first=reads.pop() if store is ahead and k else None,
+                    idle=read_next if store is ahead and when == "midway" else None)
+                befores[n] += before
+                assert not reads or k == 0
+        assert answers[0] == answers[1]
+        assert befores[0] == befores[1]
+        assert _dumped(redis_client, "in-turn") == _dumped(redis_client, "read-ahead")
+        if round_no == 0:
+            assert befores[0] == [None] * (2 * size)
+        else:
+            assert None not in befores[0]
+        # The race was met: the second batch read with the first batch's bookings of the
+        # same patients new, unchanged, then moved, not yet written; those patients' caps
+        # read again, none refused at the apply.
+        assert unsure == [23], unsure
+        assert redone == redone_in_turn and redone[-1] == 0, redone
+    stored = _dumped(redis_client, "in-turn")
+    texts_by_id = stored["t"][1]
+    reasons = {texts_by_id[v.rsplit("@", 1)[1]] for n in range(size, size + 40, 2)
+               for k, v in stored["b:glow/" + _rounds_of(now, size, 21)[2][n]["booking_id"]][1]
+               .items() if k.endswith(":sms") and "@" in v}
+    assert any("SMS" in reason for reason in reasons), reasons  # the cap counted the other
+
+
+def test_reminders_books_read_ahead_stores_as_each_batch_in_turn(redis_client: Any,
+                                                                catalog: Any) -> None:
+    """`ReadAhead` as `reminders book` stores with it (the spool's batches, small here: a
+    patient under the SMS cap has bookings in two of them), each next batch's read parked
+    until it is done before the batch before is stored: every key, field, score and expiry,
+    and each answer, is what storing each batch in turn (read when its turn comes) gives."""
+    from worker.batch import CHUNK, Document, ReadAhead, Spool, _check_chunk, decode
+    from worker.store import APPLY_CHUNK
+
+    now, size = NOW, APPLY_CHUNK + 30
+    in_turn, ahead = _stores(redis_client, "book-in-turn", "book-ahead")
+    redone, redone_in_turn = _redone(ahead), _redone(in_turn)
+    for batch in _rounds_of(now, size, seed=22):
+        spool = Spool()
+        lines = [orjson.dumps(d) for d in batch]
+        for start in range(0, len(lines), CHUNK):
+            spool.add_chunk(_check_chunk(
+                [Document(n + 1, n + 1, raw=lines[n])
+                 for n in range(start, min(start + CHUNK, len(lines)))], catalog, None, now))
+        answers: list[list[Any]] = [[], []]
+        for chunk in spool.chunks(size):
+            items = [decode(item, catalog) for item in chunk]
+            answers[0] += in_turn.upsert_many(items, now, timelines=False,
+                                              docs=[d for d, _ in chunk],
+                                              records=[r for _, r in chunk])
+        reader = ReadAhead(spool.chunks(size), catalog, ahead, timelines=False)
+        taken_sizes, unsure = [], []
+        while (taken := reader.take()) is not None:
+            chunk, items, first = taken
+            taken_sizes.append(len(items))
+            unsure.append(None if first is None else len(first.unsure))
+            if reader.next is not None:
+                reader.next.result()  # the next batch read before this one is applied
+            answers[1] += ahead.upsert_many(items, now, timelines=False,
+                                            docs=[d for d, _ in chunk], first=first,
+                                            records=[r for _, r in chunk])
+        assert reader.next is None and reader.take() is None
+        spool.close()
+        assert taken_sizes == [size, size]
+        # The first batch read by `upsert_many`; the second's patients of the first.
+        assert unsure == [None, 23], unsure
+        assert answers[0] == answers[1]
+        assert _dumped(redis_client, "book-in-turn") == _dumped(redis_client, "book-ahead")
+        # None refused at the apply: written again only those that wait in their batch.
+        assert redone == redone_in_turn and redone[-1] == 0, redone

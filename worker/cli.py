@@ -33,10 +33,10 @@ from .batch import (
     REFUSALS_SHOWN,
     Checked,
     CheckerDied,
-    DecodeAhead,
     Document,
     JsonArrayOut,
     Progress,
+    ReadAhead,
     SeenBookings,
     Spool,
     UsageError,
@@ -386,8 +386,9 @@ def store_all(
     storing = False  # inside `upsert_many`: some of `items` may be stored, not all
     printing = True  # False once stdout's reader has left
     try:
-        # Each batch is decoded while Redis applies the batch before (`DecodeAhead`).
-        ahead = DecodeAhead(spool.chunks(STORE_BATCH), catalog)
+        # Each batch is decoded and read while Redis applies the batch before (`ReadAhead`).
+        ahead = ReadAhead(spool.chunks(STORE_BATCH), catalog, store,
+                          timelines=out is not None or tables)
         with StopBetweenBatches() as ctrl_c, quick_handover():
             while True:
                 if ctrl_c.requested:
@@ -395,12 +396,12 @@ def store_all(
                 taken = ahead.take()
                 if taken is None:
                     break
-                chunk, items = taken
+                chunk, items, first = taken
                 before: list[str | None] = [None] * len(items)
                 storing = True
                 timelines = store.upsert_many(items, now, previous=before,
                                               timelines=out is not None or tables,
-                                              docs=[doc for doc, _ in chunk], idle=ahead.step,
+                                              docs=[doc for doc, _ in chunk], first=first,
                                               records=[record for _, record in chunk])
                 storing = False
                 stored += len(items)
@@ -465,9 +466,9 @@ STORE_SWITCH_INTERVAL = 0.0005
 @contextmanager
 def quick_handover() -> Iterator[None]:
     """While bookings are stored, the GIL passes to a waiting thread within half a
-    millisecond instead of five: the main thread decodes the next batch while the apply
-    thread waits for Redis (`DecodeAhead`), and each chunk's reply, which lets the next
-    chunk go to Redis, would otherwise wait up to 5 ms (Redis idle) behind that work."""
+    millisecond instead of five: a thread decodes and reads the next batch while the apply
+    thread waits for Redis (`ReadAhead`), and each chunk's reply, which lets the next chunk
+    go to Redis, would otherwise wait up to 5 ms (Redis idle) behind that work."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(STORE_SWITCH_INTERVAL)
     try:

@@ -2538,6 +2538,18 @@ class _Round:
 
 
 @dataclass
+class FirstRead:
+    """`Store.read_first`: the first pass of `upsert_many` over `items`, read."""
+
+    items: list[tuple[Booking, Plan]]
+    timelines: bool
+    round: _Round
+    # Positions in `round.batch` whose SMS cap's read the bookings still to be written
+    # before these may change (`read_first`'s `after`): read again by `upsert_many`.
+    unsure: list[int] = field(default_factory=list)
+
+
+@dataclass
 class _CapsRead:
     """What the SMS cap read of a patient's other bookings: their SMS times, and the guard
     the apply script checks (nothing it read changed) before writing."""
@@ -2840,7 +2852,7 @@ class Store:
         self, items: list[tuple[Booking, Plan]], now: datetime, *, release: bool = False,
         previous: list[str | None] | None = None, timelines: bool = True,
         docs: Sequence[str] | None = None, idle: Callable[[], object] | None = None,
-        records: Sequence[PlanRecord] | None = None,
+        records: Sequence[PlanRecord] | None = None, first: FirstRead | None = None,
     ) -> list[dict[str, Any]]:
         """`upsert` each (booking, plan), in a few round trips per chunk; return the timelines.
 
@@ -2872,25 +2884,31 @@ class Store:
         and waits for Redis to apply the one before (Redis works on the other core): a
         caller's own work that touches no Redis (`reminders book` decodes its next batch
         there), a few milliseconds at a time, instead of with Redis idle between calls.
+
+        `first`, when given: the first pass's read of these `items` (`read_first`), made
+        earlier (`reminders book` reads its next batch while Redis applies this one).
         """
         if docs is not None and len(docs) != len(items):
             raise ValueError("docs: one per booking")
         if records is not None and len(records) != len(items):
             raise ValueError("records: one per booking")
+        if first is not None and (first.items is not items or first.timelines != timelines):
+            raise ValueError("first: read of other items")
         self._ready()
         out: list[dict[str, Any] | None] = [None] * len(items)
         before: list[str | None] = [None] * len(items) if previous is None else previous
-        first = self._select(list(range(len(items))), items, whole=True)
-        if first.batch:
-            # The due scores too for the answers' timelines (`next_try_at`, as GET shows).
-            first.stored = self._read([item[0].key for _, item in first.batch],
-                                      scores=timelines)
-            first.caps = self._caps_read([item for _, item in first.batch])
-            self._wait_for_later(first, items)
-            stored, caps = first.stored, first.caps
-            redo = list(first.later)
-            if len(first.batch) <= APPLY_CHUNK:  # one chunk (a single PUT): nothing to overlap
-                ready = self._prepared(_Round(first.batch, stored, [], caps,
+        first = first or self.read_first(items, timelines=timelines)
+        read = first.round
+        if read.batch:
+            if first.unsure:  # read again now, as if not read ahead (`read_first`)
+                fresh = self._caps_read([read.batch[n][1] for n in first.unsure])
+                for n, caps_read in zip(first.unsure, fresh, strict=True):
+                    read.caps[n] = caps_read
+            self._wait_for_later(read, items)
+            stored, caps = read.stored, read.caps
+            redo = list(read.later)
+            if len(read.batch) <= APPLY_CHUNK:  # one chunk (a single PUT): nothing to overlap
+                ready = self._prepared(_Round(read.batch, stored, [], caps,
                                               timelines=timelines, docs=docs,
                                               records=records), now, release)
                 redo += self._settle(ready, self._send(ready), now, release, out, before)
@@ -2900,10 +2918,10 @@ class Store:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-apply") as pool:
                 sent: tuple[_Round, Future[Any]] | None = None
                 failed: list[str] = []  # of the chunks applied so far (see `_Round.stale`)
-                for start in range(0, len(first.batch), APPLY_CHUNK):
+                for start in range(0, len(read.batch), APPLY_CHUNK):
                     part = slice(start, start + APPLY_CHUNK)
                     ready = self._prepared(
-                        _Round(first.batch[part], stored[part], [], caps[part],
+                        _Round(read.batch[part], stored[part], [], caps[part],
                                timelines=timelines, docs=docs, records=records), now,
                         release)
                     if sent is not None:
@@ -2921,6 +2939,39 @@ class Store:
             self._upsert_rounds(sorted(redo), items, now, release, out, before, timelines,
                                 docs, records)
         return cast(list[dict[str, Any]], out)
+
+    def read_first(self, items: list[tuple[Booking, Plan]], *, timelines: bool = True,
+                   after: Sequence[tuple[Booking, Plan]] = ()) -> FirstRead:
+        """`upsert_many`'s first pass over `items`, read (each booking's hash, document and
+        due scores, and the SMS cap's read of its patient's other bookings), to give it as
+        its `first`. Only reads: a caller may read its next batch in another thread while
+        this store applies one (`reminders book`, worker/batch.py `ReadAhead`).
+
+        `after`: bookings still to be written before these (the batch before, none of them
+        one of these), whose writes may land after this read. What they change of it is
+        only the SMS cap's read of a patient's other bookings: that of each booking whose
+        patient's phone is one of theirs, or that read one of them, is read again when
+        `upsert_many` begins (`FirstRead.unsure`), as if not read ahead. (A write landing
+        between a read and its apply that it does not know of, another command's or the
+        API's, fails the apply's check, as always: the booking is read and written again.)
+        """
+        self._ready()
+        first = self._select(list(range(len(items))), items, whole=True)
+        unsure: list[int] = []
+        if first.batch:
+            # The due scores too for the answers' timelines (`next_try_at`, as GET shows).
+            first.stored = self._read([item[0].key for _, item in first.batch],
+                                      scores=timelines)
+            first.caps = self._caps_read([item for _, item in first.batch])
+            if after and any(read is not None for read in first.caps):
+                phones = {(b.clinic, self.contact_id("phone", b.patient.phone))
+                          for b, _ in after if b.patient.phone}
+                ids = {b.key for b, _ in after}
+                unsure = [n for n, ((_, (booking, _)), read) in enumerate(
+                    zip(first.batch, first.caps, strict=True)) if read is not None and (
+                        (booking.clinic, read.guard[0]) in phones
+                        or any((booking.clinic, other) in ids for other in read.guard[3]))]
+        return FirstRead(items, timelines, first, unsure)
 
     def _upsert_rounds(
         self,
