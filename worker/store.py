@@ -2882,8 +2882,8 @@ class Store:
 
         `idle`, when given: called once each time this thread has an apply chunk prepared
         and waits for Redis to apply the one before (Redis works on the other core): a
-        caller's own work that touches no Redis (`reminders book` decodes its next batch
-        there), a few milliseconds at a time, instead of with Redis idle between calls.
+        caller's own work that touches no Redis, a few milliseconds at a time, instead of
+        with Redis idle between calls.
 
         `first`, when given: the first pass's read of these `items` (`read_first`), made
         earlier (`reminders book` reads its next batch while Redis applies this one).
