@@ -587,8 +587,8 @@ def test_a_delivery_is_recorded_when_redis_refuses_writes_at_the_moment_of_finis
 # --- found by review: each forced -----------------------------------------------------------
 
 def test_cancel_then_rebook_while_in_flight_does_not_send_the_same_words_again(rig):
-    rig.book(rig.booking())
-    doc = rig.booking()
+    doc = rig.booking()  # one document: made twice, a second could pass between (a move)
+    rig.book(doc)
     thread, result = rig.park(PREP)
     rig.store.cancel("rc", "R-1", datetime.now(UTC))
     rig.book(doc)  # the clinic undoes its cancel: the same plan again
