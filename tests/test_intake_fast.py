@@ -606,3 +606,58 @@ def test_reminders_books_read_ahead_stores_as_each_batch_in_turn(redis_client: A
         assert _dumped(redis_client, "book-in-turn") == _dumped(redis_client, "book-ahead")
         # None refused at the apply: written again only those that wait in their batch.
         assert redone == redone_in_turn and redone[-1] == 0, redone
+
+
+def test_an_email_unsubscribe_after_the_read_ahead_is_capped_as_in_turn(
+        redis_client: Any, catalog: Any) -> None:
+    """The SMS cap sends an SMS that does not fit by email only to a patient who has not
+    unsubscribed from email (read with the cap's read, `_CapsRead.email`). Forced: the next
+    store batch read ahead (`Store.read_first`, as `ReadAhead` reads it), then the patient
+    unsubscribes from email (the unsubscribe link: `Store.opt_out`), then the batch before
+    and that batch stored. Reading each batch in its turn reads the unsubscribe: the SMS
+    that does not fit is capped as for a patient without email (here: not sent, saying
+    the limit is reached and the patient takes no email). The read ahead must store the
+    same, not an email to the address just unsubscribed ("by email: the SMS limit is
+    reached", then skipped at its begin as opted out)."""
+    from worker.batch import decode
+
+    now, size = NOW, 40
+    docs = list(realistic_bookings(2 * size + 1, seed=31, now=now))
+    earlier = docs[2 * size]  # the patient's booking stored by an earlier run
+    # Not in the batch before: nothing there marks this patient's cap unsure.
+    for n in range(size):
+        assert docs[n]["patient"]["phone"] != earlier["patient"]["phone"]
+    patient = dict(earlier["patient"], channels=["email", "sms"])
+    earlier["patient"] = patient
+    docs[size + 5] = dict(docs[size + 5], patient=patient, starts_at=(
+        datetime.fromisoformat(earlier["starts_at"]) + timedelta(days=1)).isoformat())
+    in_turn, ahead = _stores(redis_client, "unsub-in-turn", "unsub-ahead")
+    batches = []
+    for part in ([earlier], docs[:size], docs[size:2 * size]):
+        accepted = _accepted(part, catalog, now)
+        batches.append(([decode(item, catalog) for item in accepted], accepted))
+
+    def stored(store: Any, k: int, first: Any = None) -> list[Any]:
+        items, accepted = batches[k]
+        return store.upsert_many(items, now, timelines=False, first=first,
+                                 docs=[doc for doc, _ in accepted],
+                                 records=[record for _, record in accepted])
+
+    answers = []
+    for store in (in_turn, ahead):
+        stored(store, 0)
+        read = None
+        if store is ahead:  # read while the batch before is still to be applied
+            read = store.read_first(batches[2][0], timelines=False, after=batches[1][0])
+            assert read.unsure == []
+            assert any(r is not None and r.email and r.taken for r in read.round.caps)
+        store.opt_out("glow", "email", patient["email"], "unsubscribed by the link")
+        answers.append(stored(store, 1) + stored(store, 2, read))
+    assert answers[0] == answers[1]
+    # The race was met: the cap could not keep one of this booking's SMS (the other booking
+    # took its day) and, the patient unsubscribed from email, said so; not "by email".
+    key = f"b:glow/{docs[size + 5]['booking_id']}"
+    want, got = (_dumped(redis_client, p)[key][1] for p in ("unsub-in-turn", "unsub-ahead"))
+    assert "spf:sms" in want and "spf:email" not in want, want
+    assert want == got
+    assert _dumped(redis_client, "unsub-in-turn") == _dumped(redis_client, "unsub-ahead")
