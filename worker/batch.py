@@ -778,7 +778,9 @@ class ReadAhead:
     patient has a phone of the batch before, or whose cap read one of its bookings, have
     theirs read again as their batch's store begins, after the batch before is written
     (`Store.read_first`'s `after`): what is stored is what reading each batch in its turn
-    stores. Each batch's writes all go after the batch before is written.
+    stores. Each batch's writes all go after the batch before is written. What another
+    process writes meanwhile fails the apply's check as always, but an email unsubscribe:
+    `upsert_many` reads those again as it begins.
 
     A read ahead that fails (Redis gone, say) is dropped: `upsert_many` reads that batch
     itself, as it reads the first, and fails or not as it would have without it."""

@@ -2886,7 +2886,8 @@ class Store:
         with Redis idle between calls.
 
         `first`, when given: the first pass's read of these `items` (`read_first`), made
-        earlier (`reminders book` reads its next batch while Redis applies this one).
+        earlier (`reminders book` reads its next batch while Redis applies this one); the
+        caps it marks unsure, and every cap's email opt-out, are read again here.
         """
         if docs is not None and len(docs) != len(items):
             raise ValueError("docs: one per booking")
@@ -2897,6 +2898,7 @@ class Store:
         self._ready()
         out: list[dict[str, Any] | None] = [None] * len(items)
         before: list[str | None] = [None] * len(items) if previous is None else previous
+        ahead = first is not None  # read earlier (`read_first`), not here and now
         first = first or self.read_first(items, timelines=timelines)
         read = first.round
         if read.batch:
@@ -2904,6 +2906,13 @@ class Store:
                 fresh = self._caps_read([read.batch[n][1] for n in first.unsure])
                 for n, caps_read in zip(first.unsure, fresh, strict=True):
                     read.caps[n] = caps_read
+            if ahead:
+                # The email opt-outs the others' cap read, read again now: no write of
+                # theirs changes with an unsubscribe, which the apply's guard would see.
+                unsure = set(first.unsure)
+                self._emails_again([(read.batch[n][1], caps_read)
+                                    for n, caps_read in enumerate(read.caps)
+                                    if caps_read is not None and n not in unsure])
             self._wait_for_later(read, items)
             stored, caps = read.stored, read.caps
             redo = list(read.later)
@@ -2940,6 +2949,21 @@ class Store:
                                 docs, records)
         return cast(list[dict[str, Any]], out)
 
+    def _emails_again(self, reads: list[tuple[tuple[Booking, Plan], _CapsRead]]) -> None:
+        """Each SMS cap's read (`_caps_read`) of whether its patient takes email and has not
+        unsubscribed from it, read again now (one script per READ_CHUNK, one round trip)."""
+        asks = [(booking, caps_read) for (booking, _), caps_read in reads
+                if booking.patient.email is not None and "email" in booking.patient.channels]
+        if not asks:
+            return
+        calls = [["+inf", 1, 0, *(x for booking, _ in asks[part:part + READ_CHUNK] for x in (
+            self.optout_key(booking.clinic),
+            "email:" + normal_contact("email", cast(str, booking.patient.email))))]
+            for part in range(0, len(asks), READ_CHUNK)]
+        exists = [e for reply in self._scripted(self._caps_first, calls) for e in reply]
+        for (_, caps_read), out in zip(asks, exists, strict=True):
+            caps_read.email = not out
+
     def read_first(self, items: list[tuple[Booking, Plan]], *, timelines: bool = True,
                    after: Sequence[tuple[Booking, Plan]] = ()) -> FirstRead:
         """`upsert_many`'s first pass over `items`, read (each booking's hash, document and
@@ -2953,7 +2977,10 @@ class Store:
         patient's phone is one of theirs, or that read one of them, is read again when
         `upsert_many` begins (`FirstRead.unsure`), as if not read ahead. (A write landing
         between a read and its apply that it does not know of, another command's or the
-        API's, fails the apply's check, as always: the booking is read and written again.)
+        API's, fails the apply's check, as always: the booking is read and written again.
+        But an email unsubscribe, which no apply's check reads: `upsert_many` reads again
+        as it begins whether each capped patient has unsubscribed from email, as the cap
+        read in turn would.)
         """
         self._ready()
         first = self._select(list(range(len(items))), items, whole=True)
