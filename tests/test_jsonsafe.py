@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tracemalloc
 import unicodedata
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -202,3 +204,28 @@ def test_printable_escapes_what_a_terminal_would_act_on_and_cuts_long_text():
     assert printable("é" * 50, 10) == "é" * 9 + "…"
     assert dotted(("patient", "channels", 1)) == "patient.channels.1"
     assert dotted(("", "x" * 100))[:3] == '"".'
+
+
+
+def _peak(call: Callable[[], object]) -> int:
+    """The peak of Python's allocations while `call()` runs (tracemalloc), in bytes."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("unit", [b'["["],', b'{"a":"{"},', b'"]",'])
+def test_the_depth_check_of_hostile_bytes_takes_no_more_memory_than_the_parse(unit):
+    """Strings holding brackets, among brackets, a body of them the size the API takes:
+    the depth check (before the parse) keeps no more in memory at once than the parse of
+    the same body (review of cdd7cc3: splitting the body's quote and bracket runs into
+    small objects took about twice the parse's peak)."""
+    body = b"[" + unit * (1_900_000 // len(unit)) + b"[]]"
+    text = body.decode()
+    parse = _peak(lambda: json.loads(body))
+    checked = _peak(lambda: jsonsafe._too_deep(text, 64, body))
+    assert jsonsafe._too_deep(text, 64, body) is None
+    assert checked <= parse, (checked, parse)
