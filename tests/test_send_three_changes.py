@@ -116,7 +116,10 @@ def test_moved_on_then_to_a_time_passed_while_parked_it_goes_once(
     rig.book(rig.doc(1, starts_in=timedelta(days=3)))
     if between == "cancel":
         rig.store.cancel("rc", "R-1", datetime.now(UTC))
-    rig.book(rig.doc(1, starts_in=timedelta(hours=1)))
+    # C: within the hour, on today's date (the patient is in UTC): "see you today".
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    rig.book(rig.doc(1, starts_in=min(timedelta(hours=1), (midnight - now) / 2)))
     rig.settle(ref, answer)
     s = rig.state(ref)
     if answer == 200:
@@ -172,7 +175,10 @@ def test_a_reclaim_finding_it_in_flight_then_a_move_to_a_time_passed_sends_it_on
     assert s["record"]["status"] == "scheduled" and s["ledger"] not in (None, "sent"), s
     if cancel:
         rig.store.cancel("rc", "R-1", datetime.now(UTC))
-    rig.book(rig.doc(1, starts_in=timedelta(hours=1)))
+    # C: within the hour, on today's date (the patient is in UTC): "see you today".
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    rig.book(rig.doc(1, starts_in=min(timedelta(hours=1), (midnight - now) / 2)))
     rig.settle(ref, answer)
     s = rig.state(ref)
     if answer == 200:

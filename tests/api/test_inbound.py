@@ -268,7 +268,7 @@ def test_confirm_answers_a_patient_whose_locale_babel_does_not_know(server, tw, 
     reply = message_of(answer)
     stored = server.app.state.services.store.booking_doc("tw", "L-1")
     starts = datetime.fromisoformat(stored["starts_at"])
-    day = starts.astimezone(ZoneInfo("Europe/Madrid")).day
+    day = starts.astimezone(ZoneInfo(stored["patient"]["timezone"])).day  # the patient's
     assert reply and str(day) in reply, reply
     assert ("queda confirmada" if locale.startswith("es") else "confirmed") in reply, reply
     assert tw.get("/v1/bookings/L-1").json()["confirmed_at"]
