@@ -30,11 +30,17 @@ PHONE = "+34600111222"
 
 
 def _window_ahead(rig: ns.Rig) -> None:
-    """The clinic's send window: one hour, opening two hours from now (patient-local)."""
+    """The clinic's send window: opening two hours from now (patient-local), closing at
+    midnight, so that it holds a later step's 10:00 or takes it to that day's opening (a
+    one-hour window opening at 03:00 took the day-before to the visit's own day, past its
+    expiry: skipped, with no message again for a new date); one hour when the opening is
+    past midnight (it then holds now, 22:00 or 23:00, no more), taking the day-before to
+    the visit day's 00:00 or 01:00, before its expiry (12h before the 14:30 visit)."""
     hour = (datetime.now(TZ).hour + 2) % 24
+    end = "24:00" if hour >= 2 else f"{hour + 1:02d}:00"
     clinic = rig.ctx.settings.config_dir / "clinics" / "sk.toml"
     clinic.write_text(clinic.read_text(encoding="utf-8").replace(
-        'start = "00:00"\nend = "24:00"', f'start = "{hour:02d}:00"\nend = "{hour + 1:02d}:00"'),
+        'start = "00:00"\nend = "24:00"', f'start = "{hour:02d}:00"\nend = "{end}"'),
         encoding="utf-8")
     rig.catalog = rig.ctx.catalog = Catalog.load(rig.ctx.settings)
 
