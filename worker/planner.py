@@ -23,6 +23,9 @@ Rules, in order, for each step that applies to the patient:
    the cap: they are counted first, at their time, and the other SMS give way. One that
    still does not fit (the patient's other bookings took the days) goes by email when the
    patient takes email, as any other, else by SMS all the same, beyond the cap, saying so.
+   An email of a care-critical step that goes by SMS (the store caps a patient who lists
+   email but unsubscribed from it: the step's own SMS does not carry it) counts with
+   them, as an SMS on its day.
    Before them a held booking's hold notice: its other SMS do not go while it is held
    (its release caps them again), so they give way to it.
    Then, in due order, another SMS that does not
@@ -1104,6 +1107,7 @@ def cap_sms(
     history: frozenset[str] = frozenset(),
     held: Mapping[str, tuple[float, str]] | None = None,
     beyond: Iterable[datetime] = (),
+    by_sms: bool = False,
 ) -> list[PlannedReminder]:
     """Return `reminders` (in due order) with their SMS kept within `caps` (module docstring,
     rule 5). `history`: keys of reminders already sent that do not go again (a
@@ -1123,11 +1127,21 @@ def cap_sms(
     found this one's day taken) takes nothing from it, so an unchanged booking keeps its
     decisions whatever its cap-mates did since; it is counted before the ones not held (a
     day freed by a cap-mate, a new step). A moved SMS held on a later day moves back only
-    to a day with room that came free."""
+    to a day with room that came free.
+
+    `by_sms`: the patient listed email but unsubscribed from it, so each email still to go
+    of a care-critical step whose own SMS does not carry it goes by SMS (worker/store.py
+    `_BEGIN_SEND`, "ok sms"): counted as an SMS on its day, first, as a care-critical SMS
+    is (never moved: it is an email to the plan), and the other SMS give way to it."""
     scheduled = _SCHEDULED
     sms = [r for r in reminders if r.channel == "sms" and r.status == scheduled
            and r.key not in history]
     taken = list(taken)
+    if by_sms:
+        carried = {(r.step, r.occurrence) for r in sms}
+        taken += [r.due_at for r in reminders
+                  if r.channel == "email" and r.status == scheduled and r.key not in history
+                  and r.step in protected and (r.step, r.occurrence) not in carried]
     if len(sms) + len(taken) <= 1:
         return reminders  # nothing to count against
     # Patient-local days as ordinals: how many SMS each.
@@ -1313,10 +1327,14 @@ def cap_plan(
     taken = list(taken)
     own = list(own)
     takes_email = "email" in booking.patient.channels if email is None else email
+    # Listed, but unsubscribed from it: its care-critical emails go by SMS (`cap_sms`'s
+    # `by_sms`), counted as SMS.
+    by_sms = not takes_email and "email" in booking.patient.channels \
+        and booking.patient.email is not None
     # Capped again from the plan before its own cap when that cap may have sent an SMS by
     # an email the patient no longer takes.
     unsubscribed = not takes_email and p.uncapped is not None
-    if p.caps is None or not (taken or own or history or unsubscribed):
+    if p.caps is None or not (taken or own or history or unsubscribed or by_sms):
         return p
     base = p.reminders
     if own or history or unsubscribed:
@@ -1325,7 +1343,7 @@ def cap_plan(
     reminders = cap_sms(base, p.caps, ZoneInfo(booking.patient.timezone),
                         email=takes_email, taken=taken,
                         protected=p.protected, window=p.window, history=history,
-                        held=held, beyond=beyond)
+                        held=held, beyond=beyond, by_sms=by_sms)
     if reminders is p.reminders:
         return p
     return replace(p, reminders=reminders,
