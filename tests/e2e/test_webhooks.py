@@ -209,3 +209,33 @@ def test_a_webhook_url_s_token_is_in_no_log_line_when_its_answer_is_malformed(
     log = worker.log_path.read_text()
     assert f"clinic event {event_id}" in log  # the worker's own lines are there
     assert "PathToken9f3a" not in log and "QueryToken7c1e" not in log, log
+
+
+def test_a_burst_of_clinic_events_goes_at_the_endpoints_pace_not_a_pump_run_s_worth_a_tick(
+        hooked, receiver, redis_server, redis_client):
+    """A 09:00 burst sends hundreds of reminders: one `reminder.sent` each for their clinics.
+    The pump claims no more clinic events than the event senders take at once (so that a
+    dead endpoint holds no more than them); a thread done with a delivery claims the next
+    due events itself, up to its process's free threads, rather than leaving them due
+    until the pump's next run: with beat's ticks 30 s apart, one thread a pool process (two
+    claimed a run) and nothing else running the pump, 60 events reach a live endpoint
+    well within a tick, each once."""
+    from worker.nudge import PumpNudge
+    from worker.settings import Settings
+
+    svc = hooked.configure(REMINDERS_PUMP_INTERVAL_SECONDS="30", REMINDERS_WEBHOOK_THREADS="1")
+    svc.up()  # beat's first tick has run: the next is up to 30 s away
+    ids = emit_events(redis_client, 60)
+    PumpNudge(Settings(_env_file=None, redis_url=redis_server.url)).publish_now()  # one run
+    skipped = lambda: [h for h in receiver.snapshot()  # noqa: E731
+                       if h.json()["type"] == "reminder.skipped"]
+    try:
+        wait_until(lambda: len(skipped()) >= 60, 20)
+    except AssertionError:
+        raise AssertionError(f"{len(skipped())} of 60 events delivered within 20 s") from None
+    got = Counter(h.headers["Reminders-Event-Id"] for h in skipped())
+    assert got == Counter(ids), got  # every one, once
+    assert all(h.valid for h in skipped())
+    events = Events(redis_client, "reminders")
+    wait_until(lambda: redis_client.zcard(events.out_key) == 0, 10)  # none left claimed
+    assert events.pending("e2e") == [] and events.dead() == []
