@@ -652,7 +652,9 @@ def event_senders() -> EventSenders:
     """Return this process's event senders (worker/event_senders.py)."""
     from .event_senders import event_senders as make
 
-    return make(_events, deliver_clinic_event, context().settings.webhook_threads)
+    settings = context().settings
+    return make(_events, deliver_clinic_event, settings.webhook_threads,
+                lease_seconds=settings.lease_seconds)
 
 
 def deliver_clinic_event(event_id: str, claim: str, wait_at_most: float | None = None) -> str:

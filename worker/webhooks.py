@@ -38,7 +38,8 @@ own schedule:
 
 The pump claims due events (one Lua step, Redis's clock), no more than the registered event
 senders take at once, and publishes one task each on their own queue; the task hands the
-claim to its process's event senders (worker/event_senders.py: threads of their own), so a
+claim to its process's event senders (worker/event_senders.py: threads of their own; one
+done with a delivery claims the next due events itself, the same way), so a
 slow or dead clinic endpoint never holds a pool process nor delays a patient's reminder.
 A delivery POSTs the event to the clinic's webhook URL (or emails the held-booking alert
 to the clinic's address through its email channel), then deletes it; on failure it is tried
