@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import timedelta
+from typing import Any
 
 from tests.test_send_caps import ADVICE, Rig
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
@@ -75,3 +76,99 @@ def test_a_care_critical_email_going_by_sms_takes_its_day_from_the_other_sms(rig
     assert len(texts) == 2 and rig.smtp.snapshot() == []
     assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}, rig.sent_days
     assert rig.store.attempts("cap/A-1/check:email")[-1]["via"].startswith("sms:")
+
+
+# Across bookings: A-1's care-critical check of D 09:00 (`critmail` of tests/test_send_caps.py:
+# by email, by SMS to a patient unsubscribed from email) and A-2's plain SMS of D 19:00
+# (`eve`), both visits on D-1. The cap is one SMS a day.
+
+
+def _deliver_all(rig: Rig, *booking_ids: str) -> None:
+    """Send every reminder of the bookings still to go, each at its stored due time, in due
+    order across them."""
+    while True:
+        pending = sorted((rig.due(b, r["id"]), b, r["id"]) for b in booking_ids
+                         for r in rig.store.timeline("cap", b)["reminders"]
+                         if r["status"] in ("scheduled", "retrying"))
+        if not pending:
+            return
+        at, booking_id, key = pending[0]
+        assert rig.send(booking_id, key, at) == "sent", rig.reminder(booking_id, key)
+
+
+def _one_text_a_day(rig: Rig) -> None:
+    """A-1's check went by SMS on D, A-2's SMS on D+1 at 19:00: one text a day, no email."""
+    d = rig.day
+    assert rig.reminder("A-2", "evening:sms")["status"] == "sent"
+    assert rig.due("A-2", "evening:sms") == rig.local(d + timedelta(days=1), 19)
+    assert rig.reminder("A-1", "check:email")["status"] == "sent"
+    assert rig.store.attempts("cap/A-1/check:email")[-1]["via"].startswith("sms:")
+    assert len(rig.sms.snapshot()) == 2 and rig.smtp.snapshot() == []
+    assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}, rig.sent_days
+
+
+def test_another_booking_of_the_patient_counts_the_email_going_by_sms(rig):
+    """Unsubscribed first: A-1 stored with its check going by SMS on D; A-2, stored after,
+    finds D taken by it and moves its SMS to D+1 (no email: unsubscribed), saying why. Before,
+    the check counted only once it had gone: A-2 kept D, two texts on D."""
+    d = rig.day
+    rig.store.opt_out("cap", "email", "ana@example.com", "the patient unsubscribed",
+                      critical=rig.catalog.critical_steps)
+    rig.book("A-1", "critmail", d - timedelta(days=1), email=True)
+    rig.book("A-2", "eve", d - timedelta(days=1), email=True)
+    evening = rig.reminder("A-2", "evening:sms")
+    assert evening["status"] == "scheduled", evening
+    assert "moved to" in evening["reason"] and "1 a day" in evening["reason"], evening
+    _deliver_all(rig, "A-1", "A-2")
+    _one_text_a_day(rig)
+
+
+def test_an_unsubscribe_landing_while_another_booking_is_written_is_counted(rig, monkeypatch):
+    """Forced race: A-1 stored while the patient takes email (its check by email); A-2's
+    write has read the patient's SMS (D free: the check goes by email) when the patient
+    unsubscribes. The unsubscribe marks the check as going by SMS in the same step (flag "s",
+    `smsv` bumped): A-2's write sees A-1 changed since its read, reads again and moves its
+    SMS to D+1."""
+    d = rig.day
+    rig.book("A-1", "critmail", d - timedelta(days=1), email=True)
+    real = rig.store._caps_read
+    reads: list[Any] = []
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        read = real(*args, **kwargs)
+        reads.append(read)
+        if len(reads) == 1:  # between A-2's read and its write: the unsubscribe lands
+            rig.store.opt_out("cap", "email", "ana@example.com", "the patient unsubscribed",
+                              critical=rig.catalog.critical_steps)
+        return read
+
+    monkeypatch.setattr(rig.store, "_caps_read", parked)
+    rig.book("A-2", "eve", d - timedelta(days=1), email=True)
+    assert len(reads) == 2, reads  # read again after the unsubscribe
+    assert rig.reminder("A-1", "check:email")["status"] == "scheduled"
+    evening = rig.reminder("A-2", "evening:sms")
+    assert "moved to" in evening["reason"], evening
+    _deliver_all(rig, "A-1", "A-2")
+    _one_text_a_day(rig)
+
+
+def test_start_counts_an_email_still_to_go_by_sms(rig):
+    """A-2's SMS of D 19:00 is skipped by STOP; the patient unsubscribes from email; A-1 is
+    stored then (its check goes by SMS on D). START finds D taken by the check: A-2's SMS
+    stays skipped, saying why (before, START counted the check only once it had gone and
+    sent A-2's SMS on D too: two texts on D)."""
+    d = rig.day
+    critical = rig.catalog.critical_steps
+    rig.book("A-2", "eve", d - timedelta(days=1), email=True)
+    rig.store.opt_out("cap", "sms", "+34600111222", "STOP", critical=critical)
+    rig.store.opt_out("cap", "email", "ana@example.com", "unsubscribed", critical=critical)
+    rig.book("A-1", "critmail", d - timedelta(days=1), email=True)
+    assert rig.store.opt_in("cap", "sms", "+34600111222", caps=rig.catalog.clinics["cap"].sms,
+                            why="START", critical=critical)
+    evening = rig.reminder("A-2", "evening:sms")
+    assert evening["status"] == "skipped", evening
+    assert "not resumed" in evening["reason"] and "1 a day" in evening["reason"], evening
+    _deliver_all(rig, "A-1", "A-2")
+    assert rig.store.attempts("cap/A-1/check:email")[-1]["via"].startswith("sms:")
+    assert len(rig.sms.snapshot()) == 1 and rig.smtp.snapshot() == []
+    assert rig.sent_days == [d]
