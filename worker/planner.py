@@ -1559,6 +1559,15 @@ def scheduled_sms(plan: Plan) -> bool:
                for r in (plan.uncapped if plan.uncapped is not None else plan.reminders))
 
 
+def critical_email(plan: Plan, booking: Booking) -> bool:
+    """Whether the plan has an email of a care-critical step scheduled for a patient who
+    lists email (it goes by SMS should they unsubscribe from it)."""
+    return bool(plan.protected) and "email" in booking.patient.channels \
+        and booking.patient.email is not None and any(
+            r.channel == "email" and r.status == Status.SCHEDULED and r.step in plan.protected
+            for r in plan.reminders)
+
+
 def reminder_from_record(entry: ReminderRecord) -> PlannedReminder:
     """The reminder one record of `plan_record` holds (as its plan decoded has it)."""
     return _from_records((entry,), None)[0]

@@ -57,7 +57,9 @@ slots left out; the last slot is free text and may itself hold "|"):
   note     the expiry's words (`expires_note`), as a text id
   template a text id; left empty when it is the step's id. Step and channel come from the key
   flags    "b": due when the booking arrives; "s": an email that went (or goes) by SMS
-           (the patient unsubscribed from email: counted by the SMS cap); "r": replayed
+           (the patient unsubscribed from email: counted by the SMS cap; set when written
+           for an unsubscribed patient, by the unsubscribe, or by its begin: `by_sms_keys`,
+           _OPT_OUT, _BEGIN_SEND); "r": replayed
            from the dead letters, or retried after an unknown outcome, and not counted
            since by a cap decision (a dead SMS is not counted, a retry's time had no cap
            decision: its attempt caps it even on its own day, worker/dispatch.py
@@ -160,6 +162,7 @@ from .planner import (
     ReminderRecord,
     cap_plan,
     cap_words,
+    critical_email,
     decoded_from,
     is_hold_notice,
     reminder_from_record,
@@ -1688,6 +1691,31 @@ for n = 11, #ARGV do
       table.insert(touched, booking_id)
       tell_completed(prefix, clinic, booking_id, bkey, hooks)  -- maybe nothing left to go
     end
+    -- Its emails left to go by SMS (care-critical, the step's own SMS not carrying it: as
+    -- the begin decides, 'ok sms') are SMS to the cap from now on (flag "s", counted by
+    -- `_sms_slots`), and the writes that read this booking's SMS before must see it: `smsv`
+    -- bumped, as the begin's flip does (`by_sms_keys` is the same rule at a write).
+    if channel == 'email' then
+      local flagged = false
+      for i = 1, #flat, 2 do
+        local key = flat[i]
+        if is_reminder(key) and channel_of(key) == 'email' then
+          local r, a = load(bkey, key)
+          if (r[R_ST] == ST_SCHEDULED or r[R_ST] == ST_RETRYING)
+              and not string.find(string.match(r[R_FLAGS], '^[^#]*'), 's', 1, true)
+              and is_critical(critical, doc_table, key, bkey, prefix) then
+            local own = redis.call('HGET', bkey, string.sub(key, 1, -7) .. ':sms')
+            local st = own and STATUS_OF[split(own, 9)[R_ST]]
+            if not own or st == ST_SKIPPED or st == ST_CANCELLED then
+              r[R_FLAGS] = 's' .. r[R_FLAGS]
+              save(bkey, key, r, a)
+              flagged = true
+            end
+          end
+        end
+      end
+      if flagged then redis.call('HINCRBY', bkey, 'smsv', 1) end
+    end
   end
 end
 local out = {first, skipped}
@@ -2243,6 +2271,78 @@ def _without_flag(main: str, flag: str) -> str:
     head, sep, tail = r[7].partition("#")
     r[7] = head.replace(flag, "") + sep + tail
     return _join(r)
+
+
+def _with_flag(main: str, flag: str) -> str:
+    """A stored reminder's main field with `flag` among its flags (before the "#")."""
+    r = _split(main, len(REMINDER_SLOTS))
+    head, sep, tail = r[7].partition("#")
+    if flag not in head:
+        r[7] = flag + head + sep + tail
+    return _join(r)
+
+
+def _critical_key(key: str, protected: frozenset[str], pause: str | None) -> bool:
+    """Whether reminder `key` is of a care-critical step (`protected`: the plan's; `pause`:
+    its pause step, that of a repause), as the begin's `is_critical` reads it: a change
+    notice always, a message again or a repause as the step it sends again."""
+    step = key_parts(key)[0]
+    if step in NOTICE_STEPS:
+        return True
+    if step.startswith(AGAIN_PREFIX):
+        step = step[len(AGAIN_PREFIX):]
+    elif step == REPAUSE_STEP:
+        if not pause:
+            return False
+        step = pause
+    return step in protected
+
+
+def _flag_by_sms(hset: list[str], plan: Plan,
+                 values: Mapping[str, str] | None = None) -> list[str]:
+    """Flag "s" the emails going by SMS (`by_sms_keys`) among a booking's reminders as a
+    write leaves them: `values` (its reminders as stored, or none for a new booking) with
+    `hset` (the write's "field, value, ..." list) over them; each is flagged in `hset`
+    (added to it if the write left it alone). Return the keys flagged."""
+    final = dict(values or {})
+    at: dict[str, int] = {}
+    for i in range(0, len(hset), 2):
+        if is_reminder_field(hset[i]):
+            final[hset[i]] = hset[i + 1]
+            at[hset[i]] = i + 1
+    pause = parse_notice_steps(plan.notice_steps)[0] if plan.notice_steps else None
+    keys = by_sms_keys(final, plan.protected, pause)
+    for key in keys:
+        value = _with_flag(final[key], "s")
+        if key in at:
+            hset[at[key]] = value
+        else:
+            hset += [key, value]
+    return keys
+
+
+def by_sms_keys(values: Mapping[str, str], protected: frozenset[str],
+                pause: str | None) -> list[str]:
+    """The emails among a booking's reminders (`values`: each key's main field as stored)
+    that go by SMS to a patient who lists email but unsubscribed from it and are not
+    flagged "s" yet: still to go (scheduled, retrying), of a care-critical step, and not
+    carried by the step's own SMS (none, or skipped or cancelled): the begin sends them by
+    SMS ("ok sms"). Flagged when written (and by the unsubscribe, `_OPT_OUT`), the SMS cap
+    counts them as SMS from then on (`_sms_slots`): the patient's other bookings and START
+    too, not only once they went."""
+    out = []
+    for key, value in values.items():
+        if not key.endswith(":email"):
+            continue
+        r = _split(value, len(REMINDER_SLOTS))
+        if r[0] not in ("S", "R") or "s" in r[7].split("#", 1)[0]:
+            continue
+        own = values.get(key[: -len("email")] + "sms")
+        if own is not None and own[:1] not in ("K", "C"):
+            continue
+        if _critical_key(key, protected, pause):
+            out.append(key)
+    return out
 
 
 def _join(parts: list[str]) -> str:
@@ -3096,8 +3196,11 @@ class Store:
         clinic (scheduled or going, or sent) from the contact index, in two round trips."""
         # Over the plan as planned before the cap (`Plan.uncapped`): a re-submission is
         # capped again from it (`_capped_plan`).
+        # And for one whose care-critical emails may go by SMS (its patient unsubscribed
+        # from email, read here): flagged as SMS when written (`by_sms_keys`).
         wanted = [n for n, (b, p) in enumerate(items)
-                  if p.caps is not None and b.patient.phone and scheduled_sms(p)]
+                  if p.caps is not None and b.patient.phone and (
+                      scheduled_sms(p) or critical_email(p, b))]
         out: list[_CapsRead | None] = [None] * len(items)
         if not wanted:
             return out
@@ -3137,7 +3240,8 @@ class Store:
                 continue
             booking, planned = items[n]
             first = min(r.due_at for r in _as_planned(planned)  # the cap moves SMS later
-                        if r.channel == "sms" and r.status == Status.SCHEDULED)
+                        if r.status == Status.SCHEDULED and (r.channel == "sms" or (
+                            r.channel == "email" and r.step in planned.protected)))
             reach = (first - self.CAPS_REACH).timestamp() + self.retention_seconds
             if reach <= float(since[1:]):
                 continue
@@ -3373,9 +3477,13 @@ class Store:
                                                          strict=True):
             unflag = self._by_email_again(booking, stored)
             capped = self._capped_plan(booking, planned, stored, read, now, release, unflag)
+            # Listed, but unsubscribed from email (as the cap read it): its care-critical
+            # emails go by SMS, flagged as such when written (`by_sms_keys`).
+            by_sms = read is not None and not read.email \
+                and "email" in booking.patient.channels and booking.patient.email is not None
             ready.prepared.append(self._prepare(
                 booking, capped, stored, now, release, texts, read.guard if read else None,
-                timeline=ready.timelines, unflag=unflag,
+                timeline=ready.timelines, unflag=unflag, by_sms=by_sms,
                 doc=docs[i] if docs is not None else None,
                 # The plan's record, for the plan as decoded from it (not capped again here).
                 record=records[i] if records is not None and capped is planned else None))
@@ -3434,9 +3542,12 @@ class Store:
         unflag: frozenset[str] = frozenset(),
         doc: str | None = None,
         record: PlanRecord | None = None,
+        by_sms: bool = False,
     ) -> _Prepared:
         """Return the apply script's input for one booking, and its timeline after it (only
-        its version unless `timeline`). `unflag`: `_by_email_again`. `doc`: the booking's
+        its version unless `timeline`). `unflag`: `_by_email_again`. `by_sms`: the patient
+        lists email but unsubscribed from it, so its emails going by SMS are flagged as
+        such (`by_sms_keys`). `doc`: the booking's
         `model_dump_json()` if the caller has it. `record`: the `plan_record` `plan` was
         decoded from, if the caller has it (used for a new booking).
 
@@ -3445,14 +3556,15 @@ class Store:
         """
         if not stored.fields and self._plain_reconcile:
             return self._prepare_new(booking, plan, now, release, texts, guard,
-                                     timeline=timeline, doc=doc, record=record)
+                                     timeline=timeline, doc=doc, record=record, by_sms=by_sms)
         return self._prepare_reconciled(booking, plan, stored, now, release, texts, guard,
-                                        timeline=timeline, unflag=unflag, doc=doc)
+                                        timeline=timeline, unflag=unflag, doc=doc,
+                                        by_sms=by_sms)
 
     def _prepare_new(
         self, booking: Booking, plan: Plan, now: datetime, release: bool, texts: dict[str, str],
         guard: list[Any] | None = None, *, timeline: bool = True, doc: str | None = None,
-        record: PlanRecord | None = None,
+        record: PlanRecord | None = None, by_sms: bool = False,
     ) -> _Prepared:
         """The common case, a booking not stored yet, without the general reconcile.
 
@@ -3467,6 +3579,9 @@ class Store:
         form is then made from those (`_new_from_record`), its kind looked up by the
         tuple's identity and its epoch by the integer, not from the reminder's attributes
         and datetimes (the same text: tests/test_intake_fast.py compares the two).
+
+        `by_sms`: the patient lists email but unsubscribed from it: its emails going by SMS
+        are written flagged "s" (`by_sms_keys`), whichever loop made them.
         """
         clinic, booking_id = booking.key
         if doc is None:
@@ -3572,6 +3687,13 @@ class Store:
                 if r.expires_at is not None:
                     entry["expires_at"] = expires_iso
                 entries.append(entry)
+        if by_sms:
+            flagged = _flag_by_sms(hset, plan)
+            for entry in entries:
+                if entry["id"] in flagged:  # as the timeline shows them (`_timeline_entry`)
+                    entry["via"] = "sms"
+                    entry["reason"] = f"{entry['reason']}; {BY_SMS}" if entry["reason"] \
+                        else BY_SMS
         shown_timeline: dict[str, Any] = {"version": 1}
         if timeline:
             entries.sort(key=_entry_order)
@@ -3750,10 +3872,13 @@ class Store:
         timeline: bool = True,
         unflag: frozenset[str] = frozenset(),
         doc: str | None = None,
+        by_sms: bool = False,
     ) -> _Prepared:
         """Reconcile (worker/reconcile.py) with the booking as stored; `unflag`, its emails
-        no longer going by SMS (`_by_email_again`), lose their flag "s". `doc`: the
-        booking's `model_dump_json()` if the caller has it."""
+        no longer going by SMS (`_by_email_again`), lose their flag "s"; with `by_sms` (the
+        patient lists email but unsubscribed from it) its emails going by SMS as written
+        gain it (`by_sms_keys`), so an unchanged booking stored before they did is written
+        too. `doc`: the booking's `model_dump_json()` if the caller has it."""
         clinic, booking_id = booking.key
         if doc is None:
             doc = booking.model_dump_json()
@@ -3819,8 +3944,11 @@ class Store:
         late_reason = _late_pause(plan, booking, stored.reminders)
         late = "1" if late_reason else ""
         was_late = booking_fields.get("late_pause", "")
+        stored_values = {k: v for k, v in stored.fields.items() if is_reminder_field(k)}
+        pause = parse_notice_steps(plan.notice_steps)[0] if plan.notice_steps else None
         if (not result.changed and not result.changes and not window_changed
-                and had == contacts and was_late == late and not unflag):
+                and had == contacts and was_late == late and not unflag
+                and not (by_sms and by_sms_keys(stored_values, plan.protected, pause))):
             # Unchanged as planned from what the SMS cap read: still the guard (what it read
             # may have changed since, by an earlier booking of the batch, say).
             args = apply_args(clinic, booking_id,
@@ -4039,8 +4167,12 @@ class Store:
         if unflag:
             written = set(hset[0::2])
             hset += [x for k in sorted(unflag) if k not in written for x in (k, unflagged[k])]
-            # No longer SMS for the cap: the cap guards of other writes that read this
-            # booking's SMS read them again (as `opt_in`'s unflag bumps it).
+        flagged = _flag_by_sms(hset, plan, stored_values) if by_sms else []
+        for key in flagged:
+            reminders[key] = {**reminders.get(key, {}), "by_sms": "1"}
+        if unflag or flagged:
+            # No longer, or now, SMS for the cap: the cap guards of other writes that read
+            # this booking's SMS read them again (as `opt_in`'s unflag bumps it).
             smsv = str(int(booking_fields.get("smsv") or 0) + 1)
             hset += ["smsv", smsv]
             booking_fields["smsv"] = smsv
@@ -5357,7 +5489,7 @@ def _sms_times(fields: Mapping[str, str]) -> list[datetime]:
     booking is held (a hold sends nothing until the clinic's review, whose release caps its
     plan again), but for the store's own (`is_notice`: a notice, a message again for a new
     date), which the release puts back as they are, and its hold notice, which goes while it
-    is held; its emails that went by SMS (flag "s") count as SMS."""
+    is held; its emails that went or go by SMS (flag "s") count as SMS."""
     return [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(fields)]
 
 
