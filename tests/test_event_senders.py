@@ -1,11 +1,13 @@
 """Clinic events delivered by the event senders' threads (worker/event_senders.py): the
-pump's claims bounded by what they take, a stuck delivery bounded inside its lease, a claim
+pump's claims bounded by what they take (and a thread's own claims by its process's free
+threads), a stuck delivery bounded inside its lease, a claim
 with too little lease left handed back, and a warm shutdown with an event in flight.
 Real Redis, a real webhook receiver (parked at will) and a real endpoint that never answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from worker.clinics import Clinic
 from worker.dispatch import Watchdog
 from worker.event_senders import LEASE_NEARLY_OVER, EventSenders
 from worker.rendering import Renderer
-from worker.webhooks import Events, deliver_event
+from worker.webhooks import Events, deliver_event, pump_events
 
 
 @pytest.fixture
@@ -165,3 +167,83 @@ def test_a_warm_shutdown_hands_back_events_not_begun_and_finishes_the_one_under_
         other.close(5)
     assert [h.headers["Reminders-Event-Id"] for h in receiver.snapshot()] == [in_flight, waiting]
     assert events.pending() == [] and events.dead() == [] and kills == []
+
+
+class MeetingEvents(Events):
+    """Real events whose first `parties` claims wait (at most 5 s) for one another before
+    claiming: two event threads finishing together are both past their count of free
+    threads before either queues what it claims (the race forced, not hoped for). Once
+    they meet, `met` is set, after `action`."""
+
+    def __init__(self, client, parties: int, action) -> None:
+        super().__init__(client, "t", retention_days=1)
+        self.met = threading.Event()
+        self._meeting = threading.Barrier(parties, action=lambda: (action(), self.met.set()),
+                                          timeout=5)
+        self._to_meet = parties
+        self._count = threading.Lock()
+
+    def claim(self, limit, lease_seconds, capacity=0, **extra):
+        with self._count:
+            meets = self._to_meet > 0
+            self._to_meet -= 1
+        if meets:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                self._meeting.wait()
+        return super().claim(limit, lease_seconds, capacity, **extra)
+
+
+def test_threads_finishing_together_claim_no_more_than_their_process_has_free(
+        redis_client, receiver, tmp_path):
+    """Two processes' event senders, two threads each (the pump's capacity: four). Both of
+    A's threads finish at once and each claims the next due events for A's free threads:
+    together no more than A has (two). Claiming one more leaves it waiting in A's queue
+    behind the two under way, counted against the capacity, while B's threads idle and the
+    pump can claim nothing for them: with a slow clinic endpoint, it arrives a delivery
+    later than it could."""
+    events = MeetingEvents(redis_client, 2, action=receiver.gate.clear)
+    clinic = hooked(receiver)
+    kills: list[str] = []
+
+    def deliver(event_id: str, claim: str, wait_at_most: float) -> str:
+        return deliver_event(events, event_id, claim, clinics={clinic.id: clinic},
+                             renderer=Renderer(ROOT / "templates"),
+                             settings=settings(tmp_path), env=ENV, timeout=wait_at_most)
+
+    a = EventSenders(events, deliver, threads=2, lease_seconds=30,
+                     dog=Watchdog(kill=lambda: kills.append("kill")))
+    b = EventSenders(events, deliver, threads=2, lease_seconds=30,
+                     dog=Watchdog(kill=lambda: kills.append("kill")))
+    try:
+        ids = emit(events, 8)
+        receiver.gate.clear()  # A's first two deliveries park at the endpoint
+        for event_id, claim in Events.claim(events, 2, 30, capacity=2):  # as the pump
+            a.submit(event_id, claim)
+        wait_until(lambda: len(receiver.snapshot()) == 2, 10)
+        receiver.gate.set()  # both answered at once; what they claim next parks again
+        assert events.met.wait(10)  # both at their claim: the endpoint parks from here on
+        wait_until(lambda: len(receiver.snapshot()) >= 3, 10)
+        time.sleep(0.3)  # A's refills queued
+        # The pump's run: what the capacity leaves, for B's threads.
+        pump_events(events, b.submit, batch=200, lease_seconds=30, capacity=2)
+        # Every event claimed is under way at the endpoint: none waits in a queue while a
+        # registered thread idles.
+        try:
+            wait_until(lambda: len(receiver.snapshot()) == 2 + 4, 5)
+        except AssertionError:
+            raise AssertionError(
+                f"{len(receiver.snapshot()) - 2} of the 4 events claimed next reached the "
+                f"endpoint; {events.redis.zcard(events.out_key)} claimed, "
+                f"{events.redis.scard(events.held_key(a.node))} of them by A (2 threads)"
+            ) from None
+        receiver.gate.set()
+        wait_until(lambda: len(receiver.snapshot()) == 8, 10)
+        wait_until(lambda: events.pending() == [], 10)
+    finally:
+        receiver.gate.set()
+        a.close(5)
+        b.close(5)
+    got = [h.headers["Reminders-Event-Id"] for h in receiver.snapshot()]
+    assert sorted(got, key=int) == sorted(ids, key=int)  # each once
+    assert all(h.valid for h in receiver.snapshot())
+    assert events.redis.zcard(events.out_key) == 0 and events.dead() == [] and kills == []
