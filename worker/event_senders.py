@@ -100,34 +100,42 @@ class EventSenders:
 
     def submit(self, event_id: str, claim: str) -> str:
         """Hand one claimed event to a thread; return what happened (for the task's log)."""
-        self._hold(event_id, claim)
+        self._hold([(event_id, claim)])
+        return self._queue(event_id, claim, reserved=False)
+
+    def _queue(self, event_id: str, claim: str, *, reserved: bool) -> str:
+        """Queue one held claim for a thread (`reserved`: its place in `_active` was taken
+        by `_refill` before it claimed), or hand it back if stopping."""
         with self._lock:
             if not self._closing:
                 self._next_key += 1
                 key = self._next_key
                 future = self._pool.submit(self._one, key, event_id, claim)
-                self._active += 1
+                if not reserved:
+                    self._active += 1
                 self._queued[key] = (future, event_id, claim)
                 self._futures.add(future)
                 future.add_done_callback(self._forget)
                 return "handed to the event senders"
+            if reserved:
+                self._active -= 1
         return self._hand_back(event_id, claim, STOPPING)
 
-    def _hold(self, event_id: str, claim: str) -> None:
-        """Note the claim as held by this process, before it is queued: should the process
-        go without a word, the pump stops counting it once the registration lapses
-        (worker/webhooks.py `_CLAIM`). Redis unreachable: not noted (it counts until its
-        lease ends, as it did)."""
+    def _hold(self, claims: list[tuple[str, str]]) -> None:
+        """Note the claims ((event id, claim) pairs) as held by this process, before they
+        are queued: should the process go without a word, the pump stops counting them
+        once the registration lapses (worker/webhooks.py `_CLAIM`). Redis unreachable: not
+        noted (they count until their lease ends, as they did)."""
         held = self.events.held_key(self.node)
         try:
             pipe = self.events.redis.pipeline(transaction=False)
-            pipe.sadd(held, f"{claim}@{event_id}")
+            pipe.sadd(held, *(f"{claim}@{event_id}" for event_id, claim in claims))
             pipe.expire(held, HELD_KEEP_SECONDS)
             pipe.sadd(self.events.holders_key, self.node)
             pipe.execute()
         except redis.RedisError as exc:
-            log.warning("clinic event %s: could not note it as held here (%s)", event_id,
-                        type(exc).__name__)
+            log.warning("clinic event(s) %s: could not note them as held here (%s)",
+                        ", ".join(event_id for event_id, _ in claims), type(exc).__name__)
 
     def _forget(self, future: Future[str]) -> None:
         with self._lock:
@@ -153,27 +161,38 @@ class EventSenders:
             with self._lock:
                 self._active -= 1
                 room = 0 if self._closing or self.lease_seconds is None \
-                    else self.threads - self._active
+                    else max(0, self.threads - self._active)
+                # Taken now, before the claim: another thread finishing meanwhile counts
+                # these places as taken, not free (together they claimed more than this
+                # process has threads: the extra waited in the queue, counted against the
+                # capacity, while other processes' threads idled).
+                self._active += room
             if room > 0:
                 self._refill(room)
 
     def _refill(self, room: int) -> None:
-        """Claim up to `room` due events for this process's free threads, as the pump's run
-        claims them (`Events.claim`: the same count of what the registered event senders
-        take at once, the same rests), and queue them here: a burst of events goes at the
-        endpoints' pace, not a pump run's worth a run. Nothing due: one round trip. Redis
-        unreachable: the pump's next run claims them."""
+        """Claim up to `room` due events for this process's free threads (their places in
+        `_active` taken by the caller), as the pump's run claims them (`Events.claim`: the
+        same count of what the registered event senders take at once, the same rests),
+        and queue them here: a burst of events goes at the endpoints' pace, not a pump
+        run's worth a run. The places not filled are given back. Nothing due: one round
+        trip. Redis unreachable: the pump's next run claims them."""
         assert self.lease_seconds is not None
+        claimed: list[tuple[str, str]] = []
         try:
             claimed = self.events.claim(room, self.lease_seconds, self.threads)
         except redis.RedisError as exc:
             log.warning("event senders: could not claim the next clinic events (%s); the "
                         "pump's next run does", type(exc).__name__)
+        finally:
+            with self._lock:
+                self._active -= room - len(claimed)
+        if not claimed:
             return
+        self._hold(claimed)
         for event_id, claim in claimed:
-            self.submit(event_id, claim)
-        if claimed:
-            log.info("event senders: claimed %d more clinic event(s)", len(claimed))
+            self._queue(event_id, claim, reserved=True)
+        log.info("event senders: claimed %d more clinic event(s)", len(claimed))
 
     def attempt(self, event_id: str, claim: str) -> str:
         """Deliver one claimed event now, in this thread, inside its lease."""
