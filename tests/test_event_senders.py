@@ -247,3 +247,75 @@ def test_threads_finishing_together_claim_no_more_than_their_process_has_free(
     assert sorted(got, key=int) == sorted(ids, key=int)  # each once
     assert all(h.valid for h in receiver.snapshot())
     assert events.redis.zcard(events.out_key) == 0 and events.dead() == [] and kills == []
+
+
+class Killed(BaseException):
+    """The process ends right here, without a word (SIGKILL): nothing after runs."""
+
+
+class KilledAfterClaim(Events):
+    """Real events; the `kill_at`-th claim is made in Redis, then its process is killed."""
+
+    def __init__(self, client, kill_at: int) -> None:
+        super().__init__(client, "t", retention_days=1)
+        self.calls = 0
+        self.kill_at = kill_at
+        self.killed = threading.Event()
+
+    def claim(self, limit, lease_seconds, capacity=0, **extra):
+        self.calls += 1
+        claimed = super().claim(limit, lease_seconds, capacity, **extra)
+        if self.calls == self.kill_at:
+            self.killed.set()
+            raise Killed
+        return claimed
+
+
+def test_a_process_killed_right_after_its_thread_claimed_the_next_events_keeps_no_capacity(
+        redis_client, receiver, tmp_path):
+    """A's thread, done with a delivery, claims the next due event for its free thread;
+    the process is SIGKILLed the moment that claim is made, before it could note it as held
+    here. Once A's registration lapses, the pump stops counting what A held (its other
+    live senders, B, get the capacity back within seconds), as for a claim handed over by
+    a task; the one A claimed stays due at its lease's end, as ever (it may be at the
+    endpoint). Not noted as held, it counted until its lease ended (300 s by default)
+    while B's threads idled."""
+    events = KilledAfterClaim(redis_client, kill_at=2)  # the first: the pump's
+    clinic = hooked(receiver)
+    kills: list[str] = []
+
+    def deliver(event_id: str, claim: str, wait_at_most: float) -> str:
+        return deliver_event(events, event_id, claim, clinics={clinic.id: clinic},
+                             renderer=Renderer(ROOT / "templates"),
+                             settings=settings(tmp_path), env=ENV, timeout=wait_at_most)
+
+    a = EventSenders(events, deliver, threads=1, lease_seconds=30,
+                     dog=Watchdog(kill=lambda: kills.append("kill")))
+    b = None
+    try:
+        first, second, *rest = emit(events, 4)
+        (event_id, claim), = events.claim(1, 30, capacity=1)  # the pump's, for A
+        assert event_id == first
+        a.submit(event_id, claim)
+        assert events.killed.wait(10)  # delivered; its refill claimed the second: A is gone
+        a._stop.set()  # no more registrations from A (its process is dead)
+        now = float(events.redis.time()[0])
+        events.redis.zadd(events.senders_key, {a.node: now - 1})  # A's registration lapsed
+        assert events.redis.hget(events.event_key(second), "claim") == "1"  # A's claim
+        b = EventSenders(events, deliver, threads=1,
+                         dog=Watchdog(kill=lambda: kills.append("kill")))
+        # The pump's next run, for B's one thread: A's claim of the second no longer counts.
+        claimed = Events.claim(events, 10, 30, capacity=1)
+        assert [e for e, _ in claimed] == [rest[0]], (
+            claimed, events.redis.zrange(events.out_key, 0, -1, withscores=True))
+        assert events.redis.zscore(events.due_key, second) > now + 20  # due at its lease's end
+        for event_id, claim in claimed:
+            b.submit(event_id, claim)
+        wait_until(lambda: len(receiver.snapshot()) == 2, 10)
+    finally:
+        a._closing = True  # a dead process does nothing more
+        a._pool.shutdown(wait=False)
+        if b is not None:
+            b.close(5)
+    assert [h.headers["Reminders-Event-Id"] for h in receiver.snapshot()] == [first, rest[0]]
+    assert kills == []
