@@ -11,8 +11,9 @@ thread done with a delivery claims the next due events itself (`_refill`: the sa
 within the same count, up to this process's free threads) and queues them here, no task
 between: a burst of events (a 09:00 burst's `reminder.sent`, one a reminder) goes at the
 endpoints' pace, not a pump run's worth a run (before, 60 events took 30 pump runs with
-one thread a process). Each event so claimed is noted as held here before it is queued
-(`_hold`), as a task's is: a process gone without a word gives it back as any.
+one thread a process). Each event so claimed is noted as held here by the claim itself
+(`Events.claim`'s `holder`, one Lua step): a process killed the moment after gives it back
+once its registration lapses, as it does a task's (which `_hold` notes before queueing).
 A clinic's webhook endpoint that did not answer rests (worker/webhooks.py): its events are
 put back to the schedule without an attempt until the rest's end, by the claim or by the
 thread that takes one (`Events.take`), so a dead endpoint holds about one of these threads
@@ -57,7 +58,7 @@ import redis
 
 from .dispatch import CLOCK, REGISTER_EVERY, REGISTER_TTL, Watchdog, watchdog
 from .pump import process_node, sender_member
-from .webhooks import Events
+from .webhooks import HELD_KEEP_SECONDS, Events
 
 log = logging.getLogger(__name__)
 LEASE_MARGIN = 2.0  # seconds a delivery's network waits leave of its lease
@@ -65,7 +66,6 @@ MIN_ATTEMPT_SECONDS = 1.0  # a delivery begins only if its network waits may tak
 STOPPING = "handed back: the worker is stopping"
 LEASE_NEARLY_OVER = "handed back: its lease leaves no time for a delivery"
 STOP_WAIT_SECONDS = 1.0  # `stop` waits this long for its round trips (Redis unreachable)
-HELD_KEEP_SECONDS = 86400  # a process's held set expires this long after its last claim
 
 Deliver = Callable[[str, str, float], str]  # (event id, claim, most seconds a wait may take)
 
@@ -180,7 +180,8 @@ class EventSenders:
         assert self.lease_seconds is not None
         claimed: list[tuple[str, str]] = []
         try:
-            claimed = self.events.claim(room, self.lease_seconds, self.threads)
+            claimed = self.events.claim(room, self.lease_seconds, self.threads,
+                                        holder=self.node)  # noted as held here by the claim
         except redis.RedisError as exc:
             log.warning("event senders: could not claim the next clinic events (%s); the "
                         "pump's next run does", type(exc).__name__)
@@ -189,7 +190,6 @@ class EventSenders:
                 self._active -= room - len(claimed)
         if not claimed:
             return
-        self._hold(claimed)
         for event_id, claim in claimed:
             self._queue(event_id, claim, reserved=True)
         log.info("event senders: claimed %d more clinic event(s)", len(claimed))

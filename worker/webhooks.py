@@ -251,6 +251,7 @@ end
 # the rest's end (`rest_event`), taking no capacity, and the claim looks further (up to
 # CLAIM_SCAN events a call). Returns {id, claim} pairs.
 CLAIM_SCAN = 1000
+HELD_KEEP_SECONDS = 86400  # a process's held set expires this long after its last claim
 _CLAIM = (
     LUA_REST
     + f"local CLAIM_SCAN = {CLAIM_SCAN}\n"
@@ -258,6 +259,7 @@ _CLAIM = (
 local due_key, out_key, senders_key, prefix = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
 local holders_key = KEYS[4]
 local limit, lease, default = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local holder, held_keep = ARGV[5] or '', tonumber(ARGV[6] or 0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZREMRANGEBYSCORE', out_key, '-inf', now)
@@ -313,12 +315,20 @@ while #out < limit and scanned < CLAIM_SCAN do
       else
         redis.call('ZADD', due_key, now + lease, id)
         redis.call('ZADD', out_key, now + lease, id)
-        table.insert(out, {id, tostring(redis.call('HINCRBY', ekey, 'claim', 1))})
+        local claim = tostring(redis.call('HINCRBY', ekey, 'claim', 1))
+        table.insert(out, {id, claim})
+        if holder ~= '' then
+          redis.call('SADD', prefix .. ':ev:held:' .. holder, claim .. '@' .. id)
+        end
       end
     else
       redis.call('ZREM', due_key, id)
     end
   end
+end
+if holder ~= '' and #out > 0 then
+  redis.call('EXPIRE', prefix .. ':ev:held:' .. holder, held_keep)
+  redis.call('SADD', holders_key, holder)
 end
 return out
 """
@@ -552,14 +562,18 @@ class Events:
             return None
         return str(self.emit_script(args=args))
 
-    def claim(self, limit: int, lease_seconds: float,
-              capacity: int = 0) -> list[tuple[str, str]]:
+    def claim(self, limit: int, lease_seconds: float, capacity: int = 0, *,
+              holder: str = "") -> list[tuple[str, str]]:
         """Lease up to `limit` due events; return (event id, claim) pairs.
 
         `capacity` > 0: no more than the registered event senders take at once, counting
-        the claims not finished yet (`capacity` itself while no sender is registered)."""
+        the claims not finished yet (`capacity` itself while no sender is registered).
+        `holder`: the event senders (`<node>` of P:ev:senders) claiming for themselves:
+        the claims are noted as held by them in the same step (P:ev:held:<node>), so a
+        process killed the moment after keeps no capacity once its registration lapses."""
         rows = self._claim(keys=[self.due_key, self.out_key, self.senders_key, self.holders_key],
-                           args=[self.prefix, limit, lease_seconds, capacity])
+                           args=[self.prefix, limit, lease_seconds, capacity, holder,
+                                 HELD_KEEP_SECONDS])
         return [(str(r[0]), str(r[1])) for r in rows]
 
     def release(self, event_id: str, claim: str) -> str:
