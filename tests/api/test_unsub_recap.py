@@ -1,0 +1,67 @@
+"""The unsubscribe route (RFC 8058 one-click POST) caps the patient's bookings at the clinic
+again, as a re-submission of each would: the SMS the cap had sent by email instead (the
+clinic's default cap, 1 a day and 3 a week) go by SMS where there is room, or say why not,
+and no longer as emails skipped for the unsubscribe; the clinic sending the same documents
+again afterwards changes nothing. Before, only that re-submission capped them again.
+Real uvicorn, real Redis, real HTTP requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.api.conftest import future_booking
+from tests.api.test_inbound import ANA, link_for, server, tw  # noqa: F401
+
+
+def _doc(booking_id: str, days: float) -> dict[str, Any]:
+    doc = future_booking(booking_id, clinic="tw", days=days)
+    doc["patient"] = doc["patient"] | {"phone": ANA, "email": "ana@example.com",
+                                       "locale": "en"}
+    return doc
+
+
+def _by_email(timeline: dict[str, Any]) -> set[str]:
+    """The emails still to go that carry a step whose SMS the cap sent by email."""
+    return {r["id"] for r in timeline["reminders"] if r["channel"] == "email"
+            and r["status"] == "scheduled" and "by email" in (r["reason"] or "")}
+
+
+def test_an_unsubscribe_caps_the_bookings_again_as_a_resubmission_would(server, tw):  # noqa: F811
+    # Two visits of the patient a day apart: their SMS share weeks beyond the cap.
+    docs = {"A-1": _doc("A-1", 20), "A-2": _doc("A-2", 21)}
+    for booking_id, doc in docs.items():
+        assert tw.put(f"/v1/bookings/{booking_id}", json=doc).status_code == 201
+    emailed = {b: _by_email(tw.get(f"/v1/bookings/{b}").json()) for b in docs}
+    assert emailed["A-2"], emailed  # some of A-2's SMS go by email
+    with server.client() as client:
+        done = client.post(link_for(server, "ana@example.com"),
+                           content="List-Unsubscribe=One-Click",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert done.status_code == 200 and "unsubscribed" in done.text, done.text
+    after = {b: tw.get(f"/v1/bookings/{b}").json() for b in docs}
+    for booking_id, timeline in after.items():
+        shown = {r["id"]: r for r in timeline["reminders"]}
+        assert not _by_email(timeline), timeline
+        # Every email still to go goes by SMS, or its step's own SMS carries it (its begin
+        # skips it): those the unsubscribe skipped (the confirmation at booking too) stay
+        # skipped, not scheduled to be skipped again.
+        assert all("by SMS" in r["reason"]
+                   or shown.get(r["id"][: -len("email")] + "sms", {}).get("status")
+                   == "scheduled" for r in timeline["reminders"]
+                   if r["channel"] == "email" and r["status"] == "scheduled"), timeline
+        for key in emailed[booking_id]:
+            # The step's SMS goes (a day with room), or says why it cannot.
+            sms = shown[key[: -len("email")] + "sms"]
+            assert sms["status"] == "scheduled" or "1 a day" in (sms["reason"] or "") \
+                or "3 in any 7 days" in (sms["reason"] or ""), sms
+    assert any(shown["status"] == "scheduled"
+               for key in emailed["A-2"]
+               for shown in [{r["id"]: r for r in after["A-2"]["reminders"]}[
+                   key[: -len("email")] + "sms"]])
+    # The clinic sending the same documents again: nothing left to cap again.
+    for booking_id, doc in docs.items():
+        again = tw.put(f"/v1/bookings/{booking_id}", json=doc)
+        assert again.status_code == 200, again.text
+        assert again.json()["version"] == after[booking_id]["version"], (
+            booking_id, after[booking_id], again.json())
+        assert again.json()["reminders"] == after[booking_id]["reminders"]
