@@ -22,19 +22,25 @@ be skipped as opted out by the begin (or an unsubscribe) meanwhile."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .clinics import Clinic, load_clinics
 from .errors import ConfigError
 from .protocols import Protocol, config_files, load_protocols
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .models import Booking
+    from .planner import Plan
 
 log = logging.getLogger(__name__)
 # How long a loaded configuration is used without looking at its files again (seconds).
@@ -100,6 +106,18 @@ class Catalog:
     former_protocols: dict[str, Protocol] = field(default_factory=dict, compare=False,
                                                   repr=False)
     _checked: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def replan(self, doc: str, now: datetime) -> tuple[Booking, Plan]:
+        """A stored booking's document (JSON) validated and planned again at `now`, as a
+        re-submission of it is: the email unsubscribe caps the patient's bookings again with
+        it (`Store.opt_out`'s `replan`). Raises BookingRejected (or KeyError: its clinic or
+        protocol is no longer configured) when the configuration no longer takes it."""
+        from .models import parse_booking
+        from .planner import plan
+
+        booking = parse_booking(json.loads(doc), self)
+        return booking, plan(booking, self.protocols[booking.treatment],
+                             self.clinics[booking.clinic], now)
 
     @cached_property
     def critical_steps(self) -> str:

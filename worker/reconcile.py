@@ -165,16 +165,20 @@ def reconcile_one(
             return None
         return _made(stored, record_fields(new, Status.SKIPPED, new.reason)), "remove"
     planned_epoch = repr(new.due_at.timestamp())
-    if (old_status == Status.SKIPPED and not doc_changed
-            and stored.get("reason", "").startswith(OPTED_OUT)
-            and stored.get("planned_epoch") == planned_epoch):
-        # The same booking again (a clinic's sync) while the patient is opted out: still the
-        # opt-out's, unchanged (worker/store.py `opt_in` puts it back at START).
-        return None
     came_due = (
         float(stored.get("planned_epoch") or "inf") <= max(now.timestamp(), written)
         and new.due_at <= now
     )
+    if (old_status == Status.SKIPPED and not doc_changed
+            and stored.get("reason", "").startswith(OPTED_OUT)
+            and (stored.get("planned_epoch") == planned_epoch
+                 or (new.at_booking and stored.get("at_booking") == "1") or came_due)):
+        # The same booking again (a clinic's sync, the email unsubscribe's `Store.recap`)
+        # while the patient is opted out: still the opt-out's, unchanged (worker/store.py
+        # `opt_in` puts it back at START); a step at booking or one due now in both plans
+        # too, as one still to go keeps its time (below), not scheduled again to be
+        # skipped again at its begin.
+        return None
     if old_status in PENDING and (
         stored.get("planned_epoch") == planned_epoch
         or (new.at_booking and stored.get("at_booking") == "1" and not (

@@ -149,7 +149,7 @@ import redis
 
 from .clinics import SendWindow, SmsSettings
 from .clock import redis_time
-from .errors import ConfigError, NotFound
+from .errors import BookingRejected, ConfigError, NotFound
 from .models import Booking, utc_iso
 from .notices import NoticeReminder, base_step, is_notice, plan_notices, sent, went_out
 from .optout import normal_contact
@@ -5091,13 +5091,17 @@ class Store:
         return self.bookings_for_contact(clinic, phone=contact)
 
     def opt_out(self, clinic: str, channel: str, contact: str, why: str,
-                *, critical: str = "") -> OptOut:
+                *, critical: str = "",
+                replan: Callable[[str, datetime], tuple[Booking, Plan]] | None = None,
+                ) -> OptOut:
         """Opt `contact` out of `channel` at `clinic` now, in one atomic step (see _OPT_OUT);
         return (reminders skipped, booking ids whose reminders were skipped), whose `first`
         says whether this call opted the address out (False: it already was).
 
         `why` is the reason's text after "opted_out: " (the patient's words and when).
         `critical`: the care-critical steps ("<treatment>/<step>" ...) whose emails go by SMS.
+        `replan` (an email address; `Catalog.replan`): then the patient's bookings at the
+        clinic are capped again, as re-submitted now (`recap`).
         """
         self._ready()
         contact = normal_contact(channel, contact)
@@ -5117,7 +5121,67 @@ class Store:
                 break
         else:
             raise RuntimeError(f"opt-out at {clinic}: the bookings' addresses kept changing")
+        if channel == "email" and replan is not None:
+            self.recap(clinic, contact, replan)
         return OptOut(int(reply[1]), [str(b) for b in reply[2:]], first=bool(int(reply[0])))
+
+    def recap(self, clinic: str, email: str,
+              replan: Callable[[str, datetime], tuple[Booking, Plan]],
+              now: datetime | None = None) -> list[str]:
+        """Cap again the SMS of the patient of `email` at `clinic` (unsubscribed from it
+        now): each of their bookings still scheduled (those with this address and those with
+        one of those bookings' phones), in the order they were first written, is written
+        again as a re-submission of its stored document at `now` writes it (`replan` plans
+        it: `Catalog.replan`). So an SMS that the cap sent by email instead goes by SMS on a
+        day with room or says why not (the email is skipped at its begin now), and the SMS
+        of a day that a care-critical email going by SMS takes give way to it, as a
+        re-submission of the booking would have them. Return the ids of the bookings it
+        changed.
+
+        Each write is fenced by the document it planned: a change of the clinic landing
+        after the read (a move, a cancel) is never undone; the booking is read again and
+        its new document planned, or left alone if it is no longer scheduled. An attempt at
+        work when it lands is left to it, as a re-submission leaves it (worker/reconcile.py):
+        never sent twice. A held booking is left to its release, which caps it. A booking
+        the configuration no longer takes (`replan` raises) is left as it is."""
+        now = now or datetime.now(UTC)
+        ids = self.contact_bookings(clinic, "email", normal_contact("email", email))
+        pipe = self.redis.pipeline(transaction=False)
+        for booking_id in ids:
+            pipe.get(self.doc_key(clinic, booking_id))
+        phones = {cast(str, json.loads(doc)["patient"].get("phone") or "")
+                  for doc in pipe.execute() if doc is not None}
+        for phone in sorted(p for p in phones if p):
+            ids += self.contact_bookings(clinic, "phone", phone)
+        ids = list(dict.fromkeys(ids))
+        pipe = self.redis.pipeline(transaction=False)
+        for booking_id in ids:
+            pipe.hmget(self.booking_key(clinic, booking_id), ["created_at", "status"])
+        order = sorted((str(created or ""), booking_id) for booking_id, (created, status)
+                       in zip(ids, pipe.execute(), strict=True)
+                       if status == Status.SCHEDULED)
+        changed: list[str] = []
+        for _, booking_id in order:
+            for _ in range(_NORMS_TRIES):  # again only if the clinic changed it meanwhile
+                status = self.redis.hget(self.booking_key(clinic, booking_id), "status")
+                doc = cast(str | None, self.redis.get(self.doc_key(clinic, booking_id)))
+                if status != Status.SCHEDULED or doc is None:
+                    break
+                try:
+                    booking, planned = replan(doc, now)
+                except (BookingRejected, KeyError):
+                    break  # as stored: the clinic's next submission is checked against it
+                before: list[str | None] = [None]
+                try:
+                    timeline = _Recap(self, doc).upsert_many([(booking, planned)], now,
+                                                              previous=before,
+                                                              timelines=False)[0]
+                except _Changed:
+                    continue
+                if str(timeline["version"]) != before[0]:
+                    changed.append(booking_id)
+                break
+        return changed
 
     def opt_in(self, clinic: str, channel: str, contact: str, *,
                caps: SmsSettings | None = None, why: str = "", critical: str = "") -> OptIn:
@@ -6092,3 +6156,28 @@ def connect(url: str) -> redis.Redis:
     from .connections import from_url
 
     return from_url(url)
+
+
+class _Changed(Exception):
+    """`Store.recap`: the booking is no longer the one it planned (the clinic changed it)."""
+
+
+class _Recap(Store):
+    """One write of `Store.recap`, applied only while the booking is still scheduled with
+    the document it planned (checked in the reconcile, inside the write's read-check-apply:
+    a change landing between its read and its apply makes it read again and check again).
+
+    A copy of the store (client, scripts, caches: whatever it holds), differing only in its
+    `_reconcile` seam, as the API's If-Match check (worker/api/conditional.py)."""
+
+    def __init__(self, store: Store, doc: str) -> None:
+        self.__dict__.update(store.__dict__)
+        self.doc = doc
+
+    def _reconcile(  # type: ignore[override]  # the base is a staticmethod seam
+        self, stored_booking: dict[str, str], *args: Any, **kwargs: Any
+    ) -> Any:
+        if stored_booking.get("doc") != self.doc \
+                or stored_booking.get("status") != Status.SCHEDULED:
+            raise _Changed
+        return Store._reconcile(stored_booking, *args, **kwargs)

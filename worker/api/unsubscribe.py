@@ -204,10 +204,16 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
 
     def act() -> tuple[int, list[str]]:
         done: tuple[int, list[str]] = (0, [])
+        # The patient's bookings at the clinic capped again as re-submitted now: an SMS the
+        # cap sent by email instead goes by SMS where there is room, or says why not
+        # (`Store.recap`); again at a click again, should the first have stopped midway.
         if not svc.store.opted_out(named.clinic, named.channel, address):
             done = svc.store.opt_out(named.clinic, named.channel, address,
                                      f"the patient unsubscribed from email at {stamp}",
-                                     critical=svc.catalog.critical_steps)
+                                     critical=svc.catalog.critical_steps,
+                                     replan=svc.catalog.replan)
+        elif named.channel == "email":
+            svc.store.recap(named.clinic, address, svc.catalog.replan)
         # The clinic is told once (patient.replied "unsubscribe", channel "email"), also by
         # a click again when the first could not tell it (worker/webhooks.py).
         if clinic is not None:  # else kept as not told yet (P:ev:consent "0")
