@@ -3944,11 +3944,13 @@ class Store:
         late_reason = _late_pause(plan, booking, stored.reminders)
         late = "1" if late_reason else ""
         was_late = booking_fields.get("late_pause", "")
-        stored_values = {k: v for k, v in stored.fields.items() if is_reminder_field(k)}
-        pause = parse_notice_steps(plan.notice_steps)[0] if plan.notice_steps else None
+        # Read only for a patient unsubscribed from email (a re-submission's speed).
+        stored_values = {k: v for k, v in stored.fields.items()
+                         if is_reminder_field(k)} if by_sms else {}
         if (not result.changed and not result.changes and not window_changed
                 and had == contacts and was_late == late and not unflag
-                and not (by_sms and by_sms_keys(stored_values, plan.protected, pause))):
+                and not (by_sms and by_sms_keys(stored_values, plan.protected, parse_notice_steps(
+                    plan.notice_steps)[0] if plan.notice_steps else None))):
             # Unchanged as planned from what the SMS cap read: still the guard (what it read
             # may have changed since, by an earlier booking of the batch, say).
             args = apply_args(clinic, booking_id,
