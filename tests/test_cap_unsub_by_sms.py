@@ -11,13 +11,15 @@ unsubscribe route calls it."""
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from tests.test_send_caps import ADVICE, Rig
+from tests.test_send_caps import ADVICE, TZ, Rig
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
 from tests.test_send_caps import sinks as sinks  # noqa: F401
 from worker.catalog import Catalog
+from worker.models import parse_booking
+from worker.planner import plan
 
 # The day after the visit: the care-critical check by email at 09:00 (by SMS to a patient
 # unsubscribed from email), and a plain SMS at 19:00 that may move (late until 10 days).
@@ -172,3 +174,32 @@ def test_start_counts_an_email_still_to_go_by_sms(rig):
     assert rig.store.attempts("cap/A-1/check:email")[-1]["via"].startswith("sms:")
     assert len(rig.sms.snapshot()) == 1 and rig.smtp.snapshot() == []
     assert rig.sent_days == [d]
+
+
+def test_an_email_of_a_booking_without_sms_is_not_counted_as_an_sms(rig):
+    """A-1's patient allows email only for it (channels ["email"], a phone given): its
+    care-critical check can never go by SMS (the begin skips it as unsubscribed). Stored
+    after the unsubscribe, it was flagged and shown as going by SMS all the same: A-2's SMS
+    gave D to a text that never went (moved to D+1) and the clinic read that the check
+    reaches the patient by SMS."""
+    d = rig.day
+    rig.store.opt_out("cap", "email", "ana@example.com", "the patient unsubscribed",
+                      critical=rig.catalog.critical_steps)
+    booking = parse_booking({
+        "clinic": "cap", "booking_id": "A-1", "treatment": "critmail",
+        "starts_at": datetime.combine(d - timedelta(days=1), time(14, 0), TZ).isoformat(),
+        "patient": {"name": "Ana López", "phone": "+34600111222", "email": "ana@example.com",
+                    "timezone": "Europe/Madrid", "locale": "en", "channels": ["email"]}},
+        rig.catalog)
+    now = datetime.now(UTC)
+    rig.store.upsert(booking, plan(booking, rig.catalog.protocols["critmail"],
+                                   rig.catalog.clinics["cap"], now), now)
+    check = rig.reminder("A-1", "check:email")
+    assert check.get("via") != "sms" and "by SMS" not in (check["reason"] or ""), check
+    rig.book("A-2", "eve", d - timedelta(days=1), email=True)
+    evening = rig.reminder("A-2", "evening:sms")
+    assert rig.due("A-2", "evening:sms") == rig.local(d, 19), evening
+    assert rig.send("A-1", "check:email", rig.local(d, 9)) == "dropped: opted out"
+    assert rig.reminder("A-1", "check:email")["status"] == "skipped"
+    assert rig.send("A-2", "evening:sms", rig.local(d, 19)) == "sent"
+    assert rig.smtp.snapshot() == [] and rig.sent_days == [d], rig.sent_days
