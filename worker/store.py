@@ -2324,7 +2324,8 @@ def _flag_by_sms(hset: list[str], plan: Plan,
 def by_sms_keys(values: Mapping[str, str], protected: frozenset[str],
                 pause: str | None) -> list[str]:
     """The emails among a booking's reminders (`values`: each key's main field as stored)
-    that go by SMS to a patient who lists email but unsubscribed from it and are not
+    that go by SMS to a patient who lists email but unsubscribed from it, and lists SMS
+    with a phone (the caller's to check, as the begin's `allows`), and are not
     flagged "s" yet: still to go (scheduled, retrying), of a care-critical step, and not
     carried by the step's own SMS (none, or skipped or cancelled): the begin sends them by
     SMS ("ok sms"). Flagged when written (and by the unsubscribe, `_OPT_OUT`), the SMS cap
@@ -3478,9 +3479,11 @@ class Store:
             unflag = self._by_email_again(booking, stored)
             capped = self._capped_plan(booking, planned, stored, read, now, release, unflag)
             # Listed, but unsubscribed from email (as the cap read it): its care-critical
-            # emails go by SMS, flagged as such when written (`by_sms_keys`).
+            # emails go by SMS, flagged as such when written (`by_sms_keys`), if the patient
+            # allows SMS for this booking (as the begin's `allows`: else they are skipped).
             by_sms = read is not None and not read.email \
-                and "email" in booking.patient.channels and booking.patient.email is not None
+                and "email" in booking.patient.channels and booking.patient.email is not None \
+                and "sms" in booking.patient.channels and booking.patient.phone is not None
             ready.prepared.append(self._prepare(
                 booking, capped, stored, now, release, texts, read.guard if read else None,
                 timeline=ready.timelines, unflag=unflag, by_sms=by_sms,
@@ -3546,8 +3549,8 @@ class Store:
     ) -> _Prepared:
         """Return the apply script's input for one booking, and its timeline after it (only
         its version unless `timeline`). `unflag`: `_by_email_again`. `by_sms`: the patient
-        lists email but unsubscribed from it, so its emails going by SMS are flagged as
-        such (`by_sms_keys`). `doc`: the booking's
+        lists email but unsubscribed from it, and lists SMS with a phone, so its emails going
+        by SMS are flagged as such (`by_sms_keys`). `doc`: the booking's
         `model_dump_json()` if the caller has it. `record`: the `plan_record` `plan` was
         decoded from, if the caller has it (used for a new booking).
 
