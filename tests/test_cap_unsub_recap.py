@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from tests.test_cap_unsub_by_sms import _deliver_all, _one_text_a_day
-from tests.test_send_caps import Rig
+from tests.test_send_caps import Rig, park_sends, send_in_thread
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
 from tests.test_send_caps import sinks as sinks  # noqa: F401
 
@@ -109,24 +109,10 @@ def test_an_email_at_its_provider_when_the_patient_unsubscribes_is_not_sent_agai
     """Forced race: A-2's email (its SMS without room) is at its provider, begun before the
     unsubscribe, when the patient unsubscribes: it is left to its attempt (delivered: it
     went before the unsubscribe was read), and the step is not sent again by SMS."""
-    from worker import dispatch
-
     d = rig.day
     _by_email(rig)
-    real = dispatch.deliver
-    at_provider, go_on = threading.Event(), threading.Event()
-
-    def parked(*args: Any, **kwargs: Any) -> Any:
-        if args[1].channel == "email":
-            at_provider.set()
-            assert go_on.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "deliver", parked)
-    results: list[str] = []
-    sending = threading.Thread(target=lambda: results.append(
-        rig.send("A-2", "evening:email", rig.local(d, 19))))
-    sending.start()
+    at_provider, go_on = park_sends(monkeypatch, "email")
+    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(d, 19))
     try:
         assert at_provider.wait(10)
         _unsubscribe(rig)

@@ -36,16 +36,21 @@ def receiver():
     r.stop()
 
 
-def senders(events: Events, clinic: Clinic, tmp_path: Path, threads: int,
-            kills: list[str]) -> EventSenders:
+def delivering(events: Events, clinic: Clinic, tmp_path: Path, **overrides: object):
+    """The delivery the event senders call: the real one, to `clinic`'s webhook."""
     def deliver(event_id: str, claim: str, wait_at_most: float) -> str:
         return deliver_event(events, event_id, claim, clinics={clinic.id: clinic},
                              renderer=Renderer(ROOT / "templates"),
-                             settings=settings(tmp_path, webhook_timeout_seconds=10), env=ENV,
+                             settings=settings(tmp_path, **overrides), env=ENV,
                              timeout=wait_at_most)
 
-    return EventSenders(events, deliver, threads=threads,
-                        dog=Watchdog(kill=lambda: kills.append("kill")))
+    return deliver
+
+
+def senders(events: Events, clinic: Clinic, tmp_path: Path, threads: int,
+            kills: list[str]) -> EventSenders:
+    return EventSenders(events, delivering(events, clinic, tmp_path, webhook_timeout_seconds=10),
+                        threads=threads, dog=Watchdog(kill=lambda: kills.append("kill")))
 
 
 def emit(events: Events, count: int) -> list[str]:
@@ -205,11 +210,7 @@ def test_threads_finishing_together_claim_no_more_than_their_process_has_free(
     clinic = hooked(receiver)
     kills: list[str] = []
 
-    def deliver(event_id: str, claim: str, wait_at_most: float) -> str:
-        return deliver_event(events, event_id, claim, clinics={clinic.id: clinic},
-                             renderer=Renderer(ROOT / "templates"),
-                             settings=settings(tmp_path), env=ENV, timeout=wait_at_most)
-
+    deliver = delivering(events, clinic, tmp_path)
     a = EventSenders(events, deliver, threads=2, lease_seconds=30,
                      dog=Watchdog(kill=lambda: kills.append("kill")))
     b = EventSenders(events, deliver, threads=2, lease_seconds=30,
@@ -284,11 +285,7 @@ def test_a_process_killed_right_after_its_thread_claimed_the_next_events_keeps_n
     clinic = hooked(receiver)
     kills: list[str] = []
 
-    def deliver(event_id: str, claim: str, wait_at_most: float) -> str:
-        return deliver_event(events, event_id, claim, clinics={clinic.id: clinic},
-                             renderer=Renderer(ROOT / "templates"),
-                             settings=settings(tmp_path), env=ENV, timeout=wait_at_most)
-
+    deliver = delivering(events, clinic, tmp_path)
     a = EventSenders(events, deliver, threads=1, lease_seconds=30,
                      dog=Watchdog(kill=lambda: kills.append("kill")))
     b = None

@@ -502,27 +502,13 @@ def test_an_sms_sent_by_email_instead_whose_email_is_at_the_provider_when_its_da
     cancelled the email as not in the plan (it went all the same) and put the SMS back (the
     email not sent yet): the patient had both. The step stays on the channel of the copy at
     its provider, left to its attempt (retried there should it fail)."""
-    from worker import dispatch
-
     d = rig.day
     d1 = d + timedelta(days=1)
     rig.book("A-1", "prev", d + timedelta(days=2), email=True)  # its SMS: D 19:00
     rig.book("A-2", "morn", d, email=True)  # its SMS: D+1 10:00
     assert rig.send("A-1", "evening:sms", rig.local(d, 21)) == "skipped"
-    real = dispatch.deliver
-    at_provider, go_on = threading.Event(), threading.Event()
-
-    def parked(*args: Any, **kwargs: Any) -> Any:
-        if args[1].channel == "email":
-            at_provider.set()
-            assert go_on.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "deliver", parked)
-    results: list[str] = []
-    sending = threading.Thread(target=lambda: results.append(
-        rig.send("A-1", "evening:email", rig.local(d1, 9))))
-    sending.start()
+    at_provider, go_on = park_sends(monkeypatch, "email")
+    sending, results = send_in_thread(rig, "A-1", "evening:email", rig.local(d1, 9))
     assert at_provider.wait(10)
     rig.store.cancel("cap", "A-2", rig.local(d1, 9, 10))
     _book_at(rig, "A-1", "prev", d + timedelta(days=2), rig.local(d1, 9, 30))
@@ -624,3 +610,31 @@ def test_a_dead_sms_replayed_the_next_day_is_capped_on_that_day(rig):
     assert rig.send("A-1", "evening:sms", datetime.now(UTC)) == "deferred"
     assert rig.due("A-1", "evening:sms").astimezone(tz).date() == today + timedelta(days=1)
     assert len(rig.sms.snapshot()) == 1
+
+
+def park_sends(monkeypatch: pytest.MonkeyPatch, channel: str,
+               ) -> tuple[threading.Event, threading.Event]:
+    """Park each send on `channel` at the hand-over to its provider until `go_on` is set;
+    `at_provider` is set once one is there."""
+    from worker import dispatch
+
+    real = dispatch.deliver
+    at_provider, go_on = threading.Event(), threading.Event()
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        if args[1].channel == channel:
+            at_provider.set()
+            assert go_on.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "deliver", parked)
+    return at_provider, go_on
+
+
+def send_in_thread(rig: Rig, booking: str, key: str, at: datetime,
+                   ) -> tuple[threading.Thread, list[str]]:
+    """`rig.send` in a thread of its own (started); its outcome lands in the list."""
+    results: list[str] = []
+    sending = threading.Thread(target=lambda: results.append(rig.send(booking, key, at)))
+    sending.start()
+    return sending, results
