@@ -81,6 +81,7 @@ def test_a_clinics_first_dead_letter_fires_dead_letters_growing(redis_client, ca
     from datetime import UTC, datetime
 
     from tests.ops.test_metrics import attempt_on, book
+    from tests.test_retention import soon
     from worker.store import Store
 
     rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
@@ -88,7 +89,10 @@ def test_a_clinics_first_dead_letter_fires_dead_letters_growing(redis_client, ca
                 if r["alert"] == "RemindersDeadLettersGrowing")
     assert expr.startswith("sum by (clinic, channel) (increase(reminders_dead_lettered_total")
     store = Store(redis_client, PREFIX, retention_days=400)
-    book(store, catalog, booking_doc, datetime.now(UTC))  # scheduled: the clinic is running
+    # Scheduled (the clinic is running): the example booking moved to 14 days from today, so
+    # its day-before SMS is ahead whatever the date (5 Dec 2026 itself is in the past from
+    # that day on, and from 3 Dec 20:00 the late pause SMS takes 4 Dec: the day-before by email).
+    book(store, catalog, soon(booking_doc), datetime.now(UTC))
     before = labelled(redis_client, "reminders_dead_lettered_total")
     sms = "glow/A-1042/day-before:sms"
     assert store.finish_failed(sms, attempt_on(store, sms), "HTTP 400") == "ok"
