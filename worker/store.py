@@ -2285,17 +2285,9 @@ def _with_flag(main: str, flag: str) -> str:
 def _critical_key(key: str, protected: frozenset[str], pause: str | None) -> bool:
     """Whether reminder `key` is of a care-critical step (`protected`: the plan's; `pause`:
     its pause step, that of a repause), as the begin's `is_critical` reads it: a change
-    notice always, a message again or a repause as the step it sends again."""
+    notice always, a message again or a repause as the step it sends again (`base_step`)."""
     step = key_parts(key)[0]
-    if step in NOTICE_STEPS:
-        return True
-    if step.startswith(AGAIN_PREFIX):
-        step = step[len(AGAIN_PREFIX):]
-    elif step == REPAUSE_STEP:
-        if not pause:
-            return False
-        step = pause
-    return step in protected
+    return step in NOTICE_STEPS or base_step(step, pause) in protected
 
 
 def _flag_by_sms(hset: list[str], plan: Plan,
@@ -2310,8 +2302,7 @@ def _flag_by_sms(hset: list[str], plan: Plan,
         if is_reminder_field(hset[i]):
             final[hset[i]] = hset[i + 1]
             at[hset[i]] = i + 1
-    pause = parse_notice_steps(plan.notice_steps)[0] if plan.notice_steps else None
-    keys = by_sms_keys(final, plan.protected, pause)
+    keys = by_sms_keys(final, plan.protected, parse_notice_steps(plan.notice_steps)[0])
     for key in keys:
         value = _with_flag(final[key], "s")
         if key in at:
@@ -3952,8 +3943,8 @@ class Store:
                          if is_reminder_field(k)} if by_sms else {}
         if (not result.changed and not result.changes and not window_changed
                 and had == contacts and was_late == late and not unflag
-                and not (by_sms and by_sms_keys(stored_values, plan.protected, parse_notice_steps(
-                    plan.notice_steps)[0] if plan.notice_steps else None))):
+                and not (by_sms and by_sms_keys(stored_values, plan.protected,
+                                                parse_notice_steps(plan.notice_steps)[0]))):
             # Unchanged as planned from what the SMS cap read: still the guard (what it read
             # may have changed since, by an earlier booking of the batch, say).
             args = apply_args(clinic, booking_id,
