@@ -14,6 +14,8 @@ from collections import Counter
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
+import pytest
+
 from tests.test_send_caps import ADVICE, TZ, Rig
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
 from tests.test_send_caps import sinks as sinks  # noqa: F401
@@ -176,30 +178,67 @@ def test_start_counts_an_email_still_to_go_by_sms(rig):
     assert rig.sent_days == [d]
 
 
+def _critmail(rig: Rig, channels: list[str], *, phone: bool = True) -> None:
+    """A-1 (`critmail`, visit on D-1) written for Ana with these channels, her phone given
+    or not."""
+    patient: dict[str, Any] = {"name": "Ana López", "email": "ana@example.com",
+                               "timezone": "Europe/Madrid", "locale": "en",
+                               "channels": channels}
+    if phone:
+        patient["phone"] = "+34600111222"
+    booking = parse_booking({
+        "clinic": "cap", "booking_id": "A-1", "treatment": "critmail",
+        "starts_at": datetime.combine(rig.day - timedelta(days=1), time(14, 0),
+                                      TZ).isoformat(),
+        "patient": patient}, rig.catalog)
+    now = datetime.now(UTC)
+    rig.store.upsert(booking, plan(booking, rig.catalog.protocols["critmail"],
+                                   rig.catalog.clinics["cap"], now), now)
+
+
+def _a2_keeps_its_day(rig: Rig) -> None:
+    """A-1's check never goes by SMS: A-2, booked now, keeps its SMS on D 19:00; the check
+    is skipped at its begin (unsubscribed from email, no SMS allowed) and A-2's SMS is D's
+    one text."""
+    d = rig.day
+    rig.book("A-2", "eve", d - timedelta(days=1), email=True)
+    evening = rig.reminder("A-2", "evening:sms")
+    assert rig.due("A-2", "evening:sms") == rig.local(d, 19), evening
+    assert "moved" not in evening["reason"], evening
+    assert rig.send("A-1", "check:email", rig.local(d, 9)) == "dropped: opted out"
+    assert rig.reminder("A-1", "check:email")["status"] == "skipped"
+    assert rig.send("A-2", "evening:sms", rig.local(d, 19)) == "sent"
+    assert rig.smtp.snapshot() == [] and rig.sent_days == [d], rig.sent_days
+
+
 def test_an_email_of_a_booking_without_sms_is_not_counted_as_an_sms(rig):
     """A-1's patient allows email only for it (channels ["email"], a phone given): its
     care-critical check can never go by SMS (the begin skips it as unsubscribed). Stored
     after the unsubscribe, it was flagged and shown as going by SMS all the same: A-2's SMS
     gave D to a text that never went (moved to D+1) and the clinic read that the check
     reaches the patient by SMS."""
-    d = rig.day
     rig.store.opt_out("cap", "email", "ana@example.com", "the patient unsubscribed",
                       critical=rig.catalog.critical_steps)
-    booking = parse_booking({
-        "clinic": "cap", "booking_id": "A-1", "treatment": "critmail",
-        "starts_at": datetime.combine(d - timedelta(days=1), time(14, 0), TZ).isoformat(),
-        "patient": {"name": "Ana López", "phone": "+34600111222", "email": "ana@example.com",
-                    "timezone": "Europe/Madrid", "locale": "en", "channels": ["email"]}},
-        rig.catalog)
-    now = datetime.now(UTC)
-    rig.store.upsert(booking, plan(booking, rig.catalog.protocols["critmail"],
-                                   rig.catalog.clinics["cap"], now), now)
+    _critmail(rig, ["email"])
     check = rig.reminder("A-1", "check:email")
     assert check.get("via") != "sms" and "by SMS" not in (check["reason"] or ""), check
-    rig.book("A-2", "eve", d - timedelta(days=1), email=True)
-    evening = rig.reminder("A-2", "evening:sms")
-    assert rig.due("A-2", "evening:sms") == rig.local(d, 19), evening
-    assert rig.send("A-1", "check:email", rig.local(d, 9)) == "dropped: opted out"
-    assert rig.reminder("A-1", "check:email")["status"] == "skipped"
-    assert rig.send("A-2", "evening:sms", rig.local(d, 19)) == "sent"
-    assert rig.smtp.snapshot() == [] and rig.sent_days == [d], rig.sent_days
+    _a2_keeps_its_day(rig)
+
+
+@pytest.mark.parametrize("phone", [True, False], ids=["sms-withdrawn", "phone-removed"])
+def test_an_email_no_longer_going_by_sms_after_a_resubmission_is_not_counted(rig, phone):
+    """A-1 is stored after the email unsubscribe with SMS allowed: its care-critical check
+    goes by SMS on D (flag "s", `via: sms`). The clinic sends A-1 again with "sms"
+    withdrawn from the patient's channels (or the phone removed too): the check can no
+    longer go by SMS (its begin skips it), yet it kept its flag: still shown as going by
+    SMS, and counted by the cap, so A-2's SMS of D 19:00 gave D to a text that never went
+    (moved to D+1)."""
+    rig.store.opt_out("cap", "email", "ana@example.com", "the patient unsubscribed",
+                      critical=rig.catalog.critical_steps)
+    _critmail(rig, ["sms", "email"])
+    assert rig.reminder("A-1", "check:email").get("via") == "sms"
+    _critmail(rig, ["email"], phone=phone)
+    check = rig.reminder("A-1", "check:email")
+    assert check["status"] == "scheduled", check
+    assert check.get("via") != "sms" and "by SMS" not in (check["reason"] or ""), check
+    _a2_keeps_its_day(rig)
