@@ -59,7 +59,9 @@ slots left out; the last slot is free text and may itself hold "|"):
   flags    "b": due when the booking arrives; "s": an email that went (or goes) by SMS
            (the patient unsubscribed from email: counted by the SMS cap; set when written
            for an unsubscribed patient, by the unsubscribe, or by its begin: `by_sms_keys`,
-           _OPT_OUT, _BEGIN_SEND); "r": replayed
+           _OPT_OUT, _BEGIN_SEND; cleared while still to go once it no longer goes by SMS:
+           by its begin, an email opt-in, or a write of a booking whose address is not
+           unsubscribed or that no longer allows SMS, `_by_email_again`); "r": replayed
            from the dead letters, or retried after an unknown outcome, and not counted
            since by a cap decision (a dead SMS is not counted, a retry's time had no cap
            decision: its attempt caps it even on its own day, worker/dispatch.py
@@ -3304,20 +3306,28 @@ class Store:
         return SendCapsRead(taken, [ckey, since, limit, members, ids, slots], emailed)
 
     def _by_email_again(self, booking: Booking, stored: _Stored) -> frozenset[str]:
-        """The stored emails still to go (not sending) that an attempt took by SMS (flag
-        "s": the patient had unsubscribed from email) and that go by email now, as their
-        begin will say: the document's address is not unsubscribed (a new address the
-        clinic sent, say). This write clears their flag, so the SMS cap stops counting them
-        (as `opt_in` does for an address subscribed again). The opt-out is read unfenced,
-        as the cap's own read (`_caps_read`) and the send time read it."""
+        """The stored emails still to go (not sending) flagged as going by SMS (flag "s":
+        the patient had unsubscribed from email) that no longer go by SMS, as their begin
+        will say: the document's address is not unsubscribed (a new address the clinic
+        sent, say: they go by email), or the booking no longer allows SMS ("sms" withdrawn
+        from the patient's channels, or no phone: the begin's `allows` refuses SMS, so they
+        go by email or are skipped, never by SMS). This write clears their flag, so the SMS
+        cap stops counting them and the timeline no longer says `via: sms` (as `opt_in`
+        does for an address subscribed again). The opt-out is read unfenced, as the cap's
+        own read (`_caps_read`) and the send time read it."""
         if not stored.reminders:  # a new booking
             return frozenset()
         keys = frozenset(k for k, r in stored.reminders.items()
                          if r.get("by_sms") == "1" and k.endswith(":email")
                          and r.get("status") in (Status.SCHEDULED, Status.RETRYING))
-        email = booking.patient.email
-        if not keys or not email or self.redis.hexists(
-                self.optout_key(booking.clinic), "email:" + normal_contact("email", email)):
+        if not keys:
+            return frozenset()
+        patient = booking.patient
+        if "sms" not in patient.channels or patient.phone is None:
+            return keys
+        if not patient.email or self.redis.hexists(
+                self.optout_key(booking.clinic),
+                "email:" + normal_contact("email", patient.email)):
             return frozenset()
         return keys
 
