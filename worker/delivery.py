@@ -7,7 +7,8 @@ as `Apprise.add` loads it (`load_services`, without the masked copies of the URL
 renders for its DEBUG lines; the URL's parse kept once per clinic URL and filled with the
 message's recipient and header values where that is the plugin's own parse, `_parsed`),
 and is sent through the sending thread's Apprise object,
-which holds that one service during the send. Apprise's own retries off (its default of
+which holds that one service during the send. Its HTTP requests go through the thread's
+`requests` session, prepared from a template per clinic URL (`_prepared_quickly`). Apprise's own retries off (its default of
 one attempt), socket timeouts bounded by the settings, and the plugin run in the calling
 thread (no Apprise deadline, so no hidden shared thread pool in which a busy worker's sends
 would queue and "time out" before they start).
