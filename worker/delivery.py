@@ -6,12 +6,12 @@ provider anyway (`unknown`). Each message gets its own plugin object, loaded fro
 as `Apprise.add` loads it (`load_services`, without the masked copies of the URL Apprise
 renders for its DEBUG lines; the URL's parse kept once per clinic URL and filled with the
 message's recipient and header values where that is the plugin's own parse, `_parsed`),
-and is sent through the sending thread's Apprise object,
-which holds that one service during the send. Its HTTP requests go through the thread's
-`requests` session, prepared from a template per clinic URL (`_prepared_quickly`). Apprise's own retries off (its default of
-one attempt), socket timeouts bounded by the settings, and the plugin run in the calling
-thread (no Apprise deadline, so no hidden shared thread pool in which a busy worker's sends
-would queue and "time out" before they start).
+and is sent through the sending thread's Apprise object, which holds that one service
+during the send. Its HTTP requests go through the thread's `requests` session, prepared
+from a template per clinic URL (`_prepared_quickly`). Apprise's own retries off (its
+default of one attempt), socket timeouts bounded by the settings, and the plugin run in
+the calling thread (no Apprise deadline, so no hidden shared thread pool in which a busy
+worker's sends would queue and "time out" before they start).
 
 Email goes through Apprise's own email plugin with one change to its SMTP session
 (`_KeptSMTPController`, put in place of Apprise's `AppriseSMTPController` where the plugin
