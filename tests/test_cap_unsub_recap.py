@@ -126,3 +126,26 @@ def test_an_email_at_its_provider_when_the_patient_unsubscribes_is_not_sent_agai
     assert shown["evening:email"]["status"] == "sent"
     assert shown.get("evening:sms", {}).get("status") not in ("scheduled", "retrying", "sent")
     assert len(rig.sms.snapshot()) == 1 and rig.sent_days == [d]  # A-1's only
+
+
+def test_the_email_the_unsubscribe_skipped_says_so_and_stays_skipped_at_an_opt_in(rig):
+    """A-2's email (its SMS without room on D) is skipped by the unsubscribe; capping A-2
+    again moves the step's SMS to D+1. The email says it was not sent because the patient
+    unsubscribed (it read "cancelled: no longer in the plan after a change", a change the
+    clinic never made); and, no longer the plan's, the patient subscribing to email again
+    does not bring it back beside the SMS (the step would go twice)."""
+    d = rig.day
+    _by_email(rig)
+    _unsubscribe(rig)
+    _moved(rig)
+    email = rig.reminder("A-2", "evening:email")
+    assert email["status"] == "skipped", email
+    assert "the patient unsubscribed" in email["reason"], email
+    assert "after a change" not in email["reason"], email
+    assert rig.store.opt_in("cap", "email", "ana@example.com", why="subscribed again",
+                            critical=rig.catalog.critical_steps)
+    assert rig.reminder("A-2", "evening:email") == email
+    _moved(rig)
+    _deliver_all(rig, "A-1", "A-2")
+    assert rig.smtp.snapshot() == [] and len(rig.sms.snapshot()) == 2
+    assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}, rig.sent_days

@@ -55,6 +55,33 @@ def test_a_step_that_leaves_the_plan_is_cancelled_and_leaves_the_dead_letters():
         assert change.schedule == "remove"  # out of due, lease and dead letters
 
 
+def test_a_step_the_opt_out_skipped_keeps_saying_so_when_the_same_booking_drops_it():
+    """The same document planned again (a clinic's sync, the email unsubscribe's re-cap)
+    without a step the patient's opt-out skipped: the clinic changed nothing, so it stays
+    skipped for the opt-out, saying so, and is no longer the opt-out's to put back (its
+    reason no longer "opted_out: "); written once. After a change of the document it is
+    cancelled with the rest of what the change took out."""
+    r = planned()
+    before = stored(r, "skipped", reason="opted_out: the patient replied STOP at 10:00")
+    (change,) = run({r.key: before}, []).changes
+    assert change.fields == {"status": "skipped", "reason": (
+        "not sent: the patient replied STOP at 10:00; no longer in the plan since")}
+    assert change.schedule == "remove"
+    assert run({r.key: before | change.fields}, []).changes == []
+    (change,) = run({r.key: before}, [], doc="d2").changes
+    assert change.fields == {"status": "cancelled",
+                             "reason": "no longer in the plan after a change"}
+
+
+def test_the_caller_names_what_took_a_reminder_still_to_go_out_of_the_plan():
+    r = planned()
+    result = reconcile({"doc": "d", "status": "scheduled", "version": "1"}, {r.key: stored(r)},
+                       Plan(status="scheduled", reminders=[]), doc="d", medications="m",
+                       release=False, now=NOW, gone="no longer in the plan once X")
+    (change,) = result.changes
+    assert change.fields == {"status": "cancelled", "reason": "no longer in the plan once X"}
+
+
 def test_sent_is_history_whatever_the_new_plan_says():
     r = planned()
     assert reconcile_one(stored(r, "sent"), None, doc_changed=True, now=NOW) is None

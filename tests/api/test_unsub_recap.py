@@ -26,18 +26,28 @@ def _by_email(timeline: dict[str, Any]) -> set[str]:
             and r["status"] == "scheduled" and "by email" in (r["reason"] or "")}
 
 
-def test_an_unsubscribe_caps_the_bookings_again_as_a_resubmission_would(server, tw):  # noqa: F811
-    # Two visits of the patient a day apart: their SMS share weeks beyond the cap.
+def _book(tw: Any) -> dict[str, dict[str, Any]]:  # noqa: F811
+    """Two visits of the patient a day apart: their SMS share weeks beyond the cap."""
     docs = {"A-1": _doc("A-1", 20), "A-2": _doc("A-2", 21)}
     for booking_id, doc in docs.items():
         assert tw.put(f"/v1/bookings/{booking_id}", json=doc).status_code == 201
-    emailed = {b: _by_email(tw.get(f"/v1/bookings/{b}").json()) for b in docs}
-    assert emailed["A-2"], emailed  # some of A-2's SMS go by email
+    return docs
+
+
+def _unsubscribe(server: Any) -> None:  # noqa: F811
+    """The patient's one-click unsubscribe (RFC 8058 POST) of the link their emails carry."""
     with server.client() as client:
         done = client.post(link_for(server, "ana@example.com"),
                            content="List-Unsubscribe=One-Click",
                            headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert done.status_code == 200 and "unsubscribed" in done.text, done.text
+
+
+def test_an_unsubscribe_caps_the_bookings_again_as_a_resubmission_would(server, tw):  # noqa: F811
+    docs = _book(tw)
+    emailed = {b: _by_email(tw.get(f"/v1/bookings/{b}").json()) for b in docs}
+    assert emailed["A-2"], emailed  # some of A-2's SMS go by email
+    _unsubscribe(server)
     after = {b: tw.get(f"/v1/bookings/{b}").json() for b in docs}
     for booking_id, timeline in after.items():
         shown = {r["id"]: r for r in timeline["reminders"]}
@@ -65,3 +75,30 @@ def test_an_unsubscribe_caps_the_bookings_again_as_a_resubmission_would(server, 
         assert again.json()["version"] == after[booking_id]["version"], (
             booking_id, after[booking_id], again.json())
         assert again.json()["reminders"] == after[booking_id]["reminders"]
+
+
+def test_an_email_the_unsubscribe_skipped_still_says_so_after_the_caps_again(server, tw):  # noqa: F811
+    """The emails the cap had sent instead of A-2's SMS are skipped by the unsubscribe
+    ("opted_out: the patient unsubscribed from email at ..."), but for a care-critical
+    step's (left to go by SMS); capping A-2 again then plans those steps by SMS, and
+    rewrote each email as `cancelled`, "no longer in the plan after a change": the clinic
+    changed nothing, and the timeline no longer said that the patient's unsubscribe is why
+    it was not sent. A skipped one stays `skipped`, saying so; a care-critical step's
+    email, called off for its step's own SMS, says the unsubscribe took it out."""
+    _book(tw)
+    emailed = _by_email(tw.get("/v1/bookings/A-2").json())
+    assert emailed
+    _unsubscribe(server)
+    shown = {r["id"]: r for r in tw.get("/v1/bookings/A-2").json()["reminders"]}
+    skipped = {key for key in emailed if shown[key]["status"] == "skipped"}
+    assert skipped, shown
+    for key in emailed:
+        email, sms = shown[key], shown[key[: -len("email")] + "sms"]
+        assert "after a change" not in email["reason"], email
+        if key in skipped:
+            assert email["reason"].startswith(
+                "not sent: the patient unsubscribed from email at "), email
+        else:
+            assert (email["status"], email["reason"]) == (
+                "cancelled", "no longer in the plan once the patient unsubscribed from email")
+            assert sms["status"] == "scheduled" and "care-critical" in sms["reason"], sms
