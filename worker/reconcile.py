@@ -17,6 +17,15 @@ from .planner import Plan, PlannedReminder, is_hold_notice
 from .status import PENDING, Status
 
 OPTED_OUT = "opted_out: "  # the reason of a reminder the patient's opt-out skipped
+# The reason of one the opt-out skipped that the same booking, planned again, no longer has
+# (`reconcile_one`): still skipped for the opt-out ("not sent: <why>; ..."), but no longer
+# the opt-out's to put back (worker/store.py `opt_in` resumes only "opted_out: ").
+NOT_SENT = "not sent: "
+NO_LONGER_PLANNED = "no longer in the plan since"
+# Why a reminder still to go is cancelled when the new plan no longer has it: the clinic's
+# change of the booking (the default), or the caller's words for what changed the plan
+# (worker/store.py `Store.recap`: the patient's email unsubscribe).
+AFTER_A_CHANGE = "no longer in the plan after a change"
 # What happens to a reminder's place in the schedule:
 #   due     in the due set at its due_epoch (and out of the lease and dead letters)
 #   remove  out of the due set, the lease and the dead letters
@@ -66,12 +75,14 @@ def reconcile(
     medications: str,
     release: bool,
     now: datetime,
+    gone: str = AFTER_A_CHANGE,
 ) -> Reconciled:
     """Return what to change so the stored booking follows `plan` (see the module docstring).
 
     `stored` maps every reminder key stored for the booking (and every planned key) to its
     record ({} if none). `release` is the clinic's review of a held booking: the hold is
-    waived for as long as the medications stay as reviewed.
+    waived for as long as the medications stay as reviewed. `gone`: the reason of one
+    cancelled because the plan no longer has it (`reconcile_one`).
     """
     released_for = medications if release else stored_booking.get("released_for", "")
     status = plan.status
@@ -92,7 +103,7 @@ def reconcile(
         record = stored.get(key, {})
         one = reconcile_one(record, planned.get(key), doc_changed=doc_changed or reopen,
                             now=now, released=was_held and status != Status.HELD,
-                            written=written)
+                            written=written, gone=gone)
         if one is not None and one[1] != "keep":
             fields, schedule = one
             if schedule == "due" and status == Status.HELD and not is_hold_notice(key):
@@ -136,14 +147,15 @@ def written_epoch(stored_booking: Record) -> float:
 
 def reconcile_one(
     stored: Record, new: PlannedReminder | None, *, doc_changed: bool, now: datetime,
-    released: bool = False, written: float = float("-inf"),
+    released: bool = False, written: float = float("-inf"), gone: str = AFTER_A_CHANGE,
 ) -> tuple[dict[str, str], Schedule] | None:
     """Return (fields to write, schedule) for one reminder, or None if it stays as it is.
     `released`: the booking's hold ends; an SMS at booking held back for a time still ahead
     keeps it only if the plan does (the store capped it there again, counting what
     went while it was held), not for being at booking. `written`: when the stored booking
     was last written (`written_epoch`): a stored reminder due by then, or by `now`, came
-    due (a plan made before that write is older than it, not a move)."""
+    due (a plan made before that write is older than it, not a move). `gone`: the reason of
+    one cancelled because `new` is None."""
     old_status = stored.get("status")
     if old_status == Status.SENT:
         return None  # history: never sent again, whatever the new plan says
@@ -151,11 +163,20 @@ def reconcile_one(
         return None  # dead letter: the same booking again changes nothing; replay does
     if new is None:
         # A reminder the patient's opt-out skipped (worker/store.py `opt_in` puts those back
-        # when the patient opts in again) is cancelled too: no longer the plan's.
+        # when the patient opts in again) is no longer the opt-out's to put back either. The
+        # same booking planned again (a clinic's sync, the email unsubscribe's
+        # `Store.recap`: the cap now sends the step by SMS, say): nothing the clinic changed
+        # took it out of the plan, so it stays skipped for the opt-out, saying so. After a
+        # change of the booking, it is cancelled as the rest of what the change took out.
+        if (old_status == Status.SKIPPED and not doc_changed
+                and stored.get("reason", "").startswith(OPTED_OUT)):
+            why = stored["reason"][len(OPTED_OUT):]
+            return ({"status": Status.SKIPPED,
+                     "reason": f"{NOT_SENT}{why}; {NO_LONGER_PLANNED}"}, "remove")
         if old_status in PENDING or old_status == Status.FAILED or (
                 old_status == Status.SKIPPED
                 and stored.get("reason", "").startswith(OPTED_OUT)):
-            reason = "no longer in the plan after a change"
+            reason = gone
             if old_status == Status.FAILED:  # a dead letter leaves; why it failed stays
                 reason += f"; it had failed before: {stored.get('reason', '')}"
             return {"status": Status.CANCELLED, "reason": reason}, "remove"

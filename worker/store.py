@@ -172,7 +172,7 @@ from .planner import (
     sms_fits,
 )
 from .protocols import AGAIN_PREFIX, NOTICE_STEPS, REPAUSE_STEP, parse_notice_steps
-from .reconcile import OPTED_OUT, reconcile, written_epoch
+from .reconcile import AFTER_A_CHANGE, OPTED_OUT, reconcile, written_epoch
 from .status import PENDING, TERMINAL, Status, lua_prelude
 from .webhooks import LUA_EMIT
 
@@ -2109,8 +2109,10 @@ def _resumable(fields: Mapping[str, str], doc: str | None, channel: str, contact
     of SMS (a change notice counts, as for the scripts' `is_critical`) (it goes by SMS;
     not one whose own SMS carries the step; never "by email": its
     last flag is false). A step the booking no longer plans is never
-    among them: a change of the booking cancels such a skipped reminder
-    (worker/reconcile.py)."""
+    among them: a change of the booking cancels such a skipped reminder, and the same
+    booking planned again (a clinic's sync, `recap`) keeps it skipped with a reason that
+    is no longer "opted_out: " ("not sent: <why>; no longer in the plan since",
+    worker/reconcile.py)."""
     status = fields.get("status")
     if status not in (Status.SCHEDULED, Status.HELD, Status.CANCELLED) or doc is None:
         return []
@@ -4123,7 +4125,7 @@ class Store:
                         sms and "email" in booking.patient.channels
                         and stored.reminders.get(sms, {}).get("status") == Status.SKIPPED
                         and again_planned(sms, plan)))):
-                    cancel(key, "no longer in the plan after a change")
+                    cancel(key, self._gone)
                 elif released and is_notice(key) and record.get("due_epoch") \
                         and record.get("status") in (Status.SCHEDULED, Status.RETRYING):
                     due += [key, record["due_epoch"]]
@@ -4311,6 +4313,11 @@ class Store:
         if old and datetime.fromisoformat(old) != booking.starts_at:
             return "moved"
         return None
+
+    # Why a reminder still to go is cancelled when the booking's new plan no longer has it
+    # (worker/reconcile.py `reconcile`'s `gone`): the clinic changed the booking. (`_Recap`:
+    # the patient's email unsubscribe.)
+    _gone = AFTER_A_CHANGE
 
     @property
     def _plain_reconcile(self) -> bool:
@@ -5139,8 +5146,10 @@ class Store:
         one of those bookings' phones), in the order they were first written, is written
         again as a re-submission of its stored document at `now` writes it (`replan` plans
         it: `Catalog.replan`). So an SMS that the cap sent by email instead goes by SMS on a
-        day with room or says why not (the email is skipped at its begin now), and the SMS
-        of a day that a care-critical email going by SMS takes give way to it, as a
+        day with room or says why not (the email stays skipped for the unsubscribe, saying
+        so, worker/reconcile.py `reconcile_one`; a care-critical step's, left to go by SMS,
+        is cancelled as no longer in the plan once the patient unsubscribed, `_Recap`), and
+        the SMS of a day that a care-critical email going by SMS takes give way to it, as a
         re-submission of the booking would have them. Return the ids of the bookings it
         changed.
 
@@ -6173,17 +6182,25 @@ class _Recap(Store):
     the document it planned (checked in the reconcile, inside the write's read-check-apply:
     a change landing between its read and its apply makes it read again and check again).
 
-    A copy of the store (client, scripts, caches: whatever it holds), differing only in its
-    `_reconcile` seam, as the API's If-Match check (worker/api/conditional.py)."""
+    A copy of the store (client, scripts, caches: whatever it holds), differing in its
+    `_reconcile` seam, as the API's If-Match check (worker/api/conditional.py), and in the
+    words of what it cancels (`_gone`): the clinic changed nothing, the patient's
+    unsubscribe took it out of the plan (an email the cap sent instead of a care-critical
+    SMS, which now goes by SMS). One the unsubscribe skipped stays skipped, saying so
+    (worker/reconcile.py `reconcile_one`: the same document planned again)."""
+
+    _gone = "no longer in the plan once the patient unsubscribed from email"
 
     def __init__(self, store: Store, doc: str) -> None:
         self.__dict__.update(store.__dict__)
         self.doc = doc
 
     def _reconcile(  # type: ignore[override]  # the base is a staticmethod seam
-        self, stored_booking: dict[str, str], *args: Any, **kwargs: Any
+        self, stored_booking: dict[str, str], stored: dict[str, dict[str, str]], plan: Plan,
+        doc: str, medications: str, release: bool, now: datetime,
     ) -> Any:
         if stored_booking.get("doc") != self.doc \
                 or stored_booking.get("status") != Status.SCHEDULED:
             raise _Changed
-        return Store._reconcile(stored_booking, *args, **kwargs)
+        return reconcile(stored_booking, stored, plan, doc=doc, medications=medications,
+                         release=release, now=now, gone=self._gone)
