@@ -7,7 +7,10 @@ its day from the patient's other SMS of that day, as if the booking were written
 
 Real Redis, a real HTTP SMS gateway and SMTP server, the real send path with its clock
 fixed (tests/test_send_caps.py's rig; cap: one SMS a day). A-1's SMS of D 10:00 (`morn`)
-takes D; A-2's of D 19:00 (`eve`) goes by email, both visits on D-1."""
+takes D; A-2's of D 19:00 (`eve`) goes by email, both visits on D-1.
+
+The same after the visit (the patient unsubscribing the day after it, from an aftercare
+email): the store's clock is the send path's there, as the store plans at its now."""
 
 from __future__ import annotations
 
@@ -17,10 +20,14 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
+
 from tests.test_cap_unsub_by_sms import _deliver_all, _one_text_a_day
-from tests.test_send_caps import Rig, park_sends, send_in_thread
+from tests.test_send_caps import ADVICE, CAPS, Clock, Rig, _Fixed, park_sends, send_in_thread
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
 from tests.test_send_caps import sinks as sinks  # noqa: F401
+from worker.catalog import Catalog
+from worker.errors import BookingRejected
 
 
 def _unsubscribe(rig: Rig) -> None:
@@ -149,3 +156,166 @@ def test_the_email_the_unsubscribe_skipped_says_so_and_stays_skipped_at_an_opt_i
     _deliver_all(rig, "A-1", "A-2")
     assert rig.smtp.snapshot() == [] and len(rig.sms.snapshot()) == 2
     assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}, rig.sent_days
+
+
+# After the visit (found by review): A-2's steps the day after its visit of D-1, and two
+# before it (the pause a week before); A-1's SMS of D 10:00 (`morn`) takes D, so A-2's SMS
+# of D go by email.
+AFTER = """
+name = "Before and after"
+[[steps]]
+id = "stop"
+day = -7
+time = "18:00"
+channels = ["sms"]
+template = "stop-retinoids"
+pause = true
+care_critical = true
+late = "send"
+late_until = "-6h"
+[[steps]]
+id = "before"
+day = -2
+time = "19:00"
+channels = ["sms"]
+template = "week-check"
+late = "send"
+late_until = "10d"
+[[steps]]
+id = "early"
+day = 1
+time = "09:30"
+channels = ["sms"]
+template = "week-check"
+late = "send"
+late_until = "10d"
+[[steps]]
+id = "noon"
+day = 1
+time = "11:00"
+channels = ["sms"]
+template = "week-check"
+late = "send"
+late_until = "10d"
+[[steps]]
+id = "evening"
+day = 1
+time = "19:00"
+channels = ["sms"]
+template = "week-check"
+late = "send"
+late_until = "10d"
+""" + ADVICE + """retinoids_sensitise = true
+no_retinoid_on_the_day = true
+retinoid_pause_min_days = 5
+"""
+
+
+def _after_the_visit(rig: Rig, monkeypatch: Any) -> dict[str, dict[str, Any]]:
+    """A-1 and A-2 (visits on D-1) stored three weeks ahead; then, on the send path's clock
+    (the store's too from here: `Store.recap` plans at its now), A-2's pause SMS of D-8
+    fails (the provider refuses it: a dead letter, the patient never paused), its `before`
+    SMS goes on D-3, its `early` email (the SMS without room) at D 09:30 and A-1's SMS at
+    D 10:00; A-2's `noon` email of D 11:00 is not sent yet (a backlog); it is D 12:00.
+    Return A-2's timeline then, by reminder id."""
+    (rig.settings.config_dir / "protocols" / "after.toml").write_text(AFTER, encoding="utf-8")
+    rig.catalog = rig.ctx.catalog = Catalog.load(rig.settings)
+    d = rig.day
+    rig.book("A-1", "morn", d - timedelta(days=1), email=True)
+    rig.book("A-2", "after", d - timedelta(days=1), email=True)
+    assert rig.due("A-2", "before:sms") == rig.local(d - timedelta(days=3), 19)
+    for key, hour in (("early", 9.5), ("noon", 11), ("evening", 19)):
+        email = rig.reminder("A-2", f"{key}:email")
+        assert email["status"] == "scheduled" and "by email" in email["reason"], email
+        assert rig.due("A-2", f"{key}:email") == rig.local(d, int(hour), int(hour % 1 * 60))
+    monkeypatch.setattr("worker.store.datetime", _Fixed)
+    rig.sms.status = 400
+    rig.send("A-2", "stop:sms", rig.local(d - timedelta(days=8), 18))
+    rig.sms.status = 200
+    assert rig.reminder("A-2", "stop:sms")["status"] == "failed"
+    assert rig.send("A-2", "before:sms", rig.local(d - timedelta(days=3), 19)) == "sent"
+    assert rig.send("A-2", "early:email", rig.local(d, 9, 30)) == "sent"
+    assert rig.send("A-1", "morning:sms", rig.local(d, 10)) == "sent"
+    Clock.at = rig.local(d, 12)
+    timeline = rig.store.timeline("cap", "A-2")
+    assert not timeline["late_pause"], timeline  # planned a week before the visit
+    return {r["id"]: r for r in timeline["reminders"]}
+
+
+def test_after_the_visit_an_sms_sent_by_email_instead_goes_by_sms_after_an_unsubscribe(
+        rig, monkeypatch):
+    """The patient unsubscribes from email at D 12:00, the day after the visit. Before,
+    `Catalog.replan` refused the visit as past and the unsubscribe capped nothing again:
+    A-2's evening email was skipped for the unsubscribe and no SMS was left for the step.
+    Now its SMS goes on D+1 at 19:00 (D holds A-1's), saying why; what went, failed or
+    whose time passed stays as it was (the noon email as the unsubscribe skipped it: not
+    sent late by SMS), nothing goes twice, and a click again changes nothing."""
+    d = rig.day
+    before = _after_the_visit(rig, monkeypatch)
+    a1 = rig.store.timeline("cap", "A-1")
+    _unsubscribe(rig)
+    shown = {r["id"]: r for r in rig.store.timeline("cap", "A-2")["reminders"]}
+    assert "evening:sms" in shown, shown  # before: no SMS left for the step
+    evening = shown["evening:sms"]
+    assert evening["status"] == "scheduled", evening
+    assert rig.due("A-2", "evening:sms") == rig.local(d + timedelta(days=1), 19)
+    assert evening["reason"].endswith(
+        f"; moved to {d + timedelta(days=1)}: {CAPS.format(day=d)} and the patient takes no "
+        "email"), evening
+    email = shown["evening:email"]  # skipped for the unsubscribe, saying so
+    assert email["status"] == "skipped", email
+    assert email["reason"].startswith("not sent: the patient unsubscribed"), email
+    # Whose time has passed stays as it was: sent; and the noon email (due 11:00, not sent
+    # yet) as the unsubscribe skipped it, its reason saying why, not sent late by SMS.
+    assert set(shown) == set(before) | {"evening:sms"}, shown
+    for key in ("before:sms", "early:email"):
+        assert shown[key] == before[key] and shown[key]["status"] == "sent", shown[key]
+    assert shown["stop:sms"] == before["stop:sms"]  # the dead letter: as it was
+    # Whether the booking came too late for the pause is as stored (the plan made just
+    # before the visit finds the pause's time passed: the clinic is not told now).
+    assert not rig.store.timeline("cap", "A-2")["late_pause"]
+    noon = shown["noon:email"]
+    assert noon["status"] == "skipped" and noon["reason"].startswith(
+        "opted_out: the patient unsubscribed"), noon
+    assert {k: v for k, v in noon.items() if k not in ("status", "reason")} == {
+        k: v for k, v in before["noon:email"].items() if k not in ("status", "reason")}
+    assert rig.store.timeline("cap", "A-1") == a1  # its SMS went: nothing to cap again
+    # A click again (the route caps again): nothing left to change.
+    version = rig.store.timeline("cap", "A-2")["version"]
+    assert rig.store.recap("cap", "ana@example.com", rig.catalog.replan) == []
+    assert rig.store.timeline("cap", "A-2")["version"] == version
+    _deliver_all(rig, "A-1", "A-2")
+    assert rig.reminder("A-2", "evening:sms")["status"] == "sent"
+    # One of each step: the early step by its email only, the noon step not at all.
+    assert len(rig.smtp.snapshot()) == 1 and len(rig.sms.snapshot()) == 3
+    assert Counter(rig.sent_days) == {d - timedelta(days=3): 1, d: 1,
+                                      d + timedelta(days=1): 1}, rig.sent_days
+    # The clinic cannot re-submit the booking now: its visit is past (as before).
+    doc = rig.store.redis.get(rig.store.doc_key("cap", "A-2"))
+    with pytest.raises(BookingRejected, match="starts_at"):
+        rig.catalog.replan(doc, rig.local(d, 12))
+
+
+def test_a_cancel_landing_while_the_unsubscribe_caps_a_past_visit_again_is_kept(
+        rig, monkeypatch):
+    """Forced race: the clinic cancels A-2 (after its visit) between the unsubscribe's read
+    of A-2 and its write: the write must not bring back what the cancel called off."""
+    _after_the_visit(rig, monkeypatch)
+    real = rig.store._caps_read
+    cancelled = threading.Event()
+
+    def parked(items: Any) -> Any:
+        read = real(items)
+        if [booking.booking_id for booking, _ in items] == ["A-2"] and not cancelled.is_set():
+            cancelled.set()
+            rig.store.cancel("cap", "A-2", rig.local(rig.day, 12))
+        return read
+
+    monkeypatch.setattr(rig.store, "_caps_read", parked)
+    _unsubscribe(rig)
+    assert cancelled.is_set()
+    timeline = rig.store.timeline("cap", "A-2")
+    assert timeline["status"] == "cancelled"
+    assert not any(r["status"] in ("scheduled", "retrying") for r in timeline["reminders"])
+    _deliver_all(rig, "A-1", "A-2")
+    assert len(rig.sms.snapshot()) == 2 and len(rig.smtp.snapshot()) == 1

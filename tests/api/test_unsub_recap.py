@@ -7,10 +7,25 @@ Real uvicorn, real Redis, real HTTP requests."""
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
 
 from tests.api.conftest import future_booking
-from tests.api.test_inbound import ANA, link_for, server, tw  # noqa: F401
+from tests.api.test_inbound import (  # noqa: F401
+    ANA,
+    PUBLIC,
+    SECRET,
+    TOKEN,
+    link_for,
+    server,
+    tw,
+    write_config,
+)
+from tests.e2e.conftest import QUICK_PROTOCOL
 
 
 def _doc(booking_id: str, days: float) -> dict[str, Any]:
@@ -102,3 +117,77 @@ def test_an_email_the_unsubscribe_skipped_still_says_so_after_the_caps_again(ser
             assert (email["status"], email["reason"]) == (
                 "cancelled", "no longer in the plan once the patient unsubscribed from email")
             assert sms["status"] == "scheduled" and "care-critical" in sms["reason"], sms
+
+
+# Steps an hour and two after the start: the second finds the day taken by the first (the
+# clinic's default cap, 1 a day) and goes by email; one a second after it, by email.
+SOON = """
+name = "Soon after"
+[[steps]]
+id = "gone"
+offset = "1s"
+channels = ["email"]
+template = "microneedling-aftercare"
+[[steps]]
+id = "first"
+offset = "1h"
+channels = ["sms"]
+template = "spf-morning"
+late = "send"
+late_until = "3d"
+[[steps]]
+id = "second"
+offset = "2h"
+channels = ["sms"]
+template = "spf-morning"
+late = "send"
+late_until = "3d"
+""" + "[advice]" + QUICK_PROTOCOL.split("[advice]", 1)[1]
+
+
+@pytest.fixture
+def soon(serve, tmp_path, monkeypatch):
+    """tests/api/test_inbound.py's server, with the protocol above."""
+    monkeypatch.setenv("TW_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("TW_HOOK_SECRET", "hook-secret")
+    config = write_config(tmp_path / "config")
+    (config / "protocols" / "soon.toml").write_text(SOON, encoding="utf-8")
+    return serve(config_dir=config, public_url=PUBLIC, unsubscribe_secret=SECRET,
+                 data_dir=tmp_path / "data")
+
+
+def test_an_unsubscribe_after_the_visit_caps_the_booking_again(soon):
+    """The visit two seconds ahead, then past when the patient clicks the link. Before,
+    the re-plan refused the visit as past: the second SMS's email was skipped for the
+    unsubscribe and the step was lost. Now it goes by SMS the next day at the same time,
+    saying why; the first SMS and the email whose time passed stay as they were; the
+    clinic still cannot re-submit the booking (its visit is past)."""
+    with soon.client(soon.issue_key("tw")) as clinic:
+        doc = _doc("A-1", 3 / 86400) | {"treatment": "soon"}
+        assert clinic.put("/v1/bookings/A-1", json=doc).status_code == 201
+        before = {r["id"]: r for r in clinic.get("/v1/bookings/A-1").json()["reminders"]}
+        assert before["second:email"]["status"] == "scheduled", before
+        assert "by email" in before["second:email"]["reason"], before
+        start = datetime.fromisoformat(doc["starts_at"])
+        time.sleep(max(0.0, (start - datetime.now(UTC)).total_seconds()) + 1.5)
+        refused = clinic.put("/v1/bookings/A-1", json=doc)  # as before: the visit is past
+        assert refused.status_code == 422 and "starts_at" in refused.text, refused.text
+        _unsubscribe(soon)
+        shown = {r["id"]: r for r in clinic.get("/v1/bookings/A-1").json()["reminders"]}
+    assert "second:sms" in shown, shown  # before: the step had no SMS left
+    second = shown["second:sms"]
+    day = (start + timedelta(hours=2)).astimezone(ZoneInfo(doc["patient"]["timezone"]))
+    assert second["status"] == "scheduled", second
+    # The next day at the same patient-local clock time (to the minute, as the cap moves).
+    assert datetime.fromisoformat(second["due_at"]) == (
+        start + timedelta(days=1, hours=2)).replace(second=0)
+    assert f"moved to {day.date() + timedelta(days=1)}" in second["reason"], second
+    assert f"(1 a day, 3 in any 7 days) is reached on {day.date()}" in second["reason"]
+    email = shown["second:email"]  # skipped for the unsubscribe, saying so
+    assert email["status"] == "skipped", email
+    assert email["reason"].startswith("not sent: the patient unsubscribed from email"), email
+    assert set(shown) == set(before) | {"second:sms"}, shown
+    assert shown["first:sms"] == before["first:sms"]
+    gone = shown["gone:email"]  # its time passed: as the unsubscribe skipped it
+    assert gone["status"] == "skipped" and gone["reason"].startswith("opted_out: "), gone
+    assert gone["due_at"] == before["gone:email"]["due_at"]
