@@ -110,8 +110,10 @@ class Catalog:
     def replan(self, doc: str, now: datetime) -> tuple[Booking, Plan]:
         """A stored booking's document (JSON) validated and planned again at `now`, as a
         re-submission of it is: the email unsubscribe caps the patient's bookings again with
-        it (`Store.opt_out`'s `replan`). Raises BookingRejected (or KeyError: its clinic or
-        protocol is no longer configured) when the configuration no longer takes it."""
+        it (`Store.opt_out`'s `replan`; for a visit already begun, which a re-submission at
+        the real now is refused as past, `Store.recap` gives the instant just before its
+        start). Raises BookingRejected (or KeyError: its clinic or protocol is no longer
+        configured) when the configuration no longer takes it."""
         from .models import parse_booking
         from .planner import plan
 

@@ -182,6 +182,8 @@ IN_FLIGHT_MARGIN = 1.0  # seconds past an in-flight attempt's ledger expiry befo
 # The reason of a reminder a claim put back in the schedule because an earlier attempt of it
 # is still at work (its ledger held): a change reads that attempt as being sent.
 IN_FLIGHT_REQUEUED = "another attempt is in flight"
+# `Store.recap` plans a booking whose visit has begun as re-submitted this long before it.
+_JUST_BEFORE = timedelta(microseconds=1)
 _NORMS_TRIES = 20  # reads of the patients' addresses before a script gives up (see contact_of)
 APPLY_CHUNK = 200  # bookings per apply script: a few milliseconds of Redis at a time
 READ_CHUNK = 200  # bookings per read script (`Store._read`): the same
@@ -3336,6 +3338,7 @@ class Store:
     def _capped_plan(
         self, booking: Booking, planned: Plan, stored: _Stored, read: _CapsRead | None,
         now: datetime, release: bool, unflag: frozenset[str] = frozenset(),
+        kept: frozenset[str] = frozenset(),
     ) -> Plan:
         """`planned` capped against the patient's other SMS (`read`) and, for a booking
         stored already, its own: those it sent count where they went, as do the notices and
@@ -3343,7 +3346,10 @@ class Store:
         its reminders already sent are history (`cap_plan`), not SMS to count again, except
         those that go again for a new date, capped as new SMS. The same count as at send
         time (`send_caps_read`). What it reads of the booking is the apply's own check.
-        `unflag`: its emails no longer going by SMS (`_by_email_again`), not counted."""
+        `unflag`: its emails no longer going by SMS (`_by_email_again`), not counted.
+        `kept`: keys this write leaves as stored (`_Recap` after the visit: the steps whose
+        time has passed), history to the cap too: its SMS still to go among them count
+        where they are stored, and none of them is moved."""
         if not stored.fields:
             if read is None or not read.taken and read.email == (
                     "email" in booking.patient.channels):
@@ -3410,8 +3416,9 @@ class Store:
                         at_stored.get(r.key, r) for r in planned.reminders])
         offered = booking.patient.channels
         own = [datetime.fromtimestamp(float(when), UTC) for when in _sms_slots(
-            fields, pending=lambda key: kind is None and is_notice(key)
-            and again_planned(key, as_planned) and not notice_off(key, offered))]
+            fields, pending=lambda key: key in kept or (
+                kind is None and is_notice(key) and again_planned(key, as_planned)
+                and not notice_off(key, offered)))]
         if kind is None and fields.get("status") != Status.HELD:
             # A notice the patient's channels moved onto SMS (`notice_elsewhere`).
             own += [datetime.fromtimestamp(float(f["due_epoch"]), UTC)
@@ -3442,7 +3449,7 @@ class Store:
                  or (float(stored.reminders[r.key].get("planned_epoch") or "inf") <= now_epoch
                      and r.due_at <= now)))
         own += [datetime.fromtimestamp(float(stored.reminders[key]["due_epoch"]), UTC)
-                for key in in_flight if stored.reminders[key].get("due_epoch")]
+                for key in in_flight - kept if stored.reminders[key].get("due_epoch")]
         # Its SMS still to go as the cap left them, which keep their days if they fit within
         # the cap (an unchanged booking keeps its decisions; `cap_sms`). Not after a move:
         # its SMS are planned afresh.
@@ -3450,8 +3457,8 @@ class Store:
             key: (float(r["planned_epoch"]), r["reason"]) for key, r in stored.reminders.items()
             if r["channel"] == "sms" and r["status"] == Status.SCHEDULED and r["planned_epoch"]}
         held.update({key: (r.due_at.timestamp(), r.reason) for key, r in at_stored.items()})
-        return cap_plan(planned, booking, read.taken, (history - again) | in_flight, own,
-                        email=read.email, held=held, beyond=read.beyond)
+        return cap_plan(planned, booking, read.taken, (history - again) | in_flight | kept,
+                        own, email=read.email, held=held, beyond=read.beyond)
 
     def _replan_kind(
         self, booking: Booking, planned: Plan, stored: _Stored, release: bool
@@ -5114,7 +5121,8 @@ class Store:
         `why` is the reason's text after "opted_out: " (the patient's words and when).
         `critical`: the care-critical steps ("<treatment>/<step>" ...) whose emails go by SMS.
         `replan` (an email address; `Catalog.replan`): then the patient's bookings at the
-        clinic are capped again, as re-submitted now (`recap`).
+        clinic are capped again, as re-submitted now (`recap`; after a visit, its steps
+        still ahead).
         """
         self._ready()
         contact = normal_contact(channel, contact)
@@ -5153,6 +5161,14 @@ class Store:
         re-submission of the booking would have them. Return the ids of the bookings it
         changed.
 
+        A booking whose visit has begun (nearly every aftercare step comes after it; the
+        clinic's re-submission is refused then, as past) is planned as re-submitted just
+        before its start, and of that plan only its steps still ahead are written: each step
+        (an occurrence, on any channel) whose planned time has passed stays as stored (sent,
+        failed, skipped, at work, or still to go), is never sent late on another channel,
+        and counts for the cap where it is stored (`_Recap`); the booking's flag of a
+        booking too late for the retinoid pause stays as stored too.
+
         Each write is fenced by the document it planned: a change of the clinic landing
         after the read (a move, a cancel) is never undone; the booking is read again and
         its new document planned, or left alone if it is no longer scheduled. An attempt at
@@ -5182,15 +5198,18 @@ class Store:
                 doc = cast(str | None, self.redis.get(self.doc_key(clinic, booking_id)))
                 if status != Status.SCHEDULED or doc is None:
                     break
+                # After the visit: as re-submitted just before it, its steps ahead alone.
+                start = datetime.fromisoformat(json.loads(doc)["starts_at"])
+                after = now if start <= now else None
                 try:
-                    booking, planned = replan(doc, now)
+                    booking, planned = replan(doc, start - _JUST_BEFORE if after else now)
                 except (BookingRejected, KeyError):
                     break  # as stored: the clinic's next submission is checked against it
                 before: list[str | None] = [None]
                 try:
-                    timeline = _Recap(self, doc).upsert_many([(booking, planned)], now,
-                                                              previous=before,
-                                                              timelines=False)[0]
+                    timeline = _Recap(self, doc, after).upsert_many([(booking, planned)], now,
+                                                                     previous=before,
+                                                                     timelines=False)[0]
                 except _Changed:
                     continue
                 if str(timeline["version"]) != before[0]:
@@ -6182,18 +6201,54 @@ class _Recap(Store):
     the document it planned (checked in the reconcile, inside the write's read-check-apply:
     a change landing between its read and its apply makes it read again and check again).
 
+    `after`: the visit has begun (the write's now; None: not yet). Its plan, made as if
+    re-submitted just before the start, is written only for the steps still ahead: the
+    keys of each step whose time has passed (`_passed`) are left as stored by the
+    reconcile, and are history to the SMS cap (counted where they are stored, never
+    moved); the booking's late-pause flag stays as stored.
+
     A copy of the store (client, scripts, caches: whatever it holds), differing in its
-    `_reconcile` seam, as the API's If-Match check (worker/api/conditional.py), and in the
-    words of what it cancels (`_gone`): the clinic changed nothing, the patient's
-    unsubscribe took it out of the plan (an email the cap sent instead of a care-critical
-    SMS, which now goes by SMS). One the unsubscribe skipped stays skipped, saying so
-    (worker/reconcile.py `reconcile_one`: the same document planned again)."""
+    `_reconcile` and `_capped_plan` seams, as the API's If-Match check
+    (worker/api/conditional.py), and in the words of what it cancels (`_gone`): the clinic
+    changed nothing, the patient's unsubscribe took it out of the plan (an email the cap
+    sent instead of a care-critical SMS, which now goes by SMS). One the unsubscribe
+    skipped stays skipped, saying so (worker/reconcile.py `reconcile_one`: the same
+    document planned again)."""
 
     _gone = "no longer in the plan once the patient unsubscribed from email"
 
-    def __init__(self, store: Store, doc: str) -> None:
+    def __init__(self, store: Store, doc: str, after: datetime | None = None) -> None:
         self.__dict__.update(store.__dict__)
         self.doc = doc
+        self.after = after
+
+    def _passed(self, stored: Iterable[str], plan: Plan) -> frozenset[str]:
+        """The keys, stored or planned, of each step occurrence (on any channel: a step the
+        cap sent by email is the same step) whose time has passed by `after`: the plan has
+        it due by then (as planned before the cap, which only moves an SMS later; a step
+        before the visit, planned just before it, is late or skipped: due by then too)."""
+        if self.after is None:
+            return frozenset()
+        at = self.after.timestamp()
+        planned = [*plan.reminders, *_as_planned(plan)]
+        steps = {r.key.rpartition(":")[0] for r in planned if r.due_at.timestamp() <= at}
+        return frozenset(k for k in {*stored, *(r.key for r in planned)}
+                         if k.rpartition(":")[0] in steps)
+
+    def _capped_plan(
+        self, booking: Booking, planned: Plan, stored: _Stored, read: _CapsRead | None,
+        now: datetime, release: bool, unflag: frozenset[str] = frozenset(),
+        kept: frozenset[str] = frozenset(),
+    ) -> Plan:
+        if self.after is None:
+            return super()._capped_plan(booking, planned, stored, read, now, release, unflag,
+                                        kept)
+        capped = super()._capped_plan(booking, planned, stored, read, now, release, unflag,
+                                      kept | self._passed(stored.reminders, planned))
+        # Too late for the full retinoid pause or not: history once the visit has begun
+        # (the plan made just before it finds the pause step's time passed), as stored.
+        late = (capped.late_pause or "as stored") if stored.fields.get("late_pause") else None
+        return replace(capped, late_pause=late, pause_rule=None)
 
     def _reconcile(  # type: ignore[override]  # the base is a staticmethod seam
         self, stored_booking: dict[str, str], stored: dict[str, dict[str, str]], plan: Plan,
@@ -6202,5 +6257,9 @@ class _Recap(Store):
         if stored_booking.get("doc") != self.doc \
                 or stored_booking.get("status") != Status.SCHEDULED:
             raise _Changed
-        return reconcile(stored_booking, stored, plan, doc=doc, medications=medications,
-                         release=release, now=now, gone=self._gone)
+        result = reconcile(stored_booking, stored, plan, doc=doc, medications=medications,
+                           release=release, now=now, gone=self._gone)
+        if self.after is None:
+            return result
+        kept = self._passed(stored, plan)
+        return replace(result, changes=[c for c in result.changes if c.key not in kept])

@@ -204,9 +204,10 @@ async def unsubscribe(token: str, request: Request, svc: Svc) -> HTMLResponse:
 
     def act() -> tuple[int, list[str]]:
         done: tuple[int, list[str]] = (0, [])
-        # The patient's bookings at the clinic capped again as re-submitted now: an SMS the
-        # cap sent by email instead goes by SMS where there is room, or says why not
-        # (`Store.recap`); again at a click again, should the first have stopped midway.
+        # The patient's bookings at the clinic capped again as re-submitted now (after a
+        # visit, its steps still ahead): an SMS the cap sent by email instead goes by SMS
+        # where there is room, or says why not (`Store.recap`); again at a click again,
+        # should the first have stopped midway.
         if not svc.store.opted_out(named.clinic, named.channel, address):
             done = svc.store.opt_out(named.clinic, named.channel, address,
                                      f"the patient unsubscribed from email at {stamp}",
