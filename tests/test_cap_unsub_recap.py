@@ -319,3 +319,37 @@ def test_a_cancel_landing_while_the_unsubscribe_caps_a_past_visit_again_is_kept(
     assert not any(r["status"] in ("scheduled", "retrying") for r in timeline["reminders"])
     _deliver_all(rig, "A-1", "A-2")
     assert len(rig.sms.snapshot()) == 2 and len(rig.smtp.snapshot()) == 1
+
+
+def test_an_email_at_its_provider_that_fails_for_now_as_the_patient_unsubscribes_goes_by_sms(
+        rig, monkeypatch):
+    """Forced race: A-2's email (its SMS without room on D) is at its provider when the
+    patient unsubscribes: the unsubscribe leaves it to its attempt, and capping A-2 again
+    plans no SMS of the step (the email may be delivered). The mail server then answers
+    451 (try later): retrying, and its retry's begin skips it (unsubscribed). Nothing
+    capped A-2 again after that: the step was lost (no email, no SMS), where a patient who
+    unsubscribed a moment earlier gets it by SMS on a day with room. The begin that skips
+    it caps the patient's bookings again: the SMS goes on D+1, saying why."""
+    d = rig.day
+    _by_email(rig)
+    at_provider, go_on = park_sends(monkeypatch, "email")
+    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(d, 19))
+    try:
+        assert at_provider.wait(10)
+        _unsubscribe(rig)
+        assert rig.reminder("A-2", "evening:email")["status"] == "sending"  # left to it
+        rig.smtp.refuse_code = "451 4.3.0 Try again later"
+    finally:  # the attempt goes on, whatever the unsubscribe did
+        go_on.set()
+        sending.join(10)
+    assert results == ["retrying"] and rig.smtp.snapshot() == []
+    rig.smtp.refuse_code = None
+    retry = rig.due("A-2", "evening:email")
+    assert rig.send("A-2", "evening:email", retry) == "dropped: opted out"
+    email = rig.reminder("A-2", "evening:email")
+    assert email["status"] == "skipped" and "the patient unsubscribed" in email["reason"], email
+    _moved(rig)
+    _deliver_all(rig, "A-1", "A-2")
+    assert rig.smtp.snapshot() == [] and len(rig.sms.snapshot()) == 2
+    assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}, rig.sent_days
+    assert rig.store.attempts("cap/A-2/evening:email")[-1]["outcome"] == "retrying"
