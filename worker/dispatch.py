@@ -32,6 +32,10 @@ replayed, flag "r", was counted on no day: capped even on its own), and a change
 (never capped, as when planned: a missing "your visit moved" sends the patient on the
 wrong day). The pause message again for a new date
 (`repause`) and a step again (`again-<step>`) are care-critical when their step is.
+An email the cap sent instead of its step's SMS that its begin skips for the patient's
+email unsubscribe (its attempt at work when the patient unsubscribed, which the
+unsubscribe's re-cap left to it, did not deliver it) caps the patient's bookings again
+(`_recap_stand_in`, `Store.recap`): the step goes by SMS on a day with room, or says why not.
 
 Batches (`hand_over`). The pump hands claims to a send task in batches, one queue per
 channel (worker/pump.py). The task hands its claims to this process's senders for the
@@ -136,7 +140,7 @@ from .catalog import Catalog, changed_lately, config_stamp
 from .clinics import SendWindow
 from .clock import RedisClock
 from .delivery import Envelope, deliver, smtp_sessions
-from .errors import ConfigError, DeliveryError
+from .errors import ConfigError, DeliveryError, NotFound
 from .health import not_run
 from .invites import content_key, sequence_of, with_sequence
 from .logs import about_reminder
@@ -336,12 +340,49 @@ def attempt(
         return "dropped: finished meanwhile"
     if verdict not in ("ok", "ok sms"):
         log.info("send %s: dropped (%s)", ref, verdict)
+        if verdict == "opted out" and channel_of(ref) == "email":
+            _recap_stand_in(ctx, ref)
         return f"dropped: {verdict}"
     watch = watchdog.watch(ref, started + hard) if watchdog else contextlib.nullcontext()
     with watch:
         return _send(ctx, ref, Attempt(version=version, claim=claim, token=token), started,
                      deadline, guard, via_sms=verdict == "ok sms",
                      begun=verdict if isinstance(verdict, Begun) else Begun(str(verdict)))
+
+
+def _recap_stand_in(ctx: Context, ref: str) -> None:
+    """An email its begin just skipped for the patient's email unsubscribe, of a step that
+    goes by SMS (its protocol's channels) with no SMS of it to go or gone, of a patient who
+    allows SMS for the booking: an email the SMS cap sent instead of the step's SMS. The
+    unsubscribe caps the patient's bookings again so that such a step goes by SMS on a day
+    with room (`Store.recap`), but leaves an email at its provider then to its attempt; one
+    that did not deliver (answered "try later", deferred, of unknown outcome) reaches this
+    begin, and its step would be lost. Cap the patient's bookings again now, as the
+    unsubscribe does. Best effort: the skip is recorded already; should Redis fail here, a
+    re-submission of the booking caps it again as well."""
+    store = ctx.store
+    clinic, booking_id, key = split_ref(ref)
+    try:
+        own = store.record(f"{clinic}/{booking_id}/{key[: -len('email')]}sms")
+        if own.get("status") in (Status.SCHEDULED, Status.SENDING, Status.RETRYING,
+                                 Status.SENT):
+            return  # the step's own SMS carries it
+        doc = store.booking_doc(clinic, booking_id)
+        patient = doc.get("patient") or {}
+        protocol = ctx.catalog.protocols.get(str(doc.get("treatment")))
+        spec = {s.id: s for s in protocol.steps}.get(
+            base_step(key.split(":", 1)[0].split("#", 1)[0], None)) if protocol else None
+        if spec is None or "sms" not in spec.channels or not patient.get("email") \
+                or not patient.get("phone") or "sms" not in (patient.get("channels") or []):
+            return
+        changed = store.recap(clinic, patient["email"], ctx.catalog.replan)
+    except (redis.RedisError, NotFound) as exc:
+        log.warning("send %s: skipped for the email unsubscribe; the patient's bookings not "
+                    "capped again (%s)", ref, type(exc).__name__)
+        return
+    if changed:
+        log.info("send %s: skipped for the email unsubscribe; capped again: %s", ref,
+                 " ".join(changed))
 
 
 def _refused_at_begin(store: Store, ref: str, claim: str, why: str) -> str:
