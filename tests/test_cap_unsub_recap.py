@@ -353,3 +353,38 @@ def test_an_email_at_its_provider_that_fails_for_now_as_the_patient_unsubscribes
     assert rig.smtp.snapshot() == [] and len(rig.sms.snapshot()) == 2
     assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}, rig.sent_days
     assert rig.store.attempts("cap/A-2/evening:email")[-1]["outcome"] == "retrying"
+
+
+def test_a_re_cap_that_fails_at_the_begin_leaves_the_skip_and_says_so(rig, monkeypatch,
+                                                                     caplog):
+    """The begin's re-cap of a stand-in email is best effort: whatever it raises (Redis
+    gone, a bug), the skip stands, the attempt ends as dropped (not "not completed", to be
+    brought back by its lease), and a WARNING names the reminder."""
+    import logging
+
+    from worker.store import Store
+
+    d = rig.day
+    _by_email(rig)
+    at_provider, go_on = park_sends(monkeypatch, "email")
+    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(d, 19))
+    try:
+        assert at_provider.wait(10)
+        _unsubscribe(rig)
+        rig.smtp.refuse_code = "451 4.3.0 Try again later"
+    finally:
+        go_on.set()
+        sending.join(10)
+    assert results == ["retrying"]
+    rig.smtp.refuse_code = None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the re-cap")
+
+    monkeypatch.setattr(Store, "recap", broken)
+    with caplog.at_level(logging.INFO, logger="worker.dispatch"):
+        assert rig.send("A-2", "evening:email", rig.due("A-2", "evening:email")) \
+            == "dropped: opted out"
+    assert rig.reminder("A-2", "evening:email")["status"] == "skipped"
+    assert any(r.levelno == logging.WARNING and "cap/A-2/evening:email" in r.getMessage()
+               and "RuntimeError" in r.getMessage() for r in caplog.records), caplog.text
