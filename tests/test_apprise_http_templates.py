@@ -33,8 +33,11 @@ class Wire(ThreadingHTTPServer):
             protocol_version = "HTTP/1.1"
 
             def _any(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                body = self.rfile.read(length) if length else b""
+                if self.headers.get("Transfer-Encoding") == "chunked":
+                    body = self._chunked()
+                else:
+                    length = int(self.headers.get("Content-Length", 0))
+                    body = self.rfile.read(length) if length else b""
                 with server.lock:
                     server.seen.append((self.requestline, list(self.headers.items()), body))
                 if self.path.startswith("/redirect"):
@@ -46,6 +49,14 @@ class Wire(ThreadingHTTPServer):
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
+
+            def _chunked(self) -> bytes:
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()  # the blank line after the last chunk
+                return body
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any  # noqa: N815
 
@@ -96,6 +107,17 @@ SHAPES: list[tuple[str, str, dict[str, Any]]] = [
                         "json": {"ignored": True}, "timeout": 5}),
     ("patch", "/with/userinfo", {"data": "y", "timeout": 5, "userinfo": True}),
     ("post", "/redirect", {"data": '{"a": 1}', "headers": APPRISE_HEADERS, "timeout": 5}),
+    # A form or JSON with a login (Twilio's, 46elks' shape; a JSON gateway's): requests puts
+    # the body's Content-Type before the Authorization its login adds.
+    ("post", "/2010-04-01/Accounts/AC1/Messages.json",
+     {"data": {"To": "+34600111222", "From": "+34911000000", "Body": "Hola, Ana"},
+      "headers": {"User-Agent": "Apprise", "Accept": "application/json"},
+      "auth": ("AC1", "t0ken"), "timeout": 5}),
+    ("post", "/json-login", {"json": {"to": "+34600111222", "text": "Hi"},
+                             "auth": ("user", "pass"), "timeout": 5}),
+    ("get", "/userinfo-body", {"data": "q", "timeout": 5, "userinfo": True}),
+    # A form whose fields are all None: an empty body that requests sends chunked.
+    ("post", "/form-nothing", {"data": {"ttl": None}, "timeout": 5}),
     # Not prepared from a template (an auth object; a list as a query value): as before.
     ("post", "/auth-object", {"data": "z", "auth": HTTPBasicAuth("u", "p"), "timeout": 5}),
     ("get", "/listed", {"params": {"to": ["+1", "+2"]}, "timeout": 5}),
