@@ -556,7 +556,8 @@ class _SendSession(requests.Session):
 
     def __init__(self) -> None:
         super().__init__()
-        self.templates: dict[Any, requests.PreparedRequest] = {}  # `_prepared_quickly`'s
+        # `_prepared_quickly`'s: a template and the Authorization its login adds, if any.
+        self.templates: dict[Any, tuple[requests.PreparedRequest, str | bytes | None]] = {}
 
     def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
                                    cert: Any) -> dict[str, Any]:
@@ -641,9 +642,12 @@ def _prepared_quickly(session: _SendSession, method: str, url: Any,
     login (a user:password pair, the URL's own, or ~/.netrc's, as `requests` reads it) and
     hooks for every message of one clinic URL; it took about a third of `requests`' CPU
     an SMS. Here they are prepared once per thread for each (method, URL, headers,
-    query, login) and kept as a template (QUICK_TEMPLATES of them); each request is a
-    copy of its template with its own body prepared on it (`prepare_body`: the data or
-    JSON, its Content-Type unless a header gives one, its Content-Length). A body read
+    query, login) and kept as a template (QUICK_TEMPLATES of them), without the
+    Content-Length its empty body and the Authorization its login added; each request is
+    a copy of its template with its own body prepared on it (`prepare_body`: the data or
+    JSON, its Content-Length, or none for an empty one (sent chunked), its Content-Type
+    unless a header gives one), then the login's Authorization: the headers in the order
+    `prepare_request` puts them (the body's before the login's). A body read
     from a file or generator, a login given as an object (`requests.auth.AuthBase`: it
     may read the body or add hooks), a query or header value that is not a plain string,
     files or cookies: prepared by `Session.request` as before. ~/.netrc is read once per
@@ -661,20 +665,39 @@ def _prepared_quickly(session: _SendSession, method: str, url: Any,
     if header_items is None or param_items is None:
         return None
     key = (method, url, header_items, param_items, auth)
-    templates: dict[Any, requests.PreparedRequest] = session.templates
-    template = templates.get(key)
-    if template is None:
+    templates = session.templates
+    kept = templates.get(key)
+    if kept is None:
         if len(templates) >= QUICK_TEMPLATES:
             templates.clear()
-        template = session.prepare_request(requests.Request(
-            method=method.upper(), url=url, headers=headers, data={}, params=params or {},
-            auth=auth))
-        templates[key] = template
+        kept = templates[key] = _template(session, method, url, headers, params, auth)
+    template, authorization = kept
     prepared = template.copy()
     prepared.hooks = {event: list(hooks) for event, hooks in template.hooks.items()}
     data = kwargs.get("data")
     prepared.prepare_body(data or {}, None, kwargs.get("json"))
+    if authorization is not None:  # `prepare_auth`, after the body as in `prepare`
+        prepared.headers["Authorization"] = authorization
     return prepared
+
+
+def _template(session: _SendSession, method: str, url: str, headers: Any, params: Any,
+              auth: Any) -> tuple[requests.PreparedRequest, str | bytes | None]:
+    """`Session.prepare_request`'s request for these, without a body, and without the
+    Content-Length (of its empty body) and Authorization (of its login) that the headers
+    given and the session's do not have: those go after the body's own headers (the
+    Authorization returned to be added then)."""
+    template = session.prepare_request(requests.Request(
+        method=method.upper(), url=url, headers=headers, data={}, params=params or {},
+        auth=auth))
+    given = requests.sessions.merge_setting(headers, session.headers,
+                                            dict_class=requests.structures.CaseInsensitiveDict)
+    if "Content-Length" not in given:
+        template.headers.pop("Content-Length", None)
+    authorization = None
+    if "Authorization" not in given:
+        authorization = template.headers.pop("Authorization", None)
+    return template, authorization
 
 
 def _plain_items(mapping: Any) -> tuple[tuple[str, str | bytes], ...] | None:
