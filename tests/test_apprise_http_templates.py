@@ -20,7 +20,9 @@ from worker import delivery
 
 class Wire(ThreadingHTTPServer):
     """Records each request's line, headers (in order) and body; answers 200, or a 307 to
-    /moved for a path starting /redirect (as a gateway that moved does)."""
+    /moved for a path starting /redirect (as a gateway that moved does), a 301, 302, 303
+    or 308 to /moved for /redirect-301 & co., and a 302 to this server under another host
+    name (localhost) for /elsewhere."""
 
     daemon_threads = True
 
@@ -40,9 +42,16 @@ class Wire(ThreadingHTTPServer):
                     body = self.rfile.read(length) if length else b""
                 with server.lock:
                     server.seen.append((self.requestline, list(self.headers.items()), body))
-                if self.path.startswith("/redirect"):
+                if self.path.startswith("/redirect-"):
+                    self.send_response(int(self.path[len("/redirect-"):][:3]))
+                    self.send_header("Location", "/moved")
+                elif self.path.startswith("/redirect"):
                     self.send_response(307)
                     self.send_header("Location", "/moved")
+                elif self.path.startswith("/elsewhere"):
+                    self.send_response(302)
+                    self.send_header(
+                        "Location", f"http://localhost:{server.server_address[1]}/moved")
                 else:
                     self.send_response(200)
                     self.send_header("Set-Cookie", "lb=node-7; Path=/")
@@ -118,10 +127,25 @@ SHAPES: list[tuple[str, str, dict[str, Any]]] = [
     ("get", "/userinfo-body", {"data": "q", "timeout": 5, "userinfo": True}),
     # A form whose fields are all None: an empty body that requests sends chunked.
     ("post", "/form-nothing", {"data": {"ttl": None}, "timeout": 5}),
-    # Not prepared from a template (an auth object; a list as a query value): as before.
+    # Redirects: a POST's method and body kept (307, 308) or turned into a GET without
+    # them (301, 302, 303); to another host, the login's Authorization dropped.
+    *[("post", f"/redirect-{code}", {"data": {"To": "+34600111222", "Body": "Hola"},
+                                     "auth": ("AC1", "t0ken"), "timeout": 5})
+      for code in (301, 302, 303, 308)],
+    ("post", "/elsewhere", {"json": {"to": "+34600111222"}, "auth": ("u", "p"),
+                            "headers": APPRISE_HEADERS, "timeout": 5}),
+    ("post", "/elsewhere/userinfo", {"data": "x", "timeout": 5, "userinfo": True}),
+    # Through a proxy (the request line names the gateway's URL whole).
+    ("post", "/proxied", {"data": {"to": "+34600111222"}, "auth": ("u", "p"), "timeout": 5,
+                          "proxied": True}),
+    # Not prepared from a template (an auth object; a list as a query value; a header
+    # set to None, which requests leaves out): as before.
     ("post", "/auth-object", {"data": "z", "auth": HTTPBasicAuth("u", "p"), "timeout": 5}),
     ("get", "/listed", {"params": {"to": ["+1", "+2"]}, "timeout": 5}),
+    ("post", "/none-header", {"data": "z", "headers": {"User-Agent": "Apprise", "Accept": None},
+                              "timeout": 5}),
 ]
+NOT_TEMPLATED = ("/auth-object", "/listed", "/none-header")
 
 
 def _url(wire: Wire, path: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -129,6 +153,9 @@ def _url(wire: Wire, path: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, 
     base = wire.base
     if kwargs.pop("userinfo", False):
         base = base.replace("http://", "http://gw%20user:s3cr%40t@")
+    if kwargs.pop("proxied", False):
+        kwargs["proxies"] = {"http": base}
+        base = "http://sms-gateway.invalid"
     return base + path, kwargs
 
 
@@ -167,9 +194,8 @@ def test_templated_shapes_are_kept_and_others_are_not(wire: Wire) -> None:
         _in_send(method, url, plain_kwargs)
     session = delivery._thread_session()
     kept = {(method, url) for method, url, *_ in session.templates}
-    assert len(kept) == len(SHAPES) - 2
-    assert not any(url.endswith(("/auth-object", "/listed"))
-                   for _, url in kept)
+    assert len(kept) == len(SHAPES) - len(NOT_TEMPLATED)
+    assert not any(url.endswith(NOT_TEMPLATED) for _, url in kept)
     wire.take()
 
 
