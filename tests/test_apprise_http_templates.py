@@ -101,6 +101,10 @@ SHAPES: list[tuple[str, str, dict[str, Any]]] = [
     ("post", "/sms", {"data": '{"message": "Hi Ana", "to": "+34600111222"}',
                       "headers": APPRISE_HEADERS, "auth": ("user", "p@ss wörd"),
                       "verify": True, "timeout": (4.0, 4.0)}),
+    # Apprise's form:// plugin: `files=None` when the message has no attachment.
+    ("post", "/form-no-files", {"data": {"to": "+34600111222", "message": "Hola"},
+                                "files": None, "headers": {"User-Agent": "Apprise"},
+                                "auth": ("gw", "pw"), "timeout": 5}),
     ("post", "/form", {"data": {"To": "+34600111222", "Body": "Hola, ¿qué tal?"},
                        "headers": {"User-Agent": "Apprise", "Accept": "application/json"},
                        "params": {"a": "1 2", "b": "é&x"}, "timeout": 5}),
