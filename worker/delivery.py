@@ -626,8 +626,9 @@ def _request(method: str, url: Any, **kwargs: Any) -> requests.Response:
 
 
 # `requests.request`'s arguments a request prepared from a template may have: the others
-# (files, cookies, hooks) go through `Session.request` whole.
+# (files given, cookies, hooks) go through `Session.request` whole.
 _QUICK_ARGUMENTS = frozenset({"data", "json", "headers", "params", "auth", "timeout", "verify",
+                              "files",  # None or empty only (form:// without attachments)
                               "cert", "allow_redirects", "proxies"})
 _QUICK_DATA = (str, bytes, dict, type(None))  # a body not streamed from a file or generator
 QUICK_TEMPLATES = 64  # a thread's templates kept (a clinic URL's, mostly one each)
@@ -650,10 +651,11 @@ def _prepared_quickly(session: _SendSession, method: str, url: Any,
     `prepare_request` puts them (the body's before the login's). A body read
     from a file or generator, a login given as an object (`requests.auth.AuthBase`: it
     may read the body or add hooks), a query or header value that is not a plain string,
-    files or cookies: prepared by `Session.request` as before. ~/.netrc is read once per
+    files (but None or empty, as Apprise's form:// passes them) or cookies: prepared by
+    `Session.request` as before. ~/.netrc is read once per
     template (as the environment's proxies are once per process: `_environ_proxies`)."""
     if (not _QUICK_ARGUMENTS.issuperset(kwargs) or type(url) is not str
-            or type(kwargs.get("data")) not in _QUICK_DATA):
+            or type(kwargs.get("data")) not in _QUICK_DATA or kwargs.get("files")):
         return None
     auth = kwargs.get("auth")
     if auth is not None and not (type(auth) is tuple and len(auth) == 2
