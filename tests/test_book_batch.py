@@ -174,10 +174,11 @@ def run_on_a_terminal(env, data: bytes) -> tuple[int, str]:
 
 
 def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(env, redis_client):
-    # The bar shows once a phase has lasted a second, and storing advances it a STORE_BATCH
-    # (4,000) at a time: three batches, so it is updated past its first second even on a
-    # machine three times faster than this one (4,000 alone stored in about 1 s, and the
-    # bar's one update came just before or just after its second).
+    # The bar shows once a phase has lasted a second, and storing advances it a store batch
+    # at a time (500, 1,000, 2,000, then STORE_BATCH, 4,000): six batches, so it is updated
+    # past its first second even on a machine three times faster than this one (4,000
+    # alone stored in about 1 s, and the bar's one update came just before or just after
+    # its second).
     docs = list(realistic_bookings(3 * STORE_BATCH, seed=26))
     code, shown = run_on_a_terminal(env, jsonl(docs))
     assert code == 0, shown[-2000:]

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -233,6 +234,51 @@ def test_read_ahead_is_each_batch_decoded(redis_client: Any, catalog: Any) -> No
                 assert first is not None
                 assert first.items is items and first.timelines == timelines
                 assert len(first.round.batch) == len(first.round.stored) == len(items)
+
+
+def test_store_batches_grow_and_each_next_is_read_once_started(redis_client: Any,
+                                                                 catalog: Any) -> None:
+    """`reminders book`'s store batches: the first FIRST (its read is made with nothing
+    applied meanwhile), each next twice the one before up to the batch size, in input
+    order, every booking once. The batch after the one taken is read in a thread only once
+    `start` is called (`reminders book` calls it through `upsert_many`'s `idle`, its first
+    chunk at Redis) or at the next `take`, whichever comes first."""
+    import threading
+
+    from worker.batch import CHUNK, Document, ReadAhead, Spool, _check_chunk
+    from worker.store import Store
+
+    docs = list(realistic_bookings(3 * CHUNK + 140, seed=10, now=NOW))
+    spool = Spool()
+    lines = [orjson.dumps(d) for d in docs]
+    for start in range(0, len(lines), CHUNK):
+        spool.add_chunk(_check_chunk([Document(n + 1, n + 1, raw=lines[n]) for n in range(
+            start, min(start + CHUNK, len(lines)))], catalog, None, NOW))
+    whole = [item for chunk in spool.chunks(len(docs)) for item in chunk]
+    assert len(whole) == len(docs)
+    for size, first, sizes in ((400, 50, [50, 100, 200, 400, 400, 400, 90]),
+                               (1000, 300, [300, 600, 740]), (500, None, [500] * 3 + [140]),
+                               (500, 800, [500] * 3 + [140])):
+        batches = list(spool.chunks(size, first=first))
+        assert [len(b) for b in batches] == sizes
+        assert [item for b in batches for item in b] == whole
+
+    def reading() -> bool:
+        return any(t.name == "store-read" for t in threading.enumerate())
+
+    store = Store(redis_client, "grow", retention_days=FIXED_SCENARIO_RETENTION_DAYS)
+    reader = ReadAhead(spool.chunks(400, first=50), catalog, store, timelines=False)
+    taken = reader.take()
+    assert taken is not None and len(taken[1]) == 50
+    assert reader.next is not None and not reader.next.done()
+    time.sleep(0.2)
+    assert not reader.next.done() and not reading()  # not begun: nothing started it
+    reader.start()
+    second = reader.next.result(timeout=30)
+    assert second is not None and len(second[1]) == 100 and second[2] is not None
+    reader.start()  # again: nothing more begins
+    assert reader.take() is second
+    assert [len(b[1]) for b in iter(reader.take, None)] == [200, 400, 400, 400, 90]
 
 
 def test_upsert_many_runs_idle_while_each_chunk_is_applied(redis_client: Any,
@@ -593,6 +639,7 @@ def test_reminders_books_read_ahead_stores_as_each_batch_in_turn(redis_client: A
             taken_sizes.append(len(items))
             unsure.append(None if first is None else len(first.unsure))
             if reader.next is not None:
+                reader.start()
                 reader.next.result()  # the next batch read before this one is applied
             answers[1] += ahead.upsert_many(items, now, timelines=False,
                                             docs=[d for d, _ in chunk], first=first,

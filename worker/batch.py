@@ -723,16 +723,20 @@ class Spool:
         else:
             pickle.dump(part, self.file, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def chunks(self, size: int | None = None) -> Iterator[list[Accepted]]:
+    def chunks(self, size: int | None = None, first: int | None = None
+               ) -> Iterator[list[Accepted]]:
         """The accepted bookings in input order, `size` (CHUNK) at a time (the last one
-        shorter)."""
+        shorter); with `first`, the first batch holds that many and each next one twice
+        the one before, up to `size`."""
         size = size or CHUNK
+        now = min(first or size, size)
         chunk: list[Accepted] = []
         for part in self._parts():
             chunk += part
-            while len(chunk) >= size:
-                yield chunk[:size]
-                chunk = chunk[size:]
+            while len(chunk) >= now:
+                yield chunk[:now]
+                chunk = chunk[now:]
+                now = min(2 * now, size)
         if chunk:
             yield chunk
 
@@ -767,7 +771,8 @@ class ReadAhead:
     """The spool's store batches (`Spool.chunks`), each with its bookings and plans decoded
     (`decode`), and each after the first with the first pass of its store read ahead
     (`Store.read_first`: each booking as stored, the SMS cap's reads): made in a thread,
-    started as the batch before is taken, while `reminders book` stores that one. Its
+    started once the batch before's first apply chunk is at Redis (`start`), while
+    `reminders book` stores that one. Its
     decoding and its reads (about 0.14 s of CPU for 4,000 bookings, half of it reading,
     with Redis idle while they ran between two batches) go while Redis applies the batch
     before, in the time the main thread waits for it.
@@ -789,6 +794,7 @@ class ReadAhead:
                  timelines: bool) -> None:
         self.chunks, self.catalog, self.store, self.timelines = chunks, catalog, store, timelines
         self.next: Future[Batch | None] | None = None
+        self._after: list[tuple[Booking, Plan]] | None = None  # the batch `start` reads after
 
     def _decoded(self) -> tuple[list[Accepted], list[tuple[Booking, Plan]]] | None:
         raw = next(self.chunks, None)
@@ -817,20 +823,30 @@ class ReadAhead:
     def take(self) -> Batch | None:
         """The next batch: its accepted items, their bookings and plans, and its first
         read (None: the first batch, or a read ahead that failed); None once the spool has
-        no more. The one after it is then made in a thread (a daemon: one left reading
-        when the command stops does not hold it)."""
+        no more. The one after it is made in a thread (a daemon: one left reading when the
+        command stops does not hold it) once `start` is called, or at the next `take`."""
         if self.next is None:
             decoded = self._decoded()
             taken: Batch | None = None if decoded is None else (*decoded, None)
         else:
+            self.start()
             taken, self.next = self.next.result(), None
         if taken is not None:
             from concurrent.futures import Future
 
             self.next = Future()
-            threading.Thread(target=self._run, args=(self.next, taken[1]), name="store-read",
-                             daemon=True).start()
+            self._after = taken[1]
         return taken
+
+    def start(self) -> None:
+        """Begin reading the batch after the one last taken, if not begun: `reminders
+        book` calls it once the taken batch's first apply chunk is at Redis (`upsert_many`'s
+        `idle`), so that the thread decoding does not hold the GIL while the main thread
+        reads again and prepares that first chunk, with Redis idle."""
+        after, self._after = self._after, None
+        if after is not None and self.next is not None:
+            threading.Thread(target=self._run, args=(self.next, after), name="store-read",
+                             daemon=True).start()
 
 
 # --- output, progress, garbage collection ---------------------------------------------

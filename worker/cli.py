@@ -79,6 +79,9 @@ TABLES_UP_TO = 20  # `book` prints each timeline for at most this many bookings
 # Bookings per `Store.upsert_many` call: it reads them all at once, then overlaps preparing
 # each apply chunk in Python with Redis applying the one before.
 STORE_BATCH = 4000
+# The first store batch: its read is not made while a batch before is applied (Redis and
+# the other core idle meanwhile), so it is small; each next one twice the one before.
+FIRST_STORE_BATCH = 500
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
@@ -387,8 +390,8 @@ def store_all(
     printing = True  # False once stdout's reader has left
     try:
         # Each batch is decoded and read while Redis applies the batch before (`ReadAhead`).
-        ahead = ReadAhead(spool.chunks(STORE_BATCH), catalog, store,
-                          timelines=out is not None or tables)
+        ahead = ReadAhead(spool.chunks(STORE_BATCH, first=FIRST_STORE_BATCH), catalog,
+                          store, timelines=out is not None or tables)
         with StopBetweenBatches() as ctrl_c, quick_handover():
             while True:
                 if ctrl_c.requested:
@@ -399,7 +402,7 @@ def store_all(
                 chunk, items, first = taken
                 before: list[str | None] = [None] * len(items)
                 storing = True
-                timelines = store.upsert_many(items, now, previous=before,
+                timelines = store.upsert_many(items, now, previous=before, idle=ahead.start,
                                               timelines=out is not None or tables,
                                               docs=[doc for doc, _ in chunk], first=first,
                                               records=[record for _, record in chunk])
