@@ -17,13 +17,22 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from tests.test_cap_unsub_by_sms import _deliver_all, _one_text_a_day
-from tests.test_send_caps import ADVICE, CAPS, Clock, Rig, _Fixed, park_sends, send_in_thread
+from tests.test_send_caps import (
+    ADVICE,
+    CAPS,
+    Clock,
+    Rig,
+    _book_at,
+    _Fixed,
+    park_sends,
+    send_in_thread,
+)
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
 from tests.test_send_caps import sinks as sinks  # noqa: F401
 from worker.catalog import Catalog
@@ -388,3 +397,72 @@ def test_a_re_cap_that_fails_at_the_begin_leaves_the_skip_and_says_so(rig, monke
     assert rig.reminder("A-2", "evening:email")["status"] == "skipped"
     assert any(r.levelno == logging.WARNING and "cap/A-2/evening:email" in r.getMessage()
                and "RuntimeError" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# Two steps when the booking arrives, both by SMS (found by review): the cap (one SMS a day)
+# sends the first by SMS and the second by email instead, both on the booking's day B.
+AT_BOOKING = """
+name = "Two at booking"
+[[steps]]
+id = "hello"
+at = "booking"
+channels = ["sms"]
+template = "week-check"
+late = "send"
+[[steps]]
+id = "welcome"
+at = "booking"
+channels = ["sms"]
+template = "day-before"
+late = "send"
+""" + ADVICE
+
+
+def _booked_and_sent(rig: Rig) -> date:
+    """A-1 (visit on D) booked on B = D-7 at 08:30 (before the send window): its `hello`
+    goes by SMS and its `welcome` by email (no room on B) at B 09:00, both sent. Return B."""
+    (rig.settings.config_dir / "protocols" / "atb.toml").write_text(AT_BOOKING,
+                                                                    encoding="utf-8")
+    rig.catalog = rig.ctx.catalog = Catalog.load(rig.settings)
+    b = rig.day - timedelta(days=7)
+    _book_at(rig, "A-1", "atb", rig.day, rig.local(b, 8, 30))
+    welcome = rig.reminder("A-1", "welcome:email")
+    assert "by email" in welcome["reason"], welcome
+    assert rig.send("A-1", "hello:sms", rig.local(b, 9)) == "sent"
+    assert rig.send("A-1", "welcome:email", rig.local(b, 9)) == "sent"
+    assert len(rig.sms.snapshot()) == 1 and len(rig.smtp.snapshot()) == 1
+    return b
+
+
+def _welcome_once(rig: Rig, b: date) -> None:
+    """The `welcome` step went once, by email on B: its SMS does not go, saying why."""
+    _deliver_all(rig, "A-1")
+    shown = {r["id"]: r for r in rig.store.timeline("cap", "A-1")["reminders"]}
+    assert len(rig.sms.snapshot()) == 1 and len(rig.smtp.snapshot()) == 1, shown
+    assert rig.sent_days == [b]
+    assert shown["welcome:email"]["status"] == "sent", shown
+    sms = shown.get("welcome:sms")
+    assert sms is None or (sms["status"], sms["reason"]) == (
+        "skipped", f"not sent: already sent by email on {b}"), sms
+
+
+def test_an_unsubscribe_does_not_send_again_by_sms_a_step_at_booking_that_went_by_email(
+        rig, monkeypatch):
+    """The patient unsubscribes from email at B 12:00 (from the `welcome` email). The re-cap
+    plans A-1 as re-submitted then: both steps at booking again, the planner's own cap
+    sending `welcome` by email (as stored: sent, nothing to change); but the store caps
+    again from the plan before that cap, where `welcome` was still an SMS: B holds `hello`,
+    so it moved to B+1 and went a second time, by SMS."""
+    b = _booked_and_sent(rig)
+    monkeypatch.setattr("worker.store.datetime", _Fixed)
+    Clock.at = rig.local(b, 12)
+    _unsubscribe(rig)
+    _welcome_once(rig, b)
+
+
+def test_a_resubmission_the_next_day_does_not_send_again_by_sms_a_step_at_booking(rig):
+    """The clinic sends A-1 again, unchanged, on B+1 (a nightly sync): B+1 has room, and
+    `welcome`, which went by email on B, went again by SMS on B+1."""
+    b = _booked_and_sent(rig)
+    _book_at(rig, "A-1", "atb", rig.day, rig.local(b + timedelta(days=1), 8, 30))
+    _welcome_once(rig, b)
