@@ -5940,9 +5940,14 @@ def sent_elsewhere(
         return r
 
     reminders = [skipped(r) for r in plan.reminders]
-    if all(a is b for a, b in zip(reminders, plan.reminders, strict=True)):
-        return plan
+    # The plan as planned before the cap too, which the store caps again (`cap_plan`): its
+    # cap may have sent such a step by the channel it went on (the copy stored as sent,
+    # nothing to skip in `reminders`), its SMS still there for the store's cap to place.
     uncapped = [skipped(r) for r in plan.uncapped] if plan.uncapped is not None else None
+    if all(a is b for a, b in zip(reminders, plan.reminders, strict=True)) and (
+            uncapped is None or all(a is b for a, b in zip(
+                uncapped, cast(list[PlannedReminder], plan.uncapped), strict=True))):
+        return plan
     return replace(plan, reminders=reminders, uncapped=uncapped)
 
 
