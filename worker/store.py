@@ -60,8 +60,9 @@ slots left out; the last slot is free text and may itself hold "|"):
            (the patient unsubscribed from email: counted by the SMS cap; set when written
            for an unsubscribed patient, by the unsubscribe, or by its begin: `by_sms_keys`,
            _OPT_OUT, _BEGIN_SEND; cleared while still to go once it no longer goes by SMS:
-           by its begin, an email opt-in, or a write of a booking whose address is not
-           unsubscribed or that no longer allows SMS, `_by_email_again`); "r": replayed
+           by its begin, an email opt-in, a write of a booking whose address is not
+           unsubscribed or that no longer allows SMS, `_by_email_again`, or one that gives
+           its step's own SMS back, which carries the step, `carried_keys`); "r": replayed
            from the dead letters, or retried after an unknown outcome, and not counted
            since by a cap decision (a dead SMS is not counted, a retry's time had no cap
            decision: its attempt caps it even on its own day, worker/dispatch.py
@@ -2318,6 +2319,46 @@ def _flag_by_sms(hset: list[str], plan: Plan,
     return keys
 
 
+def _unflag_carried(hset: list[str], values: Mapping[str, str]) -> list[str]:
+    """Take the flag "s" off the emails carried by their step's own SMS (`carried_keys`)
+    among a booking's reminders as a write leaves them: `values` (as stored) with `hset`
+    over them, as `_flag_by_sms` reads them; each is unflagged in `hset` (added to it if the
+    write left it alone). Return the keys unflagged."""
+    final = dict(values)
+    at: dict[str, int] = {}
+    for i in range(0, len(hset), 2):
+        if is_reminder_field(hset[i]):
+            final[hset[i]] = hset[i + 1]
+            at[hset[i]] = i + 1
+    keys = carried_keys(final)
+    for key in keys:
+        value = _without_flag(final[key], "s")
+        if key in at:
+            hset[at[key]] = value
+        else:
+            hset += [key, value]
+    return keys
+
+
+def carried_keys(values: Mapping[str, str]) -> list[str]:
+    """The emails among a booking's reminders (`values`, as `by_sms_keys` takes them) flagged
+    "s" and still to go (scheduled, retrying) whose step's own SMS carries the step (there,
+    neither skipped nor cancelled: a write gave it back, the unsubscribe's re-cap say): their
+    begin skips them ("the SMS of this step carries it", `own_sms_goes`), so they go by SMS
+    no longer, and the SMS cap no longer counts them (the step's SMS counts)."""
+    out = []
+    for key, value in values.items():
+        if not key.endswith(":email"):
+            continue
+        r = _split(value, len(REMINDER_SLOTS))
+        if r[0] not in ("S", "R") or "s" not in r[7].split("#", 1)[0]:
+            continue
+        own = values.get(key[: -len("email")] + "sms")
+        if own is not None and own[:1] not in ("K", "C"):
+            out.append(key)
+    return out
+
+
 def by_sms_keys(values: Mapping[str, str], protected: frozenset[str],
                 pause: str | None) -> list[str]:
     """The emails among a booking's reminders (`values`: each key's main field as stored)
@@ -3891,7 +3932,9 @@ class Store:
         no longer going by SMS (`_by_email_again`), lose their flag "s"; with `by_sms` (the
         patient lists email but unsubscribed from it) its emails going by SMS as written
         gain it (`by_sms_keys`), so an unchanged booking stored before they did is written
-        too. `doc`: the booking's `model_dump_json()` if the caller has it."""
+        too, and those its step's own SMS carries (given back by this write or an earlier
+        one: `carried_keys`) lose it. `doc`: the booking's `model_dump_json()` if the caller
+        has it."""
         clinic, booking_id = booking.key
         if doc is None:
             doc = booking.model_dump_json()
@@ -3962,8 +4005,9 @@ class Store:
                          if is_reminder_field(k)} if by_sms else {}
         if (not result.changed and not result.changes and not window_changed
                 and had == contacts and was_late == late and not unflag
-                and not (by_sms and by_sms_keys(stored_values, plan.protected,
-                                                parse_notice_steps(plan.notice_steps)[0]))):
+                and not (by_sms and (by_sms_keys(stored_values, plan.protected,
+                                                 parse_notice_steps(plan.notice_steps)[0])
+                                     or carried_keys(stored_values)))):
             # Unchanged as planned from what the SMS cap read: still the guard (what it read
             # may have changed since, by an earlier booking of the batch, say).
             args = apply_args(clinic, booking_id,
@@ -4185,7 +4229,12 @@ class Store:
         flagged = _flag_by_sms(hset, plan, stored_values) if by_sms else []
         for key in flagged:
             reminders[key] = {**reminders.get(key, {}), "by_sms": "1"}
-        if unflag or flagged:
+        # Its emails flagged "s" whose step's own SMS this write gives back (or left): they
+        # go by SMS no longer (their begin skips them), so the cap stops counting them.
+        carried = _unflag_carried(hset, stored_values) if by_sms else []
+        for key in carried:
+            reminders.get(key, {}).pop("by_sms", None)
+        if unflag or flagged or carried:
             # No longer, or now, SMS for the cap: the cap guards of other writes that read
             # this booking's SMS read them again (as `opt_in`'s unflag bumps it).
             smsv = str(int(booking_fields.get("smsv") or 0) + 1)
