@@ -32,6 +32,7 @@ from tests.test_send_caps import (
     _Fixed,
     park_sends,
     send_in_thread,
+    step,
 )
 from tests.test_send_caps import rig as rig  # noqa: F401  (the fixtures)
 from tests.test_send_caps import sinks as sinks  # noqa: F401
@@ -466,3 +467,53 @@ def test_a_resubmission_the_next_day_does_not_send_again_by_sms_a_step_at_bookin
     b = _booked_and_sent(rig)
     _book_at(rig, "A-1", "atb", rig.day, rig.local(b + timedelta(days=1), 8, 30))
     _welcome_once(rig, b)
+
+
+# A step before the visit on both channels (found by review): the cap skips its SMS when
+# the day holds another (its email goes).
+BOTH = step("prep", -2, "19:00", '["sms", "email"]', "week-check")
+
+
+def _prep_went_by_email(rig: Rig) -> date:
+    """A-1's SMS takes D 10:00 (`morn`, visit on D-1); A-2's `prep` (visit on D+2) is due D
+    19:00 on both channels: its SMS is skipped, its email goes. Both sent. Return D."""
+    (rig.settings.config_dir / "protocols" / "both.toml").write_text(BOTH, encoding="utf-8")
+    rig.catalog = rig.ctx.catalog = Catalog.load(rig.settings)
+    d = rig.day
+    rig.book("A-1", "morn", d - timedelta(days=1), email=True)
+    rig.book("A-2", "both", d + timedelta(days=2), email=True)
+    prep = rig.reminder("A-2", "prep:sms")
+    assert prep["status"] == "skipped" and prep["reason"].endswith("; its email goes"), prep
+    assert rig.send("A-1", "morning:sms", rig.local(d, 10)) == "sent"
+    assert rig.send("A-2", "prep:email", rig.local(d, 19)) == "sent"
+    return d
+
+
+def _prep_once(rig: Rig, skipped: dict[str, Any]) -> None:
+    """`prep` went once, by email on D: its SMS stays skipped as the cap left it."""
+    _deliver_all(rig, "A-1", "A-2")
+    assert len(rig.sms.snapshot()) == 1 and len(rig.smtp.snapshot()) == 1, \
+        rig.reminder("A-2", "prep:sms")
+    assert rig.sent_days == [rig.day]
+    assert rig.reminder("A-2", "prep:sms") == skipped
+
+
+def test_an_unsubscribe_does_not_send_late_by_sms_a_step_whose_email_went(rig, monkeypatch):
+    """The patient unsubscribes at D 20:30, from the `prep` email. The re-cap plans A-2 as
+    re-submitted then: `prep` late, at the next opening (D+1 09:00, before the visit), on
+    both channels; its email went (history), and its SMS, skipped at its time for the cap,
+    was scheduled for D+1 (a day with room): the step a second time, the next morning."""
+    d = _prep_went_by_email(rig)
+    skipped = rig.reminder("A-2", "prep:sms")
+    monkeypatch.setattr("worker.store.datetime", _Fixed)
+    Clock.at = rig.local(d, 20, 30)
+    _unsubscribe(rig)
+    _prep_once(rig, skipped)
+
+
+def test_a_resubmission_does_not_send_late_by_sms_a_step_whose_email_went(rig):
+    """The clinic sends A-2 again, unchanged, on D+1 at 08:30 (a nightly sync): the same."""
+    d = _prep_went_by_email(rig)
+    skipped = rig.reminder("A-2", "prep:sms")
+    _book_at(rig, "A-2", "both", d + timedelta(days=2), rig.local(d + timedelta(days=1), 8, 30))
+    _prep_once(rig, skipped)
