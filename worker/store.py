@@ -5934,7 +5934,10 @@ def sent_elsewhere(
     timezone, a narrower send window, a protocol edit) sends nothing again. One at its
     provider now (sending), on a channel the patient still takes, counts as gone and takes
     the reminder's place as it is (its attempt decides: sent, or retried there), so the
-    step does not go on both."""
+    step does not go on both. A step the plan sends on both channels keeps each copy, but
+    a copy skipped at its time (its SMS without room: "its email goes") stays skipped as
+    stored once its other copy went and the plan, the step's time passed, has it late: it
+    is not sent late as a second copy (a re-submission, the unsubscribe's re-cap)."""
     pause, _ = parse_notice_steps(plan.notice_steps)
     tz = ZoneInfo(booking.patient.timezone)
     planned = {r.key for r in _as_planned(plan)}
@@ -5960,9 +5963,15 @@ def sent_elsewhere(
             key = r.key[: -len(r.channel)] + channel
             record = stored.get(key, {})
             status = record.get("status")
-            if channel == r.channel or status not in (Status.SENT, Status.SENDING) \
-                    or key in planned:
-                continue  # a step the plan sends on both channels: each copy goes
+            if channel == r.channel or status not in (Status.SENT, Status.SENDING):
+                continue
+            if key in planned:  # a step the plan sends on both channels: each copy goes,
+                own = stored.get(r.key, {})
+                if own.get("status") == Status.SKIPPED and _LATE in r.reason:
+                    # but for one skipped at its time (the cap's day full: its email goes)
+                    # that the plan, its time passed, would send late beside the copy gone.
+                    return replace(r, status=Status.SKIPPED, reason=own.get("reason", ""))
+                continue
             name = "SMS" if channel == "sms" else channel
             other = replace(r, key=key, channel=channel)
             as_sent = stored if status == Status.SENT else {
