@@ -365,6 +365,40 @@ def test_an_email_at_its_provider_that_fails_for_now_as_the_patient_unsubscribes
     assert rig.store.attempts("cap/A-2/evening:email")[-1]["outcome"] == "retrying"
 
 
+def test_after_the_visit_an_email_at_its_provider_that_fails_for_now_goes_by_sms(
+        rig, monkeypatch):
+    """The same with the store on the send path's clock (found by review): D 19:00 is the
+    day after A-2's visit, as for any aftercare email. The re-caps (the unsubscribe's, then
+    the retry's begin's) found the step's time passed and kept it as stored: the email,
+    left to its attempt, then skipped at its retry's begin, and no SMS of the step (lost).
+    Under way when the patient unsubscribed, it goes by SMS as before the visit: D+1."""
+    d = rig.day
+    _by_email(rig)
+    monkeypatch.setattr("worker.store.datetime", _Fixed)
+    at_provider, go_on = park_sends(monkeypatch, "email")
+    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(d, 19))
+    try:
+        assert at_provider.wait(10)
+        _unsubscribe(rig)
+        assert rig.reminder("A-2", "evening:email")["status"] == "sending"  # left to it
+        assert "evening:sms" not in {r["id"] for r in rig.store.timeline("cap", "A-2")[
+            "reminders"]}  # not beside the email, which may still be delivered
+        rig.smtp.refuse_code = "451 4.3.0 Try again later"
+    finally:  # the attempt goes on, whatever the unsubscribe did
+        go_on.set()
+        sending.join(10)
+    assert results == ["retrying"] and rig.smtp.snapshot() == []
+    rig.smtp.refuse_code = None
+    retry = rig.due("A-2", "evening:email")
+    assert rig.send("A-2", "evening:email", retry) == "dropped: opted out"
+    shown = {r["id"]: r for r in rig.store.timeline("cap", "A-2")["reminders"]}
+    assert "evening:sms" in shown, shown  # before: the step lost
+    _moved(rig)
+    _deliver_all(rig, "A-1", "A-2")
+    assert rig.smtp.snapshot() == [] and len(rig.sms.snapshot()) == 2
+    assert Counter(rig.sent_days) == {d: 1, d + timedelta(days=1): 1}, rig.sent_days
+
+
 def test_a_re_cap_that_fails_at_the_begin_leaves_the_skip_and_says_so(rig, monkeypatch,
                                                                      caplog):
     """The begin's re-cap of a stand-in email is best effort: whatever it raises (Redis
