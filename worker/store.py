@@ -5216,7 +5216,9 @@ class Store:
         (an occurrence, on any channel) whose planned time has passed stays as stored (sent,
         failed, skipped, at work, or still to go), is never sent late on another channel,
         and counts for the cap where it is stored (`_Recap`); the booking's flag of a
-        booking too late for the retinoid pause stays as stored too.
+        booking too late for the retinoid pause stays as stored too. But a step whose email
+        went to its provider and was then skipped for the unsubscribe (at work when the
+        patient unsubscribed, not delivered) is under way, not passed: it goes by SMS.
 
         Each write is fenced by the document it planned: a change of the clinic landing
         after the read (a move, a cancel) is never undone; the booking is read again and
@@ -6285,16 +6287,23 @@ class _Recap(Store):
         self.doc = doc
         self.after = after
 
-    def _passed(self, stored: Iterable[str], plan: Plan) -> frozenset[str]:
+    def _passed(self, stored: Mapping[str, Mapping[str, str]], plan: Plan) -> frozenset[str]:
         """The keys, stored or planned, of each step occurrence (on any channel: a step the
         cap sent by email is the same step) whose time has passed by `after`: the plan has
         it due by then (as planned before the cap, which only moves an SMS later; a step
-        before the visit, planned just before it, is late or skipped: due by then too)."""
+        before the visit, planned just before it, is late or skipped: due by then too).
+        Not a step whose email had gone to its provider and was then skipped for the email
+        unsubscribe (attempted: at work when the patient unsubscribed, and not delivered;
+        the begin that skips it caps the bookings again, worker/dispatch.py
+        `_recap_stand_in`): under way, it goes by SMS as a step still ahead does."""
         if self.after is None:
             return frozenset()
         at = self.after.timestamp()
         planned = [*plan.reminders, *_as_planned(plan)]
         steps = {r.key.rpartition(":")[0] for r in planned if r.due_at.timestamp() <= at}
+        steps -= {k.rpartition(":")[0] for k, r in stored.items()
+                  if k.endswith(":email") and r.get("status") == Status.SKIPPED
+                  and r.get("reason", "").startswith(OPTED_OUT) and attempts_made(r)}
         return frozenset(k for k in {*stored, *(r.key for r in planned)}
                          if k.rpartition(":")[0] in steps)
 
