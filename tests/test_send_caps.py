@@ -641,3 +641,32 @@ def send_in_thread(rig: Rig, booking: str, key: str, at: datetime,
     sending = threading.Thread(target=lambda: results.append(rig.send(booking, key, at)))
     sending.start()
     return sending, results
+
+
+def test_a_stand_in_email_handed_to_a_send_task_when_its_booking_moves_is_not_sent_then(rig):
+    """A-2's SMS (D+1 19:00) has no room (A-1's SMS takes D+1): it goes by email instead.
+    The pump has claimed that email (handed to a send task, not begun) when the clinic
+    moves A-2 a week on. The move must reschedule the step for the new date and the task
+    in the queue must find its claim stale: before `daf7eba`'s follow-up fix, the plan
+    before the cap kept the claimed email at its old time ("its copy on that channel was
+    being sent"), the move wrote it so, and the task sent it at the old time (the fault
+    drill's CHANGE VIOLATED: a moved booking's message 56 s before its new time)."""
+    d = rig.day
+    rig.book("A-1", "morn", d, email=True)  # its SMS: D+1 10:00
+    rig.book("A-2", "eve", d, email=True)  # its SMS: D+1 19:00, no room: by email
+    assert rig.reminder("A-2", "evening:email")["status"] == "scheduled"
+    ref = "cap/A-2/evening:email"
+    rig.store.redis.zadd(rig.store.due_key, {ref: 0})
+    (claim,) = [c for c in rig.store.claim_due(100, 300) if c.ref == ref]
+    _book_at(rig, "A-2", "eve", d + timedelta(days=7), datetime.now(UTC))
+    Clock.at = rig.local(d + timedelta(days=1), 19)
+    assert send_claimed(rig.ctx, ref, claim.version, claim.claim).startswith("dropped")
+    assert rig.smtp.snapshot() == [] and rig.sms.snapshot() == []
+    steps = {r["id"]: r for r in rig.store.timeline("cap", "A-2")["reminders"]}
+    going = [r for r in steps.values() if r["status"] in ("scheduled", "retrying")]
+    assert len(going) == 1, steps
+    assert datetime.fromisoformat(going[0]["due_at"]) == rig.local(d + timedelta(days=8), 19)
+    rig.deliver_the_rest()
+    # A-1's SMS on D+1, A-2's on its new day; no email.
+    assert rig.sent_days == [d + timedelta(days=1), d + timedelta(days=8)]
+    assert rig.smtp.snapshot() == []
