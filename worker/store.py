@@ -5920,6 +5920,15 @@ def again_keys(
 _CARRIES_AGAIN = "for the old date: again for the new date ("
 
 
+def _begun(record: Mapping[str, str]) -> bool:
+    """Whether a reminder being sent (`sending`) has had its attempt begun by its current
+    claim (its token is that claim's, `attempt_token`): at its provider, or of unknown
+    outcome. A claim alone (handed to a send task, in the broker or a sender's queue) sets
+    `sending` too, and keeps the token of an earlier claim's attempt."""
+    claim = record.get("claim") or ""
+    return bool(claim) and (record.get("tok") or "").startswith(claim + ".")
+
+
 def sent_elsewhere(
     plan: Plan, booking: Booking, stored: Mapping[str, Mapping[str, str]], now: datetime,
     moved: bool, same_day: bool = False,
@@ -5966,6 +5975,11 @@ def sent_elsewhere(
             record = stored.get(key, {})
             status = record.get("status")
             if channel == r.channel or status not in (Status.SENT, Status.SENDING):
+                continue
+            if status == Status.SENDING and not _begun(record):
+                # Only handed to a send task (claimed): not at its provider. The plan's
+                # reminder takes its place (this change reschedules or cancels it and its
+                # task finds its claim stale), as for any reminder the change moves.
                 continue
             if key in planned:  # a step the plan sends on both channels: each copy goes,
                 own = stored.get(r.key, {})
