@@ -647,10 +647,11 @@ def test_a_stand_in_email_handed_to_a_send_task_when_its_booking_moves_is_not_se
     """A-2's SMS (D+1 19:00) has no room (A-1's SMS takes D+1): it goes by email instead.
     The pump has claimed that email (handed to a send task, not begun) when the clinic
     moves A-2 a week on. The move must reschedule the step for the new date and the task
-    in the queue must find its claim stale: before `daf7eba`'s follow-up fix, the plan
-    before the cap kept the claimed email at its old time ("its copy on that channel was
-    being sent"), the move wrote it so, and the task sent it at the old time (the fault
-    drill's CHANGE VIOLATED: a moved booking's message 56 s before its new time)."""
+    in the queue must find its claim stale: `sent_elsewhere` took the claimed email for one
+    at its provider and kept it at its old time ("its copy on that channel was being
+    sent"), the move wrote it so, and the task sent it at the old time (since `daf7eba`
+    also from the plan before the cap: the fault drill's CHANGE VIOLATED, a moved
+    booking's message 56 s before its new time)."""
     d = rig.day
     rig.book("A-1", "morn", d, email=True)  # its SMS: D+1 10:00
     rig.book("A-2", "eve", d, email=True)  # its SMS: D+1 19:00, no room: by email
