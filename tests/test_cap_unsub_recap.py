@@ -54,6 +54,28 @@ def _by_email(rig: Rig) -> None:
     assert email["status"] == "scheduled" and "by email" in email["reason"], email
 
 
+def _unsubscribe_at_provider(rig: Rig, monkeypatch: pytest.MonkeyPatch, *,
+                             refuse: str | None = None,
+                             meanwhile: Any = None) -> list[str]:
+    """Forced race: A-2's email (its SMS without room on D) parked at its provider (D 19:00)
+    when the patient unsubscribes: left to its attempt (`sending`); `meanwhile()` then runs,
+    and with `refuse` the mail server answers that; then the attempt goes on. Its results."""
+    at_provider, go_on = park_sends(monkeypatch, "email")
+    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(rig.day, 19))
+    try:
+        assert at_provider.wait(10)
+        _unsubscribe(rig)
+        assert rig.reminder("A-2", "evening:email")["status"] == "sending"  # left to it
+        if meanwhile is not None:
+            meanwhile()
+        rig.smtp.refuse_code = refuse
+    finally:  # the attempt goes on, whatever the unsubscribe did
+        go_on.set()
+        sending.join(10)
+    rig.smtp.refuse_code = None
+    return results
+
+
 def _moved(rig: Rig, day: int = 1) -> None:
     """A-2's SMS goes on D+`day` at 19:00, saying why; its email is not to go."""
     evening = rig.reminder("A-2", "evening:sms")
@@ -128,15 +150,7 @@ def test_an_email_at_its_provider_when_the_patient_unsubscribes_is_not_sent_agai
     went before the unsubscribe was read), and the step is not sent again by SMS."""
     d = rig.day
     _by_email(rig)
-    at_provider, go_on = park_sends(monkeypatch, "email")
-    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(d, 19))
-    try:
-        assert at_provider.wait(10)
-        _unsubscribe(rig)
-        assert rig.reminder("A-2", "evening:email")["status"] == "sending"  # left to it
-    finally:  # the attempt goes on, whatever the unsubscribe did
-        go_on.set()
-        sending.join(10)
+    results = _unsubscribe_at_provider(rig, monkeypatch)
     assert results == ["sent"] and len(rig.smtp.snapshot()) == 1
     _deliver_all(rig, "A-1", "A-2")
     shown = {r["id"]: r for r in rig.store.timeline("cap", "A-2")["reminders"]}
@@ -342,18 +356,8 @@ def test_an_email_at_its_provider_that_fails_for_now_as_the_patient_unsubscribes
     it caps the patient's bookings again: the SMS goes on D+1, saying why."""
     d = rig.day
     _by_email(rig)
-    at_provider, go_on = park_sends(monkeypatch, "email")
-    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(d, 19))
-    try:
-        assert at_provider.wait(10)
-        _unsubscribe(rig)
-        assert rig.reminder("A-2", "evening:email")["status"] == "sending"  # left to it
-        rig.smtp.refuse_code = "451 4.3.0 Try again later"
-    finally:  # the attempt goes on, whatever the unsubscribe did
-        go_on.set()
-        sending.join(10)
+    results = _unsubscribe_at_provider(rig, monkeypatch, refuse="451 4.3.0 Try again later")
     assert results == ["retrying"] and rig.smtp.snapshot() == []
-    rig.smtp.refuse_code = None
     retry = rig.due("A-2", "evening:email")
     assert rig.send("A-2", "evening:email", retry) == "dropped: opted out"
     email = rig.reminder("A-2", "evening:email")
@@ -375,20 +379,14 @@ def test_after_the_visit_an_email_at_its_provider_that_fails_for_now_goes_by_sms
     d = rig.day
     _by_email(rig)
     monkeypatch.setattr("worker.store.datetime", _Fixed)
-    at_provider, go_on = park_sends(monkeypatch, "email")
-    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(d, 19))
-    try:
-        assert at_provider.wait(10)
-        _unsubscribe(rig)
-        assert rig.reminder("A-2", "evening:email")["status"] == "sending"  # left to it
-        assert "evening:sms" not in {r["id"] for r in rig.store.timeline("cap", "A-2")[
-            "reminders"]}  # not beside the email, which may still be delivered
-        rig.smtp.refuse_code = "451 4.3.0 Try again later"
-    finally:  # the attempt goes on, whatever the unsubscribe did
-        go_on.set()
-        sending.join(10)
+    seen: list[set[str]] = []
+    results = _unsubscribe_at_provider(
+        rig, monkeypatch, refuse="451 4.3.0 Try again later",
+        meanwhile=lambda: seen.append({r["id"] for r in rig.store.timeline("cap", "A-2")[
+            "reminders"]}))
+    # No SMS of the step beside the email, which may still be delivered.
+    assert seen and "evening:sms" not in seen[0]
     assert results == ["retrying"] and rig.smtp.snapshot() == []
-    rig.smtp.refuse_code = None
     retry = rig.due("A-2", "evening:email")
     assert rig.send("A-2", "evening:email", retry) == "dropped: opted out"
     shown = {r["id"]: r for r in rig.store.timeline("cap", "A-2")["reminders"]}
@@ -408,19 +406,9 @@ def test_a_re_cap_that_fails_at_the_begin_leaves_the_skip_and_says_so(rig, monke
 
     from worker.store import Store
 
-    d = rig.day
     _by_email(rig)
-    at_provider, go_on = park_sends(monkeypatch, "email")
-    sending, results = send_in_thread(rig, "A-2", "evening:email", rig.local(d, 19))
-    try:
-        assert at_provider.wait(10)
-        _unsubscribe(rig)
-        rig.smtp.refuse_code = "451 4.3.0 Try again later"
-    finally:
-        go_on.set()
-        sending.join(10)
+    results = _unsubscribe_at_provider(rig, monkeypatch, refuse="451 4.3.0 Try again later")
     assert results == ["retrying"]
-    rig.smtp.refuse_code = None
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the re-cap")
