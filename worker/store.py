@@ -2300,39 +2300,35 @@ def _critical_key(key: str, protected: frozenset[str], pause: str | None) -> boo
 def _flag_by_sms(hset: list[str], plan: Plan,
                  values: Mapping[str, str] | None = None) -> list[str]:
     """Flag "s" the emails going by SMS (`by_sms_keys`) among a booking's reminders as a
-    write leaves them: `values` (its reminders as stored, or none for a new booking) with
-    `hset` (the write's "field, value, ..." list) over them; each is flagged in `hset`
-    (added to it if the write left it alone). Return the keys flagged."""
-    final = dict(values or {})
-    at: dict[str, int] = {}
-    for i in range(0, len(hset), 2):
-        if is_reminder_field(hset[i]):
-            final[hset[i]] = hset[i + 1]
-            at[hset[i]] = i + 1
-    keys = by_sms_keys(final, plan.protected, parse_notice_steps(plan.notice_steps)[0])
-    for key in keys:
-        value = _with_flag(final[key], "s")
-        if key in at:
-            hset[at[key]] = value
-        else:
-            hset += [key, value]
-    return keys
+    write leaves them (`_rewrite_flags`). Return the keys flagged."""
+    pause = parse_notice_steps(plan.notice_steps)[0]
+    return _rewrite_flags(hset, values or {}, lambda final: by_sms_keys(
+        final, plan.protected, pause), lambda main: _with_flag(main, "s"))
 
 
 def _unflag_carried(hset: list[str], values: Mapping[str, str]) -> list[str]:
     """Take the flag "s" off the emails carried by their step's own SMS (`carried_keys`)
-    among a booking's reminders as a write leaves them: `values` (as stored) with `hset`
-    over them, as `_flag_by_sms` reads them; each is unflagged in `hset` (added to it if the
-    write left it alone). Return the keys unflagged."""
+    among a booking's reminders as a write leaves them (`_rewrite_flags`). Return the keys
+    unflagged."""
+    return _rewrite_flags(hset, values, carried_keys, lambda main: _without_flag(main, "s"))
+
+
+def _rewrite_flags(hset: list[str], values: Mapping[str, str],
+                   pick: Callable[[Mapping[str, str]], list[str]],
+                   change: Callable[[str], str]) -> list[str]:
+    """A booking's reminders as a write leaves them: `values` (its reminders' main fields
+    as stored; none for a new booking) with `hset` (the write's "field, value, ..." list)
+    over them. Each of those `pick` names is rewritten by `change` in `hset` (added to it
+    if the write left it alone). Return the keys picked."""
     final = dict(values)
     at: dict[str, int] = {}
     for i in range(0, len(hset), 2):
         if is_reminder_field(hset[i]):
             final[hset[i]] = hset[i + 1]
             at[hset[i]] = i + 1
-    keys = carried_keys(final)
+    keys = pick(final)
     for key in keys:
-        value = _without_flag(final[key], "s")
+        value = change(final[key])
         if key in at:
             hset[at[key]] = value
         else:
