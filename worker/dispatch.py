@@ -169,6 +169,7 @@ from .store import (
     SendCapped,
     Store,
     attempt_token,
+    key_parts,
     split_ref,
 )
 
@@ -371,7 +372,7 @@ def _recap_stand_in(ctx: Context, ref: str) -> None:
         patient = doc.get("patient") or {}
         protocol = ctx.catalog.protocols.get(str(doc.get("treatment")))
         spec = {s.id: s for s in protocol.steps}.get(
-            base_step(key.split(":", 1)[0].split("#", 1)[0], None)) if protocol else None
+            base_step(key_parts(key)[0], None)) if protocol else None
         if spec is None or "sms" not in spec.channels or not patient.get("email") \
                 or not patient.get("phone") or "sms" not in (patient.get("channels") or []):
             return
